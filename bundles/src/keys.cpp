@@ -1,0 +1,134 @@
+#include "flotilla/bundles/keys.hpp"
+
+#include <sodium.h>
+#include <sys/stat.h>
+#include <yaml-cpp/yaml.h>
+
+#include "flotilla/common/crypto.hpp"
+#include "flotilla/common/fs.hpp"
+
+namespace flotilla::bundles {
+
+std::string key_id_for(const Bytes& public_key) {
+  auto h = crypto::sha256(public_key);
+  return to_hex(h.data(), 16);
+}
+
+KeyPair generate_key() {
+  crypto::init();
+  KeyPair kp;
+  kp.pub.key.resize(crypto_sign_PUBLICKEYBYTES);
+  kp.secret.resize(crypto_sign_SECRETKEYBYTES);
+  crypto_sign_keypair(kp.pub.key.data(), kp.secret.data());
+  kp.pub.key_id = key_id_for(kp.pub.key);
+  return kp;
+}
+
+Result<KeyPair> key_from_seed(const Bytes& seed) {
+  crypto::init();
+  if (seed.size() != crypto_sign_SEEDBYTES) return make_error(Errc::invalid_argument, "seed must be 32 bytes");
+  KeyPair kp;
+  kp.pub.key.resize(crypto_sign_PUBLICKEYBYTES);
+  kp.secret.resize(crypto_sign_SECRETKEYBYTES);
+  crypto_sign_seed_keypair(kp.pub.key.data(), kp.secret.data(), seed.data());
+  kp.pub.key_id = key_id_for(kp.pub.key);
+  return kp;
+}
+
+std::string public_key_text(const PublicKey& k) { return "ed25519:" + to_base64(k.key); }
+
+Result<PublicKey> parse_public_key_text(const std::string& text) {
+  const std::string prefix = "ed25519:";
+  if (text.rfind(prefix, 0) != 0) {
+    return make_error(Errc::parse, "public key must look like ed25519:<base64>, got '" + text.substr(0, 40) + "'");
+  }
+  auto raw = from_base64(text.substr(prefix.size()));
+  if (!raw || raw->size() != crypto_sign_PUBLICKEYBYTES) {
+    return make_error(Errc::parse, "public key is not 32 bytes of base64");
+  }
+  return PublicKey{key_id_for(*raw), *raw};
+}
+
+Status write_private_key(const std::filesystem::path& path, const KeyPair& key) {
+  std::string text =
+      "# Flotilla Ed25519 signing key. Keep it secret: whoever holds it can sign bundles.\n"
+      "type: ed25519-private\n"
+      "key-id: " + key.pub.key_id + "\n"
+      "public: " + public_key_text(key.pub) + "\n"
+      "secret: " + to_base64(key.secret) + "\n";
+  return fs::write_file_atomic(path, text, 0600);
+}
+
+Status write_public_key(const std::filesystem::path& path, const PublicKey& key) {
+  std::string text =
+      "# Flotilla Ed25519 public key. Pin it in agent configs (root-keys) to trust its signatures.\n"
+      "type: ed25519-public\n"
+      "key-id: " + key.key_id + "\n"
+      "public: " + public_key_text(key) + "\n";
+  return fs::write_file_atomic(path, text, 0644);
+}
+
+namespace {
+Result<YAML::Node> load_key_yaml(const std::filesystem::path& path) {
+  auto text = fs::read_file(path, 64 * 1024);
+  if (!text) return text.error();
+  try {
+    YAML::Node n = YAML::Load(*text);
+    if (!n.IsMap() || !n["type"]) return make_error(Errc::parse, path.string() + " is not a Flotilla key file");
+    return n;
+  } catch (const YAML::Exception& e) {
+    return make_error(Errc::parse, path.string() + ": " + e.what());
+  }
+}
+}  // namespace
+
+Result<KeyPair> read_private_key(const std::filesystem::path& path) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) == 0 && (st.st_mode & 077) != 0) {
+    return make_error(Errc::permission_denied,
+                      "private key " + path.string() + " is readable by others; run chmod 600 on it");
+  }
+  auto n = load_key_yaml(path);
+  if (!n) return n.error();
+  if ((*n)["type"].as<std::string>() != "ed25519-private") {
+    return make_error(Errc::parse, path.string() + " is not a private key (type " +
+                                       (*n)["type"].as<std::string>() + ")");
+  }
+  auto pub = parse_public_key_text((*n)["public"].as<std::string>(""));
+  if (!pub) return pub.error().with_context(path.string());
+  auto secret = from_base64((*n)["secret"].as<std::string>(""));
+  if (!secret || secret->size() != crypto_sign_SECRETKEYBYTES) {
+    return make_error(Errc::parse, path.string() + ": secret is not 64 bytes of base64");
+  }
+  // The secret embeds the public half; a mismatch means a corrupted or edited file.
+  if (!std::equal(pub->key.begin(), pub->key.end(), secret->begin() + 32)) {
+    return make_error(Errc::parse, path.string() + ": public and secret halves do not match");
+  }
+  return KeyPair{*pub, *secret};
+}
+
+Result<PublicKey> read_public_key(const std::string& path_or_text) {
+  if (path_or_text.rfind("ed25519:", 0) == 0) return parse_public_key_text(path_or_text);
+  auto n = load_key_yaml(path_or_text);
+  if (!n) return n.error();
+  auto pub = parse_public_key_text((*n)["public"].as<std::string>(""));
+  if (!pub) return pub.error().with_context(path_or_text);
+  return pub;
+}
+
+Bytes sign_detached(const KeyPair& key, std::string_view message) {
+  crypto::init();
+  Bytes sig(crypto_sign_BYTES);
+  crypto_sign_detached(sig.data(), nullptr, reinterpret_cast<const unsigned char*>(message.data()),
+                       message.size(), key.secret.data());
+  return sig;
+}
+
+bool verify_detached(const Bytes& public_key, std::string_view message, const Bytes& signature) {
+  crypto::init();
+  if (public_key.size() != crypto_sign_PUBLICKEYBYTES || signature.size() != crypto_sign_BYTES) return false;
+  return crypto_sign_verify_detached(signature.data(), reinterpret_cast<const unsigned char*>(message.data()),
+                                     message.size(), public_key.data()) == 0;
+}
+
+}  // namespace flotilla::bundles

@@ -1,0 +1,25 @@
+#pragma once
+#include <filesystem>
+#include <string>
+#include <string_view>
+
+#include "flotilla/common/result.hpp"
+
+namespace flotilla::fs {
+
+namespace stdfs = std::filesystem;
+
+// Reads a whole file, refusing files above max_bytes (unbounded input is a bug).
+Result<std::string> read_file(const stdfs::path& path, size_t max_bytes = 64u << 20);
+
+// Write-to-temp + fsync + rename + fsync(dir): after a crash the file holds
+// either the old or the new content, never a mix.
+Status write_file_atomic(const stdfs::path& path, std::string_view content, unsigned mode = 0644);
+
+Status ensure_dir(const stdfs::path& dir, unsigned mode = 0755);
+Status fsync_dir(const stdfs::path& dir);
+
+// Bytes free for an unprivileged writer on the filesystem holding path.
+Result<uint64_t> free_bytes(const stdfs::path& path);
+
+}  // namespace flotilla::fs

@@ -1,0 +1,85 @@
+#pragma once
+// A small RAII layer over the SQLite C API. Errors become Result values;
+// nothing here throws.
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+
+#include "flotilla/common/result.hpp"
+
+struct sqlite3;
+struct sqlite3_stmt;
+
+namespace flotilla::sql {
+
+class Stmt {
+ public:
+  Stmt() = default;
+  Stmt(sqlite3* db, sqlite3_stmt* s) : db_(db), stmt_(s) {}
+  Stmt(Stmt&& o) noexcept;
+  Stmt& operator=(Stmt&& o) noexcept;
+  Stmt(const Stmt&) = delete;
+  Stmt& operator=(const Stmt&) = delete;
+  ~Stmt();
+
+  // Bind by 1-based index. Chainable.
+  Stmt& bind(int i, int64_t v);
+  Stmt& bind(int i, std::string_view v);
+  Stmt& bind_blob(int i, std::string_view v);
+  Stmt& bind_null(int i);
+  Stmt& bind(int i, const std::optional<std::string>& v) {
+    return v ? bind(i, std::string_view(*v)) : bind_null(i);
+  }
+
+  // true = a row is ready, false = done.
+  Result<bool> step();
+  // Runs to completion (for INSERT/UPDATE/DELETE).
+  Status run();
+  void reset();
+
+  int64_t col_int(int i) const;
+  std::string col_text(int i) const;
+  std::string col_blob(int i) const;
+  bool col_is_null(int i) const;
+
+ private:
+  sqlite3* db_ = nullptr;
+  sqlite3_stmt* stmt_ = nullptr;
+};
+
+class Db {
+ public:
+  // Opens (creating if needed) with WAL journaling, foreign keys and a busy timeout.
+  static Result<std::unique_ptr<Db>> open(const std::string& path);
+  ~Db();
+  Db(const Db&) = delete;
+  Db& operator=(const Db&) = delete;
+
+  Status exec(std::string_view sql);
+  Result<Stmt> prepare(std::string_view sql);
+  int64_t changes() const;
+  int64_t last_insert_rowid() const;
+  sqlite3* raw() { return db_; }
+
+ private:
+  explicit Db(sqlite3* db) : db_(db) {}
+  sqlite3* db_;
+};
+
+// BEGIN IMMEDIATE ... COMMIT, rolled back on destruction unless committed.
+class Transaction {
+ public:
+  explicit Transaction(Db& db);
+  ~Transaction();
+  Status commit();
+  bool ok() const { return began_; }
+
+ private:
+  Db& db_;
+  bool began_ = false;
+  bool done_ = false;
+};
+
+}  // namespace flotilla::sql

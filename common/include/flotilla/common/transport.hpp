@@ -1,0 +1,68 @@
+#pragma once
+// The MQTT seam. Hub and agent talk to brokers only through this interface;
+// the Paho backend lives in common/transport/paho/, and the simulator may add
+// a gateway backend that multiplexes many devices over one session.
+#include <chrono>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+
+#include "flotilla/common/result.hpp"
+
+namespace flotilla::transport {
+
+struct Message {
+  std::string topic;
+  std::string payload;
+  int qos = 1;
+  bool retained = false;
+};
+
+struct ConnectOptions {
+  std::string url;            // tcp://127.0.0.1:1883 or ssl://host:8883
+  std::string client_id;
+  std::string username;
+  std::string password;
+  bool clean_session = false;  // devices keep their session so the broker queues while they sleep
+  int keepalive_s = 30;
+  std::optional<Message> will;
+  std::string ca_file;        // pinned CA for ssl:// URLs
+  int max_inflight = 64;
+  std::chrono::milliseconds timeout{10000};
+};
+
+class Transport {
+ public:
+  using MessageHandler = std::function<void(Message&&)>;
+  // Called from the transport's thread when the connection drops.
+  using LostHandler = std::function<void(const std::string& cause)>;
+
+  virtual ~Transport() = default;
+  // Blocks until connected, refused or timed out. A refused connection
+  // (bad credentials, not authorised) is not retryable; a network error is.
+  virtual Status connect(const ConnectOptions& opts) = 0;
+  // Blocks until the broker acknowledges the subscription; an ACL refusal
+  // (SUBACK 0x80) is reported as permission_denied.
+  virtual Status subscribe(const std::string& filter, int qos) = 0;
+  // Queues the message; delivery is tracked by the client library.
+  virtual Status publish(const Message& msg) = 0;
+  // Blocks until every queued QoS>0 publish has been acknowledged or timeout.
+  virtual Status flush(std::chrono::milliseconds timeout) = 0;
+  virtual void disconnect() = 0;
+  virtual bool connected() const = 0;
+  virtual void on_message(MessageHandler h) = 0;
+  virtual void on_connection_lost(LostHandler h) = 0;
+};
+
+std::unique_ptr<Transport> make_paho_transport();
+
+// Topic layout (docs/architecture.md).
+inline constexpr const char* kTopicRoot = "flotilla/v1/d/";
+inline std::string device_topic(const std::string& device_id, const char* leaf) {
+  return std::string(kTopicRoot) + device_id + "/" + leaf;
+}
+// Extracts <id> from flotilla/v1/d/<id>/<leaf>; empty when the topic does not match.
+std::string device_id_from_topic(const std::string& topic, std::string* leaf = nullptr);
+
+}  // namespace flotilla::transport

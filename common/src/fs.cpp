@@ -1,0 +1,106 @@
+#include "flotilla/common/fs.hpp"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <sys/statvfs.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <fstream>
+
+#include "flotilla/common/crypto.hpp"
+
+namespace flotilla::fs {
+
+namespace {
+Error errno_error(const std::string& what, const stdfs::path& p) {
+  return make_error(Errc::io, what + " " + p.string() + ": " + std::strerror(errno));
+}
+}  // namespace
+
+Result<std::string> read_file(const stdfs::path& path, size_t max_bytes) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return make_error(errno == ENOENT ? Errc::not_found : Errc::io,
+                             "cannot open " + path.string() + ": " + std::strerror(errno));
+  std::string out;
+  char buf[65536];
+  while (in) {
+    in.read(buf, sizeof buf);
+    out.append(buf, static_cast<size_t>(in.gcount()));
+    if (out.size() > max_bytes) {
+      return make_error(Errc::too_large, path.string() + " is larger than " +
+                                             std::to_string(max_bytes) + " bytes");
+    }
+  }
+  return out;
+}
+
+Status fsync_dir(const stdfs::path& dir) {
+  int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) return errno_error("open dir", dir);
+  int rc = ::fsync(fd);
+  ::close(fd);
+  if (rc != 0) return errno_error("fsync dir", dir);
+  return {};
+}
+
+Status write_file_atomic(const stdfs::path& path, std::string_view content, unsigned mode) {
+  const stdfs::path dir = path.has_parent_path() ? path.parent_path() : stdfs::path(".");
+  const stdfs::path tmp = dir / ("." + path.filename().string() + ".tmp-" + crypto::random_token(6));
+  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, mode);
+  if (fd < 0) return errno_error("create", tmp);
+  // open() applies the umask; set the mode we were asked for explicitly.
+  if (::fchmod(fd, mode) != 0) {
+    auto e = errno_error("chmod", tmp);
+    ::close(fd);
+    ::unlink(tmp.c_str());
+    return e;
+  }
+  const char* p = content.data();
+  size_t left = content.size();
+  while (left > 0) {
+    ssize_t n = ::write(fd, p, left);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      auto e = errno_error(errno == ENOSPC ? "no space writing" : "write", tmp);
+      if (errno == ENOSPC) e.code = Errc::io;
+      ::close(fd);
+      ::unlink(tmp.c_str());
+      return e;
+    }
+    p += n;
+    left -= static_cast<size_t>(n);
+  }
+  if (::fsync(fd) != 0) {
+    auto e = errno_error("fsync", tmp);
+    ::close(fd);
+    ::unlink(tmp.c_str());
+    return e;
+  }
+  ::close(fd);
+  if (::rename(tmp.c_str(), path.c_str()) != 0) {
+    auto e = errno_error("rename to", path);
+    ::unlink(tmp.c_str());
+    return e;
+  }
+  return fsync_dir(dir);
+}
+
+Status ensure_dir(const stdfs::path& dir, unsigned mode) {
+  std::error_code ec;
+  stdfs::create_directories(dir, ec);
+  if (ec) return make_error(Errc::io, "create directory " + dir.string() + ": " + ec.message());
+  if (::chmod(dir.c_str(), mode) != 0) {
+    return make_error(Errc::io, "chmod " + dir.string() + ": " + std::strerror(errno));
+  }
+  return {};
+}
+
+Result<uint64_t> free_bytes(const stdfs::path& path) {
+  struct statvfs st {};
+  if (::statvfs(path.c_str(), &st) != 0) return errno_error("statvfs", path);
+  return static_cast<uint64_t>(st.f_bavail) * st.f_frsize;
+}
+
+}  // namespace flotilla::fs

@@ -1,0 +1,139 @@
+#include "flotilla/common/sqlite.hpp"
+
+#include <sqlite3.h>
+
+namespace flotilla::sql {
+
+namespace {
+Error db_error(sqlite3* db, std::string_view what) {
+  const int code = sqlite3_errcode(db);
+  Errc errc = Errc::io;
+  if (code == SQLITE_CONSTRAINT) errc = Errc::conflict;
+  if (code == SQLITE_BUSY || code == SQLITE_LOCKED) errc = Errc::unavailable;
+  if (code == SQLITE_FULL) errc = Errc::io;
+  return make_error(errc, std::string(what) + ": " + sqlite3_errmsg(db),
+                    code == SQLITE_BUSY || code == SQLITE_LOCKED);
+}
+}  // namespace
+
+Stmt::Stmt(Stmt&& o) noexcept : db_(o.db_), stmt_(o.stmt_) { o.stmt_ = nullptr; }
+Stmt& Stmt::operator=(Stmt&& o) noexcept {
+  if (this != &o) {
+    if (stmt_) sqlite3_finalize(stmt_);
+    db_ = o.db_;
+    stmt_ = o.stmt_;
+    o.stmt_ = nullptr;
+  }
+  return *this;
+}
+Stmt::~Stmt() {
+  if (stmt_) sqlite3_finalize(stmt_);
+}
+
+Stmt& Stmt::bind(int i, int64_t v) {
+  sqlite3_bind_int64(stmt_, i, v);
+  return *this;
+}
+Stmt& Stmt::bind(int i, std::string_view v) {
+  sqlite3_bind_text(stmt_, i, v.data(), static_cast<int>(v.size()), SQLITE_TRANSIENT);
+  return *this;
+}
+Stmt& Stmt::bind_blob(int i, std::string_view v) {
+  sqlite3_bind_blob(stmt_, i, v.data(), static_cast<int>(v.size()), SQLITE_TRANSIENT);
+  return *this;
+}
+Stmt& Stmt::bind_null(int i) {
+  sqlite3_bind_null(stmt_, i);
+  return *this;
+}
+
+Result<bool> Stmt::step() {
+  const int rc = sqlite3_step(stmt_);
+  if (rc == SQLITE_ROW) return true;
+  if (rc == SQLITE_DONE) return false;
+  return db_error(db_, "step");
+}
+
+Status Stmt::run() {
+  for (;;) {
+    auto r = step();
+    if (!r) return r.error();
+    if (!*r) return {};
+  }
+}
+
+void Stmt::reset() {
+  sqlite3_reset(stmt_);
+  sqlite3_clear_bindings(stmt_);
+}
+
+int64_t Stmt::col_int(int i) const { return sqlite3_column_int64(stmt_, i); }
+std::string Stmt::col_text(int i) const {
+  const auto* p = sqlite3_column_text(stmt_, i);
+  return p ? std::string(reinterpret_cast<const char*>(p),
+                         static_cast<size_t>(sqlite3_column_bytes(stmt_, i)))
+           : std::string();
+}
+std::string Stmt::col_blob(int i) const {
+  const void* p = sqlite3_column_blob(stmt_, i);
+  return p ? std::string(static_cast<const char*>(p),
+                         static_cast<size_t>(sqlite3_column_bytes(stmt_, i)))
+           : std::string();
+}
+bool Stmt::col_is_null(int i) const { return sqlite3_column_type(stmt_, i) == SQLITE_NULL; }
+
+Result<std::unique_ptr<Db>> Db::open(const std::string& path) {
+  sqlite3* raw = nullptr;
+  const int rc = sqlite3_open_v2(path.c_str(), &raw,
+                                 SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_FULLMUTEX,
+                                 nullptr);
+  if (rc != SQLITE_OK) {
+    Error e = make_error(Errc::io, "open database " + path + ": " +
+                                       (raw ? sqlite3_errmsg(raw) : "out of memory"));
+    sqlite3_close(raw);
+    return e;
+  }
+  std::unique_ptr<Db> db(new Db(raw));
+  sqlite3_busy_timeout(raw, 5000);
+  if (auto s = db->exec("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON;");
+      !s) {
+    return s.error().with_context("open database " + path);
+  }
+  return db;
+}
+
+Db::~Db() { sqlite3_close(db_); }
+
+Status Db::exec(std::string_view sql) {
+  char* msg = nullptr;
+  const std::string s(sql);
+  if (sqlite3_exec(db_, s.c_str(), nullptr, nullptr, &msg) != SQLITE_OK) {
+    Error e = db_error(db_, "exec");
+    sqlite3_free(msg);
+    return e;
+  }
+  return {};
+}
+
+Result<Stmt> Db::prepare(std::string_view sql) {
+  sqlite3_stmt* s = nullptr;
+  if (sqlite3_prepare_v2(db_, sql.data(), static_cast<int>(sql.size()), &s, nullptr) != SQLITE_OK) {
+    return db_error(db_, "prepare");
+  }
+  return Stmt(db_, s);
+}
+
+int64_t Db::changes() const { return sqlite3_changes(db_); }
+int64_t Db::last_insert_rowid() const { return sqlite3_last_insert_rowid(db_); }
+
+Transaction::Transaction(Db& db) : db_(db) { began_ = db_.exec("BEGIN IMMEDIATE").ok(); }
+Transaction::~Transaction() {
+  if (began_ && !done_) (void)db_.exec("ROLLBACK");
+}
+Status Transaction::commit() {
+  if (!began_) return make_error(Errc::internal, "transaction did not begin");
+  done_ = true;
+  return db_.exec("COMMIT");
+}
+
+}  // namespace flotilla::sql

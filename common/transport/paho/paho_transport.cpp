@@ -1,0 +1,249 @@
+// Transport backend over Paho's C asynchronous client (MQTTAsync).
+// Paho runs its own threads; callbacks hand results back through promises.
+#include <MQTTAsync.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <cstring>
+#include <future>
+#include <mutex>
+#include <thread>
+
+#include "flotilla/common/log.hpp"
+#include "flotilla/common/transport.hpp"
+
+namespace flotilla::transport {
+
+namespace {
+
+struct Waiter {
+  std::promise<Status> promise;
+};
+
+void on_ok(void* ctx, MQTTAsync_successData* data) {
+  auto* w = static_cast<Waiter*>(ctx);
+  if (data && data->alt.qos == MQTT_BAD_SUBSCRIBE) {
+    w->promise.set_value(make_error(Errc::permission_denied, "subscription refused by the broker"));
+    return;
+  }
+  w->promise.set_value(Status{});
+}
+
+void on_fail(void* ctx, MQTTAsync_failureData* data) {
+  auto* w = static_cast<Waiter*>(ctx);
+  std::string msg = data && data->message ? data->message : "failed";
+  int code = data ? data->code : 0;
+  // Connect return codes 4 (bad user name or password) and 5 (not authorised)
+  // will not get better by retrying.
+  if (code == 4 || code == 5) {
+    w->promise.set_value(make_error(Errc::unauthenticated,
+                                    "broker refused the credentials (code " + std::to_string(code) + ")"));
+    return;
+  }
+  if (code == MQTT_BAD_SUBSCRIBE) {
+    w->promise.set_value(make_error(Errc::permission_denied, "subscription refused by the broker"));
+    return;
+  }
+  w->promise.set_value(make_error(Errc::unavailable, msg + " (code " + std::to_string(code) + ")", true));
+}
+
+class PahoTransport final : public Transport {
+ public:
+  ~PahoTransport() override {
+    disconnect();
+    if (client_) MQTTAsync_destroy(&client_);
+  }
+
+  Status connect(const ConnectOptions& opts) override {
+    if (!client_) {
+      MQTTAsync_createOptions co = MQTTAsync_createOptions_initializer;
+      co.MQTTVersion = MQTTVERSION_3_1_1;
+      co.sendWhileDisconnected = 1;
+      co.maxBufferedMessages = 10000;
+      int rc = MQTTAsync_createWithOptions(&client_, opts.url.c_str(), opts.client_id.c_str(),
+                                           MQTTCLIENT_PERSISTENCE_NONE, nullptr, &co);
+      if (rc != MQTTASYNC_SUCCESS) {
+        client_ = nullptr;
+        return make_error(Errc::invalid_argument, "cannot create MQTT client for " + opts.url +
+                                                      " (code " + std::to_string(rc) + ")");
+      }
+      MQTTAsync_setCallbacks(client_, this, &PahoTransport::lost_cb, &PahoTransport::arrived_cb, nullptr);
+    }
+    opts_ = opts;
+    MQTTAsync_connectOptions c = MQTTAsync_connectOptions_initializer;
+    c.keepAliveInterval = opts.keepalive_s;
+    c.cleansession = opts.clean_session ? 1 : 0;
+    c.maxInflight = opts.max_inflight;
+    c.connectTimeout = static_cast<int>(std::max<int64_t>(1, opts.timeout.count() / 1000));
+    c.MQTTVersion = MQTTVERSION_3_1_1;
+    c.automaticReconnect = 0;  // callers own reconnect policy (full jitter)
+    if (!opts.username.empty()) c.username = opts_.username.c_str();
+    if (!opts.password.empty()) c.password = opts_.password.c_str();
+    MQTTAsync_willOptions will = MQTTAsync_willOptions_initializer;
+    if (opts.will) {
+      will.topicName = opts_.will->topic.c_str();
+      will.message = nullptr;
+      will.payload.data = opts_.will->payload.data();
+      will.payload.len = static_cast<int>(opts_.will->payload.size());
+      will.qos = opts.will->qos;
+      will.retained = opts.will->retained ? 1 : 0;
+      c.will = &will;
+    }
+    MQTTAsync_SSLOptions ssl = MQTTAsync_SSLOptions_initializer;
+    if (opts.url.rfind("ssl://", 0) == 0 || opts.url.rfind("mqtts://", 0) == 0) {
+      if (!opts.ca_file.empty()) ssl.trustStore = opts_.ca_file.c_str();
+      ssl.enableServerCertAuth = 1;
+      ssl.verify = 1;
+      c.ssl = &ssl;
+    }
+    Waiter w;
+    auto fut = w.promise.get_future();
+    c.onSuccess = on_ok;
+    c.onFailure = on_fail;
+    c.context = &w;
+    int rc = MQTTAsync_connect(client_, &c);
+    if (rc != MQTTASYNC_SUCCESS) {
+      return make_error(Errc::unavailable, "connect to " + opts.url + " failed to start (code " +
+                                               std::to_string(rc) + ")", true);
+    }
+    // Paho always calls one of the callbacks (it applies connectTimeout itself);
+    // the extra margin only guards against a stuck library.
+    if (fut.wait_for(opts.timeout + std::chrono::seconds(5)) != std::future_status::ready) {
+      return make_error(Errc::timeout, "connect to " + opts.url + " timed out", true);
+    }
+    Status s = fut.get();
+    if (!s) return s.error().with_context("connect to " + opts.url);
+    return s;
+  }
+
+  Status subscribe(const std::string& filter, int qos) override {
+    if (!client_) return make_error(Errc::unavailable, "not connected", true);
+    Waiter w;
+    auto fut = w.promise.get_future();
+    MQTTAsync_responseOptions ro = MQTTAsync_responseOptions_initializer;
+    ro.onSuccess = on_ok;
+    ro.onFailure = on_fail;
+    ro.context = &w;
+    int rc = MQTTAsync_subscribe(client_, filter.c_str(), qos, &ro);
+    if (rc != MQTTASYNC_SUCCESS) {
+      return make_error(Errc::unavailable, "subscribe " + filter + " (code " + std::to_string(rc) + ")", true);
+    }
+    if (fut.wait_for(opts_.timeout) != std::future_status::ready) {
+      // The waiter lives on this stack; Paho would call back into freed memory.
+      // Wait for the callback unconditionally: Paho fails pending requests on disconnect.
+      fut.wait();
+    }
+    Status s = fut.get();
+    if (!s) return s.error().with_context("subscribe " + filter);
+    return s;
+  }
+
+  Status publish(const Message& msg) override {
+    if (!client_) return make_error(Errc::unavailable, "not connected", true);
+    MQTTAsync_message m = MQTTAsync_message_initializer;
+    m.payload = const_cast<char*>(msg.payload.data());
+    m.payloadlen = static_cast<int>(msg.payload.size());
+    m.qos = msg.qos;
+    m.retained = msg.retained ? 1 : 0;
+    MQTTAsync_responseOptions ro = MQTTAsync_responseOptions_initializer;
+    int rc = MQTTAsync_sendMessage(client_, msg.topic.c_str(), &m, &ro);
+    if (rc != MQTTASYNC_SUCCESS) {
+      return make_error(Errc::unavailable, "publish " + msg.topic + " (code " + std::to_string(rc) + ")",
+                        true);
+    }
+    return {};
+  }
+
+  Status flush(std::chrono::milliseconds timeout) override {
+    if (!client_) return make_error(Errc::unavailable, "not connected", true);
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    for (;;) {
+      MQTTAsync_token* tokens = nullptr;
+      MQTTAsync_getPendingTokens(client_, &tokens);
+      bool empty = !tokens || tokens[0] == -1;
+      MQTTAsync_free(tokens);
+      if (empty) return {};
+      if (std::chrono::steady_clock::now() >= deadline) {
+        return make_error(Errc::timeout, "publishes still unacknowledged", true);
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+  }
+
+  void disconnect() override {
+    if (!client_ || !MQTTAsync_isConnected(client_)) return;
+    Waiter w;
+    auto fut = w.promise.get_future();
+    MQTTAsync_disconnectOptions d = MQTTAsync_disconnectOptions_initializer;
+    d.timeout = 2000;
+    d.onSuccess = [](void* ctx, MQTTAsync_successData*) {
+      static_cast<Waiter*>(ctx)->promise.set_value(Status{});
+    };
+    d.onFailure = [](void* ctx, MQTTAsync_failureData*) {
+      static_cast<Waiter*>(ctx)->promise.set_value(Status{});
+    };
+    d.context = &w;
+    if (MQTTAsync_disconnect(client_, &d) == MQTTASYNC_SUCCESS) fut.wait_for(std::chrono::seconds(5));
+  }
+
+  bool connected() const override { return client_ && MQTTAsync_isConnected(client_); }
+
+  void on_message(MessageHandler h) override {
+    std::lock_guard lock(mu_);
+    msg_handler_ = std::move(h);
+  }
+  void on_connection_lost(LostHandler h) override {
+    std::lock_guard lock(mu_);
+    lost_handler_ = std::move(h);
+  }
+
+ private:
+  static void lost_cb(void* ctx, char* cause) {
+    auto* self = static_cast<PahoTransport*>(ctx);
+    LostHandler h;
+    {
+      std::lock_guard lock(self->mu_);
+      h = self->lost_handler_;
+    }
+    if (h) h(cause ? cause : "connection lost");
+  }
+
+  static int arrived_cb(void* ctx, char* topic, int topic_len, MQTTAsync_message* m) {
+    auto* self = static_cast<PahoTransport*>(ctx);
+    Message msg;
+    msg.topic = topic_len > 0 ? std::string(topic, static_cast<size_t>(topic_len)) : std::string(topic);
+    msg.payload.assign(static_cast<const char*>(m->payload), static_cast<size_t>(m->payloadlen));
+    msg.qos = m->qos;
+    msg.retained = m->retained != 0;
+    MQTTAsync_freeMessage(&m);
+    MQTTAsync_free(topic);
+    MessageHandler h;
+    {
+      std::lock_guard lock(self->mu_);
+      h = self->msg_handler_;
+    }
+    if (h) h(std::move(msg));
+    return 1;
+  }
+
+  MQTTAsync client_ = nullptr;
+  ConnectOptions opts_;
+  std::mutex mu_;
+  MessageHandler msg_handler_;
+  LostHandler lost_handler_;
+};
+
+}  // namespace
+
+std::unique_ptr<Transport> make_paho_transport() { return std::make_unique<PahoTransport>(); }
+
+std::string device_id_from_topic(const std::string& topic, std::string* leaf) {
+  const std::string root = kTopicRoot;
+  if (topic.compare(0, root.size(), root) != 0) return {};
+  auto slash = topic.find('/', root.size());
+  if (slash == std::string::npos || slash == root.size()) return {};
+  if (leaf) *leaf = topic.substr(slash + 1);
+  return topic.substr(root.size(), slash - root.size());
+}
+
+}  // namespace flotilla::transport

@@ -1,0 +1,33 @@
+#pragma once
+// Wires the hub together: data dir, store, broker (embedded or external),
+// MQTT connection, service and HTTP server. main() only parses options.
+#include <atomic>
+#include <memory>
+#include <string>
+
+#include "flotilla/common/options.hpp"
+#include "flotilla/common/result.hpp"
+
+namespace flotilla::hub {
+
+struct HubConfig {
+  std::string data_dir = "./flotilla-data";
+  std::string listen_host = "127.0.0.1";
+  int listen_port = 8080;
+  std::string public_url;             // default http://<listen>
+  std::string broker_url;             // empty = embedded mosquitto
+  std::string broker_username;
+  std::string broker_password;
+  std::string broker_listen_host = "127.0.0.1";
+  int broker_listen_port = 0;
+  std::string mosquitto_bin = "/usr/sbin/mosquitto";
+  int http_threads = 2;
+};
+
+void add_hub_options(Options& o);
+Result<HubConfig> hub_config_from(const Options& o);
+
+// Runs until *stop becomes true. Returns an error if start-up fails.
+Status run_hub(const HubConfig& cfg, const std::atomic<bool>& stop);
+
+}  // namespace flotilla::hub

@@ -1,0 +1,66 @@
+#pragma once
+// The embedded default broker: a real mosquitto started and configured by the
+// hub, with anonymous access off, a password file and an ACL that confines
+// each device to its own topics (docs/security.md).
+#include <atomic>
+#include <filesystem>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "flotilla/common/process.hpp"
+#include "flotilla/common/result.hpp"
+
+namespace flotilla::hub {
+
+// mosquitto's password-file hash: $7$<iterations>$<b64 salt>$<b64 PBKDF2-HMAC-SHA512>.
+std::string mosquitto_password_hash(const std::string& password, int iterations = 101);
+
+struct BrokerConfig {
+  std::filesystem::path dir;                // <data-dir>/broker
+  std::string mosquitto_bin = "/usr/sbin/mosquitto";
+  std::string listen_host = "127.0.0.1";
+  int port = 0;                             // 0 = a free port, then kept across restarts
+  std::string hub_username = "flotilla-hub";
+};
+
+class EmbeddedBroker {
+ public:
+  using Credentials = std::vector<std::pair<std::string, std::string>>;  // username, hash
+
+  static Result<std::unique_ptr<EmbeddedBroker>> start(const BrokerConfig& cfg, const Credentials& devices);
+  ~EmbeddedBroker();
+
+  std::string url() const;
+  const std::string& hub_username() const { return cfg_.hub_username; }
+  const std::string& hub_password() const { return hub_password_; }
+  // Rewrites the password file and tells mosquitto to reload it (SIGHUP).
+  Status set_device_credentials(const Credentials& devices);
+  void stop();
+  pid_t pid() const { return child_.pid(); }
+
+ private:
+  EmbeddedBroker() = default;
+  Status write_config();
+  Status write_passwords(const Credentials& devices);
+  Status launch();
+  void watchdog();
+
+  BrokerConfig cfg_;
+  std::string hub_password_;
+  bool run_as_root_ = false;
+  std::mutex mu_;
+  proc::Child child_;
+  std::atomic<bool> stopping_{false};
+  std::thread watchdog_;
+};
+
+// Finds a free TCP port on host by binding port 0.
+Result<int> free_port(const std::string& host = "127.0.0.1");
+// Polls until host:port accepts a TCP connection or the deadline passes.
+bool wait_for_port(const std::string& host, int port, std::chrono::milliseconds timeout);
+
+}  // namespace flotilla::hub

@@ -1,0 +1,39 @@
+#pragma once
+// Boost.Beast HTTP/1.1 server: an io_context on a few threads, one strand
+// per connection, a size limit on every body and a deadline on every read.
+#include <boost/asio/io_context.hpp>
+#include <functional>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "flotilla/common/result.hpp"
+#include "flotilla/hub/api.hpp"
+
+namespace flotilla::hub {
+
+struct HttpServerConfig {
+  std::string host = "127.0.0.1";
+  int port = 8080;                   // 0 = any free port
+  int threads = 2;
+  size_t max_body_bytes = 8u << 20;  // hard cap; routes apply tighter ones
+  std::chrono::seconds read_timeout{30};
+};
+
+class HttpServer {
+ public:
+  using Handler = std::function<HttpResponse(const HttpRequest&)>;
+  static Result<std::unique_ptr<HttpServer>> start(const HttpServerConfig& cfg, Handler handler);
+  ~HttpServer();
+  int port() const { return port_; }
+  void stop();
+
+ private:
+  HttpServer() = default;
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+  int port_ = 0;
+};
+
+}  // namespace flotilla::hub

@@ -1,0 +1,189 @@
+#include "flotilla/hub/app.hpp"
+
+#include <sys/stat.h>
+
+#include <thread>
+
+#include "flotilla/common/backoff.hpp"
+#include "flotilla/common/crypto.hpp"
+#include "flotilla/common/fs.hpp"
+#include "flotilla/common/log.hpp"
+#include "flotilla/common/transport.hpp"
+#include "flotilla/hub/broker.hpp"
+#include "flotilla/hub/http_server.hpp"
+#include "flotilla/hub/service.hpp"
+
+namespace flotilla::hub {
+
+namespace {
+Result<std::pair<std::string, int>> split_host_port(const std::string& key, const std::string& v) {
+  auto colon = v.rfind(':');
+  if (colon == std::string::npos || colon == 0) {
+    return make_error(Errc::invalid_argument, key + " must look like HOST:PORT, got '" + v + "'");
+  }
+  try {
+    int port = std::stoi(v.substr(colon + 1));
+    if (port < 0 || port > 65535) throw std::out_of_range("port");
+    return std::make_pair(v.substr(0, colon), port);
+  } catch (const std::exception&) {
+    return make_error(Errc::invalid_argument, key + ": bad port in '" + v + "'");
+  }
+}
+}  // namespace
+
+void add_hub_options(Options& o) {
+  o.add("config", "YAML config file with any of these keys", "/etc/flotilla/hub.yaml")
+      .add("data-dir", "where the hub keeps its SQLite store, broker state and admin token", "./flotilla-data")
+      .add("listen", "REST API address HOST:PORT (PORT 0 = any free port)", "127.0.0.1:8080")
+      .add("public-url", "REST base URL as devices reach it (default: http://<listen>)")
+      .add("broker-url", "external MQTT broker (tcp://host:port); empty = start an embedded mosquitto")
+      .add("broker-username", "hub's username on the external broker")
+      .add("broker-password", "hub's password on the external broker (prefer the env variable)")
+      .add("broker-listen", "embedded broker address HOST:PORT (PORT 0 = a free port, kept across restarts)",
+           "127.0.0.1:0")
+      .add("mosquitto", "mosquitto binary for the embedded broker", "/usr/sbin/mosquitto")
+      .add("http-threads", "threads serving the REST API", "2")
+      .add("log-level", "trace, debug, info, warn or error", "info")
+      .config_file_key("config");
+}
+
+Result<HubConfig> hub_config_from(const Options& o) {
+  HubConfig c;
+  c.data_dir = o.get("data-dir");
+  if (c.data_dir.empty()) return make_error(Errc::invalid_argument, "data-dir must not be empty");
+  auto listen = split_host_port("listen", o.get("listen"));
+  if (!listen) return listen.error();
+  c.listen_host = listen->first;
+  c.listen_port = listen->second;
+  c.public_url = o.get("public-url");
+  c.broker_url = o.get("broker-url");
+  if (!c.broker_url.empty() && c.broker_url.rfind("tcp://", 0) != 0 && c.broker_url.rfind("ssl://", 0) != 0) {
+    return make_error(Errc::invalid_argument, "broker-url must start with tcp:// or ssl://, got '" + c.broker_url + "'");
+  }
+  c.broker_username = o.get("broker-username");
+  c.broker_password = o.get("broker-password");
+  auto bl = split_host_port("broker-listen", o.get("broker-listen"));
+  if (!bl) return bl.error();
+  c.broker_listen_host = bl->first;
+  c.broker_listen_port = bl->second;
+  c.mosquitto_bin = o.get("mosquitto");
+  auto threads = o.get_int("http-threads", 1, 64);
+  if (!threads) return threads.error();
+  c.http_threads = static_cast<int>(*threads);
+  return c;
+}
+
+Status run_hub(const HubConfig& cfg, const std::atomic<bool>& stop) {
+  auto logger = log::get("hub");
+  crypto::init();
+  const std::filesystem::path data(cfg.data_dir);
+  // Files the hub creates are private (the store holds credential hashes).
+  ::umask(077);
+  // 0711: when the hub runs as root, the embedded mosquitto (which drops to
+  // its own user) must traverse into broker/; nothing here is listable.
+  if (auto s = fs::ensure_dir(data, 0711); !s) return s;
+
+  auto store = Store::open((data / "hub.db").string());
+  if (!store) return store.error();
+
+  const bool embedded = cfg.broker_url.empty();
+  // Start the REST listener first so the public URL (which may use port 0) is known.
+  std::unique_ptr<HubService> service;
+  Api* api_ptr = nullptr;
+  std::unique_ptr<Api> api;
+  HttpServerConfig hc;
+  hc.host = cfg.listen_host;
+  hc.port = cfg.listen_port;
+  hc.threads = cfg.http_threads;
+  auto server = HttpServer::start(hc, [&api_ptr](const HttpRequest& r) {
+    if (!api_ptr) return Api::error(503, "unavailable", "hub is starting");
+    return api_ptr->handle(r);
+  });
+  if (!server) return server.error();
+  const std::string listen_url = "http://" + cfg.listen_host + ":" + std::to_string((*server)->port());
+  const std::string public_url = cfg.public_url.empty() ? listen_url : cfg.public_url;
+
+  std::unique_ptr<EmbeddedBroker> broker;
+  std::string broker_url = cfg.broker_url, hub_user = cfg.broker_username, hub_pass = cfg.broker_password;
+  if (embedded) {
+    auto creds = (*store)->credentials();
+    if (!creds) return creds.error();
+    BrokerConfig bc;
+    bc.dir = data / "broker";
+    bc.mosquitto_bin = cfg.mosquitto_bin;
+    bc.listen_host = cfg.broker_listen_host;
+    bc.port = cfg.broker_listen_port;
+    auto b = EmbeddedBroker::start(bc, *creds);
+    if (!b) return b.error();
+    broker = std::move(*b);
+    broker_url = broker->url();
+    hub_user = broker->hub_username();
+    hub_pass = broker->hub_password();
+  }
+
+  ServiceConfig sc;
+  sc.broker_url = broker_url;
+  sc.public_url = public_url;
+  sc.manage_broker_credentials = embedded;
+  service = std::make_unique<HubService>(**store, SystemClock::instance(), sc);
+  service->set_broker(broker.get());
+
+  // First start: make an admin API token and leave it, 0600, in the data dir.
+  if (auto n = (*store)->count_tokens("api"); n && *n == 0) {
+    TokenRecord rec;
+    rec.name = "bootstrap-admin";
+    rec.role = "admin";
+    auto t = service->create_token("api", rec);
+    if (!t) return t.error();
+    if (auto s = fs::write_file_atomic(data / "admin.token", t->secret + "\n", 0600); !s) return s;
+    logger->info("created the first admin API token; it is in {}", (data / "admin.token").string());
+  }
+
+  auto transport = transport::make_paho_transport();
+  transport::ConnectOptions co;
+  co.url = broker_url;
+  // A fixed client id with a persistent session: reports sent while the hub
+  // is down wait in the broker for it.
+  co.client_id = "flotilla-hub";
+  co.clean_session = false;
+  co.username = hub_user;
+  co.password = hub_pass;
+  co.max_inflight = 1000;
+  co.keepalive_s = 20;
+
+  api = std::make_unique<Api>(*service);
+  api_ptr = api.get();
+  (void)fs::write_file_atomic(data / "hub.url", listen_url + "\n", 0644);
+  logger->info("REST API listening url={} broker={}", listen_url, broker_url);
+
+  Backoff backoff(std::chrono::milliseconds(200), std::chrono::seconds(10), crypto::random_bytes(1)[0]);
+  bool attached = false;
+  auto next_try = std::chrono::steady_clock::now();
+  while (!stop) {
+    if (!transport->connected() && std::chrono::steady_clock::now() >= next_try) {
+      if (attached) logger->warn("lost the broker connection; reconnecting");
+      attached = false;
+      auto s = transport->connect(co);
+      if (s) s = service->attach_transport(*transport);
+      if (s) {
+        attached = true;
+        backoff.reset();
+        logger->info("connected to broker {}", broker_url);
+      } else {
+        auto delay = backoff.next();
+        logger->warn("broker connection failed: {}; retry in {}ms", s.error().message, delay.count());
+        next_try = std::chrono::steady_clock::now() + delay;
+      }
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  logger->info("shutting down");
+  api_ptr = nullptr;
+  (*server)->stop();
+  transport->disconnect();
+  service->stop();
+  if (broker) broker->stop();
+  return {};
+}
+
+}  // namespace flotilla::hub

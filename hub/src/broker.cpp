@@ -1,0 +1,239 @@
+#include "flotilla/hub/broker.hpp"
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <openssl/evp.h>
+#include <grp.h>
+#include <pwd.h>
+#include <sys/wait.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <chrono>
+#include <cstring>
+
+#include "flotilla/common/crypto.hpp"
+#include "flotilla/common/encoding.hpp"
+#include "flotilla/common/fs.hpp"
+#include "flotilla/common/log.hpp"
+
+namespace flotilla::hub {
+
+std::string mosquitto_password_hash(const std::string& password, int iterations) {
+  Bytes salt = crypto::random_bytes(12);
+  unsigned char out[64];
+  PKCS5_PBKDF2_HMAC(password.data(), static_cast<int>(password.size()), salt.data(), static_cast<int>(salt.size()),
+                    iterations, EVP_sha512(), sizeof out, out);
+  return "$7$" + std::to_string(iterations) + "$" + to_base64(salt) + "$" + to_base64(out, sizeof out);
+}
+
+Result<int> free_port(const std::string& host) {
+  int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return make_error(Errc::io, "socket failed");
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  ::inet_pton(AF_INET, host.c_str(), &addr.sin_addr);
+  addr.sin_port = 0;
+  if (::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
+    ::close(fd);
+    return make_error(Errc::io, "cannot bind a free port on " + host);
+  }
+  socklen_t len = sizeof addr;
+  ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
+  ::close(fd);
+  return static_cast<int>(ntohs(addr.sin_port));
+}
+
+bool wait_for_port(const std::string& host, int port, std::chrono::milliseconds timeout) {
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  while (std::chrono::steady_clock::now() < deadline) {
+    int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    ::inet_pton(AF_INET, host.c_str(), &addr.sin_addr);
+    addr.sin_port = htons(static_cast<uint16_t>(port));
+    bool ok = ::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0;
+    ::close(fd);
+    if (ok) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  return false;
+}
+
+namespace {
+// mosquitto started as root drops to the "mosquitto" user; give that user the
+// files it must read and the directory it persists to, and nothing else
+// (hub.secret stays the hub's).
+void hand_to_broker_user(const std::filesystem::path& p) {
+  if (::geteuid() != 0) return;
+  if (const passwd* pw = ::getpwnam("mosquitto")) {
+    if (::chown(p.c_str(), pw->pw_uid, pw->pw_gid) != 0) {
+      log::get("hub")->warn("cannot chown {} to mosquitto: {}", p.string(), std::strerror(errno));
+    }
+  }
+}
+
+// Whether the "mosquitto" user can reach dir (every parent traversable).
+// Checked by a child that takes that identity, since ACLs and modes of all
+// parents decide it.
+bool broker_user_can_reach(const std::filesystem::path& dir) {
+  const passwd* pw = ::getpwnam("mosquitto");
+  if (!pw) return false;
+  const uid_t uid = pw->pw_uid;
+  const gid_t gid = pw->pw_gid;
+  pid_t pid = ::fork();
+  if (pid < 0) return false;
+  if (pid == 0) {
+    if (::setgroups(0, nullptr) != 0 || ::setgid(gid) != 0 || ::setuid(uid) != 0) _exit(2);
+    _exit(::access(dir.c_str(), X_OK) == 0 ? 0 : 1);
+  }
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  return WIFEXITED(status) && WEXITSTATUS(status) == 0;
+}
+}  // namespace
+
+Result<std::unique_ptr<EmbeddedBroker>> EmbeddedBroker::start(const BrokerConfig& cfg, const Credentials& devices) {
+  std::unique_ptr<EmbeddedBroker> b(new EmbeddedBroker());
+  b->cfg_ = cfg;
+  if (auto s = fs::ensure_dir(cfg.dir, 0700); !s) return s.error();
+  // The hub's own broker password is made once and kept, 0600, in the data dir.
+  const auto secret_path = cfg.dir / "hub.secret";
+  if (auto existing = fs::read_file(secret_path, 1024); existing && !existing->empty()) {
+    b->hub_password_ = *existing;
+  } else {
+    b->hub_password_ = crypto::random_token(24);
+    if (auto s = fs::write_file_atomic(secret_path, b->hub_password_, 0600); !s) return s.error();
+  }
+  // Keep the port across restarts: devices store the broker address they enrolled with.
+  const auto port_path = cfg.dir / "port";
+  if (b->cfg_.port == 0) {
+    if (auto p = fs::read_file(port_path, 64); p && !p->empty()) {
+      b->cfg_.port = std::stoi(*p);
+    } else {
+      auto fp = free_port(cfg.listen_host);
+      if (!fp) return fp.error();
+      b->cfg_.port = *fp;
+    }
+  }
+  if (auto s = fs::write_file_atomic(port_path, std::to_string(b->cfg_.port), 0600); !s) return s.error();
+  if (::geteuid() == 0 && !broker_user_can_reach(cfg.dir)) {
+    // mosquitto started as root drops to user "mosquitto", which cannot reach
+    // this data dir (a 0700 parent, say). Rather than fail, keep root and say so.
+    log::get("hub")->warn("user mosquitto cannot reach {}; the embedded broker runs as root. Run the hub as "
+                          "a dedicated user, or keep its data dir under a traversable path.", cfg.dir.string());
+    b->run_as_root_ = true;
+  }
+  if (auto s = b->write_config(); !s) return s.error();
+  if (auto s = b->write_passwords(devices); !s) return s.error();
+  if (auto s = b->launch(); !s) return s.error();
+  b->watchdog_ = std::thread([p = b.get()] { p->watchdog(); });
+  return b;
+}
+
+EmbeddedBroker::~EmbeddedBroker() { stop(); }
+
+std::string EmbeddedBroker::url() const {
+  return "tcp://" + cfg_.listen_host + ":" + std::to_string(cfg_.port);
+}
+
+Status EmbeddedBroker::write_config() {
+  const auto d = cfg_.dir.string();
+  std::string conf =
+      "# Generated by flotilla-hub at every start; edits are overwritten.\n"
+      "per_listener_settings false\n"
+      "allow_anonymous false\n"
+      "password_file " + d + "/passwd\n"
+      "acl_file " + d + "/acl\n"
+      "persistence true\n"
+      "persistence_location " + d + "/\n"
+      "autosave_interval 60\n"
+      "max_queued_messages 1000\n"
+      "max_inflight_messages 100\n"
+      "log_dest stderr\n"
+      "log_type error\nlog_type warning\nlog_type notice\n"
+      "connection_messages false\n" +
+      std::string(run_as_root_ ? "user root\n" : "") +
+      "listener " + std::to_string(cfg_.port) + " " + cfg_.listen_host + "\n";
+  std::string acl =
+      "# Generated by flotilla-hub. The hub may use every Flotilla topic; a device\n"
+      "# (MQTT username = device id) may read its own desired state and write its\n"
+      "# own report and presence, nothing else.\n"
+      "user " + cfg_.hub_username + "\n"
+      "topic readwrite flotilla/v1/#\n"
+      "\n"
+      "pattern read flotilla/v1/d/%u/desired\n"
+      "pattern write flotilla/v1/d/%u/report\n"
+      "pattern write flotilla/v1/d/%u/presence\n";
+  if (auto s = fs::write_file_atomic(cfg_.dir / "mosquitto.conf", conf, 0600); !s) return s;
+  if (auto s = fs::write_file_atomic(cfg_.dir / "acl", acl, 0600); !s) return s;
+  hand_to_broker_user(cfg_.dir);
+  hand_to_broker_user(cfg_.dir / "mosquitto.conf");
+  hand_to_broker_user(cfg_.dir / "acl");
+  return {};
+}
+
+Status EmbeddedBroker::write_passwords(const Credentials& devices) {
+  std::string text = cfg_.hub_username + ":" + mosquitto_password_hash(hub_password_) + "\n";
+  for (const auto& [user, hash] : devices) text += user + ":" + hash + "\n";
+  if (auto s = fs::write_file_atomic(cfg_.dir / "passwd", text, 0600); !s) return s;
+  hand_to_broker_user(cfg_.dir / "passwd");
+  return {};
+}
+
+Status EmbeddedBroker::set_device_credentials(const Credentials& devices) {
+  std::lock_guard lock(mu_);
+  if (auto s = write_passwords(devices); !s) return s;
+  if (!child_.signal(SIGHUP)) return make_error(Errc::unavailable, "broker is not running", true);
+  return {};
+}
+
+Status EmbeddedBroker::launch() {
+  proc::SpawnOptions so;
+  so.argv = {cfg_.mosquitto_bin, "-c", (cfg_.dir / "mosquitto.conf").string()};
+  so.stdout_path = (cfg_.dir / "mosquitto.log").string();
+  so.stderr_path = "stdout";
+  auto child = proc::spawn(so);
+  if (!child) {
+    return child.error().with_context("start mosquitto (install it with apt-get install mosquitto, or pass "
+                                      "--broker-url to use an external broker)");
+  }
+  child_ = std::move(*child);
+  bool up = false;
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (!up && !child_.poll() && std::chrono::steady_clock::now() < deadline) {
+    up = wait_for_port(cfg_.listen_host, cfg_.port, std::chrono::milliseconds(100));
+  }
+  if (!up || child_.poll()) {
+    auto tail = fs::read_file(cfg_.dir / "mosquitto.log", 1 << 20).value_or("");
+    if (tail.size() > 600) tail = tail.substr(tail.size() - 600);
+    child_.kill_now();
+    return make_error(Errc::unavailable, "mosquitto did not start listening on " + url() + "; its log ends: " + tail);
+  }
+  log::get("hub")->info("embedded broker started url={} pid={}", url(), child_.pid());
+  return {};
+}
+
+void EmbeddedBroker::watchdog() {
+  auto logger = log::get("hub");
+  while (!stopping_) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(250));
+    std::lock_guard lock(mu_);
+    if (stopping_) break;
+    if (auto code = child_.poll()) {
+      logger->error("embedded broker exited code={}; restarting", *code);
+      if (auto s = launch(); !s) logger->error("broker restart failed: {}", s.error().message);
+    }
+  }
+}
+
+void EmbeddedBroker::stop() {
+  if (stopping_.exchange(true)) return;
+  if (watchdog_.joinable()) watchdog_.join();
+  std::lock_guard lock(mu_);
+  child_.terminate(std::chrono::milliseconds(5000));
+}
+
+}  // namespace flotilla::hub
