@@ -74,7 +74,14 @@ Result<YAML::Node> load_key_yaml(const std::filesystem::path& path) {
   if (!text) return text.error();
   try {
     YAML::Node n = YAML::Load(*text);
-    if (!n.IsMap() || !n["type"]) return make_error(Errc::parse, path.string() + " is not a Flotilla key file");
+    if (!n.IsMap() || !n["type"] || !n["type"].IsScalar()) {
+      return make_error(Errc::parse, path.string() + " is not a Flotilla key file");
+    }
+    for (const char* field : {"public", "secret", "key-id"}) {
+      if (n[field] && !n[field].IsScalar()) {
+        return make_error(Errc::parse, path.string() + ": '" + field + "' must be a single value");
+      }
+    }
     return n;
   } catch (const YAML::Exception& e) {
     return make_error(Errc::parse, path.string() + ": " + e.what());
@@ -100,9 +107,13 @@ Result<KeyPair> read_private_key(const std::filesystem::path& path) {
   if (!secret || secret->size() != crypto_sign_SECRETKEYBYTES) {
     return make_error(Errc::parse, path.string() + ": secret is not 64 bytes of base64");
   }
-  // The secret embeds the public half; a mismatch means a corrupted or edited file.
-  if (!std::equal(pub->key.begin(), pub->key.end(), secret->begin() + 32)) {
-    return make_error(Errc::parse, path.string() + ": public and secret halves do not match");
+  // Re-derive the pair from the seed: a corrupted seed or public half (or an
+  // edited file) must not produce a key that signs garbage.
+  Bytes seed(secret->begin(), secret->begin() + 32);
+  auto derived = key_from_seed(seed);
+  sodium_memzero(seed.data(), seed.size());
+  if (!derived || derived->pub.key != pub->key || derived->secret != *secret) {
+    return make_error(Errc::parse, path.string() + ": the key is damaged (its halves do not match)");
   }
   return KeyPair{*pub, *secret};
 }

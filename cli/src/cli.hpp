@@ -15,3 +15,15 @@ int cmd_enrollment_token(int argc, char** argv);
 int fail(const std::string& message, int code = 1);
 
 }  // namespace flotilla::cli
+
+namespace flotilla {
+class Options;
+}
+
+namespace flotilla::cli {
+
+// Parses a subcommand's options (argv[2..]) and checks the positional count.
+// Returns -1 to go on, or the exit code (0 after --help, 2 on a usage error).
+int parse_args(Options& o, int argc, char** argv, std::vector<std::string>& pos, size_t min_pos, size_t max_pos);
+
+}  // namespace flotilla::cli

@@ -11,16 +11,7 @@ namespace flotilla::cli {
 
 using nlohmann::json;
 
-int fail(const std::string& message, int code) {
-  std::cerr << "flotilla: " << message << "\n";
-  return code;
-}
-
-namespace {
-
-// Parses options for one subcommand; prints help or the usage error.
-// Returns -1 to continue, or the exit code.
-int parse(Options& o, int argc, char** argv, std::vector<std::string>& pos, size_t min_pos, size_t max_pos) {
+int parse_args(Options& o, int argc, char** argv, std::vector<std::string>& pos, size_t min_pos, size_t max_pos) {
   auto r = o.parse(argc, argv, 2);
   if (!r) return fail(r.error().message, 2);
   if (o.help_requested()) {
@@ -35,6 +26,16 @@ int parse(Options& o, int argc, char** argv, std::vector<std::string>& pos, size
   return -1;
 }
 
+int fail(const std::string& message, int code) {
+  std::cerr << "flotilla: " << message << "\n";
+  return code;
+}
+
+namespace {
+
+// Parses options for one subcommand; prints help or the usage error.
+// Returns -1 to continue, or the exit code.
+
 int key_generate(int argc, char** argv) {
   Options o("flotilla key generate",
             "Usage: flotilla key generate --out PREFIX\n\n"
@@ -43,7 +44,7 @@ int key_generate(int argc, char** argv) {
             "FLOTILLA_");
   o.add("out", "path prefix for the two key files").add("force", "overwrite existing files (true/false)", "false");
   std::vector<std::string> pos;
-  if (int rc = parse(o, argc, argv, pos, 0, 0); rc >= 0) return rc;
+  if (int rc = parse_args(o, argc, argv, pos, 0, 0); rc >= 0) return rc;
   if (o.get("out").empty()) return fail("--out PREFIX is required", 2);
   const std::string priv = o.get("out") + ".key", pub = o.get("out") + ".pub";
   if (!o.get_bool("force") && (std::filesystem::exists(priv) || std::filesystem::exists(pub))) {
@@ -94,7 +95,7 @@ int bundle_build(int argc, char** argv) {
             "FLOTILLA_");
   o.add("out", "output file (default: <name>-<version>.fbundle)");
   std::vector<std::string> pos;
-  if (int rc = parse(o, argc, argv, pos, 1, 1); rc >= 0) return rc;
+  if (int rc = parse_args(o, argc, argv, pos, 1, 1); rc >= 0) return rc;
   auto m = bundles::load_spec(pos[0], SystemClock::instance());
   if (!m) return fail(m.error().message);
   auto b = bundles::wrap(*m);
@@ -113,7 +114,7 @@ int bundle_sign(int argc, char** argv) {
             "FLOTILLA_");
   o.add("key", "private key file from 'flotilla key generate'").add("out", "output file (default: sign in place)");
   std::vector<std::string> pos;
-  if (int rc = parse(o, argc, argv, pos, 1, 1); rc >= 0) return rc;
+  if (int rc = parse_args(o, argc, argv, pos, 1, 1); rc >= 0) return rc;
   if (o.get("key").empty()) return fail("--key KEYFILE is required", 2);
   auto key = bundles::read_private_key(o.get("key"));
   if (!key) return fail(key.error().message);
@@ -137,7 +138,7 @@ int bundle_verify(int argc, char** argv) {
       .add("threshold", "distinct valid signatures required", "1")
       .add("arch", "check the bundle targets this arch (amd64, arm64, arm)");
   std::vector<std::string> pos;
-  if (int rc = parse(o, argc, argv, pos, 1, 1); rc >= 0) return rc;
+  if (int rc = parse_args(o, argc, argv, pos, 1, 1); rc >= 0) return rc;
   if (o.get_list("key").empty()) return fail("at least one --key is required", 2);
   bundles::Keyring ring;
   auto th = o.get_int("threshold", 1, 32);
@@ -167,7 +168,7 @@ int bundle_inspect(int argc, char** argv) {
   Options o("flotilla bundle inspect", "Usage: flotilla bundle inspect FILE [-o json]", "FLOTILLA_");
   o.add("o", "output format: table or json", "table");
   std::vector<std::string> pos;
-  if (int rc = parse(o, argc, argv, pos, 1, 1); rc >= 0) return rc;
+  if (int rc = parse_args(o, argc, argv, pos, 1, 1); rc >= 0) return rc;
   auto b = bundles::read_bundle_file(pos[0]);
   if (!b) return fail(b.error().message);
   v1::BundleManifest m;

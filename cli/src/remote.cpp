@@ -75,20 +75,6 @@ struct Client {
   }
 };
 
-int parse(Options& o, int argc, char** argv, std::vector<std::string>& pos, size_t min_pos, size_t max_pos) {
-  auto r = o.parse(argc, argv, 2);
-  if (!r) return fail(r.error().message, 2);
-  if (o.help_requested()) {
-    std::cout << o.help();
-    return 0;
-  }
-  pos = *r;
-  if (pos.size() < min_pos || pos.size() > max_pos) {
-    std::cerr << o.help();
-    return 2;
-  }
-  return -1;
-}
 
 std::string pad(const std::string& s, size_t w) { return s.size() >= w ? s + " " : s + std::string(w - s.size(), ' '); }
 
@@ -149,7 +135,7 @@ int campaign_create(int argc, char** argv) {
   add_hub_flags(o);
   o.add("bundle", "bundle id, or name:version").add("selector", "label selector").add("name", "campaign name");
   std::vector<std::string> pos;
-  if (int rc = parse(o, argc, argv, pos, 0, 0); rc >= 0) return rc;
+  if (int rc = parse_args(o, argc, argv, pos, 0, 0); rc >= 0) return rc;
   if (o.get("bundle").empty()) return fail("--bundle is required", 2);
   auto c = Client::from(o);
   if (!c) return fail(c.error().message, 2);
@@ -177,7 +163,7 @@ int campaign_status(int argc, char** argv) {
       .add("timeout", "with --watch: give up after this long", "30m")
       .add("interval", "with --watch: poll interval", "500ms");
   std::vector<std::string> pos;
-  if (int rc = parse(o, argc, argv, pos, 1, 1); rc >= 0) return rc;
+  if (int rc = parse_args(o, argc, argv, pos, 1, 1); rc >= 0) return rc;
   auto c = Client::from(o);
   if (!c) return fail(c.error().message, 2);
   const std::string path = "/v1/campaigns/" + pos[0] + (o.get_bool("devices") ? "?devices=true" : "");
@@ -223,7 +209,7 @@ int campaign_list(int argc, char** argv) {
   Options o("flotilla campaign list", "Usage: flotilla campaign list", "FLOTILLA_");
   add_hub_flags(o);
   std::vector<std::string> pos;
-  if (int rc = parse(o, argc, argv, pos, 0, 0); rc >= 0) return rc;
+  if (int rc = parse_args(o, argc, argv, pos, 0, 0); rc >= 0) return rc;
   auto c = Client::from(o);
   if (!c) return fail(c.error().message, 2);
   auto r = c->call("GET", "/v1/campaigns");
@@ -245,7 +231,7 @@ int device_list(int argc, char** argv) {
   add_hub_flags(o);
   o.add("selector", "label selector").add("limit", "page size", "500");
   std::vector<std::string> pos;
-  if (int rc = parse(o, argc, argv, pos, 0, 0); rc >= 0) return rc;
+  if (int rc = parse_args(o, argc, argv, pos, 0, 0); rc >= 0) return rc;
   auto c = Client::from(o);
   if (!c) return fail(c.error().message, 2);
   std::string path = "/v1/devices?limit=" + o.get("limit");
@@ -285,7 +271,7 @@ int device_get(int argc, char** argv) {
   Options o("flotilla device get", "Usage: flotilla device get ID", "FLOTILLA_");
   add_hub_flags(o);
   std::vector<std::string> pos;
-  if (int rc = parse(o, argc, argv, pos, 1, 1); rc >= 0) return rc;
+  if (int rc = parse_args(o, argc, argv, pos, 1, 1); rc >= 0) return rc;
   auto c = Client::from(o);
   if (!c) return fail(c.error().message, 2);
   auto r = c->call("GET", "/v1/devices/" + pos[0]);
@@ -307,7 +293,7 @@ int remote_bundle(const std::string& sub, int argc, char** argv) {
             "FLOTILLA_");
   add_hub_flags(o);
   std::vector<std::string> pos;
-  if (int rc = parse(o, argc, argv, pos, sub == "push" ? 1 : 0, sub == "push" ? 1 : 0); rc >= 0) return rc;
+  if (int rc = parse_args(o, argc, argv, pos, sub == "push" ? 1 : 0, sub == "push" ? 1 : 0); rc >= 0) return rc;
   auto c = Client::from(o);
   if (!c) return fail(c.error().message, 2);
   if (sub == "push") {
@@ -362,7 +348,7 @@ int cmd_enrollment_token(int argc, char** argv) {
       .add("max-uses", "how many devices may use it (0 = unlimited)", "0")
       .add("name", "a note saying what the token is for");
   std::vector<std::string> pos;
-  if (int rc = parse(o, argc, argv, pos, 0, 0); rc >= 0) return rc;
+  if (int rc = parse_args(o, argc, argv, pos, 0, 0); rc >= 0) return rc;
   auto labels = o.get_map("label");
   if (!labels) return fail(labels.error().message, 2);
   auto max_uses = o.get_int("max-uses", 0, 1'000'000'000);

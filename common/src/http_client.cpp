@@ -74,8 +74,13 @@ Result<Response> send(const Request& req) {
     stream.async_connect(results, [&](beast::error_code e, const asio::ip::tcp::endpoint&) {
       if (e) { ec = e; return; }
       bhttp::async_write(stream, r, [&](beast::error_code e2, size_t) {
-        if (e2) { ec = e2; return; }
-        bhttp::async_read(stream, buffer, parser, [&](beast::error_code e3, size_t) { ec = e3; });
+        // A server may answer (413, 401) and stop reading before the body is
+        // all sent; its answer is still there to read.
+        if (e2 && e2 != asio::error::broken_pipe && e2 != asio::error::connection_reset) {
+          ec = e2;
+          return;
+        }
+        bhttp::async_read(stream, buffer, parser, [&, e2](beast::error_code e3, size_t) { ec = e3 ? (e2 ? e2 : e3) : e3; });
       });
     });
     ioc.run();

@@ -212,10 +212,20 @@ Result<int64_t> Options::get_int(const std::string& key, int64_t min, int64_t ma
 
 Result<std::chrono::milliseconds> parse_duration(const std::string& text) {
   if (text.empty()) return make_error(Errc::invalid_argument, "empty duration");
-  size_t i = 0;
-  while (i < text.size() && (::isdigit(text[i]) || text[i] == '.')) ++i;
-  if (i == 0) return make_error(Errc::invalid_argument, "duration '" + text + "' must start with a number");
-  double n = std::stod(text.substr(0, i));
+  size_t i = 0, dots = 0;
+  while (i < text.size() && (::isdigit(static_cast<unsigned char>(text[i])) || text[i] == '.')) {
+    dots += text[i] == '.';
+    ++i;
+  }
+  const std::string number = text.substr(0, i);
+  if (number.empty() || dots > 1 || number == ".") {
+    return make_error(Errc::invalid_argument, "duration '" + text + "' must start with a number, like 30s or 1.5m");
+  }
+  char* end = nullptr;
+  const double n = std::strtod(number.c_str(), &end);
+  if (end != number.c_str() + number.size()) {
+    return make_error(Errc::invalid_argument, "duration '" + text + "' has a malformed number");
+  }
   std::string unit = text.substr(i);
   double ms;
   if (unit == "ms") ms = n;
@@ -225,6 +235,8 @@ Result<std::chrono::milliseconds> parse_duration(const std::string& text) {
   else if (unit == "d") ms = n * 86'400'000;
   else return make_error(Errc::invalid_argument, "duration '" + text + "' has unknown unit '" + unit +
                                                      "' (use ms, s, m, h or d)");
+  // About 292 years; anything above is a typo, and the cast would be undefined.
+  if (!(ms >= 0 && ms < 9.2e18)) return make_error(Errc::invalid_argument, "duration '" + text + "' is out of range");
   return std::chrono::milliseconds(static_cast<int64_t>(ms));
 }
 

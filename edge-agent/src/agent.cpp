@@ -96,8 +96,7 @@ void Agent::report_inventory() {
   report(v1::AGENT_STATE_IDLE, a, v1::REASON_NONE, "", 100, true);
 }
 
-Status Agent::install(const v1::BundleManifest& m, std::map<std::string, std::optional<std::string>>& backup,
-                      std::vector<PlacedFile>& placed) {
+Status Agent::install(const v1::BundleManifest& m, Backup& backup, std::vector<PlacedFile>& placed) {
   std::set<std::string> new_paths;
   for (const auto& f : m.files()) new_paths.insert(path_for(f));
   // Back up everything this apply may touch: the new files' paths and the
@@ -124,9 +123,9 @@ Status Agent::install(const v1::BundleManifest& m, std::map<std::string, std::op
   return {};
 }
 
-void Agent::restore(const std::map<std::string, std::optional<std::string>>& backup) {
-  for (const auto& [path, content] : backup) {
-    Status s = content ? files_.write_atomic(path, *content, 0644) : files_.remove(path);
+void Agent::restore(const Backup& backup) {
+  for (const auto& [path, data] : backup) {
+    Status s = data ? files_.write_atomic(path, data->content, data->mode) : files_.remove(path);
     if (!s) log::get("agent")->error("rollback: restore {} failed: {}", path, s.error().message);
   }
 }
@@ -193,7 +192,7 @@ void Agent::handle_desired(const std::string& payload) {
   }
 
   report(v1::AGENT_STATE_INSTALLING, a, v1::REASON_NONE, "", 30);
-  std::map<std::string, std::optional<std::string>> backup;
+  Backup backup;
   std::vector<PlacedFile> placed;
   if (auto s = install(m, backup, placed); !s) {
     restore(backup);
@@ -227,7 +226,7 @@ void Agent::handle_desired(const std::string& payload) {
   last_node_ready_ = h.node_ready;
   if (!h.ok()) {
     return roll_back(v1::REASON_HEALTH_GATE_FAILED,
-                     "k3s not healthy within " + std::to_string(cfg_.health_timeout.count() / 1000) + "s: " + h.detail);
+                     "k3s not healthy within " + std::to_string(cfg_.health_timeout.count()) + "ms: " + h.detail);
   }
 
   state_.bundle_name = m.name();

@@ -2,6 +2,7 @@
 
 #include <cerrno>
 #include <cstring>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "flotilla/common/fs.hpp"
@@ -14,13 +15,16 @@ std::filesystem::path DiskFileTree::host_path(const std::string& device_path) co
   return root_ / rel;
 }
 
-Result<std::optional<std::string>> DiskFileTree::read(const std::string& path) {
-  auto r = fs::read_file(host_path(path));
+Result<std::optional<FileData>> DiskFileTree::read(const std::string& path) {
+  const auto p = host_path(path);
+  auto r = fs::read_file(p);
   if (!r) {
-    if (r.error().code == Errc::not_found) return std::optional<std::string>();
+    if (r.error().code == Errc::not_found) return std::optional<FileData>();
     return r.error();
   }
-  return std::optional<std::string>(std::move(*r));
+  struct stat st {};
+  if (::stat(p.c_str(), &st) != 0) return make_error(Errc::io, "stat " + p.string() + ": " + std::strerror(errno));
+  return std::optional<FileData>(FileData{std::move(*r), static_cast<unsigned>(st.st_mode & 07777)});
 }
 
 Status DiskFileTree::write_atomic(const std::string& path, const std::string& content, unsigned mode) {

@@ -203,6 +203,11 @@ HttpResponse Api::handle(const HttpRequest& req) {
   // Device enrollment: the enrollment token inside the protobuf body is the credential.
   if (p.size() == 2 && p[1] == "enroll") {
     if (m != "POST") return error(405, "method_not_allowed", "use POST");
+    if (!service_.mqtt_connected()) {
+      HttpResponse r = error(503, "unavailable", "the hub is not connected to its broker yet; retry shortly");
+      r.headers["Retry-After"] = "2";
+      return r;
+    }
     if (req.body.size() > 64 * 1024) return error(413, "too_large", "enrollment request above 64 KiB");
     v1::EnrollRequest er;
     if (!er.ParseFromString(req.body)) {
@@ -248,14 +253,14 @@ HttpResponse Api::handle(const HttpRequest& req) {
       if (!ttl) return from_error(ttl.error());
       auto d = parse_duration(ttl->empty() ? "24h" : *ttl);
       if (!d) return from_error(d.error().with_context("ttl"));
-      rec.expires_unix = SystemClock::instance().now_unix() + d->count() / 1000;
+      if (d->count() < 1000) return error(400, "invalid_argument", "ttl must be at least 1s");
       if (j->contains("max_uses")) {
         if (!(*j)["max_uses"].is_number_integer() || (*j)["max_uses"].get<int64_t>() < 0) {
           return error(400, "invalid_argument", "'max_uses' must be a whole number >= 0");
         }
         rec.max_uses = (*j)["max_uses"].get<int64_t>();
       }
-      auto created = service_.create_token("enroll", rec);
+      auto created = service_.create_token("enroll", rec, *d);
       if (!created) return from_error(created.error());
       return json_response(201, {{"id", created->record.id},
                                  {"token", created->secret},

@@ -160,9 +160,10 @@ Status run_hub(const HubConfig& cfg, const std::atomic<bool>& stop) {
   bool attached = false;
   auto next_try = std::chrono::steady_clock::now();
   while (!stop) {
-    if (!transport->connected() && std::chrono::steady_clock::now() >= next_try) {
+    if ((!transport->connected() || !attached) && std::chrono::steady_clock::now() >= next_try) {
       if (attached) logger->warn("lost the broker connection; reconnecting");
       attached = false;
+      service->mark_detached();
       auto s = transport->connect(co);
       if (s) s = service->attach_transport(*transport);
       if (s) {

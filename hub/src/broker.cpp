@@ -119,7 +119,7 @@ Result<std::unique_ptr<EmbeddedBroker>> EmbeddedBroker::start(const BrokerConfig
     }
   }
   if (auto s = fs::write_file_atomic(port_path, std::to_string(b->cfg_.port), 0600); !s) return s.error();
-  if (::geteuid() == 0 && !broker_user_can_reach(cfg.dir)) {
+  if (::geteuid() == 0 && !broker_user_can_reach(cfg.dir.parent_path())) {
     // mosquitto started as root drops to user "mosquitto", which cannot reach
     // this data dir (a 0700 parent, say). Rather than fail, keep root and say so.
     log::get("hub")->warn("user mosquitto cannot reach {}; the embedded broker runs as root. Run the hub as "

@@ -1,5 +1,6 @@
 #include "flotilla/hub/http_server.hpp"
 
+#include <array>
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/strand.hpp>
 #include <boost/beast/core.hpp>
@@ -36,6 +37,7 @@ class Session : public std::enable_shared_from_this<Session> {
   void on_read(beast::error_code ec) {
     if (ec == bhttp::error::end_of_stream || ec == beast::error::timeout) return close();
     if (ec == bhttp::error::body_limit) {
+      drain_ = true;
       return reply(Api::error(413, "too_large",
                               "request body is larger than " + std::to_string(cfg_.max_body_bytes) + " bytes"),
                    false, 11);
@@ -90,6 +92,19 @@ class Session : public std::enable_shared_from_this<Session> {
   void close() {
     beast::error_code ec;
     stream_.socket().shutdown(tcp::socket::shutdown_send, ec);
+    if (drain_) drain();
+  }
+
+  // After refusing a body mid-upload, read and discard what the client is
+  // still sending (bounded in bytes and time) so closing does not reset the
+  // connection before the client has read our answer.
+  void drain() {
+    if (drained_ > (64u << 20)) return;
+    stream_.expires_after(std::chrono::seconds(2));
+    stream_.async_read_some(asio::buffer(sink_), [self = shared_from_this()](beast::error_code ec, size_t n) {
+      self->drained_ += n;
+      if (!ec) self->drain();
+    });
   }
 
   beast::tcp_stream stream_;
@@ -97,6 +112,9 @@ class Session : public std::enable_shared_from_this<Session> {
   std::optional<bhttp::request_parser<bhttp::string_body>> parser_;
   const HttpServerConfig& cfg_;
   const HttpServer::Handler& handler_;
+  bool drain_ = false;
+  size_t drained_ = 0;
+  std::array<char, 16384> sink_{};
 };
 
 }  // namespace

@@ -1,15 +1,7 @@
 // flotilla-hub: REST API, campaigns, device store and (by default) an
 // embedded mosquitto. See docs/operations.md.
-#include <csignal>
-#include <iostream>
-
-#include "flotilla/common/log.hpp"
+#include "flotilla/common/daemon_main.hpp"
 #include "flotilla/hub/app.hpp"
-
-namespace {
-std::atomic<bool> g_stop{false};
-void on_signal(int) { g_stop = true; }
-}  // namespace
 
 int main(int argc, char** argv) {
   flotilla::Options opts("flotilla-hub",
@@ -18,32 +10,9 @@ int main(int argc, char** argv) {
                          "Usage: flotilla-hub [options]",
                          "FLOTILLA_HUB_");
   flotilla::hub::add_hub_options(opts);
-  auto pos = opts.parse(argc, argv);
-  if (!pos) {
-    std::cerr << "flotilla-hub: " << pos.error().message << "\n";
-    return 2;
-  }
-  if (opts.help_requested()) {
-    std::cout << opts.help();
-    return 0;
-  }
-  if (!pos->empty()) {
-    std::cerr << "flotilla-hub: unexpected argument '" << pos->front() << "'\n";
-    return 2;
-  }
-  flotilla::log::setup(opts.get("log-level"));
-  auto cfg = flotilla::hub::hub_config_from(opts);
-  if (!cfg) {
-    std::cerr << "flotilla-hub: " << cfg.error().message << "\n";
-    return 2;
-  }
-  std::signal(SIGINT, on_signal);
-  std::signal(SIGTERM, on_signal);
-  std::signal(SIGPIPE, SIG_IGN);
-  auto s = flotilla::hub::run_hub(*cfg, g_stop);
-  if (!s) {
-    flotilla::log::get("hub")->critical("{}", s.error().message);
-    return 1;
-  }
-  return 0;
+  return flotilla::daemon_main(opts, argc, argv, "hub", [](const flotilla::Options& o, const std::atomic<bool>& stop) {
+    auto cfg = flotilla::hub::hub_config_from(o);
+    if (!cfg) return flotilla::Status(cfg.error());
+    return flotilla::hub::run_hub(*cfg, stop);
+  });
 }

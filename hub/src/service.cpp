@@ -50,19 +50,23 @@ void HubService::stop() {
 }
 
 Status HubService::attach_transport(transport::Transport& t) {
+  attached_ = false;
   transport_ = &t;
   t.on_message([this](transport::Message&& m) { on_message(std::move(m)); });
   for (const char* leaf : {"report", "presence"}) {
     if (auto s = t.subscribe(std::string(transport::kTopicRoot) + "+/" + leaf, 1); !s) return s;
   }
   republish_pending();
+  attached_ = true;
   return {};
 }
 
-bool HubService::mqtt_connected() const { return transport_ && transport_->connected(); }
+bool HubService::mqtt_connected() const { return attached_ && transport_ && transport_->connected(); }
 
-Result<CreatedToken> HubService::create_token(const std::string& kind, TokenRecord rec) {
+Result<CreatedToken> HubService::create_token(const std::string& kind, TokenRecord rec,
+                                             std::chrono::milliseconds ttl) {
   CreatedToken out;
+  if (ttl.count() > 0) rec.expires_unix = clock_.now_unix() + std::max<int64_t>(1, ttl.count() / 1000);
   // The prefix says what a leaked string is (like GitHub's ghp_); the rest is 256 random bits.
   out.secret = (kind == "api" ? "flt_api_" : "flt_enr_") + crypto::random_token(32);
   rec.id = (kind == "api" ? "tok-" : "enr-") + crypto::random_token(6);
@@ -131,8 +135,12 @@ Result<v1::EnrollResponse> HubService::enroll(const v1::EnrollRequest& req) {
       return make_error(Errc::conflict, "device id collision");
     }
     sql::Transaction tx(store_.db());
+    // Checked and counted in one statement, under the write lock, so
+    // concurrent enrollments cannot overspend a single-use token.
+    auto claimed = store_.claim_token_use(token.id);
+    if (!claimed) return claimed.error();
+    if (!*claimed) return make_error(Errc::permission_denied, "enrollment token has been used up");
     if (auto s = store_.upsert_enrolled_device(d); !s) return s.error();
-    if (auto s = store_.count_token_use(token.id); !s) return s.error();
     if (cfg_.manage_broker_credentials) {
       const std::string password = crypto::random_token(24);
       if (auto s = store_.upsert_credential(d.id, mosquitto_password_hash(password)); !s) return s.error();
@@ -359,6 +367,7 @@ void HubService::worker() {
 }
 
 void HubService::drain() {
+  std::lock_guard drain_lock(drain_mu_);
   for (;;) {
     std::vector<transport::Message> batch;
     {

@@ -173,11 +173,12 @@ Result<std::optional<TokenRecord>> Store::find_token(const std::string& kind, co
   return std::optional<TokenRecord>(t);
 }
 
-Status Store::count_token_use(const std::string& id) {
-  auto st = db_->prepare("UPDATE tokens SET uses = uses + 1 WHERE id = ?");
+Result<bool> Store::claim_token_use(const std::string& id) {
+  auto st = db_->prepare("UPDATE tokens SET uses = uses + 1 WHERE id = ? AND (max_uses = 0 OR uses < max_uses)");
   if (!st) return st.error();
   st->bind(1, std::string_view(id));
-  return st->run();
+  if (auto s = st->run(); !s) return s.error();
+  return db_->changes() == 1;
 }
 
 Result<int64_t> Store::count_tokens(const std::string& kind) {

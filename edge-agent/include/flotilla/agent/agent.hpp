@@ -55,9 +55,9 @@ class Agent {
               const std::string& message = "", uint32_t progress = 0, bool with_inventory = false);
   v1::Inventory inventory();
   v1::AppliedBundle applied_bundle() const;
-  Status install(const v1::BundleManifest& m, std::map<std::string, std::optional<std::string>>& backup,
-                 std::vector<PlacedFile>& placed);
-  void restore(const std::map<std::string, std::optional<std::string>>& backup);
+  using Backup = std::map<std::string, std::optional<FileData>>;
+  Status install(const v1::BundleManifest& m, Backup& backup, std::vector<PlacedFile>& placed);
+  void restore(const Backup& backup);
 
   CoreConfig cfg_;
   K3sRuntime& runtime_;

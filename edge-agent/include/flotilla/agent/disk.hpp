@@ -13,7 +13,7 @@ class DiskFileTree final : public FileTree {
  public:
   explicit DiskFileTree(std::filesystem::path root) : root_(std::move(root)) {}
   std::filesystem::path host_path(const std::string& device_path) const;
-  Result<std::optional<std::string>> read(const std::string& path) override;
+  Result<std::optional<FileData>> read(const std::string& path) override;
   Status write_atomic(const std::string& path, const std::string& content, unsigned mode) override;
   Status remove(const std::string& path) override;
   Result<uint64_t> free_bytes(const std::string& path) override;

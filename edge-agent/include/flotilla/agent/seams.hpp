@@ -36,10 +36,15 @@ class K3sRuntime {
 
 // Absolute device paths ("/etc/rancher/k3s/config.yaml"); implementations
 // map them under a root.
+struct FileData {
+  std::string content;
+  unsigned mode = 0644;  // permission bits, restored exactly on rollback
+};
+
 class FileTree {
  public:
   virtual ~FileTree() = default;
-  virtual Result<std::optional<std::string>> read(const std::string& path) = 0;
+  virtual Result<std::optional<FileData>> read(const std::string& path) = 0;
   virtual Status write_atomic(const std::string& path, const std::string& content, unsigned mode) = 0;
   virtual Status remove(const std::string& path) = 0;
   virtual Result<uint64_t> free_bytes(const std::string& path) = 0;

@@ -57,8 +57,10 @@ class HubService {
   void set_broker(EmbeddedBroker* broker) { broker_ = broker; }
   void stop();
 
-  // Tokens. kind is "api" or "enroll".
-  Result<CreatedToken> create_token(const std::string& kind, TokenRecord rec);
+  // Tokens. kind is "api" or "enroll". A positive ttl sets the expiry from
+  // the service's clock.
+  Result<CreatedToken> create_token(const std::string& kind, TokenRecord rec,
+                                    std::chrono::milliseconds ttl = std::chrono::milliseconds(0));
   Result<std::optional<TokenRecord>> authenticate(const std::string& kind, const std::string& secret);
 
   Result<v1::EnrollResponse> enroll(const v1::EnrollRequest& req);
@@ -83,7 +85,10 @@ class HubService {
   // unit tests call it directly).
   void drain();
 
+  // True once subscribed to device reports: before that, enrolling devices
+  // would report into the void.
   bool mqtt_connected() const;
+  void mark_detached() { attached_ = false; }
   uint64_t reports_processed() const { return reports_processed_; }
 
  private:
@@ -104,9 +109,11 @@ class HubService {
 
   std::mutex store_mu_;
   std::mutex q_mu_;
+  std::mutex drain_mu_;  // one drainer at a time, so drain() returns only when all is processed
   std::condition_variable q_cv_, q_space_cv_;
   std::deque<transport::Message> queue_;
   std::atomic<bool> stopping_{false};
+  std::atomic<bool> attached_{false};
   std::thread worker_;
   std::atomic<uint64_t> reports_processed_{0};
 };

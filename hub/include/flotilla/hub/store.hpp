@@ -89,7 +89,8 @@ class Store {
   // Tokens are stored only as SHA-256 hashes of their secret.
   Status insert_token(const std::string& kind, const TokenRecord& t, const std::string& secret_hash);
   Result<std::optional<TokenRecord>> find_token(const std::string& kind, const std::string& secret_hash);
-  Status count_token_use(const std::string& id);
+  // Counts one use if the token has uses left; false when it is used up.
+  Result<bool> claim_token_use(const std::string& id);
   Result<int64_t> count_tokens(const std::string& kind);
 
   Status upsert_credential(const std::string& username, const std::string& mosquitto_hash);

@@ -1,0 +1,112 @@
+#pragma once
+// Hand-written fakes for the agent core's seams (seams.hpp), for unit tests.
+// Each one lets a test drive what a real device cannot be made to do on cue
+// and see what the agent did, without k3s, a disk or SQLite:
+//  - FakeK3sRuntime: health that is good, never good, or good after N polls,
+//    and a restart that can fail, so the health gate and rollback paths run
+//    in milliseconds; it counts restarts so a test sees whether k3s was touched.
+//  - MemFileTree: the device's files as a map, so a test can compare the whole
+//    tree before and after; free space and write failures are settable to
+//    reach the disk-full and install-failure paths.
+//  - MemStateStore: what the agent persisted, so a second Agent over the same
+//    store shows what survives a restart; it counts saves.
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <string>
+
+#include "flotilla/agent/seams.hpp"
+
+namespace flotilla::agent::testing {
+
+class FakeK3sRuntime final : public K3sRuntime {
+ public:
+  // Counts polls since the last restart: a real k3s needs time after each one.
+  void set_healthy() { unhealthy_polls_ = 0; never_ = false; }
+  void set_never_healthy() { never_ = true; }
+  void set_healthy_after(int polls) { unhealthy_polls_ = polls; never_ = false; }
+
+  Result<std::string> version() override { return installed_version; }
+  Status restart() override {
+    ++restarts;
+    polls_since_restart_ = 0;
+    if (fail_restart) return make_error(Errc::io, "fake: k3s failed to start");
+    return {};
+  }
+  Status ensure_running() override {
+    ++ensure_running_calls;
+    return {};
+  }
+  K3sHealth health() override {
+    ++health_polls;
+    ++polls_since_restart_;
+    K3sHealth h;
+    const bool ok = !never_ && polls_since_restart_ > unhealthy_polls_;
+    h.api_ready = ok;
+    h.node_ready = ok;
+    if (!ok) h.detail = "fake: node not ready";
+    return h;
+  }
+  void stop() override { ++stops; }
+
+  std::string installed_version = "v1.30.4+k3s1";
+  bool fail_restart = false;
+  int restarts = 0;
+  int ensure_running_calls = 0;
+  int health_polls = 0;
+  int stops = 0;
+
+ private:
+  bool never_ = false;
+  int unhealthy_polls_ = 0;
+  int polls_since_restart_ = 0;
+};
+
+class MemFileTree final : public FileTree {
+ public:
+  struct Entry {
+    std::string content;
+    unsigned mode = 0644;
+    bool operator==(const Entry&) const = default;
+  };
+
+  Result<std::optional<FileData>> read(const std::string& path) override {
+    auto it = files.find(path);
+    if (it == files.end()) return std::optional<FileData>();
+    return std::optional<FileData>(FileData{it->second.content, it->second.mode});
+  }
+  Status write_atomic(const std::string& path, const std::string& content, unsigned mode) override {
+    if (!fail_writes_containing.empty() && path.find(fail_writes_containing) != std::string::npos) {
+      return make_error(Errc::io, "fake: write " + path + " failed");
+    }
+    ++writes;
+    files[path] = Entry{content, mode};
+    return {};
+  }
+  // Like the real tree, removing a missing file is not an error.
+  Status remove(const std::string& path) override {
+    files.erase(path);
+    return {};
+  }
+  Result<uint64_t> free_bytes(const std::string&) override { return free; }
+
+  std::map<std::string, Entry> files;
+  uint64_t free = uint64_t{1} << 40;
+  std::string fail_writes_containing;  // empty: every write succeeds
+  int writes = 0;                      // successful writes
+};
+
+class MemStateStore final : public StateStore {
+ public:
+  Result<AppliedState> load() override { return state; }
+  Status save(const AppliedState& s) override {
+    state = s;
+    ++saves;
+    return {};
+  }
+
+  AppliedState state;
+  int saves = 0;
+};
+
+}  // namespace flotilla::agent::testing

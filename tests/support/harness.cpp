@@ -1,0 +1,304 @@
+#include "tests/support/harness.hpp"
+
+#include <signal.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <fstream>
+#include <stdexcept>
+#include <thread>
+
+#include "flotilla/common/crypto.hpp"
+#include "flotilla/common/fs.hpp"
+#include "flotilla/v1/enroll.pb.h"
+
+namespace flotilla::test {
+
+std::string bin_dir() {
+  const char* d = std::getenv("FLOTILLA_BIN_DIR");
+  if (!d) throw std::runtime_error("FLOTILLA_BIN_DIR is not set (run the tests through ctest)");
+  return d;
+}
+
+std::string source_dir() {
+  const char* d = std::getenv("FLOTILLA_SOURCE_DIR");
+  if (!d) throw std::runtime_error("FLOTILLA_SOURCE_DIR is not set (run the tests through ctest)");
+  return d;
+}
+
+TempDir::TempDir() {
+  path_ = stdfs::temp_directory_path() / ("flotilla-it-" + crypto::random_token(6));
+  stdfs::create_directories(path_);
+  // Traversable, so a root-started mosquitto that drops to its own user reaches its files.
+  ::chmod(path_.c_str(), 0711);
+}
+
+TempDir::~TempDir() {
+  std::error_code ec;
+  if (!std::getenv("FLOTILLA_KEEP_TEST_DIRS")) stdfs::remove_all(path_, ec);
+}
+
+bool wait_until(const std::function<bool()>& pred, std::chrono::milliseconds timeout) {
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  for (;;) {
+    if (pred()) return true;
+    if (std::chrono::steady_clock::now() >= deadline) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+}
+
+Hub::Hub(stdfs::path data_dir) : data_(std::move(data_dir)) {}
+Hub::~Hub() { stop(); }
+
+void Hub::start() {
+  proc::SpawnOptions so;
+  so.argv = {bin_dir() + "/flotilla-hub", "--data-dir", data_.string(), "--listen", "127.0.0.1:0",
+             "--config", "", "--log-level", "debug"};
+  stdfs::create_directories(data_);
+  ::chmod(data_.c_str(), 0711);
+  stdfs::remove(data_ / "hub.url");
+  so.stdout_path = (data_.parent_path() / (data_.filename().string() + ".log")).string();
+  so.stderr_path = "stdout";
+  auto c = proc::spawn(so);
+  if (!c) throw std::runtime_error("start hub: " + c.error().message);
+  child_ = std::move(*c);
+  bool ready = wait_until(
+      [&] {
+        auto u = fs::read_file(data_ / "hub.url", 256);
+        if (!u) return false;
+        url_ = u->substr(0, u->find('\n'));
+        http::Request r;
+        r.url = url_ + "/readyz";
+        r.timeout = std::chrono::seconds(2);
+        auto resp = http::send(r);
+        return resp && resp->status == 200;
+      },
+      std::chrono::seconds(20));
+  if (!ready) throw std::runtime_error("hub did not become ready; log:\n" + log());
+}
+
+void Hub::stop() {
+  if (child_.valid()) child_.terminate(std::chrono::seconds(10));
+}
+
+void Hub::kill9() { child_.kill_now(); }
+
+std::string Hub::log() const {
+  return fs::read_file(data_.parent_path() / (data_.filename().string() + ".log")).value_or("");
+}
+
+std::string Hub::admin_token() const {
+  auto t = fs::read_file(data_ / "admin.token", 4096);
+  if (!t) throw std::runtime_error("no admin token");
+  return t->substr(0, t->find('\n'));
+}
+
+std::pair<int, json> Hub::call(const std::string& method, const std::string& path, const std::string& body,
+                               const std::string& content_type, std::optional<std::string> token) {
+  http::Request r;
+  r.method = method;
+  r.url = url_ + path;
+  r.body = body;
+  if (!body.empty()) r.headers["Content-Type"] = content_type;
+  const std::string tok = token ? *token : admin_token();
+  if (!tok.empty()) r.headers["Authorization"] = "Bearer " + tok;
+  r.timeout = std::chrono::seconds(15);
+  auto resp = http::send(r);
+  if (!resp) throw std::runtime_error(method + " " + path + ": " + resp.error().message);
+  return {resp->status, json::parse(resp->body, nullptr, false)};
+}
+
+CliResult Hub::cli(const std::vector<std::string>& args) {
+  std::vector<std::string> argv = {bin_dir() + "/flotilla"};
+  argv.insert(argv.end(), args.begin(), args.end());
+  argv.push_back("--hub");
+  argv.push_back(url_);
+  argv.push_back("--token-file");
+  argv.push_back((data_ / "admin.token").string());
+  auto r = proc::run(argv, std::chrono::seconds(120));
+  if (!r) throw std::runtime_error("flotilla cli: " + r.error().message);
+  return {r->exit_code, r->out, r->err};
+}
+
+CliResult Hub::cli_local(const std::vector<std::string>& args) {
+  std::vector<std::string> argv = {bin_dir() + "/flotilla"};
+  argv.insert(argv.end(), args.begin(), args.end());
+  auto r = proc::run(argv, std::chrono::seconds(60));
+  if (!r) throw std::runtime_error("flotilla cli: " + r.error().message);
+  return {r->exit_code, r->out, r->err};
+}
+
+std::string Hub::broker_url() const {
+  auto port = fs::read_file(data_ / "broker/port", 64);
+  if (!port) throw std::runtime_error("no broker port file");
+  return "tcp://127.0.0.1:" + *port;
+}
+
+std::string Hub::broker_password() const {
+  auto p = fs::read_file(data_ / "broker/hub.secret", 1024);
+  if (!p) throw std::runtime_error("no hub broker secret");
+  return *p;
+}
+
+std::string Hub::enrollment_token(const std::map<std::string, std::string>& labels, int max_uses) {
+  auto [status, body] = call("POST", "/v1/enrollment-tokens",
+                             json{{"labels", labels}, {"ttl", "1h"}, {"max_uses", max_uses}}.dump());
+  if (status != 201) throw std::runtime_error("enrollment token: " + body.dump());
+  return body["token"].get<std::string>();
+}
+
+json Hub::device(const std::string& id) { return call("GET", "/v1/devices/" + id).second; }
+
+json Hub::devices(const std::string& selector) {
+  std::string path = "/v1/devices?limit=10000";
+  if (!selector.empty()) {
+    std::string enc;
+    for (unsigned char ch : selector) {
+      char buf[4];
+      std::snprintf(buf, sizeof buf, "%%%02X", ch);
+      enc += std::isalnum(ch) ? std::string(1, static_cast<char>(ch)) : std::string(buf);
+    }
+    path += "&selector=" + enc;
+  }
+  return call("GET", path).second["items"];
+}
+
+json Hub::campaign(const std::string& id, bool with_devices) {
+  return call("GET", "/v1/campaigns/" + id + (with_devices ? "?devices=true" : "")).second;
+}
+
+Agent::Agent(stdfs::path root, std::string hub_url, std::string enrollment_token, AgentOptions opts)
+    : root_(std::move(root)), hub_url_(std::move(hub_url)), token_(std::move(enrollment_token)),
+      opts_(std::move(opts)) {
+  stdfs::create_directories(root_ / "usr/local/bin");
+  stdfs::create_directories(root_ / "etc/flotilla");
+  stdfs::copy_file(bin_dir() + "/k3s-standin", root_ / "usr/local/bin/k3s", stdfs::copy_options::overwrite_existing);
+  std::ofstream cfg(root_ / "etc/flotilla/agent.yaml");
+  cfg << "hub-url: " << hub_url_ << "\n"
+      << "enrollment-token: " << token_ << "\n"
+      << "root-keys:\n";
+  for (const auto& k : opts_.root_keys) cfg << "  - " << k << "\n";
+  cfg << "labels:\n";
+  for (const auto& [k, v] : opts_.labels) cfg << "  " << k << ": \"" << v << "\"\n";
+  cfg << "node-name: " << root_.filename().string() << "\n"
+      << "health-timeout: " << opts_.health_timeout << "\n"
+      << "reconnect-max: 2s\n";
+}
+
+Agent::~Agent() {
+  stop();
+  kill_k3s();
+}
+
+void Agent::start() {
+  proc::SpawnOptions so;
+  so.argv = {bin_dir() + "/flotilla-agent", "--config", (root_ / "etc/flotilla/agent.yaml").string(), "--root",
+             root_.string(), "--log-level", "debug"};
+  so.stdout_path = (root_.parent_path() / (root_.filename().string() + ".log")).string();
+  so.stderr_path = "stdout";
+  so.env_set["K3S_STANDIN_MAX_LIFETIME_S"] = "300";
+  auto c = proc::spawn(so);
+  if (!c) throw std::runtime_error("start agent: " + c.error().message);
+  child_ = std::move(*c);
+}
+
+void Agent::stop() {
+  if (child_.valid()) child_.terminate(std::chrono::seconds(10));
+}
+
+void Agent::kill9() { child_.kill_now(); }
+
+void Agent::kill_k3s() {
+  auto pid = fs::read_file(root_ / "run/flotilla/k3s.pid", 64);
+  if (!pid) return;
+  try {
+    pid_t p = static_cast<pid_t>(std::stol(*pid));
+    ::kill(-p, SIGKILL);
+    ::kill(p, SIGKILL);
+  } catch (const std::exception&) {
+  }
+}
+
+std::string Agent::device_id() const {
+  auto bytes = fs::read_file(root_ / "var/lib/flotilla/credentials.pb", 64 * 1024);
+  if (!bytes) return "";
+  v1::EnrollResponse r;
+  if (!r.ParseFromString(*bytes)) return "";
+  return r.device_id();
+}
+
+std::string Agent::mqtt_password() const {
+  auto bytes = fs::read_file(root_ / "var/lib/flotilla/credentials.pb", 64 * 1024);
+  v1::EnrollResponse r;
+  if (!bytes || !r.ParseFromString(*bytes)) return "";
+  return r.mqtt_password();
+}
+
+std::string Agent::log() const {
+  return fs::read_file(root_.parent_path() / (root_.filename().string() + ".log")).value_or("");
+}
+
+std::map<std::string, std::string> snapshot(const stdfs::path& root, const std::vector<std::string>& exclude) {
+  std::map<std::string, std::string> out;
+  for (auto it = stdfs::recursive_directory_iterator(root); it != stdfs::recursive_directory_iterator(); ++it) {
+    const std::string rel = stdfs::relative(it->path(), root).string();
+    bool skip = false;
+    for (const auto& e : exclude) skip |= rel.rfind(e, 0) == 0;
+    if (skip) {
+      if (it->is_directory()) it.disable_recursion_pending();
+      continue;
+    }
+    if (!it->is_regular_file()) continue;
+    struct stat st {};
+    ::stat(it->path().c_str(), &st);
+    auto content = fs::read_file(it->path(), 256u << 20).value_or("");
+    out[rel] = crypto::sha256_hex(content) + " " + std::to_string(st.st_mode & 07777);
+  }
+  return out;
+}
+
+BuiltBundle make_bundle(const std::string& name, uint64_t version,
+                        const std::vector<std::tuple<v1::FileKind, std::string, std::string>>& files,
+                        const std::vector<const bundles::KeyPair*>& signers) {
+  v1::BundleManifest m;
+  m.set_format_version(1);
+  m.set_name(name);
+  m.set_channel("stable");
+  m.set_version(version);
+  m.set_created_unix(SystemClock::instance().now_unix());
+  m.set_expires_unix(m.created_unix() + 3600);
+  m.set_k3s_version("v1.30.4+k3s1");
+  for (const auto& [kind, fname, content] : files) {
+    auto* f = m.add_files();
+    f->set_kind(kind);
+    f->set_name(fname);
+    f->set_content(content);
+    f->set_mode(0644);
+    auto h = crypto::sha256(content);
+    f->set_sha256(std::string(h.begin(), h.end()));
+  }
+  BuiltBundle b;
+  b.envelope = bundles::wrap(m);
+  for (const auto* k : signers) {
+    if (auto s = bundles::sign(b.envelope, *k); !s) throw std::runtime_error(s.error().message);
+  }
+  b.bytes = bundles::serialize_envelope(b.envelope);
+  return b;
+}
+
+json run_campaign(Hub& hub, const std::string& bundle_id, const std::string& selector, std::chrono::seconds timeout) {
+  auto [status, body] = hub.call("POST", "/v1/campaigns", json{{"bundle", bundle_id}, {"selector", selector}}.dump());
+  if (status != 201) throw std::runtime_error("create campaign: " + body.dump());
+  const std::string id = body["id"];
+  json c;
+  wait_until(
+      [&] {
+        c = hub.campaign(id, true);
+        return c["state"] != "running";
+      },
+      timeout);
+  return c;
+}
+
+}  // namespace flotilla::test

@@ -1,0 +1,126 @@
+#pragma once
+// Test harness for [integration] tests: real flotilla-hub (with its embedded
+// mosquitto), real flotilla-agent processes with the k3s stand-in, the real
+// CLI — all on loopback, every wait bounded by a deadline.
+#include <chrono>
+#include <filesystem>
+#include <functional>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "flotilla/bundles/bundle.hpp"
+#include "flotilla/common/http_client.hpp"
+#include "flotilla/common/process.hpp"
+
+namespace flotilla::test {
+
+namespace stdfs = std::filesystem;
+using nlohmann::json;
+
+std::string bin_dir();     // $FLOTILLA_BIN_DIR
+std::string source_dir();  // $FLOTILLA_SOURCE_DIR
+
+class TempDir {
+ public:
+  TempDir();
+  ~TempDir();
+  const stdfs::path& path() const { return path_; }
+
+ private:
+  stdfs::path path_;
+};
+
+// Polls pred every 50 ms until it holds or the timeout passes.
+bool wait_until(const std::function<bool()>& pred, std::chrono::milliseconds timeout);
+
+struct CliResult {
+  int exit_code = -1;
+  std::string out;
+  std::string err;
+};
+
+class Hub {
+ public:
+  explicit Hub(stdfs::path data_dir);
+  ~Hub();
+  void start();            // waits for /readyz
+  void stop();             // SIGTERM
+  void kill9();
+  const std::string& url() const { return url_; }
+  std::string admin_token() const;
+  const stdfs::path& data_dir() const { return data_; }
+
+  // REST with the admin token. Returns status and parsed body (null if not JSON).
+  std::pair<int, json> call(const std::string& method, const std::string& path, const std::string& body = "",
+                            const std::string& content_type = "application/json",
+                            std::optional<std::string> token = std::nullopt);
+  // The flotilla CLI pointed at this hub.
+  CliResult cli(const std::vector<std::string>& args);
+  // The CLI's local commands (key, bundle build/sign/verify/inspect).
+  static CliResult cli_local(const std::vector<std::string>& args);
+  // Broker address and the hub's own credential (for tests that speak MQTT).
+  std::string broker_url() const;
+  std::string broker_password() const;
+
+  std::string enrollment_token(const std::map<std::string, std::string>& labels, int max_uses = 0);
+  json device(const std::string& id);
+  json devices(const std::string& selector = "");
+  json campaign(const std::string& id, bool with_devices = false);
+  std::string log() const;
+
+ private:
+  stdfs::path data_;
+  std::string url_;
+  proc::Child child_;
+};
+
+struct AgentOptions {
+  std::map<std::string, std::string> labels;
+  std::vector<std::string> root_keys;  // ed25519:<b64>
+  std::string health_timeout = "8s";
+};
+
+class Agent {
+ public:
+  Agent(stdfs::path root, std::string hub_url, std::string enrollment_token, AgentOptions opts);
+  ~Agent();
+  void start();
+  void stop();
+  void kill9();
+  const stdfs::path& root() const { return root_; }
+  // Device id once enrolled (read from the agent's credentials file).
+  std::string device_id() const;
+  std::string mqtt_password() const;
+  std::string log() const;
+
+ private:
+  void kill_k3s();
+  stdfs::path root_;
+  std::string hub_url_, token_;
+  AgentOptions opts_;
+  proc::Child child_;
+};
+
+// Per-file (sha256, mode) of every regular file under root, excluding paths
+// that start with one of the given relative prefixes.
+std::map<std::string, std::string> snapshot(const stdfs::path& root, const std::vector<std::string>& exclude);
+
+// A signed bundle built directly with the bundles library.
+struct BuiltBundle {
+  v1::SignedBundle envelope;
+  std::string bytes;
+};
+BuiltBundle make_bundle(const std::string& name, uint64_t version,
+                        const std::vector<std::tuple<v1::FileKind, std::string, std::string>>& files,
+                        const std::vector<const bundles::KeyPair*>& signers);
+
+// Creates a campaign and waits until it leaves "running" (or the timeout).
+json run_campaign(Hub& hub, const std::string& bundle_id, const std::string& selector,
+                  std::chrono::seconds timeout = std::chrono::seconds(60));
+
+}  // namespace flotilla::test
