@@ -156,7 +156,9 @@ Result<v1::BundleManifest> load_spec(const std::filesystem::path& dir, const Clo
       bf->set_kind(*kind);
       bf->set_name(name);
       bf->set_content(*content);
-      bf->set_mode(static_cast<uint32_t>(std::stoul(f["mode"].as<std::string>("0644"), nullptr, 8)));
+      const auto mode = std::stoul(f["mode"].as<std::string>("0644"), nullptr, 8);
+      if (mode > 0777) return spec_error(dir, "files: mode of '" + name + "' must be permission bits (at most 0777)");
+      bf->set_mode(static_cast<uint32_t>(mode));
       auto h = crypto::sha256(*content);
       bf->set_sha256(std::string(h.begin(), h.end()));
     }
@@ -284,7 +286,11 @@ Verdict verify(const v1::SignedBundle& bundle, const Keyring& ring, const Verify
     }
   }
   const int64_t now = policy.clock->now_unix();
-  if (m.expires_unix() != 0 && m.expires_unix() <= now) {
+  if (m.expires_unix() == 0) {
+    // Without an expiry a captured bundle could be replayed forever (freeze attack).
+    return refuse(v1::REASON_BUNDLE_EXPIRED, "bundle has no expiry time; bundles must expire");
+  }
+  if (m.expires_unix() <= now) {
     return refuse(v1::REASON_BUNDLE_EXPIRED, "bundle expired at " + format_rfc3339(m.expires_unix()));
   }
   if (!policy.arch.empty() && m.target().arch_size() > 0) {

@@ -127,6 +127,10 @@ Result<PublicKey> read_public_key(const std::string& path_or_text) {
   return pub;
 }
 
+std::string enroll_proof_message(const std::string& enrollment_token, const Bytes& device_public_key) {
+  return "flotilla-enroll-v1\n" + crypto::sha256_hex(enrollment_token) + "\n" + to_hex(device_public_key);
+}
+
 Bytes sign_detached(const KeyPair& key, std::string_view message) {
   crypto::init();
   Bytes sig(crypto_sign_BYTES);

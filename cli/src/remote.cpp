@@ -100,6 +100,7 @@ std::string campaign_line(const json& c) {
   if (failed) s << ", " << failed << " failed";
   if (n["in_progress"].get<int64_t>()) s << ", " << n["in_progress"].get<int64_t>() << " in progress";
   if (n["pending"].get<int64_t>()) s << ", " << n["pending"].get<int64_t>() << " pending";
+  if (n.value("superseded", int64_t{0})) s << ", " << n["superseded"].get<int64_t>() << " superseded";
   if (n["offline"].get<int64_t>()) s << " (" << n["offline"].get<int64_t>() << " offline)";
   s << "  " << c["state"].get<std::string>();
   return s.str();

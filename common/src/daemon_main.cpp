@@ -28,7 +28,11 @@ int daemon_main(Options& opts, int argc, char** argv, const std::string& logger,
     std::cerr << program << ": unexpected argument '" << pos->front() << "'\n";
     return 2;
   }
-  log::setup(opts.get("log-level"));
+  if (!log::setup(opts.get("log-level"))) {
+    std::cerr << program << ": log-level must be one of trace, debug, info, warn, error, critical, off; got '"
+              << opts.get("log-level") << "'\n";
+    return 2;
+  }
   std::signal(SIGINT, on_signal);
   std::signal(SIGTERM, on_signal);
   std::signal(SIGPIPE, SIG_IGN);

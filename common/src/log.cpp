@@ -10,11 +10,24 @@ std::mutex g_mu;
 spdlog::level::level_enum g_level = spdlog::level::info;
 }  // namespace
 
-void setup(const std::string& level) {
+bool valid_level(const std::string& level) {
+  for (const char* l : {"trace", "debug", "info", "warn", "warning", "error", "critical", "off"}) {
+    if (level == l) return true;
+  }
+  return false;
+}
+
+bool setup(const std::string& level) {
   std::lock_guard lock(g_mu);
-  g_level = spdlog::level::from_str(level);
+  // spdlog maps unknown names to "off": refuse them instead of going silent.
+  const bool known = valid_level(level);
+  g_level = known ? spdlog::level::from_str(level == "warning" ? "warn" : level) : spdlog::level::info;
   spdlog::set_level(g_level);
   spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%l%$ %n %v");
+  for (const auto& name : {"hub", "agent", "bundles", "common"}) {
+    if (auto existing = spdlog::get(name)) existing->set_level(g_level);
+  }
+  return known;
 }
 
 std::shared_ptr<spdlog::logger> get(const std::string& module) {

@@ -171,7 +171,8 @@ Result<std::vector<std::string>> Options::parse(int argc, char** argv, int start
 
 std::string Options::help() const {
   std::ostringstream out;
-  out << summary_ << "\n\nOptions (flag, environment variable; also keys of the config file):\n";
+  out << summary_ << "\n\nOptions (flag and environment variable"
+      << (config_key_.empty() ? "" : "; also keys of the config file") << "):\n";
   for (const auto& key : order_) {
     const Opt& o = opts_.at(key);
     std::string flag = "--" + key + (o.is_switch ? "" : " VALUE");

@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -109,6 +110,7 @@ Result<Child> spawn(const SpawnOptions& opts) {
   if (pid == 0) {
     ::close(errpipe[0]);
     if (opts.new_process_group) ::setpgid(0, 0);
+    if (opts.die_with_parent) ::prctl(PR_SET_PDEATHSIG, SIGTERM);
     auto redirect = [](const std::string& path, int fd) {
       int f = ::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
       if (f >= 0) {

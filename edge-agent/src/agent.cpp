@@ -110,7 +110,9 @@ Status Agent::install(const v1::BundleManifest& m, Backup& backup, std::vector<P
   }
   for (const auto& f : m.files()) {
     const std::string path = path_for(f);
-    if (auto s = files_.write_atomic(path, f.content(), f.mode() ? f.mode() : 0644); !s) return s;
+    // Permission bits only: a bundle never makes a setuid, setgid or sticky file.
+    const unsigned mode = f.mode() ? (f.mode() & 0777) : 0644;
+    if (auto s = files_.write_atomic(path, f.content(), mode); !s) return s;
     placed.push_back({path, to_hex(reinterpret_cast<const uint8_t*>(f.sha256().data()), f.sha256().size())});
   }
   // Manifests and drop-ins the previous bundle placed that this one does not
@@ -136,8 +138,9 @@ void Agent::handle_desired(const std::string& payload) {
   if (payload.empty()) return;  // retained message cleared
   if (payload.size() > bundles::kMaxEnvelopeBytes + 4096 || !ds.ParseFromString(payload)) {
     logger->warn("ignored malformed desired state bytes={}", payload.size());
-    report(v1::AGENT_STATE_FAILED, Attempt{state_.generation, state_.campaign_id, state_.bundle_name, state_.version},
-           v1::REASON_MALFORMED_DESIRED, "desired-state message does not parse; ignored");
+    // Not about any campaign: the message could not say which one it was.
+    report(v1::AGENT_STATE_FAILED, Attempt{0, "", "", 0}, v1::REASON_MALFORMED_DESIRED,
+           "desired-state message does not parse; ignored");
     return;
   }
   Attempt a{ds.generation(), ds.campaign_id(), "", 0};

@@ -148,6 +148,8 @@ Result<v1::EnrollResponse> enroll(const AgentConfig& cfg, const bundles::KeyPair
   req.set_arch(cfg.arch);
   req.set_agent_version(kAgentVersion);
   for (const auto& [k, v] : cfg.labels) (*req.mutable_labels())[k] = v;
+  auto proof = bundles::sign_detached(id, bundles::enroll_proof_message(cfg.enrollment_token, id.pub.key));
+  req.set_proof(std::string(proof.begin(), proof.end()));
   Backoff backoff(std::chrono::seconds(1), cfg.reconnect_max, crypto::random_bytes(8)[0]);
   while (!stop) {
     http::Request hr;
@@ -218,7 +220,9 @@ Status run_agent(const AgentConfig& cfg, const std::atomic<bool>& stop) {
   CoreConfig core_cfg;
   core_cfg.device_id = creds.device_id();
   core_cfg.arch = cfg.arch;
+  // The hub's record wins (enrollment-token labels override the device's own).
   core_cfg.labels = cfg.labels;
+  if (!creds.labels().empty()) core_cfg.labels = {creds.labels().begin(), creds.labels().end()};
   core_cfg.keyring = *ring;
   core_cfg.health_timeout = cfg.health_timeout;
   Agent agent(core_cfg, runtime, files, **store, SystemClock::instance(), [&](v1::Report&& r) {
@@ -306,6 +310,8 @@ Status run_agent(const AgentConfig& cfg, const std::atomic<bool>& stop) {
     if (!payload.empty()) agent.handle_desired(payload);
   }
   logger->info("stopping (k3s keeps running)");
+  // A clean disconnect discards the will, so say goodbye explicitly.
+  if (connected) (void)transport->publish({presence_topic, offline.SerializeAsString(), 1, true});
   (void)transport->flush(std::chrono::seconds(2));
   transport->disconnect();
   return {};

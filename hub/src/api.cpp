@@ -169,6 +169,7 @@ json campaign_json(const CampaignView& v) {
            {"in_progress", v.counts.in_progress},
            {"applied", v.counts.applied},
            {"failed", v.counts.failed},
+           {"superseded", v.counts.superseded},
            {"offline", v.counts.offline}}},
          {"failure_reasons", v.failure_reasons}};
   if (!v.devices.empty()) {

@@ -41,6 +41,8 @@ void add_hub_options(Options& o) {
       .add("broker-password", "hub's password on the external broker (prefer the env variable)")
       .add("broker-listen", "embedded broker address HOST:PORT (PORT 0 = a free port, kept across restarts)",
            "127.0.0.1:0")
+      .add("broker-public-url", "broker address given to devices at enrollment (default: the embedded "
+                                 "broker's listen address, or broker-url)")
       .add("mosquitto", "mosquitto binary for the embedded broker", "/usr/sbin/mosquitto")
       .add("http-threads", "threads serving the REST API", "2")
       .add("log-level", "trace, debug, info, warn or error", "info")
@@ -59,6 +61,11 @@ Result<HubConfig> hub_config_from(const Options& o) {
   c.broker_url = o.get("broker-url");
   if (!c.broker_url.empty() && c.broker_url.rfind("tcp://", 0) != 0 && c.broker_url.rfind("ssl://", 0) != 0) {
     return make_error(Errc::invalid_argument, "broker-url must start with tcp:// or ssl://, got '" + c.broker_url + "'");
+  }
+  c.broker_public_url = o.get("broker-public-url");
+  if (!c.broker_public_url.empty() && c.broker_public_url.rfind("tcp://", 0) != 0 &&
+      c.broker_public_url.rfind("ssl://", 0) != 0) {
+    return make_error(Errc::invalid_argument, "broker-public-url must start with tcp:// or ssl://");
   }
   c.broker_username = o.get("broker-username");
   c.broker_password = o.get("broker-password");
@@ -122,7 +129,11 @@ Status run_hub(const HubConfig& cfg, const std::atomic<bool>& stop) {
   }
 
   ServiceConfig sc;
-  sc.broker_url = broker_url;
+  sc.broker_url = cfg.broker_public_url.empty() ? broker_url : cfg.broker_public_url;
+  if (sc.broker_url.find("://0.0.0.0:") != std::string::npos) {
+    return make_error(Errc::invalid_argument, "the broker listens on 0.0.0.0; set broker-public-url to the "
+                                              "address devices should connect to");
+  }
   sc.public_url = public_url;
   sc.manage_broker_credentials = embedded;
   service = std::make_unique<HubService>(**store, SystemClock::instance(), sc);

@@ -150,7 +150,10 @@ Status EmbeddedBroker::write_config() {
       "persistence true\n"
       "persistence_location " + d + "/\n"
       "autosave_interval 60\n"
-      "max_queued_messages 1000\n"
+      // The hub's persistent session queues every report while it is down.
+      "max_queued_messages 1000000\n"
+      // Client id = username: no device can take over another's (or the hub's) session.
+      "use_username_as_clientid true\n"
       "max_inflight_messages 100\n"
       "log_dest stderr\n"
       "log_type error\nlog_type warning\nlog_type notice\n"
@@ -191,8 +194,11 @@ Status EmbeddedBroker::set_device_credentials(const Credentials& devices) {
 }
 
 Status EmbeddedBroker::launch() {
+  stop_stale();
   proc::SpawnOptions so;
   so.argv = {cfg_.mosquitto_bin, "-c", (cfg_.dir / "mosquitto.conf").string()};
+  // If the hub is killed outright, its broker goes with it.
+  so.die_with_parent = true;
   so.stdout_path = (cfg_.dir / "mosquitto.log").string();
   so.stderr_path = "stdout";
   auto child = proc::spawn(so);
@@ -212,20 +218,46 @@ Status EmbeddedBroker::launch() {
     child_.kill_now();
     return make_error(Errc::unavailable, "mosquitto did not start listening on " + url() + "; its log ends: " + tail);
   }
+  (void)fs::write_file_atomic(cfg_.dir / "mosquitto.pid", std::to_string(child_.pid()), 0600);
   log::get("hub")->info("embedded broker started url={} pid={}", url(), child_.pid());
   return {};
 }
 
+void EmbeddedBroker::stop_stale() {
+  // A broker left behind by a hub that was killed before PDEATHSIG could act
+  // (or by an older hub) would hold the port with stale credentials.
+  auto text = fs::read_file(cfg_.dir / "mosquitto.pid", 64);
+  if (!text) return;
+  pid_t pid = 0;
+  try {
+    pid = static_cast<pid_t>(std::stol(*text));
+  } catch (const std::exception&) {
+    return;
+  }
+  if (pid <= 0 || !proc::alive(pid) || pid == child_.pid()) return;
+  auto cmdline = fs::read_file("/proc/" + std::to_string(pid) + "/cmdline", 4096).value_or("");
+  if (cmdline.find((cfg_.dir / "mosquitto.conf").string()) == std::string::npos) return;
+  log::get("hub")->warn("stopping a stale embedded broker pid={} left by an earlier hub", pid);
+  proc::Child stale(pid);
+  stale.terminate(std::chrono::seconds(5));
+}
+
 void EmbeddedBroker::watchdog() {
   auto logger = log::get("hub");
+  auto delay = std::chrono::milliseconds(250);
   while (!stopping_) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(250));
+    std::this_thread::sleep_for(delay);
     std::lock_guard lock(mu_);
     if (stopping_) break;
     if (auto code = child_.poll()) {
       logger->error("embedded broker exited code={}; restarting", *code);
-      if (auto s = launch(); !s) logger->error("broker restart failed: {}", s.error().message);
+      if (auto s = launch(); !s) {
+        logger->error("broker restart failed: {}", s.error().message);
+        delay = std::min(delay * 2, std::chrono::milliseconds(10000));
+        continue;
+      }
     }
+    delay = std::chrono::milliseconds(250);
   }
 }
 

@@ -1,6 +1,7 @@
 #include "flotilla/hub/service.hpp"
 
 #include <algorithm>
+#include <set>
 
 #include "flotilla/bundles/bundle.hpp"
 #include "flotilla/common/crypto.hpp"
@@ -28,7 +29,7 @@ std::string campaign_status_for(v1::AgentState s) {
   }
 }
 
-bool final_status(const std::string& s) { return s == "applied" || s == "failed"; }
+bool final_status(const std::string& s) { return s == "applied" || s == "failed" || s == "superseded"; }
 
 }  // namespace
 
@@ -92,6 +93,12 @@ Result<v1::EnrollResponse> HubService::enroll(const v1::EnrollRequest& req) {
   if (req.device_public_key().size() != 32) {
     return make_error(Errc::invalid_argument, "device_public_key must be a 32-byte Ed25519 public key");
   }
+  const Bytes pub(req.device_public_key().begin(), req.device_public_key().end());
+  const Bytes proof(req.proof().begin(), req.proof().end());
+  if (!bundles::verify_detached(pub, bundles::enroll_proof_message(req.enrollment_token(), pub), proof)) {
+    return make_error(Errc::invalid_argument, "enrollment proof does not verify: the request must be signed by "
+                                              "the device key it enrolls");
+  }
   auto tok = authenticate("enroll", req.enrollment_token());
   if (!tok) return tok.error();
   if (!*tok) return make_error(Errc::unauthenticated, "enrollment token is unknown, expired or revoked");
@@ -127,6 +134,7 @@ Result<v1::EnrollResponse> HubService::enroll(const v1::EnrollRequest& req) {
   resp.set_broker_url(cfg_.broker_url);
   resp.set_topic_prefix(std::string(transport::kTopicRoot) + d.id);
   resp.set_artifact_base_url(cfg_.public_url + "/v1/artifacts/");
+  for (const auto& [k, v] : labels) (*resp.mutable_labels())[k] = v;
 
   EmbeddedBroker::Credentials creds;
   {
@@ -182,10 +190,31 @@ Result<std::pair<BundleRecord, bool>> HubService::upload_bundle(const std::strin
   b.uploaded_ms = clock_.now_unix_ms();
   b.envelope = bundles::serialize_envelope(*env);
   std::lock_guard lock(store_mu_);
-  if (auto existing = store_.get_bundle(b.id, false); !existing) {
+  if (auto existing = store_.get_bundle(b.id, true); !existing) {
     return existing.error();
   } else if (*existing) {
-    return std::make_pair(**existing, false);
+    // The same manifest again, perhaps with more signatures (a second signer
+    // towards a threshold): keep the union. Verifying them is the agent's job.
+    BundleRecord rec = **existing;
+    v1::SignedBundle stored;
+    if (!stored.ParseFromString(rec.envelope)) return make_error(Errc::internal, "stored bundle does not parse");
+    std::set<std::string> have;
+    for (const auto& s : stored.signatures()) have.insert(s.key_id());
+    bool added = false;
+    for (const auto& s : env->signatures()) {
+      if (have.count(s.key_id()) || stored.signatures_size() >= static_cast<int>(bundles::kMaxSignatures)) continue;
+      *stored.add_signatures() = s;
+      have.insert(s.key_id());
+      added = true;
+    }
+    if (added) {
+      rec.envelope = bundles::serialize_envelope(stored);
+      rec.signatures = stored.signatures_size();
+      if (auto s = store_.update_bundle_signatures(rec.id, rec.envelope, rec.signatures); !s) return s.error();
+      log::get("hub")->info("bundle id={} now carries {} signatures", rec.id, rec.signatures);
+    }
+    rec.envelope.clear();
+    return std::make_pair(rec, false);
   }
   if (auto s = store_.insert_bundle(b); !s) return s.error();
   b.envelope.clear();
@@ -238,6 +267,12 @@ Result<CampaignRecord> HubService::create_campaign(const std::string& name, cons
       return make_error(Errc::invalid_argument, "selector '" + sel->text() + "' matches no enrolled device");
     }
     if (auto s = store_.insert_campaign(c, rows); !s) return s.error();
+    // Campaigns whose last unfinished devices were just superseded are done.
+    if (auto all = store_.list_campaigns(); all) {
+      for (const auto& other : *all) {
+        if (other.id != c.id && other.state == "running") refresh_campaign_state(other.id);
+      }
+    }
   }
   // The desired state is committed first; publishing is idempotent (same
   // generation) and redone at start-up for rows still pending.
@@ -307,7 +342,8 @@ Result<std::optional<CampaignView>> HubService::campaign_view(const std::string&
     else if (r.status == "failed") {
       ++v.counts.failed;
       ++v.failure_reasons[r.reason.empty() ? "unknown" : r.reason];
-    } else if (r.status == "in_progress") ++v.counts.in_progress;
+    } else if (r.status == "superseded") ++v.counts.superseded;
+    else if (r.status == "in_progress") ++v.counts.in_progress;
     else ++v.counts.pending;
     if (!final_status(r.status) && !online[r.device_id]) ++v.counts.offline;
   }
@@ -459,8 +495,8 @@ void HubService::handle_report(const std::string& device_id, const v1::Report& r
   CampaignDeviceRecord row = **cd;
   const std::string status = campaign_status_for(r.state());
   if (row.status == status) return;
-  // A final outcome for this generation is counted once; progress after it is ignored.
-  if (final_status(row.status) && !final_status(status)) return;
+  // A final outcome for this generation is counted once and never rewritten.
+  if (final_status(row.status)) return;
   row.status = status;
   row.updated_ms = clock_.now_unix_ms();
   row.reason = r.has_error() ? reason_name(r.error().reason()) : "";

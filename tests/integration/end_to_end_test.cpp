@@ -2,11 +2,14 @@
 // real flotilla-agent processes with the k3s stand-in, signed bundles.
 #include <catch2/catch.hpp>
 
+#include <signal.h>
+
 #include <algorithm>
 #include <fstream>
 #include <mutex>
 #include <thread>
 
+#include "flotilla/common/fs.hpp"
 #include "flotilla/common/transport.hpp"
 #include "tests/support/harness.hpp"
 
@@ -149,15 +152,29 @@ TEST_CASE("a bundle signed by an untrusted key is refused and the agent's root i
 TEST_CASE("an agent reports and ignores a malformed desired-state message", "[integration][bad-input]") {
   Fleet fleet(1);
   const std::string id = fleet.agents[0]->device_id();
-  // Only the hub may write desired state (broker ACL), so speak as the hub.
+  // Only the hub may write desired state (broker ACL). Rather than displace the
+  // hub's own session, add a test identity allowed to write desired topics, the
+  // way an operator could, and make mosquitto reload its files.
+  const auto broker = fleet.hub.data_dir() / "broker";
+  {
+    std::ofstream acl(broker / "acl", std::ios::app);
+    acl << "\nuser it-injector\ntopic write flotilla/v1/d/+/desired\n";
+  }
+  auto added = proc::run({"/usr/bin/mosquitto_passwd", "-b", (broker / "passwd").string(), "it-injector", "it-secret"},
+                         std::chrono::seconds(10));
+  REQUIRE(added);
+  REQUIRE(added->exit_code == 0);
+  auto pid = std::stol(fs::read_file(broker / "mosquitto.pid", 64).value());
+  REQUIRE(::kill(static_cast<pid_t>(pid), SIGHUP) == 0);
+
   auto t = transport::make_paho_transport();
   transport::ConnectOptions co;
   co.url = fleet.hub.broker_url();
-  co.client_id = "it-malformed";
+  co.client_id = "it-injector";
   co.clean_session = true;
-  co.username = "flotilla-hub";
-  co.password = fleet.hub.broker_password();
-  REQUIRE(t->connect(co));
+  co.username = "it-injector";
+  co.password = "it-secret";
+  REQUIRE(wait_until([&] { return t->connect(co).ok(); }, std::chrono::seconds(10)));
   REQUIRE(t->publish({transport::device_topic(id, "desired"), "\xff\xff not protobuf \x01", 1, false}));
   REQUIRE(t->flush(std::chrono::seconds(5)));
   REQUIRE(wait_until([&] { return fleet.hub.device(id)["last_reason"] == "malformed_desired"; },
@@ -269,6 +286,9 @@ TEST_CASE("the broker confines each device to its own topics", "[integration][se
   auto bundle = make_bundle("edge-base", 1, {kConfigDropIn}, {&fleet.release});
   REQUIRE(run_campaign(fleet.hub, fleet.push(bundle), "env=it")["counts"]["applied"] == 2);
 
+  // Probing as A: the broker ties client id to username, so A's own agent must
+  // step aside or the two sessions would keep displacing each other.
+  a->stop();
   // A's credentials: its own desired topic delivers, B's never does. (mosquitto's
   // ACL file acknowledges the SUBSCRIBE but withholds every message the ACL denies.)
   auto ta = as_device(*a, a->device_id() + "-probe");
@@ -315,6 +335,12 @@ TEST_CASE("the broker confines each device to its own topics", "[integration][se
   CHECK(tb_after["last_message"] != "forged by A");
   CHECK(tb_after["state"] == tb_before["state"]);
 
+  // With client id = username, A cannot displace B's session or the hub's.
+  {
+    auto before = fleet.hub.device(b->device_id());
+    CHECK(before["online"] == true);
+  }
+
   // Wrong password: refused outright.
   auto t = transport::make_paho_transport();
   transport::ConnectOptions bad;
@@ -331,4 +357,31 @@ TEST_CASE("the broker confines each device to its own topics", "[integration][se
   anon.url = fleet.hub.broker_url();
   anon.client_id = "it-anon";
   CHECK_FALSE(t2->connect(anon));
+}
+
+TEST_CASE("after kill -9 the hub restarts on the same data with a fresh broker", "[integration][restart]") {
+  Fleet fleet(1);
+  const std::string first = fleet.agents[0]->device_id();
+  const auto broker = fleet.hub.data_dir() / "broker";
+  const auto old_pid = std::stol(fs::read_file(broker / "mosquitto.pid", 64).value());
+  fleet.hub.kill9();
+  fleet.hub.start();
+  const auto new_pid = std::stol(fs::read_file(broker / "mosquitto.pid", 64).value());
+  CHECK(new_pid != old_pid);
+  // The old broker is gone: it died with the hub, or the new hub stopped it.
+  CHECK(wait_until([&] { return !proc::alive(static_cast<pid_t>(old_pid)); }, std::chrono::seconds(10)));
+
+  // The enrolled device reconnects on the same port, and a new one can enroll
+  // (the running broker has the current password file).
+  CHECK(wait_until([&] { return fleet.hub.device(first)["online"] == true; }, std::chrono::seconds(30)));
+  AgentOptions o;
+  o.root_keys = {bundles::public_key_text(fleet.release.pub)};
+  test::Agent late(fleet.tmp.path() / "dev-late", fleet.hub.url(), fleet.hub.enrollment_token({{"env", "it"}}), o);
+  late.start();
+  REQUIRE(wait_until([&] { return !late.device_id().empty(); }, std::chrono::seconds(30)));
+  CHECK(wait_until([&] { return fleet.hub.device(late.device_id())["online"] == true; }, std::chrono::seconds(30)));
+
+  auto b = make_bundle("edge-base", 1, {kConfigDropIn}, {&fleet.release});
+  json c = run_campaign(fleet.hub, fleet.push(b), "env=it");
+  CHECK(c["counts"]["applied"] == 2);
 }

@@ -30,6 +30,26 @@
 
 namespace {
 
+namespace bundles = flotilla::bundles;
+
+// Keys made by the tests, by public key, so enroll() can sign its proof of
+// possession like a real agent does.
+std::map<std::string, bundles::KeyPair>& key_registry() {
+  static std::map<std::string, bundles::KeyPair> keys;
+  return keys;
+}
+bundles::KeyPair registered_key() {
+  auto k = bundles::generate_key();
+  key_registry()[std::string(k.pub.key.begin(), k.pub.key.end())] = k;
+  return k;
+}
+std::string enroll_proof(const std::string& token, const std::string& public_key) {
+  auto it = key_registry().find(public_key);
+  if (it == key_registry().end()) return {};
+  auto sig = bundles::sign_detached(it->second, bundles::enroll_proof_message(token, it->second.pub.key));
+  return std::string(sig.begin(), sig.end());
+}
+
 using flotilla::FakeClock;
 using flotilla::hub::Api;
 using flotilla::hub::HttpRequest;
@@ -187,6 +207,7 @@ class Hub {
     v1::EnrollRequest req;
     req.set_enrollment_token(token);
     req.set_device_public_key(public_key);
+    req.set_proof(enroll_proof(token, public_key));
     req.set_hostname(hostname);
     req.set_arch("arm64");
     req.set_agent_version("0.1.0");
@@ -198,7 +219,8 @@ class Hub {
   std::string enroll_device(const Labels& labels) {
     v1::EnrollRequest req;
     req.set_enrollment_token(enrollment_token());
-    req.set_device_public_key(bytes_string(bundles::generate_key().pub.key));
+    req.set_device_public_key(bytes_string(registered_key().pub.key));
+    req.set_proof(enroll_proof(req.enrollment_token(), req.device_public_key()));
     req.set_hostname("edge-host");
     req.set_arch("arm64");
     for (const auto& [k, v] : labels) (*req.mutable_labels())[k] = v;
@@ -280,7 +302,7 @@ class Hub {
   std::unique_ptr<RecordingTransport> transport_;  // outlives the service that uses it
   std::unique_ptr<HubService> service_;
   std::unique_ptr<Api> api_;
-  bundles::KeyPair signing_key_ = bundles::generate_key();
+  bundles::KeyPair signing_key_ = registered_key();
 };
 
 std::string report_bytes(const std::string& device_id, uint64_t seq, v1::AgentState state, uint64_t generation,
@@ -463,7 +485,7 @@ TEST_CASE("hub enrolls a device with a valid enrollment token", "[unit][hub]") {
   Hub hub;
   hub.attach_broker();
   const std::string token = hub.enrollment_token();
-  const auto key = bundles::generate_key();
+  const auto key = registered_key();
   auto r = hub.enroll(token, bytes_string(key.pub.key), {{"site", "berlin"}}, "rpi-7");
 
   REQUIRE(r.status == 200);
@@ -495,7 +517,7 @@ TEST_CASE("hub enrolls a device with a valid enrollment token", "[unit][hub]") {
 TEST_CASE("hub refuses bad enrollments and stores no device", "[unit][hub]") {
   Hub hub;
   hub.attach_broker();
-  const std::string key = bytes_string(bundles::generate_key().pub.key);
+  const std::string key = bytes_string(registered_key().pub.key);
 
   auto bad_token = hub.enroll("flt_enr_not-a-real-token", key);
   CHECK(bad_token.status == 401);
@@ -518,7 +540,7 @@ TEST_CASE("hub refuses bad enrollments and stores no device", "[unit][hub]") {
 TEST_CASE("hub refuses enrollment until it listens to device reports", "[unit][hub]") {
   Hub hub;
   const std::string token = hub.enrollment_token({}, 1);
-  const std::string key = bytes_string(bundles::generate_key().pub.key);
+  const std::string key = bytes_string(registered_key().pub.key);
 
   auto r = hub.enroll(token, key);
   CHECK(r.status == 503);
@@ -537,8 +559,8 @@ TEST_CASE("hub enrollment token with max_uses=1 enrolls one device only", "[unit
   hub.attach_broker();
   const std::string token = hub.enrollment_token({}, 1);
 
-  CHECK(hub.enroll(token, bytes_string(bundles::generate_key().pub.key)).status == 200);
-  auto second = hub.enroll(token, bytes_string(bundles::generate_key().pub.key));
+  CHECK(hub.enroll(token, bytes_string(registered_key().pub.key)).status == 200);
+  auto second = hub.enroll(token, bytes_string(registered_key().pub.key));
   CHECK(second.status == 403);
   CHECK(error_code(second) == "permission_denied");
   CHECK(hub.device_count() == 1);
@@ -548,7 +570,7 @@ TEST_CASE("hub gives token labels precedence over device-provided labels", "[uni
   Hub hub;
   hub.attach_broker();
   const std::string token = hub.enrollment_token({{"env", "prod"}});
-  auto r = hub.enroll(token, bytes_string(bundles::generate_key().pub.key), {{"env", "dev"}, {"site", "berlin"}});
+  auto r = hub.enroll(token, bytes_string(registered_key().pub.key), {{"env", "dev"}, {"site", "berlin"}});
   REQUIRE(r.status == 200);
   v1::EnrollResponse resp;
   REQUIRE(resp.ParseFromString(r.body));
@@ -615,7 +637,7 @@ TEST_CASE("hub campaign counts follow device reports to completion", "[unit][hub
   CHECK(created["state"] == "running");
   CHECK(created["bundle"]["id"] == bundle_id);
   CHECK(counts_of(created) == json{{"total", 2}, {"pending", 2}, {"in_progress", 0}, {"applied", 0},
-                                   {"failed", 0}, {"offline", 2}});
+                                   {"failed", 0}, {"superseded", 0}, {"offline", 2}});
   CHECK(hub.get("/v1/devices/" + p1)["generation"] == 1);
   CHECK(hub.get("/v1/devices/" + p1)["campaign_id"] == id);
   CHECK(hub.get("/v1/devices/" + dev)["generation"] == 0);
@@ -628,13 +650,13 @@ TEST_CASE("hub campaign counts follow device reports to completion", "[unit][hub
   hub.report(p1, report_bytes(p1, 101, v1::AGENT_STATE_APPLIED, 1, id));
   c = hub.get("/v1/campaigns/" + id);
   CHECK(counts_of(c) == json{{"total", 2}, {"pending", 1}, {"in_progress", 0}, {"applied", 1},
-                             {"failed", 0}, {"offline", 1}});
+                             {"failed", 0}, {"superseded", 0}, {"offline", 1}});
   CHECK(c["state"] == "running");
 
   hub.report(p2, report_bytes(p2, 7, v1::AGENT_STATE_APPLIED, 1, id));
   c = hub.get("/v1/campaigns/" + id + "?devices=true");
   CHECK(counts_of(c) == json{{"total", 2}, {"pending", 0}, {"in_progress", 0}, {"applied", 2},
-                             {"failed", 0}, {"offline", 0}});
+                             {"failed", 0}, {"superseded", 0}, {"offline", 0}});
   CHECK(c["state"] == "completed");
   CHECK(c["failure_reasons"].empty());
   REQUIRE(c["devices"].size() == 2);
@@ -712,7 +734,7 @@ TEST_CASE("hub counts a refused device as failed with its reason", "[unit][hub]"
 
   const json c = hub.get("/v1/campaigns/" + id + "?devices=true");
   CHECK(counts_of(c) == json{{"total", 1}, {"pending", 0}, {"in_progress", 0}, {"applied", 0},
-                             {"failed", 1}, {"offline", 0}});
+                             {"failed", 1}, {"superseded", 0}, {"offline", 0}});
   CHECK(c["failure_reasons"] == json{{"unknown_key", 1}});
   CHECK(c["state"] == "completed");
   REQUIRE(c["devices"].size() == 1);
@@ -741,7 +763,7 @@ TEST_CASE("hub ignores reports from unknown devices and unparsable reports", "[u
 
   const json c = hub.get("/v1/campaigns/" + id);
   CHECK(counts_of(c) == json{{"total", 2}, {"pending", 1}, {"in_progress", 1}, {"applied", 0},
-                             {"failed", 0}, {"offline", 1}});
+                             {"failed", 0}, {"superseded", 0}, {"offline", 1}});
   CHECK(c["state"] == "running");
   CHECK(hub.call("GET", "/v1/devices/" + ghost).status == 404);
   CHECK(hub.device_count() == 2);
@@ -797,7 +819,7 @@ TEST_CASE("hub enrollment tokens from the API expire by the hub's clock", "[unit
   REQUIRE(r.status == 201);
   const json t = body_of(r);
   CHECK(t["expires_at"] == bundles::format_rfc3339(hub.clock.now_unix() + 86400));
-  auto e = hub.enroll(t["token"].get<std::string>(), bytes_string(bundles::generate_key().pub.key));
+  auto e = hub.enroll(t["token"].get<std::string>(), bytes_string(registered_key().pub.key));
   CHECK(e.status == 200);
 }
 
@@ -822,7 +844,7 @@ TEST_CASE("hub single-use enrollment token holds under concurrent enrollments", 
   const std::string token = hub.enrollment_token({}, 1);
   constexpr int kClients = 8;
   std::vector<std::string> keys;
-  for (int i = 0; i < kClients; ++i) keys.push_back(bytes_string(bundles::generate_key().pub.key));
+  for (int i = 0; i < kClients; ++i) keys.push_back(bytes_string(registered_key().pub.key));
   // Many labels (within the 64 KiB request cap) widen the window between the
   // check and the count, so the race shows on most runs.
   Labels many;
@@ -842,4 +864,84 @@ TEST_CASE("hub single-use enrollment token holds under concurrent enrollments", 
   CHECK(std::count(status.begin(), status.end(), 200) == 1);
   CHECK(std::count(status.begin(), status.end(), 403) == kClients - 1);
   CHECK(hub.device_count() == 1);
+}
+
+TEST_CASE("hub enrollment requires proof that the device holds its key", "[unit][hub]") {
+  Hub hub;
+  hub.attach_broker();
+  const std::string token = hub.enrollment_token();
+  const auto victim = registered_key();
+  const std::string victim_pub(victim.pub.key.begin(), victim.pub.key.end());
+
+  // Someone who knows only the public key (and has a token) cannot enroll as it.
+  v1::EnrollRequest forged;
+  forged.set_enrollment_token(token);
+  forged.set_device_public_key(victim_pub);
+  auto other = bundles::generate_key();
+  auto sig = bundles::sign_detached(other, bundles::enroll_proof_message(token, victim.pub.key));
+  forged.set_proof(std::string(sig.begin(), sig.end()));
+  auto r = hub.anonymous("POST", "/v1/enroll", forged.SerializeAsString());
+  CHECK(r.status == 400);
+  CHECK(contains(error_message(r), "proof"));
+  forged.clear_proof();
+  CHECK(hub.anonymous("POST", "/v1/enroll", forged.SerializeAsString()).status == 400);
+  CHECK(hub.get("/v1/devices")["items"].empty());
+
+  // A proof made for another token does not carry over either.
+  const std::string token2 = hub.enrollment_token();
+  v1::EnrollRequest replay;
+  replay.set_enrollment_token(token2);
+  replay.set_device_public_key(victim_pub);
+  replay.set_proof(enroll_proof(token, victim_pub));
+  CHECK(hub.anonymous("POST", "/v1/enroll", replay.SerializeAsString()).status == 400);
+  CHECK(hub.get("/v1/devices")["items"].empty());
+
+  // The holder of the key enrolls.
+  CHECK(hub.enroll(token, victim_pub).status == 200);
+  CHECK(hub.get("/v1/devices")["items"].size() == 1);
+}
+
+TEST_CASE("hub keeps the union of signatures when a bundle is uploaded again", "[unit][hub]") {
+  Hub hub;
+  auto env = hub.bundle(1);
+  const auto second = registered_key();
+  REQUIRE(hub.call("POST", "/v1/bundles", bundles::serialize_envelope(env)).status == 201);
+  auto more = env;
+  REQUIRE(bundles::sign(more, second));
+  auto r = hub.call("POST", "/v1/bundles", bundles::serialize_envelope(more));
+  CHECK(r.status == 200);
+  CHECK(body_of(r)["signatures"] == 2);
+  // Uploading the one-signature copy again loses nothing.
+  CHECK(body_of(hub.call("POST", "/v1/bundles", bundles::serialize_envelope(env)))["signatures"] == 2);
+  CHECK(hub.get("/v1/bundles")["items"][0]["signatures"] == 2);
+}
+
+TEST_CASE("hub: a newer campaign supersedes a device's unfinished row in an older one", "[unit][hub]") {
+  Hub hub;
+  const std::string bundle_id = hub.upload_bundle();
+  const std::string a = hub.enroll_device({{"env", "prod"}, {"ring", "1"}});
+  const std::string b = hub.enroll_device({{"env", "prod"}, {"ring", "2"}});
+  const std::string first = hub.create_campaign(bundle_id, "env=prod")["id"].get<std::string>();
+  const std::string second = hub.create_campaign(bundle_id, "ring=2")["id"].get<std::string>();
+
+  json c1 = hub.get("/v1/campaigns/" + first + "?devices=true");
+  CHECK(c1["counts"]["superseded"] == 1);
+  CHECK(c1["counts"]["pending"] == 1);
+  CHECK(c1["state"] == "running");
+  for (const auto& d : c1["devices"]) CHECK(d["status"] == (d["device_id"] == b ? "superseded" : "pending"));
+  // b follows the second campaign now: its generation moved on.
+  CHECK(hub.get("/v1/devices/" + b)["campaign_id"] == second);
+  CHECK(hub.get("/v1/devices/" + b)["generation"] == 2);
+  // b's late report about the first campaign's generation is not counted there.
+  hub.report(b, report_bytes(b, 50, v1::AGENT_STATE_APPLIED, 1, first));
+  CHECK(hub.get("/v1/campaigns/" + first)["counts"]["applied"] == 0);
+  // Once a's outcome is in, the first campaign is complete.
+  hub.report(a, report_bytes(a, 51, v1::AGENT_STATE_APPLIED, 1, first));
+  c1 = hub.get("/v1/campaigns/" + first);
+  CHECK(c1["state"] == "completed");
+  CHECK(c1["counts"]["applied"] == 1);
+  CHECK(c1["counts"]["superseded"] == 1);
+  json c2 = hub.get("/v1/campaigns/" + second);
+  CHECK(c2["counts"]["total"] == 1);
+  CHECK(c2["counts"]["pending"] == 1);
 }

@@ -5,6 +5,8 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstring>
+#include <deque>
+#include <memory>
 #include <future>
 #include <mutex>
 #include <thread>
@@ -16,17 +18,25 @@ namespace flotilla::transport {
 
 namespace {
 
+// The context Paho calls back with. It lives on the heap and is kept by the
+// transport long after the caller stopped waiting: Paho C 1.3.12 may call a
+// failure callback late, or twice (eclipse/paho.mqtt.c#1341), and a stack
+// object would be long gone by then.
 struct Waiter {
   std::promise<Status> promise;
+  std::atomic<bool> done{false};
+  void set(Status s) {
+    if (!done.exchange(true)) promise.set_value(std::move(s));
+  }
 };
 
 void on_ok(void* ctx, MQTTAsync_successData* data) {
   auto* w = static_cast<Waiter*>(ctx);
   if (data && data->alt.qos == MQTT_BAD_SUBSCRIBE) {
-    w->promise.set_value(make_error(Errc::permission_denied, "subscription refused by the broker"));
+    w->set(make_error(Errc::permission_denied, "subscription refused by the broker"));
     return;
   }
-  w->promise.set_value(Status{});
+  w->set(Status{});
 }
 
 void on_fail(void* ctx, MQTTAsync_failureData* data) {
@@ -36,15 +46,15 @@ void on_fail(void* ctx, MQTTAsync_failureData* data) {
   // Connect return codes 4 (bad user name or password) and 5 (not authorised)
   // will not get better by retrying.
   if (code == 4 || code == 5) {
-    w->promise.set_value(make_error(Errc::unauthenticated,
+    w->set(make_error(Errc::unauthenticated,
                                     "broker refused the credentials (code " + std::to_string(code) + ")"));
     return;
   }
   if (code == MQTT_BAD_SUBSCRIBE) {
-    w->promise.set_value(make_error(Errc::permission_denied, "subscription refused by the broker"));
+    w->set(make_error(Errc::permission_denied, "subscription refused by the broker"));
     return;
   }
-  w->promise.set_value(make_error(Errc::unavailable, msg + " (code " + std::to_string(code) + ")", true));
+  w->set(make_error(Errc::unavailable, msg + " (code " + std::to_string(code) + ")", true));
 }
 
 class PahoTransport final : public Transport {
@@ -52,6 +62,7 @@ class PahoTransport final : public Transport {
   ~PahoTransport() override {
     disconnect();
     if (client_) MQTTAsync_destroy(&client_);
+    // Destroyed client: no callback can arrive any more, waiters can go.
   }
 
   Status connect(const ConnectOptions& opts) override {
@@ -96,7 +107,7 @@ class PahoTransport final : public Transport {
       ssl.verify = 1;
       c.ssl = &ssl;
     }
-    Waiter w;
+    Waiter& w = new_waiter();
     auto fut = w.promise.get_future();
     c.onSuccess = on_ok;
     c.onFailure = on_fail;
@@ -118,7 +129,7 @@ class PahoTransport final : public Transport {
 
   Status subscribe(const std::string& filter, int qos) override {
     if (!client_) return make_error(Errc::unavailable, "not connected", true);
-    Waiter w;
+    Waiter& w = new_waiter();
     auto fut = w.promise.get_future();
     MQTTAsync_responseOptions ro = MQTTAsync_responseOptions_initializer;
     ro.onSuccess = on_ok;
@@ -129,9 +140,7 @@ class PahoTransport final : public Transport {
       return make_error(Errc::unavailable, "subscribe " + filter + " (code " + std::to_string(rc) + ")", true);
     }
     if (fut.wait_for(opts_.timeout) != std::future_status::ready) {
-      // The waiter lives on this stack; Paho would call back into freed memory.
-      // Wait for the callback unconditionally: Paho fails pending requests on disconnect.
-      fut.wait();
+      return make_error(Errc::timeout, "subscribe " + filter + " not acknowledged", true);
     }
     Status s = fut.get();
     if (!s) return s.error().with_context("subscribe " + filter);
@@ -172,16 +181,12 @@ class PahoTransport final : public Transport {
 
   void disconnect() override {
     if (!client_ || !MQTTAsync_isConnected(client_)) return;
-    Waiter w;
+    Waiter& w = new_waiter();
     auto fut = w.promise.get_future();
     MQTTAsync_disconnectOptions d = MQTTAsync_disconnectOptions_initializer;
     d.timeout = 2000;
-    d.onSuccess = [](void* ctx, MQTTAsync_successData*) {
-      static_cast<Waiter*>(ctx)->promise.set_value(Status{});
-    };
-    d.onFailure = [](void* ctx, MQTTAsync_failureData*) {
-      static_cast<Waiter*>(ctx)->promise.set_value(Status{});
-    };
+    d.onSuccess = [](void* ctx, MQTTAsync_successData*) { static_cast<Waiter*>(ctx)->set(Status{}); };
+    d.onFailure = [](void* ctx, MQTTAsync_failureData*) { static_cast<Waiter*>(ctx)->set(Status{}); };
     d.context = &w;
     if (MQTTAsync_disconnect(client_, &d) == MQTTASYNC_SUCCESS) fut.wait_for(std::chrono::seconds(5));
   }
@@ -225,6 +230,18 @@ class PahoTransport final : public Transport {
     if (h) h(std::move(msg));
     return 1;
   }
+
+  // Waiters stay allocated for the last kMaxWaiters requests (and all of them
+  // until the client is destroyed, after which Paho calls nothing).
+  Waiter& new_waiter() {
+    std::lock_guard lock(waiters_mu_);
+    waiters_.push_back(std::make_unique<Waiter>());
+    while (waiters_.size() > kMaxWaiters && waiters_.front()->done) waiters_.pop_front();
+    return *waiters_.back();
+  }
+  static constexpr size_t kMaxWaiters = 256;
+  std::mutex waiters_mu_;
+  std::deque<std::unique_ptr<Waiter>> waiters_;
 
   MQTTAsync client_ = nullptr;
   ConnectOptions opts_;

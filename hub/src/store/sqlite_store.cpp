@@ -262,6 +262,13 @@ Status Store::insert_bundle(const BundleRecord& b) {
   return st->run();
 }
 
+Status Store::update_bundle_signatures(const std::string& id, const std::string& envelope, int signatures) {
+  auto st = db_->prepare("UPDATE bundles SET envelope = ?, signatures = ? WHERE id = ?");
+  if (!st) return st.error();
+  st->bind_blob(1, envelope).bind(2, static_cast<int64_t>(signatures)).bind(3, std::string_view(id));
+  return st->run();
+}
+
 Result<std::optional<BundleRecord>> Store::get_bundle(const std::string& key, bool with_envelope) {
   std::string cols = std::string(kBundleCols) + (with_envelope ? ", envelope" : "");
   auto colon = key.rfind(':');
@@ -306,6 +313,11 @@ Status Store::insert_campaign(const CampaignRecord& c, const std::vector<Campaig
   auto ins = db_->prepare(
       "INSERT INTO campaign_devices (campaign_id, device_id, status, generation, updated_ms) VALUES (?,?,?,?,?)");
   if (!ins) return ins.error();
+  // A device follows only its newest campaign: unfinished rows elsewhere are superseded.
+  auto sup = db_->prepare(
+      "UPDATE campaign_devices SET status = 'superseded', updated_ms = ? "
+      "WHERE device_id = ? AND campaign_id != ? AND status IN ('pending', 'in_progress')");
+  if (!sup) return sup.error();
   auto upd = db_->prepare("UPDATE devices SET generation = ?, desired_bundle_id = ?, campaign_id = ? WHERE id = ?");
   if (!upd) return upd.error();
   for (const auto& d : devices) {
@@ -313,6 +325,9 @@ Status Store::insert_campaign(const CampaignRecord& c, const std::vector<Campaig
     ins->bind(1, std::string_view(d.campaign_id)).bind(2, std::string_view(d.device_id))
         .bind(3, std::string_view(d.status)).bind(4, static_cast<int64_t>(d.generation)).bind(5, d.updated_ms);
     if (auto r = ins->run(); !r) return r.error();
+    sup->reset();
+    sup->bind(1, d.updated_ms).bind(2, std::string_view(d.device_id)).bind(3, std::string_view(c.id));
+    if (auto r = sup->run(); !r) return r.error();
     upd->reset();
     upd->bind(1, static_cast<int64_t>(d.generation)).bind(2, std::string_view(c.bundle_id))
         .bind(3, std::string_view(c.id)).bind(4, std::string_view(d.device_id));

@@ -23,7 +23,8 @@ inline constexpr size_t kMaxFiles = 1024;
 // Reads <dir>/bundle.yaml and the files it names into a manifest.
 Result<v1::BundleManifest> load_spec(const std::filesystem::path& dir, const Clock& clock);
 
-// Deterministic serialization (map entries sorted), so a build is reproducible.
+// Deterministic serialization (map entries sorted): the same manifest always
+// gives the same bytes. (A build records its creation time, so two builds differ.)
 std::string serialize_manifest(const v1::BundleManifest& m);
 std::string serialize_envelope(const v1::SignedBundle& b);
 

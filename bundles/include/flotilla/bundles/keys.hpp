@@ -35,6 +35,9 @@ Result<KeyPair> read_private_key(const std::filesystem::path& path);
 // Accepts a public key file, a private key file (its public half) or "ed25519:<b64>".
 Result<PublicKey> read_public_key(const std::string& path_or_text);
 
+// What a device signs when it enrolls: binds its key to the token it used.
+std::string enroll_proof_message(const std::string& enrollment_token, const Bytes& device_public_key);
+
 Bytes sign_detached(const KeyPair& key, std::string_view message);
 bool verify_detached(const Bytes& public_key, std::string_view message, const Bytes& signature);
 

@@ -19,6 +19,7 @@ struct SpawnOptions {
   std::string stdout_path;                     // empty = inherit
   std::string stderr_path;                     // empty = inherit; "stdout" = same as stdout
   bool new_process_group = true;               // so a kill reaches the whole tree
+  bool die_with_parent = false;                // SIGTERM when the spawning thread's process dies (Linux)
   std::string cwd;
 };
 

@@ -18,6 +18,7 @@ struct HubConfig {
   std::string broker_url;             // empty = embedded mosquitto
   std::string broker_username;
   std::string broker_password;
+  std::string broker_public_url;      // what devices are told; default: the listen address
   std::string broker_listen_host = "127.0.0.1";
   int broker_listen_port = 0;
   std::string mosquitto_bin = "/usr/sbin/mosquitto";

@@ -47,6 +47,7 @@ class EmbeddedBroker {
   Status write_config();
   Status write_passwords(const Credentials& devices);
   Status launch();
+  void stop_stale();
   void watchdog();
 
   BrokerConfig cfg_;

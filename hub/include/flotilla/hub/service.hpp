@@ -31,7 +31,7 @@ struct ServiceConfig {
 };
 
 struct CampaignCounts {
-  int64_t total = 0, pending = 0, in_progress = 0, applied = 0, failed = 0, offline = 0;
+  int64_t total = 0, pending = 0, in_progress = 0, applied = 0, failed = 0, superseded = 0, offline = 0;
 };
 
 struct CampaignView {

@@ -46,7 +46,7 @@ struct BundleRecord {
   int64_t expires_unix = 0;
   int signatures = 0;
   int64_t uploaded_ms = 0;
-  std::string envelope;  // the signed bundle, byte for byte as uploaded
+  std::string envelope;  // the signed bundle (manifest bytes exactly as signed; signatures merged)
 };
 
 struct CampaignRecord {
@@ -102,6 +102,7 @@ class Store {
   Status save_device_state(const DeviceRecord& d);  // report/presence fields
 
   Status insert_bundle(const BundleRecord& b);
+  Status update_bundle_signatures(const std::string& id, const std::string& envelope, int signatures);
   Result<std::optional<BundleRecord>> get_bundle(const std::string& id_or_name_version, bool with_envelope);
   Result<std::vector<BundleRecord>> list_bundles();
 
