@@ -8,6 +8,7 @@
 #include <thread>
 
 #include "cli.hpp"
+#include "client.hpp"
 #include "flotilla/common/fs.hpp"
 #include "flotilla/common/http_client.hpp"
 #include "flotilla/common/options.hpp"
@@ -17,72 +18,6 @@ namespace flotilla::cli {
 using nlohmann::json;
 
 namespace {
-
-void add_hub_flags(Options& o) {
-  o.add("hub", "hub REST base URL", "http://127.0.0.1:8080")
-      .add("token", "API token (prefer the FLOTILLA_TOKEN variable: flags show up in ps)")
-      .add("token-file", "file holding the API token (e.g. <hub data-dir>/admin.token)")
-      .add("o", "output: table or json", "table");
-}
-
-struct Client {
-  std::string base;
-  std::string token;
-
-  static Result<Client> from(const Options& o) {
-    Client c;
-    c.base = o.get("hub");
-    while (!c.base.empty() && c.base.back() == '/') c.base.pop_back();
-    c.token = o.get("token");
-    if (c.token.empty() && !o.get("token-file").empty()) {
-      auto t = fs::read_file(o.get("token-file"), 4096);
-      if (!t) return t.error().with_context("token-file");
-      c.token = *t;
-      while (!c.token.empty() && (c.token.back() == '\n' || c.token.back() == ' ')) c.token.pop_back();
-    }
-    if (c.token.empty()) {
-      return make_error(Errc::invalid_argument,
-                        "no API token: set FLOTILLA_TOKEN, or pass --token-file (the hub writes its first "
-                        "admin token to <data-dir>/admin.token)");
-    }
-    return c;
-  }
-
-  // Returns the parsed JSON body of a 2xx answer; otherwise the hub's error message.
-  Result<json> call(const std::string& method, const std::string& path, const std::string& body = "",
-                    const std::string& content_type = "application/json") const {
-    http::Request r;
-    r.method = method;
-    r.url = base + path;
-    r.body = body;
-    r.headers["Authorization"] = "Bearer " + token;
-    if (!body.empty()) r.headers["Content-Type"] = content_type;
-    r.timeout = std::chrono::seconds(30);
-    auto resp = http::send(r);
-    if (!resp) return resp.error().with_context("cannot reach the hub at " + base);
-    json j = json::parse(resp->body, nullptr, false);
-    if (resp->status >= 300) {
-      std::string msg = j.is_object() && j.contains("error") ? j["error"].value("message", resp->body) : resp->body;
-      std::string code = j.is_object() && j.contains("error") ? j["error"].value("code", "") : "";
-      return make_error(resp->status == 401 ? Errc::unauthenticated
-                        : resp->status == 403 ? Errc::permission_denied
-                        : resp->status == 404 ? Errc::not_found
-                                              : Errc::invalid_argument,
-                        "hub answered " + std::to_string(resp->status) + (code.empty() ? "" : " " + code) + ": " + msg);
-    }
-    if (j.is_discarded()) return make_error(Errc::parse, "hub answered with something that is not JSON");
-    return j;
-  }
-};
-
-
-std::string pad(const std::string& s, size_t w) { return s.size() >= w ? s + " " : s + std::string(w - s.size(), ' '); }
-
-std::string str(const json& j, const char* k) {
-  if (!j.contains(k)) return "";
-  if (j[k].is_string()) return j[k].get<std::string>();
-  return j[k].dump();
-}
 
 std::string bar(int64_t done, int64_t failed, int64_t total, int width = 30) {
   if (total <= 0) return std::string(width, ' ');
@@ -286,39 +221,6 @@ int device_get(int argc, char** argv) {
 }
 
 }  // namespace
-
-int remote_bundle(const std::string& sub, int argc, char** argv) {
-  Options o("flotilla bundle " + sub,
-            sub == "push" ? "Usage: flotilla bundle push FILE\n\nUploads a signed bundle to the hub."
-                          : "Usage: flotilla bundle list",
-            "FLOTILLA_");
-  add_hub_flags(o);
-  std::vector<std::string> pos;
-  if (int rc = parse_args(o, argc, argv, pos, sub == "push" ? 1 : 0, sub == "push" ? 1 : 0); rc >= 0) return rc;
-  auto c = Client::from(o);
-  if (!c) return fail(c.error().message, 2);
-  if (sub == "push") {
-    auto bytes = fs::read_file(pos[0], 16u << 20);
-    if (!bytes) return fail(bytes.error().message);
-    auto r = c->call("POST", "/v1/bundles", *bytes, "application/octet-stream");
-    if (!r) return fail(r.error().message);
-    if (o.get("o") == "json") std::cout << r->dump(2) << "\n";
-    else std::cout << "pushed " << str(*r, "name") << " v" << str(*r, "version") << " as bundle " << str(*r, "id") << "\n";
-    return 0;
-  }
-  auto r = c->call("GET", "/v1/bundles");
-  if (!r) return fail(r.error().message);
-  if (o.get("o") == "json") {
-    std::cout << r->dump(2) << "\n";
-    return 0;
-  }
-  std::cout << pad("ID", 18) << pad("NAME", 24) << pad("VERSION", 9) << pad("CHANNEL", 10) << "EXPIRES\n";
-  for (const auto& b : (*r)["items"]) {
-    std::cout << pad(str(b, "id"), 18) << pad(str(b, "name"), 24) << pad(str(b, "version"), 9)
-              << pad(str(b, "channel"), 10) << str(b, "expires_at") << "\n";
-  }
-  return 0;
-}
 
 int cmd_campaign(int argc, char** argv) {
   const std::string sub = argc > 1 ? argv[1] : "";

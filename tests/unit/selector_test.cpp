@@ -1,14 +1,14 @@
-// [unit] tests for hub/selector: Kubernetes-style label selectors.
+// [unit] tests for bundles/selector: Kubernetes-style label selectors.
 #include <catch2/catch.hpp>
 #include <string>
 #include <vector>
 
-#include "flotilla/hub/selector.hpp"
+#include "flotilla/bundles/selector.hpp"
 
 namespace {
 
-using flotilla::hub::Labels;
-using flotilla::hub::Selector;
+using flotilla::bundles::Labels;
+using flotilla::bundles::Selector;
 
 Selector parse_ok(const std::string& text) {
   auto s = Selector::parse(text);
@@ -163,8 +163,8 @@ TEST_CASE("selector parse errors name the selector and the problem", "[unit][sel
 }
 
 TEST_CASE("selector label key and value validators", "[unit][selector]") {
-  using flotilla::hub::valid_label_key;
-  using flotilla::hub::valid_label_value;
+  using flotilla::bundles::valid_label_key;
+  using flotilla::bundles::valid_label_value;
   CHECK(valid_label_key("env"));
   CHECK(valid_label_key("example.com/role"));
   CHECK_FALSE(valid_label_key(""));

@@ -9,9 +9,14 @@
 
 #include "flotilla/common/result.hpp"
 #include "flotilla/common/sqlite.hpp"
-#include "flotilla/hub/selector.hpp"
+#include "flotilla/bundles/selector.hpp"
 
 namespace flotilla::hub {
+
+using bundles::Labels;
+using bundles::Selector;
+using bundles::valid_label_key;
+using bundles::valid_label_value;
 
 struct DeviceRecord {
   std::string id;

@@ -1,12 +1,12 @@
 #pragma once
-// Kubernetes-style label selectors: "env=prod,tier!=db,region in (eu,us),gpu,!legacy".
+// Kubernetes-style label selectors (campaign targeting on the hub, overlays on the agent): "env=prod,tier!=db,region in (eu,us),gpu,!legacy".
 #include <map>
 #include <string>
 #include <vector>
 
 #include "flotilla/common/result.hpp"
 
-namespace flotilla::hub {
+namespace flotilla::bundles {
 
 using Labels = std::map<std::string, std::string>;
 
@@ -33,4 +33,4 @@ class Selector {
 bool valid_label_key(const std::string& k);
 bool valid_label_value(const std::string& v);
 
-}  // namespace flotilla::hub
+}  // namespace flotilla::bundles

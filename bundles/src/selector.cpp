@@ -1,9 +1,9 @@
-#include "flotilla/hub/selector.hpp"
+#include "flotilla/bundles/selector.hpp"
 
 #include <algorithm>
 #include <cctype>
 
-namespace flotilla::hub {
+namespace flotilla::bundles {
 
 namespace {
 bool label_char(char c) { return std::isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '_' || c == '.' || c == '/'; }
@@ -124,4 +124,4 @@ bool Selector::matches(const Labels& labels) const {
   return true;
 }
 
-}  // namespace flotilla::hub
+}  // namespace flotilla::bundles

@@ -1,0 +1,71 @@
+#include "client.hpp"
+
+#include "flotilla/common/fs.hpp"
+#include "flotilla/common/http_client.hpp"
+
+namespace flotilla::cli {
+
+using nlohmann::json;
+
+void add_hub_flags(Options& o) {
+  o.add("hub", "hub REST base URL", "http://127.0.0.1:8080")
+      .add("token", "API token (prefer the FLOTILLA_TOKEN variable: flags show up in ps)")
+      .add("token-file", "file holding the API token (e.g. <hub data-dir>/admin.token)")
+      .add("o", "output: table or json", "table");
+}
+
+Result<Client> Client::from(const Options& o) {
+    Client c;
+    c.base = o.get("hub");
+    while (!c.base.empty() && c.base.back() == '/') c.base.pop_back();
+    c.token = o.get("token");
+    if (c.token.empty() && !o.get("token-file").empty()) {
+      auto t = fs::read_file(o.get("token-file"), 4096);
+      if (!t) return t.error().with_context("token-file");
+      c.token = *t;
+      while (!c.token.empty() && (c.token.back() == '\n' || c.token.back() == ' ')) c.token.pop_back();
+    }
+    if (c.token.empty()) {
+      return make_error(Errc::invalid_argument,
+                        "no API token: set FLOTILLA_TOKEN, or pass --token-file (the hub writes its first "
+                        "admin token to <data-dir>/admin.token)");
+    }
+    return c;
+}
+
+Result<json> Client::call(const std::string& method, const std::string& path, const std::string& body,
+                          const std::string& content_type) const {
+    http::Request r;
+    r.method = method;
+    r.url = base + path;
+    r.body = body;
+    r.headers["Authorization"] = "Bearer " + token;
+    if (!body.empty()) r.headers["Content-Type"] = content_type;
+    r.timeout = std::chrono::seconds(30);
+    auto resp = http::send(r);
+    if (!resp) return resp.error().with_context("cannot reach the hub at " + base);
+    json j = json::parse(resp->body, nullptr, false);
+    if (resp->status >= 300) {
+      std::string msg = j.is_object() && j.contains("error") ? j["error"].value("message", resp->body) : resp->body;
+      std::string code = j.is_object() && j.contains("error") ? j["error"].value("code", "") : "";
+      return make_error(resp->status == 401 ? Errc::unauthenticated
+                        : resp->status == 403 ? Errc::permission_denied
+                        : resp->status == 404 ? Errc::not_found
+                                              : Errc::invalid_argument,
+                        "hub answered " + std::to_string(resp->status) + (code.empty() ? "" : " " + code) + ": " + msg);
+    }
+    if (j.is_discarded()) return make_error(Errc::parse, "hub answered with something that is not JSON");
+    return j;
+}
+
+
+std::string pad(const std::string& s, size_t w) { return s.size() >= w ? s + " " : s + std::string(w - s.size(), ' '); }
+
+std::string str(const json& j, const char* k) {
+  if (!j.contains(k)) return "";
+  if (j[k].is_string()) return j[k].get<std::string>();
+  return j[k].dump();
+}
+
+
+}  // namespace flotilla::cli

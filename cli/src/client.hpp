@@ -1,0 +1,27 @@
+#pragma once
+// What every CLI command that talks to the hub shares: the hub/token flags,
+// a small REST client and table helpers.
+#include <nlohmann/json.hpp>
+#include <string>
+
+#include "flotilla/common/options.hpp"
+#include "flotilla/common/result.hpp"
+
+namespace flotilla::cli {
+
+void add_hub_flags(Options& o);
+
+struct Client {
+  std::string base;
+  std::string token;
+
+  static Result<Client> from(const Options& o);
+  // The parsed JSON body of a 2xx answer; otherwise the hub's error message.
+  Result<nlohmann::json> call(const std::string& method, const std::string& path, const std::string& body = "",
+                              const std::string& content_type = "application/json") const;
+};
+
+std::string pad(const std::string& s, size_t w);
+std::string str(const nlohmann::json& j, const char* k);
+
+}  // namespace flotilla::cli
