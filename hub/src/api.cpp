@@ -1,9 +1,11 @@
+// REST API v1: routing, authentication and authorisation, and the routes for
+// enrollment, tokens and devices. Bundles/artifacts and campaigns have their
+// own files; docs/api/openapi.yaml describes every route.
 #include "flotilla/hub/api.hpp"
 
-#include <nlohmann/json.hpp>
+#include <variant>
 
-#include <set>
-
+#include "api_internal.hpp"
 #include "flotilla/bundles/bundle.hpp"
 #include "flotilla/common/log.hpp"
 #include "flotilla/common/options.hpp"
@@ -12,17 +14,30 @@ namespace flotilla::hub {
 
 using nlohmann::json;
 
+std::string role_name(Role r) {
+  switch (r) {
+    case Role::viewer: return "viewer";
+    case Role::operator_: return "operator";
+    case Role::admin: return "admin";
+  }
+  return "viewer";
+}
+
+std::optional<Role> parse_role(const std::string& s) {
+  if (s == "viewer") return Role::viewer;
+  if (s == "operator") return Role::operator_;
+  if (s == "admin") return Role::admin;
+  return std::nullopt;
+}
+
+namespace rest {
+
 namespace {
-
-struct Target {
-  std::vector<std::string> parts;
-  std::map<std::string, std::string> query;
-};
-
 std::string url_decode(const std::string& s) {
   std::string out;
   for (size_t i = 0; i < s.size(); ++i) {
-    if (s[i] == '%' && i + 2 < s.size() && std::isxdigit(s[i + 1]) && std::isxdigit(s[i + 2])) {
+    if (s[i] == '%' && i + 2 < s.size() && std::isxdigit(static_cast<unsigned char>(s[i + 1])) &&
+        std::isxdigit(static_cast<unsigned char>(s[i + 2]))) {
       out.push_back(static_cast<char>(std::stoi(s.substr(i + 1, 2), nullptr, 16)));
       i += 2;
     } else if (s[i] == '+') {
@@ -33,6 +48,23 @@ std::string url_decode(const std::string& s) {
   }
   return out;
 }
+
+int http_status_for(Errc code) {
+  switch (code) {
+    case Errc::invalid_argument:
+    case Errc::parse: return 400;
+    case Errc::unauthenticated: return 401;
+    case Errc::permission_denied: return 403;
+    case Errc::not_found: return 404;
+    case Errc::already_exists:
+    case Errc::conflict: return 409;
+    case Errc::too_large: return 413;
+    case Errc::unavailable:
+    case Errc::timeout: return 503;
+    default: return 500;
+  }
+}
+}  // namespace
 
 Target parse_target(const std::string& target) {
   Target t;
@@ -68,22 +100,6 @@ HttpResponse json_response(int status, const json& body) {
   return r;
 }
 
-int http_status_for(Errc code) {
-  switch (code) {
-    case Errc::invalid_argument:
-    case Errc::parse: return 400;
-    case Errc::unauthenticated: return 401;
-    case Errc::permission_denied: return 403;
-    case Errc::not_found: return 404;
-    case Errc::already_exists:
-    case Errc::conflict: return 409;
-    case Errc::too_large: return 413;
-    case Errc::unavailable:
-    case Errc::timeout: return 503;
-    default: return 500;
-  }
-}
-
 HttpResponse from_error(const Error& e) {
   const int status = http_status_for(e.code);
   // Internal details stay in the log; the client gets the code and a safe message.
@@ -94,8 +110,6 @@ HttpResponse from_error(const Error& e) {
   return Api::error(status, std::string(errc_name(e.code)), e.message);
 }
 
-// Parses a JSON object body, refusing fields the endpoint does not know:
-// a typo must not silently become a default.
 Result<json> parse_body(const HttpRequest& req, const std::set<std::string>& allowed) {
   if (req.body.size() > kMaxJsonBody) {
     return make_error(Errc::too_large, "request body is larger than " + std::to_string(kMaxJsonBody) + " bytes");
@@ -123,6 +137,19 @@ std::string iso_ms(int64_t ms) {
   return bundles::format_rfc3339(ms / 1000);
 }
 
+json bundle_json(const BundleRecord& b) {
+  return json{{"id", b.id},
+              {"digest", b.digest},
+              {"name", b.name},
+              {"channel", b.channel},
+              {"version", b.version},
+              {"expires_at", b.expires_unix ? bundles::format_rfc3339(b.expires_unix) : ""},
+              {"signatures", b.signatures},
+              {"uploaded_at", iso_ms(b.uploaded_ms)}};
+}
+
+namespace {
+
 json device_json(const DeviceRecord& d) {
   return json{{"id", d.id},
               {"project", d.project},
@@ -144,52 +171,198 @@ json device_json(const DeviceRecord& d) {
               {"generation", d.generation}};
 }
 
-json bundle_json(const BundleRecord& b) {
-  return json{{"id", b.id},
-              {"digest", b.digest},
-              {"name", b.name},
-              {"channel", b.channel},
-              {"version", b.version},
-              {"expires_at", b.expires_unix ? bundles::format_rfc3339(b.expires_unix) : ""},
-              {"signatures", b.signatures},
-              {"uploaded_at", iso_ms(b.uploaded_ms)}};
+HttpResponse create_enrollment_token(HubService& s, Context& c) {
+  auto j = parse_body(c.req, {"name", "labels", "ttl", "max_uses", "project"});
+  if (!j) return from_error(j.error());
+  TokenRecord rec;
+  rec.role = "enroll";
+  rec.project = c.caller.project == "*" ? "default" : c.caller.project;
+  auto name = string_field(*j, "name", false);
+  if (!name) return from_error(name.error());
+  rec.name = *name;
+  auto project = string_field(*j, "project", false);
+  if (!project) return from_error(project.error());
+  if (!project->empty()) {
+    if (!c.caller.sees(*project)) return Api::error(403, "permission_denied", "your token is not for project " + *project);
+    if (!bundles::valid_label_value(*project) || project->empty()) {
+      return Api::error(400, "invalid_argument", "bad project name");
+    }
+    rec.project = *project;
+  }
+  if (j->contains("labels")) {
+    if (!(*j)["labels"].is_object()) return Api::error(400, "invalid_argument", "'labels' must be an object");
+    for (const auto& [k, v] : (*j)["labels"].items()) {
+      if (!v.is_string() || !valid_label_key(k) || !valid_label_value(v.get<std::string>())) {
+        return Api::error(400, "invalid_argument", "bad label '" + k + "'");
+      }
+      rec.labels[k] = v.get<std::string>();
+    }
+  }
+  auto ttl = string_field(*j, "ttl", false);
+  if (!ttl) return from_error(ttl.error());
+  auto d = parse_duration(ttl->empty() ? "24h" : *ttl);
+  if (!d) return from_error(d.error().with_context("ttl"));
+  if (d->count() < 1000) return Api::error(400, "invalid_argument", "ttl must be at least 1s");
+  if (j->contains("max_uses")) {
+    if (!(*j)["max_uses"].is_number_integer() || (*j)["max_uses"].get<int64_t>() < 0) {
+      return Api::error(400, "invalid_argument", "'max_uses' must be a whole number >= 0");
+    }
+    rec.max_uses = (*j)["max_uses"].get<int64_t>();
+  }
+  auto created = s.create_token("enroll", rec, *d);
+  if (!created) return from_error(created.error());
+  c.audit_detail = "enrollment token " + created->record.id + " project=" + rec.project;
+  return json_response(201, {{"id", created->record.id},
+                             {"token", created->secret},
+                             {"project", created->record.project},
+                             {"labels", created->record.labels},
+                             {"max_uses", created->record.max_uses},
+                             {"expires_at", bundles::format_rfc3339(created->record.expires_unix)}});
 }
 
-json campaign_json(const CampaignView& v) {
-  json j{{"id", v.campaign.id},
-         {"name", v.campaign.name},
-         {"bundle", bundle_json(v.bundle)},
-         {"selector", v.campaign.selector},
-         {"state", v.campaign.state},
-         {"created_at", iso_ms(v.campaign.created_ms)},
-         {"updated_at", iso_ms(v.campaign.updated_ms)},
-         {"counts",
-          {{"total", v.counts.total},
-           {"pending", v.counts.pending},
-           {"in_progress", v.counts.in_progress},
-           {"applied", v.counts.applied},
-           {"failed", v.counts.failed},
-           {"superseded", v.counts.superseded},
-           {"offline", v.counts.offline}}},
-         {"failure_reasons", v.failure_reasons}};
-  if (!v.devices.empty()) {
-    json arr = json::array();
-    for (const auto& d : v.devices) {
-      arr.push_back({{"device_id", d.device_id}, {"status", d.status}, {"reason", d.reason},
-                     {"message", d.message}, {"updated_at", iso_ms(d.updated_ms)}});
+HttpResponse list_devices(HubService& s, Context& c) {
+  const auto& q = c.target.query;
+  auto sel = Selector::parse(q.count("selector") ? q.at("selector") : "");
+  if (!sel) return from_error(sel.error());
+  int64_t limit = 500;
+  if (q.count("limit")) {
+    try {
+      limit = std::stoll(q.at("limit"));
+    } catch (const std::exception&) {
+      limit = -1;
     }
-    j["devices"] = arr;
+    if (limit < 1 || limit > 10000) return Api::error(400, "invalid_argument", "limit must be 1..10000");
   }
-  return j;
+  const std::string after = q.count("after") ? q.at("after") : "";
+  auto list = s.list_devices(*sel);
+  if (!list) return from_error(list.error());
+  json items = json::array();
+  std::string next;
+  for (const auto& d : *list) {
+    if (!c.caller.sees(d.project)) continue;
+    if (!after.empty() && d.id <= after) continue;
+    if (static_cast<int64_t>(items.size()) == limit) {
+      next = items.back()["id"].get<std::string>();
+      break;
+    }
+    items.push_back(device_json(d));
+  }
+  return json_response(200, {{"items", items}, {"next", next}});
+}
+
+HttpResponse get_device(HubService& s, Context& c) {
+  auto d = s.get_device(c.params[0]);
+  if (!d) return from_error(d.error());
+  // Another project's device is "not found", not "forbidden": its existence is not ours to tell.
+  if (!*d || !c.caller.sees((*d)->project)) return Api::error(404, "not_found", "no device '" + c.params[0] + "'");
+  return json_response(200, device_json(**d));
+}
+
+std::vector<Route> build_routes() {
+  std::vector<Route> r;
+  r.push_back({"POST", "/v1/enrollment-tokens", Role::operator_, create_enrollment_token});
+  r.push_back({"GET", "/v1/devices", Role::viewer, list_devices});
+  r.push_back({"GET", "/v1/devices/{id}", Role::viewer, get_device});
+  add_bundle_routes(r);
+  add_campaign_routes(r);
+  return r;
+}
+
+const std::vector<Route>& routes() {
+  static const std::vector<Route> r = build_routes();
+  return r;
+}
+
+// Matches a path against "/v1/x/{id}"; fills params.
+bool match(const std::string& pattern, const std::vector<std::string>& parts, std::vector<std::string>& params) {
+  const Target p = parse_target(pattern);
+  if (p.parts.size() != parts.size()) return false;
+  params.clear();
+  for (size_t i = 0; i < parts.size(); ++i) {
+    const auto& want = p.parts[i];
+    if (want.size() > 2 && want.front() == '{' && want.back() == '}') {
+      params.push_back(parts[i]);
+    } else if (want != parts[i]) {
+      return false;
+    }
+  }
+  return true;
 }
 
 }  // namespace
+}  // namespace rest
+
+Api::Api(HubService& service) : service_(service) {}
 
 HttpResponse Api::error(int status, const std::string& code, const std::string& message) {
-  return json_response(status, json{{"error", {{"code", code}, {"message", message}}}});
+  return rest::json_response(status, json{{"error", {{"code", code}, {"message", message}}}});
+}
+
+std::vector<std::pair<std::string, std::string>> Api::routes() const {
+  std::vector<std::pair<std::string, std::string>> out = {
+      {"GET", "/healthz"}, {"GET", "/readyz"}, {"POST", "/v1/enroll"}};
+  for (const auto& r : rest::routes()) out.emplace_back(r.method, r.pattern);
+  return out;
+}
+
+namespace {
+struct Resolved {
+  const rest::Route* route = nullptr;
+  std::vector<std::string> params;
+  rest::Caller caller;
+};
+
+// Finds the route and authenticates and authorises the caller; a response
+// means the request stops here.
+std::variant<HttpResponse, Resolved> resolve(HubService& service, const HttpRequest& req, const rest::Target& t) {
+  using namespace rest;
+  const auto& p = t.parts;
+  const std::string& m = req.method;
+  Resolved out;
+  bool path_known = false;
+  for (const auto& r : rest::routes()) {
+    std::vector<std::string> ps;
+    if (!match(r.pattern, p, ps)) continue;
+    path_known = true;
+    if (r.method == m) {
+      out.route = &r;
+      out.params = ps;
+      break;
+    }
+  }
+  // Unknown paths are 404 even without a token: there is nothing to protect.
+  if (!path_known) return Api::error(404, "not_found", "no route for " + m + " " + req.target);
+  if (!out.route) return Api::error(405, "method_not_allowed", m + " is not allowed on " + req.target);
+
+  auto auth = req.headers.find("authorization");
+  if (auth == req.headers.end() || auth->second.rfind("Bearer ", 0) != 0) {
+    return Api::error(401, "unauthenticated", "missing 'Authorization: Bearer <api token>'");
+  }
+  auto tok = service.authenticate("api", auth->second.substr(7));
+  if (!tok) return from_error(tok.error());
+  if (!*tok) return Api::error(401, "unauthenticated", "API token is unknown, expired or revoked");
+  out.caller.token_id = (*tok)->id;
+  out.caller.name = (*tok)->name;
+  out.caller.role = parse_role((*tok)->role).value_or(Role::viewer);
+  out.caller.project = (*tok)->project;
+  if (out.caller.role < out.route->min_role) {
+    return Api::error(403, "permission_denied",
+                      "a " + role_name(out.caller.role) + " token cannot " + m + " " + out.route->pattern +
+                          " (needs " + role_name(out.route->min_role) + ")");
+  }
+  return out;
+}
+}  // namespace
+
+std::optional<HttpResponse> Api::precheck_upload(const HttpRequest& req) {
+  const rest::Target t = rest::parse_target(req.target);
+  auto r = resolve(service_, req, t);
+  if (auto* refusal = std::get_if<HttpResponse>(&r)) return *refusal;
+  return rest::precheck_artifact_upload(service_, t, req);
 }
 
 HttpResponse Api::handle(const HttpRequest& req) {
+  using namespace rest;
   const Target t = parse_target(req.target);
   const auto& p = t.parts;
   const std::string& m = req.method;
@@ -222,150 +395,17 @@ HttpResponse Api::handle(const HttpRequest& req) {
     return r;
   }
 
-  // Everything else needs an API token.
-  auto auth = req.headers.find("authorization");
-  if (auth == req.headers.end() || auth->second.rfind("Bearer ", 0) != 0) {
-    return error(401, "unauthenticated", "missing 'Authorization: Bearer <api token>'");
-  }
-  auto tok = service_.authenticate("api", auth->second.substr(7));
-  if (!tok) return from_error(tok.error());
-  if (!*tok) return error(401, "unauthenticated", "API token is unknown, expired or revoked");
-
-  if (p.size() >= 2 && p[1] == "enrollment-tokens") {
-    if (p.size() == 2 && m == "POST") {
-      auto j = parse_body(req, {"name", "labels", "ttl", "max_uses"});
-      if (!j) return from_error(j.error());
-      TokenRecord rec;
-      rec.role = "enroll";
-      rec.project = (*tok)->project;
-      auto name = string_field(*j, "name", false);
-      if (!name) return from_error(name.error());
-      rec.name = *name;
-      if (j->contains("labels")) {
-        if (!(*j)["labels"].is_object()) return error(400, "invalid_argument", "'labels' must be an object");
-        for (const auto& [k, v] : (*j)["labels"].items()) {
-          if (!v.is_string() || !valid_label_key(k) || !valid_label_value(v.get<std::string>())) {
-            return error(400, "invalid_argument", "bad label '" + k + "'");
-          }
-          rec.labels[k] = v.get<std::string>();
-        }
-      }
-      auto ttl = string_field(*j, "ttl", false);
-      if (!ttl) return from_error(ttl.error());
-      auto d = parse_duration(ttl->empty() ? "24h" : *ttl);
-      if (!d) return from_error(d.error().with_context("ttl"));
-      if (d->count() < 1000) return error(400, "invalid_argument", "ttl must be at least 1s");
-      if (j->contains("max_uses")) {
-        if (!(*j)["max_uses"].is_number_integer() || (*j)["max_uses"].get<int64_t>() < 0) {
-          return error(400, "invalid_argument", "'max_uses' must be a whole number >= 0");
-        }
-        rec.max_uses = (*j)["max_uses"].get<int64_t>();
-      }
-      auto created = service_.create_token("enroll", rec, *d);
-      if (!created) return from_error(created.error());
-      return json_response(201, {{"id", created->record.id},
-                                 {"token", created->secret},
-                                 {"labels", created->record.labels},
-                                 {"max_uses", created->record.max_uses},
-                                 {"expires_at", bundles::format_rfc3339(created->record.expires_unix)}});
-    }
-    return error(405, "method_not_allowed", m + " is not allowed on " + req.target);
+  // Artifact downloads are public: content-addressed, and agents check every
+  // byte against the signed manifest (docs/security.md).
+  if (p.size() == 3 && p[1] == "artifacts" && (m == "GET" || m == "HEAD")) {
+    return serve_artifact(service_, p[2], req);
   }
 
-  if (p.size() >= 2 && p[1] == "bundles") {
-    if (p.size() == 2 && m == "POST") {
-      if (req.body.size() > bundles::kMaxEnvelopeBytes) {
-        return error(413, "too_large", "bundle is larger than " + std::to_string(bundles::kMaxEnvelopeBytes) + " bytes");
-      }
-      auto up = service_.upload_bundle(req.body);
-      if (!up) return from_error(up.error());
-      return json_response(up->second ? 201 : 200, bundle_json(up->first));
-    }
-    if (p.size() == 2 && m == "GET") {
-      auto list = service_.list_bundles();
-      if (!list) return from_error(list.error());
-      json items = json::array();
-      for (const auto& b : *list) items.push_back(bundle_json(b));
-      return json_response(200, {{"items", items}});
-    }
-    if (p.size() == 3 && m == "GET") {
-      auto b = service_.get_bundle(p[2]);
-      if (!b) return from_error(b.error());
-      if (!*b) return error(404, "not_found", "no bundle '" + p[2] + "'");
-      return json_response(200, bundle_json(**b));
-    }
-    return error(405, "method_not_allowed", m + " is not allowed on " + req.target);
-  }
-
-  if (p.size() >= 2 && p[1] == "devices") {
-    if (m != "GET") return error(405, "method_not_allowed", m + " is not allowed on " + req.target);
-    if (p.size() == 2) {
-      auto sel = Selector::parse(t.query.count("selector") ? t.query.at("selector") : "");
-      if (!sel) return from_error(sel.error());
-      int64_t limit = 500;
-      if (t.query.count("limit")) {
-        try {
-          limit = std::stoll(t.query.at("limit"));
-        } catch (const std::exception&) {
-          limit = -1;
-        }
-        if (limit < 1 || limit > 10000) return error(400, "invalid_argument", "limit must be 1..10000");
-      }
-      const std::string after = t.query.count("after") ? t.query.at("after") : "";
-      auto list = service_.list_devices(*sel);
-      if (!list) return from_error(list.error());
-      json items = json::array();
-      std::string next;
-      for (const auto& d : *list) {
-        if (!after.empty() && d.id <= after) continue;
-        if (static_cast<int64_t>(items.size()) == limit) {
-          next = items.back()["id"].get<std::string>();
-          break;
-        }
-        items.push_back(device_json(d));
-      }
-      return json_response(200, {{"items", items}, {"next", next}});
-    }
-    if (p.size() == 3) {
-      auto d = service_.get_device(p[2]);
-      if (!d) return from_error(d.error());
-      if (!*d) return error(404, "not_found", "no device '" + p[2] + "'");
-      return json_response(200, device_json(**d));
-    }
-  }
-
-  if (p.size() >= 2 && p[1] == "campaigns") {
-    if (p.size() == 2 && m == "POST") {
-      auto j = parse_body(req, {"name", "bundle", "selector"});
-      if (!j) return from_error(j.error());
-      auto name = string_field(*j, "name", false);
-      auto bundle = string_field(*j, "bundle", true);
-      auto selector = string_field(*j, "selector", false);
-      for (auto* f : {&name, &bundle, &selector}) if (!*f) return from_error(f->error());
-      auto c = service_.create_campaign(*name, *bundle, *selector);
-      if (!c) return from_error(c.error());
-      auto v = service_.campaign_view(c->id, false);
-      if (!v || !*v) return error(500, "internal", "campaign vanished after creation");
-      return json_response(201, campaign_json(**v));
-    }
-    if (p.size() == 2 && m == "GET") {
-      auto list = service_.list_campaigns();
-      if (!list) return from_error(list.error());
-      json items = json::array();
-      for (const auto& v : *list) items.push_back(campaign_json(v));
-      return json_response(200, {{"items", items}});
-    }
-    if (p.size() == 3 && m == "GET") {
-      const bool with_devices = t.query.count("devices") && t.query.at("devices") == "true";
-      auto v = service_.campaign_view(p[2], with_devices);
-      if (!v) return from_error(v.error());
-      if (!*v) return error(404, "not_found", "no campaign '" + p[2] + "'");
-      return json_response(200, campaign_json(**v));
-    }
-    return error(405, "method_not_allowed", m + " is not allowed on " + req.target);
-  }
-
-  return error(404, "not_found", "no route for " + m + " " + req.target);
+  auto r = resolve(service_, req, t);
+  if (auto* refusal = std::get_if<HttpResponse>(&r)) return *refusal;
+  auto& ok = std::get<Resolved>(r);
+  Context ctx{req, t, ok.caller, ok.params, ""};
+  return ok.route->handler(service_, ctx);
 }
 
 }  // namespace flotilla::hub

@@ -9,6 +9,7 @@
 #include "flotilla/common/fs.hpp"
 #include "flotilla/common/log.hpp"
 #include "flotilla/common/transport.hpp"
+#include "flotilla/hub/artifacts.hpp"
 #include "flotilla/hub/broker.hpp"
 #include "flotilla/hub/http_server.hpp"
 #include "flotilla/hub/service.hpp"
@@ -102,6 +103,13 @@ Status run_hub(const HubConfig& cfg, const std::atomic<bool>& stop) {
   hc.host = cfg.listen_host;
   hc.port = cfg.listen_port;
   hc.threads = cfg.http_threads;
+  ArtifactStore artifacts(data / "artifacts");
+  if (auto s = artifacts.init(); !s) return s;
+  hc.upload_dir = artifacts.dir();
+  hc.precheck_upload = [&api_ptr](const HttpRequest& r) -> std::optional<HttpResponse> {
+    if (!api_ptr) return Api::error(503, "unavailable", "hub is starting");
+    return api_ptr->precheck_upload(r);
+  };
   auto server = HttpServer::start(hc, [&api_ptr](const HttpRequest& r) {
     if (!api_ptr) return Api::error(503, "unavailable", "hub is starting");
     return api_ptr->handle(r);
@@ -138,12 +146,14 @@ Status run_hub(const HubConfig& cfg, const std::atomic<bool>& stop) {
   sc.manage_broker_credentials = embedded;
   service = std::make_unique<HubService>(**store, SystemClock::instance(), sc);
   service->set_broker(broker.get());
+  service->set_artifacts(&artifacts);
 
   // First start: make an admin API token and leave it, 0600, in the data dir.
   if (auto n = (*store)->count_tokens("api"); n && *n == 0) {
     TokenRecord rec;
     rec.name = "bootstrap-admin";
     rec.role = "admin";
+    rec.project = "*";  // the fleet's first admin sees every project
     auto t = service->create_token("api", rec);
     if (!t) return t.error();
     if (auto s = fs::write_file_atomic(data / "admin.token", t->secret + "\n", 0600); !s) return s;

@@ -5,7 +5,9 @@
 #include <boost/asio/strand.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
+#include <fstream>
 
+#include "flotilla/common/crypto.hpp"
 #include "flotilla/common/log.hpp"
 
 namespace flotilla::hub {
@@ -25,44 +27,107 @@ class Session : public std::enable_shared_from_this<Session> {
   void run() { asio::dispatch(stream_.get_executor(), [self = shared_from_this()] { self->read(); }); }
 
  private:
+  // The header comes first, on its own: it decides where the body goes
+  // (memory with a small cap, or a file for artifact uploads) and whether the
+  // request may send one at all.
   void read() {
-    parser_.emplace();
-    parser_->body_limit(cfg_.max_body_bytes);
-    parser_->header_limit(16 * 1024);
+    header_parser_.emplace();
+    header_parser_->header_limit(16 * 1024);
+    header_parser_->body_limit(cfg_.max_body_bytes);
     stream_.expires_after(cfg_.read_timeout);
-    bhttp::async_read(stream_, buffer_, *parser_,
-                      [self = shared_from_this()](beast::error_code ec, size_t) { self->on_read(ec); });
+    bhttp::async_read_header(stream_, buffer_, *header_parser_,
+                             [self = shared_from_this()](beast::error_code ec, size_t) { self->on_header(ec); });
   }
 
-  void on_read(beast::error_code ec) {
-    if (ec == bhttp::error::end_of_stream || ec == beast::error::timeout) return close();
-    if (ec == bhttp::error::body_limit) {
-      drain_ = true;
-      return reply(Api::error(413, "too_large",
-                              "request body is larger than " + std::to_string(cfg_.max_body_bytes) + " bytes"),
-                   false, 11);
-    }
-    if (ec == bhttp::error::header_limit) return reply(Api::error(431, "too_large", "request headers too large"), false, 11);
-    if (ec) {
-      if (ec != asio::error::operation_aborted && ec != asio::error::connection_reset) {
-        return reply(Api::error(400, "bad_request", "malformed HTTP request: " + ec.message()), false, 11);
-      }
-      return close();
-    }
-    auto& msg = parser_->get();
+  HttpRequest request_from(const bhttp::request_header<>& h) {
     HttpRequest req;
-    req.method = std::string(msg.method_string());
-    req.target = std::string(msg.target());
-    for (const auto& f : msg) {
+    req.method = std::string(h.method_string());
+    req.target = std::string(h.target());
+    for (const auto& f : h) {
       std::string name(f.name_string());
       std::transform(name.begin(), name.end(), name.begin(), ::tolower);
       req.headers[name] = std::string(f.value());
     }
-    req.body = std::move(msg.body());
-    try {
-      req.peer = stream_.socket().remote_endpoint().address().to_string();
-    } catch (...) {
+    beast::error_code ec;
+    auto ep = stream_.socket().remote_endpoint(ec);
+    if (!ec) req.peer = ep.address().to_string();
+    return req;
+  }
+
+  bool read_failed(beast::error_code ec) {
+    if (!ec) return false;
+    if (ec == bhttp::error::end_of_stream || ec == beast::error::timeout || ec == asio::error::operation_aborted ||
+        ec == asio::error::connection_reset) {
+      close();
+    } else if (ec == bhttp::error::body_limit) {
+      drain_ = true;
+      reply(Api::error(413, "too_large", "request body is larger than the limit for this route"), false, 11);
+    } else if (ec == bhttp::error::header_limit) {
+      reply(Api::error(431, "too_large", "request headers too large"), false, 11);
+    } else {
+      reply(Api::error(400, "bad_request", "malformed HTTP request: " + ec.message()), false, 11);
     }
+    return true;
+  }
+
+  void on_header(beast::error_code ec) {
+    if (read_failed(ec)) return;
+    const auto& h = header_parser_->get();
+    const bool upload = !cfg_.upload_dir.empty() && h.method() == bhttp::verb::put &&
+                        h.target().starts_with(cfg_.upload_prefix);
+    if (upload) {
+      HttpRequest pre = request_from(h);
+      // Refuse before a single body byte is stored: wrong token, no space, bad name.
+      if (cfg_.precheck_upload) {
+        if (auto refusal = cfg_.precheck_upload(pre)) {
+          drain_ = true;
+          return reply(*refusal, false, h.version());
+        }
+      }
+      upload_path_ = (cfg_.upload_dir / (".upload-" + crypto::random_token(8))).string();
+      file_parser_.emplace(std::move(*header_parser_));
+      file_parser_->body_limit(cfg_.max_upload_bytes);
+      beast::error_code fec;
+      file_parser_->get().body().open(upload_path_.c_str(), beast::file_mode::write, fec);
+      if (fec) {
+        drain_ = true;
+        return reply(Api::error(500, "internal", "cannot stage the upload"), false, h.version());
+      }
+      // Large bodies take time; the deadline covers idle periods, renewed per chunk.
+      stream_.expires_after(cfg_.upload_timeout);
+      bhttp::async_read(stream_, buffer_, *file_parser_,
+                        [self = shared_from_this()](beast::error_code e, size_t) { self->on_file_body(e); });
+      return;
+    }
+    string_parser_.emplace(std::move(*header_parser_));
+    string_parser_->body_limit(cfg_.max_body_bytes);
+    bhttp::async_read(stream_, buffer_, *string_parser_,
+                      [self = shared_from_this()](beast::error_code e, size_t) { self->on_string_body(e); });
+  }
+
+  void on_string_body(beast::error_code ec) {
+    if (read_failed(ec)) return;
+    auto& msg = string_parser_->get();
+    HttpRequest req = request_from(msg.base());
+    req.body = std::move(msg.body());
+    dispatch(req, msg.keep_alive(), msg.version());
+  }
+
+  void on_file_body(beast::error_code ec) {
+    auto& msg = file_parser_->get();
+    msg.body().close();
+    if (ec) {
+      std::filesystem::remove(upload_path_);
+      if (read_failed(ec)) return;
+    }
+    HttpRequest req = request_from(msg.base());
+    req.body_file = upload_path_;
+    dispatch(req, msg.keep_alive(), msg.version());
+    std::error_code rm;
+    std::filesystem::remove(upload_path_, rm);  // the handler moved it if it kept it
+  }
+
+  void dispatch(const HttpRequest& req, bool keep_alive, unsigned version) {
     HttpResponse res;
     try {
       res = handler_(req);
@@ -70,23 +135,68 @@ class Session : public std::enable_shared_from_this<Session> {
       log::get("hub")->error("handler threw for {} {}: {}", req.method, req.target, e.what());
       res = Api::error(500, "internal", "internal error; see the hub log");
     }
-    reply(res, msg.keep_alive(), msg.version());
+    reply(res, keep_alive, version);
   }
 
   void reply(const HttpResponse& r, bool keep_alive, unsigned version) {
+    if (!r.file_path.empty()) return reply_file(r, keep_alive, version);
     auto res = std::make_shared<bhttp::response<bhttp::string_body>>(static_cast<bhttp::status>(r.status), version);
     res->set(bhttp::field::server, "flotilla-hub");
     res->set(bhttp::field::content_type, r.content_type);
     for (const auto& [k, v] : r.headers) res->set(k, v);
-    res->keep_alive(keep_alive);
-    res->body() = r.body;
+    res->keep_alive(keep_alive && !drain_);
+    res->body() = r.no_body ? std::string() : r.body;
     res->prepare_payload();
+    if (r.no_body) res->content_length(r.body.size());
     stream_.expires_after(cfg_.read_timeout);
-    bhttp::async_write(stream_, *res, [self = shared_from_this(), res, keep_alive](beast::error_code ec, size_t) {
-      if (ec || !keep_alive) return self->close();
-      self->buffer_.consume(self->buffer_.size());
-      self->read();
+    bhttp::async_write(stream_, *res, [self = shared_from_this(), res](beast::error_code ec, size_t) {
+      self->after_write(ec, res->keep_alive());
     });
+  }
+
+  // Artifact downloads: the header, then the file in 64 KiB chunks, so a
+  // 1 GiB airgap tarball costs the hub one buffer, not 1 GiB.
+  void reply_file(const HttpResponse& r, bool keep_alive, unsigned version) {
+    file_ = std::make_shared<std::ifstream>(r.file_path, std::ios::binary);
+    if (!*file_) return reply(Api::error(404, "not_found", "artifact vanished"), keep_alive, version);
+    file_->seekg(static_cast<std::streamoff>(r.file_offset));
+    file_left_ = r.no_body ? 0 : r.file_length;
+    auto res = std::make_shared<bhttp::response<bhttp::empty_body>>(static_cast<bhttp::status>(r.status), version);
+    res->set(bhttp::field::server, "flotilla-hub");
+    res->set(bhttp::field::content_type, r.content_type);
+    for (const auto& [k, v] : r.headers) res->set(k, v);
+    res->keep_alive(keep_alive);
+    res->content_length(r.file_length);
+    auto sr = std::make_shared<bhttp::response_serializer<bhttp::empty_body>>(*res);
+    stream_.expires_after(cfg_.read_timeout);
+    bhttp::async_write_header(stream_, *sr, [self = shared_from_this(), res, sr](beast::error_code ec, size_t) {
+      if (ec) return self->close();
+      self->keep_alive_ = res->keep_alive();
+      self->send_chunk();
+    });
+  }
+
+  void send_chunk() {
+    if (file_left_ == 0) {
+      file_.reset();
+      return after_write({}, keep_alive_);
+    }
+    const auto n = static_cast<std::streamsize>(std::min<uint64_t>(chunk_.size(), file_left_));
+    file_->read(chunk_.data(), n);
+    const auto got = file_->gcount();
+    if (got <= 0) return close();  // the file shrank under us: cut the connection, never send garbage
+    file_left_ -= static_cast<uint64_t>(got);
+    stream_.expires_after(cfg_.read_timeout);
+    asio::async_write(stream_, asio::buffer(chunk_.data(), static_cast<size_t>(got)),
+                      [self = shared_from_this()](beast::error_code ec, size_t) {
+                        if (ec) return self->close();
+                        self->send_chunk();
+                      });
+  }
+
+  void after_write(beast::error_code ec, bool keep_alive) {
+    if (ec || !keep_alive || drain_) return close();
+    read();
   }
 
   void close() {
@@ -101,7 +211,7 @@ class Session : public std::enable_shared_from_this<Session> {
   void drain() {
     if (drained_ > (64u << 20)) return;
     stream_.expires_after(std::chrono::seconds(2));
-    stream_.async_read_some(asio::buffer(sink_), [self = shared_from_this()](beast::error_code ec, size_t n) {
+    stream_.async_read_some(asio::buffer(chunk_), [self = shared_from_this()](beast::error_code ec, size_t n) {
       self->drained_ += n;
       if (!ec) self->drain();
     });
@@ -109,12 +219,18 @@ class Session : public std::enable_shared_from_this<Session> {
 
   beast::tcp_stream stream_;
   beast::flat_buffer buffer_;
-  std::optional<bhttp::request_parser<bhttp::string_body>> parser_;
+  std::optional<bhttp::request_parser<bhttp::empty_body>> header_parser_;
+  std::optional<bhttp::request_parser<bhttp::string_body>> string_parser_;
+  std::optional<bhttp::request_parser<bhttp::file_body>> file_parser_;
+  std::string upload_path_;
+  std::shared_ptr<std::ifstream> file_;
+  uint64_t file_left_ = 0;
+  bool keep_alive_ = false;
   const HttpServerConfig& cfg_;
   const HttpServer::Handler& handler_;
   bool drain_ = false;
   size_t drained_ = 0;
-  std::array<char, 16384> sink_{};
+  std::array<char, 65536> chunk_{};
 };
 
 }  // namespace

@@ -169,7 +169,7 @@ Result<v1::EnrollResponse> HubService::enroll(const v1::EnrollRequest& req) {
   return resp;
 }
 
-Result<std::pair<BundleRecord, bool>> HubService::upload_bundle(const std::string& bytes) {
+Result<std::pair<BundleRecord, bool>> HubService::upload_bundle(const std::string& bytes, const std::string& project) {
   auto env = bundles::parse_envelope(bytes);
   if (!env) return env.error();
   if (env->signatures_size() == 0) {
@@ -182,6 +182,7 @@ Result<std::pair<BundleRecord, bool>> HubService::upload_bundle(const std::strin
   BundleRecord b;
   b.digest = bundles::manifest_digest_hex(*env);
   b.id = b.digest.substr(0, 16);
+  b.project = project;
   b.name = m.name();
   b.channel = m.channel();
   b.version = m.version();

@@ -45,7 +45,7 @@ DeviceRecord device_from(const sql::Stmt& s) {
   return d;
 }
 
-constexpr const char* kBundleCols = "id, digest, name, channel, version, expires_unix, signatures, uploaded_ms";
+constexpr const char* kBundleCols = "id, digest, name, channel, version, expires_unix, signatures, uploaded_ms, project";
 
 BundleRecord bundle_from(const sql::Stmt& s, bool with_envelope) {
   BundleRecord b;
@@ -57,7 +57,8 @@ BundleRecord bundle_from(const sql::Stmt& s, bool with_envelope) {
   b.expires_unix = s.col_int(5);
   b.signatures = static_cast<int>(s.col_int(6));
   b.uploaded_ms = s.col_int(7);
-  if (with_envelope) b.envelope = s.col_blob(8);
+  b.project = s.col_text(8);
+  if (with_envelope) b.envelope = s.col_blob(9);
   return b;
 }
 
@@ -125,7 +126,7 @@ CREATE TABLE IF NOT EXISTS devices (
 CREATE TABLE IF NOT EXISTS bundles (
   id TEXT PRIMARY KEY, digest TEXT NOT NULL UNIQUE, name TEXT NOT NULL, channel TEXT NOT NULL,
   version INTEGER NOT NULL, expires_unix INTEGER NOT NULL, signatures INTEGER NOT NULL,
-  uploaded_ms INTEGER NOT NULL, envelope BLOB NOT NULL);
+  uploaded_ms INTEGER NOT NULL, envelope BLOB NOT NULL, project TEXT NOT NULL DEFAULT 'default');
 CREATE INDEX IF NOT EXISTS bundles_name_version ON bundles(name, version);
 CREATE TABLE IF NOT EXISTS campaigns (
   id TEXT PRIMARY KEY, name TEXT NOT NULL, bundle_id TEXT NOT NULL REFERENCES bundles(id),
@@ -253,12 +254,13 @@ Status Store::save_device_state(const DeviceRecord& d) {
 
 Status Store::insert_bundle(const BundleRecord& b) {
   auto st = db_->prepare(
-      "INSERT INTO bundles (id, digest, name, channel, version, expires_unix, signatures, uploaded_ms, envelope) "
-      "VALUES (?,?,?,?,?,?,?,?,?)");
+      "INSERT INTO bundles (id, digest, name, channel, version, expires_unix, signatures, uploaded_ms, envelope, project) "
+      "VALUES (?,?,?,?,?,?,?,?,?,?)");
   if (!st) return st.error();
   st->bind(1, std::string_view(b.id)).bind(2, std::string_view(b.digest)).bind(3, std::string_view(b.name))
       .bind(4, std::string_view(b.channel)).bind(5, static_cast<int64_t>(b.version)).bind(6, b.expires_unix)
-      .bind(7, static_cast<int64_t>(b.signatures)).bind(8, b.uploaded_ms).bind_blob(9, b.envelope);
+      .bind(7, static_cast<int64_t>(b.signatures)).bind(8, b.uploaded_ms).bind_blob(9, b.envelope)
+      .bind(10, std::string_view(b.project));
   return st->run();
 }
 

@@ -2,7 +2,9 @@
 // REST API v1 as a pure function Request -> Response, so tests call it
 // without sockets; hub/src/http_server.cpp puts it on the network.
 #include <map>
+#include <optional>
 #include <string>
+#include <vector>
 
 #include "flotilla/hub/service.hpp"
 
@@ -13,6 +15,7 @@ struct HttpRequest {
   std::string target;  // path and query
   std::map<std::string, std::string> headers;  // lower-case names
   std::string body;
+  std::string body_file;  // a streamed upload (PUT /v1/artifacts/...), already on disk
   std::string peer;
 };
 
@@ -21,14 +24,32 @@ struct HttpResponse {
   std::string content_type = "application/json";
   std::string body;
   std::map<std::string, std::string> headers;
+  // Streams file_length bytes of file_path from file_offset instead of body
+  // (artifact downloads); no_body answers HEAD with the same headers.
+  std::string file_path;
+  uint64_t file_offset = 0;
+  uint64_t file_length = 0;
+  bool no_body = false;
 };
 
 inline constexpr size_t kMaxJsonBody = 1u << 20;  // 1 MiB
 
+// API token roles, in increasing power: a viewer reads; an operator also
+// changes bundles, artifacts, campaigns, devices and enrollment tokens; an
+// admin also manages API tokens and reads the audit log.
+enum class Role { viewer = 0, operator_ = 1, admin = 2 };
+std::string role_name(Role r);
+std::optional<Role> parse_role(const std::string& s);
+
 class Api {
  public:
-  explicit Api(HubService& service) : service_(service) {}
+  explicit Api(HubService& service);
   HttpResponse handle(const HttpRequest& req);
+  // Checks an upload's headers (token, role, name, space) before its body is read.
+  std::optional<HttpResponse> precheck_upload(const HttpRequest& req);
+
+  // Every (method, path pattern) the server answers, for docs and tests.
+  std::vector<std::pair<std::string, std::string>> routes() const;
 
   // The JSON error body every failure uses: {"error":{"code":..,"message":..}}.
   static HttpResponse error(int status, const std::string& code, const std::string& message);

@@ -2,7 +2,9 @@
 // Boost.Beast HTTP/1.1 server: an io_context on a few threads, one strand
 // per connection, a size limit on every body and a deadline on every read.
 #include <boost/asio/io_context.hpp>
+#include <filesystem>
 #include <functional>
+#include <optional>
 #include <memory>
 #include <string>
 #include <thread>
@@ -19,6 +21,13 @@ struct HttpServerConfig {
   int threads = 2;
   size_t max_body_bytes = 8u << 20;  // hard cap; routes apply tighter ones
   std::chrono::seconds read_timeout{30};
+  // Streamed uploads: PUT <upload_prefix>... bodies go to a file in upload_dir.
+  std::string upload_prefix = "/v1/artifacts/";
+  std::filesystem::path upload_dir;  // empty = no streamed uploads
+  uint64_t max_upload_bytes = uint64_t{4} << 30;
+  std::chrono::seconds upload_timeout{300};
+  // Looks at an upload's headers before any body is read; a response refuses it.
+  std::function<std::optional<HttpResponse>(const HttpRequest&)> precheck_upload;
 };
 
 class HttpServer {

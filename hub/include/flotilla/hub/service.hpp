@@ -22,6 +22,7 @@
 namespace flotilla::hub {
 
 class EmbeddedBroker;
+class ArtifactStore;
 
 struct ServiceConfig {
   std::string broker_url;            // what devices are told to connect to
@@ -55,6 +56,8 @@ class HubService {
   // The MQTT side. The transport must already be connected with the hub's credential.
   Status attach_transport(transport::Transport& t);
   void set_broker(EmbeddedBroker* broker) { broker_ = broker; }
+  void set_artifacts(ArtifactStore* a) { artifacts_ = a; }
+  ArtifactStore* artifacts() const { return artifacts_; }
   void stop();
 
   // Tokens. kind is "api" or "enroll". A positive ttl sets the expiry from
@@ -67,7 +70,8 @@ class HubService {
 
   // Stores a signed bundle after checking it parses and is signed. Returns the
   // existing record for a byte-identical manifest.
-  Result<std::pair<BundleRecord, bool>> upload_bundle(const std::string& envelope_bytes);
+  Result<std::pair<BundleRecord, bool>> upload_bundle(const std::string& envelope_bytes,
+                                                      const std::string& project = "default");
   Result<std::vector<BundleRecord>> list_bundles();
   Result<std::optional<BundleRecord>> get_bundle(const std::string& key);
 
@@ -105,6 +109,7 @@ class HubService {
   const Clock& clock_;
   ServiceConfig cfg_;
   EmbeddedBroker* broker_ = nullptr;
+  ArtifactStore* artifacts_ = nullptr;
   transport::Transport* transport_ = nullptr;
 
   std::mutex store_mu_;

@@ -44,6 +44,7 @@ struct DeviceRecord {
 
 struct BundleRecord {
   std::string id;        // first 16 hex digits of the manifest's SHA-256
+  std::string project = "default";
   std::string digest;    // full hex SHA-256 of the manifest
   std::string name;
   std::string channel;
