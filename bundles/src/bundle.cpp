@@ -4,12 +4,15 @@
 #include <google/protobuf/io/zero_copy_stream_impl_lite.h>
 #include <yaml-cpp/yaml.h>
 
+#include <cctype>
 #include <ctime>
+#include <fstream>
 #include <set>
 
 #include "flotilla/common/crypto.hpp"
 #include "flotilla/common/fs.hpp"
 #include "flotilla/common/options.hpp"
+#include "flotilla/bundles/selector.hpp"
 
 namespace flotilla::bundles {
 
@@ -76,7 +79,121 @@ std::string format_rfc3339(int64_t unix_seconds) {
   return buf;
 }
 
+std::string artifact_kind_name(v1::ArtifactKind k) {
+  switch (k) {
+    case v1::ARTIFACT_KIND_K3S_BINARY: return "k3s-binary";
+    case v1::ARTIFACT_KIND_AIRGAP_IMAGES: return "airgap-images";
+    default: return "unspecified";
+  }
+}
+
+Result<v1::ArtifactKind> parse_artifact_kind(const std::string& name) {
+  if (name == "k3s-binary") return v1::ARTIFACT_KIND_K3S_BINARY;
+  if (name == "airgap-images") return v1::ARTIFACT_KIND_AIRGAP_IMAGES;
+  return make_error(Errc::invalid_argument, "unknown artifact kind '" + name + "' (use k3s-binary or airgap-images)");
+}
+
+bool valid_k3s_config_key(const std::string& key) {
+  if (key.empty() || key.size() > 128 || !std::isalnum(static_cast<unsigned char>(key[0]))) return false;
+  for (size_t i = 0; i < key.size(); ++i) {
+    const unsigned char c = key[i];
+    if (std::isalnum(c) || c == '-' || c == '_' || c == '.') continue;
+    if (c == '+' && i + 1 == key.size()) continue;
+    return false;
+  }
+  return true;
+}
+
+namespace {
+
+// A path named in bundle.yaml, which must stay inside the bundle directory
+// after symlinks are resolved: a spec must not pull in /etc/shadow.
+Result<std::filesystem::path> spec_source(const std::filesystem::path& dir, const std::string& what,
+                                          const std::string& source) {
+  if (source.empty()) return spec_error(dir, what + ": every entry needs a 'source' path");
+  std::filesystem::path src = dir / source;
+  auto canon_dir = std::filesystem::weakly_canonical(dir);
+  auto canon_src = std::filesystem::weakly_canonical(src);
+  if (canon_src.string().rfind(canon_dir.string() + "/", 0) != 0) {
+    return spec_error(dir, what + ": source '" + source + "' is outside the bundle directory");
+  }
+  return src;
+}
+
+// One `files:` entry (base or overlay) into a BundleFile.
+Result<v1::BundleFile> spec_file(const std::filesystem::path& dir, const std::string& what, const YAML::Node& f) {
+  if (!f.IsMap()) return spec_error(dir, what + ": each entry must be a mapping with kind and source");
+  auto kind = parse_file_kind(f["kind"].as<std::string>(""));
+  if (!kind) return spec_error(dir, what + ": " + kind.error().message);
+  auto src = spec_source(dir, what, f["source"].as<std::string>(""));
+  if (!src) return src.error();
+  std::string name = f["name"].as<std::string>(src->filename().string());
+  if (*kind == v1::FILE_KIND_REGISTRIES) name = "registries.yaml";
+  if (!valid_file_name(name)) return spec_error(dir, what + ": '" + name + "' is not a plain file name");
+  if (name == kOverlayDropInName) {
+    return spec_error(dir, what + ": '" + name + "' is reserved for the generated overlay drop-in");
+  }
+  auto content = fs::read_file(*src, kMaxManifestBytes);
+  if (!content) return content.error().with_context("bundle file");
+  v1::BundleFile bf;
+  bf.set_kind(*kind);
+  bf.set_name(name);
+  bf.set_content(*content);
+  const auto mode = std::stoul(f["mode"].as<std::string>("0644"), nullptr, 8);
+  if (mode > 0777) return spec_error(dir, what + ": mode of '" + name + "' must be permission bits (at most 0777)");
+  bf.set_mode(static_cast<uint32_t>(mode));
+  auto h = crypto::sha256(*content);
+  bf.set_sha256(std::string(h.begin(), h.end()));
+  return bf;
+}
+
+// Hashes an artifact file in chunks: a k3s binary or an image tarball must
+// not be read into memory whole.
+Result<std::pair<std::string, uint64_t>> hash_file(const std::filesystem::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return make_error(Errc::not_found, "cannot open artifact " + path.string());
+  crypto::Sha256Stream h;
+  std::vector<char> buf(1 << 16);
+  uint64_t total = 0;
+  while (in) {
+    in.read(buf.data(), static_cast<std::streamsize>(buf.size()));
+    const auto n = static_cast<size_t>(in.gcount());
+    if (n == 0) break;
+    total += n;
+    if (total > kMaxArtifactBytes) {
+      return make_error(Errc::too_large, "artifact " + path.string() + " is above the " +
+                                             std::to_string(kMaxArtifactBytes) + "-byte cap");
+    }
+    h.update(reinterpret_cast<const uint8_t*>(buf.data()), n);
+  }
+  if (in.bad()) return make_error(Errc::io, "reading artifact " + path.string() + " failed");
+  auto d = h.finish();
+  return std::pair<std::string, uint64_t>{std::string(d.begin(), d.end()), total};
+}
+
+// A k3s-config value from bundle.yaml as one line of YAML: scalars as written,
+// lists and maps in flow style ("[a, b]"), so the rendered drop-in keeps the
+// types the author meant and one key can never spill into the next line.
+Result<std::string> k3s_value_text(const YAML::Node& v) {
+  if (v.IsScalar()) return v.as<std::string>();
+  YAML::Emitter e;
+  e.SetSeqFormat(YAML::Flow);
+  e.SetMapFormat(YAML::Flow);
+  e << v;
+  if (!e.good()) return make_error(Errc::invalid_argument, e.GetLastError());
+  return std::string(e.c_str());
+}
+
+bool single_line(const std::string& s) { return s.find_first_of("\r\n") == std::string::npos; }
+
+}  // namespace
+
 Result<v1::BundleManifest> load_spec(const std::filesystem::path& dir, const Clock& clock) {
+  return load_spec(dir, clock, nullptr);
+}
+
+Result<v1::BundleManifest> load_spec(const std::filesystem::path& dir, const Clock& clock,
+                                     std::vector<ArtifactSource>* sources) {
   const auto spec_path = dir / "bundle.yaml";
   auto text = fs::read_file(spec_path, 1 << 20);
   if (!text) return text.error().with_context("read bundle spec");
@@ -87,8 +204,9 @@ Result<v1::BundleManifest> load_spec(const std::filesystem::path& dir, const Clo
     return spec_error(dir, e.what());
   }
   if (!y.IsMap()) return spec_error(dir, "top level must be a mapping");
-  static const std::set<std::string> known = {"name", "channel", "version", "description", "expires",
-                                              "expires-in", "k3s-version", "target", "files"};
+  static const std::set<std::string> known = {"name",   "channel", "version",    "description", "expires",
+                                              "expires-in", "k3s-version", "target", "files",  "registries",
+                                              "artifacts",  "overlays"};
   for (const auto& kv : y) {
     auto key = kv.first.as<std::string>();
     if (!known.count(key)) return spec_error(dir, "line " + std::to_string(kv.first.Mark().line + 1) +
@@ -96,6 +214,7 @@ Result<v1::BundleManifest> load_spec(const std::filesystem::path& dir, const Clo
   }
   v1::BundleManifest m;
   m.set_format_version(1);
+  if (sources) sources->clear();
   try {
     m.set_name(y["name"].as<std::string>(""));
     if (m.name().empty() || !valid_file_name(m.name())) {
@@ -132,42 +251,100 @@ Result<v1::BundleManifest> load_spec(const std::filesystem::path& dir, const Clo
       }
     }
     std::set<std::pair<int, std::string>> seen;
-    for (const auto& f : y["files"]) {
-      auto kind = parse_file_kind(f["kind"].as<std::string>(""));
-      if (!kind) return spec_error(dir, "files: " + kind.error().message);
-      const std::string source = f["source"].as<std::string>("");
-      if (source.empty()) return spec_error(dir, "files: every file needs a 'source' path");
-      std::filesystem::path src = dir / source;
-      // Sources must stay inside the bundle directory.
-      auto canon_dir = std::filesystem::weakly_canonical(dir);
-      auto canon_src = std::filesystem::weakly_canonical(src);
-      if (canon_src.string().rfind(canon_dir.string() + "/", 0) != 0) {
-        return spec_error(dir, "files: source '" + source + "' is outside the bundle directory");
+    auto add_base = [&](const YAML::Node& f) -> Status {
+      auto bf = spec_file(dir, "files", f);
+      if (!bf) return bf.error();
+      if (!seen.insert({bf->kind(), bf->name()}).second) {
+        return spec_error(dir, "files: " + file_kind_name(bf->kind()) + " '" + bf->name() + "' is listed twice");
       }
-      std::string name = f["name"].as<std::string>(src.filename().string());
-      if (*kind == v1::FILE_KIND_REGISTRIES) name = "registries.yaml";
-      if (!valid_file_name(name)) return spec_error(dir, "files: '" + name + "' is not a plain file name");
-      if (!seen.insert({*kind, name}).second) {
-        return spec_error(dir, "files: " + file_kind_name(*kind) + " '" + name + "' is listed twice");
-      }
-      auto content = fs::read_file(src, kMaxManifestBytes);
-      if (!content) return content.error().with_context("bundle file");
-      auto* bf = m.add_files();
-      bf->set_kind(*kind);
-      bf->set_name(name);
-      bf->set_content(*content);
-      const auto mode = std::stoul(f["mode"].as<std::string>("0644"), nullptr, 8);
-      if (mode > 0777) return spec_error(dir, "files: mode of '" + name + "' must be permission bits (at most 0777)");
-      bf->set_mode(static_cast<uint32_t>(mode));
-      auto h = crypto::sha256(*content);
-      bf->set_sha256(std::string(h.begin(), h.end()));
+      *m.add_files() = std::move(*bf);
+      return {};
+    };
+    for (const auto& f : y["files"]) FLOTILLA_TRY_STATUS(add_base(f));
+    if (auto r = y["registries"]) {
+      // Shorthand for a files entry of kind registries.
+      YAML::Node f;
+      f["kind"] = "registries";
+      f["source"] = r.as<std::string>();
+      FLOTILLA_TRY_STATUS(add_base(f));
     }
+
+    std::set<std::string> artifact_names;
+    bool have_k3s_binary = false;
+    for (const auto& a : y["artifacts"]) {
+      if (!a.IsMap()) return spec_error(dir, "artifacts: each entry must be a mapping with kind and source");
+      auto kind = parse_artifact_kind(a["kind"].as<std::string>(""));
+      if (!kind) return spec_error(dir, "artifacts: " + kind.error().message);
+      if (*kind == v1::ARTIFACT_KIND_K3S_BINARY) {
+        if (have_k3s_binary) return spec_error(dir, "artifacts: only one k3s-binary artifact per bundle");
+        have_k3s_binary = true;
+      }
+      auto src = spec_source(dir, "artifacts", a["source"].as<std::string>(""));
+      if (!src) return src.error();
+      const std::string name = a["name"].as<std::string>(src->filename().string());
+      if (!valid_file_name(name)) return spec_error(dir, "artifacts: '" + name + "' is not a plain file name");
+      if (!artifact_names.insert(name).second) return spec_error(dir, "artifacts: '" + name + "' is listed twice");
+      auto hashed = hash_file(*src);
+      if (!hashed) return spec_error(dir, "artifacts: " + hashed.error().message);
+      if (hashed->second == 0) return spec_error(dir, "artifacts: '" + name + "' is empty");
+      const std::string hex = to_hex(hashed->first);
+      auto* art = m.add_artifacts();
+      art->set_name(name);
+      art->set_kind(*kind);
+      // Relative by default: devices resolve it against the hub that serves
+      // them (DesiredState.artifact_base_url), so one bundle works for any hub.
+      art->set_url(a["url"].as<std::string>(hex));
+      if (art->url().empty() || !single_line(art->url())) return spec_error(dir, "artifacts: bad url for '" + name + "'");
+      art->set_sha256(hashed->first);
+      art->set_size(hashed->second);
+      if (sources) sources->push_back({hex, *src});
+    }
+    if (m.artifacts_size() > static_cast<int>(kMaxArtifacts)) return spec_error(dir, "too many artifacts");
+
+    int index = 0;
+    for (const auto& o : y["overlays"]) {
+      const std::string what = "overlays[" + std::to_string(index++) + "]";
+      if (!o.IsMap()) return spec_error(dir, what + ": must be a mapping with selector, files and/or k3s-config");
+      for (const auto& kv : o) {
+        const auto key = kv.first.as<std::string>();
+        if (key != "selector" && key != "files" && key != "k3s-config" && key != "name") {
+          return spec_error(dir, what + ": unknown key '" + key + "'");
+        }
+      }
+      if (!o["selector"]) return spec_error(dir, what + ": 'selector' is required (\"\" matches every device)");
+      const std::string selector = o["selector"].as<std::string>();
+      if (auto sel = Selector::parse(selector); !sel) return spec_error(dir, what + ": " + sel.error().message);
+      auto* ov = m.add_overlays();
+      ov->set_selector(selector);
+      std::set<std::pair<int, std::string>> ov_seen;
+      for (const auto& f : o["files"]) {
+        auto bf = spec_file(dir, what + ".files", f);
+        if (!bf) return bf.error();
+        if (!ov_seen.insert({bf->kind(), bf->name()}).second) {
+          return spec_error(dir, what + ".files: '" + bf->name() + "' is listed twice");
+        }
+        *ov->add_files() = std::move(*bf);
+      }
+      if (auto kc = o["k3s-config"]) {
+        if (!kc.IsMap()) return spec_error(dir, what + ".k3s-config: must be a mapping of k3s config keys");
+        for (const auto& kv : kc) {
+          const auto key = kv.first.as<std::string>();
+          if (!valid_k3s_config_key(key)) return spec_error(dir, what + ".k3s-config: bad key '" + key + "'");
+          auto val = k3s_value_text(kv.second);
+          if (!val || !single_line(*val)) return spec_error(dir, what + ".k3s-config: bad value for '" + key + "'");
+          (*ov->mutable_k3s_config())[key] = *val;
+        }
+      }
+    }
+    if (m.overlays_size() > static_cast<int>(kMaxOverlays)) return spec_error(dir, "too many overlays");
   } catch (const YAML::Exception& e) {
     return spec_error(dir, e.what());
   } catch (const std::exception& e) {
     return spec_error(dir, e.what());
   }
-  if (m.files_size() > static_cast<int>(kMaxFiles)) return spec_error(dir, "too many files");
+  size_t total_files = static_cast<size_t>(m.files_size());
+  for (const auto& o : m.overlays()) total_files += static_cast<size_t>(o.files_size());
+  if (total_files > kMaxFiles) return spec_error(dir, "too many files");
   if (m.ByteSizeLong() > kMaxManifestBytes) {
     return spec_error(dir, "manifest is " + std::to_string(m.ByteSizeLong()) + " bytes, above the " +
                                std::to_string(kMaxManifestBytes) + "-byte cap; ship large content as artifacts");
@@ -227,6 +404,59 @@ Status write_bundle_file(const std::filesystem::path& path, const v1::SignedBund
 
 std::string manifest_digest_hex(const v1::SignedBundle& b) { return crypto::sha256_hex(b.manifest()); }
 
+namespace {
+
+std::string check_file(const v1::BundleFile& f, const std::string& where) {
+  if (!valid_file_name(f.name()) || f.kind() == v1::FILE_KIND_UNSPECIFIED || !v1::FileKind_IsValid(f.kind())) {
+    return where + "file entry '" + f.name() + "' has a bad name or kind";
+  }
+  if (f.name() == kOverlayDropInName) return where + "file name '" + f.name() + "' is reserved for the overlay drop-in";
+  auto h = crypto::sha256(f.content());
+  if (f.sha256() != std::string(h.begin(), h.end())) return where + "file '" + f.name() + "' does not match its sha256";
+  return "";
+}
+
+}  // namespace
+
+// Empty when the manifest's files, artifacts and overlays are well formed;
+// otherwise what is wrong. Everything here is signed, so a failure means a
+// broken signer, not an attacker, but an agent must still not act on it.
+std::string check_manifest_shape(const v1::BundleManifest& m) {
+  size_t total_files = static_cast<size_t>(m.files_size());
+  for (const auto& f : m.files()) {
+    if (auto e = check_file(f, ""); !e.empty()) return e;
+  }
+  if (m.artifacts_size() > static_cast<int>(kMaxArtifacts)) return "too many artifacts";
+  std::set<std::string> names;
+  for (const auto& a : m.artifacts()) {
+    if (!valid_file_name(a.name()) || !names.insert(a.name()).second) return "artifact '" + a.name() + "' has a bad or duplicate name";
+    if (a.kind() == v1::ARTIFACT_KIND_UNSPECIFIED || !v1::ArtifactKind_IsValid(a.kind())) return "artifact '" + a.name() + "' has no kind";
+    if (a.sha256().size() != 32) return "artifact '" + a.name() + "' sha256 is not 32 bytes";
+    if (a.size() == 0 || a.size() > kMaxArtifactBytes) return "artifact '" + a.name() + "' size is 0 or above the cap";
+    if (a.url().empty() || a.url().size() > 2048 || a.url().find_first_of("\r\n") != std::string::npos) {
+      return "artifact '" + a.name() + "' has a bad url";
+    }
+  }
+  if (m.overlays_size() > static_cast<int>(kMaxOverlays)) return "too many overlays";
+  for (int i = 0; i < m.overlays_size(); ++i) {
+    const auto& o = m.overlays(i);
+    const std::string where = "overlay " + std::to_string(i) + ": ";
+    if (auto sel = Selector::parse(o.selector()); !sel) return where + sel.error().message;
+    total_files += static_cast<size_t>(o.files_size());
+    for (const auto& f : o.files()) {
+      if (auto e = check_file(f, where); !e.empty()) return e;
+    }
+    for (const auto& [k, val] : o.k3s_config()) {
+      if (!valid_k3s_config_key(k)) return where + "bad k3s config key '" + k + "'";
+      if (val.find_first_of("\r\n") != std::string::npos || val.size() > 4096) {
+        return where + "k3s config value of '" + k + "' must be one line";
+      }
+    }
+  }
+  if (total_files > kMaxFiles) return "more than " + std::to_string(kMaxFiles) + " files";
+  return "";
+}
+
 Verdict verify(const v1::SignedBundle& bundle, const Keyring& ring, const VerifyPolicy& policy) {
   Verdict v;
   auto refuse = [&v](v1::Reason r, std::string msg) -> Verdict {
@@ -243,12 +473,21 @@ Verdict verify(const v1::SignedBundle& bundle, const Keyring& ring, const Verify
   if (bundle.signatures_size() > static_cast<int>(kMaxSignatures)) {
     return refuse(v1::REASON_MANIFEST_TOO_LARGE, "too many signatures");
   }
+  const int64_t now = policy.clock->now_unix();
   std::set<std::string> valid_keys;
-  std::string first_unknown, first_bad;
+  std::string first_unknown, first_bad, first_revoked, first_expired;
   for (const auto& s : bundle.signatures()) {
+    if (ring.revoked.count(s.key_id())) {
+      if (first_revoked.empty()) first_revoked = s.key_id();
+      continue;
+    }
     auto it = ring.keys.find(s.key_id());
     if (it == ring.keys.end()) {
       if (first_unknown.empty()) first_unknown = s.key_id();
+      continue;
+    }
+    if (auto ex = ring.expires.find(s.key_id()); ex != ring.expires.end() && ex->second != 0 && ex->second <= now) {
+      if (first_expired.empty()) first_expired = s.key_id();
       continue;
     }
     Bytes sig(s.signature().begin(), s.signature().end());
@@ -261,6 +500,17 @@ Verdict verify(const v1::SignedBundle& bundle, const Keyring& ring, const Verify
   const unsigned threshold = std::max(1u, ring.threshold);
   if (valid_keys.size() < threshold) {
     if (!first_bad.empty()) return refuse(v1::REASON_BAD_SIGNATURE, "signature by key " + first_bad + " does not verify");
+    if (!first_revoked.empty()) {
+      return refuse(v1::REASON_KEY_REVOKED, "signed by revoked key " + first_revoked + "; " +
+                                                std::to_string(valid_keys.size()) + " valid signature(s), " +
+                                                std::to_string(threshold) + " required");
+    }
+    if (!first_expired.empty()) {
+      return refuse(v1::REASON_KEY_EXPIRED, "signed by key " + first_expired + ", which expired at " +
+                                                format_rfc3339(ring.expires.at(first_expired)) + "; " +
+                                                std::to_string(valid_keys.size()) + " valid signature(s), " +
+                                                std::to_string(threshold) + " required");
+    }
     if (valid_keys.empty() && !first_unknown.empty()) {
       return refuse(v1::REASON_UNKNOWN_KEY, "signed only by keys this device does not trust (first: " +
                                                 first_unknown + ")");
@@ -276,16 +526,7 @@ Verdict verify(const v1::SignedBundle& bundle, const Keyring& ring, const Verify
     return refuse(v1::REASON_MALFORMED_MANIFEST, "unsupported format version " + std::to_string(m.format_version()));
   }
   if (m.name().empty() || m.version() == 0) return refuse(v1::REASON_MALFORMED_MANIFEST, "manifest lacks name or version");
-  for (const auto& f : m.files()) {
-    if (!valid_file_name(f.name()) || f.kind() == v1::FILE_KIND_UNSPECIFIED) {
-      return refuse(v1::REASON_MALFORMED_MANIFEST, "file entry '" + f.name() + "' has a bad name or kind");
-    }
-    auto h = crypto::sha256(f.content());
-    if (f.sha256() != std::string(h.begin(), h.end())) {
-      return refuse(v1::REASON_MALFORMED_MANIFEST, "file '" + f.name() + "' does not match its sha256");
-    }
-  }
-  const int64_t now = policy.clock->now_unix();
+  if (auto shape = check_manifest_shape(m); !shape.empty()) return refuse(v1::REASON_MALFORMED_MANIFEST, shape);
   if (m.expires_unix() == 0) {
     // Without an expiry a captured bundle could be replayed forever (freeze attack).
     return refuse(v1::REASON_BUNDLE_EXPIRED, "bundle has no expiry time; bundles must expire");

@@ -59,6 +59,34 @@ Status write_private_key(const std::filesystem::path& path, const KeyPair& key) 
   return fs::write_file_atomic(path, text, 0600);
 }
 
+Status write_private_key(const std::filesystem::path& path, const KeyPair& key, const std::string& passphrase,
+                         PassphraseCost cost) {
+  if (passphrase.empty()) return make_error(Errc::invalid_argument, "the passphrase is empty");
+  crypto::init();
+  Bytes salt = crypto::random_bytes(crypto_pwhash_SALTBYTES);
+  Bytes nonce = crypto::random_bytes(crypto_secretbox_NONCEBYTES);
+  Bytes box_key(crypto_secretbox_KEYBYTES);
+  if (crypto_pwhash(box_key.data(), box_key.size(), passphrase.data(), passphrase.size(), salt.data(), cost.opslimit,
+                    cost.memlimit, crypto_pwhash_ALG_ARGON2ID13) != 0) {
+    return make_error(Errc::crypto, "argon2id key derivation failed (out of memory?)");
+  }
+  Bytes sealed(crypto_secretbox_MACBYTES + key.secret.size());
+  crypto_secretbox_easy(sealed.data(), key.secret.data(), key.secret.size(), nonce.data(), box_key.data());
+  sodium_memzero(box_key.data(), box_key.size());
+  std::string text =
+      "# Flotilla Ed25519 signing key, sealed with a passphrase (argon2id + xsalsa20-poly1305).\n"
+      "type: ed25519-private-encrypted\n"
+      "key-id: " + key.pub.key_id + "\n"
+      "public: " + public_key_text(key.pub) + "\n"
+      "kdf: argon2id13\n"
+      "kdf-opslimit: " + std::to_string(cost.opslimit) + "\n"
+      "kdf-memlimit: " + std::to_string(cost.memlimit) + "\n"
+      "salt: " + to_base64(salt) + "\n"
+      "nonce: " + to_base64(nonce) + "\n"
+      "sealed-secret: " + to_base64(sealed) + "\n";
+  return fs::write_file_atomic(path, text, 0600);
+}
+
 Status write_public_key(const std::filesystem::path& path, const PublicKey& key) {
   std::string text =
       "# Flotilla Ed25519 public key. Pin it in agent configs (root-keys) to trust its signatures.\n"
@@ -77,7 +105,8 @@ Result<YAML::Node> load_key_yaml(const std::filesystem::path& path) {
     if (!n.IsMap() || !n["type"] || !n["type"].IsScalar()) {
       return make_error(Errc::parse, path.string() + " is not a Flotilla key file");
     }
-    for (const char* field : {"public", "secret", "key-id"}) {
+    for (const char* field : {"public", "secret", "key-id", "kdf", "kdf-opslimit", "kdf-memlimit", "salt", "nonce",
+                              "sealed-secret"}) {
       if (n[field] && !n[field].IsScalar()) {
         return make_error(Errc::parse, path.string() + ": '" + field + "' must be a single value");
       }
@@ -89,7 +118,54 @@ Result<YAML::Node> load_key_yaml(const std::filesystem::path& path) {
 }
 }  // namespace
 
-Result<KeyPair> read_private_key(const std::filesystem::path& path) {
+bool is_encrypted_private_key(const std::filesystem::path& path) {
+  auto n = load_key_yaml(path);
+  return n && (*n)["type"].as<std::string>() == "ed25519-private-encrypted";
+}
+
+namespace {
+// Opens the sealed secret of an encrypted key file.
+Result<Bytes> unseal_secret(const YAML::Node& n, const std::string& path, const std::optional<std::string>& passphrase) {
+  if (!passphrase || passphrase->empty()) {
+    return make_error(Errc::unauthenticated,
+                      path + " is passphrase-protected; set FLOTILLA_KEY_PASSPHRASE or run from a terminal");
+  }
+  if (n["kdf"].as<std::string>("") != "argon2id13") {
+    return make_error(Errc::parse, path + ": unsupported kdf '" + n["kdf"].as<std::string>("") + "'");
+  }
+  unsigned long long ops = 0;
+  size_t mem = 0;
+  try {
+    ops = n["kdf-opslimit"].as<unsigned long long>();
+    mem = n["kdf-memlimit"].as<size_t>();
+  } catch (const YAML::Exception&) {
+    return make_error(Errc::parse, path + ": kdf-opslimit and kdf-memlimit must be whole numbers");
+  }
+  // Bound the work a tampered file can demand of us.
+  if (ops < crypto_pwhash_OPSLIMIT_MIN || ops > 16 || mem < crypto_pwhash_MEMLIMIT_MIN || mem > (size_t{2} << 30)) {
+    return make_error(Errc::parse, path + ": kdf limits out of range");
+  }
+  auto salt = from_base64(n["salt"].as<std::string>(""));
+  auto nonce = from_base64(n["nonce"].as<std::string>(""));
+  auto sealed = from_base64(n["sealed-secret"].as<std::string>(""));
+  if (!salt || salt->size() != crypto_pwhash_SALTBYTES || !nonce || nonce->size() != crypto_secretbox_NONCEBYTES ||
+      !sealed || sealed->size() != crypto_secretbox_MACBYTES + crypto_sign_SECRETKEYBYTES) {
+    return make_error(Errc::parse, path + ": salt, nonce or sealed-secret has the wrong size");
+  }
+  Bytes box_key(crypto_secretbox_KEYBYTES);
+  if (crypto_pwhash(box_key.data(), box_key.size(), passphrase->data(), passphrase->size(), salt->data(), ops, mem,
+                    crypto_pwhash_ALG_ARGON2ID13) != 0) {
+    return make_error(Errc::crypto, path + ": argon2id key derivation failed (out of memory?)");
+  }
+  Bytes secret(crypto_sign_SECRETKEYBYTES);
+  const int rc = crypto_secretbox_open_easy(secret.data(), sealed->data(), sealed->size(), nonce->data(), box_key.data());
+  sodium_memzero(box_key.data(), box_key.size());
+  if (rc != 0) return make_error(Errc::unauthenticated, path + ": wrong passphrase (or the file was altered)");
+  return secret;
+}
+}  // namespace
+
+Result<KeyPair> read_private_key(const std::filesystem::path& path, const std::optional<std::string>& passphrase) {
   struct stat st {};
   if (::stat(path.c_str(), &st) == 0 && (st.st_mode & 077) != 0) {
     return make_error(Errc::permission_denied,
@@ -97,25 +173,33 @@ Result<KeyPair> read_private_key(const std::filesystem::path& path) {
   }
   auto n = load_key_yaml(path);
   if (!n) return n.error();
-  if ((*n)["type"].as<std::string>() != "ed25519-private") {
-    return make_error(Errc::parse, path.string() + " is not a private key (type " +
-                                       (*n)["type"].as<std::string>() + ")");
+  const std::string type = (*n)["type"].as<std::string>();
+  if (type != "ed25519-private" && type != "ed25519-private-encrypted") {
+    return make_error(Errc::parse, path.string() + " is not a private key (type " + type + ")");
   }
   auto pub = parse_public_key_text((*n)["public"].as<std::string>(""));
   if (!pub) return pub.error().with_context(path.string());
-  auto secret = from_base64((*n)["secret"].as<std::string>(""));
-  if (!secret || secret->size() != crypto_sign_SECRETKEYBYTES) {
-    return make_error(Errc::parse, path.string() + ": secret is not 64 bytes of base64");
+  Bytes secret_bytes;
+  if (type == "ed25519-private-encrypted") {
+    auto opened = unseal_secret(*n, path.string(), passphrase);
+    if (!opened) return opened.error();
+    secret_bytes = std::move(*opened);
+  } else {
+    auto secret = from_base64((*n)["secret"].as<std::string>(""));
+    if (!secret || secret->size() != crypto_sign_SECRETKEYBYTES) {
+      return make_error(Errc::parse, path.string() + ": secret is not 64 bytes of base64");
+    }
+    secret_bytes = std::move(*secret);
   }
   // Re-derive the pair from the seed: a corrupted seed or public half (or an
   // edited file) must not produce a key that signs garbage.
-  Bytes seed(secret->begin(), secret->begin() + 32);
+  Bytes seed(secret_bytes.begin(), secret_bytes.begin() + 32);
   auto derived = key_from_seed(seed);
   sodium_memzero(seed.data(), seed.size());
-  if (!derived || derived->pub.key != pub->key || derived->secret != *secret) {
+  if (!derived || derived->pub.key != pub->key || derived->secret != secret_bytes) {
     return make_error(Errc::parse, path.string() + ": the key is damaged (its halves do not match)");
   }
-  return KeyPair{*pub, *secret};
+  return KeyPair{*pub, secret_bytes};
 }
 
 Result<PublicKey> read_public_key(const std::string& path_or_text) {

@@ -11,6 +11,8 @@ int cmd_bundle(int argc, char** argv);
 int cmd_campaign(int argc, char** argv);
 int cmd_device(int argc, char** argv);
 int cmd_enrollment_token(int argc, char** argv);
+int cmd_token(int argc, char** argv);
+int cmd_audit(int argc, char** argv);
 
 int fail(const std::string& message, int code = 1);
 

@@ -10,16 +10,28 @@ void usage(std::ostream& out) {
   out << "flotilla — operate a Flotilla fleet\n\n"
          "Usage: flotilla <command> <subcommand> [options]\n\n"
          "Local (no hub needed):\n"
-         "  key generate            make an Ed25519 signing key pair\n"
-         "  bundle build DIR        build a bundle from DIR/bundle.yaml\n"
+         "  key generate            make an Ed25519 key pair (--encrypt: passphrase)\n"
+         "  key init-root           root keyring v1: root keys, threshold, expiry\n"
+         "  key init-signing        signing keyring v1: the keys that sign bundles\n"
+         "  key add | revoke        next signing keyring version with a key added / revoked\n"
+         "  key rotate              next root keyring version (signed by old and new roots)\n"
+         "  key sign FILE           add a root key's signature to a keyring\n"
+         "  key inspect FILE        show a keyring\n"
+         "  key verify-chain        check root chain + signing keyring as a device would\n"
+         "  bundle build DIR        build a bundle from DIR/bundle.yaml (files, artifacts, overlays)\n"
          "  bundle sign FILE        add a signature\n"
-         "  bundle verify FILE      check signatures against trusted keys\n"
-         "  bundle inspect FILE     show what a bundle contains\n\n"
+         "  bundle verify FILE      check it as a device would (--root/--signing or --key)\n"
+         "  bundle inspect FILE     show what a bundle contains (--label: resolved files)\n"
+         "  bundle diff A B         what changes from bundle A to bundle B\n\n"
          "Hub (--hub URL, --token or FLOTILLA_TOKEN / FLOTILLA_TOKEN_FILE):\n"
-         "  bundle push FILE        upload a signed bundle\n"
+         "  bundle push FILE        upload a signed bundle and its artifacts\n"
          "  bundle list             list uploaded bundles\n"
-         "  enrollment-token create make a token devices enroll with\n"
-         "  device list             list devices (--selector)\n"
+         "  enrollment-token create make a token devices enroll with (list, revoke ID)\n"
+         "  token create NAME       make an API token --role viewer|operator|admin (list, revoke ID)\n"
+         "  audit                   the audit log of mutating calls (admin)\n"
+         "  device list             list devices (--selector, --all with decommissioned)\n"
+         "  device label ID k=v k-  set and remove labels\n"
+         "  device decommission ID  revoke a device's broker access for good (--yes)\n"
          "  device get ID           one device\n"
          "  campaign create         roll a bundle out to the devices a selector matches\n"
          "  campaign status ID      progress (--watch to follow it live)\n"
@@ -43,6 +55,8 @@ int main(int argc, char** argv) {
   if (cmd == "campaign") return flotilla::cli::cmd_campaign(argc - 1, argv + 1);
   if (cmd == "device") return flotilla::cli::cmd_device(argc - 1, argv + 1);
   if (cmd == "enrollment-token") return flotilla::cli::cmd_enrollment_token(argc - 1, argv + 1);
+  if (cmd == "token") return flotilla::cli::cmd_token(argc - 1, argv + 1);
+  if (cmd == "audit") return flotilla::cli::cmd_audit(argc - 1, argv + 1);
   std::cerr << "flotilla: unknown command '" << cmd << "'\n\n";
   usage(std::cerr);
   return 2;

@@ -1,4 +1,5 @@
-// Commands that talk to the hub's REST API.
+// Commands that talk to the hub's REST API: devices, API tokens, enrollment
+// tokens and the audit log.
 #include <unistd.h>
 
 #include <iomanip>
@@ -19,45 +20,75 @@ using nlohmann::json;
 
 namespace {
 
+std::string url_encode(const std::string& s) {
+  std::string enc;
+  for (unsigned char ch : s) {
+    if (std::isalnum(ch) || ch == '-' || ch == '_' || ch == '.') {
+      enc.push_back(static_cast<char>(ch));
+    } else {
+      char buf[4];
+      std::snprintf(buf, sizeof buf, "%%%02X", ch);
+      enc += buf;
+    }
+  }
+  return enc;
+}
+
+std::string labels_text(const json& labels) {
+  std::string out;
+  for (const auto& [k, v] : labels.items()) out += (out.empty() ? "" : ",") + k + "=" + v.get<std::string>();
+  return out.empty() ? "-" : out;
+}
+
+std::string or_dash(const std::string& s) { return s.empty() ? "-" : s; }
+
+// Prints the answer as JSON for scripts; returns true if it did.
+bool print_json(const Options& o, const json& j) {
+  if (o.get("o") != "json") return false;
+  std::cout << j.dump(2) << "\n";
+  return true;
+}
+
+// ---- device -------------------------------------------------------------------
+
 int device_list(int argc, char** argv) {
-  Options o("flotilla device list", "Usage: flotilla device list [--selector SEL] [--limit N]", "FLOTILLA_");
+  Options o("flotilla device list",
+            "Usage: flotilla device list [--selector SEL] [--limit N] [--after ID] [--all]\n\n"
+            "Lists devices ordered by id. Decommissioned devices are left out unless --all.",
+            "FLOTILLA_");
   add_hub_flags(o);
-  o.add("selector", "label selector").add("limit", "page size", "500");
+  o.add("selector", "label selector, e.g. 'env=prod,region in (eu,us)'")
+      .add("limit", "page size", "500")
+      .add("after", "start after this device id (the previous page's last)")
+      .add_switch("all", "include decommissioned devices");
   std::vector<std::string> pos;
   if (int rc = parse_args(o, argc, argv, pos, 0, 0); rc >= 0) return rc;
   auto c = Client::from(o);
   if (!c) return fail(c.error().message, 2);
-  std::string path = "/v1/devices?limit=" + o.get("limit");
-  if (!o.get("selector").empty()) {
-    std::string enc;
-    for (unsigned char ch : o.get("selector")) {
-      if (std::isalnum(ch) || ch == '-' || ch == '_' || ch == '.') enc.push_back(static_cast<char>(ch));
-      else {
-        char buf[4];
-        std::snprintf(buf, sizeof buf, "%%%02X", ch);
-        enc += buf;
-      }
-    }
-    path += "&selector=" + enc;
-  }
+  std::string path = "/v1/devices?limit=" + url_encode(o.get("limit"));
+  if (!o.get("selector").empty()) path += "&selector=" + url_encode(o.get("selector"));
+  if (!o.get("after").empty()) path += "&after=" + url_encode(o.get("after"));
+  if (o.get_bool("all")) path += "&include_decommissioned=true";
   auto r = c->call("GET", path);
   if (!r) return fail(r.error().message);
-  if (o.get("o") == "json") {
-    std::cout << r->dump(2) << "\n";
-    return 0;
-  }
-  std::cout << pad("ID", 24) << pad("ONLINE", 8) << pad("STATE", 14) << pad("BUNDLE", 20) << pad("K3S", 16)
-            << "LABELS\n";
+  if (print_json(o, *r)) return 0;
+  std::cout << pad("ID", 24) << pad("PROJECT", 12) << pad("ONLINE", 8) << pad("STATE", 16) << pad("BUNDLE", 20)
+            << pad("K3S", 16) << "LABELS\n";
   for (const auto& d : (*r)["items"]) {
-    std::string labels;
-    for (const auto& [k, v] : d["labels"].items()) labels += (labels.empty() ? "" : ",") + k + "=" + v.get<std::string>();
     std::string bundle = str(d, "applied_bundle").empty() ? "-" : str(d, "applied_bundle") + " v" + str(d, "applied_version");
-    std::cout << pad(str(d, "id"), 24) << pad(d["online"].get<bool>() ? "yes" : "no", 8) << pad(str(d, "state"), 14)
-              << pad(bundle, 20) << pad(str(d, "k3s_version").empty() ? "-" : str(d, "k3s_version"), 16) << labels
+    std::cout << pad(str(d, "id"), 24) << pad(str(d, "project"), 12) << pad(d["online"].get<bool>() ? "yes" : "no", 8)
+              << pad(str(d, "state"), 16) << pad(bundle, 20) << pad(or_dash(str(d, "k3s_version")), 16)
+              << labels_text(d["labels"]) << "\n";
+  }
+  if (!str(*r, "next").empty()) std::cout << "(more: --after " << str(*r, "next") << ")\n";
+  return 0;
+}
+
+void print_device(const json& d) {
+  for (const auto& [k, v] : d.items()) {
+    std::cout << pad(k, 16) << (k == "labels" ? labels_text(v) : v.is_string() ? v.get<std::string>() : v.dump())
               << "\n";
   }
-  if (!str(*r, "next").empty()) std::cout << "(more: --limit, or the REST API's after=" << str(*r, "next") << ")\n";
-  return 0;
 }
 
 int device_get(int argc, char** argv) {
@@ -67,37 +98,138 @@ int device_get(int argc, char** argv) {
   if (int rc = parse_args(o, argc, argv, pos, 1, 1); rc >= 0) return rc;
   auto c = Client::from(o);
   if (!c) return fail(c.error().message, 2);
-  auto r = c->call("GET", "/v1/devices/" + pos[0]);
+  auto r = c->call("GET", "/v1/devices/" + url_encode(pos[0]));
   if (!r) return fail(r.error().message);
-  if (o.get("o") == "json") {
-    std::cout << r->dump(2) << "\n";
-    return 0;
-  }
-  for (const auto& [k, v] : r->items()) std::cout << pad(k, 16) << (v.is_string() ? v.get<std::string>() : v.dump()) << "\n";
+  if (!print_json(o, *r)) print_device(*r);
   return 0;
 }
 
-}  // namespace
-
-int cmd_device(int argc, char** argv) {
-  const std::string sub = argc > 1 ? argv[1] : "";
-  if (sub == "list") return device_list(argc, argv);
-  if (sub == "get") return device_get(argc, argv);
-  return fail("usage: flotilla device list|get ... (--help for each)", 2);
+int device_label(int argc, char** argv) {
+  Options o("flotilla device label",
+            "Usage: flotilla device label ID KEY=VALUE... KEY-...\n\n"
+            "Sets labels (KEY=VALUE) and removes them (KEY-) in one change; other labels stay.\n"
+            "Example: flotilla device label d-1234 tier=edge legacy-",
+            "FLOTILLA_");
+  add_hub_flags(o);
+  std::vector<std::string> pos;
+  if (int rc = parse_args(o, argc, argv, pos, 2, 1000); rc >= 0) return rc;
+  json labels = json::object();
+  for (size_t i = 1; i < pos.size(); ++i) {
+    const std::string& a = pos[i];
+    const auto eq = a.find('=');
+    if (eq != std::string::npos && eq > 0) {
+      labels[a.substr(0, eq)] = a.substr(eq + 1);
+    } else if (eq == std::string::npos && a.size() > 1 && a.back() == '-') {
+      labels[a.substr(0, a.size() - 1)] = nullptr;
+    } else {
+      return fail("bad label change '" + a + "': use KEY=VALUE to set or KEY- to remove", 2);
+    }
+  }
+  auto c = Client::from(o);
+  if (!c) return fail(c.error().message, 2);
+  auto r = c->call("PATCH", "/v1/devices/" + url_encode(pos[0]), json{{"labels", labels}}.dump());
+  if (!r) return fail(r.error().message);
+  if (!print_json(o, *r)) std::cout << str(*r, "id") << " labels: " << labels_text((*r)["labels"]) << "\n";
+  return 0;
 }
 
-int cmd_enrollment_token(int argc, char** argv) {
-  const std::string sub = argc > 1 ? argv[1] : "";
-  if (sub != "create") return fail("usage: flotilla enrollment-token create [--label k=v] [--ttl 24h] [--max-uses N]", 2);
+int device_decommission(int argc, char** argv) {
+  Options o("flotilla device decommission",
+            "Usage: flotilla device decommission ID --yes\n\n"
+            "Removes the device's broker credential (it cannot connect again), clears its desired\n"
+            "state and marks it decommissioned. Its key can never enroll again.",
+            "FLOTILLA_");
+  add_hub_flags(o);
+  o.add_switch("yes", "confirm: this cannot be undone");
+  std::vector<std::string> pos;
+  if (int rc = parse_args(o, argc, argv, pos, 1, 1); rc >= 0) return rc;
+  if (!o.get_bool("yes")) return fail("decommissioning cannot be undone; add --yes to confirm", 2);
+  auto c = Client::from(o);
+  if (!c) return fail(c.error().message, 2);
+  auto r = c->call("DELETE", "/v1/devices/" + url_encode(pos[0]));
+  if (!r) return fail(r.error().message);
+  if (!print_json(o, *r)) std::cout << "decommissioned " << str(*r, "id") << "\n";
+  return 0;
+}
+
+// ---- tokens ---------------------------------------------------------------------
+
+int token_create(int argc, char** argv) {
+  Options o("flotilla token create",
+            "Usage: flotilla token create NAME --role viewer|operator|admin [--project P] [--ttl 90d]\n\n"
+            "Makes an API token (admin only). The secret is printed once on stdout; the hub keeps\n"
+            "only its hash. Without --project it is for your own token's project.",
+            "FLOTILLA_");
+  add_hub_flags(o);
+  o.add("role", "viewer (read), operator (change the fleet) or admin (also tokens and audit)")
+      .add("project", "project the token is for; '*' = all (only a '*' admin may grant it)")
+      .add("ttl", "how long it is valid (e.g. 90d); empty = no expiry");
+  std::vector<std::string> pos;
+  if (int rc = parse_args(o, argc, argv, pos, 1, 1); rc >= 0) return rc;
+  if (o.get("role").empty()) return fail("--role is required (viewer, operator or admin)", 2);
+  json body{{"name", pos[0]}, {"role", o.get("role")}};
+  if (!o.get("project").empty()) body["project"] = o.get("project");
+  if (!o.get("ttl").empty()) body["ttl"] = o.get("ttl");
+  auto c = Client::from(o);
+  if (!c) return fail(c.error().message, 2);
+  auto r = c->call("POST", "/v1/tokens", body.dump());
+  if (!r) return fail(r.error().message);
+  if (print_json(o, *r)) return 0;
+  std::cout << str(*r, "token") << "\n";
+  std::cerr << "API token " << str(*r, "id") << " role=" << str(*r, "role") << " project=" << str(*r, "project")
+            << " expires=" << or_dash(str(*r, "expires_at")) << " (shown once; store it now)\n";
+  return 0;
+}
+
+int token_list(const char* what, const char* path, int argc, char** argv) {
+  Options o(std::string("flotilla ") + what + " list", std::string("Usage: flotilla ") + what + " list", "FLOTILLA_");
+  add_hub_flags(o);
+  std::vector<std::string> pos;
+  if (int rc = parse_args(o, argc, argv, pos, 0, 0); rc >= 0) return rc;
+  auto c = Client::from(o);
+  if (!c) return fail(c.error().message, 2);
+  auto r = c->call("GET", path);
+  if (!r) return fail(r.error().message);
+  if (print_json(o, *r)) return 0;
+  const bool api = std::string(path) == "/v1/tokens";
+  std::cout << pad("ID", 18) << pad("NAME", 20) << pad(api ? "ROLE" : "USES", 10) << pad("PROJECT", 12)
+            << pad("EXPIRES", 22) << pad("STATUS", 9) << (api ? "\n" : "LABELS\n");
+  for (const auto& t : (*r)["items"]) {
+    std::string uses = str(t, "uses") + "/" + (t.value("max_uses", 0) == 0 ? std::string("∞") : str(t, "max_uses"));
+    std::cout << pad(str(t, "id"), 18) << pad(or_dash(str(t, "name")), 20) << pad(api ? str(t, "role") : uses, 10)
+              << pad(str(t, "project"), 12) << pad(str(t, "expires_at").empty() ? "never" : str(t, "expires_at"), 22)
+              << pad(t.value("revoked", false) ? "revoked" : "active", 9)
+              << (api ? std::string() : labels_text(t["labels"])) << "\n";
+  }
+  return 0;
+}
+
+int token_revoke(const char* what, const std::string& path, int argc, char** argv) {
+  Options o(std::string("flotilla ") + what + " revoke",
+            std::string("Usage: flotilla ") + what + " revoke ID\n\nRevokes at once; the hub refuses it from the next request on.",
+            "FLOTILLA_");
+  add_hub_flags(o);
+  std::vector<std::string> pos;
+  if (int rc = parse_args(o, argc, argv, pos, 1, 1); rc >= 0) return rc;
+  auto c = Client::from(o);
+  if (!c) return fail(c.error().message, 2);
+  auto r = c->call("DELETE", path + url_encode(pos[0]));
+  if (!r) return fail(r.error().message);
+  if (!print_json(o, *r)) std::cout << "revoked " << str(*r, "id") << "\n";
+  return 0;
+}
+
+int enrollment_token_create(int argc, char** argv) {
   Options o("flotilla enrollment-token create",
-            "Usage: flotilla enrollment-token create [--label k=v ...] [--ttl 24h] [--max-uses N]\n\n"
-            "Makes a fleet enrollment token. Devices enrolling with it get its labels.\n"
+            "Usage: flotilla enrollment-token create [--label k=v ...] [--ttl 24h] [--max-uses N] [--project P]\n\n"
+            "Makes a fleet enrollment token. Devices enrolling with it get its labels and project.\n"
             "The token is shown once; the hub keeps only its hash.",
             "FLOTILLA_");
   add_hub_flags(o);
   o.add_list("label", "label given to devices that enroll with this token")
       .add("ttl", "how long the token is valid", "24h")
       .add("max-uses", "how many devices may use it (0 = unlimited)", "0")
+      .add("project", "project of the devices (default: your token's project)")
       .add("name", "a note saying what the token is for");
   std::vector<std::string> pos;
   if (int rc = parse_args(o, argc, argv, pos, 0, 0); rc >= 0) return rc;
@@ -108,15 +240,74 @@ int cmd_enrollment_token(int argc, char** argv) {
   auto c = Client::from(o);
   if (!c) return fail(c.error().message, 2);
   json body{{"labels", *labels}, {"ttl", o.get("ttl")}, {"max_uses", *max_uses}, {"name", o.get("name")}};
+  if (!o.get("project").empty()) body["project"] = o.get("project");
   auto r = c->call("POST", "/v1/enrollment-tokens", body.dump());
   if (!r) return fail(r.error().message);
-  if (o.get("o") == "json") {
-    std::cout << r->dump(2) << "\n";
-  } else {
-    std::cout << str(*r, "token") << "\n";
-    std::cerr << "enrollment token " << str(*r, "id") << ", expires " << str(*r, "expires_at")
-              << " (shown once; store it now)\n";
+  if (print_json(o, *r)) return 0;
+  std::cout << str(*r, "token") << "\n";
+  std::cerr << "enrollment token " << str(*r, "id") << " project=" << str(*r, "project") << ", expires "
+            << str(*r, "expires_at") << " (shown once; store it now)\n";
+  return 0;
+}
+
+}  // namespace
+
+int cmd_device(int argc, char** argv) {
+  const std::string sub = argc > 1 ? argv[1] : "";
+  if (sub == "list") return device_list(argc, argv);
+  if (sub == "get") return device_get(argc, argv);
+  if (sub == "label") return device_label(argc, argv);
+  if (sub == "decommission") return device_decommission(argc, argv);
+  return fail("usage: flotilla device list|get|label|decommission ... (--help for each)", 2);
+}
+
+int cmd_enrollment_token(int argc, char** argv) {
+  const std::string sub = argc > 1 ? argv[1] : "";
+  if (sub == "create") return enrollment_token_create(argc, argv);
+  if (sub == "list") return token_list("enrollment-token", "/v1/enrollment-tokens", argc, argv);
+  if (sub == "revoke") return token_revoke("enrollment-token", "/v1/enrollment-tokens/", argc, argv);
+  return fail("usage: flotilla enrollment-token create|list|revoke ... (--help for each)", 2);
+}
+
+int cmd_token(int argc, char** argv) {
+  const std::string sub = argc > 1 ? argv[1] : "";
+  if (sub == "create") return token_create(argc, argv);
+  if (sub == "list") return token_list("token", "/v1/tokens", argc, argv);
+  if (sub == "revoke") return token_revoke("token", "/v1/tokens/", argc, argv);
+  return fail("usage: flotilla token create|list|revoke ... (API tokens; admin only; --help for each)", 2);
+}
+
+int cmd_audit(int argc, char** argv) {
+  Options o("flotilla audit",
+            "Usage: flotilla audit [--after ID] [--limit N]\n\n"
+            "The hub's audit log (admin only), oldest first: every mutating call with who, what and\n"
+            "the HTTP status. Page with --after (the last id shown).",
+            "FLOTILLA_");
+  add_hub_flags(o);
+  o.add("after", "show entries after this id", "0").add("limit", "entries per page (1..1000)", "100");
+  // The command has no subcommand: its options start at argv[1].
+  auto parsed = o.parse(argc, argv, 1);
+  if (!parsed) return fail(parsed.error().message, 2);
+  if (o.help_requested()) {
+    std::cout << o.help();
+    return 0;
   }
+  if (!parsed->empty()) {
+    std::cerr << o.help();
+    return 2;
+  }
+  auto c = Client::from(o);
+  if (!c) return fail(c.error().message, 2);
+  auto r = c->call("GET", "/v1/audit?after=" + url_encode(o.get("after")) + "&limit=" + url_encode(o.get("limit")));
+  if (!r) return fail(r.error().message);
+  if (print_json(o, *r)) return 0;
+  std::cout << pad("ID", 7) << pad("TIME", 22) << pad("WHO", 30) << pad("STATUS", 7) << pad("CALL", 44) << "DETAIL\n";
+  for (const auto& a : (*r)["items"]) {
+    std::string who = str(a, "actor") + (str(a, "actor_name").empty() ? "" : " (" + str(a, "actor_name") + ")");
+    std::cout << pad(str(a, "id"), 7) << pad(str(a, "time"), 22) << pad(who, 30) << pad(str(a, "status"), 7)
+              << pad(str(a, "method") + " " + str(a, "path"), 44) << str(a, "detail") << "\n";
+  }
+  if ((*r)["next"].get<int64_t>() != 0) std::cout << "(more: --after " << str(*r, "next") << ")\n";
   return 0;
 }
 

@@ -4,6 +4,7 @@
 #include <poll.h>
 #include <signal.h>
 #include <sys/prctl.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -16,6 +17,27 @@ extern char** environ;
 namespace flotilla::proc {
 
 namespace {
+// A child gets stdin/stdout/stderr and nothing else: no listening socket,
+// database or broker connection of ours (sockets made without CLOEXEC would
+// otherwise keep our ports open after we die). Async-signal-safe: runs
+// between fork and exec. keep = the exec-error pipe, which is CLOEXEC.
+void close_inherited_fds(int keep) {
+#ifdef SYS_close_range
+  if (keep > 3) {
+    if (::syscall(SYS_close_range, 3u, static_cast<unsigned>(keep - 1), 0u) == 0 &&
+        ::syscall(SYS_close_range, static_cast<unsigned>(keep + 1), ~0u, 0u) == 0) {
+      return;
+    }
+  } else if (::syscall(SYS_close_range, static_cast<unsigned>(keep + 1), ~0u, 0u) == 0) {
+    return;
+  }
+#endif
+  const long max = ::sysconf(_SC_OPEN_MAX);
+  for (int fd = 3; fd < (max > 0 ? max : 65536); ++fd) {
+    if (fd != keep) ::close(fd);
+  }
+}
+
 int decode_status(int status) {
   if (WIFEXITED(status)) return WEXITSTATUS(status);
   if (WIFSIGNALED(status)) return 128 + WTERMSIG(status);
@@ -124,6 +146,7 @@ Result<Child> spawn(const SpawnOptions& opts) {
     int devnull = ::open("/dev/null", O_RDONLY);
     if (devnull >= 0) { ::dup2(devnull, STDIN_FILENO); ::close(devnull); }
     if (!opts.cwd.empty() && ::chdir(opts.cwd.c_str()) != 0) _exit(126);
+    close_inherited_fds(errpipe[1]);
     // Default signal dispositions for the child.
     ::signal(SIGPIPE, SIG_DFL);
     sigset_t none;
@@ -167,6 +190,7 @@ Result<RunResult> run(const std::vector<std::string>& argv, std::chrono::millise
     int devnull = ::open("/dev/null", O_RDONLY);
     if (devnull >= 0) { ::dup2(devnull, STDIN_FILENO); ::close(devnull); }
     ::signal(SIGPIPE, SIG_DFL);
+    close_inherited_fds(execp[1]);
     ::execv(cargv[0], cargv.data());
     int err = errno;
     ssize_t ignored = ::write(execp[1], &err, sizeof err);

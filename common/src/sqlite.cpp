@@ -42,6 +42,10 @@ Stmt& Stmt::bind_blob(int i, std::string_view v) {
   sqlite3_bind_blob(stmt_, i, v.data(), static_cast<int>(v.size()), SQLITE_TRANSIENT);
   return *this;
 }
+Stmt& Stmt::bind_double(int i, double v) {
+  sqlite3_bind_double(stmt_, i, v);
+  return *this;
+}
 Stmt& Stmt::bind_null(int i) {
   sqlite3_bind_null(stmt_, i);
   return *this;
@@ -68,6 +72,7 @@ void Stmt::reset() {
 }
 
 int64_t Stmt::col_int(int i) const { return sqlite3_column_int64(stmt_, i); }
+double Stmt::col_double(int i) const { return sqlite3_column_double(stmt_, i); }
 std::string Stmt::col_text(int i) const {
   const auto* p = sqlite3_column_text(stmt_, i);
   return p ? std::string(reinterpret_cast<const char*>(p),

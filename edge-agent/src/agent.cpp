@@ -4,6 +4,7 @@
 #include <sys/utsname.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <set>
 #include <thread>
 
@@ -16,6 +17,11 @@ namespace {
 constexpr const char* kK3sConfigDir = "/etc/rancher/k3s/config.yaml.d/";
 constexpr const char* kRegistries = "/etc/rancher/k3s/registries.yaml";
 constexpr const char* kManifestDir = "/var/lib/rancher/k3s/server/manifests/";
+constexpr const char* kImagesDir = "/var/lib/rancher/k3s/agent/images/";
+
+std::string hex_of(const std::string& raw) {
+  return to_hex(reinterpret_cast<const uint8_t*>(raw.data()), raw.size());
+}
 }  // namespace
 
 std::string Agent::path_for(const v1::BundleFile& f) {
@@ -27,18 +33,75 @@ std::string Agent::path_for(const v1::BundleFile& f) {
   }
 }
 
+std::string Agent::artifact_path(const v1::Artifact& a) const {
+  switch (a.kind()) {
+    case v1::ARTIFACT_KIND_K3S_BINARY: return cfg_.k3s_bin;
+    case v1::ARTIFACT_KIND_AIRGAP_IMAGES:
+      return bundles::valid_file_name(a.name()) ? kImagesDir + a.name() : std::string();
+    default: return {};
+  }
+}
+
 Agent::Agent(CoreConfig cfg, K3sRuntime& runtime, FileTree& files, StateStore& state, const Clock& clock,
-             Reporter reporter)
+             Reporter reporter, Downloader* downloader)
     : cfg_(std::move(cfg)), runtime_(runtime), files_(files), store_(state), clock_(clock),
-      reporter_(std::move(reporter)) {
+      reporter_(std::move(reporter)), downloader_(downloader) {
   seq_ = static_cast<uint64_t>(clock_.now_unix_ms());
 }
+
+Status Agent::save() { return store_.save(state_); }
 
 Status Agent::start() {
   auto s = store_.load();
   if (!s) return s.error().with_context("load agent state");
   state_ = std::move(*s);
+  // Reports of the previous run stay newer than anything it sent.
+  if (!state_.outbox.empty()) seq_ = std::max(seq_, state_.outbox.rbegin()->first);
+  recover();
   return {};
+}
+
+void Agent::step(const std::string& name, const char* phase, const std::string& detail) {
+  JournalEntry e{apply_id_, apply_generation_, name, phase, clock_.now_unix_ms(), detail};
+  if (auto s = store_.journal(e); !s) log::get("agent")->warn("journal {}:{}: {}", name, phase, s.error().message);
+  if (cfg_.step_hook) cfg_.step_hook(name, phase);
+  if (!cfg_.crash_at.empty() && cfg_.crash_at == name + ":" + phase) {
+    log::get("agent")->warn("test hook: crashing at {}:{}", name, phase);
+    log::get("agent")->flush();
+    ::_exit(137);
+  }
+}
+
+void Agent::recover() {
+  auto logger = log::get("agent");
+  if (!state_.in_flight) {
+    // A crash after commit may leave the previous apply's backups behind.
+    (void)files_.remove_tree(backup_dir());
+    return;
+  }
+  const InFlight f = *state_.in_flight;
+  apply_id_ = f.apply_id;
+  apply_generation_ = f.generation;
+  logger->warn("found unfinished apply id={} generation={} bundle={} version={} at step={}; rolling back", f.apply_id,
+               f.generation, f.bundle_name, f.version, f.step);
+  step("recover", "begin", f.step);
+  static const std::set<std::string> changed_node = {"install", "restart", "health", "commit", "rollback"};
+  const bool touched = changed_node.count(f.step) > 0;
+  if (touched) {
+    restore(f.backups);
+    if (auto s = runtime_.restart(); !s) logger->warn("restart after recovery: {}", s.error().message);
+  }
+  if (state_.interrupted_generation == f.generation) {
+    ++state_.interrupted_count;
+  } else {
+    state_.interrupted_generation = f.generation;
+    state_.interrupted_count = 1;
+  }
+  state_.in_flight.reset();
+  if (auto s = save(); !s) logger->error("recovery: could not record state: {}", s.error().message);
+  (void)files_.remove_tree(backup_dir());
+  step("recover", "end", touched ? "rolled back" : "nothing installed");
+  logger->info("recovered: node is back on bundle={} version={}", state_.bundle_name, state_.version);
 }
 
 v1::AppliedBundle Agent::applied_bundle() const {
@@ -60,6 +123,7 @@ v1::Inventory Agent::inventory() {
   if (::gethostname(host, sizeof host - 1) == 0) inv.set_hostname(host);
   if (auto v = runtime_.version(); v) inv.set_k3s_version(*v);
   inv.set_node_ready(last_node_ready_);
+  inv.set_k3s_cert_expiry_unix(runtime_.serving_cert_expiry());
   if (auto fb = files_.free_bytes("/"); fb) inv.set_disk_free_bytes(*fb);
   struct sysinfo si {};
   if (::sysinfo(&si) == 0) inv.set_mem_free_bytes(static_cast<uint64_t>(si.freeram) * si.mem_unit);
@@ -67,8 +131,8 @@ v1::Inventory Agent::inventory() {
   return inv;
 }
 
-void Agent::report(v1::AgentState st, const Attempt& a, v1::Reason reason, const std::string& message,
-                   uint32_t progress, bool with_inventory) {
+v1::Report Agent::make_report(v1::AgentState st, const Attempt& a, v1::Reason reason, const std::string& message,
+                              uint32_t progress, bool with_inventory) {
   v1::Report r;
   r.set_device_id(cfg_.device_id);
   // Strictly increasing even across restarts: the hub drops anything not newer.
@@ -87,7 +151,35 @@ void Agent::report(v1::AgentState st, const Attempt& a, v1::Reason reason, const
   }
   *r.mutable_applied() = applied_bundle();
   if (with_inventory) *r.mutable_inventory() = inventory();
+  return r;
+}
+
+void Agent::report(v1::AgentState st, const Attempt& a, v1::Reason reason, const std::string& message,
+                   uint32_t progress, bool with_inventory) {
+  reporter_(make_report(st, a, reason, message, progress, with_inventory));
+}
+
+void Agent::finish(v1::AgentState st, const Attempt& a, v1::Reason reason, const std::string& message) {
+  state_.generation = a.generation;
+  state_.campaign_id = a.campaign_id;
+  state_.in_flight.reset();
+  auto r = make_report(st, a, reason, message, 100, true);
+  // Bounded: only the newest outcomes matter to the hub.
+  while (state_.outbox.size() >= 16) state_.outbox.erase(state_.outbox.begin());
+  state_.outbox[r.seq()] = r.SerializeAsString();
+  if (auto s = save(); !s) log::get("agent")->error("could not record the outcome: {}", s.error().message);
+  // The apply is over either way: its backups are no longer needed.
+  (void)files_.remove_tree(backup_dir());
   reporter_(std::move(r));
+}
+
+void Agent::outbox_delivered(uint64_t up_to_seq) {
+  bool changed = false;
+  while (!state_.outbox.empty() && state_.outbox.begin()->first <= up_to_seq) {
+    state_.outbox.erase(state_.outbox.begin());
+    changed = true;
+  }
+  if (changed) (void)save();
 }
 
 void Agent::report_inventory() {
@@ -96,39 +188,132 @@ void Agent::report_inventory() {
   report(v1::AGENT_STATE_IDLE, a, v1::REASON_NONE, "", 100, true);
 }
 
-Status Agent::install(const v1::BundleManifest& m, Backup& backup, std::vector<PlacedFile>& placed) {
-  std::set<std::string> new_paths;
-  for (const auto& f : m.files()) new_paths.insert(path_for(f));
-  // Back up everything this apply may touch: the new files' paths and the
-  // files the previous bundle placed (which may be removed).
-  std::set<std::string> touched = new_paths;
-  for (const auto& pf : state_.files) touched.insert(pf.path);
-  for (const auto& path : touched) {
-    auto cur = files_.read(path);
-    if (!cur) return cur.error();
-    backup[path] = *cur;
+void Agent::report_note(v1::Reason reason, const std::string& message) {
+  Attempt a{state_.generation, state_.campaign_id, state_.bundle_name, state_.version};
+  report(v1::AGENT_STATE_IDLE, a, reason, message, 100, true);
+}
+
+Status Agent::stage_one(const v1::Artifact& a, const std::string& url, v1::Reason& reason) {
+  const std::string want = hex_of(a.sha256());
+  const std::string staged = staging_dir() + "/" + want;
+  if (auto h = files_.sha256_hex(staged); h && *h && **h == want) return {};
+  const std::string part = staged + ".part";
+  reason = v1::REASON_DOWNLOAD_FAILED;
+  if (!downloader_) return make_error(Errc::unavailable, "this agent has no downloader for artifacts");
+  if (auto s = downloader_->fetch(url, part, a.size()); !s) {
+    if (s.error().code == Errc::too_large) {
+      reason = v1::REASON_ARTIFACT_SIZE;
+      (void)files_.remove(part);
+      return make_error(Errc::too_large, "artifact " + a.name() + " is larger than the " +
+                                             std::to_string(a.size()) + " bytes the manifest says");
+    }
+    return s.error().with_context("download " + a.name());  // the partial file stays for a resume
   }
+  auto size = files_.size_of(part);
+  if (!size || *size != a.size()) {
+    reason = v1::REASON_ARTIFACT_SIZE;
+    (void)files_.remove(part);
+    return make_error(Errc::refused, "artifact " + a.name() + " has " + (size ? std::to_string(*size) : "?") +
+                                         " bytes, the manifest says " + std::to_string(a.size()));
+  }
+  auto got = files_.sha256_hex(part);
+  if (!got || !*got || **got != want) {
+    reason = v1::REASON_ARTIFACT_HASH;
+    (void)files_.remove(part);
+    return make_error(Errc::refused, "artifact " + a.name() + " has sha256 " + (got && *got ? **got : "?") +
+                                         ", the manifest says " + want);
+  }
+  if (auto s = files_.rename(part, staged, std::nullopt); !s) {
+    reason = v1::REASON_INSTALL_FAILED;
+    return s;
+  }
+  return {};
+}
+
+v1::Reason Agent::fetch_artifacts(const v1::BundleManifest& m, const std::string& base_url, std::string& why) {
+  for (const auto& a : m.artifacts()) {
+    const std::string target = artifact_path(a);
+    if (auto h = files_.sha256_hex(target); h && *h && **h == hex_of(a.sha256())) continue;  // installed already
+    std::string url = a.url();
+    if (url.find("://") == std::string::npos) {
+      if (base_url.empty()) {
+        why = "artifact " + a.name() + " has a relative URL and the desired state names no artifact base";
+        return v1::REASON_DOWNLOAD_FAILED;
+      }
+      url = base_url + (url.empty() ? hex_of(a.sha256()) : url);
+    }
+    v1::Reason reason = v1::REASON_NONE;
+    if (auto s = stage_one(a, url, reason); !s) {
+      why = s.error().message;
+      return reason;
+    }
+  }
+  return v1::REASON_NONE;
+}
+
+Status Agent::backup(const v1::BundleManifest& m) {
+  std::set<std::string> touched;
+  for (const auto& f : m.files()) touched.insert(path_for(f));
+  for (const auto& a : m.artifacts()) {
+    const std::string target = artifact_path(a);
+    if (auto h = files_.sha256_hex(target); h && *h && **h == hex_of(a.sha256())) continue;
+    touched.insert(target);
+  }
+  for (const auto& pf : state_.files) touched.insert(pf.path);
+  std::vector<BackupEntry> out;
+  const std::string dir = backup_dir() + "/" + apply_id_;
+  size_t n = 0;
+  for (const auto& path : touched) {
+    BackupEntry e{path, dir + "/" + std::to_string(n++), files_.exists(path)};
+    if (e.existed) {
+      if (auto s = files_.preserve(path, e.backup); !s) return s.error().with_context("back up " + path);
+    }
+    out.push_back(std::move(e));
+  }
+  state_.in_flight->backups = std::move(out);
+  return save();
+}
+
+Status Agent::install(const v1::BundleManifest& m, std::vector<PlacedFile>& placed) {
+  std::set<std::string> new_paths;
   for (const auto& f : m.files()) {
     const std::string path = path_for(f);
+    new_paths.insert(path);
     // Permission bits only: a bundle never makes a setuid, setgid or sticky file.
     const unsigned mode = f.mode() ? (f.mode() & 0777) : 0644;
     if (auto s = files_.write_atomic(path, f.content(), mode); !s) return s;
-    placed.push_back({path, to_hex(reinterpret_cast<const uint8_t*>(f.sha256().data()), f.sha256().size())});
+    placed.push_back({path, hex_of(f.sha256())});
   }
-  // Manifests and drop-ins the previous bundle placed that this one does not
-  // are removed (k3s would keep applying a stale manifest otherwise).
+  for (const auto& a : m.artifacts()) {
+    const std::string target = artifact_path(a);
+    const std::string want = hex_of(a.sha256());
+    new_paths.insert(target);
+    placed.push_back({target, want});
+    if (auto h = files_.sha256_hex(target); h && *h && **h == want) continue;
+    const unsigned mode = a.kind() == v1::ARTIFACT_KIND_K3S_BINARY ? 0755 : 0644;
+    if (auto s = files_.rename(staging_dir() + "/" + want, target, mode); !s) return s;
+  }
+  // Manifests, drop-ins and images the previous bundle placed that this one
+  // does not are removed (k3s would keep applying a stale manifest otherwise).
+  // The k3s binary stays: a bundle without one keeps the installed k3s.
   for (const auto& pf : state_.files) {
-    if (!new_paths.count(pf.path)) {
+    if (!new_paths.count(pf.path) && pf.path != cfg_.k3s_bin) {
       if (auto s = files_.remove(pf.path); !s) return s;
     }
   }
   return {};
 }
 
-void Agent::restore(const Backup& backup) {
-  for (const auto& [path, data] : backup) {
-    Status s = data ? files_.write_atomic(path, data->content, data->mode) : files_.remove(path);
-    if (!s) log::get("agent")->error("rollback: restore {} failed: {}", path, s.error().message);
+void Agent::restore(const std::vector<BackupEntry>& backups) {
+  for (const auto& b : backups) {
+    Status s;
+    if (b.existed) {
+      // Idempotent: a second recovery finds the backup already moved back.
+      if (files_.exists(b.backup)) s = files_.rename(b.backup, b.path, std::nullopt);
+    } else {
+      s = files_.remove(b.path);
+    }
+    if (!s) log::get("agent")->error("rollback: restore {} failed: {}", b.path, s.error().message);
   }
 }
 
@@ -152,6 +337,15 @@ void Agent::handle_desired(const std::string& payload) {
     logger->debug("desired generation={} already handled (at {})", ds.generation(), state_.generation);
     return;
   }
+  apply_generation_ = ds.generation();
+  apply_id_ = "g" + std::to_string(ds.generation()) + "-" + std::to_string(seq_ + 1);
+  if (ds.generation() != 0 && ds.generation() == state_.interrupted_generation &&
+      state_.interrupted_count >= cfg_.max_interrupted) {
+    const std::string why = "the apply of generation " + std::to_string(ds.generation()) + " was interrupted " +
+                            std::to_string(state_.interrupted_count) + " times (crash or power loss); giving up on it";
+    logger->error("{}", why);
+    return finish(v1::AGENT_STATE_FAILED, a, v1::REASON_INTERNAL, why);
+  }
   const std::string digest = bundles::manifest_digest_hex(ds.bundle());
   if (!state_.manifest_sha256_hex.empty() && digest == state_.manifest_sha256_hex) {
     // Already running exactly this bundle: nothing to install.
@@ -159,11 +353,12 @@ void Agent::handle_desired(const std::string& payload) {
     a.bundle_version = state_.version;
     state_.generation = ds.generation();
     state_.campaign_id = ds.campaign_id();
-    (void)store_.save(state_);
+    (void)save();
     report(v1::AGENT_STATE_APPLIED, a, v1::REASON_NONE, "", 100, true);
     return;
   }
 
+  step("verify", "begin");
   report(v1::AGENT_STATE_VERIFYING, a, v1::REASON_NONE, "", 5);
   bundles::VerifyPolicy policy;
   policy.clock = &clock_;
@@ -171,11 +366,36 @@ void Agent::handle_desired(const std::string& payload) {
   policy.labels = cfg_.labels;
   policy.check_labels = true;
   policy.highest_applied = state_.highest_version;
+  // A campaign rollback may go back below the highest applied version, but
+  // only to the exact bundle this device ran before (checked below).
+  if (ds.rollback()) policy.highest_applied.clear();
   auto verdict = bundles::verify(ds.bundle(), cfg_.keyring, policy);
   if (verdict.manifest.version()) {
     a.bundle_name = verdict.manifest.name();
     a.bundle_version = verdict.manifest.version();
   }
+  if (verdict.ok() && ds.rollback()) {
+    auto hv = state_.highest_version.find(verdict.manifest.channel());
+    if (hv != state_.highest_version.end() && verdict.manifest.version() <= hv->second &&
+        (state_.previous_manifest_sha256_hex.empty() || digest != state_.previous_manifest_sha256_hex)) {
+      verdict.reason = v1::REASON_ROLLBACK_TARGET;
+      verdict.message = "rollback to " + verdict.manifest.name() + " version " +
+                        std::to_string(verdict.manifest.version()) + " (sha256 " + digest.substr(0, 16) +
+                        "…) refused: it is not the bundle this device applied before";
+    }
+  }
+  for (const auto& art : verdict.manifest.artifacts()) {
+    if (!verdict.ok()) break;
+    if (artifact_path(art).empty() || art.sha256().size() != 32) {
+      verdict.reason = v1::REASON_MALFORMED_MANIFEST;
+      verdict.message = "artifact '" + art.name() + "' has an unknown kind, a bad name or no sha256";
+    } else if (art.size() == 0 || art.size() > cfg_.max_artifact_bytes) {
+      verdict.reason = v1::REASON_ARTIFACT_SIZE;
+      verdict.message = "artifact '" + art.name() + "' declares " + std::to_string(art.size()) +
+                        " bytes; allowed 1.." + std::to_string(cfg_.max_artifact_bytes);
+    }
+  }
+  step("verify", "end", verdict.ok() ? "ok" : v1::Reason_Name(verdict.reason));
   if (!verdict.ok()) {
     logger->warn("refused bundle generation={} reason={} {}", ds.generation(),
                  v1::Reason_Name(verdict.reason), verdict.message);
@@ -186,39 +406,89 @@ void Agent::handle_desired(const std::string& payload) {
   }
   const auto& m = verdict.manifest;
 
+  step("space", "begin");
   uint64_t need = 0;
   for (const auto& f : m.files()) need += f.content().size();
-  if (auto fb = files_.free_bytes("/"); fb && *fb < need + cfg_.min_free_bytes) {
-    report(v1::AGENT_STATE_FAILED, a, v1::REASON_DISK_FULL,
-           "need " + std::to_string(need + cfg_.min_free_bytes) + " bytes free, have " + std::to_string(*fb));
+  for (const auto& art : m.artifacts()) need += art.size();
+  auto fb = files_.free_bytes("/");
+  step("space", "end");
+  if (fb && *fb < need + cfg_.min_free_bytes) {
+    const std::string why = "not enough disk space: need " + std::to_string(need + cfg_.min_free_bytes) +
+                            " bytes free (bundle " + std::to_string(need) + " + reserve " +
+                            std::to_string(cfg_.min_free_bytes) + "), have " + std::to_string(*fb);
+    logger->error("{}", why);
+    report(v1::AGENT_STATE_FAILED, a, v1::REASON_DISK_FULL, why);
     return;
   }
 
-  report(v1::AGENT_STATE_INSTALLING, a, v1::REASON_NONE, "", 30);
-  Backup backup;
-  std::vector<PlacedFile> placed;
-  if (auto s = install(m, backup, placed); !s) {
-    restore(backup);
-    report(v1::AGENT_STATE_FAILED, a, v1::REASON_INSTALL_FAILED, s.error().message);
+  // From here on a crash leaves a record that start() acts on.
+  state_.in_flight = InFlight{apply_id_, ds.generation(), ds.campaign_id(), m.name(), m.version(), "download", {}};
+  if (auto s = save(); !s) {
+    report(v1::AGENT_STATE_FAILED, a, v1::REASON_INTERNAL, "cannot journal the apply: " + s.error().message);
     return;
   }
+  step("download", "begin");
+  if (m.artifacts_size() > 0) {
+    report(v1::AGENT_STATE_DOWNLOADING, a, v1::REASON_NONE, "", 15);
+    std::string why;
+    if (auto reason = fetch_artifacts(m, ds.artifact_base_url(), why); reason != v1::REASON_NONE) {
+      step("download", "end", why);
+      logger->warn("artifacts for bundle={} version={} not staged: {}", m.name(), m.version(), why);
+      const bool refused = reason == v1::REASON_ARTIFACT_HASH || reason == v1::REASON_ARTIFACT_SIZE;
+      return finish(refused ? v1::AGENT_STATE_REFUSED : v1::AGENT_STATE_FAILED, a, reason, why);
+    }
+  }
+  step("download", "end");
+
+  report(v1::AGENT_STATE_INSTALLING, a, v1::REASON_NONE, "", 30);
+  state_.in_flight->step = "backup";
+  step("backup", "begin");
+  if (auto s = backup(m); !s) {
+    (void)files_.remove_tree(backup_dir());
+    return finish(v1::AGENT_STATE_FAILED, a, v1::REASON_INSTALL_FAILED, s.error().message);
+  }
+  step("backup", "end");
+
+  state_.in_flight->step = "install";
+  (void)save();
+  step("install", "begin");
+  std::vector<PlacedFile> placed;
+  if (auto s = install(m, placed); !s) {
+    restore(state_.in_flight->backups);
+    (void)files_.remove_tree(backup_dir());
+    return finish(v1::AGENT_STATE_FAILED, a, v1::REASON_INSTALL_FAILED, s.error().message);
+  }
+  step("install", "end");
 
   auto roll_back = [&](v1::Reason reason, const std::string& why) {
     logger->warn("rolling back bundle={} version={}: {}", m.name(), m.version(), why);
     report(v1::AGENT_STATE_ROLLING_BACK, a, reason, why, 80);
-    restore(backup);
+    state_.in_flight->step = "rollback";
+    (void)save();
+    step("rollback", "begin", why);
+    restore(state_.in_flight->backups);
     if (auto s = runtime_.restart(); !s) logger->error("restart after rollback failed: {}", s.error().message);
+    (void)files_.remove_tree(backup_dir());
     // The outcome for this generation is final: do not retry it on reconnect.
-    state_.generation = ds.generation();
-    state_.campaign_id = ds.campaign_id();
-    (void)store_.save(state_);
-    report(v1::AGENT_STATE_ROLLED_BACK, a, reason, why, 100, true);
+    finish(v1::AGENT_STATE_ROLLED_BACK, a, reason, why);
+    step("rollback", "end");
   };
 
   report(v1::AGENT_STATE_RESTARTING, a, v1::REASON_NONE, "", 60);
-  if (auto s = runtime_.restart(); !s) return roll_back(v1::REASON_RESTART_FAILED, s.error().message);
+  state_.in_flight->step = "restart";
+  (void)save();
+  step("restart", "begin");
+  if (auto s = runtime_.restart(); !s) {
+    // systemd/OpenRC refusing is the service's failure, not k3s's.
+    return roll_back(s.error().code == Errc::refused ? v1::REASON_SERVICE_FAILED : v1::REASON_RESTART_FAILED,
+                     s.error().message);
+  }
+  step("restart", "end");
 
   report(v1::AGENT_STATE_HEALTH_CHECK, a, v1::REASON_NONE, "", 70);
+  state_.in_flight->step = "health";
+  (void)save();
+  step("health", "begin");
   const auto deadline = std::chrono::steady_clock::now() + cfg_.health_timeout;
   K3sHealth h;
   for (;;) {
@@ -227,25 +497,83 @@ void Agent::handle_desired(const std::string& payload) {
     std::this_thread::sleep_for(cfg_.health_poll);
   }
   last_node_ready_ = h.node_ready;
+  step("health", "end", h.ok() ? "healthy" : h.detail);
   if (!h.ok()) {
     return roll_back(v1::REASON_HEALTH_GATE_FAILED,
                      "k3s not healthy within " + std::to_string(cfg_.health_timeout.count()) + "ms: " + h.detail);
   }
 
+  state_.in_flight->step = "commit";
+  step("commit", "begin");
+  if (state_.manifest_sha256_hex != digest) state_.previous_manifest_sha256_hex = state_.manifest_sha256_hex;
   state_.bundle_name = m.name();
   state_.channel = m.channel();
   state_.version = m.version();
   state_.manifest_sha256_hex = digest;
-  state_.generation = ds.generation();
-  state_.campaign_id = ds.campaign_id();
   state_.files = placed;
+  state_.applied_desired = payload;
+  // A campaign rollback never lowers the highest applied version.
   auto& hv = state_.highest_version[m.channel()];
   hv = std::max(hv, m.version());
-  if (auto s = store_.save(state_); !s) {
-    logger->error("could not record the applied bundle: {}", s.error().message);
-  }
+  finish(v1::AGENT_STATE_APPLIED, a, v1::REASON_NONE, "");
+  (void)files_.remove_tree(backup_dir());
+  step("commit", "end");
   logger->info("applied bundle={} version={} generation={}", m.name(), m.version(), ds.generation());
-  report(v1::AGENT_STATE_APPLIED, a, v1::REASON_NONE, "", 100, true);
+}
+
+std::vector<std::string> Agent::check_drift() {
+  std::vector<std::string> drifted;
+  if (state_.in_flight || state_.files.empty()) return drifted;
+  for (const auto& pf : state_.files) {
+    auto h = files_.sha256_hex(pf.path);
+    if (!h || !*h || **h != pf.sha256_hex) drifted.push_back(pf.path);
+  }
+  if (drifted.empty()) return drifted;
+  auto logger = log::get("agent");
+  v1::DesiredState ds;
+  v1::BundleManifest m;
+  std::vector<std::string> failed;
+  bool restart = false;
+  if (!ds.ParseFromString(state_.applied_desired) || !m.ParseFromString(ds.bundle().manifest())) {
+    failed = drifted;
+  } else {
+    const std::set<std::string> bad(drifted.begin(), drifted.end());
+    for (const auto& f : m.files()) {
+      const std::string path = path_for(f);
+      if (!bad.count(path)) continue;
+      const unsigned mode = f.mode() ? (f.mode() & 0777) : 0644;
+      if (auto s = files_.write_atomic(path, f.content(), mode); !s) failed.push_back(path);
+      // k3s reads config and registries at start; manifests it watches itself.
+      if (f.kind() != v1::FILE_KIND_MANIFEST) restart = true;
+    }
+    for (const auto& art : m.artifacts()) {
+      const std::string target = artifact_path(art);
+      if (!bad.count(target)) continue;
+      v1::Reason reason = v1::REASON_NONE;
+      std::string url = art.url().find("://") == std::string::npos
+                            ? ds.artifact_base_url() + (art.url().empty() ? hex_of(art.sha256()) : art.url())
+                            : art.url();
+      auto s = stage_one(art, url, reason);
+      if (s) s = files_.rename(staging_dir() + "/" + hex_of(art.sha256()), target,
+                               art.kind() == v1::ARTIFACT_KIND_K3S_BINARY ? 0755 : 0644);
+      if (!s) failed.push_back(target);
+      restart = true;
+    }
+  }
+  std::string list;
+  for (const auto& p : drifted) list += (list.empty() ? "" : ", ") + p;
+  logger->warn("drift: installed files differ from bundle={} version={}: {}", state_.bundle_name, state_.version,
+               list);
+  if (restart) {
+    if (auto s = runtime_.restart(); !s) logger->error("restart after drift repair: {}", s.error().message);
+  }
+  std::string msg = "installed files differed from the applied bundle: " + list;
+  msg += failed.empty() ? "; repaired" : "; could not repair " + std::to_string(failed.size()) + " of them";
+  if (restart) msg += "; k3s restarted";
+  last_node_ready_ = runtime_.health().node_ready;
+  Attempt a{state_.generation, state_.campaign_id, state_.bundle_name, state_.version};
+  report(v1::AGENT_STATE_IDLE, a, v1::REASON_DRIFT, msg, 100, true);
+  return drifted;
 }
 
 }  // namespace flotilla::agent

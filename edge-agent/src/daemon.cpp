@@ -4,6 +4,8 @@
 #include <sys/utsname.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cctype>
 #include <condition_variable>
 #include <deque>
 #include <mutex>
@@ -48,8 +50,38 @@ void add_agent_options(Options& o) {
            "/var/lib/flotilla")
       .add("health-timeout", "how long k3s may take to become healthy after a change", "60s")
       .add("reconnect-max", "longest wait between broker reconnect attempts", "5m")
+      .add("service-manager", "how k3s runs: auto (detect), systemd, openrc or direct (the agent supervises it)",
+           "auto")
+      .add("tls-ca-file", "CA certificate (PEM, device path) pinned for ssl:// brokers")
+      .add("drift-interval", "how often installed files are checked against the applied bundle (0 = never)", "10m")
+      .add("min-free", "disk space that must stay free after an apply (bytes, or 64MiB, 1GiB)", "64MiB")
+      .add("revoked-retry", "retry period once the broker keeps refusing this device's credentials", "10m")
+      .add("download-timeout", "longest silence while downloading an artifact", "30s")
       .add("log-level", "trace, debug, info, warn or error", "info")
       .config_file_key("config");
+}
+
+Backoff make_reconnect_backoff(const std::string& device_id, std::chrono::milliseconds cap, uint64_t salt) {
+  // The hash spreads similar ids (d-0001, d-0002) over the whole seed space.
+  const uint64_t seed = std::hash<std::string>{}(device_id) * 0x9E3779B97F4A7C15ull ^ salt;
+  return Backoff(std::chrono::milliseconds(500), cap, seed);
+}
+
+Result<uint64_t> parse_size(const std::string& text) {
+  size_t i = 0;
+  while (i < text.size() && std::isdigit(static_cast<unsigned char>(text[i]))) ++i;
+  if (i == 0 || i > 19) return make_error(Errc::invalid_argument, "'" + text + "' is not a size (e.g. 64MiB)");
+  uint64_t n = std::stoull(text.substr(0, i));
+  const std::string unit = text.substr(i);
+  static const std::map<std::string, uint64_t> units = {
+      {"", 1},          {"B", 1},          {"KB", 1000},         {"MB", 1000000}, {"GB", 1000000000},
+      {"KiB", 1u << 10}, {"MiB", 1u << 20}, {"GiB", uint64_t{1} << 30}, {"TiB", uint64_t{1} << 40}};
+  auto it = units.find(unit);
+  if (it == units.end()) {
+    return make_error(Errc::invalid_argument, "'" + text + "' has an unknown unit '" + unit + "' (B, MB, MiB, GiB …)");
+  }
+  if (n > UINT64_MAX / it->second) return make_error(Errc::invalid_argument, "'" + text + "' is too large");
+  return n * it->second;
 }
 
 Result<AgentConfig> agent_config_from(const Options& o) {
@@ -99,6 +131,43 @@ Result<AgentConfig> agent_config_from(const Options& o) {
   auto rm = o.get_duration("reconnect-max");
   if (!rm) return rm.error();
   c.reconnect_max = *rm;
+  c.service_manager = o.get("service-manager");
+  if (c.service_manager != "auto" && c.service_manager != "systemd" && c.service_manager != "openrc" &&
+      c.service_manager != "direct") {
+    return make_error(Errc::invalid_argument, "service-manager must be auto, systemd, openrc or direct, got '" +
+                                                  c.service_manager + "' (from " + o.source("service-manager") + ")");
+  }
+  c.tls_ca_file = o.get("tls-ca-file");
+  if (!c.tls_ca_file.empty() && c.tls_ca_file.front() != '/') {
+    return make_error(Errc::invalid_argument, "tls-ca-file must be an absolute device path, got '" + c.tls_ca_file + "'");
+  }
+  auto di = o.get_duration("drift-interval");
+  if (!di) return di.error();
+  c.drift_interval = *di;
+  auto mf = parse_size(o.get("min-free"));
+  if (!mf) return mf.error().with_context("min-free (from " + o.source("min-free") + ")");
+  c.min_free_bytes = *mf;
+  auto rr = o.get_duration("revoked-retry");
+  if (!rr) return rr.error();
+  if (rr->count() <= 0) return make_error(Errc::invalid_argument, "revoked-retry must be positive");
+  c.revoked_retry = *rr;
+  auto dt = o.get_duration("download-timeout");
+  if (!dt) return dt.error();
+  if (dt->count() <= 0) return make_error(Errc::invalid_argument, "download-timeout must be positive");
+  c.download_timeout = *dt;
+  // Test hook only (docs/agent.md): environment, never a flag or file key.
+  if (const char* crash = std::getenv("FLOTILLA_AGENT_CRASH_AT"); crash && *crash) {
+    const std::string v = crash;
+    const auto colon = v.find(':');
+    const std::string st = v.substr(0, colon);
+    const std::string ph = colon == std::string::npos ? "" : v.substr(colon + 1);
+    const auto& steps = apply_steps();
+    if ((ph != "begin" && ph != "end") || (std::find(steps.begin(), steps.end(), st) == steps.end() && st != "recover")) {
+      return make_error(Errc::invalid_argument, "FLOTILLA_AGENT_CRASH_AT must be <step>:<begin|end> with a step of "
+                                                "the apply pipeline, got '" + v + "'");
+    }
+    c.crash_at = v;
+  }
   return c;
 }
 
@@ -175,6 +244,29 @@ Result<v1::EnrollResponse> enroll(const AgentConfig& cfg, const bundles::KeyPair
   return make_error(Errc::unavailable, "stopped before enrollment finished");
 }
 
+// Artifacts over HTTP with resume, straight to disk under the agent's root.
+class HttpDownloader final : public Downloader {
+ public:
+  HttpDownloader(const DiskFileTree& files, std::chrono::milliseconds io_timeout)
+      : files_(files), io_timeout_(io_timeout) {}
+  Status fetch(const std::string& url, const std::string& dest, uint64_t max_bytes) override {
+    const auto host = files_.host_path(dest);
+    if (auto s = fs::ensure_dir(host.parent_path(), 0700); !s) return s;
+    http::DownloadOptions o;
+    o.max_bytes = max_bytes;
+    o.io_timeout = io_timeout_;
+    auto r = http::download_to_file(url, host, o);
+    if (!r) return r.error();
+    log::get("agent")->info("downloaded {} bytes={} requests={} resumed_from={}", url, r->size, r->requests,
+                            r->resumed_from);
+    return {};
+  }
+
+ private:
+  const DiskFileTree& files_;
+  std::chrono::milliseconds io_timeout_;
+};
+
 }  // namespace
 
 Status run_agent(const AgentConfig& cfg, const std::atomic<bool>& stop) {
@@ -210,7 +302,17 @@ Status run_agent(const AgentConfig& cfg, const std::atomic<bool>& stop) {
   rc.root = cfg.root;
   rc.k3s_bin = under_root(cfg, cfg.k3s_bin).string();
   rc.node_name = cfg.node_name;
-  DirectK3sRuntime runtime(rc);
+  const std::string manager =
+      cfg.service_manager == "auto" ? detect_service_manager(cfg.root) : cfg.service_manager;
+  std::unique_ptr<ServiceManager> service;
+  if (manager == "systemd" || manager == "openrc") {
+    auto m = manager == "systemd" ? make_systemd_manager() : make_openrc_manager();
+    if (!m) return m.error();
+    service = std::move(*m);
+  }
+  DirectK3sRuntime runtime(rc, std::move(service));
+  logger->info("k3s service manager={}", runtime.service_manager());
+  HttpDownloader downloader(files, cfg.download_timeout);
 
   auto transport = transport::make_paho_transport();
   const std::string report_topic = transport::device_topic(creds.device_id(), "report");
@@ -225,12 +327,21 @@ Status run_agent(const AgentConfig& cfg, const std::atomic<bool>& stop) {
   if (!creds.labels().empty()) core_cfg.labels = {creds.labels().begin(), creds.labels().end()};
   core_cfg.keyring = *ring;
   core_cfg.health_timeout = cfg.health_timeout;
-  Agent agent(core_cfg, runtime, files, **store, SystemClock::instance(), [&](v1::Report&& r) {
-    // Paho buffers while disconnected; QoS 1 gets it to the hub once connected.
-    if (auto s = transport->publish({report_topic, r.SerializeAsString(), 1, false}); !s) {
-      logger->warn("report not queued: {}", s.error().message);
-    }
-  });
+  core_cfg.min_free_bytes = cfg.min_free_bytes;
+  core_cfg.state_dir = cfg.state_dir;
+  core_cfg.k3s_bin = cfg.k3s_bin;
+  core_cfg.crash_at = cfg.crash_at;
+  Agent agent(
+      core_cfg, runtime, files, **store, SystemClock::instance(),
+      [&](v1::Report&& r) {
+        // Paho buffers while disconnected; QoS 1 gets it to the hub once
+        // connected. Final outcomes are also in the agent's outbox, so they
+        // survive an agent restart before the broker acknowledged them.
+        if (auto s = transport->publish({report_topic, r.SerializeAsString(), 1, false}); !s) {
+          logger->warn("report not queued: {}", s.error().message);
+        }
+      },
+      &downloader);
   if (auto s = agent.start(); !s) return s;
   if (auto s = runtime.ensure_running(); !s) logger->warn("k3s not started: {}", s.error().message);
 
@@ -263,10 +374,24 @@ Status run_agent(const AgentConfig& cfg, const std::atomic<bool>& stop) {
   co.clean_session = false;
   co.keepalive_s = 30;
   co.will = transport::Message{presence_topic, offline.SerializeAsString(), 1, true};
+  if (!cfg.tls_ca_file.empty()) co.ca_file = under_root(cfg, cfg.tls_ca_file).string();
+
+  // Publishes the outbox again and drops what the broker acknowledged.
+  auto deliver_outbox = [&](bool republish) {
+    if (agent.outbox().empty()) return;
+    const uint64_t last = agent.outbox().rbegin()->first;
+    if (republish) {
+      for (const auto& [seq, bytes] : agent.outbox()) (void)transport->publish({report_topic, bytes, 1, false});
+    }
+    if (transport->flush(std::chrono::seconds(3))) agent.outbox_delivered(last);
+  };
+  auto next_drift = std::chrono::steady_clock::now() + cfg.drift_interval;
+  auto next_outbox = std::chrono::steady_clock::now();
+  bool revoked = false;
+  auto revoked_since = std::chrono::system_clock::now();
 
   // Full jitter: after a broker restart the fleet spreads out instead of returning at once.
-  Backoff backoff(std::chrono::milliseconds(500), cfg.reconnect_max,
-                  std::hash<std::string>{}(creds.device_id()) ^ static_cast<uint64_t>(::getpid()));
+  Backoff backoff = make_reconnect_backoff(creds.device_id(), cfg.reconnect_max, static_cast<uint64_t>(::getpid()));
   auto next_try = std::chrono::steady_clock::now();
   bool connected = false;
   int auth_failures = 0;
@@ -279,6 +404,9 @@ Status run_agent(const AgentConfig& cfg, const std::atomic<bool>& stop) {
         connected = true;
         auth_failures = 0;
         backoff.reset();
+        // Outcomes from before a restart go first: the hub drops reports
+        // older than the newest it has seen.
+        deliver_outbox(true);
         v1::Presence online;
         online.set_online(true);
         online.set_agent_version(kAgentVersion);
@@ -286,14 +414,33 @@ Status run_agent(const AgentConfig& cfg, const std::atomic<bool>& stop) {
         (void)transport->publish({presence_topic, online.SerializeAsString(), 1, true});
         logger->info("connected device={} broker={}", creds.device_id(), creds.broker_url());
         agent.report_inventory();
+        if (revoked) {
+          revoked = false;
+          const auto mins = std::chrono::duration_cast<std::chrono::minutes>(std::chrono::system_clock::now() -
+                                                                             revoked_since).count();
+          agent.report_note(v1::REASON_CREDENTIALS_REVOKED,
+                            "the broker refused this device's credentials for " + std::to_string(mins) +
+                                " min before accepting them again");
+        }
       } else {
         connected = false;
-        if (s.error().code == Errc::unauthenticated && ++auth_failures == 5) {
-          logger->error("the broker keeps refusing this device's credentials; it may have been "
-                        "decommissioned. Remove {} to enroll again.", cred_path.string());
-        }
         auto delay = backoff.next();
-        logger->warn("broker connect failed: {}; retry in {}ms", s.error().message, delay.count());
+        if (s.error().code == Errc::unauthenticated) {
+          // Revoked or decommissioned: a clear error state with slow retries,
+          // never a crash loop and never a re-enrollment on our own.
+          if (++auth_failures == 3 && !revoked) {
+            revoked = true;
+            revoked_since = std::chrono::system_clock::now();
+            logger->error("state=credentials_revoked: the broker keeps refusing this device's credentials; it may "
+                          "have been revoked or decommissioned. k3s keeps running its last good state. Retrying "
+                          "every {}s; to enroll again, remove {} and set an enrollment token.",
+                          cfg.revoked_retry.count() / 1000, cred_path.string());
+          }
+          if (revoked) delay = cfg.revoked_retry;
+        } else {
+          auth_failures = 0;
+        }
+        if (!revoked) logger->warn("broker connect failed: {}; retry in {}ms", s.error().message, delay.count());
         next_try = std::chrono::steady_clock::now() + delay;
       }
     }
@@ -307,7 +454,18 @@ Status run_agent(const AgentConfig& cfg, const std::atomic<bool>& stop) {
       }
     }
     if (lost) connected = false;
-    if (!payload.empty()) agent.handle_desired(payload);
+    if (!payload.empty()) {
+      agent.handle_desired(payload);
+      if (connected) deliver_outbox(false);
+    }
+    if (cfg.drift_interval.count() > 0 && std::chrono::steady_clock::now() >= next_drift) {
+      next_drift = std::chrono::steady_clock::now() + cfg.drift_interval;
+      agent.check_drift();
+    }
+    if (connected && !agent.outbox().empty() && std::chrono::steady_clock::now() >= next_outbox) {
+      next_outbox = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+      deliver_outbox(false);
+    }
   }
   logger->info("stopping (k3s keeps running)");
   // A clean disconnect discards the will, so say goodbye explicitly.

@@ -1,13 +1,78 @@
 #include "flotilla/agent/disk.hpp"
 
-#include <cerrno>
-#include <cstring>
+#include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <cerrno>
+#include <cstring>
+
+#include "flotilla/common/crypto.hpp"
 #include "flotilla/common/fs.hpp"
 
 namespace flotilla::agent {
+
+namespace {
+Error errno_error(const std::string& what, const std::filesystem::path& p) {
+  return make_error(Errc::io, what + " " + p.string() + ": " + std::strerror(errno));
+}
+
+// Streams `from` into a new file `to` with `mode`, fsynced.
+Status copy_file(const std::filesystem::path& from, const std::filesystem::path& to, unsigned mode) {
+  int in = ::open(from.c_str(), O_RDONLY | O_CLOEXEC);
+  if (in < 0) return errno_error("open", from);
+  int out = ::open(to.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode);
+  if (out < 0) {
+    auto e = errno_error("create", to);
+    ::close(in);
+    return e;
+  }
+  char buf[65536];
+  Status st;
+  for (;;) {
+    ssize_t n = ::read(in, buf, sizeof buf);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) { st = errno_error("read", from); break; }
+    if (n == 0) break;
+    for (ssize_t off = 0; off < n;) {
+      ssize_t w = ::write(out, buf + off, static_cast<size_t>(n - off));
+      if (w < 0 && errno == EINTR) continue;
+      if (w < 0) { st = errno_error("write", to); break; }
+      off += w;
+    }
+    if (!st) break;
+  }
+  if (st && (::fchmod(out, mode) != 0 || ::fsync(out) != 0)) st = errno_error("sync", to);
+  ::close(in);
+  ::close(out);
+  if (!st) ::unlink(to.c_str());
+  return st;
+}
+}  // namespace
+
+Result<std::optional<std::string>> sha256_file_hex(const std::filesystem::path& p) {
+  int fd = ::open(p.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    if (errno == ENOENT || errno == ENOTDIR) return std::optional<std::string>();
+    return errno_error("open", p);
+  }
+  crypto::Sha256Stream h;
+  char buf[65536];
+  for (;;) {
+    ssize_t n = ::read(fd, buf, sizeof buf);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) {
+      auto e = errno_error("read", p);
+      ::close(fd);
+      return e;
+    }
+    if (n == 0) break;
+    h.update(reinterpret_cast<const uint8_t*>(buf), static_cast<size_t>(n));
+  }
+  ::close(fd);
+  auto d = h.finish();
+  return std::optional<std::string>(to_hex(d.data(), d.size()));
+}
 
 std::filesystem::path DiskFileTree::host_path(const std::string& device_path) const {
   std::string rel = device_path;
@@ -38,7 +103,8 @@ Status DiskFileTree::remove(const std::string& path) {
   if (::unlink(p.c_str()) != 0 && errno != ENOENT) {
     return make_error(Errc::io, "remove " + p.string() + ": " + std::strerror(errno));
   }
-  return fs::fsync_dir(p.parent_path()).ok() ? Status{} : Status{};
+  (void)fs::fsync_dir(p.parent_path());
+  return {};
 }
 
 Result<uint64_t> DiskFileTree::free_bytes(const std::string& path) {
@@ -47,17 +113,91 @@ Result<uint64_t> DiskFileTree::free_bytes(const std::string& path) {
   return fs::free_bytes(p);
 }
 
+bool DiskFileTree::exists(const std::string& path) {
+  struct stat st {};
+  return ::lstat(host_path(path).c_str(), &st) == 0;
+}
+
+Result<std::optional<std::string>> DiskFileTree::sha256_hex(const std::string& path) {
+  return sha256_file_hex(host_path(path));
+}
+
+Result<uint64_t> DiskFileTree::size_of(const std::string& path) {
+  struct stat st {};
+  const auto p = host_path(path);
+  if (::stat(p.c_str(), &st) != 0) return errno_error("stat", p);
+  return static_cast<uint64_t>(st.st_size);
+}
+
+Status DiskFileTree::preserve(const std::string& path, const std::string& backup) {
+  const auto from = host_path(path);
+  const auto to = host_path(backup);
+  if (auto s = fs::ensure_dir(to.parent_path(), 0700); !s) return s;
+  ::unlink(to.c_str());
+  // A hard link costs no space and no copy; the install then replaces `path`
+  // by rename, so the link keeps the old content. Across filesystems: copy.
+  if (::link(from.c_str(), to.c_str()) != 0) {
+    if (errno != EXDEV && errno != EPERM && errno != EMLINK) return errno_error("link", to);
+    struct stat st {};
+    if (::stat(from.c_str(), &st) != 0) return errno_error("stat", from);
+    if (auto s = copy_file(from, to, st.st_mode & 07777); !s) return s;
+  }
+  return fs::fsync_dir(to.parent_path());
+}
+
+Status DiskFileTree::rename(const std::string& from, const std::string& to, std::optional<unsigned> mode) {
+  const auto f = host_path(from);
+  const auto t = host_path(to);
+  if (auto s = fs::ensure_dir(t.parent_path()); !s) return s;
+  if (mode && ::chmod(f.c_str(), *mode) != 0) return errno_error("chmod", f);
+  if (::rename(f.c_str(), t.c_str()) != 0) {
+    if (errno != EXDEV) return errno_error("rename to " + t.string() + " from", f);
+    // Another filesystem: copy next to the target, then rename there.
+    const auto tmp = t.parent_path() / ("." + t.filename().string() + ".tmp-" + crypto::random_token(6));
+    struct stat st {};
+    if (::stat(f.c_str(), &st) != 0) return errno_error("stat", f);
+    if (auto s = copy_file(f, tmp, mode ? *mode : (st.st_mode & 07777)); !s) return s;
+    if (::rename(tmp.c_str(), t.c_str()) != 0) {
+      auto e = errno_error("rename", tmp);
+      ::unlink(tmp.c_str());
+      return e;
+    }
+    ::unlink(f.c_str());
+  }
+  (void)fs::fsync_dir(f.parent_path());
+  return fs::fsync_dir(t.parent_path());
+}
+
+Status DiskFileTree::remove_tree(const std::string& dir) {
+  std::error_code ec;
+  std::filesystem::remove_all(host_path(dir), ec);
+  if (ec) return make_error(Errc::io, "remove " + host_path(dir).string() + ": " + ec.message());
+  return {};
+}
+
 Result<std::unique_ptr<SqliteStateStore>> SqliteStateStore::open(const std::string& path) {
   auto db = sql::Db::open(path);
   if (!db) return db.error();
   std::unique_ptr<SqliteStateStore> s(new SqliteStateStore(std::move(*db)));
+  // FULL: a committed step must survive a power cut, not only a crash.
   auto st = s->db_->exec(R"SQL(
+PRAGMA synchronous=FULL;
 CREATE TABLE IF NOT EXISTS applied (
   id INTEGER PRIMARY KEY CHECK (id = 1), bundle_name TEXT NOT NULL, channel TEXT NOT NULL,
   version INTEGER NOT NULL, manifest_sha256 TEXT NOT NULL, generation INTEGER NOT NULL,
   campaign_id TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS placed_files (path TEXT PRIMARY KEY, sha256 TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS highest_version (channel TEXT PRIMARY KEY, version INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS in_flight (
+  id INTEGER PRIMARY KEY CHECK (id = 1), apply_id TEXT NOT NULL, generation INTEGER NOT NULL,
+  campaign_id TEXT NOT NULL, bundle_name TEXT NOT NULL, version INTEGER NOT NULL, step TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS backups (
+  n INTEGER PRIMARY KEY, path TEXT NOT NULL, backup TEXT NOT NULL, existed INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY, report BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS journal (
+  id INTEGER PRIMARY KEY AUTOINCREMENT, apply_id TEXT NOT NULL, generation INTEGER NOT NULL,
+  step TEXT NOT NULL, phase TEXT NOT NULL, time_unix_ms INTEGER NOT NULL, detail TEXT NOT NULL);
 )SQL");
   if (!st) return st.error().with_context("agent state " + path);
   return s;
@@ -94,6 +234,49 @@ Result<AppliedState> SqliteStateStore::load() {
     if (!*hr) break;
     a.highest_version[hst->col_text(0)] = static_cast<uint64_t>(hst->col_int(1));
   }
+  auto mst = db_->prepare("SELECT key, value FROM meta");
+  if (!mst) return mst.error();
+  for (;;) {
+    auto mr = mst->step();
+    if (!mr) return mr.error();
+    if (!*mr) break;
+    const std::string key = mst->col_text(0);
+    std::string value = mst->col_blob(1);
+    if (key == "previous_manifest_sha256") a.previous_manifest_sha256_hex = value;
+    else if (key == "applied_desired") a.applied_desired = std::move(value);
+    else if (key == "interrupted_generation") a.interrupted_generation = std::stoull("0" + value);
+    else if (key == "interrupted_count") a.interrupted_count = static_cast<uint32_t>(std::stoul("0" + value));
+  }
+  auto ist = db_->prepare("SELECT apply_id, generation, campaign_id, bundle_name, version, step FROM in_flight");
+  if (!ist) return ist.error();
+  if (auto ir = ist->step(); !ir) {
+    return ir.error();
+  } else if (*ir) {
+    InFlight f;
+    f.apply_id = ist->col_text(0);
+    f.generation = static_cast<uint64_t>(ist->col_int(1));
+    f.campaign_id = ist->col_text(2);
+    f.bundle_name = ist->col_text(3);
+    f.version = static_cast<uint64_t>(ist->col_int(4));
+    f.step = ist->col_text(5);
+    auto bst = db_->prepare("SELECT path, backup, existed FROM backups ORDER BY n");
+    if (!bst) return bst.error();
+    for (;;) {
+      auto br = bst->step();
+      if (!br) return br.error();
+      if (!*br) break;
+      f.backups.push_back({bst->col_text(0), bst->col_text(1), bst->col_int(2) != 0});
+    }
+    a.in_flight = std::move(f);
+  }
+  auto ost = db_->prepare("SELECT seq, report FROM outbox ORDER BY seq");
+  if (!ost) return ost.error();
+  for (;;) {
+    auto orr = ost->step();
+    if (!orr) return orr.error();
+    if (!*orr) break;
+    a.outbox[static_cast<uint64_t>(ost->col_int(0))] = ost->col_blob(1);
+  }
   return a;
 }
 
@@ -125,7 +308,77 @@ Status SqliteStateStore::save(const AppliedState& a) {
     hv->bind(1, std::string_view(ch)).bind(2, static_cast<int64_t>(v));
     if (auto s = hv->run(); !s) return s;
   }
+  auto meta = db_->prepare("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)");
+  if (!meta) return meta.error();
+  const std::string ig = std::to_string(a.interrupted_generation), ic = std::to_string(a.interrupted_count);
+  for (const auto& [k, v] : std::vector<std::pair<std::string_view, std::string_view>>{
+           {"previous_manifest_sha256", a.previous_manifest_sha256_hex},
+           {"applied_desired", a.applied_desired},
+           {"interrupted_generation", ig},
+           {"interrupted_count", ic}}) {
+    meta->reset();
+    meta->bind(1, k).bind_blob(2, v);
+    if (auto s = meta->run(); !s) return s;
+  }
+  if (auto s = db_->exec("DELETE FROM in_flight; DELETE FROM backups;"); !s) return s;
+  if (a.in_flight) {
+    const auto& f = *a.in_flight;
+    auto is = db_->prepare(
+        "INSERT INTO in_flight (id, apply_id, generation, campaign_id, bundle_name, version, step) "
+        "VALUES (1,?,?,?,?,?,?)");
+    if (!is) return is.error();
+    is->bind(1, std::string_view(f.apply_id)).bind(2, static_cast<int64_t>(f.generation))
+        .bind(3, std::string_view(f.campaign_id)).bind(4, std::string_view(f.bundle_name))
+        .bind(5, static_cast<int64_t>(f.version)).bind(6, std::string_view(f.step));
+    if (auto s = is->run(); !s) return s;
+    auto bs = db_->prepare("INSERT INTO backups (n, path, backup, existed) VALUES (?,?,?,?)");
+    if (!bs) return bs.error();
+    int64_t n = 0;
+    for (const auto& b : f.backups) {
+      bs->reset();
+      bs->bind(1, n++).bind(2, std::string_view(b.path)).bind(3, std::string_view(b.backup))
+          .bind(4, static_cast<int64_t>(b.existed ? 1 : 0));
+      if (auto s = bs->run(); !s) return s;
+    }
+  }
+  if (auto s = db_->exec("DELETE FROM outbox"); !s) return s;
+  auto ob = db_->prepare("INSERT INTO outbox (seq, report) VALUES (?, ?)");
+  if (!ob) return ob.error();
+  for (const auto& [seq, bytes] : a.outbox) {
+    ob->reset();
+    ob->bind(1, static_cast<int64_t>(seq)).bind_blob(2, bytes);
+    if (auto s = ob->run(); !s) return s;
+  }
   return tx.commit();
+}
+
+Status SqliteStateStore::journal(const JournalEntry& e) {
+  auto st = db_->prepare(
+      "INSERT INTO journal (apply_id, generation, step, phase, time_unix_ms, detail) VALUES (?,?,?,?,?,?)");
+  if (!st) return st.error();
+  st->bind(1, std::string_view(e.apply_id)).bind(2, static_cast<int64_t>(e.generation))
+      .bind(3, std::string_view(e.step)).bind(4, std::string_view(e.phase)).bind(5, e.time_unix_ms)
+      .bind(6, std::string_view(e.detail));
+  if (auto s = st->run(); !s) return s;
+  // Bounded: keep the newest rows only.
+  return db_->exec("DELETE FROM journal WHERE id <= (SELECT MAX(id) FROM journal) - 2000");
+}
+
+Result<std::vector<JournalEntry>> SqliteStateStore::journal_tail(size_t n) {
+  auto st = db_->prepare(
+      "SELECT apply_id, generation, step, phase, time_unix_ms, detail FROM "
+      "(SELECT * FROM journal ORDER BY id DESC LIMIT ?) ORDER BY id");
+  if (!st) return st.error();
+  st->bind(1, static_cast<int64_t>(n));
+  std::vector<JournalEntry> out;
+  for (;;) {
+    auto r = st->step();
+    if (!r) return r.error();
+    if (!*r) break;
+    out.push_back({st->col_text(0), static_cast<uint64_t>(st->col_int(1)), st->col_text(2), st->col_text(3),
+                   st->col_int(4), st->col_text(5)});
+  }
+  return out;
 }
 
 }  // namespace flotilla::agent

@@ -9,13 +9,17 @@
 //    tree before and after; free space and write failures are settable to
 //    reach the disk-full and install-failure paths.
 //  - MemStateStore: what the agent persisted, so a second Agent over the same
-//    store shows what survives a restart; it counts saves.
+//    store shows what survives a restart; it counts saves and keeps the journal.
+//  - FakeDownloader: serves artifact bytes from a map by URL into a
+//    MemFileTree, can fail or truncate, and counts fetches.
 #include <cstdint>
 #include <map>
+#include <vector>
 #include <optional>
 #include <string>
 
 #include "flotilla/agent/seams.hpp"
+#include "flotilla/common/crypto.hpp"
 
 namespace flotilla::agent::testing {
 
@@ -89,6 +93,50 @@ class MemFileTree final : public FileTree {
     return {};
   }
   Result<uint64_t> free_bytes(const std::string&) override { return free; }
+  bool exists(const std::string& path) override { return files.count(path) > 0; }
+  Result<std::optional<std::string>> sha256_hex(const std::string& path) override {
+    auto it = files.find(path);
+    if (it == files.end()) return std::optional<std::string>();
+    return std::optional<std::string>(crypto::sha256_hex(it->second.content));
+  }
+  Result<uint64_t> size_of(const std::string& path) override {
+    auto it = files.find(path);
+    if (it == files.end()) return make_error(Errc::not_found, "fake: no " + path);
+    return static_cast<uint64_t>(it->second.content.size());
+  }
+  Status preserve(const std::string& path, const std::string& backup) override {
+    auto it = files.find(path);
+    if (it == files.end()) return make_error(Errc::not_found, "fake: no " + path);
+    files[backup] = it->second;
+    return {};
+  }
+  Status rename(const std::string& from, const std::string& to, std::optional<unsigned> mode) override {
+    if (!fail_writes_containing.empty() && to.find(fail_writes_containing) != std::string::npos) {
+      return make_error(Errc::io, "fake: rename to " + to + " failed");
+    }
+    auto it = files.find(from);
+    if (it == files.end()) return make_error(Errc::not_found, "fake: no " + from);
+    Entry e = it->second;
+    if (mode) e.mode = *mode;
+    files.erase(it);
+    files[to] = std::move(e);
+    return {};
+  }
+  Status remove_tree(const std::string& dir) override {
+    const std::string prefix = dir + "/";
+    for (auto it = files.begin(); it != files.end();) {
+      it = it->first.rfind(prefix, 0) == 0 ? files.erase(it) : std::next(it);
+    }
+    return {};
+  }
+  // The tree without the agent's own state directory (staging, backups).
+  std::map<std::string, Entry> node_files(const std::string& state_dir = "/var/lib/flotilla/") const {
+    std::map<std::string, Entry> out;
+    for (const auto& [p, e] : files) {
+      if (p.rfind(state_dir, 0) != 0) out[p] = e;
+    }
+    return out;
+  }
 
   std::map<std::string, Entry> files;
   uint64_t free = uint64_t{1} << 40;
@@ -104,9 +152,37 @@ class MemStateStore final : public StateStore {
     ++saves;
     return {};
   }
+  Status journal(const JournalEntry& e) override {
+    entries.push_back(e);
+    return {};
+  }
 
   AppliedState state;
   int saves = 0;
+  std::vector<JournalEntry> entries;
+};
+
+class FakeDownloader final : public Downloader {
+ public:
+  explicit FakeDownloader(MemFileTree& files) : files_(files) {}
+  Status fetch(const std::string& url, const std::string& dest, uint64_t max_bytes) override {
+    ++fetches;
+    urls.push_back(url);
+    if (fail) return make_error(Errc::unavailable, "fake: network down", true);
+    auto it = content.find(url);
+    if (it == content.end()) return make_error(Errc::not_found, "fake: 404 " + url);
+    if (it->second.size() > max_bytes) return make_error(Errc::too_large, "fake: more than " + std::to_string(max_bytes));
+    files_.files[dest] = MemFileTree::Entry{it->second, 0600};
+    return {};
+  }
+
+  std::map<std::string, std::string> content;  // by URL
+  bool fail = false;
+  int fetches = 0;
+  std::vector<std::string> urls;
+
+ private:
+  MemFileTree& files_;
 };
 
 }  // namespace flotilla::agent::testing

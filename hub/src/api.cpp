@@ -3,7 +3,6 @@
 // own files; docs/api/openapi.yaml describes every route.
 #include "flotilla/hub/api.hpp"
 
-#include <variant>
 
 #include "api_internal.hpp"
 #include "flotilla/bundles/bundle.hpp"
@@ -150,121 +149,24 @@ json bundle_json(const BundleRecord& b) {
 
 namespace {
 
-json device_json(const DeviceRecord& d) {
-  return json{{"id", d.id},
-              {"project", d.project},
-              {"labels", d.labels},
-              {"hostname", d.hostname},
-              {"arch", d.arch},
-              {"agent_version", d.agent_version},
-              {"online", d.online},
-              {"state", d.state},
-              {"applied_bundle", d.applied_bundle},
-              {"applied_version", d.applied_version},
-              {"k3s_version", d.k3s_version},
-              {"node_ready", d.node_ready},
-              {"last_reason", d.last_reason},
-              {"last_message", d.last_message},
-              {"enrolled_at", iso_ms(d.enrolled_ms)},
-              {"last_seen_at", iso_ms(d.last_seen_ms)},
-              {"campaign_id", d.campaign_id},
-              {"generation", d.generation}};
-}
-
-HttpResponse create_enrollment_token(HubService& s, Context& c) {
-  auto j = parse_body(c.req, {"name", "labels", "ttl", "max_uses", "project"});
-  if (!j) return from_error(j.error());
-  TokenRecord rec;
-  rec.role = "enroll";
-  rec.project = c.caller.project == "*" ? "default" : c.caller.project;
-  auto name = string_field(*j, "name", false);
-  if (!name) return from_error(name.error());
-  rec.name = *name;
-  auto project = string_field(*j, "project", false);
-  if (!project) return from_error(project.error());
-  if (!project->empty()) {
-    if (!c.caller.sees(*project)) return Api::error(403, "permission_denied", "your token is not for project " + *project);
-    if (!bundles::valid_label_value(*project) || project->empty()) {
-      return Api::error(400, "invalid_argument", "bad project name");
-    }
-    rec.project = *project;
+// Authorisation only: the page needs the Api's HTTP counters, so
+// Api::dispatch renders it once this has let the caller through.
+HttpResponse metrics_access(HubService&, Context& c) {
+  if (c.caller.project != "*") {
+    return Api::error(403, "permission_denied", "metrics cover every project; use a token of project \"*\"");
   }
-  if (j->contains("labels")) {
-    if (!(*j)["labels"].is_object()) return Api::error(400, "invalid_argument", "'labels' must be an object");
-    for (const auto& [k, v] : (*j)["labels"].items()) {
-      if (!v.is_string() || !valid_label_key(k) || !valid_label_value(v.get<std::string>())) {
-        return Api::error(400, "invalid_argument", "bad label '" + k + "'");
-      }
-      rec.labels[k] = v.get<std::string>();
-    }
-  }
-  auto ttl = string_field(*j, "ttl", false);
-  if (!ttl) return from_error(ttl.error());
-  auto d = parse_duration(ttl->empty() ? "24h" : *ttl);
-  if (!d) return from_error(d.error().with_context("ttl"));
-  if (d->count() < 1000) return Api::error(400, "invalid_argument", "ttl must be at least 1s");
-  if (j->contains("max_uses")) {
-    if (!(*j)["max_uses"].is_number_integer() || (*j)["max_uses"].get<int64_t>() < 0) {
-      return Api::error(400, "invalid_argument", "'max_uses' must be a whole number >= 0");
-    }
-    rec.max_uses = (*j)["max_uses"].get<int64_t>();
-  }
-  auto created = s.create_token("enroll", rec, *d);
-  if (!created) return from_error(created.error());
-  c.audit_detail = "enrollment token " + created->record.id + " project=" + rec.project;
-  return json_response(201, {{"id", created->record.id},
-                             {"token", created->secret},
-                             {"project", created->record.project},
-                             {"labels", created->record.labels},
-                             {"max_uses", created->record.max_uses},
-                             {"expires_at", bundles::format_rfc3339(created->record.expires_unix)}});
-}
-
-HttpResponse list_devices(HubService& s, Context& c) {
-  const auto& q = c.target.query;
-  auto sel = Selector::parse(q.count("selector") ? q.at("selector") : "");
-  if (!sel) return from_error(sel.error());
-  int64_t limit = 500;
-  if (q.count("limit")) {
-    try {
-      limit = std::stoll(q.at("limit"));
-    } catch (const std::exception&) {
-      limit = -1;
-    }
-    if (limit < 1 || limit > 10000) return Api::error(400, "invalid_argument", "limit must be 1..10000");
-  }
-  const std::string after = q.count("after") ? q.at("after") : "";
-  auto list = s.list_devices(*sel);
-  if (!list) return from_error(list.error());
-  json items = json::array();
-  std::string next;
-  for (const auto& d : *list) {
-    if (!c.caller.sees(d.project)) continue;
-    if (!after.empty() && d.id <= after) continue;
-    if (static_cast<int64_t>(items.size()) == limit) {
-      next = items.back()["id"].get<std::string>();
-      break;
-    }
-    items.push_back(device_json(d));
-  }
-  return json_response(200, {{"items", items}, {"next", next}});
-}
-
-HttpResponse get_device(HubService& s, Context& c) {
-  auto d = s.get_device(c.params[0]);
-  if (!d) return from_error(d.error());
-  // Another project's device is "not found", not "forbidden": its existence is not ours to tell.
-  if (!*d || !c.caller.sees((*d)->project)) return Api::error(404, "not_found", "no device '" + c.params[0] + "'");
-  return json_response(200, device_json(**d));
+  return HttpResponse{};
 }
 
 std::vector<Route> build_routes() {
   std::vector<Route> r;
-  r.push_back({"POST", "/v1/enrollment-tokens", Role::operator_, create_enrollment_token});
-  r.push_back({"GET", "/v1/devices", Role::viewer, list_devices});
-  r.push_back({"GET", "/v1/devices/{id}", Role::viewer, get_device});
+  add_access_routes(r);
+  add_device_routes(r);
   add_bundle_routes(r);
   add_campaign_routes(r);
+  // Metrics span every project (campaign ids, device counts): a viewer token
+  // of project "*" may read them, a project-scoped token may not.
+  r.push_back({"GET", "/metrics", Role::viewer, metrics_access});
   return r;
 }
 
@@ -292,33 +194,41 @@ bool match(const std::string& pattern, const std::vector<std::string>& parts, st
 }  // namespace
 }  // namespace rest
 
-Api::Api(HubService& service) : service_(service) {}
+Api::Api(HubService& service) : service_(service), http_metrics_(std::make_unique<HttpMetrics>()) {}
+Api::~Api() = default;
 
 HttpResponse Api::error(int status, const std::string& code, const std::string& message) {
   return rest::json_response(status, json{{"error", {{"code", code}, {"message", message}}}});
 }
 
 std::vector<std::pair<std::string, std::string>> Api::routes() const {
+  // The routes outside the table: no API token (probes, the API's own
+  // description, device enrollment, content-addressed artifact downloads).
   std::vector<std::pair<std::string, std::string>> out = {
-      {"GET", "/healthz"}, {"GET", "/readyz"}, {"POST", "/v1/enroll"}};
+      {"GET", "/healthz"},           {"GET", "/readyz"},
+      {"GET", "/v1/openapi.yaml"},   {"POST", "/v1/enroll"},
+      {"GET", "/v1/artifacts/{sha256}"}, {"HEAD", "/v1/artifacts/{sha256}"}};
   for (const auto& r : rest::routes()) out.emplace_back(r.method, r.pattern);
   return out;
 }
 
 namespace {
+
 struct Resolved {
   const rest::Route* route = nullptr;
   std::vector<std::string> params;
   rest::Caller caller;
+  bool authenticated = false;
 };
 
 // Finds the route and authenticates and authorises the caller; a response
-// means the request stops here.
-std::variant<HttpResponse, Resolved> resolve(HubService& service, const HttpRequest& req, const rest::Target& t) {
+// means the request stops here. out.caller is filled as far as it is known,
+// so refusals are audited with whoever was refused.
+std::optional<HttpResponse> resolve(HubService& service, const HttpRequest& req, const rest::Target& t,
+                                    Resolved& out) {
   using namespace rest;
   const auto& p = t.parts;
   const std::string& m = req.method;
-  Resolved out;
   bool path_known = false;
   for (const auto& r : rest::routes()) {
     std::vector<std::string> ps;
@@ -341,6 +251,7 @@ std::variant<HttpResponse, Resolved> resolve(HubService& service, const HttpRequ
   auto tok = service.authenticate("api", auth->second.substr(7));
   if (!tok) return from_error(tok.error());
   if (!*tok) return Api::error(401, "unauthenticated", "API token is unknown, expired or revoked");
+  out.authenticated = true;
   out.caller.token_id = (*tok)->id;
   out.caller.name = (*tok)->name;
   out.caller.role = parse_role((*tok)->role).value_or(Role::viewer);
@@ -350,32 +261,91 @@ std::variant<HttpResponse, Resolved> resolve(HubService& service, const HttpRequ
                       "a " + role_name(out.caller.role) + " token cannot " + m + " " + out.route->pattern +
                           " (needs " + role_name(out.route->min_role) + ")");
   }
-  return out;
+  return std::nullopt;
 }
+
+bool mutating(const std::string& method) {
+  return method == "POST" || method == "PUT" || method == "PATCH" || method == "DELETE";
+}
+
+std::string path_of(const std::string& target) { return target.substr(0, target.find('?')); }
+
+void fill_actor(AuditRecord& a, const Resolved& r) {
+  if (!r.authenticated) return;
+  a.actor = r.caller.token_id;
+  a.actor_name = r.caller.name;
+  a.role = role_name(r.caller.role);
+  a.project = r.caller.project;
+}
+
 }  // namespace
+
+void Api::finish(const HttpRequest& req, AuditRecord& audit, const std::string& route, int status) {
+  http_metrics_->count(req.method, route, status);
+  if (!mutating(req.method)) return;
+  audit.method = req.method;
+  audit.path = path_of(req.target).substr(0, 512);
+  audit.status = status;
+  audit.peer = req.peer;
+  if (auto s = service_.append_audit(audit); !s) {
+    // The call already happened; losing its record is logged and counted
+    // (flotilla_audit_write_failures_total), not hidden.
+    http_metrics_->count_audit_failure();
+    log::get("hub")->error("audit write failed method={} path={} status={}: {}", audit.method, audit.path, status,
+                           s.error().message);
+  }
+}
 
 std::optional<HttpResponse> Api::precheck_upload(const HttpRequest& req) {
   const rest::Target t = rest::parse_target(req.target);
-  auto r = resolve(service_, req, t);
-  if (auto* refusal = std::get_if<HttpResponse>(&r)) return *refusal;
-  return rest::precheck_artifact_upload(service_, t, req);
+  Resolved r;
+  auto refusal = resolve(service_, req, t, r);
+  if (!refusal) refusal = rest::precheck_artifact_upload(service_, t, req);
+  // A refused upload never reaches handle(): audit it here.
+  if (refusal) {
+    AuditRecord a;
+    fill_actor(a, r);
+    a.detail = "upload refused before its body was read";
+    finish(req, a, r.route ? r.route->pattern : "unmatched", refusal->status);
+  }
+  return refusal;
 }
 
 HttpResponse Api::handle(const HttpRequest& req) {
+  AuditRecord audit;
+  std::string route = "unmatched";
+  HttpResponse resp = dispatch(req, audit, route);
+  finish(req, audit, route, resp.status);
+  return resp;
+}
+
+HttpResponse Api::dispatch(const HttpRequest& req, AuditRecord& audit, std::string& route) {
   using namespace rest;
   const Target t = parse_target(req.target);
   const auto& p = t.parts;
   const std::string& m = req.method;
 
-  if (p.size() == 1 && p[0] == "healthz" && m == "GET") return json_response(200, {{"status", "ok"}});
+  if (p.size() == 1 && p[0] == "healthz" && m == "GET") {
+    route = "/healthz";
+    return json_response(200, {{"status", "ok"}});
+  }
   if (p.size() == 1 && p[0] == "readyz" && m == "GET") {
+    route = "/readyz";
     if (!service_.mqtt_connected()) return error(503, "unavailable", "not connected to the broker");
     return json_response(200, {{"status", "ready"}});
   }
-  if (p.empty() || p[0] != "v1") return error(404, "not_found", "no route for " + m + " " + req.target);
+  // The API's description is public, like the docs it is generated from.
+  if (p.size() == 2 && p[0] == "v1" && p[1] == "openapi.yaml" && m == "GET") {
+    route = "/v1/openapi.yaml";
+    HttpResponse r;
+    r.content_type = "application/yaml";
+    r.body = std::string(openapi_document());
+    return r;
+  }
 
   // Device enrollment: the enrollment token inside the protobuf body is the credential.
-  if (p.size() == 2 && p[1] == "enroll") {
+  if (p.size() == 2 && p[0] == "v1" && p[1] == "enroll") {
+    route = "/v1/enroll";
     if (m != "POST") return error(405, "method_not_allowed", "use POST");
     if (!service_.mqtt_connected()) {
       HttpResponse r = error(503, "unavailable", "the hub is not connected to its broker yet; retry shortly");
@@ -387,8 +357,16 @@ HttpResponse Api::handle(const HttpRequest& req) {
     if (!er.ParseFromString(req.body)) {
       return error(400, "invalid_argument", "body is not a flotilla.v1.EnrollRequest (application/x-protobuf)");
     }
+    // Who enrolls is the token, named by its id (never its secret).
+    if (auto tok = service_.authenticate("enroll", er.enrollment_token()); tok && *tok) {
+      audit.actor = "enrollment-token:" + (*tok)->id;
+      audit.actor_name = (*tok)->name;
+      audit.role = "enroll";
+      audit.project = (*tok)->project;
+    }
     auto resp = service_.enroll(er);
     if (!resp) return from_error(resp.error());
+    audit.detail = "enrolled device " + resp->device_id();
     HttpResponse r;
     r.content_type = "application/x-protobuf";
     r.body = resp->SerializeAsString();
@@ -397,15 +375,24 @@ HttpResponse Api::handle(const HttpRequest& req) {
 
   // Artifact downloads are public: content-addressed, and agents check every
   // byte against the signed manifest (docs/security.md).
-  if (p.size() == 3 && p[1] == "artifacts" && (m == "GET" || m == "HEAD")) {
+  if (p.size() == 3 && p[0] == "v1" && p[1] == "artifacts" && (m == "GET" || m == "HEAD")) {
+    route = "/v1/artifacts/{sha256}";
     return serve_artifact(service_, p[2], req);
   }
 
-  auto r = resolve(service_, req, t);
-  if (auto* refusal = std::get_if<HttpResponse>(&r)) return *refusal;
-  auto& ok = std::get<Resolved>(r);
+  Resolved ok;
+  auto refusal = resolve(service_, req, t, ok);
+  if (ok.route) route = ok.route->pattern;
+  fill_actor(audit, ok);
+  if (refusal) return *refusal;
   Context ctx{req, t, ok.caller, ok.params, ""};
-  return ok.route->handler(service_, ctx);
+  HttpResponse r = ok.route->handler(service_, ctx);
+  audit.detail = ctx.audit_detail;
+  if (ok.route->pattern == "/metrics" && r.status == 200) {
+    r.content_type = "text/plain; version=0.0.4; charset=utf-8";
+    r.body = render_metrics(service_, *http_metrics_);
+  }
+  return r;
 }
 
 }  // namespace flotilla::hub

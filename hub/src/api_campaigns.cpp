@@ -1,31 +1,45 @@
-// Campaigns.
+// Campaigns: create with a strategy, follow per wave, steer (pause, resume,
+// abort, rollback).
 #include "api_internal.hpp"
 
 namespace flotilla::hub::rest {
 
 namespace {
 
+json counts_json(const CampaignCounts& n) {
+  return {{"total", n.total},           {"waiting", n.waiting},       {"pending", n.pending},
+          {"in_progress", n.in_progress}, {"applied", n.applied},     {"failed", n.failed},
+          {"superseded", n.superseded}, {"skipped", n.skipped},       {"rolling_back", n.rolling_back},
+          {"rolled_back", n.rolled_back}, {"rollback_failed", n.rollback_failed}, {"offline", n.offline}};
+}
+
 json campaign_json(const CampaignView& v) {
+  json waves = json::array();
+  for (const auto& w : v.waves) {
+    std::string state = w.index < v.campaign.current_wave ? "done"
+                        : w.index == v.campaign.current_wave ? (v.campaign.state == "completed" ? "done" : "current")
+                                                             : "next";
+    waves.push_back({{"index", w.index}, {"name", w.name}, {"state", state}, {"counts", counts_json(w.counts)}});
+  }
   json j{{"id", v.campaign.id},
          {"name", v.campaign.name},
+         {"project", v.campaign.project},
          {"bundle", bundle_json(v.bundle)},
          {"selector", v.campaign.selector},
          {"state", v.campaign.state},
+         {"state_reason", v.campaign.state_reason},
+         {"strategy", v.strategy.to_json()},
+         {"current_wave", v.campaign.current_wave},
+         {"waves", waves},
          {"created_at", iso_ms(v.campaign.created_ms)},
          {"updated_at", iso_ms(v.campaign.updated_ms)},
-         {"counts",
-          {{"total", v.counts.total},
-           {"pending", v.counts.pending},
-           {"in_progress", v.counts.in_progress},
-           {"applied", v.counts.applied},
-           {"failed", v.counts.failed},
-           {"superseded", v.counts.superseded},
-           {"offline", v.counts.offline}}},
-         {"failure_reasons", v.failure_reasons}};
+         {"counts", counts_json(v.counts)},
+         {"failure_reasons", v.failure_reasons},
+         {"away", v.away}};
   if (!v.devices.empty()) {
     json arr = json::array();
     for (const auto& d : v.devices) {
-      arr.push_back({{"device_id", d.device_id}, {"status", d.status}, {"reason", d.reason},
+      arr.push_back({{"device_id", d.device_id}, {"wave", d.wave}, {"status", d.status}, {"reason", d.reason},
                      {"message", d.message}, {"updated_at", iso_ms(d.updated_ms)}});
     }
     j["devices"] = arr;
@@ -33,35 +47,65 @@ json campaign_json(const CampaignView& v) {
   return j;
 }
 
+// A campaign is visible to tokens of its project (and to "*" tokens).
+Result<CampaignView> visible_campaign(HubService& s, Context& c, bool with_devices) {
+  auto v = s.campaign_view(c.params[0], with_devices);
+  if (!v) return v.error();
+  if (!*v || !c.caller.sees((*v)->campaign.project)) {
+    return make_error(Errc::not_found, "no campaign '" + c.params[0] + "'");
+  }
+  return std::move(**v);
+}
+
 HttpResponse create_campaign(HubService& s, Context& c) {
-  auto j = parse_body(c.req, {"name", "bundle", "selector"});
+  auto j = parse_body(c.req, {"name", "bundle", "selector", "strategy"});
   if (!j) return from_error(j.error());
   auto name = string_field(*j, "name", false);
   auto bundle = string_field(*j, "bundle", true);
   auto selector = string_field(*j, "selector", false);
   for (auto* f : {&name, &bundle, &selector}) if (!*f) return from_error(f->error());
-  auto created = s.create_campaign(*name, *bundle, *selector);
+  auto strategy = Strategy::from_json(j->contains("strategy") ? (*j)["strategy"] : json());
+  if (!strategy) return from_error(strategy.error());
+  auto created = s.create_campaign(*name, *bundle, *selector, *strategy, c.caller.project);
   if (!created) return from_error(created.error());
   auto v = s.campaign_view(created->id, false);
   if (!v || !*v) return Api::error(500, "internal", "campaign vanished after creation");
-  c.audit_detail = "campaign " + created->id;
+  c.audit_detail = "campaign " + created->id + " bundle=" + created->bundle_id + " selector=" + created->selector;
   return json_response(201, campaign_json(**v));
 }
 
-HttpResponse list_campaigns(HubService& s, Context&) {
+HttpResponse list_campaigns(HubService& s, Context& c) {
   auto list = s.list_campaigns();
   if (!list) return from_error(list.error());
   json items = json::array();
-  for (const auto& v : *list) items.push_back(campaign_json(v));
+  for (const auto& v : *list) {
+    if (c.caller.sees(v.campaign.project)) items.push_back(campaign_json(v));
+  }
   return json_response(200, {{"items", items}});
 }
 
 HttpResponse get_campaign(HubService& s, Context& c) {
   const bool with_devices = c.target.query.count("devices") && c.target.query.at("devices") == "true";
-  auto v = s.campaign_view(c.params[0], with_devices);
+  auto v = visible_campaign(s, c, with_devices);
   if (!v) return from_error(v.error());
-  if (!*v) return Api::error(404, "not_found", "no campaign '" + c.params[0] + "'");
-  return json_response(200, campaign_json(**v));
+  return json_response(200, campaign_json(*v));
+}
+
+Handler action(const std::string& verb) {
+  return [verb](HubService& s, Context& c) {
+    if (!c.req.body.empty()) {
+      auto j = parse_body(c.req, {});
+      if (!j) return from_error(j.error());
+    }
+    auto v = visible_campaign(s, c, false);
+    if (!v) return from_error(v.error());
+    auto r = s.campaign_action(c.params[0], verb);
+    c.audit_detail = "campaign " + c.params[0] + " " + verb;
+    if (!r) return from_error(r.error());
+    auto after = s.campaign_view(c.params[0], false);
+    if (!after || !*after) return Api::error(500, "internal", "campaign vanished");
+    return json_response(200, campaign_json(**after));
+  };
 }
 
 }  // namespace
@@ -70,6 +114,9 @@ void add_campaign_routes(std::vector<Route>& r) {
   r.push_back({"POST", "/v1/campaigns", Role::operator_, create_campaign});
   r.push_back({"GET", "/v1/campaigns", Role::viewer, list_campaigns});
   r.push_back({"GET", "/v1/campaigns/{id}", Role::viewer, get_campaign});
+  for (const char* verb : {"pause", "resume", "abort", "rollback"}) {
+    r.push_back({"POST", std::string("/v1/campaigns/{id}/") + verb, Role::operator_, action(verb)});
+  }
 }
 
 }  // namespace flotilla::hub::rest

@@ -50,6 +50,11 @@ HttpResponse serve_artifact(HubService& s, const std::string& name, const HttpRe
 // Before an upload's body is read: name, size and space.
 std::optional<HttpResponse> precheck_artifact_upload(HubService& s, const Target& t, const HttpRequest& req);
 void add_campaign_routes(std::vector<Route>& routes);
+// Devices (api_devices.cpp); tokens, enrollment tokens, audit (api_access.cpp).
+void add_device_routes(std::vector<Route>& routes);
+void add_access_routes(std::vector<Route>& routes);
+// docs/api/openapi.yaml, embedded at build time (openapi_document.cpp.in).
+std::string_view openapi_document();
 
 HttpResponse json_response(int status, const json& body);
 HttpResponse from_error(const Error& e);

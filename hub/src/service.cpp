@@ -19,17 +19,6 @@ std::string lower_suffix(const std::string& full, const std::string& prefix) {
   return s;
 }
 
-std::string campaign_status_for(v1::AgentState s) {
-  switch (s) {
-    case v1::AGENT_STATE_APPLIED: return "applied";
-    case v1::AGENT_STATE_FAILED:
-    case v1::AGENT_STATE_REFUSED:
-    case v1::AGENT_STATE_ROLLED_BACK: return "failed";
-    default: return "in_progress";
-  }
-}
-
-bool final_status(const std::string& s) { return s == "applied" || s == "failed" || s == "superseded"; }
 
 }  // namespace
 
@@ -39,6 +28,7 @@ std::string reason_name(v1::Reason r) { return lower_suffix(v1::Reason_Name(r), 
 HubService::HubService(Store& store, const Clock& clock, ServiceConfig cfg)
     : store_(store), clock_(clock), cfg_(std::move(cfg)) {
   worker_ = std::thread([this] { worker(); });
+  if (cfg_.engine_thread) engine_ = std::thread([this] { engine_loop(); });
 }
 
 HubService::~HubService() { stop(); }
@@ -47,7 +37,9 @@ void HubService::stop() {
   if (stopping_.exchange(true)) return;
   q_cv_.notify_all();
   q_space_cv_.notify_all();
+  engine_cv_.notify_all();
   if (worker_.joinable()) worker_.join();
+  if (engine_.joinable()) engine_.join();
 }
 
 Status HubService::attach_transport(transport::Transport& t) {
@@ -139,6 +131,12 @@ Result<v1::EnrollResponse> HubService::enroll(const v1::EnrollRequest& req) {
   EmbeddedBroker::Credentials creds;
   {
     std::lock_guard lock(store_mu_);
+    if (auto existing = store_.get_device(d.id); existing && *existing && (*existing)->state == "decommissioned") {
+      // Decommissioning is final for an identity: a device that comes back
+      // must be wiped and enroll with a new key (docs/security.md).
+      return make_error(Errc::permission_denied, "device " + d.id + " was decommissioned; it must enroll with a "
+                                                 "new identity");
+    }
     if (auto existing = store_.get_device(d.id); existing && *existing && (*existing)->public_key_hex != pub_hex) {
       return make_error(Errc::conflict, "device id collision");
     }
@@ -233,61 +231,8 @@ Result<std::optional<BundleRecord>> HubService::get_bundle(const std::string& ke
   return store_.get_bundle(key, false);
 }
 
-Result<CampaignRecord> HubService::create_campaign(const std::string& name, const std::string& bundle_key,
-                                                   const std::string& selector_text) {
-  auto sel = Selector::parse(selector_text);
-  if (!sel) return sel.error();
-  std::vector<std::pair<DeviceRecord, uint64_t>> targets;
-  CampaignRecord c;
-  BundleRecord bundle;
-  {
-    std::lock_guard lock(store_mu_);
-    auto b = store_.get_bundle(bundle_key, true);
-    if (!b) return b.error();
-    if (!*b) return make_error(Errc::not_found, "no bundle '" + bundle_key + "' (use an id or name:version)");
-    bundle = **b;
-    if (bundle.expires_unix != 0 && bundle.expires_unix <= clock_.now_unix()) {
-      return make_error(Errc::invalid_argument, "bundle " + bundle.id + " has expired; devices would refuse it");
-    }
-    auto devices = store_.list_devices();
-    if (!devices) return devices.error();
-    c.id = "c-" + crypto::random_token(6);
-    c.name = name.empty() ? bundle.name + "-" + std::to_string(bundle.version) : name;
-    c.bundle_id = bundle.id;
-    c.selector = sel->text();
-    c.state = "running";
-    c.created_ms = c.updated_ms = clock_.now_unix_ms();
-    std::vector<CampaignDeviceRecord> rows;
-    for (auto& d : *devices) {
-      if (!sel->matches(d.labels)) continue;
-      const uint64_t gen = d.generation + 1;
-      rows.push_back({c.id, d.id, "pending", gen, c.created_ms, "", ""});
-      targets.emplace_back(std::move(d), gen);
-    }
-    if (rows.empty()) {
-      return make_error(Errc::invalid_argument, "selector '" + sel->text() + "' matches no enrolled device");
-    }
-    if (auto s = store_.insert_campaign(c, rows); !s) return s.error();
-    // Campaigns whose last unfinished devices were just superseded are done.
-    if (auto all = store_.list_campaigns(); all) {
-      for (const auto& other : *all) {
-        if (other.id != c.id && other.state == "running") refresh_campaign_state(other.id);
-      }
-    }
-  }
-  // The desired state is committed first; publishing is idempotent (same
-  // generation) and redone at start-up for rows still pending.
-  for (const auto& [d, gen] : targets) {
-    if (auto s = publish_desired(d, bundle, gen, c.id); !s) {
-      log::get("hub")->warn("publish desired device={} failed, will retry at reconnect: {}", d.id, s.error().message);
-    }
-  }
-  log::get("hub")->info("campaign created id={} bundle={} devices={}", c.id, bundle.id, targets.size());
-  return c;
-}
-
 Status HubService::publish_desired(const DeviceRecord& d, const BundleRecord& b, uint64_t generation,
-                                   const std::string& campaign_id) {
+                                   const std::string& campaign_id, bool rollback) {
   if (!transport_) return make_error(Errc::unavailable, "no broker connection", true);
   v1::DesiredState ds;
   ds.set_device_id(d.id);
@@ -295,78 +240,13 @@ Status HubService::publish_desired(const DeviceRecord& d, const BundleRecord& b,
   ds.set_campaign_id(campaign_id);
   ds.set_issued_unix_ms(clock_.now_unix_ms());
   ds.set_artifact_base_url(cfg_.public_url + "/v1/artifacts/");
+  ds.set_rollback(rollback);
   if (!ds.mutable_bundle()->ParseFromString(b.envelope)) {
     return make_error(Errc::internal, "stored bundle " + b.id + " does not parse");
   }
-  return transport_->publish({transport::device_topic(d.id, "desired"), ds.SerializeAsString(), 1, true});
-}
-
-void HubService::republish_pending() {
-  std::vector<std::tuple<DeviceRecord, BundleRecord, uint64_t, std::string>> work;
-  {
-    std::lock_guard lock(store_mu_);
-    auto campaigns = store_.list_campaigns();
-    if (!campaigns) return;
-    for (const auto& c : *campaigns) {
-      if (c.state != "running") continue;
-      auto b = store_.get_bundle(c.bundle_id, true);
-      auto rows = store_.campaign_devices(c.id);
-      if (!b || !*b || !rows) continue;
-      for (const auto& row : *rows) {
-        if (row.status != "pending") continue;
-        auto d = store_.get_device(row.device_id);
-        if (d && *d && (*d)->generation == row.generation) work.emplace_back(**d, **b, row.generation, c.id);
-      }
-    }
-  }
-  for (const auto& [d, b, gen, cid] : work) (void)publish_desired(d, b, gen, cid);
-  if (!work.empty()) log::get("hub")->info("republished desired state for {} pending devices", work.size());
-}
-
-Result<std::optional<CampaignView>> HubService::campaign_view(const std::string& id, bool with_devices) {
-  std::lock_guard lock(store_mu_);
-  auto c = store_.get_campaign(id);
-  if (!c) return c.error();
-  if (!*c) return std::optional<CampaignView>();
-  CampaignView v;
-  v.campaign = **c;
-  if (auto b = store_.get_bundle(v.campaign.bundle_id, false); b && *b) v.bundle = **b;
-  auto rows = store_.campaign_devices(id);
-  if (!rows) return rows.error();
-  auto devices = store_.list_devices();
-  if (!devices) return devices.error();
-  std::map<std::string, bool> online;
-  for (const auto& d : *devices) online[d.id] = d.online;
-  for (const auto& r : *rows) {
-    ++v.counts.total;
-    if (r.status == "applied") ++v.counts.applied;
-    else if (r.status == "failed") {
-      ++v.counts.failed;
-      ++v.failure_reasons[r.reason.empty() ? "unknown" : r.reason];
-    } else if (r.status == "superseded") ++v.counts.superseded;
-    else if (r.status == "in_progress") ++v.counts.in_progress;
-    else ++v.counts.pending;
-    if (!final_status(r.status) && !online[r.device_id]) ++v.counts.offline;
-  }
-  if (with_devices) v.devices = std::move(*rows);
-  return std::optional<CampaignView>(std::move(v));
-}
-
-Result<std::vector<CampaignView>> HubService::list_campaigns() {
-  std::vector<CampaignRecord> records;
-  {
-    std::lock_guard lock(store_mu_);
-    auto c = store_.list_campaigns();
-    if (!c) return c.error();
-    records = std::move(*c);
-  }
-  std::vector<CampaignView> out;
-  for (const auto& c : records) {
-    auto v = campaign_view(c.id, false);
-    if (!v) return v.error();
-    if (*v) out.push_back(std::move(**v));
-  }
-  return out;
+  auto published = transport_->publish({transport::device_topic(d.id, "desired"), ds.SerializeAsString(), 1, true});
+  ++(published ? desired_published_ : desired_publish_failures_);
+  return published;
 }
 
 Result<std::vector<DeviceRecord>> HubService::list_devices(const Selector& sel) {
@@ -384,6 +264,8 @@ Result<std::optional<DeviceRecord>> HubService::get_device(const std::string& id
 }
 
 void HubService::on_message(transport::Message&& msg) {
+  const bool is_report = msg.topic.ends_with("/report");
+  ++(is_report ? reports_received_ : msg.topic.ends_with("/presence") ? presence_received_ : other_received_);
   std::unique_lock lock(q_mu_);
   // Back-pressure instead of loss: while the queue is full the MQTT client
   // stops reading and the broker holds the QoS 1 messages.
@@ -417,9 +299,11 @@ void HubService::drain() {
     }
     if (batch.empty()) return;
     std::lock_guard lock(store_mu_);
+    const auto started = std::chrono::steady_clock::now();
     sql::Transaction tx(store_.db());
     for (const auto& m : batch) process(m);
     if (auto s = tx.commit(); !s) log::get("hub")->error("commit report batch failed: {}", s.error().message);
+    report_commit_seconds_.observe(std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count());
   }
 }
 
@@ -438,7 +322,8 @@ void HubService::process(const transport::Message& msg) {
     handle_report(device_id, r);
   } else if (leaf == "presence") {
     v1::Presence p;
-    if (msg.payload.empty()) return;  // a cleared retained message
+    // Zero bytes is both Presence{online=false} in proto3 and a cleared
+    // retained message: either way the device is not there.
     if (!p.ParseFromString(msg.payload)) return;
     handle_presence(device_id, p);
   }
@@ -451,7 +336,7 @@ void HubService::handle_presence(const std::string& device_id, const v1::Presenc
   dev.online = p.online();
   dev.last_seen_ms = std::max(dev.last_seen_ms, clock_.now_unix_ms());
   if (!p.agent_version().empty()) dev.agent_version = p.agent_version();
-  (void)store_.save_device_state(dev);
+  if (store_.save_device_state(dev)) ++presence_processed_;
 }
 
 void HubService::handle_report(const std::string& device_id, const v1::Report& r) {
@@ -490,29 +375,7 @@ void HubService::handle_report(const std::string& device_id, const v1::Report& r
     return;
   }
   ++reports_processed_;
-  if (r.campaign_id().empty()) return;
-  auto cd = store_.campaign_device(r.campaign_id(), device_id);
-  if (!cd || !*cd || (*cd)->generation != r.generation()) return;
-  CampaignDeviceRecord row = **cd;
-  const std::string status = campaign_status_for(r.state());
-  if (row.status == status) return;
-  // A final outcome for this generation is counted once and never rewritten.
-  if (final_status(row.status)) return;
-  row.status = status;
-  row.updated_ms = clock_.now_unix_ms();
-  row.reason = r.has_error() ? reason_name(r.error().reason()) : "";
-  if (row.reason == "none") row.reason.clear();
-  row.message = r.has_error() ? r.error().message().substr(0, 1024) : "";
-  (void)store_.save_campaign_device(row);
-  if (final_status(status)) refresh_campaign_state(r.campaign_id());
-}
-
-void HubService::refresh_campaign_state(const std::string& campaign_id) {
-  auto rows = store_.campaign_devices(campaign_id);
-  if (!rows) return;
-  for (const auto& r : *rows) if (!final_status(r.status)) return;
-  (void)store_.set_campaign_state(campaign_id, "completed", clock_.now_unix_ms());
-  log::get("hub")->info("campaign completed id={}", campaign_id);
+  if (!r.campaign_id().empty()) on_campaign_report(device_id, r);
 }
 
 }  // namespace flotilla::hub

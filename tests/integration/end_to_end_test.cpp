@@ -383,5 +383,7 @@ TEST_CASE("after kill -9 the hub restarts on the same data with a fresh broker",
 
   auto b = make_bundle("edge-base", 1, {kConfigDropIn}, {&fleet.release});
   json c = run_campaign(fleet.hub, fleet.push(b), "env=it");
+  INFO(c.dump(2));
+  INFO(fleet.hub.devices().dump(2));
   CHECK(c["counts"]["applied"] == 2);
 }

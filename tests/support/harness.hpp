@@ -68,6 +68,13 @@ class Hub {
   std::string broker_password() const;
 
   std::string enrollment_token(const std::map<std::string, std::string>& labels, int max_uses = 0);
+  // An enrollment token whose devices belong to project (made with the admin token).
+  std::string project_enrollment_token(const std::string& project, const std::map<std::string, std::string>& labels,
+                                       int max_uses = 0);
+  // A new API token (secret) with role and project, made with the admin token.
+  std::string api_token(const std::string& role, const std::string& project);
+  // Every audit entry, oldest first (follows the pages).
+  json audit();
   json device(const std::string& id);
   json devices(const std::string& selector = "");
   json campaign(const std::string& id, bool with_devices = false);
@@ -97,6 +104,13 @@ class Agent {
   std::string device_id() const;
   std::string mqtt_password() const;
   std::string log() const;
+  // Starts with extra environment (e.g. FLOTILLA_AGENT_CRASH_AT).
+  void start_with_env(const std::map<std::string, std::string>& env);
+  // The exit status once the agent process ended, or nullopt at the timeout.
+  std::optional<int> wait_exit(std::chrono::milliseconds timeout);
+  // Appends lines to the agent's config file (before start).
+  void append_config(const std::string& yaml_lines);
+  pid_t pid() const { return child_.pid(); }
 
  private:
   void kill_k3s();

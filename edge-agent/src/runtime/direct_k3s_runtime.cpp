@@ -18,13 +18,22 @@ std::string trim(std::string s) {
 }
 }  // namespace
 
-DirectK3sRuntime::DirectK3sRuntime(DirectRuntimeConfig cfg) : cfg_(std::move(cfg)) {
+DirectK3sRuntime::DirectK3sRuntime(DirectRuntimeConfig cfg, std::unique_ptr<ServiceManager> service)
+    : cfg_(std::move(cfg)), service_(std::move(service)) {
   if (cfg_.k3s_bin.empty()) cfg_.k3s_bin = (cfg_.root / "usr/local/bin/k3s").string();
 }
 
 std::filesystem::path DirectK3sRuntime::config_path() const { return cfg_.root / "etc/rancher/k3s/config.yaml"; }
 std::filesystem::path DirectK3sRuntime::kubeconfig_path() const { return cfg_.root / "etc/rancher/k3s/k3s.yaml"; }
 std::filesystem::path DirectK3sRuntime::pidfile() const { return cfg_.root / "run/flotilla/k3s.pid"; }
+std::filesystem::path DirectK3sRuntime::serving_cert_path() const {
+  return cfg_.root / "var/lib/rancher/k3s/server/tls/serving-kube-apiserver.crt";
+}
+
+int64_t DirectK3sRuntime::serving_cert_expiry() {
+  auto t = pem_cert_not_after(serving_cert_path());
+  return t ? *t : 0;
+}
 
 Result<std::string> DirectK3sRuntime::version() {
   if (!std::filesystem::exists(cfg_.k3s_bin)) return std::string();
@@ -67,6 +76,7 @@ pid_t DirectK3sRuntime::running_pid() {
 }
 
 void DirectK3sRuntime::stop() {
+  if (service_) return service_->stop();
   pid_t pid = running_pid();
   if (pid <= 0) return;
   // k3s runs in its own process group (we started it with setsid-like setpgid).
@@ -107,20 +117,31 @@ Status DirectK3sRuntime::start() {
 }
 
 Status DirectK3sRuntime::restart() {
+  if (service_) {
+    if (auto s = write_base_config(); !s) return s;
+    // A stale kubeconfig would let the health gate talk to the old server.
+    std::filesystem::remove(kubeconfig_path());
+    return service_->restart();
+  }
   stop();
   return start();
 }
 
 Status DirectK3sRuntime::ensure_running() {
-  if (running_pid() > 0) return {};
   if (!std::filesystem::exists(cfg_.k3s_bin)) return {};  // nothing installed yet
+  if (service_) {
+    if (service_->active()) return {};
+    if (auto s = write_base_config(); !s) return s;
+    return service_->start();
+  }
+  if (running_pid() > 0) return {};
   return start();
 }
 
 K3sHealth DirectK3sRuntime::health() {
   K3sHealth h;
   ::waitpid(-1, nullptr, WNOHANG);  // reap a k3s that died, so its pid reads as gone
-  if (running_pid() <= 0) {
+  if (service_ ? !service_->active() : running_pid() <= 0) {
     h.detail = "k3s is not running";
     return h;
   }

@@ -62,23 +62,6 @@ BundleRecord bundle_from(const sql::Stmt& s, bool with_envelope) {
   return b;
 }
 
-CampaignRecord campaign_from(const sql::Stmt& s) {
-  return CampaignRecord{s.col_text(0), s.col_text(1), s.col_text(2), s.col_text(3),
-                        s.col_text(4), s.col_int(5),  s.col_int(6)};
-}
-
-CampaignDeviceRecord cd_from(const sql::Stmt& s) {
-  CampaignDeviceRecord c;
-  c.campaign_id = s.col_text(0);
-  c.device_id = s.col_text(1);
-  c.status = s.col_text(2);
-  c.generation = static_cast<uint64_t>(s.col_int(3));
-  c.updated_ms = s.col_int(4);
-  c.reason = s.col_text(5);
-  c.message = s.col_text(6);
-  return c;
-}
-
 template <class T, class F>
 Result<std::vector<T>> collect(sql::Db& db, const std::string& sqltext, F&& row, const std::string& bind1 = "") {
   auto st = db.prepare(sqltext);
@@ -105,7 +88,7 @@ Result<std::unique_ptr<Store>> Store::open(const std::string& path) {
 }
 
 Status Store::migrate() {
-  return db_->exec(R"SQL(
+  if (auto s = db_->exec(R"SQL(
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS tokens (
   id TEXT PRIMARY KEY, kind TEXT NOT NULL, secret_hash TEXT NOT NULL UNIQUE, name TEXT NOT NULL,
@@ -136,7 +119,20 @@ CREATE TABLE IF NOT EXISTS campaign_devices (
   status TEXT NOT NULL, generation INTEGER NOT NULL, updated_ms INTEGER NOT NULL,
   reason TEXT NOT NULL DEFAULT '', message TEXT NOT NULL DEFAULT '',
   PRIMARY KEY (campaign_id, device_id));
-)SQL");
+-- Append-only: one row per mutating API call (docs/security.md). The triggers
+-- make the store itself refuse to rewrite history, not just the hub's code.
+CREATE TABLE IF NOT EXISTS audit_log (
+  id INTEGER PRIMARY KEY AUTOINCREMENT, time_ms INTEGER NOT NULL, actor TEXT NOT NULL,
+  actor_name TEXT NOT NULL, role TEXT NOT NULL, project TEXT NOT NULL, method TEXT NOT NULL,
+  path TEXT NOT NULL, detail TEXT NOT NULL, status INTEGER NOT NULL, peer TEXT NOT NULL);
+CREATE TRIGGER IF NOT EXISTS audit_log_no_update BEFORE UPDATE ON audit_log
+  BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS audit_log_no_delete BEFORE DELETE ON audit_log
+  BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END;
+)SQL"); !s) {
+    return s;
+  }
+  return migrate_campaigns();
 }
 
 Status Store::insert_token(const std::string& kind, const TokenRecord& t, const std::string& secret_hash) {
@@ -239,7 +235,10 @@ Status Store::save_device_state(const DeviceRecord& d) {
   auto st = db_->prepare(
       "UPDATE devices SET last_seen_ms=?, online=?, state=?, applied_bundle=?, applied_version=?, "
       "k3s_version=?, node_ready=?, last_reason=?, last_message=?, last_seq=?, generation=?, "
-      "desired_bundle_id=?, campaign_id=?, agent_version=?, arch=? WHERE id=?");
+      "desired_bundle_id=?, campaign_id=?, agent_version=?, arch=? "
+      // A report or presence message still queued when a device was
+      // decommissioned must not bring it back to life.
+      "WHERE id=? AND state != 'decommissioned'");
   if (!st) return st.error();
   st->bind(1, d.last_seen_ms).bind(2, d.online ? 1 : 0).bind(3, std::string_view(d.state))
       .bind(4, std::string_view(d.applied_bundle)).bind(5, static_cast<int64_t>(d.applied_version))
@@ -298,100 +297,6 @@ Result<std::optional<BundleRecord>> Store::get_bundle(const std::string& key, bo
 Result<std::vector<BundleRecord>> Store::list_bundles() {
   return collect<BundleRecord>(*db_, std::string("SELECT ") + kBundleCols + " FROM bundles ORDER BY uploaded_ms",
                                [](const sql::Stmt& s) { return bundle_from(s, false); });
-}
-
-Status Store::insert_campaign(const CampaignRecord& c, const std::vector<CampaignDeviceRecord>& devices) {
-  sql::Transaction tx(*db_);
-  if (!tx.ok()) return make_error(Errc::unavailable, "cannot begin transaction", true);
-  {
-    auto st = db_->prepare(
-        "INSERT INTO campaigns (id, name, bundle_id, selector, state, created_ms, updated_ms) VALUES (?,?,?,?,?,?,?)");
-    if (!st) return st.error();
-    st->bind(1, std::string_view(c.id)).bind(2, std::string_view(c.name)).bind(3, std::string_view(c.bundle_id))
-        .bind(4, std::string_view(c.selector)).bind(5, std::string_view(c.state)).bind(6, c.created_ms)
-        .bind(7, c.updated_ms);
-    if (auto r = st->run(); !r) return r.error();
-  }
-  auto ins = db_->prepare(
-      "INSERT INTO campaign_devices (campaign_id, device_id, status, generation, updated_ms) VALUES (?,?,?,?,?)");
-  if (!ins) return ins.error();
-  // A device follows only its newest campaign: unfinished rows elsewhere are superseded.
-  auto sup = db_->prepare(
-      "UPDATE campaign_devices SET status = 'superseded', updated_ms = ? "
-      "WHERE device_id = ? AND campaign_id != ? AND status IN ('pending', 'in_progress')");
-  if (!sup) return sup.error();
-  auto upd = db_->prepare("UPDATE devices SET generation = ?, desired_bundle_id = ?, campaign_id = ? WHERE id = ?");
-  if (!upd) return upd.error();
-  for (const auto& d : devices) {
-    ins->reset();
-    ins->bind(1, std::string_view(d.campaign_id)).bind(2, std::string_view(d.device_id))
-        .bind(3, std::string_view(d.status)).bind(4, static_cast<int64_t>(d.generation)).bind(5, d.updated_ms);
-    if (auto r = ins->run(); !r) return r.error();
-    sup->reset();
-    sup->bind(1, d.updated_ms).bind(2, std::string_view(d.device_id)).bind(3, std::string_view(c.id));
-    if (auto r = sup->run(); !r) return r.error();
-    upd->reset();
-    upd->bind(1, static_cast<int64_t>(d.generation)).bind(2, std::string_view(c.bundle_id))
-        .bind(3, std::string_view(c.id)).bind(4, std::string_view(d.device_id));
-    if (auto r = upd->run(); !r) return r.error();
-  }
-  return tx.commit();
-}
-
-Result<std::optional<CampaignRecord>> Store::get_campaign(const std::string& id) {
-  auto st = db_->prepare(
-      "SELECT id, name, bundle_id, selector, state, created_ms, updated_ms FROM campaigns WHERE id = ?");
-  if (!st) return st.error();
-  st->bind(1, std::string_view(id));
-  auto r = st->step();
-  if (!r) return r.error();
-  if (!*r) return std::optional<CampaignRecord>();
-  return std::optional<CampaignRecord>(campaign_from(*st));
-}
-
-Result<std::vector<CampaignRecord>> Store::list_campaigns() {
-  return collect<CampaignRecord>(
-      *db_, "SELECT id, name, bundle_id, selector, state, created_ms, updated_ms FROM campaigns ORDER BY created_ms",
-      campaign_from);
-}
-
-Status Store::set_campaign_state(const std::string& id, const std::string& state, int64_t now_ms) {
-  auto st = db_->prepare("UPDATE campaigns SET state = ?, updated_ms = ? WHERE id = ?");
-  if (!st) return st.error();
-  st->bind(1, std::string_view(state)).bind(2, now_ms).bind(3, std::string_view(id));
-  return st->run();
-}
-
-Result<std::vector<CampaignDeviceRecord>> Store::campaign_devices(const std::string& campaign_id) {
-  return collect<CampaignDeviceRecord>(
-      *db_,
-      "SELECT campaign_id, device_id, status, generation, updated_ms, reason, message FROM campaign_devices "
-      "WHERE campaign_id = ? ORDER BY device_id",
-      cd_from, campaign_id);
-}
-
-Result<std::optional<CampaignDeviceRecord>> Store::campaign_device(const std::string& campaign_id,
-                                                                   const std::string& device_id) {
-  auto st = db_->prepare(
-      "SELECT campaign_id, device_id, status, generation, updated_ms, reason, message FROM campaign_devices "
-      "WHERE campaign_id = ? AND device_id = ?");
-  if (!st) return st.error();
-  st->bind(1, std::string_view(campaign_id)).bind(2, std::string_view(device_id));
-  auto r = st->step();
-  if (!r) return r.error();
-  if (!*r) return std::optional<CampaignDeviceRecord>();
-  return std::optional<CampaignDeviceRecord>(cd_from(*st));
-}
-
-Status Store::save_campaign_device(const CampaignDeviceRecord& cd) {
-  auto st = db_->prepare(
-      "UPDATE campaign_devices SET status = ?, updated_ms = ?, reason = ?, message = ? "
-      "WHERE campaign_id = ? AND device_id = ?");
-  if (!st) return st.error();
-  st->bind(1, std::string_view(cd.status)).bind(2, cd.updated_ms).bind(3, std::string_view(cd.reason))
-      .bind(4, std::string_view(cd.message)).bind(5, std::string_view(cd.campaign_id))
-      .bind(6, std::string_view(cd.device_id));
-  return st->run();
 }
 
 }  // namespace flotilla::hub

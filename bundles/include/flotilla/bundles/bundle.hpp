@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <map>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -18,10 +19,26 @@ namespace flotilla::bundles {
 inline constexpr size_t kMaxManifestBytes = 4u << 20;   // 4 MiB: files travel inline
 inline constexpr size_t kMaxEnvelopeBytes = kMaxManifestBytes + 64 * 1024;
 inline constexpr size_t kMaxSignatures = 32;
-inline constexpr size_t kMaxFiles = 1024;
+inline constexpr size_t kMaxFiles = 1024;           // base files plus every overlay's files
+inline constexpr size_t kMaxArtifacts = 64;
+inline constexpr size_t kMaxOverlays = 64;
+inline constexpr uint64_t kMaxArtifactBytes = uint64_t{8} << 30;  // 8 GiB: airgap image tarballs are big
+// The k3s config drop-in that carries the k3s_config keys of matching overlays
+// (see resolve() in overlay.hpp). Reserved: no bundle file may use the name.
+inline constexpr const char* kOverlayDropInName = "99-flotilla-overlays.yaml";
 
-// Reads <dir>/bundle.yaml and the files it names into a manifest.
+// Reads <dir>/bundle.yaml, the files it names and the artifacts it lists
+// (hashed while streaming, never loaded whole) into a manifest.
 Result<v1::BundleManifest> load_spec(const std::filesystem::path& dir, const Clock& clock);
+
+// Where each artifact of the last load_spec() came from, so `bundle build`
+// can place the bytes next to its output for `bundle push`.
+struct ArtifactSource {
+  std::string sha256_hex;
+  std::filesystem::path path;
+};
+Result<v1::BundleManifest> load_spec(const std::filesystem::path& dir, const Clock& clock,
+                                     std::vector<ArtifactSource>* sources);
 
 // Deterministic serialization (map entries sorted): the same manifest always
 // gives the same bytes. (A build records its creation time, so two builds differ.)
@@ -44,6 +61,8 @@ std::string manifest_digest_hex(const v1::SignedBundle& b);
 struct Keyring {
   std::map<std::string, PublicKey> keys;  // by key id
   unsigned threshold = 1;
+  std::map<std::string, int64_t> expires;  // by key id; signatures at or after this time do not count
+  std::set<std::string> revoked;           // key ids whose signatures are refused as REASON_KEY_REVOKED
   void add(const PublicKey& k) { keys[k.key_id] = k; }
 };
 
@@ -64,13 +83,26 @@ struct Verdict {
 };
 
 // Accept, or one specific reason. Checks in this order: size, signatures
-// (unsigned, unknown key, bad signature, threshold counting distinct keys),
-// manifest shape, expiry, arch, labels, version above the highest applied.
+// (unsigned; then, when fewer distinct valid keys than the threshold: bad
+// signature by a trusted key, revoked key, expired key, unknown key, threshold
+// not met), manifest shape (files, artifacts, overlays), expiry, arch, labels,
+// version above the highest applied. The rollback check is deliberately last:
+// a caller that allows a campaign rollback to an exact earlier manifest can
+// accept REASON_ROLLBACK_VERSION knowing everything else passed.
 Verdict verify(const v1::SignedBundle& bundle, const Keyring& ring, const VerifyPolicy& policy);
+
+// Empty when the manifest's files, artifacts and overlays are well formed;
+// otherwise what is wrong (verify() refuses with REASON_MALFORMED_MANIFEST).
+std::string check_manifest_shape(const v1::BundleManifest& m);
 
 // File kind names as written in bundle.yaml and shown by tools.
 std::string file_kind_name(v1::FileKind k);
 Result<v1::FileKind> parse_file_kind(const std::string& name);
+std::string artifact_kind_name(v1::ArtifactKind k);
+Result<v1::ArtifactKind> parse_artifact_kind(const std::string& name);
+// A k3s config key an overlay may set: letters, digits, '-', '_', '.', and a
+// trailing '+' (k3s's "append" form), at most 128 bytes.
+bool valid_k3s_config_key(const std::string& key);
 // A plain file name: no '/', not '.', '..' or hidden, printable, <= 128 bytes.
 bool valid_file_name(const std::string& name);
 

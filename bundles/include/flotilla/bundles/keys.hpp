@@ -1,6 +1,7 @@
 #pragma once
 // Ed25519 signing keys (RFC 8032, via libsodium) and their files.
 #include <filesystem>
+#include <optional>
 #include <string>
 
 #include "flotilla/common/encoding.hpp"
@@ -28,10 +29,27 @@ Result<KeyPair> key_from_seed(const Bytes& seed);
 std::string public_key_text(const PublicKey& k);
 Result<PublicKey> parse_public_key_text(const std::string& text);
 
+// How hard a passphrase is stretched (libsodium crypto_pwhash, Argon2id 1.3).
+// The limits are stored in the key file, so changing the defaults never
+// locks out existing keys.
+struct PassphraseCost {
+  unsigned long long opslimit = 3;            // crypto_pwhash_OPSLIMIT_MODERATE
+  size_t memlimit = 256u << 20;               // crypto_pwhash_MEMLIMIT_MODERATE (256 MiB)
+};
+
 // Private key files are created 0600 and refused if group/other can read them.
+// With a passphrase the secret is sealed with crypto_secretbox under a key
+// derived by Argon2id (docs/bundle-format.md, "Keys").
 Status write_private_key(const std::filesystem::path& path, const KeyPair& key);
+Status write_private_key(const std::filesystem::path& path, const KeyPair& key, const std::string& passphrase,
+                         PassphraseCost cost = {});
 Status write_public_key(const std::filesystem::path& path, const PublicKey& key);
-Result<KeyPair> read_private_key(const std::filesystem::path& path);
+// An encrypted key file needs the passphrase; without one the error says so
+// (Errc::unauthenticated) and a wrong one fails the same way.
+Result<KeyPair> read_private_key(const std::filesystem::path& path,
+                                 const std::optional<std::string>& passphrase = std::nullopt);
+// True when the file is a passphrase-protected private key.
+bool is_encrypted_private_key(const std::filesystem::path& path);
 // Accepts a public key file, a private key file (its public half) or "ed25519:<b64>".
 Result<PublicKey> read_public_key(const std::string& path_or_text);
 

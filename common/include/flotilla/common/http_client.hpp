@@ -3,6 +3,8 @@
 // agent's enrollment and artifact downloads. Every call has a deadline and a
 // cap on the response body.
 #include <chrono>
+#include <cstdint>
+#include <filesystem>
 #include <map>
 #include <string>
 
@@ -35,5 +37,25 @@ struct Response {
 
 // Network failures are retryable errors; any HTTP status is a Response.
 Result<Response> send(const Request& req);
+
+// Streaming download to a file, for artifacts: the body goes to disk in
+// 64 KiB pieces and never sits in memory whole. An existing file at `path`
+// is resumed with a Range request (206 appends; 200 restarts from zero; 416
+// means the file is already complete). A connection that drops mid-body is
+// resumed up to max_attempts times.
+struct DownloadOptions {
+  std::chrono::milliseconds io_timeout{30000};  // per read, not the whole transfer
+  uint64_t max_bytes = uint64_t{1} << 32;       // more than this in total: too_large
+  int max_attempts = 5;
+  std::map<std::string, std::string> headers;
+};
+struct DownloadResult {
+  uint64_t size = 0;     // bytes in the file now
+  int requests = 0;      // HTTP requests made (1 when nothing was resumed)
+  uint64_t resumed_from = 0;  // offset of the first request
+};
+// HTTP errors: 404 is not_found, other statuses unavailable (5xx retryable).
+Result<DownloadResult> download_to_file(const std::string& url, const std::filesystem::path& path,
+                                        const DownloadOptions& opts = {});
 
 }  // namespace flotilla::http

@@ -29,6 +29,7 @@ class Stmt {
   Stmt& bind(int i, std::string_view v);
   Stmt& bind_blob(int i, std::string_view v);
   Stmt& bind_null(int i);
+  Stmt& bind_double(int i, double v);
   Stmt& bind(int i, const std::optional<std::string>& v) {
     return v ? bind(i, std::string_view(*v)) : bind_null(i);
   }
@@ -40,6 +41,7 @@ class Stmt {
   void reset();
 
   int64_t col_int(int i) const;
+  double col_double(int i) const;
   std::string col_text(int i) const;
   std::string col_blob(int i) const;
   bool col_is_null(int i) const;

@@ -1,9 +1,13 @@
 #pragma once
 // The agent core: one desired-state message in, reports out. Single-threaded;
-// the daemon (session.hpp) and the simulator feed it.
+// the daemon (daemon.hpp) and the simulator feed it. Every step of an apply
+// is journaled (StateStore::journal) and the node-changing part is bracketed
+// by a persisted InFlight record, so start() after a crash rolls a
+// half-installed node back (docs/agent.md, "Journal and recovery").
 #include <functional>
 #include <map>
 #include <string>
+#include <vector>
 
 #include "flotilla/agent/seams.hpp"
 #include "flotilla/bundles/bundle.hpp"
@@ -13,7 +17,15 @@
 
 namespace flotilla::agent {
 
-inline constexpr const char* kAgentVersion = "0.1.0";
+inline constexpr const char* kAgentVersion = "0.2.0";
+
+// The journaled steps of an apply, in order (rollback replaces the last two
+// when the health gate or the restart fails).
+inline const std::vector<std::string>& apply_steps() {
+  static const std::vector<std::string> steps = {"verify", "space",   "download", "backup", "install",
+                                                 "restart", "health", "commit",   "rollback"};
+  return steps;
+}
 
 struct CoreConfig {
   std::string device_id;
@@ -23,6 +35,16 @@ struct CoreConfig {
   std::chrono::milliseconds health_timeout{60000};
   std::chrono::milliseconds health_poll{250};
   uint64_t min_free_bytes = 16u << 20;       // refuse to install below this
+  std::string state_dir = "/var/lib/flotilla";   // device path: staging/, backup/
+  std::string k3s_bin = "/usr/local/bin/k3s";    // where a K3S_BINARY artifact goes
+  uint64_t max_artifact_bytes = uint64_t{4} << 30;
+  uint32_t max_interrupted = 3;              // crashes of one generation before giving up
+  // Test hook (FLOTILLA_AGENT_CRASH_AT=<step>:<begin|end>): _exit(137) right
+  // after journaling that step boundary, to prove recovery from kill -9.
+  std::string crash_at;
+  // Called at every journaled step boundary (step, "begin"/"end"); unit
+  // tests throw from it to simulate a crash at that exact point.
+  std::function<void(const std::string&, const std::string&)> step_hook;
 };
 
 class Agent {
@@ -30,19 +52,32 @@ class Agent {
   using Reporter = std::function<void(v1::Report&&)>;
 
   Agent(CoreConfig cfg, K3sRuntime& runtime, FileTree& files, StateStore& state, const Clock& clock,
-        Reporter reporter);
+        Reporter reporter, Downloader* downloader = nullptr);
 
-  Status start();  // loads persisted state
-  // Handles one raw desired-state payload end to end (verify, install,
-  // restart, health gate, commit or roll back), reporting as it goes.
+  // Loads persisted state and finishes what a crash left: an unfinished
+  // apply is rolled back (the retained desired state then applies it again).
+  Status start();
+  // Handles one raw desired-state payload end to end (verify, download,
+  // install, restart, health gate, commit or roll back), reporting as it goes.
   void handle_desired(const std::string& payload);
   // An inventory report (on connect and when something changed).
   void report_inventory();
+  // An idle report carrying a reason (e.g. REASON_CREDENTIALS_REVOKED after the fact).
+  void report_note(v1::Reason reason, const std::string& message);
+  // Compares installed files with the applied bundle; repairs and reports
+  // (REASON_DRIFT) what differs. Returns the drifted paths.
+  std::vector<std::string> check_drift();
+
+  // Final outcomes not yet confirmed delivered; the daemon re-publishes them
+  // after (re)connecting and calls outbox_delivered once the broker acked.
+  const std::map<uint64_t, std::string>& outbox() const { return state_.outbox; }
+  void outbox_delivered(uint64_t up_to_seq);
 
   const AppliedState& applied() const { return state_; }
 
   // Where each kind of bundle file lives on a device (k3s's own layout).
   static std::string path_for(const v1::BundleFile& f);
+  std::string artifact_path(const v1::Artifact& a) const;
 
  private:
   struct Attempt {
@@ -51,13 +86,26 @@ class Agent {
     std::string bundle_name;
     uint64_t bundle_version = 0;
   };
+  v1::Report make_report(v1::AgentState state, const Attempt& a, v1::Reason reason, const std::string& message,
+                         uint32_t progress, bool with_inventory);
   void report(v1::AgentState state, const Attempt& a, v1::Reason reason = v1::REASON_NONE,
               const std::string& message = "", uint32_t progress = 0, bool with_inventory = false);
+  // A final outcome that records the generation: persisted with the state
+  // change (outbox) before it is published.
+  void finish(v1::AgentState state, const Attempt& a, v1::Reason reason, const std::string& message);
   v1::Inventory inventory();
   v1::AppliedBundle applied_bundle() const;
-  using Backup = std::map<std::string, std::optional<FileData>>;
-  Status install(const v1::BundleManifest& m, Backup& backup, std::vector<PlacedFile>& placed);
-  void restore(const Backup& backup);
+  void step(const std::string& name, const char* phase, const std::string& detail = "");
+  Status save();
+  std::string backup_dir() const { return cfg_.state_dir + "/backup"; }
+  std::string staging_dir() const { return cfg_.state_dir + "/staging"; }
+  // Returns REASON_NONE when every artifact is staged (or already installed).
+  v1::Reason fetch_artifacts(const v1::BundleManifest& m, const std::string& base_url, std::string& why);
+  Status stage_one(const v1::Artifact& a, const std::string& url, v1::Reason& reason);
+  Status backup(const v1::BundleManifest& m);
+  Status install(const v1::BundleManifest& m, std::vector<PlacedFile>& placed);
+  void restore(const std::vector<BackupEntry>& backups);
+  void recover();
 
   CoreConfig cfg_;
   K3sRuntime& runtime_;
@@ -65,9 +113,12 @@ class Agent {
   StateStore& store_;
   const Clock& clock_;
   Reporter reporter_;
+  Downloader* downloader_;
   AppliedState state_;
   uint64_t seq_ = 0;
   bool last_node_ready_ = false;
+  std::string apply_id_;
+  uint64_t apply_generation_ = 0;
 };
 
 }  // namespace flotilla::agent

@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "flotilla/common/backoff.hpp"
 #include "flotilla/common/options.hpp"
 #include "flotilla/common/result.hpp"
 
@@ -26,12 +27,25 @@ struct AgentConfig {
   std::string state_dir = "/var/lib/flotilla";
   std::chrono::milliseconds health_timeout{60000};
   std::chrono::milliseconds reconnect_max{300000};
+  std::string service_manager = "auto";  // auto, systemd, openrc, direct
+  std::string tls_ca_file;               // pinned CA for ssl:// brokers (device path)
+  std::chrono::milliseconds drift_interval{600000};  // 0 = no drift checks
+  uint64_t min_free_bytes = 64u << 20;
+  std::chrono::milliseconds revoked_retry{600000};   // retry period once the broker keeps refusing us
+  std::chrono::milliseconds download_timeout{30000}; // per read while downloading artifacts
+  std::string crash_at;                  // FLOTILLA_AGENT_CRASH_AT test hook (docs/agent.md)
 };
 
 void add_agent_options(Options& o);
 // Validates every value; errors name the setting and where it came from.
 Result<AgentConfig> agent_config_from(const Options& o);
 std::string detect_arch();
+// The broker reconnect policy: exponential with full jitter, seeded per
+// device (and process), so a fleet that lost its broker together does not
+// come back in lockstep.
+Backoff make_reconnect_backoff(const std::string& device_id, std::chrono::milliseconds cap, uint64_t salt);
+// "64MiB", "1GiB", "500MB", "12345": bytes.
+Result<uint64_t> parse_size(const std::string& text);
 
 // Runs until *stop becomes true. Returns an error only for problems a
 // restart would not fix (bad configuration, unusable state directory).

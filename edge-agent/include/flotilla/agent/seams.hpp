@@ -1,8 +1,11 @@
 #pragma once
 // The agent core's seams, owned here by their consumer: the k3s runtime it
-// drives, the file tree it installs into and the store that remembers what
-// it applied. Real implementations: runtime/direct_k3s_runtime.cpp,
-// disk_file_tree.cpp, sqlite_state_store.cpp. The simulator brings in-memory ones.
+// drives (and the service manager under it), the file tree it installs into,
+// the downloader that fetches artifacts and the store that remembers what it
+// applied and journals each step. Real implementations:
+// runtime/direct_k3s_runtime.cpp, runtime/service_managers.cpp, disk.cpp,
+// daemon.cpp (HTTP downloader). The simulator brings in-memory ones; fakes
+// for tests live in testing/fakes.hpp.
 #include <chrono>
 #include <cstdint>
 #include <map>
@@ -32,6 +35,20 @@ class K3sRuntime {
   virtual Status ensure_running() = 0;
   virtual K3sHealth health() = 0;
   virtual void stop() = 0;
+  // notAfter of k3s's serving certificate (unix seconds); 0 when unknown.
+  virtual int64_t serving_cert_expiry() { return 0; }
+};
+
+// How k3s runs as a service on the device: systemd, OpenRC, or the agent
+// supervising it directly. The runtime asks it to start, stop and restart k3s.
+class ServiceManager {
+ public:
+  virtual ~ServiceManager() = default;
+  virtual std::string name() const = 0;
+  virtual Status restart() = 0;
+  virtual Status start() = 0;
+  virtual void stop() = 0;
+  virtual bool active() = 0;
 };
 
 // Absolute device paths ("/etc/rancher/k3s/config.yaml"); implementations
@@ -48,11 +65,54 @@ class FileTree {
   virtual Status write_atomic(const std::string& path, const std::string& content, unsigned mode) = 0;
   virtual Status remove(const std::string& path) = 0;
   virtual Result<uint64_t> free_bytes(const std::string& path) = 0;
+  // Large files (artifacts, backups) never pass through memory:
+  virtual bool exists(const std::string& path) = 0;
+  // SHA-256 (hex) of a file, streamed; nullopt when it does not exist.
+  virtual Result<std::optional<std::string>> sha256_hex(const std::string& path) = 0;
+  virtual Result<uint64_t> size_of(const std::string& path) = 0;
+  // Keeps the current content of `path` at `backup` without touching `path`
+  // (a hard link where possible, else a copy with the same mode).
+  virtual Status preserve(const std::string& path, const std::string& backup) = 0;
+  // Atomically moves `from` over `to` (creating parent directories), setting
+  // the permission bits first when given.
+  virtual Status rename(const std::string& from, const std::string& to, std::optional<unsigned> mode) = 0;
+  // Removes a directory and everything below it; missing is fine.
+  virtual Status remove_tree(const std::string& dir) = 0;
+};
+
+// Fetches a URL into a device path, resuming a partial file already there.
+// Never writes more than max_bytes in total: larger answers are too_large.
+class Downloader {
+ public:
+  virtual ~Downloader() = default;
+  virtual Status fetch(const std::string& url, const std::string& dest, uint64_t max_bytes) = 0;
 };
 
 struct PlacedFile {
   std::string path;
   std::string sha256_hex;
+  bool operator==(const PlacedFile&) const = default;
+};
+
+// A file the running apply changed, and where its previous content waits.
+struct BackupEntry {
+  std::string path;
+  std::string backup;  // device path of the preserved copy
+  bool existed = false;
+  bool operator==(const BackupEntry&) const = default;
+};
+
+// An apply that began and has not finished. Persisted before anything on the
+// node changes, so a restart after a crash can undo a half-done install.
+struct InFlight {
+  std::string apply_id;
+  uint64_t generation = 0;
+  std::string campaign_id;
+  std::string bundle_name;
+  uint64_t version = 0;
+  std::string step;                  // the last step begun
+  std::vector<BackupEntry> backups;  // complete once step is past "backup"
+  bool operator==(const InFlight&) const = default;
 };
 
 // What the agent must remember across restarts.
@@ -63,15 +123,41 @@ struct AppliedState {
   std::string manifest_sha256_hex;
   uint64_t generation = 0;           // last desired generation with a final outcome
   std::string campaign_id;
-  std::vector<PlacedFile> files;     // what the applied bundle placed
+  std::vector<PlacedFile> files;     // what the applied bundle placed (files and artifacts)
   std::map<std::string, uint64_t> highest_version;  // per channel, anti-rollback
+  // The bundle applied before the current one: the only target a campaign
+  // rollback may return to below the highest applied version.
+  std::string previous_manifest_sha256_hex;
+  // The applied desired-state message (with its signed bundle), kept to
+  // repair drift without the hub.
+  std::string applied_desired;
+  std::optional<InFlight> in_flight;
+  // Interrupted attempts of one generation: a desired state that keeps
+  // crashing the agent is given up after a few.
+  uint64_t interrupted_generation = 0;
+  uint32_t interrupted_count = 0;
+  // Final outcome reports not yet acknowledged by the broker (serialized
+  // v1::Report by seq); re-sent after a restart.
+  std::map<uint64_t, std::string> outbox;
+};
+
+// One journal row: a step of an apply, before ("begin") and after ("end").
+struct JournalEntry {
+  std::string apply_id;
+  uint64_t generation = 0;
+  std::string step;
+  std::string phase;
+  int64_t time_unix_ms = 0;
+  std::string detail;
 };
 
 class StateStore {
  public:
   virtual ~StateStore() = default;
   virtual Result<AppliedState> load() = 0;
+  // Atomic: after a crash the store holds the old or the new state, whole.
   virtual Status save(const AppliedState& s) = 0;
+  virtual Status journal(const JournalEntry& e) = 0;
 };
 
 }  // namespace flotilla::agent

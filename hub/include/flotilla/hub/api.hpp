@@ -2,6 +2,7 @@
 // REST API v1 as a pure function Request -> Response, so tests call it
 // without sockets; hub/src/http_server.cpp puts it on the network.
 #include <map>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -44,6 +45,9 @@ std::optional<Role> parse_role(const std::string& s);
 class Api {
  public:
   explicit Api(HubService& service);
+  ~Api();
+  // Every mutating call (POST, PUT, PATCH, DELETE), refused or not, leaves
+  // one audit row; every call counts in /metrics.
   HttpResponse handle(const HttpRequest& req);
   // Checks an upload's headers (token, role, name, space) before its body is read.
   std::optional<HttpResponse> precheck_upload(const HttpRequest& req);
@@ -55,7 +59,11 @@ class Api {
   static HttpResponse error(int status, const std::string& code, const std::string& message);
 
  private:
+  HttpResponse dispatch(const HttpRequest& req, AuditRecord& audit, std::string& route);
+  void finish(const HttpRequest& req, AuditRecord& audit, const std::string& route, int status);
+
   HubService& service_;
+  std::unique_ptr<HttpMetrics> http_metrics_;
 };
 
 }  // namespace flotilla::hub

@@ -61,6 +61,9 @@ class EmbeddedBroker {
 
 // Finds a free TCP port on host by binding port 0.
 Result<int> free_port(const std::string& host = "127.0.0.1");
+// A free port outside the kernel's ephemeral range, for listeners that must
+// get the same port back after a restart.
+Result<int> free_listen_port(const std::string& host = "127.0.0.1");
 // Polls until host:port accepts a TCP connection or the deadline passes.
 bool wait_for_port(const std::string& host, int port, std::chrono::milliseconds timeout);
 

@@ -4,6 +4,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <deque>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -15,6 +16,8 @@
 #include "flotilla/common/clock.hpp"
 #include "flotilla/common/result.hpp"
 #include "flotilla/common/transport.hpp"
+#include "flotilla/hub/campaign.hpp"
+#include "flotilla/hub/metrics.hpp"
 #include "flotilla/hub/store.hpp"
 #include "flotilla/v1/enroll.pb.h"
 #include "flotilla/v1/report.pb.h"
@@ -29,17 +32,32 @@ struct ServiceConfig {
   std::string public_url;            // the hub's REST base URL as devices see it
   bool manage_broker_credentials = true;  // false with an external broker
   size_t report_queue_cap = 100000;
+  // Tests that drive the engine with a fake clock call tick() themselves.
+  bool engine_thread = true;
 };
 
+// Device counts by campaign status. offline = unfinished devices that are
+// offline right now (they neither stall nor fail a wave).
 struct CampaignCounts {
-  int64_t total = 0, pending = 0, in_progress = 0, applied = 0, failed = 0, superseded = 0, offline = 0;
+  int64_t total = 0, waiting = 0, pending = 0, in_progress = 0, applied = 0, failed = 0, superseded = 0,
+          skipped = 0, rolling_back = 0, rolled_back = 0, rollback_failed = 0, offline = 0;
+  void add(const std::string& status, int64_t n);
+};
+
+struct WaveView {
+  int index = 0;
+  std::string name;
+  CampaignCounts counts;
 };
 
 struct CampaignView {
   CampaignRecord campaign;
   BundleRecord bundle;
+  Strategy strategy;
   CampaignCounts counts;
+  std::vector<WaveView> waves;
   std::vector<CampaignDeviceRecord> devices;
+  std::vector<std::string> away;  // unfinished and offline (first 100)
   std::map<std::string, int64_t> failure_reasons;
 };
 
@@ -75,13 +93,48 @@ class HubService {
   Result<std::vector<BundleRecord>> list_bundles();
   Result<std::optional<BundleRecord>> get_bundle(const std::string& key);
 
+  // Campaigns (campaign_engine.cpp). A campaign targets the devices of one
+  // project that match the selector, and rolls out in waves.
   Result<CampaignRecord> create_campaign(const std::string& name, const std::string& bundle_key,
-                                         const std::string& selector);
+                                         const std::string& selector, const Strategy& strategy = {},
+                                         const std::string& project = "*");
   Result<std::optional<CampaignView>> campaign_view(const std::string& id, bool with_devices);
   Result<std::vector<CampaignView>> list_campaigns();
+  // pause, resume, abort or rollback.
+  Result<CampaignRecord> campaign_action(const std::string& id, const std::string& action);
+  // One step of the engine: release devices, expire deadlines, check the
+  // failure threshold, advance waves. The engine thread calls it; tests too.
+  void tick();
 
   Result<std::vector<DeviceRecord>> list_devices(const Selector& sel);
   Result<std::optional<DeviceRecord>> get_device(const std::string& id);
+
+  // Access control, devices and audit (service_access.cpp).
+  Result<std::vector<TokenRecord>> list_tokens(const std::string& kind);
+  Result<std::optional<TokenRecord>> get_token(const std::string& kind, const std::string& id);
+  Status revoke_token(const std::string& kind, const std::string& id);
+  // Sets (value) or removes (nullopt) labels; all are validated before any is applied.
+  Result<DeviceRecord> edit_device_labels(const std::string& id,
+                                          const std::map<std::string, std::optional<std::string>>& changes);
+  // Removes the device's broker credential (the broker reloads and drops it),
+  // clears its retained desired state and keeps its row as "decommissioned".
+  Result<DeviceRecord> decommission_device(const std::string& id);
+  // Called once a device is decommissioned, without store_mu_ held: the
+  // campaign engine settles the device's unfinished campaign rows here.
+  void on_device_decommissioned(const std::string& device_id);
+  Status append_audit(AuditRecord a);
+  Result<std::vector<AuditRecord>> list_audit(int64_t after, int64_t limit, const std::string& project);
+
+  // Observability (read by /metrics).
+  struct MqttCounters {
+    uint64_t reports_received = 0, presence_received = 0, other_received = 0;
+    uint64_t reports_processed = 0, presence_processed = 0;
+    uint64_t desired_published = 0, desired_publish_failures = 0;
+  };
+  MqttCounters mqtt_counters() const;
+  size_t queue_depth();
+  size_t queue_capacity() const { return cfg_.report_queue_cap; }
+  const Histogram& report_commit_seconds() const { return report_commit_seconds_; }
 
   // Entry point for messages from the broker (any thread); queued for the worker.
   void on_message(transport::Message&& msg);
@@ -101,9 +154,13 @@ class HubService {
   void handle_report(const std::string& device_id, const v1::Report& r);
   void handle_presence(const std::string& device_id, const v1::Presence& p);
   Status publish_desired(const DeviceRecord& d, const BundleRecord& b, uint64_t generation,
-                         const std::string& campaign_id);
+                         const std::string& campaign_id, bool rollback = false);
   void republish_pending();
-  void refresh_campaign_state(const std::string& campaign_id);
+  void engine_loop();
+  void tick_campaign(CampaignRecord& c, std::vector<std::function<void()>>& publishes);
+  void on_campaign_report(const std::string& device_id, const v1::Report& r);
+  void start_rollback(CampaignRecord& c, const std::string& reason, std::vector<std::function<void()>>& publishes);
+  Result<BundleRecord> bundle_with_envelope(const std::string& id);
 
   Store& store_;
   const Clock& clock_;
@@ -120,7 +177,17 @@ class HubService {
   std::atomic<bool> stopping_{false};
   std::atomic<bool> attached_{false};
   std::thread worker_;
+  std::thread engine_;
+  std::condition_variable engine_cv_;
+  std::mutex engine_mu_;
+  std::map<std::string, BundleRecord> bundle_cache_;  // envelopes for publishing, by id
   std::atomic<uint64_t> reports_processed_{0};
+  std::atomic<uint64_t> reports_received_{0}, presence_received_{0}, other_received_{0};
+  std::atomic<uint64_t> presence_processed_{0};
+  std::atomic<uint64_t> desired_published_{0}, desired_publish_failures_{0};
+  // Report batches are committed in one transaction; its latency is the
+  // store's health as devices see it.
+  Histogram report_commit_seconds_{{0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5}};
 };
 
 // "AGENT_STATE_APPLIED" -> "applied"; "REASON_BAD_SIGNATURE" -> "bad_signature".

@@ -60,19 +60,48 @@ struct CampaignRecord {
   std::string name;
   std::string bundle_id;
   std::string selector;
-  std::string state;     // running, completed
+  // running, converging (all released; only offline devices outstanding),
+  // paused, completed, aborted, rolling_back, rolled_back
+  std::string state;
   int64_t created_ms = 0;
   int64_t updated_ms = 0;
+  std::string project = "default";
+  std::string strategy;      // JSON (hub::Strategy)
+  int current_wave = 0;
+  int64_t wave_done_ms = 0;  // when the current wave finished (soak start); 0 = not yet
+  std::string state_reason;  // why it paused, aborted or rolled back
+  // Outcomes already counted when an operator resumed past the threshold: the
+  // threshold then judges only what happens after.
+  int64_t baseline_failed = 0;
+  int64_t baseline_finals = 0;
 };
 
+// One device in one campaign. Statuses: waiting (its wave has not started),
+// pending (desired state published), in_progress, and the final ones:
+// applied, failed, superseded, skipped (never released), rolled_back,
+// rollback_failed; rolling_back in between.
 struct CampaignDeviceRecord {
   std::string campaign_id;
   std::string device_id;
-  std::string status;    // pending, in_progress, applied, failed
+  std::string status;
   uint64_t generation = 0;
   int64_t updated_ms = 0;
   std::string reason;
   std::string message;
+  int wave = 0;
+  double rank = 0;
+  int64_t released_ms = 0;
+  int64_t deadline_ms = 0;
+  std::string prev_bundle_id;      // what the device ran before, for rollback
+  uint64_t rollback_generation = 0;
+};
+
+// Counts of a campaign's devices by wave, status and presence.
+struct CampaignCountRow {
+  int wave = 0;
+  std::string status;
+  bool online = false;
+  int64_t count = 0;
 };
 
 struct TokenRecord {
@@ -88,6 +117,22 @@ struct TokenRecord {
   bool revoked = false;
 };
 
+// One mutating API call (or enrollment), as the append-only audit log keeps it.
+// Never a secret or a body: who, what, when, outcome.
+struct AuditRecord {
+  int64_t id = 0;
+  int64_t time_ms = 0;
+  std::string actor = "anonymous";  // API token id, "enrollment-token:<id>" or "anonymous"
+  std::string actor_name;
+  std::string role;
+  std::string project;
+  std::string method;
+  std::string path;
+  std::string detail;
+  int status = 0;
+  std::string peer;
+};
+
 class Store {
  public:
   static Result<std::unique_ptr<Store>> open(const std::string& path);
@@ -98,6 +143,18 @@ class Store {
   // Counts one use if the token has uses left; false when it is used up.
   Result<bool> claim_token_use(const std::string& id);
   Result<int64_t> count_tokens(const std::string& kind);
+  // Access control (store/access_store.cpp).
+  Result<std::vector<TokenRecord>> list_tokens(const std::string& kind);
+  Result<std::optional<TokenRecord>> get_token(const std::string& kind, const std::string& id);
+  Status revoke_token(const std::string& kind, const std::string& id);
+  Status delete_credential(const std::string& username);
+  Status set_device_labels(const std::string& id, const Labels& labels);
+  // Keeps the row (history, campaign rows) with state "decommissioned";
+  // save_device_state never moves a device out of that state.
+  Status mark_device_decommissioned(const std::string& id);
+  Result<int64_t> append_audit(const AuditRecord& a);
+  // Rows with id > after, oldest first; project "*" = every project's rows.
+  Result<std::vector<AuditRecord>> list_audit(int64_t after, int64_t limit, const std::string& project);
 
   Status upsert_credential(const std::string& username, const std::string& mosquitto_hash);
   Result<std::vector<std::pair<std::string, std::string>>> credentials();
@@ -112,16 +169,29 @@ class Store {
   Result<std::optional<BundleRecord>> get_bundle(const std::string& id_or_name_version, bool with_envelope);
   Result<std::vector<BundleRecord>> list_bundles();
 
-  // Creates the campaign and its device rows, and marks each device's new
-  // desired state, in one transaction.
+  // Campaigns (store/campaign_store.cpp). insert_campaign writes the campaign
+  // and all its device rows (status waiting) in one transaction.
   Status insert_campaign(const CampaignRecord& c, const std::vector<CampaignDeviceRecord>& devices);
   Result<std::optional<CampaignRecord>> get_campaign(const std::string& id);
   Result<std::vector<CampaignRecord>> list_campaigns();
-  Status set_campaign_state(const std::string& id, const std::string& state, int64_t now_ms);
+  Status update_campaign(const CampaignRecord& c);
   Result<std::vector<CampaignDeviceRecord>> campaign_devices(const std::string& campaign_id);
+  Result<std::vector<CampaignDeviceRecord>> campaign_devices_with_status(const std::string& campaign_id,
+                                                                         const std::vector<std::string>& statuses);
   Result<std::optional<CampaignDeviceRecord>> campaign_device(const std::string& campaign_id,
                                                               const std::string& device_id);
   Status save_campaign_device(const CampaignDeviceRecord& cd);
+  Result<std::vector<CampaignCountRow>> campaign_counts(const std::string& campaign_id);
+  // Waiting rows of waves up to max_wave, offline devices first, then by rank.
+  Result<std::vector<std::pair<CampaignDeviceRecord, bool>>> releasable(const std::string& campaign_id, int max_wave);
+  // Pending/in-progress rows of online devices whose deadline passed become failed.
+  Result<int64_t> expire_deadlines(const std::string& campaign_id, int64_t now_ms);
+  // Marks a device's unfinished rows in other campaigns superseded; returns those campaign ids.
+  Result<std::vector<std::string>> supersede_others(const std::string& device_id, const std::string& campaign_id,
+                                                    int64_t now_ms);
+  Status set_device_desired(const std::string& device_id, uint64_t generation, const std::string& bundle_id,
+                            const std::string& campaign_id);
+  Status migrate_campaigns();
 
   sql::Db& db() { return *db_; }
 

@@ -1,0 +1,240 @@
+// Access control: API tokens, enrollment tokens and the audit log.
+#include "api_internal.hpp"
+#include "flotilla/bundles/bundle.hpp"
+#include "flotilla/common/options.hpp"
+
+namespace flotilla::hub::rest {
+
+namespace {
+
+std::string expiry(int64_t unix_s) { return unix_s ? bundles::format_rfc3339(unix_s) : ""; }
+
+// A project name as a token carries it: a label value, or "*" for all.
+bool valid_project(const std::string& p, bool allow_all) {
+  if (p == "*") return allow_all;
+  return !p.empty() && valid_label_value(p);
+}
+
+// The project a created object belongs to: the caller's own, or the one asked
+// for, which a project-scoped caller cannot widen.
+Result<std::string> target_project(const Caller& caller, const json& body, bool allow_all) {
+  auto asked = string_field(body, "project", false);
+  if (!asked) return asked.error();
+  if (asked->empty()) return caller.project == "*" ? std::string("default") : caller.project;
+  if (!valid_project(*asked, allow_all)) {
+    return make_error(Errc::invalid_argument, "bad project '" + *asked + "': a label value" +
+                                                  (allow_all ? " or \"*\"" : ""));
+  }
+  if (caller.project != "*" && *asked != caller.project) {
+    return make_error(Errc::permission_denied, "your token is for project " + caller.project +
+                                                   "; it cannot act for project " + *asked);
+  }
+  return *asked;
+}
+
+Result<std::string> token_name(const json& body, bool required) {
+  auto name = string_field(body, "name", required);
+  if (!name) return name.error();
+  if (name->size() > 128) return make_error(Errc::invalid_argument, "'name' is longer than 128 characters");
+  if (required && name->empty()) return make_error(Errc::invalid_argument, "'name' must not be empty");
+  return name;
+}
+
+// ---- enrollment tokens ------------------------------------------------------
+
+json enrollment_token_json(const TokenRecord& t) {
+  return json{{"id", t.id},
+              {"name", t.name},
+              {"project", t.project},
+              {"labels", t.labels},
+              {"max_uses", t.max_uses},
+              {"uses", t.uses},
+              {"expires_at", expiry(t.expires_unix)},
+              {"created_at", iso_ms(t.created_ms)},
+              {"revoked", t.revoked}};
+}
+
+HttpResponse create_enrollment_token(HubService& s, Context& c) {
+  auto j = parse_body(c.req, {"name", "labels", "ttl", "max_uses", "project"});
+  if (!j) return from_error(j.error());
+  TokenRecord rec;
+  rec.role = "enroll";
+  auto name = token_name(*j, false);
+  if (!name) return from_error(name.error());
+  rec.name = *name;
+  auto project = target_project(c.caller, *j, false);
+  if (!project) return from_error(project.error());
+  rec.project = *project;
+  if (j->contains("labels")) {
+    if (!(*j)["labels"].is_object()) return Api::error(400, "invalid_argument", "'labels' must be an object");
+    for (const auto& [k, v] : (*j)["labels"].items()) {
+      if (!v.is_string() || !valid_label_key(k) || !valid_label_value(v.get<std::string>())) {
+        return Api::error(400, "invalid_argument", "bad label '" + k + "'");
+      }
+      rec.labels[k] = v.get<std::string>();
+    }
+  }
+  auto ttl = string_field(*j, "ttl", false);
+  if (!ttl) return from_error(ttl.error());
+  auto d = parse_duration(ttl->empty() ? "24h" : *ttl);
+  if (!d) return from_error(d.error().with_context("ttl"));
+  if (d->count() < 1000) return Api::error(400, "invalid_argument", "ttl must be at least 1s");
+  if (j->contains("max_uses")) {
+    if (!(*j)["max_uses"].is_number_integer() || (*j)["max_uses"].get<int64_t>() < 0) {
+      return Api::error(400, "invalid_argument", "'max_uses' must be a whole number >= 0");
+    }
+    rec.max_uses = (*j)["max_uses"].get<int64_t>();
+  }
+  auto created = s.create_token("enroll", rec, *d);
+  if (!created) return from_error(created.error());
+  c.audit_detail = "enrollment token " + created->record.id + " project=" + rec.project;
+  json out = enrollment_token_json(created->record);
+  out["token"] = created->secret;  // shown once; the hub keeps only its hash
+  return json_response(201, out);
+}
+
+HttpResponse list_enrollment_tokens(HubService& s, Context& c) {
+  auto list = s.list_tokens("enroll");
+  if (!list) return from_error(list.error());
+  json items = json::array();
+  for (const auto& t : *list) {
+    if (c.caller.sees(t.project)) items.push_back(enrollment_token_json(t));
+  }
+  return json_response(200, {{"items", items}});
+}
+
+HttpResponse revoke_token_route(HubService& s, Context& c, const std::string& kind,
+                                json (*to_json)(const TokenRecord&)) {
+  const std::string what = kind == "api" ? "API token" : "enrollment token";
+  c.audit_detail = "revoke " + what + " " + c.params[0];
+  auto t = s.get_token(kind, c.params[0]);
+  if (!t) return from_error(t.error());
+  if (!*t || !c.caller.sees((*t)->project)) return Api::error(404, "not_found", "no " + what + " '" + c.params[0] + "'");
+  // Revoking twice is not an error: the caller's intent holds either way.
+  if (auto r = s.revoke_token(kind, c.params[0]); !r) return from_error(r.error());
+  TokenRecord rec = **t;
+  rec.revoked = true;
+  return json_response(200, to_json(rec));
+}
+
+HttpResponse revoke_enrollment_token(HubService& s, Context& c) {
+  return revoke_token_route(s, c, "enroll", enrollment_token_json);
+}
+
+// ---- API tokens ---------------------------------------------------------------
+
+json api_token_json(const TokenRecord& t) {
+  return json{{"id", t.id},
+              {"name", t.name},
+              {"role", t.role},
+              {"project", t.project},
+              {"expires_at", expiry(t.expires_unix)},
+              {"created_at", iso_ms(t.created_ms)},
+              {"revoked", t.revoked}};
+}
+
+HttpResponse create_api_token(HubService& s, Context& c) {
+  auto j = parse_body(c.req, {"name", "role", "project", "ttl"});
+  if (!j) return from_error(j.error());
+  TokenRecord rec;
+  auto name = token_name(*j, true);
+  if (!name) return from_error(name.error());
+  rec.name = *name;
+  auto role = string_field(*j, "role", true);
+  if (!role) return from_error(role.error());
+  if (!parse_role(*role)) return Api::error(400, "invalid_argument", "'role' must be viewer, operator or admin");
+  rec.role = *role;
+  auto project = target_project(c.caller, *j, true);
+  if (!project) return from_error(project.error());
+  rec.project = *project;
+  auto ttl = string_field(*j, "ttl", false);
+  if (!ttl) return from_error(ttl.error());
+  std::chrono::milliseconds d(0);  // no ttl = no expiry, like the bootstrap token
+  if (!ttl->empty()) {
+    auto parsed = parse_duration(*ttl);
+    if (!parsed) return from_error(parsed.error().with_context("ttl"));
+    if (parsed->count() < 1000) return Api::error(400, "invalid_argument", "ttl must be at least 1s");
+    d = *parsed;
+  }
+  auto created = s.create_token("api", rec, d);
+  if (!created) return from_error(created.error());
+  c.audit_detail = "API token " + created->record.id + " role=" + rec.role + " project=" + rec.project;
+  json out = api_token_json(created->record);
+  out["token"] = created->secret;  // shown once; the hub keeps only its hash
+  return json_response(201, out);
+}
+
+HttpResponse list_api_tokens(HubService& s, Context& c) {
+  auto list = s.list_tokens("api");
+  if (!list) return from_error(list.error());
+  json items = json::array();
+  for (const auto& t : *list) {
+    if (c.caller.sees(t.project)) items.push_back(api_token_json(t));
+  }
+  return json_response(200, {{"items", items}});
+}
+
+HttpResponse revoke_api_token(HubService& s, Context& c) { return revoke_token_route(s, c, "api", api_token_json); }
+
+// ---- audit log ----------------------------------------------------------------
+
+Result<int64_t> int_query(const Target& t, const std::string& key, int64_t def, int64_t lo, int64_t hi) {
+  if (!t.query.count(key)) return def;
+  int64_t v = 0;
+  try {
+    size_t used = 0;
+    v = std::stoll(t.query.at(key), &used);
+    if (used != t.query.at(key).size()) throw std::invalid_argument(key);
+  } catch (const std::exception&) {
+    return make_error(Errc::invalid_argument, key + " must be a whole number");
+  }
+  if (v < lo || v > hi) {
+    return make_error(Errc::invalid_argument, key + " must be " + std::to_string(lo) + ".." + std::to_string(hi));
+  }
+  return v;
+}
+
+HttpResponse list_audit(HubService& s, Context& c) {
+  auto limit = int_query(c.target, "limit", 100, 1, 1000);
+  if (!limit) return from_error(limit.error());
+  auto after = int_query(c.target, "after", 0, 0, INT64_MAX);
+  if (!after) return from_error(after.error());
+  // One more than asked tells whether there is a next page.
+  auto rows = s.list_audit(*after, *limit + 1, c.caller.project);
+  if (!rows) return from_error(rows.error());
+  json items = json::array();
+  int64_t next = 0;
+  for (const auto& a : *rows) {
+    if (static_cast<int64_t>(items.size()) == *limit) {
+      next = items.back()["id"].get<int64_t>();
+      break;
+    }
+    items.push_back({{"id", a.id},
+                     {"time", iso_ms(a.time_ms)},
+                     {"time_ms", a.time_ms},
+                     {"actor", a.actor},
+                     {"actor_name", a.actor_name},
+                     {"role", a.role},
+                     {"project", a.project},
+                     {"method", a.method},
+                     {"path", a.path},
+                     {"detail", a.detail},
+                     {"status", a.status},
+                     {"peer", a.peer}});
+  }
+  return json_response(200, {{"items", items}, {"next", next}});
+}
+
+}  // namespace
+
+void add_access_routes(std::vector<Route>& r) {
+  r.push_back({"POST", "/v1/enrollment-tokens", Role::operator_, create_enrollment_token});
+  r.push_back({"GET", "/v1/enrollment-tokens", Role::operator_, list_enrollment_tokens});
+  r.push_back({"DELETE", "/v1/enrollment-tokens/{id}", Role::operator_, revoke_enrollment_token});
+  r.push_back({"POST", "/v1/tokens", Role::admin, create_api_token});
+  r.push_back({"GET", "/v1/tokens", Role::admin, list_api_tokens});
+  r.push_back({"DELETE", "/v1/tokens/{id}", Role::admin, revoke_api_token});
+  r.push_back({"GET", "/v1/audit", Role::admin, list_audit});
+}
+
+}  // namespace flotilla::hub::rest

@@ -1,0 +1,128 @@
+// Devices: list, get, edit labels, decommission.
+#include "api_internal.hpp"
+
+namespace flotilla::hub::rest {
+
+namespace {
+
+json device_json(const DeviceRecord& d) {
+  return json{{"id", d.id},
+              {"project", d.project},
+              {"labels", d.labels},
+              {"hostname", d.hostname},
+              {"arch", d.arch},
+              {"agent_version", d.agent_version},
+              {"online", d.online},
+              {"state", d.state},
+              {"applied_bundle", d.applied_bundle},
+              {"applied_version", d.applied_version},
+              {"k3s_version", d.k3s_version},
+              {"node_ready", d.node_ready},
+              {"last_reason", d.last_reason},
+              {"last_message", d.last_message},
+              {"enrolled_at", iso_ms(d.enrolled_ms)},
+              {"last_seen_at", iso_ms(d.last_seen_ms)},
+              {"campaign_id", d.campaign_id},
+              {"generation", d.generation}};
+}
+
+HttpResponse list_devices(HubService& s, Context& c) {
+  const auto& q = c.target.query;
+  auto sel = Selector::parse(q.count("selector") ? q.at("selector") : "");
+  if (!sel) return from_error(sel.error());
+  int64_t limit = 500;
+  if (q.count("limit")) {
+    try {
+      limit = std::stoll(q.at("limit"));
+    } catch (const std::exception&) {
+      limit = -1;
+    }
+    if (limit < 1 || limit > 10000) return Api::error(400, "invalid_argument", "limit must be 1..10000");
+  }
+  // Decommissioned devices are history, not fleet: shown only when asked for.
+  bool include_decommissioned = false;
+  if (q.count("include_decommissioned")) {
+    const auto& v = q.at("include_decommissioned");
+    if (v != "true" && v != "false") {
+      return Api::error(400, "invalid_argument", "include_decommissioned must be true or false");
+    }
+    include_decommissioned = v == "true";
+  }
+  const std::string after = q.count("after") ? q.at("after") : "";
+  auto list = s.list_devices(*sel);
+  if (!list) return from_error(list.error());
+  json items = json::array();
+  std::string next;
+  for (const auto& d : *list) {
+    if (!c.caller.sees(d.project)) continue;
+    if (!include_decommissioned && d.state == "decommissioned") continue;
+    if (!after.empty() && d.id <= after) continue;
+    if (static_cast<int64_t>(items.size()) == limit) {
+      next = items.back()["id"].get<std::string>();
+      break;
+    }
+    items.push_back(device_json(d));
+  }
+  return json_response(200, {{"items", items}, {"next", next}});
+}
+
+// The device if the caller's project may see it. Another project's device is
+// "not found", not "forbidden": its existence is not ours to tell.
+Result<DeviceRecord> visible_device(HubService& s, const Caller& caller, const std::string& id) {
+  auto d = s.get_device(id);
+  if (!d) return d.error();
+  if (!*d || !caller.sees((*d)->project)) return make_error(Errc::not_found, "no device '" + id + "'");
+  return **d;
+}
+
+HttpResponse get_device(HubService& s, Context& c) {
+  auto d = visible_device(s, c.caller, c.params[0]);
+  if (!d) return from_error(d.error());
+  return json_response(200, device_json(*d));
+}
+
+HttpResponse patch_device(HubService& s, Context& c) {
+  auto j = parse_body(c.req, {"labels"});
+  if (!j) return from_error(j.error());
+  if (!j->contains("labels") || !(*j)["labels"].is_object()) {
+    return Api::error(400, "invalid_argument", "'labels' must be an object of label: value (or null to remove)");
+  }
+  std::map<std::string, std::optional<std::string>> changes;
+  for (const auto& [k, v] : (*j)["labels"].items()) {
+    if (v.is_null()) changes[k] = std::nullopt;
+    else if (v.is_string()) changes[k] = v.get<std::string>();
+    else return Api::error(400, "invalid_argument", "label '" + k + "' must be a string or null");
+  }
+  if (changes.empty()) return Api::error(400, "invalid_argument", "'labels' is empty: nothing to change");
+  auto d = visible_device(s, c.caller, c.params[0]);
+  if (!d) return from_error(d.error());
+  auto updated = s.edit_device_labels(d->id, changes);
+  if (!updated) return from_error(updated.error());
+  std::string set, removed;
+  for (const auto& [k, v] : changes) {
+    auto& out = v ? set : removed;
+    out += (out.empty() ? "" : ",") + k;
+  }
+  c.audit_detail = "device " + d->id + " labels set=[" + set + "] removed=[" + removed + "]";
+  return json_response(200, device_json(*updated));
+}
+
+HttpResponse decommission_device(HubService& s, Context& c) {
+  auto d = visible_device(s, c.caller, c.params[0]);
+  if (!d) return from_error(d.error());
+  c.audit_detail = "decommission device " + d->id;
+  auto done = s.decommission_device(d->id);
+  if (!done) return from_error(done.error());
+  return json_response(200, device_json(*done));
+}
+
+}  // namespace
+
+void add_device_routes(std::vector<Route>& r) {
+  r.push_back({"GET", "/v1/devices", Role::viewer, list_devices});
+  r.push_back({"GET", "/v1/devices/{id}", Role::viewer, get_device});
+  r.push_back({"PATCH", "/v1/devices/{id}", Role::operator_, patch_device});
+  r.push_back({"DELETE", "/v1/devices/{id}", Role::operator_, decommission_device});
+}
+
+}  // namespace flotilla::hub::rest

@@ -1,0 +1,542 @@
+// The campaign engine: releases devices wave by wave within max-in-flight,
+// expires per-device deadlines, applies the failure threshold (pause, abort
+// or roll back), soaks between waves, and folds device reports into each
+// device's campaign row. Everything it knows is in the store, so a hub that
+// is killed carries on where it stopped; a row's final outcome is written once.
+#include <nlohmann/json.hpp>
+
+#include <climits>
+
+#include "flotilla/common/crypto.hpp"
+#include "flotilla/common/log.hpp"
+#include "flotilla/hub/service.hpp"
+
+namespace flotilla::hub {
+
+namespace {
+
+bool is_final(const std::string& s) {
+  return s == "applied" || s == "failed" || s == "superseded" || s == "skipped" || s == "rolled_back" ||
+         s == "rollback_failed";
+}
+
+// What a device report means for its campaign row.
+std::string outcome_for(v1::AgentState s) {
+  switch (s) {
+    case v1::AGENT_STATE_APPLIED: return "applied";
+    case v1::AGENT_STATE_FAILED:
+    case v1::AGENT_STATE_REFUSED:
+    case v1::AGENT_STATE_ROLLED_BACK: return "failed";
+    default: return "in_progress";
+  }
+}
+
+Strategy strategy_of(const CampaignRecord& c) {
+  auto j = nlohmann::json::parse(c.strategy.empty() ? "{}" : c.strategy, nullptr, false);
+  auto s = Strategy::from_json(j.is_discarded() ? nlohmann::json::object() : j);
+  return s ? *s : Strategy{};
+}
+
+}  // namespace
+
+void CampaignCounts::add(const std::string& status, int64_t n) {
+  total += n;
+  if (status == "waiting") waiting += n;
+  else if (status == "pending") pending += n;
+  else if (status == "in_progress") in_progress += n;
+  else if (status == "applied") applied += n;
+  else if (status == "failed") failed += n;
+  else if (status == "superseded") superseded += n;
+  else if (status == "skipped") skipped += n;
+  else if (status == "rolling_back") rolling_back += n;
+  else if (status == "rolled_back") rolled_back += n;
+  else if (status == "rollback_failed") rollback_failed += n;
+}
+
+Result<BundleRecord> HubService::bundle_with_envelope(const std::string& id) {
+  if (auto it = bundle_cache_.find(id); it != bundle_cache_.end()) return it->second;
+  auto b = store_.get_bundle(id, true);
+  if (!b) return b.error();
+  if (!*b) return make_error(Errc::not_found, "bundle " + id + " is gone");
+  // Signatures can be merged in later uploads: keep the cache small and fresh.
+  if (bundle_cache_.size() > 64) bundle_cache_.clear();
+  bundle_cache_[id] = **b;
+  return **b;
+}
+
+Result<CampaignRecord> HubService::create_campaign(const std::string& name, const std::string& bundle_key,
+                                                   const std::string& selector_text, const Strategy& strategy,
+                                                   const std::string& project) {
+  auto sel = Selector::parse(selector_text);
+  if (!sel) return sel.error();
+  CampaignRecord c;
+  {
+    std::lock_guard lock(store_mu_);
+    auto b = store_.get_bundle(bundle_key, false);
+    if (!b) return b.error();
+    if (!*b || (project != "*" && (*b)->project != project)) {
+      return make_error(Errc::not_found, "no bundle '" + bundle_key + "' (use an id or name:version)");
+    }
+    const BundleRecord& bundle = **b;
+    if (bundle.expires_unix != 0 && bundle.expires_unix <= clock_.now_unix()) {
+      return make_error(Errc::invalid_argument, "bundle " + bundle.id + " has expired; devices would refuse it");
+    }
+    auto devices = store_.list_devices();
+    if (!devices) return devices.error();
+    c.id = "c-" + crypto::random_token(6);
+    c.name = name.empty() ? bundle.name + "-" + std::to_string(bundle.version) : name;
+    c.bundle_id = bundle.id;
+    c.selector = sel->text();
+    c.state = "running";
+    c.created_ms = c.updated_ms = clock_.now_unix_ms();
+    c.project = project;
+    c.strategy = strategy.to_json().dump();
+    std::vector<CampaignDeviceRecord> rows;
+    std::vector<double> ranks;
+    for (const auto& d : *devices) {
+      if (project != "*" && d.project != project) continue;
+      if (d.state == "decommissioned" || !sel->matches(d.labels)) continue;
+      CampaignDeviceRecord row;
+      row.campaign_id = c.id;
+      row.device_id = d.id;
+      row.status = "waiting";
+      row.updated_ms = c.created_ms;
+      row.rank = campaign_rank(c.id, d.id);
+      ranks.push_back(row.rank);
+      rows.push_back(std::move(row));
+    }
+    if (rows.empty()) {
+      return make_error(Errc::invalid_argument, "selector '" + sel->text() + "' matches no enrolled device");
+    }
+    auto waves = assign_waves(strategy, ranks);
+    for (size_t i = 0; i < rows.size(); ++i) rows[i].wave = waves[i];
+    if (auto s = store_.insert_campaign(c, rows); !s) return s.error();
+    log::get("hub")->info("campaign created id={} bundle={} devices={} waves={}", c.id, bundle.id, rows.size(),
+                          strategy.wave_count());
+  }
+  engine_cv_.notify_one();
+  return c;
+}
+
+void HubService::engine_loop() {
+  while (!stopping_) {
+    {
+      std::unique_lock lock(engine_mu_);
+      engine_cv_.wait_for(lock, std::chrono::milliseconds(250));
+    }
+    if (stopping_) break;
+    tick();
+  }
+}
+
+void HubService::tick() {
+  std::vector<std::function<void()>> publishes;
+  {
+    std::lock_guard lock(store_mu_);
+    auto campaigns = store_.list_campaigns();
+    if (!campaigns) {
+      log::get("hub")->error("engine: list campaigns: {}", campaigns.error().message);
+      return;
+    }
+    sql::Transaction tx(store_.db());
+    for (auto& c : *campaigns) {
+      if (c.state == "running" || c.state == "converging" || c.state == "rolling_back") tick_campaign(c, publishes);
+    }
+    if (auto s = tx.commit(); !s) {
+      log::get("hub")->error("engine: commit: {}", s.error().message);
+      return;  // nothing was published; the next tick tries again
+    }
+  }
+  // Published only after the commit; a crash in between is repaired by
+  // republish_pending() at the next connect.
+  for (auto& p : publishes) p();
+}
+
+void HubService::tick_campaign(CampaignRecord& c, std::vector<std::function<void()>>& publishes) {
+  auto logger = log::get("hub");
+  const Strategy strategy = strategy_of(c);
+  const int64_t now = clock_.now_unix_ms();
+  auto update = [&] {
+    c.updated_ms = now;
+    if (auto s = store_.update_campaign(c); !s) logger->error("engine: update campaign {}: {}", c.id, s.error().message);
+  };
+
+  if (c.state == "rolling_back") {
+    auto counts = store_.campaign_counts(c.id);
+    if (!counts) return;
+    for (const auto& row : *counts) {
+      if (row.status == "rolling_back" && row.online) return;  // still on its way back
+    }
+    c.state = "rolled_back";
+    update();
+    logger->info("campaign rolled back id={}", c.id);
+    return;
+  }
+
+  if (auto expired = store_.expire_deadlines(c.id, now); expired && *expired > 0) {
+    logger->warn("campaign={} devices_past_deadline={}", c.id, *expired);
+  }
+  auto counts = store_.campaign_counts(c.id);
+  if (!counts) return;
+  CampaignCounts all;
+  int64_t in_flight = 0;
+  for (const auto& row : *counts) {
+    all.add(row.status, row.count);
+    if (row.online && (row.status == "pending" || row.status == "in_progress")) in_flight += row.count;
+  }
+
+  // The failure threshold judges outcomes since the last resume.
+  const int64_t finals = all.applied + all.failed - c.baseline_finals;
+  const int64_t failed = all.failed - c.baseline_failed;
+  const auto& th = strategy.threshold;
+  if (finals >= th.min_sample && finals > 0 && failed * 100.0 >= th.percent * static_cast<double>(finals)) {
+    const std::string why = "failure threshold reached: " + std::to_string(failed) + " of " + std::to_string(finals) +
+                            " outcomes failed (threshold " + std::to_string(static_cast<int>(th.percent)) + "%)";
+    logger->warn("campaign={} {}; action={}", c.id, why, th.action);
+    c.state_reason = why;
+    if (th.action == "rollback") return start_rollback(c, why, publishes);
+    if (th.action == "abort") {
+      auto waiting = store_.campaign_devices_with_status(c.id, {"waiting"});
+      if (waiting) {
+        for (auto row : *waiting) {
+          row.status = "skipped";
+          row.updated_ms = now;
+          (void)store_.save_campaign_device(row);
+        }
+      }
+      c.state = "aborted";
+    } else {
+      c.state = "paused";
+    }
+    update();
+    return;
+  }
+
+  // Release the current wave (and any earlier one's stragglers): offline
+  // devices at once (their desired state waits for them, retained, and they
+  // take no slot), online ones within max_in_flight.
+  int64_t budget = strategy.max_in_flight > 0 ? std::max<int64_t>(0, strategy.max_in_flight - in_flight) : LLONG_MAX;
+  auto ready = store_.releasable(c.id, c.current_wave);
+  if (!ready) return;
+  std::optional<BundleRecord> bundle;
+  int64_t released = 0;
+  for (auto& [row, online] : *ready) {
+    if (online && budget <= 0) break;
+    if (!bundle) {
+      auto b = bundle_with_envelope(c.bundle_id);
+      if (!b) {
+        logger->error("campaign={} cannot release: {}", c.id, b.error().message);
+        return;
+      }
+      bundle = *b;
+    }
+    auto dev = store_.get_device(row.device_id);
+    if (!dev || !*dev) {
+      row.status = "skipped";
+      row.reason = "device_gone";
+      row.updated_ms = now;
+      (void)store_.save_campaign_device(row);
+      continue;
+    }
+    DeviceRecord d = **dev;
+    // What it runs now is what a rollback returns it to.
+    if (!d.applied_bundle.empty()) {
+      if (auto prev = store_.get_bundle(d.applied_bundle + ":" + std::to_string(d.applied_version), false);
+          prev && *prev) {
+        row.prev_bundle_id = (*prev)->id;
+      }
+    }
+    if (auto others = store_.supersede_others(d.id, c.id, now); others && !others->empty()) {
+      logger->info("device={} leaves campaigns {} for {}", d.id, others->front(), c.id);
+    }
+    const uint64_t gen = d.generation + 1;
+    row.status = "pending";
+    row.generation = gen;
+    row.released_ms = now;
+    row.deadline_ms = now + strategy.device_deadline.count();
+    row.updated_ms = now;
+    if (auto s = store_.save_campaign_device(row); !s) return;
+    if (auto s = store_.set_device_desired(d.id, gen, c.bundle_id, c.id); !s) return;
+    d.generation = gen;
+    publishes.push_back([this, d, b = *bundle, gen, id = c.id] {
+      if (auto s = publish_desired(d, b, gen, id); !s) {
+        log::get("hub")->warn("publish desired device={} failed, will retry at reconnect: {}", d.id, s.error().message);
+      }
+    });
+    if (online) --budget;
+    ++released;
+  }
+  if (released > 0) {
+    logger->info("campaign={} wave={} released={}", c.id, strategy.wave_name(c.current_wave), released);
+    // Judge the wave on what is true now: devices just released online are
+    // pending and hold it; those released offline do not.
+    counts = store_.campaign_counts(c.id);
+    if (!counts) return;
+    all = CampaignCounts{};
+    for (const auto& row : *counts) all.add(row.status, row.count);
+  }
+
+  // A wave is done when every online device in it (and before it) has an
+  // outcome; offline devices never hold it up.
+  for (const auto& row : *counts) {
+    if (row.wave > c.current_wave || !row.online) continue;
+    if (row.status == "waiting" || row.status == "pending" || row.status == "in_progress") return;
+  }
+  if (c.wave_done_ms == 0) {
+    c.wave_done_ms = now;
+    update();
+  }
+  if (now - c.wave_done_ms < strategy.soak.count()) return;
+  if (c.current_wave + 1 < strategy.wave_count()) {
+    ++c.current_wave;
+    c.wave_done_ms = 0;
+    logger->info("campaign={} starts {}", c.id, strategy.wave_name(c.current_wave));
+    update();
+    return;
+  }
+  // Every wave is out and every online device answered. Devices that are
+  // away keep it converging; it completes when the last of them reports.
+  const int64_t away = all.waiting + all.pending + all.in_progress;
+  const std::string next = away > 0 ? "converging" : "completed";
+  if (next == c.state) return;
+  c.state = next;
+  if (next == "completed") {
+    logger->info("campaign completed id={} applied={} failed={}", c.id, all.applied, all.failed);
+  } else {
+    logger->info("campaign converging id={} applied={} failed={} away={}", c.id, all.applied, all.failed, away);
+  }
+  update();
+}
+
+void HubService::start_rollback(CampaignRecord& c, const std::string& reason,
+                                std::vector<std::function<void()>>& publishes) {
+  auto logger = log::get("hub");
+  const int64_t now = clock_.now_unix_ms();
+  if (auto waiting = store_.campaign_devices_with_status(c.id, {"waiting"}); waiting) {
+    for (auto row : *waiting) {
+      row.status = "skipped";
+      row.updated_ms = now;
+      (void)store_.save_campaign_device(row);
+    }
+  }
+  // Devices that took the bundle (or may be taking it) go back to what they ran
+  // before. Devices that failed already restored their previous state themselves.
+  auto rows = store_.campaign_devices_with_status(c.id, {"applied", "pending", "in_progress"});
+  int64_t sent = 0;
+  if (rows) {
+    for (auto row : *rows) {
+      if (row.prev_bundle_id.empty()) {
+        row.message = "no previous bundle to return to";
+        (void)store_.save_campaign_device(row);
+        continue;
+      }
+      auto prev = bundle_with_envelope(row.prev_bundle_id);
+      auto dev = store_.get_device(row.device_id);
+      if (!prev || !dev || !*dev) continue;
+      DeviceRecord d = **dev;
+      const uint64_t gen = d.generation + 1;
+      row.status = "rolling_back";
+      row.rollback_generation = gen;
+      row.updated_ms = now;
+      (void)store_.save_campaign_device(row);
+      (void)store_.set_device_desired(d.id, gen, prev->id, c.id);
+      d.generation = gen;
+      publishes.push_back([this, d, b = *prev, gen, id = c.id] {
+        if (auto s = publish_desired(d, b, gen, id, true); !s) {
+          log::get("hub")->warn("publish rollback device={} failed, will retry at reconnect: {}", d.id, s.error().message);
+        }
+      });
+      ++sent;
+    }
+  }
+  c.state = "rolling_back";
+  c.state_reason = reason;
+  c.updated_ms = now;
+  (void)store_.update_campaign(c);
+  logger->warn("campaign={} rolling back devices={}: {}", c.id, sent, reason);
+}
+
+void HubService::on_campaign_report(const std::string& device_id, const v1::Report& r) {
+  auto cd = store_.campaign_device(r.campaign_id(), device_id);
+  if (!cd || !*cd) return;
+  CampaignDeviceRecord row = **cd;
+  std::string status;
+  if (row.status == "rolling_back" && r.generation() == row.rollback_generation) {
+    const std::string o = outcome_for(r.state());
+    if (o == "in_progress") return;
+    status = o == "applied" ? "rolled_back" : "rollback_failed";
+  } else if ((row.status == "pending" || row.status == "in_progress") && r.generation() == row.generation) {
+    status = outcome_for(r.state());
+  } else {
+    // Old generations, and anything after a final outcome, are not counted:
+    // each device's outcome counts exactly once.
+    return;
+  }
+  if (status == row.status) return;
+  row.status = status;
+  row.updated_ms = clock_.now_unix_ms();
+  row.reason = r.has_error() && r.error().reason() != v1::REASON_NONE ? reason_name(r.error().reason()) : "";
+  row.message = r.has_error() ? r.error().message().substr(0, 1024) : "";
+  (void)store_.save_campaign_device(row);
+  if (is_final(status)) engine_cv_.notify_one();
+}
+
+// A decommissioned device will never answer: its unfinished rows are
+// skipped so no wave waits for it and no count stays open.
+void HubService::on_device_decommissioned(const std::string& device_id) {
+  {
+    std::lock_guard lock(store_mu_);
+    auto campaigns = store_.list_campaigns();
+    if (!campaigns) return;
+    const int64_t now = clock_.now_unix_ms();
+    for (const auto& c : *campaigns) {
+      auto row = store_.campaign_device(c.id, device_id);
+      if (!row || !*row || is_final((*row)->status)) continue;
+      CampaignDeviceRecord r = **row;
+      r.status = "skipped";
+      r.reason = "decommissioned";
+      r.updated_ms = now;
+      (void)store_.save_campaign_device(r);
+    }
+  }
+  engine_cv_.notify_one();
+}
+
+void HubService::republish_pending() {
+  std::vector<std::function<void()>> work;
+  {
+    std::lock_guard lock(store_mu_);
+    auto campaigns = store_.list_campaigns();
+    if (!campaigns) return;
+    for (const auto& c : *campaigns) {
+      auto rows = store_.campaign_devices_with_status(c.id, {"pending", "rolling_back"});
+      if (!rows) continue;
+      for (const auto& row : *rows) {
+        const bool rollback = row.status == "rolling_back";
+        const uint64_t gen = rollback ? row.rollback_generation : row.generation;
+        auto d = store_.get_device(row.device_id);
+        if (!d || !*d || (*d)->generation != gen || (*d)->state == "decommissioned") continue;
+        auto b = bundle_with_envelope(rollback ? (*d)->desired_bundle_id : c.bundle_id);
+        if (!b) continue;
+        work.push_back([this, dev = **d, bundle = *b, gen, id = c.id, rollback] {
+          (void)publish_desired(dev, bundle, gen, id, rollback);
+        });
+      }
+    }
+  }
+  for (auto& w : work) w();
+  if (!work.empty()) log::get("hub")->info("republished desired state for {} devices", work.size());
+}
+
+Result<CampaignRecord> HubService::campaign_action(const std::string& id, const std::string& action) {
+  std::vector<std::function<void()>> publishes;
+  CampaignRecord c;
+  {
+    std::lock_guard lock(store_mu_);
+    auto found = store_.get_campaign(id);
+    if (!found) return found.error();
+    if (!*found) return make_error(Errc::not_found, "no campaign '" + id + "'");
+    c = **found;
+    const int64_t now = clock_.now_unix_ms();
+    auto conflict = [&](const std::string& why) {
+      return make_error(Errc::conflict, "cannot " + action + " campaign " + id + ": it is " + c.state + why);
+    };
+    sql::Transaction tx(store_.db());
+    if (action == "pause") {
+      if (c.state != "running" && c.state != "converging") return conflict("");
+      c.state = "paused";
+      c.state_reason = "paused by an operator";
+    } else if (action == "resume") {
+      if (c.state != "paused") return conflict("");
+      // Resuming accepts the failures seen so far; the threshold judges what comes next.
+      auto counts = store_.campaign_counts(c.id);
+      if (!counts) return counts.error();
+      CampaignCounts all;
+      for (const auto& row : *counts) all.add(row.status, row.count);
+      c.baseline_failed = all.failed;
+      c.baseline_finals = all.applied + all.failed;
+      c.state = "running";
+      c.state_reason.clear();
+    } else if (action == "abort") {
+      if (c.state != "running" && c.state != "paused" && c.state != "converging") return conflict("");
+      auto waiting = store_.campaign_devices_with_status(c.id, {"waiting"});
+      if (!waiting) return waiting.error();
+      for (auto row : *waiting) {
+        row.status = "skipped";
+        row.updated_ms = now;
+        if (auto s = store_.save_campaign_device(row); !s) return s.error();
+      }
+      c.state = "aborted";
+      c.state_reason = "aborted by an operator";
+    } else if (action == "rollback") {
+      if (c.state == "rolling_back" || c.state == "rolled_back") return conflict("");
+      start_rollback(c, "rolled back by an operator", publishes);
+    } else {
+      return make_error(Errc::invalid_argument, "unknown action '" + action + "' (pause, resume, abort, rollback)");
+    }
+    c.updated_ms = now;
+    if (auto s = store_.update_campaign(c); !s) return s.error();
+    if (auto s = tx.commit(); !s) return s.error();
+  }
+  for (auto& p : publishes) p();
+  engine_cv_.notify_one();
+  log::get("hub")->info("campaign={} action={} state={}", id, action, c.state);
+  return c;
+}
+
+Result<std::optional<CampaignView>> HubService::campaign_view(const std::string& id, bool with_devices) {
+  std::lock_guard lock(store_mu_);
+  auto c = store_.get_campaign(id);
+  if (!c) return c.error();
+  if (!*c) return std::optional<CampaignView>();
+  CampaignView v;
+  v.campaign = **c;
+  v.strategy = strategy_of(v.campaign);
+  if (auto b = store_.get_bundle(v.campaign.bundle_id, false); b && *b) v.bundle = **b;
+  auto counts = store_.campaign_counts(id);
+  if (!counts) return counts.error();
+  v.waves.resize(static_cast<size_t>(v.strategy.wave_count()));
+  for (size_t i = 0; i < v.waves.size(); ++i) {
+    v.waves[i].index = static_cast<int>(i);
+    v.waves[i].name = v.strategy.wave_name(static_cast<int>(i));
+  }
+  for (const auto& row : *counts) {
+    v.counts.add(row.status, row.count);
+    const bool unfinished = !is_final(row.status);
+    if (unfinished && !row.online) v.counts.offline += row.count;
+    if (row.wave >= 0 && row.wave < static_cast<int>(v.waves.size())) {
+      auto& w = v.waves[static_cast<size_t>(row.wave)].counts;
+      w.add(row.status, row.count);
+      if (unfinished && !row.online) w.offline += row.count;
+    }
+  }
+  auto rows = store_.campaign_devices(id);
+  if (!rows) return rows.error();
+  for (const auto& r : *rows) {
+    if (r.status == "failed" || r.status == "rollback_failed") ++v.failure_reasons[r.reason.empty() ? "unknown" : r.reason];
+    if (v.counts.offline > 0 && v.away.size() < 100 && !is_final(r.status)) {
+      if (auto d = store_.get_device(r.device_id); d && *d && !(*d)->online) v.away.push_back(r.device_id);
+    }
+  }
+  if (with_devices) v.devices = std::move(*rows);
+  return std::optional<CampaignView>(std::move(v));
+}
+
+Result<std::vector<CampaignView>> HubService::list_campaigns() {
+  std::vector<CampaignRecord> records;
+  {
+    std::lock_guard lock(store_mu_);
+    auto c = store_.list_campaigns();
+    if (!c) return c.error();
+    records = std::move(*c);
+  }
+  std::vector<CampaignView> out;
+  for (const auto& c : records) {
+    auto v = campaign_view(c.id, false);
+    if (!v) return v.error();
+    if (*v) out.push_back(std::move(**v));
+  }
+  return out;
+}
+
+}  // namespace flotilla::hub

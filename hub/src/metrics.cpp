@@ -1,0 +1,198 @@
+// /metrics in the Prometheus text exposition format 0.0.4
+// (https://prometheus.io/docs/instrumenting/exposition_formats/).
+#include "flotilla/hub/metrics.hpp"
+
+#include <charconv>
+#include <cmath>
+#include <sstream>
+
+#include "flotilla/hub/service.hpp"
+
+namespace flotilla::hub {
+
+void Histogram::observe(double v) {
+  std::lock_guard lock(mu_);
+  for (size_t i = 0; i < bounds_.size(); ++i) {
+    if (v <= bounds_[i]) {
+      ++buckets_[i];
+      break;
+    }
+  }
+  ++count_;
+  sum_ += v;
+}
+
+Histogram::Snapshot Histogram::snapshot() const {
+  std::lock_guard lock(mu_);
+  Snapshot s;
+  s.bounds = bounds_;
+  uint64_t running = 0;
+  for (auto b : buckets_) {
+    running += b;
+    s.cumulative.push_back(running);
+  }
+  s.count = count_;
+  s.sum = sum_;
+  return s;
+}
+
+void HttpMetrics::count(const std::string& method, const std::string& route, int status) {
+  const std::string cls = std::to_string(status / 100) + "xx";
+  std::lock_guard lock(mu_);
+  ++requests_[{method, route, cls}];
+}
+
+void HttpMetrics::count_audit_failure() {
+  std::lock_guard lock(mu_);
+  ++audit_failures_;
+}
+
+std::map<std::tuple<std::string, std::string, std::string>, uint64_t> HttpMetrics::snapshot() const {
+  std::lock_guard lock(mu_);
+  return requests_;
+}
+
+uint64_t HttpMetrics::audit_failures() const {
+  std::lock_guard lock(mu_);
+  return audit_failures_;
+}
+
+std::string prom_escape(const std::string& v) {
+  std::string out;
+  for (char c : v) {
+    if (c == '\\') out += "\\\\";
+    else if (c == '"') out += "\\\"";
+    else if (c == '\n') out += "\\n";
+    else out.push_back(c);
+  }
+  return out;
+}
+
+namespace {
+
+// The shortest decimal that round-trips (0.0005, not 0.00050000000000000001);
+// "+Inf", "-Inf" and "NaN" are the format's own spellings.
+std::string num(double v) {
+  if (std::isinf(v)) return v > 0 ? "+Inf" : "-Inf";
+  if (std::isnan(v)) return "NaN";
+  char buf[64];
+  auto r = std::to_chars(buf, buf + sizeof buf, v);
+  return std::string(buf, r.ptr);
+}
+
+class Page {
+ public:
+  void family(const std::string& name, const std::string& type, const std::string& help) {
+    out_ << "# HELP " << name << " " << help << "\n# TYPE " << name << " " << type << "\n";
+  }
+  void sample(const std::string& name, const std::vector<std::pair<std::string, std::string>>& labels, double v) {
+    out_ << name;
+    if (!labels.empty()) {
+      out_ << "{";
+      for (size_t i = 0; i < labels.size(); ++i) {
+        out_ << (i ? "," : "") << labels[i].first << "=\"" << prom_escape(labels[i].second) << "\"";
+      }
+      out_ << "}";
+    }
+    out_ << " " << num(v) << "\n";
+  }
+  std::string str() const { return out_.str(); }
+
+ private:
+  std::ostringstream out_;
+};
+
+}  // namespace
+
+std::string render_metrics(HubService& s, const HttpMetrics& http) {
+  Page p;
+
+  // Devices by state and presence. A failed read shows as a missing family
+  // plus flotilla_scrape_errors, never as a 500 that hides everything else.
+  int scrape_errors = 0;
+  auto sel = Selector::parse("");
+  auto devices = sel ? s.list_devices(*sel) : Result<std::vector<DeviceRecord>>(sel.error());
+  if (devices) {
+    std::map<std::string, int64_t> by_state;
+    int64_t online = 0, offline = 0;
+    for (const auto& d : *devices) {
+      ++by_state[d.state];
+      if (d.state == "decommissioned") continue;
+      ++(d.online ? online : offline);
+    }
+    p.family("flotilla_devices", "gauge", "Devices by last reported agent state.");
+    for (const auto& [state, n] : by_state) p.sample("flotilla_devices", {{"state", state}}, static_cast<double>(n));
+    p.family("flotilla_devices_presence", "gauge", "Enrolled (not decommissioned) devices by broker presence.");
+    p.sample("flotilla_devices_presence", {{"presence", "online"}}, static_cast<double>(online));
+    p.sample("flotilla_devices_presence", {{"presence", "offline"}}, static_cast<double>(offline));
+  } else {
+    ++scrape_errors;
+  }
+
+  if (auto campaigns = s.list_campaigns(); campaigns) {
+    std::map<std::string, int64_t> by_state;
+    for (const auto& v : *campaigns) ++by_state[v.campaign.state];
+    p.family("flotilla_campaigns", "gauge", "Campaigns by state.");
+    for (const auto& [state, n] : by_state) p.sample("flotilla_campaigns", {{"state", state}}, static_cast<double>(n));
+    p.family("flotilla_campaign_devices", "gauge",
+             "Devices of each campaign by campaign status; status=\"offline\" counts unfinished devices that are "
+             "offline now.");
+    for (const auto& v : *campaigns) {
+      const auto& c = v.counts;
+      const std::pair<const char*, int64_t> rows[] = {
+          {"waiting", c.waiting},       {"pending", c.pending},         {"in_progress", c.in_progress},
+          {"applied", c.applied},       {"failed", c.failed},           {"superseded", c.superseded},
+          {"skipped", c.skipped},       {"rolling_back", c.rolling_back}, {"rolled_back", c.rolled_back},
+          {"rollback_failed", c.rollback_failed}, {"offline", c.offline}};
+      for (const auto& [status, n] : rows) {
+        p.sample("flotilla_campaign_devices", {{"campaign", v.campaign.id}, {"status", status}},
+                 static_cast<double>(n));
+      }
+    }
+  } else {
+    ++scrape_errors;
+  }
+
+  const auto m = s.mqtt_counters();
+  p.family("flotilla_mqtt_messages_received_total", "counter", "MQTT messages received from devices, by topic leaf.");
+  p.sample("flotilla_mqtt_messages_received_total", {{"kind", "report"}}, static_cast<double>(m.reports_received));
+  p.sample("flotilla_mqtt_messages_received_total", {{"kind", "presence"}}, static_cast<double>(m.presence_received));
+  p.sample("flotilla_mqtt_messages_received_total", {{"kind", "other"}}, static_cast<double>(m.other_received));
+  p.family("flotilla_mqtt_messages_processed_total", "counter",
+           "Device messages folded into the store (duplicates and unknown devices excluded).");
+  p.sample("flotilla_mqtt_messages_processed_total", {{"kind", "report"}}, static_cast<double>(m.reports_processed));
+  p.sample("flotilla_mqtt_messages_processed_total", {{"kind", "presence"}}, static_cast<double>(m.presence_processed));
+  p.family("flotilla_mqtt_desired_published_total", "counter", "Desired-state messages published, by result.");
+  p.sample("flotilla_mqtt_desired_published_total", {{"result", "ok"}}, static_cast<double>(m.desired_published));
+  p.sample("flotilla_mqtt_desired_published_total", {{"result", "error"}},
+           static_cast<double>(m.desired_publish_failures));
+  p.family("flotilla_mqtt_connected", "gauge", "1 while the hub is subscribed to device reports.");
+  p.sample("flotilla_mqtt_connected", {}, s.mqtt_connected() ? 1 : 0);
+
+  p.family("flotilla_report_queue_depth", "gauge", "Device messages received and not yet processed.");
+  p.sample("flotilla_report_queue_depth", {}, static_cast<double>(s.queue_depth()));
+  p.family("flotilla_report_queue_capacity", "gauge", "Queue size at which the hub stops reading from the broker.");
+  p.sample("flotilla_report_queue_capacity", {}, static_cast<double>(s.queue_capacity()));
+
+  const auto h = s.report_commit_seconds().snapshot();
+  const std::string hn = "flotilla_store_report_commit_seconds";
+  p.family(hn, "histogram", "Time to process and commit one batch of device messages in SQLite.");
+  for (size_t i = 0; i < h.bounds.size(); ++i) p.sample(hn + "_bucket", {{"le", num(h.bounds[i])}}, h.cumulative[i]);
+  p.sample(hn + "_bucket", {{"le", "+Inf"}}, static_cast<double>(h.count));
+  p.sample(hn + "_sum", {}, h.sum);
+  p.sample(hn + "_count", {}, static_cast<double>(h.count));
+
+  p.family("flotilla_http_requests_total", "counter", "REST requests by method, route pattern and status class.");
+  for (const auto& [key, n] : http.snapshot()) {
+    const auto& [method, route, cls] = key;
+    p.sample("flotilla_http_requests_total", {{"method", method}, {"route", route}, {"code", cls}},
+             static_cast<double>(n));
+  }
+  p.family("flotilla_audit_write_failures_total", "counter", "Mutating calls whose audit row could not be written.");
+  p.sample("flotilla_audit_write_failures_total", {}, static_cast<double>(http.audit_failures()));
+  p.family("flotilla_scrape_errors", "gauge", "Store reads that failed while rendering this page.");
+  p.sample("flotilla_scrape_errors", {}, scrape_errors);
+  return p.str();
+}
+
+}  // namespace flotilla::hub

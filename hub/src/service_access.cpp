@@ -1,0 +1,124 @@
+// HubService: token listing and revocation, device labels and
+// decommissioning, the audit log and the counters /metrics reads.
+#include "flotilla/common/log.hpp"
+#include "flotilla/hub/broker.hpp"
+#include "flotilla/hub/service.hpp"
+
+namespace flotilla::hub {
+
+Result<std::vector<TokenRecord>> HubService::list_tokens(const std::string& kind) {
+  std::lock_guard lock(store_mu_);
+  return store_.list_tokens(kind);
+}
+
+Result<std::optional<TokenRecord>> HubService::get_token(const std::string& kind, const std::string& id) {
+  std::lock_guard lock(store_mu_);
+  return store_.get_token(kind, id);
+}
+
+Status HubService::revoke_token(const std::string& kind, const std::string& id) {
+  std::lock_guard lock(store_mu_);
+  // authenticate() reads the row on every request, so the next call with
+  // this token is refused: there is no cache to invalidate.
+  if (auto s = store_.revoke_token(kind, id); !s) return s;
+  log::get("hub")->info("revoked {} token id={}", kind, id);
+  return {};
+}
+
+Result<DeviceRecord> HubService::edit_device_labels(
+    const std::string& id, const std::map<std::string, std::optional<std::string>>& changes) {
+  for (const auto& [k, v] : changes) {
+    if (!valid_label_key(k)) return make_error(Errc::invalid_argument, "bad label key '" + k + "'");
+    if (v && !valid_label_value(*v)) return make_error(Errc::invalid_argument, "bad value for label '" + k + "'");
+  }
+  std::lock_guard lock(store_mu_);
+  auto d = store_.get_device(id);
+  if (!d) return d.error();
+  if (!*d) return make_error(Errc::not_found, "no device '" + id + "'");
+  DeviceRecord dev = **d;
+  if (dev.state == "decommissioned") {
+    return make_error(Errc::conflict, "device " + id + " is decommissioned; its labels are frozen");
+  }
+  for (const auto& [k, v] : changes) {
+    if (v) dev.labels[k] = *v;
+    else dev.labels.erase(k);
+  }
+  // Bounded like everything else: selectors are evaluated against every
+  // device's labels on every campaign and list.
+  if (dev.labels.size() > 64) return make_error(Errc::invalid_argument, "a device may carry at most 64 labels");
+  if (auto s = store_.set_device_labels(id, dev.labels); !s) return s.error();
+  return dev;
+}
+
+Result<DeviceRecord> HubService::decommission_device(const std::string& id) {
+  DeviceRecord dev;
+  EmbeddedBroker::Credentials creds;
+  {
+    std::lock_guard lock(store_mu_);
+    auto d = store_.get_device(id);
+    if (!d) return d.error();
+    if (!*d) return make_error(Errc::not_found, "no device '" + id + "'");
+    dev = **d;
+    // The store is the truth the broker's password file is rebuilt from at
+    // every start, so it changes first: a failed reload below still takes
+    // effect at the next restart, and repeating the call is safe.
+    sql::Transaction tx(store_.db());
+    if (auto s = store_.delete_credential(id); !s) return s.error();
+    if (auto s = store_.mark_device_decommissioned(id); !s) return s.error();
+    if (auto s = tx.commit(); !s) return s.error();
+    auto all = store_.credentials();
+    if (!all) return all.error();
+    creds = std::move(*all);
+    dev.state = "decommissioned";
+    dev.online = false;
+  }
+  if (cfg_.manage_broker_credentials && broker_) {
+    // mosquitto re-checks connected clients against the reloaded password
+    // file, so the device's current session ends too.
+    if (auto s = broker_->set_device_credentials(creds); !s) {
+      return s.error().with_context("device marked decommissioned, but the broker did not reload; retry");
+    }
+  }
+  if (transport_ && transport_->connected()) {
+    // An empty retained message deletes the retained desired state.
+    if (auto s = transport_->publish({transport::device_topic(id, "desired"), "", 1, true}); !s) {
+      log::get("hub")->warn("clear retained desired state device={} failed: {}", id, s.error().message);
+    }
+  }
+  on_device_decommissioned(id);
+  log::get("hub")->info("decommissioned device={}", id);
+  return dev;
+}
+
+
+Status HubService::append_audit(AuditRecord a) {
+  if (a.time_ms == 0) a.time_ms = clock_.now_unix_ms();
+  std::lock_guard lock(store_mu_);
+  auto id = store_.append_audit(a);
+  if (!id) return id.error();
+  return {};
+}
+
+Result<std::vector<AuditRecord>> HubService::list_audit(int64_t after, int64_t limit, const std::string& project) {
+  std::lock_guard lock(store_mu_);
+  return store_.list_audit(after, limit, project);
+}
+
+HubService::MqttCounters HubService::mqtt_counters() const {
+  MqttCounters c;
+  c.reports_received = reports_received_;
+  c.presence_received = presence_received_;
+  c.other_received = other_received_;
+  c.reports_processed = reports_processed_;
+  c.presence_processed = presence_processed_;
+  c.desired_published = desired_published_;
+  c.desired_publish_failures = desired_publish_failures_;
+  return c;
+}
+
+size_t HubService::queue_depth() {
+  std::lock_guard lock(q_mu_);
+  return queue_.size();
+}
+
+}  // namespace flotilla::hub

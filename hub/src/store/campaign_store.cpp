@@ -1,0 +1,273 @@
+// Campaign tables of the hub's SQLite store.
+#include <algorithm>
+
+#include "flotilla/hub/store.hpp"
+
+namespace flotilla::hub {
+
+namespace {
+
+constexpr const char* kCampaignCols =
+    "id, name, bundle_id, selector, state, created_ms, updated_ms, project, strategy, current_wave, wave_done_ms, "
+    "state_reason, baseline_failed, baseline_finals";
+
+CampaignRecord campaign_from(const sql::Stmt& s) {
+  CampaignRecord c;
+  c.id = s.col_text(0);
+  c.name = s.col_text(1);
+  c.bundle_id = s.col_text(2);
+  c.selector = s.col_text(3);
+  c.state = s.col_text(4);
+  c.created_ms = s.col_int(5);
+  c.updated_ms = s.col_int(6);
+  c.project = s.col_text(7);
+  c.strategy = s.col_text(8);
+  c.current_wave = static_cast<int>(s.col_int(9));
+  c.wave_done_ms = s.col_int(10);
+  c.state_reason = s.col_text(11);
+  c.baseline_failed = s.col_int(12);
+  c.baseline_finals = s.col_int(13);
+  return c;
+}
+
+constexpr const char* kRowCols =
+    "campaign_id, device_id, status, generation, updated_ms, reason, message, wave, rank, released_ms, deadline_ms, "
+    "prev_bundle_id, rollback_generation";
+
+CampaignDeviceRecord row_from(const sql::Stmt& s, int o = 0) {
+  CampaignDeviceRecord r;
+  r.campaign_id = s.col_text(o + 0);
+  r.device_id = s.col_text(o + 1);
+  r.status = s.col_text(o + 2);
+  r.generation = static_cast<uint64_t>(s.col_int(o + 3));
+  r.updated_ms = s.col_int(o + 4);
+  r.reason = s.col_text(o + 5);
+  r.message = s.col_text(o + 6);
+  r.wave = static_cast<int>(s.col_int(o + 7));
+  r.rank = s.col_double(o + 8);
+  r.released_ms = s.col_int(o + 9);
+  r.deadline_ms = s.col_int(o + 10);
+  r.prev_bundle_id = s.col_text(o + 11);
+  r.rollback_generation = static_cast<uint64_t>(s.col_int(o + 12));
+  return r;
+}
+
+template <class T, class F, class B>
+Result<std::vector<T>> query(sql::Db& db, const std::string& text, B&& bind, F&& row) {
+  auto st = db.prepare(text);
+  if (!st) return st.error();
+  bind(*st);
+  std::vector<T> out;
+  for (;;) {
+    auto r = st->step();
+    if (!r) return r.error();
+    if (!*r) break;
+    out.push_back(row(*st));
+  }
+  return out;
+}
+
+}  // namespace
+
+Status Store::migrate_campaigns() {
+  // Data dirs made before waves existed gain the columns; new ones get them here too.
+  const std::vector<std::pair<std::string, std::string>> campaign_cols = {
+      {"project", "TEXT NOT NULL DEFAULT 'default'"}, {"strategy", "TEXT NOT NULL DEFAULT '{}'"},
+      {"current_wave", "INTEGER NOT NULL DEFAULT 0"},   {"wave_done_ms", "INTEGER NOT NULL DEFAULT 0"},
+      {"state_reason", "TEXT NOT NULL DEFAULT ''"},
+      {"baseline_failed", "INTEGER NOT NULL DEFAULT 0"},
+      {"baseline_finals", "INTEGER NOT NULL DEFAULT 0"}};
+  const std::vector<std::pair<std::string, std::string>> row_cols = {
+      {"wave", "INTEGER NOT NULL DEFAULT 0"},         {"rank", "REAL NOT NULL DEFAULT 0"},
+      {"released_ms", "INTEGER NOT NULL DEFAULT 0"},  {"deadline_ms", "INTEGER NOT NULL DEFAULT 0"},
+      {"prev_bundle_id", "TEXT NOT NULL DEFAULT ''"}, {"rollback_generation", "INTEGER NOT NULL DEFAULT 0"}};
+  auto add_missing = [&](const std::string& table, const std::vector<std::pair<std::string, std::string>>& cols) -> Status {
+    auto st = db_->prepare("SELECT name FROM pragma_table_info('" + table + "')");
+    if (!st) return st.error();
+    std::vector<std::string> have;
+    for (;;) {
+      auto r = st->step();
+      if (!r) return r.error();
+      if (!*r) break;
+      have.push_back(st->col_text(0));
+    }
+    for (const auto& [name, decl] : cols) {
+      if (std::find(have.begin(), have.end(), name) != have.end()) continue;
+      if (auto s = db_->exec("ALTER TABLE " + table + " ADD COLUMN " + name + " " + decl); !s) return s;
+    }
+    return {};
+  };
+  if (auto s = add_missing("campaigns", campaign_cols); !s) return s;
+  if (auto s = add_missing("campaign_devices", row_cols); !s) return s;
+  return db_->exec(
+      "CREATE INDEX IF NOT EXISTS campaign_devices_status ON campaign_devices(campaign_id, status);"
+      "CREATE INDEX IF NOT EXISTS campaign_devices_device ON campaign_devices(device_id, status);");
+}
+
+Status Store::insert_campaign(const CampaignRecord& c, const std::vector<CampaignDeviceRecord>& devices) {
+  sql::Transaction tx(*db_);
+  if (!tx.ok()) return make_error(Errc::unavailable, "cannot begin transaction", true);
+  {
+    auto st = db_->prepare(std::string("INSERT INTO campaigns (") + kCampaignCols + ") VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)");
+    if (!st) return st.error();
+    st->bind(1, std::string_view(c.id)).bind(2, std::string_view(c.name)).bind(3, std::string_view(c.bundle_id))
+        .bind(4, std::string_view(c.selector)).bind(5, std::string_view(c.state)).bind(6, c.created_ms)
+        .bind(7, c.updated_ms).bind(8, std::string_view(c.project)).bind(9, std::string_view(c.strategy))
+        .bind(10, static_cast<int64_t>(c.current_wave)).bind(11, c.wave_done_ms)
+        .bind(12, std::string_view(c.state_reason)).bind(13, c.baseline_failed).bind(14, c.baseline_finals);
+    if (auto r = st->run(); !r) return r.error();
+  }
+  auto ins = db_->prepare(std::string("INSERT INTO campaign_devices (") + kRowCols +
+                          ") VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)");
+  if (!ins) return ins.error();
+  for (const auto& d : devices) {
+    ins->reset();
+    ins->bind(1, std::string_view(d.campaign_id)).bind(2, std::string_view(d.device_id))
+        .bind(3, std::string_view(d.status)).bind(4, static_cast<int64_t>(d.generation)).bind(5, d.updated_ms)
+        .bind(6, std::string_view(d.reason)).bind(7, std::string_view(d.message)).bind(8, static_cast<int64_t>(d.wave))
+        .bind_double(9, d.rank).bind(10, d.released_ms).bind(11, d.deadline_ms)
+        .bind(12, std::string_view(d.prev_bundle_id)).bind(13, static_cast<int64_t>(d.rollback_generation));
+    if (auto r = ins->run(); !r) return r.error();
+  }
+  return tx.commit();
+}
+
+Result<std::optional<CampaignRecord>> Store::get_campaign(const std::string& id) {
+  auto rows = query<CampaignRecord>(
+      *db_, std::string("SELECT ") + kCampaignCols + " FROM campaigns WHERE id = ?",
+      [&](sql::Stmt& s) { s.bind(1, std::string_view(id)); }, campaign_from);
+  if (!rows) return rows.error();
+  if (rows->empty()) return std::optional<CampaignRecord>();
+  return std::optional<CampaignRecord>(rows->front());
+}
+
+Result<std::vector<CampaignRecord>> Store::list_campaigns() {
+  return query<CampaignRecord>(
+      *db_, std::string("SELECT ") + kCampaignCols + " FROM campaigns ORDER BY created_ms, id", [](sql::Stmt&) {},
+      campaign_from);
+}
+
+Status Store::update_campaign(const CampaignRecord& c) {
+  auto st = db_->prepare(
+      "UPDATE campaigns SET state = ?, updated_ms = ?, current_wave = ?, wave_done_ms = ?, state_reason = ?, "
+      "baseline_failed = ?, baseline_finals = ? WHERE id = ?");
+  if (!st) return st.error();
+  st->bind(1, std::string_view(c.state)).bind(2, c.updated_ms).bind(3, static_cast<int64_t>(c.current_wave))
+      .bind(4, c.wave_done_ms).bind(5, std::string_view(c.state_reason)).bind(6, c.baseline_failed)
+      .bind(7, c.baseline_finals).bind(8, std::string_view(c.id));
+  return st->run();
+}
+
+Result<std::vector<CampaignDeviceRecord>> Store::campaign_devices(const std::string& campaign_id) {
+  return query<CampaignDeviceRecord>(
+      *db_, std::string("SELECT ") + kRowCols + " FROM campaign_devices WHERE campaign_id = ? ORDER BY device_id",
+      [&](sql::Stmt& s) { s.bind(1, std::string_view(campaign_id)); },
+      [](const sql::Stmt& s) { return row_from(s); });
+}
+
+Result<std::vector<CampaignDeviceRecord>> Store::campaign_devices_with_status(
+    const std::string& campaign_id, const std::vector<std::string>& statuses) {
+  std::string in;
+  for (size_t i = 0; i < statuses.size(); ++i) in += i ? ",?" : "?";
+  return query<CampaignDeviceRecord>(
+      *db_,
+      std::string("SELECT ") + kRowCols + " FROM campaign_devices WHERE campaign_id = ? AND status IN (" + in +
+          ") ORDER BY rank",
+      [&](sql::Stmt& s) {
+        s.bind(1, std::string_view(campaign_id));
+        for (size_t i = 0; i < statuses.size(); ++i) s.bind(static_cast<int>(i + 2), std::string_view(statuses[i]));
+      },
+      [](const sql::Stmt& s) { return row_from(s); });
+}
+
+Result<std::optional<CampaignDeviceRecord>> Store::campaign_device(const std::string& campaign_id,
+                                                                   const std::string& device_id) {
+  auto rows = query<CampaignDeviceRecord>(
+      *db_, std::string("SELECT ") + kRowCols + " FROM campaign_devices WHERE campaign_id = ? AND device_id = ?",
+      [&](sql::Stmt& s) { s.bind(1, std::string_view(campaign_id)).bind(2, std::string_view(device_id)); },
+      [](const sql::Stmt& s) { return row_from(s); });
+  if (!rows) return rows.error();
+  if (rows->empty()) return std::optional<CampaignDeviceRecord>();
+  return std::optional<CampaignDeviceRecord>(rows->front());
+}
+
+Status Store::save_campaign_device(const CampaignDeviceRecord& cd) {
+  auto st = db_->prepare(
+      "UPDATE campaign_devices SET status = ?, generation = ?, updated_ms = ?, reason = ?, message = ?, "
+      "released_ms = ?, deadline_ms = ?, prev_bundle_id = ?, rollback_generation = ? "
+      "WHERE campaign_id = ? AND device_id = ?");
+  if (!st) return st.error();
+  st->bind(1, std::string_view(cd.status)).bind(2, static_cast<int64_t>(cd.generation)).bind(3, cd.updated_ms)
+      .bind(4, std::string_view(cd.reason)).bind(5, std::string_view(cd.message)).bind(6, cd.released_ms)
+      .bind(7, cd.deadline_ms).bind(8, std::string_view(cd.prev_bundle_id))
+      .bind(9, static_cast<int64_t>(cd.rollback_generation)).bind(10, std::string_view(cd.campaign_id))
+      .bind(11, std::string_view(cd.device_id));
+  return st->run();
+}
+
+Result<std::vector<CampaignCountRow>> Store::campaign_counts(const std::string& campaign_id) {
+  return query<CampaignCountRow>(
+      *db_,
+      "SELECT cd.wave, cd.status, COALESCE(d.online, 0), COUNT(*) FROM campaign_devices cd "
+      "LEFT JOIN devices d ON d.id = cd.device_id WHERE cd.campaign_id = ? GROUP BY 1, 2, 3",
+      [&](sql::Stmt& s) { s.bind(1, std::string_view(campaign_id)); },
+      [](const sql::Stmt& s) {
+        return CampaignCountRow{static_cast<int>(s.col_int(0)), s.col_text(1), s.col_int(2) != 0, s.col_int(3)};
+      });
+}
+
+Result<std::vector<std::pair<CampaignDeviceRecord, bool>>> Store::releasable(const std::string& campaign_id,
+                                                                             int max_wave) {
+  return query<std::pair<CampaignDeviceRecord, bool>>(
+      *db_,
+      std::string("SELECT ") +
+          "cd.campaign_id, cd.device_id, cd.status, cd.generation, cd.updated_ms, cd.reason, cd.message, cd.wave, "
+          "cd.rank, cd.released_ms, cd.deadline_ms, cd.prev_bundle_id, cd.rollback_generation, COALESCE(d.online, 0) "
+          "FROM campaign_devices cd LEFT JOIN devices d ON d.id = cd.device_id "
+          "WHERE cd.campaign_id = ? AND cd.status = 'waiting' AND cd.wave <= ? ORDER BY COALESCE(d.online, 0), cd.wave, cd.rank",
+      [&](sql::Stmt& s) { s.bind(1, std::string_view(campaign_id)).bind(2, static_cast<int64_t>(max_wave)); },
+      [](const sql::Stmt& s) { return std::make_pair(row_from(s), s.col_int(13) != 0); });
+}
+
+Result<int64_t> Store::expire_deadlines(const std::string& campaign_id, int64_t now_ms) {
+  // Only devices that are online run out of time: offline is its own state.
+  auto st = db_->prepare(
+      "UPDATE campaign_devices SET status = 'failed', reason = 'deadline_exceeded', "
+      "message = 'no outcome before the per-device deadline', updated_ms = ? "
+      "WHERE campaign_id = ? AND status IN ('pending', 'in_progress') AND deadline_ms > 0 AND deadline_ms < ? "
+      "AND device_id IN (SELECT id FROM devices WHERE online = 1)");
+  if (!st) return st.error();
+  st->bind(1, now_ms).bind(2, std::string_view(campaign_id)).bind(3, now_ms);
+  if (auto s = st->run(); !s) return s.error();
+  return db_->changes();
+}
+
+Result<std::vector<std::string>> Store::supersede_others(const std::string& device_id, const std::string& campaign_id,
+                                                         int64_t now_ms) {
+  auto ids = query<std::string>(
+      *db_,
+      "SELECT campaign_id FROM campaign_devices WHERE device_id = ? AND campaign_id != ? "
+      "AND status IN ('waiting', 'pending', 'in_progress', 'rolling_back')",
+      [&](sql::Stmt& s) { s.bind(1, std::string_view(device_id)).bind(2, std::string_view(campaign_id)); },
+      [](const sql::Stmt& s) { return s.col_text(0); });
+  if (!ids) return ids.error();
+  if (ids->empty()) return ids;
+  auto st = db_->prepare(
+      "UPDATE campaign_devices SET status = 'superseded', updated_ms = ? WHERE device_id = ? AND campaign_id != ? "
+      "AND status IN ('waiting', 'pending', 'in_progress', 'rolling_back')");
+  if (!st) return st.error();
+  st->bind(1, now_ms).bind(2, std::string_view(device_id)).bind(3, std::string_view(campaign_id));
+  if (auto s = st->run(); !s) return s.error();
+  return ids;
+}
+
+Status Store::set_device_desired(const std::string& device_id, uint64_t generation, const std::string& bundle_id,
+                                 const std::string& campaign_id) {
+  auto st = db_->prepare("UPDATE devices SET generation = ?, desired_bundle_id = ?, campaign_id = ? WHERE id = ?");
+  if (!st) return st.error();
+  st->bind(1, static_cast<int64_t>(generation)).bind(2, std::string_view(bundle_id))
+      .bind(3, std::string_view(campaign_id)).bind(4, std::string_view(device_id));
+  return st->run();
+}
+
+}  // namespace flotilla::hub

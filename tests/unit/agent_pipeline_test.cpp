@@ -1,0 +1,471 @@
+// The agent core's journaled pipeline over fakes: a crash at every step
+// boundary, artifacts, campaign rollback, drift, the outbox, the reconnect
+// jitter and the SQLite journal store.
+#include <catch2/catch.hpp>
+
+#include <algorithm>
+#include <chrono>
+#include <memory>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "edge-agent/testing/fakes.hpp"
+#include "flotilla/agent/agent.hpp"
+#include "flotilla/agent/daemon.hpp"
+#include "flotilla/agent/disk.hpp"
+#include "flotilla/bundles/bundle.hpp"
+#include "flotilla/bundles/keys.hpp"
+#include "flotilla/common/clock.hpp"
+#include "flotilla/common/crypto.hpp"
+#include "flotilla/v1/desired.pb.h"
+
+namespace {
+
+using flotilla::FakeClock;
+using flotilla::agent::Agent;
+using flotilla::agent::CoreConfig;
+using flotilla::agent::testing::FakeDownloader;
+using flotilla::agent::testing::FakeK3sRuntime;
+using flotilla::agent::testing::MemFileTree;
+using flotilla::agent::testing::MemStateStore;
+namespace bundles = flotilla::bundles;
+namespace v1 = flotilla::v1;
+
+constexpr const char* kDevice = "d-pipe";
+constexpr const char* kBin = "/usr/local/bin/k3s";
+constexpr const char* kDropIn = "/etc/rancher/k3s/config.yaml.d/10-flotilla.yaml";
+constexpr const char* kBase = "http://hub.test/v1/artifacts/";
+
+#define REQUIRE_APPLIED(rig)                                                        \
+  do {                                                                              \
+    INFO("last report: " << v1::AgentState_Name((rig).last().state()) << " "        \
+                         << (rig).last().error().message());                        \
+    REQUIRE((rig).last().state() == v1::AGENT_STATE_APPLIED);                       \
+  } while (0)
+
+struct Crash {
+  std::string at;
+};
+
+std::string raw(const std::string& hex_text) {
+  auto b = flotilla::from_hex(hex_text);
+  return std::string(b->begin(), b->end());
+}
+
+struct Rig {
+  FakeClock clock;
+  FakeK3sRuntime runtime;
+  MemFileTree files;
+  MemStateStore store;
+  FakeDownloader downloader{files};
+  bundles::KeyPair key = bundles::generate_key();
+  std::vector<v1::Report> reports;
+  std::unique_ptr<Agent> agent;
+  std::string crash_at;  // "<step>:<phase>": the hook throws Crash there
+
+  Rig() {
+    files.files[kBin] = MemFileTree::Entry{"k3s-binary-v1", 0755};
+    restart_agent();
+  }
+
+  void restart_agent() {
+    CoreConfig cfg;
+    cfg.device_id = kDevice;
+    cfg.arch = "amd64";
+    cfg.keyring.add(key.pub);
+    cfg.health_timeout = std::chrono::milliseconds(30);
+    cfg.health_poll = std::chrono::milliseconds(1);
+    cfg.min_free_bytes = 4096;
+    cfg.step_hook = [this](const std::string& step, const std::string& phase) {
+      if (!crash_at.empty() && crash_at == step + ":" + phase) throw Crash{crash_at};
+    };
+    agent = std::make_unique<Agent>(cfg, runtime, files, store, clock,
+                                    [this](v1::Report&& r) { reports.push_back(std::move(r)); }, &downloader);
+    REQUIRE(agent->start());
+  }
+
+  // A bundle with a k3s drop-in, a manifest and (optionally) a k3s binary artifact.
+  v1::SignedBundle bundle(uint64_t version, const std::string& binary = "", const std::string& bad_hash = "",
+                          uint64_t size_delta = 0) {
+    v1::BundleManifest m;
+    m.set_format_version(1);
+    m.set_name("edge");
+    m.set_channel("stable");
+    m.set_version(version);
+    m.set_created_unix(clock.now_unix());
+    m.set_expires_unix(clock.now_unix() + 86400);
+    auto add = [&](v1::FileKind k, const std::string& name, const std::string& content) {
+      auto* f = m.add_files();
+      f->set_kind(k);
+      f->set_name(name);
+      f->set_content(content);
+      auto h = flotilla::crypto::sha256(content);
+      f->set_sha256(std::string(h.begin(), h.end()));
+    };
+    add(v1::FILE_KIND_K3S_CONFIG, "10-flotilla.yaml", "node-label: [v=" + std::to_string(version) + "]\n");
+    add(v1::FILE_KIND_MANIFEST, "app-" + std::to_string(version) + ".yaml", "kind: ConfigMap\n");
+    if (!binary.empty()) {
+      auto* a = m.add_artifacts();
+      a->set_name("k3s");
+      a->set_kind(v1::ARTIFACT_KIND_K3S_BINARY);
+      const std::string hex_text = bad_hash.empty() ? flotilla::crypto::sha256_hex(binary) : bad_hash;
+      a->set_sha256(raw(hex_text));
+      a->set_url(hex_text);  // relative: resolved against DesiredState.artifact_base_url
+      a->set_size(binary.size() + size_delta);
+      downloader.content[kBase + flotilla::crypto::sha256_hex(binary)] = binary;
+      if (!bad_hash.empty()) downloader.content[kBase + bad_hash] = binary;
+    }
+    auto env = bundles::wrap(m);
+    REQUIRE(bundles::sign(env, key));
+    return env;
+  }
+
+  std::string desired(const v1::SignedBundle& b, uint64_t generation, bool rollback = false) {
+    v1::DesiredState ds;
+    ds.set_device_id(kDevice);
+    ds.set_generation(generation);
+    ds.set_campaign_id("c-" + std::to_string(generation));
+    *ds.mutable_bundle() = b;
+    ds.set_artifact_base_url(kBase);
+    ds.set_rollback(rollback);
+    return ds.SerializeAsString();
+  }
+
+  const v1::Report& last() const {
+    REQUIRE(!reports.empty());
+    return reports.back();
+  }
+};
+
+std::vector<std::string> all_boundaries() {
+  std::vector<std::string> out;
+  for (const auto& s : flotilla::agent::apply_steps()) {
+    if (s == "rollback") continue;  // reached only when the gate fails (covered below)
+    out.push_back(s + ":begin");
+    out.push_back(s + ":end");
+  }
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("agent journals every step of an apply, begin and end, in order", "[unit][agent][journal]") {
+  Rig rig;
+  rig.agent->handle_desired(rig.desired(rig.bundle(1, "k3s-binary-v2"), 1));
+  REQUIRE_APPLIED(rig);
+  std::vector<std::string> got;
+  for (const auto& e : rig.store.entries) {
+    got.push_back(e.step + ":" + e.phase);
+    CHECK(e.generation == 1);
+    CHECK(e.apply_id == rig.store.entries.front().apply_id);
+  }
+  CHECK(got == all_boundaries());
+  CHECK_FALSE(rig.store.state.in_flight.has_value());
+}
+
+TEST_CASE("a crash at any step leaves the old bundle or the new one, never a mix", "[unit][agent][journal]") {
+  for (const auto& at : all_boundaries()) {
+    DYNAMIC_SECTION("crash at " << at) {
+      Rig rig;
+      rig.agent->handle_desired(rig.desired(rig.bundle(1), 1));
+      REQUIRE_APPLIED(rig);
+      const auto old_tree = rig.files.node_files();
+      const auto v2 = rig.bundle(2, "k3s-binary-v2");
+
+      rig.crash_at = at;
+      REQUIRE_THROWS_AS(rig.agent->handle_desired(rig.desired(v2, 2)), Crash);
+      rig.crash_at.clear();
+      const int restarts_before = rig.runtime.restarts;
+      rig.restart_agent();  // the process comes back: start() recovers
+
+      CHECK_FALSE(rig.store.state.in_flight.has_value());
+      const bool committed = at == "commit:end";
+      if (committed) {
+        CHECK(rig.agent->applied().version == 2);
+        CHECK(rig.files.node_files().at(kBin).content == "k3s-binary-v2");
+      } else {
+        // Exactly the old tree: binary, drop-in, manifests; no backups left behind.
+        CHECK(rig.files.node_files() == old_tree);
+        CHECK(rig.agent->applied().version == 1);
+        for (const auto& [p, e] : rig.files.files) CHECK(p.find("/var/lib/flotilla/backup") == std::string::npos);
+      }
+      // k3s is restarted by recovery exactly when the node had been touched.
+      const std::set<std::string> touched = {"install:begin", "install:end", "restart:begin", "restart:end",
+                                             "health:begin",  "health:end",  "commit:begin"};
+      CHECK(rig.runtime.restarts - restarts_before == (touched.count(at) ? 1 : 0));
+
+      // The retained desired state, delivered again on reconnect, completes the apply.
+      rig.agent->handle_desired(rig.desired(v2, 2));
+      CHECK(rig.agent->applied().version == 2);
+      CHECK(rig.files.files.at(kBin) == MemFileTree::Entry{"k3s-binary-v2", 0755});
+      CHECK(rig.files.files.at(kDropIn).content == "node-label: [v=2]\n");
+      CHECK_FALSE(rig.files.exists("/var/lib/rancher/k3s/server/manifests/app-1.yaml"));
+      // The final outcome waits in the outbox until the daemon confirms delivery.
+      REQUIRE_FALSE(rig.agent->outbox().empty());
+      rig.agent->outbox_delivered(rig.agent->outbox().rbegin()->first);
+      CHECK(rig.store.state.outbox.empty());
+    }
+  }
+}
+
+TEST_CASE("an apply that keeps crashing the agent is given up after a few attempts", "[unit][agent][journal]") {
+  Rig rig;
+  const auto v1b = rig.bundle(1);
+  rig.crash_at = "restart:begin";
+  for (int i = 0; i < 3; ++i) {
+    REQUIRE_THROWS_AS(rig.agent->handle_desired(rig.desired(v1b, 5)), Crash);
+    rig.restart_agent();
+  }
+  rig.crash_at.clear();
+  rig.reports.clear();
+  rig.agent->handle_desired(rig.desired(v1b, 5));
+  CHECK(rig.last().state() == v1::AGENT_STATE_FAILED);
+  CHECK(rig.last().error().reason() == v1::REASON_INTERNAL);
+  CHECK(rig.last().error().message().find("interrupted 3 times") != std::string::npos);
+  CHECK(rig.agent->applied().generation == 5);
+  CHECK(rig.files.files.at(kBin).content == "k3s-binary-v1");
+}
+
+TEST_CASE("agent downloads a k3s binary artifact, installs it 0755 and rolls it back when unhealthy",
+          "[unit][agent][artifacts]") {
+  Rig rig;
+  rig.agent->handle_desired(rig.desired(rig.bundle(1, "k3s-binary-v2"), 1));
+  REQUIRE_APPLIED(rig);
+  CHECK(rig.files.files.at(kBin) == MemFileTree::Entry{"k3s-binary-v2", 0755});
+  CHECK(rig.downloader.urls == std::vector<std::string>{kBase + flotilla::crypto::sha256_hex("k3s-binary-v2")});
+  // The placed binary is tracked for drift like any file.
+  bool tracked = false;
+  for (const auto& pf : rig.store.state.files) tracked |= pf.path == kBin;
+  CHECK(tracked);
+
+  // v2 brings a binary that never gets healthy: the previous binary returns.
+  const auto before = rig.files.node_files();
+  rig.runtime.set_never_healthy();
+  rig.agent->handle_desired(rig.desired(rig.bundle(2, "k3s-binary-v3-broken"), 2));
+  CHECK(rig.last().state() == v1::AGENT_STATE_ROLLED_BACK);
+  CHECK(rig.last().error().reason() == v1::REASON_HEALTH_GATE_FAILED);
+  CHECK(rig.files.node_files() == before);
+  CHECK(rig.agent->applied().version == 1);
+
+  // Same binary again in v3: nothing to download, it is installed already.
+  rig.runtime.set_healthy();
+  const int fetches = rig.downloader.fetches;
+  rig.agent->handle_desired(rig.desired(rig.bundle(3, "k3s-binary-v2"), 3));
+  CHECK(rig.last().state() == v1::AGENT_STATE_APPLIED);
+  CHECK(rig.downloader.fetches == fetches);
+}
+
+TEST_CASE("agent refuses an artifact with the wrong hash or size and installs nothing", "[unit][agent][artifacts]") {
+  Rig rig;
+  rig.agent->handle_desired(rig.desired(rig.bundle(1), 1));
+  REQUIRE_APPLIED(rig);
+  const auto before = rig.files.node_files();
+  const int restarts = rig.runtime.restarts;
+
+  SECTION("hash") {
+    rig.agent->handle_desired(rig.desired(rig.bundle(2, "evil-binary", std::string(64, 'a')), 2));
+    CHECK(rig.last().state() == v1::AGENT_STATE_REFUSED);
+    CHECK(rig.last().error().reason() == v1::REASON_ARTIFACT_HASH);
+    CHECK(rig.last().error().message().find(std::string(64, 'a')) != std::string::npos);
+  }
+  SECTION("size: the server sends more than the manifest says") {
+    rig.agent->handle_desired(rig.desired(rig.bundle(2, "longer-binary", "", static_cast<uint64_t>(-3)), 2));
+    CHECK(rig.last().error().reason() == v1::REASON_ARTIFACT_SIZE);
+  }
+  SECTION("size: fewer bytes than the manifest says") {
+    rig.agent->handle_desired(rig.desired(rig.bundle(2, "short-binary", "", 10), 2));
+    CHECK(rig.last().error().reason() == v1::REASON_ARTIFACT_SIZE);
+  }
+  SECTION("download fails") {
+    rig.downloader.fail = true;
+    rig.agent->handle_desired(rig.desired(rig.bundle(2, "some-binary"), 2));
+    CHECK(rig.last().state() == v1::AGENT_STATE_FAILED);
+    CHECK(rig.last().error().reason() == v1::REASON_DOWNLOAD_FAILED);
+  }
+  // Nothing on the node changed, k3s was not touched, v1 still applied.
+  CHECK(rig.files.node_files() == before);
+  CHECK(rig.runtime.restarts == restarts);
+  CHECK(rig.agent->applied().version == 1);
+  for (const auto& [p, e] : rig.files.files) CHECK(p.find("/var/lib/flotilla/staging/") == std::string::npos);
+}
+
+TEST_CASE("agent counts artifact sizes in the free-disk check", "[unit][agent][artifacts]") {
+  Rig rig;
+  const auto before = rig.files.files;
+  const auto b = rig.bundle(1, std::string(100000, 'k'));
+  rig.files.free = 4096 + 100000;  // enough for the reserve and the binary, not the files too
+  rig.agent->handle_desired(rig.desired(b, 1));
+  CHECK(rig.last().error().reason() == v1::REASON_DISK_FULL);
+  CHECK(rig.last().error().message().find("reserve 4096") != std::string::npos);
+  CHECK(rig.files.files == before);
+  CHECK(rig.downloader.fetches == 0);
+  CHECK(rig.store.saves == 0);
+}
+
+TEST_CASE("campaign rollback returns to exactly the previous bundle and nothing else", "[unit][agent][rollback]") {
+  Rig rig;
+  const auto v1b = rig.bundle(1);
+  rig.agent->handle_desired(rig.desired(v1b, 1));
+  rig.agent->handle_desired(rig.desired(rig.bundle(2), 2));
+  REQUIRE(rig.agent->applied().version == 2);
+
+  SECTION("the exact previous bundle with rollback set is applied; highest stays 2") {
+    rig.agent->handle_desired(rig.desired(v1b, 3, true));
+    CHECK(rig.last().state() == v1::AGENT_STATE_APPLIED);
+    CHECK(rig.agent->applied().version == 1);
+    CHECK(rig.agent->applied().manifest_sha256_hex == bundles::manifest_digest_hex(v1b));
+    CHECK(rig.agent->applied().highest_version.at("stable") == 2);
+    CHECK(rig.files.files.at(kDropIn).content == "node-label: [v=1]\n");
+    // Without the flag the same old bundle is still a rollback attack.
+    rig.agent->handle_desired(rig.desired(rig.bundle(2), 4));
+    CHECK(rig.last().state() == v1::AGENT_STATE_REFUSED);
+    CHECK(rig.last().error().reason() == v1::REASON_ROLLBACK_VERSION);
+  }
+  SECTION("a different version-1 bundle with rollback set is refused") {
+    rig.clock.advance(std::chrono::seconds(1));  // another build: other bytes, other hash
+    const auto other = rig.bundle(1);
+    REQUIRE(bundles::manifest_digest_hex(other) != bundles::manifest_digest_hex(v1b));
+    const auto tree = rig.files.files;
+    rig.agent->handle_desired(rig.desired(other, 3, true));
+    CHECK(rig.last().state() == v1::AGENT_STATE_REFUSED);
+    CHECK(rig.last().error().reason() == v1::REASON_ROLLBACK_TARGET);
+    CHECK(rig.files.files == tree);
+    CHECK(rig.agent->applied().version == 2);
+  }
+  SECTION("the old bundle without rollback set is refused as a rollback attack") {
+    rig.agent->handle_desired(rig.desired(v1b, 3, false));
+    CHECK(rig.last().error().reason() == v1::REASON_ROLLBACK_VERSION);
+  }
+  SECTION("an expired previous bundle is refused even with rollback set") {
+    rig.clock.advance(std::chrono::hours(48));
+    rig.agent->handle_desired(rig.desired(v1b, 3, true));
+    CHECK(rig.last().error().reason() == v1::REASON_BUNDLE_EXPIRED);
+    CHECK(rig.agent->applied().version == 2);
+  }
+}
+
+TEST_CASE("agent finds drifted files, repairs them, restarts k3s for config and reports the paths",
+          "[unit][agent][drift]") {
+  Rig rig;
+  rig.agent->handle_desired(rig.desired(rig.bundle(1, "k3s-binary-v2"), 1));
+  REQUIRE_APPLIED(rig);
+  const auto good = rig.files.node_files();
+  CHECK(rig.agent->check_drift().empty());
+
+  rig.files.files[kDropIn].content = "node-label: [tampered]\n";
+  rig.files.files.erase(kBin);
+  const int restarts = rig.runtime.restarts;
+  rig.reports.clear();
+  auto drifted = rig.agent->check_drift();
+  std::sort(drifted.begin(), drifted.end());
+  CHECK(drifted == std::vector<std::string>{kDropIn, kBin});
+  CHECK(rig.files.node_files() == good);
+  CHECK(rig.runtime.restarts == restarts + 1);
+  REQUIRE(rig.reports.size() == 1);
+  CHECK(rig.last().error().reason() == v1::REASON_DRIFT);
+  CHECK(rig.last().error().message().find(kDropIn) != std::string::npos);
+  CHECK(rig.agent->check_drift().empty());
+}
+
+TEST_CASE("reconnect delays of many devices after a broker restart are spread, not in lockstep",
+          "[unit][agent][backoff]") {
+  // 10,000 devices lose the broker at the same instant; all share one pid salt.
+  const auto cap = std::chrono::milliseconds(300000);
+  std::vector<int64_t> first, third;
+  for (int i = 0; i < 10000; ++i) {
+    auto b = flotilla::agent::make_reconnect_backoff("d-" + std::to_string(i), cap, 42);
+    first.push_back(b.next().count());
+    b.next();
+    third.push_back(b.next().count());
+  }
+  // Attempt 3 is uniform in [0, 2000ms]: ten 200 ms buckets each hold ~10%.
+  std::vector<int> buckets(10, 0);
+  for (auto d : third) {
+    REQUIRE(d >= 0);
+    REQUIRE(d <= 2000);
+    ++buckets[std::min<int64_t>(9, d / 200)];
+  }
+  for (int c : buckets) {
+    CHECK(c > 700);
+    CHECK(c < 1300);
+  }
+  // And no single millisecond is shared by a crowd.
+  std::map<int64_t, int> same;
+  for (auto d : first) ++same[d];
+  int crowd = 0;
+  for (const auto& [d, n] : same) crowd = std::max(crowd, n);
+  CHECK(crowd < 40);
+}
+
+TEST_CASE("the SQLite store keeps the in-flight apply, outbox and journal across reopen", "[unit][agent][journal]") {
+  const auto dir = std::filesystem::temp_directory_path() / ("agent-store-" + flotilla::crypto::random_token(4));
+  std::filesystem::create_directories(dir);
+  const std::string path = (dir / "agent.db").string();
+  flotilla::agent::AppliedState s;
+  s.bundle_name = "edge";
+  s.version = 3;
+  s.previous_manifest_sha256_hex = "ab";
+  s.applied_desired = std::string("\0\x01\x02payload", 10);
+  s.interrupted_generation = 7;
+  s.interrupted_count = 2;
+  s.in_flight = flotilla::agent::InFlight{"g7-1", 7, "c", "edge", 4, "install",
+                                          {{"/usr/local/bin/k3s", "/var/lib/flotilla/backup/g7-1/0", true},
+                                           {"/etc/x", "/var/lib/flotilla/backup/g7-1/1", false}}};
+  s.outbox[12] = std::string("\0report", 7);
+  {
+    auto store = flotilla::agent::SqliteStateStore::open(path);
+    REQUIRE(store);
+    REQUIRE((*store)->save(s));
+    REQUIRE((*store)->journal({"g7-1", 7, "install", "begin", 5, ""}));
+  }
+  auto store = flotilla::agent::SqliteStateStore::open(path);
+  REQUIRE(store);
+  auto loaded = (*store)->load();
+  REQUIRE(loaded);
+  CHECK(loaded->in_flight == s.in_flight);
+  CHECK(loaded->outbox == s.outbox);
+  CHECK(loaded->applied_desired == s.applied_desired);
+  CHECK(loaded->previous_manifest_sha256_hex == "ab");
+  CHECK(loaded->interrupted_generation == 7);
+  CHECK(loaded->interrupted_count == 2);
+  auto tail = (*store)->journal_tail(10);
+  REQUIRE(tail);
+  REQUIRE(tail->size() == 1);
+  CHECK(tail->front().step == "install");
+  // Clearing the in-flight apply really clears it.
+  s.in_flight.reset();
+  REQUIRE((*store)->save(s));
+  CHECK_FALSE((*store)->load()->in_flight.has_value());
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("agent config rejects bad new settings with a clear message", "[unit][agent][config]") {
+  flotilla::Options o("flotilla-agent", "", "FLOTILLA_AGENT_");
+  flotilla::agent::add_agent_options(o);
+  auto parse = [&](std::vector<std::string> args) {
+    flotilla::Options opts("flotilla-agent", "", "FLOTILLA_AGENT_TEST_UNSET_");
+    flotilla::agent::add_agent_options(opts);
+    std::vector<std::string> argv = {"flotilla-agent", "--config", "", "--root-keys",
+                                     "ed25519:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="};
+    argv.insert(argv.end(), args.begin(), args.end());
+    std::vector<char*> cargv;
+    for (auto& a : argv) cargv.push_back(a.data());
+    REQUIRE(opts.parse(static_cast<int>(cargv.size()), cargv.data()));
+    return flotilla::agent::agent_config_from(opts);
+  };
+  auto bad_sm = parse({"--service-manager", "upstart"});
+  REQUIRE_FALSE(bad_sm);
+  CHECK(bad_sm.error().message.find("service-manager must be auto, systemd, openrc or direct") != std::string::npos);
+  auto bad_size = parse({"--min-free", "12 parsecs"});
+  REQUIRE_FALSE(bad_size);
+  CHECK(bad_size.error().message.find("min-free") != std::string::npos);
+  auto bad_ca = parse({"--tls-ca-file", "relative/ca.pem"});
+  REQUIRE_FALSE(bad_ca);
+  CHECK(bad_ca.error().message.find("tls-ca-file") != std::string::npos);
+  auto good = parse({"--service-manager", "openrc", "--min-free", "1GiB", "--drift-interval", "30s"});
+  REQUIRE(good);
+  CHECK(good->service_manager == "openrc");
+  CHECK(good->min_free_bytes == (uint64_t{1} << 30));
+  CHECK(good->drift_interval == std::chrono::seconds(30));
+}

@@ -1,0 +1,123 @@
+// docs/api/openapi.yaml against the server: every route the hub has is
+// documented with that method and nothing else is, public routes are marked
+// public, and the hub serves the file byte for byte. (Its validity as
+// OpenAPI 3 is checked by openapi-spec-validator, a ctest of its own.)
+#include <catch2/catch.hpp>
+
+#include <yaml-cpp/yaml.h>
+
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <set>
+#include <sstream>
+#include <string>
+
+#include "flotilla/common/clock.hpp"
+#include "flotilla/hub/api.hpp"
+#include "flotilla/hub/service.hpp"
+#include "flotilla/hub/store.hpp"
+
+namespace {
+
+using RouteSet = std::set<std::pair<std::string, std::string>>;
+
+std::string openapi_path() { return std::string(FLOTILLA_SOURCE_DIR) + "/docs/api/openapi.yaml"; }
+
+std::string read_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  REQUIRE(in);
+  std::ostringstream out;
+  out << in.rdbuf();
+  return out.str();
+}
+
+std::string upper(std::string s) {
+  for (auto& c : s) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
+  return s;
+}
+
+const std::set<std::string> kMethods = {"get", "put", "post", "delete", "options", "head", "patch", "trace"};
+
+struct ServerFixture {
+  ServerFixture() {
+    std::random_device rd;
+    dir = std::filesystem::temp_directory_path() / ("flotilla-openapi-test-" + std::to_string(rd()));
+    std::filesystem::create_directories(dir);
+    auto s = flotilla::hub::Store::open((dir / "hub.db").string());
+    REQUIRE(s);
+    store = std::move(*s);
+    service = std::make_unique<flotilla::hub::HubService>(*store, clock, flotilla::hub::ServiceConfig{});
+    api = std::make_unique<flotilla::hub::Api>(*service);
+  }
+  ~ServerFixture() {
+    api.reset();
+    service.reset();
+    store.reset();
+    std::error_code ec;
+    std::filesystem::remove_all(dir, ec);
+  }
+  std::filesystem::path dir;
+  flotilla::FakeClock clock;
+  std::unique_ptr<flotilla::hub::Store> store;
+  std::unique_ptr<flotilla::hub::HubService> service;
+  std::unique_ptr<flotilla::hub::Api> api;
+};
+
+}  // namespace
+
+TEST_CASE("hub OpenAPI document lists exactly the routes the server has", "[unit][hub][openapi]") {
+  ServerFixture f;
+  const YAML::Node doc = YAML::LoadFile(openapi_path());
+  REQUIRE(doc["openapi"].as<std::string>().rfind("3.", 0) == 0);
+  REQUIRE(doc["paths"].IsMap());
+
+  RouteSet documented, public_documented;
+  for (const auto& path : doc["paths"]) {
+    for (const auto& op : path.second) {
+      const auto method = op.first.as<std::string>();
+      if (!kMethods.count(method)) continue;  // parameters, summary, ...
+      const auto key = std::make_pair(upper(method), path.first.as<std::string>());
+      documented.insert(key);
+      const auto sec = op.second["security"];
+      if (sec && sec.IsSequence() && sec.size() == 0) public_documented.insert(key);
+    }
+  }
+  RouteSet served;
+  for (const auto& r : f.api->routes()) served.insert(r);
+
+  for (const auto& r : served) {
+    INFO("served but not documented: " << r.first << " " << r.second);
+    CHECK(documented.count(r));
+  }
+  for (const auto& r : documented) {
+    INFO("documented but not served: " << r.first << " " << r.second);
+    CHECK(served.count(r));
+  }
+
+  // Routes that need no token say so (security: []) and only those: a request
+  // without a token to any other route is 401.
+  for (const auto& [method, pattern] : served) {
+    std::string path = pattern;
+    for (auto open = path.find('{'); open != std::string::npos; open = path.find('{')) {
+      path.replace(open, path.find('}', open) - open + 1, std::string(64, 'a'));
+    }
+    flotilla::hub::HttpRequest req;
+    req.method = method;
+    req.target = path;
+    const auto resp = f.api->handle(req);
+    INFO(method << " " << pattern << " -> " << resp.status);
+    CHECK((resp.status == 401) == !public_documented.count({method, pattern}));
+  }
+}
+
+TEST_CASE("hub serves the OpenAPI document it was built with", "[unit][hub][openapi]") {
+  ServerFixture f;
+  flotilla::hub::HttpRequest req;
+  req.method = "GET";
+  req.target = "/v1/openapi.yaml";
+  const auto resp = f.api->handle(req);  // no token: the description is public
+  REQUIRE(resp.status == 200);
+  CHECK(resp.content_type == "application/yaml");
+  CHECK(resp.body == read_file(openapi_path()));
+}
