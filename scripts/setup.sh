@@ -10,7 +10,7 @@ PACKAGES=(
   libspdlog-dev libfmt-dev
   libboost-dev
   libpaho-mqtt-dev
-  nlohmann-json3-dev libyaml-cpp-dev libssl-dev
+  nlohmann-json3-dev libyaml-cpp-dev libssl-dev openssl
   catch2
   mosquitto mosquitto-clients
   curl

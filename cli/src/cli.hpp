@@ -13,6 +13,7 @@ int cmd_device(int argc, char** argv);
 int cmd_enrollment_token(int argc, char** argv);
 int cmd_token(int argc, char** argv);
 int cmd_audit(int argc, char** argv);
+int cmd_trust(int argc, char** argv);
 
 int fail(const std::string& message, int code = 1);
 

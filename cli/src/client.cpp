@@ -11,6 +11,7 @@ void add_hub_flags(Options& o) {
   o.add("hub", "hub REST base URL", "http://127.0.0.1:8080")
       .add("token", "API token (prefer the FLOTILLA_TOKEN variable: flags show up in ps)")
       .add("token-file", "file holding the API token (e.g. <hub data-dir>/admin.token)")
+      .add("ca-file", "PEM CA certificate(s) to verify an https hub against (default: the system CA store)")
       .add("o", "output: table or json", "table");
 }
 
@@ -19,6 +20,7 @@ Result<Client> Client::from(const Options& o) {
     c.base = o.get("hub");
     while (!c.base.empty() && c.base.back() == '/') c.base.pop_back();
     c.token = o.get("token");
+    c.ca_file = o.get("ca-file");
     if (c.token.empty() && !o.get("token-file").empty()) {
       auto t = fs::read_file(o.get("token-file"), 4096);
       if (!t) return t.error().with_context("token-file");
@@ -42,6 +44,7 @@ Result<json> Client::call(const std::string& method, const std::string& path, co
     r.headers["Authorization"] = "Bearer " + token;
     if (!body.empty()) r.headers["Content-Type"] = content_type;
     r.timeout = std::chrono::seconds(30);
+    r.ca_file = ca_file;
     auto resp = http::send(r);
     if (!resp) return resp.error().with_context("cannot reach the hub at " + base);
     json j = json::parse(resp->body, nullptr, false);

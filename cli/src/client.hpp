@@ -14,6 +14,7 @@ void add_hub_flags(Options& o);
 struct Client {
   std::string base;
   std::string token;
+  std::string ca_file;  // https: CAs trusted for the hub's certificate; empty = system store
 
   static Result<Client> from(const Options& o);
   // The parsed JSON body of a 2xx answer; otherwise the hub's error message.

@@ -29,6 +29,8 @@ void usage(std::ostream& out) {
          "  enrollment-token create make a token devices enroll with (list, revoke ID)\n"
          "  token create NAME       make an API token --role viewer|operator|admin (list, revoke ID)\n"
          "  audit                   the audit log of mutating calls (admin)\n"
+         "  trust push FILE         store the trust message (key verify-chain --out) on the hub (admin)\n"
+         "  trust show              the trust message the hub holds\n"
          "  device list             list devices (--selector, --all with decommissioned)\n"
          "  device label ID k=v k-  set and remove labels\n"
          "  device decommission ID  revoke a device's broker access for good (--yes)\n"
@@ -57,6 +59,7 @@ int main(int argc, char** argv) {
   if (cmd == "enrollment-token") return flotilla::cli::cmd_enrollment_token(argc - 1, argv + 1);
   if (cmd == "token") return flotilla::cli::cmd_token(argc - 1, argv + 1);
   if (cmd == "audit") return flotilla::cli::cmd_audit(argc - 1, argv + 1);
+  if (cmd == "trust") return flotilla::cli::cmd_trust(argc - 1, argv + 1);
   std::cerr << "flotilla: unknown command '" << cmd << "'\n\n";
   usage(std::cerr);
   return 2;

@@ -7,17 +7,23 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <fstream>
 #include <limits>
+#include <optional>
 #include <boost/asio/connect.hpp>
 #include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/ssl.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
+#include <boost/beast/ssl.hpp>
 
 namespace flotilla::http {
 
 namespace beast = boost::beast;
 namespace bhttp = boost::beast::http;
 namespace asio = boost::asio;
+namespace ssl = boost::asio::ssl;
+using TlsStream = beast::ssl_stream<beast::tcp_stream>;
 
 Result<Url> parse_url(const std::string& url) {
   Url u;
@@ -49,23 +55,124 @@ Result<Url> parse_url(const std::string& url) {
   return u;
 }
 
+namespace {
+
+// TLS 1.2+, the peer's chain checked against ca_file (or the system store).
+Result<ssl::context> tls_client_context(const std::string& ca_file) {
+  ssl::context ctx(ssl::context::tls_client);
+  if (SSL_CTX_set_min_proto_version(ctx.native_handle(), TLS1_2_VERSION) != 1) {
+    return make_error(Errc::internal, "cannot require TLS 1.2");
+  }
+  beast::error_code ec;
+  if (ca_file.empty()) {
+    ctx.set_default_verify_paths(ec);
+    if (ec) return make_error(Errc::unavailable, "cannot load the system CA certificates: " + ec.message());
+  } else {
+    // Checked first: OpenSSL reports a missing file as a bare "system lib".
+    if (!std::ifstream(ca_file)) return make_error(Errc::invalid_argument, "cannot read CA file '" + ca_file + "'");
+    ctx.load_verify_file(ca_file, ec);
+    if (ec) return make_error(Errc::invalid_argument, "CA file '" + ca_file + "' holds no PEM certificate: " + ec.message());
+  }
+  ctx.set_verify_mode(ssl::verify_peer);
+  return ctx;
+}
+
+// One connection to a URL's host, plain or TLS. Both streams have the same
+// Beast interface, so an exchange is written once, as a generic lambda given
+// to with(); deadlines always live on the TCP layer.
+class Connection {
+ public:
+  explicit Connection(asio::io_context& ioc) : ioc_(ioc) {}
+
+  beast::tcp_stream& tcp() { return tls_ ? beast::get_lowest_layer(*tls_) : *plain_; }
+
+  template <class F>
+  void with(F&& f) {
+    if (tls_) f(*tls_);
+    else f(*plain_);
+  }
+
+  // Resolves, connects and, for https, handshakes, all under one deadline of
+  // `timeout` that stays set afterwards (callers may renew it per step).
+  // `what` ("GET <url>") starts every error message.
+  Status open(const Url& url, const std::string& ca_file, std::chrono::milliseconds timeout, const std::string& what) {
+    asio::ip::tcp::resolver resolver(ioc_);
+    beast::error_code ec;
+    auto results = resolver.resolve(url.host, url.port, ec);
+    if (ec) return make_error(Errc::unavailable, "resolve " + url.host + ": " + ec.message(), true);
+    if (url.scheme == "https") {
+      auto ctx = tls_client_context(ca_file);
+      if (!ctx) return ctx.error().with_context(what);
+      ctx_.emplace(std::move(*ctx));
+      tls_.emplace(ioc_, *ctx_);
+      SSL* h = tls_->native_handle();
+      asio::ip::make_address(url.host, ec);
+      const bool ip = !ec;
+      // The certificate must name the host: OpenSSL's own check (rather than
+      // a verify callback) so a mismatch is reported as "hostname mismatch".
+      // SNI only for names: RFC 6066 does not allow IP literals there.
+      const bool named = ip ? X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(h), url.host.c_str()) == 1
+                            : SSL_set1_host(h, url.host.c_str()) == 1 && SSL_set_tlsext_host_name(h, url.host.c_str()) == 1;
+      if (!named) return make_error(Errc::invalid_argument, what + ": cannot check TLS host name '" + url.host + "'");
+    } else {
+      plain_.emplace(ioc_);
+    }
+    tcp().expires_after(timeout);
+    ec = {};
+    tcp().async_connect(results, [&](beast::error_code e, const asio::ip::tcp::endpoint&) { ec = e; });
+    run();
+    if (ec == beast::error::timeout) return make_error(Errc::timeout, what + ": connect timed out", true);
+    if (ec) return make_error(Errc::unavailable, what + ": connect: " + ec.message(), true);
+    if (!tls_) return {};
+    tls_->async_handshake(ssl::stream_base::client, [&](beast::error_code e) { ec = e; });
+    run();
+    if (ec == beast::error::timeout) return make_error(Errc::timeout, what + ": TLS handshake timed out", true);
+    if (ec) {
+      const long v = SSL_get_verify_result(tls_->native_handle());
+      if (v != X509_V_OK) {
+        // Not retryable: trying again will not make the certificate trusted.
+        return make_error(Errc::unavailable,
+                          what + ": the server's TLS certificate was rejected: " + X509_verify_cert_error_string(v) +
+                              (ca_file.empty() ? " (checked against the system CA store; give the CA that signed it)"
+                                               : " (checked against CA file " + ca_file + ")"));
+      }
+      return make_error(Errc::unavailable, what + ": TLS handshake failed: " + ec.message(), true);
+    }
+    return {};
+  }
+
+  // Responses are length-delimited, so there is no need to wait for the
+  // server's close_notify: just end the TCP connection.
+  void close() {
+    beast::error_code ec;
+    tcp().socket().shutdown(asio::ip::tcp::socket::shutdown_both, ec);
+  }
+
+  void run() {
+    ioc_.restart();
+    ioc_.run();
+  }
+
+ private:
+  asio::io_context& ioc_;
+  std::optional<ssl::context> ctx_;  // outlives tls_ (declared first)
+  std::optional<beast::tcp_stream> plain_;
+  std::optional<TlsStream> tls_;
+};
+
+}  // namespace
+
 Result<Response> send(const Request& req) {
   auto url = parse_url(req.url);
   if (!url) return url.error();
-  if (url->scheme == "https") {
-    return make_error(Errc::invalid_argument, "https is not supported by this build yet: " + req.url);
-  }
   try {
     asio::io_context ioc;
-    asio::ip::tcp::resolver resolver(ioc);
-    beast::tcp_stream stream(ioc);
-    stream.expires_after(req.timeout);
+    Connection conn(ioc);
+    // One deadline, set by open(), for the whole exchange.
+    if (auto s = conn.open(*url, req.ca_file, req.timeout, req.method + " " + req.url); !s) return s.error();
 
     beast::error_code ec;
     Response out;
-    auto results = resolver.resolve(url->host, url->port, ec);
-    if (ec) return make_error(Errc::unavailable, "resolve " + url->host + ": " + ec.message(), true);
-
     bhttp::request<bhttp::string_body> r{bhttp::string_to_verb(req.method), url->target, 11};
     r.set(bhttp::field::host, url->host);
     r.set(bhttp::field::user_agent, "flotilla/0.1");
@@ -78,8 +185,7 @@ Result<Response> send(const Request& req) {
     beast::flat_buffer buffer;
 
     // Run the whole exchange asynchronously so the stream's deadline applies to every step.
-    stream.async_connect(results, [&](beast::error_code e, const asio::ip::tcp::endpoint&) {
-      if (e) { ec = e; return; }
+    conn.with([&](auto& stream) {
       bhttp::async_write(stream, r, [&](beast::error_code e2, size_t) {
         // A server may answer (413, 401) and stop reading before the body is
         // all sent; its answer is still there to read.
@@ -90,7 +196,7 @@ Result<Response> send(const Request& req) {
         bhttp::async_read(stream, buffer, parser, [&, e2](beast::error_code e3, size_t) { ec = e3 ? (e2 ? e2 : e3) : e3; });
       });
     });
-    ioc.run();
+    conn.run();
     if (ec == beast::error::timeout) {
       return make_error(Errc::timeout, req.method + " " + req.url + " timed out", true);
     }
@@ -107,7 +213,7 @@ Result<Response> send(const Request& req) {
       std::transform(name.begin(), name.end(), name.begin(), ::tolower);
       out.headers[name] = std::string(f.value());
     }
-    stream.socket().shutdown(asio::ip::tcp::socket::shutdown_both, ec);
+    conn.close();
     return out;
   } catch (const std::exception& e) {
     return make_error(Errc::internal, req.method + " " + req.url + ": " + e.what());
@@ -131,33 +237,30 @@ Result<Exchange> get_into(const Url& url, const std::string& full_url, int fd, u
                           const DownloadOptions& opts) {
   Exchange x;
   asio::io_context ioc;
-  asio::ip::tcp::resolver resolver(ioc);
-  beast::tcp_stream stream(ioc);
+  Connection conn(ioc);
   beast::error_code ec;
-  auto results = resolver.resolve(url.host, url.port, ec);
-  if (ec) return make_error(Errc::unavailable, "resolve " + url.host + ": " + ec.message(), true);
+  if (auto s = conn.open(url, opts.ca_file, opts.io_timeout, "GET " + full_url); !s) return s.error();
   // Each step runs the io_context with a fresh idle deadline.
   auto run = [&](auto&& start) {
     ec = {};
-    stream.expires_after(opts.io_timeout);
-    start();
-    ioc.restart();
-    ioc.run();
+    conn.tcp().expires_after(opts.io_timeout);
+    conn.with(start);
+    conn.run();
   };
-  run([&] { stream.async_connect(results, [&](beast::error_code e, const asio::ip::tcp::endpoint&) { ec = e; }); });
-  if (ec) return make_error(Errc::unavailable, "GET " + full_url + ": connect: " + ec.message(), true);
   bhttp::request<bhttp::empty_body> r{bhttp::verb::get, url.target, 11};
   r.set(bhttp::field::host, url.host);
   r.set(bhttp::field::user_agent, "flotilla/0.1");
   for (const auto& [k, v] : opts.headers) r.set(k, v);
   if (offset > 0) r.set(bhttp::field::range, "bytes=" + std::to_string(offset) + "-");
-  run([&] { bhttp::async_write(stream, r, [&](beast::error_code e, size_t) { ec = e; }); });
+  run([&](auto& stream) { bhttp::async_write(stream, r, [&](beast::error_code e, size_t) { ec = e; }); });
   if (ec) return make_error(Errc::unavailable, "GET " + full_url + ": " + ec.message(), true);
 
   beast::flat_buffer buffer;
   bhttp::response_parser<bhttp::buffer_body> parser;
   parser.body_limit(std::numeric_limits<std::uint64_t>::max());  // enforced below against max_bytes
-  run([&] { bhttp::async_read_header(stream, buffer, parser, [&](beast::error_code e, size_t) { ec = e; }); });
+  run([&](auto& stream) {
+    bhttp::async_read_header(stream, buffer, parser, [&](beast::error_code e, size_t) { ec = e; });
+  });
   if (ec) return make_error(Errc::unavailable, "GET " + full_url + ": " + ec.message(), true);
   x.status = static_cast<int>(parser.get().result_int());
   if (x.status == 206) {
@@ -181,7 +284,9 @@ Result<Exchange> get_into(const Url& url, const std::string& full_url, int fd, u
   while (!parser.is_done()) {
     parser.get().body().data = chunk;
     parser.get().body().size = sizeof chunk;
-    run([&] { bhttp::async_read_some(stream, buffer, parser, [&](beast::error_code e, size_t) { ec = e; }); });
+    run([&](auto& stream) {
+      bhttp::async_read_some(stream, buffer, parser, [&](beast::error_code e, size_t) { ec = e; });
+    });
     if (ec == bhttp::error::need_buffer) ec = {};
     const size_t n = sizeof chunk - parser.get().body().size;
     if (base + x.written + n > opts.max_bytes) {
@@ -200,7 +305,7 @@ Result<Exchange> get_into(const Url& url, const std::string& full_url, int fd, u
       return x;
     }
   }
-  stream.socket().shutdown(asio::ip::tcp::socket::shutdown_both, ec);
+  conn.close();
   return x;
 }
 
@@ -210,9 +315,6 @@ Result<DownloadResult> download_to_file(const std::string& url_text, const std::
                                         const DownloadOptions& opts) {
   auto url = parse_url(url_text);
   if (!url) return url.error();
-  if (url->scheme == "https") {
-    return make_error(Errc::invalid_argument, "https downloads are not supported by this build yet: " + url_text);
-  }
   int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
   if (fd < 0) return make_error(Errc::io, "open " + path.string() + ": " + std::strerror(errno));
   struct Closer {

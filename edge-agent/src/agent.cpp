@@ -8,6 +8,7 @@
 #include <set>
 #include <thread>
 
+#include "flotilla/bundles/overlay.hpp"
 #include "flotilla/common/crypto.hpp"
 #include "flotilla/common/log.hpp"
 
@@ -304,6 +305,14 @@ Status Agent::install(const v1::BundleManifest& m, std::vector<PlacedFile>& plac
   return {};
 }
 
+v1::BundleManifest Agent::resolved_for_device(const v1::BundleManifest& m) const {
+  v1::BundleManifest out = m;
+  out.clear_files();
+  auto resolved = bundles::resolve(m, cfg_.labels);
+  for (auto& f : resolved.files) *out.add_files() = std::move(f);
+  return out;
+}
+
 void Agent::restore(const std::vector<BackupEntry>& backups) {
   for (const auto& b : backups) {
     Status s;
@@ -321,7 +330,7 @@ void Agent::handle_desired(const std::string& payload) {
   auto logger = log::get("agent");
   v1::DesiredState ds;
   if (payload.empty()) return;  // retained message cleared
-  if (payload.size() > bundles::kMaxEnvelopeBytes + 4096 || !ds.ParseFromString(payload)) {
+  if (payload.size() > bundles::kMaxDesiredStateBytes || !ds.ParseFromString(payload)) {
     logger->warn("ignored malformed desired state bytes={}", payload.size());
     // Not about any campaign: the message could not say which one it was.
     report(v1::AGENT_STATE_FAILED, Attempt{0, "", "", 0}, v1::REASON_MALFORMED_DESIRED,
@@ -346,6 +355,23 @@ void Agent::handle_desired(const std::string& payload) {
     logger->error("{}", why);
     return finish(v1::AGENT_STATE_FAILED, a, v1::REASON_INTERNAL, why);
   }
+  if (ds.has_trust() && cfg_.trust) {
+    // All-or-nothing: a refused update leaves the store (and trust.pb) as it was.
+    auto tv = cfg_.trust->update(ds.trust(), clock_);
+    if (!tv.ok()) {
+      logger->warn("refused trust update generation={} reason={} {}", ds.generation(), v1::Reason_Name(tv.reason),
+                   tv.message);
+      report(v1::AGENT_STATE_REFUSED, a, tv.reason, tv.message);
+      return;
+    }
+    // Persisted even when the bundle below is refused: the trust moved forward.
+    if (auto s = files_.write_atomic(trust_state_path(), cfg_.trust->serialize(), 0600); !s) {
+      logger->error("could not persist trust state: {}", s.error().message);
+    } else {
+      logger->info("trust root_version={} signing_version={}", cfg_.trust->root_version(),
+                   cfg_.trust->signing_version());
+    }
+  }
   const std::string digest = bundles::manifest_digest_hex(ds.bundle());
   if (!state_.manifest_sha256_hex.empty() && digest == state_.manifest_sha256_hex) {
     // Already running exactly this bundle: nothing to install.
@@ -369,7 +395,7 @@ void Agent::handle_desired(const std::string& payload) {
   // A campaign rollback may go back below the highest applied version, but
   // only to the exact bundle this device ran before (checked below).
   if (ds.rollback()) policy.highest_applied.clear();
-  auto verdict = bundles::verify(ds.bundle(), cfg_.keyring, policy);
+  auto verdict = cfg_.trust ? cfg_.trust->verify(ds.bundle(), policy) : bundles::verify(ds.bundle(), cfg_.keyring, policy);
   if (verdict.manifest.version()) {
     a.bundle_name = verdict.manifest.name();
     a.bundle_version = verdict.manifest.version();
@@ -404,7 +430,8 @@ void Agent::handle_desired(const std::string& payload) {
     report(v1::AGENT_STATE_REFUSED, a, verdict.reason, verdict.message);
     return;
   }
-  const auto& m = verdict.manifest;
+  // What this device places: the base files with its matching overlays applied.
+  const v1::BundleManifest m = resolved_for_device(verdict.manifest);
 
   step("space", "begin");
   uint64_t need = 0;
@@ -537,6 +564,7 @@ std::vector<std::string> Agent::check_drift() {
   if (!ds.ParseFromString(state_.applied_desired) || !m.ParseFromString(ds.bundle().manifest())) {
     failed = drifted;
   } else {
+    m = resolved_for_device(m);
     const std::set<std::string> bad(drifted.begin(), drifted.end());
     for (const auto& f : m.files()) {
       const std::string path = path_for(f);

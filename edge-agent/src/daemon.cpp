@@ -15,6 +15,7 @@
 #include "flotilla/agent/direct_runtime.hpp"
 #include "flotilla/agent/disk.hpp"
 #include "flotilla/bundles/keys.hpp"
+#include "flotilla/bundles/trust.hpp"
 #include "flotilla/common/backoff.hpp"
 #include "flotilla/common/crypto.hpp"
 #include "flotilla/common/fs.hpp"
@@ -41,6 +42,9 @@ void add_agent_options(Options& o) {
       .add("hub-url", "the hub's REST base URL, for enrollment (http://hub:8080)")
       .add("enrollment-token", "fleet enrollment token (needed once, for the first start)")
       .add_list("root-keys", "trusted bundle-signing public keys (ed25519:<base64> or a key file)")
+      .add("root-keyring",
+           "root keyring file (.krg, device path) pinned in the image; bundles are then verified under the "
+           "root/signing keyring chain (docs/bundle-format.md, \"Keyrings\") instead of root-keys")
       .add("key-threshold", "how many distinct trusted keys must sign a bundle", "1")
       .add_list("labels", "device labels key=value (a map in the config file)")
       .add("arch", "device architecture (amd64, arm64, arm); default: detected")
@@ -96,15 +100,21 @@ Result<AgentConfig> agent_config_from(const Options& o) {
   }
   c.enrollment_token = o.get("enrollment-token");
   c.root_keys = o.get_list("root-keys");
-  if (c.root_keys.empty()) {
+  c.root_keyring = o.get("root-keyring");
+  if (!c.root_keyring.empty() && c.root_keyring.front() != '/') {
+    return make_error(Errc::invalid_argument, "root-keyring must be an absolute device path, got '" + c.root_keyring +
+                                                  "' (from " + o.source("root-keyring") + ")");
+  }
+  if (c.root_keys.empty() && c.root_keyring.empty()) {
     return make_error(Errc::invalid_argument,
-                      "root-keys is empty: pin at least one bundle-signing public key (ed25519:<base64>); "
-                      "without it every bundle would be refused");
+                      "root-keys and root-keyring are both empty: pin a root keyring (root-keyring) or at least one "
+                      "bundle-signing public key (root-keys, ed25519:<base64>); without it every bundle would be "
+                      "refused");
   }
   auto th = o.get_int("key-threshold", 1, 32);
   if (!th) return th.error();
   c.key_threshold = static_cast<unsigned>(*th);
-  if (c.key_threshold > c.root_keys.size()) {
+  if (!c.root_keys.empty() && c.key_threshold > c.root_keys.size()) {
     return make_error(Errc::invalid_argument, "key-threshold " + std::to_string(c.key_threshold) +
                                                   " is more than the " + std::to_string(c.root_keys.size()) +
                                                   " root key(s) configured");
@@ -188,6 +198,36 @@ Result<bundles::Keyring> load_keyring(const AgentConfig& cfg) {
     ring.add(*pub);
   }
   return ring;
+}
+
+// The trust store of a `root-keyring` agent: what the last run persisted
+// (<state-dir>/trust.pb) when it is intact and not behind the pinned root,
+// else the pinned root itself.
+Result<bundles::TrustStore> load_trust_store(const AgentConfig& cfg, const std::filesystem::path& state_dir) {
+  auto logger = log::get("agent");
+  auto pinned_ring = bundles::read_keyring_file(under_root(cfg, cfg.root_keyring));
+  if (!pinned_ring) return pinned_ring.error().with_context("root-keyring " + cfg.root_keyring);
+  auto pinned = bundles::TrustStore::pin(*pinned_ring);
+  if (!pinned) return pinned.error().with_context("root-keyring " + cfg.root_keyring);
+  const auto state_path = state_dir / "trust.pb";
+  if (std::filesystem::exists(state_path)) {
+    auto bytes = fs::read_file(state_path, bundles::kMaxTrustBytes);
+    if (!bytes) return bytes.error().with_context("read " + state_path.string());
+    auto restored = bundles::TrustStore::restore(*bytes);
+    if (!restored) {
+      // Fatal: silently falling back to the pinned root could undo a revocation.
+      return restored.error().with_context(state_path.string() + " is damaged; remove it to start from the pinned root");
+    }
+    if (restored->root_version() >= pinned->root_version()) {
+      logger->info("trust restored root_version={} signing_version={}", restored->root_version(),
+                   restored->signing_version());
+      return std::move(*restored);
+    }
+    logger->warn("{} has root version {} below the pinned {}; using the pinned root", state_path.string(),
+                 restored->root_version(), pinned->root_version());
+  }
+  logger->info("trust pinned root_version={}", pinned->root_version());
+  return std::move(*pinned);
 }
 
 Result<bundles::KeyPair> ensure_identity(const std::filesystem::path& state) {
@@ -275,8 +315,17 @@ Status run_agent(const AgentConfig& cfg, const std::atomic<bool>& stop) {
   ::umask(077);
   const auto state_dir = under_root(cfg, cfg.state_dir);
   if (auto s = fs::ensure_dir(state_dir, 0700); !s) return s;
-  auto ring = load_keyring(cfg);
-  if (!ring) return ring.error();
+  bundles::Keyring plain_ring;
+  std::optional<bundles::TrustStore> trust;
+  if (!cfg.root_keyring.empty()) {
+    auto t = load_trust_store(cfg, state_dir);
+    if (!t) return t.error();
+    trust = std::move(*t);
+  } else {
+    auto ring = load_keyring(cfg);
+    if (!ring) return ring.error();
+    plain_ring = std::move(*ring);
+  }
   auto identity = ensure_identity(state_dir);
   if (!identity) return identity.error().with_context("device identity");
 
@@ -325,7 +374,8 @@ Status run_agent(const AgentConfig& cfg, const std::atomic<bool>& stop) {
   // The hub's record wins (enrollment-token labels override the device's own).
   core_cfg.labels = cfg.labels;
   if (!creds.labels().empty()) core_cfg.labels = {creds.labels().begin(), creds.labels().end()};
-  core_cfg.keyring = *ring;
+  core_cfg.keyring = plain_ring;
+  core_cfg.trust = std::move(trust);
   core_cfg.health_timeout = cfg.health_timeout;
   core_cfg.min_free_bytes = cfg.min_free_bytes;
   core_cfg.state_dir = cfg.state_dir;

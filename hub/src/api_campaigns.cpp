@@ -40,7 +40,8 @@ json campaign_json(const CampaignView& v) {
     json arr = json::array();
     for (const auto& d : v.devices) {
       arr.push_back({{"device_id", d.device_id}, {"wave", d.wave}, {"status", d.status}, {"reason", d.reason},
-                     {"message", d.message}, {"updated_at", iso_ms(d.updated_ms)}});
+                     {"message", d.message}, {"updated_at", iso_ms(d.updated_ms)},
+                     {"released_at_ms", d.released_ms}, {"updated_at_ms", d.updated_ms}});
     }
     j["devices"] = arr;
   }

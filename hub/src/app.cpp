@@ -36,7 +36,9 @@ void add_hub_options(Options& o) {
   o.add("config", "YAML config file with any of these keys", "/etc/flotilla/hub.yaml")
       .add("data-dir", "where the hub keeps its SQLite store, broker state and admin token", "./flotilla-data")
       .add("listen", "REST API address HOST:PORT (PORT 0 = any free port)", "127.0.0.1:8080")
-      .add("public-url", "REST base URL as devices reach it (default: http://<listen>)")
+      .add("public-url", "REST base URL as devices reach it (default: http://<listen>, https:// with TLS)")
+      .add("tls-cert", "PEM certificate chain for the REST API; with tls-key the API speaks only TLS")
+      .add("tls-key", "PEM private key for tls-cert")
       .add("broker-url", "external MQTT broker (tcp://host:port); empty = start an embedded mosquitto")
       .add("broker-username", "hub's username on the external broker")
       .add("broker-password", "hub's password on the external broker (prefer the env variable)")
@@ -59,6 +61,14 @@ Result<HubConfig> hub_config_from(const Options& o) {
   c.listen_host = listen->first;
   c.listen_port = listen->second;
   c.public_url = o.get("public-url");
+  c.tls_cert_file = o.get("tls-cert");
+  c.tls_key_file = o.get("tls-key");
+  // Half a TLS setup is a typo, never a request for plain HTTP.
+  if (c.tls_cert_file.empty() != c.tls_key_file.empty()) {
+    return make_error(Errc::invalid_argument, c.tls_cert_file.empty()
+                                                  ? "tls-key is set but tls-cert is not; TLS needs both"
+                                                  : "tls-cert is set but tls-key is not; TLS needs both");
+  }
   c.broker_url = o.get("broker-url");
   if (!c.broker_url.empty() && c.broker_url.rfind("tcp://", 0) != 0 && c.broker_url.rfind("ssl://", 0) != 0) {
     return make_error(Errc::invalid_argument, "broker-url must start with tcp:// or ssl://, got '" + c.broker_url + "'");
@@ -103,6 +113,8 @@ Status run_hub(const HubConfig& cfg, const std::atomic<bool>& stop) {
   hc.host = cfg.listen_host;
   hc.port = cfg.listen_port;
   hc.threads = cfg.http_threads;
+  hc.tls_cert_file = cfg.tls_cert_file;
+  hc.tls_key_file = cfg.tls_key_file;
   ArtifactStore artifacts(data / "artifacts");
   if (auto s = artifacts.init(); !s) return s;
   hc.upload_dir = artifacts.dir();
@@ -115,7 +127,7 @@ Status run_hub(const HubConfig& cfg, const std::atomic<bool>& stop) {
     return api_ptr->handle(r);
   });
   if (!server) return server.error();
-  const std::string listen_url = "http://" + cfg.listen_host + ":" + std::to_string((*server)->port());
+  const std::string listen_url = (hc.tls() ? "https://" : "http://") + cfg.listen_host + ":" + std::to_string((*server)->port());
   const std::string public_url = cfg.public_url.empty() ? listen_url : cfg.public_url;
 
   std::unique_ptr<EmbeddedBroker> broker;

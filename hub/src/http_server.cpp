@@ -2,10 +2,13 @@
 
 #include <array>
 #include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/ssl.hpp>
 #include <boost/asio/strand.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
+#include <boost/beast/ssl.hpp>
 #include <fstream>
+#include <type_traits>
 
 #include "flotilla/common/crypto.hpp"
 #include "flotilla/common/log.hpp"
@@ -15,18 +18,58 @@ namespace flotilla::hub {
 namespace asio = boost::asio;
 namespace beast = boost::beast;
 namespace bhttp = boost::beast::http;
+namespace ssl = boost::asio::ssl;
 using tcp = asio::ip::tcp;
+using TlsStream = beast::ssl_stream<beast::tcp_stream>;
 
 namespace {
 
-class Session : public std::enable_shared_from_this<Session> {
- public:
-  Session(tcp::socket&& socket, const HttpServerConfig& cfg, const HttpServer::Handler& handler)
-      : stream_(std::move(socket)), cfg_(cfg), handler_(handler) {}
+// One implementation for both listeners: Stream is beast::tcp_stream (plain
+// HTTP) or TlsStream. Deadlines and the socket always live on the TCP layer;
+// only the handshake and the closing differ.
+template <class Stream>
+class Session : public std::enable_shared_from_this<Session<Stream>> {
+  static constexpr bool kTls = std::is_same_v<Stream, TlsStream>;
+  using std::enable_shared_from_this<Session<Stream>>::shared_from_this;
 
-  void run() { asio::dispatch(stream_.get_executor(), [self = shared_from_this()] { self->read(); }); }
+ public:
+  Session(Stream&& stream, const HttpServerConfig& cfg, const HttpServer::Handler& handler)
+      : stream_(std::move(stream)), cfg_(cfg), handler_(handler) {}
+
+  void run() {
+    asio::dispatch(stream_.get_executor(), [self = shared_from_this()] {
+      if constexpr (kTls) {
+        self->handshake();
+      } else {
+        self->read();
+      }
+    });
+  }
 
  private:
+  beast::tcp_stream& tcp_layer() { return beast::get_lowest_layer(stream_); }
+
+  // A client that never finishes the handshake (or speaks plain HTTP to the
+  // TLS port) is cut off: nothing is ever answered in the clear.
+  void handshake() {
+    tcp_layer().expires_after(cfg_.handshake_timeout);
+    stream_.async_handshake(ssl::stream_base::server, [self = shared_from_this()](beast::error_code ec) {
+      if (ec) {
+        log::get("hub")->debug("TLS handshake failed from {}: {}", self->peer(), ec.message());
+        beast::error_code ignored;
+        self->tcp_layer().socket().close(ignored);
+        return;
+      }
+      self->read();
+    });
+  }
+
+  std::string peer() {
+    beast::error_code ec;
+    auto ep = tcp_layer().socket().remote_endpoint(ec);
+    return ec ? std::string("?") : ep.address().to_string();
+  }
+
   // The header comes first, on its own: it decides where the body goes
   // (memory with a small cap, or a file for artifact uploads) and whether the
   // request may send one at all.
@@ -34,7 +77,7 @@ class Session : public std::enable_shared_from_this<Session> {
     header_parser_.emplace();
     header_parser_->header_limit(16 * 1024);
     header_parser_->body_limit(cfg_.max_body_bytes);
-    stream_.expires_after(cfg_.read_timeout);
+    tcp_layer().expires_after(cfg_.read_timeout);
     bhttp::async_read_header(stream_, buffer_, *header_parser_,
                              [self = shared_from_this()](beast::error_code ec, size_t) { self->on_header(ec); });
   }
@@ -48,16 +91,16 @@ class Session : public std::enable_shared_from_this<Session> {
       std::transform(name.begin(), name.end(), name.begin(), ::tolower);
       req.headers[name] = std::string(f.value());
     }
-    beast::error_code ec;
-    auto ep = stream_.socket().remote_endpoint(ec);
-    if (!ec) req.peer = ep.address().to_string();
+    if (auto p = peer(); p != "?") req.peer = p;
     return req;
   }
 
   bool read_failed(beast::error_code ec) {
     if (!ec) return false;
+    // stream_truncated: a TLS client closed the TCP connection without a
+    // close_notify between requests, which is a plain hang-up here.
     if (ec == bhttp::error::end_of_stream || ec == beast::error::timeout || ec == asio::error::operation_aborted ||
-        ec == asio::error::connection_reset) {
+        ec == asio::error::connection_reset || ec == ssl::error::stream_truncated) {
       close();
     } else if (ec == bhttp::error::body_limit) {
       drain_ = true;
@@ -94,7 +137,7 @@ class Session : public std::enable_shared_from_this<Session> {
         return reply(Api::error(500, "internal", "cannot stage the upload"), false, h.version());
       }
       // Large bodies take time; the deadline covers idle periods, renewed per chunk.
-      stream_.expires_after(cfg_.upload_timeout);
+      tcp_layer().expires_after(cfg_.upload_timeout);
       bhttp::async_read(stream_, buffer_, *file_parser_,
                         [self = shared_from_this()](beast::error_code e, size_t) { self->on_file_body(e); });
       return;
@@ -148,7 +191,7 @@ class Session : public std::enable_shared_from_this<Session> {
     res->body() = r.no_body ? std::string() : r.body;
     res->prepare_payload();
     if (r.no_body) res->content_length(r.body.size());
-    stream_.expires_after(cfg_.read_timeout);
+    tcp_layer().expires_after(cfg_.read_timeout);
     bhttp::async_write(stream_, *res, [self = shared_from_this(), res](beast::error_code ec, size_t) {
       self->after_write(ec, res->keep_alive());
     });
@@ -168,7 +211,7 @@ class Session : public std::enable_shared_from_this<Session> {
     res->keep_alive(keep_alive);
     res->content_length(r.file_length);
     auto sr = std::make_shared<bhttp::response_serializer<bhttp::empty_body>>(*res);
-    stream_.expires_after(cfg_.read_timeout);
+    tcp_layer().expires_after(cfg_.read_timeout);
     bhttp::async_write_header(stream_, *sr, [self = shared_from_this(), res, sr](beast::error_code ec, size_t) {
       if (ec) return self->close();
       self->keep_alive_ = res->keep_alive();
@@ -186,7 +229,7 @@ class Session : public std::enable_shared_from_this<Session> {
     const auto got = file_->gcount();
     if (got <= 0) return close();  // the file shrank under us: cut the connection, never send garbage
     file_left_ -= static_cast<uint64_t>(got);
-    stream_.expires_after(cfg_.read_timeout);
+    tcp_layer().expires_after(cfg_.read_timeout);
     asio::async_write(stream_, asio::buffer(chunk_.data(), static_cast<size_t>(got)),
                       [self = shared_from_this()](beast::error_code ec, size_t) {
                         if (ec) return self->close();
@@ -200,24 +243,40 @@ class Session : public std::enable_shared_from_this<Session> {
   }
 
   void close() {
+    if constexpr (kTls) {
+      // Send close_notify so the client can tell our end from a truncation;
+      // bounded, and skipped when draining (the client is still sending, so
+      // a TLS shutdown would only collide with its data).
+      if (!drain_ && !closing_) {
+        closing_ = true;
+        tcp_layer().expires_after(std::chrono::seconds(2));
+        stream_.async_shutdown([self = shared_from_this()](beast::error_code) { self->close_tcp(); });
+        return;
+      }
+    }
+    close_tcp();
+  }
+
+  void close_tcp() {
     beast::error_code ec;
-    stream_.socket().shutdown(tcp::socket::shutdown_send, ec);
+    tcp_layer().socket().shutdown(tcp::socket::shutdown_send, ec);
     if (drain_) drain();
   }
 
   // After refusing a body mid-upload, read and discard what the client is
   // still sending (bounded in bytes and time) so closing does not reset the
-  // connection before the client has read our answer.
+  // connection before the client has read our answer. The bytes are thrown
+  // away, so over TLS they are read undecrypted from the TCP layer.
   void drain() {
     if (drained_ > (64u << 20)) return;
-    stream_.expires_after(std::chrono::seconds(2));
-    stream_.async_read_some(asio::buffer(chunk_), [self = shared_from_this()](beast::error_code ec, size_t n) {
+    tcp_layer().expires_after(std::chrono::seconds(2));
+    tcp_layer().async_read_some(asio::buffer(chunk_), [self = shared_from_this()](beast::error_code ec, size_t n) {
       self->drained_ += n;
       if (!ec) self->drain();
     });
   }
 
-  beast::tcp_stream stream_;
+  Stream stream_;
   beast::flat_buffer buffer_;
   std::optional<bhttp::request_parser<bhttp::empty_body>> header_parser_;
   std::optional<bhttp::request_parser<bhttp::string_body>> string_parser_;
@@ -229,6 +288,7 @@ class Session : public std::enable_shared_from_this<Session> {
   const HttpServerConfig& cfg_;
   const HttpServer::Handler& handler_;
   bool drain_ = false;
+  bool closing_ = false;
   size_t drained_ = 0;
   std::array<char, 65536> chunk_{};
 };
@@ -238,6 +298,8 @@ class Session : public std::enable_shared_from_this<Session> {
 struct HttpServer::Impl {
   HttpServerConfig cfg;
   Handler handler;
+  // Before ioc: pending sessions (destroyed with ioc) hold streams made from it.
+  std::optional<ssl::context> tls;  // set = every connection is TLS
   asio::io_context ioc;
   tcp::acceptor acceptor{ioc};
   std::vector<std::thread> threads;
@@ -245,17 +307,81 @@ struct HttpServer::Impl {
   void accept() {
     acceptor.async_accept(asio::make_strand(ioc), [this](beast::error_code ec, tcp::socket socket) {
       if (ec == asio::error::operation_aborted) return;
-      if (!ec) std::make_shared<Session>(std::move(socket), cfg, handler)->run();
+      if (!ec) {
+        if (tls) {
+          std::make_shared<Session<TlsStream>>(TlsStream(std::move(socket), *tls), cfg, handler)->run();
+        } else {
+          std::make_shared<Session<beast::tcp_stream>>(beast::tcp_stream(std::move(socket)), cfg, handler)->run();
+        }
+      }
       accept();
     });
   }
 };
+
+namespace {
+
+std::string openssl_error() {
+  const unsigned long e = ERR_get_error();
+  ERR_clear_error();
+  if (e == 0) return "unknown OpenSSL error";
+  char buf[256];
+  ERR_error_string_n(e, buf, sizeof buf);
+  return buf;
+}
+
+// TLS 1.2 and later only. Each file is checked for readability first so a
+// typo in a path says so, rather than an OpenSSL "PEM lib" message.
+Result<ssl::context> make_tls_context(const HttpServerConfig& cfg) {
+  if (cfg.tls_cert_file.empty() || cfg.tls_key_file.empty()) {
+    return make_error(Errc::invalid_argument, cfg.tls_cert_file.empty()
+                                                  ? "tls-key is set but tls-cert is not; TLS needs both"
+                                                  : "tls-cert is set but tls-key is not; TLS needs both");
+  }
+  for (const auto& [what, file] : {std::pair{"tls-cert", cfg.tls_cert_file}, std::pair{"tls-key", cfg.tls_key_file}}) {
+    std::ifstream f(file);
+    if (!f) return make_error(Errc::invalid_argument, std::string(what) + ": cannot read '" + file + "'");
+  }
+  ssl::context ctx(ssl::context::tls_server);
+  ctx.set_options(ssl::context::default_workarounds | ssl::context::no_sslv2 | ssl::context::no_sslv3 |
+                  ssl::context::single_dh_use);
+  if (SSL_CTX_set_min_proto_version(ctx.native_handle(), TLS1_2_VERSION) != 1) {
+    return make_error(Errc::internal, "cannot require TLS 1.2: " + openssl_error());
+  }
+  ERR_clear_error();
+  if (SSL_CTX_use_certificate_chain_file(ctx.native_handle(), cfg.tls_cert_file.c_str()) != 1) {
+    return make_error(Errc::invalid_argument,
+                      "tls-cert '" + cfg.tls_cert_file + "' is not a PEM certificate chain: " + openssl_error());
+  }
+  if (SSL_CTX_use_PrivateKey_file(ctx.native_handle(), cfg.tls_key_file.c_str(), SSL_FILETYPE_PEM) != 1) {
+    // OpenSSL already compares the key with the certificate here.
+    if (ERR_GET_REASON(ERR_peek_last_error()) == X509_R_KEY_VALUES_MISMATCH) {
+      ERR_clear_error();
+      return make_error(Errc::invalid_argument, "tls-key '" + cfg.tls_key_file +
+                                                    "' does not match the certificate in '" + cfg.tls_cert_file + "'");
+    }
+    return make_error(Errc::invalid_argument,
+                      "tls-key '" + cfg.tls_key_file + "' is not a PEM private key: " + openssl_error());
+  }
+  if (SSL_CTX_check_private_key(ctx.native_handle()) != 1) {
+    return make_error(Errc::invalid_argument, "tls-key '" + cfg.tls_key_file + "' does not match the certificate in '" +
+                                                  cfg.tls_cert_file + "': " + openssl_error());
+  }
+  return ctx;
+}
+
+}  // namespace
 
 Result<std::unique_ptr<HttpServer>> HttpServer::start(const HttpServerConfig& cfg, Handler handler) {
   std::unique_ptr<HttpServer> s(new HttpServer());
   s->impl_ = std::make_unique<Impl>();
   s->impl_->cfg = cfg;
   s->impl_->handler = std::move(handler);
+  if (cfg.tls()) {
+    auto ctx = make_tls_context(cfg);
+    if (!ctx) return ctx.error();
+    s->impl_->tls.emplace(std::move(*ctx));
+  }
   beast::error_code ec;
   auto addr = asio::ip::make_address(cfg.host, ec);
   if (ec) return make_error(Errc::invalid_argument, "listen address '" + cfg.host + "' is not an IP address");

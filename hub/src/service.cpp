@@ -244,6 +244,9 @@ Status HubService::publish_desired(const DeviceRecord& d, const BundleRecord& b,
   if (!ds.mutable_bundle()->ParseFromString(b.envelope)) {
     return make_error(Errc::internal, "stored bundle " + b.id + " does not parse");
   }
+  auto trust = get_trust();
+  if (!trust) return trust.error().with_context("trust for desired state");
+  if (*trust) *ds.mutable_trust() = std::move(**trust);
   auto published = transport_->publish({transport::device_topic(d.id, "desired"), ds.SerializeAsString(), 1, true});
   ++(published ? desired_published_ : desired_publish_failures_);
   return published;

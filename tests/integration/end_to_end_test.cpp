@@ -18,39 +18,6 @@ using namespace flotilla::test;
 
 namespace {
 
-// A fleet of n agents enrolled with one token, waiting until all are online.
-struct Fleet {
-  TempDir tmp;
-  Hub hub{tmp.path() / "hub"};
-  bundles::KeyPair release = bundles::generate_key();
-  std::vector<std::unique_ptr<test::Agent>> agents;
-
-  explicit Fleet(int n, std::map<std::string, std::string> labels = {{"env", "it"}}) {
-    hub.start();
-    const std::string token = hub.enrollment_token(labels, n);
-    for (int i = 0; i < n; ++i) {
-      AgentOptions o;
-      o.root_keys = {bundles::public_key_text(release.pub)};
-      o.labels = {{"slot", std::to_string(i)}};
-      agents.push_back(std::make_unique<test::Agent>(tmp.path() / ("dev-" + std::to_string(i)), hub.url(), token, o));
-      agents.back()->start();
-    }
-    const bool online = wait_until(
-        [&] {
-          int count = 0;
-          for (const auto& d : hub.devices()) count += d["online"].get<bool>() && d["k3s_version"] != "" ? 1 : 0;
-          return count == n;
-        },
-        std::chrono::seconds(60));
-    if (!online) FAIL("agents did not come online; hub log:\n" << hub.log() << "\nagent 0 log:\n" << agents[0]->log());
-  }
-
-  std::string push(const BuiltBundle& b) {
-    auto [status, body] = hub.call("POST", "/v1/bundles", b.bytes, "application/octet-stream");
-    REQUIRE(status == 201);
-    return body["id"].get<std::string>();
-  }
-};
 
 const auto kConfigDropIn = std::make_tuple(v1::FILE_KIND_K3S_CONFIG, std::string("50-edge.yaml"),
                                            std::string("node-label:\n  - \"tier=edge\"\n"));

@@ -51,10 +51,14 @@ bool wait_until(const std::function<bool()>& pred, std::chrono::milliseconds tim
 Hub::Hub(stdfs::path data_dir) : data_(std::move(data_dir)) {}
 Hub::~Hub() { stop(); }
 
-void Hub::start() {
+void Hub::start() { start({}); }
+
+void Hub::start(const std::vector<std::string>& extra_args, const std::string& ca_file) {
+  ca_file_ = ca_file;
   proc::SpawnOptions so;
   so.argv = {bin_dir() + "/flotilla-hub", "--data-dir", data_.string(), "--listen", "127.0.0.1:0",
              "--config", "", "--log-level", "debug"};
+  so.argv.insert(so.argv.end(), extra_args.begin(), extra_args.end());
   stdfs::create_directories(data_);
   ::chmod(data_.c_str(), 0711);
   stdfs::remove(data_ / "hub.url");
@@ -71,6 +75,7 @@ void Hub::start() {
         http::Request r;
         r.url = url_ + "/readyz";
         r.timeout = std::chrono::seconds(2);
+        r.ca_file = ca_file_;
         auto resp = http::send(r);
         return resp && resp->status == 200;
       },
@@ -104,6 +109,7 @@ std::pair<int, json> Hub::call(const std::string& method, const std::string& pat
   const std::string tok = token ? *token : admin_token();
   if (!tok.empty()) r.headers["Authorization"] = "Bearer " + tok;
   r.timeout = std::chrono::seconds(15);
+  r.ca_file = ca_file_;
   auto resp = http::send(r);
   if (!resp) throw std::runtime_error(method + " " + path + ": " + resp.error().message);
   return {resp->status, json::parse(resp->body, nullptr, false)};
@@ -116,6 +122,10 @@ CliResult Hub::cli(const std::vector<std::string>& args) {
   argv.push_back(url_);
   argv.push_back("--token-file");
   argv.push_back((data_ / "admin.token").string());
+  if (!ca_file_.empty()) {
+    argv.push_back("--ca-file");
+    argv.push_back(ca_file_);
+  }
   auto r = proc::run(argv, std::chrono::seconds(120));
   if (!r) throw std::runtime_error("flotilla cli: " + r.error().message);
   return {r->exit_code, r->out, r->err};
@@ -354,6 +364,38 @@ json run_campaign(Hub& hub, const std::string& bundle_id, const std::string& sel
       },
       timeout);
   return c;
+}
+
+Fleet::Fleet(int n, std::map<std::string, std::string> labels) {
+  hub.start();
+  const std::string token = hub.enrollment_token(labels, n);
+  for (int i = 0; i < n; ++i) {
+    AgentOptions o;
+    o.root_keys = {bundles::public_key_text(release.pub)};
+    o.labels = {{"slot", std::to_string(i)}};
+    agents.push_back(std::make_unique<Agent>(tmp.path() / ("dev-" + std::to_string(i)), hub.url(), token, o));
+    agents.back()->start();
+  }
+  if (!wait_online(static_cast<size_t>(n))) {
+    throw std::runtime_error("agents did not come online; hub log:\n" + hub.log() + "\nagent 0 log:\n" +
+                             agents[0]->log());
+  }
+}
+
+bool Fleet::wait_online(size_t count, std::chrono::seconds timeout) {
+  return wait_until(
+      [&] {
+        size_t online = 0;
+        for (const auto& d : hub.devices()) online += d["online"].get<bool>() && d["k3s_version"] != "" ? 1 : 0;
+        return online == count;
+      },
+      timeout);
+}
+
+std::string Fleet::push(const BuiltBundle& b) {
+  auto [status, body] = hub.call("POST", "/v1/bundles", b.bytes, "application/octet-stream");
+  if (status != 201 && status != 200) throw std::runtime_error("push bundle: " + body.dump());
+  return body["id"].get<std::string>();
 }
 
 }  // namespace flotilla::test

@@ -49,6 +49,9 @@ class Hub {
   explicit Hub(stdfs::path data_dir);
   ~Hub();
   void start();            // waits for /readyz
+  // Same, with more hub flags (e.g. --tls-cert/--tls-key). A non-empty
+  // ca_file is then used for every https request of call() and cli().
+  void start(const std::vector<std::string>& extra_args, const std::string& ca_file = "");
   void stop();             // SIGTERM
   void kill9();
   const std::string& url() const { return url_; }
@@ -83,6 +86,7 @@ class Hub {
  private:
   stdfs::path data_;
   std::string url_;
+  std::string ca_file_;
   proc::Child child_;
 };
 
@@ -132,6 +136,21 @@ struct BuiltBundle {
 BuiltBundle make_bundle(const std::string& name, uint64_t version,
                         const std::vector<std::tuple<v1::FileKind, std::string, std::string>>& files,
                         const std::vector<const bundles::KeyPair*>& signers);
+
+// A hub and n agents enrolled with one token, all online (k3s running)
+// before the constructor returns.
+struct Fleet {
+  TempDir tmp;
+  Hub hub{tmp.path() / "hub"};
+  bundles::KeyPair release = bundles::generate_key();
+  std::vector<std::unique_ptr<Agent>> agents;
+
+  explicit Fleet(int n, std::map<std::string, std::string> labels = {{"env", "it"}});
+  // Uploads a built bundle; returns its id.
+  std::string push(const BuiltBundle& b);
+  // Waits until exactly the listed agents are online (the others offline).
+  bool wait_online(size_t count, std::chrono::seconds timeout = std::chrono::seconds(180));
+};
 
 // Creates a campaign and waits until it leaves "running" (or the timeout).
 json run_campaign(Hub& hub, const std::string& bundle_id, const std::string& selector,

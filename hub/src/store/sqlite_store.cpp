@@ -129,6 +129,9 @@ CREATE TRIGGER IF NOT EXISTS audit_log_no_update BEFORE UPDATE ON audit_log
   BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS audit_log_no_delete BEFORE DELETE ON audit_log
   BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END;
+-- The operator's current trust message (v1::Trust): one row for the hub.
+CREATE TABLE IF NOT EXISTS trust (
+  id INTEGER PRIMARY KEY CHECK (id = 1), trust BLOB NOT NULL, updated_ms INTEGER NOT NULL);
 )SQL"); !s) {
     return s;
   }

@@ -1,7 +1,8 @@
 #pragma once
 // A small synchronous HTTP/1.1 client on Boost.Beast, for the CLI and the
 // agent's enrollment and artifact downloads. Every call has a deadline and a
-// cap on the response body.
+// cap on the response body. https:// verifies the server's certificate chain
+// and host name (TLS 1.2+).
 #include <chrono>
 #include <cstdint>
 #include <filesystem>
@@ -27,6 +28,9 @@ struct Request {
   std::map<std::string, std::string> headers;
   std::chrono::milliseconds timeout{10000};
   size_t max_response_bytes = 16u << 20;
+  // https: PEM file of CAs that may sign the server's certificate; empty =
+  // the system trust store. The certificate must also name the URL's host.
+  std::string ca_file;
 };
 
 struct Response {
@@ -48,6 +52,7 @@ struct DownloadOptions {
   uint64_t max_bytes = uint64_t{1} << 32;       // more than this in total: too_large
   int max_attempts = 5;
   std::map<std::string, std::string> headers;
+  std::string ca_file;  // as in Request
 };
 struct DownloadResult {
   uint64_t size = 0;     // bytes in the file now

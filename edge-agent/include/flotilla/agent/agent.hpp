@@ -6,11 +6,13 @@
 // half-installed node back (docs/agent.md, "Journal and recovery").
 #include <functional>
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "flotilla/agent/seams.hpp"
 #include "flotilla/bundles/bundle.hpp"
+#include "flotilla/bundles/trust.hpp"
 #include "flotilla/common/clock.hpp"
 #include "flotilla/v1/desired.pb.h"
 #include "flotilla/v1/report.pb.h"
@@ -31,7 +33,11 @@ struct CoreConfig {
   std::string device_id;
   std::string arch;                          // amd64, arm64, arm
   std::map<std::string, std::string> labels;
-  bundles::Keyring keyring;                  // pinned root keys
+  bundles::Keyring keyring;                  // pinned root keys (plain keyring, `root-keys`)
+  // When set (`root-keyring`), bundles are verified under this trust store
+  // instead of `keyring`, and a DesiredState's trust moves it forward; it is
+  // persisted to <state_dir>/trust.pb after every accepted update.
+  std::optional<bundles::TrustStore> trust;
   std::chrono::milliseconds health_timeout{60000};
   std::chrono::milliseconds health_poll{250};
   uint64_t min_free_bytes = 16u << 20;       // refuse to install below this
@@ -74,6 +80,9 @@ class Agent {
   void outbox_delivered(uint64_t up_to_seq);
 
   const AppliedState& applied() const { return state_; }
+  // The trust store in use (null with a plain `root-keys` keyring).
+  const bundles::TrustStore* trust() const { return cfg_.trust ? &*cfg_.trust : nullptr; }
+  std::string trust_state_path() const { return cfg_.state_dir + "/trust.pb"; }
 
   // Where each kind of bundle file lives on a device (k3s's own layout).
   static std::string path_for(const v1::BundleFile& f);
@@ -104,6 +113,9 @@ class Agent {
   Status stage_one(const v1::Artifact& a, const std::string& url, v1::Reason& reason);
   Status backup(const v1::BundleManifest& m);
   Status install(const v1::BundleManifest& m, std::vector<PlacedFile>& placed);
+  // The manifest with its files replaced by what resolve() picks for this
+  // device's labels (overlays applied): what is placed and drift-checked.
+  v1::BundleManifest resolved_for_device(const v1::BundleManifest& m) const;
   void restore(const std::vector<BackupEntry>& backups);
   void recover();
 

@@ -20,6 +20,7 @@ struct AgentConfig {
   std::string enrollment_token;
   std::vector<std::string> root_keys;   // "ed25519:<base64>" or key files (under root)
   unsigned key_threshold = 1;
+  std::string root_keyring;             // root keyring .krg (device path): TUF-style trust store instead of root_keys
   std::map<std::string, std::string> labels;
   std::string arch;
   std::string k3s_bin;                  // device path; default /usr/local/bin/k3s

@@ -14,7 +14,9 @@ struct HubConfig {
   std::string data_dir = "./flotilla-data";
   std::string listen_host = "127.0.0.1";
   int listen_port = 8080;
-  std::string public_url;             // default http://<listen>
+  std::string public_url;             // default http://<listen> (https:// with TLS)
+  std::string tls_cert_file;          // both set = the REST API is TLS-only
+  std::string tls_key_file;
   std::string broker_url;             // empty = embedded mosquitto
   std::string broker_username;
   std::string broker_password;

@@ -1,7 +1,9 @@
 #pragma once
 // Boost.Beast HTTP/1.1 server: an io_context on a few threads, one strand
-// per connection, a size limit on every body and a deadline on every read.
+// per connection, a size limit on every body and a deadline on every read;
+// optionally TLS (the same session code runs over either stream).
 #include <boost/asio/io_context.hpp>
+#include <chrono>
 #include <filesystem>
 #include <functional>
 #include <optional>
@@ -28,6 +30,12 @@ struct HttpServerConfig {
   std::chrono::seconds upload_timeout{300};
   // Looks at an upload's headers before any body is read; a response refuses it.
   std::function<std::optional<HttpResponse>(const HttpRequest&)> precheck_upload;
+  // TLS: both set = the listener speaks only TLS 1.2+ with this PEM chain and
+  // key; both empty = plain HTTP. start() refuses one without the other.
+  std::string tls_cert_file;
+  std::string tls_key_file;
+  std::chrono::seconds handshake_timeout{10};
+  bool tls() const { return !tls_cert_file.empty() || !tls_key_file.empty(); }
 };
 
 class HttpServer {

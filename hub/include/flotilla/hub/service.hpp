@@ -19,6 +19,7 @@
 #include "flotilla/hub/campaign.hpp"
 #include "flotilla/hub/metrics.hpp"
 #include "flotilla/hub/store.hpp"
+#include "flotilla/v1/bundle.pb.h"
 #include "flotilla/v1/enroll.pb.h"
 #include "flotilla/v1/report.pb.h"
 
@@ -123,6 +124,11 @@ class HubService {
   // campaign engine settles the device's unfinished campaign rows here.
   void on_device_decommissioned(const std::string& device_id);
   Status append_audit(AuditRecord a);
+  // The trust message attached to every desired state (service_trust.cpp).
+  // put_trust parses and checks each keyring's shape (not the chain: devices
+  // do that) and refuses anything else with invalid_argument.
+  Result<v1::Trust> put_trust(const std::string& trust_bytes);
+  Result<std::optional<v1::Trust>> get_trust();
   Result<std::vector<AuditRecord>> list_audit(int64_t after, int64_t limit, const std::string& project);
 
   // Observability (read by /metrics).

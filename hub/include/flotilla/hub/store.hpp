@@ -192,6 +192,10 @@ class Store {
   Status set_device_desired(const std::string& device_id, uint64_t generation, const std::string& bundle_id,
                             const std::string& campaign_id);
   Status migrate_campaigns();
+  // The operator's trust message (a serialized v1::Trust), one for the whole
+  // hub (store/trust_store.cpp); nullopt until one was stored.
+  Status put_trust(const std::string& trust_bytes, int64_t now_ms);
+  Result<std::optional<std::pair<std::string, int64_t>>> get_trust();
 
   sql::Db& db() { return *db_; }
 
