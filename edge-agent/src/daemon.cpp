@@ -59,6 +59,8 @@ void add_agent_options(Options& o) {
       .add("tls-ca-file", "CA certificate (PEM, device path) pinned for ssl:// brokers")
       .add("drift-interval", "how often installed files are checked against the applied bundle (0 = never)", "10m")
       .add("min-free", "disk space that must stay free after an apply (bytes, or 64MiB, 1GiB)", "64MiB")
+      .add("revoked-after", "how long the broker must keep refusing this device's credentials before the agent "
+           "treats them as revoked (new credentials take a moment to reach every broker)", "2m")
       .add("revoked-retry", "retry period once the broker keeps refusing this device's credentials", "10m")
       .add("download-timeout", "longest silence while downloading an artifact", "30s")
       .add("log-level", "trace, debug, info, warn or error", "info")
@@ -161,6 +163,10 @@ Result<AgentConfig> agent_config_from(const Options& o) {
   if (!rr) return rr.error();
   if (rr->count() <= 0) return make_error(Errc::invalid_argument, "revoked-retry must be positive");
   c.revoked_retry = *rr;
+  auto ra = o.get_duration("revoked-after");
+  if (!ra) return ra.error();
+  if (ra->count() < 0) return make_error(Errc::invalid_argument, "revoked-after must not be negative");
+  c.revoked_after = *ra;
   auto dt = o.get_duration("download-timeout");
   if (!dt) return dt.error();
   if (dt->count() <= 0) return make_error(Errc::invalid_argument, "download-timeout must be positive");
@@ -445,6 +451,7 @@ Status run_agent(const AgentConfig& cfg, const std::atomic<bool>& stop) {
   auto next_try = std::chrono::steady_clock::now();
   bool connected = false;
   int auth_failures = 0;
+  auto refused_since = std::chrono::steady_clock::now();
   while (!stop) {
     if ((!connected || lost) && std::chrono::steady_clock::now() >= next_try) {
       lost = false;
@@ -477,8 +484,12 @@ Status run_agent(const AgentConfig& cfg, const std::atomic<bool>& stop) {
         auto delay = backoff.next();
         if (s.error().code == Errc::unauthenticated) {
           // Revoked or decommissioned: a clear error state with slow retries,
-          // never a crash loop and never a re-enrollment on our own.
-          if (++auth_failures == 3 && !revoked) {
+          // never a crash loop and never a re-enrollment on our own. Fresh
+          // credentials take a moment to reach the broker (a reload, a
+          // replicated auth backend), so only refusals that last count.
+          if (auth_failures++ == 0) refused_since = std::chrono::steady_clock::now();
+          const bool lasting = std::chrono::steady_clock::now() - refused_since >= cfg.revoked_after;
+          if (auth_failures >= 3 && lasting && !revoked) {
             revoked = true;
             revoked_since = std::chrono::system_clock::now();
             logger->error("state=credentials_revoked: the broker keeps refusing this device's credentials; it may "
@@ -486,7 +497,11 @@ Status run_agent(const AgentConfig& cfg, const std::atomic<bool>& stop) {
                           "every {}s; to enroll again, remove {} and set an enrollment token.",
                           cfg.revoked_retry.count() / 1000, cred_path.string());
           }
-          if (revoked) delay = cfg.revoked_retry;
+          if (revoked) {
+            delay = cfg.revoked_retry;
+          } else {
+            delay = std::min(delay, std::chrono::milliseconds(5000));
+          }
         } else {
           auth_failures = 0;
         }

@@ -8,12 +8,14 @@
 #include <sys/wait.h>
 #include <signal.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <chrono>
 #include <cstdio>
 #include <random>
+#include <thread>
 #include <cstring>
 
 #include "flotilla/common/crypto.hpp"
@@ -219,18 +221,99 @@ Status EmbeddedBroker::write_config() {
 }
 
 Status EmbeddedBroker::write_passwords(const Credentials& devices) {
+  // The probe account's password changes with every rewrite: logging in
+  // with it proves that mosquitto runs on this very file.
+  probe_password_ = crypto::random_token(18);
   std::string text = cfg_.hub_username + ":" + mosquitto_password_hash(hub_password_) + "\n";
+  text += std::string(kReloadProbeUser) + ":" + mosquitto_password_hash(probe_password_) + "\n";
   for (const auto& [user, hash] : devices) text += user + ":" + hash + "\n";
   if (auto s = fs::write_file_atomic(cfg_.dir / "passwd", text, 0600); !s) return s;
   hand_to_broker_user(cfg_.dir / "passwd");
   return {};
 }
 
+// One MQTT 3.1.1 CONNECT as the probe account over a plain loopback socket
+// (a full client library costs tens of milliseconds per attempt); true when
+// the broker answers CONNACK 0, accepted.
+bool EmbeddedBroker::probe_login() const {
+  const std::string user = kReloadProbeUser;
+  auto field = [](std::string& out, const std::string& v) {
+    out.push_back(static_cast<char>(v.size() >> 8));
+    out.push_back(static_cast<char>(v.size() & 0xff));
+    out += v;
+  };
+  std::string body;
+  field(body, "MQTT");
+  body.push_back(4);                       // protocol level 3.1.1
+  body.push_back(static_cast<char>(0xC2));  // username, password, clean session
+  body.push_back(0);
+  body.push_back(5);                       // keepalive 5 s
+  field(body, user);                       // client id
+  field(body, user);
+  field(body, probe_password_);
+  std::string packet(1, static_cast<char>(0x10));
+  for (size_t n = body.size();;) {          // remaining length, varint
+    char byte = static_cast<char>(n % 128);
+    n /= 128;
+    packet.push_back(static_cast<char>(byte | (n ? 0x80 : 0)));
+    if (!n) break;
+  }
+  packet += body;
+
+  const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return false;
+  timeval tv{2, 0};
+  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  ::setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  ::inet_pton(AF_INET, cfg_.listen_host.c_str(), &addr.sin_addr);
+  addr.sin_port = htons(static_cast<uint16_t>(cfg_.port));
+  bool ok = false;
+  unsigned char ack[4] = {0, 0, 0, 0};
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0 &&
+      ::send(fd, packet.data(), packet.size(), MSG_NOSIGNAL) == static_cast<ssize_t>(packet.size())) {
+    size_t got = 0;
+    while (got < sizeof ack) {
+      const ssize_t n = ::recv(fd, ack + got, sizeof ack - got, 0);
+      if (n <= 0) break;
+      got += static_cast<size_t>(n);
+    }
+    ok = got == sizeof ack && ack[0] == 0x20 && ack[3] == 0;
+    if (ok) {
+      const char disconnect[2] = {static_cast<char>(0xE0), 0};
+      (void)::send(fd, disconnect, sizeof disconnect, MSG_NOSIGNAL);
+    }
+  }
+  ::close(fd);
+  return ok;
+}
+
 Status EmbeddedBroker::set_device_credentials(const Credentials& devices) {
   std::lock_guard lock(mu_);
   if (auto s = write_passwords(devices); !s) return s;
-  if (!child_.signal(SIGHUP)) return make_error(Errc::unavailable, "broker is not running", true);
-  return {};
+  // mosquitto clears its reload flag only after reloading, so a SIGHUP that
+  // lands during a reload is lost (a burst of enrollments does that). Send
+  // it again until the probe account proves the new file is in force.
+  const auto start = std::chrono::steady_clock::now();
+  const auto deadline = start + cfg_.reload_timeout;
+  auto next_signal = start;
+  for (;;) {
+    const auto now = std::chrono::steady_clock::now();
+    if (now >= next_signal) {
+      if (!child_.signal(SIGHUP)) return make_error(Errc::unavailable, "broker is not running", true);
+      next_signal = now + std::chrono::milliseconds(500);
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    }
+    if (probe_login()) return {};
+    if (std::chrono::steady_clock::now() >= deadline) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  return make_error(Errc::unavailable,
+                    "mosquitto did not load the new password file within " +
+                        std::to_string(cfg_.reload_timeout.count()) + " ms (see " +
+                        (cfg_.dir / "mosquitto.log").string() + ")",
+                    true);
 }
 
 Status EmbeddedBroker::launch() {

@@ -128,7 +128,6 @@ Result<v1::EnrollResponse> HubService::enroll(const v1::EnrollRequest& req) {
   resp.set_artifact_base_url(cfg_.public_url + "/v1/artifacts/");
   for (const auto& [k, v] : labels) (*resp.mutable_labels())[k] = v;
 
-  EmbeddedBroker::Credentials creds;
   {
     std::lock_guard lock(store_mu_);
     if (auto existing = store_.get_device(d.id); existing && *existing && (*existing)->state == "decommissioned") {
@@ -154,17 +153,32 @@ Result<v1::EnrollResponse> HubService::enroll(const v1::EnrollRequest& req) {
       resp.set_mqtt_password(password);
     }
     if (auto s = tx.commit(); !s) return s.error();
-    if (cfg_.manage_broker_credentials) {
-      auto all = store_.credentials();
-      if (!all) return all.error();
-      creds = std::move(*all);
-    }
   }
-  if (cfg_.manage_broker_credentials && broker_) {
-    if (auto s = broker_->set_device_credentials(creds); !s) return s.error().with_context("update broker credentials");
-  }
+  if (auto s = sync_broker_credentials(); !s) return s.error().with_context("update broker credentials");
   log::get("hub")->info("enrolled device={} arch={} token={}", d.id, d.arch, token.id);
   return resp;
+}
+
+// Rebuilds the broker's password file from the store. Each caller's change
+// is committed before it asks; a rebuild that read the store after that
+// change covers it, so concurrent enrollments share one rewrite and none
+// is lost to an older rewrite landing last.
+Status HubService::sync_broker_credentials() {
+  if (!cfg_.manage_broker_credentials || !broker_) return {};
+  const uint64_t ticket = ++cred_changes_;
+  std::lock_guard sync(cred_sync_mu_);
+  if (cred_synced_ >= ticket) return {};
+  const uint64_t covers = cred_changes_.load();
+  EmbeddedBroker::Credentials creds;
+  {
+    std::lock_guard lock(store_mu_);
+    auto all = store_.credentials();
+    if (!all) return all.error();
+    creds = std::move(*all);
+  }
+  if (auto s = broker_->set_device_credentials(creds); !s) return s;
+  cred_synced_ = covers;
+  return {};
 }
 
 Result<std::pair<BundleRecord, bool>> HubService::upload_bundle(const std::string& bytes, const std::string& project) {

@@ -52,7 +52,6 @@ Result<DeviceRecord> HubService::edit_device_labels(
 
 Result<DeviceRecord> HubService::decommission_device(const std::string& id) {
   DeviceRecord dev;
-  EmbeddedBroker::Credentials creds;
   {
     std::lock_guard lock(store_mu_);
     auto d = store_.get_device(id);
@@ -66,18 +65,13 @@ Result<DeviceRecord> HubService::decommission_device(const std::string& id) {
     if (auto s = store_.delete_credential(id); !s) return s.error();
     if (auto s = store_.mark_device_decommissioned(id); !s) return s.error();
     if (auto s = tx.commit(); !s) return s.error();
-    auto all = store_.credentials();
-    if (!all) return all.error();
-    creds = std::move(*all);
     dev.state = "decommissioned";
     dev.online = false;
   }
-  if (cfg_.manage_broker_credentials && broker_) {
-    // mosquitto re-checks connected clients against the reloaded password
-    // file, so the device's current session ends too.
-    if (auto s = broker_->set_device_credentials(creds); !s) {
-      return s.error().with_context("device marked decommissioned, but the broker did not reload; retry");
-    }
+  // mosquitto re-checks connected clients against the reloaded password
+  // file, so the device's current session ends too.
+  if (auto s = sync_broker_credentials(); !s) {
+    return s.error().with_context("device marked decommissioned, but the broker did not reload; retry");
   }
   if (transport_ && transport_->connected()) {
     // An empty retained message deletes the retained desired state.

@@ -237,9 +237,15 @@ TEST_CASE("a decommissioned device cannot reconnect to the broker", "[integratio
       std::chrono::seconds(10)));
   REQUIRE(refusal);
   CHECK(refusal->code == Errc::unauthenticated);
-  // Its agent, restarted, cannot get back in either (nor re-enroll).
+  // Its agent, restarted, cannot get back in either (nor re-enroll); once the
+  // refusals outlast revoked-after it says plainly that it was revoked.
+  a->append_config("revoked-after: 2s\n");
+  const auto restarted = std::chrono::steady_clock::now();
   a->start();
   CHECK_FALSE(wait_until([&] { return hub.device(id)["online"] == true; }, std::chrono::seconds(5)));
+  CHECK(wait_until([&] { return a->log().find("state=credentials_revoked") != std::string::npos; },
+                   std::chrono::seconds(20)));
+  CHECK(std::chrono::steady_clock::now() - restarted >= std::chrono::seconds(2));
   CHECK(hub.device(id)["state"] == "decommissioned");
 
   // Out of the default list, kept for history; B is unaffected.

@@ -322,7 +322,8 @@ std::map<std::string, std::string> snapshot(const stdfs::path& root, const std::
 
 BuiltBundle make_bundle(const std::string& name, uint64_t version,
                         const std::vector<std::tuple<v1::FileKind, std::string, std::string>>& files,
-                        const std::vector<const bundles::KeyPair*>& signers) {
+                        const std::vector<const bundles::KeyPair*>& signers,
+                        const std::vector<v1::Overlay>& overlays) {
   v1::BundleManifest m;
   m.set_format_version(1);
   m.set_name(name);
@@ -340,6 +341,7 @@ BuiltBundle make_bundle(const std::string& name, uint64_t version,
     auto h = crypto::sha256(content);
     f->set_sha256(std::string(h.begin(), h.end()));
   }
+  for (const auto& o : overlays) *m.add_overlays() = o;
   BuiltBundle b;
   b.envelope = bundles::wrap(m);
   for (const auto* k : signers) {

@@ -135,7 +135,8 @@ struct BuiltBundle {
 };
 BuiltBundle make_bundle(const std::string& name, uint64_t version,
                         const std::vector<std::tuple<v1::FileKind, std::string, std::string>>& files,
-                        const std::vector<const bundles::KeyPair*>& signers);
+                        const std::vector<const bundles::KeyPair*>& signers,
+                        const std::vector<v1::Overlay>& overlays = {});
 
 // A hub and n agents enrolled with one token, all online (k3s running)
 // before the constructor returns.

@@ -32,6 +32,7 @@ struct AgentConfig {
   std::string tls_ca_file;               // pinned CA for ssl:// brokers (device path)
   std::chrono::milliseconds drift_interval{600000};  // 0 = no drift checks
   uint64_t min_free_bytes = 64u << 20;
+  std::chrono::milliseconds revoked_after{120000};   // refusals shorter than this are propagation delay
   std::chrono::milliseconds revoked_retry{600000};   // retry period once the broker keeps refusing us
   std::chrono::milliseconds download_timeout{30000}; // per read while downloading artifacts
   std::string crash_at;                  // FLOTILLA_AGENT_CRASH_AT test hook (docs/agent.md)

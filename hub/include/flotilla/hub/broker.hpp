@@ -3,6 +3,7 @@
 // hub, with anonymous access off, a password file and an ACL that confines
 // each device to its own topics (docs/security.md).
 #include <atomic>
+#include <chrono>
 #include <filesystem>
 #include <memory>
 #include <mutex>
@@ -25,7 +26,12 @@ struct BrokerConfig {
   std::string listen_host = "127.0.0.1";
   int port = 0;                             // 0 = a free port, then kept across restarts
   std::string hub_username = "flotilla-hub";
+  std::chrono::milliseconds reload_timeout{15000};  // for a password-file reload to take effect
 };
+
+// A broker account with no topics of its own, whose password changes with
+// every password-file rewrite: logging in with it tells that a reload took.
+inline constexpr const char* kReloadProbeUser = "flotilla-reload-probe";
 
 class EmbeddedBroker {
  public:
@@ -37,7 +43,9 @@ class EmbeddedBroker {
   std::string url() const;
   const std::string& hub_username() const { return cfg_.hub_username; }
   const std::string& hub_password() const { return hub_password_; }
-  // Rewrites the password file and tells mosquitto to reload it (SIGHUP).
+  // Rewrites the password file and has mosquitto reload it (SIGHUP);
+  // returns once the broker runs on the new file (proved by logging in with
+  // the probe account), or unavailable after reload_timeout.
   Status set_device_credentials(const Credentials& devices);
   void stop();
   pid_t pid() const { return child_.pid(); }
@@ -47,11 +55,13 @@ class EmbeddedBroker {
   Status write_config();
   Status write_passwords(const Credentials& devices);
   Status launch();
+  bool probe_login() const;
   void stop_stale();
   void watchdog();
 
   BrokerConfig cfg_;
   std::string hub_password_;
+  std::string probe_password_;  // changes with every password-file rewrite
   bool run_as_root_ = false;
   std::mutex mu_;
   proc::Child child_;

@@ -120,6 +120,9 @@ class HubService {
   // Removes the device's broker credential (the broker reloads and drops it),
   // clears its retained desired state and keeps its row as "decommissioned".
   Result<DeviceRecord> decommission_device(const std::string& id);
+  // Brings the broker's password file up to date with the store (after a
+  // committed credential change); concurrent callers share one rewrite.
+  Status sync_broker_credentials();
   // Called once a device is decommissioned, without store_mu_ held: the
   // campaign engine settles the device's unfinished campaign rows here.
   void on_device_decommissioned(const std::string& device_id);
@@ -176,6 +179,9 @@ class HubService {
   transport::Transport* transport_ = nullptr;
 
   std::mutex store_mu_;
+  std::mutex cred_sync_mu_;                 // one password-file rewrite at a time
+  std::atomic<uint64_t> cred_changes_{0};   // credential changes asked to be synced
+  uint64_t cred_synced_ = 0;                // changes covered by the last rewrite (cred_sync_mu_)
   std::mutex q_mu_;
   std::mutex drain_mu_;  // one drainer at a time, so drain() returns only when all is processed
   std::condition_variable q_cv_, q_space_cv_;
