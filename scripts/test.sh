@@ -24,7 +24,7 @@ echo "==> building into $BUILD"
 # <build>-aarch64/). Incremental after the first build (~2.5 min on 2 cores).
 if [ -z "${FLOTILLA_SANITIZE:-}" ]; then
   echo "==> building the aarch64 agent into $BUILD-aarch64"
-  FLOTILLA_CROSS_BUILD_DIR="$BUILD-aarch64" "$ROOT/scripts/build-agent-cross.sh" aarch64 >/dev/null
+  FLOTILLA_CROSS_BUILD_DIR="$BUILD-aarch64" "$ROOT/scripts/build-agent-cross.sh" aarch64
 fi
 
 echo "==> running tests"

@@ -320,6 +320,12 @@ Result<View*> open_view(const stdfs::path& input, const std::string& partition, 
     };
     return &v;
   }
+  const bool xz = h.compare(0, 6, std::string("\xfd" "7zXZ\0", 6)) == 0, bz2 = h.compare(0, 3, "BZh") == 0;
+  if (xz || bz2) {
+    return make_error(Errc::invalid_argument, input.string() + " is compressed with " + (xz ? "xz" : "bzip2") +
+                                                  ": only uncompressed, gzip and zstd tarballs are supported "
+                                                  "(recompress, e.g. xz -dc | zstd)");
+  }
   if (h.size() >= 512 && uint8_t(h[510]) == 0x55 && uint8_t(h[511]) == 0xAA) {
     if (auto s = open_disk(input, partition, v, false); !s) return s.error();
     return &v;

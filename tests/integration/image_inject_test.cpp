@@ -387,6 +387,16 @@ TEST_CASE("image inject: clear refusals for unknown formats, no ext4 root and a 
     CHECK(r.err.find("unknown image format") != std::string::npos);
     CHECK(slurp(in) == std::string(4096, 'x'));
   }
+  SECTION("an xz tarball names its compression") {
+    make_rootfs(tmp.path() / "rootfs", host_elf());
+    const auto in = tmp.path() / "rootfs.tar.xz";
+    must({"tar", "-cJf", in.string(), "-C", (tmp.path() / "rootfs").string(), "."});
+    const auto before = file_hash(in);
+    auto r = Hub::cli_local(inject_args(in, t));
+    CHECK(r.exit_code == 2);
+    CHECK(r.err.find("compressed with xz: only uncompressed, gzip and zstd") != std::string::npos);
+    CHECK(file_hash(in) == before);
+  }
   SECTION("no ext4 root") {
     const auto in = tmp.path() / "empty.img";
     { std::ofstream(in, std::ios::binary); }

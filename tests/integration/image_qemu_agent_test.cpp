@@ -44,6 +44,8 @@ TEST_CASE("an aarch64 agent under qemu-user enrolls with the real hub and applie
   char head[20] = {0};
   elf.read(head, sizeof head);
   REQUIRE(uint8_t(head[18]) == 183);
+  // The same budget as the host's static agent (agent_pipeline_test.cpp, docs/agent.md).
+  CHECK(stdfs::file_size(agent) <= (9u << 20));
 
   TempDir tmp;
   Hub hub(tmp.path() / "hub");
