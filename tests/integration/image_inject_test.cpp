@@ -203,7 +203,8 @@ TEST_CASE("image inject: MBR and GPT disk images get the agent; e2fsck -fn is cl
       const auto before = file_hash(disk.image);
       const stdfs::path out = tmp.path() / ("out-" + scheme + ".img");
       std::vector<std::string> extra = {"--output", out.string(), "--source-date-epoch", "1700000000"};
-      if (scheme == "gpt") extra.insert(extra.end(), {"--partition", "rootfs"});
+      // Chosen by GPT partition name and by number (the other tests let it pick the only ext4 one).
+      extra.insert(extra.end(), {"--partition", scheme == "gpt" ? "rootfs" : "2"});
       auto r = Hub::cli_local(inject_args(disk.image, t, extra));
       INFO(r.out << r.err);
       REQUIRE(r.exit_code == 0);
