@@ -14,6 +14,11 @@ PACKAGES=(
   catch2
   mosquitto mosquitto-clients
   curl
+  # images/: ext4 and archives without mounting; the image tests' tools
+  libext2fs-dev e2fsprogs libarchive-dev fdisk zstd
+  # cross-built static agents (scripts/build-agent-cross.sh) and running them
+  gcc-aarch64-linux-gnu g++-aarch64-linux-gnu gcc-arm-linux-gnueabihf g++-arm-linux-gnueabihf
+  qemu-user-static
 )
 
 missing=()

@@ -20,6 +20,13 @@ BUILD="${FLOTILLA_BUILD_DIR:-$ROOT/build}"
 echo "==> building into $BUILD"
 "$ROOT/scripts/build.sh" "${cmake_args[@]}"
 
+# The aarch64 agent for the qemu-user test (tests/CMakeLists.txt looks in
+# <build>-aarch64/). Incremental after the first build (~2.5 min on 2 cores).
+if [ -z "${FLOTILLA_SANITIZE:-}" ]; then
+  echo "==> building the aarch64 agent into $BUILD-aarch64"
+  FLOTILLA_CROSS_BUILD_DIR="$BUILD-aarch64" "$ROOT/scripts/build-agent-cross.sh" aarch64
+fi
+
 echo "==> running tests"
 cd "$BUILD"
 # Integration and e2e tests claim both cores (PROCESSORS 2), so they run one

@@ -14,6 +14,7 @@ int cmd_enrollment_token(int argc, char** argv);
 int cmd_token(int argc, char** argv);
 int cmd_audit(int argc, char** argv);
 int cmd_trust(int argc, char** argv);
+int cmd_image(int argc, char** argv);
 
 int fail(const std::string& message, int code = 1);
 

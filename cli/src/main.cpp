@@ -1,5 +1,5 @@
 // flotilla: the operator CLI. Local commands (key, bundle build/sign/verify/
-// inspect) need no hub; the others call the hub's REST API.
+// inspect, image inject) need no hub; the others call the hub's REST API.
 #include <cstring>
 #include <iostream>
 
@@ -22,7 +22,8 @@ void usage(std::ostream& out) {
          "  bundle sign FILE        add a signature\n"
          "  bundle verify FILE      check it as a device would (--root/--signing or --key)\n"
          "  bundle inspect FILE     show what a bundle contains (--label: resolved files)\n"
-         "  bundle diff A B         what changes from bundle A to bundle B\n\n"
+         "  bundle diff A B         what changes from bundle A to bundle B\n"
+         "  image inject INPUT      put the agent, its config and trust roots into a device image\n\n"
          "Hub (--hub URL, --token or FLOTILLA_TOKEN / FLOTILLA_TOKEN_FILE):\n"
          "  bundle push FILE        upload a signed bundle and its artifacts\n"
          "  bundle list             list uploaded bundles\n"
@@ -60,6 +61,7 @@ int main(int argc, char** argv) {
   if (cmd == "token") return flotilla::cli::cmd_token(argc - 1, argv + 1);
   if (cmd == "audit") return flotilla::cli::cmd_audit(argc - 1, argv + 1);
   if (cmd == "trust") return flotilla::cli::cmd_trust(argc - 1, argv + 1);
+  if (cmd == "image") return flotilla::cli::cmd_image(argc - 1, argv + 1);
   std::cerr << "flotilla: unknown command '" << cmd << "'\n\n";
   usage(std::cerr);
   return 2;

@@ -228,17 +228,7 @@ Agent::~Agent() {
   kill_k3s();
 }
 
-void Agent::start() {
-  proc::SpawnOptions so;
-  so.argv = {bin_dir() + "/flotilla-agent", "--config", (root_ / "etc/flotilla/agent.yaml").string(), "--root",
-             root_.string(), "--log-level", "debug"};
-  so.stdout_path = (root_.parent_path() / (root_.filename().string() + ".log")).string();
-  so.stderr_path = "stdout";
-  so.env_set["K3S_STANDIN_MAX_LIFETIME_S"] = "300";
-  auto c = proc::spawn(so);
-  if (!c) throw std::runtime_error("start agent: " + c.error().message);
-  child_ = std::move(*c);
-}
+void Agent::start() { start_with_env({}); }
 
 void Agent::stop() {
   if (child_.valid()) child_.terminate(std::chrono::seconds(10));
@@ -246,8 +236,10 @@ void Agent::stop() {
 
 void Agent::start_with_env(const std::map<std::string, std::string>& env) {
   proc::SpawnOptions so;
-  so.argv = {bin_dir() + "/flotilla-agent", "--config", (root_ / "etc/flotilla/agent.yaml").string(), "--root",
-             root_.string(), "--log-level", "debug"};
+  so.argv = opts_.launcher;
+  so.argv.push_back(opts_.binary.empty() ? bin_dir() + "/flotilla-agent" : opts_.binary);
+  so.argv.insert(so.argv.end(), {"--config", (root_ / "etc/flotilla/agent.yaml").string(), "--root", root_.string(),
+                                 "--log-level", "debug"});
   so.stdout_path = (root_.parent_path() / (root_.filename().string() + ".log")).string();
   so.stderr_path = "stdout";
   so.env_set["K3S_STANDIN_MAX_LIFETIME_S"] = "300";
