@@ -57,6 +57,7 @@ void add_agent_options(Options& o) {
       .add("service-manager", "how k3s runs: auto (detect), systemd, openrc or direct (the agent supervises it)",
            "auto")
       .add("tls-ca-file", "CA certificate (PEM, device path) pinned for ssl:// brokers")
+      .add("supervise-interval", "how often the agent checks that k3s runs and starts it if not (0 = never)", "30s")
       .add("drift-interval", "how often installed files are checked against the applied bundle (0 = never)", "10m")
       .add("min-free", "disk space that must stay free after an apply (bytes, or 64MiB, 1GiB)", "64MiB")
       .add("revoked-after", "how long the broker must keep refusing this device's credentials before the agent "
@@ -156,6 +157,9 @@ Result<AgentConfig> agent_config_from(const Options& o) {
   auto di = o.get_duration("drift-interval");
   if (!di) return di.error();
   c.drift_interval = *di;
+  auto si = o.get_duration("supervise-interval");
+  if (!si) return si.error();
+  c.supervise_interval = *si;
   auto mf = parse_size(o.get("min-free"));
   if (!mf) return mf.error().with_context("min-free (from " + o.source("min-free") + ")");
   c.min_free_bytes = *mf;
@@ -442,6 +446,7 @@ Status run_agent(const AgentConfig& cfg, const std::atomic<bool>& stop) {
     if (transport->flush(std::chrono::seconds(3))) agent.outbox_delivered(last);
   };
   auto next_drift = std::chrono::steady_clock::now() + cfg.drift_interval;
+  auto next_supervise = std::chrono::steady_clock::now() + cfg.supervise_interval;
   auto next_outbox = std::chrono::steady_clock::now();
   bool revoked = false;
   auto revoked_since = std::chrono::system_clock::now();
@@ -526,6 +531,14 @@ Status run_agent(const AgentConfig& cfg, const std::atomic<bool>& stop) {
     if (cfg.drift_interval.count() > 0 && std::chrono::steady_clock::now() >= next_drift) {
       next_drift = std::chrono::steady_clock::now() + cfg.drift_interval;
       agent.check_drift();
+    }
+    // k3s that died (or that the init system failed to start) is started
+    // again; between applies only, never in the middle of one.
+    if (cfg.supervise_interval.count() > 0 && std::chrono::steady_clock::now() >= next_supervise) {
+      next_supervise = std::chrono::steady_clock::now() + cfg.supervise_interval;
+      if (!agent.applied().in_flight) {
+        if (auto s = runtime.ensure_running(); !s) logger->warn("k3s is not running and did not start: {}", s.error().message);
+      }
     }
     if (connected && !agent.outbox().empty() && std::chrono::steady_clock::now() >= next_outbox) {
       next_outbox = std::chrono::steady_clock::now() + std::chrono::seconds(5);

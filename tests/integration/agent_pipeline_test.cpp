@@ -112,14 +112,25 @@ struct Node {
   bundles::KeyPair release = bundles::generate_key();
   std::unique_ptr<test::Agent> agent;
 
-  explicit Node(const std::string& extra_config = "") {
+  // fake_init_tool: "systemctl" or "rc-service" puts the FAKE init tool
+  // (tests/fakes/fake-init-tool) on the agent's PATH under that name.
+  explicit Node(const std::string& extra_config = "", const std::string& fake_init_tool = "") {
     hub.start();
     AgentOptions o;
     o.root_keys = {bundles::public_key_text(release.pub)};
     o.health_timeout = "6s";
     agent = std::make_unique<test::Agent>(tmp.path() / "dev", hub.url(), hub.enrollment_token({{"env", "it"}}), o);
     agent->append_config("drift-interval: 0\n" + extra_config);
-    agent->start();
+    std::map<std::string, std::string> env;
+    if (!fake_init_tool.empty()) {
+      const auto fakebin = tmp.path() / "fakebin";
+      stdfs::create_directories(fakebin);
+      stdfs::copy_file(source_dir() + "/tests/fakes/fake-init-tool", fakebin / fake_init_tool);
+      const char* path = std::getenv("PATH");
+      env["PATH"] = fakebin.string() + ":" + (path ? path : "/usr/bin:/bin");
+      env["FAKE_INIT_ROOT"] = agent->root().string();
+    }
+    agent->start_with_env(env);
     REQUIRE(wait_until([&] { return !agent->device_id().empty() && hub.device(agent->device_id())["online"] == true; },
                        std::chrono::seconds(30)));
   }
@@ -400,4 +411,43 @@ TEST_CASE("the broker dies during an apply: the apply finishes and the result re
       },
       std::chrono::seconds(60)));
   CHECK(n.file("var/lib/rancher/k3s/agent/images/images.tar") == img);
+}
+
+// systemd and OpenRC: the agent asks the init system to (re)start k3s and
+// whether it runs. The init tools are FAKES (tests/fakes/fake-init-tool) that
+// really run the k3s stand-in the way a k3s unit or OpenRC script would.
+TEST_CASE("under systemd and OpenRC the agent drives k3s through the init tool and rolls back when it refuses",
+          "[integration][agent][service]") {
+  for (const auto& [manager, tool, restart_call] :
+       {std::make_tuple(std::string("systemd"), std::string("systemctl"), std::string("systemctl restart k3s")),
+        std::make_tuple(std::string("openrc"), std::string("rc-service"), std::string("rc-service k3s restart"))}) {
+    DYNAMIC_SECTION(manager) {
+      Node n("service-manager: " + manager + "\nsupervise-interval: 1s\n", tool);
+      const auto calls = [&] { return n.file("fake-init.log"); };
+      CHECK_THAT(n.agent->log(), Catch::Contains("k3s service manager=" + manager));
+
+      n.campaign(n.push(1, ""));
+      n.require_runs(1, "");
+      CHECK_THAT(calls(), Catch::Contains(restart_call));
+      // k3s runs under the init system: its pidfile, not the agent's child.
+      CHECK(n.k3s_ready());
+
+      // The init system refuses to restart k3s: the agent puts v1 back and
+      // says why, with the init tool's own words.
+      REQUIRE(fs::write_file_atomic(n.agent->root() / "fake-init.fail", "", 0644));
+      n.campaign(n.push(2, ""));
+      REQUIRE(wait_until([&] { return n.hub.device(n.agent->device_id())["last_reason"] == "service_failed"; },
+                         std::chrono::seconds(40)));
+      auto d = n.hub.device(n.agent->device_id());
+      CHECK(d["applied_version"] == 1);
+      CHECK_THAT(d["last_message"].get<std::string>(),
+                 Catch::Contains(manager == "systemd" ? "Job for k3s.service failed" : "k3s failed to start"));
+      CHECK(n.file("etc/rancher/k3s/config.yaml.d/10-edge.yaml") == "node-label: v1\n");
+
+      // Once the init system works again, the agent's supervision starts k3s.
+      stdfs::remove(n.agent->root() / "fake-init.fail");
+      CHECK(wait_until([&] { return n.k3s_ready(); }, std::chrono::seconds(30)));
+      CHECK_THAT(calls(), Catch::Contains(manager == "systemd" ? "systemctl start k3s" : "rc-service k3s start"));
+    }
+  }
 }

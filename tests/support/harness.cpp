@@ -22,21 +22,12 @@ std::string bin_dir() {
 }
 
 std::string source_dir() {
-  const char* d = std::getenv("FLOTILLA_SOURCE_DIR");
-  if (!d) throw std::runtime_error("FLOTILLA_SOURCE_DIR is not set (run the tests through ctest)");
-  return d;
-}
-
-TempDir::TempDir() {
-  path_ = stdfs::temp_directory_path() / ("flotilla-it-" + crypto::random_token(6));
-  stdfs::create_directories(path_);
-  // Traversable, so a root-started mosquitto that drops to its own user reaches its files.
-  ::chmod(path_.c_str(), 0711);
-}
-
-TempDir::~TempDir() {
-  std::error_code ec;
-  if (!std::getenv("FLOTILLA_KEEP_TEST_DIRS")) stdfs::remove_all(path_, ec);
+  if (const char* d = std::getenv("FLOTILLA_SOURCE_DIR")) return d;
+#ifdef FLOTILLA_TEST_SOURCE_DIR
+  return FLOTILLA_TEST_SOURCE_DIR;
+#else
+  throw std::runtime_error("FLOTILLA_SOURCE_DIR is not set (run the tests through ctest)");
+#endif
 }
 
 bool wait_until(const std::function<bool()>& pred, std::chrono::milliseconds timeout) {

@@ -14,6 +14,7 @@
 #include <nlohmann/json.hpp>
 
 #include "flotilla/bundles/bundle.hpp"
+#include "tests/support/temp_dir.hpp"
 #include "flotilla/common/http_client.hpp"
 #include "flotilla/common/process.hpp"
 
@@ -25,15 +26,6 @@ using nlohmann::json;
 std::string bin_dir();     // $FLOTILLA_BIN_DIR
 std::string source_dir();  // $FLOTILLA_SOURCE_DIR
 
-class TempDir {
- public:
-  TempDir();
-  ~TempDir();
-  const stdfs::path& path() const { return path_; }
-
- private:
-  stdfs::path path_;
-};
 
 // Polls pred every 50 ms until it holds or the timeout passes.
 bool wait_until(const std::function<bool()>& pred, std::chrono::milliseconds timeout);

@@ -5,6 +5,8 @@
 #include <unistd.h>
 
 #include <catch2/catch.hpp>
+
+#include "tests/support/temp_dir.hpp"
 #include <chrono>
 #include <cstdlib>
 #include <filesystem>
@@ -34,24 +36,7 @@ namespace stdfs = std::filesystem;
 using namespace std::chrono_literals;
 using flotilla::Errc;
 
-class TempDir {
- public:
-  TempDir() {
-    std::string pattern = (stdfs::temp_directory_path() / "flotilla-common-ut-XXXXXX").string();
-    if (::mkdtemp(pattern.data()) == nullptr) throw std::runtime_error("mkdtemp failed");
-    path_ = pattern;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    stdfs::remove_all(path_, ec);
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-  const stdfs::path& path() const { return path_; }
-
- private:
-  stdfs::path path_;
-};
+using flotilla::test::TempDir;
 
 class UmaskGuard {
  public:

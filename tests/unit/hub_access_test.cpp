@@ -2,6 +2,8 @@
 // handler over a real HubService and SQLite store in a temporary directory.
 #include <catch2/catch.hpp>
 
+#include "tests/support/temp_dir.hpp"
+
 #include <cmath>
 #include <filesystem>
 #include <map>
@@ -45,25 +47,7 @@ namespace bundles = flotilla::bundles;
 namespace transport = flotilla::transport;
 namespace v1 = flotilla::v1;
 
-class TempDir {
- public:
-  TempDir() {
-    std::random_device rd;
-    path_ = std::filesystem::temp_directory_path() /
-            ("flotilla-hub-access-test-" + std::to_string(rd()) + "-" + std::to_string(rd()));
-    std::filesystem::create_directories(path_);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    std::filesystem::remove_all(path_, ec);
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-  const std::filesystem::path& path() const { return path_; }
-
- private:
-  std::filesystem::path path_;
-};
+using flotilla::test::TempDir;
 
 json body_of(const HttpResponse& r) {
   json j = json::parse(r.body, nullptr, false);

@@ -2,6 +2,8 @@
 // temporary directory, with no broker attached.
 #include <catch2/catch.hpp>
 
+#include "tests/support/temp_dir.hpp"
+
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -63,25 +65,7 @@ using nlohmann::json;
 namespace bundles = flotilla::bundles;
 namespace v1 = flotilla::v1;
 
-class TempDir {
- public:
-  TempDir() {
-    std::random_device rd;
-    path_ = std::filesystem::temp_directory_path() /
-            ("flotilla-hub-api-test-" + std::to_string(rd()) + "-" + std::to_string(rd()));
-    std::filesystem::create_directories(path_);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    std::filesystem::remove_all(path_, ec);
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-  const std::filesystem::path& path() const { return path_; }
-
- private:
-  std::filesystem::path path_;
-};
+using flotilla::test::TempDir;
 
 json body_of(const HttpResponse& r) {
   json j = json::parse(r.body, nullptr, false);

@@ -3,6 +3,8 @@
 // carrying on after a restart over the same store.
 #include <catch2/catch.hpp>
 
+#include "tests/support/temp_dir.hpp"
+
 #include <map>
 #include <mutex>
 #include <random>
@@ -19,20 +21,7 @@ using nlohmann::json;
 
 namespace {
 
-class TempDir {
- public:
-  TempDir() : path_(std::filesystem::temp_directory_path() / ("flotilla-engine-" + crypto::random_token(6))) {
-    std::filesystem::create_directories(path_);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    std::filesystem::remove_all(path_, ec);
-  }
-  const std::filesystem::path& path() const { return path_; }
-
- private:
-  std::filesystem::path path_;
-};
+using flotilla::test::TempDir;
 
 // Records what the hub publishes (the engine publishes from its own thread).
 class Recorder final : public transport::Transport {

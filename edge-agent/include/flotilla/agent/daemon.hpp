@@ -31,6 +31,7 @@ struct AgentConfig {
   std::string service_manager = "auto";  // auto, systemd, openrc, direct
   std::string tls_ca_file;               // pinned CA for ssl:// brokers (device path)
   std::chrono::milliseconds drift_interval{600000};  // 0 = no drift checks
+  std::chrono::milliseconds supervise_interval{30000};  // k3s liveness check; 0 = never
   uint64_t min_free_bytes = 64u << 20;
   std::chrono::milliseconds revoked_after{120000};   // refusals shorter than this are propagation delay
   std::chrono::milliseconds revoked_retry{600000};   // retry period once the broker keeps refusing us
