@@ -76,7 +76,10 @@ class Session : public std::enable_shared_from_this<Session<Stream>> {
   void read() {
     header_parser_.emplace();
     header_parser_->header_limit(16 * 1024);
-    header_parser_->body_limit(cfg_.max_body_bytes);
+    // Beast checks a declared Content-Length against this when the header
+    // completes, before we know the route: allow the larger (upload) cap
+    // here and hold other routes to max_body_bytes in on_header.
+    header_parser_->body_limit(std::max<uint64_t>(cfg_.max_body_bytes, cfg_.max_upload_bytes));
     tcp_layer().expires_after(cfg_.read_timeout);
     bhttp::async_read_header(stream_, buffer_, *header_parser_,
                              [self = shared_from_this()](beast::error_code ec, size_t) { self->on_header(ec); });
@@ -141,6 +144,11 @@ class Session : public std::enable_shared_from_this<Session<Stream>> {
       bhttp::async_read(stream_, buffer_, *file_parser_,
                         [self = shared_from_this()](beast::error_code e, size_t) { self->on_file_body(e); });
       return;
+    }
+    if (auto len = header_parser_->content_length(); len && *len > cfg_.max_body_bytes) {
+      drain_ = true;
+      return reply(Api::error(413, "too_large", "request body is larger than the limit for this route"), false,
+                   h.version());
     }
     string_parser_.emplace(std::move(*header_parser_));
     string_parser_->body_limit(cfg_.max_body_bytes);

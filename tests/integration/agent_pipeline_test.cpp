@@ -442,7 +442,10 @@ TEST_CASE("under systemd and OpenRC the agent drives k3s through the init tool a
       CHECK(d["applied_version"] == 1);
       CHECK_THAT(d["last_message"].get<std::string>(),
                  Catch::Contains(manager == "systemd" ? "Job for k3s.service failed" : "k3s failed to start"));
-      CHECK(n.file("etc/rancher/k3s/config.yaml.d/10-edge.yaml") == "node-label: v1\n");
+      // The reason arrives with the rolling-back progress report; the files
+      // are back once the rollback finished.
+      CHECK(wait_until([&] { return n.file("etc/rancher/k3s/config.yaml.d/10-edge.yaml") == "node-label: v1\n"; },
+                       std::chrono::seconds(20)));
 
       // Once the init system works again, the agent's supervision starts k3s.
       stdfs::remove(n.agent->root() / "fake-init.fail");
@@ -450,4 +453,13 @@ TEST_CASE("under systemd and OpenRC the agent drives k3s through the init tool a
       CHECK_THAT(calls(), Catch::Contains(manager == "systemd" ? "systemctl start k3s" : "rc-service k3s start"));
     }
   }
+}
+
+TEST_CASE("an artifact far above the API's body cap uploads, streams to the agent and installs",
+          "[integration][agent][artifacts]") {
+  Node n;
+  // 12 MB: above max_body_bytes (8 MiB), which holds every route but uploads.
+  const std::string img = random_blob(12u << 20);
+  n.campaign(n.push(1, img));
+  n.require_runs(1, img);
 }

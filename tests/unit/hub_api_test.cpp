@@ -135,6 +135,9 @@ class Hub {
     ServiceConfig cfg;
     cfg.broker_url = "tcp://127.0.0.1:1883";
     cfg.public_url = "http://hub.test:8080";
+    // The fixture ticks the engine itself (create_campaign, report): an
+    // engine thread would publish concurrently and race the assertions.
+    cfg.engine_thread = false;
     service_ = std::make_unique<HubService>(*store_, clock, cfg);
     api_ = std::make_unique<Api>(*service_);
     TokenRecord rec;
