@@ -163,8 +163,9 @@ class Fleet {
   std::atomic<bool> stopping_{false};
 
   std::string campaign_id_;
+  std::atomic<bool> campaign_known_{false};
   int64_t t0_ = 0;
-  std::atomic<uint64_t> sent_{0}, received_{0}, publish_errors_{0};
+  std::atomic<uint64_t> sent_{0}, received_{0}, publish_errors_{0}, power_cuts_{0}, link_drops_{0};
   std::mutex lat_mu_;
   std::vector<int64_t> latencies_ms_;
   int64_t enroll_started_ms_ = 0, enroll_done_ms_ = 0;
@@ -343,7 +344,10 @@ void Fleet::publish(VDevice& d, const char* leaf, std::string payload, bool reta
 agent::Agent::Reporter Fleet::reporter(VDevice& d) {
   return [this, &d](v1::Report&& r) {
     const auto st = r.state();
-    if (!campaign_id_.empty() && r.campaign_id() == campaign_id_) {
+    // Devices apply before POST /v1/campaigns has even answered, so until the
+    // id is known any campaign counts (a run drives exactly one).
+    const bool ours = !r.campaign_id().empty() && (!campaign_known_ || r.campaign_id() == campaign_id_);
+    if (ours && st != v1::AGENT_STATE_IDLE) {
       Phase p = Phase::applying;
       bool final_state = true;
       switch (st) {
@@ -547,6 +551,7 @@ void Fleet::handle(Event& e) {
       if ((d.faults & kFlaky) && !d.flaked && !e.payload.empty()) {
         // The link drops as the message arrives; back after 1-4 s.
         d.flaked = true;
+        ++link_drops_;
         presence(d, false);
         d.phase = static_cast<uint8_t>(Phase::away);
         post_after(1000 + static_cast<int64_t>(unit(opts_.seed, d.index, 7) * 3000),
@@ -584,6 +589,7 @@ void Fleet::apply(VDevice& d, const std::string& payload) {
   }
   const bool finished = with_agent(d, env_, reporter(d), [&](agent::Agent& a) { a.handle_desired(payload); });
   if (!finished) {
+    ++power_cuts_;
     d.phase = static_cast<uint8_t>(Phase::rebooting);
     post_after(1000 + static_cast<int64_t>(unit(opts_.seed, d.index, 8) * 2000),
                Event{d.index, EventKind::reboot, payload});
@@ -687,7 +693,6 @@ Result<json> Fleet::run() {
   json body = {{"bundle", *bundle_id}, {"selector", "sim-run=" + label_}, {"name", "sim-" + label_}};
   if (!opts_.strategy.empty()) body["strategy"] = opts_.strategy;
   t0_ = now_ms();
-  campaign_id_.clear();
   auto created = rest_.call_json("POST", "/v1/campaigns", body, 201);
   if (!created) return created.error().with_context("create campaign");
   const std::string cid = (*created)["id"].get<std::string>();
@@ -695,6 +700,7 @@ Result<json> Fleet::run() {
     // Reports may already be flowing; the reporter reads campaign_id_.
     std::lock_guard lock(lat_mu_);
     campaign_id_ = cid;
+    campaign_known_ = true;
   }
   const int64_t campaign_created_ms = now_ms() - t0_;
 
@@ -704,25 +710,24 @@ Result<json> Fleet::run() {
   const int64_t period = big ? 2000 : 500;
   int64_t converged_ms = -1;
   std::string end_state = "timeout";
-  uint64_t expect_offline = 0;
-  for (const auto& d : devices_) expect_offline += (d.faults & kOffline) ? 1 : 0;
   for (int64_t tick = 0;; ++tick) {
     const bool poll_hub = !big || tick % 2 == 0;
     json s = sample(t0_, cid, last_campaign, poll_hub);
     timeline.push_back(s);
     progress_line(s, s["t_ms"].get<int64_t>(), false);
-    if (s.contains("hub_counts")) {
-      const auto& c = s["hub_counts"];
+    if (s.contains("hub_state")) {
       const std::string state = s.value("hub_state", "");
-      const int64_t open = c.value("waiting", 0) + c.value("pending", 0) + c.value("in_progress", 0) +
-                           c.value("rolling_back", 0);
-      // Converged: nothing is open except devices that are away.
-      if (state != "running" || open <= c.value("offline", int64_t{0})) {
-        if (state != "running" || open == 0 || open <= static_cast<int64_t>(expect_offline)) {
-          converged_ms = s["t_ms"].get<int64_t>();
-          end_state = state;
-          break;
-        }
+      // Converged: the hub finished or stopped the campaign, or it waits only
+      // for devices that are away, and no device of ours is still on its way
+      // (a link down for a moment, a reboot, a throttled download).
+      const auto& dv = s["devices"];
+      const uint64_t transient = dv.value("applying", uint64_t{0}) + dv.value("link_down", uint64_t{0}) +
+                                 dv.value("rebooting", uint64_t{0});
+      const bool stopped = state == "completed" || state == "paused" || state == "aborted" || state == "rolled_back";
+      if (stopped || (state == "converging" && transient == 0)) {
+        converged_ms = s["t_ms"].get<int64_t>();
+        end_state = state;
+        break;
       }
     }
     if (now_ms() - t0_ > opts_.timeout.count() * 1000) break;
@@ -766,6 +771,7 @@ Result<json> Fleet::run() {
   }
   json faults_assigned = {{"offline", 0}, {"flaky", 0}, {"install_fail", 0}, {"health_fail", 0}, {"reboot_mid_apply", 0}};
   json fault_devices = json::object();
+  json fault_bits = json::array();
   for (const auto& d : devices_) {
     if (d.faults & kOffline) faults_assigned["offline"] = faults_assigned["offline"].get<int>() + 1;
     if (d.faults & kFlaky) faults_assigned["flaky"] = faults_assigned["flaky"].get<int>() + 1;
@@ -773,6 +779,7 @@ Result<json> Fleet::run() {
     if (d.faults & kHealthFail) faults_assigned["health_fail"] = faults_assigned["health_fail"].get<int>() + 1;
     if (d.faults & kRebootMidApply) faults_assigned["reboot_mid_apply"] = faults_assigned["reboot_mid_apply"].get<int>() + 1;
     if (d.faults && devices_.size() <= 1000) fault_devices[d.id] = d.faults;
+    if (devices_.size() <= 1000) fault_bits.push_back(d.faults);
   }
   json final_devices = json::object();
   if (devices_.size() <= 1000) {
@@ -817,6 +824,8 @@ Result<json> Fleet::run() {
       {"messages_sent", sent_.load()},
       {"messages_received", received_.load()},
       {"publish_errors", publish_errors_.load()},
+      {"power_cuts", power_cuts_.load()},
+      {"link_drops", link_drops_.load()},
       {"peak_msgs_per_s", max_rate},
       {"hub_peak_rss_bytes", peak_rss},
       {"hub_rss_per_device_bytes", opts_.devices ? peak_rss / static_cast<double>(opts_.devices) : 0.0},
@@ -826,6 +835,7 @@ Result<json> Fleet::run() {
       {"artifact_downloads", g_artifact_downloads.load()}};
   report["faults_assigned"] = faults_assigned;
   if (!fault_devices.empty()) report["fault_devices"] = fault_devices;
+  if (!fault_bits.empty()) report["fault_bits"] = fault_bits;  // by device index
   if (!final_devices.empty()) report["device_phases"] = final_devices;
   report["latency_cdf"] = cdf;
   report["timeline"] = timeline;

@@ -23,6 +23,7 @@ void usage() {
                "  run         virtual devices (the real agent core, in memory) enroll, connect and run a\n"
                "              campaign; writes report.json and report.html\n"
                "  footprint   bytes per virtual device, no network\n"
+               "  baseline    the raw mosquitto round trip of a campaign's messages (the limit)\n"
                "  k3d         N real k3s clusters in Docker (k3d), the real agent adopting each\n";
 }
 
@@ -77,6 +78,9 @@ int cmd_run(int argc, char** argv) {
     return 0;
   }
   log::setup(o.get("log-level"));
+  // Thousands of cores log every injected fault; keep the agent's own lines
+  // for --log-level debug.
+  if (o.get("log-level") != "debug" && o.get("log-level") != "trace") log::get("agent")->set_level(spdlog::level::err);
   sim::SimOptions so;
   so.hub_url = o.get("hub");
   if (!so.hub_url.empty()) {
@@ -178,6 +182,36 @@ int cmd_footprint(int argc, char** argv) {
   return 0;
 }
 
+int cmd_baseline(int argc, char** argv) {
+  Options o("flotilla-sim baseline",
+            "The raw mosquitto round trip of a campaign's messages (the limit the hub's throughput is compared to).",
+            "FLOTILLA_SIM_");
+  o.add("devices", "devices (one message out each)", "10000")
+      .add("sessions", "device-side sessions", "2")
+      .add("reports", "answers per device", "5")
+      .add("mosquitto", "mosquitto binary", "/usr/sbin/mosquitto")
+      .add("out", "scratch directory", "flotilla-sim-baseline");
+  auto pos = o.parse(argc, argv, 2);
+  if (!pos) return fail(pos.error());
+  if (o.help_requested()) {
+    std::cout << o.help();
+    return 0;
+  }
+  auto n = o.get_int("devices", 1, 10'000'000);
+  auto sessions = o.get_int("sessions", 1, 10'000);
+  auto reports = o.get_int("reports", 1, 100);
+  for (const auto* r : {&n, &sessions, &reports}) {
+    if (!*r) return fail(r->error());
+  }
+  log::setup("warn");
+  auto r = sim::mqtt_baseline(std::filesystem::absolute(o.get("out")).string(), o.get("mosquitto"),
+                              static_cast<uint32_t>(*n), static_cast<uint32_t>(*sessions),
+                              static_cast<uint32_t>(*reports));
+  if (!r) return fail(r.error());
+  std::cout << r->dump(2) << "\n";
+  return (*r)["complete"].get<bool>() ? 0 : 1;
+}
+
 int cmd_k3d(int argc, char** argv) {
   Options o("flotilla-sim k3d", "N k3s clusters in Docker (k3d), each adopted by a real flotilla-agent.",
             "FLOTILLA_SIM_");
@@ -221,6 +255,7 @@ int main(int argc, char** argv) {
   if (cmd == "run") return cmd_run(argc, argv);
   if (cmd == "footprint") return cmd_footprint(argc, argv);
   if (cmd == "k3d") return cmd_k3d(argc, argv);
+  if (cmd == "baseline") return cmd_baseline(argc, argv);
   std::fprintf(stderr, "flotilla-sim: unknown command '%s'\n", cmd.c_str());
   usage();
   return 2;

@@ -76,4 +76,10 @@ std::string render_html(const nlohmann::json& report);
 // one full apply on each, and measures resident bytes per device.
 nlohmann::json measure_footprint(uint32_t n, uint64_t seed);
 
+// The raw broker round trip of a campaign's messages: `devices` QoS 1
+// messages out from one "hub" session, `reports` QoS 1 answers each back from
+// `sessions` device-side sessions, through a bare mosquitto it starts.
+Result<nlohmann::json> mqtt_baseline(const std::string& work_dir, const std::string& mosquitto_bin, uint32_t devices,
+                                     uint32_t sessions, uint32_t reports);
+
 }  // namespace flotilla::sim
