@@ -244,6 +244,8 @@ Status EmbeddedBroker::set_device_credentials(const Credentials& devices) {
   std::lock_guard lock(mu_);
   if (auto s = write_passwords(devices); !s) return s;
   if (!child_.signal(SIGHUP)) return make_error(Errc::unavailable, "broker is not running", true);
+  last_credentials_change_ = std::chrono::steady_clock::now();
+  rehup_pending_ = true;
   return {};
 }
 
@@ -303,6 +305,11 @@ void EmbeddedBroker::watchdog() {
     std::this_thread::sleep_for(delay);
     std::lock_guard lock(mu_);
     if (stopping_) break;
+    if (rehup_pending_ && std::chrono::steady_clock::now() - last_credentials_change_ > std::chrono::milliseconds(300)) {
+      // The last change of a burst is loaded for sure (see broker.hpp).
+      rehup_pending_ = false;
+      (void)child_.signal(SIGHUP);
+    }
     if (auto code = child_.poll()) {
       logger->error("embedded broker exited code={}; restarting", *code);
       if (auto s = launch(); !s) {

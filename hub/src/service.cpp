@@ -191,10 +191,16 @@ Result<v1::EnrollResponse> HubService::enroll(const v1::EnrollRequest& req) {
       auto all = store_.credentials();
       if (!all) return all.error();
       creds = std::move(*all);
+      // Written under the store lock: two concurrent enrollments could
+      // otherwise write their snapshots in the wrong order, and the older one
+      // (without the newer device) would stay in effect (flotilla-sim direct
+      // mode saw a device refused until the next enrollment).
+      if (broker_) {
+        if (auto s = broker_->set_device_credentials(creds); !s) {
+          return s.error().with_context("update broker credentials");
+        }
+      }
     }
-  }
-  if (cfg_.manage_broker_credentials && broker_ && d.gateway.empty()) {
-    if (auto s = broker_->set_device_credentials(creds); !s) return s.error().with_context("update broker credentials");
   }
   if (d.gateway.empty()) {
     log::get("hub")->info("enrolled device={} arch={} token={}", d.id, d.arch, token.id);

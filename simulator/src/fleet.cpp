@@ -118,6 +118,7 @@ class Fleet {
                          const std::string& will_topic, std::function<void(transport::Message&&)> on_msg);
   void device_online(VDevice& d);
   Result<std::string> push_bundle();
+  Status wait_seen_online();
   // running
   void worker(uint32_t w);
   void timer();
@@ -440,6 +441,28 @@ Status Fleet::enroll_devices() {
   return {};
 }
 
+// The campaign judges devices online or offline when it releases them, so it
+// starts only once the hub has processed the devices' presence: the last
+// devices to come online (up to 50) must show online in GET /v1/devices/{id}.
+Status Fleet::wait_seen_online() {
+  std::vector<const VDevice*> probe;
+  for (auto it = devices_.rbegin(); it != devices_.rend() && probe.size() < 50; ++it) {
+    if (!(it->faults & kOffline)) probe.push_back(&*it);
+  }
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120 + opts_.devices / 1000);
+  for (const auto* d : probe) {
+    for (;;) {
+      auto j = rest_.call_json("GET", "/v1/devices/" + d->id, nullptr, 200);
+      if (j && j->value("online", false) && j->value("state", "") == "idle") break;
+      if (std::chrono::steady_clock::now() > deadline) {
+        return make_error(Errc::timeout, "the hub has not seen device " + d->id + " online");
+      }
+      std::this_thread::sleep_for(Ms(100));
+    }
+  }
+  return {};
+}
+
 Result<std::string> Fleet::push_bundle() {
   v1::BundleManifest m;
   m.set_format_version(1);
@@ -687,6 +710,7 @@ Result<json> Fleet::run() {
   for (auto& t : sessions_) {
     if (t && t->connected()) (void)t->flush(Ms(30000));
   }
+  if (auto s = wait_seen_online(); !s) return s.error();
   auto bundle_id = push_bundle();
   if (!bundle_id) return bundle_id.error();
 
@@ -721,8 +745,10 @@ Result<json> Fleet::run() {
       // for devices that are away, and no device of ours is still on its way
       // (a link down for a moment, a reboot, a throttled download).
       const auto& dv = s["devices"];
+      // Idle counts too: an online device without an outcome has its desired
+      // state still on the way (a paused campaign is "stopped" above).
       const uint64_t transient = dv.value("applying", uint64_t{0}) + dv.value("link_down", uint64_t{0}) +
-                                 dv.value("rebooting", uint64_t{0});
+                                 dv.value("rebooting", uint64_t{0}) + dv.value("idle", uint64_t{0});
       const bool stopped = state == "completed" || state == "paused" || state == "aborted" || state == "rolled_back";
       if (stopped || (state == "converging" && transient == 0)) {
         converged_ms = s["t_ms"].get<int64_t>();

@@ -44,7 +44,7 @@ std::string k3d_missing_tools() {
     why += "docker is not installed (not on PATH): the k3d backend runs k3s in Docker containers. Install Docker "
            "(https://docs.docker.com/engine/install/) or use the in-memory backend: flotilla-sim run.\n";
   } else {
-    auto info = proc::run({"docker", "info", "--format", "{{.ServerVersion}}"}, std::chrono::seconds(20));
+    auto info = proc::run({which("docker"), "info", "--format", "{{.ServerVersion}}"}, std::chrono::seconds(20));
     if (!info || info->exit_code != 0) {
       why += "docker is installed but the Docker daemon does not answer (docker info failed): start it, or check "
              "that this user may use /var/run/docker.sock.\n";
@@ -122,8 +122,11 @@ int run_k3d(const K3dOptions& o) {
     const std::string cluster = k3d_cluster_name(i);
     for (const auto& argv : k3d_create_commands(o, i)) {
       std::printf("+ %s\n", join(argv).c_str());
+      std::fflush(stdout);
       if (o.dry_run) continue;
-      auto r = proc::run(argv, std::chrono::seconds(600));
+      auto resolved = argv;
+      resolved[0] = which(argv[0]);  // proc::run does not search PATH
+      auto r = proc::run(resolved, std::chrono::seconds(600));
       if (!r || r->exit_code != 0) {
         std::fprintf(stderr, "%s failed: %s\n", join(argv).c_str(), r ? r->err.c_str() : r.error().message.c_str());
         return 1;
@@ -160,13 +163,14 @@ int run_k3d(const K3dOptions& o) {
   if (o.dry_run) return 0;
   std::printf("%u clusters up, one agent each; Ctrl-C stops the agents%s\n", o.clusters,
               o.keep ? "" : " and deletes the clusters");
+  std::fflush(stdout);
   ::signal(SIGINT, [](int) { g_stop = 1; });
   ::signal(SIGTERM, [](int) { g_stop = 1; });
   while (!g_stop) std::this_thread::sleep_for(std::chrono::milliseconds(200));
   for (auto& a : agents) a.terminate(std::chrono::seconds(5));
   if (!o.keep) {
     for (uint32_t i = 0; i < o.clusters; ++i) {
-      (void)proc::run({"k3d", "cluster", "delete", k3d_cluster_name(i)}, std::chrono::seconds(120));
+      (void)proc::run({which("k3d"), "cluster", "delete", k3d_cluster_name(i)}, std::chrono::seconds(120));
     }
   }
   return 0;

@@ -34,7 +34,8 @@ TEST_CASE("injected install failures trip the campaign's failure threshold", "[i
 TEST_CASE("offline devices are counted offline, not failed; health faults roll back", "[integration][sim]") {
   TempDir tmp;
   auto s = run_sim(tmp.path() / "offline", {"--devices", "80", "--devices-per-gateway", "40", "--seed", "22",
-                                            "--offline", "0.25", "--health-fail", "0.1"});
+                                            "--offline", "0.25", "--health-fail", "0.1", "--strategy",
+                                            R"({"failure_threshold": {"percent": 100, "min_sample": 1000}})"});
   INFO(s.out << s.err);
   REQUIRE(s.exit_code == 0);
   const auto& r = s.report;
@@ -73,8 +74,10 @@ TEST_CASE("power cuts mid-apply and dropped links recover to applied", "[integra
 
 TEST_CASE("the same seed gives the same faults and outcomes; another seed does not", "[integration][sim]") {
   TempDir tmp;
+  // A threshold that never trips, so every device reaches its outcome.
   const std::vector<std::string> profile = {"--devices", "40", "--install-fail", "0.3", "--health-fail", "0.2",
-                                            "--offline", "0.1"};
+                                            "--offline", "0.1", "--strategy",
+                                            R"({"failure_threshold": {"percent": 100, "min_sample": 1000}})"};
   auto with_seed = [&](const std::string& dir, const std::string& seed) {
     auto args = profile;
     args.insert(args.end(), {"--seed", seed});

@@ -128,7 +128,7 @@ TEST_CASE("a gateway may use exactly its own devices' topics", "[integration][si
       std::lock_guard lock(mu);
       got_b.insert(m.topic);
     });
-    for (const std::string f : {transport::gateway_prefix(a) + "+/desired", transport::gateway_prefix(b) + "+/desired",
+    for (const std::string& f : {transport::gateway_prefix(a) + "+/desired", transport::gateway_prefix(b) + "+/desired",
                                 transport::device_topic(b, "desired"), std::string("flotilla/v1/g/#"),
                                 std::string("flotilla/v1/d/+/desired")}) {
       REQUIRE(ta->subscribe(f, 1));

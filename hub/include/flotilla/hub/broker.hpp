@@ -56,6 +56,11 @@ class EmbeddedBroker {
   std::mutex mu_;
   proc::Child child_;
   std::atomic<bool> stopping_{false};
+  // mosquitto clears its reload flag after reloading, so a SIGHUP that lands
+  // during a reload is lost; the watchdog sends one more after a burst of
+  // credential changes (guarded by mu_).
+  std::chrono::steady_clock::time_point last_credentials_change_{};
+  bool rehup_pending_ = false;
   std::thread watchdog_;
 };
 
