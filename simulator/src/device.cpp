@@ -1,8 +1,19 @@
 #include "device.hpp"
 
+#include "flotilla/common/crypto.hpp"
 #include "flotilla/common/log.hpp"
 
 namespace flotilla::sim {
+
+void add_bundle_file(v1::BundleManifest& m, v1::FileKind kind, const std::string& name, const std::string& content) {
+  auto* f = m.add_files();
+  f->set_kind(kind);
+  f->set_name(name);
+  f->set_content(content);
+  f->set_mode(0644);
+  auto h = crypto::sha256(content);
+  f->set_sha256(std::string(h.begin(), h.end()));
+}
 
 uint64_t mix(uint64_t x) {
   x += 0x9e3779b97f4a7c15ull;

@@ -46,6 +46,9 @@ struct CoreEnv {
 bool with_agent(VDevice& d, const CoreEnv& env, agent::Agent::Reporter reporter,
                 const std::function<void(agent::Agent&)>& f);
 
+// Adds a file (content, sha256, mode 0644) to a manifest the simulator builds.
+void add_bundle_file(v1::BundleManifest& m, v1::FileKind kind, const std::string& name, const std::string& content);
+
 // splitmix64: the seed's stream for one device and purpose.
 uint64_t mix(uint64_t x);
 double unit(uint64_t seed, uint32_t index, uint32_t salt);

@@ -473,17 +473,8 @@ Result<std::string> Fleet::push_bundle() {
   m.set_created_unix(SystemClock::instance().now_unix());
   m.set_expires_unix(m.created_unix() + 7 * 24 * 3600);
   m.set_k3s_version("v1.30.4+k3s1");
-  auto add_file = [&](v1::FileKind kind, const std::string& name, const std::string& content) {
-    auto* f = m.add_files();
-    f->set_kind(kind);
-    f->set_name(name);
-    f->set_content(content);
-    f->set_mode(0644);
-    auto h = crypto::sha256(content);
-    f->set_sha256(std::string(h.begin(), h.end()));
-  };
-  add_file(v1::FILE_KIND_K3S_CONFIG, "50-sim.yaml", "node-label:\n  - \"flotilla-sim=" + label_ + "\"\n");
-  add_file(v1::FILE_KIND_MANIFEST, "sim-hello.yaml",
+  add_bundle_file(m, v1::FILE_KIND_K3S_CONFIG, "50-sim.yaml", "node-label:\n  - \"flotilla-sim=" + label_ + "\"\n");
+  add_bundle_file(m, v1::FILE_KIND_MANIFEST, "sim-hello.yaml",
            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: sim-hello\n  namespace: default\ndata:\n  run: \"" +
                label_ + "\"\n");
   if (opts_.artifact_bytes > 0) {

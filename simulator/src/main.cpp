@@ -5,6 +5,7 @@
 #include <cstring>
 #include <filesystem>
 #include <iostream>
+#include <optional>
 
 #include "flotilla/common/fs.hpp"
 #include "flotilla/common/log.hpp"
@@ -43,6 +44,18 @@ int fail(const Error& e) {
   return 2;
 }
 
+// Parses a command's options; an exit code when the command should stop
+// here (bad options, or --help answered).
+std::optional<int> parse_or_exit(Options& o, int argc, char** argv) {
+  auto pos = o.parse(argc, argv, 2);
+  if (!pos) return fail(pos.error());
+  if (o.help_requested()) {
+    std::cout << o.help();
+    return 0;
+  }
+  return std::nullopt;
+}
+
 int cmd_run(int argc, char** argv) {
   Options o("flotilla-sim run", "Virtual devices against the real hub: enroll, connect, run a campaign, report.",
             "FLOTILLA_SIM_");
@@ -71,12 +84,7 @@ int cmd_run(int argc, char** argv) {
       .add_switch("no-progress", "no progress bar")
       .add("log-level", "log level", "warn")
       .config_file_key("config");
-  auto pos = o.parse(argc, argv, 2);
-  if (!pos) return fail(pos.error());
-  if (o.help_requested()) {
-    std::cout << o.help();
-    return 0;
-  }
+  if (auto done = parse_or_exit(o, argc, argv)) return *done;
   log::setup(o.get("log-level"));
   // Thousands of cores log every injected fault; keep the agent's own lines
   // for --log-level debug.
@@ -167,12 +175,7 @@ int cmd_footprint(int argc, char** argv) {
   Options o("flotilla-sim footprint", "Resident bytes per virtual device after one full apply each (no network).",
             "FLOTILLA_SIM_");
   o.add("devices", "virtual devices", "100000").add("seed", "seed", "1");
-  auto pos = o.parse(argc, argv, 2);
-  if (!pos) return fail(pos.error());
-  if (o.help_requested()) {
-    std::cout << o.help();
-    return 0;
-  }
+  if (auto done = parse_or_exit(o, argc, argv)) return *done;
   auto n = o.get_int("devices", 1, 10'000'000);
   auto seed = o.get_int("seed", 0, INT64_MAX);
   if (!n) return fail(n.error());
@@ -191,12 +194,7 @@ int cmd_baseline(int argc, char** argv) {
       .add("reports", "answers per device", "5")
       .add("mosquitto", "mosquitto binary", "/usr/sbin/mosquitto")
       .add("out", "scratch directory", "flotilla-sim-baseline");
-  auto pos = o.parse(argc, argv, 2);
-  if (!pos) return fail(pos.error());
-  if (o.help_requested()) {
-    std::cout << o.help();
-    return 0;
-  }
+  if (auto done = parse_or_exit(o, argc, argv)) return *done;
   auto n = o.get_int("devices", 1, 10'000'000);
   auto sessions = o.get_int("sessions", 1, 10'000);
   auto reports = o.get_int("reports", 1, 100);
@@ -223,12 +221,7 @@ int cmd_k3d(int argc, char** argv) {
       .add("out", "directory for agent roots and logs", "flotilla-sim-k3d")
       .add_switch("dry-run", "print the commands, run nothing")
       .add_switch("keep", "leave the clusters when stopping");
-  auto pos = o.parse(argc, argv, 2);
-  if (!pos) return fail(pos.error());
-  if (o.help_requested()) {
-    std::cout << o.help();
-    return 0;
-  }
+  if (auto done = parse_or_exit(o, argc, argv)) return *done;
   auto n = o.get_int("clusters", 1, 1000);
   if (!n) return fail(n.error());
   sim::K3dOptions k;

@@ -127,12 +127,7 @@ json measure_footprint(uint32_t n, uint64_t seed) {
   m.set_version(1);
   m.set_created_unix(SystemClock::instance().now_unix());
   m.set_expires_unix(m.created_unix() + 3600);
-  auto* f = m.add_files();
-  f->set_kind(v1::FILE_KIND_K3S_CONFIG);
-  f->set_name("50-sim.yaml");
-  f->set_content("node-label:\n  - \"flotilla-sim=footprint\"\n");
-  auto h = crypto::sha256(f->content());
-  f->set_sha256(std::string(h.begin(), h.end()));
+  add_bundle_file(m, v1::FILE_KIND_K3S_CONFIG, "50-sim.yaml", "node-label:\n  - \"flotilla-sim=footprint\"\n");
   v1::SignedBundle env = bundles::wrap(m);
   (void)bundles::sign(env, *release);
 
