@@ -2,8 +2,16 @@
 // in the same shape (one QoS 1 desired state per device out, `reports` QoS 1
 // reports per device back), through a bare mosquitto with the same session
 // layout, and nothing else — no SQLite, no campaign engine, no agent core.
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
+#include <deque>
+#include <mutex>
 #include <filesystem>
 #include <thread>
 
@@ -18,14 +26,19 @@ namespace flotilla::sim {
 using nlohmann::json;
 
 namespace {
+// A port the kernel just handed out and released (mosquitto binds it next).
 Result<int> free_port() {
-  for (int i = 0; i < 100; ++i) {
-    const int p = 20000 + static_cast<int>(std::chrono::steady_clock::now().time_since_epoch().count() % 10000);
-    auto r = proc::run({"sh", "-c", "! (exec 3<>/dev/tcp/127.0.0.1/" + std::to_string(p) + ") 2>/dev/null"},
-                       std::chrono::seconds(5));
-    if (r && r->exit_code == 0) return p;
-  }
-  return make_error(Errc::unavailable, "no free port");
+  const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return make_error(Errc::io, "socket failed");
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof addr;
+  const bool ok = ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0 &&
+                  ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) == 0;
+  ::close(fd);
+  if (!ok) return make_error(Errc::io, "no free port on 127.0.0.1");
+  return static_cast<int>(ntohs(addr.sin_port));
 }
 }  // namespace
 
@@ -75,27 +88,64 @@ Result<json> mqtt_baseline(const std::string& work_dir, const std::string& mosqu
   (*hub)->on_message([&](transport::Message&&) { reports_seen.fetch_add(1, std::memory_order_relaxed); });
   if (auto s = (*hub)->subscribe("b/+/d/+/report", 1); !s) return s.error();
   // The device side: `sessions` gateway sessions; each desired state is
-  // answered with `reports` reports from the session that got it.
+  // answered with `reports` reports from the session that got it, published
+  // by one worker thread with the simulator's retry (as the fleet does).
   std::vector<std::unique_ptr<transport::Transport>> gws;
+  std::mutex q_mu;
+  std::condition_variable q_cv;
+  std::deque<std::pair<transport::Transport*, std::string>> queue;
+  std::atomic<bool> done{false};
   for (uint32_t g = 0; g < sessions; ++g) {
     auto t = connect("baseline-gw-" + std::to_string(g));
     if (!t) return t.error();
     auto* raw = t->get();
     const std::string prefix = "b/" + std::to_string(g) + "/d/";
-    raw->on_message([raw, reports, &desired_seen](transport::Message&& m) {
+    raw->on_message([raw, &desired_seen, &q_mu, &q_cv, &queue](transport::Message&& m) {
       desired_seen.fetch_add(1, std::memory_order_relaxed);
-      const std::string topic = m.topic.substr(0, m.topic.size() - std::string("desired").size()) + "report";
-      for (uint32_t k = 0; k < reports; ++k) (void)raw->publish({topic, std::string(120, 'r'), 1, false});
+      {
+        std::lock_guard lock(q_mu);
+        queue.emplace_back(raw, m.topic.substr(0, m.topic.size() - std::string("desired").size()) + "report");
+      }
+      q_cv.notify_one();
     });
     if (auto s = raw->subscribe(prefix + "+/desired", 1); !s) return s.error();
     gws.push_back(std::move(*t));
   }
+  std::thread answerer([&] {
+    for (;;) {
+      std::pair<transport::Transport*, std::string> job;
+      {
+        std::unique_lock lock(q_mu);
+        q_cv.wait_for(lock, std::chrono::milliseconds(100), [&] { return done || !queue.empty(); });
+        if (done) return;
+        if (queue.empty()) continue;
+        job = std::move(queue.front());
+        queue.pop_front();
+      }
+      for (uint32_t k = 0; k < reports; ++k) {
+        for (int attempt = 0; attempt < 50 && !job.first->publish({job.second, std::string(120, 'r'), 1, false});
+             ++attempt) {
+          std::this_thread::sleep_for(std::chrono::milliseconds(20));
+        }
+      }
+    }
+  });
+  struct Join {
+    std::atomic<bool>& done;
+    std::thread& t;
+    ~Join() {
+      done = true;
+      t.join();
+    }
+  } join{done, answerer};
   const std::string payload(600, 'd');  // about a desired state with a small bundle
   const auto t0 = std::chrono::steady_clock::now();
   const uint32_t per = (devices + sessions - 1) / std::max<uint32_t>(1, sessions);
   for (uint32_t i = 0; i < devices; ++i) {
     const std::string topic = "b/" + std::to_string(i / per) + "/d/" + std::to_string(i) + "/desired";
-    (void)(*hub)->publish({topic, payload, 1, false});
+    for (int attempt = 0; attempt < 50 && !(*hub)->publish({topic, payload, 1, false}); ++attempt) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
   }
   const uint64_t want = uint64_t{devices} * reports;
   const auto deadline = t0 + std::chrono::minutes(30);
