@@ -73,6 +73,13 @@ TEST_CASE("flotilla-sim k3d drives k3d and one agent per cluster (fake k3d and d
   so.stderr_path = "stdout";
   auto c = proc::spawn(so);
   REQUIRE(c);
+  // A failed REQUIRE below must not leave the backend and its agents running.
+  struct Reap {
+    proc::Child& child;
+    ~Reap() {
+      if (!child.poll()) child.terminate(std::chrono::seconds(10));
+    }
+  } reap{*c};
   const bool up = wait_until(
       [&] { return fs::read_file(tmp.path() / "sim.log").value_or("").find("2 clusters up") != std::string::npos; },
       std::chrono::seconds(30));
