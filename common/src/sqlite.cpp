@@ -2,6 +2,11 @@
 
 #include <sqlite3.h>
 
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
 namespace flotilla::sql {
 
 namespace {
@@ -14,21 +19,76 @@ Error db_error(sqlite3* db, std::string_view what) {
   return make_error(errc, std::string(what) + ": " + sqlite3_errmsg(db),
                     code == SQLITE_BUSY || code == SQLITE_LOCKED);
 }
+
+// Prepared statements are kept after use and handed out again for the same
+// SQL text: preparing (parsing, planning) cost more than running the hub's
+// per-report statements (flotilla-sim profile, docs/scale.md). Bounded per
+// connection; dropped when the connection closes.
+struct StmtCache {
+  std::mutex mu;
+  std::unordered_map<sqlite3*, std::unordered_map<std::string, std::vector<sqlite3_stmt*>>> idle;
+};
+StmtCache& stmt_cache() {
+  static StmtCache* c = new StmtCache();  // outlives every Db, even at exit
+  return *c;
+}
+constexpr size_t kMaxCachedSql = 256;  // distinct statements per connection
+constexpr size_t kMaxIdlePerSql = 4;
+
+sqlite3_stmt* take_cached(sqlite3* db, std::string_view sql) {
+  auto& c = stmt_cache();
+  std::lock_guard lock(c.mu);
+  auto per_db = c.idle.find(db);
+  if (per_db == c.idle.end()) return nullptr;
+  auto it = per_db->second.find(std::string(sql));
+  if (it == per_db->second.end() || it->second.empty()) return nullptr;
+  sqlite3_stmt* s = it->second.back();
+  it->second.pop_back();
+  return s;
+}
+
+void release(sqlite3_stmt* s) {
+  if (!s) return;
+  sqlite3_reset(s);
+  sqlite3_clear_bindings(s);
+  const char* text = sqlite3_sql(s);
+  if (text) {
+    auto& c = stmt_cache();
+    std::lock_guard lock(c.mu);
+    auto& per_db = c.idle[sqlite3_db_handle(s)];
+    auto it = per_db.find(text);
+    if (it == per_db.end() && per_db.size() < kMaxCachedSql) it = per_db.emplace(text, std::vector<sqlite3_stmt*>()).first;
+    if (it != per_db.end() && it->second.size() < kMaxIdlePerSql) {
+      it->second.push_back(s);
+      return;
+    }
+  }
+  sqlite3_finalize(s);
+}
+
+void drop_cached(sqlite3* db) {
+  auto& c = stmt_cache();
+  std::lock_guard lock(c.mu);
+  auto per_db = c.idle.find(db);
+  if (per_db == c.idle.end()) return;
+  for (auto& [sql, stmts] : per_db->second) {
+    for (auto* s : stmts) sqlite3_finalize(s);
+  }
+  c.idle.erase(per_db);
+}
 }  // namespace
 
 Stmt::Stmt(Stmt&& o) noexcept : db_(o.db_), stmt_(o.stmt_) { o.stmt_ = nullptr; }
 Stmt& Stmt::operator=(Stmt&& o) noexcept {
   if (this != &o) {
-    if (stmt_) sqlite3_finalize(stmt_);
+    release(stmt_);
     db_ = o.db_;
     stmt_ = o.stmt_;
     o.stmt_ = nullptr;
   }
   return *this;
 }
-Stmt::~Stmt() {
-  if (stmt_) sqlite3_finalize(stmt_);
-}
+Stmt::~Stmt() { release(stmt_); }
 
 Stmt& Stmt::bind(int i, int64_t v) {
   sqlite3_bind_int64(stmt_, i, v);
@@ -107,7 +167,10 @@ Result<std::unique_ptr<Db>> Db::open(const std::string& path) {
   return db;
 }
 
-Db::~Db() { sqlite3_close(db_); }
+Db::~Db() {
+  drop_cached(db_);
+  sqlite3_close(db_);
+}
 
 Status Db::exec(std::string_view sql) {
   char* msg = nullptr;
@@ -121,6 +184,7 @@ Status Db::exec(std::string_view sql) {
 }
 
 Result<Stmt> Db::prepare(std::string_view sql) {
+  if (sqlite3_stmt* cached = take_cached(db_, sql)) return Stmt(db_, cached);
   sqlite3_stmt* s = nullptr;
   if (sqlite3_prepare_v2(db_, sql.data(), static_cast<int>(sql.size()), &s, nullptr) != SQLITE_OK) {
     return db_error(db_, "prepare");

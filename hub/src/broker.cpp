@@ -211,7 +211,13 @@ Status EmbeddedBroker::write_config() {
       "\n"
       "pattern read flotilla/v1/d/%u/desired\n"
       "pattern write flotilla/v1/d/%u/report\n"
-      "pattern write flotilla/v1/d/%u/presence\n";
+      "pattern write flotilla/v1/d/%u/presence\n"
+      "# A gateway (an enrolled device with its own session) carries the devices\n"
+      "# enrolled behind it: exactly the subtree under its own id. The hub drops\n"
+      "# a message there for a device that is not behind that gateway.\n"
+      "pattern read flotilla/v1/g/%u/d/+/desired\n"
+      "pattern write flotilla/v1/g/%u/d/+/report\n"
+      "pattern write flotilla/v1/g/%u/d/+/presence\n";
   if (auto s = fs::write_file_atomic(cfg_.dir / "mosquitto.conf", conf, 0600); !s) return s;
   if (auto s = fs::write_file_atomic(cfg_.dir / "acl", acl, 0600); !s) return s;
   hand_to_broker_user(cfg_.dir);
@@ -227,8 +233,16 @@ Status EmbeddedBroker::write_passwords(const Credentials& devices) {
   std::string text = cfg_.hub_username + ":" + mosquitto_password_hash(hub_password_) + "\n";
   text += std::string(kReloadProbeUser) + ":" + mosquitto_password_hash(probe_password_) + "\n";
   for (const auto& [user, hash] : devices) text += user + ":" + hash + "\n";
-  if (auto s = fs::write_file_atomic(cfg_.dir / "passwd", text, 0600); !s) return s;
-  hand_to_broker_user(cfg_.dir / "passwd");
+  // The file is handed to the broker's user before it takes the name: mosquitto
+  // may still be reloading after the previous SIGHUP, and a passwd it cannot
+  // open makes it refuse every client, the hub included (seen with
+  // concurrent enrollments, flotilla-sim direct mode).
+  const auto staged = cfg_.dir / "passwd.new";
+  if (auto s = fs::write_file_atomic(staged, text, 0600); !s) return s;
+  hand_to_broker_user(staged);
+  std::error_code ec;
+  std::filesystem::rename(staged, cfg_.dir / "passwd", ec);
+  if (ec) return make_error(Errc::io, "rename " + staged.string() + ": " + ec.message());
   return {};
 }
 

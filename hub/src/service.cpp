@@ -48,6 +48,8 @@ Status HubService::attach_transport(transport::Transport& t) {
   t.on_message([this](transport::Message&& m) { on_message(std::move(m)); });
   for (const char* leaf : {"report", "presence"}) {
     if (auto s = t.subscribe(std::string(transport::kTopicRoot) + "+/" + leaf, 1); !s) return s;
+    // Devices behind gateways (docs/architecture.md, "Gateways").
+    if (auto s = t.subscribe(std::string(transport::kGatewayRoot) + "+/d/+/" + leaf, 1); !s) return s;
   }
   republish_pending();
   attached_ = true;
@@ -109,6 +111,24 @@ Result<v1::EnrollResponse> HubService::enroll(const v1::EnrollRequest& req) {
   for (const auto& [k, v] : token.labels) labels[k] = v;
 
   const std::string pub_hex = to_hex(req.device_public_key());
+  if (!req.gateway_id().empty()) {
+    // The gateway vouches for the device with its own identity key; the
+    // device's proof above shows the device holds its key.
+    std::lock_guard lock(store_mu_);
+    auto gw = store_.get_device(req.gateway_id());
+    if (!gw) return gw.error();
+    if (!*gw || (*gw)->state == "decommissioned" || !(*gw)->gateway.empty()) {
+      return make_error(Errc::permission_denied, "gateway " + req.gateway_id() + " is not an enrolled device "
+                                                 "with its own broker session");
+    }
+    auto gw_key = from_hex((*gw)->public_key_hex);
+    const Bytes gw_proof(req.gateway_proof().begin(), req.gateway_proof().end());
+    if (!gw_key || !bundles::verify_detached(*gw_key, bundles::enroll_proof_message(req.enrollment_token(), pub),
+                                             gw_proof)) {
+      return make_error(Errc::permission_denied, "gateway proof does not verify: it must be signed by the identity "
+                                                 "key of gateway " + req.gateway_id());
+    }
+  }
   DeviceRecord d;
   // The id derives from the device's key: a device that re-enrolls with the
   // same identity keeps its id, its history and its campaign state.
@@ -120,11 +140,14 @@ Result<v1::EnrollResponse> HubService::enroll(const v1::EnrollRequest& req) {
   d.arch = req.arch().substr(0, 32);
   d.agent_version = req.agent_version().substr(0, 64);
   d.enrolled_ms = clock_.now_unix_ms();
+  d.gateway = req.gateway_id();
+  if (d.gateway == d.id) return make_error(Errc::invalid_argument, "a device cannot be its own gateway");
 
   v1::EnrollResponse resp;
   resp.set_device_id(d.id);
   resp.set_broker_url(cfg_.broker_url);
-  resp.set_topic_prefix(std::string(transport::kTopicRoot) + d.id);
+  resp.set_topic_prefix(d.gateway.empty() ? std::string(transport::kTopicRoot) + d.id
+                                          : transport::gateway_prefix(d.gateway) + d.id);
   resp.set_artifact_base_url(cfg_.public_url + "/v1/artifacts/");
   for (const auto& [k, v] : labels) (*resp.mutable_labels())[k] = v;
 
@@ -139,6 +162,14 @@ Result<v1::EnrollResponse> HubService::enroll(const v1::EnrollRequest& req) {
     if (auto existing = store_.get_device(d.id); existing && *existing && (*existing)->public_key_hex != pub_hex) {
       return make_error(Errc::conflict, "device id collision");
     }
+    // Moving a device between its own session and a gateway would leave a
+    // credential or a topic tree behind: a device keeps the way it enrolled.
+    if (auto existing = store_.get_device(d.id); existing && *existing && (*existing)->gateway != d.gateway) {
+      return make_error(Errc::conflict, "device " + d.id + " enrolled " +
+                                            ((*existing)->gateway.empty() ? std::string("with its own session")
+                                                                          : "behind gateway " + (*existing)->gateway) +
+                                            "; it cannot change that");
+    }
     sql::Transaction tx(store_.db());
     // Checked and counted in one statement, under the write lock, so
     // concurrent enrollments cannot overspend a single-use token.
@@ -146,7 +177,9 @@ Result<v1::EnrollResponse> HubService::enroll(const v1::EnrollRequest& req) {
     if (!claimed) return claimed.error();
     if (!*claimed) return make_error(Errc::permission_denied, "enrollment token has been used up");
     if (auto s = store_.upsert_enrolled_device(d); !s) return s.error();
-    if (cfg_.manage_broker_credentials) {
+    // A device behind a gateway has no broker credential: the broker never
+    // sees it, so enrolling it does not rewrite the password file.
+    if (cfg_.manage_broker_credentials && d.gateway.empty()) {
       const std::string password = crypto::random_token(24);
       if (auto s = store_.upsert_credential(d.id, mosquitto_password_hash(password)); !s) return s.error();
       resp.set_mqtt_username(d.id);
@@ -154,8 +187,13 @@ Result<v1::EnrollResponse> HubService::enroll(const v1::EnrollRequest& req) {
     }
     if (auto s = tx.commit(); !s) return s.error();
   }
-  if (auto s = sync_broker_credentials(); !s) return s.error().with_context("update broker credentials");
-  log::get("hub")->info("enrolled device={} arch={} token={}", d.id, d.arch, token.id);
+  // Devices behind a gateway use the gateway's broker account.
+  if (d.gateway.empty()) {
+    if (auto s = sync_broker_credentials(); !s) return s.error().with_context("update broker credentials");
+    log::get("hub")->info("enrolled device={} arch={} token={}", d.id, d.arch, token.id);
+  } else {
+    log::get("hub")->debug("enrolled device={} gateway={} token={}", d.id, d.gateway, token.id);
+  }
   return resp;
 }
 
@@ -261,7 +299,7 @@ Status HubService::publish_desired(const DeviceRecord& d, const BundleRecord& b,
   auto trust = get_trust();
   if (!trust) return trust.error().with_context("trust for desired state");
   if (*trust) *ds.mutable_trust() = std::move(**trust);
-  auto published = transport_->publish({transport::device_topic(d.id, "desired"), ds.SerializeAsString(), 1, true});
+  auto published = transport_->publish({transport::device_topic(d.id, d.gateway, "desired"), ds.SerializeAsString(), 1, true});
   ++(published ? desired_published_ : desired_publish_failures_);
   return published;
 }
@@ -325,43 +363,57 @@ void HubService::drain() {
 }
 
 void HubService::process(const transport::Message& msg) {
-  std::string leaf;
-  const std::string device_id = transport::device_id_from_topic(msg.topic, &leaf);
+  std::string leaf, gateway;
+  const std::string device_id = transport::parse_device_topic(msg.topic, &gateway, &leaf);
   if (device_id.empty()) return;
-  // The broker's ACL guarantees only this device could publish here, so the
-  // topic, not the payload, says who is speaking.
+  // The broker's ACL guarantees only this device (or, under flotilla/v1/g/<gw>/,
+  // only that gateway) could publish here, so the topic, not the payload,
+  // says who is speaking. A gateway may speak only for its own devices
+  // (checked in the handlers, against the device row).
   if (leaf == "report") {
     v1::Report r;
     if (!r.ParseFromString(msg.payload)) {
       log::get("hub")->warn("dropped unparsable report device={} bytes={}", device_id, msg.payload.size());
       return;
     }
-    handle_report(device_id, r);
+    handle_report(device_id, r, gateway);
   } else if (leaf == "presence") {
     v1::Presence p;
     // Zero bytes is both Presence{online=false} in proto3 and a cleared
     // retained message: either way the device is not there.
     if (!p.ParseFromString(msg.payload)) return;
-    handle_presence(device_id, p);
+    handle_presence(device_id, p, gateway);
   }
 }
 
-void HubService::handle_presence(const std::string& device_id, const v1::Presence& p) {
+namespace {
+bool wrong_gateway(const DeviceRecord& d, const std::string& gateway, const char* what) {
+  if (d.gateway == gateway) return false;
+  log::get("hub")->warn("dropped {} of device={} sent on the topics of gateway '{}'; its gateway is '{}'", what, d.id,
+                        gateway, d.gateway);
+  return true;
+}
+}  // namespace
+
+void HubService::handle_presence(const std::string& device_id, const v1::Presence& p, const std::string& gateway) {
   auto d = store_.get_device(device_id);
-  if (!d || !*d) return;
+  if (!d || !*d || wrong_gateway(**d, gateway, "presence")) return;
   DeviceRecord dev = **d;
   dev.online = p.online();
   dev.last_seen_ms = std::max(dev.last_seen_ms, clock_.now_unix_ms());
   if (!p.agent_version().empty()) dev.agent_version = p.agent_version();
   if (store_.save_device_state(dev)) ++presence_processed_;
+  // A gateway that went away takes its devices with it.
+  if (!p.online() && dev.gateway.empty()) (void)store_.set_gateway_devices_offline(device_id, clock_.now_unix_ms());
 }
 
-void HubService::handle_report(const std::string& device_id, const v1::Report& r) {
+void HubService::handle_report(const std::string& device_id, const v1::Report& r, const std::string& gateway) {
   auto d = store_.get_device(device_id);
   if (!d || !*d) {
     log::get("hub")->warn("report from unknown device={}", device_id);
     return;
   }
+  if (wrong_gateway(**d, gateway, "report")) return;
   DeviceRecord dev = **d;
   // QoS 1 may deliver twice and a reconnect may replay: keep only newer reports.
   if (r.seq() != 0 && r.seq() <= dev.last_seq) return;

@@ -75,7 +75,7 @@ Result<DeviceRecord> HubService::decommission_device(const std::string& id) {
   }
   if (transport_ && transport_->connected()) {
     // An empty retained message deletes the retained desired state.
-    if (auto s = transport_->publish({transport::device_topic(id, "desired"), "", 1, true}); !s) {
+    if (auto s = transport_->publish({transport::device_topic(id, dev.gateway, "desired"), "", 1, true}); !s) {
       log::get("hub")->warn("clear retained desired state device={} failed: {}", id, s.error().message);
     }
   }

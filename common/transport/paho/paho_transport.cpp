@@ -263,4 +263,18 @@ std::string device_id_from_topic(const std::string& topic, std::string* leaf) {
   return topic.substr(root.size(), slash - root.size());
 }
 
+std::string parse_device_topic(const std::string& topic, std::string* gateway, std::string* leaf) {
+  if (gateway) gateway->clear();
+  const std::string groot = kGatewayRoot;
+  if (topic.compare(0, groot.size(), groot) != 0) return device_id_from_topic(topic, leaf);
+  const auto gw_end = topic.find('/', groot.size());
+  if (gw_end == std::string::npos || gw_end == groot.size() || topic.compare(gw_end, 3, "/d/") != 0) return {};
+  const auto dev_begin = gw_end + 3;
+  const auto dev_end = topic.find('/', dev_begin);
+  if (dev_end == std::string::npos || dev_end == dev_begin) return {};
+  if (gateway) *gateway = topic.substr(groot.size(), gw_end - groot.size());
+  if (leaf) *leaf = topic.substr(dev_end + 1);
+  return topic.substr(dev_begin, dev_end - dev_begin);
+}
+
 }  // namespace flotilla::transport

@@ -99,9 +99,11 @@ Status Store::migrate_campaigns() {
   };
   if (auto s = add_missing("campaigns", campaign_cols); !s) return s;
   if (auto s = add_missing("campaign_devices", row_cols); !s) return s;
+  if (auto s = add_missing("devices", {{"gateway", "TEXT NOT NULL DEFAULT ''"}}); !s) return s;
   return db_->exec(
       "CREATE INDEX IF NOT EXISTS campaign_devices_status ON campaign_devices(campaign_id, status);"
-      "CREATE INDEX IF NOT EXISTS campaign_devices_device ON campaign_devices(device_id, status);");
+      "CREATE INDEX IF NOT EXISTS campaign_devices_device ON campaign_devices(device_id, status);"
+      "CREATE INDEX IF NOT EXISTS devices_gateway ON devices(gateway) WHERE gateway != '';");
 }
 
 Status Store::insert_campaign(const CampaignRecord& c, const std::vector<CampaignDeviceRecord>& devices) {

@@ -17,7 +17,7 @@ Labels labels_from(const std::string& s) {
 constexpr const char* kDeviceCols =
     "id, project, labels, public_key, hostname, arch, agent_version, enrolled_ms, last_seen_ms, online, "
     "state, applied_bundle, applied_version, k3s_version, node_ready, last_reason, last_message, last_seq, "
-    "generation, desired_bundle_id, campaign_id";
+    "generation, desired_bundle_id, campaign_id, gateway";
 
 DeviceRecord device_from(const sql::Stmt& s) {
   DeviceRecord d;
@@ -42,6 +42,7 @@ DeviceRecord device_from(const sql::Stmt& s) {
   d.generation = static_cast<uint64_t>(s.col_int(18));
   d.desired_bundle_id = s.col_text(19);
   d.campaign_id = s.col_text(20);
+  d.gateway = s.col_text(21);
   return d;
 }
 
@@ -207,15 +208,15 @@ Result<std::vector<std::pair<std::string, std::string>>> Store::credentials() {
 
 Status Store::upsert_enrolled_device(const DeviceRecord& d) {
   auto st = db_->prepare(
-      "INSERT INTO devices (id, project, labels, public_key, hostname, arch, agent_version, enrolled_ms) "
-      "VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET project = excluded.project, "
+      "INSERT INTO devices (id, project, labels, public_key, hostname, arch, agent_version, enrolled_ms, gateway) "
+      "VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET project = excluded.project, "
       "labels = excluded.labels, hostname = excluded.hostname, arch = excluded.arch, "
-      "agent_version = excluded.agent_version, enrolled_ms = excluded.enrolled_ms");
+      "agent_version = excluded.agent_version, enrolled_ms = excluded.enrolled_ms, gateway = excluded.gateway");
   if (!st) return st.error();
   st->bind(1, std::string_view(d.id)).bind(2, std::string_view(d.project))
       .bind(3, std::string_view(labels_json(d.labels))).bind(4, std::string_view(d.public_key_hex))
       .bind(5, std::string_view(d.hostname)).bind(6, std::string_view(d.arch))
-      .bind(7, std::string_view(d.agent_version)).bind(8, d.enrolled_ms);
+      .bind(7, std::string_view(d.agent_version)).bind(8, d.enrolled_ms).bind(9, std::string_view(d.gateway));
   return st->run();
 }
 
@@ -251,6 +252,15 @@ Status Store::save_device_state(const DeviceRecord& d) {
       .bind(12, std::string_view(d.desired_bundle_id)).bind(13, std::string_view(d.campaign_id))
       .bind(14, std::string_view(d.agent_version)).bind(15, std::string_view(d.arch))
       .bind(16, std::string_view(d.id));
+  return st->run();
+}
+
+Status Store::set_gateway_devices_offline(const std::string& gateway, int64_t now_ms) {
+  auto st = db_->prepare(
+      "UPDATE devices SET online=0, last_seen_ms=MAX(last_seen_ms, ?) WHERE gateway=? AND online=1 "
+      "AND state != 'decommissioned'");
+  if (!st) return st.error();
+  st->bind(1, now_ms).bind(2, std::string_view(gateway));
   return st->run();
 }
 

@@ -65,4 +65,18 @@ inline std::string device_topic(const std::string& device_id, const char* leaf) 
 // Extracts <id> from flotilla/v1/d/<id>/<leaf>; empty when the topic does not match.
 std::string device_id_from_topic(const std::string& topic, std::string* leaf = nullptr);
 
+// Devices behind a gateway: flotilla/v1/g/<gateway-id>/d/<device-id>/<leaf>.
+// The broker lets the gateway's identity use exactly this subtree.
+inline constexpr const char* kGatewayRoot = "flotilla/v1/g/";
+inline std::string gateway_prefix(const std::string& gateway_id) {
+  return std::string(kGatewayRoot) + gateway_id + "/d/";
+}
+// The topic of a device: under its gateway when it has one, else its own.
+inline std::string device_topic(const std::string& device_id, const std::string& gateway_id, const char* leaf) {
+  return gateway_id.empty() ? device_topic(device_id, leaf) : gateway_prefix(gateway_id) + device_id + "/" + leaf;
+}
+// Like device_id_from_topic, for both layouts; *gateway is empty for a
+// device's own topics.
+std::string parse_device_topic(const std::string& topic, std::string* gateway, std::string* leaf);
+
 }  // namespace flotilla::transport

@@ -160,8 +160,10 @@ class HubService {
  private:
   void worker();
   void process(const transport::Message& msg);
-  void handle_report(const std::string& device_id, const v1::Report& r);
-  void handle_presence(const std::string& device_id, const v1::Presence& p);
+  // gateway: the gateway whose topics carried the message (empty: the
+  // device's own topics); it must be the device's gateway.
+  void handle_report(const std::string& device_id, const v1::Report& r, const std::string& gateway = {});
+  void handle_presence(const std::string& device_id, const v1::Presence& p, const std::string& gateway = {});
   Status publish_desired(const DeviceRecord& d, const BundleRecord& b, uint64_t generation,
                          const std::string& campaign_id, bool rollback = false);
   void republish_pending();

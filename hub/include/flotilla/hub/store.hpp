@@ -40,6 +40,9 @@ struct DeviceRecord {
   uint64_t generation = 0;          // of the desired state last published
   std::string desired_bundle_id;
   std::string campaign_id;
+  // The gateway this device talks through (empty: its own MQTT session).
+  // Set at enrollment only; it decides the device's topics.
+  std::string gateway;
 };
 
 struct BundleRecord {
@@ -163,6 +166,8 @@ class Store {
   Result<std::optional<DeviceRecord>> get_device(const std::string& id);
   Result<std::vector<DeviceRecord>> list_devices();
   Status save_device_state(const DeviceRecord& d);  // report/presence fields
+  // A gateway's session ended (its will fired): every device behind it is offline.
+  Status set_gateway_devices_offline(const std::string& gateway, int64_t now_ms);
 
   Status insert_bundle(const BundleRecord& b);
   Status update_bundle_signatures(const std::string& id, const std::string& envelope, int signatures);

@@ -1,0 +1,870 @@
+// The fleet run: enrollment at a controlled rate, MQTT sessions (direct or
+// gateway), fault injection, a campaign driven over REST and the timeline.
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <condition_variable>
+#include <cstdio>
+#include <deque>
+#include <fstream>
+#include <map>
+#include <mutex>
+#include <queue>
+#include <thread>
+#include <unordered_map>
+
+#include "device.hpp"
+#include "flotilla/bundles/bundle.hpp"
+#include "flotilla/bundles/keys.hpp"
+#include "flotilla/common/crypto.hpp"
+#include "flotilla/common/fs.hpp"
+#include "flotilla/common/http_client.hpp"
+#include "flotilla/common/log.hpp"
+#include "flotilla/common/process.hpp"
+#include "flotilla/common/transport.hpp"
+#include "flotilla/v1/enroll.pb.h"
+#include "sim_internal.hpp"
+
+namespace flotilla::sim {
+
+using nlohmann::json;
+using Ms = std::chrono::milliseconds;
+
+int64_t now_ms() {
+  return std::chrono::duration_cast<Ms>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+bundles::KeyPair seeded_key(const std::string& purpose, uint64_t seed, uint32_t index) {
+  const auto h = crypto::sha256("flotilla-sim/" + purpose + "/" + std::to_string(seed) + "/" + std::to_string(index));
+  auto k = bundles::key_from_seed(Bytes(h.begin(), h.end()));
+  return k ? *k : bundles::generate_key();
+}
+
+std::string device_id_for(const bundles::KeyPair& k) {
+  return "d-" + crypto::sha256_hex(std::string_view(reinterpret_cast<const char*>(k.pub.key.data()), k.pub.key.size()))
+                    .substr(0, 20);
+}
+
+// --- REST ----------------------------------------------------------------------
+
+Result<http::Response> Rest::call(const std::string& method, const std::string& path, const std::string& body,
+                                  const std::string& content_type) const {
+  http::Request r;
+  r.method = method;
+  r.url = url + path;
+  r.body = body;
+  if (!body.empty()) r.headers["Content-Type"] = content_type;
+  if (!token.empty()) r.headers["Authorization"] = "Bearer " + token;
+  r.timeout = std::chrono::seconds(60);
+  r.max_response_bytes = 64u << 20;
+  return http::send(r);
+}
+
+Result<json> Rest::call_json(const std::string& method, const std::string& path, const json& body,
+                             int want_status) const {
+  auto r = call(method, path, body.is_null() ? "" : body.dump());
+  if (!r) return r.error().with_context(method + " " + path);
+  if (r->status != want_status) {
+    return make_error(Errc::unavailable, method + " " + path + ": HTTP " + std::to_string(r->status) + ": " +
+                                             r->body.substr(0, 400));
+  }
+  auto j = json::parse(r->body, nullptr, false);
+  if (j.is_discarded()) return make_error(Errc::internal, method + " " + path + ": answer is not JSON");
+  return j;
+}
+
+// --- the running fleet -----------------------------------------------------------
+
+namespace {
+
+enum class EventKind : uint8_t { desired, link_back, reboot };
+struct Event {
+  uint32_t device = 0;
+  EventKind kind = EventKind::desired;
+  std::string payload;
+};
+
+struct WorkQueue {
+  std::mutex mu;
+  std::condition_variable cv;
+  std::deque<Event> q;
+};
+
+struct Timed {
+  int64_t due = 0;
+  uint64_t order = 0;
+  Event ev;
+  bool operator>(const Timed& o) const { return due != o.due ? due > o.due : order > o.order; }
+};
+
+class Fleet {
+ public:
+  Fleet(const SimOptions& opts, Rest rest) : opts_(opts), rest_(std::move(rest)) {}
+  ~Fleet() { shutdown(); }
+
+  Result<json> run();
+
+ private:
+  // setup
+  Status prepare_devices();
+  Status create_token();
+  Status enroll_gateways();
+  Status enroll_devices();
+  Result<std::string> enroll_one(const bundles::KeyPair& key, const std::string& hostname,
+                                 const bundles::KeyPair* gateway_key, const std::string& gateway_id,
+                                 v1::EnrollResponse& resp, const std::string& token);
+  Status connect_session(uint32_t s, const std::string& user, const std::string& password, const std::string& url,
+                         const std::string& will_topic, std::function<void(transport::Message&&)> on_msg);
+  void device_online(VDevice& d);
+  Result<std::string> push_bundle();
+  Status wait_seen_online();
+  // running
+  void worker(uint32_t w);
+  void timer();
+  void post(Event&& e);
+  void post_after(int64_t delay_ms, Event&& e);
+  void handle(Event& e);
+  void apply(VDevice& d, const std::string& payload);
+  void publish(VDevice& d, const char* leaf, std::string payload, bool retained);
+  agent::Agent::Reporter reporter(VDevice& d);
+  void presence(VDevice& d, bool online);
+  transport::Transport* session_of(const VDevice& d) {
+    const uint32_t s = opts_.mode == Mode::direct ? d.index : d.session;
+    return s < sessions_.size() ? sessions_[s].get() : nullptr;
+  }
+  std::string gateway_of(const VDevice& d) const {
+    return opts_.mode == Mode::gateway ? gateway_ids_[d.session] : std::string();
+  }
+  json sample(int64_t t0, const std::string& campaign_id, json& last_campaign, bool poll_hub);
+  void progress_line(const json& s, int64_t elapsed_ms, bool final_line);
+  void shutdown();
+
+  const SimOptions& opts_;
+  Rest rest_;
+  CoreEnv env_;
+  bundles::KeyPair release_;
+  std::string enroll_token_;
+  std::string gateway_token_;
+  std::string label_;
+  std::string broker_url_;
+  std::vector<VDevice> devices_;
+  std::unordered_map<std::string, uint32_t> by_id_;
+  std::vector<std::unique_ptr<transport::Transport>> sessions_;
+  std::vector<std::string> gateway_ids_;
+  std::vector<bundles::KeyPair> gateway_keys_;
+  std::mutex sessions_mu_;
+
+  std::vector<std::unique_ptr<WorkQueue>> queues_;
+  std::vector<std::thread> threads_;
+  std::mutex timer_mu_;
+  std::condition_variable timer_cv_;
+  std::priority_queue<Timed, std::vector<Timed>, std::greater<>> timers_;
+  uint64_t timer_order_ = 0;
+  std::atomic<bool> stopping_{false};
+
+  std::string campaign_id_;
+  std::atomic<bool> campaign_known_{false};
+  int64_t t0_ = 0;
+  std::atomic<uint64_t> sent_{0}, received_{0}, publish_errors_{0}, power_cuts_{0}, link_drops_{0};
+  std::mutex lat_mu_;
+  std::vector<int64_t> latencies_ms_;
+  int64_t enroll_started_ms_ = 0, enroll_done_ms_ = 0;
+  uint64_t artifact_fetches_ = 0;
+};
+
+std::mutex g_artifact_mu;
+std::map<std::string, Shared> g_artifacts;
+std::atomic<uint64_t> g_artifact_downloads{0};
+
+// The real download, once per URL per process; every device shares the bytes.
+Result<Shared> fetch_artifact(const std::string& url, uint64_t max_bytes) {
+  std::lock_guard lock(g_artifact_mu);
+  if (auto it = g_artifacts.find(url); it != g_artifacts.end()) return it->second;
+  http::Request r;
+  r.url = url;
+  r.timeout = std::chrono::seconds(60);
+  r.max_response_bytes = static_cast<size_t>(max_bytes + 1);
+  auto resp = http::send(r);
+  if (!resp) return resp.error();
+  if (resp->status != 200) return make_error(Errc::unavailable, "GET " + url + ": HTTP " + std::to_string(resp->status));
+  ++g_artifact_downloads;
+  auto s = intern(resp->body);
+  g_artifacts[url] = s;
+  return s;
+}
+
+Status Fleet::prepare_devices() {
+  devices_ = std::vector<VDevice>(opts_.devices);
+  by_id_.reserve(opts_.devices);
+  for (uint32_t i = 0; i < opts_.devices; ++i) {
+    auto& d = devices_[i];
+    d.index = i;
+    d.id = device_id_for(seeded_key("device", opts_.seed, i));
+    const auto f = assign_faults(opts_.seed, i, opts_.faults);
+    d.faults = f.bits;
+    d.skew_s = f.skew_s;
+    d.session = opts_.mode == Mode::gateway ? i / std::max<uint32_t>(1, opts_.devices_per_gateway) : i;
+    by_id_.emplace(d.id, i);
+  }
+  return {};
+}
+
+Status Fleet::create_token() {
+  // Devices and gateways get their labels from their tokens, so the
+  // campaign's selector (sim-run=<label>) never picks a gateway.
+  for (auto [name, key, into] : {std::tuple{"devices", "sim-run", &enroll_token_},
+                                 std::tuple{"gateways", "sim-gateway", &gateway_token_}}) {
+    json body = {{"name", "flotilla-sim " + std::string(name) + " " + label_}, {"labels", {{key, label_}}},
+                 {"ttl", "24h"}};
+    auto j = rest_.call_json("POST", "/v1/enrollment-tokens", body, 201);
+    if (!j) return j.error().with_context("create an enrollment token (the API token needs the operator role)");
+    *into = (*j)["token"].get<std::string>();
+  }
+  return {};
+}
+
+Result<std::string> Fleet::enroll_one(const bundles::KeyPair& key, const std::string& hostname,
+                                      const bundles::KeyPair* gateway_key, const std::string& gateway_id,
+                                      v1::EnrollResponse& resp, const std::string& token) {
+  v1::EnrollRequest req;
+  req.set_enrollment_token(token);
+  req.set_device_public_key(std::string(key.pub.key.begin(), key.pub.key.end()));
+  req.set_hostname(hostname);
+  req.set_arch("amd64");
+  req.set_agent_version(agent::kAgentVersion);
+  const std::string msg = bundles::enroll_proof_message(token, key.pub.key);
+  const Bytes proof = bundles::sign_detached(key, msg);
+  req.set_proof(std::string(proof.begin(), proof.end()));
+  if (gateway_key) {
+    req.set_gateway_id(gateway_id);
+    const Bytes gp = bundles::sign_detached(*gateway_key, msg);
+    req.set_gateway_proof(std::string(gp.begin(), gp.end()));
+  }
+  const std::string body = req.SerializeAsString();
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  for (int attempt = 0;; ++attempt) {
+    auto r = rest_.call("POST", "/v1/enroll", body, "application/x-protobuf");
+    if (r && r->status == 200 && resp.ParseFromString(r->body)) return resp.device_id();
+    const bool retry = !r || r->status == 503 || r->status == 429;
+    if (!retry || std::chrono::steady_clock::now() > deadline) {
+      return make_error(Errc::unavailable, "enroll " + hostname + ": " +
+                                               (r ? "HTTP " + std::to_string(r->status) + " " + r->body.substr(0, 300)
+                                                  : r.error().message));
+    }
+    std::this_thread::sleep_for(Ms(std::min(2000, 50 << std::min(attempt, 5))));
+  }
+}
+
+Status Fleet::connect_session(uint32_t s, const std::string& user, const std::string& password,
+                              const std::string& url, const std::string& will_topic,
+                              std::function<void(transport::Message&&)> on_msg) {
+  auto t = transport::make_paho_transport();
+  t->on_message(std::move(on_msg));
+  transport::ConnectOptions co;
+  co.url = url;
+  co.client_id = user;
+  co.username = user;
+  co.password = password;
+  co.clean_session = false;
+  co.keepalive_s = 60;
+  co.max_inflight = opts_.mode == Mode::gateway ? 1000 : 16;
+  co.will = transport::Message{will_topic, v1::Presence().SerializeAsString(), 1, true};
+  // The hub answers the enrollment before mosquitto has reloaded its password
+  // file (SIGHUP), so a refusal right after enrolling is retried for a while,
+  // as the real agent does with its backoff.
+  Status st;
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  for (int attempt = 0;; ++attempt) {
+    st = t->connect(co);
+    if (st || std::chrono::steady_clock::now() > deadline) break;
+    std::this_thread::sleep_for(Ms(std::min(2000, 50 << std::min(attempt, 6))));
+  }
+  if (!st) return st.error().with_context("session " + user);
+  std::lock_guard lock(sessions_mu_);
+  sessions_[s] = std::move(t);
+  return {};
+}
+
+Status Fleet::enroll_gateways() {
+  const uint32_t per = std::max<uint32_t>(1, opts_.devices_per_gateway);
+  const uint32_t n = (opts_.devices + per - 1) / per;
+  sessions_.resize(n);
+  gateway_ids_.resize(n);
+  for (uint32_t g = 0; g < n; ++g) {
+    gateway_keys_.push_back(seeded_key("gateway", opts_.seed, g));
+    v1::EnrollResponse resp;
+    auto id = enroll_one(gateway_keys_.back(), "sim-gateway-" + std::to_string(g), nullptr, "", resp, gateway_token_);
+    if (!id) return id.error();
+    gateway_ids_[g] = *id;
+    broker_url_ = resp.broker_url();
+    auto on_msg = [this](transport::Message&& m) {
+      received_.fetch_add(1, std::memory_order_relaxed);
+      const std::string dev = transport::parse_device_topic(m.topic, nullptr, nullptr);
+      auto it = by_id_.find(dev);
+      if (it == by_id_.end()) return;
+      post(Event{it->second, EventKind::desired, std::move(m.payload)});
+    };
+    if (auto s = connect_session(g, *id, resp.mqtt_password(), resp.broker_url(),
+                                 transport::device_topic(*id, "presence"), on_msg); !s) {
+      return s;
+    }
+    if (auto s = sessions_[g]->subscribe(transport::gateway_prefix(*id) + "+/desired", 1); !s) {
+      return s.error().with_context("gateway subscribe");
+    }
+    // The gateway itself is online; its will marks every device behind it offline.
+    v1::Presence p;
+    p.set_online(true);
+    p.set_agent_version(agent::kAgentVersion);
+    (void)sessions_[g]->publish({transport::device_topic(*id, "presence"), p.SerializeAsString(), 1, true});
+  }
+  return {};
+}
+
+void Fleet::presence(VDevice& d, bool online) {
+  v1::Presence p;
+  p.set_online(online);
+  p.set_agent_version(agent::kAgentVersion);
+  publish(d, "presence", p.SerializeAsString(), true);
+}
+
+void Fleet::publish(VDevice& d, const char* leaf, std::string payload, bool retained) {
+  auto* t = session_of(d);
+  if (!t) return;
+  transport::Message m{transport::device_topic(d.id, gateway_of(d), leaf), std::move(payload), 1, retained};
+  for (int attempt = 0; attempt < 50; ++attempt) {
+    if (t->publish(m)) {
+      sent_.fetch_add(1, std::memory_order_relaxed);
+      return;
+    }
+    std::this_thread::sleep_for(Ms(20));
+  }
+  publish_errors_.fetch_add(1, std::memory_order_relaxed);
+}
+
+agent::Agent::Reporter Fleet::reporter(VDevice& d) {
+  return [this, &d](v1::Report&& r) {
+    const auto st = r.state();
+    // Devices apply before POST /v1/campaigns has even answered, so until the
+    // id is known any campaign counts (a run drives exactly one).
+    const bool ours = !r.campaign_id().empty() && (!campaign_known_ || r.campaign_id() == campaign_id_);
+    if (ours && st != v1::AGENT_STATE_IDLE) {
+      Phase p = Phase::applying;
+      bool final_state = true;
+      switch (st) {
+        case v1::AGENT_STATE_APPLIED: p = Phase::applied; break;
+        case v1::AGENT_STATE_FAILED:
+        case v1::AGENT_STATE_REFUSED: p = Phase::failed; break;
+        case v1::AGENT_STATE_ROLLED_BACK: p = Phase::rolled_back; break;
+        default: final_state = false;
+      }
+      d.phase = static_cast<uint8_t>(p);
+      if (final_state && d.done_ms == 0) {
+        d.done_ms = now_ms();
+        std::lock_guard lock(lat_mu_);
+        latencies_ms_.push_back(d.done_ms - t0_);
+      }
+    }
+    publish(d, "report", r.SerializeAsString(), false);
+  };
+}
+
+void Fleet::device_online(VDevice& d) {
+  presence(d, true);
+  with_agent(d, env_, reporter(d), [](agent::Agent& a) { a.report_inventory(); });
+  d.phase = static_cast<uint8_t>(Phase::online);
+  if (d.faults & kOffline) {
+    // It was seen once and then went away (powered off, out of coverage).
+    presence(d, false);
+    d.phase = static_cast<uint8_t>(Phase::offline);
+    if (opts_.mode == Mode::direct) {
+      if (auto* t = session_of(d)) {
+        (void)t->flush(Ms(2000));
+        t->disconnect();
+      }
+    }
+  }
+}
+
+Status Fleet::enroll_devices() {
+  enroll_started_ms_ = now_ms();
+  if (opts_.mode == Mode::direct) sessions_.resize(opts_.devices);
+  std::atomic<uint32_t> next{0};
+  std::atomic<bool> failed{false};
+  std::mutex err_mu;
+  Error first_error{Errc::internal, ""};
+  const double rate = opts_.enroll_rate;
+  auto enroller = [&] {
+    for (;;) {
+      const uint32_t i = next.fetch_add(1);
+      if (i >= opts_.devices || failed) return;
+      if (rate > 0) {
+        // Device i may start at t0 + i/rate: a steady, controlled rate.
+        const int64_t due = enroll_started_ms_ + static_cast<int64_t>(1000.0 * i / rate);
+        const int64_t wait = due - now_ms();
+        if (wait > 0) std::this_thread::sleep_for(Ms(wait));
+      }
+      auto& d = devices_[i];
+      const auto key = seeded_key("device", opts_.seed, i);
+      v1::EnrollResponse resp;
+      const bool gw = opts_.mode == Mode::gateway;
+      auto id = enroll_one(key, "sim-" + std::to_string(i), gw ? &gateway_keys_[d.session] : nullptr,
+                           gw ? gateway_ids_[d.session] : "", resp, enroll_token_);
+      Status st;
+      if (!id) {
+        st = id.error();
+      } else if (*id != d.id) {
+        st = make_error(Errc::internal, "hub gave device id " + *id + ", expected " + d.id);
+      } else if (!gw) {
+        auto on_msg = [this, i](transport::Message&& m) {
+          received_.fetch_add(1, std::memory_order_relaxed);
+          post(Event{i, EventKind::desired, std::move(m.payload)});
+        };
+        broker_url_ = resp.broker_url();
+        st = connect_session(i, resp.mqtt_username(), resp.mqtt_password(), resp.broker_url(),
+                             transport::device_topic(d.id, "presence"), on_msg);
+        if (st) st = sessions_[i]->subscribe(transport::device_topic(d.id, "desired"), 1);
+      }
+      if (!st) {
+        std::lock_guard lock(err_mu);
+        if (!failed.exchange(true)) first_error = st.error();
+        return;
+      }
+      device_online(d);
+    }
+  };
+  std::vector<std::thread> ts;
+  for (uint32_t t = 0; t < std::max<uint32_t>(1, opts_.enroll_threads); ++t) ts.emplace_back(enroller);
+  for (auto& t : ts) t.join();
+  enroll_done_ms_ = now_ms();
+  if (failed) return first_error;
+  return {};
+}
+
+// The campaign judges devices online or offline when it releases them, so it
+// starts only once the hub has processed the devices' presence: the last
+// devices to come online (up to 50) must show online in GET /v1/devices/{id}.
+Status Fleet::wait_seen_online() {
+  std::vector<const VDevice*> probe;
+  for (auto it = devices_.rbegin(); it != devices_.rend() && probe.size() < 50; ++it) {
+    if (!(it->faults & kOffline)) probe.push_back(&*it);
+  }
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120 + opts_.devices / 1000);
+  for (const auto* d : probe) {
+    for (;;) {
+      auto j = rest_.call_json("GET", "/v1/devices/" + d->id, nullptr, 200);
+      if (j && j->value("online", false) && j->value("state", "") == "idle") break;
+      if (std::chrono::steady_clock::now() > deadline) {
+        return make_error(Errc::timeout, "the hub has not seen device " + d->id + " online");
+      }
+      std::this_thread::sleep_for(Ms(100));
+    }
+  }
+  return {};
+}
+
+Result<std::string> Fleet::push_bundle() {
+  v1::BundleManifest m;
+  m.set_format_version(1);
+  m.set_name("sim-base");
+  m.set_channel("sim");
+  // Newer than anything this seed pushed before (anti-rollback on re-runs).
+  m.set_version(static_cast<uint64_t>(SystemClock::instance().now_unix()));
+  m.set_created_unix(SystemClock::instance().now_unix());
+  m.set_expires_unix(m.created_unix() + 7 * 24 * 3600);
+  m.set_k3s_version("v1.30.4+k3s1");
+  add_bundle_file(m, v1::FILE_KIND_K3S_CONFIG, "50-sim.yaml", "node-label:\n  - \"flotilla-sim=" + label_ + "\"\n");
+  add_bundle_file(m, v1::FILE_KIND_MANIFEST, "sim-hello.yaml",
+           "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: sim-hello\n  namespace: default\ndata:\n  run: \"" +
+               label_ + "\"\n");
+  if (opts_.artifact_bytes > 0) {
+    std::string bytes(opts_.artifact_bytes, '\0');
+    for (size_t i = 0; i < bytes.size(); ++i) bytes[i] = static_cast<char>(mix(opts_.seed + i) & 0xff);
+    const std::string sha = crypto::sha256_hex(bytes);
+    auto up = rest_.call("PUT", "/v1/artifacts/" + sha, bytes, "application/octet-stream");
+    if (!up || (up->status != 200 && up->status != 201)) {
+      return make_error(Errc::unavailable, "upload artifact: " + (up ? std::to_string(up->status) + " " + up->body
+                                                                    : up.error().message));
+    }
+    auto* a = m.add_artifacts();
+    a->set_kind(v1::ARTIFACT_KIND_AIRGAP_IMAGES);
+    a->set_name("sim-images.tar.zst");
+    auto h = crypto::sha256(bytes);
+    a->set_sha256(std::string(h.begin(), h.end()));
+    a->set_size(bytes.size());
+  }
+  v1::SignedBundle env = bundles::wrap(m);
+  if (auto s = bundles::sign(env, release_); !s) return s.error();
+  auto r = rest_.call("POST", "/v1/bundles", bundles::serialize_envelope(env), "application/octet-stream");
+  if (!r) return r.error().with_context("push bundle");
+  if (r->status != 201 && r->status != 200) {
+    return make_error(Errc::unavailable, "push bundle: HTTP " + std::to_string(r->status) + " " + r->body);
+  }
+  auto j = json::parse(r->body, nullptr, false);
+  if (j.is_discarded() || !j.contains("id")) return make_error(Errc::internal, "push bundle: no id in answer");
+  return j["id"].get<std::string>();
+}
+
+void Fleet::post(Event&& e) {
+  auto& q = *queues_[e.device % queues_.size()];
+  {
+    std::lock_guard lock(q.mu);
+    q.q.push_back(std::move(e));
+  }
+  q.cv.notify_one();
+}
+
+void Fleet::post_after(int64_t delay_ms, Event&& e) {
+  {
+    std::lock_guard lock(timer_mu_);
+    timers_.push(Timed{now_ms() + delay_ms, timer_order_++, std::move(e)});
+  }
+  timer_cv_.notify_one();
+}
+
+void Fleet::worker(uint32_t w) {
+  auto& q = *queues_[w];
+  for (;;) {
+    Event e;
+    {
+      std::unique_lock lock(q.mu);
+      q.cv.wait(lock, [&] { return stopping_ || !q.q.empty(); });
+      if (stopping_) return;
+      e = std::move(q.q.front());
+      q.q.pop_front();
+    }
+    handle(e);
+  }
+}
+
+void Fleet::timer() {
+  std::unique_lock lock(timer_mu_);
+  while (!stopping_) {
+    if (timers_.empty()) {
+      timer_cv_.wait(lock);
+      continue;
+    }
+    const int64_t wait = timers_.top().due - now_ms();
+    if (wait > 0) {
+      timer_cv_.wait_for(lock, Ms(wait));
+      continue;
+    }
+    Event e = std::move(const_cast<Timed&>(timers_.top()).ev);
+    timers_.pop();
+    lock.unlock();
+    post(std::move(e));
+    lock.lock();
+  }
+}
+
+void Fleet::handle(Event& e) {
+  auto& d = devices_[e.device];
+  if (d.faults & kOffline) return;  // powered off: the retained state waits for it
+  switch (e.kind) {
+    case EventKind::desired:
+      if ((d.faults & kFlaky) && !d.flaked && !e.payload.empty()) {
+        // The link drops as the message arrives; back after 1-4 s.
+        d.flaked = true;
+        ++link_drops_;
+        presence(d, false);
+        d.phase = static_cast<uint8_t>(Phase::away);
+        post_after(1000 + static_cast<int64_t>(unit(opts_.seed, d.index, 7) * 3000),
+                   Event{d.index, EventKind::link_back, std::move(e.payload)});
+        return;
+      }
+      apply(d, e.payload);
+      return;
+    case EventKind::link_back:
+      presence(d, true);
+      with_agent(d, env_, reporter(d), [](agent::Agent& a) { a.report_inventory(); });
+      d.phase = static_cast<uint8_t>(Phase::online);
+      apply(d, e.payload);  // the broker delivers the retained desired state again
+      return;
+    case EventKind::reboot:
+      // Boot: start() finds the unfinished apply and rolls the node back;
+      // then the agent reconnects and gets the retained desired state again.
+      d.rebooted = true;
+      with_agent(d, env_, reporter(d), [](agent::Agent& a) { a.report_inventory(); });
+      d.phase = static_cast<uint8_t>(Phase::online);
+      apply(d, e.payload);
+      return;
+  }
+}
+
+void Fleet::apply(VDevice& d, const std::string& payload) {
+  if (payload.empty()) return;
+  if (opts_.faults.download_kbps > 0 && opts_.artifact_bytes > 0 && !d.download_waited) {
+    // The bandwidth cap: the artifact takes size / rate before the core sees it.
+    d.download_waited = true;
+    const int64_t ms = static_cast<int64_t>(opts_.artifact_bytes) * 8 / opts_.faults.download_kbps;
+    d.phase = static_cast<uint8_t>(Phase::applying);
+    post_after(ms, Event{d.index, EventKind::desired, payload});
+    return;
+  }
+  const bool finished = with_agent(d, env_, reporter(d), [&](agent::Agent& a) { a.handle_desired(payload); });
+  if (!finished) {
+    ++power_cuts_;
+    d.phase = static_cast<uint8_t>(Phase::rebooting);
+    post_after(1000 + static_cast<int64_t>(unit(opts_.seed, d.index, 8) * 2000),
+               Event{d.index, EventKind::reboot, payload});
+  }
+}
+
+json Fleet::sample(int64_t t0, const std::string& campaign_id, json& last_campaign, bool poll_hub) {
+  json s;
+  s["t_ms"] = now_ms() - t0;
+  std::array<uint64_t, kPhases> counts{};
+  for (const auto& d : devices_) ++counts[std::min<int>(d.phase.load(std::memory_order_relaxed), kPhases - 1)];
+  json states = json::object();
+  for (int i = 0; i < kPhases; ++i) states[kPhaseNames[i]] = counts[i];
+  s["devices"] = states;
+  s["sent"] = sent_.load();
+  s["received"] = received_.load();
+  if (poll_hub && !campaign_id.empty()) {
+    if (auto c = rest_.call_json("GET", "/v1/campaigns/" + campaign_id, nullptr, 200)) last_campaign = *c;
+  }
+  if (!last_campaign.is_null()) {
+    s["hub_state"] = last_campaign.value("state", "");
+    s["hub_counts"] = last_campaign.value("counts", json::object());
+  }
+  if (opts_.hub_pid > 0) {
+    if (auto u = proc_usage(opts_.hub_pid)) {
+      s["hub_rss_bytes"] = u->rss_bytes;
+      s["hub_cpu_s"] = u->cpu_s;
+    }
+  }
+  if (auto self = proc_usage(::getpid())) {
+    s["sim_rss_bytes"] = self->rss_bytes;
+    s["sim_cpu_s"] = self->cpu_s;
+  }
+  return s;
+}
+
+void Fleet::progress_line(const json& s, int64_t elapsed_ms, bool final_line) {
+  if (!opts_.progress || !::isatty(2)) return;
+  const auto& dv = s["devices"];
+  const double total = std::max<double>(1, opts_.devices);
+  const uint64_t done = dv["applied"].get<uint64_t>() + dv["failed"].get<uint64_t>() + dv["rolled_back"].get<uint64_t>();
+  const uint64_t offline = dv["offline"].get<uint64_t>();
+  const double frac = std::min(1.0, (done + offline) / total);
+  const int width = 30;
+  std::string bar(static_cast<size_t>(frac * width), '#');
+  bar.resize(width, '.');
+  std::fprintf(stderr, "\r[%s] %5.1f%%  applied %llu  failed %llu  rolled back %llu  offline %llu  %5.1fs%s",
+               bar.c_str(), frac * 100, static_cast<unsigned long long>(dv["applied"].get<uint64_t>()),
+               static_cast<unsigned long long>(dv["failed"].get<uint64_t>()),
+               static_cast<unsigned long long>(dv["rolled_back"].get<uint64_t>()),
+               static_cast<unsigned long long>(offline), elapsed_ms / 1000.0, final_line ? "\n" : "");
+  std::fflush(stderr);
+}
+
+void Fleet::shutdown() {
+  if (stopping_.exchange(true)) return;
+  for (auto& q : queues_) {
+    std::lock_guard lock(q->mu);
+    q->cv.notify_all();
+  }
+  {
+    std::lock_guard lock(timer_mu_);
+    timer_cv_.notify_all();
+  }
+  for (auto& t : threads_) {
+    if (t.joinable()) t.join();
+  }
+  // Sessions end without a clean disconnect of each device (fast at scale);
+  // destroying the client closes the socket and the broker fires the wills.
+  sessions_.clear();
+}
+
+Result<json> Fleet::run() {
+  label_ = opts_.label.empty() ? "s" + std::to_string(opts_.seed) + "-" + std::to_string(SystemClock::instance().now_unix())
+                               : opts_.label;
+  release_ = seeded_key("release", opts_.seed, 0);
+  env_.base.arch = "amd64";
+  env_.base.labels = {{"sim-run", label_}};
+  env_.base.keyring.add(release_.pub);
+  env_.base.min_free_bytes = 0;
+  env_.fetch = &fetch_artifact;
+
+  for (uint32_t w = 0; w < std::max<uint32_t>(1, opts_.workers); ++w) queues_.push_back(std::make_unique<WorkQueue>());
+  for (uint32_t w = 0; w < queues_.size(); ++w) threads_.emplace_back([this, w] { worker(w); });
+  threads_.emplace_back([this] { timer(); });
+
+  const int64_t started = now_ms();
+  if (auto s = prepare_devices(); !s) return s.error();
+  const int64_t prepared = now_ms();
+  if (auto s = create_token(); !s) return s.error();
+  if (opts_.mode == Mode::gateway) {
+    if (auto s = enroll_gateways(); !s) return s.error();
+  }
+  if (auto s = enroll_devices(); !s) return s.error().with_context("enrollment");
+  for (auto& t : sessions_) {
+    if (t && t->connected()) (void)t->flush(Ms(30000));
+  }
+  if (auto s = wait_seen_online(); !s) return s.error();
+  auto bundle_id = push_bundle();
+  if (!bundle_id) return bundle_id.error();
+
+  json body = {{"bundle", *bundle_id}, {"selector", "sim-run=" + label_}, {"name", "sim-" + label_}};
+  if (!opts_.strategy.empty()) body["strategy"] = opts_.strategy;
+  t0_ = now_ms();
+  auto created = rest_.call_json("POST", "/v1/campaigns", body, 201);
+  if (!created) return created.error().with_context("create campaign");
+  const std::string cid = (*created)["id"].get<std::string>();
+  {
+    // Reports may already be flowing; the reporter reads campaign_id_.
+    std::lock_guard lock(lat_mu_);
+    campaign_id_ = cid;
+    campaign_known_ = true;
+  }
+  const int64_t campaign_created_ms = now_ms() - t0_;
+
+  json timeline = json::array();
+  json last_campaign;
+  const bool big = opts_.devices > 50000;
+  const int64_t period = big ? 2000 : 500;
+  int64_t converged_ms = -1;
+  std::string end_state = "timeout";
+  for (int64_t tick = 0;; ++tick) {
+    const bool poll_hub = !big || tick % 2 == 0;
+    json s = sample(t0_, cid, last_campaign, poll_hub);
+    timeline.push_back(s);
+    progress_line(s, s["t_ms"].get<int64_t>(), false);
+    if (s.contains("hub_state")) {
+      const std::string state = s.value("hub_state", "");
+      // Converged: the hub finished or stopped the campaign, or it waits only
+      // for devices that are away, and no device of ours is still on its way
+      // (a link down for a moment, a reboot, a throttled download).
+      const auto& dv = s["devices"];
+      // Idle counts too: an online device without an outcome has its desired
+      // state still on the way (a paused campaign is "stopped" above).
+      const uint64_t transient = dv.value("applying", uint64_t{0}) + dv.value("link_down", uint64_t{0}) +
+                                 dv.value("rebooting", uint64_t{0}) + dv.value("idle", uint64_t{0});
+      const bool stopped = state == "completed" || state == "paused" || state == "aborted" || state == "rolled_back";
+      if (stopped || (state == "converging" && transient == 0)) {
+        converged_ms = s["t_ms"].get<int64_t>();
+        end_state = state;
+        break;
+      }
+    }
+    if (now_ms() - t0_ > opts_.timeout.count() * 1000) break;
+    std::this_thread::sleep_for(Ms(period));
+  }
+  // One last look at the hub and the fleet.
+  json final_sample = sample(t0_, cid, last_campaign, true);
+  timeline.push_back(final_sample);
+  progress_line(final_sample, final_sample["t_ms"].get<int64_t>(), true);
+
+  std::vector<int64_t> lat;
+  {
+    std::lock_guard lock(lat_mu_);
+    lat = latencies_ms_;
+  }
+  std::sort(lat.begin(), lat.end());
+  auto pct = [&](double p) -> json {
+    if (lat.empty()) return nullptr;
+    const size_t i = std::min(lat.size() - 1, static_cast<size_t>(p * static_cast<double>(lat.size())));
+    return lat[i];
+  };
+  // The CDF is stored at up to 1000 points, enough for the plot.
+  json cdf = json::array();
+  const size_t step = std::max<size_t>(1, lat.size() / 1000);
+  for (size_t i = 0; i < lat.size(); i += step) cdf.push_back({lat[i], static_cast<double>(i + 1) / lat.size()});
+  if (!lat.empty()) cdf.push_back({lat.back(), 1.0});
+
+  uint64_t peak_rss = 0;
+  double max_rate = 0;
+  for (size_t i = 0; i < timeline.size(); ++i) {
+    peak_rss = std::max<uint64_t>(peak_rss, timeline[i].value("hub_rss_bytes", uint64_t{0}));
+    if (i > 0) {
+      const double dt = (timeline[i]["t_ms"].get<double>() - timeline[i - 1]["t_ms"].get<double>()) / 1000.0;
+      const double dm = (timeline[i]["sent"].get<double>() + timeline[i]["received"].get<double>()) -
+                        (timeline[i - 1]["sent"].get<double>() + timeline[i - 1]["received"].get<double>());
+      if (dt > 0) {
+        timeline[i]["msgs_per_s"] = dm / dt;
+        max_rate = std::max(max_rate, dm / dt);
+      }
+    }
+  }
+  json faults_assigned = {{"offline", 0}, {"flaky", 0}, {"install_fail", 0}, {"health_fail", 0}, {"reboot_mid_apply", 0}};
+  json fault_devices = json::object();
+  json fault_bits = json::array();
+  for (const auto& d : devices_) {
+    if (d.faults & kOffline) faults_assigned["offline"] = faults_assigned["offline"].get<int>() + 1;
+    if (d.faults & kFlaky) faults_assigned["flaky"] = faults_assigned["flaky"].get<int>() + 1;
+    if (d.faults & kInstallFail) faults_assigned["install_fail"] = faults_assigned["install_fail"].get<int>() + 1;
+    if (d.faults & kHealthFail) faults_assigned["health_fail"] = faults_assigned["health_fail"].get<int>() + 1;
+    if (d.faults & kRebootMidApply) faults_assigned["reboot_mid_apply"] = faults_assigned["reboot_mid_apply"].get<int>() + 1;
+    if (d.faults && devices_.size() <= 1000) fault_devices[d.id] = d.faults;
+    if (devices_.size() <= 1000) fault_bits.push_back(d.faults);
+  }
+  json final_devices = json::object();
+  if (devices_.size() <= 1000) {
+    for (const auto& d : devices_) final_devices[d.id] = kPhaseNames[std::min<int>(d.phase.load(), kPhases - 1)];
+  }
+  json report;
+  report["tool"] = "flotilla-sim";
+  report["config"] = {{"devices", opts_.devices},
+                      {"mode", opts_.mode == Mode::direct ? "direct" : "gateway"},
+                      {"devices_per_gateway", opts_.devices_per_gateway},
+                      {"sessions", sessions_.size()},
+                      {"seed", opts_.seed},
+                      {"enroll_rate", opts_.enroll_rate},
+                      {"workers", opts_.workers},
+                      {"strategy", opts_.strategy},
+                      {"artifact_bytes", opts_.artifact_bytes},
+                      {"faults",
+                       {{"offline", opts_.faults.offline},
+                        {"flaky", opts_.faults.flaky},
+                        {"install_fail", opts_.faults.install_fail},
+                        {"health_fail", opts_.faults.health_fail},
+                        {"reboot_mid_apply", opts_.faults.reboot_mid_apply},
+                        {"download_kbps", opts_.faults.download_kbps},
+                        {"clock_skew_s", opts_.faults.clock_skew_s}}},
+                      {"hub", rest_.url},
+                      {"broker", broker_url_},
+                      {"label", label_}};
+  report["campaign"] = {{"id", cid}, {"end_state", end_state}, {"hub", last_campaign}};
+  report["figures"] = {
+      {"prepare_s", (prepared - started) / 1000.0},
+      {"enroll_s", (enroll_done_ms_ - enroll_started_ms_) / 1000.0},
+      {"enroll_per_s", enroll_done_ms_ > enroll_started_ms_
+                           ? opts_.devices * 1000.0 / static_cast<double>(enroll_done_ms_ - enroll_started_ms_)
+                           : 0.0},
+      {"campaign_create_s", campaign_created_ms / 1000.0},
+      {"converged_s", converged_ms < 0 ? json(nullptr) : json(converged_ms / 1000.0)},
+      {"latency_p50_ms", pct(0.50)},
+      {"latency_p99_ms", pct(0.99)},
+      {"latency_p999_ms", pct(0.999)},
+      {"latency_max_ms", lat.empty() ? json(nullptr) : json(lat.back())},
+      {"finished_devices", lat.size()},
+      {"messages_sent", sent_.load()},
+      {"messages_received", received_.load()},
+      {"publish_errors", publish_errors_.load()},
+      {"power_cuts", power_cuts_.load()},
+      {"link_drops", link_drops_.load()},
+      {"peak_msgs_per_s", max_rate},
+      {"hub_peak_rss_bytes", peak_rss},
+      {"hub_rss_per_device_bytes", opts_.devices ? peak_rss / static_cast<double>(opts_.devices) : 0.0},
+      {"hub_cpu_s", final_sample.value("hub_cpu_s", 0.0)},
+      {"sim_rss_bytes", final_sample.value("sim_rss_bytes", uint64_t{0})},
+      {"journal_rows", SimStateStore::journal_rows()},
+      {"artifact_downloads", g_artifact_downloads.load()}};
+  report["faults_assigned"] = faults_assigned;
+  if (!fault_devices.empty()) report["fault_devices"] = fault_devices;
+  if (!fault_bits.empty()) report["fault_bits"] = fault_bits;  // by device index
+  if (!final_devices.empty()) report["device_phases"] = final_devices;
+  report["latency_cdf"] = cdf;
+  report["timeline"] = timeline;
+  (void)artifact_fetches_;
+  return report;
+}
+
+}  // namespace
+
+Result<json> run_fleet(const SimOptions& opts, Rest rest) {
+  Fleet f(opts, std::move(rest));
+  return f.run();
+}
+
+}  // namespace flotilla::sim

@@ -1,0 +1,255 @@
+// flotilla-sim: thin main; the logic lives in flotilla_sim.
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <iostream>
+#include <optional>
+
+#include "flotilla/common/fs.hpp"
+#include "flotilla/common/log.hpp"
+#include "flotilla/common/options.hpp"
+#include "flotilla/common/process.hpp"
+#include "flotilla/sim/fleet.hpp"
+#include "flotilla/sim/k3d.hpp"
+
+using namespace flotilla;
+
+namespace {
+
+void usage() {
+  std::cout << "flotilla-sim — virtual fleets against the real hub\n\n"
+               "Usage: flotilla-sim <command> [options]   (each command has --help)\n\n"
+               "  run         virtual devices (the real agent core, in memory) enroll, connect and run a\n"
+               "              campaign; writes report.json and report.html\n"
+               "  footprint   bytes per virtual device, no network\n"
+               "  baseline    the raw mosquitto round trip of a campaign's messages (the limit)\n"
+               "  k3d         N real k3s clusters in Docker (k3d), the real agent adopting each\n";
+}
+
+Result<double> get_share(const Options& o, const std::string& key) {
+  try {
+    size_t used = 0;
+    const double v = std::stod(o.get(key), &used);
+    if (used != o.get(key).size() || v < 0 || v > 1) throw std::invalid_argument("range");
+    return v;
+  } catch (const std::exception&) {
+    return make_error(Errc::invalid_argument, key + " must be a share between 0 and 1, got '" + o.get(key) + "'");
+  }
+}
+
+int fail(const Error& e) {
+  std::fprintf(stderr, "flotilla-sim: %s\n", e.message.c_str());
+  return 2;
+}
+
+// Parses a command's options; an exit code when the command should stop
+// here (bad options, or --help answered).
+std::optional<int> parse_or_exit(Options& o, int argc, char** argv) {
+  auto pos = o.parse(argc, argv, 2);
+  if (!pos) return fail(pos.error());
+  if (o.help_requested()) {
+    std::cout << o.help();
+    return 0;
+  }
+  return std::nullopt;
+}
+
+int cmd_run(int argc, char** argv) {
+  Options o("flotilla-sim run", "Virtual devices against the real hub: enroll, connect, run a campaign, report.",
+            "FLOTILLA_SIM_");
+  o.add("config", "YAML file with any of these keys")
+      .add("hub", "hub REST URL; empty: start an own hub (flotilla-hub next to this binary)")
+      .add("token-file", "file with an operator API token for --hub")
+      .add("devices", "virtual devices", "100")
+      .add("mode", "direct (one MQTT session per device) or gateway (many devices per session)", "gateway")
+      .add("devices-per-gateway", "gateway mode: devices carried by one gateway session", "5000")
+      .add("enroll-rate", "enrollments per second; 0 = as fast as the hub answers", "0")
+      .add("enroll-threads", "concurrent enrollments", "4")
+      .add("workers", "threads running device cores", "1")
+      .add("seed", "makes fault assignment, identities and timings repeatable", "1")
+      .add("offline", "share of devices offline during the campaign", "0")
+      .add("flaky", "share of devices whose link drops once while applying", "0")
+      .add("install-fail", "share of devices whose file writes fail", "0")
+      .add("health-fail", "share of devices whose k3s never becomes healthy", "0")
+      .add("reboot-mid-apply", "share of devices that lose power right after install", "0")
+      .add("download-kbps", "artifact bandwidth per device in kbit/s; 0 = unlimited", "0")
+      .add("clock-skew", "each device's clock is off by up to +/- this many seconds", "0")
+      .add("artifact-bytes", "the bundle carries an artifact of this size (downloaded from the hub)", "0")
+      .add("strategy", "campaign strategy as JSON (docs/api: Strategy)", "{}")
+      .add("timeout", "give up waiting for convergence after this long", "10m")
+      .add("out", "directory for report.json, report.html and the own hub", "flotilla-sim-out")
+      .add("label", "value of the sim-run label the campaign selects (default: from seed and time)")
+      .add_switch("no-progress", "no progress bar")
+      .add("log-level", "log level", "warn")
+      .config_file_key("config");
+  if (auto done = parse_or_exit(o, argc, argv)) return *done;
+  log::setup(o.get("log-level"));
+  // Thousands of cores log every injected fault; keep the agent's own lines
+  // for --log-level debug.
+  if (o.get("log-level") != "debug" && o.get("log-level") != "trace") log::get("agent")->set_level(spdlog::level::err);
+  sim::SimOptions so;
+  so.hub_url = o.get("hub");
+  if (!so.hub_url.empty()) {
+    if (o.get("token-file").empty()) return fail(Error{Errc::invalid_argument, "--hub needs --token-file"});
+    auto t = fs::read_file(o.get("token-file"), 4096);
+    if (!t) return fail(t.error().with_context("token-file"));
+    so.token = t->substr(0, t->find('\n'));
+  }
+  so.hub_bin = (std::filesystem::path(proc::self_exe()).parent_path() / "flotilla-hub").string();
+  const auto num = [&](const char* key, int64_t lo, int64_t hi) -> Result<int64_t> { return o.get_int(key, lo, hi); };
+  auto devices = num("devices", 1, 10'000'000);
+  auto per = num("devices-per-gateway", 1, 1'000'000);
+  auto threads = num("enroll-threads", 1, 256);
+  auto workers = num("workers", 1, 64);
+  auto seed = num("seed", 0, INT64_MAX);
+  auto kbps = num("download-kbps", 0, 10'000'000);
+  auto skew = num("clock-skew", 0, 10 * 365 * 86400);
+  auto art = num("artifact-bytes", 0, 64 << 20);
+  auto timeout = o.get_duration("timeout");
+  for (const auto* r : {&devices, &per, &threads, &workers, &seed, &kbps, &skew, &art}) {
+    if (!*r) return fail(r->error());
+  }
+  if (!timeout) return fail(timeout.error());
+  so.devices = static_cast<uint32_t>(*devices);
+  so.devices_per_gateway = static_cast<uint32_t>(*per);
+  so.enroll_threads = static_cast<uint32_t>(*threads);
+  so.workers = static_cast<uint32_t>(*workers);
+  so.seed = static_cast<uint64_t>(*seed);
+  so.faults.download_kbps = static_cast<uint32_t>(*kbps);
+  so.faults.clock_skew_s = static_cast<uint32_t>(*skew);
+  so.artifact_bytes = static_cast<uint32_t>(*art);
+  so.timeout = std::chrono::duration_cast<std::chrono::seconds>(*timeout);
+  if (o.get("mode") == "direct") so.mode = sim::Mode::direct;
+  else if (o.get("mode") == "gateway") so.mode = sim::Mode::gateway;
+  else return fail(Error{Errc::invalid_argument, "mode must be direct or gateway, got '" + o.get("mode") + "'"});
+  try {
+    so.enroll_rate = std::stod(o.get("enroll-rate"));
+    if (so.enroll_rate < 0) throw std::invalid_argument("negative");
+  } catch (const std::exception&) {
+    return fail(Error{Errc::invalid_argument, "enroll-rate must be a number >= 0"});
+  }
+  struct Share {
+    const char* key;
+    double* into;
+  };
+  for (auto [key, into] : {Share{"offline", &so.faults.offline}, Share{"flaky", &so.faults.flaky},
+                           Share{"install-fail", &so.faults.install_fail}, Share{"health-fail", &so.faults.health_fail},
+                           Share{"reboot-mid-apply", &so.faults.reboot_mid_apply}}) {
+    auto v = get_share(o, key);
+    if (!v) return fail(v.error());
+    *into = *v;
+  }
+  so.strategy = nlohmann::json::parse(o.get("strategy"), nullptr, false);
+  if (so.strategy.is_discarded() || !so.strategy.is_object()) {
+    return fail(Error{Errc::invalid_argument, "strategy must be a JSON object"});
+  }
+  so.work_dir = std::filesystem::absolute(o.get("out")).string();
+  so.label = o.get("label");
+  so.progress = !o.get_bool("no-progress");
+  // A direct session is a socket: stay clear of the per-process open-file limit.
+  if (so.mode == sim::Mode::direct) {
+    const long max_files = ::sysconf(_SC_OPEN_MAX);
+    if (max_files > 0 && so.devices + 200 > static_cast<uint64_t>(max_files)) {
+      return fail(Error{Errc::invalid_argument,
+                        "direct mode needs one socket per device: " + std::to_string(so.devices) +
+                            " devices exceed this process's open-file limit (" + std::to_string(max_files) +
+                            "); run several simulator processes (each with its own --label and --seed) or use "
+                            "--mode gateway"});
+    }
+  }
+  auto report = sim::run(so);
+  if (!report) return fail(report.error());
+  const auto& f = (*report)["figures"];
+  std::printf("campaign %s ended %s: %s devices finished, converged in %s s, p50 %s ms, p99 %s ms, p99.9 %s ms\n",
+              (*report)["campaign"]["id"].get<std::string>().c_str(),
+              (*report)["campaign"]["end_state"].get<std::string>().c_str(), f["finished_devices"].dump().c_str(),
+              f["converged_s"].dump().c_str(), f["latency_p50_ms"].dump().c_str(), f["latency_p99_ms"].dump().c_str(),
+              f["latency_p999_ms"].dump().c_str());
+  std::printf("report: %s/report.json and %s/report.html\n", so.work_dir.c_str(), so.work_dir.c_str());
+  return (*report)["figures"]["converged_s"].is_null() ? 1 : 0;
+}
+
+int cmd_footprint(int argc, char** argv) {
+  Options o("flotilla-sim footprint", "Resident bytes per virtual device after one full apply each (no network).",
+            "FLOTILLA_SIM_");
+  o.add("devices", "virtual devices", "100000").add("seed", "seed", "1");
+  if (auto done = parse_or_exit(o, argc, argv)) return *done;
+  auto n = o.get_int("devices", 1, 10'000'000);
+  auto seed = o.get_int("seed", 0, INT64_MAX);
+  if (!n) return fail(n.error());
+  if (!seed) return fail(seed.error());
+  log::setup("warn");
+  std::cout << sim::measure_footprint(static_cast<uint32_t>(*n), static_cast<uint64_t>(*seed)).dump(2) << "\n";
+  return 0;
+}
+
+int cmd_baseline(int argc, char** argv) {
+  Options o("flotilla-sim baseline",
+            "The raw mosquitto round trip of a campaign's messages (the limit the hub's throughput is compared to).",
+            "FLOTILLA_SIM_");
+  o.add("devices", "devices (one message out each)", "10000")
+      .add("sessions", "device-side sessions", "2")
+      .add("reports", "answers per device", "5")
+      .add("mosquitto", "mosquitto binary", "/usr/sbin/mosquitto")
+      .add("out", "scratch directory", "flotilla-sim-baseline");
+  if (auto done = parse_or_exit(o, argc, argv)) return *done;
+  auto n = o.get_int("devices", 1, 10'000'000);
+  auto sessions = o.get_int("sessions", 1, 10'000);
+  auto reports = o.get_int("reports", 1, 100);
+  for (const auto* r : {&n, &sessions, &reports}) {
+    if (!*r) return fail(r->error());
+  }
+  log::setup("warn");
+  auto r = sim::mqtt_baseline(std::filesystem::absolute(o.get("out")).string(), o.get("mosquitto"),
+                              static_cast<uint32_t>(*n), static_cast<uint32_t>(*sessions),
+                              static_cast<uint32_t>(*reports));
+  if (!r) return fail(r.error());
+  std::cout << r->dump(2) << "\n";
+  return (*r)["complete"].get<bool>() ? 0 : 1;
+}
+
+int cmd_k3d(int argc, char** argv) {
+  Options o("flotilla-sim k3d", "N k3s clusters in Docker (k3d), each adopted by a real flotilla-agent.",
+            "FLOTILLA_SIM_");
+  o.add("clusters", "clusters to create", "1")
+      .add("hub", "hub REST URL the agents enroll with")
+      .add("enrollment-token", "enrollment token for the agents")
+      .add_list("root-key", "bundle-signing public key (ed25519:<b64>) the agents trust")
+      .add("image", "k3s image for k3d (e.g. rancher/k3s:v1.30.4-k3s1)")
+      .add("out", "directory for agent roots and logs", "flotilla-sim-k3d")
+      .add_switch("dry-run", "print the commands, run nothing")
+      .add_switch("keep", "leave the clusters when stopping");
+  if (auto done = parse_or_exit(o, argc, argv)) return *done;
+  auto n = o.get_int("clusters", 1, 1000);
+  if (!n) return fail(n.error());
+  sim::K3dOptions k;
+  k.clusters = static_cast<uint32_t>(*n);
+  k.hub_url = o.get("hub");
+  k.enrollment_token = o.get("enrollment-token");
+  k.root_keys = o.get_list("root-key");
+  k.k3s_image = o.get("image");
+  k.work_dir = std::filesystem::absolute(o.get("out")).string();
+  k.agent_bin = (std::filesystem::path(proc::self_exe()).parent_path() / "flotilla-agent").string();
+  k.dry_run = o.get_bool("dry-run");
+  k.keep = o.get_bool("keep");
+  return sim::run_k3d(k);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2 || !std::strcmp(argv[1], "--help") || !std::strcmp(argv[1], "-h") || !std::strcmp(argv[1], "help")) {
+    usage();
+    return argc < 2 ? 2 : 0;
+  }
+  const std::string cmd = argv[1];
+  if (cmd == "run") return cmd_run(argc, argv);
+  if (cmd == "footprint") return cmd_footprint(argc, argv);
+  if (cmd == "k3d") return cmd_k3d(argc, argv);
+  if (cmd == "baseline") return cmd_baseline(argc, argv);
+  std::fprintf(stderr, "flotilla-sim: unknown command '%s'\n", cmd.c_str());
+  usage();
+  return 2;
+}
