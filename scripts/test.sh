@@ -27,6 +27,9 @@ if [ -z "${FLOTILLA_SANITIZE:-}" ]; then
   FLOTILLA_CROSS_BUILD_DIR="$BUILD-aarch64" "$ROOT/scripts/build-agent-cross.sh" aarch64
 fi
 
+# Prometheus's promtool checks /metrics (tests/e2e/metrics_promtool.sh).
+"$ROOT/scripts/fetch-promtool.sh" "$BUILD/tools" || echo "==> promtool unavailable; that check will be skipped"
+
 echo "==> running tests"
 cd "$BUILD"
 # Integration and e2e tests claim both cores (PROCESSORS 2), so they run one
