@@ -218,34 +218,36 @@ Result<AppliedState> SqliteStateStore::load() {
     a.generation = static_cast<uint64_t>(st->col_int(4));
     a.campaign_id = st->col_text(5);
   }
-  auto fst = db_->prepare("SELECT path, sha256 FROM placed_files ORDER BY path");
-  if (!fst) return fst.error();
-  for (;;) {
-    auto fr = fst->step();
-    if (!fr) return fr.error();
-    if (!*fr) break;
-    a.files.push_back({fst->col_text(0), fst->col_text(1)});
+  // Every row of a parameterless query, handed to f.
+  auto each_row = [&](const char* text, auto&& f) -> Status {
+    auto q = db_->prepare(text);
+    if (!q) return q.error();
+    return q->each(f);
+  };
+  if (auto s = each_row("SELECT path, sha256 FROM placed_files ORDER BY path",
+                        [&](const sql::Stmt& q) { a.files.push_back({q.col_text(0), q.col_text(1)}); });
+      !s) {
+    return s.error();
   }
-  auto hst = db_->prepare("SELECT channel, version FROM highest_version");
-  if (!hst) return hst.error();
-  for (;;) {
-    auto hr = hst->step();
-    if (!hr) return hr.error();
-    if (!*hr) break;
-    a.highest_version[hst->col_text(0)] = static_cast<uint64_t>(hst->col_int(1));
+  if (auto s = each_row("SELECT channel, version FROM highest_version",
+                        [&](const sql::Stmt& q) {
+                          a.highest_version[q.col_text(0)] = static_cast<uint64_t>(q.col_int(1));
+                        });
+      !s) {
+    return s.error();
   }
-  auto mst = db_->prepare("SELECT key, value FROM meta");
-  if (!mst) return mst.error();
-  for (;;) {
-    auto mr = mst->step();
-    if (!mr) return mr.error();
-    if (!*mr) break;
-    const std::string key = mst->col_text(0);
-    std::string value = mst->col_blob(1);
-    if (key == "previous_manifest_sha256") a.previous_manifest_sha256_hex = value;
-    else if (key == "applied_desired") a.applied_desired = std::move(value);
-    else if (key == "interrupted_generation") a.interrupted_generation = std::stoull("0" + value);
-    else if (key == "interrupted_count") a.interrupted_count = static_cast<uint32_t>(std::stoul("0" + value));
+  if (auto s = each_row("SELECT key, value FROM meta",
+                        [&](const sql::Stmt& q) {
+                          const std::string key = q.col_text(0);
+                          std::string value = q.col_blob(1);
+                          if (key == "previous_manifest_sha256") a.previous_manifest_sha256_hex = value;
+                          else if (key == "applied_desired") a.applied_desired = std::move(value);
+                          else if (key == "interrupted_generation") a.interrupted_generation = std::stoull("0" + value);
+                          else if (key == "interrupted_count")
+                            a.interrupted_count = static_cast<uint32_t>(std::stoul("0" + value));
+                        });
+      !s) {
+    return s.error();
   }
   auto ist = db_->prepare("SELECT apply_id, generation, campaign_id, bundle_name, version, step FROM in_flight");
   if (!ist) return ist.error();
@@ -259,23 +261,19 @@ Result<AppliedState> SqliteStateStore::load() {
     f.bundle_name = ist->col_text(3);
     f.version = static_cast<uint64_t>(ist->col_int(4));
     f.step = ist->col_text(5);
-    auto bst = db_->prepare("SELECT path, backup, existed FROM backups ORDER BY n");
-    if (!bst) return bst.error();
-    for (;;) {
-      auto br = bst->step();
-      if (!br) return br.error();
-      if (!*br) break;
-      f.backups.push_back({bst->col_text(0), bst->col_text(1), bst->col_int(2) != 0});
+    if (auto s = each_row("SELECT path, backup, existed FROM backups ORDER BY n",
+                          [&](const sql::Stmt& q) {
+                            f.backups.push_back({q.col_text(0), q.col_text(1), q.col_int(2) != 0});
+                          });
+        !s) {
+      return s.error();
     }
     a.in_flight = std::move(f);
   }
-  auto ost = db_->prepare("SELECT seq, report FROM outbox ORDER BY seq");
-  if (!ost) return ost.error();
-  for (;;) {
-    auto orr = ost->step();
-    if (!orr) return orr.error();
-    if (!*orr) break;
-    a.outbox[static_cast<uint64_t>(ost->col_int(0))] = ost->col_blob(1);
+  if (auto s = each_row("SELECT seq, report FROM outbox ORDER BY seq",
+                        [&](const sql::Stmt& q) { a.outbox[static_cast<uint64_t>(q.col_int(0))] = q.col_blob(1); });
+      !s) {
+    return s.error();
   }
   return a;
 }
@@ -370,15 +368,10 @@ Result<std::vector<JournalEntry>> SqliteStateStore::journal_tail(size_t n) {
       "(SELECT * FROM journal ORDER BY id DESC LIMIT ?) ORDER BY id");
   if (!st) return st.error();
   st->bind(1, static_cast<int64_t>(n));
-  std::vector<JournalEntry> out;
-  for (;;) {
-    auto r = st->step();
-    if (!r) return r.error();
-    if (!*r) break;
-    out.push_back({st->col_text(0), static_cast<uint64_t>(st->col_int(1)), st->col_text(2), st->col_text(3),
-                   st->col_int(4), st->col_text(5)});
-  }
-  return out;
+  return st->rows<JournalEntry>([](const sql::Stmt& q) {
+    return JournalEntry{q.col_text(0), static_cast<uint64_t>(q.col_int(1)), q.col_text(2), q.col_text(3),
+                        q.col_int(4), q.col_text(5)};
+  });
 }
 
 }  // namespace flotilla::agent

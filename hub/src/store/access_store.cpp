@@ -52,14 +52,7 @@ Result<std::vector<TokenRecord>> Store::list_tokens(const std::string& kind) {
   auto st = db_->prepare(std::string("SELECT ") + kTokenCols + " FROM tokens WHERE kind = ? ORDER BY created_ms, id");
   if (!st) return st.error();
   st->bind(1, std::string_view(kind));
-  std::vector<TokenRecord> out;
-  for (;;) {
-    auto r = st->step();
-    if (!r) return r.error();
-    if (!*r) break;
-    out.push_back(token_from(*st));
-  }
-  return out;
+  return st->rows<TokenRecord>(token_from);
 }
 
 Result<std::optional<TokenRecord>> Store::get_token(const std::string& kind, const std::string& id) {
@@ -130,14 +123,7 @@ Result<std::vector<AuditRecord>> Store::list_audit(int64_t after, int64_t limit,
   } else {
     st->bind(2, std::string_view(project)).bind(3, limit);
   }
-  std::vector<AuditRecord> out;
-  for (;;) {
-    auto r = st->step();
-    if (!r) return r.error();
-    if (!*r) break;
-    out.push_back(audit_from(*st));
-  }
-  return out;
+  return st->rows<AuditRecord>(audit_from);
 }
 
 }  // namespace flotilla::hub

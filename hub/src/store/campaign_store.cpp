@@ -52,20 +52,7 @@ CampaignDeviceRecord row_from(const sql::Stmt& s, int o = 0) {
   return r;
 }
 
-template <class T, class F, class B>
-Result<std::vector<T>> query(sql::Db& db, const std::string& text, B&& bind, F&& row) {
-  auto st = db.prepare(text);
-  if (!st) return st.error();
-  bind(*st);
-  std::vector<T> out;
-  for (;;) {
-    auto r = st->step();
-    if (!r) return r.error();
-    if (!*r) break;
-    out.push_back(row(*st));
-  }
-  return out;
-}
+using sql::query;
 
 }  // namespace
 
@@ -84,15 +71,10 @@ Status Store::migrate_campaigns() {
   auto add_missing = [&](const std::string& table, const std::vector<std::pair<std::string, std::string>>& cols) -> Status {
     auto st = db_->prepare("SELECT name FROM pragma_table_info('" + table + "')");
     if (!st) return st.error();
-    std::vector<std::string> have;
-    for (;;) {
-      auto r = st->step();
-      if (!r) return r.error();
-      if (!*r) break;
-      have.push_back(st->col_text(0));
-    }
+    auto have = st->rows<std::string>([](const sql::Stmt& s) { return s.col_text(0); });
+    if (!have) return have.error();
     for (const auto& [name, decl] : cols) {
-      if (std::find(have.begin(), have.end(), name) != have.end()) continue;
+      if (std::find(have->begin(), have->end(), name) != have->end()) continue;
       if (auto s = db_->exec("ALTER TABLE " + table + " ADD COLUMN " + name + " " + decl); !s) return s;
     }
     return {};

@@ -63,20 +63,7 @@ BundleRecord bundle_from(const sql::Stmt& s, bool with_envelope) {
   return b;
 }
 
-template <class T, class F>
-Result<std::vector<T>> collect(sql::Db& db, const std::string& sqltext, F&& row, const std::string& bind1 = "") {
-  auto st = db.prepare(sqltext);
-  if (!st) return st.error();
-  if (!bind1.empty()) st->bind(1, std::string_view(bind1));
-  std::vector<T> out;
-  for (;;) {
-    auto r = st->step();
-    if (!r) return r.error();
-    if (!*r) break;
-    out.push_back(row(*st));
-  }
-  return out;
-}
+using sql::query;
 
 }  // namespace
 
@@ -201,7 +188,7 @@ Status Store::upsert_credential(const std::string& username, const std::string& 
 }
 
 Result<std::vector<std::pair<std::string, std::string>>> Store::credentials() {
-  return collect<std::pair<std::string, std::string>>(
+  return query<std::pair<std::string, std::string>>(
       *db_, "SELECT username, hash FROM broker_credentials ORDER BY username",
       [](const sql::Stmt& s) { return std::make_pair(s.col_text(0), s.col_text(1)); });
 }
@@ -231,7 +218,7 @@ Result<std::optional<DeviceRecord>> Store::get_device(const std::string& id) {
 }
 
 Result<std::vector<DeviceRecord>> Store::list_devices() {
-  return collect<DeviceRecord>(*db_, std::string("SELECT ") + kDeviceCols + " FROM devices ORDER BY id",
+  return query<DeviceRecord>(*db_, std::string("SELECT ") + kDeviceCols + " FROM devices ORDER BY id",
                                device_from);
 }
 
@@ -308,7 +295,7 @@ Result<std::optional<BundleRecord>> Store::get_bundle(const std::string& key, bo
 }
 
 Result<std::vector<BundleRecord>> Store::list_bundles() {
-  return collect<BundleRecord>(*db_, std::string("SELECT ") + kBundleCols + " FROM bundles ORDER BY uploaded_ms",
+  return query<BundleRecord>(*db_, std::string("SELECT ") + kBundleCols + " FROM bundles ORDER BY uploaded_ms",
                                [](const sql::Stmt& s) { return bundle_from(s, false); });
 }
 

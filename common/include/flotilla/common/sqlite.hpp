@@ -6,6 +6,8 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <utility>
+#include <vector>
 
 #include "flotilla/common/result.hpp"
 
@@ -38,6 +40,23 @@ class Stmt {
   Result<bool> step();
   // Runs to completion (for INSERT/UPDATE/DELETE).
   Status run();
+  // Steps through every remaining row, calling f(*this) on each.
+  template <class F>
+  Status each(F&& f) {
+    for (;;) {
+      auto r = step();
+      if (!r) return r.error();
+      if (!*r) return {};
+      f(static_cast<const Stmt&>(*this));
+    }
+  }
+  // One T per remaining row, made by row(*this).
+  template <class T, class F>
+  Result<std::vector<T>> rows(F&& row) {
+    std::vector<T> out;
+    if (auto s = each([&](const Stmt& st) { out.push_back(row(st)); }); !s) return s.error();
+    return out;
+  }
   void reset();
 
   int64_t col_int(int i) const;
@@ -69,6 +88,22 @@ class Db {
   explicit Db(sqlite3* db) : db_(db) {}
   sqlite3* db_;
 };
+
+// Prepares text, lets bind(stmt) set its parameters and returns one T per
+// row, made by row(stmt).
+template <class T, class B, class F>
+Result<std::vector<T>> query(Db& db, std::string_view text, B&& bind, F&& row) {
+  auto st = db.prepare(text);
+  if (!st) return st.error();
+  bind(*st);
+  return st->template rows<T>(std::forward<F>(row));
+}
+
+// The same for a statement without parameters.
+template <class T, class F>
+Result<std::vector<T>> query(Db& db, std::string_view text, F&& row) {
+  return query<T>(db, text, [](Stmt&) {}, std::forward<F>(row));
+}
 
 // BEGIN IMMEDIATE ... COMMIT, rolled back on destruction unless committed.
 class Transaction {
