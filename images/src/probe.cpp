@@ -56,13 +56,13 @@ std::vector<std::string> split(const std::string& path) {
 }  // namespace
 
 Result<std::string> resolve_in_image(const std::string& path, const LstatFn& lstat) {
-  std::vector<std::string> todo = split(path);
-  std::reverse(todo.begin(), todo.end());  // a stack: back() is the next component
+  std::vector<std::string> components = split(path);
+  std::reverse(components.begin(), components.end());  // a stack: back() is the next component
   std::vector<std::string> done;
   int hops = 0;
-  while (!todo.empty()) {
-    const std::string c = todo.back();
-    todo.pop_back();
+  while (!components.empty()) {
+    const std::string c = components.back();
+    components.pop_back();
     if (c == "..") {
       if (!done.empty()) done.pop_back();  // /.. is / in the image too
       continue;
@@ -77,7 +77,7 @@ Result<std::string> resolve_in_image(const std::string& path, const LstatFn& lst
     done.pop_back();
     if (!n->link_target.empty() && n->link_target.front() == '/') done.clear();
     auto parts = split(n->link_target);
-    for (auto it = parts.rbegin(); it != parts.rend(); ++it) todo.push_back(*it);
+    for (auto it = parts.rbegin(); it != parts.rend(); ++it) components.push_back(*it);
   }
   std::string out;
   for (const auto& d : done) out += "/" + d;

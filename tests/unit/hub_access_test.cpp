@@ -2,6 +2,7 @@
 // handler over a real HubService and SQLite store in a temporary directory.
 #include <catch2/catch.hpp>
 
+#include "tests/support/hub_test_support.hpp"
 #include "tests/support/temp_dir.hpp"
 
 #include <cmath>
@@ -47,36 +48,10 @@ namespace bundles = flotilla::bundles;
 namespace transport = flotilla::transport;
 namespace v1 = flotilla::v1;
 
+using flotilla::test::body_of;
+using flotilla::test::error_code;
+using flotilla::test::RecordingTransport;
 using flotilla::test::TempDir;
-
-json body_of(const HttpResponse& r) {
-  json j = json::parse(r.body, nullptr, false);
-  INFO(r.body);
-  REQUIRE_FALSE(j.is_discarded());
-  return j;
-}
-
-std::string error_code(const HttpResponse& r) {
-  const json j = body_of(r);
-  REQUIRE(j.contains("error"));
-  return j["error"]["code"].get<std::string>();
-}
-
-class RecordingTransport final : public transport::Transport {
- public:
-  flotilla::Status connect(const transport::ConnectOptions&) override { return {}; }
-  flotilla::Status subscribe(const std::string&, int) override { return {}; }
-  flotilla::Status publish(const transport::Message& m) override {
-    published.push_back(m);
-    return {};
-  }
-  flotilla::Status flush(std::chrono::milliseconds) override { return {}; }
-  void disconnect() override {}
-  bool connected() const override { return true; }
-  void on_message(MessageHandler) override {}
-  void on_connection_lost(LostHandler) override {}
-  std::vector<transport::Message> published;
-};
 
 // A hub whose first admin token covers every project, like the bootstrap
 // token in <data-dir>/admin.token.
@@ -534,7 +509,7 @@ TEST_CASE("hub decommissions a device: credential gone, desired state cleared, r
     return false;
   };
   REQUIRE(has_credential(dev));
-  hub.transport_.published.clear();
+  hub.transport_.clear();
 
   auto r = hub.call("DELETE", "/v1/devices/" + dev);
   INFO(r.body);
@@ -543,10 +518,11 @@ TEST_CASE("hub decommissions a device: credential gone, desired state cleared, r
   CHECK_FALSE(has_credential(dev));
   CHECK(has_credential(other));
   // The retained desired state is cleared with an empty retained message.
-  REQUIRE(hub.transport_.published.size() == 1);
-  CHECK(hub.transport_.published[0].topic == transport::device_topic(dev, "desired"));
-  CHECK(hub.transport_.published[0].payload.empty());
-  CHECK(hub.transport_.published[0].retained);
+  const auto published = hub.transport_.published();
+  REQUIRE(published.size() == 1);
+  CHECK(published[0].topic == transport::device_topic(dev, "desired"));
+  CHECK(published[0].payload.empty());
+  CHECK(published[0].retained);
 
   // Out of the default list, still there for history.
   CHECK(ids_of(hub.get("/v1/devices")["items"]) == std::set<std::string>{other});

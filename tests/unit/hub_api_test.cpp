@@ -2,6 +2,7 @@
 // temporary directory, with no broker attached.
 #include <catch2/catch.hpp>
 
+#include "tests/support/hub_test_support.hpp"
 #include "tests/support/temp_dir.hpp"
 
 #include <algorithm>
@@ -65,19 +66,10 @@ using nlohmann::json;
 namespace bundles = flotilla::bundles;
 namespace v1 = flotilla::v1;
 
+using flotilla::test::body_of;
+using flotilla::test::error_code;
+using flotilla::test::RecordingTransport;
 using flotilla::test::TempDir;
-
-json body_of(const HttpResponse& r) {
-  json j = json::parse(r.body, nullptr, false);
-  REQUIRE_FALSE(j.is_discarded());
-  return j;
-}
-
-std::string error_code(const HttpResponse& r) {
-  const json j = body_of(r);
-  REQUIRE(j.contains("error"));
-  return j["error"]["code"].get<std::string>();
-}
 
 std::string error_message(const HttpResponse& r) {
   const json j = body_of(r);
@@ -92,37 +84,6 @@ bool contains(const std::string& haystack, const std::string& needle) {
 std::string bytes_string(const flotilla::Bytes& b) { return std::string(b.begin(), b.end()); }
 
 const std::string kGarbage = "\xff\xff\xff\xff not a protobuf message";
-
-// Stands in for a connected broker session where a test needs one: the hub
-// refuses enrollment until it has subscribed to device reports.
-class RecordingTransport final : public flotilla::transport::Transport {
- public:
-  flotilla::Status connect(const flotilla::transport::ConnectOptions&) override {
-    connected_ = true;
-    return {};
-  }
-  flotilla::Status subscribe(const std::string& filter, int) override {
-    subscriptions.push_back(filter);
-    return {};
-  }
-  flotilla::Status publish(const flotilla::transport::Message& m) override {
-    published.push_back(m);
-    return {};
-  }
-  flotilla::Status flush(std::chrono::milliseconds) override { return {}; }
-  void disconnect() override { connected_ = false; }
-  bool connected() const override { return connected_; }
-  void on_message(MessageHandler h) override { handler_ = std::move(h); }
-  void on_connection_lost(LostHandler h) override { lost_ = std::move(h); }
-
-  std::vector<std::string> subscriptions;
-  std::vector<flotilla::transport::Message> published;
-
- private:
-  bool connected_ = true;
-  MessageHandler handler_;
-  LostHandler lost_;
-};
 
 // A hub with no broker unless a test attaches one: publishing desired state
 // then only logs a warning.
@@ -341,7 +302,7 @@ TEST_CASE("hub health endpoints", "[unit][hub]") {
 
   auto& broker = hub.attach_broker();
   // Devices' own topics and those of devices behind gateways.
-  CHECK(broker.subscriptions == std::vector<std::string>{"flotilla/v1/d/+/report", "flotilla/v1/g/+/d/+/report",
+  CHECK(broker.subscriptions() == std::vector<std::string>{"flotilla/v1/d/+/report", "flotilla/v1/g/+/d/+/report",
                                                          "flotilla/v1/d/+/presence", "flotilla/v1/g/+/d/+/presence"});
   CHECK(hub.anonymous("GET", "/readyz").status == 200);
   broker.disconnect();
@@ -675,12 +636,13 @@ TEST_CASE("hub publishes retained desired state to each targeted device", "[unit
   const std::string bundle_id = hub.upload_bundle();
   const std::string p1 = hub.enroll_device({{"env", "prod"}});
   const std::string dev = hub.enroll_device({{"env", "dev"}});
-  broker.published.clear();
+  broker.clear();
 
   const std::string id = hub.create_campaign(bundle_id, "env=prod")["id"].get<std::string>();
 
-  REQUIRE(broker.published.size() == 1);
-  const auto& m = broker.published[0];
+  const auto published = broker.published();
+  REQUIRE(published.size() == 1);
+  const auto& m = published[0];
   CHECK(m.topic == flotilla::transport::device_topic(p1, "desired"));
   CHECK(m.retained);
   CHECK(m.qos == 1);

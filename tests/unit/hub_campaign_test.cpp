@@ -3,6 +3,7 @@
 // carrying on after a restart over the same store.
 #include <catch2/catch.hpp>
 
+#include "tests/support/hub_test_support.hpp"
 #include "tests/support/temp_dir.hpp"
 
 #include <map>
@@ -21,40 +22,15 @@ using nlohmann::json;
 
 namespace {
 
+using flotilla::test::RecordingTransport;
 using flotilla::test::TempDir;
-
-// Records what the hub publishes (the engine publishes from its own thread).
-class Recorder final : public transport::Transport {
- public:
-  Status connect(const transport::ConnectOptions&) override { return {}; }
-  Status subscribe(const std::string&, int) override { return {}; }
-  Status publish(const transport::Message& m) override {
-    std::lock_guard lock(mu_);
-    v1::DesiredState ds;
-    if (ds.ParseFromString(m.payload)) sent_.push_back(ds);
-    return {};
-  }
-  Status flush(std::chrono::milliseconds) override { return {}; }
-  void disconnect() override {}
-  bool connected() const override { return true; }
-  void on_message(MessageHandler) override {}
-  void on_connection_lost(LostHandler) override {}
-  std::vector<v1::DesiredState> sent() {
-    std::lock_guard lock(mu_);
-    return sent_;
-  }
-
- private:
-  std::mutex mu_;
-  std::vector<v1::DesiredState> sent_;
-};
 
 struct Fleet {
   TempDir dir;
   FakeClock clock;
   std::unique_ptr<Store> store;
   std::unique_ptr<HubService> hub;
-  Recorder broker;
+  RecordingTransport broker;
   bundles::KeyPair key = bundles::generate_key();
   std::vector<std::string> devices;
   std::map<std::string, uint64_t> seq;
@@ -112,10 +88,20 @@ struct Fleet {
     deliver(device, "presence", p.SerializeAsString());
   }
 
+  // Every desired state the hub published, in order.
+  std::vector<v1::DesiredState> sent() const {
+    std::vector<v1::DesiredState> out;
+    for (const auto& m : broker.published()) {
+      v1::DesiredState ds;
+      if (ds.ParseFromString(m.payload)) out.push_back(ds);
+    }
+    return out;
+  }
+
   // What the last desired state sent to a device was.
   std::optional<v1::DesiredState> desired(const std::string& device) {
     std::optional<v1::DesiredState> last;
-    for (const auto& d : broker.sent()) if (d.device_id() == device) last = d;
+    for (const auto& d : sent()) if (d.device_id() == device) last = d;
     return last;
   }
 
@@ -369,7 +355,7 @@ TEST_CASE("the abort action skips devices not yet released", "[unit][hub][campai
   CHECK(v.campaign.state == "aborted");
   CHECK(v.counts.failed == 2);
   CHECK(v.counts.skipped == 4);
-  CHECK(f.broker.sent().size() == 2);  // the skipped devices were never told
+  CHECK(f.sent().size() == 2);  // the skipped devices were never told
 }
 
 TEST_CASE("the rollback action returns devices that took the bundle to what they ran", "[unit][hub][campaign]") {
