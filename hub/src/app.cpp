@@ -182,6 +182,9 @@ Status run_hub(const HubConfig& cfg, const std::atomic<bool>& stop) {
   co.username = hub_user;
   co.password = hub_pass;
   co.max_inflight = 1000;
+  // A campaign released to 100k devices publishes 100k desired states: paced
+  // by the broker's acknowledgements, not queued whole in memory.
+  co.max_pending = 2000;
   co.keepalive_s = 20;
 
   api = std::make_unique<Api>(*service);

@@ -81,8 +81,6 @@ Result<CampaignRecord> HubService::create_campaign(const std::string& name, cons
     if (bundle.expires_unix != 0 && bundle.expires_unix <= clock_.now_unix()) {
       return make_error(Errc::invalid_argument, "bundle " + bundle.id + " has expired; devices would refuse it");
     }
-    auto devices = store_.list_devices();
-    if (!devices) return devices.error();
     c.id = "c-" + crypto::random_token(6);
     c.name = name.empty() ? bundle.name + "-" + std::to_string(bundle.version) : name;
     c.bundle_id = bundle.id;
@@ -91,20 +89,16 @@ Result<CampaignRecord> HubService::create_campaign(const std::string& name, cons
     c.created_ms = c.updated_ms = clock_.now_unix_ms();
     c.project = project;
     c.strategy = strategy.to_json().dump();
-    std::vector<CampaignDeviceRecord> rows;
+    std::vector<Store::CampaignMember> rows;
     std::vector<double> ranks;
-    for (const auto& d : *devices) {
-      if (project != "*" && d.project != project) continue;
-      if (d.state == "decommissioned" || !sel->matches(d.labels)) continue;
-      CampaignDeviceRecord row;
-      row.campaign_id = c.id;
-      row.device_id = d.id;
-      row.status = "waiting";
-      row.updated_ms = c.created_ms;
-      row.rank = campaign_rank(c.id, d.id);
-      ranks.push_back(row.rank);
-      rows.push_back(std::move(row));
-    }
+    auto listed = store_.each_device_target(
+        [&](const std::string& id, const std::string& dev_project, const std::string& state, const Labels& labels) {
+          if (project != "*" && dev_project != project) return;
+          if (state == "decommissioned" || !sel->matches(labels)) return;
+          rows.push_back({id, campaign_rank(c.id, id), 0});
+          ranks.push_back(rows.back().rank);
+        });
+    if (!listed) return listed.error();
     if (rows.empty()) {
       return make_error(Errc::invalid_argument, "selector '" + sel->text() + "' matches no enrolled device");
     }
@@ -120,7 +114,7 @@ Result<CampaignRecord> HubService::create_campaign(const std::string& name, cons
 
 void HubService::engine_loop() {
   while (!stopping_) {
-    {
+    if (!retick_.exchange(false)) {
       std::unique_lock lock(engine_mu_);
       engine_cv_.wait_for(lock, std::chrono::milliseconds(250));
     }
@@ -130,7 +124,7 @@ void HubService::engine_loop() {
 }
 
 void HubService::tick() {
-  std::vector<std::function<void()>> publishes;
+  Publishes publishes;
   {
     std::lock_guard lock(store_mu_);
     auto campaigns = store_.list_campaigns();
@@ -149,10 +143,10 @@ void HubService::tick() {
   }
   // Published only after the commit; a crash in between is repaired by
   // republish_pending() at the next connect.
-  for (auto& p : publishes) p();
+  publish_all(publishes, "desired");
 }
 
-void HubService::tick_campaign(CampaignRecord& c, std::vector<std::function<void()>>& publishes) {
+void HubService::tick_campaign(CampaignRecord& c, Publishes& publishes) {
   auto logger = log::get("hub");
   const Strategy strategy = strategy_of(c);
   const int64_t now = clock_.now_unix_ms();
@@ -212,23 +206,39 @@ void HubService::tick_campaign(CampaignRecord& c, std::vector<std::function<void
     return;
   }
 
-  // Release the current wave (and any earlier one's stragglers): offline
-  // devices at once (their desired state waits for them, retained, and they
-  // take no slot), online ones within max_in_flight.
-  int64_t budget = strategy.max_in_flight > 0 ? std::max<int64_t>(0, strategy.max_in_flight - in_flight) : LLONG_MAX;
-  auto ready = store_.releasable(c.id, c.current_wave);
-  if (!ready) return;
-  std::optional<BundleRecord> bundle;
+  // Release the current wave (and any earlier one's stragglers): online
+  // devices within max_in_flight, offline ones regardless (their desired
+  // state waits for them, retained, and they take no slot). At most
+  // kReleaseChunk per tick, online first: the transaction that holds the
+  // store stays short, devices get their desired state while the rest is
+  // still being released, and the engine ticks again at once.
+  const int64_t budget = strategy.max_in_flight > 0 ? std::max<int64_t>(0, strategy.max_in_flight - in_flight)
+                                                    : kReleaseChunk;
+  std::vector<CampaignDeviceRecord> ready;
+  if (int64_t n = std::min(budget, kReleaseChunk); n > 0) {
+    auto online = store_.releasable(c.id, c.current_wave, true, n);
+    if (!online) return;
+    ready = std::move(*online);
+  }
+  if (int64_t n = kReleaseChunk - static_cast<int64_t>(ready.size()); n > 0) {
+    auto offline = store_.releasable(c.id, c.current_wave, false, n);
+    if (!offline) return;
+    for (auto& r : *offline) ready.push_back(std::move(r));
+  }
+  if (static_cast<int64_t>(ready.size()) >= kReleaseChunk) retick_ = true;
+  std::shared_ptr<const std::string> shared;
+  std::map<std::string, std::shared_ptr<const std::string>> shared_cache;
+  std::map<std::string, std::string> prev_ids;  // "name:version" -> bundle id, for this tick
   int64_t released = 0;
-  for (auto& [row, online] : *ready) {
-    if (online && budget <= 0) break;
-    if (!bundle) {
-      auto b = bundle_with_envelope(c.bundle_id);
+  for (size_t i = 0; i < ready.size(); ++i) {
+    auto& row = ready[i];
+    if (!shared) {
+      auto b = desired_shared(c.bundle_id, shared_cache);
       if (!b) {
         logger->error("campaign={} cannot release: {}", c.id, b.error().message);
         return;
       }
-      bundle = *b;
+      shared = *b;
     }
     auto dev = store_.get_device(row.device_id);
     if (!dev || !*dev) {
@@ -241,10 +251,13 @@ void HubService::tick_campaign(CampaignRecord& c, std::vector<std::function<void
     DeviceRecord d = **dev;
     // What it runs now is what a rollback returns it to.
     if (!d.applied_bundle.empty()) {
-      if (auto prev = store_.get_bundle(d.applied_bundle + ":" + std::to_string(d.applied_version), false);
-          prev && *prev) {
-        row.prev_bundle_id = (*prev)->id;
+      const std::string key = d.applied_bundle + ":" + std::to_string(d.applied_version);
+      auto it = prev_ids.find(key);
+      if (it == prev_ids.end()) {
+        auto prev = store_.get_bundle(key, false);
+        it = prev_ids.emplace(key, prev && *prev ? (*prev)->id : std::string()).first;
       }
+      row.prev_bundle_id = it->second;
     }
     if (auto others = store_.supersede_others(d.id, c.id, now); others && !others->empty()) {
       logger->info("device={} leaves campaigns {} for {}", d.id, others->front(), c.id);
@@ -257,13 +270,7 @@ void HubService::tick_campaign(CampaignRecord& c, std::vector<std::function<void
     row.updated_ms = now;
     if (auto s = store_.save_campaign_device(row); !s) return;
     if (auto s = store_.set_device_desired(d.id, gen, c.bundle_id, c.id); !s) return;
-    d.generation = gen;
-    publishes.push_back([this, d, b = *bundle, gen, id = c.id] {
-      if (auto s = publish_desired(d, b, gen, id); !s) {
-        log::get("hub")->warn("publish desired device={} failed, will retry at reconnect: {}", d.id, s.error().message);
-      }
-    });
-    if (online) --budget;
+    publishes.push_back({d.id, d.gateway, c.id, gen, false, shared});
     ++released;
   }
   if (released > 0) {
@@ -308,8 +315,7 @@ void HubService::tick_campaign(CampaignRecord& c, std::vector<std::function<void
   update();
 }
 
-void HubService::start_rollback(CampaignRecord& c, const std::string& reason,
-                                std::vector<std::function<void()>>& publishes) {
+void HubService::start_rollback(CampaignRecord& c, const std::string& reason, Publishes& publishes) {
   auto logger = log::get("hub");
   const int64_t now = clock_.now_unix_ms();
   if (auto waiting = store_.campaign_devices_with_status(c.id, {"waiting"}); waiting) {
@@ -322,6 +328,7 @@ void HubService::start_rollback(CampaignRecord& c, const std::string& reason,
   // Devices that took the bundle (or may be taking it) go back to what they ran
   // before. Devices that failed already restored their previous state themselves.
   auto rows = store_.campaign_devices_with_status(c.id, {"applied", "pending", "in_progress"});
+  std::map<std::string, std::shared_ptr<const std::string>> shared_cache;
   int64_t sent = 0;
   if (rows) {
     for (auto row : *rows) {
@@ -330,7 +337,7 @@ void HubService::start_rollback(CampaignRecord& c, const std::string& reason,
         (void)store_.save_campaign_device(row);
         continue;
       }
-      auto prev = bundle_with_envelope(row.prev_bundle_id);
+      auto prev = desired_shared(row.prev_bundle_id, shared_cache);
       auto dev = store_.get_device(row.device_id);
       if (!prev || !dev || !*dev) continue;
       DeviceRecord d = **dev;
@@ -339,13 +346,8 @@ void HubService::start_rollback(CampaignRecord& c, const std::string& reason,
       row.rollback_generation = gen;
       row.updated_ms = now;
       (void)store_.save_campaign_device(row);
-      (void)store_.set_device_desired(d.id, gen, prev->id, c.id);
-      d.generation = gen;
-      publishes.push_back([this, d, b = *prev, gen, id = c.id] {
-        if (auto s = publish_desired(d, b, gen, id, true); !s) {
-          log::get("hub")->warn("publish rollback device={} failed, will retry at reconnect: {}", d.id, s.error().message);
-        }
-      });
+      (void)store_.set_device_desired(d.id, gen, row.prev_bundle_id, c.id);
+      publishes.push_back({d.id, d.gateway, c.id, gen, true, *prev});
       ++sent;
     }
   }
@@ -356,10 +358,15 @@ void HubService::start_rollback(CampaignRecord& c, const std::string& reason,
   logger->warn("campaign={} rolling back devices={}: {}", c.id, sent, reason);
 }
 
-void HubService::on_campaign_report(const std::string& device_id, const v1::Report& r) {
-  auto cd = store_.campaign_device(r.campaign_id(), device_id);
-  if (!cd || !*cd) return;
-  CampaignDeviceRecord row = **cd;
+void HubService::on_campaign_report(const std::string& device_id, const v1::Report& r, CampaignRows& rows) {
+  auto [it, fresh] = rows.try_emplace(r.campaign_id());
+  CachedCampaignRow& cached = it->second;
+  if (fresh) {
+    auto cd = store_.campaign_device(r.campaign_id(), device_id);
+    if (cd && *cd) cached.row = std::move(**cd);
+  }
+  if (!cached.row) return;
+  CampaignDeviceRecord& row = *cached.row;
   std::string status;
   if (row.status == "rolling_back" && r.generation() == row.rollback_generation) {
     const std::string o = outcome_for(r.state());
@@ -377,9 +384,10 @@ void HubService::on_campaign_report(const std::string& device_id, const v1::Repo
   row.updated_ms = clock_.now_unix_ms();
   row.reason = r.has_error() && r.error().reason() != v1::REASON_NONE ? reason_name(r.error().reason()) : "";
   row.message = r.has_error() ? r.error().message().substr(0, 1024) : "";
-  (void)store_.save_campaign_device(row);
-  if (is_final(status)) engine_cv_.notify_one();
+  cached.dirty = true;  // written by the caller once the device's batch is applied
 }
+
+bool campaign_status_is_final(const std::string& status) { return is_final(status); }
 
 // A decommissioned device will never answer: its unfinished rows are
 // skipped so no wave waits for it and no count stays open.
@@ -403,7 +411,8 @@ void HubService::on_device_decommissioned(const std::string& device_id) {
 }
 
 void HubService::republish_pending() {
-  std::vector<std::function<void()>> work;
+  Publishes work;
+  std::map<std::string, std::shared_ptr<const std::string>> shared_cache;
   {
     std::lock_guard lock(store_mu_);
     auto campaigns = store_.list_campaigns();
@@ -416,20 +425,18 @@ void HubService::republish_pending() {
         const uint64_t gen = rollback ? row.rollback_generation : row.generation;
         auto d = store_.get_device(row.device_id);
         if (!d || !*d || (*d)->generation != gen || (*d)->state == "decommissioned") continue;
-        auto b = bundle_with_envelope(rollback ? (*d)->desired_bundle_id : c.bundle_id);
-        if (!b) continue;
-        work.push_back([this, dev = **d, bundle = *b, gen, id = c.id, rollback] {
-          (void)publish_desired(dev, bundle, gen, id, rollback);
-        });
+        auto shared = desired_shared(rollback ? (*d)->desired_bundle_id : c.bundle_id, shared_cache);
+        if (!shared) continue;
+        work.push_back({(*d)->id, (*d)->gateway, c.id, gen, rollback, *shared});
       }
     }
   }
-  for (auto& w : work) w();
+  publish_all(work, "desired");
   if (!work.empty()) log::get("hub")->info("republished desired state for {} devices", work.size());
 }
 
 Result<CampaignRecord> HubService::campaign_action(const std::string& id, const std::string& action) {
-  std::vector<std::function<void()>> publishes;
+  Publishes publishes;
   CampaignRecord c;
   {
     std::lock_guard lock(store_mu_);
@@ -478,7 +485,7 @@ Result<CampaignRecord> HubService::campaign_action(const std::string& id, const 
     if (auto s = store_.update_campaign(c); !s) return s.error();
     if (auto s = tx.commit(); !s) return s.error();
   }
-  for (auto& p : publishes) p();
+  publish_all(publishes, "desired");
   engine_cv_.notify_one();
   log::get("hub")->info("campaign={} action={} state={}", id, action, c.state);
   return c;
@@ -510,15 +517,21 @@ Result<std::optional<CampaignView>> HubService::campaign_view(const std::string&
       if (unfinished && !row.online) w.offline += row.count;
     }
   }
-  auto rows = store_.campaign_devices(id);
-  if (!rows) return rows.error();
-  for (const auto& r : *rows) {
-    if (r.status == "failed" || r.status == "rollback_failed") ++v.failure_reasons[r.reason.empty() ? "unknown" : r.reason];
-    if (v.counts.offline > 0 && v.away.size() < 100 && !is_final(r.status)) {
-      if (auto d = store_.get_device(r.device_id); d && *d && !(*d)->online) v.away.push_back(r.device_id);
-    }
+  // Grouped and limited in SQL: a status poll of a million-device campaign
+  // must not load a million rows.
+  auto reasons = store_.failure_reasons(id);
+  if (!reasons) return reasons.error();
+  v.failure_reasons = std::move(*reasons);
+  if (v.counts.offline > 0) {
+    auto away = store_.away_devices(id, 100);
+    if (!away) return away.error();
+    v.away = std::move(*away);
   }
-  if (with_devices) v.devices = std::move(*rows);
+  if (with_devices) {
+    auto rows = store_.campaign_devices(id);
+    if (!rows) return rows.error();
+    v.devices = std::move(*rows);
+  }
   return std::optional<CampaignView>(std::move(v));
 }
 

@@ -1,5 +1,6 @@
 #include "flotilla/hub/service.hpp"
 
+#include <unordered_map>
 #include <algorithm>
 #include <set>
 
@@ -283,25 +284,52 @@ Result<std::optional<BundleRecord>> HubService::get_bundle(const std::string& ke
   return store_.get_bundle(key, false);
 }
 
-Status HubService::publish_desired(const DeviceRecord& d, const BundleRecord& b, uint64_t generation,
-                                   const std::string& campaign_id, bool rollback) {
-  if (!transport_) return make_error(Errc::unavailable, "no broker connection", true);
+Result<std::shared_ptr<const std::string>> HubService::desired_shared(
+    const std::string& bundle_id, std::map<std::string, std::shared_ptr<const std::string>>& cache) {
+  if (auto it = cache.find(bundle_id); it != cache.end()) return it->second;
+  auto b = bundle_with_envelope(bundle_id);
+  if (!b) return b.error();
   v1::DesiredState ds;
-  ds.set_device_id(d.id);
-  ds.set_generation(generation);
-  ds.set_campaign_id(campaign_id);
-  ds.set_issued_unix_ms(clock_.now_unix_ms());
-  ds.set_artifact_base_url(cfg_.public_url + "/v1/artifacts/");
-  ds.set_rollback(rollback);
-  if (!ds.mutable_bundle()->ParseFromString(b.envelope)) {
-    return make_error(Errc::internal, "stored bundle " + b.id + " does not parse");
+  if (!ds.mutable_bundle()->ParseFromString(b->envelope)) {
+    return make_error(Errc::internal, "stored bundle " + b->id + " does not parse");
   }
-  auto trust = get_trust();
+  ds.set_artifact_base_url(cfg_.public_url + "/v1/artifacts/");
+  auto trust = store_.get_trust();
   if (!trust) return trust.error().with_context("trust for desired state");
-  if (*trust) *ds.mutable_trust() = std::move(**trust);
-  auto published = transport_->publish({transport::device_topic(d.id, d.gateway, "desired"), ds.SerializeAsString(), 1, true});
+  if (*trust && !ds.mutable_trust()->ParseFromString((*trust)->first)) {
+    return make_error(Errc::internal, "stored trust message does not parse");
+  }
+  auto shared = std::make_shared<const std::string>(ds.SerializeAsString());
+  cache.emplace(bundle_id, shared);
+  return shared;
+}
+
+Status HubService::publish_desired(const PendingDesired& p) {
+  if (!transport_) return make_error(Errc::unavailable, "no broker connection", true);
+  v1::DesiredState head;
+  head.set_device_id(p.device_id);
+  head.set_generation(p.generation);
+  head.set_campaign_id(p.campaign_id);
+  head.set_issued_unix_ms(clock_.now_unix_ms());
+  head.set_rollback(p.rollback);
+  // Protobuf merges concatenated encodings of one message: head + shared
+  // parses as the whole DesiredState, with the shared bytes copied once here
+  // instead of re-encoded per device.
+  std::string payload = head.SerializeAsString();
+  payload += *p.shared;
+  auto published = transport_->publish({transport::device_topic(p.device_id, p.gateway, "desired"),
+                                        std::move(payload), 1, true});
   ++(published ? desired_published_ : desired_publish_failures_);
   return published;
+}
+
+void HubService::publish_all(const Publishes& publishes, const char* what) {
+  for (const auto& p : publishes) {
+    if (auto s = publish_desired(p); !s) {
+      log::get("hub")->warn("publish {} device={} failed, will retry at reconnect: {}", what, p.device_id,
+                            s.error().message);
+    }
+  }
 }
 
 Result<std::vector<DeviceRecord>> HubService::list_devices(const Selector& sel) {
@@ -356,33 +384,9 @@ void HubService::drain() {
     std::lock_guard lock(store_mu_);
     const auto started = std::chrono::steady_clock::now();
     sql::Transaction tx(store_.db());
-    for (const auto& m : batch) process(m);
+    process_batch(batch);
     if (auto s = tx.commit(); !s) log::get("hub")->error("commit report batch failed: {}", s.error().message);
     report_commit_seconds_.observe(std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count());
-  }
-}
-
-void HubService::process(const transport::Message& msg) {
-  std::string leaf, gateway;
-  const std::string device_id = transport::parse_device_topic(msg.topic, &gateway, &leaf);
-  if (device_id.empty()) return;
-  // The broker's ACL guarantees only this device (or, under flotilla/v1/g/<gw>/,
-  // only that gateway) could publish here, so the topic, not the payload,
-  // says who is speaking. A gateway may speak only for its own devices
-  // (checked in the handlers, against the device row).
-  if (leaf == "report") {
-    v1::Report r;
-    if (!r.ParseFromString(msg.payload)) {
-      log::get("hub")->warn("dropped unparsable report device={} bytes={}", device_id, msg.payload.size());
-      return;
-    }
-    handle_report(device_id, r, gateway);
-  } else if (leaf == "presence") {
-    v1::Presence p;
-    // Zero bytes is both Presence{online=false} in proto3 and a cleared
-    // retained message: either way the device is not there.
-    if (!p.ParseFromString(msg.payload)) return;
-    handle_presence(device_id, p, gateway);
   }
 }
 
@@ -395,28 +399,109 @@ bool wrong_gateway(const DeviceRecord& d, const std::string& gateway, const char
 }
 }  // namespace
 
-void HubService::handle_presence(const std::string& device_id, const v1::Presence& p, const std::string& gateway) {
-  auto d = store_.get_device(device_id);
-  if (!d || !*d || wrong_gateway(**d, gateway, "presence")) return;
-  DeviceRecord dev = **d;
-  dev.online = p.online();
-  dev.last_seen_ms = std::max(dev.last_seen_ms, clock_.now_unix_ms());
-  if (!p.agent_version().empty()) dev.agent_version = p.agent_version();
-  if (store_.save_device_state(dev)) ++presence_processed_;
-  // A gateway that went away takes its devices with it.
-  if (!p.online() && dev.gateway.empty()) (void)store_.set_gateway_devices_offline(device_id, clock_.now_unix_ms());
+// A report or presence message, parsed, with the gateway whose topics carried it.
+struct HubService::ParsedMessage {
+  std::string gateway;
+  bool is_report = false;
+  v1::Report report;
+  v1::Presence presence;
+};
+
+// A device's messages in one batch are applied to its rows in memory and
+// written once: a device sends five or more reports per apply within
+// milliseconds, and each used to cost a read and a write of its device row
+// and of its campaign row. Messages of different devices touch different
+// rows, so grouping by device keeps each device's order and loses nothing;
+// a presence "offline" can change other devices' rows (a gateway's), so it
+// ends a group boundary: everything before it is written first.
+void HubService::process_batch(const std::vector<transport::Message>& batch) {
+  std::vector<std::string> order;
+  std::unordered_map<std::string, std::vector<ParsedMessage>> by_device;
+  auto flush = [&] {
+    for (const auto& id : order) apply_device_messages(id, by_device[id]);
+    order.clear();
+    by_device.clear();
+  };
+  for (const auto& msg : batch) {
+    std::string leaf;
+    ParsedMessage p;
+    // The broker's ACL guarantees only this device (or, under
+    // flotilla/v1/g/<gw>/, only that gateway) could publish here, so the
+    // topic, not the payload, says who is speaking. A gateway may speak only
+    // for its own devices (checked against the device row).
+    const std::string device_id = transport::parse_device_topic(msg.topic, &p.gateway, &leaf);
+    if (device_id.empty()) continue;
+    if (leaf == "report") {
+      if (!p.report.ParseFromString(msg.payload)) {
+        log::get("hub")->warn("dropped unparsable report device={} bytes={}", device_id, msg.payload.size());
+        continue;
+      }
+      p.is_report = true;
+    } else if (leaf == "presence") {
+      // Zero bytes is both Presence{online=false} in proto3 and a cleared
+      // retained message: either way the device is not there.
+      if (!p.presence.ParseFromString(msg.payload)) continue;
+    } else {
+      continue;
+    }
+    const bool barrier = !p.is_report && !p.presence.online();
+    auto [it, fresh] = by_device.try_emplace(device_id);
+    if (fresh) order.push_back(device_id);
+    it->second.push_back(std::move(p));
+    if (barrier) flush();
+  }
+  flush();
 }
 
-void HubService::handle_report(const std::string& device_id, const v1::Report& r, const std::string& gateway) {
-  auto d = store_.get_device(device_id);
-  if (!d || !*d) {
-    log::get("hub")->warn("report from unknown device={}", device_id);
+void HubService::apply_device_messages(const std::string& device_id, const std::vector<ParsedMessage>& msgs) {
+  auto found = store_.get_device(device_id);
+  if (!found || !*found) {
+    if (std::any_of(msgs.begin(), msgs.end(), [](const ParsedMessage& p) { return p.is_report; })) {
+      log::get("hub")->warn("report from unknown device={}", device_id);
+    }
     return;
   }
-  if (wrong_gateway(**d, gateway, "report")) return;
-  DeviceRecord dev = **d;
-  // QoS 1 may deliver twice and a reconnect may replay: keep only newer reports.
-  if (r.seq() != 0 && r.seq() <= dev.last_seq) return;
+  DeviceRecord dev = std::move(**found);
+  CampaignRows rows;
+  bool changed = false, gateway_left = false;
+  uint64_t reports = 0, presences = 0;
+  for (const auto& p : msgs) {
+    if (wrong_gateway(dev, p.gateway, p.is_report ? "report" : "presence")) continue;
+    if (!p.is_report) {
+      dev.online = p.presence.online();
+      dev.last_seen_ms = std::max(dev.last_seen_ms, clock_.now_unix_ms());
+      if (!p.presence.agent_version().empty()) dev.agent_version = p.presence.agent_version();
+      changed = true;
+      ++presences;
+      // A gateway that went away takes its devices with it.
+      gateway_left = !p.presence.online() && dev.gateway.empty();
+      continue;
+    }
+    const v1::Report& r = p.report;
+    // QoS 1 may deliver twice and a reconnect may replay: keep only newer reports.
+    if (r.seq() != 0 && r.seq() <= dev.last_seq) continue;
+    apply_report(dev, r);
+    changed = true;
+    ++reports;
+    if (!r.campaign_id().empty()) on_campaign_report(device_id, r, rows);
+  }
+  if (changed) {
+    if (auto s = store_.save_device_state(dev); !s) {
+      log::get("hub")->error("save device={} failed: {}", device_id, s.error().message);
+      return;
+    }
+  }
+  for (auto& [campaign, row] : rows) {
+    if (!row.dirty || !row.row) continue;
+    (void)store_.save_campaign_device(*row.row);
+    if (campaign_status_is_final(row.row->status)) engine_cv_.notify_one();
+  }
+  reports_processed_ += reports;
+  presence_processed_ += presences;
+  if (gateway_left) (void)store_.set_gateway_devices_offline(device_id, clock_.now_unix_ms());
+}
+
+void HubService::apply_report(DeviceRecord& dev, const v1::Report& r) {
   dev.last_seq = r.seq();
   dev.last_seen_ms = clock_.now_unix_ms();
   dev.online = true;
@@ -439,12 +524,6 @@ void HubService::handle_report(const std::string& device_id, const v1::Report& r
     dev.last_reason.clear();
     dev.last_message.clear();
   }
-  if (auto s = store_.save_device_state(dev); !s) {
-    log::get("hub")->error("save device={} failed: {}", device_id, s.error().message);
-    return;
-  }
-  ++reports_processed_;
-  if (!r.campaign_id().empty()) on_campaign_report(device_id, r);
 }
 
 }  // namespace flotilla::hub

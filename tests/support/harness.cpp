@@ -86,7 +86,7 @@ std::string Hub::log() const {
 
 std::string Hub::admin_token() const {
   auto t = fs::read_file(data_ / "admin.token", 4096);
-  if (!t) throw std::runtime_error("no admin token");
+  if (!t) throw std::runtime_error("no admin token: " + t.error().message);
   return t->substr(0, t->find('\n'));
 }
 

@@ -18,6 +18,14 @@ namespace flotilla::transport {
 
 namespace {
 
+// Set on Paho's callback threads: publish() must not wait there, the
+// acknowledgements it would wait for arrive on that same thread.
+thread_local bool t_in_callback = false;
+struct InCallback {
+  InCallback() { t_in_callback = true; }
+  ~InCallback() { t_in_callback = false; }
+};
+
 // The context Paho calls back with. It lives on the heap and is kept by the
 // transport long after the caller stopped waiting: Paho C 1.3.12 may call a
 // failure callback late, or twice (eclipse/paho.mqtt.c#1341), and a stack
@@ -155,8 +163,21 @@ class PahoTransport final : public Transport {
     m.qos = msg.qos;
     m.retained = msg.retained ? 1 : 0;
     MQTTAsync_responseOptions ro = MQTTAsync_responseOptions_initializer;
+    const bool paced = opts_.max_pending > 0 && msg.qos > 0;
+    if (paced) {
+      if (!t_in_callback) {
+        std::unique_lock lock(pending_mu_);
+        pending_cv_.wait_for(lock, opts_.timeout, [this] { return pending_ < opts_.max_pending; });
+      }
+      ro.onSuccess = [](void* ctx, MQTTAsync_successData*) { static_cast<PahoTransport*>(ctx)->acked(); };
+      ro.onFailure = [](void* ctx, MQTTAsync_failureData*) { static_cast<PahoTransport*>(ctx)->acked(); };
+      ro.context = this;
+      std::lock_guard lock(pending_mu_);
+      ++pending_;
+    }
     int rc = MQTTAsync_sendMessage(client_, msg.topic.c_str(), &m, &ro);
     if (rc != MQTTASYNC_SUCCESS) {
+      if (paced) acked();
       return make_error(Errc::unavailable, "publish " + msg.topic + " (code " + std::to_string(rc) + ")",
                         true);
     }
@@ -203,8 +224,25 @@ class PahoTransport final : public Transport {
   }
 
  private:
+  // A publish was acknowledged or failed: room for the next one.
+  void acked() {
+    {
+      std::lock_guard lock(pending_mu_);
+      if (pending_ > 0) --pending_;
+    }
+    pending_cv_.notify_one();
+  }
+
   static void lost_cb(void* ctx, char* cause) {
+    InCallback in_callback;
     auto* self = static_cast<PahoTransport*>(ctx);
+    {
+      // What was in flight is resent or failed by the library; callers
+      // waiting for room must not wait on acknowledgements that may never come.
+      std::lock_guard lock(self->pending_mu_);
+      self->pending_ = 0;
+    }
+    self->pending_cv_.notify_all();
     LostHandler h;
     {
       std::lock_guard lock(self->mu_);
@@ -214,6 +252,7 @@ class PahoTransport final : public Transport {
   }
 
   static int arrived_cb(void* ctx, char* topic, int topic_len, MQTTAsync_message* m) {
+    InCallback in_callback;
     auto* self = static_cast<PahoTransport*>(ctx);
     Message msg;
     msg.topic = topic_len > 0 ? std::string(topic, static_cast<size_t>(topic_len)) : std::string(topic);
@@ -245,6 +284,9 @@ class PahoTransport final : public Transport {
 
   MQTTAsync client_ = nullptr;
   ConnectOptions opts_;
+  std::mutex pending_mu_;
+  std::condition_variable pending_cv_;
+  int pending_ = 0;  // paced publishes not yet acknowledged
   std::mutex mu_;
   MessageHandler msg_handler_;
   LostHandler lost_handler_;

@@ -1,5 +1,6 @@
 // Campaign tables of the hub's SQLite store.
 #include <algorithm>
+#include <map>
 
 #include "flotilla/hub/store.hpp"
 
@@ -82,13 +83,64 @@ Status Store::migrate_campaigns() {
   if (auto s = add_missing("campaigns", campaign_cols); !s) return s;
   if (auto s = add_missing("campaign_devices", row_cols); !s) return s;
   if (auto s = add_missing("devices", {{"gateway", "TEXT NOT NULL DEFAULT ''"}}); !s) return s;
-  return db_->exec(
-      "CREATE INDEX IF NOT EXISTS campaign_devices_status ON campaign_devices(campaign_id, status);"
-      "CREATE INDEX IF NOT EXISTS campaign_devices_device ON campaign_devices(device_id, status);"
-      "CREATE INDEX IF NOT EXISTS devices_gateway ON devices(gateway) WHERE gateway != '';");
+  // Indexes: status lookups and wave release in rank order (campaign,
+  // status, wave, rank),
+  // deadline expiry without scanning every device in flight (campaign,
+  // status, deadline), a device's rows across campaigns, a gateway's devices.
+  if (auto s = db_->exec(
+          "DROP INDEX IF EXISTS campaign_devices_status;"
+          "CREATE INDEX IF NOT EXISTS campaign_devices_wave ON campaign_devices(campaign_id, status, wave, rank);"
+          "CREATE INDEX IF NOT EXISTS campaign_devices_deadline ON campaign_devices(campaign_id, status, deadline_ms);"
+          "CREATE INDEX IF NOT EXISTS campaign_devices_device ON campaign_devices(device_id, status);"
+          "CREATE INDEX IF NOT EXISTS devices_gateway ON devices(gateway) WHERE gateway != '';");
+      !s) {
+    return s;
+  }
+  return migrate_campaign_counts();
 }
 
-Status Store::insert_campaign(const CampaignRecord& c, const std::vector<CampaignDeviceRecord>& devices) {
+// campaign_counts holds COUNT(*) of campaign_devices by (campaign, wave,
+// status, device online), kept by triggers inside SQLite so every writer
+// (reports, presence, the engine's bulk updates) keeps it exact, and the
+// engine's tick and the status API read a few rows instead of grouping every
+// device of a campaign. It is rebuilt from the rows at every open, so a data
+// directory from before it existed, or one edited by hand, starts right.
+Status Store::migrate_campaign_counts() {
+  return db_->exec(R"SQL(
+CREATE TABLE IF NOT EXISTS campaign_counts (
+  campaign_id TEXT NOT NULL, wave INTEGER NOT NULL, status TEXT NOT NULL, online INTEGER NOT NULL,
+  n INTEGER NOT NULL, PRIMARY KEY (campaign_id, wave, status, online)) WITHOUT ROWID;
+CREATE TRIGGER IF NOT EXISTS campaign_counts_insert AFTER INSERT ON campaign_devices BEGIN
+  INSERT INTO campaign_counts VALUES (NEW.campaign_id, NEW.wave, NEW.status,
+      COALESCE((SELECT online FROM devices WHERE id = NEW.device_id), 0), 1)
+    ON CONFLICT DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS campaign_counts_update AFTER UPDATE OF status, wave ON campaign_devices
+    WHEN OLD.status != NEW.status OR OLD.wave != NEW.wave BEGIN
+  UPDATE campaign_counts SET n = n - 1
+    WHERE campaign_id = OLD.campaign_id AND wave = OLD.wave AND status = OLD.status
+      AND online = COALESCE((SELECT online FROM devices WHERE id = OLD.device_id), 0);
+  INSERT INTO campaign_counts VALUES (NEW.campaign_id, NEW.wave, NEW.status,
+      COALESCE((SELECT online FROM devices WHERE id = NEW.device_id), 0), 1)
+    ON CONFLICT DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS campaign_counts_online AFTER UPDATE OF online ON devices
+    WHEN OLD.online != NEW.online BEGIN
+  UPDATE campaign_counts SET n = n - 1
+    WHERE (campaign_id, wave, status, online) IN
+      (SELECT campaign_id, wave, status, OLD.online FROM campaign_devices WHERE device_id = NEW.id);
+  INSERT INTO campaign_counts
+    SELECT campaign_id, wave, status, NEW.online, 1 FROM campaign_devices WHERE device_id = NEW.id
+    ON CONFLICT DO UPDATE SET n = n + 1;
+END;
+DELETE FROM campaign_counts;
+INSERT INTO campaign_counts
+  SELECT cd.campaign_id, cd.wave, cd.status, COALESCE(d.online, 0), COUNT(*) FROM campaign_devices cd
+    LEFT JOIN devices d ON d.id = cd.device_id GROUP BY 1, 2, 3, 4;
+)SQL");
+}
+
+Status Store::insert_campaign(const CampaignRecord& c, const std::vector<CampaignMember>& members) {
   sql::Transaction tx(*db_);
   if (!tx.ok()) return make_error(Errc::unavailable, "cannot begin transaction", true);
   {
@@ -101,16 +153,14 @@ Status Store::insert_campaign(const CampaignRecord& c, const std::vector<Campaig
         .bind(12, std::string_view(c.state_reason)).bind(13, c.baseline_failed).bind(14, c.baseline_finals);
     if (auto r = st->run(); !r) return r.error();
   }
-  auto ins = db_->prepare(std::string("INSERT INTO campaign_devices (") + kRowCols +
-                          ") VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)");
+  auto ins = db_->prepare(
+      "INSERT INTO campaign_devices (campaign_id, device_id, status, generation, updated_ms, wave, rank) "
+      "VALUES (?, ?, 'waiting', 0, ?, ?, ?)");
   if (!ins) return ins.error();
-  for (const auto& d : devices) {
+  for (const auto& m : members) {
     ins->reset();
-    ins->bind(1, std::string_view(d.campaign_id)).bind(2, std::string_view(d.device_id))
-        .bind(3, std::string_view(d.status)).bind(4, static_cast<int64_t>(d.generation)).bind(5, d.updated_ms)
-        .bind(6, std::string_view(d.reason)).bind(7, std::string_view(d.message)).bind(8, static_cast<int64_t>(d.wave))
-        .bind_double(9, d.rank).bind(10, d.released_ms).bind(11, d.deadline_ms)
-        .bind(12, std::string_view(d.prev_bundle_id)).bind(13, static_cast<int64_t>(d.rollback_generation));
+    ins->bind(1, std::string_view(c.id)).bind(2, std::string_view(m.device_id)).bind(3, c.created_ms)
+        .bind(4, static_cast<int64_t>(m.wave)).bind_double(5, m.rank);
     if (auto r = ins->run(); !r) return r.error();
   }
   return tx.commit();
@@ -189,28 +239,66 @@ Status Store::save_campaign_device(const CampaignDeviceRecord& cd) {
   return st->run();
 }
 
+namespace {
+CampaignCountRow count_row(const sql::Stmt& s) {
+  return CampaignCountRow{static_cast<int>(s.col_int(0)), s.col_text(1), s.col_int(2) != 0, s.col_int(3)};
+}
+}  // namespace
+
 Result<std::vector<CampaignCountRow>> Store::campaign_counts(const std::string& campaign_id) {
+  return query<CampaignCountRow>(
+      *db_, "SELECT wave, status, online, n FROM campaign_counts WHERE campaign_id = ? AND n != 0 ORDER BY 1, 2, 3",
+      [&](sql::Stmt& s) { s.bind(1, std::string_view(campaign_id)); }, count_row);
+}
+
+Result<std::vector<CampaignCountRow>> Store::recount_campaign(const std::string& campaign_id) {
   return query<CampaignCountRow>(
       *db_,
       "SELECT cd.wave, cd.status, COALESCE(d.online, 0), COUNT(*) FROM campaign_devices cd "
-      "LEFT JOIN devices d ON d.id = cd.device_id WHERE cd.campaign_id = ? GROUP BY 1, 2, 3",
-      [&](sql::Stmt& s) { s.bind(1, std::string_view(campaign_id)); },
-      [](const sql::Stmt& s) {
-        return CampaignCountRow{static_cast<int>(s.col_int(0)), s.col_text(1), s.col_int(2) != 0, s.col_int(3)};
-      });
+      "LEFT JOIN devices d ON d.id = cd.device_id WHERE cd.campaign_id = ? GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+      [&](sql::Stmt& s) { s.bind(1, std::string_view(campaign_id)); }, count_row);
 }
 
-Result<std::vector<std::pair<CampaignDeviceRecord, bool>>> Store::releasable(const std::string& campaign_id,
-                                                                             int max_wave) {
-  return query<std::pair<CampaignDeviceRecord, bool>>(
+Result<std::map<std::string, int64_t>> Store::failure_reasons(const std::string& campaign_id) {
+  auto rows = query<std::pair<std::string, int64_t>>(
+      *db_,
+      "SELECT reason, COUNT(*) FROM campaign_devices WHERE campaign_id = ? AND status IN ('failed', 'rollback_failed') "
+      "GROUP BY 1",
+      [&](sql::Stmt& s) { s.bind(1, std::string_view(campaign_id)); },
+      [](const sql::Stmt& s) { return std::make_pair(s.col_text(0), s.col_int(1)); });
+  if (!rows) return rows.error();
+  std::map<std::string, int64_t> out;
+  for (auto& [reason, n] : *rows) out[reason.empty() ? "unknown" : reason] += n;
+  return out;
+}
+
+Result<std::vector<std::string>> Store::away_devices(const std::string& campaign_id, int64_t limit) {
+  return query<std::string>(
+      *db_,
+      "SELECT cd.device_id FROM campaign_devices cd JOIN devices d ON d.id = cd.device_id "
+      "WHERE cd.campaign_id = ? AND cd.status IN ('waiting', 'pending', 'in_progress', 'rolling_back') "
+      "AND d.online = 0 ORDER BY cd.device_id LIMIT ?",
+      [&](sql::Stmt& s) { s.bind(1, std::string_view(campaign_id)).bind(2, limit); },
+      [](const sql::Stmt& s) { return s.col_text(0); });
+}
+
+Result<std::vector<CampaignDeviceRecord>> Store::releasable(const std::string& campaign_id, int max_wave,
+                                                            bool online, int64_t limit) {
+  // Walks campaign_devices_wave in (wave, rank) order and stops at `limit`:
+  // a tick reads what it releases, not every waiting row.
+  return query<CampaignDeviceRecord>(
       *db_,
       std::string("SELECT ") +
           "cd.campaign_id, cd.device_id, cd.status, cd.generation, cd.updated_ms, cd.reason, cd.message, cd.wave, "
-          "cd.rank, cd.released_ms, cd.deadline_ms, cd.prev_bundle_id, cd.rollback_generation, COALESCE(d.online, 0) "
+          "cd.rank, cd.released_ms, cd.deadline_ms, cd.prev_bundle_id, cd.rollback_generation "
           "FROM campaign_devices cd LEFT JOIN devices d ON d.id = cd.device_id "
-          "WHERE cd.campaign_id = ? AND cd.status = 'waiting' AND cd.wave <= ? ORDER BY COALESCE(d.online, 0), cd.wave, cd.rank",
-      [&](sql::Stmt& s) { s.bind(1, std::string_view(campaign_id)).bind(2, static_cast<int64_t>(max_wave)); },
-      [](const sql::Stmt& s) { return std::make_pair(row_from(s), s.col_int(13) != 0); });
+          "WHERE cd.campaign_id = ? AND cd.status = 'waiting' AND cd.wave <= ? AND COALESCE(d.online, 0) = ? "
+          "ORDER BY cd.wave, cd.rank LIMIT ?",
+      [&](sql::Stmt& s) {
+        s.bind(1, std::string_view(campaign_id)).bind(2, static_cast<int64_t>(max_wave)).bind(3, online ? 1 : 0)
+            .bind(4, limit);
+      },
+      [](const sql::Stmt& s) { return row_from(s); });
 }
 
 Result<int64_t> Store::expire_deadlines(const std::string& campaign_id, int64_t now_ms) {
@@ -219,7 +307,7 @@ Result<int64_t> Store::expire_deadlines(const std::string& campaign_id, int64_t 
       "UPDATE campaign_devices SET status = 'failed', reason = 'deadline_exceeded', "
       "message = 'no outcome before the per-device deadline', updated_ms = ? "
       "WHERE campaign_id = ? AND status IN ('pending', 'in_progress') AND deadline_ms > 0 AND deadline_ms < ? "
-      "AND device_id IN (SELECT id FROM devices WHERE online = 1)");
+      "AND EXISTS (SELECT 1 FROM devices d WHERE d.id = campaign_devices.device_id AND d.online = 1)");
   if (!st) return st.error();
   st->bind(1, now_ms).bind(2, std::string_view(campaign_id)).bind(3, now_ms);
   if (auto s = st->run(); !s) return s.error();

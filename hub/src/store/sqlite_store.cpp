@@ -71,6 +71,11 @@ Result<std::unique_ptr<Store>> Store::open(const std::string& path) {
   auto db = sql::Db::open(path);
   if (!db) return db.error();
   std::unique_ptr<Store> s(new Store(std::move(*db)));
+  // SQLite's default page cache is 2 MiB: at 100k devices every report then
+  // re-reads its rows' pages from the kernel (a third of the hub's CPU in
+  // perf). 64 MiB holds the hot rows and indexes of a large fleet and is a
+  // fixed cost, not a per-device one.
+  if (auto c = s->db_->exec("PRAGMA cache_size = -65536"); !c) return c.error();
   if (auto m = s->migrate(); !m) return m.error().with_context("migrate " + path);
   return s;
 }
@@ -220,6 +225,13 @@ Result<std::optional<DeviceRecord>> Store::get_device(const std::string& id) {
 Result<std::vector<DeviceRecord>> Store::list_devices() {
   return query<DeviceRecord>(*db_, std::string("SELECT ") + kDeviceCols + " FROM devices ORDER BY id",
                                device_from);
+}
+
+Status Store::each_device_target(
+    const std::function<void(const std::string&, const std::string&, const std::string&, const Labels&)>& f) {
+  auto st = db_->prepare("SELECT id, project, state, labels FROM devices ORDER BY id");
+  if (!st) return st.error();
+  return st->each([&](const sql::Stmt& s) { f(s.col_text(0), s.col_text(1), s.col_text(2), labels_from(s.col_text(3))); });
 }
 
 Status Store::save_device_state(const DeviceRecord& d) {

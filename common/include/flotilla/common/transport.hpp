@@ -29,6 +29,11 @@ struct ConnectOptions {
   std::optional<Message> will;
   std::string ca_file;        // pinned CA for ssl:// URLs
   int max_inflight = 64;
+  // publish() waits while this many QoS>0 messages are unacknowledged, so a
+  // burst (a campaign released to a million devices) is paced by the broker
+  // instead of piling up in the client's memory. 0: never waits. It never
+  // waits on the transport's own callback thread, and not longer than timeout.
+  int max_pending = 0;
   std::chrono::milliseconds timeout{10000};
 };
 
@@ -45,7 +50,8 @@ class Transport {
   // Blocks until the broker acknowledges the subscription; an ACL refusal
   // (SUBACK 0x80) is reported as permission_denied.
   virtual Status subscribe(const std::string& filter, int qos) = 0;
-  // Queues the message; delivery is tracked by the client library.
+  // Queues the message; delivery is tracked by the client library. May wait
+  // for room (ConnectOptions::max_pending).
   virtual Status publish(const Message& msg) = 0;
   // Blocks until every queued QoS>0 publish has been acknowledged or timeout.
   virtual Status flush(std::chrono::milliseconds timeout) = 0;

@@ -159,18 +159,38 @@ class HubService {
 
  private:
   void worker();
-  void process(const transport::Message& msg);
-  // gateway: the gateway whose topics carried the message (empty: the
-  // device's own topics); it must be the device's gateway.
-  void handle_report(const std::string& device_id, const v1::Report& r, const std::string& gateway = {});
-  void handle_presence(const std::string& device_id, const v1::Presence& p, const std::string& gateway = {});
-  Status publish_desired(const DeviceRecord& d, const BundleRecord& b, uint64_t generation,
-                         const std::string& campaign_id, bool rollback = false);
+  struct ParsedMessage;
+  // A device's campaign rows touched by one batch, read once and written once.
+  struct CachedCampaignRow {
+    std::optional<CampaignDeviceRecord> row;
+    bool dirty = false;
+  };
+  using CampaignRows = std::map<std::string, CachedCampaignRow>;  // by campaign id
+  void process_batch(const std::vector<transport::Message>& batch);
+  void apply_device_messages(const std::string& device_id, const std::vector<ParsedMessage>& msgs);
+  void apply_report(DeviceRecord& dev, const v1::Report& r);
+  // One desired-state message, decided inside a store transaction and
+  // published after it commits. What every device of a campaign shares (the
+  // signed bundle, the trust chain, the artifact base URL) is serialized once
+  // and shared; per device only a small head (id, generation, campaign).
+  struct PendingDesired {
+    std::string device_id, gateway, campaign_id;
+    uint64_t generation = 0;
+    bool rollback = false;
+    std::shared_ptr<const std::string> shared;
+  };
+  using Publishes = std::vector<PendingDesired>;
+  // The shared part for a bundle; call with store_mu_ held. `cache` keeps
+  // one per bundle for the caller's loop.
+  Result<std::shared_ptr<const std::string>> desired_shared(
+      const std::string& bundle_id, std::map<std::string, std::shared_ptr<const std::string>>& cache);
+  Status publish_desired(const PendingDesired& p);
+  void publish_all(const Publishes& publishes, const char* what);
   void republish_pending();
   void engine_loop();
-  void tick_campaign(CampaignRecord& c, std::vector<std::function<void()>>& publishes);
-  void on_campaign_report(const std::string& device_id, const v1::Report& r);
-  void start_rollback(CampaignRecord& c, const std::string& reason, std::vector<std::function<void()>>& publishes);
+  void tick_campaign(CampaignRecord& c, Publishes& publishes);
+  void on_campaign_report(const std::string& device_id, const v1::Report& r, CampaignRows& rows);
+  void start_rollback(CampaignRecord& c, const std::string& reason, Publishes& publishes);
   Result<BundleRecord> bundle_with_envelope(const std::string& id);
 
   Store& store_;
@@ -194,6 +214,9 @@ class HubService {
   std::thread engine_;
   std::condition_variable engine_cv_;
   std::mutex engine_mu_;
+  // Rows one tick releases at most; a tick that hit it asks for the next at once.
+  static constexpr int64_t kReleaseChunk = 5000;
+  std::atomic<bool> retick_{false};
   std::map<std::string, BundleRecord> bundle_cache_;  // envelopes for publishing, by id
   std::atomic<uint64_t> reports_processed_{0};
   std::atomic<uint64_t> reports_received_{0}, presence_received_{0}, other_received_{0};
@@ -207,5 +230,8 @@ class HubService {
 // "AGENT_STATE_APPLIED" -> "applied"; "REASON_BAD_SIGNATURE" -> "bad_signature".
 std::string state_name(v1::AgentState s);
 std::string reason_name(v1::Reason r);
+// True for a campaign row status that is an outcome (applied, failed, superseded, skipped, rolled_back,
+// rollback_failed).
+bool campaign_status_is_final(const std::string& status);
 
 }  // namespace flotilla::hub

@@ -2,6 +2,8 @@
 // The hub's records and their SQLite store. Device rows are a cache of
 // device reports plus campaign bookkeeping (DESIGN.md, data ownership).
 #include <cstdint>
+#include <functional>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -105,6 +107,7 @@ struct CampaignCountRow {
   std::string status;
   bool online = false;
   int64_t count = 0;
+  bool operator==(const CampaignCountRow&) const = default;
 };
 
 struct TokenRecord {
@@ -165,6 +168,11 @@ class Store {
   Status upsert_enrolled_device(const DeviceRecord& d);
   Result<std::optional<DeviceRecord>> get_device(const std::string& id);
   Result<std::vector<DeviceRecord>> list_devices();
+  // Streams what targeting needs of every device (id, project, state,
+  // labels) without building a million full records.
+  Status each_device_target(
+      const std::function<void(const std::string& id, const std::string& project, const std::string& state,
+                               const Labels& labels)>& f);
   Status save_device_state(const DeviceRecord& d);  // report/presence fields
   // A gateway's session ended (its will fired): every device behind it is offline.
   Status set_gateway_devices_offline(const std::string& gateway, int64_t now_ms);
@@ -176,7 +184,14 @@ class Store {
 
   // Campaigns (store/campaign_store.cpp). insert_campaign writes the campaign
   // and all its device rows (status waiting) in one transaction.
-  Status insert_campaign(const CampaignRecord& c, const std::vector<CampaignDeviceRecord>& devices);
+  // One device of a new campaign: everything else of its row is the default
+  // (status waiting).
+  struct CampaignMember {
+    std::string device_id;
+    double rank = 0;
+    int wave = 0;
+  };
+  Status insert_campaign(const CampaignRecord& c, const std::vector<CampaignMember>& members);
   Result<std::optional<CampaignRecord>> get_campaign(const std::string& id);
   Result<std::vector<CampaignRecord>> list_campaigns();
   Status update_campaign(const CampaignRecord& c);
@@ -186,9 +201,19 @@ class Store {
   Result<std::optional<CampaignDeviceRecord>> campaign_device(const std::string& campaign_id,
                                                               const std::string& device_id);
   Status save_campaign_device(const CampaignDeviceRecord& cd);
+  // From the trigger-kept campaign_counts table: a few rows, whatever the fleet size.
   Result<std::vector<CampaignCountRow>> campaign_counts(const std::string& campaign_id);
-  // Waiting rows of waves up to max_wave, offline devices first, then by rank.
-  Result<std::vector<std::pair<CampaignDeviceRecord, bool>>> releasable(const std::string& campaign_id, int max_wave);
+  // The same figures grouped from every device row (what the triggers must
+  // agree with; tests compare the two).
+  Result<std::vector<CampaignCountRow>> recount_campaign(const std::string& campaign_id);
+  // Failed and rollback_failed rows by reason ("unknown" when empty).
+  Result<std::map<std::string, int64_t>> failure_reasons(const std::string& campaign_id);
+  // Unfinished rows of offline devices, the first `limit` by device id.
+  Result<std::vector<std::string>> away_devices(const std::string& campaign_id, int64_t limit);
+  // Waiting rows of waves up to max_wave whose device is online (or
+  // offline), by wave and rank; at most `limit` of them.
+  Result<std::vector<CampaignDeviceRecord>> releasable(const std::string& campaign_id, int max_wave, bool online,
+                                                       int64_t limit);
   // Pending/in-progress rows of online devices whose deadline passed become failed.
   Result<int64_t> expire_deadlines(const std::string& campaign_id, int64_t now_ms);
   // Marks a device's unfinished rows in other campaigns superseded; returns those campaign ids.
@@ -197,6 +222,7 @@ class Store {
   Status set_device_desired(const std::string& device_id, uint64_t generation, const std::string& bundle_id,
                             const std::string& campaign_id);
   Status migrate_campaigns();
+  Status migrate_campaign_counts();
   // The operator's trust message (a serialized v1::Trust), one for the whole
   // hub (store/trust_store.cpp); nullopt until one was stored.
   Status put_trust(const std::string& trust_bytes, int64_t now_ms);
