@@ -58,6 +58,8 @@ void add_agent_options(Options& o) {
            "auto")
       .add("tls-ca-file", "CA certificates (PEM, device path) trusted for ssl:// brokers, https:// enrollment and "
                           "https:// artifact downloads instead of the system CA store")
+      .add("inventory-interval", "how often the agent checks its inventory (k3s version, node Ready, ...) and "
+                                 "reports it if it changed (0 = never)", "5m")
       .add("supervise-interval", "how often the agent checks that k3s runs and starts it if not (0 = never)", "30s")
       .add("drift-interval", "how often installed files are checked against the applied bundle (0 = never)", "10m")
       .add("min-free", "disk space that must stay free after an apply (bytes, or 64MiB, 1GiB)", "64MiB")
@@ -172,6 +174,9 @@ Result<AgentConfig> agent_config_from(const Options& o) {
                                                     "' holds no PEM certificate (-----BEGIN CERTIFICATE-----)");
     }
   }
+  auto ii = o.get_duration("inventory-interval");
+  if (!ii) return ii.error();
+  c.inventory_interval = *ii;
   auto di = o.get_duration("drift-interval");
   if (!di) return di.error();
   c.drift_interval = *di;
@@ -476,6 +481,7 @@ Status run_agent(const AgentConfig& cfg, const std::atomic<bool>& stop) {
   auto next_drift = std::chrono::steady_clock::now() + cfg.drift_interval;
   auto next_supervise = std::chrono::steady_clock::now() + cfg.supervise_interval;
   auto next_outbox = std::chrono::steady_clock::now();
+  auto next_inventory = std::chrono::steady_clock::now() + cfg.inventory_interval;
   bool revoked = false;
   bool tls_rejected = false;
   auto revoked_since = std::chrono::system_clock::now();
@@ -579,6 +585,12 @@ Status run_agent(const AgentConfig& cfg, const std::atomic<bool>& stop) {
       if (!agent.applied().in_flight) {
         if (auto s = runtime.ensure_running(); !s) logger->warn("k3s is not running and did not start: {}", s.error().message);
       }
+    }
+    // Reports only what changed since the last inventory sent; a device that
+    // is disconnected reports its whole inventory on the next connect anyway.
+    if (cfg.inventory_interval.count() > 0 && std::chrono::steady_clock::now() >= next_inventory) {
+      next_inventory = std::chrono::steady_clock::now() + cfg.inventory_interval;
+      if (connected) agent.check_inventory();
     }
     if (connected && !agent.outbox().empty() && std::chrono::steady_clock::now() >= next_outbox) {
       next_outbox = std::chrono::steady_clock::now() + std::chrono::seconds(5);

@@ -470,6 +470,10 @@ TEST_CASE("agent config rejects bad new settings with a clear message", "[unit][
   CHECK(good->service_manager == "openrc");
   CHECK(good->min_free_bytes == (uint64_t{1} << 30));
   CHECK(good->drift_interval == std::chrono::seconds(30));
+  CHECK(good->inventory_interval == std::chrono::minutes(5));
+  auto bad_inventory = parse({"--inventory-interval", "often"});
+  REQUIRE_FALSE(bad_inventory);
+  CHECK(bad_inventory.error().message.find("inventory-interval") != std::string::npos);
 }
 
 TEST_CASE("agent config checks tls-ca-file under the root before anything connects", "[unit][agent][config]") {

@@ -33,6 +33,7 @@ struct AgentConfig {
   // ssl:// brokers, https:// enrollment and artifact downloads. Empty = the
   // system CA store.
   std::string tls_ca_file;
+  std::chrono::milliseconds inventory_interval{300000};  // inventory change check; 0 = never
   std::chrono::milliseconds drift_interval{600000};  // 0 = no drift checks
   std::chrono::milliseconds supervise_interval{30000};  // k3s liveness check; 0 = never
   uint64_t min_free_bytes = 64u << 20;
