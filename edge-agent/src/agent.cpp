@@ -126,8 +126,11 @@ v1::Inventory Agent::inventory() {
   inv.set_node_ready(last_node_ready_);
   inv.set_k3s_cert_expiry_unix(runtime_.serving_cert_expiry());
   if (auto fb = files_.free_bytes("/"); fb) inv.set_disk_free_bytes(*fb);
-  struct sysinfo si {};
-  if (::sysinfo(&si) == 0) inv.set_mem_free_bytes(static_cast<uint64_t>(si.freeram) * si.mem_unit);
+  if (cfg_.mem_free_bytes) {
+    inv.set_mem_free_bytes(cfg_.mem_free_bytes());
+  } else if (struct sysinfo si {}; ::sysinfo(&si) == 0) {
+    inv.set_mem_free_bytes(static_cast<uint64_t>(si.freeram) * si.mem_unit);
+  }
   for (const auto& [k, v] : cfg_.labels) (*inv.mutable_labels())[k] = v;
   return inv;
 }
@@ -151,7 +154,10 @@ v1::Report Agent::make_report(v1::AgentState st, const Attempt& a, v1::Reason re
     r.mutable_error()->set_message(message);
   }
   *r.mutable_applied() = applied_bundle();
-  if (with_inventory) *r.mutable_inventory() = inventory();
+  if (with_inventory) {
+    *r.mutable_inventory() = inventory();
+    last_inventory_ = r.inventory();
+  }
   return r;
 }
 
@@ -187,6 +193,46 @@ void Agent::report_inventory() {
   last_node_ready_ = runtime_.health().node_ready;
   Attempt a{state_.generation, state_.campaign_id, state_.bundle_name, state_.version};
   report(v1::AGENT_STATE_IDLE, a, v1::REASON_NONE, "", 100, true);
+}
+
+namespace {
+// Free space is noise until it moves a lot or crosses the mark below which
+// an operator wants to know.
+bool free_space_changed(uint64_t sent, uint64_t now, uint64_t low_mark) {
+  if ((sent < low_mark) != (now < low_mark)) return true;
+  const uint64_t delta = sent > now ? sent - now : now - sent;
+  return delta >= (uint64_t{16} << 20) && delta * 10 > sent;
+}
+}  // namespace
+
+bool inventory_changed(const v1::Inventory& sent, const v1::Inventory& now) {
+  if (sent.k3s_version() != now.k3s_version() || sent.node_ready() != now.node_ready() ||
+      sent.k3s_cert_expiry_unix() != now.k3s_cert_expiry_unix() || sent.os() != now.os() ||
+      sent.arch() != now.arch() || sent.agent_version() != now.agent_version() ||
+      sent.hostname() != now.hostname()) {
+    return true;
+  }
+  if (sent.labels().size() != now.labels().size()) return true;
+  for (const auto& [k, v] : now.labels()) {
+    auto it = sent.labels().find(k);
+    if (it == sent.labels().end() || it->second != v) return true;
+  }
+  return free_space_changed(sent.disk_free_bytes(), now.disk_free_bytes(), kLowDiskBytes) ||
+         free_space_changed(sent.mem_free_bytes(), now.mem_free_bytes(), kLowMemBytes);
+}
+
+bool Agent::check_inventory() {
+  if (state_.in_flight) return false;
+  last_node_ready_ = runtime_.health().node_ready;
+  const v1::Inventory now = inventory();
+  if (last_inventory_ && !inventory_changed(*last_inventory_, now)) return false;
+  log::get("agent")->info("inventory changed k3s={} node_ready={}; reporting", now.k3s_version(), now.node_ready());
+  Attempt a{state_.generation, state_.campaign_id, state_.bundle_name, state_.version};
+  v1::Report r = make_report(v1::AGENT_STATE_IDLE, a, v1::REASON_NONE, "", 100, false);
+  *r.mutable_inventory() = now;
+  last_inventory_ = now;
+  reporter_(std::move(r));
+  return true;
 }
 
 void Agent::report_note(v1::Reason reason, const std::string& message) {

@@ -56,7 +56,10 @@ void add_agent_options(Options& o) {
       .add("reconnect-max", "longest wait between broker reconnect attempts", "5m")
       .add("service-manager", "how k3s runs: auto (detect), systemd, openrc or direct (the agent supervises it)",
            "auto")
-      .add("tls-ca-file", "CA certificate (PEM, device path) pinned for ssl:// brokers")
+      .add("tls-ca-file", "CA certificates (PEM, device path) trusted for ssl:// brokers, https:// enrollment and "
+                          "https:// artifact downloads instead of the system CA store")
+      .add("inventory-interval", "how often the agent checks its inventory (k3s version, node Ready, ...) and "
+                                 "reports it if it changed (0 = never)", "5m")
       .add("supervise-interval", "how often the agent checks that k3s runs and starts it if not (0 = never)", "30s")
       .add("drift-interval", "how often installed files are checked against the applied bundle (0 = never)", "10m")
       .add("min-free", "disk space that must stay free after an apply (bytes, or 64MiB, 1GiB)", "64MiB")
@@ -151,9 +154,29 @@ Result<AgentConfig> agent_config_from(const Options& o) {
                                                   c.service_manager + "' (from " + o.source("service-manager") + ")");
   }
   c.tls_ca_file = o.get("tls-ca-file");
-  if (!c.tls_ca_file.empty() && c.tls_ca_file.front() != '/') {
-    return make_error(Errc::invalid_argument, "tls-ca-file must be an absolute device path, got '" + c.tls_ca_file + "'");
+  if (!c.tls_ca_file.empty()) {
+    if (c.tls_ca_file.front() != '/') {
+      return make_error(Errc::invalid_argument, "tls-ca-file must be an absolute device path, got '" + c.tls_ca_file +
+                                                    "' (from " + o.source("tls-ca-file") + ")");
+    }
+    // Checked now, not at the first handshake: a typo here would otherwise
+    // look like an untrusted server, and only once the network is up.
+    std::string rel = c.tls_ca_file;
+    while (!rel.empty() && rel.front() == '/') rel.erase(rel.begin());
+    const auto host_path = c.root / rel;
+    auto pem = fs::read_file(host_path, 1 << 20);
+    if (!pem) {
+      return make_error(Errc::invalid_argument, "tls-ca-file: cannot read '" + host_path.string() + "' (from " +
+                                                    o.source("tls-ca-file") + "): " + pem.error().message);
+    }
+    if (pem->find("-----BEGIN CERTIFICATE-----") == std::string::npos) {
+      return make_error(Errc::invalid_argument, "tls-ca-file '" + host_path.string() +
+                                                    "' holds no PEM certificate (-----BEGIN CERTIFICATE-----)");
+    }
   }
+  auto ii = o.get_duration("inventory-interval");
+  if (!ii) return ii.error();
+  c.inventory_interval = *ii;
   auto di = o.get_duration("drift-interval");
   if (!di) return di.error();
   c.drift_interval = *di;
@@ -277,6 +300,7 @@ Result<v1::EnrollResponse> enroll(const AgentConfig& cfg, const bundles::KeyPair
     hr.body = req.SerializeAsString();
     hr.headers["Content-Type"] = "application/x-protobuf";
     hr.max_response_bytes = 64 * 1024;
+    if (!cfg.tls_ca_file.empty()) hr.ca_file = under_root(cfg, cfg.tls_ca_file).string();
     auto resp = http::send(hr);
     if (resp && resp->status == 200) {
       v1::EnrollResponse er;
@@ -284,6 +308,12 @@ Result<v1::EnrollResponse> enroll(const AgentConfig& cfg, const bundles::KeyPair
       logger->error("enrollment answer does not parse");
     } else if (resp) {
       logger->error("enrollment refused status={} body={}", resp->status, resp->body.substr(0, 300));
+    } else if (!resp.error().retryable) {
+      // An untrusted certificate or a host-name mismatch: retrying will not
+      // fix it, but a new CA file (or hub certificate) will, so keep trying
+      // slowly rather than exit and be restarted in a loop.
+      logger->error("state=enrollment_failed: {}{}", resp.error().message,
+                    cfg.tls_ca_file.empty() ? "; set tls-ca-file to the CA that signed the hub's certificate" : "");
     } else {
       logger->warn("enrollment failed: {}", resp.error().message);
     }
@@ -297,14 +327,15 @@ Result<v1::EnrollResponse> enroll(const AgentConfig& cfg, const bundles::KeyPair
 // Artifacts over HTTP with resume, straight to disk under the agent's root.
 class HttpDownloader final : public Downloader {
  public:
-  HttpDownloader(const DiskFileTree& files, std::chrono::milliseconds io_timeout)
-      : files_(files), io_timeout_(io_timeout) {}
+  HttpDownloader(const DiskFileTree& files, std::chrono::milliseconds io_timeout, std::string ca_file)
+      : files_(files), io_timeout_(io_timeout), ca_file_(std::move(ca_file)) {}
   Status fetch(const std::string& url, const std::string& dest, uint64_t max_bytes) override {
     const auto host = files_.host_path(dest);
     if (auto s = fs::ensure_dir(host.parent_path(), 0700); !s) return s;
     http::DownloadOptions o;
     o.max_bytes = max_bytes;
     o.io_timeout = io_timeout_;
+    o.ca_file = ca_file_;
     auto r = http::download_to_file(url, host, o);
     if (!r) return r.error();
     log::get("agent")->info("downloaded {} bytes={} requests={} resumed_from={}", url, r->size, r->requests,
@@ -315,6 +346,7 @@ class HttpDownloader final : public Downloader {
  private:
   const DiskFileTree& files_;
   std::chrono::milliseconds io_timeout_;
+  std::string ca_file_;  // host path; empty = the system CA store
 };
 
 }  // namespace
@@ -371,7 +403,8 @@ Status run_agent(const AgentConfig& cfg, const std::atomic<bool>& stop) {
   }
   DirectK3sRuntime runtime(rc, std::move(service));
   logger->info("k3s service manager={}", runtime.service_manager());
-  HttpDownloader downloader(files, cfg.download_timeout);
+  const std::string ca_file = cfg.tls_ca_file.empty() ? std::string() : under_root(cfg, cfg.tls_ca_file).string();
+  HttpDownloader downloader(files, cfg.download_timeout, ca_file);
 
   auto transport = transport::make_paho_transport();
   const std::string report_topic = transport::device_topic(creds.device_id(), "report");
@@ -434,7 +467,7 @@ Status run_agent(const AgentConfig& cfg, const std::atomic<bool>& stop) {
   co.clean_session = false;
   co.keepalive_s = 30;
   co.will = transport::Message{presence_topic, offline.SerializeAsString(), 1, true};
-  if (!cfg.tls_ca_file.empty()) co.ca_file = under_root(cfg, cfg.tls_ca_file).string();
+  co.ca_file = ca_file;
 
   // Publishes the outbox again and drops what the broker acknowledged.
   auto deliver_outbox = [&](bool republish) {
@@ -448,7 +481,9 @@ Status run_agent(const AgentConfig& cfg, const std::atomic<bool>& stop) {
   auto next_drift = std::chrono::steady_clock::now() + cfg.drift_interval;
   auto next_supervise = std::chrono::steady_clock::now() + cfg.supervise_interval;
   auto next_outbox = std::chrono::steady_clock::now();
+  auto next_inventory = std::chrono::steady_clock::now() + cfg.inventory_interval;
   bool revoked = false;
+  bool tls_rejected = false;
   auto revoked_since = std::chrono::system_clock::now();
 
   // Full jitter: after a broker restart the fleet spreads out instead of returning at once.
@@ -465,6 +500,7 @@ Status run_agent(const AgentConfig& cfg, const std::atomic<bool>& stop) {
       if (s) {
         connected = true;
         auth_failures = 0;
+        tls_rejected = false;
         backoff.reset();
         // Outcomes from before a restart go first: the hub drops reports
         // older than the newest it has seen.
@@ -510,6 +546,16 @@ Status run_agent(const AgentConfig& cfg, const std::atomic<bool>& stop) {
         } else {
           auth_failures = 0;
         }
+        if (s.error().code == Errc::refused && !tls_rejected) {
+          // The broker's TLS certificate is not trusted (or names another
+          // host). Said once as an error state; retried with the usual
+          // backoff, since a new broker certificate or CA file fixes it
+          // without a visit. Nothing is applied meanwhile: no desired state
+          // arrives over a connection that never opened.
+          tls_rejected = true;
+          logger->error("state=broker_tls_rejected: {}. Check tls-ca-file{}; k3s keeps running its last good state.",
+                        s.error().message, cfg.tls_ca_file.empty() ? " (unset: the system CA store is used)" : "");
+        }
         if (!revoked) logger->warn("broker connect failed: {}; retry in {}ms", s.error().message, delay.count());
         next_try = std::chrono::steady_clock::now() + delay;
       }
@@ -539,6 +585,12 @@ Status run_agent(const AgentConfig& cfg, const std::atomic<bool>& stop) {
       if (!agent.applied().in_flight) {
         if (auto s = runtime.ensure_running(); !s) logger->warn("k3s is not running and did not start: {}", s.error().message);
       }
+    }
+    // Reports only what changed since the last inventory sent; a device that
+    // is disconnected reports its whole inventory on the next connect anyway.
+    if (cfg.inventory_interval.count() > 0 && std::chrono::steady_clock::now() >= next_inventory) {
+      next_inventory = std::chrono::steady_clock::now() + cfg.inventory_interval;
+      if (connected) agent.check_inventory();
     }
     if (connected && !agent.outbox().empty() && std::chrono::steady_clock::now() >= next_outbox) {
       next_outbox = std::chrono::steady_clock::now() + std::chrono::seconds(5);

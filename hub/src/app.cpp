@@ -1,6 +1,7 @@
 #include "flotilla/hub/app.hpp"
 
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <thread>
 
@@ -46,6 +47,11 @@ void add_hub_options(Options& o) {
            "127.0.0.1:0")
       .add("broker-public-url", "broker address given to devices at enrollment (default: the embedded "
                                  "broker's listen address, or broker-url)")
+      .add("broker-tls-cert", "PEM certificate chain for the embedded broker; with broker-tls-key its only "
+                              "listener speaks TLS (devices get ssl://)")
+      .add("broker-tls-key", "PEM private key for broker-tls-cert")
+      .add("broker-tls-ca", "PEM CA file the hub's own MQTT client trusts for the broker (embedded with TLS, or "
+                            "an ssl:// broker-url); empty = the system CA store")
       .add("mosquitto", "mosquitto binary for the embedded broker", "/usr/sbin/mosquitto")
       .add("http-threads", "threads serving the REST API", "2")
       .add("log-level", "trace, debug, info, warn or error", "info")
@@ -77,6 +83,38 @@ Result<HubConfig> hub_config_from(const Options& o) {
   if (!c.broker_public_url.empty() && c.broker_public_url.rfind("tcp://", 0) != 0 &&
       c.broker_public_url.rfind("ssl://", 0) != 0) {
     return make_error(Errc::invalid_argument, "broker-public-url must start with tcp:// or ssl://");
+  }
+  c.broker_tls_cert_file = o.get("broker-tls-cert");
+  c.broker_tls_key_file = o.get("broker-tls-key");
+  c.broker_tls_ca_file = o.get("broker-tls-ca");
+  if (c.broker_tls_cert_file.empty() != c.broker_tls_key_file.empty()) {
+    return make_error(Errc::invalid_argument,
+                      c.broker_tls_cert_file.empty()
+                          ? "broker-tls-key is set but broker-tls-cert is not; broker TLS needs both"
+                          : "broker-tls-cert is set but broker-tls-key is not; broker TLS needs both");
+  }
+  const bool broker_tls = !c.broker_tls_cert_file.empty();
+  if (broker_tls && !c.broker_url.empty()) {
+    return make_error(Errc::invalid_argument,
+                      "broker-tls-cert/broker-tls-key configure the embedded broker, but broker-url points at an "
+                      "external one (configure TLS on that broker and use an ssl:// broker-url)");
+  }
+  // Devices told tcp:// would speak plain MQTT to a TLS-only port.
+  if (broker_tls && c.broker_public_url.rfind("tcp://", 0) == 0) {
+    return make_error(Errc::invalid_argument, "broker-public-url is tcp:// but the embedded broker speaks only TLS "
+                                              "(broker-tls-cert); use ssl://");
+  }
+  if (!c.broker_tls_ca_file.empty() && !broker_tls && c.broker_url.rfind("ssl://", 0) != 0) {
+    return make_error(Errc::invalid_argument, "broker-tls-ca is set but the broker is not reached over TLS "
+                                              "(set broker-tls-cert and broker-tls-key, or an ssl:// broker-url)");
+  }
+  for (const auto& [key, file] : {std::pair{"broker-tls-cert", c.broker_tls_cert_file},
+                                  std::pair{"broker-tls-key", c.broker_tls_key_file},
+                                  std::pair{"broker-tls-ca", c.broker_tls_ca_file}}) {
+    if (!file.empty() && ::access(file.c_str(), R_OK) != 0) {
+      return make_error(Errc::invalid_argument, std::string(key) + ": cannot read '" + file + "' (from " +
+                                                    o.source(key) + ")");
+    }
   }
   c.broker_username = o.get("broker-username");
   c.broker_password = o.get("broker-password");
@@ -140,6 +178,9 @@ Status run_hub(const HubConfig& cfg, const std::atomic<bool>& stop) {
     bc.mosquitto_bin = cfg.mosquitto_bin;
     bc.listen_host = cfg.broker_listen_host;
     bc.port = cfg.broker_listen_port;
+    bc.tls_cert_file = cfg.broker_tls_cert_file;
+    bc.tls_key_file = cfg.broker_tls_key_file;
+    bc.tls_ca_file = cfg.broker_tls_ca_file;
     auto b = EmbeddedBroker::start(bc, *creds);
     if (!b) return b.error();
     broker = std::move(*b);
@@ -186,6 +227,11 @@ Status run_hub(const HubConfig& cfg, const std::atomic<bool>& stop) {
   // by the broker's acknowledgements, not queued whole in memory.
   co.max_pending = 2000;
   co.keepalive_s = 20;
+  co.ca_file = cfg.broker_tls_ca_file;
+  // The embedded broker is reached at its listen address, which its
+  // certificate (made for the name devices use) need not name; the chain is
+  // still checked. An external broker must name the host in broker-url.
+  co.verify_host = !embedded;
 
   api = std::make_unique<Api>(*service);
   api_ptr = api.get();

@@ -12,6 +12,7 @@
 
 #include "flotilla/common/crypto.hpp"
 #include "flotilla/common/log.hpp"
+#include "flotilla/hub/tls_files.hpp"
 
 namespace flotilla::hub {
 
@@ -338,17 +339,12 @@ std::string openssl_error() {
   return buf;
 }
 
-// TLS 1.2 and later only. Each file is checked for readability first so a
-// typo in a path says so, rather than an OpenSSL "PEM lib" message.
+// TLS 1.2 and later only.
 Result<ssl::context> make_tls_context(const HttpServerConfig& cfg) {
   if (cfg.tls_cert_file.empty() || cfg.tls_key_file.empty()) {
     return make_error(Errc::invalid_argument, cfg.tls_cert_file.empty()
                                                   ? "tls-key is set but tls-cert is not; TLS needs both"
                                                   : "tls-cert is set but tls-key is not; TLS needs both");
-  }
-  for (const auto& [what, file] : {std::pair{"tls-cert", cfg.tls_cert_file}, std::pair{"tls-key", cfg.tls_key_file}}) {
-    std::ifstream f(file);
-    if (!f) return make_error(Errc::invalid_argument, std::string(what) + ": cannot read '" + file + "'");
   }
   ssl::context ctx(ssl::context::tls_server);
   ctx.set_options(ssl::context::default_workarounds | ssl::context::no_sslv2 | ssl::context::no_sslv3 |
@@ -356,24 +352,8 @@ Result<ssl::context> make_tls_context(const HttpServerConfig& cfg) {
   if (SSL_CTX_set_min_proto_version(ctx.native_handle(), TLS1_2_VERSION) != 1) {
     return make_error(Errc::internal, "cannot require TLS 1.2: " + openssl_error());
   }
-  ERR_clear_error();
-  if (SSL_CTX_use_certificate_chain_file(ctx.native_handle(), cfg.tls_cert_file.c_str()) != 1) {
-    return make_error(Errc::invalid_argument,
-                      "tls-cert '" + cfg.tls_cert_file + "' is not a PEM certificate chain: " + openssl_error());
-  }
-  if (SSL_CTX_use_PrivateKey_file(ctx.native_handle(), cfg.tls_key_file.c_str(), SSL_FILETYPE_PEM) != 1) {
-    // OpenSSL already compares the key with the certificate here.
-    if (ERR_GET_REASON(ERR_peek_last_error()) == X509_R_KEY_VALUES_MISMATCH) {
-      ERR_clear_error();
-      return make_error(Errc::invalid_argument, "tls-key '" + cfg.tls_key_file +
-                                                    "' does not match the certificate in '" + cfg.tls_cert_file + "'");
-    }
-    return make_error(Errc::invalid_argument,
-                      "tls-key '" + cfg.tls_key_file + "' is not a PEM private key: " + openssl_error());
-  }
-  if (SSL_CTX_check_private_key(ctx.native_handle()) != 1) {
-    return make_error(Errc::invalid_argument, "tls-key '" + cfg.tls_key_file + "' does not match the certificate in '" +
-                                                  cfg.tls_cert_file + "': " + openssl_error());
+  if (auto s = load_tls_key_pair(ctx.native_handle(), "tls-cert", cfg.tls_cert_file, "tls-key", cfg.tls_key_file); !s) {
+    return s.error();
   }
   return ctx;
 }

@@ -133,7 +133,8 @@ CliResult Hub::cli_local(const std::vector<std::string>& args) {
 std::string Hub::broker_url() const {
   auto port = fs::read_file(data_ / "broker/port", 64);
   if (!port) throw std::runtime_error("no broker port file");
-  return "tcp://127.0.0.1:" + *port;
+  // With broker-tls-cert the hub copies its certificate here and the one listener is TLS.
+  return (stdfs::exists(data_ / "broker/tls/broker.pem") ? "ssl://127.0.0.1:" : "tcp://127.0.0.1:") + *port;
 }
 
 std::string Hub::broker_password() const {

@@ -5,6 +5,8 @@
 
 #include <algorithm>
 #include <chrono>
+#include <filesystem>
+#include <fstream>
 #include <memory>
 #include <set>
 #include <string>
@@ -468,4 +470,39 @@ TEST_CASE("agent config rejects bad new settings with a clear message", "[unit][
   CHECK(good->service_manager == "openrc");
   CHECK(good->min_free_bytes == (uint64_t{1} << 30));
   CHECK(good->drift_interval == std::chrono::seconds(30));
+  CHECK(good->inventory_interval == std::chrono::minutes(5));
+  auto bad_inventory = parse({"--inventory-interval", "often"});
+  REQUIRE_FALSE(bad_inventory);
+  CHECK(bad_inventory.error().message.find("inventory-interval") != std::string::npos);
+}
+
+TEST_CASE("agent config checks tls-ca-file under the root before anything connects", "[unit][agent][config]") {
+  const auto root = std::filesystem::temp_directory_path() / ("flotilla-ca-" + flotilla::crypto::random_token(6));
+  std::filesystem::create_directories(root / "etc/flotilla");
+  auto parse = [&](std::vector<std::string> args) {
+    flotilla::Options opts("flotilla-agent", "", "FLOTILLA_AGENT_TEST_UNSET_");
+    flotilla::agent::add_agent_options(opts);
+    std::vector<std::string> argv = {"flotilla-agent", "--config", "", "--root", root.string(), "--root-keys",
+                                     "ed25519:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="};
+    argv.insert(argv.end(), args.begin(), args.end());
+    std::vector<char*> cargv;
+    for (auto& a : argv) cargv.push_back(a.data());
+    REQUIRE(opts.parse(static_cast<int>(cargv.size()), cargv.data()));
+    return flotilla::agent::agent_config_from(opts);
+  };
+  auto missing = parse({"--tls-ca-file", "/etc/flotilla/ca.pem"});
+  REQUIRE_FALSE(missing);
+  CHECK(missing.error().message.find("tls-ca-file: cannot read") != std::string::npos);
+  CHECK(missing.error().message.find((root / "etc/flotilla/ca.pem").string()) != std::string::npos);
+
+  std::ofstream(root / "etc/flotilla/ca.pem") << "not a certificate\n";
+  auto not_pem = parse({"--tls-ca-file", "/etc/flotilla/ca.pem"});
+  REQUIRE_FALSE(not_pem);
+  CHECK(not_pem.error().message.find("holds no PEM certificate") != std::string::npos);
+
+  std::ofstream(root / "etc/flotilla/ca.pem") << "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+  auto good = parse({"--tls-ca-file", "/etc/flotilla/ca.pem"});
+  REQUIRE(good);
+  CHECK(good->tls_ca_file == "/etc/flotilla/ca.pem");
+  std::filesystem::remove_all(root);
 }

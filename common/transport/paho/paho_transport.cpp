@@ -1,6 +1,15 @@
 // Transport backend over Paho's C asynchronous client (MQTTAsync).
 // Paho runs its own threads; callbacks hand results back through promises.
 #include <MQTTAsync.h>
+#include <arpa/inet.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+#include <openssl/x509v3.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <condition_variable>
@@ -10,6 +19,8 @@
 #include <future>
 #include <mutex>
 #include <thread>
+#include <vector>
+#include <algorithm>
 
 #include "flotilla/common/log.hpp"
 #include "flotilla/common/transport.hpp"
@@ -65,6 +76,103 @@ void on_fail(void* ctx, MQTTAsync_failureData* data) {
   w->set(make_error(Errc::unavailable, msg + " (code " + std::to_string(code) + ")", true));
 }
 
+bool is_tls_url(const std::string& url) { return url.rfind("ssl://", 0) == 0 || url.rfind("mqtts://", 0) == 0; }
+
+// ERR_print_errors_cb lines, "<thread>:error:0A000086:SSL routines:
+// tls_post_process_server_certificate:certificate verify failed:<file>:<line>:"
+// -> "certificate verify failed".
+std::string openssl_reasons(const std::string& text) {
+  std::string out;
+  size_t start = 0;
+  while (start < text.size()) {
+    size_t end = text.find('\n', start);
+    if (end == std::string::npos) end = text.size();
+    const std::string line = text.substr(start, end - start);
+    start = end + 1;
+    if (line.empty()) continue;
+    // Colon-separated after "error:": code, library, function, reason.
+    std::vector<std::string> f;
+    const size_t at = line.find("error:");
+    for (size_t a = at == std::string::npos ? 0 : at;;) {
+      const size_t b = line.find(':', a);
+      f.push_back(line.substr(a, b == std::string::npos ? std::string::npos : b - a));
+      if (b == std::string::npos) break;
+      a = b + 1;
+    }
+    const std::string reason = at != std::string::npos && f.size() > 4 ? f[4] : line;
+    if (!reason.empty() && out.find(reason) == std::string::npos) out += (out.empty() ? "" : "; ") + reason;
+  }
+  return out;
+}
+
+std::string tls_failure_message(const ConnectOptions& opts, const std::string& openssl) {
+  const std::string why = openssl_reasons(openssl);
+  std::string hint;
+  if (why.find("certificate verify failed") != std::string::npos) {
+    hint = opts.ca_file.empty() ? " (the broker's certificate is not signed by a CA in the system store; pin the "
+                                  "CA that signed it)"
+                                : " (the broker's certificate is not signed by the CA in " + opts.ca_file + ")";
+  }
+  return "TLS handshake with " + opts.url + " failed: " + why + hint;
+}
+
+// Paho checks the certificate's host name itself after the handshake and
+// then says only "TCP/TLS connect failure", like for a broker that is down.
+// One handshake of our own, with OpenSSL checking the same chain and name,
+// tells which; empty when it finds nothing wrong (or cannot connect).
+std::string diagnose_tls(const ConnectOptions& opts) {
+  const size_t scheme = opts.url.find("://");
+  const std::string hostport = opts.url.substr(scheme == std::string::npos ? 0 : scheme + 3);
+  const size_t colon = hostport.rfind(':');
+  if (colon == std::string::npos) return {};
+  const std::string host = hostport.substr(0, colon), port = hostport.substr(colon + 1);
+  addrinfo hints{};
+  hints.ai_socktype = SOCK_STREAM;
+  addrinfo* res = nullptr;
+  if (::getaddrinfo(host.c_str(), port.c_str(), &hints, &res) != 0 || !res) return {};
+  const int fd = ::socket(res->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  timeval tv{5, 0};
+  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  ::setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+  const bool connected = fd >= 0 && ::connect(fd, res->ai_addr, res->ai_addrlen) == 0;
+  ::freeaddrinfo(res);
+  std::string why;
+  SSL_CTX* ctx = connected ? SSL_CTX_new(TLS_client_method()) : nullptr;
+  if (ctx) {
+    SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
+    const bool trust = opts.ca_file.empty() ? SSL_CTX_set_default_verify_paths(ctx) == 1
+                                            : SSL_CTX_load_verify_locations(ctx, opts.ca_file.c_str(), nullptr) == 1;
+    SSL* ssl = trust ? SSL_new(ctx) : nullptr;
+    if (ssl) {
+      SSL_set_verify(ssl, SSL_VERIFY_PEER, nullptr);
+      in6_addr ip{};
+      const bool is_ip = ::inet_pton(AF_INET, host.c_str(), &ip) == 1 || ::inet_pton(AF_INET6, host.c_str(), &ip) == 1;
+      if (!is_ip) SSL_set_tlsext_host_name(ssl, host.c_str());
+      if (opts.verify_host) {
+        X509_VERIFY_PARAM* param = SSL_get0_param(ssl);
+        if (is_ip) {
+          X509_VERIFY_PARAM_set1_ip_asc(param, host.c_str());
+        } else {
+          X509_VERIFY_PARAM_set1_host(param, host.c_str(), 0);
+        }
+      }
+      SSL_set_fd(ssl, fd);
+      if (SSL_connect(ssl) != 1) {
+        const long v = SSL_get_verify_result(ssl);
+        if (v != X509_V_OK) why = X509_verify_cert_error_string(v);
+      } else {
+        SSL_shutdown(ssl);
+      }
+      SSL_free(ssl);
+    }
+    SSL_CTX_free(ctx);
+    ERR_clear_error();
+  }
+  if (fd >= 0) ::close(fd);
+  if (why.find("mismatch") != std::string::npos) why += " (the broker's certificate does not name " + host + ")";
+  return why;
+}
+
 class PahoTransport final : public Transport {
  public:
   ~PahoTransport() override {
@@ -109,11 +217,22 @@ class PahoTransport final : public Transport {
       c.will = &will;
     }
     MQTTAsync_SSLOptions ssl = MQTTAsync_SSLOptions_initializer;
-    if (opts.url.rfind("ssl://", 0) == 0 || opts.url.rfind("mqtts://", 0) == 0) {
-      if (!opts.ca_file.empty()) ssl.trustStore = opts_.ca_file.c_str();
+    const bool tls = is_tls_url(opts.url);
+    if (tls) {
+      // Pinned: with a CA file, that file is the whole trust store (Paho
+      // would otherwise also load OpenSSL's default paths).
+      if (!opts.ca_file.empty()) {
+        ssl.trustStore = opts_.ca_file.c_str();
+        ssl.disableDefaultTrustStore = 1;
+      }
       ssl.enableServerCertAuth = 1;
-      ssl.verify = 1;
+      ssl.verify = opts.verify_host ? 1 : 0;  // host name (or IP) in the certificate
+      ssl.sslVersion = MQTT_SSL_VERSION_TLS_1_2;
+      ssl.ssl_error_cb = &PahoTransport::tls_error_cb;
+      ssl.ssl_error_context = this;
       c.ssl = &ssl;
+      std::lock_guard lock(tls_mu_);
+      tls_error_.clear();
     }
     Waiter& w = new_waiter();
     auto fut = w.promise.get_future();
@@ -131,6 +250,30 @@ class PahoTransport final : public Transport {
       return make_error(Errc::timeout, "connect to " + opts.url + " timed out", true);
     }
     Status s = fut.get();
+    if (!s && tls && s.error().code != Errc::unauthenticated) {
+      std::string openssl;
+      {
+        std::lock_guard lock(tls_mu_);
+        openssl = tls_error_;
+      }
+      // OpenSSL said why. A certificate it does not trust, or no protocol
+      // version in common, will not change by retrying the same handshake
+      // (refused, not retryable); anything else (a connection cut
+      // mid-handshake) is the network's doing.
+      if (!openssl.empty()) {
+        const std::string why = openssl_reasons(openssl);
+        const bool rejected = why.find("certificate") != std::string::npos || why.find("alert") != std::string::npos ||
+                              why.find("protocol") != std::string::npos ||
+                              why.find("wrong version number") != std::string::npos;
+        return rejected ? make_error(Errc::refused, tls_failure_message(opts, openssl))
+                        : make_error(Errc::unavailable, tls_failure_message(opts, openssl), true);
+      }
+    }
+    if (!s && tls && s.error().code == Errc::unavailable) {
+      if (const std::string why = diagnose_tls(opts); !why.empty()) {
+        return make_error(Errc::refused, "TLS handshake with " + opts.url + " failed: " + why);
+      }
+    }
     if (!s) return s.error().with_context("connect to " + opts.url);
     return s;
   }
@@ -270,6 +413,15 @@ class PahoTransport final : public Transport {
     return 1;
   }
 
+  // OpenSSL's error queue, printed by Paho when a TLS handshake fails (on
+  // Paho's thread). Bounded: a few lines say everything.
+  static int tls_error_cb(const char* str, size_t len, void* ctx) {
+    auto* self = static_cast<PahoTransport*>(ctx);
+    std::lock_guard lock(self->tls_mu_);
+    if (self->tls_error_.size() < 2048) self->tls_error_.append(str, std::min<size_t>(len, 2048));
+    return 1;
+  }
+
   // Waiters stay allocated for the last kMaxWaiters requests (and all of them
   // until the client is destroyed, after which Paho calls nothing).
   Waiter& new_waiter() {
@@ -287,6 +439,8 @@ class PahoTransport final : public Transport {
   std::mutex pending_mu_;
   std::condition_variable pending_cv_;
   int pending_ = 0;  // paced publishes not yet acknowledged
+  std::mutex tls_mu_;
+  std::string tls_error_;
   std::mutex mu_;
   MessageHandler msg_handler_;
   LostHandler lost_handler_;

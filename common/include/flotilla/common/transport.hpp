@@ -27,7 +27,13 @@ struct ConnectOptions {
   bool clean_session = false;  // devices keep their session so the broker queues while they sleep
   int keepalive_s = 30;
   std::optional<Message> will;
-  std::string ca_file;        // pinned CA for ssl:// URLs
+  // ssl:// URLs: TLS 1.2+, the broker's chain verified against ca_file alone
+  // (pinned: the system store is not consulted) or, when empty, the system
+  // CA store; and the certificate must name the URL's host unless
+  // verify_host is false (a hub reaching its own embedded broker by its
+  // listen address, which the certificate need not name).
+  std::string ca_file;
+  bool verify_host = true;
   int max_inflight = 64;
   // publish() waits while this many QoS>0 messages are unacknowledged, so a
   // burst (a campaign released to a million devices) is paced by the broker

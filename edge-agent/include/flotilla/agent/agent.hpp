@@ -51,7 +51,18 @@ struct CoreConfig {
   // Called at every journaled step boundary (step, "begin"/"end"); unit
   // tests throw from it to simulate a crash at that exact point.
   std::function<void(const std::string&, const std::string&)> step_hook;
+  // Free memory in bytes; empty = sysinfo(2). Unit tests pin it.
+  std::function<uint64_t()> mem_free_bytes;
 };
+
+// Whether an inventory differs from the one last sent enough to be worth a
+// report: any change of k3s version, node Ready, certificate expiry, labels,
+// OS, arch, hostname or agent version; free disk or memory only when it moved
+// by more than 10% (and at least 16 MiB) or crossed its low mark. Keeps a fleet's
+// periodic checks from turning into a report per device per tick.
+bool inventory_changed(const v1::Inventory& sent, const v1::Inventory& now);
+inline constexpr uint64_t kLowDiskBytes = uint64_t{1} << 30;    // 1 GiB
+inline constexpr uint64_t kLowMemBytes = uint64_t{128} << 20;   // 128 MiB
 
 class Agent {
  public:
@@ -68,6 +79,10 @@ class Agent {
   void handle_desired(const std::string& payload);
   // An inventory report (on connect and when something changed).
   void report_inventory();
+  // The periodic cheap check: computes the inventory (asking k3s whether the
+  // node is Ready) and reports it only if inventory_changed() against the
+  // last one sent. Returns whether it reported. Not during an apply.
+  bool check_inventory();
   // An idle report carrying a reason (e.g. REASON_CREDENTIALS_REVOKED after the fact).
   void report_note(v1::Reason reason, const std::string& message);
   // Compares installed files with the applied bundle; repairs and reports
@@ -129,6 +144,7 @@ class Agent {
   AppliedState state_;
   uint64_t seq_ = 0;
   bool last_node_ready_ = false;
+  std::optional<v1::Inventory> last_inventory_;  // the last one reported
   std::string apply_id_;
   uint64_t apply_generation_ = 0;
 };

@@ -29,7 +29,11 @@ struct AgentConfig {
   std::chrono::milliseconds health_timeout{60000};
   std::chrono::milliseconds reconnect_max{300000};
   std::string service_manager = "auto";  // auto, systemd, openrc, direct
-  std::string tls_ca_file;               // pinned CA for ssl:// brokers (device path)
+  // Pinned CA (device path) for every TLS connection the agent makes:
+  // ssl:// brokers, https:// enrollment and artifact downloads. Empty = the
+  // system CA store.
+  std::string tls_ca_file;
+  std::chrono::milliseconds inventory_interval{300000};  // inventory change check; 0 = never
   std::chrono::milliseconds drift_interval{600000};  // 0 = no drift checks
   std::chrono::milliseconds supervise_interval{30000};  // k3s liveness check; 0 = never
   uint64_t min_free_bytes = 64u << 20;

@@ -21,6 +21,13 @@ struct HubConfig {
   std::string broker_username;
   std::string broker_password;
   std::string broker_public_url;      // what devices are told; default: the listen address
+  // Embedded broker over TLS: both set = its only listener speaks TLS 1.2+
+  // and devices are told ssl://host:port.
+  std::string broker_tls_cert_file;
+  std::string broker_tls_key_file;
+  // CA the hub's own MQTT client trusts for the broker (embedded, or an
+  // ssl:// broker-url); empty = the system CA store.
+  std::string broker_tls_ca_file;
   std::string broker_listen_host = "127.0.0.1";
   int broker_listen_port = 0;
   std::string mosquitto_bin = "/usr/sbin/mosquitto";

@@ -27,6 +27,13 @@ struct BrokerConfig {
   int port = 0;                             // 0 = a free port, then kept across restarts
   std::string hub_username = "flotilla-hub";
   std::chrono::milliseconds reload_timeout{15000};  // for a password-file reload to take effect
+  // Both set: the only listener speaks TLS 1.2+ (no plain port at all) and
+  // url() is ssl://. Copied into <dir>/tls/ at every start, where mosquitto's
+  // user can read them.
+  std::string tls_cert_file;
+  std::string tls_key_file;
+  std::string tls_ca_file;  // optional; checked to parse, used by the hub's own client
+  bool tls() const { return !tls_cert_file.empty(); }
 };
 
 // A broker account with no topics of its own, whose password changes with
@@ -52,6 +59,7 @@ class EmbeddedBroker {
 
  private:
   EmbeddedBroker() = default;
+  Status install_tls_files();
   Status write_config();
   Status write_passwords(const Credentials& devices);
   Status launch();

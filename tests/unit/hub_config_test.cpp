@@ -1,0 +1,66 @@
+// The hub's broker TLS settings: each inconsistent or unreadable value is
+// refused with a message naming the setting, before anything starts.
+#include <catch2/catch.hpp>
+
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "flotilla/hub/app.hpp"
+#include "tests/support/temp_dir.hpp"
+
+namespace {
+
+flotilla::Result<flotilla::hub::HubConfig> hub_config(std::vector<std::string> args) {
+  flotilla::Options opts("flotilla-hub", "", "FLOTILLA_HUB_TEST_UNSET_");
+  flotilla::hub::add_hub_options(opts);
+  std::vector<std::string> argv = {"flotilla-hub", "--config", ""};
+  argv.insert(argv.end(), args.begin(), args.end());
+  std::vector<char*> cargv;
+  for (auto& a : argv) cargv.push_back(a.data());
+  REQUIRE(opts.parse(static_cast<int>(cargv.size()), cargv.data()));
+  return flotilla::hub::hub_config_from(opts);
+}
+
+std::string error_of(const flotilla::Result<flotilla::hub::HubConfig>& r) {
+  REQUIRE_FALSE(r);
+  return r.error().message;
+}
+
+}  // namespace
+
+TEST_CASE("hub config: broker TLS settings are checked together", "[unit][hub][config]") {
+  flotilla::test::TempDir tmp;
+  const std::string cert = (tmp.path() / "broker.pem").string();
+  const std::string key = (tmp.path() / "broker.key").string();
+  const std::string ca = (tmp.path() / "ca.pem").string();
+  for (const auto& f : {cert, key, ca}) std::ofstream(f) << "x\n";
+
+  auto plain = hub_config({});
+  REQUIRE(plain);
+  CHECK(plain->broker_tls_cert_file.empty());
+
+  auto tls = hub_config({"--broker-tls-cert", cert, "--broker-tls-key", key, "--broker-tls-ca", ca,
+                         "--broker-public-url", "ssl://hub.example:8883"});
+  REQUIRE(tls);
+  CHECK(tls->broker_tls_cert_file == cert);
+  CHECK(tls->broker_tls_key_file == key);
+  CHECK(tls->broker_tls_ca_file == ca);
+
+  CHECK(error_of(hub_config({"--broker-tls-cert", cert})).find("broker-tls-key") != std::string::npos);
+  CHECK(error_of(hub_config({"--broker-tls-key", key})).find("broker-tls-cert is not") != std::string::npos);
+  CHECK(error_of(hub_config({"--broker-tls-cert", cert, "--broker-tls-key", key, "--broker-url", "ssl://b:8883"}))
+            .find("external") != std::string::npos);
+  CHECK(error_of(hub_config({"--broker-tls-cert", cert, "--broker-tls-key", key, "--broker-public-url",
+                             "tcp://hub.example:1883"}))
+            .find("use ssl://") != std::string::npos);
+  CHECK(error_of(hub_config({"--broker-tls-ca", ca})).find("not reached over TLS") != std::string::npos);
+  const std::string missing = (tmp.path() / "missing.pem").string();
+  auto unreadable = error_of(hub_config({"--broker-tls-cert", missing, "--broker-tls-key", key}));
+  CHECK(unreadable.find("broker-tls-cert: cannot read") != std::string::npos);
+  CHECK(unreadable.find(missing) != std::string::npos);
+  // An external ssl:// broker may have its CA pinned.
+  auto external = hub_config({"--broker-url", "ssl://broker.example:8883", "--broker-tls-ca", ca});
+  REQUIRE(external);
+  CHECK(external->broker_tls_ca_file == ca);
+}
