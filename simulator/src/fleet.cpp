@@ -269,6 +269,12 @@ Status Fleet::connect_session(uint32_t s, const std::string& user, const std::st
   co.clean_session = false;
   co.keepalive_s = 60;
   co.max_inflight = opts_.mode == Mode::gateway ? 1000 : 16;
+  // Paho C keeps one command queue for all sessions of a process and scans it
+  // for every command it sends: with hundreds of thousands of reports queued
+  // (a 1M-device run) the simulator spent its time in that scan, not in the
+  // devices. Publishing waits while a session's in-flight window is full, so
+  // the queue stays short and the broker's acknowledgements set the pace.
+  co.max_pending = co.max_inflight;
   co.will = transport::Message{will_topic, v1::Presence().SerializeAsString(), 1, true};
   // The hub answers the enrollment before mosquitto has reloaded its password
   // file (SIGHUP), so a refusal right after enrolling is retried for a while,
