@@ -54,7 +54,7 @@ CFLAGS_EXTRA=(-Os -ffunction-sections -fdata-sections -fno-asynchronous-unwind-t
 
 # The stamp: bump RECIPE_REVISION when the fetch or build steps below change
 # what ends up in the libraries; the options and target are hashed as they are.
-RECIPE_REVISION=1
+RECIPE_REVISION=2
 recipe="$(printf '%s\n' "$RECIPE_REVISION" "$TARGET" "${CONFIGURE_OPTIONS[@]}" "${CFLAGS_EXTRA[@]}" |
   sha256sum | cut -c1-16)"
 stamp="$PREFIX/.flotilla-recipe"
@@ -127,19 +127,24 @@ done
 [ -n "$version" ] || fail "could not fetch Debian's openssl source (tried ${candidates[*]})"
 [ "$version" = "$installed" ] || echo "note: building openssl $version (libssl-dev is $installed)" >&2
 
+# A fixed install prefix, staged and moved to <prefix>: OpenSSL bakes its
+# (unused, no-module no-engine) engines and modules directories into
+# libcrypto, and the agent should not depend on where the build tree is.
+INSTALL_PREFIX=/opt/flotilla/openssl-min
 build="$CACHE/build-$recipe"
-rm -rf "$build" "$PREFIX.stage"
+rm -rf "$CACHE"/build-* "$PREFIX.stage"  # and what an interrupted run left
 mkdir -p "$build"
 (
   cd "$build"
   "$CACHE/openssl-$version/Configure" "$TARGET" "${CONFIGURE_OPTIONS[@]}" \
-    --prefix="$PREFIX" --libdir=lib --openssldir=/usr/lib/ssl "${CFLAGS_EXTRA[@]}" >configure.log 2>&1 ||
+    --prefix="$INSTALL_PREFIX" --libdir=lib --openssldir=/usr/lib/ssl "${CFLAGS_EXTRA[@]}" >configure.log 2>&1 ||
     { tail -20 configure.log >&2; fail "Configure failed (see $build/configure.log)"; }
   make -j "$JOBS" build_libs >make.log 2>&1 || { tail -20 make.log >&2; fail "make failed (see $build/make.log)"; }
   make install_dev DESTDIR="$PREFIX.stage" >install.log 2>&1 || fail "make install_dev failed (see $build/install.log)"
 )
 rm -rf "$PREFIX"
-mv "$PREFIX.stage$PREFIX" "$PREFIX"
+mv "$PREFIX.stage$INSTALL_PREFIX" "$PREFIX"
+rm -rf "$PREFIX/lib/pkgconfig"  # would name INSTALL_PREFIX; CMake links by path
 rm -rf "$PREFIX.stage" "$build"
 printf '%s\nopenssl %s\n%s\n' "$recipe" "$version" "${CONFIGURE_OPTIONS[*]}" >"$stamp"
 echo "==> build-openssl-min: openssl $version in $(($(date +%s) - start)) s" >&2
