@@ -1,58 +1,37 @@
 // The static agent's HTTPS client (Boost.Asio over the minimal OpenSSL it
 // links, docs/adr/0007-minimal-openssl-for-the-agent.md) against the real hub
-// serving TLS with RSA and ECDSA certificates. The agent takes its trust from
-// OpenSSL's default verify paths, which SSL_CERT_FILE points at the test CA.
+// serving TLS with RSA and ECDSA certificates. Without tls-ca-file the agent
+// takes its trust from OpenSSL's default verify paths, which SSL_CERT_FILE
+// points at the test CA (broker_tls_test covers tls-ca-file with P-256).
 #include <catch2/catch.hpp>
 
-#include <unistd.h>
-
-#include <algorithm>
-#include <cstdlib>
 #include <fstream>
 
 #include "flotilla/bundles/keys.hpp"
 #include "tests/support/harness.hpp"
+#include "tests/support/pki.hpp"
 
 using namespace flotilla;
 using namespace flotilla::test;
 
 namespace {
 
-std::string openssl_bin() {
-  const char* path = std::getenv("PATH");
-  std::string dirs = path ? path : "/usr/bin:/bin";
-  for (size_t start = 0; start <= dirs.size();) {
-    const size_t end = std::min(dirs.find(':', start), dirs.size());
-    const stdfs::path candidate = stdfs::path(dirs.substr(start, end - start)) / "openssl";
-    if (::access(candidate.c_str(), X_OK) == 0) return candidate.string();
-    start = end + 1;
-  }
-  throw std::runtime_error("the openssl command is not installed (scripts/setup.sh installs it)");
-}
-
 // A CA and a hub certificate for 127.0.0.1, both with the key newkey names
-// ("rsa:2048", or "ec" with a curve).
+// ("rsa:2048", or "ec" with a curve); tests/support/pki.hpp makes P-256 only.
 void make_pki(const stdfs::path& dir, const std::vector<std::string>& newkey) {
-  auto openssl = [](std::vector<std::string> args) {
-    args.insert(args.begin(), openssl_bin());
-    auto r = proc::run(args, std::chrono::seconds(60));
-    if (!r || r->exit_code != 0) {
-      throw std::runtime_error("openssl " + args[1] + " failed: " + (r ? r->err : r.error().message));
-    }
-  };
   const auto p = [&](const char* name) { return (dir / name).string(); };
   auto req = [&](std::vector<std::string> args) {
     std::vector<std::string> a = {"req"};
     a.insert(a.end(), newkey.begin(), newkey.end());
     a.insert(a.end(), args.begin(), args.end());
-    openssl(a);
+    run_openssl(a);
   };
   req({"-x509", "-nodes", "-keyout", p("ca.key"), "-out", p("ca.pem"), "-days", "2", "-subj", "/CN=flotilla test CA",
        "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign"});
   std::ofstream(dir / "ext.cnf") << "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n";
   req({"-nodes", "-keyout", p("hub.key"), "-out", p("hub.csr"), "-subj", "/CN=flotilla hub"});
-  openssl({"x509", "-req", "-in", p("hub.csr"), "-CA", p("ca.pem"), "-CAkey", p("ca.key"), "-CAcreateserial", "-out",
-           p("hub.pem"), "-days", "2", "-extfile", p("ext.cnf")});
+  run_openssl({"x509", "-req", "-in", p("hub.csr"), "-CA", p("ca.pem"), "-CAkey", p("ca.key"), "-CAcreateserial", "-out",
+               p("hub.pem"), "-days", "2", "-extfile", p("ext.cnf")});
 }
 
 }  // namespace
