@@ -5,6 +5,8 @@ set -euo pipefail
 
 PACKAGES=(
   build-essential cmake ninja-build pkg-config
+  # dpkg-source unpacks Debian's openssl source (scripts/build-openssl-min.sh)
+  dpkg-dev
   protobuf-compiler libprotobuf-dev
   libsodium-dev libsqlite3-dev
   libspdlog-dev libfmt-dev

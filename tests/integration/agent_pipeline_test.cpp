@@ -280,7 +280,9 @@ TEST_CASE("the static agent binary is statically linked, stripped and within its
     symtab |= sh->sh_type == SHT_SYMTAB;
   }
   CHECK_FALSE(symtab);   // stripped
-  const size_t budget = 9u << 20;  // see docs/agent.md: target 8 MiB, measured 8.4 MiB
+  // 8 MiB with TLS included: the agent links the minimal OpenSSL of
+  // scripts/build-openssl-min.sh (docs/agent.md, "Static build and footprint").
+  const size_t budget = 8u << 20;
   WARN("flotilla-agent is " << bytes->size() << " bytes (" << bytes->size() / 1024 << " KiB)");
   CHECK(bytes->size() <= budget);
 }

@@ -415,10 +415,17 @@ class PahoTransport final : public Transport {
 
   // OpenSSL's error queue, printed by Paho when a TLS handshake fails (on
   // Paho's thread). Bounded: a few lines say everything.
-  static int tls_error_cb(const char* str, size_t len, void* ctx) {
+  // OpenSSL calls this (ERR_print_errors_cb under Paho). The static agent's
+  // OpenSSL has no unwind tables (docs/adr/0007-minimal-openssl-for-the-agent.md),
+  // and no exception may cross C frames anyway: nothing escapes.
+  static int tls_error_cb(const char* str, size_t len, void* ctx) noexcept {
     auto* self = static_cast<PahoTransport*>(ctx);
-    std::lock_guard lock(self->tls_mu_);
-    if (self->tls_error_.size() < 2048) self->tls_error_.append(str, std::min<size_t>(len, 2048));
+    try {
+      std::lock_guard lock(self->tls_mu_);
+      if (self->tls_error_.size() < 2048) self->tls_error_.append(str, std::min<size_t>(len, 2048));
+    } catch (...) {
+      // out of memory while collecting a diagnostic: keep what we have
+    }
     return 1;
   }
 
