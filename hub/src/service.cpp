@@ -325,6 +325,9 @@ Status HubService::publish_desired(const PendingDesired& p) {
 
 void HubService::publish_all(const Publishes& publishes, const char* what) {
   for (const auto& p : publishes) {
+    // Shutting down: the rows are committed as pending, so the next start's
+    // republish_pending() sends what is left.
+    if (stopping_) break;
     if (auto s = publish_desired(p); !s) {
       log::get("hub")->warn("publish {} device={} failed, will retry at reconnect: {}", what, p.device_id,
                             s.error().message);

@@ -310,7 +310,10 @@ class PahoTransport final : public Transport {
     if (paced) {
       if (!t_in_callback) {
         std::unique_lock lock(pending_mu_);
-        pending_cv_.wait_for(lock, opts_.timeout, [this] { return pending_ < opts_.max_pending; });
+        // Not connected: no acknowledgement will come, so nothing to wait for
+        // (the library buffers the message for the next connection).
+        pending_cv_.wait_for(lock, opts_.timeout,
+                             [this] { return pending_ < opts_.max_pending || !MQTTAsync_isConnected(client_); });
       }
       ro.onSuccess = [](void* ctx, MQTTAsync_successData*) { static_cast<PahoTransport*>(ctx)->acked(); };
       ro.onFailure = [](void* ctx, MQTTAsync_failureData*) { static_cast<PahoTransport*>(ctx)->acked(); };
@@ -353,6 +356,12 @@ class PahoTransport final : public Transport {
     d.onFailure = [](void* ctx, MQTTAsync_failureData*) { static_cast<Waiter*>(ctx)->set(Status{}); };
     d.context = &w;
     if (MQTTAsync_disconnect(client_, &d) == MQTTASYNC_SUCCESS) fut.wait_for(std::chrono::seconds(5));
+    {
+      // Whoever waits for room in publish() must not wait for acknowledgements now.
+      std::lock_guard lock(pending_mu_);
+      pending_ = 0;
+    }
+    pending_cv_.notify_all();
   }
 
   bool connected() const override { return client_ && MQTTAsync_isConnected(client_); }
