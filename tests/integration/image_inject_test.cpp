@@ -192,7 +192,7 @@ json manifest_of(const stdfs::path& output) { return json::parse(slurp(output.st
 
 }  // namespace
 
-TEST_CASE("image inject: MBR and GPT disk images get the agent; e2fsck -fn is clean and debugfs reads every file back",
+TEST_CASE("image inject: MBR and GPT disk images get the agent, e2fsck -fn is clean and debugfs reads every file back",
           "[integration][image]") {
   TempDir tmp;
   Trust t;
@@ -339,7 +339,7 @@ TEST_CASE("image inject: a rootfs directory is changed in place, its absolute sy
   CHECK(listed);
 }
 
-TEST_CASE("image inject: refuses an image whose architecture no given agent has; the input is untouched",
+TEST_CASE("image inject: refuses an image whose architecture no given agent has, the input is untouched",
           "[integration][image][bad-input]") {
   TempDir tmp;
   Trust t;
@@ -355,7 +355,7 @@ TEST_CASE("image inject: refuses an image whose architecture no given agent has;
   CHECK_FALSE(stdfs::exists(disk.image.string() + ".manifest.json"));
 }
 
-TEST_CASE("image inject: refuses when the ext4 root lacks space; input untouched, no output",
+TEST_CASE("image inject: refuses when the ext4 root lacks space, input untouched, no output",
           "[integration][image][bad-input]") {
   TempDir tmp;
   Trust t;

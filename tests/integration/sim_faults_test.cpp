@@ -31,7 +31,7 @@ TEST_CASE("injected install failures trip the campaign's failure threshold", "[i
   }
 }
 
-TEST_CASE("offline devices are counted offline, not failed; health faults roll back", "[integration][sim]") {
+TEST_CASE("offline devices are counted offline, not failed, health faults roll back", "[integration][sim]") {
   TempDir tmp;
   auto s = run_sim(tmp.path() / "offline", {"--devices", "80", "--devices-per-gateway", "40", "--seed", "22",
                                             "--offline", "0.25", "--health-fail", "0.1", "--strategy",
@@ -72,7 +72,7 @@ TEST_CASE("power cuts mid-apply and dropped links recover to applied", "[integra
   CHECK(r["campaign"]["hub"]["counts"]["applied"] == 60);
 }
 
-TEST_CASE("the same seed gives the same faults and outcomes; another seed does not", "[integration][sim]") {
+TEST_CASE("the same seed gives the same faults and outcomes, another seed does not", "[integration][sim]") {
   TempDir tmp;
   // A threshold that never trips, so every device reaches its outcome.
   const std::vector<std::string> profile = {"--devices", "40", "--install-fail", "0.3", "--health-fail", "0.2",

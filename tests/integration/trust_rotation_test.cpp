@@ -131,7 +131,7 @@ v1::BundleManifest manifest(uint64_t version) {
 
 }  // namespace
 
-TEST_CASE("root rotation v1->v3 reaches pinned agents through the hub; a revoked key's bundle is refused",
+TEST_CASE("root rotation v1->v3 reaches pinned agents through the hub, a revoked key's bundle is refused",
           "[integration][trust][agent]") {
   TrustFleet fleet;
   auto& op = fleet.op;

@@ -588,7 +588,7 @@ TEST_CASE("sign refuses a second signature by the same key", "[unit][bundles]") 
   CHECK(bundle.signatures(0).signature().size() == 64);
 }
 
-TEST_CASE("parse_envelope refuses garbage and oversize input; round trips a bundle", "[unit][bundles]") {
+TEST_CASE("parse_envelope refuses garbage and oversize input, round trips a bundle", "[unit][bundles]") {
   auto garbage = b::parse_envelope("this is not a protobuf envelope");
   REQUIRE_FALSE(garbage.ok());
   CHECK(garbage.error().code == Errc::parse);
@@ -607,7 +607,7 @@ TEST_CASE("parse_envelope refuses garbage and oversize input; round trips a bund
   CHECK(b::manifest_digest_hex(*back) == flotilla::crypto::sha256_hex(bundle.manifest()));
 }
 
-TEST_CASE("bundle files write and read back; a corrupt file is refused", "[unit][bundles]") {
+TEST_CASE("bundle files write and read back, a corrupt file is refused", "[unit][bundles]") {
   TempDir tmp;
   const auto path = tmp.path() / "edge.bundle";
   const auto bundle = signed_by(make_manifest(), {key(15)});

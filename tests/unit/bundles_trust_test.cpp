@@ -94,7 +94,7 @@ TEST_CASE("pin requires a root signed by its own threshold", "[unit][bundles][tr
   CHECK_FALSE(ok->has_signing());
 }
 
-TEST_CASE("trust state persists and restores; a damaged state is an error", "[unit][bundles][trust]") {
+TEST_CASE("trust state persists and restores, a damaged state is an error", "[unit][bundles][trust]") {
   Fleet f;
   auto store = f.ready();
   const std::string state = store.serialize();
@@ -235,7 +235,7 @@ TEST_CASE("root rotation revokes a compromised root key's signing keyring", "[un
   CHECK(store.signing_version() == 2);
 }
 
-TEST_CASE("intermediate roots may have expired; the newest must not: REASON_KEYRING_EXPIRED",
+TEST_CASE("intermediate roots may have expired, the newest must not: REASON_KEYRING_EXPIRED",
           "[unit][bundles][trust]") {
   Fleet f;
   auto store = f.ready();

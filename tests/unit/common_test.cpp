@@ -809,7 +809,7 @@ TEST_CASE("Backoff delays never exceed the ceiling or the cap", "[unit][common]"
   CHECK(b.ceiling_ms() == 3000);
 }
 
-TEST_CASE("Backoff with different seeds gives different sequences; same seed repeats", "[unit][common]") {
+TEST_CASE("Backoff with different seeds gives different sequences, same seed repeats", "[unit][common]") {
   auto sequence = [](uint64_t seed) {
     flotilla::Backoff b(1000ms, 60000ms, seed);
     std::vector<int64_t> out;
@@ -894,7 +894,7 @@ TEST_CASE("proc spawn and run of a missing binary give not_found", "[unit][commo
   CHECK(e.error().code == Errc::invalid_argument);
 }
 
-TEST_CASE("proc::spawn passes env and redirects output; wait_for returns the exit code", "[unit][common]") {
+TEST_CASE("proc::spawn passes env and redirects output, wait_for returns the exit code", "[unit][common]") {
   TempDir tmp;
   const auto out = tmp.path() / "out.log";
   flotilla::proc::SpawnOptions so;

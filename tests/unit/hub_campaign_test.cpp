@@ -306,7 +306,7 @@ TEST_CASE("an online device past its deadline counts as failed", "[unit][hub][ca
   CHECK(f.view(id).failure_reasons.at("deadline_exceeded") == 1);
 }
 
-TEST_CASE("the failure threshold pauses; resume judges only what comes next", "[unit][hub][campaign]") {
+TEST_CASE("the failure threshold pauses, resume judges only what comes next", "[unit][hub][campaign]") {
   Fleet f;
   f.enroll(10);
   const auto id = f.create(
