@@ -309,11 +309,12 @@ class PahoTransport final : public Transport {
     const bool paced = opts_.max_pending > 0 && msg.qos > 0;
     if (paced) {
       if (!t_in_callback) {
+        // No Paho call under pending_mu_: Paho holds its own lock while it
+        // runs acked() (which takes pending_mu_), so calling into Paho here
+        // would invert the lock order and deadlock. A closed session resets
+        // pending_ (lost_cb, disconnect), and Paho fails queued publishes then.
         std::unique_lock lock(pending_mu_);
-        // Not connected: no acknowledgement will come, so nothing to wait for
-        // (the library buffers the message for the next connection).
-        pending_cv_.wait_for(lock, opts_.timeout,
-                             [this] { return pending_ < opts_.max_pending || !MQTTAsync_isConnected(client_); });
+        pending_cv_.wait_for(lock, opts_.timeout, [this] { return pending_ < opts_.max_pending; });
       }
       ro.onSuccess = [](void* ctx, MQTTAsync_successData*) { static_cast<PahoTransport*>(ctx)->acked(); };
       ro.onFailure = [](void* ctx, MQTTAsync_failureData*) { static_cast<PahoTransport*>(ctx)->acked(); };
