@@ -374,6 +374,10 @@ void HubService::on_campaign_report(const std::string& device_id, const v1::Repo
     status = o == "applied" ? "rolled_back" : "rollback_failed";
   } else if ((row.status == "pending" || row.status == "in_progress") && r.generation() == row.generation) {
     status = outcome_for(r.state());
+    if (r.state() == v1::AGENT_STATE_IDLE && finished_without_outcome(row, r)) {
+      cached.dirty = true;
+      return;
+    }
   } else {
     // Old generations, and anything after a final outcome, are not counted:
     // each device's outcome counts exactly once.
@@ -388,6 +392,29 @@ void HubService::on_campaign_report(const std::string& device_id, const v1::Repo
 }
 
 bool campaign_status_is_final(const std::string& status) { return is_final(status); }
+
+// An agent's idle report (on every connect) carries the last generation it
+// finished. Equal to a row still waiting for an outcome, it means the
+// outcome report was lost on the way: acknowledged to the broker by a hub
+// that was killed before storing it, say. What the device runs tells which
+// outcome it was. Returns true when it settled the row.
+bool HubService::finished_without_outcome(CampaignDeviceRecord& row, const v1::Report& r) {
+  auto c = store_.get_campaign(row.campaign_id);
+  if (!c || !*c) return false;
+  auto b = store_.get_bundle((*c)->bundle_id, false);
+  if (!b || !*b) return false;
+  const bool runs_it = r.has_applied() && r.applied().name() == (*b)->name && r.applied().version() == (*b)->version;
+  row.status = runs_it ? "applied" : "failed";
+  row.updated_ms = clock_.now_unix_ms();
+  row.reason = runs_it ? "" : "outcome_lost";
+  row.message = runs_it ? ""
+                        : "the device finished generation " + std::to_string(r.generation()) + " running " +
+                              r.applied().name() + " version " + std::to_string(r.applied().version()) +
+                              ", not the campaign's bundle; its outcome report did not reach the hub";
+  log::get("hub")->info("device={} campaign={} outcome recovered from an idle report: {}", row.device_id,
+                        row.campaign_id, row.status);
+  return true;
+}
 
 // A decommissioned device will never answer: its unfinished rows are
 // skipped so no wave waits for it and no count stays open.

@@ -506,3 +506,37 @@ TEST_CASE("a count table that disagrees with the rows is rebuilt when the store 
   CHECK(*f.store->campaign_counts(id) == *f.store->recount_campaign(id));
   CHECK(f.view(id).counts.total == 5);
 }
+
+TEST_CASE("a lost outcome report is recovered from the device's next idle report", "[unit][hub][campaign]") {
+  // A hub killed after its MQTT client acknowledged a report but before
+  // storing it never sees that outcome again; the agent's idle report on
+  // reconnect names the generation it finished and what it runs.
+  Fleet f;
+  f.enroll(2);
+  const auto id = f.create(json::object(), f.bundle(3));
+  f.hub->tick();
+  auto idle = [&](const std::string& d, const std::string& name, uint64_t version) {
+    auto ds = f.desired(d);
+    REQUIRE(ds);
+    v1::Report r;
+    r.set_device_id(d);
+    r.set_seq(++f.seq[d] + 1000);
+    r.set_state(v1::AGENT_STATE_IDLE);
+    r.set_generation(ds->generation());
+    r.set_campaign_id(id);
+    r.mutable_applied()->set_name(name);
+    r.mutable_applied()->set_version(version);
+    f.deliver(d, "report", r.SerializeAsString());
+  };
+  f.report(f.devices[0], v1::AGENT_STATE_INSTALLING);
+  idle(f.devices[0], "edge-base", 3);  // runs the campaign's bundle: it applied
+  idle(f.devices[1], "edge-base", 2);  // finished but still on v2: it failed
+  auto st = f.statuses(id);
+  CHECK(st[f.devices[0]] == "applied");
+  CHECK(st[f.devices[1]] == "failed");
+  for (const auto& row : f.view(id).devices) {
+    if (row.device_id == f.devices[1]) CHECK(row.reason == "outcome_lost");
+  }
+  f.hub->tick();
+  CHECK(f.view(id).campaign.state == "completed");
+}

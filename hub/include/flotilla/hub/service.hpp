@@ -190,6 +190,7 @@ class HubService {
   void engine_loop();
   void tick_campaign(CampaignRecord& c, Publishes& publishes);
   void on_campaign_report(const std::string& device_id, const v1::Report& r, CampaignRows& rows);
+  bool finished_without_outcome(CampaignDeviceRecord& row, const v1::Report& r);
   void start_rollback(CampaignRecord& c, const std::string& reason, Publishes& publishes);
   Result<BundleRecord> bundle_with_envelope(const std::string& id);
 
