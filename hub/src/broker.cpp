@@ -287,11 +287,7 @@ Status EmbeddedBroker::write_passwords(const Credentials& devices) {
   return {};
 }
 
-// One MQTT 3.1.1 CONNECT as the probe account over a plain loopback socket
-// (a full client library costs tens of milliseconds per attempt); true when
-// the broker answers CONNACK 0, accepted.
-bool EmbeddedBroker::probe_login() const {
-  const std::string user = kReloadProbeUser;
+std::string mqtt_connect_packet(const std::string& client_id, const std::string& user, const std::string& password) {
   auto field = [](std::string& out, const std::string& v) {
     out.push_back(static_cast<char>(v.size() >> 8));
     out.push_back(static_cast<char>(v.size() & 0xff));
@@ -303,9 +299,9 @@ bool EmbeddedBroker::probe_login() const {
   body.push_back(static_cast<char>(0xC2));  // username, password, clean session
   body.push_back(0);
   body.push_back(5);                       // keepalive 5 s
-  field(body, user);                       // client id
+  field(body, client_id);
   field(body, user);
-  field(body, probe_password_);
+  field(body, password);
   std::string packet(1, static_cast<char>(0x10));
   for (size_t n = body.size();;) {          // remaining length, varint
     char byte = static_cast<char>(n % 128);
@@ -314,6 +310,14 @@ bool EmbeddedBroker::probe_login() const {
     if (!n) break;
   }
   packet += body;
+  return packet;
+}
+
+// One MQTT 3.1.1 CONNECT as the probe account over a plain loopback socket
+// (a full client library costs tens of milliseconds per attempt); true when
+// the broker answers CONNACK 0, accepted.
+bool EmbeddedBroker::probe_login() const {
+  const std::string packet = mqtt_connect_packet(kReloadProbeUser, kReloadProbeUser, probe_password_);
 
   const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
   if (fd < 0) return false;

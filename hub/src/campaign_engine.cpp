@@ -5,7 +5,6 @@
 // is killed carries on where it stopped; a row's final outcome is written once.
 #include <nlohmann/json.hpp>
 
-#include <climits>
 
 #include "flotilla/common/crypto.hpp"
 #include "flotilla/common/log.hpp"
@@ -13,12 +12,12 @@
 
 namespace flotilla::hub {
 
-namespace {
-
-bool is_final(const std::string& s) {
+bool campaign_status_is_final(const std::string& s) {
   return s == "applied" || s == "failed" || s == "superseded" || s == "skipped" || s == "rolled_back" ||
          s == "rollback_failed";
 }
+
+namespace {
 
 // What a device report means for its campaign row.
 std::string outcome_for(v1::AgentState s) {
@@ -391,8 +390,6 @@ void HubService::on_campaign_report(const std::string& device_id, const v1::Repo
   cached.dirty = true;  // written by the caller once the device's batch is applied
 }
 
-bool campaign_status_is_final(const std::string& status) { return is_final(status); }
-
 // An agent's idle report (on every connect) carries the last generation it
 // finished. Equal to a row still waiting for an outcome, it means the
 // outcome report was lost on the way: acknowledged to the broker by a hub
@@ -426,7 +423,7 @@ void HubService::on_device_decommissioned(const std::string& device_id) {
     const int64_t now = clock_.now_unix_ms();
     for (const auto& c : *campaigns) {
       auto row = store_.campaign_device(c.id, device_id);
-      if (!row || !*row || is_final((*row)->status)) continue;
+      if (!row || !*row || campaign_status_is_final((*row)->status)) continue;
       CampaignDeviceRecord r = **row;
       r.status = "skipped";
       r.reason = "decommissioned";
@@ -536,7 +533,7 @@ Result<std::optional<CampaignView>> HubService::campaign_view(const std::string&
   }
   for (const auto& row : *counts) {
     v.counts.add(row.status, row.count);
-    const bool unfinished = !is_final(row.status);
+    const bool unfinished = !campaign_status_is_final(row.status);
     if (unfinished && !row.online) v.counts.offline += row.count;
     if (row.wave >= 0 && row.wave < static_cast<int>(v.waves.size())) {
       auto& w = v.waves[static_cast<size_t>(row.wave)].counts;

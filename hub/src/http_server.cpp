@@ -330,15 +330,6 @@ struct HttpServer::Impl {
 
 namespace {
 
-std::string openssl_error() {
-  const unsigned long e = ERR_get_error();
-  ERR_clear_error();
-  if (e == 0) return "unknown OpenSSL error";
-  char buf[256];
-  ERR_error_string_n(e, buf, sizeof buf);
-  return buf;
-}
-
 // TLS 1.2 and later only.
 Result<ssl::context> make_tls_context(const HttpServerConfig& cfg) {
   if (cfg.tls_cert_file.empty() || cfg.tls_key_file.empty()) {

@@ -10,7 +10,6 @@
 
 namespace flotilla::hub {
 
-namespace {
 std::string openssl_error() {
   const unsigned long e = ERR_get_error();
   ERR_clear_error();
@@ -19,7 +18,6 @@ std::string openssl_error() {
   ERR_error_string_n(e, buf, sizeof buf);
   return buf;
 }
-}  // namespace
 
 // Each file is checked for readability first so a typo in a path says so,
 // rather than an OpenSSL "PEM lib" message.

@@ -20,6 +20,7 @@
 #include "flotilla/common/encoding.hpp"
 #include "flotilla/common/fs.hpp"
 #include "flotilla/common/transport.hpp"
+#include "flotilla/hub/broker.hpp"
 #include "flotilla/v1/enroll.pb.h"
 #include "tests/support/harness.hpp"
 #include "tests/support/pki.hpp"
@@ -58,20 +59,7 @@ std::set<int> listening_ports(pid_t pid) {
 
 // A plain MQTT CONNECT with the hub's own credentials; true if a CONNACK comes back.
 bool plain_mqtt_connack(int port, const std::string& user, const std::string& password) {
-  auto field = [](std::string& out, const std::string& v) {
-    out.push_back(static_cast<char>(v.size() >> 8));
-    out.push_back(static_cast<char>(v.size() & 0xff));
-    out += v;
-  };
-  std::string body;
-  field(body, "MQTT");
-  body += std::string{4, static_cast<char>(0xC2), 0, 5};
-  field(body, "plain-probe");
-  field(body, user);
-  field(body, password);
-  std::string packet(1, static_cast<char>(0x10));
-  packet.push_back(static_cast<char>(body.size()));  // < 128 bytes here
-  packet += body;
+  const std::string packet = hub::mqtt_connect_packet("plain-probe", user, password);
   const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
   timeval tv{3, 0};
   ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);

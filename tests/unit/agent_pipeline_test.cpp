@@ -442,20 +442,24 @@ TEST_CASE("the SQLite store keeps the in-flight apply, outbox and journal across
   std::filesystem::remove_all(dir);
 }
 
+namespace {
+// The agent's config from these flags (no config file, no environment) and a
+// pinned root key, as flotilla-agent parses its command line.
+flotilla::Result<flotilla::agent::AgentConfig> parse_agent_flags(std::vector<std::string> args) {
+  flotilla::Options opts("flotilla-agent", "", "FLOTILLA_AGENT_TEST_UNSET_");
+  flotilla::agent::add_agent_options(opts);
+  std::vector<std::string> argv = {"flotilla-agent", "--config", "", "--root-keys",
+                                   "ed25519:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="};
+  argv.insert(argv.end(), args.begin(), args.end());
+  std::vector<char*> cargv;
+  for (auto& a : argv) cargv.push_back(a.data());
+  REQUIRE(opts.parse(static_cast<int>(cargv.size()), cargv.data()));
+  return flotilla::agent::agent_config_from(opts);
+}
+}  // namespace
+
 TEST_CASE("agent config rejects bad new settings with a clear message", "[unit][agent][config]") {
-  flotilla::Options o("flotilla-agent", "", "FLOTILLA_AGENT_");
-  flotilla::agent::add_agent_options(o);
-  auto parse = [&](std::vector<std::string> args) {
-    flotilla::Options opts("flotilla-agent", "", "FLOTILLA_AGENT_TEST_UNSET_");
-    flotilla::agent::add_agent_options(opts);
-    std::vector<std::string> argv = {"flotilla-agent", "--config", "", "--root-keys",
-                                     "ed25519:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="};
-    argv.insert(argv.end(), args.begin(), args.end());
-    std::vector<char*> cargv;
-    for (auto& a : argv) cargv.push_back(a.data());
-    REQUIRE(opts.parse(static_cast<int>(cargv.size()), cargv.data()));
-    return flotilla::agent::agent_config_from(opts);
-  };
+  auto parse = parse_agent_flags;
   auto bad_sm = parse({"--service-manager", "upstart"});
   REQUIRE_FALSE(bad_sm);
   CHECK(bad_sm.error().message.find("service-manager must be auto, systemd, openrc or direct") != std::string::npos);
@@ -480,15 +484,8 @@ TEST_CASE("agent config checks tls-ca-file under the root before anything connec
   const auto root = std::filesystem::temp_directory_path() / ("flotilla-ca-" + flotilla::crypto::random_token(6));
   std::filesystem::create_directories(root / "etc/flotilla");
   auto parse = [&](std::vector<std::string> args) {
-    flotilla::Options opts("flotilla-agent", "", "FLOTILLA_AGENT_TEST_UNSET_");
-    flotilla::agent::add_agent_options(opts);
-    std::vector<std::string> argv = {"flotilla-agent", "--config", "", "--root", root.string(), "--root-keys",
-                                     "ed25519:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="};
-    argv.insert(argv.end(), args.begin(), args.end());
-    std::vector<char*> cargv;
-    for (auto& a : argv) cargv.push_back(a.data());
-    REQUIRE(opts.parse(static_cast<int>(cargv.size()), cargv.data()));
-    return flotilla::agent::agent_config_from(opts);
+    args.insert(args.begin(), {"--root", root.string()});
+    return parse_agent_flags(std::move(args));
   };
   auto missing = parse({"--tls-ca-file", "/etc/flotilla/ca.pem"});
   REQUIRE_FALSE(missing);

@@ -40,6 +40,10 @@ struct BrokerConfig {
 // every password-file rewrite: logging in with it tells that a reload took.
 inline constexpr const char* kReloadProbeUser = "flotilla-reload-probe";
 
+// One MQTT 3.1.1 CONNECT packet (clean session, keepalive 5 s) with user
+// name and password: what the reload probe sends over a raw socket.
+std::string mqtt_connect_packet(const std::string& client_id, const std::string& user, const std::string& password);
+
 class EmbeddedBroker {
  public:
   using Credentials = std::vector<std::pair<std::string, std::string>>;  // username, hash

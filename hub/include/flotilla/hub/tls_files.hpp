@@ -10,6 +10,8 @@ typedef struct ssl_ctx_st SSL_CTX;
 
 namespace flotilla::hub {
 
+// The oldest queued OpenSSL error as text (the queue is cleared).
+std::string openssl_error();
 // Loads a PEM certificate chain and its private key into ctx. Errors name the
 // setting (cert_key, key_key) and the file: unreadable, not PEM, or a key that
 // does not belong to the certificate.
