@@ -215,6 +215,15 @@ std::string enroll_proof_message(const std::string& enrollment_token, const Byte
   return "flotilla-enroll-v1\n" + crypto::sha256_hex(enrollment_token) + "\n" + to_hex(device_public_key);
 }
 
+std::string enroll_batch_proof_message(const std::string& enrollment_token, const std::string& gateway_id,
+                                       const std::vector<std::string>& device_public_keys) {
+  std::string keys;
+  keys.reserve(device_public_keys.size() * 65);
+  for (const auto& k : device_public_keys) keys += to_hex(k) + "\n";
+  return "flotilla-enroll-batch-v1\n" + crypto::sha256_hex(enrollment_token) + "\n" + gateway_id + "\n" +
+         std::to_string(device_public_keys.size()) + "\n" + crypto::sha256_hex(keys);
+}
+
 Bytes sign_detached(const KeyPair& key, std::string_view message) {
   crypto::init();
   Bytes sig(crypto_sign_BYTES);

@@ -207,7 +207,7 @@ std::vector<std::pair<std::string, std::string>> Api::routes() const {
   // description, device enrollment, content-addressed artifact downloads).
   std::vector<std::pair<std::string, std::string>> out = {
       {"GET", "/healthz"},           {"GET", "/readyz"},
-      {"GET", "/v1/openapi.yaml"},   {"POST", "/v1/enroll"},
+      {"GET", "/v1/openapi.yaml"},   {"POST", "/v1/enroll"}, {"POST", "/v1/enroll/batch"},
       {"GET", "/v1/artifacts/{sha256}"}, {"HEAD", "/v1/artifacts/{sha256}"}};
   for (const auto& r : rest::routes()) out.emplace_back(r.method, r.pattern);
   return out;
@@ -344,33 +344,53 @@ HttpResponse Api::dispatch(const HttpRequest& req, AuditRecord& audit, std::stri
     return r;
   }
 
-  // Device enrollment: the enrollment token inside the protobuf body is the credential.
-  if (p.size() == 2 && p[0] == "v1" && p[1] == "enroll") {
-    route = "/v1/enroll";
+  // Device enrollment: the enrollment token inside the protobuf body is the
+  // credential. /v1/enroll/batch is a gateway enrolling devices behind it.
+  const bool enroll_one = p.size() == 2 && p[0] == "v1" && p[1] == "enroll";
+  const bool enroll_batch = p.size() == 3 && p[0] == "v1" && p[1] == "enroll" && p[2] == "batch";
+  if (enroll_one || enroll_batch) {
+    route = enroll_one ? "/v1/enroll" : "/v1/enroll/batch";
     if (m != "POST") return error(405, "method_not_allowed", "use POST");
     if (!service_.mqtt_connected()) {
       HttpResponse r = error(503, "unavailable", "the hub is not connected to its broker yet; retry shortly");
       r.headers["Retry-After"] = "2";
       return r;
     }
-    if (req.body.size() > 64 * 1024) return error(413, "too_large", "enrollment request above 64 KiB");
-    v1::EnrollRequest er;
-    if (!er.ParseFromString(req.body)) {
-      return error(400, "invalid_argument", "body is not a flotilla.v1.EnrollRequest (application/x-protobuf)");
+    const size_t cap = enroll_one ? 64 * 1024 : kMaxEnrollBatchBody;
+    if (req.body.size() > cap) {
+      return error(413, "too_large", "enrollment request above " + std::to_string(cap / 1024) + " KiB");
+    }
+    v1::EnrollRequest one;
+    v1::EnrollBatchRequest batch;
+    if (enroll_one ? !one.ParseFromString(req.body) : !batch.ParseFromString(req.body)) {
+      return error(400, "invalid_argument", std::string("body is not a flotilla.v1.") +
+                                                (enroll_one ? "EnrollRequest" : "EnrollBatchRequest") +
+                                                " (application/x-protobuf)");
     }
     // Who enrolls is the token, named by its id (never its secret).
-    if (auto tok = service_.authenticate("enroll", er.enrollment_token()); tok && *tok) {
+    const std::string& secret = enroll_one ? one.enrollment_token() : batch.enrollment_token();
+    if (auto tok = service_.authenticate("enroll", secret); tok && *tok) {
       audit.actor = "enrollment-token:" + (*tok)->id;
       audit.actor_name = (*tok)->name;
       audit.role = "enroll";
       audit.project = (*tok)->project;
     }
-    auto resp = service_.enroll(er);
-    if (!resp) return from_error(resp.error());
-    audit.detail = "enrolled device " + resp->device_id();
     HttpResponse r;
     r.content_type = "application/x-protobuf";
-    r.body = resp->SerializeAsString();
+    if (enroll_one) {
+      auto resp = service_.enroll(one);
+      if (!resp) return from_error(resp.error());
+      audit.detail = "enrolled device " + resp->device_id();
+      r.body = resp->SerializeAsString();
+    } else {
+      auto resp = service_.enroll_batch(batch);
+      if (!resp) return from_error(resp.error());
+      int ok = 0;
+      for (const auto& res : resp->results()) ok += res.has_enrolled() ? 1 : 0;
+      audit.detail = "enrolled " + std::to_string(ok) + " of " + std::to_string(resp->results_size()) +
+                     " devices behind gateway " + batch.gateway_id();
+      r.body = resp->SerializeAsString();
+    }
     return r;
   }
 

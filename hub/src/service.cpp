@@ -84,97 +84,135 @@ Result<std::optional<TokenRecord>> HubService::authenticate(const std::string& k
   return t;
 }
 
-Result<v1::EnrollResponse> HubService::enroll(const v1::EnrollRequest& req) {
+namespace {
+
+// A device's key, and its proof that it holds that key, bound to the token.
+// Checked before anything touches the store.
+Status check_enrollee_proof(const v1::EnrollRequest& req, const std::string& token_secret) {
   if (req.device_public_key().size() != 32) {
     return make_error(Errc::invalid_argument, "device_public_key must be a 32-byte Ed25519 public key");
   }
   const Bytes pub(req.device_public_key().begin(), req.device_public_key().end());
   const Bytes proof(req.proof().begin(), req.proof().end());
-  if (!bundles::verify_detached(pub, bundles::enroll_proof_message(req.enrollment_token(), pub), proof)) {
+  if (!bundles::verify_detached(pub, bundles::enroll_proof_message(token_secret, pub), proof)) {
     return make_error(Errc::invalid_argument, "enrollment proof does not verify: the request must be signed by "
                                               "the device key it enrolls");
   }
-  auto tok = authenticate("enroll", req.enrollment_token());
-  if (!tok) return tok.error();
-  if (!*tok) return make_error(Errc::unauthenticated, "enrollment token is unknown, expired or revoked");
-  const TokenRecord& token = **tok;
-  if (token.max_uses > 0 && token.uses >= token.max_uses) {
-    return make_error(Errc::permission_denied, "enrollment token has been used up");
-  }
-  Labels labels;
+  return {};
+}
+
+// The device row an enrollment creates or refreshes.
+Result<DeviceRecord> enrollee_record(const v1::EnrollRequest& req, const TokenRecord& token,
+                                     const std::string& gateway, int64_t now_ms) {
+  DeviceRecord d;
   for (const auto& [k, v] : req.labels()) {
     if (!valid_label_key(k) || !valid_label_value(v)) {
       return make_error(Errc::invalid_argument, "bad label " + k + "=" + v);
     }
-    labels[k] = v;
+    d.labels[k] = v;
   }
   // Labels bound to the token win over what a device says about itself.
-  for (const auto& [k, v] : token.labels) labels[k] = v;
-
-  const std::string pub_hex = to_hex(req.device_public_key());
-  if (!req.gateway_id().empty()) {
-    // The gateway vouches for the device with its own identity key; the
-    // device's proof above shows the device holds its key.
-    std::lock_guard lock(store_mu_);
-    auto gw = store_.get_device(req.gateway_id());
-    if (!gw) return gw.error();
-    if (!*gw || (*gw)->state == "decommissioned" || !(*gw)->gateway.empty()) {
-      return make_error(Errc::permission_denied, "gateway " + req.gateway_id() + " is not an enrolled device "
-                                                 "with its own broker session");
-    }
-    auto gw_key = from_hex((*gw)->public_key_hex);
-    const Bytes gw_proof(req.gateway_proof().begin(), req.gateway_proof().end());
-    if (!gw_key || !bundles::verify_detached(*gw_key, bundles::enroll_proof_message(req.enrollment_token(), pub),
-                                             gw_proof)) {
-      return make_error(Errc::permission_denied, "gateway proof does not verify: it must be signed by the identity "
-                                                 "key of gateway " + req.gateway_id());
-    }
-  }
-  DeviceRecord d;
+  for (const auto& [k, v] : token.labels) d.labels[k] = v;
   // The id derives from the device's key: a device that re-enrolls with the
   // same identity keeps its id, its history and its campaign state.
   d.id = "d-" + crypto::sha256_hex(req.device_public_key()).substr(0, 20);
   d.project = token.project;
-  d.labels = labels;
-  d.public_key_hex = pub_hex;
+  d.public_key_hex = to_hex(req.device_public_key());
   d.hostname = req.hostname().substr(0, 253);
   d.arch = req.arch().substr(0, 32);
   d.agent_version = req.agent_version().substr(0, 64);
-  d.enrolled_ms = clock_.now_unix_ms();
-  d.gateway = req.gateway_id();
+  d.enrolled_ms = now_ms;
+  d.gateway = gateway;
   if (d.gateway == d.id) return make_error(Errc::invalid_argument, "a device cannot be its own gateway");
+  return d;
+}
 
+}  // namespace
+
+Result<TokenRecord> HubService::usable_enrollment_token(const std::string& secret) {
+  auto tok = authenticate("enroll", secret);
+  if (!tok) return tok.error();
+  if (!*tok) return make_error(Errc::unauthenticated, "enrollment token is unknown, expired or revoked");
+  if ((*tok)->max_uses > 0 && (*tok)->uses >= (*tok)->max_uses) {
+    return make_error(Errc::permission_denied, "enrollment token has been used up");
+  }
+  return **tok;
+}
+
+Result<Bytes> HubService::gateway_identity(const std::string& gateway_id) {
+  std::lock_guard lock(store_mu_);
+  auto gw = store_.get_device(gateway_id);
+  if (!gw) return gw.error();
+  if (!*gw || (*gw)->state == "decommissioned" || !(*gw)->gateway.empty()) {
+    return make_error(Errc::permission_denied, "gateway " + gateway_id + " is not an enrolled device "
+                                               "with its own broker session");
+  }
+  auto key = from_hex((*gw)->public_key_hex);
+  if (!key) return make_error(Errc::internal, "gateway " + gateway_id + " has no readable identity key");
+  return *key;
+}
+
+Status HubService::check_reenrollment(const DeviceRecord& d) {
+  auto existing = store_.get_device(d.id);
+  if (!existing) return existing.error();
+  if (!*existing) return {};
+  const DeviceRecord& e = **existing;
+  if (e.state == "decommissioned") {
+    // Decommissioning is final for an identity: a device that comes back
+    // must be wiped and enroll with a new key (docs/security.md).
+    return make_error(Errc::permission_denied, "device " + d.id + " was decommissioned; it must enroll with a "
+                                               "new identity");
+  }
+  if (e.public_key_hex != d.public_key_hex) return make_error(Errc::conflict, "device id collision");
+  // Moving a device between its own session and a gateway would leave a
+  // credential or a topic tree behind: a device keeps the way it enrolled.
+  if (e.gateway != d.gateway) {
+    return make_error(Errc::conflict, "device " + d.id + " enrolled " +
+                                          (e.gateway.empty() ? std::string("with its own session")
+                                                             : "behind gateway " + e.gateway) +
+                                          "; it cannot change that");
+  }
+  return {};
+}
+
+v1::EnrollResponse HubService::enroll_response(const DeviceRecord& d) const {
   v1::EnrollResponse resp;
   resp.set_device_id(d.id);
   resp.set_broker_url(cfg_.broker_url);
   resp.set_topic_prefix(d.gateway.empty() ? std::string(transport::kTopicRoot) + d.id
                                           : transport::gateway_prefix(d.gateway) + d.id);
   resp.set_artifact_base_url(cfg_.public_url + "/v1/artifacts/");
-  for (const auto& [k, v] : labels) (*resp.mutable_labels())[k] = v;
+  for (const auto& [k, v] : d.labels) (*resp.mutable_labels())[k] = v;
+  return resp;
+}
 
+Result<v1::EnrollResponse> HubService::enroll(const v1::EnrollRequest& req) {
+  if (auto s = check_enrollee_proof(req, req.enrollment_token()); !s) return s.error();
+  auto token = usable_enrollment_token(req.enrollment_token());
+  if (!token) return token.error();
+  if (!req.gateway_id().empty()) {
+    // The gateway vouches for the device with its own identity key; the
+    // device's proof above shows the device holds its key.
+    auto gw_key = gateway_identity(req.gateway_id());
+    if (!gw_key) return gw_key.error();
+    const Bytes pub(req.device_public_key().begin(), req.device_public_key().end());
+    const Bytes gw_proof(req.gateway_proof().begin(), req.gateway_proof().end());
+    if (!bundles::verify_detached(*gw_key, bundles::enroll_proof_message(req.enrollment_token(), pub), gw_proof)) {
+      return make_error(Errc::permission_denied, "gateway proof does not verify: it must be signed by the identity "
+                                                 "key of gateway " + req.gateway_id());
+    }
+  }
+  auto rec = enrollee_record(req, *token, req.gateway_id(), clock_.now_unix_ms());
+  if (!rec) return rec.error();
+  const DeviceRecord& d = *rec;
+  v1::EnrollResponse resp = enroll_response(d);
   {
     std::lock_guard lock(store_mu_);
-    if (auto existing = store_.get_device(d.id); existing && *existing && (*existing)->state == "decommissioned") {
-      // Decommissioning is final for an identity: a device that comes back
-      // must be wiped and enroll with a new key (docs/security.md).
-      return make_error(Errc::permission_denied, "device " + d.id + " was decommissioned; it must enroll with a "
-                                                 "new identity");
-    }
-    if (auto existing = store_.get_device(d.id); existing && *existing && (*existing)->public_key_hex != pub_hex) {
-      return make_error(Errc::conflict, "device id collision");
-    }
-    // Moving a device between its own session and a gateway would leave a
-    // credential or a topic tree behind: a device keeps the way it enrolled.
-    if (auto existing = store_.get_device(d.id); existing && *existing && (*existing)->gateway != d.gateway) {
-      return make_error(Errc::conflict, "device " + d.id + " enrolled " +
-                                            ((*existing)->gateway.empty() ? std::string("with its own session")
-                                                                          : "behind gateway " + (*existing)->gateway) +
-                                            "; it cannot change that");
-    }
+    if (auto s = check_reenrollment(d); !s) return s.error();
     sql::Transaction tx(store_.db());
     // Checked and counted in one statement, under the write lock, so
     // concurrent enrollments cannot overspend a single-use token.
-    auto claimed = store_.claim_token_use(token.id);
+    auto claimed = store_.claim_token_use(token->id);
     if (!claimed) return claimed.error();
     if (!*claimed) return make_error(Errc::permission_denied, "enrollment token has been used up");
     if (auto s = store_.upsert_enrolled_device(d); !s) return s.error();
@@ -191,11 +229,98 @@ Result<v1::EnrollResponse> HubService::enroll(const v1::EnrollRequest& req) {
   // Devices behind a gateway use the gateway's broker account.
   if (d.gateway.empty()) {
     if (auto s = sync_broker_credentials(); !s) return s.error().with_context("update broker credentials");
-    log::get("hub")->info("enrolled device={} arch={} token={}", d.id, d.arch, token.id);
+    log::get("hub")->info("enrolled device={} arch={} token={}", d.id, d.arch, token->id);
   } else {
-    log::get("hub")->debug("enrolled device={} gateway={} token={}", d.id, d.gateway, token.id);
+    log::get("hub")->debug("enrolled device={} gateway={} token={}", d.id, d.gateway, token->id);
   }
   return resp;
+}
+
+Result<v1::EnrollBatchResponse> HubService::enroll_batch(const v1::EnrollBatchRequest& req) {
+  if (req.gateway_id().empty()) {
+    return make_error(Errc::invalid_argument, "gateway_id is required: a batch enrolls devices behind one gateway "
+                                              "(a device with its own session enrolls with POST /v1/enroll)");
+  }
+  if (req.devices_size() == 0) return make_error(Errc::invalid_argument, "the batch has no devices");
+  if (req.devices_size() > static_cast<int>(kMaxEnrollBatch)) {
+    return make_error(Errc::too_large, "at most " + std::to_string(kMaxEnrollBatch) + " devices per batch, got " +
+                                           std::to_string(req.devices_size()));
+  }
+  auto token = usable_enrollment_token(req.enrollment_token());
+  if (!token) return token.error();
+  auto gw_key = gateway_identity(req.gateway_id());
+  if (!gw_key) return gw_key.error();
+  std::vector<std::string> keys;
+  keys.reserve(req.devices_size());
+  for (const auto& item : req.devices()) keys.push_back(item.device_public_key());
+  const Bytes gw_proof(req.gateway_proof().begin(), req.gateway_proof().end());
+  if (!bundles::verify_detached(*gw_key, bundles::enroll_batch_proof_message(req.enrollment_token(), req.gateway_id(),
+                                                                             keys),
+                                gw_proof)) {
+    return make_error(Errc::permission_denied, "gateway proof does not verify: the batch must be signed by the "
+                                               "identity key of gateway " + req.gateway_id());
+  }
+
+  // Each device is judged on its own; only the ones that pass are written.
+  v1::EnrollBatchResponse out;
+  std::vector<std::optional<DeviceRecord>> recs(req.devices_size());
+  std::set<std::string> seen;
+  auto refuse = [&](int i, const Error& e) {
+    auto* r = out.mutable_results(i);
+    r->set_error_code(std::string(errc_name(e.code)));
+    r->set_error_message(e.message);
+  };
+  const int64_t now = clock_.now_unix_ms();
+  for (int i = 0; i < req.devices_size(); ++i) {
+    out.add_results();
+    const auto& item = req.devices(i);
+    if (!item.enrollment_token().empty() || !item.gateway_id().empty() || !item.gateway_proof().empty()) {
+      refuse(i, Error{Errc::invalid_argument, "enrollment_token and the gateway belong to the batch, not to its "
+                                              "devices"});
+      continue;
+    }
+    if (auto s = check_enrollee_proof(item, req.enrollment_token()); !s) {
+      refuse(i, s.error());
+      continue;
+    }
+    auto rec = enrollee_record(item, *token, req.gateway_id(), now);
+    if (!rec) {
+      refuse(i, rec.error());
+      continue;
+    }
+    if (!seen.insert(rec->id).second) {
+      refuse(i, Error{Errc::invalid_argument, "device " + rec->id + " appears twice in the batch"});
+      continue;
+    }
+    recs[i] = std::move(*rec);
+  }
+  size_t enrolled = 0;
+  {
+    std::lock_guard lock(store_mu_);
+    sql::Transaction tx(store_.db());
+    for (int i = 0; i < req.devices_size(); ++i) {
+      if (!recs[i]) continue;
+      const DeviceRecord& d = *recs[i];
+      if (auto s = check_reenrollment(d); !s) {
+        if (s.error().code == Errc::internal || s.error().code == Errc::io) return s.error();
+        refuse(i, s.error());
+        continue;
+      }
+      auto claimed = store_.claim_token_use(token->id);
+      if (!claimed) return claimed.error();
+      if (!*claimed) {
+        refuse(i, Error{Errc::permission_denied, "enrollment token has been used up"});
+        continue;
+      }
+      if (auto s = store_.upsert_enrolled_device(d); !s) return s.error();
+      *out.mutable_results(i)->mutable_enrolled() = enroll_response(d);
+      ++enrolled;
+    }
+    if (auto s = tx.commit(); !s) return s.error();
+  }
+  log::get("hub")->info("enrolled batch gateway={} devices={} refused={} token={}", req.gateway_id(), enrolled,
+                        req.devices_size() - enrolled, token->id);
+  return out;
 }
 
 // Rebuilds the broker's password file from the store. Each caller's change

@@ -111,9 +111,13 @@ class Fleet {
   Status create_token();
   Status enroll_gateways();
   Status enroll_devices();
+  Result<std::string> post_enrollment(const std::string& path, const std::string& body, const std::string& what);
+  v1::EnrollRequest enroll_request(const bundles::KeyPair& key, const std::string& hostname,
+                                   const std::string& token) const;
   Result<std::string> enroll_one(const bundles::KeyPair& key, const std::string& hostname,
                                  const bundles::KeyPair* gateway_key, const std::string& gateway_id,
                                  v1::EnrollResponse& resp, const std::string& token);
+  Status enroll_batch(uint32_t first, uint32_t count);
   Status connect_session(uint32_t s, const std::string& user, const std::string& password, const std::string& url,
                          const std::string& will_topic, std::function<void(transport::Message&&)> on_msg);
   void device_online(VDevice& d);
@@ -224,36 +228,84 @@ Status Fleet::create_token() {
   return {};
 }
 
-Result<std::string> Fleet::enroll_one(const bundles::KeyPair& key, const std::string& hostname,
-                                      const bundles::KeyPair* gateway_key, const std::string& gateway_id,
-                                      v1::EnrollResponse& resp, const std::string& token) {
-  v1::EnrollRequest req;
-  req.set_enrollment_token(token);
-  req.set_device_public_key(std::string(key.pub.key.begin(), key.pub.key.end()));
-  req.set_hostname(hostname);
-  req.set_arch("amd64");
-  req.set_agent_version(agent::kAgentVersion);
-  const std::string msg = bundles::enroll_proof_message(token, key.pub.key);
-  const Bytes proof = bundles::sign_detached(key, msg);
-  req.set_proof(std::string(proof.begin(), proof.end()));
-  if (gateway_key) {
-    req.set_gateway_id(gateway_id);
-    const Bytes gp = bundles::sign_detached(*gateway_key, msg);
-    req.set_gateway_proof(std::string(gp.begin(), gp.end()));
-  }
-  const std::string body = req.SerializeAsString();
+// POSTs an enrollment, retrying while the hub is not ready (503) or busy (429).
+Result<std::string> Fleet::post_enrollment(const std::string& path, const std::string& body, const std::string& what) {
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
   for (int attempt = 0;; ++attempt) {
-    auto r = rest_.call("POST", "/v1/enroll", body, "application/x-protobuf");
-    if (r && r->status == 200 && resp.ParseFromString(r->body)) return resp.device_id();
+    auto r = rest_.call("POST", path, body, "application/x-protobuf");
+    if (r && r->status == 200) return std::move(r->body);
     const bool retry = !r || r->status == 503 || r->status == 429;
     if (!retry || std::chrono::steady_clock::now() > deadline) {
-      return make_error(Errc::unavailable, "enroll " + hostname + ": " +
+      return make_error(Errc::unavailable, "enroll " + what + ": " +
                                                (r ? "HTTP " + std::to_string(r->status) + " " + r->body.substr(0, 300)
                                                   : r.error().message));
     }
     std::this_thread::sleep_for(Ms(std::min(2000, 50 << std::min(attempt, 5))));
   }
+}
+
+v1::EnrollRequest Fleet::enroll_request(const bundles::KeyPair& key, const std::string& hostname,
+                                        const std::string& token) const {
+  v1::EnrollRequest req;
+  req.set_device_public_key(std::string(key.pub.key.begin(), key.pub.key.end()));
+  req.set_hostname(hostname);
+  req.set_arch("amd64");
+  req.set_agent_version(agent::kAgentVersion);
+  const Bytes proof = bundles::sign_detached(key, bundles::enroll_proof_message(token, key.pub.key));
+  req.set_proof(std::string(proof.begin(), proof.end()));
+  return req;
+}
+
+Result<std::string> Fleet::enroll_one(const bundles::KeyPair& key, const std::string& hostname,
+                                      const bundles::KeyPair* gateway_key, const std::string& gateway_id,
+                                      v1::EnrollResponse& resp, const std::string& token) {
+  v1::EnrollRequest req = enroll_request(key, hostname, token);
+  req.set_enrollment_token(token);
+  if (gateway_key) {
+    req.set_gateway_id(gateway_id);
+    const Bytes gp = bundles::sign_detached(*gateway_key, bundles::enroll_proof_message(token, key.pub.key));
+    req.set_gateway_proof(std::string(gp.begin(), gp.end()));
+  }
+  auto body = post_enrollment("/v1/enroll", req.SerializeAsString(), hostname);
+  if (!body) return body.error();
+  if (!resp.ParseFromString(*body)) return make_error(Errc::parse, "enroll " + hostname + ": answer does not parse");
+  return resp.device_id();
+}
+
+// Devices [first, first + count), all behind one gateway, in one request.
+Status Fleet::enroll_batch(uint32_t first, uint32_t count) {
+  const uint32_t g = devices_[first].session;
+  v1::EnrollBatchRequest req;
+  req.set_enrollment_token(enroll_token_);
+  req.set_gateway_id(gateway_ids_[g]);
+  std::vector<std::string> keys;
+  keys.reserve(count);
+  for (uint32_t i = first; i < first + count; ++i) {
+    *req.add_devices() = enroll_request(seeded_key("device", opts_.seed, i), "sim-" + std::to_string(i), enroll_token_);
+    keys.push_back(req.devices().rbegin()->device_public_key());
+  }
+  const Bytes gp = bundles::sign_detached(
+      gateway_keys_[g], bundles::enroll_batch_proof_message(enroll_token_, gateway_ids_[g], keys));
+  req.set_gateway_proof(std::string(gp.begin(), gp.end()));
+  const std::string what = "sim-" + std::to_string(first) + "..sim-" + std::to_string(first + count - 1);
+  auto body = post_enrollment("/v1/enroll/batch", req.SerializeAsString(), what);
+  if (!body) return body.error();
+  v1::EnrollBatchResponse resp;
+  if (!resp.ParseFromString(*body) || resp.results_size() != static_cast<int>(count)) {
+    return make_error(Errc::parse, "enroll " + what + ": the answer is not one result per device");
+  }
+  for (uint32_t k = 0; k < count; ++k) {
+    const auto& r = resp.results(static_cast<int>(k));
+    const auto& d = devices_[first + k];
+    if (!r.has_enrolled()) {
+      return make_error(Errc::refused, "enroll sim-" + std::to_string(first + k) + ": " + r.error_code() + ": " +
+                                           r.error_message());
+    }
+    if (r.enrolled().device_id() != d.id) {
+      return make_error(Errc::internal, "hub gave device id " + r.enrolled().device_id() + ", expected " + d.id);
+    }
+  }
+  return {};
 }
 
 Status Fleet::connect_session(uint32_t s, const std::string& user, const std::string& password,
@@ -394,49 +446,68 @@ void Fleet::device_online(VDevice& d) {
 
 Status Fleet::enroll_devices() {
   enroll_started_ms_ = now_ms();
-  if (opts_.mode == Mode::direct) sessions_.resize(opts_.devices);
-  std::atomic<uint32_t> next{0};
+  const bool gw = opts_.mode == Mode::gateway;
+  if (!gw) sessions_.resize(opts_.devices);
+  // The units of work: one device each, or in gateway mode batches that
+  // never straddle two gateways.
+  struct Unit {
+    uint32_t first, count;
+  };
+  std::vector<Unit> units;
+  const uint32_t batch = gw ? std::max<uint32_t>(1, opts_.enroll_batch) : 1;
+  for (uint32_t i = 0; i < opts_.devices;) {
+    uint32_t n = std::min(batch, opts_.devices - i);
+    if (gw) {
+      const uint32_t per = std::max<uint32_t>(1, opts_.devices_per_gateway);
+      n = std::min(n, (i / per + 1) * per - i);
+    }
+    units.push_back({i, n});
+    i += n;
+  }
+  std::atomic<size_t> next{0};
   std::atomic<bool> failed{false};
   std::mutex err_mu;
   Error first_error{Errc::internal, ""};
   const double rate = opts_.enroll_rate;
+  auto enroll_single = [&](uint32_t i) -> Status {
+    auto& d = devices_[i];
+    const auto key = seeded_key("device", opts_.seed, i);
+    v1::EnrollResponse resp;
+    auto id = enroll_one(key, "sim-" + std::to_string(i), gw ? &gateway_keys_[d.session] : nullptr,
+                         gw ? gateway_ids_[d.session] : "", resp, enroll_token_);
+    if (!id) return id.error();
+    if (*id != d.id) return make_error(Errc::internal, "hub gave device id " + *id + ", expected " + d.id);
+    if (gw) return {};
+    auto on_msg = [this, i](transport::Message&& m) {
+      received_.fetch_add(1, std::memory_order_relaxed);
+      post(Event{i, EventKind::desired, std::move(m.payload)});
+    };
+    broker_url_ = resp.broker_url();
+    if (auto st = connect_session(i, resp.mqtt_username(), resp.mqtt_password(), resp.broker_url(),
+                                  transport::device_topic(d.id, "presence"), on_msg);
+        !st) {
+      return st;
+    }
+    return sessions_[i]->subscribe(transport::device_topic(d.id, "desired"), 1);
+  };
   auto enroller = [&] {
     for (;;) {
-      const uint32_t i = next.fetch_add(1);
-      if (i >= opts_.devices || failed) return;
+      const size_t u = next.fetch_add(1);
+      if (u >= units.size() || failed) return;
+      const Unit unit = units[u];
       if (rate > 0) {
         // Device i may start at t0 + i/rate: a steady, controlled rate.
-        const int64_t due = enroll_started_ms_ + static_cast<int64_t>(1000.0 * i / rate);
+        const int64_t due = enroll_started_ms_ + static_cast<int64_t>(1000.0 * unit.first / rate);
         const int64_t wait = due - now_ms();
         if (wait > 0) std::this_thread::sleep_for(Ms(wait));
       }
-      auto& d = devices_[i];
-      const auto key = seeded_key("device", opts_.seed, i);
-      v1::EnrollResponse resp;
-      const bool gw = opts_.mode == Mode::gateway;
-      auto id = enroll_one(key, "sim-" + std::to_string(i), gw ? &gateway_keys_[d.session] : nullptr,
-                           gw ? gateway_ids_[d.session] : "", resp, enroll_token_);
-      Status st;
-      if (!id) {
-        st = id.error();
-      } else if (*id != d.id) {
-        st = make_error(Errc::internal, "hub gave device id " + *id + ", expected " + d.id);
-      } else if (!gw) {
-        auto on_msg = [this, i](transport::Message&& m) {
-          received_.fetch_add(1, std::memory_order_relaxed);
-          post(Event{i, EventKind::desired, std::move(m.payload)});
-        };
-        broker_url_ = resp.broker_url();
-        st = connect_session(i, resp.mqtt_username(), resp.mqtt_password(), resp.broker_url(),
-                             transport::device_topic(d.id, "presence"), on_msg);
-        if (st) st = sessions_[i]->subscribe(transport::device_topic(d.id, "desired"), 1);
-      }
+      Status st = unit.count == 1 && batch == 1 ? enroll_single(unit.first) : enroll_batch(unit.first, unit.count);
       if (!st) {
         std::lock_guard lock(err_mu);
         if (!failed.exchange(true)) first_error = st.error();
         return;
       }
-      device_online(d);
+      for (uint32_t i = unit.first; i < unit.first + unit.count; ++i) device_online(devices_[i]);
     }
   };
   std::vector<std::thread> ts;
@@ -816,6 +887,7 @@ Result<json> Fleet::run() {
                       {"sessions", sessions_.size()},
                       {"seed", opts_.seed},
                       {"enroll_rate", opts_.enroll_rate},
+                      {"enroll_batch", opts_.mode == Mode::gateway ? opts_.enroll_batch : 1},
                       {"workers", opts_.workers},
                       {"strategy", opts_.strategy},
                       {"artifact_bytes", opts_.artifact_bytes},

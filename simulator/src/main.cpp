@@ -67,6 +67,8 @@ int cmd_run(int argc, char** argv) {
       .add("devices-per-gateway", "gateway mode: devices carried by one gateway session", "5000")
       .add("enroll-rate", "enrollments per second; 0 = as fast as the hub answers", "0")
       .add("enroll-threads", "concurrent enrollments", "4")
+      .add("enroll-batch", "gateway mode: devices per batch enrollment request (1 = one request per device)",
+           "1000")
       .add("workers", "threads running device cores", "1")
       .add("seed", "makes fault assignment, identities and timings repeatable", "1")
       .add("offline", "share of devices offline during the campaign", "0")
@@ -102,19 +104,21 @@ int cmd_run(int argc, char** argv) {
   auto devices = num("devices", 1, 10'000'000);
   auto per = num("devices-per-gateway", 1, 1'000'000);
   auto threads = num("enroll-threads", 1, 256);
+  auto batch = num("enroll-batch", 1, 1000);
   auto workers = num("workers", 1, 64);
   auto seed = num("seed", 0, INT64_MAX);
   auto kbps = num("download-kbps", 0, 10'000'000);
   auto skew = num("clock-skew", 0, 10 * 365 * 86400);
   auto art = num("artifact-bytes", 0, 64 << 20);
   auto timeout = o.get_duration("timeout");
-  for (const auto* r : {&devices, &per, &threads, &workers, &seed, &kbps, &skew, &art}) {
+  for (const auto* r : {&devices, &per, &threads, &batch, &workers, &seed, &kbps, &skew, &art}) {
     if (!*r) return fail(r->error());
   }
   if (!timeout) return fail(timeout.error());
   so.devices = static_cast<uint32_t>(*devices);
   so.devices_per_gateway = static_cast<uint32_t>(*per);
   so.enroll_threads = static_cast<uint32_t>(*threads);
+  so.enroll_batch = static_cast<uint32_t>(*batch);
   so.workers = static_cast<uint32_t>(*workers);
   so.seed = static_cast<uint64_t>(*seed);
   so.faults.download_kbps = static_cast<uint32_t>(*kbps);

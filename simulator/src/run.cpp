@@ -2,6 +2,7 @@
 // given), process usage sampling and the network-free footprint measurement.
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -63,7 +64,10 @@ Status start_own_hub(const SimOptions& opts, OwnHub& hub) {
   std::filesystem::remove(data / "hub.url", ec);
   proc::SpawnOptions so;
   so.argv = {opts.hub_bin, "--data-dir", data.string(), "--listen", "127.0.0.1:0", "--config", "",
-             "--log-level", "warn"};
+             "--log-level", "warn",
+             // A direct enrollment holds a REST thread until mosquitto has
+             // reloaded its password file; concurrent ones share a reload.
+             "--http-threads", std::to_string(std::clamp<uint32_t>(opts.enroll_threads, 2, 64))};
   so.stdout_path = (std::filesystem::path(opts.work_dir) / "hub.log").string();
   so.stderr_path = "stdout";
   so.die_with_parent = true;

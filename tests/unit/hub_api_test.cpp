@@ -907,3 +907,204 @@ TEST_CASE("hub: a newer campaign supersedes a device's unfinished row in an olde
   CHECK(c2["counts"]["total"] == 1);
   CHECK(c2["counts"]["pending"] == 1);
 }
+
+namespace {
+
+// A gateway's batch: each device signs its own proof, the gateway signs the list.
+struct Batch {
+  v1::EnrollBatchRequest req;
+  std::vector<std::string> keys;
+  void add(const bundles::KeyPair& k, const std::string& token, const std::string& hostname) {
+    auto* d = req.add_devices();
+    d->set_device_public_key(bytes_string(k.pub.key));
+    const auto proof = bundles::sign_detached(k, bundles::enroll_proof_message(token, k.pub.key));
+    d->set_proof(bytes_string(proof));
+    d->set_hostname(hostname);
+    d->set_arch("arm64");
+    keys.push_back(d->device_public_key());
+  }
+  std::string signed_by(const bundles::KeyPair& gateway, const std::string& token, const std::string& gateway_id) {
+    req.set_enrollment_token(token);
+    req.set_gateway_id(gateway_id);
+    keys.clear();
+    for (const auto& d : req.devices()) keys.push_back(d.device_public_key());
+    req.set_gateway_proof(bytes_string(
+        bundles::sign_detached(gateway, bundles::enroll_batch_proof_message(token, gateway_id, keys))));
+    return req.SerializeAsString();
+  }
+};
+
+std::string enrolled_id(const HttpResponse& r) {
+  INFO(r.body);
+  REQUIRE(r.status == 200);
+  v1::EnrollResponse resp;
+  REQUIRE(resp.ParseFromString(r.body));
+  return resp.device_id();
+}
+
+}  // namespace
+
+TEST_CASE("hub enrolls a gateway's batch in one request, with one result per device", "[unit][hub]") {
+  Hub hub;
+  hub.attach_broker();
+  const std::string token = hub.enrollment_token({{"fleet", "shops"}});
+  const auto gw_key = registered_key();
+  const std::string gw = enrolled_id(hub.enroll(token, bytes_string(gw_key.pub.key)));
+  // A device that enrolled with its own session cannot move behind the gateway.
+  const auto direct_key = registered_key();
+  const std::string direct = enrolled_id(hub.enroll(token, bytes_string(direct_key.pub.key)));
+
+  Batch b;
+  std::vector<bundles::KeyPair> good;
+  for (int i = 0; i < 3; ++i) good.push_back(registered_key());
+  b.add(good[0], token, "shop-0");
+  b.add(bundles::generate_key(), "another-token", "wrong-proof");  // proof made for another token
+  b.add(good[1], token, "shop-1");
+  b.add(good[1], token, "shop-1-again");                          // listed twice
+  b.add(direct_key, token, "was-direct");
+  b.add(good[2], token, "shop-2");
+  b.req.mutable_devices(5)->mutable_labels()->insert({"bad key!", "x"});
+  auto r = hub.anonymous("POST", "/v1/enroll/batch", b.signed_by(gw_key, token, gw));
+  INFO(r.body);
+  REQUIRE(r.status == 200);
+  CHECK(r.content_type == "application/x-protobuf");
+  v1::EnrollBatchResponse resp;
+  REQUIRE(resp.ParseFromString(r.body));
+  REQUIRE(resp.results_size() == 6);
+
+  for (int i : {0, 2}) {
+    const auto& e = resp.results(i);
+    REQUIRE(e.has_enrolled());
+    CHECK(e.error_code().empty());
+    CHECK(e.enrolled().topic_prefix() == "flotilla/v1/g/" + gw + "/d/" + e.enrolled().device_id());
+    CHECK(e.enrolled().mqtt_username().empty());  // it uses the gateway's session
+    CHECK(e.enrolled().mqtt_password().empty());
+    CHECK(e.enrolled().labels().at("fleet") == "shops");
+    auto dev = hub.store().get_device(e.enrolled().device_id());
+    REQUIRE(dev);
+    REQUIRE(*dev);
+    CHECK((*dev)->gateway == gw);
+  }
+  CHECK(hub.get("/v1/devices/" + resp.results(0).enrolled().device_id())["hostname"] == "shop-0");
+  const std::vector<std::pair<int, std::string>> refused = {
+      {1, "proof"}, {3, "twice"}, {4, "with its own session"}, {5, "bad label"}};
+  for (const auto& [i, why] : refused) {
+    const auto& e = resp.results(i);
+    INFO(i << ": " << e.error_code() << " " << e.error_message());
+    CHECK_FALSE(e.has_enrolled());
+    CHECK(contains(e.error_message(), why));
+  }
+  CHECK(resp.results(1).error_code() == "invalid_argument");
+  CHECK(resp.results(4).error_code() == "conflict");
+  // The gateway, the direct device and the two good devices; nothing else,
+  // and the direct device still has its own session.
+  CHECK(hub.device_count() == 4);
+  auto still_direct = hub.store().get_device(direct);
+  REQUIRE(still_direct);
+  REQUIRE(*still_direct);
+  CHECK((*still_direct)->gateway.empty());
+}
+
+TEST_CASE("hub batch enrollment spends the token once per stored device", "[unit][hub]") {
+  Hub hub;
+  hub.attach_broker();
+  const auto gw_key = registered_key();
+  const std::string gw = enrolled_id(hub.enroll(hub.enrollment_token(), bytes_string(gw_key.pub.key)));
+  const std::string token = hub.enrollment_token({}, 3);
+  Batch b;
+  for (int i = 0; i < 4; ++i) b.add(registered_key(), token, "d" + std::to_string(i));
+  auto r = hub.anonymous("POST", "/v1/enroll/batch", b.signed_by(gw_key, token, gw));
+  REQUIRE(r.status == 200);
+  v1::EnrollBatchResponse resp;
+  REQUIRE(resp.ParseFromString(r.body));
+  REQUIRE(resp.results_size() == 4);
+  for (int i = 0; i < 3; ++i) CHECK(resp.results(i).has_enrolled());
+  CHECK(resp.results(3).error_code() == "permission_denied");
+  CHECK(contains(resp.results(3).error_message(), "used up"));
+  CHECK(hub.device_count() == 4);  // the gateway and three devices
+
+  // Used up now: the next batch is refused as a whole.
+  Batch again;
+  again.add(registered_key(), token, "late");
+  auto late = hub.anonymous("POST", "/v1/enroll/batch", again.signed_by(gw_key, token, gw));
+  CHECK(late.status == 403);
+  CHECK(hub.device_count() == 4);
+}
+
+TEST_CASE("hub refuses a batch as a whole for its token, gateway, signature or size, and stores nothing",
+          "[unit][hub]") {
+  Hub hub;
+  hub.attach_broker();
+  const std::string token = hub.enrollment_token();
+  const auto gw_key = registered_key();
+  const std::string gw = enrolled_id(hub.enroll(token, bytes_string(gw_key.pub.key)));
+  const auto device_key = registered_key();
+  const std::string behind =
+      [&] {
+        Batch one;
+        one.add(device_key, token, "behind");
+        auto r = hub.anonymous("POST", "/v1/enroll/batch", one.signed_by(gw_key, token, gw));
+        v1::EnrollBatchResponse resp;
+        REQUIRE(r.status == 200);
+        REQUIRE(resp.ParseFromString(r.body));
+        REQUIRE(resp.results(0).has_enrolled());
+        return resp.results(0).enrolled().device_id();
+      }();
+  REQUIRE(hub.device_count() == 2);
+
+  Batch b;
+  for (int i = 0; i < 3; ++i) b.add(registered_key(), token, "d" + std::to_string(i));
+  const auto post = [&](const std::string& body) { return hub.anonymous("POST", "/v1/enroll/batch", body); };
+
+  SECTION("signed by a key that is not the gateway's") {
+    auto r = post(b.signed_by(bundles::generate_key(), token, gw));
+    CHECK(r.status == 403);
+    CHECK(contains(error_message(r), "gateway proof"));
+  }
+  SECTION("a gateway signature over another list of devices") {
+    (void)b.signed_by(gw_key, token, gw);
+    b.req.mutable_devices()->SwapElements(0, 2);  // same devices, another order, the old signature
+    CHECK(post(b.req.SerializeAsString()).status == 403);
+  }
+  SECTION("an unknown gateway, or a device behind a gateway acting as one") {
+    CHECK(post(b.signed_by(gw_key, token, "d-00000000000000000000")).status == 403);
+    auto r = post(b.signed_by(device_key, token, behind));
+    CHECK(r.status == 403);
+    CHECK(contains(error_message(r), "is not an enrolled device with its own broker session"));
+  }
+  SECTION("no gateway") {
+    auto r = post(b.signed_by(gw_key, token, ""));
+    CHECK(r.status == 400);
+    CHECK(contains(error_message(r), "gateway_id is required"));
+  }
+  SECTION("an unknown token") {
+    auto r = post(b.signed_by(gw_key, "flt_enr_unknown", gw));
+    CHECK(r.status == 401);
+  }
+  SECTION("no devices, or more than 1,000") {
+    Batch empty;
+    CHECK(post(empty.signed_by(gw_key, token, gw)).status == 400);
+    Batch big;
+    const auto k = registered_key();
+    for (int i = 0; i < 1001; ++i) big.add(k, token, "same");
+    auto r = post(big.signed_by(gw_key, token, gw));
+    CHECK(r.status == 413);
+    CHECK(contains(error_message(r), "at most 1000 devices"));
+  }
+  SECTION("not a batch request, or a body over 1 MiB") {
+    CHECK(post(kGarbage).status == 400);
+    CHECK(post(std::string((1u << 20) + 1, 'x')).status == 413);
+  }
+  SECTION("a device that names its own token or gateway") {
+    b.req.mutable_devices(1)->set_gateway_id(gw);
+    auto r = post(b.signed_by(gw_key, token, gw));
+    REQUIRE(r.status == 200);
+    v1::EnrollBatchResponse resp;
+    REQUIRE(resp.ParseFromString(r.body));
+    CHECK(resp.results(1).error_code() == "invalid_argument");
+    CHECK(resp.results(0).has_enrolled());
+    CHECK(hub.device_count() == 4);
+    return;
+  }
+  CHECK(hub.device_count() == 2);
+}

@@ -3,6 +3,7 @@
 #include <filesystem>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "flotilla/common/encoding.hpp"
 #include "flotilla/common/result.hpp"
@@ -55,6 +56,10 @@ Result<PublicKey> read_public_key(const std::string& path_or_text);
 
 // What a device signs when it enrolls: binds its key to the token it used.
 std::string enroll_proof_message(const std::string& enrollment_token, const Bytes& device_public_key);
+// What a gateway signs when it enrolls a batch of devices behind it: binds
+// the token, the gateway and every device key, in order.
+std::string enroll_batch_proof_message(const std::string& enrollment_token, const std::string& gateway_id,
+                                       const std::vector<std::string>& device_public_keys);
 
 Bytes sign_detached(const KeyPair& key, std::string_view message);
 bool verify_detached(const Bytes& public_key, std::string_view message, const Bytes& signature);

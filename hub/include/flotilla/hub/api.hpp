@@ -34,6 +34,7 @@ struct HttpResponse {
 };
 
 inline constexpr size_t kMaxJsonBody = 1u << 20;  // 1 MiB
+inline constexpr size_t kMaxEnrollBatchBody = 1u << 20;  // 1,000 devices use about 250 KiB
 
 // API token roles, in increasing power: a viewer reads; an operator also
 // changes bundles, artifacts, campaigns, devices and enrollment tokens; an

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "flotilla/common/clock.hpp"
+#include "flotilla/common/encoding.hpp"
 #include "flotilla/common/result.hpp"
 #include "flotilla/common/transport.hpp"
 #include "flotilla/hub/campaign.hpp"
@@ -86,6 +87,12 @@ class HubService {
   Result<std::optional<TokenRecord>> authenticate(const std::string& kind, const std::string& secret);
 
   Result<v1::EnrollResponse> enroll(const v1::EnrollRequest& req);
+  // Up to kMaxEnrollBatch devices behind one gateway, under one token and one
+  // gateway signature. The request as a whole is refused only for what
+  // concerns all of it (token, gateway, its proof, the size); otherwise each
+  // device gets its own result, and the ones that pass are stored together.
+  static constexpr size_t kMaxEnrollBatch = 1000;
+  Result<v1::EnrollBatchResponse> enroll_batch(const v1::EnrollBatchRequest& req);
 
   // Stores a signed bundle after checking it parses and is signed. Returns the
   // existing record for a byte-identical manifest.
@@ -158,6 +165,11 @@ class HubService {
   uint64_t reports_processed() const { return reports_processed_; }
 
  private:
+  // Enrollment steps shared by enroll() and enroll_batch().
+  Result<TokenRecord> usable_enrollment_token(const std::string& secret);
+  Result<flotilla::Bytes> gateway_identity(const std::string& gateway_id);
+  Status check_reenrollment(const DeviceRecord& d);  // store_mu_ held
+  v1::EnrollResponse enroll_response(const DeviceRecord& d) const;
   void worker();
   struct ParsedMessage;
   // A device's campaign rows touched by one batch, read once and written once.

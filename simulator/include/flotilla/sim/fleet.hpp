@@ -52,6 +52,8 @@ struct SimOptions {
   uint32_t devices_per_gateway = 5000;
   double enroll_rate = 0;       // enrollments per second; 0 = as fast as the hub takes them
   uint32_t enroll_threads = 4;
+  // Gateway mode: devices per POST /v1/enroll/batch; 1 = one POST /v1/enroll each.
+  uint32_t enroll_batch = 1000;
   uint32_t workers = 1;         // threads running device cores
   uint64_t seed = 1;
   FaultProfile faults;
