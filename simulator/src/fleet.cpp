@@ -454,7 +454,10 @@ Status Fleet::enroll_devices() {
     uint32_t first, count;
   };
   std::vector<Unit> units;
-  const uint32_t batch = gw ? std::max<uint32_t>(1, opts_.enroll_batch) : 1;
+  const double rate = opts_.enroll_rate;
+  uint32_t batch = gw ? std::max<uint32_t>(1, opts_.enroll_batch) : 1;
+  // At a controlled rate a batch holds at most 50 ms worth of devices.
+  if (rate > 0) batch = std::min(batch, std::max<uint32_t>(1, static_cast<uint32_t>(rate / 20)));
   for (uint32_t i = 0; i < opts_.devices;) {
     uint32_t n = std::min(batch, opts_.devices - i);
     if (gw) {
@@ -468,7 +471,6 @@ Status Fleet::enroll_devices() {
   std::atomic<bool> failed{false};
   std::mutex err_mu;
   Error first_error{Errc::internal, ""};
-  const double rate = opts_.enroll_rate;
   auto enroll_single = [&](uint32_t i) -> Status {
     auto& d = devices_[i];
     const auto key = seeded_key("device", opts_.seed, i);
@@ -496,8 +498,10 @@ Status Fleet::enroll_devices() {
       if (u >= units.size() || failed) return;
       const Unit unit = units[u];
       if (rate > 0) {
-        // Device i may start at t0 + i/rate: a steady, controlled rate.
-        const int64_t due = enroll_started_ms_ + static_cast<int64_t>(1000.0 * unit.first / rate);
+        // Device i may start at t0 + i/rate: a steady, controlled rate. A
+        // batch goes when its last device may.
+        const uint32_t last = unit.first + unit.count - 1;
+        const int64_t due = enroll_started_ms_ + static_cast<int64_t>(1000.0 * last / rate);
         const int64_t wait = due - now_ms();
         if (wait > 0) std::this_thread::sleep_for(Ms(wait));
       }
