@@ -69,12 +69,13 @@ Result<json> mqtt_baseline(const std::string& work_dir, const std::string& mosqu
   const std::string url = "tcp://127.0.0.1:" + std::to_string(*port);
 
   std::atomic<uint64_t> reports_seen{0}, desired_seen{0};
-  auto connect = [&](const std::string& id) -> Result<std::unique_ptr<transport::Transport>> {
+  auto connect = [&](const std::string& id, int window, int pending) -> Result<std::unique_ptr<transport::Transport>> {
     auto t = transport::make_paho_transport();
     transport::ConnectOptions co;
     co.url = url;
     co.client_id = id;
-    co.max_inflight = 1000;
+    co.max_inflight = window;
+    co.max_pending = pending;
     Status st;
     for (int i = 0; i < 100; ++i) {
       if ((st = t->connect(co))) return t;
@@ -83,7 +84,7 @@ Result<json> mqtt_baseline(const std::string& work_dir, const std::string& mosqu
     return st.error();
   };
   // The hub side: one session, like flotilla-hub.
-  auto hub = connect("baseline-hub");
+  auto hub = connect("baseline-hub", 1000, 2000);  // as flotilla-hub connects
   if (!hub) return hub.error();
   (*hub)->on_message([&](transport::Message&&) { reports_seen.fetch_add(1, std::memory_order_relaxed); });
   if (auto s = (*hub)->subscribe("b/+/d/+/report", 1); !s) return s.error();
@@ -96,7 +97,9 @@ Result<json> mqtt_baseline(const std::string& work_dir, const std::string& mosqu
   std::deque<std::pair<transport::Transport*, std::string>> queue;
   std::atomic<bool> done{false};
   for (uint32_t g = 0; g < sessions; ++g) {
-    auto t = connect("baseline-gw-" + std::to_string(g));
+    // Paced like the simulator's gateway sessions, so both pay the same
+    // client-library cost and the ratio measures the hub.
+    auto t = connect("baseline-gw-" + std::to_string(g), gateway_window(sessions), gateway_window(sessions));
     if (!t) return t.error();
     auto* raw = t->get();
     const std::string prefix = "b/" + std::to_string(g) + "/d/";

@@ -98,6 +98,31 @@ struct Timed {
   bool operator>(const Timed& o) const { return due != o.due ? due > o.due : order > o.order; }
 };
 
+// Runs fn(0..count-1) on `threads` threads; stops handing out work at the
+// first failure and returns it.
+Status for_each_parallel(size_t count, uint32_t threads, const std::function<Status(size_t)>& fn) {
+  std::atomic<size_t> next{0};
+  std::atomic<bool> failed{false};
+  std::mutex err_mu;
+  Error first_error{Errc::internal, ""};
+  auto run = [&] {
+    for (;;) {
+      const size_t i = next.fetch_add(1);
+      if (i >= count || failed) return;
+      if (auto st = fn(i); !st) {
+        std::lock_guard lock(err_mu);
+        if (!failed.exchange(true)) first_error = st.error();
+        return;
+      }
+    }
+  };
+  std::vector<std::thread> ts;
+  for (uint32_t t = 0; t < std::max<uint32_t>(1, threads); ++t) ts.emplace_back(run);
+  for (auto& t : ts) t.join();
+  if (failed) return first_error;
+  return {};
+}
+
 class Fleet {
  public:
   Fleet(const SimOptions& opts, Rest rest) : opts_(opts), rest_(std::move(rest)) {}
@@ -133,6 +158,10 @@ class Fleet {
   void publish(VDevice& d, const char* leaf, std::string payload, bool retained);
   agent::Agent::Reporter reporter(VDevice& d);
   void presence(VDevice& d, bool online);
+  transport::Transport* session(uint32_t s) {
+    std::lock_guard lock(sessions_mu_);
+    return sessions_[s].get();
+  }
   transport::Transport* session_of(const VDevice& d) {
     const uint32_t s = opts_.mode == Mode::direct ? d.index : d.session;
     return s < sessions_.size() ? sessions_[s].get() : nullptr;
@@ -151,7 +180,12 @@ class Fleet {
   std::string enroll_token_;
   std::string gateway_token_;
   std::string label_;
-  std::string broker_url_;
+  std::mutex url_mu_;
+  std::string broker_url_;  // as the hub tells enrolling devices; all the same
+  void set_broker_url(const std::string& u) {
+    std::lock_guard lock(url_mu_);
+    broker_url_ = u;
+  }
   std::vector<VDevice> devices_;
   std::unordered_map<std::string, uint32_t> by_id_;
   std::vector<std::unique_ptr<transport::Transport>> sessions_;
@@ -320,7 +354,7 @@ Status Fleet::connect_session(uint32_t s, const std::string& user, const std::st
   co.password = password;
   co.clean_session = false;
   co.keepalive_s = 60;
-  co.max_inflight = opts_.mode == Mode::gateway ? 1000 : 16;
+  co.max_inflight = opts_.mode == Mode::gateway ? gateway_window(sessions_.size()) : 16;
   // Paho C keeps one command queue for all sessions of a process and scans it
   // for every command it sends: with hundreds of thousands of reports queued
   // (a 1M-device run) the simulator spent its time in that scan, not in the
@@ -344,18 +378,20 @@ Status Fleet::connect_session(uint32_t s, const std::string& user, const std::st
   return {};
 }
 
+// Gateways connect in parallel: Paho C takes up to a poll round (1 s) to
+// notice each new socket, so 200 gateways one after another cost minutes.
 Status Fleet::enroll_gateways() {
   const uint32_t per = std::max<uint32_t>(1, opts_.devices_per_gateway);
   const uint32_t n = (opts_.devices + per - 1) / per;
   sessions_.resize(n);
   gateway_ids_.resize(n);
-  for (uint32_t g = 0; g < n; ++g) {
-    gateway_keys_.push_back(seeded_key("gateway", opts_.seed, g));
+  for (uint32_t g = 0; g < n; ++g) gateway_keys_.push_back(seeded_key("gateway", opts_.seed, g));
+  return for_each_parallel(n, std::max<uint32_t>(16, opts_.enroll_threads), [&](size_t g) -> Status {
     v1::EnrollResponse resp;
-    auto id = enroll_one(gateway_keys_.back(), "sim-gateway-" + std::to_string(g), nullptr, "", resp, gateway_token_);
+    auto id = enroll_one(gateway_keys_[g], "sim-gateway-" + std::to_string(g), nullptr, "", resp, gateway_token_);
     if (!id) return id.error();
     gateway_ids_[g] = *id;
-    broker_url_ = resp.broker_url();
+    set_broker_url(resp.broker_url());
     auto on_msg = [this](transport::Message&& m) {
       received_.fetch_add(1, std::memory_order_relaxed);
       const std::string dev = transport::parse_device_topic(m.topic, nullptr, nullptr);
@@ -363,20 +399,23 @@ Status Fleet::enroll_gateways() {
       if (it == by_id_.end()) return;
       post(Event{it->second, EventKind::desired, std::move(m.payload)});
     };
-    if (auto s = connect_session(g, *id, resp.mqtt_password(), resp.broker_url(),
-                                 transport::device_topic(*id, "presence"), on_msg); !s) {
+    const auto sg = static_cast<uint32_t>(g);
+    if (auto s = connect_session(sg, *id, resp.mqtt_password(), resp.broker_url(),
+                                 transport::device_topic(*id, "presence"), on_msg);
+        !s) {
       return s;
     }
-    if (auto s = sessions_[g]->subscribe(transport::gateway_prefix(*id) + "+/desired", 1); !s) {
+    auto* t = session(sg);
+    if (auto s = t->subscribe(transport::gateway_prefix(*id) + "+/desired", 1); !s) {
       return s.error().with_context("gateway subscribe");
     }
     // The gateway itself is online; its will marks every device behind it offline.
     v1::Presence p;
     p.set_online(true);
     p.set_agent_version(agent::kAgentVersion);
-    (void)sessions_[g]->publish({transport::device_topic(*id, "presence"), p.SerializeAsString(), 1, true});
-  }
-  return {};
+    (void)t->publish({transport::device_topic(*id, "presence"), p.SerializeAsString(), 1, true});
+    return {};
+  });
 }
 
 void Fleet::presence(VDevice& d, bool online) {
@@ -467,10 +506,6 @@ Status Fleet::enroll_devices() {
     units.push_back({i, n});
     i += n;
   }
-  std::atomic<size_t> next{0};
-  std::atomic<bool> failed{false};
-  std::mutex err_mu;
-  Error first_error{Errc::internal, ""};
   auto enroll_single = [&](uint32_t i) -> Status {
     auto& d = devices_[i];
     const auto key = seeded_key("device", opts_.seed, i);
@@ -484,42 +519,31 @@ Status Fleet::enroll_devices() {
       received_.fetch_add(1, std::memory_order_relaxed);
       post(Event{i, EventKind::desired, std::move(m.payload)});
     };
-    broker_url_ = resp.broker_url();
+    set_broker_url(resp.broker_url());
     if (auto st = connect_session(i, resp.mqtt_username(), resp.mqtt_password(), resp.broker_url(),
                                   transport::device_topic(d.id, "presence"), on_msg);
         !st) {
       return st;
     }
-    return sessions_[i]->subscribe(transport::device_topic(d.id, "desired"), 1);
+    return session(i)->subscribe(transport::device_topic(d.id, "desired"), 1);
   };
-  auto enroller = [&] {
-    for (;;) {
-      const size_t u = next.fetch_add(1);
-      if (u >= units.size() || failed) return;
-      const Unit unit = units[u];
-      if (rate > 0) {
-        // Device i may start at t0 + i/rate: a steady, controlled rate. A
-        // batch goes when its last device may.
-        const uint32_t last = unit.first + unit.count - 1;
-        const int64_t due = enroll_started_ms_ + static_cast<int64_t>(1000.0 * last / rate);
-        const int64_t wait = due - now_ms();
-        if (wait > 0) std::this_thread::sleep_for(Ms(wait));
-      }
-      Status st = unit.count == 1 && batch == 1 ? enroll_single(unit.first) : enroll_batch(unit.first, unit.count);
-      if (!st) {
-        std::lock_guard lock(err_mu);
-        if (!failed.exchange(true)) first_error = st.error();
-        return;
-      }
-      for (uint32_t i = unit.first; i < unit.first + unit.count; ++i) device_online(devices_[i]);
+  const Status st = for_each_parallel(units.size(), opts_.enroll_threads, [&](size_t u) -> Status {
+    const Unit unit = units[u];
+    if (rate > 0) {
+      // Device i may start at t0 + i/rate: a steady, controlled rate. A
+      // batch goes when its last device may.
+      const uint32_t last = unit.first + unit.count - 1;
+      const int64_t due = enroll_started_ms_ + static_cast<int64_t>(1000.0 * last / rate);
+      const int64_t wait = due - now_ms();
+      if (wait > 0) std::this_thread::sleep_for(Ms(wait));
     }
-  };
-  std::vector<std::thread> ts;
-  for (uint32_t t = 0; t < std::max<uint32_t>(1, opts_.enroll_threads); ++t) ts.emplace_back(enroller);
-  for (auto& t : ts) t.join();
+    Status done = unit.count == 1 && batch == 1 ? enroll_single(unit.first) : enroll_batch(unit.first, unit.count);
+    if (!done) return done;
+    for (uint32_t i = unit.first; i < unit.first + unit.count; ++i) device_online(devices_[i]);
+    return {};
+  });
   enroll_done_ms_ = now_ms();
-  if (failed) return first_error;
-  return {};
+  return st;
 }
 
 // The campaign judges devices online or offline when it releases them, so it

@@ -30,6 +30,16 @@ struct ProcUsage {
 // From /proc/<pid>/stat and /proc/<pid>/statm; nullopt when gone.
 std::optional<ProcUsage> proc_usage(int pid);
 
+// The in-flight window of each gateway session (ConnectOptions::max_inflight
+// and max_pending). Paho C keeps one command queue for all the sessions of a
+// process and scans it for every command it sends, so the process-wide total
+// (sessions x window) is held near 20,000: 1,000 per session up to 20
+// sessions, 100 per session for 200 (a 1M-device run).
+inline int gateway_window(size_t sessions) {
+  const size_t w = 20'000 / (sessions ? sessions : 1);
+  return static_cast<int>(w < 16 ? 16 : (w > 1000 ? 1000 : w));
+}
+
 Result<nlohmann::json> run_fleet(const SimOptions& opts, Rest rest);
 
 }  // namespace flotilla::sim

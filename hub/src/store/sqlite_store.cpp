@@ -256,8 +256,12 @@ Status Store::save_device_state(const DeviceRecord& d) {
 
 Status Store::set_gateway_devices_offline(const std::string& gateway, int64_t now_ms) {
   auto st = db_->prepare(
-      "UPDATE devices SET online=0, last_seen_ms=MAX(last_seen_ms, ?) WHERE gateway=? AND online=1 "
-      "AND state != 'decommissioned'");
+      // "gateway != ''" lets SQLite use the partial index devices_gateway: a
+      // bound parameter alone does not prove it, and without it each gateway
+      // going offline scanned every device (200 scans of 1M rows when a
+      // 1M-device simulator stopped).
+      "UPDATE devices SET online=0, last_seen_ms=MAX(last_seen_ms, ?) WHERE gateway=? AND gateway != '' "
+      "AND online=1 AND state != 'decommissioned'");
   if (!st) return st.error();
   st->bind(1, now_ms).bind(2, std::string_view(gateway));
   return st->run();
