@@ -1,5 +1,6 @@
 #pragma once
 // Pieces of flotilla_sim shared between its source files.
+#include <algorithm>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -36,8 +37,7 @@ std::optional<ProcUsage> proc_usage(int pid);
 // (sessions x window) is held near 20,000: 1,000 per session up to 20
 // sessions, 100 per session for 200 (a 1M-device run).
 inline int gateway_window(size_t sessions) {
-  const size_t w = 20'000 / (sessions ? sessions : 1);
-  return static_cast<int>(w < 16 ? 16 : (w > 1000 ? 1000 : w));
+  return static_cast<int>(std::clamp<size_t>(20'000 / std::max<size_t>(1, sessions), 16, 1000));
 }
 
 Result<nlohmann::json> run_fleet(const SimOptions& opts, Rest rest);

@@ -148,33 +148,13 @@ struct Node {
   // an airgap image artifact (relative URL: the hub's artifact base).
   std::string push(uint64_t version, const std::string& image, const std::string& claimed_hex = "",
                    const std::string& extra_dropin = "") {
-    v1::BundleManifest m;
-    m.set_format_version(1);
-    m.set_name("edge");
-    m.set_channel("stable");
-    m.set_version(version);
-    m.set_created_unix(SystemClock::instance().now_unix());
-    m.set_expires_unix(m.created_unix() + 3600);
-    auto add = [&](v1::FileKind k, const std::string& name, const std::string& content) {
-      auto* f = m.add_files();
-      f->set_kind(k);
-      f->set_name(name);
-      f->set_content(content);
-      f->set_mode(0644);
-      auto h = crypto::sha256(content);
-      f->set_sha256(std::string(h.begin(), h.end()));
-    };
-    add(v1::FILE_KIND_K3S_CONFIG, "10-edge.yaml", "node-label: v" + std::to_string(version) + "\n" + extra_dropin);
-    add(v1::FILE_KIND_MANIFEST, "app-" + std::to_string(version) + ".yaml", "kind: ConfigMap\n");
+    v1::BundleManifest m =
+        make_manifest("edge", version,
+                      {{v1::FILE_KIND_K3S_CONFIG, "10-edge.yaml", "node-label: v" + std::to_string(version) + "\n" + extra_dropin},
+                       {v1::FILE_KIND_MANIFEST, "app-" + std::to_string(version) + ".yaml", "kind: ConfigMap\n"}});
     if (!image.empty()) {
       const std::string hex = claimed_hex.empty() ? upload(image) : claimed_hex;
-      auto* a = m.add_artifacts();
-      a->set_name("images.tar");
-      a->set_kind(v1::ARTIFACT_KIND_AIRGAP_IMAGES);
-      auto raw = from_hex(hex).value();
-      a->set_sha256(std::string(raw.begin(), raw.end()));
-      a->set_size(image.size());
-      a->set_url(hex);
+      add_airgap_artifact(m, hex, image.size(), hex);
     }
     auto env = bundles::wrap(m);
     REQUIRE(bundles::sign(env, release));
@@ -345,20 +325,8 @@ TEST_CASE("an artifact whose hash does not match is refused and nothing is insta
   // The manifest says sha256(evil) but the URL serves `real`.
   const std::string evil_hex = crypto::sha256_hex(evil);
   {
-    v1::BundleManifest m;
-    m.set_format_version(1);
-    m.set_name("edge");
-    m.set_channel("stable");
-    m.set_version(2);
-    m.set_created_unix(SystemClock::instance().now_unix());
-    m.set_expires_unix(m.created_unix() + 3600);
-    auto* a = m.add_artifacts();
-    a->set_name("images.tar");
-    a->set_kind(v1::ARTIFACT_KIND_AIRGAP_IMAGES);
-    auto raw = from_hex(evil_hex).value();
-    a->set_sha256(std::string(raw.begin(), raw.end()));
-    a->set_size(evil.size());
-    a->set_url(hex);  // relative URL of the other content
+    v1::BundleManifest m = make_manifest("edge", 2);
+    add_airgap_artifact(m, evil_hex, evil.size(), hex);  // relative URL of the other content
     auto env = bundles::wrap(m);
     REQUIRE(bundles::sign(env, n.release));
     auto [status, body] = n.hub.call("POST", "/v1/bundles", bundles::serialize_envelope(env), "application/octet-stream");

@@ -128,27 +128,9 @@ struct TlsSite {
     auto [put, put_body] = hub.call("PUT", "/v1/artifacts/" + hex, image, "application/octet-stream");
     INFO(put_body.dump());
     REQUIRE((put == 201 || put == 200));
-    v1::BundleManifest m;
-    m.set_format_version(1);
-    m.set_name("edge");
-    m.set_channel("stable");
-    m.set_version(version);
-    m.set_created_unix(SystemClock::instance().now_unix());
-    m.set_expires_unix(m.created_unix() + 3600);
-    auto* f = m.add_files();
-    f->set_kind(v1::FILE_KIND_K3S_CONFIG);
-    f->set_name("10-edge.yaml");
-    f->set_content("node-label: v" + std::to_string(version) + "\n");
-    f->set_mode(0644);
-    auto h = crypto::sha256(f->content());
-    f->set_sha256(std::string(h.begin(), h.end()));
-    auto* a = m.add_artifacts();
-    a->set_name("images.tar");
-    a->set_kind(v1::ARTIFACT_KIND_AIRGAP_IMAGES);
-    auto raw = from_hex(hex).value();
-    a->set_sha256(std::string(raw.begin(), raw.end()));
-    a->set_size(image.size());
-    a->set_url(hex);  // relative: the hub's https:// artifact base
+    v1::BundleManifest m = make_manifest(
+        "edge", version, {{v1::FILE_KIND_K3S_CONFIG, "10-edge.yaml", "node-label: v" + std::to_string(version) + "\n"}});
+    add_airgap_artifact(m, hex, image.size(), hex);  // relative: the hub's https:// artifact base
     auto env = bundles::wrap(m);
     REQUIRE(bundles::sign(env, release));
     auto [status, body] = hub.call("POST", "/v1/bundles", bundles::serialize_envelope(env), "application/octet-stream");

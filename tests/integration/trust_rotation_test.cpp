@@ -42,17 +42,6 @@ v1::SignedKeyring signed_with(const v1::KeyringManifest& k, const std::vector<co
   return r;
 }
 
-v1::BundleFile file(v1::FileKind kind, const std::string& name, const std::string& content) {
-  v1::BundleFile f;
-  f.set_kind(kind);
-  f.set_name(name);
-  f.set_content(content);
-  f.set_mode(0644);
-  auto h = crypto::sha256(content);
-  f.set_sha256(std::string(h.begin(), h.end()));
-  return f;
-}
-
 BuiltBundle sign_manifest(const v1::BundleManifest& m, const bundles::KeyPair& key) {
   BuiltBundle b;
   b.envelope = bundles::wrap(m);
@@ -115,17 +104,11 @@ struct TrustFleet {
 };
 
 v1::BundleManifest manifest(uint64_t version) {
-  v1::BundleManifest m;
-  m.set_format_version(1);
-  m.set_name("edge");
-  m.set_channel("stable");
-  m.set_version(version);
-  m.set_created_unix(now_unix());
-  m.set_expires_unix(now_unix() + 3600);
+  v1::BundleManifest m =
+      make_manifest("edge", version,
+                    {{v1::FILE_KIND_K3S_CONFIG, "50-edge.yaml", "node-label:\n  - \"tier=edge\"\n"},
+                     {v1::FILE_KIND_MANIFEST, "hello.yaml", "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: hello\n"}});
   m.set_k3s_version("v1.30.4+k3s1");
-  *m.add_files() = file(v1::FILE_KIND_K3S_CONFIG, "50-edge.yaml", "node-label:\n  - \"tier=edge\"\n");
-  *m.add_files() = file(v1::FILE_KIND_MANIFEST, "hello.yaml",
-                        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: hello\n");
   return m;
 }
 
@@ -212,8 +195,8 @@ TEST_CASE("an overlay selecting site=berlin places different files on the berlin
   auto m = manifest(1);
   auto* o = m.add_overlays();
   o->set_selector("site=berlin");
-  *o->add_files() = file(v1::FILE_KIND_K3S_CONFIG, "50-edge.yaml", "node-label:\n  - \"tier=berlin\"\n");
-  *o->add_files() = file(v1::FILE_KIND_MANIFEST, "berlin.yaml",
+  *o->add_files() = make_file(v1::FILE_KIND_K3S_CONFIG, "50-edge.yaml", "node-label:\n  - \"tier=berlin\"\n");
+  *o->add_files() = make_file(v1::FILE_KIND_MANIFEST, "berlin.yaml",
                          "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: berlin\n");
   json c = run_campaign(fleet.hub, fleet.push(sign_manifest(m, op.signer)), "env=it");
   INFO(c.dump(2));

@@ -304,10 +304,18 @@ std::map<std::string, std::string> snapshot(const stdfs::path& root, const std::
   return out;
 }
 
-BuiltBundle make_bundle(const std::string& name, uint64_t version,
-                        const std::vector<std::tuple<v1::FileKind, std::string, std::string>>& files,
-                        const std::vector<const bundles::KeyPair*>& signers,
-                        const std::vector<v1::Overlay>& overlays) {
+v1::BundleFile make_file(v1::FileKind kind, const std::string& name, const std::string& content) {
+  v1::BundleFile f;
+  f.set_kind(kind);
+  f.set_name(name);
+  f.set_content(content);
+  f.set_mode(0644);
+  auto h = crypto::sha256(content);
+  f.set_sha256(std::string(h.begin(), h.end()));
+  return f;
+}
+
+v1::BundleManifest make_manifest(const std::string& name, uint64_t version, const BundleFiles& files) {
   v1::BundleManifest m;
   m.set_format_version(1);
   m.set_name(name);
@@ -315,16 +323,25 @@ BuiltBundle make_bundle(const std::string& name, uint64_t version,
   m.set_version(version);
   m.set_created_unix(SystemClock::instance().now_unix());
   m.set_expires_unix(m.created_unix() + 3600);
+  for (const auto& [kind, fname, content] : files) *m.add_files() = make_file(kind, fname, content);
+  return m;
+}
+
+void add_airgap_artifact(v1::BundleManifest& m, const std::string& sha256_hex, uint64_t size, const std::string& url) {
+  auto* a = m.add_artifacts();
+  a->set_name("images.tar");
+  a->set_kind(v1::ARTIFACT_KIND_AIRGAP_IMAGES);
+  auto raw = from_hex(sha256_hex).value();
+  a->set_sha256(std::string(raw.begin(), raw.end()));
+  a->set_size(size);
+  a->set_url(url);
+}
+
+BuiltBundle make_bundle(const std::string& name, uint64_t version, const BundleFiles& files,
+                        const std::vector<const bundles::KeyPair*>& signers,
+                        const std::vector<v1::Overlay>& overlays) {
+  v1::BundleManifest m = make_manifest(name, version, files);
   m.set_k3s_version("v1.30.4+k3s1");
-  for (const auto& [kind, fname, content] : files) {
-    auto* f = m.add_files();
-    f->set_kind(kind);
-    f->set_name(fname);
-    f->set_content(content);
-    f->set_mode(0644);
-    auto h = crypto::sha256(content);
-    f->set_sha256(std::string(h.begin(), h.end()));
-  }
   for (const auto& o : overlays) *m.add_overlays() = o;
   BuiltBundle b;
   b.envelope = bundles::wrap(m);

@@ -124,13 +124,21 @@ class Agent {
 // that start with one of the given relative prefixes.
 std::map<std::string, std::string> snapshot(const stdfs::path& root, const std::vector<std::string>& exclude);
 
+// An unsigned manifest on channel "stable", valid for an hour from now, with
+// these files (kind, name, content), each mode 0644 with its sha256.
+using BundleFiles = std::vector<std::tuple<v1::FileKind, std::string, std::string>>;
+v1::BundleFile make_file(v1::FileKind kind, const std::string& name, const std::string& content);
+v1::BundleManifest make_manifest(const std::string& name, uint64_t version, const BundleFiles& files = {});
+// Appends the airgap-images artifact "images.tar", claiming this sha256 and
+// size, fetched from url (relative: the hub's artifact base).
+void add_airgap_artifact(v1::BundleManifest& m, const std::string& sha256_hex, uint64_t size, const std::string& url);
+
 // A signed bundle built directly with the bundles library.
 struct BuiltBundle {
   v1::SignedBundle envelope;
   std::string bytes;
 };
-BuiltBundle make_bundle(const std::string& name, uint64_t version,
-                        const std::vector<std::tuple<v1::FileKind, std::string, std::string>>& files,
+BuiltBundle make_bundle(const std::string& name, uint64_t version, const BundleFiles& files,
                         const std::vector<const bundles::KeyPair*>& signers,
                         const std::vector<v1::Overlay>& overlays = {});
 
