@@ -54,6 +54,9 @@ void add_hub_options(Options& o) {
                             "an ssl:// broker-url); empty = the system CA store")
       .add("mosquitto", "mosquitto binary for the embedded broker", "/usr/sbin/mosquitto")
       .add("http-threads", "threads serving the REST API", "2")
+      .add("db-cache-mib", "SQLite page cache for the hub's store, in MiB (a fixed cost, not per device)", "64")
+      .add("db-mmap-mib", "map up to this many MiB of the store file (0 = off); faster reads once the store "
+                          "outgrows db-cache-mib, e.g. 1024 for 1M devices", "0")
       .add("log-level", "trace, debug, info, warn or error", "info")
       .config_file_key("config");
 }
@@ -126,6 +129,12 @@ Result<HubConfig> hub_config_from(const Options& o) {
   auto threads = o.get_int("http-threads", 1, 64);
   if (!threads) return threads.error();
   c.http_threads = static_cast<int>(*threads);
+  auto cache = o.get_int("db-cache-mib", 1, 1 << 20);
+  if (!cache) return cache.error();
+  c.db_cache_mib = *cache;
+  auto mmap = o.get_int("db-mmap-mib", 0, 1 << 20);
+  if (!mmap) return mmap.error();
+  c.db_mmap_mib = *mmap;
   return c;
 }
 
@@ -139,7 +148,7 @@ Status run_hub(const HubConfig& cfg, const std::atomic<bool>& stop) {
   // its own user) must traverse into broker/; nothing here is listable.
   if (auto s = fs::ensure_dir(data, 0711); !s) return s;
 
-  auto store = Store::open((data / "hub.db").string());
+  auto store = Store::open((data / "hub.db").string(), StoreTuning{cfg.db_cache_mib, cfg.db_mmap_mib});
   if (!store) return store.error();
 
   const bool embedded = cfg.broker_url.empty();

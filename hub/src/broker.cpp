@@ -258,7 +258,9 @@ Status EmbeddedBroker::write_config() {
       "# a message there for a device that is not behind that gateway.\n"
       "pattern read flotilla/v1/g/%u/d/+/desired\n"
       "pattern write flotilla/v1/g/%u/d/+/report\n"
-      "pattern write flotilla/v1/g/%u/d/+/presence\n";
+      "pattern write flotilla/v1/g/%u/d/+/presence\n"
+      "# Its devices' reports, many per message (v1::GatewayReports).\n"
+      "pattern write flotilla/v1/g/%u/reports\n";
   if (auto s = fs::write_file_atomic(cfg_.dir / "mosquitto.conf", conf, 0600); !s) return s;
   if (auto s = fs::write_file_atomic(cfg_.dir / "acl", acl, 0600); !s) return s;
   hand_to_broker_user(cfg_.dir);

@@ -157,6 +157,8 @@ std::string render_metrics(HubService& s, const HttpMetrics& http) {
   p.family("flotilla_mqtt_messages_received_total", "counter", "MQTT messages received from devices, by topic leaf.");
   p.sample("flotilla_mqtt_messages_received_total", {{"kind", "report"}}, static_cast<double>(m.reports_received));
   p.sample("flotilla_mqtt_messages_received_total", {{"kind", "presence"}}, static_cast<double>(m.presence_received));
+  p.sample("flotilla_mqtt_messages_received_total", {{"kind", "gateway_reports"}},
+           static_cast<double>(m.gateway_batches_received));
   p.sample("flotilla_mqtt_messages_received_total", {{"kind", "other"}}, static_cast<double>(m.other_received));
   p.family("flotilla_mqtt_messages_processed_total", "counter",
            "Device messages folded into the store (duplicates and unknown devices excluded).");

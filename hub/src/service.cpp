@@ -52,6 +52,7 @@ Status HubService::attach_transport(transport::Transport& t) {
     // Devices behind gateways (docs/architecture.md, "Gateways").
     if (auto s = t.subscribe(std::string(transport::kGatewayRoot) + "+/d/+/" + leaf, 1); !s) return s;
   }
+  if (auto s = t.subscribe(transport::gateway_reports_topic("+"), 1); !s) return s;
   republish_pending();
   attached_ = true;
   return {};
@@ -476,12 +477,19 @@ Result<std::optional<DeviceRecord>> HubService::get_device(const std::string& id
 
 void HubService::on_message(transport::Message&& msg) {
   const bool is_report = msg.topic.ends_with("/report");
-  ++(is_report ? reports_received_ : msg.topic.ends_with("/presence") ? presence_received_ : other_received_);
+  ++(is_report                                 ? reports_received_
+     : msg.topic.ends_with("/presence")        ? presence_received_
+     : msg.topic.ends_with("/reports")         ? gateway_batches_received_
+                                               : other_received_);
   std::unique_lock lock(q_mu_);
   // Back-pressure instead of loss: while the queue is full the MQTT client
   // stops reading and the broker holds the QoS 1 messages.
-  q_space_cv_.wait(lock, [this] { return stopping_ || queue_.size() < cfg_.report_queue_cap; });
+  q_space_cv_.wait(lock, [this] {
+    return stopping_ || queue_.empty() ||
+           (queue_.size() < cfg_.report_queue_cap && queued_bytes_ < cfg_.report_queue_bytes_cap);
+  });
   if (stopping_) return;
+  queued_bytes_ += msg.payload.size();
   queue_.push_back(std::move(msg));
   q_cv_.notify_one();
 }
@@ -503,6 +511,7 @@ void HubService::drain() {
     {
       std::lock_guard lock(q_mu_);
       while (!queue_.empty() && batch.size() < 512) {
+        queued_bytes_ -= queue_.front().payload.size();
         batch.push_back(std::move(queue_.front()));
         queue_.pop_front();
       }
@@ -550,7 +559,36 @@ void HubService::process_batch(const std::vector<transport::Message>& batch) {
     order.clear();
     by_device.clear();
   };
+  auto add = [&](const std::string& device_id, ParsedMessage&& p) {
+    const bool barrier = !p.is_report && !p.presence.online();
+    auto [it, fresh] = by_device.try_emplace(device_id);
+    if (fresh) order.push_back(device_id);
+    it->second.push_back(std::move(p));
+    if (barrier) flush();
+  };
   for (const auto& msg : batch) {
+    if (const std::string gw = transport::gateway_of_reports_topic(msg.topic); !gw.empty()) {
+      // Only this gateway may publish here (broker ACL); each report names
+      // its device, and apply_device_messages drops those not behind it.
+      v1::GatewayReports reports;
+      if (msg.payload.size() > kMaxGatewayReportBytes || !reports.ParseFromString(msg.payload) ||
+          reports.reports_size() > kMaxGatewayReports) {
+        log::get("hub")->warn("dropped report batch of gateway={} bytes={}: not a GatewayReports of at most {} "
+                              "reports and {} bytes", gw, msg.payload.size(), kMaxGatewayReports,
+                              kMaxGatewayReportBytes);
+        continue;
+      }
+      for (auto& r : *reports.mutable_reports()) {
+        if (r.device_id().empty()) continue;
+        ParsedMessage p;
+        p.gateway = gw;
+        p.is_report = true;
+        std::string id = r.device_id();
+        p.report = std::move(r);
+        add(id, std::move(p));
+      }
+      continue;
+    }
     std::string leaf;
     ParsedMessage p;
     // The broker's ACL guarantees only this device (or, under
@@ -572,11 +610,7 @@ void HubService::process_batch(const std::vector<transport::Message>& batch) {
     } else {
       continue;
     }
-    const bool barrier = !p.is_report && !p.presence.online();
-    auto [it, fresh] = by_device.try_emplace(device_id);
-    if (fresh) order.push_back(device_id);
-    it->second.push_back(std::move(p));
-    if (barrier) flush();
+    add(device_id, std::move(p));
   }
   flush();
 }

@@ -103,6 +103,7 @@ HubService::MqttCounters HubService::mqtt_counters() const {
   c.reports_received = reports_received_;
   c.presence_received = presence_received_;
   c.other_received = other_received_;
+  c.gateway_batches_received = gateway_batches_received_;
   c.reports_processed = reports_processed_;
   c.presence_processed = presence_processed_;
   c.desired_published = desired_published_;

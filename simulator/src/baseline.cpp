@@ -13,6 +13,7 @@
 #include <deque>
 #include <mutex>
 #include <filesystem>
+#include <map>
 #include <thread>
 
 #include "flotilla/common/fs.hpp"
@@ -43,7 +44,7 @@ Result<int> free_port() {
 }  // namespace
 
 Result<json> mqtt_baseline(const std::string& work_dir, const std::string& mosquitto_bin, uint32_t devices,
-                           uint32_t sessions, uint32_t reports) {
+                           uint32_t sessions, uint32_t reports, uint32_t flush_ms) {
   std::error_code ec;
   std::filesystem::create_directories(work_dir, ec);
   auto port = free_port();
@@ -86,8 +87,14 @@ Result<json> mqtt_baseline(const std::string& work_dir, const std::string& mosqu
   // The hub side: one session, like flotilla-hub.
   auto hub = connect("baseline-hub", 1000, 2000);  // as flotilla-hub connects
   if (!hub) return hub.error();
-  (*hub)->on_message([&](transport::Message&&) { reports_seen.fetch_add(1, std::memory_order_relaxed); });
+  constexpr size_t kReportBytes = 120;
+  (*hub)->on_message([&](transport::Message&& m) {
+    // A batch (b/<session>/reports) carries its answers back to back.
+    const uint64_t n = m.topic.ends_with("/reports") ? m.payload.size() / kReportBytes : 1;
+    reports_seen.fetch_add(n, std::memory_order_relaxed);
+  });
   if (auto s = (*hub)->subscribe("b/+/d/+/report", 1); !s) return s.error();
+  if (auto s = (*hub)->subscribe("b/+/reports", 1); !s) return s.error();
   // The device side: `sessions` gateway sessions; each desired state is
   // answered with `reports` reports from the session that got it, published
   // by one worker thread with the simulator's retry (as the fleet does).
@@ -96,6 +103,24 @@ Result<json> mqtt_baseline(const std::string& work_dir, const std::string& mosqu
   std::condition_variable q_cv;
   std::deque<std::pair<transport::Transport*, std::string>> queue;
   std::atomic<bool> done{false};
+  // With flush_ms: each session's answers gathered, as a gateway does.
+  struct Gathered {
+    std::mutex mu;
+    std::string topic, bytes;
+  };
+  std::vector<std::unique_ptr<Gathered>> gathered;
+  std::map<transport::Transport*, Gathered*> gathered_by;
+  auto send = [](transport::Transport& t, const transport::Message& m) {
+    for (int attempt = 0; attempt < 50 && !t.publish(m); ++attempt) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+  };
+  auto flush = [&](transport::Transport& t, Gathered& g, size_t at_least) {
+    std::lock_guard lock(g.mu);
+    if (g.bytes.empty() || g.bytes.size() < at_least) return;
+    send(t, {g.topic, std::move(g.bytes), 1, false});
+    g.bytes.clear();
+  };
   for (uint32_t g = 0; g < sessions; ++g) {
     // Paced like the simulator's gateway sessions, so both pay the same
     // client-library cost and the ratio measures the hub.
@@ -112,6 +137,9 @@ Result<json> mqtt_baseline(const std::string& work_dir, const std::string& mosqu
       q_cv.notify_one();
     });
     if (auto s = raw->subscribe(prefix + "+/desired", 1); !s) return s.error();
+    gathered.push_back(std::make_unique<Gathered>());
+    gathered.back()->topic = "b/" + std::to_string(g) + "/reports";
+    gathered_by[raw] = gathered.back().get();
     gws.push_back(std::move(*t));
   }
   std::thread answerer([&] {
@@ -126,21 +154,35 @@ Result<json> mqtt_baseline(const std::string& work_dir, const std::string& mosqu
         queue.pop_front();
       }
       for (uint32_t k = 0; k < reports; ++k) {
-        for (int attempt = 0; attempt < 50 && !job.first->publish({job.second, std::string(120, 'r'), 1, false});
-             ++attempt) {
-          std::this_thread::sleep_for(std::chrono::milliseconds(20));
+        if (flush_ms == 0) {
+          send(*job.first, {job.second, std::string(kReportBytes, 'r'), 1, false});
+          continue;
         }
+        Gathered& g = *gathered_by[job.first];
+        {
+          std::lock_guard lock(g.mu);
+          g.bytes.append(kReportBytes, 'r');
+        }
+        flush(*job.first, g, 1000 * kReportBytes);
       }
+    }
+  });
+  std::thread flusher([&] {
+    while (flush_ms > 0 && !done) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(flush_ms));
+      for (size_t g = 0; g < gws.size(); ++g) flush(*gws[g], *gathered[g], 0);
     }
   });
   struct Join {
     std::atomic<bool>& done;
     std::thread& t;
+    std::thread& f;
     ~Join() {
       done = true;
       t.join();
+      f.join();
     }
-  } join{done, answerer};
+  } join{done, answerer, flusher};
   const std::string payload(600, 'd');  // about a desired state with a small bundle
   const auto t0 = std::chrono::steady_clock::now();
   const uint32_t per = (devices + sessions - 1) / std::max<uint32_t>(1, sessions);
@@ -160,6 +202,7 @@ Result<json> mqtt_baseline(const std::string& work_dir, const std::string& mosqu
   return json{{"devices", devices},
               {"sessions", sessions},
               {"reports_per_device", reports},
+              {"flush_ms", flush_ms},
               {"messages", msgs},
               {"complete", reports_seen.load() >= want},
               {"seconds", secs},

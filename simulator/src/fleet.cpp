@@ -24,6 +24,7 @@
 #include "flotilla/common/process.hpp"
 #include "flotilla/common/transport.hpp"
 #include "flotilla/v1/enroll.pb.h"
+#include "flotilla/v1/report.pb.h"
 #include "sim_internal.hpp"
 
 namespace flotilla::sim {
@@ -91,6 +92,15 @@ struct WorkQueue {
   std::deque<Event> q;
 };
 
+// A gateway session's reports not sent yet (batching, see
+// SimOptions::gateway_flush_ms). send_mu keeps the session's batches in order.
+struct ReportBatch {
+  std::mutex send_mu;
+  std::mutex mu;
+  v1::GatewayReports pending;
+};
+constexpr int kMaxReportsPerBatch = 1000;  // the hub's limit (HubService::kMaxGatewayReports)
+
 struct Timed {
   int64_t due = 0;
   uint64_t order = 0;
@@ -156,6 +166,11 @@ class Fleet {
   void handle(Event& e);
   void apply(VDevice& d, const std::string& payload);
   void publish(VDevice& d, const char* leaf, std::string payload, bool retained);
+  bool publish_on(transport::Transport& t, const transport::Message& m);
+  bool batching() const { return opts_.mode == Mode::gateway && opts_.gateway_flush_ms > 0; }
+  void queue_report(const VDevice& d, v1::Report&& r);
+  void flush_reports(uint32_t session, bool only_if_full);
+  void flusher();
   agent::Agent::Reporter reporter(VDevice& d);
   void presence(VDevice& d, bool online);
   transport::Transport* session(uint32_t s) {
@@ -191,6 +206,9 @@ class Fleet {
   std::vector<std::unique_ptr<transport::Transport>> sessions_;
   std::vector<std::string> gateway_ids_;
   std::vector<bundles::KeyPair> gateway_keys_;
+  std::vector<std::unique_ptr<ReportBatch>> batches_;  // per gateway session, when batching()
+  std::mutex flush_mu_;
+  std::condition_variable flush_cv_;
   std::mutex sessions_mu_;
 
   std::vector<std::unique_ptr<WorkQueue>> queues_;
@@ -385,6 +403,10 @@ Status Fleet::enroll_gateways() {
   const uint32_t n = (opts_.devices + per - 1) / per;
   sessions_.resize(n);
   gateway_ids_.resize(n);
+  if (batching()) {
+    for (uint32_t g = 0; g < n; ++g) batches_.push_back(std::make_unique<ReportBatch>());
+    threads_.emplace_back([this] { flusher(); });
+  }
   for (uint32_t g = 0; g < n; ++g) gateway_keys_.push_back(seeded_key("gateway", opts_.seed, g));
   return for_each_parallel(n, std::max<uint32_t>(16, opts_.enroll_threads), [&](size_t g) -> Status {
     v1::EnrollResponse resp;
@@ -428,15 +450,60 @@ void Fleet::presence(VDevice& d, bool online) {
 void Fleet::publish(VDevice& d, const char* leaf, std::string payload, bool retained) {
   auto* t = session_of(d);
   if (!t) return;
-  transport::Message m{transport::device_topic(d.id, gateway_of(d), leaf), std::move(payload), 1, retained};
+  // Presence goes on its own topic: what the gateway gathered for this
+  // device goes first, so the hub sees the device's messages in order.
+  if (batching()) flush_reports(d.session, false);
+  (void)publish_on(*t, {transport::device_topic(d.id, gateway_of(d), leaf), std::move(payload), 1, retained});
+}
+
+bool Fleet::publish_on(transport::Transport& t, const transport::Message& m) {
   for (int attempt = 0; attempt < 50; ++attempt) {
-    if (t->publish(m)) {
+    if (t.publish(m)) {
       sent_.fetch_add(1, std::memory_order_relaxed);
-      return;
+      return true;
     }
     std::this_thread::sleep_for(Ms(20));
   }
   publish_errors_.fetch_add(1, std::memory_order_relaxed);
+  return false;
+}
+
+void Fleet::queue_report(const VDevice& d, v1::Report&& r) {
+  auto& b = *batches_[d.session];
+  bool full = false;
+  {
+    std::lock_guard lock(b.mu);
+    b.pending.add_reports()->Swap(&r);
+    full = b.pending.reports_size() >= kMaxReportsPerBatch;
+  }
+  if (full) flush_reports(d.session, true);
+}
+
+// Sends what session s has gathered as one GatewayReports message.
+void Fleet::flush_reports(uint32_t s, bool only_if_full) {
+  auto& b = *batches_[s];
+  std::lock_guard send_lock(b.send_mu);
+  v1::GatewayReports out;
+  {
+    std::lock_guard lock(b.mu);
+    if (b.pending.reports_size() == 0) return;
+    if (only_if_full && b.pending.reports_size() < kMaxReportsPerBatch) return;  // another flush took them
+    out.Swap(&b.pending);
+  }
+  auto* t = session(s);
+  if (!t) return;
+  (void)publish_on(*t, {transport::gateway_reports_topic(gateway_ids_[s]), out.SerializeAsString(), 1, false});
+}
+
+void Fleet::flusher() {
+  std::unique_lock lock(flush_mu_);
+  while (!stopping_) {
+    flush_cv_.wait_for(lock, Ms(opts_.gateway_flush_ms));
+    if (stopping_) return;
+    lock.unlock();
+    for (uint32_t s = 0; s < batches_.size() && !stopping_; ++s) flush_reports(s, false);
+    lock.lock();
+  }
 }
 
 agent::Agent::Reporter Fleet::reporter(VDevice& d) {
@@ -462,7 +529,11 @@ agent::Agent::Reporter Fleet::reporter(VDevice& d) {
         latencies_ms_.push_back(d.done_ms - t0_);
       }
     }
-    publish(d, "report", r.SerializeAsString(), false);
+    if (batching()) {
+      queue_report(d, std::move(r));
+    } else {
+      publish(d, "report", r.SerializeAsString(), false);
+    }
   };
 }
 
@@ -773,6 +844,10 @@ void Fleet::shutdown() {
     std::lock_guard lock(timer_mu_);
     timer_cv_.notify_all();
   }
+  {
+    std::lock_guard lock(flush_mu_);
+    flush_cv_.notify_all();
+  }
   for (auto& t : threads_) {
     if (t.joinable()) t.join();
   }
@@ -916,6 +991,7 @@ Result<json> Fleet::run() {
                       {"seed", opts_.seed},
                       {"enroll_rate", opts_.enroll_rate},
                       {"enroll_batch", opts_.mode == Mode::gateway ? opts_.enroll_batch : 1},
+                      {"gateway_flush_ms", batching() ? opts_.gateway_flush_ms : 0},
                       {"workers", opts_.workers},
                       {"strategy", opts_.strategy},
                       {"artifact_bytes", opts_.artifact_bytes},

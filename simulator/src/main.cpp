@@ -69,6 +69,8 @@ int cmd_run(int argc, char** argv) {
       .add("enroll-threads", "concurrent enrollments", "4")
       .add("enroll-batch", "gateway mode: devices per batch enrollment request (1 = one request per device)",
            "1000")
+      .add("gateway-flush-ms", "gateway mode: a gateway sends its devices' reports together, gathered for this "
+                               "long (at most 1,000 per message); 0 = one message per report", "200")
       .add("workers", "threads running device cores", "1")
       .add("seed", "makes fault assignment, identities and timings repeatable", "1")
       .add("offline", "share of devices offline during the campaign", "0")
@@ -105,13 +107,14 @@ int cmd_run(int argc, char** argv) {
   auto per = num("devices-per-gateway", 1, 1'000'000);
   auto threads = num("enroll-threads", 1, 256);
   auto batch = num("enroll-batch", 1, 1000);
+  auto flush = num("gateway-flush-ms", 0, 60'000);
   auto workers = num("workers", 1, 64);
   auto seed = num("seed", 0, INT64_MAX);
   auto kbps = num("download-kbps", 0, 10'000'000);
   auto skew = num("clock-skew", 0, 10 * 365 * 86400);
   auto art = num("artifact-bytes", 0, 64 << 20);
   auto timeout = o.get_duration("timeout");
-  for (const auto* r : {&devices, &per, &threads, &batch, &workers, &seed, &kbps, &skew, &art}) {
+  for (const auto* r : {&devices, &per, &threads, &batch, &flush, &workers, &seed, &kbps, &skew, &art}) {
     if (!*r) return fail(r->error());
   }
   if (!timeout) return fail(timeout.error());
@@ -119,6 +122,7 @@ int cmd_run(int argc, char** argv) {
   so.devices_per_gateway = static_cast<uint32_t>(*per);
   so.enroll_threads = static_cast<uint32_t>(*threads);
   so.enroll_batch = static_cast<uint32_t>(*batch);
+  so.gateway_flush_ms = static_cast<uint32_t>(*flush);
   so.workers = static_cast<uint32_t>(*workers);
   so.seed = static_cast<uint64_t>(*seed);
   so.faults.download_kbps = static_cast<uint32_t>(*kbps);
@@ -196,19 +200,22 @@ int cmd_baseline(int argc, char** argv) {
   o.add("devices", "devices (one message out each)", "10000")
       .add("sessions", "device-side sessions", "2")
       .add("reports", "answers per device", "5")
+      .add("flush-ms", "each session sends its answers together, gathered for this long (at most 1,000 per "
+                       "message), like a gateway of 'flotilla-sim run'; 0 = one message per answer", "0")
       .add("mosquitto", "mosquitto binary", "/usr/sbin/mosquitto")
       .add("out", "scratch directory", "flotilla-sim-baseline");
   if (auto done = parse_or_exit(o, argc, argv)) return *done;
   auto n = o.get_int("devices", 1, 10'000'000);
   auto sessions = o.get_int("sessions", 1, 10'000);
   auto reports = o.get_int("reports", 1, 100);
-  for (const auto* r : {&n, &sessions, &reports}) {
+  auto flush_ms = o.get_int("flush-ms", 0, 60'000);
+  for (const auto* r : {&n, &sessions, &reports, &flush_ms}) {
     if (!*r) return fail(r->error());
   }
   log::setup("warn");
   auto r = sim::mqtt_baseline(std::filesystem::absolute(o.get("out")).string(), o.get("mosquitto"),
                               static_cast<uint32_t>(*n), static_cast<uint32_t>(*sessions),
-                              static_cast<uint32_t>(*reports));
+                              static_cast<uint32_t>(*reports), static_cast<uint32_t>(*flush_ms));
   if (!r) return fail(r.error());
   std::cout << r->dump(2) << "\n";
   return (*r)["complete"].get<bool>() ? 0 : 1;

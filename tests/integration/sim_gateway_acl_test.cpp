@@ -181,6 +181,60 @@ TEST_CASE("a gateway may use exactly its own devices' topics", "[integration][si
           std::string::npos);
   }
 
+  SECTION("a gateway's report batch counts only for the devices behind it") {
+    const auto w_key = bundles::generate_key();
+    auto w = enroll(hub, token, w_key, a, &gw_a_key);  // a second device behind A
+    REQUIRE(w.status == 200);
+    const std::string wid = w.resp.device_id();
+    auto ta = session(hub, gw_a.resp);
+    auto tb = session(hub, gw_b.resp);
+    auto batch = [](std::initializer_list<std::tuple<std::string, v1::AgentState, uint64_t>> items) {
+      v1::GatewayReports rs;
+      for (const auto& [id, state, seq] : items) {
+        auto* r = rs.add_reports();
+        r->set_device_id(id);
+        r->set_seq(seq);
+        r->set_state(state);
+      }
+      return rs.SerializeAsString();
+    };
+    // Garbage, and a batch over the limit, are dropped whole: nothing in them counts.
+    REQUIRE(ta->publish({transport::gateway_reports_topic(a), std::string("\xff\xff\xff not protobuf"), 1, false}));
+    v1::GatewayReports big;
+    for (int i = 0; i < 1001; ++i) {
+      auto* r = big.add_reports();
+      r->set_device_id(xid);
+      r->set_seq(100 + static_cast<uint64_t>(i));
+      r->set_state(v1::AGENT_STATE_FAILED);
+    }
+    REQUIRE(ta->publish({transport::gateway_reports_topic(a), big.SerializeAsString(), 1, false}));
+    // B's batch about X (not behind B): the ACL lets it through on B's topic, the hub drops it.
+    REQUIRE(tb->publish({transport::gateway_reports_topic(b), batch({{xid, v1::AGENT_STATE_FAILED, 5}}), 1, false}));
+    // A on B's batch topic, about Y: the broker drops it.
+    REQUIRE(ta->publish({transport::gateway_reports_topic(b), batch({{yid, v1::AGENT_STATE_FAILED, 5}}), 1, false}));
+    // A's batch: X twice in order, W, and Y (behind B), which is dropped alone.
+    REQUIRE(ta->publish({transport::gateway_reports_topic(a),
+                         batch({{xid, v1::AGENT_STATE_INSTALLING, 10},
+                                {yid, v1::AGENT_STATE_FAILED, 10},
+                                {wid, v1::AGENT_STATE_APPLIED, 3},
+                                {xid, v1::AGENT_STATE_APPLIED, 11}}),
+                         1, false}));
+    REQUIRE(wait_until([&] { return hub.device(xid)["state"] == "applied" && hub.device(wid)["state"] == "applied"; },
+                       std::chrono::seconds(10)));
+    CHECK(hub.device(yid)["state"] == "enrolled");
+    // B's session is not ordered with A's: wait for the hub to have judged it too.
+    for (const std::string& line : {"dropped report batch of gateway=" + a,
+                                    "dropped report of device=" + yid + " sent on the topics of gateway '" + a + "'",
+                                    "dropped report of device=" + xid + " sent on the topics of gateway '" + b + "'"}) {
+      INFO(line);
+      CHECK(wait_until([&] { return hub.log().find(line) != std::string::npos; }, std::chrono::seconds(10)));
+    }
+    CHECK(hub.device(xid)["state"] == "applied");
+    // The oversized batch's seq 100+ never counted: a newer single report at 12 still applies.
+    REQUIRE(ta->publish({transport::device_topic(xid, a, "report"), report(xid, v1::AGENT_STATE_IDLE, 12), 1, false}));
+    CHECK(wait_until([&] { return hub.device(xid)["state"] == "idle"; }, std::chrono::seconds(10)));
+  }
+
   SECTION("when the gateway's session ends, its devices are offline") {
     auto ta = session(hub, gw_a.resp);
     v1::Presence on;

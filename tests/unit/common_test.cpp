@@ -947,3 +947,15 @@ TEST_CASE("device_id_from_topic extracts the id and leaf", "[unit][common]") {
   CHECK(device_id_from_topic("", &leaf).empty());
   CHECK(leaf == "unchanged");
 }
+
+TEST_CASE("gateway_of_reports_topic takes exactly flotilla/v1/g/<id>/reports", "[unit][common]") {
+  using flotilla::transport::gateway_of_reports_topic;
+  CHECK(gateway_of_reports_topic(flotilla::transport::gateway_reports_topic("gw-1")) == "gw-1");
+  CHECK(gateway_of_reports_topic("flotilla/v1/g/gw-1/reports") == "gw-1");
+  CHECK(gateway_of_reports_topic("flotilla/v1/g//reports").empty());             // empty id
+  CHECK(gateway_of_reports_topic("flotilla/v1/g/gw-1/d/x/reports").empty());     // a device's subtree
+  CHECK(gateway_of_reports_topic("flotilla/v1/g/gw-1/d/x/report").empty());
+  CHECK(gateway_of_reports_topic("flotilla/v1/d/gw-1/reports").empty());         // not a gateway topic
+  CHECK(gateway_of_reports_topic("flotilla/v1/g/gw-1/reports/x").empty());
+  CHECK(gateway_of_reports_topic("flotilla/v1/g/reports").empty());
+}

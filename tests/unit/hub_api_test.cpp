@@ -301,9 +301,10 @@ TEST_CASE("hub health endpoints", "[unit][hub]") {
   CHECK(error_code(r) == "unavailable");
 
   auto& broker = hub.attach_broker();
-  // Devices' own topics and those of devices behind gateways.
+  // Devices' own topics, those of devices behind gateways, and gateways' report batches.
   CHECK(broker.subscriptions() == std::vector<std::string>{"flotilla/v1/d/+/report", "flotilla/v1/g/+/d/+/report",
-                                                         "flotilla/v1/d/+/presence", "flotilla/v1/g/+/d/+/presence"});
+                                                         "flotilla/v1/d/+/presence", "flotilla/v1/g/+/d/+/presence",
+                                                         "flotilla/v1/g/+/reports"});
   CHECK(hub.anonymous("GET", "/readyz").status == 200);
   broker.disconnect();
   CHECK(hub.anonymous("GET", "/readyz").status == 503);

@@ -490,4 +490,15 @@ std::string parse_device_topic(const std::string& topic, std::string* gateway, s
   return topic.substr(dev_begin, dev_end - dev_begin);
 }
 
+std::string gateway_of_reports_topic(const std::string& topic) {
+  const std::string groot = kGatewayRoot;
+  constexpr std::string_view leaf = "/reports";
+  if (topic.size() <= groot.size() + leaf.size() || topic.compare(0, groot.size(), groot) != 0 ||
+      !topic.ends_with(leaf)) {
+    return {};
+  }
+  std::string id = topic.substr(groot.size(), topic.size() - groot.size() - leaf.size());
+  return id.find('/') == std::string::npos ? id : std::string();
+}
+
 }  // namespace flotilla::transport

@@ -67,15 +67,18 @@ using sql::query;
 
 }  // namespace
 
-Result<std::unique_ptr<Store>> Store::open(const std::string& path) {
+Result<std::unique_ptr<Store>> Store::open(const std::string& path, const StoreTuning& tuning) {
   auto db = sql::Db::open(path);
   if (!db) return db.error();
   std::unique_ptr<Store> s(new Store(std::move(*db)));
-  // SQLite's default page cache is 2 MiB: at 100k devices every report then
-  // re-reads its rows' pages from the kernel (a third of the hub's CPU in
-  // perf). 64 MiB holds the hot rows and indexes of a large fleet and is a
-  // fixed cost, not a per-device one.
-  if (auto c = s->db_->exec("PRAGMA cache_size = -65536"); !c) return c.error();
+  // A negative cache_size is in KiB (see StoreTuning).
+  if (auto c = s->db_->exec("PRAGMA cache_size = -" + std::to_string(std::max<int64_t>(1, tuning.cache_mib) * 1024));
+      !c) {
+    return c.error();
+  }
+  if (auto m = s->db_->exec("PRAGMA mmap_size = " + std::to_string(std::max<int64_t>(0, tuning.mmap_mib) << 20)); !m) {
+    return m.error();
+  }
   if (auto m = s->migrate(); !m) return m.error().with_context("migrate " + path);
   return s;
 }

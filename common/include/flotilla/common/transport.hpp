@@ -91,4 +91,11 @@ inline std::string device_topic(const std::string& device_id, const std::string&
 // device's own topics.
 std::string parse_device_topic(const std::string& topic, std::string* gateway, std::string* leaf);
 
+// A gateway's batched reports (v1::GatewayReports): flotilla/v1/g/<gateway-id>/reports.
+inline std::string gateway_reports_topic(const std::string& gateway_id) {
+  return std::string(kGatewayRoot) + gateway_id + "/reports";
+}
+// The gateway id of a gateway_reports_topic; empty for any other topic.
+std::string gateway_of_reports_topic(const std::string& topic);
+
 }  // namespace flotilla::transport

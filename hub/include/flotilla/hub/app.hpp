@@ -32,6 +32,8 @@ struct HubConfig {
   int broker_listen_port = 0;
   std::string mosquitto_bin = "/usr/sbin/mosquitto";
   int http_threads = 2;
+  int64_t db_cache_mib = 64;  // StoreTuning
+  int64_t db_mmap_mib = 0;
 };
 
 void add_hub_options(Options& o);

@@ -34,6 +34,9 @@ struct ServiceConfig {
   std::string public_url;            // the hub's REST base URL as devices see it
   bool manage_broker_credentials = true;  // false with an external broker
   size_t report_queue_cap = 100000;
+  // The queue also stops at this many payload bytes: a gateway's batch
+  // carries up to 1,000 reports in one message.
+  size_t report_queue_bytes_cap = 64u << 20;
   // Tests that drive the engine with a fake clock call tick() themselves.
   bool engine_thread = true;
 };
@@ -92,6 +95,9 @@ class HubService {
   // concerns all of it (token, gateway, its proof, the size); otherwise each
   // device gets its own result, and the ones that pass are stored together.
   static constexpr size_t kMaxEnrollBatch = 1000;
+  // A gateway's report batch (v1::GatewayReports); a larger one is dropped whole.
+  static constexpr int kMaxGatewayReports = 1000;
+  static constexpr size_t kMaxGatewayReportBytes = 1u << 20;
   Result<v1::EnrollBatchResponse> enroll_batch(const v1::EnrollBatchRequest& req);
 
   // Stores a signed bundle after checking it parses and is signed. Returns the
@@ -143,7 +149,7 @@ class HubService {
 
   // Observability (read by /metrics).
   struct MqttCounters {
-    uint64_t reports_received = 0, presence_received = 0, other_received = 0;
+    uint64_t reports_received = 0, presence_received = 0, other_received = 0, gateway_batches_received = 0;
     uint64_t reports_processed = 0, presence_processed = 0;
     uint64_t desired_published = 0, desired_publish_failures = 0;
   };
@@ -221,6 +227,7 @@ class HubService {
   std::mutex drain_mu_;  // one drainer at a time, so drain() returns only when all is processed
   std::condition_variable q_cv_, q_space_cv_;
   std::deque<transport::Message> queue_;
+  size_t queued_bytes_ = 0;  // payload bytes in queue_ (q_mu_)
   std::atomic<bool> stopping_{false};
   std::atomic<bool> attached_{false};
   std::thread worker_;
@@ -233,6 +240,7 @@ class HubService {
   std::map<std::string, BundleRecord> bundle_cache_;  // envelopes for publishing, by id
   std::atomic<uint64_t> reports_processed_{0};
   std::atomic<uint64_t> reports_received_{0}, presence_received_{0}, other_received_{0};
+  std::atomic<uint64_t> gateway_batches_received_{0};
   std::atomic<uint64_t> presence_processed_{0};
   std::atomic<uint64_t> desired_published_{0}, desired_publish_failures_{0};
   // Report batches are committed in one transaction; its latency is the

@@ -139,9 +139,22 @@ struct AuditRecord {
   std::string peer;
 };
 
+// How much memory SQLite may use for the store's pages.
+struct StoreTuning {
+  // SQLite's own page cache. Its default is 2 MiB: at 100k devices every
+  // report then re-read its rows' pages from the kernel (a third of the
+  // hub's CPU in perf). A fixed cost, not a per-device one.
+  int64_t cache_mib = 64;
+  // Maps up to this much of the database file: reads then come straight
+  // from the kernel's page cache without a copy or a system call (a 1M-device
+  // store is larger than the page cache). Mapped pages show in the hub's RSS
+  // but are the kernel's to drop. 0 = off.
+  int64_t mmap_mib = 0;
+};
+
 class Store {
  public:
-  static Result<std::unique_ptr<Store>> open(const std::string& path);
+  static Result<std::unique_ptr<Store>> open(const std::string& path, const StoreTuning& tuning = {});
 
   // Tokens are stored only as SHA-256 hashes of their secret.
   Status insert_token(const std::string& kind, const TokenRecord& t, const std::string& secret_hash);

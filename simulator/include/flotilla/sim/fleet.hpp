@@ -54,6 +54,10 @@ struct SimOptions {
   uint32_t enroll_threads = 4;
   // Gateway mode: devices per POST /v1/enroll/batch; 1 = one POST /v1/enroll each.
   uint32_t enroll_batch = 1000;
+  // Gateway mode: a gateway gathers its devices' reports for up to this long
+  // (or 1,000 reports) and sends them as one GatewayReports message, as a
+  // real IoT gateway batches telemetry; 0 = one MQTT message per report.
+  uint32_t gateway_flush_ms = 200;
   uint32_t workers = 1;         // threads running device cores
   uint64_t seed = 1;
   FaultProfile faults;
@@ -81,7 +85,9 @@ nlohmann::json measure_footprint(uint32_t n, uint64_t seed);
 // The raw broker round trip of a campaign's messages: `devices` QoS 1
 // messages out from one "hub" session, `reports` QoS 1 answers each back from
 // `sessions` device-side sessions, through a bare mosquitto it starts.
+// With flush_ms > 0 each session gathers its reports for that long (at most
+// 1,000 per message), like a gateway of `flotilla-sim run`.
 Result<nlohmann::json> mqtt_baseline(const std::string& work_dir, const std::string& mosquitto_bin, uint32_t devices,
-                                     uint32_t sessions, uint32_t reports);
+                                     uint32_t sessions, uint32_t reports, uint32_t flush_ms = 0);
 
 }  // namespace flotilla::sim
