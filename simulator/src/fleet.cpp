@@ -133,15 +133,35 @@ Status for_each_parallel(size_t count, uint32_t threads, const std::function<Sta
   return {};
 }
 
+// A worker process of a multi-process direct run, as its driver sees it.
+struct WorkerProc {
+  proc::Child child;
+  std::filesystem::path dir;
+  json status;  // its last status.json
+};
+
 class Fleet {
  public:
-  Fleet(const SimOptions& opts, Rest rest) : opts_(opts), rest_(std::move(rest)) {}
+  // A fleet runs devices [first, first + count) of opts.devices: all of
+  // them, or a worker's share.
+  Fleet(const SimOptions& opts, Rest rest, uint32_t first = 0, uint32_t count = UINT32_MAX)
+      : opts_(opts), rest_(std::move(rest)), first_(first), count_(std::min(count, opts.devices - first)) {}
   ~Fleet() { shutdown(); }
 
   Result<json> run();
+  Status run_as_worker(const std::string& enroll_token, const std::filesystem::path& dir);
 
  private:
   // setup
+  void init_core();
+  void start_threads();
+  bool multi() const { return opts_.mode == Mode::direct && opts_.processes > 1; }
+  Status start_workers();
+  Status wait_workers_online();
+  void read_worker_statuses();
+  void stop_workers();
+  json worker_status(const std::string& state, const std::string& error, bool final_status);
+  std::array<uint64_t, kPhases> phase_counts() const;
   Status prepare_devices();
   Status create_token();
   Status enroll_gateways();
@@ -190,6 +210,8 @@ class Fleet {
 
   const SimOptions& opts_;
   Rest rest_;
+  const uint32_t first_, count_;
+  std::vector<WorkerProc> workers_;
   CoreEnv env_;
   bundles::KeyPair release_;
   std::string enroll_token_;
@@ -568,8 +590,9 @@ Status Fleet::enroll_devices() {
   uint32_t batch = gw ? std::max<uint32_t>(1, opts_.enroll_batch) : 1;
   // At a controlled rate a batch holds at most 50 ms worth of devices.
   if (rate > 0) batch = std::min(batch, std::max<uint32_t>(1, static_cast<uint32_t>(rate / 20)));
-  for (uint32_t i = 0; i < opts_.devices;) {
-    uint32_t n = std::min(batch, opts_.devices - i);
+  const uint32_t end = first_ + count_;
+  for (uint32_t i = first_; i < end;) {
+    uint32_t n = std::min(batch, end - i);
     if (gw) {
       const uint32_t per = std::max<uint32_t>(1, opts_.devices_per_gateway);
       n = std::min(n, (i / per + 1) * per - i);
@@ -604,7 +627,7 @@ Status Fleet::enroll_devices() {
       // Device i may start at t0 + i/rate: a steady, controlled rate. A
       // batch goes when its last device may.
       const uint32_t last = unit.first + unit.count - 1;
-      const int64_t due = enroll_started_ms_ + static_cast<int64_t>(1000.0 * last / rate);
+      const int64_t due = enroll_started_ms_ + static_cast<int64_t>(1000.0 * (last - first_) / rate);
       const int64_t wait = due - now_ms();
       if (wait > 0) std::this_thread::sleep_for(Ms(wait));
     }
@@ -790,12 +813,27 @@ json Fleet::sample(int64_t t0, const std::string& campaign_id, json& last_campai
   json s;
   s["t_ms"] = now_ms() - t0;
   std::array<uint64_t, kPhases> counts{};
-  for (const auto& d : devices_) ++counts[std::min<int>(d.phase.load(std::memory_order_relaxed), kPhases - 1)];
+  uint64_t sent = sent_.load(), received = received_.load(), sim_rss = 0;
+  double sim_cpu = 0;
+  if (multi()) {
+    read_worker_statuses();
+    for (const auto& w : workers_) {
+      const auto& st = w.status;
+      if (!st.is_object()) continue;
+      for (int i = 0; i < kPhases; ++i) counts[i] += st["phases"][i].get<uint64_t>();
+      sent += st.value("sent", uint64_t{0});
+      received += st.value("received", uint64_t{0});
+      sim_rss += st.value("rss_bytes", uint64_t{0});
+      sim_cpu += st.value("cpu_s", 0.0);
+    }
+  } else {
+    counts = phase_counts();
+  }
   json states = json::object();
   for (int i = 0; i < kPhases; ++i) states[kPhaseNames[i]] = counts[i];
   s["devices"] = states;
-  s["sent"] = sent_.load();
-  s["received"] = received_.load();
+  s["sent"] = sent;
+  s["received"] = received;
   if (poll_hub && !campaign_id.empty()) {
     if (auto c = rest_.call_json("GET", "/v1/campaigns/" + campaign_id, nullptr, 200)) last_campaign = *c;
   }
@@ -806,14 +844,24 @@ json Fleet::sample(int64_t t0, const std::string& campaign_id, json& last_campai
   if (opts_.hub_pid > 0) {
     if (auto u = proc_usage(opts_.hub_pid)) {
       s["hub_rss_bytes"] = u->rss_bytes;
+      s["hub_rss_file_bytes"] = u->rss_file_bytes;
       s["hub_cpu_s"] = u->cpu_s;
     }
   }
   if (auto self = proc_usage(::getpid())) {
-    s["sim_rss_bytes"] = self->rss_bytes;
-    s["sim_cpu_s"] = self->cpu_s;
+    // With workers: all the simulator's processes together.
+    s["sim_rss_bytes"] = self->rss_bytes + sim_rss;
+    s["sim_cpu_s"] = self->cpu_s + sim_cpu;
   }
   return s;
+}
+
+std::array<uint64_t, kPhases> Fleet::phase_counts() const {
+  std::array<uint64_t, kPhases> counts{};
+  for (uint32_t i = first_; i < first_ + count_; ++i) {
+    ++counts[std::min<int>(devices_[i].phase.load(std::memory_order_relaxed), kPhases - 1)];
+  }
+  return counts;
 }
 
 void Fleet::progress_line(const json& s, int64_t elapsed_ms, bool final_line) {
@@ -856,7 +904,7 @@ void Fleet::shutdown() {
   sessions_.clear();
 }
 
-Result<json> Fleet::run() {
+void Fleet::init_core() {
   label_ = opts_.label.empty() ? "s" + std::to_string(opts_.seed) + "-" + std::to_string(SystemClock::instance().now_unix())
                                : opts_.label;
   release_ = seeded_key("release", opts_.seed, 0);
@@ -865,10 +913,17 @@ Result<json> Fleet::run() {
   env_.base.keyring.add(release_.pub);
   env_.base.min_free_bytes = 0;
   env_.fetch = &fetch_artifact;
+}
 
+void Fleet::start_threads() {
   for (uint32_t w = 0; w < std::max<uint32_t>(1, opts_.workers); ++w) queues_.push_back(std::make_unique<WorkQueue>());
   for (uint32_t w = 0; w < queues_.size(); ++w) threads_.emplace_back([this, w] { worker(w); });
   threads_.emplace_back([this] { timer(); });
+}
+
+Result<json> Fleet::run() {
+  init_core();
+  start_threads();
 
   const int64_t started = now_ms();
   if (auto s = prepare_devices(); !s) return s.error();
@@ -877,7 +932,12 @@ Result<json> Fleet::run() {
   if (opts_.mode == Mode::gateway) {
     if (auto s = enroll_gateways(); !s) return s.error();
   }
-  if (auto s = enroll_devices(); !s) return s.error().with_context("enrollment");
+  if (multi()) {
+    if (auto s = start_workers(); !s) return s.error();
+    if (auto s = wait_workers_online(); !s) return s.error().with_context("enrollment");
+  } else if (auto s = enroll_devices(); !s) {
+    return s.error().with_context("enrollment");
+  }
   for (auto& t : sessions_) {
     if (t && t->connected()) (void)t->flush(Ms(30000));
   }
@@ -931,6 +991,7 @@ Result<json> Fleet::run() {
     std::this_thread::sleep_for(Ms(period));
   }
   // One last look at the hub and the fleet.
+  if (multi()) stop_workers();  // their final status: every device's outcome and time
   json final_sample = sample(t0_, cid, last_campaign, true);
   timeline.push_back(final_sample);
   progress_line(final_sample, final_sample["t_ms"].get<int64_t>(), true);
@@ -952,10 +1013,12 @@ Result<json> Fleet::run() {
   for (size_t i = 0; i < lat.size(); i += step) cdf.push_back({lat[i], static_cast<double>(i + 1) / lat.size()});
   if (!lat.empty()) cdf.push_back({lat.back(), 1.0});
 
-  uint64_t peak_rss = 0;
+  uint64_t peak_rss = 0, peak_anon = 0;
   double max_rate = 0;
   for (size_t i = 0; i < timeline.size(); ++i) {
     peak_rss = std::max<uint64_t>(peak_rss, timeline[i].value("hub_rss_bytes", uint64_t{0}));
+    peak_anon = std::max<uint64_t>(peak_anon, timeline[i].value("hub_rss_bytes", uint64_t{0}) -
+                                                  timeline[i].value("hub_rss_file_bytes", uint64_t{0}));
     if (i > 0) {
       const double dt = (timeline[i]["t_ms"].get<double>() - timeline[i - 1]["t_ms"].get<double>()) / 1000.0;
       const double dm = (timeline[i]["sent"].get<double>() + timeline[i]["received"].get<double>()) -
@@ -987,7 +1050,8 @@ Result<json> Fleet::run() {
   report["config"] = {{"devices", opts_.devices},
                       {"mode", opts_.mode == Mode::direct ? "direct" : "gateway"},
                       {"devices_per_gateway", opts_.devices_per_gateway},
-                      {"sessions", sessions_.size()},
+                      {"sessions", multi() ? opts_.devices : sessions_.size()},
+                      {"processes", multi() ? opts_.processes : 1},
                       {"seed", opts_.seed},
                       {"enroll_rate", opts_.enroll_rate},
                       {"enroll_batch", opts_.mode == Mode::gateway ? opts_.enroll_batch : 1},
@@ -1028,8 +1092,11 @@ Result<json> Fleet::run() {
       {"peak_msgs_per_s", max_rate},
       {"hub_peak_rss_bytes", peak_rss},
       {"hub_rss_per_device_bytes", opts_.devices ? peak_rss / static_cast<double>(opts_.devices) : 0.0},
+      // Without file-backed pages (a mapped store, --db-mmap-mib): the hub's own memory.
+      {"hub_peak_rss_anon_bytes", peak_anon},
       {"hub_cpu_s", final_sample.value("hub_cpu_s", 0.0)},
       {"sim_rss_bytes", final_sample.value("sim_rss_bytes", uint64_t{0})},
+      {"sim_cpu_s", final_sample.value("sim_cpu_s", 0.0)},
       {"journal_rows", SimStateStore::journal_rows()},
       {"artifact_downloads", g_artifact_downloads.load()}};
   report["faults_assigned"] = faults_assigned;
@@ -1042,7 +1109,248 @@ Result<json> Fleet::run() {
   return report;
 }
 
+// --- several processes (direct mode) ------------------------------------------------
+
+namespace {
+constexpr const char* kStatusFile = "status.json";
+constexpr const char* kStopFile = "stop";
+constexpr const char* kSpecFile = "spec.json";
+
+json options_json(const SimOptions& o) {
+  return {{"devices", o.devices},
+          {"seed", o.seed},
+          {"enroll_rate", o.enroll_rate},
+          {"enroll_threads", o.enroll_threads},
+          {"workers", o.workers},
+          {"artifact_bytes", o.artifact_bytes},
+          {"faults",
+           {{"offline", o.faults.offline},
+            {"flaky", o.faults.flaky},
+            {"install_fail", o.faults.install_fail},
+            {"health_fail", o.faults.health_fail},
+            {"reboot_mid_apply", o.faults.reboot_mid_apply},
+            {"download_kbps", o.faults.download_kbps},
+            {"clock_skew_s", o.faults.clock_skew_s}}},
+          {"label", o.label}};
+}
+
+SimOptions options_from(const json& j) {
+  SimOptions o;
+  o.mode = Mode::direct;
+  o.devices = j.at("devices").get<uint32_t>();
+  o.seed = j.at("seed").get<uint64_t>();
+  o.enroll_rate = j.at("enroll_rate").get<double>();
+  o.enroll_threads = j.at("enroll_threads").get<uint32_t>();
+  o.workers = j.at("workers").get<uint32_t>();
+  o.artifact_bytes = j.at("artifact_bytes").get<uint32_t>();
+  const auto& f = j.at("faults");
+  o.faults.offline = f.at("offline").get<double>();
+  o.faults.flaky = f.at("flaky").get<double>();
+  o.faults.install_fail = f.at("install_fail").get<double>();
+  o.faults.health_fail = f.at("health_fail").get<double>();
+  o.faults.reboot_mid_apply = f.at("reboot_mid_apply").get<double>();
+  o.faults.download_kbps = f.at("download_kbps").get<uint32_t>();
+  o.faults.clock_skew_s = f.at("clock_skew_s").get<uint32_t>();
+  o.label = j.at("label").get<std::string>();
+  o.progress = false;
+  return o;
+}
 }  // namespace
+
+Status Fleet::start_workers() {
+  enroll_started_ms_ = now_ms();
+  const uint32_t p = opts_.processes;
+  SimOptions share = opts_;
+  share.label = label_;  // every process must derive the same labels and bundle
+  // The rate and the threads are the run's, split between the processes.
+  share.enroll_rate = opts_.enroll_rate / p;
+  share.enroll_threads = std::max<uint32_t>(1, opts_.enroll_threads / p);
+  const std::string self = proc::self_exe();
+  for (uint32_t k = 0; k < p; ++k) {
+    const uint32_t first = static_cast<uint32_t>(uint64_t{opts_.devices} * k / p);
+    const uint32_t last = static_cast<uint32_t>(uint64_t{opts_.devices} * (k + 1) / p);
+    WorkerProc w;
+    w.dir = std::filesystem::path(opts_.work_dir) / ("worker-" + std::to_string(k));
+    std::error_code ec;
+    std::filesystem::remove_all(w.dir, ec);
+    if (auto s = fs::ensure_dir(w.dir, 0700); !s) return s;
+    json spec = {{"hub_url", rest_.url}, {"enrollment_token", enroll_token_}, {"first", first},
+                 {"count", last - first}, {"options", options_json(share)}};
+    // 0600: it holds the enrollment token, which is not for the command line.
+    if (auto s = fs::write_file_atomic(w.dir / kSpecFile, spec.dump(), 0600); !s) return s;
+    proc::SpawnOptions so;
+    so.argv = {self, "worker", "--spec", (w.dir / kSpecFile).string()};
+    so.stdout_path = (w.dir / "worker.log").string();
+    so.stderr_path = "stdout";
+    so.die_with_parent = true;
+    auto c = proc::spawn(so);
+    if (!c) return c.error().with_context("start simulator worker " + std::to_string(k));
+    w.child = std::move(*c);
+    workers_.push_back(std::move(w));
+  }
+  return {};
+}
+
+void Fleet::read_worker_statuses() {
+  for (auto& w : workers_) {
+    auto text = fs::read_file(w.dir / kStatusFile, 16u << 20);
+    if (!text) continue;
+    auto j = json::parse(*text, nullptr, false);
+    if (j.is_object()) w.status = std::move(j);
+  }
+}
+
+Status Fleet::wait_workers_online() {
+  const auto deadline = std::chrono::steady_clock::now() + opts_.timeout;
+  int64_t last_line = 0;
+  for (;;) {
+    read_worker_statuses();
+    size_t online = 0;
+    uint64_t enrolled = 0;
+    for (size_t k = 0; k < workers_.size(); ++k) {
+      auto& w = workers_[k];
+      const std::string state = w.status.is_object() ? w.status.value("state", "") : "";
+      if (state == "failed") {
+        return make_error(Errc::unavailable, "simulator worker " + std::to_string(k) + ": " +
+                                                 w.status.value("error", std::string("failed")));
+      }
+      if (auto code = w.child.poll()) {
+        auto log = fs::read_file(w.dir / "worker.log", 1 << 20).value_or("");
+        if (log.size() > 600) log = log.substr(log.size() - 600);
+        return make_error(Errc::unavailable, "simulator worker " + std::to_string(k) + " exited with " +
+                                                 std::to_string(*code) + "; its log ends:\n" + log);
+      }
+      if (state == "online") ++online;
+      if (w.status.is_object()) enrolled += w.status.value("enrolled", uint64_t{0});
+    }
+    if (online == workers_.size()) break;
+    if (opts_.progress && ::isatty(2) && now_ms() - last_line > 500) {
+      last_line = now_ms();
+      std::fprintf(stderr, "\renrolling: %llu of %u devices in %zu processes", static_cast<unsigned long long>(enrolled),
+                   opts_.devices, workers_.size());
+    }
+    if (std::chrono::steady_clock::now() > deadline) {
+      return make_error(Errc::timeout, "the simulator workers did not enroll their devices in time");
+    }
+    std::this_thread::sleep_for(Ms(100));
+  }
+  if (opts_.progress && ::isatty(2)) std::fprintf(stderr, "\n");
+  enroll_done_ms_ = 0;
+  for (const auto& w : workers_) enroll_done_ms_ = std::max(enroll_done_ms_, w.status.value("enroll_done_ms", int64_t{0}));
+  return {};
+}
+
+void Fleet::stop_workers() {
+  for (auto& w : workers_) (void)fs::write_file_atomic(w.dir / kStopFile, "", 0600);
+  for (auto& w : workers_) {
+    if (!w.child.wait_for(Ms(60000))) w.child.terminate(Ms(5000));
+  }
+  read_worker_statuses();
+  // Every device's outcome and the moment it sent it (steady clock, shared by
+  // the processes of one machine), for the timeline and the latency CDF.
+  std::lock_guard lock(lat_mu_);
+  for (const auto& w : workers_) {
+    if (!w.status.is_object() || !w.status.contains("device_phases")) continue;
+    const uint32_t first = w.status.value("first", 0u);
+    const auto& phases = w.status["device_phases"];
+    const auto& done = w.status["done_ms"];
+    for (size_t k = 0; k < phases.size() && first + k < devices_.size(); ++k) {
+      auto& d = devices_[first + k];
+      d.phase = phases[k].get<uint8_t>();
+      d.done_ms = done[k].get<int64_t>();
+      if (d.done_ms > 0) latencies_ms_.push_back(d.done_ms - t0_);
+    }
+  }
+}
+
+json Fleet::worker_status(const std::string& state, const std::string& error, bool final_status) {
+  const auto counts = phase_counts();
+  uint64_t enrolled = 0;
+  for (uint32_t i = first_; i < first_ + count_; ++i) enrolled += devices_[i].phase.load() != 0 ? 1 : 0;
+  json s = {{"state", state},
+            {"first", first_},
+            {"count", count_},
+            {"enrolled", enrolled},
+            {"enroll_done_ms", enroll_done_ms_},
+            {"phases", counts},
+            {"sent", sent_.load()},
+            {"received", received_.load()},
+            {"publish_errors", publish_errors_.load()},
+            {"power_cuts", power_cuts_.load()},
+            {"link_drops", link_drops_.load()}};
+  if (!error.empty()) s["error"] = error;
+  if (auto self = proc_usage(::getpid())) {
+    s["rss_bytes"] = self->rss_bytes;
+    s["cpu_s"] = self->cpu_s;
+  }
+  if (final_status) {
+    json phases = json::array(), done = json::array();
+    for (uint32_t i = first_; i < first_ + count_; ++i) {
+      phases.push_back(devices_[i].phase.load());
+      done.push_back(devices_[i].done_ms);
+    }
+    s["device_phases"] = std::move(phases);
+    s["done_ms"] = std::move(done);
+  }
+  return s;
+}
+
+Status Fleet::run_as_worker(const std::string& enroll_token, const std::filesystem::path& dir) {
+  init_core();
+  start_threads();
+  auto write = [&](const std::string& state, const std::string& error, bool final_status) {
+    return fs::write_file_atomic(dir / kStatusFile, worker_status(state, error, final_status).dump(), 0600);
+  };
+  if (auto s = prepare_devices(); !s) return s;
+  enroll_token_ = enroll_token;
+  // The driver's campaign is the only one: any campaign id is ours.
+  if (auto s = write("enrolling", "", false); !s) return s;
+  std::atomic<bool> enrolling{true};
+  std::thread progress([&] {
+    while (enrolling) {
+      (void)write("enrolling", "", false);
+      std::this_thread::sleep_for(Ms(500));
+    }
+  });
+  Status st = enroll_devices();
+  enrolling = false;
+  progress.join();
+  if (!st) {
+    (void)write("failed", st.error().message, false);
+    return st;
+  }
+  for (auto& t : sessions_) {
+    if (t && t->connected()) (void)t->flush(Ms(30000));
+  }
+  if (auto s = write("online", "", false); !s) return s;
+  while (!std::filesystem::exists(dir / kStopFile)) {
+    std::this_thread::sleep_for(Ms(500));
+    (void)write("online", "", false);
+  }
+  return write("stopped", "", true);
+}
+
+}  // namespace
+
+Status run_worker(const std::string& spec_path) {
+  auto text = fs::read_file(spec_path, 1 << 20);
+  if (!text) return text.error().with_context("worker spec");
+  SimOptions opts;
+  json spec;
+  try {
+    spec = json::parse(*text);
+    opts = options_from(spec.at("options"));
+    opts.work_dir = std::filesystem::path(spec_path).parent_path().string();
+    const uint32_t first = spec.at("first").get<uint32_t>(), count = spec.at("count").get<uint32_t>();
+    if (count == 0 || first >= opts.devices || count > opts.devices - first) {
+      return make_error(Errc::invalid_argument, "worker spec: devices [first, first + count) outside the fleet");
+    }
+    Fleet f(opts, Rest{spec.at("hub_url").get<std::string>(), ""}, first, count);
+    return f.run_as_worker(spec.at("enrollment_token").get<std::string>(), opts.work_dir);
+  } catch (const std::exception& e) {
+    return make_error(Errc::parse, std::string("worker spec ") + spec_path + ": " + e.what());
+  }
+}
 
 Result<json> run_fleet(const SimOptions& opts, Rest rest) {
   Fleet f(opts, std::move(rest));

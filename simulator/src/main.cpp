@@ -25,7 +25,8 @@ void usage() {
                "              campaign; writes report.json and report.html\n"
                "  footprint   bytes per virtual device, no network\n"
                "  baseline    the raw mosquitto round trip of a campaign's messages (the limit)\n"
-               "  k3d         N real k3s clusters in Docker (k3d), the real agent adopting each\n";
+               "  k3d         N real k3s clusters in Docker (k3d), the real agent adopting each\n"
+               "  worker      (internal) one process of 'run --mode direct --processes N'\n";
 }
 
 Result<double> get_share(const Options& o, const std::string& key) {
@@ -72,6 +73,8 @@ int cmd_run(int argc, char** argv) {
       .add("gateway-flush-ms", "gateway mode: a gateway sends its devices' reports together, gathered for this "
                                "long (at most 1,000 per message); 0 = one message per report", "200")
       .add("workers", "threads running device cores", "1")
+      .add("processes", "direct mode: simulator processes sharing the sessions (each has its own open-file "
+                        "limit and its own Paho); this one drives the campaign", "1")
       .add("seed", "makes fault assignment, identities and timings repeatable", "1")
       .add("offline", "share of devices offline during the campaign", "0")
       .add("flaky", "share of devices whose link drops once while applying", "0")
@@ -109,12 +112,13 @@ int cmd_run(int argc, char** argv) {
   auto batch = num("enroll-batch", 1, 1000);
   auto flush = num("gateway-flush-ms", 0, 60'000);
   auto workers = num("workers", 1, 64);
+  auto processes = num("processes", 1, 64);
   auto seed = num("seed", 0, INT64_MAX);
   auto kbps = num("download-kbps", 0, 10'000'000);
   auto skew = num("clock-skew", 0, 10 * 365 * 86400);
   auto art = num("artifact-bytes", 0, 64 << 20);
   auto timeout = o.get_duration("timeout");
-  for (const auto* r : {&devices, &per, &threads, &batch, &flush, &workers, &seed, &kbps, &skew, &art}) {
+  for (const auto* r : {&devices, &per, &threads, &batch, &flush, &workers, &processes, &seed, &kbps, &skew, &art}) {
     if (!*r) return fail(r->error());
   }
   if (!timeout) return fail(timeout.error());
@@ -124,6 +128,7 @@ int cmd_run(int argc, char** argv) {
   so.enroll_batch = static_cast<uint32_t>(*batch);
   so.gateway_flush_ms = static_cast<uint32_t>(*flush);
   so.workers = static_cast<uint32_t>(*workers);
+  so.processes = static_cast<uint32_t>(*processes);
   so.seed = static_cast<uint64_t>(*seed);
   so.faults.download_kbps = static_cast<uint32_t>(*kbps);
   so.faults.clock_skew_s = static_cast<uint32_t>(*skew);
@@ -156,15 +161,23 @@ int cmd_run(int argc, char** argv) {
   so.work_dir = std::filesystem::absolute(o.get("out")).string();
   so.label = o.get("label");
   so.progress = !o.get_bool("no-progress");
+  if (so.processes > 1 && so.mode != sim::Mode::direct) {
+    return fail(Error{Errc::invalid_argument, "--processes is for direct mode; a gateway session already carries "
+                                              "thousands of devices (use --devices-per-gateway)"});
+  }
+  if (so.processes > so.devices) {
+    return fail(Error{Errc::invalid_argument, "--processes " + std::to_string(so.processes) + " is more than --devices " +
+                                                  std::to_string(so.devices)});
+  }
   // A direct session is a socket: stay clear of the per-process open-file limit.
   if (so.mode == sim::Mode::direct) {
     const long max_files = ::sysconf(_SC_OPEN_MAX);
-    if (max_files > 0 && so.devices + 200 > static_cast<uint64_t>(max_files)) {
+    const uint64_t per_process = (uint64_t{so.devices} + so.processes - 1) / so.processes;
+    if (max_files > 0 && per_process + 200 > static_cast<uint64_t>(max_files)) {
       return fail(Error{Errc::invalid_argument,
-                        "direct mode needs one socket per device: " + std::to_string(so.devices) +
-                            " devices exceed this process's open-file limit (" + std::to_string(max_files) +
-                            "); run several simulator processes (each with its own --label and --seed) or use "
-                            "--mode gateway"});
+                        "direct mode needs one socket per device: " + std::to_string(per_process) +
+                            " devices per process exceed the open-file limit (" + std::to_string(max_files) +
+                            "); raise --processes, or use --mode gateway"});
     }
   }
   auto report = sim::run(so);
@@ -177,6 +190,19 @@ int cmd_run(int argc, char** argv) {
               f["latency_p999_ms"].dump().c_str());
   std::printf("report: %s/report.json and %s/report.html\n", so.work_dir.c_str(), so.work_dir.c_str());
   return (*report)["figures"]["converged_s"].is_null() ? 1 : 0;
+}
+
+// Internal: one process of `run --mode direct --processes N`, started by it.
+int cmd_worker(int argc, char** argv) {
+  Options o("flotilla-sim worker",
+            "Internal: one process of 'flotilla-sim run --mode direct --processes N', started by it.", "FLOTILLA_SIM_");
+  o.add("spec", "the worker's spec, written by the driving process").add("log-level", "log level", "warn");
+  if (auto done = parse_or_exit(o, argc, argv)) return *done;
+  if (o.get("spec").empty()) return fail(Error{Errc::invalid_argument, "--spec is required"});
+  log::setup(o.get("log-level"));
+  if (o.get("log-level") != "debug" && o.get("log-level") != "trace") log::get("agent")->set_level(spdlog::level::err);
+  if (auto s = sim::run_worker(o.get("spec")); !s) return fail(s.error());
+  return 0;
 }
 
 int cmd_footprint(int argc, char** argv) {
@@ -258,6 +284,7 @@ int main(int argc, char** argv) {
   const std::string cmd = argv[1];
   if (cmd == "run") return cmd_run(argc, argv);
   if (cmd == "footprint") return cmd_footprint(argc, argv);
+  if (cmd == "worker") return cmd_worker(argc, argv);
   if (cmd == "k3d") return cmd_k3d(argc, argv);
   if (cmd == "baseline") return cmd_baseline(argc, argv);
   std::fprintf(stderr, "flotilla-sim: unknown command '%s'\n", cmd.c_str());

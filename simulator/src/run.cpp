@@ -39,10 +39,12 @@ std::optional<ProcUsage> proc_usage(int pid) {
   }
   const double tick = static_cast<double>(::sysconf(_SC_CLK_TCK));
   u.cpu_s = static_cast<double>(utime + stime) / tick;
-  unsigned long long size = 0, resident = 0;
+  unsigned long long size = 0, resident = 0, shared = 0;
   std::istringstream m(*statm);
-  m >> size >> resident;
-  u.rss_bytes = resident * static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
+  m >> size >> resident >> shared;
+  const auto page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
+  u.rss_bytes = resident * page;
+  u.rss_file_bytes = shared * page;
   return u;
 }
 

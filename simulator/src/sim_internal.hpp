@@ -26,6 +26,9 @@ struct Rest {
 
 struct ProcUsage {
   uint64_t rss_bytes = 0;
+  // The part of rss_bytes backed by files (a mapped SQLite store, shared
+  // libraries): the kernel's page cache, which it can drop.
+  uint64_t rss_file_bytes = 0;
   double cpu_s = 0;  // user + system
 };
 // From /proc/<pid>/stat and /proc/<pid>/statm; nullopt when gone.

@@ -61,6 +61,43 @@ TEST_CASE("virtual devices with one MQTT session each converge a campaign", "[in
   CHECK(r["figures"]["finished_devices"] == 60);
 }
 
+TEST_CASE("direct sessions spread over several simulator processes converge one campaign", "[integration][sim]") {
+  TempDir tmp;
+  const auto out = tmp.path() / "multi";
+  auto s = run_sim(out, {"--devices", "90", "--mode", "direct", "--processes", "3", "--enroll-threads", "24",
+                         "--seed", "13"});
+  INFO(s.out << s.err);
+  REQUIRE(s.exit_code == 0);
+  const auto& r = s.report;
+  CHECK(r["config"]["processes"] == 3);
+  CHECK(r["config"]["sessions"] == 90);
+  CHECK(r["campaign"]["end_state"] == "completed");
+  CHECK(r["campaign"]["hub"]["counts"]["applied"] == 90);
+  // The workers' outcomes came back to the driving process: every device's
+  // latency and final phase, not just counts.
+  CHECK(r["figures"]["finished_devices"] == 90);
+  CHECK(r["timeline"].back()["devices"]["applied"] == 90);
+  REQUIRE(r["device_phases"].size() == 90);
+  for (const auto& [id, phase] : r["device_phases"].items()) {
+    INFO(id);
+    CHECK(phase == "applied");
+  }
+  // Three processes, each with a contiguous share, each stopped cleanly. The
+  // spec holds the enrollment token: only its owner may read it.
+  uint32_t next = 0;
+  for (int k = 0; k < 3; ++k) {
+    const auto dir = out / ("worker-" + std::to_string(k));
+    auto st = json::parse(fs::read_file(dir / "status.json", 16u << 20).value_or("{}"));
+    CHECK(st["state"] == "stopped");
+    CHECK(st["first"] == next);
+    next += st["count"].get<uint32_t>();
+    CHECK(st["phases"][4] == st["count"]);  // applied
+    const auto owner_rw = stdfs::perms::owner_read | stdfs::perms::owner_write;
+    CHECK((stdfs::status(dir / "spec.json").permissions() & stdfs::perms::all) == owner_rw);
+  }
+  CHECK(next == 90);
+}
+
 TEST_CASE("flotilla-sim refuses bad settings with a clear message", "[integration][sim]") {
   TempDir tmp;
   auto bad_share = run_sim(tmp.path() / "x", {"--install-fail", "1.5"});
@@ -69,7 +106,11 @@ TEST_CASE("flotilla-sim refuses bad settings with a clear message", "[integratio
   auto bad_mode = run_sim(tmp.path() / "y", {"--mode", "mesh"});
   CHECK(bad_mode.exit_code == 2);
   CHECK(bad_mode.err.find("mode must be direct or gateway") != std::string::npos);
+  auto gw_processes = run_sim(tmp.path() / "z", {"--mode", "gateway", "--processes", "2"});
+  CHECK(gw_processes.exit_code == 2);
+  CHECK(gw_processes.err.find("--processes is for direct mode") != std::string::npos);
   // Nothing was started or written.
   CHECK_FALSE(stdfs::exists(tmp.path() / "x"));
   CHECK_FALSE(stdfs::exists(tmp.path() / "y"));
+  CHECK_FALSE(stdfs::exists(tmp.path() / "z"));
 }

@@ -59,6 +59,11 @@ struct SimOptions {
   // real IoT gateway batches telemetry; 0 = one MQTT message per report.
   uint32_t gateway_flush_ms = 200;
   uint32_t workers = 1;         // threads running device cores
+  // Direct mode: simulator processes sharing the sessions. This process
+  // drives the campaign; `processes` workers (flotilla-sim worker) each enroll
+  // and run a contiguous share of the devices. Each process has its own
+  // open-file limit and its own Paho C (whose lock every session shares).
+  uint32_t processes = 1;
   uint64_t seed = 1;
   FaultProfile faults;
   nlohmann::json strategy = nlohmann::json::object();
@@ -74,6 +79,13 @@ struct SimOptions {
 // campaign through REST, record the timeline, write the report. Returns the
 // report document (also written to the files).
 Result<nlohmann::json> run(const SimOptions& opts);
+
+// One worker of a multi-process direct run (`flotilla-sim worker --spec F`):
+// the spec (JSON, written 0600 by the driving process because it holds the
+// enrollment token) names the fleet and the worker's share. The worker writes
+// status.json next to the spec every half second and stops when a file
+// named `stop` appears there.
+Status run_worker(const std::string& spec_path);
 
 // Renders the self-contained HTML page (inline SVG) for a report.
 std::string render_html(const nlohmann::json& report);
