@@ -7,7 +7,8 @@
 #
 #   bench/scale.sh                         # the whole ladder
 #   bench/scale.sh --rungs "1000 10000"    # some rungs
-#   bench/scale.sh --direct-max 5000       # highest direct-mode rung
+#   bench/scale.sh --direct-max 5000       # highest direct-mode rung of the ladder
+#   bench/scale.sh --direct-top 19000      # one more direct rung near the broker's 20,000 open files (0 = none)
 #   bench/scale.sh --out DIR --report-only # regenerate docs/scale.md from DIR
 #
 # Needs a build (scripts/build.sh). Runs everything on loopback; each rung
@@ -17,6 +18,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BIN="${FLOTILLA_BIN_DIR:-$ROOT/build/bin}"
 RUNGS="1000 10000 100000 1000000"
 DIRECT_MAX=15000
+DIRECT_TOP=19000
 PER_GATEWAY=5000
 OUT="${TMPDIR:-/tmp}/flotilla-scale-$$"
 DOC="$ROOT/docs/scale.md"
@@ -24,11 +26,12 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --rungs) RUNGS="$2"; shift 2 ;;
     --direct-max) DIRECT_MAX="$2"; shift 2 ;;
+    --direct-top) DIRECT_TOP="$2"; shift 2 ;;
     --per-gateway) PER_GATEWAY="$2"; shift 2 ;;
     --out) OUT="$2"; shift 2 ;;
     --doc) DOC="$2"; shift 2 ;;
     --report-only) REPORT_ONLY=1; shift ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -45,13 +48,20 @@ run_rung() {  # mode devices
               --seed 1 --label "scale-$mode-$n" --no-progress)
   [ "$mode" = gateway ] && args+=(--devices-per-gateway "$PER_GATEWAY")
   # Paho C notices a new socket only when its poll loop comes round (up to
-  # 1 s), so direct mode connects many sessions at once.
-  [ "$mode" = direct ] && args+=(--enroll-threads 64)
-  /usr/bin/time -v -o "$dir.time" "$SIM" "${args[@]}" >"$dir.out" 2>"$dir.err" || true
+  # 1 s), so direct mode connects many sessions at once, from one simulator
+  # process per 5,000 sessions (each process has its own Paho lock).
+  [ "$mode" = direct ] && args+=(--enroll-threads 128 --processes $(( (n + 4999) / 5000 )))
+  # Above 100k devices the hub's store outgrows its page cache (docs/operations.md).
+  local mmap=0
+  [ "$n" -gt 100000 ] && mmap=2048
+  FLOTILLA_HUB_DB_MMAP_MIB=$mmap /usr/bin/time -v -o "$dir.time" "$SIM" "${args[@]}" >"$dir.out" 2>"$dir.err" || true
   tail -2 "$dir.out" >&2 || true
-  local sessions=1
-  if [ "$mode" = gateway ]; then sessions=$(( (n + PER_GATEWAY - 1) / PER_GATEWAY )); else sessions=$(( n < 20 ? n : 20 )); fi
-  "$SIM" baseline --devices "$n" --sessions "$sessions" --reports 5 --out "$dir-baseline" >"$dir.baseline.json" 2>"$dir.baseline.err" || true
+  # The same messages as the run: gateways send their reports gathered
+  # (flotilla-sim run's --gateway-flush-ms 200), direct devices one by one.
+  local sessions=1 flush=0
+  if [ "$mode" = gateway ]; then sessions=$(( (n + PER_GATEWAY - 1) / PER_GATEWAY )); flush=200; else sessions=$(( n < 20 ? n : 20 )); fi
+  "$SIM" baseline --devices "$n" --sessions "$sessions" --reports 5 --flush-ms "$flush" --out "$dir-baseline" \
+    >"$dir.baseline.json" 2>"$dir.baseline.err" || true
 }
 
 if [ -z "${REPORT_ONLY:-}" ]; then
@@ -59,10 +69,12 @@ if [ -z "${REPORT_ONLY:-}" ]; then
     run_rung gateway "$n"
     if [ "$n" -le "$DIRECT_MAX" ]; then run_rung direct "$n"; fi
   done
+  if [ "$DIRECT_TOP" -gt 0 ]; then run_rung direct "$DIRECT_TOP"; fi
   "$SIM" footprint --devices 100000 >"$OUT/footprint.json"
 fi
 
-python3 - "$OUT" "$DOC" "$RUNGS" "$DIRECT_MAX" <<'PY'
+ALL_RUNGS=$(printf '%s\n' $RUNGS $([ "$DIRECT_TOP" -gt 0 ] && echo "$DIRECT_TOP") | sort -nu | tr '\n' ' ')
+python3 - "$OUT" "$DOC" "$ALL_RUNGS" "$(( DIRECT_TOP > DIRECT_MAX ? DIRECT_TOP : DIRECT_MAX ))" <<'PY'
 import json, os, re, sys, datetime, subprocess, sqlite3
 out, doc, rungs, direct_max = sys.argv[1], sys.argv[2], sys.argv[3].split(), int(sys.argv[4])
 plots = os.path.join(os.path.dirname(doc), "scale")

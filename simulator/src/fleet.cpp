@@ -1029,6 +1029,13 @@ Result<json> Fleet::run() {
       }
     }
   }
+  // This process's counter plus, with workers, theirs.
+  auto total = [&](const char* key, uint64_t own) {
+    for (const auto& w : workers_) {
+      if (w.status.is_object()) own += w.status.value(key, uint64_t{0});
+    }
+    return own;
+  };
   json faults_assigned = {{"offline", 0}, {"flaky", 0}, {"install_fail", 0}, {"health_fail", 0}, {"reboot_mid_apply", 0}};
   json fault_devices = json::object();
   json fault_bits = json::array();
@@ -1084,11 +1091,11 @@ Result<json> Fleet::run() {
       {"latency_p999_ms", pct(0.999)},
       {"latency_max_ms", lat.empty() ? json(nullptr) : json(lat.back())},
       {"finished_devices", lat.size()},
-      {"messages_sent", sent_.load()},
-      {"messages_received", received_.load()},
-      {"publish_errors", publish_errors_.load()},
-      {"power_cuts", power_cuts_.load()},
-      {"link_drops", link_drops_.load()},
+      {"messages_sent", total("sent", sent_.load())},
+      {"messages_received", total("received", received_.load())},
+      {"publish_errors", total("publish_errors", publish_errors_.load())},
+      {"power_cuts", total("power_cuts", power_cuts_.load())},
+      {"link_drops", total("link_drops", link_drops_.load())},
       {"peak_msgs_per_s", max_rate},
       {"hub_peak_rss_bytes", peak_rss},
       {"hub_rss_per_device_bytes", opts_.devices ? peak_rss / static_cast<double>(opts_.devices) : 0.0},
@@ -1097,7 +1104,7 @@ Result<json> Fleet::run() {
       {"hub_cpu_s", final_sample.value("hub_cpu_s", 0.0)},
       {"sim_rss_bytes", final_sample.value("sim_rss_bytes", uint64_t{0})},
       {"sim_cpu_s", final_sample.value("sim_cpu_s", 0.0)},
-      {"journal_rows", SimStateStore::journal_rows()},
+      {"journal_rows", total("journal_rows", SimStateStore::journal_rows())},
       {"artifact_downloads", g_artifact_downloads.load()}};
   report["faults_assigned"] = faults_assigned;
   if (!fault_devices.empty()) report["fault_devices"] = fault_devices;
@@ -1277,7 +1284,8 @@ json Fleet::worker_status(const std::string& state, const std::string& error, bo
             {"received", received_.load()},
             {"publish_errors", publish_errors_.load()},
             {"power_cuts", power_cuts_.load()},
-            {"link_drops", link_drops_.load()}};
+            {"link_drops", link_drops_.load()},
+            {"journal_rows", SimStateStore::journal_rows()}};
   if (!error.empty()) s["error"] = error;
   if (auto self = proc_usage(::getpid())) {
     s["rss_bytes"] = self->rss_bytes;

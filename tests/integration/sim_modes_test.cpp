@@ -77,6 +77,10 @@ TEST_CASE("direct sessions spread over several simulator processes converge one 
   // latency and final phase, not just counts.
   CHECK(r["figures"]["finished_devices"] == 90);
   CHECK(r["timeline"].back()["devices"]["applied"] == 90);
+  // The workers' counters are summed: each device got its desired state and
+  // ran the whole core (journal rows), in whichever process it lived.
+  CHECK(r["figures"]["messages_received"].get<int>() >= 90);
+  CHECK(r["figures"]["journal_rows"].get<int>() >= 90 * 14);
   REQUIRE(r["device_phases"].size() == 90);
   for (const auto& [id, phase] : r["device_phases"].items()) {
     INFO(id);
