@@ -110,15 +110,10 @@ Result<json> mqtt_baseline(const std::string& work_dir, const std::string& mosqu
   };
   std::vector<std::unique_ptr<Gathered>> gathered;
   std::map<transport::Transport*, Gathered*> gathered_by;
-  auto send = [](transport::Transport& t, const transport::Message& m) {
-    for (int attempt = 0; attempt < 50 && !t.publish(m); ++attempt) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    }
-  };
   auto flush = [&](transport::Transport& t, Gathered& g, size_t at_least) {
     std::lock_guard lock(g.mu);
     if (g.bytes.empty() || g.bytes.size() < at_least) return;
-    send(t, {g.topic, std::move(g.bytes), 1, false});
+    (void)publish_retrying(t, {g.topic, std::move(g.bytes), 1, false});
     g.bytes.clear();
   };
   for (uint32_t g = 0; g < sessions; ++g) {
@@ -155,7 +150,7 @@ Result<json> mqtt_baseline(const std::string& work_dir, const std::string& mosqu
       }
       for (uint32_t k = 0; k < reports; ++k) {
         if (flush_ms == 0) {
-          send(*job.first, {job.second, std::string(kReportBytes, 'r'), 1, false});
+          (void)publish_retrying(*job.first, {job.second, std::string(kReportBytes, 'r'), 1, false});
           continue;
         }
         Gathered& g = *gathered_by[job.first];
@@ -188,9 +183,7 @@ Result<json> mqtt_baseline(const std::string& work_dir, const std::string& mosqu
   const uint32_t per = (devices + sessions - 1) / std::max<uint32_t>(1, sessions);
   for (uint32_t i = 0; i < devices; ++i) {
     const std::string topic = "b/" + std::to_string(i / per) + "/d/" + std::to_string(i) + "/desired";
-    for (int attempt = 0; attempt < 50 && !(*hub)->publish({topic, payload, 1, false}); ++attempt) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    }
+    (void)publish_retrying(**hub, {topic, payload, 1, false});
   }
   const uint64_t want = uint64_t{devices} * reports;
   const auto deadline = t0 + std::chrono::minutes(30);

@@ -75,6 +75,14 @@ Result<json> Rest::call_json(const std::string& method, const std::string& path,
   return j;
 }
 
+bool publish_retrying(transport::Transport& t, const transport::Message& m) {
+  for (int attempt = 0; attempt < 50; ++attempt) {
+    if (t.publish(m)) return true;
+    std::this_thread::sleep_for(Ms(20));
+  }
+  return false;
+}
+
 // --- the running fleet -----------------------------------------------------------
 
 namespace {
@@ -131,6 +139,17 @@ Status for_each_parallel(size_t count, uint32_t threads, const std::function<Sta
   for (auto& t : ts) t.join();
   if (failed) return first_error;
   return {};
+}
+
+// The fault profile as the report and a worker's spec carry it.
+json faults_json(const FaultProfile& f) {
+  return {{"offline", f.offline},
+          {"flaky", f.flaky},
+          {"install_fail", f.install_fail},
+          {"health_fail", f.health_fail},
+          {"reboot_mid_apply", f.reboot_mid_apply},
+          {"download_kbps", f.download_kbps},
+          {"clock_skew_s", f.clock_skew_s}};
 }
 
 // A worker process of a multi-process direct run, as its driver sees it.
@@ -479,15 +498,9 @@ void Fleet::publish(VDevice& d, const char* leaf, std::string payload, bool reta
 }
 
 bool Fleet::publish_on(transport::Transport& t, const transport::Message& m) {
-  for (int attempt = 0; attempt < 50; ++attempt) {
-    if (t.publish(m)) {
-      sent_.fetch_add(1, std::memory_order_relaxed);
-      return true;
-    }
-    std::this_thread::sleep_for(Ms(20));
-  }
-  publish_errors_.fetch_add(1, std::memory_order_relaxed);
-  return false;
+  const bool ok = publish_retrying(t, m);
+  (ok ? sent_ : publish_errors_).fetch_add(1, std::memory_order_relaxed);
+  return ok;
 }
 
 void Fleet::queue_report(const VDevice& d, v1::Report&& r) {
@@ -1066,14 +1079,7 @@ Result<json> Fleet::run() {
                       {"workers", opts_.workers},
                       {"strategy", opts_.strategy},
                       {"artifact_bytes", opts_.artifact_bytes},
-                      {"faults",
-                       {{"offline", opts_.faults.offline},
-                        {"flaky", opts_.faults.flaky},
-                        {"install_fail", opts_.faults.install_fail},
-                        {"health_fail", opts_.faults.health_fail},
-                        {"reboot_mid_apply", opts_.faults.reboot_mid_apply},
-                        {"download_kbps", opts_.faults.download_kbps},
-                        {"clock_skew_s", opts_.faults.clock_skew_s}}},
+                      {"faults", faults_json(opts_.faults)},
                       {"hub", rest_.url},
                       {"broker", broker_url_},
                       {"label", label_}};
@@ -1130,14 +1136,7 @@ json options_json(const SimOptions& o) {
           {"enroll_threads", o.enroll_threads},
           {"workers", o.workers},
           {"artifact_bytes", o.artifact_bytes},
-          {"faults",
-           {{"offline", o.faults.offline},
-            {"flaky", o.faults.flaky},
-            {"install_fail", o.faults.install_fail},
-            {"health_fail", o.faults.health_fail},
-            {"reboot_mid_apply", o.faults.reboot_mid_apply},
-            {"download_kbps", o.faults.download_kbps},
-            {"clock_skew_s", o.faults.clock_skew_s}}},
+          {"faults", faults_json(o.faults)},
           {"label", o.label}};
 }
 
@@ -1272,12 +1271,10 @@ void Fleet::stop_workers() {
 
 json Fleet::worker_status(const std::string& state, const std::string& error, bool final_status) {
   const auto counts = phase_counts();
-  uint64_t enrolled = 0;
-  for (uint32_t i = first_; i < first_ + count_; ++i) enrolled += devices_[i].phase.load() != 0 ? 1 : 0;
   json s = {{"state", state},
             {"first", first_},
             {"count", count_},
-            {"enrolled", enrolled},
+            {"enrolled", count_ - counts[static_cast<int>(Phase::pending)]},
             {"enroll_done_ms", enroll_done_ms_},
             {"phases", counts},
             {"sent", sent_.load()},

@@ -9,6 +9,7 @@
 
 #include "flotilla/common/http_client.hpp"
 #include "flotilla/common/result.hpp"
+#include "flotilla/common/transport.hpp"
 #include "flotilla/sim/fleet.hpp"
 
 namespace flotilla::sim {
@@ -42,6 +43,10 @@ std::optional<ProcUsage> proc_usage(int pid);
 inline int gateway_window(size_t sessions) {
   return static_cast<int>(std::clamp<size_t>(20'000 / std::max<size_t>(1, sessions), 16, 1000));
 }
+
+// Publishes, retrying for up to a second while the session's window is full
+// (Transport::publish refuses then); false when it never got through.
+bool publish_retrying(transport::Transport& t, const transport::Message& m);
 
 Result<nlohmann::json> run_fleet(const SimOptions& opts, Rest rest);
 
