@@ -83,6 +83,11 @@ bool publish_retrying(transport::Transport& t, const transport::Message& m) {
   return false;
 }
 
+// The fault profile as the report and a worker's spec carry it (to_json and
+// from_json, keyed by the member names).
+NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(FaultProfile, offline, flaky, install_fail, health_fail, reboot_mid_apply,
+                                   download_kbps, clock_skew_s)
+
 // --- the running fleet -----------------------------------------------------------
 
 namespace {
@@ -139,17 +144,6 @@ Status for_each_parallel(size_t count, uint32_t threads, const std::function<Sta
   for (auto& t : ts) t.join();
   if (failed) return first_error;
   return {};
-}
-
-// The fault profile as the report and a worker's spec carry it.
-json faults_json(const FaultProfile& f) {
-  return {{"offline", f.offline},
-          {"flaky", f.flaky},
-          {"install_fail", f.install_fail},
-          {"health_fail", f.health_fail},
-          {"reboot_mid_apply", f.reboot_mid_apply},
-          {"download_kbps", f.download_kbps},
-          {"clock_skew_s", f.clock_skew_s}};
 }
 
 // A worker process of a multi-process direct run, as its driver sees it.
@@ -1079,7 +1073,7 @@ Result<json> Fleet::run() {
                       {"workers", opts_.workers},
                       {"strategy", opts_.strategy},
                       {"artifact_bytes", opts_.artifact_bytes},
-                      {"faults", faults_json(opts_.faults)},
+                      {"faults", opts_.faults},
                       {"hub", rest_.url},
                       {"broker", broker_url_},
                       {"label", label_}};
@@ -1136,7 +1130,7 @@ json options_json(const SimOptions& o) {
           {"enroll_threads", o.enroll_threads},
           {"workers", o.workers},
           {"artifact_bytes", o.artifact_bytes},
-          {"faults", faults_json(o.faults)},
+          {"faults", o.faults},
           {"label", o.label}};
 }
 
@@ -1149,14 +1143,7 @@ SimOptions options_from(const json& j) {
   o.enroll_threads = j.at("enroll_threads").get<uint32_t>();
   o.workers = j.at("workers").get<uint32_t>();
   o.artifact_bytes = j.at("artifact_bytes").get<uint32_t>();
-  const auto& f = j.at("faults");
-  o.faults.offline = f.at("offline").get<double>();
-  o.faults.flaky = f.at("flaky").get<double>();
-  o.faults.install_fail = f.at("install_fail").get<double>();
-  o.faults.health_fail = f.at("health_fail").get<double>();
-  o.faults.reboot_mid_apply = f.at("reboot_mid_apply").get<double>();
-  o.faults.download_kbps = f.at("download_kbps").get<uint32_t>();
-  o.faults.clock_skew_s = f.at("clock_skew_s").get<uint32_t>();
+  o.faults = j.at("faults").get<FaultProfile>();
   o.label = j.at("label").get<std::string>();
   o.progress = false;
   return o;
