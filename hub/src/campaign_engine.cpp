@@ -265,9 +265,11 @@ void HubService::tick_campaign(CampaignRecord& c, Publishes& publishes) {
     row.status = "pending";
     row.generation = gen;
     row.released_ms = now;
-    row.deadline_ms = now + strategy.device_deadline.count();
     row.updated_ms = now;
     if (auto s = store_.save_campaign_device(row); !s) return;
+    // The deadline runs from delivery: now if the device is online,
+    // otherwise from when it comes back (and pauses while it is away).
+    if (auto s = store_.start_deadline(c.id, d.id, strategy.device_deadline.count(), now); !s) return;
     if (auto s = store_.set_device_desired(d.id, gen, c.bundle_id, c.id); !s) return;
     publishes.push_back({d.id, d.gateway, c.id, gen, false, shared});
     ++released;

@@ -306,6 +306,120 @@ TEST_CASE("an online device past its deadline counts as failed", "[unit][hub][ca
   CHECK(f.view(id).failure_reasons.at("deadline_exceeded") == 1);
 }
 
+TEST_CASE("a device away longer than its deadline applies when it returns and counts as applied",
+          "[unit][hub][campaign]") {
+  // The strictest threshold: a single failed outcome rolls the fleet back.
+  Fleet f;
+  f.enroll(8);
+  const std::string away = f.devices[0];
+  f.presence(away, false);  // a shop closed overnight
+  const auto id = f.create(
+      json::parse(R"({"device_deadline": "30m", "failure_threshold": {"percent": 1, "min_sample": 1, "action": "rollback"}})"),
+      f.bundle(1));
+  f.hub->tick();
+  for (const auto& d : f.in_flight(id)) {
+    if (d != away) f.report(d, v1::AGENT_STATE_APPLIED);
+  }
+  f.hub->tick();
+  CHECK(f.view(id).campaign.state == "converging");
+  // Ten hours away: three hundred minutes past the deadline.
+  for (int hour = 0; hour < 10; ++hour) {
+    f.clock.advance(std::chrono::hours(1));
+    f.hub->tick();
+  }
+  CHECK(f.statuses(id)[away] == "pending");
+  // Back: the retained desired state is delivered now, and the deadline runs
+  // from here. Ticks while it applies must not fail it.
+  f.presence(away, true);
+  f.hub->tick();
+  f.clock.advance(std::chrono::minutes(5));
+  f.hub->tick();
+  f.report(away, v1::AGENT_STATE_INSTALLING);
+  f.clock.advance(std::chrono::minutes(5));
+  f.hub->tick();
+  auto v = f.view(id);
+  CHECK(f.statuses(id)[away] == "in_progress");
+  CHECK(v.campaign.state == "converging");
+  CHECK(v.counts.failed == 0);
+  CHECK(v.failure_reasons.empty());
+  f.report(away, v1::AGENT_STATE_APPLIED);
+  f.hub->tick();
+  v = f.view(id);
+  CHECK(v.campaign.state == "completed");
+  CHECK(v.counts.applied == 8);
+  CHECK(v.counts.failed == 0);
+  CHECK(v.counts.rolling_back + v.counts.rolled_back == 0);
+}
+
+TEST_CASE("a deadline counts only the time a device is online after delivery", "[unit][hub][campaign]") {
+  Fleet f;
+  f.enroll(4);
+  const auto id = f.create(
+      json::parse(R"({"device_deadline": "10m", "failure_threshold": {"percent": 100, "min_sample": 100}})"),
+      f.bundle(1));
+  f.hub->tick();
+  const std::string d = f.devices[1];
+  f.report(d, v1::AGENT_STATE_DOWNLOADING);
+  f.clock.advance(std::chrono::minutes(8));  // 8 of its 10 minutes online ...
+  f.presence(d, false);                      // ... then a reboot, and a long one
+  f.clock.advance(std::chrono::hours(3));
+  f.hub->tick();
+  CHECK(f.statuses(id)[d] == "in_progress");
+  f.presence(d, true);
+  f.clock.advance(std::chrono::seconds(90));  // 9.5 minutes online in all
+  f.hub->tick();
+  CHECK(f.statuses(id)[d] == "in_progress");
+  f.clock.advance(std::chrono::seconds(40));  // 10 min 10 s online: out of time
+  f.hub->tick();
+  CHECK(f.statuses(id)[d] == "failed");
+  // The others were online throughout, with no outcome: long expired.
+  for (const auto& other : {f.devices[0], f.devices[2], f.devices[3]}) CHECK(f.statuses(id)[other] == "failed");
+  CHECK(f.view(id).failure_reasons.at("deadline_exceeded") == 4);
+}
+
+TEST_CASE("30% of a wave away past the deadline: the waves complete, no threshold fires, the returning devices apply",
+          "[unit][hub][campaign]") {
+  Fleet f;
+  f.enroll(40);
+  const auto id = f.create(json::parse(R"({"waves": [50, 100], "device_deadline": "10m", "soak": "1m",
+      "failure_threshold": {"percent": 5, "min_sample": 1, "action": "abort"}})"),
+                           f.bundle(1));
+  // Before the first release, 30% of the first wave goes away.
+  std::vector<std::string> first;
+  for (const auto& row : f.view(id).devices) {
+    if (row.wave == 0) first.push_back(row.device_id);
+  }
+  REQUIRE(first.size() >= 10);
+  const size_t n_away = (first.size() * 3 + 9) / 10;
+  std::set<std::string> away(first.begin(), first.begin() + static_cast<long>(n_away));
+  for (const auto& d : away) f.presence(d, false);
+  for (int round = 0; round < 12; ++round) {
+    f.hub->tick();
+    for (const auto& d : f.in_flight(id)) {
+      if (!away.count(d)) f.report(d, v1::AGENT_STATE_APPLIED);
+    }
+    f.clock.advance(std::chrono::minutes(20));  // each round, twice the deadline
+  }
+  auto v = f.view(id);
+  CHECK(v.campaign.state == "converging");  // every wave out, the away ones pending
+  CHECK(v.campaign.current_wave == 1);
+  CHECK(v.counts.failed == 0);
+  CHECK(v.counts.applied == 40 - static_cast<int64_t>(away.size()));
+  CHECK(v.counts.offline == static_cast<int64_t>(away.size()));
+  for (const auto& d : away) {
+    f.presence(d, true);
+    f.clock.advance(std::chrono::minutes(3));
+    f.hub->tick();
+    f.report(d, v1::AGENT_STATE_APPLIED);
+  }
+  f.hub->tick();
+  v = f.view(id);
+  CHECK(v.campaign.state == "completed");
+  CHECK(v.counts.applied == 40);
+  CHECK(v.counts.failed == 0);
+  CHECK(v.counts.skipped == 0);
+}
+
 TEST_CASE("the failure threshold pauses, resume judges only what comes next", "[unit][hub][campaign]") {
   Fleet f;
   f.enroll(10);

@@ -33,7 +33,7 @@ CampaignRecord campaign_from(const sql::Stmt& s) {
 
 constexpr const char* kRowCols =
     "campaign_id, device_id, status, generation, updated_ms, reason, message, wave, rank, released_ms, deadline_ms, "
-    "prev_bundle_id, rollback_generation";
+    "prev_bundle_id, rollback_generation, deadline_left_ms";
 
 CampaignDeviceRecord row_from(const sql::Stmt& s, int o = 0) {
   CampaignDeviceRecord r;
@@ -50,6 +50,7 @@ CampaignDeviceRecord row_from(const sql::Stmt& s, int o = 0) {
   r.deadline_ms = s.col_int(o + 10);
   r.prev_bundle_id = s.col_text(o + 11);
   r.rollback_generation = static_cast<uint64_t>(s.col_int(o + 12));
+  r.deadline_left_ms = s.col_int(o + 13);
   return r;
 }
 
@@ -68,7 +69,8 @@ Status Store::migrate_campaigns() {
   const std::vector<std::pair<std::string, std::string>> row_cols = {
       {"wave", "INTEGER NOT NULL DEFAULT 0"},         {"rank", "REAL NOT NULL DEFAULT 0"},
       {"released_ms", "INTEGER NOT NULL DEFAULT 0"},  {"deadline_ms", "INTEGER NOT NULL DEFAULT 0"},
-      {"prev_bundle_id", "TEXT NOT NULL DEFAULT ''"}, {"rollback_generation", "INTEGER NOT NULL DEFAULT 0"}};
+      {"prev_bundle_id", "TEXT NOT NULL DEFAULT ''"}, {"rollback_generation", "INTEGER NOT NULL DEFAULT 0"},
+      {"deadline_left_ms", "INTEGER NOT NULL DEFAULT 0"}};
   auto add_missing = [&](const std::string& table, const std::vector<std::pair<std::string, std::string>>& cols) -> Status {
     auto st = db_->prepare("SELECT name FROM pragma_table_info('" + table + "')");
     if (!st) return st.error();
@@ -83,6 +85,15 @@ Status Store::migrate_campaigns() {
   if (auto s = add_missing("campaigns", campaign_cols); !s) return s;
   if (auto s = add_missing("campaign_devices", row_cols); !s) return s;
   if (auto s = add_missing("devices", {{"gateway", "TEXT NOT NULL DEFAULT ''"}}); !s) return s;
+  // Rows released before deadlines paused while offline: a device away now
+  // gets its whole deadline when it comes back instead of failing at once.
+  if (auto s = db_->exec(
+          "UPDATE campaign_devices SET deadline_left_ms = MAX(deadline_ms - released_ms, 1), deadline_ms = 0 "
+          "WHERE deadline_left_ms = 0 AND deadline_ms > 0 AND status IN ('pending', 'in_progress') "
+          "AND COALESCE((SELECT online FROM devices d WHERE d.id = campaign_devices.device_id), 0) = 0");
+      !s) {
+    return s;
+  }
   // Indexes: status lookups and wave release in rank order (campaign,
   // status, wave, rank),
   // deadline expiry without scanning every device in flight (campaign,
@@ -123,6 +134,19 @@ CREATE TRIGGER IF NOT EXISTS campaign_counts_update AFTER UPDATE OF status, wave
   INSERT INTO campaign_counts VALUES (NEW.campaign_id, NEW.wave, NEW.status,
       COALESCE((SELECT online FROM devices WHERE id = NEW.device_id), 0), 1)
     ON CONFLICT DO UPDATE SET n = n + 1;
+END;
+-- A device's deadline counts only time online: going away pauses it (what is
+-- left is kept), coming back resumes it. Every writer of devices.online sets
+-- last_seen_ms to its clock's now in the same statement, so that is "now".
+CREATE TRIGGER IF NOT EXISTS campaign_deadline_pause AFTER UPDATE OF online ON devices
+    WHEN OLD.online = 1 AND NEW.online = 0 BEGIN
+  UPDATE campaign_devices SET deadline_left_ms = MAX(deadline_ms - NEW.last_seen_ms, 1), deadline_ms = 0
+    WHERE device_id = NEW.id AND status IN ('pending', 'in_progress') AND deadline_ms > 0;
+END;
+CREATE TRIGGER IF NOT EXISTS campaign_deadline_resume AFTER UPDATE OF online ON devices
+    WHEN OLD.online = 0 AND NEW.online = 1 BEGIN
+  UPDATE campaign_devices SET deadline_ms = NEW.last_seen_ms + deadline_left_ms
+    WHERE device_id = NEW.id AND status IN ('pending', 'in_progress') AND deadline_ms = 0 AND deadline_left_ms > 0;
 END;
 CREATE TRIGGER IF NOT EXISTS campaign_counts_online AFTER UPDATE OF online ON devices
     WHEN OLD.online != NEW.online BEGIN
@@ -228,14 +252,28 @@ Result<std::optional<CampaignDeviceRecord>> Store::campaign_device(const std::st
 Status Store::save_campaign_device(const CampaignDeviceRecord& cd) {
   auto st = db_->prepare(
       "UPDATE campaign_devices SET status = ?, generation = ?, updated_ms = ?, reason = ?, message = ?, "
-      "released_ms = ?, deadline_ms = ?, prev_bundle_id = ?, rollback_generation = ? "
+      "released_ms = ?, prev_bundle_id = ?, rollback_generation = ? "
       "WHERE campaign_id = ? AND device_id = ?");
   if (!st) return st.error();
+  // Not the deadline: the presence triggers own it once it runs, and a row
+  // read before a presence change in the same batch must not undo it.
   st->bind(1, std::string_view(cd.status)).bind(2, static_cast<int64_t>(cd.generation)).bind(3, cd.updated_ms)
       .bind(4, std::string_view(cd.reason)).bind(5, std::string_view(cd.message)).bind(6, cd.released_ms)
-      .bind(7, cd.deadline_ms).bind(8, std::string_view(cd.prev_bundle_id))
-      .bind(9, static_cast<int64_t>(cd.rollback_generation)).bind(10, std::string_view(cd.campaign_id))
-      .bind(11, std::string_view(cd.device_id));
+      .bind(7, std::string_view(cd.prev_bundle_id)).bind(8, static_cast<int64_t>(cd.rollback_generation))
+      .bind(9, std::string_view(cd.campaign_id)).bind(10, std::string_view(cd.device_id));
+  return st->run();
+}
+
+Status Store::start_deadline(const std::string& campaign_id, const std::string& device_id, int64_t budget_ms,
+                             int64_t now_ms) {
+  // Runs from now for a device that is online (it gets its desired state
+  // now); waits for the device to come online otherwise.
+  auto st = db_->prepare(
+      "UPDATE campaign_devices SET deadline_left_ms = ?1, deadline_ms = CASE WHEN "
+      "COALESCE((SELECT online FROM devices WHERE id = ?3), 0) = 1 THEN ?2 + ?1 ELSE 0 END "
+      "WHERE campaign_id = ?4 AND device_id = ?3");
+  if (!st) return st.error();
+  st->bind(1, budget_ms).bind(2, now_ms).bind(3, std::string_view(device_id)).bind(4, std::string_view(campaign_id));
   return st->run();
 }
 
@@ -290,7 +328,7 @@ Result<std::vector<CampaignDeviceRecord>> Store::releasable(const std::string& c
       *db_,
       std::string("SELECT ") +
           "cd.campaign_id, cd.device_id, cd.status, cd.generation, cd.updated_ms, cd.reason, cd.message, cd.wave, "
-          "cd.rank, cd.released_ms, cd.deadline_ms, cd.prev_bundle_id, cd.rollback_generation "
+          "cd.rank, cd.released_ms, cd.deadline_ms, cd.prev_bundle_id, cd.rollback_generation, cd.deadline_left_ms "
           "FROM campaign_devices cd LEFT JOIN devices d ON d.id = cd.device_id "
           "WHERE cd.campaign_id = ? AND cd.status = 'waiting' AND cd.wave <= ? AND COALESCE(d.online, 0) = ? "
           "ORDER BY cd.wave, cd.rank LIMIT ?",

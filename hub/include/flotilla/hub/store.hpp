@@ -96,7 +96,11 @@ struct CampaignDeviceRecord {
   int wave = 0;
   double rank = 0;
   int64_t released_ms = 0;
+  // The deadline counts only time the device is online after its release
+  // (the store's triggers pause it while the device is away): deadline_ms is
+  // when it runs out, 0 while paused; deadline_left_ms is what is left.
   int64_t deadline_ms = 0;
+  int64_t deadline_left_ms = 0;
   std::string prev_bundle_id;      // what the device ran before, for rollback
   uint64_t rollback_generation = 0;
 };
@@ -213,7 +217,11 @@ class Store {
                                                                          const std::vector<std::string>& statuses);
   Result<std::optional<CampaignDeviceRecord>> campaign_device(const std::string& campaign_id,
                                                               const std::string& device_id);
+  // Writes everything but the deadline, which start_deadline sets at release
+  // and the presence triggers pause and resume.
   Status save_campaign_device(const CampaignDeviceRecord& cd);
+  Status start_deadline(const std::string& campaign_id, const std::string& device_id, int64_t budget_ms,
+                        int64_t now_ms);
   // From the trigger-kept campaign_counts table: a few rows, whatever the fleet size.
   Result<std::vector<CampaignCountRow>> campaign_counts(const std::string& campaign_id);
   // The same figures grouped from every device row (what the triggers must
