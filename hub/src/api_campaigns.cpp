@@ -36,6 +36,10 @@ json campaign_json(const CampaignView& v) {
          {"counts", counts_json(v.counts)},
          {"failure_reasons", v.failure_reasons},
          {"away", v.away}};
+  if (v.campaign.state == "waiting_approval") {
+    j["waiting_for_approval"] = v.strategy.wave_name(v.campaign.current_wave + 1);
+  }
+  if (v.strategy.rate.enabled()) j["rate_per_minute"] = v.strategy.rate.per_minute(v.counts.applied);
   if (!v.devices.empty()) {
     json arr = json::array();
     for (const auto& d : v.devices) {
@@ -115,7 +119,7 @@ void add_campaign_routes(std::vector<Route>& r) {
   r.push_back({"POST", "/v1/campaigns", Role::operator_, create_campaign});
   r.push_back({"GET", "/v1/campaigns", Role::viewer, list_campaigns});
   r.push_back({"GET", "/v1/campaigns/{id}", Role::viewer, get_campaign});
-  for (const char* verb : {"pause", "resume", "abort", "rollback"}) {
+  for (const char* verb : {"pause", "resume", "abort", "rollback", "approve"}) {
     r.push_back({"POST", std::string("/v1/campaigns/{id}/") + verb, Role::operator_, action(verb)});
   }
 }

@@ -3,12 +3,16 @@
 // or roll back), soaks between waves, and folds device reports into each
 // device's campaign row. Everything it knows is in the store, so a hub that
 // is killed carries on where it stopped; a row's final outcome is written once.
+#include <algorithm>
+#include <cmath>
 #include <nlohmann/json.hpp>
+#include <set>
 
 
 #include "flotilla/common/crypto.hpp"
 #include "flotilla/common/log.hpp"
 #include "flotilla/hub/service.hpp"
+#include "flotilla/hub/timezone.hpp"
 
 namespace flotilla::hub {
 
@@ -29,6 +33,32 @@ std::string outcome_for(v1::AgentState s) {
     default: return "in_progress";
   }
 }
+
+std::set<std::string> split_zones(const std::string& text) {
+  std::set<std::string> out;
+  size_t at = 0;
+  while (at < text.size()) {
+    size_t end = text.find(',', at);
+    if (end == std::string::npos) end = text.size();
+    if (end > at) out.insert(text.substr(at, end - at));
+    at = end + 1;
+  }
+  return out;
+}
+
+std::string join_zones(const std::set<std::string>& zones) {
+  std::string out;
+  for (const auto& z : zones) out += (out.empty() ? "" : ",") + z;
+  return out;
+}
+
+// States in which the engine releases devices and judges outcomes.
+bool engine_runs(const std::string& state) {
+  return state == "running" || state == "waiting_approval" || state == "converging";
+}
+
+// States in which devices may still join (live membership).
+bool accepts_members(const std::string& state) { return engine_runs(state) || state == "paused"; }
 
 Strategy strategy_of(const CampaignRecord& c) {
   auto j = nlohmann::json::parse(c.strategy.empty() ? "{}" : c.strategy, nullptr, false);
@@ -94,7 +124,7 @@ Result<CampaignRecord> HubService::create_campaign(const std::string& name, cons
         [&](const std::string& id, const std::string& dev_project, const std::string& state, const Labels& labels) {
           if (project != "*" && dev_project != project) return;
           if (state == "decommissioned" || !sel->matches(labels)) return;
-          rows.push_back({id, campaign_rank(c.id, id), 0});
+          rows.push_back({id, campaign_rank(c.id, id), 0, strategy.window.enabled() ? strategy.window.zone_for(labels) : ""});
           ranks.push_back(rows.back().rank);
         });
     if (!listed) return listed.error();
@@ -102,7 +132,12 @@ Result<CampaignRecord> HubService::create_campaign(const std::string& name, cons
       return make_error(Errc::invalid_argument, "selector '" + sel->text() + "' matches no enrolled device");
     }
     auto waves = assign_waves(strategy, ranks);
-    for (size_t i = 0; i < rows.size(); ++i) rows[i].wave = waves[i];
+    std::set<std::string> zones;
+    for (size_t i = 0; i < rows.size(); ++i) {
+      rows[i].wave = waves[i];
+      if (!rows[i].zone.empty()) zones.insert(rows[i].zone);
+    }
+    c.zones = join_zones(zones);
     if (auto s = store_.insert_campaign(c, rows); !s) return s.error();
     log::get("hub")->info("campaign created id={} bundle={} devices={} waves={}", c.id, bundle.id, rows.size(),
                           strategy.wave_count());
@@ -133,7 +168,7 @@ void HubService::tick() {
     }
     sql::Transaction tx(store_.db());
     for (auto& c : *campaigns) {
-      if (c.state == "running" || c.state == "converging" || c.state == "rolling_back") tick_campaign(c, publishes);
+      if (engine_runs(c.state) || c.state == "rolling_back") tick_campaign(c, publishes);
     }
     if (auto s = tx.commit(); !s) {
       log::get("hub")->error("engine: commit: {}", s.error().message);
@@ -187,6 +222,14 @@ void HubService::tick_campaign(CampaignRecord& c, Publishes& publishes) {
                             " outcomes failed (threshold " + std::to_string(static_cast<int>(th.percent)) + "%)";
     logger->warn("campaign={} {}; action={}", c.id, why, th.action);
     c.state_reason = why;
+    nlohmann::json detail{{"trigger", "failure_threshold"},
+                          {"failed", failed},
+                          {"outcomes", finals},
+                          {"threshold_percent", th.percent},
+                          {"min_sample", th.min_sample},
+                          {"wave", strategy.wave_name(c.current_wave)}};
+    if (auto reasons = store_.failure_reasons(c.id); reasons) detail["failure_reasons"] = *reasons;
+    audit_engine_action(c, th.action, detail);
     if (th.action == "rollback") return start_rollback(c, why, publishes);
     if (th.action == "abort") {
       auto waiting = store_.campaign_devices_with_status(c.id, {"waiting"});
@@ -211,16 +254,34 @@ void HubService::tick_campaign(CampaignRecord& c, Publishes& publishes) {
   // kReleaseChunk per tick, online first: the transaction that holds the
   // store stays short, devices get their desired state while the rest is
   // still being released, and the engine ticks again at once.
-  const int64_t budget = strategy.max_in_flight > 0 ? std::max<int64_t>(0, strategy.max_in_flight - in_flight)
-                                                    : kReleaseChunk;
+  int64_t budget = strategy.max_in_flight > 0 ? std::max<int64_t>(0, strategy.max_in_flight - in_flight)
+                                              : kReleaseChunk;
+  int64_t total_cap = kReleaseChunk;
+  if (strategy.rate.enabled()) {
+    // A token bucket over the engine's clock, one second deep: releases
+    // follow the rate smoothly instead of in a burst each minute.
+    const double per_minute = strategy.rate.per_minute(all.applied);
+    const double depth = std::max(1.0, per_minute / 60.0);
+    if (c.rate_ms == 0) {
+      c.rate_tokens = 1;  // the first device goes at once
+    } else {
+      c.rate_tokens = std::min(depth, c.rate_tokens + static_cast<double>(now - c.rate_ms) * per_minute / 60000.0);
+    }
+    c.rate_ms = now;
+    total_cap = std::min<int64_t>(total_cap, static_cast<int64_t>(std::floor(c.rate_tokens)));
+    budget = std::min(budget, total_cap);
+  }
   std::vector<CampaignDeviceRecord> ready;
   if (int64_t n = std::min(budget, kReleaseChunk); n > 0) {
-    auto online = store_.releasable(c.id, c.current_wave, true, n);
+    auto online = releasable_now(c, strategy, true, n, now);
     if (!online) return;
     ready = std::move(*online);
   }
-  if (int64_t n = kReleaseChunk - static_cast<int64_t>(ready.size()); n > 0) {
-    auto offline = store_.releasable(c.id, c.current_wave, false, n);
+  // Offline devices get their desired state retained for when they return,
+  // unless a maintenance window decides when they may apply: then they wait
+  // for a release while they are online and inside it.
+  if (int64_t n = total_cap - static_cast<int64_t>(ready.size()); n > 0 && !strategy.window.enabled()) {
+    auto offline = releasable_now(c, strategy, false, n, now);
     if (!offline) return;
     for (auto& r : *offline) ready.push_back(std::move(r));
   }
@@ -274,6 +335,10 @@ void HubService::tick_campaign(CampaignRecord& c, Publishes& publishes) {
     publishes.push_back({d.id, d.gateway, c.id, gen, false, shared});
     ++released;
   }
+  if (strategy.rate.enabled()) {
+    c.rate_tokens = std::max(0.0, c.rate_tokens - static_cast<double>(released));
+    update();
+  }
   if (released > 0) {
     logger->info("campaign={} wave={} released={}", c.id, strategy.wave_name(c.current_wave), released);
     // Judge the wave on what is true now: devices just released online are
@@ -296,7 +361,17 @@ void HubService::tick_campaign(CampaignRecord& c, Publishes& publishes) {
   }
   if (now - c.wave_done_ms < strategy.soak.count()) return;
   if (c.current_wave + 1 < strategy.wave_count()) {
-    ++c.current_wave;
+    const int next = c.current_wave + 1;
+    if (strategy.needs_approval(next) && c.approved_wave < next) {
+      if (c.state != "waiting_approval") {
+        c.state = "waiting_approval";
+        c.state_reason = strategy.wave_name(next) + " waits for approval (flotilla campaign approve " + c.id + ")";
+        logger->info("campaign={} {}", c.id, c.state_reason);
+        update();
+      }
+      return;
+    }
+    c.current_wave = next;
     c.wave_done_ms = 0;
     logger->info("campaign={} starts {}", c.id, strategy.wave_name(c.current_wave));
     update();
@@ -314,6 +389,101 @@ void HubService::tick_campaign(CampaignRecord& c, Publishes& publishes) {
     logger->info("campaign converging id={} applied={} failed={} away={}", c.id, all.applied, all.failed, away);
   }
   update();
+}
+
+Result<std::vector<CampaignDeviceRecord>> HubService::releasable_now(const CampaignRecord& c, const Strategy& s,
+                                                                     bool online, int64_t n, int64_t now_ms) {
+  if (!s.window.enabled()) return store_.releasable(c.id, c.current_wave, online, n);
+  std::vector<CampaignDeviceRecord> out;
+  for (const auto& zone : split_zones(c.zones)) {
+    auto minute = local_minute_of_day(zone, now_ms / 1000);
+    if (!minute) {
+      log::get("hub")->warn("campaign={} zone={}: {}", c.id, zone, minute.error().message);
+      continue;
+    }
+    if (!s.window.open_at(*minute)) continue;
+    auto rows = store_.releasable(c.id, c.current_wave, online, n, zone);
+    if (!rows) return rows.error();
+    for (auto& r : *rows) out.push_back(std::move(r));
+  }
+  std::sort(out.begin(), out.end(), [](const CampaignDeviceRecord& a, const CampaignDeviceRecord& b) {
+    return a.wave != b.wave ? a.wave < b.wave : a.rank < b.rank;
+  });
+  if (static_cast<int64_t>(out.size()) > n) out.resize(static_cast<size_t>(n));
+  return out;
+}
+
+void HubService::refresh_membership(const std::vector<DeviceRecord>& devices) {
+  if (devices.empty()) return;
+  auto campaigns = store_.list_campaigns();
+  if (!campaigns) return;
+  const int64_t now = clock_.now_unix_ms();
+  bool joined_any = false;
+  for (auto& c : *campaigns) {
+    if (!accepts_members(c.state)) continue;
+    const Strategy strategy = strategy_of(c);
+    if (strategy.membership != Membership::live) continue;
+    auto sel = Selector::parse(c.selector);
+    if (!sel) continue;
+    auto zones = split_zones(c.zones);
+    const size_t zones_before = zones.size();
+    for (const auto& d : devices) {
+      if ((c.project != "*" && d.project != c.project) || d.state == "decommissioned") continue;
+      auto row = store_.campaign_device(c.id, d.id);
+      if (!row) continue;
+      const bool matches = sel->matches(d.labels);
+      if (matches && !*row) {
+        // Joins where its hash puts it, but never in a wave already done.
+        const double rank = campaign_rank(c.id, d.id);
+        Store::CampaignMember m{d.id, rank, std::max(strategy.wave_for_rank(rank), c.current_wave),
+                                strategy.window.enabled() ? strategy.window.zone_for(d.labels) : ""};
+        if (!m.zone.empty()) zones.insert(m.zone);
+        if (store_.add_campaign_member(c.id, m, now)) {
+          joined_any = true;
+          log::get("hub")->info("device={} joins campaign={} wave={}", d.id, c.id, strategy.wave_name(m.wave));
+        }
+      } else if (matches && (*row)->status == "skipped" && (*row)->reason == "left_selector") {
+        CampaignDeviceRecord r = **row;
+        r.status = "waiting";
+        r.reason.clear();
+        r.updated_ms = now;
+        (void)store_.save_campaign_device(r);
+        joined_any = true;
+        log::get("hub")->info("device={} rejoins campaign={}", d.id, c.id);
+      } else if (!matches && *row && (*row)->status == "waiting") {
+        // Not released yet: it leaves. Released rows stay; their desired
+        // state is on its way and their outcome counts.
+        CampaignDeviceRecord r = **row;
+        r.status = "skipped";
+        r.reason = "left_selector";
+        r.message = "no longer matches the campaign's selector";
+        r.updated_ms = now;
+        (void)store_.save_campaign_device(r);
+        log::get("hub")->info("device={} leaves campaign={}: no longer matches", d.id, c.id);
+      }
+    }
+    if (zones.size() != zones_before) {
+      c.zones = join_zones(zones);
+      (void)store_.update_campaign(c);
+    }
+  }
+  if (joined_any) engine_cv_.notify_one();
+}
+
+void HubService::audit_engine_action(const CampaignRecord& c, const std::string& action, const nlohmann::json& detail) {
+  AuditRecord a;
+  a.time_ms = clock_.now_unix_ms();
+  a.actor = "hub";
+  a.actor_name = "campaign-engine";
+  a.role = "system";
+  a.project = c.project;
+  a.method = "AUTO";
+  a.path = "/v1/campaigns/" + c.id + "/" + action;
+  a.status = 200;
+  a.detail = detail.dump();
+  if (auto id = store_.append_audit(a); !id) {
+    log::get("hub")->error("campaign={} audit of automatic {} failed: {}", c.id, action, id.error().message);
+  }
 }
 
 void HubService::start_rollback(CampaignRecord& c, const std::string& reason, Publishes& publishes) {
@@ -476,7 +646,7 @@ Result<CampaignRecord> HubService::campaign_action(const std::string& id, const 
     };
     sql::Transaction tx(store_.db());
     if (action == "pause") {
-      if (c.state != "running" && c.state != "converging") return conflict("");
+      if (!engine_runs(c.state)) return conflict("");
       c.state = "paused";
       c.state_reason = "paused by an operator";
     } else if (action == "resume") {
@@ -490,8 +660,17 @@ Result<CampaignRecord> HubService::campaign_action(const std::string& id, const 
       c.baseline_finals = all.applied + all.failed;
       c.state = "running";
       c.state_reason.clear();
+    } else if (action == "approve") {
+      if (c.state != "waiting_approval") {
+        return conflict(c.state == "paused" ? " (resume it first)" : "; only a wave waiting at an approval gate can be "
+                                                                      "approved");
+      }
+      // The gate opens for the next wave only; a later gate waits again.
+      c.approved_wave = c.current_wave + 1;
+      c.state = "running";
+      c.state_reason.clear();
     } else if (action == "abort") {
-      if (c.state != "running" && c.state != "paused" && c.state != "converging") return conflict("");
+      if (!engine_runs(c.state) && c.state != "paused") return conflict("");
       auto waiting = store_.campaign_devices_with_status(c.id, {"waiting"});
       if (!waiting) return waiting.error();
       for (auto row : *waiting) {
@@ -505,7 +684,8 @@ Result<CampaignRecord> HubService::campaign_action(const std::string& id, const 
       if (c.state == "rolling_back" || c.state == "rolled_back") return conflict("");
       start_rollback(c, "rolled back by an operator", publishes);
     } else {
-      return make_error(Errc::invalid_argument, "unknown action '" + action + "' (pause, resume, abort, rollback)");
+      return make_error(Errc::invalid_argument,
+                        "unknown action '" + action + "' (pause, resume, abort, rollback, approve)");
     }
     c.updated_ms = now;
     if (auto s = store_.update_campaign(c); !s) return s.error();

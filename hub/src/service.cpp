@@ -217,6 +217,7 @@ Result<v1::EnrollResponse> HubService::enroll(const v1::EnrollRequest& req) {
     if (!claimed) return claimed.error();
     if (!*claimed) return make_error(Errc::permission_denied, "enrollment token has been used up");
     if (auto s = store_.upsert_enrolled_device(d); !s) return s.error();
+    refresh_membership({d});
     // A device behind a gateway has no broker credential: the broker never
     // sees it, so enrolling it does not rewrite the password file.
     if (cfg_.manage_broker_credentials && d.gateway.empty()) {
@@ -296,6 +297,7 @@ Result<v1::EnrollBatchResponse> HubService::enroll_batch(const v1::EnrollBatchRe
     recs[i] = std::move(*rec);
   }
   size_t enrolled = 0;
+  std::vector<DeviceRecord> stored;
   {
     std::lock_guard lock(store_mu_);
     sql::Transaction tx(store_.db());
@@ -315,8 +317,10 @@ Result<v1::EnrollBatchResponse> HubService::enroll_batch(const v1::EnrollBatchRe
       }
       if (auto s = store_.upsert_enrolled_device(d); !s) return s.error();
       *out.mutable_results(i)->mutable_enrolled() = enroll_response(d);
+      stored.push_back(d);
       ++enrolled;
     }
+    refresh_membership(stored);
     if (auto s = tx.commit(); !s) return s.error();
   }
   log::get("hub")->info("enrolled batch gateway={} devices={} refused={} token={}", req.gateway_id(), enrolled,

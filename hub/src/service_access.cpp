@@ -46,7 +46,10 @@ Result<DeviceRecord> HubService::edit_device_labels(
   // Bounded like everything else: selectors are evaluated against every
   // device's labels on every campaign and list.
   if (dev.labels.size() > 64) return make_error(Errc::invalid_argument, "a device may carry at most 64 labels");
+  sql::Transaction tx(store_.db());
   if (auto s = store_.set_device_labels(id, dev.labels); !s) return s.error();
+  refresh_membership({dev});  // live campaigns it now matches, or no longer does
+  if (auto s = tx.commit(); !s) return s.error();
   return dev;
 }
 

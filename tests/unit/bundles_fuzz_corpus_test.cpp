@@ -14,11 +14,13 @@ namespace {
 namespace stdfs = std::filesystem;
 namespace v1 = flotilla::v1;
 
-// Found from this file's own path (tests/unit/ -> tests/fuzz/corpus), so the
-// test needs no build-system help; FLOTILLA_SOURCE_DIR overrides it.
+// The source tree's corpus; the FLOTILLA_SOURCE_DIR environment variable
+// overrides the compiled-in source directory.
 stdfs::path corpus_dir() {
   if (const char* src = std::getenv("FLOTILLA_SOURCE_DIR"); src && *src) return stdfs::path(src) / "tests/fuzz/corpus";
-  return stdfs::path(__FILE__).parent_path().parent_path() / "fuzz" / "corpus";
+  // Compiled in by tests/CMakeLists.txt; __FILE__ may be relative (ccache's
+  // base_dir rewrites paths) and ctest runs from another directory.
+  return stdfs::path(FLOTILLA_SOURCE_DIR) / "tests" / "fuzz" / "corpus";
 }
 
 std::string read_all(const stdfs::path& p) {

@@ -10,7 +10,7 @@ namespace {
 
 constexpr const char* kCampaignCols =
     "id, name, bundle_id, selector, state, created_ms, updated_ms, project, strategy, current_wave, wave_done_ms, "
-    "state_reason, baseline_failed, baseline_finals";
+    "state_reason, baseline_failed, baseline_finals, approved_wave, rate_tokens, rate_ms, zones";
 
 CampaignRecord campaign_from(const sql::Stmt& s) {
   CampaignRecord c;
@@ -28,12 +28,16 @@ CampaignRecord campaign_from(const sql::Stmt& s) {
   c.state_reason = s.col_text(11);
   c.baseline_failed = s.col_int(12);
   c.baseline_finals = s.col_int(13);
+  c.approved_wave = static_cast<int>(s.col_int(14));
+  c.rate_tokens = s.col_double(15);
+  c.rate_ms = s.col_int(16);
+  c.zones = s.col_text(17);
   return c;
 }
 
 constexpr const char* kRowCols =
     "campaign_id, device_id, status, generation, updated_ms, reason, message, wave, rank, released_ms, deadline_ms, "
-    "prev_bundle_id, rollback_generation, deadline_left_ms";
+    "prev_bundle_id, rollback_generation, deadline_left_ms, zone";
 
 CampaignDeviceRecord row_from(const sql::Stmt& s, int o = 0) {
   CampaignDeviceRecord r;
@@ -51,10 +55,25 @@ CampaignDeviceRecord row_from(const sql::Stmt& s, int o = 0) {
   r.prev_bundle_id = s.col_text(o + 11);
   r.rollback_generation = static_cast<uint64_t>(s.col_int(o + 12));
   r.deadline_left_ms = s.col_int(o + 13);
+  r.zone = s.col_text(o + 14);
   return r;
 }
 
 using sql::query;
+
+// "a, b" -> "cd.a, cd.b", for a column list used in a join.
+std::string qualified(const std::string& cols, const std::string& prefix) {
+  std::string out;
+  size_t at = 0;
+  while (at < cols.size()) {
+    size_t end = cols.find(',', at);
+    if (end == std::string::npos) end = cols.size();
+    const size_t start = cols.find_first_not_of(' ', at);
+    out += (out.empty() ? "" : ", ") + prefix + cols.substr(start, end - start);
+    at = end + 1;
+  }
+  return out;
+}
 
 }  // namespace
 
@@ -65,12 +84,16 @@ Status Store::migrate_campaigns() {
       {"current_wave", "INTEGER NOT NULL DEFAULT 0"},   {"wave_done_ms", "INTEGER NOT NULL DEFAULT 0"},
       {"state_reason", "TEXT NOT NULL DEFAULT ''"},
       {"baseline_failed", "INTEGER NOT NULL DEFAULT 0"},
-      {"baseline_finals", "INTEGER NOT NULL DEFAULT 0"}};
+      {"baseline_finals", "INTEGER NOT NULL DEFAULT 0"},
+      {"approved_wave", "INTEGER NOT NULL DEFAULT 0"},
+      {"rate_tokens", "REAL NOT NULL DEFAULT 0"},
+      {"rate_ms", "INTEGER NOT NULL DEFAULT 0"},
+      {"zones", "TEXT NOT NULL DEFAULT ''"}};
   const std::vector<std::pair<std::string, std::string>> row_cols = {
       {"wave", "INTEGER NOT NULL DEFAULT 0"},         {"rank", "REAL NOT NULL DEFAULT 0"},
       {"released_ms", "INTEGER NOT NULL DEFAULT 0"},  {"deadline_ms", "INTEGER NOT NULL DEFAULT 0"},
       {"prev_bundle_id", "TEXT NOT NULL DEFAULT ''"}, {"rollback_generation", "INTEGER NOT NULL DEFAULT 0"},
-      {"deadline_left_ms", "INTEGER NOT NULL DEFAULT 0"}};
+      {"deadline_left_ms", "INTEGER NOT NULL DEFAULT 0"}, {"zone", "TEXT NOT NULL DEFAULT ''"}};
   auto add_missing = [&](const std::string& table, const std::vector<std::pair<std::string, std::string>>& cols) -> Status {
     auto st = db_->prepare("SELECT name FROM pragma_table_info('" + table + "')");
     if (!st) return st.error();
@@ -103,7 +126,10 @@ Status Store::migrate_campaigns() {
           "CREATE INDEX IF NOT EXISTS campaign_devices_wave ON campaign_devices(campaign_id, status, wave, rank);"
           "CREATE INDEX IF NOT EXISTS campaign_devices_deadline ON campaign_devices(campaign_id, status, deadline_ms);"
           "CREATE INDEX IF NOT EXISTS campaign_devices_device ON campaign_devices(device_id, status);"
-          "CREATE INDEX IF NOT EXISTS devices_gateway ON devices(gateway) WHERE gateway != '';");
+          "CREATE INDEX IF NOT EXISTS devices_gateway ON devices(gateway) WHERE gateway != '';"
+          // Release by time zone, for campaigns with a maintenance window only.
+          "CREATE INDEX IF NOT EXISTS campaign_devices_zone ON campaign_devices(campaign_id, status, zone, wave, rank) "
+          "WHERE zone != '';");
       !s) {
     return s;
   }
@@ -168,26 +194,39 @@ Status Store::insert_campaign(const CampaignRecord& c, const std::vector<Campaig
   sql::Transaction tx(*db_);
   if (!tx.ok()) return make_error(Errc::unavailable, "cannot begin transaction", true);
   {
-    auto st = db_->prepare(std::string("INSERT INTO campaigns (") + kCampaignCols + ") VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)");
+    auto st = db_->prepare(std::string("INSERT INTO campaigns (") + kCampaignCols +
+                           ") VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)");
     if (!st) return st.error();
     st->bind(1, std::string_view(c.id)).bind(2, std::string_view(c.name)).bind(3, std::string_view(c.bundle_id))
         .bind(4, std::string_view(c.selector)).bind(5, std::string_view(c.state)).bind(6, c.created_ms)
         .bind(7, c.updated_ms).bind(8, std::string_view(c.project)).bind(9, std::string_view(c.strategy))
         .bind(10, static_cast<int64_t>(c.current_wave)).bind(11, c.wave_done_ms)
-        .bind(12, std::string_view(c.state_reason)).bind(13, c.baseline_failed).bind(14, c.baseline_finals);
+        .bind(12, std::string_view(c.state_reason)).bind(13, c.baseline_failed).bind(14, c.baseline_finals)
+        .bind(15, static_cast<int64_t>(c.approved_wave)).bind_double(16, c.rate_tokens).bind(17, c.rate_ms)
+        .bind(18, std::string_view(c.zones));
     if (auto r = st->run(); !r) return r.error();
   }
   auto ins = db_->prepare(
-      "INSERT INTO campaign_devices (campaign_id, device_id, status, generation, updated_ms, wave, rank) "
-      "VALUES (?, ?, 'waiting', 0, ?, ?, ?)");
+      "INSERT INTO campaign_devices (campaign_id, device_id, status, generation, updated_ms, wave, rank, zone) "
+      "VALUES (?, ?, 'waiting', 0, ?, ?, ?, ?)");
   if (!ins) return ins.error();
   for (const auto& m : members) {
     ins->reset();
     ins->bind(1, std::string_view(c.id)).bind(2, std::string_view(m.device_id)).bind(3, c.created_ms)
-        .bind(4, static_cast<int64_t>(m.wave)).bind_double(5, m.rank);
+        .bind(4, static_cast<int64_t>(m.wave)).bind_double(5, m.rank).bind(6, std::string_view(m.zone));
     if (auto r = ins->run(); !r) return r.error();
   }
   return tx.commit();
+}
+
+Status Store::add_campaign_member(const std::string& campaign_id, const CampaignMember& m, int64_t now_ms) {
+  auto st = db_->prepare(
+      "INSERT INTO campaign_devices (campaign_id, device_id, status, generation, updated_ms, wave, rank, zone) "
+      "VALUES (?, ?, 'waiting', 0, ?, ?, ?, ?) ON CONFLICT DO NOTHING");
+  if (!st) return st.error();
+  st->bind(1, std::string_view(campaign_id)).bind(2, std::string_view(m.device_id)).bind(3, now_ms)
+      .bind(4, static_cast<int64_t>(m.wave)).bind_double(5, m.rank).bind(6, std::string_view(m.zone));
+  return st->run();
 }
 
 Result<std::optional<CampaignRecord>> Store::get_campaign(const std::string& id) {
@@ -208,11 +247,13 @@ Result<std::vector<CampaignRecord>> Store::list_campaigns() {
 Status Store::update_campaign(const CampaignRecord& c) {
   auto st = db_->prepare(
       "UPDATE campaigns SET state = ?, updated_ms = ?, current_wave = ?, wave_done_ms = ?, state_reason = ?, "
-      "baseline_failed = ?, baseline_finals = ? WHERE id = ?");
+      "baseline_failed = ?, baseline_finals = ?, approved_wave = ?, rate_tokens = ?, rate_ms = ?, zones = ? "
+      "WHERE id = ?");
   if (!st) return st.error();
   st->bind(1, std::string_view(c.state)).bind(2, c.updated_ms).bind(3, static_cast<int64_t>(c.current_wave))
       .bind(4, c.wave_done_ms).bind(5, std::string_view(c.state_reason)).bind(6, c.baseline_failed)
-      .bind(7, c.baseline_finals).bind(8, std::string_view(c.id));
+      .bind(7, c.baseline_finals).bind(8, static_cast<int64_t>(c.approved_wave)).bind_double(9, c.rate_tokens)
+      .bind(10, c.rate_ms).bind(11, std::string_view(c.zones)).bind(12, std::string_view(c.id));
   return st->run();
 }
 
@@ -321,20 +362,24 @@ Result<std::vector<std::string>> Store::away_devices(const std::string& campaign
 }
 
 Result<std::vector<CampaignDeviceRecord>> Store::releasable(const std::string& campaign_id, int max_wave,
-                                                            bool online, int64_t limit) {
-  // Walks campaign_devices_wave in (wave, rank) order and stops at `limit`:
-  // a tick reads what it releases, not every waiting row.
+                                                            bool online, int64_t limit, const std::string& zone) {
+  // Walks campaign_devices_wave (or campaign_devices_zone) in (wave, rank)
+  // order and stops at `limit`: a tick reads what it releases, not every
+  // waiting row.
+  static const std::string cols = qualified(kRowCols, "cd.");
   return query<CampaignDeviceRecord>(
       *db_,
-      std::string("SELECT ") +
-          "cd.campaign_id, cd.device_id, cd.status, cd.generation, cd.updated_ms, cd.reason, cd.message, cd.wave, "
-          "cd.rank, cd.released_ms, cd.deadline_ms, cd.prev_bundle_id, cd.rollback_generation, cd.deadline_left_ms "
-          "FROM campaign_devices cd LEFT JOIN devices d ON d.id = cd.device_id "
-          "WHERE cd.campaign_id = ? AND cd.status = 'waiting' AND cd.wave <= ? AND COALESCE(d.online, 0) = ? "
-          "ORDER BY cd.wave, cd.rank LIMIT ?",
+      "SELECT " + cols +
+          " FROM campaign_devices cd LEFT JOIN devices d ON d.id = cd.device_id "
+          "WHERE cd.campaign_id = ? AND cd.status = 'waiting' AND cd.wave <= ? AND COALESCE(d.online, 0) = ? " +
+          (zone.empty() ? "" : "AND cd.zone = ? ") + "ORDER BY cd.wave, cd.rank LIMIT ?",
       [&](sql::Stmt& s) {
-        s.bind(1, std::string_view(campaign_id)).bind(2, static_cast<int64_t>(max_wave)).bind(3, online ? 1 : 0)
-            .bind(4, limit);
+        s.bind(1, std::string_view(campaign_id)).bind(2, static_cast<int64_t>(max_wave)).bind(3, online ? 1 : 0);
+        if (zone.empty()) {
+          s.bind(4, limit);
+        } else {
+          s.bind(4, std::string_view(zone)).bind(5, limit);
+        }
       },
       [](const sql::Stmt& s) { return row_from(s); });
 }

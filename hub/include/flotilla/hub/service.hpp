@@ -114,7 +114,7 @@ class HubService {
                                          const std::string& project = "*");
   Result<std::optional<CampaignView>> campaign_view(const std::string& id, bool with_devices);
   Result<std::vector<CampaignView>> list_campaigns();
-  // pause, resume, abort or rollback.
+  // pause, resume, abort, rollback or approve (the next wave, at a gate).
   Result<CampaignRecord> campaign_action(const std::string& id, const std::string& action);
   // One step of the engine: release devices, expire deadlines, check the
   // failure threshold, advance waves. The engine thread calls it; tests too.
@@ -207,6 +207,16 @@ class HubService {
   void republish_pending();
   void engine_loop();
   void tick_campaign(CampaignRecord& c, Publishes& publishes);
+  // Waiting rows the tick may release now: its wave reached, the device in
+  // its maintenance window, at most n, in wave and rank order.
+  Result<std::vector<CampaignDeviceRecord>> releasable_now(const CampaignRecord& c, const Strategy& s, bool online,
+                                                           int64_t n, int64_t now_ms);
+  // Live membership: the devices join the running campaigns whose selector
+  // they now match, and leave those they no longer match before release.
+  // store_mu_ held, inside the caller's transaction.
+  void refresh_membership(const std::vector<DeviceRecord>& devices);
+  // An automatic action of the engine, in the audit log with what triggered it.
+  void audit_engine_action(const CampaignRecord& c, const std::string& action, const nlohmann::json& detail);
   void on_campaign_report(const std::string& device_id, const v1::Report& r, CampaignRows& rows);
   bool finished_without_outcome(CampaignDeviceRecord& row, const v1::Report& r);
   void start_rollback(CampaignRecord& c, const std::string& reason, Publishes& publishes);

@@ -65,8 +65,9 @@ struct CampaignRecord {
   std::string name;
   std::string bundle_id;
   std::string selector;
-  // running, converging (all released; only offline devices outstanding),
-  // paused, completed, aborted, rolling_back, rolled_back
+  // running, waiting_approval (the next wave waits for an operator),
+  // converging (all released; only offline devices outstanding), paused,
+  // completed, aborted, rolling_back, rolled_back
   std::string state;
   int64_t created_ms = 0;
   int64_t updated_ms = 0;
@@ -79,6 +80,12 @@ struct CampaignRecord {
   // threshold then judges only what happens after.
   int64_t baseline_failed = 0;
   int64_t baseline_finals = 0;
+  int approved_wave = 0;      // the highest wave an operator approved (approval gates)
+  // The rate limit's token bucket: releases it may still make, as of rate_ms.
+  double rate_tokens = 0;
+  int64_t rate_ms = 0;
+  // Distinct time zones of its devices, comma-separated (maintenance windows).
+  std::string zones;
 };
 
 // One device in one campaign. Statuses: waiting (its wave has not started),
@@ -103,6 +110,7 @@ struct CampaignDeviceRecord {
   int64_t deadline_left_ms = 0;
   std::string prev_bundle_id;      // what the device ran before, for rollback
   uint64_t rollback_generation = 0;
+  std::string zone;                // its time zone, for a campaign with a maintenance window
 };
 
 // Counts of a campaign's devices by wave, status and presence.
@@ -207,7 +215,10 @@ class Store {
     std::string device_id;
     double rank = 0;
     int wave = 0;
+    std::string zone;
   };
+  // A device that came to match a running campaign (live membership).
+  Status add_campaign_member(const std::string& campaign_id, const CampaignMember& m, int64_t now_ms);
   Status insert_campaign(const CampaignRecord& c, const std::vector<CampaignMember>& members);
   Result<std::optional<CampaignRecord>> get_campaign(const std::string& id);
   Result<std::vector<CampaignRecord>> list_campaigns();
@@ -232,9 +243,10 @@ class Store {
   // Unfinished rows of offline devices, the first `limit` by device id.
   Result<std::vector<std::string>> away_devices(const std::string& campaign_id, int64_t limit);
   // Waiting rows of waves up to max_wave whose device is online (or
-  // offline), by wave and rank; at most `limit` of them.
+  // offline), by wave and rank; at most `limit` of them; only those of one
+  // time zone when `zone` is given.
   Result<std::vector<CampaignDeviceRecord>> releasable(const std::string& campaign_id, int max_wave, bool online,
-                                                       int64_t limit);
+                                                       int64_t limit, const std::string& zone = "");
   // Pending/in-progress rows of online devices whose deadline passed become failed.
   Result<int64_t> expire_deadlines(const std::string& campaign_id, int64_t now_ms);
   // Marks a device's unfinished rows in other campaigns superseded; returns those campaign ids.
