@@ -258,10 +258,12 @@ void HubService::tick_campaign(CampaignRecord& c, Publishes& publishes) {
                                               : kReleaseChunk;
   int64_t total_cap = kReleaseChunk;
   if (strategy.rate.enabled()) {
-    // A token bucket over the engine's clock, one second deep: releases
-    // follow the rate smoothly instead of in a burst each minute.
+    // A token bucket over the engine's clock, about one second deep:
+    // releases follow the rate smoothly instead of in a burst each minute.
+    // One token of headroom so a slow rate (60/min: a token per second)
+    // loses no fraction to the cap between ticks.
     const double per_minute = strategy.rate.per_minute(all.applied);
-    const double depth = std::max(1.0, per_minute / 60.0);
+    const double depth = std::max(1.0, per_minute / 60.0) + 1.0;
     if (c.rate_ms == 0) {
       c.rate_tokens = 1;  // the first device goes at once
     } else {
