@@ -62,9 +62,9 @@ SRC
   echo "${SYSROOT_PACKAGES[*]}" >"$stamp"
 fi
 
-if [ ! -f "$BUILD/build.ninja" ]; then
+if [ ! -f "$BUILD/build.ninja" ] || ! grep -q "^FLOTILLA_WERROR:BOOL=ON\$" "$BUILD/CMakeCache.txt"; then
   FLOTILLA_CROSS_SYSROOT="$SYSROOT" cmake -S "$ROOT" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release \
-    -DCMAKE_TOOLCHAIN_FILE="$ROOT/cmake/toolchains/$ARCH.cmake" -DFLOTILLA_AGENT_ONLY=ON >/dev/null
+    -DCMAKE_TOOLCHAIN_FILE="$ROOT/cmake/toolchains/$ARCH.cmake" -DFLOTILLA_AGENT_ONLY=ON -DFLOTILLA_WERROR=ON >/dev/null
 fi
 FLOTILLA_CROSS_SYSROOT="$SYSROOT" cmake --build "$BUILD" --target flotilla-agent -j "$JOBS"
 echo "$BUILD/bin/flotilla-agent"

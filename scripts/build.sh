@@ -22,8 +22,10 @@ if [ "$static_agent" = ON ]; then
   FLOTILLA_JOBS="$JOBS" "$ROOT/scripts/build-openssl-min.sh" "$OPENSSL_MIN"
   configure_args+=("-DFLOTILLA_AGENT_OPENSSL_ROOT=$OPENSSL_MIN")
 fi
-if [ ! -f "$BUILD/build.ninja" ] || [ "$#" -gt 0 ] ||
+if [ ! -f "$BUILD/build.ninja" ] || [ "$#" -gt 0 ] || ! grep -q "^FLOTILLA_WERROR:BOOL=ON\$" "$BUILD/CMakeCache.txt" ||
   { [ "$static_agent" = ON ] && ! grep -q "^FLOTILLA_AGENT_OPENSSL_ROOT:PATH=$OPENSSL_MIN\$" "$BUILD/CMakeCache.txt"; }; then
-  cmake -S "$ROOT" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo "${configure_args[@]}" >/dev/null
+  # Our own scripts make warnings fatal (a plain CMake build does not).
+  cmake -S "$ROOT" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DFLOTILLA_WERROR=ON \
+    "${configure_args[@]}" >/dev/null
 fi
 cmake --build "$BUILD" -j "$JOBS"
