@@ -1,5 +1,7 @@
 #include "client.hpp"
 
+#include "output.hpp"
+
 #include "flotilla/common/fs.hpp"
 #include "flotilla/common/http_client.hpp"
 
@@ -12,7 +14,7 @@ void add_hub_flags(Options& o) {
       .add("token", "API token (prefer the FLOTILLA_TOKEN variable: flags show up in ps)")
       .add("token-file", "file holding the API token (e.g. <hub data-dir>/admin.token)")
       .add("ca-file", "PEM CA certificate(s) to verify an https hub against (default: the system CA store)")
-      .add("o", "output: table or json", "table");
+      .add("o", kOutputHelp, "table");
 }
 
 Result<Client> Client::from(const Options& o) {
