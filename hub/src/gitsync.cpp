@@ -150,8 +150,8 @@ Result<Tree> commit_tree(git_repository* repo, const std::string& commit_hex) {
 
 }  // namespace
 
-Result<GitSnapshot> git_fetch_snapshot(const std::filesystem::path& clone_dir, const GitRepoRecord& r,
-                                       const GitSyncConfig& cfg) {
+Result<std::string> git_fetch(const std::filesystem::path& clone_dir, const GitRepoRecord& r,
+                              const GitSyncConfig& cfg) {
   auto repo = open_clone(clone_dir);
   if (!repo) return repo.error();
   git_remote* raw = nullptr;
@@ -187,32 +187,38 @@ Result<GitSnapshot> git_fetch_snapshot(const std::filesystem::path& clone_dir, c
   if (git_reference_name_to_id(&head, repo->get(), tracking.c_str()) != 0) {
     return make_error(Errc::not_found, "branch '" + r.branch + "' not found in " + r.url);
   }
-  GitSnapshot snap;
   char hex[GIT_OID_HEXSZ + 1] = {};
   git_oid_tostr(hex, sizeof hex, &head);
-  snap.commit = hex;
-  auto tree = commit_tree(repo->get(), snap.commit);
+  return std::string(hex);
+}
+
+Result<std::vector<SourceFile>> git_documents(const std::filesystem::path& clone_dir, const std::string& commit,
+                                              const std::string& path, const GitSyncConfig& cfg) {
+  auto repo = open_clone(clone_dir);
+  if (!repo) return repo.error();
+  auto tree = commit_tree(repo->get(), commit);
   if (!tree) return tree.error();
   git_tree* dir = tree->get();
   Tree sub;
-  if (!r.path.empty()) {
+  if (!path.empty()) {
     git_tree_entry* raw_entry = nullptr;
-    if (git_tree_entry_bypath(&raw_entry, tree->get(), r.path.c_str()) != 0) {
-      return make_error(Errc::not_found, "path '" + r.path + "' is not in commit " + snap.commit.substr(0, 12));
+    if (git_tree_entry_bypath(&raw_entry, tree->get(), path.c_str()) != 0) {
+      return make_error(Errc::not_found, "path '" + path + "' is not in commit " + commit.substr(0, 12));
     }
     Entry e(raw_entry);
     if (git_tree_entry_filemode(raw_entry) != GIT_FILEMODE_TREE) {
-      return make_error(Errc::invalid_argument, "path '" + r.path + "' is not a directory in commit " +
-                                                    snap.commit.substr(0, 12) + " (symlinks are not followed)");
+      return make_error(Errc::invalid_argument, "path '" + path + "' is not a directory in commit " +
+                                                    commit.substr(0, 12) + " (symlinks are not followed)");
     }
     git_tree* t = nullptr;
-    if (git_tree_lookup(&t, repo->get(), git_tree_entry_id(raw_entry)) != 0) return lib_error("read " + r.path);
+    if (git_tree_lookup(&t, repo->get(), git_tree_entry_id(raw_entry)) != 0) return lib_error("read " + path);
     sub.reset(t);
     dir = t;
   }
-  Walker w{repo->get(), cfg, snap.files};
-  if (auto s = w.walk(dir, r.path, 0); !s) return s.error();
-  return snap;
+  std::vector<SourceFile> files;
+  Walker w{repo->get(), cfg, files};
+  if (auto s = w.walk(dir, path, 0); !s) return s.error();
+  return files;
 }
 
 Result<std::string> git_read_file(const std::filesystem::path& clone_dir, const std::string& commit,
@@ -341,15 +347,17 @@ void GitSync::sync(const GitRepoRecord& repo) {
     }
   };
 
-  auto snap = git_fetch_snapshot(clone, r, cfg_);
-  if (!snap) return failed(snap.error().message);
-  r.attempt_commit = snap->commit;
-  if (snap->commit == r.commit && r.error.empty()) {
+  auto head = git_fetch(clone, r, cfg_);
+  if (!head) return failed(head.error().message);
+  const std::string commit = *head;
+  r.attempt_commit = commit;
+  if (commit == r.commit && r.error.empty()) {
     (void)hub_.save_gitrepo_status(r);
     return;  // nothing new
   }
-  const std::string commit = snap->commit;
-  auto docs = parse_documents(snap->files, [&](const std::string& path) {
+  auto files = git_documents(clone, commit, r.path, cfg_);
+  if (!files) return failed(files.error().message);
+  auto docs = parse_documents(*files, [&](const std::string& path) {
     return git_read_file(clone, commit, path, bundles::kMaxEnvelopeBytes);
   }, ParseOptions{false});
   if (!docs) return failed(docs.error().message);

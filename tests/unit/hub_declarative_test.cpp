@@ -266,7 +266,7 @@ TEST_CASE("declarative files: each bad document is named by file, document and f
   }
 }
 
-TEST_CASE("YAML scalars follow the core schema; paths stay inside their root", "[unit][hub][declarative]") {
+TEST_CASE("YAML scalars follow the core schema and paths stay inside their root", "[unit][hub][declarative]") {
   auto docs = yaml_documents("a: true\nb: '12'\nc: 12\nd: 1.5\ne: ~\nf: text\n---\n---\nx: 1\n");
   REQUIRE(docs);
   REQUIRE(docs->size() == 3);
@@ -384,7 +384,7 @@ TEST_CASE("apply creates, leaves alone and updates objects by name with a genera
   CHECK_THAT(t3["detail"].get<std::string>(), Catch::Contains("was revoked"));
 }
 
-TEST_CASE("a running campaign refuses what it cannot change, with the reason; a finished one starts a new run",
+TEST_CASE("a running campaign refuses what it cannot change, with the reason, and a finished one starts a new run",
           "[unit][hub][declarative]") {
   Hub h;
   h.enroll(3);

@@ -33,16 +33,14 @@ struct GitSyncConfig {
   int max_depth = 16;
 };
 
-// The documents of one commit, read from the object database.
-struct GitSnapshot {
-  std::string commit;  // full hex id
-  std::vector<SourceFile> files;
-};
-
 // Opens (or makes) the bare clone at `clone_dir`, fetches `branch` from `url`
-// and reads every *.yaml, *.yml and *.json file under `path` of its head.
-Result<GitSnapshot> git_fetch_snapshot(const std::filesystem::path& clone_dir, const GitRepoRecord& repo,
-                                       const GitSyncConfig& cfg);
+// and returns the full hex id of its head commit.
+Result<std::string> git_fetch(const std::filesystem::path& clone_dir, const GitRepoRecord& repo,
+                              const GitSyncConfig& cfg);
+// Every *.yaml, *.yml and *.json file under `path` of that commit, read from
+// the object database; paths are from the repository's top.
+Result<std::vector<SourceFile>> git_documents(const std::filesystem::path& clone_dir, const std::string& commit,
+                                              const std::string& path, const GitSyncConfig& cfg);
 // A file of that commit by its path from the repository's top: a regular
 // file (not a symlink, directory or submodule), at most max_bytes.
 Result<std::string> git_read_file(const std::filesystem::path& clone_dir, const std::string& commit,
