@@ -367,6 +367,21 @@ int cmd_campaign(int argc, char** argv) {
   if (sub == "pause" || sub == "resume" || sub == "abort" || sub == "rollback" || sub == "approve") {
     return campaign_action(sub, argc, argv);
   }
+  if (sub == "--help" || sub == "-h" || sub == "help") {
+    std::cout << "Usage: flotilla campaign VERB ...\n\n"
+                 "  create          roll a bundle out to the devices a selector matches\n"
+                 "  list            all campaigns (-o wide: project, selector, wave, reason)\n"
+                 "  get ID          one campaign: progress per wave, failures (same as status)\n"
+                 "  status ID       the same; --wait: the status block until it settles; --watch: bars\n"
+                 "  watch ID        follow per-wave progress bars live\n"
+                 "  pause ID        stop releasing devices\n"
+                 "  resume ID       carry on after a pause\n"
+                 "  abort ID        stop for good; devices not yet released are skipped\n"
+                 "  rollback ID     return the devices that took the bundle to what they ran\n"
+                 "  approve ID      let the wave waiting at an approval gate start\n\n"
+                 "Run 'flotilla campaign VERB --help' for the options of each.\n";
+    return 0;
+  }
   return fail("usage: flotilla campaign create|list|get|status|watch|pause|resume|abort|rollback|approve ... "
               "(--help for each)", 2);
 }

@@ -155,6 +155,15 @@ int cmd_gitrepo(int argc, char** argv) {
   if (sub == "create") return gitrepo_create(argc, argv);
   if (sub == "list") return gitrepo_list(argc, argv);
   if (sub == "get" || sub == "delete" || sub == "sync") return gitrepo_one(sub, argc, argv);
+  if (sub == "--help" || sub == "-h" || sub == "help") {
+    std::cout << "Usage: flotilla gitrepo VERB ...\n\n"
+                 "  create NAME --url URL   follow a Git repository of declarative files (admin)\n"
+                 "  list                    GitRepos with state, commit, objects, last attempt\n"
+                 "  get NAME                one GitRepo: applied objects, last error\n"
+                 "  sync NAME [--wait]      poll it now\n"
+                 "  delete NAME             stop following it (admin); what it applied stays\n";
+    return 0;
+  }
   return fail("usage: flotilla gitrepo create|list|get|delete|sync ... (--help for each)", 2);
 }
 

@@ -88,7 +88,7 @@ HttpResponse apply(HubService& s, Context& c) {
   });
   if (!docs) return from_error(docs.error());
   req.documents = std::move(*docs);
-  ApplyScope scope{c.caller.project, c.caller.role, c.caller.token_id};
+  ApplyScope scope{c.caller.project, c.caller.role, c.caller.token_id, "your token"};
   auto out = s.apply(req, scope);
   std::string detail = std::string("apply") + (req.dry_run ? " (dry run)" : "") +
                        (req.apply_set.empty() ? "" : " applyset=" + req.apply_set) + (req.prune ? " prune" : "");

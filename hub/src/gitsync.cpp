@@ -267,6 +267,7 @@ void GitSync::stop() {
     if (stopping_) return;
     stopping_ = true;
   }
+  if (thread_.joinable()) hub_.set_git_sync_trigger(nullptr);
   cv_.notify_all();
   if (thread_.joinable()) thread_.join();
 }
@@ -365,7 +366,7 @@ void GitSync::sync(const GitRepoRecord& repo) {
   req.documents = std::move(*docs);
   req.apply_set = std::string(kGitApplySetPrefix) + r.name;
   req.prune = true;
-  ApplyScope scope{r.project, Role::admin, "gitrepo:" + r.name};
+  ApplyScope scope{r.project, Role::admin, "gitrepo:" + r.name, "GitRepo " + r.name};
   auto out = hub_.apply(req, scope);
   if (!out) return failed(out.error().message);
 

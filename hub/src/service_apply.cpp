@@ -462,7 +462,7 @@ Result<ApplyOutcome> HubService::apply(const ApplyRequest& req, const ApplyScope
     std::string project = d.project;
     if (project.empty()) project = scope.project == "*" ? "default" : scope.project;
     if (scope.project != "*" && project != scope.project) {
-      problems.push_back(d.source + ": metadata.project: your token is for project " + scope.project +
+      problems.push_back(d.source + ": metadata.project: " + scope.owner + " is for project " + scope.project +
                          "; it cannot act for project " + project);
       continue;
     }
@@ -486,7 +486,7 @@ Result<ApplyOutcome> HubService::apply(const ApplyRequest& req, const ApplyScope
       for (size_t i = 0; i < problems.size() && i < kMaxReportedErrors; ++i) msg += "\n  " + problems[i];
     }
     const bool denied = std::any_of(problems.begin(), problems.end(), [](const std::string& p) {
-      return p.find("token is for project") != std::string::npos || p.find(" token cannot apply ") != std::string::npos;
+      return p.find(" is for project ") != std::string::npos || p.find(" token cannot apply ") != std::string::npos;
     });
     return make_error(denied ? Errc::permission_denied : Errc::invalid_argument, msg);
   }

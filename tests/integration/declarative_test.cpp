@@ -276,7 +276,7 @@ TEST_CASE("apply --dry-run=server reports devices per wave, exactly as the apply
   CHECK(c["waves"][2]["counts"]["total"] == std::stoi(m[2]));
 }
 
-TEST_CASE("-o table, wide, json and yaml print objects, and an unknown -o is refused naming the allowed ones",
+TEST_CASE("output formats: -o table, wide, json and yaml print objects, and an unknown -o is refused naming the allowed ones",
           "[integration][declarative][cli]") {
   TempDir tmp;
   Hub hub(tmp.path() / "hub");
@@ -360,10 +360,19 @@ TEST_CASE("-o table, wide, json and yaml print objects, and an unknown -o is ref
   auto pause = hub.cli({"campaign", "pause", cid, "-o", "toml"});
   CHECK(pause.exit_code == 2);
   CHECK(hub.campaign(cid)["state"] != "paused");
-  // --help lists every campaign verb.
+  // --help lists every campaign verb, and each is reachable.
   auto help = Hub::cli_local({"--help"});
   for (const char* verb : {"create", "list", "get|status", "watch", "pause", "resume", "abort", "rollback", "approve"}) {
     CHECK(has(help.out, std::string("campaign ") + verb));
+  }
+  auto verbs = Hub::cli_local({"campaign", "--help"});
+  CHECK(verbs.exit_code == 0);
+  for (const char* verb : {"create", "list", "get", "status", "watch", "pause", "resume", "abort", "rollback",
+                           "approve"}) {
+    CHECK(has(verbs.out, std::string("\n  ") + verb + " "));
+    auto one = Hub::cli_local({"campaign", verb, "--help"});
+    CHECK(one.exit_code == 0);
+    CHECK(has(one.out, std::string("flotilla campaign ") + verb));
   }
 }
 

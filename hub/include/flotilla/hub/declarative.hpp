@@ -121,7 +121,8 @@ Result<std::vector<nlohmann::json>> yaml_documents(const std::string& text);
 struct ApplyScope {
   std::string project = "*";
   Role role = Role::viewer;
-  std::string actor;  // for logs
+  std::string actor;                // for logs
+  std::string owner = "your token";  // who the project comes from, for errors
 };
 
 struct ApplyRequest {
