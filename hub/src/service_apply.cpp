@@ -317,10 +317,8 @@ struct Applier {
       if (!created) return created.error().with_context(d.source);
       out.target = created->record.id;
       out.secret = created->secret;
-      if (tok) {
-        out.detail = "token " + tok->id + " was revoked; this is a new one";
-        out.action = "created";
-      }
+      if (*existing) out.action = "created";  // whatever the files say, there is a new token
+      if (tok) out.detail = "token " + tok->id + " was revoked; this is a new one";
     }
     row.target = out.target;
     if (auto s = store.put_applied(row); !s) return s.error();
@@ -370,6 +368,10 @@ struct Applier {
     ObjectOutcome out;
     AppliedObject row;
     settle(out, row, *existing, d, project, desired);
+    // Deleted by hand (DELETE /v1/gitrepos/...) since the last apply: the files still declare it.
+    auto stored = store.get_gitrepo(d.name);
+    if (!stored) return stored.error();
+    if (!*stored && out.action == "unchanged") out.action = "created";
     if (out.action != "unchanged") {
       GitRepoRecord r;
       r.name = d.name;

@@ -585,3 +585,28 @@ TEST_CASE("who may apply what: roles per kind, and a project token stays in its 
   REQUIRE(mine.status == 200);
   CHECK(h.object(body_of(mine), "EnrollmentToken", "shops")["project"] == "a");
 }
+
+TEST_CASE("an object removed behind apply's back is made again by the next apply", "[unit][hub][declarative]") {
+  Hub h;
+  const std::string repo =
+      "apiVersion: flotilla.dev/v1\nkind: GitRepo\nmetadata: {name: fleet}\nspec: {url: /srv/git/fleet, interval: 5m}\n";
+  auto r = h.apply({{"g.yaml", repo}});
+  REQUIRE(r.status == 200);
+  CHECK(h.object(body_of(r), "GitRepo", "fleet")["action"] == "created");
+  const json g = h.get("/v1/gitrepos/fleet");
+  CHECK(g["url"] == "/srv/git/fleet");
+  CHECK(g["interval"] == "300s");
+  CHECK(g["status"]["state"] == "disabled");  // no Git sync runs in this test
+
+  HttpRequest del;
+  del.method = "DELETE";
+  del.target = "/v1/gitrepos/fleet";
+  del.headers["authorization"] = "Bearer " + h.admin;
+  REQUIRE(h.api->handle(del).status == 200);
+  r = h.apply({{"g.yaml", repo}});
+  REQUIRE(r.status == 200);
+  CHECK(h.object(body_of(r), "GitRepo", "fleet")["action"] == "created");
+  CHECK(h.get("/v1/gitrepos/fleet")["url"] == "/srv/git/fleet");
+  // And again: now it is there, so nothing to do.
+  CHECK(h.object(body_of(h.apply({{"g.yaml", repo}})), "GitRepo", "fleet")["action"] == "unchanged");
+}
