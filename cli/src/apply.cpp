@@ -250,6 +250,7 @@ int apply(int argc, char** argv) {
   if (!body) return fail(body.error().message, 2);
   auto c = Client::from(o);
   if (!c) return fail(c.error().message, 2);
+  c->timeout = std::chrono::minutes(10);
   auto r = c->call("POST", "/v1/apply" + query(o, dry == "server"), body->dump());
   if (!r) return fail(r.error().message);
   std::vector<std::string> campaigns;
@@ -333,6 +334,7 @@ int diff(int argc, char** argv) {
   if (!body) return fail(body.error().message, 2);
   auto c = Client::from(o);
   if (!c) return fail(c.error().message, 2);
+  c->timeout = std::chrono::minutes(10);
   auto r = c->call("POST", "/v1/apply" + query(o, true), body->dump());
   if (!r) return fail(r.error().message, 2);
   const bool changed = (*r).value("changed", 0) > 0;

@@ -45,7 +45,7 @@ Result<json> Client::call(const std::string& method, const std::string& path, co
     r.body = body;
     r.headers["Authorization"] = "Bearer " + token;
     if (!body.empty()) r.headers["Content-Type"] = content_type;
-    r.timeout = std::chrono::seconds(30);
+    r.timeout = timeout;
     r.ca_file = ca_file;
     auto resp = http::send(r);
     if (!resp) return resp.error().with_context("cannot reach the hub at " + base);
