@@ -13,6 +13,8 @@ PACKAGES=(
   libboost-dev
   libpaho-mqtt-dev
   nlohmann-json3-dev libyaml-cpp-dev libssl-dev openssl
+  # Git sync in the hub (libgit2); the git CLI makes the test repositories
+  libgit2-dev git
   catch2
   mosquitto mosquitto-clients
   curl

@@ -5,6 +5,7 @@
 
 #include "cli.hpp"
 #include "client.hpp"
+#include "output.hpp"
 #include "flotilla/bundles/artifact.hpp"
 #include "flotilla/bundles/bundle.hpp"
 #include "flotilla/common/encoding.hpp"
@@ -103,26 +104,29 @@ int remote_bundle(const std::string& sub, int argc, char** argv) {
         const std::string hex = to_hex(a->sha256());
         auto r = c->call("PUT", "/v1/artifacts/" + hex, *data, "application/octet-stream");
         if (!r) return fail("upload of artifact " + a->name() + ": " + r.error().message);
-        if (o.get("o") != "json") std::cout << "uploaded artifact " << a->name() << " (" << a->size() << " bytes, sha256 " << hex.substr(0, 16) << ")\n";
+        if (o.get("o") == "table" || o.get("o") == "wide") std::cout << "uploaded artifact " << a->name() << " (" << a->size() << " bytes, sha256 " << hex.substr(0, 16) << ")\n";
       }
     }
     auto r = c->call("POST", "/v1/bundles", *bytes, "application/octet-stream");
     if (!r) return fail(r.error().message);
-    if (o.get("o") == "json") std::cout << r->dump(2) << "\n";
-    else std::cout << "pushed " << str(*r, "name") << " v" << str(*r, "version") << " as bundle " << str(*r, "id") << "\n";
+    if (!print_structured(o, *r)) std::cout << "pushed " << str(*r, "name") << " v" << str(*r, "version") << " as bundle " << str(*r, "id") << "\n";
     return 0;
   }
   auto r = c->call("GET", "/v1/bundles");
   if (!r) return fail(r.error().message);
-  if (o.get("o") == "json") {
-    std::cout << r->dump(2) << "\n";
-    return 0;
-  }
-  std::cout << pad("ID", 18) << pad("NAME", 24) << pad("VERSION", 9) << pad("CHANNEL", 10) << "EXPIRES\n";
+  if (print_structured(o, *r)) return 0;
+  const bool w = wide(o);
+  Table t(w ? std::vector<std::string>{"ID", "NAME", "VERSION", "CHANNEL", "EXPIRES", "SIGNATURES", "UPLOADED", "DIGEST"}
+            : std::vector<std::string>{"ID", "NAME", "VERSION", "CHANNEL", "EXPIRES"});
   for (const auto& b : (*r)["items"]) {
-    std::cout << pad(str(b, "id"), 18) << pad(str(b, "name"), 24) << pad(str(b, "version"), 9)
-              << pad(str(b, "channel"), 10) << str(b, "expires_at") << "\n";
+    std::vector<std::string> row{str(b, "id"), str(b, "name"), str(b, "version"), str(b, "channel"),
+                                 str(b, "expires_at")};
+    if (w) {
+      for (const char* k : {"signatures", "uploaded_at", "digest"}) row.push_back(str(b, k));
+    }
+    t.add(row);
   }
+  t.print(std::cout);
   return 0;
 }
 

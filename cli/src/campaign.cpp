@@ -9,6 +9,8 @@
 #include "cli.hpp"
 #include "client.hpp"
 #include "flotilla/common/options.hpp"
+#include "output.hpp"
+#include "status.hpp"
 
 namespace flotilla::cli {
 
@@ -69,6 +71,12 @@ void print_campaign(const json& c) {
   if (c.contains("failure_reasons") && !c["failure_reasons"].empty()) {
     std::cout << "failures:\n";
     for (const auto& [reason, n] : c["failure_reasons"].items()) std::cout << "  " << reason << ": " << n << "\n";
+  }
+  if (c.contains("first_failures") && !c["first_failures"].empty()) {
+    std::cout << "first failures:\n";
+    for (const auto& f : c["first_failures"]) {
+      std::cout << "  " << pad(str(f, "device_id"), 24) << pad(str(f, "reason"), 22) << str(f, "message") << "\n";
+    }
   }
   if (c.contains("away") && !c["away"].empty()) {
     std::cout << "still away (they converge when they return):";
@@ -210,9 +218,7 @@ int campaign_create(int argc, char** argv) {
   if (!c) return fail(c.error().message, 2);
   auto r = c->call("POST", "/v1/campaigns", body.dump());
   if (!r) return fail(r.error().message);
-  if (o.get("o") == "json") {
-    std::cout << r->dump(2) << "\n";
-  } else {
+  if (!print_structured(o, *r)) {
     std::cout << "created campaign " << str(*r, "id") << " for " << (*r)["counts"]["total"] << " device(s) in "
               << (*r)["waves"].size() << " wave(s)\n"
               << "follow it with: flotilla campaign watch " << str(*r, "id") << "\n";
@@ -220,34 +226,47 @@ int campaign_create(int argc, char** argv) {
   return 0;
 }
 
-int campaign_status(int argc, char** argv, bool watch_default) {
-  Options o(watch_default ? "flotilla campaign watch" : "flotilla campaign status",
-            std::string("Usage: flotilla campaign ") + (watch_default ? "watch" : "status") +
-                " ID [--devices] [--timeout 30m]\n\n"
-                "Shows progress per wave. 'watch' (or 'status --watch') follows it live until the\n"
-                "campaign stops running; it exits 0 when every device applied the bundle, 1 otherwise.",
+int campaign_status(const std::string& verb, int argc, char** argv) {
+  const bool watch_default = verb == "watch";
+  Options o("flotilla campaign " + verb,
+            "Usage: flotilla campaign " + verb +
+                " ID [--devices] [--wait | --watch] [--timeout 30m]\n\n"
+                "Shows progress per wave, the failure reasons and the first failures with device and\n"
+                "reason. --wait refreshes the status block (worst state first, counts per state, first\n"
+                "failures) until the campaign stops running; 'watch' (or --watch) follows the per-wave\n"
+                "progress bars instead. Both exit 0 when every device applied the bundle, 1 otherwise.",
             "FLOTILLA_");
   add_hub_flags(o);
-  o.add_switch("watch", "follow progress until the campaign finishes")
+  o.add_switch("watch", "follow per-wave progress bars until the campaign finishes")
+      .add_switch("wait", "refresh the status block until the campaign finishes")
       .add_switch("devices", "list every device's status")
-      .add("timeout", "with --watch: give up after this long", "30m")
-      .add("interval", "with --watch: poll interval", "500ms");
+      .add("timeout", "with --wait/--watch: give up after this long", "30m")
+      .add("interval", "with --wait/--watch: poll interval", "500ms");
   std::vector<std::string> pos;
   if (int rc = parse_args(o, argc, argv, pos, 1, 1); rc >= 0) return rc;
   auto c = Client::from(o);
   if (!c) return fail(c.error().message, 2);
   const std::string path = "/v1/campaigns/" + pos[0] + (o.get_bool("devices") ? "?devices=true" : "");
-  if (!watch_default && !o.get_bool("watch")) {
-    auto r = c->call("GET", path);
-    if (!r) return fail(r.error().message);
-    if (o.get("o") == "json") std::cout << r->dump(2) << "\n";
-    else print_campaign(*r);
-    return 0;
-  }
   auto timeout = parse_duration(o.get("timeout"));
   auto interval = parse_duration(o.get("interval"));
   if (!timeout || !interval) return fail("bad --timeout or --interval", 2);
-  const bool tty = ::isatty(STDOUT_FILENO) && o.get("o") != "json";
+  if (o.get_bool("wait")) {
+    const bool structured = o.get("o") == "json" || o.get("o") == "yaml";
+    auto done = wait_for_campaigns(*c, {pos[0]}, WaitOptions{*timeout, *interval, structured});
+    if (!done) return fail("campaign " + pos[0] + ": " + done.error().message);
+    print_structured(o, done->front());
+    return campaign_clean(done->front()) ? 0 : 1;
+  }
+  if (!watch_default && !o.get_bool("watch")) {
+    auto r = c->call("GET", path);
+    if (!r) return fail(r.error().message);
+    if (!print_structured(o, *r)) print_campaign(*r);
+    return 0;
+  }
+  // json: one line per change, as it comes (scripts follow it); yaml: the
+  // last state once it settles.
+  const bool structured = o.get("o") == "json" || o.get("o") == "yaml";
+  const bool tty = ::isatty(STDOUT_FILENO) && !structured;
   const auto deadline = std::chrono::steady_clock::now() + *timeout;
   std::string last;
   size_t drawn = 0;
@@ -255,8 +274,8 @@ int campaign_status(int argc, char** argv, bool watch_default) {
     auto r = c->call("GET", path);
     if (!r) return fail(r.error().message);
     const std::string line = campaign_line(*r);
-    if (o.get("o") == "json") {
-      if (line != last) std::cout << r->dump() << std::endl;
+    if (structured) {
+      if (line != last && o.get("o") == "json") std::cout << r->dump() << std::endl;
     } else if (tty) {
       // Redraw the block in place: overall line plus one bar per wave.
       std::vector<std::string> lines = {line};
@@ -273,7 +292,8 @@ int campaign_status(int argc, char** argv, bool watch_default) {
     // converge when they return, so there is nothing left to watch.
     const std::string state = str(*r, "state");
     if (state != "running" && state != "rolling_back") {
-      if (o.get("o") != "json") print_campaign(*r);
+      if (!structured) print_campaign(*r);
+      else if (o.get("o") == "yaml") print_structured(o, *r);
       const auto& n = (*r)["counts"];
       const bool clean = (state == "completed" || state == "converging") && count(n, "failed") == 0 &&
                          count(n, "rollback_failed") == 0;
@@ -287,7 +307,7 @@ int campaign_status(int argc, char** argv, bool watch_default) {
 }
 
 int campaign_list(int argc, char** argv) {
-  Options o("flotilla campaign list", "Usage: flotilla campaign list", "FLOTILLA_");
+  Options o("flotilla campaign list", "Usage: flotilla campaign list [-o table|wide|json|yaml]", "FLOTILLA_");
   add_hub_flags(o);
   std::vector<std::string> pos;
   if (int rc = parse_args(o, argc, argv, pos, 0, 0); rc >= 0) return rc;
@@ -295,16 +315,26 @@ int campaign_list(int argc, char** argv) {
   if (!c) return fail(c.error().message, 2);
   auto r = c->call("GET", "/v1/campaigns");
   if (!r) return fail(r.error().message);
-  if (o.get("o") == "json") {
-    std::cout << r->dump(2) << "\n";
-    return 0;
-  }
-  std::cout << pad("ID", 16) << pad("NAME", 24) << pad("BUNDLE", 20) << pad("STATE", 13) << "PROGRESS\n";
+  if (print_structured(o, *r)) return 0;
+  const bool w = wide(o);
+  std::vector<std::string> header{"ID", "NAME", "BUNDLE", "STATE", "PROGRESS"};
+  if (w) header.insert(header.end(), {"PROJECT", "SELECTOR", "WAVE", "CREATED", "REASON"});
+  Table t(header);
   for (const auto& x : (*r)["items"]) {
-    std::cout << pad(str(x, "id"), 16) << pad(str(x, "name"), 24)
-              << pad(str(x["bundle"], "name") + " v" + str(x["bundle"], "version"), 20) << pad(str(x, "state"), 13)
-              << progress(x["counts"]) << "\n";
+    std::vector<std::string> row{str(x, "id"), str(x, "name"), str(x["bundle"], "name") + " v" + str(x["bundle"], "version"),
+                                 str(x, "state"), progress(x["counts"])};
+    if (w) {
+      std::string wave;
+      for (const auto& wv : x.value("waves", json::array())) {
+        if (str(wv, "state") == "current") wave = str(wv, "name");
+      }
+      row.insert(row.end(), {str(x, "project"), str(x, "selector").empty() ? "(all)" : str(x, "selector"),
+                             wave.empty() ? "-" : wave, str(x, "created_at"),
+                             str(x, "state_reason").empty() ? "-" : str(x, "state_reason")});
+    }
+    t.add(row);
   }
+  t.print(std::cout);
   return 0;
 }
 
@@ -313,7 +343,8 @@ int campaign_action(const std::string& verb, int argc, char** argv) {
       {"pause", "Stops releasing devices; those already applying finish."},
       {"resume", "Carries on; failures so far are accepted and the threshold judges what comes next."},
       {"abort", "Stops for good: devices not yet released are skipped; nothing is undone."},
-      {"rollback", "Returns every device that took the bundle to the bundle it ran before."}};
+      {"rollback", "Returns every device that took the bundle to the bundle it ran before."},
+      {"approve", "Lets the wave waiting at an approval gate start."}};
   Options o("flotilla campaign " + verb, "Usage: flotilla campaign " + verb + " ID\n\n" + what.at(verb), "FLOTILLA_");
   add_hub_flags(o);
   std::vector<std::string> pos;
@@ -322,8 +353,7 @@ int campaign_action(const std::string& verb, int argc, char** argv) {
   if (!c) return fail(c.error().message, 2);
   auto r = c->call("POST", "/v1/campaigns/" + pos[0] + "/" + verb);
   if (!r) return fail(r.error().message);
-  if (o.get("o") == "json") std::cout << r->dump(2) << "\n";
-  else std::cout << "campaign " << pos[0] << " is now " << str(*r, "state") << "\n";
+  if (!print_structured(o, *r)) std::cout << "campaign " << pos[0] << " is now " << str(*r, "state") << "\n";
   return 0;
 }
 
@@ -332,11 +362,28 @@ int campaign_action(const std::string& verb, int argc, char** argv) {
 int cmd_campaign(int argc, char** argv) {
   const std::string sub = argc > 1 ? argv[1] : "";
   if (sub == "create") return campaign_create(argc, argv);
-  if (sub == "status") return campaign_status(argc, argv, false);
-  if (sub == "watch") return campaign_status(argc, argv, true);
+  if (sub == "status" || sub == "get" || sub == "watch") return campaign_status(sub, argc, argv);
   if (sub == "list") return campaign_list(argc, argv);
-  if (sub == "pause" || sub == "resume" || sub == "abort" || sub == "rollback") return campaign_action(sub, argc, argv);
-  return fail("usage: flotilla campaign create|status|watch|list|pause|resume|abort|rollback ... (--help for each)", 2);
+  if (sub == "pause" || sub == "resume" || sub == "abort" || sub == "rollback" || sub == "approve") {
+    return campaign_action(sub, argc, argv);
+  }
+  if (sub == "--help" || sub == "-h" || sub == "help") {
+    std::cout << "Usage: flotilla campaign VERB ...\n\n"
+                 "  create          roll a bundle out to the devices a selector matches\n"
+                 "  list            all campaigns (-o wide: project, selector, wave, reason)\n"
+                 "  get ID          one campaign: progress per wave, failures (same as status)\n"
+                 "  status ID       the same; --wait: the status block until it settles; --watch: bars\n"
+                 "  watch ID        follow per-wave progress bars live\n"
+                 "  pause ID        stop releasing devices\n"
+                 "  resume ID       carry on after a pause\n"
+                 "  abort ID        stop for good; devices not yet released are skipped\n"
+                 "  rollback ID     return the devices that took the bundle to what they ran\n"
+                 "  approve ID      let the wave waiting at an approval gate start\n\n"
+                 "Run 'flotilla campaign VERB --help' for the options of each.\n";
+    return 0;
+  }
+  return fail("usage: flotilla campaign create|list|get|status|watch|pause|resume|abort|rollback|approve ... "
+              "(--help for each)", 2);
 }
 
 }  // namespace flotilla::cli

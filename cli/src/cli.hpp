@@ -15,6 +15,10 @@ int cmd_token(int argc, char** argv);
 int cmd_audit(int argc, char** argv);
 int cmd_trust(int argc, char** argv);
 int cmd_image(int argc, char** argv);
+int cmd_apply(int argc, char** argv);
+int cmd_diff(int argc, char** argv);
+int cmd_objects(int argc, char** argv);
+int cmd_gitrepo(int argc, char** argv);
 
 int fail(const std::string& message, int code = 1);
 
@@ -26,8 +30,10 @@ class Options;
 
 namespace flotilla::cli {
 
-// Parses a subcommand's options (argv[2..]) and checks the positional count.
+// Parses a subcommand's options (argv[start..]: 2 after "command sub", 1 for
+// commands without a subcommand) and checks the positional count and -o.
 // Returns -1 to go on, or the exit code (0 after --help, 2 on a usage error).
-int parse_args(Options& o, int argc, char** argv, std::vector<std::string>& pos, size_t min_pos, size_t max_pos);
+int parse_args(Options& o, int argc, char** argv, std::vector<std::string>& pos, size_t min_pos, size_t max_pos,
+               int start = 2);
 
 }  // namespace flotilla::cli

@@ -1,5 +1,7 @@
 #include "client.hpp"
 
+#include "output.hpp"
+
 #include "flotilla/common/fs.hpp"
 #include "flotilla/common/http_client.hpp"
 
@@ -12,7 +14,7 @@ void add_hub_flags(Options& o) {
       .add("token", "API token (prefer the FLOTILLA_TOKEN variable: flags show up in ps)")
       .add("token-file", "file holding the API token (e.g. <hub data-dir>/admin.token)")
       .add("ca-file", "PEM CA certificate(s) to verify an https hub against (default: the system CA store)")
-      .add("o", "output: table or json", "table");
+      .add("o", kOutputHelp, "table");
 }
 
 Result<Client> Client::from(const Options& o) {
@@ -43,7 +45,7 @@ Result<json> Client::call(const std::string& method, const std::string& path, co
     r.body = body;
     r.headers["Authorization"] = "Bearer " + token;
     if (!body.empty()) r.headers["Content-Type"] = content_type;
-    r.timeout = std::chrono::seconds(30);
+    r.timeout = timeout;
     r.ca_file = ca_file;
     auto resp = http::send(r);
     if (!resp) return resp.error().with_context("cannot reach the hub at " + base);

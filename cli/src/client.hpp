@@ -1,6 +1,7 @@
 #pragma once
 // What every CLI command that talks to the hub shares: the hub/token flags,
 // a small REST client and table helpers.
+#include <chrono>
 #include <nlohmann/json.hpp>
 #include <string>
 
@@ -15,6 +16,9 @@ struct Client {
   std::string base;
   std::string token;
   std::string ca_file;  // https: CAs trusted for the hub's certificate; empty = system store
+  // Per request. An apply that creates a campaign over a large fleet takes
+  // as long as the hub needs to assign every device a wave.
+  std::chrono::seconds timeout{30};
 
   static Result<Client> from(const Options& o);
   // The parsed JSON body of a 2xx answer; otherwise the hub's error message.

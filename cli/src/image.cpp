@@ -6,6 +6,7 @@
 #include <iostream>
 
 #include "cli.hpp"
+#include "output.hpp"
 #include "flotilla/bundles/keys.hpp"
 #include "flotilla/common/options.hpp"
 #include "flotilla/images/inject.hpp"
@@ -67,7 +68,7 @@ int image_inject(int argc, char** argv) {
       .add("k3s-bundle", "signed bundle whose k3s binary and airgap images are preloaded (checked against it)")
       .add_list("artifacts-dir", "where the k3s bundle's artifacts are (also BUNDLE.artifacts/)")
       .add("source-date-epoch", "timestamp (seconds) of everything written; default $SOURCE_DATE_EPOCH or the input's")
-      .add("o", "output format: text or json", "text");
+      .add("o", kOutputHelp, "table");
   std::vector<std::string> pos;
   if (int rc = parse_args(o, argc, argv, pos, 1, 1); rc >= 0) return rc;
 
@@ -119,6 +120,7 @@ int image_inject(int argc, char** argv) {
     std::cout << images::manifest_json(*rep, true);
     return 0;
   }
+  if (print_structured(o, nlohmann::json::parse(images::manifest_json(*rep, true), nullptr, false))) return 0;
   std::cout << "injected the " << images::arch_name(rep->arch) << " agent into " << rep->output.string() << " ("
             << rep->format << (rep->partition.empty() ? "" : ", partition " + rep->partition) << ")\n"
             << "  arch from " << rep->arch_evidence << ", timestamps " << rep->source_date << "\n";

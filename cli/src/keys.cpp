@@ -10,6 +10,7 @@
 #include <nlohmann/json.hpp>
 
 #include "cli.hpp"
+#include "output.hpp"
 #include "flotilla/bundles/trust.hpp"
 #include "flotilla/common/clock.hpp"
 #include "flotilla/common/encoding.hpp"
@@ -326,7 +327,7 @@ int key_sign(int argc, char** argv) {
 
 int key_inspect(int argc, char** argv) {
   Options o("flotilla key inspect", "Usage: flotilla key inspect KEYRING.krg [-o json]", "FLOTILLA_");
-  o.add("o", "output format: table or json", "table");
+  o.add("o", kOutputHelp, "table");
   std::vector<std::string> pos;
   if (int rc = parse_args(o, argc, argv, pos, 1, 1); rc >= 0) return rc;
   auto r = read_keyring_any(pos[0]);
@@ -350,10 +351,7 @@ int key_inspect(int argc, char** argv) {
             {"keys", keys},
             {"revoked_key_ids", std::vector<std::string>(k.revoked_key_ids().begin(), k.revoked_key_ids().end())},
             {"signed_by", sigs}};
-  if (o.get("o") == "json") {
-    std::cout << j.dump(2) << "\n";
-    return 0;
-  }
+  if (print_structured(o, j)) return 0;
   std::cout << "keyring    " << k.type() << " v" << k.version() << "\n"
             << "threshold  " << k.threshold() << " of " << k.keys_size() << "\n"
             << "created    " << j["created_at"].get<std::string>() << "\n"

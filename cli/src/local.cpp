@@ -6,6 +6,7 @@
 #include <optional>
 
 #include "cli.hpp"
+#include "output.hpp"
 #include "flotilla/bundles/bundle.hpp"
 #include "flotilla/bundles/diff.hpp"
 #include "flotilla/bundles/overlay.hpp"
@@ -17,14 +18,18 @@ namespace flotilla::cli {
 
 using nlohmann::json;
 
-int parse_args(Options& o, int argc, char** argv, std::vector<std::string>& pos, size_t min_pos, size_t max_pos) {
-  auto r = o.parse(argc, argv, 2);
+int parse_args(Options& o, int argc, char** argv, std::vector<std::string>& pos, size_t min_pos, size_t max_pos,
+               int start) {
+  auto r = o.parse(argc, argv, start);
   if (!r) return fail(r.error().message, 2);
   if (o.help_requested()) {
     std::cout << o.help();
     return 0;
   }
   pos = *r;
+  // Every command's -o is checked here, before it does anything: an unknown
+  // format is refused, never silently printed as a table.
+  if (auto s = check_output(o); !s) return fail(s.error().message, 2);
   if (pos.size() < min_pos || pos.size() > max_pos) {
     std::cerr << o.help();
     return 2;
@@ -247,7 +252,7 @@ int bundle_inspect(int argc, char** argv) {
             "ids; 'bundle verify' checks the signatures). With --label, also the files a device\n"
             "with those labels would place after resolving overlays.",
             "FLOTILLA_");
-  o.add("o", "output format: table or json", "table").add_list("label", "device label k=v: show the resolved files");
+  o.add("o", kOutputHelp, "table").add_list("label", "device label k=v: show the resolved files");
   std::vector<std::string> pos;
   if (int rc = parse_args(o, argc, argv, pos, 1, 1); rc >= 0) return rc;
   auto bm = read_manifest(pos[0]);
@@ -269,10 +274,7 @@ int bundle_inspect(int argc, char** argv) {
     }
     j["resolved"] = {{"labels", *labels}, {"matched_overlays", resolved->matched_overlays}, {"files", rf}};
   }
-  if (o.get("o") == "json") {
-    std::cout << j.dump(2) << "\n";
-    return 0;
-  }
+  if (print_structured(o, j)) return 0;
   std::cout << "bundle     " << m.name() << " v" << m.version() << " (channel " << m.channel() << ")\n"
             << "id         " << j["id"].get<std::string>() << "\n"
             << "k3s        " << (m.k3s_version().empty() ? "-" : m.k3s_version()) << "\n"
@@ -320,7 +322,7 @@ int bundle_diff(int argc, char** argv) {
             "hash and mode), artifacts and overlays. Exit 0 when the manifests are equal, 1 when\n"
             "they differ, 2 on errors (like diff(1)).",
             "FLOTILLA_");
-  o.add("o", "output format: table or json", "table");
+  o.add("o", kOutputHelp, "table");
   std::vector<std::string> pos;
   if (int rc = parse_args(o, argc, argv, pos, 2, 2); rc >= 0) return rc;
   auto a = read_manifest(pos[0]);
@@ -328,10 +330,9 @@ int bundle_diff(int argc, char** argv) {
   auto b = read_manifest(pos[1]);
   if (!b) return fail(b.error().message, 2);
   const auto diff = bundles::diff_manifests(a->second, b->second);
-  if (o.get("o") == "json") {
-    json j = json::array();
-    for (const auto& e : diff) j.push_back({{"change", e.change}, {"item", e.item}, {"from", e.from}, {"to", e.to}});
-    std::cout << j.dump(2) << "\n";
+  json j = json::array();
+  for (const auto& e : diff) j.push_back({{"change", e.change}, {"item", e.item}, {"from", e.from}, {"to", e.to}});
+  if (print_structured(o, j)) {
   } else if (diff.empty()) {
     std::cout << "no differences (" << a->second.name() << " v" << a->second.version() << ")\n";
   } else {

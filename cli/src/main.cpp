@@ -37,8 +37,20 @@ void usage(std::ostream& out) {
          "  device decommission ID  revoke a device's broker access for good (--yes)\n"
          "  device get ID           one device\n"
          "  campaign create         roll a bundle out to the devices a selector matches\n"
-         "  campaign status ID      progress (--watch to follow it live)\n"
-         "  campaign list           all campaigns\n\n"
+         "  campaign list           all campaigns\n"
+         "  campaign get|status ID  progress, failures (--wait: status block until done; --watch: bars)\n"
+         "  campaign watch ID       follow per-wave progress bars live\n"
+         "  campaign pause ID       stop releasing devices (resume ID carries on)\n"
+         "  campaign resume ID      carry on after a pause\n"
+         "  campaign abort ID       stop for good; devices not yet released are skipped\n"
+         "  campaign rollback ID    return the devices that took the bundle to what they ran\n"
+         "  campaign approve ID     let the wave waiting at an approval gate start\n"
+         "  apply -f FILE|DIR|-     create or update the objects files declare (--dry-run=server,\n"
+         "                          --applyset NAME --prune, --wait)\n"
+         "  diff -f FILE|DIR|-      what apply would change (exit 0 none, 1 changes, 2 errors)\n"
+         "  objects list            objects applied from files, with apply set and generation\n"
+         "  gitrepo create NAME     follow a Git repository of such files (list, get, sync, delete)\n\n"
+         "Output: -o table (default), wide, json or yaml on every command that prints objects.\n"
          "Run 'flotilla <command> <subcommand> --help' for the options of each.\n";
 }
 }  // namespace
@@ -62,6 +74,10 @@ int main(int argc, char** argv) {
   if (cmd == "audit") return flotilla::cli::cmd_audit(argc - 1, argv + 1);
   if (cmd == "trust") return flotilla::cli::cmd_trust(argc - 1, argv + 1);
   if (cmd == "image") return flotilla::cli::cmd_image(argc - 1, argv + 1);
+  if (cmd == "apply") return flotilla::cli::cmd_apply(argc - 1, argv + 1);
+  if (cmd == "diff") return flotilla::cli::cmd_diff(argc - 1, argv + 1);
+  if (cmd == "objects") return flotilla::cli::cmd_objects(argc - 1, argv + 1);
+  if (cmd == "gitrepo") return flotilla::cli::cmd_gitrepo(argc - 1, argv + 1);
   std::cerr << "flotilla: unknown command '" << cmd << "'\n\n";
   usage(std::cerr);
   return 2;

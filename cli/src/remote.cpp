@@ -10,6 +10,7 @@
 
 #include "cli.hpp"
 #include "client.hpp"
+#include "output.hpp"
 #include "flotilla/common/fs.hpp"
 #include "flotilla/common/http_client.hpp"
 #include "flotilla/common/options.hpp"
@@ -42,12 +43,8 @@ std::string labels_text(const json& labels) {
 
 std::string or_dash(const std::string& s) { return s.empty() ? "-" : s; }
 
-// Prints the answer as JSON for scripts; returns true if it did.
-bool print_json(const Options& o, const json& j) {
-  if (o.get("o") != "json") return false;
-  std::cout << j.dump(2) << "\n";
-  return true;
-}
+// Prints the answer as JSON or YAML for scripts; returns true if it did.
+bool print_json(const Options& o, const json& j) { return print_structured(o, j); }
 
 // ---- device -------------------------------------------------------------------
 
@@ -72,14 +69,22 @@ int device_list(int argc, char** argv) {
   auto r = c->call("GET", path);
   if (!r) return fail(r.error().message);
   if (print_json(o, *r)) return 0;
-  std::cout << pad("ID", 24) << pad("PROJECT", 12) << pad("ONLINE", 8) << pad("STATE", 16) << pad("BUNDLE", 20)
-            << pad("K3S", 16) << "LABELS\n";
+  const bool w = wide(o);
+  std::vector<std::string> header{"ID", "PROJECT", "ONLINE", "STATE", "BUNDLE", "K3S", "LABELS"};
+  if (w) header.insert(header.end(), {"ARCH", "AGENT", "HOSTNAME", "LAST SEEN", "CAMPAIGN", "LAST REASON"});
+  Table t(header);
   for (const auto& d : (*r)["items"]) {
     std::string bundle = str(d, "applied_bundle").empty() ? "-" : str(d, "applied_bundle") + " v" + str(d, "applied_version");
-    std::cout << pad(str(d, "id"), 24) << pad(str(d, "project"), 12) << pad(d["online"].get<bool>() ? "yes" : "no", 8)
-              << pad(str(d, "state"), 16) << pad(bundle, 20) << pad(or_dash(str(d, "k3s_version")), 16)
-              << labels_text(d["labels"]) << "\n";
+    std::vector<std::string> row{str(d, "id"), str(d, "project"), d.value("online", false) ? "yes" : "no",
+                                 str(d, "state"), bundle, or_dash(str(d, "k3s_version")), labels_text(d["labels"])};
+    if (w) {
+      for (const char* k : {"arch", "agent_version", "hostname", "last_seen_at", "campaign_id", "last_reason"}) {
+        row.push_back(or_dash(str(d, k)));
+      }
+    }
+    t.add(row);
   }
+  t.print(std::cout);
   if (!str(*r, "next").empty()) std::cout << "(more: --after " << str(*r, "next") << ")\n";
   return 0;
 }
@@ -192,15 +197,20 @@ int token_list(const char* what, const char* path, int argc, char** argv) {
   if (!r) return fail(r.error().message);
   if (print_json(o, *r)) return 0;
   const bool api = std::string(path) == "/v1/tokens";
-  std::cout << pad("ID", 18) << pad("NAME", 20) << pad(api ? "ROLE" : "USES", 10) << pad("PROJECT", 12)
-            << pad("EXPIRES", 22) << pad("STATUS", 9) << (api ? "\n" : "LABELS\n");
+  std::vector<std::string> header{"ID", "NAME", api ? "ROLE" : "USES", "PROJECT", "EXPIRES", "STATUS"};
+  if (!api) header.push_back("LABELS");
+  if (wide(o)) header.push_back("CREATED");
+  Table table(header);
   for (const auto& t : (*r)["items"]) {
-    std::string uses = str(t, "uses") + "/" + (t.value("max_uses", 0) == 0 ? std::string("∞") : str(t, "max_uses"));
-    std::cout << pad(str(t, "id"), 18) << pad(or_dash(str(t, "name")), 20) << pad(api ? str(t, "role") : uses, 10)
-              << pad(str(t, "project"), 12) << pad(str(t, "expires_at").empty() ? "never" : str(t, "expires_at"), 22)
-              << pad(t.value("revoked", false) ? "revoked" : "active", 9)
-              << (api ? std::string() : labels_text(t["labels"])) << "\n";
+    std::string uses = str(t, "uses") + "/" + (t.value("max_uses", 0) == 0 ? std::string("unlimited") : str(t, "max_uses"));
+    std::vector<std::string> row{str(t, "id"), or_dash(str(t, "name")), api ? str(t, "role") : uses, str(t, "project"),
+                                 str(t, "expires_at").empty() ? "never" : str(t, "expires_at"),
+                                 t.value("revoked", false) ? "revoked" : "active"};
+    if (!api) row.push_back(labels_text(t["labels"]));
+    if (wide(o)) row.push_back(or_dash(str(t, "created_at")));
+    table.add(row);
   }
+  table.print(std::cout);
   return 0;
 }
 
@@ -296,17 +306,25 @@ int cmd_audit(int argc, char** argv) {
     std::cerr << o.help();
     return 2;
   }
+  if (auto s = check_output(o); !s) return fail(s.error().message, 2);
   auto c = Client::from(o);
   if (!c) return fail(c.error().message, 2);
   auto r = c->call("GET", "/v1/audit?after=" + url_encode(o.get("after")) + "&limit=" + url_encode(o.get("limit")));
   if (!r) return fail(r.error().message);
   if (print_json(o, *r)) return 0;
-  std::cout << pad("ID", 7) << pad("TIME", 22) << pad("WHO", 30) << pad("STATUS", 7) << pad("CALL", 44) << "DETAIL\n";
+  std::vector<std::string> header{"ID", "TIME", "WHO", "STATUS", "CALL", "DETAIL"};
+  if (wide(o)) header.insert(header.end(), {"ROLE", "PROJECT", "PEER"});
+  Table t(header);
   for (const auto& a : (*r)["items"]) {
     std::string who = str(a, "actor") + (str(a, "actor_name").empty() ? "" : " (" + str(a, "actor_name") + ")");
-    std::cout << pad(str(a, "id"), 7) << pad(str(a, "time"), 22) << pad(who, 30) << pad(str(a, "status"), 7)
-              << pad(str(a, "method") + " " + str(a, "path"), 44) << str(a, "detail") << "\n";
+    std::vector<std::string> row{str(a, "id"), str(a, "time"), who, str(a, "status"),
+                                 str(a, "method") + " " + str(a, "path"), str(a, "detail")};
+    if (wide(o)) {
+      for (const char* k : {"role", "project", "peer"}) row.push_back(or_dash(str(a, k)));
+    }
+    t.add(row);
   }
+  t.print(std::cout);
   if ((*r)["next"].get<int64_t>() != 0) std::cout << "(more: --after " << str(*r, "next") << ")\n";
   return 0;
 }

@@ -4,6 +4,7 @@
 
 #include "cli.hpp"
 #include "client.hpp"
+#include "output.hpp"
 #include "flotilla/bundles/trust.hpp"
 #include "flotilla/common/fs.hpp"
 #include "flotilla/v1/bundle.pb.h"
@@ -48,10 +49,7 @@ int trust_push(int argc, char** argv) {
   if (!c) return fail(c.error().message, 2);
   auto r = c->call("PUT", "/v1/trust", *bytes, "application/octet-stream");
   if (!r) return fail(r.error().message);
-  if (o.get("o") == "json") {
-    std::cout << r->dump(2) << "\n";
-    return 0;
-  }
+  if (print_structured(o, *r)) return 0;
   print_summary(*r);
   return 0;
 }
@@ -65,10 +63,7 @@ int trust_show(int argc, char** argv) {
   if (!c) return fail(c.error().message, 2);
   auto r = c->call("GET", "/v1/trust");
   if (!r) return fail(r.error().message);
-  if (o.get("o") == "json") {
-    std::cout << r->dump(2) << "\n";
-    return 0;
-  }
+  if (print_structured(o, *r)) return 0;
   print_summary(*r);
   return 0;
 }

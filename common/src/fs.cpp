@@ -5,9 +5,11 @@
 #include <sys/statvfs.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <fstream>
+#include <vector>
 
 #include "flotilla/common/crypto.hpp"
 
@@ -18,6 +20,31 @@ Error errno_error(const std::string& what, const stdfs::path& p) {
   return make_error(Errc::io, what + " " + p.string() + ": " + std::strerror(errno));
 }
 }  // namespace
+
+std::optional<std::string> confined_path(const std::string& dir, const std::string& ref) {
+  if (ref.empty() || ref.front() == '/' || ref.find('\0') != std::string::npos) return std::nullopt;
+  std::vector<std::string> parts;
+  auto walk = [&](const std::string& p) {
+    size_t start = 0;
+    while (start <= p.size()) {
+      const size_t slash = std::min(p.find('/', start), p.size());
+      const std::string seg = p.substr(start, slash - start);
+      if (seg == "..") {
+        if (parts.empty()) return false;
+        parts.pop_back();
+      } else if (!seg.empty() && seg != ".") {
+        parts.push_back(seg);
+      }
+      start = slash + 1;
+    }
+    return true;
+  };
+  if (!dir.empty() && dir.front() == '/') return std::nullopt;
+  if (!walk(dir) || !walk(ref) || parts.empty()) return std::nullopt;
+  std::string out;
+  for (const auto& p : parts) out += (out.empty() ? "" : "/") + p;
+  return out;
+}
 
 Result<std::string> read_file(const stdfs::path& path, size_t max_bytes) {
   std::ifstream in(path, std::ios::binary);

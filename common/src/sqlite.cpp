@@ -195,14 +195,27 @@ Result<Stmt> Db::prepare(std::string_view sql) {
 int64_t Db::changes() const { return sqlite3_changes(db_); }
 int64_t Db::last_insert_rowid() const { return sqlite3_last_insert_rowid(db_); }
 
-Transaction::Transaction(Db& db) : db_(db) { began_ = db_.exec("BEGIN IMMEDIATE").ok(); }
+// Inside an open transaction a Transaction is a savepoint: its commit
+// releases into the outer one and its rollback undoes only its own work, so
+// an operation that commits on its own (creating a campaign) also composes
+// into a larger all-or-nothing change (a declarative apply).
+Transaction::Transaction(Db& db) : db_(db) {
+  nested_ = sqlite3_get_autocommit(db_.raw()) == 0;
+  began_ = db_.exec(nested_ ? "SAVEPOINT flotilla_tx" : "BEGIN IMMEDIATE").ok();
+}
 Transaction::~Transaction() {
-  if (began_ && !done_) (void)db_.exec("ROLLBACK");
+  if (!began_ || done_) return;
+  if (nested_) {
+    (void)db_.exec("ROLLBACK TO flotilla_tx");
+    (void)db_.exec("RELEASE flotilla_tx");
+  } else {
+    (void)db_.exec("ROLLBACK");
+  }
 }
 Status Transaction::commit() {
   if (!began_) return make_error(Errc::internal, "transaction did not begin");
   done_ = true;
-  return db_.exec("COMMIT");
+  return db_.exec(nested_ ? "RELEASE flotilla_tx" : "COMMIT");
 }
 
 }  // namespace flotilla::sql

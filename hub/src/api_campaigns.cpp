@@ -93,7 +93,17 @@ HttpResponse get_campaign(HubService& s, Context& c) {
   const bool with_devices = c.target.query.count("devices") && c.target.query.at("devices") == "true";
   auto v = visible_campaign(s, c, with_devices);
   if (!v) return from_error(v.error());
-  return json_response(200, campaign_json(*v));
+  json j = campaign_json(*v);
+  // The first failures with device and reason: what a status block shows
+  // without listing every device of a large campaign.
+  auto failures = s.campaign_failures(v->campaign.id, 10);
+  if (!failures) return from_error(failures.error());
+  j["first_failures"] = json::array();
+  for (const auto& f : *failures) {
+    j["first_failures"].push_back({{"device_id", f.device_id}, {"wave", f.wave}, {"status", f.status},
+                                   {"reason", f.reason}, {"message", f.message}, {"updated_at", iso_ms(f.updated_ms)}});
+  }
+  return json_response(200, j);
 }
 
 Handler action(const std::string& verb) {

@@ -53,6 +53,8 @@ void add_campaign_routes(std::vector<Route>& routes);
 // Devices (api_devices.cpp); tokens, enrollment tokens, audit (api_access.cpp).
 void add_device_routes(std::vector<Route>& routes);
 void add_access_routes(std::vector<Route>& routes);
+// POST /v1/apply, GET /v1/objects, /v1/gitrepos (api_declarative.cpp).
+void add_declarative_routes(std::vector<Route>& routes);
 // PUT/GET /v1/trust (api_trust.cpp).
 void add_trust_routes(std::vector<Route>& routes);
 // docs/api/openapi.yaml, embedded at build time (openapi_document.cpp.in).

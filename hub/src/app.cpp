@@ -12,6 +12,7 @@
 #include "flotilla/common/transport.hpp"
 #include "flotilla/hub/artifacts.hpp"
 #include "flotilla/hub/broker.hpp"
+#include "flotilla/hub/gitsync.hpp"
 #include "flotilla/hub/http_server.hpp"
 #include "flotilla/hub/service.hpp"
 
@@ -57,6 +58,8 @@ void add_hub_options(Options& o) {
       .add("db-cache-mib", "SQLite page cache for the hub's store, in MiB (a fixed cost, not per device)", "64")
       .add("db-mmap-mib", "map up to this many MiB of the store file (0 = off); faster reads once the store "
                           "outgrows db-cache-mib, e.g. 1024 for 1M devices", "0")
+      .add("git-sync", "follow the GitRepos stored on this hub (true) or keep them without fetching (false)",
+           "true")
       .add("log-level", "trace, debug, info, warn or error", "info")
       .config_file_key("config");
 }
@@ -135,6 +138,12 @@ Result<HubConfig> hub_config_from(const Options& o) {
   auto mmap = o.get_int("db-mmap-mib", 0, 1 << 20);
   if (!mmap) return mmap.error();
   c.db_mmap_mib = *mmap;
+  const std::string git = o.get("git-sync");
+  if (git != "true" && git != "false") {
+    return make_error(Errc::invalid_argument, "git-sync must be true or false, got '" + git + "' (from " +
+                                                  o.source("git-sync") + ")");
+  }
+  c.git_sync = git == "true";
   return c;
 }
 
@@ -242,6 +251,16 @@ Status run_hub(const HubConfig& cfg, const std::atomic<bool>& stop) {
   // still checked. An external broker must name the host in broker-url.
   co.verify_host = !embedded;
 
+  // Clones live under the data dir, next to what else the hub keeps.
+  std::unique_ptr<GitSync> git_sync;
+  if (cfg.git_sync) {
+    GitSyncConfig gc;
+    gc.dir = data / "gitrepos";
+    if (auto s = fs::ensure_dir(gc.dir, 0700); !s) return s;
+    git_sync = std::make_unique<GitSync>(*service, SystemClock::instance(), gc);
+    git_sync->start();
+  }
+
   api = std::make_unique<Api>(*service);
   api_ptr = api.get();
   (void)fs::write_file_atomic(data / "hub.url", listen_url + "\n", 0644);
@@ -272,6 +291,7 @@ Status run_hub(const HubConfig& cfg, const std::atomic<bool>& stop) {
   logger->info("shutting down");
   api_ptr = nullptr;
   (*server)->stop();
+  if (git_sync) git_sync->stop();
   transport->disconnect();
   service->stop();
   if (broker) broker->stop();

@@ -95,7 +95,7 @@ Result<BundleRecord> HubService::bundle_with_envelope(const std::string& id) {
 
 Result<CampaignRecord> HubService::create_campaign(const std::string& name, const std::string& bundle_key,
                                                    const std::string& selector_text, const Strategy& strategy,
-                                                   const std::string& project) {
+                                                   const std::string& project, const std::string& campaign_id) {
   auto sel = Selector::parse(selector_text);
   if (!sel) return sel.error();
   CampaignRecord c;
@@ -110,7 +110,7 @@ Result<CampaignRecord> HubService::create_campaign(const std::string& name, cons
     if (bundle.expires_unix != 0 && bundle.expires_unix <= clock_.now_unix()) {
       return make_error(Errc::invalid_argument, "bundle " + bundle.id + " has expired; devices would refuse it");
     }
-    c.id = "c-" + crypto::random_token(6);
+    c.id = campaign_id.empty() ? "c-" + crypto::random_token(6) : campaign_id;
     c.name = name.empty() ? bundle.name + "-" + std::to_string(bundle.version) : name;
     c.bundle_id = bundle.id;
     c.selector = sel->text();

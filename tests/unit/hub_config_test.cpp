@@ -64,3 +64,14 @@ TEST_CASE("hub config: broker TLS settings are checked together", "[unit][hub][c
   REQUIRE(external);
   CHECK(external->broker_tls_ca_file == ca);
 }
+
+TEST_CASE("hub config: git-sync is true or false, nothing else", "[unit][hub][config]") {
+  auto on = hub_config({});
+  REQUIRE(on);
+  CHECK(on->git_sync);
+  auto off = hub_config({"--git-sync", "false"});
+  REQUIRE(off);
+  CHECK_FALSE(off->git_sync);
+  CHECK_THAT(error_of(hub_config({"--git-sync", "maybe"})),
+             Catch::Contains("git-sync must be true or false, got 'maybe' (from flag)"));
+}

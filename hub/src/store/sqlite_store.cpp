@@ -131,6 +131,7 @@ CREATE TABLE IF NOT EXISTS trust (
 )SQL"); !s) {
     return s;
   }
+  if (auto s = migrate_declarative(); !s) return s;
   return migrate_campaigns();
 }
 

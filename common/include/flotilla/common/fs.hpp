@@ -1,5 +1,6 @@
 #pragma once
 #include <filesystem>
+#include <optional>
 #include <string>
 #include <string_view>
 
@@ -18,6 +19,12 @@ Status write_file_atomic(const stdfs::path& path, std::string_view content, unsi
 
 Status ensure_dir(const stdfs::path& dir, unsigned mode = 0755);
 Status fsync_dir(const stdfs::path& dir);
+
+// A path a file refers to, `ref`, resolved against the directory `dir` it
+// sits in (both relative to one root, '/'-separated) and normalised ("a/./b",
+// "a/x/../b" -> "a/b"). nullopt when ref is absolute, empty, or climbs above
+// the root: what one file names can never leave the tree it came from.
+std::optional<std::string> confined_path(const std::string& dir, const std::string& ref);
 
 // Bytes free for an unprivileged writer on the filesystem holding path.
 Result<uint64_t> free_bytes(const stdfs::path& path);

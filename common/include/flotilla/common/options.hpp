@@ -31,6 +31,7 @@ class Options {
   bool help_requested() const { return help_; }
   std::string help() const;
 
+  bool has(const std::string& key) const { return opts_.count(key) != 0; }
   const std::string& get(const std::string& key) const;
   bool get_bool(const std::string& key) const;
   Result<int64_t> get_int(const std::string& key, int64_t min, int64_t max) const;

@@ -106,6 +106,7 @@ Result<std::vector<T>> query(Db& db, std::string_view text, F&& row) {
 }
 
 // BEGIN IMMEDIATE ... COMMIT, rolled back on destruction unless committed.
+// Within another transaction it is a SAVEPOINT (released on commit).
 class Transaction {
  public:
   explicit Transaction(Db& db);
@@ -117,6 +118,7 @@ class Transaction {
   Db& db_;
   bool began_ = false;
   bool done_ = false;
+  bool nested_ = false;
 };
 
 }  // namespace flotilla::sql

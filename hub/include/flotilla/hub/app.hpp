@@ -34,6 +34,7 @@ struct HubConfig {
   int http_threads = 2;
   int64_t db_cache_mib = 64;  // StoreTuning
   int64_t db_mmap_mib = 0;
+  bool git_sync = true;               // follow GitRepos (docs/operations.md, "Git sync")
 };
 
 void add_hub_options(Options& o);

@@ -28,6 +28,9 @@ namespace flotilla::hub {
 
 class EmbeddedBroker;
 class ArtifactStore;
+struct ApplyRequest;
+struct ApplyScope;
+struct ApplyOutcome;
 
 struct ServiceConfig {
   std::string broker_url;            // what devices are told to connect to
@@ -109,9 +112,11 @@ class HubService {
 
   // Campaigns (campaign_engine.cpp). A campaign targets the devices of one
   // project that match the selector, and rolls out in waves.
+  // An empty id makes a random one; declarative apply passes its own
+  // (declared_campaign_id) so a dry run predicts the waves exactly.
   Result<CampaignRecord> create_campaign(const std::string& name, const std::string& bundle_key,
                                          const std::string& selector, const Strategy& strategy = {},
-                                         const std::string& project = "*");
+                                         const std::string& project = "*", const std::string& campaign_id = "");
   Result<std::optional<CampaignView>> campaign_view(const std::string& id, bool with_devices);
   Result<std::vector<CampaignView>> list_campaigns();
   // pause, resume, abort, rollback or approve (the next wave, at a gate).
@@ -146,6 +151,26 @@ class HubService {
   Result<v1::Trust> put_trust(const std::string& trust_bytes);
   Result<std::optional<v1::Trust>> get_trust();
   Result<std::vector<AuditRecord>> list_audit(int64_t after, int64_t limit, const std::string& project);
+
+  // Declarative apply (service_apply.cpp): checks every document against the
+  // store and applies them all, with pruning, in one transaction; a dry run
+  // rolls that transaction back, so it answers exactly what would happen.
+  Result<ApplyOutcome> apply(const ApplyRequest& req, const ApplyScope& scope);
+  Result<std::vector<AppliedObject>> list_applied(const std::string& apply_set, bool all_sets);
+  Result<std::vector<CampaignDeviceRecord>> campaign_failures(const std::string& campaign_id, int64_t limit);
+  // GitRepos: created and changed by REST, the CLI or apply; Git sync
+  // (gitsync.cpp) reads them and records where each sync stands.
+  Result<GitRepoRecord> put_gitrepo(GitRepoRecord r, bool create_only);
+  Result<std::optional<GitRepoRecord>> get_gitrepo(const std::string& name);
+  Result<std::vector<GitRepoRecord>> list_gitrepos();
+  Status delete_gitrepo(const std::string& name);
+  Status save_gitrepo_status(const GitRepoRecord& r);
+  // Asks Git sync to poll a repository now (no-op without Git sync).
+  void set_git_sync_trigger(std::function<void(const std::string&)> f) { git_sync_trigger_ = std::move(f); }
+  void request_git_sync(const std::string& name) {
+    if (git_sync_trigger_) git_sync_trigger_(name);
+  }
+  bool git_sync_enabled() const { return static_cast<bool>(git_sync_trigger_); }
 
   // Observability (read by /metrics).
   struct MqttCounters {
@@ -229,7 +254,10 @@ class HubService {
   ArtifactStore* artifacts_ = nullptr;
   transport::Transport* transport_ = nullptr;
 
-  std::mutex store_mu_;
+  // Recursive: a declarative apply holds it across one transaction while it
+  // calls the same operations (create_campaign, campaign_action,
+  // upload_bundle, create_token) the REST routes call on their own.
+  std::recursive_mutex store_mu_;
   std::mutex cred_sync_mu_;                 // one password-file rewrite at a time
   std::atomic<uint64_t> cred_changes_{0};   // credential changes asked to be synced
   uint64_t cred_synced_ = 0;                // changes covered by the last rewrite (cred_sync_mu_)
@@ -248,6 +276,7 @@ class HubService {
   static constexpr int64_t kReleaseChunk = 5000;
   std::atomic<bool> retick_{false};
   std::map<std::string, BundleRecord> bundle_cache_;  // envelopes for publishing, by id
+  std::function<void(const std::string&)> git_sync_trigger_;
   std::atomic<uint64_t> reports_processed_{0};
   std::atomic<uint64_t> reports_received_{0}, presence_received_{0}, other_received_{0};
   std::atomic<uint64_t> gateway_batches_received_{0};

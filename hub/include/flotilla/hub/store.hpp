@@ -151,6 +151,41 @@ struct AuditRecord {
   std::string peer;
 };
 
+// An object applied from a declarative file (store/declarative_store.cpp):
+// what was declared, which apply set owns it, and what it made.
+struct AppliedObject {
+  std::string kind;       // Campaign, EnrollmentToken, ApiToken, BundlePublication, GitRepo
+  std::string project;
+  std::string name;
+  std::string apply_set;  // "" = applied without --applyset
+  std::string desired;    // JSON {labels, spec[, bundle]} as last applied
+  int64_t generation = 0;           // +1 on every change of what is declared
+  int64_t observed_generation = 0;  // the generation the hub has acted on
+  std::string target;     // campaign id, token id, bundle id, GitRepo name
+  std::string source;     // "campaigns.yaml doc 2" or "gitrepo fleet@<commit>: ..."
+  int64_t created_ms = 0;
+  int64_t updated_ms = 0;
+  int runs = 1;           // campaigns: how many runs the name has had
+};
+
+// A Git repository the hub follows, and where its sync stands.
+struct GitRepoRecord {
+  std::string name;
+  std::string project = "default";
+  std::string url;
+  std::string branch = "main";
+  std::string path;
+  int64_t interval_ms = 60000;
+  int64_t created_ms = 0;
+  int64_t updated_ms = 0;
+  std::string commit;          // last commit applied
+  std::string attempt_commit;  // commit of the last attempt
+  int64_t last_attempt_ms = 0;
+  int64_t last_success_ms = 0;
+  std::string error;           // of the last attempt; "" = it went through
+  std::string applied;         // JSON list of "Kind/project/name" the last commit applied
+};
+
 // How much memory SQLite may use for the store's pages.
 struct StoreTuning {
   // SQLite's own page cache. Its default is 2 MiB: at 100k devices every
@@ -261,11 +296,32 @@ class Store {
   Status put_trust(const std::string& trust_bytes, int64_t now_ms);
   Result<std::optional<std::pair<std::string, int64_t>>> get_trust();
 
+  // Declarative objects and Git repositories (store/declarative_store.cpp).
+  Result<std::optional<AppliedObject>> get_applied(const std::string& kind, const std::string& project,
+                                                   const std::string& name);
+  // Every applied object ("" = all), or those of one apply set, by kind, project, name.
+  Result<std::vector<AppliedObject>> list_applied(const std::string& apply_set, bool all_sets);
+  Status put_applied(const AppliedObject& o);
+  Status delete_applied(const std::string& kind, const std::string& project, const std::string& name);
+  // A token's declared fields (name, role, labels, expiry, uses allowed).
+  Status update_token(const TokenRecord& t);
+  Status update_campaign_strategy(const std::string& id, const std::string& strategy_json);
+  Result<std::optional<GitRepoRecord>> get_gitrepo(const std::string& name);
+  Result<std::vector<GitRepoRecord>> list_gitrepos();
+  // Creates or replaces the spec (url, branch, path, interval); a changed spec
+  // clears the sync state so the next poll applies afresh.
+  Status put_gitrepo(const GitRepoRecord& r);
+  Status save_gitrepo_status(const GitRepoRecord& r);
+  Status delete_gitrepo(const std::string& name);
+  // The failed rows of a campaign, the first `limit` by time (status blocks).
+  Result<std::vector<CampaignDeviceRecord>> campaign_failures(const std::string& campaign_id, int64_t limit);
+
   sql::Db& db() { return *db_; }
 
  private:
   explicit Store(std::unique_ptr<sql::Db> db) : db_(std::move(db)) {}
   Status migrate();
+  Status migrate_declarative();
   std::unique_ptr<sql::Db> db_;
 };
 
