@@ -24,8 +24,9 @@ int64_t n(const json& counts, const char* k) { return counts.is_object() ? count
 }  // namespace
 
 int campaign_severity(const std::string& state) {
-  static const std::vector<std::string> order = {"rolled_back", "rolling_back", "aborted",  "paused",
-                                                 "running",     "converging",   "completed"};
+  static const std::vector<std::string> order = {"rolled_back", "rolling_back",     "aborted",
+                                                 "paused",      "waiting_approval", "running",
+                                                 "converging",  "completed"};
   auto it = std::find(order.begin(), order.end(), state);
   return it == order.end() ? 0 : static_cast<int>(it - order.begin());
 }

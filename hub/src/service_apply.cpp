@@ -22,12 +22,15 @@ using nlohmann::json;
 namespace {
 
 bool campaign_active(const std::string& state) {
-  return state == "running" || state == "converging" || state == "paused" || state == "rolling_back";
+  return state == "running" || state == "waiting_approval" || state == "converging" || state == "paused" ||
+         state == "rolling_back";
 }
 
 // Strategy fields a running campaign cannot change: devices were put into
 // waves from them when it started.
-const std::vector<std::string> kFixedWhileRunning = {"canary", "waves"};
+// Rate, soak, deadline, threshold, membership and approval gates may change
+// while a campaign runs; these decide how its devices were laid out.
+const std::vector<std::string> kFixedWhileRunning = {"canary", "waves", "maintenance_window"};
 
 Error at(const Document& d, Errc code, const std::string& field, const std::string& why) {
   return make_error(code, d.source + ": " + field + ": " + why);
@@ -206,7 +209,9 @@ struct Applier {
         const std::string why =
             fixed_change == "spec.bundle"     ? "it is what its devices are applying"
             : fixed_change == "spec.selector" ? "its devices were chosen when it started"
-                                              : "its devices were put into waves when it started";
+            : fixed_change == "spec.strategy.maintenance_window"
+                ? "its devices' time zones were read when it started"
+                : "its devices were put into waves when it started";
         return at(d, Errc::conflict, fixed_change,
                   "campaign " + d.name + " (" + c.id + ") is " + c.state + " and cannot change this: " + why +
                       ". Abort it (flotilla campaign abort " + c.id +
@@ -224,7 +229,9 @@ struct Applier {
         // failure threshold paused is not resumed by re-applying the same file.
         const bool was_paused = old_spec.value("paused", false) == true;
         if (was_paused != d.paused) {
-          const bool can = d.paused ? (c.state == "running" || c.state == "converging") : c.state == "paused";
+          const bool can = d.paused ? (c.state == "running" || c.state == "converging" ||
+                                       c.state == "waiting_approval")
+                                    : c.state == "paused";
           if (can) {
             auto r = hub.campaign_action(c.id, d.paused ? "pause" : "resume");
             if (!r) return r.error().with_context(d.source + ": spec.paused");
@@ -407,7 +414,8 @@ struct Applier {
       case Kind::campaign: {
         auto c = store.get_campaign(o.target);
         if (!c) return c.error();
-        if (*c && ((*c)->state == "running" || (*c)->state == "paused" || (*c)->state == "converging")) {
+        if (*c && ((*c)->state == "running" || (*c)->state == "waiting_approval" || (*c)->state == "paused" ||
+                   (*c)->state == "converging")) {
           auto r = hub.campaign_action(o.target, "abort");
           if (!r) return r.error().with_context("prune " + o.kind + " " + o.name);
           out.detail = "aborted campaign " + o.target + " (it was " + (*c)->state + ")";

@@ -408,13 +408,31 @@ TEST_CASE("a running campaign refuses what it cannot change, with the reason, an
             "  selector: env=dev\n  strategy: {waves: [50, 100]}\n",
             "spec.selector", "chosen when it started"},
            {campaign_doc("r", "edge-base:1", "  strategy: {waves: [20, 100]}\n"), "spec.strategy.waves",
-            "put into waves"}}) {
+            "put into waves"},
+           {campaign_doc("r", "edge-base:1",
+                         "  strategy: {waves: [50, 100], maintenance_window: {start: \"01:00\", end: \"03:00\"}}\n"),
+            "spec.strategy.maintenance_window", "time zones were read"}}) {
     auto r = h.apply({{"p.yaml", pubs}, {"c.yaml", c.doc}}, "", blobs);
     INFO(r.body);
     CHECK(r.status == 409);
     CHECK_THAT(error_of(r), Catch::Contains("c.yaml doc 1: " + c.field + ": campaign r (" + cid + ") is running"));
     CHECK_THAT(error_of(r), Catch::Contains(c.why));
     CHECK(h.state() == before);
+  }
+
+  // Pacing and gates may change while it runs: the stored strategy follows.
+  {
+    auto r = h.apply({{"p.yaml", pubs},
+                      {"c.yaml", campaign_doc("r", "edge-base:1",
+                                              "  strategy: {waves: [50, 100], rate: {max_per_minute: 30}, "
+                                              "approval: [\"wave 2\"], membership: static}\n")}},
+                     "", blobs);
+    INFO(r.body);
+    REQUIRE(r.status == 200);
+    const json st = h.get("/v1/campaigns/" + cid)["strategy"];
+    CHECK(st["rate"]["max_per_minute"] == 30);
+    CHECK(st["approval"] == json::array({"wave 2"}));
+    CHECK(st["membership"] == "static");
   }
 
   // Once it is over, a new bundle is a new run under the same name.
