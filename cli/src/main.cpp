@@ -4,6 +4,7 @@
 #include <iostream>
 
 #include "cli.hpp"
+#include "flotilla/common/version.hpp"
 
 namespace {
 void usage(std::ostream& out) {
@@ -62,7 +63,7 @@ int main(int argc, char** argv) {
   }
   const std::string cmd = argv[1];
   if (cmd == "--version" || cmd == "version") {
-    std::cout << "flotilla 0.1.0\n";
+    std::cout << "flotilla " << flotilla::version() << "\n";
     return 0;
   }
   if (cmd == "key") return flotilla::cli::cmd_key(argc - 1, argv + 1);

@@ -4,6 +4,7 @@
 #include <iostream>
 
 #include "flotilla/common/log.hpp"
+#include "flotilla/common/version.hpp"
 
 namespace flotilla {
 
@@ -22,6 +23,10 @@ int daemon_main(Options& opts, int argc, char** argv, const std::string& logger,
   }
   if (opts.help_requested()) {
     std::cout << opts.help();
+    return 0;
+  }
+  if (opts.version_requested()) {
+    std::cout << program << " " << version() << "\n";
     return 0;
   }
   if (!pos->empty()) {

@@ -1,4 +1,5 @@
 #include "flotilla/common/http_client.hpp"
+#include "flotilla/common/version.hpp"
 
 #include <fcntl.h>
 #include <sys/stat.h>
@@ -175,7 +176,7 @@ Result<Response> send(const Request& req) {
     Response out;
     bhttp::request<bhttp::string_body> r{bhttp::string_to_verb(req.method), url->target, 11};
     r.set(bhttp::field::host, url->host);
-    r.set(bhttp::field::user_agent, "flotilla/0.1");
+    r.set(bhttp::field::user_agent, std::string("flotilla/") + version());
     for (const auto& [k, v] : req.headers) r.set(k, v);
     r.body() = req.body;
     r.prepare_payload();
@@ -249,7 +250,7 @@ Result<Exchange> get_into(const Url& url, const std::string& full_url, int fd, u
   };
   bhttp::request<bhttp::empty_body> r{bhttp::verb::get, url.target, 11};
   r.set(bhttp::field::host, url.host);
-  r.set(bhttp::field::user_agent, "flotilla/0.1");
+  r.set(bhttp::field::user_agent, std::string("flotilla/") + version());
   for (const auto& [k, v] : opts.headers) r.set(k, v);
   if (offset > 0) r.set(bhttp::field::range, "bytes=" + std::to_string(offset) + "-");
   run([&](auto& stream) { bhttp::async_write(stream, r, [&](beast::error_code e, size_t) { ec = e; }); });

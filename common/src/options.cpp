@@ -125,6 +125,10 @@ Result<std::vector<std::string>> Options::parse(int argc, char** argv, int start
       help_ = true;
       continue;
     }
+    if (a == "--version") {
+      version_ = true;
+      continue;
+    }
     std::string key = a.rfind("--", 0) == 0 ? a.substr(2) : a.substr(1);
     std::string value;
     bool has_value = false;
@@ -158,7 +162,7 @@ Result<std::vector<std::string>> Options::parse(int argc, char** argv, int start
     }
     o.source = "flag";
   }
-  if (!config_key_.empty() && !help_) {
+  if (!config_key_.empty() && !help_ && !version_) {
     const std::string& path = get(config_key_);
     if (!path.empty()) {
       // An explicitly named file must exist; the default location may be absent.

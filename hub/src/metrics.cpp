@@ -6,6 +6,7 @@
 #include <cmath>
 #include <sstream>
 
+#include "flotilla/common/version.hpp"
 #include "flotilla/hub/service.hpp"
 
 namespace flotilla::hub {
@@ -106,6 +107,8 @@ class Page {
 
 std::string render_metrics(HubService& s, const HttpMetrics& http) {
   Page p;
+  p.family("flotilla_build_info", "gauge", "Always 1; the version label is the hub's build.");
+  p.sample("flotilla_build_info", {{"version", version()}}, 1);
 
   // Devices by state and presence. A failed read shows as a missing family
   // plus flotilla_scrape_errors, never as a 500 that hides everything else.

@@ -11,6 +11,7 @@
 #include "flotilla/common/log.hpp"
 #include "flotilla/common/options.hpp"
 #include "flotilla/common/process.hpp"
+#include "flotilla/common/version.hpp"
 #include "flotilla/sim/fleet.hpp"
 #include "flotilla/sim/k3d.hpp"
 
@@ -282,6 +283,10 @@ int main(int argc, char** argv) {
     return argc < 2 ? 2 : 0;
   }
   const std::string cmd = argv[1];
+  if (cmd == "--version" || cmd == "version") {
+    std::printf("flotilla-sim %s\n", flotilla::version());
+    return 0;
+  }
   if (cmd == "run") return cmd_run(argc, argv);
   if (cmd == "footprint") return cmd_footprint(argc, argv);
   if (cmd == "worker") return cmd_worker(argc, argv);

@@ -29,6 +29,7 @@ class Options {
   Result<std::vector<std::string>> parse(int argc, char** argv, int start = 1);
 
   bool help_requested() const { return help_; }
+  bool version_requested() const { return version_; }
   std::string help() const;
 
   bool has(const std::string& key) const { return opts_.count(key) != 0; }
@@ -60,6 +61,7 @@ class Options {
   std::vector<std::string> order_;
   std::map<std::string, Opt> opts_;
   bool help_ = false;
+  bool version_ = false;
 };
 
 Result<std::chrono::milliseconds> parse_duration(const std::string& text);

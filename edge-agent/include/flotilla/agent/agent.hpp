@@ -14,12 +14,14 @@
 #include "flotilla/bundles/bundle.hpp"
 #include "flotilla/bundles/trust.hpp"
 #include "flotilla/common/clock.hpp"
+#include "flotilla/common/version.hpp"
 #include "flotilla/v1/desired.pb.h"
 #include "flotilla/v1/report.pb.h"
 
 namespace flotilla::agent {
 
-inline constexpr const char* kAgentVersion = "0.2.0";
+// The agent reports Flotilla's one version (common/version.hpp).
+inline const char* const kAgentVersion = flotilla::version();
 
 // The journaled steps of an apply, in order (rollback replaces the last two
 // when the health gate or the restart fails).
