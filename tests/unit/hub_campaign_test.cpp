@@ -11,6 +11,8 @@
 #include <random>
 #include <set>
 
+#include "edge-agent/testing/fakes.hpp"
+#include "flotilla/agent/agent.hpp"
 #include "flotilla/bundles/bundle.hpp"
 #include "flotilla/bundles/director.hpp"
 #include "flotilla/common/crypto.hpp"
@@ -597,4 +599,37 @@ TEST_CASE("every desired state carries a header signed per device by the directo
   }
   CHECK(checked == 9);    // v1 and v2 to three devices, then three rollbacks to v1
   CHECK(rollbacks == 3);
+
+  // The agent core takes the hub's message as it is, under the key from enrollment ...
+  namespace t = flotilla::agent::testing;
+  t::FakeK3sRuntime runtime;
+  t::MemFileTree files;
+  t::MemStateStore state;
+  std::vector<v1::Report> reports;
+  agent::CoreConfig cfg;
+  cfg.device_id = f.devices[0];
+  cfg.arch = "amd64";
+  cfg.keyring.add(f.key.pub);
+  cfg.director_key = director;
+  cfg.health_poll = std::chrono::milliseconds(1);
+  agent::Agent a(cfg, runtime, files, state, f.clock, [&](v1::Report&& r) { reports.push_back(std::move(r)); });
+  REQUIRE(a.start());
+  std::string first_payload;
+  for (const auto& m : f.broker.published()) {
+    if (m.topic == transport::device_topic(f.devices[0], "desired")) {
+      first_payload = m.payload;
+      break;
+    }
+  }
+  a.handle_desired(first_payload);
+  REQUIRE_FALSE(reports.empty());
+  INFO(reports.back().error().message());
+  CHECK(reports.back().state() == v1::AGENT_STATE_APPLIED);
+  // ... and refuses the same message meant for another device.
+  std::string other;
+  for (const auto& m : f.broker.published()) {
+    if (m.topic == transport::device_topic(f.devices[1], "desired")) other = m.payload;
+  }
+  a.handle_desired(other);
+  CHECK(reports.back().error().reason() == v1::REASON_WRONG_DEVICE);
 }
