@@ -436,6 +436,7 @@ DesiredDecision decide_desired(std::string_view payload, const DesiredContext& c
                     "a campaign rollback needs a desired state signed by the hub's director key, and this agent "
                     "pins none (set director-key, or enroll again; docs/agent.md)");
     }
+    d.manifest_sha256_hex = bundles::manifest_digest_hex(ds.bundle());
     return d;
   }
 
@@ -485,6 +486,7 @@ DesiredDecision decide_desired(std::string_view payload, const DesiredContext& c
                                                  ", the highest this device finished: a replay");
   }
   d.signed_header = true;
+  d.manifest_sha256_hex = to_hex(digest.data(), digest.size());
   return d;
 }
 
@@ -538,7 +540,7 @@ void Agent::handle_desired(const std::string& payload) {
                    cfg_.trust->signing_version());
     }
   }
-  const std::string digest = bundles::manifest_digest_hex(ds.bundle());
+  const std::string& digest = dd.manifest_sha256_hex;
   if (!state_.manifest_sha256_hex.empty() && digest == state_.manifest_sha256_hex) {
     // Already running exactly this bundle: nothing to install.
     a.bundle_name = state_.bundle_name;

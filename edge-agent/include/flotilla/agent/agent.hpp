@@ -41,6 +41,7 @@ struct DesiredDecision {
   bool rollback = false;
   std::string artifact_base_url;
   bool signed_header = false;
+  std::string manifest_sha256_hex;   // of ds.bundle().manifest(), hashed once (when handled)
 };
 
 struct DesiredContext {
