@@ -18,7 +18,13 @@ namespace v1 = flotilla::v1;
 // test needs no build-system help; FLOTILLA_SOURCE_DIR overrides it.
 stdfs::path corpus_dir() {
   if (const char* src = std::getenv("FLOTILLA_SOURCE_DIR"); src && *src) return stdfs::path(src) / "tests/fuzz/corpus";
+#ifdef FLOTILLA_SOURCE_DIR
+  // Compiled in by tests/CMakeLists.txt: __FILE__ may be relative to the
+  // build directory (ccache, Ninja), which is not where ctest runs the test.
+  return stdfs::path(FLOTILLA_SOURCE_DIR) / "tests/fuzz/corpus";
+#else
   return stdfs::path(__FILE__).parent_path().parent_path() / "fuzz" / "corpus";
+#endif
 }
 
 std::string read_all(const stdfs::path& p) {
