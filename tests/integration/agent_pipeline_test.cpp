@@ -537,3 +537,42 @@ TEST_CASE("an artifact far above the API's body cap uploads, streams to the agen
   n.campaign(n.push(1, img));
   n.require_runs(1, img);
 }
+
+TEST_CASE("an agent pinning the hub's director key applies, one pinning another key keeps no credentials",
+          "[integration][agent][director]") {
+  TempDir tmp;
+  Hub hub(tmp.path() / "hub");
+  hub.start();
+  const auto release = bundles::generate_key();
+  AgentOptions o;
+  o.root_keys = {bundles::public_key_text(release.pub)};
+  // The hub made its director key at first start and published the public half.
+  auto director = bundles::read_public_key((hub.data_dir() / "director.pub").string());
+  REQUIRE(director);
+
+  test::Agent pinned(tmp.path() / "pinned", hub.url(), hub.enrollment_token({{"env", "it"}}), o);
+  pinned.append_config("director-key: \"" + bundles::public_key_text(*director) + "\"\n");
+  pinned.start();
+  test::Agent stranger(tmp.path() / "stranger", hub.url(), hub.enrollment_token({{"env", "other"}}), o);
+  stranger.append_config("director-key: \"" + bundles::public_key_text(bundles::generate_key().pub) + "\"\n");
+  stranger.start();
+
+  REQUIRE(wait_until([&] { return !pinned.device_id().empty() && hub.device(pinned.device_id())["online"] == true; },
+                     std::chrono::seconds(30)));
+  CHECK(wait_until([&] { return stranger.log().find("state=enrollment_refused") != std::string::npos; },
+                   std::chrono::seconds(30)));
+  CHECK_FALSE(stdfs::exists(stranger.root() / "var/lib/flotilla/credentials.pb"));
+
+  // The pinned agent takes the hub's signed desired state.
+  v1::BundleManifest m = make_manifest("edge", 1, {{v1::FILE_KIND_MANIFEST, "app.yaml", "kind: ConfigMap\n"}});
+  auto env = bundles::wrap(m);
+  REQUIRE(bundles::sign(env, release));
+  auto [status, body] = hub.call("POST", "/v1/bundles", bundles::serialize_envelope(env), "application/octet-stream");
+  REQUIRE(status == 201);
+  auto [cs, cb] = hub.call("POST", "/v1/campaigns", json{{"bundle", body["id"]}, {"selector", "env=it"}}.dump());
+  INFO(cb.dump());
+  REQUIRE(cs == 201);
+  INFO("agent log:\n" << pinned.log());
+  CHECK(wait_until([&] { return hub.device(pinned.device_id())["applied_version"] == 1; }, std::chrono::seconds(40)));
+  CHECK(pinned.log().find("director key_id=" + director->key_id) != std::string::npos);
+}
