@@ -388,11 +388,12 @@ void Agent::restore(const std::vector<BackupEntry>& backups) {
 DesiredDecision decide_desired(std::string_view payload, const DesiredContext& ctx) {
   DesiredDecision d;
   using Action = DesiredDecision::Action;
-  auto refuse = [&d](v1::Reason r, std::string msg) -> DesiredDecision& {
+  // Moved out, not copied: d holds the whole parsed message (bundle, trust).
+  auto refuse = [&d](v1::Reason r, std::string msg) -> DesiredDecision&& {
     d.action = Action::refuse;
     d.reason = r;
     d.message = std::move(msg);
-    return d;
+    return std::move(d);
   };
   if (payload.empty()) {  // a cleared retained message
     d.action = Action::ignore;
