@@ -1084,6 +1084,10 @@ Result<json> Fleet::run() {
                       {"broker", broker_url_},
                       {"label", label_}};
   report["campaign"] = {{"id", cid}, {"end_state", end_state}, {"hub", last_campaign}};
+  // The key every virtual device checked its desired states' headers with
+  // (learned from enrollment answers; empty when this process enrolled none).
+  const auto director = env_.director();
+  report["director_key_id"] = director ? director->key_id : "";
   report["figures"] = {
       {"prepare_s", (prepared - started) / 1000.0},
       {"enroll_s", (enroll_done_ms_ - enroll_started_ms_) / 1000.0},
