@@ -5,6 +5,8 @@
 #include <yaml-cpp/yaml.h>
 
 #include <cctype>
+#include <cstdint>
+#include <cstdio>
 #include <ctime>
 #include <fstream>
 #include <set>
@@ -140,7 +142,10 @@ Result<v1::BundleFile> spec_file(const std::filesystem::path& dir, const std::st
   bf.set_name(name);
   bf.set_content(*content);
   const auto mode = std::stoul(f["mode"].as<std::string>("0644"), nullptr, 8);
-  if (mode > 0777) return spec_error(dir, what + ": mode of '" + name + "' must be permission bits (at most 0777)");
+  if (mode > 0777 || !safe_file_mode(static_cast<uint32_t>(mode))) {
+    return spec_error(dir, what + ": mode of '" + name + "' must be permission bits within 0755: devices refuse "
+                           "group- or world-writable files and setuid, setgid or sticky bits");
+  }
   bf.set_mode(static_cast<uint32_t>(mode));
   auto h = crypto::sha256(*content);
   bf.set_sha256(std::string(h.begin(), h.end()));
@@ -204,9 +209,9 @@ Result<v1::BundleManifest> load_spec(const std::filesystem::path& dir, const Clo
     return spec_error(dir, e.what());
   }
   if (!y.IsMap()) return spec_error(dir, "top level must be a mapping");
-  static const std::set<std::string> known = {"name",   "channel", "version",    "description", "expires",
-                                              "expires-in", "k3s-version", "target", "files",  "registries",
-                                              "artifacts",  "overlays"};
+  static const std::set<std::string> known = {"name",       "channel",     "version", "description", "expires",
+                                              "expires-in", "k3s-version", "target",  "files",       "registries",
+                                              "artifacts",  "overlays",    "switch-from-channels"};
   for (const auto& kv : y) {
     auto key = kv.first.as<std::string>();
     if (!known.count(key)) return spec_error(dir, "line " + std::to_string(kv.first.Mark().line + 1) +
@@ -222,9 +227,22 @@ Result<v1::BundleManifest> load_spec(const std::filesystem::path& dir, const Clo
     }
     m.set_channel(y["channel"].as<std::string>("stable"));
     if (!valid_file_name(m.channel())) return spec_error(dir, "'channel' must be a plain name");
+    if (auto from = y["switch-from-channels"]) {
+      if (!from.IsSequence()) return spec_error(dir, "'switch-from-channels' must be a list of channel names");
+      std::set<std::string> seen_channels;
+      for (const auto& c : from) {
+        const auto ch = c.as<std::string>();
+        if (!valid_file_name(ch) || ch == m.channel() || !seen_channels.insert(ch).second) {
+          return spec_error(dir, "'switch-from-channels': '" + ch + "' must be a plain channel name, other than "
+                                 "'channel' and listed once");
+        }
+        m.add_switch_from_channels(ch);
+      }
+    }
     if (!y["version"]) return spec_error(dir, "'version' is required (a whole number above 0)");
+    // int64: devices keep their anti-rollback floor as a SQLite integer.
     int64_t version = y["version"].as<int64_t>();
-    if (version <= 0) return spec_error(dir, "'version' must be above 0");
+    if (version <= 0) return spec_error(dir, "'version' must be above 0 (and at most 9223372036854775807)");
     m.set_version(static_cast<uint64_t>(version));
     m.set_description(y["description"].as<std::string>(""));
     m.set_k3s_version(y["k3s-version"].as<std::string>(""));
@@ -438,6 +456,10 @@ std::string check_manifest_shape(const v1::BundleManifest& m) {
     }
   }
   if (m.overlays_size() > static_cast<int>(kMaxOverlays)) return "too many overlays";
+  if (m.switch_from_channels_size() > 64) return "too many switch_from_channels";
+  for (const auto& c : m.switch_from_channels()) {
+    if (!valid_file_name(c)) return "switch_from_channels entry '" + c.substr(0, 128) + "' is not a plain name";
+  }
   for (int i = 0; i < m.overlays_size(); ++i) {
     const auto& o = m.overlays(i);
     const std::string where = "overlay " + std::to_string(i) + ": ";
@@ -454,6 +476,26 @@ std::string check_manifest_shape(const v1::BundleManifest& m) {
     }
   }
   if (total_files > kMaxFiles) return "more than " + std::to_string(kMaxFiles) + " files";
+  return "";
+}
+
+bool safe_file_mode(uint32_t mode) { return (mode & ~kAllowedFileModeBits) == 0; }
+
+std::string check_file_modes(const v1::BundleManifest& m) {
+  auto bad = [](const v1::BundleFile& f, const std::string& where) {
+    char mode[16];
+    std::snprintf(mode, sizeof mode, "%04o", f.mode());
+    return where + "file '" + f.name() + "' asks for mode " + mode + "; allowed are permission bits within 0755 "
+           "(no group- or world-writable file, no setuid, setgid or sticky bit)";
+  };
+  for (const auto& f : m.files()) {
+    if (!safe_file_mode(f.mode())) return bad(f, "");
+  }
+  for (int i = 0; i < m.overlays_size(); ++i) {
+    for (const auto& f : m.overlays(i).files()) {
+      if (!safe_file_mode(f.mode())) return bad(f, "overlay " + std::to_string(i) + ": ");
+    }
+  }
   return "";
 }
 
@@ -526,7 +568,15 @@ Verdict verify(const v1::SignedBundle& bundle, const Keyring& ring, const Verify
     return refuse(v1::REASON_MALFORMED_MANIFEST, "unsupported format version " + std::to_string(m.format_version()));
   }
   if (m.name().empty() || m.version() == 0) return refuse(v1::REASON_MALFORMED_MANIFEST, "manifest lacks name or version");
+  if (m.version() > static_cast<uint64_t>(INT64_MAX)) {
+    // The device keeps its anti-rollback floor as a SQLite integer: a larger
+    // version would come back negative after a restart and floor nothing.
+    return refuse(v1::REASON_MALFORMED_MANIFEST, "version " + std::to_string(m.version()) +
+                                                     " is above 9223372036854775807 (2^63-1), the largest a device "
+                                                     "can keep as its anti-rollback floor");
+  }
   if (auto shape = check_manifest_shape(m); !shape.empty()) return refuse(v1::REASON_MALFORMED_MANIFEST, shape);
+  if (auto modes = check_file_modes(m); !modes.empty()) return refuse(v1::REASON_UNSAFE_FILE_MODE, modes);
   if (m.expires_unix() == 0) {
     // Without an expiry a captured bundle could be replayed forever (freeze attack).
     return refuse(v1::REASON_BUNDLE_EXPIRED, "bundle has no expiry time; bundles must expire");
@@ -545,6 +595,18 @@ Verdict verify(const v1::SignedBundle& bundle, const Keyring& ring, const Verify
       if (it == policy.labels.end() || it->second != val) {
         return refuse(v1::REASON_LABEL_MISMATCH, "bundle targets " + k + "=" + val);
       }
+    }
+  }
+  if (!policy.current_channel.empty() && m.channel() != policy.current_channel) {
+    // Each channel has its own floor; hopping to another channel (where a
+    // lower version may still be valid) is a rollback unless the signed
+    // manifest says this is a switch from the device's channel.
+    bool allowed = false;
+    for (const auto& c : m.switch_from_channels()) allowed |= c == policy.current_channel;
+    if (!allowed) {
+      return refuse(v1::REASON_CHANNEL_SWITCH, "bundle is on channel " + m.channel() + " but this device runs channel " +
+                                                   policy.current_channel + ", which the bundle does not list in "
+                                                   "switch_from_channels");
     }
   }
   if (auto it = policy.highest_applied.find(m.channel()); it != policy.highest_applied.end()) {

@@ -57,6 +57,12 @@ std::vector<DiffEntry> diff_manifests(const v1::BundleManifest& a, const v1::Bun
   std::vector<DiffEntry> out;
   field(out, "name", a.name(), b.name());
   field(out, "channel", a.channel(), b.channel());
+  auto joined = [](const auto& list) {
+    std::string s;
+    for (const auto& c : list) s += (s.empty() ? "" : ",") + c;
+    return s;
+  };
+  field(out, "switch_from_channels", joined(a.switch_from_channels()), joined(b.switch_from_channels()));
   field(out, "version", std::to_string(a.version()), std::to_string(b.version()));
   field(out, "k3s_version", a.k3s_version(), b.k3s_version());
   field(out, "expires_at", format_rfc3339(a.expires_unix()), format_rfc3339(b.expires_unix()));

@@ -17,7 +17,8 @@ namespace {
 constexpr const char* kInjectHelp =
     "Usage: flotilla image inject INPUT [--output FILE] --hub-url URL --enrollment-token TOKEN\n"
     "                             (--root-key KEY ... | --root-keyring FILE) [--label k=v ...]\n"
-    "                             [--agent FILE ...] [--partition N|NAME] [--k3s-bundle FILE]\n\n"
+    "                             [--agent FILE ...] [--partition N|NAME] [--director-key KEY]\n"
+    "                             [--k3s-bundle FILE [--signing-keyring FILE] [--root-chain FILE ...]]\n\n"
     "Puts the Flotilla agent into an existing device OS image so the device enrolls on\n"
     "first boot. No Docker, no mount, no root: ext4 is written with libext2fs, tarballs\n"
     "with libarchive.\n\n"
@@ -37,15 +38,21 @@ constexpr const char* kInjectHelp =
     "  /etc/flotilla/root.krg, ca.pem      with --root-keyring / --tls-ca-file\n"
     "  /etc/systemd/system/flotilla-agent.service  + enabled in multi-user.target.wants\n"
     "  /etc/init.d/flotilla-agent          OpenRC, enabled in /etc/runlevels/default\n"
-    "  /usr/local/bin/k3s, /var/lib/rancher/k3s/agent/images/*   with --k3s-bundle\n"
+    "  /usr/local/bin/k3s, /var/lib/rancher/k3s/agent/images/*   with --k3s-bundle, after the\n"
+    "                                      bundle is verified as the device will: signature\n"
+    "                                      threshold, revoked/expired keys, expiry, arch; with\n"
+    "                                      --root-keyring under --signing-keyring (and\n"
+    "                                      --root-chain), else under the --root-key keys\n"
     "  /etc/flotilla/image-manifest.json   every file above with its sha256\n"
     "and OUTPUT.manifest.json beside the output (plus the output's own sha256).\n\n"
     "Reproducible: the same inputs give the same bytes. Timestamps are\n"
     "--source-date-epoch, else $SOURCE_DATE_EPOCH, else taken from the input (ext4\n"
     "last write time, newest tar entry, newest file of a directory).\n\n"
-    "Refused with a reason (exit 1): unknown format, no ext4 root, not enough free\n"
-    "space (inside the filesystem or for the output), architecture mismatch (build\n"
-    "the agent with scripts/build-agent-cross.sh aarch64|armhf), missing trust root.\n\n"
+    "Refused with a reason (exit 1): unknown format, no ext4 root, an ext4 filesystem\n"
+    "that e2fsck -fn finds inconsistent (checked read-only before anything is written),\n"
+    "not enough free space (inside the filesystem or for the output), architecture\n"
+    "mismatch (build the agent with scripts/build-agent-cross.sh aarch64|armhf),\n"
+    "missing trust root, a k3s bundle the device would refuse.\n\n"
     "Example:\n"
     "  flotilla image inject pi.img --output pi-fleet.img --agent build-aarch64/bin/flotilla-agent \\\n"
     "    --hub-url https://hub.example:8443 --enrollment-token \"$TOKEN\" \\\n"
@@ -65,7 +72,14 @@ int image_inject(int argc, char** argv) {
       .add("key-threshold", "distinct root keys a bundle needs (agent.yaml key-threshold)", "")
       .add_list("label", "device label k=v (agent.yaml labels)")
       .add("tls-ca-file", "CA certificate (PEM) for ssl:// brokers, installed as /etc/flotilla/ca.pem")
-      .add("k3s-bundle", "signed bundle whose k3s binary and airgap images are preloaded (checked against it)")
+      .add("director-key", "the hub's director public key (ed25519:<base64> or the hub's director.pub), pinned "
+                           "as agent.yaml director-key: devices then act only on desired states it signed")
+      .add("k3s-bundle", "signed bundle whose k3s binary and airgap images are preloaded (verified as the device "
+                         "will, then its artifacts checked against it)")
+      .add("signing-keyring", "with --root-keyring and --k3s-bundle: the signing keyring (.krg) the bundle is "
+                              "verified under")
+      .add_list("root-chain", "with --signing-keyring: newer root keyrings, ascending, from the pinned one to the "
+                              "one that signed the signing keyring")
       .add_list("artifacts-dir", "where the k3s bundle's artifacts are (also BUNDLE.artifacts/)")
       .add("source-date-epoch", "timestamp (seconds) of everything written; default $SOURCE_DATE_EPOCH or the input's")
       .add("o", kOutputHelp, "table");
@@ -100,7 +114,17 @@ int image_inject(int argc, char** argv) {
   if (!labels) return fail(labels.error().message, 2);
   s.labels = *labels;
   s.tls_ca_file = o.get("tls-ca-file");
+  if (!o.get("director-key").empty()) {
+    auto pub = bundles::read_public_key(o.get("director-key"));
+    if (!pub) return fail("--director-key " + o.get("director-key") + ": " + pub.error().message, 2);
+    s.director_key = bundles::public_key_text(*pub);
+  }
   in.k3s_bundle = o.get("k3s-bundle");
+  in.signing_keyring = o.get("signing-keyring");
+  for (const auto& r : o.get_list("root-chain")) in.root_chain.emplace_back(r);
+  if (in.k3s_bundle.empty() && (!in.signing_keyring.empty() || !in.root_chain.empty())) {
+    return fail("--signing-keyring and --root-chain are only for checking a --k3s-bundle", 2);
+  }
   for (const auto& d : o.get_list("artifacts-dir")) in.artifact_dirs.emplace_back(d);
   std::string date = o.get("source-date-epoch");
   if (date.empty() && std::getenv("SOURCE_DATE_EPOCH")) date = std::getenv("SOURCE_DATE_EPOCH");

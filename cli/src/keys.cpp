@@ -88,6 +88,7 @@ int key_generate(int argc, char** argv) {
             "FLOTILLA_");
   o.add("out", "path prefix for the two key files")
       .add("force", "overwrite existing files (true/false)", "false")
+      .flag_only("force")
       .add_switch("encrypt", "protect the private key with a passphrase");
   std::vector<std::string> pos;
   if (int rc = parse_args(o, argc, argv, pos, 0, 0); rc >= 0) return rc;
@@ -171,7 +172,8 @@ int key_init(int argc, char** argv, bundles::KeyringRole role) {
       .add("expires-in", "how long the keyring is valid", root ? "365d" : "90d")
       .add("description", "free text")
       .add("out", "output file")
-      .add("force", "overwrite the output (true/false)", "false");
+      .add("force", "overwrite the output (true/false)", "false")
+      .flag_only("force");
   if (!root) o.add("key-expires-in", "also expire each listed key after this long (default: with the keyring)");
   std::vector<std::string> pos;
   if (int rc = parse_args(o, argc, argv, pos, 0, 0); rc >= 0) return rc;
@@ -240,7 +242,8 @@ int key_next(int argc, char** argv, const std::string& sub) {
   o.add("threshold", "new threshold (default: unchanged)")
       .add("expires-in", "validity of the new version", rotate ? "365d" : "90d")
       .add("out", "output file")
-      .add("force", "overwrite the output (true/false)", "false");
+      .add("force", "overwrite the output (true/false)", "false")
+      .flag_only("force");
   std::vector<std::string> pos;
   if (int rc = parse_args(o, argc, argv, pos, 1, 1); rc >= 0) return rc;
   auto cur = read_keyring_any(pos[0]);

@@ -145,7 +145,7 @@ int device_decommission(int argc, char** argv) {
             "state and marks it decommissioned. Its key can never enroll again.",
             "FLOTILLA_");
   add_hub_flags(o);
-  o.add_switch("yes", "confirm: this cannot be undone");
+  o.add_switch("yes", "confirm: this cannot be undone").flag_only("yes");
   std::vector<std::string> pos;
   if (int rc = parse_args(o, argc, argv, pos, 1, 1); rc >= 0) return rc;
   if (!o.get_bool("yes")) return fail("decommissioning cannot be undone; add --yes to confirm", 2);

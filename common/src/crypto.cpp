@@ -49,6 +49,13 @@ Bytes random_bytes(size_t n) {
 
 std::string random_token(size_t n_bytes) { return to_hex(random_bytes(n_bytes)); }
 
+uint64_t random_u64() {
+  init();
+  uint64_t v = 0;
+  randombytes_buf(&v, sizeof v);
+  return v;
+}
+
 bool equal_constant_time(std::string_view a, std::string_view b) {
   if (a.size() != b.size()) return false;
   return sodium_memcmp(a.data(), b.data(), a.size()) == 0;

@@ -121,12 +121,35 @@ Status write_file_atomic(const stdfs::path& path, std::string_view content, unsi
 }
 
 Status ensure_dir(const stdfs::path& dir, unsigned mode) {
-  std::error_code ec;
-  stdfs::create_directories(dir, ec);
-  if (ec) return make_error(Errc::io, "create directory " + dir.string() + ": " + ec.message());
-  if (::chmod(dir.c_str(), mode) != 0) {
-    return make_error(Errc::io, "chmod " + dir.string() + ": " + std::strerror(errno));
+  // The missing part of the path, outermost first. Directories that exist are
+  // left exactly as they are: /var/log or /etc/rancher belong to the system,
+  // not to whoever needs a file below them.
+  std::vector<stdfs::path> missing;
+  for (stdfs::path p = dir; !p.empty(); p = p.parent_path()) {
+    struct stat st {};
+    if (::stat(p.c_str(), &st) == 0) {
+      if (!S_ISDIR(st.st_mode)) return make_error(Errc::io, "create directory " + dir.string() + ": " + p.string() +
+                                                             " exists and is not a directory");
+      break;
+    }
+    if (errno != ENOENT && errno != ENOTDIR) return errno_error("stat", p);
+    missing.push_back(p);
+    if (p == p.parent_path()) break;
   }
+  for (auto it = missing.rbegin(); it != missing.rend(); ++it) {
+    if (::mkdir(it->c_str(), mode) != 0) {
+      if (errno == EEXIST) continue;  // made meanwhile by someone else: theirs, left alone
+      return errno_error("create directory", *it);
+    }
+    // mkdir applies the umask; a directory we made gets exactly `mode`.
+    if (::chmod(it->c_str(), mode) != 0) return errno_error("chmod", *it);
+  }
+  return {};
+}
+
+Status ensure_own_dir(const stdfs::path& dir, unsigned mode) {
+  if (auto s = ensure_dir(dir, mode); !s) return s;
+  if (::chmod(dir.c_str(), mode) != 0) return errno_error("chmod", dir);
   return {};
 }
 

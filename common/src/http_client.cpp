@@ -234,17 +234,26 @@ struct Exchange {
   bool too_large = false;
 };
 
+using SteadyTime = std::chrono::steady_clock::time_point;
+
+// The idle timeout, cut short by what is left of the overall deadline.
+std::chrono::milliseconds step_timeout(const DownloadOptions& opts, SteadyTime deadline_at) {
+  const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline_at - std::chrono::steady_clock::now());
+  return std::max(std::chrono::milliseconds(1), std::min(opts.io_timeout, left));
+}
+
 Result<Exchange> get_into(const Url& url, const std::string& full_url, int fd, uint64_t offset,
-                          const DownloadOptions& opts) {
+                          const DownloadOptions& opts, SteadyTime deadline_at) {
   Exchange x;
   asio::io_context ioc;
   Connection conn(ioc);
   beast::error_code ec;
-  if (auto s = conn.open(url, opts.ca_file, opts.io_timeout, "GET " + full_url); !s) return s.error();
-  // Each step runs the io_context with a fresh idle deadline.
+  if (auto s = conn.open(url, opts.ca_file, step_timeout(opts, deadline_at), "GET " + full_url); !s) return s.error();
+  // Each step runs the io_context with a fresh idle deadline, never past the
+  // overall one.
   auto run = [&](auto&& start) {
     ec = {};
-    conn.tcp().expires_after(opts.io_timeout);
+    conn.tcp().expires_after(step_timeout(opts, deadline_at));
     conn.with(start);
     conn.run();
   };
@@ -329,17 +338,30 @@ Result<DownloadResult> download_to_file(const std::string& url_text, const std::
   DownloadResult out;
   out.resumed_from = size_now();
   std::string last_error;
+  const auto started = std::chrono::steady_clock::now();
+  const SteadyTime deadline_at = opts.deadline.count() > 0 ? started + opts.deadline : SteadyTime::max();
+  auto past_deadline = [&]() -> std::optional<Error> {
+    if (std::chrono::steady_clock::now() < deadline_at) return std::nullopt;
+    (void)::fsync(fd);  // what arrived stays, for a resume
+    return make_error(Errc::timeout, "GET " + url_text + ": not finished within " +
+                                         std::to_string(opts.deadline.count() / 1000) +
+                                         " s, the overall deadline for this download (" + std::to_string(size_now()) +
+                                         " bytes so far" + (last_error.empty() ? "" : "; last: " + last_error) +
+                                         "): the server is too slow");
+  };
   try {
     for (int attempt = 0; attempt < std::max(1, opts.max_attempts); ++attempt) {
+      if (auto e = past_deadline()) return *e;
       const uint64_t offset = size_now();
       if (offset > opts.max_bytes) {
         return make_error(Errc::too_large, url_text + ": more than " + std::to_string(opts.max_bytes) + " bytes");
       }
       ++out.requests;
-      auto x = get_into(*url, url_text, fd, offset, opts);
+      auto x = get_into(*url, url_text, fd, offset, opts, deadline_at);
       if (!x) {
         last_error = x.error().message;
         if (!x.error().retryable) return x.error();
+        if (auto e = past_deadline()) return *e;
         continue;
       }
       if (x->too_large) {
@@ -362,6 +384,7 @@ Result<DownloadResult> download_to_file(const std::string& url_text, const std::
         return out;
       }
       last_error = x->net_error;  // dropped mid-body: resume from what is on disk
+      if (auto e = past_deadline()) return *e;
     }
   } catch (const std::exception& e) {
     return make_error(Errc::internal, "GET " + url_text + ": " + e.what());

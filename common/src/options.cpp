@@ -38,6 +38,11 @@ Options& Options::config_file_key(const std::string& key) {
   return *this;
 }
 
+Options& Options::flag_only(const std::string& key) {
+  opts_.at(key).flag_only = true;
+  return *this;
+}
+
 std::string Options::env_name(const std::string& key) const {
   std::string n = prefix_;
   for (char c : key) n.push_back(c == '-' ? '_' : static_cast<char>(::toupper(c)));
@@ -65,6 +70,11 @@ Status Options::load_file(const std::string& path) {
                             ": unknown key '" + kv.first.as<std::string>() + "'");
     }
     Opt& o = it->second;
+    if (o.flag_only) {
+      return make_error(Errc::invalid_argument, "config file " + path + " line " +
+                                                    std::to_string(kv.first.Mark().line + 1) + ": '" + key +
+                                                    "' can only be given on the command line (--" + key + ")");
+    }
     if (o.source == "flag" || o.source == "env") continue;
     const YAML::Node& v = kv.second;
     try {
@@ -97,6 +107,7 @@ Result<std::vector<std::string>> Options::parse(int argc, char** argv, int start
   std::vector<std::string> positional;
   // Environment first, flags override below.
   for (auto& [key, o] : opts_) {
+    if (o.flag_only) continue;  // never from the environment
     if (const char* e = std::getenv(env_name(key).c_str()); e && *e) {
       if (o.is_list) {
         o.values.clear();
@@ -186,7 +197,8 @@ std::string Options::help() const {
     out << o.help;
     if (!o.def.empty() && !o.is_switch) out << " (default: " << o.def << ")";
     if (o.is_list) out << " (repeatable)";
-    out << "\n" << std::string(28, ' ') << "env " << env_name(key) << "\n";
+    if (o.flag_only) out << "\n" << std::string(28, ' ') << "command line only (no environment variable or file key)\n";
+    else out << "\n" << std::string(28, ' ') << "env " << env_name(key) << "\n";
   }
   return out.str();
 }

@@ -173,16 +173,32 @@ Result<Child> spawn(const SpawnOptions& opts) {
 Result<RunResult> run(const std::vector<std::string>& argv, std::chrono::milliseconds timeout,
                       size_t max_output) {
   if (argv.empty()) return make_error(Errc::invalid_argument, "run: empty argv");
-  int outp[2], errp[2], execp[2];
+  int outp[2] = {-1, -1}, errp[2] = {-1, -1}, execp[2] = {-1, -1};
+  // Every early return closes what was opened: a caller that retries after
+  // EAGAIN (fork) or EMFILE (pipe) must not lose six descriptors each time.
+  auto close_all = [&] {
+    for (int* p : {outp, errp, execp}) {
+      for (int i = 0; i < 2; ++i) {
+        if (p[i] >= 0) ::close(p[i]);
+        p[i] = -1;
+      }
+    }
+  };
   if (::pipe2(outp, O_CLOEXEC) || ::pipe2(errp, O_CLOEXEC) || ::pipe2(execp, O_CLOEXEC)) {
-    return make_error(Errc::io, "pipe: " + std::string(std::strerror(errno)));
+    const int err = errno;
+    close_all();
+    return make_error(Errc::io, "pipe: " + std::string(std::strerror(err)));
   }
   std::vector<std::string> args = argv;
   std::vector<char*> cargv;
   for (auto& a : args) cargv.push_back(a.data());
   cargv.push_back(nullptr);
   pid_t pid = ::fork();
-  if (pid < 0) return make_error(Errc::io, "fork: " + std::string(std::strerror(errno)));
+  if (pid < 0) {
+    const int err = errno;
+    close_all();
+    return make_error(Errc::io, "fork: " + std::string(std::strerror(err)), err == EAGAIN);
+  }
   if (pid == 0) {
     ::setpgid(0, 0);
     ::dup2(outp[1], STDOUT_FILENO);

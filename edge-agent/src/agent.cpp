@@ -8,6 +8,7 @@
 #include <set>
 #include <thread>
 
+#include "flotilla/bundles/director.hpp"
 #include "flotilla/bundles/overlay.hpp"
 #include "flotilla/common/crypto.hpp"
 #include "flotilla/common/log.hpp"
@@ -99,8 +100,12 @@ void Agent::recover() {
     state_.interrupted_count = 1;
   }
   state_.in_flight.reset();
-  if (auto s = save(); !s) logger->error("recovery: could not record state: {}", s.error().message);
-  (void)files_.remove_tree(backup_dir());
+  if (auto s = save(); !s) {
+    // Still in flight on disk: the backups stay for the next attempt.
+    logger->error("recovery: could not record state; keeping the backups: {}", s.error().message);
+  } else {
+    (void)files_.remove_tree(backup_dir());
+  }
   step("recover", "end", touched ? "rolled back" : "nothing installed");
   logger->info("recovered: node is back on bundle={} version={}", state_.bundle_name, state_.version);
 }
@@ -168,15 +173,23 @@ void Agent::report(v1::AgentState st, const Attempt& a, v1::Reason reason, const
 
 void Agent::finish(v1::AgentState st, const Attempt& a, v1::Reason reason, const std::string& message) {
   state_.generation = a.generation;
+  if (a.signed_header) state_.director_generation = std::max(state_.director_generation, a.generation);
   state_.campaign_id = a.campaign_id;
   state_.in_flight.reset();
   auto r = make_report(st, a, reason, message, 100, true);
   // Bounded: only the newest outcomes matter to the hub.
   while (state_.outbox.size() >= 16) state_.outbox.erase(state_.outbox.begin());
   state_.outbox[r.seq()] = r.SerializeAsString();
-  if (auto s = save(); !s) log::get("agent")->error("could not record the outcome: {}", s.error().message);
-  // The apply is over either way: its backups are no longer needed.
-  (void)files_.remove_tree(backup_dir());
+  if (auto s = save(); !s) {
+    // The store still holds the apply as in flight, with its backups listed:
+    // keep them, so the next start can roll the node back to what the store
+    // says it runs. Deleting them now would leave a node nobody can restore.
+    log::get("agent")->error("could not record the outcome; keeping the backups for recovery at the next start: {}",
+                             s.error().message);
+  } else {
+    // Only once the outcome is stored are the apply's backups no longer needed.
+    (void)files_.remove_tree(backup_dir());
+  }
   reporter_(std::move(r));
 }
 
@@ -372,31 +385,141 @@ void Agent::restore(const std::vector<BackupEntry>& backups) {
   }
 }
 
+DesiredDecision decide_desired(std::string_view payload, const DesiredContext& ctx) {
+  DesiredDecision d;
+  using Action = DesiredDecision::Action;
+  // Moved out, not copied: d holds the whole parsed message (bundle, trust).
+  auto refuse = [&d](v1::Reason r, std::string msg) -> DesiredDecision&& {
+    d.action = Action::refuse;
+    d.reason = r;
+    d.message = std::move(msg);
+    return std::move(d);
+  };
+  if (payload.empty()) {  // a cleared retained message
+    d.action = Action::ignore;
+    return d;
+  }
+  if (payload.size() > bundles::kMaxDesiredStateBytes ||
+      !d.ds.ParseFromArray(payload.data(), static_cast<int>(payload.size()))) {
+    d.action = Action::malformed;
+    d.reason = v1::REASON_MALFORMED_DESIRED;
+    d.message = "desired-state message does not parse; ignored";
+    return d;
+  }
+  const v1::DesiredState& ds = d.ds;
+  // Until a header is verified these are only what the message claims: good
+  // enough to say which message a refusal is about, never acted on.
+  d.generation = ds.generation();
+  d.campaign_id = ds.campaign_id();
+  d.rollback = ds.rollback();
+  d.artifact_base_url = ds.artifact_base_url();
+  // Stored as a SQLite integer: a larger one could not be saved (nor be a floor).
+  if (ds.generation() > bundles::kMaxStoredInteger) {
+    return refuse(v1::REASON_MALFORMED_DESIRED, "generation " + std::to_string(ds.generation()) +
+                                                    " is above 9223372036854775807");
+  }
+
+  if (!ctx.director) {
+    // No director key: nothing here is authenticated. What an unsigned
+    // field can do is bounded instead: it is never a floor (an exact repeat
+    // of the last generation is all that is skipped), and it cannot ask for
+    // a rollback below the anti-rollback floor.
+    if (ds.device_id() != ctx.device_id) {
+      return refuse(v1::REASON_WRONG_DEVICE, "desired state is for device " + ds.device_id().substr(0, 128));
+    }
+    if (ds.generation() != 0 && ds.generation() == ctx.last_generation) {
+      d.action = Action::ignore;
+      d.message = "generation " + std::to_string(ds.generation()) + " already handled";
+      return d;
+    }
+    if (ds.rollback()) {
+      return refuse(v1::REASON_DESIRED_UNSIGNED,
+                    "a campaign rollback needs a desired state signed by the hub's director key, and this agent "
+                    "pins none (set director-key, or enroll again; docs/agent.md)");
+    }
+    d.manifest_sha256_hex = bundles::manifest_digest_hex(ds.bundle());
+    return d;
+  }
+
+  if (!ds.has_header() || ds.header().signature().empty()) {
+    return refuse(v1::REASON_DESIRED_UNSIGNED,
+                  "desired state carries no header signed by the hub's director key, which this device pins");
+  }
+  auto hv = bundles::verify_desired_header(ds.header(), *ctx.director);
+  if (!hv.ok()) return refuse(hv.reason, hv.message);
+  const v1::DesiredHeader& h = hv.header;
+  if (h.device_id() != ctx.device_id) {
+    return refuse(v1::REASON_WRONG_DEVICE, "the signed header is for device " + h.device_id().substr(0, 128));
+  }
+  d.generation = h.generation();
+  d.campaign_id = h.campaign_id();
+  d.rollback = h.rollback();
+  d.artifact_base_url = h.artifact_base_url();
+  if (h.generation() == 0 || h.generation() > bundles::kMaxStoredInteger) {
+    return refuse(v1::REASON_MALFORMED_DESIRED, "signed generation " + std::to_string(h.generation()) +
+                                                    " is outside 1..9223372036854775807");
+  }
+  // The unsigned copies must agree (old agents read them); the header decides.
+  std::string differs;
+  if (!ds.device_id().empty() && ds.device_id() != h.device_id()) differs = "device_id";
+  else if (ds.generation() != 0 && ds.generation() != h.generation()) differs = "generation";
+  else if (!ds.campaign_id().empty() && ds.campaign_id() != h.campaign_id()) differs = "campaign_id";
+  else if (ds.rollback() && !h.rollback()) differs = "rollback";
+  else if (!ds.artifact_base_url().empty() && ds.artifact_base_url() != h.artifact_base_url()) differs = "artifact_base_url";
+  if (!differs.empty()) {
+    return refuse(v1::REASON_DESIRED_MISMATCH, "the message's " + differs + " differs from its signed header");
+  }
+  const auto digest = crypto::sha256(ds.bundle().manifest());
+  if (h.manifest_sha256() != std::string(digest.begin(), digest.end())) {
+    return refuse(v1::REASON_DESIRED_MISMATCH,
+                  "the bundle is not the one the signed header names (manifest sha256 " +
+                      hex_of(h.manifest_sha256()).substr(0, 16) + "…, the message carries " +
+                      to_hex(digest.data(), digest.size()).substr(0, 16) + "…)");
+  }
+  if (h.generation() == ctx.director_generation) {
+    d.action = Action::ignore;  // the retained message again, after a reconnect
+    d.message = "generation " + std::to_string(h.generation()) + " already handled";
+    return d;
+  }
+  if (h.generation() < ctx.director_generation) {
+    return refuse(v1::REASON_DESIRED_REPLAY, "signed generation " + std::to_string(h.generation()) +
+                                                 " is below " + std::to_string(ctx.director_generation) +
+                                                 ", the highest this device finished: a replay");
+  }
+  d.signed_header = true;
+  d.manifest_sha256_hex = to_hex(digest.data(), digest.size());
+  return d;
+}
+
 void Agent::handle_desired(const std::string& payload) {
   auto logger = log::get("agent");
-  v1::DesiredState ds;
-  if (payload.empty()) return;  // retained message cleared
-  if (payload.size() > bundles::kMaxDesiredStateBytes || !ds.ParseFromString(payload)) {
-    logger->warn("ignored malformed desired state bytes={}", payload.size());
-    // Not about any campaign: the message could not say which one it was.
-    report(v1::AGENT_STATE_FAILED, Attempt{0, "", "", 0}, v1::REASON_MALFORMED_DESIRED,
-           "desired-state message does not parse; ignored");
-    return;
+  DesiredContext ctx{cfg_.device_id, cfg_.director_key ? &*cfg_.director_key : nullptr, state_.director_generation,
+                     state_.generation};
+  DesiredDecision dd = decide_desired(payload, ctx);
+  switch (dd.action) {
+    case DesiredDecision::Action::ignore:
+      if (!dd.message.empty()) logger->debug("desired state ignored: {}", dd.message);
+      return;
+    case DesiredDecision::Action::malformed:
+      logger->warn("ignored malformed desired state bytes={}", payload.size());
+      // Not about any campaign: the message could not say which one it was.
+      report(v1::AGENT_STATE_FAILED, Attempt{}, dd.reason, dd.message);
+      return;
+    case DesiredDecision::Action::refuse:
+      logger->warn("refused desired state generation={} reason={} {}", dd.generation, v1::Reason_Name(dd.reason),
+                   dd.message);
+      report(v1::AGENT_STATE_REFUSED, Attempt{dd.generation, dd.campaign_id, "", 0}, dd.reason, dd.message);
+      return;
+    case DesiredDecision::Action::handle:
+      break;
   }
-  Attempt a{ds.generation(), ds.campaign_id(), "", 0};
-  if (ds.device_id() != cfg_.device_id) {
-    report(v1::AGENT_STATE_REFUSED, a, v1::REASON_WRONG_DEVICE, "desired state is for device " + ds.device_id());
-    return;
-  }
-  if (ds.generation() != 0 && ds.generation() <= state_.generation) {
-    logger->debug("desired generation={} already handled (at {})", ds.generation(), state_.generation);
-    return;
-  }
-  apply_generation_ = ds.generation();
-  apply_id_ = "g" + std::to_string(ds.generation()) + "-" + std::to_string(seq_ + 1);
-  if (ds.generation() != 0 && ds.generation() == state_.interrupted_generation &&
+  const v1::DesiredState& ds = dd.ds;
+  Attempt a{dd.generation, dd.campaign_id, "", 0, dd.signed_header};
+  apply_generation_ = dd.generation;
+  apply_id_ = "g" + std::to_string(dd.generation) + "-" + std::to_string(seq_ + 1);
+  if (dd.generation != 0 && dd.generation == state_.interrupted_generation &&
       state_.interrupted_count >= cfg_.max_interrupted) {
-    const std::string why = "the apply of generation " + std::to_string(ds.generation()) + " was interrupted " +
+    const std::string why = "the apply of generation " + std::to_string(dd.generation) + " was interrupted " +
                             std::to_string(state_.interrupted_count) + " times (crash or power loss); giving up on it";
     logger->error("{}", why);
     return finish(v1::AGENT_STATE_FAILED, a, v1::REASON_INTERNAL, why);
@@ -405,7 +528,7 @@ void Agent::handle_desired(const std::string& payload) {
     // All-or-nothing: a refused update leaves the store (and trust.pb) as it was.
     auto tv = cfg_.trust->update(ds.trust(), clock_);
     if (!tv.ok()) {
-      logger->warn("refused trust update generation={} reason={} {}", ds.generation(), v1::Reason_Name(tv.reason),
+      logger->warn("refused trust update generation={} reason={} {}", dd.generation, v1::Reason_Name(tv.reason),
                    tv.message);
       report(v1::AGENT_STATE_REFUSED, a, tv.reason, tv.message);
       return;
@@ -418,13 +541,14 @@ void Agent::handle_desired(const std::string& payload) {
                    cfg_.trust->signing_version());
     }
   }
-  const std::string digest = bundles::manifest_digest_hex(ds.bundle());
+  const std::string& digest = dd.manifest_sha256_hex;
   if (!state_.manifest_sha256_hex.empty() && digest == state_.manifest_sha256_hex) {
     // Already running exactly this bundle: nothing to install.
     a.bundle_name = state_.bundle_name;
     a.bundle_version = state_.version;
-    state_.generation = ds.generation();
-    state_.campaign_id = ds.campaign_id();
+    state_.generation = dd.generation;
+    state_.campaign_id = dd.campaign_id;
+    if (a.signed_header) state_.director_generation = std::max(state_.director_generation, dd.generation);
     (void)save();
     report(v1::AGENT_STATE_APPLIED, a, v1::REASON_NONE, "", 100, true);
     return;
@@ -438,17 +562,24 @@ void Agent::handle_desired(const std::string& payload) {
   policy.labels = cfg_.labels;
   policy.check_labels = true;
   policy.highest_applied = state_.highest_version;
-  // A campaign rollback may go back below the highest applied version, but
-  // only to the exact bundle this device ran before (checked below).
-  if (ds.rollback()) policy.highest_applied.clear();
+  policy.current_channel = state_.channel;
+  // A campaign rollback (signed: decide_desired refuses it otherwise) may go
+  // back below the highest applied version, and to the previous bundle's
+  // channel, but only to the exact bundle this device ran before (below).
+  if (dd.rollback) {
+    policy.highest_applied.clear();
+    policy.current_channel.clear();
+  }
   auto verdict = cfg_.trust ? cfg_.trust->verify(ds.bundle(), policy) : bundles::verify(ds.bundle(), cfg_.keyring, policy);
   if (verdict.manifest.version()) {
     a.bundle_name = verdict.manifest.name();
     a.bundle_version = verdict.manifest.version();
   }
-  if (verdict.ok() && ds.rollback()) {
+  if (verdict.ok() && dd.rollback) {
     auto hv = state_.highest_version.find(verdict.manifest.channel());
-    if (hv != state_.highest_version.end() && verdict.manifest.version() <= hv->second &&
+    const bool below_floor = hv != state_.highest_version.end() && verdict.manifest.version() <= hv->second;
+    const bool other_channel = !state_.channel.empty() && verdict.manifest.channel() != state_.channel;
+    if ((below_floor || other_channel) &&
         (state_.previous_manifest_sha256_hex.empty() || digest != state_.previous_manifest_sha256_hex)) {
       verdict.reason = v1::REASON_ROLLBACK_TARGET;
       verdict.message = "rollback to " + verdict.manifest.name() + " version " +
@@ -469,7 +600,7 @@ void Agent::handle_desired(const std::string& payload) {
   }
   step("verify", "end", verdict.ok() ? "ok" : v1::Reason_Name(verdict.reason));
   if (!verdict.ok()) {
-    logger->warn("refused bundle generation={} reason={} {}", ds.generation(),
+    logger->warn("refused bundle generation={} reason={} {}", dd.generation,
                  v1::Reason_Name(verdict.reason), verdict.message);
     // Nothing was written; the generation is not recorded so a corrected
     // desired state with a higher generation is still taken.
@@ -495,7 +626,7 @@ void Agent::handle_desired(const std::string& payload) {
   }
 
   // From here on a crash leaves a record that start() acts on.
-  state_.in_flight = InFlight{apply_id_, ds.generation(), ds.campaign_id(), m.name(), m.version(), "download", {}};
+  state_.in_flight = InFlight{apply_id_, dd.generation, dd.campaign_id, m.name(), m.version(), "download", {}};
   if (auto s = save(); !s) {
     report(v1::AGENT_STATE_FAILED, a, v1::REASON_INTERNAL, "cannot journal the apply: " + s.error().message);
     return;
@@ -504,7 +635,7 @@ void Agent::handle_desired(const std::string& payload) {
   if (m.artifacts_size() > 0) {
     report(v1::AGENT_STATE_DOWNLOADING, a, v1::REASON_NONE, "", 15);
     std::string why;
-    if (auto reason = fetch_artifacts(m, ds.artifact_base_url(), why); reason != v1::REASON_NONE) {
+    if (auto reason = fetch_artifacts(m, dd.artifact_base_url, why); reason != v1::REASON_NONE) {
       step("download", "end", why);
       logger->warn("artifacts for bundle={} version={} not staged: {}", m.name(), m.version(), why);
       const bool refused = reason == v1::REASON_ARTIFACT_HASH || reason == v1::REASON_ARTIFACT_SIZE;
@@ -517,7 +648,8 @@ void Agent::handle_desired(const std::string& payload) {
   state_.in_flight->step = "backup";
   step("backup", "begin");
   if (auto s = backup(m); !s) {
-    (void)files_.remove_tree(backup_dir());
+    // Nothing was installed; finish() drops the partial backups once the
+    // outcome is stored.
     return finish(v1::AGENT_STATE_FAILED, a, v1::REASON_INSTALL_FAILED, s.error().message);
   }
   step("backup", "end");
@@ -528,7 +660,6 @@ void Agent::handle_desired(const std::string& payload) {
   std::vector<PlacedFile> placed;
   if (auto s = install(m, placed); !s) {
     restore(state_.in_flight->backups);
-    (void)files_.remove_tree(backup_dir());
     return finish(v1::AGENT_STATE_FAILED, a, v1::REASON_INSTALL_FAILED, s.error().message);
   }
   step("install", "end");
@@ -541,8 +672,8 @@ void Agent::handle_desired(const std::string& payload) {
     step("rollback", "begin", why);
     restore(state_.in_flight->backups);
     if (auto s = runtime_.restart(); !s) logger->error("restart after rollback failed: {}", s.error().message);
-    (void)files_.remove_tree(backup_dir());
     // The outcome for this generation is final: do not retry it on reconnect.
+    // finish() removes the backups only once that is stored.
     finish(v1::AGENT_STATE_ROLLED_BACK, a, reason, why);
     step("rollback", "end");
   };
@@ -589,9 +720,8 @@ void Agent::handle_desired(const std::string& payload) {
   auto& hv = state_.highest_version[m.channel()];
   hv = std::max(hv, m.version());
   finish(v1::AGENT_STATE_APPLIED, a, v1::REASON_NONE, "");
-  (void)files_.remove_tree(backup_dir());
   step("commit", "end");
-  logger->info("applied bundle={} version={} generation={}", m.name(), m.version(), ds.generation());
+  logger->info("applied bundle={} version={} generation={}", m.name(), m.version(), dd.generation);
 }
 
 std::vector<std::string> Agent::check_drift() {
@@ -610,6 +740,11 @@ std::vector<std::string> Agent::check_drift() {
   if (!ds.ParseFromString(state_.applied_desired) || !m.ParseFromString(ds.bundle().manifest())) {
     failed = drifted;
   } else {
+    // Verified when it was applied; an old-style message has no header.
+    std::string base_url = ds.artifact_base_url();
+    if (v1::DesiredHeader h; base_url.empty() && ds.has_header() && h.ParseFromString(ds.header().header())) {
+      base_url = h.artifact_base_url();
+    }
     m = resolved_for_device(m);
     const std::set<std::string> bad(drifted.begin(), drifted.end());
     for (const auto& f : m.files()) {
@@ -625,7 +760,7 @@ std::vector<std::string> Agent::check_drift() {
       if (!bad.count(target)) continue;
       v1::Reason reason = v1::REASON_NONE;
       std::string url = art.url().find("://") == std::string::npos
-                            ? ds.artifact_base_url() + (art.url().empty() ? hex_of(art.sha256()) : art.url())
+                            ? base_url + (art.url().empty() ? hex_of(art.sha256()) : art.url())
                             : art.url();
       auto s = stage_one(art, url, reason);
       if (s) s = files_.rename(staging_dir() + "/" + hex_of(art.sha256()), target,

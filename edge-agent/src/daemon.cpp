@@ -46,6 +46,9 @@ void add_agent_options(Options& o) {
            "root keyring file (.krg, device path) pinned in the image; bundles are then verified under the "
            "root/signing keyring chain (docs/bundle-format.md, \"Keyrings\") instead of root-keys")
       .add("key-threshold", "how many distinct trusted keys must sign a bundle", "1")
+      .add("director-key", "the hub's director public key (ed25519:<base64> or a key file, e.g. the hub's "
+                           "director.pub): every desired state must carry a header it signed; default: the key the "
+                           "hub names at enrollment")
       .add_list("labels", "device labels key=value (a map in the config file)")
       .add("arch", "device architecture (amd64, arm64, arm); default: detected")
       .add("k3s-bin", "k3s binary (device path)", "/usr/local/bin/k3s")
@@ -67,8 +70,23 @@ void add_agent_options(Options& o) {
            "treats them as revoked (new credentials take a moment to reach every broker)", "2m")
       .add("revoked-retry", "retry period once the broker keeps refusing this device's credentials", "10m")
       .add("download-timeout", "longest silence while downloading an artifact", "30s")
+      .add("download-deadline-min", "shortest overall deadline for one artifact download; the deadline is the "
+                                    "larger of this and the artifact's size at download-min-rate", "5m")
+      .add("download-min-rate", "slowest average download rate an artifact may take (bytes per second, or 16KiB, "
+                                "1MiB): sizes the overall deadline of each download", "16KiB")
       .add("log-level", "trace, debug, info, warn or error", "info")
       .config_file_key("config");
+}
+
+Backoff make_enroll_backoff(std::chrono::milliseconds cap) {
+  return Backoff(std::chrono::seconds(1), cap, crypto::random_u64());
+}
+
+std::chrono::milliseconds download_deadline(const AgentConfig& cfg, uint64_t bytes) {
+  const uint64_t rate = std::max<uint64_t>(1, cfg.download_min_rate);
+  // Whole seconds, rounded up; capped far beyond any real artifact (8 GiB at 1 B/s).
+  const uint64_t secs = std::min<uint64_t>(bytes / rate + 1, uint64_t{1} << 34);
+  return std::max(cfg.download_deadline_min, std::chrono::milliseconds(static_cast<int64_t>(secs) * 1000));
 }
 
 Backoff make_reconnect_backoff(const std::string& device_id, std::chrono::milliseconds cap, uint64_t salt) {
@@ -106,6 +124,7 @@ Result<AgentConfig> agent_config_from(const Options& o) {
   }
   c.enrollment_token = o.get("enrollment-token");
   c.root_keys = o.get_list("root-keys");
+  c.director_key = o.get("director-key");
   c.root_keyring = o.get("root-keyring");
   if (!c.root_keyring.empty() && c.root_keyring.front() != '/') {
     return make_error(Errc::invalid_argument, "root-keyring must be an absolute device path, got '" + c.root_keyring +
@@ -198,6 +217,14 @@ Result<AgentConfig> agent_config_from(const Options& o) {
   if (!dt) return dt.error();
   if (dt->count() <= 0) return make_error(Errc::invalid_argument, "download-timeout must be positive");
   c.download_timeout = *dt;
+  auto ddm = o.get_duration("download-deadline-min");
+  if (!ddm) return ddm.error();
+  if (ddm->count() <= 0) return make_error(Errc::invalid_argument, "download-deadline-min must be positive");
+  c.download_deadline_min = *ddm;
+  auto rate = parse_size(o.get("download-min-rate"));
+  if (!rate) return rate.error().with_context("download-min-rate (from " + o.source("download-min-rate") + ")");
+  if (*rate == 0) return make_error(Errc::invalid_argument, "download-min-rate must be at least 1 byte per second");
+  c.download_min_rate = *rate;
   // Test hook only (docs/agent.md): environment, never a flag or file key.
   if (const char* crash = std::getenv("FLOTILLA_AGENT_CRASH_AT"); crash && *crash) {
     const std::string v = crash;
@@ -263,6 +290,22 @@ Result<bundles::TrustStore> load_trust_store(const AgentConfig& cfg, const std::
   return std::move(*pinned);
 }
 
+// The pinned director key (`director-key`), if any.
+Result<std::optional<bundles::PublicKey>> pinned_director_key(const AgentConfig& cfg) {
+  if (cfg.director_key.empty()) return std::optional<bundles::PublicKey>();
+  auto k = bundles::read_public_key(cfg.director_key.rfind("ed25519:", 0) == 0 ? cfg.director_key
+                                                                                 : under_root(cfg, cfg.director_key).string());
+  if (!k) return k.error().with_context("director-key");
+  return std::optional<bundles::PublicKey>(*k);
+}
+
+// The director key an enrollment answer names; nullopt when it names none (an older hub).
+std::optional<bundles::PublicKey> director_key_of(const v1::EnrollResponse& er) {
+  if (er.director_public_key().size() != 32) return std::nullopt;
+  const Bytes raw(er.director_public_key().begin(), er.director_public_key().end());
+  return bundles::PublicKey{bundles::key_id_for(raw), raw};
+}
+
 Result<bundles::KeyPair> ensure_identity(const std::filesystem::path& state) {
   const auto path = state / "identity.key";
   if (std::filesystem::exists(path)) return bundles::read_private_key(path);
@@ -275,7 +318,9 @@ Result<bundles::KeyPair> ensure_identity(const std::filesystem::path& state) {
 // Enrolls once; retries with backoff on network trouble. A refused token is
 // logged once per attempt and retried slowly: an operator can issue a new
 // token without anyone visiting the device.
-Result<v1::EnrollResponse> enroll(const AgentConfig& cfg, const bundles::KeyPair& id, const std::atomic<bool>& stop) {
+Result<v1::EnrollResponse> enroll(const AgentConfig& cfg, const bundles::KeyPair& id,
+                                  const std::optional<bundles::PublicKey>& pinned_director,
+                                  const std::atomic<bool>& stop) {
   auto logger = log::get("agent");
   if (cfg.hub_url.empty() || cfg.enrollment_token.empty()) {
     return make_error(Errc::invalid_argument,
@@ -292,7 +337,7 @@ Result<v1::EnrollResponse> enroll(const AgentConfig& cfg, const bundles::KeyPair
   for (const auto& [k, v] : cfg.labels) (*req.mutable_labels())[k] = v;
   auto proof = bundles::sign_detached(id, bundles::enroll_proof_message(cfg.enrollment_token, id.pub.key));
   req.set_proof(std::string(proof.begin(), proof.end()));
-  Backoff backoff(std::chrono::seconds(1), cfg.reconnect_max, crypto::random_bytes(8)[0]);
+  Backoff backoff = make_enroll_backoff(cfg.reconnect_max);
   while (!stop) {
     http::Request hr;
     hr.method = "POST";
@@ -304,8 +349,17 @@ Result<v1::EnrollResponse> enroll(const AgentConfig& cfg, const bundles::KeyPair
     auto resp = http::send(hr);
     if (resp && resp->status == 200) {
       v1::EnrollResponse er;
-      if (er.ParseFromString(resp->body) && !er.device_id().empty()) return er;
-      logger->error("enrollment answer does not parse");
+      if (!er.ParseFromString(resp->body) || er.device_id().empty()) {
+        logger->error("enrollment answer does not parse");
+      } else if (auto named = director_key_of(er);
+                 pinned_director && named && named->key != pinned_director->key) {
+        // Not this fleet's hub (or not the key it was imaged for): keep no
+        // credentials from it. Retried slowly: a corrected hub or pin fixes it.
+        logger->error("state=enrollment_refused: the hub names director key {} but this device pins {} "
+                      "(director-key); not enrolling with it", named->key_id, pinned_director->key_id);
+      } else {
+        return er;
+      }
     } else if (resp) {
       logger->error("enrollment refused status={} body={}", resp->status, resp->body.substr(0, 300));
     } else if (!resp.error().retryable) {
@@ -327,14 +381,15 @@ Result<v1::EnrollResponse> enroll(const AgentConfig& cfg, const bundles::KeyPair
 // Artifacts over HTTP with resume, straight to disk under the agent's root.
 class HttpDownloader final : public Downloader {
  public:
-  HttpDownloader(const DiskFileTree& files, std::chrono::milliseconds io_timeout, std::string ca_file)
-      : files_(files), io_timeout_(io_timeout), ca_file_(std::move(ca_file)) {}
+  HttpDownloader(const DiskFileTree& files, const AgentConfig& cfg, std::string ca_file)
+      : files_(files), cfg_(cfg), ca_file_(std::move(ca_file)) {}
   Status fetch(const std::string& url, const std::string& dest, uint64_t max_bytes) override {
     const auto host = files_.host_path(dest);
     if (auto s = fs::ensure_dir(host.parent_path(), 0700); !s) return s;
     http::DownloadOptions o;
     o.max_bytes = max_bytes;
-    o.io_timeout = io_timeout_;
+    o.io_timeout = cfg_.download_timeout;
+    o.deadline = download_deadline(cfg_, max_bytes);
     o.ca_file = ca_file_;
     auto r = http::download_to_file(url, host, o);
     if (!r) return r.error();
@@ -345,7 +400,7 @@ class HttpDownloader final : public Downloader {
 
  private:
   const DiskFileTree& files_;
-  std::chrono::milliseconds io_timeout_;
+  const AgentConfig& cfg_;
   std::string ca_file_;  // host path; empty = the system CA store
 };
 
@@ -356,7 +411,9 @@ Status run_agent(const AgentConfig& cfg, const std::atomic<bool>& stop) {
   crypto::init();
   ::umask(077);
   const auto state_dir = under_root(cfg, cfg.state_dir);
-  if (auto s = fs::ensure_dir(state_dir, 0700); !s) return s;
+  // The agent's own directory (its keys, credentials, journal): private even
+  // if it existed.
+  if (auto s = fs::ensure_own_dir(state_dir, 0700); !s) return s;
   bundles::Keyring plain_ring;
   std::optional<bundles::TrustStore> trust;
   if (!cfg.root_keyring.empty()) {
@@ -370,6 +427,8 @@ Status run_agent(const AgentConfig& cfg, const std::atomic<bool>& stop) {
   }
   auto identity = ensure_identity(state_dir);
   if (!identity) return identity.error().with_context("device identity");
+  auto pinned_director = pinned_director_key(cfg);
+  if (!pinned_director) return pinned_director.error();
 
   // Credentials are kept 0600; a device never re-enrolls while it holds them.
   const auto cred_path = state_dir / "credentials.pb";
@@ -379,7 +438,7 @@ Status run_agent(const AgentConfig& cfg, const std::atomic<bool>& stop) {
       return make_error(Errc::parse, cred_path.string() + " is damaged; remove it to enroll again");
     }
   } else {
-    auto er = enroll(cfg, *identity, stop);
+    auto er = enroll(cfg, *identity, *pinned_director, stop);
     if (!er) return stop ? Status{} : Status(er.error());
     creds = *er;
     if (auto s = fs::write_file_atomic(cred_path, creds.SerializeAsString(), 0600); !s) return s;
@@ -404,7 +463,7 @@ Status run_agent(const AgentConfig& cfg, const std::atomic<bool>& stop) {
   DirectK3sRuntime runtime(rc, std::move(service));
   logger->info("k3s service manager={}", runtime.service_manager());
   const std::string ca_file = cfg.tls_ca_file.empty() ? std::string() : under_root(cfg, cfg.tls_ca_file).string();
-  HttpDownloader downloader(files, cfg.download_timeout, ca_file);
+  HttpDownloader downloader(files, cfg, ca_file);
 
   auto transport = transport::make_paho_transport();
   const std::string report_topic = transport::device_topic(creds.device_id(), "report");
@@ -419,6 +478,22 @@ Status run_agent(const AgentConfig& cfg, const std::atomic<bool>& stop) {
   if (!creds.labels().empty()) core_cfg.labels = {creds.labels().begin(), creds.labels().end()};
   core_cfg.keyring = plain_ring;
   core_cfg.trust = std::move(trust);
+  // The pin wins; else the key the hub named when this device enrolled.
+  const auto enrolled_director = director_key_of(creds);
+  if (*pinned_director) {
+    core_cfg.director_key = *pinned_director;
+    if (enrolled_director && enrolled_director->key != (*pinned_director)->key) {
+      logger->warn("the hub named director key {} at enrollment but director-key pins {}; desired states are "
+                   "checked against the pinned key", enrolled_director->key_id, (*pinned_director)->key_id);
+    }
+  } else if (enrolled_director) {
+    core_cfg.director_key = *enrolled_director;
+  } else {
+    logger->warn("no director key (enrolled with an older hub, and director-key is unset): desired states are not "
+                 "authenticated, so campaign rollbacks are refused and generations are not a replay floor. Set "
+                 "director-key to the hub's director.pub, or remove {} to enroll again", cred_path.string());
+  }
+  if (core_cfg.director_key) logger->info("director key_id={}", core_cfg.director_key->key_id);
   core_cfg.health_timeout = cfg.health_timeout;
   core_cfg.min_free_bytes = cfg.min_free_bytes;
   core_cfg.state_dir = cfg.state_dir;

@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdint>
 #include <cstring>
 
 #include "flotilla/common/crypto.hpp"
@@ -245,6 +246,7 @@ Result<AppliedState> SqliteStateStore::load() {
                           else if (key == "interrupted_generation") a.interrupted_generation = std::stoull("0" + value);
                           else if (key == "interrupted_count")
                             a.interrupted_count = static_cast<uint32_t>(std::stoul("0" + value));
+                          else if (key == "director_generation") a.director_generation = std::stoull("0" + value);
                         });
       !s) {
     return s.error();
@@ -278,7 +280,30 @@ Result<AppliedState> SqliteStateStore::load() {
   return a;
 }
 
+namespace {
+// SQLite integers are int64. A uint64 above that would be stored negative
+// and read back as something else (a version of 2^63+1 compares below 1 in
+// the MAX() that keeps the anti-rollback floor): refuse it instead.
+Status check_stored(const AppliedState& a) {
+  auto fits = [](uint64_t v) { return v <= static_cast<uint64_t>(INT64_MAX); };
+  std::string what;
+  if (!fits(a.version)) what = "version " + std::to_string(a.version);
+  else if (!fits(a.generation)) what = "generation " + std::to_string(a.generation);
+  else if (!fits(a.director_generation)) what = "director generation " + std::to_string(a.director_generation);
+  else if (a.in_flight && (!fits(a.in_flight->generation) || !fits(a.in_flight->version))) what = "in-flight apply";
+  for (const auto& [ch, v] : a.highest_version) {
+    if (what.empty() && !fits(v)) what = "highest version " + std::to_string(v) + " of channel " + ch;
+  }
+  for (const auto& [seq, r] : a.outbox) {
+    if (what.empty() && !fits(seq)) what = "report seq " + std::to_string(seq);
+  }
+  if (what.empty()) return {};
+  return make_error(Errc::invalid_argument, "agent state: " + what + " is above 2^63-1 and cannot be stored");
+}
+}  // namespace
+
 Status SqliteStateStore::save(const AppliedState& a) {
+  if (auto s = check_stored(a); !s) return s;
   sql::Transaction tx(*db_);
   if (!tx.ok()) return make_error(Errc::unavailable, "agent state: cannot begin transaction", true);
   auto st = db_->prepare(
@@ -309,11 +334,13 @@ Status SqliteStateStore::save(const AppliedState& a) {
   auto meta = db_->prepare("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)");
   if (!meta) return meta.error();
   const std::string ig = std::to_string(a.interrupted_generation), ic = std::to_string(a.interrupted_count);
+  const std::string dg = std::to_string(a.director_generation);
   for (const auto& [k, v] : std::vector<std::pair<std::string_view, std::string_view>>{
            {"previous_manifest_sha256", a.previous_manifest_sha256_hex},
            {"applied_desired", a.applied_desired},
            {"interrupted_generation", ig},
-           {"interrupted_count", ic}}) {
+           {"interrupted_count", ic},
+           {"director_generation", dg}}) {
     meta->reset();
     meta->bind(1, k).bind_blob(2, v);
     if (auto s = meta->run(); !s) return s;

@@ -9,7 +9,8 @@
 //    tree before and after; free space and write failures are settable to
 //    reach the disk-full and install-failure paths.
 //  - MemStateStore: what the agent persisted, so a second Agent over the same
-//    store shows what survives a restart; it counts saves and keeps the journal.
+//    store shows what survives a restart; it counts saves, keeps the journal
+//    and can refuse saves (a full disk at the worst moment).
 //  - FakeDownloader: serves artifact bytes from a map by URL into a
 //    MemFileTree, can fail or truncate, and counts fetches.
 #include <cstdint>
@@ -148,6 +149,8 @@ class MemStateStore final : public StateStore {
  public:
   Result<AppliedState> load() override { return state; }
   Status save(const AppliedState& s) override {
+    // A full disk or an I/O error: the store keeps what it had.
+    if (fail_saves) return make_error(Errc::io, "fake: cannot save agent state");
     state = s;
     ++saves;
     return {};
@@ -159,6 +162,7 @@ class MemStateStore final : public StateStore {
 
   AppliedState state;
   int saves = 0;
+  bool fail_saves = false;  // every save fails (the state stays as it was)
   std::vector<JournalEntry> entries;
 };
 

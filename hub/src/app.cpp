@@ -60,8 +60,33 @@ void add_hub_options(Options& o) {
                           "outgrows db-cache-mib, e.g. 1024 for 1M devices", "0")
       .add("git-sync", "follow the GitRepos stored on this hub (true) or keep them without fetching (false)",
            "true")
+      .add("director-key", "private key file (flotilla key generate, not passphrase-protected, mode 0600) the hub "
+                           "signs every device's desired-state header with; empty = <data-dir>/director.key, made "
+                           "on first start (docs/security.md, \"Director-signed desired state\")")
       .add("log-level", "trace, debug, info, warn or error", "info")
       .config_file_key("config");
+}
+
+Result<bundles::KeyPair> load_director_key(const std::filesystem::path& data_dir, const std::string& configured) {
+  const std::filesystem::path path = configured.empty() ? data_dir / "director.key" : std::filesystem::path(configured);
+  Result<bundles::KeyPair> key = make_error(Errc::internal, "unset");
+  if (configured.empty() && !std::filesystem::exists(path)) {
+    key = bundles::generate_key();
+    if (auto s = bundles::write_private_key(path, *key); !s) return s.error().with_context("director key");
+    log::get("hub")->info("made a director key {} key_id={}", path.string(), key->pub.key_id);
+  } else {
+    key = bundles::read_private_key(path);
+    if (!key) {
+      return key.error().with_context("director-key " + path.string() +
+                                      (bundles::is_encrypted_private_key(path)
+                                           ? " (the hub cannot ask for a passphrase: use an unencrypted key, mode 0600)"
+                                           : ""));
+    }
+  }
+  if (auto s = bundles::write_public_key(data_dir / "director.pub", key->pub); !s) {
+    return s.error().with_context("director public key");
+  }
+  return key;
 }
 
 Result<HubConfig> hub_config_from(const Options& o) {
@@ -144,6 +169,11 @@ Result<HubConfig> hub_config_from(const Options& o) {
                                                   o.source("git-sync") + ")");
   }
   c.git_sync = git == "true";
+  c.director_key_file = o.get("director-key");
+  if (!c.director_key_file.empty() && ::access(c.director_key_file.c_str(), R_OK) != 0) {
+    return make_error(Errc::invalid_argument, "director-key: cannot read '" + c.director_key_file + "' (from " +
+                                                  o.source("director-key") + ")");
+  }
   return c;
 }
 
@@ -155,10 +185,12 @@ Status run_hub(const HubConfig& cfg, const std::atomic<bool>& stop) {
   ::umask(077);
   // 0711: when the hub runs as root, the embedded mosquitto (which drops to
   // its own user) must traverse into broker/; nothing here is listable.
-  if (auto s = fs::ensure_dir(data, 0711); !s) return s;
+  if (auto s = fs::ensure_own_dir(data, 0711); !s) return s;
 
   auto store = Store::open((data / "hub.db").string(), StoreTuning{cfg.db_cache_mib, cfg.db_mmap_mib});
   if (!store) return store.error();
+  auto director = load_director_key(data, cfg.director_key_file);
+  if (!director) return director.error();
 
   const bool embedded = cfg.broker_url.empty();
   // Start the REST listener first so the public URL (which may use port 0) is known.
@@ -215,6 +247,7 @@ Status run_hub(const HubConfig& cfg, const std::atomic<bool>& stop) {
   }
   sc.public_url = public_url;
   sc.manage_broker_credentials = embedded;
+  sc.director_key = std::move(*director);
   service = std::make_unique<HubService>(**store, SystemClock::instance(), sc);
   service->set_broker(broker.get());
   service->set_artifacts(&artifacts);
@@ -266,7 +299,7 @@ Status run_hub(const HubConfig& cfg, const std::atomic<bool>& stop) {
   (void)fs::write_file_atomic(data / "hub.url", listen_url + "\n", 0644);
   logger->info("REST API listening url={} broker={}", listen_url, broker_url);
 
-  Backoff backoff(std::chrono::milliseconds(200), std::chrono::seconds(10), crypto::random_bytes(1)[0]);
+  Backoff backoff(std::chrono::milliseconds(200), std::chrono::seconds(10), crypto::random_u64());
   bool attached = false;
   auto next_try = std::chrono::steady_clock::now();
   while (!stop) {

@@ -7,7 +7,7 @@
 
 namespace flotilla::hub {
 
-Status ArtifactStore::init() { return fs::ensure_dir(dir_, 0700); }
+Status ArtifactStore::init() { return fs::ensure_own_dir(dir_, 0700); }
 
 bool ArtifactStore::valid_name(const std::string& s) {
   if (s.size() != 64) return false;

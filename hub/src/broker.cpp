@@ -59,7 +59,7 @@ Result<int> free_listen_port(const std::string& host) {
   if (auto r = fs::read_file("/proc/sys/net/ipv4/ip_local_port_range", 64)) {
     std::sscanf(r->c_str(), "%d %d", &lo, &hi);
   }
-  std::mt19937 rng(static_cast<unsigned>(crypto::random_bytes(4)[0] << 8 | crypto::random_bytes(1)[0]));
+  std::mt19937_64 rng(crypto::random_u64());
   // Prefer the registered range below the ephemeral one; fall back above it.
   const int from = 10000, to = std::max(from + 1000, lo - 1);
   std::uniform_int_distribution<int> pick(from, to);
@@ -149,7 +149,7 @@ Result<std::unique_ptr<EmbeddedBroker>> EmbeddedBroker::start(const BrokerConfig
       if (auto s = check_ca_file("broker-tls-ca", cfg.tls_ca_file); !s) return s.error();
     }
   }
-  if (auto s = fs::ensure_dir(cfg.dir, 0700); !s) return s.error();
+  if (auto s = fs::ensure_own_dir(cfg.dir, 0700); !s) return s.error();
   // The hub's own broker password is made once and kept, 0600, in the data dir.
   const auto secret_path = cfg.dir / "hub.secret";
   if (auto existing = fs::read_file(secret_path, 1024); existing && !existing->empty()) {
@@ -201,7 +201,7 @@ Status EmbeddedBroker::install_tls_files() {
     std::filesystem::remove_all(tls_dir, ec);  // no stale key left behind after TLS is turned off
     return {};
   }
-  if (auto s = fs::ensure_dir(tls_dir, 0700); !s) return s;
+  if (auto s = fs::ensure_own_dir(tls_dir, 0700); !s) return s;
   hand_to_broker_user(tls_dir);
   for (const auto& [from, name] : {std::pair{cfg_.tls_cert_file, "broker.pem"}, std::pair{cfg_.tls_key_file, "broker.key"}}) {
     auto bytes = fs::read_file(from, 1 << 20);

@@ -288,8 +288,8 @@ void HubService::tick_campaign(CampaignRecord& c, Publishes& publishes) {
     for (auto& r : *offline) ready.push_back(std::move(r));
   }
   if (static_cast<int64_t>(ready.size()) >= kReleaseChunk) retick_ = true;
-  std::shared_ptr<const std::string> shared;
-  std::map<std::string, std::shared_ptr<const std::string>> shared_cache;
+  SharedDesiredPtr shared;
+  std::map<std::string, SharedDesiredPtr> shared_cache;
   std::map<std::string, std::string> prev_ids;  // "name:version" -> bundle id, for this tick
   int64_t released = 0;
   for (size_t i = 0; i < ready.size(); ++i) {
@@ -501,7 +501,7 @@ void HubService::start_rollback(CampaignRecord& c, const std::string& reason, Pu
   // Devices that took the bundle (or may be taking it) go back to what they ran
   // before. Devices that failed already restored their previous state themselves.
   auto rows = store_.campaign_devices_with_status(c.id, {"applied", "pending", "in_progress"});
-  std::map<std::string, std::shared_ptr<const std::string>> shared_cache;
+  std::map<std::string, SharedDesiredPtr> shared_cache;
   int64_t sent = 0;
   if (rows) {
     for (auto row : *rows) {
@@ -610,7 +610,7 @@ void HubService::on_device_decommissioned(const std::string& device_id) {
 
 void HubService::republish_pending() {
   Publishes work;
-  std::map<std::string, std::shared_ptr<const std::string>> shared_cache;
+  std::map<std::string, SharedDesiredPtr> shared_cache;
   {
     std::lock_guard lock(store_mu_);
     auto campaigns = store_.list_campaigns();

@@ -5,6 +5,7 @@
 #include <set>
 
 #include "flotilla/bundles/bundle.hpp"
+#include "flotilla/bundles/director.hpp"
 #include "flotilla/common/crypto.hpp"
 #include "flotilla/common/log.hpp"
 #include "flotilla/hub/broker.hpp"
@@ -28,6 +29,7 @@ std::string reason_name(v1::Reason r) { return lower_suffix(v1::Reason_Name(r), 
 
 HubService::HubService(Store& store, const Clock& clock, ServiceConfig cfg)
     : store_(store), clock_(clock), cfg_(std::move(cfg)) {
+  if (!cfg_.director_key) cfg_.director_key = bundles::generate_key();
   worker_ = std::thread([this] { worker(); });
   if (cfg_.engine_thread) engine_ = std::thread([this] { engine_loop(); });
 }
@@ -184,6 +186,8 @@ v1::EnrollResponse HubService::enroll_response(const DeviceRecord& d) const {
                                           : transport::gateway_prefix(d.gateway) + d.id);
   resp.set_artifact_base_url(cfg_.public_url + "/v1/artifacts/");
   for (const auto& [k, v] : d.labels) (*resp.mutable_labels())[k] = v;
+  const auto& director = cfg_.director_key->pub.key;
+  resp.set_director_public_key(std::string(director.begin(), director.end()));
   return resp;
 }
 
@@ -414,8 +418,8 @@ Result<std::optional<BundleRecord>> HubService::get_bundle(const std::string& ke
   return store_.get_bundle(key, false);
 }
 
-Result<std::shared_ptr<const std::string>> HubService::desired_shared(
-    const std::string& bundle_id, std::map<std::string, std::shared_ptr<const std::string>>& cache) {
+Result<HubService::SharedDesiredPtr> HubService::desired_shared(const std::string& bundle_id,
+                                                                 std::map<std::string, SharedDesiredPtr>& cache) {
   if (auto it = cache.find(bundle_id); it != cache.end()) return it->second;
   auto b = bundle_with_envelope(bundle_id);
   if (!b) return b.error();
@@ -429,7 +433,9 @@ Result<std::shared_ptr<const std::string>> HubService::desired_shared(
   if (*trust && !ds.mutable_trust()->ParseFromString((*trust)->first)) {
     return make_error(Errc::internal, "stored trust message does not parse");
   }
-  auto shared = std::make_shared<const std::string>(ds.SerializeAsString());
+  const auto digest = crypto::sha256(ds.bundle().manifest());
+  auto shared = std::make_shared<const SharedDesired>(SharedDesired{
+      ds.SerializeAsString(), std::string(digest.begin(), digest.end()), ds.artifact_base_url()});
   cache.emplace(bundle_id, shared);
   return shared;
 }
@@ -442,11 +448,23 @@ Status HubService::publish_desired(const PendingDesired& p) {
   head.set_campaign_id(p.campaign_id);
   head.set_issued_unix_ms(clock_.now_unix_ms());
   head.set_rollback(p.rollback);
+  // The same fields, signed for this device: agents that pin the director
+  // key act on nothing else. Only this small part is signed per device; it
+  // binds the shared tail by the manifest's SHA-256 and the artifact base.
+  v1::DesiredHeader h;
+  h.set_device_id(p.device_id);
+  h.set_generation(p.generation);
+  h.set_campaign_id(p.campaign_id);
+  h.set_issued_unix_ms(head.issued_unix_ms());
+  h.set_rollback(p.rollback);
+  h.set_manifest_sha256(p.shared->manifest_sha256);
+  h.set_artifact_base_url(p.shared->artifact_base_url);
+  *head.mutable_header() = bundles::sign_desired_header(h, *cfg_.director_key);
   // Protobuf merges concatenated encodings of one message: head + shared
   // parses as the whole DesiredState, with the shared bytes copied once here
   // instead of re-encoded per device.
   std::string payload = head.SerializeAsString();
-  payload += *p.shared;
+  payload += p.shared->bytes;
   auto published = transport_->publish({transport::device_topic(p.device_id, p.gateway, "desired"),
                                         std::move(payload), 1, true});
   ++(published ? desired_published_ : desired_publish_failures_);

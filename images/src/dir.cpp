@@ -23,7 +23,9 @@ Status set_time(const stdfs::path& p, int64_t t) {
 }
 
 Status copy_into(const Entry& e, const stdfs::path& tmp) {
-  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  // Always a new file: never through a symlink (or into a file) someone
+  // placed at the temporary name inside the image.
+  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
   if (fd < 0) return sys_error("create " + tmp.string());
   auto put = [&](const char* d, size_t n) -> Status {
     while (n > 0) {

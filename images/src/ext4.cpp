@@ -10,7 +10,9 @@
 #include <fstream>
 #include <optional>
 #include <set>
+#include <sstream>
 
+#include "flotilla/common/process.hpp"
 #include "image_fs.hpp"
 
 namespace flotilla::images {
@@ -48,6 +50,37 @@ bool looks_like_ext(const stdfs::path& image, uint64_t offset) {
   unsigned char m[2] = {0, 0};
   in.read(reinterpret_cast<char*>(m), 2);
   return in && m[0] == 0x53 && m[1] == 0xEF;
+}
+
+Status check_ext4(const stdfs::path& image, uint64_t offset) {
+  std::string e2fsck;
+  for (const char* dir : {"/usr/sbin/", "/sbin/", "/usr/bin/", "/bin/"}) {
+    if (::access((std::string(dir) + "e2fsck").c_str(), X_OK) == 0) {
+      e2fsck = std::string(dir) + "e2fsck";
+      break;
+    }
+  }
+  if (e2fsck.empty()) {
+    return make_error(Errc::refused, "e2fsck not found: an ext4 image is checked with e2fsck -fn before anything is "
+                                     "written to it (install e2fsprogs)");
+  }
+  // "-n": open read-only and answer no; the ?offset= suffix is libext2fs's
+  // own way to reach a partition inside a disk image.
+  auto r = proc::run({e2fsck, "-f", "-n", image.string() + "?offset=" + std::to_string(offset)},
+                     std::chrono::minutes(30), 64 * 1024);
+  if (!r) return r.error().with_context("e2fsck");
+  if (r->timed_out) return make_error(Errc::refused, "e2fsck -fn did not finish within 30 minutes");
+  if (r->exit_code == 0) return {};
+  // The findings, minus the pass banners, so the refusal says what is wrong.
+  std::string findings;
+  std::istringstream lines(r->out + r->err);
+  for (std::string line; std::getline(lines, line) && findings.size() < 600;) {
+    if (line.empty() || line.rfind("Pass ", 0) == 0 || line.rfind("e2fsck ", 0) == 0) continue;
+    findings += (findings.empty() ? "" : "; ") + line;
+  }
+  return make_error(Errc::refused, "the ext4 filesystem is not consistent (e2fsck -fn exit " +
+                                       std::to_string(r->exit_code) + ": " + findings +
+                                       "); an untrusted image is not written to: repair it with e2fsck -fy first");
 }
 
 Result<Ext4Image> Ext4Image::open(const stdfs::path& image, uint64_t offset, bool writable) {

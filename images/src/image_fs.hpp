@@ -79,6 +79,10 @@ struct Ext4Probe {
 };
 // Is there an ext4 (or ext2/3) filesystem at offset? (superblock magic)
 bool looks_like_ext(const stdfs::path& image, uint64_t offset);
+// e2fsck -fn on the filesystem at offset: read-only, every structure checked
+// (bitmaps, inodes, extents, directories). Errc::refused with e2fsck's first
+// findings when it is not clean; never changes the image.
+Status check_ext4(const stdfs::path& image, uint64_t offset);
 
 // An opened filesystem image for reading (arch detection, sizes) and writing.
 class Ext4Image {

@@ -22,6 +22,7 @@
 #include "flotilla/common/crypto.hpp"
 #include "flotilla/common/encoding.hpp"
 #include "flotilla/common/fs.hpp"
+#include "flotilla/common/clock.hpp"
 #include "flotilla/common/http_client.hpp"
 #include "image_fs.hpp"
 
@@ -250,6 +251,9 @@ Status open_disk(const stdfs::path& input, const std::string& want, View& v, boo
     v.offset = chosen->offset;
     v.partition = describe(*chosen, chosen_label);
   }
+  // The image is untrusted: before libext2fs walks (and later writes) its
+  // metadata, e2fsck checks all of it, read-only.
+  if (auto s = check_ext4(input, v.offset); !s) return s.error().with_context(input.string() + " (" + v.partition + ")");
   auto img = Ext4Image::open(input, v.offset, false);
   if (!img) return img.error().with_context(input.string());
   v.ext4.emplace(std::move(*img));
@@ -388,6 +392,11 @@ Status check_settings(const AgentSettings& s) {
   for (const auto& k : s.root_keys) {
     if (auto p = bundles::parse_public_key_text(k); !p) return p.error().with_context("root key '" + k + "'");
   }
+  if (!s.director_key.empty()) {
+    if (auto p = bundles::parse_public_key_text(s.director_key); !p) {
+      return p.error().with_context("director key '" + s.director_key + "'");
+    }
+  }
   if (!s.root_keyring.empty()) {
     auto ring = bundles::read_keyring_file(s.root_keyring);
     if (!ring) return ring.error().with_context("root keyring " + s.root_keyring.string());
@@ -417,6 +426,7 @@ std::string agent_yaml(const AgentSettings& s) {
   if (!s.root_keyring.empty()) y << YAML::Key << "root-keyring" << YAML::Value << kKeyringPath;
   if (s.key_threshold) y << YAML::Key << "key-threshold" << YAML::Value << s.key_threshold;
   if (!s.tls_ca_file.empty()) y << YAML::Key << "tls-ca-file" << YAML::Value << kCaPath;
+  if (!s.director_key.empty()) y << YAML::Key << "director-key" << YAML::Value << YAML::DoubleQuoted << s.director_key;
   if (!s.labels.empty()) {
     y << YAML::Key << "labels" << YAML::Value << YAML::BeginMap;
     for (const auto& [k, v] : s.labels) y << YAML::Key << k << YAML::Value << YAML::DoubleQuoted << v;
@@ -426,27 +436,61 @@ std::string agent_yaml(const AgentSettings& s) {
   return "# Written by `flotilla image inject`; every key is described in docs/agent.md.\n" + std::string(y.c_str()) + "\n";
 }
 
-// The k3s binary and airgap images of a signed bundle, checked against its
-// manifest (and its signatures when root keys are given).
-Status add_bundle_artifacts(const InjectOptions& o, Arch arch, std::vector<Entry>& out) {
-  auto b = bundles::read_bundle_file(o.k3s_bundle);
-  if (!b) return b.error().with_context("k3s bundle");
-  v1::BundleManifest m;
-  if (!o.settings.root_keys.empty()) {
+// The bundle checked exactly as the device with these trust roots will check
+// it: signatures (threshold, revoked and expired keys), expiry and arch,
+// under the root keyring's chain when the image pins one (the device then
+// uses it instead of root keys), else under the pinned root keys. There is no
+// path that skips this: an unverified bundle never goes into an image.
+Result<v1::BundleManifest> verify_for_device(const InjectOptions& o, const v1::SignedBundle& b, Arch arch) {
+  bundles::VerifyPolicy pol;
+  pol.arch = arch == Arch::armhf ? "arm" : arch_name(arch);
+  const std::string what = "k3s bundle " + o.k3s_bundle.string();
+  bundles::Verdict verdict;
+  if (!o.settings.root_keyring.empty()) {
+    if (o.signing_keyring.empty()) {
+      return make_error(Errc::invalid_argument,
+                        what + ": with --root-keyring the bundle is checked under a signing keyring, as the device "
+                               "will: pass --signing-keyring FILE (and --root-chain FILE for each newer root)");
+    }
+    auto root = bundles::read_keyring_file(o.settings.root_keyring);
+    if (!root) return root.error().with_context("root keyring");
+    auto store = bundles::TrustStore::pin(*root);
+    if (!store) return store.error().with_context("root keyring " + o.settings.root_keyring.string());
+    v1::Trust trust;
+    for (const auto& p : o.root_chain) {
+      auto r = bundles::read_keyring_file(p);
+      if (!r) return r.error().with_context("--root-chain");
+      *trust.add_roots() = *r;
+    }
+    auto signing = bundles::read_keyring_file(o.signing_keyring);
+    if (!signing) return signing.error().with_context("--signing-keyring");
+    *trust.mutable_signing() = *signing;
+    if (auto tv = store->update(trust, SystemClock::instance()); !tv.ok()) {
+      return make_error(Errc::refused, what + ": the signing keyring would be refused by the device (" +
+                                           v1::Reason_Name(tv.reason) + "): " + tv.message);
+    }
+    verdict = store->verify(b, pol);
+  } else {
     bundles::Keyring ring;
     ring.threshold = o.settings.key_threshold ? o.settings.key_threshold : 1;
     for (const auto& k : o.settings.root_keys) ring.add(*bundles::parse_public_key_text(k));
-    bundles::VerifyPolicy pol;
-    pol.arch = arch == Arch::armhf ? "arm" : arch_name(arch);
-    auto verdict = bundles::verify(*b, ring, pol);
-    if (!verdict.ok()) {
-      return make_error(Errc::refused, "k3s bundle " + o.k3s_bundle.string() + " would be refused by the device: " +
-                                           verdict.message);
-    }
-    m = verdict.manifest;
-  } else if (!m.ParseFromString(b->manifest())) {
-    return make_error(Errc::parse, "k3s bundle " + o.k3s_bundle.string() + ": manifest does not parse");
+    verdict = bundles::verify(b, ring, pol);
   }
+  if (!verdict.ok()) {
+    return make_error(Errc::refused, what + " would be refused by the device (" + v1::Reason_Name(verdict.reason) +
+                                         "): " + verdict.message);
+  }
+  return verdict.manifest;
+}
+
+// The k3s binary and airgap images of a signed bundle, checked against its
+// verified manifest.
+Status add_bundle_artifacts(const InjectOptions& o, Arch arch, std::vector<Entry>& out) {
+  auto b = bundles::read_bundle_file(o.k3s_bundle);
+  if (!b) return b.error().with_context("k3s bundle");
+  auto verified = verify_for_device(o, *b, arch);
+  if (!verified) return verified.error();
+  const v1::BundleManifest& m = *verified;
   std::vector<stdfs::path> search = o.artifact_dirs;
   search.push_back(o.k3s_bundle.string() + ".artifacts");
   int found = 0;

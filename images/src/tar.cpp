@@ -4,6 +4,11 @@
 // nothing but the payload's fixed time and root ownership.
 #include <archive.h>
 #include <archive_entry.h>
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
 
 #include <memory>
 #include <set>
@@ -122,7 +127,19 @@ Status write_tar(const stdfs::path& input, const TarIndex& index, const Payload&
   } else if (index.compression == "zst") {
     archive_write_add_filter_zstd(w.get());
   }
-  if (archive_write_open_filename(w.get(), out.c_str()) != ARCHIVE_OK) return arc_error(w.get(), "create " + out.string());
+  // A new file, never a link: O_EXCL refuses anything already at `out`
+  // (a symlink planted there would otherwise redirect the write), O_NOFOLLOW
+  // says so explicitly.
+  const int fd = ::open(out.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644);
+  if (fd < 0) {
+    return make_error(Errc::io, "create " + out.string() + ": " + std::strerror(errno) +
+                                    (errno == EEXIST ? " (something appeared there; it is not written through)" : ""));
+  }
+  struct FdCloser {
+    int fd;
+    ~FdCloser() { ::close(fd); }
+  } closer{fd};
+  if (archive_write_open_fd(w.get(), fd) != ARCHIVE_OK) return arc_error(w.get(), "create " + out.string());
 
   std::set<std::string> replaced;
   for (const auto& e : p.entries) {

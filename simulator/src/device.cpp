@@ -43,6 +43,16 @@ DeviceFaults assign_faults(uint64_t seed, uint32_t index, const FaultProfile& p)
   return f;
 }
 
+bool CoreEnv::learn_director(const std::string& raw_public_key) {
+  if (raw_public_key.size() != 32) return true;  // a hub that names none
+  const Bytes key(raw_public_key.begin(), raw_public_key.end());
+  std::lock_guard lock(director_mu_);
+  if (director_ready_.load(std::memory_order_relaxed)) return director_->key == key;
+  director_ = bundles::PublicKey{bundles::key_id_for(key), key};
+  director_ready_.store(true, std::memory_order_release);
+  return true;
+}
+
 bool with_agent(VDevice& d, const CoreEnv& env, agent::Agent::Reporter reporter,
                 const std::function<void(agent::Agent&)>& f) {
   SimFileTree files(d.store.files, (d.faults & kInstallFail) != 0);
@@ -52,6 +62,8 @@ bool with_agent(VDevice& d, const CoreEnv& env, agent::Agent::Reporter reporter,
   SimDownloader downloader(files, env.fetch);
   agent::CoreConfig cfg = env.base;
   cfg.device_id = d.id;
+  // Every virtual device checks the director's signature like a real one.
+  if (auto director = env.director()) cfg.director_key = std::move(director);
   // The simulated k3s answers at once: one poll decides the health gate.
   cfg.health_timeout = std::chrono::milliseconds(0);
   if ((d.faults & kRebootMidApply) && !d.rebooted) {

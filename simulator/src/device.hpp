@@ -4,6 +4,8 @@
 #include <atomic>
 #include <cstdint>
 #include <functional>
+#include <mutex>
+#include <optional>
 #include <string>
 
 #include "flotilla/agent/agent.hpp"
@@ -39,6 +41,21 @@ struct PowerCut {};
 struct CoreEnv {
   agent::CoreConfig base;          // keyring, arch, labels; device id set per device
   SimDownloader::Fetch fetch = nullptr;
+
+  // The hub's director key, as enrollment answers name it (one per hub, so
+  // the same for every device). Learned while other devices already run:
+  // written once under a lock, read lock-free once published.
+  // Returns false if a different key was learned before.
+  bool learn_director(const std::string& raw_public_key);
+  std::optional<bundles::PublicKey> director() const {
+    if (!director_ready_.load(std::memory_order_acquire)) return std::nullopt;
+    return director_;
+  }
+
+ private:
+  std::mutex director_mu_;
+  std::optional<bundles::PublicKey> director_;
+  std::atomic<bool> director_ready_{false};
 };
 
 // Runs f(agent) on the real agent core over the device's storage. Returns

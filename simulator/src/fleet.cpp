@@ -356,6 +356,9 @@ Result<std::string> Fleet::enroll_one(const bundles::KeyPair& key, const std::st
   auto body = post_enrollment("/v1/enroll", req.SerializeAsString(), hostname);
   if (!body) return body.error();
   if (!resp.ParseFromString(*body)) return make_error(Errc::parse, "enroll " + hostname + ": answer does not parse");
+  if (!env_.learn_director(resp.director_public_key())) {
+    return make_error(Errc::refused, "enroll " + hostname + ": the hub named another director key than before");
+  }
   return resp.device_id();
 }
 
@@ -390,6 +393,9 @@ Status Fleet::enroll_batch(uint32_t first, uint32_t count) {
     }
     if (r.enrolled().device_id() != d.id) {
       return make_error(Errc::internal, "hub gave device id " + r.enrolled().device_id() + ", expected " + d.id);
+    }
+    if (!env_.learn_director(r.enrolled().director_public_key())) {
+      return make_error(Errc::refused, "enroll " + what + ": the hub named another director key than before");
     }
   }
   return {};
@@ -1078,6 +1084,10 @@ Result<json> Fleet::run() {
                       {"broker", broker_url_},
                       {"label", label_}};
   report["campaign"] = {{"id", cid}, {"end_state", end_state}, {"hub", last_campaign}};
+  // The key every virtual device checked its desired states' headers with
+  // (learned from enrollment answers; empty when this process enrolled none).
+  const auto director = env_.director();
+  report["director_key_id"] = director ? director->key_id : "";
   report["figures"] = {
       {"prepare_s", (prepared - started) / 1000.0},
       {"enroll_s", (enroll_done_ms_ - enroll_started_ms_) / 1000.0},
@@ -1166,7 +1176,7 @@ Status Fleet::start_workers() {
     w.dir = std::filesystem::path(opts_.work_dir) / ("worker-" + std::to_string(k));
     std::error_code ec;
     std::filesystem::remove_all(w.dir, ec);
-    if (auto s = fs::ensure_dir(w.dir, 0700); !s) return s;
+    if (auto s = fs::ensure_own_dir(w.dir, 0700); !s) return s;
     json spec = {{"hub_url", rest_.url}, {"enrollment_token", enroll_token_}, {"first", first},
                  {"count", last - first}, {"options", options_json(share)}};
     // 0600: it holds the enrollment token, which is not for the command line.

@@ -146,6 +146,7 @@ std::string encode_state(const agent::AppliedState& s) {
   put_u64(out, s.version);
   put_str(out, s.manifest_sha256_hex);
   put_u64(out, s.generation);
+  put_u64(out, s.director_generation);
   put_str(out, s.campaign_id);
   put_u64(out, s.files.size());
   for (const auto& f : s.files) {
@@ -195,6 +196,7 @@ Result<agent::AppliedState> decode_state(const std::string& blob) {
   s.version = r.u64();
   s.manifest_sha256_hex = r.str();
   s.generation = r.u64();
+  s.director_generation = r.u64();
   s.campaign_id = r.str();
   for (uint64_t n = r.u64(); n > 0 && !r.bad; --n) {
     agent::PlacedFile f;

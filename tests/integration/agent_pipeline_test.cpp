@@ -100,6 +100,65 @@ class RangeServer {
   std::thread thread_;
 };
 
+// A slow-drip server: answers every GET with a 200 and a large
+// Content-Length, then sends one byte every `every` until the client leaves.
+// Each byte arrives well inside any per-read timeout, so only an overall
+// deadline ends the download.
+class DripServer {
+ public:
+  DripServer(size_t claimed, std::chrono::milliseconds every) : claimed_(claimed), every_(every) {
+    fd_ = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    REQUIRE(::bind(fd_, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0);
+    socklen_t len = sizeof a;
+    ::getsockname(fd_, reinterpret_cast<sockaddr*>(&a), &len);
+    port_ = ntohs(a.sin_port);
+    ::listen(fd_, 8);
+    thread_ = std::thread([this] { serve(); });
+  }
+  ~DripServer() {
+    stop_ = true;
+    ::shutdown(fd_, SHUT_RDWR);
+    ::close(fd_);
+    thread_.join();
+  }
+  std::string url() const { return "http://127.0.0.1:" + std::to_string(port_) + "/slow"; }
+  std::atomic<size_t> sent{0};
+  std::atomic<int> connections{0};
+
+ private:
+  void serve() {
+    while (!stop_) {
+      int c = ::accept(fd_, nullptr, nullptr);
+      if (c < 0) return;
+      ++connections;
+      std::string req;
+      char buf[4096];
+      while (req.find("\r\n\r\n") == std::string::npos) {
+        ssize_t n = ::recv(c, buf, sizeof buf, 0);
+        if (n <= 0) break;
+        req.append(buf, static_cast<size_t>(n));
+      }
+      const std::string head = "HTTP/1.1 200 OK\r\nContent-Length: " + std::to_string(claimed_) + "\r\n\r\n";
+      bool open = ::send(c, head.data(), head.size(), MSG_NOSIGNAL) > 0;
+      while (open && !stop_) {
+        std::this_thread::sleep_for(every_);  // the server's pace, not the test's wait
+        open = ::send(c, "x", 1, MSG_NOSIGNAL) == 1;
+        if (open) ++sent;
+      }
+      ::close(c);
+    }
+  }
+  size_t claimed_;
+  std::chrono::milliseconds every_;
+  int fd_ = -1;
+  uint16_t port_ = 0;
+  std::atomic<bool> stop_{false};
+  std::thread thread_;
+};
+
 std::string random_blob(size_t n) {
   std::string s = crypto::random_token(n / 2 + 1);
   s.resize(n);
@@ -236,6 +295,51 @@ TEST_CASE("artifact download resumes with Range after the connection drops", "[i
   auto big = http::download_to_file(server.url(), small, o);
   REQUIRE_FALSE(big);
   CHECK(big.error().code == Errc::too_large);
+}
+
+TEST_CASE("a slow-drip server cannot hold a download past its overall deadline", "[integration][agent][artifacts]") {
+  TempDir tmp;
+  DripServer server(1'000'000, std::chrono::milliseconds(20));
+  const auto dest = tmp.path() / "a.part";
+  http::DownloadOptions o;
+  o.max_bytes = 1'000'000;
+  o.io_timeout = std::chrono::seconds(10);   // never reached: a byte comes every 20 ms
+  o.deadline = std::chrono::milliseconds(800);
+  auto r = http::download_to_file(server.url(), dest, o);
+  REQUIRE_FALSE(r);
+  INFO(r.error().message);
+  CHECK(r.error().code == Errc::timeout);
+  CHECK(r.error().message.find("overall deadline") != std::string::npos);
+  // What arrived stays for a resume; it is far from complete.
+  CHECK(stdfs::exists(dest));
+  CHECK(stdfs::file_size(dest) < 1'000'000);
+  CHECK(stdfs::file_size(dest) <= server.sent.load());
+}
+
+TEST_CASE("the agent gives up on a slow-drip artifact server at its deadline and changes nothing",
+          "[integration][agent][artifacts]") {
+  // The deadline is max(download-deadline-min, size / download-min-rate): 2 s here.
+  Node n("download-deadline-min: 2s\ndownload-min-rate: 1MiB\ndownload-timeout: 30s\n");
+  const std::vector<std::string> exclude = {"var/lib/flotilla", "run/", "var/log/", "etc/rancher/k3s/k3s.yaml"};
+  const auto before = snapshot(n.agent->root(), exclude);
+  DripServer server(300000, std::chrono::milliseconds(20));
+  v1::BundleManifest m = make_manifest("edge", 1);
+  add_airgap_artifact(m, crypto::sha256_hex(std::string(300000, 'x')), 300000, server.url());
+  auto env = bundles::wrap(m);
+  REQUIRE(bundles::sign(env, n.release));
+  auto [status, body] = n.hub.call("POST", "/v1/bundles", bundles::serialize_envelope(env), "application/octet-stream");
+  INFO(body.dump());
+  REQUIRE(status == 201);
+  n.campaign(body["id"].get<std::string>());
+  INFO("agent log:\n" << n.agent->log());
+  REQUIRE(wait_until([&] { return n.hub.device(n.agent->device_id())["last_reason"] == "download_failed"; },
+                     std::chrono::seconds(60)));
+  auto d = n.hub.device(n.agent->device_id());
+  CHECK(d["last_message"].get<std::string>().find("overall deadline") != std::string::npos);
+  CHECK(d["applied_version"] == 0);
+  CHECK(server.connections.load() >= 1);
+  CHECK(snapshot(n.agent->root(), exclude) == before);
+  CHECK_FALSE(stdfs::exists(n.agent->root() / "var/lib/rancher/k3s/agent/images/images.tar"));
 }
 
 TEST_CASE("the static agent binary is statically linked, stripped and within its size budget",
@@ -432,4 +536,43 @@ TEST_CASE("an artifact far above the API's body cap uploads, streams to the agen
   const std::string img = random_blob(12u << 20);
   n.campaign(n.push(1, img));
   n.require_runs(1, img);
+}
+
+TEST_CASE("an agent pinning the hub's director key applies, one pinning another key keeps no credentials",
+          "[integration][agent][director]") {
+  TempDir tmp;
+  Hub hub(tmp.path() / "hub");
+  hub.start();
+  const auto release = bundles::generate_key();
+  AgentOptions o;
+  o.root_keys = {bundles::public_key_text(release.pub)};
+  // The hub made its director key at first start and published the public half.
+  auto director = bundles::read_public_key((hub.data_dir() / "director.pub").string());
+  REQUIRE(director);
+
+  test::Agent pinned(tmp.path() / "pinned", hub.url(), hub.enrollment_token({{"env", "it"}}), o);
+  pinned.append_config("director-key: \"" + bundles::public_key_text(*director) + "\"\n");
+  pinned.start();
+  test::Agent stranger(tmp.path() / "stranger", hub.url(), hub.enrollment_token({{"env", "other"}}), o);
+  stranger.append_config("director-key: \"" + bundles::public_key_text(bundles::generate_key().pub) + "\"\n");
+  stranger.start();
+
+  REQUIRE(wait_until([&] { return !pinned.device_id().empty() && hub.device(pinned.device_id())["online"] == true; },
+                     std::chrono::seconds(30)));
+  CHECK(wait_until([&] { return stranger.log().find("state=enrollment_refused") != std::string::npos; },
+                   std::chrono::seconds(30)));
+  CHECK_FALSE(stdfs::exists(stranger.root() / "var/lib/flotilla/credentials.pb"));
+
+  // The pinned agent takes the hub's signed desired state.
+  v1::BundleManifest m = make_manifest("edge", 1, {{v1::FILE_KIND_MANIFEST, "app.yaml", "kind: ConfigMap\n"}});
+  auto env = bundles::wrap(m);
+  REQUIRE(bundles::sign(env, release));
+  auto [status, body] = hub.call("POST", "/v1/bundles", bundles::serialize_envelope(env), "application/octet-stream");
+  REQUIRE(status == 201);
+  auto [cs, cb] = hub.call("POST", "/v1/campaigns", json{{"bundle", body["id"]}, {"selector", "env=it"}}.dump());
+  INFO(cb.dump());
+  REQUIRE(cs == 201);
+  INFO("agent log:\n" << pinned.log());
+  CHECK(wait_until([&] { return hub.device(pinned.device_id())["applied_version"] == 1; }, std::chrono::seconds(40)));
+  CHECK(pinned.log().find("director key_id=" + director->key_id) != std::string::npos);
 }

@@ -221,6 +221,14 @@ TEST_CASE("a decommissioned device cannot reconnect to the broker", "[integratio
   auto r = hub.cli({"device", "decommission", id});
   CHECK(r.exit_code == 2);  // refuses without --yes
   CHECK(hub.device(id)["state"] != "decommissioned");
+  // A confirmation never comes from the environment: FLOTILLA_YES=true is ignored.
+  auto env_yes = proc::run({"/usr/bin/env", "FLOTILLA_YES=true", bin_dir() + "/flotilla", "device", "decommission", id,
+                            "--hub", hub.url(), "--token-file", (hub.data_dir() / "admin.token").string()},
+                           std::chrono::seconds(60));
+  REQUIRE(env_yes);
+  CHECK(env_yes->exit_code == 2);
+  CHECK(env_yes->err.find("add --yes to confirm") != std::string::npos);
+  CHECK(hub.device(id)["state"] != "decommissioned");
   r = hub.cli({"device", "decommission", id, "--yes", "-o", "json"});
   INFO(r.err);
   REQUIRE(r.exit_code == 0);

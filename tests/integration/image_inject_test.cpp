@@ -8,8 +8,10 @@
 
 #include <ctime>
 #include <fstream>
+#include <functional>
 
 #include "flotilla/bundles/keys.hpp"
+#include "flotilla/bundles/trust.hpp"
 #include "flotilla/common/crypto.hpp"
 #include "flotilla/common/encoding.hpp"
 #include "flotilla/common/fs.hpp"
@@ -478,4 +480,152 @@ TEST_CASE("image inject --k3s-bundle preloads the bundle's k3s binary and airgap
     CHECK(bad.exit_code == 1);
     CHECK(bad.err.find("would be refused by the device") != std::string::npos);
   }
+}
+
+TEST_CASE("image inject: an ext4 root e2fsck finds inconsistent is refused before anything is written",
+          "[integration][image][bad-input]") {
+  // A hostile image: a block of /etc/hostname marked free in the bitmap, so a
+  // writer trusting the bitmap would hand it to a new file and corrupt both.
+  TempDir tmp;
+  Trust t;
+  make_rootfs(tmp.path() / "rootfs", host_elf());
+  auto disk = make_disk(tmp.path(), "gpt", tmp.path() / "rootfs", 48);
+  const std::string part = disk.image.string() + "?offset=" + std::to_string(disk.offset);
+  auto blocks = run({tool("debugfs"), "-R", "blocks /etc/hostname", part});
+  REQUIRE(blocks.exit_code == 0);
+  const std::string block = blocks.out.substr(0, blocks.out.find_first_of(" \n"));
+  REQUIRE_FALSE(block.empty());
+  must({tool("debugfs"), "-w", "-R", "freeb " + block, part});
+  const auto before = file_hash(disk.image);
+  const stdfs::path out = tmp.path() / "never.img";
+
+  auto r = Hub::cli_local(inject_args(disk.image, t, {"--output", out.string()}));
+  INFO(r.err);
+  CHECK(r.exit_code == 1);
+  CHECK(r.err.find("the ext4 filesystem is not consistent (e2fsck -fn exit 4") != std::string::npos);
+  CHECK(r.err.find("Block bitmap differences") != std::string::npos);
+  CHECK(file_hash(disk.image) == before);
+  CHECK_FALSE(stdfs::exists(out));
+  CHECK_FALSE(stdfs::exists(out.string() + ".tmp"));
+  CHECK_FALSE(stdfs::exists(out.string() + ".manifest.json"));
+  // In place: refused the same way, the image as it was.
+  auto again = Hub::cli_local(inject_args(disk.image, t));
+  CHECK(again.exit_code == 1);
+  CHECK(file_hash(disk.image) == before);
+  CHECK_FALSE(stdfs::exists(disk.image.string() + ".tmp"));
+}
+
+TEST_CASE("image inject --k3s-bundle with --root-keyring verifies the bundle as the device will",
+          "[integration][image][bad-input]") {
+  TempDir tmp;
+  make_rootfs(tmp.path() / "rootfs", host_elf());
+  const auto rootfs = tmp.path() / "rootfs.tar.gz";
+  must({"tar", "-czf", rootfs.string(), "-C", (tmp.path() / "rootfs").string(), "."});
+  // Root keys R1, R2 (2 of 2) vouch for signing key S; the image pins the root.
+  const auto r1 = bundles::generate_key(), r2 = bundles::generate_key(), s1 = bundles::generate_key();
+  const int64_t now = std::time(nullptr);
+  auto ring = [&](bundles::KeyringRole role, const std::vector<const bundles::KeyPair*>& keys, uint32_t threshold) {
+    v1::KeyringManifest k;
+    k.set_type(std::string(bundles::keyring_type(role)));
+    k.set_version(1);
+    k.set_created_unix(now);
+    k.set_expires_unix(now + 86400);
+    k.set_threshold(threshold);
+    for (const auto* key : keys) *k.add_keys() = bundles::trusted_key(key->pub);
+    auto signed_ring = bundles::wrap_keyring(k);
+    REQUIRE(bundles::sign_keyring(signed_ring, r1));
+    REQUIRE(bundles::sign_keyring(signed_ring, r2));
+    return signed_ring;
+  };
+  const auto root_file = tmp.path() / "root.v1.krg", signing_file = tmp.path() / "signing.v1.krg";
+  REQUIRE(bundles::write_keyring_file(root_file, ring(bundles::KeyringRole::root, {&r1, &r2}, 2)));
+  REQUIRE(bundles::write_keyring_file(signing_file, ring(bundles::KeyringRole::signing, {&s1}, 1)));
+
+  // A k3s bundle: the stand-in as its binary, placed where inject looks.
+  const std::string k3s = slurp(bin_dir() + "/k3s-standin");
+  auto make = [&](const std::string& file, const std::vector<const bundles::KeyPair*>& signers,
+                  const std::function<void(v1::BundleManifest&)>& edit) {
+    v1::BundleManifest m = make_manifest("k3s-base", 1);
+    auto* a = m.add_artifacts();
+    a->set_name("k3s");
+    a->set_kind(v1::ARTIFACT_KIND_K3S_BINARY);
+    const auto h = crypto::sha256(k3s);
+    a->set_sha256(std::string(h.begin(), h.end()));
+    a->set_size(k3s.size());
+    a->set_url(crypto::sha256_hex(k3s));
+    m.mutable_target()->add_arch("amd64");
+    if (edit) edit(m);
+    auto env = bundles::wrap(m);
+    for (const auto* k : signers) REQUIRE(bundles::sign(env, *k));
+    const auto path = tmp.path() / file;
+    REQUIRE(bundles::write_bundle_file(path, env));
+    stdfs::create_directories(path.string() + ".artifacts");
+    std::ofstream(path.string() + ".artifacts/" + crypto::sha256_hex(k3s), std::ios::binary) << k3s;
+    return path.string();
+  };
+  auto inject = [&](const std::string& bundle, const stdfs::path& out, std::vector<std::string> extra) {
+    std::vector<std::string> a = {"image", "inject", rootfs.string(), "--output", out.string(), "--hub-url",
+                                  "http://hub.example:8080", "--enrollment-token", "tok", "--root-keyring",
+                                  root_file.string(), "--agent", bin_dir() + "/flotilla-agent", "--k3s-bundle", bundle};
+    a.insert(a.end(), extra.begin(), extra.end());
+    return Hub::cli_local(a);
+  };
+  const std::vector<std::string> with_signing = {"--signing-keyring", signing_file.string()};
+  const auto before = file_hash(rootfs);
+
+  struct Refusal {
+    std::string name, bundle, expect;
+  };
+  const std::vector<Refusal> refusals = {
+      {"unsigned", make("unsigned.fbundle", {}, nullptr), "REASON_UNSIGNED"},
+      {"signed by a root key, not a signing key", make("root-signed.fbundle", {&r1}, nullptr), "REASON_UNKNOWN_KEY"},
+      {"expired", make("expired.fbundle", {&s1}, [&](v1::BundleManifest& m) { m.set_expires_unix(now - 60); }),
+       "REASON_BUNDLE_EXPIRED"},
+      {"for another arch",
+       make("arm.fbundle", {&s1}, [](v1::BundleManifest& m) { m.mutable_target()->set_arch(0, "arm64"); }),
+       "REASON_WRONG_ARCH"},
+  };
+  for (const auto& bad : refusals) {
+    INFO(bad.name);
+    const auto out = tmp.path() / ("out-" + bad.expect + ".tar.gz");
+    auto r = inject(bad.bundle, out, with_signing);
+    INFO(r.err);
+    CHECK(r.exit_code == 1);
+    CHECK(r.err.find("would be refused by the device (" + bad.expect + ")") != std::string::npos);
+    CHECK_FALSE(stdfs::exists(out));
+    CHECK_FALSE(stdfs::exists(out.string() + ".tmp"));
+    CHECK(file_hash(rootfs) == before);
+  }
+  // Without the signing keyring there is nothing to check it under: refused.
+  const auto good = make("good.fbundle", {&s1}, nullptr);
+  auto missing = inject(good, tmp.path() / "o-missing.tar.gz", {});
+  CHECK(missing.exit_code == 2);
+  CHECK(missing.err.find("pass --signing-keyring") != std::string::npos);
+  CHECK_FALSE(stdfs::exists(tmp.path() / "o-missing.tar.gz"));
+
+  // Signed by the signing keyring's key: preloaded.
+  const auto out = tmp.path() / "ok.tar.gz";
+  auto ok = inject(good, out, with_signing);
+  INFO(ok.err);
+  REQUIRE(ok.exit_code == 0);
+  const auto x = tmp.path() / "x";
+  stdfs::create_directories(x);
+  must({"tar", "-xzf", out.string(), "-C", x.string()});
+  CHECK(slurp(x / "usr/local/bin/k3s") == k3s);
+}
+
+TEST_CASE("image inject --director-key pins the hub's director key in agent.yaml", "[integration][image]") {
+  TempDir tmp;
+  Trust t;
+  make_rootfs(tmp.path() / "rootfs", host_elf());
+  const auto director = bundles::generate_key();
+  REQUIRE(bundles::write_public_key(tmp.path() / "director.pub", director.pub));
+  auto r = Hub::cli_local(inject_args(tmp.path() / "rootfs", t, {"--director-key", (tmp.path() / "director.pub").string()}));
+  INFO(r.err);
+  REQUIRE(r.exit_code == 0);
+  CHECK(slurp(tmp.path() / "rootfs/etc/flotilla/agent.yaml").find("director-key: \"" +
+                                                                  bundles::public_key_text(director.pub) + "\"") !=
+        std::string::npos);
+  auto bad = Hub::cli_local(inject_args(tmp.path() / "rootfs", t, {"--director-key", "ed25519:nope"}));
+  CHECK(bad.exit_code == 2);
 }

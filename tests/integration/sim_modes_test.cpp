@@ -3,6 +3,7 @@
 // files carry the figures and the plots.
 #include <catch2/catch.hpp>
 
+#include "flotilla/bundles/keys.hpp"
 #include "sim_support.hpp"
 
 using namespace flotilla;
@@ -29,6 +30,11 @@ TEST_CASE("virtual devices behind gateways converge a campaign through the real 
   CHECK(r["figures"]["latency_p99_ms"].get<double>() >= r["figures"]["latency_p50_ms"].get<double>());
   // The real core ran: verify ... commit journaled for each device.
   CHECK(r["figures"]["journal_rows"].get<int>() >= 150 * 14);
+  // Each device pinned the hub's director key from its batch enrollment and
+  // applied only desired states whose header that key signed.
+  auto director = bundles::read_public_key((tmp.path() / "gw" / "hub" / "director.pub").string());
+  REQUIRE(director);
+  CHECK(r["director_key_id"] == director->key_id);
   // Enrollment at 500/s: 150 devices take at least ~0.3 s.
   CHECK(r["figures"]["enroll_s"].get<double>() >= 0.25);
   CHECK(r["timeline"].size() >= 2);

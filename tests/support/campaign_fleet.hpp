@@ -7,6 +7,7 @@
 #include <map>
 #include <memory>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -35,6 +36,7 @@ struct Fleet {
   bundles::KeyPair key = bundles::generate_key();
   std::vector<std::string> devices;
   std::map<std::string, uint64_t> seq;
+  std::set<std::string> director_keys;  // as enrollment answers named them
 
   Fleet() { open(); }
 
@@ -74,6 +76,7 @@ struct Fleet {
       auto r = hub->enroll(req);
       REQUIRE(r);
       devices.push_back(r->device_id());
+      director_keys.insert(r->director_public_key());
       presence(r->device_id(), true);
     }
   }

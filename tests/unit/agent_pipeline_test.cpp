@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "edge-agent/testing/desired.hpp"
 #include "edge-agent/testing/fakes.hpp"
 #include "flotilla/agent/agent.hpp"
 #include "flotilla/agent/daemon.hpp"
@@ -62,11 +63,17 @@ struct Rig {
   MemStateStore store;
   FakeDownloader downloader{files};
   bundles::KeyPair key = bundles::generate_key();
+  // The hub's director key: desired states carry a header it signed, and the
+  // agent pins it. `director_pinned = false` is an agent enrolled before the
+  // hub signed (no key): its messages then carry no header either.
+  bundles::KeyPair director = bundles::generate_key();
+  bool director_pinned = true;
   std::vector<v1::Report> reports;
   std::unique_ptr<Agent> agent;
   std::string crash_at;  // "<step>:<phase>": the hook throws Crash there
+  std::string fail_saves_at;  // "<step>:<phase>": every save from there on fails (a full disk)
 
-  Rig() {
+  explicit Rig(bool pin_director = true) : director_pinned(pin_director) {
     files.files[kBin] = MemFileTree::Entry{"k3s-binary-v1", 0755};
     restart_agent();
   }
@@ -76,10 +83,12 @@ struct Rig {
     cfg.device_id = kDevice;
     cfg.arch = "amd64";
     cfg.keyring.add(key.pub);
+    if (director_pinned) cfg.director_key = director.pub;
     cfg.health_timeout = std::chrono::milliseconds(30);
     cfg.health_poll = std::chrono::milliseconds(1);
     cfg.min_free_bytes = 4096;
     cfg.step_hook = [this](const std::string& step, const std::string& phase) {
+      if (!fail_saves_at.empty() && fail_saves_at == step + ":" + phase) store.fail_saves = true;
       if (!crash_at.empty() && crash_at == step + ":" + phase) throw Crash{crash_at};
     };
     agent = std::make_unique<Agent>(cfg, runtime, files, store, clock,
@@ -131,6 +140,7 @@ struct Rig {
     *ds.mutable_bundle() = b;
     ds.set_artifact_base_url(kBase);
     ds.set_rollback(rollback);
+    if (director_pinned) flotilla::agent::testing::sign_header(ds, director);
     return ds.SerializeAsString();
   }
 
@@ -207,6 +217,49 @@ TEST_CASE("a crash at any step leaves the old bundle or the new one, never a mix
       REQUIRE_FALSE(rig.agent->outbox().empty());
       rig.agent->outbox_delivered(rig.agent->outbox().rbegin()->first);
       CHECK(rig.store.state.outbox.empty());
+    }
+  }
+}
+
+TEST_CASE("backups outlive a failed save of the outcome, so the next start restores the node exactly",
+          "[unit][agent][journal]") {
+  // The backups are the only copy of the old files once the install ran; the
+  // store says what the node runs. They may go only once the store says so.
+  for (const std::string at : {"commit:begin", "rollback:begin"}) {
+    DYNAMIC_SECTION("the store fails from " << at) {
+      Rig rig;
+      rig.agent->handle_desired(rig.desired(rig.bundle(1), 1));
+      REQUIRE_APPLIED(rig);
+      const auto old_tree = rig.files.node_files();
+      if (at == "rollback:begin") rig.runtime.set_never_healthy();
+
+      rig.fail_saves_at = at;
+      rig.agent->handle_desired(rig.desired(rig.bundle(2, "k3s-binary-v2"), 2));
+      // On disk the apply is still in flight, with its backups listed ...
+      const auto& stored = rig.store.state;
+      REQUIRE(stored.in_flight.has_value());
+      CHECK(stored.version == 1);
+      REQUIRE_FALSE(stored.in_flight->backups.empty());
+      if (at == "commit:begin") {
+        // ... and every one of them is still there: the node runs v2 files.
+        for (const auto& b : stored.in_flight->backups) {
+          INFO(b.path);
+          if (b.existed) CHECK(rig.files.exists(b.backup));
+        }
+      } else {
+        // ... while the rollback already moved them back into place.
+        CHECK(rig.files.node_files() == old_tree);
+      }
+
+      // Power cut; the disk has room again; the agent starts and recovers.
+      rig.fail_saves_at.clear();
+      rig.store.fail_saves = false;
+      rig.runtime.set_healthy();
+      rig.restart_agent();
+      CHECK_FALSE(rig.store.state.in_flight.has_value());
+      CHECK(rig.agent->applied().version == 1);
+      CHECK(rig.files.node_files() == old_tree);
+      for (const auto& [p, e] : rig.files.files) CHECK(p.find("/var/lib/flotilla/backup") == std::string::npos);
     }
   }
 }
@@ -347,6 +400,39 @@ TEST_CASE("campaign rollback returns to exactly the previous bundle and nothing 
   }
 }
 
+TEST_CASE("an agent without a director key refuses every rollback and keeps no generation floor",
+          "[unit][agent][rollback][director]") {
+  // Enrolled before the hub signed desired states: nothing in the message is
+  // authenticated beyond the bundle, so what an unsigned field can do is bounded.
+  Rig rig(false);
+  const auto v1b = rig.bundle(1);
+  rig.agent->handle_desired(rig.desired(v1b, 1));
+  rig.agent->handle_desired(rig.desired(rig.bundle(2), 2));
+  REQUIRE_APPLIED(rig);
+  const auto tree = rig.files.files;
+  const int saves = rig.store.saves;
+
+  // The flip attack: back to the previous bundle by setting `rollback`.
+  rig.agent->handle_desired(rig.desired(v1b, 3, true));
+  CHECK(rig.last().state() == v1::AGENT_STATE_REFUSED);
+  CHECK(rig.last().error().reason() == v1::REASON_DESIRED_UNSIGNED);
+  CHECK(rig.files.files == tree);
+  CHECK(rig.store.saves == saves);
+  CHECK(rig.agent->applied().version == 2);
+
+  // The freeze attack: a huge generation is handled (its bundle is the one
+  // running) but is not a floor: the hub's next generation still applies.
+  rig.agent->handle_desired(rig.desired(rig.bundle(2), INT64_MAX));
+  CHECK(rig.last().state() == v1::AGENT_STATE_APPLIED);
+  // One that could not even be stored is refused outright.
+  rig.agent->handle_desired(rig.desired(rig.bundle(2), UINT64_MAX));
+  CHECK(rig.last().error().reason() == v1::REASON_MALFORMED_DESIRED);
+  rig.agent->handle_desired(rig.desired(rig.bundle(3), 3));
+  REQUIRE_APPLIED(rig);
+  CHECK(rig.agent->applied().version == 3);
+  CHECK(rig.agent->applied().director_generation == 0);
+}
+
 TEST_CASE("agent finds drifted files, repairs them, restarts k3s for config and reports the paths",
           "[unit][agent][drift]") {
   Rig rig;
@@ -368,6 +454,30 @@ TEST_CASE("agent finds drifted files, repairs them, restarts k3s for config and 
   CHECK(rig.last().error().reason() == v1::REASON_DRIFT);
   CHECK(rig.last().error().message().find(kDropIn) != std::string::npos);
   CHECK(rig.agent->check_drift().empty());
+}
+
+TEST_CASE("enrollment retry delays draw from 64 random bits: far more than 256 patterns across a fleet",
+          "[unit][agent]") {
+  // Seeded from one random byte, every device of a fleet booting together
+  // picked one of 256 delay sequences, so they came back in 256 herds.
+  std::set<std::vector<int64_t>> patterns;
+  for (int device = 0; device < 2000; ++device) {
+    auto b = flotilla::agent::make_enroll_backoff(std::chrono::hours(1));
+    std::vector<int64_t> delays;
+    for (int attempt = 0; attempt < 4; ++attempt) delays.push_back(b.next().count());
+    CHECK(delays[0] <= 1000);  // full jitter under the first ceiling (1 s)
+    patterns.insert(delays);
+  }
+  CHECK(patterns.size() > 1900);
+}
+
+TEST_CASE("an artifact's overall download deadline grows with its size, never below the floor", "[unit][agent]") {
+  flotilla::agent::AgentConfig cfg;
+  cfg.download_deadline_min = std::chrono::minutes(5);
+  cfg.download_min_rate = 16 * 1024;
+  CHECK(flotilla::agent::download_deadline(cfg, 1000) == std::chrono::minutes(5));
+  // 4 GiB at 16 KiB/s: about 73 hours.
+  CHECK(flotilla::agent::download_deadline(cfg, uint64_t{4} << 30) == std::chrono::seconds((uint64_t{4} << 30) / 16384 + 1));
 }
 
 TEST_CASE("reconnect delays of many devices after a broker restart are spread, not in lockstep",
@@ -478,6 +588,21 @@ TEST_CASE("agent config rejects bad new settings with a clear message", "[unit][
   auto bad_inventory = parse({"--inventory-interval", "often"});
   REQUIRE_FALSE(bad_inventory);
   CHECK(bad_inventory.error().message.find("inventory-interval") != std::string::npos);
+  auto zero_rate = parse({"--download-min-rate", "0"});
+  REQUIRE_FALSE(zero_rate);
+  CHECK(zero_rate.error().message.find("download-min-rate must be at least 1 byte per second") != std::string::npos);
+  auto bad_rate = parse({"--download-min-rate", "fast"});
+  REQUIRE_FALSE(bad_rate);
+  CHECK(bad_rate.error().message.find("download-min-rate") != std::string::npos);
+  auto zero_deadline = parse({"--download-deadline-min", "0s"});
+  REQUIRE_FALSE(zero_deadline);
+  CHECK(zero_deadline.error().message.find("download-deadline-min must be positive") != std::string::npos);
+  auto deadlines = parse({"--download-deadline-min", "90s", "--download-min-rate", "1MiB", "--director-key",
+                          "ed25519:AAAA"});
+  REQUIRE(deadlines);
+  CHECK(deadlines->download_deadline_min == std::chrono::seconds(90));
+  CHECK(deadlines->download_min_rate == (uint64_t{1} << 20));
+  CHECK(deadlines->director_key == "ed25519:AAAA");  // read (and checked) at start, like root-keys
 }
 
 TEST_CASE("agent config checks tls-ca-file under the root before anything connects", "[unit][agent][config]") {

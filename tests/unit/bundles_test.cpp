@@ -852,3 +852,109 @@ TEST_CASE("parse_rfc3339 rejects non-UTC and malformed times", "[unit][bundles]"
     CHECK_THAT(r.error().message, Catch::Contains("UTC"));
   }
 }
+
+// ---------------------------------------------------------------- range checks
+
+TEST_CASE("load_spec refuses unsafe file modes and a version a device cannot store", "[unit][bundles]") {
+  SpecDir s;
+  flotilla::FakeClock clock(kNow);
+  for (const char* mode : {"0666", "0664", "0646", "0775", "4755", "2755", "1755", "01000"}) {
+    INFO(mode);
+    s.spec(std::string("name: x\nversion: 1\nfiles:\n  - kind: manifest\n    source: manifests/app.yaml\n    mode: \"") +
+           mode + "\"\n");
+    auto m = b::load_spec(s.dir, clock);
+    REQUIRE_FALSE(m.ok());
+    CHECK_THAT(m.error().message, Catch::Contains("within 0755"));
+  }
+  for (const char* mode : {"0755", "0644", "0640", "0600", "0400"}) {
+    INFO(mode);
+    s.spec(std::string("name: x\nversion: 1\nfiles:\n  - kind: manifest\n    source: manifests/app.yaml\n    mode: \"") +
+           mode + "\"\n");
+    CHECK(b::load_spec(s.dir, clock).ok());
+  }
+  s.spec("name: x\nversion: 9223372036854775808\n");  // 2^63
+  auto big = b::load_spec(s.dir, clock);
+  REQUIRE_FALSE(big.ok());
+  CHECK(big.error().code == Errc::invalid_argument);
+  s.spec("name: x\nversion: 9223372036854775807\n");
+  auto max = b::load_spec(s.dir, clock);
+  REQUIRE(max.ok());
+  CHECK(max->version() == 9223372036854775807ull);
+}
+
+TEST_CASE("load_spec reads switch-from-channels and refuses bad entries", "[unit][bundles]") {
+  SpecDir s;
+  flotilla::FakeClock clock(kNow);
+  s.spec("name: x\nversion: 1\nchannel: beta\nswitch-from-channels: [stable, lts]\n");
+  auto m = b::load_spec(s.dir, clock);
+  REQUIRE(m.ok());
+  CHECK(std::vector<std::string>(m->switch_from_channels().begin(), m->switch_from_channels().end()) ==
+        std::vector<std::string>{"stable", "lts"});
+  for (const char* bad : {"[beta]", "[stable, stable]", "[\"a/b\"]", "stable"}) {
+    INFO(bad);
+    s.spec(std::string("name: x\nversion: 1\nchannel: beta\nswitch-from-channels: ") + bad + "\n");
+    auto r = b::load_spec(s.dir, clock);
+    REQUIRE_FALSE(r.ok());
+    CHECK_THAT(r.error().message, Catch::Contains("switch-from-channels"));
+  }
+}
+
+TEST_CASE("verify refuses a version above 2^63-1: REASON_MALFORMED_MANIFEST", "[unit][bundles]") {
+  // SQLite keeps the device's floor as int64: 2^63 would read back negative.
+  const auto k = key(36);
+  Policy p;
+  const auto v = b::verify(signed_by(make_manifest(uint64_t{1} << 63), {k}), ring_of({k}), p.policy);
+  INFO(v.message);
+  CHECK(v.reason == v1::REASON_MALFORMED_MANIFEST);
+  CHECK_THAT(v.message, Catch::Contains("2^63-1"));
+  CHECK(b::verify(signed_by(make_manifest(INT64_MAX), {k}), ring_of({k}), p.policy).ok());
+}
+
+TEST_CASE("verify refuses group/world-writable, setuid, setgid and sticky files: REASON_UNSAFE_FILE_MODE",
+          "[unit][bundles]") {
+  const auto k = key(37);
+  Policy p;
+  for (uint32_t mode : {0666u, 0664u, 0646u, 0622u, 0777u, 04755u, 02755u, 01755u, 010644u}) {
+    INFO(std::oct << mode);
+    auto m = make_manifest();
+    m.mutable_files(0)->set_mode(mode);
+    const auto v = b::verify(signed_by(m, {k}), ring_of({k}), p.policy);
+    CHECK(v.reason == v1::REASON_UNSAFE_FILE_MODE);
+    CHECK_THAT(v.message, Catch::Contains("10-flotilla.yaml"));
+    // The same in an overlay.
+    auto o = make_manifest();
+    auto* ov = o.add_overlays();
+    ov->set_selector("");
+    *ov->add_files() = m.files(0);
+    CHECK(b::verify(signed_by(o, {k}), ring_of({k}), p.policy).reason == v1::REASON_UNSAFE_FILE_MODE);
+  }
+  for (uint32_t mode : {0u, 0644u, 0600u, 0640u, 0755u, 0400u}) {
+    INFO(std::oct << mode);
+    auto m = make_manifest();
+    m.mutable_files(0)->set_mode(mode);
+    CHECK(b::verify(signed_by(m, {k}), ring_of({k}), p.policy).ok());
+  }
+}
+
+TEST_CASE("verify refuses a bundle of another channel unless it names the device's: REASON_CHANNEL_SWITCH",
+          "[unit][bundles]") {
+  const auto k = key(38);
+  Policy p;
+  p.policy.current_channel = "beta";
+  p.policy.highest_applied = {{"beta", 9}};
+  auto m = make_manifest(1);  // channel stable: no floor there, version 1 would pass per channel
+  auto v = b::verify(signed_by(m, {k}), ring_of({k}), p.policy);
+  INFO(v.message);
+  CHECK(v.reason == v1::REASON_CHANNEL_SWITCH);
+  CHECK_THAT(v.message, Catch::Contains("beta"));
+  m.add_switch_from_channels("lts");
+  CHECK(b::verify(signed_by(m, {k}), ring_of({k}), p.policy).reason == v1::REASON_CHANNEL_SWITCH);
+  m.add_switch_from_channels("beta");
+  CHECK(b::verify(signed_by(m, {k}), ring_of({k}), p.policy).ok());
+  // The floor of the target channel still holds.
+  p.policy.highest_applied["stable"] = 3;
+  CHECK(b::verify(signed_by(m, {k}), ring_of({k}), p.policy).reason == v1::REASON_ROLLBACK_VERSION);
+  // A device with nothing applied yet may start on any channel.
+  Policy fresh;
+  CHECK(b::verify(signed_by(make_manifest(1), {k}), ring_of({k}), fresh.policy).ok());
+}

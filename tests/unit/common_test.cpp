@@ -1,6 +1,9 @@
 // [unit] tests for common/: errors, encoding, hashing, files, SQLite, options,
 // backoff, child processes and the topic layout. No I/O beyond temp dirs.
+#include <fcntl.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <sys/types.h>
 #include <unistd.h>
 
@@ -378,10 +381,40 @@ TEST_CASE("ensure_dir creates nested directories with the requested mode", "[uni
   const auto d = tmp.path() / "a" / "b" / "c";
   REQUIRE(flotilla::fs::ensure_dir(d, 0750).ok());
   CHECK(stdfs::is_directory(d));
+  // Every directory it made has the mode, not the umask's.
+  CHECK(file_mode(tmp.path() / "a") == 0750);
+  CHECK(file_mode(tmp.path() / "a" / "b") == 0750);
   CHECK(file_mode(d) == 0750);
-  // Idempotent.
+  // Idempotent, and an existing directory keeps its mode.
   REQUIRE(flotilla::fs::ensure_dir(d, 0700).ok());
+  CHECK(file_mode(d) == 0750);
+  // ensure_own_dir is for the program's own directory: its mode is enforced.
+  REQUIRE(flotilla::fs::ensure_own_dir(d, 0700).ok());
   CHECK(file_mode(d) == 0700);
+}
+
+TEST_CASE("ensure_dir never changes the mode of a directory that exists (/var/log, /etc)", "[unit][common]") {
+  // A system directory with its own mode (the sticky, world-writable /tmp,
+  // or a 0750 /var/log): creating a file's parent below it must not touch it.
+  TempDir tmp;
+  UmaskGuard mask(077);
+  const auto varlog = tmp.path() / "var" / "log";
+  stdfs::create_directories(varlog);
+  ::chmod((tmp.path() / "var").c_str(), 0755);
+  ::chmod(varlog.c_str(), 01777);
+  REQUIRE(flotilla::fs::ensure_dir(varlog, 0700).ok());
+  CHECK(file_mode(varlog) == 01777);
+  REQUIRE(flotilla::fs::ensure_dir(varlog / "flotilla" / "x", 0700).ok());
+  CHECK(file_mode(varlog) == 01777);
+  CHECK(file_mode(tmp.path() / "var") == 0755);
+  CHECK(file_mode(varlog / "flotilla") == 0700);
+  CHECK(file_mode(varlog / "flotilla" / "x") == 0700);
+  // A file where a directory should be is an error naming it; nothing made.
+  std::ofstream(tmp.path() / "file") << "x";
+  auto bad = flotilla::fs::ensure_dir(tmp.path() / "file" / "sub", 0700);
+  REQUIRE_FALSE(bad.ok());
+  CHECK_THAT(bad.error().message, Catch::Contains("not a directory"));
+  CHECK_FALSE(stdfs::exists(tmp.path() / "file" / "sub"));
 }
 
 // ---------------------------------------------------------------- sqlite
@@ -755,6 +788,46 @@ TEST_CASE("Options get_map refuses entries without a key", "[unit][common]") {
   CHECK_THAT(m.error().message, Catch::Contains("'=nokey'"));
 }
 
+TEST_CASE("Options: a confirmation switch comes from the command line only", "[unit][common]") {
+  // FLOTILLA_YES=true exported in a shell, or `yes: true` left in a file,
+  // must never confirm a decommission (or a key overwrite) for the operator.
+  TempDir tmp;
+  EnvGuard env;
+  env.set("FLOTILLA_UT_CONF_YES", "true");
+  env.set("FLOTILLA_UT_CONF_NAME", "from-env");
+  auto options = [] {
+    flotilla::Options o("flotilla-test", "test", "FLOTILLA_UT_CONF_");
+    o.add("config", "c").add_switch("yes", "confirm").flag_only("yes").add("name", "n").config_file_key("config");
+    return o;
+  };
+  {
+    auto o = options();
+    Args args{};
+    REQUIRE(o.parse(args.argc(), args.argv()).ok());
+    CHECK_FALSE(o.get_bool("yes"));
+    CHECK(o.source("yes") == "default");
+    CHECK(o.get("name") == "from-env");  // other options still read the environment
+    CHECK_THAT(o.help(), Catch::Contains("command line only"));
+  }
+  {
+    const auto cfg = tmp.path() / "c.yaml";
+    std::ofstream(cfg) << "name: x\nyes: true\n";
+    auto o = options();
+    Args args{"--config", cfg.string()};
+    auto r = o.parse(args.argc(), args.argv());
+    REQUIRE_FALSE(r.ok());
+    CHECK_THAT(r.error().message, Catch::Contains("'yes' can only be given on the command line"));
+    CHECK_FALSE(o.get_bool("yes"));
+  }
+  {
+    auto o = options();
+    Args args{"--yes"};
+    REQUIRE(o.parse(args.argc(), args.argv()).ok());
+    CHECK(o.get_bool("yes"));
+    CHECK(o.source("yes") == "flag");
+  }
+}
+
 TEST_CASE("Options switches take no value and refuse non-booleans", "[unit][common]") {
   flotilla::Options o("flotilla-test", "test", "FLOTILLA_UT_SW_");
   o.add_switch("ci", "c").add_switch("verbose", "v").add("name", "n", "x");
@@ -872,6 +945,37 @@ TEST_CASE("proc::run times out a long child and reports timed_out", "[unit][comm
   CHECK(r->exit_code != 0);
   // Not a speed target: without the timeout run() would wait the full 5 s.
   CHECK(elapsed < 4s);
+}
+
+TEST_CASE("proc::run closes its pipes when fork fails", "[unit][common]") {
+  // fork fails with EAGAIN once a user is at its process limit. Root is exempt
+  // from RLIMIT_NPROC, so a child of this test drops to nobody first; it then
+  // runs proc::run many times and exits 0 only if every call failed at fork
+  // and no descriptor was left behind.
+  const pid_t pid = ::fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    if (::geteuid() == 0 && (::setgid(65534) != 0 || ::setuid(65534) != 0)) ::_exit(10);
+    const rlimit none{0, 0};
+    if (::setrlimit(RLIMIT_NPROC, &none) != 0) ::_exit(11);
+    auto open_fds = [] {
+      int n = 0;
+      for (int fd = 0; fd < 4096; ++fd) n += ::fcntl(fd, F_GETFD) != -1 ? 1 : 0;
+      return n;
+    };
+    const int before = open_fds();
+    for (int i = 0; i < 50; ++i) {
+      auto r = flotilla::proc::run({"/bin/true"}, 1s);
+      if (r.ok()) ::_exit(12);  // fork was not refused: the rig does not test anything
+      if (r.error().message.rfind("fork:", 0) != 0) ::_exit(13);
+    }
+    ::_exit(open_fds() == before ? 0 : 14);
+  }
+  int status = 0;
+  REQUIRE(::waitpid(pid, &status, 0) == pid);
+  REQUIRE(WIFEXITED(status));
+  INFO("child exit code (12: fork not refused, 13: another error, 14: descriptors leaked)");
+  CHECK(WEXITSTATUS(status) == 0);
 }
 
 TEST_CASE("proc spawn and run of a missing binary give not_found", "[unit][common]") {

@@ -981,6 +981,9 @@ TEST_CASE("hub enrolls a gateway's batch in one request, with one result per dev
     CHECK(e.enrolled().mqtt_username().empty());  // it uses the gateway's session
     CHECK(e.enrolled().mqtt_password().empty());
     CHECK(e.enrolled().labels().at("fleet") == "shops");
+    // Each device behind the gateway learns the director key it checks desired states with.
+    const auto& director = hub.service().director_public_key().key;
+    CHECK(e.enrolled().director_public_key() == std::string(director.begin(), director.end()));
     auto dev = hub.store().get_device(e.enrolled().device_id());
     REQUIRE(dev);
     REQUIRE(*dev);

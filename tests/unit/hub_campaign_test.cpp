@@ -10,7 +10,10 @@
 #include <random>
 #include <set>
 
+#include "edge-agent/testing/fakes.hpp"
+#include "flotilla/agent/agent.hpp"
 #include "flotilla/bundles/bundle.hpp"
+#include "flotilla/bundles/director.hpp"
 #include "flotilla/common/crypto.hpp"
 #include "flotilla/hub/service.hpp"
 #include "flotilla/v1/desired.pb.h"
@@ -509,4 +512,92 @@ TEST_CASE("a lost outcome report is recovered from the device's next idle report
   }
   f.hub->tick();
   CHECK(f.view(id).campaign.state == "completed");
+}
+
+TEST_CASE("every desired state carries a header signed per device by the director key, binding its bundle",
+          "[unit][hub][campaign][director]") {
+  Fleet f;
+  f.enroll(3);
+  // Enrollment names the hub's director key, the same for every device.
+  REQUIRE(f.director_keys.size() == 1);
+  const std::string raw = *f.director_keys.begin();
+  REQUIRE(raw.size() == 32);
+  const auto& director = f.hub->director_public_key();
+  CHECK(raw == std::string(director.key.begin(), director.key.end()));
+
+  // Each device applies and says what it runs (what a rollback returns it to).
+  auto applied = [&f](const std::string& campaign, uint64_t version) {
+    for (const auto& d : f.devices) {
+      v1::Report r;
+      r.set_device_id(d);
+      r.set_seq(++f.seq[d] + 1000);
+      r.set_state(v1::AGENT_STATE_APPLIED);
+      r.set_generation(f.desired(d)->generation());
+      r.set_campaign_id(campaign);
+      r.mutable_applied()->set_name("edge-base");
+      r.mutable_applied()->set_version(version);
+      f.deliver(d, "report", r.SerializeAsString());
+    }
+    f.hub->tick();
+  };
+  const auto id = f.create(json::object(), f.bundle(1));
+  f.hub->tick();
+  applied(id, 1);
+  const auto id2 = f.create(json::object(), f.bundle(2));
+  f.hub->tick();
+  applied(id2, 2);
+  REQUIRE(f.hub->campaign_action(id2, "rollback"));
+
+  size_t checked = 0, rollbacks = 0;
+  for (const auto& ds : f.sent()) {
+    INFO(ds.device_id() << " generation " << ds.generation());
+    auto hv = bundles::verify_desired_header(ds.header(), director);
+    REQUIRE(hv.ok());
+    const auto& h = hv.header;
+    CHECK(h.device_id() == ds.device_id());
+    CHECK(h.generation() == ds.generation());
+    CHECK(h.campaign_id() == ds.campaign_id());
+    CHECK(h.rollback() == ds.rollback());
+    CHECK(h.issued_unix_ms() == ds.issued_unix_ms());
+    CHECK(h.artifact_base_url() == "http://hub.test/v1/artifacts/");
+    const auto digest = crypto::sha256(ds.bundle().manifest());
+    CHECK(h.manifest_sha256() == std::string(digest.begin(), digest.end()));
+    rollbacks += h.rollback() ? 1 : 0;
+    ++checked;
+  }
+  CHECK(checked == 9);    // v1 and v2 to three devices, then three rollbacks to v1
+  CHECK(rollbacks == 3);
+
+  // The agent core takes the hub's message as it is, under the key from enrollment ...
+  namespace t = flotilla::agent::testing;
+  t::FakeK3sRuntime runtime;
+  t::MemFileTree files;
+  t::MemStateStore state;
+  std::vector<v1::Report> reports;
+  agent::CoreConfig cfg;
+  cfg.device_id = f.devices[0];
+  cfg.arch = "amd64";
+  cfg.keyring.add(f.key.pub);
+  cfg.director_key = director;
+  cfg.health_poll = std::chrono::milliseconds(1);
+  agent::Agent a(cfg, runtime, files, state, f.clock, [&](v1::Report&& r) { reports.push_back(std::move(r)); });
+  REQUIRE(a.start());
+  std::string first_payload;
+  for (const auto& m : f.broker.published()) {
+    if (m.topic == transport::device_topic(f.devices[0], "desired")) {
+      first_payload = m.payload;
+      break;
+    }
+  }
+  a.handle_desired(first_payload);
+  REQUIRE_FALSE(reports.empty());
+  INFO(reports.back().error().message());
+  CHECK(reports.back().state() == v1::AGENT_STATE_APPLIED);
+  // ... and refuses the same message meant for another device.
+  std::string other;
+  for (const auto& m : f.broker.published()) {
+    if (m.topic == transport::device_topic(f.devices[1], "desired")) other = m.payload;
+  }
+  a.handle_desired(other);
+  CHECK(reports.back().error().reason() == v1::REASON_WRONG_DEVICE);
 }

@@ -6,6 +6,10 @@
 #include <string>
 #include <vector>
 
+#include <sys/stat.h>
+
+#include "flotilla/bundles/keys.hpp"
+#include "flotilla/common/fs.hpp"
 #include "flotilla/hub/app.hpp"
 #include "tests/support/temp_dir.hpp"
 
@@ -74,4 +78,51 @@ TEST_CASE("hub config: git-sync is true or false, nothing else", "[unit][hub][co
   CHECK_FALSE(off->git_sync);
   CHECK_THAT(error_of(hub_config({"--git-sync", "maybe"})),
              Catch::Contains("git-sync must be true or false, got 'maybe' (from flag)"));
+}
+
+TEST_CASE("hub config: the director key is made once (0600), kept, or read from director-key", "[unit][hub][config]") {
+  flotilla::test::TempDir tmp;
+  namespace bundles = flotilla::bundles;
+  auto mode_of = [](const std::filesystem::path& p) {
+    struct stat st {};
+    REQUIRE(::stat(p.c_str(), &st) == 0);
+    return st.st_mode & 07777;
+  };
+  const auto data = tmp.path() / "data";
+  std::filesystem::create_directories(data);
+  auto made = flotilla::hub::load_director_key(data, "");
+  REQUIRE(made);
+  CHECK(mode_of(data / "director.key") == 0600);
+  auto pub = bundles::read_public_key((data / "director.pub").string());
+  REQUIRE(pub);
+  CHECK(pub->key == made->pub.key);
+  // The next start signs with the same key.
+  auto again = flotilla::hub::load_director_key(data, "");
+  REQUIRE(again);
+  CHECK(again->pub.key == made->pub.key);
+
+  // An operator's key file.
+  const auto own = tmp.path() / "own.key";
+  const auto kp = bundles::generate_key();
+  REQUIRE(bundles::write_private_key(own, kp));
+  auto given = flotilla::hub::load_director_key(data, own.string());
+  REQUIRE(given);
+  CHECK(given->pub.key == kp.pub.key);
+  CHECK(bundles::read_public_key((data / "director.pub").string())->key == kp.pub.key);
+  auto cfg = hub_config({"--director-key", own.string()});
+  REQUIRE(cfg);
+  CHECK(cfg->director_key_file == own.string());
+
+  // Refused, with the reason: readable by others, passphrase-protected, missing.
+  ::chmod(own.c_str(), 0640);
+  auto shared = flotilla::hub::load_director_key(data, own.string());
+  REQUIRE_FALSE(shared);
+  CHECK(shared.error().message.find("readable by others") != std::string::npos);
+  const auto sealed = tmp.path() / "sealed.key";
+  REQUIRE(bundles::write_private_key(sealed, kp, "pass", bundles::PassphraseCost{1, 8192}));
+  auto enc = flotilla::hub::load_director_key(data, sealed.string());
+  REQUIRE_FALSE(enc);
+  CHECK(enc.error().message.find("cannot ask for a passphrase") != std::string::npos);
+  CHECK(error_of(hub_config({"--director-key", (tmp.path() / "missing.key").string()})).find("director-key: cannot read") !=
+        std::string::npos);
 }

@@ -3,9 +3,14 @@
 // images in tests/integration/image_inject_test.cpp).
 #include <catch2/catch.hpp>
 
+#include <unistd.h>
+
+#include <cstdio>
+#include <fstream>
 #include <map>
 
 #include "images/src/image_fs.hpp"
+#include "tests/support/temp_dir.hpp"
 
 using namespace flotilla;
 using namespace flotilla::images;
@@ -121,4 +126,71 @@ TEST_CASE("MBR tables: primary and logical partitions, and damaged tables refuse
   auto nogpt = read_partition_table(reader(protective), protective.size());
   REQUIRE_FALSE(nogpt);
   CHECK(nogpt.error().message.find("GPT") != std::string::npos);
+}
+
+namespace {
+
+// A one-file ustar archive, made by hand so the test needs no tar binary.
+std::string ustar_one_file(const std::string& name, const std::string& content) {
+  std::string h(512, '\0');
+  h.replace(0, name.size(), name);
+  auto octal = [&h](size_t at, size_t width, uint64_t v) {
+    char buf[32];
+    std::snprintf(buf, sizeof buf, "%0*llo", int(width - 1), static_cast<unsigned long long>(v));
+    h.replace(at, width - 1, buf);
+  };
+  octal(100, 8, 0644);
+  octal(108, 8, 0);
+  octal(116, 8, 0);
+  octal(124, 12, content.size());
+  octal(136, 12, 1700000000);
+  h[156] = '0';
+  h.replace(257, 6, std::string("ustar\0", 6));
+  h.replace(263, 2, "00");
+  h.replace(148, 8, "        ");
+  unsigned sum = 0;
+  for (unsigned char c : h) sum += c;
+  char chk[8];
+  std::snprintf(chk, sizeof chk, "%06o", sum);
+  h.replace(148, 7, std::string(chk, 6) + '\0');
+  std::string body = content;
+  body.resize((content.size() + 511) / 512 * 512, '\0');
+  return h + body + std::string(1024, '\0');
+}
+
+}  // namespace
+
+TEST_CASE("the temporary tar output is never written through a symlink", "[unit][image]") {
+  flotilla::test::TempDir tmp;
+  const auto input = tmp.path() / "rootfs.tar";
+  std::ofstream(input, std::ios::binary) << ustar_one_file("etc/hostname", "device\n");
+  auto idx = index_tar(input);
+  REQUIRE(idx);
+  Payload p;
+  p.mtime = 1700000000;
+  Entry e;
+  e.path = "/etc/flotilla/agent.yaml";
+  e.data = "hub-url: x\n";
+  e.size = e.data.size();
+  p.entries.push_back(e);
+
+  // Someone who can write where the output goes plants a link to a file of ours.
+  const auto victim = tmp.path() / "victim";
+  std::ofstream(victim) << "precious\n";
+  const auto out = tmp.path() / "out.tar.tmp";
+  REQUIRE(::symlink(victim.c_str(), out.c_str()) == 0);
+  auto r = write_tar(input, *idx, p, out);
+  REQUIRE_FALSE(r);
+  CHECK(r.error().message.find(out.string()) != std::string::npos);
+  std::ifstream v(victim);
+  std::string text((std::istreambuf_iterator<char>(v)), std::istreambuf_iterator<char>());
+  CHECK(text == "precious\n");
+
+  // A plain new file: written.
+  const auto fresh = tmp.path() / "fresh.tar";
+  REQUIRE(write_tar(input, *idx, p, fresh));
+  auto again = index_tar(fresh);
+  REQUIRE(again);
+  CHECK(again->nodes.count("/etc/flotilla/agent.yaml") == 1);
+  CHECK(again->nodes.count("/etc/hostname") == 1);
 }

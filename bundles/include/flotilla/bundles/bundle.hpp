@@ -72,6 +72,9 @@ struct VerifyPolicy {
   std::map<std::string, std::string> labels;         // device labels
   bool check_labels = false;
   std::map<std::string, uint64_t> highest_applied;   // per channel (anti-rollback)
+  // The channel of the bundle the device runs now; empty = none yet. A bundle
+  // of another channel must name it in switch_from_channels.
+  std::string current_channel;
   size_t max_manifest_bytes = kMaxManifestBytes;
 };
 
@@ -85,8 +88,9 @@ struct Verdict {
 // Accept, or one specific reason. Checks in this order: size, signatures
 // (unsigned; then, when fewer distinct valid keys than the threshold: bad
 // signature by a trusted key, revoked key, expired key, unknown key, threshold
-// not met), manifest shape (files, artifacts, overlays), expiry, arch, labels,
-// version above the highest applied. The rollback check is deliberately last:
+// not met), manifest shape (files, artifacts, overlays; a version above
+// 2^63-1), file modes, expiry, arch, labels, channel switch, version above the
+// highest applied. The rollback check is deliberately last:
 // a caller that allows a campaign rollback to an exact earlier manifest can
 // accept REASON_ROLLBACK_VERSION knowing everything else passed.
 Verdict verify(const v1::SignedBundle& bundle, const Keyring& ring, const VerifyPolicy& policy);
@@ -94,6 +98,15 @@ Verdict verify(const v1::SignedBundle& bundle, const Keyring& ring, const Verify
 // Empty when the manifest's files, artifacts and overlays are well formed;
 // otherwise what is wrong (verify() refuses with REASON_MALFORMED_MANIFEST).
 std::string check_manifest_shape(const v1::BundleManifest& m);
+
+// File modes a bundle may ask for: permission bits within 0755 (0 means
+// 0644). No group- or world-writable file (k3s applies whatever lands in its
+// manifests directory, as cluster admin), no setuid, setgid or sticky bit.
+inline constexpr unsigned kAllowedFileModeBits = 0755;
+bool safe_file_mode(uint32_t mode);
+// Empty when every file (base and overlays) has a safe mode; otherwise the
+// first offender (verify() refuses with REASON_UNSAFE_FILE_MODE).
+std::string check_file_modes(const v1::BundleManifest& m);
 
 // File kind names as written in bundle.yaml and shown by tools.
 std::string file_kind_name(v1::FileKind k);

@@ -36,6 +36,9 @@ class Sha256Stream {
 };
 
 Bytes random_bytes(size_t n);
+// 64 random bits, e.g. to seed a PRNG: every process draws from the whole
+// seed space (one random byte gives a fleet only 256 jitter patterns).
+uint64_t random_u64();
 // URL- and filename-safe random token: hex of n random bytes.
 std::string random_token(size_t n_bytes = 32);
 

@@ -17,7 +17,12 @@ Result<std::string> read_file(const stdfs::path& path, size_t max_bytes = 64u <<
 // either the old or the new content, never a mix.
 Status write_file_atomic(const stdfs::path& path, std::string_view content, unsigned mode = 0644);
 
+// Creates the missing directories of `dir`, each with exactly `mode`.
+// Directories that already exist keep their mode and owner.
 Status ensure_dir(const stdfs::path& dir, unsigned mode = 0755);
+// A directory this program owns (its data or state directory): created like
+// ensure_dir, and set to `mode` even if it existed.
+Status ensure_own_dir(const stdfs::path& dir, unsigned mode);
 Status fsync_dir(const stdfs::path& dir);
 
 // A path a file refers to, `ref`, resolved against the directory `dir` it

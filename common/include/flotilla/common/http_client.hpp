@@ -49,6 +49,10 @@ Result<Response> send(const Request& req);
 // resumed up to max_attempts times.
 struct DownloadOptions {
   std::chrono::milliseconds io_timeout{30000};  // per read, not the whole transfer
+  // The whole transfer, resumes included; 0 = none. A server that sends one
+  // byte just before each io_timeout would otherwise hold the caller forever.
+  // Past it: Errc::timeout, and the partial file stays for a later resume.
+  std::chrono::milliseconds deadline{0};
   uint64_t max_bytes = uint64_t{1} << 32;       // more than this in total: too_large
   int max_attempts = 5;
   std::map<std::string, std::string> headers;

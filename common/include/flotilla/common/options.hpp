@@ -23,6 +23,11 @@ class Options {
   Options& add_list(const std::string& key, const std::string& help);
   // Names the key whose value is the config file to read (e.g. "config").
   Options& config_file_key(const std::string& key);
+  // The option is taken from the command line only: its environment variable
+  // is ignored and a config-file key is an error. For confirmations and
+  // safety switches (--yes, --force): an exported FLOTILLA_YES=true, or a
+  // line left in a file, must never answer for the operator.
+  Options& flag_only(const std::string& key);
 
   // Parses argv[start..]; returns the positional arguments. Unknown flags and
   // bad config files are errors naming the offending flag/line.
@@ -50,6 +55,7 @@ class Options {
     std::string def;
     bool is_switch = false;
     bool is_list = false;
+    bool flag_only = false;
     std::string value;
     std::vector<std::string> values;
     std::string source = "default";

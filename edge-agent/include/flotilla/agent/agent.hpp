@@ -8,6 +8,7 @@
 #include <map>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "flotilla/agent/seams.hpp"
@@ -22,6 +23,43 @@ namespace flotilla::agent {
 
 // The agent reports Flotilla's one version (common/version.hpp).
 inline const char* const kAgentVersion = flotilla::version();
+
+// What one desired-state message asks, once decoded and checked against the
+// director key (decide_desired). Pure: no state is touched.
+struct DesiredDecision {
+  enum class Action {
+    handle,   // go on: trust update, bundle verification, apply
+    ignore,   // nothing to do (a cleared retained message, one already handled)
+    refuse,   // report `reason` and change nothing
+    malformed // does not parse: report REASON_MALFORMED_DESIRED
+  };
+  Action action = Action::handle;
+  v1::Reason reason = v1::REASON_NONE;
+  std::string message;
+  v1::DesiredState ds;               // the parsed message (bundle, trust)
+  // The fields to act on: from the verified header when signed_header.
+  uint64_t generation = 0;
+  std::string campaign_id;
+  bool rollback = false;
+  std::string artifact_base_url;
+  bool signed_header = false;
+  std::string manifest_sha256_hex;   // of ds.bundle().manifest(), hashed once (when handled)
+};
+
+struct DesiredContext {
+  std::string device_id;
+  const bundles::PublicKey* director = nullptr;  // null: the agent pins no director key
+  uint64_t director_generation = 0;              // AppliedState::director_generation
+  uint64_t last_generation = 0;                  // AppliedState::generation
+};
+
+// Decodes a raw desired-state payload and checks the director's header:
+// size cap, parse, header present and signed by the pinned key, for this
+// device, agreeing with the message (bundle digest, generation, campaign,
+// rollback, artifact base), generation in range and above the signed floor.
+// Without a director key: no floor (only an exact repeat of the last
+// generation is ignored) and no rollback.
+DesiredDecision decide_desired(std::string_view payload, const DesiredContext& ctx);
 
 // The journaled steps of an apply, in order (rollback replaces the last two
 // when the health gate or the restart fails).
@@ -40,6 +78,13 @@ struct CoreConfig {
   // instead of `keyring`, and a DesiredState's trust moves it forward; it is
   // persisted to <state_dir>/trust.pb after every accepted update.
   std::optional<bundles::TrustStore> trust;
+  // The hub's director key (`director-key`, or learned at enrollment). When
+  // set, every desired state must carry a header signed by it, and the
+  // device, generation, campaign, rollback flag, bundle and artifact base are
+  // taken from that header only. When unset (agents enrolled before the hub
+  // signed): a rollback is refused and a generation is never a floor
+  // (docs/adr/0009-director-signed-desired-state.md).
+  std::optional<bundles::PublicKey> director_key;
   std::chrono::milliseconds health_timeout{60000};
   std::chrono::milliseconds health_poll{250};
   uint64_t min_free_bytes = 16u << 20;       // refuse to install below this
@@ -111,6 +156,7 @@ class Agent {
     std::string campaign_id;
     std::string bundle_name;
     uint64_t bundle_version = 0;
+    bool signed_header = false;  // generation came from a verified director header
   };
   v1::Report make_report(v1::AgentState state, const Attempt& a, v1::Reason reason, const std::string& message,
                          uint32_t progress, bool with_inventory);

@@ -21,6 +21,10 @@ struct AgentConfig {
   std::vector<std::string> root_keys;   // "ed25519:<base64>" or key files (under root)
   unsigned key_threshold = 1;
   std::string root_keyring;             // root keyring .krg (device path): TUF-style trust store instead of root_keys
+  // The hub's director key ("ed25519:<base64>" or a key file under root):
+  // pinned, so enrollment must name the same key and every desired state
+  // must carry a header it signed. Empty = the key the hub names at enrollment.
+  std::string director_key;
   std::map<std::string, std::string> labels;
   std::string arch;
   std::string k3s_bin;                  // device path; default /usr/local/bin/k3s
@@ -40,6 +44,12 @@ struct AgentConfig {
   std::chrono::milliseconds revoked_after{120000};   // refusals shorter than this are propagation delay
   std::chrono::milliseconds revoked_retry{600000};   // retry period once the broker keeps refusing us
   std::chrono::milliseconds download_timeout{30000}; // per read while downloading artifacts
+  // The whole download of one artifact must finish within
+  // max(download_deadline_min, size / download_min_rate): a server that
+  // trickles bytes just fast enough to beat download_timeout cannot hold the
+  // agent forever.
+  std::chrono::milliseconds download_deadline_min{300000};
+  uint64_t download_min_rate = 16 * 1024;  // bytes per second
   std::string crash_at;                  // FLOTILLA_AGENT_CRASH_AT test hook (docs/agent.md)
 };
 
@@ -51,6 +61,11 @@ std::string detect_arch();
 // device (and process), so a fleet that lost its broker together does not
 // come back in lockstep.
 Backoff make_reconnect_backoff(const std::string& device_id, std::chrono::milliseconds cap, uint64_t salt);
+// The enrollment retry policy: exponential with full jitter from 1 s, seeded
+// with 64 random bits so devices that boot together spread out.
+Backoff make_enroll_backoff(std::chrono::milliseconds cap);
+// The overall deadline of one artifact download of `bytes` bytes.
+std::chrono::milliseconds download_deadline(const AgentConfig& cfg, uint64_t bytes);
 // "64MiB", "1GiB", "500MB", "12345": bytes.
 Result<uint64_t> parse_size(const std::string& text);
 

@@ -122,6 +122,10 @@ struct AppliedState {
   uint64_t version = 0;
   std::string manifest_sha256_hex;
   uint64_t generation = 0;           // last desired generation with a final outcome
+  // The highest generation with a final outcome that came in a header signed
+  // by the pinned director key: the replay floor. An unsigned generation is
+  // never a floor (anyone able to publish could freeze the device with one).
+  uint64_t director_generation = 0;
   std::string campaign_id;
   std::vector<PlacedFile> files;     // what the applied bundle placed (files and artifacts)
   std::map<std::string, uint64_t> highest_version;  // per channel, anti-rollback

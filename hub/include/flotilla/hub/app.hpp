@@ -2,9 +2,11 @@
 // Wires the hub together: data dir, store, broker (embedded or external),
 // MQTT connection, service and HTTP server. main() only parses options.
 #include <atomic>
+#include <filesystem>
 #include <memory>
 #include <string>
 
+#include "flotilla/bundles/keys.hpp"
 #include "flotilla/common/options.hpp"
 #include "flotilla/common/result.hpp"
 
@@ -35,7 +37,16 @@ struct HubConfig {
   int64_t db_cache_mib = 64;  // StoreTuning
   int64_t db_mmap_mib = 0;
   bool git_sync = true;               // follow GitRepos (docs/operations.md, "Git sync")
+  // The director key file (flotilla key generate, unencrypted, 0600); empty =
+  // <data-dir>/director.key, made on first start.
+  std::string director_key_file;
 };
+
+// The key the hub signs desired-state headers with: the configured file, or
+// <data-dir>/director.key (created 0600 on first start). Either way its
+// public half is written to <data-dir>/director.pub (0644) for operators to
+// pin in device images (flotilla image inject --director-key).
+Result<bundles::KeyPair> load_director_key(const std::filesystem::path& data_dir, const std::string& configured);
 
 void add_hub_options(Options& o);
 Result<HubConfig> hub_config_from(const Options& o);

@@ -13,6 +13,7 @@
 #include <thread>
 #include <vector>
 
+#include "flotilla/bundles/keys.hpp"
 #include "flotilla/common/clock.hpp"
 #include "flotilla/common/encoding.hpp"
 #include "flotilla/common/result.hpp"
@@ -33,6 +34,10 @@ struct ApplyScope;
 struct ApplyOutcome;
 
 struct ServiceConfig {
+  // Signs the per-device header of every desired state (the "director" key,
+  // docs/adr/0009-director-signed-desired-state.md); its public half goes to
+  // devices at enrollment. Unset: an ephemeral key (tests, embedders).
+  std::optional<bundles::KeyPair> director_key;
   std::string broker_url;            // what devices are told to connect to
   std::string public_url;            // the hub's REST base URL as devices see it
   bool manage_broker_credentials = true;  // false with an external broker
@@ -193,6 +198,8 @@ class HubService {
   // would report into the void.
   bool mqtt_connected() const;
   void mark_detached() { attached_ = false; }
+  // The public half of the director key, as devices receive it at enrollment.
+  const bundles::PublicKey& director_public_key() const { return cfg_.director_key->pub; }
   uint64_t reports_processed() const { return reports_processed_; }
 
  private:
@@ -216,17 +223,23 @@ class HubService {
   // published after it commits. What every device of a campaign shares (the
   // signed bundle, the trust chain, the artifact base URL) is serialized once
   // and shared; per device only a small head (id, generation, campaign).
+  // The shared tail, and what each device's signed header binds it by.
+  struct SharedDesired {
+    std::string bytes;              // DesiredState{bundle, trust, artifact_base_url}, encoded once
+    std::string manifest_sha256;    // raw 32 bytes, of the bundle's manifest
+    std::string artifact_base_url;
+  };
+  using SharedDesiredPtr = std::shared_ptr<const SharedDesired>;
   struct PendingDesired {
     std::string device_id, gateway, campaign_id;
     uint64_t generation = 0;
     bool rollback = false;
-    std::shared_ptr<const std::string> shared;
+    SharedDesiredPtr shared;
   };
   using Publishes = std::vector<PendingDesired>;
   // The shared part for a bundle; call with store_mu_ held. `cache` keeps
   // one per bundle for the caller's loop.
-  Result<std::shared_ptr<const std::string>> desired_shared(
-      const std::string& bundle_id, std::map<std::string, std::shared_ptr<const std::string>>& cache);
+  Result<SharedDesiredPtr> desired_shared(const std::string& bundle_id, std::map<std::string, SharedDesiredPtr>& cache);
   Status publish_desired(const PendingDesired& p);
   void publish_all(const Publishes& publishes, const char* what);
   void republish_pending();

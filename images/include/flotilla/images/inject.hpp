@@ -33,6 +33,7 @@ struct AgentSettings {
   unsigned key_threshold = 0;          // 0 = leave the agent's default
   stdfs::path tls_ca_file;             // host file, copied to /etc/flotilla/ca.pem
   std::map<std::string, std::string> labels;
+  std::string director_key;            // ed25519:<base64>: the hub's director key, pinned (agent.yaml director-key)
 };
 
 struct InjectOptions {
@@ -43,6 +44,11 @@ struct InjectOptions {
   AgentSettings settings;
   stdfs::path k3s_bundle;                 // optional signed bundle whose k3s binary / airgap images to preload
   std::vector<stdfs::path> artifact_dirs; // where its artifacts are (also <bundle>.artifacts/)
+  // With settings.root_keyring, the k3s bundle is verified as the device
+  // will: under the signing keyring (signed by the pinned root, or by the
+  // last of root_chain, newer roots in ascending order).
+  stdfs::path signing_keyring;
+  std::vector<stdfs::path> root_chain;
   std::optional<int64_t> source_date;     // timestamps of everything written; default: derived from the input
 };
 
@@ -69,8 +75,9 @@ struct InjectReport {
 
 // Does the whole injection. On any refusal nothing at the output (and the
 // input) has changed: errors are Errc::invalid_argument (bad options, unknown
-// format), Errc::refused (arch mismatch, no ext4 root, no space, no trust root)
-// or Errc::io.
+// format), Errc::refused (arch mismatch, no ext4 root, no space, no trust root,
+// an ext4 filesystem e2fsck finds inconsistent, a k3s bundle the device would
+// refuse) or Errc::io.
 Result<InjectReport> inject(const InjectOptions& opts);
 
 // The manifest as JSON text (also written next to the output and into the
