@@ -304,10 +304,13 @@ Status Fleet::prepare_devices() {
 Status Fleet::create_token() {
   // Devices and gateways get their labels from their tokens, so the
   // campaign's selector (sim-run=<label>) never picks a gateway.
-  for (auto [name, key, into] : {std::tuple{"devices", "sim-run", &enroll_token_},
-                                 std::tuple{"gateways", "sim-gateway", &gateway_token_}}) {
+  // Tokens allow one use by default: ask for exactly the uses this run needs.
+  const uint32_t per = std::max<uint32_t>(1, opts_.devices_per_gateway);
+  const uint32_t gateways = opts_.mode == Mode::gateway ? (opts_.devices + per - 1) / per : 0;
+  for (auto [name, key, into, uses] : {std::tuple{"devices", "sim-run", &enroll_token_, opts_.devices},
+                                       std::tuple{"gateways", "sim-gateway", &gateway_token_, gateways}}) {
     json body = {{"name", "flotilla-sim " + std::string(name) + " " + label_}, {"labels", {{key, label_}}},
-                 {"ttl", "24h"}};
+                 {"ttl", "24h"}, {"max_uses", std::max<uint32_t>(1, uses)}};
     auto j = rest_.call_json("POST", "/v1/enrollment-tokens", body, 201);
     if (!j) return j.error().with_context("create an enrollment token (the API token needs the operator role)");
     *into = (*j)["token"].get<std::string>();
@@ -338,7 +341,11 @@ v1::EnrollRequest Fleet::enroll_request(const bundles::KeyPair& key, const std::
   req.set_hostname(hostname);
   req.set_arch("amd64");
   req.set_agent_version(agent::kAgentVersion);
-  const Bytes proof = bundles::sign_detached(key, bundles::enroll_proof_message(token, key.pub.key));
+  // Timestamped like the agent's, so a rerun with the same seed (the same
+  // device keys) enrolls them again instead of being refused as a replay.
+  const auto issued = static_cast<uint64_t>(SystemClock::instance().now_unix_ms());
+  req.set_issued_unix_ms(issued);
+  const Bytes proof = bundles::sign_detached(key, bundles::enroll_proof_message(token, key.pub.key, issued));
   req.set_proof(std::string(proof.begin(), proof.end()));
   return req;
 }

@@ -5,6 +5,7 @@
 #include "tests/support/hub_test_support.hpp"
 #include "tests/support/temp_dir.hpp"
 
+#include <atomic>
 #include <cmath>
 #include <filesystem>
 #include <map>
@@ -113,6 +114,7 @@ class Hub {
     rec.name = "enroll-" + project;
     rec.role = "enroll";
     rec.project = project;
+    for (const auto& [k, v] : labels) rec.device_label_keys.push_back(k);  // the device names its own
     auto t = service_->create_token("enroll", rec);
     REQUIRE(t);
     auto r = enroll(t->secret, labels);
@@ -130,7 +132,9 @@ class Hub {
     v1::EnrollRequest req;
     req.set_enrollment_token(token);
     req.set_device_public_key(std::string(key->pub.key.begin(), key->pub.key.end()));
-    auto sig = bundles::sign_detached(*key, bundles::enroll_proof_message(token, key->pub.key));
+    static std::atomic<uint64_t> issued{1'800'000'000'000};  // each request newer than the last
+    req.set_issued_unix_ms(++issued);
+    auto sig = bundles::sign_detached(*key, bundles::enroll_proof_message(token, key->pub.key, req.issued_unix_ms()));
     req.set_proof(std::string(sig.begin(), sig.end()));
     req.set_hostname("edge-host");
     req.set_arch("arm64");
