@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <deque>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <mutex>
 #include <queue>
@@ -179,7 +180,8 @@ class Fleet {
   Status create_token();
   Status enroll_gateways();
   Status enroll_devices();
-  Result<std::string> post_enrollment(const std::string& path, const std::string& body, const std::string& what);
+  Result<std::string> post_enrollment(const std::string& path, const std::function<std::string()>& body,
+                                      const std::string& what);
   v1::EnrollRequest enroll_request(const bundles::KeyPair& key, const std::string& hostname,
                                    const std::string& token) const;
   Result<std::string> enroll_one(const bundles::KeyPair& key, const std::string& hostname,
@@ -319,10 +321,14 @@ Status Fleet::create_token() {
 }
 
 // POSTs an enrollment, retrying while the hub is not ready (503) or busy (429).
-Result<std::string> Fleet::post_enrollment(const std::string& path, const std::string& body, const std::string& what) {
+// The body is signed afresh for each attempt, as the agent does: an attempt
+// whose answer was lost may have been taken, and the same signed request
+// again would be refused as a replay.
+Result<std::string> Fleet::post_enrollment(const std::string& path, const std::function<std::string()>& body,
+                                           const std::string& what) {
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
   for (int attempt = 0;; ++attempt) {
-    auto r = rest_.call("POST", path, body, "application/x-protobuf");
+    auto r = rest_.call("POST", path, body(), "application/x-protobuf");
     if (r && r->status == 200) return std::move(r->body);
     const bool retry = !r || r->status == 503 || r->status == 429;
     if (!retry || std::chrono::steady_clock::now() > deadline) {
@@ -353,14 +359,17 @@ v1::EnrollRequest Fleet::enroll_request(const bundles::KeyPair& key, const std::
 Result<std::string> Fleet::enroll_one(const bundles::KeyPair& key, const std::string& hostname,
                                       const bundles::KeyPair* gateway_key, const std::string& gateway_id,
                                       v1::EnrollResponse& resp, const std::string& token) {
-  v1::EnrollRequest req = enroll_request(key, hostname, token);
-  req.set_enrollment_token(token);
-  if (gateway_key) {
-    req.set_gateway_id(gateway_id);
-    const Bytes gp = bundles::sign_detached(*gateway_key, bundles::enroll_proof_message(token, key.pub.key));
-    req.set_gateway_proof(std::string(gp.begin(), gp.end()));
-  }
-  auto body = post_enrollment("/v1/enroll", req.SerializeAsString(), hostname);
+  auto request = [&] {
+    v1::EnrollRequest req = enroll_request(key, hostname, token);
+    req.set_enrollment_token(token);
+    if (gateway_key) {
+      req.set_gateway_id(gateway_id);
+      const Bytes gp = bundles::sign_detached(*gateway_key, bundles::enroll_proof_message(token, key.pub.key));
+      req.set_gateway_proof(std::string(gp.begin(), gp.end()));
+    }
+    return req.SerializeAsString();
+  };
+  auto body = post_enrollment("/v1/enroll", request, hostname);
   if (!body) return body.error();
   if (!resp.ParseFromString(*body)) return make_error(Errc::parse, "enroll " + hostname + ": answer does not parse");
   return resp.device_id();
@@ -369,20 +378,24 @@ Result<std::string> Fleet::enroll_one(const bundles::KeyPair& key, const std::st
 // Devices [first, first + count), all behind one gateway, in one request.
 Status Fleet::enroll_batch(uint32_t first, uint32_t count) {
   const uint32_t g = devices_[first].session;
-  v1::EnrollBatchRequest req;
-  req.set_enrollment_token(enroll_token_);
-  req.set_gateway_id(gateway_ids_[g]);
-  std::vector<std::string> keys;
-  keys.reserve(count);
-  for (uint32_t i = first; i < first + count; ++i) {
-    *req.add_devices() = enroll_request(seeded_key("device", opts_.seed, i), "sim-" + std::to_string(i), enroll_token_);
-    keys.push_back(req.devices().rbegin()->device_public_key());
-  }
-  const Bytes gp = bundles::sign_detached(
-      gateway_keys_[g], bundles::enroll_batch_proof_message(enroll_token_, gateway_ids_[g], keys));
-  req.set_gateway_proof(std::string(gp.begin(), gp.end()));
+  auto request = [&] {
+    v1::EnrollBatchRequest req;
+    req.set_enrollment_token(enroll_token_);
+    req.set_gateway_id(gateway_ids_[g]);
+    std::vector<std::string> keys;
+    keys.reserve(count);
+    for (uint32_t i = first; i < first + count; ++i) {
+      *req.add_devices() =
+          enroll_request(seeded_key("device", opts_.seed, i), "sim-" + std::to_string(i), enroll_token_);
+      keys.push_back(req.devices().rbegin()->device_public_key());
+    }
+    const Bytes gp = bundles::sign_detached(
+        gateway_keys_[g], bundles::enroll_batch_proof_message(enroll_token_, gateway_ids_[g], keys));
+    req.set_gateway_proof(std::string(gp.begin(), gp.end()));
+    return req.SerializeAsString();
+  };
   const std::string what = "sim-" + std::to_string(first) + "..sim-" + std::to_string(first + count - 1);
-  auto body = post_enrollment("/v1/enroll/batch", req.SerializeAsString(), what);
+  auto body = post_enrollment("/v1/enroll/batch", request, what);
   if (!body) return body.error();
   v1::EnrollBatchResponse resp;
   if (!resp.ParseFromString(*body) || resp.results_size() != static_cast<int>(count)) {

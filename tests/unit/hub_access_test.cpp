@@ -353,7 +353,8 @@ TEST_CASE("hub project scoping: a project token never sees another project's fle
   auto defaulted = hub.call("POST", "/v1/tokens", json{{"name", "n"}, {"role", "viewer"}}.dump(), x_admin);
   REQUIRE(defaulted.status == 201);
   CHECK(body_of(defaulted)["project"] == "team-x");
-  for (const auto& t : hub.get("/v1/tokens", x_admin)["items"]) CHECK(t["project"] == "team-x");
+  const json x_tokens = hub.get("/v1/tokens", x_admin);  // a range-for over a temporary's member dangles
+  for (const auto& t : x_tokens["items"]) CHECK(t["project"] == "team-x");
   CHECK(hub.call("DELETE", "/v1/tokens/" + hub.root_id, "", x_admin).status == 404);
   CHECK(hub.call("GET", "/v1/devices", "", hub.root).status == 200);  // root still works
 
@@ -363,7 +364,8 @@ TEST_CASE("hub project scoping: a project token never sees another project's fle
   CHECK(body_of(y_et)["project"] == "team-y");
   const std::string y_et_id = body_of(y_et)["id"].get<std::string>();
   CHECK(hub.call("POST", "/v1/enrollment-tokens", json{{"project", "team-y"}}.dump(), x_op).status == 403);
-  for (const auto& t : hub.get("/v1/enrollment-tokens", x_op)["items"]) CHECK(t["project"] == "team-x");
+  const json x_enrollment_tokens = hub.get("/v1/enrollment-tokens", x_op);
+  for (const auto& t : x_enrollment_tokens["items"]) CHECK(t["project"] == "team-x");
   CHECK(hub.call("DELETE", "/v1/enrollment-tokens/" + y_et_id, "", x_op).status == 404);
   auto y_tok = hub.store().get_token("enroll", y_et_id);
   REQUIRE(y_tok);
@@ -380,7 +382,8 @@ TEST_CASE("hub project scoping: a project token never sees another project's fle
   CHECK(ids_of(hub.get("/v1/bundles", y_op)["items"]) == std::set<std::string>{y_bundle});
 
   // The audit log: an X admin reads X's rows only.
-  for (const auto& a : hub.get("/v1/audit?limit=1000", x_admin)["items"]) CHECK(a["project"] == "team-x");
+  const json x_audit = hub.get("/v1/audit?limit=1000", x_admin);
+  for (const auto& a : x_audit["items"]) CHECK(a["project"] == "team-x");
   CHECK_FALSE(hub.get("/v1/audit?limit=1000", x_admin)["items"].empty());
 }
 
