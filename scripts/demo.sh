@@ -79,7 +79,9 @@ mkdir -p "$WORK/keys"
 "$F" key generate --out "$WORK/keys/release" | sed 's/^/    /'
 PUB="$(grep '^public:' "$WORK/keys/release.pub" | awk '{print $2}')"
 
-ENROLL="$("$F" enrollment-token create --label env=demo --label site=lab --max-uses "$DEVICES" --ttl 1h 2>/dev/null)"
+# Each agent names its own shelf: the token lets devices choose that key (and no other).
+ENROLL="$("$F" enrollment-token create --label env=demo --label site=lab --device-label-key shelf \
+  --max-uses "$DEVICES" --ttl 1h 2>/dev/null)"
 say "created an enrollment token for $DEVICES devices"
 
 say "starting $DEVICES agents, each with its own root and the k3s stand-in"

@@ -215,6 +215,12 @@ std::string enroll_proof_message(const std::string& enrollment_token, const Byte
   return "flotilla-enroll-v1\n" + crypto::sha256_hex(enrollment_token) + "\n" + to_hex(device_public_key);
 }
 
+std::string enroll_proof_message(const std::string& enrollment_token, const Bytes& device_public_key,
+                                 uint64_t issued_unix_ms) {
+  return "flotilla-enroll-v2\n" + crypto::sha256_hex(enrollment_token) + "\n" + to_hex(device_public_key) + "\n" +
+         std::to_string(issued_unix_ms);
+}
+
 std::string enroll_batch_proof_message(const std::string& enrollment_token, const std::string& gateway_id,
                                        const std::vector<std::string>& device_public_keys) {
   std::string keys;

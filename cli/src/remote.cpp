@@ -231,25 +231,35 @@ int token_revoke(const char* what, const std::string& path, int argc, char** arg
 
 int enrollment_token_create(int argc, char** argv) {
   Options o("flotilla enrollment-token create",
-            "Usage: flotilla enrollment-token create [--label k=v ...] [--ttl 24h] [--max-uses N] [--project P]\n\n"
-            "Makes a fleet enrollment token. Devices enrolling with it get its labels and project.\n"
+            "Usage: flotilla enrollment-token create [--label k=v ...] [--device-label-key K ...] [--ttl 24h]\n"
+            "                                        [--max-uses N | --unlimited-uses] [--project P]\n\n"
+            "Makes a fleet enrollment token. Devices enrolling with it get its labels and project;\n"
+            "a device may set only the label keys given with --device-label-key.\n"
             "The token is shown once; the hub keeps only its hash.",
             "FLOTILLA_");
   add_hub_flags(o);
   o.add_list("label", "label given to devices that enroll with this token")
-      .add("ttl", "how long the token is valid", "24h")
-      .add("max-uses", "how many devices may use it (0 = unlimited)", "0")
+      .add_list("device-label-key", "a label key devices may set themselves (any other device label is refused)")
+      .add("ttl", "how long the token is valid (at most 366d)", "24h")
+      .add("max-uses", "how many devices may use it", "1")
+      .add_switch("unlimited-uses", "no limit on uses (instead of --max-uses)")
       .add("project", "project of the devices (default: your token's project)")
       .add("name", "a note saying what the token is for");
   std::vector<std::string> pos;
   if (int rc = parse_args(o, argc, argv, pos, 0, 0); rc >= 0) return rc;
   auto labels = o.get_map("label");
   if (!labels) return fail(labels.error().message, 2);
-  auto max_uses = o.get_int("max-uses", 0, 1'000'000'000);
+  auto max_uses = o.get_int("max-uses", 1, 1'000'000'000);
   if (!max_uses) return fail(max_uses.error().message, 2);
   auto c = Client::from(o);
   if (!c) return fail(c.error().message, 2);
-  json body{{"labels", *labels}, {"ttl", o.get("ttl")}, {"max_uses", *max_uses}, {"name", o.get("name")}};
+  json body{{"labels", *labels}, {"ttl", o.get("ttl")}, {"name", o.get("name")},
+            {"device_label_keys", o.get_list("device-label-key")}};
+  if (o.get_bool("unlimited-uses")) {
+    body["unlimited_uses"] = true;
+  } else {
+    body["max_uses"] = *max_uses;
+  }
   if (!o.get("project").empty()) body["project"] = o.get("project");
   auto r = c->call("POST", "/v1/enrollment-tokens", body.dump());
   if (!r) return fail(r.error().message);

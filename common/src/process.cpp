@@ -140,7 +140,8 @@ Result<Child> spawn(const SpawnOptions& opts) {
         ::close(f);
       }
     };
-    if (!opts.stdout_path.empty()) redirect(opts.stdout_path, STDOUT_FILENO);
+    if (opts.stdout_fd >= 0) ::dup2(opts.stdout_fd, STDOUT_FILENO);
+    else if (!opts.stdout_path.empty()) redirect(opts.stdout_path, STDOUT_FILENO);
     if (opts.stderr_path == "stdout") ::dup2(STDOUT_FILENO, STDERR_FILENO);
     else if (!opts.stderr_path.empty()) redirect(opts.stderr_path, STDERR_FILENO);
     int devnull = ::open("/dev/null", O_RDONLY);

@@ -335,10 +335,15 @@ Result<v1::EnrollResponse> enroll(const AgentConfig& cfg, const bundles::KeyPair
   req.set_arch(cfg.arch);
   req.set_agent_version(kAgentVersion);
   for (const auto& [k, v] : cfg.labels) (*req.mutable_labels())[k] = v;
-  auto proof = bundles::sign_detached(id, bundles::enroll_proof_message(cfg.enrollment_token, id.pub.key));
-  req.set_proof(std::string(proof.begin(), proof.end()));
   Backoff backoff = make_enroll_backoff(cfg.reconnect_max);
   while (!stop) {
+    // Signed afresh at each attempt: the hub takes a device's enrollments
+    // only in increasing issued_unix_ms, so a captured request cannot be
+    // replayed, and an attempt whose answer was lost is not refused as one.
+    const auto issued = static_cast<uint64_t>(SystemClock::instance().now_unix_ms());
+    req.set_issued_unix_ms(issued);
+    auto proof = bundles::sign_detached(id, bundles::enroll_proof_message(cfg.enrollment_token, id.pub.key, issued));
+    req.set_proof(std::string(proof.begin(), proof.end()));
     http::Request hr;
     hr.method = "POST";
     hr.url = cfg.hub_url + "/v1/enroll";

@@ -4,10 +4,14 @@
 #include "flotilla/hub/api.hpp"
 
 
+#include <cmath>
+
 #include "api_internal.hpp"
 #include "flotilla/bundles/bundle.hpp"
+#include "flotilla/bundles/trust.hpp"
 #include "flotilla/common/log.hpp"
 #include "flotilla/common/options.hpp"
+#include "flotilla/hub/rate_limit.hpp"
 
 namespace flotilla::hub {
 
@@ -196,8 +200,15 @@ bool match(const std::string& pattern, const std::vector<std::string>& parts, st
 }  // namespace
 }  // namespace rest
 
-Api::Api(HubService& service) : service_(service), http_metrics_(std::make_unique<HttpMetrics>()) {}
+Api::Api(HubService& service, ApiLimits limits)
+    : service_(service),
+      http_metrics_(std::make_unique<HttpMetrics>()),
+      enroll_limit_(std::make_unique<KeyedLimiter>(service.clock(), limits.enroll_per_token_per_s,
+                                                   std::max(1.0, limits.enroll_per_token_per_s), limits.enroll_per_s,
+                                                   std::max(1.0, limits.enroll_per_s))) {}
 Api::~Api() = default;
+
+void Api::set_server_stats(const ServerStats* stats) { http_metrics_->set_server_stats(stats); }
 
 HttpResponse Api::error(int status, const std::string& code, const std::string& message) {
   return rest::json_response(status, json{{"error", {{"code", code}, {"message", message}}}});
@@ -284,7 +295,10 @@ void fill_actor(AuditRecord& a, const Resolved& r) {
 
 void Api::finish(const HttpRequest& req, AuditRecord& audit, const std::string& route, int status) {
   http_metrics_->count(req.method, route, status);
-  if (!mutating(req.method)) return;
+  // A request a rate limit refused changed nothing and is counted
+  // (flotilla_rate_limited_total); auditing each one would let a flood
+  // write to the audit log without bound.
+  if (!mutating(req.method) || status == 429) return;
   audit.method = req.method;
   audit.path = path_of(req.target).substr(0, 512);
   audit.status = status;
@@ -311,6 +325,70 @@ std::optional<HttpResponse> Api::precheck_upload(const HttpRequest& req) {
     finish(req, a, r.route ? r.route->pattern : "unmatched", refusal->status);
   }
   return refusal;
+}
+
+namespace {
+
+// The largest body each route takes, known from its headers alone.
+size_t body_limit(const std::string& method, const std::string& route) {
+  if (route == "/v1/enroll") return kMaxEnrollBody;
+  if (route == "/v1/enroll/batch") return kMaxEnrollBatchBody;
+  if (method == "POST" && route == "/v1/bundles") return bundles::kMaxEnvelopeBytes;
+  if (method == "PUT" && route == "/v1/trust") return bundles::kMaxTrustBytes;
+  if (mutating(method)) return kMaxJsonBody;
+  return kMaxNoBody;
+}
+
+// Routes that need no API token (Api::dispatch answers them before resolve()).
+std::optional<std::string> public_route(const std::vector<std::string>& p) {
+  if (p.size() == 1 && (p[0] == "healthz" || p[0] == "readyz")) return "/" + p[0];
+  if (p.size() == 2 && p[0] == "v1" && p[1] == "openapi.yaml") return "/v1/openapi.yaml";
+  if (p.size() == 2 && p[0] == "v1" && p[1] == "enroll") return "/v1/enroll";
+  if (p.size() == 3 && p[0] == "v1" && p[1] == "enroll" && p[2] == "batch") return "/v1/enroll/batch";
+  if (p.size() == 3 && p[0] == "v1" && p[1] == "artifacts") return "/v1/artifacts/{sha256}";
+  return std::nullopt;
+}
+
+}  // namespace
+
+Admission Api::admit(const HttpRequest& req) {
+  const rest::Target t = rest::parse_target(req.target);
+  Admission a;
+  Resolved r;
+  std::string route;
+  std::optional<HttpResponse> refusal;
+  if (auto pub = public_route(t.parts); pub && !(*pub == "/v1/artifacts/{sha256}" && mutating(req.method))) {
+    route = *pub;
+  } else {
+    refusal = resolve(service_, req, t, r);
+    route = r.route ? r.route->pattern : "unmatched";
+  }
+  a.max_body = body_limit(req.method, route);
+  // A declared body above the route's limit is refused now, with the
+  // caller known, rather than by the HTTP layer after routing.
+  if (!refusal) {
+    if (auto len = req.headers.find("content-length"); len != req.headers.end()) {
+      uint64_t n = 0;
+      try {
+        n = std::stoull(len->second);
+      } catch (const std::exception&) {
+        n = UINT64_MAX;
+      }
+      if (n > a.max_body) {
+        refusal = error(413, "too_large", "request body of " + len->second + " bytes is larger than the limit for " +
+                                              req.method + " " + route + " (" + std::to_string(a.max_body) + " bytes)");
+      }
+    }
+  }
+  if (refusal) {
+    // Refused on its headers: the body is never read, and handle() never runs.
+    AuditRecord audit;
+    fill_actor(audit, r);
+    audit.detail = "refused before its body was read";
+    finish(req, audit, route, refusal->status);
+    a.refusal = std::move(refusal);
+  }
+  return a;
 }
 
 HttpResponse Api::handle(const HttpRequest& req) {
@@ -351,48 +429,7 @@ HttpResponse Api::dispatch(const HttpRequest& req, AuditRecord& audit, std::stri
   const bool enroll_batch = p.size() == 3 && p[0] == "v1" && p[1] == "enroll" && p[2] == "batch";
   if (enroll_one || enroll_batch) {
     route = enroll_one ? "/v1/enroll" : "/v1/enroll/batch";
-    if (m != "POST") return error(405, "method_not_allowed", "use POST");
-    if (!service_.mqtt_connected()) {
-      HttpResponse r = error(503, "unavailable", "the hub is not connected to its broker yet; retry shortly");
-      r.headers["Retry-After"] = "2";
-      return r;
-    }
-    const size_t cap = enroll_one ? 64 * 1024 : kMaxEnrollBatchBody;
-    if (req.body.size() > cap) {
-      return error(413, "too_large", "enrollment request above " + std::to_string(cap / 1024) + " KiB");
-    }
-    v1::EnrollRequest one;
-    v1::EnrollBatchRequest batch;
-    if (enroll_one ? !one.ParseFromString(req.body) : !batch.ParseFromString(req.body)) {
-      return error(400, "invalid_argument", std::string("body is not a flotilla.v1.") +
-                                                (enroll_one ? "EnrollRequest" : "EnrollBatchRequest") +
-                                                " (application/x-protobuf)");
-    }
-    // Who enrolls is the token, named by its id (never its secret).
-    const std::string& secret = enroll_one ? one.enrollment_token() : batch.enrollment_token();
-    if (auto tok = service_.authenticate("enroll", secret); tok && *tok) {
-      audit.actor = "enrollment-token:" + (*tok)->id;
-      audit.actor_name = (*tok)->name;
-      audit.role = "enroll";
-      audit.project = (*tok)->project;
-    }
-    HttpResponse r;
-    r.content_type = "application/x-protobuf";
-    if (enroll_one) {
-      auto resp = service_.enroll(one);
-      if (!resp) return from_error(resp.error());
-      audit.detail = "enrolled device " + resp->device_id();
-      r.body = resp->SerializeAsString();
-    } else {
-      auto resp = service_.enroll_batch(batch);
-      if (!resp) return from_error(resp.error());
-      int ok = 0;
-      for (const auto& res : resp->results()) ok += res.has_enrolled() ? 1 : 0;
-      audit.detail = "enrolled " + std::to_string(ok) + " of " + std::to_string(resp->results_size()) +
-                     " devices behind gateway " + batch.gateway_id();
-      r.body = resp->SerializeAsString();
-    }
-    return r;
+    return enroll(req, audit, enroll_batch);
   }
 
   // Artifact downloads are public: content-addressed, and agents check every
@@ -413,6 +450,72 @@ HttpResponse Api::dispatch(const HttpRequest& req, AuditRecord& audit, std::stri
   if (ok.route->pattern == "/metrics" && r.status == 200) {
     r.content_type = "text/plain; version=0.0.4; charset=utf-8";
     r.body = render_metrics(service_, *http_metrics_);
+  }
+  return r;
+}
+
+namespace {
+HttpResponse rate_limited(int64_t retry_after_ms, const std::string& what) {
+  HttpResponse r = Api::error(429, "rate_limited", "too many enrollment requests " + what + "; retry later");
+  r.headers["Retry-After"] = std::to_string(std::max<int64_t>(1, (retry_after_ms + 999) / 1000));
+  return r;
+}
+}  // namespace
+
+HttpResponse Api::enroll(const HttpRequest& req, AuditRecord& audit, bool batch) {
+  using namespace rest;
+  if (req.method != "POST") return error(405, "method_not_allowed", "use POST");
+  if (!service_.mqtt_connected()) {
+    HttpResponse r = error(503, "unavailable", "the hub is not connected to its broker yet; retry shortly");
+    r.headers["Retry-After"] = "2";
+    return r;
+  }
+  // Before any work (parsing, signature checks, token lookups), so a flood
+  // costs the hub little.
+  int64_t retry_ms = 0;
+  if (!enroll_limit_->admit_all(&retry_ms)) {
+    http_metrics_->count_rate_limited("enroll");
+    return rate_limited(retry_ms, "to this hub");
+  }
+  const size_t cap = batch ? kMaxEnrollBatchBody : kMaxEnrollBody;
+  if (req.body.size() > cap) {
+    return error(413, "too_large", "enrollment request above " + std::to_string(cap / 1024) + " KiB");
+  }
+  v1::EnrollRequest one;
+  v1::EnrollBatchRequest many;
+  if (batch ? !many.ParseFromString(req.body) : !one.ParseFromString(req.body)) {
+    return error(400, "invalid_argument", std::string("body is not a flotilla.v1.") +
+                                              (batch ? "EnrollBatchRequest" : "EnrollRequest") +
+                                              " (application/x-protobuf)");
+  }
+  // Who enrolls is the token, named by its id (never its secret).
+  const std::string& secret = batch ? many.enrollment_token() : one.enrollment_token();
+  if (auto tok = service_.authenticate("enroll", secret); tok && *tok) {
+    audit.actor = "enrollment-token:" + (*tok)->id;
+    audit.actor_name = (*tok)->name;
+    audit.role = "enroll";
+    audit.project = (*tok)->project;
+    // One token may not use up the hub's whole enrollment rate.
+    if (!enroll_limit_->admit((*tok)->id, &retry_ms)) {
+      http_metrics_->count_rate_limited("enroll_token");
+      return rate_limited(retry_ms, "with this enrollment token");
+    }
+  }
+  HttpResponse r;
+  r.content_type = "application/x-protobuf";
+  if (!batch) {
+    auto resp = service_.enroll(one);
+    if (!resp) return from_error(resp.error());
+    audit.detail = "enrolled device " + resp->device_id();
+    r.body = resp->SerializeAsString();
+  } else {
+    auto resp = service_.enroll_batch(many);
+    if (!resp) return from_error(resp.error());
+    int ok = 0;
+    for (const auto& res : resp->results()) ok += res.has_enrolled() ? 1 : 0;
+    audit.detail = "enrolled " + std::to_string(ok) + " of " + std::to_string(resp->results_size()) +
+                   " devices behind gateway " + many.gateway_id();
+    r.body = resp->SerializeAsString();
   }
   return r;
 }

@@ -47,15 +47,25 @@ json enrollment_token_json(const TokenRecord& t) {
               {"name", t.name},
               {"project", t.project},
               {"labels", t.labels},
+              {"device_label_keys", t.device_label_keys},
               {"max_uses", t.max_uses},
+              {"unlimited_uses", t.max_uses == 0},
               {"uses", t.uses},
               {"expires_at", expiry(t.expires_unix)},
               {"created_at", iso_ms(t.created_ms)},
               {"revoked", t.revoked}};
 }
 
+// Enrollment tokens end up in device images and config files, so the
+// defaults are the safe ones: one use, 24 hours, labels only from the token.
+// More uses, no use limit, or labels a device may choose are asked for explicitly.
+constexpr int64_t kDefaultEnrollmentUses = 1;
+constexpr int64_t kMaxEnrollmentUses = 1'000'000'000;
+constexpr auto kMaxEnrollmentTtl = std::chrono::hours(24 * 366);
+constexpr size_t kMaxDeviceLabelKeys = 64;
+
 HttpResponse create_enrollment_token(HubService& s, Context& c) {
-  auto j = parse_body(c.req, {"name", "labels", "ttl", "max_uses", "project"});
+  auto j = parse_body(c.req, {"name", "labels", "ttl", "max_uses", "unlimited_uses", "device_label_keys", "project"});
   if (!j) return from_error(j.error());
   TokenRecord rec;
   rec.role = "enroll";
@@ -74,17 +84,48 @@ HttpResponse create_enrollment_token(HubService& s, Context& c) {
       rec.labels[k] = v.get<std::string>();
     }
   }
+  if (j->contains("device_label_keys")) {
+    const json& keys = (*j)["device_label_keys"];
+    if (!keys.is_array() || keys.size() > kMaxDeviceLabelKeys) {
+      return Api::error(400, "invalid_argument", "'device_label_keys' must be a list of at most " +
+                                                     std::to_string(kMaxDeviceLabelKeys) + " label keys");
+    }
+    for (const auto& k : keys) {
+      if (!k.is_string() || !valid_label_key(k.get<std::string>())) {
+        return Api::error(400, "invalid_argument", "bad label key in 'device_label_keys': " + k.dump());
+      }
+      if (rec.labels.count(k.get<std::string>())) {
+        return Api::error(400, "invalid_argument", "label '" + k.get<std::string>() +
+                                                       "' is set by the token; it cannot also be the device's to choose");
+      }
+      rec.device_label_keys.push_back(k.get<std::string>());
+    }
+  }
   auto ttl = string_field(*j, "ttl", false);
   if (!ttl) return from_error(ttl.error());
   auto d = parse_duration(ttl->empty() ? "24h" : *ttl);
   if (!d) return from_error(d.error().with_context("ttl"));
   if (d->count() < 1000) return Api::error(400, "invalid_argument", "ttl must be at least 1s");
-  if (j->contains("max_uses")) {
-    if (!(*j)["max_uses"].is_number_integer() || (*j)["max_uses"].get<int64_t>() < 0) {
-      return Api::error(400, "invalid_argument", "'max_uses' must be a whole number >= 0");
-    }
-    rec.max_uses = (*j)["max_uses"].get<int64_t>();
+  if (*d > kMaxEnrollmentTtl) return Api::error(400, "invalid_argument", "ttl must be at most 366d");
+  bool unlimited = false;
+  if (j->contains("unlimited_uses")) {
+    if (!(*j)["unlimited_uses"].is_boolean()) return Api::error(400, "invalid_argument", "'unlimited_uses' must be true or false");
+    unlimited = (*j)["unlimited_uses"].get<bool>();
   }
+  rec.max_uses = kDefaultEnrollmentUses;
+  if (j->contains("max_uses")) {
+    if (unlimited) {
+      return Api::error(400, "invalid_argument", "give either 'max_uses' or 'unlimited_uses', not both");
+    }
+    const json& m = (*j)["max_uses"];
+    if (!m.is_number_integer() || m.get<int64_t>() < 1 || m.get<int64_t>() > kMaxEnrollmentUses) {
+      return Api::error(400, "invalid_argument", "'max_uses' must be a whole number 1.." +
+                                                     std::to_string(kMaxEnrollmentUses) +
+                                                     " (a token without a use limit: \"unlimited_uses\": true)");
+    }
+    rec.max_uses = m.get<int64_t>();
+  }
+  if (unlimited) rec.max_uses = 0;  // the store's "no limit"
   auto created = s.create_token("enroll", rec, *d);
   if (!created) return from_error(created.error());
   c.audit_detail = "enrollment token " + created->record.id + " project=" + rec.project;

@@ -12,26 +12,38 @@ HttpResponse upload_bundle(HubService& s, Context& c) {
   if (c.req.body.size() > bundles::kMaxEnvelopeBytes) {
     return Api::error(413, "too_large", "bundle is larger than " + std::to_string(bundles::kMaxEnvelopeBytes) + " bytes");
   }
-  auto up = s.upload_bundle(c.req.body, c.caller.project == "*" ? "default" : c.caller.project);
+  // A bundle belongs to one project: the caller's, or for a caller of every
+  // project the one named by ?project= (default "default").
+  std::string project = c.caller.project;
+  if (auto q = c.target.query.find("project"); q != c.target.query.end()) {
+    if (q->second == "*" || q->second.empty() || !valid_label_value(q->second)) {
+      return Api::error(400, "invalid_argument", "bad project '" + q->second + "': a label value");
+    }
+    if (c.caller.project != "*" && q->second != c.caller.project) {
+      return Api::error(403, "permission_denied", "your token is for project " + c.caller.project +
+                                                      "; it cannot upload to project " + q->second);
+    }
+    project = q->second;
+  }
+  if (project == "*") project = "default";
+  auto up = s.upload_bundle(c.req.body, project);
   if (!up) return from_error(up.error());
   c.audit_detail = "bundle " + up->first.id + " " + up->first.name + " v" + std::to_string(up->first.version);
   return json_response(up->second ? 201 : 200, bundle_json(up->first));
 }
 
 HttpResponse list_bundles(HubService& s, Context& c) {
-  auto list = s.list_bundles();
+  auto list = s.list_bundles(c.caller.project);
   if (!list) return from_error(list.error());
   json items = json::array();
-  for (const auto& b : *list) {
-    if (c.caller.sees(b.project)) items.push_back(bundle_json(b));
-  }
+  for (const auto& b : *list) items.push_back(bundle_json(b));
   return json_response(200, {{"items", items}});
 }
 
 HttpResponse get_bundle(HubService& s, Context& c) {
-  auto b = s.get_bundle(c.params[0]);
+  auto b = s.get_bundle(c.params[0], c.caller.project);
   if (!b) return from_error(b.error());
-  if (!*b || !c.caller.sees((*b)->project)) return Api::error(404, "not_found", "no bundle '" + c.params[0] + "'");
+  if (!*b) return Api::error(404, "not_found", "no bundle '" + c.params[0] + "'");
   return json_response(200, bundle_json(**b));
 }
 

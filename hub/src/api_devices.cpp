@@ -49,12 +49,11 @@ HttpResponse list_devices(HubService& s, Context& c) {
     include_decommissioned = v == "true";
   }
   const std::string after = q.count("after") ? q.at("after") : "";
-  auto list = s.list_devices(*sel);
+  auto list = s.list_devices(*sel, c.caller.project);
   if (!list) return from_error(list.error());
   json items = json::array();
   std::string next;
   for (const auto& d : *list) {
-    if (!c.caller.sees(d.project)) continue;
     if (!include_decommissioned && d.state == "decommissioned") continue;
     if (!after.empty() && d.id <= after) continue;
     if (static_cast<int64_t>(items.size()) == limit) {

@@ -2,6 +2,8 @@
 // verify-chain ... --out trust.pb` wrote) and GET /v1/trust (a summary).
 // One trust message for the whole hub, not per project: devices of every
 // project pin roots of the same operator (docs/api/openapi.yaml, "Trust").
+// So only an admin of every project ("*") may replace it: a project's admin
+// could otherwise make every other tenant's devices refuse their updates.
 #include <algorithm>
 
 #include "api_internal.hpp"
@@ -41,6 +43,10 @@ json trust_json(const v1::Trust& t) {
 }
 
 HttpResponse put_trust(HubService& s, Context& c) {
+  if (c.caller.project != "*") {
+    return Api::error(403, "permission_denied", "the trust message covers every project; only an admin of project "
+                                                "\"*\" may replace it");
+  }
   if (c.req.body.size() > bundles::kMaxTrustBytes) {
     return Api::error(413, "too_large", "trust message is larger than " + std::to_string(bundles::kMaxTrustBytes) +
                                             " bytes");

@@ -3,6 +3,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <thread>
 
 #include "flotilla/common/backoff.hpp"
@@ -63,6 +64,15 @@ void add_hub_options(Options& o) {
       .add("director-key", "private key file (flotilla key generate, not passphrase-protected, mode 0600) the hub "
                            "signs every device's desired-state header with; empty = <data-dir>/director.key, made "
                            "on first start (docs/security.md, \"Director-signed desired state\")")
+      .add("http-max-connections", "open REST API connections at most; at the cap new ones wait (0 = no cap)", "1024")
+      .add("http-max-connections-per-peer", "open REST API connections per client address; more are refused with "
+                                            "503 (0 = no cap)", "256")
+      .add("enroll-rate", "enrollment requests per second for all devices together; more get 429 (0 = no limit)",
+           "200")
+      .add("enroll-rate-per-token", "enrollment requests per second with one enrollment token (0 = no limit)", "50")
+      .add("broker-max-queued-messages", "embedded broker: QoS 1 messages queued per client, the hub's own "
+                                         "session included (mosquitto's max_queued_messages)", "1000000")
+      .add("broker-max-queued-mib", "embedded broker: MiB of messages queued per client (max_queued_bytes)", "256")
       .add("log-level", "trace, debug, info, warn or error", "info")
       .config_file_key("config");
 }
@@ -174,6 +184,24 @@ Result<HubConfig> hub_config_from(const Options& o) {
     return make_error(Errc::invalid_argument, "director-key: cannot read '" + c.director_key_file + "' (from " +
                                                   o.source("director-key") + ")");
   }
+  auto conns = o.get_int("http-max-connections", 0, 1 << 20);
+  if (!conns) return conns.error();
+  c.http_max_connections = static_cast<int>(*conns);
+  auto per_peer = o.get_int("http-max-connections-per-peer", 0, 1 << 20);
+  if (!per_peer) return per_peer.error();
+  c.http_max_connections_per_peer = static_cast<int>(*per_peer);
+  auto rate = o.get_int("enroll-rate", 0, 1000000);
+  if (!rate) return rate.error();
+  c.enroll_rate = *rate;
+  auto token_rate = o.get_int("enroll-rate-per-token", 0, 1000000);
+  if (!token_rate) return token_rate.error();
+  c.enroll_rate_per_token = *token_rate;
+  auto queued = o.get_int("broker-max-queued-messages", 1, 1000000000);
+  if (!queued) return queued.error();
+  c.broker_max_queued_messages = *queued;
+  auto queued_mib = o.get_int("broker-max-queued-mib", 1, 1 << 20);
+  if (!queued_mib) return queued_mib.error();
+  c.broker_max_queued_mib = *queued_mib;
   return c;
 }
 
@@ -195,7 +223,9 @@ Status run_hub(const HubConfig& cfg, const std::atomic<bool>& stop) {
   const bool embedded = cfg.broker_url.empty();
   // Start the REST listener first so the public URL (which may use port 0) is known.
   std::unique_ptr<HubService> service;
-  Api* api_ptr = nullptr;
+  // Published by this thread once the Api exists, read by the HTTP threads
+  // that start serving before it does (they answer 503 until then).
+  std::atomic<Api*> api_ptr{nullptr};
   std::unique_ptr<Api> api;
   HttpServerConfig hc;
   hc.host = cfg.listen_host;
@@ -203,16 +233,25 @@ Status run_hub(const HubConfig& cfg, const std::atomic<bool>& stop) {
   hc.threads = cfg.http_threads;
   hc.tls_cert_file = cfg.tls_cert_file;
   hc.tls_key_file = cfg.tls_key_file;
+  hc.max_connections = cfg.http_max_connections;
+  hc.max_connections_per_peer = cfg.http_max_connections_per_peer;
   ArtifactStore artifacts(data / "artifacts");
   if (auto s = artifacts.init(); !s) return s;
   hc.upload_dir = artifacts.dir();
   hc.precheck_upload = [&api_ptr](const HttpRequest& r) -> std::optional<HttpResponse> {
-    if (!api_ptr) return Api::error(503, "unavailable", "hub is starting");
-    return api_ptr->precheck_upload(r);
+    Api* a = api_ptr.load(std::memory_order_acquire);
+    if (!a) return Api::error(503, "unavailable", "hub is starting");
+    return a->precheck_upload(r);
+  };
+  hc.admit = [&api_ptr](const HttpRequest& r) -> Admission {
+    Api* a = api_ptr.load(std::memory_order_acquire);
+    if (!a) return Admission{Api::error(503, "unavailable", "hub is starting"), 0};
+    return a->admit(r);
   };
   auto server = HttpServer::start(hc, [&api_ptr](const HttpRequest& r) {
-    if (!api_ptr) return Api::error(503, "unavailable", "hub is starting");
-    return api_ptr->handle(r);
+    Api* a = api_ptr.load(std::memory_order_acquire);
+    if (!a) return Api::error(503, "unavailable", "hub is starting");
+    return a->handle(r);
   });
   if (!server) return server.error();
   const std::string listen_url = (hc.tls() ? "https://" : "http://") + cfg.listen_host + ":" + std::to_string((*server)->port());
@@ -231,6 +270,8 @@ Status run_hub(const HubConfig& cfg, const std::atomic<bool>& stop) {
     bc.tls_cert_file = cfg.broker_tls_cert_file;
     bc.tls_key_file = cfg.broker_tls_key_file;
     bc.tls_ca_file = cfg.broker_tls_ca_file;
+    bc.max_queued_messages = cfg.broker_max_queued_messages;
+    bc.max_queued_bytes = cfg.broker_max_queued_mib << 20;
     auto b = EmbeddedBroker::start(bc, *creds);
     if (!b) return b.error();
     broker = std::move(*b);
@@ -294,8 +335,12 @@ Status run_hub(const HubConfig& cfg, const std::atomic<bool>& stop) {
     git_sync->start();
   }
 
-  api = std::make_unique<Api>(*service);
-  api_ptr = api.get();
+  ApiLimits limits;
+  limits.enroll_per_s = static_cast<double>(cfg.enroll_rate);
+  limits.enroll_per_token_per_s = static_cast<double>(cfg.enroll_rate_per_token);
+  api = std::make_unique<Api>(*service, limits);
+  api->set_server_stats(&(*server)->stats());
+  api_ptr.store(api.get(), std::memory_order_release);
   (void)fs::write_file_atomic(data / "hub.url", listen_url + "\n", 0644);
   logger->info("REST API listening url={} broker={}", listen_url, broker_url);
 
@@ -322,7 +367,7 @@ Status run_hub(const HubConfig& cfg, const std::atomic<bool>& stop) {
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
   }
   logger->info("shutting down");
-  api_ptr = nullptr;
+  api_ptr.store(nullptr, std::memory_order_release);
   (*server)->stop();
   if (git_sync) git_sync->stop();
   transport->disconnect();

@@ -5,8 +5,11 @@
 #include <openssl/err.h>
 #include <openssl/evp.h>
 #include <openssl/ssl.h>
+#include <dirent.h>
+#include <fcntl.h>
 #include <grp.h>
 #include <pwd.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <signal.h>
 #include <sys/socket.h>
@@ -20,6 +23,7 @@
 #include <thread>
 #include <cstring>
 
+#include "flotilla/bundles/trust.hpp"
 #include "flotilla/common/crypto.hpp"
 #include "flotilla/common/encoding.hpp"
 #include "flotilla/common/fs.hpp"
@@ -103,27 +107,149 @@ bool wait_for_port(const std::string& host, int port, std::chrono::milliseconds 
   return false;
 }
 
+size_t broker_max_packet_size() { return bundles::kMaxDesiredStateBytes + 64 * 1024; }
+
 namespace {
-// mosquitto started as root drops to the "mosquitto" user; give that user the
-// files it must read and the directory it persists to, and nothing else
-// (hub.secret stays the hub's).
-void hand_to_broker_user(const std::filesystem::path& p) {
-  if (::geteuid() != 0) return;
-  if (const passwd* pw = ::getpwnam("mosquitto")) {
-    if (::chown(p.c_str(), pw->pw_uid, pw->pw_gid) != 0) {
-      log::get("hub")->warn("cannot chown {} to mosquitto: {}", p.string(), std::strerror(errno));
+
+// Everything the hub does in the broker's directory goes through a
+// descriptor of it: names are resolved relative to it, one component at a
+// time, and a symbolic link there is never followed (O_NOFOLLOW), so what the
+// broker's user might have planted cannot redirect a root hub's write,
+// chown or read elsewhere.
+class UniqueFd {
+ public:
+  UniqueFd() = default;
+  explicit UniqueFd(int fd) : fd_(fd) {}
+  UniqueFd(UniqueFd&& o) noexcept : fd_(std::exchange(o.fd_, -1)) {}
+  UniqueFd& operator=(UniqueFd&& o) noexcept {
+    if (this != &o) {
+      reset();
+      fd_ = std::exchange(o.fd_, -1);
     }
+    return *this;
   }
+  ~UniqueFd() { reset(); }
+  void reset() {
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = -1;
+  }
+  int get() const { return fd_; }
+  int release() { return std::exchange(fd_, -1); }
+
+ private:
+  int fd_ = -1;
+};
+
+Error sys_error(const std::string& what, const std::string& name) {
+  return make_error(errno == ENOENT ? Errc::not_found : Errc::io, what + " " + name + ": " + std::strerror(errno));
 }
 
-// Whether the "mosquitto" user can reach dir (every parent traversable).
+// A sub-directory of dir_fd, created if missing, opened without following a link.
+Result<UniqueFd> open_subdir(int dir_fd, const std::string& name, mode_t mode) {
+  if (::mkdirat(dir_fd, name.c_str(), mode) != 0 && errno != EEXIST) return sys_error("create directory", name);
+  UniqueFd fd(::openat(dir_fd, name.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
+  if (fd.get() < 0) return sys_error("open directory (links are not followed)", name);
+  return fd;
+}
+
+// Write-to-temp + fsync + rename inside dir_fd. The temp file is new
+// (O_EXCL, O_NOFOLLOW); its mode and group are set on the descriptor before
+// it takes the name, so mosquitto never sees a file it cannot read.
+Status write_at(int dir_fd, const std::string& name, std::string_view content, mode_t mode, gid_t group = gid_t(-1)) {
+  const std::string tmp = "." + name + ".tmp-" + crypto::random_token(6);
+  UniqueFd fd(::openat(dir_fd, tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600));
+  if (fd.get() < 0) return sys_error("create", tmp);
+  auto fail = [&](const std::string& what) {
+    Error e = sys_error(what, tmp);
+    ::unlinkat(dir_fd, tmp.c_str(), 0);
+    return e;
+  };
+  if (group != gid_t(-1) && ::fchown(fd.get(), uid_t(-1), group) != 0) return fail("chown");
+  if (::fchmod(fd.get(), mode) != 0) return fail("chmod");
+  for (size_t done = 0; done < content.size();) {
+    const ssize_t n = ::write(fd.get(), content.data() + done, content.size() - done);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return fail("write");
+    }
+    done += static_cast<size_t>(n);
+  }
+  if (::fsync(fd.get()) != 0) return fail("fsync");
+  fd.reset();
+  if (::renameat(dir_fd, tmp.c_str(), dir_fd, name.c_str()) != 0) return fail("rename to " + name + " from");
+  if (::fsync(dir_fd) != 0) return sys_error("fsync directory of", name);
+  return {};
+}
+
+// A regular file of the hub's own in dir_fd. A link, or a file owned by
+// someone else, is refused (Errc::refused), never read through.
+Result<std::string> read_at(int dir_fd, const std::string& name, size_t max_bytes) {
+  UniqueFd fd(::openat(dir_fd, name.c_str(), O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC));
+  if (fd.get() < 0) {
+    if (errno == ELOOP) return make_error(Errc::refused, name + " is a symbolic link");
+    return sys_error("open", name);
+  }
+  struct stat st {};
+  if (::fstat(fd.get(), &st) != 0) return sys_error("stat", name);
+  if (!S_ISREG(st.st_mode) || st.st_uid != ::geteuid()) {
+    return make_error(Errc::refused, name + " is not a regular file of the hub's user");
+  }
+  std::string out;
+  char buf[65536];
+  for (;;) {
+    const ssize_t n = ::read(fd.get(), buf, sizeof buf);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return sys_error("read", name);
+    }
+    if (n == 0) break;
+    out.append(buf, static_cast<size_t>(n));
+    if (out.size() > max_bytes) return make_error(Errc::too_large, name + " is larger than " + std::to_string(max_bytes));
+  }
+  return out;
+}
+
+// Removes name (a file, a link or a whole tree) from dir_fd without
+// following any link inside it.
+void remove_at(int dir_fd, const std::string& name, int depth = 0) {
+  if (::unlinkat(dir_fd, name.c_str(), 0) == 0 || errno == ENOENT) return;
+  if (depth > 8) return;
+  UniqueFd sub(::openat(dir_fd, name.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
+  if (sub.get() < 0) return;
+  const int dup = ::dup(sub.get());
+  if (dup < 0) return;
+  DIR* d = ::fdopendir(dup);
+  if (!d) {
+    ::close(dup);
+    return;
+  }
+  std::vector<std::string> names;
+  while (dirent* e = ::readdir(d)) {
+    const std::string n = e->d_name;
+    if (n != "." && n != "..") names.push_back(n);
+  }
+  ::closedir(d);
+  for (const auto& n : names) remove_at(sub.get(), n, depth + 1);
+  ::unlinkat(dir_fd, name.c_str(), AT_REMOVEDIR);
+}
+
+// Opens what the hub reads from dir_fd, or learns that it must not: a link
+// or someone else's file there is removed (logged) and treated as missing.
+std::optional<std::string> read_own_file(int dir_fd, const std::filesystem::path& dir, const std::string& name,
+                                         size_t max_bytes) {
+  auto r = read_at(dir_fd, name, max_bytes);
+  if (r) return *r;
+  if (r.error().code == Errc::refused) {
+    log::get("hub")->warn("{}/{}: {}; removed it and made a new one", dir.string(), name, r.error().message);
+    remove_at(dir_fd, name);
+  }
+  return std::nullopt;
+}
+
+// Whether the broker's user can reach dir (every parent traversable).
 // Checked by a child that takes that identity, since ACLs and modes of all
 // parents decide it.
-bool broker_user_can_reach(const std::filesystem::path& dir) {
-  const passwd* pw = ::getpwnam("mosquitto");
-  if (!pw) return false;
-  const uid_t uid = pw->pw_uid;
-  const gid_t gid = pw->pw_gid;
+bool broker_user_can_reach(const std::filesystem::path& dir, uid_t uid, gid_t gid) {
   pid_t pid = ::fork();
   if (pid < 0) return false;
   if (pid == 0) {
@@ -135,6 +261,63 @@ bool broker_user_can_reach(const std::filesystem::path& dir) {
   return WIFEXITED(status) && WEXITSTATUS(status) == 0;
 }
 }  // namespace
+
+Status EmbeddedBroker::open_dir() {
+  const std::string dir = cfg_.dir.string();
+  if (::mkdir(dir.c_str(), 0700) != 0 && errno != EEXIST) return sys_error("create directory", dir);
+  UniqueFd fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
+  if (fd.get() < 0) return sys_error("open directory (links are not followed)", dir);
+  struct stat st {};
+  if (::fstat(fd.get(), &st) != 0) return sys_error("stat", dir);
+  // Older hubs handed this directory to the broker's user. Take it back
+  // before anything in it is trusted; whatever that user left here is
+  // replaced by rename or refused by read_at, never followed.
+  if (st.st_uid != ::geteuid()) {
+    log::get("hub")->warn("{} belonged to uid {}; the hub takes it back (the broker writes only {}/state)", dir,
+                          st.st_uid, dir);
+    if (::fchown(fd.get(), ::geteuid(), ::getegid()) != 0) return sys_error("chown", dir);
+  }
+  if (::fchmod(fd.get(), 0700) != 0) return sys_error("chmod", dir);
+  dir_fd_ = fd.release();
+  return {};
+}
+
+// state/: the one place the broker writes (persistence). Its user owns it;
+// the hub never opens anything inside it, apart from moving an older
+// layout's mosquitto.db in once.
+Status EmbeddedBroker::prepare_state_dir() {
+  auto state = open_subdir(dir_fd_, "state", 0700);
+  if (!state) return state.error();
+  const uid_t owner = drops_privileges_ ? broker_uid_ : ::geteuid();
+  const gid_t group = drops_privileges_ ? broker_gid_ : ::getegid();
+  if (::fchown(state->get(), owner, group) != 0 || ::fchmod(state->get(), 0700) != 0) {
+    return sys_error("hand over", (cfg_.dir / "state").string());
+  }
+  struct stat old {}, now {};
+  if (::fstatat(dir_fd_, "mosquitto.db", &old, AT_SYMLINK_NOFOLLOW) == 0) {
+    const bool plain = S_ISREG(old.st_mode) && old.st_nlink == 1;
+    if (plain && ::fstatat(state->get(), "mosquitto.db", &now, AT_SYMLINK_NOFOLLOW) != 0 &&
+        ::renameat(dir_fd_, "mosquitto.db", state->get(), "mosquitto.db") == 0) {
+      // Written by a broker that ran as root (no "mosquitto" user then): make
+      // it the broker's. Opened without following, checked on the descriptor.
+      UniqueFd db(::openat(state->get(), "mosquitto.db", O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC));
+      struct stat st {};
+      if (db.get() >= 0 && ::fstat(db.get(), &st) == 0 && S_ISREG(st.st_mode) && st.st_nlink == 1 &&
+          st.st_uid != owner) {
+        (void)::fchown(db.get(), owner, group);
+      }
+      log::get("hub")->info("moved the broker's persistence into {}/state", cfg_.dir.string());
+    } else {
+      remove_at(dir_fd_, "mosquitto.db");
+    }
+  }
+  return {};
+}
+
+Status EmbeddedBroker::write_broker_file(int dir_fd, const std::string& name, const std::string& content) {
+  if (drops_privileges_) return write_at(dir_fd, name, content, 0640, broker_gid_);
+  return write_at(dir_fd, name, content, 0600);
+}
 
 Result<std::unique_ptr<EmbeddedBroker>> EmbeddedBroker::start(const BrokerConfig& cfg, const Credentials& devices) {
   std::unique_ptr<EmbeddedBroker> b(new EmbeddedBroker());
@@ -149,43 +332,67 @@ Result<std::unique_ptr<EmbeddedBroker>> EmbeddedBroker::start(const BrokerConfig
       if (auto s = check_ca_file("broker-tls-ca", cfg.tls_ca_file); !s) return s.error();
     }
   }
-  if (auto s = fs::ensure_own_dir(cfg.dir, 0700); !s) return s.error();
+  if (auto s = b->open_dir(); !s) return s.error();
+  if (::geteuid() == 0) {
+    // mosquitto started as root drops to its own user, which must reach this
+    // directory (a 0700 parent, say, stops it). Rather than fail, keep root and say so.
+    const passwd* pw = ::getpwnam(cfg.broker_user.c_str());
+    if (pw && broker_user_can_reach(cfg.dir.parent_path(), pw->pw_uid, pw->pw_gid)) {
+      b->drops_privileges_ = true;
+      b->broker_uid_ = pw->pw_uid;
+      b->broker_gid_ = pw->pw_gid;
+    } else {
+      log::get("hub")->warn("user {} cannot reach {}; the embedded broker runs as root. Run the hub as "
+                            "a dedicated user, or keep its data dir under a traversable path.",
+                            cfg.broker_user, cfg.dir.string());
+      b->run_as_root_ = true;
+    }
+  }
+  b->stop_stale();
   // The hub's own broker password is made once and kept, 0600, in the data dir.
-  const auto secret_path = cfg.dir / "hub.secret";
-  if (auto existing = fs::read_file(secret_path, 1024); existing && !existing->empty()) {
+  if (auto existing = read_own_file(b->dir_fd_, cfg.dir, "hub.secret", 1024); existing && !existing->empty()) {
     b->hub_password_ = *existing;
   } else {
     b->hub_password_ = crypto::random_token(24);
-    if (auto s = fs::write_file_atomic(secret_path, b->hub_password_, 0600); !s) return s.error();
+    if (auto s = write_at(b->dir_fd_, "hub.secret", b->hub_password_, 0600); !s) return s.error();
   }
   // Keep the port across restarts: devices store the broker address they enrolled with.
-  const auto port_path = cfg.dir / "port";
   if (b->cfg_.port == 0) {
-    if (auto p = fs::read_file(port_path, 64); p && !p->empty()) {
-      b->cfg_.port = std::stoi(*p);
-    } else {
+    if (auto p = read_own_file(b->dir_fd_, cfg.dir, "port", 64); p && !p->empty()) {
+      try {
+        const int port = std::stoi(*p);
+        if (port > 0 && port <= 65535) b->cfg_.port = port;
+      } catch (const std::exception&) {
+      }
+    }
+    if (b->cfg_.port == 0) {
       auto fp = free_listen_port(cfg.listen_host);
       if (!fp) return fp.error();
       b->cfg_.port = *fp;
     }
   }
-  if (auto s = fs::write_file_atomic(port_path, std::to_string(b->cfg_.port), 0600); !s) return s.error();
-  if (::geteuid() == 0 && !broker_user_can_reach(cfg.dir.parent_path())) {
-    // mosquitto started as root drops to user "mosquitto", which cannot reach
-    // this data dir (a 0700 parent, say). Rather than fail, keep root and say so.
-    log::get("hub")->warn("user mosquitto cannot reach {}; the embedded broker runs as root. Run the hub as "
-                          "a dedicated user, or keep its data dir under a traversable path.", cfg.dir.string());
-    b->run_as_root_ = true;
-  }
+  if (auto s = write_at(b->dir_fd_, "port", std::to_string(b->cfg_.port), 0600); !s) return s.error();
+  remove_at(b->dir_fd_, "passwd.new");  // an older hub's staging name
+  if (auto s = b->prepare_state_dir(); !s) return s.error();
   if (auto s = b->install_tls_files(); !s) return s.error();
   if (auto s = b->write_config(); !s) return s.error();
   if (auto s = b->write_passwords(devices); !s) return s.error();
+  // Now the broker may traverse (not list, not write) the directory: 0710
+  // with its group when it drops to its own user, 0700 otherwise.
+  if (b->drops_privileges_) {
+    if (::fchown(b->dir_fd_, ::geteuid(), b->broker_gid_) != 0 || ::fchmod(b->dir_fd_, 0710) != 0) {
+      return sys_error("open to the broker's group", cfg.dir.string());
+    }
+  }
   if (auto s = b->launch(); !s) return s.error();
   b->watchdog_ = std::thread([p = b.get()] { p->watchdog(); });
   return b;
 }
 
-EmbeddedBroker::~EmbeddedBroker() { stop(); }
+EmbeddedBroker::~EmbeddedBroker() {
+  stop();
+  if (dir_fd_ >= 0) ::close(dir_fd_);
+}
 
 std::string EmbeddedBroker::url() const {
   return (cfg_.tls() ? "ssl://" : "tcp://") + cfg_.listen_host + ":" + std::to_string(cfg_.port);
@@ -193,21 +400,19 @@ std::string EmbeddedBroker::url() const {
 
 // The operator's files (checked in start()) are copied to <dir>/tls/: when
 // the hub runs as root, mosquitto reads them as its own user, who may not
-// reach the originals.
+// reach the originals. The directory is made afresh at every start.
 Status EmbeddedBroker::install_tls_files() {
-  const auto tls_dir = cfg_.dir / "tls";
-  if (!cfg_.tls()) {
-    std::error_code ec;
-    std::filesystem::remove_all(tls_dir, ec);  // no stale key left behind after TLS is turned off
-    return {};
+  remove_at(dir_fd_, "tls");  // also: no stale key left behind after TLS is turned off
+  if (!cfg_.tls()) return {};
+  auto tls = open_subdir(dir_fd_, "tls", 0700);
+  if (!tls) return tls.error();
+  if (drops_privileges_ && (::fchown(tls->get(), ::geteuid(), broker_gid_) != 0 || ::fchmod(tls->get(), 0710) != 0)) {
+    return sys_error("open to the broker's group", (cfg_.dir / "tls").string());
   }
-  if (auto s = fs::ensure_own_dir(tls_dir, 0700); !s) return s;
-  hand_to_broker_user(tls_dir);
   for (const auto& [from, name] : {std::pair{cfg_.tls_cert_file, "broker.pem"}, std::pair{cfg_.tls_key_file, "broker.key"}}) {
     auto bytes = fs::read_file(from, 1 << 20);
     if (!bytes) return bytes.error().with_context("read " + from);
-    if (auto s = fs::write_file_atomic(tls_dir / name, *bytes, 0600); !s) return s;
-    hand_to_broker_user(tls_dir / name);
+    if (auto s = write_broker_file(tls->get(), name, *bytes); !s) return s;
   }
   return {};
 }
@@ -221,16 +426,22 @@ Status EmbeddedBroker::write_config() {
       "password_file " + d + "/passwd\n"
       "acl_file " + d + "/acl\n"
       "persistence true\n"
-      "persistence_location " + d + "/\n"
+      // The only directory the broker's user may write.
+      "persistence_location " + d + "/state/\n"
       "autosave_interval 60\n"
-      // The hub's persistent session queues every report while it is down.
-      "max_queued_messages 1000000\n"
-
+      // Bounded input: no packet above the largest legitimate message (a
+      // desired state with its bundle inline). mosquitto checks the length a
+      // client announces before it reads the payload, and disconnects it.
+      "max_packet_size " + std::to_string(broker_max_packet_size()) + "\n"
+      // Per client. The hub's persistent session queues every report while
+      // it is down; the byte cap bounds what that (or any) queue may hold.
+      "max_queued_messages " + std::to_string(cfg_.max_queued_messages) + "\n"
+      "max_queued_bytes " + std::to_string(cfg_.max_queued_bytes) + "\n"
       "max_inflight_messages 100\n"
       "log_dest stderr\n"
       "log_type error\nlog_type warning\nlog_type notice\n"
       "connection_messages false\n" +
-      std::string(run_as_root_ ? "user root\n" : "") +
+      std::string(run_as_root_ ? "user root\n" : drops_privileges_ ? "user " + cfg_.broker_user + "\n" : "") +
       "listener " + std::to_string(cfg_.port) + " " + cfg_.listen_host + "\n"
       // After the listener line on purpose: before it, a listener option
       // configures mosquitto's default listener, which then also opens
@@ -261,12 +472,8 @@ Status EmbeddedBroker::write_config() {
       "pattern write flotilla/v1/g/%u/d/+/presence\n"
       "# Its devices' reports, many per message (v1::GatewayReports).\n"
       "pattern write flotilla/v1/g/%u/reports\n";
-  if (auto s = fs::write_file_atomic(cfg_.dir / "mosquitto.conf", conf, 0600); !s) return s;
-  if (auto s = fs::write_file_atomic(cfg_.dir / "acl", acl, 0600); !s) return s;
-  hand_to_broker_user(cfg_.dir);
-  hand_to_broker_user(cfg_.dir / "mosquitto.conf");
-  hand_to_broker_user(cfg_.dir / "acl");
-  return {};
+  if (auto s = write_broker_file(dir_fd_, "mosquitto.conf", conf); !s) return s;
+  return write_broker_file(dir_fd_, "acl", acl);
 }
 
 Status EmbeddedBroker::write_passwords(const Credentials& devices) {
@@ -276,17 +483,11 @@ Status EmbeddedBroker::write_passwords(const Credentials& devices) {
   std::string text = cfg_.hub_username + ":" + mosquitto_password_hash(hub_password_) + "\n";
   text += std::string(kReloadProbeUser) + ":" + mosquitto_password_hash(probe_password_) + "\n";
   for (const auto& [user, hash] : devices) text += user + ":" + hash + "\n";
-  // The file is handed to the broker's user before it takes the name: mosquitto
-  // may still be reloading after the previous SIGHUP, and a passwd it cannot
-  // open makes it refuse every client, the hub included (seen with
+  // The file is readable by the broker's group before it takes the name:
+  // mosquitto may still be reloading after the previous SIGHUP, and a passwd
+  // it cannot open makes it refuse every client, the hub included (seen with
   // concurrent enrollments, flotilla-sim direct mode).
-  const auto staged = cfg_.dir / "passwd.new";
-  if (auto s = fs::write_file_atomic(staged, text, 0600); !s) return s;
-  hand_to_broker_user(staged);
-  std::error_code ec;
-  std::filesystem::rename(staged, cfg_.dir / "passwd", ec);
-  if (ec) return make_error(Errc::io, "rename " + staged.string() + ": " + ec.message());
-  return {};
+  return write_broker_file(dir_fd_, "passwd", text);
 }
 
 std::string mqtt_connect_packet(const std::string& client_id, const std::string& user, const std::string& password) {
@@ -404,13 +605,30 @@ Status EmbeddedBroker::set_device_credentials(const Credentials& devices) {
 
 Status EmbeddedBroker::launch() {
   stop_stale();
+  // The log is the hub's file (mosquitto only writes to the descriptor it
+  // inherits): opened here without following a link, and replaced if it is
+  // not a plain file of the hub's own.
+  UniqueFd log_fd;
+  for (int attempt = 0; attempt < 2 && log_fd.get() < 0; ++attempt) {
+    UniqueFd fd(::openat(dir_fd_, "mosquitto.log", O_WRONLY | O_CREAT | O_APPEND | O_NOFOLLOW | O_CLOEXEC, 0600));
+    struct stat st {};
+    if (fd.get() >= 0 && ::fstat(fd.get(), &st) == 0 && S_ISREG(st.st_mode) && st.st_uid == ::geteuid() &&
+        st.st_nlink == 1) {
+      log_fd = std::move(fd);
+    } else {
+      log::get("hub")->warn("{}/mosquitto.log is not a plain file of the hub's; replacing it", cfg_.dir.string());
+      remove_at(dir_fd_, "mosquitto.log");
+    }
+  }
+  if (log_fd.get() < 0) return sys_error("open", (cfg_.dir / "mosquitto.log").string());
   proc::SpawnOptions so;
   so.argv = {cfg_.mosquitto_bin, "-c", (cfg_.dir / "mosquitto.conf").string()};
   // If the hub is killed outright, its broker goes with it.
   so.die_with_parent = true;
-  so.stdout_path = (cfg_.dir / "mosquitto.log").string();
+  so.stdout_fd = log_fd.get();
   so.stderr_path = "stdout";
   auto child = proc::spawn(so);
+  log_fd.reset();
   if (!child) {
     return child.error().with_context("start mosquitto (install it with apt-get install mosquitto, or pass "
                                       "--broker-url to use an external broker)");
@@ -422,12 +640,19 @@ Status EmbeddedBroker::launch() {
     up = wait_for_port(cfg_.listen_host, cfg_.port, std::chrono::milliseconds(100));
   }
   if (!up || child_.poll()) {
-    auto tail = fs::read_file(cfg_.dir / "mosquitto.log", 1 << 20).value_or("");
-    if (tail.size() > 600) tail = tail.substr(tail.size() - 600);
+    std::string tail;
+    if (UniqueFd fd(::openat(dir_fd_, "mosquitto.log", O_RDONLY | O_NOFOLLOW | O_CLOEXEC)); fd.get() >= 0) {
+      struct stat st {};
+      if (::fstat(fd.get(), &st) == 0 && S_ISREG(st.st_mode)) {
+        tail.resize(static_cast<size_t>(std::min<off_t>(st.st_size, 600)));
+        const ssize_t n = ::pread(fd.get(), tail.data(), tail.size(), st.st_size - static_cast<off_t>(tail.size()));
+        tail.resize(n > 0 ? static_cast<size_t>(n) : 0);
+      }
+    }
     child_.kill_now();
     return make_error(Errc::unavailable, "mosquitto did not start listening on " + url() + "; its log ends: " + tail);
   }
-  (void)fs::write_file_atomic(cfg_.dir / "mosquitto.pid", std::to_string(child_.pid()), 0600);
+  (void)write_at(dir_fd_, "mosquitto.pid", std::to_string(child_.pid()), 0600);
   log::get("hub")->info("embedded broker started url={} pid={}", url(), child_.pid());
   return {};
 }
@@ -435,7 +660,7 @@ Status EmbeddedBroker::launch() {
 void EmbeddedBroker::stop_stale() {
   // A broker left behind by a hub that was killed before PDEATHSIG could act
   // (or by an older hub) would hold the port with stale credentials.
-  auto text = fs::read_file(cfg_.dir / "mosquitto.pid", 64);
+  auto text = read_own_file(dir_fd_, cfg_.dir, "mosquitto.pid", 64);
   if (!text) return;
   pid_t pid = 0;
   try {

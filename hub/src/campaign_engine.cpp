@@ -101,11 +101,9 @@ Result<CampaignRecord> HubService::create_campaign(const std::string& name, cons
   CampaignRecord c;
   {
     std::lock_guard lock(store_mu_);
-    auto b = store_.get_bundle(bundle_key, false);
+    auto b = store_.get_bundle(bundle_key, false, project);
     if (!b) return b.error();
-    if (!*b || (project != "*" && (*b)->project != project)) {
-      return make_error(Errc::not_found, "no bundle '" + bundle_key + "' (use an id or name:version)");
-    }
+    if (!*b) return make_error(Errc::not_found, "no bundle '" + bundle_key + "' (use an id or name:version)");
     const BundleRecord& bundle = **b;
     if (bundle.expires_unix != 0 && bundle.expires_unix <= clock_.now_unix()) {
       return make_error(Errc::invalid_argument, "bundle " + bundle.id + " has expired; devices would refuse it");
@@ -116,13 +114,15 @@ Result<CampaignRecord> HubService::create_campaign(const std::string& name, cons
     c.selector = sel->text();
     c.state = "running";
     c.created_ms = c.updated_ms = clock_.now_unix_ms();
-    c.project = project;
+    // The bundle's project, also for a caller of every project: a bundle's
+    // files go only to devices of the project it was uploaded to.
+    c.project = bundle.project;
     c.strategy = strategy.to_json().dump();
     std::vector<Store::CampaignMember> rows;
     std::vector<double> ranks;
     auto listed = store_.each_device_target(
         [&](const std::string& id, const std::string& dev_project, const std::string& state, const Labels& labels) {
-          if (project != "*" && dev_project != project) return;
+          if (dev_project != c.project) return;
           if (state == "decommissioned" || !sel->matches(labels)) return;
           rows.push_back({id, campaign_rank(c.id, id), 0, strategy.window.enabled() ? strategy.window.zone_for(labels) : ""});
           ranks.push_back(rows.back().rank);
@@ -316,7 +316,9 @@ void HubService::tick_campaign(CampaignRecord& c, Publishes& publishes) {
       const std::string key = d.applied_bundle + ":" + std::to_string(d.applied_version);
       auto it = prev_ids.find(key);
       if (it == prev_ids.end()) {
-        auto prev = store_.get_bundle(key, false);
+        // What the device reports is only a name and a version: resolved in
+        // the campaign's own project, never to another team's bundle.
+        auto prev = store_.get_bundle(key, false, c.project);
         it = prev_ids.emplace(key, prev && *prev ? (*prev)->id : std::string()).first;
       }
       row.prev_bundle_id = it->second;
@@ -743,7 +745,7 @@ Result<std::optional<CampaignView>> HubService::campaign_view(const std::string&
   return std::optional<CampaignView>(std::move(v));
 }
 
-Result<std::vector<CampaignView>> HubService::list_campaigns() {
+Result<std::vector<CampaignView>> HubService::list_campaigns(const std::string& project) {
   std::vector<CampaignRecord> records;
   {
     std::lock_guard lock(store_mu_);
@@ -753,6 +755,7 @@ Result<std::vector<CampaignView>> HubService::list_campaigns() {
   }
   std::vector<CampaignView> out;
   for (const auto& c : records) {
+    if (project != "*" && c.project != project) continue;
     auto v = campaign_view(c.id, false);
     if (!v) return v.error();
     if (*v) out.push_back(std::move(**v));

@@ -1,13 +1,19 @@
 #include "flotilla/hub/http_server.hpp"
 
 #include <array>
+#include <atomic>
+#include <boost/asio/bind_executor.hpp>
 #include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/asio/steady_timer.hpp>
 #include <boost/asio/ssl.hpp>
 #include <boost/asio/strand.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
 #include <boost/beast/ssl.hpp>
 #include <fstream>
+#include <map>
+#include <mutex>
 #include <type_traits>
 
 #include "flotilla/common/crypto.hpp"
@@ -25,6 +31,44 @@ using TlsStream = beast::ssl_stream<beast::tcp_stream>;
 
 namespace {
 
+// Open connections, in total and per peer address. Each session holds a
+// Slot; when the last slot below the cap is released, accepting resumes.
+struct ConnLimits {
+  std::mutex mu;
+  int total = 0;
+  std::map<std::string, int> per_peer;
+  bool paused = false;
+  std::atomic<bool> stopping{false};
+  ServerStats* stats = nullptr;
+  int max_total = 0;
+  std::function<void()> resume;  // posts accept() to the acceptor's strand
+};
+
+class Slot {
+ public:
+  Slot(std::shared_ptr<ConnLimits> l, std::string peer) : l_(std::move(l)), peer_(std::move(peer)) {}
+  Slot(const Slot&) = delete;
+  Slot& operator=(const Slot&) = delete;
+  ~Slot() {
+    bool resume = false;
+    {
+      std::lock_guard lock(l_->mu);
+      --l_->total;
+      if (auto it = l_->per_peer.find(peer_); it != l_->per_peer.end() && --it->second <= 0) l_->per_peer.erase(it);
+      if (l_->paused && (l_->max_total <= 0 || l_->total < l_->max_total)) {
+        l_->paused = false;
+        resume = true;
+      }
+    }
+    --l_->stats->connections;
+    if (resume && !l_->stopping && l_->resume) l_->resume();
+  }
+
+ private:
+  std::shared_ptr<ConnLimits> l_;
+  std::string peer_;
+};
+
 // One implementation for both listeners: Stream is beast::tcp_stream (plain
 // HTTP) or TlsStream. Deadlines and the socket always live on the TCP layer;
 // only the handshake and the closing differ.
@@ -34,8 +78,8 @@ class Session : public std::enable_shared_from_this<Session<Stream>> {
   using std::enable_shared_from_this<Session<Stream>>::shared_from_this;
 
  public:
-  Session(Stream&& stream, const HttpServerConfig& cfg, const HttpServer::Handler& handler)
-      : stream_(std::move(stream)), cfg_(cfg), handler_(handler) {}
+  Session(Stream&& stream, const HttpServerConfig& cfg, const HttpServer::Handler& handler, std::unique_ptr<Slot> slot)
+      : stream_(std::move(stream)), cfg_(cfg), handler_(handler), slot_(std::move(slot)) {}
 
   void run() {
     asio::dispatch(stream_.get_executor(), [self = shared_from_this()] {
@@ -146,13 +190,25 @@ class Session : public std::enable_shared_from_this<Session<Stream>> {
                         [self = shared_from_this()](beast::error_code e, size_t) { self->on_file_body(e); });
       return;
     }
-    if (auto len = header_parser_->content_length(); len && *len > cfg_.max_body_bytes) {
+    // Authenticate and find the route's limit before a single body byte is
+    // buffered: a client without a token never costs the hub a body.
+    uint64_t limit = cfg_.max_body_bytes;
+    if (cfg_.admit) {
+      Admission a = cfg_.admit(request_from(h));
+      if (a.refusal) {
+        drain_ = true;
+        return reply(*a.refusal, false, h.version());
+      }
+      limit = std::min<uint64_t>(limit, a.max_body);
+    }
+    if (auto len = header_parser_->content_length(); len && *len > limit) {
       drain_ = true;
-      return reply(Api::error(413, "too_large", "request body is larger than the limit for this route"), false,
-                   h.version());
+      return reply(Api::error(413, "too_large", "request body is larger than the limit for this route (" +
+                                                    std::to_string(limit) + " bytes)"),
+                   false, h.version());
     }
     string_parser_.emplace(std::move(*header_parser_));
-    string_parser_->body_limit(cfg_.max_body_bytes);
+    string_parser_->body_limit(limit);
     bhttp::async_read(stream_, buffer_, *string_parser_,
                       [self = shared_from_this()](beast::error_code e, size_t) { self->on_string_body(e); });
   }
@@ -300,6 +356,7 @@ class Session : public std::enable_shared_from_this<Session<Stream>> {
   bool closing_ = false;
   size_t drained_ = 0;
   std::array<char, 65536> chunk_{};
+  std::unique_ptr<Slot> slot_;  // released when the session ends
 };
 
 }  // namespace
@@ -307,24 +364,91 @@ class Session : public std::enable_shared_from_this<Session<Stream>> {
 struct HttpServer::Impl {
   HttpServerConfig cfg;
   Handler handler;
+  ServerStats stats;
+  std::shared_ptr<ConnLimits> limits = std::make_shared<ConnLimits>();
   // Before ioc: pending sessions (destroyed with ioc) hold streams made from it.
   std::optional<ssl::context> tls;  // set = every connection is TLS
   asio::io_context ioc;
   tcp::acceptor acceptor{ioc};
+  // Everything about accepting runs here, one step at a time.
+  asio::strand<asio::io_context::executor_type> accept_strand{asio::make_strand(ioc)};
+  asio::steady_timer retry_timer{ioc};
+  std::chrono::milliseconds retry_delay{10};
   std::vector<std::thread> threads;
 
   void accept() {
-    acceptor.async_accept(asio::make_strand(ioc), [this](beast::error_code ec, tcp::socket socket) {
-      if (ec == asio::error::operation_aborted) return;
-      if (!ec) {
-        if (tls) {
-          std::make_shared<Session<TlsStream>>(TlsStream(std::move(socket), *tls), cfg, handler)->run();
-        } else {
-          std::make_shared<Session<beast::tcp_stream>>(beast::tcp_stream(std::move(socket)), cfg, handler)->run();
-        }
+    {
+      std::lock_guard lock(limits->mu);
+      if (cfg.max_connections > 0 && limits->total >= cfg.max_connections) {
+        // At the cap: stop accepting. New clients wait in the kernel's
+        // backlog; the next session that ends resumes (Slot).
+        limits->paused = true;
+        ++stats.accept_paused;
+        return;
       }
+    }
+    acceptor.async_accept(asio::make_strand(ioc), asio::bind_executor(accept_strand, [this](beast::error_code ec,
+                                                                                          tcp::socket socket) {
+      if (ec == asio::error::operation_aborted || limits->stopping) return;
+      if (ec) {
+        // Out of file descriptors (EMFILE/ENFILE), or memory: accepting again
+        // at once would fail again and spin a core. Pause, longer each time.
+        ++stats.accept_errors;
+        log::get("hub")->warn("accept failed: {}; retrying in {} ms", ec.message(), retry_delay.count());
+        retry_timer.expires_after(retry_delay);
+        retry_delay = std::min(retry_delay * 2, std::chrono::milliseconds(1000));
+        retry_timer.async_wait(asio::bind_executor(accept_strand, [this](beast::error_code tec) {
+          if (!tec && !limits->stopping) accept();
+        }));
+        return;
+      }
+      retry_delay = std::chrono::milliseconds(10);
+      start_session(std::move(socket));
       accept();
-    });
+    }));
+  }
+
+  void start_session(tcp::socket socket) {
+    beast::error_code ec;
+    const auto ep = socket.remote_endpoint(ec);
+    const std::string peer = ec ? std::string("?") : ep.address().to_string();
+    {
+      std::lock_guard lock(limits->mu);
+      int& n = limits->per_peer[peer];
+      if (cfg.max_connections_per_peer > 0 && n >= cfg.max_connections_per_peer) {
+        if (n == 0) limits->per_peer.erase(peer);
+        ++stats.refused_per_peer;
+        refuse(std::move(socket));
+        return;
+      }
+      ++n;
+      ++limits->total;
+    }
+    ++stats.connections;
+    auto slot = std::make_unique<Slot>(limits, peer);
+    if (tls) {
+      std::make_shared<Session<TlsStream>>(TlsStream(std::move(socket), *tls), cfg, handler, std::move(slot))->run();
+    } else {
+      std::make_shared<Session<beast::tcp_stream>>(beast::tcp_stream(std::move(socket)), cfg, handler,
+                                                   std::move(slot))
+          ->run();
+    }
+  }
+
+  // A peer over its share: one short answer if the socket takes it at once
+  // (never waiting on it), then closed. Over TLS there is no plain answer.
+  void refuse(tcp::socket socket) {
+    beast::error_code ec;
+    if (!tls) {
+      static const std::string kBusy =
+          "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+          "Connection: close\r\nContent-Length: 97\r\n\r\n"
+          "{\"error\":{\"code\":\"unavailable\",\"message\":\"too many connections from your address; retry later\"}}\n";
+      socket.non_blocking(true, ec);
+      if (!ec) socket.write_some(asio::buffer(kBusy), ec);
+    }
+    socket.shutdown(tcp::socket::shutdown_both, ec);
+    socket.close(ec);
   }
 };
 
@@ -375,7 +499,11 @@ Result<std::unique_ptr<HttpServer>> HttpServer::start(const HttpServerConfig& cf
                       "cannot listen on " + cfg.host + ":" + std::to_string(cfg.port) + ": " + ec.message());
   }
   s->port_ = acc.local_endpoint().port();
-  s->impl_->accept();
+  auto* impl = s->impl_.get();
+  impl->limits->stats = &impl->stats;
+  impl->limits->max_total = cfg.max_connections;
+  impl->limits->resume = [impl] { asio::post(impl->accept_strand, [impl] { impl->accept(); }); };
+  asio::post(impl->accept_strand, [impl] { impl->accept(); });
   for (int i = 0; i < std::max(1, cfg.threads); ++i) {
     s->impl_->threads.emplace_back([impl = s->impl_.get()] { impl->ioc.run(); });
   }
@@ -384,8 +512,11 @@ Result<std::unique_ptr<HttpServer>> HttpServer::start(const HttpServerConfig& cf
 
 HttpServer::~HttpServer() { stop(); }
 
+const ServerStats& HttpServer::stats() const { return impl_->stats; }
+
 void HttpServer::stop() {
   if (!impl_) return;
+  impl_->limits->stopping = true;
   impl_->ioc.stop();
   for (auto& t : impl_->threads) if (t.joinable()) t.join();
   impl_->threads.clear();

@@ -53,6 +53,16 @@ std::map<std::tuple<std::string, std::string, std::string>, uint64_t> HttpMetric
   return requests_;
 }
 
+void HttpMetrics::count_rate_limited(const std::string& limit) {
+  std::lock_guard lock(mu_);
+  ++rate_limited_[limit];
+}
+
+std::map<std::string, uint64_t> HttpMetrics::rate_limited() const {
+  std::lock_guard lock(mu_);
+  return rate_limited_;
+}
+
 uint64_t HttpMetrics::audit_failures() const {
   std::lock_guard lock(mu_);
   return audit_failures_;
@@ -171,6 +181,12 @@ std::string render_metrics(HubService& s, const HttpMetrics& http) {
   p.sample("flotilla_mqtt_desired_published_total", {{"result", "ok"}}, static_cast<double>(m.desired_published));
   p.sample("flotilla_mqtt_desired_published_total", {{"result", "error"}},
            static_cast<double>(m.desired_publish_failures));
+  p.family("flotilla_mqtt_messages_dropped_total", "counter",
+           "Device messages dropped before queueing because they were larger than any legitimate one.");
+  p.sample("flotilla_mqtt_messages_dropped_total", {{"reason", "too_large"}}, static_cast<double>(m.dropped_too_large));
+  p.family("flotilla_log_lines_suppressed_total", "counter",
+           "Log lines about device messages not written because one device (or gateway) caused too many.");
+  p.sample("flotilla_log_lines_suppressed_total", {}, static_cast<double>(m.log_lines_suppressed));
   p.family("flotilla_mqtt_connected", "gauge", "1 while the hub is subscribed to device reports.");
   p.sample("flotilla_mqtt_connected", {}, s.mqtt_connected() ? 1 : 0);
 
@@ -192,6 +208,26 @@ std::string render_metrics(HubService& s, const HttpMetrics& http) {
     const auto& [method, route, cls] = key;
     p.sample("flotilla_http_requests_total", {{"method", method}, {"route", route}, {"code", cls}},
              static_cast<double>(n));
+  }
+  p.family("flotilla_rate_limited_total", "counter", "Requests refused by a rate limit (429), by limit.");
+  for (const char* limit : {"enroll", "enroll_token"}) {
+    const auto all = http.rate_limited();
+    auto it = all.find(limit);
+    p.sample("flotilla_rate_limited_total", {{"limit", limit}}, static_cast<double>(it == all.end() ? 0 : it->second));
+  }
+  if (const ServerStats* st = http.server_stats()) {
+    p.family("flotilla_http_connections", "gauge", "Open REST API connections.");
+    p.sample("flotilla_http_connections", {}, static_cast<double>(st->connections.load()));
+    p.family("flotilla_http_connections_refused_total", "counter",
+             "Connections closed at once because their peer address had too many open.");
+    p.sample("flotilla_http_connections_refused_total", {{"reason", "per_peer"}},
+             static_cast<double>(st->refused_per_peer.load()));
+    p.family("flotilla_http_accept_paused_total", "counter",
+             "Times the server stopped accepting because it held http-max-connections.");
+    p.sample("flotilla_http_accept_paused_total", {}, static_cast<double>(st->accept_paused.load()));
+    p.family("flotilla_http_accept_errors_total", "counter",
+             "Failed accepts (out of file descriptors, say); each is followed by a pause, not a retry loop.");
+    p.sample("flotilla_http_accept_errors_total", {}, static_cast<double>(st->accept_errors.load()));
   }
   p.family("flotilla_audit_write_failures_total", "counter", "Mutating calls whose audit row could not be written.");
   p.sample("flotilla_audit_write_failures_total", {}, static_cast<double>(http.audit_failures()));

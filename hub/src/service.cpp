@@ -9,6 +9,7 @@
 #include "flotilla/common/crypto.hpp"
 #include "flotilla/common/log.hpp"
 #include "flotilla/hub/broker.hpp"
+#include "flotilla/hub/rate_limit.hpp"
 #include "flotilla/v1/desired.pb.h"
 
 namespace flotilla::hub {
@@ -60,7 +61,10 @@ Status HubService::attach_transport(transport::Transport& t) {
   return {};
 }
 
-bool HubService::mqtt_connected() const { return attached_ && transport_ && transport_->connected(); }
+bool HubService::mqtt_connected() const {
+  transport::Transport* t = transport_.load();
+  return attached_ && t && t->connected();
+}
 
 Result<CreatedToken> HubService::create_token(const std::string& kind, TokenRecord rec,
                                              std::chrono::milliseconds ttl) {
@@ -89,22 +93,35 @@ Result<std::optional<TokenRecord>> HubService::authenticate(const std::string& k
 
 namespace {
 
-// A device's key, and its proof that it holds that key, bound to the token.
-// Checked before anything touches the store.
+// A device's key, and its proof that it holds that key, bound to the token
+// (and, with issued_unix_ms, to when it asked). Checked before anything
+// touches the store.
 Status check_enrollee_proof(const v1::EnrollRequest& req, const std::string& token_secret) {
   if (req.device_public_key().size() != 32) {
     return make_error(Errc::invalid_argument, "device_public_key must be a 32-byte Ed25519 public key");
   }
+  if (req.issued_unix_ms() > static_cast<uint64_t>(INT64_MAX)) {
+    return make_error(Errc::invalid_argument, "issued_unix_ms is out of range");
+  }
   const Bytes pub(req.device_public_key().begin(), req.device_public_key().end());
   const Bytes proof(req.proof().begin(), req.proof().end());
-  if (!bundles::verify_detached(pub, bundles::enroll_proof_message(token_secret, pub), proof)) {
+  const std::string message = req.issued_unix_ms() != 0
+                                  ? bundles::enroll_proof_message(token_secret, pub, req.issued_unix_ms())
+                                  : bundles::enroll_proof_message(token_secret, pub);
+  if (!bundles::verify_detached(pub, message, proof)) {
     return make_error(Errc::invalid_argument, "enrollment proof does not verify: the request must be signed by "
                                               "the device key it enrolls");
   }
   return {};
 }
 
-// The device row an enrollment creates or refreshes.
+// A device may carry at most this many labels (the same bound as label edits).
+constexpr size_t kMaxDeviceLabels = 64;
+
+// The device row an enrollment creates or refreshes. Labels come from the
+// token: a device may repeat a label the token sets, and choose the value of
+// a key the token lists in device_label_keys; anything else is refused, so
+// a leaked token cannot enroll a device into another group's campaigns.
 Result<DeviceRecord> enrollee_record(const v1::EnrollRequest& req, const TokenRecord& token,
                                      const std::string& gateway, int64_t now_ms) {
   DeviceRecord d;
@@ -112,10 +129,27 @@ Result<DeviceRecord> enrollee_record(const v1::EnrollRequest& req, const TokenRe
     if (!valid_label_key(k) || !valid_label_value(v)) {
       return make_error(Errc::invalid_argument, "bad label " + k + "=" + v);
     }
+    if (auto fixed = token.labels.find(k); fixed != token.labels.end()) {
+      if (fixed->second != v) {
+        return make_error(Errc::permission_denied, "label " + k + "=" + v + ": the enrollment token sets " + k + "=" +
+                                                       fixed->second + "; a device cannot choose another value");
+      }
+    } else if (std::find(token.device_label_keys.begin(), token.device_label_keys.end(), k) ==
+               token.device_label_keys.end()) {
+      std::string allowed;
+      for (const auto& a : token.device_label_keys) allowed += (allowed.empty() ? "" : ", ") + a;
+      return make_error(Errc::permission_denied,
+                        "label '" + k + "' is not one this enrollment token lets a device choose (device_label_keys: " +
+                            (allowed.empty() ? std::string("none") : allowed) +
+                            "); a device's labels come from its token");
+    }
     d.labels[k] = v;
   }
-  // Labels bound to the token win over what a device says about itself.
   for (const auto& [k, v] : token.labels) d.labels[k] = v;
+  if (d.labels.size() > kMaxDeviceLabels) {
+    return make_error(Errc::invalid_argument, "a device may carry at most " + std::to_string(kMaxDeviceLabels) + " labels");
+  }
+  d.enroll_issued_ms = req.issued_unix_ms();
   // The id derives from the device's key: a device that re-enrolls with the
   // same identity keeps its id, its history and its campaign state.
   d.id = "d-" + crypto::sha256_hex(req.device_public_key()).substr(0, 20);
@@ -142,13 +176,16 @@ Result<TokenRecord> HubService::usable_enrollment_token(const std::string& secre
   return **tok;
 }
 
-Result<Bytes> HubService::gateway_identity(const std::string& gateway_id) {
+Result<Bytes> HubService::gateway_identity(const std::string& gateway_id, const std::string& project) {
   std::lock_guard lock(store_mu_);
   auto gw = store_.get_device(gateway_id);
   if (!gw) return gw.error();
-  if (!*gw || (*gw)->state == "decommissioned" || !(*gw)->gateway.empty()) {
-    return make_error(Errc::permission_denied, "gateway " + gateway_id + " is not an enrolled device "
-                                               "with its own broker session");
+  // A gateway relays its devices' desired states (bundle files included):
+  // only devices of its own project may sit behind it. Another project's
+  // gateway is answered like an unknown one.
+  if (!*gw || (*gw)->state == "decommissioned" || !(*gw)->gateway.empty() || (*gw)->project != project) {
+    return make_error(Errc::permission_denied, "gateway " + gateway_id + " is not an enrolled device of project " +
+                                               project + " with its own broker session");
   }
   auto key = from_hex((*gw)->public_key_hex);
   if (!key) return make_error(Errc::internal, "gateway " + gateway_id + " has no readable identity key");
@@ -167,6 +204,12 @@ Status HubService::check_reenrollment(const DeviceRecord& d) {
                                                "new identity");
   }
   if (e.public_key_hex != d.public_key_hex) return make_error(Errc::conflict, "device id collision");
+  // Every object stays in one project: a token of another project cannot
+  // move an enrolled device (and its history) into it.
+  if (e.project != d.project) {
+    return make_error(Errc::conflict, "device " + d.id + " is enrolled in project " + e.project +
+                                          "; an enrollment token of project " + d.project + " cannot move it");
+  }
   // Moving a device between its own session and a gateway would leave a
   // credential or a topic tree behind: a device keeps the way it enrolled.
   if (e.gateway != d.gateway) {
@@ -174,6 +217,20 @@ Status HubService::check_reenrollment(const DeviceRecord& d) {
                                           (e.gateway.empty() ? std::string("with its own session")
                                                              : "behind gateway " + e.gateway) +
                                           "; it cannot change that");
+  }
+  // Replay: the same (or an older) signed request again would reset the
+  // device's broker password and lock the real device out. A device that
+  // enrolls again signs a newer issued_unix_ms; the older proof without one
+  // is taken only for a key the hub has never seen.
+  if (d.enroll_issued_ms == 0) {
+    return make_error(Errc::conflict, "device " + d.id + " is already enrolled; enrolling it again needs a proof "
+                                      "with issued_unix_ms (an agent that signs it), so a captured request cannot "
+                                      "be replayed");
+  }
+  if (d.enroll_issued_ms <= e.enroll_issued_ms) {
+    return make_error(Errc::conflict, "this enrollment request is not newer than device " + d.id +
+                                          "'s last one (issued_unix_ms must be above " +
+                                          std::to_string(e.enroll_issued_ms) + "); a replayed request changes nothing");
   }
   return {};
 }
@@ -198,7 +255,7 @@ Result<v1::EnrollResponse> HubService::enroll(const v1::EnrollRequest& req) {
   if (!req.gateway_id().empty()) {
     // The gateway vouches for the device with its own identity key; the
     // device's proof above shows the device holds its key.
-    auto gw_key = gateway_identity(req.gateway_id());
+    auto gw_key = gateway_identity(req.gateway_id(), token->project);
     if (!gw_key) return gw_key.error();
     const Bytes pub(req.device_public_key().begin(), req.device_public_key().end());
     const Bytes gw_proof(req.gateway_proof().begin(), req.gateway_proof().end());
@@ -254,7 +311,7 @@ Result<v1::EnrollBatchResponse> HubService::enroll_batch(const v1::EnrollBatchRe
   }
   auto token = usable_enrollment_token(req.enrollment_token());
   if (!token) return token.error();
-  auto gw_key = gateway_identity(req.gateway_id());
+  auto gw_key = gateway_identity(req.gateway_id(), token->project);
   if (!gw_key) return gw_key.error();
   std::vector<std::string> keys;
   keys.reserve(req.devices_size());
@@ -366,7 +423,7 @@ Result<std::pair<BundleRecord, bool>> HubService::upload_bundle(const std::strin
   }
   BundleRecord b;
   b.digest = bundles::manifest_digest_hex(*env);
-  b.id = b.digest.substr(0, 16);
+  b.id = bundle_id(project, b.digest);
   b.project = project;
   b.name = m.name();
   b.channel = m.channel();
@@ -376,7 +433,9 @@ Result<std::pair<BundleRecord, bool>> HubService::upload_bundle(const std::strin
   b.uploaded_ms = clock_.now_unix_ms();
   b.envelope = bundles::serialize_envelope(*env);
   std::lock_guard lock(store_mu_);
-  if (auto existing = store_.get_bundle(b.id, true); !existing) {
+  // Within the uploader's project only: another project's upload of the
+  // same manifest is another bundle, and never adds signatures to this one.
+  if (auto existing = store_.find_bundle_by_digest(project, b.digest, true); !existing) {
     return existing.error();
   } else if (*existing) {
     // The same manifest again, perhaps with more signatures (a second signer
@@ -397,6 +456,9 @@ Result<std::pair<BundleRecord, bool>> HubService::upload_bundle(const std::strin
       rec.envelope = bundles::serialize_envelope(stored);
       rec.signatures = stored.signatures_size();
       if (auto s = store_.update_bundle_signatures(rec.id, rec.envelope, rec.signatures); !s) return s.error();
+      // Desired states published from now on carry the new signatures
+      // (the multi-signer workflow): drop the envelope kept for publishing.
+      bundle_cache_.erase(rec.id);
       log::get("hub")->info("bundle id={} now carries {} signatures", rec.id, rec.signatures);
     }
     rec.envelope.clear();
@@ -408,14 +470,14 @@ Result<std::pair<BundleRecord, bool>> HubService::upload_bundle(const std::strin
   return std::make_pair(b, true);
 }
 
-Result<std::vector<BundleRecord>> HubService::list_bundles() {
+Result<std::vector<BundleRecord>> HubService::list_bundles(const std::string& project) {
   std::lock_guard lock(store_mu_);
-  return store_.list_bundles();
+  return store_.list_bundles(project);
 }
 
-Result<std::optional<BundleRecord>> HubService::get_bundle(const std::string& key) {
+Result<std::optional<BundleRecord>> HubService::get_bundle(const std::string& key, const std::string& project) {
   std::lock_guard lock(store_mu_);
-  return store_.get_bundle(key, false);
+  return store_.get_bundle(key, false, project);
 }
 
 Result<HubService::SharedDesiredPtr> HubService::desired_shared(const std::string& bundle_id,
@@ -441,7 +503,8 @@ Result<HubService::SharedDesiredPtr> HubService::desired_shared(const std::strin
 }
 
 Status HubService::publish_desired(const PendingDesired& p) {
-  if (!transport_) return make_error(Errc::unavailable, "no broker connection", true);
+  transport::Transport* t = transport_.load();
+  if (!t) return make_error(Errc::unavailable, "no broker connection", true);
   v1::DesiredState head;
   head.set_device_id(p.device_id);
   head.set_generation(p.generation);
@@ -465,7 +528,7 @@ Status HubService::publish_desired(const PendingDesired& p) {
   // instead of re-encoded per device.
   std::string payload = head.SerializeAsString();
   payload += p.shared->bytes;
-  auto published = transport_->publish({transport::device_topic(p.device_id, p.gateway, "desired"),
+  auto published = t->publish({transport::device_topic(p.device_id, p.gateway, "desired"),
                                         std::move(payload), 1, true});
   ++(published ? desired_published_ : desired_publish_failures_);
   return published;
@@ -483,9 +546,9 @@ void HubService::publish_all(const Publishes& publishes, const char* what) {
   }
 }
 
-Result<std::vector<DeviceRecord>> HubService::list_devices(const Selector& sel) {
+Result<std::vector<DeviceRecord>> HubService::list_devices(const Selector& sel, const std::string& project) {
   std::lock_guard lock(store_mu_);
-  auto all = store_.list_devices();
+  auto all = store_.list_devices(project);
   if (!all) return all.error();
   std::vector<DeviceRecord> out;
   for (auto& d : *all) if (sel.matches(d.labels)) out.push_back(std::move(d));
@@ -497,12 +560,35 @@ Result<std::optional<DeviceRecord>> HubService::get_device(const std::string& id
   return store_.get_device(id);
 }
 
+namespace {
+// Who sent a message, as the broker's ACL guarantees it: the gateway whose
+// subtree it came on, else the device whose topic it is.
+std::string sender_of(const std::string& topic) {
+  if (std::string gw = transport::gateway_of_reports_topic(topic); !gw.empty()) return gw;
+  std::string gateway, leaf;
+  std::string device = transport::parse_device_topic(topic, &gateway, &leaf);
+  return gateway.empty() ? device : gateway;
+}
+}  // namespace
+
 void HubService::on_message(transport::Message&& msg) {
   const bool is_report = msg.topic.ends_with("/report");
-  ++(is_report                                 ? reports_received_
-     : msg.topic.ends_with("/presence")        ? presence_received_
-     : msg.topic.ends_with("/reports")         ? gateway_batches_received_
-                                               : other_received_);
+  const bool is_presence = msg.topic.ends_with("/presence");
+  const bool is_batch = msg.topic.ends_with("/reports");
+  ++(is_report ? reports_received_ : is_presence ? presence_received_ : is_batch ? gateway_batches_received_ : other_received_);
+  // Bounded input: nothing larger than the largest legitimate message of its
+  // kind is queued, parsed or stored (the broker already caps every packet
+  // at the size of a desired state, which no device sends).
+  const size_t cap = is_report ? kMaxReportBytes : is_presence ? kMaxPresenceBytes : is_batch ? kMaxGatewayReportBytes : 0;
+  if (msg.payload.size() > cap) {
+    ++dropped_too_large_;
+    const std::string sender = sender_of(msg.topic);
+    if (auto dropped = log_limit_.admit(sender)) {
+      log::get("hub")->warn("dropped a message of {} bytes from {} on {}: above {} bytes{}", msg.payload.size(),
+                            sender, msg.topic, cap, suppressed_note(*dropped));
+    }
+    return;
+  }
   std::unique_lock lock(q_mu_);
   // Back-pressure instead of loss: while the queue is full the MQTT client
   // stops reading and the broker holds the QoS 1 messages.
@@ -542,21 +628,21 @@ void HubService::drain() {
     if (batch.empty()) return;
     std::lock_guard lock(store_mu_);
     const auto started = std::chrono::steady_clock::now();
-    sql::Transaction tx(store_.db());
-    process_batch(batch);
-    if (auto s = tx.commit(); !s) log::get("hub")->error("commit report batch failed: {}", s.error().message);
+    // Reports are the devices' to repeat (and a lost outcome is recovered
+    // from the next idle report): no fsync per batch. Control writes stay FULL.
+    (void)store_.relaxed_sync(true);
+    {
+      sql::Transaction tx(store_.db());
+      process_batch(batch);
+      if (auto s = tx.commit(); !s) log::get("hub")->error("commit report batch failed: {}", s.error().message);
+    }
+    if (auto s = store_.relaxed_sync(false); !s) {
+      log::get("hub")->error("restore synchronous=FULL failed: {}", s.error().message);
+    }
     report_commit_seconds_.observe(std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count());
   }
 }
 
-namespace {
-bool wrong_gateway(const DeviceRecord& d, const std::string& gateway, const char* what) {
-  if (d.gateway == gateway) return false;
-  log::get("hub")->warn("dropped {} of device={} sent on the topics of gateway '{}'; its gateway is '{}'", what, d.id,
-                        gateway, d.gateway);
-  return true;
-}
-}  // namespace
 
 // A report or presence message, parsed, with the gateway whose topics carried it.
 struct HubService::ParsedMessage {
@@ -595,9 +681,14 @@ void HubService::process_batch(const std::vector<transport::Message>& batch) {
       v1::GatewayReports reports;
       if (msg.payload.size() > kMaxGatewayReportBytes || !reports.ParseFromString(msg.payload) ||
           reports.reports_size() > kMaxGatewayReports) {
-        log::get("hub")->warn("dropped report batch of gateway={} bytes={}: not a GatewayReports of at most {} "
-                              "reports and {} bytes", gw, msg.payload.size(), kMaxGatewayReports,
-                              kMaxGatewayReportBytes);
+        // Lines about what a device or gateway sent stay within its share (a
+        // burst, then a few a minute): one message naming a thousand devices
+        // is not a thousand lines.
+        if (auto n = log_limit_.admit(gw)) {
+          log::get("hub")->warn("dropped report batch of gateway={} bytes={}: not a GatewayReports of at most {} "
+                                "reports and {} bytes{}", gw, msg.payload.size(), kMaxGatewayReports,
+                                kMaxGatewayReportBytes, suppressed_note(*n));
+        }
         continue;
       }
       for (auto& r : *reports.mutable_reports()) {
@@ -621,7 +712,10 @@ void HubService::process_batch(const std::vector<transport::Message>& batch) {
     if (device_id.empty()) continue;
     if (leaf == "report") {
       if (!p.report.ParseFromString(msg.payload)) {
-        log::get("hub")->warn("dropped unparsable report device={} bytes={}", device_id, msg.payload.size());
+        if (auto n = log_limit_.admit(p.gateway.empty() ? device_id : p.gateway)) {
+          log::get("hub")->warn("dropped unparsable report device={} bytes={}{}", device_id, msg.payload.size(),
+                                suppressed_note(*n));
+        }
         continue;
       }
       p.is_report = true;
@@ -641,7 +735,11 @@ void HubService::apply_device_messages(const std::string& device_id, const std::
   auto found = store_.get_device(device_id);
   if (!found || !*found) {
     if (std::any_of(msgs.begin(), msgs.end(), [](const ParsedMessage& p) { return p.is_report; })) {
-      log::get("hub")->warn("report from unknown device={}", device_id);
+      const std::string& gw = msgs.front().gateway;
+      if (auto n = log_limit_.admit(gw.empty() ? device_id : gw)) {
+        log::get("hub")->warn("report from unknown device={}{}{}", device_id,
+                              gw.empty() ? std::string() : " on the topics of gateway " + gw, suppressed_note(*n));
+      }
     }
     return;
   }
@@ -650,7 +748,14 @@ void HubService::apply_device_messages(const std::string& device_id, const std::
   bool changed = false, gateway_left = false;
   uint64_t reports = 0, presences = 0;
   for (const auto& p : msgs) {
-    if (wrong_gateway(dev, p.gateway, p.is_report ? "report" : "presence")) continue;
+    if (dev.gateway != p.gateway) {
+      if (auto n = log_limit_.admit(p.gateway.empty() ? device_id : p.gateway)) {
+        log::get("hub")->warn("dropped {} of device={} sent on the topics of gateway '{}'; its gateway is '{}'{}",
+                              p.is_report ? "report" : "presence", dev.id, p.gateway, dev.gateway,
+                              suppressed_note(*n));
+      }
+      continue;
+    }
     if (!p.is_report) {
       dev.online = p.presence.online();
       dev.last_seen_ms = std::max(dev.last_seen_ms, clock_.now_unix_ms());

@@ -76,9 +76,9 @@ Result<DeviceRecord> HubService::decommission_device(const std::string& id) {
   if (auto s = sync_broker_credentials(); !s) {
     return s.error().with_context("device marked decommissioned, but the broker did not reload; retry");
   }
-  if (transport_ && transport_->connected()) {
+  if (transport::Transport* t = transport_.load(); t && t->connected()) {
     // An empty retained message deletes the retained desired state.
-    if (auto s = transport_->publish({transport::device_topic(id, dev.gateway, "desired"), "", 1, true}); !s) {
+    if (auto s = t->publish({transport::device_topic(id, dev.gateway, "desired"), "", 1, true}); !s) {
       log::get("hub")->warn("clear retained desired state device={} failed: {}", id, s.error().message);
     }
   }
@@ -111,6 +111,8 @@ HubService::MqttCounters HubService::mqtt_counters() const {
   c.presence_processed = presence_processed_;
   c.desired_published = desired_published_;
   c.desired_publish_failures = desired_publish_failures_;
+  c.dropped_too_large = dropped_too_large_;
+  c.log_lines_suppressed = log_limit_.suppressed_total();
   return c;
 }
 

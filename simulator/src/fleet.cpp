@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <deque>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <mutex>
 #include <queue>
@@ -179,7 +180,8 @@ class Fleet {
   Status create_token();
   Status enroll_gateways();
   Status enroll_devices();
-  Result<std::string> post_enrollment(const std::string& path, const std::string& body, const std::string& what);
+  Result<std::string> post_enrollment(const std::string& path, const std::function<std::string()>& body,
+                                      const std::string& what);
   v1::EnrollRequest enroll_request(const bundles::KeyPair& key, const std::string& hostname,
                                    const std::string& token) const;
   Result<std::string> enroll_one(const bundles::KeyPair& key, const std::string& hostname,
@@ -304,10 +306,13 @@ Status Fleet::prepare_devices() {
 Status Fleet::create_token() {
   // Devices and gateways get their labels from their tokens, so the
   // campaign's selector (sim-run=<label>) never picks a gateway.
-  for (auto [name, key, into] : {std::tuple{"devices", "sim-run", &enroll_token_},
-                                 std::tuple{"gateways", "sim-gateway", &gateway_token_}}) {
+  // Tokens allow one use by default: ask for exactly the uses this run needs.
+  const uint32_t per = std::max<uint32_t>(1, opts_.devices_per_gateway);
+  const uint32_t gateways = opts_.mode == Mode::gateway ? (opts_.devices + per - 1) / per : 0;
+  for (auto [name, key, into, uses] : {std::tuple{"devices", "sim-run", &enroll_token_, opts_.devices},
+                                       std::tuple{"gateways", "sim-gateway", &gateway_token_, gateways}}) {
     json body = {{"name", "flotilla-sim " + std::string(name) + " " + label_}, {"labels", {{key, label_}}},
-                 {"ttl", "24h"}};
+                 {"ttl", "24h"}, {"max_uses", std::max<uint32_t>(1, uses)}};
     auto j = rest_.call_json("POST", "/v1/enrollment-tokens", body, 201);
     if (!j) return j.error().with_context("create an enrollment token (the API token needs the operator role)");
     *into = (*j)["token"].get<std::string>();
@@ -316,10 +321,14 @@ Status Fleet::create_token() {
 }
 
 // POSTs an enrollment, retrying while the hub is not ready (503) or busy (429).
-Result<std::string> Fleet::post_enrollment(const std::string& path, const std::string& body, const std::string& what) {
+// The body is signed afresh for each attempt, as the agent does: an attempt
+// whose answer was lost may have been taken, and the same signed request
+// again would be refused as a replay.
+Result<std::string> Fleet::post_enrollment(const std::string& path, const std::function<std::string()>& body,
+                                           const std::string& what) {
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
   for (int attempt = 0;; ++attempt) {
-    auto r = rest_.call("POST", path, body, "application/x-protobuf");
+    auto r = rest_.call("POST", path, body(), "application/x-protobuf");
     if (r && r->status == 200) return std::move(r->body);
     const bool retry = !r || r->status == 503 || r->status == 429;
     if (!retry || std::chrono::steady_clock::now() > deadline) {
@@ -338,7 +347,11 @@ v1::EnrollRequest Fleet::enroll_request(const bundles::KeyPair& key, const std::
   req.set_hostname(hostname);
   req.set_arch("amd64");
   req.set_agent_version(agent::kAgentVersion);
-  const Bytes proof = bundles::sign_detached(key, bundles::enroll_proof_message(token, key.pub.key));
+  // Timestamped like the agent's, so a rerun with the same seed (the same
+  // device keys) enrolls them again instead of being refused as a replay.
+  const auto issued = static_cast<uint64_t>(SystemClock::instance().now_unix_ms());
+  req.set_issued_unix_ms(issued);
+  const Bytes proof = bundles::sign_detached(key, bundles::enroll_proof_message(token, key.pub.key, issued));
   req.set_proof(std::string(proof.begin(), proof.end()));
   return req;
 }
@@ -346,14 +359,17 @@ v1::EnrollRequest Fleet::enroll_request(const bundles::KeyPair& key, const std::
 Result<std::string> Fleet::enroll_one(const bundles::KeyPair& key, const std::string& hostname,
                                       const bundles::KeyPair* gateway_key, const std::string& gateway_id,
                                       v1::EnrollResponse& resp, const std::string& token) {
-  v1::EnrollRequest req = enroll_request(key, hostname, token);
-  req.set_enrollment_token(token);
-  if (gateway_key) {
-    req.set_gateway_id(gateway_id);
-    const Bytes gp = bundles::sign_detached(*gateway_key, bundles::enroll_proof_message(token, key.pub.key));
-    req.set_gateway_proof(std::string(gp.begin(), gp.end()));
-  }
-  auto body = post_enrollment("/v1/enroll", req.SerializeAsString(), hostname);
+  auto request = [&] {
+    v1::EnrollRequest req = enroll_request(key, hostname, token);
+    req.set_enrollment_token(token);
+    if (gateway_key) {
+      req.set_gateway_id(gateway_id);
+      const Bytes gp = bundles::sign_detached(*gateway_key, bundles::enroll_proof_message(token, key.pub.key));
+      req.set_gateway_proof(std::string(gp.begin(), gp.end()));
+    }
+    return req.SerializeAsString();
+  };
+  auto body = post_enrollment("/v1/enroll", request, hostname);
   if (!body) return body.error();
   if (!resp.ParseFromString(*body)) return make_error(Errc::parse, "enroll " + hostname + ": answer does not parse");
   if (!env_.learn_director(resp.director_public_key())) {
@@ -365,20 +381,24 @@ Result<std::string> Fleet::enroll_one(const bundles::KeyPair& key, const std::st
 // Devices [first, first + count), all behind one gateway, in one request.
 Status Fleet::enroll_batch(uint32_t first, uint32_t count) {
   const uint32_t g = devices_[first].session;
-  v1::EnrollBatchRequest req;
-  req.set_enrollment_token(enroll_token_);
-  req.set_gateway_id(gateway_ids_[g]);
-  std::vector<std::string> keys;
-  keys.reserve(count);
-  for (uint32_t i = first; i < first + count; ++i) {
-    *req.add_devices() = enroll_request(seeded_key("device", opts_.seed, i), "sim-" + std::to_string(i), enroll_token_);
-    keys.push_back(req.devices().rbegin()->device_public_key());
-  }
-  const Bytes gp = bundles::sign_detached(
-      gateway_keys_[g], bundles::enroll_batch_proof_message(enroll_token_, gateway_ids_[g], keys));
-  req.set_gateway_proof(std::string(gp.begin(), gp.end()));
+  auto request = [&] {
+    v1::EnrollBatchRequest req;
+    req.set_enrollment_token(enroll_token_);
+    req.set_gateway_id(gateway_ids_[g]);
+    std::vector<std::string> keys;
+    keys.reserve(count);
+    for (uint32_t i = first; i < first + count; ++i) {
+      *req.add_devices() =
+          enroll_request(seeded_key("device", opts_.seed, i), "sim-" + std::to_string(i), enroll_token_);
+      keys.push_back(req.devices().rbegin()->device_public_key());
+    }
+    const Bytes gp = bundles::sign_detached(
+        gateway_keys_[g], bundles::enroll_batch_proof_message(enroll_token_, gateway_ids_[g], keys));
+    req.set_gateway_proof(std::string(gp.begin(), gp.end()));
+    return req.SerializeAsString();
+  };
   const std::string what = "sim-" + std::to_string(first) + "..sim-" + std::to_string(first + count - 1);
-  auto body = post_enrollment("/v1/enroll/batch", req.SerializeAsString(), what);
+  auto body = post_enrollment("/v1/enroll/batch", request, what);
   if (!body) return body.error();
   v1::EnrollBatchResponse resp;
   if (!resp.ParseFromString(*body) || resp.results_size() != static_cast<int>(count)) {

@@ -69,7 +69,10 @@ Status start_own_hub(const SimOptions& opts, OwnHub& hub) {
              "--log-level", "warn",
              // A direct enrollment holds a REST thread until mosquitto has
              // reloaded its password file; concurrent ones share a reload.
-             "--http-threads", std::to_string(std::clamp<uint32_t>(opts.enroll_threads, 2, 64))};
+             "--http-threads", std::to_string(std::clamp<uint32_t>(opts.enroll_threads, 2, 64)),
+             // The hub's own defaults guard against abuse; a load run from one
+             // address measures the hub instead, so it lifts them.
+             "--enroll-rate", "0", "--enroll-rate-per-token", "0", "--http-max-connections-per-peer", "0"};
   so.stdout_path = (std::filesystem::path(opts.work_dir) / "hub.log").string();
   so.stderr_path = "stdout";
   so.die_with_parent = true;

@@ -57,7 +57,7 @@ TEST_CASE("an aarch64 agent under qemu-user enrolls with the real hub and applie
   o.health_timeout = "30s";  // emulation is slow
   o.binary = agent;
   o.launcher = {qemu};
-  Agent dev(tmp.path() / "dev-arm64", hub.url(), hub.enrollment_token({{"env", "qemu"}}, 1), o);
+  Agent dev(tmp.path() / "dev-arm64", hub.url(), hub.enrollment_token({{"env", "qemu"}}, 1, {"board"}), o);
   dev.start();
   INFO(dev.log());
   REQUIRE(wait_until([&] { return !dev.device_id().empty(); }, std::chrono::seconds(120)));

@@ -143,17 +143,27 @@ std::string Hub::broker_password() const {
   return *p;
 }
 
-std::string Hub::enrollment_token(const std::map<std::string, std::string>& labels, int max_uses) {
-  auto [status, body] = call("POST", "/v1/enrollment-tokens",
-                             json{{"labels", labels}, {"ttl", "1h"}, {"max_uses", max_uses}}.dump());
-  if (status != 201) throw std::runtime_error("enrollment token: " + body.dump());
-  return body["token"].get<std::string>();
+namespace {
+// Uses as the API takes them: a number, or explicitly no limit.
+json uses_fields(int max_uses) {
+  return max_uses == 0 ? json{{"unlimited_uses", true}} : json{{"max_uses", max_uses}};
+}
+}  // namespace
+
+std::string Hub::enrollment_token(const std::map<std::string, std::string>& labels, int max_uses,
+                                  const std::vector<std::string>& device_label_keys) {
+  json body = uses_fields(max_uses);
+  body.update(json{{"labels", labels}, {"ttl", "1h"}, {"device_label_keys", device_label_keys}});
+  auto [status, resp] = call("POST", "/v1/enrollment-tokens", body.dump());
+  if (status != 201) throw std::runtime_error("enrollment token: " + resp.dump());
+  return resp["token"].get<std::string>();
 }
 
 std::string Hub::project_enrollment_token(const std::string& project,
                                           const std::map<std::string, std::string>& labels, int max_uses) {
-  auto [status, body] = call("POST", "/v1/enrollment-tokens",
-                             json{{"labels", labels}, {"ttl", "1h"}, {"max_uses", max_uses}, {"project", project}}.dump());
+  json req = uses_fields(max_uses);
+  req.update(json{{"labels", labels}, {"ttl", "1h"}, {"project", project}});
+  auto [status, body] = call("POST", "/v1/enrollment-tokens", req.dump());
   if (status != 201) throw std::runtime_error("enrollment token: " + body.dump());
   return body["token"].get<std::string>();
 }
@@ -371,7 +381,8 @@ json run_campaign(Hub& hub, const std::string& bundle_id, const std::string& sel
 
 Fleet::Fleet(int n, std::map<std::string, std::string> labels) {
   hub.start();
-  const std::string token = hub.enrollment_token(labels, n);
+  // Each agent names its slot (overlays select on it): the one label key a device may choose.
+  const std::string token = hub.enrollment_token(labels, n, {"slot"});
   for (int i = 0; i < n; ++i) {
     AgentOptions o;
     o.root_keys = {bundles::public_key_text(release.pub)};

@@ -62,7 +62,10 @@ class Hub {
   std::string broker_url() const;
   std::string broker_password() const;
 
-  std::string enrollment_token(const std::map<std::string, std::string>& labels, int max_uses = 0);
+  // An enrollment token for max_uses devices (0 = no use limit), whose
+  // devices may set the label keys in device_label_keys themselves.
+  std::string enrollment_token(const std::map<std::string, std::string>& labels, int max_uses = 0,
+                               const std::vector<std::string>& device_label_keys = {});
   // An enrollment token whose devices belong to project (made with the admin token).
   std::string project_enrollment_token(const std::string& project, const std::map<std::string, std::string>& labels,
                                        int max_uses = 0);

@@ -5,6 +5,7 @@
 #include "tests/support/hub_test_support.hpp"
 #include "tests/support/temp_dir.hpp"
 
+#include <atomic>
 #include <cmath>
 #include <filesystem>
 #include <map>
@@ -113,6 +114,7 @@ class Hub {
     rec.name = "enroll-" + project;
     rec.role = "enroll";
     rec.project = project;
+    for (const auto& [k, v] : labels) rec.device_label_keys.push_back(k);  // the device names its own
     auto t = service_->create_token("enroll", rec);
     REQUIRE(t);
     auto r = enroll(t->secret, labels);
@@ -130,7 +132,9 @@ class Hub {
     v1::EnrollRequest req;
     req.set_enrollment_token(token);
     req.set_device_public_key(std::string(key->pub.key.begin(), key->pub.key.end()));
-    auto sig = bundles::sign_detached(*key, bundles::enroll_proof_message(token, key->pub.key));
+    static std::atomic<uint64_t> issued{1'800'000'000'000};  // each request newer than the last
+    req.set_issued_unix_ms(++issued);
+    auto sig = bundles::sign_detached(*key, bundles::enroll_proof_message(token, key->pub.key, req.issued_unix_ms()));
     req.set_proof(std::string(sig.begin(), sig.end()));
     req.set_hostname("edge-host");
     req.set_arch("arm64");
@@ -349,7 +353,8 @@ TEST_CASE("hub project scoping: a project token never sees another project's fle
   auto defaulted = hub.call("POST", "/v1/tokens", json{{"name", "n"}, {"role", "viewer"}}.dump(), x_admin);
   REQUIRE(defaulted.status == 201);
   CHECK(body_of(defaulted)["project"] == "team-x");
-  for (const auto& t : hub.get("/v1/tokens", x_admin)["items"]) CHECK(t["project"] == "team-x");
+  const json x_tokens = hub.get("/v1/tokens", x_admin);  // a range-for over a temporary's member dangles
+  for (const auto& t : x_tokens["items"]) CHECK(t["project"] == "team-x");
   CHECK(hub.call("DELETE", "/v1/tokens/" + hub.root_id, "", x_admin).status == 404);
   CHECK(hub.call("GET", "/v1/devices", "", hub.root).status == 200);  // root still works
 
@@ -359,7 +364,8 @@ TEST_CASE("hub project scoping: a project token never sees another project's fle
   CHECK(body_of(y_et)["project"] == "team-y");
   const std::string y_et_id = body_of(y_et)["id"].get<std::string>();
   CHECK(hub.call("POST", "/v1/enrollment-tokens", json{{"project", "team-y"}}.dump(), x_op).status == 403);
-  for (const auto& t : hub.get("/v1/enrollment-tokens", x_op)["items"]) CHECK(t["project"] == "team-x");
+  const json x_enrollment_tokens = hub.get("/v1/enrollment-tokens", x_op);
+  for (const auto& t : x_enrollment_tokens["items"]) CHECK(t["project"] == "team-x");
   CHECK(hub.call("DELETE", "/v1/enrollment-tokens/" + y_et_id, "", x_op).status == 404);
   auto y_tok = hub.store().get_token("enroll", y_et_id);
   REQUIRE(y_tok);
@@ -376,7 +382,8 @@ TEST_CASE("hub project scoping: a project token never sees another project's fle
   CHECK(ids_of(hub.get("/v1/bundles", y_op)["items"]) == std::set<std::string>{y_bundle});
 
   // The audit log: an X admin reads X's rows only.
-  for (const auto& a : hub.get("/v1/audit?limit=1000", x_admin)["items"]) CHECK(a["project"] == "team-x");
+  const json x_audit = hub.get("/v1/audit?limit=1000", x_admin);
+  for (const auto& a : x_audit["items"]) CHECK(a["project"] == "team-x");
   CHECK_FALSE(hub.get("/v1/audit?limit=1000", x_admin)["items"].empty());
 }
 

@@ -52,6 +52,20 @@ std::string enroll_proof(const std::string& token, const std::string& public_key
   auto sig = bundles::sign_detached(it->second, bundles::enroll_proof_message(token, it->second.pub.key));
   return std::string(sig.begin(), sig.end());
 }
+// The timestamped proof agents send: each request newer than the last, so
+// enrolling the same key again is taken (and a replay would not be).
+uint64_t next_issued_ms() {
+  static std::atomic<uint64_t> at{1'800'000'000'000};
+  return ++at;
+}
+void sign_enroll_request(flotilla::v1::EnrollRequest& req) {
+  auto it = key_registry().find(req.device_public_key());
+  if (it == key_registry().end()) return;
+  req.set_issued_unix_ms(next_issued_ms());
+  auto sig = bundles::sign_detached(
+      it->second, bundles::enroll_proof_message(req.enrollment_token(), it->second.pub.key, req.issued_unix_ms()));
+  req.set_proof(std::string(sig.begin(), sig.end()));
+}
 
 using flotilla::FakeClock;
 using flotilla::hub::Api;
@@ -139,12 +153,16 @@ class Hub {
     return body_of(r);
   }
 
+  // Devices may set the label keys these tests use, except those the token sets.
   std::string enrollment_token(const Labels& labels = {}, int64_t max_uses = 0) {
     TokenRecord rec;
     rec.name = "enroll-test";
     rec.role = "enroll";
     rec.labels = labels;
     rec.max_uses = max_uses;
+    for (const char* k : {"site", "env", "ring"}) {
+      if (!labels.count(k)) rec.device_label_keys.push_back(k);
+    }
     auto t = service_->create_token("enroll", rec);
     REQUIRE(t);
     return t->secret;
@@ -155,7 +173,7 @@ class Hub {
     v1::EnrollRequest req;
     req.set_enrollment_token(token);
     req.set_device_public_key(public_key);
-    req.set_proof(enroll_proof(token, public_key));
+    sign_enroll_request(req);
     req.set_hostname(hostname);
     req.set_arch("arm64");
     req.set_agent_version("0.1.0");
@@ -168,7 +186,7 @@ class Hub {
     v1::EnrollRequest req;
     req.set_enrollment_token(enrollment_token());
     req.set_device_public_key(bytes_string(registered_key().pub.key));
-    req.set_proof(enroll_proof(req.enrollment_token(), req.device_public_key()));
+    sign_enroll_request(req);
     req.set_hostname("edge-host");
     req.set_arch("arm64");
     for (const auto& [k, v] : labels) (*req.mutable_labels())[k] = v;
@@ -527,11 +545,15 @@ TEST_CASE("hub enrollment token with max_uses=1 enrolls one device only", "[unit
   CHECK(hub.device_count() == 1);
 }
 
-TEST_CASE("hub gives token labels precedence over device-provided labels", "[unit][hub]") {
+TEST_CASE("hub takes labels from the token: a device may repeat them, never change them", "[unit][hub]") {
   Hub hub;
   hub.attach_broker();
-  const std::string token = hub.enrollment_token({{"env", "prod"}});
-  auto r = hub.enroll(token, bytes_string(registered_key().pub.key), {{"env", "dev"}, {"site", "berlin"}});
+  const std::string token = hub.enrollment_token({{"env", "prod"}});  // devices may choose site
+  auto other = hub.enroll(token, bytes_string(registered_key().pub.key), {{"env", "dev"}, {"site", "berlin"}});
+  CHECK(other.status == 403);
+  CHECK(error_code(other) == "permission_denied");
+  CHECK(hub.device_count() == 0);
+  auto r = hub.enroll(token, bytes_string(registered_key().pub.key), {{"env", "prod"}, {"site", "berlin"}});
   REQUIRE(r.status == 200);
   v1::EnrollResponse resp;
   REQUIRE(resp.ParseFromString(r.body));
@@ -798,27 +820,22 @@ TEST_CASE("hub answers a malformed ttl with 400 rather than throwing", "[unit][h
 }
 
 TEST_CASE("hub single-use enrollment token holds under concurrent enrollments", "[unit][hub]") {
-  // Known bug (a race, so this fails on some runs only): HubService::enroll
-  // checks uses < max_uses in authenticate(), releases the store lock, and
-  // counts the use later in a separate locked section, so concurrent requests
-  // all pass the check.
+  // The use is checked and counted in one statement inside the enrollment
+  // transaction; an earlier check in authenticate() alone let concurrent
+  // requests all pass.
   Hub hub;
   hub.attach_broker();
   const std::string token = hub.enrollment_token({}, 1);
   constexpr int kClients = 8;
   std::vector<std::string> keys;
   for (int i = 0; i < kClients; ++i) keys.push_back(bytes_string(registered_key().pub.key));
-  // Many labels (within the 64 KiB request cap) widen the window between the
-  // check and the count, so the race shows on most runs.
-  Labels many;
-  for (int i = 0; i < 4000; ++i) many["l" + std::to_string(i)] = "v";
   std::atomic<bool> go{false};
   std::vector<int> status(kClients, 0);
   std::vector<std::thread> clients;
   for (int i = 0; i < kClients; ++i) {
     clients.emplace_back([&, i] {
       while (!go) std::this_thread::yield();
-      status[i] = hub.enroll(token, keys[i], many).status;
+      status[i] = hub.enroll(token, keys[i]).status;
     });
   }
   go = true;
@@ -1074,7 +1091,7 @@ TEST_CASE("hub refuses a batch as a whole for its token, gateway, signature or s
     CHECK(post(b.signed_by(gw_key, token, "d-00000000000000000000")).status == 403);
     auto r = post(b.signed_by(device_key, token, behind));
     CHECK(r.status == 403);
-    CHECK(contains(error_message(r), "is not an enrolled device with its own broker session"));
+    CHECK(contains(error_message(r), "is not an enrolled device of project default with its own broker session"));
   }
   SECTION("no gateway") {
     auto r = post(b.signed_by(gw_key, token, ""));

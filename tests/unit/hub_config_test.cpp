@@ -126,3 +126,32 @@ TEST_CASE("hub config: the director key is made once (0600), kept, or read from 
   CHECK(error_of(hub_config({"--director-key", (tmp.path() / "missing.key").string()})).find("director-key: cannot read") !=
         std::string::npos);
 }
+
+TEST_CASE("hub config: the input limits are settings with safe defaults, and bad values name the setting",
+          "[unit][hub][config]") {
+  auto defaults = hub_config({});
+  REQUIRE(defaults);
+  CHECK(defaults->http_max_connections == 1024);
+  CHECK(defaults->http_max_connections_per_peer == 256);
+  CHECK(defaults->enroll_rate == 200);
+  CHECK(defaults->enroll_rate_per_token == 50);
+  CHECK(defaults->broker_max_queued_messages == 1000000);
+  CHECK(defaults->broker_max_queued_mib == 256);
+  auto set = hub_config({"--http-max-connections", "10", "--http-max-connections-per-peer", "0", "--enroll-rate", "0",
+                         "--enroll-rate-per-token", "5", "--broker-max-queued-messages", "1000",
+                         "--broker-max-queued-mib", "64"});
+  REQUIRE(set);
+  CHECK(set->http_max_connections == 10);
+  CHECK(set->http_max_connections_per_peer == 0);
+  CHECK(set->enroll_rate == 0);
+  CHECK(set->enroll_rate_per_token == 5);
+  CHECK(set->broker_max_queued_messages == 1000);
+  CHECK(set->broker_max_queued_mib == 64);
+  for (const std::string key : {"http-max-connections", "http-max-connections-per-peer", "enroll-rate",
+                                "enroll-rate-per-token", "broker-max-queued-messages", "broker-max-queued-mib"}) {
+    INFO(key);
+    CHECK(error_of(hub_config({"--" + key + "=-1"})).find(key) != std::string::npos);
+    CHECK(error_of(hub_config({"--" + key + "=lots"})).find(key) != std::string::npos);
+  }
+  CHECK_FALSE(hub_config({"--broker-max-queued-messages", "0"}));  // mosquitto's 0 would mean unbounded
+}

@@ -10,7 +10,7 @@ namespace flotilla::hub {
 namespace {
 
 constexpr const char* kTokenCols =
-    "id, name, role, project, labels, expires_unix, max_uses, uses, created_ms, revoked";
+    "id, name, role, project, labels, expires_unix, max_uses, uses, created_ms, revoked, device_label_keys";
 
 TokenRecord token_from(const sql::Stmt& s) {
   TokenRecord t;
@@ -25,6 +25,10 @@ TokenRecord token_from(const sql::Stmt& s) {
   t.uses = s.col_int(7);
   t.created_ms = s.col_int(8);
   t.revoked = s.col_int(9) != 0;
+  auto keys = nlohmann::json::parse(s.col_text(10), nullptr, false);
+  if (keys.is_array()) {
+    for (const auto& k : keys) if (k.is_string()) t.device_label_keys.push_back(k.get<std::string>());
+  }
   return t;
 }
 

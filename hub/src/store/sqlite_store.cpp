@@ -1,5 +1,6 @@
 #include <nlohmann/json.hpp>
 
+#include "flotilla/common/crypto.hpp"
 #include "flotilla/hub/store.hpp"
 
 namespace flotilla::hub {
@@ -14,10 +15,18 @@ Labels labels_from(const std::string& s) {
   return j.get<Labels>();
 }
 
+std::vector<std::string> label_keys_from(const std::string& s) {
+  auto j = nlohmann::json::parse(s, nullptr, false);
+  std::vector<std::string> out;
+  if (!j.is_array()) return out;
+  for (const auto& k : j) if (k.is_string()) out.push_back(k.get<std::string>());
+  return out;
+}
+
 constexpr const char* kDeviceCols =
     "id, project, labels, public_key, hostname, arch, agent_version, enrolled_ms, last_seen_ms, online, "
     "state, applied_bundle, applied_version, k3s_version, node_ready, last_reason, last_message, last_seq, "
-    "generation, desired_bundle_id, campaign_id, gateway";
+    "generation, desired_bundle_id, campaign_id, gateway, enroll_issued_ms";
 
 DeviceRecord device_from(const sql::Stmt& s) {
   DeviceRecord d;
@@ -43,6 +52,7 @@ DeviceRecord device_from(const sql::Stmt& s) {
   d.desired_bundle_id = s.col_text(19);
   d.campaign_id = s.col_text(20);
   d.gateway = s.col_text(21);
+  d.enroll_issued_ms = static_cast<uint64_t>(s.col_int(22));
   return d;
 }
 
@@ -79,6 +89,11 @@ Result<std::unique_ptr<Store>> Store::open(const std::string& path, const StoreT
   if (auto m = s->db_->exec("PRAGMA mmap_size = " + std::to_string(std::max<int64_t>(0, tuning.mmap_mib) << 20)); !m) {
     return m.error();
   }
+  // Control data (tokens, revocations, decommissions, credentials, bundles,
+  // campaigns, audit) must survive a power cut once the API has answered:
+  // FULL syncs the WAL at every commit. Only report batches relax it
+  // (relaxed_sync), see docs/operations.md "Durability".
+  if (auto f = s->db_->exec("PRAGMA synchronous = FULL"); !f) return f.error();
   if (auto m = s->migrate(); !m) return m.error().with_context("migrate " + path);
   return s;
 }
@@ -103,9 +118,10 @@ CREATE TABLE IF NOT EXISTS devices (
   generation INTEGER NOT NULL DEFAULT 0, desired_bundle_id TEXT NOT NULL DEFAULT '',
   campaign_id TEXT NOT NULL DEFAULT '');
 CREATE TABLE IF NOT EXISTS bundles (
-  id TEXT PRIMARY KEY, digest TEXT NOT NULL UNIQUE, name TEXT NOT NULL, channel TEXT NOT NULL,
+  id TEXT PRIMARY KEY, digest TEXT NOT NULL, name TEXT NOT NULL, channel TEXT NOT NULL,
   version INTEGER NOT NULL, expires_unix INTEGER NOT NULL, signatures INTEGER NOT NULL,
-  uploaded_ms INTEGER NOT NULL, envelope BLOB NOT NULL, project TEXT NOT NULL DEFAULT 'default');
+  uploaded_ms INTEGER NOT NULL, envelope BLOB NOT NULL, project TEXT NOT NULL DEFAULT 'default',
+  UNIQUE (project, digest));
 CREATE INDEX IF NOT EXISTS bundles_name_version ON bundles(name, version);
 CREATE TABLE IF NOT EXISTS campaigns (
   id TEXT PRIMARY KEY, name TEXT NOT NULL, bundle_id TEXT NOT NULL REFERENCES bundles(id),
@@ -132,25 +148,100 @@ CREATE TABLE IF NOT EXISTS trust (
     return s;
   }
   if (auto s = migrate_declarative(); !s) return s;
-  return migrate_campaigns();
+  if (auto s = migrate_campaigns(); !s) return s;
+  return migrate_scopes();
+}
+
+std::string bundle_id(const std::string& project, const std::string& digest) {
+  if (project == "default") return digest.substr(0, 16);
+  return crypto::sha256_hex(project + ":" + digest).substr(0, 16);
+}
+
+Status Store::migrate_scopes() {
+  auto has_column = [&](const std::string& table, const std::string& col) -> Result<bool> {
+    auto st = db_->prepare("SELECT COUNT(*) FROM pragma_table_info('" + table + "') WHERE name = ?");
+    if (!st) return st.error();
+    st->bind(1, std::string_view(col));
+    auto r = st->step();
+    if (!r) return r.error();
+    return st->col_int(0) > 0;
+  };
+  for (const auto& [table, col, decl] :
+       {std::tuple{"devices", "enroll_issued_ms", "INTEGER NOT NULL DEFAULT 0"},
+        std::tuple{"tokens", "device_label_keys", "TEXT NOT NULL DEFAULT '[]'"}}) {
+    auto has = has_column(table, col);
+    if (!has) return has.error();
+    if (!*has) {
+      if (auto s = db_->exec(std::string("ALTER TABLE ") + table + " ADD COLUMN " + col + " " + decl); !s) return s;
+    }
+  }
+  // Stores made before bundles were scoped held each manifest once for the
+  // whole hub (digest UNIQUE): another project's upload of the same manifest
+  // merged its signatures into yours. Rebuilt with UNIQUE (project, digest),
+  // the way SQLite documents for changing a constraint (foreign keys off,
+  // new table, copy, swap, check).
+  auto st = db_->prepare("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'bundles'");
+  if (!st) return st.error();
+  auto r = st->step();
+  if (!r) return r.error();
+  const std::string ddl = *r ? st->col_text(0) : std::string();
+  st->reset();
+  if (ddl.find("digest TEXT NOT NULL UNIQUE") != std::string::npos) {
+    if (auto s = db_->exec("PRAGMA foreign_keys = OFF"); !s) return s;
+    auto rebuilt = db_->exec(R"SQL(
+BEGIN IMMEDIATE;
+CREATE TABLE bundles_scoped (
+  id TEXT PRIMARY KEY, digest TEXT NOT NULL, name TEXT NOT NULL, channel TEXT NOT NULL,
+  version INTEGER NOT NULL, expires_unix INTEGER NOT NULL, signatures INTEGER NOT NULL,
+  uploaded_ms INTEGER NOT NULL, envelope BLOB NOT NULL, project TEXT NOT NULL DEFAULT 'default',
+  UNIQUE (project, digest));
+INSERT INTO bundles_scoped (id, digest, name, channel, version, expires_unix, signatures, uploaded_ms, envelope, project)
+  SELECT id, digest, name, channel, version, expires_unix, signatures, uploaded_ms, envelope, project FROM bundles;
+DROP TABLE bundles;
+ALTER TABLE bundles_scoped RENAME TO bundles;
+CREATE INDEX IF NOT EXISTS bundles_name_version ON bundles(name, version);
+COMMIT;
+)SQL");
+    if (!rebuilt) (void)db_->exec("ROLLBACK");
+    if (auto s = db_->exec("PRAGMA foreign_keys = ON"); !s) return s;
+    if (!rebuilt) return rebuilt.error().with_context("scope bundles by project");
+    auto check = db_->prepare("PRAGMA foreign_key_check");
+    if (!check) return check.error();
+    auto bad = check->step();
+    if (!bad) return bad.error();
+    if (*bad) return make_error(Errc::internal, "scope bundles by project: a foreign key no longer holds");
+  }
+  return db_->exec("CREATE INDEX IF NOT EXISTS bundles_project_name_version ON bundles(project, name, version)");
+}
+
+Status Store::relaxed_sync(bool relaxed) {
+  return db_->exec(relaxed ? "PRAGMA synchronous = NORMAL" : "PRAGMA synchronous = FULL");
+}
+
+Result<int64_t> Store::synchronous() {
+  auto st = db_->prepare("PRAGMA synchronous");
+  if (!st) return st.error();
+  auto r = st->step();
+  if (!r) return r.error();
+  return st->col_int(0);
 }
 
 Status Store::insert_token(const std::string& kind, const TokenRecord& t, const std::string& secret_hash) {
   auto st = db_->prepare(
       "INSERT INTO tokens (id, kind, secret_hash, name, role, project, labels, expires_unix, max_uses, uses, "
-      "created_ms) VALUES (?,?,?,?,?,?,?,?,?,0,?)");
+      "created_ms, device_label_keys) VALUES (?,?,?,?,?,?,?,?,?,0,?,?)");
   if (!st) return st.error();
   st->bind(1, std::string_view(t.id)).bind(2, std::string_view(kind)).bind(3, std::string_view(secret_hash))
       .bind(4, std::string_view(t.name)).bind(5, std::string_view(t.role)).bind(6, std::string_view(t.project))
       .bind(7, std::string_view(labels_json(t.labels))).bind(8, t.expires_unix).bind(9, t.max_uses)
-      .bind(10, t.created_ms);
+      .bind(10, t.created_ms).bind(11, std::string_view(nlohmann::json(t.device_label_keys).dump()));
   return st->run();
 }
 
 Result<std::optional<TokenRecord>> Store::find_token(const std::string& kind, const std::string& secret_hash) {
   auto st = db_->prepare(
-      "SELECT id, name, role, project, labels, expires_unix, max_uses, uses, created_ms, revoked FROM tokens "
-      "WHERE kind = ? AND secret_hash = ?");
+      "SELECT id, name, role, project, labels, expires_unix, max_uses, uses, created_ms, revoked, device_label_keys "
+      "FROM tokens WHERE kind = ? AND secret_hash = ?");
   if (!st) return st.error();
   st->bind(1, std::string_view(kind)).bind(2, std::string_view(secret_hash));
   auto r = st->step();
@@ -167,6 +258,7 @@ Result<std::optional<TokenRecord>> Store::find_token(const std::string& kind, co
   t.uses = st->col_int(7);
   t.created_ms = st->col_int(8);
   t.revoked = st->col_int(9) != 0;
+  t.device_label_keys = label_keys_from(st->col_text(10));
   return std::optional<TokenRecord>(t);
 }
 
@@ -204,15 +296,17 @@ Result<std::vector<std::pair<std::string, std::string>>> Store::credentials() {
 
 Status Store::upsert_enrolled_device(const DeviceRecord& d) {
   auto st = db_->prepare(
-      "INSERT INTO devices (id, project, labels, public_key, hostname, arch, agent_version, enrolled_ms, gateway) "
-      "VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET project = excluded.project, "
+      "INSERT INTO devices (id, project, labels, public_key, hostname, arch, agent_version, enrolled_ms, gateway, "
+      "enroll_issued_ms) VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET project = excluded.project, "
       "labels = excluded.labels, hostname = excluded.hostname, arch = excluded.arch, "
-      "agent_version = excluded.agent_version, enrolled_ms = excluded.enrolled_ms, gateway = excluded.gateway");
+      "agent_version = excluded.agent_version, enrolled_ms = excluded.enrolled_ms, gateway = excluded.gateway, "
+      "enroll_issued_ms = excluded.enroll_issued_ms");
   if (!st) return st.error();
   st->bind(1, std::string_view(d.id)).bind(2, std::string_view(d.project))
       .bind(3, std::string_view(labels_json(d.labels))).bind(4, std::string_view(d.public_key_hex))
       .bind(5, std::string_view(d.hostname)).bind(6, std::string_view(d.arch))
-      .bind(7, std::string_view(d.agent_version)).bind(8, d.enrolled_ms).bind(9, std::string_view(d.gateway));
+      .bind(7, std::string_view(d.agent_version)).bind(8, d.enrolled_ms).bind(9, std::string_view(d.gateway))
+      .bind(10, static_cast<int64_t>(d.enroll_issued_ms));
   return st->run();
 }
 
@@ -226,9 +320,14 @@ Result<std::optional<DeviceRecord>> Store::get_device(const std::string& id) {
   return std::optional<DeviceRecord>(device_from(*st));
 }
 
-Result<std::vector<DeviceRecord>> Store::list_devices() {
-  return query<DeviceRecord>(*db_, std::string("SELECT ") + kDeviceCols + " FROM devices ORDER BY id",
-                               device_from);
+Result<std::vector<DeviceRecord>> Store::list_devices(const std::string& project) {
+  if (project == "*") {
+    return query<DeviceRecord>(*db_, std::string("SELECT ") + kDeviceCols + " FROM devices ORDER BY id", device_from);
+  }
+  auto st = db_->prepare(std::string("SELECT ") + kDeviceCols + " FROM devices WHERE project = ? ORDER BY id");
+  if (!st) return st.error();
+  st->bind(1, std::string_view(project));
+  return st->rows<DeviceRecord>(device_from);
 }
 
 Status Store::each_device_target(
@@ -290,33 +389,75 @@ Status Store::update_bundle_signatures(const std::string& id, const std::string&
   return st->run();
 }
 
-Result<std::optional<BundleRecord>> Store::get_bundle(const std::string& key, bool with_envelope) {
-  std::string cols = std::string(kBundleCols) + (with_envelope ? ", envelope" : "");
-  auto colon = key.rfind(':');
-  Result<sql::Stmt> st = colon == std::string::npos
-      ? db_->prepare("SELECT " + cols + " FROM bundles WHERE id = ?")
-      : db_->prepare("SELECT " + cols + " FROM bundles WHERE name = ? AND version = ? ORDER BY uploaded_ms DESC LIMIT 1");
-  if (!st) return st.error();
+Result<std::optional<BundleRecord>> Store::get_bundle(const std::string& key, bool with_envelope,
+                                                     const std::string& project) {
+  const std::string cols = std::string(kBundleCols) + (with_envelope ? ", envelope" : "");
+  const bool any = project == "*";
+  const std::string scope = any ? "" : " AND project = ?";
+  const auto colon = key.rfind(':');
   if (colon == std::string::npos) {
+    auto st = db_->prepare("SELECT " + cols + " FROM bundles WHERE id = ?" + scope);
+    if (!st) return st.error();
     st->bind(1, std::string_view(key));
-  } else {
-    int64_t version = 0;
-    try {
-      version = std::stoll(key.substr(colon + 1));
-    } catch (const std::exception&) {
-      return std::optional<BundleRecord>();
-    }
-    st->bind(1, std::string_view(key).substr(0, colon)).bind(2, version);
+    if (!any) st->bind(2, std::string_view(project));
+    auto r = st->step();
+    if (!r) return r.error();
+    if (!*r) return std::optional<BundleRecord>();
+    return std::optional<BundleRecord>(bundle_from(*st, with_envelope));
   }
+  int64_t version = 0;
+  try {
+    size_t used = 0;
+    version = std::stoll(key.substr(colon + 1), &used);
+    if (used != key.size() - colon - 1) return std::optional<BundleRecord>();
+  } catch (const std::exception&) {
+    return std::optional<BundleRecord>();
+  }
+  const std::string_view name = std::string_view(key).substr(0, colon);
+  if (any) {
+    // name:version is a project's name for its bundle; across projects it
+    // may name several, and guessing one would send one team's files to another's devices.
+    auto n = db_->prepare("SELECT COUNT(DISTINCT project) FROM bundles WHERE name = ? AND version = ?");
+    if (!n) return n.error();
+    n->bind(1, name).bind(2, version);
+    auto c = n->step();
+    if (!c) return c.error();
+    if (n->col_int(0) > 1) {
+      return make_error(Errc::conflict, "bundle " + key + " exists in more than one project; use its id");
+    }
+  }
+  auto st = db_->prepare("SELECT " + cols + " FROM bundles WHERE name = ? AND version = ?" + scope +
+                         " ORDER BY uploaded_ms DESC LIMIT 1");
+  if (!st) return st.error();
+  st->bind(1, name).bind(2, version);
+  if (!any) st->bind(3, std::string_view(project));
   auto r = st->step();
   if (!r) return r.error();
   if (!*r) return std::optional<BundleRecord>();
   return std::optional<BundleRecord>(bundle_from(*st, with_envelope));
 }
 
-Result<std::vector<BundleRecord>> Store::list_bundles() {
-  return query<BundleRecord>(*db_, std::string("SELECT ") + kBundleCols + " FROM bundles ORDER BY uploaded_ms",
+Result<std::optional<BundleRecord>> Store::find_bundle_by_digest(const std::string& project, const std::string& digest,
+                                                                bool with_envelope) {
+  const std::string cols = std::string(kBundleCols) + (with_envelope ? ", envelope" : "");
+  auto st = db_->prepare("SELECT " + cols + " FROM bundles WHERE project = ? AND digest = ?");
+  if (!st) return st.error();
+  st->bind(1, std::string_view(project)).bind(2, std::string_view(digest));
+  auto r = st->step();
+  if (!r) return r.error();
+  if (!*r) return std::optional<BundleRecord>();
+  return std::optional<BundleRecord>(bundle_from(*st, with_envelope));
+}
+
+Result<std::vector<BundleRecord>> Store::list_bundles(const std::string& project) {
+  if (project == "*") {
+    return query<BundleRecord>(*db_, std::string("SELECT ") + kBundleCols + " FROM bundles ORDER BY uploaded_ms",
                                [](const sql::Stmt& s) { return bundle_from(s, false); });
+  }
+  auto st = db_->prepare(std::string("SELECT ") + kBundleCols + " FROM bundles WHERE project = ? ORDER BY uploaded_ms");
+  if (!st) return st.error();
+  st->bind(1, std::string_view(project));
+  return st->rows<BundleRecord>([](const sql::Stmt& s) { return bundle_from(s, false); });
 }
 
 }  // namespace flotilla::hub

@@ -56,6 +56,12 @@ Result<PublicKey> read_public_key(const std::string& path_or_text);
 
 // What a device signs when it enrolls: binds its key to the token it used.
 std::string enroll_proof_message(const std::string& enrollment_token, const Bytes& device_public_key);
+// The same, also covering when the device made the request
+// (EnrollRequest.issued_unix_ms): the hub takes a device's enrollments only
+// in increasing issued_unix_ms, so a captured request cannot be replayed to
+// reset an enrolled device's credentials (docs/security.md, "Enrollment tokens").
+std::string enroll_proof_message(const std::string& enrollment_token, const Bytes& device_public_key,
+                                 uint64_t issued_unix_ms);
 // What a gateway signs when it enrolls a batch of devices behind it: binds
 // the token, the gateway and every device key, in order.
 std::string enroll_batch_proof_message(const std::string& enrollment_token, const std::string& gateway_id,

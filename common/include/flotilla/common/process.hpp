@@ -17,6 +17,10 @@ struct SpawnOptions {
   std::vector<std::string> argv;
   std::map<std::string, std::string> env_set;  // added to (or replacing in) the inherited env
   std::string stdout_path;                     // empty = inherit
+  // An open descriptor the child gets as stdout instead of stdout_path (the
+  // caller keeps and closes its own copy): lets the caller open the file
+  // its own way (O_NOFOLLOW, relative to a directory descriptor).
+  int stdout_fd = -1;
   std::string stderr_path;                     // empty = inherit; "stdout" = same as stdout
   bool new_process_group = true;               // so a kill reaches the whole tree
   bool die_with_parent = false;                // SIGTERM when the spawning thread's process dies (Linux)

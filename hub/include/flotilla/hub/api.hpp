@@ -34,7 +34,26 @@ struct HttpResponse {
 };
 
 inline constexpr size_t kMaxJsonBody = 1u << 20;  // 1 MiB
+inline constexpr size_t kMaxEnrollBody = 64u << 10;
 inline constexpr size_t kMaxEnrollBatchBody = 1u << 20;  // 1,000 devices use about 250 KiB
+inline constexpr size_t kMaxNoBody = 4u << 10;  // routes that take no body (a stray "{}" is fine)
+
+// Rate limits of the API (every one a hub setting, docs/operations.md).
+struct ApiLimits {
+  // Enrollment requests per second (POST /v1/enroll and /v1/enroll/batch),
+  // for all callers together and per enrollment token, each with a burst of
+  // one second's worth. 0 = no limit. A refused request gets 429 with
+  // Retry-After, is counted, and changes nothing.
+  double enroll_per_s = 200;
+  double enroll_per_token_per_s = 50;
+};
+
+// What the server may do with a request once its headers are in: answer
+// `refusal` without reading the body, or read a body of at most `max_body`.
+struct Admission {
+  std::optional<HttpResponse> refusal;
+  size_t max_body = kMaxNoBody;
+};
 
 // API token roles, in increasing power: a viewer reads; an operator also
 // changes bundles, artifacts, campaigns, devices and enrollment tokens; an
@@ -43,15 +62,24 @@ enum class Role { viewer = 0, operator_ = 1, admin = 2 };
 std::string role_name(Role r);
 std::optional<Role> parse_role(const std::string& s);
 
+class KeyedLimiter;
+
 class Api {
  public:
-  explicit Api(HubService& service);
+  explicit Api(HubService& service, ApiLimits limits = {});
   ~Api();
   // Every mutating call (POST, PUT, PATCH, DELETE), refused or not, leaves
   // one audit row; every call counts in /metrics.
   HttpResponse handle(const HttpRequest& req);
   // Checks an upload's headers (token, role, name, space) before its body is read.
   std::optional<HttpResponse> precheck_upload(const HttpRequest& req);
+  // Every other request, with its headers only (req.body is empty): finds
+  // the route, authenticates and authorises it when it needs an API token,
+  // and says how large a body the route takes. So an unauthenticated client
+  // never makes the hub buffer a body. A refusal is audited here.
+  Admission admit(const HttpRequest& req);
+  // The HTTP server's connection counters, for /metrics (may stay unset).
+  void set_server_stats(const ServerStats* stats);
 
   // Every (method, path pattern) the server answers, for docs and tests.
   std::vector<std::pair<std::string, std::string>> routes() const;
@@ -63,8 +91,11 @@ class Api {
   HttpResponse dispatch(const HttpRequest& req, AuditRecord& audit, std::string& route);
   void finish(const HttpRequest& req, AuditRecord& audit, const std::string& route, int status);
 
+  HttpResponse enroll(const HttpRequest& req, AuditRecord& audit, bool batch);
+
   HubService& service_;
   std::unique_ptr<HttpMetrics> http_metrics_;
+  std::unique_ptr<KeyedLimiter> enroll_limit_;  // per token, and for all
 };
 
 }  // namespace flotilla::hub

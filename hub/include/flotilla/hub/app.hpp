@@ -40,6 +40,15 @@ struct HubConfig {
   // The director key file (flotilla key generate, unencrypted, 0600); empty =
   // <data-dir>/director.key, made on first start.
   std::string director_key_file;
+  // Bounded input (docs/security.md): open REST connections, in total and
+  // per peer address (0 = no cap); enrollment requests per second, overall
+  // and per enrollment token (0 = no limit); the embedded broker's queue per client.
+  int http_max_connections = 1024;
+  int http_max_connections_per_peer = 256;
+  int64_t enroll_rate = 200;
+  int64_t enroll_rate_per_token = 50;
+  int64_t broker_max_queued_messages = 1000000;
+  int64_t broker_max_queued_mib = 256;
 };
 
 // The key the hub signs desired-state headers with: the configured file, or

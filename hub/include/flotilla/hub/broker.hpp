@@ -26,7 +26,13 @@ namespace flotilla::hub {
 std::string mosquitto_password_hash(const std::string& password, int iterations = 1);
 
 struct BrokerConfig {
-  std::filesystem::path dir;                // <data-dir>/broker
+  // <data-dir>/broker. The hub's: when the hub runs as root, mosquitto
+  // (which drops to its own user) may read mosquitto.conf, acl, passwd and
+  // tls/ through its group and write only state/ (its persistence). Nothing
+  // the hub reads or writes is in a directory the broker's user can change,
+  // and the hub opens everything here relative to a descriptor of this
+  // directory, never following a link (docs/security.md, "File modes and users").
+  std::filesystem::path dir;
   std::string mosquitto_bin = "/usr/sbin/mosquitto";
   std::string listen_host = "127.0.0.1";
   int port = 0;                             // 0 = a free port, then kept across restarts
@@ -39,7 +45,21 @@ struct BrokerConfig {
   std::string tls_key_file;
   std::string tls_ca_file;  // optional; checked to parse, used by the hub's own client
   bool tls() const { return !tls_cert_file.empty(); }
+  // Queue limits per client (mosquitto's max_queued_messages and
+  // max_queued_bytes). The hub's own persistent session holds the devices'
+  // reports while the hub is away, so they are sized for it.
+  int64_t max_queued_messages = 1000000;
+  int64_t max_queued_bytes = int64_t{256} << 20;
+  // The user the broker drops to when started by root.
+  std::string broker_user = "mosquitto";
 };
+
+// The largest MQTT packet mosquitto accepts (max_packet_size): the largest
+// legitimate message, a desired state carrying a bundle and the trust chain
+// inline (bundles::kMaxDesiredStateBytes), plus room for the topic and
+// headers. A client that announces more is disconnected before mosquitto
+// reads the payload.
+size_t broker_max_packet_size();
 
 // A broker account with no topics of its own, whose password changes with
 // every password-file rewrite: logging in with it tells that a reload took.
@@ -68,9 +88,14 @@ class EmbeddedBroker {
 
  private:
   EmbeddedBroker() = default;
+  Status open_dir();
+  Status prepare_state_dir();
   Status install_tls_files();
   Status write_config();
   Status write_passwords(const Credentials& devices);
+  // A file mosquitto reads: root-owned, group-readable by the broker's group
+  // when it drops to its own user; the hub's alone otherwise.
+  Status write_broker_file(int dir_fd, const std::string& name, const std::string& content);
   Status launch();
   bool probe_login() const;
   void stop_stale();
@@ -80,6 +105,11 @@ class EmbeddedBroker {
   std::string hub_password_;
   std::string probe_password_;  // changes with every password-file rewrite
   bool run_as_root_ = false;
+  // Root hub, mosquitto drops to cfg_.broker_user: that user's ids.
+  bool drops_privileges_ = false;
+  uid_t broker_uid_ = 0;
+  gid_t broker_gid_ = 0;
+  int dir_fd_ = -1;  // cfg_.dir, opened with O_NOFOLLOW
   std::mutex mu_;
   proc::Child child_;
   std::atomic<bool> stopping_{false};

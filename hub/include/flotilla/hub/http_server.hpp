@@ -14,6 +14,7 @@
 
 #include "flotilla/common/result.hpp"
 #include "flotilla/hub/api.hpp"
+#include "flotilla/hub/metrics.hpp"
 
 namespace flotilla::hub {
 
@@ -30,6 +31,16 @@ struct HttpServerConfig {
   std::chrono::seconds upload_timeout{300};
   // Looks at an upload's headers before any body is read; a response refuses it.
   std::function<std::optional<HttpResponse>(const HttpRequest&)> precheck_upload;
+  // Every other request, on its headers alone: a refusal is answered without
+  // reading the body, otherwise the body may be at most max_body (and
+  // max_body_bytes). Unset: max_body_bytes for every route.
+  std::function<Admission(const HttpRequest&)> admit;
+  // Open connections at most: at the cap the server stops accepting (new
+  // clients wait in the kernel's backlog) until one closes. Per peer
+  // address: a connection over it is answered 503 and closed at once.
+  // 0 = no cap.
+  int max_connections = 1024;
+  int max_connections_per_peer = 256;
   // TLS: both set = the listener speaks only TLS 1.2+ with this PEM chain and
   // key; both empty = plain HTTP. start() refuses one without the other.
   std::string tls_cert_file;
@@ -44,6 +55,8 @@ class HttpServer {
   static Result<std::unique_ptr<HttpServer>> start(const HttpServerConfig& cfg, Handler handler);
   ~HttpServer();
   int port() const { return port_; }
+  // Connection counters for /metrics; live as long as the server.
+  const ServerStats& stats() const;
   void stop();
 
  private:

@@ -20,6 +20,7 @@
 #include "flotilla/common/transport.hpp"
 #include "flotilla/hub/campaign.hpp"
 #include "flotilla/hub/metrics.hpp"
+#include "flotilla/hub/rate_limit.hpp"
 #include "flotilla/hub/store.hpp"
 #include "flotilla/v1/bundle.pb.h"
 #include "flotilla/v1/enroll.pb.h"
@@ -86,6 +87,7 @@ class HubService {
 
   // The MQTT side. The transport must already be connected with the hub's credential.
   Status attach_transport(transport::Transport& t);
+  const Clock& clock() const { return clock_; }
   void set_broker(EmbeddedBroker* broker) { broker_ = broker; }
   void set_artifacts(ArtifactStore* a) { artifacts_ = a; }
   ArtifactStore* artifacts() const { return artifacts_; }
@@ -106,31 +108,37 @@ class HubService {
   // A gateway's report batch (v1::GatewayReports); a larger one is dropped whole.
   static constexpr int kMaxGatewayReports = 1000;
   static constexpr size_t kMaxGatewayReportBytes = 1u << 20;
+  // The largest report and presence message a device may send; a larger one
+  // is dropped before it is queued (a report is a few hundred bytes).
+  static constexpr size_t kMaxReportBytes = 256u << 10;
+  static constexpr size_t kMaxPresenceBytes = 4u << 10;
   Result<v1::EnrollBatchResponse> enroll_batch(const v1::EnrollBatchRequest& req);
 
   // Stores a signed bundle after checking it parses and is signed. Returns the
   // existing record for a byte-identical manifest.
   Result<std::pair<BundleRecord, bool>> upload_bundle(const std::string& envelope_bytes,
                                                       const std::string& project = "default");
-  Result<std::vector<BundleRecord>> list_bundles();
-  Result<std::optional<BundleRecord>> get_bundle(const std::string& key);
+  // Scoped to project ("*": every project; see Store::get_bundle).
+  Result<std::vector<BundleRecord>> list_bundles(const std::string& project = "*");
+  Result<std::optional<BundleRecord>> get_bundle(const std::string& key, const std::string& project = "*");
 
-  // Campaigns (campaign_engine.cpp). A campaign targets the devices of one
-  // project that match the selector, and rolls out in waves.
+  // Campaigns (campaign_engine.cpp). A campaign belongs to its bundle's
+  // project and targets the devices of that project that match the
+  // selector, in waves. project is the caller's: it must see the bundle.
   // An empty id makes a random one; declarative apply passes its own
   // (declared_campaign_id) so a dry run predicts the waves exactly.
   Result<CampaignRecord> create_campaign(const std::string& name, const std::string& bundle_key,
                                          const std::string& selector, const Strategy& strategy = {},
                                          const std::string& project = "*", const std::string& campaign_id = "");
   Result<std::optional<CampaignView>> campaign_view(const std::string& id, bool with_devices);
-  Result<std::vector<CampaignView>> list_campaigns();
+  Result<std::vector<CampaignView>> list_campaigns(const std::string& project = "*");
   // pause, resume, abort, rollback or approve (the next wave, at a gate).
   Result<CampaignRecord> campaign_action(const std::string& id, const std::string& action);
   // One step of the engine: release devices, expire deadlines, check the
   // failure threshold, advance waves. The engine thread calls it; tests too.
   void tick();
 
-  Result<std::vector<DeviceRecord>> list_devices(const Selector& sel);
+  Result<std::vector<DeviceRecord>> list_devices(const Selector& sel, const std::string& project = "*");
   Result<std::optional<DeviceRecord>> get_device(const std::string& id);
 
   // Access control, devices and audit (service_access.cpp).
@@ -182,6 +190,7 @@ class HubService {
     uint64_t reports_received = 0, presence_received = 0, other_received = 0, gateway_batches_received = 0;
     uint64_t reports_processed = 0, presence_processed = 0;
     uint64_t desired_published = 0, desired_publish_failures = 0;
+    uint64_t dropped_too_large = 0, log_lines_suppressed = 0;
   };
   MqttCounters mqtt_counters() const;
   size_t queue_depth();
@@ -205,7 +214,7 @@ class HubService {
  private:
   // Enrollment steps shared by enroll() and enroll_batch().
   Result<TokenRecord> usable_enrollment_token(const std::string& secret);
-  Result<flotilla::Bytes> gateway_identity(const std::string& gateway_id);
+  Result<flotilla::Bytes> gateway_identity(const std::string& gateway_id, const std::string& project);
   Status check_reenrollment(const DeviceRecord& d);  // store_mu_ held
   v1::EnrollResponse enroll_response(const DeviceRecord& d) const;
   void worker();
@@ -265,7 +274,10 @@ class HubService {
   ServiceConfig cfg_;
   EmbeddedBroker* broker_ = nullptr;
   ArtifactStore* artifacts_ = nullptr;
-  transport::Transport* transport_ = nullptr;
+  // Set by the main thread when it (re)connects, read by HTTP threads.
+  std::atomic<transport::Transport*> transport_{nullptr};
+  LogLimiter log_limit_{clock_};
+  std::atomic<uint64_t> dropped_too_large_{0};
 
   // Recursive: a declarative apply holds it across one transaction while it
   // calls the same operations (create_campaign, campaign_action,

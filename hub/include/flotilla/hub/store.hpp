@@ -45,10 +45,17 @@ struct DeviceRecord {
   // The gateway this device talks through (empty: its own MQTT session).
   // Set at enrollment only; it decides the device's topics.
   std::string gateway;
+  // issued_unix_ms of the enrollment request last taken (0: an older proof
+  // without it). A later enrollment must be newer: a replay changes nothing.
+  uint64_t enroll_issued_ms = 0;
 };
 
 struct BundleRecord {
-  std::string id;        // first 16 hex digits of the manifest's SHA-256
+  // Unique in the hub. In project "default", the first 16 hex digits of the
+  // manifest's SHA-256 (what `flotilla bundle inspect` shows); in any other
+  // project those of SHA-256(project ":" digest), so the same manifest
+  // uploaded by two projects is two bundles (bundle_id()).
+  std::string id;
   std::string project = "default";
   std::string digest;    // full hex SHA-256 of the manifest
   std::string name;
@@ -128,12 +135,18 @@ struct TokenRecord {
   std::string role;      // admin, operator, viewer (API tokens); enroll (enrollment tokens)
   std::string project = "default";
   Labels labels;         // enrollment tokens: labels given to devices
+  // Enrollment tokens: label keys a device may set itself (any value); every
+  // other label a device asks for is refused. Empty: labels come only from the token.
+  std::vector<std::string> device_label_keys;
   int64_t expires_unix = 0;  // 0 = never
   int64_t max_uses = 0;      // 0 = unlimited
   int64_t uses = 0;
   int64_t created_ms = 0;
   bool revoked = false;
 };
+
+// The id a bundle with this manifest digest gets in project (BundleRecord::id).
+std::string bundle_id(const std::string& project, const std::string& digest);
 
 // One mutating API call (or enrollment), as the append-only audit log keeps it.
 // Never a secret or a body: who, what, when, outcome.
@@ -227,7 +240,8 @@ class Store {
 
   Status upsert_enrolled_device(const DeviceRecord& d);
   Result<std::optional<DeviceRecord>> get_device(const std::string& id);
-  Result<std::vector<DeviceRecord>> list_devices();
+  // Every device of project ("*": all), by id.
+  Result<std::vector<DeviceRecord>> list_devices(const std::string& project = "*");
   // Streams what targeting needs of every device (id, project, state,
   // labels) without building a million full records.
   Status each_device_target(
@@ -239,8 +253,16 @@ class Store {
 
   Status insert_bundle(const BundleRecord& b);
   Status update_bundle_signatures(const std::string& id, const std::string& envelope, int signatures);
-  Result<std::optional<BundleRecord>> get_bundle(const std::string& id_or_name_version, bool with_envelope);
-  Result<std::vector<BundleRecord>> list_bundles();
+  // By id or "name:version" (the latest upload of that name and version),
+  // within project; project "*" looks in every project and refuses a
+  // name:version that more than one project has (conflict): the caller must
+  // then use the id.
+  Result<std::optional<BundleRecord>> get_bundle(const std::string& id_or_name_version, bool with_envelope,
+                                                 const std::string& project = "*");
+  Result<std::optional<BundleRecord>> find_bundle_by_digest(const std::string& project, const std::string& digest,
+                                                            bool with_envelope);
+  // Every bundle of project ("*": all).
+  Result<std::vector<BundleRecord>> list_bundles(const std::string& project = "*");
 
   // Campaigns (store/campaign_store.cpp). insert_campaign writes the campaign
   // and all its device rows (status waiting) in one transaction.
@@ -315,6 +337,13 @@ class Store {
   Status delete_gitrepo(const std::string& name);
   // The failed rows of a campaign, the first `limit` by time (status blocks).
   Result<std::vector<CampaignDeviceRecord>> campaign_failures(const std::string& campaign_id, int64_t limit);
+  // The store commits with synchronous=FULL. Device reports are a cache the
+  // devices rebuild by reporting again, so a report batch may relax it to
+  // NORMAL (the WAL is then synced at the next FULL commit or checkpoint);
+  // callers hold the store lock and set it back right after the commit.
+  Status relaxed_sync(bool relaxed);
+  // PRAGMA synchronous as SQLite reports it: 1 NORMAL, 2 FULL.
+  Result<int64_t> synchronous();
 
   sql::Db& db() { return *db_; }
 
@@ -322,6 +351,9 @@ class Store {
   explicit Store(std::unique_ptr<sql::Db> db) : db_(std::move(db)) {}
   Status migrate();
   Status migrate_declarative();
+  // Columns and constraints of the security fixes: enrollment replay floor,
+  // device-choosable label keys, bundles unique per (project, digest).
+  Status migrate_scopes();
   std::unique_ptr<sql::Db> db_;
 };
 
