@@ -32,7 +32,9 @@ struct VDevice {
   bool rebooted = false;         // the mid-apply power cut already happened
   bool download_waited = false;  // the bandwidth delay was already served
   std::atomic<uint8_t> phase{0};
-  int64_t done_ms = 0;           // when the final report for the campaign went out
+  // When the final report for the campaign went out; read by a worker's
+  // status thread while the device's thread writes it.
+  std::atomic<int64_t> done_ms{0};
 };
 
 // Thrown from the step hook: the device loses power right after install.

@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <condition_variable>
 #include <cstdio>
 #include <deque>
@@ -262,7 +263,8 @@ class Fleet {
   std::atomic<uint64_t> sent_{0}, received_{0}, publish_errors_{0}, power_cuts_{0}, link_drops_{0};
   std::mutex lat_mu_;
   std::vector<int64_t> latencies_ms_;
-  int64_t enroll_started_ms_ = 0, enroll_done_ms_ = 0;
+  // Read by a worker's status thread while the enrolling thread writes them.
+  std::atomic<int64_t> enroll_started_ms_{0}, enroll_done_ms_{0};
   uint64_t artifact_fetches_ = 0;
 };
 
@@ -1110,7 +1112,7 @@ Result<json> Fleet::run() {
   report["director_key_id"] = director ? director->key_id : "";
   report["figures"] = {
       {"prepare_s", (prepared - started) / 1000.0},
-      {"enroll_s", (enroll_done_ms_ - enroll_started_ms_) / 1000.0},
+      {"enroll_s", static_cast<double>(enroll_done_ms_ - enroll_started_ms_) / 1000.0},
       {"enroll_per_s", enroll_done_ms_ > enroll_started_ms_
                            ? opts_.devices * 1000.0 / static_cast<double>(enroll_done_ms_ - enroll_started_ms_)
                            : 0.0},
@@ -1259,7 +1261,9 @@ Status Fleet::wait_workers_online() {
   }
   if (opts_.progress && ::isatty(2)) std::fprintf(stderr, "\n");
   enroll_done_ms_ = 0;
-  for (const auto& w : workers_) enroll_done_ms_ = std::max(enroll_done_ms_, w.status.value("enroll_done_ms", int64_t{0}));
+  for (const auto& w : workers_) {
+    enroll_done_ms_ = std::max(enroll_done_ms_.load(), w.status.value("enroll_done_ms", int64_t{0}));
+  }
   return {};
 }
 
@@ -1292,7 +1296,7 @@ json Fleet::worker_status(const std::string& state, const std::string& error, bo
             {"first", first_},
             {"count", count_},
             {"enrolled", count_ - counts[static_cast<int>(Phase::pending)]},
-            {"enroll_done_ms", enroll_done_ms_},
+            {"enroll_done_ms", enroll_done_ms_.load()},
             {"phases", counts},
             {"sent", sent_.load()},
             {"received", received_.load()},
@@ -1309,7 +1313,7 @@ json Fleet::worker_status(const std::string& state, const std::string& error, bo
     json phases = json::array(), done = json::array();
     for (uint32_t i = first_; i < first_ + count_; ++i) {
       phases.push_back(devices_[i].phase.load());
-      done.push_back(devices_[i].done_ms);
+      done.push_back(devices_[i].done_ms.load());
     }
     s["device_phases"] = std::move(phases);
     s["done_ms"] = std::move(done);
