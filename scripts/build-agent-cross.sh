@@ -8,7 +8,11 @@
 # of the target's -dev packages, unpacked from the Debian archive with a
 # private apt state under build-<arch>/apt (the machine's own dpkg state is not
 # touched; cmake/toolchains/debian-cross.cmake says why). Code generation uses
-# the host protoc. Runs again incrementally. FLOTILLA_JOBS caps parallelism.
+# the host protoc. OpenSSL is the same minimal static build the x86_64 agent
+# links (scripts/build-openssl-min.sh, cross-compiled into
+# build-<arch>/third_party/openssl-min), not Debian's full archive. Runs again
+# incrementally. FLOTILLA_JOBS caps parallelism; FLOTILLA_OPENSSL_SRC_CACHE
+# shares one OpenSSL source download between builds.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 ARCH="${1:-}"
@@ -62,9 +66,14 @@ SRC
   echo "${SYSROOT_PACKAGES[*]}" >"$stamp"
 fi
 
-if [ ! -f "$BUILD/build.ninja" ] || ! grep -q "^FLOTILLA_WERROR:BOOL=ON\$" "$BUILD/CMakeCache.txt"; then
+OPENSSL_MIN="$BUILD/third_party/openssl-min"
+FLOTILLA_JOBS="$JOBS" "$ROOT/scripts/build-openssl-min.sh" "$OPENSSL_MIN" "$ARCH"
+
+if [ ! -f "$BUILD/build.ninja" ] || ! grep -q "^FLOTILLA_WERROR:BOOL=ON\$" "$BUILD/CMakeCache.txt" ||
+  ! grep -q "^FLOTILLA_AGENT_OPENSSL_ROOT:PATH=$OPENSSL_MIN\$" "$BUILD/CMakeCache.txt"; then
   FLOTILLA_CROSS_SYSROOT="$SYSROOT" cmake -S "$ROOT" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release \
-    -DCMAKE_TOOLCHAIN_FILE="$ROOT/cmake/toolchains/$ARCH.cmake" -DFLOTILLA_AGENT_ONLY=ON -DFLOTILLA_WERROR=ON >/dev/null
+    -DCMAKE_TOOLCHAIN_FILE="$ROOT/cmake/toolchains/$ARCH.cmake" -DFLOTILLA_AGENT_ONLY=ON -DFLOTILLA_WERROR=ON \
+    "-DFLOTILLA_AGENT_OPENSSL_ROOT=$OPENSSL_MIN" >/dev/null
 fi
 FLOTILLA_CROSS_SYSROOT="$SYSROOT" cmake --build "$BUILD" --target flotilla-agent -j "$JOBS"
 echo "$BUILD/bin/flotilla-agent"

@@ -2,7 +2,10 @@
 # Builds the minimal, static OpenSSL the static flotilla-agent links
 # (docs/adr/0007-minimal-openssl-for-the-agent.md):
 #
-#   scripts/build-openssl-min.sh <prefix>    -> <prefix>/lib/libssl.a, libcrypto.a, include/
+#   scripts/build-openssl-min.sh <prefix> [aarch64|armhf]
+#                              -> <prefix>/lib/libssl.a, libcrypto.a, include/
+#                                 for this machine, or cross-compiled with
+#                                 Debian's <triplet>-gcc for the named arch
 #
 # Source: Debian's own openssl source package (upstream tarball plus Debian's
 # patches, which `dpkg-source -x` applies), fetched with a private apt state
@@ -12,18 +15,39 @@
 #
 # Idempotent: a quick no-op when <prefix> holds the libraries built from this
 # recipe (a stamp with the hash of the options). FLOTILLA_JOBS caps parallelism.
+# FLOTILLA_OPENSSL_SRC_CACHE names where the fetched source is kept (default
+# <prefix>-src), so the native and cross builds can share one download.
 set -euo pipefail
-PREFIX="${1:?usage: $0 <prefix-dir>}"
+PREFIX="${1:?usage: $0 <prefix-dir> [aarch64|armhf]}"
+CROSS_ARCH="${2:-}"
 mkdir -p "$(dirname "$PREFIX")"
 PREFIX="$(cd "$(dirname "$PREFIX")" && pwd)/$(basename "$PREFIX")"
-CACHE="$PREFIX-src"
+CACHE="${FLOTILLA_OPENSSL_SRC_CACHE:-$PREFIX-src}"
+mkdir -p "$CACHE"
+CACHE="$(cd "$CACHE" && pwd)"
 JOBS="${FLOTILLA_JOBS:-$(nproc)}"
 
-case "$(uname -m)" in
-  x86_64) TARGET=linux-x86_64 ;;
-  aarch64) TARGET=linux-aarch64 ;;
-  *) echo "build-openssl-min: no OpenSSL target for $(uname -m)" >&2; exit 1 ;;
+# OpenSSL's Configure target; a cross build also names Debian's cross compiler
+# (gcc-<triplet>, which scripts/setup.sh installs). linux-armv4 is OpenSSL's
+# generic 32-bit Arm target: its assembly picks NEON and the ARMv7/v8 crypto
+# extensions at run time, and the compiler's defaults (Debian armhf: ARMv7-A,
+# Thumb-2, VFPv3-D16, hard float) decide the rest.
+CROSS_PREFIX=()
+case "$CROSS_ARCH" in
+  "")
+    case "$(uname -m)" in
+      x86_64) TARGET=linux-x86_64 ;;
+      aarch64) TARGET=linux-aarch64 ;;
+      *) echo "build-openssl-min: no OpenSSL target for $(uname -m)" >&2; exit 1 ;;
+    esac ;;
+  aarch64) TARGET=linux-aarch64; CROSS_PREFIX=(--cross-compile-prefix=aarch64-linux-gnu-) ;;
+  armhf) TARGET=linux-armv4; CROSS_PREFIX=(--cross-compile-prefix=arm-linux-gnueabihf-) ;;
+  *) echo "build-openssl-min: unknown arch '$CROSS_ARCH' (aarch64 or armhf)" >&2; exit 2 ;;
 esac
+if [ "${#CROSS_PREFIX[@]}" -gt 0 ] && ! command -v "${CROSS_PREFIX[0]#--cross-compile-prefix=}gcc" >/dev/null; then
+  echo "build-openssl-min: ${CROSS_PREFIX[0]#--cross-compile-prefix=}gcc missing (scripts/setup.sh installs it)" >&2
+  exit 1
+fi
 
 # What the agent uses, and so keeps: TLS 1.2 and 1.3 client (Paho C's ssl://,
 # Boost.Asio's HTTPS in common/src/http_client.cpp), X.509 chain verification
@@ -55,7 +79,7 @@ CFLAGS_EXTRA=(-Os -ffunction-sections -fdata-sections -fno-asynchronous-unwind-t
 # The stamp: bump RECIPE_REVISION when the fetch or build steps below change
 # what ends up in the libraries; the options and target are hashed as they are.
 RECIPE_REVISION=2
-recipe="$(printf '%s\n' "$RECIPE_REVISION" "$TARGET" "${CONFIGURE_OPTIONS[@]}" "${CFLAGS_EXTRA[@]}" |
+recipe="$(printf '%s\n' "$RECIPE_REVISION" "$TARGET" "${CROSS_PREFIX[@]}" "${CONFIGURE_OPTIONS[@]}" "${CFLAGS_EXTRA[@]}" |
   sha256sum | cut -c1-16)"
 stamp="$PREFIX/.flotilla-recipe"
 if [ -f "$PREFIX/lib/libssl.a" ] && [ -f "$PREFIX/lib/libcrypto.a" ] && [ -f "$stamp" ] &&
@@ -132,11 +156,11 @@ done
 # libcrypto, and the agent should not depend on where the build tree is.
 INSTALL_PREFIX=/opt/flotilla/openssl-min
 build="$CACHE/build-$recipe"
-rm -rf "$CACHE"/build-* "$PREFIX.stage"  # and what an interrupted run left
+rm -rf "$build" "$PREFIX.stage"  # what an interrupted run left
 mkdir -p "$build"
 (
   cd "$build"
-  "$CACHE/openssl-$version/Configure" "$TARGET" "${CONFIGURE_OPTIONS[@]}" \
+  "$CACHE/openssl-$version/Configure" "$TARGET" "${CROSS_PREFIX[@]}" "${CONFIGURE_OPTIONS[@]}" \
     --prefix="$INSTALL_PREFIX" --libdir=lib --openssldir=/usr/lib/ssl "${CFLAGS_EXTRA[@]}" >configure.log 2>&1 ||
     { tail -20 configure.log >&2; fail "Configure failed (see $build/configure.log)"; }
   make -j "$JOBS" build_libs >make.log 2>&1 || { tail -20 make.log >&2; fail "make failed (see $build/make.log)"; }
@@ -147,4 +171,4 @@ mv "$PREFIX.stage$INSTALL_PREFIX" "$PREFIX"
 rm -rf "$PREFIX/lib/pkgconfig"  # would name INSTALL_PREFIX; CMake links by path
 rm -rf "$PREFIX.stage" "$build"
 printf '%s\nopenssl %s\n%s\n' "$recipe" "$version" "${CONFIGURE_OPTIONS[*]}" >"$stamp"
-echo "==> build-openssl-min: openssl $version in $(($(date +%s) - start)) s" >&2
+echo "==> build-openssl-min: openssl $version for $TARGET in $(($(date +%s) - start)) s" >&2

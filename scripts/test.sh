@@ -36,11 +36,15 @@ BUILD="${FLOTILLA_BUILD_DIR:-$ROOT/build}"
 echo "==> building into $BUILD"
 "$ROOT/scripts/build.sh" "${cmake_args[@]}"
 
-# The aarch64 agent for the qemu-user test (tests/CMakeLists.txt looks in
-# <build>-aarch64/). Incremental after the first build (~2.5 min on 2 cores).
+# The aarch64 and armhf agents for the qemu-user tests (tests/CMakeLists.txt
+# looks in <build>-<arch>/), on the same minimal OpenSSL as the host's agent,
+# from one OpenSSL source download. Incremental after the first build.
 if [ -z "${FLOTILLA_SANITIZE:-}" ]; then
-  echo "==> building the aarch64 agent into $BUILD-aarch64"
-  FLOTILLA_CROSS_BUILD_DIR="$BUILD-aarch64" "$ROOT/scripts/build-agent-cross.sh" aarch64
+  for arch in aarch64 armhf; do
+    echo "==> building the $arch agent into $BUILD-$arch"
+    FLOTILLA_OPENSSL_SRC_CACHE="$BUILD/third_party/openssl-min-src" FLOTILLA_CROSS_BUILD_DIR="$BUILD-$arch" \
+      "$ROOT/scripts/build-agent-cross.sh" "$arch"
+  done
 fi
 
 # Prometheus's promtool checks /metrics (tests/e2e/metrics_promtool.sh).
@@ -65,6 +69,6 @@ cd "$BUILD"
 # and of images that carry it belong to the normal build.
 exclude=()
 if [ -n "${FLOTILLA_SANITIZE:-}" ]; then
-  exclude=(-E "statically linked, stripped|image inject|aarch64 agent under qemu")
+  exclude=(-E "statically linked, stripped|image inject|agent under qemu-user")
 fi
 ctest --output-on-failure -j "$(nproc)" --timeout 900 "${exclude[@]}" "$@"
