@@ -131,7 +131,8 @@ CREATE TABLE IF NOT EXISTS trust (
 )SQL"); !s) {
     return s;
   }
-  return migrate_campaigns();
+  if (auto s = migrate_campaigns(); !s) return s;
+  return migrate_aggregates();
 }
 
 Status Store::insert_token(const std::string& kind, const TokenRecord& t, const std::string& secret_hash) {
@@ -312,6 +313,12 @@ Result<std::optional<BundleRecord>> Store::get_bundle(const std::string& key, bo
   if (!*r) return std::optional<BundleRecord>();
   return std::optional<BundleRecord>(bundle_from(*st, with_envelope));
 }
+
+// One mapping of a devices row, shared with store/aggregate_store.cpp.
+std::string device_columns() { return kDeviceCols; }
+DeviceRecord device_row(const sql::Stmt& s) { return device_from(s); }
+std::string bundle_columns() { return kBundleCols; }
+BundleRecord bundle_row(const sql::Stmt& s) { return bundle_from(s, false); }
 
 Result<std::vector<BundleRecord>> Store::list_bundles() {
   return query<BundleRecord>(*db_, std::string("SELECT ") + kBundleCols + " FROM bundles ORDER BY uploaded_ms",
