@@ -165,6 +165,7 @@ std::vector<Route> build_routes() {
   add_bundle_routes(r);
   add_campaign_routes(r);
   add_trust_routes(r);
+  add_ui_routes(r);
   // Metrics span every project (campaign ids, device counts): a viewer token
   // of project "*" may read them, a project-scoped token may not.
   r.push_back({"GET", "/metrics", Role::viewer, metrics_access});

@@ -28,6 +28,7 @@ namespace flotilla::hub {
 
 class EmbeddedBroker;
 class ArtifactStore;
+class AggregateStore;
 
 struct ServiceConfig {
   std::string broker_url;            // what devices are told to connect to
@@ -81,6 +82,11 @@ class HubService {
   void set_broker(EmbeddedBroker* broker) { broker_ = broker; }
   void set_artifacts(ArtifactStore* a) { artifacts_ = a; }
   ArtifactStore* artifacts() const { return artifacts_; }
+  // The dashboard's read models (aggregates.hpp); the /v1/views routes
+  // answer 503 without them.
+  void set_aggregates(AggregateStore* a) { aggregates_ = a; }
+  AggregateStore* aggregates() const { return aggregates_; }
+  const Clock& clock() const { return clock_; }
   void stop();
 
   // Tokens. kind is "api" or "enroll". A positive ttl sets the expiry from
@@ -227,6 +233,7 @@ class HubService {
   ServiceConfig cfg_;
   EmbeddedBroker* broker_ = nullptr;
   ArtifactStore* artifacts_ = nullptr;
+  AggregateStore* aggregates_ = nullptr;
   transport::Transport* transport_ = nullptr;
 
   std::mutex store_mu_;
