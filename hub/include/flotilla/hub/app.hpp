@@ -2,6 +2,7 @@
 // Wires the hub together: data dir, store, broker (embedded or external),
 // MQTT connection, service and HTTP server. main() only parses options.
 #include <atomic>
+#include <chrono>
 #include <memory>
 #include <string>
 
@@ -34,6 +35,15 @@ struct HubConfig {
   int http_threads = 2;
   int64_t db_cache_mib = 64;  // StoreTuning
   int64_t db_mmap_mib = 0;
+  // The dashboard (docs/operations.md, "Dashboard"): its own listener, off
+  // unless set; the read models (/v1/views) are on either way.
+  std::string ui_listen_host;          // empty = no UI listener
+  int ui_listen_port = 0;
+  int ui_max_streams = 64;
+  int ui_max_connections = 256;
+  std::chrono::milliseconds ui_event_interval{1000};
+  std::chrono::milliseconds views_timeline_interval{5000};
+  int64_t views_scan_limit = 200000;
 };
 
 void add_hub_options(Options& o);
