@@ -32,6 +32,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 BIN="${FLOTILLA_BIN_DIR:-$ROOT/build/bin}"
+. "$ROOT/scripts/node-env.sh"
 CHROMIUM="${FLOTILLA_CHROMIUM:-/usr/bin/chromium}"
 for b in flotilla-hub flotilla-sim; do
   [ -x "$BIN/$b" ] || { echo "no $BIN/$b: run scripts/build.sh first" >&2; exit 2; }
@@ -43,10 +44,10 @@ mkdir -p "$OUT"
 chmod 0711 "$OUT"
 HUB_PID= SIM_PID=
 cleanup() {
-  [ -n "$SIM_PID" ] && kill "$SIM_PID" 2>/dev/null && wait "$SIM_PID" 2>/dev/null
-  [ -n "$HUB_PID" ] && kill "$HUB_PID" 2>/dev/null && wait "$HUB_PID" 2>/dev/null
+  # wait returns the killed process's status: never let it end the cleanup.
+  if [ -n "$SIM_PID" ]; then kill "$SIM_PID" 2>/dev/null || true; wait "$SIM_PID" 2>/dev/null || true; fi
+  if [ -n "$HUB_PID" ]; then kill "$HUB_PID" 2>/dev/null || true; wait "$HUB_PID" 2>/dev/null || true; fi
   if [ "$KEEP" = 0 ]; then rm -rf "$OUT/hub"; fi
-  true
 }
 trap cleanup EXIT
 

@@ -15,6 +15,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 BIN="${FLOTILLA_BIN_DIR:?FLOTILLA_BIN_DIR must name build/bin}"
 CHROMIUM="${FLOTILLA_CHROMIUM:-/usr/bin/chromium}"
 ARTIFACTS="${FLOTILLA_ARTIFACTS_DIR:-$BIN/../ui-artifacts}"
+. "$ROOT/scripts/node-env.sh"
 if [ ! -x "$CHROMIUM" ]; then
   echo "SKIP: $CHROMIUM is missing (scripts/setup.sh installs Debian's chromium)"
   exit 77
