@@ -193,8 +193,15 @@ Result<json> campaign_view_json(AggregateStore& a, const Caller& caller, const s
   }
   j["failure_groups"] = fg;
   json away = json::array();
-  if (j["counts"]["offline"].get<int64_t>() > 0) {
-    auto ids = a.away(id, 20);
+  if (const int64_t offline = j["counts"]["offline"].get<int64_t>(); offline > 0) {
+    const auto& n = j["counts"];
+    const int64_t unfinished = n["waiting"].get<int64_t>() + n["pending"].get<int64_t>() +
+                               n["in_progress"].get<int64_t>() + n["rolling_back"].get<int64_t>();
+    int64_t fleet_offline = 0;
+    if (auto f = a.fleet("*"); f) {
+      for (const auto& r : *f) fleet_offline += r.dim == "online" && r.value == "offline" ? r.n : 0;
+    }
+    auto ids = a.away(id, 20, offline, unfinished, fleet_offline);
     if (!ids) return ids.error();
     for (const auto& d : *ids) away.push_back(d);
   }

@@ -527,3 +527,46 @@ TEST_CASE("the campaign timeline samples running campaigns, ends with the campai
   REQUIRE(t2);
   CHECK(t2->size() == t->size());
 }
+
+TEST_CASE("a campaign's offline devices are the same whichever walk finds them", "[unit][hub][views]") {
+  Stores s;
+  std::vector<Store::CampaignMember> members;
+  for (int i = 0; i < 40; ++i) {
+    DeviceRecord d = s.enroll("d-" + std::to_string(100 + i), {});
+    d.online = i % 3 != 0;  // 14 offline
+    s.save(d);
+    if (i < 30) members.push_back({d.id, 0.01 * i, 0, ""});
+  }
+  BundleRecord b;
+  b.id = "b1";
+  b.digest = "b1digest";
+  b.name = "edge";
+  b.version = 1;
+  b.envelope = "x";
+  REQUIRE(s.store->insert_bundle(b));
+  CampaignRecord c;
+  c.id = "c-away";
+  c.bundle_id = "b1";
+  c.state = "running";
+  REQUIRE(s.store->insert_campaign(c, members));
+  auto row = s.store->campaign_device("c-away", "d-103");  // offline; finished: not away
+  REQUIRE(row);
+  REQUIRE(*row);
+  auto r = **row;
+  r.status = "applied";
+  REQUIRE(s.store->save_campaign_device(r));
+  std::vector<std::string> want;
+  for (int i = 0; i < 30; ++i) {
+    if (i % 3 == 0 && i != 3) want.push_back("d-" + std::to_string(100 + i));
+  }
+  auto by_campaign = s.agg->away("c-away", 100, 9, 29, 1000);
+  auto by_offline = s.agg->away("c-away", 100, 9, 29, 14);
+  REQUIRE(by_campaign);
+  REQUIRE(by_offline);
+  CHECK(*by_campaign == want);
+  CHECK(*by_offline == want);
+  auto first = s.agg->away("c-away", 3, 9, 29, 14);
+  REQUIRE(first);
+  CHECK(*first == std::vector<std::string>(want.begin(), want.begin() + 3));
+  CHECK(s.agg->away("c-away", 3, 0, 29, 14)->empty());
+}

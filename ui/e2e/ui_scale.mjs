@@ -92,6 +92,9 @@ const lists = [
   ['devices: state=applied (no index; 2%)', 'state=applied', 'state=applied'],
   ['devices: state=idle (no index; most)', 'state=idle', 'state=idle'],
   ['devices: by hostname, descending', 'sort=hostname&order=desc', 'sort=hostname&order=desc'],
+  // The bounded worst case: a filter no index serves that matches nothing
+  // examines views-scan-limit rows and returns a cursor.
+  ['devices: k3s=v0.0.0 (no index, no match)', 'k3s=v0.0.0', 'k3s=v0.0.0'],
 ];
 for (const [name, hashQuery, apiQuery] of lists) {
   const row = await measure(name, `#/devices?${hashQuery}`, '/v1/views/devices', rows);

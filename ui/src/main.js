@@ -46,14 +46,13 @@ function Nav({ me, current }) {
 }
 
 function Page({ me, route }) {
-  const [a, b, c] = route.parts;
+  const [a, b] = route.parts;
   if (a === 'devices' && b) return html`<${Device} me=${me} id=${b} />`;
   if (a === 'devices') return html`<${Devices} me=${me} params=${route.params} />`;
   if (a === 'campaigns' && b) return html`<${Campaign} me=${me} id=${b} key=${b} />`;
   if (a === 'campaigns') return html`<${Campaigns} me=${me} params=${route.params} />`;
   if (a === 'bundles') return html`<${Bundles} me=${me} />`;
   if (a === 'audit' && me.may.audit) return html`<${Audit} me=${me} />`;
-  void c;
   return html`<${Fleet} me=${me} />`;
 }
 

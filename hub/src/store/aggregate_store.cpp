@@ -820,14 +820,25 @@ Result<std::vector<FailureGroup>> AggregateStore::failure_groups(const std::stri
   return groups;
 }
 
-Result<std::vector<std::string>> AggregateStore::away(const std::string& campaign_id, int64_t limit) {
+Result<std::vector<std::string>> AggregateStore::away(const std::string& campaign_id, int64_t limit,
+                                                      int64_t campaign_offline, int64_t campaign_unfinished,
+                                                      int64_t fleet_offline) {
+  if (campaign_offline <= 0) return std::vector<std::string>();
   auto lease = reader();
+  // Two walks, each finding the next such device after about (rows walked /
+  // campaign_offline) rows: the campaign's rows in device order, or the
+  // fleet's offline devices (a partial index). The shorter one goes.
+  const bool by_offline = fleet_offline < campaign_unfinished;
+  const std::string sql =
+      by_offline
+          ? "SELECT d.id FROM devices d INDEXED BY devices_offline CROSS JOIN campaign_devices cd "
+            "ON cd.campaign_id = ? AND cd.device_id = d.id WHERE d.online = 0 "
+            "AND cd.status IN ('waiting', 'pending', 'in_progress', 'rolling_back') ORDER BY d.id LIMIT ?"
+          : "SELECT cd.device_id FROM campaign_devices cd CROSS JOIN devices d ON d.id = cd.device_id "
+            "WHERE cd.campaign_id = ? AND cd.status IN ('waiting', 'pending', 'in_progress', 'rolling_back') "
+            "AND d.online = 0 ORDER BY cd.device_id LIMIT ?";
   return query<std::string>(
-      lease.db(),
-      "SELECT cd.device_id FROM campaign_devices cd JOIN devices d ON d.id = cd.device_id "
-      "WHERE cd.campaign_id = ? AND cd.status IN ('waiting', 'pending', 'in_progress', 'rolling_back') "
-      "AND d.online = 0 ORDER BY cd.device_id LIMIT ?",
-      [&](sql::Stmt& s) { s.bind(1, std::string_view(campaign_id)).bind(2, limit); },
+      lease.db(), sql, [&](sql::Stmt& s) { s.bind(1, std::string_view(campaign_id)).bind(2, limit); },
       [](const sql::Stmt& s) { return s.col_text(0); });
 }
 

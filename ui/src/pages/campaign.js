@@ -106,7 +106,7 @@ export function Campaign({ me, id }) {
     </div>
     <p class="state-line"><span data-testid="campaign-state"><${StateBadge} state=${c.state} /></span>
       ${c.state_reason && html` <span data-testid="campaign-reason">${c.state_reason}</span>`}
-      ${c.waiting_for_approval && html` <strong>${c.waiting_for_approval} waits for approval.</strong>`}</p>
+      ${c.waiting_for_approval && !c.state_reason && html` <strong>${c.waiting_for_approval} waits for approval.</strong>`}</p>
     <p class="muted">${c.bundle.name} v${c.bundle.version} (${c.bundle.channel}) to <code>${c.selector || 'every device'}</code>,
       created ${relative(c.created_at)}, project ${c.project}${c.rate_per_minute ? `, at most ${Math.round(c.rate_per_minute)} devices a minute now` : ''}.</p>
     ${me.may.campaign_actions && html`<${Actions} c=${c} onDone=${first.reload} />`}
@@ -148,6 +148,6 @@ export function Campaign({ me, id }) {
     ${c.away.length > 0 && html`<section aria-labelledby="h-away">
       <h2 id="h-away">Offline, not finished</h2>
       <p class="muted">Offline devices neither stall nor fail a wave; they finish when they come back. The first ${c.away.length}:</p>
-      <ul class="first">${c.away.map((d) => html`<li><a href=${`#/devices/${encodeURIComponent(d)}`}>${d}</a></li>`)}</ul>
+      <ul class="first inline">${c.away.map((d) => html`<li><a href=${`#/devices/${encodeURIComponent(d)}`}>${d}</a></li>`)}</ul>
     </section>`}`;
 }

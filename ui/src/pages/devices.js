@@ -57,6 +57,17 @@ function Filters({ params }) {
   </form>`;
 }
 
+// What the page holds, and whether the hub searched the whole fleet for it
+// (a filter no index serves is searched a bounded stretch at a time).
+function status(page, pageIndex) {
+  const n = page.items.length;
+  const where = pageIndex ? ` (page ${pageIndex + 1})` : '';
+  if (n === 0 && page.complete) return `No device matches${pageIndex ? ' after the previous page' : ''}.`;
+  if (n === 0) return `No match among the ${count(page.scanned)} devices searched so far; more may match further on.`;
+  const more = page.complete ? '' : page.next ? ' More may follow.' : '';
+  return `${count(n)} device${n === 1 ? '' : 's'} on this page${where}.${more}`;
+}
+
 export function Devices({ params }) {
   // Keyset pages: the cursors of the pages before this one, to go back.
   const [cursors, setCursors] = useState([]);
@@ -80,11 +91,7 @@ export function Devices({ params }) {
     <${ErrorBox} error=${error} />
     ${!page && !error && html`<${Loading} what="devices" />`}
     ${page && html`
-      <p class="muted" role="status" data-testid="devices-status">
-        ${count(page.items.length)} device${page.items.length === 1 ? '' : 's'} on this page${cursors.length ? ` (page ${cursors.length + 1})` : ''}.
-        ${!page.complete && page.items.length === 0 ? ` Searched ${count(page.scanned)} devices without a match so far; more may match further on.` : ''}
-        ${!page.complete && page.items.length > 0 && page.next && page.scanned >= 0 ? ' More follow.' : ''}
-      </p>
+      <p class="muted" role="status" data-testid="devices-status">${status(page, cursors.length)}</p>
       <${Table} caption="Devices" head=${['Device', 'Hostname', 'State', 'Presence', 'Bundle', 'k3s', 'Last seen', 'Last failure']}>
         ${page.items.map((d) => html`<tr>
           <td><a href=${`#/devices/${encodeURIComponent(d.id)}`}>${d.id}</a></td>

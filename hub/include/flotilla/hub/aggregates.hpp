@@ -157,8 +157,11 @@ class AggregateStore {
   Result<std::optional<CampaignSummary>> campaign(const std::string& id);
   Result<std::vector<FailureGroup>> failure_groups(const std::string& campaign_id, int64_t max_reasons,
                                                    int64_t per_reason);
-  // Unfinished devices of the campaign that are offline, by id.
-  Result<std::vector<std::string>> away(const std::string& campaign_id, int64_t limit);
+  // Unfinished devices of the campaign that are offline, by id. The counts
+  // (the campaign's offline and unfinished devices, the fleet's offline
+  // devices) choose the shorter walk.
+  Result<std::vector<std::string>> away(const std::string& campaign_id, int64_t limit, int64_t campaign_offline,
+                                        int64_t campaign_unfinished, int64_t fleet_offline);
   Result<std::vector<TimelinePoint>> timeline(const std::string& campaign_id);
   // Newest first.
   Result<BundlePage> bundles(const std::string& project, const std::string& after, int64_t limit);
