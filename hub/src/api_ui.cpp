@@ -317,9 +317,9 @@ Result<json> device_detail_json(AggregateStore& a, const Caller& caller, const s
   } else {
     j["inventory"] = nullptr;
   }
-  json outcomes = json::array();
-  for (const auto& o : dd.outcomes) {
-    outcomes.push_back({{"time", iso_ms(o.time_ms)},
+  json failures = json::array();
+  for (const auto& o : dd.failures) {
+    failures.push_back({{"time", iso_ms(o.time_ms)},
                         {"seq", o.seq},
                         {"state", o.state},
                         {"reason", o.reason},
@@ -329,7 +329,7 @@ Result<json> device_detail_json(AggregateStore& a, const Caller& caller, const s
                         {"applied_bundle", o.applied_bundle},
                         {"applied_version", o.applied_version}});
   }
-  j["outcomes"] = outcomes;
+  j["recent_failures"] = failures;
   json campaigns = json::array();
   for (const auto& r : dd.campaigns) {
     // Campaigns of another project (a device moved projects) stay private to it.

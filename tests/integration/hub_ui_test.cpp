@@ -275,7 +275,7 @@ TEST_CASE("UI event stream: a snapshot when something changed and only then, end
   CHECK_THAT(s.text(), Catch::Contains("no longer valid"));
 }
 
-TEST_CASE("UI event streams are capped for the hub; a closed page frees its slot", "[integration][ui]") {
+TEST_CASE("UI event streams are capped for the hub, and a closed page frees its slot", "[integration][ui]") {
   UiServerConfig cfg;
   cfg.max_streams = 2;
   cfg.event_interval = std::chrono::milliseconds(50);

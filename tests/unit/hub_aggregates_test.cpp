@@ -69,6 +69,15 @@ std::map<std::string, int64_t> dim(const std::vector<FleetCount>& rows, const st
 }
 
 void check_counts_agree(Store& s) {
+  // The trouble table holds exactly the devices in those states.
+  auto rows = [&](const std::string& sql) {
+    auto r = sql::query<std::string>(s.db(), sql, [](const sql::Stmt& st) { return st.col_text(0) + "/" + st.col_text(1); });
+    REQUIRE(r);
+    return *r;
+  };
+  CHECK(rows("SELECT state, device_id FROM device_trouble ORDER BY 1, 2") ==
+        rows("SELECT state, id FROM devices WHERE state IN ('failed', 'refused', 'rolled_back', 'rolling_back') "
+             "ORDER BY 1, 2"));
   auto kept = s.fleet_counts();
   auto recount = s.recount_fleet();
   REQUIRE(kept);
@@ -194,7 +203,7 @@ TEST_CASE("a store from before the read models gets them built from its rows at 
   CHECK(labels->col_int(0) == 5);
 }
 
-TEST_CASE("a device's outcomes are kept, the last ten, and a plain progress report adds none", "[unit][hub][views]") {
+TEST_CASE("a device's failures are kept, the last ten, and no other report adds one", "[unit][hub][views]") {
   Stores s;
   DeviceRecord d = s.enroll("d-out", {});
   auto report = [&](const std::string& state, const std::string& reason = "") {
@@ -205,33 +214,36 @@ TEST_CASE("a device's outcomes are kept, the last ten, and a plain progress repo
     d.last_seen_ms += 1000;
     s.save(d);
   };
-  for (const char* st : {"verifying", "downloading", "installing", "health_check"}) report(st);
+  for (const char* st : {"verifying", "downloading", "installing", "health_check", "applied", "idle"}) report(st);
   CHECK(s.rows("SELECT COUNT(*) FROM device_events") == 0);
-  report("failed", "health_gate_failed");
-  report("idle");
+  report("rolling_back", "health_gate_failed");  // a new reason
+  report("rolled_back", "health_gate_failed");   // a failed end
   report("downloading");
   report("applied");
+  report("refused", "bad_signature");
   auto detail = s.agg->device("d-out");
   REQUIRE(detail);
   REQUIRE(*detail);
-  REQUIRE((*detail)->outcomes.size() == 2);
-  CHECK((*detail)->outcomes[0].state == "applied");
-  CHECK((*detail)->outcomes[1].state == "failed");
-  CHECK((*detail)->outcomes[1].reason == "health_gate_failed");
-  CHECK((*detail)->outcomes[1].message == "because health_gate_failed");
-  // A presence change (no new report) and a repeated state add nothing.
+  const auto& f = (*detail)->failures;
+  REQUIRE(f.size() == 3);
+  CHECK(f[0].state == "refused");
+  CHECK(f[0].reason == "bad_signature");
+  CHECK(f[1].state == "rolled_back");
+  CHECK(f[2].state == "rolling_back");
+  CHECK(f[2].message == "because health_gate_failed");
+  // A presence change (no new report) adds nothing.
   d.online = !d.online;
   s.save(d);
-  CHECK(s.rows("SELECT COUNT(*) FROM device_events") == 2);
+  CHECK(s.rows("SELECT COUNT(*) FROM device_events") == 3);
   for (int i = 0; i < 12; ++i) {
     report("downloading");
-    report(i % 2 ? "applied" : "failed", i % 2 ? "" : "download_failed");
+    report("failed", i % 2 ? "download_failed" : "disk_full");
   }
   CHECK(s.rows("SELECT COUNT(*) FROM device_events WHERE device_id = 'd-out'") == kDeviceOutcomesKept);
   detail = s.agg->device("d-out");
   REQUIRE(detail);
-  CHECK((*detail)->outcomes.front().state == "applied");
-  CHECK((*detail)->outcomes.front().seq == d.last_seq);
+  CHECK((*detail)->failures.front().reason == "download_failed");
+  CHECK((*detail)->failures.front().seq == d.last_seq);
 }
 
 namespace {
@@ -358,11 +370,11 @@ TEST_CASE("device lists filter, order and page in the store exactly as a filter 
   add("label equality drives", [&](DeviceQuery& q) { q.selector = sel("region=us"); }, "device_labels");
   add("selector mix", [&](DeviceQuery& q) { q.selector = sel("env in (prod),region!=us,!gpu"); }, "device_labels");
   add("selector notin and exists", [&](DeviceQuery& q) { q.selector = sel("env notin (dev),gpu"); });
-  add("failed devices", [](DeviceQuery& q) { q.state = "failed"; }, "devices_trouble");
+  add("failed devices", [](DeviceQuery& q) { q.state = "failed"; }, "device_trouble");
   add("refused, project default", [](DeviceQuery& q) {
     q.state = "refused";
     q.project = "default";
-  }, "devices_trouble");
+  }, "device_trouble");
   add("applied (no index of its own)", [](DeviceQuery& q) { q.state = "applied"; });
   add("offline", [](DeviceQuery& q) { q.online = false; }, "devices_offline");
   add("online", [](DeviceQuery& q) { q.online = true; });

@@ -122,7 +122,7 @@ TEST_CASE("hub views: the fleet, its devices and one device, each as the caller'
   CHECK(d["id"] == blue[0]);
   CHECK(d["hostname"] == "blue-0");
   CHECK(d["inventory"].is_null());
-  CHECK(d["outcomes"].empty());
+  CHECK(d["recent_failures"].empty());
 
   json who = v.get("/v1/whoami", blue_viewer);
   CHECK(who["role"] == "viewer");
@@ -165,14 +165,14 @@ TEST_CASE("hub views: a campaign's measured counts, waves, grouped failures and 
   CHECK(c["failure_groups"][0]["count"] == 1);
   CHECK(c["failure_groups"][0]["first"][0]["device_id"] == released[1]);
   CHECK(c["sample"]["applied"] == 1);
-  // The failed device's page names the failure, from its campaign row and its outcomes.
+  // The failed device's page names the failure, from its campaign row and its recent failures.
   json dev = v.get("/v1/views/devices/" + released[1], viewer);
   REQUIRE(dev["campaigns"].size() == 1);
   CHECK(dev["campaigns"][0]["status"] == "failed");
   CHECK(dev["campaigns"][0]["reason"] == "health_gate_failed");
   CHECK(dev["last_reason"] == "health_gate_failed");
-  REQUIRE(dev["outcomes"].size() == 1);
-  CHECK(dev["outcomes"][0]["reason"] == "health_gate_failed");
+  REQUIRE(dev["recent_failures"].size() == 1);
+  CHECK(dev["recent_failures"][0]["reason"] == "health_gate_failed");
 
   json list = v.get("/v1/views/campaigns", viewer);
   REQUIRE(list["items"].size() == 1);

@@ -226,11 +226,11 @@ try {
   await page.goto(`${UI}#/devices?selector=${encodeURIComponent('role=flaky')}`);
   await until('the flaky device in the list, with its failure', async () =>
     (await page.locator('tbody tr').count()) === 1 && (await page.locator('tbody tr').first().textContent()).includes(reason));
-  // Its state is a trouble state: the list walks the partial index of those rows.
+  // Its state is a trouble state: the list walks the table of those devices only.
   assert.ok(['failed', 'refused', 'rolled_back', 'rolling_back'].includes(hubDevice.state), hubDevice.state);
   const troubled = (await hub(`/v1/views/devices?state=${hubDevice.state}`)).body;
   assert.deepEqual(troubled.items.map((d) => d.id), [deviceId]);
-  assert.equal(troubled.index, 'devices_trouble');
+  assert.equal(troubled.index, 'device_trouble');
   await page.goto(`${UI}#/campaigns`);
   await page.getByRole('link', { name: 'ui-rollout' }).waitFor();
   await page.goto(`${UI}#/bundles`);

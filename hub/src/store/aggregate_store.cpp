@@ -6,9 +6,9 @@
 // doubled the cost of a report's UPDATE in a 300k-device measurement (SQLite
 // rewrites an index entry whenever its column is in the SET list, changed or
 // not). The indexes added are on columns reports never set (hostname,
-// enrolled_ms), partial ones whose rows are the rare ones (offline devices,
-// failed devices), and tables written only when labels, inventory or an
-// outcome change.
+// enrolled_ms), a partial one whose rows are the rare ones (offline
+// devices), and tables written only when the state, labels, inventory or an
+// outcome change; bench/read_models_cost.sh measures what a report pays.
 #include "flotilla/hub/aggregates.hpp"
 
 #include <algorithm>
@@ -27,7 +27,7 @@ using sql::query;
 
 // Bumped when the tables or triggers below change: a store of an older
 // version drops them and rebuilds them from the device rows.
-constexpr int kAggregateSchema = 1;
+constexpr int kAggregateSchema = 4;
 
 // The dimensions fleet_counts keeps: name, the device columns it depends on,
 // and its value as an SQL expression over "@." (OLD., NEW. or a table alias);
@@ -38,16 +38,27 @@ struct Dim {
   const char* cols;
   const char* expr;
 };
-constexpr Dim kDims[] = {
-    {"state", "state", "@.state"},
+constexpr Dim kState = {"state", "state", "@.state"};
+// Set by reports, but rarely changed by one.
+constexpr Dim kReported[] = {
     {"online", "online", "CASE @.online WHEN 1 THEN 'online' ELSE 'offline' END"},
     {"version", "applied_bundle, applied_version",
      "CASE WHEN @.applied_bundle = '' THEN '' ELSE @.applied_bundle || ':' || @.applied_version END"},
     {"k3s", "k3s_version", "@.k3s_version"},
     {"agent", "agent_version", "@.agent_version"},
+};
+// Never set by reports.
+constexpr Dim kLabelled[] = {
     {"region", "labels", "CASE WHEN json_valid(@.labels) THEN json_extract(@.labels, '$.region') END"},
     {"cell", "labels", "CASE WHEN json_valid(@.labels) THEN json_extract(@.labels, '$.cell') END"},
 };
+constexpr const char* kTroubleStates = "('failed', 'refused', 'rolled_back', 'rolling_back')";
+// The same test written out: inside a trigger, "x IN (list)" builds a lookup
+// table at every run of the trigger (2 us a report, measured), a chain of
+// comparisons does not.
+std::string is_trouble(const std::string& x) {
+  return "(" + x + " = 'failed' OR " + x + " = 'refused' OR " + x + " = 'rolled_back' OR " + x + " = 'rolling_back')";
+}
 
 std::string with(const std::string& expr, const std::string& who) {
   std::string out = expr;
@@ -72,11 +83,32 @@ std::string changed(const std::string& cols) {
   return out;
 }
 
+// One dimension's move from the OLD row to the NEW one, each statement run
+// only when `guard` holds (evaluated once: OLD and NEW are constants here).
+std::string move(const Dim& d, const std::string& guard, bool all) {
+  const std::string name = d.name;
+  return "UPDATE fleet_counts SET n = n - 1 WHERE (" + guard + ")" +
+         (all ? "" : " AND OLD.state != 'decommissioned'") + " AND project = OLD.project AND dim = '" + name +
+         "' AND value = " + with(d.expr, "OLD.") + ";\n  INSERT INTO fleet_counts SELECT NEW.project, '" + name +
+         "', " + with(d.expr, "NEW.") + ", 1 WHERE (" + guard + ")" +
+         (all ? "" : " AND NEW.state != 'decommissioned'") + " AND " + with(d.expr, "NEW.") +
+         " IS NOT NULL ON CONFLICT DO UPDATE SET n = n + 1;\n  ";
+}
+
+// The report's UPDATE sets every reported column, and SQLite runs every
+// trigger named on one of them (its WHEN is checked inside it): each costs
+// about half a microsecond even when it does nothing (bench/read_models_cost.sh).
+// So the always-firing trigger (the state's) holds only its counts, and
+// everything else sits behind a WHEN that a report rarely meets.
 std::string fleet_triggers() {
+  const std::string decom = "(OLD.state = 'decommissioned') != (NEW.state = 'decommissioned')";
   std::string sql;
   // Insert and delete: every dimension at once.
+  std::vector<Dim> dims = {kState};
+  dims.insert(dims.end(), std::begin(kReported), std::end(kReported));
+  dims.insert(dims.end(), std::begin(kLabelled), std::end(kLabelled));
   std::string ins_values, del_values;
-  for (const auto& d : kDims) {
+  for (const auto& d : dims) {
     const bool all = std::string(d.name) == "state";
     ins_values += std::string(ins_values.empty() ? "" : " UNION ALL ") + "SELECT '" + d.name + "' AS dim, " +
                   with(d.expr, "NEW.") + " AS value" + (all ? "" : " WHERE NEW.state != 'decommissioned'");
@@ -85,26 +117,43 @@ std::string fleet_triggers() {
   }
   sql += "CREATE TRIGGER fleet_counts_insert AFTER INSERT ON devices BEGIN "
          "INSERT INTO fleet_counts SELECT NEW.project, dim, value, 1 FROM (" + ins_values +
-         ") WHERE value IS NOT NULL ON CONFLICT DO UPDATE SET n = n + 1; END;\n";
+         ") WHERE value IS NOT NULL ON CONFLICT DO UPDATE SET n = n + 1; "
+         "INSERT OR IGNORE INTO device_trouble SELECT NEW.state, NEW.id WHERE " + is_trouble("NEW.state") +
+         "; END;\n";
   sql += "CREATE TRIGGER fleet_counts_delete AFTER DELETE ON devices BEGIN "
          "UPDATE fleet_counts SET n = n - 1 WHERE project = OLD.project AND (dim, value) IN (" + del_values +
-         "); END;\n";
-  // Updates: one trigger per dimension, firing only when its columns (or the
-  // device's project, or whether it is decommissioned) changed: a report
-  // that changes nothing counted costs the WHEN clauses and no write.
-  for (const auto& d : kDims) {
-    const std::string name = d.name;
-    const bool all = name == "state";
-    const std::string when = "OLD.project != NEW.project OR " + changed(d.cols) +
-                             (all ? "" : " OR (OLD.state = 'decommissioned') != (NEW.state = 'decommissioned')");
-    sql += "CREATE TRIGGER fleet_counts_" + name + " AFTER UPDATE OF project, state" +
-           (all ? "" : ", " + std::string(d.cols)) + " ON devices WHEN " + when + " BEGIN " +
-           "UPDATE fleet_counts SET n = n - 1 WHERE project = OLD.project AND dim = '" + name +
-           "' AND value = " + with(d.expr, "OLD.") + (all ? "" : " AND OLD.state != 'decommissioned'") + "; " +
-           "INSERT INTO fleet_counts SELECT NEW.project, '" + name + "', " + with(d.expr, "NEW.") + ", 1 WHERE " +
-           with(d.expr, "NEW.") + " IS NOT NULL" + (all ? "" : " AND NEW.state != 'decommissioned'") +
-           " ON CONFLICT DO UPDATE SET n = n + 1; END;\n";
+         "); DELETE FROM device_trouble WHERE state = OLD.state AND device_id = OLD.id; END;\n";
+  // The state: the one dimension almost every report changes, so its
+  // trigger does nothing else (a statement skipped inside a trigger still
+  // costs about a microsecond; a trigger whose WHEN fails, half of one).
+  sql += "CREATE TRIGGER fleet_counts_state AFTER UPDATE OF state, project ON devices "
+         "WHEN OLD.state != NEW.state OR OLD.project != NEW.project BEGIN\n  " +
+         move(kState, "1", true) + "\nEND;\n";
+  sql += "CREATE TRIGGER device_trouble_update AFTER UPDATE OF state ON devices WHEN OLD.state != NEW.state "
+         "AND (" + is_trouble("OLD.state") + " OR " + is_trouble("NEW.state") + ") BEGIN\n  "
+         "DELETE FROM device_trouble WHERE state = OLD.state AND device_id = OLD.id;\n  "
+         "INSERT OR IGNORE INTO device_trouble SELECT NEW.state, NEW.id WHERE " + is_trouble("NEW.state") +
+         ";\nEND;\n";
+  // A decommissioned device leaves the fleet's inventory figures.
+  sql += "CREATE TRIGGER device_inventory_decommissioned AFTER UPDATE OF state ON devices "
+         "WHEN NEW.state = 'decommissioned' AND OLD.state != 'decommissioned' BEGIN\n  "
+         "DELETE FROM device_inventory WHERE device_id = NEW.id;\nEND;\n";
+  // The reported dimensions, and every dimension when a device changes
+  // project or (de)commission status.
+  std::string when = "OLD.project != NEW.project OR " + decom;
+  std::string body;
+  for (const auto& d : kReported) {
+    when += " OR " + changed(d.cols);
+    body += move(d, "OLD.project != NEW.project OR " + decom + " OR " + changed(d.cols), false);
   }
+  for (const auto& d : kLabelled) body += move(d, "OLD.project != NEW.project OR " + decom, false);
+  sql += "CREATE TRIGGER fleet_counts_reported AFTER UPDATE OF project, state, online, applied_bundle, "
+         "applied_version, k3s_version, agent_version ON devices WHEN " + when + " BEGIN\n  " + body + "\nEND;\n";
+  // Labels alone (the project's and decommissioning's moves are above).
+  body.clear();
+  for (const auto& d : kLabelled) body += move(d, "1", false);
+  sql += "CREATE TRIGGER fleet_counts_labels AFTER UPDATE OF labels ON devices WHEN OLD.labels != NEW.labels AND "
+         "OLD.project = NEW.project AND NOT (" + decom + ") BEGIN\n  " + body + "\nEND;\n";
   // Certificate expiry lives in device_inventory, by day.
   sql += R"SQL(
 CREATE TRIGGER fleet_counts_cert_insert AFTER INSERT ON device_inventory WHEN NEW.cert_expiry_unix > 0 BEGIN
@@ -129,8 +178,11 @@ END;
 // What fleet_counts must equal, grouped from the rows (the initial fill and
 // the tests' recount).
 std::string fleet_recount_select() {
+  std::vector<Dim> dims = {kState};
+  dims.insert(dims.end(), std::begin(kReported), std::end(kReported));
+  dims.insert(dims.end(), std::begin(kLabelled), std::end(kLabelled));
   std::string sql;
-  for (const auto& d : kDims) {
+  for (const auto& d : dims) {
     const bool all = std::string(d.name) == "state";
     sql += std::string(sql.empty() ? "" : " UNION ALL ") + "SELECT project, '" + d.name + "', " +
            with(d.expr, "devices.") + " AS v, COUNT(*) FROM devices WHERE v IS NOT NULL" +
@@ -147,6 +199,11 @@ CREATE TABLE IF NOT EXISTS aggregate_schema (id INTEGER PRIMARY KEY CHECK (id = 
 CREATE TABLE IF NOT EXISTS fleet_counts (
   project TEXT NOT NULL, dim TEXT NOT NULL, value TEXT NOT NULL, n INTEGER NOT NULL,
   PRIMARY KEY (project, dim, value)) WITHOUT ROWID;
+-- Devices in trouble (failed, refused, rolled_back, rolling_back) by state:
+-- what a partial index on devices would hold, kept by the state's trigger
+-- (such an index cost a report 3.6 us; this, a trigger whose WHEN fails).
+CREATE TABLE IF NOT EXISTS device_trouble (
+  state TEXT NOT NULL, device_id TEXT NOT NULL, PRIMARY KEY (state, device_id)) WITHOUT ROWID;
 -- The label index: a selector's equality term walks (key, value) in device
 -- id order. Written when a device enrolls or its labels change, never by a report.
 CREATE TABLE IF NOT EXISTS device_labels (
@@ -159,7 +216,7 @@ CREATE TABLE IF NOT EXISTS device_inventory (
   disk_free_bytes INTEGER NOT NULL, mem_free_bytes INTEGER NOT NULL, updated_ms INTEGER NOT NULL) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS device_inventory_cert ON device_inventory(cert_expiry_unix, device_id)
   WHERE cert_expiry_unix > 0;
--- A device's outcomes (final states and failures), the last 10 per device.
+-- A device's recent failures, the last 10 per device.
 CREATE TABLE IF NOT EXISTS device_events (
   id INTEGER PRIMARY KEY, device_id TEXT NOT NULL, time_ms INTEGER NOT NULL, seq INTEGER NOT NULL,
   state TEXT NOT NULL, reason TEXT NOT NULL, message TEXT NOT NULL, campaign_id TEXT NOT NULL,
@@ -172,13 +229,12 @@ CREATE TABLE IF NOT EXISTS campaign_samples (
   rolled_back INTEGER NOT NULL, other INTEGER NOT NULL, offline INTEGER NOT NULL,
   PRIMARY KEY (campaign_id, time_ms)) WITHOUT ROWID;
 -- Device-list orders and filters. Reports never set hostname or
--- enrolled_ms; the partial indexes hold only offline devices and devices in
--- trouble, so a healthy device's report does not touch them.
+-- enrolled_ms; the partial index holds only offline devices, so an online
+-- device's report does not touch it (measured: no cost).
 CREATE INDEX IF NOT EXISTS devices_hostname ON devices(hostname, id);
 CREATE INDEX IF NOT EXISTS devices_enrolled ON devices(enrolled_ms, id);
 CREATE INDEX IF NOT EXISTS devices_offline ON devices(id) WHERE online = 0;
-CREATE INDEX IF NOT EXISTS devices_trouble ON devices(state, id)
-  WHERE state IN ('failed', 'refused', 'rolled_back', 'rolling_back');
+DROP INDEX IF EXISTS devices_trouble;
 CREATE INDEX IF NOT EXISTS campaigns_created ON campaigns(created_ms, id);
 CREATE INDEX IF NOT EXISTS audit_log_project ON audit_log(project, id);
 )SQL";
@@ -200,11 +256,13 @@ CREATE TRIGGER device_labels_delete AFTER DELETE ON devices BEGIN
     (SELECT key, value, OLD.id FROM json_each(CASE WHEN json_valid(OLD.labels) THEN OLD.labels ELSE '{}' END)
      WHERE type = 'text');
 END;
--- A report (a new last_seq) that ends in a final state or brings a new
--- failure reason is an outcome; one row per outcome, not per report.
+-- A report (a new last_seq) that ends in failure (failed, rolled back,
+-- refused) or brings a new failure reason: a device's recent failures, one
+-- row each. Not every outcome: an applied device's outcome is its campaign
+-- row, and recording every apply cost a report 5 us (bench/read_models_cost.sh).
 CREATE TRIGGER device_events_record AFTER UPDATE OF last_seq ON devices
     WHEN NEW.last_seq != OLD.last_seq AND (
-      (NEW.state != OLD.state AND NEW.state IN ('applied', 'failed', 'rolled_back', 'refused'))
+      (NEW.state != OLD.state AND (NEW.state = 'failed' OR NEW.state = 'rolled_back' OR NEW.state = 'refused'))
       OR (NEW.last_reason != OLD.last_reason AND NEW.last_reason != '')) BEGIN
   INSERT INTO device_events (device_id, time_ms, seq, state, reason, message, campaign_id, bundle_id,
                              applied_bundle, applied_version)
@@ -213,19 +271,16 @@ CREATE TRIGGER device_events_record AFTER UPDATE OF last_seq ON devices
   DELETE FROM device_events WHERE device_id = NEW.id AND id <
     (SELECT id FROM device_events WHERE device_id = NEW.id ORDER BY id DESC LIMIT 1 OFFSET 9);
 END;
--- A decommissioned device leaves the fleet's inventory figures.
-CREATE TRIGGER device_inventory_decommissioned AFTER UPDATE OF state ON devices
-    WHEN NEW.state = 'decommissioned' AND OLD.state != 'decommissioned' BEGIN
-  DELETE FROM device_inventory WHERE device_id = NEW.id;
-END;
 )SQL";
 
+// Every trigger this file ever made (dropped before the current ones are made).
 constexpr const char* kTriggerNames[] = {
     "fleet_counts_insert", "fleet_counts_delete", "fleet_counts_state", "fleet_counts_online",
     "fleet_counts_version", "fleet_counts_k3s", "fleet_counts_agent", "fleet_counts_region",
-    "fleet_counts_cell", "fleet_counts_cert_insert", "fleet_counts_cert_update", "fleet_counts_cert_delete",
-    "device_labels_insert", "device_labels_update", "device_labels_delete", "device_events_record",
-    "device_inventory_decommissioned"};
+    "fleet_counts_cell", "fleet_counts_reported", "fleet_counts_labels", "device_trouble_update",
+    "fleet_counts_cert_insert",
+    "fleet_counts_cert_update", "fleet_counts_cert_delete", "device_labels_insert", "device_labels_update",
+    "device_labels_delete", "device_events_record", "device_inventory_decommissioned"};
 
 FleetCount fleet_row(const sql::Stmt& s) { return FleetCount{s.col_text(0), s.col_text(1), s.col_text(2), s.col_int(3)}; }
 
@@ -248,6 +303,8 @@ Status Store::migrate_aggregates() {
   if (auto s = db_->exec(fleet_triggers() + kOtherTriggers); !s) return s;
   if (auto s = db_->exec("DELETE FROM fleet_counts; INSERT INTO fleet_counts " + fleet_recount_select() +
                          ";"
+                         "DELETE FROM device_trouble; INSERT INTO device_trouble SELECT state, id FROM devices "
+                         "WHERE state IN " + std::string(kTroubleStates) + ";"
                          "DELETE FROM device_labels;"
                          "INSERT OR IGNORE INTO device_labels SELECT j.key, j.value, d.id FROM devices d, "
                          "json_each(CASE WHEN json_valid(d.labels) THEN d.labels ELSE '{}' END) j WHERE j.type = 'text';"
@@ -515,11 +572,11 @@ Result<DevicePage> AggregateStore::devices(const DeviceQuery& q) {
       keys = {"l.device_id"};
       break;
     case Driver::trouble:
-      page.index = "devices_trouble";
-      from = "devices d INDEXED BY devices_trouble";
-      range = "d.state IN ('failed', 'refused', 'rolled_back', 'rolling_back') AND d.state = ?";
+      page.index = "device_trouble";
+      from = "device_trouble t CROSS JOIN devices d ON d.id = t.device_id";
+      range = "t.state = ?";
       range_binds = {bind_text(q.state)};
-      keys = {"d.id"};
+      keys = {"t.device_id"};
       break;
     case Driver::offline:
       page.index = "devices_offline";
@@ -659,7 +716,7 @@ Result<std::optional<DeviceDetail>> AggregateStore::device(const std::string& id
       });
   if (!inv) return inv.error();
   if (!inv->empty()) d.inventory = inv->front();
-  auto outcomes = query<DeviceOutcome>(
+  auto failures = query<DeviceOutcome>(
       db,
       "SELECT time_ms, seq, state, reason, message, campaign_id, bundle_id, applied_bundle, applied_version "
       "FROM device_events WHERE device_id = ? ORDER BY id DESC LIMIT " + std::to_string(kDeviceOutcomesKept),
@@ -669,8 +726,8 @@ Result<std::optional<DeviceDetail>> AggregateStore::device(const std::string& id
                              s.col_text(4), s.col_text(5), s.col_text(6), s.col_text(7),
                              static_cast<uint64_t>(s.col_int(8))};
       });
-  if (!outcomes) return outcomes.error();
-  d.outcomes = std::move(*outcomes);
+  if (!failures) return failures.error();
+  d.failures = std::move(*failures);
   // campaign_devices_device walks this device's rows only.
   auto history = query<DeviceCampaignRow>(
       db,

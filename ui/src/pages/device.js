@@ -50,10 +50,10 @@ export function Device({ id }) {
           html`<ul class="labels">${Object.entries(d.labels).map(([k, v]) => html`<li><code>${k}=${v}</code></li>`)}</ul>`}
       </section>
     </div>
-    <h2>Recent outcomes</h2>
-    ${d.outcomes.length === 0 ? html`<p class="muted">No outcome reported yet (the hub keeps the last 10: applied, failed, rolled back, refused).</p>` :
-      html`<${Table} caption="Recent outcomes" head=${['When', 'State', 'Reason', 'Message', 'Campaign', 'Running']}>
-        ${d.outcomes.map((o) => html`<tr>
+    <h2>Recent failures</h2>
+    ${d.recent_failures.length === 0 ? html`<p class="muted">No failure reported (the hub keeps the last 10).</p>` :
+      html`<${Table} caption="Recent failures" head=${['When', 'State', 'Reason', 'Message', 'Campaign', 'Running']}>
+        ${d.recent_failures.map((o) => html`<tr>
           <td title=${o.time}>${relative(o.time)}</td>
           <td><${StateBadge} state=${o.state} /></td>
           <td>${o.reason ? html`<span class="bad">${o.reason}</span>` : ''}</td>

@@ -31,9 +31,8 @@ enum class DeviceSort { id, hostname, enrolled, cert_expiry };
 std::string sort_name(DeviceSort s);
 std::optional<DeviceSort> parse_device_sort(const std::string& s);
 
-// Agent states that mean trouble; a partial index holds exactly these rows,
-// so a filter on them reads only them (and a report of a healthy device
-// never touches that index).
+// Agent states that mean trouble; the device_trouble table holds exactly
+// these devices, so a filter on them reads only them.
 bool is_trouble_state(const std::string& state);
 
 struct DeviceQuery {
@@ -69,8 +68,9 @@ struct DevicePage {
   std::string index;       // the index that drove the walk
 };
 
-// A device's outcome as its reports told it (device_events: final states and
-// failures only, the last kDeviceOutcomesKept per device).
+// A failure as a device's report told it (device_events: a report that
+// ended in failed, rolled_back or refused, or brought a new failure reason;
+// the last kDeviceOutcomesKept per device).
 struct DeviceOutcome {
   int64_t time_ms = 0;
   uint64_t seq = 0;
@@ -88,7 +88,7 @@ struct DeviceCampaignRow {
 struct DeviceDetail {
   DeviceRecord device;
   std::optional<DeviceInventory> inventory;
-  std::vector<DeviceOutcome> outcomes;         // newest first
+  std::vector<DeviceOutcome> failures;         // newest first
   std::vector<DeviceCampaignRow> campaigns;    // newest first, at most 50
 };
 
