@@ -63,10 +63,13 @@ fi
 . "$ROOT/scripts/node-env.sh"
 
 # The dashboard's packages (and playwright-core, the browser tests' driver),
-# exactly as ui/package-lock.json pins them; again only when the lockfile
-# changed. playwright-core never downloads a browser: the tests use chromium.
+# exactly as ui/package-lock.json pins them (checked against its integrity
+# hashes, taken from npm's cache when it has them); again only when the
+# lockfile changed. Only the npm registry is asked: no package in the lockfile
+# has an install script (ui/test/lockfile.test.js keeps it so), and
+# playwright-core never downloads a browser (the tests use Debian's chromium).
 if [ ! -f "$ROOT/ui/node_modules/.package-lock.json" ] ||
   [ "$ROOT/ui/package-lock.json" -nt "$ROOT/ui/node_modules/.package-lock.json" ]; then
   echo "setup: npm ci in ui/" >&2
-  (cd "$ROOT/ui" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+  (cd "$ROOT/ui" && npm ci --prefer-offline --no-audit --no-fund --loglevel=error >/dev/null)
 fi
