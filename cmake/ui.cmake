@@ -1,6 +1,6 @@
 # The web dashboard (ui/): built with Vite from the npm packages pinned in
 # ui/package-lock.json and embedded into flotilla-hub as generated C++
-# (docs/adr/0008-dashboard-frontend.md). Without npm and node the hub is built
+# (docs/adr/0011-dashboard-frontend.md). Without npm and node the hub is built
 # with no dashboard files and /ui/ says so; FLOTILLA_UI=ON makes that an error.
 set(FLOTILLA_UI "AUTO" CACHE STRING "Build the web dashboard into flotilla-hub: AUTO (when npm and node are found), ON or OFF")
 set_property(CACHE FLOTILLA_UI PROPERTY STRINGS AUTO ON OFF)

@@ -4,7 +4,7 @@
 // never cached, a strict Content-Security-Policy), the API's reads and the
 // campaign actions on the same origin, and the server-sent-events streams
 // (GET /v1/events) the pages follow. docs/operations.md, "Dashboard";
-// docs/adr/0008-dashboard-frontend.md.
+// docs/adr/0011-dashboard-frontend.md.
 #include <chrono>
 #include <cstddef>
 #include <memory>
