@@ -49,6 +49,18 @@ async function hub(path, { method = 'GET', token = ADMIN, body } = {}) {
   return { status: r.status, body: text ? JSON.parse(text) : null };
 }
 
+// Form controls, buttons and links a screen reader could not name.
+async function unnamed(p) {
+  return p.evaluate(() => [...document.querySelectorAll('input, select, textarea, button, a[href]')]
+    .filter((el) => el.getClientRects().length > 0)
+    .filter((el) => {
+      if (el.getAttribute('aria-label') || el.getAttribute('aria-labelledby')) return false;
+      if (el.labels && el.labels.length > 0) return false;
+      return !(el.textContent || '').trim();
+    })
+    .map((el) => el.outerHTML.slice(0, 120)));
+}
+
 let step = '';
 function log(s) {
   step = s;
@@ -88,6 +100,7 @@ try {
   await page.getByLabel('API token').fill('flt_api_not-a-token');
   await page.keyboard.press('Enter');
   await page.getByRole('alert').filter({ hasText: 'does not accept this token' }).waitFor();
+  assert.deepEqual(await unnamed(page), [], 'unnamed controls on the sign-in page');
 
   log('sign in as an operator; the fleet page counts every device, live');
   await signIn(page, OPERATOR);
@@ -95,7 +108,11 @@ try {
     (await page.getByTestId('fleet-online').textContent()) === String(DEVICES));
   assert.equal(await page.getByTestId('fleet-total').textContent(), String(DEVICES));
   await page.getByTestId('live-status').filter({ hasText: 'Live' }).waitFor();
-  assert.equal(await page.getByText('eu-west').count() >= 0, true);
+  // The region label (from the enrollment token) is counted on the hub: every device.
+  const region = page.getByRole('region', { name: 'Regions' }).getByRole('link', { name: /eu-west/ });
+  await until('eu-west counted for every device', async () =>
+    (await region.count()) === 1 && (await region.textContent()).includes(`${DEVICES} devices`));
+  assert.deepEqual(await unnamed(page), [], 'unnamed controls on the fleet page');
   // The counts are links to the filtered list: the region link lists the devices.
   await page.getByRole('link', { name: /cell-1/ }).click();
   await until('the cell-1 device list', async () =>
@@ -147,11 +164,16 @@ try {
   await until('the dialog to close', async () => !(await dialog.isVisible()));
   assert.equal((await hub(`/v1/campaigns/${id}`)).body.state, 'paused');
 
-  log('resume with the button: the hub runs it again');
-  await page.getByRole('button', { name: 'Resume', exact: true }).click();
+  log('resume with the keyboard alone: the dialog takes the focus, Tab and Enter confirm');
+  await page.getByRole('button', { name: 'Resume', exact: true }).focus();
+  await page.keyboard.press('Enter');
   await dialog.waitFor();
   assert.match(await dialog.textContent(), /releases devices again/);
-  await dialog.getByRole('button', { name: 'Resume campaign' }).click();
+  // A modal dialog focuses its first control (Cancel): a stray Enter does nothing harmful.
+  assert.equal(await page.evaluate(() => document.activeElement?.textContent), 'Cancel');
+  await page.keyboard.press('Tab');
+  assert.equal(await page.evaluate(() => document.activeElement?.textContent), 'Resume campaign');
+  await page.keyboard.press('Enter');
   await until('the hub to leave paused', async () => (await hub(`/v1/campaigns/${id}`)).body.state !== 'paused');
 
   log('the canary applies, the gate waits; approve it with the button');
@@ -210,10 +232,11 @@ try {
 
   log('a narrow screen: nothing wider than the viewport');
   await page.setViewportSize({ width: 390, height: 844 });
-  for (const route of ['#/fleet', `#/campaigns/${id}`, '#/devices']) {
+  for (const [route, shown] of [['#/fleet', 'fleet-total'], [`#/campaigns/${id}`, 'timeline-chart'], ['#/devices', 'devices-status']]) {
     await page.goto(`${UI}${route}`);
-    await page.getByRole('heading', { level: 1 }).first().waitFor();
-    await sleep(300);
+    // The page's data, not only its heading, is on screen before it is measured.
+    await page.getByTestId(shown).waitFor();
+    assert.deepEqual(await unnamed(page), [], `unnamed controls on ${route}`);
     const overflow = await page.evaluate(() => document.documentElement.scrollWidth - document.documentElement.clientWidth);
     assert.ok(overflow <= 1, `${route} is ${overflow}px wider than a 390px screen`);
   }
