@@ -170,6 +170,7 @@ std::vector<Route> build_routes() {
   add_campaign_routes(r);
   add_trust_routes(r);
   add_declarative_routes(r);
+  add_ui_routes(r);
   // Metrics span every project (campaign ids, device counts): a viewer token
   // of project "*" may read them, a project-scoped token may not.
   r.push_back({"GET", "/metrics", Role::viewer, metrics_access});

@@ -57,6 +57,11 @@ void add_access_routes(std::vector<Route>& routes);
 void add_declarative_routes(std::vector<Route>& routes);
 // PUT/GET /v1/trust (api_trust.cpp).
 void add_trust_routes(std::vector<Route>& routes);
+// The dashboard's reads: /v1/whoami, /v1/views/..., /v1/events (api_ui.cpp).
+void add_ui_routes(std::vector<Route>& routes);
+// What an event stream of this topic sends now, as the caller may see it;
+// not_found when the caller may not (api_ui.cpp).
+Result<json> event_snapshot(HubService& s, const Caller& caller, const std::string& topic);
 // docs/api/openapi.yaml, embedded at build time (openapi_document.cpp.in).
 std::string_view openapi_document();
 

@@ -11,11 +11,13 @@
 #include "flotilla/common/fs.hpp"
 #include "flotilla/common/log.hpp"
 #include "flotilla/common/transport.hpp"
+#include "flotilla/hub/aggregates.hpp"
 #include "flotilla/hub/artifacts.hpp"
 #include "flotilla/hub/broker.hpp"
 #include "flotilla/hub/gitsync.hpp"
 #include "flotilla/hub/http_server.hpp"
 #include "flotilla/hub/service.hpp"
+#include "flotilla/hub/ui_server.hpp"
 
 namespace flotilla::hub {
 
@@ -73,6 +75,14 @@ void add_hub_options(Options& o) {
       .add("broker-max-queued-messages", "embedded broker: QoS 1 messages queued per client, the hub's own "
                                          "session included (mosquitto's max_queued_messages)", "1000000")
       .add("broker-max-queued-mib", "embedded broker: MiB of messages queued per client (max_queued_bytes)", "256")
+      .add("ui-listen", "web dashboard address HOST:PORT, served at /ui/ (PORT 0 = any free port); empty = no "
+                        "dashboard listener. It uses tls-cert/tls-key when they are set")
+      .add("ui-max-streams", "live event streams the dashboard may hold open at once (one per open page)", "64")
+      .add("ui-max-connections", "connections the dashboard listener accepts at once, streams included", "256")
+      .add("ui-event-interval", "at most one live event per stream per this interval (changes are coalesced)", "1s")
+      .add("views-timeline-interval", "how often a running campaign's counts are sampled for its timeline", "5s")
+      .add("views-scan-limit", "device rows one filtered device-list request may examine when no index serves "
+                               "its filter (it then returns a cursor to carry on)", "200000")
       .add("log-level", "trace, debug, info, warn or error", "info")
       .config_file_key("config");
 }
@@ -202,6 +212,42 @@ Result<HubConfig> hub_config_from(const Options& o) {
   auto queued_mib = o.get_int("broker-max-queued-mib", 1, 1 << 20);
   if (!queued_mib) return queued_mib.error();
   c.broker_max_queued_mib = *queued_mib;
+  if (!o.get("ui-listen").empty()) {
+    auto ui = split_host_port("ui-listen", o.get("ui-listen"));
+    if (!ui) return ui.error();
+    c.ui_listen_host = ui->first;
+    c.ui_listen_port = ui->second;
+    // Two listeners on one port would fail at start with a less clear message.
+    if (c.ui_listen_port != 0 && c.ui_listen_port == c.listen_port && c.ui_listen_host == c.listen_host) {
+      return make_error(Errc::invalid_argument, "ui-listen and listen are the same address; give the dashboard its own port");
+    }
+  }
+  auto streams = o.get_int("ui-max-streams", 1, 10000);
+  if (!streams) return streams.error();
+  c.ui_max_streams = static_cast<int>(*streams);
+  auto ui_conns = o.get_int("ui-max-connections", 2, 20000);
+  if (!ui_conns) return ui_conns.error();
+  c.ui_max_connections = static_cast<int>(*ui_conns);
+  if (c.ui_max_connections <= c.ui_max_streams) {
+    return make_error(Errc::invalid_argument, "ui-max-connections (" + std::to_string(c.ui_max_connections) +
+                                                  ") must be above ui-max-streams (" +
+                                                  std::to_string(c.ui_max_streams) + "): pages need connections besides their streams");
+  }
+  auto interval = o.get_duration("ui-event-interval");
+  if (!interval) return make_error(Errc::invalid_argument, "ui-event-interval: " + interval.error().message);
+  if (*interval < std::chrono::milliseconds(100) || *interval > std::chrono::minutes(1)) {
+    return make_error(Errc::invalid_argument, "ui-event-interval must be from 100ms to 1m");
+  }
+  c.ui_event_interval = *interval;
+  auto sample = o.get_duration("views-timeline-interval");
+  if (!sample) return make_error(Errc::invalid_argument, "views-timeline-interval: " + sample.error().message);
+  if (*sample < std::chrono::seconds(1) || *sample > std::chrono::hours(1)) {
+    return make_error(Errc::invalid_argument, "views-timeline-interval must be from 1s to 1h");
+  }
+  c.views_timeline_interval = *sample;
+  auto scan = o.get_int("views-scan-limit", 1000, 100000000);
+  if (!scan) return scan.error();
+  c.views_scan_limit = *scan;
   return c;
 }
 
@@ -219,6 +265,12 @@ Status run_hub(const HubConfig& cfg, const std::atomic<bool>& stop) {
   if (!store) return store.error();
   auto director = load_director_key(data, cfg.director_key_file);
   if (!director) return director.error();
+  // The dashboard's read models read on connections of their own.
+  AggregateStore::Config ac;
+  ac.tuning = StoreTuning{std::max<int64_t>(4, cfg.db_cache_mib / 4), cfg.db_mmap_mib};
+  ac.device_scan_limit = cfg.views_scan_limit;
+  auto aggregates = AggregateStore::open((data / "hub.db").string(), ac);
+  if (!aggregates) return aggregates.error();
 
   const bool embedded = cfg.broker_url.empty();
   // Start the REST listener first so the public URL (which may use port 0) is known.
@@ -292,6 +344,8 @@ Status run_hub(const HubConfig& cfg, const std::atomic<bool>& stop) {
   service = std::make_unique<HubService>(**store, SystemClock::instance(), sc);
   service->set_broker(broker.get());
   service->set_artifacts(&artifacts);
+  service->set_aggregates(aggregates->get());
+  (*aggregates)->start_sampler(SystemClock::instance(), cfg.views_timeline_interval);
 
   // First start: make an admin API token and leave it, 0600, in the data dir.
   if (auto n = (*store)->count_tokens("api"); n && *n == 0) {
@@ -344,6 +398,25 @@ Status run_hub(const HubConfig& cfg, const std::atomic<bool>& stop) {
   (void)fs::write_file_atomic(data / "hub.url", listen_url + "\n", 0644);
   logger->info("REST API listening url={} broker={}", listen_url, broker_url);
 
+  std::unique_ptr<UiServer> ui;
+  if (!cfg.ui_listen_host.empty()) {
+    UiServerConfig uc;
+    uc.host = cfg.ui_listen_host;
+    uc.port = cfg.ui_listen_port;
+    uc.tls_cert_file = cfg.tls_cert_file;
+    uc.tls_key_file = cfg.tls_key_file;
+    uc.max_streams = cfg.ui_max_streams;
+    uc.max_connections = cfg.ui_max_connections;
+    uc.event_interval = cfg.ui_event_interval;
+    auto started = UiServer::start(uc, *api, *service);
+    if (!started) return started.error();
+    ui = std::move(*started);
+    const std::string ui_url = (cfg.tls_cert_file.empty() ? "http://" : "https://") + cfg.ui_listen_host + ":" +
+                               std::to_string(ui->port()) + "/ui/";
+    (void)fs::write_file_atomic(data / "ui.url", ui_url + "\n", 0644);
+    logger->info("dashboard listening url={} assets={}", ui_url, ui_assets().size());
+  }
+
   Backoff backoff(std::chrono::milliseconds(200), std::chrono::seconds(10), crypto::random_u64());
   bool attached = false;
   auto next_try = std::chrono::steady_clock::now();
@@ -367,11 +440,13 @@ Status run_hub(const HubConfig& cfg, const std::atomic<bool>& stop) {
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
   }
   logger->info("shutting down");
+  if (ui) ui->stop();
   api_ptr.store(nullptr, std::memory_order_release);
   (*server)->stop();
   if (git_sync) git_sync->stop();
   transport->disconnect();
   service->stop();
+  (*aggregates)->stop();
   if (broker) broker->stop();
   return {};
 }

@@ -745,6 +745,7 @@ void HubService::apply_device_messages(const std::string& device_id, const std::
   }
   DeviceRecord dev = std::move(**found);
   CampaignRows rows;
+  std::optional<DeviceInventory> inventory;  // the last one the batch carried
   bool changed = false, gateway_left = false;
   uint64_t reports = 0, presences = 0;
   for (const auto& p : msgs) {
@@ -771,6 +772,11 @@ void HubService::apply_device_messages(const std::string& device_id, const std::
     if (r.seq() != 0 && r.seq() <= dev.last_seq) continue;
     apply_report(dev, r);
     changed = true;
+    if (r.has_inventory()) {
+      inventory = DeviceInventory{r.inventory().os(), r.inventory().k3s_cert_expiry_unix(),
+                                  r.inventory().disk_free_bytes(), r.inventory().mem_free_bytes(),
+                                  clock_.now_unix_ms()};
+    }
     ++reports;
     if (!r.campaign_id().empty()) on_campaign_report(device_id, r, rows);
   }
@@ -778,6 +784,11 @@ void HubService::apply_device_messages(const std::string& device_id, const std::
     if (auto s = store_.save_device_state(dev); !s) {
       log::get("hub")->error("save device={} failed: {}", device_id, s.error().message);
       return;
+    }
+  }
+  if (inventory) {
+    if (auto s = store_.save_device_inventory(device_id, *inventory); !s) {
+      log::get("hub")->error("save inventory device={} failed: {}", device_id, s.error().message);
     }
   }
   for (auto& [campaign, row] : rows) {

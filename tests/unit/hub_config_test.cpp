@@ -155,3 +155,41 @@ TEST_CASE("hub config: the input limits are settings with safe defaults, and bad
   }
   CHECK_FALSE(hub_config({"--broker-max-queued-messages", "0"}));  // mosquitto's 0 would mean unbounded
 }
+
+TEST_CASE("hub config: the dashboard's settings are off by default and checked", "[unit][hub][config]") {
+  auto def = hub_config({});
+  REQUIRE(def);
+  CHECK(def->ui_listen_host.empty());  // no dashboard listener unless asked
+  CHECK(def->ui_max_streams == 64);
+  CHECK(def->ui_event_interval == std::chrono::seconds(1));
+  CHECK(def->views_timeline_interval == std::chrono::seconds(5));
+  CHECK(def->views_scan_limit == 200000);
+
+  auto on = hub_config({"--ui-listen", "127.0.0.1:8081", "--ui-max-streams", "10", "--ui-max-connections", "40",
+                        "--ui-event-interval", "500ms", "--views-timeline-interval", "2s", "--views-scan-limit",
+                        "5000"});
+  REQUIRE(on);
+  CHECK(on->ui_listen_host == "127.0.0.1");
+  CHECK(on->ui_listen_port == 8081);
+  CHECK(on->ui_max_streams == 10);
+  CHECK(on->ui_max_connections == 40);
+  CHECK(on->ui_event_interval == std::chrono::milliseconds(500));
+  CHECK(on->views_timeline_interval == std::chrono::seconds(2));
+  CHECK(on->views_scan_limit == 5000);
+
+  const std::vector<std::pair<std::vector<std::string>, std::string>> bad = {
+      {{"--ui-listen", "8081"}, "ui-listen must look like HOST:PORT"},
+      {{"--ui-listen", "127.0.0.1:70000"}, "ui-listen: bad port"},
+      {{"--ui-listen", "127.0.0.1:8080"}, "same address"},
+      {{"--ui-max-streams", "0"}, "ui-max-streams"},
+      {{"--ui-max-streams", "100", "--ui-max-connections", "50"}, "must be above ui-max-streams"},
+      {{"--ui-event-interval", "10ms"}, "ui-event-interval must be from 100ms to 1m"},
+      {{"--ui-event-interval", "soon"}, "ui-event-interval"},
+      {{"--views-timeline-interval", "2h"}, "views-timeline-interval must be from 1s to 1h"},
+      {{"--views-scan-limit", "10"}, "views-scan-limit"},
+  };
+  for (const auto& [args, says] : bad) {
+    INFO(args.front() << " " << args.back());
+    CHECK_THAT(error_of(hub_config(args)), Catch::Contains(says));
+  }
+}

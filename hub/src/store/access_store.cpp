@@ -116,6 +116,10 @@ Result<int64_t> Store::append_audit(const AuditRecord& a) {
   return db_->last_insert_rowid();
 }
 
+// Shared with store/aggregate_store.cpp (store/rows.hpp).
+std::string audit_columns() { return kAuditCols; }
+AuditRecord audit_row(const sql::Stmt& s) { return audit_from(s); }
+
 Result<std::vector<AuditRecord>> Store::list_audit(int64_t after, int64_t limit, const std::string& project) {
   const bool all = project == "*";
   auto st = db_->prepare(std::string("SELECT ") + kAuditCols + " FROM audit_log WHERE id > ?" +

@@ -416,6 +416,12 @@ Result<std::vector<std::string>> Store::supersede_others(const std::string& devi
   return ids;
 }
 
+// Row mappings shared with store/aggregate_store.cpp (store/rows.hpp).
+std::string campaign_columns() { return kCampaignCols; }
+CampaignRecord campaign_row(const sql::Stmt& s) { return campaign_from(s); }
+std::string campaign_device_columns() { return kRowCols; }
+CampaignDeviceRecord campaign_device_row(const sql::Stmt& s, int offset) { return row_from(s, offset); }
+
 Status Store::set_device_desired(const std::string& device_id, uint64_t generation, const std::string& bundle_id,
                                  const std::string& campaign_id) {
   auto st = db_->prepare("UPDATE devices SET generation = ?, desired_bundle_id = ?, campaign_id = ? WHERE id = ?");

@@ -149,7 +149,8 @@ CREATE TABLE IF NOT EXISTS trust (
   }
   if (auto s = migrate_declarative(); !s) return s;
   if (auto s = migrate_campaigns(); !s) return s;
-  return migrate_scopes();
+  if (auto s = migrate_scopes(); !s) return s;
+  return migrate_aggregates();
 }
 
 std::string bundle_id(const std::string& project, const std::string& digest) {
@@ -436,6 +437,12 @@ Result<std::optional<BundleRecord>> Store::get_bundle(const std::string& key, bo
   if (!*r) return std::optional<BundleRecord>();
   return std::optional<BundleRecord>(bundle_from(*st, with_envelope));
 }
+
+// One mapping of a devices row, shared with store/aggregate_store.cpp.
+std::string device_columns() { return kDeviceCols; }
+DeviceRecord device_row(const sql::Stmt& s) { return device_from(s); }
+std::string bundle_columns() { return kBundleCols; }
+BundleRecord bundle_row(const sql::Stmt& s) { return bundle_from(s, false); }
 
 Result<std::optional<BundleRecord>> Store::find_bundle_by_digest(const std::string& project, const std::string& digest,
                                                                 bool with_envelope) {

@@ -18,6 +18,9 @@ struct HttpRequest {
   std::string body;
   std::string body_file;  // a streamed upload (PUT /v1/artifacts/...), already on disk
   std::string peer;
+  // Set by a listener that can hold a server-sent-events stream open (the
+  // UI listener, hub/src/ui_server.cpp); GET /v1/events needs it.
+  bool event_streams = false;
 };
 
 struct HttpResponse {
@@ -31,6 +34,9 @@ struct HttpResponse {
   uint64_t file_offset = 0;
   uint64_t file_length = 0;
   bool no_body = false;
+  // Non-empty: the listener keeps the connection and streams this topic's
+  // server-sent events ("fleet", "campaigns", "campaign:<id>", "device:<id>").
+  std::string event_topic;
 };
 
 inline constexpr size_t kMaxJsonBody = 1u << 20;  // 1 MiB

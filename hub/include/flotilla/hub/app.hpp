@@ -3,6 +3,7 @@
 // MQTT connection, service and HTTP server. main() only parses options.
 #include <atomic>
 #include <filesystem>
+#include <chrono>
 #include <memory>
 #include <string>
 
@@ -49,6 +50,15 @@ struct HubConfig {
   int64_t enroll_rate_per_token = 50;
   int64_t broker_max_queued_messages = 1000000;
   int64_t broker_max_queued_mib = 256;
+  // The dashboard (docs/operations.md, "Dashboard"): its own listener, off
+  // unless set; the read models (/v1/views) are on either way.
+  std::string ui_listen_host;          // empty = no UI listener
+  int ui_listen_port = 0;
+  int ui_max_streams = 64;
+  int ui_max_connections = 256;
+  std::chrono::milliseconds ui_event_interval{1000};
+  std::chrono::milliseconds views_timeline_interval{5000};
+  int64_t views_scan_limit = 200000;
 };
 
 // The key the hub signs desired-state headers with: the configured file, or

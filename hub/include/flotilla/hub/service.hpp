@@ -33,6 +33,7 @@ class ArtifactStore;
 struct ApplyRequest;
 struct ApplyScope;
 struct ApplyOutcome;
+class AggregateStore;
 
 struct ServiceConfig {
   // Signs the per-device header of every desired state (the "director" key,
@@ -91,6 +92,10 @@ class HubService {
   void set_broker(EmbeddedBroker* broker) { broker_ = broker; }
   void set_artifacts(ArtifactStore* a) { artifacts_ = a; }
   ArtifactStore* artifacts() const { return artifacts_; }
+  // The dashboard's read models (aggregates.hpp); the /v1/views routes
+  // answer 503 without them.
+  void set_aggregates(AggregateStore* a) { aggregates_ = a; }
+  AggregateStore* aggregates() const { return aggregates_; }
   void stop();
 
   // Tokens. kind is "api" or "enroll". A positive ttl sets the expiry from
@@ -278,6 +283,7 @@ class HubService {
   std::atomic<transport::Transport*> transport_{nullptr};
   LogLimiter log_limit_{clock_};
   std::atomic<uint64_t> dropped_too_large_{0};
+  AggregateStore* aggregates_ = nullptr;
 
   // Recursive: a declarative apply holds it across one transaction while it
   // calls the same operations (create_campaign, campaign_action,

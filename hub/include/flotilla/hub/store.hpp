@@ -7,6 +7,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "flotilla/common/result.hpp"
@@ -199,6 +200,31 @@ struct GitRepoRecord {
   std::string applied;         // JSON list of "Kind/project/name" the last commit applied
 };
 
+// What a device's reports say about its machine beyond DeviceRecord: kept in
+// its own table (device_inventory), written only when a report carries an
+// inventory (at connect and when it changes), not at every report.
+struct DeviceInventory {
+  std::string os;
+  int64_t cert_expiry_unix = 0;  // k3s serving certificate; 0 = not reported
+  uint64_t disk_free_bytes = 0;
+  uint64_t mem_free_bytes = 0;
+  int64_t updated_ms = 0;
+};
+
+// One row of the trigger-kept fleet_counts table: how many devices of a
+// project have `value` in dimension `dim` (state, online, version, k3s,
+// agent, region, cell, cert_day). See store/aggregate_store.cpp.
+struct FleetCount {
+  std::string project;
+  std::string dim;
+  std::string value;
+  int64_t n = 0;
+  bool operator==(const FleetCount&) const = default;
+  bool operator<(const FleetCount& o) const {
+    return std::tie(project, dim, value, n) < std::tie(o.project, o.dim, o.value, o.n);
+  }
+};
+
 // How much memory SQLite may use for the store's pages.
 struct StoreTuning {
   // SQLite's own page cache. Its default is 2 MiB: at 100k devices every
@@ -313,6 +339,15 @@ class Store {
                             const std::string& campaign_id);
   Status migrate_campaigns();
   Status migrate_campaign_counts();
+  // The dashboard's read models (store/aggregate_store.cpp): fleet counts,
+  // the label index, outcome history, inventory and campaign timelines.
+  Status migrate_aggregates();
+  // Stores a report's inventory; nothing for a decommissioned device.
+  Status save_device_inventory(const std::string& device_id, const DeviceInventory& inv);
+  // fleet_counts as kept by the triggers (rows with n != 0), and the same
+  // figures grouped from every device row (what the triggers must agree with).
+  Result<std::vector<FleetCount>> fleet_counts();
+  Result<std::vector<FleetCount>> recount_fleet();
   // The operator's trust message (a serialized v1::Trust), one for the whole
   // hub (store/trust_store.cpp); nullopt until one was stored.
   Status put_trust(const std::string& trust_bytes, int64_t now_ms);

@@ -1,0 +1,1087 @@
+// The dashboard's read models: the schema that keeps them (triggers inside
+// SQLite, so every writer keeps them exact) and the bounded queries over it.
+//
+// What a report costs is the hub's hot path (docs/scale.md), so nothing here
+// adds an index that every report rewrites: a full index on devices.state
+// doubled the cost of a report's UPDATE in a 300k-device measurement (SQLite
+// rewrites an index entry whenever its column is in the SET list, changed or
+// not). The indexes added are on columns reports never set (hostname,
+// enrolled_ms), a partial one whose rows are the rare ones (offline
+// devices), and tables written only when the state, labels, inventory or an
+// outcome change; bench/read_models_cost.sh measures what a report pays.
+#include "flotilla/hub/aggregates.hpp"
+
+#include <algorithm>
+#include <map>
+#include <nlohmann/json.hpp>
+
+#include "flotilla/common/encoding.hpp"
+#include "flotilla/common/log.hpp"
+#include "rows.hpp"
+
+namespace flotilla::hub {
+
+namespace {
+
+using sql::query;
+
+// Bumped when the tables or triggers below change: a store of an older
+// version drops them and rebuilds them from the device rows.
+constexpr int kAggregateSchema = 4;
+
+// The dimensions fleet_counts keeps: name, the device columns it depends on,
+// and its value as an SQL expression over "@." (OLD., NEW. or a table alias);
+// NULL = not counted. Every dimension but state leaves decommissioned
+// devices out (they are history, not fleet).
+struct Dim {
+  const char* name;
+  const char* cols;
+  const char* expr;
+};
+constexpr Dim kState = {"state", "state", "@.state"};
+// Set by reports, but rarely changed by one.
+constexpr Dim kReported[] = {
+    {"online", "online", "CASE @.online WHEN 1 THEN 'online' ELSE 'offline' END"},
+    {"version", "applied_bundle, applied_version",
+     "CASE WHEN @.applied_bundle = '' THEN '' ELSE @.applied_bundle || ':' || @.applied_version END"},
+    {"k3s", "k3s_version", "@.k3s_version"},
+    {"agent", "agent_version", "@.agent_version"},
+};
+// Never set by reports.
+constexpr Dim kLabelled[] = {
+    {"region", "labels", "CASE WHEN json_valid(@.labels) THEN json_extract(@.labels, '$.region') END"},
+    {"cell", "labels", "CASE WHEN json_valid(@.labels) THEN json_extract(@.labels, '$.cell') END"},
+};
+constexpr const char* kTroubleStates = "('failed', 'refused', 'rolled_back', 'rolling_back')";
+// The same test written out: inside a trigger, "x IN (list)" builds a lookup
+// table at every run of the trigger (2 us a report, measured), a chain of
+// comparisons does not.
+std::string is_trouble(const std::string& x) {
+  return "(" + x + " = 'failed' OR " + x + " = 'refused' OR " + x + " = 'rolled_back' OR " + x + " = 'rolling_back')";
+}
+
+std::string with(const std::string& expr, const std::string& who) {
+  std::string out = expr;
+  for (size_t at = out.find("@."); at != std::string::npos; at = out.find("@.", at + who.size())) {
+    out.replace(at, 2, who);
+  }
+  return out;
+}
+
+// "a, b" -> "OLD.a != NEW.a OR OLD.b != NEW.b"
+std::string changed(const std::string& cols) {
+  std::string out;
+  size_t at = 0;
+  while (at < cols.size()) {
+    size_t end = cols.find(',', at);
+    if (end == std::string::npos) end = cols.size();
+    const size_t start = cols.find_first_not_of(' ', at);
+    const std::string c = cols.substr(start, end - start);
+    out += (out.empty() ? "" : " OR ") + std::string("OLD.") + c + " != NEW." + c;
+    at = end + 1;
+  }
+  return out;
+}
+
+// One dimension's move from the OLD row to the NEW one, each statement run
+// only when `guard` holds (evaluated once: OLD and NEW are constants here).
+std::string move(const Dim& d, const std::string& guard, bool all) {
+  const std::string name = d.name;
+  return "UPDATE fleet_counts SET n = n - 1 WHERE (" + guard + ")" +
+         (all ? "" : " AND OLD.state != 'decommissioned'") + " AND project = OLD.project AND dim = '" + name +
+         "' AND value = " + with(d.expr, "OLD.") + ";\n  INSERT INTO fleet_counts SELECT NEW.project, '" + name +
+         "', " + with(d.expr, "NEW.") + ", 1 WHERE (" + guard + ")" +
+         (all ? "" : " AND NEW.state != 'decommissioned'") + " AND " + with(d.expr, "NEW.") +
+         " IS NOT NULL ON CONFLICT DO UPDATE SET n = n + 1;\n  ";
+}
+
+// The report's UPDATE sets every reported column, and SQLite runs every
+// trigger named on one of them (its WHEN is checked inside it): each costs
+// about half a microsecond even when it does nothing (bench/read_models_cost.sh).
+// So the always-firing trigger (the state's) holds only its counts, and
+// everything else sits behind a WHEN that a report rarely meets.
+std::string fleet_triggers() {
+  const std::string decom = "(OLD.state = 'decommissioned') != (NEW.state = 'decommissioned')";
+  std::string sql;
+  // Insert and delete: every dimension at once.
+  std::vector<Dim> dims = {kState};
+  dims.insert(dims.end(), std::begin(kReported), std::end(kReported));
+  dims.insert(dims.end(), std::begin(kLabelled), std::end(kLabelled));
+  std::string ins_values, del_values;
+  for (const auto& d : dims) {
+    const bool all = std::string(d.name) == "state";
+    ins_values += std::string(ins_values.empty() ? "" : " UNION ALL ") + "SELECT '" + d.name + "' AS dim, " +
+                  with(d.expr, "NEW.") + " AS value" + (all ? "" : " WHERE NEW.state != 'decommissioned'");
+    del_values += std::string(del_values.empty() ? "" : " UNION ALL ") + "SELECT '" + d.name + "', " +
+                  with(d.expr, "OLD.") + (all ? "" : " WHERE OLD.state != 'decommissioned'");
+  }
+  sql += "CREATE TRIGGER fleet_counts_insert AFTER INSERT ON devices BEGIN "
+         "INSERT INTO fleet_counts SELECT NEW.project, dim, value, 1 FROM (" + ins_values +
+         ") WHERE value IS NOT NULL ON CONFLICT DO UPDATE SET n = n + 1; "
+         "INSERT OR IGNORE INTO device_trouble SELECT NEW.state, NEW.id WHERE " + is_trouble("NEW.state") +
+         "; END;\n";
+  sql += "CREATE TRIGGER fleet_counts_delete AFTER DELETE ON devices BEGIN "
+         "UPDATE fleet_counts SET n = n - 1 WHERE project = OLD.project AND (dim, value) IN (" + del_values +
+         "); DELETE FROM device_trouble WHERE state = OLD.state AND device_id = OLD.id; END;\n";
+  // The state: the one dimension almost every report changes, so its
+  // trigger does nothing else (a statement skipped inside a trigger still
+  // costs about a microsecond; a trigger whose WHEN fails, half of one).
+  sql += "CREATE TRIGGER fleet_counts_state AFTER UPDATE OF state, project ON devices "
+         "WHEN OLD.state != NEW.state OR OLD.project != NEW.project BEGIN\n  " +
+         move(kState, "1", true) + "\nEND;\n";
+  sql += "CREATE TRIGGER device_trouble_update AFTER UPDATE OF state ON devices WHEN OLD.state != NEW.state "
+         "AND (" + is_trouble("OLD.state") + " OR " + is_trouble("NEW.state") + ") BEGIN\n  "
+         "DELETE FROM device_trouble WHERE state = OLD.state AND device_id = OLD.id;\n  "
+         "INSERT OR IGNORE INTO device_trouble SELECT NEW.state, NEW.id WHERE " + is_trouble("NEW.state") +
+         ";\nEND;\n";
+  // A decommissioned device leaves the fleet's inventory figures.
+  sql += "CREATE TRIGGER device_inventory_decommissioned AFTER UPDATE OF state ON devices "
+         "WHEN NEW.state = 'decommissioned' AND OLD.state != 'decommissioned' BEGIN\n  "
+         "DELETE FROM device_inventory WHERE device_id = NEW.id;\nEND;\n";
+  // The reported dimensions, and every dimension when a device changes
+  // project or (de)commission status.
+  std::string when = "OLD.project != NEW.project OR " + decom;
+  std::string body;
+  for (const auto& d : kReported) {
+    when += " OR " + changed(d.cols);
+    body += move(d, "OLD.project != NEW.project OR " + decom + " OR " + changed(d.cols), false);
+  }
+  for (const auto& d : kLabelled) body += move(d, "OLD.project != NEW.project OR " + decom, false);
+  sql += "CREATE TRIGGER fleet_counts_reported AFTER UPDATE OF project, state, online, applied_bundle, "
+         "applied_version, k3s_version, agent_version ON devices WHEN " + when + " BEGIN\n  " + body + "\nEND;\n";
+  // Labels alone (the project's and decommissioning's moves are above).
+  body.clear();
+  for (const auto& d : kLabelled) body += move(d, "1", false);
+  sql += "CREATE TRIGGER fleet_counts_labels AFTER UPDATE OF labels ON devices WHEN OLD.labels != NEW.labels AND "
+         "OLD.project = NEW.project AND NOT (" + decom + ") BEGIN\n  " + body + "\nEND;\n";
+  // Certificate expiry lives in device_inventory, by day.
+  sql += R"SQL(
+CREATE TRIGGER fleet_counts_cert_insert AFTER INSERT ON device_inventory WHEN NEW.cert_expiry_unix > 0 BEGIN
+  INSERT INTO fleet_counts VALUES (NEW.project, 'cert_day', NEW.cert_expiry_unix / 86400, 1)
+    ON CONFLICT DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER fleet_counts_cert_update AFTER UPDATE OF cert_expiry_unix, project ON device_inventory
+    WHEN OLD.cert_expiry_unix / 86400 != NEW.cert_expiry_unix / 86400 OR OLD.project != NEW.project BEGIN
+  UPDATE fleet_counts SET n = n - 1 WHERE OLD.cert_expiry_unix > 0 AND project = OLD.project AND dim = 'cert_day'
+    AND value = CAST(OLD.cert_expiry_unix / 86400 AS TEXT);
+  INSERT INTO fleet_counts SELECT NEW.project, 'cert_day', NEW.cert_expiry_unix / 86400, 1
+    WHERE NEW.cert_expiry_unix > 0 ON CONFLICT DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER fleet_counts_cert_delete AFTER DELETE ON device_inventory WHEN OLD.cert_expiry_unix > 0 BEGIN
+  UPDATE fleet_counts SET n = n - 1 WHERE project = OLD.project AND dim = 'cert_day'
+    AND value = CAST(OLD.cert_expiry_unix / 86400 AS TEXT);
+END;
+)SQL";
+  return sql;
+}
+
+// What fleet_counts must equal, grouped from the rows (the initial fill and
+// the tests' recount).
+std::string fleet_recount_select() {
+  std::vector<Dim> dims = {kState};
+  dims.insert(dims.end(), std::begin(kReported), std::end(kReported));
+  dims.insert(dims.end(), std::begin(kLabelled), std::end(kLabelled));
+  std::string sql;
+  for (const auto& d : dims) {
+    const bool all = std::string(d.name) == "state";
+    sql += std::string(sql.empty() ? "" : " UNION ALL ") + "SELECT project, '" + d.name + "', " +
+           with(d.expr, "devices.") + " AS v, COUNT(*) FROM devices WHERE v IS NOT NULL" +
+           (all ? "" : " AND state != 'decommissioned'") + " GROUP BY 1, 3";
+  }
+  sql += " UNION ALL SELECT project, 'cert_day', CAST(cert_expiry_unix / 86400 AS TEXT), COUNT(*) FROM device_inventory "
+         "WHERE cert_expiry_unix > 0 GROUP BY 1, 3";
+  return sql;
+}
+
+constexpr const char* kAggregateTables = R"SQL(
+CREATE TABLE IF NOT EXISTS aggregate_schema (id INTEGER PRIMARY KEY CHECK (id = 1), version INTEGER NOT NULL);
+-- Devices by (project, dimension, value), kept by the triggers above.
+CREATE TABLE IF NOT EXISTS fleet_counts (
+  project TEXT NOT NULL, dim TEXT NOT NULL, value TEXT NOT NULL, n INTEGER NOT NULL,
+  PRIMARY KEY (project, dim, value)) WITHOUT ROWID;
+-- Devices in trouble (failed, refused, rolled_back, rolling_back) by state:
+-- what a partial index on devices would hold, kept by the state's trigger
+-- (such an index cost a report 3.6 us; this, a trigger whose WHEN fails).
+CREATE TABLE IF NOT EXISTS device_trouble (
+  state TEXT NOT NULL, device_id TEXT NOT NULL, PRIMARY KEY (state, device_id)) WITHOUT ROWID;
+-- The label index: a selector's equality term walks (key, value) in device
+-- id order. Written when a device enrolls or its labels change, never by a report.
+CREATE TABLE IF NOT EXISTS device_labels (
+  key TEXT NOT NULL, value TEXT NOT NULL, device_id TEXT NOT NULL,
+  PRIMARY KEY (key, value, device_id)) WITHOUT ROWID;
+-- What a device's reports said about its machine (HubService writes it when
+-- a report carries an inventory: at connect and when it changes).
+CREATE TABLE IF NOT EXISTS device_inventory (
+  device_id TEXT PRIMARY KEY, project TEXT NOT NULL, os TEXT NOT NULL, cert_expiry_unix INTEGER NOT NULL,
+  disk_free_bytes INTEGER NOT NULL, mem_free_bytes INTEGER NOT NULL, updated_ms INTEGER NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS device_inventory_cert ON device_inventory(cert_expiry_unix, device_id)
+  WHERE cert_expiry_unix > 0;
+-- A device's recent failures, the last 10 per device.
+CREATE TABLE IF NOT EXISTS device_events (
+  id INTEGER PRIMARY KEY, device_id TEXT NOT NULL, time_ms INTEGER NOT NULL, seq INTEGER NOT NULL,
+  state TEXT NOT NULL, reason TEXT NOT NULL, message TEXT NOT NULL, campaign_id TEXT NOT NULL,
+  bundle_id TEXT NOT NULL, applied_bundle TEXT NOT NULL, applied_version INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS device_events_device ON device_events(device_id, id);
+-- A campaign's counts over time (AggregateStore::sample_campaigns).
+CREATE TABLE IF NOT EXISTS campaign_samples (
+  campaign_id TEXT NOT NULL, time_ms INTEGER NOT NULL, state TEXT NOT NULL, total INTEGER NOT NULL,
+  waiting INTEGER NOT NULL, in_flight INTEGER NOT NULL, applied INTEGER NOT NULL, failed INTEGER NOT NULL,
+  rolled_back INTEGER NOT NULL, other INTEGER NOT NULL, offline INTEGER NOT NULL,
+  PRIMARY KEY (campaign_id, time_ms)) WITHOUT ROWID;
+-- Device-list orders and filters. Reports never set hostname or
+-- enrolled_ms; the partial index holds only offline devices, so an online
+-- device's report does not touch it (measured: no cost).
+CREATE INDEX IF NOT EXISTS devices_hostname ON devices(hostname, id);
+CREATE INDEX IF NOT EXISTS devices_enrolled ON devices(enrolled_ms, id);
+CREATE INDEX IF NOT EXISTS devices_offline ON devices(id) WHERE online = 0;
+DROP INDEX IF EXISTS devices_trouble;
+CREATE INDEX IF NOT EXISTS campaigns_created ON campaigns(created_ms, id);
+CREATE INDEX IF NOT EXISTS audit_log_project ON audit_log(project, id);
+)SQL";
+
+constexpr const char* kOtherTriggers = R"SQL(
+CREATE TRIGGER device_labels_insert AFTER INSERT ON devices BEGIN
+  INSERT OR IGNORE INTO device_labels SELECT key, value, NEW.id
+    FROM json_each(CASE WHEN json_valid(NEW.labels) THEN NEW.labels ELSE '{}' END) WHERE type = 'text';
+END;
+CREATE TRIGGER device_labels_update AFTER UPDATE OF labels ON devices WHEN OLD.labels != NEW.labels BEGIN
+  DELETE FROM device_labels WHERE (key, value, device_id) IN
+    (SELECT key, value, OLD.id FROM json_each(CASE WHEN json_valid(OLD.labels) THEN OLD.labels ELSE '{}' END)
+     WHERE type = 'text');
+  INSERT OR IGNORE INTO device_labels SELECT key, value, NEW.id
+    FROM json_each(CASE WHEN json_valid(NEW.labels) THEN NEW.labels ELSE '{}' END) WHERE type = 'text';
+END;
+CREATE TRIGGER device_labels_delete AFTER DELETE ON devices BEGIN
+  DELETE FROM device_labels WHERE (key, value, device_id) IN
+    (SELECT key, value, OLD.id FROM json_each(CASE WHEN json_valid(OLD.labels) THEN OLD.labels ELSE '{}' END)
+     WHERE type = 'text');
+END;
+-- A report (a new last_seq) that ends in failure (failed, rolled back,
+-- refused) or brings a new failure reason: a device's recent failures, one
+-- row each. Not every outcome: an applied device's outcome is its campaign
+-- row, and recording every apply cost a report 5 us (bench/read_models_cost.sh).
+CREATE TRIGGER device_events_record AFTER UPDATE OF last_seq ON devices
+    WHEN NEW.last_seq != OLD.last_seq AND (
+      (NEW.state != OLD.state AND (NEW.state = 'failed' OR NEW.state = 'rolled_back' OR NEW.state = 'refused'))
+      OR (NEW.last_reason != OLD.last_reason AND NEW.last_reason != '')) BEGIN
+  INSERT INTO device_events (device_id, time_ms, seq, state, reason, message, campaign_id, bundle_id,
+                             applied_bundle, applied_version)
+    VALUES (NEW.id, NEW.last_seen_ms, NEW.last_seq, NEW.state, NEW.last_reason, NEW.last_message,
+            NEW.campaign_id, NEW.desired_bundle_id, NEW.applied_bundle, NEW.applied_version);
+  DELETE FROM device_events WHERE device_id = NEW.id AND id <
+    (SELECT id FROM device_events WHERE device_id = NEW.id ORDER BY id DESC LIMIT 1 OFFSET 9);
+END;
+)SQL";
+
+// Every trigger this file ever made (dropped before the current ones are made).
+constexpr const char* kTriggerNames[] = {
+    "fleet_counts_insert", "fleet_counts_delete", "fleet_counts_state", "fleet_counts_online",
+    "fleet_counts_version", "fleet_counts_k3s", "fleet_counts_agent", "fleet_counts_region",
+    "fleet_counts_cell", "fleet_counts_reported", "fleet_counts_labels", "device_trouble_update",
+    "fleet_counts_cert_insert",
+    "fleet_counts_cert_update", "fleet_counts_cert_delete", "device_labels_insert", "device_labels_update",
+    "device_labels_delete", "device_events_record", "device_inventory_decommissioned"};
+
+FleetCount fleet_row(const sql::Stmt& s) { return FleetCount{s.col_text(0), s.col_text(1), s.col_text(2), s.col_int(3)}; }
+
+}  // namespace
+
+Status Store::migrate_aggregates() {
+  if (auto s = db_->exec(kAggregateTables); !s) return s;
+  auto have = query<int64_t>(*db_, "SELECT version FROM aggregate_schema", [](const sql::Stmt& s) { return s.col_int(0); });
+  if (!have) return have.error();
+  if (!have->empty() && have->front() == kAggregateSchema) return {};
+  // First open with these read models (or an older version of them): build
+  // the triggers and fill the tables from the device rows, in one transaction.
+  auto logger = log::get("hub");
+  logger->info("building the dashboard's read models (fleet counts, label index) from the device rows");
+  sql::Transaction tx(*db_);
+  if (!tx.ok()) return make_error(Errc::unavailable, "cannot begin transaction", true);
+  std::string drop;
+  for (const char* t : kTriggerNames) drop += std::string("DROP TRIGGER IF EXISTS ") + t + ";";
+  if (auto s = db_->exec(drop); !s) return s;
+  if (auto s = db_->exec(fleet_triggers() + kOtherTriggers); !s) return s;
+  if (auto s = db_->exec("DELETE FROM fleet_counts; INSERT INTO fleet_counts " + fleet_recount_select() +
+                         ";"
+                         "DELETE FROM device_trouble; INSERT INTO device_trouble SELECT state, id FROM devices "
+                         "WHERE state IN " + std::string(kTroubleStates) + ";"
+                         "DELETE FROM device_labels;"
+                         "INSERT OR IGNORE INTO device_labels SELECT j.key, j.value, d.id FROM devices d, "
+                         "json_each(CASE WHEN json_valid(d.labels) THEN d.labels ELSE '{}' END) j WHERE j.type = 'text';"
+                         "INSERT INTO aggregate_schema VALUES (1, " + std::to_string(kAggregateSchema) +
+                         ") ON CONFLICT DO UPDATE SET version = excluded.version;");
+      !s) {
+    return s;
+  }
+  return tx.commit();
+}
+
+Status Store::save_device_inventory(const std::string& device_id, const DeviceInventory& inv) {
+  auto st = db_->prepare(
+      "INSERT INTO device_inventory (device_id, project, os, cert_expiry_unix, disk_free_bytes, mem_free_bytes, "
+      "updated_ms) SELECT id, project, ?, ?, ?, ?, ? FROM devices WHERE id = ? AND state != 'decommissioned' "
+      "ON CONFLICT DO UPDATE SET project = excluded.project, os = excluded.os, "
+      "cert_expiry_unix = excluded.cert_expiry_unix, disk_free_bytes = excluded.disk_free_bytes, "
+      "mem_free_bytes = excluded.mem_free_bytes, updated_ms = excluded.updated_ms");
+  if (!st) return st.error();
+  st->bind(1, std::string_view(inv.os).substr(0, 256)).bind(2, inv.cert_expiry_unix)
+      .bind(3, static_cast<int64_t>(std::min<uint64_t>(inv.disk_free_bytes, INT64_MAX)))
+      .bind(4, static_cast<int64_t>(std::min<uint64_t>(inv.mem_free_bytes, INT64_MAX))).bind(5, inv.updated_ms)
+      .bind(6, std::string_view(device_id));
+  return st->run();
+}
+
+Result<std::vector<FleetCount>> Store::fleet_counts() {
+  return query<FleetCount>(*db_, "SELECT project, dim, value, n FROM fleet_counts WHERE n != 0 ORDER BY 1, 2, 3",
+                           fleet_row);
+}
+
+Result<std::vector<FleetCount>> Store::recount_fleet() {
+  return query<FleetCount>(*db_, "SELECT * FROM (" + fleet_recount_select() + ") ORDER BY 1, 2, 3", fleet_row);
+}
+
+// ---- reads ---------------------------------------------------------------
+
+std::string sort_name(DeviceSort s) {
+  switch (s) {
+    case DeviceSort::id: return "id";
+    case DeviceSort::hostname: return "hostname";
+    case DeviceSort::enrolled: return "enrolled";
+    case DeviceSort::cert_expiry: return "cert_expiry";
+  }
+  return "id";
+}
+
+std::optional<DeviceSort> parse_device_sort(const std::string& s) {
+  if (s == "id") return DeviceSort::id;
+  if (s == "hostname") return DeviceSort::hostname;
+  if (s == "enrolled") return DeviceSort::enrolled;
+  if (s == "cert_expiry") return DeviceSort::cert_expiry;
+  return std::nullopt;
+}
+
+bool is_trouble_state(const std::string& state) {
+  return state == "failed" || state == "refused" || state == "rolled_back" || state == "rolling_back";
+}
+
+struct AggregateStore::Pool {
+  std::mutex mu;
+  std::condition_variable cv;
+  std::vector<std::unique_ptr<sql::Db>> idle;
+};
+
+// A read connection for the length of one call.
+class AggregateStore::Lease {
+ public:
+  Lease(Pool& p, std::unique_ptr<sql::Db> db) : pool_(p), db_(std::move(db)) {}
+  Lease(Lease&& o) noexcept : pool_(o.pool_), db_(std::move(o.db_)) {}
+  ~Lease() {
+    if (!db_) return;
+    std::lock_guard lock(pool_.mu);
+    pool_.idle.push_back(std::move(db_));
+    pool_.cv.notify_one();
+  }
+  sql::Db& db() { return *db_; }
+
+ private:
+  Pool& pool_;
+  std::unique_ptr<sql::Db> db_;
+};
+
+AggregateStore::Lease AggregateStore::reader() {
+  std::unique_lock lock(pool_->mu);
+  pool_->cv.wait(lock, [&] { return !pool_->idle.empty(); });
+  auto db = std::move(pool_->idle.back());
+  pool_->idle.pop_back();
+  return Lease(*pool_, std::move(db));
+}
+
+namespace {
+
+Result<std::unique_ptr<sql::Db>> open_connection(const std::string& path, const StoreTuning& t, bool read_only) {
+  auto db = sql::Db::open(path);
+  if (!db) return db.error();
+  std::string pragmas = "PRAGMA cache_size = -" + std::to_string(std::max<int64_t>(1, t.cache_mib) * 1024) +
+                        "; PRAGMA mmap_size = " + std::to_string(std::max<int64_t>(0, t.mmap_mib) << 20) + ";";
+  // The read models never write through a reader: a bug that tried would fail here, not corrupt a count.
+  if (read_only) pragmas += "PRAGMA query_only = 1;";
+  if (auto s = (*db)->exec(pragmas); !s) return s.error();
+  return std::move(*db);
+}
+
+// A value bound to a statement built at run time.
+struct Bind {
+  bool is_int = false;
+  int64_t i = 0;
+  std::string s;
+};
+Bind bind_int(int64_t v) { return Bind{true, v, {}}; }
+Bind bind_text(std::string v) { return Bind{false, 0, std::move(v)}; }
+
+void bind_all(sql::Stmt& st, const std::vector<Bind>& binds) {
+  for (size_t k = 0; k < binds.size(); ++k) {
+    const int at = static_cast<int>(k + 1);
+    if (binds[k].is_int) {
+      st.bind(at, binds[k].i);
+    } else {
+      st.bind(at, std::string_view(binds[k].s));
+    }
+  }
+}
+
+// "id, project" -> "d.id, d.project"
+std::string prefixed(const std::string& cols, const std::string& prefix) {
+  std::string out;
+  size_t at = 0;
+  while (at < cols.size()) {
+    size_t end = cols.find(',', at);
+    if (end == std::string::npos) end = cols.size();
+    const size_t start = cols.find_first_not_of(' ', at);
+    out += (out.empty() ? "" : ", ") + prefix + cols.substr(start, end - start);
+    at = end + 1;
+  }
+  return out;
+}
+
+int column_count(const std::string& cols) { return static_cast<int>(std::count(cols.begin(), cols.end(), ',')) + 1; }
+
+std::string label_path(const std::string& key) { return "$.\"" + key + "\""; }
+
+// The smallest string above every string that starts with p (p non-empty).
+std::optional<std::string> prefix_end(std::string p) {
+  while (!p.empty() && static_cast<unsigned char>(p.back()) == 0xff) p.pop_back();
+  if (p.empty()) return std::nullopt;
+  p.back() = static_cast<char>(static_cast<unsigned char>(p.back()) + 1);
+  return p;
+}
+
+// Cursors are opaque to clients: hex of [sort, key..., id].
+std::string encode_cursor(const nlohmann::json& key) { return to_hex(key.dump()); }
+Result<nlohmann::json> decode_cursor(const std::string& c) {
+  auto bytes = c.size() <= 2048 ? from_hex(c) : std::nullopt;
+  auto j = bytes ? nlohmann::json::parse(to_string(*bytes), nullptr, false) : nlohmann::json();
+  if (!j.is_array() || j.size() < 2 || !j[0].is_string()) {
+    return make_error(Errc::invalid_argument, "'after' is not a cursor this hub gave out");
+  }
+  return j;
+}
+
+}  // namespace
+
+Result<std::unique_ptr<AggregateStore>> AggregateStore::open(const std::string& path, const Config& cfg) {
+  std::unique_ptr<AggregateStore> a(new AggregateStore());
+  a->cfg_ = cfg;
+  a->pool_ = std::make_unique<Pool>();
+  for (int i = 0; i < std::max(1, cfg.readers); ++i) {
+    auto db = open_connection(path, cfg.tuning, true);
+    if (!db) return db.error().with_context("open a read connection to " + path);
+    a->pool_->idle.push_back(std::move(*db));
+  }
+  auto w = open_connection(path, StoreTuning{2, 0}, false);
+  if (!w) return w.error().with_context("open the sampler's connection to " + path);
+  a->writer_ = std::move(*w);
+  return a;
+}
+
+AggregateStore::~AggregateStore() { stop(); }
+
+Result<std::vector<FleetCount>> AggregateStore::fleet(const std::string& project) {
+  auto lease = reader();
+  const bool all = project == "*";
+  return query<FleetCount>(
+      lease.db(),
+      all ? "SELECT '*', dim, value, SUM(n) FROM fleet_counts GROUP BY dim, value HAVING SUM(n) != 0 ORDER BY 2, 3"
+          : "SELECT project, dim, value, n FROM fleet_counts WHERE project = ? AND n != 0 ORDER BY 2, 3",
+      [&](sql::Stmt& s) {
+        if (!all) s.bind(1, std::string_view(project));
+      },
+      fleet_row);
+}
+
+Result<DevicePage> AggregateStore::devices(const DeviceQuery& q) {
+  DevicePage page;
+  page.sort = q.sort;
+  page.descending = q.descending;
+  // Which index drives the walk. The text filter and the certificate filter
+  // decide the order; otherwise a filter with an index of its own drives an
+  // id-ordered walk; otherwise the order's index does.
+  enum class Driver { id, hostname, enrolled, cert, label, trouble, offline } driver = Driver::id;
+  std::string label_key, label_value;
+  if (!q.text.empty()) {
+    driver = q.text.rfind("d-", 0) == 0 ? Driver::id : Driver::hostname;
+    page.sort = driver == Driver::id ? DeviceSort::id : DeviceSort::hostname;
+  } else if (q.cert_before_unix) {
+    driver = Driver::cert;
+    page.sort = DeviceSort::cert_expiry;
+  } else if (q.sort == DeviceSort::cert_expiry) {
+    driver = Driver::cert;
+  } else if (q.sort == DeviceSort::hostname) {
+    driver = Driver::hostname;
+  } else if (q.sort == DeviceSort::enrolled) {
+    driver = Driver::enrolled;
+  } else {
+    for (const auto& r : q.selector.requirements()) {
+      if (r.op == Selector::Op::equals || (r.op == Selector::Op::in && r.values.size() == 1)) {
+        driver = Driver::label;
+        label_key = r.key;
+        label_value = r.values[0];
+        break;
+      }
+    }
+    if (driver == Driver::id && is_trouble_state(q.state)) driver = Driver::trouble;
+    if (driver == Driver::id && q.online && !*q.online) driver = Driver::offline;
+  }
+
+  // The walk: FROM, its range, its order, and the key columns a cursor holds.
+  std::string from, range;
+  std::vector<Bind> range_binds;
+  std::vector<std::string> keys;  // SQL columns, the last one the device id
+  const std::string cmp = q.descending ? "<" : ">";
+  const std::string dir = q.descending ? " DESC" : "";
+  switch (driver) {
+    case Driver::id:
+      page.index = "devices primary key";
+      from = "devices d";
+      keys = {"d.id"};
+      break;
+    case Driver::hostname:
+      page.index = "devices_hostname";
+      from = "devices d INDEXED BY devices_hostname";
+      keys = {"d.hostname", "d.id"};
+      break;
+    case Driver::enrolled:
+      page.index = "devices_enrolled";
+      from = "devices d INDEXED BY devices_enrolled";
+      keys = {"d.enrolled_ms", "d.id"};
+      break;
+    case Driver::cert:
+      page.index = "device_inventory_cert";
+      from = "device_inventory i INDEXED BY device_inventory_cert CROSS JOIN devices d ON d.id = i.device_id";
+      range = "i.cert_expiry_unix > 0";
+      keys = {"i.cert_expiry_unix", "i.device_id"};
+      if (q.cert_before_unix) {
+        range += " AND i.cert_expiry_unix < ?";
+        range_binds.push_back(bind_int(*q.cert_before_unix));
+      }
+      break;
+    case Driver::label:
+      page.index = "device_labels";
+      from = "device_labels l CROSS JOIN devices d ON d.id = l.device_id";
+      range = "l.key = ? AND l.value = ?";
+      range_binds = {bind_text(label_key), bind_text(label_value)};
+      keys = {"l.device_id"};
+      break;
+    case Driver::trouble:
+      page.index = "device_trouble";
+      from = "device_trouble t CROSS JOIN devices d ON d.id = t.device_id";
+      range = "t.state = ?";
+      range_binds = {bind_text(q.state)};
+      keys = {"t.device_id"};
+      break;
+    case Driver::offline:
+      page.index = "devices_offline";
+      from = "devices d INDEXED BY devices_offline";
+      range = "d.online = 0";
+      keys = {"d.id"};
+      break;
+  }
+  if (!q.text.empty()) {
+    const std::string col = driver == Driver::id ? "d.id" : "d.hostname";
+    range = col + " >= ?";
+    range_binds = {bind_text(q.text)};
+    if (auto end = prefix_end(q.text)) {
+      range += " AND " + col + " < ?";
+      range_binds.push_back(bind_text(*end));
+    }
+  }
+  // The cursor: strictly after (before, descending) the last row examined.
+  if (!q.after.empty()) {
+    auto c = decode_cursor(q.after);
+    if (!c) return c.error();
+    if ((*c)[0] != sort_name(page.sort) || c->size() != keys.size() + 1) {
+      return make_error(Errc::invalid_argument, "'after' belongs to a list in another order; start from the first page");
+    }
+    std::string lhs, rhs;
+    for (size_t k = 0; k < keys.size(); ++k) {
+      const auto& v = (*c)[k + 1];
+      lhs += (k ? ", " : "") + keys[k];
+      rhs += k ? ", ?" : "?";
+      if (v.is_number_integer()) {
+        range_binds.push_back(bind_int(v.get<int64_t>()));
+      } else if (v.is_string()) {
+        range_binds.push_back(bind_text(v.get<std::string>()));
+      } else {
+        return make_error(Errc::invalid_argument, "'after' is not a cursor this hub gave out");
+      }
+    }
+    range += std::string(range.empty() ? "" : " AND ") + "(" + lhs + ") " + cmp + " (" + rhs + ")";
+  }
+
+  // Whether a row matches: every filter, whatever drives the walk.
+  std::string hit;
+  std::vector<Bind> hit_binds;
+  auto add = [&](const std::string& cond, std::vector<Bind> b = {}) {
+    hit += (hit.empty() ? "" : " AND ") + cond;
+    for (auto& x : b) hit_binds.push_back(std::move(x));
+  };
+  if (q.project != "*") add("d.project = ?", {bind_text(q.project)});
+  if (!q.state.empty()) {
+    add("d.state = ?", {bind_text(q.state)});
+  } else if (!q.include_decommissioned) {
+    add("d.state != 'decommissioned'");
+  }
+  if (q.online) add(*q.online ? "d.online = 1" : "d.online = 0");
+  if (q.bundle) add("d.applied_bundle = ?", {bind_text(*q.bundle)});
+  if (q.bundle && q.version) add("d.applied_version = ?", {bind_int(static_cast<int64_t>(*q.version))});
+  if (q.k3s) add("d.k3s_version = ?", {bind_text(*q.k3s)});
+  for (const auto& r : q.selector.requirements()) {
+    const std::string v = "json_extract(d.labels, ?)";
+    std::string in;
+    std::vector<Bind> b = {bind_text(label_path(r.key))};
+    for (const auto& val : r.values) {
+      in += in.empty() ? "?" : ", ?";
+      b.push_back(bind_text(val));
+    }
+    switch (r.op) {
+      case Selector::Op::equals: add(v + " = ?", std::move(b)); break;
+      case Selector::Op::not_equals: add(v + " IS NOT ?", std::move(b)); break;
+      case Selector::Op::in: add(v + " IN (" + in + ")", std::move(b)); break;
+      case Selector::Op::not_in: add("COALESCE(" + v + " NOT IN (" + in + "), 1)", std::move(b)); break;
+      case Selector::Op::exists: add("json_type(d.labels, ?) IS NOT NULL", std::move(b)); break;
+      case Selector::Op::not_exists: add("json_type(d.labels, ?) IS NULL", std::move(b)); break;
+    }
+  }
+  if (hit.empty()) hit = "1";
+
+  std::string order;
+  for (const auto& k : keys) order += (order.empty() ? "" : ", ") + k + dir;
+  std::string key_cols;
+  for (const auto& k : keys) key_cols += k + ", ";
+  const std::string sql = "SELECT " + prefixed(device_columns(), "d.") + ", " + key_cols + "(" + hit + ") FROM " +
+                          from + (range.empty() ? "" : " WHERE " + range) + " ORDER BY " + order + " LIMIT ?";
+  auto lease = reader();
+  auto st = lease.db().prepare(sql);
+  if (!st) return st.error();
+  std::vector<Bind> binds = hit_binds;
+  binds.insert(binds.end(), range_binds.begin(), range_binds.end());
+  binds.push_back(bind_int(std::max<int64_t>(1, q.scan_limit)));
+  bind_all(*st, binds);
+  const int key_col = column_count(device_columns());
+  const int hit_col = key_col + static_cast<int>(keys.size());
+  nlohmann::json last;
+  bool stopped_early = false;
+  for (;;) {
+    auto more = st->step();
+    if (!more) return more.error();
+    if (!*more) break;
+    ++page.scanned;
+    last = nlohmann::json::array({sort_name(page.sort)});
+    for (size_t k = 0; k < keys.size(); ++k) {
+      const int col = key_col + static_cast<int>(k);
+      // Integer keys (enrollment time, certificate expiry) stay integers.
+      if (keys[k] == "d.enrolled_ms" || keys[k] == "i.cert_expiry_unix") {
+        last.push_back(st->col_int(col));
+      } else {
+        last.push_back(st->col_text(col));
+      }
+    }
+    if (st->col_int(hit_col) != 0) {
+      page.items.push_back(device_row(*st));
+      if (static_cast<int64_t>(page.items.size()) >= q.limit) {
+        stopped_early = true;
+        break;
+      }
+    }
+  }
+  page.complete = !stopped_early && page.scanned < std::max<int64_t>(1, q.scan_limit);
+  if (!page.complete && !last.is_null()) page.next = encode_cursor(last);
+  return page;
+}
+
+Result<std::optional<DeviceDetail>> AggregateStore::device(const std::string& id) {
+  auto lease = reader();
+  auto& db = lease.db();
+  auto rows = query<DeviceRecord>(db, "SELECT " + device_columns() + " FROM devices WHERE id = ?",
+                                  [&](sql::Stmt& s) { s.bind(1, std::string_view(id)); }, device_row);
+  if (!rows) return rows.error();
+  if (rows->empty()) return std::optional<DeviceDetail>();
+  DeviceDetail d;
+  d.device = std::move(rows->front());
+  auto inv = query<DeviceInventory>(
+      db, "SELECT os, cert_expiry_unix, disk_free_bytes, mem_free_bytes, updated_ms FROM device_inventory WHERE device_id = ?",
+      [&](sql::Stmt& s) { s.bind(1, std::string_view(id)); },
+      [](const sql::Stmt& s) {
+        return DeviceInventory{s.col_text(0), s.col_int(1), static_cast<uint64_t>(s.col_int(2)),
+                               static_cast<uint64_t>(s.col_int(3)), s.col_int(4)};
+      });
+  if (!inv) return inv.error();
+  if (!inv->empty()) d.inventory = inv->front();
+  auto failures = query<DeviceOutcome>(
+      db,
+      "SELECT time_ms, seq, state, reason, message, campaign_id, bundle_id, applied_bundle, applied_version "
+      "FROM device_events WHERE device_id = ? ORDER BY id DESC LIMIT " + std::to_string(kDeviceOutcomesKept),
+      [&](sql::Stmt& s) { s.bind(1, std::string_view(id)); },
+      [](const sql::Stmt& s) {
+        return DeviceOutcome{s.col_int(0), static_cast<uint64_t>(s.col_int(1)), s.col_text(2), s.col_text(3),
+                             s.col_text(4), s.col_text(5), s.col_text(6), s.col_text(7),
+                             static_cast<uint64_t>(s.col_int(8))};
+      });
+  if (!failures) return failures.error();
+  d.failures = std::move(*failures);
+  // campaign_devices_device walks this device's rows only.
+  auto history = query<DeviceCampaignRow>(
+      db,
+      "SELECT " + prefixed(campaign_device_columns(), "cd.") +
+          ", COALESCE(c.name, ''), COALESCE(c.state, ''), COALESCE(b.name, ''), COALESCE(b.version, 0) "
+          "FROM campaign_devices cd LEFT JOIN campaigns c ON c.id = cd.campaign_id "
+          "LEFT JOIN bundles b ON b.id = c.bundle_id WHERE cd.device_id = ? "
+          "ORDER BY cd.updated_ms DESC, cd.campaign_id LIMIT 50",
+      [&](sql::Stmt& s) { s.bind(1, std::string_view(id)); },
+      [](const sql::Stmt& s) {
+        DeviceCampaignRow r;
+        r.row = campaign_device_row(s, 0);
+        const int o = column_count(campaign_device_columns());
+        r.campaign_name = s.col_text(o);
+        r.campaign_state = s.col_text(o + 1);
+        r.bundle_name = s.col_text(o + 2);
+        r.bundle_version = static_cast<uint64_t>(s.col_int(o + 3));
+        return r;
+      });
+  if (!history) return history.error();
+  d.campaigns = std::move(*history);
+  return std::optional<DeviceDetail>(std::move(d));
+}
+
+namespace {
+
+Result<std::vector<CampaignCountRow>> counts_of(sql::Db& db, const std::string& campaign_id) {
+  return query<CampaignCountRow>(
+      db, "SELECT wave, status, online, n FROM campaign_counts WHERE campaign_id = ? AND n != 0 ORDER BY 1, 2, 3",
+      [&](sql::Stmt& s) { s.bind(1, std::string_view(campaign_id)); },
+      [](const sql::Stmt& s) {
+        return CampaignCountRow{static_cast<int>(s.col_int(0)), s.col_text(1), s.col_int(2) != 0, s.col_int(3)};
+      });
+}
+
+std::string campaign_select() {
+  return "SELECT " + prefixed(campaign_columns(), "c.") +
+         ", COALESCE(b.name, ''), COALESCE(b.channel, ''), COALESCE(b.version, 0) FROM campaigns c "
+         "LEFT JOIN bundles b ON b.id = c.bundle_id";
+}
+
+CampaignSummary summary_row(const sql::Stmt& s) {
+  CampaignSummary c;
+  c.campaign = campaign_row(s);
+  const int o = column_count(campaign_columns());
+  c.bundle_name = s.col_text(o);
+  c.bundle_channel = s.col_text(o + 1);
+  c.bundle_version = static_cast<uint64_t>(s.col_int(o + 2));
+  return c;
+}
+
+// "<int>:<id>" cursors for lists by time.
+Result<std::pair<int64_t, std::string>> time_cursor(const std::string& after) {
+  const auto colon = after.find(':');
+  try {
+    if (colon != std::string::npos && after.size() <= 512) {
+      return std::make_pair(static_cast<int64_t>(std::stoll(after.substr(0, colon))), after.substr(colon + 1));
+    }
+  } catch (const std::exception&) {
+  }
+  return make_error(Errc::invalid_argument, "'after' is not a cursor this hub gave out");
+}
+
+}  // namespace
+
+Result<CampaignPage> AggregateStore::campaigns(const std::string& project, const std::string& state,
+                                               const std::string& after, int64_t limit) {
+  std::string where;
+  std::vector<Bind> binds;
+  if (project != "*") {
+    where += " AND c.project = ?";
+    binds.push_back(bind_text(project));
+  }
+  if (!state.empty()) {
+    where += " AND c.state = ?";
+    binds.push_back(bind_text(state));
+  }
+  if (!after.empty()) {
+    auto c = time_cursor(after);
+    if (!c) return c.error();
+    where += " AND (c.created_ms, c.id) < (?, ?)";
+    binds.push_back(bind_int(c->first));
+    binds.push_back(bind_text(c->second));
+  }
+  binds.push_back(bind_int(limit + 1));
+  auto lease = reader();
+  auto st = lease.db().prepare(campaign_select() + " WHERE 1" + where + " ORDER BY c.created_ms DESC, c.id DESC LIMIT ?");
+  if (!st) return st.error();
+  bind_all(*st, binds);
+  auto rows = st->rows<CampaignSummary>(summary_row);
+  if (!rows) return rows.error();
+  CampaignPage page;
+  page.items = std::move(*rows);
+  if (static_cast<int64_t>(page.items.size()) > limit) {
+    page.items.pop_back();
+    const auto& last = page.items.back().campaign;
+    page.next = std::to_string(last.created_ms) + ":" + last.id;
+  }
+  for (auto& c : page.items) {
+    auto n = counts_of(lease.db(), c.campaign.id);
+    if (!n) return n.error();
+    c.counts = std::move(*n);
+  }
+  return page;
+}
+
+Result<std::optional<CampaignSummary>> AggregateStore::campaign(const std::string& id) {
+  auto lease = reader();
+  auto rows = query<CampaignSummary>(lease.db(), campaign_select() + " WHERE c.id = ?",
+                                     [&](sql::Stmt& s) { s.bind(1, std::string_view(id)); }, summary_row);
+  if (!rows) return rows.error();
+  if (rows->empty()) return std::optional<CampaignSummary>();
+  auto n = counts_of(lease.db(), id);
+  if (!n) return n.error();
+  rows->front().counts = std::move(*n);
+  return std::optional<CampaignSummary>(std::move(rows->front()));
+}
+
+Result<std::vector<FailureGroup>> AggregateStore::failure_groups(const std::string& campaign_id, int64_t max_reasons,
+                                                                 int64_t per_reason) {
+  auto lease = reader();
+  auto& db = lease.db();
+  // Both walk campaign_devices_wave's (campaign, status) range of failed rows only.
+  auto groups = query<FailureGroup>(
+      db,
+      "SELECT reason, COUNT(*) FROM campaign_devices WHERE campaign_id = ? AND status IN ('failed', 'rollback_failed') "
+      "GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT ?",
+      [&](sql::Stmt& s) { s.bind(1, std::string_view(campaign_id)).bind(2, max_reasons); },
+      [](const sql::Stmt& s) {
+        FailureGroup g;
+        g.reason = s.col_text(0);
+        g.count = s.col_int(1);
+        return g;
+      });
+  if (!groups) return groups.error();
+  for (auto& g : *groups) {
+    auto first = query<FailureGroup::Device>(
+        db,
+        "SELECT device_id, message, updated_ms FROM campaign_devices WHERE campaign_id = ? "
+        "AND status IN ('failed', 'rollback_failed') AND reason = ? ORDER BY updated_ms, device_id LIMIT ?",
+        [&](sql::Stmt& s) { s.bind(1, std::string_view(campaign_id)).bind(2, std::string_view(g.reason)).bind(3, per_reason); },
+        [](const sql::Stmt& s) { return FailureGroup::Device{s.col_text(0), s.col_text(1), s.col_int(2)}; });
+    if (!first) return first.error();
+    g.first = std::move(*first);
+    if (g.reason.empty()) g.reason = "unknown";
+  }
+  return groups;
+}
+
+Result<std::vector<std::string>> AggregateStore::away(const std::string& campaign_id, int64_t limit,
+                                                      int64_t campaign_offline, int64_t campaign_unfinished,
+                                                      int64_t fleet_offline) {
+  if (campaign_offline <= 0) return std::vector<std::string>();
+  auto lease = reader();
+  // Two walks, each finding the next such device after about (rows walked /
+  // campaign_offline) rows: the campaign's rows in device order, or the
+  // fleet's offline devices (a partial index). The shorter one goes.
+  const bool by_offline = fleet_offline < campaign_unfinished;
+  const std::string sql =
+      by_offline
+          ? "SELECT d.id FROM devices d INDEXED BY devices_offline CROSS JOIN campaign_devices cd "
+            "ON cd.campaign_id = ? AND cd.device_id = d.id WHERE d.online = 0 "
+            "AND cd.status IN ('waiting', 'pending', 'in_progress', 'rolling_back') ORDER BY d.id LIMIT ?"
+          : "SELECT cd.device_id FROM campaign_devices cd CROSS JOIN devices d ON d.id = cd.device_id "
+            "WHERE cd.campaign_id = ? AND cd.status IN ('waiting', 'pending', 'in_progress', 'rolling_back') "
+            "AND d.online = 0 ORDER BY cd.device_id LIMIT ?";
+  return query<std::string>(
+      lease.db(), sql, [&](sql::Stmt& s) { s.bind(1, std::string_view(campaign_id)).bind(2, limit); },
+      [](const sql::Stmt& s) { return s.col_text(0); });
+}
+
+namespace {
+constexpr const char* kSampleCols =
+    "time_ms, state, total, waiting, in_flight, applied, failed, rolled_back, other, offline";
+TimelinePoint point_row(const sql::Stmt& s) {
+  TimelinePoint p;
+  p.time_ms = s.col_int(0);
+  p.state = s.col_text(1);
+  p.total = s.col_int(2);
+  p.waiting = s.col_int(3);
+  p.in_flight = s.col_int(4);
+  p.applied = s.col_int(5);
+  p.failed = s.col_int(6);
+  p.rolled_back = s.col_int(7);
+  p.other = s.col_int(8);
+  p.offline = s.col_int(9);
+  return p;
+}
+}  // namespace
+
+Result<std::vector<TimelinePoint>> AggregateStore::timeline(const std::string& campaign_id) {
+  auto lease = reader();
+  // Bounded by the sampler's thinning (max_samples); the LIMIT is a second fence.
+  return query<TimelinePoint>(
+      lease.db(),
+      std::string("SELECT ") + kSampleCols + " FROM campaign_samples WHERE campaign_id = ? ORDER BY time_ms LIMIT ?",
+      [&](sql::Stmt& s) { s.bind(1, std::string_view(campaign_id)).bind(2, cfg_.max_samples * 2); }, point_row);
+}
+
+Result<BundlePage> AggregateStore::bundles(const std::string& project, const std::string& after, int64_t limit) {
+  std::string where;
+  std::vector<Bind> binds;
+  if (project != "*") {
+    where += " AND project = ?";
+    binds.push_back(bind_text(project));
+  }
+  if (!after.empty()) {
+    auto c = time_cursor(after);
+    if (!c) return c.error();
+    where += " AND (uploaded_ms, id) < (?, ?)";
+    binds.push_back(bind_int(c->first));
+    binds.push_back(bind_text(c->second));
+  }
+  binds.push_back(bind_int(limit + 1));
+  auto lease = reader();
+  auto st = lease.db().prepare("SELECT " + bundle_columns() + " FROM bundles WHERE 1" + where +
+                               " ORDER BY uploaded_ms DESC, id DESC LIMIT ?");
+  if (!st) return st.error();
+  bind_all(*st, binds);
+  auto rows = st->rows<BundleRecord>(bundle_row);
+  if (!rows) return rows.error();
+  BundlePage page;
+  page.items = std::move(*rows);
+  if (static_cast<int64_t>(page.items.size()) > limit) {
+    page.items.pop_back();
+    page.next = std::to_string(page.items.back().uploaded_ms) + ":" + page.items.back().id;
+  }
+  return page;
+}
+
+Result<AuditPage> AggregateStore::audit(const std::string& project, int64_t before, int64_t limit) {
+  std::string where = before > 0 ? " AND id < ?" : "";
+  std::vector<Bind> binds;
+  if (project != "*") {
+    where += " AND project = ?";
+  }
+  if (before > 0) binds.push_back(bind_int(before));
+  if (project != "*") binds.push_back(bind_text(project));
+  binds.push_back(bind_int(limit + 1));
+  auto lease = reader();
+  // audit_log_project serves a project's newest rows; the primary key all of them.
+  auto st = lease.db().prepare("SELECT " + audit_columns() + " FROM audit_log WHERE 1" + where +
+                               " ORDER BY id DESC LIMIT ?");
+  if (!st) return st.error();
+  bind_all(*st, binds);
+  auto rows = st->rows<AuditRecord>(audit_row);
+  if (!rows) return rows.error();
+  AuditPage page;
+  page.items = std::move(*rows);
+  if (static_cast<int64_t>(page.items.size()) > limit) {
+    page.items.pop_back();
+    page.next_before = page.items.back().id;
+  }
+  return page;
+}
+
+// ---- the timeline sampler ------------------------------------------------
+
+namespace {
+bool campaign_state_final(const std::string& s) {
+  return s == "completed" || s == "aborted" || s == "rolled_back";
+}
+}  // namespace
+
+Status AggregateStore::sample_campaigns(int64_t now_ms) {
+  std::lock_guard lock(writer_mu_);
+  auto& db = *writer_;
+  struct Open {
+    std::string id, state;
+    int64_t updated_ms = 0;
+  };
+  // Campaigns the engine still runs get a point now; a campaign that ended
+  // since the last call gets its last point at the time it ended (the first
+  // call looks at every ended campaign: the hub may have been down when it
+  // ended; a point already there is kept).
+  auto open = query<Open>(
+      db, "SELECT id, state, updated_ms FROM campaigns WHERE state NOT IN ('completed', 'aborted', 'rolled_back') "
+          "OR updated_ms >= ?",
+      [&](sql::Stmt& s) { s.bind(1, last_sample_ms_ == 0 ? int64_t{0} : last_sample_ms_ - 1000); },
+      [](const sql::Stmt& s) { return Open{s.col_text(0), s.col_text(1), s.col_int(2)}; });
+  if (!open) return open.error();
+  last_sample_ms_ = now_ms;
+  sql::Transaction tx(db);
+  if (!tx.ok()) return make_error(Errc::unavailable, "cannot begin transaction", true);
+  for (const auto& c : *open) {
+    const bool ended = campaign_state_final(c.state);
+    auto counts = counts_of(db, c.id);
+    if (!counts) return counts.error();
+    TimelinePoint p;
+    for (const auto& r : *counts) {
+      p.total += r.count;
+      const bool unfinished = r.status == "waiting" || r.status == "pending" || r.status == "in_progress" ||
+                              r.status == "rolling_back";
+      if (r.status == "waiting") p.waiting += r.count;
+      else if (unfinished) p.in_flight += r.count;
+      else if (r.status == "applied") p.applied += r.count;
+      else if (r.status == "failed" || r.status == "rollback_failed") p.failed += r.count;
+      else if (r.status == "rolled_back") p.rolled_back += r.count;
+      else p.other += r.count;
+      if (unfinished && !r.online) p.offline += r.count;
+    }
+    auto ins = db.prepare(
+        std::string("INSERT INTO campaign_samples VALUES (?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT DO ") +
+        (ended ? "NOTHING"
+               : "UPDATE SET state = excluded.state, total = excluded.total, waiting = excluded.waiting, "
+                 "in_flight = excluded.in_flight, applied = excluded.applied, failed = excluded.failed, "
+                 "rolled_back = excluded.rolled_back, other = excluded.other, offline = excluded.offline"));
+    if (!ins) return ins.error();
+    ins->bind(1, std::string_view(c.id)).bind(2, ended ? std::min(c.updated_ms, now_ms) : now_ms)
+        .bind(3, std::string_view(c.state)).bind(4, p.total).bind(5, p.waiting).bind(6, p.in_flight)
+        .bind(7, p.applied).bind(8, p.failed).bind(9, p.rolled_back).bind(10, p.other).bind(11, p.offline);
+    if (auto s = ins->run(); !s) return s;
+    // Past max_samples, every other point of the older half goes: the span
+    // stays whole, its grain coarser.
+    auto n = query<int64_t>(db, "SELECT COUNT(*) FROM campaign_samples WHERE campaign_id = ?",
+                            [&](sql::Stmt& s) { s.bind(1, std::string_view(c.id)); },
+                            [](const sql::Stmt& s) { return s.col_int(0); });
+    if (!n) return n.error();
+    if (!n->empty() && n->front() > cfg_.max_samples) {
+      auto thin = db.prepare(
+          "DELETE FROM campaign_samples WHERE campaign_id = ?1 AND time_ms IN (SELECT time_ms FROM "
+          "(SELECT time_ms, ROW_NUMBER() OVER (ORDER BY time_ms) AS k FROM campaign_samples WHERE campaign_id = ?1) "
+          "WHERE k % 2 = 0 AND k <= ?2)");
+      if (!thin) return thin.error();
+      thin->bind(1, std::string_view(c.id)).bind(2, n->front() / 2);
+      if (auto s = thin->run(); !s) return s;
+    }
+  }
+  if (auto s = db.exec("DELETE FROM fleet_counts WHERE n = 0"); !s) return s;
+  return tx.commit();
+}
+
+void AggregateStore::start_sampler(const Clock& clock, std::chrono::milliseconds interval) {
+  interval_ = interval;
+  sampler_ = std::thread([this, &clock] {
+    std::unique_lock lock(stop_mu_);
+    while (!stopping_) {
+      lock.unlock();
+      if (auto s = sample_campaigns(clock.now_unix_ms()); !s) {
+        log::get("hub")->warn("campaign timeline sample failed: {}", s.error().message);
+      }
+      lock.lock();
+      stop_cv_.wait_for(lock, interval_, [this] { return stopping_; });
+    }
+  });
+}
+
+void AggregateStore::stop() {
+  {
+    std::lock_guard lock(stop_mu_);
+    stopping_ = true;
+  }
+  stop_cv_.notify_all();
+  if (sampler_.joinable()) sampler_.join();
+}
+
+}  // namespace flotilla::hub

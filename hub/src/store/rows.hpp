@@ -1,0 +1,22 @@
+#pragma once
+// The column lists and row mappings of the store's tables, one copy each,
+// for store files that read the same rows (aggregate_store.cpp).
+#include <string>
+
+#include "flotilla/common/sqlite.hpp"
+#include "flotilla/hub/store.hpp"
+
+namespace flotilla::hub {
+
+std::string device_columns();
+DeviceRecord device_row(const sql::Stmt& s);  // columns device_columns() from 0
+std::string bundle_columns();
+BundleRecord bundle_row(const sql::Stmt& s);
+std::string campaign_columns();
+CampaignRecord campaign_row(const sql::Stmt& s);
+std::string campaign_device_columns();
+CampaignDeviceRecord campaign_device_row(const sql::Stmt& s, int offset);
+std::string audit_columns();
+AuditRecord audit_row(const sql::Stmt& s);
+
+}  // namespace flotilla::hub

@@ -1,0 +1,584 @@
+// [unit] The dashboard's read models in the store: trigger-kept fleet counts
+// against a recount from the rows, the label index, outcome history,
+// inventory, device lists (filters, orders, cursors, the scan bound) against
+// a brute-force filter of the same rows, and the campaign timeline sampler.
+#include <catch2/catch.hpp>
+
+#include <algorithm>
+#include <map>
+#include <random>
+#include <set>
+
+#include "flotilla/common/clock.hpp"
+#include "flotilla/common/encoding.hpp"
+#include "flotilla/hub/aggregates.hpp"
+#include "flotilla/hub/store.hpp"
+#include "tests/support/temp_dir.hpp"
+
+using namespace flotilla;
+using namespace flotilla::hub;
+using flotilla::test::TempDir;
+
+namespace {
+
+struct Stores {
+  TempDir dir;
+  std::unique_ptr<Store> store;
+  std::unique_ptr<AggregateStore> agg;
+  explicit Stores(AggregateStore::Config cfg = {}) {
+    auto s = Store::open((dir.path() / "hub.db").string());
+    REQUIRE(s);
+    store = std::move(*s);
+    auto a = AggregateStore::open((dir.path() / "hub.db").string(), cfg);
+    REQUIRE(a);
+    agg = std::move(*a);
+  }
+  DeviceRecord enroll(const std::string& id, const Labels& labels, const std::string& project = "default",
+                      const std::string& hostname = "", int64_t enrolled_ms = 1000) {
+    DeviceRecord d;
+    d.id = id;
+    d.project = project;
+    d.labels = labels;
+    d.public_key_hex = "00";
+    d.hostname = hostname.empty() ? "host-" + id : hostname;
+    d.arch = "amd64";
+    d.agent_version = "0.1.0";
+    d.enrolled_ms = enrolled_ms;
+    REQUIRE(store->upsert_enrolled_device(d));
+    auto got = store->get_device(id);
+    REQUIRE(got);
+    REQUIRE(*got);
+    return **got;
+  }
+  void save(const DeviceRecord& d) { REQUIRE(store->save_device_state(d)); }
+  int64_t rows(const std::string& sql) {
+    auto st = store->db().prepare(sql);
+    REQUIRE(st);
+    auto r = st->step();
+    REQUIRE(r);
+    return st->col_int(0);
+  }
+};
+
+std::map<std::string, int64_t> dim(const std::vector<FleetCount>& rows, const std::string& name) {
+  std::map<std::string, int64_t> out;
+  for (const auto& r : rows) {
+    if (r.dim == name) out[r.value] += r.n;
+  }
+  return out;
+}
+
+void check_counts_agree(Store& s) {
+  // The trouble table holds exactly the devices in those states.
+  auto rows = [&](const std::string& sql) {
+    auto r = sql::query<std::string>(s.db(), sql, [](const sql::Stmt& st) { return st.col_text(0) + "/" + st.col_text(1); });
+    REQUIRE(r);
+    return *r;
+  };
+  CHECK(rows("SELECT state, device_id FROM device_trouble ORDER BY 1, 2") ==
+        rows("SELECT state, id FROM devices WHERE state IN ('failed', 'refused', 'rolled_back', 'rolling_back') "
+             "ORDER BY 1, 2"));
+  auto kept = s.fleet_counts();
+  auto recount = s.recount_fleet();
+  REQUIRE(kept);
+  REQUIRE(recount);
+  std::vector<FleetCount> a = *kept, b = *recount;
+  std::sort(a.begin(), a.end());
+  std::sort(b.begin(), b.end());
+  CHECK(a == b);
+}
+
+}  // namespace
+
+TEST_CASE("fleet counts kept by triggers equal a recount from the rows after every kind of write",
+          "[unit][hub][views]") {
+  Stores s;
+  std::mt19937 rng(7);
+  const std::vector<std::string> states = {"idle", "downloading", "applied", "failed", "rolled_back"};
+  const std::vector<std::string> regions = {"eu", "us", "ap"};
+  std::vector<DeviceRecord> devs;
+  for (int i = 0; i < 60; ++i) {
+    Labels l{{"env", i % 2 ? "prod" : "dev"}};
+    if (i % 3) l["region"] = regions[static_cast<size_t>(i) % 3];
+    if (i % 4 == 0) l["cell"] = "c" + std::to_string(i % 8);
+    devs.push_back(s.enroll("d-" + std::to_string(1000 + i), l, i % 5 == 0 ? "blue" : "default"));
+  }
+  check_counts_agree(*s.store);
+  for (int round = 0; round < 400; ++round) {
+    auto& d = devs[rng() % devs.size()];
+    switch (rng() % 7) {
+      case 0:
+      case 1:
+      case 2:  // a report: state, version, k3s, presence
+        d.state = states[rng() % states.size()];
+        d.online = rng() % 4 != 0;
+        if (d.state == "applied") {
+          d.applied_bundle = "edge";
+          d.applied_version = 1 + rng() % 3;
+        }
+        d.k3s_version = rng() % 2 ? "v1.30" : "v1.31";
+        d.last_seq += 1;
+        d.last_seen_ms += 10;
+        s.save(d);
+        break;
+      case 3: {  // labels change
+        Labels l = d.labels;
+        if (rng() % 2) l["region"] = regions[rng() % regions.size()];
+        else l.erase("region");
+        REQUIRE(s.store->set_device_labels(d.id, l));
+        d.labels = l;
+        break;
+      }
+      case 4: {  // inventory with a certificate expiry
+        DeviceInventory inv;
+        inv.os = "Linux";
+        inv.cert_expiry_unix = rng() % 3 ? 1'800'000'000 + static_cast<int64_t>(rng() % 90) * 86400 : 0;
+        REQUIRE(s.store->save_device_inventory(d.id, inv));
+        break;
+      }
+      case 5:  // a gateway's devices go offline together
+        REQUIRE(s.store->set_gateway_devices_offline("gw-none", 5));
+        break;
+      case 6:  // re-enrollment (an upsert)
+        s.enroll(d.id, d.labels, d.project, d.hostname);
+        break;
+    }
+    if (round % 50 == 0) check_counts_agree(*s.store);
+  }
+  // Decommissioning leaves the fleet's figures (but stays counted by state),
+  // and its inventory goes.
+  DeviceInventory inv;
+  inv.cert_expiry_unix = 1'800'000'000;
+  REQUIRE(s.store->save_device_inventory(devs[3].id, inv));
+  REQUIRE(s.store->mark_device_decommissioned(devs[3].id));
+  CHECK(s.rows("SELECT COUNT(*) FROM device_inventory WHERE device_id = '" + devs[3].id + "'") == 0);
+  // A decommissioned device's inventory is not stored again (no error: a late report).
+  REQUIRE(s.store->save_device_inventory(devs[3].id, inv));
+  CHECK(s.rows("SELECT COUNT(*) FROM device_inventory WHERE device_id = '" + devs[3].id + "'") == 0);
+  check_counts_agree(*s.store);
+
+  // The positive control: the figures are the fleet's, by project.
+  auto all = s.agg->fleet("*");
+  REQUIRE(all);
+  auto by_state = dim(*all, "state");
+  int64_t total = 0;
+  for (const auto& [k, n] : by_state) total += n;
+  CHECK(total == 60);
+  CHECK(by_state["decommissioned"] == 1);
+  auto online = dim(*all, "online");
+  CHECK(online["online"] + online["offline"] == 59);
+  auto blue = s.agg->fleet("blue");
+  REQUIRE(blue);
+  int64_t blue_total = 0;
+  for (const auto& [k, n] : dim(*blue, "state")) blue_total += n;
+  CHECK(blue_total == 12);
+}
+
+TEST_CASE("a store from before the read models gets them built from its rows at open", "[unit][hub][views]") {
+  TempDir dir;
+  const std::string path = (dir.path() / "hub.db").string();
+  {
+    auto s = Store::open(path);
+    REQUIRE(s);
+    for (int i = 0; i < 20; ++i) {
+      DeviceRecord d;
+      d.id = "d-" + std::to_string(i);
+      d.labels = {{"region", i < 5 ? "eu" : "us"}};
+      d.public_key_hex = "00";
+      REQUIRE((*s)->upsert_enrolled_device(d));
+    }
+    // What an older hub left: no read-model tables, no triggers.
+    REQUIRE((*s)->db().exec("DROP TABLE fleet_counts; DROP TABLE device_labels; DROP TABLE aggregate_schema;"
+                            "DROP TRIGGER fleet_counts_insert; DROP TRIGGER device_labels_insert;"));
+  }
+  auto s = Store::open(path);
+  REQUIRE(s);
+  auto kept = (*s)->fleet_counts();
+  REQUIRE(kept);
+  CHECK(dim(*kept, "region") == std::map<std::string, int64_t>{{"eu", 5}, {"us", 15}});
+  check_counts_agree(**s);
+  auto labels = (*s)->db().prepare("SELECT COUNT(*) FROM device_labels WHERE key = 'region' AND value = 'eu'");
+  REQUIRE(labels);
+  REQUIRE(*labels->step());
+  CHECK(labels->col_int(0) == 5);
+}
+
+TEST_CASE("a device's failures are kept, the last ten, and no other report adds one", "[unit][hub][views]") {
+  Stores s;
+  DeviceRecord d = s.enroll("d-out", {});
+  auto report = [&](const std::string& state, const std::string& reason = "") {
+    d.state = state;
+    d.last_reason = reason;
+    d.last_message = reason.empty() ? "" : "because " + reason;
+    d.last_seq += 1;
+    d.last_seen_ms += 1000;
+    s.save(d);
+  };
+  for (const char* st : {"verifying", "downloading", "installing", "health_check", "applied", "idle"}) report(st);
+  CHECK(s.rows("SELECT COUNT(*) FROM device_events") == 0);
+  report("rolling_back", "health_gate_failed");  // a new reason
+  report("rolled_back", "health_gate_failed");   // a failed end
+  report("downloading");
+  report("applied");
+  report("refused", "bad_signature");
+  auto detail = s.agg->device("d-out");
+  REQUIRE(detail);
+  REQUIRE(*detail);
+  const auto& f = (*detail)->failures;
+  REQUIRE(f.size() == 3);
+  CHECK(f[0].state == "refused");
+  CHECK(f[0].reason == "bad_signature");
+  CHECK(f[1].state == "rolled_back");
+  CHECK(f[2].state == "rolling_back");
+  CHECK(f[2].message == "because health_gate_failed");
+  // A presence change (no new report) adds nothing.
+  d.online = !d.online;
+  s.save(d);
+  CHECK(s.rows("SELECT COUNT(*) FROM device_events") == 3);
+  for (int i = 0; i < 12; ++i) {
+    report("downloading");
+    report("failed", i % 2 ? "download_failed" : "disk_full");
+  }
+  CHECK(s.rows("SELECT COUNT(*) FROM device_events WHERE device_id = 'd-out'") == kDeviceOutcomesKept);
+  detail = s.agg->device("d-out");
+  REQUIRE(detail);
+  CHECK((*detail)->failures.front().reason == "download_failed");
+  CHECK((*detail)->failures.front().seq == d.last_seq);
+}
+
+namespace {
+
+// The brute-force answer: every device row, filtered and ordered in C++.
+std::vector<std::string> expected_ids(Store& store, const DeviceQuery& q,
+                                      const std::map<std::string, int64_t>& cert) {
+  auto all = store.list_devices();
+  REQUIRE(all);
+  std::vector<DeviceRecord> keep;
+  for (const auto& d : *all) {
+    if (q.project != "*" && d.project != q.project) continue;
+    if (!q.state.empty() && d.state != q.state) continue;
+    if (q.state.empty() && !q.include_decommissioned && d.state == "decommissioned") continue;
+    if (q.online && d.online != *q.online) continue;
+    if (q.bundle && d.applied_bundle != *q.bundle) continue;
+    if (q.bundle && q.version && d.applied_version != *q.version) continue;
+    if (q.k3s && d.k3s_version != *q.k3s) continue;
+    if (!q.selector.matches(d.labels)) continue;
+    if (!q.text.empty()) {
+      const std::string& col = q.text.rfind("d-", 0) == 0 ? d.id : d.hostname;
+      if (col.rfind(q.text, 0) != 0) continue;
+    }
+    if (q.cert_before_unix || q.sort == DeviceSort::cert_expiry) {
+      auto c = cert.find(d.id);
+      if (c == cert.end() || c->second <= 0) continue;
+      if (q.cert_before_unix && c->second >= *q.cert_before_unix) continue;
+    }
+    keep.push_back(d);
+  }
+  DeviceSort sort = q.sort;
+  if (!q.text.empty()) sort = q.text.rfind("d-", 0) == 0 ? DeviceSort::id : DeviceSort::hostname;
+  else if (q.cert_before_unix) sort = DeviceSort::cert_expiry;
+  auto key = [&](const DeviceRecord& d) {
+    switch (sort) {
+      case DeviceSort::hostname: return std::make_pair(d.hostname, d.id);
+      case DeviceSort::enrolled: return std::make_pair(std::to_string(1'000'000'000'000 + d.enrolled_ms), d.id);
+      case DeviceSort::cert_expiry: return std::make_pair(std::to_string(cert.at(d.id)), d.id);
+      default: return std::make_pair(d.id, d.id);
+    }
+  };
+  std::sort(keep.begin(), keep.end(), [&](const DeviceRecord& a, const DeviceRecord& b) {
+    return q.descending ? key(b) < key(a) : key(a) < key(b);
+  });
+  std::vector<std::string> ids;
+  for (const auto& d : keep) ids.push_back(d.id);
+  return ids;
+}
+
+// Follows the cursors to the end, checking each page's bounds.
+std::vector<std::string> all_pages(AggregateStore& agg, DeviceQuery q, std::string* index = nullptr) {
+  std::vector<std::string> ids;
+  for (int pages = 0; pages < 1000; ++pages) {
+    auto p = agg.devices(q);
+    REQUIRE(p);
+    CHECK(static_cast<int64_t>(p->items.size()) <= q.limit);
+    CHECK(p->scanned <= q.scan_limit);
+    if (index) *index = p->index;
+    for (const auto& d : p->items) ids.push_back(d.id);
+    if (p->next.empty()) {
+      CHECK(p->complete);
+      return ids;
+    }
+    q.after = p->next;
+  }
+  FAIL("the cursors never ended");
+  return ids;
+}
+
+}  // namespace
+
+TEST_CASE("device lists filter, order and page in the store exactly as a filter over every row would",
+          "[unit][hub][views]") {
+  Stores s;
+  std::mt19937 rng(11);
+  std::map<std::string, int64_t> cert;
+  const std::vector<std::string> states = {"idle", "applied", "failed", "downloading", "refused", "rolled_back"};
+  for (int i = 0; i < 240; ++i) {
+    char id[32];
+    std::snprintf(id, sizeof id, "d-%02x%04d", static_cast<unsigned>(rng() % 256), i);
+    Labels l{{"env", i % 3 ? "prod" : "dev"}, {"region", i % 4 ? "eu" : "us"}};
+    if (i % 5 == 0) l["gpu"] = "yes";
+    DeviceRecord d = s.enroll(id, l, i % 7 == 0 ? "blue" : "default",
+                              "shop-" + std::to_string(rng() % 50) + "-" + std::to_string(i),
+                              static_cast<int64_t>(rng() % 100000));
+    d.state = states[rng() % states.size()];
+    d.online = rng() % 5 != 0;
+    d.applied_bundle = rng() % 4 ? "edge" : "";
+    d.applied_version = d.applied_bundle.empty() ? 0 : 1 + rng() % 2;
+    d.k3s_version = rng() % 3 ? "v1.30" : "";
+    d.last_seq = 1;
+    s.save(d);
+    if (rng() % 3) {
+      DeviceInventory inv;
+      inv.cert_expiry_unix = 1'800'000'000 + static_cast<int64_t>(rng() % 1000) * 3600;
+      REQUIRE(s.store->save_device_inventory(id, inv));
+      cert[id] = inv.cert_expiry_unix;
+    }
+  }
+  REQUIRE(s.store->mark_device_decommissioned(s.store->list_devices()->at(5).id));
+
+  auto sel = [](const std::string& text) {
+    auto p = Selector::parse(text);
+    REQUIRE(p);
+    return *p;
+  };
+  struct Case {
+    std::string name;
+    DeviceQuery q;
+    std::string index;  // the index that must drive it ("" = any)
+  };
+  std::vector<Case> cases;
+  auto add = [&](const std::string& name, auto set, const std::string& index = "") {
+    DeviceQuery q;
+    q.limit = 7;
+    q.scan_limit = 1000;
+    set(q);
+    cases.push_back({name, q, index});
+  };
+  add("everything", [](DeviceQuery&) {}, "devices primary key");
+  add("everything, descending", [](DeviceQuery& q) { q.descending = true; });
+  add("with decommissioned", [](DeviceQuery& q) { q.include_decommissioned = true; });
+  add("project blue", [](DeviceQuery& q) { q.project = "blue"; });
+  add("label equality drives", [&](DeviceQuery& q) { q.selector = sel("region=us"); }, "device_labels");
+  add("selector mix", [&](DeviceQuery& q) { q.selector = sel("env in (prod),region!=us,!gpu"); }, "device_labels");
+  add("selector notin and exists", [&](DeviceQuery& q) { q.selector = sel("env notin (dev),gpu"); });
+  add("failed devices", [](DeviceQuery& q) { q.state = "failed"; }, "device_trouble");
+  add("refused, project default", [](DeviceQuery& q) {
+    q.state = "refused";
+    q.project = "default";
+  }, "device_trouble");
+  add("applied (no index of its own)", [](DeviceQuery& q) { q.state = "applied"; });
+  add("offline", [](DeviceQuery& q) { q.online = false; }, "devices_offline");
+  add("online", [](DeviceQuery& q) { q.online = true; });
+  add("bundle and version", [](DeviceQuery& q) {
+    q.bundle = "edge";
+    q.version = 2;
+  });
+  add("nothing applied", [](DeviceQuery& q) { q.bundle = ""; });
+  add("k3s not reported", [](DeviceQuery& q) { q.k3s = ""; });
+  add("by hostname", [](DeviceQuery& q) { q.sort = DeviceSort::hostname; }, "devices_hostname");
+  add("by hostname, descending", [](DeviceQuery& q) {
+    q.sort = DeviceSort::hostname;
+    q.descending = true;
+  }, "devices_hostname");
+  add("by enrollment", [](DeviceQuery& q) { q.sort = DeviceSort::enrolled; }, "devices_enrolled");
+  add("by enrollment, newest first, failed", [](DeviceQuery& q) {
+    q.sort = DeviceSort::enrolled;
+    q.descending = true;
+    q.state = "failed";
+  }, "devices_enrolled");
+  add("hostname prefix", [](DeviceQuery& q) { q.text = "shop-1"; }, "devices_hostname");
+  add("id prefix", [](DeviceQuery& q) { q.text = "d-a"; }, "devices primary key");
+  add("certificates expiring", [](DeviceQuery& q) { q.cert_before_unix = 1'800'000'000 + 300 * 3600; },
+      "device_inventory_cert");
+  add("by certificate expiry", [](DeviceQuery& q) { q.sort = DeviceSort::cert_expiry; }, "device_inventory_cert");
+  add("a small scan budget", [](DeviceQuery& q) {
+    q.state = "downloading";
+    q.scan_limit = 13;
+  });
+  for (const auto& c : cases) {
+    INFO(c.name);
+    std::string index;
+    const auto got = all_pages(*s.agg, c.q, &index);
+    const auto want = expected_ids(*s.store, c.q, cert);
+    CHECK(got == want);
+    if (!c.index.empty()) CHECK(index == c.index);
+    // Guards against a filter that quietly matches nothing.
+    if (c.name != "nothing applied" && c.name != "k3s not reported") CHECK_FALSE(want.empty());
+  }
+}
+
+TEST_CASE("a device list stops at its scan budget and says where to carry on", "[unit][hub][views]") {
+  Stores s;
+  for (int i = 0; i < 100; ++i) {
+    DeviceRecord d = s.enroll("d-" + std::to_string(1000 + i), {});
+    d.state = i == 95 ? "downloading" : "idle";
+    s.save(d);
+  }
+  DeviceQuery q;
+  q.state = "downloading";
+  q.scan_limit = 30;
+  auto p = s.agg->devices(q);
+  REQUIRE(p);
+  CHECK(p->items.empty());
+  CHECK(p->scanned == 30);
+  CHECK_FALSE(p->complete);
+  REQUIRE_FALSE(p->next.empty());
+  std::vector<std::string> found;
+  int requests = 1;
+  while (!p->next.empty()) {
+    q.after = p->next;
+    p = s.agg->devices(q);
+    REQUIRE(p);
+    ++requests;
+    for (const auto& d : p->items) found.push_back(d.id);
+  }
+  CHECK(found == std::vector<std::string>{"d-1095"});
+  CHECK(requests == 4);
+}
+
+TEST_CASE("a device list refuses a cursor it did not give out, or one of another order", "[unit][hub][views]") {
+  Stores s;
+  for (int i = 0; i < 5; ++i) s.enroll("d-" + std::to_string(i), {});
+  DeviceQuery q;
+  q.limit = 2;
+  auto p = s.agg->devices(q);
+  REQUIRE(p);
+  REQUIRE_FALSE(p->next.empty());
+  for (const std::string& bad : std::vector<std::string>{"zz", "5b5d", to_hex(std::string(R"(["id", {"x": 1}])")),
+                                                         std::string(5000, 'a')}) {
+    INFO(bad);
+    DeviceQuery b = q;
+    b.after = bad;
+    auto r = s.agg->devices(b);
+    REQUIRE_FALSE(r);
+    CHECK(r.error().code == Errc::invalid_argument);
+  }
+  DeviceQuery other = q;
+  other.sort = DeviceSort::hostname;
+  other.after = p->next;
+  auto r = s.agg->devices(other);
+  REQUIRE_FALSE(r);
+  CHECK_THAT(r.error().message, Catch::Contains("another order"));
+}
+
+TEST_CASE("the campaign timeline samples running campaigns, ends with the campaign and stays bounded",
+          "[unit][hub][views]") {
+  AggregateStore::Config cfg;
+  cfg.max_samples = 10;
+  Stores s(cfg);
+  for (int i = 0; i < 4; ++i) s.enroll("d-" + std::to_string(i), {});
+  BundleRecord b;
+  b.id = "b1";
+  b.digest = "b1digest";
+  b.name = "edge";
+  b.version = 1;
+  b.envelope = "x";
+  REQUIRE(s.store->insert_bundle(b));
+  CampaignRecord c;
+  c.id = "c-1";
+  c.bundle_id = "b1";
+  c.state = "running";
+  c.created_ms = c.updated_ms = 1000;
+  std::vector<Store::CampaignMember> members;
+  for (int i = 0; i < 4; ++i) members.push_back({"d-" + std::to_string(i), 0.1 * i, 0, ""});
+  REQUIRE(s.store->insert_campaign(c, members));
+  REQUIRE(s.agg->sample_campaigns(2000));
+  auto set_status = [&](const std::string& dev, const std::string& status) {
+    auto row = s.store->campaign_device("c-1", dev);
+    REQUIRE(row);
+    REQUIRE(*row);
+    auto r = **row;
+    r.status = status;
+    REQUIRE(s.store->save_campaign_device(r));
+  };
+  set_status("d-0", "applied");
+  set_status("d-1", "failed");
+  REQUIRE(s.agg->sample_campaigns(3000));
+  auto t = s.agg->timeline("c-1");
+  REQUIRE(t);
+  REQUIRE(t->size() == 2);
+  CHECK((*t)[0].waiting == 4);
+  CHECK((*t)[1].applied == 1);
+  CHECK((*t)[1].failed == 1);
+  CHECK((*t)[1].waiting == 2);
+  CHECK((*t)[1].total == 4);
+  // Many samples later the count stays at most max_samples, first and last kept.
+  for (int k = 0; k < 40; ++k) REQUIRE(s.agg->sample_campaigns(4000 + k * 1000));
+  t = s.agg->timeline("c-1");
+  REQUIRE(t);
+  CHECK(t->size() <= 10);
+  CHECK(t->front().time_ms == 2000);
+  CHECK(t->back().time_ms == 43000);
+  // It ends: one last point at the time it ended, then no more.
+  set_status("d-2", "applied");
+  set_status("d-3", "applied");
+  c.state = "completed";
+  c.updated_ms = 43500;
+  REQUIRE(s.store->update_campaign(c));
+  REQUIRE(s.agg->sample_campaigns(44000));
+  REQUIRE(s.agg->sample_campaigns(45000));
+  t = s.agg->timeline("c-1");
+  REQUIRE(t);
+  CHECK(t->back().time_ms == 43500);
+  CHECK(t->back().state == "completed");
+  CHECK(t->back().applied == 3);
+  // A new reader (the hub restarted) adds nothing to an ended campaign.
+  auto again = AggregateStore::open((s.dir.path() / "hub.db").string(), cfg);
+  REQUIRE(again);
+  REQUIRE((*again)->sample_campaigns(90000));
+  auto t2 = (*again)->timeline("c-1");
+  REQUIRE(t2);
+  CHECK(t2->size() == t->size());
+}
+
+TEST_CASE("a campaign's offline devices are the same whichever walk finds them", "[unit][hub][views]") {
+  Stores s;
+  std::vector<Store::CampaignMember> members;
+  for (int i = 0; i < 40; ++i) {
+    DeviceRecord d = s.enroll("d-" + std::to_string(100 + i), {});
+    d.online = i % 3 != 0;  // 14 offline
+    s.save(d);
+    if (i < 30) members.push_back({d.id, 0.01 * i, 0, ""});
+  }
+  BundleRecord b;
+  b.id = "b1";
+  b.digest = "b1digest";
+  b.name = "edge";
+  b.version = 1;
+  b.envelope = "x";
+  REQUIRE(s.store->insert_bundle(b));
+  CampaignRecord c;
+  c.id = "c-away";
+  c.bundle_id = "b1";
+  c.state = "running";
+  REQUIRE(s.store->insert_campaign(c, members));
+  auto row = s.store->campaign_device("c-away", "d-103");  // offline; finished: not away
+  REQUIRE(row);
+  REQUIRE(*row);
+  auto r = **row;
+  r.status = "applied";
+  REQUIRE(s.store->save_campaign_device(r));
+  std::vector<std::string> want;
+  for (int i = 0; i < 30; ++i) {
+    if (i % 3 == 0 && i != 3) want.push_back("d-" + std::to_string(100 + i));
+  }
+  auto by_campaign = s.agg->away("c-away", 100, 9, 29, 1000);
+  auto by_offline = s.agg->away("c-away", 100, 9, 29, 14);
+  REQUIRE(by_campaign);
+  REQUIRE(by_offline);
+  CHECK(*by_campaign == want);
+  CHECK(*by_offline == want);
+  auto first = s.agg->away("c-away", 3, 9, 29, 14);
+  REQUIRE(first);
+  CHECK(*first == std::vector<std::string>(want.begin(), want.begin() + 3));
+  CHECK(s.agg->away("c-away", 3, 0, 29, 14)->empty());
+}
