@@ -523,8 +523,14 @@ TEST_CASE("the SQLite store keeps the in-flight apply, outbox and journal across
   s.interrupted_count = 2;
   s.in_flight = flotilla::agent::InFlight{"g7-1", 7, "c", "edge", 4, "install",
                                           {{"/usr/local/bin/k3s", "/var/lib/flotilla/backup/g7-1/0", true},
-                                           {"/etc/x", "/var/lib/flotilla/backup/g7-1/1", false}}};
+                                           {"/etc/x", "/var/lib/flotilla/backup/g7-1/1", false}},
+                                          {"sqlite", "/var/lib/flotilla/backup/g7-1/datastore"},
+                                          ""};
   s.outbox[12] = std::string("\0report", 7);
+  s.seq_reserved = 123456;
+  s.hub_time_ms = 1'800'000'000'000;
+  s.hub_labels = {{"site", "berlin"}, {"env", "prod"}};
+  s.hub_labels_set = true;
   {
     auto store = flotilla::agent::SqliteStateStore::open(path);
     REQUIRE(store);
@@ -541,6 +547,11 @@ TEST_CASE("the SQLite store keeps the in-flight apply, outbox and journal across
   CHECK(loaded->previous_manifest_sha256_hex == "ab");
   CHECK(loaded->interrupted_generation == 7);
   CHECK(loaded->interrupted_count == 2);
+  CHECK(loaded->in_flight->snapshot.kind == "sqlite");  // recovery restores the datastore from it
+  CHECK(loaded->seq_reserved == 123456);
+  CHECK(loaded->hub_time_ms == 1'800'000'000'000);
+  CHECK(loaded->hub_labels == s.hub_labels);
+  CHECK(loaded->hub_labels_set);
   auto tail = (*store)->journal_tail(10);
   REQUIRE(tail);
   REQUIRE(tail->size() == 1);
