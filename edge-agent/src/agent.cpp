@@ -114,7 +114,9 @@ Status Agent::start() {
   // starts above the clock once.
   if (state_.seq_reserved != 0) seq_ = state_.seq_reserved;
   if (!state_.outbox.empty()) seq_ = std::max(seq_, state_.outbox.rbegin()->first);
-  state_.seq_reserved = seq_;
+  // Reserved now, so that reporting (even a refusal) writes nothing later.
+  state_.seq_reserved = seq_ + 4096;
+  if (auto st = save(); !st) return st.error().with_context("reserve report sequence numbers");
   recover();
   return {};
 }
@@ -200,17 +202,36 @@ void Agent::recover() {
   logger->info("recovered: node is back on bundle={} version={}", state_.bundle_name, state_.version);
 }
 
+namespace {
+// Before this agent was built: a device clock (or a header time) below this
+// is not the real time (no RTC, booted in 1970).
+constexpr int64_t kBuiltAfterMs = 1'735'689'600'000;  // 2025-01-01
+constexpr int64_t kDayMs = 86'400'000;
+}  // namespace
+
 bool Agent::clock_suspect() const {
-  // Before this agent was built (no RTC, booted in 1970), or more than a day
-  // behind / a year ahead of the newest time the hub signed.
-  constexpr int64_t kBuiltAfterMs = 1'735'689'600'000;  // 2025-01-01
+  // Before this agent was built, or more than a day behind / a year ahead of
+  // the newest time the hub signed.
   const int64_t now = clock_.now_unix_ms();
   if (now < kBuiltAfterMs) return true;
   if (state_.hub_time_ms > 0) {
-    if (now + 86'400'000 < state_.hub_time_ms) return true;
-    if (now > state_.hub_time_ms + int64_t{366} * 86'400'000) return true;
+    if (now + kDayMs < state_.hub_time_ms) return true;
+    if (now > state_.hub_time_ms + 366 * kDayMs) return true;
   }
   return false;
+}
+
+int64_t Agent::verify_time_ms(int64_t header_issued_ms) const {
+  const int64_t now = clock_.now_unix_ms();
+  const bool plausible = header_issued_ms >= kBuiltAfterMs;
+  // The hub's signed times are a lower bound of the real time: a device
+  // clock behind them (1970) is moved up, never an expiry moved back.
+  const int64_t floor = std::max(state_.hub_time_ms, plausible ? header_issued_ms : 0);
+  if (now < floor) return floor;
+  // Far ahead of the time in the header being verified (fresh, director-
+  // signed, above the replay floor: an attacker cannot make one): that time.
+  if (plausible && now > header_issued_ms + 366 * kDayMs) return header_issued_ms;
+  return now;
 }
 
 v1::AppliedBundle Agent::applied_bundle() const {
@@ -778,7 +799,7 @@ void Agent::handle_desired(const std::string& payload) {
   if (dd.signed_header) {
     // The hub's signed time: a lower bound of the real time for a device
     // whose clock is wrong (no RTC, booted in 1970).
-    state_.hub_time_ms = std::max(state_.hub_time_ms, dd.issued_unix_ms);
+    if (dd.issued_unix_ms >= kBuiltAfterMs) state_.hub_time_ms = std::max(state_.hub_time_ms, dd.issued_unix_ms);
     if (dd.labels && (!state_.hub_labels_set || state_.hub_labels != *dd.labels)) {
       logger->info("labels from the hub: {} label(s), replacing the {} ones", dd.labels->size(),
                    state_.hub_labels_set ? "previous hub" : "enrollment");
@@ -821,8 +842,9 @@ void Agent::handle_desired(const std::string& payload) {
   bundles::VerifyPolicy policy;
   // A device clock far off (1970, or years ahead) would make every bundle
   // look not yet valid or expired: the hub's signed time stands in for it.
-  const FakeClock hub_clock(state_.hub_time_ms / 1000);
-  const bool use_hub_time = clock_suspect() && state_.hub_time_ms > 0;
+  const int64_t verify_ms = verify_time_ms(dd.signed_header ? dd.issued_unix_ms : 0);
+  const FakeClock hub_clock(verify_ms / 1000);
+  const bool use_hub_time = verify_ms != clock_.now_unix_ms();
   if (use_hub_time) logger->warn("device clock looks wrong; checking bundle validity against the hub's signed time");
   policy.clock = use_hub_time ? static_cast<const Clock*>(&hub_clock) : &clock_;
   policy.arch = cfg_.arch;

@@ -279,7 +279,7 @@ TEST_CASE("relabelling a device on the hub changes the overlay it applies, witho
   K3sNode n("", false);
   v1::Overlay berlin;
   berlin.set_selector("site=berlin");
-  *berlin.add_files() = make_file(v1::FILE_KIND_K3S_CONFIG, "20-site.yaml", "node-label: site-berlin\n");
+  (*berlin.mutable_k3s_config())["node-label"] = "site-berlin";
   auto m = bundle(1);
   *m.add_overlays() = berlin;
   n.campaign(n.push(m));

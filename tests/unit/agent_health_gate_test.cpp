@@ -258,12 +258,7 @@ TEST_CASE("labels in the signed header replace the enrollment labels for overlay
   auto m = rig.manifest(1);
   auto* o = m.add_overlays();
   o->set_selector("site=berlin");
-  auto* of = o->add_files();
-  of->set_kind(v1::FILE_KIND_K3S_CONFIG);
-  of->set_name("20-site.yaml");
-  of->set_content("node-label: berlin\n");
-  auto h = flotilla::crypto::sha256(of->content());
-  of->set_sha256(std::string(h.begin(), h.end()));
+  (*o->mutable_k3s_config())["node-label"] = "berlin";
   const std::string overlay = std::string("/etc/rancher/k3s/config.yaml.d/") + bundles::kOverlayDropInName;
   rig.apply(m);
   REQUIRE(rig.last().state() == v1::AGENT_STATE_APPLIED);
@@ -272,6 +267,7 @@ TEST_CASE("labels in the signed header replace the enrollment labels for overlay
   rig.apply(m, std::map<std::string, std::string>{{"env", "prod"}, {"site", "berlin"}});
   REQUIRE(rig.last().state() == v1::AGENT_STATE_APPLIED);
   CHECK(rig.files.exists(overlay));
+  CHECK(rig.files.files.at(overlay).content.find("node-label: berlin") != std::string::npos);
   CHECK(rig.last().inventory().labels().at("site") == "berlin");
   // Remembered across a restart.
   rig.restart();

@@ -187,6 +187,10 @@ class Agent {
   v1::Inventory inventory();
   // The device clock looks wrong (inventory clock_suspect).
   bool clock_suspect() const;
+  // The time bundle validity is checked at: the device clock, unless the
+  // hub's signed times show it is behind, or far ahead of the header being
+  // verified (docs/agent.md, "Clock").
+  int64_t verify_time_ms(int64_t header_issued_ms) const;
   v1::AppliedBundle applied_bundle() const;
   void step(const std::string& name, const char* phase, const std::string& detail = "");
   // Moves the in-flight apply to `to` (checked against the transition
