@@ -227,6 +227,8 @@ std::vector<ServiceFile> DirectK3sRuntime::missing_service_files() {
 
 Result<std::vector<std::string>> DirectK3sRuntime::ensure_service_files() {
   std::vector<std::string> written;
+  // The OpenRC script appends k3s's output to /var/log/<unit>.log.
+  if (auto s = fs::ensure_dir(cfg_.root / "var/log", 0755); !s) return s.error();
   for (const auto& f : missing_service_files()) {
     const std::filesystem::path p = f.path;
     if (auto s = fs::ensure_dir(p.parent_path(), 0755); !s) return s.error();
