@@ -48,6 +48,7 @@ root-keys:
   - $PUB
 node-name: bench
 health-timeout: 20s
+health-settle: 2s
 reconnect-max: 2s
 drift-interval: 0
 min-free: 1MiB

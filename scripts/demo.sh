@@ -98,6 +98,7 @@ labels:
   shelf: "$i"
 node-name: dev-$i
 health-timeout: 30s
+health-settle: 3s
 reconnect-max: 5s
 YAML
   "$BIN/flotilla-agent" --config "$dev/etc/flotilla/agent.yaml" --root "$dev" >"$dev/agent.log" 2>&1 &

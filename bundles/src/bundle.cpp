@@ -132,8 +132,8 @@ Result<v1::BundleFile> spec_file(const std::filesystem::path& dir, const std::st
   std::string name = f["name"].as<std::string>(src->filename().string());
   if (*kind == v1::FILE_KIND_REGISTRIES) name = "registries.yaml";
   if (!valid_file_name(name)) return spec_error(dir, what + ": '" + name + "' is not a plain file name");
-  if (name == kOverlayDropInName) {
-    return spec_error(dir, what + ": '" + name + "' is reserved for the generated overlay drop-in");
+  if (name == kOverlayDropInName || name == kNodeDropInName) {
+    return spec_error(dir, what + ": '" + name + "' is reserved for a drop-in Flotilla writes itself");
   }
   auto content = fs::read_file(*src, kMaxManifestBytes);
   if (!content) return content.error().with_context("bundle file");
@@ -211,7 +211,7 @@ Result<v1::BundleManifest> load_spec(const std::filesystem::path& dir, const Clo
   if (!y.IsMap()) return spec_error(dir, "top level must be a mapping");
   static const std::set<std::string> known = {"name",       "channel",     "version", "description", "expires",
                                               "expires-in", "k3s-version", "target",  "files",       "registries",
-                                              "artifacts",  "overlays",    "switch-from-channels"};
+                                              "artifacts",  "overlays",    "switch-from-channels", "health"};
   for (const auto& kv : y) {
     auto key = kv.first.as<std::string>();
     if (!known.count(key)) return spec_error(dir, "line " + std::to_string(kv.first.Mark().line + 1) +
@@ -288,14 +288,17 @@ Result<v1::BundleManifest> load_spec(const std::filesystem::path& dir, const Clo
     }
 
     std::set<std::string> artifact_names;
-    bool have_k3s_binary = false;
     for (const auto& a : y["artifacts"]) {
       if (!a.IsMap()) return spec_error(dir, "artifacts: each entry must be a mapping with kind and source");
       auto kind = parse_artifact_kind(a["kind"].as<std::string>(""));
       if (!kind) return spec_error(dir, "artifacts: " + kind.error().message);
-      if (*kind == v1::ARTIFACT_KIND_K3S_BINARY) {
-        if (have_k3s_binary) return spec_error(dir, "artifacts: only one k3s-binary artifact per bundle");
-        have_k3s_binary = true;
+      std::vector<std::string> arches;
+      if (auto arch = a["arch"]) {
+        if (arch.IsScalar()) arches.push_back(arch.as<std::string>());
+        else for (const auto& x : arch) arches.push_back(x.as<std::string>());
+        for (const auto& x : arches) {
+          if (!valid_arch(x)) return spec_error(dir, "artifacts: unknown arch '" + x + "' (amd64, arm64, arm)");
+        }
       }
       auto src = spec_source(dir, "artifacts", a["source"].as<std::string>(""));
       if (!src) return src.error();
@@ -315,9 +318,46 @@ Result<v1::BundleManifest> load_spec(const std::filesystem::path& dir, const Clo
       if (art->url().empty() || !single_line(art->url())) return spec_error(dir, "artifacts: bad url for '" + name + "'");
       art->set_sha256(hashed->first);
       art->set_size(hashed->second);
+      for (const auto& x : arches) art->add_arch(x);
       if (sources) sources->push_back({hex, *src});
     }
     if (m.artifacts_size() > static_cast<int>(kMaxArtifacts)) return spec_error(dir, "too many artifacts");
+    if (auto shape = check_manifest_shape(m); shape.find("k3s-binary") != std::string::npos) {
+      return spec_error(dir, "artifacts: " + shape + " (give each k3s-binary an arch)");
+    }
+    if (auto h = y["health"]) {
+      if (!h.IsMap()) return spec_error(dir, "health: must be a mapping with timeout, settle and/or workloads");
+      for (const auto& kv : h) {
+        const auto key = kv.first.as<std::string>();
+        if (key != "timeout" && key != "settle" && key != "workloads") {
+          return spec_error(dir, "health: unknown key '" + key + "' (timeout, settle, workloads)");
+        }
+      }
+      auto seconds = [&](const char* key, uint32_t max, uint32_t* out) -> Status {
+        if (!h[key]) return {};
+        auto d = parse_duration(h[key].as<std::string>());
+        if (!d || d->count() < 1000 || d->count() / 1000 > max) {
+          return spec_error(dir, std::string("health.") + key + ": a duration from 1s to " + std::to_string(max) +
+                                     "s (e.g. 10m)");
+        }
+        *out = static_cast<uint32_t>(d->count() / 1000);
+        return {};
+      };
+      uint32_t timeout = 0, settle = 0;
+      FLOTILLA_TRY_STATUS(seconds("timeout", kMaxHealthTimeoutSeconds, &timeout));
+      FLOTILLA_TRY_STATUS(seconds("settle", kMaxHealthSettleSeconds, &settle));
+      auto* gate = m.mutable_health();
+      gate->set_timeout_seconds(timeout);
+      gate->set_settle_seconds(settle);
+      for (const auto& w : h["workloads"]) {
+        if (!w.IsMap()) return spec_error(dir, "health.workloads: each entry is a mapping with kind, name, namespace");
+        auto* c = gate->add_workloads();
+        c->set_kind(w["kind"].as<std::string>(""));
+        c->set_name(w["name"].as<std::string>(""));
+        c->set_namespace_(w["namespace"].as<std::string>(""));
+      }
+      if (auto e = check_health_gate(*gate); !e.empty()) return spec_error(dir, e);
+    }
 
     int index = 0;
     for (const auto& o : y["overlays"]) {
@@ -428,13 +468,55 @@ std::string check_file(const v1::BundleFile& f, const std::string& where) {
   if (!valid_file_name(f.name()) || f.kind() == v1::FILE_KIND_UNSPECIFIED || !v1::FileKind_IsValid(f.kind())) {
     return where + "file entry '" + f.name() + "' has a bad name or kind";
   }
-  if (f.name() == kOverlayDropInName) return where + "file name '" + f.name() + "' is reserved for the overlay drop-in";
+  if (f.name() == kOverlayDropInName || f.name() == kNodeDropInName) {
+    return where + "file name '" + f.name() + "' is reserved for a drop-in Flotilla writes itself";
+  }
   auto h = crypto::sha256(f.content());
   if (f.sha256() != std::string(h.begin(), h.end())) return where + "file '" + f.name() + "' does not match its sha256";
   return "";
 }
 
 }  // namespace
+
+bool valid_arch(const std::string& arch) { return arch == "amd64" || arch == "arm64" || arch == "arm"; }
+
+bool valid_workload_kind(const std::string& kind) {
+  return kind == "Deployment" || kind == "DaemonSet" || kind == "StatefulSet" || kind == "Job" || kind == "HelmChart";
+}
+
+std::string check_health_gate(const v1::HealthGate& g) {
+  if (g.timeout_seconds() > kMaxHealthTimeoutSeconds) {
+    return "health timeout " + std::to_string(g.timeout_seconds()) + "s is above " +
+           std::to_string(kMaxHealthTimeoutSeconds) + "s";
+  }
+  if (g.settle_seconds() > kMaxHealthSettleSeconds) {
+    return "health settle " + std::to_string(g.settle_seconds()) + "s is above " +
+           std::to_string(kMaxHealthSettleSeconds) + "s";
+  }
+  if (g.workloads_size() > kMaxWorkloadChecks) return "more than " + std::to_string(kMaxWorkloadChecks) + " workload checks";
+  std::set<std::string> seen;
+  for (const auto& w : g.workloads()) {
+    if (!valid_workload_kind(w.kind())) {
+      return "health workload kind '" + w.kind().substr(0, 64) +
+             "' is not one of Deployment, DaemonSet, StatefulSet, Job, HelmChart";
+    }
+    // Kubernetes object names (RFC 1123): they end up as kubectl arguments.
+    for (const std::string* n : {&w.name(), &w.namespace_()}) {
+      if (n->size() > 253 || (n == &w.name() && n->empty())) return "health workload has a bad name or namespace";
+      for (char c : *n) {
+        if (!(std::islower(static_cast<unsigned char>(c)) || std::isdigit(static_cast<unsigned char>(c)) ||
+              c == '-' || c == '.')) {
+          return "health workload name or namespace '" + n->substr(0, 64) + "' is not a Kubernetes object name";
+        }
+      }
+      if (!n->empty() && (n->front() == '-' || n->front() == '.')) return "health workload has a bad name";
+    }
+    if (!seen.insert(w.kind() + "/" + w.namespace_() + "/" + w.name()).second) {
+      return "health workload " + w.kind() + " " + w.name() + " is listed twice";
+    }
+  }
+  return "";
+}
 
 // Empty when the manifest's files, artifacts and overlays are well formed;
 // otherwise what is wrong. Everything here is signed, so a failure means a
@@ -454,6 +536,24 @@ std::string check_manifest_shape(const v1::BundleManifest& m) {
     if (a.url().empty() || a.url().size() > 2048 || a.url().find_first_of("\r\n") != std::string::npos) {
       return "artifact '" + a.name() + "' has a bad url";
     }
+    if (a.arch_size() > 8) return "artifact '" + a.name() + "' names too many architectures";
+    for (const auto& x : a.arch()) {
+      if (!valid_arch(x)) return "artifact '" + a.name() + "' names unknown arch '" + x.substr(0, 32) + "'";
+    }
+  }
+  // One k3s binary per architecture: a device must know which one to run.
+  for (const auto& arch : {"amd64", "arm64", "arm"}) {
+    int binaries = 0;
+    for (const auto& a : m.artifacts()) {
+      if (a.kind() != v1::ARTIFACT_KIND_K3S_BINARY) continue;
+      bool applies = a.arch_size() == 0;
+      for (const auto& x : a.arch()) applies |= x == arch;
+      binaries += applies ? 1 : 0;
+    }
+    if (binaries > 1) return std::string("more than one k3s-binary artifact for arch ") + arch;
+  }
+  if (m.has_health()) {
+    if (auto e = check_health_gate(m.health()); !e.empty()) return e;
   }
   if (m.overlays_size() > static_cast<int>(kMaxOverlays)) return "too many overlays";
   if (m.switch_from_channels_size() > 64) return "too many switch_from_channels";

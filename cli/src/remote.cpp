@@ -55,6 +55,8 @@ int device_list(int argc, char** argv) {
             "FLOTILLA_");
   add_hub_flags(o);
   o.add("selector", "label selector, e.g. 'env=prod,region in (eu,us)'")
+      .add("cert-expires-before", "only devices whose k3s certificates expire before this time (RFC 3339 or unix "
+                                  "seconds)")
       .add("limit", "page size", "500")
       .add("after", "start after this device id (the previous page's last)")
       .add_switch("all", "include decommissioned devices");
@@ -65,22 +67,29 @@ int device_list(int argc, char** argv) {
   std::string path = "/v1/devices?limit=" + url_encode(o.get("limit"));
   if (!o.get("selector").empty()) path += "&selector=" + url_encode(o.get("selector"));
   if (!o.get("after").empty()) path += "&after=" + url_encode(o.get("after"));
+  if (!o.get("cert-expires-before").empty()) path += "&certExpiresBefore=" + url_encode(o.get("cert-expires-before"));
   if (o.get_bool("all")) path += "&include_decommissioned=true";
   auto r = c->call("GET", path);
   if (!r) return fail(r.error().message);
   if (print_json(o, *r)) return 0;
   const bool w = wide(o);
   std::vector<std::string> header{"ID", "PROJECT", "ONLINE", "STATE", "BUNDLE", "K3S", "LABELS"};
-  if (w) header.insert(header.end(), {"ARCH", "AGENT", "HOSTNAME", "LAST SEEN", "CAMPAIGN", "LAST REASON"});
+  if (w) {
+    header.insert(header.end(), {"ARCH", "AGENT", "HOSTNAME", "LAST SEEN", "CAMPAIGN", "LAST REASON", "ROLE", "CLUSTER",
+                                 "CERT EXPIRES", "OS", "DISK FREE"});
+  }
   Table t(header);
   for (const auto& d : (*r)["items"]) {
     std::string bundle = str(d, "applied_bundle").empty() ? "-" : str(d, "applied_bundle") + " v" + str(d, "applied_version");
     std::vector<std::string> row{str(d, "id"), str(d, "project"), d.value("online", false) ? "yes" : "no",
                                  str(d, "state"), bundle, or_dash(str(d, "k3s_version")), labels_text(d["labels"])};
     if (w) {
-      for (const char* k : {"arch", "agent_version", "hostname", "last_seen_at", "campaign_id", "last_reason"}) {
+      for (const char* k : {"arch", "agent_version", "hostname", "last_seen_at", "campaign_id", "last_reason", "k3s_role",
+                            "cluster_id", "k3s_cert_expires_at", "os"}) {
         row.push_back(or_dash(str(d, k)));
       }
+      const uint64_t free_b = d.value("disk_free_bytes", uint64_t{0});
+      row.push_back(free_b ? std::to_string(free_b >> 20) + " MiB" : "-");
     }
     t.add(row);
   }

@@ -173,7 +173,20 @@ Result<Child> spawn(const SpawnOptions& opts) {
 
 Result<RunResult> run(const std::vector<std::string>& argv, std::chrono::milliseconds timeout,
                       size_t max_output) {
+  return run(argv, timeout, max_output, {});
+}
+
+Result<RunResult> run(const std::vector<std::string>& argv, std::chrono::milliseconds timeout, size_t max_output,
+                      const std::map<std::string, std::string>& env_set) {
   if (argv.empty()) return make_error(Errc::invalid_argument, "run: empty argv");
+  // Built before fork: the child only calls async-signal-safe functions.
+  std::vector<std::string> env_strings;
+  std::vector<char*> cenv;
+  if (!env_set.empty()) {
+    env_strings = merged_env(env_set);
+    for (auto& e : env_strings) cenv.push_back(e.data());
+    cenv.push_back(nullptr);
+  }
   int outp[2] = {-1, -1}, errp[2] = {-1, -1}, execp[2] = {-1, -1};
   // Every early return closes what was opened: a caller that retries after
   // EAGAIN (fork) or EMFILE (pipe) must not lose six descriptors each time.
@@ -208,7 +221,8 @@ Result<RunResult> run(const std::vector<std::string>& argv, std::chrono::millise
     if (devnull >= 0) { ::dup2(devnull, STDIN_FILENO); ::close(devnull); }
     ::signal(SIGPIPE, SIG_DFL);
     close_inherited_fds(execp[1]);
-    ::execv(cargv[0], cargv.data());
+    if (cenv.empty()) ::execv(cargv[0], cargv.data());
+    else ::execve(cargv[0], cargv.data(), cenv.data());
     int err = errno;
     ssize_t ignored = ::write(execp[1], &err, sizeof err);
     (void)ignored;

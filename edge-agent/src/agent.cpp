@@ -21,10 +21,60 @@ constexpr const char* kRegistries = "/etc/rancher/k3s/registries.yaml";
 constexpr const char* kManifestDir = "/var/lib/rancher/k3s/server/manifests/";
 constexpr const char* kImagesDir = "/var/lib/rancher/k3s/agent/images/";
 
+constexpr uint64_t kK3sExtractFactor = 3;
+constexpr uint64_t kImagesUnpackFactor = 2;
+
 std::string hex_of(const std::string& raw) {
   return to_hex(reinterpret_cast<const uint8_t*>(raw.data()), raw.size());
 }
 }  // namespace
+
+const char* step_name(Step s) {
+  switch (s) {
+    case Step::verify: return "verify";
+    case Step::space: return "space";
+    case Step::download: return "download";
+    case Step::backup: return "backup";
+    case Step::snapshot: return "snapshot";
+    case Step::install: return "install";
+    case Step::restart: return "restart";
+    case Step::health: return "health";
+    case Step::commit: return "commit";
+    case Step::rollback: return "rollback";
+    case Step::recover: return "recover";
+  }
+  return "?";
+}
+
+std::optional<Step> step_from_name(const std::string& name) {
+  for (Step s : {Step::verify, Step::space, Step::download, Step::backup, Step::snapshot, Step::install, Step::restart,
+                 Step::health,
+                 Step::commit, Step::rollback, Step::recover}) {
+    if (name == step_name(s)) return s;
+  }
+  return std::nullopt;
+}
+
+bool step_allowed(std::optional<Step> from, Step to) {
+  // The transition table of the apply pipeline (docs/agent.md, "Apply pipeline").
+  static const std::map<Step, std::set<Step>> next = {
+      {Step::verify, {Step::space}},
+      {Step::space, {Step::download}},
+      {Step::download, {Step::backup}},
+      {Step::backup, {Step::snapshot, Step::install}},
+      {Step::snapshot, {Step::install}},
+      {Step::install, {Step::restart}},
+      {Step::restart, {Step::health, Step::rollback}},
+      {Step::health, {Step::commit, Step::rollback}},
+      {Step::commit, {}},
+      {Step::rollback, {}},
+      {Step::recover, {}},
+  };
+  if (to == Step::recover) return true;
+  if (!from) return to == Step::verify;
+  auto it = next.find(*from);
+  return it != next.end() && it->second.count(to) > 0;
+}
 
 std::string Agent::path_for(const v1::BundleFile& f) {
   switch (f.kind()) {
@@ -48,7 +98,7 @@ Agent::Agent(CoreConfig cfg, K3sRuntime& runtime, FileTree& files, StateStore& s
              Reporter reporter, Downloader* downloader)
     : cfg_(std::move(cfg)), runtime_(runtime), files_(files), store_(state), clock_(clock),
       reporter_(std::move(reporter)), downloader_(downloader) {
-  seq_ = static_cast<uint64_t>(clock_.now_unix_ms());
+  seq_ = static_cast<uint64_t>(std::max<int64_t>(0, clock_.now_unix_ms()));
 }
 
 Status Agent::save() { return store_.save(state_); }
@@ -57,8 +107,16 @@ Status Agent::start() {
   auto s = store_.load();
   if (!s) return s.error().with_context("load agent state");
   state_ = std::move(*s);
-  // Reports of the previous run stay newer than anything it sent.
+  // Reports of the previous run stay newer than anything it sent: sequence
+  // numbers continue above the block the last run reserved, whatever the
+  // clock says now. An agent that never reserved one (its first start, or an
+  // agent from before this was persisted, whose numbers were wall-clock ms)
+  // starts above the clock once.
+  if (state_.seq_reserved != 0) seq_ = state_.seq_reserved;
   if (!state_.outbox.empty()) seq_ = std::max(seq_, state_.outbox.rbegin()->first);
+  // Reserved now, so that reporting (even a refusal) writes nothing later.
+  state_.seq_reserved = seq_ + 4096;
+  if (auto st = save(); !st) return st.error().with_context("reserve report sequence numbers");
   recover();
   return {};
 }
@@ -74,6 +132,27 @@ void Agent::step(const std::string& name, const char* phase, const std::string& 
   }
 }
 
+void Agent::advance(Step to, bool persist) {
+  if (!state_.in_flight) return;
+  const auto from = step_from_name(state_.in_flight->step);
+  if (!step_allowed(from, to) && from != to) {
+    // A bug, not a device condition: say so loudly; the journal shows it too.
+    log::get("agent")->error("apply pipeline: step {} may not follow {}", step_name(to), state_.in_flight->step);
+  }
+  state_.in_flight->step = step_name(to);
+  if (persist) (void)save();
+}
+
+uint64_t Agent::next_seq() {
+  ++seq_;
+  if (seq_ >= state_.seq_reserved) {
+    // One write per 4096 reports, not one per report (flash wear).
+    state_.seq_reserved = seq_ + 4096;
+    if (auto s = save(); !s) log::get("agent")->warn("could not persist the report sequence: {}", s.error().message);
+  }
+  return seq_;
+}
+
 void Agent::recover() {
   auto logger = log::get("agent");
   if (!state_.in_flight) {
@@ -87,11 +166,24 @@ void Agent::recover() {
   logger->warn("found unfinished apply id={} generation={} bundle={} version={} at step={}; rolling back", f.apply_id,
                f.generation, f.bundle_name, f.version, f.step);
   step("recover", "begin", f.step);
-  static const std::set<std::string> changed_node = {"install", "restart", "health", "commit", "rollback"};
+  static const std::set<std::string> changed_node = {"snapshot", "install", "restart", "health", "commit", "rollback"};
   const bool touched = changed_node.count(f.step) > 0;
   if (touched) {
-    restore(f.backups);
+    const auto dropped = restore(f.backups);
+    // The new k3s may have started on (and migrated) the datastore.
+    if (!f.snapshot.kind.empty()) {
+      if (auto s = runtime_.restore_datastore(f.snapshot); !s) {
+        logger->error("recovery: restoring the datastore from {} failed: {}", f.snapshot.path, s.error().message);
+      } else {
+        logger->warn("recovery: datastore restored from the {} snapshot {}", f.snapshot.kind, f.snapshot.path);
+      }
+    }
     if (auto s = runtime_.restart(); !s) logger->warn("restart after recovery: {}", s.error().message);
+    if (!dropped.empty()) {
+      const auto until = clock_.monotonic() + cfg_.health_timeout;
+      while (!runtime_.health().api_ready && clock_.monotonic() < until) clock_.sleep_for(cfg_.health_poll);
+      for (const auto& copy : dropped) delete_manifest_resources(copy);
+    }
   }
   if (state_.interrupted_generation == f.generation) {
     ++state_.interrupted_count;
@@ -108,6 +200,38 @@ void Agent::recover() {
   }
   step("recover", "end", touched ? "rolled back" : "nothing installed");
   logger->info("recovered: node is back on bundle={} version={}", state_.bundle_name, state_.version);
+}
+
+namespace {
+// Before this agent was built: a device clock (or a header time) below this
+// is not the real time (no RTC, booted in 1970).
+constexpr int64_t kBuiltAfterMs = 1'735'689'600'000;  // 2025-01-01
+constexpr int64_t kDayMs = 86'400'000;
+}  // namespace
+
+bool Agent::clock_suspect() const {
+  // Before this agent was built, or more than a day behind / a year ahead of
+  // the newest time the hub signed.
+  const int64_t now = clock_.now_unix_ms();
+  if (now < kBuiltAfterMs) return true;
+  if (state_.hub_time_ms > 0) {
+    if (now + kDayMs < state_.hub_time_ms) return true;
+    if (now > state_.hub_time_ms + 366 * kDayMs) return true;
+  }
+  return false;
+}
+
+int64_t Agent::verify_time_ms(int64_t header_issued_ms) const {
+  const int64_t now = clock_.now_unix_ms();
+  const bool plausible = header_issued_ms >= kBuiltAfterMs;
+  // The hub's signed times are a lower bound of the real time: a device
+  // clock behind them (1970) is moved up, never an expiry moved back.
+  const int64_t floor = std::max(state_.hub_time_ms, plausible ? header_issued_ms : 0);
+  if (now < floor) return floor;
+  // Far ahead of the time in the header being verified (fresh, director-
+  // signed, above the replay floor: an attacker cannot make one): that time.
+  if (plausible && now > header_issued_ms + 366 * kDayMs) return header_issued_ms;
+  return now;
 }
 
 v1::AppliedBundle Agent::applied_bundle() const {
@@ -136,7 +260,11 @@ v1::Inventory Agent::inventory() {
   } else if (struct sysinfo si {}; ::sysinfo(&si) == 0) {
     inv.set_mem_free_bytes(static_cast<uint64_t>(si.freeram) * si.mem_unit);
   }
-  for (const auto& [k, v] : cfg_.labels) (*inv.mutable_labels())[k] = v;
+  for (const auto& [k, v] : labels()) (*inv.mutable_labels())[k] = v;
+  inv.set_k3s_role(runtime_.role());
+  inv.set_cluster_id(cfg_.cluster_id);
+  if (struct sysinfo si {}; ::sysinfo(&si) == 0) inv.set_mem_total_bytes(static_cast<uint64_t>(si.totalram) * si.mem_unit);
+  inv.set_clock_suspect(clock_suspect());
   return inv;
 }
 
@@ -144,9 +272,9 @@ v1::Report Agent::make_report(v1::AgentState st, const Attempt& a, v1::Reason re
                               uint32_t progress, bool with_inventory) {
   v1::Report r;
   r.set_device_id(cfg_.device_id);
-  // Strictly increasing even across restarts: the hub drops anything not newer.
-  seq_ = std::max<uint64_t>(seq_ + 1, static_cast<uint64_t>(clock_.now_unix_ms()));
-  r.set_seq(seq_);
+  // Strictly increasing even across restarts and clock changes: the hub
+  // drops anything not newer.
+  r.set_seq(next_seq());
   r.set_time_unix_ms(clock_.now_unix_ms());
   r.set_state(st);
   r.set_generation(a.generation);
@@ -177,6 +305,8 @@ void Agent::finish(v1::AgentState st, const Attempt& a, v1::Reason reason, const
   state_.campaign_id = a.campaign_id;
   state_.in_flight.reset();
   auto r = make_report(st, a, reason, message, 100, true);
+  for (const auto& d : deleted_) r.add_deleted_resources(d);
+  deleted_.clear();
   // Bounded: only the newest outcomes matter to the hub.
   while (state_.outbox.size() >= 16) state_.outbox.erase(state_.outbox.begin());
   state_.outbox[r.seq()] = r.SerializeAsString();
@@ -358,6 +488,9 @@ Status Agent::install(const v1::BundleManifest& m, std::vector<PlacedFile>& plac
   // The k3s binary stays: a bundle without one keeps the installed k3s.
   for (const auto& pf : state_.files) {
     if (!new_paths.count(pf.path) && pf.path != cfg_.k3s_bin) {
+      // k3s deletes nothing when a manifest leaves server/manifests: delete
+      // what it created while the file (and the old k3s) are still there.
+      if (pf.path.rfind(kManifestDir, 0) == 0) delete_manifest_resources(pf.path);
       if (auto s = files_.remove(pf.path); !s) return s;
     }
   }
@@ -367,22 +500,132 @@ Status Agent::install(const v1::BundleManifest& m, std::vector<PlacedFile>& plac
 v1::BundleManifest Agent::resolved_for_device(const v1::BundleManifest& m) const {
   v1::BundleManifest out = m;
   out.clear_files();
-  auto resolved = bundles::resolve(m, cfg_.labels);
+  // Only the artifacts for this device's architecture (one bundle serves a
+  // mixed fleet: a k3s binary per arch).
+  out.clear_artifacts();
+  for (const auto& a : m.artifacts()) {
+    bool mine = a.arch_size() == 0;
+    for (const auto& x : a.arch()) mine |= x == cfg_.arch;
+    if (mine) *out.add_artifacts() = a;
+  }
+  auto resolved = bundles::resolve(m, labels());
   for (auto& f : resolved.files) *out.add_files() = std::move(f);
   return out;
 }
 
-void Agent::restore(const std::vector<BackupEntry>& backups) {
+std::vector<std::string> Agent::restore(const std::vector<BackupEntry>& backups) {
+  std::vector<std::string> dropped;
   for (const auto& b : backups) {
     Status s;
     if (b.existed) {
       // Idempotent: a second recovery finds the backup already moved back.
       if (files_.exists(b.backup)) s = files_.rename(b.backup, b.path, std::nullopt);
     } else {
+      // A manifest the apply added: kept aside (in the backup directory,
+      // removed with it) so its resources can be deleted once k3s is back.
+      if (b.path.rfind(kManifestDir, 0) == 0 && files_.exists(b.path)) {
+        const std::string copy = b.backup + ".dropped.yaml";
+        if (files_.preserve(b.path, copy)) dropped.push_back(copy);
+      }
       s = files_.remove(b.path);
     }
     if (!s) log::get("agent")->error("rollback: restore {} failed: {}", b.path, s.error().message);
   }
+  return dropped;
+}
+
+void Agent::delete_manifest_resources(const std::string& path) {
+  auto r = runtime_.delete_manifest(path);
+  if (!r) {
+    log::get("agent")->warn("could not delete the resources of {}: {}", path, r.error().message);
+    return;
+  }
+  for (auto& d : *r) {
+    log::get("agent")->info("deleted {} (its manifest left the node)", d);
+    if (deleted_.size() < 256) deleted_.push_back(std::move(d));
+  }
+}
+
+Agent::GateResult Agent::health_gate(const v1::BundleManifest& m, int64_t restarted_unix,
+                                     std::optional<int64_t> heartbeat_before) {
+  const auto timeout = m.health().timeout_seconds() ? std::chrono::milliseconds(m.health().timeout_seconds() * 1000LL)
+                                                    : cfg_.health_timeout;
+  const auto settle = m.health().settle_seconds() ? std::chrono::milliseconds(m.health().settle_seconds() * 1000LL)
+                                                  : cfg_.health_settle;
+  const auto start = clock_.monotonic();
+  const auto deadline = start + timeout;
+  const std::string want = m.k3s_version();
+  // The k3s binary that was started must be the bundle's: a wrong one will
+  // not turn right by waiting.
+  if (!want.empty()) {
+    if (auto v = runtime_.version(); v && !v->empty() && *v != want) {
+      return {false, v1::REASON_K3S_VERSION, "k3s --version says " + *v + ", the bundle is for " + want};
+    }
+  }
+  bool settling = false;
+  auto ready_since = start;
+  std::string last = "no answer yet";
+  v1::Reason last_reason = v1::REASON_HEALTH_GATE_FAILED;
+  std::vector<WorkloadRef> workloads;
+  if (runtime_.role() == "server") {
+    for (const auto& w : m.health().workloads()) {
+      const std::string ns = !w.namespace_().empty() ? w.namespace_() : w.kind() == "HelmChart" ? "kube-system" : "default";
+      workloads.push_back({w.kind(), ns, w.name()});
+    }
+  }
+  auto secs = [](std::chrono::steady_clock::duration d) {
+    return std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(d).count() / 1000.0).substr(0, 5) + "s";
+  };
+  for (;;) {
+    const K3sHealth h = runtime_.health();
+    last_node_ready_ = h.node_ready;
+    const auto now = clock_.monotonic();
+    bool good = h.ok();
+    last_reason = v1::REASON_HEALTH_GATE_FAILED;
+    if (!good) {
+      last = h.detail.empty() ? "not ready" : h.detail;
+    } else if (h.heartbeat_unix && (*h.heartbeat_unix < restarted_unix ||
+                                    (heartbeat_before && *h.heartbeat_unix <= *heartbeat_before))) {
+      // k3s shows the node Ready from before the restart until the node
+      // lease runs out (~40 s): that is old news, not the new k3s.
+      good = false;
+      last = "node Ready only with a heartbeat from before the restart (stale)";
+    } else if (!want.empty() && !h.kubelet_version.empty() && h.kubelet_version != want) {
+      good = false;
+      last = "the node runs k3s " + h.kubelet_version + ", the bundle is for " + want;
+      last_reason = v1::REASON_K3S_VERSION;
+    }
+    if (!good) {
+      settling = false;
+    } else if (!settling) {
+      settling = true;
+      ready_since = now;
+    }
+    if (good && now - ready_since >= settle) {
+      // Settled: now the bundle's workloads, while the node stays Ready.
+      bool all = true;
+      for (const auto& w : workloads) {
+        auto st = runtime_.workload(w);
+        if (st && st->failed) {
+          return {false, v1::REASON_WORKLOAD_NOT_READY, w.text() + " failed: " + st->detail};
+        }
+        if (!st || !st->ready) {
+          all = false;
+          last = w.text() + " not ready: " + (st ? st->detail : st.error().message);
+          last_reason = v1::REASON_WORKLOAD_NOT_READY;
+          break;
+        }
+      }
+      if (all) return {true, v1::REASON_NONE, ""};
+    } else if (good) {
+      last = "node Ready for " + secs(now - ready_since) + " of the " + secs(settle) + " settling window";
+    }
+    if (now >= deadline) break;
+    clock_.sleep_for(std::min<std::chrono::milliseconds>(
+        cfg_.health_poll, std::chrono::duration_cast<std::chrono::milliseconds>(deadline - now) +
+                              std::chrono::milliseconds(1)));
+  }
+  return {false, last_reason, "k3s not healthy within " + secs(timeout) + ": " + last};
 }
 
 DesiredDecision decide_desired(std::string_view payload, const DesiredContext& ctx) {
@@ -488,6 +731,18 @@ DesiredDecision decide_desired(std::string_view payload, const DesiredContext& c
   }
   d.signed_header = true;
   d.manifest_sha256_hex = to_hex(digest.data(), digest.size());
+  d.issued_unix_ms = h.issued_unix_ms();
+  if (h.labels_set()) {
+    if (h.labels_size() > 64) return refuse(v1::REASON_MALFORMED_DESIRED, "the signed header carries more than 64 labels");
+    for (const auto& [k, v] : h.labels()) {
+      // Kubernetes-style labels only (they are stored as key=value lines).
+      if (k.empty() || k.size() > 253 || v.size() > 253 || k.find_first_of("=\n\r") != std::string::npos ||
+          v.find_first_of("\n\r") != std::string::npos) {
+        return refuse(v1::REASON_MALFORMED_DESIRED, "the signed header carries a malformed label");
+      }
+    }
+    d.labels = std::map<std::string, std::string>(h.labels().begin(), h.labels().end());
+  }
   return d;
 }
 
@@ -541,8 +796,36 @@ void Agent::handle_desired(const std::string& payload) {
                    cfg_.trust->signing_version());
     }
   }
+  if (dd.signed_header) {
+    // The hub's signed time: a lower bound of the real time for a device
+    // whose clock is wrong (no RTC, booted in 1970).
+    if (dd.issued_unix_ms >= kBuiltAfterMs) state_.hub_time_ms = std::max(state_.hub_time_ms, dd.issued_unix_ms);
+    if (dd.labels && (!state_.hub_labels_set || state_.hub_labels != *dd.labels)) {
+      logger->info("labels from the hub: {} label(s), replacing the {} ones", dd.labels->size(),
+                   state_.hub_labels_set ? "previous hub" : "enrollment");
+      state_.hub_labels = *dd.labels;
+      state_.hub_labels_set = true;
+      (void)save();
+    }
+  }
   const std::string& digest = dd.manifest_sha256_hex;
+  // The same bundle resolves to other files when the labels changed (overlays).
+  bool same_files = true;
   if (!state_.manifest_sha256_hex.empty() && digest == state_.manifest_sha256_hex) {
+    v1::BundleManifest current;
+    if (current.ParseFromString(ds.bundle().manifest())) {
+      std::set<std::pair<std::string, std::string>> want, have;
+      const v1::BundleManifest resolved = resolved_for_device(current);
+      for (const auto& f : resolved.files()) want.insert({path_for(f), hex_of(f.sha256())});
+      for (const auto& pf : state_.files) {
+        if (pf.path.rfind(kK3sConfigDir, 0) == 0 || pf.path.rfind(kManifestDir, 0) == 0 || pf.path == kRegistries) {
+          have.insert({pf.path, pf.sha256_hex});
+        }
+      }
+      same_files = want == have;
+    }
+  }
+  if (!state_.manifest_sha256_hex.empty() && digest == state_.manifest_sha256_hex && same_files) {
     // Already running exactly this bundle: nothing to install.
     a.bundle_name = state_.bundle_name;
     a.bundle_version = state_.version;
@@ -557,9 +840,15 @@ void Agent::handle_desired(const std::string& payload) {
   step("verify", "begin");
   report(v1::AGENT_STATE_VERIFYING, a, v1::REASON_NONE, "", 5);
   bundles::VerifyPolicy policy;
-  policy.clock = &clock_;
+  // A device clock far off (1970, or years ahead) would make every bundle
+  // look not yet valid or expired: the hub's signed time stands in for it.
+  const int64_t verify_ms = verify_time_ms(dd.signed_header ? dd.issued_unix_ms : 0);
+  const FakeClock hub_clock(verify_ms / 1000);
+  const bool use_hub_time = verify_ms != clock_.now_unix_ms();
+  if (use_hub_time) logger->warn("device clock looks wrong; checking bundle validity against the hub's signed time");
+  policy.clock = use_hub_time ? static_cast<const Clock*>(&hub_clock) : &clock_;
   policy.arch = cfg_.arch;
-  policy.labels = cfg_.labels;
+  policy.labels = labels();
   policy.check_labels = true;
   policy.highest_applied = state_.highest_version;
   policy.current_channel = state_.channel;
@@ -570,6 +859,8 @@ void Agent::handle_desired(const std::string& payload) {
     policy.highest_applied.clear();
     policy.current_channel.clear();
   }
+  // The bundle already applied, placed again for new labels: not a rollback.
+  if (digest == state_.manifest_sha256_hex) policy.highest_applied.clear();
   auto verdict = cfg_.trust ? cfg_.trust->verify(ds.bundle(), policy) : bundles::verify(ds.bundle(), cfg_.keyring, policy);
   if (verdict.manifest.version()) {
     a.bundle_name = verdict.manifest.name();
@@ -589,7 +880,10 @@ void Agent::handle_desired(const std::string& payload) {
   }
   for (const auto& art : verdict.manifest.artifacts()) {
     if (!verdict.ok()) break;
-    if (artifact_path(art).empty() || art.sha256().size() != 32) {
+    if (art.kind() == v1::ARTIFACT_KIND_K3S_BINARY && cfg_.arch == "armv6") {
+      verdict.reason = v1::REASON_WRONG_ARCH;
+      verdict.message = "this device is ARMv6; k3s's armhf build needs ARMv7, so no k3s binary can run here";
+    } else if (artifact_path(art).empty() || art.sha256().size() != 32) {
       verdict.reason = v1::REASON_MALFORMED_MANIFEST;
       verdict.message = "artifact '" + art.name() + "' has an unknown kind, a bad name or no sha256";
     } else if (art.size() == 0 || art.size() > cfg_.max_artifact_bytes) {
@@ -613,7 +907,16 @@ void Agent::handle_desired(const std::string& payload) {
   step("space", "begin");
   uint64_t need = 0;
   for (const auto& f : m.files()) need += f.content().size();
-  for (const auto& art : m.artifacts()) need += art.size();
+  for (const auto& art : m.artifacts()) {
+    if (auto h = files_.sha256_hex(artifact_path(art)); h && *h && **h == hex_of(art.sha256())) continue;
+    need += art.size();
+    // What k3s unpacks besides: a new k3s binary extracts its payload into
+    // data/<hash> (about three times the binary), containerd unpacks airgap
+    // images into its content store and snapshots (about twice the tarball).
+    // A version change also snapshots the datastore.
+    if (art.kind() == v1::ARTIFACT_KIND_K3S_BINARY) need += art.size() * kK3sExtractFactor + runtime_.datastore_bytes();
+    if (art.kind() == v1::ARTIFACT_KIND_AIRGAP_IMAGES) need += art.size() * kImagesUnpackFactor;
+  }
   auto fb = files_.free_bytes("/");
   step("space", "end");
   if (fb && *fb < need + cfg_.min_free_bytes) {
@@ -626,7 +929,8 @@ void Agent::handle_desired(const std::string& payload) {
   }
 
   // From here on a crash leaves a record that start() acts on.
-  state_.in_flight = InFlight{apply_id_, dd.generation, dd.campaign_id, m.name(), m.version(), "download", {}};
+  deleted_.clear();
+  state_.in_flight = InFlight{apply_id_, dd.generation, dd.campaign_id, m.name(), m.version(), "download", {}, {}, {}};
   if (auto s = save(); !s) {
     report(v1::AGENT_STATE_FAILED, a, v1::REASON_INTERNAL, "cannot journal the apply: " + s.error().message);
     return;
@@ -645,7 +949,7 @@ void Agent::handle_desired(const std::string& payload) {
   step("download", "end");
 
   report(v1::AGENT_STATE_INSTALLING, a, v1::REASON_NONE, "", 30);
-  state_.in_flight->step = "backup";
+  advance(Step::backup, false);
   step("backup", "begin");
   if (auto s = backup(m); !s) {
     // Nothing was installed; finish() drops the partial backups once the
@@ -654,8 +958,34 @@ void Agent::handle_desired(const std::string& payload) {
   }
   step("backup", "end");
 
-  state_.in_flight->step = "install";
-  (void)save();
+  // The node's heartbeat as the running k3s left it, read before anything
+  // stops it: only a newer one (and not older than the restart, on the
+  // device clock both share) comes from the k3s started by this apply.
+  const std::optional<int64_t> heartbeat_before = runtime_.node_heartbeat();
+  // A k3s version change: snapshot the datastore first (Kubernetes does not
+  // support downgrades; a rollback puts it back).
+  bool k3s_changes = false;
+  for (const auto& art : m.artifacts()) {
+    if (art.kind() != v1::ARTIFACT_KIND_K3S_BINARY) continue;
+    auto h = files_.sha256_hex(artifact_path(art));
+    k3s_changes |= !(h && *h && **h == hex_of(art.sha256()));
+  }
+  if (k3s_changes) {
+    advance(Step::snapshot, true);
+    step("snapshot", "begin");
+    auto snap = runtime_.snapshot_datastore(backup_dir() + "/" + apply_id_ + "/datastore", apply_id_);
+    if (!snap) {
+      step("snapshot", "end", snap.error().message);
+      // Nothing installed yet; finish() drops the backups.
+      (void)runtime_.ensure_running();  // a SQLite copy stops k3s first
+      return finish(v1::AGENT_STATE_FAILED, a, v1::REASON_DATASTORE_SNAPSHOT,
+                    "could not snapshot the datastore before the k3s version change: " + snap.error().message);
+    }
+    state_.in_flight->snapshot = *snap;
+    (void)save();
+    step("snapshot", "end", snap->kind.empty() ? "no datastore" : snap->kind + " " + snap->path);
+  }
+  advance(Step::install, true);
   step("install", "begin");
   std::vector<PlacedFile> placed;
   if (auto s = install(m, placed); !s) {
@@ -667,11 +997,26 @@ void Agent::handle_desired(const std::string& payload) {
   auto roll_back = [&](v1::Reason reason, const std::string& why) {
     logger->warn("rolling back bundle={} version={}: {}", m.name(), m.version(), why);
     report(v1::AGENT_STATE_ROLLING_BACK, a, reason, why, 80);
-    state_.in_flight->step = "rollback";
-    (void)save();
+    advance(Step::rollback, true);
     step("rollback", "begin", why);
-    restore(state_.in_flight->backups);
+    const auto dropped = restore(state_.in_flight->backups);
+    // Kubernetes does not support downgrades: the datastore goes back to
+    // what it was before the new k3s touched it.
+    if (const auto snap = state_.in_flight->snapshot; !snap.kind.empty()) {
+      if (auto s = runtime_.restore_datastore(snap); !s) {
+        logger->error("rollback: restoring the datastore from {} failed: {}", snap.path, s.error().message);
+      } else {
+        logger->warn("rollback: datastore restored from the {} snapshot {}", snap.kind, snap.path);
+      }
+    }
     if (auto s = runtime_.restart(); !s) logger->error("restart after rollback failed: {}", s.error().message);
+    // Manifests the rollback took off the node: their resources go too, once
+    // the old k3s answers again (k3s deletes nothing when a file goes).
+    if (!dropped.empty()) {
+      const auto until = clock_.monotonic() + cfg_.health_timeout;
+      while (!runtime_.health().api_ready && clock_.monotonic() < until) clock_.sleep_for(cfg_.health_poll);
+      for (const auto& copy : dropped) delete_manifest_resources(copy);
+    }
     // The outcome for this generation is final: do not retry it on reconnect.
     // finish() removes the backups only once that is stored.
     finish(v1::AGENT_STATE_ROLLED_BACK, a, reason, why);
@@ -679,9 +1024,9 @@ void Agent::handle_desired(const std::string& payload) {
   };
 
   report(v1::AGENT_STATE_RESTARTING, a, v1::REASON_NONE, "", 60);
-  state_.in_flight->step = "restart";
-  (void)save();
+  advance(Step::restart, true);
   step("restart", "begin");
+  const int64_t restarted_unix = clock_.now_unix();
   if (auto s = runtime_.restart(); !s) {
     // systemd/OpenRC refusing is the service's failure, not k3s's.
     return roll_back(s.error().code == Errc::refused ? v1::REASON_SERVICE_FAILED : v1::REASON_RESTART_FAILED,
@@ -690,24 +1035,13 @@ void Agent::handle_desired(const std::string& payload) {
   step("restart", "end");
 
   report(v1::AGENT_STATE_HEALTH_CHECK, a, v1::REASON_NONE, "", 70);
-  state_.in_flight->step = "health";
-  (void)save();
+  advance(Step::health, true);
   step("health", "begin");
-  const auto deadline = std::chrono::steady_clock::now() + cfg_.health_timeout;
-  K3sHealth h;
-  for (;;) {
-    h = runtime_.health();
-    if (h.ok() || std::chrono::steady_clock::now() >= deadline) break;
-    std::this_thread::sleep_for(cfg_.health_poll);
-  }
-  last_node_ready_ = h.node_ready;
-  step("health", "end", h.ok() ? "healthy" : h.detail);
-  if (!h.ok()) {
-    return roll_back(v1::REASON_HEALTH_GATE_FAILED,
-                     "k3s not healthy within " + std::to_string(cfg_.health_timeout.count()) + "ms: " + h.detail);
-  }
+  const GateResult gate = health_gate(m, restarted_unix, heartbeat_before);
+  step("health", "end", gate.ok ? "healthy" : gate.why);
+  if (!gate.ok) return roll_back(gate.reason, gate.why);
 
-  state_.in_flight->step = "commit";
+  advance(Step::commit, false);
   step("commit", "begin");
   if (state_.manifest_sha256_hex != digest) state_.previous_manifest_sha256_hex = state_.manifest_sha256_hex;
   state_.bundle_name = m.name();

@@ -32,7 +32,10 @@ std::string detect_arch() {
   const std::string m = u.machine;
   if (m == "x86_64") return "amd64";
   if (m == "aarch64" || m == "arm64") return "arm64";
-  if (m.rfind("armv7", 0) == 0 || m.rfind("armv6", 0) == 0 || m == "arm") return "arm";
+  if (m.rfind("armv7", 0) == 0 || m.rfind("armv8l", 0) == 0 || m == "arm") return "arm";
+  // k3s's armhf build needs ARMv7: an ARMv6 device (Pi Zero, Pi 1) is told so
+  // when a bundle brings k3s, rather than getting a binary that cannot run.
+  if (m.rfind("armv6", 0) == 0) return "armv6";
   return m;
 }
 
@@ -55,7 +58,18 @@ void add_agent_options(Options& o) {
       .add("node-name", "k3s node name; default: the hostname")
       .add("state-dir", "where the agent keeps identity, credentials and its journal (device path)",
            "/var/lib/flotilla")
-      .add("health-timeout", "how long k3s may take to become healthy after a change", "60s")
+      .add("health-timeout", "how long k3s may take to become healthy after a change (a bundle's health.timeout "
+                             "overrides it); sized for low-power devices", "10m")
+      .add("health-settle", "how long the node must stay Ready, with a heartbeat newer than the restart, before the "
+                            "health gate passes (a bundle's health.settle overrides it)", "30s")
+      .add("service-start-timeout", "TimeoutStartSec= of a k3s unit the agent writes on a first install (0 = none, "
+                                    "as k3s's own unit)", "0")
+      .add("k3s-role", "this node's k3s role: server (k3s server, unit k3s) or agent (k3s agent, unit k3s-agent)",
+           "server")
+      .add("k3s-server-url", "an agent node's k3s server (https://server:6443); unused when config.yaml sets server")
+      .add("k3s-token-file", "an agent node's join token file (device path); unused when config.yaml sets token")
+      .add("cluster-id", "the k3s cluster this node belongs to (campaigns upgrade one node of a cluster at a time, "
+                         "servers first); empty = a cluster of its own")
       .add("reconnect-max", "longest wait between broker reconnect attempts", "5m")
       .add("service-manager", "how k3s runs: auto (detect), systemd, openrc or direct (the agent supervises it)",
            "auto")
@@ -163,6 +177,39 @@ Result<AgentConfig> agent_config_from(const Options& o) {
   auto ht = o.get_duration("health-timeout");
   if (!ht) return ht.error();
   c.health_timeout = *ht;
+  auto hs = o.get_duration("health-settle");
+  if (!hs) return hs.error();
+  if (hs->count() < 0 || *hs > c.health_timeout) {
+    return make_error(Errc::invalid_argument, "health-settle must be between 0 and health-timeout (from " +
+                                                  o.source("health-settle") + ")");
+  }
+  c.health_settle = *hs;
+  auto sst = o.get_duration("service-start-timeout");
+  if (!sst) return sst.error();
+  if (sst->count() < 0) return make_error(Errc::invalid_argument, "service-start-timeout must not be negative");
+  c.service_start_timeout = *sst;
+  c.k3s_role = o.get("k3s-role");
+  if (c.k3s_role != "server" && c.k3s_role != "agent") {
+    return make_error(Errc::invalid_argument, "k3s-role must be server or agent, got '" + c.k3s_role + "' (from " +
+                                                  o.source("k3s-role") + ")");
+  }
+  c.k3s_server_url = o.get("k3s-server-url");
+  if (!c.k3s_server_url.empty() && c.k3s_server_url.find("://") == std::string::npos) {
+    return make_error(Errc::invalid_argument, "k3s-server-url must be a URL (https://server:6443), got '" +
+                                                  c.k3s_server_url + "'");
+  }
+  c.k3s_token_file = o.get("k3s-token-file");
+  if (!c.k3s_token_file.empty() && c.k3s_token_file.front() != '/') {
+    return make_error(Errc::invalid_argument, "k3s-token-file must be an absolute device path");
+  }
+  c.cluster_id = o.get("cluster-id");
+  if (c.cluster_id.size() > 63 ||
+      !std::all_of(c.cluster_id.begin(), c.cluster_id.end(), [](char ch) {
+        return std::isalnum(static_cast<unsigned char>(ch)) || ch == '-' || ch == '_' || ch == '.';
+      })) {
+    return make_error(Errc::invalid_argument, "cluster-id must be at most 63 letters, digits, '-', '_' or '.', got '" +
+                                                  c.cluster_id.substr(0, 80) + "'");
+  }
   auto rm = o.get_duration("reconnect-max");
   if (!rm) return rm.error();
   c.reconnect_max = *rm;
@@ -457,11 +504,21 @@ Status run_agent(const AgentConfig& cfg, const std::atomic<bool>& stop) {
   rc.root = cfg.root;
   rc.k3s_bin = under_root(cfg, cfg.k3s_bin).string();
   rc.node_name = cfg.node_name;
+  rc.role = cfg.k3s_role;
+  rc.server_url = cfg.k3s_server_url;
+  rc.token_file = cfg.k3s_token_file;
+  rc.service_start_timeout = cfg.service_start_timeout;
   const std::string manager =
       cfg.service_manager == "auto" ? detect_service_manager(cfg.root) : cfg.service_manager;
   std::unique_ptr<ServiceManager> service;
   if (manager == "systemd" || manager == "openrc") {
-    auto m = manager == "systemd" ? make_systemd_manager() : make_openrc_manager();
+    // install.sh names the unit after the role: k3s, k3s-agent.
+    const std::string unit = cfg.k3s_role == "agent" ? "k3s-agent" : "k3s";
+    // A Type=notify restart returns once k3s is up (with k3s's
+    // TimeoutStartSec=0, never if it does not come up): the agent waits as
+    // long as its health gate would, then the gate's rollback takes over.
+    const auto tool_timeout = std::max(cfg.health_timeout, std::chrono::milliseconds(10000));
+    auto m = manager == "systemd" ? make_systemd_manager(unit, tool_timeout) : make_openrc_manager(unit, tool_timeout);
     if (!m) return m.error();
     service = std::move(*m);
   }
@@ -500,6 +557,9 @@ Status run_agent(const AgentConfig& cfg, const std::atomic<bool>& stop) {
   }
   if (core_cfg.director_key) logger->info("director key_id={}", core_cfg.director_key->key_id);
   core_cfg.health_timeout = cfg.health_timeout;
+  core_cfg.health_settle = cfg.health_settle;
+  core_cfg.role = cfg.k3s_role;
+  core_cfg.cluster_id = cfg.cluster_id;
   core_cfg.min_free_bytes = cfg.min_free_bytes;
   core_cfg.state_dir = cfg.state_dir;
   core_cfg.k3s_bin = cfg.k3s_bin;

@@ -237,6 +237,7 @@ Result<AppliedState> SqliteStateStore::load() {
       !s) {
     return s.error();
   }
+  std::string snapshot_text;  // "kind\npath" of the in-flight apply's datastore snapshot
   if (auto s = each_row("SELECT key, value FROM meta",
                         [&](const sql::Stmt& q) {
                           const std::string key = q.col_text(0);
@@ -247,6 +248,21 @@ Result<AppliedState> SqliteStateStore::load() {
                           else if (key == "interrupted_count")
                             a.interrupted_count = static_cast<uint32_t>(std::stoul("0" + value));
                           else if (key == "director_generation") a.director_generation = std::stoull("0" + value);
+                          else if (key == "seq_reserved") a.seq_reserved = std::stoull("0" + value);
+                          else if (key == "hub_time_ms") a.hub_time_ms = std::stoll("0" + value);
+                          else if (key == "hub_labels_set") a.hub_labels_set = value == "1";
+                          else if (key == "in_flight_snapshot") snapshot_text = value;
+                          else if (key == "hub_labels") {
+                            // key=value lines (label keys and values never hold '=' or newlines).
+                            size_t at = 0;
+                            while (at < value.size()) {
+                              const auto nl = value.find('\n', at);
+                              const std::string line = value.substr(at, nl == std::string::npos ? nl : nl - at);
+                              at = nl == std::string::npos ? value.size() : nl + 1;
+                              const auto eq = line.find('=');
+                              if (eq != std::string::npos) a.hub_labels[line.substr(0, eq)] = line.substr(eq + 1);
+                            }
+                          }
                         });
       !s) {
     return s.error();
@@ -270,6 +286,9 @@ Result<AppliedState> SqliteStateStore::load() {
         !s) {
       return s.error();
     }
+    if (const auto nl = snapshot_text.find('\n'); nl != std::string::npos) {
+      f.snapshot = DatastoreSnapshot{snapshot_text.substr(0, nl), snapshot_text.substr(nl + 1)};
+    }
     a.in_flight = std::move(f);
   }
   if (auto s = each_row("SELECT seq, report FROM outbox ORDER BY seq",
@@ -277,6 +296,7 @@ Result<AppliedState> SqliteStateStore::load() {
       !s) {
     return s.error();
   }
+  last_ = a;
   return a;
 }
 
@@ -314,6 +334,11 @@ Status SqliteStateStore::save(const AppliedState& a) {
       .bind(3, static_cast<int64_t>(a.version)).bind(4, std::string_view(a.manifest_sha256_hex))
       .bind(5, static_cast<int64_t>(a.generation)).bind(6, std::string_view(a.campaign_id));
   if (auto s = st->run(); !s) return s;
+  // Only what changed since the last save is written: an apply saves at
+  // every step, and rewriting the applied desired state (bundle files
+  // inline, up to MiBs) each time wore flash for nothing.
+  const bool first = !last_.has_value();
+  if (first || last_->files != a.files) {
   if (auto s = db_->exec("DELETE FROM placed_files"); !s) return s;
   auto ins = db_->prepare("INSERT INTO placed_files (path, sha256) VALUES (?, ?)");
   if (!ins) return ins.error();
@@ -322,6 +347,8 @@ Status SqliteStateStore::save(const AppliedState& a) {
     ins->bind(1, std::string_view(f.path)).bind(2, std::string_view(f.sha256_hex));
     if (auto s = ins->run(); !s) return s;
   }
+  }
+  if (first || last_->highest_version != a.highest_version) {
   auto hv = db_->prepare(
       "INSERT INTO highest_version (channel, version) VALUES (?, ?) "
       "ON CONFLICT(channel) DO UPDATE SET version = MAX(version, excluded.version)");
@@ -331,20 +358,36 @@ Status SqliteStateStore::save(const AppliedState& a) {
     hv->bind(1, std::string_view(ch)).bind(2, static_cast<int64_t>(v));
     if (auto s = hv->run(); !s) return s;
   }
+  }
   auto meta = db_->prepare("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)");
   if (!meta) return meta.error();
-  const std::string ig = std::to_string(a.interrupted_generation), ic = std::to_string(a.interrupted_count);
-  const std::string dg = std::to_string(a.director_generation);
-  for (const auto& [k, v] : std::vector<std::pair<std::string_view, std::string_view>>{
-           {"previous_manifest_sha256", a.previous_manifest_sha256_hex},
-           {"applied_desired", a.applied_desired},
-           {"interrupted_generation", ig},
-           {"interrupted_count", ic},
-           {"director_generation", dg}}) {
+  auto meta_of = [](const AppliedState& x) {
+    std::string labels;
+    for (const auto& [k, v] : x.hub_labels) labels += k + "=" + v + "\n";
+    return std::vector<std::pair<std::string, std::string>>{
+        {"previous_manifest_sha256", x.previous_manifest_sha256_hex},
+        {"applied_desired", x.applied_desired},
+        {"interrupted_generation", std::to_string(x.interrupted_generation)},
+        {"interrupted_count", std::to_string(x.interrupted_count)},
+        {"director_generation", std::to_string(x.director_generation)},
+        {"seq_reserved", std::to_string(x.seq_reserved)},
+        {"hub_time_ms", std::to_string(x.hub_time_ms)},
+        {"hub_labels_set", x.hub_labels_set ? "1" : "0"},
+        {"hub_labels", labels},
+        {"in_flight_snapshot", x.in_flight && !x.in_flight->snapshot.kind.empty()
+                                   ? x.in_flight->snapshot.kind + "\n" + x.in_flight->snapshot.path
+                                   : std::string()}};
+  };
+  const auto rows = meta_of(a);
+  const auto before = first ? decltype(rows){} : meta_of(*last_);
+  for (size_t i = 0; i < rows.size(); ++i) {
+    const auto& [k, v] = rows[i];
+    if (!first && before[i].second == v) continue;
     meta->reset();
-    meta->bind(1, k).bind_blob(2, v);
+    meta->bind(1, std::string_view(k)).bind_blob(2, std::string_view(v));
     if (auto s = meta->run(); !s) return s;
   }
+  if (first || last_->in_flight != a.in_flight) {
   if (auto s = db_->exec("DELETE FROM in_flight; DELETE FROM backups;"); !s) return s;
   if (a.in_flight) {
     const auto& f = *a.in_flight;
@@ -366,6 +409,8 @@ Status SqliteStateStore::save(const AppliedState& a) {
       if (auto s = bs->run(); !s) return s;
     }
   }
+  }
+  if (first || last_->outbox != a.outbox) {
   if (auto s = db_->exec("DELETE FROM outbox"); !s) return s;
   auto ob = db_->prepare("INSERT INTO outbox (seq, report) VALUES (?, ?)");
   if (!ob) return ob.error();
@@ -374,7 +419,13 @@ Status SqliteStateStore::save(const AppliedState& a) {
     ob->bind(1, static_cast<int64_t>(seq)).bind_blob(2, bytes);
     if (auto s = ob->run(); !s) return s;
   }
-  return tx.commit();
+  }
+  if (auto s = tx.commit(); !s) {
+    last_.reset();  // not known what is on disk: write everything next time
+    return s;
+  }
+  last_ = a;
+  return {};
 }
 
 Status SqliteStateStore::journal(const JournalEntry& e) {

@@ -14,6 +14,7 @@
 //  - FakeDownloader: serves artifact bytes from a map by URL into a
 //    MemFileTree, can fail or truncate, and counts fetches.
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <vector>
 #include <optional>
@@ -49,12 +50,35 @@ class FakeK3sRuntime final : public K3sRuntime {
     const bool ok = !never_ && polls_since_restart_ > unhealthy_polls_;
     h.api_ready = ok;
     h.node_ready = ok;
+    h.heartbeat_unix = heartbeat;
+    h.kubelet_version = kubelet_version;
     if (!ok) h.detail = "fake: node not ready";
+    if (script) script(polls_since_restart_, h);
     return h;
+  }
+  std::optional<int64_t> node_heartbeat() override { return heartbeat_before; }
+  Result<WorkloadState> workload(const WorkloadRef& w) override {
+    ++workload_polls;
+    auto it = workloads.find(w.text());
+    if (it == workloads.end()) return WorkloadState{false, false, "not found"};
+    return it->second;
+  }
+  Result<std::vector<std::string>> delete_manifest(const std::string& path) override {
+    deleted_manifests.push_back(path);
+    return std::vector<std::string>{"configmap/" + path.substr(path.rfind('/') + 1)};
   }
   void stop() override { ++stops; }
 
   std::string installed_version = "v1.30.4+k3s1";
+  // What health() reports besides Ready (nullopt / "": the runtime cannot tell).
+  std::optional<int64_t> heartbeat;
+  std::optional<int64_t> heartbeat_before;
+  std::string kubelet_version;
+  // Edits each health answer (poll number since the last restart, answer).
+  std::function<void(int, K3sHealth&)> script;
+  std::map<std::string, WorkloadState> workloads;  // by WorkloadRef::text()
+  int workload_polls = 0;
+  std::vector<std::string> deleted_manifests;
   bool fail_restart = false;
   int restarts = 0;
   int ensure_running_calls = 0;

@@ -134,6 +134,7 @@ v1::Reason run_one(const uint8_t* data, size_t size) {
   std::vector<v1::Report> reports;
   Agent agent(cfg, runtime, files, store, clock, [&](v1::Report&& r) { reports.push_back(std::move(r)); });
   if (!agent.start()) __builtin_trap();
+  const int saves_at_start = store.saves;  // start() reserves report sequence numbers
 
   // The pure step first: it must agree with what handle_desired does next.
   DesiredContext ctx{kDevice, cfg.director_key ? &*cfg.director_key : nullptr, before.director_generation,
@@ -145,7 +146,7 @@ v1::Reason run_one(const uint8_t* data, size_t size) {
   const bool handled = d.action == DesiredDecision::Action::handle;
   if (!handled) {
     // Refused, malformed or ignored before anything else: nothing moved.
-    if (files.files != tree_before || store.saves != 0 || runtime.restarts != 0) __builtin_trap();
+    if (files.files != tree_before || store.saves != saves_at_start || runtime.restarts != 0) __builtin_trap();
     if (d.action == DesiredDecision::Action::ignore && !reports.empty()) __builtin_trap();
   }
   // A floor only ever comes from a verified header, and never goes down.

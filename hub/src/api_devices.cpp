@@ -1,5 +1,6 @@
 // Devices: list, get, edit labels, decommission.
 #include "api_internal.hpp"
+#include "flotilla/bundles/bundle.hpp"
 
 namespace flotilla::hub::rest {
 
@@ -23,7 +24,16 @@ json device_json(const DeviceRecord& d) {
               {"enrolled_at", iso_ms(d.enrolled_ms)},
               {"last_seen_at", iso_ms(d.last_seen_ms)},
               {"campaign_id", d.campaign_id},
-              {"generation", d.generation}};
+              {"generation", d.generation},
+              {"k3s_role", d.k3s_role},
+              {"cluster_id", d.cluster_id},
+              {"k3s_cert_expires_at", d.k3s_cert_expiry_unix > 0 ? iso_ms(d.k3s_cert_expiry_unix * 1000) : ""},
+              {"os", d.os},
+              {"disk_free_bytes", d.disk_free_bytes},
+              {"disk_total_bytes", d.disk_total_bytes},
+              {"mem_free_bytes", d.mem_free_bytes},
+              {"mem_total_bytes", d.mem_total_bytes},
+              {"clock_suspect", d.clock_suspect}};
 }
 
 HttpResponse list_devices(HubService& s, Context& c) {
@@ -48,6 +58,29 @@ HttpResponse list_devices(HubService& s, Context& c) {
     }
     include_decommissioned = v == "true";
   }
+  // certExpiresBefore=<RFC 3339 time or unix seconds>: devices whose k3s
+  // certificates expire before then (devices that reported none are left out).
+  std::optional<int64_t> cert_before;
+  if (q.count("certExpiresBefore")) {
+    const std::string v = q.at("certExpiresBefore");
+    int64_t t = 0;
+    if (auto parsed = bundles::parse_rfc3339(v)) {
+      t = *parsed;
+    } else {
+      try {
+        size_t used = 0;
+        t = std::stoll(v, &used);
+        if (used != v.size()) t = -1;
+      } catch (const std::exception&) {
+        t = -1;
+      }
+    }
+    if (t <= 0) {
+      return Api::error(400, "invalid_argument",
+                        "certExpiresBefore must be an RFC 3339 time (2026-01-31T00:00:00Z) or unix seconds");
+    }
+    cert_before = t;
+  }
   const std::string after = q.count("after") ? q.at("after") : "";
   auto list = s.list_devices(*sel, c.caller.project);
   if (!list) return from_error(list.error());
@@ -55,6 +88,7 @@ HttpResponse list_devices(HubService& s, Context& c) {
   std::string next;
   for (const auto& d : *list) {
     if (!include_decommissioned && d.state == "decommissioned") continue;
+    if (cert_before && (d.k3s_cert_expiry_unix <= 0 || d.k3s_cert_expiry_unix >= *cert_before)) continue;
     if (!after.empty() && d.id <= after) continue;
     if (static_cast<int64_t>(items.size()) == limit) {
       next = items.back()["id"].get<std::string>();

@@ -291,6 +291,29 @@ void HubService::tick_campaign(CampaignRecord& c, Publishes& publishes) {
   SharedDesiredPtr shared;
   std::map<std::string, SharedDesiredPtr> shared_cache;
   std::map<std::string, std::string> prev_ids;  // "name:version" -> bundle id, for this tick
+  // Multi-node k3s clusters upgrade in k3s's own order (system-upgrade-
+  // controller's): one node at a time, servers first, then agents. Built on
+  // the first clustered device of this tick from the campaign's unfinished
+  // rows: per cluster, whether a node is released and without an outcome
+  // (down, or about to be), and how many servers still wait.
+  struct ClusterState {
+    bool busy = false;
+    int servers_waiting = 0;
+  };
+  std::optional<std::map<std::string, ClusterState>> clusters;
+  auto load_clusters = [&]() -> bool {
+    clusters.emplace();
+    auto open = store_.campaign_devices_with_status(c.id, {"waiting", "pending", "in_progress"});
+    if (!open) return false;
+    for (const auto& r : *open) {
+      auto od = store_.get_device(r.device_id);
+      if (!od || !*od || (*od)->cluster_id.empty()) continue;
+      auto& cs = (*clusters)[(*od)->cluster_id];
+      if (r.status != "waiting") cs.busy = true;
+      else if ((*od)->k3s_role != "agent") ++cs.servers_waiting;
+    }
+    return true;
+  };
   int64_t released = 0;
   for (size_t i = 0; i < ready.size(); ++i) {
     auto& row = ready[i];
@@ -311,6 +334,15 @@ void HubService::tick_campaign(CampaignRecord& c, Publishes& publishes) {
       continue;
     }
     DeviceRecord d = **dev;
+    if (!d.cluster_id.empty()) {
+      if (!clusters && !load_clusters()) return;
+      auto& cs = (*clusters)[d.cluster_id];
+      const bool server = d.k3s_role != "agent";
+      // Stays waiting: a later tick releases it once its cluster is free.
+      if (cs.busy || (!server && cs.servers_waiting > 0)) continue;
+      cs.busy = true;
+      if (server) --cs.servers_waiting;
+    }
     // What it runs now is what a rollback returns it to.
     if (!d.applied_bundle.empty()) {
       const std::string key = d.applied_bundle + ":" + std::to_string(d.applied_version);
@@ -336,7 +368,7 @@ void HubService::tick_campaign(CampaignRecord& c, Publishes& publishes) {
     // otherwise from when it comes back (and pauses while it is away).
     if (auto s = store_.start_deadline(c.id, d.id, strategy.device_deadline.count(), now); !s) return;
     if (auto s = store_.set_device_desired(d.id, gen, c.bundle_id, c.id); !s) return;
-    publishes.push_back({d.id, d.gateway, c.id, gen, false, shared});
+    publishes.push_back({d.id, d.gateway, c.id, gen, false, shared, d.labels});
     ++released;
   }
   if (strategy.rate.enabled()) {
@@ -522,7 +554,7 @@ void HubService::start_rollback(CampaignRecord& c, const std::string& reason, Pu
       row.updated_ms = now;
       (void)store_.save_campaign_device(row);
       (void)store_.set_device_desired(d.id, gen, row.prev_bundle_id, c.id);
-      publishes.push_back({d.id, d.gateway, c.id, gen, true, *prev});
+      publishes.push_back({d.id, d.gateway, c.id, gen, true, *prev, d.labels});
       ++sent;
     }
   }
@@ -627,7 +659,7 @@ void HubService::republish_pending() {
         if (!d || !*d || (*d)->generation != gen || (*d)->state == "decommissioned") continue;
         auto shared = desired_shared(rollback ? (*d)->desired_bundle_id : c.bundle_id, shared_cache);
         if (!shared) continue;
-        work.push_back({(*d)->id, (*d)->gateway, c.id, gen, rollback, *shared});
+        work.push_back({(*d)->id, (*d)->gateway, c.id, gen, rollback, *shared, (*d)->labels});
       }
     }
   }

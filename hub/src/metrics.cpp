@@ -127,17 +127,26 @@ std::string render_metrics(HubService& s, const HttpMetrics& http) {
   auto devices = sel ? s.list_devices(*sel) : Result<std::vector<DeviceRecord>>(sel.error());
   if (devices) {
     std::map<std::string, int64_t> by_state;
-    int64_t online = 0, offline = 0;
+    int64_t online = 0, offline = 0, certs_expiring = 0, clock_suspect = 0;
+    const int64_t soon = std::chrono::duration_cast<std::chrono::seconds>(
+                             std::chrono::system_clock::now().time_since_epoch()).count() + 30 * 86400;
     for (const auto& d : *devices) {
       ++by_state[d.state];
       if (d.state == "decommissioned") continue;
       ++(d.online ? online : offline);
+      if (d.k3s_cert_expiry_unix > 0 && d.k3s_cert_expiry_unix < soon) ++certs_expiring;
+      if (d.clock_suspect) ++clock_suspect;
     }
     p.family("flotilla_devices", "gauge", "Devices by last reported agent state.");
     for (const auto& [state, n] : by_state) p.sample("flotilla_devices", {{"state", state}}, static_cast<double>(n));
     p.family("flotilla_devices_presence", "gauge", "Enrolled (not decommissioned) devices by broker presence.");
     p.sample("flotilla_devices_presence", {{"presence", "online"}}, static_cast<double>(online));
     p.sample("flotilla_devices_presence", {{"presence", "offline"}}, static_cast<double>(offline));
+    p.family("flotilla_devices_k3s_cert_expiring", "gauge",
+             "Devices whose k3s certificates expire within 30 days (or have expired).");
+    p.sample("flotilla_devices_k3s_cert_expiring", {}, static_cast<double>(certs_expiring));
+    p.family("flotilla_devices_clock_suspect", "gauge", "Devices whose clock looked wrong in their last inventory.");
+    p.sample("flotilla_devices_clock_suspect", {}, static_cast<double>(clock_suspect));
   } else {
     ++scrape_errors;
   }

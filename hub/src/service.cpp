@@ -522,6 +522,8 @@ Status HubService::publish_desired(const PendingDesired& p) {
   h.set_rollback(p.rollback);
   h.set_manifest_sha256(p.shared->manifest_sha256);
   h.set_artifact_base_url(p.shared->artifact_base_url);
+  for (const auto& [k, v] : p.labels) (*h.mutable_labels())[k] = v;
+  h.set_labels_set(true);
   *head.mutable_header() = bundles::sign_desired_header(h, *cfg_.director_key);
   // Protobuf merges concatenated encodings of one message: head + shared
   // parses as the whole DesiredState, with the shared bytes copied once here
@@ -816,6 +818,17 @@ void HubService::apply_report(DeviceRecord& dev, const v1::Report& r) {
     if (!inv.agent_version().empty()) dev.agent_version = inv.agent_version();
     if (!inv.arch().empty()) dev.arch = inv.arch();
     dev.node_ready = inv.node_ready();
+    // Bounded: reported by the device, shown to operators and filtered on.
+    auto bounded = [](const std::string& v) { return v.substr(0, 128); };
+    if (!inv.k3s_role().empty()) dev.k3s_role = inv.k3s_role() == "agent" ? "agent" : "server";
+    dev.cluster_id = bounded(inv.cluster_id());
+    dev.k3s_cert_expiry_unix = inv.k3s_cert_expiry_unix();
+    if (!inv.os().empty()) dev.os = bounded(inv.os());
+    dev.disk_free_bytes = inv.disk_free_bytes();
+    dev.disk_total_bytes = inv.disk_total_bytes();
+    dev.mem_free_bytes = inv.mem_free_bytes();
+    dev.mem_total_bytes = inv.mem_total_bytes();
+    dev.clock_suspect = inv.clock_suspect();
   }
   if (r.has_error() && r.error().reason() != v1::REASON_NONE) {
     dev.last_reason = reason_name(r.error().reason());

@@ -9,33 +9,31 @@ namespace {
 
 constexpr const char* kUsage =
     "usage: k3s --version | -v | version\n"
-    "       k3s server [--config FILE] [other k3s flags, ignored]\n"
+    "       k3s server [--config FILE] [k3s server flags]\n"
+    "       k3s agent [--config FILE] --server URL --token TOKEN|--token-file FILE\n"
     "       k3s kubectl [--kubeconfig FILE] get --raw PATH\n"
-    "       k3s kubectl [--kubeconfig FILE] get node NAME\n"
+    "       k3s kubectl [--kubeconfig FILE] get node[s] [NAME] [-o json]\n"
+    "       k3s kubectl [--kubeconfig FILE] get KIND NAME [-n NAMESPACE] -o json\n"
+    "       k3s kubectl [--kubeconfig FILE] delete -f FILE [--ignore-not-found]\n"
+    "       k3s etcd-snapshot save [--name NAME] | ls\n"
+    "       k3s certificate rotate\n"
+    "       k3s-standin standin-build --version V [--flag key=value]... --out FILE\n"
     "       k3s --help\n";
 
 constexpr const char* kHelp =
     "k3s stand-in for Flotilla tests and demos — NOT k3s.\n"
     "\n"
-    "It imitates only the commands the Flotilla edge agent runs against k3s,\n"
-    "so integration tests and the demo can run where real k3s cannot.\n"
-    "It runs no containers, no kubelet and no real API server.\n"
+    "It imitates the commands and the on-disk behaviour the Flotilla edge agent\n"
+    "depends on, so integration tests and the demo can run where real k3s cannot.\n"
+    "It runs no containers, no kubelet and no real API server; see its README.md.\n"
     "\n"
-    "Supported surface:\n"
-    "  --version, -v, version   print the (configurable) k3s version\n"
-    "  server --config FILE     serve /readyz, /livez, /version and\n"
-    "                           /api/v1/nodes/<node-name> over plain HTTP on\n"
-    "                           127.0.0.1 and write a kubeconfig\n"
-    "  kubectl get --raw PATH   GET PATH from the server in the kubeconfig\n"
-    "  kubectl get node NAME    one-line node table\n"
+    "Config keys (FILE, then FILE.d/*.yaml in lexical order): write-kubeconfig,\n"
+    "  node-name, data-dir, https-listen-port, cluster-init, server, token,\n"
+    "  token-file, and the stand-in's own standin-* knobs (README.md).\n"
     "\n"
-    "Config keys (FILE, then FILE.d/*.yaml in lexical order):\n"
-    "  write-kubeconfig, node-name, data-dir (ignored), https-listen-port,\n"
-    "  standin-ready-delay-ms, standin-never-ready, standin-fail-start\n"
-    "\n"
-    "Environment: K3S_STANDIN_VERSION, K3S_STANDIN_MAX_LIFETIME_S,\n"
-    "  K3S_STANDIN_PIDFILE, K3S_STANDIN_KUBECTL_TIMEOUT_MS, KUBECONFIG\n"
-    "A file <binary>.version next to the binary overrides the version.\n";
+    "Environment: K3S_CONFIG_FILE, K3S_STANDIN_VERSION, K3S_STANDIN_MAX_LIFETIME_S,\n"
+    "  K3S_STANDIN_PIDFILE, K3S_STANDIN_KUBECTL_TIMEOUT_MS, KUBECONFIG, NOTIFY_SOCKET,\n"
+    "  FLOTILLA_TEST_CLOCK_OFFSET_S\n";
 
 }  // namespace
 
@@ -60,10 +58,13 @@ int run_cli(int argc, char** argv) {
     return 0;
   }
   if (command == "server") return run_server(argv0, rest);
+  if (command == "agent") return run_agent(argv0, rest);
   if (command == "kubectl") return run_kubectl(rest);
+  if (command == "etcd-snapshot") return run_etcd_snapshot(argv0, rest);
+  if (command == "certificate") return run_certificate(argv0, rest);
+  if (command == "standin-build") return run_standin_build(argv0, rest);
 
-  std::fprintf(stderr, "k3s-standin: unsupported command \"%s\" (this is a k3s stand-in)\n",
-               command.c_str());
+  std::fprintf(stderr, "k3s-standin: unsupported command \"%s\" (this is a k3s stand-in)\n", command.c_str());
   std::fputs(kUsage, stderr);
   return 1;
 }

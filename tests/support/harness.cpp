@@ -213,6 +213,10 @@ Agent::Agent(stdfs::path root, std::string hub_url, std::string enrollment_token
   stdfs::create_directories(root_ / "usr/local/bin");
   stdfs::create_directories(root_ / "etc/flotilla");
   stdfs::copy_file(bin_dir() + "/k3s-standin", root_ / "usr/local/bin/k3s", stdfs::copy_options::overwrite_existing);
+  // The stand-in's kubelet posts every second here (real k3s: 10 s), so the
+  // health gate's wait for a heartbeat newer than the restart stays short.
+  stdfs::create_directories(root_ / "etc/rancher/k3s/config.yaml.d");
+  std::ofstream(root_ / "etc/rancher/k3s/config.yaml.d/05-standin-test.yaml") << "standin-heartbeat-ms: 1000\n";
   std::ofstream cfg(root_ / "etc/flotilla/agent.yaml");
   cfg << "hub-url: " << hub_url_ << "\n"
       << "enrollment-token: " << token_ << "\n"
@@ -222,6 +226,7 @@ Agent::Agent(stdfs::path root, std::string hub_url, std::string enrollment_token
   for (const auto& [k, v] : opts_.labels) cfg << "  " << k << ": \"" << v << "\"\n";
   cfg << "node-name: " << root_.filename().string() << "\n"
       << "health-timeout: " << opts_.health_timeout << "\n"
+      << "health-settle: " << opts_.health_settle << "\n"
       << "reconnect-max: 2s\n";
 }
 
@@ -266,13 +271,18 @@ void Agent::append_config(const std::string& yaml_lines) {
 void Agent::kill9() { child_.kill_now(); }
 
 void Agent::kill_k3s() {
-  auto pid = fs::read_file(root_ / "run/flotilla/k3s.pid", 64);
-  if (!pid) return;
-  try {
-    pid_t p = static_cast<pid_t>(std::stol(*pid));
-    ::kill(-p, SIGKILL);
-    ::kill(p, SIGKILL);
-  } catch (const std::exception&) {
+  // Direct supervision, or the fake init tools' pidfiles (systemd, OpenRC).
+  for (const auto& rel : {"run/flotilla/k3s.pid", "run/fake-init/k3s.service.pid", "run/fake-init/k3s-agent.service.pid",
+                          "var/run/k3s.pid", "var/run/k3s-agent.pid"}) {
+    auto pid = fs::read_file(root_ / rel, 64);
+    if (!pid) continue;
+    try {
+      pid_t p = static_cast<pid_t>(std::stol(*pid));
+      if (p <= 1) continue;
+      ::kill(-p, SIGKILL);
+      ::kill(p, SIGKILL);
+    } catch (const std::exception&) {
+    }
   }
 }
 

@@ -89,6 +89,7 @@ struct AgentOptions {
   std::map<std::string, std::string> labels;
   std::vector<std::string> root_keys;  // ed25519:<b64>
   std::string health_timeout = "8s";
+  std::string health_settle = "1s";
   // Another agent binary (default: bin_dir()/flotilla-agent) and a command
   // that runs it (e.g. {"qemu-aarch64-static"} for a cross-built agent).
   std::string binary;

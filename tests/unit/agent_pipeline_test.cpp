@@ -62,6 +62,7 @@ struct Rig {
   MemFileTree files;
   MemStateStore store;
   FakeDownloader downloader{files};
+  int saves_at_start = 0;
   bundles::KeyPair key = bundles::generate_key();
   // The hub's director key: desired states carry a header it signed, and the
   // agent pins it. `director_pinned = false` is an agent enrolled before the
@@ -94,6 +95,7 @@ struct Rig {
     agent = std::make_unique<Agent>(cfg, runtime, files, store, clock,
                                     [this](v1::Report&& r) { reports.push_back(std::move(r)); }, &downloader);
     REQUIRE(agent->start());
+    saves_at_start = store.saves;  // start() reserves report sequence numbers once
   }
 
   // A bundle with a k3s drop-in, a manifest and (optionally) a k3s binary artifact.
@@ -202,9 +204,11 @@ TEST_CASE("a crash at any step leaves the old bundle or the new one, never a mix
         CHECK(rig.agent->applied().version == 1);
         for (const auto& [p, e] : rig.files.files) CHECK(p.find("/var/lib/flotilla/backup") == std::string::npos);
       }
-      // k3s is restarted by recovery exactly when the node had been touched.
-      const std::set<std::string> touched = {"install:begin", "install:end", "restart:begin", "restart:end",
-                                             "health:begin",  "health:end",  "commit:begin"};
+      // k3s is restarted by recovery exactly when the node had been touched
+      // (a datastore snapshot may have stopped k3s: that counts).
+      const std::set<std::string> touched = {"snapshot:begin", "snapshot:end", "install:begin", "install:end",
+                                             "restart:begin",  "restart:end",  "health:begin",  "health:end",
+                                             "commit:begin"};
       CHECK(rig.runtime.restarts - restarts_before == (touched.count(at) ? 1 : 0));
 
       // The retained desired state, delivered again on reconnect, completes the apply.
@@ -355,7 +359,7 @@ TEST_CASE("agent counts artifact sizes in the free-disk check", "[unit][agent][a
   CHECK(rig.last().error().message().find("reserve 4096") != std::string::npos);
   CHECK(rig.files.files == before);
   CHECK(rig.downloader.fetches == 0);
-  CHECK(rig.store.saves == 0);
+  CHECK(rig.store.saves == rig.saves_at_start);
 }
 
 TEST_CASE("campaign rollback returns to exactly the previous bundle and nothing else", "[unit][agent][rollback]") {
@@ -523,8 +527,14 @@ TEST_CASE("the SQLite store keeps the in-flight apply, outbox and journal across
   s.interrupted_count = 2;
   s.in_flight = flotilla::agent::InFlight{"g7-1", 7, "c", "edge", 4, "install",
                                           {{"/usr/local/bin/k3s", "/var/lib/flotilla/backup/g7-1/0", true},
-                                           {"/etc/x", "/var/lib/flotilla/backup/g7-1/1", false}}};
+                                           {"/etc/x", "/var/lib/flotilla/backup/g7-1/1", false}},
+                                          {"sqlite", "/var/lib/flotilla/backup/g7-1/datastore"},
+                                          ""};
   s.outbox[12] = std::string("\0report", 7);
+  s.seq_reserved = 123456;
+  s.hub_time_ms = 1'800'000'000'000;
+  s.hub_labels = {{"site", "berlin"}, {"env", "prod"}};
+  s.hub_labels_set = true;
   {
     auto store = flotilla::agent::SqliteStateStore::open(path);
     REQUIRE(store);
@@ -541,6 +551,11 @@ TEST_CASE("the SQLite store keeps the in-flight apply, outbox and journal across
   CHECK(loaded->previous_manifest_sha256_hex == "ab");
   CHECK(loaded->interrupted_generation == 7);
   CHECK(loaded->interrupted_count == 2);
+  CHECK(loaded->in_flight->snapshot.kind == "sqlite");  // recovery restores the datastore from it
+  CHECK(loaded->seq_reserved == 123456);
+  CHECK(loaded->hub_time_ms == 1'800'000'000'000);
+  CHECK(loaded->hub_labels == s.hub_labels);
+  CHECK(loaded->hub_labels_set);
   auto tail = (*store)->journal_tail(10);
   REQUIRE(tail);
   REQUIRE(tail->size() == 1);

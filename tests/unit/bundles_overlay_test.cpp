@@ -119,7 +119,7 @@ TEST_CASE("load_spec refuses bad artifacts and overlays, naming the problem", "[
           "outside the bundle directory");
   refused("name: x\nversion: 1\nartifacts:\n  - kind: k3s-binary\n    source: bin/k3s\n"
           "  - kind: k3s-binary\n    source: bin/images.tar\n",
-          "only one k3s-binary");
+          "more than one k3s-binary artifact for arch amd64");
   refused("name: x\nversion: 1\nartifacts:\n  - kind: airgap-images\n    source: bin/missing\n", "cannot open artifact");
   refused("name: x\nversion: 1\noverlays:\n  - files: []\n", "'selector' is required");
   refused("name: x\nversion: 1\noverlays:\n  - selector: \"site in (a\"\n", "unbalanced");

@@ -390,3 +390,86 @@ TEST_CASE("each threshold-triggered pause, abort and rollback is audited with it
     }
   }
 }
+
+// Issue 15: a multi-node k3s cluster is upgraded in k3s's own order, one node
+// at a time, servers first; devices outside any cluster are not held back.
+TEST_CASE("a campaign releases one node of a k3s cluster at a time, servers before agents",
+          "[unit][hub][campaign][cluster]") {
+  Fleet f;
+  f.enroll(5);
+  // d0 agent, d1 server, d2 agent of cluster "line-1"; d3 and d4 stand alone.
+  const std::map<int, std::string> roles = {{0, "agent"}, {1, "server"}, {2, "agent"}};
+  for (int i = 0; i < 5; ++i) {
+    v1::Report r;
+    r.set_device_id(f.devices[static_cast<size_t>(i)]);
+    r.set_seq(++f.seq[f.devices[static_cast<size_t>(i)]] + 1000);
+    r.set_state(v1::AGENT_STATE_IDLE);
+    auto* inv = r.mutable_inventory();
+    inv->set_k3s_version("v1.30.4+k3s1");
+    if (roles.count(i)) {
+      inv->set_k3s_role(roles.at(i));
+      inv->set_cluster_id("line-1");
+    } else {
+      inv->set_k3s_role("server");
+    }
+    f.deliver(f.devices[static_cast<size_t>(i)], "report", r.SerializeAsString());
+  }
+  auto dev = f.hub->get_device(f.devices[1]);
+  REQUIRE(dev);
+  REQUIRE(*dev);
+  CHECK((*dev)->cluster_id == "line-1");
+  CHECK((*dev)->k3s_role == "server");
+
+  const std::string id = f.create(json{{"waves", {100}}, {"max_in_flight", 10}}, f.bundle(2));
+  std::vector<std::string> order;  // cluster nodes, in release order
+  const std::set<std::string> cluster = {f.devices[0], f.devices[1], f.devices[2]};
+  for (int t = 0; t < 40 && order.size() < 3; ++t) {
+    f.hub->tick();
+    auto flying = f.in_flight(id);
+    int cluster_down = 0;
+    for (const auto& d : flying) cluster_down += cluster.count(d) ? 1 : 0;
+    // Never two nodes of the cluster released without an outcome at once.
+    REQUIRE(cluster_down <= 1);
+    for (const auto& d : flying) {
+      if (cluster.count(d)) order.push_back(d);
+      f.report(d, v1::AGENT_STATE_APPLIED);
+    }
+    f.clock.advance(std::chrono::milliseconds(250));
+  }
+  REQUIRE(order.size() == 3);
+  CHECK(order[0] == f.devices[1]);  // the server first
+  CHECK(std::set<std::string>(order.begin() + 1, order.end()) == std::set<std::string>{f.devices[0], f.devices[2]});
+  // The stand-alone devices went at once, beside the server.
+  auto st = f.statuses(id);
+  CHECK(st[f.devices[3]] == "applied");
+  CHECK(st[f.devices[4]] == "applied");
+}
+
+TEST_CASE("a failed cluster node frees its cluster for the next one", "[unit][hub][campaign][cluster]") {
+  Fleet f;
+  f.enroll(3);
+  for (int i = 0; i < 3; ++i) {
+    v1::Report r;
+    r.set_device_id(f.devices[static_cast<size_t>(i)]);
+    r.set_seq(++f.seq[f.devices[static_cast<size_t>(i)]] + 1000);
+    r.set_state(v1::AGENT_STATE_IDLE);
+    r.mutable_inventory()->set_k3s_role(i == 0 ? "server" : "agent");
+    r.mutable_inventory()->set_cluster_id("c");
+    f.deliver(f.devices[static_cast<size_t>(i)], "report", r.SerializeAsString());
+  }
+  const std::string id =
+      f.create(json{{"waves", {100}}, {"max_in_flight", 10}, {"failure_threshold", {{"percent", 100}}}}, f.bundle(2));
+  f.hub->tick();
+  REQUIRE(f.in_flight(id) == std::vector<std::string>{f.devices[0]});
+  f.report(f.devices[0], v1::AGENT_STATE_APPLIED);
+  f.hub->tick();
+  auto first_agent = f.in_flight(id);
+  REQUIRE(first_agent.size() == 1);
+  // Its kubelet never came back: rolled back alone, the other agent goes next.
+  f.report(first_agent[0], v1::AGENT_STATE_ROLLED_BACK, v1::REASON_HEALTH_GATE_FAILED);
+  f.hub->tick();
+  auto second = f.in_flight(id);
+  REQUIRE(second.size() == 1);
+  CHECK(second[0] != first_agent[0]);
+  CHECK(f.statuses(id)[first_agent[0]] != "applied");
+}

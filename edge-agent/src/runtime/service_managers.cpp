@@ -34,15 +34,24 @@ namespace {
 class CommandServiceManager final : public ServiceManager {
  public:
   CommandServiceManager(std::string name, std::string tool, std::vector<std::string> restart,
-                        std::vector<std::string> start, std::vector<std::string> stop, std::vector<std::string> active)
+                        std::vector<std::string> start, std::vector<std::string> stop, std::vector<std::string> active,
+                        std::vector<std::vector<std::string>> install, std::chrono::milliseconds timeout)
       : name_(std::move(name)), tool_(std::move(tool)), restart_(std::move(restart)), start_(std::move(start)),
-        stop_(std::move(stop)), active_(std::move(active)) {}
+        stop_(std::move(stop)), active_(std::move(active)), install_(std::move(install)), timeout_(timeout) {}
 
   std::string name() const override { return name_; }
   Status restart() override { return run(restart_); }
   Status start() override { return run(start_); }
   void stop() override {
     if (auto s = run(stop_); !s) log::get("agent")->warn("{}", s.error().message);
+  }
+  Status install_service() override {
+    // Each entry: the tool (empty = this manager's) and its arguments.
+    for (const auto& call : install_) {
+      std::vector<std::string> args(call.begin() + 1, call.end());
+      if (auto s = run(args, call.front()); !s) return s;
+    }
+    return {};
   }
   bool active() override {
     std::vector<std::string> argv = {tool_};
@@ -52,12 +61,13 @@ class CommandServiceManager final : public ServiceManager {
   }
 
  private:
-  Status run(const std::vector<std::string>& args) {
-    std::vector<std::string> argv = {tool_};
+  Status run(const std::vector<std::string>& args, const std::string& tool = "") {
+    std::vector<std::string> argv = {tool.empty() ? tool_ : tool};
     argv.insert(argv.end(), args.begin(), args.end());
     std::string cmd;
     for (const auto& a : argv) cmd += (cmd.empty() ? "" : " ") + a;
-    auto r = proc::run(argv, std::chrono::seconds(90), 16 * 1024);
+    // A Type=notify restart returns once k3s is up: slow devices need long.
+    auto r = proc::run(argv, timeout_, 16 * 1024);
     if (!r) return r.error().with_context(cmd);
     if (r->timed_out) return make_error(Errc::refused, cmd + " timed out");
     if (r->exit_code != 0) {
@@ -70,22 +80,33 @@ class CommandServiceManager final : public ServiceManager {
 
   std::string name_, tool_;
   std::vector<std::string> restart_, start_, stop_, active_;
+  std::vector<std::vector<std::string>> install_;
+  std::chrono::milliseconds timeout_;
 };
 
 }  // namespace
 
-Result<std::unique_ptr<ServiceManager>> make_systemd_manager(const std::string& unit) {
+Result<std::unique_ptr<ServiceManager>> make_systemd_manager(const std::string& unit,
+                                                             std::chrono::milliseconds timeout) {
   const std::string tool = find_on_path("systemctl");
   if (tool.empty()) return make_error(Errc::not_found, "service-manager systemd: systemctl is not on PATH");
+  // A unit written on disk is unknown to systemd until daemon-reload
+  // (install.sh: systemctl daemon-reload, enable).
   return std::unique_ptr<ServiceManager>(new CommandServiceManager(
-      "systemd", tool, {"restart", unit}, {"start", unit}, {"stop", unit}, {"is-active", "--quiet", unit}));
+      "systemd", tool, {"restart", unit}, {"start", unit}, {"stop", unit}, {"is-active", "--quiet", unit},
+      {{"", "daemon-reload"}, {"", "enable", unit}}, timeout));
 }
 
-Result<std::unique_ptr<ServiceManager>> make_openrc_manager(const std::string& service) {
+Result<std::unique_ptr<ServiceManager>> make_openrc_manager(const std::string& service,
+                                                            std::chrono::milliseconds timeout) {
   const std::string tool = find_on_path("rc-service");
   if (tool.empty()) return make_error(Errc::not_found, "service-manager openrc: rc-service is not on PATH");
+  std::vector<std::vector<std::string>> install;
+  // install.sh: rc-update add k3s default.
+  if (const std::string update = find_on_path("rc-update"); !update.empty()) install.push_back({update, "add", service, "default"});
   return std::unique_ptr<ServiceManager>(new CommandServiceManager(
-      "openrc", tool, {service, "restart"}, {service, "start"}, {service, "stop"}, {service, "status"}));
+      "openrc", tool, {service, "restart"}, {service, "start"}, {service, "stop"}, {service, "status"},
+      std::move(install), timeout));
 }
 
 std::string detect_service_manager(const std::filesystem::path& root) {

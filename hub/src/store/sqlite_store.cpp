@@ -26,7 +26,8 @@ std::vector<std::string> label_keys_from(const std::string& s) {
 constexpr const char* kDeviceCols =
     "id, project, labels, public_key, hostname, arch, agent_version, enrolled_ms, last_seen_ms, online, "
     "state, applied_bundle, applied_version, k3s_version, node_ready, last_reason, last_message, last_seq, "
-    "generation, desired_bundle_id, campaign_id, gateway, enroll_issued_ms";
+    "generation, desired_bundle_id, campaign_id, gateway, enroll_issued_ms, k3s_role, cluster_id, "
+    "k3s_cert_expiry_unix, os, disk_free_bytes, disk_total_bytes, mem_free_bytes, mem_total_bytes, clock_suspect";
 
 DeviceRecord device_from(const sql::Stmt& s) {
   DeviceRecord d;
@@ -53,6 +54,15 @@ DeviceRecord device_from(const sql::Stmt& s) {
   d.campaign_id = s.col_text(20);
   d.gateway = s.col_text(21);
   d.enroll_issued_ms = static_cast<uint64_t>(s.col_int(22));
+  d.k3s_role = s.col_text(23);
+  d.cluster_id = s.col_text(24);
+  d.k3s_cert_expiry_unix = s.col_int(25);
+  d.os = s.col_text(26);
+  d.disk_free_bytes = static_cast<uint64_t>(s.col_int(27));
+  d.disk_total_bytes = static_cast<uint64_t>(s.col_int(28));
+  d.mem_free_bytes = static_cast<uint64_t>(s.col_int(29));
+  d.mem_total_bytes = static_cast<uint64_t>(s.col_int(30));
+  d.clock_suspect = s.col_int(31) != 0;
   return d;
 }
 
@@ -169,6 +179,15 @@ Status Store::migrate_scopes() {
   };
   for (const auto& [table, col, decl] :
        {std::tuple{"devices", "enroll_issued_ms", "INTEGER NOT NULL DEFAULT 0"},
+        std::tuple{"devices", "k3s_role", "TEXT NOT NULL DEFAULT ''"},
+        std::tuple{"devices", "cluster_id", "TEXT NOT NULL DEFAULT ''"},
+        std::tuple{"devices", "k3s_cert_expiry_unix", "INTEGER NOT NULL DEFAULT 0"},
+        std::tuple{"devices", "os", "TEXT NOT NULL DEFAULT ''"},
+        std::tuple{"devices", "disk_free_bytes", "INTEGER NOT NULL DEFAULT 0"},
+        std::tuple{"devices", "disk_total_bytes", "INTEGER NOT NULL DEFAULT 0"},
+        std::tuple{"devices", "mem_free_bytes", "INTEGER NOT NULL DEFAULT 0"},
+        std::tuple{"devices", "mem_total_bytes", "INTEGER NOT NULL DEFAULT 0"},
+        std::tuple{"devices", "clock_suspect", "INTEGER NOT NULL DEFAULT 0"},
         std::tuple{"tokens", "device_label_keys", "TEXT NOT NULL DEFAULT '[]'"}}) {
     auto has = has_column(table, col);
     if (!has) return has.error();
@@ -342,7 +361,9 @@ Status Store::save_device_state(const DeviceRecord& d) {
   auto st = db_->prepare(
       "UPDATE devices SET last_seen_ms=?, online=?, state=?, applied_bundle=?, applied_version=?, "
       "k3s_version=?, node_ready=?, last_reason=?, last_message=?, last_seq=?, generation=?, "
-      "desired_bundle_id=?, campaign_id=?, agent_version=?, arch=? "
+      "desired_bundle_id=?, campaign_id=?, agent_version=?, arch=?, k3s_role=?, cluster_id=?, "
+      "k3s_cert_expiry_unix=?, os=?, disk_free_bytes=?, disk_total_bytes=?, mem_free_bytes=?, mem_total_bytes=?, "
+      "clock_suspect=? "
       // A report or presence message still queued when a device was
       // decommissioned must not bring it back to life.
       "WHERE id=? AND state != 'decommissioned'");
@@ -354,7 +375,14 @@ Status Store::save_device_state(const DeviceRecord& d) {
       .bind(10, static_cast<int64_t>(d.last_seq)).bind(11, static_cast<int64_t>(d.generation))
       .bind(12, std::string_view(d.desired_bundle_id)).bind(13, std::string_view(d.campaign_id))
       .bind(14, std::string_view(d.agent_version)).bind(15, std::string_view(d.arch))
-      .bind(16, std::string_view(d.id));
+      .bind(16, std::string_view(d.k3s_role)).bind(17, std::string_view(d.cluster_id))
+      .bind(18, d.k3s_cert_expiry_unix).bind(19, std::string_view(d.os))
+      .bind(20, static_cast<int64_t>(std::min<uint64_t>(d.disk_free_bytes, INT64_MAX)))
+      .bind(21, static_cast<int64_t>(std::min<uint64_t>(d.disk_total_bytes, INT64_MAX)))
+      .bind(22, static_cast<int64_t>(std::min<uint64_t>(d.mem_free_bytes, INT64_MAX)))
+      .bind(23, static_cast<int64_t>(std::min<uint64_t>(d.mem_total_bytes, INT64_MAX)))
+      .bind(24, d.clock_suspect ? 1 : 0)
+      .bind(25, std::string_view(d.id));
   return st->run();
 }
 

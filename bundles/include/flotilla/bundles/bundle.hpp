@@ -26,6 +26,18 @@ inline constexpr uint64_t kMaxArtifactBytes = uint64_t{8} << 30;  // 8 GiB: airg
 // The k3s config drop-in that carries the k3s_config keys of matching overlays
 // (see resolve() in overlay.hpp). Reserved: no bundle file may use the name.
 inline constexpr const char* kOverlayDropInName = "99-flotilla-overlays.yaml";
+// The k3s config drop-in the agent itself writes (where k3s keeps its data,
+// the node name, an agent node's server): Flotilla never edits config.yaml.
+// Reserved too.
+inline constexpr const char* kNodeDropInName = "00-flotilla-node.yaml";
+// Bounds of a bundle's health gate (HealthGate).
+inline constexpr uint32_t kMaxHealthTimeoutSeconds = 86400;
+inline constexpr uint32_t kMaxHealthSettleSeconds = 3600;
+inline constexpr int kMaxWorkloadChecks = 64;
+// Device architectures a bundle may name (target.arch, artifact arch).
+bool valid_arch(const std::string& arch);
+// The workload kinds a health gate can wait for.
+bool valid_workload_kind(const std::string& kind);
 
 // Reads <dir>/bundle.yaml, the files it names and the artifacts it lists
 // (hashed while streaming, never loaded whole) into a manifest.
@@ -98,6 +110,9 @@ Verdict verify(const v1::SignedBundle& bundle, const Keyring& ring, const Verify
 // Empty when the manifest's files, artifacts and overlays are well formed;
 // otherwise what is wrong (verify() refuses with REASON_MALFORMED_MANIFEST).
 std::string check_manifest_shape(const v1::BundleManifest& m);
+// Empty when a health gate is within its bounds and names only workloads the
+// agent can check (kind, Kubernetes object names); otherwise what is wrong.
+std::string check_health_gate(const v1::HealthGate& g);
 
 // File modes a bundle may ask for: permission bits within 0755 (0 means
 // 0644). No group- or world-writable file (k3s applies whatever lands in its

@@ -66,6 +66,9 @@ struct RunResult {
 // Runs to completion or until timeout (then kills the group). Output is capped.
 Result<RunResult> run(const std::vector<std::string>& argv, std::chrono::milliseconds timeout,
                       size_t max_output = 1 << 20);
+// The same, with these variables added to (or replacing in) the child's environment.
+Result<RunResult> run(const std::vector<std::string>& argv, std::chrono::milliseconds timeout, size_t max_output,
+                      const std::map<std::string, std::string>& env_set);
 
 bool alive(pid_t pid);
 

@@ -44,6 +44,10 @@ struct DesiredDecision {
   std::string artifact_base_url;
   bool signed_header = false;
   std::string manifest_sha256_hex;   // of ds.bundle().manifest(), hashed once (when handled)
+  // From a verified header only: the device's labels as the hub records
+  // them (when the hub sent them) and when the hub signed it.
+  std::optional<std::map<std::string, std::string>> labels;
+  int64_t issued_unix_ms = 0;
 };
 
 struct DesiredContext {
@@ -61,11 +65,20 @@ struct DesiredContext {
 // generation is ignored) and no rollback.
 DesiredDecision decide_desired(std::string_view payload, const DesiredContext& ctx);
 
-// The journaled steps of an apply, in order (rollback replaces the last two
-// when the health gate or the restart fails).
+// The steps of an apply. The pipeline is a state machine: each step may only
+// be followed by the ones kTransitions lists (rollback replaces restart,
+// health or commit when one fails); InFlight::step persists where it is.
+enum class Step { verify, space, download, backup, snapshot, install, restart, health, commit, rollback, recover };
+const char* step_name(Step s);
+std::optional<Step> step_from_name(const std::string& name);
+// Whether `to` may follow `from` (an apply starts at verify; recover may
+// follow anything, after a crash).
+bool step_allowed(std::optional<Step> from, Step to);
+
+// The journaled steps of an apply, by name, in order.
 inline const std::vector<std::string>& apply_steps() {
-  static const std::vector<std::string> steps = {"verify", "space",   "download", "backup", "install",
-                                                 "restart", "health", "commit",   "rollback"};
+  static const std::vector<std::string> steps = {"verify",  "space",  "download", "backup",  "snapshot",
+                                                 "install", "restart", "health",  "commit", "rollback"};
   return steps;
 }
 
@@ -85,8 +98,14 @@ struct CoreConfig {
   // signed): a rollback is refused and a generation is never a floor
   // (docs/adr/0009-director-signed-desired-state.md).
   std::optional<bundles::PublicKey> director_key;
+  // The health gate's defaults (a bundle's `health` overrides them): the
+  // whole gate, and how long the node must stay Ready with a heartbeat newer
+  // than the restart before workloads are checked.
   std::chrono::milliseconds health_timeout{60000};
+  std::chrono::milliseconds health_settle{0};
   std::chrono::milliseconds health_poll{250};
+  std::string role = "server";   // k3s role of this node (inventory)
+  std::string cluster_id;        // the cluster it belongs to (inventory)
   uint64_t min_free_bytes = 16u << 20;       // refuse to install below this
   std::string state_dir = "/var/lib/flotilla";   // device path: staging/, backup/
   std::string k3s_bin = "/usr/local/bin/k3s";    // where a K3S_BINARY artifact goes
@@ -166,8 +185,36 @@ class Agent {
   // change (outbox) before it is published.
   void finish(v1::AgentState state, const Attempt& a, v1::Reason reason, const std::string& message);
   v1::Inventory inventory();
+  // The device clock looks wrong (inventory clock_suspect).
+  bool clock_suspect() const;
+  // The time bundle validity is checked at: the device clock, unless the
+  // hub's signed times show it is behind, or far ahead of the header being
+  // verified (docs/agent.md, "Clock").
+  int64_t verify_time_ms(int64_t header_issued_ms) const;
   v1::AppliedBundle applied_bundle() const;
   void step(const std::string& name, const char* phase, const std::string& detail = "");
+  // Moves the in-flight apply to `to` (checked against the transition
+  // table), persisting it when the step changes what recovery must do.
+  void advance(Step to, bool persist);
+  // The next report sequence number: monotonic, persisted a block ahead so
+  // neither a restart nor a wrong clock reuses one.
+  uint64_t next_seq();
+  // The device's labels: the hub's (signed header) once sent, else enrollment's.
+  const std::map<std::string, std::string>& labels() const {
+    return state_.hub_labels_set ? state_.hub_labels : cfg_.labels;
+  }
+  struct GateResult {
+    bool ok = false;
+    v1::Reason reason = v1::REASON_NONE;
+    std::string why;
+  };
+  // Node Ready with a heartbeat newer than the restart, the bundle's k3s
+  // version answering, Ready held for the settling window, then the bundle's
+  // workloads rolled out. Time comes from the injected clock only.
+  GateResult health_gate(const v1::BundleManifest& m, int64_t restarted_unix, std::optional<int64_t> heartbeat_before);
+  // `kubectl delete -f` of a manifest before it leaves the node (k3s deletes
+  // nothing itself); what was deleted goes into the final report.
+  void delete_manifest_resources(const std::string& path);
   Status save();
   std::string backup_dir() const { return cfg_.state_dir + "/backup"; }
   std::string staging_dir() const { return cfg_.state_dir + "/staging"; }
@@ -179,7 +226,9 @@ class Agent {
   // The manifest with its files replaced by what resolve() picks for this
   // device's labels (overlays applied): what is placed and drift-checked.
   v1::BundleManifest resolved_for_device(const v1::BundleManifest& m) const;
-  void restore(const std::vector<BackupEntry>& backups);
+  // Puts the backups back; returns copies of the manifests it took off the
+  // node (their resources are deleted once k3s answers again).
+  std::vector<std::string> restore(const std::vector<BackupEntry>& backups);
   void recover();
 
   CoreConfig cfg_;
@@ -191,6 +240,7 @@ class Agent {
   Downloader* downloader_;
   AppliedState state_;
   uint64_t seq_ = 0;
+  std::vector<std::string> deleted_;  // resources deleted during this apply
   bool last_node_ready_ = false;
   std::optional<v1::Inventory> last_inventory_;  // the last one reported
   std::string apply_id_;

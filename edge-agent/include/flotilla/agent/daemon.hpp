@@ -30,7 +30,14 @@ struct AgentConfig {
   std::string k3s_bin;                  // device path; default /usr/local/bin/k3s
   std::string node_name;
   std::string state_dir = "/var/lib/flotilla";
-  std::chrono::milliseconds health_timeout{60000};
+  std::chrono::milliseconds health_timeout{600000};
+  std::chrono::milliseconds health_settle{30000};
+  // TimeoutStartSec= of a unit the agent writes (0 = none, as k3s's own).
+  std::chrono::milliseconds service_start_timeout{0};
+  std::string k3s_role = "server";      // server or agent
+  std::string k3s_server_url;           // an agent node's server (https://server:6443)
+  std::string k3s_token_file;           // an agent node's join token (device path)
+  std::string cluster_id;               // the cluster this node belongs to
   std::chrono::milliseconds reconnect_max{300000};
   std::string service_manager = "auto";  // auto, systemd, openrc, direct
   // Pinned CA (device path) for every TLS connection the agent makes:

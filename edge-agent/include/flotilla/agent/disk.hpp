@@ -2,6 +2,7 @@
 // Real implementations of the core's file and state seams.
 #include <filesystem>
 #include <memory>
+#include <optional>
 
 #include "flotilla/agent/seams.hpp"
 #include "flotilla/common/sqlite.hpp"
@@ -46,6 +47,9 @@ class SqliteStateStore final : public StateStore {
  private:
   explicit SqliteStateStore(std::unique_ptr<sql::Db> db) : db_(std::move(db)) {}
   std::unique_ptr<sql::Db> db_;
+  // What the last successful save() (or load()) left on disk: save() writes
+  // only the parts that differ.
+  std::optional<AppliedState> last_;
 };
 
 }  // namespace flotilla::agent

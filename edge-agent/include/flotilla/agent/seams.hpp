@@ -11,6 +11,7 @@
 #include <map>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "flotilla/common/result.hpp"
@@ -18,10 +19,44 @@
 namespace flotilla::agent {
 
 struct K3sHealth {
+  bool running = true;      // the k3s process (or its service) runs
   bool api_ready = false;   // `k3s kubectl get --raw /readyz` answered ok
   bool node_ready = false;  // the node's Ready condition is True
+  // lastHeartbeatTime of that condition (unix seconds, k3s's clock); nullopt
+  // when the runtime cannot tell. Right after a restart k3s still shows the
+  // Ready it had before: only a heartbeat newer than the restart is news.
+  std::optional<int64_t> heartbeat_unix;
+  std::string kubelet_version;  // nodeInfo.kubeletVersion: the k3s that answers
   std::string detail;       // why not, for the report
-  bool ok() const { return api_ready && node_ready; }
+  bool ok() const { return running && api_ready && node_ready; }
+};
+
+// A workload a bundle's health gate names, and what the cluster says of it.
+struct WorkloadRef {
+  std::string kind;  // Deployment, DaemonSet, StatefulSet, Job, HelmChart
+  std::string ns;
+  std::string name;
+  std::string text() const { return kind + " " + ns + "/" + name; }
+};
+struct WorkloadState {
+  bool ready = false;   // rolled out / succeeded
+  bool failed = false;  // will not get there (a failed Job)
+  std::string detail;   // "1/2 replicas available", "not found"
+};
+
+// A copy of the datastore taken before a k3s version change, to put back if
+// the new k3s is rolled back (Kubernetes does not support downgrades).
+struct DatastoreSnapshot {
+  std::string kind;  // "etcd" (k3s etcd-snapshot), "sqlite" (a copy of state.db*), "" none taken
+  std::string path;  // device path: the etcd snapshot file, or the directory holding the copies
+  bool operator==(const DatastoreSnapshot&) const = default;
+};
+
+// A file the init system needs to run k3s (unit, env file, init script).
+struct ServiceFile {
+  std::string path;  // device path
+  std::string content;
+  unsigned mode = 0644;
 };
 
 class K3sRuntime {
@@ -37,6 +72,55 @@ class K3sRuntime {
   virtual void stop() = 0;
   // notAfter of k3s's serving certificate (unix seconds); 0 when unknown.
   virtual int64_t serving_cert_expiry() { return 0; }
+
+  // The node's role in its cluster: "server" or "agent" (k3s agent: no API
+  // server, no datastore, no auto-deployed manifests).
+  virtual std::string role() const { return "server"; }
+  // Where k3s keeps its data (device path; k3s's data-dir).
+  virtual std::string data_dir() const { return "/var/lib/rancher/k3s"; }
+  // lastHeartbeatTime of the node's Ready condition now (before a restart:
+  // what the health gate must see superseded); nullopt when unknown.
+  virtual std::optional<int64_t> node_heartbeat() { return std::nullopt; }
+  // A workload through `k3s kubectl get ... -o json`.
+  virtual Result<WorkloadState> workload(const WorkloadRef& w) {
+    return make_error(Errc::unavailable, "this runtime cannot read workloads (" + w.text() + ")");
+  }
+  // `k3s kubectl delete -f <manifest> --ignore-not-found` of a manifest file
+  // (device path) about to leave server/manifests: k3s itself deletes
+  // nothing when the file goes. Returns what the cluster deleted
+  // ("deployment.apps/web").
+  virtual Result<std::vector<std::string>> delete_manifest(const std::string& path) {
+    (void)path;
+    return std::vector<std::string>{};
+  }
+  // Bytes the datastore takes (what a snapshot will need).
+  virtual uint64_t datastore_bytes() { return 0; }
+  // Before a k3s version change: `k3s etcd-snapshot save` (embedded etcd,
+  // k3s running), or k3s stopped and state.db* copied into dest_dir (SQLite).
+  // Leaves k3s stopped in the SQLite case. kind "" when there is nothing to
+  // keep (an agent node, no datastore yet).
+  virtual Result<DatastoreSnapshot> snapshot_datastore(const std::string& dest_dir, const std::string& tag) {
+    (void)dest_dir;
+    (void)tag;
+    return DatastoreSnapshot{};
+  }
+  // With k3s stopped: puts the snapshot back (etcd: `k3s server
+  // --cluster-reset --cluster-reset-restore-path`; SQLite: the copies).
+  virtual Status restore_datastore(const DatastoreSnapshot& s) {
+    (void)s;
+    return {};
+  }
+  // With k3s stopped: `k3s certificate rotate`. Returns where k3s backed the
+  // old certificates up (device path), for restore_certificates.
+  virtual Result<std::string> rotate_certificates() {
+    return make_error(Errc::unavailable, "this runtime cannot rotate certificates");
+  }
+  virtual Status restore_certificates(const std::string& backup) {
+    (void)backup;
+    return {};
+  }
+  // Removes data/<hash> directories the running k3s no longer uses.
+  virtual std::vector<std::string> prune_data_dirs() { return {}; }
 };
 
 // How k3s runs as a service on the device: systemd, OpenRC, or the agent
@@ -49,6 +133,9 @@ class ServiceManager {
   virtual Status start() = 0;
   virtual void stop() = 0;
   virtual bool active() = 0;
+  // After a unit / init script was written: `systemctl daemon-reload` and
+  // `enable`, or `rc-update add`.
+  virtual Status install_service() { return {}; }
 };
 
 // Absolute device paths ("/etc/rancher/k3s/config.yaml"); implementations
@@ -112,6 +199,10 @@ struct InFlight {
   uint64_t version = 0;
   std::string step;                  // the last step begun
   std::vector<BackupEntry> backups;  // complete once step is past "backup"
+  // The datastore copy taken before a k3s version change (step "snapshot"):
+  // recovery puts it back if the new k3s may have started on the datastore.
+  DatastoreSnapshot snapshot;
+  std::string cert_backup;           // where `k3s certificate rotate` kept the old certificates
   bool operator==(const InFlight&) const = default;
 };
 
@@ -143,6 +234,16 @@ struct AppliedState {
   // Final outcome reports not yet acknowledged by the broker (serialized
   // v1::Report by seq); re-sent after a restart.
   std::map<uint64_t, std::string> outbox;
+  // Report sequence numbers are handed out below this; it is persisted a
+  // block ahead, so a restart (or a clock set back) never reuses one.
+  uint64_t seq_reserved = 0;
+  // The newest issued_unix_ms of a director-signed header: a lower bound of
+  // the real time, for a device clock that is wrong.
+  int64_t hub_time_ms = 0;
+  // The device's labels as the hub last sent them in a signed header (they
+  // replace the enrollment-time labels; hub_labels_set says they were sent).
+  std::map<std::string, std::string> hub_labels;
+  bool hub_labels_set = false;
 };
 
 // One journal row: a step of an apply, before ("begin") and after ("end").

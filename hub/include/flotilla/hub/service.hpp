@@ -249,6 +249,9 @@ class HubService {
     uint64_t generation = 0;
     bool rollback = false;
     SharedDesiredPtr shared;
+    // The device's labels as the store has them now: signed into the header
+    // so a relabelled device selects its overlays without enrolling again.
+    std::map<std::string, std::string> labels;
   };
   using Publishes = std::vector<PendingDesired>;
   // The shared part for a bundle; call with store_mu_ held. `cache` keeps

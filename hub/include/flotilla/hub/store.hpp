@@ -49,6 +49,15 @@ struct DeviceRecord {
   // issued_unix_ms of the enrollment request last taken (0: an older proof
   // without it). A later enrollment must be newer: a replay changes nothing.
   uint64_t enroll_issued_ms = 0;
+  // Inventory the agent reports (issue 15): the node's k3s role and cluster,
+  // k3s's certificate expiry, OS, disk and memory, and whether its clock
+  // looked wrong.
+  std::string k3s_role;
+  std::string cluster_id;
+  int64_t k3s_cert_expiry_unix = 0;
+  std::string os;
+  uint64_t disk_free_bytes = 0, disk_total_bytes = 0, mem_free_bytes = 0, mem_total_bytes = 0;
+  bool clock_suspect = false;
 };
 
 struct BundleRecord {
