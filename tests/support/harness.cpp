@@ -309,7 +309,9 @@ std::map<std::string, std::string> snapshot(const stdfs::path& root, const std::
   std::map<std::string, std::string> out;
   for (auto it = stdfs::recursive_directory_iterator(root); it != stdfs::recursive_directory_iterator(); ++it) {
     const std::string rel = stdfs::relative(it->path(), root).string();
-    bool skip = false;
+    // k3s's own datastore changes while it runs (its kubelet's heartbeats,
+    // the stand-in too): never the agent's doing.
+    bool skip = rel.rfind("var/lib/rancher/k3s/server/db", 0) == 0;
     for (const auto& e : exclude) skip |= rel.rfind(e, 0) == 0;
     if (skip) {
       if (it->is_directory()) it.disable_recursion_pending();

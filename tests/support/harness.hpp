@@ -125,7 +125,8 @@ class Agent {
 };
 
 // Per-file (sha256, mode) of every regular file under root, excluding paths
-// that start with one of the given relative prefixes.
+// that start with one of the given relative prefixes (and k3s's datastore,
+// which k3s itself changes as it runs).
 std::map<std::string, std::string> snapshot(const stdfs::path& root, const std::vector<std::string>& exclude);
 
 // An unsigned manifest on channel "stable", valid for an hour from now, with
