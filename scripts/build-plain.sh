@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A packager's build: `cmake -DCMAKE_BUILD_TYPE=Release` and a build of every
 # target, with none of scripts/build.sh's settings (no FLOTILLA_WERROR, no
-# minimal OpenSSL, CMake's default generator). It catches what our own scripts hide: a warning that only
+# minimal OpenSSL, CMake's default generator), then `cmake --install` into a
+# scratch DESTDIR. It catches what our own scripts hide: a warning that only
 # -Werror-free builds see, a dependency only build.sh passes, install rules
 # that work only in our tree layout.
 #
@@ -29,4 +30,14 @@ cmake -S "$ROOT" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release >"$BUILD/plain-configure
 echo "==> plain Release build of every target"
 cmake --build "$BUILD" >"$BUILD/plain-build.log" 2>&1 ||
   { tail -60 "$BUILD/plain-build.log"; echo "build-plain: build failed (log: $BUILD/plain-build.log)" >&2; exit 1; }
+echo "==> cmake --install into a scratch DESTDIR"
+stage="$(mktemp -d)"
+trap 'rm -rf "$stage"' EXIT
+DESTDIR="$stage" cmake --install "$BUILD" --prefix /usr >"$BUILD/plain-install.log" 2>&1 ||
+  { cat "$BUILD/plain-install.log"; echo "build-plain: cmake --install failed" >&2; exit 1; }
+for f in usr/bin/flotilla-hub usr/bin/flotilla usr/bin/flotilla-agent usr/lib/systemd/system/flotilla-hub.service \
+         etc/flotilla/hub.yaml; do
+  [ -e "$stage/$f" ] || { echo "build-plain: cmake --install did not install /$f" >&2; exit 1; }
+done
+"$stage/usr/bin/flotilla-hub" --version
 echo "==> plain Release build passed"
