@@ -5,6 +5,7 @@
 #include <string_view>
 
 #include "cli.hpp"
+#include "contexts.hpp"
 #include "flotilla/common/version.hpp"
 
 namespace {
@@ -26,7 +27,10 @@ void usage(std::ostream& out) {
          "  bundle inspect FILE     show what a bundle contains (--label: resolved files)\n"
          "  bundle diff A B         what changes from bundle A to bundle B\n"
          "  image inject INPUT      put the agent, its config and trust roots into a device image\n\n"
-         "Hub (--hub URL, --token or FLOTILLA_TOKEN / FLOTILLA_TOKEN_FILE):\n"
+         "Contexts (like kubeconfig; flags > FLOTILLA_HUB, FLOTILLA_TOKEN... > context):\n"
+         "  config set-context NAME --hub URL --token-file FILE   add or change a context\n"
+         "  config use-context NAME  make it current (get-contexts, current-context, delete-context)\n\n"
+         "Hub (--hub URL, --token or FLOTILLA_TOKEN / FLOTILLA_TOKEN_FILE, or the current context):\n"
          "  bundle push FILE        upload a signed bundle and its artifacts\n"
          "  bundle list             list uploaded bundles\n"
          "  enrollment-token create make a token devices enroll with (list, revoke ID)\n"
@@ -83,6 +87,7 @@ constexpr Command kCommands[] = {
     {"diff", flotilla::cli::cmd_diff, ""},
     {"objects", flotilla::cli::cmd_objects, "list"},
     {"gitrepo", flotilla::cli::cmd_gitrepo, "create list get sync delete"},
+    {"config", flotilla::cli::cmd_config, "get-contexts current-context use-context set-context delete-context"},
     {"completion", cmd_completion, "bash"},
 };
 
