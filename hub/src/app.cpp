@@ -85,6 +85,7 @@ void add_hub_options(Options& o) {
                                          "session included (mosquitto's max_queued_messages)", "1000000")
       .add("broker-max-queued-mib", "embedded broker: MiB of messages queued per client (max_queued_bytes)", "256")
       .add("log-level", "trace, debug, info, warn or error", "info")
+      .add("log-format", "text, or json: one object per line (time in UTC, level, logger, msg)", "text")
       .config_file_key("config");
 }
 
