@@ -1,7 +1,10 @@
 # Writes OUT (a C++ file defining flotilla::version()) from the project version
 # and, in a Git checkout, `git describe`: run at every build, the file changes
 # only when the version does, so nothing rebuilds needlessly.
-#   cmake -DSOURCE_DIR=... -DPROJECT_VERSION=... -DOUT=... -P write_version.cmake
+#   cmake -DSOURCE_DIR=... -DPROJECT_VERSION=... -DOUT=... [-DVERSION_TXT=...] -P write_version.cmake
+# VERSION_TXT, when given, gets the bare version string too: the packages
+# (packaging/cpack_config.cmake) take their version from it, so a package's
+# version is the one its binaries print.
 if(PROJECT_VERSION STREQUAL "")
   set(PROJECT_VERSION "0.0.0")  # a build of parts only (tests/fuzz)
 endif()
@@ -31,4 +34,13 @@ else()
 endif()
 if(NOT old STREQUAL content)
   file(WRITE "${OUT}" "${content}")
+endif()
+if(VERSION_TXT)
+  set(old_txt "")
+  if(EXISTS "${VERSION_TXT}")
+    file(READ "${VERSION_TXT}" old_txt)
+  endif()
+  if(NOT old_txt STREQUAL "${version}\n")
+    file(WRITE "${VERSION_TXT}" "${version}\n")
+  endif()
 endif()

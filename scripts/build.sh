@@ -25,7 +25,9 @@ fi
 if [ ! -f "$BUILD/build.ninja" ] || [ "$#" -gt 0 ] || ! grep -q "^FLOTILLA_WERROR:BOOL=ON\$" "$BUILD/CMakeCache.txt" ||
   { [ "$static_agent" = ON ] && ! grep -q "^FLOTILLA_AGENT_OPENSSL_ROOT:PATH=$OPENSSL_MIN\$" "$BUILD/CMakeCache.txt"; }; then
   # Our own scripts make warnings fatal (a plain CMake build does not).
+  echo "==> configuring $BUILD" >&2
   cmake -S "$ROOT" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DFLOTILLA_WERROR=ON \
     "${configure_args[@]}" >/dev/null
 fi
+echo "==> compiling into $BUILD ($JOBS jobs)" >&2
 cmake --build "$BUILD" -j "$JOBS"

@@ -26,10 +26,40 @@ while [ $# -gt 0 ]; do
 done
 case "$DEVICES" in ''|*[!0-9]*) echo "demo: --devices needs a number" >&2; exit 2 ;; esac
 
+# ninja prints "[n/N] step" for every step: on a terminal one line that
+# updates in place, otherwise a line every tenth of the way (CI logs stay
+# short). Anything else (stages, compiler errors) passes through as it is.
+build_progress() {
+  local line last=-1 n total tty=0
+  [ -t 1 ] && [ "$CI_MODE" = 0 ] && tty=1
+  while IFS= read -r line; do
+    if [[ "$line" =~ ^\[([0-9]+)/([0-9]+)\]\ (.*)$ ]]; then
+      n=${BASH_REMATCH[1]} total=${BASH_REMATCH[2]}
+      if [ "$tty" = 1 ]; then
+        printf '\r    [%d/%d] %-70.70s' "$n" "$total" "${BASH_REMATCH[3]}"
+      elif [ $((n * 10 / total)) -ne "$last" ] || [ "$n" = "$total" ]; then
+        last=$((n * 10 / total))
+        echo "    [$n/$total] ${BASH_REMATCH[3]}"
+      fi
+    elif [[ "$line" == "ninja: no work to do."* ]]; then
+      echo "    up to date"
+    else
+      [ "$tty" = 1 ] && printf '\n'
+      echo "$line"
+    fi
+  done
+  [ "$tty" = 1 ] && printf '\n'
+  return 0
+}
+
 if [ "$BUILD" = 1 ]; then
   "$ROOT/scripts/setup.sh"
-  echo "==> building (incremental)"
-  "$ROOT/scripts/build.sh" >/dev/null
+  if [ -f "$ROOT/build/build.ninja" ]; then
+    echo "==> building (incremental)"
+  else
+    echo "==> first build: a minimal OpenSSL for the agent, then everything (about ten minutes on two cores)"
+  fi
+  "$ROOT/scripts/build.sh" 2>&1 | build_progress
 fi
 BIN="${FLOTILLA_BIN_DIR:-$ROOT/build/bin}"
 for b in flotilla flotilla-hub flotilla-agent k3s-standin; do

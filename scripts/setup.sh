@@ -23,6 +23,9 @@ PACKAGES=(
   # cross-built static agents (scripts/build-agent-cross.sh) and running them
   gcc-aarch64-linux-gnu g++-aarch64-linux-gnu gcc-arm-linux-gnueabihf g++-arm-linux-gnueabihf
   qemu-user-static
+  # Debian packages (scripts/package.sh): man pages from --help, and the
+  # packaging test's lintian
+  help2man lintian
   # libFuzzer targets (tests/fuzz/run.sh, run by scripts/test.sh)
   clang-14 libclang-rt-14-dev
   # the web dashboard (ui/): its build, and its browser tests in Debian's chromium

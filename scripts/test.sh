@@ -6,6 +6,7 @@
 #   scripts/test.sh -L unit         only one tier (any ctest arguments work)
 #   FLOTILLA_SANITIZE=address scripts/test.sh   an ASan+UBSan build in build-asan/
 #   FLOTILLA_SANITIZE=thread scripts/test.sh    a ThreadSanitizer build in build-tsan/
+#   FLOTILLA_PLAIN_BUILD=1                      also a plain `cmake -DCMAKE_BUILD_TYPE=Release` build (CI)
 #   FLOTILLA_FUZZ_SECONDS=N                     how long each libFuzzer target runs (default 45; 0 = skip)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -45,6 +46,12 @@ if [ -z "${FLOTILLA_SANITIZE:-}" ]; then
     FLOTILLA_OPENSSL_SRC_CACHE="$BUILD/third_party/openssl-min-src" FLOTILLA_CROSS_BUILD_DIR="$BUILD-$arch" \
       "$ROOT/scripts/build-agent-cross.sh" "$arch"
   done
+fi
+
+# A packager's plain Release build of every target, without our flags
+# (scripts/build-plain.sh into <build>-plain/). CI sets FLOTILLA_PLAIN_BUILD=1.
+if [ "${FLOTILLA_PLAIN_BUILD:-0}" = 1 ] && [ -z "${FLOTILLA_SANITIZE:-}" ]; then
+  "$ROOT/scripts/build-plain.sh" "$BUILD-plain"
 fi
 
 # Prometheus's promtool checks /metrics (tests/e2e/metrics_promtool.sh).

@@ -1,5 +1,6 @@
 #include "client.hpp"
 
+#include "contexts.hpp"
 #include "output.hpp"
 
 #include "flotilla/common/fs.hpp"
@@ -10,7 +11,8 @@ namespace flotilla::cli {
 using nlohmann::json;
 
 void add_hub_flags(Options& o) {
-  o.add("hub", "hub REST base URL", "http://127.0.0.1:8080")
+  o.add("context", "the CLI context to use (flotilla config get-contexts); default: the current one")
+      .add("hub", "hub REST base URL (default: the context's, else http://127.0.0.1:8080)", "http://127.0.0.1:8080")
       .add("token", "API token (prefer the FLOTILLA_TOKEN variable: flags show up in ps)")
       .add("token-file", "file holding the API token (e.g. <hub data-dir>/admin.token)")
       .add("ca-file", "PEM CA certificate(s) to verify an https hub against (default: the system CA store)")
@@ -18,21 +20,31 @@ void add_hub_flags(Options& o) {
 }
 
 Result<Client> Client::from(const Options& o) {
+    // Precedence: flags, then the environment (FLOTILLA_HUB, FLOTILLA_TOKEN,
+    // FLOTILLA_TOKEN_FILE, FLOTILLA_CA_FILE), then the selected context, then
+    // the built-in default. A token given by flag or environment (in either
+    // form) wins over the context's token file.
+    auto ctx = selected_context(o.get("context"));
+    if (!ctx) return ctx.error();
+    auto set = [&](const char* key) { return o.source(key) == "flag" || o.source(key) == "env"; };
     Client c;
-    c.base = o.get("hub");
+    c.base = set("hub") || !*ctx || (*ctx)->hub.empty() ? o.get("hub") : (*ctx)->hub;
     while (!c.base.empty() && c.base.back() == '/') c.base.pop_back();
     c.token = o.get("token");
-    c.ca_file = o.get("ca-file");
-    if (c.token.empty() && !o.get("token-file").empty()) {
-      auto t = fs::read_file(o.get("token-file"), 4096);
-      if (!t) return t.error().with_context("token-file");
+    c.ca_file = set("ca-file") || !*ctx ? o.get("ca-file") : (*ctx)->ca_file;
+    std::string token_file = o.get("token-file");
+    if (!set("token") && !set("token-file") && *ctx) token_file = (*ctx)->token_file;
+    if (c.token.empty() && !token_file.empty()) {
+      auto t = fs::read_file(token_file, 4096);
+      if (!t) return t.error().with_context("token-file" + std::string(set("token-file") || !*ctx ? "" : " of context " + (*ctx)->name));
       c.token = *t;
       while (!c.token.empty() && (c.token.back() == '\n' || c.token.back() == ' ')) c.token.pop_back();
     }
     if (c.token.empty()) {
       return make_error(Errc::invalid_argument,
-                        "no API token: set FLOTILLA_TOKEN, or pass --token-file (the hub writes its first "
-                        "admin token to <data-dir>/admin.token)");
+                        "no API token: set FLOTILLA_TOKEN, pass --token-file, or give the context one "
+                        "(flotilla config set-context NAME --token-file FILE); the hub writes its first "
+                        "admin token to <data-dir>/admin.token");
     }
     return c;
 }

@@ -33,7 +33,13 @@ int daemon_main(Options& opts, int argc, char** argv, const std::string& logger,
     std::cerr << program << ": unexpected argument '" << pos->front() << "'\n";
     return 2;
   }
-  if (!log::setup(opts.get("log-level"))) {
+  const std::string format = opts.has("log-format") ? opts.get("log-format") : "text";
+  if (!log::valid_format(format)) {
+    std::cerr << program << ": log-format must be text or json; got '" << format << "' (from "
+              << opts.source("log-format") << ")\n";
+    return 2;
+  }
+  if (!log::setup(opts.get("log-level"), format)) {
     std::cerr << program << ": log-level must be one of trace, debug, info, warn, error, critical, off; got '"
               << opts.get("log-level") << "'\n";
     return 2;

@@ -89,6 +89,7 @@ void add_agent_options(Options& o) {
       .add("download-min-rate", "slowest average download rate an artifact may take (bytes per second, or 16KiB, "
                                 "1MiB): sizes the overall deadline of each download", "16KiB")
       .add("log-level", "trace, debug, info, warn or error", "info")
+      .add("log-format", "text, or json: one object per line (time in UTC, level, logger, msg)", "text")
       .config_file_key("config");
 }
 

@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cstdlib>
 #include <thread>
 
 #include "flotilla/common/backoff.hpp"
@@ -37,9 +38,19 @@ Result<std::pair<std::string, int>> split_host_port(const std::string& key, cons
 }
 }  // namespace
 
+std::string default_data_dir(bool root, const char* xdg_state_home, const char* home) {
+  if (root) return "/var/lib/flotilla";
+  // XDG: a relative XDG_STATE_HOME is invalid and must be ignored.
+  if (xdg_state_home && *xdg_state_home == '/') return (std::filesystem::path(xdg_state_home) / "flotilla").string();
+  if (home && *home == '/') return (std::filesystem::path(home) / ".local/state/flotilla").string();
+  return "";  // nowhere sensible: hub_config_from asks for --data-dir
+}
+
 void add_hub_options(Options& o) {
   o.add("config", "YAML config file with any of these keys", "/etc/flotilla/hub.yaml")
-      .add("data-dir", "where the hub keeps its SQLite store, broker state and admin token", "./flotilla-data")
+      .add("data-dir", "where the hub keeps its SQLite store, broker state and admin token (default: "
+                       "/var/lib/flotilla as root, else $XDG_STATE_HOME/flotilla or ~/.local/state/flotilla)",
+           default_data_dir(::geteuid() == 0, std::getenv("XDG_STATE_HOME"), std::getenv("HOME")))
       .add("listen", "REST API address HOST:PORT (PORT 0 = any free port)", "127.0.0.1:8080")
       .add("public-url", "REST base URL as devices reach it (default: http://<listen>, https:// with TLS)")
       .add("tls-cert", "PEM certificate chain for the REST API; with tls-key the API speaks only TLS")
@@ -84,6 +95,7 @@ void add_hub_options(Options& o) {
       .add("views-scan-limit", "device rows one filtered device-list request may examine when no index serves "
                                "its filter (it then returns a cursor to carry on)", "200000")
       .add("log-level", "trace, debug, info, warn or error", "info")
+      .add("log-format", "text, or json: one object per line (time in UTC, level, logger, msg)", "text")
       .config_file_key("config");
 }
 
@@ -112,7 +124,12 @@ Result<bundles::KeyPair> load_director_key(const std::filesystem::path& data_dir
 Result<HubConfig> hub_config_from(const Options& o) {
   HubConfig c;
   c.data_dir = o.get("data-dir");
-  if (c.data_dir.empty()) return make_error(Errc::invalid_argument, "data-dir must not be empty");
+  if (c.data_dir.empty()) {
+    return make_error(Errc::invalid_argument, o.source("data-dir") == "default"
+                                                  ? "no default data-dir (not root, no HOME or XDG_STATE_HOME): set "
+                                                    "--data-dir"
+                                                  : "data-dir must not be empty");
+  }
   auto listen = split_host_port("listen", o.get("listen"));
   if (!listen) return listen.error();
   c.listen_host = listen->first;

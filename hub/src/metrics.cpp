@@ -2,8 +2,14 @@
 // (https://prometheus.io/docs/instrumenting/exposition_formats/).
 #include "flotilla/hub/metrics.hpp"
 
+#include <dirent.h>
+#include <sys/resource.h>
+#include <unistd.h>
+
 #include <charconv>
+#include <chrono>
 #include <cmath>
+#include <fstream>
 #include <sstream>
 
 #include "flotilla/common/version.hpp"
@@ -38,9 +44,12 @@ Histogram::Snapshot Histogram::snapshot() const {
 }
 
 void HttpMetrics::count(const std::string& method, const std::string& route, int status) {
-  const std::string cls = std::to_string(status / 100) + "xx";
+  // The exact status (404 and 409 are different stories), as Prometheus's own
+  // client libraries label it; the set is bounded by the routes and the
+  // handful of statuses the hub answers with.
+  const std::string code = std::to_string(status);
   std::lock_guard lock(mu_);
-  ++requests_[{method, route, cls}];
+  ++requests_[{method, route, code}];
 }
 
 void HttpMetrics::count_audit_failure() {
@@ -68,6 +77,62 @@ uint64_t HttpMetrics::audit_failures() const {
   return audit_failures_;
 }
 
+ProcessStats read_process_stats() {
+  ProcessStats st;
+  const long page = ::sysconf(_SC_PAGESIZE);
+  const long ticks = ::sysconf(_SC_CLK_TCK);
+  if (std::ifstream statm("/proc/self/statm"); statm) {
+    uint64_t size = 0, resident = 0;
+    if (statm >> size >> resident) {
+      st.virtual_memory_bytes = double(size) * double(page);
+      st.resident_memory_bytes = double(resident) * double(page);
+    }
+  }
+  // /proc/self/stat: the command name is in parentheses and may hold spaces,
+  // so fields are counted from the last ')'. utime and stime are fields 14
+  // and 15, starttime (ticks after boot) field 22.
+  if (std::ifstream stat("/proc/self/stat"); stat) {
+    std::string line;
+    std::getline(stat, line);
+    const auto close = line.rfind(')');
+    if (close != std::string::npos && ticks > 0) {
+      std::istringstream rest(line.substr(close + 2));
+      std::vector<std::string> f;
+      for (std::string w; rest >> w;) f.push_back(w);
+      // rest starts at field 3 (state): field n is f[n - 3].
+      if (f.size() >= 20) {
+        try {
+          st.cpu_seconds = double(std::stoull(f[11]) + std::stoull(f[12])) / double(ticks);
+          const double start_after_boot = double(std::stoull(f[19])) / double(ticks);
+          std::ifstream pstat("/proc/stat");
+          for (std::string key; pstat >> key;) {
+            if (key == "btime") {
+              double btime = 0;
+              if (pstat >> btime) st.start_time_seconds = btime + start_after_boot;
+              break;
+            }
+            pstat.ignore(1 << 20, '\n');
+          }
+        } catch (const std::exception&) {
+        }
+      }
+    }
+  }
+  if (DIR* d = ::opendir("/proc/self/fd")) {
+    double n = 0;
+    while (const dirent* e = ::readdir(d)) {
+      if (e->d_name[0] != '.') ++n;
+    }
+    ::closedir(d);
+    st.open_fds = n - 1;  // not the descriptor opendir itself holds
+  }
+  rlimit rl{};
+  if (::getrlimit(RLIMIT_NOFILE, &rl) == 0) {
+    st.max_fds = rl.rlim_cur == RLIM_INFINITY ? -1 : double(rl.rlim_cur);
+  }
+  return st;
+}
+
 std::string prom_escape(const std::string& v) {
   std::string out;
   for (char c : v) {
@@ -80,6 +145,11 @@ std::string prom_escape(const std::string& v) {
 }
 
 namespace {
+
+bool campaign_in_flight(const std::string& state) {
+  return state == "running" || state == "waiting_approval" || state == "converging" || state == "paused" ||
+         state == "rolling_back";
+}
 
 // The shortest decimal that round-trips (0.0005, not 0.00050000000000000001);
 // "+Inf", "-Inf" and "NaN" are the format's own spellings.
@@ -157,9 +227,12 @@ std::string render_metrics(HubService& s, const HttpMetrics& http) {
     p.family("flotilla_campaigns", "gauge", "Campaigns by state.");
     for (const auto& [state, n] : by_state) p.sample("flotilla_campaigns", {{"state", state}}, static_cast<double>(n));
     p.family("flotilla_campaign_devices", "gauge",
-             "Devices of each campaign by campaign status; status=\"offline\" counts unfinished devices that are "
-             "offline now.");
+             "Devices of each campaign in flight (running, waiting for approval, converging, paused, rolling back) "
+             "by campaign status; status=\"offline\" counts unfinished devices that are offline now.");
     for (const auto& v : *campaigns) {
+      // Only campaigns in flight: finished ones (completed, aborted, rolled
+      // back) would otherwise add eleven series each, forever.
+      if (!campaign_in_flight(v.campaign.state)) continue;
       const auto& c = v.counts;
       const std::pair<const char*, int64_t> rows[] = {
           {"waiting", c.waiting},       {"pending", c.pending},         {"in_progress", c.in_progress},
@@ -212,10 +285,10 @@ std::string render_metrics(HubService& s, const HttpMetrics& http) {
   p.sample(hn + "_sum", {}, h.sum);
   p.sample(hn + "_count", {}, static_cast<double>(h.count));
 
-  p.family("flotilla_http_requests_total", "counter", "REST requests by method, route pattern and status class.");
+  p.family("flotilla_http_requests_total", "counter", "REST requests by method, route pattern and status code.");
   for (const auto& [key, n] : http.snapshot()) {
-    const auto& [method, route, cls] = key;
-    p.sample("flotilla_http_requests_total", {{"method", method}, {"route", route}, {"code", cls}},
+    const auto& [method, route, code] = key;
+    p.sample("flotilla_http_requests_total", {{"method", method}, {"route", route}, {"code", code}},
              static_cast<double>(n));
   }
   p.family("flotilla_rate_limited_total", "counter", "Requests refused by a rate limit (429), by limit.");
@@ -240,6 +313,22 @@ std::string render_metrics(HubService& s, const HttpMetrics& http) {
   }
   p.family("flotilla_audit_write_failures_total", "counter", "Mutating calls whose audit row could not be written.");
   p.sample("flotilla_audit_write_failures_total", {}, static_cast<double>(http.audit_failures()));
+  // The standard process metrics of Prometheus's client libraries, from /proc/self.
+  const ProcessStats ps = read_process_stats();
+  p.family("process_cpu_seconds_total", "counter", "Total user and system CPU time spent in seconds.");
+  p.sample("process_cpu_seconds_total", {}, ps.cpu_seconds);
+  p.family("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.");
+  p.sample("process_resident_memory_bytes", {}, ps.resident_memory_bytes);
+  p.family("process_virtual_memory_bytes", "gauge", "Virtual memory size in bytes.");
+  p.sample("process_virtual_memory_bytes", {}, ps.virtual_memory_bytes);
+  p.family("process_open_fds", "gauge", "Number of open file descriptors.");
+  p.sample("process_open_fds", {}, ps.open_fds);
+  if (ps.max_fds >= 0) {
+    p.family("process_max_fds", "gauge", "Maximum number of open file descriptors.");
+    p.sample("process_max_fds", {}, ps.max_fds);
+  }
+  p.family("process_start_time_seconds", "gauge", "Start time of the process since unix epoch in seconds.");
+  p.sample("process_start_time_seconds", {}, ps.start_time_seconds);
   p.family("flotilla_scrape_errors", "gauge", "Store reads that failed while rendering this page.");
   p.sample("flotilla_scrape_errors", {}, scrape_errors);
   return p.str();

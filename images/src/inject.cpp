@@ -24,6 +24,7 @@
 #include "flotilla/common/fs.hpp"
 #include "flotilla/common/clock.hpp"
 #include "flotilla/common/http_client.hpp"
+#include "flotilla/images/service_files.hpp"
 #include "image_fs.hpp"
 
 namespace flotilla::images {
@@ -53,48 +54,17 @@ Status stream_content(const Entry& e, const std::function<Status(const char*, si
 
 namespace {
 
-constexpr const char* kAgentPath = "/usr/local/bin/flotilla-agent";
+// /usr/bin, where the flotilla-agent package puts it too: the unit and OpenRC
+// script (packaging/, embedded at build time) are then the very same bytes in
+// an injected image and a package install, and installing the package later
+// takes the injected agent over in place.
+constexpr const char* kAgentPath = "/usr/bin/flotilla-agent";
 constexpr const char* kConfigPath = "/etc/flotilla/agent.yaml";
 constexpr const char* kKeyringPath = "/etc/flotilla/root.krg";
 constexpr const char* kCaPath = "/etc/flotilla/ca.pem";
 constexpr const char* kManifestPath = "/etc/flotilla/image-manifest.json";
 constexpr const char* kUnitPath = "/etc/systemd/system/flotilla-agent.service";
 constexpr const char* kInitPath = "/etc/init.d/flotilla-agent";
-
-const char* kSystemdUnit =
-    "# Installed by `flotilla image inject` (docs/images.md).\n"
-    "[Unit]\n"
-    "Description=Flotilla edge agent (installs, upgrades and health-checks k3s)\n"
-    "Wants=network-online.target\n"
-    "After=network-online.target\n"
-    "\n"
-    "[Service]\n"
-    "Type=simple\n"
-    "ExecStart=/usr/local/bin/flotilla-agent --config /etc/flotilla/agent.yaml\n"
-    "Restart=always\n"
-    "RestartSec=5s\n"
-    "# k3s runs as its own unit (service-manager: auto finds systemd); the agent\n"
-    "# restarting must not take a directly supervised k3s down with it.\n"
-    "KillMode=process\n"
-    "\n"
-    "[Install]\n"
-    "WantedBy=multi-user.target\n";
-
-const char* kOpenrcScript =
-    "#!/sbin/openrc-run\n"
-    "# Installed by `flotilla image inject` (docs/images.md).\n"
-    "description=\"Flotilla edge agent (installs, upgrades and health-checks k3s)\"\n"
-    "supervisor=supervise-daemon\n"
-    "command=/usr/local/bin/flotilla-agent\n"
-    "command_args=\"--config /etc/flotilla/agent.yaml\"\n"
-    "respawn_delay=5\n"
-    "output_log=/var/log/flotilla-agent.log\n"
-    "error_log=/var/log/flotilla-agent.log\n"
-    "\n"
-    "depend() {\n"
-    "\tneed net\n"
-    "\tafter firewall\n"
-    "}\n";
 
 Error sys_error(const std::string& what) { return make_error(Errc::io, what + ": " + std::strerror(errno)); }
 
@@ -660,9 +630,9 @@ Result<InjectReport> inject(const InjectOptions& o) {
     if (!e) return e.error();
     entries.push_back(std::move(*e));
   }
-  entries.push_back(file_entry(kUnitPath, 0644, kSystemdUnit));
+  entries.push_back(file_entry(kUnitPath, 0644, std::string(service_files::kAgentSystemdUnit)));
   entries.push_back(symlink_entry("/etc/systemd/system/multi-user.target.wants/flotilla-agent.service", kUnitPath));
-  entries.push_back(file_entry(kInitPath, 0755, kOpenrcScript));
+  entries.push_back(file_entry(kInitPath, 0755, std::string(service_files::kAgentOpenrcScript)));
   entries.push_back(symlink_entry("/etc/runlevels/default/flotilla-agent", kInitPath));
   if (!o.k3s_bundle.empty()) {
     if (auto s = add_bundle_artifacts(o, rep.arch, entries); !s) return s.error();

@@ -186,7 +186,7 @@ void check_ext4(const stdfs::path& fsimg, const json& manifest, const Trust& t, 
     CHECK(stat.find("crtime: 0x" + std::string(mtime).substr(9)) != std::string::npos);
   }
   CHECK(debugfs(fsimg, "cat /etc/flotilla/agent.yaml") == expected_config(t));
-  CHECK(debugfs(fsimg, "cat /usr/local/bin/flotilla-agent") == slurp(bin_dir() + "/flotilla-agent"));
+  CHECK(debugfs(fsimg, "cat /usr/bin/flotilla-agent") == slurp(bin_dir() + "/flotilla-agent"));
   CHECK(debugfs(fsimg, "cat /etc/hostname") == "device\n");  // the image's own files stay
 }
 
@@ -290,7 +290,7 @@ TEST_CASE("image inject: tar.zst and tar rootfs tarballs keep their compression 
       const std::string cfg = line_of("./etc/flotilla/agent.yaml");
       CHECK(cfg.rfind("-rw------- 0/0 ", 0) == 0);
       CHECK(cfg.find("2023-11-14 22:13:20") != std::string::npos);
-      const std::string agent_line = line_of("./usr/local/bin/flotilla-agent");
+      const std::string agent_line = line_of("./usr/bin/flotilla-agent");
       CHECK(agent_line.rfind("-rwxr-xr-x 0/0 ", 0) == 0);
       // The old agent.yaml is replaced, not duplicated.
       size_t count = 0;
@@ -322,22 +322,26 @@ TEST_CASE("image inject: a rootfs directory is changed in place, its absolute sy
   Trust t;
   const auto root = tmp.path() / "rootfs";
   make_rootfs(root, host_elf());
-  // /usr/local -> /opt/local, absolute: written through it into the rootfs, never the host.
-  stdfs::remove(root / "usr/local/bin");
-  stdfs::remove(root / "usr/local");
-  stdfs::create_directories(root / "opt/local");
-  stdfs::create_symlink("/opt/local", root / "usr/local");
+  // /usr/bin -> /opt/bin, absolute: written through it into the rootfs, never the host.
+  stdfs::create_directories(root / "opt");
+  stdfs::rename(root / "usr/bin", root / "opt/bin");
+  stdfs::create_symlink("/opt/bin", root / "usr/bin");
   auto r = Hub::cli_local(inject_args(root, t));
   INFO(r.out << r.err);
   REQUIRE(r.exit_code == 0);
-  CHECK(slurp(root / "opt/local/bin/flotilla-agent") == slurp(bin_dir() + "/flotilla-agent"));
+  CHECK(slurp(root / "opt/bin/flotilla-agent") == slurp(bin_dir() + "/flotilla-agent"));
+  // The service files are the very bytes the flotilla-agent package installs (packaging/).
+  REQUIRE(stdfs::exists(stdfs::path(source_dir()) / "packaging/systemd/flotilla-agent.service"));
+  CHECK(slurp(root / "etc/systemd/system/flotilla-agent.service") ==
+        slurp(stdfs::path(source_dir()) / "packaging/systemd/flotilla-agent.service"));
+  CHECK(slurp(root / "etc/init.d/flotilla-agent") == slurp(stdfs::path(source_dir()) / "packaging/openrc/flotilla-agent"));
   CHECK(slurp(root / "etc/flotilla/agent.yaml") == expected_config(t));
   CHECK((stdfs::status(root / "etc/flotilla/agent.yaml").permissions() & stdfs::perms::all) ==
         (stdfs::perms::owner_read | stdfs::perms::owner_write));
   const json m = manifest_of(root);
   CHECK(m["format"] == "directory");
   bool listed = false;
-  for (const auto& f : m["files"]) listed |= f["path"] == "/opt/local/bin/flotilla-agent";
+  for (const auto& f : m["files"]) listed |= f["path"] == "/opt/bin/flotilla-agent";
   CHECK(listed);
 }
 

@@ -67,6 +67,11 @@ struct HubConfig {
 // pin in device images (flotilla image inject --director-key).
 Result<bundles::KeyPair> load_director_key(const std::filesystem::path& data_dir, const std::string& configured);
 
+// The data directory when none is configured: /var/lib/flotilla for root,
+// else $XDG_STATE_HOME/flotilla, else $HOME/.local/state/flotilla (never the
+// current directory); "" when none applies.
+std::string default_data_dir(bool root, const char* xdg_state_home, const char* home);
+
 void add_hub_options(Options& o);
 Result<HubConfig> hub_config_from(const Options& o);
 

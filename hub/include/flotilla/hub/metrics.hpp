@@ -68,6 +68,18 @@ class HttpMetrics {
 
 // Escapes a label value: backslash, double quote and newline.
 std::string prom_escape(const std::string& v);
+
+// This process, from /proc/self (Prometheus's standard process_* metrics).
+// A value that cannot be read stays 0 (max_fds: -1 when unlimited).
+struct ProcessStats {
+  double cpu_seconds = 0;
+  double resident_memory_bytes = 0;
+  double virtual_memory_bytes = 0;
+  double open_fds = 0;
+  double max_fds = 0;
+  double start_time_seconds = 0;
+};
+ProcessStats read_process_stats();
 // The whole /metrics page.
 std::string render_metrics(HubService& service, const HttpMetrics& http);
 
