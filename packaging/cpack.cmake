@@ -1,5 +1,5 @@
 # CPack: three Debian packages from the install components
-# (docs/adr/0011-debian-packages-with-cpack.md). scripts/package.sh runs
+# (docs/adr/0012-debian-packages-with-cpack.md). scripts/package.sh runs
 # `cpack -G DEB` in a configured, built tree: the binaries are the ones the
 # tests ran, nothing is rebuilt.
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the Debian packages flotilla-hub, flotilla and flotilla-agent
-# (CPack DEB; docs/adr/0011-debian-packages-with-cpack.md) from a build
+# (CPack DEB; docs/adr/0012-debian-packages-with-cpack.md) from a build
 # tree, into <build>/packages/. The binaries are the build's own: after
 # scripts/build.sh, nothing is recompiled.
 #
