@@ -316,8 +316,9 @@ int free_loopback_port() {
 
 }  // namespace
 
-TEST_CASE("a 3-node cluster is upgraded by one campaign: servers first, one node at a time; a failing agent node "
-          "rolls back alone",
+// No ';' in the name: CTest's test discovery would split it in two.
+TEST_CASE("a 3-node cluster is upgraded by one campaign (servers first and one node at a time) and a failing agent "
+          "node rolls back alone",
           "[integration][agent][k3s][cluster]") {
   TempDir tmp;
   Hub hub(tmp.path() / "hub");

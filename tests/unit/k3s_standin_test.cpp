@@ -250,7 +250,7 @@ TEST_CASE("k3s stand-in help and unknown commands", "[integration][standin]") {
   const auto help = run({binary.string(), "--help"});
   CHECK(help.exit_code == 0);
   CHECK(help.out.find("NOT k3s") != std::string::npos);
-  const auto unknown = run({binary.string(), "agent"});
+  const auto unknown = run({binary.string(), "frobnicate"});
   CHECK(unknown.exit_code == 1);
   CHECK(unknown.err.find("usage:") != std::string::npos);
   const auto none = run({binary.string()});
@@ -262,7 +262,7 @@ TEST_CASE("k3s stand-in server becomes ready and serves its node", "[integration
   TempDir dir;
   const auto kubeconfig = dir.path() / "k3s.yaml";
   const auto config = dir.path() / "config.yaml";
-  write_text(config, "# test config\nwrite-kubeconfig: " + kubeconfig.string() +
+  write_text(config, "# test config\ndata-dir: " + (dir.path() / "data").string() + "\nwrite-kubeconfig: " + kubeconfig.string() +
                          "\nstandin-ready-delay-ms: 200\nnode-name: " + kNode + "\n");
   ServerProcess server(binary, config, dir.path() / "server.log",
                        {"K3S_STANDIN_PIDFILE=" + (dir.path() / "k3s.pid").string()});
@@ -314,7 +314,7 @@ TEST_CASE("k3s stand-in never-ready drop-in keeps /readyz failing", "[integratio
   const auto kubeconfig = dir.path() / "k3s.yaml";
   const auto config = dir.path() / "config.yaml";
   // Unparseable-for-us content must be skipped, not fatal.
-  write_text(config, "write-kubeconfig: " + kubeconfig.string() + "\nnode-name: " + kNode +
+  write_text(config, "data-dir: " + (dir.path() / "data").string() + "\nwrite-kubeconfig: " + kubeconfig.string() + "\nnode-name: " + kNode +
                          "\nstandin-ready-delay-ms: 0\nstandin-never-ready: false\n"
                          "tls-san:\n  - example.test\nnode-label: [a=b]\n---\n");
   write_text(dir.path() / "config.yaml.d" / "10-a.yaml", "standin-never-ready: false\n");
@@ -347,7 +347,7 @@ TEST_CASE("k3s stand-in rejects a wrong token", "[integration][standin]") {
   TempDir dir;
   const auto kubeconfig = dir.path() / "k3s.yaml";
   const auto config = dir.path() / "config.yaml";
-  write_text(config, "write-kubeconfig: " + kubeconfig.string() + "\nstandin-ready-delay-ms: 0\n");
+  write_text(config, "data-dir: " + (dir.path() / "data").string() + "\nwrite-kubeconfig: " + kubeconfig.string() + "\nstandin-ready-delay-ms: 0\n");
   ServerProcess server(binary, config, dir.path() / "server.log");
   REQUIRE(eventually([&] { return kubectl_raw(binary, kubeconfig, "/readyz").exit_code == 0; }));
 
@@ -368,7 +368,7 @@ TEST_CASE("k3s stand-in stops cleanly on SIGTERM", "[integration][standin]") {
   TempDir dir;
   const auto kubeconfig = dir.path() / "k3s.yaml";
   const auto config = dir.path() / "config.yaml";
-  write_text(config, "write-kubeconfig: " + kubeconfig.string() + "\n");
+  write_text(config, "data-dir: " + (dir.path() / "data").string() + "\nwrite-kubeconfig: " + kubeconfig.string() + "\n");
   ServerProcess server(binary, config, dir.path() / "server.log");
   REQUIRE(eventually([&] { return fs::exists(kubeconfig); }));
   CHECK(server.terminate() == std::optional<int>(0));
@@ -392,7 +392,7 @@ TEST_CASE("k3s stand-in start failures", "[integration][standin]") {
   CHECK_FALSE(missing.err.empty());
 
   const auto config = dir.path() / "config.yaml";
-  write_text(config, "write-kubeconfig: " + (dir.path() / "k3s.yaml").string() +
+  write_text(config, "data-dir: " + (dir.path() / "data").string() + "\nwrite-kubeconfig: " + (dir.path() / "k3s.yaml").string() +
                          "\nstandin-fail-start: true\n");
   const auto failed = run({binary.string(), "server", "--config", config.string()});
   CHECK(failed.exit_code == 1);
