@@ -43,6 +43,11 @@ cleanup() {
     echo "---- hub log (last 60 lines) ----"
     tail -n 60 "$WORK/hub.log" 2>/dev/null || true
     mkdir -p "$ARTIFACTS" && cp "$WORK/hub.log" "$ARTIFACTS/hub.log" 2>/dev/null || true
+    for log in "$WORK"/devices/*/agent.log; do
+      [ -f "$log" ] || continue
+      echo "---- $(basename "$(dirname "$log")") agent log (last 15 lines) ----"
+      tail -n 15 "$log"
+    done
   fi
   rm -rf "$WORK"
   exit "$rc"
@@ -83,6 +88,7 @@ labels:
   cell: cell-$(( (i % 2) + 1 ))
 node-name: ui-$i
 health-timeout: 6s
+health-settle: 1s
 reconnect-max: 2s
 YAML
   "$BIN/flotilla-agent" --config "$dev/etc/flotilla/agent.yaml" --root "$dev" >"$dev/agent.log" 2>&1 &
