@@ -149,6 +149,7 @@ CREATE TABLE IF NOT EXISTS trust (
   }
   if (auto s = migrate_declarative(); !s) return s;
   if (auto s = migrate_campaigns(); !s) return s;
+  if (auto s = migrate_certs(); !s) return s;
   return migrate_scopes();
 }
 
