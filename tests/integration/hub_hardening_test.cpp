@@ -433,12 +433,7 @@ TEST_CASE("the embedded broker drops a client that sends more than the largest l
   REQUIRE(reports_before >= 0);
 
   auto t = transport::make_paho_transport();
-  transport::ConnectOptions co;
-  co.url = hub.broker_url();
-  co.client_id = dev;
-  co.username = dev;
-  co.password = agent->mqtt_password();
-  co.clean_session = true;
+  transport::ConnectOptions co = agent->broker_options(hub.broker_url());
   REQUIRE(t->connect(co));
   // 9 MiB on its own report topic: above the broker's max_packet_size.
   const std::string huge(flotilla::hub::broker_max_packet_size() + 1024, 'x');
