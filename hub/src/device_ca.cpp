@@ -276,9 +276,12 @@ Result<IssuedCertificate> DeviceCa::issue(EVP_PKEY* subject_key, const std::stri
   }
   X509_set_subject_name(cert.get(), name.get());
   X509_set_issuer_name(cert.get(), X509_get_subject_name(issuer_.cert));
-  // Five minutes of slack for device clocks; never past the CA's own end.
+  // Five minutes of slack for device clocks (a tenth of a short lifetime,
+  // so that the renewal point, a share of not_after - not_before, stays
+  // ahead); never past the CA's own end.
+  const int64_t slack = std::min<int64_t>(300, lifetime_s / 10);
   const int64_t not_after = std::min(now + lifetime_s, issuer_not_after_);
-  ASN1_TIME_set(X509_getm_notBefore(cert.get()), static_cast<time_t>(now - 300));
+  ASN1_TIME_set(X509_getm_notBefore(cert.get()), static_cast<time_t>(now - slack));
   ASN1_TIME_set(X509_getm_notAfter(cert.get()), static_cast<time_t>(not_after));
   X509_set_pubkey(cert.get(), subject_key);
   X509V3_CTX ctx;
@@ -303,7 +306,7 @@ Result<IssuedCertificate> DeviceCa::issue(EVP_PKEY* subject_key, const std::stri
   IssuedCertificate out;
   out.pem = to_pem(cert.get());
   out.serial_hex = serial_hex(serial.get());
-  out.not_before_unix = now - 300;
+  out.not_before_unix = now - slack;
   out.not_after_unix = not_after;
   return out;
 }
