@@ -119,11 +119,16 @@ for i in $(seq 1 "$DEVICES"); do
   dev="$WORK/devices/dev-$i"
   mkdir -p "$dev/usr/local/bin" "$dev/etc/flotilla"
   cp "$BIN/k3s-standin" "$dev/usr/local/bin/k3s"
+  # The hub's device CA, pinned as an image would carry it (flotilla image
+  # inject --device-ca): the broker is mutual TLS, each device's client
+  # certificate issued at enrollment for its own key.
+  cp "$WORK/hub/ca/device-ca.pem" "$dev/etc/flotilla/device-ca.pem"
   cat >"$dev/etc/flotilla/agent.yaml" <<YAML
 hub-url: $FLOTILLA_HUB
 enrollment-token: $ENROLL
 root-keys:
   - $PUB
+device-ca-file: /etc/flotilla/device-ca.pem
 labels:
   shelf: "$i"
 node-name: dev-$i

@@ -230,6 +230,15 @@ std::string enroll_batch_proof_message(const std::string& enrollment_token, cons
          std::to_string(device_public_keys.size()) + "\n" + crypto::sha256_hex(keys);
 }
 
+std::string renew_proof_message(const std::string& device_id, std::string_view csr_der, uint64_t issued_unix_ms) {
+  return "flotilla-renew-v1\n" + device_id + "\n" + crypto::sha256_hex(csr_der) + "\n" + std::to_string(issued_unix_ms);
+}
+
+std::string device_id_for_key(const Bytes& device_public_key) {
+  const auto h = crypto::sha256(device_public_key);
+  return "d-" + to_hex(h.data(), h.size()).substr(0, 20);
+}
+
 Bytes sign_detached(const KeyPair& key, std::string_view message) {
   crypto::init();
   Bytes sig(crypto_sign_BYTES);

@@ -17,7 +17,7 @@ namespace {
 constexpr const char* kInjectHelp =
     "Usage: flotilla image inject INPUT [--output FILE] --hub-url URL --enrollment-token TOKEN\n"
     "                             (--root-key KEY ... | --root-keyring FILE) [--label k=v ...]\n"
-    "                             [--agent FILE ...] [--partition N|NAME] [--director-key KEY]\n"
+    "                             [--agent FILE ...] [--partition N|NAME] [--director-key KEY] [--device-ca FILE]\n"
     "                             [--k3s-bundle FILE [--signing-keyring FILE] [--root-chain FILE ...]]\n\n"
     "Puts the Flotilla agent into an existing device OS image so the device enrolls on\n"
     "first boot. No Docker, no mount, no root: ext4 is written with libext2fs, tarballs\n"
@@ -34,8 +34,10 @@ constexpr const char* kInjectHelp =
     "  /usr/bin/flotilla-agent             the static agent built for the image's arch,\n"
     "                                      read from the image's own ELF binaries\n"
     "  /etc/flotilla/agent.yaml (0600)     hub-url, enrollment-token, root-keys or\n"
-    "                                      root-keyring, labels, tls-ca-file\n"
+    "                                      root-keyring, labels, tls-ca-file, device-ca-file\n"
     "  /etc/flotilla/root.krg, ca.pem      with --root-keyring / --tls-ca-file\n"
+    "  /etc/flotilla/device-ca.pem         with --device-ca: the hub's device CA certificate\n"
+    "                                      (no key; each device gets its own certificate)\n"
     "  /etc/systemd/system/flotilla-agent.service  + enabled in multi-user.target.wants\n"
     "  /etc/init.d/flotilla-agent          OpenRC, enabled in /etc/runlevels/default\n"
     "                                      (both the very files the flotilla-agent package installs)\n"
@@ -73,6 +75,9 @@ int image_inject(int argc, char** argv) {
       .add("key-threshold", "distinct root keys a bundle needs (agent.yaml key-threshold)", "")
       .add_list("label", "device label k=v (agent.yaml labels)")
       .add("tls-ca-file", "CA certificate (PEM) for ssl:// brokers, installed as /etc/flotilla/ca.pem")
+      .add("device-ca", "the hub's device CA certificate (PEM: the hub's <data-dir>/ca/device-ca.pem or GET "
+                        "/v1/device-ca), installed as /etc/flotilla/device-ca.pem and pinned (agent.yaml "
+                        "device-ca-file); no key goes in, each device gets its own certificate at enrollment")
       .add("director-key", "the hub's director public key (ed25519:<base64> or the hub's director.pub), pinned "
                            "as agent.yaml director-key: devices then act only on desired states it signed")
       .add("k3s-bundle", "signed bundle whose k3s binary and airgap images are preloaded (verified as the device "
@@ -115,6 +120,7 @@ int image_inject(int argc, char** argv) {
   if (!labels) return fail(labels.error().message, 2);
   s.labels = *labels;
   s.tls_ca_file = o.get("tls-ca-file");
+  s.device_ca_file = o.get("device-ca");
   if (!o.get("director-key").empty()) {
     auto pub = bundles::read_public_key(o.get("director-key"));
     if (!pub) return fail("--director-key " + o.get("director-key") + ": " + pub.error().message, 2);

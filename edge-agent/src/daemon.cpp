@@ -9,6 +9,7 @@
 #include <condition_variable>
 #include <deque>
 #include <mutex>
+#include <random>
 #include <thread>
 
 #include "flotilla/agent/agent.hpp"
@@ -22,6 +23,7 @@
 #include "flotilla/common/http_client.hpp"
 #include "flotilla/common/log.hpp"
 #include "flotilla/common/transport.hpp"
+#include "flotilla/common/x509.hpp"
 #include "flotilla/v1/enroll.pb.h"
 
 namespace flotilla::agent {
@@ -75,6 +77,9 @@ void add_agent_options(Options& o) {
            "auto")
       .add("tls-ca-file", "CA certificates (PEM, device path) trusted for ssl:// brokers, https:// enrollment and "
                           "https:// artifact downloads instead of the system CA store")
+      .add("device-ca-file", "the hub's device CA (PEM, device path; the hub's ca/device-ca.pem), pinned: broker "
+                             "certificates the hub issues this device must come from it, and the broker is checked "
+                             "against it; default: the CAs the hub names at enrollment")
       .add("inventory-interval", "how often the agent checks its inventory (k3s version, node Ready, ...) and "
                                  "reports it if it changed (0 = never)", "5m")
       .add("supervise-interval", "how often the agent checks that k3s runs and starts it if not (0 = never)", "30s")
@@ -102,6 +107,12 @@ std::chrono::milliseconds download_deadline(const AgentConfig& cfg, uint64_t byt
   // Whole seconds, rounded up; capped far beyond any real artifact (8 GiB at 1 B/s).
   const uint64_t secs = std::min<uint64_t>(bytes / rate + 1, uint64_t{1} << 34);
   return std::max(cfg.download_deadline_min, std::chrono::milliseconds(static_cast<int64_t>(secs) * 1000));
+}
+
+int64_t certificate_renew_at(int64_t not_before, int64_t not_after, double draw) {
+  const double span = static_cast<double>(std::max<int64_t>(0, not_after - not_before));
+  const double frac = 0.55 + 0.11 * std::clamp(draw, 0.0, 0.999999);
+  return not_before + static_cast<int64_t>(span * frac);
 }
 
 Backoff make_reconnect_backoff(const std::string& device_id, std::chrono::milliseconds cap, uint64_t salt) {
@@ -241,6 +252,22 @@ Result<AgentConfig> agent_config_from(const Options& o) {
                                                     "' holds no PEM certificate (-----BEGIN CERTIFICATE-----)");
     }
   }
+  c.device_ca_file = o.get("device-ca-file");
+  if (!c.device_ca_file.empty()) {
+    if (c.device_ca_file.front() != '/') {
+      return make_error(Errc::invalid_argument, "device-ca-file must be an absolute device path, got '" +
+                                                    c.device_ca_file + "' (from " + o.source("device-ca-file") + ")");
+    }
+    std::string rel = c.device_ca_file;
+    while (!rel.empty() && rel.front() == '/') rel.erase(rel.begin());
+    const auto host_path = c.root / rel;
+    auto pem = fs::read_file(host_path, x509::kMaxPemBytes);
+    if (!pem || x509::count_certificates(*pem) == 0) {
+      return make_error(Errc::invalid_argument, "device-ca-file '" + host_path.string() + "' (from " +
+                                                    o.source("device-ca-file") + ") is not a readable PEM file of "
+                                                    "CA certificates");
+    }
+  }
   auto ii = o.get_duration("inventory-interval");
   if (!ii) return ii.error();
   c.inventory_interval = *ii;
@@ -354,6 +381,35 @@ std::optional<bundles::PublicKey> director_key_of(const v1::EnrollResponse& er) 
   return bundles::PublicKey{bundles::key_id_for(raw), raw};
 }
 
+// The pinned device CA's PEM (device-ca-file), or "".
+std::string pinned_device_ca(const AgentConfig& cfg) {
+  if (cfg.device_ca_file.empty()) return {};
+  return fs::read_file(under_root(cfg, cfg.device_ca_file), x509::kMaxPemBytes).value_or("");
+}
+
+// A broker certificate the hub handed this device must be for this device's
+// own key and name, and come from the pinned device CA (or, unpinned, from
+// a CA the same answer names): a hub that is not this fleet's cannot give
+// the device credentials for another broker.
+Status check_issued_certificate(const AgentConfig& cfg, const bundles::KeyPair& id, const std::string& device_id,
+                                const std::string& cert_pem, const std::string& ca_pem) {
+  auto info = x509::parse_certificate_pem(cert_pem);
+  if (!info) return info.error().with_context("client certificate");
+  if (info->subject_cn != device_id) {
+    return make_error(Errc::refused, "the client certificate names " + info->subject_cn + ", not " + device_id);
+  }
+  if (info->ed25519_public_key != id.pub.key) {
+    return make_error(Errc::refused, "the client certificate is not for this device's identity key");
+  }
+  const std::string pinned = pinned_device_ca(cfg);
+  const std::string& trust = pinned.empty() ? ca_pem : pinned;
+  if (trust.empty()) return {};
+  if (auto s = x509::verify_certificate(cert_pem, trust); !s) {
+    return s.error().with_context(pinned.empty() ? "client certificate" : "client certificate (device-ca-file)");
+  }
+  return {};
+}
+
 Result<bundles::KeyPair> ensure_identity(const std::filesystem::path& state) {
   const auto path = state / "identity.key";
   if (std::filesystem::exists(path)) return bundles::read_private_key(path);
@@ -383,6 +439,12 @@ Result<v1::EnrollResponse> enroll(const AgentConfig& cfg, const bundles::KeyPair
   req.set_arch(cfg.arch);
   req.set_agent_version(kAgentVersion);
   for (const auto& [k, v] : cfg.labels) (*req.mutable_labels())[k] = v;
+  // The device's broker certificate is for its identity key (CN = its id):
+  // the hub's device CA answers this request (docs/security.md).
+  const std::string device_id = bundles::device_id_for_key(id.pub.key);
+  auto csr = x509::make_csr(id.secret, device_id);
+  if (!csr) return csr.error().with_context("certificate request");
+  req.set_csr(*csr);
   Backoff backoff = make_enroll_backoff(cfg.reconnect_max);
   while (!stop) {
     // Signed afresh at each attempt: the hub takes a device's enrollments
@@ -410,6 +472,12 @@ Result<v1::EnrollResponse> enroll(const AgentConfig& cfg, const bundles::KeyPair
         // credentials from it. Retried slowly: a corrected hub or pin fixes it.
         logger->error("state=enrollment_refused: the hub names director key {} but this device pins {} "
                       "(director-key); not enrolling with it", named->key_id, pinned_director->key_id);
+      } else if (Status c = er.client_certificate().empty()
+                                ? Status{}
+                                : check_issued_certificate(cfg, id, er.device_id(), er.client_certificate(),
+                                                           er.ca_certificates());
+                 !c) {
+        logger->error("state=enrollment_refused: {}; not enrolling with this hub", c.error().message);
       } else {
         return er;
       }
@@ -456,6 +524,91 @@ class HttpDownloader final : public Downloader {
   const AgentConfig& cfg_;
   std::string ca_file_;  // host path; empty = the system CA store
 };
+
+
+// What Paho reads from files to speak TLS with the broker.
+struct BrokerTls {
+  std::string cert_file, key_file;  // empty: no client certificate (a password device)
+  std::string ca_file;              // empty: the system CA store
+};
+
+// Writes <state-dir>/tls/: the client certificate, the identity key in the
+// PEM form TLS libraries read (the same key as identity.key, also 0600),
+// and the CAs the broker's certificate is checked against: the pinned
+// device CA, else those the hub named, each with tls-ca-file's.
+Result<BrokerTls> write_broker_tls(const AgentConfig& cfg, const std::filesystem::path& state_dir,
+                                   const bundles::KeyPair& id, const v1::EnrollResponse& creds) {
+  BrokerTls out;
+  const auto dir = state_dir / "tls";
+  const std::string tls_ca = cfg.tls_ca_file.empty() ? std::string() : under_root(cfg, cfg.tls_ca_file).string();
+  const std::string pinned = pinned_device_ca(cfg);
+  const std::string& base = pinned.empty() ? creds.ca_certificates() : pinned;
+  if (!base.empty() || !creds.client_certificate().empty()) {
+    if (auto s = fs::ensure_own_dir(dir, 0700); !s) return s.error();
+  }
+  if (!base.empty()) {
+    std::string bundle = base;
+    if (!tls_ca.empty()) {
+      auto extra = fs::read_file(tls_ca, x509::kMaxPemBytes);
+      if (!extra) return extra.error().with_context("tls-ca-file");
+      bundle += "\n" + *extra;
+    }
+    if (auto s = fs::write_file_atomic(dir / "broker-ca.pem", bundle, 0600); !s) return s.error();
+    out.ca_file = (dir / "broker-ca.pem").string();
+  } else {
+    out.ca_file = tls_ca;
+  }
+  if (!creds.client_certificate().empty()) {
+    if (auto s = fs::write_file_atomic(dir / "client.key", x509::ed25519_private_key_pem(id.secret), 0600); !s) {
+      return s.error();
+    }
+    if (auto s = fs::write_file_atomic(dir / "client.pem", creds.client_certificate(), 0600); !s) return s.error();
+    out.cert_file = (dir / "client.pem").string();
+    out.key_file = (dir / "client.key").string();
+  }
+  return out;
+}
+
+// One renewal: a new certificate for the identity key, proved by signing
+// the request with it (an expired certificate does not matter). *status is
+// the hub's HTTP status (0: no answer).
+Result<v1::RenewResponse> renew_certificate(const AgentConfig& cfg, const bundles::KeyPair& id,
+                                            const std::string& device_id, int* status) {
+  *status = 0;
+  auto csr = x509::make_csr(id.secret, device_id);
+  if (!csr) return csr.error();
+  v1::RenewRequest req;
+  req.set_device_id(device_id);
+  req.set_csr(*csr);
+  const auto issued = static_cast<uint64_t>(SystemClock::instance().now_unix_ms());
+  req.set_issued_unix_ms(issued);
+  const Bytes proof = bundles::sign_detached(id, bundles::renew_proof_message(device_id, *csr, issued));
+  req.set_proof(std::string(proof.begin(), proof.end()));
+  http::Request hr;
+  hr.method = "POST";
+  hr.url = cfg.hub_url + "/v1/renew";
+  hr.body = req.SerializeAsString();
+  hr.headers["Content-Type"] = "application/x-protobuf";
+  hr.max_response_bytes = 64 * 1024;
+  hr.timeout = std::chrono::seconds(30);
+  if (!cfg.tls_ca_file.empty()) hr.ca_file = under_root(cfg, cfg.tls_ca_file).string();
+  auto resp = http::send(hr);
+  if (!resp) return resp.error();
+  *status = resp->status;
+  if (resp->status != 200) {
+    return make_error(resp->status == 403 ? Errc::permission_denied : Errc::unavailable,
+                      "renewal refused status=" + std::to_string(resp->status) + " " + resp->body.substr(0, 300),
+                      resp->status >= 500 || resp->status == 429);
+  }
+  v1::RenewResponse rr;
+  if (!rr.ParseFromString(resp->body) || rr.client_certificate().empty()) {
+    return make_error(Errc::parse, "renewal answer does not parse");
+  }
+  if (auto c = check_issued_certificate(cfg, id, device_id, rr.client_certificate(), rr.ca_certificates()); !c) {
+    return c.error();
+  }
+  return rr;
+}
 
 }  // namespace
 
@@ -583,32 +736,115 @@ Status run_agent(const AgentConfig& cfg, const std::atomic<bool>& stop) {
   std::condition_variable cv;
   std::deque<std::string> inbox;
   std::atomic<bool> lost{false};
-  transport->on_message([&](transport::Message&& m) {
-    if (m.topic != desired_topic) return;
-    std::lock_guard lock(mu);
-    // Only the newest desired state matters; bound the queue.
-    if (inbox.size() >= 8) inbox.pop_front();
-    inbox.push_back(std::move(m.payload));
-    cv.notify_one();
-  });
-  transport->on_connection_lost([&](const std::string& cause) {
-    logger->warn("broker connection lost: {}", cause);
-    lost = true;
-    cv.notify_one();
-  });
+  auto install_handlers = [&] {
+    transport->on_message([&](transport::Message&& m) {
+      if (m.topic != desired_topic) return;
+      std::lock_guard lock(mu);
+      // Only the newest desired state matters; bound the queue.
+      if (inbox.size() >= 8) inbox.pop_front();
+      inbox.push_back(std::move(m.payload));
+      cv.notify_one();
+    });
+    transport->on_connection_lost([&](const std::string& cause) {
+      logger->warn("broker connection lost: {}", cause);
+      lost = true;
+      cv.notify_one();
+    });
+  };
+  install_handlers();
 
   v1::Presence offline;
   offline.set_online(false);
   offline.set_agent_version(kAgentVersion);
   transport::ConnectOptions co;
-  co.url = creds.broker_url();
   co.client_id = creds.device_id();
-  co.username = creds.mqtt_username();
-  co.password = creds.mqtt_password();
   co.clean_session = false;
   co.keepalive_s = 30;
   co.will = transport::Message{presence_topic, offline.SerializeAsString(), 1, true};
-  co.ca_file = ca_file;
+  // Where and as whom to connect, from the credentials: a client
+  // certificate (the broker takes its CN as the device's name), or the
+  // password of a device enrolled before certificates.
+  auto apply_credentials = [&]() -> Status {
+    auto tls = write_broker_tls(cfg, state_dir, *identity, creds);
+    if (!tls) return tls.error().with_context("broker TLS files");
+    co.url = creds.broker_url();
+    co.username = creds.mqtt_username().empty() ? creds.device_id() : creds.mqtt_username();
+    co.password = creds.client_certificate().empty() ? creds.mqtt_password() : std::string();
+    co.cert_file = tls->cert_file;
+    co.key_file = tls->key_file;
+    co.ca_file = tls->ca_file;
+    return {};
+  };
+  if (auto s = apply_credentials(); !s) return s;
+
+  // Certificate renewal (docs/agent.md): before two thirds of the lifetime,
+  // at once for a device that still has a password (it moves to a
+  // certificate), and whenever the broker refuses the certificate (expired
+  // while the device was away, or a new CA).
+  std::mt19937_64 renew_rng(crypto::random_u64());
+  const double renew_draw = std::uniform_real_distribution<double>(0.0, 1.0)(renew_rng);
+  auto renew_time = [&]() -> int64_t {
+    if (cfg.hub_url.empty()) return INT64_MAX;
+    if (creds.client_certificate().empty()) return creds.mqtt_password().empty() ? INT64_MAX : 0;
+    auto info = x509::parse_certificate_pem(creds.client_certificate());
+    if (!info) return 0;
+    return certificate_renew_at(info->not_before_unix, info->not_after_unix, renew_draw);
+  };
+  int64_t renew_at = renew_time();
+  Backoff renew_backoff(std::chrono::seconds(5), std::chrono::hours(1), crypto::random_u64());
+  auto next_renew_try = std::chrono::steady_clock::now();
+  int last_renew_status = -1;
+  bool reconnect_now = false;
+  bool renewed = false;  // a new certificate: a disconnected device tries it at once
+  auto try_renew = [&] {
+    int status = 0;
+    auto rr = renew_certificate(cfg, *identity, creds.device_id(), &status);
+    if (!rr) {
+      std::chrono::milliseconds delay = renew_backoff.next();
+      if (status == 403) {
+        if (last_renew_status != 403) {
+          logger->error("state=decommissioned: the hub refuses to renew this device's certificate ({}). k3s keeps "
+                        "running its last good state. To enroll again with a new identity, remove {} and {} and set "
+                        "an enrollment token.", rr.error().message, cred_path.string(), (state_dir / "identity.key").string());
+        }
+        delay = cfg.revoked_retry;
+      } else if (status == 404 || status == 409) {
+        // An older hub, or one in development mode: nothing to renew there.
+        if (last_renew_status != status) logger->warn("certificate not renewed: {}", rr.error().message);
+        delay = std::chrono::hours(1);
+      } else {
+        logger->warn("certificate renewal failed: {}; retry in {}s", rr.error().message, delay.count() / 1000);
+      }
+      last_renew_status = status;
+      next_renew_try = std::chrono::steady_clock::now() + delay;
+      return;
+    }
+    last_renew_status = 200;
+    renew_backoff.reset();
+    const bool moved = creds.client_certificate().empty() || (!rr->broker_url().empty() && rr->broker_url() != creds.broker_url());
+    v1::EnrollResponse next = creds;
+    next.set_client_certificate(rr->client_certificate());
+    next.set_ca_certificates(rr->ca_certificates());
+    if (!rr->broker_url().empty()) next.set_broker_url(rr->broker_url());
+    next.clear_mqtt_password();
+    if (auto s = fs::write_file_atomic(cred_path, next.SerializeAsString(), 0600); !s) {
+      logger->error("renewed certificate not saved: {}", s.error().message);
+      next_renew_try = std::chrono::steady_clock::now() + renew_backoff.next();
+      return;
+    }
+    creds = std::move(next);
+    if (auto s = apply_credentials(); !s) logger->error("renewed certificate not usable: {}", s.error().message);
+    renew_at = renew_time();
+    auto info = x509::parse_certificate_pem(creds.client_certificate());
+    logger->info("renewed the broker certificate serial={} not_after={} next_renewal={}{}",
+                 info ? info->serial_hex : "?", info ? info->not_after_unix : 0, renew_at,
+                 moved ? "; reconnecting with it" : "");
+    // A connected session keeps going (the broker checks certificates at
+    // connect); a device that moved from a password, or to another broker
+    // address, reconnects now.
+    if (moved) reconnect_now = true;
+    renewed = true;
+  };
 
   // Publishes the outbox again and drops what the broker acknowledged.
   auto deliver_outbox = [&](bool republish) {
@@ -634,6 +870,27 @@ Status run_agent(const AgentConfig& cfg, const std::atomic<bool>& stop) {
   int auth_failures = 0;
   auto refused_since = std::chrono::steady_clock::now();
   while (!stop) {
+    if (SystemClock::instance().now_unix() >= renew_at && std::chrono::steady_clock::now() >= next_renew_try &&
+        !agent.applied().in_flight) {
+      try_renew();
+    }
+    if (reconnect_now) {
+      reconnect_now = false;
+      // Paho keeps the address it was made with: a new one needs a new client.
+      transport->disconnect();
+      transport = transport::make_paho_transport();
+      install_handlers();
+      connected = false;
+      lost = false;
+      next_try = std::chrono::steady_clock::now();
+    }
+    if (renewed) {
+      renewed = false;
+      if (!connected || lost) {
+        next_try = std::chrono::steady_clock::now();
+        auth_failures = 0;
+      }
+    }
     if ((!connected || lost) && std::chrono::steady_clock::now() >= next_try) {
       lost = false;
       auto s = transport->connect(co);
@@ -664,6 +921,13 @@ Status run_agent(const AgentConfig& cfg, const std::atomic<bool>& stop) {
       } else {
         connected = false;
         auto delay = backoff.next();
+        if (s.error().code == Errc::unauthenticated && !creds.client_certificate().empty()) {
+          // The broker refused the certificate: expired while the device
+          // was away, issued by a CA the broker no longer trusts, or
+          // revoked. Renewing (with the identity key) fixes the first two;
+          // the hub says so when it is the third.
+          renew_at = std::min<int64_t>(renew_at, SystemClock::instance().now_unix());
+        }
         if (s.error().code == Errc::unauthenticated) {
           // Revoked or decommissioned: a clear error state with slow retries,
           // never a crash loop and never a re-enrollment on our own. Fresh

@@ -221,6 +221,7 @@ std::vector<std::pair<std::string, std::string>> Api::routes() const {
   std::vector<std::pair<std::string, std::string>> out = {
       {"GET", "/healthz"},           {"GET", "/readyz"},
       {"GET", "/v1/openapi.yaml"},   {"POST", "/v1/enroll"}, {"POST", "/v1/enroll/batch"},
+      {"POST", "/v1/renew"},         {"GET", "/v1/device-ca"}, {"GET", "/v1/device-ca/crl"},
       {"GET", "/v1/artifacts/{sha256}"}, {"HEAD", "/v1/artifacts/{sha256}"}};
   for (const auto& r : rest::routes()) out.emplace_back(r.method, r.pattern);
   return out;
@@ -332,7 +333,7 @@ namespace {
 
 // The largest body each route takes, known from its headers alone.
 size_t body_limit(const std::string& method, const std::string& route) {
-  if (route == "/v1/enroll") return kMaxEnrollBody;
+  if (route == "/v1/enroll" || route == "/v1/renew") return kMaxEnrollBody;
   if (route == "/v1/enroll/batch") return kMaxEnrollBatchBody;
   if (method == "POST" && route == "/v1/bundles") return bundles::kMaxEnvelopeBytes;
   if (method == "PUT" && route == "/v1/trust") return bundles::kMaxTrustBytes;
@@ -346,6 +347,9 @@ std::optional<std::string> public_route(const std::vector<std::string>& p) {
   if (p.size() == 2 && p[0] == "v1" && p[1] == "openapi.yaml") return "/v1/openapi.yaml";
   if (p.size() == 2 && p[0] == "v1" && p[1] == "enroll") return "/v1/enroll";
   if (p.size() == 3 && p[0] == "v1" && p[1] == "enroll" && p[2] == "batch") return "/v1/enroll/batch";
+  if (p.size() == 2 && p[0] == "v1" && p[1] == "renew") return "/v1/renew";
+  if (p.size() == 2 && p[0] == "v1" && p[1] == "device-ca") return "/v1/device-ca";
+  if (p.size() == 3 && p[0] == "v1" && p[1] == "device-ca" && p[2] == "crl") return "/v1/device-ca/crl";
   if (p.size() == 3 && p[0] == "v1" && p[1] == "artifacts") return "/v1/artifacts/{sha256}";
   return std::nullopt;
 }
@@ -433,6 +437,25 @@ HttpResponse Api::dispatch(const HttpRequest& req, AuditRecord& audit, std::stri
     return enroll(req, audit, enroll_batch);
   }
 
+  // Certificate renewal: the device's signature with its identity key is
+  // the credential (docs/security.md, "Device certificates").
+  if (p.size() == 2 && p[0] == "v1" && p[1] == "renew") {
+    route = "/v1/renew";
+    return renew(req, audit);
+  }
+  // The device CA and its revocation list are public: what any broker
+  // trusting this hub's devices needs, and nothing secret.
+  if (p.size() >= 2 && p.size() <= 3 && p[0] == "v1" && p[1] == "device-ca" &&
+      (p.size() == 2 || p[2] == "crl") && m == "GET") {
+    route = p.size() == 2 ? "/v1/device-ca" : "/v1/device-ca/crl";
+    const std::string body = p.size() == 2 ? service_.device_ca_pem() : service_.crl_pem();
+    if (body.empty()) return error(404, "not_found", "this hub has no device CA");
+    HttpResponse r;
+    r.content_type = "application/x-pem-file";
+    r.body = body;
+    return r;
+  }
+
   // Artifact downloads are public: content-addressed, and agents check every
   // byte against the signed manifest (docs/security.md).
   if (p.size() == 3 && p[0] == "v1" && p[1] == "artifacts" && (m == "GET" || m == "HEAD")) {
@@ -452,6 +475,36 @@ HttpResponse Api::dispatch(const HttpRequest& req, AuditRecord& audit, std::stri
     r.content_type = "text/plain; version=0.0.4; charset=utf-8";
     r.body = render_metrics(service_, *http_metrics_);
   }
+  return r;
+}
+
+HttpResponse Api::renew(const HttpRequest& req, AuditRecord& audit) {
+  using namespace rest;
+  if (req.method != "POST") return error(405, "method_not_allowed", "use POST");
+  // The same budget as enrollment: each request costs two signature checks
+  // and a signature, before and after the store.
+  int64_t retry_ms = 0;
+  if (!enroll_limit_->admit_all(&retry_ms)) {
+    http_metrics_->count_rate_limited("enroll");
+    HttpResponse r = error(429, "rate_limited", "too many enrollment and renewal requests to this hub; retry later");
+    r.headers["Retry-After"] = std::to_string(std::max<int64_t>(1, (retry_ms + 999) / 1000));
+    return r;
+  }
+  if (req.body.size() > kMaxEnrollBody) {
+    return error(413, "too_large", "renewal request above " + std::to_string(kMaxEnrollBody / 1024) + " KiB");
+  }
+  v1::RenewRequest rr;
+  if (!rr.ParseFromString(req.body)) {
+    return error(400, "invalid_argument", "body is not a flotilla.v1.RenewRequest (application/x-protobuf)");
+  }
+  audit.actor = "device:" + rr.device_id().substr(0, 64);
+  audit.role = "device";
+  auto resp = service_.renew(rr);
+  if (!resp) return from_error(resp.error());
+  audit.detail = "renewed the certificate of device " + rr.device_id();
+  HttpResponse r;
+  r.content_type = "application/x-protobuf";
+  r.body = resp->SerializeAsString();
   return r;
 }
 

@@ -3,6 +3,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <thread>
@@ -14,7 +15,9 @@
 #include "flotilla/common/transport.hpp"
 #include "flotilla/hub/aggregates.hpp"
 #include "flotilla/hub/artifacts.hpp"
+#include "flotilla/common/http_client.hpp"
 #include "flotilla/hub/broker.hpp"
+#include "flotilla/hub/device_ca.hpp"
 #include "flotilla/hub/gitsync.hpp"
 #include "flotilla/hub/http_server.hpp"
 #include "flotilla/hub/service.hpp"
@@ -94,6 +97,14 @@ void add_hub_options(Options& o) {
       .add("views-timeline-interval", "how often a running campaign's counts are sampled for its timeline", "5s")
       .add("views-scan-limit", "device rows one filtered device-list request may examine when no index serves "
                                "its filter (it then returns a cursor to carry on)", "200000")
+      .add("device-ca-cert", "PEM certificate of the CA that issues devices' broker client certificates (with "
+                             "device-ca-key); empty = <data-dir>/ca/device-ca.pem, made on first start")
+      .add("device-ca-key", "PEM private key of device-ca-cert (unencrypted, mode 0600)")
+      .add("device-cert-lifetime", "how long a device's broker certificate is valid; agents renew it after about "
+                                   "two thirds (10s to 3650d)", "90d")
+      .add("dev-plain-mqtt", "DEVELOPMENT ONLY: the embedded broker speaks plain MQTT and devices authenticate with "
+                             "passwords (no TLS, no certificates; every enrollment reloads the broker): true or false",
+           "false")
       .add("log-level", "trace, debug, info, warn or error", "info")
       .add("log-format", "text, or json: one object per line (time in UTC, level, logger, msg)", "text")
       .config_file_key("config");
@@ -161,8 +172,24 @@ Result<HubConfig> hub_config_from(const Options& o) {
                           ? "broker-tls-key is set but broker-tls-cert is not; broker TLS needs both"
                           : "broker-tls-cert is set but broker-tls-key is not; broker TLS needs both");
   }
-  const bool broker_tls = !c.broker_tls_cert_file.empty();
-  if (broker_tls && !c.broker_url.empty()) {
+  const std::string plain = o.get("dev-plain-mqtt");
+  if (plain != "true" && plain != "false") {
+    return make_error(Errc::invalid_argument, "dev-plain-mqtt must be true or false, got '" + plain + "' (from " +
+                                                  o.source("dev-plain-mqtt") + ")");
+  }
+  c.dev_plain_mqtt = plain == "true";
+  if (c.dev_plain_mqtt && !c.broker_url.empty()) {
+    return make_error(Errc::invalid_argument, "dev-plain-mqtt configures the embedded broker, but broker-url points "
+                                              "at an external one");
+  }
+  if (c.dev_plain_mqtt && !c.broker_tls_cert_file.empty()) {
+    return make_error(Errc::invalid_argument, "dev-plain-mqtt runs the embedded broker without TLS; it contradicts "
+                                              "broker-tls-cert (leave dev-plain-mqtt off: the broker speaks TLS by "
+                                              "default)");
+  }
+  // The embedded broker speaks TLS unless told otherwise for development.
+  const bool broker_tls = c.broker_url.empty() && !c.dev_plain_mqtt;
+  if (!c.broker_tls_cert_file.empty() && !c.broker_url.empty()) {
     return make_error(Errc::invalid_argument,
                       "broker-tls-cert/broker-tls-key configure the embedded broker, but broker-url points at an "
                       "external one (configure TLS on that broker and use an ssl:// broker-url)");
@@ -170,11 +197,15 @@ Result<HubConfig> hub_config_from(const Options& o) {
   // Devices told tcp:// would speak plain MQTT to a TLS-only port.
   if (broker_tls && c.broker_public_url.rfind("tcp://", 0) == 0) {
     return make_error(Errc::invalid_argument, "broker-public-url is tcp:// but the embedded broker speaks only TLS "
-                                              "(broker-tls-cert); use ssl://");
+                                              "(with client certificates); use ssl://");
+  }
+  if (c.dev_plain_mqtt && c.broker_public_url.rfind("ssl://", 0) == 0) {
+    return make_error(Errc::invalid_argument, "broker-public-url is ssl:// but dev-plain-mqtt makes the embedded "
+                                              "broker speak plain MQTT; use tcp://");
   }
   if (!c.broker_tls_ca_file.empty() && !broker_tls && c.broker_url.rfind("ssl://", 0) != 0) {
     return make_error(Errc::invalid_argument, "broker-tls-ca is set but the broker is not reached over TLS "
-                                              "(set broker-tls-cert and broker-tls-key, or an ssl:// broker-url)");
+                                              "(dev-plain-mqtt is on, or broker-url is tcp://)");
   }
   for (const auto& [key, file] : {std::pair{"broker-tls-cert", c.broker_tls_cert_file},
                                   std::pair{"broker-tls-key", c.broker_tls_key_file},
@@ -265,6 +296,30 @@ Result<HubConfig> hub_config_from(const Options& o) {
   auto scan = o.get_int("views-scan-limit", 1000, 100000000);
   if (!scan) return scan.error();
   c.views_scan_limit = *scan;
+  c.device_ca_cert_file = o.get("device-ca-cert");
+  c.device_ca_key_file = o.get("device-ca-key");
+  if (c.device_ca_cert_file.empty() != c.device_ca_key_file.empty()) {
+    return make_error(Errc::invalid_argument, c.device_ca_cert_file.empty()
+                                                  ? "device-ca-key is set but device-ca-cert is not; they go together"
+                                                  : "device-ca-cert is set but device-ca-key is not; they go together");
+  }
+  for (const auto& [key, file] : {std::pair{"device-ca-cert", c.device_ca_cert_file},
+                                  std::pair{"device-ca-key", c.device_ca_key_file}}) {
+    if (!file.empty() && ::access(file.c_str(), R_OK) != 0) {
+      return make_error(Errc::invalid_argument, std::string(key) + ": cannot read '" + file + "' (from " +
+                                                    o.source(key) + ")");
+    }
+  }
+  auto lifetime = o.get_duration("device-cert-lifetime");
+  if (!lifetime) return lifetime.error();
+  // Ten seconds is for tests of renewal across expiry; ten years is longer
+  // than any device CA here lives.
+  if (*lifetime < std::chrono::seconds(10) || *lifetime > std::chrono::hours(24 * 3650)) {
+    return make_error(Errc::invalid_argument, "device-cert-lifetime must be between 10s and 3650d, got '" +
+                                                  o.get("device-cert-lifetime") + "' (from " +
+                                                  o.source("device-cert-lifetime") + ")");
+  }
+  c.device_cert_lifetime_s = std::chrono::duration_cast<std::chrono::seconds>(*lifetime).count();
   return c;
 }
 
@@ -326,6 +381,44 @@ Status run_hub(const HubConfig& cfg, const std::atomic<bool>& stop) {
   const std::string listen_url = (hc.tls() ? "https://" : "http://") + cfg.listen_host + ":" + std::to_string((*server)->port());
   const std::string public_url = cfg.public_url.empty() ? listen_url : cfg.public_url;
 
+  // The device CA: every device with its own broker session gets a client
+  // certificate from it; brokers need only its certificate.
+  DeviceCaConfig dcc;
+  dcc.dir = data / "ca";
+  dcc.cert_file = cfg.device_ca_cert_file;
+  dcc.key_file = cfg.device_ca_key_file;
+  const int64_t now = SystemClock::instance().now_unix();
+  auto ca = DeviceCa::open(dcc, now);
+  if (!ca) return ca.error();
+  // What the hub's own client and the devices trust for the broker's
+  // certificate: the device CA (which makes the embedded broker's), plus the
+  // operator's broker CA if one is named.
+  std::string trust = (*ca)->trust_pem();
+  if (!cfg.broker_tls_ca_file.empty()) {
+    auto extra = fs::read_file(cfg.broker_tls_ca_file, 1 << 20);
+    if (!extra) return extra.error().with_context("broker-tls-ca");
+    trust += *extra;
+  }
+  const auto trust_file = data / "ca" / "broker-trust.pem";
+  if (auto s = fs::write_file_atomic(trust_file, trust, 0644); !s) return s;
+  // The hub's own broker session authenticates like a device: a certificate
+  // (CN = its broker user name), made at every start. Paho reads files.
+  constexpr int64_t kServiceCertLifetime = int64_t{825} * 86400;
+  const std::string hub_cn = "flotilla-hub";
+  auto hub_cert = (*ca)->issue_client(hub_cn, now, kServiceCertLifetime);
+  if (!hub_cert) return hub_cert.error();
+  const auto hub_cert_file = data / "ca" / "hub-client.pem", hub_key_file = data / "ca" / "hub-client.key";
+  if (auto s = fs::write_file_atomic(hub_key_file, hub_cert->key_pem, 0600); !s) return s;
+  if (auto s = fs::write_file_atomic(hub_cert_file, hub_cert->pem, 0600); !s) return s;
+  std::string crl;
+  {
+    auto revoked = (*store)->revoked_unexpired_certs(now);
+    if (!revoked) return revoked.error();
+    auto c = (*ca)->crl_pem(*revoked, now, HubService::kCrlValiditySeconds);
+    if (!c) return c.error();
+    crl = std::move(*c);
+  }
+
   std::unique_ptr<EmbeddedBroker> broker;
   std::string broker_url = cfg.broker_url, hub_user = cfg.broker_username, hub_pass = cfg.broker_password;
   if (embedded) {
@@ -341,12 +434,51 @@ Status run_hub(const HubConfig& cfg, const std::atomic<bool>& stop) {
     bc.tls_ca_file = cfg.broker_tls_ca_file;
     bc.max_queued_messages = cfg.broker_max_queued_messages;
     bc.max_queued_bytes = cfg.broker_max_queued_mib << 20;
+    bc.hub_username = hub_cn;
+    if (cfg.dev_plain_mqtt) {
+      bc.auth = BrokerAuth::password;
+      logger->warn("DEVELOPMENT MODE (dev-plain-mqtt): the embedded broker speaks plain MQTT and devices log in with "
+                   "passwords; nothing is encrypted and every enrollment reloads the broker. Never use this outside "
+                   "a test bench.");
+    } else {
+      bc.auth = BrokerAuth::certificate;
+      bc.client_ca_pem = (*ca)->trust_pem();
+      bc.crl_pem = crl;
+      if (cfg.broker_tls_cert_file.empty()) {
+        // Made by the device CA at every start, as k3s makes its own: it names
+        // the listen address and the address devices are given.
+        std::vector<std::string> names;
+        auto add_name = [&](const std::string& n) {
+          if (!n.empty() && n != "0.0.0.0" && n != "::" && std::find(names.begin(), names.end(), n) == names.end()) {
+            names.push_back(n);
+          }
+        };
+        if (!cfg.broker_public_url.empty()) {
+          if (auto u = http::parse_url("http" + cfg.broker_public_url.substr(cfg.broker_public_url.find("://"))); u) {
+            add_name(u->host);
+          }
+        }
+        add_name(cfg.broker_listen_host);
+        add_name("127.0.0.1");
+        add_name("localhost");
+        auto broker_cert = (*ca)->issue_server(names, now, kServiceCertLifetime);
+        if (!broker_cert) return broker_cert.error();
+        bc.server_cert_pem = broker_cert->pem;
+        bc.server_key_pem = broker_cert->key_pem;
+      }
+    }
     auto b = EmbeddedBroker::start(bc, *creds);
     if (!b) return b.error();
     broker = std::move(*b);
     broker_url = broker->url();
     hub_user = broker->hub_username();
-    hub_pass = broker->hub_password();
+    hub_pass = cfg.dev_plain_mqtt ? broker->hub_password() : std::string();
+    if (!broker->legacy_url().empty()) {
+      logger->warn("{} devices enrolled with passwords still connect to {} ({}) until they renew and move to "
+                   "certificates (docs/operations.md, \"Moving devices to certificates\")",
+                   creds->size(), broker->legacy_url(),
+                   broker->legacy_url().rfind("tcp://", 0) == 0 ? "plain MQTT" : "TLS");
+    }
   }
 
   ServiceConfig sc;
@@ -358,11 +490,19 @@ Status run_hub(const HubConfig& cfg, const std::atomic<bool>& stop) {
   sc.public_url = public_url;
   sc.manage_broker_credentials = embedded;
   sc.director_key = std::move(*director);
+  sc.device_ca = ca->get();
+  sc.cert_lifetime_s = cfg.device_cert_lifetime_s;
+  sc.broker_passwords = embedded && cfg.dev_plain_mqtt;
+  // Devices are told only the device CA (which makes the embedded broker's
+  // certificate): an operator's broker CA reaches them as their pinned
+  // tls-ca-file, never from an answer.
+  sc.ca_certificates = (*ca)->trust_pem();
   service = std::make_unique<HubService>(**store, SystemClock::instance(), sc);
   service->set_broker(broker.get());
   service->set_artifacts(&artifacts);
   service->set_aggregates(aggregates->get());
   (*aggregates)->start_sampler(SystemClock::instance(), cfg.views_timeline_interval);
+  service->loaded_crl(crl, now + HubService::kCrlValiditySeconds);
 
   // First start: make an admin API token and leave it, 0600, in the data dir.
   if (auto n = (*store)->count_tokens("api"); n && *n == 0) {
@@ -390,7 +530,19 @@ Status run_hub(const HubConfig& cfg, const std::atomic<bool>& stop) {
   // by the broker's acknowledgements, not queued whole in memory.
   co.max_pending = 2000;
   co.keepalive_s = 20;
-  co.ca_file = cfg.broker_tls_ca_file;
+  // The embedded broker's certificate comes from the device CA (or the
+  // operator's, with broker-tls-ca); an external broker's from broker-tls-ca
+  // or the system store.
+  co.ca_file = embedded && (cfg.broker_tls_cert_file.empty() || !cfg.broker_tls_ca_file.empty())
+                   ? trust_file.string()
+                   : cfg.broker_tls_ca_file;
+  // Over TLS the hub presents its own certificate from the device CA: the
+  // embedded broker takes nothing else, and an external broker that trusts
+  // the device CA (docs/operations.md) may take it too.
+  if (broker_url.rfind("ssl://", 0) == 0) {
+    co.cert_file = hub_cert_file.string();
+    co.key_file = hub_key_file.string();
+  }
   // The embedded broker is reached at its listen address, which its
   // certificate (made for the name devices use) need not name; the chain is
   // still checked. An external broker must name the host in broker-url.
@@ -437,7 +589,12 @@ Status run_hub(const HubConfig& cfg, const std::atomic<bool>& stop) {
   Backoff backoff(std::chrono::milliseconds(200), std::chrono::seconds(10), crypto::random_u64());
   bool attached = false;
   auto next_try = std::chrono::steady_clock::now();
+  auto next_maintenance = std::chrono::steady_clock::now() + std::chrono::minutes(5);
   while (!stop) {
+    if (std::chrono::steady_clock::now() >= next_maintenance) {
+      next_maintenance = std::chrono::steady_clock::now() + std::chrono::minutes(5);
+      service->maintain_certificates();
+    }
     if ((!transport->connected() || !attached) && std::chrono::steady_clock::now() >= next_try) {
       if (attached) logger->warn("lost the broker connection; reconnecting");
       attached = false;

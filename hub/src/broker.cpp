@@ -4,6 +4,7 @@
 #include <netinet/in.h>
 #include <openssl/err.h>
 #include <openssl/evp.h>
+#include <openssl/pem.h>
 #include <openssl/ssl.h>
 #include <dirent.h>
 #include <fcntl.h>
@@ -324,13 +325,18 @@ Result<std::unique_ptr<EmbeddedBroker>> EmbeddedBroker::start(const BrokerConfig
   b->cfg_ = cfg;
   // Bad TLS files are the operator's to fix: refused before anything is
   // written or started, rather than as a line in mosquitto's log.
-  if (cfg.tls()) {
+  if (!cfg.tls_cert_file.empty()) {
     if (auto s = check_tls_key_pair("broker-tls-cert", cfg.tls_cert_file, "broker-tls-key", cfg.tls_key_file); !s) {
       return s.error();
     }
-    if (!cfg.tls_ca_file.empty()) {
-      if (auto s = check_ca_file("broker-tls-ca", cfg.tls_ca_file); !s) return s.error();
-    }
+  }
+  if (cfg.tls() && !cfg.tls_ca_file.empty()) {
+    if (auto s = check_ca_file("broker-tls-ca", cfg.tls_ca_file); !s) return s.error();
+  }
+  if (cfg.auth == BrokerAuth::certificate && cfg.tls_cert_file.empty() &&
+      (cfg.server_cert_pem.empty() || cfg.server_key_pem.empty())) {
+    return make_error(Errc::invalid_argument, "certificate auth needs the broker's own certificate (made by the "
+                                              "device CA) or broker-tls-cert");
   }
   if (auto s = b->open_dir(); !s) return s.error();
   if (::geteuid() == 0) {
@@ -356,27 +362,18 @@ Result<std::unique_ptr<EmbeddedBroker>> EmbeddedBroker::start(const BrokerConfig
     b->hub_password_ = crypto::random_token(24);
     if (auto s = write_at(b->dir_fd_, "hub.secret", b->hub_password_, 0600); !s) return s.error();
   }
-  // Keep the port across restarts: devices store the broker address they enrolled with.
-  if (b->cfg_.port == 0) {
-    if (auto p = read_own_file(b->dir_fd_, cfg.dir, "port", 64); p && !p->empty()) {
-      try {
-        const int port = std::stoi(*p);
-        if (port > 0 && port <= 65535) b->cfg_.port = port;
-      } catch (const std::exception&) {
-      }
-    }
-    if (b->cfg_.port == 0) {
-      auto fp = free_listen_port(cfg.listen_host);
-      if (!fp) return fp.error();
-      b->cfg_.port = *fp;
-    }
-  }
-  if (auto s = write_at(b->dir_fd_, "port", std::to_string(b->cfg_.port), 0600); !s) return s.error();
+  // Keep the ports across restarts: devices store the broker address they enrolled with.
+  const bool legacy = cfg.auth == BrokerAuth::certificate && !devices.empty();
+  if (auto s = b->pick_ports(legacy); !s) return s.error();
   remove_at(b->dir_fd_, "passwd.new");  // an older hub's staging name
   if (auto s = b->prepare_state_dir(); !s) return s.error();
   if (auto s = b->install_tls_files(); !s) return s.error();
   if (auto s = b->write_config(); !s) return s.error();
-  if (auto s = b->write_passwords(devices); !s) return s.error();
+  if (cfg.auth == BrokerAuth::password || legacy) {
+    if (auto s = b->write_passwords(devices); !s) return s.error();
+  } else {
+    remove_at(b->dir_fd_, "passwd");  // no password is taken anywhere
+  }
   // Now the broker may traverse (not list, not write) the directory: 0710
   // with its group when it drops to its own user, 0700 otherwise.
   if (b->drops_privileges_) {
@@ -398,6 +395,59 @@ std::string EmbeddedBroker::url() const {
   return (cfg_.tls() ? "ssl://" : "tcp://") + cfg_.listen_host + ":" + std::to_string(cfg_.port);
 }
 
+std::string EmbeddedBroker::legacy_url() const {
+  if (legacy_port_ == 0) return {};
+  return (legacy_tls_ ? "ssl://" : "tcp://") + cfg_.listen_host + ":" + std::to_string(legacy_port_);
+}
+
+// `port` holds the listener devices are told about. With certificate auth
+// and devices that still have passwords, `legacy-port` holds the listener
+// those devices know: on the first start with certificates that is the
+// port they enrolled with, and the certificate listener gets a new one.
+Status EmbeddedBroker::pick_ports(bool legacy) {
+  auto stored = [&](const char* name) {
+    int port = 0;
+    if (auto p = read_own_file(dir_fd_, cfg_.dir, name, 64); p && !p->empty()) {
+      try {
+        port = std::stoi(*p);
+      } catch (const std::exception&) {
+      }
+    }
+    return port > 0 && port <= 65535 ? port : 0;
+  };
+  const int explicit_port = cfg_.port;
+  const int stored_main = stored("port");
+  const int stored_legacy = stored("legacy-port");
+  if (legacy) {
+    legacy_port_ = stored_legacy ? stored_legacy : stored_main;
+    legacy_tls_ = !cfg_.tls_cert_file.empty();
+    if (legacy_port_ == 0) {
+      auto fp = free_listen_port(cfg_.listen_host);
+      if (!fp) return fp.error();
+      legacy_port_ = *fp;
+    }
+    if (explicit_port != 0 && explicit_port == legacy_port_) {
+      return make_error(Errc::invalid_argument,
+                        "broker-listen port " + std::to_string(explicit_port) + " is where the devices enrolled with "
+                        "passwords connect until they renew; give the certificate listener another port (or 0)");
+    }
+    cfg_.port = explicit_port ? explicit_port : (stored_legacy ? stored_main : 0);
+    if (cfg_.port == legacy_port_) cfg_.port = 0;
+    if (auto s = write_at(dir_fd_, "legacy-port", std::to_string(legacy_port_), 0600); !s) return s;
+  } else {
+    remove_at(dir_fd_, "legacy-port");
+    cfg_.port = explicit_port ? explicit_port : stored_main;
+  }
+  if (cfg_.port == 0) {
+    for (int i = 0; i < 10 && (cfg_.port == 0 || cfg_.port == legacy_port_); ++i) {
+      auto fp = free_listen_port(cfg_.listen_host);
+      if (!fp) return fp.error();
+      cfg_.port = *fp;
+    }
+  }
+  return write_at(dir_fd_, "port", std::to_string(cfg_.port), 0600);
+}
+
 // The operator's files (checked in start()) are copied to <dir>/tls/: when
 // the hub runs as root, mosquitto reads them as its own user, who may not
 // reach the originals. The directory is made afresh at every start.
@@ -409,21 +459,34 @@ Status EmbeddedBroker::install_tls_files() {
   if (drops_privileges_ && (::fchown(tls->get(), ::geteuid(), broker_gid_) != 0 || ::fchmod(tls->get(), 0710) != 0)) {
     return sys_error("open to the broker's group", (cfg_.dir / "tls").string());
   }
-  for (const auto& [from, name] : {std::pair{cfg_.tls_cert_file, "broker.pem"}, std::pair{cfg_.tls_key_file, "broker.key"}}) {
-    auto bytes = fs::read_file(from, 1 << 20);
-    if (!bytes) return bytes.error().with_context("read " + from);
-    if (auto s = write_broker_file(tls->get(), name, *bytes); !s) return s;
+  if (!cfg_.tls_cert_file.empty()) {
+    for (const auto& [from, name] :
+         {std::pair{cfg_.tls_cert_file, "broker.pem"}, std::pair{cfg_.tls_key_file, "broker.key"}}) {
+      auto bytes = fs::read_file(from, 1 << 20);
+      if (!bytes) return bytes.error().with_context("read " + from);
+      if (auto s = write_broker_file(tls->get(), name, *bytes); !s) return s;
+    }
+  } else {
+    // The broker's own certificate, made by the device CA at this start.
+    if (auto s = write_broker_file(tls->get(), "broker.pem", cfg_.server_cert_pem); !s) return s;
+    if (auto s = write_broker_file(tls->get(), "broker.key", cfg_.server_key_pem); !s) return s;
+  }
+  if (cfg_.auth == BrokerAuth::certificate) {
+    if (auto s = write_broker_file(tls->get(), "client-ca.pem", cfg_.client_ca_pem); !s) return s;
+    if (auto s = write_broker_file(tls->get(), "crl.pem", cfg_.crl_pem); !s) return s;
   }
   return {};
 }
 
 Status EmbeddedBroker::write_config() {
   const auto d = cfg_.dir.string();
+  const bool certs = cfg_.auth == BrokerAuth::certificate;
+  const bool passwords = !certs || legacy_port_ != 0;
   std::string conf =
       "# Generated by flotilla-hub at every start; edits are overwritten.\n"
       "per_listener_settings false\n"
-      "allow_anonymous false\n"
-      "password_file " + d + "/passwd\n"
+      "allow_anonymous false\n" +
+      std::string(passwords ? "password_file " + d + "/passwd\n" : "") +
       "acl_file " + d + "/acl\n"
       "persistence true\n"
       // The only directory the broker's user may write.
@@ -454,6 +517,27 @@ Status EmbeddedBroker::write_config() {
             "keyfile " + d + "/tls/broker.key\n"
             "tls_version tlsv1.2\n";  // the minimum; TLS 1.3 is offered too
   }
+  if (certs) {
+    // The client's certificate is its identity: its CN is the MQTT username
+    // (and so the client id and the ACL's %u), from a certificate the device
+    // CA issued and did not revoke. No password is looked at here, and
+    // enrolling a device changes nothing in this file.
+    conf += "cafile " + d + "/tls/client-ca.pem\n"
+            "crlfile " + d + "/tls/crl.pem\n"
+            "require_certificate true\n"
+            "use_identity_as_username true\n";
+  }
+  if (certs && legacy_port_ != 0) {
+    // Devices enrolled with passwords before certificates keep their port
+    // and password until they renew (docs/operations.md, "Moving devices to
+    // certificates"); the password file holds only them.
+    conf += "listener " + std::to_string(legacy_port_) + " " + cfg_.listen_host + "\n";
+    if (legacy_tls_) {
+      conf += "certfile " + d + "/tls/broker.pem\n"
+              "keyfile " + d + "/tls/broker.key\n"
+              "tls_version tlsv1.2\n";
+    }
+  }
   std::string acl =
       "# Generated by flotilla-hub. The hub may use every Flotilla topic; a device\n"
       "# (MQTT username = device id) may read its own desired state and write its\n"
@@ -480,7 +564,11 @@ Status EmbeddedBroker::write_passwords(const Credentials& devices) {
   // The probe account's password changes with every rewrite: logging in
   // with it proves that mosquitto runs on this very file.
   probe_password_ = crypto::random_token(18);
-  std::string text = cfg_.hub_username + ":" + mosquitto_password_hash(hub_password_) + "\n";
+  // With certificates the hub logs in with its own certificate; the
+  // password file is only for devices that have not moved yet.
+  std::string text = cfg_.auth == BrokerAuth::password
+                         ? cfg_.hub_username + ":" + mosquitto_password_hash(hub_password_) + "\n"
+                         : std::string();
   text += std::string(kReloadProbeUser) + ":" + mosquitto_password_hash(probe_password_) + "\n";
   for (const auto& [user, hash] : devices) text += user + ":" + hash + "\n";
   // The file is readable by the broker's group before it takes the name:
@@ -516,43 +604,68 @@ std::string mqtt_connect_packet(const std::string& client_id, const std::string&
   return packet;
 }
 
-// One MQTT 3.1.1 CONNECT as the probe account over a plain loopback socket
-// (a full client library costs tens of milliseconds per attempt); true when
-// the broker answers CONNACK 0, accepted.
-bool EmbeddedBroker::probe_login() const {
-  const std::string packet = mqtt_connect_packet(kReloadProbeUser, kReloadProbeUser, probe_password_);
+namespace {
 
+enum class ConnectOutcome { accepted, refused, revoked, failed };
+
+// One MQTT 3.1.1 CONNECT over a fresh loopback connection (a full client
+// library costs tens of milliseconds per attempt): accepted on CONNACK 0,
+// refused on another CONNACK, revoked when the broker's TLS alert says the
+// client certificate is revoked. The certificate of our own child is not
+// checked: the connection goes to its listen address, and what is sent
+// opens nothing.
+ConnectOutcome mqtt_connect_once(const std::string& host, int port, bool tls, const ClientIdentity* id,
+                                 const std::string& packet) {
   const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (fd < 0) return false;
+  if (fd < 0) return ConnectOutcome::failed;
   timeval tv{2, 0};
   ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
   ::setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
   sockaddr_in addr{};
   addr.sin_family = AF_INET;
-  ::inet_pton(AF_INET, cfg_.listen_host.c_str(), &addr.sin_addr);
-  addr.sin_port = htons(static_cast<uint16_t>(cfg_.port));
-  bool ok = false;
+  ::inet_pton(AF_INET, host.c_str(), &addr.sin_addr);
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  ConnectOutcome out = ConnectOutcome::failed;
   unsigned char ack[4] = {0, 0, 0, 0};
-  // With TLS the probe speaks it too (the listener has no plain side). It
-  // does not check the certificate: it talks to its own child over the
-  // listen address, and its password opens no topic.
   std::unique_ptr<SSL_CTX, decltype(&SSL_CTX_free)> ctx(nullptr, SSL_CTX_free);
-  std::unique_ptr<SSL, decltype(&SSL_free)> tls(nullptr, SSL_free);
+  std::unique_ptr<SSL, decltype(&SSL_free)> ssl(nullptr, SSL_free);
   auto send_all = [&](const char* p, size_t n) {
-    if (tls) return SSL_write(tls.get(), p, static_cast<int>(n)) == static_cast<int>(n);
+    if (ssl) return SSL_write(ssl.get(), p, static_cast<int>(n)) == static_cast<int>(n);
     return ::send(fd, p, n, MSG_NOSIGNAL) == static_cast<ssize_t>(n);
   };
   auto recv_some = [&](unsigned char* p, size_t n) -> ssize_t {
-    if (tls) return SSL_read(tls.get(), p, static_cast<int>(n));
+    if (ssl) return SSL_read(ssl.get(), p, static_cast<int>(n));
     return ::recv(fd, p, n, 0);
   };
+  // The broker's verdict on a client certificate arrives as an alert, at
+  // the handshake (TLS 1.2) or at the first read after it (TLS 1.3).
+  auto revoked_alert = [] {
+    bool revoked = false;
+    while (const unsigned long e = ERR_get_error()) {
+      if (ERR_GET_REASON(e) == SSL_R_SSLV3_ALERT_CERTIFICATE_REVOKED) revoked = true;
+    }
+    return revoked;
+  };
   bool open = ::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0;
-  if (open && cfg_.tls()) {
+  ERR_clear_error();
+  if (open && tls) {
     ctx.reset(SSL_CTX_new(TLS_client_method()));
     open = ctx && SSL_CTX_set_min_proto_version(ctx.get(), TLS1_2_VERSION) == 1;
-    if (open) tls.reset(SSL_new(ctx.get()));
-    open = tls && SSL_set_fd(tls.get(), fd) == 1 && SSL_connect(tls.get()) == 1;
-    ERR_clear_error();
+    if (open && id) {
+      std::unique_ptr<BIO, decltype(&BIO_free)> cb(BIO_new_mem_buf(id->cert_pem.data(), static_cast<int>(id->cert_pem.size())), BIO_free);
+      std::unique_ptr<BIO, decltype(&BIO_free)> kb(BIO_new_mem_buf(id->key_pem.data(), static_cast<int>(id->key_pem.size())), BIO_free);
+      X509* cert = PEM_read_bio_X509(cb.get(), nullptr, nullptr, nullptr);
+      EVP_PKEY* key = PEM_read_bio_PrivateKey(kb.get(), nullptr, nullptr, nullptr);
+      open = cert && key && SSL_CTX_use_certificate(ctx.get(), cert) == 1 && SSL_CTX_use_PrivateKey(ctx.get(), key) == 1;
+      X509_free(cert);
+      EVP_PKEY_free(key);
+    }
+    if (open) ssl.reset(SSL_new(ctx.get()));
+    open = ssl && SSL_set_fd(ssl.get(), fd) == 1;
+    if (open && SSL_connect(ssl.get()) != 1) {
+      open = false;
+      if (revoked_alert()) out = ConnectOutcome::revoked;
+    }
   }
   if (open && send_all(packet.data(), packet.size())) {
     size_t got = 0;
@@ -561,27 +674,37 @@ bool EmbeddedBroker::probe_login() const {
       if (n <= 0) break;
       got += static_cast<size_t>(n);
     }
-    ok = got == sizeof ack && ack[0] == 0x20 && ack[3] == 0;
-    if (ok) {
-      const char disconnect[2] = {static_cast<char>(0xE0), 0};
-      (void)send_all(disconnect, sizeof disconnect);
+    if (got == sizeof ack && ack[0] == 0x20) {
+      out = ack[3] == 0 ? ConnectOutcome::accepted : ConnectOutcome::refused;
+      if (out == ConnectOutcome::accepted) {
+        const char disconnect[2] = {static_cast<char>(0xE0), 0};
+        (void)send_all(disconnect, sizeof disconnect);
+      }
+    } else if (ssl && revoked_alert()) {
+      out = ConnectOutcome::revoked;
     }
   }
-  if (tls) {
-    (void)SSL_shutdown(tls.get());
-    ERR_clear_error();
-  }
-  tls.reset();
+  if (ssl) (void)SSL_shutdown(ssl.get());
+  ERR_clear_error();
+  ssl.reset();
   ::close(fd);
-  return ok;
+  return out;
 }
 
-Status EmbeddedBroker::set_device_credentials(const Credentials& devices) {
-  std::lock_guard lock(mu_);
-  if (auto s = write_passwords(devices); !s) return s;
+}  // namespace
+
+// The probe account on the listener that takes passwords.
+bool EmbeddedBroker::probe_login() const {
+  const bool tls = cfg_.auth == BrokerAuth::password ? cfg_.tls() : legacy_tls_;
+  return mqtt_connect_once(cfg_.listen_host, password_port(), tls, nullptr,
+                           mqtt_connect_packet(kReloadProbeUser, kReloadProbeUser, probe_password_)) ==
+         ConnectOutcome::accepted;
+}
+
+Status EmbeddedBroker::reload_until(const std::function<bool()>& done, const std::string& what) {
   // mosquitto clears its reload flag only after reloading, so a SIGHUP that
-  // lands during a reload is lost (a burst of enrollments does that). Send
-  // it again until the probe account proves the new file is in force.
+  // lands during a reload is lost (a burst of enrollments did that). Send
+  // it again until the probe proves the new file is in force.
   const auto start = std::chrono::steady_clock::now();
   const auto deadline = start + cfg_.reload_timeout;
   auto next_signal = start;
@@ -589,18 +712,68 @@ Status EmbeddedBroker::set_device_credentials(const Credentials& devices) {
     const auto now = std::chrono::steady_clock::now();
     if (now >= next_signal) {
       if (!child_.signal(SIGHUP)) return make_error(Errc::unavailable, "broker is not running", true);
+      ++reloads_;
       next_signal = now + std::chrono::milliseconds(500);
       std::this_thread::sleep_for(std::chrono::milliseconds(2));
     }
-    if (probe_login()) return {};
+    if (done()) return {};
     if (std::chrono::steady_clock::now() >= deadline) break;
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
   return make_error(Errc::unavailable,
-                    "mosquitto did not load the new password file within " +
-                        std::to_string(cfg_.reload_timeout.count()) + " ms (see " +
-                        (cfg_.dir / "mosquitto.log").string() + ")",
+                    "mosquitto did not load the new " + what + " within " + std::to_string(cfg_.reload_timeout.count()) +
+                        " ms (see " + (cfg_.dir / "mosquitto.log").string() + ")",
                     true);
+}
+
+Status EmbeddedBroker::set_device_credentials(const Credentials& devices) {
+  std::lock_guard lock(mu_);
+  if (cfg_.auth == BrokerAuth::certificate && legacy_port_ == 0) {
+    // No listener takes passwords: nothing to write, nothing to reload.
+    return {};
+  }
+  if (auto s = write_passwords(devices); !s) return s;
+  return reload_until([this] { return probe_login(); }, "password file");
+}
+
+Status EmbeddedBroker::set_crl(const std::string& crl_pem, const ClientIdentity& probe) {
+  std::lock_guard lock(mu_);
+  if (cfg_.auth != BrokerAuth::certificate) return {};
+  auto tls = open_subdir(dir_fd_, "tls", 0700);
+  if (!tls) return tls.error();
+  if (auto s = write_broker_file(tls->get(), "crl.pem", crl_pem); !s) return s;
+  const std::string packet = mqtt_connect_packet("flotilla-crl-probe", "", "");
+  return reload_until(
+      [&] {
+        return mqtt_connect_once(cfg_.listen_host, cfg_.port, true, &probe, packet) == ConnectOutcome::revoked;
+      },
+      "revocation list");
+}
+
+Status EmbeddedBroker::take_over_session(const ClientIdentity& who) {
+  if (cfg_.auth != BrokerAuth::certificate) return {};
+  // Clean session, no user name (the certificate names the client): the
+  // broker replaces the client's connection and forgets its session.
+  std::string body;
+  auto field = [&](const std::string& v) {
+    body.push_back(static_cast<char>(v.size() >> 8));
+    body.push_back(static_cast<char>(v.size() & 0xff));
+    body += v;
+  };
+  field("MQTT");
+  body.push_back(4);
+  body.push_back(0x02);  // clean session
+  body.push_back(0);
+  body.push_back(5);
+  field("flotilla-takeover");
+  std::string packet(1, static_cast<char>(0x10));
+  packet.push_back(static_cast<char>(body.size()));
+  packet += body;
+  const auto outcome = mqtt_connect_once(cfg_.listen_host, cfg_.port, true, &who, packet);
+  if (outcome != ConnectOutcome::accepted) {
+    return make_error(Errc::unavailable, "the broker did not take the session over", true);
+  }
+  return {};
 }
 
 Status EmbeddedBroker::launch() {

@@ -264,8 +264,19 @@ std::string render_metrics(HubService& s, const HttpMetrics& http) {
   p.sample("flotilla_mqtt_desired_published_total", {{"result", "error"}},
            static_cast<double>(m.desired_publish_failures));
   p.family("flotilla_mqtt_messages_dropped_total", "counter",
-           "Device messages dropped before queueing because they were larger than any legitimate one.");
+           "Device messages dropped before queueing: larger than any legitimate one, or from a decommissioned device.");
   p.sample("flotilla_mqtt_messages_dropped_total", {{"reason", "too_large"}}, static_cast<double>(m.dropped_too_large));
+  p.sample("flotilla_mqtt_messages_dropped_total", {{"reason", "decommissioned"}},
+           static_cast<double>(m.dropped_decommissioned));
+  p.family("flotilla_device_certificates_issued_total", "counter",
+           "Broker client certificates the device CA issued, at enrollment or renewal.");
+  p.sample("flotilla_device_certificates_issued_total", {{"at", "enroll"}},
+           static_cast<double>(m.certificates_issued - m.renewals));
+  p.sample("flotilla_device_certificates_issued_total", {{"at", "renew"}}, static_cast<double>(m.renewals));
+  p.family("flotilla_broker_reloads_total", "counter",
+           "Reload signals (SIGHUP) the hub sent the embedded broker: a decommission or a revocation-list refresh "
+           "with certificates, every enrollment with passwords.");
+  p.sample("flotilla_broker_reloads_total", {}, static_cast<double>(m.broker_reloads));
   p.family("flotilla_log_lines_suppressed_total", "counter",
            "Log lines about device messages not written because one device (or gateway) caused too many.");
   p.sample("flotilla_log_lines_suppressed_total", {}, static_cast<double>(m.log_lines_suppressed));

@@ -8,7 +8,9 @@
 #include "flotilla/bundles/director.hpp"
 #include "flotilla/common/crypto.hpp"
 #include "flotilla/common/log.hpp"
+#include "flotilla/common/x509.hpp"
 #include "flotilla/hub/broker.hpp"
+#include "flotilla/hub/device_ca.hpp"
 #include "flotilla/hub/rate_limit.hpp"
 #include "flotilla/v1/desired.pb.h"
 
@@ -31,6 +33,12 @@ std::string reason_name(v1::Reason r) { return lower_suffix(v1::Reason_Name(r), 
 HubService::HubService(Store& store, const Clock& clock, ServiceConfig cfg)
     : store_(store), clock_(clock), cfg_(std::move(cfg)) {
   if (!cfg_.director_key) cfg_.director_key = bundles::generate_key();
+  if (auto ids = store_.decommissioned_device_ids(); ids) {
+    decommissioned_.insert(ids->begin(), ids->end());
+    any_decommissioned_ = !decommissioned_.empty();
+  } else {
+    log::get("hub")->error("read decommissioned devices: {}", ids.error().message);
+  }
   worker_ = std::thread([this] { worker(); });
   if (cfg_.engine_thread) engine_ = std::thread([this] { engine_loop(); });
 }
@@ -268,6 +276,29 @@ Result<v1::EnrollResponse> HubService::enroll(const v1::EnrollRequest& req) {
   if (!rec) return rec.error();
   const DeviceRecord& d = *rec;
   v1::EnrollResponse resp = enroll_response(d);
+  // A device with its own session authenticates to the broker by a
+  // certificate for its identity key. Made before the store lock: signing is
+  // the costly part, and a refused request has stored nothing.
+  std::optional<DeviceCertRecord> cert;
+  const bool own_session = d.gateway.empty();
+  // Passwords only for a broker that takes them: the development mode, or
+  // a hub made without a device CA (unit tests of the password path).
+  const bool passwords = cfg_.broker_passwords || !cfg_.device_ca;
+  if (own_session && !cfg_.broker_passwords && cfg_.device_ca) {
+    if (req.csr().empty()) {
+      if (cfg_.manage_broker_credentials) {
+        return make_error(Errc::invalid_argument, "this hub's broker authenticates devices by certificate; the "
+                                                  "enrollment request carries no csr (upgrade the agent)");
+      }
+    } else {
+      auto issued = certificate_for(req.csr(), req.device_public_key(), d.id);
+      if (!issued) return issued.error();
+      resp.set_client_certificate(issued->first.client_certificate());
+      resp.set_ca_certificates(issued->first.ca_certificates());
+      cert = std::move(issued->second);
+    }
+  }
+  bool dropped_password = false;
   {
     std::lock_guard lock(store_mu_);
     if (auto s = check_reenrollment(d); !s) return s.error();
@@ -279,9 +310,20 @@ Result<v1::EnrollResponse> HubService::enroll(const v1::EnrollRequest& req) {
     if (!*claimed) return make_error(Errc::permission_denied, "enrollment token has been used up");
     if (auto s = store_.upsert_enrolled_device(d); !s) return s.error();
     refresh_membership({d});
-    // A device behind a gateway has no broker credential: the broker never
-    // sees it, so enrolling it does not rewrite the password file.
-    if (cfg_.manage_broker_credentials && d.gateway.empty()) {
+    if (cert) {
+      if (auto s = store_.insert_device_cert(*cert); !s) return s.error();
+      // Enrolled again with a certificate: a password from before goes.
+      if (cfg_.manage_broker_credentials) {
+        auto had = store_.has_credential(d.id);
+        if (!had) return had.error();
+        if (*had) {
+          if (auto s = store_.delete_credential(d.id); !s) return s.error();
+          dropped_password = true;
+        }
+      }
+    } else if (cfg_.manage_broker_credentials && passwords && own_session) {
+      // Development mode: a password, which the broker learns by a reload.
+      // A device behind a gateway has no broker credential at all.
       const std::string password = crypto::random_token(24);
       if (auto s = store_.upsert_credential(d.id, mosquitto_password_hash(password)); !s) return s.error();
       resp.set_mqtt_username(d.id);
@@ -289,14 +331,125 @@ Result<v1::EnrollResponse> HubService::enroll(const v1::EnrollRequest& req) {
     }
     if (auto s = tx.commit(); !s) return s.error();
   }
-  // Devices behind a gateway use the gateway's broker account.
-  if (d.gateway.empty()) {
+  if (cert) ++certificates_issued_;
+  // Only a password change reaches the broker; a certificate changes nothing there.
+  if (dropped_password || (own_session && passwords && cfg_.manage_broker_credentials)) {
     if (auto s = sync_broker_credentials(); !s) return s.error().with_context("update broker credentials");
-    log::get("hub")->info("enrolled device={} arch={} token={}", d.id, d.arch, token->id);
+  }
+  if (own_session) {
+    log::get("hub")->info("enrolled device={} arch={} token={}{}", d.id, d.arch, token->id,
+                          cert ? " certificate=" + cert->serial : std::string());
   } else {
     log::get("hub")->debug("enrolled device={} gateway={} token={}", d.id, d.gateway, token->id);
   }
   return resp;
+}
+
+Result<std::pair<v1::EnrollResponse, DeviceCertRecord>> HubService::certificate_for(const std::string& csr,
+                                                                                   const std::string& device_key,
+                                                                                   const std::string& device_id) {
+  const int64_t now = clock_.now_unix();
+  auto issued = cfg_.device_ca->issue_for_csr(csr, Bytes(device_key.begin(), device_key.end()), device_id, now,
+                                              cfg_.cert_lifetime_s);
+  if (!issued) return issued.error();
+  v1::EnrollResponse r;
+  r.set_client_certificate(issued->pem);
+  r.set_ca_certificates(cfg_.ca_certificates);
+  DeviceCertRecord rec;
+  rec.serial = issued->serial_hex;
+  rec.device_id = device_id;
+  rec.not_before = issued->not_before_unix;
+  rec.not_after = issued->not_after_unix;
+  rec.issued_ms = clock_.now_unix_ms();
+  return std::make_pair(std::move(r), std::move(rec));
+}
+
+Result<v1::RenewResponse> HubService::renew(const v1::RenewRequest& req) {
+  if (!cfg_.device_ca) return make_error(Errc::not_found, "this hub issues no device certificates");
+  if (cfg_.broker_passwords) {
+    return make_error(Errc::conflict, "this hub's embedded broker takes passwords (development mode, plain MQTT); "
+                                      "there is no certificate to renew");
+  }
+  if (req.device_id().empty() || req.device_id().size() > 64) {
+    return make_error(Errc::invalid_argument, "device_id must be 1 to 64 characters");
+  }
+  if (req.issued_unix_ms() == 0 || req.issued_unix_ms() > static_cast<uint64_t>(INT64_MAX)) {
+    return make_error(Errc::invalid_argument, "issued_unix_ms must be set (ms since the epoch)");
+  }
+  if (req.csr().size() > x509::kMaxCsrBytes) {
+    return make_error(Errc::invalid_argument, "csr is larger than " + std::to_string(x509::kMaxCsrBytes) + " bytes");
+  }
+  std::optional<DeviceRecord> dev;
+  {
+    std::lock_guard lock(store_mu_);
+    auto d = store_.get_device(req.device_id());
+    if (!d) return d.error();
+    dev = std::move(*d);
+  }
+  if (!dev) return make_error(Errc::not_found, "no device '" + req.device_id() + "'; it must enroll");
+  auto key = from_hex(dev->public_key_hex);
+  if (!key) return make_error(Errc::internal, "device " + dev->id + " has no readable identity key");
+  // The proof first: nothing about the device is told to whoever cannot sign as it.
+  const Bytes proof(req.proof().begin(), req.proof().end());
+  if (!bundles::verify_detached(*key, bundles::renew_proof_message(dev->id, req.csr(), req.issued_unix_ms()), proof)) {
+    return make_error(Errc::invalid_argument, "renewal proof does not verify: the request must be signed by the "
+                                              "device's identity key");
+  }
+  if (dev->state == "decommissioned") {
+    return make_error(Errc::permission_denied, "device " + dev->id + " was decommissioned; it must enroll with a new "
+                                               "identity");
+  }
+  if (!dev->gateway.empty()) {
+    return make_error(Errc::invalid_argument, "device " + dev->id + " talks through gateway " + dev->gateway +
+                                                  "; it has no broker certificate of its own");
+  }
+  auto issued = certificate_for(req.csr(), std::string(key->begin(), key->end()), dev->id);
+  if (!issued) return issued.error();
+  bool dropped_password = false;
+  {
+    std::lock_guard lock(store_mu_);
+    // Read again under the lock: a decommission or another renewal may have
+    // come between.
+    auto now = store_.get_device(dev->id);
+    if (!now) return now.error();
+    if (!*now || (*now)->state == "decommissioned") {
+      return make_error(Errc::permission_denied, "device " + dev->id + " was decommissioned");
+    }
+    if (req.issued_unix_ms() <= (*now)->enroll_issued_ms) {
+      return make_error(Errc::conflict, "this renewal request is not newer than device " + dev->id +
+                                            "'s last enrollment or renewal (issued_unix_ms must be above " +
+                                            std::to_string((*now)->enroll_issued_ms) +
+                                            "); a replayed request changes nothing");
+    }
+    sql::Transaction tx(store_.db());
+    if (auto s = store_.set_enroll_issued_ms(dev->id, req.issued_unix_ms()); !s) return s.error();
+    if (auto s = store_.insert_device_cert(issued->second); !s) return s.error();
+    if (cfg_.manage_broker_credentials) {
+      auto had = store_.has_credential(dev->id);
+      if (!had) return had.error();
+      if (*had) {
+        if (auto s = store_.delete_credential(dev->id); !s) return s.error();
+        dropped_password = true;
+      }
+    }
+    if (auto s = tx.commit(); !s) return s.error();
+  }
+  ++certificates_issued_;
+  ++renewals_;
+  if (dropped_password) {
+    // The device moved to certificates: its password stops working now.
+    if (auto s = sync_broker_credentials(); !s) {
+      log::get("hub")->warn("device={} moved to certificates, but the broker did not reload its password file: {}",
+                            dev->id, s.error().message);
+    }
+  }
+  log::get("hub")->info("renewed device={} certificate={} not_after={}{}", dev->id, issued->second.serial,
+                        issued->second.not_after, dropped_password ? " (moved from a password)" : "");
+  v1::RenewResponse out;
+  out.set_client_certificate(issued->first.client_certificate());
+  out.set_ca_certificates(issued->first.ca_certificates());
+  out.set_broker_url(cfg_.broker_url);
+  return out;
 }
 
 Result<v1::EnrollBatchResponse> HubService::enroll_batch(const v1::EnrollBatchRequest& req) {
@@ -409,6 +562,89 @@ Status HubService::sync_broker_credentials() {
   if (auto s = broker_->set_device_credentials(creds); !s) return s;
   cred_synced_ = covers;
   return {};
+}
+
+namespace {
+// How long a revocation list is valid, and when the hub makes the next one:
+// an external broker that fetches it daily (GET /v1/device-ca/crl) always
+// holds a valid one, and the embedded broker reloads for it every ten days.
+constexpr int64_t kCrlValidity = HubService::kCrlValiditySeconds;
+constexpr int64_t kCrlRefreshBefore = int64_t{20} * 86400;
+}  // namespace
+
+Status HubService::sync_broker_revocations() {
+  if (!cfg_.device_ca) return {};
+  const uint64_t ticket = ++crl_changes_;
+  std::lock_guard sync(crl_sync_mu_);
+  if (crl_synced_ >= ticket) return {};
+  const uint64_t covers = crl_changes_.load();
+  const int64_t now = clock_.now_unix();
+  DeviceCa::Revoked revoked;
+  {
+    std::lock_guard lock(store_mu_);
+    auto r = store_.revoked_unexpired_certs(now);
+    if (!r) return r.error();
+    revoked = std::move(*r);
+  }
+  // The broker proves it loaded this list by refusing a certificate that
+  // only this list revokes: one made for the purpose, valid ten minutes.
+  std::optional<IssuedCertificate> probe;
+  if (broker_ && broker_->certificate_auth()) {
+    auto p = cfg_.device_ca->issue_client("flotilla-crl-probe", now, 600);
+    if (!p) return p.error();
+    probe = std::move(*p);
+    revoked.emplace_back(probe->serial_hex, now);
+  }
+  auto crl = cfg_.device_ca->crl_pem(revoked, now, kCrlValidity);
+  if (!crl) return crl.error();
+  if (probe) {
+    if (auto s = broker_->set_crl(*crl, ClientIdentity{probe->pem, probe->key_pem}); !s) return s;
+  }
+  {
+    std::lock_guard lock(crl_mu_);
+    crl_pem_ = std::move(*crl);
+    crl_next_update_ = now + kCrlValidity;
+  }
+  crl_synced_ = covers;
+  return {};
+}
+
+std::string HubService::device_ca_pem() const { return cfg_.device_ca ? cfg_.device_ca->trust_pem() : std::string(); }
+
+std::string HubService::crl_pem() const {
+  std::lock_guard lock(crl_mu_);
+  return crl_pem_;
+}
+
+void HubService::maintain_certificates() {
+  if (!cfg_.device_ca) return;
+  const int64_t now = clock_.now_unix();
+  {
+    std::lock_guard lock(store_mu_);
+    // A day of grace: a certificate that just expired is still named in
+    // logs and by a device that renews late.
+    if (auto n = store_.prune_device_certs(now - 86400); !n) {
+      log::get("hub")->warn("forget expired device certificates: {}", n.error().message);
+    } else if (*n > 0) {
+      log::get("hub")->info("forgot {} expired device certificates", *n);
+    }
+  }
+  int64_t next_update = 0;
+  {
+    std::lock_guard lock(crl_mu_);
+    next_update = crl_next_update_;
+  }
+  if (next_update - now < kCrlRefreshBefore) {
+    if (auto s = sync_broker_revocations(); !s) {
+      log::get("hub")->error("refresh the revocation list: {}", s.error().message);
+    }
+  }
+}
+
+bool HubService::is_decommissioned(const std::string& id) const {
+  if (!any_decommissioned_) return false;
+  std::lock_guard lock(decommissioned_mu_);
+  return decommissioned_.count(id) > 0;
 }
 
 Result<std::pair<BundleRecord, bool>> HubService::upload_bundle(const std::string& bytes, const std::string& project) {
@@ -590,6 +826,20 @@ void HubService::on_message(transport::Message&& msg) {
                             sender, msg.topic, cap, suppressed_note(*dropped));
     }
     return;
+  }
+  if (any_decommissioned_) {
+    // Anything still arriving from a decommissioned device (or gateway) is
+    // dropped before it is queued: its certificate is revoked and its
+    // session was taken over, and a message already on its way counts for nothing.
+    const std::string sender = sender_of(msg.topic);
+    if (is_decommissioned(sender)) {
+      ++dropped_decommissioned_;
+      if (auto dropped = log_limit_.admit(sender)) {
+        log::get("hub")->warn("dropped a message from decommissioned device={} on {}{}", sender, msg.topic,
+                              suppressed_note(*dropped));
+      }
+      return;
+    }
   }
   std::unique_lock lock(q_mu_);
   // Back-pressure instead of loss: while the queue is full the MQTT client

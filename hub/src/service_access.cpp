@@ -2,6 +2,7 @@
 // decommissioning, the audit log and the counters /metrics reads.
 #include "flotilla/common/log.hpp"
 #include "flotilla/hub/broker.hpp"
+#include "flotilla/hub/device_ca.hpp"
 #include "flotilla/hub/service.hpp"
 
 namespace flotilla::hub {
@@ -55,26 +56,58 @@ Result<DeviceRecord> HubService::edit_device_labels(
 
 Result<DeviceRecord> HubService::decommission_device(const std::string& id) {
   DeviceRecord dev;
+  bool had_password = false;
+  int64_t revoked = 0;
   {
     std::lock_guard lock(store_mu_);
     auto d = store_.get_device(id);
     if (!d) return d.error();
     if (!*d) return make_error(Errc::not_found, "no device '" + id + "'");
     dev = **d;
-    // The store is the truth the broker's password file is rebuilt from at
-    // every start, so it changes first: a failed reload below still takes
-    // effect at the next restart, and repeating the call is safe.
+    // The store is the truth the broker's files are rebuilt from at every
+    // start, so it changes first: a failed reload below still takes effect
+    // at the next restart, and repeating the call is safe.
     sql::Transaction tx(store_.db());
+    auto cred = store_.has_credential(id);
+    if (!cred) return cred.error();
+    had_password = *cred;
     if (auto s = store_.delete_credential(id); !s) return s.error();
+    auto n = store_.revoke_device_certs(id, clock_.now_unix_ms());
+    if (!n) return n.error();
+    revoked = *n;
     if (auto s = store_.mark_device_decommissioned(id); !s) return s.error();
     if (auto s = tx.commit(); !s) return s.error();
     dev.state = "decommissioned";
     dev.online = false;
   }
-  // mosquitto re-checks connected clients against the reloaded password
-  // file, so the device's current session ends too.
-  if (auto s = sync_broker_credentials(); !s) {
-    return s.error().with_context("device marked decommissioned, but the broker did not reload; retry");
+  {
+    // From now on nothing from it is taken, whatever is still on its way.
+    std::lock_guard lock(decommissioned_mu_);
+    decommissioned_.insert(id);
+    any_decommissioned_ = true;
+  }
+  // A password device: mosquitto re-checks connected clients against the
+  // reloaded password file, so its current session ends too.
+  if (had_password) {
+    if (auto s = sync_broker_credentials(); !s) {
+      return s.error().with_context("device marked decommissioned, but the broker did not reload; retry");
+    }
+  }
+  // A certificate device: its certificates go on the revocation list, the
+  // one change that makes the broker reload, and its open connection is
+  // taken over (the broker checks certificates only at connect).
+  if (revoked > 0) {
+    if (auto s = sync_broker_revocations(); !s) {
+      return s.error().with_context("device marked decommissioned, but the broker did not load the revocation "
+                                    "list; retry");
+    }
+  }
+  if (broker_ && broker_->certificate_auth() && cfg_.device_ca && dev.gateway.empty()) {
+    auto who = cfg_.device_ca->issue_client(id, clock_.now_unix(), 600);
+    if (!who) return who.error().with_context("device marked decommissioned; take over its session");
+    if (auto s = broker_->take_over_session(ClientIdentity{who->pem, who->key_pem}); !s) {
+      log::get("hub")->warn("decommissioned device={}: its session was not taken over: {}", id, s.error().message);
+    }
   }
   if (transport::Transport* t = transport_.load(); t && t->connected()) {
     // An empty retained message deletes the retained desired state.
@@ -83,7 +116,7 @@ Result<DeviceRecord> HubService::decommission_device(const std::string& id) {
     }
   }
   on_device_decommissioned(id);
-  log::get("hub")->info("decommissioned device={}", id);
+  log::get("hub")->info("decommissioned device={} certificates_revoked={}", id, revoked);
   return dev;
 }
 
@@ -113,6 +146,10 @@ HubService::MqttCounters HubService::mqtt_counters() const {
   c.desired_publish_failures = desired_publish_failures_;
   c.dropped_too_large = dropped_too_large_;
   c.log_lines_suppressed = log_limit_.suppressed_total();
+  c.dropped_decommissioned = dropped_decommissioned_;
+  c.certificates_issued = certificates_issued_;
+  c.renewals = renewals_;
+  c.broker_reloads = broker_ ? broker_->reloads() : 0;
   return c;
 }
 

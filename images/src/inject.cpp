@@ -62,6 +62,7 @@ constexpr const char* kAgentPath = "/usr/bin/flotilla-agent";
 constexpr const char* kConfigPath = "/etc/flotilla/agent.yaml";
 constexpr const char* kKeyringPath = "/etc/flotilla/root.krg";
 constexpr const char* kCaPath = "/etc/flotilla/ca.pem";
+constexpr const char* kDeviceCaPath = "/etc/flotilla/device-ca.pem";
 constexpr const char* kManifestPath = "/etc/flotilla/image-manifest.json";
 constexpr const char* kUnitPath = "/etc/systemd/system/flotilla-agent.service";
 constexpr const char* kInitPath = "/etc/init.d/flotilla-agent";
@@ -380,6 +381,21 @@ Status check_settings(const AgentSettings& s) {
   if (!s.tls_ca_file.empty() && !stdfs::is_regular_file(s.tls_ca_file)) {
     return make_error(Errc::invalid_argument, "tls CA file " + s.tls_ca_file.string() + " does not exist");
   }
+  if (!s.device_ca_file.empty()) {
+    // Certificates only: a private key in a shared image would let every
+    // copy of it issue device certificates.
+    auto pem = fs::read_file(s.device_ca_file, 1 << 20);
+    if (!pem) return make_error(Errc::invalid_argument, "device CA file " + s.device_ca_file.string() + " cannot be read");
+    if (pem->find("-----BEGIN CERTIFICATE-----") == std::string::npos) {
+      return make_error(Errc::invalid_argument, "device CA file " + s.device_ca_file.string() +
+                                                    " holds no PEM certificate (the hub's ca/device-ca.pem)");
+    }
+    if (pem->find("PRIVATE KEY-----") != std::string::npos) {
+      return make_error(Errc::invalid_argument, "device CA file " + s.device_ca_file.string() +
+                                                    " holds a private key; give the certificate alone (an image is "
+                                                    "shared by many devices)");
+    }
+  }
   return {};
 }
 
@@ -396,6 +412,7 @@ std::string agent_yaml(const AgentSettings& s) {
   if (!s.root_keyring.empty()) y << YAML::Key << "root-keyring" << YAML::Value << kKeyringPath;
   if (s.key_threshold) y << YAML::Key << "key-threshold" << YAML::Value << s.key_threshold;
   if (!s.tls_ca_file.empty()) y << YAML::Key << "tls-ca-file" << YAML::Value << kCaPath;
+  if (!s.device_ca_file.empty()) y << YAML::Key << "device-ca-file" << YAML::Value << kDeviceCaPath;
   if (!s.director_key.empty()) y << YAML::Key << "director-key" << YAML::Value << YAML::DoubleQuoted << s.director_key;
   if (!s.labels.empty()) {
     y << YAML::Key << "labels" << YAML::Value << YAML::BeginMap;
@@ -627,6 +644,11 @@ Result<InjectReport> inject(const InjectOptions& o) {
   }
   if (!o.settings.tls_ca_file.empty()) {
     auto e = source_entry(kCaPath, 0644, o.settings.tls_ca_file);
+    if (!e) return e.error();
+    entries.push_back(std::move(*e));
+  }
+  if (!o.settings.device_ca_file.empty()) {
+    auto e = source_entry(kDeviceCaPath, 0644, o.settings.device_ca_file);
     if (!e) return e.error();
     entries.push_back(std::move(*e));
   }

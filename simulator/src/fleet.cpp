@@ -25,6 +25,7 @@
 #include "flotilla/common/log.hpp"
 #include "flotilla/common/process.hpp"
 #include "flotilla/common/transport.hpp"
+#include "flotilla/common/x509.hpp"
 #include "flotilla/v1/enroll.pb.h"
 #include "flotilla/v1/report.pb.h"
 #include "sim_internal.hpp"
@@ -183,13 +184,18 @@ class Fleet {
   Status enroll_devices();
   Result<std::string> post_enrollment(const std::string& path, const std::function<std::string()>& body,
                                       const std::string& what);
+  // with_csr: the identity has its own broker session (a direct device, a
+  // gateway) and asks the hub's device CA for its client certificate.
   v1::EnrollRequest enroll_request(const bundles::KeyPair& key, const std::string& hostname,
-                                   const std::string& token) const;
+                                   const std::string& token, bool with_csr = false) const;
   Result<std::string> enroll_one(const bundles::KeyPair& key, const std::string& hostname,
                                  const bundles::KeyPair* gateway_key, const std::string& gateway_id,
                                  v1::EnrollResponse& resp, const std::string& token);
   Status enroll_batch(uint32_t first, uint32_t count);
-  Status connect_session(uint32_t s, const std::string& user, const std::string& password, const std::string& url,
+  // Connects session s as the identity `key` enrolled with `resp`: by its
+  // client certificate (written beside the run) or, from a hub in
+  // development mode, by its password.
+  Status connect_session(uint32_t s, const bundles::KeyPair& key, const v1::EnrollResponse& resp,
                          const std::string& will_topic, std::function<void(transport::Message&&)> on_msg);
   void device_online(VDevice& d);
   Result<std::string> push_bundle();
@@ -235,6 +241,7 @@ class Fleet {
   std::string label_;
   std::mutex url_mu_;
   std::string broker_url_;  // as the hub tells enrolling devices; all the same
+  std::string ca_file_;     // the broker CAs the hub named, written once (url_mu_)
   void set_broker_url(const std::string& u) {
     std::lock_guard lock(url_mu_);
     broker_url_ = u;
@@ -343,7 +350,7 @@ Result<std::string> Fleet::post_enrollment(const std::string& path, const std::f
 }
 
 v1::EnrollRequest Fleet::enroll_request(const bundles::KeyPair& key, const std::string& hostname,
-                                        const std::string& token) const {
+                                        const std::string& token, bool with_csr) const {
   v1::EnrollRequest req;
   req.set_device_public_key(std::string(key.pub.key.begin(), key.pub.key.end()));
   req.set_hostname(hostname);
@@ -355,6 +362,11 @@ v1::EnrollRequest Fleet::enroll_request(const bundles::KeyPair& key, const std::
   req.set_issued_unix_ms(issued);
   const Bytes proof = bundles::sign_detached(key, bundles::enroll_proof_message(token, key.pub.key, issued));
   req.set_proof(std::string(proof.begin(), proof.end()));
+  if (with_csr) {
+    // Made once per identity and kept: the request is the same for every attempt.
+    auto csr = x509::make_csr(key.secret, bundles::device_id_for_key(key.pub.key));
+    if (csr) req.set_csr(std::move(*csr));
+  }
   return req;
 }
 
@@ -362,7 +374,7 @@ Result<std::string> Fleet::enroll_one(const bundles::KeyPair& key, const std::st
                                       const bundles::KeyPair* gateway_key, const std::string& gateway_id,
                                       v1::EnrollResponse& resp, const std::string& token) {
   auto request = [&] {
-    v1::EnrollRequest req = enroll_request(key, hostname, token);
+    v1::EnrollRequest req = enroll_request(key, hostname, token, gateway_key == nullptr);
     req.set_enrollment_token(token);
     if (gateway_key) {
       req.set_gateway_id(gateway_id);
@@ -423,16 +435,36 @@ Status Fleet::enroll_batch(uint32_t first, uint32_t count) {
   return {};
 }
 
-Status Fleet::connect_session(uint32_t s, const std::string& user, const std::string& password,
-                              const std::string& url, const std::string& will_topic,
-                              std::function<void(transport::Message&&)> on_msg) {
+Status Fleet::connect_session(uint32_t s, const bundles::KeyPair& key, const v1::EnrollResponse& resp,
+                              const std::string& will_topic, std::function<void(transport::Message&&)> on_msg) {
   auto t = transport::make_paho_transport();
   t->on_message(std::move(on_msg));
   transport::ConnectOptions co;
-  co.url = url;
-  co.client_id = user;
-  co.username = user;
-  co.password = password;
+  co.url = resp.broker_url();
+  co.client_id = resp.device_id();
+  co.username = resp.mqtt_username().empty() ? resp.device_id() : resp.mqtt_username();
+  co.password = resp.mqtt_password();
+  if (!resp.client_certificate().empty()) {
+    // Paho reads the certificate, its key and the CAs from files, as the
+    // agent's do: one pair per identity under the run's directory.
+    const auto dir = std::filesystem::path(opts_.work_dir) / "tls";
+    std::error_code ec;
+    std::filesystem::create_directories(dir, ec);
+    const auto cert = dir / (resp.device_id() + ".pem"), keyf = dir / (resp.device_id() + ".key");
+    if (auto st = fs::write_file_atomic(keyf, x509::ed25519_private_key_pem(key.secret), 0600); !st) return st;
+    if (auto st = fs::write_file_atomic(cert, resp.client_certificate(), 0600); !st) return st;
+    {
+      std::lock_guard lock(url_mu_);
+      if (ca_file_.empty()) {
+        const auto ca = dir / "broker-ca.pem";
+        if (auto st = fs::write_file_atomic(ca, resp.ca_certificates(), 0644); !st) return st;
+        ca_file_ = ca.string();
+      }
+      co.ca_file = ca_file_;
+    }
+    co.cert_file = cert.string();
+    co.key_file = keyf.string();
+  }
   co.clean_session = false;
   co.keepalive_s = 60;
   co.max_inflight = opts_.mode == Mode::gateway ? gateway_window(sessions_.size()) : 16;
@@ -443,9 +475,9 @@ Status Fleet::connect_session(uint32_t s, const std::string& user, const std::st
   // the queue stays short and the broker's acknowledgements set the pace.
   co.max_pending = co.max_inflight;
   co.will = transport::Message{will_topic, v1::Presence().SerializeAsString(), 1, true};
-  // The hub answers the enrollment before mosquitto has reloaded its password
-  // file (SIGHUP), so a refusal right after enrolling is retried for a while,
-  // as the real agent does with its backoff.
+  // A password from a hub in development mode reaches mosquitto by a reload
+  // after the answer, so a refusal right after enrolling is retried for a
+  // while, as the real agent does with its backoff.
   Status st;
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
   for (int attempt = 0;; ++attempt) {
@@ -453,7 +485,7 @@ Status Fleet::connect_session(uint32_t s, const std::string& user, const std::st
     if (st || std::chrono::steady_clock::now() > deadline) break;
     std::this_thread::sleep_for(Ms(std::min(2000, 50 << std::min(attempt, 6))));
   }
-  if (!st) return st.error().with_context("session " + user);
+  if (!st) return st.error().with_context("session " + co.client_id);
   std::lock_guard lock(sessions_mu_);
   sessions_[s] = std::move(t);
   return {};
@@ -485,8 +517,7 @@ Status Fleet::enroll_gateways() {
       post(Event{it->second, EventKind::desired, std::move(m.payload)});
     };
     const auto sg = static_cast<uint32_t>(g);
-    if (auto s = connect_session(sg, *id, resp.mqtt_password(), resp.broker_url(),
-                                 transport::device_topic(*id, "presence"), on_msg);
+    if (auto s = connect_session(sg, gateway_keys_[g], resp, transport::device_topic(*id, "presence"), on_msg);
         !s) {
       return s;
     }
@@ -649,8 +680,7 @@ Status Fleet::enroll_devices() {
       post(Event{i, EventKind::desired, std::move(m.payload)});
     };
     set_broker_url(resp.broker_url());
-    if (auto st = connect_session(i, resp.mqtt_username(), resp.mqtt_password(), resp.broker_url(),
-                                  transport::device_topic(d.id, "presence"), on_msg);
+    if (auto st = connect_session(i, key, resp, transport::device_topic(d.id, "presence"), on_msg);
         !st) {
       return st;
     }

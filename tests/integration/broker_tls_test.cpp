@@ -256,7 +256,9 @@ TEST_CASE("an agent that does not trust the broker's certificate is refused, app
   const std::string log = a.log();
   CHECK(count(log, "state=broker_tls_rejected") == 1);  // said once, not per retry
   CHECK(log.find("certificate verify failed") != std::string::npos);
-  CHECK(log.find("not signed by the CA in " + (a.root() / "etc/flotilla/ca.pem").string()) != std::string::npos);
+  // The file Paho was given: the hub's device CA with tls-ca-file appended.
+  CHECK(log.find("not signed by the CA in " + (a.root() / "var/lib/flotilla/tls/broker-ca.pem").string()) !=
+        std::string::npos);
   CHECK_FALSE(a.wait_exit(std::chrono::milliseconds(0)).has_value());  // still running: no crash loop
   CHECK(log.find("connected device=") == std::string::npos);
   // Nothing applied: the bundle's files are not on the node, the hub never saw it online.

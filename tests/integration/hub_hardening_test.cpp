@@ -192,7 +192,7 @@ TEST_CASE("a root hub follows no link the broker's user planted and keeps the br
   o.root_keys = {bundles::public_key_text(release.pub)};
   auto agent = std::make_unique<test::Agent>(tmp.path() / "dev", hub.url(), hub.enrollment_token({{"env", "it"}}, 1), o);
   agent->start();
-  // Enrolling rewrote passwd and mosquitto, as its own user, reloaded it.
+  // The agent's certificate opens mosquitto, which runs as its own user.
   wait_online(hub, *agent);
 
   // Nothing of root's was touched: not chowned, not written, no log created.
@@ -212,7 +212,11 @@ TEST_CASE("a root hub follows no link the broker's user planted and keeps the br
     INFO(e.path());
     CHECK_FALSE(e.is_symlink());
   }
-  for (const char* name : {"mosquitto.conf", "acl", "passwd"}) {
+  // With certificates there is no password file at all (the planted link is gone);
+  // mosquitto reads its TLS files, the device CA and the CRL instead.
+  CHECK_FALSE(stdfs::exists(stdfs::symlink_status(broker / "passwd")));
+  for (const char* name : {"mosquitto.conf", "acl", "tls/broker.pem", "tls/broker.key", "tls/client-ca.pem",
+                           "tls/crl.pem"}) {
     INFO(name);
     const Owner f = owner_of(broker / name);
     CHECK(f.uid == 0);
@@ -433,12 +437,7 @@ TEST_CASE("the embedded broker drops a client that sends more than the largest l
   REQUIRE(reports_before >= 0);
 
   auto t = transport::make_paho_transport();
-  transport::ConnectOptions co;
-  co.url = hub.broker_url();
-  co.client_id = dev;
-  co.username = dev;
-  co.password = agent->mqtt_password();
-  co.clean_session = true;
+  transport::ConnectOptions co = agent->broker_options(hub.broker_url());
   REQUIRE(t->connect(co));
   // 9 MiB on its own report topic: above the broker's max_packet_size.
   const std::string huge(flotilla::hub::broker_max_packet_size() + 1024, 'x');

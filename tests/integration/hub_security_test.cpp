@@ -45,12 +45,8 @@ void wait_online(Hub& hub, const test::Agent& a) {
 
 Status broker_login(Hub& hub, const test::Agent& a, const std::string& client_id) {
   auto t = transport::make_paho_transport();
-  transport::ConnectOptions co;
-  co.url = hub.broker_url();
-  co.client_id = client_id;
-  co.clean_session = true;
-  co.username = a.device_id();
-  co.password = a.mqtt_password();
+  transport::ConnectOptions co = a.broker_options(hub.broker_url());
+  co.client_id = client_id;  // the broker names the session after the certificate anyway
   auto s = t->connect(co);
   if (s) t->disconnect();
   return s;
@@ -234,7 +230,7 @@ TEST_CASE("a decommissioned device cannot reconnect to the broker", "[integratio
   REQUIRE(r.exit_code == 0);
   CHECK(json::parse(r.out)["state"] == "decommissioned");
 
-  // The broker reloaded its password file: A's credentials are refused.
+  // A's certificate is on the revocation list the broker reloaded: refused.
   std::optional<Error> refusal;
   CHECK(wait_until(
       [&] {

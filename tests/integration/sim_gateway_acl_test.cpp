@@ -39,6 +39,9 @@ Enrolled enroll(Hub& hub, const std::string& token, const bundles::KeyPair& key,
     req.set_gateway_id(gateway_id);
     const Bytes gp = bundles::sign_detached(*gateway_key, msg);
     req.set_gateway_proof(std::string(gp.begin(), gp.end()));
+  } else {
+    // A gateway has its own broker session: a certificate for its key.
+    req.set_csr(device_csr(key));
   }
   http::Request r;
   r.method = "POST";
@@ -54,16 +57,12 @@ Enrolled enroll(Hub& hub, const std::string& token, const bundles::KeyPair& key,
   return e;
 }
 
-std::unique_ptr<transport::Transport> session(Hub& hub, const v1::EnrollResponse& creds) {
+std::unique_ptr<transport::Transport> session(Hub& hub, const v1::EnrollResponse& creds, const bundles::KeyPair& key) {
   auto t = transport::make_paho_transport();
-  transport::ConnectOptions co;
-  co.url = hub.broker_url();
-  co.client_id = creds.mqtt_username();
-  co.username = creds.mqtt_username();
-  co.password = creds.mqtt_password();
-  Status st;
-  // mosquitto reloads its password file after the hub answered the enrollment.
-  wait_until([&] { return static_cast<bool>(st = t->connect(co)); }, std::chrono::seconds(10));
+  transport::ConnectOptions co = hub.device_session(key, creds, hub.data_dir().parent_path() / "client-tls");
+  co.clean_session = transport::ConnectOptions{}.clean_session;
+  // The certificate works at once: enrolling changed nothing in the broker.
+  Status st = t->connect(co);
   REQUIRE(st);
   return t;
 }
@@ -98,6 +97,8 @@ TEST_CASE("a gateway may use exactly its own devices' topics", "[integration][si
   REQUIRE(y.status == 200);
   const std::string xid = x.resp.device_id(), yid = y.resp.device_id();
   CHECK(x.resp.mqtt_password().empty());
+  CHECK(x.resp.client_certificate().empty());
+  CHECK_FALSE(gw_a.resp.client_certificate().empty());
   CHECK(x.resp.topic_prefix() == "flotilla/v1/g/" + a + "/d/" + xid);
   CHECK(hub.device(xid)["id"] == xid);
 
@@ -116,8 +117,8 @@ TEST_CASE("a gateway may use exactly its own devices' topics", "[integration][si
   SECTION("the broker delivers A the desired state of its own devices only") {
     // mosquitto acknowledges every SUBSCRIBE and filters at delivery
     // (docs/security.md), so A asks for far more than it may have.
-    auto ta = session(hub, gw_a.resp);
-    auto tb = session(hub, gw_b.resp);
+    auto ta = session(hub, gw_a.resp, gw_a_key);
+    auto tb = session(hub, gw_b.resp, gw_b_key);
     std::mutex mu;
     std::set<std::string> got_a, got_b;
     ta->on_message([&](transport::Message&& m) {
@@ -162,8 +163,8 @@ TEST_CASE("a gateway may use exactly its own devices' topics", "[integration][si
   }
 
   SECTION("reports count only from the device's own gateway") {
-    auto ta = session(hub, gw_a.resp);
-    auto tb = session(hub, gw_b.resp);
+    auto ta = session(hub, gw_a.resp, gw_a_key);
+    auto tb = session(hub, gw_b.resp, gw_b_key);
     // A speaks for X on its own subtree: the hub takes it.
     REQUIRE(ta->publish({transport::device_topic(xid, a, "report"), report(xid, v1::AGENT_STATE_APPLIED, 10), 1, false}));
     REQUIRE(wait_until([&] { return hub.device(xid)["state"] == "applied"; }, std::chrono::seconds(10)));
@@ -186,8 +187,8 @@ TEST_CASE("a gateway may use exactly its own devices' topics", "[integration][si
     auto w = enroll(hub, token, w_key, a, &gw_a_key);  // a second device behind A
     REQUIRE(w.status == 200);
     const std::string wid = w.resp.device_id();
-    auto ta = session(hub, gw_a.resp);
-    auto tb = session(hub, gw_b.resp);
+    auto ta = session(hub, gw_a.resp, gw_a_key);
+    auto tb = session(hub, gw_b.resp, gw_b_key);
     auto batch = [](std::initializer_list<std::tuple<std::string, v1::AgentState, uint64_t>> items) {
       v1::GatewayReports rs;
       for (const auto& [id, state, seq] : items) {
@@ -236,7 +237,7 @@ TEST_CASE("a gateway may use exactly its own devices' topics", "[integration][si
   }
 
   SECTION("when the gateway's session ends, its devices are offline") {
-    auto ta = session(hub, gw_a.resp);
+    auto ta = session(hub, gw_a.resp, gw_a_key);
     v1::Presence on;
     on.set_online(true);
     REQUIRE(ta->publish({transport::device_topic(xid, a, "presence"), on.SerializeAsString(), 1, true}));

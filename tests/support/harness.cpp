@@ -9,8 +9,12 @@
 #include <stdexcept>
 #include <thread>
 
+#include "flotilla/common/clock.hpp"
 #include "flotilla/common/crypto.hpp"
+#include "flotilla/bundles/keys.hpp"
 #include "flotilla/common/fs.hpp"
+#include "flotilla/common/x509.hpp"
+#include "flotilla/hub/device_ca.hpp"
 #include "flotilla/v1/enroll.pb.h"
 
 namespace flotilla::test {
@@ -141,6 +145,57 @@ std::string Hub::broker_password() const {
   auto p = fs::read_file(data_ / "broker/hub.secret", 1024);
   if (!p) throw std::runtime_error("no hub broker secret");
   return *p;
+}
+
+std::string Hub::broker_ca_file() const { return (data_ / "ca/broker-trust.pem").string(); }
+
+transport::ConnectOptions Hub::broker_client(const std::string& cn, const stdfs::path& dir) const {
+  hub::DeviceCaConfig cfg;
+  cfg.dir = data_ / "ca";
+  auto ca = hub::DeviceCa::open(cfg, SystemClock::instance().now_unix());
+  if (!ca) throw std::runtime_error("device CA: " + ca.error().message);
+  auto c = (*ca)->issue_client(cn, SystemClock::instance().now_unix(), 3600);
+  if (!c) throw std::runtime_error("issue a client certificate: " + c.error().message);
+  stdfs::create_directories(dir);
+  const auto cert = dir / (cn + ".pem"), key = dir / (cn + ".key");
+  if (!fs::write_file_atomic(key, c->key_pem, 0600) || !fs::write_file_atomic(cert, c->pem, 0600)) {
+    throw std::runtime_error("write the client certificate under " + dir.string());
+  }
+  transport::ConnectOptions co;
+  co.url = broker_url();
+  co.client_id = cn;
+  co.username = cn;
+  co.clean_session = true;
+  co.cert_file = cert.string();
+  co.key_file = key.string();
+  co.ca_file = broker_ca_file();
+  return co;
+}
+
+transport::ConnectOptions Hub::device_session(const bundles::KeyPair& key, const v1::EnrollResponse& resp,
+                                              const stdfs::path& dir) const {
+  if (resp.client_certificate().empty()) throw std::runtime_error("the enrollment answer holds no certificate");
+  stdfs::create_directories(dir);
+  const auto cert = dir / (resp.device_id() + ".pem"), keyf = dir / (resp.device_id() + ".key");
+  if (!fs::write_file_atomic(keyf, x509::ed25519_private_key_pem(key.secret), 0600) ||
+      !fs::write_file_atomic(cert, resp.client_certificate(), 0600)) {
+    throw std::runtime_error("write the device certificate under " + dir.string());
+  }
+  transport::ConnectOptions co;
+  co.url = broker_url();
+  co.client_id = resp.device_id();
+  co.username = resp.device_id();
+  co.clean_session = true;
+  co.cert_file = cert.string();
+  co.key_file = keyf.string();
+  co.ca_file = broker_ca_file();
+  return co;
+}
+
+std::string device_csr(const bundles::KeyPair& key) {
+  auto csr = x509::make_csr(key.secret, bundles::device_id_for_key(key.pub.key));
+  if (!csr) throw std::runtime_error("csr: " + csr.error().message);
+  return *csr;
 }
 
 namespace {
@@ -299,6 +354,19 @@ std::string Agent::mqtt_password() const {
   v1::EnrollResponse r;
   if (!bytes || !r.ParseFromString(*bytes)) return "";
   return r.mqtt_password();
+}
+
+transport::ConnectOptions Agent::broker_options(const std::string& url) const {
+  const auto tls = root_ / "var/lib/flotilla/tls";
+  transport::ConnectOptions co;
+  co.url = url;
+  co.client_id = device_id();
+  co.username = co.client_id;
+  co.clean_session = true;
+  co.cert_file = (tls / "client.pem").string();
+  co.key_file = (tls / "client.key").string();
+  co.ca_file = (tls / "broker-ca.pem").string();
+  return co;
 }
 
 std::string Agent::log() const {

@@ -17,6 +17,8 @@
 #include "tests/support/temp_dir.hpp"
 #include "flotilla/common/http_client.hpp"
 #include "flotilla/common/process.hpp"
+#include "flotilla/common/transport.hpp"
+#include "flotilla/v1/enroll.pb.h"
 
 namespace flotilla::test {
 
@@ -61,6 +63,17 @@ class Hub {
   // Broker address and the hub's own credential (for tests that speak MQTT).
   std::string broker_url() const;
   std::string broker_password() const;
+  // The CAs a broker client trusts for the embedded broker's certificate
+  // (the hub's device CA, which made it).
+  std::string broker_ca_file() const;
+  // Options to connect to the embedded broker as `cn` with a client
+  // certificate from the hub's device CA (made now, files under dir): what a
+  // test uses to act as a device or as an extra client the ACL names.
+  transport::ConnectOptions broker_client(const std::string& cn, const stdfs::path& dir) const;
+  // Options to connect as a device enrolled by hand: its certificate from
+  // the enrollment answer and its identity key, written under dir.
+  transport::ConnectOptions device_session(const bundles::KeyPair& key, const v1::EnrollResponse& resp,
+                                           const stdfs::path& dir) const;
 
   // An enrollment token for max_uses devices (0 = no use limit), whose
   // devices may set the label keys in device_label_keys themselves.
@@ -107,6 +120,9 @@ class Agent {
   // Device id once enrolled (read from the agent's credentials file).
   std::string device_id() const;
   std::string mqtt_password() const;
+  // Options to connect to the broker with this agent's own certificate and
+  // key (what it received at enrollment), client id = its device id.
+  transport::ConnectOptions broker_options(const std::string& url) const;
   std::string log() const;
   // Starts with extra environment (e.g. FLOTILLA_AGENT_CRASH_AT).
   void start_with_env(const std::map<std::string, std::string>& env);
@@ -123,6 +139,10 @@ class Agent {
   AgentOptions opts_;
   proc::Child child_;
 };
+
+// A certificate request (DER) for a device's identity key, CN = its device
+// id: what EnrollRequest.csr carries.
+std::string device_csr(const bundles::KeyPair& key);
 
 // Per-file (sha256, mode) of every regular file under root, excluding paths
 // that start with one of the given relative prefixes (and k3s's datastore,

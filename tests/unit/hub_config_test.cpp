@@ -58,7 +58,18 @@ TEST_CASE("hub config: broker TLS settings are checked together", "[unit][hub][c
   CHECK(error_of(hub_config({"--broker-tls-cert", cert, "--broker-tls-key", key, "--broker-public-url",
                              "tcp://hub.example:1883"}))
             .find("use ssl://") != std::string::npos);
-  CHECK(error_of(hub_config({"--broker-tls-ca", ca})).find("not reached over TLS") != std::string::npos);
+  // The embedded broker speaks TLS by default: its CA may be named; only
+  // the development mode without TLS makes that a contradiction.
+  CHECK(hub_config({"--broker-tls-ca", ca}));
+  CHECK(error_of(hub_config({"--broker-tls-ca", ca, "--dev-plain-mqtt", "true"})).find("not reached over TLS") !=
+        std::string::npos);
+  CHECK(error_of(hub_config({"--dev-plain-mqtt", "yes"})).find("dev-plain-mqtt must be true or false") !=
+        std::string::npos);
+  CHECK(error_of(hub_config({"--dev-plain-mqtt", "true", "--broker-tls-cert", cert, "--broker-tls-key", key}))
+            .find("contradicts broker-tls-cert") != std::string::npos);
+  CHECK(error_of(hub_config({"--device-cert-lifetime", "5s"})).find("between 10s and 3650d") != std::string::npos);
+  CHECK(error_of(hub_config({"--device-ca-cert", cert})).find("device-ca-key is not") != std::string::npos);
+  CHECK(hub_config({"--device-cert-lifetime", "30d"})->device_cert_lifetime_s == 30 * 86400);
   const std::string missing = (tmp.path() / "missing.pem").string();
   auto unreadable = error_of(hub_config({"--broker-tls-cert", missing, "--broker-tls-key", key}));
   CHECK(unreadable.find("broker-tls-cert: cannot read") != std::string::npos);

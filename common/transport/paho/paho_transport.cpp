@@ -105,6 +105,17 @@ std::string openssl_reasons(const std::string& text) {
   return out;
 }
 
+// The TLS alerts a broker sends about the client's own certificate, as
+// OpenSSL names them; "" for any other failure.
+std::string client_certificate_alert(const std::string& why) {
+  for (const char* alert : {"certificate revoked", "certificate expired", "unknown ca", "bad certificate",
+                            "certificate required", "certificate unknown", "unsupported certificate",
+                            "access denied"}) {
+    if (why.find(std::string("alert ") + alert) != std::string::npos) return alert;
+  }
+  return {};
+}
+
 std::string tls_failure_message(const ConnectOptions& opts, const std::string& openssl) {
   const std::string why = openssl_reasons(openssl);
   std::string hint;
@@ -120,29 +131,55 @@ std::string tls_failure_message(const ConnectOptions& opts, const std::string& o
 // then says only "TCP/TLS connect failure", like for a broker that is down.
 // One handshake of our own, with OpenSSL checking the same chain and name,
 // tells which; empty when it finds nothing wrong (or cannot connect).
-std::string diagnose_tls(const ConnectOptions& opts) {
+// Why a TLS connection failed, found by a handshake of our own with the
+// same files (Paho reports only that it failed): the broker's certificate
+// not verifying (server_why), or the broker refusing ours (client_alert:
+// revoked, expired, unknown CA, none sent). With TLS 1.3 the broker judges
+// the client's certificate after the handshake, so its alert arrives at the
+// first read.
+struct TlsDiagnosis {
+  std::string server_why;
+  std::string client_alert;
+};
+
+// The reasons in OpenSSL's error queue, as text, emptying it.
+std::string drain_ssl_errors() {
+  std::string out;
+  while (const unsigned long e = ERR_get_error()) {
+    if (const char* r = ERR_reason_error_string(e)) out += std::string(r) + ";";
+  }
+  return out;
+}
+
+TlsDiagnosis diagnose_tls(const ConnectOptions& opts) {
+  TlsDiagnosis out;
   const size_t scheme = opts.url.find("://");
   const std::string hostport = opts.url.substr(scheme == std::string::npos ? 0 : scheme + 3);
   const size_t colon = hostport.rfind(':');
-  if (colon == std::string::npos) return {};
+  if (colon == std::string::npos) return out;
   const std::string host = hostport.substr(0, colon), port = hostport.substr(colon + 1);
   addrinfo hints{};
   hints.ai_socktype = SOCK_STREAM;
   addrinfo* res = nullptr;
-  if (::getaddrinfo(host.c_str(), port.c_str(), &hints, &res) != 0 || !res) return {};
+  if (::getaddrinfo(host.c_str(), port.c_str(), &hints, &res) != 0 || !res) return out;
   const int fd = ::socket(res->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
   timeval tv{5, 0};
   ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
   ::setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
   const bool connected = fd >= 0 && ::connect(fd, res->ai_addr, res->ai_addrlen) == 0;
   ::freeaddrinfo(res);
-  std::string why;
+  ERR_clear_error();
   SSL_CTX* ctx = connected ? SSL_CTX_new(TLS_client_method()) : nullptr;
   if (ctx) {
     SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
-    const bool trust = opts.ca_file.empty() ? SSL_CTX_set_default_verify_paths(ctx) == 1
-                                            : SSL_CTX_load_verify_locations(ctx, opts.ca_file.c_str(), nullptr) == 1;
-    SSL* ssl = trust ? SSL_new(ctx) : nullptr;
+    bool usable = opts.ca_file.empty() ? SSL_CTX_set_default_verify_paths(ctx) == 1
+                                       : SSL_CTX_load_verify_locations(ctx, opts.ca_file.c_str(), nullptr) == 1;
+    if (usable && !opts.cert_file.empty()) {
+      usable = SSL_CTX_use_certificate_chain_file(ctx, opts.cert_file.c_str()) == 1 &&
+               SSL_CTX_use_PrivateKey_file(ctx, (opts.key_file.empty() ? opts.cert_file : opts.key_file).c_str(),
+                                           SSL_FILETYPE_PEM) == 1;
+    }
+    SSL* ssl = usable ? SSL_new(ctx) : nullptr;
     if (ssl) {
       SSL_set_verify(ssl, SSL_VERIFY_PEER, nullptr);
       in6_addr ip{};
@@ -159,8 +196,18 @@ std::string diagnose_tls(const ConnectOptions& opts) {
       SSL_set_fd(ssl, fd);
       if (SSL_connect(ssl) != 1) {
         const long v = SSL_get_verify_result(ssl);
-        if (v != X509_V_OK) why = X509_verify_cert_error_string(v);
+        if (v != X509_V_OK) out.server_why = X509_verify_cert_error_string(v);
+        out.client_alert = client_certificate_alert(drain_ssl_errors());
       } else {
+        // An MQTT PINGREQ where a CONNECT belongs: a broker that took our
+        // certificate closes the connection for it; one that did not has
+        // sent its alert first.
+        const char ping[2] = {static_cast<char>(0xC0), 0};
+        (void)SSL_write(ssl, ping, sizeof ping);
+        char buf[16];
+        if (SSL_read(ssl, buf, sizeof buf) <= 0) {
+          out.client_alert = client_certificate_alert(drain_ssl_errors());
+        }
         SSL_shutdown(ssl);
       }
       SSL_free(ssl);
@@ -169,8 +216,10 @@ std::string diagnose_tls(const ConnectOptions& opts) {
     ERR_clear_error();
   }
   if (fd >= 0) ::close(fd);
-  if (why.find("mismatch") != std::string::npos) why += " (the broker's certificate does not name " + host + ")";
-  return why;
+  if (out.server_why.find("mismatch") != std::string::npos) {
+    out.server_why += " (the broker's certificate does not name " + host + ")";
+  }
+  return out;
 }
 
 class PahoTransport final : public Transport {
@@ -225,6 +274,10 @@ class PahoTransport final : public Transport {
         ssl.trustStore = opts_.ca_file.c_str();
         ssl.disableDefaultTrustStore = 1;
       }
+      if (!opts.cert_file.empty()) {
+        ssl.keyStore = opts_.cert_file.c_str();
+        ssl.privateKey = opts_.key_file.empty() ? nullptr : opts_.key_file.c_str();
+      }
       ssl.enableServerCertAuth = 1;
       ssl.verify = opts.verify_host ? 1 : 0;  // host name (or IP) in the certificate
       ssl.sslVersion = MQTT_SSL_VERSION_TLS_1_2;
@@ -262,6 +315,12 @@ class PahoTransport final : public Transport {
       // mid-handshake) is the network's doing.
       if (!openssl.empty()) {
         const std::string why = openssl_reasons(openssl);
+        // The broker refused our certificate (revoked, expired, from a CA
+        // it does not trust, or none sent): like a refused password, it
+        // needs new credentials, not another try.
+        if (const std::string alert = client_certificate_alert(why); !alert.empty()) {
+          return make_error(Errc::unauthenticated, "the broker refused this client's certificate (" + alert + ")");
+        }
         const bool rejected = why.find("certificate") != std::string::npos || why.find("alert") != std::string::npos ||
                               why.find("protocol") != std::string::npos ||
                               why.find("wrong version number") != std::string::npos;
@@ -270,8 +329,13 @@ class PahoTransport final : public Transport {
       }
     }
     if (!s && tls && s.error().code == Errc::unavailable) {
-      if (const std::string why = diagnose_tls(opts); !why.empty()) {
-        return make_error(Errc::refused, "TLS handshake with " + opts.url + " failed: " + why);
+      const TlsDiagnosis d = diagnose_tls(opts);
+      if (!d.server_why.empty()) {
+        return make_error(Errc::refused, "TLS handshake with " + opts.url + " failed: " + d.server_why);
+      }
+      if (!d.client_alert.empty()) {
+        return make_error(Errc::unauthenticated, "the broker refused this client's certificate (" + d.client_alert +
+                                                     ")");
       }
     }
     if (!s) return s.error().with_context("connect to " + opts.url);

@@ -159,6 +159,7 @@ CREATE TABLE IF NOT EXISTS trust (
   }
   if (auto s = migrate_declarative(); !s) return s;
   if (auto s = migrate_campaigns(); !s) return s;
+  if (auto s = migrate_certs(); !s) return s;
   if (auto s = migrate_scopes(); !s) return s;
   return migrate_aggregates();
 }

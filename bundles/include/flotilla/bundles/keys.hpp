@@ -67,6 +67,13 @@ std::string enroll_proof_message(const std::string& enrollment_token, const Byte
 std::string enroll_batch_proof_message(const std::string& enrollment_token, const std::string& gateway_id,
                                        const std::vector<std::string>& device_public_keys);
 
+// What a device signs to renew its broker certificate (POST /v1/renew):
+// binds its id, the exact certificate request and when it asked, so a
+// captured renewal cannot be replayed (docs/security.md, "Device certificates").
+std::string renew_proof_message(const std::string& device_id, std::string_view csr_der, uint64_t issued_unix_ms);
+// A device's id: "d-" + the first 20 hex digits of SHA-256(public key).
+std::string device_id_for_key(const Bytes& device_public_key);
+
 Bytes sign_detached(const KeyPair& key, std::string_view message);
 bool verify_detached(const Bytes& public_key, std::string_view message, const Bytes& signature);
 

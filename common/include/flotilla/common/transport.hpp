@@ -34,6 +34,12 @@ struct ConnectOptions {
   // listen address, which the certificate need not name).
   std::string ca_file;
   bool verify_host = true;
+  // ssl:// URLs: the client certificate (PEM, CN = the client's identity)
+  // and its private key, presented to a broker that authenticates clients
+  // by certificate. Both files are read at each connect, so a renewed
+  // certificate is used from the next connect on.
+  std::string cert_file;
+  std::string key_file;
   int max_inflight = 64;
   // publish() waits while this many QoS>0 messages are unacknowledged, so a
   // burst (a campaign released to a million devices) is paced by the broker

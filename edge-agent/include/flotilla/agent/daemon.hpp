@@ -44,6 +44,11 @@ struct AgentConfig {
   // ssl:// brokers, https:// enrollment and artifact downloads. Empty = the
   // system CA store.
   std::string tls_ca_file;
+  // The hub's device CA (device path), pinned in the image: every broker
+  // certificate the hub hands this device must come from it, and the
+  // broker's own certificate is checked against it (with tls-ca-file). Empty
+  // = the CAs the hub names at enrollment and renewal.
+  std::string device_ca_file;
   std::chrono::milliseconds inventory_interval{300000};  // inventory change check; 0 = never
   std::chrono::milliseconds drift_interval{600000};  // 0 = no drift checks
   std::chrono::milliseconds supervise_interval{30000};  // k3s liveness check; 0 = never
@@ -73,6 +78,11 @@ Backoff make_reconnect_backoff(const std::string& device_id, std::chrono::millis
 Backoff make_enroll_backoff(std::chrono::milliseconds cap);
 // The overall deadline of one artifact download of `bytes` bytes.
 std::chrono::milliseconds download_deadline(const AgentConfig& cfg, uint64_t bytes);
+// When a certificate valid from not_before to not_after (unix seconds) is
+// renewed: at a point in [55 %, 66 %) of its lifetime drawn from `draw`
+// (uniform in [0, 1)), so a fleet enrolled together does not renew together
+// and every device renews before two thirds of its lifetime.
+int64_t certificate_renew_at(int64_t not_before, int64_t not_after, double draw);
 // "64MiB", "1GiB", "500MB", "12345": bytes.
 Result<uint64_t> parse_size(const std::string& text);
 

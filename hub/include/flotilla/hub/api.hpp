@@ -98,6 +98,7 @@ class Api {
   void finish(const HttpRequest& req, AuditRecord& audit, const std::string& route, int status);
 
   HttpResponse enroll(const HttpRequest& req, AuditRecord& audit, bool batch);
+  HttpResponse renew(const HttpRequest& req, AuditRecord& audit);
 
   HubService& service_;
   std::unique_ptr<HttpMetrics> http_metrics_;

@@ -59,6 +59,15 @@ struct HubConfig {
   std::chrono::milliseconds ui_event_interval{1000};
   std::chrono::milliseconds views_timeline_interval{5000};
   int64_t views_scan_limit = 200000;
+  // The device CA (docs/security.md, "Device certificates"): the operator's
+  // certificate and key (both or neither; default <data-dir>/ca/device-ca.*,
+  // made on first start), and how long a device certificate is valid.
+  std::string device_ca_cert_file;
+  std::string device_ca_key_file;
+  int64_t device_cert_lifetime_s = int64_t{90} * 86400;
+  // Development only: the embedded broker speaks plain MQTT and devices get
+  // passwords (the broker reloads at every enrollment). Never in production.
+  bool dev_plain_mqtt = false;
 };
 
 // The key the hub signs desired-state headers with: the configured file, or

@@ -9,6 +9,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -30,6 +31,7 @@ namespace flotilla::hub {
 
 class EmbeddedBroker;
 class ArtifactStore;
+class DeviceCa;
 struct ApplyRequest;
 struct ApplyScope;
 struct ApplyOutcome;
@@ -43,6 +45,18 @@ struct ServiceConfig {
   std::string broker_url;            // what devices are told to connect to
   std::string public_url;            // the hub's REST base URL as devices see it
   bool manage_broker_credentials = true;  // false with an external broker
+  // Issues each device with its own broker session a client certificate
+  // from its certificate request (enrollment, renewal); null = none.
+  const DeviceCa* device_ca = nullptr;
+  int64_t cert_lifetime_s = int64_t{90} * 86400;
+  // The embedded broker takes passwords, not certificates (development,
+  // plain MQTT): enrollment issues a password, which rewrites the broker's
+  // password file; there is nothing to renew.
+  bool broker_passwords = false;
+  // What devices are told to trust for the broker's own certificate
+  // (EnrollResponse.ca_certificates): the device CA bundle, plus the
+  // operator's broker CA when there is one.
+  std::string ca_certificates;
   size_t report_queue_cap = 100000;
   // The queue also stops at this many payload bytes: a gateway's batch
   // carries up to 1,000 reports in one message.
@@ -118,6 +132,33 @@ class HubService {
   static constexpr size_t kMaxReportBytes = 256u << 10;
   static constexpr size_t kMaxPresenceBytes = 4u << 10;
   Result<v1::EnrollBatchResponse> enroll_batch(const v1::EnrollBatchRequest& req);
+  // A new broker certificate for an enrolled device that proves it holds its
+  // identity key (the old certificate may have expired). Refused for a
+  // decommissioned device, a device behind a gateway, a replayed request.
+  // A device that still had a password moves to certificates here.
+  Result<v1::RenewResponse> renew(const v1::RenewRequest& req);
+  // Rebuilds the revocation list from the store and has the broker load it
+  // (after a decommission revoked certificates; at start); concurrent
+  // callers share one reload.
+  Status sync_broker_revocations();
+  // Periodic upkeep (the hub calls it every few minutes): forgets expired
+  // certificates and refreshes the revocation list before it runs out.
+  void maintain_certificates();
+  // The revocation list(s) as the broker has them (PEM; empty without a CA).
+  std::string crl_pem() const;
+  // How long a revocation list is valid; the hub makes the next one when 20
+  // days are left (an external broker that fetches it daily never holds an
+  // expired one; the embedded broker reloads for it every ten days).
+  static constexpr int64_t kCrlValiditySeconds = int64_t{30} * 86400;
+  // The list the broker was started with, valid until next_update (unix s).
+  void loaded_crl(std::string pem, int64_t next_update) {
+    std::lock_guard lock(crl_mu_);
+    crl_pem_ = std::move(pem);
+    crl_next_update_ = next_update;
+  }
+  // The device CA bundle (PEM; empty without a CA): what a broker trusts
+  // for devices' client certificates.
+  std::string device_ca_pem() const;
 
   // Stores a signed bundle after checking it parses and is signed. Returns the
   // existing record for a byte-identical manifest.
@@ -196,6 +237,8 @@ class HubService {
     uint64_t reports_processed = 0, presence_processed = 0;
     uint64_t desired_published = 0, desired_publish_failures = 0;
     uint64_t dropped_too_large = 0, log_lines_suppressed = 0;
+    uint64_t dropped_decommissioned = 0;
+    uint64_t certificates_issued = 0, renewals = 0, broker_reloads = 0;
   };
   MqttCounters mqtt_counters() const;
   size_t queue_depth();
@@ -222,6 +265,11 @@ class HubService {
   Result<flotilla::Bytes> gateway_identity(const std::string& gateway_id, const std::string& project);
   Status check_reenrollment(const DeviceRecord& d);  // store_mu_ held
   v1::EnrollResponse enroll_response(const DeviceRecord& d) const;
+  // A device certificate for a request, with the store row it needs.
+  Result<std::pair<v1::EnrollResponse, DeviceCertRecord>> certificate_for(const std::string& csr,
+                                                                         const std::string& device_key,
+                                                                         const std::string& device_id);
+  bool is_decommissioned(const std::string& id) const;
   void worker();
   struct ParsedMessage;
   // A device's campaign rows touched by one batch, read once and written once.
@@ -293,6 +341,19 @@ class HubService {
   // upload_bundle, create_token) the REST routes call on their own.
   std::recursive_mutex store_mu_;
   std::mutex cred_sync_mu_;                 // one password-file rewrite at a time
+  std::mutex crl_sync_mu_;                  // one revocation-list reload at a time
+  std::atomic<uint64_t> crl_changes_{0};
+  uint64_t crl_synced_ = 0;                 // (crl_sync_mu_)
+  mutable std::mutex crl_mu_;
+  std::string crl_pem_;                     // what the broker loaded last (crl_mu_)
+  int64_t crl_next_update_ = 0;             // unix seconds (crl_mu_)
+  // Devices decommissioned: whatever still arrives from them is dropped
+  // before it is queued (their certificate is revoked, their session taken
+  // over; this covers what was already on its way).
+  mutable std::mutex decommissioned_mu_;
+  std::set<std::string> decommissioned_;
+  std::atomic<bool> any_decommissioned_{false};
+  std::atomic<uint64_t> dropped_decommissioned_{0}, certificates_issued_{0}, renewals_{0};
   std::atomic<uint64_t> cred_changes_{0};   // credential changes asked to be synced
   uint64_t cred_synced_ = 0;                // changes covered by the last rewrite (cred_sync_mu_)
   std::mutex q_mu_;

@@ -234,6 +234,18 @@ struct FleetCount {
   }
 };
 
+// A broker client certificate the device CA issued (store/cert_store.cpp).
+// Kept so a decommission can revoke every certificate of the device that
+// has not expired yet; the certificate itself stays with the device.
+struct DeviceCertRecord {
+  std::string serial;     // hex, lower case
+  std::string device_id;
+  int64_t not_before = 0; // unix seconds
+  int64_t not_after = 0;
+  int64_t issued_ms = 0;
+  int64_t revoked_ms = 0; // 0 = not revoked
+};
+
 // How much memory SQLite may use for the store's pages.
 struct StoreTuning {
   // SQLite's own page cache. Its default is 2 MiB: at 100k devices every
@@ -389,6 +401,26 @@ class Store {
   // PRAGMA synchronous as SQLite reports it: 1 NORMAL, 2 FULL.
   Result<int64_t> synchronous();
 
+  // Device certificates (store/cert_store.cpp).
+  Status insert_device_cert(const DeviceCertRecord& c);
+  // Revokes every certificate of the device not revoked yet; returns how many.
+  Result<int64_t> revoke_device_certs(const std::string& device_id, int64_t now_ms);
+  // Revoked certificates still valid at now_unix (what a CRL must list):
+  // serial and when it was revoked (unix seconds).
+  Result<std::vector<std::pair<std::string, int64_t>>> revoked_unexpired_certs(int64_t now_unix);
+  // The newest certificate issued to the device, if any.
+  Result<std::optional<DeviceCertRecord>> latest_device_cert(const std::string& device_id);
+  // Forgets certificates that expired before before_unix (revoked or not):
+  // an expired certificate opens no broker, so the table stays the size of
+  // the live fleet.
+  Result<int64_t> prune_device_certs(int64_t before_unix);
+  // Ids of decommissioned devices (the hub drops what still arrives from them).
+  Result<std::vector<std::string>> decommissioned_device_ids();
+  // The replay floor enrollments and renewals share (DeviceRecord::enroll_issued_ms).
+  Status set_enroll_issued_ms(const std::string& device_id, uint64_t issued_ms);
+  // Whether the device still has a broker password (enrolled before certificates).
+  Result<bool> has_credential(const std::string& username);
+
   sql::Db& db() { return *db_; }
 
  private:
@@ -398,6 +430,7 @@ class Store {
   // Columns and constraints of the security fixes: enrollment replay floor,
   // device-choosable label keys, bundles unique per (project, digest).
   Status migrate_scopes();
+  Status migrate_certs();
   std::unique_ptr<sql::Db> db_;
 };
 

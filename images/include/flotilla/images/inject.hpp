@@ -32,6 +32,11 @@ struct AgentSettings {
   stdfs::path root_keyring;            // host file, copied to /etc/flotilla/root.krg
   unsigned key_threshold = 0;          // 0 = leave the agent's default
   stdfs::path tls_ca_file;             // host file, copied to /etc/flotilla/ca.pem
+  // The hub's device CA certificate (public; the hub's ca/device-ca.pem or
+  // GET /v1/device-ca), copied to /etc/flotilla/device-ca.pem and pinned as
+  // agent.yaml device-ca-file. Only certificates go in: each device makes
+  // its own key and gets its own client certificate at enrollment.
+  stdfs::path device_ca_file;
   std::map<std::string, std::string> labels;
   std::string director_key;            // ed25519:<base64>: the hub's director key, pinned (agent.yaml director-key)
 };
