@@ -33,6 +33,9 @@ TEST_CASE("every credential change is in force when set_device_credentials retur
   TempDir tmp;
   hub::BrokerConfig cfg;
   cfg.dir = tmp.path() / "broker";
+  // Password reloads remain for dev-plain-mqtt and for devices enrolled
+  // before certificates (until they renew).
+  cfg.auth = hub::BrokerAuth::password;
   auto broker = hub::EmbeddedBroker::start(cfg, {});
   REQUIRE(broker);
   hub::EmbeddedBroker& b = **broker;

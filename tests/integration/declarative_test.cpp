@@ -43,6 +43,7 @@ std::vector<std::string> enroll_devices(Hub& hub, int n, const std::map<std::str
     req.set_device_public_key(std::string(k.pub.key.begin(), k.pub.key.end()));
     auto proof = bundles::sign_detached(k, bundles::enroll_proof_message(token, k.pub.key));
     req.set_proof(std::string(proof.begin(), proof.end()));
+    req.set_csr(device_csr(k));
     req.set_hostname("dev-" + std::to_string(i));
     http::Request r;
     r.method = "POST";
