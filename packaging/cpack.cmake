@@ -45,8 +45,9 @@ set(CPACK_DEBIAN_HUB_PACKAGE_RECOMMENDS "flotilla")
 set(CPACK_COMPONENT_HUB_DESCRIPTION "Flotilla hub: rollout campaigns for fleets of k3s edge devices
 flotilla-hub serves Flotilla's REST API, runs rollout campaigns (canary,
 waves, thresholds, automatic rollback) and keeps the device store. It
-starts and configures its own mosquitto broker on mutual TLS: each device
-gets a client certificate from the hub's CA, and an ACL confines it to its own topics.
+starts and configures its own mosquitto broker on mutual TLS: each
+device gets a client certificate from the hub's CA, and an ACL confines
+it to its own topics.
 This package runs it as a systemd service under its own system user,
 with its data in /var/lib/flotilla and its settings in
 /etc/flotilla/hub.yaml.")
