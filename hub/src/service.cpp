@@ -376,8 +376,10 @@ Result<v1::RenewResponse> HubService::renew(const v1::RenewRequest& req) {
   if (req.issued_unix_ms() == 0 || req.issued_unix_ms() > static_cast<uint64_t>(INT64_MAX)) {
     return make_error(Errc::invalid_argument, "issued_unix_ms must be set (ms since the epoch)");
   }
+  // Bounded before the proof is checked over it; the same words as the CA's own check.
   if (req.csr().size() > x509::kMaxCsrBytes) {
-    return make_error(Errc::invalid_argument, "csr is larger than " + std::to_string(x509::kMaxCsrBytes) + " bytes");
+    return make_error(Errc::invalid_argument, "csr is " + std::to_string(req.csr().size()) + " bytes; at most " +
+                                                  std::to_string(x509::kMaxCsrBytes));
   }
   std::optional<DeviceRecord> dev;
   {
