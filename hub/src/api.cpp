@@ -300,7 +300,7 @@ void Api::finish(const HttpRequest& req, AuditRecord& audit, const std::string& 
   // A request a rate limit refused changed nothing and is counted
   // (flotilla_rate_limited_total); auditing each one would let a flood
   // write to the audit log without bound.
-  if (!mutating(req.method) || status == 429) return;
+  if (!mutating(req.method) || status == 429 || audit.stored) return;
   audit.method = req.method;
   audit.path = path_of(req.target).substr(0, 512);
   audit.status = status;
@@ -558,7 +558,13 @@ HttpResponse Api::enroll(const HttpRequest& req, AuditRecord& audit, bool batch)
   HttpResponse r;
   r.content_type = "application/x-protobuf";
   if (!batch) {
-    auto resp = service_.enroll(one);
+    // On success the record goes into the enrollment's own commit (status
+    // 200); a refusal is audited by finish() with its status, as before.
+    audit.method = req.method;
+    audit.path = path_of(req.target).substr(0, 512);
+    audit.status = 200;
+    audit.peer = req.peer;
+    auto resp = service_.enroll(one, &audit);
     if (!resp) return from_error(resp.error());
     audit.detail = "enrolled device " + resp->device_id();
     r.body = resp->SerializeAsString();

@@ -219,12 +219,16 @@ Result<json> campaign_view_json(AggregateStore& a, const Caller& caller, const s
   return j;
 }
 
-// Certificate expiry by bucket, from fleet_counts' days.
-json cert_buckets(const std::vector<FleetCount>& rows, int64_t total, int64_t now_unix) {
+// Certificate expiry by bucket, from fleet_counts' days of one dimension:
+// cert_day (k3s serving certificates, from inventories) or broker_cert_day
+// (the broker client certificates the device CA issued, each device's latest
+// unrevoked one). Devices with none are "not_reported" or "none".
+json cert_buckets(const std::vector<FleetCount>& rows, const char* dim, const char* rest, int64_t total,
+                  int64_t now_unix) {
   const int64_t today = now_unix / 86400;
   int64_t expired = 0, d7 = 0, d30 = 0, later = 0;
   for (const auto& r : rows) {
-    if (r.dim != "cert_day") continue;
+    if (r.dim != dim) continue;
     int64_t day = 0;
     try {
       day = std::stoll(r.value);
@@ -242,7 +246,7 @@ json cert_buckets(const std::vector<FleetCount>& rows, int64_t total, int64_t no
           {"within_7_days", d7},
           {"within_30_days", d30},
           {"later", later},
-          {"not_reported", std::max<int64_t>(0, total - expired - d7 - d30 - later)}};
+          {rest, std::max<int64_t>(0, total - expired - d7 - d30 - later)}};
 }
 
 Result<json> fleet_json(AggregateStore& a, const Caller& caller, int64_t now_ms) {
@@ -283,7 +287,8 @@ Result<json> fleet_json(AggregateStore& a, const Caller& caller, int64_t now_ms)
          {"agent_versions", dim("agent")},
          {"regions", dim("region")},
          {"cells", dim("cell")},
-         {"certificates", cert_buckets(*rows, total, now_ms / 1000)},
+         {"certificates", cert_buckets(*rows, "cert_day", "not_reported", total, now_ms / 1000)},
+         {"broker_certificates", cert_buckets(*rows, "broker_cert_day", "none", total, now_ms / 1000)},
          {"generated_at", iso_ms(now_ms)}};
   return j;
 }

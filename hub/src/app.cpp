@@ -475,7 +475,7 @@ Status run_hub(const HubConfig& cfg, const std::atomic<bool>& stop) {
     hub_pass = cfg.dev_plain_mqtt ? broker->hub_password() : std::string();
     if (!broker->legacy_url().empty()) {
       logger->warn("{} devices enrolled with passwords still connect to {} ({}) until they renew and move to "
-                   "certificates (docs/operations.md, \"Moving devices to certificates\")",
+                   "certificates (docs/operations.md, \"Moving devices from passwords to certificates\")",
                    creds->size(), broker->legacy_url(),
                    broker->legacy_url().rfind("tcp://", 0) == 0 ? "plain MQTT" : "TLS");
     }

@@ -256,7 +256,7 @@ v1::EnrollResponse HubService::enroll_response(const DeviceRecord& d) const {
   return resp;
 }
 
-Result<v1::EnrollResponse> HubService::enroll(const v1::EnrollRequest& req) {
+Result<v1::EnrollResponse> HubService::enroll(const v1::EnrollRequest& req, AuditRecord* audit) {
   if (auto s = check_enrollee_proof(req, req.enrollment_token()); !s) return s.error();
   auto token = usable_enrollment_token(req.enrollment_token());
   if (!token) return token.error();
@@ -329,7 +329,18 @@ Result<v1::EnrollResponse> HubService::enroll(const v1::EnrollRequest& req) {
       resp.set_mqtt_username(d.id);
       resp.set_mqtt_password(password);
     }
+    std::optional<AuditRecord> record;
+    if (audit) {
+      record = *audit;
+      record->detail = "enrolled device " + d.id;
+      if (record->time_ms == 0) record->time_ms = clock_.now_unix_ms();
+      if (auto id = store_.append_audit(*record); !id) return id.error();
+    }
     if (auto s = tx.commit(); !s) return s.error();
+    if (record) {
+      *audit = std::move(*record);
+      audit->stored = true;
+    }
   }
   if (cert) ++certificates_issued_;
   // Only a password change reaches the broker; a certificate changes nothing there.
@@ -376,8 +387,10 @@ Result<v1::RenewResponse> HubService::renew(const v1::RenewRequest& req) {
   if (req.issued_unix_ms() == 0 || req.issued_unix_ms() > static_cast<uint64_t>(INT64_MAX)) {
     return make_error(Errc::invalid_argument, "issued_unix_ms must be set (ms since the epoch)");
   }
+  // Bounded before the proof is checked over it; the same words as the CA's own check.
   if (req.csr().size() > x509::kMaxCsrBytes) {
-    return make_error(Errc::invalid_argument, "csr is larger than " + std::to_string(x509::kMaxCsrBytes) + " bytes");
+    return make_error(Errc::invalid_argument, "csr is " + std::to_string(req.csr().size()) + " bytes; at most " +
+                                                  std::to_string(x509::kMaxCsrBytes));
   }
   std::optional<DeviceRecord> dev;
   {

@@ -422,3 +422,297 @@ TEST_CASE("renewal keeps a device connected across its certificate's expiry, off
   CHECK(back);
   CHECK(hub.device(id)["state"] != "decommissioned");
 }
+
+namespace {
+
+struct Renewed {
+  int status = 0;
+  std::string body;
+  v1::RenewResponse resp;
+};
+
+// POST /v1/renew as an agent does: a fresh request for the identity key,
+// signed with it.
+Renewed renew_by_hand(Hub& hub, const bundles::KeyPair& key) {
+  v1::RenewRequest rr;
+  rr.set_device_id(bundles::device_id_for_key(key.pub.key));
+  rr.set_csr(device_csr(key));
+  rr.set_issued_unix_ms(static_cast<uint64_t>(SystemClock::instance().now_unix_ms()));
+  const Bytes proof =
+      bundles::sign_detached(key, bundles::renew_proof_message(rr.device_id(), rr.csr(), rr.issued_unix_ms()));
+  rr.set_proof(std::string(proof.begin(), proof.end()));
+  http::Request post;
+  post.method = "POST";
+  post.url = hub.url() + "/v1/renew";
+  post.body = rr.SerializeAsString();
+  post.headers["Content-Type"] = "application/x-protobuf";
+  auto resp = http::send(post);
+  REQUIRE(resp);
+  Renewed r;
+  r.status = resp->status;
+  r.body = resp->body;
+  if (r.status == 200) REQUIRE(r.resp.ParseFromString(resp->body));
+  return r;
+}
+
+std::string broker_file(Hub& hub, const std::string& name) {
+  return fs::read_file(hub.data_dir() / "broker" / name, 64).value_or("");
+}
+
+// mosquitto_pub with a user name and password on a plain-MQTT port: what
+// a device of an older agent does. Returns the tool's exit code.
+int publish_with_password(const std::string& port, const std::string& user, const std::string& password,
+                          const std::string& topic, const std::string& file) {
+  auto r = proc::run({"/usr/bin/mosquitto_pub", "-h", "127.0.0.1", "-p", port, "-i", user, "-u", user, "-P", password,
+                      "-q", "1", "-t", topic, "-f", file},
+                     std::chrono::seconds(20));
+  REQUIRE(r);
+  return r->exit_code;
+}
+
+// Points an agent at a hub that came back on another REST port.
+void set_hub_url(const test::Agent& a, const std::string& url) {
+  const auto file = a.root() / "etc/flotilla/agent.yaml";
+  std::string yaml = fs::read_file(file).value();
+  const auto at = yaml.find("hub-url: ");
+  REQUIRE(at != std::string::npos);
+  yaml.replace(at, yaml.find('\n', at) - at, "hub-url: " + url);
+  REQUIRE(fs::write_file_atomic(file, yaml, 0644));
+}
+
+bool online(Hub& hub, const std::string& id) {
+  try {
+    return hub.device(id)["online"] == true;
+  } catch (const std::exception&) {
+    return false;
+  }
+}
+
+}  // namespace
+
+// docs/operations.md "Moving devices from passwords to certificates", step by step.
+TEST_CASE("devices enrolled with passwords keep working on TLS until they renew, then move to certificates",
+          "[integration][certs][migration]") {
+  TempDir tmp;
+  Hub hub(tmp.path() / "hub");
+  hub.start({"--dev-plain-mqtt", "true"});
+  const std::string token = hub.enrollment_token({{"env", "it"}}, 2);
+  // A: an agent of this version. B: an older agent, played by hand (it keeps its password).
+  AgentOptions o;
+  o.root_keys = {bundles::public_key_text(bundles::generate_key().pub)};
+  auto a = std::make_unique<test::Agent>(tmp.path() / "dev-a", hub.url(), token, o);
+  a->start();
+  REQUIRE(wait_until([&] { return !a->device_id().empty() && online(hub, a->device_id()); },
+                     std::chrono::seconds(60)));
+  const std::string aid = a->device_id();
+  const std::string a_password = a->mqtt_password();
+  REQUIRE_FALSE(a_password.empty());
+  CHECK_FALSE(stdfs::exists(agent_files(*a).cert));
+  const auto kb = bundles::generate_key();
+  auto eb = enroll_by_hand(hub, token, kb);
+  REQUIRE(eb.status == 200);
+  const std::string bid = eb.resp.device_id();
+  const std::string b_password = eb.resp.mqtt_password();
+  REQUIRE_FALSE(b_password.empty());
+  CHECK(eb.resp.client_certificate().empty());
+  const std::string old_port = broker_file(hub, "port");
+  REQUIRE_FALSE(old_port.empty());
+  CHECK(eb.resp.broker_url() == "tcp://127.0.0.1:" + old_port);
+
+  // The hub restarts without the development flag: certificates, TLS.
+  a->stop();
+  hub.stop();
+  size_t mark = hub.log().size();  // the log file goes on across restarts
+  hub.start();
+  const std::string cert_port = broker_file(hub, "port");
+  CHECK(broker_file(hub, "legacy-port") == old_port);
+  CHECK(cert_port != old_port);
+  CHECK(stdfs::exists(hub.data_dir() / "broker/passwd"));
+  CHECK(hub.log().substr(mark).find("2 devices enrolled with passwords still connect to tcp://127.0.0.1:" +
+                                    old_port) != std::string::npos);
+
+  // B keeps working with its password, on the port it knows: its report reaches the hub.
+  const std::string report_count = "flotilla_mqtt_messages_received_total{kind=\"report\"}";
+  const double reports_before = std::max(0.0, metric(metrics_text(hub), report_count));
+  v1::Report rep;
+  rep.set_device_id(bid);
+  rep.set_seq(1);
+  rep.set_state(v1::AGENT_STATE_IDLE);
+  const auto rep_file = tmp.path() / "b-report.pb";
+  REQUIRE(fs::write_file_atomic(rep_file, rep.SerializeAsString(), 0600));
+  CHECK(publish_with_password(old_port, bid, b_password, transport::device_topic(bid, "report"), rep_file.string()) ==
+        0);
+  CHECK(wait_until([&] { return metric(metrics_text(hub), report_count) >= reports_before + 1; },
+                   std::chrono::seconds(20)));
+  // A password opens nothing on the certificate listener.
+  CHECK(publish_with_password(cert_port, bid, b_password, transport::device_topic(bid, "report"),
+                              rep_file.string()) != 0);
+
+  // A, an agent of this version with a password, renews at once: it gets a
+  // certificate and the certificate listener's URL, and its password goes
+  // (one reload).
+  const double reloads_before = metric(metrics_text(hub), "flotilla_broker_reloads_total");
+  set_hub_url(*a, hub.url());
+  a->start();
+  const bool moved = wait_until(
+      [&] {
+        return stdfs::exists(agent_files(*a).cert) && a->mqtt_password().empty() && online(hub, aid) &&
+               a->log().find("renewed the broker certificate") != std::string::npos;
+      },
+      std::chrono::seconds(60));
+  INFO("agent log:\n" << a->log() << "\nhub log:\n" << hub.log());
+  REQUIRE(moved);
+  auto a_cert = x509::parse_certificate_pem(fs::read_file(agent_files(*a).cert).value());
+  REQUIRE(a_cert);
+  CHECK(a_cert->subject_cn == aid);
+  CHECK(hub.log().find("renewed device=" + aid) != std::string::npos);
+  CHECK(hub.log().find("(moved from a password)") != std::string::npos);
+  CHECK(metric(metrics_text(hub), "flotilla_broker_reloads_total") == reloads_before + 1);
+  // On the certificate listener, and its old password no longer opens the password one.
+  CHECK(sub_exit(hub, agent_files(*a), transport::device_topic(aid, "desired"), 1) == 27);
+  CHECK(publish_with_password(old_port, aid, a_password, transport::device_topic(aid, "report"), rep_file.string()) !=
+        0);
+  // B, which has not renewed, is untouched.
+  CHECK(publish_with_password(old_port, bid, b_password, transport::device_topic(bid, "report"), rep_file.string()) ==
+        0);
+
+  // B renews (an upgraded agent would): a certificate and the certificate listener's URL.
+  auto rb = renew_by_hand(hub, kb);
+  INFO(rb.body);
+  REQUIRE(rb.status == 200);
+  CHECK(rb.resp.broker_url() == "ssl://127.0.0.1:" + cert_port);
+  CHECK(x509::count_certificates(rb.resp.ca_certificates()) == 1);
+  const CertFiles b_files = write_pair(tmp.path() / "b", "b", rb.resp.client_certificate(),
+                                       x509::ed25519_private_key_pem(kb.secret));
+  CHECK(sub_exit(hub, b_files, transport::device_topic(bid, "desired"), 1) == 27);
+  CHECK(publish_with_password(old_port, bid, b_password, transport::device_topic(bid, "report"), rep_file.string()) !=
+        0);
+  CHECK(metric(metrics_text(hub), "flotilla_broker_reloads_total") == reloads_before + 2);
+
+  // No password left: the next start has no password listener and no password file.
+  a->stop();
+  hub.stop();
+  mark = hub.log().size();
+  hub.start();
+  CHECK_FALSE(stdfs::exists(hub.data_dir() / "broker/legacy-port"));
+  CHECK_FALSE(stdfs::exists(hub.data_dir() / "broker/passwd"));
+  CHECK(broker_file(hub, "port") == cert_port);
+  CHECK(hub.log().substr(mark).find("enrolled with passwords") == std::string::npos);
+  CHECK(sub_exit(hub, b_files, transport::device_topic(bid, "desired"), 1) == 27);
+  const std::string conf = fs::read_file(hub.data_dir() / "broker/mosquitto.conf").value();
+  CHECK(conf.find("password_file") == std::string::npos);
+  CHECK(conf.find("listener " + old_port) == std::string::npos);
+  // A comes back on its certificate, with no new enrollment.
+  set_hub_url(*a, hub.url());
+  a->start();
+  CHECK(wait_until([&] { return online(hub, aid); }, std::chrono::seconds(60)));
+  CHECK(count_of(a->log(), "enrolled device=") == 1);
+}
+
+// docs/operations.md "Rotating the device CA", step by step, with real mosquitto.
+TEST_CASE("a device CA rotation keeps old certificates working through the overlap and refuses them after",
+          "[integration][certs][rotation]") {
+  TempDir tmp;
+  Hub hub(tmp.path() / "hub");
+  hub.start();
+  const auto ca_dir = hub.data_dir() / "ca";
+  const std::string old_ca = fs::read_file(ca_dir / "device-ca.pem").value();
+  const std::string token = hub.enrollment_token({{"env", "it"}}, 4);
+  const auto ka = bundles::generate_key(), kb = bundles::generate_key(), kc = bundles::generate_key();
+  auto ea = enroll_by_hand(hub, token, ka);
+  REQUIRE(ea.status == 200);
+  const std::string aid = ea.resp.device_id();
+  const auto dir = tmp.path() / "certs";
+  const CertFiles a_old = write_pair(dir, "a-old", ea.resp.client_certificate(),
+                                     x509::ed25519_private_key_pem(ka.secret));
+  CHECK(x509::verify_certificate(ea.resp.client_certificate(), old_ca));
+
+  // Step 1: the new CA beside the current one, as next-ca (trusted, not issuing).
+  hub::DeviceCaConfig next_cfg;
+  next_cfg.dir = tmp.path() / "new-ca";
+  auto next = hub::DeviceCa::open(next_cfg, SystemClock::instance().now_unix());
+  REQUIRE(next);
+  const std::string new_ca = fs::read_file(next_cfg.dir / "device-ca.pem").value();
+  REQUIRE(fs::write_file_atomic(ca_dir / "next-ca.pem", new_ca, 0644));
+  REQUIRE(fs::write_file_atomic(ca_dir / "next-ca.key", fs::read_file(next_cfg.dir / "device-ca.key").value(), 0600));
+  hub.stop();
+  hub.start();
+  CHECK(x509::count_certificates(fs::read_file(hub.broker_ca_file()).value()) == 2);
+  {
+    http::Request get;
+    get.url = hub.url() + "/v1/device-ca";
+    auto r = http::send(get);
+    REQUIRE(r);
+    CHECK(x509::count_certificates(r->body) == 2);
+  }
+  CHECK(sub_exit(hub, a_old, transport::device_topic(aid, "desired"), 1) == 27);
+  // Brokers already take the next CA's certificates...
+  auto early = (*next)->issue_client("d-rotation-early", SystemClock::instance().now_unix(), 3600);
+  REQUIRE(early);
+  CHECK(sub_exit(hub, write_pair(dir, "early", early->pem, early->key_pem),
+                 transport::device_topic("d-rotation-early", "desired"), 1) == 27);
+  // ...but the current one still issues, and the answer names both CAs.
+  auto eb = enroll_by_hand(hub, token, kb);
+  REQUIRE(eb.status == 200);
+  const std::string bid = eb.resp.device_id();
+  CHECK(x509::verify_certificate(eb.resp.client_certificate(), old_ca));
+  CHECK_FALSE(x509::verify_certificate(eb.resp.client_certificate(), new_ca));
+  CHECK(x509::count_certificates(eb.resp.ca_certificates()) == 2);
+  const CertFiles b_old = write_pair(dir, "b-old", eb.resp.client_certificate(),
+                                     x509::ed25519_private_key_pem(kb.secret));
+
+  // Step 2: the new CA issues; the old one is previous-ca, still trusted.
+  hub.stop();
+  for (const char* ext : {".pem", ".key"}) {
+    stdfs::rename(ca_dir / (std::string("device-ca") + ext), ca_dir / (std::string("previous-ca") + ext));
+    stdfs::rename(ca_dir / (std::string("next-ca") + ext), ca_dir / (std::string("device-ca") + ext));
+  }
+  hub.start();
+  CHECK(sub_exit(hub, a_old, transport::device_topic(aid, "desired"), 1) == 27);
+  CHECK(sub_exit(hub, b_old, transport::device_topic(bid, "desired"), 1) == 27);
+  auto ec = enroll_by_hand(hub, token, kc);
+  REQUIRE(ec.status == 200);
+  const std::string cid = ec.resp.device_id();
+  CHECK(x509::verify_certificate(ec.resp.client_certificate(), new_ca));
+  CHECK_FALSE(x509::verify_certificate(ec.resp.client_certificate(), old_ca));
+  const CertFiles c_new = write_pair(dir, "c-new", ec.resp.client_certificate(),
+                                     x509::ed25519_private_key_pem(kc.secret));
+  CHECK(sub_exit(hub, c_new, transport::device_topic(cid, "desired"), 1) == 27);
+  // A renews during the overlap and moves to the new CA.
+  auto ra = renew_by_hand(hub, ka);
+  INFO(ra.body);
+  REQUIRE(ra.status == 200);
+  CHECK(x509::verify_certificate(ra.resp.client_certificate(), new_ca));
+  CHECK_FALSE(x509::verify_certificate(ra.resp.client_certificate(), old_ca));
+  const CertFiles a_new = write_pair(dir, "a-new", ra.resp.client_certificate(),
+                                     x509::ed25519_private_key_pem(ka.secret));
+  CHECK(sub_exit(hub, a_new, transport::device_topic(aid, "desired"), 1) == 27);
+  // Revocation covers the old CA's certificates too (one CRL per CA).
+  auto r = hub.cli({"device", "decommission", bid, "--yes"});
+  INFO(r.err);
+  REQUIRE(r.exit_code == 0);
+  const int b_code = sub_exit(hub, b_old, transport::device_topic(bid, "desired"), 1);
+  CHECK(b_code != 27);
+  CHECK(b_code != 0);
+  CHECK(sub_exit(hub, a_old, transport::device_topic(aid, "desired"), 1) == 27);
+
+  // Step 3: the old CA retired. Its certificates are refused at connect; the new CA's work.
+  hub.stop();
+  stdfs::remove(ca_dir / "previous-ca.pem");
+  stdfs::remove(ca_dir / "previous-ca.key");
+  hub.start();
+  CHECK(x509::count_certificates(fs::read_file(hub.broker_ca_file()).value()) == 1);
+  const int a_code = sub_exit(hub, a_old, transport::device_topic(aid, "desired"), 1);
+  CHECK(a_code != 27);
+  CHECK(a_code != 0);
+  CHECK(sub_exit(hub, a_new, transport::device_topic(aid, "desired"), 1) == 27);
+  CHECK(sub_exit(hub, c_new, transport::device_topic(cid, "desired"), 1) == 27);
+  // Paho says why: the broker refused the certificate.
+  auto t = transport::make_paho_transport();
+  transport::ConnectOptions co = hub.device_session(ka, ea.resp, dir / "paho");
+  co.timeout = std::chrono::seconds(5);
+  auto s = t->connect(co);
+  REQUIRE_FALSE(s);
+  INFO(s.error().message);
+  CHECK(s.error().code == Errc::unauthenticated);
+}

@@ -2,6 +2,8 @@
 // handler over a real HubService and SQLite store in a temporary directory.
 #include <catch2/catch.hpp>
 
+#include <algorithm>
+
 #include "tests/support/hub_test_support.hpp"
 #include "tests/support/temp_dir.hpp"
 
@@ -473,6 +475,11 @@ TEST_CASE("hub audits enrollment by enrollment token id, and refusals as anonymo
   CHECK(ok.path == "/v1/enroll");
   CHECK(ok.status == 200);
   CHECK(ok.detail.find("enrolled device d-") == 0);
+  CHECK(ok.method == "POST");
+  CHECK_FALSE(ok.peer.empty());
+  // Exactly one row for it: written in the enrollment's own transaction, not again after.
+  CHECK(std::count_if(rows.begin(), rows.end(), [](const auto& a) { return a.path == "/v1/enroll" && a.status == 200; }) ==
+        1);
   CHECK(rows.back().actor == "anonymous");
   CHECK(rows.back().status == 401);
   for (const auto& a : rows) CHECK(a.detail.find(t->secret) == std::string::npos);

@@ -4,6 +4,7 @@
 // refuses to pass to the API.
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <regex>
 #include <set>
 
@@ -92,6 +93,74 @@ std::set<std::string> ids_of(const json& items, const char* key = "id") {
 }
 
 }  // namespace
+
+TEST_CASE("hub views: the fleet counts each device's latest unrevoked broker certificate by expiry",
+          "[unit][hub][views][certs]") {
+  Views v;
+  v.f.enroll(4, {{"env", "prod"}});
+  const auto blue = v.enroll_project(2, "blue", {{"env", "prod"}});
+  const auto admin = v.token("admin", "*");
+  const auto blue_viewer = v.token("viewer", "blue");
+  // Before any certificate: every device has none.
+  json f = v.get("/v1/views/fleet", admin);
+  CHECK(f["broker_certificates"] ==
+        json({{"expired", 0}, {"within_7_days", 0}, {"within_30_days", 0}, {"later", 0}, {"none", 6}}));
+
+  const int64_t now = v.f.clock.now_unix();
+  int serial = 0;
+  auto issue = [&](const std::string& id, int64_t not_after) {
+    DeviceCertRecord c;
+    c.serial = "5e" + std::to_string(++serial);
+    c.device_id = id;
+    c.not_before = now - 86400;
+    c.not_after = not_after;
+    c.issued_ms = v.f.clock.now_unix_ms() + serial;
+    REQUIRE(v.f.store->insert_device_cert(c));
+    return c.serial;
+  };
+  const auto& d = v.f.devices;
+  issue(d[0], now + 3 * 86400);       // within 7 days
+  issue(d[1], now + 20 * 86400);      // renewed: only the new one counts
+  issue(d[1], now + 80 * 86400);      //   later
+  issue(d[2], now - 2 * 86400);       // expired, not yet forgotten
+  issue(d[3], now + 5 * 86400);       // revoked below: none
+  REQUIRE(v.f.store->revoke_device_certs(d[3], v.f.clock.now_unix_ms()));
+  issue(blue[0], now + 15 * 86400);   // within 30 days
+  f = v.get("/v1/views/fleet", admin);
+  CHECK(f["broker_certificates"] ==
+        json({{"expired", 1}, {"within_7_days", 1}, {"within_30_days", 1}, {"later", 1}, {"none", 2}}));
+  // The k3s card is another figure: no inventory was reported.
+  CHECK(f["certificates"]["not_reported"] == 6);
+  json mine = v.get("/v1/views/fleet", blue_viewer);
+  CHECK(mine["broker_certificates"] ==
+        json({{"expired", 0}, {"within_7_days", 0}, {"within_30_days", 1}, {"later", 0}, {"none", 1}}));
+  // Kept by triggers, equal to a recount from the rows.
+  auto kept = v.f.store->fleet_counts();
+  auto recount = v.f.store->recount_fleet();
+  REQUIRE(kept);
+  REQUIRE(recount);
+  auto nonzero = [](std::vector<FleetCount> rows) {
+    rows.erase(std::remove_if(rows.begin(), rows.end(), [](const FleetCount& r) { return r.n == 0; }), rows.end());
+    return rows;
+  };
+  CHECK(nonzero(*kept) == nonzero(*recount));
+
+  // Forgetting expired certificates, a decommission and time passing move the figures.
+  REQUIRE(v.f.store->prune_device_certs(now));
+  REQUIRE(v.f.store->mark_device_decommissioned(d[0]));
+  f = v.get("/v1/views/fleet", admin);
+  CHECK(f["broker_certificates"] ==
+        json({{"expired", 0}, {"within_7_days", 0}, {"within_30_days", 1}, {"later", 1}, {"none", 3}}));
+  v.f.clock.advance(std::chrono::hours(24 * 70));
+  f = v.get("/v1/views/fleet", admin);
+  CHECK(f["broker_certificates"] ==
+        json({{"expired", 1}, {"within_7_days", 0}, {"within_30_days", 1}, {"later", 0}, {"none", 3}}));
+  kept = v.f.store->fleet_counts();
+  recount = v.f.store->recount_fleet();
+  REQUIRE(kept);
+  REQUIRE(recount);
+  CHECK(nonzero(*kept) == nonzero(*recount));
+}
 
 TEST_CASE("hub views: the fleet, its devices and one device, each as the caller's project sees it",
           "[unit][hub][views]") {

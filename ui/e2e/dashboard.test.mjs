@@ -107,6 +107,10 @@ try {
   await until('all devices online on the fleet page', async () =>
     (await page.getByTestId('fleet-online').textContent()) === String(DEVICES));
   assert.equal(await page.getByTestId('fleet-total').textContent(), String(DEVICES));
+  // Every agent enrolled with a broker certificate from the hub's CA (90 days: "later").
+  assert.equal(await page.getByTestId('broker-certs-later').textContent(), String(DEVICES));
+  assert.equal(await page.getByTestId('broker-certs-7').textContent(), '0');
+  assert.equal(await page.getByTestId('broker-certs-none').textContent(), '0');
   await page.getByTestId('live-status').filter({ hasText: 'Live' }).waitFor();
   // The region label (from the enrollment token) is counted on the hub: every device.
   const region = page.getByRole('region', { name: 'Regions' }).getByRole('link', { name: /eu-west/ });

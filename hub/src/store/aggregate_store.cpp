@@ -27,7 +27,7 @@ using sql::query;
 
 // Bumped when the tables or triggers below change: a store of an older
 // version drops them and rebuilds them from the device rows.
-constexpr int kAggregateSchema = 4;
+constexpr int kAggregateSchema = 5;
 
 // The dimensions fleet_counts keeps: name, the device columns it depends on,
 // and its value as an SQL expression over "@." (OLD., NEW. or a table alias);
@@ -172,6 +172,48 @@ CREATE TRIGGER fleet_counts_cert_delete AFTER DELETE ON device_inventory WHEN OL
     AND value = CAST(OLD.cert_expiry_unix / 86400 AS TEXT);
 END;
 )SQL";
+  // Broker client certificates (issue 16): each device's latest unrevoked
+  // one, kept in device_broker_cert from device_certs (written at enrollment,
+  // renewal, decommission and pruning, never by a report), counted by day of
+  // not_after. A renewal replaces the device's row; a revocation or the
+  // pruning of that very certificate removes it.
+  sql += R"SQL(
+CREATE TRIGGER broker_cert_issued AFTER INSERT ON device_certs WHEN NEW.revoked_ms = 0 BEGIN
+  INSERT INTO device_broker_cert SELECT NEW.device_id, d.project, NEW.serial, NEW.not_after FROM devices d
+    WHERE d.id = NEW.device_id AND d.state != 'decommissioned'
+    ON CONFLICT (device_id) DO UPDATE SET project = excluded.project, serial = excluded.serial,
+      not_after = excluded.not_after;
+END;
+CREATE TRIGGER broker_cert_revoked AFTER UPDATE OF revoked_ms ON device_certs
+    WHEN OLD.revoked_ms = 0 AND NEW.revoked_ms != 0 BEGIN
+  DELETE FROM device_broker_cert WHERE device_id = NEW.device_id AND serial = NEW.serial;
+END;
+CREATE TRIGGER broker_cert_forgotten AFTER DELETE ON device_certs BEGIN
+  DELETE FROM device_broker_cert WHERE device_id = OLD.device_id AND serial = OLD.serial;
+END;
+CREATE TRIGGER broker_cert_device_gone AFTER UPDATE OF state ON devices
+    WHEN NEW.state = 'decommissioned' AND OLD.state != 'decommissioned' BEGIN
+  DELETE FROM device_broker_cert WHERE device_id = NEW.id;
+END;
+CREATE TRIGGER broker_cert_device_deleted AFTER DELETE ON devices BEGIN
+  DELETE FROM device_broker_cert WHERE device_id = OLD.id;
+END;
+CREATE TRIGGER fleet_counts_broker_cert_insert AFTER INSERT ON device_broker_cert BEGIN
+  INSERT INTO fleet_counts VALUES (NEW.project, 'broker_cert_day', CAST(NEW.not_after / 86400 AS TEXT), 1)
+    ON CONFLICT DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER fleet_counts_broker_cert_update AFTER UPDATE ON device_broker_cert
+    WHEN OLD.not_after / 86400 != NEW.not_after / 86400 OR OLD.project != NEW.project BEGIN
+  UPDATE fleet_counts SET n = n - 1 WHERE project = OLD.project AND dim = 'broker_cert_day'
+    AND value = CAST(OLD.not_after / 86400 AS TEXT);
+  INSERT INTO fleet_counts VALUES (NEW.project, 'broker_cert_day', CAST(NEW.not_after / 86400 AS TEXT), 1)
+    ON CONFLICT DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER fleet_counts_broker_cert_delete AFTER DELETE ON device_broker_cert BEGIN
+  UPDATE fleet_counts SET n = n - 1 WHERE project = OLD.project AND dim = 'broker_cert_day'
+    AND value = CAST(OLD.not_after / 86400 AS TEXT);
+END;
+)SQL";
   return sql;
 }
 
@@ -190,6 +232,8 @@ std::string fleet_recount_select() {
   }
   sql += " UNION ALL SELECT project, 'cert_day', CAST(cert_expiry_unix / 86400 AS TEXT), COUNT(*) FROM device_inventory "
          "WHERE cert_expiry_unix > 0 GROUP BY 1, 3";
+  sql += " UNION ALL SELECT project, 'broker_cert_day', CAST(not_after / 86400 AS TEXT), COUNT(*) "
+         "FROM device_broker_cert GROUP BY 1, 3";
   return sql;
 }
 
@@ -216,6 +260,11 @@ CREATE TABLE IF NOT EXISTS device_inventory (
   disk_free_bytes INTEGER NOT NULL, mem_free_bytes INTEGER NOT NULL, updated_ms INTEGER NOT NULL) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS device_inventory_cert ON device_inventory(cert_expiry_unix, device_id)
   WHERE cert_expiry_unix > 0;
+-- Each device's latest unrevoked broker client certificate (its serial and
+-- end), from device_certs by the triggers above: what the fleet's broker
+-- certificate expiry counts.
+CREATE TABLE IF NOT EXISTS device_broker_cert (
+  device_id TEXT PRIMARY KEY, project TEXT NOT NULL, serial TEXT NOT NULL, not_after INTEGER NOT NULL) WITHOUT ROWID;
 -- A device's recent failures, the last 10 per device.
 CREATE TABLE IF NOT EXISTS device_events (
   id INTEGER PRIMARY KEY, device_id TEXT NOT NULL, time_ms INTEGER NOT NULL, seq INTEGER NOT NULL,
@@ -280,7 +329,9 @@ constexpr const char* kTriggerNames[] = {
     "fleet_counts_cell", "fleet_counts_reported", "fleet_counts_labels", "device_trouble_update",
     "fleet_counts_cert_insert",
     "fleet_counts_cert_update", "fleet_counts_cert_delete", "device_labels_insert", "device_labels_update",
-    "device_labels_delete", "device_events_record", "device_inventory_decommissioned"};
+    "device_labels_delete", "device_events_record", "device_inventory_decommissioned", "broker_cert_issued",
+    "broker_cert_revoked", "broker_cert_forgotten", "broker_cert_device_gone", "broker_cert_device_deleted",
+    "fleet_counts_broker_cert_insert", "fleet_counts_broker_cert_update", "fleet_counts_broker_cert_delete"};
 
 FleetCount fleet_row(const sql::Stmt& s) { return FleetCount{s.col_text(0), s.col_text(1), s.col_text(2), s.col_int(3)}; }
 
@@ -301,6 +352,15 @@ Status Store::migrate_aggregates() {
   for (const char* t : kTriggerNames) drop += std::string("DROP TRIGGER IF EXISTS ") + t + ";";
   if (auto s = db_->exec(drop); !s) return s;
   if (auto s = db_->exec(fleet_triggers() + kOtherTriggers); !s) return s;
+  // Each device's latest unrevoked certificate, before the recount that counts them.
+  if (auto s = db_->exec(
+          "DELETE FROM device_broker_cert; INSERT INTO device_broker_cert "
+          "SELECT c.device_id, d.project, c.serial, c.not_after FROM device_certs c JOIN devices d ON d.id = c.device_id "
+          "WHERE c.revoked_ms = 0 AND d.state != 'decommissioned' AND c.issued_ms = (SELECT MAX(issued_ms) FROM "
+          "device_certs l WHERE l.device_id = c.device_id AND l.revoked_ms = 0) ON CONFLICT DO NOTHING;");
+      !s) {
+    return s;
+  }
   if (auto s = db_->exec("DELETE FROM fleet_counts; INSERT INTO fleet_counts " + fleet_recount_select() +
                          ";"
                          "DELETE FROM device_trouble; INSERT INTO device_trouble SELECT state, id FROM devices "

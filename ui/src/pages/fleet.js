@@ -17,11 +17,13 @@ export function Fleet() {
   const f = snapshot || first.data;
   if (!f) return first.error ? html`<${ErrorBox} error=${first.error} />` : html`<${Loading} what="the fleet" />`;
   const total = f.total;
-  // The certificate buckets count the k3s serving certificate that each agent
-  // reports in its inventory. Devices' own broker certificates are not issued
-  // yet (issue 16, in progress elsewhere): once the hub issues them, their
-  // expiry belongs in this card too, counted the same way (fleet_counts).
+  // Two expiries, counted the same way (fleet_counts, by UTC day): the k3s
+  // serving certificate each agent reports in its inventory, and the broker
+  // client certificate the hub's device CA issued (each device's latest
+  // unrevoked one; agents renew it by themselves at 55-66 % of its lifetime,
+  // so one that comes close to its end belongs to a device that is away).
   const certs = f.certificates;
+  const broker = f.broker_certificates || { expired: 0, within_7_days: 0, within_30_days: 0, later: 0, none: total };
   return html`
     <div class="page-head">
       <h1>Fleet</h1>
@@ -65,7 +67,17 @@ export function Fleet() {
           <li><a href=${dev({ sort: 'cert_expiry' })}>Later <strong>${count(certs.later)}</strong></a></li>
           <li>Not reported <strong>${count(certs.not_reported)}</strong></li>
         </ul>
-        <p class="muted small">The k3s serving certificate each agent reports. Devices' broker certificates are not counted here.</p>
+        <p class="muted small">The k3s serving certificate each agent reports. Devices' broker certificates are counted in their own card.</p>
+      <//>
+      <${Card} title="Broker certificates" id="c-broker-certs">
+        <ul class="pairs">
+          <li>Expired <strong class=${broker.expired ? 'bad' : ''} data-testid="broker-certs-expired">${count(broker.expired)}</strong></li>
+          <li>Within 7 days <strong class=${broker.within_7_days ? 'warn' : ''} data-testid="broker-certs-7">${count(broker.within_7_days)}</strong></li>
+          <li>Within 30 days <strong data-testid="broker-certs-30">${count(broker.within_30_days)}</strong></li>
+          <li>Later <strong data-testid="broker-certs-later">${count(broker.later)}</strong></li>
+          <li>None <strong data-testid="broker-certs-none">${count(broker.none)}</strong></li>
+        </ul>
+        <p class="muted small">Each device's broker client certificate from the hub's device CA. Agents renew theirs before two thirds of its lifetime; "none" are devices behind a gateway or still on a password.</p>
       <//>
       <${Card} title="Regions" id="c-region">
         <${CountList} items=${f.regions.items} total=${total} empty="No device has a region label."

@@ -172,6 +172,9 @@ struct AuditRecord {
   std::string detail;
   int status = 0;
   std::string peer;
+  // Already written, inside the transaction of the change it records (an
+  // enrollment): one commit, so one fsync, for both.
+  bool stored = false;
 };
 
 // An object applied from a declarative file (store/declarative_store.cpp):
