@@ -735,9 +735,20 @@ Status run_agent(const AgentConfig& cfg, const std::atomic<bool>& stop) {
   std::mutex mu;
   std::condition_variable cv;
   std::deque<std::string> inbox;
+  // The hub's latest roll call (docs/architecture.md, "Presence after a
+  // broker restart"): answered once per id, after a random delay.
+  std::optional<v1::Rollcall> rollcall;
   std::atomic<bool> lost{false};
   auto install_handlers = [&] {
     transport->on_message([&](transport::Message&& m) {
+      if (m.topic == transport::kRollcallTopic) {
+        v1::Rollcall call;
+        if (m.payload.size() > 64 || !call.ParseFromString(m.payload)) return;
+        std::lock_guard lock(mu);
+        rollcall = call;
+        cv.notify_one();
+        return;
+      }
       if (m.topic != desired_topic) return;
       std::lock_guard lock(mu);
       // Only the newest desired state matters; bound the queue.
@@ -865,6 +876,11 @@ Status run_agent(const AgentConfig& cfg, const std::atomic<bool>& stop) {
 
   // Full jitter: after a broker restart the fleet spreads out instead of returning at once.
   Backoff backoff = make_reconnect_backoff(creds.device_id(), cfg.reconnect_max, static_cast<uint64_t>(::getpid()));
+  bool rollcall_refused = false;
+  uint64_t rollcall_answered = 0;
+  // When the answer to the last roll call is due (none: the far future).
+  auto rollcall_due = std::chrono::steady_clock::time_point::max();
+  std::mt19937_64 rollcall_rng(crypto::random_u64());
   auto next_try = std::chrono::steady_clock::now();
   bool connected = false;
   int auth_failures = 0;
@@ -896,6 +912,12 @@ Status run_agent(const AgentConfig& cfg, const std::atomic<bool>& stop) {
       auto s = transport->connect(co);
       if (s) s = transport->subscribe(desired_topic, 1);
       if (s) {
+        // A hub older than roll calls does not let devices read it: the
+        // device only misses the call to re-announce after a broker restart.
+        if (auto rs = transport->subscribe(transport::kRollcallTopic, 1); !rs && !rollcall_refused) {
+          rollcall_refused = true;
+          logger->warn("not subscribed to the hub's roll call: {}", rs.error().message);
+        }
         connected = true;
         auth_failures = 0;
         tls_rejected = false;
@@ -975,6 +997,31 @@ Status run_agent(const AgentConfig& cfg, const std::atomic<bool>& stop) {
       }
     }
     if (lost) connected = false;
+    std::optional<v1::Rollcall> call;
+    {
+      std::lock_guard lock(mu);
+      call.swap(rollcall);
+    }
+    if (call && call->id() != rollcall_answered) {
+      // Spread over the window the hub names (capped), so a fleet that
+      // hears the call at once does not answer at once.
+      rollcall_answered = call->id();
+      const uint32_t spread = std::min(call->spread_ms(), transport::kMaxRollcallSpreadMs);
+      rollcall_due = std::chrono::steady_clock::now() +
+                     std::chrono::milliseconds(std::uniform_int_distribution<uint32_t>(0, spread)(rollcall_rng));
+    }
+    if (connected && std::chrono::steady_clock::now() >= rollcall_due) {
+      rollcall_due = std::chrono::steady_clock::time_point::max();
+      v1::Presence online;
+      online.set_online(true);
+      online.set_agent_version(kAgentVersion);
+      online.set_time_unix_ms(SystemClock::instance().now_unix_ms());
+      (void)transport->publish({presence_topic, online.SerializeAsString(), 1, true});
+      // Its state again: an outcome the broker acknowledged and then lost in
+      // a crash reaches the hub this way.
+      if (!agent.applied().in_flight) agent.report_inventory();
+      logger->info("answered the hub's roll call");
+    }
     if (!payload.empty()) {
       agent.handle_desired(payload);
       if (connected) deliver_outbox(false);

@@ -555,7 +555,10 @@ Status EmbeddedBroker::write_config() {
       "pattern write flotilla/v1/g/%u/d/+/report\n"
       "pattern write flotilla/v1/g/%u/d/+/presence\n"
       "# Its devices' reports, many per message (v1::GatewayReports).\n"
-      "pattern write flotilla/v1/g/%u/reports\n";
+      "pattern write flotilla/v1/g/%u/reports\n"
+      "# The hub's roll call (v1::Rollcall: re-announce yourself): every client\n"
+      "# may read it, only the hub may write it.\n"
+      "pattern read flotilla/v1/rollcall\n";
   if (auto s = write_broker_file(dir_fd_, "mosquitto.conf", conf); !s) return s;
   return write_broker_file(dir_fd_, "acl", acl);
 }
@@ -858,6 +861,7 @@ void EmbeddedBroker::watchdog() {
     if (stopping_) break;
     if (auto code = child_.poll()) {
       logger->error("embedded broker exited code={}; restarting", *code);
+      ++restarts_;
       if (auto s = launch(); !s) {
         logger->error("broker restart failed: {}", s.error().message);
         delay = std::min(delay * 2, std::chrono::milliseconds(10000));

@@ -385,6 +385,10 @@ void HubService::tick_campaign(CampaignRecord& c, Publishes& publishes) {
     for (const auto& row : *counts) all.add(row.status, row.count);
   }
 
+  // While the hub waits for devices to re-announce (after a broker restart),
+  // "offline" means "not heard yet": judging a wave on that would pass a
+  // wave whose devices are still applying.
+  if (now < presence_settle_until_ms_) return;
   // A wave is done when every online device in it (and before it) has an
   // outcome; offline devices never hold it up.
   for (const auto& row : *counts) {

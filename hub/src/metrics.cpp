@@ -277,6 +277,20 @@ std::string render_metrics(HubService& s, const HttpMetrics& http) {
            "Reload signals (SIGHUP) the hub sent the embedded broker: a decommission or a revocation-list refresh "
            "with certificates, every enrollment with passwords.");
   p.sample("flotilla_broker_reloads_total", {}, static_cast<double>(m.broker_reloads));
+  p.family("flotilla_broker_restarts_total", "counter",
+           "Times the hub found its embedded broker dead and started it again.");
+  p.sample("flotilla_broker_restarts_total", {}, static_cast<double>(m.broker_restarts));
+  p.family("flotilla_presence_resets_total", "counter",
+           "Times the hub stopped trusting the presence it had (its broker session began again: a broker restart, "
+           "a lost connection, a hub start) and marked every device offline until it re-announces.");
+  p.sample("flotilla_presence_resets_total", {}, static_cast<double>(m.presence_resets));
+  p.family("flotilla_rollcalls_published_total", "counter",
+           "Roll calls (flotilla/v1/rollcall) the hub published asking every connected device to re-announce.");
+  p.sample("flotilla_rollcalls_published_total", {}, static_cast<double>(m.rollcalls));
+  p.family("flotilla_presence_stale_ignored_total", "counter",
+           "Retained 'online' presence messages ignored: a retained message proves only that the device was once "
+           "online, not that it is now.");
+  p.sample("flotilla_presence_stale_ignored_total", {}, static_cast<double>(m.stale_presence_ignored));
   p.family("flotilla_log_lines_suppressed_total", "counter",
            "Log lines about device messages not written because one device (or gateway) caused too many.");
   p.sample("flotilla_log_lines_suppressed_total", {}, static_cast<double>(m.log_lines_suppressed));

@@ -58,6 +58,11 @@ Status HubService::attach_transport(transport::Transport& t) {
   attached_ = false;
   transport_ = &t;
   t.on_message([this](transport::Message&& m) { on_message(std::move(m)); });
+  // A session that began again (a broker restart, a lost connection, a hub
+  // start) says nothing about who is still there: a broker killed outright
+  // sent no last wills, and its retained presence is as old as its last
+  // save. Forget it before listening, then ask every device to re-announce.
+  reset_presence(t);
   for (const char* leaf : {"report", "presence"}) {
     if (auto s = t.subscribe(std::string(transport::kTopicRoot) + "+/" + leaf, 1); !s) return s;
     // Devices behind gateways (docs/architecture.md, "Gateways").
@@ -65,8 +70,42 @@ Status HubService::attach_transport(transport::Transport& t) {
   }
   if (auto s = t.subscribe(transport::gateway_reports_topic("+"), 1); !s) return s;
   republish_pending();
+  // Not retained: a device that connects later announces itself anyway.
+  v1::Rollcall rc;
+  rc.set_id(crypto::random_u64());
+  rc.set_spread_ms(rollcall_spread_ms_);
+  // Without it devices still reconnect and announce themselves; only those
+  // whose sessions survived stay offline until their next connect.
+  if (auto s = t.publish({transport::kRollcallTopic, rc.SerializeAsString(), 1, false}); !s) {
+    log::get("hub")->warn("roll call not published: {}", s.error().message);
+  } else {
+    ++rollcalls_;
+  }
   attached_ = true;
   return {};
+}
+
+void HubService::reset_presence(transport::Transport&) {
+  // Whatever arrived before this point is applied first, so no message of
+  // the old session marks a device online after the reset.
+  drain();
+  std::lock_guard drain_lock(drain_mu_);
+  std::lock_guard lock(store_mu_);
+  auto n = store_.set_all_devices_offline();
+  if (!n) {
+    log::get("hub")->error("reset presence: {}", n.error().message);
+    return;
+  }
+  // About a thousand answers a second for a whole fleet, never over the
+  // agents' own cap; gateways answer for all their devices at once.
+  rollcall_spread_ms_ = static_cast<uint32_t>(std::clamp<int64_t>(*n, 0, transport::kMaxRollcallSpreadMs));
+  // The wait ends early once as many devices re-announced as were reset.
+  presence_reset_count_ = *n;
+  reannounced_ = 0;
+  presence_settle_until_ms_ = *n > 0 ? clock_.now_unix_ms() + rollcall_spread_ms_ + kPresenceSettleMarginMs : 0;
+  ++presence_resets_;
+  log::get("hub")->info("broker session began: presence of {} devices is unknown until they re-announce (roll call "
+                        "spread {} ms)", *n, rollcall_spread_ms_);
 }
 
 bool HubService::mqtt_connected() const {
@@ -988,6 +1027,13 @@ void HubService::process_batch(const std::vector<transport::Message>& batch) {
       // Zero bytes is both Presence{online=false} in proto3 and a cleared
       // retained message: either way the device is not there.
       if (!p.presence.ParseFromString(msg.payload)) continue;
+      // A retained "online" is what the broker kept, maybe from before a
+      // crash, and proves nothing now; a live one (or the roll call's
+      // answer) does. A retained "offline" (a last will) is still true.
+      if (msg.retained && p.presence.online()) {
+        ++stale_presence_ignored_;
+        continue;
+      }
     } else {
       continue;
     }
@@ -1009,6 +1055,7 @@ void HubService::apply_device_messages(const std::string& device_id, const std::
     return;
   }
   DeviceRecord dev = std::move(**found);
+  const bool was_online = dev.online;
   CampaignRows rows;
   std::optional<DeviceInventory> inventory;  // the last one the batch carried
   bool changed = false, gateway_left = false;
@@ -1063,6 +1110,10 @@ void HubService::apply_device_messages(const std::string& device_id, const std::
   }
   reports_processed_ += reports;
   presence_processed_ += presences;
+  if (!was_online && dev.online && presence_settle_until_ms_ != 0 &&
+      ++reannounced_ >= presence_reset_count_.load()) {
+    presence_settle_until_ms_ = 0;
+  }
   if (gateway_left) (void)store_.set_gateway_devices_offline(device_id, clock_.now_unix_ms());
 }
 

@@ -150,6 +150,10 @@ HubService::MqttCounters HubService::mqtt_counters() const {
   c.certificates_issued = certificates_issued_;
   c.renewals = renewals_;
   c.broker_reloads = broker_ ? broker_->reloads() : 0;
+  c.broker_restarts = broker_ ? broker_->restarts() : 0;
+  c.presence_resets = presence_resets_;
+  c.rollcalls = rollcalls_;
+  c.stale_presence_ignored = stale_presence_ignored_;
   return c;
 }
 

@@ -95,7 +95,9 @@ NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(FaultProfile, offline, flaky, install_fail, h
 
 namespace {
 
-enum class EventKind : uint8_t { desired, link_back, reboot };
+// announce: the device says it is online and reports its state again (after
+// its session came back, or at the hub's roll call).
+enum class EventKind : uint8_t { desired, link_back, reboot, announce };
 struct Event {
   uint32_t device = 0;
   EventKind kind = EventKind::desired;
@@ -198,6 +200,11 @@ class Fleet {
   Status connect_session(uint32_t s, const bundles::KeyPair& key, const v1::EnrollResponse& resp,
                          const std::string& will_topic, std::function<void(transport::Message&&)> on_msg);
   void device_online(VDevice& d);
+  // Sessions that dropped (a broker restart) connect again with jittered
+  // backoff and re-announce their devices, as the real agent does.
+  void supervisor();
+  void on_rollcall(uint32_t s, const std::string& payload);
+  void announce_session(uint32_t s);
   Result<std::string> push_bundle();
   Status wait_seen_online();
   // running
@@ -255,6 +262,20 @@ class Fleet {
   std::mutex flush_mu_;
   std::condition_variable flush_cv_;
   std::mutex sessions_mu_;
+  // Per session (sessions_mu_): how it connects and what it subscribes to,
+  // kept to connect again; whether it should be connected; the roll call it
+  // last answered and when its announcement is due (0 = none).
+  struct SessionState {
+    transport::ConnectOptions co;
+    std::vector<std::string> topics;
+    bool wanted = false;
+    uint64_t rollcall = 0;
+    int64_t announce_due_ms = 0;
+    int64_t next_try_ms = 0;
+    uint32_t attempts = 0;
+  };
+  std::vector<SessionState> session_state_;
+  std::atomic<uint64_t> reconnects_{0}, rollcalls_answered_{0};
 
   std::vector<std::unique_ptr<WorkQueue>> queues_;
   std::vector<std::thread> threads_;
@@ -486,9 +507,99 @@ Status Fleet::connect_session(uint32_t s, const bundles::KeyPair& key, const v1:
     std::this_thread::sleep_for(Ms(std::min(2000, 50 << std::min(attempt, 6))));
   }
   if (!st) return st.error().with_context("session " + co.client_id);
+  // Every device of a broker reads the hub's roll call; a hub older than
+  // roll calls refuses it, which costs only the re-announcement.
+  (void)t->subscribe(transport::kRollcallTopic, 1);
   std::lock_guard lock(sessions_mu_);
   sessions_[s] = std::move(t);
+  if (session_state_.size() < sessions_.size()) session_state_.resize(sessions_.size());
+  session_state_[s].co = co;
+  session_state_[s].topics = {transport::kRollcallTopic};
+  session_state_[s].wanted = true;
   return {};
+}
+
+void Fleet::on_rollcall(uint32_t s, const std::string& payload) {
+  v1::Rollcall rc;
+  if (payload.size() > 64 || !rc.ParseFromString(payload)) return;
+  std::lock_guard lock(sessions_mu_);
+  if (s >= session_state_.size() || session_state_[s].rollcall == rc.id()) return;
+  session_state_[s].rollcall = rc.id();
+  const uint32_t spread = std::min(rc.spread_ms(), transport::kMaxRollcallSpreadMs);
+  const int64_t delay = static_cast<int64_t>(unit(opts_.seed ^ rc.id(), s, 11) * spread);
+  session_state_[s].announce_due_ms = now_ms() + delay;
+  rollcalls_answered_.fetch_add(1, std::memory_order_relaxed);
+}
+
+// The session is there again: the gateway itself first (its devices follow
+// it), then each device of the session through its own worker.
+void Fleet::announce_session(uint32_t s) {
+  auto* t = session(s);
+  if (!t || !t->connected()) return;
+  if (opts_.mode == Mode::gateway) {
+    v1::Presence p;
+    p.set_online(true);
+    p.set_agent_version(agent::kAgentVersion);
+    (void)publish_on(*t, {transport::device_topic(gateway_ids_[s], "presence"), p.SerializeAsString(), 1, true});
+    const uint32_t per = std::max<uint32_t>(1, opts_.devices_per_gateway);
+    const uint32_t from = std::max(first_, s * per), to = std::min(first_ + count_, (s + 1) * per);
+    for (uint32_t i = from; i < to; ++i) post(Event{i, EventKind::announce, {}});
+  } else if (s >= first_ && s < first_ + count_) {
+    post(Event{s, EventKind::announce, {}});
+  }
+}
+
+void Fleet::supervisor() {
+  while (!stopping_) {
+    std::this_thread::sleep_for(Ms(100));
+    std::vector<uint32_t> reconnect, announce;
+    {
+      std::lock_guard lock(sessions_mu_);
+      const int64_t now = now_ms();
+      for (uint32_t s = 0; s < session_state_.size() && s < sessions_.size(); ++s) {
+        auto& st = session_state_[s];
+        if (!st.wanted || !sessions_[s]) continue;
+        if (!sessions_[s]->connected()) {
+          if (now >= st.next_try_ms) reconnect.push_back(s);
+        } else if (st.announce_due_ms != 0 && now >= st.announce_due_ms) {
+          st.announce_due_ms = 0;
+          announce.push_back(s);
+        }
+      }
+    }
+    for (uint32_t s : announce) announce_session(s);
+    // Reconnects run here one at a time: a broker that just came back sees
+    // the fleet return spread by each session's jittered backoff.
+    for (uint32_t s : reconnect) {
+      if (stopping_) return;
+      transport::Transport* t = nullptr;
+      transport::ConnectOptions co;
+      std::vector<std::string> topics;
+      {
+        std::lock_guard lock(sessions_mu_);
+        t = sessions_[s].get();
+        co = session_state_[s].co;
+        co.timeout = Ms(3000);
+        topics = session_state_[s].topics;
+      }
+      Status st = t->connect(co);
+      for (const auto& topic : topics) {
+        if (st) st = t->subscribe(topic, 1);
+      }
+      std::lock_guard lock(sessions_mu_);
+      auto& ss = session_state_[s];
+      if (st) {
+        ss.attempts = 0;
+        ss.announce_due_ms = now_ms();  // re-announce at once
+        reconnects_.fetch_add(1, std::memory_order_relaxed);
+      } else {
+        // Full jitter, 200 ms doubling to 10 s.
+        const int64_t cap = std::min<int64_t>(10000, int64_t{200} << std::min<uint32_t>(ss.attempts, 6));
+        ++ss.attempts;
+        ss.next_try_ms = now_ms() + static_cast<int64_t>(unit(opts_.seed + ss.attempts, s, 13) * cap);
+      }
+    }
+  }
 }
 
 // Gateways connect in parallel: Paho C takes up to a poll round (1 s) to
@@ -497,6 +608,7 @@ Status Fleet::enroll_gateways() {
   const uint32_t per = std::max<uint32_t>(1, opts_.devices_per_gateway);
   const uint32_t n = (opts_.devices + per - 1) / per;
   sessions_.resize(n);
+  session_state_.resize(n);
   gateway_ids_.resize(n);
   if (batching()) {
     for (uint32_t g = 0; g < n; ++g) batches_.push_back(std::make_unique<ReportBatch>());
@@ -509,14 +621,15 @@ Status Fleet::enroll_gateways() {
     if (!id) return id.error();
     gateway_ids_[g] = *id;
     set_broker_url(resp.broker_url());
-    auto on_msg = [this](transport::Message&& m) {
+    const auto sg = static_cast<uint32_t>(g);
+    auto on_msg = [this, sg](transport::Message&& m) {
       received_.fetch_add(1, std::memory_order_relaxed);
+      if (m.topic == transport::kRollcallTopic) return on_rollcall(sg, m.payload);
       const std::string dev = transport::parse_device_topic(m.topic, nullptr, nullptr);
       auto it = by_id_.find(dev);
       if (it == by_id_.end()) return;
       post(Event{it->second, EventKind::desired, std::move(m.payload)});
     };
-    const auto sg = static_cast<uint32_t>(g);
     if (auto s = connect_session(sg, gateway_keys_[g], resp, transport::device_topic(*id, "presence"), on_msg);
         !s) {
       return s;
@@ -524,6 +637,10 @@ Status Fleet::enroll_gateways() {
     auto* t = session(sg);
     if (auto s = t->subscribe(transport::gateway_prefix(*id) + "+/desired", 1); !s) {
       return s.error().with_context("gateway subscribe");
+    }
+    {
+      std::lock_guard lock(sessions_mu_);
+      session_state_[sg].topics.push_back(transport::gateway_prefix(*id) + "+/desired");
     }
     // The gateway itself is online; its will marks every device behind it offline.
     v1::Presence p;
@@ -634,6 +751,10 @@ void Fleet::device_online(VDevice& d) {
     presence(d, false);
     d.phase = static_cast<uint8_t>(Phase::offline);
     if (opts_.mode == Mode::direct) {
+      {
+        std::lock_guard lock(sessions_mu_);
+        if (d.index < session_state_.size()) session_state_[d.index].wanted = false;
+      }
       if (auto* t = session_of(d)) {
         (void)t->flush(Ms(2000));
         t->disconnect();
@@ -645,7 +766,10 @@ void Fleet::device_online(VDevice& d) {
 Status Fleet::enroll_devices() {
   enroll_started_ms_ = now_ms();
   const bool gw = opts_.mode == Mode::gateway;
-  if (!gw) sessions_.resize(opts_.devices);
+  if (!gw) {
+    sessions_.resize(opts_.devices);
+    session_state_.resize(opts_.devices);
+  }
   // The units of work: one device each, or in gateway mode batches that
   // never straddle two gateways.
   struct Unit {
@@ -677,6 +801,7 @@ Status Fleet::enroll_devices() {
     if (gw) return {};
     auto on_msg = [this, i](transport::Message&& m) {
       received_.fetch_add(1, std::memory_order_relaxed);
+      if (m.topic == transport::kRollcallTopic) return on_rollcall(i, m.payload);
       post(Event{i, EventKind::desired, std::move(m.payload)});
     };
     set_broker_url(resp.broker_url());
@@ -684,7 +809,10 @@ Status Fleet::enroll_devices() {
         !st) {
       return st;
     }
-    return session(i)->subscribe(transport::device_topic(d.id, "desired"), 1);
+    if (auto st = session(i)->subscribe(transport::device_topic(d.id, "desired"), 1); !st) return st;
+    std::lock_guard lock(sessions_mu_);
+    session_state_[i].topics.push_back(transport::device_topic(d.id, "desired"));
+    return {};
   };
   const Status st = for_each_parallel(units.size(), opts_.enroll_threads, [&](size_t u) -> Status {
     const Unit unit = units[u];
@@ -844,6 +972,11 @@ void Fleet::handle(Event& e) {
       d.phase = static_cast<uint8_t>(Phase::online);
       apply(d, e.payload);  // the broker delivers the retained desired state again
       return;
+    case EventKind::announce:
+      if (d.phase == static_cast<uint8_t>(Phase::away)) return;  // its link is down: link_back announces it
+      presence(d, true);
+      with_agent(d, env_, reporter(d), [](agent::Agent& a) { a.report_inventory(); });
+      return;
     case EventKind::reboot:
       // Boot: start() finds the unfinished apply and rolls the node back;
       // then the agent reconnects and gets the retained desired state again.
@@ -984,6 +1117,7 @@ void Fleet::start_threads() {
   for (uint32_t w = 0; w < std::max<uint32_t>(1, opts_.workers); ++w) queues_.push_back(std::make_unique<WorkQueue>());
   for (uint32_t w = 0; w < queues_.size(); ++w) threads_.emplace_back([this, w] { worker(w); });
   threads_.emplace_back([this] { timer(); });
+  threads_.emplace_back([this] { supervisor(); });
 }
 
 Result<json> Fleet::run() {
@@ -1158,6 +1292,8 @@ Result<json> Fleet::run() {
       {"publish_errors", total("publish_errors", publish_errors_.load())},
       {"power_cuts", total("power_cuts", power_cuts_.load())},
       {"link_drops", total("link_drops", link_drops_.load())},
+      {"reconnects", total("reconnects", reconnects_.load())},
+      {"rollcalls_answered", total("rollcalls_answered", rollcalls_answered_.load())},
       {"peak_msgs_per_s", max_rate},
       {"hub_peak_rss_bytes", peak_rss},
       {"hub_rss_per_device_bytes", opts_.devices ? peak_rss / static_cast<double>(opts_.devices) : 0.0},
@@ -1333,6 +1469,8 @@ json Fleet::worker_status(const std::string& state, const std::string& error, bo
             {"publish_errors", publish_errors_.load()},
             {"power_cuts", power_cuts_.load()},
             {"link_drops", link_drops_.load()},
+            {"reconnects", reconnects_.load()},
+            {"rollcalls_answered", rollcalls_answered_.load()},
             {"journal_rows", SimStateStore::journal_rows()}};
   if (!error.empty()) s["error"] = error;
   if (auto self = proc_usage(::getpid())) {

@@ -32,7 +32,8 @@ class RecordingTransport final : public transport::Transport {
   }
   Status publish(const transport::Message& m) override {
     std::lock_guard lock(mu_);
-    published_.push_back(m);
+    // Roll calls apart: tests of desired states read published().
+    (m.topic == transport::kRollcallTopic ? rollcalls_ : published_).push_back(m);
     return {};
   }
   Status flush(std::chrono::milliseconds) override { return {}; }
@@ -49,6 +50,10 @@ class RecordingTransport final : public transport::Transport {
     std::lock_guard lock(mu_);
     return published_;
   }
+  std::vector<transport::Message> rollcalls() const {
+    std::lock_guard lock(mu_);
+    return rollcalls_;
+  }
   void clear() {
     std::lock_guard lock(mu_);
     published_.clear();
@@ -57,7 +62,7 @@ class RecordingTransport final : public transport::Transport {
  private:
   mutable std::mutex mu_;
   std::vector<std::string> subscriptions_;
-  std::vector<transport::Message> published_;
+  std::vector<transport::Message> published_, rollcalls_;
   std::atomic<bool> connected_{true};
 };
 

@@ -400,6 +400,14 @@ Status Store::set_gateway_devices_offline(const std::string& gateway, int64_t no
   return st->run();
 }
 
+Result<int64_t> Store::set_all_devices_offline() {
+  // last_seen_ms stays what it was: the last time the device was heard from.
+  auto st = db_->prepare("UPDATE devices SET online=0 WHERE online=1");
+  if (!st) return st.error();
+  if (auto s = st->run(); !s) return s.error();
+  return db_->changes();
+}
+
 Status Store::insert_bundle(const BundleRecord& b) {
   auto st = db_->prepare(
       "INSERT INTO bundles (id, digest, name, channel, version, expires_unix, signatures, uploaded_ms, envelope, project) "

@@ -3,6 +3,7 @@
 // the Paho backend lives in common/transport/paho/, and the simulator may add
 // a gateway backend that multiplexes many devices over one session.
 #include <chrono>
+#include <cstdint>
 #include <functional>
 #include <memory>
 #include <optional>
@@ -77,6 +78,10 @@ std::unique_ptr<Transport> make_paho_transport();
 
 // Topic layout (docs/architecture.md).
 inline constexpr const char* kTopicRoot = "flotilla/v1/d/";
+// The hub's call to re-report (v1::Rollcall), read by every device of a broker.
+inline constexpr const char* kRollcallTopic = "flotilla/v1/rollcall";
+// A device answers a roll call within this long at most, whatever it asks.
+inline constexpr uint32_t kMaxRollcallSpreadMs = 60000;
 inline std::string device_topic(const std::string& device_id, const char* leaf) {
   return std::string(kTopicRoot) + device_id + "/" + leaf;
 }

@@ -131,6 +131,8 @@ class EmbeddedBroker {
   Status take_over_session(const ClientIdentity& who);
   // SIGHUPs sent to mosquitto since start (a reload re-reads every file).
   uint64_t reloads() const { return reloads_.load(); }
+  // Times the watchdog found the broker dead and started it again.
+  uint64_t restarts() const { return restarts_.load(); }
   void stop();
   pid_t pid() const { return child_.pid(); }
 
@@ -169,6 +171,7 @@ class EmbeddedBroker {
   int legacy_port_ = 0;  // 0: no password listener beside the certificate one
   bool legacy_tls_ = false;
   std::atomic<uint64_t> reloads_{0};
+  std::atomic<uint64_t> restarts_{0};
 };
 
 // Finds a free TCP port on host by binding port 0.

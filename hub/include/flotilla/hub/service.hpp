@@ -243,8 +243,12 @@ class HubService {
     uint64_t dropped_too_large = 0, log_lines_suppressed = 0;
     uint64_t dropped_decommissioned = 0;
     uint64_t certificates_issued = 0, renewals = 0, broker_reloads = 0;
+    uint64_t broker_restarts = 0, presence_resets = 0, rollcalls = 0, stale_presence_ignored = 0;
   };
   MqttCounters mqtt_counters() const;
+  // After a new broker session, answers to the roll call may still be on
+  // their way this long after its spread.
+  static constexpr int64_t kPresenceSettleMarginMs = 5000;
   size_t queue_depth();
   size_t queue_capacity() const { return cfg_.report_queue_cap; }
   const Histogram& report_commit_seconds() const { return report_commit_seconds_; }
@@ -380,6 +384,15 @@ class HubService {
   std::atomic<uint64_t> reports_received_{0}, presence_received_{0}, other_received_{0};
   std::atomic<uint64_t> gateway_batches_received_{0};
   std::atomic<uint64_t> presence_processed_{0};
+  // Presence after a broker restart or a lost session (docs/architecture.md,
+  // "Presence after a broker restart").
+  std::atomic<uint64_t> presence_resets_{0}, rollcalls_{0}, stale_presence_ignored_{0};
+  // Until then the campaign engine does not judge a wave done: devices that
+  // are online but have not answered the roll call yet look offline.
+  std::atomic<int64_t> presence_settle_until_ms_{0};
+  std::atomic<int64_t> presence_reset_count_{0}, reannounced_{0};
+  void reset_presence(transport::Transport& t);
+  std::atomic<uint32_t> rollcall_spread_ms_{0};
   std::atomic<uint64_t> desired_published_{0}, desired_publish_failures_{0};
   // Report batches are committed in one transaction; its latency is the
   // store's health as devices see it.

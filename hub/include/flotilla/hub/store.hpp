@@ -300,6 +300,9 @@ class Store {
   Status save_device_state(const DeviceRecord& d);  // report/presence fields
   // A gateway's session ended (its will fired): every device behind it is offline.
   Status set_gateway_devices_offline(const std::string& gateway, int64_t now_ms);
+  // Every device the hub had as online is marked offline (presence unknown
+  // after a broker restart or a lost session of the hub's); returns how many.
+  Result<int64_t> set_all_devices_offline();
 
   Status insert_bundle(const BundleRecord& b);
   Status update_bundle_signatures(const std::string& id, const std::string& envelope, int signatures);
