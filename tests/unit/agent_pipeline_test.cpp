@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <memory>
@@ -770,4 +771,24 @@ TEST_CASE("superseded k3s data dirs go after a commit, the failed one after a ro
   rig.agent->handle_desired(rig.desired(rig.bundle(5, "k3s-binary-v3"), 5));
   REQUIRE_APPLIED(rig);
   CHECK(rig.runtime.data == std::set<std::string>{"ccc"});
+}
+
+// The test-only clock hook is checked like a setting: a bad value stops the
+// agent with a message naming it, never a silently unshifted clock.
+TEST_CASE("agent config refuses a malformed FLOTILLA_TEST_CLOCK_OFFSET_S", "[unit][agent][config]") {
+  struct EnvGuard {
+    ~EnvGuard() { ::unsetenv("FLOTILLA_TEST_CLOCK_OFFSET_S"); }
+  } guard;
+  for (const char* bad : {"ten years", "12s", "99999999999"}) {
+    INFO(bad);
+    ::setenv("FLOTILLA_TEST_CLOCK_OFFSET_S", bad, 1);
+    auto r = parse_agent_flags({"--service-manager", "openrc"});
+    REQUIRE_FALSE(r);
+    CHECK(r.error().message.find("FLOTILLA_TEST_CLOCK_OFFSET_S") != std::string::npos);
+  }
+  for (const char* good : {"-1700000000", "315360000", "0"}) {
+    INFO(good);
+    ::setenv("FLOTILLA_TEST_CLOCK_OFFSET_S", good, 1);
+    CHECK(parse_agent_flags({"--service-manager", "openrc"}));
+  }
 }
