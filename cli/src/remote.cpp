@@ -88,8 +88,12 @@ int device_list(int argc, char** argv) {
                             "cluster_id", "k3s_cert_expires_at", "os"}) {
         row.push_back(or_dash(str(d, k)));
       }
+      // "free of total" of the filesystem holding k3s's data dir.
       const uint64_t free_b = d.value("disk_free_bytes", uint64_t{0});
-      row.push_back(free_b ? std::to_string(free_b >> 20) + " MiB" : "-");
+      const uint64_t total_b = d.value("disk_total_bytes", uint64_t{0});
+      row.push_back(!free_b ? "-"
+                    : total_b ? std::to_string(free_b >> 20) + "/" + std::to_string(total_b >> 20) + " MiB"
+                              : std::to_string(free_b >> 20) + " MiB");
     }
     t.add(row);
   }

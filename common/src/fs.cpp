@@ -159,4 +159,10 @@ Result<uint64_t> free_bytes(const stdfs::path& path) {
   return static_cast<uint64_t>(st.f_bavail) * st.f_frsize;
 }
 
+Result<uint64_t> total_bytes(const stdfs::path& path) {
+  struct statvfs st {};
+  if (::statvfs(path.c_str(), &st) != 0) return errno_error("statvfs", path);
+  return static_cast<uint64_t>(st.f_blocks) * st.f_frsize;
+}
+
 }  // namespace flotilla::fs

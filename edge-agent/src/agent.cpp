@@ -37,6 +37,7 @@ const char* step_name(Step s) {
     case Step::backup: return "backup";
     case Step::snapshot: return "snapshot";
     case Step::install: return "install";
+    case Step::rotate: return "rotate";
     case Step::restart: return "restart";
     case Step::health: return "health";
     case Step::commit: return "commit";
@@ -47,8 +48,8 @@ const char* step_name(Step s) {
 }
 
 std::optional<Step> step_from_name(const std::string& name) {
-  for (Step s : {Step::verify, Step::space, Step::download, Step::backup, Step::snapshot, Step::install, Step::restart,
-                 Step::health,
+  for (Step s : {Step::verify, Step::space, Step::download, Step::backup, Step::snapshot, Step::install, Step::rotate,
+                 Step::restart, Step::health,
                  Step::commit, Step::rollback, Step::recover}) {
     if (name == step_name(s)) return s;
   }
@@ -63,7 +64,8 @@ bool step_allowed(std::optional<Step> from, Step to) {
       {Step::download, {Step::backup}},
       {Step::backup, {Step::snapshot, Step::install}},
       {Step::snapshot, {Step::install}},
-      {Step::install, {Step::restart}},
+      {Step::install, {Step::rotate, Step::restart}},
+      {Step::rotate, {Step::restart, Step::rollback}},
       {Step::restart, {Step::health, Step::rollback}},
       {Step::health, {Step::commit, Step::rollback}},
       {Step::commit, {}},
@@ -166,7 +168,8 @@ void Agent::recover() {
   logger->warn("found unfinished apply id={} generation={} bundle={} version={} at step={}; rolling back", f.apply_id,
                f.generation, f.bundle_name, f.version, f.step);
   step("recover", "begin", f.step);
-  static const std::set<std::string> changed_node = {"snapshot", "install", "restart", "health", "commit", "rollback"};
+  static const std::set<std::string> changed_node = {"snapshot", "install", "rotate",   "restart",
+                                                     "health",   "commit",  "rollback"};
   const bool touched = changed_node.count(f.step) > 0;
   if (touched) {
     const auto dropped = restore(f.backups);
@@ -176,6 +179,14 @@ void Agent::recover() {
         logger->error("recovery: restoring the datastore from {} failed: {}", f.snapshot.path, s.error().message);
       } else {
         logger->warn("recovery: datastore restored from the {} snapshot {}", f.snapshot.kind, f.snapshot.path);
+      }
+    }
+    // The certificates k3s had before a rotation (k3s stops first).
+    if (!f.cert_backup.empty()) {
+      if (auto s = runtime_.restore_certificates(f.cert_backup); !s) {
+        logger->error("recovery: restoring k3s certificates from {} failed: {}", f.cert_backup, s.error().message);
+      } else {
+        logger->warn("recovery: k3s certificates restored from {}", f.cert_backup);
       }
     }
     if (auto s = runtime_.restart(); !s) logger->warn("restart after recovery: {}", s.error().message);
@@ -254,7 +265,10 @@ v1::Inventory Agent::inventory() {
   if (auto v = runtime_.version(); v) inv.set_k3s_version(*v);
   inv.set_node_ready(last_node_ready_);
   inv.set_k3s_cert_expiry_unix(runtime_.serving_cert_expiry());
-  if (auto fb = files_.free_bytes("/"); fb) inv.set_disk_free_bytes(*fb);
+  // The filesystem k3s fills (data/<hash>, images, the datastore): what an
+  // operator needs to see running out.
+  if (auto fb = files_.free_bytes(runtime_.data_dir()); fb) inv.set_disk_free_bytes(*fb);
+  if (auto tb = files_.total_bytes(runtime_.data_dir()); tb) inv.set_disk_total_bytes(*tb);
   if (cfg_.mem_free_bytes) {
     inv.set_mem_free_bytes(cfg_.mem_free_bytes());
   } else if (struct sysinfo si {}; ::sysinfo(&si) == 0) {
@@ -732,6 +746,7 @@ DesiredDecision decide_desired(std::string_view payload, const DesiredContext& c
   d.signed_header = true;
   d.manifest_sha256_hex = to_hex(digest.data(), digest.size());
   d.issued_unix_ms = h.issued_unix_ms();
+  d.rotate_certificates = h.k3s_action() == v1::K3S_ACTION_ROTATE_CERTIFICATES;
   if (h.labels_set()) {
     if (h.labels_size() > 64) return refuse(v1::REASON_MALFORMED_DESIRED, "the signed header carries more than 64 labels");
     for (const auto& [k, v] : h.labels()) {
@@ -825,7 +840,10 @@ void Agent::handle_desired(const std::string& payload) {
       same_files = want == have;
     }
   }
-  if (!state_.manifest_sha256_hex.empty() && digest == state_.manifest_sha256_hex && same_files) {
+  // A certificate rotation goes through the whole pipeline (backup, rotate,
+  // restart, health gate, rollback), even for the bundle already applied.
+  if (!state_.manifest_sha256_hex.empty() && digest == state_.manifest_sha256_hex && same_files &&
+      !dd.rotate_certificates) {
     // Already running exactly this bundle: nothing to install.
     a.bundle_name = state_.bundle_name;
     a.bundle_version = state_.version;
@@ -994,6 +1012,20 @@ void Agent::handle_desired(const std::string& payload) {
   }
   step("install", "end");
 
+  // k3s extracts a new binary's payload into data/<hash> at its start and
+  // never removes an old one: what appeared across the restart is the new
+  // k3s's. `running_before` is the directory the k3s before this apply ran
+  // from (the one a rollback needs), when known.
+  std::set<std::string> dirs_before;
+  std::string running_before;
+  auto fresh_dirs = [&] {
+    std::vector<std::string> out;
+    for (const auto& d : runtime_.data_dirs()) {
+      if (!dirs_before.count(d)) out.push_back(d);
+    }
+    return out;
+  };
+
   auto roll_back = [&](v1::Reason reason, const std::string& why) {
     logger->warn("rolling back bundle={} version={}: {}", m.name(), m.version(), why);
     report(v1::AGENT_STATE_ROLLING_BACK, a, reason, why, 80);
@@ -1009,7 +1041,23 @@ void Agent::handle_desired(const std::string& payload) {
         logger->warn("rollback: datastore restored from the {} snapshot {}", snap.kind, snap.path);
       }
     }
+    // A failed rotation: k3s starts again with the certificates it had.
+    if (const auto backup = state_.in_flight->cert_backup; !backup.empty()) {
+      if (auto s = runtime_.restore_certificates(backup); !s) {
+        logger->error("rollback: restoring k3s certificates from {} failed: {}", backup, s.error().message);
+      } else {
+        logger->warn("rollback: k3s certificates restored from {}", backup);
+      }
+    }
     if (auto s = runtime_.restart(); !s) logger->error("restart after rollback failed: {}", s.error().message);
+    // What the failed k3s extracted goes; the old one runs from its own.
+    if (const auto fresh = fresh_dirs(); !fresh.empty()) {
+      if (auto s = runtime_.remove_data_dirs(fresh, running_before); !s) {
+        logger->warn("rollback: could not remove the failed k3s's data dirs: {}", s.error().message);
+      } else {
+        logger->info("rollback: removed {} data dir(s) the failed k3s extracted", fresh.size());
+      }
+    }
     // Manifests the rollback took off the node: their resources go too, once
     // the old k3s answers again (k3s deletes nothing when a file goes).
     if (!dropped.empty()) {
@@ -1022,6 +1070,29 @@ void Agent::handle_desired(const std::string& payload) {
     finish(v1::AGENT_STATE_ROLLED_BACK, a, reason, why);
     step("rollback", "end");
   };
+
+  // docs.k3s.io "Certificate Management": stop k3s, `k3s certificate
+  // rotate`, start k3s (the restart below); k3s issues new leaf certificates
+  // at that start. The old ones are kept for a rollback.
+  const int64_t expiry_before = runtime_.serving_cert_expiry();
+  for (const auto& d : runtime_.data_dirs()) dirs_before.insert(d);
+  if (!state_.k3s_data_dir.empty() && dirs_before.count(state_.k3s_data_dir)) {
+    running_before = state_.k3s_data_dir;
+  } else if (dirs_before.size() == 1) {
+    running_before = *dirs_before.begin();
+  }
+  if (dd.rotate_certificates) {
+    advance(Step::rotate, true);
+    step("rotate", "begin");
+    auto backup = runtime_.rotate_certificates();
+    if (!backup) {
+      step("rotate", "end", backup.error().message);
+      return roll_back(v1::REASON_CERT_ROTATION, "k3s certificate rotate failed: " + backup.error().message);
+    }
+    state_.in_flight->cert_backup = *backup;
+    (void)save();
+    step("rotate", "end", *backup);
+  }
 
   report(v1::AGENT_STATE_RESTARTING, a, v1::REASON_NONE, "", 60);
   advance(Step::restart, true);
@@ -1040,9 +1111,28 @@ void Agent::handle_desired(const std::string& payload) {
   const GateResult gate = health_gate(m, restarted_unix, heartbeat_before);
   step("health", "end", gate.ok ? "healthy" : gate.why);
   if (!gate.ok) return roll_back(gate.reason, gate.why);
+  if (dd.rotate_certificates) {
+    // Healthy but still serving the old certificate: the rotation did not happen.
+    const int64_t expiry_after = runtime_.serving_cert_expiry();
+    if (expiry_after == 0 || (expiry_before != 0 && expiry_after <= expiry_before)) {
+      return roll_back(v1::REASON_CERT_ROTATION,
+                       "k3s came back without a renewed serving certificate (notAfter " +
+                           std::to_string(expiry_after) + ", before " + std::to_string(expiry_before) + ")");
+    }
+    logger->info("k3s certificates rotated: serving certificate notAfter {} -> {}", expiry_before, expiry_after);
+  }
+
+  // The data dir the new k3s runs from: the one its start extracted, or the
+  // old one when k3s did not change. Unknown when a new k3s found its
+  // directory already there (an earlier attempt's, left by a crash).
+  const auto fresh = fresh_dirs();
+  std::string running;
+  if (fresh.size() == 1) running = fresh.front();
+  else if (fresh.empty() && !k3s_changes) running = running_before;
 
   advance(Step::commit, false);
   step("commit", "begin");
+  state_.k3s_data_dir = running;
   if (state_.manifest_sha256_hex != digest) state_.previous_manifest_sha256_hex = state_.manifest_sha256_hex;
   state_.bundle_name = m.name();
   state_.channel = m.channel();
@@ -1056,6 +1146,22 @@ void Agent::handle_desired(const std::string& payload) {
   finish(v1::AGENT_STATE_APPLIED, a, v1::REASON_NONE, "");
   step("commit", "end");
   logger->info("applied bundle={} version={} generation={}", m.name(), m.version(), dd.generation);
+  // Committed: superseded data/<hash> directories go (k3s keeps every one it
+  // ever extracted, ~200 MB each). Kept: the running k3s's and the one a
+  // rollback to the previous bundle runs. Nothing goes when either is unknown.
+  if (!running.empty() && (!k3s_changes || !running_before.empty())) {
+    std::vector<std::string> superseded;
+    for (const auto& d : runtime_.data_dirs()) {
+      if (d != running && d != running_before) superseded.push_back(d);
+    }
+    if (!superseded.empty()) {
+      if (auto s = runtime_.remove_data_dirs(superseded, running); !s) {
+        logger->warn("could not remove superseded k3s data dirs: {}", s.error().message);
+      } else {
+        logger->info("removed {} superseded k3s data dir(s)", superseded.size());
+      }
+    }
+  }
 }
 
 std::vector<std::string> Agent::check_drift() {

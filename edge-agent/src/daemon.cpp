@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <cstring>
 #include <condition_variable>
 #include <deque>
 #include <mutex>
@@ -301,6 +302,20 @@ Result<AgentConfig> agent_config_from(const Options& o) {
   if (*rate == 0) return make_error(Errc::invalid_argument, "download-min-rate must be at least 1 byte per second");
   c.download_min_rate = *rate;
   // Test hook only (docs/agent.md): environment, never a flag or file key.
+  if (const char* off = std::getenv("FLOTILLA_TEST_CLOCK_OFFSET_S"); off && *off) {
+    bool ok = false;
+    try {
+      size_t used = 0;
+      const long long s = std::stoll(off, &used);
+      // Within ±100 years: 1970 from today, or far ahead, but no overflow.
+      ok = used == std::strlen(off) && s > -3'200'000'000LL && s < 3'200'000'000LL;
+    } catch (const std::exception&) {
+    }
+    if (!ok) {
+      return make_error(Errc::invalid_argument, "FLOTILLA_TEST_CLOCK_OFFSET_S must be whole seconds within "
+                                                "+-3200000000 (test hook), got '" + std::string(off) + "'");
+    }
+  }
   if (const char* crash = std::getenv("FLOTILLA_AGENT_CRASH_AT"); crash && *crash) {
     const std::string v = crash;
     const auto colon = v.find(':');
@@ -317,6 +332,38 @@ Result<AgentConfig> agent_config_from(const Options& o) {
 }
 
 namespace {
+
+// Test hook only (docs/agent.md): FLOTILLA_TEST_CLOCK_OFFSET_S shifts the
+// agent's wall clock by that many seconds (negative: behind), as a device
+// without an RTC that boots in 1970, or one set years ahead. The monotonic
+// clock (deadlines) and the kernel's (OpenSSL's certificate checks) are not
+// shifted. The k3s stand-in reads the same variable from the environment it
+// inherits, so the node's heartbeats are in the same device time.
+class OffsetClock final : public Clock {
+ public:
+  explicit OffsetClock(std::chrono::seconds offset) : offset_(offset) {}
+  std::chrono::system_clock::time_point now() const override { return std::chrono::system_clock::now() + offset_; }
+
+ private:
+  std::chrono::seconds offset_;
+};
+
+std::chrono::seconds clock_offset_from_env() {
+  const char* v = std::getenv("FLOTILLA_TEST_CLOCK_OFFSET_S");
+  if (!v || !*v) return std::chrono::seconds(0);
+  try {
+    size_t used = 0;
+    const long long s = std::stoll(v, &used);
+    if (used == std::strlen(v)) return std::chrono::seconds(s);
+  } catch (const std::exception&) {
+  }
+  return std::chrono::seconds(0);  // load_config refused it already
+}
+
+const Clock& device_clock() {
+  static const OffsetClock clock(clock_offset_from_env());
+  return clock;
+}
 
 std::filesystem::path under_root(const AgentConfig& cfg, const std::string& device_path) {
   std::string rel = device_path;
@@ -450,7 +497,7 @@ Result<v1::EnrollResponse> enroll(const AgentConfig& cfg, const bundles::KeyPair
     // Signed afresh at each attempt: the hub takes a device's enrollments
     // only in increasing issued_unix_ms, so a captured request cannot be
     // replayed, and an attempt whose answer was lost is not refused as one.
-    const auto issued = static_cast<uint64_t>(SystemClock::instance().now_unix_ms());
+    const auto issued = static_cast<uint64_t>(device_clock().now_unix_ms());
     req.set_issued_unix_ms(issued);
     auto proof = bundles::sign_detached(id, bundles::enroll_proof_message(cfg.enrollment_token, id.pub.key, issued));
     req.set_proof(std::string(proof.begin(), proof.end()));
@@ -580,7 +627,7 @@ Result<v1::RenewResponse> renew_certificate(const AgentConfig& cfg, const bundle
   v1::RenewRequest req;
   req.set_device_id(device_id);
   req.set_csr(*csr);
-  const auto issued = static_cast<uint64_t>(SystemClock::instance().now_unix_ms());
+  const auto issued = static_cast<uint64_t>(device_clock().now_unix_ms());
   req.set_issued_unix_ms(issued);
   const Bytes proof = bundles::sign_detached(id, bundles::renew_proof_message(device_id, *csr, issued));
   req.set_proof(std::string(proof.begin(), proof.end()));
@@ -719,7 +766,7 @@ Status run_agent(const AgentConfig& cfg, const std::atomic<bool>& stop) {
   core_cfg.k3s_bin = cfg.k3s_bin;
   core_cfg.crash_at = cfg.crash_at;
   Agent agent(
-      core_cfg, runtime, files, **store, SystemClock::instance(),
+      core_cfg, runtime, files, **store, device_clock(),
       [&](v1::Report&& r) {
         // Paho buffers while disconnected; QoS 1 gets it to the hub once
         // connected. Final outcomes are also in the agent's outbox, so they
@@ -886,7 +933,7 @@ Status run_agent(const AgentConfig& cfg, const std::atomic<bool>& stop) {
   int auth_failures = 0;
   auto refused_since = std::chrono::steady_clock::now();
   while (!stop) {
-    if (SystemClock::instance().now_unix() >= renew_at && std::chrono::steady_clock::now() >= next_renew_try &&
+    if (device_clock().now_unix() >= renew_at && std::chrono::steady_clock::now() >= next_renew_try &&
         !agent.applied().in_flight) {
       try_renew();
     }
@@ -928,7 +975,7 @@ Status run_agent(const AgentConfig& cfg, const std::atomic<bool>& stop) {
         v1::Presence online;
         online.set_online(true);
         online.set_agent_version(kAgentVersion);
-        online.set_time_unix_ms(SystemClock::instance().now_unix_ms());
+        online.set_time_unix_ms(device_clock().now_unix_ms());
         (void)transport->publish({presence_topic, online.SerializeAsString(), 1, true});
         logger->info("connected device={} broker={}", creds.device_id(), creds.broker_url());
         agent.report_inventory();
@@ -948,7 +995,7 @@ Status run_agent(const AgentConfig& cfg, const std::atomic<bool>& stop) {
           // was away, issued by a CA the broker no longer trusts, or
           // revoked. Renewing (with the identity key) fixes the first two;
           // the hub says so when it is the third.
-          renew_at = std::min<int64_t>(renew_at, SystemClock::instance().now_unix());
+          renew_at = std::min<int64_t>(renew_at, device_clock().now_unix());
         }
         if (s.error().code == Errc::unauthenticated) {
           // Revoked or decommissioned: a clear error state with slow retries,

@@ -114,6 +114,12 @@ Result<uint64_t> DiskFileTree::free_bytes(const std::string& path) {
   return fs::free_bytes(p);
 }
 
+Result<uint64_t> DiskFileTree::total_bytes(const std::string& path) {
+  auto p = host_path(path);
+  while (!std::filesystem::exists(p) && p.has_parent_path() && p != p.parent_path()) p = p.parent_path();
+  return fs::total_bytes(p);
+}
+
 bool DiskFileTree::exists(const std::string& path) {
   struct stat st {};
   return ::lstat(host_path(path).c_str(), &st) == 0;
@@ -238,6 +244,7 @@ Result<AppliedState> SqliteStateStore::load() {
     return s.error();
   }
   std::string snapshot_text;  // "kind\npath" of the in-flight apply's datastore snapshot
+  std::string cert_backup;    // where the in-flight apply's `k3s certificate rotate` kept the old certificates
   if (auto s = each_row("SELECT key, value FROM meta",
                         [&](const sql::Stmt& q) {
                           const std::string key = q.col_text(0);
@@ -252,6 +259,8 @@ Result<AppliedState> SqliteStateStore::load() {
                           else if (key == "hub_time_ms") a.hub_time_ms = std::stoll("0" + value);
                           else if (key == "hub_labels_set") a.hub_labels_set = value == "1";
                           else if (key == "in_flight_snapshot") snapshot_text = value;
+                          else if (key == "in_flight_cert_backup") cert_backup = value;
+                          else if (key == "k3s_data_dir") a.k3s_data_dir = value;
                           else if (key == "hub_labels") {
                             // key=value lines (label keys and values never hold '=' or newlines).
                             size_t at = 0;
@@ -289,6 +298,7 @@ Result<AppliedState> SqliteStateStore::load() {
     if (const auto nl = snapshot_text.find('\n'); nl != std::string::npos) {
       f.snapshot = DatastoreSnapshot{snapshot_text.substr(0, nl), snapshot_text.substr(nl + 1)};
     }
+    f.cert_backup = cert_backup;
     a.in_flight = std::move(f);
   }
   if (auto s = each_row("SELECT seq, report FROM outbox ORDER BY seq",
@@ -376,7 +386,9 @@ Status SqliteStateStore::save(const AppliedState& a) {
         {"hub_labels", labels},
         {"in_flight_snapshot", x.in_flight && !x.in_flight->snapshot.kind.empty()
                                    ? x.in_flight->snapshot.kind + "\n" + x.in_flight->snapshot.path
-                                   : std::string()}};
+                                   : std::string()},
+        {"in_flight_cert_backup", x.in_flight ? x.in_flight->cert_backup : std::string()},
+        {"k3s_data_dir", x.k3s_data_dir}};
   };
   const auto rows = meta_of(a);
   const auto before = first ? decltype(rows){} : meta_of(*last_);

@@ -18,6 +18,7 @@
 #include <map>
 #include <vector>
 #include <optional>
+#include <set>
 #include <string>
 
 #include "flotilla/agent/seams.hpp"
@@ -36,6 +37,17 @@ class FakeK3sRuntime final : public K3sRuntime {
   Status restart() override {
     ++restarts;
     polls_since_restart_ = 0;
+    // Like k3s: certificates a rotation removed are issued anew at the start.
+    if (rotated_) {
+      rotated_ = false;
+      cert_expiry += renewed_by;
+    }
+    // Like k3s: a new binary extracts its payload at its first start.
+    if (!extract_on_restart.empty()) {
+      data.insert(extract_on_restart);
+      current_dir = extract_on_restart;
+      extract_on_restart.clear();
+    }
     if (fail_restart) return make_error(Errc::io, "fake: k3s failed to start");
     return {};
   }
@@ -68,6 +80,29 @@ class FakeK3sRuntime final : public K3sRuntime {
     return std::vector<std::string>{"configmap/" + path.substr(path.rfind('/') + 1)};
   }
   void stop() override { ++stops; }
+  int64_t serving_cert_expiry() override { return cert_expiry; }
+  std::vector<std::string> data_dirs() override { return {data.begin(), data.end()}; }
+  Status remove_data_dirs(const std::vector<std::string>& names, const std::string& running) override {
+    for (const auto& n : names) {
+      data.erase(n);
+      removed_dirs.push_back(n);
+      if (current_dir == n) current_dir = running;
+    }
+    return {};
+  }
+  Result<std::string> rotate_certificates() override {
+    ++rotations;
+    if (fail_rotate) return make_error(Errc::io, "fake: certificate rotate failed");
+    rotated_ = true;
+    backup_expiry_ = cert_expiry;
+    return std::string("/var/lib/rancher/k3s/server/tls-fake");
+  }
+  Status restore_certificates(const std::string& backup) override {
+    restored_certificates.push_back(backup);
+    rotated_ = false;
+    cert_expiry = backup_expiry_;
+    return {};
+  }
 
   std::string installed_version = "v1.30.4+k3s1";
   // What health() reports besides Ready (nullopt / "": the runtime cannot tell).
@@ -80,6 +115,15 @@ class FakeK3sRuntime final : public K3sRuntime {
   int workload_polls = 0;
   std::vector<std::string> deleted_manifests;
   bool fail_restart = false;
+  int64_t cert_expiry = 1'900'000'000;  // notAfter of the serving certificate
+  int64_t renewed_by = 86400;           // how much later a rotated one expires (0: k3s did not renew)
+  bool fail_rotate = false;
+  std::set<std::string> data;          // data/<hash> directories
+  std::string current_dir;             // what data/current points at
+  std::string extract_on_restart;      // extracted (and made current) at the next restart
+  std::vector<std::string> removed_dirs;
+  int rotations = 0;
+  std::vector<std::string> restored_certificates;
   int restarts = 0;
   int ensure_running_calls = 0;
   int health_polls = 0;
@@ -87,6 +131,8 @@ class FakeK3sRuntime final : public K3sRuntime {
 
  private:
   bool never_ = false;
+  bool rotated_ = false;
+  int64_t backup_expiry_ = 0;
   int unhealthy_polls_ = 0;
   int polls_since_restart_ = 0;
 };
@@ -117,7 +163,14 @@ class MemFileTree final : public FileTree {
     files.erase(path);
     return {};
   }
-  Result<uint64_t> free_bytes(const std::string&) override { return free; }
+  Result<uint64_t> free_bytes(const std::string& path) override {
+    space_asked.push_back(path);
+    return free;
+  }
+  Result<uint64_t> total_bytes(const std::string& path) override {
+    space_asked.push_back(path);
+    return total;
+  }
   bool exists(const std::string& path) override { return files.count(path) > 0; }
   Result<std::optional<std::string>> sha256_hex(const std::string& path) override {
     auto it = files.find(path);
@@ -165,6 +218,8 @@ class MemFileTree final : public FileTree {
 
   std::map<std::string, Entry> files;
   uint64_t free = uint64_t{1} << 40;
+  uint64_t total = uint64_t{2} << 40;
+  std::vector<std::string> space_asked;  // paths free_bytes/total_bytes were asked about
   std::string fail_writes_containing;  // empty: every write succeeds
   int writes = 0;                      // successful writes
 };

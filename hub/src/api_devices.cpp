@@ -25,15 +25,17 @@ json device_json(const DeviceRecord& d) {
               {"last_seen_at", iso_ms(d.last_seen_ms)},
               {"campaign_id", d.campaign_id},
               {"generation", d.generation},
-              {"k3s_role", d.k3s_role},
-              {"cluster_id", d.cluster_id},
-              {"k3s_cert_expires_at", d.k3s_cert_expiry_unix > 0 ? iso_ms(d.k3s_cert_expiry_unix * 1000) : ""},
-              {"os", d.os},
-              {"disk_free_bytes", d.disk_free_bytes},
-              {"disk_total_bytes", d.disk_total_bytes},
-              {"mem_free_bytes", d.mem_free_bytes},
-              {"mem_total_bytes", d.mem_total_bytes},
-              {"clock_suspect", d.clock_suspect}};
+              // The device_inventory row (all zeros/"" until the device sends one).
+              {"k3s_role", d.inventory.k3s_role},
+              {"cluster_id", d.inventory.cluster_id},
+              {"k3s_cert_expires_at",
+               d.inventory.cert_expiry_unix > 0 ? iso_ms(d.inventory.cert_expiry_unix * 1000) : ""},
+              {"os", d.inventory.os},
+              {"disk_free_bytes", d.inventory.disk_free_bytes},
+              {"disk_total_bytes", d.inventory.disk_total_bytes},
+              {"mem_free_bytes", d.inventory.mem_free_bytes},
+              {"mem_total_bytes", d.inventory.mem_total_bytes},
+              {"clock_suspect", d.inventory.clock_suspect}};
 }
 
 HttpResponse list_devices(HubService& s, Context& c) {
@@ -88,7 +90,7 @@ HttpResponse list_devices(HubService& s, Context& c) {
   std::string next;
   for (const auto& d : *list) {
     if (!include_decommissioned && d.state == "decommissioned") continue;
-    if (cert_before && (d.k3s_cert_expiry_unix <= 0 || d.k3s_cert_expiry_unix >= *cert_before)) continue;
+    if (cert_before && (d.inventory.cert_expiry_unix <= 0 || d.inventory.cert_expiry_unix >= *cert_before)) continue;
     if (!after.empty() && d.id <= after) continue;
     if (static_cast<int64_t>(items.size()) == limit) {
       next = items.back()["id"].get<std::string>();

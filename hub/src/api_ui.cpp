@@ -317,7 +317,9 @@ Result<json> device_detail_json(AggregateStore& a, const Caller& caller, const s
     j["inventory"] = {{"os", inv.os},
                       {"k3s_cert_expires_at", inv.cert_expiry_unix > 0 ? bundles::format_rfc3339(inv.cert_expiry_unix) : ""},
                       {"disk_free_bytes", inv.disk_free_bytes},
+                      {"disk_total_bytes", inv.disk_total_bytes},
                       {"mem_free_bytes", inv.mem_free_bytes},
+                      {"mem_total_bytes", inv.mem_total_bytes},
                       {"reported_at", iso_ms(inv.updated_ms)}};
   } else {
     j["inventory"] = nullptr;

@@ -146,9 +146,16 @@ Result<Strategy> Strategy::from_json(const json& j) {
   static const std::vector<std::string> known = {"canary",          "waves",      "max_in_flight",
                                                  "soak",            "device_deadline", "failure_threshold",
                                                  "membership",      "rate",       "maintenance_window",
-                                                 "approval"};
+                                                 "approval",        "k3s_action"};
   for (const auto& [k, v] : j.items()) {
     if (std::find(known.begin(), known.end(), k) == known.end()) return bad(k, "unknown field");
+  }
+  if (j.contains("k3s_action")) {
+    const auto& a = j["k3s_action"];
+    if (!a.is_string() || (a != "" && a != "rotate_certificates")) {
+      return bad("k3s_action", "must be \"rotate_certificates\" (or \"\" for none)");
+    }
+    s.k3s_action = a.get<std::string>();
   }
   if (j.contains("canary")) {
     const auto& c = j["canary"];
@@ -291,6 +298,7 @@ json Strategy::to_json() const {
     for (int w : approval_waves) names.push_back(wave_name(w));
     j["approval"] = names;
   }
+  if (!k3s_action.empty()) j["k3s_action"] = k3s_action;
   if (canary_count > 0) j["canary"] = canary_count;
   else if (canary_percent > 0) {
     std::ostringstream o;

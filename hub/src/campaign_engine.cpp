@@ -307,10 +307,10 @@ void HubService::tick_campaign(CampaignRecord& c, Publishes& publishes) {
     if (!open) return false;
     for (const auto& r : *open) {
       auto od = store_.get_device(r.device_id);
-      if (!od || !*od || (*od)->cluster_id.empty()) continue;
-      auto& cs = (*clusters)[(*od)->cluster_id];
+      if (!od || !*od || (*od)->inventory.cluster_id.empty()) continue;
+      auto& cs = (*clusters)[(*od)->inventory.cluster_id];
       if (r.status != "waiting") cs.busy = true;
-      else if ((*od)->k3s_role != "agent") ++cs.servers_waiting;
+      else if ((*od)->inventory.k3s_role != "agent") ++cs.servers_waiting;
     }
     return true;
   };
@@ -334,10 +334,10 @@ void HubService::tick_campaign(CampaignRecord& c, Publishes& publishes) {
       continue;
     }
     DeviceRecord d = **dev;
-    if (!d.cluster_id.empty()) {
+    if (!d.inventory.cluster_id.empty()) {
       if (!clusters && !load_clusters()) return;
-      auto& cs = (*clusters)[d.cluster_id];
-      const bool server = d.k3s_role != "agent";
+      auto& cs = (*clusters)[d.inventory.cluster_id];
+      const bool server = d.inventory.k3s_role != "agent";
       // Stays waiting: a later tick releases it once its cluster is free.
       if (cs.busy || (!server && cs.servers_waiting > 0)) continue;
       cs.busy = true;
@@ -368,7 +368,8 @@ void HubService::tick_campaign(CampaignRecord& c, Publishes& publishes) {
     // otherwise from when it comes back (and pauses while it is away).
     if (auto s = store_.start_deadline(c.id, d.id, strategy.device_deadline.count(), now); !s) return;
     if (auto s = store_.set_device_desired(d.id, gen, c.bundle_id, c.id); !s) return;
-    publishes.push_back({d.id, d.gateway, c.id, gen, false, shared, d.labels});
+    publishes.push_back(
+        {d.id, d.gateway, c.id, gen, false, shared, d.labels, strategy.k3s_action == "rotate_certificates"});
     ++released;
   }
   if (strategy.rate.enabled()) {
@@ -558,7 +559,7 @@ void HubService::start_rollback(CampaignRecord& c, const std::string& reason, Pu
       row.updated_ms = now;
       (void)store_.save_campaign_device(row);
       (void)store_.set_device_desired(d.id, gen, row.prev_bundle_id, c.id);
-      publishes.push_back({d.id, d.gateway, c.id, gen, true, *prev, d.labels});
+      publishes.push_back({d.id, d.gateway, c.id, gen, true, *prev, d.labels, false});
       ++sent;
     }
   }
@@ -663,7 +664,8 @@ void HubService::republish_pending() {
         if (!d || !*d || (*d)->generation != gen || (*d)->state == "decommissioned") continue;
         auto shared = desired_shared(rollback ? (*d)->desired_bundle_id : c.bundle_id, shared_cache);
         if (!shared) continue;
-        work.push_back({(*d)->id, (*d)->gateway, c.id, gen, rollback, *shared, (*d)->labels});
+        work.push_back({(*d)->id, (*d)->gateway, c.id, gen, rollback, *shared, (*d)->labels,
+                        !rollback && strategy_of(c).k3s_action == "rotate_certificates"});
       }
     }
   }

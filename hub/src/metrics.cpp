@@ -204,8 +204,8 @@ std::string render_metrics(HubService& s, const HttpMetrics& http) {
       ++by_state[d.state];
       if (d.state == "decommissioned") continue;
       ++(d.online ? online : offline);
-      if (d.k3s_cert_expiry_unix > 0 && d.k3s_cert_expiry_unix < soon) ++certs_expiring;
-      if (d.clock_suspect) ++clock_suspect;
+      if (d.inventory.cert_expiry_unix > 0 && d.inventory.cert_expiry_unix < soon) ++certs_expiring;
+      if (d.inventory.clock_suspect) ++clock_suspect;
     }
     p.family("flotilla_devices", "gauge", "Devices by last reported agent state.");
     for (const auto& [state, n] : by_state) p.sample("flotilla_devices", {{"state", state}}, static_cast<double>(n));

@@ -812,6 +812,7 @@ Status HubService::publish_desired(const PendingDesired& p) {
   h.set_artifact_base_url(p.shared->artifact_base_url);
   for (const auto& [k, v] : p.labels) (*h.mutable_labels())[k] = v;
   h.set_labels_set(true);
+  if (p.rotate_certificates) h.set_k3s_action(v1::K3S_ACTION_ROTATE_CERTIFICATES);
   *head.mutable_header() = bundles::sign_desired_header(h, *cfg_.director_key);
   // Protobuf merges concatenated encodings of one message: head + shared
   // parses as the whole DesiredState, with the shared bytes copied once here
@@ -1057,7 +1058,7 @@ void HubService::apply_device_messages(const std::string& device_id, const std::
   DeviceRecord dev = std::move(**found);
   const bool was_online = dev.online;
   CampaignRows rows;
-  std::optional<DeviceInventory> inventory;  // the last one the batch carried
+  bool inventory = false;  // whether the batch carried one (dev.inventory holds the last)
   bool changed = false, gateway_left = false;
   uint64_t reports = 0, presences = 0;
   for (const auto& p : msgs) {
@@ -1084,11 +1085,7 @@ void HubService::apply_device_messages(const std::string& device_id, const std::
     if (r.seq() != 0 && r.seq() <= dev.last_seq) continue;
     apply_report(dev, r);
     changed = true;
-    if (r.has_inventory()) {
-      inventory = DeviceInventory{r.inventory().os(), r.inventory().k3s_cert_expiry_unix(),
-                                  r.inventory().disk_free_bytes(), r.inventory().mem_free_bytes(),
-                                  clock_.now_unix_ms()};
-    }
+    inventory = inventory || r.has_inventory();
     ++reports;
     if (!r.campaign_id().empty()) on_campaign_report(device_id, r, rows);
   }
@@ -1099,7 +1096,8 @@ void HubService::apply_device_messages(const std::string& device_id, const std::
     }
   }
   if (inventory) {
-    if (auto s = store_.save_device_inventory(device_id, *inventory); !s) {
+    dev.inventory.updated_ms = clock_.now_unix_ms();
+    if (auto s = store_.save_device_inventory(device_id, dev.inventory); !s) {
       log::get("hub")->error("save inventory device={} failed: {}", device_id, s.error().message);
     }
   }
@@ -1132,17 +1130,19 @@ void HubService::apply_report(DeviceRecord& dev, const v1::Report& r) {
     if (!inv.agent_version().empty()) dev.agent_version = inv.agent_version();
     if (!inv.arch().empty()) dev.arch = inv.arch();
     dev.node_ready = inv.node_ready();
+    // Kept in device_inventory only (handle_batch saves it once per batch).
     // Bounded: reported by the device, shown to operators and filtered on.
     auto bounded = [](const std::string& v) { return v.substr(0, 128); };
-    if (!inv.k3s_role().empty()) dev.k3s_role = inv.k3s_role() == "agent" ? "agent" : "server";
-    dev.cluster_id = bounded(inv.cluster_id());
-    dev.k3s_cert_expiry_unix = inv.k3s_cert_expiry_unix();
-    if (!inv.os().empty()) dev.os = bounded(inv.os());
-    dev.disk_free_bytes = inv.disk_free_bytes();
-    dev.disk_total_bytes = inv.disk_total_bytes();
-    dev.mem_free_bytes = inv.mem_free_bytes();
-    dev.mem_total_bytes = inv.mem_total_bytes();
-    dev.clock_suspect = inv.clock_suspect();
+    auto& kept = dev.inventory;
+    if (!inv.k3s_role().empty()) kept.k3s_role = inv.k3s_role() == "agent" ? "agent" : "server";
+    kept.cluster_id = bounded(inv.cluster_id());
+    kept.cert_expiry_unix = inv.k3s_cert_expiry_unix();
+    if (!inv.os().empty()) kept.os = bounded(inv.os());
+    kept.disk_free_bytes = inv.disk_free_bytes();
+    kept.disk_total_bytes = inv.disk_total_bytes();
+    kept.mem_free_bytes = inv.mem_free_bytes();
+    kept.mem_total_bytes = inv.mem_total_bytes();
+    kept.clock_suspect = inv.clock_suspect();
   }
   if (r.has_error() && r.error().reason() != v1::REASON_NONE) {
     dev.last_reason = reason_name(r.error().reason());

@@ -89,7 +89,10 @@ int run_etcd_snapshot(const char* argv0, const Args& args) {
 // pkg/cli/cert: `k3s certificate rotate` moves the node's leaf certificates
 // (not the CAs) to ${data-dir}/server/tls-<unix time> and deletes them; k3s
 // issues new ones at its next start (k3s-io/k3s#4632; docs: stop k3s,
-// rotate, start k3s).
+// rotate, start k3s). The stand-in is stricter than k3s, which does not
+// check: it refuses while this data dir's k3s runs, because rotating under a
+// running k3s leaves it serving certificates whose files are gone, and the
+// agent must be seen to stop k3s first.
 int run_certificate(const char* argv0, const Args& args) {
   try {
     const ConfigValues cfg = load_config(args, kAdminFlags);
@@ -100,6 +103,9 @@ int run_certificate(const char* argv0, const Args& args) {
     extract_data_dir(data_dir, resolve_build(argv0));
     std::error_code ec;
     const bool server = fs::exists(fs::path(data_dir) / "server/tls", ec);
+    if (pid_alive((fs::path(data_dir) / (server ? "server" : "agent") / "standin.pid").string())) {
+      throw std::runtime_error("k3s is running on " + data_dir + "; stop it before rotating certificates");
+    }
     const fs::path tls = server ? fs::path(data_dir) / "server/tls" : fs::path(data_dir) / "agent";
     const fs::path backup = fs::path(data_dir) / (server ? "server" : "agent") /
                             ((server ? "tls-" : "tls-agent-") + std::to_string(now_unix()));

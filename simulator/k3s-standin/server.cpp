@@ -625,6 +625,8 @@ int run_server(const char* argv0, const Args& args) {
     }
     write_pidfile();
     if (s.etcd) write_file_atomic((server_dir / "db/etcd/standin.pid").string(), std::to_string(::getpid()), 0600);
+    // Where `k3s certificate rotate` sees that this k3s runs (admin.cpp).
+    write_file_atomic((server_dir / "standin.pid").string(), std::to_string(::getpid()), 0600);
     int port = 0;
     const std::string port_text = s.cfg.get("https-listen-port", "0");
     listen_fd = listen_loopback(static_cast<int>(parse_long("https-listen-port", port_text, 0, 65535)), port);
@@ -722,6 +724,7 @@ int run_server(const char* argv0, const Args& args) {
   ::close(listen_fd);
   remove_pidfile();
   if (s.etcd) ::unlink((fs::path(s.data_dir) / "server/db/etcd/standin.pid").c_str());
+  ::unlink((fs::path(s.data_dir) / "server/standin.pid").c_str());
   log_line("stopped");
   return exit_code;
 }
@@ -765,6 +768,7 @@ int run_agent(const char* argv0, const Args& args) {
     const std::string node_token = "node:" + node + ":" + secret;
     write_file_atomic((agent_dir / "kubelet.kubeconfig").string(), kubeconfig_text(server, node_token), 0600);
     write_pidfile();
+    write_file_atomic((agent_dir / "standin.pid").string(), std::to_string(::getpid()), 0600);
     // Wait for the server to accept the token (real k3s: "Waiting to retrieve
     // agent configuration; server is not ready").
     bool notified = false;
@@ -821,6 +825,7 @@ int run_agent(const char* argv0, const Args& args) {
       log_line(std::string("received ") + (g_stop_signal == SIGTERM ? "SIGTERM" : "SIGINT") + ", stopping");
     }
     remove_pidfile();
+    ::unlink((agent_dir / "standin.pid").c_str());
     log_line("stopped");
     return 0;
   } catch (const std::exception& e) {

@@ -6,10 +6,12 @@
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
+#include <signal.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <set>
 
 #include "flotilla/bundles/bundle.hpp"
 #include "flotilla/common/crypto.hpp"
@@ -34,7 +36,9 @@ struct K3sNode {
   // fake_tool: "systemctl" or "rc-service" (or "" for direct supervision).
   // bare: no k3s on the device yet. before_start runs on the device root.
   K3sNode(const std::string& fake_tool, bool bare, const std::string& extra_config = "",
-          const std::function<void(const stdfs::path&)>& before_start = {}) {
+          const std::function<void(const stdfs::path&)>& before_start = {},
+          const std::map<std::string, std::string>& extra_env = {}) {
+    env = extra_env;
     hub.start();
     AgentOptions o;
     o.root_keys = {bundles::public_key_text(release.pub)};
@@ -438,5 +442,231 @@ TEST_CASE("a 3-node cluster is upgraded by one campaign (servers first and one n
     CHECK(a2["last_reason"] == "health_gate_failed");
     CHECK(wait_until([&] { return hub.device(ids["a2"])["node_ready"] == true; }, std::chrono::seconds(60)));
     for (const char* other : {"srv", "a1"}) CHECK(hub.device(ids[other])["applied_version"] != 2);
+  }
+}
+
+// A campaign's k3s_action rotate_certificates on the stand-in, which refuses
+// to rotate while k3s runs and issues a new serving certificate at the next
+// start (simulator/k3s-standin/README.md): the agent stops k3s, rotates,
+// starts it, gates it and reports the later expiry; a rotation whose gate
+// fails starts k3s again with the old certificates.
+TEST_CASE("a campaign rotates k3s's certificates, and a failed rotation restarts k3s with the old ones",
+          "[integration][agent][k3s][rotate]") {
+  K3sNode n("", false);
+  const std::string b1 = n.push(bundle(1));
+  n.campaign(b1);
+  n.outcome(1, "applied");
+  const std::string crt = "var/lib/rancher/k3s/server/tls/serving-kube-apiserver.crt";
+  const std::string old_pem = n.file(crt);
+  REQUIRE(old_pem.find("BEGIN CERTIFICATE") != std::string::npos);
+  const std::string before = n.device()["k3s_cert_expires_at"].get<std::string>();
+  REQUIRE_FALSE(before.empty());
+  auto rotate = [&](const std::string& bundle_id) {
+    auto [status, body] =
+        n.hub.call("POST", "/v1/campaigns",
+                   json{{"bundle", bundle_id}, {"selector", "env=it"}, {"strategy", {{"k3s_action", "rotate_certificates"}}}}
+                       .dump());
+    INFO(body.dump());
+    REQUIRE(status == 201);
+    REQUIRE(body["strategy"]["k3s_action"] == "rotate_certificates");
+    return body["id"].get<std::string>();
+  };
+
+  SECTION("rotated: the same bundle, a later notAfter in the inventory, the old certificate kept aside") {
+    const std::string id = rotate(b1);
+    INFO("agent log:\n" << n.agent->log().substr(n.agent->log().size() > 8000 ? n.agent->log().size() - 8000 : 0));
+    REQUIRE(wait_until(
+        [&] {
+          auto d = n.device();
+          return d["campaign_id"] == id && d["state"] == "applied" && d["k3s_cert_expires_at"] != before;
+        },
+        std::chrono::seconds(60)));
+    const auto d = n.device();
+    CHECK(d["applied_version"] == 1);
+    // RFC 3339 in one format: later sorts later.
+    CHECK(d["k3s_cert_expires_at"].get<std::string>() > before);
+    CHECK(n.file(crt) != old_pem);
+    // k3s certificate rotate kept the old one in server/tls-<unix>.
+    bool kept = false;
+    for (const auto& e : stdfs::directory_iterator(n.agent->root() / "var/lib/rancher/k3s/server")) {
+      if (e.path().filename().string().rfind("tls-", 0) == 0) {
+        kept = kept || fs::read_file(e.path() / "serving-kube-apiserver.crt").value_or("") == old_pem;
+      }
+    }
+    CHECK(kept);
+    CHECK(n.k3s_ready());
+  }
+  SECTION("the gate fails after the rotation: rolled back, k3s runs with the old certificate") {
+    auto m = bundle(2, {{v1::FILE_KIND_MANIFEST, "api.yaml",
+                         "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: api\n  annotations:\n"
+                         "    standin.flotilla.io/rollout: never\n"}});
+    auto* w = m.mutable_health()->add_workloads();
+    w->set_kind("Deployment");
+    w->set_name("api");
+    m.mutable_health()->set_timeout_seconds(5);
+    rotate(n.push(m));
+    auto d = n.outcome(2, "rolled_back");
+    CHECK(d["applied_version"] == 1);
+    CHECK(d["last_reason"] == "workload_not_ready");
+    CHECK(n.file(crt) == old_pem);
+    CHECK(d["k3s_cert_expires_at"] == before);
+    CHECK(wait_until([&] { return n.k3s_ready(); }, std::chrono::seconds(20)));
+    CHECK_THAT(n.agent->log(), Catch::Contains("k3s certificates restored from"));
+  }
+}
+
+// k3s (and the stand-in) extracts each new binary's payload into
+// data/<hash> and never removes one. After a committed upgrade only the
+// running k3s's and the previous one's stay; a failed upgrade's goes with its
+// rollback, and the old k3s runs (and data/current names it again).
+TEST_CASE("superseded k3s data dirs go after a commit, and a failed upgrade's after its rollback",
+          "[integration][agent][k3s][datadirs]") {
+  K3sNode n("", false);
+  n.campaign(n.push(bundle(1)));
+  n.outcome(1, "applied");
+  const auto data = n.agent->root() / "var/lib/rancher/k3s/data";
+  auto dirs = [&] {
+    std::set<std::string> out;
+    for (const auto& e : stdfs::directory_iterator(data)) {
+      const std::string name = e.path().filename().string();
+      if (name[0] != '.' && !e.is_symlink() && e.is_directory()) out.insert(name);
+    }
+    return out;
+  };
+  auto added = [&](const std::set<std::string>& before) {
+    std::set<std::string> out;
+    for (const auto& d : dirs()) {
+      if (!before.count(d)) out.insert(d);
+    }
+    return out;
+  };
+  const auto first = dirs();
+  REQUIRE(first.size() == 1);
+
+  // Two builds of the same version with other payloads: other directories.
+  n.campaign(n.push(bundle(2), n.k3s_build(kBaseVersion, {"data-bytes=131072"})));
+  n.outcome(2, "applied");
+  const auto second = added(first);
+  REQUIRE(second.size() == 1);
+  CHECK(dirs().size() == 2);  // the previous k3s's stays for a rollback
+
+  n.campaign(n.push(bundle(3), n.k3s_build(kBaseVersion, {"data-bytes=196608"})));
+  n.outcome(3, "applied");
+  const auto third = added(first);
+  CHECK(third.size() == 2);
+  auto now = dirs();
+  CHECK(now.size() == 2);
+  CHECK_FALSE(now.count(*first.begin()));
+  CHECK(now.count(*second.begin()));
+
+  const auto kept = dirs();
+  n.campaign(n.push(bundle(4), n.k3s_build(kBaseVersion, {"data-bytes=262144", "never-ready=true"})));
+  auto d = n.outcome(4, "rolled_back");
+  CHECK(d["applied_version"] == 3);
+  CHECK(dirs() == kept);
+  // It had extracted one (the stand-in extracts before serving), which went.
+  CHECK_THAT(n.agent->log(), Catch::Contains("removed 1 data dir(s) the failed k3s extracted"));
+  // data/current names the directory the running (old) k3s uses.
+  const auto current = stdfs::read_symlink(data / "current").filename().string();
+  CHECK(kept.count(current));
+  CHECK(wait_until([&] { return n.k3s_ready(); }, std::chrono::seconds(20)));
+}
+
+// A new k3s whose start breaks the datastore (the stand-in's
+// corrupt-datastore build writes garbage over it and exits, as a failed
+// migration would): the gate fails, the agent puts back the snapshot it took
+// before the version change, and the old k3s runs on the old data. Then the
+// agent is killed (FLOTILLA_AGENT_CRASH_AT: _exit(137) right after that
+// journal row, a kill -9 at a known point) at each step of that path; started
+// again it recovers, and the node ends consistent: old bundle, old k3s, old
+// data, and the retained desired state rolled back once more.
+TEST_CASE("a k3s upgrade that corrupts the datastore is rolled back with the datastore restored, even through a kill -9 "
+          "at any step",
+          "[integration][agent][k3s][datastore]") {
+  const std::vector<std::string> points = {"",             "snapshot:begin", "snapshot:end", "install:begin",
+                                           "install:end",  "restart:begin",  "restart:end",  "health:begin",
+                                           "health:end",   "rollback:begin", "rollback:end"};
+  for (const auto& at : points) {
+    DYNAMIC_SECTION("kill -9 at " << (at.empty() ? "no step" : at)) {
+      K3sNode n("", false);
+      const BundleFiles web = {{v1::FILE_KIND_MANIFEST, "web.yaml", kWebDeployment}};
+      n.campaign(n.push(bundle(1, web)));
+      n.outcome(1, "applied");
+      REQUIRE(wait_until([&] { return n.kubectl({"get", "deployment", "web", "-o", "json"}).exit_code == 0; },
+                         std::chrono::seconds(20)));
+      const std::string db = "var/lib/rancher/k3s/server/db/state.db";
+      const std::string before = n.file(db);
+      REQUIRE(before != "<missing>");
+
+      if (!at.empty()) {
+        n.agent->stop();
+        auto env = n.env;
+        env["FLOTILLA_AGENT_CRASH_AT"] = at;
+        n.agent->start_with_env(env);
+      }
+      auto m = bundle(2, web);
+      m.set_k3s_version("v1.31.0+k3s1");
+      n.campaign(n.push(m, n.k3s_build("v1.31.0+k3s1", {"corrupt-datastore=true"})));
+      if (!at.empty()) {
+        const auto code = n.agent->wait_exit(std::chrono::seconds(60));
+        INFO("agent log:\n" << n.agent->log().substr(n.agent->log().size() > 6000 ? n.agent->log().size() - 6000 : 0));
+        REQUIRE(code);
+        CHECK(*code == 137);
+        n.agent->start_with_env(n.env);  // a plain restart: recovery, then the retained state again
+      }
+      auto d = n.outcome(2, "rolled_back", std::chrono::seconds(90));
+      CHECK(d["applied_version"] == 1);
+      CHECK(d["k3s_version"] == kBaseVersion);
+      // The old k3s runs on the old data: the datastore is the snapshot's and
+      // the Deployment from before the upgrade is there.
+      CHECK(wait_until([&] { return n.k3s_ready(); }, std::chrono::seconds(20)));
+      CHECK(n.file(db).find("corrupted by") == std::string::npos);
+      CHECK(n.kubectl({"get", "deployment", "web", "-o", "json"}).exit_code == 0);
+      const auto log = n.agent->log();
+      CHECK_THAT(log, Catch::Contains("datastore restored from the sqlite snapshot"));
+      if (!at.empty() && at != "rollback:end") CHECK_THAT(log, Catch::Contains("found unfinished apply"));
+    }
+  }
+}
+
+// A device without an RTC boots in 1970; another is set 10 years ahead; and
+// either may boot behind its last run. With the agent's clock shifted
+// (FLOTILLA_TEST_CLOCK_OFFSET_S, a test-only hook the k3s stand-in shares),
+// each enrolls, reports and applies against a real hub; after a reboot onto
+// the other clock its reports are still taken (sequence numbers are
+// persisted, not read off the clock), and it says its clock is wrong.
+TEST_CASE("a device whose clock reads 1970 or 10 years ahead keeps enrolling, reporting and applying",
+          "[integration][agent][k3s][clock]") {
+  const int64_t now = std::chrono::duration_cast<std::chrono::seconds>(
+                          std::chrono::system_clock::now().time_since_epoch()).count();
+  const std::string in_1970 = std::to_string(-(now - 3600));  // 1970-01-01 01:00
+  const std::string ahead = std::to_string(int64_t{10} * 365 * 86400);
+  // Section names must not change between runs (Catch re-runs the case per section).
+  for (const auto& [name, first, second] : {std::tuple{"1970, then 10 years ahead", in_1970, ahead},
+                                            std::tuple{"10 years ahead, then 1970", ahead, in_1970}}) {
+    DYNAMIC_SECTION(name) {
+      K3sNode n("", false, "", {}, {{"FLOTILLA_TEST_CLOCK_OFFSET_S", first}});
+      n.campaign(n.push(bundle(1)));
+      auto d = n.outcome(1, "applied");
+      CHECK(d["clock_suspect"] == true);
+      // A reboot onto the other clock: k3s goes down with the device.
+      n.agent->stop();
+      if (auto pid = fs::read_file(n.agent->root() / "run/flotilla/k3s.pid", 64)) {
+        const pid_t p = static_cast<pid_t>(std::stol(*pid));
+        if (p > 1) {
+          ::kill(-p, SIGKILL);
+          ::kill(p, SIGKILL);
+        }
+      }
+      n.env["FLOTILLA_TEST_CLOCK_OFFSET_S"] = second;
+      n.agent->start_with_env(n.env);
+      n.campaign(n.push(bundle(2)));
+      d = n.outcome(2, "applied", std::chrono::seconds(90));
+      CHECK(d["clock_suspect"] == true);
+      CHECK(d["online"] == true);
+      // The hub took every report of the second run (the outcome above is
+      // one), whose clock reads years before or after the first run's.
+      CHECK(n.hub.device(n.agent->device_id())["state"] == "applied");
+    }
   }
 }

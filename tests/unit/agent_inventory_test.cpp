@@ -8,6 +8,8 @@
 
 #include "edge-agent/testing/fakes.hpp"
 #include "flotilla/agent/agent.hpp"
+#include "flotilla/agent/disk.hpp"
+#include "tests/support/temp_dir.hpp"
 #include "flotilla/bundles/keys.hpp"
 #include "flotilla/common/clock.hpp"
 
@@ -146,4 +148,28 @@ TEST_CASE("inventory_changed compares the fields that matter", "[unit][agent][in
   b = tiny;
   b.set_mem_free_bytes(uint64_t{42} << 20);
   CHECK_FALSE(inventory_changed(tiny, b));
+}
+
+// The disk figures are those of the filesystem k3s fills (its data dir:
+// data/<hash>, images, the datastore), free and total of the same one.
+TEST_CASE("inventory: disk free and total are those of k3s's data dir", "[unit][agent][inventory]") {
+  InventoryRig rig;
+  rig.files.total = uint64_t{32} << 30;
+  rig.files.space_asked.clear();
+  rig.agent->report_inventory();
+  REQUIRE(rig.reports.size() == 1);
+  CHECK(rig.reports[0].inventory().disk_free_bytes() == (uint64_t{20} << 30));
+  CHECK(rig.reports[0].inventory().disk_total_bytes() == (uint64_t{32} << 30));
+  REQUIRE_FALSE(rig.files.space_asked.empty());
+  for (const auto& p : rig.files.space_asked) CHECK(p == rig.runtime.data_dir());
+  // The real tree answers statvfs of the nearest existing directory: a data
+  // dir not made yet is measured on the filesystem it will be made on.
+  flotilla::test::TempDir dir;
+  flotilla::agent::DiskFileTree tree(dir.path());
+  auto total = tree.total_bytes("/var/lib/rancher/k3s");
+  auto free = tree.free_bytes("/var/lib/rancher/k3s");
+  REQUIRE(total);
+  REQUIRE(free);
+  CHECK(*total > 0);
+  CHECK(*free <= *total);
 }

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <memory>
@@ -156,6 +157,7 @@ std::vector<std::string> all_boundaries() {
   std::vector<std::string> out;
   for (const auto& s : flotilla::agent::apply_steps()) {
     if (s == "rollback") continue;  // reached only when the gate fails (covered below)
+    if (s == "rotate") continue;    // only when the header asks for it (certificate rotation test)
     out.push_back(s + ":begin");
     out.push_back(s + ":end");
   }
@@ -529,12 +531,13 @@ TEST_CASE("the SQLite store keeps the in-flight apply, outbox and journal across
                                           {{"/usr/local/bin/k3s", "/var/lib/flotilla/backup/g7-1/0", true},
                                            {"/etc/x", "/var/lib/flotilla/backup/g7-1/1", false}},
                                           {"sqlite", "/var/lib/flotilla/backup/g7-1/datastore"},
-                                          ""};
+                                          "/var/lib/rancher/k3s/server/tls-1800000000"};
   s.outbox[12] = std::string("\0report", 7);
   s.seq_reserved = 123456;
   s.hub_time_ms = 1'800'000'000'000;
   s.hub_labels = {{"site", "berlin"}, {"env", "prod"}};
   s.hub_labels_set = true;
+  s.k3s_data_dir = "0123abcd";
   {
     auto store = flotilla::agent::SqliteStateStore::open(path);
     REQUIRE(store);
@@ -556,6 +559,9 @@ TEST_CASE("the SQLite store keeps the in-flight apply, outbox and journal across
   CHECK(loaded->hub_time_ms == 1'800'000'000'000);
   CHECK(loaded->hub_labels == s.hub_labels);
   CHECK(loaded->hub_labels_set);
+  // Recovery puts the certificates back from here; the next commit keeps this data dir.
+  CHECK(loaded->in_flight->cert_backup == "/var/lib/rancher/k3s/server/tls-1800000000");
+  CHECK(loaded->k3s_data_dir == "0123abcd");
   auto tail = (*store)->journal_tail(10);
   REQUIRE(tail);
   REQUIRE(tail->size() == 1);
@@ -642,4 +648,147 @@ TEST_CASE("agent config checks tls-ca-file under the root before anything connec
   REQUIRE(good);
   CHECK(good->tls_ca_file == "/etc/flotilla/ca.pem");
   std::filesystem::remove_all(root);
+}
+
+// A campaign's k3s_action: `k3s certificate rotate` with k3s stopped, a
+// restart, the health gate, and the renewed expiry in the outcome's
+// inventory; any failure puts the old certificates back.
+TEST_CASE("a certificate rotation is health-gated, reports the new expiry and rolls back to the old certificates",
+          "[unit][agent][rotate]") {
+  Rig rig;
+  const auto b1 = rig.bundle(1);
+  rig.agent->handle_desired(rig.desired(b1, 1));
+  REQUIRE_APPLIED(rig);
+  const int64_t before = rig.runtime.cert_expiry;
+  const auto tree = rig.files.node_files();
+  auto rotate = [&](uint64_t generation) {
+    v1::DesiredState ds;
+    REQUIRE(ds.ParseFromString(rig.desired(b1, generation)));
+    auto h = flotilla::agent::testing::header_of(ds);
+    h.set_k3s_action(v1::K3S_ACTION_ROTATE_CERTIFICATES);
+    *ds.mutable_header() = bundles::sign_desired_header(h, rig.director);
+    return ds.SerializeAsString();
+  };
+  rig.store.entries.clear();
+
+  SECTION("rotated: the same bundle, k3s restarted, a later notAfter reported") {
+    const int restarts = rig.runtime.restarts;
+    rig.agent->handle_desired(rotate(2));
+    REQUIRE_APPLIED(rig);
+    CHECK(rig.runtime.rotations == 1);
+    CHECK(rig.runtime.restarts == restarts + 1);
+    CHECK(rig.last().inventory().k3s_cert_expiry_unix() == before + 86400);
+    CHECK(rig.runtime.restored_certificates.empty());
+    CHECK(rig.files.node_files() == tree);
+    std::vector<std::string> steps;
+    for (const auto& e : rig.store.entries) steps.push_back(e.step + ":" + e.phase);
+    CHECK(std::find(steps.begin(), steps.end(), "rotate:end") != steps.end());
+    // The same generation again (the retained message after a reconnect) rotates nothing more.
+    rig.agent->handle_desired(rotate(2));
+    CHECK(rig.runtime.rotations == 1);
+  }
+  SECTION("k3s came back with the old certificate: rolled back, old certificates restored") {
+    rig.runtime.renewed_by = 0;
+    rig.agent->handle_desired(rotate(2));
+    CHECK(rig.last().state() == v1::AGENT_STATE_ROLLED_BACK);
+    CHECK(rig.last().error().reason() == v1::REASON_CERT_ROTATION);
+    CHECK(rig.runtime.restored_certificates == std::vector<std::string>{"/var/lib/rancher/k3s/server/tls-fake"});
+    CHECK(rig.runtime.cert_expiry == before);
+    CHECK(rig.files.node_files() == tree);
+    CHECK(rig.agent->applied().version == 1);
+  }
+  SECTION("unhealthy after the rotation: rolled back with the old certificates") {
+    rig.runtime.set_never_healthy();
+    rig.agent->handle_desired(rotate(2));
+    CHECK(rig.last().state() == v1::AGENT_STATE_ROLLED_BACK);
+    CHECK(rig.runtime.restored_certificates.size() == 1);
+    CHECK(rig.runtime.cert_expiry == before);
+    CHECK(rig.last().inventory().k3s_cert_expiry_unix() == before);
+  }
+  SECTION("the rotate command fails: rolled back, k3s restarted, nothing to restore") {
+    rig.runtime.fail_rotate = true;
+    const int restarts = rig.runtime.restarts;
+    rig.agent->handle_desired(rotate(2));
+    CHECK(rig.last().state() == v1::AGENT_STATE_ROLLED_BACK);
+    CHECK(rig.last().error().reason() == v1::REASON_CERT_ROTATION);
+    CHECK(rig.runtime.restored_certificates.empty());
+    CHECK(rig.runtime.restarts == restarts + 1);
+    CHECK(rig.runtime.cert_expiry == before);
+  }
+  SECTION("a crash after the rotation: the next start restores the old certificates") {
+    uint64_t generation = 2;
+    for (const std::string at : {"rotate:end", "restart:end", "health:begin"}) {
+      rig.crash_at = at;
+      REQUIRE_THROWS_AS(rig.agent->handle_desired(rotate(generation++)), Crash);
+      rig.crash_at.clear();
+      rig.restart_agent();
+      INFO(at);
+      CHECK_FALSE(rig.store.state.in_flight.has_value());
+      CHECK(rig.runtime.restored_certificates.back() == "/var/lib/rancher/k3s/server/tls-fake");
+      CHECK(rig.runtime.cert_expiry == before);
+      CHECK(rig.files.node_files() == tree);
+    }
+  }
+}
+
+// k3s keeps every data/<hash> it extracted (~200 MB each). After a commit
+// only the running k3s's and the previous one (a rollback's) stay; after a
+// rollback the failed k3s's goes and data/current names the old one again.
+TEST_CASE("superseded k3s data dirs go after a commit, the failed one after a rollback", "[unit][agent][datadirs]") {
+  Rig rig;
+  rig.runtime.data = {"aaa"};
+  rig.runtime.current_dir = "aaa";
+  rig.agent->handle_desired(rig.desired(rig.bundle(1), 1));
+  REQUIRE_APPLIED(rig);
+  CHECK(rig.store.state.k3s_data_dir == "aaa");
+  CHECK(rig.runtime.removed_dirs.empty());
+
+  rig.runtime.extract_on_restart = "bbb";
+  rig.agent->handle_desired(rig.desired(rig.bundle(2, "k3s-binary-v2"), 2));
+  REQUIRE_APPLIED(rig);
+  // The previous k3s's stays for a rollback.
+  CHECK(rig.runtime.data == std::set<std::string>{"aaa", "bbb"});
+  CHECK(rig.store.state.k3s_data_dir == "bbb");
+
+  rig.runtime.extract_on_restart = "ccc";
+  rig.agent->handle_desired(rig.desired(rig.bundle(3, "k3s-binary-v3"), 3));
+  REQUIRE_APPLIED(rig);
+  CHECK(rig.runtime.data == std::set<std::string>{"bbb", "ccc"});
+  CHECK(rig.runtime.removed_dirs == std::vector<std::string>{"aaa"});
+  CHECK(rig.store.state.k3s_data_dir == "ccc");
+
+  // A new k3s that never becomes healthy: its directory goes, current is the old one.
+  rig.runtime.extract_on_restart = "ddd";
+  rig.runtime.set_never_healthy();
+  rig.agent->handle_desired(rig.desired(rig.bundle(4, "k3s-binary-v4"), 4));
+  CHECK(rig.last().state() == v1::AGENT_STATE_ROLLED_BACK);
+  CHECK(rig.runtime.data == std::set<std::string>{"bbb", "ccc"});
+  CHECK(rig.runtime.current_dir == "ccc");
+  CHECK(rig.store.state.k3s_data_dir == "ccc");
+
+  // A bundle that keeps k3s: nothing extracted, the previous one goes.
+  rig.runtime.set_healthy();
+  rig.agent->handle_desired(rig.desired(rig.bundle(5, "k3s-binary-v3"), 5));
+  REQUIRE_APPLIED(rig);
+  CHECK(rig.runtime.data == std::set<std::string>{"ccc"});
+}
+
+// The test-only clock hook is checked like a setting: a bad value stops the
+// agent with a message naming it, never a silently unshifted clock.
+TEST_CASE("agent config refuses a malformed FLOTILLA_TEST_CLOCK_OFFSET_S", "[unit][agent][config]") {
+  struct EnvGuard {
+    ~EnvGuard() { ::unsetenv("FLOTILLA_TEST_CLOCK_OFFSET_S"); }
+  } guard;
+  for (const char* bad : {"ten years", "12s", "99999999999"}) {
+    INFO(bad);
+    ::setenv("FLOTILLA_TEST_CLOCK_OFFSET_S", bad, 1);
+    auto r = parse_agent_flags({"--service-manager", "openrc"});
+    REQUIRE_FALSE(r);
+    CHECK(r.error().message.find("FLOTILLA_TEST_CLOCK_OFFSET_S") != std::string::npos);
+  }
+  for (const char* good : {"-1700000000", "315360000", "0"}) {
+    INFO(good);
+    ::setenv("FLOTILLA_TEST_CLOCK_OFFSET_S", good, 1);
+    CHECK(parse_agent_flags({"--service-manager", "openrc"}));
+  }
 }

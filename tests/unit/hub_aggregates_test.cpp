@@ -582,3 +582,114 @@ TEST_CASE("a campaign's offline devices are the same whichever walk finds them",
   CHECK(*first == std::vector<std::string>(want.begin(), want.begin() + 3));
   CHECK(s.agg->away("c-away", 3, 0, 29, 14)->empty());
 }
+
+// A store from while issue 15 was half done kept the inventory twice: nine
+// columns of the devices row and device_inventory. Opening it moves the
+// columns' values into device_inventory and drops them; nothing is lost.
+TEST_CASE("opening a store that kept inventory in the devices row moves it into device_inventory",
+          "[unit][hub][aggregates][inventory]") {
+  TempDir dir;
+  const std::string path = (dir.path() / "hub.db").string();
+  const char* moved[] = {"k3s_role", "cluster_id", "k3s_cert_expiry_unix", "os", "disk_free_bytes",
+                         "disk_total_bytes", "mem_free_bytes", "mem_total_bytes", "clock_suspect"};
+  auto columns = [](Store& s, const std::string& table) {
+    auto r = sql::query<std::string>(s.db(), "SELECT name FROM pragma_table_info('" + table + "') ORDER BY name",
+                                     [](const sql::Stmt& st) { return st.col_text(0); });
+    REQUIRE(r);
+    return std::set<std::string>(r->begin(), r->end());
+  };
+  {
+    // Make the old layout from a current store: the columns back on
+    // devices, the ones device_inventory gained taken off it.
+    auto s = Store::open(path);
+    REQUIRE(s);
+    Store& st = **s;
+    for (const char* id : {"d-both", "d-row-only", "d-none", "d-gone"}) {
+      DeviceRecord d;
+      d.id = id;
+      d.labels = {{"env", "prod"}};
+      d.public_key_hex = "00";
+      d.hostname = std::string("host-") + id;
+      d.arch = "arm64";
+      d.agent_version = "0.1.0";
+      d.enrolled_ms = 1000;
+      REQUIRE(st.upsert_enrolled_device(d));
+    }
+    for (const char* decl :
+         {"k3s_role TEXT NOT NULL DEFAULT ''", "cluster_id TEXT NOT NULL DEFAULT ''",
+          "k3s_cert_expiry_unix INTEGER NOT NULL DEFAULT 0", "os TEXT NOT NULL DEFAULT ''",
+          "disk_free_bytes INTEGER NOT NULL DEFAULT 0", "disk_total_bytes INTEGER NOT NULL DEFAULT 0",
+          "mem_free_bytes INTEGER NOT NULL DEFAULT 0", "mem_total_bytes INTEGER NOT NULL DEFAULT 0",
+          "clock_suspect INTEGER NOT NULL DEFAULT 0"}) {
+      REQUIRE(st.db().exec(std::string("ALTER TABLE devices ADD COLUMN ") + decl));
+    }
+    for (const char* c : {"k3s_role", "cluster_id", "disk_total_bytes", "mem_total_bytes", "clock_suspect"}) {
+      REQUIRE(st.db().exec(std::string("ALTER TABLE device_inventory DROP COLUMN ") + c));
+    }
+    // What the old hub wrote: every report into the row, an inventory
+    // report into device_inventory too (not for d-row-only: reported
+    // before device_inventory existed).
+    REQUIRE(st.db().exec(
+        "UPDATE devices SET last_seen_ms = 7000, k3s_role = 'agent', cluster_id = 'line-1', "
+        "k3s_cert_expiry_unix = 1800000000, os = 'Linux 6.1', disk_free_bytes = 1000, disk_total_bytes = 8000, "
+        "mem_free_bytes = 200, mem_total_bytes = 900, clock_suspect = 1 WHERE id IN ('d-both', 'd-row-only')"));
+    REQUIRE(st.db().exec(
+        "INSERT INTO device_inventory (device_id, project, os, cert_expiry_unix, disk_free_bytes, mem_free_bytes, "
+        "updated_ms) VALUES ('d-both', 'default', 'Linux 6.1', 1800000000, 1000, 200, 5000)"));
+    REQUIRE(st.mark_device_decommissioned("d-gone"));
+    REQUIRE(st.db().exec("UPDATE devices SET os = 'Linux', disk_free_bytes = 5 WHERE id = 'd-gone'"));
+    CHECK(columns(st, "devices").count("clock_suspect") == 1);
+    CHECK(columns(st, "device_inventory").count("clock_suspect") == 0);
+  }
+  auto s = Store::open(path);
+  REQUIRE(s);
+  Store& st = **s;
+  // One place: the devices row has none of the columns any more.
+  const auto dev_cols = columns(st, "devices");
+  for (const char* c : moved) {
+    INFO(c);
+    CHECK(dev_cols.count(c) == 0);
+  }
+  for (const char* id : {"d-both", "d-row-only"}) {
+    INFO(id);
+    auto d = st.get_device(id);
+    REQUIRE(d);
+    REQUIRE(*d);
+    const auto& inv = (*d)->inventory;
+    CHECK(inv.k3s_role == "agent");
+    CHECK(inv.cluster_id == "line-1");
+    CHECK(inv.cert_expiry_unix == 1'800'000'000);
+    CHECK(inv.os == "Linux 6.1");
+    CHECK(inv.disk_free_bytes == 1000);
+    CHECK(inv.disk_total_bytes == 8000);
+    CHECK(inv.mem_free_bytes == 200);
+    CHECK(inv.mem_total_bytes == 900);
+    CHECK(inv.clock_suspect);
+    // The existing row keeps its time; one made from the devices row has the
+    // device's last report's.
+    CHECK(inv.updated_ms == (std::string(id) == "d-both" ? 5000 : 7000));
+  }
+  auto none = st.get_device("d-none");
+  REQUIRE(none);
+  REQUIRE(*none);
+  CHECK((*none)->inventory.updated_ms == 0);
+  CHECK((*none)->inventory.os.empty());
+  // A decommissioned device has no inventory, as before.
+  auto gone = st.get_device("d-gone");
+  REQUIRE(gone);
+  REQUIRE(*gone);
+  CHECK((*gone)->inventory.updated_ms == 0);
+  // The certificate-day counts include the row made from the devices row.
+  check_counts_agree(st);
+  auto counts = st.fleet_counts();
+  REQUIRE(counts);
+  CHECK(dim(*counts, "cert_day")[std::to_string(1'800'000'000 / 86400)] == 2);
+  // The next open finds nothing to move and changes nothing.
+  s->reset();
+  auto again = Store::open(path);
+  REQUIRE(again);
+  auto d = (*again)->get_device("d-row-only");
+  REQUIRE(d);
+  REQUIRE(*d);
+  CHECK((*d)->inventory.disk_total_bytes == 8000);
+}

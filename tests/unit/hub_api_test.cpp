@@ -1129,3 +1129,85 @@ TEST_CASE("hub refuses a batch as a whole for its token, gateway, signature or s
   }
   CHECK(hub.device_count() == 2);
 }
+
+// Issue 15: a device's inventory lives in device_inventory only. A report
+// that carries one writes that row (and no devices column: there are none);
+// one without leaves it alone; GET /v1/devices, its certificate filter and
+// the metrics read it from there.
+TEST_CASE("a report's inventory is kept in one place and every reader sees it", "[unit][hub][inventory]") {
+  Hub hub;
+  const std::string dev = hub.enroll_device({{"env", "prod"}});
+  const std::string other = hub.enroll_device({{"env", "prod"}});
+  auto column_count = [&](const std::string& sql) {
+    auto st = hub.store().db().prepare(sql);
+    REQUIRE(st);
+    auto r = st->step();
+    REQUIRE(r);
+    return st->col_int(0);
+  };
+  CHECK(column_count("SELECT COUNT(*) FROM pragma_table_info('devices') WHERE name IN ('k3s_role', 'cluster_id', "
+                     "'k3s_cert_expiry_unix', 'os', 'disk_free_bytes', 'disk_total_bytes', 'mem_free_bytes', "
+                     "'mem_total_bytes', 'clock_suspect')") == 0);
+  v1::Report r;
+  r.set_device_id(dev);
+  r.set_seq(1);
+  r.set_state(v1::AGENT_STATE_IDLE);
+  auto* inv = r.mutable_inventory();
+  inv->set_k3s_version("v1.30.4+k3s1");
+  inv->set_k3s_role("agent");
+  inv->set_cluster_id("line-1");
+  inv->set_os("Linux 6.1");
+  inv->set_k3s_cert_expiry_unix(hub.clock.now_unix() + 10 * 86400);
+  inv->set_disk_free_bytes(uint64_t{3} << 30);
+  inv->set_disk_total_bytes(uint64_t{16} << 30);
+  inv->set_mem_free_bytes(uint64_t{200} << 20);
+  inv->set_mem_total_bytes(uint64_t{1} << 30);
+  inv->set_clock_suspect(true);
+  hub.clock.advance(std::chrono::milliseconds(1000));
+  hub.report(dev, r.SerializeAsString());
+  const std::string row_sql = "SELECT updated_ms FROM device_inventory WHERE device_id = '" + dev + "'";
+  const int64_t written = column_count(row_sql);
+  CHECK(written == hub.clock.now_unix_ms());
+  CHECK(column_count("SELECT COUNT(*) FROM device_inventory WHERE device_id = '" + other + "'") == 0);
+
+  auto check_seen = [&](const json& d) {
+    CHECK(d["k3s_role"] == "agent");
+    CHECK(d["cluster_id"] == "line-1");
+    CHECK(d["os"] == "Linux 6.1");
+    CHECK(d["k3s_cert_expires_at"] != "");
+    CHECK(d["disk_free_bytes"] == (uint64_t{3} << 30));
+    CHECK(d["disk_total_bytes"] == (uint64_t{16} << 30));
+    CHECK(d["mem_free_bytes"] == (uint64_t{200} << 20));
+    CHECK(d["mem_total_bytes"] == (uint64_t{1} << 30));
+    CHECK(d["clock_suspect"] == true);
+  };
+  check_seen(hub.get("/v1/devices/" + dev));
+  // A report without inventory (most of them) does not touch the row.
+  r.clear_inventory();
+  r.set_seq(2);
+  r.set_state(v1::AGENT_STATE_INSTALLING);
+  hub.clock.advance(std::chrono::milliseconds(1000));
+  hub.report(dev, r.SerializeAsString());
+  CHECK(column_count(row_sql) == written);
+  const json got = hub.get("/v1/devices/" + dev);
+  CHECK(got["state"] == "installing");
+  check_seen(got);
+  // The certificate filter reads the same row.
+  const std::string soon = std::to_string(hub.clock.now_unix() + 30 * 86400);
+  const json expiring = hub.get("/v1/devices?certExpiresBefore=" + soon);
+  REQUIRE(expiring["items"].size() == 1);
+  CHECK(expiring["items"][0]["id"] == dev);
+  check_seen(expiring["items"][0]);
+  const std::string earlier = std::to_string(hub.clock.now_unix() + 5 * 86400);
+  CHECK(hub.get("/v1/devices?certExpiresBefore=" + earlier)["items"].empty());
+  const json all = hub.get("/v1/devices");
+  REQUIRE(all["items"].size() == 2);
+  for (const auto& d : all["items"]) {
+    if (d["id"] == other) {
+      CHECK(d["os"] == "");
+      CHECK(d["disk_total_bytes"] == 0);
+    } else {
+      check_seen(d);
+    }
+  }
+}

@@ -417,8 +417,8 @@ TEST_CASE("a campaign releases one node of a k3s cluster at a time, servers befo
   auto dev = f.hub->get_device(f.devices[1]);
   REQUIRE(dev);
   REQUIRE(*dev);
-  CHECK((*dev)->cluster_id == "line-1");
-  CHECK((*dev)->k3s_role == "server");
+  CHECK((*dev)->inventory.cluster_id == "line-1");
+  CHECK((*dev)->inventory.k3s_role == "server");
 
   const std::string id = f.create(json{{"waves", {100}}, {"max_in_flight", 10}}, f.bundle(2));
   std::vector<std::string> order;  // cluster nodes, in release order
@@ -472,4 +472,44 @@ TEST_CASE("a failed cluster node frees its cluster for the next one", "[unit][hu
   REQUIRE(second.size() == 1);
   CHECK(second[0] != first_agent[0]);
   CHECK(f.statuses(id)[first_agent[0]] != "applied");
+}
+
+// A campaign's k3s_action is signed into each released device's header; a
+// rollback's header never carries it; an unknown action is refused.
+TEST_CASE("a campaign's certificate rotation reaches devices in their signed header", "[unit][hub][campaign][rotate]") {
+  auto bad = Strategy::from_json(json{{"k3s_action", "reboot"}});
+  REQUIRE_FALSE(bad);
+  CHECK(bad.error().message.find("k3s_action") != std::string::npos);
+  CHECK_FALSE(Strategy::from_json(json{{"k3s_action", 1}}));
+  auto ok = Strategy::from_json(json{{"k3s_action", "rotate_certificates"}});
+  REQUIRE(ok);
+  CHECK(ok->to_json()["k3s_action"] == "rotate_certificates");
+  CHECK_FALSE(Strategy::from_json(json::object())->to_json().contains("k3s_action"));
+
+  Fleet f;
+  f.enroll(2);
+  const std::string b1 = f.bundle(1);
+  const std::string plain = f.create(json{{"waves", {100}}}, b1);
+  f.hub->tick();
+  for (const auto& d : f.devices) {
+    auto ds = f.desired(d);
+    REQUIRE(ds);
+    v1::DesiredHeader h;
+    REQUIRE(h.ParseFromString(ds->header().header()));
+    CHECK(h.k3s_action() == v1::K3S_ACTION_NONE);
+    f.report(d, v1::AGENT_STATE_APPLIED);
+  }
+  f.hub->tick();
+  const std::string rotate =
+      f.create(json{{"waves", {100}}, {"k3s_action", "rotate_certificates"}}, b1, "env=prod");
+  f.hub->tick();
+  for (const auto& d : f.devices) {
+    auto ds = f.desired(d);
+    REQUIRE(ds);
+    CHECK(ds->campaign_id() == rotate);
+    v1::DesiredHeader h;
+    REQUIRE(h.ParseFromString(ds->header().header()));
+    CHECK(h.k3s_action() == v1::K3S_ACTION_ROTATE_CERTIFICATES);
+  }
+  (void)plain;
 }

@@ -2,7 +2,10 @@
 #include <signal.h>
 #include <sys/wait.h>
 
+#include <algorithm>
+#include <cctype>
 #include <ctime>
+#include <set>
 #include <thread>
 
 #include <yaml-cpp/yaml.h>
@@ -539,6 +542,102 @@ Status DirectK3sRuntime::restore_datastore(const DatastoreSnapshot& snap) {
     }
   }
   return fs::fsync_dir(db);
+}
+
+// docs.k3s.io "Certificate Management": stop k3s, `k3s certificate rotate`,
+// start k3s. rotate moves the node's leaf certificates (not the CAs) into a
+// backup directory (server/tls-<unix>, an agent node's agent/tls-agent-<unix>)
+// and k3s issues new ones at its next start. The backup is what a failed
+// rotation puts back.
+Result<std::string> DirectK3sRuntime::rotate_certificates() {
+  if (!std::filesystem::exists(cfg_.k3s_bin)) return make_error(Errc::not_found, "k3s is not installed at " + cfg_.k3s_bin);
+  stop();
+  const auto parent = cfg_.root / "var/lib/rancher/k3s" / (cfg_.role == "agent" ? "agent" : "server");
+  const std::string prefix = cfg_.role == "agent" ? "tls-agent-" : "tls-";
+  std::error_code ec;
+  auto backups = [&] {
+    std::set<std::string> out;
+    for (const auto& e : std::filesystem::directory_iterator(parent, ec)) {
+      const std::string n = e.path().filename().string();
+      if (n.rfind(prefix, 0) == 0 && n.size() > prefix.size() && std::isdigit(static_cast<unsigned char>(n[prefix.size()]))) {
+        out.insert(n);
+      }
+    }
+    return out;
+  };
+  const auto before = backups();
+  std::vector<std::string> argv = {cfg_.k3s_bin, "certificate", "rotate"};
+  for (const auto& a : config_args()) argv.push_back(a);
+  auto r = proc::run(argv, std::chrono::minutes(2), 64 * 1024);
+  if (!r) return r.error();
+  if (r->exit_code != 0) {
+    return make_error(Errc::io, "k3s certificate rotate: " + trim(r->err.empty() ? r->out : r->err).substr(0, 300));
+  }
+  // The backup is the directory this run made (k3s names it by the time).
+  std::string made;
+  for (const auto& n : backups()) {
+    if (!before.count(n)) made = n;
+  }
+  if (made.empty()) return make_error(Errc::io, "k3s certificate rotate made no backup under " + parent.string());
+  const std::string device = std::string("/var/lib/rancher/k3s/") + (cfg_.role == "agent" ? "agent/" : "server/") + made;
+  log::get("agent")->info("k3s certificate rotate: old certificates kept at {}", device);
+  return device;
+}
+
+Status DirectK3sRuntime::restore_certificates(const std::string& backup) {
+  if (backup.empty()) return {};
+  const auto src = host(backup);
+  const auto tls = cfg_.root / "var/lib/rancher/k3s" / (cfg_.role == "agent" ? "agent" : "server/tls");
+  std::error_code ec;
+  if (!std::filesystem::is_directory(src, ec)) return make_error(Errc::not_found, "no certificate backup at " + src.string());
+  stop();
+  int restored = 0;
+  for (const auto& e : std::filesystem::directory_iterator(src, ec)) {
+    if (!e.is_regular_file(ec)) continue;
+    std::filesystem::copy_file(e.path(), tls / e.path().filename(), std::filesystem::copy_options::overwrite_existing, ec);
+    if (ec) return make_error(Errc::io, "restore " + (tls / e.path().filename()).string() + ": " + ec.message());
+    ++restored;
+  }
+  if (restored == 0) return make_error(Errc::not_found, "the certificate backup " + src.string() + " is empty");
+  return fs::fsync_dir(tls);
+}
+
+// k3s extracts its payload into ${data-dir}/data/<hash> and keeps
+// `data/current` and `data/previous` symlinks (cmd/k3s/main.go, extract());
+// it never removes an old directory itself.
+std::vector<std::string> DirectK3sRuntime::data_dirs() {
+  std::vector<std::string> out;
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator(cfg_.root / "var/lib/rancher/k3s/data", ec)) {
+    const std::string n = e.path().filename().string();
+    if (n.empty() || n[0] == '.' || e.is_symlink(ec) || !e.is_directory(ec)) continue;
+    out.push_back(n);
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+Status DirectK3sRuntime::remove_data_dirs(const std::vector<std::string>& names, const std::string& running) {
+  const auto data = cfg_.root / "var/lib/rancher/k3s/data";
+  std::error_code ec;
+  const std::set<std::string> gone(names.begin(), names.end());
+  for (const char* link : {"current", "previous"}) {
+    const auto l = data / link;
+    if (!std::filesystem::is_symlink(std::filesystem::symlink_status(l, ec))) continue;
+    const auto target = std::filesystem::read_symlink(l, ec).filename().string();
+    if (!gone.count(target)) continue;
+    std::filesystem::remove(l, ec);
+    if (std::string(link) == "current" && !running.empty() && !gone.count(running)) {
+      std::filesystem::create_symlink(data / running, l, ec);
+      if (ec) return make_error(Errc::io, "point " + l.string() + " at " + running + ": " + ec.message());
+    }
+  }
+  for (const auto& n : names) {
+    if (n.empty() || n.find('/') != std::string::npos || n == "." || n == "..") continue;
+    std::filesystem::remove_all(data / n, ec);
+    if (ec) return make_error(Errc::io, "remove " + (data / n).string() + ": " + ec.message());
+  }
+  return {};
 }
 
 }  // namespace flotilla::agent

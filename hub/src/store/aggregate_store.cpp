@@ -255,9 +255,14 @@ CREATE TABLE IF NOT EXISTS device_labels (
   PRIMARY KEY (key, value, device_id)) WITHOUT ROWID;
 -- What a device's reports said about its machine (HubService writes it when
 -- a report carries an inventory: at connect and when it changes).
+-- The only copy of a device's inventory: device reads LEFT JOIN it.
+-- Stores made before issue 15's columns get them in migrate_inventory.
 CREATE TABLE IF NOT EXISTS device_inventory (
   device_id TEXT PRIMARY KEY, project TEXT NOT NULL, os TEXT NOT NULL, cert_expiry_unix INTEGER NOT NULL,
-  disk_free_bytes INTEGER NOT NULL, mem_free_bytes INTEGER NOT NULL, updated_ms INTEGER NOT NULL) WITHOUT ROWID;
+  disk_free_bytes INTEGER NOT NULL, mem_free_bytes INTEGER NOT NULL, updated_ms INTEGER NOT NULL,
+  k3s_role TEXT NOT NULL DEFAULT '', cluster_id TEXT NOT NULL DEFAULT '',
+  disk_total_bytes INTEGER NOT NULL DEFAULT 0, mem_total_bytes INTEGER NOT NULL DEFAULT 0,
+  clock_suspect INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS device_inventory_cert ON device_inventory(cert_expiry_unix, device_id)
   WHERE cert_expiry_unix > 0;
 -- Each device's latest unrevoked broker client certificate (its serial and
@@ -376,18 +381,89 @@ Status Store::migrate_aggregates() {
   return tx.commit();
 }
 
+// Stores made while issue 15 was half done kept the inventory twice: nine
+// columns of the devices row (written at every report) and device_inventory.
+// It now lives in device_inventory only. An older store's devices columns are
+// copied in first (a row device_inventory lacks is made from them; one it has
+// gets the columns it did not hold), then dropped, in one transaction.
+Status Store::migrate_inventory() {
+  auto columns = [&](const std::string& table) -> Result<std::vector<std::string>> {
+    return query<std::string>(*db_, "SELECT name FROM pragma_table_info('" + table + "')",
+                              [](const sql::Stmt& s) { return s.col_text(0); });
+  };
+  auto inv_cols = columns("device_inventory");
+  if (!inv_cols) return inv_cols.error();
+  auto has = [](const std::vector<std::string>& cols, const char* c) {
+    return std::find(cols.begin(), cols.end(), c) != cols.end();
+  };
+  sql::Transaction tx(*db_);
+  if (!tx.ok()) return make_error(Errc::unavailable, "cannot begin transaction", true);
+  for (const auto& [col, decl] : {std::pair{"k3s_role", "TEXT NOT NULL DEFAULT ''"},
+                                  std::pair{"cluster_id", "TEXT NOT NULL DEFAULT ''"},
+                                  std::pair{"disk_total_bytes", "INTEGER NOT NULL DEFAULT 0"},
+                                  std::pair{"mem_total_bytes", "INTEGER NOT NULL DEFAULT 0"},
+                                  std::pair{"clock_suspect", "INTEGER NOT NULL DEFAULT 0"}}) {
+    if (has(*inv_cols, col)) continue;
+    if (auto s = db_->exec(std::string("ALTER TABLE device_inventory ADD COLUMN ") + col + " " + decl); !s) return s;
+  }
+  auto dev_cols = columns("devices");
+  if (!dev_cols) return dev_cols.error();
+  constexpr const char* kMoved[] = {"k3s_role", "cluster_id", "k3s_cert_expiry_unix", "os", "disk_free_bytes",
+                                    "disk_total_bytes", "mem_free_bytes", "mem_total_bytes", "clock_suspect"};
+  bool all = true, any = false;
+  for (const char* c : kMoved) {
+    all = all && has(*dev_cols, c);
+    any = any || has(*dev_cols, c);
+  }
+  if (any && !all) {
+    return make_error(Errc::internal, "devices holds only some of the inventory columns; this store was not made "
+                                      "by a Flotilla hub");
+  }
+  if (all) {
+    log::get("hub")->info("moving device inventory from the devices rows into device_inventory");
+    // Decommissioned devices have no inventory (device_inventory_decommissioned).
+    if (auto s = db_->exec(R"SQL(
+INSERT INTO device_inventory (device_id, project, os, cert_expiry_unix, disk_free_bytes, mem_free_bytes, updated_ms,
+                              k3s_role, cluster_id, disk_total_bytes, mem_total_bytes, clock_suspect)
+  SELECT id, project, os, k3s_cert_expiry_unix, disk_free_bytes, mem_free_bytes, last_seen_ms,
+         k3s_role, cluster_id, disk_total_bytes, mem_total_bytes, clock_suspect
+  FROM devices WHERE state != 'decommissioned' AND (k3s_role != '' OR cluster_id != '' OR k3s_cert_expiry_unix != 0
+    OR os != '' OR disk_free_bytes != 0 OR disk_total_bytes != 0 OR mem_free_bytes != 0 OR mem_total_bytes != 0
+    OR clock_suspect != 0)
+  ON CONFLICT DO UPDATE SET k3s_role = excluded.k3s_role, cluster_id = excluded.cluster_id,
+    disk_total_bytes = excluded.disk_total_bytes, mem_total_bytes = excluded.mem_total_bytes,
+    clock_suspect = excluded.clock_suspect;
+)SQL");
+        !s) {
+      return s.error().with_context("copy the devices rows' inventory into device_inventory");
+    }
+    for (const char* c : kMoved) {
+      if (auto s = db_->exec(std::string("ALTER TABLE devices DROP COLUMN ") + c); !s) {
+        return s.error().with_context(std::string("drop devices.") + c);
+      }
+    }
+  }
+  return tx.commit();
+}
+
 Status Store::save_device_inventory(const std::string& device_id, const DeviceInventory& inv) {
   auto st = db_->prepare(
       "INSERT INTO device_inventory (device_id, project, os, cert_expiry_unix, disk_free_bytes, mem_free_bytes, "
-      "updated_ms) SELECT id, project, ?, ?, ?, ?, ? FROM devices WHERE id = ? AND state != 'decommissioned' "
+      "updated_ms, k3s_role, cluster_id, disk_total_bytes, mem_total_bytes, clock_suspect) "
+      "SELECT id, project, ?, ?, ?, ?, ?, ?, ?, ?, ?, ? FROM devices WHERE id = ? AND state != 'decommissioned' "
       "ON CONFLICT DO UPDATE SET project = excluded.project, os = excluded.os, "
       "cert_expiry_unix = excluded.cert_expiry_unix, disk_free_bytes = excluded.disk_free_bytes, "
-      "mem_free_bytes = excluded.mem_free_bytes, updated_ms = excluded.updated_ms");
+      "mem_free_bytes = excluded.mem_free_bytes, updated_ms = excluded.updated_ms, k3s_role = excluded.k3s_role, "
+      "cluster_id = excluded.cluster_id, disk_total_bytes = excluded.disk_total_bytes, "
+      "mem_total_bytes = excluded.mem_total_bytes, clock_suspect = excluded.clock_suspect");
   if (!st) return st.error();
-  st->bind(1, std::string_view(inv.os).substr(0, 256)).bind(2, inv.cert_expiry_unix)
-      .bind(3, static_cast<int64_t>(std::min<uint64_t>(inv.disk_free_bytes, INT64_MAX)))
-      .bind(4, static_cast<int64_t>(std::min<uint64_t>(inv.mem_free_bytes, INT64_MAX))).bind(5, inv.updated_ms)
-      .bind(6, std::string_view(device_id));
+  auto u64 = [](uint64_t v) { return static_cast<int64_t>(std::min<uint64_t>(v, INT64_MAX)); };
+  // Bounded: reported by the device, shown to operators and filtered on.
+  st->bind(1, std::string_view(inv.os).substr(0, 128)).bind(2, inv.cert_expiry_unix)
+      .bind(3, u64(inv.disk_free_bytes)).bind(4, u64(inv.mem_free_bytes)).bind(5, inv.updated_ms)
+      .bind(6, std::string_view(inv.k3s_role).substr(0, 128)).bind(7, std::string_view(inv.cluster_id).substr(0, 128))
+      .bind(8, u64(inv.disk_total_bytes)).bind(9, u64(inv.mem_total_bytes)).bind(10, inv.clock_suspect ? 1 : 0)
+      .bind(11, std::string_view(device_id));
   return st->run();
 }
 
@@ -717,7 +793,9 @@ Result<DevicePage> AggregateStore::devices(const DeviceQuery& q) {
   for (const auto& k : keys) order += (order.empty() ? "" : ", ") + k + dir;
   std::string key_cols;
   for (const auto& k : keys) key_cols += k + ", ";
-  const std::string sql = "SELECT " + prefixed(device_columns(), "d.") + ", " + key_cols + "(" + hit + ") FROM " +
+  // Every walk but the certificate one (which has it already) joins the inventory.
+  if (driver != Driver::cert) from += " LEFT JOIN device_inventory i ON i.device_id = d.id";
+  const std::string sql = "SELECT " + device_columns() + ", " + key_cols + "(" + hit + ") FROM " +
                           from + (range.empty() ? "" : " WHERE " + range) + " ORDER BY " + order + " LIMIT ?";
   auto lease = reader();
   auto st = lease.db().prepare(sql);
@@ -761,21 +839,13 @@ Result<DevicePage> AggregateStore::devices(const DeviceQuery& q) {
 Result<std::optional<DeviceDetail>> AggregateStore::device(const std::string& id) {
   auto lease = reader();
   auto& db = lease.db();
-  auto rows = query<DeviceRecord>(db, "SELECT " + device_columns() + " FROM devices WHERE id = ?",
+  auto rows = query<DeviceRecord>(db, "SELECT " + device_columns() + " FROM " + device_from_clause() + " WHERE d.id = ?",
                                   [&](sql::Stmt& s) { s.bind(1, std::string_view(id)); }, device_row);
   if (!rows) return rows.error();
   if (rows->empty()) return std::optional<DeviceDetail>();
   DeviceDetail d;
   d.device = std::move(rows->front());
-  auto inv = query<DeviceInventory>(
-      db, "SELECT os, cert_expiry_unix, disk_free_bytes, mem_free_bytes, updated_ms FROM device_inventory WHERE device_id = ?",
-      [&](sql::Stmt& s) { s.bind(1, std::string_view(id)); },
-      [](const sql::Stmt& s) {
-        return DeviceInventory{s.col_text(0), s.col_int(1), static_cast<uint64_t>(s.col_int(2)),
-                               static_cast<uint64_t>(s.col_int(3)), s.col_int(4)};
-      });
-  if (!inv) return inv.error();
-  if (!inv->empty()) d.inventory = inv->front();
+  if (d.device.inventory.updated_ms != 0) d.inventory = d.device.inventory;
   auto failures = query<DeviceOutcome>(
       db,
       "SELECT time_ms, seq, state, reason, message, campaign_id, bundle_id, applied_bundle, applied_version "

@@ -8,7 +8,10 @@
 
 namespace flotilla::hub {
 
+// Columns of "d" (devices) and "i" (device_inventory), read from
+// device_from_clause() or any FROM that names those two aliases.
 std::string device_columns();
+std::string device_from_clause();
 DeviceRecord device_row(const sql::Stmt& s);  // columns device_columns() from 0
 std::string bundle_columns();
 BundleRecord bundle_row(const sql::Stmt& s);

@@ -23,11 +23,17 @@ std::vector<std::string> label_keys_from(const std::string& s) {
   return out;
 }
 
+// A device row with its inventory (device_inventory, LEFT JOINed: one place
+// for it, see DeviceInventory). Plain column names only: column counts and
+// cursors are computed from this list.
 constexpr const char* kDeviceCols =
-    "id, project, labels, public_key, hostname, arch, agent_version, enrolled_ms, last_seen_ms, online, "
-    "state, applied_bundle, applied_version, k3s_version, node_ready, last_reason, last_message, last_seq, "
-    "generation, desired_bundle_id, campaign_id, gateway, enroll_issued_ms, k3s_role, cluster_id, "
-    "k3s_cert_expiry_unix, os, disk_free_bytes, disk_total_bytes, mem_free_bytes, mem_total_bytes, clock_suspect";
+    "d.id, d.project, d.labels, d.public_key, d.hostname, d.arch, d.agent_version, d.enrolled_ms, d.last_seen_ms, "
+    "d.online, d.state, d.applied_bundle, d.applied_version, d.k3s_version, d.node_ready, d.last_reason, "
+    "d.last_message, d.last_seq, d.generation, d.desired_bundle_id, d.campaign_id, d.gateway, d.enroll_issued_ms, "
+    "i.k3s_role, i.cluster_id, i.cert_expiry_unix, i.os, i.disk_free_bytes, i.disk_total_bytes, i.mem_free_bytes, "
+    "i.mem_total_bytes, i.clock_suspect, i.updated_ms";
+// What kDeviceCols reads from.
+constexpr const char* kDeviceFrom = "devices d LEFT JOIN device_inventory i ON i.device_id = d.id";
 
 DeviceRecord device_from(const sql::Stmt& s) {
   DeviceRecord d;
@@ -54,15 +60,17 @@ DeviceRecord device_from(const sql::Stmt& s) {
   d.campaign_id = s.col_text(20);
   d.gateway = s.col_text(21);
   d.enroll_issued_ms = static_cast<uint64_t>(s.col_int(22));
-  d.k3s_role = s.col_text(23);
-  d.cluster_id = s.col_text(24);
-  d.k3s_cert_expiry_unix = s.col_int(25);
-  d.os = s.col_text(26);
-  d.disk_free_bytes = static_cast<uint64_t>(s.col_int(27));
-  d.disk_total_bytes = static_cast<uint64_t>(s.col_int(28));
-  d.mem_free_bytes = static_cast<uint64_t>(s.col_int(29));
-  d.mem_total_bytes = static_cast<uint64_t>(s.col_int(30));
-  d.clock_suspect = s.col_int(31) != 0;
+  auto& inv = d.inventory;
+  inv.k3s_role = s.col_text(23);
+  inv.cluster_id = s.col_text(24);
+  inv.cert_expiry_unix = s.col_int(25);
+  inv.os = s.col_text(26);
+  inv.disk_free_bytes = static_cast<uint64_t>(s.col_int(27));
+  inv.disk_total_bytes = static_cast<uint64_t>(s.col_int(28));
+  inv.mem_free_bytes = static_cast<uint64_t>(s.col_int(29));
+  inv.mem_total_bytes = static_cast<uint64_t>(s.col_int(30));
+  inv.clock_suspect = s.col_int(31) != 0;
+  inv.updated_ms = s.col_int(32);
   return d;
 }
 
@@ -161,7 +169,8 @@ CREATE TABLE IF NOT EXISTS trust (
   if (auto s = migrate_campaigns(); !s) return s;
   if (auto s = migrate_certs(); !s) return s;
   if (auto s = migrate_scopes(); !s) return s;
-  return migrate_aggregates();
+  if (auto s = migrate_aggregates(); !s) return s;
+  return migrate_inventory();
 }
 
 std::string bundle_id(const std::string& project, const std::string& digest) {
@@ -180,15 +189,6 @@ Status Store::migrate_scopes() {
   };
   for (const auto& [table, col, decl] :
        {std::tuple{"devices", "enroll_issued_ms", "INTEGER NOT NULL DEFAULT 0"},
-        std::tuple{"devices", "k3s_role", "TEXT NOT NULL DEFAULT ''"},
-        std::tuple{"devices", "cluster_id", "TEXT NOT NULL DEFAULT ''"},
-        std::tuple{"devices", "k3s_cert_expiry_unix", "INTEGER NOT NULL DEFAULT 0"},
-        std::tuple{"devices", "os", "TEXT NOT NULL DEFAULT ''"},
-        std::tuple{"devices", "disk_free_bytes", "INTEGER NOT NULL DEFAULT 0"},
-        std::tuple{"devices", "disk_total_bytes", "INTEGER NOT NULL DEFAULT 0"},
-        std::tuple{"devices", "mem_free_bytes", "INTEGER NOT NULL DEFAULT 0"},
-        std::tuple{"devices", "mem_total_bytes", "INTEGER NOT NULL DEFAULT 0"},
-        std::tuple{"devices", "clock_suspect", "INTEGER NOT NULL DEFAULT 0"},
         std::tuple{"tokens", "device_label_keys", "TEXT NOT NULL DEFAULT '[]'"}}) {
     auto has = has_column(table, col);
     if (!has) return has.error();
@@ -332,7 +332,7 @@ Status Store::upsert_enrolled_device(const DeviceRecord& d) {
 }
 
 Result<std::optional<DeviceRecord>> Store::get_device(const std::string& id) {
-  auto st = db_->prepare(std::string("SELECT ") + kDeviceCols + " FROM devices WHERE id = ?");
+  auto st = db_->prepare(std::string("SELECT ") + kDeviceCols + " FROM " + kDeviceFrom + " WHERE d.id = ?");
   if (!st) return st.error();
   st->bind(1, std::string_view(id));
   auto r = st->step();
@@ -343,9 +343,9 @@ Result<std::optional<DeviceRecord>> Store::get_device(const std::string& id) {
 
 Result<std::vector<DeviceRecord>> Store::list_devices(const std::string& project) {
   if (project == "*") {
-    return query<DeviceRecord>(*db_, std::string("SELECT ") + kDeviceCols + " FROM devices ORDER BY id", device_from);
+    return query<DeviceRecord>(*db_, std::string("SELECT ") + kDeviceCols + " FROM " + kDeviceFrom + " ORDER BY d.id", device_from);
   }
-  auto st = db_->prepare(std::string("SELECT ") + kDeviceCols + " FROM devices WHERE project = ? ORDER BY id");
+  auto st = db_->prepare(std::string("SELECT ") + kDeviceCols + " FROM " + kDeviceFrom + " WHERE d.project = ? ORDER BY d.id");
   if (!st) return st.error();
   st->bind(1, std::string_view(project));
   return st->rows<DeviceRecord>(device_from);
@@ -362,9 +362,7 @@ Status Store::save_device_state(const DeviceRecord& d) {
   auto st = db_->prepare(
       "UPDATE devices SET last_seen_ms=?, online=?, state=?, applied_bundle=?, applied_version=?, "
       "k3s_version=?, node_ready=?, last_reason=?, last_message=?, last_seq=?, generation=?, "
-      "desired_bundle_id=?, campaign_id=?, agent_version=?, arch=?, k3s_role=?, cluster_id=?, "
-      "k3s_cert_expiry_unix=?, os=?, disk_free_bytes=?, disk_total_bytes=?, mem_free_bytes=?, mem_total_bytes=?, "
-      "clock_suspect=? "
+      "desired_bundle_id=?, campaign_id=?, agent_version=?, arch=? "
       // A report or presence message still queued when a device was
       // decommissioned must not bring it back to life.
       "WHERE id=? AND state != 'decommissioned'");
@@ -376,14 +374,7 @@ Status Store::save_device_state(const DeviceRecord& d) {
       .bind(10, static_cast<int64_t>(d.last_seq)).bind(11, static_cast<int64_t>(d.generation))
       .bind(12, std::string_view(d.desired_bundle_id)).bind(13, std::string_view(d.campaign_id))
       .bind(14, std::string_view(d.agent_version)).bind(15, std::string_view(d.arch))
-      .bind(16, std::string_view(d.k3s_role)).bind(17, std::string_view(d.cluster_id))
-      .bind(18, d.k3s_cert_expiry_unix).bind(19, std::string_view(d.os))
-      .bind(20, static_cast<int64_t>(std::min<uint64_t>(d.disk_free_bytes, INT64_MAX)))
-      .bind(21, static_cast<int64_t>(std::min<uint64_t>(d.disk_total_bytes, INT64_MAX)))
-      .bind(22, static_cast<int64_t>(std::min<uint64_t>(d.mem_free_bytes, INT64_MAX)))
-      .bind(23, static_cast<int64_t>(std::min<uint64_t>(d.mem_total_bytes, INT64_MAX)))
-      .bind(24, d.clock_suspect ? 1 : 0)
-      .bind(25, std::string_view(d.id));
+      .bind(16, std::string_view(d.id));
   return st->run();
 }
 
@@ -477,6 +468,7 @@ Result<std::optional<BundleRecord>> Store::get_bundle(const std::string& key, bo
 
 // One mapping of a devices row, shared with store/aggregate_store.cpp.
 std::string device_columns() { return kDeviceCols; }
+std::string device_from_clause() { return kDeviceFrom; }
 DeviceRecord device_row(const sql::Stmt& s) { return device_from(s); }
 std::string bundle_columns() { return kBundleCols; }
 BundleRecord bundle_row(const sql::Stmt& s) { return bundle_from(s, false); }

@@ -33,5 +33,7 @@ std::optional<std::string> confined_path(const std::string& dir, const std::stri
 
 // Bytes free for an unprivileged writer on the filesystem holding path.
 Result<uint64_t> free_bytes(const stdfs::path& path);
+// Size of the filesystem holding `path` (statvfs f_blocks * f_frsize).
+Result<uint64_t> total_bytes(const stdfs::path& path);
 
 }  // namespace flotilla::fs

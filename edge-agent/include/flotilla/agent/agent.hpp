@@ -48,6 +48,8 @@ struct DesiredDecision {
   // them (when the hub sent them) and when the hub signed it.
   std::optional<std::map<std::string, std::string>> labels;
   int64_t issued_unix_ms = 0;
+  // The signed header asks for `k3s certificate rotate` (K3S_ACTION_ROTATE_CERTIFICATES).
+  bool rotate_certificates = false;
 };
 
 struct DesiredContext {
@@ -68,7 +70,8 @@ DesiredDecision decide_desired(std::string_view payload, const DesiredContext& c
 // The steps of an apply. The pipeline is a state machine: each step may only
 // be followed by the ones kTransitions lists (rollback replaces restart,
 // health or commit when one fails); InFlight::step persists where it is.
-enum class Step { verify, space, download, backup, snapshot, install, restart, health, commit, rollback, recover };
+// rotate: `k3s certificate rotate` (k3s stopped), when the desired header asks.
+enum class Step { verify, space, download, backup, snapshot, install, rotate, restart, health, commit, rollback, recover };
 const char* step_name(Step s);
 std::optional<Step> step_from_name(const std::string& name);
 // Whether `to` may follow `from` (an apply starts at verify; recover may
@@ -77,8 +80,8 @@ bool step_allowed(std::optional<Step> from, Step to);
 
 // The journaled steps of an apply, by name, in order.
 inline const std::vector<std::string>& apply_steps() {
-  static const std::vector<std::string> steps = {"verify",  "space",  "download", "backup",  "snapshot",
-                                                 "install", "restart", "health",  "commit", "rollback"};
+  static const std::vector<std::string> steps = {"verify",  "space",  "download", "backup", "snapshot", "install",
+                                                 "rotate",  "restart", "health",   "commit", "rollback"};
   return steps;
 }
 

@@ -49,6 +49,10 @@ class DirectK3sRuntime final : public K3sRuntime {
   uint64_t datastore_bytes() override;
   Result<DatastoreSnapshot> snapshot_datastore(const std::string& dest_dir, const std::string& tag) override;
   Status restore_datastore(const DatastoreSnapshot& s) override;
+  Result<std::string> rotate_certificates() override;
+  Status restore_certificates(const std::string& backup) override;
+  std::vector<std::string> data_dirs() override;
+  Status remove_data_dirs(const std::vector<std::string>& names, const std::string& running) override;
 
   // The unit / init script and env file k3s's installer would write for this
   // role and init system, for the ones that do not exist yet (an adopted

@@ -18,6 +18,7 @@ class DiskFileTree final : public FileTree {
   Status write_atomic(const std::string& path, const std::string& content, unsigned mode) override;
   Status remove(const std::string& path) override;
   Result<uint64_t> free_bytes(const std::string& path) override;
+  Result<uint64_t> total_bytes(const std::string& path) override;
   bool exists(const std::string& path) override;
   Result<std::optional<std::string>> sha256_hex(const std::string& path) override;
   Result<uint64_t> size_of(const std::string& path) override;

@@ -119,8 +119,17 @@ class K3sRuntime {
     (void)backup;
     return {};
   }
-  // Removes data/<hash> directories the running k3s no longer uses.
-  virtual std::vector<std::string> prune_data_dirs() { return {}; }
+  // The directories k3s extracted its payload into (data/<hash>), by name;
+  // the `current`/`previous` symlinks are not among them.
+  virtual std::vector<std::string> data_dirs() { return {}; }
+  // Removes those data/<hash> directories. A `current` or `previous` symlink
+  // that pointed at one points at data/<running> afterwards (current) or
+  // goes (previous), so k3s's own bookkeeping names no missing directory.
+  virtual Status remove_data_dirs(const std::vector<std::string>& names, const std::string& running) {
+    (void)names;
+    (void)running;
+    return {};
+  }
 };
 
 // How k3s runs as a service on the device: systemd, OpenRC, or the agent
@@ -152,6 +161,8 @@ class FileTree {
   virtual Status write_atomic(const std::string& path, const std::string& content, unsigned mode) = 0;
   virtual Status remove(const std::string& path) = 0;
   virtual Result<uint64_t> free_bytes(const std::string& path) = 0;
+  // Size of the filesystem holding `path` (the inventory's disk_total_bytes).
+  virtual Result<uint64_t> total_bytes(const std::string& path) = 0;
   // Large files (artifacts, backups) never pass through memory:
   virtual bool exists(const std::string& path) = 0;
   // SHA-256 (hex) of a file, streamed; nullopt when it does not exist.
@@ -244,6 +255,9 @@ struct AppliedState {
   // replace the enrollment-time labels; hub_labels_set says they were sent).
   std::map<std::string, std::string> hub_labels;
   bool hub_labels_set = false;
+  // The data/<hash> directory the committed k3s runs from ("" = not known
+  // yet): what the next commit keeps for a rollback, besides the new one.
+  std::string k3s_data_dir;
 };
 
 // One journal row: a step of an apply, before ("begin") and after ("end").

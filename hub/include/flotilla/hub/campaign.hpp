@@ -65,6 +65,10 @@ struct Strategy {
   MaintenanceWindow window;
   // Waves (by index, never 0) that start only once an operator approved them.
   std::vector<int> approval_waves;
+  // What the campaign asks of k3s besides placing its bundle, signed into
+  // each device's desired header: "" or "rotate_certificates" (`k3s
+  // certificate rotate` and a restart, health-gated; docs/agent.md).
+  std::string k3s_action;
 
   // Parses the "strategy" object of POST /v1/campaigns; every bad value is an
   // error naming the field. Absent fields keep the defaults above.

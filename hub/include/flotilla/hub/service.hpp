@@ -308,6 +308,9 @@ class HubService {
     // The device's labels as the store has them now: signed into the header
     // so a relabelled device selects its overlays without enrolling again.
     std::map<std::string, std::string> labels;
+    // The campaign's Strategy::k3s_action is rotate_certificates (never on a
+    // rollback: that only returns the device to its previous bundle).
+    bool rotate_certificates = false;
   };
   using Publishes = std::vector<PendingDesired>;
   // The shared part for a bundle; call with store_mu_ held. `cache` keeps

@@ -21,6 +21,24 @@ using bundles::Selector;
 using bundles::valid_label_key;
 using bundles::valid_label_value;
 
+// What a device's reports say about its machine (issue 15): kept in one
+// place, the device_inventory table, written only when a report carries an
+// inventory (at connect and when it changes), not at every report. Device
+// reads join it, so DeviceRecord::inventory is always that row (zeros and ""
+// when the device never sent one).
+struct DeviceInventory {
+  std::string k3s_role;          // "server" or "agent"; "" = not reported
+  std::string cluster_id;
+  int64_t cert_expiry_unix = 0;  // k3s serving certificate; 0 = not reported
+  std::string os;
+  uint64_t disk_free_bytes = 0;  // of the filesystem holding k3s's data dir
+  uint64_t disk_total_bytes = 0;
+  uint64_t mem_free_bytes = 0;
+  uint64_t mem_total_bytes = 0;
+  bool clock_suspect = false;
+  int64_t updated_ms = 0;        // 0 = no inventory row
+};
+
 struct DeviceRecord {
   std::string id;
   std::string project = "default";
@@ -49,15 +67,9 @@ struct DeviceRecord {
   // issued_unix_ms of the enrollment request last taken (0: an older proof
   // without it). A later enrollment must be newer: a replay changes nothing.
   uint64_t enroll_issued_ms = 0;
-  // Inventory the agent reports (issue 15): the node's k3s role and cluster,
-  // k3s's certificate expiry, OS, disk and memory, and whether its clock
-  // looked wrong.
-  std::string k3s_role;
-  std::string cluster_id;
-  int64_t k3s_cert_expiry_unix = 0;
-  std::string os;
-  uint64_t disk_free_bytes = 0, disk_total_bytes = 0, mem_free_bytes = 0, mem_total_bytes = 0;
-  bool clock_suspect = false;
+  // The device_inventory row (read-only here: save_device_state does not
+  // write it, save_device_inventory does).
+  DeviceInventory inventory;
 };
 
 struct BundleRecord {
@@ -212,16 +224,6 @@ struct GitRepoRecord {
   std::string applied;         // JSON list of "Kind/project/name" the last commit applied
 };
 
-// What a device's reports say about its machine beyond DeviceRecord: kept in
-// its own table (device_inventory), written only when a report carries an
-// inventory (at connect and when it changes), not at every report.
-struct DeviceInventory {
-  std::string os;
-  int64_t cert_expiry_unix = 0;  // k3s serving certificate; 0 = not reported
-  uint64_t disk_free_bytes = 0;
-  uint64_t mem_free_bytes = 0;
-  int64_t updated_ms = 0;
-};
 
 // One row of the trigger-kept fleet_counts table: how many devices of a
 // project have `value` in dimension `dim` (state, online, version, k3s,
@@ -369,6 +371,7 @@ class Store {
   // The dashboard's read models (store/aggregate_store.cpp): fleet counts,
   // the label index, outcome history, inventory and campaign timelines.
   Status migrate_aggregates();
+  Status migrate_inventory();
   // Stores a report's inventory; nothing for a decommissioned device.
   Status save_device_inventory(const std::string& device_id, const DeviceInventory& inv);
   // fleet_counts as kept by the triggers (rows with n != 0), and the same

@@ -51,6 +51,7 @@ class SimFileTree final : public agent::FileTree {
   Status write_atomic(const std::string& path, const std::string& content, unsigned mode) override;
   Status remove(const std::string& path) override;
   Result<uint64_t> free_bytes(const std::string&) override { return uint64_t{1} << 40; }
+  Result<uint64_t> total_bytes(const std::string&) override { return uint64_t{2} << 40; }
   bool exists(const std::string& path) override { return find(path) != nullptr; }
   Result<std::optional<std::string>> sha256_hex(const std::string& path) override;
   Result<uint64_t> size_of(const std::string& path) override;
