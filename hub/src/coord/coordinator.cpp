@@ -164,6 +164,7 @@ Result<Fence> CellOwnership::claim(const std::string& cell) {
 Result<std::vector<std::string>> CellOwnership::claim_unowned(const std::vector<std::string>& cells) {
   std::vector<std::string> taken;
   for (const auto& cell : cells) {
+    if (owned_.count(cell)) continue;  // only the newly taken are reported
     auto f = claim(cell);
     if (f) {
       taken.push_back(cell);
