@@ -17,6 +17,8 @@ PACKAGES=(
   libgit2-dev git
   catch2
   mosquitto mosquitto-clients
+  # coordination on etcd (docs/adr/0014): the integration tests run a 3-member cluster
+  etcd-server
   curl
   # images/: ext4 and archives without mounting; the image tests' tools
   libext2fs-dev e2fsprogs libarchive-dev fdisk zstd

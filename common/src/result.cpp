@@ -18,6 +18,7 @@ std::string_view errc_name(Errc code) {
     case Errc::conflict: return "conflict";
     case Errc::refused: return "refused";
     case Errc::internal: return "internal";
+    case Errc::coordination_unavailable: return "coordination_unavailable";
   }
   return "internal";
 }

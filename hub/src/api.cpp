@@ -63,6 +63,7 @@ int http_status_for(Errc code) {
     case Errc::conflict: return 409;
     case Errc::too_large: return 413;
     case Errc::unavailable:
+    case Errc::coordination_unavailable:
     case Errc::timeout: return 503;
     default: return 500;
   }

@@ -1,4 +1,5 @@
 #include "flotilla/hub/app.hpp"
+#include "flotilla/hub/coord.hpp"
 
 #include <sys/stat.h>
 #include <unistd.h>
@@ -108,6 +109,7 @@ void add_hub_options(Options& o) {
       .add("log-level", "trace, debug, info, warn or error", "info")
       .add("log-format", "text, or json: one object per line (time in UTC, level, logger, msg)", "text")
       .config_file_key("config");
+  coord::add_coordination_options(o);  // docs/adr/0014
 }
 
 Result<bundles::KeyPair> load_director_key(const std::filesystem::path& data_dir, const std::string& configured) {
@@ -320,6 +322,9 @@ Result<HubConfig> hub_config_from(const Options& o) {
                                                   o.source("device-cert-lifetime") + ")");
   }
   c.device_cert_lifetime_s = std::chrono::duration_cast<std::chrono::seconds>(*lifetime).count();
+  auto coordination = coord::coordination_config_from(o);
+  if (!coordination) return coordination.error();
+  c.coordination = std::move(*coordination);
   return c;
 }
 
@@ -337,6 +342,16 @@ Status run_hub(const HubConfig& cfg, const std::atomic<bool>& stop) {
   if (!store) return store.error();
   auto director = load_director_key(data, cfg.director_key_file);
   if (!director) return director.error();
+  // Coordination (docs/adr/0014): opened now so a bad setting fails here;
+  // nothing depends on it yet. etcd being down is a degraded mode, not a
+  // start-up failure.
+  auto coordinator = coord::open_coordinator(cfg.coordination, cfg.data_dir);
+  if (!coordinator) return coordinator.error();
+  if (auto probe = (*coordinator)->get("/flotilla/hub"); !probe) {
+    logger->warn("coordination backend={} error={}", (*coordinator)->backend(), probe.error().message);
+  } else {
+    logger->info("coordination backend={}", (*coordinator)->backend());
+  }
   // The dashboard's read models read on connections of their own.
   AggregateStore::Config ac;
   ac.tuning = StoreTuning{std::max<int64_t>(4, cfg.db_cache_mib / 4), cfg.db_mmap_mib};

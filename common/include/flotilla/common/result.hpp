@@ -24,6 +24,9 @@ enum class Errc {
   conflict,
   refused,
   internal,
+  // The coordination store (etcd) cannot be reached: the API answers 503
+  // naming it, and nothing was written (docs/adr/0014).
+  coordination_unavailable,
 };
 
 std::string_view errc_name(Errc code);

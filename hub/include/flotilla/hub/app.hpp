@@ -10,6 +10,7 @@
 #include "flotilla/bundles/keys.hpp"
 #include "flotilla/common/options.hpp"
 #include "flotilla/common/result.hpp"
+#include "flotilla/hub/coord.hpp"
 
 namespace flotilla::hub {
 
@@ -68,6 +69,8 @@ struct HubConfig {
   // Development only: the embedded broker speaks plain MQTT and devices get
   // passwords (the broker reloads at every enrollment). Never in production.
   bool dev_plain_mqtt = false;
+  // Where hub processes coordinate (docs/adr/0014): sqlite or etcd.
+  coord::CoordinationConfig coordination;
 };
 
 // The key the hub signs desired-state headers with: the configured file, or

@@ -1,0 +1,145 @@
+#pragma once
+// A real etcd cluster on loopback for integration tests (Debian's
+// etcd-server, scripts/setup.sh): N members in a temp dir, free ports, each
+// member stoppable and restartable on its own data. Every wait has a
+// deadline. The cells/failover tests reuse it.
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <filesystem>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "flotilla/common/http_client.hpp"
+#include "flotilla/common/process.hpp"
+
+namespace flotilla::test {
+
+// A port free now on 127.0.0.1 (the kernel's choice; etcd binds it shortly after).
+inline int free_loopback_port() {
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  if (fd < 0) throw std::runtime_error("socket failed");
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  a.sin_port = 0;
+  socklen_t len = sizeof a;
+  if (::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0 ||
+      ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) != 0) {
+    ::close(fd);
+    throw std::runtime_error("cannot find a free port");
+  }
+  const int port = ntohs(a.sin_port);
+  ::close(fd);
+  return port;
+}
+
+class EtcdCluster {
+ public:
+  // etcd's binary: $FLOTILLA_ETCD or /usr/bin/etcd.
+  static std::string binary() {
+    const char* e = std::getenv("FLOTILLA_ETCD");
+    return e && *e ? e : "/usr/bin/etcd";
+  }
+  static bool available() { return std::filesystem::exists(binary()); }
+
+  EtcdCluster(std::filesystem::path dir, int members) : dir_(std::move(dir)) {
+    for (int i = 0; i < members; ++i) {
+      Member m;
+      m.name = "m" + std::to_string(i);
+      m.client = "http://127.0.0.1:" + std::to_string(free_loopback_port());
+      m.peer = "http://127.0.0.1:" + std::to_string(free_loopback_port());
+      members_.push_back(std::move(m));
+    }
+  }
+  ~EtcdCluster() {
+    for (auto& m : members_) {
+      if (m.child.valid()) m.child.terminate(std::chrono::milliseconds(2000));
+    }
+  }
+  EtcdCluster(const EtcdCluster&) = delete;
+  EtcdCluster& operator=(const EtcdCluster&) = delete;
+
+  // Starts every member and waits until each answers /health.
+  void start() {
+    for (size_t i = 0; i < members_.size(); ++i) start_member(i, false);
+    for (size_t i = 0; i < members_.size(); ++i) {
+      if (!wait_healthy(i, std::chrono::seconds(60))) {
+        throw std::runtime_error("etcd member " + members_[i].name + " not healthy; see " +
+                                 (dir_ / (members_[i].name + ".log")).string());
+      }
+    }
+  }
+
+  // Starts member i again on its data dir (wait = until healthy).
+  void start_member(size_t i, bool wait = true) {
+    auto& m = members_[i];
+    std::string cluster;
+    for (const auto& o : members_) cluster += (cluster.empty() ? "" : ",") + o.name + "=" + o.peer;
+    proc::SpawnOptions so;
+    so.argv = {binary(), "--name", m.name, "--data-dir", (dir_ / m.name).string(),
+               "--listen-client-urls", m.client, "--advertise-client-urls", m.client,
+               "--listen-peer-urls", m.peer, "--initial-advertise-peer-urls", m.peer,
+               "--initial-cluster", cluster, "--initial-cluster-state", "new",
+               "--initial-cluster-token", "flotilla-test",
+               // Fast elections, so a lost member costs the tests little time.
+               "--heartbeat-interval", "50", "--election-timeout", "500",
+               "--logger", "zap", "--log-level", "warn"};
+    so.stdout_path = (dir_ / (m.name + ".log")).string();
+    so.stderr_path = "stdout";
+    so.die_with_parent = true;
+    auto c = proc::spawn(so);
+    if (!c) throw std::runtime_error("cannot start etcd: " + c.error().message);
+    m.child = std::move(*c);
+    if (wait && !wait_healthy(i, std::chrono::seconds(60))) {
+      throw std::runtime_error("etcd member " + m.name + " not healthy after restart");
+    }
+  }
+
+  // SIGTERM (etcd shuts down cleanly), reaped.
+  void stop_member(size_t i) { members_[i].child.terminate(std::chrono::milliseconds(5000)); }
+  void stop_all() {
+    for (size_t i = 0; i < members_.size(); ++i) stop_member(i);
+  }
+  void start_all() {
+    for (size_t i = 0; i < members_.size(); ++i) start_member(i, false);
+    for (size_t i = 0; i < members_.size(); ++i) {
+      if (!wait_healthy(i, std::chrono::seconds(60))) throw std::runtime_error("etcd not healthy after restart");
+    }
+  }
+
+  // /health is true only with a leader and a working quorum.
+  bool wait_healthy(size_t i, std::chrono::milliseconds timeout) const {
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    while (std::chrono::steady_clock::now() < deadline) {
+      http::Request r;
+      r.url = members_[i].client + "/health";
+      r.timeout = std::chrono::milliseconds(1000);
+      auto resp = http::send(r);
+      if (resp && resp->status == 200 && resp->body.find("\"true\"") != std::string::npos) return true;
+      ::usleep(100 * 1000);  // a poll interval, not a wait for an outcome
+    }
+    return false;
+  }
+
+  std::vector<std::string> client_urls() const {
+    std::vector<std::string> out;
+    for (const auto& m : members_) out.push_back(m.client);
+    return out;
+  }
+  size_t size() const { return members_.size(); }
+  const std::filesystem::path& dir() const { return dir_; }
+
+ private:
+  struct Member {
+    std::string name, client, peer;
+    proc::Child child;
+  };
+  std::filesystem::path dir_;
+  std::vector<Member> members_;
+};
+
+}  // namespace flotilla::test
