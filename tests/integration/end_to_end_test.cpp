@@ -171,7 +171,9 @@ TEST_CASE("an upgrade whose k3s never becomes healthy is rolled back and the rea
     CHECK(d["state"] == "rolled_back");
     CHECK(d["applied_version"] == 1);
     // v1's files are back exactly, v2's drop-in is gone, and k3s runs healthy again.
-    CHECK(snapshot(a->root(), exclude) == before[i]);
+    const auto after = snapshot(a->root(), exclude);
+    INFO(snapshot_diff(before[i], after));
+    CHECK(after == before[i]);
     CHECK_FALSE(stdfs::exists(a->root() / "etc/rancher/k3s/config.yaml.d/90-broken.yaml"));
     REQUIRE(wait_until(
         [&] {

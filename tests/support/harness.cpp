@@ -373,6 +373,19 @@ std::string Agent::log() const {
   return fs::read_file(root_.parent_path() / (root_.filename().string() + ".log")).value_or("");
 }
 
+std::string snapshot_diff(const std::map<std::string, std::string>& a, const std::map<std::string, std::string>& b) {
+  std::string out;
+  for (const auto& [path, v] : a) {
+    auto it = b.find(path);
+    if (it == b.end()) out += "only before: " + path + "\n";
+    else if (it->second != v) out += "changed: " + path + "\n";
+  }
+  for (const auto& [path, v] : b) {
+    if (!a.count(path)) out += "only after: " + path + "\n";
+  }
+  return out;
+}
+
 std::map<std::string, std::string> snapshot(const stdfs::path& root, const std::vector<std::string>& exclude) {
   std::map<std::string, std::string> out;
   for (auto it = stdfs::recursive_directory_iterator(root); it != stdfs::recursive_directory_iterator(); ++it) {
@@ -380,6 +393,9 @@ std::map<std::string, std::string> snapshot(const stdfs::path& root, const std::
     // k3s's own datastore changes while it runs (its kubelet's heartbeats,
     // the stand-in too): never the agent's doing.
     bool skip = rel.rfind("var/lib/rancher/k3s/server/db", 0) == 0;
+    // The stand-in's pid file (how it knows k3s is running when asked to
+    // rotate certificates) changes at every start, as a pid does.
+    skip |= it->path().filename() == "standin.pid";
     for (const auto& e : exclude) skip |= rel.rfind(e, 0) == 0;
     if (skip) {
       if (it->is_directory()) it.disable_recursion_pending();

@@ -148,6 +148,9 @@ std::string device_csr(const bundles::KeyPair& key);
 // that start with one of the given relative prefixes (and k3s's datastore,
 // which k3s itself changes as it runs).
 std::map<std::string, std::string> snapshot(const stdfs::path& root, const std::vector<std::string>& exclude);
+// The paths whose content or mode differ between two snapshots (added,
+// removed or changed), one per line: what a failed comparison prints.
+std::string snapshot_diff(const std::map<std::string, std::string>& a, const std::map<std::string, std::string>& b);
 
 // An unsigned manifest on channel "stable", valid for an hour from now, with
 // these files (kind, name, content), each mode 0644 with its sha256.
