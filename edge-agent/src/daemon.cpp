@@ -103,6 +103,27 @@ Backoff make_enroll_backoff(std::chrono::milliseconds cap) {
   return Backoff(std::chrono::seconds(1), cap, crypto::random_u64());
 }
 
+// The hub takes a device's signed requests only in increasing
+// issued_unix_ms (replay protection), so the value never goes backwards
+// across restarts, even when a device without an RTC boots behind its last
+// run. Written before the request is sent: a lost answer must not let the
+// next attempt reuse the value.
+Result<uint64_t> next_issued_ms(const std::filesystem::path& floor_file, int64_t now_ms) {
+  uint64_t floor = 0;
+  if (auto text = fs::read_file(floor_file, 64)) {
+    try {
+      floor = std::stoull(*text);
+    } catch (const std::exception&) {
+      floor = 0;  // unreadable: the hub refuses a replay anyway, the clock carries on
+    }
+  }
+  const uint64_t issued = std::max(static_cast<uint64_t>(std::max<int64_t>(0, now_ms)), floor + 1);
+  if (auto st = fs::write_file_atomic(floor_file, std::to_string(issued), 0600); !st) {
+    return st.error().with_context("issued-floor");
+  }
+  return issued;
+}
+
 std::chrono::milliseconds download_deadline(const AgentConfig& cfg, uint64_t bytes) {
   const uint64_t rate = std::max<uint64_t>(1, cfg.download_min_rate);
   // Whole seconds, rounded up; capped far beyond any real artifact (8 GiB at 1 B/s).
@@ -371,6 +392,7 @@ std::filesystem::path under_root(const AgentConfig& cfg, const std::string& devi
   return cfg.root / rel;
 }
 
+
 Result<bundles::Keyring> load_keyring(const AgentConfig& cfg) {
   bundles::Keyring ring;
   ring.threshold = cfg.key_threshold;
@@ -497,7 +519,9 @@ Result<v1::EnrollResponse> enroll(const AgentConfig& cfg, const bundles::KeyPair
     // Signed afresh at each attempt: the hub takes a device's enrollments
     // only in increasing issued_unix_ms, so a captured request cannot be
     // replayed, and an attempt whose answer was lost is not refused as one.
-    const auto issued = static_cast<uint64_t>(device_clock().now_unix_ms());
+    auto issued_or = next_issued_ms(under_root(cfg, cfg.state_dir) / "issued-floor", device_clock().now_unix_ms());
+    if (!issued_or) return issued_or.error();
+    const uint64_t issued = *issued_or;
     req.set_issued_unix_ms(issued);
     auto proof = bundles::sign_detached(id, bundles::enroll_proof_message(cfg.enrollment_token, id.pub.key, issued));
     req.set_proof(std::string(proof.begin(), proof.end()));
@@ -627,7 +651,9 @@ Result<v1::RenewResponse> renew_certificate(const AgentConfig& cfg, const bundle
   v1::RenewRequest req;
   req.set_device_id(device_id);
   req.set_csr(*csr);
-  const auto issued = static_cast<uint64_t>(device_clock().now_unix_ms());
+  auto issued_or = next_issued_ms(under_root(cfg, cfg.state_dir) / "issued-floor", device_clock().now_unix_ms());
+  if (!issued_or) return issued_or.error();
+  const uint64_t issued = *issued_or;
   req.set_issued_unix_ms(issued);
   const Bytes proof = bundles::sign_detached(id, bundles::renew_proof_message(device_id, *csr, issued));
   req.set_proof(std::string(proof.begin(), proof.end()));
@@ -894,6 +920,13 @@ Status run_agent(const AgentConfig& cfg, const std::atomic<bool>& stop) {
     if (auto s = apply_credentials(); !s) logger->error("renewed certificate not usable: {}", s.error().message);
     renew_at = renew_time();
     auto info = x509::parse_certificate_pem(creds.client_certificate());
+    // A device whose clock runs far ahead sees even a fresh certificate as
+    // due: it waits a third of the lifetime (at most an hour) of its own
+    // running time before renewing again, instead of renewing at every pass.
+    if (info) {
+      const int64_t third_s = std::max<int64_t>(1, (info->not_after_unix - info->not_before_unix) / 3);
+      next_renew_try = std::chrono::steady_clock::now() + std::chrono::seconds(std::min<int64_t>(third_s, 3600));
+    }
     logger->info("renewed the broker certificate serial={} not_after={} next_renewal={}{}",
                  info ? info->serial_hex : "?", info ? info->not_after_unix : 0, renew_at,
                  moved ? "; reconnecting with it" : "");
@@ -996,6 +1029,9 @@ Status run_agent(const AgentConfig& cfg, const std::atomic<bool>& stop) {
           // revoked. Renewing (with the identity key) fixes the first two;
           // the hub says so when it is the third.
           renew_at = std::min<int64_t>(renew_at, device_clock().now_unix());
+          // A refusal lifts the wait after a renewal down to a minute: a
+          // certificate the broker will not take is worth replacing soon.
+          next_renew_try = std::min(next_renew_try, std::chrono::steady_clock::now() + std::chrono::minutes(1));
         }
         if (s.error().code == Errc::unauthenticated) {
           // Revoked or decommissioned: a clear error state with slow retries,

@@ -23,6 +23,7 @@
 #include "flotilla/common/clock.hpp"
 #include "flotilla/common/crypto.hpp"
 #include "flotilla/v1/desired.pb.h"
+#include "tests/support/temp_dir.hpp"
 
 namespace {
 
@@ -484,6 +485,32 @@ TEST_CASE("an artifact's overall download deadline grows with its size, never be
   CHECK(flotilla::agent::download_deadline(cfg, 1000) == std::chrono::minutes(5));
   // 4 GiB at 16 KiB/s: about 73 hours.
   CHECK(flotilla::agent::download_deadline(cfg, uint64_t{4} << 30) == std::chrono::seconds((uint64_t{4} << 30) / 16384 + 1));
+}
+
+TEST_CASE("the issued time of signed enrollment and renewal requests never goes backwards across restarts",
+          "[unit][agent][clock]") {
+  flotilla::test::TempDir tmp;
+  const auto floor_file = tmp.path() / "issued-floor";
+  const int64_t t2026 = 1796000000000;
+  auto a = flotilla::agent::next_issued_ms(floor_file, t2026);
+  REQUIRE(a);
+  CHECK(*a == static_cast<uint64_t>(t2026));
+  // The same millisecond twice (a quick retry): still increasing.
+  auto b = flotilla::agent::next_issued_ms(floor_file, t2026);
+  REQUIRE(b);
+  CHECK(*b == *a + 1);
+  // A reboot without an RTC into 1970: the hub would refuse anything at or
+  // below its last value, so the floor carries the request above it.
+  auto c = flotilla::agent::next_issued_ms(floor_file, 5000);
+  REQUIRE(c);
+  CHECK(*c == *b + 1);
+  // A clock that is right again is used as it is.
+  auto d = flotilla::agent::next_issued_ms(floor_file, t2026 + 60000);
+  REQUIRE(d);
+  CHECK(*d == static_cast<uint64_t>(t2026 + 60000));
+  // A floor file that cannot be written is an error, not a reused value.
+  auto e = flotilla::agent::next_issued_ms(tmp.path() / "missing-dir" / "issued-floor", t2026);
+  CHECK_FALSE(e);
 }
 
 TEST_CASE("reconnect delays of many devices after a broker restart are spread, not in lockstep",

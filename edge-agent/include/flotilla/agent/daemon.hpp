@@ -65,6 +65,10 @@ struct AgentConfig {
   std::string crash_at;                  // FLOTILLA_AGENT_CRASH_AT test hook (docs/agent.md)
 };
 
+// The issued_unix_ms of a signed enrollment or renewal request: now_ms, but
+// at least one above the last value handed out (kept in floor_file, written
+// before it is returned), so it never goes backwards across restarts.
+Result<uint64_t> next_issued_ms(const std::filesystem::path& floor_file, int64_t now_ms);
 void add_agent_options(Options& o);
 // Validates every value; errors name the setting and where it came from.
 Result<AgentConfig> agent_config_from(const Options& o);
