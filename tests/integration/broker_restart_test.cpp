@@ -14,22 +14,6 @@
 namespace flotilla::test {
 namespace {
 
-std::string metrics_of(Hub& hub) {
-  http::Request r;
-  r.url = hub.url() + "/metrics";
-  r.headers["Authorization"] = "Bearer " + hub.admin_token();
-  auto resp = http::send(r);
-  REQUIRE(resp);
-  REQUIRE(resp->status == 200);
-  return resp->body;
-}
-
-double metric_of(const std::string& text, const std::string& sample) {
-  const auto at = text.find("\n" + sample + " ");
-  if (at == std::string::npos) return -1;
-  return std::stod(text.substr(at + sample.size() + 2));
-}
-
 pid_t broker_pid(const Hub& hub) {
   auto text = fs::read_file(hub.data_dir() / "broker" / "mosquitto.pid", 64);
   return text ? static_cast<pid_t>(std::stol(*text)) : -1;
@@ -132,22 +116,22 @@ TEST_CASE("kill -9 of the broker mid-campaign: restarted, devices re-announce, e
   // Every gateway session came back by itself.
   CHECK(report["figures"]["reconnects"].get<int>() >= 4);
 
-  const std::string m = metrics_of(hub);
-  CHECK(metric_of(m, "flotilla_broker_restarts_total") >= 1);
+  const std::string m = metrics_text(hub);
+  CHECK(metric(m, "flotilla_broker_restarts_total") >= 1);
   // At the start, and again when the restarted broker took the hub back.
-  CHECK(metric_of(m, "flotilla_presence_resets_total") >= 2);
-  CHECK(metric_of(m, "flotilla_rollcalls_published_total") >= 2);
+  CHECK(metric(m, "flotilla_presence_resets_total") >= 2);
+  CHECK(metric(m, "flotilla_rollcalls_published_total") >= 2);
   CHECK(hub.log().find("embedded broker exited") != std::string::npos);
 
   // A device that dies with its broker leaves no will behind: before, the
   // hub kept it online for good. Freeze the broker, kill agent b, then the
   // broker: after the restart a is online again and b is not.
   const pid_t second = broker_pid(hub);
-  const double resets = metric_of(metrics_of(hub), "flotilla_presence_resets_total");
+  const double resets = metric(metrics_text(hub), "flotilla_presence_resets_total");
   REQUIRE(::kill(second, SIGSTOP) == 0);
   b.kill9();
   REQUIRE(::kill(second, SIGKILL) == 0);
-  REQUIRE(wait_until([&] { return metric_of(metrics_of(hub), "flotilla_presence_resets_total") > resets; },
+  REQUIRE(wait_until([&] { return metric(metrics_text(hub), "flotilla_presence_resets_total") > resets; },
                      std::chrono::seconds(60)));
   REQUIRE(wait_until([&] { return online(hub, a.device_id()); }, std::chrono::seconds(60)));
   INFO(a.log());

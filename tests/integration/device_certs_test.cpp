@@ -29,22 +29,6 @@ namespace {
 const std::vector<std::string> kNoLimits = {"--enroll-rate", "0", "--enroll-rate-per-token", "0",
                                             "--http-max-connections-per-peer", "0"};
 
-std::string metrics_text(Hub& hub) {
-  http::Request r;
-  r.url = hub.url() + "/metrics";
-  r.headers["Authorization"] = "Bearer " + hub.admin_token();
-  auto resp = http::send(r);
-  REQUIRE(resp);
-  REQUIRE(resp->status == 200);
-  return resp->body;
-}
-
-double metric(const std::string& text, const std::string& sample) {
-  const auto at = text.find("\n" + sample + " ");
-  if (at == std::string::npos) return -1;
-  return std::stod(text.substr(at + sample.size() + 2));
-}
-
 // A certificate and key as files, for mosquitto's own clients.
 struct CertFiles {
   std::string cert, key;

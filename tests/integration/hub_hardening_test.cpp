@@ -130,22 +130,6 @@ class RawClient {
 
 int port_of(const std::string& url) { return std::stoi(url.substr(url.rfind(':') + 1)); }
 
-std::string metrics_text(Hub& hub) {
-  http::Request r;
-  r.url = hub.url() + "/metrics";
-  r.headers["Authorization"] = "Bearer " + hub.admin_token();
-  auto resp = http::send(r);
-  REQUIRE(resp);
-  REQUIRE(resp->status == 200);
-  return resp->body;
-}
-
-double metric(const std::string& text, const std::string& sample) {
-  const auto at = text.find("\n" + sample + " ");
-  if (at == std::string::npos) return -1;
-  return std::stod(text.substr(at + sample.size() + 2));
-}
-
 }  // namespace
 
 TEST_CASE("a root hub follows no link the broker's user planted and keeps the broker's directory its own",

@@ -373,6 +373,22 @@ std::string Agent::log() const {
   return fs::read_file(root_.parent_path() / (root_.filename().string() + ".log")).value_or("");
 }
 
+std::string metrics_text(Hub& hub) {
+  http::Request r;
+  r.url = hub.url() + "/metrics";
+  r.headers["Authorization"] = "Bearer " + hub.admin_token();
+  auto resp = http::send(r);
+  if (!resp) throw std::runtime_error("GET /metrics: " + resp.error().message);
+  if (resp->status != 200) throw std::runtime_error("GET /metrics: status " + std::to_string(resp->status));
+  return resp->body;
+}
+
+double metric(const std::string& text, const std::string& sample) {
+  const auto at = text.find("\n" + sample + " ");
+  if (at == std::string::npos) return -1;
+  return std::stod(text.substr(at + sample.size() + 2));
+}
+
 std::string snapshot_diff(const std::map<std::string, std::string>& a, const std::map<std::string, std::string>& b) {
   std::string out;
   for (const auto& [path, v] : a) {

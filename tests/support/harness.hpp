@@ -140,6 +140,12 @@ class Agent {
   proc::Child child_;
 };
 
+// The hub's /metrics text (as its admin); throws when it does not answer 200.
+std::string metrics_text(Hub& hub);
+// The value of one sample line (name and labels exactly as printed) in
+// /metrics text; -1 when the sample is absent.
+double metric(const std::string& text, const std::string& sample);
+
 // A certificate request (DER) for a device's identity key, CN = its device
 // id: what EnrollRequest.csr carries.
 std::string device_csr(const bundles::KeyPair& key);
