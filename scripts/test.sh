@@ -72,10 +72,17 @@ echo "==> running tests"
 cd "$BUILD"
 # Integration and e2e tests claim both cores (PROCESSORS 2), so they run one
 # at a time while unit tests run in parallel.
-# A sanitizer build has a dynamic agent: the tests of the static agent's size
-# and of images that carry it belong to the normal build.
+# A sanitizer build has a dynamic agent: the tests of the static agent's size,
+# of images that carry it and of the Debian packages that ship it belong to the
+# normal build. The out-of-descriptors test uses up every descriptor of the
+# test process on purpose, and UBSan's vptr check then fails on its own: it
+# probes memory through a pipe it can no longer open and reports every
+# polymorphic object it looks at (Boost.Asio's, Catch2's) as having an invalid
+# vptr; the normal and ThreadSanitizer builds run it.
 exclude=()
-if [ -n "${FLOTILLA_SANITIZE:-}" ]; then
-  exclude=(-E "statically linked, stripped|image inject|agent under qemu-user")
+if [ "${FLOTILLA_SANITIZE:-}" = address ]; then
+  exclude=(-E "statically linked, stripped|image inject|agent under qemu-user|Debian packages install|out of file descriptors")
+elif [ -n "${FLOTILLA_SANITIZE:-}" ]; then
+  exclude=(-E "statically linked, stripped|image inject|agent under qemu-user|Debian packages install")
 fi
 ctest --output-on-failure -j "$(nproc)" --timeout 900 "${exclude[@]}" "$@"
