@@ -513,6 +513,12 @@ void audit_call(HubService& service, const HttpRequest& req, const Resolved& r, 
 
 }  // namespace
 
+std::vector<std::pair<std::string, std::string>> federation_routes() {
+  std::vector<std::pair<std::string, std::string>> out;
+  for (const auto& r : fed_routes()) out.emplace_back(r.method, r.pattern);
+  return out;
+}
+
 HttpResponse FederationApi::handle(const HttpRequest& req) {
   const rest::Target t = rest::parse_target(req.target);
   if (t.parts.size() == 1 && t.parts[0] == "readyz" && req.method == "GET") {

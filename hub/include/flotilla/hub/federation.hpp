@@ -259,6 +259,9 @@ class FederationApi {
   HubService& service_;
 };
 
+// Every (method, path pattern) FederationApi answers itself, for docs and tests.
+std::vector<std::pair<std::string, std::string>> federation_routes();
+
 // Runs the federation role until *stop (app.cpp calls it for --role federation).
 Status run_federation(const HubConfig& cfg, const FederationConfig& fcfg, const std::atomic<bool>& stop);
 
