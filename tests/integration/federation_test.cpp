@@ -331,6 +331,8 @@ TEST_CASE("a region stopped mid-campaign is shown unreachable with its last coun
         return !p.is_null() && p["counts"].value("applied", 0) >= 1;
       },
       std::chrono::seconds(120)));
+  // The federation has seen both regions' campaign lists once.
+  REQUIRE(f.fed.call("GET", "/v1/campaigns").first == 200);
   f.r2.hub->stop();
   json last;
   REQUIRE(wait_until(

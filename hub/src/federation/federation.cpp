@@ -111,7 +111,8 @@ Result<std::string> RegionClient::ca_file(const Region& r) const {
 }
 
 RegionAnswer RegionClient::call(const Region& r, const std::string& method, const std::string& path,
-                                const std::string& body, const std::string& content_type) const {
+                                const std::string& body, const std::string& content_type,
+                                const std::map<std::string, std::string>& headers) const {
   RegionAnswer a;
   auto ca = ca_file(r);
   if (!ca) {
@@ -124,6 +125,7 @@ RegionAnswer RegionClient::call(const Region& r, const std::string& method, cons
   while (!base.empty() && base.back() == '/') base.pop_back();
   req.url = base + path;
   req.body = body;
+  req.headers = headers;
   req.headers["Authorization"] = "Bearer " + r.token;
   if (!body.empty()) req.headers["Content-Type"] = content_type;
   req.timeout = timeout_;
@@ -321,7 +323,7 @@ void Federation::audit_region(const std::string& method, const std::string& path
   rec.role = "federation";
   rec.project = project;
   rec.method = method;
-  rec.path = ("region:" + r.name + " " + path).substr(0, 512);
+  rec.path = ("region:" + r.name + " " + method + " " + path).substr(0, 512);
   rec.status = a.reached ? a.status : 0;
   rec.detail = (detail + "; region answered: " + a.summary()).substr(0, 1000);
   rec.peer = r.url;
@@ -354,19 +356,29 @@ Status Federation::start_region(FedCampaign& c, RegionPart& part, const Region& 
     const std::string sha = to_hex(art.sha256());
     const std::string local = artifacts_ ? artifacts_(sha) : "";
     if (local.empty()) continue;  // hosted elsewhere (an absolute URL): nothing to publish
-    RegionAnswer head = client_.call(r, "HEAD", "/v1/artifacts/" + sha);
-    if (head.reached && head.status == 200) continue;
+    // Already there? One byte of it answers that (206), without a HEAD
+    // whose empty body some clients wait for.
+    RegionAnswer probe = client_.call(r, "GET", "/v1/artifacts/" + sha, "", "", {{"Range", "bytes=0-0"}});
+    if (probe.reached && (probe.status == 206 || probe.status == 200)) continue;
     auto bytes = fs::read_file(local, kMaxArtifactBytes);
     if (!bytes) return bytes.error().with_context("artifact " + sha);
     RegionAnswer put = client_.call(r, "PUT", "/v1/artifacts/" + sha, *bytes, "application/octet-stream");
     audit_region("PUT", "/v1/artifacts/" + sha, r, put, "campaign " + c.id + " publishes artifact " + sha, c.project);
-    if (!put.ok()) return make_error(Errc::unavailable, "publish artifact " + sha + ": " + put.summary());
+    if (!put.ok()) {
+      return make_error(put.reached && put.status < 500 ? Errc::invalid_argument : Errc::unavailable,
+                        "publish artifact " + sha + ": " + put.summary());
+    }
   }
   // The bundle exactly as signed offline: its bytes, never re-signed.
   RegionAnswer up = client_.call(r, "POST", "/v1/bundles?project=" + url_encode(c.project), envelope,
                                  "application/octet-stream");
   audit_region("POST", "/v1/bundles", r, up, "campaign " + c.id + " publishes bundle " + c.bundle_id, c.project);
-  if (!up.ok()) return make_error(Errc::unavailable, "publish bundle: " + up.summary());
+  if (!up.ok()) {
+    // A region that refuses the bundle (bad signature for its trust, expired)
+    // will refuse it again: the rollout stops rather than retrying forever.
+    return make_error(up.reached && up.status < 500 ? Errc::invalid_argument : Errc::unavailable,
+                      "publish bundle: " + up.summary());
+  }
   const std::string regional_bundle = up.body.value("id", "");
   json body{{"name", regional_name}, {"bundle", regional_bundle}, {"selector", c.selector}};
   if (!c.strategy.is_null() && !c.strategy.empty()) body["strategy"] = c.strategy;

@@ -3,6 +3,7 @@
 // the REST listener. No broker, no devices: regions have those.
 #include <sys/stat.h>
 
+#include <mutex>
 #include <thread>
 
 #include "flotilla/common/crypto.hpp"
@@ -32,6 +33,12 @@ Status run_federation(const HubConfig& cfg, const FederationConfig& fcfg, const 
   const auto ca_dir = data / "region-ca";
   if (auto s = fs::ensure_dir(ca_dir, 0700); !s) return s;
 
+  // Bundles with their signed bytes, read on a connection of their own (the
+  // service's reads leave the envelope out).
+  auto bundle_reader = Store::open((data / "hub.db").string(), StoreTuning{4, 0});
+  if (!bundle_reader) return bundle_reader.error();
+  std::mutex bundle_mu;
+
   ServiceConfig sc;
   sc.engine_thread = false;  // campaigns run at the regions; this store holds none
   sc.manage_broker_credentials = false;
@@ -46,8 +53,9 @@ Status run_federation(const HubConfig& cfg, const FederationConfig& fcfg, const 
           log::get("federation")->error("audit write failed: {}", s.error().message);
         }
       },
-      [&service](const std::string& id, const std::string& project) -> Result<BundleRecord> {
-        auto b = service.get_bundle(id, project);
+      [&](const std::string& id, const std::string& project) -> Result<BundleRecord> {
+        std::lock_guard lock(bundle_mu);
+        auto b = (*bundle_reader)->get_bundle(id, true, project);
         if (!b) return b.error();
         if (!*b) return make_error(Errc::invalid_argument, "no bundle '" + id + "' at the federation (flotilla bundle push)");
         return **b;

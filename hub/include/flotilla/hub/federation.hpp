@@ -152,7 +152,8 @@ class RegionClient {
   RegionClient(std::filesystem::path ca_dir, std::chrono::milliseconds timeout)
       : ca_dir_(std::move(ca_dir)), timeout_(timeout) {}
   RegionAnswer call(const Region& r, const std::string& method, const std::string& path, const std::string& body = "",
-                    const std::string& content_type = "application/json") const;
+                    const std::string& content_type = "application/json",
+                    const std::map<std::string, std::string>& headers = {}) const;
   // Writes the region's CA to a file (http::Request reads CAs from files).
   Result<std::string> ca_file(const Region& r) const;
   std::chrono::milliseconds timeout() const { return timeout_; }
