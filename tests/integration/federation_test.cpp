@@ -491,3 +491,77 @@ TEST_CASE("regions are checked before they are stored and a region token acts on
   for (const auto& a : f.fed.audit()) audited = audited || (a["path"] == "/v1/regions/r2" && a["status"] == 200);
   CHECK(audited);
 }
+
+TEST_CASE("pause and resume fan out to every region, and a federation killed mid-campaign carries on without "
+          "duplicating regional campaigns",
+          "[integration][federation]") {
+  Federated f;
+  f.r1.add_agents(3, f.release);
+  f.r2.add_agents(3, f.release);
+  REQUIRE(f.r1.wait_online(3));
+  REQUIRE(f.r2.wait_online(3));
+  f.join();
+  const std::string bundle = f.push(1);
+  const std::string id = f.create({{"bundle", bundle},
+                                   {"selector", "env=it"},
+                                   {"regions", json::array({json::array({"r1", "r2"})})},
+                                   {"strategy", {{"waves", {34, 67, 100}}, {"soak", "2s"}}}});
+  json c;
+  REQUIRE(wait_until(
+      [&] {
+        c = f.campaign(id);
+        auto started = [&](const char* r) {
+          const json p = part_of(c, r);
+          return p.is_object() && !p.value("regional_campaign", "").empty();
+        };
+        return started("r1") && started("r2");
+      },
+      std::chrono::seconds(60)));
+  const std::string rid1 = part_of(c, "r1")["regional_campaign"], rid2 = part_of(c, "r2")["regional_campaign"];
+
+  auto [sp, paused] = f.fed.call("POST", "/v1/campaigns/" + id + "/pause");
+  INFO(paused.dump(2));
+  REQUIRE(sp == 200);
+  CHECK(paused["state"] == "paused");
+  CHECK(paused["answers"].size() == 2);
+  for (const auto& a : paused["answers"]) CHECK(a["status"] == 200);
+  CHECK(f.r1.hub->campaign(rid1)["state"] == "paused");
+  CHECK(f.r2.hub->campaign(rid2)["state"] == "paused");
+  // Pausing twice is a clear conflict, and nothing is sent to the regions.
+  auto [sp2, again] = f.fed.call("POST", "/v1/campaigns/" + id + "/pause");
+  CHECK(sp2 == 409);
+
+  auto [sr, resumed] = f.fed.call("POST", "/v1/campaigns/" + id + "/resume");
+  INFO(resumed.dump(2));
+  REQUIRE(sr == 200);
+  CHECK(resumed["state"] == "running");
+  CHECK(f.r1.hub->campaign(rid1)["state"] != "paused");
+  CHECK(f.r2.hub->campaign(rid2)["state"] != "paused");
+  int fanned = 0;
+  for (const auto& a : f.fed.audit()) {
+    const std::string path = a.value("path", "");
+    if (path == "region:r1 POST /v1/campaigns/" + rid1 + "/pause" ||
+        path == "region:r2 POST /v1/campaigns/" + rid2 + "/resume") {
+      ++fanned;
+      CHECK(a["status"] == 200);
+    }
+  }
+  CHECK(fanned == 2);
+
+  // kill -9 of the federation; it starts again over the same data.
+  f.fed.kill9();
+  f.fed.start({"--role", "federation", "--federation-poll-interval", "200ms", "--federation-region-timeout", "2s"});
+  c = f.wait_state(id, {"completed", "stopped", "aborted"}, std::chrono::seconds(180));
+  INFO(c.dump(2));
+  REQUIRE(c["state"] == "completed");
+  CHECK(c["counts"]["total"] == 6);
+  CHECK(c["counts"]["applied"] == 6);
+  // One regional campaign per region, the same ones as before the kill.
+  CHECK(part_of(c, "r1")["regional_campaign"] == rid1);
+  CHECK(part_of(c, "r2")["regional_campaign"] == rid2);
+  for (auto* r : {&f.r1, &f.r2}) {
+    auto [s, list] = r->hub->call("GET", "/v1/campaigns");
+    REQUIRE(s == 200);
+    CHECK(list["items"].size() == 1);
+  }
+}
