@@ -308,7 +308,7 @@ TEST_CASE("a failure threshold crossed in the first region stops the rollout bef
   for (const auto& a : f.r2.agents) CHECK(f.r2.hub->device(a->device_id())["applied_version"] == 0);
 }
 
-TEST_CASE("a region stopped mid-campaign is shown unreachable with its last counts; after its restart all converge",
+TEST_CASE("a region stopped mid-campaign is shown unreachable with its last counts, and after its restart all converge",
           "[integration][federation]") {
   Federated f;
   f.r1.add_agents(4, f.release);
