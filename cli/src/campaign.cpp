@@ -319,10 +319,17 @@ int campaign_list(int argc, char** argv) {
   const bool w = wide(o);
   std::vector<std::string> header{"ID", "NAME", "BUNDLE", "STATE", "PROGRESS"};
   if (w) header.insert(header.end(), {"PROJECT", "SELECTOR", "WAVE", "CREATED", "REASON"});
+  // A federation's answer: which region each campaign runs in ("*" for a
+  // federated campaign across regions).
+  const bool federation = r->contains("regions");
+  if (federation) header.insert(header.begin() + 1, "REGION");
   Table t(header);
   for (const auto& x : (*r)["items"]) {
     std::vector<std::string> row{str(x, "id"), str(x, "name"), str(x["bundle"], "name") + " v" + str(x["bundle"], "version"),
                                  str(x, "state"), progress(x["counts"])};
+    if (federation) {
+      row.insert(row.begin() + 1, str(x, "kind") == "federation" ? "*" : str(x, "region") + (x.value("stale", false) ? " (stale)" : ""));
+    }
     if (w) {
       std::string wave;
       for (const auto& wv : x.value("waves", json::array())) {
@@ -335,6 +342,7 @@ int campaign_list(int argc, char** argv) {
     t.add(row);
   }
   t.print(std::cout);
+  warn_regions(*r);
   return 0;
 }
 

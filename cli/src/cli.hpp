@@ -19,9 +19,18 @@ int cmd_apply(int argc, char** argv);
 int cmd_diff(int argc, char** argv);
 int cmd_objects(int argc, char** argv);
 int cmd_gitrepo(int argc, char** argv);
+// Regional hubs of a federation (region.cpp).
+int cmd_region(int argc, char** argv);
 
 int fail(const std::string& message, int code = 1);
 
+}  // namespace flotilla::cli
+
+#include <nlohmann/json_fwd.hpp>
+namespace flotilla::cli {
+// A federation's answer names regions that did not answer: say so on stderr,
+// so a table is never silently short of a region (region.cpp).
+void warn_regions(const nlohmann::json& answer);
 }  // namespace flotilla::cli
 
 namespace flotilla {

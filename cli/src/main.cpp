@@ -55,7 +55,9 @@ void usage(std::ostream& out) {
          "                          --applyset NAME --prune, --wait)\n"
          "  diff -f FILE|DIR|-      what apply would change (exit 0 none, 1 changes, 2 errors)\n"
          "  objects list            objects applied from files, with apply set and generation\n"
-         "  gitrepo create NAME     follow a Git repository of such files (list, get, sync, delete)\n\n"
+         "  gitrepo create NAME     follow a Git repository of such files (list, get, sync, delete)\n"
+         "  region add NAME         a federation's regional hub: --url https://.. --ca-file --region-token-file\n"
+         "                          (list, remove NAME; admin)\n\n"
          "Shell:\n"
          "  completion bash         a bash completion script (source it, or see the flotilla package)\n\n"
          "Output: -o table (default), wide, json or yaml on every command that prints objects.\n"
@@ -87,6 +89,7 @@ constexpr Command kCommands[] = {
     {"diff", flotilla::cli::cmd_diff, ""},
     {"objects", flotilla::cli::cmd_objects, "list"},
     {"gitrepo", flotilla::cli::cmd_gitrepo, "create list get sync delete"},
+    {"region", flotilla::cli::cmd_region, "add list remove"},
     {"config", flotilla::cli::cmd_config, "get-contexts current-context use-context set-context delete-context"},
     {"completion", cmd_completion, "bash"},
 };

@@ -99,6 +99,7 @@ int device_list(int argc, char** argv) {
   }
   t.print(std::cout);
   if (!str(*r, "next").empty()) std::cout << "(more: --after " << str(*r, "next") << ")\n";
+  warn_regions(*r);
   return 0;
 }
 

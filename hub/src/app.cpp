@@ -19,6 +19,7 @@
 #include "flotilla/common/http_client.hpp"
 #include "flotilla/hub/broker.hpp"
 #include "flotilla/hub/device_ca.hpp"
+#include "flotilla/hub/federation.hpp"
 #include "flotilla/hub/gitsync.hpp"
 #include "flotilla/hub/http_server.hpp"
 #include "flotilla/hub/service.hpp"
@@ -110,6 +111,7 @@ void add_hub_options(Options& o) {
       .add("log-format", "text, or json: one object per line (time in UTC, level, logger, msg)", "text")
       .config_file_key("config");
   coord::add_coordination_options(o);  // docs/adr/0014
+  federation::add_federation_options(o);  // --role; docs/adr/0015
 }
 
 Result<bundles::KeyPair> load_director_key(const std::filesystem::path& data_dir, const std::string& configured) {
@@ -325,10 +327,38 @@ Result<HubConfig> hub_config_from(const Options& o) {
   auto coordination = coord::coordination_config_from(o);
   if (!coordination) return coordination.error();
   c.coordination = std::move(*coordination);
+  c.role = o.get("role");
+  if (c.role != "hub" && c.role != "federation") {
+    return make_error(Errc::invalid_argument, "role must be hub or federation, got '" + c.role + "' (from " +
+                                                  o.source("role") + ")");
+  }
+  auto fed = federation::federation_config_from(o);
+  if (!fed) return fed.error();
+  c.federation_region_timeout = fed->region_timeout;
+  c.federation_poll_interval = fed->poll_interval;
   return c;
 }
 
+Status ensure_bootstrap_admin(HubService& service, Store& store, const std::filesystem::path& data) {
+  // First start: make an admin API token and leave it, 0600, in the data dir.
+  if (auto n = store.count_tokens("api"); n && *n == 0) {
+    TokenRecord rec;
+    rec.name = "bootstrap-admin";
+    rec.role = "admin";
+    rec.project = "*";  // the fleet's first admin sees every project
+    auto t = service.create_token("api", rec);
+    if (!t) return t.error();
+    if (auto s = fs::write_file_atomic(data / "admin.token", t->secret + "\n", 0600); !s) return s;
+    log::get("hub")->info("created the first admin API token; it is in {}", (data / "admin.token").string());
+  }
+  return {};
+}
+
 Status run_hub(const HubConfig& cfg, const std::atomic<bool>& stop) {
+  if (cfg.role == "federation") {
+    return federation::run_federation(
+        cfg, federation::FederationConfig{cfg.federation_region_timeout, cfg.federation_poll_interval}, stop);
+  }
   auto logger = log::get("hub");
   crypto::init();
   const std::filesystem::path data(cfg.data_dir);
@@ -519,17 +549,7 @@ Status run_hub(const HubConfig& cfg, const std::atomic<bool>& stop) {
   (*aggregates)->start_sampler(SystemClock::instance(), cfg.views_timeline_interval);
   service->loaded_crl(crl, now + HubService::kCrlValiditySeconds);
 
-  // First start: make an admin API token and leave it, 0600, in the data dir.
-  if (auto n = (*store)->count_tokens("api"); n && *n == 0) {
-    TokenRecord rec;
-    rec.name = "bootstrap-admin";
-    rec.role = "admin";
-    rec.project = "*";  // the fleet's first admin sees every project
-    auto t = service->create_token("api", rec);
-    if (!t) return t.error();
-    if (auto s = fs::write_file_atomic(data / "admin.token", t->secret + "\n", 0600); !s) return s;
-    logger->info("created the first admin API token; it is in {}", (data / "admin.token").string());
-  }
+  if (auto s = ensure_bootstrap_admin(*service, **store, data); !s) return s;
 
   auto transport = transport::make_paho_transport();
   transport::ConnectOptions co;

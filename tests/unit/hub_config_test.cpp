@@ -204,3 +204,16 @@ TEST_CASE("hub config: the dashboard's settings are off by default and checked",
     CHECK_THAT(error_of(hub_config(args)), Catch::Contains(says));
   }
 }
+
+TEST_CASE("hub config: the role is hub or federation", "[unit][hub][config][federation]") {
+  auto plain = hub_config({});
+  REQUIRE(plain);
+  CHECK(plain->role == "hub");
+  auto fed = hub_config({"--role", "federation", "--federation-poll-interval", "500ms"});
+  REQUIRE(fed);
+  CHECK(fed->role == "federation");
+  CHECK(fed->federation_poll_interval == std::chrono::milliseconds(500));
+  CHECK(error_of(hub_config({"--role", "regional"})).find("role must be hub or federation") != std::string::npos);
+  CHECK(error_of(hub_config({"--federation-region-timeout", "1h"})).find("federation-region-timeout") !=
+        std::string::npos);
+}

@@ -15,6 +15,7 @@
 
 #include "flotilla/common/clock.hpp"
 #include "flotilla/hub/api.hpp"
+#include "flotilla/hub/federation.hpp"
 #include "flotilla/hub/service.hpp"
 #include "flotilla/hub/store.hpp"
 
@@ -72,12 +73,19 @@ TEST_CASE("hub OpenAPI document lists exactly the routes the server has", "[unit
   REQUIRE(doc["openapi"].as<std::string>().rfind("3.", 0) == 0);
   REQUIRE(doc["paths"].IsMap());
 
-  RouteSet documented, public_documented;
+  RouteSet documented, public_documented, federation_only;
   for (const auto& path : doc["paths"]) {
+    // Paths only a federation serves (docs/adr/0015) are checked below.
+    const bool fed_only = path.second["x-flotilla-role"] &&
+                          path.second["x-flotilla-role"].as<std::string>() == "federation";
     for (const auto& op : path.second) {
       const auto method = op.first.as<std::string>();
       if (!kMethods.count(method)) continue;  // parameters, summary, ...
       const auto key = std::make_pair(upper(method), path.first.as<std::string>());
+      if (fed_only) {
+        federation_only.insert(key);
+        continue;
+      }
       documented.insert(key);
       const auto sec = op.second["security"];
       if (sec && sec.IsSequence() && sec.size() == 0) public_documented.insert(key);
@@ -94,6 +102,14 @@ TEST_CASE("hub OpenAPI document lists exactly the routes the server has", "[unit
     INFO("documented but not served: " << r.first << " " << r.second);
     CHECK(served.count(r));
   }
+
+  // A federation answers its own routes (and the hub's for the rest): those
+  // no hub has are documented as federation-only, and only those.
+  RouteSet federation_served;
+  for (const auto& r : flotilla::hub::federation::federation_routes()) {
+    if (!served.count(r)) federation_served.insert(r);
+  }
+  CHECK(federation_served == federation_only);
 
   // Routes that need no token say so (security: []) and only those: a request
   // without a token to any other route is 401.

@@ -71,7 +71,18 @@ struct HubConfig {
   bool dev_plain_mqtt = false;
   // Where hub processes coordinate (docs/adr/0014): sqlite or etcd.
   coord::CoordinationConfig coordination;
+  // hub, or federation: front regional hubs through their REST API
+  // (docs/adr/0015; the federation-* settings apply only to it).
+  std::string role = "hub";
+  std::chrono::milliseconds federation_region_timeout{5000};
+  std::chrono::milliseconds federation_poll_interval{2000};
 };
+
+class HubService;
+class Store;
+// On a first start (no API token yet): makes the bootstrap admin token and
+// leaves its secret in <data>/admin.token (0600). Hubs and federations alike.
+Status ensure_bootstrap_admin(HubService& service, Store& store, const std::filesystem::path& data);
 
 // The key the hub signs desired-state headers with: the configured file, or
 // <data-dir>/director.key (created 0600 on first start). Either way its
