@@ -6,20 +6,28 @@
 // state/ and the log excluded) and the hub's broker reload count: what must
 // not grow with the number of identities.
 //
-//   build/bin/enroll_certs HUB_DATA_DIR N [THREADS] [CHECKPOINTS]
+//   build/bin/enroll_certs HUB_DATA_DIR N [THREADS] [CHECKPOINTS] [new|keep-alive]
 //
 // HUB_DATA_DIR is the hub's --data-dir (hub.url, admin.token, broker/ are
 // read from it). Keys and requests are made before the clock starts, so the
-// figure is the hub's rate, not the client's key generation.
+// figure is the hub's rate, not the client's key generation. `new` (the
+// default) opens a TCP connection per enrollment, as devices do (each
+// enrolls once); `keep-alive` sends a thread's requests over one HTTP/1.1
+// connection, as a provisioning station enrolling many devices would.
 #include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include <boost/asio/connect.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/beast/core.hpp>
+#include <boost/beast/http.hpp>
 #include <nlohmann/json.hpp>
 
 #include "flotilla/bundles/keys.hpp"
@@ -73,17 +81,76 @@ std::string metric(const std::string& url, const std::string& token, const std::
   return trim(resp->body.substr(at + name.size() + 2, resp->body.find('\n', at + 1) - at - name.size() - 2));
 }
 
+// One HTTP/1.1 connection kept open across requests (plain http only: the
+// bench talks to the hub on loopback); reconnects once if the hub closed it.
+class KeepAlive {
+ public:
+  explicit KeepAlive(const http::Url& url) : url_(url), stream_(ioc_) {}
+  Result<http::Response> post(const std::string& body, const std::string& content_type) {
+    namespace bhttp = boost::beast::http;
+    for (int attempt = 0; attempt < 2; ++attempt) {
+      boost::beast::error_code ec;
+      if (!open_) {
+        boost::asio::ip::tcp::resolver resolver(ioc_);
+        auto results = resolver.resolve(url_.host, url_.port, ec);
+        if (!ec) stream_.connect(results, ec);
+        if (ec) return make_error(Errc::unavailable, "connect: " + ec.message(), true);
+        open_ = true;
+      }
+      bhttp::request<bhttp::string_body> r{bhttp::verb::post, "/v1/enroll", 11};
+      r.set(bhttp::field::host, url_.host);
+      r.set(bhttp::field::content_type, content_type);
+      r.keep_alive(true);
+      r.body() = body;
+      r.prepare_payload();
+      stream_.expires_after(std::chrono::seconds(30));
+      bhttp::write(stream_, r, ec);
+      bhttp::response<bhttp::string_body> res;
+      if (!ec) bhttp::read(stream_, buffer_, res, ec);
+      if (ec) {
+        stream_.close();
+        open_ = false;
+        buffer_.clear();
+        if (attempt == 0) continue;  // the hub may close an idle connection
+        return make_error(Errc::unavailable, "POST: " + ec.message(), true);
+      }
+      if (!res.keep_alive()) {
+        stream_.close();
+        open_ = false;
+        buffer_.clear();
+      }
+      http::Response out;
+      out.status = static_cast<int>(res.result_int());
+      out.body = std::move(res.body());
+      return out;
+    }
+    return make_error(Errc::unavailable, "POST: no connection", true);
+  }
+
+ private:
+  http::Url url_;
+  boost::asio::io_context ioc_;
+  boost::beast::tcp_stream stream_;
+  boost::beast::flat_buffer buffer_;
+  bool open_ = false;
+};
+
 }  // namespace
 
 int main(int argc, char** argv) {
   if (argc < 3) {
-    std::fprintf(stderr, "usage: %s HUB_DATA_DIR N [THREADS] [CHECKPOINTS]\n", argv[0]);
+    std::fprintf(stderr, "usage: %s HUB_DATA_DIR N [THREADS] [CHECKPOINTS] [new|keep-alive]\n", argv[0]);
     return 2;
   }
   const stdfs::path data = argv[1];
   const int n = std::atoi(argv[2]);
   const int threads = argc > 3 ? std::atoi(argv[3]) : 16;
   const int checkpoints = argc > 4 ? std::atoi(argv[4]) : 4;
+  const std::string connections = argc > 5 ? argv[5] : "new";
+  if (connections != "new" && connections != "keep-alive") {
+    std::fprintf(stderr, "connections must be 'new' or 'keep-alive', not '%s'\n", connections.c_str());
+    return 2;
+  }
   const std::string url = trim(fs::read_file(data / "hub.url", 256).value_or(""));
   const std::string admin = trim(fs::read_file(data / "admin.token", 256).value_or(""));
   if (url.empty() || admin.empty() || n <= 0 || threads <= 0 || checkpoints <= 0) {
@@ -122,7 +189,13 @@ int main(int argc, char** argv) {
     }
     for (auto& t : ts) t.join();
   }
-  std::printf("hub %s, %d identities, %d threads\n", url.c_str(), n, threads);
+  auto parsed = http::parse_url(url);
+  if (!parsed || parsed->scheme != "http") {
+    std::fprintf(stderr, "hub.url '%s' is not a plain http:// URL\n", url.c_str());
+    return 2;
+  }
+  std::printf("hub %s, %d identities, %d threads, %s connections\n", url.c_str(), n, threads,
+              connections == "new" ? "one new" : "kept-alive");
   std::printf("%10s %10s %12s %14s %16s %8s\n", "enrolled", "rate/s", "broker_rss", "broker_files_B", "broker_reloads",
               "errors");
   std::printf("%10d %10s %9ld KiB %14ju %16s %8d\n", 0, "-", broker_rss_kib(data), broker_config_bytes(data),
@@ -139,6 +212,8 @@ int main(int argc, char** argv) {
     std::vector<std::thread> ts;
     for (int t = 0; t < threads; ++t) {
       ts.emplace_back([&] {
+        std::optional<KeepAlive> conn;
+        if (connections == "keep-alive") conn.emplace(*parsed);
         for (int i; (i = next.fetch_add(1)) < end;) {
           v1::EnrollRequest req;
           const auto& k = keys[i];
@@ -151,12 +226,17 @@ int main(int argc, char** argv) {
           const Bytes proof = bundles::sign_detached(k, bundles::enroll_proof_message(token, k.pub.key, issued));
           req.set_proof(std::string(proof.begin(), proof.end()));
           req.set_csr(csrs[i]);
-          http::Request r;
-          r.method = "POST";
-          r.url = url + "/v1/enroll";
-          r.body = req.SerializeAsString();
-          r.headers["Content-Type"] = "application/x-protobuf";
-          auto resp = http::send(r);
+          Result<http::Response> resp = make_error(Errc::internal, "unsent");
+          if (conn) {
+            resp = conn->post(req.SerializeAsString(), "application/x-protobuf");
+          } else {
+            http::Request r;
+            r.method = "POST";
+            r.url = url + "/v1/enroll";
+            r.body = req.SerializeAsString();
+            r.headers["Content-Type"] = "application/x-protobuf";
+            resp = http::send(r);
+          }
           v1::EnrollResponse er;
           if (!resp || resp->status != 200 || !er.ParseFromString(resp->body) || er.client_certificate().empty()) {
             if (errors.fetch_add(1) < 5) {

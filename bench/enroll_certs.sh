@@ -9,7 +9,9 @@
 # reload count. Before issue 16 a direct enrollment rewrote the password file
 # and reloaded mosquitto: 67/s with 19,000 sessions (docs/scale.md).
 #
-#   bench/enroll_certs.sh [SESSIONS] [IDENTITIES] [THREADS]   (default 19000 100000 32)
+#   bench/enroll_certs.sh [SESSIONS] [IDENTITIES] [THREADS] [CONNECTIONS]
+#     (default 19000 100000 32 new; CONNECTIONS: `new` = a TCP connection per
+#     enrollment, as devices make; `keep-alive` = one per client thread)
 #
 # Run it under the CPU lock; it takes a few minutes.
 set -euo pipefail
@@ -18,6 +20,7 @@ BIN="${FLOTILLA_BIN_DIR:-$ROOT/build/bin}"
 SESSIONS="${1:-19000}"
 IDENTITIES="${2:-100000}"
 THREADS="${3:-32}"
+CONNECTIONS="${4:-new}"
 OUT="${TMPDIR:-/tmp}/flotilla-enroll-certs-$$"
 mkdir -p "$OUT"
 SIM_PID=
@@ -47,7 +50,7 @@ while [ "$online" -lt "$SESSIONS" ]; do
   echo "  $(( $(date +%s) - start )) s: $online of $SESSIONS sessions online"
 done
 echo "sessions connected after $(( $(date +%s) - start )) s; the simulator's enrollment: $(grep -o 'enroll[^,]*/s' "$OUT/sim.err" "$OUT/sim.out" | tail -1)"
-"$BIN/enroll_certs" "$HUB" "$IDENTITIES" "$THREADS" 5 | tee "$OUT/enroll_certs.txt"
+"$BIN/enroll_certs" "$HUB" "$IDENTITIES" "$THREADS" 5 "$CONNECTIONS" | tee "$OUT/enroll_certs.txt"
 online="$(curl -fsS -H "Authorization: Bearer $TOKEN" "$URL/metrics" |
   sed -n 's/^flotilla_devices_presence{presence="online"} \([0-9]*\).*/\1/p')"
 echo "sessions still online at the end: $online"

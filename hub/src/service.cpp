@@ -338,10 +338,14 @@ Result<v1::EnrollResponse> HubService::enroll(const v1::EnrollRequest& req, Audi
     }
   }
   bool dropped_password = false;
-  {
-    std::lock_guard lock(store_mu_);
+  std::optional<AuditRecord> record;
+  // In its own savepoint of a commit shared with the enrollments that queued
+  // meanwhile (GroupCommit): every check and write below is as if alone, and
+  // nothing is answered before it is durable.
+  auto stored = enroll_commits_.run([&]() -> Status {
+    dropped_password = false;
+    record.reset();
     if (auto s = check_reenrollment(d); !s) return s.error();
-    sql::Transaction tx(store_.db());
     // Checked and counted in one statement, under the write lock, so
     // concurrent enrollments cannot overspend a single-use token.
     auto claimed = store_.claim_token_use(token->id);
@@ -368,18 +372,18 @@ Result<v1::EnrollResponse> HubService::enroll(const v1::EnrollRequest& req, Audi
       resp.set_mqtt_username(d.id);
       resp.set_mqtt_password(password);
     }
-    std::optional<AuditRecord> record;
     if (audit) {
       record = *audit;
       record->detail = "enrolled device " + d.id;
       if (record->time_ms == 0) record->time_ms = clock_.now_unix_ms();
       if (auto id = store_.append_audit(*record); !id) return id.error();
     }
-    if (auto s = tx.commit(); !s) return s.error();
-    if (record) {
-      *audit = std::move(*record);
-      audit->stored = true;
-    }
+    return {};
+  });
+  if (!stored) return stored.error();
+  if (record) {
+    *audit = std::move(*record);
+    audit->stored = true;
   }
   if (cert) ++certificates_issued_;
   // Only a password change reaches the broker; a certificate changes nothing there.

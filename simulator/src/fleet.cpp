@@ -884,6 +884,10 @@ Result<std::string> Fleet::push_bundle() {
     auto h = crypto::sha256(bytes);
     a->set_sha256(std::string(h.begin(), h.end()));
     a->set_size(bytes.size());
+    // The url is required (docs/bundle-format.md): relative, the hex digest,
+    // resolved against the desired state's artifact_base_url. Without it every
+    // device refused the bundle as malformed_manifest ("has a bad url").
+    a->set_url(sha);
   }
   v1::SignedBundle env = bundles::wrap(m);
   if (auto s = bundles::sign(env, release_); !s) return s.error();

@@ -693,3 +693,80 @@ TEST_CASE("opening a store that kept inventory in the devices row moves it into 
   REQUIRE(*d);
   CHECK((*d)->inventory.disk_total_bytes == 8000);
 }
+
+// The campaign and bundle lists (one clause builder with the device list):
+// newest first, ties by id, only the caller's project ("*" all of them),
+// the campaign state filter, and a cursor that walks every row once.
+TEST_CASE("campaign and bundle lists page newest first within a project, each row once", "[unit][hub][views]") {
+  Stores s;
+  struct Row {
+    std::string id, project;
+    int64_t ms;
+    std::string state;
+  };
+  // Two pairs share a time: the id decides their order.
+  const std::vector<Row> rows = {{"a1", "default", 1000, "running"}, {"a2", "default", 2000, "paused"},
+                                 {"a3", "default", 2000, "running"}, {"a4", "default", 3000, "running"},
+                                 {"a5", "default", 5000, "completed"}, {"o1", "other", 2000, "running"},
+                                 {"o2", "other", 4000, "running"},   {"o3", "other", 4000, "paused"}};
+  for (const auto& r : rows) {
+    BundleRecord b;
+    b.id = "b-" + r.id;
+    b.digest = "digest-" + r.id;
+    b.project = r.project;
+    b.name = "edge-" + r.id;
+    b.version = 1;
+    b.envelope = "x";
+    b.uploaded_ms = r.ms;
+    REQUIRE(s.store->insert_bundle(b));
+    CampaignRecord c;
+    c.id = "c-" + r.id;
+    c.bundle_id = b.id;
+    c.project = r.project;
+    c.state = r.state;
+    c.created_ms = c.updated_ms = r.ms;
+    REQUIRE(s.store->insert_campaign(c, {}));
+  }
+  // What a filter over every row, sorted newest first, gives.
+  auto expected = [&](const std::string& prefix, const std::string& project, const std::string& state) {
+    std::vector<Row> want;
+    for (const auto& r : rows) {
+      if ((project == "*" || r.project == project) && (state.empty() || r.state == state)) want.push_back(r);
+    }
+    std::sort(want.begin(), want.end(), [](const Row& a, const Row& b) { return a.ms != b.ms ? a.ms > b.ms : a.id > b.id; });
+    std::vector<std::string> ids;
+    for (const auto& r : want) ids.push_back(prefix + r.id);
+    return ids;
+  };
+  for (const std::string project : {"default", "other", "*"}) {
+    for (const int64_t limit : {1, 2, 3, 100}) {
+      INFO(project << " limit " << limit);
+      std::vector<std::string> got;
+      std::string after;
+      for (int pages = 0; pages < 20; ++pages) {
+        auto page = s.agg->bundles(project, after, limit);
+        REQUIRE(page);
+        CHECK(static_cast<int64_t>(page->items.size()) <= limit);
+        for (const auto& b : page->items) got.push_back(b.id);
+        if (page->next.empty()) break;
+        after = page->next;
+      }
+      CHECK(got == expected("b-", project, ""));
+      for (const std::string state : {"", "running", "paused"}) {
+        INFO("state '" << state << "'");
+        std::vector<std::string> camps;
+        std::string cafter;
+        for (int pages = 0; pages < 20; ++pages) {
+          auto page = s.agg->campaigns(project, state, cafter, limit);
+          REQUIRE(page);
+          for (const auto& c : page->items) camps.push_back(c.campaign.id);
+          if (page->next.empty()) break;
+          cafter = page->next;
+        }
+        CHECK(camps == expected("c-", project, state));
+      }
+    }
+  }
+  CHECK_FALSE(s.agg->bundles("default", "not-a-cursor", 2));
+  CHECK_FALSE(s.agg->campaigns("default", "", "12", 2));
+}

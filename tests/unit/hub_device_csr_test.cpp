@@ -11,9 +11,12 @@
 #include <openssl/pem.h>
 #include <openssl/x509.h>
 #include <openssl/x509v3.h>
+#include <sys/stat.h>
 
 #include <cctype>
+#include <cstdio>
 #include <ctime>
+#include <filesystem>
 #include <memory>
 #include <string>
 #include <utility>
@@ -509,4 +512,151 @@ TEST_CASE("the revocation list is re-issued by the hub's clock before it runs ou
   CHECK(reissued >= 11);
   CHECK(reissued <= 12);
   CHECK(hub.count("device_certs") == 0);
+}
+
+namespace {
+
+// A certificate from PEM, its issuer's verdict on its signature, its CN.
+struct IssuedFacts {
+  bool signed_by_ca = false;
+  std::string cn;
+  bool client_auth_only = false;
+};
+
+IssuedFacts facts_of(const std::string& cert_pem, const std::string& ca_pem) {
+  auto read = [](const std::string& pem) {
+    BIO* bio = BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size()));
+    X509* c = PEM_read_bio_X509(bio, nullptr, nullptr, nullptr);
+    BIO_free(bio);
+    return c;
+  };
+  X509* cert = read(cert_pem);
+  X509* ca = read(ca_pem);
+  REQUIRE(cert);
+  REQUIRE(ca);
+  IssuedFacts f;
+  f.signed_by_ca = X509_verify(cert, X509_get0_pubkey(ca)) == 1 && X509_check_issued(ca, cert) == X509_V_OK;
+  char cn[256] = {0};
+  X509_NAME_get_text_by_NID(X509_get_subject_name(cert), NID_commonName, cn, sizeof cn);
+  f.cn = cn;
+  f.client_auth_only = X509_check_purpose(cert, X509_PURPOSE_SSL_CLIENT, 0) == 1 &&
+                       X509_check_purpose(cert, X509_PURPOSE_SSL_SERVER, 0) != 1 && X509_check_ca(cert) == 0;
+  X509_free(cert);
+  X509_free(ca);
+  return f;
+}
+
+// A self-signed CA of the given key (an operator's), written as PEM files.
+void write_operator_ca(EVP_PKEY* key, const std::string& cert_file, const std::string& key_file) {
+  X509* cert = X509_new();
+  REQUIRE(cert);
+  X509_set_version(cert, 2);
+  ASN1_INTEGER_set(X509_get_serialNumber(cert), 7);
+  X509_NAME* name = X509_get_subject_name(cert);
+  X509_NAME_add_entry_by_txt(name, "CN", MBSTRING_UTF8, reinterpret_cast<const unsigned char*>("Operator CA"), -1, -1,
+                             0);
+  X509_set_issuer_name(cert, name);
+  X509_gmtime_adj(X509_getm_notBefore(cert), -3600);
+  X509_gmtime_adj(X509_getm_notAfter(cert), 3650L * 86400);
+  X509_set_pubkey(cert, key);
+  X509V3_CTX ctx;
+  X509V3_set_ctx(&ctx, cert, cert, nullptr, nullptr, 0);
+  for (const auto& [nid, value] : {std::pair{NID_basic_constraints, "critical,CA:TRUE"},
+                                   std::pair{NID_key_usage, "critical,keyCertSign,cRLSign"},
+                                   std::pair{NID_subject_key_identifier, "hash"}}) {
+    X509_EXTENSION* ext = X509V3_EXT_conf_nid(nullptr, &ctx, nid, value);
+    REQUIRE(ext);
+    X509_add_ext(cert, ext, -1);
+    X509_EXTENSION_free(ext);
+  }
+  REQUIRE(X509_sign(cert, key, EVP_PKEY_get_id(key) == EVP_PKEY_ED25519 ? nullptr : EVP_sha256()) > 0);
+  auto write = [](const std::string& file, auto&& pem) {
+    FILE* f = std::fopen(file.c_str(), "w");
+    REQUIRE(f);
+    REQUIRE(pem(f) == 1);
+    std::fclose(f);
+  };
+  write(cert_file, [&](FILE* f) { return PEM_write_X509(f, cert); });
+  write(key_file, [&](FILE* f) { return PEM_write_PrivateKey(f, key, nullptr, nullptr, 0, nullptr, nullptr); });
+  REQUIRE(::chmod(key_file.c_str(), 0600) == 0);
+  X509_free(cert);
+}
+
+}  // namespace
+
+// Device certificates are written from a DER template and signed with the
+// CA's Ed25519 key by libsodium (the enrollment rate, issue 16); they must
+// be the very bytes OpenSSL's builder makes, for every name and time a
+// device can have: names of 1 to 64 characters of every printable kind,
+// UTCTime and GeneralizedTime on both sides of 2050, lifetimes cut at the
+// CA's end.
+TEST_CASE("device certificates from the template are byte for byte OpenSSL's", "[unit]") {
+  const int64_t y2049_end = 2524607999;  // 2049-12-31T23:59:59Z, the last UTCTime
+  const std::vector<int64_t> nows = {1700000000, 1764800000, y2049_end - 3600, y2049_end, y2049_end + 1,
+                                     y2049_end + 86400 * 400};
+  std::string all_printable;
+  for (char c = 0x20; c < 0x7f; ++c) all_printable.push_back(c);
+  const std::vector<std::string> names = {"d-0123456789abcdef0123", "a", std::string(64, 'z'),
+                                          all_printable.substr(0, 64), all_printable.substr(31, 64),
+                                          "gw*1@site \\ 'quoted' & <x>"};
+  const std::vector<int64_t> lifetimes = {60, 3600, int64_t{90} * 86400, int64_t{20} * 365 * 86400};
+  int compared = 0;
+  for (const int64_t now : nows) {
+    auto ca = hub::DeviceCa::ephemeral(now);
+    REQUIRE(ca);
+    REQUIRE((*ca)->uses_template());
+    for (const auto& name : names) {
+      for (const int64_t life : lifetimes) {
+        const auto key = bundles::generate_key();
+        INFO("now " << now << ", CN '" << name << "', lifetime " << life);
+        auto same = (*ca)->template_agrees(key.pub.key, name, now, life);
+        REQUIRE(same);
+        CHECK(*same);
+        ++compared;
+      }
+    }
+    // And what enrollment hands out verifies under the CA, names the device
+    // and serves as a TLS client only.
+    const auto key = bundles::generate_key();
+    const std::string id = bundles::device_id_for_key(key.pub.key);
+    auto issued = (*ca)->issue_for_csr(x509::make_csr(key.secret, id).value(), key.pub.key, id, now, 86400);
+    REQUIRE(issued);
+    const IssuedFacts f = facts_of(issued->pem, (*ca)->issuer_pem());
+    CHECK(f.signed_by_ca);
+    CHECK(f.cn == id);
+    CHECK(f.client_auth_only);
+    CHECK(issued->serial_hex.size() == 32);
+  }
+  CHECK(compared == static_cast<int>(nows.size() * names.size() * lifetimes.size()));
+}
+
+// An operator's CA: Ed25519 gets the template; P-256 keeps OpenSSL's builder
+// (an ECDSA signature over SHA-256) and its certificates verify as well.
+TEST_CASE("an operator's device CA issues with or without the template by its key type", "[unit]") {
+  TempDir dir;
+  const int64_t now = static_cast<int64_t>(std::time(nullptr));
+  for (const std::string type : {"ED25519", "P-256"}) {
+    INFO(type);
+    Pkey key(type == "ED25519" ? EVP_PKEY_Q_keygen(nullptr, nullptr, "ED25519")
+                               : EVP_PKEY_Q_keygen(nullptr, nullptr, "EC", "P-256"));
+    REQUIRE(key);
+    const auto sub = dir.path() / type;
+    std::filesystem::create_directories(sub / "ca");
+    hub::DeviceCaConfig cfg;
+    cfg.dir = sub / "ca";
+    cfg.cert_file = (sub / "op.pem").string();
+    cfg.key_file = (sub / "op.key").string();
+    write_operator_ca(key.get(), cfg.cert_file, cfg.key_file);
+    auto ca = hub::DeviceCa::open(cfg, now);
+    REQUIRE(ca);
+    CHECK((*ca)->uses_template() == (type == "ED25519"));
+    const auto dev = bundles::generate_key();
+    const std::string id = bundles::device_id_for_key(dev.pub.key);
+    auto issued = (*ca)->issue_for_csr(x509::make_csr(dev.secret, id).value(), dev.pub.key, id, now, 86400);
+    REQUIRE(issued);
+    const IssuedFacts f = facts_of(issued->pem, (*ca)->issuer_pem());
+    CHECK(f.signed_by_ca);
+    CHECK(f.cn == id);
+    CHECK(f.client_auth_only);
+  }
 }

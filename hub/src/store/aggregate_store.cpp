@@ -554,6 +554,23 @@ struct Bind {
 Bind bind_int(int64_t v) { return Bind{true, v, {}}; }
 Bind bind_text(std::string v) { return Bind{false, 0, std::move(v)}; }
 
+// Conditions joined by AND, with their bound values in order: the filters
+// of every page query (devices, campaigns, bundles, audit).
+struct Clauses {
+  std::string sql;
+  std::vector<Bind> binds;
+  Clauses& add(const std::string& cond, std::vector<Bind> b = {}) {
+    sql += (sql.empty() ? "" : " AND ") + cond;
+    for (auto& x : b) binds.push_back(std::move(x));
+    return *this;
+  }
+  // Every object stays in its project; "*" is all of them.
+  Clauses& project(const std::string& column, const std::string& project) {
+    return project == "*" ? *this : add(column + " = ?", {bind_text(project)});
+  }
+  std::string where() const { return sql.empty() ? "1" : sql; }
+};
+
 void bind_all(sql::Stmt& st, const std::vector<Bind>& binds) {
   for (size_t k = 0; k < binds.size(); ++k) {
     const int at = static_cast<int>(k + 1);
@@ -754,22 +771,17 @@ Result<DevicePage> AggregateStore::devices(const DeviceQuery& q) {
   }
 
   // Whether a row matches: every filter, whatever drives the walk.
-  std::string hit;
-  std::vector<Bind> hit_binds;
-  auto add = [&](const std::string& cond, std::vector<Bind> b = {}) {
-    hit += (hit.empty() ? "" : " AND ") + cond;
-    for (auto& x : b) hit_binds.push_back(std::move(x));
-  };
-  if (q.project != "*") add("d.project = ?", {bind_text(q.project)});
+  Clauses hits;
+  hits.project("d.project", q.project);
   if (!q.state.empty()) {
-    add("d.state = ?", {bind_text(q.state)});
+    hits.add("d.state = ?", {bind_text(q.state)});
   } else if (!q.include_decommissioned) {
-    add("d.state != 'decommissioned'");
+    hits.add("d.state != 'decommissioned'");
   }
-  if (q.online) add(*q.online ? "d.online = 1" : "d.online = 0");
-  if (q.bundle) add("d.applied_bundle = ?", {bind_text(*q.bundle)});
-  if (q.bundle && q.version) add("d.applied_version = ?", {bind_int(static_cast<int64_t>(*q.version))});
-  if (q.k3s) add("d.k3s_version = ?", {bind_text(*q.k3s)});
+  if (q.online) hits.add(*q.online ? "d.online = 1" : "d.online = 0");
+  if (q.bundle) hits.add("d.applied_bundle = ?", {bind_text(*q.bundle)});
+  if (q.bundle && q.version) hits.add("d.applied_version = ?", {bind_int(static_cast<int64_t>(*q.version))});
+  if (q.k3s) hits.add("d.k3s_version = ?", {bind_text(*q.k3s)});
   for (const auto& r : q.selector.requirements()) {
     const std::string v = "json_extract(d.labels, ?)";
     std::string in;
@@ -779,15 +791,16 @@ Result<DevicePage> AggregateStore::devices(const DeviceQuery& q) {
       b.push_back(bind_text(val));
     }
     switch (r.op) {
-      case Selector::Op::equals: add(v + " = ?", std::move(b)); break;
-      case Selector::Op::not_equals: add(v + " IS NOT ?", std::move(b)); break;
-      case Selector::Op::in: add(v + " IN (" + in + ")", std::move(b)); break;
-      case Selector::Op::not_in: add("COALESCE(" + v + " NOT IN (" + in + "), 1)", std::move(b)); break;
-      case Selector::Op::exists: add("json_type(d.labels, ?) IS NOT NULL", std::move(b)); break;
-      case Selector::Op::not_exists: add("json_type(d.labels, ?) IS NULL", std::move(b)); break;
+      case Selector::Op::equals: hits.add(v + " = ?", std::move(b)); break;
+      case Selector::Op::not_equals: hits.add(v + " IS NOT ?", std::move(b)); break;
+      case Selector::Op::in: hits.add(v + " IN (" + in + ")", std::move(b)); break;
+      case Selector::Op::not_in: hits.add("COALESCE(" + v + " NOT IN (" + in + "), 1)", std::move(b)); break;
+      case Selector::Op::exists: hits.add("json_type(d.labels, ?) IS NOT NULL", std::move(b)); break;
+      case Selector::Op::not_exists: hits.add("json_type(d.labels, ?) IS NULL", std::move(b)); break;
     }
   }
-  if (hit.empty()) hit = "1";
+  const std::string hit = hits.where();
+  const std::vector<Bind>& hit_binds = hits.binds;
 
   std::string order;
   for (const auto& k : keys) order += (order.empty() ? "" : ", ") + k + dir;
@@ -921,32 +934,28 @@ Result<std::pair<int64_t, std::string>> time_cursor(const std::string& after) {
   return make_error(Errc::invalid_argument, "'after' is not a cursor this hub gave out");
 }
 
+// Rows strictly older than a "<ms>:<id>" cursor, newest first.
+Status older_than(Clauses& c, const std::string& time_col, const std::string& id_col, const std::string& after) {
+  if (after.empty()) return {};
+  auto cur = time_cursor(after);
+  if (!cur) return cur.error();
+  c.add("(" + time_col + ", " + id_col + ") < (?, ?)", {bind_int(cur->first), bind_text(cur->second)});
+  return {};
+}
+
 }  // namespace
 
 Result<CampaignPage> AggregateStore::campaigns(const std::string& project, const std::string& state,
                                                const std::string& after, int64_t limit) {
-  std::string where;
-  std::vector<Bind> binds;
-  if (project != "*") {
-    where += " AND c.project = ?";
-    binds.push_back(bind_text(project));
-  }
-  if (!state.empty()) {
-    where += " AND c.state = ?";
-    binds.push_back(bind_text(state));
-  }
-  if (!after.empty()) {
-    auto c = time_cursor(after);
-    if (!c) return c.error();
-    where += " AND (c.created_ms, c.id) < (?, ?)";
-    binds.push_back(bind_int(c->first));
-    binds.push_back(bind_text(c->second));
-  }
-  binds.push_back(bind_int(limit + 1));
+  Clauses w;
+  w.project("c.project", project);
+  if (!state.empty()) w.add("c.state = ?", {bind_text(state)});
+  if (auto s = older_than(w, "c.created_ms", "c.id", after); !s) return s.error();
+  w.binds.push_back(bind_int(limit + 1));
   auto lease = reader();
-  auto st = lease.db().prepare(campaign_select() + " WHERE 1" + where + " ORDER BY c.created_ms DESC, c.id DESC LIMIT ?");
+  auto st = lease.db().prepare(campaign_select() + " WHERE " + w.where() + " ORDER BY c.created_ms DESC, c.id DESC LIMIT ?");
   if (!st) return st.error();
-  bind_all(*st, binds);
+  bind_all(*st, w.binds);
   auto rows = st->rows<CampaignSummary>(summary_row);
   if (!rows) return rows.error();
   CampaignPage page;
@@ -1058,25 +1067,15 @@ Result<std::vector<TimelinePoint>> AggregateStore::timeline(const std::string& c
 }
 
 Result<BundlePage> AggregateStore::bundles(const std::string& project, const std::string& after, int64_t limit) {
-  std::string where;
-  std::vector<Bind> binds;
-  if (project != "*") {
-    where += " AND project = ?";
-    binds.push_back(bind_text(project));
-  }
-  if (!after.empty()) {
-    auto c = time_cursor(after);
-    if (!c) return c.error();
-    where += " AND (uploaded_ms, id) < (?, ?)";
-    binds.push_back(bind_int(c->first));
-    binds.push_back(bind_text(c->second));
-  }
-  binds.push_back(bind_int(limit + 1));
+  Clauses w;
+  w.project("project", project);
+  if (auto s = older_than(w, "uploaded_ms", "id", after); !s) return s.error();
+  w.binds.push_back(bind_int(limit + 1));
   auto lease = reader();
-  auto st = lease.db().prepare("SELECT " + bundle_columns() + " FROM bundles WHERE 1" + where +
+  auto st = lease.db().prepare("SELECT " + bundle_columns() + " FROM bundles WHERE " + w.where() +
                                " ORDER BY uploaded_ms DESC, id DESC LIMIT ?");
   if (!st) return st.error();
-  bind_all(*st, binds);
+  bind_all(*st, w.binds);
   auto rows = st->rows<BundleRecord>(bundle_row);
   if (!rows) return rows.error();
   BundlePage page;
@@ -1089,20 +1088,16 @@ Result<BundlePage> AggregateStore::bundles(const std::string& project, const std
 }
 
 Result<AuditPage> AggregateStore::audit(const std::string& project, int64_t before, int64_t limit) {
-  std::string where = before > 0 ? " AND id < ?" : "";
-  std::vector<Bind> binds;
-  if (project != "*") {
-    where += " AND project = ?";
-  }
-  if (before > 0) binds.push_back(bind_int(before));
-  if (project != "*") binds.push_back(bind_text(project));
-  binds.push_back(bind_int(limit + 1));
+  Clauses w;
+  if (before > 0) w.add("id < ?", {bind_int(before)});
+  w.project("project", project);
+  w.binds.push_back(bind_int(limit + 1));
   auto lease = reader();
   // audit_log_project serves a project's newest rows; the primary key all of them.
-  auto st = lease.db().prepare("SELECT " + audit_columns() + " FROM audit_log WHERE 1" + where +
+  auto st = lease.db().prepare("SELECT " + audit_columns() + " FROM audit_log WHERE " + w.where() +
                                " ORDER BY id DESC LIMIT ?");
   if (!st) return st.error();
-  bind_all(*st, binds);
+  bind_all(*st, w.binds);
   auto rows = st->rows<AuditRecord>(audit_row);
   if (!rows) return rows.error();
   AuditPage page;

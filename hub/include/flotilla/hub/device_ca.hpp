@@ -76,15 +76,35 @@ class DeviceCa {
   using Revoked = std::vector<std::pair<std::string, int64_t>>;
   Result<std::string> crl_pem(const Revoked& revoked, int64_t now_unix, int64_t next_update_s) const;
 
+  // Whether device certificates are written from the template and signed
+  // with libsodium (an Ed25519 issuing CA whose template agreed with
+  // OpenSSL's own builder when the CA was opened), rather than built by
+  // OpenSSL one by one. Both give the same bytes.
+  bool uses_template() const { return template_ != nullptr; }
+  // That agreement for one device key, CN and time: true when the template
+  // and OpenSSL make byte-identical certificates (same serial; Ed25519
+  // signatures are deterministic). Checked once at open, and by the tests
+  // over many names and times.
+  Result<bool> template_agrees(const Bytes& device_key, const std::string& cn, int64_t now_unix,
+                               int64_t lifetime_s) const;
+
  private:
   struct Ca {
     X509* cert = nullptr;
     EVP_PKEY* key = nullptr;
   };
-  DeviceCa() = default;
+  // A device certificate's DER with everything but its key, name, serial
+  // and times fixed, signed by the issuing CA's Ed25519 key directly
+  // (device_ca.cpp, "The device-certificate template").
+  struct Template;
+  DeviceCa();
   Result<IssuedCertificate> issue(EVP_PKEY* subject_key, const std::string& cn, const std::vector<std::string>& names,
-                                  bool server, int64_t now_unix, int64_t lifetime_s) const;
+                                  bool server, int64_t now_unix, int64_t lifetime_s, const Bytes& serial) const;
+  Result<IssuedCertificate> issue_from_template(const Bytes& subject_key, const std::string& cn, int64_t now_unix,
+                                                int64_t lifetime_s, const Bytes& serial) const;
+  void make_template();
   Ca issuer_;
+  std::unique_ptr<Template> template_;  // null: OpenSSL builds each certificate (a non-Ed25519 operator CA)
   std::vector<Ca> others_;  // next and previous, during a rotation
   std::string trust_pem_, issuer_pem_, issuer_subject_;
   int64_t issuer_not_after_ = 0;

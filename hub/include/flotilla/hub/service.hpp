@@ -20,6 +20,7 @@
 #include "flotilla/common/result.hpp"
 #include "flotilla/common/transport.hpp"
 #include "flotilla/hub/campaign.hpp"
+#include "flotilla/hub/group_commit.hpp"
 #include "flotilla/hub/metrics.hpp"
 #include "flotilla/hub/rate_limit.hpp"
 #include "flotilla/hub/store.hpp"
@@ -351,6 +352,8 @@ class HubService {
   // calls the same operations (create_campaign, campaign_action,
   // upload_bundle, create_token) the REST routes call on their own.
   std::recursive_mutex store_mu_;
+  // Enrollments share commits (one fsync for all that queued meanwhile).
+  GroupCommit enroll_commits_{store_mu_, store_.db()};
   std::mutex cred_sync_mu_;                 // one password-file rewrite at a time
   std::mutex crl_sync_mu_;                  // one revocation-list reload at a time
   std::atomic<uint64_t> crl_changes_{0};
