@@ -304,6 +304,14 @@ std::string render_metrics(HubService& s, const HttpMetrics& http) {
   for (int i = 0; i < s.cell_count(); ++i) {
     p.sample("flotilla_cell_draining", {{"cell", std::to_string(i)}}, s.cell(i).draining() ? 1 : 0);
   }
+  p.family("flotilla_cell_devices_moved_total", "counter",
+           "Device rows moved between cells by a drain, when the device spoke from its new cell's broker.");
+  for (int i = 0; i < s.cell_count(); ++i) {
+    p.sample("flotilla_cell_devices_moved_total", {{"cell", std::to_string(i)}, {"direction", "in"}},
+             static_cast<double>(s.cell(i).moved_in.load()));
+    p.sample("flotilla_cell_devices_moved_total", {{"cell", std::to_string(i)}, {"direction", "out"}},
+             static_cast<double>(s.cell(i).moved_out.load()));
+  }
   p.family("flotilla_cell_desired_published_total", "counter", "Desired-state messages published, by cell.");
   for (int i = 0; i < s.cell_count(); ++i) {
     p.sample("flotilla_cell_desired_published_total", {{"cell", std::to_string(i)}},

@@ -936,6 +936,7 @@ Status HubService::publish_desired(const PendingDesired& p) {
   h.set_artifact_base_url(p.shared->artifact_base_url);
   for (const auto& [k, v] : p.labels) (*h.mutable_labels())[k] = v;
   h.set_labels_set(true);
+  if (!p.move_to.empty()) h.set_broker_url(p.move_to);
   if (p.rotate_certificates) h.set_k3s_action(v1::K3S_ACTION_ROTATE_CERTIFICATES);
   *head.mutable_header() = bundles::sign_desired_header(h, *cfg_.director_key);
   // Protobuf merges concatenated encodings of one message: head + shared
@@ -1049,13 +1050,129 @@ void HubService::drain_cell(Cell& c) {
     (void)store_.relaxed_sync(true);
     {
       sql::Transaction tx(store_.db());
-      process_batch(batch);
+      process_batch(batch, c.id());
       if (auto s = tx.commit(); !s) log::get("hub")->error("commit report batch failed: {}", s.error().message);
     }
     if (auto s = store_.relaxed_sync(false); !s) {
       log::get("hub")->error("restore synchronous=FULL failed: {}", s.error().message);
     }
     report_commit_seconds_.observe(std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count());
+    if (!moved_in_.empty()) settle_moves();
+  }
+}
+
+int HubService::least_loaded_cell(const std::vector<int64_t>& counts, int except) const {
+  int best = -1;
+  for (int i = 0; i < cell_count(); ++i) {
+    if (i == except || cells_[static_cast<size_t>(i)]->draining()) continue;
+    if (best < 0 || counts[static_cast<size_t>(i)] < counts[static_cast<size_t>(best)]) best = i;
+  }
+  return best;
+}
+
+Result<HubService::DrainProgress> HubService::drain_cell_devices(int cell) {
+  if (cell < 0 || cell >= cell_count()) {
+    return make_error(Errc::not_found, "no cell " + std::to_string(cell) + " (this hub runs cells 0 to " +
+                                           std::to_string(cell_count() - 1) + ")");
+  }
+  Cell& c = *cells_[static_cast<size_t>(cell)];
+  DrainProgress out;
+  out.cell = cell;
+  {
+    std::lock_guard lock(store_mu_);
+    if (!c.draining()) {
+      if (least_loaded_cell(cell_devices_, cell) < 0) {
+        return make_error(Errc::conflict, "cell " + std::to_string(cell) + " is the last cell that is not draining; "
+                                          "its devices would have nowhere to go");
+      }
+      c.set_draining(true);
+      log::get("hub")->info("cell {} draining: {} devices to move", cell, cell_devices_[static_cast<size_t>(cell)]);
+    }
+    out.remaining = cell_devices_[static_cast<size_t>(cell)];
+  }
+  out.draining = true;
+  out.moved = static_cast<int64_t>(c.moved_out.load());
+  engine_cv_.notify_one();
+  return out;
+}
+
+// Called by the engine: asks the devices of draining cells to move, each
+// again after kMoveRetryMs while it has not arrived (it was offline, or the
+// message was lost with a broker).
+void HubService::continue_drains() {
+  if (cell_count() < 2) return;
+  Publishes moves;
+  std::map<std::string, SharedDesiredPtr> cache;
+  const int64_t now = clock_.now_unix_ms();
+  {
+    std::lock_guard lock(store_mu_);
+    std::vector<int64_t> planned = cell_devices_;
+    for (auto& c : cells_) {
+      if (!c->draining()) continue;
+      auto ids = store_.cell_session_devices(c->id(), kMoveChunk);
+      if (!ids) {
+        log::get("hub")->error("drain cell {}: {}", c->id(), ids.error().message);
+        continue;
+      }
+      for (const auto& id : *ids) {
+        if (moves.size() >= static_cast<size_t>(kMoveChunk)) break;
+        auto it = move_asked_ms_.find(id);
+        if (it != move_asked_ms_.end() && now - it->second < kMoveRetryMs) continue;
+        auto d = store_.get_device(id);
+        if (!d || !*d) continue;
+        const int target = least_loaded_cell(planned, c->id());
+        if (target < 0) break;
+        ++planned[static_cast<size_t>(target)];
+        PendingDesired p;
+        p.device_id = id;
+        p.cell = c->id();
+        p.labels = (*d)->labels;
+        p.move_to = cell_broker_url(target);
+        // The device's current desired state again (it is retained on its
+        // broker, so this replaces it with the same, plus the move).
+        if ((*d)->generation > 0 && !(*d)->desired_bundle_id.empty()) {
+          auto shared = desired_shared((*d)->desired_bundle_id, cache);
+          if (!shared) {
+            log::get("hub")->error("drain cell {} device={}: {}", c->id(), id, shared.error().message);
+            continue;
+          }
+          p.shared = *shared;
+          p.generation = (*d)->generation;
+          p.campaign_id = (*d)->campaign_id;
+        } else {
+          static const SharedDesiredPtr kNone = [] {
+            const auto digest = crypto::sha256(std::string());
+            return std::make_shared<const SharedDesired>(
+                SharedDesired{std::string(), std::string(digest.begin(), digest.end()), std::string()});
+          }();
+          p.shared = kNone;
+        }
+        move_asked_ms_[id] = now;
+        moves.push_back(std::move(p));
+      }
+    }
+  }
+  if (moves.empty()) return;
+  moves_asked_ += moves.size();
+  publish_all(moves, "move");
+  log::get("hub")->info("asked {} devices to move to another cell", moves.size());
+}
+
+void HubService::settle_moves() {
+  std::vector<std::pair<std::string, int>> moved;
+  {
+    std::lock_guard lock(store_mu_);
+    moved.swap(moved_in_);
+  }
+  for (const auto& [id, old_cell] : moved) {
+    if (old_cell < 0 || old_cell >= cell_count()) continue;
+    if (transport::Transport* t = cells_[static_cast<size_t>(old_cell)]->transport(); t && t->connected()) {
+      // An empty retained message deletes the retained desired state there.
+      (void)t->publish({transport::device_topic(id, "", "desired"), "", 1, true});
+    }
+    // A desired state published on the old broker after the move message
+    // may not have reached the device: its pending one goes out again here.
+    republish_pending(-1, id);
   }
 }
 
@@ -1075,11 +1192,11 @@ struct HubService::ParsedMessage {
 // rows, so grouping by device keeps each device's order and loses nothing;
 // a presence "offline" can change other devices' rows (a gateway's), so it
 // ends a group boundary: everything before it is written first.
-void HubService::process_batch(const std::vector<transport::Message>& batch) {
+void HubService::process_batch(const std::vector<transport::Message>& batch, int cell) {
   std::vector<std::string> order;
   std::unordered_map<std::string, std::vector<ParsedMessage>> by_device;
   auto flush = [&] {
-    for (const auto& id : order) apply_device_messages(id, by_device[id]);
+    for (const auto& id : order) apply_device_messages(id, by_device[id], cell);
     order.clear();
     by_device.clear();
   };
@@ -1154,7 +1271,8 @@ void HubService::process_batch(const std::vector<transport::Message>& batch) {
   flush();
 }
 
-void HubService::apply_device_messages(const std::string& device_id, const std::vector<ParsedMessage>& msgs) {
+void HubService::apply_device_messages(const std::string& device_id, const std::vector<ParsedMessage>& msgs,
+                                       int cell) {
   auto found = store_.get_device(device_id);
   if (!found || !*found) {
     if (std::any_of(msgs.begin(), msgs.end(), [](const ParsedMessage& p) { return p.is_report; })) {
@@ -1167,6 +1285,35 @@ void HubService::apply_device_messages(const std::string& device_id, const std::
     return;
   }
   DeviceRecord dev = std::move(**found);
+  if (cell_count() > 1 && dev.cell != cell) {
+    // The broker authenticated the device (every cell's trusts the device
+    // CA), so it is there now. That moves it only out of a draining cell
+    // into one that is not; anything else is a late message from a broker
+    // it left, which must not bring back what it said there.
+    const bool from_draining = dev.cell >= 0 && dev.cell < cell_count() && cells_[static_cast<size_t>(dev.cell)]->draining();
+    if (!from_draining || cells_[static_cast<size_t>(cell)]->draining()) {
+      ++other_cell_dropped_;
+      if (auto n = log_limit_.admit(device_id)) {
+        log::get("hub")->warn("dropped {} message(s) of device={} from the broker of cell {}: it is in cell {}{}",
+                              msgs.size(), device_id, cell, dev.cell, suppressed_note(*n));
+      }
+      return;
+    }
+    const std::string owner = dev.gateway.empty() ? dev.id : dev.gateway;
+    auto n = store_.set_device_cell(owner, cell);
+    if (!n) {
+      log::get("hub")->error("move device={} to cell {}: {}", owner, cell, n.error().message);
+      return;
+    }
+    cell_devices_[static_cast<size_t>(dev.cell)] -= *n;
+    cell_devices_[static_cast<size_t>(cell)] += *n;
+    cells_[static_cast<size_t>(dev.cell)]->moved_out += static_cast<uint64_t>(*n);
+    cells_[static_cast<size_t>(cell)]->moved_in += static_cast<uint64_t>(*n);
+    moved_in_.emplace_back(owner, dev.cell);
+    move_asked_ms_.erase(owner);
+    log::get("hub")->info("device={} moved from cell {} to cell {} ({} device rows)", owner, dev.cell, cell, *n);
+    dev.cell = cell;
+  }
   const bool was_online = dev.online;
   CampaignRows rows;
   bool inventory = false;  // whether the batch carried one (dev.inventory holds the last)

@@ -124,6 +124,22 @@ class HubService {
   };
   // Every cell, with device counts of project ("*": all projects).
   Result<std::vector<CellView>> list_cells(const std::string& project = "*");
+  // Drains a cell (flotilla cell drain): no new enrollments there, and the
+  // engine tells each of its devices (and gateways, with their devices) to
+  // move to the least loaded other cell, in a director-signed desired state
+  // (DesiredHeader.broker_url). A device's cell changes when it speaks from
+  // its new cell's broker. Refused (conflict) for the last undrained cell.
+  // Repeating it changes nothing and answers the progress.
+  struct DrainProgress {
+    int cell = 0;
+    bool draining = false;
+    int64_t moved = 0;      // devices that left the cell since the hub started
+    int64_t remaining = 0;  // devices still in it (every project)
+  };
+  Result<DrainProgress> drain_cell_devices(int cell);
+  // How long a device asked to move has before it is asked again.
+  static constexpr int64_t kMoveRetryMs = 30000;
+  static constexpr int64_t kMoveChunk = 2000;  // move requests per engine tick at most
   void set_artifacts(ArtifactStore* a) { artifacts_ = a; }
   ArtifactStore* artifacts() const { return artifacts_; }
   // The dashboard's read models (aggregates.hpp); the /v1/views routes
@@ -287,6 +303,9 @@ class HubService {
     for (auto& c : cells_) c->set_attached(false);
   }
   void mark_detached(int cell) { cells_.at(static_cast<size_t>(cell))->set_attached(false); }
+  // Messages from a device on a broker that is not its cell's, dropped (it
+  // left that cell; a late message from there must not bring it back).
+  uint64_t other_cell_dropped() const { return other_cell_dropped_.load(); }
   // The public half of the director key, as devices receive it at enrollment.
   const bundles::PublicKey& director_public_key() const { return cfg_.director_key->pub; }
   uint64_t reports_processed() const { return reports_processed_; }
@@ -301,6 +320,15 @@ class HubService {
   // undrained cell with the fewest devices.
   Result<int> cell_for_new_device(const DeviceRecord& d);
   const std::string& cell_broker_url(int cell) const;
+  // The undrained cell with the fewest devices (-1: none); counts as given.
+  int least_loaded_cell(const std::vector<int64_t>& counts, int except) const;
+  void continue_drains();
+  // After a device moved in: its pending desired state goes out on its new
+  // cell, and the retained one on the old broker is cleared.
+  void settle_moves();
+  std::vector<std::pair<std::string, int>> moved_in_;  // (device or gateway, old cell), store_mu_
+  std::map<std::string, int64_t> move_asked_ms_;        // store_mu_
+  std::atomic<uint64_t> other_cell_dropped_{0}, moves_asked_{0};
   void drain_cell(Cell& c);
   v1::EnrollResponse enroll_response(const DeviceRecord& d) const;
   // A device certificate for a request, with the store row it needs.
@@ -316,8 +344,8 @@ class HubService {
     bool dirty = false;
   };
   using CampaignRows = std::map<std::string, CachedCampaignRow>;  // by campaign id
-  void process_batch(const std::vector<transport::Message>& batch);
-  void apply_device_messages(const std::string& device_id, const std::vector<ParsedMessage>& msgs);
+  void process_batch(const std::vector<transport::Message>& batch, int cell = 0);
+  void apply_device_messages(const std::string& device_id, const std::vector<ParsedMessage>& msgs, int cell = 0);
   void apply_report(DeviceRecord& dev, const v1::Report& r);
   // One desired-state message, decided inside a store transaction and
   // published after it commits. What every device of a campaign shares (the
@@ -342,6 +370,9 @@ class HubService {
     // rollback: that only returns the device to its previous bundle).
     bool rotate_certificates = false;
     int cell = 0;  // whose broker carries it
+    // Set: the device is told to move to this broker (a drain), signed in
+    // its header. With generation 0 the message is a move alone.
+    std::string move_to;
   };
   using Publishes = std::vector<PendingDesired>;
   // The shared part for a bundle; call with store_mu_ held. `cache` keeps
@@ -350,7 +381,7 @@ class HubService {
   Status publish_desired(const PendingDesired& p);
   void publish_all(const Publishes& publishes, const char* what);
   // The pending desired states of a cell's devices (-1: every cell's).
-  void republish_pending(int cell = -1);
+  void republish_pending(int cell = -1, const std::string& only_device = "");
   void engine_loop();
   void tick_campaign(CampaignRecord& c, Publishes& publishes);
   // Waiting rows the tick may release now: its wave reached, the device in
