@@ -535,7 +535,7 @@ Status run_hub(const HubConfig& cfg, const std::atomic<bool>& stop) {
     }
     auto b = EmbeddedBroker::start(bc, *creds);
     if (!b) return b.error().with_context("cell " + std::to_string(cell));
-    const auto& broker = *b;
+    EmbeddedBroker* broker = b->get();  // owned by brokers from below
     broker_url = broker->url();
     hub_user = broker->hub_username();
     hub_pass = cfg.dev_plain_mqtt ? broker->hub_password() : std::string();

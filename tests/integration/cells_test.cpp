@@ -30,7 +30,7 @@ json cells(Hub& hub) {
 
 }  // namespace
 
-TEST_CASE("cell drain mid-campaign: every device moves, applies once, stays online; a forged move moves nobody",
+TEST_CASE("cell drain mid-campaign: every device moves and applies once and stays online and a forged move moves nobody",
           "[integration][cells][drain]") {
   constexpr int kAgents = 6;
   Fleet fleet(kAgents, {{"env", "it"}}, {"--cells", "3"});
@@ -175,8 +175,8 @@ bundles::KeyPair sim_release_key(uint64_t seed) {
 
 }  // namespace
 
-TEST_CASE("--cells 4: devices spread over 4 mosquittos, one campaign converges; kill -9 of one cell's broker "
-          "touches only that cell", "[integration][cells]") {
+TEST_CASE("--cells 4: devices spread over 4 mosquittos and one campaign converges and kill -9 of one cell's "
+          "broker touches only that cell", "[integration][cells]") {
   TempDir tmp;
   Hub hub(tmp.path() / "hub");
   hub.start({"--cells", "4"});

@@ -34,7 +34,7 @@ std::string move_message(const std::string& device, const std::string& url, cons
 
 }  // namespace
 
-TEST_CASE("a signed move is taken; an unsigned, foreign or other device's one is refused",
+TEST_CASE("a signed move is taken and an unsigned or foreign or other device's one is refused",
           "[unit][agent][cells]") {
   const auto director = b::generate_key(), other = b::generate_key();
   DesiredContext ctx{"dev-1", &director.pub, 5, 5};

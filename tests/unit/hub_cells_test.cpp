@@ -153,7 +153,7 @@ TEST_CASE("a campaign spans cells: each device's desired state goes out on its o
   }
 }
 
-TEST_CASE("draining a cell asks its devices to move in a signed header; only their arrival moves them",
+TEST_CASE("draining a cell asks its devices to move in a signed header and only their arrival moves them",
           "[unit][hub][cells][drain]") {
   Cells c;
   std::vector<std::string> ids;
