@@ -1042,7 +1042,12 @@ void HubService::drain_cell(Cell& c) {
   std::lock_guard drain_lock(c.drain_mu());
   for (;;) {
     std::vector<transport::Message> batch = c.pop(512);
-    if (batch.empty()) return;
+    if (batch.empty()) {
+      // Outside the store lock: publishing may wait for the broker, whose
+      // client thread may wait for room in a queue only this worker empties.
+      settle_moves();
+      return;
+    }
     std::lock_guard lock(store_mu_);
     const auto started = std::chrono::steady_clock::now();
     // Reports are the devices' to repeat (and a lost outcome is recovered
@@ -1057,7 +1062,6 @@ void HubService::drain_cell(Cell& c) {
       log::get("hub")->error("restore synchronous=FULL failed: {}", s.error().message);
     }
     report_commit_seconds_.observe(std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count());
-    if (!moved_in_.empty()) settle_moves();
   }
 }
 
@@ -1162,6 +1166,7 @@ void HubService::settle_moves() {
   std::vector<std::pair<std::string, int>> moved;
   {
     std::lock_guard lock(store_mu_);
+    if (moved_in_.empty()) return;
     moved.swap(moved_in_);
   }
   for (const auto& [id, old_cell] : moved) {
