@@ -10,6 +10,7 @@ int cmd_key(int argc, char** argv);
 int cmd_bundle(int argc, char** argv);
 int cmd_campaign(int argc, char** argv);
 int cmd_device(int argc, char** argv);
+int cmd_cell(int argc, char** argv);
 int cmd_enrollment_token(int argc, char** argv);
 int cmd_token(int argc, char** argv);
 int cmd_audit(int argc, char** argv);

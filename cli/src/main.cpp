@@ -42,6 +42,8 @@ void usage(std::ostream& out) {
          "  device label ID k=v k-  set and remove labels\n"
          "  device decommission ID  revoke a device's broker access for good (--yes)\n"
          "  device get ID           one device\n"
+         "  cell list               the hub's cells: broker, state, devices (operator)\n"
+         "  cell drain ID           move a cell's devices to the other cells (admin; --no-wait)\n"
          "  campaign create         roll a bundle out to the devices a selector matches\n"
          "  campaign list           all campaigns\n"
          "  campaign get|status ID  progress, failures (--wait: status block until done; --watch: bars)\n"
@@ -80,6 +82,7 @@ constexpr Command kCommands[] = {
     {"campaign", flotilla::cli::cmd_campaign,
      "create list get status watch pause resume abort rollback approve"},
     {"device", flotilla::cli::cmd_device, "list get label decommission"},
+    {"cell", flotilla::cli::cmd_cell, "list drain"},
     {"enrollment-token", flotilla::cli::cmd_enrollment_token, "create list revoke"},
     {"token", flotilla::cli::cmd_token, "create list revoke"},
     {"audit", flotilla::cli::cmd_audit, ""},

@@ -712,6 +712,16 @@ DesiredDecision decide_desired(std::string_view payload, const DesiredContext& c
   d.campaign_id = h.campaign_id();
   d.rollback = h.rollback();
   d.artifact_base_url = h.artifact_base_url();
+  // A move to another cell's broker, signed by the director for this device.
+  if (!h.broker_url().empty()) {
+    d.broker_url = h.broker_url().substr(0, 1024);
+    d.move_issued_ms = h.issued_unix_ms();
+    if (h.generation() == 0) {  // a move alone: nothing to apply
+      d.action = Action::ignore;
+      d.message = "a move to broker " + d.broker_url;
+      return d;
+    }
+  }
   if (h.generation() == 0 || h.generation() > bundles::kMaxStoredInteger) {
     return refuse(v1::REASON_MALFORMED_DESIRED, "signed generation " + std::to_string(h.generation()) +
                                                     " is outside 1..9223372036854775807");
@@ -766,6 +776,10 @@ void Agent::handle_desired(const std::string& payload) {
   DesiredContext ctx{cfg_.device_id, cfg_.director_key ? &*cfg_.director_key : nullptr, state_.director_generation,
                      state_.generation};
   DesiredDecision dd = decide_desired(payload, ctx);
+  if (!dd.broker_url.empty() && (dd.action == DesiredDecision::Action::ignore ||
+                                 dd.action == DesiredDecision::Action::handle)) {
+    broker_move_ = BrokerMove{dd.broker_url, dd.move_issued_ms};
+  }
   switch (dd.action) {
     case DesiredDecision::Action::ignore:
       if (!dd.message.empty()) logger->debug("desired state ignored: {}", dd.message);

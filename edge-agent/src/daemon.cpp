@@ -937,6 +937,53 @@ Status run_agent(const AgentConfig& cfg, const std::atomic<bool>& stop) {
     renewed = true;
   };
 
+  // A move to another cell's broker (docs/agent.md, "Moving to another
+  // broker"): from a director-signed header only (decide_desired), newer
+  // than the last one taken (a replayed move cannot send the device back),
+  // the same scheme (never from TLS to plain MQTT). The new broker is
+  // checked exactly as the old one: the same CA file, the same client
+  // certificate, so it must chain to the CA this device already trusts.
+  const auto move_floor_path = state_dir / "broker-move-issued";
+  int64_t move_floor = 0;
+  if (auto f = fs::read_file(move_floor_path, 64); f) {
+    try {
+      move_floor = std::stoll(*f);
+    } catch (const std::exception&) {
+      move_floor = 0;
+    }
+  }
+  auto take_broker_move = [&](const BrokerMove& mv) {
+    const std::string& url = mv.url;
+    auto scheme = [](const std::string& u) { return u.substr(0, u.find("://") + 3); };
+    if (mv.issued_unix_ms <= move_floor) {
+      logger->warn("refused a move to broker {}: signed at {} ms, not after the last move taken ({} ms): a replay",
+                   url.substr(0, 256), mv.issued_unix_ms, move_floor);
+      return;
+    }
+    if ((url.rfind("ssl://", 0) != 0 && url.rfind("tcp://", 0) != 0) || url.size() > 512 ||
+        url.find_first_of(" \t\r\n") != std::string::npos || scheme(url) != scheme(creds.broker_url())) {
+      logger->warn("refused a move to broker '{}': not a {}host:port address like the current one", url.substr(0, 256),
+                   scheme(creds.broker_url()));
+      return;
+    }
+    if (auto st = fs::write_file_atomic(move_floor_path, std::to_string(mv.issued_unix_ms), 0600); !st) {
+      logger->error("move to broker {} not taken: {}", url, st.error().message);
+      return;
+    }
+    move_floor = mv.issued_unix_ms;
+    if (url == creds.broker_url()) return;
+    v1::EnrollResponse next = creds;
+    next.set_broker_url(url);
+    if (auto st = fs::write_file_atomic(cred_path, next.SerializeAsString(), 0600); !st) {
+      logger->error("move to broker {} not saved: {}", url, st.error().message);
+      return;
+    }
+    logger->info("the hub moves this device from broker {} to {}; reconnecting", creds.broker_url(), url);
+    creds = std::move(next);
+    if (auto st = apply_credentials(); !st) logger->error("moved broker not usable: {}", st.error().message);
+    reconnect_now = true;
+  };
+
   // Publishes the outbox again and drops what the broker acknowledged.
   auto deliver_outbox = [&](bool republish) {
     if (agent.outbox().empty()) return;
@@ -1108,6 +1155,7 @@ Status run_agent(const AgentConfig& cfg, const std::atomic<bool>& stop) {
     if (!payload.empty()) {
       agent.handle_desired(payload);
       if (connected) deliver_outbox(false);
+      if (auto mv = agent.take_broker_move()) take_broker_move(*mv);
     }
     if (cfg.drift_interval.count() > 0 && std::chrono::steady_clock::now() >= next_drift) {
       next_drift = std::chrono::steady_clock::now() + cfg.drift_interval;

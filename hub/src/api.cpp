@@ -167,6 +167,7 @@ std::vector<Route> build_routes() {
   std::vector<Route> r;
   add_access_routes(r);
   add_device_routes(r);
+  add_cell_routes(r);
   add_bundle_routes(r);
   add_campaign_routes(r);
   add_trust_routes(r);

@@ -25,6 +25,7 @@ json device_json(const DeviceRecord& d) {
               {"last_seen_at", iso_ms(d.last_seen_ms)},
               {"campaign_id", d.campaign_id},
               {"generation", d.generation},
+              {"cell", d.cell},
               // The device_inventory row (all zeros/"" until the device sends one).
               {"k3s_role", d.inventory.k3s_role},
               {"cluster_id", d.inventory.cluster_id},

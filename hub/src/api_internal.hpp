@@ -52,6 +52,8 @@ std::optional<HttpResponse> precheck_artifact_upload(HubService& s, const Target
 void add_campaign_routes(std::vector<Route>& routes);
 // Devices (api_devices.cpp); tokens, enrollment tokens, audit (api_access.cpp).
 void add_device_routes(std::vector<Route>& routes);
+// GET /v1/cells, POST /v1/cells/{id}/drain (api_cells.cpp).
+void add_cell_routes(std::vector<Route>& routes);
 void add_access_routes(std::vector<Route>& routes);
 // POST /v1/apply, GET /v1/objects, /v1/gitrepos (api_declarative.cpp).
 void add_declarative_routes(std::vector<Route>& routes);

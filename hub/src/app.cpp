@@ -41,6 +41,25 @@ Result<std::pair<std::string, int>> split_host_port(const std::string& key, cons
     return make_error(Errc::invalid_argument, key + ": bad port in '" + v + "'");
   }
 }
+// The same URL with its port raised by offset (cell i's broker-public-url).
+Result<std::string> with_port_offset(const std::string& url, int offset) {
+  if (offset == 0) return url;
+  const auto colon = url.rfind(':');
+  const auto scheme = url.find("://");
+  if (colon == std::string::npos || scheme == std::string::npos || colon <= scheme + 2) {
+    return make_error(Errc::invalid_argument, "broker-public-url must name a port (scheme://host:port) when cells > "
+                                              "1: cell i is told that port + i, got '" + url + "'");
+  }
+  try {
+    size_t used = 0;
+    const int port = std::stoi(url.substr(colon + 1), &used);
+    if (used != url.size() - colon - 1 || port < 1 || port + offset > 65535) throw std::out_of_range("port");
+    return url.substr(0, colon + 1) + std::to_string(port + offset);
+  } catch (const std::exception&) {
+    return make_error(Errc::invalid_argument, "broker-public-url: bad port in '" + url + "' for " +
+                                                  std::to_string(offset + 1) + " cells");
+  }
+}
 }  // namespace
 
 std::string default_data_dir(bool root, const char* xdg_state_home, const char* home) {
@@ -73,6 +92,9 @@ void add_hub_options(Options& o) {
       .add("broker-tls-ca", "PEM CA file the hub's own MQTT client trusts for the broker (embedded with TLS, or "
                             "an ssl:// broker-url); empty = the system CA store")
       .add("mosquitto", "mosquitto binary for the embedded broker", "/usr/sbin/mosquitto")
+      .add("cells", "cells to run (1 to 64): each an embedded mosquitto with its own port, directory and ACL, and "
+                    "the hub's own session, report worker and desired-state publisher for it; devices are spread "
+                    "over them at enrollment. With a fixed broker-listen port P, cell i listens on P+i", "1")
       .add("http-threads", "threads serving the REST API", "2")
       .add("db-cache-mib", "SQLite page cache for the hub's store, in MiB (a fixed cost, not per device)", "64")
       .add("db-mmap-mib", "map up to this many MiB of the store file (0 = off); faster reads once the store "
@@ -226,6 +248,17 @@ Result<HubConfig> hub_config_from(const Options& o) {
   c.broker_listen_host = bl->first;
   c.broker_listen_port = bl->second;
   c.mosquitto_bin = o.get("mosquitto");
+  auto cells = o.get_int("cells", 1, kMaxCells);
+  if (!cells) return cells.error();
+  c.cells = static_cast<int>(*cells);
+  if (c.cells > 1 && !c.broker_url.empty()) {
+    return make_error(Errc::invalid_argument, "cells > 1 needs the embedded broker (one per cell); with broker-url "
+                                              "the hub runs one cell on that broker");
+  }
+  if (c.cells > 1 && c.broker_listen_port != 0 && c.broker_listen_port + c.cells - 1 > 65535) {
+    return make_error(Errc::invalid_argument, "broker-listen port " + std::to_string(c.broker_listen_port) + " + " +
+                                                  std::to_string(c.cells) + " cells runs past port 65535");
+  }
   auto threads = o.get_int("http-threads", 1, 64);
   if (!threads) return threads.error();
   c.http_threads = static_cast<int>(*threads);
@@ -464,16 +497,34 @@ Status run_hub(const HubConfig& cfg, const std::atomic<bool>& stop) {
     crl = std::move(*c);
   }
 
-  std::unique_ptr<EmbeddedBroker> broker;
+  // A store written with more cells than this start names: its devices
+  // would be told a broker nobody runs. Draining moves them first.
+  if (auto counts = (*store)->cell_device_counts(); !counts) {
+    return counts.error();
+  } else {
+    for (const auto& n : *counts) {
+      if (n.cell >= cfg.cells) {
+        return make_error(Errc::invalid_argument, std::to_string(n.total) + " devices are in cell " +
+                                                      std::to_string(n.cell) + ", but cells is " +
+                                                      std::to_string(cfg.cells) + "; start with at least " +
+                                                      std::to_string(n.cell + 1) + " cells (drain a cell before "
+                                                      "removing it: flotilla cell drain)");
+      }
+    }
+  }
+  std::vector<std::unique_ptr<EmbeddedBroker>> brokers;
   std::string broker_url = cfg.broker_url, hub_user = cfg.broker_username, hub_pass = cfg.broker_password;
-  if (embedded) {
+  // Per cell: what the hub connects to, and what devices are told.
+  std::vector<std::string> cell_urls, cell_public_urls, cell_hub_passwords;
+  for (int cell = 0; cell < (embedded ? cfg.cells : 0); ++cell) {
     auto creds = (*store)->credentials();
     if (!creds) return creds.error();
     BrokerConfig bc;
-    bc.dir = data / "broker";
+    // Cell 0 keeps the directory a one-cell hub always had.
+    bc.dir = cell == 0 ? data / "broker" : data / ("broker-cell" + std::to_string(cell));
     bc.mosquitto_bin = cfg.mosquitto_bin;
     bc.listen_host = cfg.broker_listen_host;
-    bc.port = cfg.broker_listen_port;
+    bc.port = cfg.broker_listen_port == 0 ? 0 : cfg.broker_listen_port + cell;
     bc.tls_cert_file = cfg.broker_tls_cert_file;
     bc.tls_key_file = cfg.broker_tls_key_file;
     bc.tls_ca_file = cfg.broker_tls_ca_file;
@@ -482,7 +533,7 @@ Status run_hub(const HubConfig& cfg, const std::atomic<bool>& stop) {
     bc.hub_username = hub_cn;
     if (cfg.dev_plain_mqtt) {
       bc.auth = BrokerAuth::password;
-      logger->warn("DEVELOPMENT MODE (dev-plain-mqtt): the embedded broker speaks plain MQTT and devices log in with "
+      if (cell == 0) logger->warn("DEVELOPMENT MODE (dev-plain-mqtt): the embedded broker speaks plain MQTT and devices log in with "
                    "passwords; nothing is encrypted and every enrollment reloads the broker. Never use this outside "
                    "a test bench.");
     } else {
@@ -513,12 +564,23 @@ Status run_hub(const HubConfig& cfg, const std::atomic<bool>& stop) {
       }
     }
     auto b = EmbeddedBroker::start(bc, *creds);
-    if (!b) return b.error();
-    broker = std::move(*b);
+    if (!b) return b.error().with_context("cell " + std::to_string(cell));
+    EmbeddedBroker* broker = b->get();  // owned by brokers from below
     broker_url = broker->url();
     hub_user = broker->hub_username();
     hub_pass = cfg.dev_plain_mqtt ? broker->hub_password() : std::string();
-    if (!broker->legacy_url().empty()) {
+    cell_urls.push_back(broker->url());
+    cell_hub_passwords.push_back(hub_pass);
+    if (cfg.broker_public_url.empty()) {
+      cell_public_urls.push_back(broker->url());
+    } else {
+      // Cell i's devices reach it at the public address's port + i.
+      auto cell_public = with_port_offset(cfg.broker_public_url, cell);
+      if (!cell_public) return cell_public.error();
+      cell_public_urls.push_back(*cell_public);
+    }
+    brokers.push_back(std::move(*b));
+    if (!broker->legacy_url().empty() && cell == 0) {
       logger->warn("{} devices enrolled with passwords still connect to {} ({}) until they renew and move to "
                    "certificates (docs/operations.md, \"Moving devices from passwords to certificates\")",
                    creds->size(), broker->legacy_url(),
@@ -528,9 +590,17 @@ Status run_hub(const HubConfig& cfg, const std::atomic<bool>& stop) {
 
   ServiceConfig sc;
   sc.broker_url = cfg.broker_public_url.empty() ? broker_url : cfg.broker_public_url;
-  if (sc.broker_url.find("://0.0.0.0:") != std::string::npos) {
-    return make_error(Errc::invalid_argument, "the broker listens on 0.0.0.0; set broker-public-url to the "
-                                              "address devices should connect to");
+  if (!embedded) {
+    cell_urls = {broker_url};
+    cell_public_urls = {sc.broker_url};
+    cell_hub_passwords = {hub_pass};
+  }
+  sc.cell_broker_urls = cell_public_urls;
+  for (const auto& u : cell_public_urls) {
+    if (u.find("://0.0.0.0:") != std::string::npos) {
+      return make_error(Errc::invalid_argument, "the broker listens on 0.0.0.0; set broker-public-url to the "
+                                                "address devices should connect to");
+    }
   }
   sc.public_url = public_url;
   sc.manage_broker_credentials = embedded;
@@ -543,7 +613,7 @@ Status run_hub(const HubConfig& cfg, const std::atomic<bool>& stop) {
   // tls-ca-file, never from an answer.
   sc.ca_certificates = (*ca)->trust_pem();
   service = std::make_unique<HubService>(**store, SystemClock::instance(), sc);
-  service->set_broker(broker.get());
+  for (size_t i = 0; i < brokers.size(); ++i) service->set_cell_broker(static_cast<int>(i), brokers[i].get());
   service->set_artifacts(&artifacts);
   service->set_aggregates(aggregates->get());
   (*aggregates)->start_sampler(SystemClock::instance(), cfg.views_timeline_interval);
@@ -551,7 +621,6 @@ Status run_hub(const HubConfig& cfg, const std::atomic<bool>& stop) {
 
   if (auto s = ensure_bootstrap_admin(*service, **store, data); !s) return s;
 
-  auto transport = transport::make_paho_transport();
   transport::ConnectOptions co;
   co.url = broker_url;
   // A fixed client id with a persistent session: reports sent while the hub
@@ -621,29 +690,44 @@ Status run_hub(const HubConfig& cfg, const std::atomic<bool>& stop) {
     logger->info("dashboard listening url={} assets={}", ui_url, ui_assets().size());
   }
 
-  Backoff backoff(std::chrono::milliseconds(200), std::chrono::seconds(10), crypto::random_u64());
-  bool attached = false;
-  auto next_try = std::chrono::steady_clock::now();
+  // One session per cell, each reconnected on its own: a cell whose broker
+  // restarts leaves the others' sessions (and presence) alone.
+  struct CellSession {
+    std::unique_ptr<transport::Transport> transport = transport::make_paho_transport();
+    transport::ConnectOptions co;
+    Backoff backoff{std::chrono::milliseconds(200), std::chrono::seconds(10), crypto::random_u64()};
+    bool attached = false;
+    std::chrono::steady_clock::time_point next_try = std::chrono::steady_clock::now();
+  };
+  std::vector<CellSession> sessions(cell_urls.size());
+  for (size_t i = 0; i < sessions.size(); ++i) {
+    sessions[i].co = co;
+    sessions[i].co.url = cell_urls[i];
+    sessions[i].co.password = cell_hub_passwords[i];
+  }
   auto next_maintenance = std::chrono::steady_clock::now() + std::chrono::minutes(5);
   while (!stop) {
     if (std::chrono::steady_clock::now() >= next_maintenance) {
       next_maintenance = std::chrono::steady_clock::now() + std::chrono::minutes(5);
       service->maintain_certificates();
     }
-    if ((!transport->connected() || !attached) && std::chrono::steady_clock::now() >= next_try) {
-      if (attached) logger->warn("lost the broker connection; reconnecting");
-      attached = false;
-      service->mark_detached();
-      auto s = transport->connect(co);
-      if (s) s = service->attach_transport(*transport);
+    for (size_t i = 0; i < sessions.size(); ++i) {
+      auto& cs = sessions[i];
+      const int cell = static_cast<int>(i);
+      if ((cs.transport->connected() && cs.attached) || std::chrono::steady_clock::now() < cs.next_try) continue;
+      if (cs.attached) logger->warn("lost the broker connection cell={}; reconnecting", cell);
+      cs.attached = false;
+      service->mark_detached(cell);
+      auto s = cs.transport->connect(cs.co);
+      if (s) s = service->attach_transport(cell, *cs.transport);
       if (s) {
-        attached = true;
-        backoff.reset();
-        logger->info("connected to broker {}", broker_url);
+        cs.attached = true;
+        cs.backoff.reset();
+        logger->info("connected to broker {} cell={}", cs.co.url, cell);
       } else {
-        auto delay = backoff.next();
-        logger->warn("broker connection failed: {}; retry in {}ms", s.error().message, delay.count());
-        next_try = std::chrono::steady_clock::now() + delay;
+        auto delay = cs.backoff.next();
+        logger->warn("broker connection failed cell={}: {}; retry in {}ms", cell, s.error().message, delay.count());
+        cs.next_try = std::chrono::steady_clock::now() + delay;
       }
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
@@ -653,10 +737,10 @@ Status run_hub(const HubConfig& cfg, const std::atomic<bool>& stop) {
   api_ptr.store(nullptr, std::memory_order_release);
   (*server)->stop();
   if (git_sync) git_sync->stop();
-  transport->disconnect();
+  for (auto& cs : sessions) cs.transport->disconnect();
   service->stop();
   (*aggregates)->stop();
-  if (broker) broker->stop();
+  for (auto& b : brokers) b->stop();
   return {};
 }
 

@@ -829,6 +829,7 @@ Status EmbeddedBroker::launch() {
     return make_error(Errc::unavailable, "mosquitto did not start listening on " + url() + "; its log ends: " + tail);
   }
   (void)write_at(dir_fd_, "mosquitto.pid", std::to_string(child_.pid()), 0600);
+  running_ = true;
   log::get("hub")->info("embedded broker started url={} pid={}", url(), child_.pid());
   return {};
 }
@@ -860,6 +861,7 @@ void EmbeddedBroker::watchdog() {
     std::lock_guard lock(mu_);
     if (stopping_) break;
     if (auto code = child_.poll()) {
+      running_ = false;
       logger->error("embedded broker exited code={}; restarting", *code);
       ++restarts_;
       if (auto s = launch(); !s) {

@@ -178,6 +178,7 @@ void HubService::tick() {
   // Published only after the commit; a crash in between is repaired by
   // republish_pending() at the next connect.
   publish_all(publishes, "desired");
+  continue_drains();
 }
 
 void HubService::tick_campaign(CampaignRecord& c, Publishes& publishes) {
@@ -369,7 +370,7 @@ void HubService::tick_campaign(CampaignRecord& c, Publishes& publishes) {
     if (auto s = store_.start_deadline(c.id, d.id, strategy.device_deadline.count(), now); !s) return;
     if (auto s = store_.set_device_desired(d.id, gen, c.bundle_id, c.id); !s) return;
     publishes.push_back(
-        {d.id, d.gateway, c.id, gen, false, shared, d.labels, strategy.k3s_action == "rotate_certificates"});
+        {d.id, d.gateway, c.id, gen, false, shared, d.labels, strategy.k3s_action == "rotate_certificates", d.cell, ""});
     ++released;
   }
   if (strategy.rate.enabled()) {
@@ -559,7 +560,7 @@ void HubService::start_rollback(CampaignRecord& c, const std::string& reason, Pu
       row.updated_ms = now;
       (void)store_.save_campaign_device(row);
       (void)store_.set_device_desired(d.id, gen, row.prev_bundle_id, c.id);
-      publishes.push_back({d.id, d.gateway, c.id, gen, true, *prev, d.labels, false});
+      publishes.push_back({d.id, d.gateway, c.id, gen, true, *prev, d.labels, false, d.cell, ""});
       ++sent;
     }
   }
@@ -647,7 +648,7 @@ void HubService::on_device_decommissioned(const std::string& device_id) {
   engine_cv_.notify_one();
 }
 
-void HubService::republish_pending() {
+void HubService::republish_pending(int cell, const std::string& only_device) {
   Publishes work;
   std::map<std::string, SharedDesiredPtr> shared_cache;
   {
@@ -658,14 +659,17 @@ void HubService::republish_pending() {
       auto rows = store_.campaign_devices_with_status(c.id, {"pending", "rolling_back"});
       if (!rows) continue;
       for (const auto& row : *rows) {
+        if (!only_device.empty() && row.device_id != only_device) continue;
         const bool rollback = row.status == "rolling_back";
         const uint64_t gen = rollback ? row.rollback_generation : row.generation;
         auto d = store_.get_device(row.device_id);
         if (!d || !*d || (*d)->generation != gen || (*d)->state == "decommissioned") continue;
+        // Each cell's session republishes its own devices' desired states.
+        if (cell >= 0 && (*d)->cell != cell && cell_count() > 1) continue;
         auto shared = desired_shared(rollback ? (*d)->desired_bundle_id : c.bundle_id, shared_cache);
         if (!shared) continue;
         work.push_back({(*d)->id, (*d)->gateway, c.id, gen, rollback, *shared, (*d)->labels,
-                        !rollback && strategy_of(c).k3s_action == "rotate_certificates"});
+                        !rollback && strategy_of(c).k3s_action == "rotate_certificates", (*d)->cell, ""});
       }
     }
   }

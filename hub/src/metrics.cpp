@@ -1,6 +1,7 @@
 // /metrics in the Prometheus text exposition format 0.0.4
 // (https://prometheus.io/docs/instrumenting/exposition_formats/).
 #include "flotilla/hub/metrics.hpp"
+#include "flotilla/hub/broker.hpp"
 
 #include <dirent.h>
 #include <sys/resource.h>
@@ -279,14 +280,43 @@ std::string render_metrics(HubService& s, const HttpMetrics& http) {
   p.sample("flotilla_broker_reloads_total", {}, static_cast<double>(m.broker_reloads));
   p.family("flotilla_broker_restarts_total", "counter",
            "Times the hub found its embedded broker dead and started it again.");
-  p.sample("flotilla_broker_restarts_total", {}, static_cast<double>(m.broker_restarts));
+  // Per cell (label cell): a cell's broker restarts, presence resets and
+  // roll calls concern only that cell's devices.
+  for (int i = 0; i < s.cell_count(); ++i) {
+    const EmbeddedBroker* b = s.cell(i).broker();
+    p.sample("flotilla_broker_restarts_total", {{"cell", std::to_string(i)}},
+             static_cast<double>(b ? b->restarts() : 0));
+  }
   p.family("flotilla_presence_resets_total", "counter",
            "Times the hub stopped trusting the presence it had (its broker session began again: a broker restart, "
            "a lost connection, a hub start) and marked every device offline until it re-announces.");
-  p.sample("flotilla_presence_resets_total", {}, static_cast<double>(m.presence_resets));
+  for (int i = 0; i < s.cell_count(); ++i) {
+    p.sample("flotilla_presence_resets_total", {{"cell", std::to_string(i)}},
+             static_cast<double>(s.cell(i).presence_resets.load()));
+  }
   p.family("flotilla_rollcalls_published_total", "counter",
            "Roll calls (flotilla/v1/rollcall) the hub published asking every connected device to re-announce.");
-  p.sample("flotilla_rollcalls_published_total", {}, static_cast<double>(m.rollcalls));
+  for (int i = 0; i < s.cell_count(); ++i) {
+    p.sample("flotilla_rollcalls_published_total", {{"cell", std::to_string(i)}},
+             static_cast<double>(s.cell(i).rollcalls.load()));
+  }
+  p.family("flotilla_cell_draining", "gauge", "1 while the cell is draining (no new enrollments; its devices move).");
+  for (int i = 0; i < s.cell_count(); ++i) {
+    p.sample("flotilla_cell_draining", {{"cell", std::to_string(i)}}, s.cell(i).draining() ? 1 : 0);
+  }
+  p.family("flotilla_cell_devices_moved_total", "counter",
+           "Device rows moved between cells by a drain, when the device spoke from its new cell's broker.");
+  for (int i = 0; i < s.cell_count(); ++i) {
+    p.sample("flotilla_cell_devices_moved_total", {{"cell", std::to_string(i)}, {"direction", "in"}},
+             static_cast<double>(s.cell(i).moved_in.load()));
+    p.sample("flotilla_cell_devices_moved_total", {{"cell", std::to_string(i)}, {"direction", "out"}},
+             static_cast<double>(s.cell(i).moved_out.load()));
+  }
+  p.family("flotilla_cell_desired_published_total", "counter", "Desired-state messages published, by cell.");
+  for (int i = 0; i < s.cell_count(); ++i) {
+    p.sample("flotilla_cell_desired_published_total", {{"cell", std::to_string(i)}},
+             static_cast<double>(s.cell(i).desired_published.load()));
+  }
   p.family("flotilla_presence_stale_ignored_total", "counter",
            "Retained 'online' presence messages ignored: a retained message proves only that the device was once "
            "online, not that it is now.");

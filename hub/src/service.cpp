@@ -39,7 +39,23 @@ HubService::HubService(Store& store, const Clock& clock, ServiceConfig cfg)
   } else {
     log::get("hub")->error("read decommissioned devices: {}", ids.error().message);
   }
-  worker_ = std::thread([this] { worker(); });
+  if (cfg_.cell_broker_urls.empty()) cfg_.cell_broker_urls.push_back(cfg_.broker_url);
+  for (size_t i = 0; i < cfg_.cell_broker_urls.size(); ++i) {
+    cells_.push_back(std::make_unique<Cell>(static_cast<int>(i), cfg_.cell_broker_urls[i], cfg_.report_queue_cap,
+                                            cfg_.report_queue_bytes_cap));
+  }
+  cell_devices_.assign(cells_.size(), 0);
+  if (auto counts = store_.cell_device_counts(); counts) {
+    for (const auto& c : *counts) {
+      if (c.cell >= 0 && c.cell < cell_count()) cell_devices_[static_cast<size_t>(c.cell)] = c.total;
+    }
+  } else {
+    log::get("hub")->error("count devices by cell: {}", counts.error().message);
+  }
+  for (auto& c : cells_) {
+    Cell* cell = c.get();
+    cell->worker() = std::thread([this, cell] { worker(*cell); });
+  }
   if (cfg_.engine_thread) engine_ = std::thread([this] { engine_loop(); });
 }
 
@@ -47,29 +63,83 @@ HubService::~HubService() { stop(); }
 
 void HubService::stop() {
   if (stopping_.exchange(true)) return;
-  q_cv_.notify_all();
-  q_space_cv_.notify_all();
+  for (auto& c : cells_) c->stop();
   engine_cv_.notify_all();
-  if (worker_.joinable()) worker_.join();
+  for (auto& c : cells_) {
+    if (c->worker().joinable()) c->worker().join();
+  }
   if (engine_.joinable()) engine_.join();
 }
 
-Status HubService::attach_transport(transport::Transport& t) {
-  attached_ = false;
-  transport_ = &t;
-  t.on_message([this](transport::Message&& m) { on_message(std::move(m)); });
+void HubService::set_cell_broker(int cell, EmbeddedBroker* broker) {
+  cells_.at(static_cast<size_t>(cell))->set_broker(broker);
+}
+
+const std::string& HubService::cell_broker_url(int cell) const {
+  // A device row may name a cell this hub no longer runs only if the store
+  // was written with more cells (app.cpp refuses to start so); cell 0 then.
+  if (cell < 0 || cell >= cell_count()) return cells_.front()->broker_url();
+  return cells_[static_cast<size_t>(cell)]->broker_url();
+}
+
+Result<int> HubService::cell_for_new_device(const DeviceRecord& d) {
+  if (!d.gateway.empty()) {
+    auto gw = store_.get_device(d.gateway);
+    if (!gw) return gw.error();
+    if (*gw) return (*gw)->cell;
+  }
+  int best = -1;
+  for (int i = 0; i < cell_count(); ++i) {
+    if (cells_[static_cast<size_t>(i)]->draining()) continue;
+    if (best < 0 || cell_devices_[static_cast<size_t>(i)] < cell_devices_[static_cast<size_t>(best)]) best = i;
+  }
+  // Draining refuses the last undrained cell, so there is always one.
+  return best < 0 ? 0 : best;
+}
+
+Result<std::vector<HubService::CellView>> HubService::list_cells(const std::string& project) {
+  std::vector<Store::CellCount> counts;
+  {
+    std::lock_guard lock(store_mu_);
+    auto c = store_.cell_device_counts(project);
+    if (!c) return c.error();
+    counts = std::move(*c);
+  }
+  std::vector<CellView> out;
+  for (const auto& c : cells_) {
+    CellView v;
+    v.id = c->id();
+    v.broker_url = c->broker_url();
+    v.broker_state = c->broker_state();
+    v.draining = c->draining();
+    for (const auto& n : counts) {
+      if (n.cell == c->id()) {
+        v.devices_total = n.total;
+        v.devices_online = n.online;
+      }
+    }
+    out.push_back(std::move(v));
+  }
+  return out;
+}
+
+Status HubService::attach_transport(int cell_id, transport::Transport& t) {
+  Cell& cell = *cells_.at(static_cast<size_t>(cell_id));
+  cell.set_attached(false);
+  cell.set_transport(&t);
+  t.on_message([this, cell_id](transport::Message&& m) { on_message(cell_id, std::move(m)); });
   // A session that began again (a broker restart, a lost connection, a hub
   // start) says nothing about who is still there: a broker killed outright
   // sent no last wills, and its retained presence is as old as its last
   // save. Forget it before listening, then ask every device to re-announce.
-  reset_presence(t);
+  reset_presence(cell);
   for (const char* leaf : {"report", "presence"}) {
     if (auto s = t.subscribe(std::string(transport::kTopicRoot) + "+/" + leaf, 1); !s) return s;
     // Devices behind gateways (docs/architecture.md, "Gateways").
     if (auto s = t.subscribe(std::string(transport::kGatewayRoot) + "+/d/+/" + leaf, 1); !s) return s;
   }
   if (auto s = t.subscribe(transport::gateway_reports_topic("+"), 1); !s) return s;
-  republish_pending();
+  republish_pending(cell_id);
   // Not retained: a device that connects later announces itself anyway.
   v1::Rollcall rc;
   rc.set_id(crypto::random_u64());
@@ -77,40 +147,51 @@ Status HubService::attach_transport(transport::Transport& t) {
   // Without it devices still reconnect and announce themselves; only those
   // whose sessions survived stay offline until their next connect.
   if (auto s = t.publish({transport::kRollcallTopic, rc.SerializeAsString(), 1, false}); !s) {
-    log::get("hub")->warn("roll call not published: {}", s.error().message);
+    log::get("hub")->warn("roll call not published cell={}: {}", cell_id, s.error().message);
   } else {
     ++rollcalls_;
+    ++cell.rollcalls;
   }
-  attached_ = true;
+  cell.set_attached(true);
   return {};
 }
 
-void HubService::reset_presence(transport::Transport&) {
+// Per cell: a broker that restarted says nothing about the other cells'
+// devices, whose sessions never ended.
+void HubService::reset_presence(Cell& cell) {
   // Whatever arrived before this point is applied first, so no message of
   // the old session marks a device online after the reset.
-  drain();
-  std::lock_guard drain_lock(drain_mu_);
+  drain_cell(cell);
+  std::lock_guard drain_lock(cell.drain_mu());
   std::lock_guard lock(store_mu_);
-  auto n = store_.set_all_devices_offline();
+  auto n = cell_count() == 1 ? store_.set_all_devices_offline() : store_.set_cell_devices_offline(cell.id());
   if (!n) {
-    log::get("hub")->error("reset presence: {}", n.error().message);
+    log::get("hub")->error("reset presence cell={}: {}", cell.id(), n.error().message);
     return;
   }
   // About a thousand answers a second for a whole fleet, never over the
   // agents' own cap; gateways answer for all their devices at once.
   rollcall_spread_ms_ = static_cast<uint32_t>(std::clamp<int64_t>(*n, 0, transport::kMaxRollcallSpreadMs));
-  // The wait ends early once as many devices re-announced as were reset.
-  presence_reset_count_ = *n;
-  reannounced_ = 0;
-  presence_settle_until_ms_ = *n > 0 ? clock_.now_unix_ms() + rollcall_spread_ms_ + kPresenceSettleMarginMs : 0;
+  // The wait ends early once as many devices re-announced as were reset;
+  // resets of several cells that overlap add up.
+  const int64_t now = clock_.now_unix_ms();
+  const int64_t until = *n > 0 ? now + rollcall_spread_ms_ + kPresenceSettleMarginMs : 0;
+  if (presence_settle_until_ms_.load() > now) {
+    presence_reset_count_ += *n;
+    presence_settle_until_ms_ = std::max(presence_settle_until_ms_.load(), until);
+  } else {
+    presence_reset_count_ = *n;
+    reannounced_ = 0;
+    presence_settle_until_ms_ = until;
+  }
   ++presence_resets_;
-  log::get("hub")->info("broker session began: presence of {} devices is unknown until they re-announce (roll call "
-                        "spread {} ms)", *n, rollcall_spread_ms_);
+  ++cell.presence_resets;
+  log::get("hub")->info("broker session began cell={}: presence of {} devices is unknown until they re-announce "
+                        "(roll call spread {} ms)", cell.id(), *n, rollcall_spread_ms_);
 }
 
 bool HubService::mqtt_connected() const {
-  transport::Transport* t = transport_.load();
-  return attached_ && t && t->connected();
+  return std::all_of(cells_.begin(), cells_.end(), [](const auto& c) { return c->connected(); });
 }
 
 Result<CreatedToken> HubService::create_token(const std::string& kind, TokenRecord rec,
@@ -239,11 +320,13 @@ Result<Bytes> HubService::gateway_identity(const std::string& gateway_id, const 
   return *key;
 }
 
-Status HubService::check_reenrollment(const DeviceRecord& d) {
+Status HubService::check_reenrollment(const DeviceRecord& d, int* cell) {
+  if (cell) *cell = -1;
   auto existing = store_.get_device(d.id);
   if (!existing) return existing.error();
   if (!*existing) return {};
   const DeviceRecord& e = **existing;
+  if (cell) *cell = e.cell;
   if (e.state == "decommissioned") {
     // Decommissioning is final for an identity: a device that comes back
     // must be wiped and enroll with a new key (docs/security.md).
@@ -285,7 +368,7 @@ Status HubService::check_reenrollment(const DeviceRecord& d) {
 v1::EnrollResponse HubService::enroll_response(const DeviceRecord& d) const {
   v1::EnrollResponse resp;
   resp.set_device_id(d.id);
-  resp.set_broker_url(cfg_.broker_url);
+  resp.set_broker_url(cell_broker_url(d.cell));
   resp.set_topic_prefix(d.gateway.empty() ? std::string(transport::kTopicRoot) + d.id
                                           : transport::gateway_prefix(d.gateway) + d.id);
   resp.set_artifact_base_url(cfg_.public_url + "/v1/artifacts/");
@@ -313,7 +396,7 @@ Result<v1::EnrollResponse> HubService::enroll(const v1::EnrollRequest& req, Audi
   }
   auto rec = enrollee_record(req, *token, req.gateway_id(), clock_.now_unix_ms());
   if (!rec) return rec.error();
-  const DeviceRecord& d = *rec;
+  DeviceRecord& d = *rec;
   v1::EnrollResponse resp = enroll_response(d);
   // A device with its own session authenticates to the broker by a
   // certificate for its identity key. Made before the store lock: signing is
@@ -339,13 +422,27 @@ Result<v1::EnrollResponse> HubService::enroll(const v1::EnrollRequest& req, Audi
   }
   bool dropped_password = false;
   std::optional<AuditRecord> record;
+  // Counted in its cell inside the work, so that enrollments sharing one
+  // commit spread over the cells too; taken back if the work is not stored.
+  bool counted = false;
   // In its own savepoint of a commit shared with the enrollments that queued
   // meanwhile (GroupCommit): every check and write below is as if alone, and
   // nothing is answered before it is durable.
   auto stored = enroll_commits_.run([&]() -> Status {
     dropped_password = false;
     record.reset();
-    if (auto s = check_reenrollment(d); !s) return s.error();
+    counted = false;
+    int had_cell = -1;
+    if (auto s = check_reenrollment(d, &had_cell); !s) return s.error();
+    // Stable: a device enrolling again keeps its cell (and broker).
+    if (had_cell >= 0) {
+      d.cell = had_cell;
+    } else {
+      auto c = cell_for_new_device(d);
+      if (!c) return c.error();
+      d.cell = *c;
+    }
+    resp.set_broker_url(cell_broker_url(d.cell));
     // Checked and counted in one statement, under the write lock, so
     // concurrent enrollments cannot overspend a single-use token.
     auto claimed = store_.claim_token_use(token->id);
@@ -378,9 +475,19 @@ Result<v1::EnrollResponse> HubService::enroll(const v1::EnrollRequest& req, Audi
       if (record->time_ms == 0) record->time_ms = clock_.now_unix_ms();
       if (auto id = store_.append_audit(*record); !id) return id.error();
     }
+    if (had_cell < 0 && d.cell < cell_count()) {
+      ++cell_devices_[static_cast<size_t>(d.cell)];
+      counted = true;
+    }
     return {};
   });
-  if (!stored) return stored.error();
+  if (!stored) {
+    if (counted) {
+      std::lock_guard lock(store_mu_);
+      --cell_devices_[static_cast<size_t>(d.cell)];
+    }
+    return stored.error();
+  }
   if (record) {
     *audit = std::move(*record);
     audit->stored = true;
@@ -504,7 +611,7 @@ Result<v1::RenewResponse> HubService::renew(const v1::RenewRequest& req) {
   v1::RenewResponse out;
   out.set_client_certificate(issued->first.client_certificate());
   out.set_ca_certificates(issued->first.ca_certificates());
-  out.set_broker_url(cfg_.broker_url);
+  out.set_broker_url(cell_broker_url(dev->cell));
   return out;
 }
 
@@ -568,13 +675,24 @@ Result<v1::EnrollBatchResponse> HubService::enroll_batch(const v1::EnrollBatchRe
   }
   size_t enrolled = 0;
   std::vector<DeviceRecord> stored;
+  int64_t fresh = 0;
   {
     std::lock_guard lock(store_mu_);
+    // Behind one gateway, in the gateway's cell: its session carries them.
+    int gw_cell = 0;
+    {
+      DeviceRecord probe;
+      probe.gateway = req.gateway_id();
+      auto c = cell_for_new_device(probe);
+      if (!c) return c.error();
+      gw_cell = *c;
+    }
     sql::Transaction tx(store_.db());
     for (int i = 0; i < req.devices_size(); ++i) {
       if (!recs[i]) continue;
-      const DeviceRecord& d = *recs[i];
-      if (auto s = check_reenrollment(d); !s) {
+      DeviceRecord& d = *recs[i];
+      int had_cell = -1;
+      if (auto s = check_reenrollment(d, &had_cell); !s) {
         if (s.error().code == Errc::internal || s.error().code == Errc::io) return s.error();
         refuse(i, s.error());
         continue;
@@ -585,6 +703,8 @@ Result<v1::EnrollBatchResponse> HubService::enroll_batch(const v1::EnrollBatchRe
         refuse(i, Error{Errc::permission_denied, "enrollment token has been used up"});
         continue;
       }
+      d.cell = had_cell >= 0 ? had_cell : gw_cell;
+      if (had_cell < 0) ++fresh;
       if (auto s = store_.upsert_enrolled_device(d); !s) return s.error();
       *out.mutable_results(i)->mutable_enrolled() = enroll_response(d);
       stored.push_back(d);
@@ -592,6 +712,7 @@ Result<v1::EnrollBatchResponse> HubService::enroll_batch(const v1::EnrollBatchRe
     }
     refresh_membership(stored);
     if (auto s = tx.commit(); !s) return s.error();
+    if (gw_cell < cell_count()) cell_devices_[static_cast<size_t>(gw_cell)] += fresh;
   }
   log::get("hub")->info("enrolled batch gateway={} devices={} refused={} token={}", req.gateway_id(), enrolled,
                         req.devices_size() - enrolled, token->id);
@@ -603,7 +724,7 @@ Result<v1::EnrollBatchResponse> HubService::enroll_batch(const v1::EnrollBatchRe
 // change covers it, so concurrent enrollments share one rewrite and none
 // is lost to an older rewrite landing last.
 Status HubService::sync_broker_credentials() {
-  if (!cfg_.manage_broker_credentials || !broker_) return {};
+  if (!cfg_.manage_broker_credentials || !cells_.front()->broker()) return {};
   const uint64_t ticket = ++cred_changes_;
   std::lock_guard sync(cred_sync_mu_);
   if (cred_synced_ >= ticket) return {};
@@ -615,7 +736,13 @@ Status HubService::sync_broker_credentials() {
     if (!all) return all.error();
     creds = std::move(*all);
   }
-  if (auto s = broker_->set_device_credentials(creds); !s) return s;
+  // Every cell's broker holds every password: a device moved by a drain
+  // logs in at its new broker with the password it has.
+  for (auto& c : cells_) {
+    if (!c->broker()) continue;
+    if (auto s = c->broker()->set_device_credentials(creds); !s) return s.error().with_context("cell " +
+                                                                                                std::to_string(c->id()));
+  }
   cred_synced_ = covers;
   return {};
 }
@@ -645,7 +772,10 @@ Status HubService::sync_broker_revocations() {
   // The broker proves it loaded this list by refusing a certificate that
   // only this list revokes: one made for the purpose, valid ten minutes.
   std::optional<IssuedCertificate> probe;
-  if (broker_ && broker_->certificate_auth()) {
+  const bool any_cert_broker = std::any_of(cells_.begin(), cells_.end(), [](const auto& c) {
+    return c->broker() && c->broker()->certificate_auth();
+  });
+  if (any_cert_broker) {
     auto p = cfg_.device_ca->issue_client("flotilla-crl-probe", now, 600);
     if (!p) return p.error();
     probe = std::move(*p);
@@ -654,7 +784,13 @@ Status HubService::sync_broker_revocations() {
   auto crl = cfg_.device_ca->crl_pem(revoked, now, kCrlValidity);
   if (!crl) return crl.error();
   if (probe) {
-    if (auto s = broker_->set_crl(*crl, ClientIdentity{probe->pem, probe->key_pem}); !s) return s;
+    // The same list for every cell: a revoked device is refused by all brokers.
+    for (auto& c : cells_) {
+      if (!c->broker() || !c->broker()->certificate_auth()) continue;
+      if (auto s = c->broker()->set_crl(*crl, ClientIdentity{probe->pem, probe->key_pem}); !s) {
+        return s.error().with_context("cell " + std::to_string(c->id()));
+      }
+    }
   }
   {
     std::lock_guard lock(crl_mu_);
@@ -795,8 +931,9 @@ Result<HubService::SharedDesiredPtr> HubService::desired_shared(const std::strin
 }
 
 Status HubService::publish_desired(const PendingDesired& p) {
-  transport::Transport* t = transport_.load();
-  if (!t) return make_error(Errc::unavailable, "no broker connection", true);
+  Cell& cell = *cells_.at(p.cell >= 0 && p.cell < cell_count() ? static_cast<size_t>(p.cell) : 0);
+  transport::Transport* t = cell.transport();
+  if (!t) return make_error(Errc::unavailable, "no connection to the broker of cell " + std::to_string(cell.id()), true);
   v1::DesiredState head;
   head.set_device_id(p.device_id);
   head.set_generation(p.generation);
@@ -816,6 +953,7 @@ Status HubService::publish_desired(const PendingDesired& p) {
   h.set_artifact_base_url(p.shared->artifact_base_url);
   for (const auto& [k, v] : p.labels) (*h.mutable_labels())[k] = v;
   h.set_labels_set(true);
+  if (!p.move_to.empty()) h.set_broker_url(p.move_to);
   if (p.rotate_certificates) h.set_k3s_action(v1::K3S_ACTION_ROTATE_CERTIFICATES);
   *head.mutable_header() = bundles::sign_desired_header(h, *cfg_.director_key);
   // Protobuf merges concatenated encodings of one message: head + shared
@@ -826,6 +964,7 @@ Status HubService::publish_desired(const PendingDesired& p) {
   auto published = t->publish({transport::device_topic(p.device_id, p.gateway, "desired"),
                                         std::move(payload), 1, true});
   ++(published ? desired_published_ : desired_publish_failures_);
+  if (published) ++cell.desired_published;
   return published;
 }
 
@@ -866,7 +1005,7 @@ std::string sender_of(const std::string& topic) {
 }
 }  // namespace
 
-void HubService::on_message(transport::Message&& msg) {
+void HubService::on_message(int cell, transport::Message&& msg) {
   const bool is_report = msg.topic.ends_with("/report");
   const bool is_presence = msg.topic.ends_with("/presence");
   const bool is_batch = msg.topic.ends_with("/reports");
@@ -898,43 +1037,34 @@ void HubService::on_message(transport::Message&& msg) {
       return;
     }
   }
-  std::unique_lock lock(q_mu_);
-  // Back-pressure instead of loss: while the queue is full the MQTT client
-  // stops reading and the broker holds the QoS 1 messages.
-  q_space_cv_.wait(lock, [this] {
-    return stopping_ || queue_.empty() ||
-           (queue_.size() < cfg_.report_queue_cap && queued_bytes_ < cfg_.report_queue_bytes_cap);
-  });
-  if (stopping_) return;
-  queued_bytes_ += msg.payload.size();
-  queue_.push_back(std::move(msg));
-  q_cv_.notify_one();
+  // Back-pressure instead of loss: while the cell's queue is full its MQTT
+  // client stops reading and the broker holds the QoS 1 messages.
+  (void)cells_.at(static_cast<size_t>(cell))->push(std::move(msg));
 }
 
-void HubService::worker() {
+void HubService::worker(Cell& c) {
   while (!stopping_) {
-    {
-      std::unique_lock lock(q_mu_);
-      q_cv_.wait_for(lock, std::chrono::milliseconds(200), [this] { return stopping_ || !queue_.empty(); });
-    }
-    drain();
+    c.wait_for_work(std::chrono::milliseconds(200));
+    drain_cell(c);
   }
 }
 
 void HubService::drain() {
-  std::lock_guard drain_lock(drain_mu_);
+  for (auto& c : cells_) drain_cell(*c);
+}
+
+// The cells' workers share the store (one SQLite file for now,
+// docs/architecture.md "Cells"): each commits its own batches.
+void HubService::drain_cell(Cell& c) {
+  std::lock_guard drain_lock(c.drain_mu());
   for (;;) {
-    std::vector<transport::Message> batch;
-    {
-      std::lock_guard lock(q_mu_);
-      while (!queue_.empty() && batch.size() < 512) {
-        queued_bytes_ -= queue_.front().payload.size();
-        batch.push_back(std::move(queue_.front()));
-        queue_.pop_front();
-      }
-      q_space_cv_.notify_all();
+    std::vector<transport::Message> batch = c.pop(512);
+    if (batch.empty()) {
+      // Outside the store lock: publishing may wait for the broker, whose
+      // client thread may wait for room in a queue only this worker empties.
+      settle_moves();
+      return;
     }
-    if (batch.empty()) return;
     std::lock_guard lock(store_mu_);
     const auto started = std::chrono::steady_clock::now();
     // Reports are the devices' to repeat (and a lost outcome is recovered
@@ -942,13 +1072,129 @@ void HubService::drain() {
     (void)store_.relaxed_sync(true);
     {
       sql::Transaction tx(store_.db());
-      process_batch(batch);
+      process_batch(batch, c.id());
       if (auto s = tx.commit(); !s) log::get("hub")->error("commit report batch failed: {}", s.error().message);
     }
     if (auto s = store_.relaxed_sync(false); !s) {
       log::get("hub")->error("restore synchronous=FULL failed: {}", s.error().message);
     }
     report_commit_seconds_.observe(std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count());
+  }
+}
+
+int HubService::least_loaded_cell(const std::vector<int64_t>& counts, int except) const {
+  int best = -1;
+  for (int i = 0; i < cell_count(); ++i) {
+    if (i == except || cells_[static_cast<size_t>(i)]->draining()) continue;
+    if (best < 0 || counts[static_cast<size_t>(i)] < counts[static_cast<size_t>(best)]) best = i;
+  }
+  return best;
+}
+
+Result<HubService::DrainProgress> HubService::drain_cell_devices(int cell) {
+  if (cell < 0 || cell >= cell_count()) {
+    return make_error(Errc::not_found, "no cell " + std::to_string(cell) + " (this hub runs cells 0 to " +
+                                           std::to_string(cell_count() - 1) + ")");
+  }
+  Cell& c = *cells_[static_cast<size_t>(cell)];
+  DrainProgress out;
+  out.cell = cell;
+  {
+    std::lock_guard lock(store_mu_);
+    if (!c.draining()) {
+      if (least_loaded_cell(cell_devices_, cell) < 0) {
+        return make_error(Errc::conflict, "cell " + std::to_string(cell) + " is the last cell that is not draining; "
+                                          "its devices would have nowhere to go");
+      }
+      c.set_draining(true);
+      log::get("hub")->info("cell {} draining: {} devices to move", cell, cell_devices_[static_cast<size_t>(cell)]);
+    }
+    out.remaining = cell_devices_[static_cast<size_t>(cell)];
+  }
+  out.draining = true;
+  out.moved = static_cast<int64_t>(c.moved_out.load());
+  engine_cv_.notify_one();
+  return out;
+}
+
+// Called by the engine: asks the devices of draining cells to move, each
+// again after kMoveRetryMs while it has not arrived (it was offline, or the
+// message was lost with a broker).
+void HubService::continue_drains() {
+  if (cell_count() < 2) return;
+  Publishes moves;
+  std::map<std::string, SharedDesiredPtr> cache;
+  const int64_t now = clock_.now_unix_ms();
+  {
+    std::lock_guard lock(store_mu_);
+    std::vector<int64_t> planned = cell_devices_;
+    for (auto& c : cells_) {
+      if (!c->draining()) continue;
+      auto ids = store_.cell_session_devices(c->id(), kMoveChunk);
+      if (!ids) {
+        log::get("hub")->error("drain cell {}: {}", c->id(), ids.error().message);
+        continue;
+      }
+      for (const auto& id : *ids) {
+        if (moves.size() >= static_cast<size_t>(kMoveChunk)) break;
+        auto it = move_asked_ms_.find(id);
+        if (it != move_asked_ms_.end() && now - it->second < kMoveRetryMs) continue;
+        auto d = store_.get_device(id);
+        if (!d || !*d) continue;
+        const int target = least_loaded_cell(planned, c->id());
+        if (target < 0) break;
+        ++planned[static_cast<size_t>(target)];
+        PendingDesired p;
+        p.device_id = id;
+        p.cell = c->id();
+        p.labels = (*d)->labels;
+        p.move_to = cell_broker_url(target);
+        // The device's current desired state again (it is retained on its
+        // broker, so this replaces it with the same, plus the move).
+        if ((*d)->generation > 0 && !(*d)->desired_bundle_id.empty()) {
+          auto shared = desired_shared((*d)->desired_bundle_id, cache);
+          if (!shared) {
+            log::get("hub")->error("drain cell {} device={}: {}", c->id(), id, shared.error().message);
+            continue;
+          }
+          p.shared = *shared;
+          p.generation = (*d)->generation;
+          p.campaign_id = (*d)->campaign_id;
+        } else {
+          static const SharedDesiredPtr kNone = [] {
+            const auto digest = crypto::sha256(std::string());
+            return std::make_shared<const SharedDesired>(
+                SharedDesired{std::string(), std::string(digest.begin(), digest.end()), std::string()});
+          }();
+          p.shared = kNone;
+        }
+        move_asked_ms_[id] = now;
+        moves.push_back(std::move(p));
+      }
+    }
+  }
+  if (moves.empty()) return;
+  moves_asked_ += moves.size();
+  publish_all(moves, "move");
+  log::get("hub")->info("asked {} devices to move to another cell", moves.size());
+}
+
+void HubService::settle_moves() {
+  std::vector<std::pair<std::string, int>> moved;
+  {
+    std::lock_guard lock(store_mu_);
+    if (moved_in_.empty()) return;
+    moved.swap(moved_in_);
+  }
+  for (const auto& [id, old_cell] : moved) {
+    if (old_cell < 0 || old_cell >= cell_count()) continue;
+    if (transport::Transport* t = cells_[static_cast<size_t>(old_cell)]->transport(); t && t->connected()) {
+      // An empty retained message deletes the retained desired state there.
+      (void)t->publish({transport::device_topic(id, "", "desired"), "", 1, true});
+    }
+    // A desired state published on the old broker after the move message
+    // may not have reached the device: its pending one goes out again here.
+    republish_pending(-1, id);
   }
 }
 
@@ -968,11 +1214,11 @@ struct HubService::ParsedMessage {
 // rows, so grouping by device keeps each device's order and loses nothing;
 // a presence "offline" can change other devices' rows (a gateway's), so it
 // ends a group boundary: everything before it is written first.
-void HubService::process_batch(const std::vector<transport::Message>& batch) {
+void HubService::process_batch(const std::vector<transport::Message>& batch, int cell) {
   std::vector<std::string> order;
   std::unordered_map<std::string, std::vector<ParsedMessage>> by_device;
   auto flush = [&] {
-    for (const auto& id : order) apply_device_messages(id, by_device[id]);
+    for (const auto& id : order) apply_device_messages(id, by_device[id], cell);
     order.clear();
     by_device.clear();
   };
@@ -1047,7 +1293,8 @@ void HubService::process_batch(const std::vector<transport::Message>& batch) {
   flush();
 }
 
-void HubService::apply_device_messages(const std::string& device_id, const std::vector<ParsedMessage>& msgs) {
+void HubService::apply_device_messages(const std::string& device_id, const std::vector<ParsedMessage>& msgs,
+                                       int cell) {
   auto found = store_.get_device(device_id);
   if (!found || !*found) {
     if (std::any_of(msgs.begin(), msgs.end(), [](const ParsedMessage& p) { return p.is_report; })) {
@@ -1060,6 +1307,35 @@ void HubService::apply_device_messages(const std::string& device_id, const std::
     return;
   }
   DeviceRecord dev = std::move(**found);
+  if (cell_count() > 1 && dev.cell != cell) {
+    // The broker authenticated the device (every cell's trusts the device
+    // CA), so it is there now. That moves it only out of a draining cell
+    // into one that is not; anything else is a late message from a broker
+    // it left, which must not bring back what it said there.
+    const bool from_draining = dev.cell >= 0 && dev.cell < cell_count() && cells_[static_cast<size_t>(dev.cell)]->draining();
+    if (!from_draining || cells_[static_cast<size_t>(cell)]->draining()) {
+      ++other_cell_dropped_;
+      if (auto n = log_limit_.admit(device_id)) {
+        log::get("hub")->warn("dropped {} message(s) of device={} from the broker of cell {}: it is in cell {}{}",
+                              msgs.size(), device_id, cell, dev.cell, suppressed_note(*n));
+      }
+      return;
+    }
+    const std::string owner = dev.gateway.empty() ? dev.id : dev.gateway;
+    auto n = store_.set_device_cell(owner, cell);
+    if (!n) {
+      log::get("hub")->error("move device={} to cell {}: {}", owner, cell, n.error().message);
+      return;
+    }
+    cell_devices_[static_cast<size_t>(dev.cell)] -= *n;
+    cell_devices_[static_cast<size_t>(cell)] += *n;
+    cells_[static_cast<size_t>(dev.cell)]->moved_out += static_cast<uint64_t>(*n);
+    cells_[static_cast<size_t>(cell)]->moved_in += static_cast<uint64_t>(*n);
+    moved_in_.emplace_back(owner, dev.cell);
+    move_asked_ms_.erase(owner);
+    log::get("hub")->info("device={} moved from cell {} to cell {} ({} device rows)", owner, dev.cell, cell, *n);
+    dev.cell = cell;
+  }
   const bool was_online = dev.online;
   CampaignRows rows;
   bool inventory = false;  // whether the batch carried one (dev.inventory holds the last)

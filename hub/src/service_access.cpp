@@ -77,6 +77,9 @@ Result<DeviceRecord> HubService::decommission_device(const std::string& id) {
     revoked = *n;
     if (auto s = store_.mark_device_decommissioned(id); !s) return s.error();
     if (auto s = tx.commit(); !s) return s.error();
+    if (dev.state != "decommissioned" && dev.cell >= 0 && dev.cell < cell_count()) {
+      --cell_devices_[static_cast<size_t>(dev.cell)];
+    }
     dev.state = "decommissioned";
     dev.online = false;
   }
@@ -102,14 +105,16 @@ Result<DeviceRecord> HubService::decommission_device(const std::string& id) {
                                     "list; retry");
     }
   }
-  if (broker_ && broker_->certificate_auth() && cfg_.device_ca && dev.gateway.empty()) {
+  Cell& home = *cells_.at(dev.cell >= 0 && dev.cell < cell_count() ? static_cast<size_t>(dev.cell) : 0);
+  EmbeddedBroker* broker = home.broker();
+  if (broker && broker->certificate_auth() && cfg_.device_ca && dev.gateway.empty()) {
     auto who = cfg_.device_ca->issue_client(id, clock_.now_unix(), 600);
     if (!who) return who.error().with_context("device marked decommissioned; take over its session");
-    if (auto s = broker_->take_over_session(ClientIdentity{who->pem, who->key_pem}); !s) {
+    if (auto s = broker->take_over_session(ClientIdentity{who->pem, who->key_pem}); !s) {
       log::get("hub")->warn("decommissioned device={}: its session was not taken over: {}", id, s.error().message);
     }
   }
-  if (transport::Transport* t = transport_.load(); t && t->connected()) {
+  if (transport::Transport* t = home.transport(); t && t->connected()) {
     // An empty retained message deletes the retained desired state.
     if (auto s = t->publish({transport::device_topic(id, dev.gateway, "desired"), "", 1, true}); !s) {
       log::get("hub")->warn("clear retained desired state device={} failed: {}", id, s.error().message);
@@ -149,8 +154,11 @@ HubService::MqttCounters HubService::mqtt_counters() const {
   c.dropped_decommissioned = dropped_decommissioned_;
   c.certificates_issued = certificates_issued_;
   c.renewals = renewals_;
-  c.broker_reloads = broker_ ? broker_->reloads() : 0;
-  c.broker_restarts = broker_ ? broker_->restarts() : 0;
+  for (const auto& cell : cells_) {
+    if (!cell->broker()) continue;
+    c.broker_reloads += cell->broker()->reloads();
+    c.broker_restarts += cell->broker()->restarts();
+  }
   c.presence_resets = presence_resets_;
   c.rollcalls = rollcalls_;
   c.stale_presence_ignored = stale_presence_ignored_;
@@ -158,8 +166,9 @@ HubService::MqttCounters HubService::mqtt_counters() const {
 }
 
 size_t HubService::queue_depth() {
-  std::lock_guard lock(q_mu_);
-  return queue_.size();
+  size_t n = 0;
+  for (const auto& c : cells_) n += c->depth();
+  return n;
 }
 
 }  // namespace flotilla::hub

@@ -117,21 +117,21 @@ TEST_CASE("kill -9 of the broker mid-campaign: restarted, devices re-announce, e
   CHECK(report["figures"]["reconnects"].get<int>() >= 4);
 
   const std::string m = metrics_text(hub);
-  CHECK(metric(m, "flotilla_broker_restarts_total") >= 1);
+  CHECK(metric(m, "flotilla_broker_restarts_total{cell=\"0\"}") >= 1);
   // At the start, and again when the restarted broker took the hub back.
-  CHECK(metric(m, "flotilla_presence_resets_total") >= 2);
-  CHECK(metric(m, "flotilla_rollcalls_published_total") >= 2);
+  CHECK(metric(m, "flotilla_presence_resets_total{cell=\"0\"}") >= 2);
+  CHECK(metric(m, "flotilla_rollcalls_published_total{cell=\"0\"}") >= 2);
   CHECK(hub.log().find("embedded broker exited") != std::string::npos);
 
   // A device that dies with its broker leaves no will behind: before, the
   // hub kept it online for good. Freeze the broker, kill agent b, then the
   // broker: after the restart a is online again and b is not.
   const pid_t second = broker_pid(hub);
-  const double resets = metric(metrics_text(hub), "flotilla_presence_resets_total");
+  const double resets = metric(metrics_text(hub), "flotilla_presence_resets_total{cell=\"0\"}");
   REQUIRE(::kill(second, SIGSTOP) == 0);
   b.kill9();
   REQUIRE(::kill(second, SIGKILL) == 0);
-  REQUIRE(wait_until([&] { return metric(metrics_text(hub), "flotilla_presence_resets_total") > resets; },
+  REQUIRE(wait_until([&] { return metric(metrics_text(hub), "flotilla_presence_resets_total{cell=\"0\"}") > resets; },
                      std::chrono::seconds(60)));
   REQUIRE(wait_until([&] { return online(hub, a.device_id()); }, std::chrono::seconds(60)));
   INFO(a.log());

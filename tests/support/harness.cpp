@@ -491,8 +491,12 @@ json run_campaign(Hub& hub, const std::string& bundle_id, const std::string& sel
   return c;
 }
 
-Fleet::Fleet(int n, std::map<std::string, std::string> labels) {
-  hub.start();
+Fleet::Fleet(int n, std::map<std::string, std::string> labels, const std::vector<std::string>& hub_args) {
+  if (hub_args.empty()) {
+    hub.start();
+  } else {
+    hub.start(hub_args);
+  }
   // Each agent names its slot (overlays select on it): the one label key a device may choose.
   const std::string token = hub.enrollment_token(labels, n, {"slot"});
   for (int i = 0; i < n; ++i) {

@@ -184,7 +184,9 @@ struct Fleet {
   bundles::KeyPair release = bundles::generate_key();
   std::vector<std::unique_ptr<Agent>> agents;
 
-  explicit Fleet(int n, std::map<std::string, std::string> labels = {{"env", "it"}});
+  // hub_args: extra flags for the hub (e.g. {"--cells", "3"}).
+  explicit Fleet(int n, std::map<std::string, std::string> labels = {{"env", "it"}},
+                 const std::vector<std::string>& hub_args = {});
   // Uploads a built bundle; returns its id.
   std::string push(const BuiltBundle& b);
   // Waits until exactly the listed agents are online (the others offline).

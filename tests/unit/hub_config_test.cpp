@@ -217,3 +217,20 @@ TEST_CASE("hub config: the role is hub or federation", "[unit][hub][config][fede
   CHECK(error_of(hub_config({"--federation-region-timeout", "1h"})).find("federation-region-timeout") !=
         std::string::npos);
 }
+
+TEST_CASE("hub config: cells is 1 to 64, needs the embedded broker and fits the port range", "[unit][hub][config]") {
+  auto one = hub_config({});
+  REQUIRE(one);
+  CHECK(one->cells == 1);
+  auto four = hub_config({"--cells", "4", "--broker-listen", "127.0.0.1:18830"});
+  REQUIRE(four);
+  CHECK(four->cells == 4);
+  for (const char* bad : {"0", "65", "many"}) {
+    INFO(bad);
+    CHECK_THAT(error_of(hub_config({"--cells", bad})), Catch::Contains("cells"));
+  }
+  CHECK_THAT(error_of(hub_config({"--cells", "2", "--broker-url", "tcp://broker.test:1883"})),
+             Catch::Contains("cells > 1 needs the embedded broker"));
+  CHECK_THAT(error_of(hub_config({"--cells", "3", "--broker-listen", "127.0.0.1:65534"})),
+             Catch::Contains("runs past port 65535"));
+}

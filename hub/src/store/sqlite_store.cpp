@@ -31,7 +31,7 @@ constexpr const char* kDeviceCols =
     "d.online, d.state, d.applied_bundle, d.applied_version, d.k3s_version, d.node_ready, d.last_reason, "
     "d.last_message, d.last_seq, d.generation, d.desired_bundle_id, d.campaign_id, d.gateway, d.enroll_issued_ms, "
     "i.k3s_role, i.cluster_id, i.cert_expiry_unix, i.os, i.disk_free_bytes, i.disk_total_bytes, i.mem_free_bytes, "
-    "i.mem_total_bytes, i.clock_suspect, i.updated_ms";
+    "i.mem_total_bytes, i.clock_suspect, i.updated_ms, d.cell";
 // What kDeviceCols reads from.
 constexpr const char* kDeviceFrom = "devices d LEFT JOIN device_inventory i ON i.device_id = d.id";
 
@@ -71,6 +71,7 @@ DeviceRecord device_from(const sql::Stmt& s) {
   inv.mem_total_bytes = static_cast<uint64_t>(s.col_int(30));
   inv.clock_suspect = s.col_int(31) != 0;
   inv.updated_ms = s.col_int(32);
+  d.cell = static_cast<int>(s.col_int(33));
   return d;
 }
 
@@ -170,7 +171,24 @@ CREATE TABLE IF NOT EXISTS trust (
   if (auto s = migrate_certs(); !s) return s;
   if (auto s = migrate_scopes(); !s) return s;
   if (auto s = migrate_aggregates(); !s) return s;
-  return migrate_inventory();
+  if (auto s = migrate_inventory(); !s) return s;
+  return migrate_cells();
+}
+
+// Stores made before cells hold every device in cell 0, which is where a
+// one-cell hub (the default) has them.
+Status Store::migrate_cells() {
+  auto st = db_->prepare("SELECT COUNT(*) FROM pragma_table_info('devices') WHERE name = 'cell'");
+  if (!st) return st.error();
+  auto r = st->step();
+  if (!r) return r.error();
+  const bool has = st->col_int(0) > 0;
+  st->reset();
+  if (!has) {
+    if (auto s = db_->exec("ALTER TABLE devices ADD COLUMN cell INTEGER NOT NULL DEFAULT 0"); !s) return s;
+  }
+  // Not on online: presence changes with every report, the cell almost never.
+  return db_->exec("CREATE INDEX IF NOT EXISTS devices_cell ON devices(cell, id)");
 }
 
 std::string bundle_id(const std::string& project, const std::string& digest) {
@@ -318,7 +336,7 @@ Result<std::vector<std::pair<std::string, std::string>>> Store::credentials() {
 Status Store::upsert_enrolled_device(const DeviceRecord& d) {
   auto st = db_->prepare(
       "INSERT INTO devices (id, project, labels, public_key, hostname, arch, agent_version, enrolled_ms, gateway, "
-      "enroll_issued_ms) VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET project = excluded.project, "
+      "enroll_issued_ms, cell) VALUES (?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET project = excluded.project, "
       "labels = excluded.labels, hostname = excluded.hostname, arch = excluded.arch, "
       "agent_version = excluded.agent_version, enrolled_ms = excluded.enrolled_ms, gateway = excluded.gateway, "
       "enroll_issued_ms = excluded.enroll_issued_ms");
@@ -327,7 +345,8 @@ Status Store::upsert_enrolled_device(const DeviceRecord& d) {
       .bind(3, std::string_view(labels_json(d.labels))).bind(4, std::string_view(d.public_key_hex))
       .bind(5, std::string_view(d.hostname)).bind(6, std::string_view(d.arch))
       .bind(7, std::string_view(d.agent_version)).bind(8, d.enrolled_ms).bind(9, std::string_view(d.gateway))
-      .bind(10, static_cast<int64_t>(d.enroll_issued_ms));
+      .bind(10, static_cast<int64_t>(d.enroll_issued_ms)).bind(11, static_cast<int64_t>(d.cell));
+  // The cell is not in the update: a re-enrollment keeps its cell.
   return st->run();
 }
 
@@ -397,6 +416,42 @@ Result<int64_t> Store::set_all_devices_offline() {
   if (!st) return st.error();
   if (auto s = st->run(); !s) return s.error();
   return db_->changes();
+}
+
+Result<int64_t> Store::set_cell_devices_offline(int cell) {
+  auto st = db_->prepare("UPDATE devices SET online=0 WHERE cell=? AND online=1");
+  if (!st) return st.error();
+  st->bind(1, static_cast<int64_t>(cell));
+  if (auto s = st->run(); !s) return s.error();
+  return db_->changes();
+}
+
+Result<std::vector<Store::CellCount>> Store::cell_device_counts(const std::string& project) {
+  const bool any = project == "*";
+  auto st = db_->prepare(std::string("SELECT cell, COUNT(*), COALESCE(SUM(online), 0) FROM devices WHERE state != "
+                                     "'decommissioned'") + (any ? "" : " AND project = ?") + " GROUP BY cell ORDER BY cell");
+  if (!st) return st.error();
+  if (!any) st->bind(1, std::string_view(project));
+  return st->rows<CellCount>([](const sql::Stmt& s) {
+    return CellCount{static_cast<int>(s.col_int(0)), s.col_int(1), s.col_int(2)};
+  });
+}
+
+Result<int64_t> Store::set_device_cell(const std::string& id, int cell) {
+  auto st = db_->prepare("UPDATE devices SET cell=? WHERE (id=? OR (gateway=? AND gateway != '')) AND cell != ?");
+  if (!st) return st.error();
+  st->bind(1, static_cast<int64_t>(cell)).bind(2, std::string_view(id)).bind(3, std::string_view(id))
+      .bind(4, static_cast<int64_t>(cell));
+  if (auto s = st->run(); !s) return s.error();
+  return db_->changes();
+}
+
+Result<std::vector<std::string>> Store::cell_session_devices(int cell, int64_t limit) {
+  auto st = db_->prepare("SELECT id FROM devices WHERE cell=? AND gateway='' AND state != 'decommissioned' "
+                         "ORDER BY id LIMIT ?");
+  if (!st) return st.error();
+  st->bind(1, static_cast<int64_t>(cell)).bind(2, limit);
+  return st->rows<std::string>([](const sql::Stmt& s) { return s.col_text(0); });
 }
 
 Status Store::insert_bundle(const BundleRecord& b) {

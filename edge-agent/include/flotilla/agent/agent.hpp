@@ -50,6 +50,17 @@ struct DesiredDecision {
   int64_t issued_unix_ms = 0;
   // The signed header asks for `k3s certificate rotate` (K3S_ACTION_ROTATE_CERTIFICATES).
   bool rotate_certificates = false;
+  // From a verified header only: the broker the hub moves this device to
+  // (a cell drain) and when it signed that. Taken when the decision is not
+  // a refusal, even for a generation already handled.
+  std::string broker_url;
+  int64_t move_issued_ms = 0;
+};
+
+// A move to another broker, as a verified desired state asked for it.
+struct BrokerMove {
+  std::string url;
+  int64_t issued_unix_ms = 0;
 };
 
 struct DesiredContext {
@@ -146,6 +157,13 @@ class Agent {
   // Handles one raw desired-state payload end to end (verify, download,
   // install, restart, health gate, commit or roll back), reporting as it goes.
   void handle_desired(const std::string& payload);
+  // The move the last verified desired state asked for, once (the daemon
+  // checks and persists it, then reconnects).
+  std::optional<BrokerMove> take_broker_move() {
+    auto m = std::move(broker_move_);
+    broker_move_.reset();
+    return m;
+  }
   // An inventory report (on connect and when something changed).
   void report_inventory();
   // The periodic cheap check: computes the inventory (asking k3s whether the
@@ -173,6 +191,7 @@ class Agent {
   std::string artifact_path(const v1::Artifact& a) const;
 
  private:
+  std::optional<BrokerMove> broker_move_;
   struct Attempt {
     uint64_t generation = 0;
     std::string campaign_id;

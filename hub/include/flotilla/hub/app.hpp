@@ -34,6 +34,11 @@ struct HubConfig {
   std::string broker_tls_ca_file;
   std::string broker_listen_host = "127.0.0.1";
   int broker_listen_port = 0;
+  // Cells (docs/architecture.md, "Cells"): this many embedded brokers, each
+  // with its own session, report worker and desired-state publisher. 1 = one
+  // broker as before. With a fixed broker-listen port P, cell i listens on
+  // P+i (and broker-public-url's port likewise gets +i).
+  int cells = 1;
   std::string mosquitto_bin = "/usr/sbin/mosquitto";
   int http_threads = 2;
   int64_t db_cache_mib = 64;  // StoreTuning

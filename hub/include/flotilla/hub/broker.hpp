@@ -133,6 +133,8 @@ class EmbeddedBroker {
   uint64_t reloads() const { return reloads_.load(); }
   // Times the watchdog found the broker dead and started it again.
   uint64_t restarts() const { return restarts_.load(); }
+  // False from when the watchdog finds mosquitto dead until it listens again.
+  bool running() const { return running_.load(); }
   void stop();
   pid_t pid() const { return child_.pid(); }
 
@@ -172,6 +174,7 @@ class EmbeddedBroker {
   bool legacy_tls_ = false;
   std::atomic<uint64_t> reloads_{0};
   std::atomic<uint64_t> restarts_{0};
+  std::atomic<bool> running_{false};
 };
 
 // Finds a free TCP port on host by binding port 0.

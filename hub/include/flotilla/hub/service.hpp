@@ -20,6 +20,7 @@
 #include "flotilla/common/result.hpp"
 #include "flotilla/common/transport.hpp"
 #include "flotilla/hub/campaign.hpp"
+#include "flotilla/hub/cell.hpp"
 #include "flotilla/hub/group_commit.hpp"
 #include "flotilla/hub/metrics.hpp"
 #include "flotilla/hub/rate_limit.hpp"
@@ -44,6 +45,9 @@ struct ServiceConfig {
   // devices at enrollment. Unset: an ephemeral key (tests, embedders).
   std::optional<bundles::KeyPair> director_key;
   std::string broker_url;            // what devices are told to connect to
+  // One broker URL per cell (docs/architecture.md, "Cells"), as devices are
+  // told it; empty = one cell whose devices are told broker_url.
+  std::vector<std::string> cell_broker_urls;
   std::string public_url;            // the hub's REST base URL as devices see it
   bool manage_broker_credentials = true;  // false with an external broker
   // Issues each device with its own broker session a client certificate
@@ -102,9 +106,41 @@ class HubService {
   ~HubService();
 
   // The MQTT side. The transport must already be connected with the hub's credential.
-  Status attach_transport(transport::Transport& t);
+  // With one cell, cell 0's session.
+  Status attach_transport(transport::Transport& t) { return attach_transport(0, t); }
+  Status attach_transport(int cell, transport::Transport& t);
   const Clock& clock() const { return clock_; }
-  void set_broker(EmbeddedBroker* broker) { broker_ = broker; }
+  void set_broker(EmbeddedBroker* broker) { set_cell_broker(0, broker); }
+  void set_cell_broker(int cell, EmbeddedBroker* broker);
+
+  // Cells (docs/architecture.md, "Cells"): how many, and each one.
+  int cell_count() const { return static_cast<int>(cells_.size()); }
+  Cell& cell(int id) { return *cells_.at(static_cast<size_t>(id)); }
+  struct CellView {
+    int id = 0;
+    std::string broker_url;
+    std::string broker_state;  // up, restarting, external
+    bool draining = false;
+    int64_t devices_total = 0, devices_online = 0;  // of the project asked for
+  };
+  // Every cell, with device counts of project ("*": all projects).
+  Result<std::vector<CellView>> list_cells(const std::string& project = "*");
+  // Drains a cell (flotilla cell drain): no new enrollments there, and the
+  // engine tells each of its devices (and gateways, with their devices) to
+  // move to the least loaded other cell, in a director-signed desired state
+  // (DesiredHeader.broker_url). A device's cell changes when it speaks from
+  // its new cell's broker. Refused (conflict) for the last undrained cell.
+  // Repeating it changes nothing and answers the progress.
+  struct DrainProgress {
+    int cell = 0;
+    bool draining = false;
+    int64_t moved = 0;      // devices that left the cell since the hub started
+    int64_t remaining = 0;  // devices still in it (every project)
+  };
+  Result<DrainProgress> drain_cell_devices(int cell);
+  // How long a device asked to move has before it is asked again.
+  static constexpr int64_t kMoveRetryMs = 30000;
+  static constexpr int64_t kMoveChunk = 2000;  // move requests per engine tick at most
   void set_artifacts(ArtifactStore* a) { artifacts_ = a; }
   ArtifactStore* artifacts() const { return artifacts_; }
   // The dashboard's read models (aggregates.hpp); the /v1/views routes
@@ -255,7 +291,8 @@ class HubService {
   const Histogram& report_commit_seconds() const { return report_commit_seconds_; }
 
   // Entry point for messages from the broker (any thread); queued for the worker.
-  void on_message(transport::Message&& msg);
+  void on_message(transport::Message&& msg) { on_message(0, std::move(msg)); }
+  void on_message(int cell, transport::Message&& msg);
   // Processes everything queued so far (the worker does this continuously;
   // unit tests call it directly).
   void drain();
@@ -263,7 +300,13 @@ class HubService {
   // True once subscribed to device reports: before that, enrolling devices
   // would report into the void.
   bool mqtt_connected() const;
-  void mark_detached() { attached_ = false; }
+  void mark_detached() {
+    for (auto& c : cells_) c->set_attached(false);
+  }
+  void mark_detached(int cell) { cells_.at(static_cast<size_t>(cell))->set_attached(false); }
+  // Messages from a device on a broker that is not its cell's, dropped (it
+  // left that cell; a late message from there must not bring it back).
+  uint64_t other_cell_dropped() const { return other_cell_dropped_.load(); }
   // The public half of the director key, as devices receive it at enrollment.
   const bundles::PublicKey& director_public_key() const { return cfg_.director_key->pub; }
   uint64_t reports_processed() const { return reports_processed_; }
@@ -272,14 +315,29 @@ class HubService {
   // Enrollment steps shared by enroll() and enroll_batch().
   Result<TokenRecord> usable_enrollment_token(const std::string& secret);
   Result<flotilla::Bytes> gateway_identity(const std::string& gateway_id, const std::string& project);
-  Status check_reenrollment(const DeviceRecord& d);  // store_mu_ held
+  // *cell: the cell of the device's existing row, -1 for a new device.
+  Status check_reenrollment(const DeviceRecord& d, int* cell = nullptr);  // store_mu_ held
+  // The cell a new device joins (store_mu_ held): its gateway's, else the
+  // undrained cell with the fewest devices.
+  Result<int> cell_for_new_device(const DeviceRecord& d);
+  const std::string& cell_broker_url(int cell) const;
+  // The undrained cell with the fewest devices (-1: none); counts as given.
+  int least_loaded_cell(const std::vector<int64_t>& counts, int except) const;
+  void continue_drains();
+  // After a device moved in: its pending desired state goes out on its new
+  // cell, and the retained one on the old broker is cleared.
+  void settle_moves();
+  std::vector<std::pair<std::string, int>> moved_in_;  // (device or gateway, old cell), store_mu_
+  std::map<std::string, int64_t> move_asked_ms_;        // store_mu_
+  std::atomic<uint64_t> other_cell_dropped_{0}, moves_asked_{0};
+  void drain_cell(Cell& c);
   v1::EnrollResponse enroll_response(const DeviceRecord& d) const;
   // A device certificate for a request, with the store row it needs.
   Result<std::pair<v1::EnrollResponse, DeviceCertRecord>> certificate_for(const std::string& csr,
                                                                          const std::string& device_key,
                                                                          const std::string& device_id);
   bool is_decommissioned(const std::string& id) const;
-  void worker();
+  void worker(Cell& c);
   struct ParsedMessage;
   // A device's campaign rows touched by one batch, read once and written once.
   struct CachedCampaignRow {
@@ -287,8 +345,8 @@ class HubService {
     bool dirty = false;
   };
   using CampaignRows = std::map<std::string, CachedCampaignRow>;  // by campaign id
-  void process_batch(const std::vector<transport::Message>& batch);
-  void apply_device_messages(const std::string& device_id, const std::vector<ParsedMessage>& msgs);
+  void process_batch(const std::vector<transport::Message>& batch, int cell = 0);
+  void apply_device_messages(const std::string& device_id, const std::vector<ParsedMessage>& msgs, int cell = 0);
   void apply_report(DeviceRecord& dev, const v1::Report& r);
   // One desired-state message, decided inside a store transaction and
   // published after it commits. What every device of a campaign shares (the
@@ -312,6 +370,10 @@ class HubService {
     // The campaign's Strategy::k3s_action is rotate_certificates (never on a
     // rollback: that only returns the device to its previous bundle).
     bool rotate_certificates = false;
+    int cell = 0;  // whose broker carries it
+    // Set: the device is told to move to this broker (a drain), signed in
+    // its header. With generation 0 the message is a move alone.
+    std::string move_to;
   };
   using Publishes = std::vector<PendingDesired>;
   // The shared part for a bundle; call with store_mu_ held. `cache` keeps
@@ -319,7 +381,8 @@ class HubService {
   Result<SharedDesiredPtr> desired_shared(const std::string& bundle_id, std::map<std::string, SharedDesiredPtr>& cache);
   Status publish_desired(const PendingDesired& p);
   void publish_all(const Publishes& publishes, const char* what);
-  void republish_pending();
+  // The pending desired states of a cell's devices (-1: every cell's).
+  void republish_pending(int cell = -1, const std::string& only_device = "");
   void engine_loop();
   void tick_campaign(CampaignRecord& c, Publishes& publishes);
   // Waiting rows the tick may release now: its wave reached, the device in
@@ -340,10 +403,12 @@ class HubService {
   Store& store_;
   const Clock& clock_;
   ServiceConfig cfg_;
-  EmbeddedBroker* broker_ = nullptr;
   ArtifactStore* artifacts_ = nullptr;
-  // Set by the main thread when it (re)connects, read by HTTP threads.
-  std::atomic<transport::Transport*> transport_{nullptr};
+  // The cells, made at construction and never resized.
+  std::vector<std::unique_ptr<Cell>> cells_;
+  // Devices per cell, decommissioned ones left out (store_mu_): where the
+  // next new device goes.
+  std::vector<int64_t> cell_devices_;
   LogLimiter log_limit_{clock_};
   std::atomic<uint64_t> dropped_too_large_{0};
   AggregateStore* aggregates_ = nullptr;
@@ -370,14 +435,7 @@ class HubService {
   std::atomic<uint64_t> dropped_decommissioned_{0}, certificates_issued_{0}, renewals_{0};
   std::atomic<uint64_t> cred_changes_{0};   // credential changes asked to be synced
   uint64_t cred_synced_ = 0;                // changes covered by the last rewrite (cred_sync_mu_)
-  std::mutex q_mu_;
-  std::mutex drain_mu_;  // one drainer at a time, so drain() returns only when all is processed
-  std::condition_variable q_cv_, q_space_cv_;
-  std::deque<transport::Message> queue_;
-  size_t queued_bytes_ = 0;  // payload bytes in queue_ (q_mu_)
   std::atomic<bool> stopping_{false};
-  std::atomic<bool> attached_{false};
-  std::thread worker_;
   std::thread engine_;
   std::condition_variable engine_cv_;
   std::mutex engine_mu_;
@@ -397,7 +455,7 @@ class HubService {
   // are online but have not answered the roll call yet look offline.
   std::atomic<int64_t> presence_settle_until_ms_{0};
   std::atomic<int64_t> presence_reset_count_{0}, reannounced_{0};
-  void reset_presence(transport::Transport& t);
+  void reset_presence(Cell& c);
   std::atomic<uint32_t> rollcall_spread_ms_{0};
   std::atomic<uint64_t> desired_published_{0}, desired_publish_failures_{0};
   // Report batches are committed in one transaction; its latency is the

@@ -67,6 +67,11 @@ struct DeviceRecord {
   // issued_unix_ms of the enrollment request last taken (0: an older proof
   // without it). A later enrollment must be newer: a replay changes nothing.
   uint64_t enroll_issued_ms = 0;
+  // The cell (broker and shard, docs/architecture.md "Cells") the device
+  // talks through: chosen at enrollment, kept by a re-enrollment or
+  // renewal, changed only when a drain moves the device. A device behind a
+  // gateway is in its gateway's cell.
+  int cell = 0;
   // The device_inventory row (read-only here: save_device_state does not
   // write it, save_device_inventory does).
   DeviceInventory inventory;
@@ -305,6 +310,21 @@ class Store {
   // Every device the hub had as online is marked offline (presence unknown
   // after a broker restart or a lost session of the hub's); returns how many.
   Result<int64_t> set_all_devices_offline();
+  // The same for the devices of one cell (a cell's broker session began again).
+  Result<int64_t> set_cell_devices_offline(int cell);
+  // Devices (decommissioned ones left out) and those online, by cell;
+  // project "*" counts every project.
+  struct CellCount {
+    int cell = 0;
+    int64_t total = 0, online = 0;
+  };
+  Result<std::vector<CellCount>> cell_device_counts(const std::string& project = "*");
+  // Moves a device (and, for a gateway, every device behind it) to a cell;
+  // returns the rows changed.
+  Result<int64_t> set_device_cell(const std::string& id, int cell);
+  // The devices with their own session in a cell (gateways included, the
+  // devices behind them not: they move with their gateway), up to limit.
+  Result<std::vector<std::string>> cell_session_devices(int cell, int64_t limit);
 
   Status insert_bundle(const BundleRecord& b);
   Status update_bundle_signatures(const std::string& id, const std::string& envelope, int signatures);
@@ -372,6 +392,7 @@ class Store {
   // the label index, outcome history, inventory and campaign timelines.
   Status migrate_aggregates();
   Status migrate_inventory();
+  Status migrate_cells();
   // Stores a report's inventory; nothing for a decommissioned device.
   Status save_device_inventory(const std::string& device_id, const DeviceInventory& inv);
   // fleet_counts as kept by the triggers (rows with n != 0), and the same

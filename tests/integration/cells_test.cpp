@@ -1,0 +1,274 @@
+// Cells in one hub process (docs/architecture.md, "Cells"), with real
+// agents and one mosquitto per cell: devices spread over the cells' brokers;
+// a drain in the middle of a campaign moves every device of a cell to the
+// others by a director-signed desired state, and the campaign completes with
+// every device applied exactly once; a forged move moves nobody.
+#include <catch2/catch.hpp>
+
+#include <signal.h>
+
+#include <map>
+#include <set>
+
+#include "flotilla/bundles/director.hpp"
+#include "flotilla/bundles/keys.hpp"
+#include "flotilla/common/crypto.hpp"
+#include "flotilla/common/fs.hpp"
+#include "flotilla/v1/desired.pb.h"
+#include "tests/support/harness.hpp"
+
+using namespace flotilla;
+using namespace flotilla::test;
+
+namespace {
+
+json cells(Hub& hub) {
+  auto [status, body] = hub.call("GET", "/v1/cells");
+  REQUIRE(status == 200);
+  return body["items"];
+}
+
+}  // namespace
+
+TEST_CASE("cell drain mid-campaign: every device moves and applies once and stays online and a forged move moves nobody",
+          "[integration][cells][drain]") {
+  constexpr int kAgents = 6;
+  Fleet fleet(kAgents, {{"env", "it"}}, {"--cells", "3"});
+  Hub& hub = fleet.hub;
+
+  // Spread over the three brokers, two each (least loaded at enrollment).
+  json list = cells(hub);
+  REQUIRE(list.size() == 3);
+  std::set<std::string> urls;
+  for (const auto& c : list) {
+    CHECK(c["devices_total"] == 2);
+    CHECK(c["devices_online"] == 2);
+    CHECK(c["broker"] == "up");
+    CHECK(c["draining"] == false);
+    urls.insert(c["broker_url"].get<std::string>());
+  }
+  CHECK(urls.size() == 3);
+  std::map<std::string, int> cell_of;
+  for (const auto& a : fleet.agents) {
+    const int cell = hub.device(a->device_id())["cell"].get<int>();
+    cell_of[a->device_id()] = cell;
+    // Each agent connected to the broker its cell names.
+    CHECK(a->log().find("broker=" + list[cell]["broker_url"].get<std::string>()) != std::string::npos);
+  }
+  auto table = hub.cli({"cell", "list"});
+  CHECK(table.exit_code == 0);
+  CHECK(table.out.find("CELL") != std::string::npos);
+  CHECK(table.out.find(list[2]["broker_url"].get<std::string>()) != std::string::npos);
+
+  // Bad input: a move to cell 2's broker, on the desired topic of an agent of
+  // cell 0, from a client that may publish there (the hub's broker name) but
+  // signed by another key than the director's. Refused, and nothing changed.
+  std::string victim;
+  const Agent* victim_agent = nullptr;
+  for (const auto& a : fleet.agents) {
+    if (cell_of[a->device_id()] == 0) {
+      victim = a->device_id();
+      victim_agent = a.get();
+    }
+  }
+  REQUIRE(!victim.empty());
+  const std::string creds_before =
+      fs::read_file(victim_agent->root() / "var/lib/flotilla/credentials.pb", 1 << 16).value_or("");
+  REQUIRE(!creds_before.empty());
+  {
+    v1::DesiredHeader h;
+    h.set_device_id(victim);
+    h.set_issued_unix_ms(SystemClock::instance().now_unix_ms());
+    h.set_broker_url(list[2]["broker_url"].get<std::string>());
+    const auto digest = crypto::sha256(std::string());
+    h.set_manifest_sha256(std::string(digest.begin(), digest.end()));
+    v1::DesiredState ds;
+    ds.set_device_id(victim);
+    *ds.mutable_header() = bundles::sign_desired_header(h, bundles::generate_key());
+    auto co = hub.broker_client("flotilla-hub", fleet.tmp.path() / "forger");
+    co.client_id = "forger";
+    co.url = list[0]["broker_url"].get<std::string>();
+    auto t = transport::make_paho_transport();
+    REQUIRE(t->connect(co));
+    REQUIRE(t->publish({transport::device_topic(victim, "desired"), ds.SerializeAsString(), 1, false}));
+    t->disconnect();
+  }
+  REQUIRE(wait_until([&] { return victim_agent->log().find("refused desired state") != std::string::npos; },
+                     std::chrono::seconds(30)));
+  CHECK(victim_agent->log().find("moves this device") == std::string::npos);
+  CHECK(hub.device(victim)["cell"] == 0);
+  CHECK(fs::read_file(victim_agent->root() / "var/lib/flotilla/credentials.pb", 1 << 16).value_or("") == creds_before);
+
+  // A slow campaign; cell 0 is drained while it runs.
+  auto [status, body] = hub.call(
+      "POST", "/v1/campaigns",
+      json{{"bundle", fleet.push(make_bundle("edge-base", 1, {}, {&fleet.release}))},
+           {"selector", "env=it"},
+           {"strategy", json::parse(R"({"waves": [34, 67, 100], "soak": "2s", "max_in_flight": 2})")}}
+          .dump());
+  INFO(body.dump());
+  REQUIRE(status == 201);
+  const std::string campaign = body["id"].get<std::string>();
+  REQUIRE(wait_until([&] { return hub.campaign(campaign)["counts"]["applied"].get<int>() >= 1; },
+                     std::chrono::seconds(60)));
+  REQUIRE(hub.campaign(campaign)["counts"]["applied"].get<int>() < kAgents);
+
+  // Refused: not an admin; no such cell.
+  const std::string operator_token = hub.api_token("operator", "*");
+  CHECK(hub.call("POST", "/v1/cells/0/drain", "{}", "application/json", operator_token).first == 403);
+  CHECK(hub.call("POST", "/v1/cells/9/drain", "{}").first == 404);
+
+  auto drained = hub.cli({"cell", "drain", "0", "--timeout", "90s"});
+  INFO(drained.out + drained.err);
+  INFO(hub.log());
+  REQUIRE(drained.exit_code == 0);
+  CHECK(drained.err.find("remaining") != std::string::npos);
+
+  json c;
+  const bool done = wait_until(
+      [&] {
+        c = hub.campaign(campaign);
+        return c["state"] != "running";
+      },
+      std::chrono::seconds(120));
+  INFO(c.dump(2));
+  REQUIRE(done);
+  CHECK(c["state"] == "completed");
+  CHECK(c["counts"]["total"] == kAgents);
+  CHECK(c["counts"]["applied"] == kAgents);
+  CHECK(c["counts"]["failed"] == 0);
+  REQUIRE(fleet.wait_online(kAgents, std::chrono::seconds(60)));
+  for (const auto& a : fleet.agents) {
+    auto d = hub.device(a->device_id());
+    CHECK(d["cell"] != 0);
+    CHECK(d["online"] == true);
+    // What it runs (its state after a reconnect is the idle report's).
+    CHECK(d["applied_bundle"] == "edge-base");
+    CHECK(d["applied_version"] == 1);
+  }
+  list = cells(hub);
+  CHECK(list[0]["devices_total"] == 0);
+  CHECK(list[0]["draining"] == true);
+  CHECK(list[1]["devices_total"].get<int>() + list[2]["devices_total"].get<int>() == kAgents);
+  const std::string m = metrics_text(hub);
+  CHECK(metric(m, "flotilla_cell_devices_moved_total{cell=\"0\",direction=\"out\"}") == 2);
+  bool audited = false;
+  for (const auto& a : hub.audit()) audited = audited || a["path"] == "/v1/cells/0/drain";
+  CHECK(audited);
+  // The agents that moved said so, and the victim of the forgery moved only now.
+  CHECK(victim_agent->log().find("moves this device") != std::string::npos);
+}
+
+namespace {
+
+pid_t cell_broker_pid(const Hub& hub, int cell) {
+  const auto dir = cell == 0 ? hub.data_dir() / "broker" : hub.data_dir() / ("broker-cell" + std::to_string(cell));
+  auto text = fs::read_file(dir / "mosquitto.pid", 64);
+  return text ? static_cast<pid_t>(std::stol(*text)) : -1;
+}
+
+// The simulator's release key for a seed (simulator/src/fleet.cpp, seeded_key).
+bundles::KeyPair sim_release_key(uint64_t seed) {
+  const auto h = crypto::sha256("flotilla-sim/release/" + std::to_string(seed) + "/0");
+  auto k = bundles::key_from_seed(Bytes(h.begin(), h.end()));
+  REQUIRE(k);
+  return *k;
+}
+
+}  // namespace
+
+TEST_CASE("four cells in one hub: devices spread over 4 mosquittos and one campaign converges and kill -9 of one cell's "
+          "broker touches only that cell", "[integration][cells]") {
+  TempDir tmp;
+  Hub hub(tmp.path() / "hub");
+  hub.start({"--cells", "4"});
+  const std::string label = "c4" + crypto::random_token(4);
+  const uint64_t seed = 31;
+  AgentOptions opts;
+  opts.root_keys = {bundles::public_key_text(sim_release_key(seed).pub)};
+  Agent agent(tmp.path() / "agent", hub.url(), hub.enrollment_token({{"sim-run", label}}), opts);
+  agent.start();
+  REQUIRE(wait_until([&] { return !agent.device_id().empty() && hub.device(agent.device_id())["online"] == true; },
+                     std::chrono::seconds(60)));
+  const int agent_cell = hub.device(agent.device_id())["cell"].get<int>();
+
+  // 240 simulated devices, each with its own session (direct mode), and the
+  // agent, in one campaign slowed so that a broker dies while it runs.
+  const auto token_file = tmp.path() / "admin.token";
+  REQUIRE(fs::write_file_atomic(token_file, hub.admin_token(), 0600));
+  proc::SpawnOptions so;
+  so.argv = {bin_dir() + "/flotilla-sim", "run", "--hub", hub.url(), "--token-file", token_file.string(),
+             "--label", label, "--seed", std::to_string(seed), "--devices", "240", "--mode", "direct",
+             "--strategy", R"({"waves": [10, 40, 70, 100], "soak": "2s", "max_in_flight": 40})", "--timeout", "170s",
+             "--no-progress", "--out", (tmp.path() / "sim").string()};
+  so.stdout_path = (tmp.path() / "sim.log").string();
+  so.stderr_path = "stdout";
+  auto sim = proc::spawn(so);
+  REQUIRE(sim);
+  auto sim_log = [&] { return fs::read_file(tmp.path() / "sim.log", 1 << 20).value_or(""); };
+
+  std::string campaign_id;
+  const bool started = wait_until(
+      [&] {
+        auto [status, body] = hub.call("GET", "/v1/campaigns");
+        if (status != 200) return false;
+        for (const auto& c : body["items"]) {
+          if (c["name"] == "sim-" + label && c["counts"]["applied"].get<int>() >= 10) {
+            campaign_id = c["id"].get<std::string>();
+            return true;
+          }
+        }
+        return false;
+      },
+      std::chrono::seconds(120));
+  INFO(sim_log());
+  REQUIRE(started);
+  REQUIRE(hub.campaign(campaign_id)["counts"]["applied"].get<int>() < 241);
+
+  // Every broker has some of the devices, and all of them together.
+  auto [status, body] = hub.call("GET", "/v1/cells");
+  REQUIRE(status == 200);
+  REQUIRE(body["items"].size() == 4);
+  int total = 0;
+  for (const auto& c : body["items"]) {
+    CHECK(c["devices_total"].get<int>() > 0);
+    total += c["devices_total"].get<int>();
+  }
+  CHECK(total == 241);
+
+  // kill -9 of the agent's cell's broker: the hub restarts it; only that
+  // cell's presence is reset and only its devices are called.
+  const std::string before = metrics_text(hub);
+  const pid_t first = cell_broker_pid(hub, agent_cell);
+  REQUIRE(first > 0);
+  REQUIRE(::kill(first, SIGKILL) == 0);
+  REQUIRE(wait_until([&] { const pid_t p = cell_broker_pid(hub, agent_cell); return p > 0 && p != first && proc::alive(p); },
+                     std::chrono::seconds(30)));
+  auto exit_code = sim->wait_for(std::chrono::seconds(180));
+  REQUIRE(exit_code);
+  CHECK(*exit_code == 0);
+  auto c = hub.campaign(campaign_id);
+  INFO(c.dump());
+  CHECK(c["state"] == "completed");
+  CHECK(c["counts"]["total"] == 241);
+  CHECK(c["counts"]["applied"] == 241);
+  CHECK(c["counts"]["failed"] == 0);
+  REQUIRE(wait_until([&] { return hub.device(agent.device_id())["online"] == true; }, std::chrono::seconds(60)));
+  CHECK(hub.device(agent.device_id())["applied_bundle"] != "");
+  const std::string after = metrics_text(hub);
+  for (int cell = 0; cell < 4; ++cell) {
+    const std::string l = "{cell=\"" + std::to_string(cell) + "\"}";
+    INFO("cell " << cell);
+    if (cell == agent_cell) {
+      CHECK(metric(after, "flotilla_broker_restarts_total" + l) == 1);
+      CHECK(metric(after, "flotilla_presence_resets_total" + l) > metric(before, "flotilla_presence_resets_total" + l));
+      CHECK(metric(after, "flotilla_rollcalls_published_total" + l) >
+            metric(before, "flotilla_rollcalls_published_total" + l));
+    } else {
+      CHECK(metric(after, "flotilla_broker_restarts_total" + l) == 0);
+      CHECK(metric(after, "flotilla_presence_resets_total" + l) == metric(before, "flotilla_presence_resets_total" + l));
+      CHECK(metric(after, "flotilla_rollcalls_published_total" + l) ==
+            metric(before, "flotilla_rollcalls_published_total" + l));
+    }
+  }
+}

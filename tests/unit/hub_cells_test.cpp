@@ -1,0 +1,228 @@
+// Cells in one hub process (docs/architecture.md, "Cells"): devices spread
+// over cells at enrollment and told their cell's broker; a cell's broker
+// session resets only its own devices' presence; desired states go out on
+// the device's cell; a drain moves devices by a signed header and only a
+// device's arrival on its new broker changes its cell.
+#include <catch2/catch.hpp>
+
+#include "flotilla/bundles/director.hpp"
+#include "tests/support/campaign_fleet.hpp"
+
+namespace flotilla::test {
+namespace {
+
+struct Cells {
+  TempDir dir;
+  FakeClock clock;
+  std::unique_ptr<Store> store;
+  std::unique_ptr<HubService> hub;
+  std::vector<std::unique_ptr<RecordingTransport>> brokers;
+  bundles::KeyPair director = bundles::generate_key();
+  std::string token;
+  Cells() {
+    auto s = Store::open((dir.path() / "hub.db").string());
+    REQUIRE(s);
+    store = std::move(*s);
+    ServiceConfig cfg;
+    cfg.broker_url = "ssl://cell0.test:8883";
+    cfg.cell_broker_urls = {"ssl://cell0.test:8883", "ssl://cell1.test:8884", "ssl://cell2.test:8885"};
+    cfg.public_url = "http://hub.test";
+    cfg.engine_thread = false;
+    cfg.director_key = director;
+    hub = std::make_unique<HubService>(*store, clock, cfg);
+    for (int i = 0; i < 3; ++i) {
+      brokers.push_back(std::make_unique<RecordingTransport>());
+      REQUIRE(hub->attach_transport(i, *brokers.back()));
+    }
+    TokenRecord t;
+    t.role = "enroll";
+    t.labels = {{"env", "prod"}};
+    auto tok = hub->create_token("enroll", t);
+    REQUIRE(tok);
+    token = tok->secret;
+  }
+  v1::EnrollResponse enroll() {
+    auto k = bundles::generate_key();
+    v1::EnrollRequest req;
+    req.set_enrollment_token(token);
+    req.set_device_public_key(std::string(k.pub.key.begin(), k.pub.key.end()));
+    auto proof = bundles::sign_detached(k, bundles::enroll_proof_message(token, k.pub.key));
+    req.set_proof(std::string(proof.begin(), proof.end()));
+    auto r = hub->enroll(req);
+    REQUIRE(r);
+    return *r;
+  }
+  int cell_of(const std::string& id) {
+    auto d = store->get_device(id);
+    REQUIRE(d);
+    REQUIRE(*d);
+    return (*d)->cell;
+  }
+  bool online(const std::string& id) { return (*store->get_device(id))->online; }
+  void presence(int cell, const std::string& id, bool up) {
+    v1::Presence p;
+    p.set_online(up);
+    hub->on_message(cell, {transport::device_topic(id, "presence"), p.SerializeAsString(), 1, false});
+    hub->drain();
+  }
+  // The desired states published on one cell's broker for a device.
+  std::vector<v1::DesiredState> desired(int cell, const std::string& id) {
+    std::vector<v1::DesiredState> out;
+    for (const auto& m : brokers[static_cast<size_t>(cell)]->published()) {
+      v1::DesiredState ds;
+      if (m.topic == transport::device_topic(id, "desired") && !m.payload.empty() && ds.ParseFromString(m.payload)) {
+        out.push_back(ds);
+      }
+    }
+    return out;
+  }
+};
+
+}  // namespace
+
+TEST_CASE("devices are spread over cells at enrollment and told their cell's broker", "[unit][hub][cells]") {
+  Cells c;
+  std::map<int, int> per_cell;
+  for (int i = 0; i < 9; ++i) {
+    auto r = c.enroll();
+    const int cell = c.cell_of(r.device_id());
+    ++per_cell[cell];
+    CHECK(r.broker_url() == "ssl://cell" + std::to_string(cell) + ".test:" + std::to_string(8883 + cell));
+  }
+  CHECK(per_cell == std::map<int, int>{{0, 3}, {1, 3}, {2, 3}});
+  auto cells = c.hub->list_cells();
+  REQUIRE(cells);
+  REQUIRE(cells->size() == 3);
+  for (const auto& v : *cells) {
+    CHECK(v.devices_total == 3);
+    CHECK(v.broker_state == "external");  // no embedded broker in this test
+  }
+  // Counts are per project: another project sees none of these.
+  auto other = c.hub->list_cells("other");
+  REQUIRE(other);
+  for (const auto& v : *other) CHECK(v.devices_total == 0);
+  // A draining cell takes no new device.
+  REQUIRE(c.hub->drain_cell_devices(1));
+  for (int i = 0; i < 4; ++i) CHECK(c.cell_of(c.enroll().device_id()) != 1);
+}
+
+TEST_CASE("a cell's new broker session resets only its own devices' presence and calls its own roll",
+          "[unit][hub][cells][presence]") {
+  Cells c;
+  std::vector<std::string> ids;
+  for (int i = 0; i < 6; ++i) {
+    ids.push_back(c.enroll().device_id());
+    c.presence(c.cell_of(ids.back()), ids.back(), true);
+  }
+  for (const auto& id : ids) REQUIRE(c.online(id));
+  const auto calls0 = c.brokers[0]->rollcalls().size(), calls1 = c.brokers[1]->rollcalls().size();
+  REQUIRE(c.hub->attach_transport(1, *c.brokers[1]));
+  for (const auto& id : ids) CHECK(c.online(id) == (c.cell_of(id) != 1));
+  CHECK(c.brokers[1]->rollcalls().size() == calls1 + 1);
+  CHECK(c.brokers[0]->rollcalls().size() == calls0);
+  CHECK(c.hub->cell(1).presence_resets.load() == 2);
+  CHECK(c.hub->cell(0).presence_resets.load() == 1);
+}
+
+TEST_CASE("a campaign spans cells: each device's desired state goes out on its own cell's broker",
+          "[unit][hub][cells][campaign]") {
+  Cells c;
+  std::vector<std::string> ids;
+  for (int i = 0; i < 6; ++i) {
+    ids.push_back(c.enroll().device_id());
+    c.presence(c.cell_of(ids.back()), ids.back(), true);
+  }
+  auto key = bundles::generate_key();
+  v1::BundleManifest m;
+  m.set_format_version(1);
+  m.set_name("edge-base");
+  m.set_channel("stable");
+  m.set_version(1);
+  m.set_expires_unix(c.clock.now_unix() + 86400);
+  auto env = bundles::wrap(m);
+  REQUIRE(bundles::sign(env, key));
+  auto up = c.hub->upload_bundle(bundles::serialize_envelope(env));
+  REQUIRE(up);
+  auto strategy = hub::Strategy::from_json(json::parse(R"({"waves": [100]})"));
+  REQUIRE(strategy);
+  REQUIRE(c.hub->create_campaign("", up->first.id, "env=prod", *strategy, "*"));
+  c.hub->tick();
+  for (const auto& id : ids) {
+    const int home = c.cell_of(id);
+    for (int cell = 0; cell < 3; ++cell) CHECK(c.desired(cell, id).size() == (cell == home ? 1u : 0u));
+  }
+}
+
+TEST_CASE("draining a cell asks its devices to move in a signed header and only their arrival moves them",
+          "[unit][hub][cells][drain]") {
+  Cells c;
+  std::vector<std::string> ids;
+  for (int i = 0; i < 6; ++i) {
+    ids.push_back(c.enroll().device_id());
+    c.presence(c.cell_of(ids.back()), ids.back(), true);
+  }
+  std::vector<std::string> in0;
+  for (const auto& id : ids) if (c.cell_of(id) == 0) in0.push_back(id);
+  REQUIRE(in0.size() == 2);
+
+  SECTION("the last undrained cell cannot be drained, and nothing changes") {
+    REQUIRE(c.hub->drain_cell_devices(1));
+    REQUIRE(c.hub->drain_cell_devices(2));
+    auto refused = c.hub->drain_cell_devices(0);
+    REQUIRE_FALSE(refused);
+    CHECK(refused.error().code == Errc::conflict);
+    CHECK_FALSE(c.hub->cell(0).draining());
+    CHECK(c.hub->drain_cell_devices(7).error().code == Errc::not_found);
+  }
+
+  SECTION("moves") {
+    auto p = c.hub->drain_cell_devices(0);
+    REQUIRE(p);
+    CHECK(p->remaining == 2);
+    CHECK(p->moved == 0);
+    c.hub->tick();
+    for (const auto& id : in0) {
+      auto sent = c.desired(0, id);
+      REQUIRE(sent.size() == 1);
+      // The move is in the header the director signed, for this device.
+      auto hv = bundles::verify_desired_header(sent[0].header(), c.director.pub);
+      REQUIRE(hv.ok());
+      CHECK(hv.header.device_id() == id);
+      CHECK((hv.header.broker_url() == "ssl://cell1.test:8884" || hv.header.broker_url() == "ssl://cell2.test:8885"));
+      CHECK(c.cell_of(id) == 0);  // not moved until it arrives
+    }
+    // Asked again only after the retry interval.
+    c.hub->tick();
+    CHECK(c.desired(0, in0[0]).size() == 1);
+
+    // A device of a cell that does not drain, heard on another cell's
+    // broker: dropped, nothing changes.
+    std::string in1;
+    for (const auto& id : ids) if (c.cell_of(id) == 1) in1 = id;
+    c.presence(1, in1, false);
+    REQUIRE_FALSE(c.online(in1));
+    c.presence(2, in1, true);
+    CHECK_FALSE(c.online(in1));
+    CHECK(c.cell_of(in1) == 1);
+    CHECK(c.hub->other_cell_dropped() == 1);
+
+    // The devices arrive on the brokers they were told.
+    for (const auto& id : in0) {
+      auto hv = bundles::verify_desired_header(c.desired(0, id)[0].header(), c.director.pub);
+      const int target = hv.header.broker_url() == "ssl://cell1.test:8884" ? 1 : 2;
+      c.presence(target, id, true);
+      CHECK(c.cell_of(id) == target);
+      CHECK(c.online(id));
+    }
+    auto done = c.hub->drain_cell_devices(0);
+    REQUIRE(done);
+    CHECK(done->remaining == 0);
+    CHECK(done->moved == 2);
+    // A late message from the drained cell's broker does not bring one back.
+    c.presence(0, in0[0], false);
+    CHECK(c.online(in0[0]));
+    CHECK(c.cell_of(in0[0]) != 0);
+  }
+}
+
+}  // namespace flotilla::test
