@@ -95,7 +95,7 @@ void add_hub_options(Options& o) {
       .add("cells", "cells to run (1 to 64): each an embedded mosquitto with its own port, directory and ACL, and "
                     "the hub's own session, report worker and desired-state publisher for it; devices are spread "
                     "over them at enrollment. With a fixed broker-listen port P, cell i listens on P+i", "1")
-      .add("http-threads", "threads serving the REST API", "2")
+      .add("http-threads", "threads serving the REST API", "16")
       .add("db-cache-mib", "SQLite page cache for the hub's store, in MiB (a fixed cost, not per device)", "64")
       .add("db-mmap-mib", "map up to this many MiB of the store file (0 = off); faster reads once the store "
                           "outgrows db-cache-mib, e.g. 1024 for 1M devices", "0")

@@ -40,7 +40,7 @@ struct HubConfig {
   // P+i (and broker-public-url's port likewise gets +i).
   int cells = 1;
   std::string mosquitto_bin = "/usr/sbin/mosquitto";
-  int http_threads = 2;
+  int http_threads = 16;
   int64_t db_cache_mib = 64;  // StoreTuning
   int64_t db_mmap_mib = 0;
   bool git_sync = true;               // follow GitRepos (docs/operations.md, "Git sync")
