@@ -12,6 +12,9 @@
 #   bench/enroll_certs.sh [SESSIONS] [IDENTITIES] [THREADS] [CONNECTIONS]
 #     (default 19000 100000 32 new; CONNECTIONS: `new` = a TCP connection per
 #     enrollment, as devices make; `keep-alive` = one per client thread)
+#   FLOTILLA_BENCH_HUB_THREADS=N   the hub's REST threads (default 64; the
+#     hub's own default is 16). flotilla-sim gives its hub one REST thread per
+#     enrollment thread (2..64), so this sets the simulator's --enroll-threads.
 #
 # Run it under the CPU lock; it takes a few minutes.
 set -euo pipefail
@@ -21,15 +24,16 @@ SESSIONS="${1:-19000}"
 IDENTITIES="${2:-100000}"
 THREADS="${3:-32}"
 CONNECTIONS="${4:-new}"
+HUB_THREADS="${FLOTILLA_BENCH_HUB_THREADS:-64}"
 OUT="${TMPDIR:-/tmp}/flotilla-enroll-certs-$$"
 mkdir -p "$OUT"
 SIM_PID=
 cleanup() { [ -n "$SIM_PID" ] && kill "$SIM_PID" 2>/dev/null; wait 2>/dev/null || true; }
 trap cleanup EXIT
 
-echo "enroll-certs: $SESSIONS sessions (flotilla-sim, direct, mutual TLS), then $IDENTITIES enrollments; out $OUT"
+echo "enroll-certs: $SESSIONS sessions (flotilla-sim, direct, mutual TLS), then $IDENTITIES enrollments; hub REST threads $HUB_THREADS; out $OUT"
 "$BIN/flotilla-sim" run --devices "$SESSIONS" --mode direct --processes $(( (SESSIONS + 4999) / 5000 )) \
-  --enroll-threads 128 --seed 1 --label enroll-certs --no-progress --timeout 60m \
+  --enroll-threads "$HUB_THREADS" --seed 1 --label enroll-certs --no-progress --timeout 60m \
   --strategy '{"rate": {"max_per_minute": 1}}' --out "$OUT/sim" >"$OUT/sim.out" 2>"$OUT/sim.err" &
 SIM_PID=$!
 HUB="$OUT/sim/hub"

@@ -67,8 +67,8 @@ Status start_own_hub(const SimOptions& opts, OwnHub& hub) {
   proc::SpawnOptions so;
   so.argv = {opts.hub_bin, "--data-dir", data.string(), "--listen", "127.0.0.1:0", "--config", "",
              "--log-level", "warn",
-             // A direct enrollment holds a REST thread until mosquitto has
-             // reloaded its password file; concurrent ones share a reload.
+             // A direct enrollment holds a REST thread until its commit is
+             // durable; enrollments waiting together share a commit.
              "--http-threads", std::to_string(std::clamp<uint32_t>(opts.enroll_threads, 2, 64)),
              // The hub's own defaults guard against abuse; a load run from one
              // address measures the hub instead, so it lifts them.
