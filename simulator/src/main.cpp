@@ -25,7 +25,7 @@ namespace {
 // Serve only: SIGTERM or SIGINT ends serving (lock-free, so signal-safe).
 std::atomic<bool> g_stop{false};
 static_assert(std::atomic<bool>::is_always_lock_free);
-extern "C" void on_stop_signal(int) { g_stop.store(true); }
+void on_stop_signal(int) { g_stop.store(true); }
 
 void usage() {
   std::cout << "flotilla-sim — virtual fleets against the real hub\n\n"
