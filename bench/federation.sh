@@ -6,14 +6,23 @@
 # each and the overhead ratio (federation / sum of direct). Asserts nothing.
 # Small by default; take the shared CPU lock around it on a shared machine.
 #
-#   bench/federation.sh [build-dir] [regions] [devices-per-region] [pages]
+# Campaign mode (4th argument "campaign"): the simulators only serve their
+# devices (flotilla-sim --serve-only, gateway mode); one campaign (bundle v1)
+# is created directly in every region at once and timed until the last region
+# completes, then the next bundle (v2) goes through the federation as one
+# group of all regions, timed until the federated campaign completes. Prints
+# both convergence times and the overhead ratio (federation / direct).
+#
+#   bench/federation.sh [build-dir] [regions] [devices-per-region] [pages|campaign]
 set -euo pipefail
 BUILD=${1:-$(cd "$(dirname "$0")/.." && pwd)/build}
 REGIONS=${2:-2}
 DEVICES=${3:-500}
 PAGES=${4:-20}
+MODE=reads
+if [[ $PAGES == campaign ]]; then MODE=campaign; PAGES=0; fi
 BIN=$BUILD/bin
-for b in flotilla-hub flotilla-sim; do [[ -x $BIN/$b ]] || { echo "missing $BIN/$b" >&2; exit 2; }; done
+for b in flotilla-hub flotilla-sim flotilla; do [[ -x $BIN/$b ]] || { echo "missing $BIN/$b" >&2; exit 2; }; done
 TMP=$(mktemp -d /tmp/flotilla-federation-bench-XXXXXX)
 chmod 711 "$TMP"
 PIDS=()
@@ -36,6 +45,17 @@ start_hub() {  # dir extra-args...
 }
 
 declare -a URLS CAS TOKENS
+if [[ $MODE == campaign ]]; then
+  # One release key every simulated device pins; bundles v1 (direct) and v2
+  # (through the federation) signed with it.
+  ROOT_KEY=$("$BIN/flotilla" key generate --out "$TMP/release" | sed -n 's/^public key: *//p')
+  for v in 1 2; do
+    mkdir -p "$TMP/b$v"; cp -r "$(dirname "$0")/../bundles/examples/demo/." "$TMP/b$v/"
+    sed -i "s/^version: .*/version: $v/" "$TMP/b$v/bundle.yaml"
+    "$BIN/flotilla" bundle build "$TMP/b$v" --out "$TMP/b$v.fbundle" >/dev/null
+    "$BIN/flotilla" bundle sign "$TMP/b$v.fbundle" --key "$TMP/release.key" >/dev/null
+  done
+fi
 for i in $(seq 1 "$REGIONS"); do
   d=$TMP/r$i
   mkdir -p "$d.pki"
@@ -55,10 +75,25 @@ for i in $(seq 1 "$REGIONS"); do
     -d '{"name":"federation","role":"operator","project":"*"}' "${URLS[$i]}/v1/tokens" |
     python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])')
   printf '%s\n' "${TOKENS[$i]}" >"$d.op.token"
-  # The simulator enrolls the devices (and runs its own campaign) at this region.
-  SSL_CERT_FILE=${CAS[$i]} "$BIN/flotilla-sim" run --hub "${URLS[$i]}" --token-file "$d.op.token" \
-    --devices "$DEVICES" --devices-per-gateway 1000 --seed "$i" --out "$d.sim" --no-progress --timeout 300s >/dev/null
+  if [[ $MODE == campaign ]]; then
+    # The simulator enrolls and serves the devices; campaigns come from here.
+    SSL_CERT_FILE=${CAS[$i]} "$BIN/flotilla-sim" run --serve-only --hub "${URLS[$i]}" --token-file "$d.op.token" \
+      --devices "$DEVICES" --devices-per-gateway 5000 --enroll-threads 4 --seed "$i" --label fedbench \
+      --root-key "$ROOT_KEY" --out "$d.sim" --no-progress >"$d.sim.log" 2>&1 &
+    PIDS+=($!)
+  else
+    # The simulator enrolls the devices (and runs its own campaign) at this region.
+    SSL_CERT_FILE=${CAS[$i]} "$BIN/flotilla-sim" run --hub "${URLS[$i]}" --token-file "$d.op.token" \
+      --devices "$DEVICES" --devices-per-gateway 1000 --seed "$i" --out "$d.sim" --no-progress --timeout 300s >/dev/null
+  fi
 done
+if [[ $MODE == campaign ]]; then
+  t_enroll=$(now_ms)
+  for i in $(seq 1 "$REGIONS"); do
+    wait_for 3600 test -s "$TMP/r$i.sim/serving.json" || { echo "region r$i: simulator not serving" >&2; tail -5 "$TMP/r$i.sim.log" >&2; exit 1; }
+  done
+  echo "enrolled and online: $REGIONS x $DEVICES devices in $(( $(now_ms) - t_enroll )) ms"
+fi
 
 start_hub "$TMP/fed" --role federation
 FED=$(head -1 "$TMP/fed/hub.url")
@@ -72,6 +107,56 @@ PY
   curl -fsS -H "Authorization: Bearer $FADMIN" -H 'Content-Type: application/json' --data @"$TMP/region.json" \
     "$FED/v1/regions" -o /dev/null
 done
+
+campaign_state() {  # url ca-or-empty token id -> state
+  local ca=()
+  [[ -n $2 ]] && ca=(--cacert "$2")
+  curl -fsS "${ca[@]}" -H "Authorization: Bearer $3" "$1/v1/campaigns/$4" |
+    python3 -c 'import json,sys; c=json.load(sys.stdin); print(c["state"], c["counts"].get("applied",0), c["counts"].get("total",0))'
+}
+if [[ $MODE == campaign ]]; then
+  # Direct: v1 pushed to every region, one campaign created in each at once.
+  declare -a CIDS
+  for i in $(seq 1 "$REGIONS"); do
+    bid=$(curl -fsS --cacert "${CAS[$i]}" -H "Authorization: Bearer ${TOKENS[$i]}" -H 'Content-Type: application/octet-stream' \
+      --data-binary @"$TMP/b1.fbundle" "${URLS[$i]}/v1/bundles" | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+    CIDS[$i]=$bid
+  done
+  t0=$(now_ms)
+  for i in $(seq 1 "$REGIONS"); do
+    CIDS[$i]=$(curl -fsS --cacert "${CAS[$i]}" -H "Authorization: Bearer ${TOKENS[$i]}" -H 'Content-Type: application/json' \
+      -d "{\"bundle\":\"${CIDS[$i]}\",\"selector\":\"sim-run=fedbench\",\"name\":\"direct\"}" "${URLS[$i]}/v1/campaigns" |
+      python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+  done
+  direct_ms=0
+  for i in $(seq 1 "$REGIONS"); do
+    until read -r st applied total < <(campaign_state "${URLS[$i]}" "${CAS[$i]}" "${TOKENS[$i]}" "${CIDS[$i]}") &&
+      [[ $st == completed && $applied == "$total" ]]; do
+      case $st in stopped | aborted | paused | rolled_back) echo "direct r$i ended $st" >&2; exit 1 ;; esac
+      sleep 0.2
+    done
+    echo "direct r$i: $applied/$total applied"
+  done
+  direct_ms=$(($(now_ms) - t0))
+  # Through the federation: v2, all regions as one group.
+  fbid=$(curl -fsS -H "Authorization: Bearer $FADMIN" -H 'Content-Type: application/octet-stream' \
+    --data-binary @"$TMP/b2.fbundle" "$FED/v1/bundles" | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+  group=$(python3 -c "import json; print(json.dumps([['r%d' % i for i in range(1, $REGIONS + 1)]]))")
+  t0=$(now_ms)
+  fid=$(curl -fsS -H "Authorization: Bearer $FADMIN" -H 'Content-Type: application/json' \
+    -d "{\"bundle\":\"$fbid\",\"selector\":\"sim-run=fedbench\",\"regions\":$group}" "$FED/v1/campaigns" |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+  until read -r st applied total < <(campaign_state "$FED" "" "$FADMIN" "$fid") && [[ $st == completed ]]; do
+    case $st in stopped | aborted | paused) echo "federated campaign ended $st" >&2; exit 1 ;; esac
+    sleep 0.2
+  done
+  fed_ms=$(($(now_ms) - t0))
+  echo "regions=$REGIONS devices_per_region=$DEVICES"
+  echo "direct: one campaign in each region at once, converged (last region completed) in ${direct_ms} ms"
+  echo "federation: one campaign over all regions as one group, completed in ${fed_ms} ms ($applied/$total applied)"
+  python3 -c "print('overhead ratio (federation / direct): %.2f' % ($fed_ms / max(1, $direct_ms)))"
+  exit 0
+fi
 
 # The same pages read directly from each region, and through the federation.
 LIMIT=100

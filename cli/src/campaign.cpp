@@ -68,6 +68,18 @@ void print_campaign(const json& c) {
             << "\n"
             << "progress  " << progress(c["counts"]) << "\n";
   for (const auto& l : wave_lines(c)) std::cout << "  " << l << "\n";
+  // A federated campaign: each region's share, with its own campaign and the
+  // time of its last answer (an unreachable region keeps its last counts).
+  if (c.contains("regions") && c["regions"].is_array() && !c["regions"].empty()) {
+    std::cout << "regions:\n";
+    for (const auto& p : c["regions"]) {
+      if (!p.is_object()) continue;
+      std::cout << "  " << pad(str(p, "region"), 12) << pad(str(p, "state").empty() ? "-" : str(p, "state"), 12)
+                << progress(p.value("counts", json::object()), 20) << "  " << str(p, "regional_campaign")
+                << (p.value("reachable", true) ? "" : "  UNREACHABLE") << "  last answer " << str(p, "last_answer_at")
+                << "\n";
+    }
+  }
   if (c.contains("failure_reasons") && !c["failure_reasons"].empty()) {
     std::cout << "failures:\n";
     for (const auto& [reason, n] : c["failure_reasons"].items()) std::cout << "  " << reason << ": " << n << "\n";

@@ -207,6 +207,7 @@ class Fleet {
   void announce_session(uint32_t s);
   Result<std::string> push_bundle();
   Status wait_seen_online();
+  Result<json> serve();
   // running
   void worker(uint32_t w);
   void timer();
@@ -1113,6 +1114,9 @@ void Fleet::init_core() {
   env_.base.arch = "amd64";
   env_.base.labels = {{"sim-run", label_}};
   env_.base.keyring.add(release_.pub);
+  for (const auto& k : opts_.root_keys) {
+    if (auto pk = bundles::parse_public_key_text(k)) env_.base.keyring.add(*pk);  // validated by the caller
+  }
   env_.base.min_free_bytes = 0;
   env_.fetch = &fetch_artifact;
 }
@@ -1145,6 +1149,7 @@ Result<json> Fleet::run() {
     if (t && t->connected()) (void)t->flush(Ms(30000));
   }
   if (auto s = wait_seen_online(); !s) return s.error();
+  if (opts_.serve_only) return serve();
   auto bundle_id = push_bundle();
   if (!bundle_id) return bundle_id.error();
 
@@ -1315,6 +1320,75 @@ Result<json> Fleet::run() {
   report["latency_cdf"] = cdf;
   report["timeline"] = timeline;
   (void)artifact_fetches_;
+  return report;
+}
+
+// Serve only: the devices answer whatever desired states the hub sends (from
+// campaigns created by others) until told to stop, then the report says what
+// each one applied. <out>/serving.json tells a driver the devices are online
+// at the hub and which label selects them.
+Result<json> Fleet::serve() {
+  const int64_t started = now_ms();
+  const json serving = {{"state", "serving"},
+                        {"label", label_},
+                        {"devices", opts_.devices},
+                        {"hub", rest_.url},
+                        {"release_key", bundles::public_key_text(release_.pub)}};
+  if (auto s = fs::write_file_atomic(std::filesystem::path(opts_.work_dir) / "serving.json", serving.dump() + "\n", 0644);
+      !s) {
+    return s.error();
+  }
+  const auto told = [&] { return opts_.stop && opts_.stop->load(); };
+  while (!told() && (opts_.serve_for.count() == 0 || now_ms() - started < opts_.serve_for.count())) {
+    std::this_thread::sleep_for(Ms(100));
+  }
+  const int64_t served_ms = now_ms() - started;
+  // Reports gathered but not yet sent go out before the sessions close.
+  for (uint32_t s = 0; s < batches_.size(); ++s) flush_reports(s, false);
+  for (auto& t : sessions_) {
+    if (t && t->connected()) (void)t->flush(Ms(5000));
+  }
+  shutdown();  // the device threads are done: their storage can be read
+  json phases = json::object();
+  std::map<std::string, uint64_t> applied;
+  for (const auto& d : devices_) {
+    const std::string phase = kPhaseNames[std::min<int>(d.phase.load(), kPhases - 1)];
+    phases[phase] = phases.value(phase, uint64_t{0}) + 1;
+    auto st = d.store.state.empty() ? Result<agent::AppliedState>(agent::AppliedState{}) : decode_state(d.store.state);
+    const std::string what = st && !st->bundle_name.empty() ? st->bundle_name + "@" + std::to_string(st->version) : "none";
+    ++applied[what];
+  }
+  json devices = json::object();
+  if (devices_.size() <= 1000) {
+    for (const auto& d : devices_) {
+      auto st = d.store.state.empty() ? Result<agent::AppliedState>(agent::AppliedState{}) : decode_state(d.store.state);
+      devices[d.id] = {{"phase", kPhaseNames[std::min<int>(d.phase.load(), kPhases - 1)]},
+                       {"bundle", st ? st->bundle_name : ""},
+                       {"version", st ? st->version : 0},
+                       {"campaign", st ? st->campaign_id : ""}};
+    }
+  }
+  json report;
+  report["tool"] = "flotilla-sim";
+  report["config"] = {{"devices", opts_.devices},
+                      {"mode", opts_.mode == Mode::direct ? "direct" : "gateway"},
+                      {"devices_per_gateway", opts_.devices_per_gateway},
+                      {"seed", opts_.seed},
+                      {"serve_only", true},
+                      {"faults", opts_.faults},
+                      {"hub", rest_.url},
+                      {"broker", broker_url_},
+                      {"label", label_}};
+  report["serve"] = {{"served_s", served_ms / 1000.0},
+                     {"stopped_by", told() ? "signal" : "serve-for"},
+                     {"phases", phases},
+                     {"applied", applied},
+                     {"enroll_s", static_cast<double>(enroll_done_ms_ - enroll_started_ms_) / 1000.0},
+                     {"messages_sent", sent_.load()},
+                     {"messages_received", received_.load()},
+                     {"power_cuts", power_cuts_.load()},
+                     {"link_drops", link_drops_.load()}};
+  if (!devices.empty()) report["devices"] = devices;
   return report;
 }
 

@@ -1,12 +1,15 @@
 // flotilla-sim: thin main; the logic lives in flotilla_sim.
+#include <signal.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <iostream>
 #include <optional>
 
+#include "flotilla/bundles/keys.hpp"
 #include "flotilla/common/fs.hpp"
 #include "flotilla/common/log.hpp"
 #include "flotilla/common/options.hpp"
@@ -18,6 +21,11 @@
 using namespace flotilla;
 
 namespace {
+
+// Serve only: SIGTERM or SIGINT ends serving (lock-free, so signal-safe).
+std::atomic<bool> g_stop{false};
+static_assert(std::atomic<bool>::is_always_lock_free);
+void on_stop_signal(int) { g_stop.store(true); }
 
 void usage() {
   std::cout << "flotilla-sim — virtual fleets against the real hub\n\n"
@@ -89,6 +97,13 @@ int cmd_run(int argc, char** argv) {
       .add("timeout", "give up waiting for convergence after this long", "10m")
       .add("out", "directory for report.json, report.html and the own hub", "flotilla-sim-out")
       .add("label", "value of the sim-run label the campaign selects (default: from seed and time)")
+      .add_switch("serve-only", "enroll and serve the devices without creating a campaign: campaigns come from "
+                                "elsewhere (REST, a federation); stops on SIGTERM/SIGINT or after --serve-for, "
+                                "then reports what the devices applied; <out>/serving.json appears once they are "
+                                "online at the hub")
+      .add("serve-for", "serve only: stop serving after this long; 0 = until SIGTERM or SIGINT", "0")
+      .add_list("root-key", "another bundle-signing public key (ed25519:<base64>) every device trusts, for "
+                            "bundles signed elsewhere (repeatable)")
       .add_switch("no-progress", "no progress bar")
       .add("log-level", "log level", "warn")
       .config_file_key("config");
@@ -119,10 +134,12 @@ int cmd_run(int argc, char** argv) {
   auto skew = num("clock-skew", 0, 10 * 365 * 86400);
   auto art = num("artifact-bytes", 0, 64 << 20);
   auto timeout = o.get_duration("timeout");
+  auto serve_for = o.get_duration("serve-for");
   for (const auto* r : {&devices, &per, &threads, &batch, &flush, &workers, &processes, &seed, &kbps, &skew, &art}) {
     if (!*r) return fail(r->error());
   }
   if (!timeout) return fail(timeout.error());
+  if (!serve_for) return fail(serve_for.error());
   so.devices = static_cast<uint32_t>(*devices);
   so.devices_per_gateway = static_cast<uint32_t>(*per);
   so.enroll_threads = static_cast<uint32_t>(*threads);
@@ -162,6 +179,23 @@ int cmd_run(int argc, char** argv) {
   so.work_dir = std::filesystem::absolute(o.get("out")).string();
   so.label = o.get("label");
   so.progress = !o.get_bool("no-progress");
+  so.serve_only = o.get_bool("serve-only");
+  so.serve_for = *serve_for;
+  for (const auto& k : o.get_list("root-key")) {
+    if (auto pk = bundles::parse_public_key_text(k); !pk) {
+      return fail(Error{Errc::invalid_argument, "root-key '" + k + "': " + pk.error().message});
+    }
+    so.root_keys.push_back(k);
+  }
+  if (!so.serve_only && so.serve_for.count() > 0) {
+    return fail(Error{Errc::invalid_argument, "--serve-for is for --serve-only (a campaign run stops when it converges)"});
+  }
+  if (so.serve_only && so.strategy != nlohmann::json::object()) {
+    return fail(Error{Errc::invalid_argument, "--strategy has no effect with --serve-only (no campaign is created here)"});
+  }
+  if (so.serve_only && so.processes > 1) {
+    return fail(Error{Errc::invalid_argument, "--serve-only runs in one process (use --mode gateway for large fleets)"});
+  }
   if (so.processes > 1 && so.mode != sim::Mode::direct) {
     return fail(Error{Errc::invalid_argument, "--processes is for direct mode; a gateway session already carries "
                                               "thousands of devices (use --devices-per-gateway)"});
@@ -181,8 +215,24 @@ int cmd_run(int argc, char** argv) {
                             "); raise --processes, or use --mode gateway"});
     }
   }
+  if (so.serve_only) {
+    struct sigaction sa {};
+    sa.sa_handler = on_stop_signal;
+    sigemptyset(&sa.sa_mask);
+    ::sigaction(SIGTERM, &sa, nullptr);
+    ::sigaction(SIGINT, &sa, nullptr);
+    so.stop = &g_stop;
+  }
   auto report = sim::run(so);
   if (!report) return fail(report.error());
+  if (so.serve_only) {
+    const auto& sv = (*report)["serve"];
+    std::printf("served %u devices for %s s (stopped by %s): phases %s, applied %s\n", so.devices,
+                sv["served_s"].dump().c_str(), sv["stopped_by"].get<std::string>().c_str(), sv["phases"].dump().c_str(),
+                sv["applied"].dump().c_str());
+    std::printf("report: %s/report.json\n", so.work_dir.c_str());
+    return 0;
+  }
   const auto& f = (*report)["figures"];
   std::printf("campaign %s ended %s: %s devices finished, converged in %s s, p50 %s ms, p99 %s ms, p99.9 %s ms\n",
               (*report)["campaign"]["id"].get<std::string>().c_str(),

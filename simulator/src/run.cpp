@@ -121,7 +121,10 @@ Result<json> run(const SimOptions& in) {
   const std::string json_path = opts.report_json.empty() ? opts.work_dir + "/report.json" : opts.report_json;
   const std::string html_path = opts.report_html.empty() ? opts.work_dir + "/report.html" : opts.report_html;
   if (auto s = fs::write_file_atomic(json_path, report->dump(1) + "\n", 0644); !s) return s.error();
-  if (auto s = fs::write_file_atomic(html_path, render_html(*report), 0644); !s) return s.error();
+  // Serve only has no campaign timeline to draw.
+  if (!opts.serve_only) {
+    if (auto s = fs::write_file_atomic(html_path, render_html(*report), 0644); !s) return s.error();
+  }
   return report;
 }
 

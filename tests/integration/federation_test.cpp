@@ -11,8 +11,10 @@
 #include <algorithm>
 #include <set>
 
+#include "flotilla/bundles/keys.hpp"
 #include "flotilla/common/fs.hpp"
 #include "flotilla/common/sqlite.hpp"
+#include "sim_support.hpp"
 #include "tests/support/harness.hpp"
 #include "tests/support/pki.hpp"
 
@@ -564,4 +566,117 @@ TEST_CASE("pause and resume fan out to every region, and a federation killed mid
     REQUIRE(s == 200);
     CHECK(list["items"].size() == 1);
   }
+}
+
+TEST_CASE("simulated devices in two regions: a federated campaign converges with exact counts, its rollback reaches "
+          "both regions, and device get and campaign get work at the federation",
+          "[integration][federation]") {
+  Federated f;
+  f.join();
+  constexpr int kPerRegion = 36;
+  // One serve-only simulator per region, each with its own seed (so its own
+  // device ids), pinning the federation's release key; the region's CA for
+  // its REST API, the broker's CA from the enrollment answers.
+  std::vector<std::unique_ptr<ServingSim>> sims;
+  uint64_t seed = 21;
+  for (auto* r : {&f.r1, &f.r2}) {
+    sims.push_back(std::make_unique<ServingSim>(
+        f.tmp.path() / ("sim-" + r->name), r->hub->url(), r->hub->api_token("operator", "*"),
+        std::vector<std::string>{"--devices", std::to_string(kPerRegion), "--devices-per-gateway", "12", "--label",
+                                 "fed", "--seed", std::to_string(seed++), "--root-key",
+                                 bundles::public_key_text(f.release.pub)},
+        std::map<std::string, std::string>{{"SSL_CERT_FILE", r->ca}}));
+  }
+  for (auto& s : sims) {
+    INFO(s->log());
+    REQUIRE(s->wait_serving(std::chrono::seconds(180)).is_object());
+  }
+
+  auto run_to_end = [&](uint64_t version) {
+    const std::string bundle = f.push(version);
+    const std::string id = f.create({{"bundle", bundle}, {"selector", "sim-run=fed"}, {"regions", {"r1", "r2"}},
+                                     {"threshold", {{"percent", 10}, {"min_sample", 1}}}});
+    json c = f.wait_state(id, {"completed", "stopped", "aborted"}, std::chrono::seconds(180));
+    INFO(c.dump(2));
+    REQUIRE(c["state"] == "completed");
+    CHECK(c["counts"]["total"] == 2 * kPerRegion);
+    CHECK(c["counts"]["applied"] == 2 * kPerRegion);
+    CHECK(c["counts"]["failed"] == 0);
+    for (const char* r : {"r1", "r2"}) {
+      CHECK(part_of(c, r)["counts"]["total"] == kPerRegion);
+      CHECK(part_of(c, r)["counts"]["applied"] == kPerRegion);
+    }
+    return c;
+  };
+  const json first = run_to_end(1);
+  const json second = run_to_end(2);
+  const std::string id2 = second["id"];
+
+  // GET /v1/devices/{id} at the federation finds a device in either region
+  // and names it; an unknown id is a 404 naming the regions asked.
+  const json r1_devices = f.r1.hub->devices("sim-run=fed");
+  const json r2_devices = f.r2.hub->devices("sim-run=fed");
+  REQUIRE(r1_devices.size() == kPerRegion);
+  REQUIRE(r2_devices.size() == kPerRegion);
+  for (const auto& [devs, region] : {std::pair{&r1_devices, "r1"}, std::pair{&r2_devices, "r2"}}) {
+    const std::string did = (*devs)[0]["id"];
+    auto [sd, d] = f.fed.call("GET", "/v1/devices/" + did);
+    INFO(d.dump(2));
+    REQUIRE(sd == 200);
+    CHECK(d["id"] == did);
+    CHECK(d["region"] == region);
+    CHECK(d["applied_version"] == 2);
+  }
+  auto [snf, nf] = f.fed.call("GET", "/v1/devices/d-nowhere");
+  CHECK(snf == 404);
+  CHECK(nf["regions"].size() == 2);
+
+  // flotilla campaign get on the federated campaign: its state and both regions.
+  auto cli = f.fed.cli({"campaign", "get", id2});
+  INFO(cli.err);
+  REQUIRE(cli.exit_code == 0);
+  CHECK(cli.out.find(id2) != std::string::npos);
+  CHECK(cli.out.find("completed") != std::string::npos);
+  CHECK(cli.out.find("r1") != std::string::npos);
+  CHECK(cli.out.find("r2") != std::string::npos);
+
+  // Rollback of the second campaign fans out to both regions: every device
+  // goes back to version 1, and the federation audits each region's answer.
+  auto [sr, rolled] = f.fed.call("POST", "/v1/campaigns/" + id2 + "/rollback");
+  INFO(rolled.dump(2));
+  REQUIRE(sr == 200);
+  REQUIRE(rolled["answers"].size() == 2);
+  for (const auto& a : rolled["answers"]) CHECK(a["status"] == 200);
+  CHECK_THAT(rolled["state_reason"].get<std::string>(), Catch::Contains("rolled back"));
+  for (auto* r : {&f.r1, &f.r2}) {
+    INFO(r->name);
+    CHECK(wait_until(
+        [&] {
+          for (const auto& d : r->hub->devices("sim-run=fed")) {
+            if (d["applied_version"] != 1) return false;
+          }
+          return true;
+        },
+        std::chrono::seconds(120)));
+  }
+  int audited = 0;
+  for (const auto& a : f.fed.audit()) {
+    const std::string path = a.value("path", "");
+    for (const char* r : {"r1", "r2"}) {
+      if (path == std::string("region:") + r + " POST /v1/campaigns/" +
+                      part_of(second, r)["regional_campaign"].get<std::string>() + "/rollback") {
+        ++audited;
+        CHECK(a["status"] == 200);
+      }
+    }
+  }
+  CHECK(audited == 2);
+  // Each simulator saw its devices back on the first bundle.
+  for (auto& s : sims) {
+    auto [code, report] = s->stop();
+    INFO(s->log());
+    REQUIRE(code == 0);
+    CHECK(report["serve"]["applied"] == json{{"edge-base@1", kPerRegion}});
+  }
+  (void)first;
 }

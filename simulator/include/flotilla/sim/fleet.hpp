@@ -3,6 +3,7 @@
 // in-memory seams (memory.hpp), enrolled with the real hub over REST and
 // talking to the real broker over MQTT, either one session per device
 // (direct) or many devices per gateway session (gateway).
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <string>
@@ -73,10 +74,22 @@ struct SimOptions {
   std::string report_json;      // default <work_dir>/report.json
   std::string report_html;      // default <work_dir>/report.html
   std::string label;            // selector label value (default: derived from the seed and time)
+  // Serve only: enroll the devices and serve them (reports, desired states,
+  // faults) while someone else drives campaigns (a test, a federation); no
+  // campaign is created or judged here. Serving ends when *stop turns true
+  // (a signal) or after serve_for (0 = only then); the report then says what
+  // each device applied.
+  bool serve_only = false;
+  std::chrono::milliseconds serve_for{0};
+  const std::atomic<bool>* stop = nullptr;
+  // More bundle-signing keys (ed25519:<base64>) every device pins besides the
+  // seed's release key, so bundles signed elsewhere apply.
+  std::vector<std::string> root_keys;
 };
 
 // Runs the whole scenario: enroll, connect, push a signed bundle, drive a
-// campaign through REST, record the timeline, write the report. Returns the
+// campaign through REST, record the timeline, write the report (serve_only:
+// enroll, serve, report what the devices applied). Returns the
 // report document (also written to the files).
 Result<nlohmann::json> run(const SimOptions& opts);
 
