@@ -11,6 +11,7 @@
 #include "cli.hpp"
 #include "client.hpp"
 #include "output.hpp"
+#include "flotilla/common/encoding.hpp"
 #include "flotilla/common/fs.hpp"
 #include "flotilla/common/http_client.hpp"
 #include "flotilla/common/options.hpp"
@@ -20,20 +21,6 @@ namespace flotilla::cli {
 using nlohmann::json;
 
 namespace {
-
-std::string url_encode(const std::string& s) {
-  std::string enc;
-  for (unsigned char ch : s) {
-    if (std::isalnum(ch) || ch == '-' || ch == '_' || ch == '.') {
-      enc.push_back(static_cast<char>(ch));
-    } else {
-      char buf[4];
-      std::snprintf(buf, sizeof buf, "%%%02X", ch);
-      enc += buf;
-    }
-  }
-  return enc;
-}
 
 std::string labels_text(const json& labels) {
   std::string out;

@@ -229,6 +229,32 @@ std::vector<std::pair<std::string, std::string>> Api::routes() const {
   return out;
 }
 
+namespace rest {
+
+std::optional<HttpResponse> authorize(HubService& service, const HttpRequest& req, const std::string& pattern,
+                                      Role min_role, Caller& caller, bool& authenticated) {
+  auto auth = req.headers.find("authorization");
+  if (auth == req.headers.end() || auth->second.rfind("Bearer ", 0) != 0) {
+    return Api::error(401, "unauthenticated", "missing 'Authorization: Bearer <api token>'");
+  }
+  auto tok = service.authenticate("api", auth->second.substr(7));
+  if (!tok) return from_error(tok.error());
+  if (!*tok) return Api::error(401, "unauthenticated", "API token is unknown, expired or revoked");
+  authenticated = true;
+  caller.token_id = (*tok)->id;
+  caller.name = (*tok)->name;
+  caller.role = parse_role((*tok)->role).value_or(Role::viewer);
+  caller.project = (*tok)->project;
+  if (caller.role < min_role) {
+    return Api::error(403, "permission_denied",
+                      "a " + role_name(caller.role) + " token cannot " + req.method + " " + pattern + " (needs " +
+                          role_name(min_role) + ")");
+  }
+  return std::nullopt;
+}
+
+}  // namespace rest
+
 namespace {
 
 struct Resolved {
@@ -261,24 +287,7 @@ std::optional<HttpResponse> resolve(HubService& service, const HttpRequest& req,
   if (!path_known) return Api::error(404, "not_found", "no route for " + m + " " + req.target);
   if (!out.route) return Api::error(405, "method_not_allowed", m + " is not allowed on " + req.target);
 
-  auto auth = req.headers.find("authorization");
-  if (auth == req.headers.end() || auth->second.rfind("Bearer ", 0) != 0) {
-    return Api::error(401, "unauthenticated", "missing 'Authorization: Bearer <api token>'");
-  }
-  auto tok = service.authenticate("api", auth->second.substr(7));
-  if (!tok) return from_error(tok.error());
-  if (!*tok) return Api::error(401, "unauthenticated", "API token is unknown, expired or revoked");
-  out.authenticated = true;
-  out.caller.token_id = (*tok)->id;
-  out.caller.name = (*tok)->name;
-  out.caller.role = parse_role((*tok)->role).value_or(Role::viewer);
-  out.caller.project = (*tok)->project;
-  if (out.caller.role < out.route->min_role) {
-    return Api::error(403, "permission_denied",
-                      "a " + role_name(out.caller.role) + " token cannot " + m + " " + out.route->pattern +
-                          " (needs " + role_name(out.route->min_role) + ")");
-  }
-  return std::nullopt;
+  return rest::authorize(service, req, out.route->pattern, out.route->min_role, out.caller, out.authenticated);
 }
 
 bool mutating(const std::string& method) {

@@ -1,6 +1,7 @@
 #pragma once
 // Shared by the REST handler files: the caller, the route table, JSON helpers.
 #include <functional>
+#include <optional>
 #include <nlohmann/json.hpp>
 #include <set>
 #include <string>
@@ -69,6 +70,13 @@ std::string_view openapi_document();
 
 HttpResponse json_response(int status, const json& body);
 HttpResponse from_error(const Error& e);
+
+// Authenticates the request's bearer API token and checks its role against
+// the route's (pattern, min_role); fills caller (and sets authenticated) as far as it is known,
+// so a refusal is audited with whoever was refused. A response = refused.
+// The hub's and the federation's routing both use it.
+std::optional<HttpResponse> authorize(HubService& service, const HttpRequest& req, const std::string& pattern,
+                                      Role min_role, Caller& caller, bool& authenticated);
 // A JSON object body with only the allowed fields (a typo must not silently become a default).
 Result<json> parse_body(const HttpRequest& req, const std::set<std::string>& allowed);
 Result<std::string> string_field(const json& j, const std::string& key, bool required);

@@ -23,21 +23,6 @@ constexpr size_t kMaxArtifactBytes = size_t{256} << 20;
 constexpr size_t kMaxTokenBytes = 512;
 constexpr size_t kMaxPlanRegions = 64;
 
-std::string url_encode(const std::string& s) {
-  static const char* hex = "0123456789ABCDEF";
-  std::string out;
-  for (unsigned char ch : s) {
-    if (std::isalnum(ch) || ch == '-' || ch == '_' || ch == '.' || ch == '~') {
-      out.push_back(static_cast<char>(ch));
-    } else {
-      out.push_back('%');
-      out.push_back(hex[ch >> 4]);
-      out.push_back(hex[ch & 15]);
-    }
-  }
-  return out;
-}
-
 std::string iso(int64_t ms) { return ms > 0 ? bundles::format_rfc3339(ms / 1000) : ""; }
 
 int64_t count_of(const json& counts, const char* key) {

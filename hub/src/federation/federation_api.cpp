@@ -20,21 +20,6 @@ namespace {
 using rest::from_error;
 using rest::json_response;
 
-std::string url_encode(const std::string& s) {
-  static const char* hex = "0123456789ABCDEF";
-  std::string out;
-  for (unsigned char ch : s) {
-    if (std::isalnum(ch) || ch == '-' || ch == '_' || ch == '.' || ch == '~') {
-      out.push_back(static_cast<char>(ch));
-    } else {
-      out.push_back('%');
-      out.push_back(hex[ch >> 4]);
-      out.push_back(hex[ch & 15]);
-    }
-  }
-  return out;
-}
-
 std::string iso(int64_t ms) { return ms > 0 ? bundles::format_rfc3339(ms / 1000) : ""; }
 
 struct FedContext {
@@ -472,23 +457,10 @@ std::optional<HttpResponse> resolve(HubService& service, const HttpRequest& req,
                                             " on a federation (devices enroll with their regional hub)");
   }
   if (!out.route) return Api::error(405, "method_not_allowed", req.method + " is not allowed on " + req.target.substr(0, 200));
-  auto auth = req.headers.find("authorization");
-  if (auth == req.headers.end() || auth->second.rfind("Bearer ", 0) != 0) {
-    return Api::error(401, "unauthenticated", "missing 'Authorization: Bearer <api token>'");
-  }
-  auto tok = service.authenticate("api", auth->second.substr(7));
-  if (!tok) return from_error(tok.error());
-  if (!*tok) return Api::error(401, "unauthenticated", "API token is unknown, expired or revoked");
-  out.authenticated = true;
-  out.caller.token_id = (*tok)->id;
-  out.caller.name = (*tok)->name;
-  out.caller.role = parse_role((*tok)->role).value_or(Role::viewer);
-  out.caller.project = (*tok)->project;
-  if (out.caller.role < out.route->min_role) {
-    return Api::error(403, "permission_denied", "a " + role_name(out.caller.role) + " token cannot " + req.method + " " +
-                                                    out.route->pattern + " (needs " + role_name(out.route->min_role) + ")");
-  }
-  return std::nullopt;
+  rest::Caller who;
+  auto refused = rest::authorize(service, req, out.route->pattern, out.route->min_role, who, out.authenticated);
+  out.caller = FedCaller{who.token_id, who.name, who.role, who.project};  // refusals are audited with it too
+  return refused;
 }
 
 void audit_call(HubService& service, const HttpRequest& req, const Resolved& r, int status, const std::string& detail) {
