@@ -143,6 +143,12 @@ json part_of(const json& c, const std::string& region) {
   return json();
 }
 
+std::set<std::string> ids_of(const json& items) {
+  std::set<std::string> out;
+  for (const auto& i : items) out.insert(i["id"].get<std::string>());
+  return out;
+}
+
 int64_t count_rows(const stdfs::path& db, const std::string& sql) {
   auto d = sql::Db::open(db.string());
   REQUIRE(d);
@@ -214,6 +220,34 @@ TEST_CASE("a federation lists both regions, pages across them and runs one campa
     scoped_regions.insert(d["region"].get<std::string>());
   }
   CHECK(scoped_regions == std::set<std::string>{"r1", "r2"});
+  // Its pages are full: each region is asked for acme's devices only
+  // (?project=acme with the federation's "*" token), so pages of 1 give the
+  // two acme devices in exactly two pages. Were the regions asked for every
+  // project and the page filtered afterwards, r1's three other devices
+  // would make empty pages in between.
+  std::set<std::string> acme_seen;
+  std::string acme_after;
+  int acme_pages = 0;
+  do {
+    auto [st, page] = f.fed.call("GET", "/v1/devices?limit=1" + (acme_after.empty() ? "" : "&after=" + acme_after), "",
+                                 "application/json", acme);
+    INFO(page.dump(2));
+    REQUIRE(st == 200);
+    REQUIRE(++acme_pages <= 2);
+    REQUIRE(page["items"].size() == 1);
+    CHECK(page["items"][0]["project"] == "acme");
+    CHECK(acme_seen.insert(page["items"][0]["id"].get<std::string>()).second);
+    acme_after = page["next"].get<std::string>();
+  } while (!acme_after.empty());
+  CHECK(acme_seen.size() == 2);
+  // A caller of every project narrows itself the same way; a project-scoped
+  // one cannot widen itself to another project.
+  auto [st_p, narrowed] = f.fed.call("GET", "/v1/devices?project=acme");
+  REQUIRE(st_p == 200);
+  CHECK(ids_of(narrowed["items"]) == acme_seen);
+  auto [st_w, widened] = f.fed.call("GET", "/v1/devices?project=default", "", "application/json", acme);
+  CHECK(st_w == 403);
+  CHECK(f.fed.call("GET", "/v1/campaigns?project=default", "", "application/json", acme).first == 403);
 
   // One campaign, r1 then r2 after a soak: the bundle (project default)
   // reaches the 3 default-project devices of each region.
