@@ -714,3 +714,95 @@ TEST_CASE("simulated devices in two regions: a federated campaign converges with
   }
   (void)first;
 }
+
+TEST_CASE("faults in simulated regions: install failures stop the rollout at that region's threshold with exact "
+          "counts, and devices whose link drops mid-campaign converge when they return",
+          "[integration][federation]") {
+  Federated f;
+  f.join();
+  constexpr int kPerRegion = 24;
+  // r1: a quarter of the devices cannot write node files (install_failed);
+  // r2: half of them lose their link as the desired state arrives and come
+  // back 1-4 s later. Same seeds, same faulty devices every run.
+  std::map<std::string, std::unique_ptr<ServingSim>> sims;
+  for (const auto& [r, fault] : {std::pair{&f.r1, "--install-fail"}, std::pair{&f.r2, "--flaky"}}) {
+    sims[r->name] = std::make_unique<ServingSim>(
+        f.tmp.path() / ("sim-" + r->name), r->hub->url(), r->hub->api_token("operator", "*"),
+        std::vector<std::string>{"--devices", std::to_string(kPerRegion), "--devices-per-gateway", "8", "--label",
+                                 "faults", "--seed", r->name == "r1" ? "31" : "32", fault,
+                                 r->name == "r1" ? "0.25" : "0.5", "--root-key",
+                                 bundles::public_key_text(f.release.pub)},
+        std::map<std::string, std::string>{{"SSL_CERT_FILE", r->ca}});
+  }
+  for (auto& [name, s] : sims) {
+    INFO(s->log());
+    REQUIRE(s->wait_serving(std::chrono::seconds(180)).is_object());
+  }
+  // Each regional campaign runs to its end whatever fails (its own threshold
+  // trips only if every device failed): the federation's per-region
+  // threshold decides, once all of r1's devices have an outcome.
+  const json regional_strategy = {{"failure_threshold", {{"percent", 100}, {"min_sample", kPerRegion}}}};
+
+  const std::string v1 = f.push(1);
+  const std::string a = f.create({{"bundle", v1},
+                                  {"selector", "sim-run=faults"},
+                                  {"regions", {"r1", "r2"}},
+                                  {"strategy", regional_strategy},
+                                  {"thresholds", {{"r1", {{"percent", 10}, {"min_sample", kPerRegion}}}}}});
+  json c = f.wait_state(a, {"stopped", "completed", "aborted"}, std::chrono::seconds(180));
+  INFO(c.dump(2));
+  REQUIRE(c["state"] == "stopped");
+  CHECK_THAT(c["state_reason"].get<std::string>(), Catch::Contains("region r1 failed its threshold"));
+  CHECK_THAT(c["state_reason"].get<std::string>(), Catch::Contains("later regions were not started"));
+  // Exact per region: r1's counts are the region's own, every device decided.
+  const json p1 = part_of(c, "r1");
+  const int failed = p1["counts"]["failed"].get<int>();
+  CHECK(failed >= 1);
+  CHECK(failed < kPerRegion);
+  CHECK(p1["counts"]["total"] == kPerRegion);
+  CHECK(p1["counts"]["applied"] == kPerRegion - failed);
+  const json own = f.r1.hub->campaign(p1["regional_campaign"].get<std::string>());
+  CHECK(own["counts"]["failed"] == failed);
+  CHECK(own["counts"]["applied"] == kPerRegion - failed);
+  CHECK(c["counts"]["total"] == kPerRegion);
+  CHECK(c["counts"]["failed"] == failed);
+  for (const auto& x : own["failure_reasons"].items()) CHECK(x.key() == "install_failed");
+  // r2 received nothing: no part, no campaign, no bundle, no device changed.
+  CHECK(part_of(c, "r2").is_null());
+  CHECK(f.r2.hub->call("GET", "/v1/campaigns").second["items"].empty());
+  CHECK(f.r2.hub->call("GET", "/v1/bundles").second["items"].empty());
+  for (const auto& d : f.r2.hub->devices("sim-run=faults")) CHECK(d["applied_version"] == 0);
+
+  // The next bundle goes to r2 first, where links drop mid-campaign, then to
+  // r1 with a threshold its known failures stay within: the dropped devices
+  // converge once back, and the counts are exact in both regions.
+  const std::string v2 = f.push(2);
+  const std::string b = f.create({{"bundle", v2},
+                                  {"selector", "sim-run=faults"},
+                                  {"regions", {"r2", "r1"}},
+                                  {"strategy", regional_strategy},
+                                  {"thresholds", {{"r1", {{"percent", 100}, {"min_sample", 1}}}}}});
+  c = f.wait_state(b, {"stopped", "completed", "aborted"}, std::chrono::seconds(180));
+  INFO(c.dump(2));
+  REQUIRE(c["state"] == "completed");
+  CHECK(c["counts"]["total"] == 2 * kPerRegion);
+  CHECK(c["counts"]["applied"] == 2 * kPerRegion - failed);
+  CHECK(c["counts"]["failed"] == failed);
+  CHECK(part_of(c, "r2")["state"] == "completed");
+  CHECK(part_of(c, "r2")["counts"]["applied"] == kPerRegion);
+  CHECK(part_of(c, "r2")["counts"]["failed"] == 0);
+  CHECK(part_of(c, "r1")["counts"]["applied"] == kPerRegion - failed);
+  CHECK(part_of(c, "r1")["counts"]["failed"] == failed);
+  for (const auto& d : f.r2.hub->devices("sim-run=faults")) CHECK(d["applied_version"] == 2);
+
+  // The simulators agree device by device: r2's links did drop, and all its
+  // devices hold v2; r1's failing devices never applied anything.
+  auto [code2, rep2] = sims["r2"]->stop();
+  INFO(sims["r2"]->log());
+  REQUIRE(code2 == 0);
+  CHECK(rep2["serve"]["link_drops"].get<int>() >= 1);
+  CHECK(rep2["serve"]["applied"] == json{{"edge-base@2", kPerRegion}});
+  auto [code1, rep1] = sims["r1"]->stop();
+  REQUIRE(code1 == 0);
+  CHECK(rep1["serve"]["applied"] == json{{"edge-base@2", kPerRegion - failed}, {"none", failed}});
+}

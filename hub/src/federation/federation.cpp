@@ -476,6 +476,10 @@ void Federation::advance(FedCampaign& c) {
     }
     const bool last = c.current_step + 1 >= static_cast<int>(c.steps.size());
     if (last) {
+      // An earlier region may still have devices away (it let the next step
+      // start while converging): the campaign is complete only when every
+      // region is, and until then it keeps asking them all for counts.
+      for (const auto& p : c.parts) all_completed = all_completed && p.state == "completed";
       if (all_completed) {
         c.state = FedState::completed;
         c.state_reason = "";
