@@ -389,7 +389,7 @@ TEST_CASE("hub project scoping: a project token never sees another project's fle
   CHECK_FALSE(hub.get("/v1/audit?limit=1000", x_admin)["items"].empty());
 }
 
-TEST_CASE("hub ?project= narrows a reader of every project to one project; a project-scoped reader names only its own",
+TEST_CASE("hub ?project= narrows a reader of every project to one project, and a project-scoped reader names only its own",
           "[unit][hub][access]") {
   Hub hub;
   const std::string x_dev = hub.enroll_device("team-x", {{"env", "prod"}});
