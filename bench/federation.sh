@@ -13,14 +13,30 @@
 # group of all regions, timed until the federated campaign completes. Prints
 # both convergence times and the overhead ratio (federation / direct).
 #
-#   bench/federation.sh [build-dir] [regions] [devices-per-region] [pages|campaign]
+# Rollout mode (4th argument "rollout"; issue 18's 1M run is 4 250000
+# rollout): the same serve-only regions, then one federated campaign region by
+# region (r1, then r2, ...; no soak). Each regional campaign is watched
+# directly at its region (from the moment the federation created it until
+# the region says completed) to give the region's own time; the script
+# prints the federation's total against the sum of the regions' own times,
+# the CPU and peak memory of every hub, broker, simulator and the
+# federation, and whether the counts are exact (every device applied, each
+# region's share the region's own count). Exits 1 if they are not. A long
+# run at full CPU: take the shared lock around it.
+#
+#   bench/federation.sh [build-dir] [regions] [devices-per-region] [pages|campaign|rollout]
 set -euo pipefail
 BUILD=${1:-$(cd "$(dirname "$0")/.." && pwd)/build}
 REGIONS=${2:-2}
 DEVICES=${3:-500}
 PAGES=${4:-20}
 MODE=reads
-if [[ $PAGES == campaign ]]; then MODE=campaign; PAGES=0; fi
+if [[ $PAGES == campaign || $PAGES == rollout ]]; then MODE=$PAGES; PAGES=0; fi
+SERVE=false  # the simulators only serve; campaigns come from this script
+[[ $MODE != reads ]] && SERVE=true
+# Above 100,000 devices a region maps its store, as bench/scale.sh does.
+HUB_STORE=()
+[[ $DEVICES -gt 100000 ]] && HUB_STORE=(--db-mmap-mib 2048)
 BIN=$BUILD/bin
 for b in flotilla-hub flotilla-sim flotilla; do [[ -x $BIN/$b ]] || { echo "missing $BIN/$b" >&2; exit 2; }; done
 TMP=$(mktemp -d /tmp/flotilla-federation-bench-XXXXXX)
@@ -44,8 +60,8 @@ start_hub() {  # dir extra-args...
   wait_for 30 test -s "$dir/hub.url"
 }
 
-declare -a URLS CAS TOKENS
-if [[ $MODE == campaign ]]; then
+declare -a URLS CAS TOKENS HUB_PIDS SIM_PIDS
+if $SERVE; then
   # One release key every simulated device pins; bundles v1 (direct) and v2
   # (through the federation) signed with it.
   ROOT_KEY=$("$BIN/flotilla" key generate --out "$TMP/release" | sed -n 's/^public key: *//p')
@@ -66,7 +82,8 @@ for i in $(seq 1 "$REGIONS"); do
     -subj "/CN=r$i" 2>/dev/null
   openssl x509 -req -in "$d.pki/hub.csr" -CA "$d.pki/ca.pem" -CAkey "$d.pki/ca.key" -CAcreateserial -out "$d.pki/hub.pem" \
     -days 1 -extfile "$d.pki/ext.cnf" 2>/dev/null
-  start_hub "$d" --tls-cert "$d.pki/hub.pem" --tls-key "$d.pki/hub.key"
+  start_hub "$d" --tls-cert "$d.pki/hub.pem" --tls-key "$d.pki/hub.key" "${HUB_STORE[@]}"
+  HUB_PIDS[$i]=${PIDS[-1]}
   URLS[$i]=$(head -1 "$d/hub.url")
   CAS[$i]=$d.pki/ca.pem
   wait_for 30 curl -fs --cacert "${CAS[$i]}" "${URLS[$i]}/readyz" -o /dev/null
@@ -75,19 +92,20 @@ for i in $(seq 1 "$REGIONS"); do
     -d '{"name":"federation","role":"operator","project":"*"}' "${URLS[$i]}/v1/tokens" |
     python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])')
   printf '%s\n' "${TOKENS[$i]}" >"$d.op.token"
-  if [[ $MODE == campaign ]]; then
+  if $SERVE; then
     # The simulator enrolls and serves the devices; campaigns come from here.
     SSL_CERT_FILE=${CAS[$i]} "$BIN/flotilla-sim" run --serve-only --hub "${URLS[$i]}" --token-file "$d.op.token" \
       --devices "$DEVICES" --devices-per-gateway 5000 --enroll-threads 4 --seed "$i" --label fedbench \
       --root-key "$ROOT_KEY" --out "$d.sim" --no-progress >"$d.sim.log" 2>&1 &
     PIDS+=($!)
+    SIM_PIDS[$i]=$!
   else
     # The simulator enrolls the devices (and runs its own campaign) at this region.
     SSL_CERT_FILE=${CAS[$i]} "$BIN/flotilla-sim" run --hub "${URLS[$i]}" --token-file "$d.op.token" \
       --devices "$DEVICES" --devices-per-gateway 1000 --seed "$i" --out "$d.sim" --no-progress --timeout 300s >/dev/null
   fi
 done
-if [[ $MODE == campaign ]]; then
+if $SERVE; then
   t_enroll=$(now_ms)
   for i in $(seq 1 "$REGIONS"); do
     wait_for 3600 test -s "$TMP/r$i.sim/serving.json" || { echo "region r$i: simulator not serving" >&2; tail -5 "$TMP/r$i.sim.log" >&2; exit 1; }
@@ -96,6 +114,7 @@ if [[ $MODE == campaign ]]; then
 fi
 
 start_hub "$TMP/fed" --role federation
+FED_PID=${PIDS[-1]}
 FED=$(head -1 "$TMP/fed/hub.url")
 FADMIN=$(head -1 "$TMP/fed/admin.token")
 wait_for 30 curl -fs "$FED/readyz" -o /dev/null
@@ -107,6 +126,124 @@ PY
   curl -fsS -H "Authorization: Bearer $FADMIN" -H 'Content-Type: application/json' --data @"$TMP/region.json" \
     "$FED/v1/regions" -o /dev/null
 done
+
+if [[ $MODE == rollout ]]; then
+  fbid=$(curl -fsS -H "Authorization: Bearer $FADMIN" -H 'Content-Type: application/octet-stream' \
+    --data-binary @"$TMP/b1.fbundle" "$FED/v1/bundles" | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+  python3 - "$TMP/rollout.json" <<PY
+import json
+regions = []
+for i, (url, ca, tok, hub, sim) in enumerate(zip("${URLS[*]}".split(), "${CAS[*]}".split(), "${TOKENS[*]}".split(),
+                                                 "${HUB_PIDS[*]}".split(), "${SIM_PIDS[*]}".split()), 1):
+    regions.append({"name": "r%d" % i, "url": url, "ca": ca, "token": tok, "hub_pid": int(hub), "sim_pid": int(sim)})
+json.dump({"federation": "$FED", "admin": "$FADMIN", "fed_pid": $FED_PID, "bundle": "$fbid", "devices": $DEVICES,
+           "regions": regions}, open("$TMP/rollout.json", "w"))
+PY
+  python3 - "$TMP/rollout.json" <<'PY'
+# One federated campaign region by region, watched at the federation and at
+# each region; prints the figures and exits 1 unless the counts are exact.
+import json, os, ssl, sys, time, urllib.request
+
+cfg = json.load(open(sys.argv[1]))
+N = cfg["devices"]
+TICK = os.sysconf("SC_CLK_TCK")
+
+def call(base, token, path, body=None, ca=None):
+    ctx = ssl.create_default_context(cafile=ca) if ca else None
+    req = urllib.request.Request(base + path, data=json.dumps(body).encode() if body is not None else None,
+                                 headers={"Authorization": "Bearer " + token, "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30, context=ctx) as r:
+        return json.load(r)
+
+def now_ms():
+    return time.monotonic_ns() // 1_000_000
+
+def children(pid):
+    out = []
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                st = open("/proc/%s/stat" % p).read()
+            except OSError:
+                continue
+            if int(st[st.rindex(")") + 2:].split()[1]) == pid:
+                out.append(int(p))
+    return out
+
+def cpu_s(pid):
+    st = open("/proc/%d/stat" % pid).read()
+    f = st[st.rindex(")") + 2:].split()
+    return (int(f[11]) + int(f[12])) / TICK
+
+def mem_mb(pid, key):
+    for line in open("/proc/%d/status" % pid):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+procs = [("federation", cfg["fed_pid"])]
+for r in cfg["regions"]:
+    procs.append(("hub " + r["name"], r["hub_pid"]))
+    for c in children(r["hub_pid"]):
+        procs.append(("broker " + r["name"], c))
+    procs.append(("sim " + r["name"], r["sim_pid"]))
+cpu0 = {pid: cpu_s(pid) for _, pid in procs}
+
+names = [r["name"] for r in cfg["regions"]]
+by_name = {r["name"]: r for r in cfg["regions"]}
+t0 = now_ms()
+c = call(cfg["federation"], cfg["admin"], "/v1/campaigns",
+         {"bundle": cfg["bundle"], "selector": "sim-run=fedbench", "name": "rollout", "regions": names})
+fid = c["id"]
+started, done, direct = {}, {}, {}
+deadline = time.monotonic() + 3 * 3600
+while True:
+    c = call(cfg["federation"], cfg["admin"], "/v1/campaigns/" + fid)
+    t = now_ms()
+    for p in c["regions"]:
+        if p["regional_campaign"] and p["region"] not in started:
+            started[p["region"]] = (t, p["regional_campaign"])
+    for name, (ts, rid) in started.items():
+        if name in done:
+            continue
+        r = by_name[name]
+        x = call(r["url"], r["token"], "/v1/campaigns/" + rid, ca=r["ca"])
+        if x["state"] == "completed":
+            done[name] = now_ms()
+            direct[name] = x["counts"]
+            print("region %s: regional campaign %s completed, %d/%d applied, %d failed, own time %d ms" %
+                  (name, rid, x["counts"]["applied"], x["counts"]["total"], x["counts"]["failed"], done[name] - ts),
+                  flush=True)
+    if c["state"] == "completed":
+        t_end = now_ms()
+        break
+    if c["state"] in ("stopped", "aborted", "paused") or time.monotonic() > deadline:
+        print("federated campaign ended %s: %s" % (c["state"], c.get("state_reason", "")), file=sys.stderr)
+        sys.exit(1)
+    time.sleep(0.5)
+cpu1 = {pid: cpu_s(pid) for _, pid in procs}
+total_ms = t_end - t0
+own = sum(done[n] - started[n][0] for n in names)
+print("regions=%d devices_per_region=%d devices=%d" % (len(names), N, N * len(names)))
+print("federation: one campaign %s (no soak), created -> completed: %d ms" % (" -> ".join(names), total_ms))
+print("sum of the regions' own times (regional campaign created -> completed, seen at the region): %d ms" % own)
+print("overhead ratio (federation / sum of regions): %.3f" % (total_ms / max(1, own)))
+exact = c["counts"]["applied"] == N * len(names) and c["counts"]["total"] == N * len(names) and c["counts"]["failed"] == 0
+for p in c["regions"]:
+    exact = exact and p["counts"]["applied"] == N and p["counts"]["total"] == N
+    exact = exact and direct.get(p["region"], {}).get("applied") == N
+print("counts: federation %d/%d applied, %d failed; per region %s: %s" %
+      (c["counts"]["applied"], c["counts"]["total"], c["counts"]["failed"],
+       ", ".join("%s %d" % (p["region"], p["counts"]["applied"]) for p in c["regions"]),
+       "exact" if exact else "NOT EXACT"))
+print("%-12s %14s %12s %12s %12s" % ("process", "cpu_s rollout", "cpu_s total", "peak_rss_MB", "rss_anon_MB"))
+for label, pid in procs:
+    print("%-12s %14.1f %12.1f %12.0f %12.0f" % (label, cpu1[pid] - cpu0[pid], cpu1[pid], mem_mb(pid, "VmHWM"),
+                                               mem_mb(pid, "RssAnon")))
+sys.exit(0 if exact else 1)
+PY
+  exit $?
+fi
 
 campaign_state() {  # url ca-or-empty token id -> state
   local ca=()

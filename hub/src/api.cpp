@@ -33,6 +33,9 @@ std::optional<Role> parse_role(const std::string& s) {
   return std::nullopt;
 }
 
+std::string iso_s(int64_t unix_s) { return unix_s > 0 ? bundles::format_rfc3339(unix_s) : ""; }
+std::string iso_ms(int64_t unix_ms) { return unix_ms > 0 ? iso_s(unix_ms / 1000) : ""; }
+
 namespace rest {
 
 namespace {
@@ -136,9 +139,50 @@ Result<std::string> string_field(const json& j, const std::string& key, bool req
   return j[key].get<std::string>();
 }
 
-std::string iso_ms(int64_t ms) {
-  if (ms <= 0) return "";
-  return bundles::format_rfc3339(ms / 1000);
+Status check_named_project(const Caller& caller, const std::string& asked, bool allow_all) {
+  if (asked == "*" ? !allow_all : asked.empty() || !valid_label_value(asked)) {
+    return make_error(Errc::invalid_argument,
+                      "bad project '" + asked.substr(0, 80) + "': a label value" + (allow_all ? " or \"*\"" : ""));
+  }
+  if (caller.project != "*" && asked != caller.project) {
+    return make_error(Errc::permission_denied, "your token is for project " + caller.project +
+                                                   "; it cannot act for project " + asked.substr(0, 80));
+  }
+  return {};
+}
+
+Result<Caller> reading_caller(const Context& c) {
+  auto q = c.target.query.find("project");
+  if (q == c.target.query.end()) return c.caller;
+  if (auto ok = check_named_project(c.caller, q->second, true); !ok) return ok.error();
+  Caller narrowed = c.caller;
+  narrowed.project = q->second;
+  return narrowed;
+}
+
+std::optional<HttpResponse> only_params(const Context& c, const std::set<std::string>& allowed) {
+  for (const auto& [k, v] : c.target.query) {
+    if (!allowed.count(k)) return Api::error(400, "invalid_argument", "unknown query parameter '" + k + "'");
+    if (v.size() > 1024) return Api::error(400, "invalid_argument", "query parameter '" + k + "' is too long");
+  }
+  return std::nullopt;
+}
+
+Result<int64_t> int_param(const Context& c, const std::string& key, int64_t def, int64_t lo, int64_t hi) {
+  const auto& q = c.target.query;
+  if (!q.count(key)) return def;
+  int64_t v = 0;
+  try {
+    size_t used = 0;
+    v = std::stoll(q.at(key), &used);
+    if (used != q.at(key).size()) throw std::invalid_argument(key);
+  } catch (const std::exception&) {
+    return make_error(Errc::invalid_argument, key + " must be a whole number");
+  }
+  if (v < lo || v > hi) {
+    return make_error(Errc::invalid_argument, key + " must be " + std::to_string(lo) + ".." + std::to_string(hi));
+  }
+  return v;
 }
 
 json bundle_json(const BundleRecord& b) {
@@ -147,7 +191,7 @@ json bundle_json(const BundleRecord& b) {
               {"name", b.name},
               {"channel", b.channel},
               {"version", b.version},
-              {"expires_at", b.expires_unix ? bundles::format_rfc3339(b.expires_unix) : ""},
+              {"expires_at", iso_s(b.expires_unix)},
               {"signatures", b.signatures},
               {"uploaded_at", iso_ms(b.uploaded_ms)}};
 }
@@ -184,7 +228,8 @@ const std::vector<Route>& routes() {
   return r;
 }
 
-// Matches a path against "/v1/x/{id}"; fills params.
+}  // namespace
+
 bool match(const std::string& pattern, const std::vector<std::string>& parts, std::vector<std::string>& params) {
   const Target p = parse_target(pattern);
   if (p.parts.size() != parts.size()) return false;
@@ -200,7 +245,10 @@ bool match(const std::string& pattern, const std::vector<std::string>& parts, st
   return true;
 }
 
-}  // namespace
+bool mutating(const std::string& method) {
+  return method == "POST" || method == "PUT" || method == "PATCH" || method == "DELETE";
+}
+
 }  // namespace rest
 
 Api::Api(HubService& service, ApiLimits limits)
@@ -257,52 +305,17 @@ std::optional<HttpResponse> authorize(HubService& service, const HttpRequest& re
 
 namespace {
 
-struct Resolved {
-  const rest::Route* route = nullptr;
-  std::vector<std::string> params;
-  rest::Caller caller;
-  bool authenticated = false;
-};
+using HubResolved = rest::Resolved<rest::Route>;
 
-// Finds the route and authenticates and authorises the caller; a response
-// means the request stops here. out.caller is filled as far as it is known,
-// so refusals are audited with whoever was refused.
 std::optional<HttpResponse> resolve(HubService& service, const HttpRequest& req, const rest::Target& t,
-                                    Resolved& out) {
-  using namespace rest;
-  const auto& p = t.parts;
-  const std::string& m = req.method;
-  bool path_known = false;
-  for (const auto& r : rest::routes()) {
-    std::vector<std::string> ps;
-    if (!match(r.pattern, p, ps)) continue;
-    path_known = true;
-    if (r.method == m) {
-      out.route = &r;
-      out.params = ps;
-      break;
-    }
-  }
-  // Unknown paths are 404 even without a token: there is nothing to protect.
-  if (!path_known) return Api::error(404, "not_found", "no route for " + m + " " + req.target);
-  if (!out.route) return Api::error(405, "method_not_allowed", m + " is not allowed on " + req.target);
-
-  return rest::authorize(service, req, out.route->pattern, out.route->min_role, out.caller, out.authenticated);
+                                    HubResolved& out) {
+  return rest::resolve(service, rest::routes(), req, t, out);
 }
 
-bool mutating(const std::string& method) {
-  return method == "POST" || method == "PUT" || method == "PATCH" || method == "DELETE";
-}
+using rest::fill_actor;
+using rest::mutating;
 
 std::string path_of(const std::string& target) { return target.substr(0, target.find('?')); }
-
-void fill_actor(AuditRecord& a, const Resolved& r) {
-  if (!r.authenticated) return;
-  a.actor = r.caller.token_id;
-  a.actor_name = r.caller.name;
-  a.role = role_name(r.caller.role);
-  a.project = r.caller.project;
-}
 
 }  // namespace
 
@@ -327,7 +340,7 @@ void Api::finish(const HttpRequest& req, AuditRecord& audit, const std::string& 
 
 std::optional<HttpResponse> Api::precheck_upload(const HttpRequest& req) {
   const rest::Target t = rest::parse_target(req.target);
-  Resolved r;
+  HubResolved r;
   auto refusal = resolve(service_, req, t, r);
   if (!refusal) refusal = rest::precheck_artifact_upload(service_, t, req);
   // A refused upload never reaches handle(): audit it here.
@@ -370,7 +383,7 @@ std::optional<std::string> public_route(const std::vector<std::string>& p) {
 Admission Api::admit(const HttpRequest& req) {
   const rest::Target t = rest::parse_target(req.target);
   Admission a;
-  Resolved r;
+  HubResolved r;
   std::string route;
   std::optional<HttpResponse> refusal;
   if (auto pub = public_route(t.parts); pub && !(*pub == "/v1/artifacts/{sha256}" && mutating(req.method))) {
@@ -474,7 +487,7 @@ HttpResponse Api::dispatch(const HttpRequest& req, AuditRecord& audit, std::stri
     return serve_artifact(service_, p[2], req);
   }
 
-  Resolved ok;
+  HubResolved ok;
   auto refusal = resolve(service_, req, t, ok);
   if (ok.route) route = ok.route->pattern;
   fill_actor(audit, ok);

@@ -7,28 +7,13 @@ namespace flotilla::hub::rest {
 
 namespace {
 
-std::string expiry(int64_t unix_s) { return unix_s ? bundles::format_rfc3339(unix_s) : ""; }
-
-// A project name as a token carries it: a label value, or "*" for all.
-bool valid_project(const std::string& p, bool allow_all) {
-  if (p == "*") return allow_all;
-  return !p.empty() && valid_label_value(p);
-}
-
-// The project a created object belongs to: the caller's own, or the one asked
-// for, which a project-scoped caller cannot widen.
+// The project a created object belongs to: the caller's own (a caller of
+// every project: "default"), or the one the body names.
 Result<std::string> target_project(const Caller& caller, const json& body, bool allow_all) {
   auto asked = string_field(body, "project", false);
   if (!asked) return asked.error();
   if (asked->empty()) return caller.project == "*" ? std::string("default") : caller.project;
-  if (!valid_project(*asked, allow_all)) {
-    return make_error(Errc::invalid_argument, "bad project '" + *asked + "': a label value" +
-                                                  (allow_all ? " or \"*\"" : ""));
-  }
-  if (caller.project != "*" && *asked != caller.project) {
-    return make_error(Errc::permission_denied, "your token is for project " + caller.project +
-                                                   "; it cannot act for project " + *asked);
-  }
+  if (auto ok = check_named_project(caller, *asked, allow_all); !ok) return ok.error();
   return *asked;
 }
 
@@ -51,7 +36,7 @@ json enrollment_token_json(const TokenRecord& t) {
               {"max_uses", t.max_uses},
               {"unlimited_uses", t.max_uses == 0},
               {"uses", t.uses},
-              {"expires_at", expiry(t.expires_unix)},
+              {"expires_at", iso_s(t.expires_unix)},
               {"created_at", iso_ms(t.created_ms)},
               {"revoked", t.revoked}};
 }
@@ -169,7 +154,7 @@ json api_token_json(const TokenRecord& t) {
               {"name", t.name},
               {"role", t.role},
               {"project", t.project},
-              {"expires_at", expiry(t.expires_unix)},
+              {"expires_at", iso_s(t.expires_unix)},
               {"created_at", iso_ms(t.created_ms)},
               {"revoked", t.revoked}};
 }

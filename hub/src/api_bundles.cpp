@@ -16,13 +16,7 @@ HttpResponse upload_bundle(HubService& s, Context& c) {
   // project the one named by ?project= (default "default").
   std::string project = c.caller.project;
   if (auto q = c.target.query.find("project"); q != c.target.query.end()) {
-    if (q->second == "*" || q->second.empty() || !valid_label_value(q->second)) {
-      return Api::error(400, "invalid_argument", "bad project '" + q->second + "': a label value");
-    }
-    if (c.caller.project != "*" && q->second != c.caller.project) {
-      return Api::error(403, "permission_denied", "your token is for project " + c.caller.project +
-                                                      "; it cannot upload to project " + q->second);
-    }
+    if (auto ok = check_named_project(c.caller, q->second, false); !ok) return from_error(ok.error());
     project = q->second;
   }
   if (project == "*") project = "default";

@@ -53,11 +53,11 @@ json campaign_json(const CampaignView& v) {
 }
 
 // A campaign is visible to tokens of its project (and to "*" tokens).
-Result<CampaignView> visible_campaign(HubService& s, Context& c, bool with_devices) {
-  auto v = s.campaign_view(c.params[0], with_devices);
+Result<CampaignView> visible_campaign(HubService& s, const Caller& caller, const std::string& id, bool with_devices) {
+  auto v = s.campaign_view(id, with_devices);
   if (!v) return v.error();
-  if (!*v || !c.caller.sees((*v)->campaign.project)) {
-    return make_error(Errc::not_found, "no campaign '" + c.params[0] + "'");
+  if (!*v || !caller.sees((*v)->campaign.project)) {
+    return make_error(Errc::not_found, "no campaign '" + id + "'");
   }
   return std::move(**v);
 }
@@ -80,7 +80,9 @@ HttpResponse create_campaign(HubService& s, Context& c) {
 }
 
 HttpResponse list_campaigns(HubService& s, Context& c) {
-  auto list = s.list_campaigns(c.caller.project);
+  auto caller = reading_caller(c);
+  if (!caller) return from_error(caller.error());
+  auto list = s.list_campaigns(caller->project);
   if (!list) return from_error(list.error());
   json items = json::array();
   for (const auto& v : *list) items.push_back(campaign_json(v));
@@ -89,7 +91,9 @@ HttpResponse list_campaigns(HubService& s, Context& c) {
 
 HttpResponse get_campaign(HubService& s, Context& c) {
   const bool with_devices = c.target.query.count("devices") && c.target.query.at("devices") == "true";
-  auto v = visible_campaign(s, c, with_devices);
+  auto caller = reading_caller(c);
+  if (!caller) return from_error(caller.error());
+  auto v = visible_campaign(s, *caller, c.params[0], with_devices);
   if (!v) return from_error(v.error());
   json j = campaign_json(*v);
   // The first failures with device and reason: what a status block shows
@@ -110,7 +114,7 @@ Handler action(const std::string& verb) {
       auto j = parse_body(c.req, {});
       if (!j) return from_error(j.error());
     }
-    auto v = visible_campaign(s, c, false);
+    auto v = visible_campaign(s, c.caller, c.params[0], false);
     if (!v) return from_error(v.error());
     auto r = s.campaign_action(c.params[0], verb);
     c.audit_detail = "campaign " + c.params[0] + " " + verb;

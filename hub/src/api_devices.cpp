@@ -29,8 +29,7 @@ json device_json(const DeviceRecord& d) {
               // The device_inventory row (all zeros/"" until the device sends one).
               {"k3s_role", d.inventory.k3s_role},
               {"cluster_id", d.inventory.cluster_id},
-              {"k3s_cert_expires_at",
-               d.inventory.cert_expiry_unix > 0 ? iso_ms(d.inventory.cert_expiry_unix * 1000) : ""},
+              {"k3s_cert_expires_at", iso_s(d.inventory.cert_expiry_unix)},
               {"os", d.inventory.os},
               {"disk_free_bytes", d.inventory.disk_free_bytes},
               {"disk_total_bytes", d.inventory.disk_total_bytes},
@@ -43,15 +42,8 @@ HttpResponse list_devices(HubService& s, Context& c) {
   const auto& q = c.target.query;
   auto sel = Selector::parse(q.count("selector") ? q.at("selector") : "");
   if (!sel) return from_error(sel.error());
-  int64_t limit = 500;
-  if (q.count("limit")) {
-    try {
-      limit = std::stoll(q.at("limit"));
-    } catch (const std::exception&) {
-      limit = -1;
-    }
-    if (limit < 1 || limit > 10000) return Api::error(400, "invalid_argument", "limit must be 1..10000");
-  }
+  auto limit = int_param(c, "limit", 500, 1, kMaxDevicePage);
+  if (!limit) return from_error(limit.error());
   // Decommissioned devices are history, not fleet: shown only when asked for.
   bool include_decommissioned = false;
   if (q.count("include_decommissioned")) {
@@ -85,7 +77,9 @@ HttpResponse list_devices(HubService& s, Context& c) {
     cert_before = t;
   }
   const std::string after = q.count("after") ? q.at("after") : "";
-  auto list = s.list_devices(*sel, c.caller.project);
+  auto caller = reading_caller(c);
+  if (!caller) return from_error(caller.error());
+  auto list = s.list_devices(*sel, caller->project);
   if (!list) return from_error(list.error());
   json items = json::array();
   std::string next;
@@ -93,7 +87,7 @@ HttpResponse list_devices(HubService& s, Context& c) {
     if (!include_decommissioned && d.state == "decommissioned") continue;
     if (cert_before && (d.inventory.cert_expiry_unix <= 0 || d.inventory.cert_expiry_unix >= *cert_before)) continue;
     if (!after.empty() && d.id <= after) continue;
-    if (static_cast<int64_t>(items.size()) == limit) {
+    if (static_cast<int64_t>(items.size()) == *limit) {
       next = items.back()["id"].get<std::string>();
       break;
     }
@@ -112,7 +106,9 @@ Result<DeviceRecord> visible_device(HubService& s, const Caller& caller, const s
 }
 
 HttpResponse get_device(HubService& s, Context& c) {
-  auto d = visible_device(s, c.caller, c.params[0]);
+  auto caller = reading_caller(c);
+  if (!caller) return from_error(caller.error());
+  auto d = visible_device(s, *caller, c.params[0]);
   if (!d) return from_error(d.error());
   return json_response(200, device_json(*d));
 }

@@ -15,33 +15,6 @@ namespace flotilla::hub::rest {
 
 namespace {
 
-// Query parameters a route knows; any other is a 400 (a typo must not
-// silently become "no filter").
-std::optional<HttpResponse> only_params(const Context& c, const std::set<std::string>& allowed) {
-  for (const auto& [k, v] : c.target.query) {
-    if (!allowed.count(k)) return Api::error(400, "invalid_argument", "unknown query parameter '" + k + "'");
-    if (v.size() > 1024) return Api::error(400, "invalid_argument", "query parameter '" + k + "' is too long");
-  }
-  return std::nullopt;
-}
-
-Result<int64_t> int_param(const Context& c, const std::string& key, int64_t def, int64_t lo, int64_t hi) {
-  const auto& q = c.target.query;
-  if (!q.count(key)) return def;
-  int64_t v = 0;
-  try {
-    size_t used = 0;
-    v = std::stoll(q.at(key), &used);
-    if (used != q.at(key).size()) throw std::invalid_argument(key);
-  } catch (const std::exception&) {
-    return make_error(Errc::invalid_argument, key + " must be a whole number");
-  }
-  if (v < lo || v > hi) {
-    return make_error(Errc::invalid_argument, key + " must be " + std::to_string(lo) + ".." + std::to_string(hi));
-  }
-  return v;
-}
-
 Result<std::optional<bool>> bool_param(const Context& c, const std::string& key) {
   const auto& q = c.target.query;
   if (!q.count(key) || q.at(key).empty()) return std::optional<bool>();
@@ -315,7 +288,7 @@ Result<json> device_detail_json(AggregateStore& a, const Caller& caller, const s
   if (dd.inventory) {
     const auto& inv = *dd.inventory;
     j["inventory"] = {{"os", inv.os},
-                      {"k3s_cert_expires_at", inv.cert_expiry_unix > 0 ? bundles::format_rfc3339(inv.cert_expiry_unix) : ""},
+                      {"k3s_cert_expires_at", iso_s(inv.cert_expiry_unix)},
                       {"disk_free_bytes", inv.disk_free_bytes},
                       {"disk_total_bytes", inv.disk_total_bytes},
                       {"mem_free_bytes", inv.mem_free_bytes},

@@ -143,6 +143,12 @@ json part_of(const json& c, const std::string& region) {
   return json();
 }
 
+std::set<std::string> ids_of(const json& items) {
+  std::set<std::string> out;
+  for (const auto& i : items) out.insert(i["id"].get<std::string>());
+  return out;
+}
+
 int64_t count_rows(const stdfs::path& db, const std::string& sql) {
   auto d = sql::Db::open(db.string());
   REQUIRE(d);
@@ -214,6 +220,34 @@ TEST_CASE("a federation lists both regions, pages across them and runs one campa
     scoped_regions.insert(d["region"].get<std::string>());
   }
   CHECK(scoped_regions == std::set<std::string>{"r1", "r2"});
+  // Its pages are full: each region is asked for acme's devices only
+  // (?project=acme with the federation's "*" token), so pages of 1 give the
+  // two acme devices in exactly two pages. Were the regions asked for every
+  // project and the page filtered afterwards, r1's three other devices
+  // would make empty pages in between.
+  std::set<std::string> acme_seen;
+  std::string acme_after;
+  int acme_pages = 0;
+  do {
+    auto [st, page] = f.fed.call("GET", "/v1/devices?limit=1" + (acme_after.empty() ? "" : "&after=" + acme_after), "",
+                                 "application/json", acme);
+    INFO(page.dump(2));
+    REQUIRE(st == 200);
+    REQUIRE(++acme_pages <= 2);
+    REQUIRE(page["items"].size() == 1);
+    CHECK(page["items"][0]["project"] == "acme");
+    CHECK(acme_seen.insert(page["items"][0]["id"].get<std::string>()).second);
+    acme_after = page["next"].get<std::string>();
+  } while (!acme_after.empty());
+  CHECK(acme_seen.size() == 2);
+  // A caller of every project narrows itself the same way; a project-scoped
+  // one cannot widen itself to another project.
+  auto [st_p, narrowed] = f.fed.call("GET", "/v1/devices?project=acme");
+  REQUIRE(st_p == 200);
+  CHECK(ids_of(narrowed["items"]) == acme_seen);
+  auto [st_w, widened] = f.fed.call("GET", "/v1/devices?project=default", "", "application/json", acme);
+  CHECK(st_w == 403);
+  CHECK(f.fed.call("GET", "/v1/campaigns?project=default", "", "application/json", acme).first == 403);
 
   // One campaign, r1 then r2 after a soak: the bundle (project default)
   // reaches the 3 default-project devices of each region.
@@ -679,4 +713,96 @@ TEST_CASE("simulated devices in two regions: a federated campaign converges with
     CHECK(report["serve"]["applied"] == json{{"edge-base@1", kPerRegion}});
   }
   (void)first;
+}
+
+TEST_CASE("faults in simulated regions: install failures stop the rollout at that region's threshold with exact "
+          "counts, and devices whose link drops mid-campaign converge when they return",
+          "[integration][federation]") {
+  Federated f;
+  f.join();
+  constexpr int kPerRegion = 24;
+  // r1: a quarter of the devices cannot write node files (install_failed);
+  // r2: half of them lose their link as the desired state arrives and come
+  // back 1-4 s later. Same seeds, same faulty devices every run.
+  std::map<std::string, std::unique_ptr<ServingSim>> sims;
+  for (const auto& [r, fault] : {std::pair{&f.r1, "--install-fail"}, std::pair{&f.r2, "--flaky"}}) {
+    sims[r->name] = std::make_unique<ServingSim>(
+        f.tmp.path() / ("sim-" + r->name), r->hub->url(), r->hub->api_token("operator", "*"),
+        std::vector<std::string>{"--devices", std::to_string(kPerRegion), "--devices-per-gateway", "8", "--label",
+                                 "faults", "--seed", r->name == "r1" ? "31" : "32", fault,
+                                 r->name == "r1" ? "0.25" : "0.5", "--root-key",
+                                 bundles::public_key_text(f.release.pub)},
+        std::map<std::string, std::string>{{"SSL_CERT_FILE", r->ca}});
+  }
+  for (auto& [name, s] : sims) {
+    INFO(s->log());
+    REQUIRE(s->wait_serving(std::chrono::seconds(180)).is_object());
+  }
+  // Each regional campaign runs to its end whatever fails (its own threshold
+  // trips only if every device failed): the federation's per-region
+  // threshold decides, once all of r1's devices have an outcome.
+  const json regional_strategy = {{"failure_threshold", {{"percent", 100}, {"min_sample", kPerRegion}}}};
+
+  const std::string v1 = f.push(1);
+  const std::string a = f.create({{"bundle", v1},
+                                  {"selector", "sim-run=faults"},
+                                  {"regions", {"r1", "r2"}},
+                                  {"strategy", regional_strategy},
+                                  {"thresholds", {{"r1", {{"percent", 10}, {"min_sample", kPerRegion}}}}}});
+  json c = f.wait_state(a, {"stopped", "completed", "aborted"}, std::chrono::seconds(180));
+  INFO(c.dump(2));
+  REQUIRE(c["state"] == "stopped");
+  CHECK_THAT(c["state_reason"].get<std::string>(), Catch::Contains("region r1 failed its threshold"));
+  CHECK_THAT(c["state_reason"].get<std::string>(), Catch::Contains("later regions were not started"));
+  // Exact per region: r1's counts are the region's own, every device decided.
+  const json p1 = part_of(c, "r1");
+  const int failed = p1["counts"]["failed"].get<int>();
+  CHECK(failed >= 1);
+  CHECK(failed < kPerRegion);
+  CHECK(p1["counts"]["total"] == kPerRegion);
+  CHECK(p1["counts"]["applied"] == kPerRegion - failed);
+  const json own = f.r1.hub->campaign(p1["regional_campaign"].get<std::string>());
+  CHECK(own["counts"]["failed"] == failed);
+  CHECK(own["counts"]["applied"] == kPerRegion - failed);
+  CHECK(c["counts"]["total"] == kPerRegion);
+  CHECK(c["counts"]["failed"] == failed);
+  for (const auto& x : own["failure_reasons"].items()) CHECK(x.key() == "install_failed");
+  // r2 received nothing: no part, no campaign, no bundle, no device changed.
+  CHECK(part_of(c, "r2").is_null());
+  CHECK(f.r2.hub->call("GET", "/v1/campaigns").second["items"].empty());
+  CHECK(f.r2.hub->call("GET", "/v1/bundles").second["items"].empty());
+  for (const auto& d : f.r2.hub->devices("sim-run=faults")) CHECK(d["applied_version"] == 0);
+
+  // The next bundle goes to r2 first, where links drop mid-campaign, then to
+  // r1 with a threshold its known failures stay within: the dropped devices
+  // converge once back, and the counts are exact in both regions.
+  const std::string v2 = f.push(2);
+  const std::string b = f.create({{"bundle", v2},
+                                  {"selector", "sim-run=faults"},
+                                  {"regions", {"r2", "r1"}},
+                                  {"strategy", regional_strategy},
+                                  {"thresholds", {{"r1", {{"percent", 100}, {"min_sample", 1}}}}}});
+  c = f.wait_state(b, {"stopped", "completed", "aborted"}, std::chrono::seconds(180));
+  INFO(c.dump(2));
+  REQUIRE(c["state"] == "completed");
+  CHECK(c["counts"]["total"] == 2 * kPerRegion);
+  CHECK(c["counts"]["applied"] == 2 * kPerRegion - failed);
+  CHECK(c["counts"]["failed"] == failed);
+  CHECK(part_of(c, "r2")["state"] == "completed");
+  CHECK(part_of(c, "r2")["counts"]["applied"] == kPerRegion);
+  CHECK(part_of(c, "r2")["counts"]["failed"] == 0);
+  CHECK(part_of(c, "r1")["counts"]["applied"] == kPerRegion - failed);
+  CHECK(part_of(c, "r1")["counts"]["failed"] == failed);
+  for (const auto& d : f.r2.hub->devices("sim-run=faults")) CHECK(d["applied_version"] == 2);
+
+  // The simulators agree device by device: r2's links did drop, and all its
+  // devices hold v2; r1's failing devices never applied anything.
+  auto [code2, rep2] = sims["r2"]->stop();
+  INFO(sims["r2"]->log());
+  REQUIRE(code2 == 0);
+  CHECK(rep2["serve"]["link_drops"].get<int>() >= 1);
+  CHECK(rep2["serve"]["applied"] == json{{"edge-base@2", kPerRegion}});
+  auto [code1, rep1] = sims["r1"]->stop();
+  REQUIRE(code1 == 0);
+  CHECK(rep1["serve"]["applied"] == json{{"edge-base@2", kPerRegion - failed}, {"none", failed}});
 }

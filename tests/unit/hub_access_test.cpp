@@ -389,6 +389,68 @@ TEST_CASE("hub project scoping: a project token never sees another project's fle
   CHECK_FALSE(hub.get("/v1/audit?limit=1000", x_admin)["items"].empty());
 }
 
+TEST_CASE("hub ?project= narrows a reader of every project to one project, and a project-scoped reader names only its own",
+          "[unit][hub][access]") {
+  Hub hub;
+  const std::string x_dev = hub.enroll_device("team-x", {{"env", "prod"}});
+  const std::string y_dev = hub.enroll_device("team-y", {{"env", "prod"}});
+  const auto x_op = hub.token("operator", "team-x").first;
+  const auto y_op = hub.token("operator", "team-y").first;
+  const std::string x_bundle = hub.upload_bundle(x_op);
+  const std::string y_bundle = hub.upload_bundle(y_op);
+  std::map<std::string, std::string> campaign_of;
+  for (const auto& [project, tok, bundle] :
+       {std::tuple{"team-x", x_op, x_bundle}, std::tuple{"team-y", y_op, y_bundle}}) {
+    auto r = hub.call("POST", "/v1/campaigns", json{{"bundle", bundle}, {"selector", "env=prod"}}.dump(), tok);
+    INFO(r.body);
+    REQUIRE(r.status == 201);
+    campaign_of[project] = body_of(r)["id"].get<std::string>();
+  }
+
+  // A caller of every project: narrowed by ?project=, everything without it
+  // (or with project=*).
+  CHECK(ids_of(hub.get("/v1/devices?project=team-x")["items"]) == std::set<std::string>{x_dev});
+  CHECK(ids_of(hub.get("/v1/devices?project=team-y&selector=env%3Dprod")["items"]) == std::set<std::string>{y_dev});
+  CHECK(ids_of(hub.get("/v1/devices")["items"]) == std::set<std::string>{x_dev, y_dev});
+  CHECK(ids_of(hub.get("/v1/devices?project=%2A")["items"]) == std::set<std::string>{x_dev, y_dev});
+  CHECK(ids_of(hub.get("/v1/devices?project=team-z")["items"]).empty());
+  CHECK(hub.call("GET", "/v1/devices/" + y_dev + "?project=team-x").status == 404);
+  CHECK(hub.get("/v1/devices/" + y_dev + "?project=team-y")["id"] == y_dev);
+  CHECK(ids_of(hub.get("/v1/campaigns?project=team-x")["items"]) == std::set<std::string>{campaign_of["team-x"]});
+  CHECK(ids_of(hub.get("/v1/campaigns")["items"]) ==
+        std::set<std::string>{campaign_of["team-x"], campaign_of["team-y"]});
+  CHECK(hub.call("GET", "/v1/campaigns/" + campaign_of["team-y"] + "?project=team-x").status == 404);
+  CHECK(hub.get("/v1/campaigns/" + campaign_of["team-y"] + "?devices=true&project=team-y")["id"] ==
+        campaign_of["team-y"]);
+
+  // A project-scoped caller: its own project is the same as no parameter;
+  // another project, or all of them, is refused and shows nothing.
+  CHECK(ids_of(hub.get("/v1/devices?project=team-x", x_op)["items"]) == std::set<std::string>{x_dev});
+  CHECK(ids_of(hub.get("/v1/campaigns?project=team-x", x_op)["items"]) == std::set<std::string>{campaign_of["team-x"]});
+  for (const std::string& target : std::vector<std::string>{
+           "/v1/devices?project=team-y", "/v1/devices?project=%2A", "/v1/devices/" + y_dev + "?project=team-y",
+           "/v1/campaigns?project=team-y", "/v1/campaigns/" + campaign_of["team-y"] + "?project=team-y"}) {
+    INFO(target);
+    auto r = hub.call("GET", target, "", x_op);
+    CHECK(r.status == 403);
+    CHECK(error_code(r) == "permission_denied");
+    CHECK_THAT(r.body, Catch::Contains("your token is for project team-x"));
+    CHECK(r.body.find(y_dev) == std::string::npos);
+  }
+  // A project that is no project name is a clear 400, for every caller.
+  for (const std::string target : {"/v1/devices?project=", "/v1/devices?project=has%20space",
+                                   "/v1/campaigns?project=a%2Fb"}) {
+    INFO(target);
+    auto r = hub.call("GET", target);
+    CHECK(r.status == 400);
+    CHECK_THAT(r.body, Catch::Contains("bad project"));
+  }
+  // Uploading a bundle names its project the same way (one check for both).
+  auto up = hub.call("POST", "/v1/bundles?project=team-y", "x", x_op);
+  CHECK(up.status == 403);
+  CHECK_THAT(up.body, Catch::Contains("cannot act for project team-y"));
+}
+
 TEST_CASE("hub audit log records every mutating call with who, what and outcome", "[unit][hub][access]") {
   Hub hub;
   const auto [viewer, viewer_id] = hub.token("viewer", "default");

@@ -23,8 +23,6 @@ constexpr size_t kMaxArtifactBytes = size_t{256} << 20;
 constexpr size_t kMaxTokenBytes = 512;
 constexpr size_t kMaxPlanRegions = 64;
 
-std::string iso(int64_t ms) { return ms > 0 ? bundles::format_rfc3339(ms / 1000) : ""; }
-
 int64_t count_of(const json& counts, const char* key) {
   auto it = counts.find(key);
   return it != counts.end() && it->is_number_integer() ? it->get<int64_t>() : 0;
@@ -241,12 +239,12 @@ Result<std::vector<Federation::FanOut>> Federation::fan_out(const std::string& p
 }
 
 json Federation::region_status(const Region& r) const {
-  return {{"region", r.name}, {"state", r.state}, {"last_answer_at", iso(r.last_answer_ms)}, {"error", r.error}};
+  return {{"region", r.name}, {"state", r.state}, {"last_answer_at", iso_ms(r.last_answer_ms)}, {"error", r.error}};
 }
 
 // ---- Federated campaigns ----
 
-Result<FedCampaign> Federation::create_campaign(FedCampaign c, const FedCaller& caller) {
+Result<FedCampaign> Federation::create_campaign(FedCampaign c, const Caller& caller) {
   if (c.steps.empty()) return make_error(Errc::invalid_argument, "'regions' must name at least one region");
   std::set<std::string> seen;
   for (const auto& step : c.steps) {
@@ -478,6 +476,10 @@ void Federation::advance(FedCampaign& c) {
     }
     const bool last = c.current_step + 1 >= static_cast<int>(c.steps.size());
     if (last) {
+      // An earlier region may still have devices away (it let the next step
+      // start while converging): the campaign is complete only when every
+      // region is, and until then it keeps asking them all for counts.
+      for (const auto& p : c.parts) all_completed = all_completed && p.state == "completed";
       if (all_completed) {
         c.state = FedState::completed;
         c.state_reason = "";
@@ -542,7 +544,7 @@ void Federation::stop() {
   if (thread_.joinable()) thread_.join();
 }
 
-Result<json> Federation::act(const std::string& id, const std::string& verb, const FedCaller& caller) {
+Result<json> Federation::act(const std::string& id, const std::string& verb, const Caller& caller) {
   std::lock_guard lock(engine_mu_);
   auto got = store_.get_campaign(id);
   if (!got) return got.error();
@@ -619,7 +621,7 @@ json Federation::campaign_json(const FedCampaign& c) const {
                        {"reachable", p.reachable},
                        {"counts", p.counts},
                        {"share", total > 0 ? static_cast<double>(n) / static_cast<double>(total) : 0.0},
-                       {"last_answer_at", iso(p.last_answer_ms)},
+                       {"last_answer_at", iso_ms(p.last_answer_ms)},
                        {"error", p.error}});
   }
   json thresholds = json::object();
@@ -648,8 +650,8 @@ json Federation::campaign_json(const FedCampaign& c) const {
           {"thresholds", thresholds},
           {"counts", sum},
           {"regions", regions},
-          {"created_at", iso(c.created_ms)},
-          {"updated_at", iso(c.updated_ms)},
+          {"created_at", iso_ms(c.created_ms)},
+          {"updated_at", iso_ms(c.updated_ms)},
           {"waves", json::array()}};
 }
 

@@ -20,39 +20,11 @@ namespace {
 using rest::from_error;
 using rest::json_response;
 
-std::string iso(int64_t ms) { return ms > 0 ? bundles::format_rfc3339(ms / 1000) : ""; }
-
-struct FedContext {
-  const HttpRequest& req;
-  const rest::Target& target;
-  const FedCaller& caller;
-  std::vector<std::string> params;
-  std::string audit_detail;
-};
-
+// The federation's routes: found, authenticated and authorised by the hub's
+// own rest::resolve, with the hub's Context.
+using FedContext = rest::Context;
+using FedRoute = rest::BasicRoute<Federation>;
 using FedHandler = std::function<HttpResponse(Federation&, FedContext&)>;
-
-struct FedRoute {
-  std::string method;
-  std::string pattern;
-  Role min_role;
-  FedHandler handler;
-};
-
-bool match(const std::string& pattern, const std::vector<std::string>& parts, std::vector<std::string>& params) {
-  const rest::Target p = rest::parse_target(pattern);
-  if (p.parts.size() != parts.size()) return false;
-  params.clear();
-  for (size_t i = 0; i < parts.size(); ++i) {
-    const auto& want = p.parts[i];
-    if (want.size() > 2 && want.front() == '{' && want.back() == '}') {
-      params.push_back(parts[i]);
-    } else if (want != parts[i]) {
-      return false;
-    }
-  }
-  return true;
-}
 
 // ---- regions ----
 
@@ -61,9 +33,9 @@ json region_json(const Region& r) {
   return {{"name", r.name},
           {"url", r.url},
           {"ca_sha256", crypto::sha256_hex(r.ca_pem)},
-          {"created_at", iso(r.created_ms)},
+          {"created_at", iso_ms(r.created_ms)},
           {"state", r.state},
-          {"last_answer_at", iso(r.last_answer_ms)},
+          {"last_answer_at", iso_ms(r.last_answer_ms)},
           {"error", r.error}};
 }
 
@@ -150,23 +122,25 @@ Result<json> decode_cursor(std::string c) {
   return j["r"];
 }
 
+// What a region is asked besides the path: the caller's project, so a region
+// answers a project-scoped caller's page (or get) with that project's objects
+// only (its "*" token narrowed by ?project=, docs/api). A caller of every
+// project asks for everything.
+std::string project_query(const Caller& caller, char sep) {
+  return caller.project == "*" ? "" : std::string(1, sep) + "project=" + url_encode(caller.project);
+}
+
 HttpResponse list_devices(Federation& f, FedContext& c) {
   const auto& q = c.target.query;
-  for (const auto& [k, v] : q) {
-    if (k != "selector" && k != "limit" && k != "after" && k != "region" && k != "include_decommissioned" &&
-        k != "certExpiresBefore") {
-      return Api::error(400, "invalid_argument", "unknown query parameter '" + k + "'");
-    }
+  if (auto bad = rest::only_params(c, {"selector", "limit", "after", "region", "include_decommissioned",
+                                       "certExpiresBefore", "project"})) {
+    return *bad;
   }
-  int64_t limit = 500;
-  if (q.count("limit")) {
-    try {
-      limit = std::stoll(q.at("limit"));
-    } catch (const std::exception&) {
-      limit = -1;
-    }
-    if (limit < 1 || limit > 10000) return Api::error(400, "invalid_argument", "limit must be 1..10000");
-  }
+  auto limit_param = rest::int_param(c, "limit", 500, 1, rest::kMaxDevicePage);
+  if (!limit_param) return from_error(limit_param.error());
+  const int64_t limit = *limit_param;
+  auto caller = rest::reading_caller(c);
+  if (!caller) return from_error(caller.error());
   json cursor = json::object();
   if (q.count("after") && !q.at("after").empty()) {
     auto d = decode_cursor(q.at("after"));
@@ -175,7 +149,7 @@ HttpResponse list_devices(Federation& f, FedContext& c) {
   }
   const std::string only = q.count("region") ? q.at("region") : "";
   // What every region is asked; its own position is added per region.
-  std::string common = "/v1/devices?limit=" + std::to_string(limit);
+  std::string common = "/v1/devices?limit=" + std::to_string(limit) + project_query(*caller, '&');
   for (const char* k : {"selector", "include_decommissioned", "certExpiresBefore"}) {
     if (q.count(k)) common += std::string("&") + k + "=" + url_encode(q.at(k));
   }
@@ -216,9 +190,9 @@ HttpResponse list_devices(Federation& f, FedContext& c) {
         break;
       }
       pos["a"] = d.value("id", "");
-      // The region answers with its operator token of every project: the
-      // federation shows a project-scoped caller only their project.
-      if (!c.caller.sees(d.value("project", ""))) continue;
+      // The region was asked for the caller's project only; a region that
+      // does not know ?project= yet answers every project, so look again.
+      if (!caller->sees(d.value("project", ""))) continue;
       json item = d;
       item["region"] = name;
       items.push_back(std::move(item));
@@ -234,13 +208,15 @@ HttpResponse list_devices(Federation& f, FedContext& c) {
 }
 
 HttpResponse get_device(Federation& f, FedContext& c) {
+  auto caller = rest::reading_caller(c);
+  if (!caller) return from_error(caller.error());
   const std::string only = c.target.query.count("region") ? c.target.query.at("region") : "";
-  auto answers = f.fan_out("/v1/devices/" + url_encode(c.params[0]), nullptr, only);
+  auto answers = f.fan_out("/v1/devices/" + url_encode(c.params[0]) + project_query(*caller, '?'), nullptr, only);
   if (!answers) return from_error(answers.error());
   json regions = json::array();
   for (auto& fo : *answers) {
     regions.push_back(f.region_status(fo.region));
-    if (fo.answer.ok() && fo.answer.body.is_object() && c.caller.sees(fo.answer.body.value("project", ""))) {
+    if (fo.answer.ok() && fo.answer.body.is_object() && caller->sees(fo.answer.body.value("project", ""))) {
       json d = fo.answer.body;
       d["region"] = fo.region.name;
       return json_response(200, d);
@@ -254,14 +230,16 @@ HttpResponse get_device(Federation& f, FedContext& c) {
 // ---- campaigns ----
 
 HttpResponse list_campaigns(Federation& f, FedContext& c) {
+  auto caller = rest::reading_caller(c);
+  if (!caller) return from_error(caller.error());
   const std::string only = c.target.query.count("region") ? c.target.query.at("region") : "";
-  auto answers = f.fan_out("/v1/campaigns", nullptr, only);
+  auto answers = f.fan_out("/v1/campaigns" + project_query(*caller, '?'), nullptr, only);
   if (!answers) return from_error(answers.error());
   json items = json::array(), regions = json::array();
   auto fed = f.store().list_campaigns();
   if (!fed) return from_error(fed.error());
   for (const auto& camp : *fed) {
-    if (!c.caller.sees(camp.project)) continue;
+    if (!caller->sees(camp.project)) continue;
     if (!only.empty()) {
       bool in = false;
       for (const auto& step : camp.steps) in = in || std::find(step.begin(), step.end(), only) != step.end();
@@ -275,7 +253,9 @@ HttpResponse list_campaigns(Federation& f, FedContext& c) {
     bool stale = false;
     if (fo.answer.ok() && fo.answer.body.is_object()) {
       list = fo.answer.body.value("items", json::array());
-      (void)f.store().keep_campaign_list(fo.region.name, list);
+      // Only a list of every project stands in for the region while it is
+      // away; one project's list would hide the others' campaigns.
+      if (caller->project == "*") (void)f.store().keep_campaign_list(fo.region.name, list);
     } else {
       // Away: what it said last, marked stale, so it is never missing.
       if (fo.answer.reached) st["state"] = "error";
@@ -286,7 +266,7 @@ HttpResponse list_campaigns(Federation& f, FedContext& c) {
     }
     regions.push_back(st);
     for (const auto& item : list) {
-      if (!c.caller.sees(item.value("project", ""))) continue;
+      if (!caller->sees(item.value("project", ""))) continue;
       json x = item;
       x["region"] = fo.region.name;
       x["kind"] = "regional";
@@ -298,16 +278,19 @@ HttpResponse list_campaigns(Federation& f, FedContext& c) {
 }
 
 HttpResponse get_campaign(Federation& f, FedContext& c) {
+  auto caller = rest::reading_caller(c);
+  if (!caller) return from_error(caller.error());
   auto camp = f.store().get_campaign(c.params[0]);
   if (!camp) return from_error(camp.error());
-  if (*camp && c.caller.sees((*camp)->project)) return json_response(200, f.campaign_json(**camp));
+  if (*camp && caller->sees((*camp)->project)) return json_response(200, f.campaign_json(**camp));
   // A regional campaign's id: the region that holds it answers.
   const std::string only = c.target.query.count("region") ? c.target.query.at("region") : "";
   const bool devices = c.target.query.count("devices") && c.target.query.at("devices") == "true";
-  auto answers = f.fan_out("/v1/campaigns/" + url_encode(c.params[0]) + (devices ? "?devices=true" : ""), nullptr, only);
+  const std::string query = (devices ? "?devices=true" : "") + project_query(*caller, devices ? '&' : '?');
+  auto answers = f.fan_out("/v1/campaigns/" + url_encode(c.params[0]) + query, nullptr, only);
   if (!answers) return from_error(answers.error());
   for (auto& fo : *answers) {
-    if (fo.answer.ok() && fo.answer.body.is_object() && c.caller.sees(fo.answer.body.value("project", ""))) {
+    if (fo.answer.ok() && fo.answer.body.is_object() && caller->sees(fo.answer.body.value("project", ""))) {
       json x = fo.answer.body;
       x["region"] = fo.region.name;
       x["kind"] = "regional";
@@ -431,47 +414,16 @@ bool delegated(const std::vector<std::string>& p) {
   return kDelegated.count(p[1]) > 0;
 }
 
-bool mutating(const std::string& m) { return m == "POST" || m == "PUT" || m == "PATCH" || m == "DELETE"; }
-
-struct Resolved {
-  const FedRoute* route = nullptr;
-  std::vector<std::string> params;
-  FedCaller caller;
-  bool authenticated = false;
-};
+using Resolved = rest::Resolved<FedRoute>;
 
 std::optional<HttpResponse> resolve(HubService& service, const HttpRequest& req, const rest::Target& t, Resolved& out) {
-  bool path_known = false;
-  for (const auto& r : fed_routes()) {
-    std::vector<std::string> ps;
-    if (!match(r.pattern, t.parts, ps)) continue;
-    path_known = true;
-    if (r.method == req.method) {
-      out.route = &r;
-      out.params = ps;
-      break;
-    }
-  }
-  if (!path_known) {
-    return Api::error(404, "not_found", "no route for " + req.method + " " + req.target.substr(0, 200) +
-                                            " on a federation (devices enroll with their regional hub)");
-  }
-  if (!out.route) return Api::error(405, "method_not_allowed", req.method + " is not allowed on " + req.target.substr(0, 200));
-  rest::Caller who;
-  auto refused = rest::authorize(service, req, out.route->pattern, out.route->min_role, who, out.authenticated);
-  out.caller = FedCaller{who.token_id, who.name, who.role, who.project};  // refusals are audited with it too
-  return refused;
+  return rest::resolve(service, fed_routes(), req, t, out, " on a federation (devices enroll with their regional hub)");
 }
 
 void audit_call(HubService& service, const HttpRequest& req, const Resolved& r, int status, const std::string& detail) {
-  if (!mutating(req.method)) return;
+  if (!rest::mutating(req.method)) return;
   AuditRecord a;
-  if (r.authenticated) {
-    a.actor = r.caller.token_id;
-    a.actor_name = r.caller.name;
-    a.role = role_name(r.caller.role);
-    a.project = r.caller.project;
-  }
+  rest::fill_actor(a, r);
   a.method = req.method;
   a.path = req.target.substr(0, req.target.find('?')).substr(0, 512);
   a.status = status;
@@ -517,7 +469,7 @@ Admission FederationApi::admit(const HttpRequest& req) {
   Admission a;
   Resolved r;
   auto refusal = resolve(service_, req, t, r);
-  a.max_body = mutating(req.method) ? kMaxJsonBody : kMaxNoBody;
+  a.max_body = rest::mutating(req.method) ? kMaxJsonBody : kMaxNoBody;
   if (refusal) {
     audit_call(service_, req, r, refusal->status, "refused before its body was read");
     a.refusal = std::move(refusal);

@@ -68,6 +68,21 @@ enum class Role { viewer = 0, operator_ = 1, admin = 2 };
 std::string role_name(Role r);
 std::optional<Role> parse_role(const std::string& s);
 
+// Who is calling, from their bearer API token: one type for the hub's routes
+// and the federation's (both authenticate with rest::authorize).
+struct Caller {
+  std::string token_id;
+  std::string name;
+  Role role = Role::viewer;
+  std::string project;  // "*" = every project
+  bool sees(const std::string& p) const { return project == "*" || project == p; }
+};
+
+// Times in API answers: RFC 3339 UTC to the second, "" for 0 (never, not
+// yet). The hub's and the federation's answers use these two only.
+std::string iso_ms(int64_t unix_ms);
+std::string iso_s(int64_t unix_s);
+
 class KeyedLimiter;
 
 class Api {

@@ -166,14 +166,6 @@ class RegionClient {
 // A region name: 1..63 of [a-z0-9-], starting with a letter or digit.
 bool valid_region_name(const std::string& name);
 
-// Who calls the federation (from the federation's own API tokens).
-struct FedCaller {
-  std::string token_id, name;
-  Role role = Role::viewer;
-  std::string project;
-  bool sees(const std::string& p) const { return project == "*" || project == p; }
-};
-
 // The federation: regions, fan-out reads and the campaign engine. Pure
 // request handlers over it live in FederationApi.
 class Federation {
@@ -212,10 +204,10 @@ class Federation {
   json region_status(const Region& r) const;
 
   // Federated campaigns.
-  Result<FedCampaign> create_campaign(FedCampaign c, const FedCaller& caller);
+  Result<FedCampaign> create_campaign(FedCampaign c, const Caller& caller);
   // pause, resume, abort, rollback: fanned out to every region the campaign
   // has reached, each region's answer audited; returns the per-region answers.
-  Result<json> act(const std::string& id, const std::string& verb, const FedCaller& caller);
+  Result<json> act(const std::string& id, const std::string& verb, const Caller& caller);
   json campaign_json(const FedCampaign& c) const;
 
   // One pass of the engine over every live campaign (the thread calls it;
