@@ -40,28 +40,12 @@ chmod 711 "$OUT"
 SIM="$BIN/flotilla-sim"
 [ -x "$SIM" ] || { echo "no $SIM: run scripts/build.sh first" >&2; exit 2; }
 
+# shellcheck source=bench/lib/sim.sh
+. "$ROOT/bench/lib/sim.sh"
 run_rung() {  # mode devices
-  local mode="$1" n="$2" dir="$OUT/$1-$2" timeout=15m
-  [ "$n" -ge 1000000 ] && timeout=40m
-  echo "== $mode $n devices" >&2
-  local args=(run --devices "$n" --mode "$mode" --out "$dir" --timeout "$timeout" --enroll-threads 4
-              --seed 1 --label "scale-$mode-$n" --no-progress)
-  [ "$mode" = gateway ] && args+=(--devices-per-gateway "$PER_GATEWAY")
-  # Paho C notices a new socket only when its poll loop comes round (up to
-  # 1 s), so direct mode connects many sessions at once, from one simulator
-  # process per 5,000 sessions (each process has its own Paho lock).
-  [ "$mode" = direct ] && args+=(--enroll-threads 128 --processes $(( (n + 4999) / 5000 )))
-  # Above 100k devices the hub's store outgrows its page cache (docs/operations.md).
-  local mmap=0
-  [ "$n" -gt 100000 ] && mmap=2048
-  FLOTILLA_HUB_DB_MMAP_MIB=$mmap /usr/bin/time -v -o "$dir.time" "$SIM" "${args[@]}" >"$dir.out" 2>"$dir.err" || true
-  tail -2 "$dir.out" >&2 || true
-  # The same messages as the run: gateways send their reports gathered
-  # (flotilla-sim run's --gateway-flush-ms 200), direct devices one by one.
-  local sessions=1 flush=0
-  if [ "$mode" = gateway ]; then sessions=$(( (n + PER_GATEWAY - 1) / PER_GATEWAY )); flush=200; else sessions=$(( n < 20 ? n : 20 )); fi
-  "$SIM" baseline --devices "$n" --sessions "$sessions" --reports 5 --flush-ms "$flush" --out "$dir-baseline" \
-    >"$dir.baseline.json" 2>"$dir.baseline.err" || true
+  local dir="$OUT/$1-$2"
+  sim_rung "$dir" "$1" "$2" "$PER_GATEWAY"
+  sim_baseline "$dir" "$1" "$2" "$PER_GATEWAY"
 }
 
 if [ -z "${REPORT_ONLY:-}" ]; then
@@ -74,31 +58,13 @@ if [ -z "${REPORT_ONLY:-}" ]; then
 fi
 
 ALL_RUNGS=$(printf '%s\n' $RUNGS $([ "$DIRECT_TOP" -gt 0 ] && echo "$DIRECT_TOP") | sort -nu | tr '\n' ' ')
-python3 - "$OUT" "$DOC" "$ALL_RUNGS" "$(( DIRECT_TOP > DIRECT_MAX ? DIRECT_TOP : DIRECT_MAX ))" <<'PY'
-import json, os, re, sys, datetime, subprocess, sqlite3
+ROOT="$ROOT" python3 - "$OUT" "$DOC" "$ALL_RUNGS" "$(( DIRECT_TOP > DIRECT_MAX ? DIRECT_TOP : DIRECT_MAX ))" <<'PY'
+import json, os, re, sys, datetime, subprocess
+sys.path.insert(0, os.path.join(os.environ["ROOT"], "bench", "lib"))
+from simreport import load, hub_latency, fmt
 out, doc, rungs, direct_max = sys.argv[1], sys.argv[2], sys.argv[3].split(), int(sys.argv[4])
 plots = os.path.join(os.path.dirname(doc), "scale")
 os.makedirs(plots, exist_ok=True)
-def load(p):
-    try:
-        with open(p) as f: return json.load(f)
-    except Exception: return None
-def hub_latency(d, cid):
-    """Per device: campaign creation to the hub recording its outcome (from the hub's own SQLite)."""
-    try:
-        db = sqlite3.connect(f"file:{d}/hub/hub.db?mode=ro", uri=True)
-        (created,) = db.execute("select created_ms from campaigns where id=?", (cid,)).fetchone()
-        lat = sorted(r[0] - created for r in db.execute(
-            "select updated_ms from campaign_devices where campaign_id=? and status in ('applied','failed')", (cid,)))
-        if not lat: return None
-        pick = lambda p: lat[min(len(lat) - 1, int(p * len(lat)))] / 1000
-        return {"p50": pick(0.5), "p99": pick(0.99), "p999": pick(0.999), "max": lat[-1] / 1000}
-    except Exception:
-        return None
-def fmt(v, unit="", nd=1):
-    if v is None: return "–"
-    if isinstance(v, float): return f"{v:.{nd}f}{unit}"
-    return f"{v}{unit}"
 rows, images = [], []
 for n in rungs:
     for mode in ("gateway", "direct"):

@@ -715,7 +715,10 @@ Status run_hub(const HubConfig& cfg, const std::atomic<bool>& stop) {
       auto& cs = sessions[i];
       const int cell = static_cast<int>(i);
       if ((cs.transport->connected() && cs.attached) || std::chrono::steady_clock::now() < cs.next_try) continue;
-      if (cs.attached) logger->warn("lost the broker connection cell={}; reconnecting", cell);
+      if (cs.attached) {
+        logger->warn("lost the broker connection cell={}; reconnecting", cell);
+        service->lost_broker_session(cell);
+      }
       cs.attached = false;
       service->mark_detached(cell);
       auto s = cs.transport->connect(cs.co);

@@ -288,11 +288,18 @@ std::string render_metrics(HubService& s, const HttpMetrics& http) {
              static_cast<double>(b ? b->restarts() : 0));
   }
   p.family("flotilla_presence_resets_total", "counter",
-           "Times the hub stopped trusting the presence it had (its broker session began again: a broker restart, "
-           "a lost connection, a hub start) and marked every device offline until it re-announces.");
+           "Times the hub stopped trusting the presence it had (its broker session ended or began again: a broker "
+           "restart, a lost connection, a hub start) and marked every device offline until it re-announces.");
   for (int i = 0; i < s.cell_count(); ++i) {
     p.sample("flotilla_presence_resets_total", {{"cell", std::to_string(i)}},
              static_cast<double>(s.cell(i).presence_resets.load()));
+  }
+  p.family("flotilla_presence_reset_devices_total", "counter",
+           "Devices the hub marked offline because their cell's broker session ended (a dead broker sends no last "
+           "wills) or began again; each is online again once it re-announces.");
+  for (int i = 0; i < s.cell_count(); ++i) {
+    p.sample("flotilla_presence_reset_devices_total", {{"cell", std::to_string(i)}},
+             static_cast<double>(s.cell(i).presence_reset_devices.load()));
   }
   p.family("flotilla_rollcalls_published_total", "counter",
            "Roll calls (flotilla/v1/rollcall) the hub published asking every connected device to re-announce.");

@@ -132,7 +132,7 @@ Status HubService::attach_transport(int cell_id, transport::Transport& t) {
   // start) says nothing about who is still there: a broker killed outright
   // sent no last wills, and its retained presence is as old as its last
   // save. Forget it before listening, then ask every device to re-announce.
-  reset_presence(cell);
+  reset_presence(cell, true);
   for (const char* leaf : {"report", "presence"}) {
     if (auto s = t.subscribe(std::string(transport::kTopicRoot) + "+/" + leaf, 1); !s) return s;
     // Devices behind gateways (docs/architecture.md, "Gateways").
@@ -158,7 +158,16 @@ Status HubService::attach_transport(int cell_id, transport::Transport& t) {
 
 // Per cell: a broker that restarted says nothing about the other cells'
 // devices, whose sessions never ended.
-void HubService::reset_presence(Cell& cell) {
+void HubService::lost_broker_session(int cell_id) {
+  Cell& cell = *cells_.at(static_cast<size_t>(cell_id));
+  cell.set_attached(false);
+  // The broker may be dead (killed outright, it sent no last wills) or
+  // unreachable: either way nothing the hub hears says who is still there,
+  // so the cell's devices are offline from now on, not at the next session.
+  reset_presence(cell, false);
+}
+
+void HubService::reset_presence(Cell& cell, bool session_began) {
   // Whatever arrived before this point is applied first, so no message of
   // the old session marks a device online after the reset.
   drain_cell(cell);
@@ -169,25 +178,41 @@ void HubService::reset_presence(Cell& cell) {
     log::get("hub")->error("reset presence cell={}: {}", cell.id(), n.error().message);
     return;
   }
+  cell.presence_reset_devices += static_cast<uint64_t>(*n);
+  // The devices marked offline when the session was lost are the ones the
+  // roll call of the next session waits for.
+  int64_t expect = *n;
+  if (session_began) {
+    expect += cell.unheard.exchange(0);
+  } else {
+    cell.unheard += *n;
+  }
   // About a thousand answers a second for a whole fleet, never over the
   // agents' own cap; gateways answer for all their devices at once.
-  rollcall_spread_ms_ = static_cast<uint32_t>(std::clamp<int64_t>(*n, 0, transport::kMaxRollcallSpreadMs));
+  const auto spread = static_cast<uint32_t>(std::clamp<int64_t>(expect, 0, transport::kMaxRollcallSpreadMs));
+  if (session_began) rollcall_spread_ms_ = spread;
   // The wait ends early once as many devices re-announced as were reset;
-  // resets of several cells that overlap add up.
+  // resets of several cells (or a loss and the next session) that overlap
+  // add up, each device once.
   const int64_t now = clock_.now_unix_ms();
-  const int64_t until = *n > 0 ? now + rollcall_spread_ms_ + kPresenceSettleMarginMs : 0;
+  const int64_t until = expect > 0 ? now + spread + kPresenceSettleMarginMs : 0;
   if (presence_settle_until_ms_.load() > now) {
     presence_reset_count_ += *n;
     presence_settle_until_ms_ = std::max(presence_settle_until_ms_.load(), until);
   } else {
-    presence_reset_count_ = *n;
+    presence_reset_count_ = expect;
     reannounced_ = 0;
     presence_settle_until_ms_ = until;
   }
   ++presence_resets_;
   ++cell.presence_resets;
-  log::get("hub")->info("broker session began cell={}: presence of {} devices is unknown until they re-announce "
-                        "(roll call spread {} ms)", cell.id(), *n, rollcall_spread_ms_);
+  if (session_began) {
+    log::get("hub")->info("broker session began cell={}: presence of {} devices is unknown until they re-announce "
+                          "(roll call spread {} ms)", cell.id(), expect, spread);
+  } else {
+    log::get("hub")->warn("lost the broker session cell={}: {} devices marked offline until they re-announce",
+                          cell.id(), *n);
+  }
 }
 
 bool HubService::mqtt_connected() const {

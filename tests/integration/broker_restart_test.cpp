@@ -10,6 +10,7 @@
 #include "flotilla/common/crypto.hpp"
 #include "flotilla/common/fs.hpp"
 #include "tests/support/harness.hpp"
+#include "tests/support/sim_campaign.hpp"
 
 namespace flotilla::test {
 namespace {
@@ -17,15 +18,6 @@ namespace {
 pid_t broker_pid(const Hub& hub) {
   auto text = fs::read_file(hub.data_dir() / "broker" / "mosquitto.pid", 64);
   return text ? static_cast<pid_t>(std::stol(*text)) : -1;
-}
-
-// The simulator's release key for a seed (simulator/src/fleet.cpp,
-// seeded_key): real agents trust it to apply the simulator's bundle.
-bundles::KeyPair sim_release_key(uint64_t seed) {
-  const auto h = crypto::sha256("flotilla-sim/release/" + std::to_string(seed) + "/0");
-  auto k = bundles::key_from_seed(Bytes(h.begin(), h.end()));
-  REQUIRE(k);
-  return *k;
 }
 
 bool online(Hub& hub, const std::string& id) { return hub.device(id)["online"] == true; }
@@ -52,39 +44,15 @@ TEST_CASE("kill -9 of the broker mid-campaign: restarted, devices re-announce, e
   // 400 simulated devices behind 4 gateways, with the 2 agents in one
   // campaign, slowed (4 waves, 3 s of soak each) so that the broker dies
   // while it runs.
-  const auto token_file = tmp.path() / "admin.token";
-  REQUIRE(fs::write_file_atomic(token_file, hub.admin_token(), 0600));
-  proc::SpawnOptions so;
-  so.argv = {bin_dir() + "/flotilla-sim", "run", "--hub", hub.url(), "--token-file", token_file.string(),
-             "--label", label, "--seed", std::to_string(seed), "--devices", "400", "--mode", "gateway",
-             "--devices-per-gateway", "100", "--strategy",
-             R"({"waves": [10, 30, 60, 100], "soak": "3s", "max_in_flight": 40})", "--timeout", "150s", "--no-progress",
-             "--out", (tmp.path() / "sim").string()};
-  so.stdout_path = (tmp.path() / "sim.log").string();
-  so.stderr_path = "stdout";
-  auto sim = proc::spawn(so);
-  REQUIRE(sim);
-  auto sim_log = [&] { return fs::read_file(tmp.path() / "sim.log", 1 << 20).value_or(""); };
-
-  std::string campaign_id;
-  const bool started = wait_until(
-      [&] {
-        auto [status, body] = hub.call("GET", "/v1/campaigns");
-        if (status != 200) return false;
-        for (const auto& c : body["items"]) {
-          if (c["name"] == "sim-" + label && c["counts"]["applied"].get<int>() >= 20) {
-            campaign_id = c["id"].get<std::string>();
-            return true;
-          }
-        }
-        return false;
-      },
-      std::chrono::seconds(90));
-  if (!started) {
-    INFO(sim_log());
+  SimRun sim(hub, tmp.path(), label, seed,
+             {"--devices", "400", "--mode", "gateway", "--devices-per-gateway", "100", "--strategy",
+              R"({"waves": [10, 30, 60, 100], "soak": "3s", "max_in_flight": 40})", "--timeout", "150s"});
+  const std::string campaign_id = wait_sim_campaign(hub, label, 20, std::chrono::seconds(90));
+  if (campaign_id.empty()) {
+    INFO(sim.log());
     INFO(hub.call("GET", "/v1/campaigns").second.dump());
     INFO(hub.log());
-    REQUIRE(started);
+    REQUIRE(!campaign_id.empty());
   }
   auto mid = hub.campaign(campaign_id);
   INFO(mid.dump());
@@ -97,8 +65,8 @@ TEST_CASE("kill -9 of the broker mid-campaign: restarted, devices re-announce, e
   REQUIRE(wait_until([&] { const pid_t p = broker_pid(hub); return p > 0 && p != first && proc::alive(p); },
                      std::chrono::seconds(30)));
   // ... and the campaign completes, every device counted exactly once.
-  auto exit_code = sim->wait_for(std::chrono::seconds(170));
-  INFO(sim_log());
+  auto exit_code = sim.wait_for(std::chrono::seconds(170));
+  INFO(sim.log());
   REQUIRE(exit_code);
   CHECK(*exit_code == 0);
   auto c = hub.campaign(campaign_id);
@@ -112,7 +80,7 @@ TEST_CASE("kill -9 of the broker mid-campaign: restarted, devices re-announce, e
     CHECK(d["state"] == "applied");
     CHECK(d["online"] == true);
   }
-  auto report = json::parse(fs::read_file(tmp.path() / "sim" / "report.json", 64u << 20).value_or("{}"));
+  auto report = sim.report();
   // Every gateway session came back by itself.
   CHECK(report["figures"]["reconnects"].get<int>() >= 4);
 

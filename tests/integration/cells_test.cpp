@@ -7,7 +7,9 @@
 
 #include <signal.h>
 
+#include <array>
 #include <map>
+#include <memory>
 #include <set>
 
 #include "flotilla/bundles/director.hpp"
@@ -16,6 +18,7 @@
 #include "flotilla/common/fs.hpp"
 #include "flotilla/v1/desired.pb.h"
 #include "tests/support/harness.hpp"
+#include "tests/support/sim_campaign.hpp"
 
 using namespace flotilla;
 using namespace flotilla::test;
@@ -167,62 +170,45 @@ pid_t cell_broker_pid(const Hub& hub, int cell) {
   return text ? static_cast<pid_t>(std::stol(*text)) : -1;
 }
 
-// The simulator's release key for a seed (simulator/src/fleet.cpp, seeded_key).
-bundles::KeyPair sim_release_key(uint64_t seed) {
-  const auto h = crypto::sha256("flotilla-sim/release/" + std::to_string(seed) + "/0");
-  auto k = bundles::key_from_seed(Bytes(h.begin(), h.end()));
-  REQUIRE(k);
-  return *k;
-}
+// A hub of four cells and one real agent (label sim-run=<label>) that
+// trusts the simulator's bundles for `seed`, online.
+struct FourCells {
+  TempDir tmp;
+  Hub hub{tmp.path() / "hub"};
+  std::string label;
+  uint64_t seed;
+  std::unique_ptr<Agent> agent;
+  int agent_cell = -1;
+  FourCells(const std::string& prefix, uint64_t s) : label(prefix + crypto::random_token(4)), seed(s) {
+    hub.start({"--cells", "4"});
+    AgentOptions opts;
+    opts.root_keys = {bundles::public_key_text(sim_release_key(seed).pub)};
+    agent = std::make_unique<Agent>(tmp.path() / "agent", hub.url(), hub.enrollment_token({{"sim-run", label}}), opts);
+    agent->start();
+    REQUIRE(wait_until([&] { return !agent->device_id().empty() && hub.device(agent->device_id())["online"] == true; },
+                       std::chrono::seconds(60)));
+    agent_cell = hub.device(agent->device_id())["cell"].get<int>();
+  }
+};
 
 }  // namespace
 
 TEST_CASE("four cells in one hub: devices spread over 4 mosquittos and one campaign converges and kill -9 of one cell's "
           "broker touches only that cell", "[integration][cells]") {
-  TempDir tmp;
-  Hub hub(tmp.path() / "hub");
-  hub.start({"--cells", "4"});
-  const std::string label = "c4" + crypto::random_token(4);
-  const uint64_t seed = 31;
-  AgentOptions opts;
-  opts.root_keys = {bundles::public_key_text(sim_release_key(seed).pub)};
-  Agent agent(tmp.path() / "agent", hub.url(), hub.enrollment_token({{"sim-run", label}}), opts);
-  agent.start();
-  REQUIRE(wait_until([&] { return !agent.device_id().empty() && hub.device(agent.device_id())["online"] == true; },
-                     std::chrono::seconds(60)));
-  const int agent_cell = hub.device(agent.device_id())["cell"].get<int>();
+  FourCells f("c4", 31);
+  Hub& hub = f.hub;
+  Agent& agent = *f.agent;
+  const int agent_cell = f.agent_cell;
+  const std::string& label = f.label;
 
   // 240 simulated devices, each with its own session (direct mode), and the
   // agent, in one campaign slowed so that a broker dies while it runs.
-  const auto token_file = tmp.path() / "admin.token";
-  REQUIRE(fs::write_file_atomic(token_file, hub.admin_token(), 0600));
-  proc::SpawnOptions so;
-  so.argv = {bin_dir() + "/flotilla-sim", "run", "--hub", hub.url(), "--token-file", token_file.string(),
-             "--label", label, "--seed", std::to_string(seed), "--devices", "240", "--mode", "direct",
-             "--strategy", R"({"waves": [10, 40, 70, 100], "soak": "2s", "max_in_flight": 40})", "--timeout", "170s",
-             "--no-progress", "--out", (tmp.path() / "sim").string()};
-  so.stdout_path = (tmp.path() / "sim.log").string();
-  so.stderr_path = "stdout";
-  auto sim = proc::spawn(so);
-  REQUIRE(sim);
-  auto sim_log = [&] { return fs::read_file(tmp.path() / "sim.log", 1 << 20).value_or(""); };
-
-  std::string campaign_id;
-  const bool started = wait_until(
-      [&] {
-        auto [status, body] = hub.call("GET", "/v1/campaigns");
-        if (status != 200) return false;
-        for (const auto& c : body["items"]) {
-          if (c["name"] == "sim-" + label && c["counts"]["applied"].get<int>() >= 10) {
-            campaign_id = c["id"].get<std::string>();
-            return true;
-          }
-        }
-        return false;
-      },
-      std::chrono::seconds(120));
-  INFO(sim_log());
-  REQUIRE(started);
+  SimRun sim(hub, f.tmp.path(), label, f.seed,
+             {"--devices", "240", "--mode", "direct", "--strategy",
+              R"({"waves": [10, 40, 70, 100], "soak": "2s", "max_in_flight": 40})", "--timeout", "170s"});
+  const std::string campaign_id = wait_sim_campaign(hub, label, 10, std::chrono::seconds(120));
+  INFO(sim.log());
+  REQUIRE(!campaign_id.empty());
   REQUIRE(hub.campaign(campaign_id)["counts"]["applied"].get<int>() < 241);
 
   // Every broker has some of the devices, and all of them together.
@@ -244,7 +230,7 @@ TEST_CASE("four cells in one hub: devices spread over 4 mosquittos and one campa
   REQUIRE(::kill(first, SIGKILL) == 0);
   REQUIRE(wait_until([&] { const pid_t p = cell_broker_pid(hub, agent_cell); return p > 0 && p != first && proc::alive(p); },
                      std::chrono::seconds(30)));
-  auto exit_code = sim->wait_for(std::chrono::seconds(180));
+  auto exit_code = sim.wait_for(std::chrono::seconds(180));
   REQUIRE(exit_code);
   CHECK(*exit_code == 0);
   auto c = hub.campaign(campaign_id);
@@ -271,4 +257,104 @@ TEST_CASE("four cells in one hub: devices spread over 4 mosquittos and one campa
             metric(before, "flotilla_rollcalls_published_total" + l));
     }
   }
+}
+
+// Issue 17: a 20,000-device gateway simulation used to stall for good when
+// its broker was killed (the gateways never came back) while the hub kept
+// every device online (a dead broker sends no last wills). Here gateways
+// carrying thousands of devices and a real agent share 4 cells; one cell's
+// broker dies mid-campaign: the hub marks that cell's devices offline as soon
+// as it loses the session, restarts the broker, and calls the roll; the
+// gateways and the agent come back by themselves, the campaign completes with
+// every device counted once, and no device of another cell changes presence.
+TEST_CASE("four cells with gateways: kill -9 of one cell's broker mid-campaign marks only its devices offline until "
+          "they re-announce and the campaign completes", "[integration][cells][presence]") {
+  FourCells f("cg", 37);
+  Hub& hub = f.hub;
+  Agent& agent = *f.agent;
+  const int killed = f.agent_cell;
+  const std::string& label = f.label;
+  constexpr int kSimDevices = 4000, kPerGateway = 500, kTotal = kSimDevices + 1;
+
+  // 8 gateways of 500 devices each (least loaded at enrollment: two per
+  // cell), in a campaign slowed by waves and soak so the broker dies in it.
+  SimRun sim(hub, f.tmp.path(), label, f.seed,
+             {"--devices", std::to_string(kSimDevices), "--mode", "gateway", "--devices-per-gateway",
+              std::to_string(kPerGateway), "--enroll-threads", "8", "--strategy",
+              R"({"waves": [10, 40, 70, 100], "soak": "2s"})", "--timeout", "150s"});
+  const std::string campaign_id = wait_sim_campaign(hub, label, kTotal / 10, std::chrono::seconds(90));
+  INFO(sim.log());
+  REQUIRE(!campaign_id.empty());
+
+  // Before: every device of every cell online, each cell with some.
+  std::array<int, 4> total{};
+  {
+    json list = cells(hub);
+    REQUIRE(list.size() == 4);
+    int sum = 0;
+    for (int i = 0; i < 4; ++i) {
+      total[i] = list[i]["devices_total"].get<int>();
+      CHECK(total[i] > 0);
+      CHECK(list[i]["devices_online"] == total[i]);
+      sum += total[i];
+    }
+    // The devices plus the 8 gateways themselves.
+    CHECK(sum == kTotal + kSimDevices / kPerGateway);
+  }
+  REQUIRE(hub.campaign(campaign_id)["counts"]["applied"].get<int>() < kTotal);
+
+  const std::string before = metrics_text(hub);
+  const pid_t first = cell_broker_pid(hub, killed);
+  REQUIRE(first > 0);
+  REQUIRE(::kill(first, SIGKILL) == 0);
+  // Watch presence per cell until the killed cell was reset and is whole
+  // again: the other cells never lose a device meanwhile.
+  const std::string reset_metric = "flotilla_presence_reset_devices_total{cell=\"" + std::to_string(killed) + "\"}";
+  const double reset_before = metric(before, reset_metric);
+  std::array<int, 4> lowest = total;
+  const bool back = wait_until(
+      [&] {
+        json list = cells(hub);
+        for (int i = 0; i < 4; ++i) lowest[i] = std::min(lowest[i], list[i]["devices_online"].get<int>());
+        return metric(metrics_text(hub), reset_metric) > reset_before &&
+               list[killed]["devices_online"] == total[killed] && list[killed]["broker"] == "up";
+      },
+      std::chrono::seconds(60));
+  INFO(hub.log());
+  REQUIRE(back);
+  const pid_t second = cell_broker_pid(hub, killed);
+  CHECK(second != first);
+  for (int i = 0; i < 4; ++i) {
+    INFO("cell " << i << " lowest online " << lowest[i] << " of " << total[i]);
+    if (i != killed) CHECK(lowest[i] == total[i]);
+  }
+  // Every device of the killed cell was marked offline once its session was
+  // lost, as the hub said; no device of another cell was.
+  const std::string after = metrics_text(hub);
+  for (int i = 0; i < 4; ++i) {
+    const std::string l = "{cell=\"" + std::to_string(i) + "\"}";
+    const double reset =
+        metric(after, "flotilla_presence_reset_devices_total" + l) - metric(before, "flotilla_presence_reset_devices_total" + l);
+    INFO("cell " << i);
+    CHECK(reset == static_cast<double>(i == killed ? total[i] : 0));
+    CHECK(metric(after, "flotilla_broker_restarts_total" + l) == (i == killed ? 1 : 0));
+  }
+  CHECK(hub.log().find("lost the broker session cell=" + std::to_string(killed) + ": " +
+                       std::to_string(total[killed]) + " devices marked offline") != std::string::npos);
+
+  auto exit_code = sim.wait_for(std::chrono::seconds(150));
+  REQUIRE(exit_code);
+  CHECK(*exit_code == 0);
+  auto c = hub.campaign(campaign_id);
+  INFO(c.dump());
+  CHECK(c["state"] == "completed");
+  CHECK(c["counts"]["total"] == kTotal);
+  CHECK(c["counts"]["applied"] == kTotal);
+  CHECK(c["counts"]["failed"] == 0);
+  auto d = hub.device(agent.device_id());
+  CHECK(d["online"] == true);
+  CHECK(d["applied_bundle"] != "");
+  // Only the killed cell's gateways reconnected (its total is the agent and
+  // each gateway with its devices).
+  CHECK(sim.report()["figures"]["reconnects"] == (total[killed] - 1) / (kPerGateway + 1));
 }

@@ -50,6 +50,32 @@ TEST_CASE("a new broker session marks every device offline and calls the roll", 
   CHECK_FALSE(online(f, f.devices[1]));
 }
 
+TEST_CASE("a lost broker session marks its devices offline at once and the next roll call waits for them",
+          "[unit][hub][presence]") {
+  Fleet f;
+  f.enroll(3);
+  for (const auto& d : f.devices) REQUIRE(online(f, d));
+  // A report queued before the loss is applied first, then the devices are
+  // offline: a dead broker sends no last wills, and nothing else will come.
+  f.hub->on_message({transport::device_topic(f.devices[0], "presence"), v1::Presence().SerializeAsString(), 1, false});
+  f.hub->lost_broker_session(0);
+  for (const auto& d : f.devices) CHECK_FALSE(online(f, d));
+  CHECK(f.hub->cell(0).presence_reset_devices == 2);  // the first said it left
+  CHECK(f.broker.rollcalls().size() == 1);            // no session, no roll call
+  CHECK(f.hub->mqtt_counters().presence_resets == 2);
+  // The next session's roll call is spread over the devices marked at the loss.
+  REQUIRE(f.hub->attach_transport(f.broker));
+  const auto calls = f.broker.rollcalls();
+  REQUIRE(calls.size() == 2);
+  v1::Rollcall rc;
+  REQUIRE(rc.ParseFromString(calls.back().payload));
+  CHECK(rc.spread_ms() == 2);
+  CHECK(f.hub->cell(0).presence_reset_devices == 2);
+  f.presence(f.devices[1], true);
+  CHECK(online(f, f.devices[1]));
+  CHECK_FALSE(online(f, f.devices[2]));
+}
+
 TEST_CASE("a retained online presence is not evidence that a device is online", "[unit][hub][presence]") {
   Fleet f;
   f.enroll(2);

@@ -66,6 +66,11 @@ class Cell {
 
   std::atomic<uint64_t> presence_resets{0}, rollcalls{0}, desired_published{0};
   std::atomic<uint64_t> moved_in{0}, moved_out{0};
+  // Devices marked offline because the broker session ended or began again.
+  std::atomic<uint64_t> presence_reset_devices{0};
+  // Marked offline when the session was lost: the next session's roll call
+  // waits for them.
+  std::atomic<int64_t> unheard{0};
 
  private:
   const int id_;

@@ -304,6 +304,9 @@ class HubService {
     for (auto& c : cells_) c->set_attached(false);
   }
   void mark_detached(int cell) { cells_.at(static_cast<size_t>(cell))->set_attached(false); }
+  // The hub's session to a cell's broker ended (the broker died or cannot be
+  // reached): its devices are offline until they re-announce on the next one.
+  void lost_broker_session(int cell);
   // Messages from a device on a broker that is not its cell's, dropped (it
   // left that cell; a late message from there must not bring it back).
   uint64_t other_cell_dropped() const { return other_cell_dropped_.load(); }
@@ -455,7 +458,9 @@ class HubService {
   // are online but have not answered the roll call yet look offline.
   std::atomic<int64_t> presence_settle_until_ms_{0};
   std::atomic<int64_t> presence_reset_count_{0}, reannounced_{0};
-  void reset_presence(Cell& c);
+  // Marks the cell's devices offline; session_began: a new session, whose
+  // roll call waits for them (and for those marked when the last one was lost).
+  void reset_presence(Cell& c, bool session_began);
   std::atomic<uint32_t> rollcall_spread_ms_{0};
   std::atomic<uint64_t> desired_published_{0}, desired_publish_failures_{0};
   // Report batches are committed in one transaction; its latency is the

@@ -1,0 +1,36 @@
+"""Shared by bench/scale.sh and bench/cells.sh: reading a flotilla-sim rung's
+output (report.json, the baseline) and the hub's own latencies."""
+import json
+import sqlite3
+
+
+def load(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except Exception:
+        return None
+
+
+def hub_latency(rung_dir, campaign_id):
+    """Per device: campaign creation to the hub recording its outcome (from the hub's own SQLite)."""
+    try:
+        db = sqlite3.connect(f"file:{rung_dir}/hub/hub.db?mode=ro", uri=True)
+        (created,) = db.execute("select created_ms from campaigns where id=?", (campaign_id,)).fetchone()
+        lat = sorted(r[0] - created for r in db.execute(
+            "select updated_ms from campaign_devices where campaign_id=? and status in ('applied','failed')",
+            (campaign_id,)))
+        if not lat:
+            return None
+        pick = lambda p: lat[min(len(lat) - 1, int(p * len(lat)))] / 1000
+        return {"p50": pick(0.5), "p99": pick(0.99), "p999": pick(0.999), "max": lat[-1] / 1000}
+    except Exception:
+        return None
+
+
+def fmt(v, unit="", nd=1):
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{nd}f}{unit}"
+    return f"{v}{unit}"
