@@ -316,7 +316,7 @@ TEST_CASE("control log: what one hub writes, another hub reads, in the same orde
   CHECK(a.count("campaign_devices") == 1);
 }
 
-TEST_CASE("control log: writes from two hubs are both kept; the one that lost the race ran again",
+TEST_CASE("control log: writes from two hubs are both kept and the one that lost the race ran again",
           "[unit][control]") {
   Shared sh;
   Hub a(*sh.coord, sh.clock, true);
