@@ -156,6 +156,12 @@ class Hub {
   }
 
   std::string upload_bundle(const std::string& token, const std::string& name) {
+    auto r = post_bundle(token, name, "kind: ConfigMap\n");
+    INFO(r.body);
+    REQUIRE(r.status == 201);
+    return body_of(r)["id"].get<std::string>();
+  }
+  HttpResponse post_bundle(const std::string& token, const std::string& name, const std::string& content) {
     v1::BundleManifest m;
     m.set_format_version(1);
     m.set_name(name);
@@ -166,16 +172,13 @@ class Hub {
     auto* f = m.add_files();
     f->set_kind(v1::FILE_KIND_MANIFEST);
     f->set_name("app.yaml");
-    f->set_content("kind: ConfigMap\n");
+    f->set_content(content);
     f->set_mode(0644);
     auto h = crypto::sha256(f->content());
     f->set_sha256(std::string(h.begin(), h.end()));
     auto env = bundles::wrap(m);
     REQUIRE(bundles::sign(env, signing_key_));
-    auto r = call("POST", "/v1/bundles", bundles::serialize_envelope(env), token);
-    INFO(r.body);
-    REQUIRE(r.status == 201);
-    return body_of(r)["id"].get<std::string>();
+    return call("POST", "/v1/bundles", bundles::serialize_envelope(env), token);
   }
 
   // Enrolls a device through the API (the group commit path); returns its id.
@@ -468,4 +471,20 @@ TEST_CASE("control log: an entry that cannot be applied is reported and stops th
   auto t = b.service().create_token("api", token_rec("z", "viewer"));
   REQUIRE_FALSE(t);
   CHECK(t.error().message.find("stuck") != std::string::npos);
+}
+
+TEST_CASE("control log: a control write too large for one log entry is refused whole", "[unit][control]") {
+  Shared sh;
+  Hub a(*sh.coord, sh.clock, true);
+  const int64_t head = sh.head_revision();
+  const int64_t bundles_n = a.count("bundles");
+  // Legal for one hub (bundles may carry 4 MiB inline), not for one entry.
+  auto r = a.post_bundle(a.root, "huge", std::string(1200 * 1024, 'x'));
+  CHECK(r.status == 413);
+  CHECK(r.body.find("entry limit") != std::string::npos);
+  CHECK(a.count("bundles") == bundles_n);
+  CHECK(a.log().counters().refused_too_large == 1);
+  // The refused call's audit row is a small write of its own: it is kept.
+  CHECK(sh.head_revision() > head);
+  CHECK(a.post_bundle(a.root, "small", "kind: ConfigMap\n").status == 201);
 }
