@@ -380,6 +380,11 @@ Status ensure_bootstrap_admin(HubService& service, Store& store, const std::file
     rec.role = "admin";
     rec.project = "*";  // the fleet's first admin sees every project
     auto t = service.create_token("api", rec);
+    if (!t && t.error().code == Errc::coordination_unavailable) {
+      // Several hubs: another one may have made it; tried again at the next start.
+      log::get("hub")->warn("no API token yet and none can be made now: {}", t.error().message);
+      return {};
+    }
     if (!t) return t.error();
     if (auto s = fs::write_file_atomic(data / "admin.token", t->secret + "\n", 0600); !s) return s;
     log::get("hub")->info("created the first admin API token; it is in {}", (data / "admin.token").string());
@@ -405,9 +410,9 @@ Status run_hub(const HubConfig& cfg, const std::atomic<bool>& stop) {
   if (!store) return store.error();
   auto director = load_director_key(data, cfg.director_key_file);
   if (!director) return director.error();
-  // Coordination (docs/adr/0014): opened now so a bad setting fails here;
-  // nothing depends on it yet. etcd being down is a degraded mode, not a
-  // start-up failure.
+  // Coordination (docs/adr/0014): opened now so a bad setting fails here.
+  // With etcd the control data lives in its control log (docs/adr/0016);
+  // etcd being down is a degraded mode, not a start-up failure.
   auto coordinator = coord::open_coordinator(cfg.coordination, cfg.data_dir);
   if (!coordinator) return coordinator.error();
   if (auto probe = (*coordinator)->get("/flotilla/hub"); !probe) {
@@ -612,7 +617,12 @@ Status run_hub(const HubConfig& cfg, const std::atomic<bool>& stop) {
   // certificate): an operator's broker CA reaches them as their pinned
   // tls-ca-file, never from an answer.
   sc.ca_certificates = (*ca)->trust_pem();
+  // The embedded SQLite coordinator serves one hub: its store stays the truth.
+  if (cfg.coordination.backend == coord::CoordinationConfig::Backend::etcd) {
+    sc.control_coordinator = coordinator->get();
+  }
   service = std::make_unique<HubService>(**store, SystemClock::instance(), sc);
+  if (auto s = service->control_log_status(); !s) return s.error().with_context("control log");
   for (size_t i = 0; i < brokers.size(); ++i) service->set_cell_broker(static_cast<int>(i), brokers[i].get());
   service->set_artifacts(&artifacts);
   service->set_aggregates(aggregates->get());

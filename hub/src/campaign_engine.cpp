@@ -99,8 +99,9 @@ Result<CampaignRecord> HubService::create_campaign(const std::string& name, cons
   auto sel = Selector::parse(selector_text);
   if (!sel) return sel.error();
   CampaignRecord c;
-  {
+  auto created = control_write([&]() -> Status {
     std::lock_guard lock(store_mu_);
+    c = CampaignRecord{};
     auto b = store_.get_bundle(bundle_key, false, project);
     if (!b) return b.error();
     if (!*b) return make_error(Errc::not_found, "no bundle '" + bundle_key + "' (use an id or name:version)");
@@ -141,7 +142,9 @@ Result<CampaignRecord> HubService::create_campaign(const std::string& name, cons
     if (auto s = store_.insert_campaign(c, rows); !s) return s.error();
     log::get("hub")->info("campaign created id={} bundle={} devices={} waves={}", c.id, bundle.id, rows.size(),
                           strategy.wave_count());
-  }
+    return {};
+  });
+  if (!created) return created.error();
   engine_cv_.notify_one();
   return c;
 }
@@ -159,21 +162,36 @@ void HubService::engine_loop() {
 
 void HubService::tick() {
   Publishes publishes;
-  {
+  // A control write: wave state and the engine's audit rows are control
+  // data (with the control log they are one entry per tick that changed them).
+  auto ticked = control_write([&]() -> Status {
     std::lock_guard lock(store_mu_);
+    publishes.clear();
     auto campaigns = store_.list_campaigns();
-    if (!campaigns) {
-      log::get("hub")->error("engine: list campaigns: {}", campaigns.error().message);
-      return;
-    }
+    if (!campaigns) return campaigns.error().with_context("list campaigns");
     sql::Transaction tx(store_.db());
     for (auto& c : *campaigns) {
-      if (engine_runs(c.state) || c.state == "rolling_back") tick_campaign(c, publishes);
+      if (!engine_runs(c.state) && c.state != "rolling_back") continue;
+      if (control_log_) {
+        // Several hubs: membership rows stay with the hub whose devices they
+        // are (docs/adr/0016); a hub with none of a campaign's devices must
+        // not judge it (it would find it complete).
+        auto counts = store_.campaign_counts(c.id);
+        if (!counts || counts->empty()) continue;
+      }
+      tick_campaign(c, publishes);
     }
-    if (auto s = tx.commit(); !s) {
-      log::get("hub")->error("engine: commit: {}", s.error().message);
-      return;  // nothing was published; the next tick tries again
+    return tx.commit();
+  });
+  if (!ticked) {
+    // With etcd away every tick that changes wave state is refused: said
+    // at a bounded rate, not four times a second.
+    if (!control_log_) {
+      log::get("hub")->error("engine: {}", ticked.error().message);
+    } else if (auto dropped = log_limit_.admit("engine-tick")) {
+      log::get("hub")->error("engine: {} (similar lines dropped: {})", ticked.error().message, *dropped);
     }
+    return;  // nothing was published; the next tick tries again
   }
   // Published only after the commit; a crash in between is repaired by
   // republish_pending() at the next connect.
@@ -680,8 +698,9 @@ void HubService::republish_pending(int cell, const std::string& only_device) {
 Result<CampaignRecord> HubService::campaign_action(const std::string& id, const std::string& action) {
   Publishes publishes;
   CampaignRecord c;
-  {
+  auto acted = control_write([&]() -> Status {
     std::lock_guard lock(store_mu_);
+    publishes.clear();
     auto found = store_.get_campaign(id);
     if (!found) return found.error();
     if (!*found) return make_error(Errc::not_found, "no campaign '" + id + "'");
@@ -735,8 +754,9 @@ Result<CampaignRecord> HubService::campaign_action(const std::string& id, const 
     }
     c.updated_ms = now;
     if (auto s = store_.update_campaign(c); !s) return s.error();
-    if (auto s = tx.commit(); !s) return s.error();
-  }
+    return tx.commit();
+  });
+  if (!acted) return acted.error();
   publish_all(publishes, "desired");
   engine_cv_.notify_one();
   log::get("hub")->info("campaign={} action={} state={}", id, action, c.state);

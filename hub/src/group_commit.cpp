@@ -29,13 +29,7 @@ Status GroupCommit::run(const std::function<Status()>& work) {
   return me.status;
 }
 
-void GroupCommit::run_batch(std::deque<Pending*>& batch) {
-  std::lock_guard store(store_mu_);
-  sql::Transaction tx(db_);
-  if (!tx.ok()) {
-    for (Pending* p : batch) p->status = make_error(Errc::unavailable, "store: cannot begin a transaction", true);
-    return;
-  }
+bool GroupCommit::run_works(std::deque<Pending*>& batch) {
   bool any = false;
   for (Pending* p : batch) {
     // A savepoint each: work that fails leaves nothing of itself behind.
@@ -52,7 +46,30 @@ void GroupCommit::run_batch(std::deque<Pending*>& batch) {
     if (p->status) p->status = own.commit();
     any = any || p->status.ok();
   }
-  Status committed = any ? tx.commit() : Status{};
+  return any;
+}
+
+void GroupCommit::run_batch(std::deque<Pending*>& batch) {
+  bool any = false;
+  Status committed;
+  if (runner_) {
+    // One control write for the group; the runner may run it again.
+    committed = runner_([&]() -> Status {
+      std::lock_guard store(store_mu_);
+      any = run_works(batch);
+      // Nothing to keep: the transaction rolls back.
+      return any ? Status{} : make_error(Errc::refused, "no work of the group to keep");
+    });
+  } else {
+    std::lock_guard store(store_mu_);
+    sql::Transaction tx(db_);
+    if (!tx.ok()) {
+      for (Pending* p : batch) p->status = make_error(Errc::unavailable, "store: cannot begin a transaction", true);
+      return;
+    }
+    any = run_works(batch);
+    committed = any ? tx.commit() : Status{};
+  }
   std::lock_guard lock(mu_);
   runs_ += batch.size();
   if (!any) return;  // nothing to keep: the transaction rolls back

@@ -1,6 +1,8 @@
 // /metrics in the Prometheus text exposition format 0.0.4
 // (https://prometheus.io/docs/instrumenting/exposition_formats/).
 #include "flotilla/hub/metrics.hpp"
+
+#include "flotilla/hub/control_log.hpp"
 #include "flotilla/hub/broker.hpp"
 
 #include <dirent.h>
@@ -333,6 +335,31 @@ std::string render_metrics(HubService& s, const HttpMetrics& http) {
   p.sample("flotilla_log_lines_suppressed_total", {}, static_cast<double>(m.log_lines_suppressed));
   p.family("flotilla_mqtt_connected", "gauge", "1 while the hub is subscribed to device reports.");
   p.sample("flotilla_mqtt_connected", {}, s.mqtt_connected() ? 1 : 0);
+  if (const ControlLog* control = s.control_log()) {  // several hubs on etcd (docs/adr/0016)
+    const auto c = control->counters();
+    p.family("flotilla_control_log_revision", "gauge",
+             "The coordinator revision of the last control-log entry this hub's store has applied.");
+    p.sample("flotilla_control_log_revision", {}, static_cast<double>(control->applied_revision()));
+    p.family("flotilla_control_log_stuck", "gauge",
+             "1 while this hub's mirror cannot apply the next control-log entry (the reason is in the log).");
+    p.sample("flotilla_control_log_stuck", {}, control->stuck_reason().empty() ? 0 : 1);
+    p.family("flotilla_control_log_entries_applied_total", "counter", "Control-log entries of other hubs applied here.");
+    p.sample("flotilla_control_log_entries_applied_total", {}, static_cast<double>(c.entries_applied));
+    p.family("flotilla_control_writes_total", "counter", "Control writes this hub appended to the control log.");
+    p.sample("flotilla_control_writes_total", {}, static_cast<double>(c.writes));
+    p.family("flotilla_control_write_retries_total", "counter",
+             "Control writes run again because another hub appended to the log first.");
+    p.sample("flotilla_control_write_retries_total", {}, static_cast<double>(c.retries));
+    p.family("flotilla_control_writes_refused_total", "counter",
+             "Control writes refused, nothing written: coordinator unreachable (503), still losing the race after "
+             "every retry (409), too large for one log entry (413), or this hub's mirror stuck (503).");
+    p.sample("flotilla_control_writes_refused_total", {{"reason", "unavailable"}},
+             static_cast<double>(c.refused_unavailable));
+    p.sample("flotilla_control_writes_refused_total", {{"reason", "conflict"}}, static_cast<double>(c.refused_conflict));
+    p.sample("flotilla_control_writes_refused_total", {{"reason", "too_large"}},
+             static_cast<double>(c.refused_too_large));
+    p.sample("flotilla_control_writes_refused_total", {{"reason", "stuck"}}, static_cast<double>(c.refused_stuck));
+  }
 
   p.family("flotilla_report_queue_depth", "gauge", "Device messages received and not yet processed.");
   p.sample("flotilla_report_queue_depth", {}, static_cast<double>(s.queue_depth()));

@@ -1,4 +1,5 @@
 #include "flotilla/hub/service.hpp"
+#include "flotilla/hub/control_log.hpp"
 
 #include <unordered_map>
 #include <algorithm>
@@ -52,6 +53,11 @@ HubService::HubService(Store& store, const Clock& clock, ServiceConfig cfg)
   } else {
     log::get("hub")->error("count devices by cell: {}", counts.error().message);
   }
+  // Before any thread: every control write from now on goes through it.
+  if (cfg_.control_coordinator) {
+    control_log_status_ = enable_control_log(*cfg_.control_coordinator, cfg_.control_log);
+    if (!control_log_status_) log::get("hub")->error("control log: {}", control_log_status_.error().message);
+  }
   for (auto& c : cells_) {
     Cell* cell = c.get();
     cell->worker() = std::thread([this, cell] { worker(*cell); });
@@ -61,8 +67,62 @@ HubService::HubService(Store& store, const Clock& clock, ServiceConfig cfg)
 
 HubService::~HubService() { stop(); }
 
+Status HubService::enable_control_log(coord::Coordinator& c, const ControlLogOptions& opts) {
+  if (control_log_) return make_error(Errc::conflict, "the control log is already enabled");
+  auto opened = ControlLog::open(store_.db(), store_mu_, c, opts);
+  if (!opened) return opened.error();
+  control_log_ = std::move(*opened);
+  control_log_->on_applied([this](const std::set<std::string>& tables) { on_control_applied(tables); });
+  enroll_commits_.set_runner([this](const std::function<Status()>& fn) { return control_log_->write(fn); });
+  // Entries written while this hub was away, before anything is served;
+  // with etcd away the watcher catches up once it returns.
+  if (auto s = control_log_->catch_up(); !s) {
+    log::get("hub")->warn("control log: not caught up at start: {}", s.error().message);
+  }
+  control_log_->start();
+  log::get("hub")->info("control log: following {} at revision={} seq={}", c.backend(),
+                        control_log_->applied_revision(), control_log_->applied_seq());
+  return {};
+}
+
+Status HubService::run_control_write(const std::function<Status()>& fn) { return control_log_->write(fn); }
+
+void HubService::on_control_applied(const std::set<std::string>& tables) {
+  if (tables.count("devices")) {
+    std::lock_guard lock(store_mu_);
+    // Decommissions made on another hub: drop what still arrives from them here too.
+    if (auto ids = store_.decommissioned_device_ids(); ids) {
+      std::lock_guard dl(decommissioned_mu_);
+      decommissioned_.insert(ids->begin(), ids->end());
+      any_decommissioned_ = !decommissioned_.empty();
+    }
+    if (auto counts = store_.cell_device_counts(); counts) {
+      std::fill(cell_devices_.begin(), cell_devices_.end(), 0);
+      for (const auto& c : *counts) {
+        if (c.cell >= 0 && c.cell < cell_count()) cell_devices_[static_cast<size_t>(c.cell)] = c.total;
+      }
+    }
+  }
+  if (tables.count("bundles")) {
+    std::lock_guard lock(store_mu_);
+    bundle_cache_.clear();  // signatures merged on another hub
+  }
+  if (tables.count("device_certs")) {
+    if (auto s = sync_broker_revocations(); !s) {
+      log::get("hub")->warn("revocations from another hub: reload the broker: {}", s.error().message);
+    }
+  }
+  if (tables.count("broker_credentials") && cfg_.manage_broker_credentials) {
+    if (auto s = sync_broker_credentials(); !s) {
+      log::get("hub")->warn("credentials from another hub: reload the broker: {}", s.error().message);
+    }
+  }
+  if (tables.count("campaigns")) engine_cv_.notify_one();
+}
+
 void HubService::stop() {
   if (stopping_.exchange(true)) return;
+  if (control_log_) control_log_->stop();
   for (auto& c : cells_) c->stop();
   engine_cv_.notify_all();
   for (auto& c : cells_) {
@@ -227,8 +287,11 @@ Result<CreatedToken> HubService::create_token(const std::string& kind, TokenReco
   out.secret = (kind == "api" ? "flt_api_" : "flt_enr_") + crypto::random_token(32);
   rec.id = (kind == "api" ? "tok-" : "enr-") + crypto::random_token(6);
   rec.created_ms = clock_.now_unix_ms();
-  std::lock_guard lock(store_mu_);
-  if (auto s = store_.insert_token(kind, rec, crypto::sha256_hex(out.secret)); !s) return s.error();
+  auto stored = control_write([&]() -> Status {
+    std::lock_guard lock(store_mu_);
+    return store_.insert_token(kind, rec, crypto::sha256_hex(out.secret));
+  });
+  if (!stored) return stored.error();
   out.record = rec;
   return out;
 }
@@ -456,7 +519,10 @@ Result<v1::EnrollResponse> HubService::enroll(const v1::EnrollRequest& req, Audi
   auto stored = enroll_commits_.run([&]() -> Status {
     dropped_password = false;
     record.reset();
-    counted = false;
+    if (counted) {  // run again (the control log): counted afresh below
+      --cell_devices_[static_cast<size_t>(d.cell)];
+      counted = false;
+    }
     int had_cell = -1;
     if (auto s = check_reenrollment(d, &had_cell); !s) return s.error();
     // Stable: a device enrolling again keeps its cell (and broker).
@@ -594,8 +660,9 @@ Result<v1::RenewResponse> HubService::renew(const v1::RenewRequest& req) {
   auto issued = certificate_for(req.csr(), std::string(key->begin(), key->end()), dev->id);
   if (!issued) return issued.error();
   bool dropped_password = false;
-  {
+  auto renewed = control_write([&]() -> Status {
     std::lock_guard lock(store_mu_);
+    dropped_password = false;
     // Read again under the lock: a decommission or another renewal may have
     // come between.
     auto now = store_.get_device(dev->id);
@@ -620,8 +687,9 @@ Result<v1::RenewResponse> HubService::renew(const v1::RenewRequest& req) {
         dropped_password = true;
       }
     }
-    if (auto s = tx.commit(); !s) return s.error();
-  }
+    return tx.commit();
+  });
+  if (!renewed) return renewed.error();
   ++certificates_issued_;
   ++renewals_;
   if (dropped_password) {
@@ -701,10 +769,13 @@ Result<v1::EnrollBatchResponse> HubService::enroll_batch(const v1::EnrollBatchRe
   size_t enrolled = 0;
   std::vector<DeviceRecord> stored;
   int64_t fresh = 0;
-  {
+  int gw_cell = 0;
+  auto batch_stored = control_write([&]() -> Status {
     std::lock_guard lock(store_mu_);
+    enrolled = 0;
+    stored.clear();
+    fresh = 0;
     // Behind one gateway, in the gateway's cell: its session carries them.
-    int gw_cell = 0;
     {
       DeviceRecord probe;
       probe.gateway = req.gateway_id();
@@ -736,8 +807,12 @@ Result<v1::EnrollBatchResponse> HubService::enroll_batch(const v1::EnrollBatchRe
       ++enrolled;
     }
     refresh_membership(stored);
-    if (auto s = tx.commit(); !s) return s.error();
-    if (gw_cell < cell_count()) cell_devices_[static_cast<size_t>(gw_cell)] += fresh;
+    return tx.commit();
+  });
+  if (!batch_stored) return batch_stored.error();
+  if (gw_cell < cell_count()) {
+    std::lock_guard lock(store_mu_);
+    cell_devices_[static_cast<size_t>(gw_cell)] += fresh;
   }
   log::get("hub")->info("enrolled batch gateway={} devices={} refused={} token={}", req.gateway_id(), enrolled,
                         req.devices_size() - enrolled, token->id);
@@ -837,10 +912,13 @@ void HubService::maintain_certificates() {
   if (!cfg_.device_ca) return;
   const int64_t now = clock_.now_unix();
   {
-    std::lock_guard lock(store_mu_);
     // A day of grace: a certificate that just expired is still named in
     // logs and by a device that renews late.
-    if (auto n = store_.prune_device_certs(now - 86400); !n) {
+    auto n = control_write([&]() -> Result<int64_t> {
+      std::lock_guard lock(store_mu_);
+      return store_.prune_device_certs(now - 86400);
+    });
+    if (!n) {
       log::get("hub")->warn("forget expired device certificates: {}", n.error().message);
     } else if (*n > 0) {
       log::get("hub")->info("forgot {} expired device certificates", *n);
@@ -885,42 +963,45 @@ Result<std::pair<BundleRecord, bool>> HubService::upload_bundle(const std::strin
   b.signatures = env->signatures_size();
   b.uploaded_ms = clock_.now_unix_ms();
   b.envelope = bundles::serialize_envelope(*env);
-  std::lock_guard lock(store_mu_);
-  // Within the uploader's project only: another project's upload of the
-  // same manifest is another bundle, and never adds signatures to this one.
-  if (auto existing = store_.find_bundle_by_digest(project, b.digest, true); !existing) {
-    return existing.error();
-  } else if (*existing) {
-    // The same manifest again, perhaps with more signatures (a second signer
-    // towards a threshold): keep the union. Verifying them is the agent's job.
-    BundleRecord rec = **existing;
-    v1::SignedBundle stored;
-    if (!stored.ParseFromString(rec.envelope)) return make_error(Errc::internal, "stored bundle does not parse");
-    std::set<std::string> have;
-    for (const auto& s : stored.signatures()) have.insert(s.key_id());
-    bool added = false;
-    for (const auto& s : env->signatures()) {
-      if (have.count(s.key_id()) || stored.signatures_size() >= static_cast<int>(bundles::kMaxSignatures)) continue;
-      *stored.add_signatures() = s;
-      have.insert(s.key_id());
-      added = true;
+  return control_write([&]() -> Result<std::pair<BundleRecord, bool>> {
+    std::lock_guard lock(store_mu_);
+    // Within the uploader's project only: another project's upload of the
+    // same manifest is another bundle, and never adds signatures to this one.
+    if (auto existing = store_.find_bundle_by_digest(project, b.digest, true); !existing) {
+      return existing.error();
+    } else if (*existing) {
+      // The same manifest again, perhaps with more signatures (a second signer
+      // towards a threshold): keep the union. Verifying them is the agent's job.
+      BundleRecord rec = **existing;
+      v1::SignedBundle stored;
+      if (!stored.ParseFromString(rec.envelope)) return make_error(Errc::internal, "stored bundle does not parse");
+      std::set<std::string> have;
+      for (const auto& s : stored.signatures()) have.insert(s.key_id());
+      bool added = false;
+      for (const auto& s : env->signatures()) {
+        if (have.count(s.key_id()) || stored.signatures_size() >= static_cast<int>(bundles::kMaxSignatures)) continue;
+        *stored.add_signatures() = s;
+        have.insert(s.key_id());
+        added = true;
+      }
+      if (added) {
+        rec.envelope = bundles::serialize_envelope(stored);
+        rec.signatures = stored.signatures_size();
+        if (auto s = store_.update_bundle_signatures(rec.id, rec.envelope, rec.signatures); !s) return s.error();
+        // Desired states published from now on carry the new signatures
+        // (the multi-signer workflow): drop the envelope kept for publishing.
+        bundle_cache_.erase(rec.id);
+        log::get("hub")->info("bundle id={} now carries {} signatures", rec.id, rec.signatures);
+      }
+      rec.envelope.clear();
+      return std::make_pair(rec, false);
     }
-    if (added) {
-      rec.envelope = bundles::serialize_envelope(stored);
-      rec.signatures = stored.signatures_size();
-      if (auto s = store_.update_bundle_signatures(rec.id, rec.envelope, rec.signatures); !s) return s.error();
-      // Desired states published from now on carry the new signatures
-      // (the multi-signer workflow): drop the envelope kept for publishing.
-      bundle_cache_.erase(rec.id);
-      log::get("hub")->info("bundle id={} now carries {} signatures", rec.id, rec.signatures);
-    }
-    rec.envelope.clear();
-    return std::make_pair(rec, false);
-  }
-  if (auto s = store_.insert_bundle(b); !s) return s.error();
-  b.envelope.clear();
-  log::get("hub")->info("stored bundle id={} name={} version={}", b.id, b.name, b.version);
-  return std::make_pair(b, true);
+    if (auto s = store_.insert_bundle(b); !s) return s.error();
+    log::get("hub")->info("stored bundle id={} name={} version={}", b.id, b.name, b.version);
+    BundleRecord out = b;
+    out.envelope.clear();
+    return std::make_pair(out, true);
+  });
 }
 
 Result<std::vector<BundleRecord>> HubService::list_bundles(const std::string& project) {

@@ -18,10 +18,15 @@ Result<std::optional<TokenRecord>> HubService::get_token(const std::string& kind
 }
 
 Status HubService::revoke_token(const std::string& kind, const std::string& id) {
-  std::lock_guard lock(store_mu_);
   // authenticate() reads the row on every request, so the next call with
-  // this token is refused: there is no cache to invalidate.
-  if (auto s = store_.revoke_token(kind, id); !s) return s;
+  // this token is refused: there is no cache to invalidate (on any hub).
+  if (auto s = control_write([&]() -> Status {
+        std::lock_guard lock(store_mu_);
+        return store_.revoke_token(kind, id);
+      });
+      !s) {
+    return s;
+  }
   log::get("hub")->info("revoked {} token id={}", kind, id);
   return {};
 }
@@ -32,33 +37,36 @@ Result<DeviceRecord> HubService::edit_device_labels(
     if (!valid_label_key(k)) return make_error(Errc::invalid_argument, "bad label key '" + k + "'");
     if (v && !valid_label_value(*v)) return make_error(Errc::invalid_argument, "bad value for label '" + k + "'");
   }
-  std::lock_guard lock(store_mu_);
-  auto d = store_.get_device(id);
-  if (!d) return d.error();
-  if (!*d) return make_error(Errc::not_found, "no device '" + id + "'");
-  DeviceRecord dev = **d;
-  if (dev.state == "decommissioned") {
-    return make_error(Errc::conflict, "device " + id + " is decommissioned; its labels are frozen");
-  }
-  for (const auto& [k, v] : changes) {
-    if (v) dev.labels[k] = *v;
-    else dev.labels.erase(k);
-  }
-  // Bounded like everything else: selectors are evaluated against every
-  // device's labels on every campaign and list.
-  if (dev.labels.size() > 64) return make_error(Errc::invalid_argument, "a device may carry at most 64 labels");
-  sql::Transaction tx(store_.db());
-  if (auto s = store_.set_device_labels(id, dev.labels); !s) return s.error();
-  refresh_membership({dev});  // live campaigns it now matches, or no longer does
-  if (auto s = tx.commit(); !s) return s.error();
-  return dev;
+  return control_write([&]() -> Result<DeviceRecord> {
+    std::lock_guard lock(store_mu_);
+    auto d = store_.get_device(id);
+    if (!d) return d.error();
+    if (!*d) return make_error(Errc::not_found, "no device '" + id + "'");
+    DeviceRecord dev = **d;
+    if (dev.state == "decommissioned") {
+      return make_error(Errc::conflict, "device " + id + " is decommissioned; its labels are frozen");
+    }
+    for (const auto& [k, v] : changes) {
+      if (v) dev.labels[k] = *v;
+      else dev.labels.erase(k);
+    }
+    // Bounded like everything else: selectors are evaluated against every
+    // device's labels on every campaign and list.
+    if (dev.labels.size() > 64) return make_error(Errc::invalid_argument, "a device may carry at most 64 labels");
+    sql::Transaction tx(store_.db());
+    if (auto s = store_.set_device_labels(id, dev.labels); !s) return s.error();
+    refresh_membership({dev});  // live campaigns it now matches, or no longer does
+    if (auto s = tx.commit(); !s) return s.error();
+    return dev;
+  });
 }
 
 Result<DeviceRecord> HubService::decommission_device(const std::string& id) {
   DeviceRecord dev;
   bool had_password = false;
   int64_t revoked = 0;
-  {
+  bool counted_out = false;
+  auto marked = control_write([&]() -> Status {
     std::lock_guard lock(store_mu_);
     auto d = store_.get_device(id);
     if (!d) return d.error();
@@ -76,13 +84,16 @@ Result<DeviceRecord> HubService::decommission_device(const std::string& id) {
     if (!n) return n.error();
     revoked = *n;
     if (auto s = store_.mark_device_decommissioned(id); !s) return s.error();
-    if (auto s = tx.commit(); !s) return s.error();
-    if (dev.state != "decommissioned" && dev.cell >= 0 && dev.cell < cell_count()) {
-      --cell_devices_[static_cast<size_t>(dev.cell)];
-    }
-    dev.state = "decommissioned";
-    dev.online = false;
+    counted_out = dev.state != "decommissioned" && dev.cell >= 0 && dev.cell < cell_count();
+    return tx.commit();
+  });
+  if (!marked) return marked.error();
+  {
+    std::lock_guard lock(store_mu_);
+    if (counted_out) --cell_devices_[static_cast<size_t>(dev.cell)];
   }
+  dev.state = "decommissioned";
+  dev.online = false;
   {
     // From now on nothing from it is taken, whatever is still on its way.
     std::lock_guard lock(decommissioned_mu_);
@@ -128,10 +139,12 @@ Result<DeviceRecord> HubService::decommission_device(const std::string& id) {
 
 Status HubService::append_audit(AuditRecord a) {
   if (a.time_ms == 0) a.time_ms = clock_.now_unix_ms();
-  std::lock_guard lock(store_mu_);
-  auto id = store_.append_audit(a);
-  if (!id) return id.error();
-  return {};
+  return control_write([&]() -> Status {
+    std::lock_guard lock(store_mu_);
+    auto id = store_.append_audit(a);
+    if (!id) return id.error();
+    return {};
+  });
 }
 
 Result<std::vector<AuditRecord>> HubService::list_audit(int64_t after, int64_t limit, const std::string& project) {

@@ -67,24 +67,26 @@ Result<std::vector<CampaignDeviceRecord>> HubService::campaign_failures(const st
 }
 
 Result<GitRepoRecord> HubService::put_gitrepo(GitRepoRecord r, bool create_only) {
-  std::lock_guard lock(store_mu_);
-  auto existing = store_.get_gitrepo(r.name);
-  if (!existing) return existing.error();
-  if (*existing) {
-    if (create_only) return make_error(Errc::already_exists, "GitRepo '" + r.name + "' exists");
-    if ((*existing)->project != r.project) {
-      return make_error(Errc::conflict, "the GitRepo name '" + r.name + "' is taken (names are unique on a hub)");
+  return control_write([&]() -> Result<GitRepoRecord> {
+    std::lock_guard lock(store_mu_);
+    auto existing = store_.get_gitrepo(r.name);
+    if (!existing) return existing.error();
+    if (*existing) {
+      if (create_only) return make_error(Errc::already_exists, "GitRepo '" + r.name + "' exists");
+      if ((*existing)->project != r.project) {
+        return make_error(Errc::conflict, "the GitRepo name '" + r.name + "' is taken (names are unique on a hub)");
+      }
+      r.created_ms = (*existing)->created_ms;
+    } else {
+      r.created_ms = clock_.now_unix_ms();
     }
-    r.created_ms = (*existing)->created_ms;
-  } else {
-    r.created_ms = clock_.now_unix_ms();
-  }
-  r.updated_ms = clock_.now_unix_ms();
-  if (auto s = store_.put_gitrepo(r); !s) return s.error();
-  auto stored = store_.get_gitrepo(r.name);
-  if (!stored) return stored.error();
-  if (!*stored) return make_error(Errc::internal, "GitRepo vanished after it was stored");
-  return **stored;
+    r.updated_ms = clock_.now_unix_ms();
+    if (auto s = store_.put_gitrepo(r); !s) return s.error();
+    auto stored = store_.get_gitrepo(r.name);
+    if (!stored) return stored.error();
+    if (!*stored) return make_error(Errc::internal, "GitRepo vanished after it was stored");
+    return **stored;
+  });
 }
 
 Result<std::optional<GitRepoRecord>> HubService::get_gitrepo(const std::string& name) {
@@ -98,13 +100,17 @@ Result<std::vector<GitRepoRecord>> HubService::list_gitrepos() {
 }
 
 Status HubService::delete_gitrepo(const std::string& name) {
-  std::lock_guard lock(store_mu_);
-  return store_.delete_gitrepo(name);
+  return control_write([&]() -> Status {
+    std::lock_guard lock(store_mu_);
+    return store_.delete_gitrepo(name);
+  });
 }
 
 Status HubService::save_gitrepo_status(const GitRepoRecord& r) {
-  std::lock_guard lock(store_mu_);
-  return store_.save_gitrepo_status(r);
+  return control_write([&]() -> Status {
+    std::lock_guard lock(store_mu_);
+    return store_.save_gitrepo_status(r);
+  });
 }
 
 namespace {
@@ -508,8 +514,11 @@ Result<ApplyOutcome> HubService::apply(const ApplyRequest& req, const ApplyScope
   ApplyOutcome out;
   out.dry_run = req.dry_run;
   out.apply_set = req.apply_set;
-  {
+  // One control write: with the control log, every object of the apply is
+  // one entry (a dry run leaves nothing, so it sends nothing).
+  auto applied = control_write([&]() -> Status {
     std::lock_guard lock(store_mu_);
+    out.objects.clear();
     sql::Transaction tx(store_.db());
     if (!tx.ok()) return make_error(Errc::unavailable, "the store is busy; retry", true);
     Applier a{*this, store_, req, scope, artifacts_, clock_.now_unix_ms()};
@@ -548,10 +557,14 @@ Result<ApplyOutcome> HubService::apply(const ApplyRequest& req, const ApplyScope
       // Nothing of it stays: the transaction rolls back, and the secrets of
       // tokens that were never kept mean nothing.
       for (auto& o : out.objects) o.secret.clear();
-      log::get("hub")->info("apply dry run by={} objects={} changes={}", scope.actor, out.objects.size(), out.changed());
-      return out;
+      return {};
     }
-    if (auto s = tx.commit(); !s) return s.error();
+    return tx.commit();
+  });
+  if (!applied) return applied.error();
+  if (req.dry_run) {
+    log::get("hub")->info("apply dry run by={} objects={} changes={}", scope.actor, out.objects.size(), out.changed());
+    return out;
   }
   engine_cv_.notify_one();
   log::get("hub")->info("applied by={} applyset={} objects={} changes={}", scope.actor,

@@ -32,9 +32,12 @@ Result<v1::Trust> HubService::put_trust(const std::string& trust_bytes) {
     auto m = bundles::parse_keyring_manifest(t.signing(), bundles::KeyringRole::signing);
     if (!m) return m.error().with_context("signing");
   }
-  {
-    std::lock_guard lock(store_mu_);
-    if (auto s = store_.put_trust(trust_bytes, clock_.now_unix_ms()); !s) return s.error();
+  if (auto s = control_write([&]() -> Status {
+        std::lock_guard lock(store_mu_);
+        return store_.put_trust(trust_bytes, clock_.now_unix_ms());
+      });
+      !s) {
+    return s.error();
   }
   log::get("hub")->info("stored trust roots={} signing={}", t.roots_size(), t.has_signing());
   return t;

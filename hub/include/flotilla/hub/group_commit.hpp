@@ -28,6 +28,10 @@ class GroupCommit {
   // savepoint) and returns once its writes are committed: work's own error,
   // or the commit's.
   Status run(const std::function<Status()>& work);
+  // Runs each batch through runner (the control log's write, which may run
+  // the batch again after another hub wrote first); set before any run().
+  using Runner = std::function<Status(const std::function<Status()>&)>;
+  void set_runner(Runner runner) { runner_ = std::move(runner); }
 
   uint64_t commits() const;  // transactions committed (or tried)
   uint64_t runs() const;     // work done
@@ -40,9 +44,12 @@ class GroupCommit {
     bool done = false;
   };
   void run_batch(std::deque<Pending*>& batch);
+  // Each work in its own savepoint; true when any is to be kept.
+  bool run_works(std::deque<Pending*>& batch);
 
   std::recursive_mutex& store_mu_;
   sql::Db& db_;
+  Runner runner_;
   mutable std::mutex mu_;
   std::condition_variable cv_;
   std::deque<Pending*> queue_;

@@ -21,6 +21,7 @@
 #include "flotilla/common/transport.hpp"
 #include "flotilla/hub/campaign.hpp"
 #include "flotilla/hub/cell.hpp"
+#include "flotilla/hub/control_log.hpp"
 #include "flotilla/hub/group_commit.hpp"
 #include "flotilla/hub/metrics.hpp"
 #include "flotilla/hub/rate_limit.hpp"
@@ -68,6 +69,12 @@ struct ServiceConfig {
   size_t report_queue_bytes_cap = 64u << 20;
   // Tests that drive the engine with a fake clock call tick() themselves.
   bool engine_thread = true;
+  // Several hub processes (docs/adr/0016): every control write goes through
+  // the control log in this coordinator, the store being a mirror of it, and
+  // a watcher applies the other hubs' entries. Null (one hub, the default):
+  // nothing changes.
+  coord::Coordinator* control_coordinator = nullptr;
+  ControlLogOptions control_log;
 };
 
 // Device counts by campaign status. offline = unfinished devices that are
@@ -148,6 +155,11 @@ class HubService {
   void set_aggregates(AggregateStore* a) { aggregates_ = a; }
   AggregateStore* aggregates() const { return aggregates_; }
   void stop();
+
+  // With ServiceConfig::control_coordinator: the control log (null without
+  // one), and whether it could be set up (the hub refuses to start if not).
+  ControlLog* control_log() const { return control_log_.get(); }
+  Status control_log_status() const { return control_log_status_; }
 
   // Tokens. kind is "api" or "enroll". A positive ttl sets the expiry from
   // the service's clock.
@@ -403,6 +415,30 @@ class HubService {
   void start_rollback(CampaignRecord& c, const std::string& reason, Publishes& publishes);
   Result<BundleRecord> bundle_with_envelope(const std::string& id);
 
+  // Runs f (returning Status or Result<T>) as one control write: in the
+  // control log when there is one (f may then run again after another hub
+  // wrote first), else simply f. f takes store_mu_ itself.
+  template <class F>
+  auto control_write(F&& f) -> decltype(f()) {
+    using R = decltype(f());
+    if (!control_log_) {
+      if (!control_log_status_) return control_log_status_.error();
+      return f();
+    }
+    std::optional<R> out;
+    Status s = run_control_write([&]() -> Status {
+      out.emplace(f());
+      if (!*out) return out->error();
+      return {};
+    });
+    if (!s) return s.error();
+    return std::move(*out);
+  }
+  Status run_control_write(const std::function<Status()>& fn);
+  // Caches derived from control data, refreshed after another hub's entries
+  // changed these tables.
+  void on_control_applied(const std::set<std::string>& tables);
+
   Store& store_;
   const Clock& clock_;
   ServiceConfig cfg_;
@@ -445,7 +481,10 @@ class HubService {
   // Rows one tick releases at most; a tick that hit it asks for the next at once.
   static constexpr int64_t kReleaseChunk = 5000;
   std::atomic<bool> retick_{false};
-  std::map<std::string, BundleRecord> bundle_cache_;  // envelopes for publishing, by id
+  std::map<std::string, BundleRecord> bundle_cache_;  // envelopes for publishing, by id (store_mu_)
+  std::unique_ptr<ControlLog> control_log_;  // null with one hub
+  Status control_log_status_;
+  Status enable_control_log(coord::Coordinator& c, const ControlLogOptions& opts);
   std::function<void(const std::string&)> git_sync_trigger_;
   std::atomic<uint64_t> reports_processed_{0};
   std::atomic<uint64_t> reports_received_{0}, presence_received_{0}, other_received_{0};

@@ -1,0 +1,135 @@
+#pragma once
+// The control log (issue 17, docs/adr/0016): with several hub processes, the
+// control data (tokens, bundles, campaigns, audit, trust, device registry
+// rows, certificates, declarative objects, Git repositories) has one truth,
+// a linearised log of SQLite changesets in the coordinator, and every hub
+// keeps a mirror of it in its own SQLite so every query works unchanged.
+//
+// A control write runs its closure inside one local transaction with a
+// session recording the control tables; the changeset becomes the next log
+// entry in a coordinator transaction that holds only if the log's head is
+// still where this mirror applied it. Then, and only then, the local
+// transaction commits (with the revision applied). Head moved: roll back,
+// apply the missing entries, run the closure again. Coordinator unreachable:
+// roll back and refuse (coordination_unavailable). Nothing is half-written.
+//
+// A watcher applies the other hubs' entries in log order, each in its own
+// local transaction with its revision. Writes to the control tables made on
+// the store's connection outside a control write (or the applier) are
+// refused by SQLite itself (temporary triggers): a control write cannot
+// escape the log.
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "flotilla/common/result.hpp"
+#include "flotilla/common/sqlite.hpp"
+#include "flotilla/hub/coord.hpp"
+
+namespace flotilla::hub {
+
+struct ControlLogOptions {
+  std::string prefix = "/flotilla/control/";
+  // Head moved under a write this many times in a row: conflict.
+  int max_retries = 8;
+  // How long a write waits to catch up with the log before it gives up.
+  std::chrono::milliseconds catch_up_timeout{10000};
+  // After the coordinator could not be reached, writes in this window are
+  // refused at once with that error instead of each waiting for every
+  // member's timeout while holding the store (report batches wait on it).
+  std::chrono::milliseconds unreachable_hold{1000};
+};
+
+class ControlLog {
+ public:
+  // The tables whose rows are control data (the devices table only for the
+  // columns control operations write; see control_log.cpp).
+  static const std::vector<std::string>& tables();
+
+  // db is the hub store's connection and mu what serialises its use. Creates
+  // the local control_log_state table and the guard triggers; starts nothing.
+  static Result<std::unique_ptr<ControlLog>> open(sql::Db& db, std::recursive_mutex& mu, coord::Coordinator& c,
+                                                  ControlLogOptions opts = {});
+  ~ControlLog();
+  ControlLog(const ControlLog&) = delete;
+  ControlLog& operator=(const ControlLog&) = delete;
+
+  // Runs fn as one control write (see above); fn may run more than once and
+  // must take its inputs afresh each time. Inside another control write on
+  // the same thread it simply runs fn (the outer write carries its changes).
+  Status write(const std::function<Status()>& fn);
+  bool in_write() const;
+
+  // Applies the entries up to the log's head now (this thread).
+  Status catch_up();
+  // Applies what has arrived, waiting up to `wait` for more (the watcher's step).
+  Status poll(std::chrono::milliseconds wait);
+  // The watcher: poll() in a loop on a thread of its own until stop().
+  void start();
+  void stop();
+  // Waits until the mirror has applied `revision` (a write's answer on
+  // another hub); false at the timeout.
+  bool wait_applied(int64_t revision, std::chrono::milliseconds timeout);
+
+  // Called after an applied entry commits, with the control tables it
+  // changed (caches derived from them are refreshed there). Not called for
+  // this hub's own writes. Set before start().
+  void on_applied(std::function<void(const std::set<std::string>&)> f) { on_applied_ = std::move(f); }
+
+  int64_t applied_revision() const { return applied_rev_.load(); }
+  int64_t applied_seq() const { return applied_seq_.load(); }
+  // The revision this thread's last control write committed at (0: none or nothing changed).
+  static int64_t last_write_revision();
+
+  struct Counters {
+    uint64_t writes = 0;            // entries appended by this hub
+    uint64_t retries = 0;           // a write re-run because another hub wrote first
+    uint64_t refused_unavailable = 0, refused_conflict = 0, refused_too_large = 0, refused_stuck = 0;
+    uint64_t entries_applied = 0;   // other hubs' entries applied here
+    uint64_t apply_failures = 0;    // entries that could not be applied (the mirror stops there)
+  };
+  Counters counters() const;
+  // Why the mirror stopped at an entry ("" while it follows the log).
+  std::string stuck_reason() const;
+
+ private:
+  ControlLog(sql::Db& db, std::recursive_mutex& mu, coord::Coordinator& c, ControlLogOptions opts);
+  Status install();
+  std::string head_key() const { return opts_.prefix + "head"; }
+  std::string log_prefix() const { return opts_.prefix + "log/"; }
+  Status write_once(const std::function<Status()>& fn, bool* moved);
+  // Applies watch events in order (store lock held inside).
+  Status apply_events(const std::vector<coord::WatchEvent>& events);
+  Status apply_entry(const coord::KeyValue& kv, std::set<std::string>& tables);
+  Status refuse_if_unreachable();
+  // The history this mirror needs is gone: stuck until rebuilt.
+  Status compacted(int64_t oldest);
+  void note_unreachable(const Error& e);
+
+  sql::Db& db_;
+  std::recursive_mutex& mu_;
+  coord::Coordinator& c_;
+  ControlLogOptions opts_;
+  std::atomic<int64_t> applied_rev_{0}, applied_seq_{0};
+  std::function<void(const std::set<std::string>&)> on_applied_;
+  std::unique_ptr<coord::Watch> watch_;  // the watcher's (poll() callers hold poll_mu_)
+  std::mutex poll_mu_;
+  mutable std::mutex state_mu_;
+  std::condition_variable applied_cv_;
+  Counters counters_;
+  std::string stuck_;
+  std::chrono::steady_clock::time_point unreachable_since_{};
+  std::string unreachable_error_;
+  std::atomic<bool> stopping_{false};
+  std::thread watcher_;
+};
+
+}  // namespace flotilla::hub

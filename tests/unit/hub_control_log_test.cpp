@@ -1,0 +1,490 @@
+// [unit] The control log (docs/adr/0016): hubs with their own SQLite stores
+// sharing control data through one coordinator — here the embedded SQLite
+// coordinator file, used as the shared log; the integration tier runs the
+// same on a real 3-member etcd with real hub processes
+// (tests/integration/hub_control_etcd_test.cpp).
+#include <catch2/catch.hpp>
+
+#include <atomic>
+#include <memory>
+#include <optional>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "flotilla/bundles/bundle.hpp"
+#include "flotilla/bundles/keys.hpp"
+#include "flotilla/common/clock.hpp"
+#include "flotilla/common/crypto.hpp"
+#include "flotilla/hub/api.hpp"
+#include "flotilla/hub/control_log.hpp"
+#include "flotilla/hub/coord.hpp"
+#include "flotilla/hub/service.hpp"
+#include "flotilla/hub/store.hpp"
+#include "flotilla/v1/enroll.pb.h"
+#include "tests/support/hub_test_support.hpp"
+#include "tests/support/temp_dir.hpp"
+
+namespace {
+
+using namespace flotilla;
+using namespace flotilla::hub;
+namespace co = flotilla::hub::coord;
+using nlohmann::json;
+using test::body_of;
+using test::RecordingTransport;
+using test::TempDir;
+
+// The shared coordinator, which a test can make unreachable the way etcd is
+// when no member answers (the etcd backend's own error is tested against a
+// stopped cluster in the integration tier).
+class SwitchableCoordinator final : public co::Coordinator {
+ public:
+  explicit SwitchableCoordinator(co::Coordinator& inner) : inner_(inner) {}
+  std::atomic<bool> down{false};
+  std::string_view backend() const override { return inner_.backend(); }
+  Result<co::Lease> grant_lease(std::chrono::seconds ttl) override {
+    if (down) return gone();
+    return inner_.grant_lease(ttl);
+  }
+  Result<std::chrono::seconds> keep_alive(co::LeaseId id) override {
+    if (down) return gone();
+    return inner_.keep_alive(id);
+  }
+  Result<std::chrono::seconds> lease_ttl(co::LeaseId id) override {
+    if (down) return gone();
+    return inner_.lease_ttl(id);
+  }
+  Status revoke_lease(co::LeaseId id) override {
+    if (down) return gone();
+    return inner_.revoke_lease(id);
+  }
+  Result<std::optional<co::KeyValue>> get(const std::string& key) override {
+    if (down) return gone();
+    return inner_.get(key);
+  }
+  Result<co::RangeResult> range(const std::string& prefix, size_t limit) override {
+    if (down) return gone();
+    return inner_.range(prefix, limit);
+  }
+  Result<co::TxnResult> txn(const std::vector<co::Compare>& c, const std::vector<co::Op>& ops) override {
+    if (down) return gone();
+    return inner_.txn(c, ops);
+  }
+  Result<std::unique_ptr<co::Watch>> watch(const std::string& prefix, int64_t from) override {
+    if (down) return gone();
+    return inner_.watch(prefix, from);
+  }
+
+ private:
+  static Error gone() {
+    return make_error(Errc::coordination_unavailable,
+                      "etcd unreachable: no member answered (tried http://127.0.0.1:1, http://127.0.0.1:2)", true);
+  }
+  co::Coordinator& inner_;
+};
+
+ControlLogOptions test_options() {
+  ControlLogOptions o;
+  o.unreachable_hold = std::chrono::milliseconds(0);  // tests switch the coordinator back at once
+  return o;
+}
+
+// One hub process: its own SQLite store, the shared coordinator.
+class Hub {
+ public:
+  Hub(co::Coordinator& c, FakeClock& clock, bool make_root) : clock_(clock) {
+    auto s = Store::open((dir_.path() / "hub.db").string());
+    REQUIRE(s);
+    store_ = std::move(*s);
+    ServiceConfig cfg;
+    cfg.broker_url = "tcp://127.0.0.1:1883";
+    cfg.public_url = "http://hub.test:8080";
+    cfg.engine_thread = false;
+    cfg.control_coordinator = &c;
+    cfg.control_log = test_options();
+    service_ = std::make_unique<HubService>(*store_, clock, cfg);
+    REQUIRE(service_->control_log_status());
+    REQUIRE(service_->control_log());
+    api_ = std::make_unique<Api>(*service_);
+    REQUIRE(service_->attach_transport(transport_));
+    if (make_root) {
+      TokenRecord rec;
+      rec.name = "root";
+      rec.role = "admin";
+      rec.project = "*";
+      auto t = service_->create_token("api", rec);
+      REQUIRE(t);
+      root = t->secret;
+    }
+  }
+  ~Hub() { service_->stop(); }
+
+  HttpResponse call(const std::string& method, const std::string& target, const std::string& body,
+                    const std::string& token) {
+    HttpRequest req;
+    req.method = method;
+    req.target = target;
+    req.body = body;
+    req.peer = "127.0.0.1";
+    if (!token.empty()) req.headers["authorization"] = "Bearer " + token;
+    return api_->handle(req);
+  }
+  void catch_up() { REQUIRE(log().catch_up()); }
+  ControlLog& log() { return *service_->control_log(); }
+  HubService& service() { return *service_; }
+  Store& store() { return *store_; }
+
+  int64_t count(const std::string& table) {
+    auto st = store_->db().prepare("SELECT COUNT(*) FROM " + table);
+    REQUIRE(st);
+    auto r = st->step();
+    REQUIRE(r);
+    const int64_t n = st->col_int(0);
+    st->reset();
+    return n;
+  }
+  std::vector<std::string> audit_trail() {
+    auto rows = store_->list_audit(0, 10000, "*");
+    REQUIRE(rows);
+    std::vector<std::string> out;
+    for (const auto& a : *rows) out.push_back(std::to_string(a.id) + " " + a.method + " " + a.path + " " + a.detail);
+    return out;
+  }
+
+  std::string upload_bundle(const std::string& token, const std::string& name) {
+    auto r = post_bundle(token, name, "kind: ConfigMap\n");
+    INFO(r.body);
+    REQUIRE(r.status == 201);
+    return body_of(r)["id"].get<std::string>();
+  }
+  HttpResponse post_bundle(const std::string& token, const std::string& name, const std::string& content) {
+    v1::BundleManifest m;
+    m.set_format_version(1);
+    m.set_name(name);
+    m.set_channel("stable");
+    m.set_version(1);
+    m.set_created_unix(clock_.now_unix());
+    m.set_expires_unix(clock_.now_unix() + 30 * 86400);
+    auto* f = m.add_files();
+    f->set_kind(v1::FILE_KIND_MANIFEST);
+    f->set_name("app.yaml");
+    f->set_content(content);
+    f->set_mode(0644);
+    auto h = crypto::sha256(f->content());
+    f->set_sha256(std::string(h.begin(), h.end()));
+    auto env = bundles::wrap(m);
+    REQUIRE(bundles::sign(env, signing_key_));
+    return call("POST", "/v1/bundles", bundles::serialize_envelope(env), token);
+  }
+
+  // Enrolls a device through the API (the group commit path); returns its id.
+  std::string enroll_device(const std::string& enroll_secret) {
+    auto key = bundles::generate_key();
+    v1::EnrollRequest req;
+    req.set_enrollment_token(enroll_secret);
+    req.set_device_public_key(std::string(key.pub.key.begin(), key.pub.key.end()));
+    static std::atomic<uint64_t> issued{1'800'000'000'000};  // each request newer than the last
+    req.set_issued_unix_ms(++issued);
+    auto sig = bundles::sign_detached(key, bundles::enroll_proof_message(enroll_secret, key.pub.key,
+                                                                          req.issued_unix_ms()));
+    req.set_proof(std::string(sig.begin(), sig.end()));
+    req.set_hostname("edge-host");
+    req.set_arch("arm64");
+    (*req.mutable_labels())["site"] = "north";
+    auto r = call("POST", "/v1/enroll", req.SerializeAsString(), "");
+    INFO(r.body);
+    REQUIRE(r.status == 200);
+    v1::EnrollResponse resp;
+    REQUIRE(resp.ParseFromString(r.body));
+    return resp.device_id();
+  }
+
+  std::string root;
+
+ private:
+  FakeClock& clock_;
+  TempDir dir_{"control-log"};
+  std::unique_ptr<Store> store_;
+  std::unique_ptr<HubService> service_;
+  std::unique_ptr<Api> api_;
+  RecordingTransport transport_;
+  bundles::KeyPair signing_key_ = bundles::generate_key();
+};
+
+struct Shared {
+  TempDir dir{"control-coord"};
+  FakeClock clock;
+  std::unique_ptr<co::Coordinator> sqlite;
+  std::unique_ptr<SwitchableCoordinator> coord;
+  Shared() {
+    auto c = co::open_sqlite_coordinator({(dir.path() / "coord.db").string()}, clock);
+    REQUIRE(c);
+    sqlite = std::move(*c);
+    coord = std::make_unique<SwitchableCoordinator>(*sqlite);
+  }
+  int64_t head_revision() {
+    auto h = sqlite->get("/flotilla/control/head");
+    REQUIRE(h);
+    return *h ? (*h)->mod_revision : 0;
+  }
+};
+
+TokenRecord token_rec(const std::string& name, const std::string& role, std::vector<std::string> device_keys = {}) {
+  TokenRecord t;
+  t.name = name;
+  t.role = role;
+  t.project = "default";
+  t.device_label_keys = std::move(device_keys);
+  return t;
+}
+
+std::set<std::string> ids(const json& items) {
+  std::set<std::string> out;
+  for (const auto& i : items) out.insert(i["id"].get<std::string>());
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("control log: what one hub writes, another hub reads, in the same order", "[unit][control]") {
+  Shared sh;
+  Hub a(*sh.coord, sh.clock, true);
+  Hub b(*sh.coord, sh.clock, false);  // caught up at start: A's admin token works on B
+
+  // An API token made on A authenticates on B.
+  auto made = a.call("POST", "/v1/tokens", json{{"name", "ops"}, {"role", "operator"}, {"project", "default"}}.dump(),
+                     a.root);
+  INFO(made.body);
+  REQUIRE(made.status == 201);
+  const std::string ops = body_of(made)["token"].get<std::string>();
+  b.catch_up();
+  CHECK(b.call("GET", "/v1/bundles", "", ops).status == 200);
+  CHECK(b.call("GET", "/v1/bundles", "", "flt_api_not-a-token").status == 401);
+
+  // A bundle uploaded on A is listed and fetched on B.
+  const std::string bundle = a.upload_bundle(ops, "edge-base");
+  b.catch_up();
+  auto listed = b.call("GET", "/v1/bundles", "", ops);
+  REQUIRE(listed.status == 200);
+  CHECK(ids(body_of(listed)["items"]).count(bundle) == 1);
+  CHECK(b.call("GET", "/v1/bundles/" + bundle, "", ops).status == 200);
+
+  // A device enrolled on A (group commit: one log entry for the group) and
+  // a campaign created on A are on B.
+  auto enr = a.service().create_token("enroll", token_rec("enroll", "enroll", {"site"}));
+  REQUIRE(enr);
+  const std::string device = a.enroll_device(enr->secret);
+  auto camp = a.call("POST", "/v1/campaigns", json{{"bundle", bundle}, {"selector", "site=north"}}.dump(), ops);
+  INFO(camp.body);
+  REQUIRE(camp.status == 201);
+  const std::string campaign = body_of(camp)["id"].get<std::string>();
+  b.catch_up();
+  auto dev = b.service().get_device(device);
+  REQUIRE(dev);
+  REQUIRE(*dev);
+  CHECK((*dev)->labels.at("site") == "north");
+  auto campaigns = b.call("GET", "/v1/campaigns", "", ops);
+  REQUIRE(campaigns.status == 200);
+  CHECK(ids(body_of(campaigns)["items"]).count(campaign) == 1);
+
+  // B writes too; the audit rows of both are on both, in the same order.
+  auto b_tok = b.call("POST", "/v1/tokens", json{{"name", "viewer-b"}, {"role", "viewer"}, {"project", "default"}}.dump(),
+                      a.root);
+  REQUIRE(b_tok.status == 201);
+  a.catch_up();
+  b.catch_up();
+  CHECK(a.audit_trail().size() >= 4);
+  CHECK(a.audit_trail() == b.audit_trail());
+  CHECK(a.log().applied_revision() == b.log().applied_revision());
+
+  // The watcher alone brings B up to date: no catch_up() called here.
+  auto more = a.call("POST", "/v1/tokens", json{{"name", "late"}, {"role", "viewer"}, {"project", "default"}}.dump(),
+                     a.root);
+  REQUIRE(more.status == 201);
+  REQUIRE(b.log().wait_applied(a.log().applied_revision(), std::chrono::seconds(20)));
+  CHECK(b.call("GET", "/v1/bundles", "", body_of(more)["token"].get<std::string>()).status == 200);
+
+  // A hub started later catches up from the log: everything is there.
+  Hub c(*sh.coord, sh.clock, false);
+  CHECK(c.log().applied_revision() == a.log().applied_revision());
+  CHECK(c.audit_trail() == a.audit_trail());
+  CHECK(c.count("tokens") == a.count("tokens"));
+  CHECK(c.call("GET", "/v1/bundles/" + bundle, "", ops).status == 200);
+  // What no hub writes through the log stays each hub's own.
+  CHECK(c.count("campaign_devices") == 0);
+  CHECK(a.count("campaign_devices") == 1);
+}
+
+TEST_CASE("control log: writes from two hubs are both kept and the one that lost the race ran again",
+          "[unit][control]") {
+  Shared sh;
+  Hub a(*sh.coord, sh.clock, true);
+  Hub b(*sh.coord, sh.clock, false);
+  // B does not follow the log for a moment: its next write is based on an
+  // old head and must lose the compare, catch up and run again.
+  b.log().stop();
+  auto t1 = a.service().create_token("api", token_rec("from-a", "viewer"));
+  REQUIRE(t1);
+  const auto retries_before = b.log().counters().retries;
+  auto t2 = b.service().create_token("api", token_rec("from-b", "viewer"));
+  REQUIRE(t2);
+  CHECK(b.log().counters().retries == retries_before + 1);
+  auto metrics = b.call("GET", "/metrics", "", a.root);
+  REQUIRE(metrics.status == 200);
+  CHECK(metrics.body.find("\nflotilla_control_write_retries_total " + std::to_string(retries_before + 1) + "\n") !=
+        std::string::npos);
+  CHECK(metrics.body.find("\nflotilla_control_log_revision " + std::to_string(b.log().applied_revision()) + "\n") !=
+        std::string::npos);
+  a.catch_up();
+  CHECK(a.count("tokens") == 3);
+  CHECK(b.count("tokens") == 3);
+
+  // Truly concurrent writers on both hubs: every write is kept, on both.
+  b.log().start();
+  constexpr int kEach = 15;
+  // A write that lost the race every time it ran answers conflict (409):
+  // nothing of it was written and the caller tries again, as a client would.
+  // (Catch2 asserts on this thread only: the writers report their errors.)
+  std::atomic<int> conflicts{0};
+  auto writer = [&conflicts](Hub& h, const std::string& who, std::string* error) {
+    for (int i = 0; i < kEach; ++i) {
+      for (int attempt = 0;; ++attempt) {
+        auto t = h.service().create_token("api", token_rec(who + std::to_string(i), "viewer"));
+        if (t) break;
+        if (t.error().code != Errc::conflict || attempt > 20) {
+          *error = t.error().message;
+          return;
+        }
+        ++conflicts;
+      }
+    }
+  };
+  std::string error_a, error_b;
+  std::thread ta([&] { writer(a, "a", &error_a); });
+  std::thread tb([&] { writer(b, "b", &error_b); });
+  ta.join();
+  tb.join();
+  CHECK(error_a.empty());
+  CHECK(error_b.empty());
+  a.catch_up();
+  b.catch_up();
+  CHECK(a.count("tokens") == 3 + 2 * kEach);
+  CHECK(b.count("tokens") == 3 + 2 * kEach);
+  CHECK(a.log().applied_seq() == b.log().applied_seq());
+  CHECK(a.log().counters().refused_conflict + b.log().counters().refused_conflict == uint64_t(conflicts.load()));
+}
+
+TEST_CASE("control log: with the coordinator unreachable a control write is refused and nothing is written",
+          "[unit][control]") {
+  Shared sh;
+  Hub a(*sh.coord, sh.clock, true);
+  const int64_t head = sh.head_revision();
+  const int64_t tokens = a.count("tokens"), audit = a.count("audit_log"), bundles_n = a.count("bundles");
+  sh.coord->down = true;
+
+  auto r = a.call("POST", "/v1/tokens", json{{"name", "x"}, {"role", "viewer"}, {"project", "default"}}.dump(), a.root);
+  CHECK(r.status == 503);
+  CHECK(r.body.find("etcd") != std::string::npos);
+  CHECK(r.body.find("127.0.0.1:1") != std::string::npos);  // the members tried
+  auto direct = a.service().create_token("api", token_rec("y", "viewer"));
+  REQUIRE_FALSE(direct);
+  CHECK(direct.error().code == Errc::coordination_unavailable);
+  auto up = a.service().upload_bundle("not a bundle");
+  CHECK_FALSE(up);  // refused for what it is, before the log is asked
+  // Reads keep working from the mirror.
+  CHECK(a.call("GET", "/v1/tokens", "", a.root).status == 200);
+  // Nothing in A's SQLite (not even the refused calls' audit rows), nothing in the log.
+  CHECK(a.count("tokens") == tokens);
+  CHECK(a.count("audit_log") == audit);
+  CHECK(a.count("bundles") == bundles_n);
+  CHECK(sh.head_revision() == head);
+  CHECK(a.log().counters().refused_unavailable >= 2);
+  auto metrics = a.call("GET", "/metrics", "", a.root);
+  REQUIRE(metrics.status == 200);
+  CHECK(metrics.body.find("flotilla_control_writes_refused_total{reason=\"unavailable\"} ") != std::string::npos);
+
+  // The coordinator is back: writes work again, nothing to restart.
+  sh.coord->down = false;
+  auto again = a.call("POST", "/v1/tokens", json{{"name", "x"}, {"role", "viewer"}, {"project", "default"}}.dump(),
+                      a.root);
+  CHECK(again.status == 201);
+  CHECK(a.count("tokens") == tokens + 1);
+  CHECK(sh.head_revision() > head);
+}
+
+TEST_CASE("control log: a control table written outside a control write is refused by the store", "[unit][control]") {
+  Shared sh;
+  Hub a(*sh.coord, sh.clock, true);
+  const int64_t tokens = a.count("tokens");
+  TokenRecord t;
+  t.id = "tok-bypass";
+  t.name = "bypass";
+  t.role = "admin";
+  t.project = "*";
+  auto s = a.store().insert_token("api", t, crypto::sha256_hex("secret"));
+  REQUIRE_FALSE(s);
+  CHECK(s.error().message.find("outside a control write") != std::string::npos);
+  CHECK(a.count("tokens") == tokens);
+  // Report columns of a device row are not control data: they stay writable.
+  auto enr = a.service().create_token("enroll", token_rec("enroll", "enroll", {"site"}));
+  REQUIRE(enr);
+  const std::string device = a.enroll_device(enr->secret);
+  auto dev = a.store().get_device(device);
+  REQUIRE(dev);
+  REQUIRE(*dev);
+  DeviceRecord d = **dev;
+  d.online = true;
+  d.state = "applied";
+  CHECK(a.store().save_device_state(d));
+  // Its labels are.
+  CHECK_FALSE(a.store().set_device_labels(device, {{"site", "south"}}));
+}
+
+TEST_CASE("control log: an entry that cannot be applied is reported and stops the mirror, never skipped",
+          "[unit][control]") {
+  Shared sh;
+  Hub a(*sh.coord, sh.clock, true);
+  Hub b(*sh.coord, sh.clock, false);
+  b.log().stop();  // driven by hand below
+  const int64_t seq = a.log().applied_seq();
+  const int64_t head = sh.head_revision();
+  char key[64];
+  std::snprintf(key, sizeof key, "/flotilla/control/log/%020lld", static_cast<long long>(seq + 1));
+  auto w = sh.sqlite->txn({co::Compare::mod_revision_is("/flotilla/control/head", head)},
+                          {co::Op::put(key, "this is not a changeset"),
+                           co::Op::put("/flotilla/control/head", std::to_string(seq + 1))});
+  REQUIRE(w);
+  REQUIRE(w->succeeded);
+  const int64_t tokens = b.count("tokens");
+  auto caught = b.log().catch_up();
+  REQUIRE_FALSE(caught);
+  CHECK(caught.error().message.find(key) != std::string::npos);
+  CHECK(b.log().stuck_reason().find("cannot be applied") != std::string::npos);
+  CHECK(b.log().counters().apply_failures >= 1);
+  CHECK(b.log().applied_seq() == seq);  // not skipped
+  CHECK(b.count("tokens") == tokens);
+  // Writes on a stuck mirror are refused with the reason.
+  auto t = b.service().create_token("api", token_rec("z", "viewer"));
+  REQUIRE_FALSE(t);
+  CHECK(t.error().message.find("stuck") != std::string::npos);
+}
+
+TEST_CASE("control log: a control write too large for one log entry is refused whole", "[unit][control]") {
+  Shared sh;
+  Hub a(*sh.coord, sh.clock, true);
+  const int64_t head = sh.head_revision();
+  const int64_t bundles_n = a.count("bundles");
+  // Legal for one hub (bundles may carry 4 MiB inline), not for one entry.
+  auto r = a.post_bundle(a.root, "huge", std::string(1200 * 1024, 'x'));
+  CHECK(r.status == 413);
+  CHECK(r.body.find("entry limit") != std::string::npos);
+  CHECK(a.count("bundles") == bundles_n);
+  CHECK(a.log().counters().refused_too_large == 1);
+  // The refused call's audit row is a small write of its own: it is kept.
+  CHECK(sh.head_revision() > head);
+  CHECK(a.post_bundle(a.root, "small", "kind: ConfigMap\n").status == 201);
+}
