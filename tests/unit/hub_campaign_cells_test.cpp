@@ -251,8 +251,11 @@ std::map<std::string, std::set<uint64_t>> generations(const std::vector<const Re
 
 TEST_CASE("the leader decides on the sum of the cells' published counts; a new leader carries on",
           "[unit][hub][campaign][cells]") {
+  // Declared first, so it outlives both hubs (they resign on it when they stop).
+  flotilla::test::TempDir coord_dir;
+  std::unique_ptr<coord::Coordinator> coordinator;
   Fleet f(2);
-  auto coordinator = open_coord(f.dir, f.clock);
+  coordinator = open_coord(coord_dir, f.clock);
   // hub-a: cell 0 and the leadership (it starts first); hub-b: cell 1.
   f.tune = [&](ServiceConfig& cfg) {
     cfg.coordinator = coordinator.get();
