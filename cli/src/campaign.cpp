@@ -80,6 +80,17 @@ void print_campaign(const json& c) {
                 << "\n";
     }
   }
+  // Each cell's share, one line a cell (a hub with one cell has nothing to add).
+  if (c.contains("cells") && c["cells"].is_array() && c["cells"].size() > 1) {
+    std::cout << "cells:\n";
+    for (const auto& p : c["cells"]) {
+      if (!p.is_object()) continue;
+      auto n = [&](const char* k) { return std::to_string(p.value(k, int64_t{0})); };
+      std::cout << "  " << pad("cell " + n("cell"), 9) << pad("applied " + n("applied") + "/" + n("total"), 20)
+                << pad("failed " + n("failed"), 12) << pad("pending " + n("pending"), 14) << "online " << n("online")
+                << "\n";
+    }
+  }
   if (c.contains("failure_reasons") && !c["failure_reasons"].empty()) {
     std::cout << "failures:\n";
     for (const auto& [reason, n] : c["failure_reasons"].items()) std::cout << "  " << reason << ": " << n << "\n";

@@ -17,7 +17,7 @@ json campaign_json(const CampaignView& v) {
   json waves = json::array();
   for (const auto& w : v.waves) {
     std::string state = w.index < v.campaign.current_wave ? "done"
-                        : w.index == v.campaign.current_wave ? (v.campaign.state == "completed" ? "done" : "current")
+                        : w.index == v.campaign.current_wave ? (v.campaign.state == CampaignState::completed ? "done" : "current")
                                                              : "next";
     waves.push_back({{"index", w.index}, {"name", w.name}, {"state", state}, {"counts", counts_json(w.counts)}});
   }
@@ -26,7 +26,7 @@ json campaign_json(const CampaignView& v) {
          {"project", v.campaign.project},
          {"bundle", bundle_json(v.bundle)},
          {"selector", v.campaign.selector},
-         {"state", v.campaign.state},
+         {"state", state_name(v.campaign.state)},
          {"state_reason", v.campaign.state_reason},
          {"strategy", v.strategy.to_json()},
          {"current_wave", v.campaign.current_wave},
@@ -36,7 +36,21 @@ json campaign_json(const CampaignView& v) {
          {"counts", counts_json(v.counts)},
          {"failure_reasons", v.failure_reasons},
          {"away", v.away}};
-  if (v.campaign.state == "waiting_approval") {
+  // Each cell's share, counted by the hub that owns the cell (as it last
+  // published it, for a cell of another hub process).
+  json cells = json::array();
+  for (const auto& cell : v.cells) {
+    const CellSummary n = summarize(cell.rows);
+    cells.push_back({{"cell", cell.cell},
+                     {"total", n.total},
+                     {"applied", n.applied},
+                     {"failed", n.failed},
+                     {"pending", n.pending},
+                     {"online", n.online},
+                     {"updated", iso_ms(cell.updated_ms)}});
+  }
+  j["cells"] = cells;
+  if (v.campaign.state == CampaignState::waiting_approval) {
     j["waiting_for_approval"] = v.strategy.wave_name(v.campaign.current_wave + 1);
   }
   if (v.strategy.rate.enabled()) j["rate_per_minute"] = v.strategy.rate.per_minute(v.counts.applied);

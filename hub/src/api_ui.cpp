@@ -70,14 +70,14 @@ json device_item(const DeviceRecord& d) {
 // The engine's rules for operator actions (campaign_engine.cpp,
 // HubService::campaign_action), so the UI offers only what can succeed; the
 // hub still decides. A unit test holds the two together.
-json allowed_actions(const std::string& state) {
-  const bool runs = state == "running" || state == "waiting_approval" || state == "converging";
+json allowed_actions(CampaignState state) {
+  const bool runs = campaign_runs(state);
   json a = json::array();
   if (runs) a.push_back("pause");
-  if (state == "paused") a.push_back("resume");
-  if (state == "waiting_approval") a.push_back("approve");
-  if (runs || state == "paused") a.push_back("abort");
-  if (state != "rolling_back" && state != "rolled_back") a.push_back("rollback");
+  if (state == CampaignState::paused) a.push_back("resume");
+  if (state == CampaignState::waiting_approval) a.push_back("approve");
+  if (runs || state == CampaignState::paused) a.push_back("abort");
+  if (state != CampaignState::rolling_back && state != CampaignState::rolled_back) a.push_back("rollback");
   return a;
 }
 
@@ -107,7 +107,7 @@ json campaign_summary_json(const CampaignSummary& cs) {
   for (size_t i = 0; i < waves.size(); ++i) {
     const int index = static_cast<int>(i);
     const std::string state = index < c.current_wave ? "done"
-                              : index == c.current_wave ? (c.state == "completed" ? "done" : "current")
+                              : index == c.current_wave ? (c.state == CampaignState::completed ? "done" : "current")
                                                         : "next";
     wj.push_back({{"index", index},
                   {"name", strategy.wave_name(index)},
@@ -118,7 +118,7 @@ json campaign_summary_json(const CampaignSummary& cs) {
   json j{{"id", c.id},
          {"name", c.name},
          {"project", c.project},
-         {"state", c.state},
+         {"state", state_name(c.state)},
          {"state_reason", c.state_reason},
          {"bundle", {{"id", c.bundle_id}, {"name", cs.bundle_name}, {"channel", cs.bundle_channel},
                      {"version", cs.bundle_version}}},
@@ -130,7 +130,7 @@ json campaign_summary_json(const CampaignSummary& cs) {
          {"counts", counts_json(total)},
          {"waves", wj},
          {"actions", allowed_actions(c.state)}};
-  if (c.state == "waiting_approval") j["waiting_for_approval"] = strategy.wave_name(c.current_wave + 1);
+  if (c.state == CampaignState::waiting_approval) j["waiting_for_approval"] = strategy.wave_name(c.current_wave + 1);
   if (strategy.rate.enabled()) j["rate_per_minute"] = strategy.rate.per_minute(total.applied);
   return j;
 }

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdio>
 #include <cstdlib>
 #include <thread>
 
@@ -60,6 +61,15 @@ Result<std::string> with_port_offset(const std::string& url, int offset) {
                                                   std::to_string(offset + 1) + " cells");
   }
 }
+// This hub process in the coordinator: "<host>:<absolute data dir>".
+std::string coord_holder_name(const std::string& data_dir) {
+  char host[256] = {};
+  if (::gethostname(host, sizeof(host) - 1) != 0) std::snprintf(host, sizeof(host), "localhost");
+  std::error_code ec;
+  auto dir = std::filesystem::absolute(data_dir, ec);
+  return std::string(host) + ":" + (ec ? data_dir : dir.lexically_normal().string());
+}
+
 }  // namespace
 
 std::string default_data_dir(bool root, const char* xdg_state_home, const char* home) {
@@ -412,6 +422,7 @@ Status run_hub(const HubConfig& cfg, const std::atomic<bool>& stop) {
   if (!director) return director.error();
   // Coordination (docs/adr/0014): opened now so a bad setting fails here.
   // With etcd the control data lives in its control log (docs/adr/0016);
+  // the campaign engine claims cells and elects its leader on it (ADR 17).
   // etcd being down is a degraded mode, not a start-up failure.
   auto coordinator = coord::open_coordinator(cfg.coordination, cfg.data_dir);
   if (!coordinator) return coordinator.error();
@@ -621,6 +632,12 @@ Status run_hub(const HubConfig& cfg, const std::atomic<bool>& stop) {
   if (cfg.coordination.backend == coord::CoordinationConfig::Backend::etcd) {
     sc.control_coordinator = coordinator->get();
   }
+  // Campaigns across cells (docs/adr/0017): this hub claims its cells and
+  // campaigns for leadership on the coordinator; alone, it owns every cell
+  // and leads. Its name is its host and data directory: unique to it, and
+  // the same after a restart, so it takes its own keys back at once.
+  sc.coordinator = (*coordinator).get();
+  sc.coord_holder = coord_holder_name(cfg.data_dir);
   service = std::make_unique<HubService>(**store, SystemClock::instance(), sc);
   if (auto s = service->control_log_status(); !s) return s.error().with_context("control log");
   for (size_t i = 0; i < brokers.size(); ++i) service->set_cell_broker(static_cast<int>(i), brokers[i].get());

@@ -349,4 +349,36 @@ std::vector<int> assign_waves(const Strategy& s, const std::vector<double>& rank
   return wave;
 }
 
+namespace {
+constexpr std::pair<CampaignState, std::string_view> kStateNames[] = {
+    {CampaignState::running, "running"},       {CampaignState::waiting_approval, "waiting_approval"},
+    {CampaignState::converging, "converging"}, {CampaignState::paused, "paused"},
+    {CampaignState::completed, "completed"},   {CampaignState::aborted, "aborted"},
+    {CampaignState::rolling_back, "rolling_back"}, {CampaignState::rolled_back, "rolled_back"}};
+}  // namespace
+
+std::string_view state_name(CampaignState s) {
+  for (const auto& [state, name] : kStateNames) {
+    if (state == s) return name;
+  }
+  return "unknown";
+}
+
+std::optional<CampaignState> campaign_state_from(std::string_view name) {
+  for (const auto& [state, n] : kStateNames) {
+    if (n == name) return state;
+  }
+  return std::nullopt;
+}
+
+bool campaign_runs(CampaignState s) {
+  return s == CampaignState::running || s == CampaignState::waiting_approval || s == CampaignState::converging;
+}
+
+bool campaign_active(CampaignState s) {
+  return campaign_runs(s) || s == CampaignState::paused || s == CampaignState::rolling_back;
+}
+
+bool campaign_final(CampaignState s) { return !campaign_active(s); }
+
 }  // namespace flotilla::hub

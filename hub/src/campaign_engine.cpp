@@ -52,13 +52,8 @@ std::string join_zones(const std::set<std::string>& zones) {
   return out;
 }
 
-// States in which the engine releases devices and judges outcomes.
-bool engine_runs(const std::string& state) {
-  return state == "running" || state == "waiting_approval" || state == "converging";
-}
-
 // States in which devices may still join (live membership).
-bool accepts_members(const std::string& state) { return engine_runs(state) || state == "paused"; }
+bool accepts_members(CampaignState state) { return campaign_runs(state) || state == CampaignState::paused; }
 
 Strategy strategy_of(const CampaignRecord& c) {
   auto j = nlohmann::json::parse(c.strategy.empty() ? "{}" : c.strategy, nullptr, false);
@@ -113,7 +108,7 @@ Result<CampaignRecord> HubService::create_campaign(const std::string& name, cons
     c.name = name.empty() ? bundle.name + "-" + std::to_string(bundle.version) : name;
     c.bundle_id = bundle.id;
     c.selector = sel->text();
-    c.state = "running";
+    c.state = CampaignState::running;
     c.created_ms = c.updated_ms = clock_.now_unix_ms();
     // The bundle's project, also for a caller of every project: a bundle's
     // files go only to devices of the project it was uploaded to.
@@ -161,6 +156,7 @@ void HubService::engine_loop() {
 }
 
 void HubService::tick() {
+  coordinate();
   Publishes publishes;
   // A control write: wave state and the engine's audit rows are control
   // data (with the control log they are one entry per tick that changed them).
@@ -171,7 +167,7 @@ void HubService::tick() {
     if (!campaigns) return campaigns.error().with_context("list campaigns");
     sql::Transaction tx(store_.db());
     for (auto& c : *campaigns) {
-      if (!engine_runs(c.state) && c.state != "rolling_back") continue;
+      if (!campaign_runs(c.state) && c.state != CampaignState::rolling_back) continue;
       if (control_log_) {
         // Several hubs: membership rows stay with the hub whose devices they
         // are (docs/adr/0016); a hub with none of a campaign's devices must
@@ -200,30 +196,48 @@ void HubService::tick() {
 }
 
 void HubService::tick_campaign(CampaignRecord& c, Publishes& publishes) {
+  tick_campaign_step(c, publishes);
+  // Once per tick, and only what changed: what the leader sums.
+  publish_cell_counts(c.id);
+}
+
+// Per-cell work for the cells this hub owns (deadlines, release, the
+// rollback and abort of their devices); decisions on the totals only on the
+// leader (docs/architecture.md, "Campaigns across cells").
+void HubService::tick_campaign_step(CampaignRecord& c, Publishes& publishes) {
   auto logger = log::get("hub");
   const Strategy strategy = strategy_of(c);
   const int64_t now = clock_.now_unix_ms();
+  const CellFilter cells = cell_filter();
+  const bool leader = leader_;
   auto update = [&] {
     c.updated_ms = now;
     if (auto s = store_.update_campaign(c); !s) logger->error("engine: update campaign {}: {}", c.id, s.error().message);
   };
 
-  if (c.state == "rolling_back") {
-    auto counts = store_.campaign_counts(c.id);
+  if (c.state == CampaignState::rolling_back) {
+    if (!leader) {
+      // Decided by the leader: this hub rolls back the devices of its cells.
+      if (const int64_t sent = roll_back_own_devices(c, publishes, true); sent > 0) {
+        logger->warn("campaign={} rolling back devices={} (decided by the leader)", c.id, sent);
+      }
+      return;
+    }
+    auto counts = campaign_totals(c.id);
     if (!counts) return;
     for (const auto& row : *counts) {
       if (row.status == "rolling_back" && row.online) return;  // still on its way back
     }
-    c.state = "rolled_back";
+    c.state = CampaignState::rolled_back;
     update();
     logger->info("campaign rolled back id={}", c.id);
     return;
   }
 
-  if (auto expired = store_.expire_deadlines(c.id, now); expired && *expired > 0) {
+  if (auto expired = store_.expire_deadlines(c.id, now, cells); expired && *expired > 0) {
     logger->warn("campaign={} devices_past_deadline={}", c.id, *expired);
   }
-  auto counts = store_.campaign_counts(c.id);
+  auto counts = campaign_totals(c.id);
   if (!counts) return;
   CampaignCounts all;
   int64_t in_flight = 0;
@@ -236,7 +250,8 @@ void HubService::tick_campaign(CampaignRecord& c, Publishes& publishes) {
   const int64_t finals = all.applied + all.failed - c.baseline_finals;
   const int64_t failed = all.failed - c.baseline_failed;
   const auto& th = strategy.threshold;
-  if (finals >= th.min_sample && finals > 0 && failed * 100.0 >= th.percent * static_cast<double>(finals)) {
+  if (leader && finals >= th.min_sample && finals > 0 &&
+      failed * 100.0 >= th.percent * static_cast<double>(finals)) {
     const std::string why = "failure threshold reached: " + std::to_string(failed) + " of " + std::to_string(finals) +
                             " outcomes failed (threshold " + std::to_string(static_cast<int>(th.percent)) + "%)";
     logger->warn("campaign={} {}; action={}", c.id, why, th.action);
@@ -254,14 +269,15 @@ void HubService::tick_campaign(CampaignRecord& c, Publishes& publishes) {
       auto waiting = store_.campaign_devices_with_status(c.id, {"waiting"});
       if (waiting) {
         for (auto row : *waiting) {
+          if (!in_cells(cells, row.cell)) continue;
           row.status = "skipped";
           row.updated_ms = now;
           (void)store_.save_campaign_device(row);
         }
       }
-      c.state = "aborted";
+      c.state = CampaignState::aborted;
     } else {
-      c.state = "paused";
+      c.state = CampaignState::paused;
     }
     update();
     return;
@@ -399,12 +415,14 @@ void HubService::tick_campaign(CampaignRecord& c, Publishes& publishes) {
     logger->info("campaign={} wave={} released={}", c.id, strategy.wave_name(c.current_wave), released);
     // Judge the wave on what is true now: devices just released online are
     // pending and hold it; those released offline do not.
-    counts = store_.campaign_counts(c.id);
+    counts = campaign_totals(c.id);
     if (!counts) return;
     all = CampaignCounts{};
     for (const auto& row : *counts) all.add(row.status, row.count);
   }
 
+  // Everything below decides on the totals: the leader's alone.
+  if (!leader) return;
   // While the hub waits for devices to re-announce (after a broker restart),
   // "offline" means "not heard yet": judging a wave on that would pass a
   // wave whose devices are still applying.
@@ -423,8 +441,8 @@ void HubService::tick_campaign(CampaignRecord& c, Publishes& publishes) {
   if (c.current_wave + 1 < strategy.wave_count()) {
     const int next = c.current_wave + 1;
     if (strategy.needs_approval(next) && c.approved_wave < next) {
-      if (c.state != "waiting_approval") {
-        c.state = "waiting_approval";
+      if (c.state != CampaignState::waiting_approval) {
+        c.state = CampaignState::waiting_approval;
         c.state_reason = strategy.wave_name(next) + " waits for approval (flotilla campaign approve " + c.id + ")";
         logger->info("campaign={} {}", c.id, c.state_reason);
         update();
@@ -440,10 +458,10 @@ void HubService::tick_campaign(CampaignRecord& c, Publishes& publishes) {
   // Every wave is out and every online device answered. Devices that are
   // away keep it converging; it completes when the last of them reports.
   const int64_t away = all.waiting + all.pending + all.in_progress;
-  const std::string next = away > 0 ? "converging" : "completed";
+  const CampaignState next = away > 0 ? CampaignState::converging : CampaignState::completed;
   if (next == c.state) return;
   c.state = next;
-  if (next == "completed") {
+  if (next == CampaignState::completed) {
     logger->info("campaign completed id={} applied={} failed={}", c.id, all.applied, all.failed);
   } else {
     logger->info("campaign converging id={} applied={} failed={} away={}", c.id, all.applied, all.failed, away);
@@ -453,7 +471,8 @@ void HubService::tick_campaign(CampaignRecord& c, Publishes& publishes) {
 
 Result<std::vector<CampaignDeviceRecord>> HubService::releasable_now(const CampaignRecord& c, const Strategy& s,
                                                                      bool online, int64_t n, int64_t now_ms) {
-  if (!s.window.enabled()) return store_.releasable(c.id, c.current_wave, online, n);
+  const CellFilter cells = cell_filter();
+  if (!s.window.enabled()) return store_.releasable(c.id, c.current_wave, online, n, "", cells);
   std::vector<CampaignDeviceRecord> out;
   for (const auto& zone : split_zones(c.zones)) {
     auto minute = local_minute_of_day(zone, now_ms / 1000);
@@ -462,7 +481,7 @@ Result<std::vector<CampaignDeviceRecord>> HubService::releasable_now(const Campa
       continue;
     }
     if (!s.window.open_at(*minute)) continue;
-    auto rows = store_.releasable(c.id, c.current_wave, online, n, zone);
+    auto rows = store_.releasable(c.id, c.current_wave, online, n, zone, cells);
     if (!rows) return rows.error();
     for (auto& r : *rows) out.push_back(std::move(r));
   }
@@ -547,10 +566,21 @@ void HubService::audit_engine_action(const CampaignRecord& c, const std::string&
 }
 
 void HubService::start_rollback(CampaignRecord& c, const std::string& reason, Publishes& publishes) {
-  auto logger = log::get("hub");
+  const int64_t sent = roll_back_own_devices(c, publishes, false);
+  c.state = CampaignState::rolling_back;
+  c.state_reason = reason;
+  c.updated_ms = clock_.now_unix_ms();
+  (void)store_.update_campaign(c);
+  log::get("hub")->warn("campaign={} rolling back devices={}: {}", c.id, sent, reason);
+}
+
+int64_t HubService::roll_back_own_devices(const CampaignRecord& c, Publishes& publishes, bool follow) {
   const int64_t now = clock_.now_unix_ms();
+  // The devices of this hub's cells; another hub's are its own to roll back.
+  const CellFilter cells = cell_filter();
   if (auto waiting = store_.campaign_devices_with_status(c.id, {"waiting"}); waiting) {
     for (auto row : *waiting) {
+      if (!in_cells(cells, row.cell)) continue;
       row.status = "skipped";
       row.updated_ms = now;
       (void)store_.save_campaign_device(row);
@@ -558,13 +588,18 @@ void HubService::start_rollback(CampaignRecord& c, const std::string& reason, Pu
   }
   // Devices that took the bundle (or may be taking it) go back to what they ran
   // before. Devices that failed already restored their previous state themselves.
+  static const std::string kNoPrevious = "no previous bundle to return to";
   auto rows = store_.campaign_devices_with_status(c.id, {"applied", "pending", "in_progress"});
   std::map<std::string, SharedDesiredPtr> shared_cache;
   int64_t sent = 0;
   if (rows) {
     for (auto row : *rows) {
+      if (!in_cells(cells, row.cell)) continue;
+      // Following a rollback decided elsewhere: what was found to have no
+      // way back stays as it is.
+      if (follow && row.message == kNoPrevious) continue;
       if (row.prev_bundle_id.empty()) {
-        row.message = "no previous bundle to return to";
+        row.message = kNoPrevious;
         (void)store_.save_campaign_device(row);
         continue;
       }
@@ -582,11 +617,7 @@ void HubService::start_rollback(CampaignRecord& c, const std::string& reason, Pu
       ++sent;
     }
   }
-  c.state = "rolling_back";
-  c.state_reason = reason;
-  c.updated_ms = now;
-  (void)store_.update_campaign(c);
-  logger->warn("campaign={} rolling back devices={}: {}", c.id, sent, reason);
+  return sent;
 }
 
 void HubService::on_campaign_report(const std::string& device_id, const v1::Report& r, CampaignRows& rows) {
@@ -707,46 +738,49 @@ Result<CampaignRecord> HubService::campaign_action(const std::string& id, const 
     c = **found;
     const int64_t now = clock_.now_unix_ms();
     auto conflict = [&](const std::string& why) {
-      return make_error(Errc::conflict, "cannot " + action + " campaign " + id + ": it is " + c.state + why);
+      return make_error(Errc::conflict,
+                        "cannot " + action + " campaign " + id + ": it is " + std::string(state_name(c.state)) + why);
     };
     sql::Transaction tx(store_.db());
     if (action == "pause") {
-      if (!engine_runs(c.state)) return conflict("");
-      c.state = "paused";
+      if (!campaign_runs(c.state)) return conflict("");
+      c.state = CampaignState::paused;
       c.state_reason = "paused by an operator";
     } else if (action == "resume") {
-      if (c.state != "paused") return conflict("");
+      if (c.state != CampaignState::paused) return conflict("");
       // Resuming accepts the failures seen so far; the threshold judges what comes next.
-      auto counts = store_.campaign_counts(c.id);
+      auto counts = campaign_totals(c.id);
       if (!counts) return counts.error();
       CampaignCounts all;
       for (const auto& row : *counts) all.add(row.status, row.count);
       c.baseline_failed = all.failed;
       c.baseline_finals = all.applied + all.failed;
-      c.state = "running";
+      c.state = CampaignState::running;
       c.state_reason.clear();
     } else if (action == "approve") {
-      if (c.state != "waiting_approval") {
-        return conflict(c.state == "paused" ? " (resume it first)" : "; only a wave waiting at an approval gate can be "
+      if (c.state != CampaignState::waiting_approval) {
+        return conflict(c.state == CampaignState::paused ? " (resume it first)" : "; only a wave waiting at an approval gate can be "
                                                                       "approved");
       }
       // The gate opens for the next wave only; a later gate waits again.
       c.approved_wave = c.current_wave + 1;
-      c.state = "running";
+      c.state = CampaignState::running;
       c.state_reason.clear();
     } else if (action == "abort") {
-      if (!engine_runs(c.state) && c.state != "paused") return conflict("");
+      if (!campaign_runs(c.state) && c.state != CampaignState::paused) return conflict("");
       auto waiting = store_.campaign_devices_with_status(c.id, {"waiting"});
       if (!waiting) return waiting.error();
+      const CellFilter cells = cell_filter();
       for (auto row : *waiting) {
+        if (!in_cells(cells, row.cell)) continue;
         row.status = "skipped";
         row.updated_ms = now;
         if (auto s = store_.save_campaign_device(row); !s) return s.error();
       }
-      c.state = "aborted";
+      c.state = CampaignState::aborted;
       c.state_reason = "aborted by an operator";
     } else if (action == "rollback") {
-      if (c.state == "rolling_back" || c.state == "rolled_back") return conflict("");
+      if (c.state == CampaignState::rolling_back || c.state == CampaignState::rolled_back) return conflict("");
       start_rollback(c, "rolled back by an operator", publishes);
     } else {
       return make_error(Errc::invalid_argument,
@@ -759,7 +793,7 @@ Result<CampaignRecord> HubService::campaign_action(const std::string& id, const 
   if (!acted) return acted.error();
   publish_all(publishes, "desired");
   engine_cv_.notify_one();
-  log::get("hub")->info("campaign={} action={} state={}", id, action, c.state);
+  log::get("hub")->info("campaign={} action={} state={}", id, action, state_name(c.state));
   return c;
 }
 
@@ -772,8 +806,11 @@ Result<std::optional<CampaignView>> HubService::campaign_view(const std::string&
   v.campaign = **c;
   v.strategy = strategy_of(v.campaign);
   if (auto b = store_.get_bundle(v.campaign.bundle_id, false); b && *b) v.bundle = **b;
-  auto counts = store_.campaign_counts(id);
+  auto counts = campaign_totals(id);
   if (!counts) return counts.error();
+  auto cells = cell_counts(id);
+  if (!cells) return cells.error();
+  v.cells = std::move(*cells);
   v.waves.resize(static_cast<size_t>(v.strategy.wave_count()));
   for (size_t i = 0; i < v.waves.size(); ++i) {
     v.waves[i].index = static_cast<int>(i);

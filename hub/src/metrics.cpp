@@ -9,6 +9,7 @@
 #include <sys/resource.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <charconv>
 #include <chrono>
 #include <cmath>
@@ -149,11 +150,6 @@ std::string prom_escape(const std::string& v) {
 
 namespace {
 
-bool campaign_in_flight(const std::string& state) {
-  return state == "running" || state == "waiting_approval" || state == "converging" || state == "paused" ||
-         state == "rolling_back";
-}
-
 // The shortest decimal that round-trips (0.0005, not 0.00050000000000000001);
 // "+Inf", "-Inf" and "NaN" are the format's own spellings.
 std::string num(double v) {
@@ -226,7 +222,7 @@ std::string render_metrics(HubService& s, const HttpMetrics& http) {
 
   if (auto campaigns = s.list_campaigns(); campaigns) {
     std::map<std::string, int64_t> by_state;
-    for (const auto& v : *campaigns) ++by_state[v.campaign.state];
+    for (const auto& v : *campaigns) ++by_state[std::string(state_name(v.campaign.state))];
     p.family("flotilla_campaigns", "gauge", "Campaigns by state.");
     for (const auto& [state, n] : by_state) p.sample("flotilla_campaigns", {{"state", state}}, static_cast<double>(n));
     p.family("flotilla_campaign_devices", "gauge",
@@ -235,7 +231,7 @@ std::string render_metrics(HubService& s, const HttpMetrics& http) {
     for (const auto& v : *campaigns) {
       // Only campaigns in flight: finished ones (completed, aborted, rolled
       // back) would otherwise add eleven series each, forever.
-      if (!campaign_in_flight(v.campaign.state)) continue;
+      if (!campaign_active(v.campaign.state)) continue;
       const auto& c = v.counts;
       const std::pair<const char*, int64_t> rows[] = {
           {"waiting", c.waiting},       {"pending", c.pending},         {"in_progress", c.in_progress},
@@ -312,6 +308,17 @@ std::string render_metrics(HubService& s, const HttpMetrics& http) {
   p.family("flotilla_cell_draining", "gauge", "1 while the cell is draining (no new enrollments; its devices move).");
   for (int i = 0; i < s.cell_count(); ++i) {
     p.sample("flotilla_cell_draining", {{"cell", std::to_string(i)}}, s.cell(i).draining() ? 1 : 0);
+  }
+  p.family("flotilla_campaign_leader", "gauge",
+           "1 on the hub process that decides every campaign's thresholds and waves from the cells' summed counts.");
+  p.sample("flotilla_campaign_leader", {}, s.campaign_leader() ? 1 : 0);
+  p.family("flotilla_cell_owned", "gauge", "1 for each cell this hub process owns (claimed on the coordinator).");
+  {
+    const auto owned = s.owned_cells();
+    for (int i = 0; i < s.cell_count(); ++i) {
+      p.sample("flotilla_cell_owned", {{"cell", std::to_string(i)}},
+               std::find(owned.begin(), owned.end(), i) != owned.end() ? 1 : 0);
+    }
   }
   p.family("flotilla_cell_devices_moved_total", "counter",
            "Device rows moved between cells by a drain, when the device spoke from its new cell's broker.");

@@ -62,6 +62,13 @@ HubService::HubService(Store& store, const Clock& clock, ServiceConfig cfg)
     Cell* cell = c.get();
     cell->worker() = std::thread([this, cell] { worker(*cell); });
   }
+  if (cfg_.coordinator) {
+    // Nothing is ours until claimed; claimed at once when free (or ours from
+    // before a restart), so a lone hub owns every cell and leads from here on.
+    owned_ = std::vector<int>{};
+    leader_ = false;
+    coordinate();
+  }
   if (cfg_.engine_thread) engine_ = std::thread([this] { engine_loop(); });
 }
 
@@ -129,6 +136,11 @@ void HubService::stop() {
     if (c->worker().joinable()) c->worker().join();
   }
   if (engine_.joinable()) engine_.join();
+  // A clean stop frees the cells and the leadership for the others at once.
+  std::lock_guard lock(coord_mu_);
+  if (leadership_) (void)leadership_->resign();
+  if (ownership_) (void)ownership_->close();
+  leader_ = false;
 }
 
 void HubService::set_cell_broker(int cell, EmbeddedBroker* broker) {

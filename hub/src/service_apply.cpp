@@ -21,11 +21,6 @@ using nlohmann::json;
 
 namespace {
 
-bool campaign_active(const std::string& state) {
-  return state == "running" || state == "waiting_approval" || state == "converging" || state == "paused" ||
-         state == "rolling_back";
-}
-
 // Strategy fields a running campaign cannot change: devices were put into
 // waves from them when it started.
 // Rate, soak, deadline, threshold, membership and approval gates may change
@@ -219,14 +214,14 @@ struct Applier {
                 ? "its devices' time zones were read when it started"
                 : "its devices were put into waves when it started";
         return at(d, Errc::conflict, fixed_change,
-                  "campaign " + d.name + " (" + c.id + ") is " + c.state + " and cannot change this: " + why +
+                  "campaign " + d.name + " (" + c.id + ") is " + std::string(state_name(c.state)) + " and cannot change this: " + why +
                       ". Abort it (flotilla campaign abort " + c.id +
                       ") to declare a new run, or declare a campaign with a new name");
       }
       if (!fixed_change.empty()) {
         // A finished campaign is history; what it now declares is a new run.
         new_run = true;
-        out.detail = "new run (" + c.id + " was " + c.state + ")";
+        out.detail = "new run (" + c.id + " was " + std::string(state_name(c.state)) + ")";
       } else {
         if (old_st != new_st) {
           if (auto s = store.update_campaign_strategy(c.id, new_st.dump()); !s) return s.error();
@@ -235,16 +230,14 @@ struct Applier {
         // failure threshold paused is not resumed by re-applying the same file.
         const bool was_paused = old_spec.value("paused", false) == true;
         if (was_paused != d.paused) {
-          const bool can = d.paused ? (c.state == "running" || c.state == "converging" ||
-                                       c.state == "waiting_approval")
-                                    : c.state == "paused";
+          const bool can = d.paused ? campaign_runs(c.state) : c.state == CampaignState::paused;
           if (can) {
             auto r = hub.campaign_action(c.id, d.paused ? "pause" : "resume");
             if (!r) return r.error().with_context(d.source + ": spec.paused");
             out.detail = d.paused ? "paused" : "resumed";
           } else {
             out.detail = std::string("spec.paused is ") + (d.paused ? "true" : "false") + "; the campaign is " +
-                         c.state + ", so nothing to " + (d.paused ? "pause" : "resume");
+                         std::string(state_name(c.state)) + ", so nothing to " + (d.paused ? "pause" : "resume");
           }
         }
         out.target = c.id;
@@ -420,13 +413,12 @@ struct Applier {
       case Kind::campaign: {
         auto c = store.get_campaign(o.target);
         if (!c) return c.error();
-        if (*c && ((*c)->state == "running" || (*c)->state == "waiting_approval" || (*c)->state == "paused" ||
-                   (*c)->state == "converging")) {
+        if (*c && (campaign_runs((*c)->state) || (*c)->state == CampaignState::paused)) {
           auto r = hub.campaign_action(o.target, "abort");
           if (!r) return r.error().with_context("prune " + o.kind + " " + o.name);
-          out.detail = "aborted campaign " + o.target + " (it was " + (*c)->state + ")";
+          out.detail = "aborted campaign " + o.target + " (it was " + std::string(state_name((*c)->state)) + ")";
         } else if (*c) {
-          out.detail = "campaign " + o.target + " is " + (*c)->state + "; left as it is";
+          out.detail = "campaign " + o.target + " is " + std::string(state_name((*c)->state)) + "; left as it is";
         }
         break;
       }

@@ -4,6 +4,7 @@
 // campaign engine's unit tests drive.
 #include <catch2/catch.hpp>
 
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -38,7 +39,11 @@ struct Fleet {
   std::map<std::string, uint64_t> seq;
   std::set<std::string> director_keys;  // as enrollment answers named them
 
-  Fleet() { open(); }
+  int cells = 1;  // cells of the hub (each device is in one; its messages arrive there)
+  // Changes the service's settings before it is made (then restart()).
+  std::function<void(ServiceConfig&)> tune;
+
+  explicit Fleet(int cell_count = 1) : cells(cell_count) { open(); }
 
   void open() {
     auto s = Store::open((dir.path() / "hub.db").string());
@@ -48,8 +53,10 @@ struct Fleet {
     cfg.broker_url = "tcp://127.0.0.1:1";
     cfg.public_url = "http://hub.test";
     cfg.engine_thread = false;  // the test ticks, with its fake clock
+    for (int i = 0; i < cells && cells > 1; ++i) cfg.cell_broker_urls.push_back("tcp://127.0.0.1:" + std::to_string(i + 1));
+    if (tune) tune(cfg);
     hub = std::make_unique<HubService>(*store, clock, cfg);
-    REQUIRE(hub->attach_transport(broker));
+    for (int i = 0; i < cells; ++i) REQUIRE(hub->attach_transport(i, broker));
   }
 
   // A "restart": a new service over the same SQLite file.
@@ -81,8 +88,17 @@ struct Fleet {
     }
   }
 
+  int cell_of(const std::string& device) {
+    auto d = store->get_device(device);
+    REQUIRE(d);
+    REQUIRE(*d);
+    return (*d)->cell;
+  }
+
   void deliver(const std::string& device, const std::string& leaf, const std::string& payload) {
-    hub->on_message({transport::device_topic(device, leaf.c_str()), payload, 1, false});
+    // On the broker of the device's cell: from another cell's it is dropped.
+    const int cell = cells > 1 ? cell_of(device) : 0;
+    hub->on_message(cell, {transport::device_topic(device, leaf.c_str()), payload, 1, false});
     hub->drain();
   }
 

@@ -486,7 +486,7 @@ TEST_CASE("the campaign timeline samples running campaigns, ends with the campai
   CampaignRecord c;
   c.id = "c-1";
   c.bundle_id = "b1";
-  c.state = "running";
+  c.state = CampaignState::running;
   c.created_ms = c.updated_ms = 1000;
   std::vector<Store::CampaignMember> members;
   for (int i = 0; i < 4; ++i) members.push_back({"d-" + std::to_string(i), 0.1 * i, 0, ""});
@@ -521,7 +521,7 @@ TEST_CASE("the campaign timeline samples running campaigns, ends with the campai
   // It ends: one last point at the time it ended, then no more.
   set_status("d-2", "applied");
   set_status("d-3", "applied");
-  c.state = "completed";
+  c.state = CampaignState::completed;
   c.updated_ms = 43500;
   REQUIRE(s.store->update_campaign(c));
   REQUIRE(s.agg->sample_campaigns(44000));
@@ -559,7 +559,7 @@ TEST_CASE("a campaign's offline devices are the same whichever walk finds them",
   CampaignRecord c;
   c.id = "c-away";
   c.bundle_id = "b1";
-  c.state = "running";
+  c.state = CampaignState::running;
   REQUIRE(s.store->insert_campaign(c, members));
   auto row = s.store->campaign_device("c-away", "d-103");  // offline; finished: not away
   REQUIRE(row);
@@ -723,7 +723,7 @@ TEST_CASE("campaign and bundle lists page newest first within a project, each ro
     c.id = "c-" + r.id;
     c.bundle_id = b.id;
     c.project = r.project;
-    c.state = r.state;
+    c.state = *campaign_state_from(r.state);
     c.created_ms = c.updated_ms = r.ms;
     REQUIRE(s.store->insert_campaign(c, {}));
   }

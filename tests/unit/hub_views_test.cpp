@@ -287,7 +287,7 @@ TEST_CASE("hub views offer exactly the campaign actions the engine accepts, in e
       REQUIRE(rec);
       REQUIRE(*rec);
       auto c = **rec;
-      c.state = state;
+      c.state = *campaign_state_from(state);
       REQUIRE(v.f.store->update_campaign(c));
       const json offered = v.get("/v1/views/campaigns/" + id, admin)["actions"];
       const bool offers = std::find(offered.begin(), offered.end(), action) != offered.end();

@@ -899,7 +899,9 @@ namespace {
 
 Result<std::vector<CampaignCountRow>> counts_of(sql::Db& db, const std::string& campaign_id) {
   return query<CampaignCountRow>(
-      db, "SELECT wave, status, online, n FROM campaign_counts WHERE campaign_id = ? AND n != 0 ORDER BY 1, 2, 3",
+      db,
+      "SELECT wave, status, online, SUM(n) FROM campaign_counts WHERE campaign_id = ? AND n != 0 "
+      "GROUP BY 1, 2, 3 HAVING SUM(n) != 0 ORDER BY 1, 2, 3",
       [&](sql::Stmt& s) { s.bind(1, std::string_view(campaign_id)); },
       [](const sql::Stmt& s) {
         return CampaignCountRow{static_cast<int>(s.col_int(0)), s.col_text(1), s.col_int(2) != 0, s.col_int(3)};
@@ -1111,17 +1113,12 @@ Result<AuditPage> AggregateStore::audit(const std::string& project, int64_t befo
 
 // ---- the timeline sampler ------------------------------------------------
 
-namespace {
-bool campaign_state_final(const std::string& s) {
-  return s == "completed" || s == "aborted" || s == "rolled_back";
-}
-}  // namespace
-
 Status AggregateStore::sample_campaigns(int64_t now_ms) {
   std::lock_guard lock(writer_mu_);
   auto& db = *writer_;
   struct Open {
-    std::string id, state;
+    std::string id;
+    CampaignState state = CampaignState::running;
     int64_t updated_ms = 0;
   };
   // Campaigns the engine still runs get a point now; a campaign that ended
@@ -1132,13 +1129,15 @@ Status AggregateStore::sample_campaigns(int64_t now_ms) {
       db, "SELECT id, state, updated_ms FROM campaigns WHERE state NOT IN ('completed', 'aborted', 'rolled_back') "
           "OR updated_ms >= ?",
       [&](sql::Stmt& s) { s.bind(1, last_sample_ms_ == 0 ? int64_t{0} : last_sample_ms_ - 1000); },
-      [](const sql::Stmt& s) { return Open{s.col_text(0), s.col_text(1), s.col_int(2)}; });
+      [](const sql::Stmt& s) {
+        return Open{s.col_text(0), campaign_state_from(s.col_text(1)).value_or(CampaignState::paused), s.col_int(2)};
+      });
   if (!open) return open.error();
   last_sample_ms_ = now_ms;
   sql::Transaction tx(db);
   if (!tx.ok()) return make_error(Errc::unavailable, "cannot begin transaction", true);
   for (const auto& c : *open) {
-    const bool ended = campaign_state_final(c.state);
+    const bool ended = campaign_final(c.state);
     auto counts = counts_of(db, c.id);
     if (!counts) return counts.error();
     TimelinePoint p;
@@ -1162,7 +1161,7 @@ Status AggregateStore::sample_campaigns(int64_t now_ms) {
                  "rolled_back = excluded.rolled_back, other = excluded.other, offline = excluded.offline"));
     if (!ins) return ins.error();
     ins->bind(1, std::string_view(c.id)).bind(2, ended ? std::min(c.updated_ms, now_ms) : now_ms)
-        .bind(3, std::string_view(c.state)).bind(4, p.total).bind(5, p.waiting).bind(6, p.in_flight)
+        .bind(3, state_name(c.state)).bind(4, p.total).bind(5, p.waiting).bind(6, p.in_flight)
         .bind(7, p.applied).bind(8, p.failed).bind(9, p.rolled_back).bind(10, p.other).bind(11, p.offline);
     if (auto s = ins->run(); !s) return s;
     // Past max_samples, every other point of the older half goes: the span

@@ -18,7 +18,8 @@ CampaignRecord campaign_from(const sql::Stmt& s) {
   c.name = s.col_text(1);
   c.bundle_id = s.col_text(2);
   c.selector = s.col_text(3);
-  c.state = s.col_text(4);
+  // A name that is no state (a store edited by hand) stops the engine there.
+  c.state = campaign_state_from(s.col_text(4)).value_or(CampaignState::paused);
   c.created_ms = s.col_int(5);
   c.updated_ms = s.col_int(6);
   c.project = s.col_text(7);
@@ -37,7 +38,7 @@ CampaignRecord campaign_from(const sql::Stmt& s) {
 
 constexpr const char* kRowCols =
     "campaign_id, device_id, status, generation, updated_ms, reason, message, wave, rank, released_ms, deadline_ms, "
-    "prev_bundle_id, rollback_generation, deadline_left_ms, zone";
+    "prev_bundle_id, rollback_generation, deadline_left_ms, zone, cell";
 
 CampaignDeviceRecord row_from(const sql::Stmt& s, int o = 0) {
   CampaignDeviceRecord r;
@@ -56,10 +57,22 @@ CampaignDeviceRecord row_from(const sql::Stmt& s, int o = 0) {
   r.rollback_generation = static_cast<uint64_t>(s.col_int(o + 12));
   r.deadline_left_ms = s.col_int(o + 13);
   r.zone = s.col_text(o + 14);
+  r.cell = static_cast<int>(s.col_int(o + 15));
   return r;
 }
 
 using sql::query;
+
+// "AND <p>cell IN (1,2) " for a cell filter; nothing for none (every cell).
+std::string cell_condition(const std::optional<std::vector<int>>& cells, const char* prefix) {
+  if (!cells) return "";
+  std::string in;
+  for (int c : *cells) in += (in.empty() ? "" : ",") + std::to_string(c);
+  return std::string("AND ") + prefix + "cell IN (" + in + ") ";
+}
+
+// A new row's cell: its device's, where the device's reports arrive (?2 is the device id).
+const std::string kDeviceCell = "COALESCE((SELECT cell FROM devices WHERE id = ?2), 0)";
 
 // "a, b" -> "cd.a, cd.b", for a column list used in a join.
 std::string qualified(const std::string& cols, const std::string& prefix) {
@@ -93,7 +106,8 @@ Status Store::migrate_campaigns() {
       {"wave", "INTEGER NOT NULL DEFAULT 0"},         {"rank", "REAL NOT NULL DEFAULT 0"},
       {"released_ms", "INTEGER NOT NULL DEFAULT 0"},  {"deadline_ms", "INTEGER NOT NULL DEFAULT 0"},
       {"prev_bundle_id", "TEXT NOT NULL DEFAULT ''"}, {"rollback_generation", "INTEGER NOT NULL DEFAULT 0"},
-      {"deadline_left_ms", "INTEGER NOT NULL DEFAULT 0"}, {"zone", "TEXT NOT NULL DEFAULT ''"}};
+      {"deadline_left_ms", "INTEGER NOT NULL DEFAULT 0"}, {"zone", "TEXT NOT NULL DEFAULT ''"},
+      {"cell", "INTEGER NOT NULL DEFAULT -1"}};
   auto add_missing = [&](const std::string& table, const std::vector<std::pair<std::string, std::string>>& cols) -> Status {
     auto st = db_->prepare("SELECT name FROM pragma_table_info('" + table + "')");
     if (!st) return st.error();
@@ -105,8 +119,21 @@ Status Store::migrate_campaigns() {
     }
     return {};
   };
+  auto had_cell = db_->prepare("SELECT COUNT(*) FROM pragma_table_info('campaign_devices') WHERE name = 'cell'");
+  if (!had_cell) return had_cell.error();
+  if (auto r = had_cell->step(); !r) return r.error();
+  const bool rows_had_cell = had_cell->col_int(0) > 0;
+  had_cell->reset();
   if (auto s = add_missing("campaigns", campaign_cols); !s) return s;
   if (auto s = add_missing("campaign_devices", row_cols); !s) return s;
+  // Rows from before campaigns were counted per cell take their device's cell.
+  if (!rows_had_cell) {
+    if (auto s = db_->exec("UPDATE campaign_devices SET cell = COALESCE((SELECT cell FROM devices d WHERE "
+                           "d.id = campaign_devices.device_id), 0)");
+        !s) {
+      return s;
+    }
+  }
   if (auto s = add_missing("devices", {{"gateway", "TEXT NOT NULL DEFAULT ''"}}); !s) return s;
   // Rows released before deadlines paused while offline: a device away now
   // gets its whole deadline when it comes back instead of failing at once.
@@ -136,30 +163,52 @@ Status Store::migrate_campaigns() {
   return migrate_campaign_counts();
 }
 
-// campaign_counts holds COUNT(*) of campaign_devices by (campaign, wave,
-// status, device online), kept by triggers inside SQLite so every writer
-// (reports, presence, the engine's bulk updates) keeps it exact, and the
-// engine's tick and the status API read a few rows instead of grouping every
-// device of a campaign. It is rebuilt from the rows at every open, so a data
-// directory from before it existed, or one edited by hand, starts right.
+// campaign_counts holds COUNT(*) of campaign_devices by (campaign, cell,
+// wave, status, device online), kept by triggers inside SQLite so every writer
+// (reports, presence, the engine's bulk updates, a drain moving a device to
+// another cell) keeps it exact, and the engine's tick and the status API read
+// a few rows instead of grouping every device of a campaign. Each cell's rows
+// are what its owner publishes to the coordinator (campaign_board.hpp). It is
+// rebuilt from the rows at every open, so a data directory from before it
+// existed (or before it had cells), or one edited by hand, starts right.
 Status Store::migrate_campaign_counts() {
+  auto st = db_->prepare("SELECT COUNT(*) FROM pragma_table_info('campaign_counts') WHERE name = 'cell'");
+  if (!st) return st.error();
+  if (auto r = st->step(); !r) return r.error();
+  const bool per_cell = st->col_int(0) > 0;
+  st->reset();
+  if (!per_cell) {
+    // A table from before cells: its triggers name the old columns.
+    if (auto s = db_->exec("DROP TRIGGER IF EXISTS campaign_counts_insert; DROP TRIGGER IF EXISTS "
+                           "campaign_counts_update; DROP TRIGGER IF EXISTS campaign_counts_online; "
+                           "DROP TABLE IF EXISTS campaign_counts;");
+        !s) {
+      return s;
+    }
+  }
   return db_->exec(R"SQL(
 CREATE TABLE IF NOT EXISTS campaign_counts (
-  campaign_id TEXT NOT NULL, wave INTEGER NOT NULL, status TEXT NOT NULL, online INTEGER NOT NULL,
-  n INTEGER NOT NULL, PRIMARY KEY (campaign_id, wave, status, online)) WITHOUT ROWID;
+  campaign_id TEXT NOT NULL, cell INTEGER NOT NULL, wave INTEGER NOT NULL, status TEXT NOT NULL,
+  online INTEGER NOT NULL, n INTEGER NOT NULL, PRIMARY KEY (campaign_id, cell, wave, status, online)) WITHOUT ROWID;
 CREATE TRIGGER IF NOT EXISTS campaign_counts_insert AFTER INSERT ON campaign_devices BEGIN
-  INSERT INTO campaign_counts VALUES (NEW.campaign_id, NEW.wave, NEW.status,
+  INSERT INTO campaign_counts VALUES (NEW.campaign_id, NEW.cell, NEW.wave, NEW.status,
       COALESCE((SELECT online FROM devices WHERE id = NEW.device_id), 0), 1)
     ON CONFLICT DO UPDATE SET n = n + 1;
 END;
-CREATE TRIGGER IF NOT EXISTS campaign_counts_update AFTER UPDATE OF status, wave ON campaign_devices
-    WHEN OLD.status != NEW.status OR OLD.wave != NEW.wave BEGIN
+CREATE TRIGGER IF NOT EXISTS campaign_counts_update AFTER UPDATE OF status, wave, cell ON campaign_devices
+    WHEN OLD.status != NEW.status OR OLD.wave != NEW.wave OR OLD.cell != NEW.cell BEGIN
   UPDATE campaign_counts SET n = n - 1
-    WHERE campaign_id = OLD.campaign_id AND wave = OLD.wave AND status = OLD.status
+    WHERE campaign_id = OLD.campaign_id AND cell = OLD.cell AND wave = OLD.wave AND status = OLD.status
       AND online = COALESCE((SELECT online FROM devices WHERE id = OLD.device_id), 0);
-  INSERT INTO campaign_counts VALUES (NEW.campaign_id, NEW.wave, NEW.status,
+  INSERT INTO campaign_counts VALUES (NEW.campaign_id, NEW.cell, NEW.wave, NEW.status,
       COALESCE((SELECT online FROM devices WHERE id = NEW.device_id), 0), 1)
     ON CONFLICT DO UPDATE SET n = n + 1;
+END;
+-- A device moved to another cell (a drain) takes its campaign rows along, so
+-- its new cell counts it and its old one no longer does.
+CREATE TRIGGER IF NOT EXISTS campaign_devices_cell AFTER UPDATE OF cell ON devices
+    WHEN OLD.cell != NEW.cell BEGIN
+  UPDATE campaign_devices SET cell = NEW.cell WHERE device_id = NEW.id;
 END;
 -- A device's deadline counts only time online: going away pauses it (what is
 -- left is kept), coming back resumes it. Every writer of devices.online sets
@@ -177,16 +226,16 @@ END;
 CREATE TRIGGER IF NOT EXISTS campaign_counts_online AFTER UPDATE OF online ON devices
     WHEN OLD.online != NEW.online BEGIN
   UPDATE campaign_counts SET n = n - 1
-    WHERE (campaign_id, wave, status, online) IN
-      (SELECT campaign_id, wave, status, OLD.online FROM campaign_devices WHERE device_id = NEW.id);
+    WHERE (campaign_id, cell, wave, status, online) IN
+      (SELECT campaign_id, cell, wave, status, OLD.online FROM campaign_devices WHERE device_id = NEW.id);
   INSERT INTO campaign_counts
-    SELECT campaign_id, wave, status, NEW.online, 1 FROM campaign_devices WHERE device_id = NEW.id
+    SELECT campaign_id, cell, wave, status, NEW.online, 1 FROM campaign_devices WHERE device_id = NEW.id
     ON CONFLICT DO UPDATE SET n = n + 1;
 END;
 DELETE FROM campaign_counts;
 INSERT INTO campaign_counts
-  SELECT cd.campaign_id, cd.wave, cd.status, COALESCE(d.online, 0), COUNT(*) FROM campaign_devices cd
-    LEFT JOIN devices d ON d.id = cd.device_id GROUP BY 1, 2, 3, 4;
+  SELECT cd.campaign_id, cd.cell, cd.wave, cd.status, COALESCE(d.online, 0), COUNT(*) FROM campaign_devices cd
+    LEFT JOIN devices d ON d.id = cd.device_id GROUP BY 1, 2, 3, 4, 5;
 )SQL");
 }
 
@@ -198,7 +247,7 @@ Status Store::insert_campaign(const CampaignRecord& c, const std::vector<Campaig
                            ") VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)");
     if (!st) return st.error();
     st->bind(1, std::string_view(c.id)).bind(2, std::string_view(c.name)).bind(3, std::string_view(c.bundle_id))
-        .bind(4, std::string_view(c.selector)).bind(5, std::string_view(c.state)).bind(6, c.created_ms)
+        .bind(4, std::string_view(c.selector)).bind(5, state_name(c.state)).bind(6, c.created_ms)
         .bind(7, c.updated_ms).bind(8, std::string_view(c.project)).bind(9, std::string_view(c.strategy))
         .bind(10, static_cast<int64_t>(c.current_wave)).bind(11, c.wave_done_ms)
         .bind(12, std::string_view(c.state_reason)).bind(13, c.baseline_failed).bind(14, c.baseline_finals)
@@ -207,8 +256,8 @@ Status Store::insert_campaign(const CampaignRecord& c, const std::vector<Campaig
     if (auto r = st->run(); !r) return r.error();
   }
   auto ins = db_->prepare(
-      "INSERT INTO campaign_devices (campaign_id, device_id, status, generation, updated_ms, wave, rank, zone) "
-      "VALUES (?, ?, 'waiting', 0, ?, ?, ?, ?)");
+      "INSERT INTO campaign_devices (campaign_id, device_id, status, generation, updated_ms, wave, rank, zone, cell) "
+      "VALUES (?, ?, 'waiting', 0, ?, ?, ?, ?, " + kDeviceCell + ")");
   if (!ins) return ins.error();
   for (const auto& m : members) {
     ins->reset();
@@ -221,8 +270,8 @@ Status Store::insert_campaign(const CampaignRecord& c, const std::vector<Campaig
 
 Status Store::add_campaign_member(const std::string& campaign_id, const CampaignMember& m, int64_t now_ms) {
   auto st = db_->prepare(
-      "INSERT INTO campaign_devices (campaign_id, device_id, status, generation, updated_ms, wave, rank, zone) "
-      "VALUES (?, ?, 'waiting', 0, ?, ?, ?, ?) ON CONFLICT DO NOTHING");
+      "INSERT INTO campaign_devices (campaign_id, device_id, status, generation, updated_ms, wave, rank, zone, cell) "
+      "VALUES (?, ?, 'waiting', 0, ?, ?, ?, ?, " + kDeviceCell + ") ON CONFLICT DO NOTHING");
   if (!st) return st.error();
   st->bind(1, std::string_view(campaign_id)).bind(2, std::string_view(m.device_id)).bind(3, now_ms)
       .bind(4, static_cast<int64_t>(m.wave)).bind_double(5, m.rank).bind(6, std::string_view(m.zone));
@@ -250,7 +299,7 @@ Status Store::update_campaign(const CampaignRecord& c) {
       "baseline_failed = ?, baseline_finals = ?, approved_wave = ?, rate_tokens = ?, rate_ms = ?, zones = ? "
       "WHERE id = ?");
   if (!st) return st.error();
-  st->bind(1, std::string_view(c.state)).bind(2, c.updated_ms).bind(3, static_cast<int64_t>(c.current_wave))
+  st->bind(1, state_name(c.state)).bind(2, c.updated_ms).bind(3, static_cast<int64_t>(c.current_wave))
       .bind(4, c.wave_done_ms).bind(5, std::string_view(c.state_reason)).bind(6, c.baseline_failed)
       .bind(7, c.baseline_finals).bind(8, static_cast<int64_t>(c.approved_wave)).bind_double(9, c.rate_tokens)
       .bind(10, c.rate_ms).bind(11, std::string_view(c.zones)).bind(12, std::string_view(c.id));
@@ -326,8 +375,25 @@ CampaignCountRow count_row(const sql::Stmt& s) {
 
 Result<std::vector<CampaignCountRow>> Store::campaign_counts(const std::string& campaign_id) {
   return query<CampaignCountRow>(
-      *db_, "SELECT wave, status, online, n FROM campaign_counts WHERE campaign_id = ? AND n != 0 ORDER BY 1, 2, 3",
+      *db_,
+      "SELECT wave, status, online, SUM(n) FROM campaign_counts WHERE campaign_id = ? AND n != 0 "
+      "GROUP BY 1, 2, 3 HAVING SUM(n) != 0 ORDER BY 1, 2, 3",
       [&](sql::Stmt& s) { s.bind(1, std::string_view(campaign_id)); }, count_row);
+}
+
+Result<std::vector<CampaignCountRow>> Store::campaign_counts(const std::string& campaign_id, int cell) {
+  return query<CampaignCountRow>(
+      *db_,
+      "SELECT wave, status, online, n FROM campaign_counts WHERE campaign_id = ? AND cell = ? AND n != 0 "
+      "ORDER BY 1, 2, 3",
+      [&](sql::Stmt& s) { s.bind(1, std::string_view(campaign_id)).bind(2, static_cast<int64_t>(cell)); }, count_row);
+}
+
+Result<std::vector<int>> Store::campaign_cells(const std::string& campaign_id) {
+  return query<int>(
+      *db_, "SELECT DISTINCT cell FROM campaign_counts WHERE campaign_id = ? AND n != 0 ORDER BY 1",
+      [&](sql::Stmt& s) { s.bind(1, std::string_view(campaign_id)); },
+      [](const sql::Stmt& s) { return static_cast<int>(s.col_int(0)); });
 }
 
 Result<std::vector<CampaignCountRow>> Store::recount_campaign(const std::string& campaign_id) {
@@ -336,6 +402,16 @@ Result<std::vector<CampaignCountRow>> Store::recount_campaign(const std::string&
       "SELECT cd.wave, cd.status, COALESCE(d.online, 0), COUNT(*) FROM campaign_devices cd "
       "LEFT JOIN devices d ON d.id = cd.device_id WHERE cd.campaign_id = ? GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
       [&](sql::Stmt& s) { s.bind(1, std::string_view(campaign_id)); }, count_row);
+}
+
+Result<std::vector<CampaignCountRow>> Store::recount_campaign(const std::string& campaign_id, int cell) {
+  // The cell a row is counted in is its device's (drains move both).
+  return query<CampaignCountRow>(
+      *db_,
+      "SELECT cd.wave, cd.status, COALESCE(d.online, 0), COUNT(*) FROM campaign_devices cd "
+      "LEFT JOIN devices d ON d.id = cd.device_id WHERE cd.campaign_id = ? AND COALESCE(d.cell, 0) = ? "
+      "GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+      [&](sql::Stmt& s) { s.bind(1, std::string_view(campaign_id)).bind(2, static_cast<int64_t>(cell)); }, count_row);
 }
 
 Result<std::map<std::string, int64_t>> Store::failure_reasons(const std::string& campaign_id) {
@@ -362,17 +438,19 @@ Result<std::vector<std::string>> Store::away_devices(const std::string& campaign
 }
 
 Result<std::vector<CampaignDeviceRecord>> Store::releasable(const std::string& campaign_id, int max_wave,
-                                                            bool online, int64_t limit, const std::string& zone) {
+                                                            bool online, int64_t limit, const std::string& zone,
+                                                            const std::optional<std::vector<int>>& cells) {
   // Walks campaign_devices_wave (or campaign_devices_zone) in (wave, rank)
   // order and stops at `limit`: a tick reads what it releases, not every
   // waiting row.
   static const std::string cols = qualified(kRowCols, "cd.");
+  if (cells && cells->empty()) return std::vector<CampaignDeviceRecord>{};
   return query<CampaignDeviceRecord>(
       *db_,
       "SELECT " + cols +
           " FROM campaign_devices cd LEFT JOIN devices d ON d.id = cd.device_id "
           "WHERE cd.campaign_id = ? AND cd.status = 'waiting' AND cd.wave <= ? AND COALESCE(d.online, 0) = ? " +
-          (zone.empty() ? "" : "AND cd.zone = ? ") + "ORDER BY cd.wave, cd.rank LIMIT ?",
+          (zone.empty() ? "" : "AND cd.zone = ? ") + cell_condition(cells, "cd.") + "ORDER BY cd.wave, cd.rank LIMIT ?",
       [&](sql::Stmt& s) {
         s.bind(1, std::string_view(campaign_id)).bind(2, static_cast<int64_t>(max_wave)).bind(3, online ? 1 : 0);
         if (zone.empty()) {
@@ -384,12 +462,15 @@ Result<std::vector<CampaignDeviceRecord>> Store::releasable(const std::string& c
       [](const sql::Stmt& s) { return row_from(s); });
 }
 
-Result<int64_t> Store::expire_deadlines(const std::string& campaign_id, int64_t now_ms) {
+Result<int64_t> Store::expire_deadlines(const std::string& campaign_id, int64_t now_ms,
+                                        const std::optional<std::vector<int>>& cells) {
+  if (cells && cells->empty()) return int64_t{0};
   // Only devices that are online run out of time: offline is its own state.
   auto st = db_->prepare(
       "UPDATE campaign_devices SET status = 'failed', reason = 'deadline_exceeded', "
       "message = 'no outcome before the per-device deadline', updated_ms = ? "
-      "WHERE campaign_id = ? AND status IN ('pending', 'in_progress') AND deadline_ms > 0 AND deadline_ms < ? "
+      "WHERE campaign_id = ? AND status IN ('pending', 'in_progress') AND deadline_ms > 0 AND deadline_ms < ? " +
+      cell_condition(cells, "") +
       "AND EXISTS (SELECT 1 FROM devices d WHERE d.id = campaign_devices.device_id AND d.online = 1)");
   if (!st) return st.error();
   st->bind(1, now_ms).bind(2, std::string_view(campaign_id)).bind(3, now_ms);

@@ -167,12 +167,13 @@ CREATE TABLE IF NOT EXISTS trust (
     return s;
   }
   if (auto s = migrate_declarative(); !s) return s;
+  // Before the campaigns: their rows and counts carry the device's cell.
+  if (auto s = migrate_cells(); !s) return s;
   if (auto s = migrate_campaigns(); !s) return s;
   if (auto s = migrate_certs(); !s) return s;
   if (auto s = migrate_scopes(); !s) return s;
   if (auto s = migrate_aggregates(); !s) return s;
-  if (auto s = migrate_inventory(); !s) return s;
-  return migrate_cells();
+  return migrate_inventory();
 }
 
 // Stores made before cells hold every device in cell 0, which is where a

@@ -5,12 +5,34 @@
 #include <cstdint>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "flotilla/common/result.hpp"
 
 namespace flotilla::hub {
+
+// Where a campaign stands. The names (state_name) are what the store keeps
+// and the API and metrics show; inside the hub it is this enum.
+//   running           releasing waves and judging outcomes
+//   waiting_approval  the next wave waits for an operator (an approval gate)
+//   converging        every wave out, only offline devices outstanding
+//   paused, aborted, completed
+//   rolling_back      devices are sent back to their previous bundle; then rolled_back
+enum class CampaignState { running, waiting_approval, converging, paused, completed, aborted, rolling_back, rolled_back };
+std::string_view state_name(CampaignState s);
+// nullopt for a name that is not a state.
+std::optional<CampaignState> campaign_state_from(std::string_view name);
+// The engine releases devices and judges outcomes.
+bool campaign_runs(CampaignState s);
+// Not over: running, waiting_approval, converging, paused or rolling_back.
+bool campaign_active(CampaignState s);
+// Over for good: completed, aborted or rolled_back.
+bool campaign_final(CampaignState s);
+// Comparing with a state's name, as the API spells it (tests of answers).
+inline bool operator==(CampaignState s, std::string_view name) { return state_name(s) == name; }
 
 struct FailureThreshold {
   double percent = 20;       // failed / (applied + failed) at or above this ...

@@ -20,6 +20,7 @@
 #include "flotilla/common/result.hpp"
 #include "flotilla/common/transport.hpp"
 #include "flotilla/hub/campaign.hpp"
+#include "flotilla/hub/campaign_board.hpp"
 #include "flotilla/hub/cell.hpp"
 #include "flotilla/hub/control_log.hpp"
 #include "flotilla/hub/group_commit.hpp"
@@ -75,6 +76,17 @@ struct ServiceConfig {
   // nothing changes.
   coord::Coordinator* control_coordinator = nullptr;
   ControlLogOptions control_log;
+  // Campaigns across cells (campaign_board.hpp, docs/adr/0017): the
+  // coordinator on which this hub claims its cells, publishes their counts
+  // and elects the one campaign leader. Null: the engine counts every cell
+  // itself and decides (unit tests, embedders).
+  coord::Coordinator* coordinator = nullptr;
+  // This hub process among those sharing the coordinator (unique to it and
+  // stable across its restarts: it takes its own keys back at start).
+  std::string coord_holder = "hub";
+  std::chrono::seconds coord_ttl{10};  // the cell and leader leases
+  // The cells it claims; empty = every cell it runs.
+  std::vector<int> claim_cells;
 };
 
 // Device counts by campaign status. offline = unfinished devices that are
@@ -84,6 +96,10 @@ struct CampaignCounts {
           skipped = 0, rolling_back = 0, rolled_back = 0, rollback_failed = 0, offline = 0;
   void add(const std::string& status, int64_t n);
 };
+
+// One cell's share of a campaign (GET /v1/campaigns/{id} "cells"): counted
+// here for the cells this hub owns, as last published for the others.
+using CellCountsView = CellCampaignCounts;
 
 struct WaveView {
   int index = 0;
@@ -100,6 +116,7 @@ struct CampaignView {
   std::vector<CampaignDeviceRecord> devices;
   std::vector<std::string> away;  // unfinished and offline (first 100)
   std::map<std::string, int64_t> failure_reasons;
+  std::vector<CellCountsView> cells;  // by cell
 };
 
 struct CreatedToken {
@@ -235,7 +252,14 @@ class HubService {
   Result<CampaignRecord> campaign_action(const std::string& id, const std::string& action);
   // One step of the engine: release devices, expire deadlines, check the
   // failure threshold, advance waves. The engine thread calls it; tests too.
+  // Per-cell work (membership, release, deadlines, rollbacks of its
+  // devices) is done for the cells this hub owns; decisions on the totals
+  // only by the campaign leader (docs/architecture.md, "Campaigns across cells").
   void tick();
+  // This hub decides for every campaign (flotilla_campaign_leader).
+  bool campaign_leader() const { return leader_.load(); }
+  // The cells this hub owns now, ascending.
+  std::vector<int> owned_cells() const;
 
   Result<std::vector<DeviceRecord>> list_devices(const Selector& sel, const std::string& project = "*");
   Result<std::optional<DeviceRecord>> get_device(const std::string& id);
@@ -413,7 +437,34 @@ class HubService {
   void on_campaign_report(const std::string& device_id, const v1::Report& r, CampaignRows& rows);
   bool finished_without_outcome(CampaignDeviceRecord& row, const v1::Report& r);
   void start_rollback(CampaignRecord& c, const std::string& reason, Publishes& publishes);
+  // Sends this hub's devices of the campaign back (waiting ones skipped);
+  // follow: a rollback decided by another hub, rows found with no way back
+  // are left alone. Returns how many were sent.
+  int64_t roll_back_own_devices(const CampaignRecord& c, Publishes& publishes, bool follow);
   Result<BundleRecord> bundle_with_envelope(const std::string& id);
+  void tick_campaign_step(CampaignRecord& c, Publishes& publishes);
+
+  // Campaigns across cells (campaign_cells.cpp). A cell filter: nullopt =
+  // every cell (this hub owns them all: no filter at all, as one hub was).
+  using CellFilter = std::optional<std::vector<int>>;
+  static bool in_cells(const CellFilter& cells, int cell);
+  CellFilter cell_filter() const;
+  // Claims the cells (taking back its own after a restart), renews the
+  // leases, campaigns for leadership.
+  void coordinate();
+  // Every cell's counts of a campaign: this hub's own cells counted now,
+  // the others as last published. store_mu_ held.
+  Result<std::vector<CellCampaignCounts>> cell_counts(const std::string& campaign_id);
+  // The totals over every cell the decisions are made on. store_mu_ held.
+  Result<std::vector<CampaignCountRow>> campaign_totals(const std::string& campaign_id);
+  // Publishes each own cell's counts of the campaign if they changed. store_mu_ held.
+  void publish_cell_counts(const std::string& campaign_id);
+  mutable std::mutex coord_mu_;
+  std::unique_ptr<coord::CellOwnership> ownership_;  // coord_mu_
+  std::unique_ptr<CampaignBoard> board_;              // coord_mu_
+  std::unique_ptr<Leadership> leadership_;            // coord_mu_
+  CellFilter owned_;                                  // coord_mu_
+  std::atomic<bool> leader_{true};
 
   // Runs f (returning Status or Result<T>) as one control write: in the
   // control log when there is one (f may then run again after another hub

@@ -13,6 +13,7 @@
 #include "flotilla/common/result.hpp"
 #include "flotilla/common/sqlite.hpp"
 #include "flotilla/bundles/selector.hpp"
+#include "flotilla/hub/campaign.hpp"
 
 namespace flotilla::hub {
 
@@ -99,10 +100,7 @@ struct CampaignRecord {
   std::string name;
   std::string bundle_id;
   std::string selector;
-  // running, waiting_approval (the next wave waits for an operator),
-  // converging (all released; only offline devices outstanding), paused,
-  // completed, aborted, rolling_back, rolled_back
-  std::string state;
+  CampaignState state = CampaignState::running;  // its name in the store's column
   int64_t created_ms = 0;
   int64_t updated_ms = 0;
   std::string project = "default";
@@ -145,6 +143,7 @@ struct CampaignDeviceRecord {
   std::string prev_bundle_id;      // what the device ran before, for rollback
   uint64_t rollback_generation = 0;
   std::string zone;                // its time zone, for a campaign with a maintenance window
+  int cell = 0;                    // its device's cell (a drain moves it along)
 };
 
 // Counts of a campaign's devices by wave, status and presence.
@@ -365,11 +364,17 @@ class Store {
   Status save_campaign_device(const CampaignDeviceRecord& cd);
   Status start_deadline(const std::string& campaign_id, const std::string& device_id, int64_t budget_ms,
                         int64_t now_ms);
-  // From the trigger-kept campaign_counts table: a few rows, whatever the fleet size.
+  // From the trigger-kept campaign_counts table: a few rows, whatever the
+  // fleet size. Without a cell: the campaign's totals over every cell.
   Result<std::vector<CampaignCountRow>> campaign_counts(const std::string& campaign_id);
+  Result<std::vector<CampaignCountRow>> campaign_counts(const std::string& campaign_id, int cell);
+  // The cells that hold devices of the campaign, ascending.
+  Result<std::vector<int>> campaign_cells(const std::string& campaign_id);
   // The same figures grouped from every device row (what the triggers must
-  // agree with; tests compare the two).
+  // agree with; tests compare the two), in total and for the devices now in
+  // one cell.
   Result<std::vector<CampaignCountRow>> recount_campaign(const std::string& campaign_id);
+  Result<std::vector<CampaignCountRow>> recount_campaign(const std::string& campaign_id, int cell);
   // Failed and rollback_failed rows by reason ("unknown" when empty).
   Result<std::map<std::string, int64_t>> failure_reasons(const std::string& campaign_id);
   // Unfinished rows of offline devices, the first `limit` by device id.
@@ -377,10 +382,14 @@ class Store {
   // Waiting rows of waves up to max_wave whose device is online (or
   // offline), by wave and rank; at most `limit` of them; only those of one
   // time zone when `zone` is given.
+  // `cells`: only devices in those cells (nullopt: every cell).
   Result<std::vector<CampaignDeviceRecord>> releasable(const std::string& campaign_id, int max_wave, bool online,
-                                                       int64_t limit, const std::string& zone = "");
-  // Pending/in-progress rows of online devices whose deadline passed become failed.
-  Result<int64_t> expire_deadlines(const std::string& campaign_id, int64_t now_ms);
+                                                       int64_t limit, const std::string& zone = "",
+                                                       const std::optional<std::vector<int>>& cells = std::nullopt);
+  // Pending/in-progress rows of online devices whose deadline passed become
+  // failed (only in `cells`; nullopt: every cell).
+  Result<int64_t> expire_deadlines(const std::string& campaign_id, int64_t now_ms,
+                                   const std::optional<std::vector<int>>& cells = std::nullopt);
   // Marks a device's unfinished rows in other campaigns superseded; returns those campaign ids.
   Result<std::vector<std::string>> supersede_others(const std::string& device_id, const std::string& campaign_id,
                                                     int64_t now_ms);
