@@ -249,7 +249,7 @@ std::map<std::string, std::set<uint64_t>> generations(const std::vector<const Re
 
 }  // namespace
 
-TEST_CASE("the leader decides on the sum of the cells' published counts; a new leader carries on",
+TEST_CASE("the leader decides on the sum of the cells' published counts, and a new leader carries on from the stored state",
           "[unit][hub][campaign][cells]") {
   // Declared first, so it outlives both hubs (they resign on it when they stop).
   flotilla::test::TempDir coord_dir;
