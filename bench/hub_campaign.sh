@@ -29,6 +29,7 @@ if [ ! -x "$BIN/flotilla-sim" ]; then
   "$ROOT/scripts/build.sh"
 fi
 OUT="${OUT:-$(mktemp -d /tmp/flotilla-hub-campaign-XXXXXX)}"
+mkdir -p "$OUT"
 echo "hub-campaign: $DEVICES devices, $MODE mode, report in $OUT"
 "$BIN/flotilla-sim" run --devices "$DEVICES" --mode "$MODE" --out "$OUT" --no-progress >"$OUT/sim.log" 2>&1 || {
   echo "flotilla-sim failed; its log ends:"; tail -20 "$OUT/sim.log"; exit 1; }
