@@ -2,6 +2,7 @@
 // temporary directory, with no broker attached.
 #include <catch2/catch.hpp>
 
+#include "tests/support/hub_fixtures.hpp"
 #include "tests/support/hub_test_support.hpp"
 #include "tests/support/temp_dir.hpp"
 
@@ -52,12 +53,7 @@ std::string enroll_proof(const std::string& token, const std::string& public_key
   auto sig = bundles::sign_detached(it->second, bundles::enroll_proof_message(token, it->second.pub.key));
   return std::string(sig.begin(), sig.end());
 }
-// The timestamped proof agents send: each request newer than the last, so
-// enrolling the same key again is taken (and a replay would not be).
-uint64_t next_issued_ms() {
-  static std::atomic<uint64_t> at{1'800'000'000'000};
-  return ++at;
-}
+using flotilla::test::next_issued_ms;
 void sign_enroll_request(flotilla::v1::EnrollRequest& req) {
   auto it = key_registry().find(req.device_public_key());
   if (it == key_registry().end()) return;
@@ -95,7 +91,7 @@ bool contains(const std::string& haystack, const std::string& needle) {
   return haystack.find(needle) != std::string::npos;
 }
 
-std::string bytes_string(const flotilla::Bytes& b) { return std::string(b.begin(), b.end()); }
+using flotilla::test::bytes_string;
 
 const std::string kGarbage = "\xff\xff\xff\xff not a protobuf message";
 
@@ -115,12 +111,7 @@ class Hub {
     cfg.engine_thread = false;
     service_ = std::make_unique<HubService>(*store_, clock, cfg);
     api_ = std::make_unique<Api>(*service_);
-    TokenRecord rec;
-    rec.name = "test-admin";
-    rec.role = "admin";
-    auto t = service_->create_token("api", rec);
-    REQUIRE(t);
-    admin = t->secret;
+    admin = flotilla::test::make_token(*service_, "api", "test-admin", "admin", "default").secret;
   }
 
   RecordingTransport& attach_broker() {
@@ -196,23 +187,7 @@ class Hub {
   }
 
   v1::SignedBundle bundle(uint64_t version = 1) {
-    v1::BundleManifest m;
-    m.set_format_version(1);
-    m.set_name("edge-base");
-    m.set_channel("stable");
-    m.set_version(version);
-    m.set_created_unix(clock.now_unix());
-    m.set_expires_unix(clock.now_unix() + 30 * 86400);
-    auto* f = m.add_files();
-    f->set_kind(v1::FILE_KIND_MANIFEST);
-    f->set_name("app.yaml");
-    f->set_content("kind: ConfigMap\n");
-    f->set_mode(0644);
-    auto h = flotilla::crypto::sha256(f->content());
-    f->set_sha256(std::string(h.begin(), h.end()));
-    auto env = bundles::wrap(m);
-    REQUIRE(bundles::sign(env, signing_key_));
-    return env;
+    return flotilla::test::signed_bundle(clock.now_unix(), "edge-base", version, "kind: ConfigMap\n", {&signing_key_});
   }
 
   std::string upload_bundle() {
