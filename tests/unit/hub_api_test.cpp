@@ -14,6 +14,7 @@
 #include <memory>
 #include <optional>
 #include <random>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -121,6 +122,7 @@ class Hub {
   }
 
   HubService& service() { return *service_; }
+  Api& api() { return *api_; }
   Store& store() { return *store_; }
 
   HttpResponse call(const std::string& method, const std::string& target, const std::string& body = "",
@@ -567,6 +569,64 @@ TEST_CASE("hub device list filters by selector and pages with limit and after", 
 
   CHECK(hub.call("GET", "/v1/devices?limit=0").status == 400);
   CHECK(hub.call("GET", "/v1/devices?selector=env%20in%20(").status == 400);
+}
+
+// A typo in a query parameter (?projet=) must not silently become "no
+// filter": every route with a token refuses a parameter it does not take,
+// naming it and the ones it takes, before its handler runs.
+TEST_CASE("hub API refuses an unknown query parameter on every route, names it, and changes nothing", "[unit][hub]") {
+  Hub hub;
+  const std::string prod = hub.enroll_device({{"env", "prod"}});
+  hub.enroll_device({{"env", "dev"}});
+  const std::string bundle_id = hub.upload_bundle();
+  // What the routes could change: a refused call changes none of it.
+  const auto snapshot = [&] {
+    std::string out;
+    for (const char* list :
+         {"/v1/devices?include_decommissioned=true", "/v1/campaigns", "/v1/bundles", "/v1/tokens", "/v1/enrollment-tokens"}) {
+      out += hub.get(list).dump() + "\n";
+    }
+    return out;
+  };
+  const std::string before = snapshot();
+  // Outside the route table: no API token, no query parameters read.
+  const std::set<std::pair<std::string, std::string>> public_routes = {
+      {"GET", "/healthz"},     {"GET", "/readyz"},        {"GET", "/v1/openapi.yaml"},    {"POST", "/v1/enroll"},
+      {"POST", "/v1/enroll/batch"}, {"POST", "/v1/renew"}, {"GET", "/v1/device-ca"},       {"GET", "/v1/device-ca/crl"},
+      {"GET", "/v1/artifacts/{sha256}"}, {"HEAD", "/v1/artifacts/{sha256}"}};
+  int checked = 0;
+  for (const auto& [method, pattern] : hub.api().routes()) {
+    if (public_routes.count({method, pattern})) continue;
+    std::string target = pattern;
+    for (size_t open; (open = target.find('{')) != std::string::npos;) {
+      target.replace(open, target.find('}', open) - open + 1, pattern.find("{sha256}") != std::string::npos
+                                                                 ? std::string(64, 'a')
+                                                                 : prod);
+    }
+    auto r = hub.call(method, target + "?projet=default", json{{"bundle", bundle_id}, {"selector", "env=prod"}}.dump());
+    INFO(method << " " << target << ": " << r.body);
+    CHECK(r.status == 400);
+    CHECK(error_code(r) == "invalid_argument");
+    CHECK(contains(error_message(r), "unknown query parameter 'projet' for " + method + " " + pattern + "; it takes "));
+    ++checked;
+  }
+  CHECK(checked > 40);
+  CHECK(snapshot() == before);
+
+  // The message lists what the route takes.
+  CHECK(error_message(hub.call("GET", "/v1/devices?selector=env%3Dprod&projet=default")) ==
+        "unknown query parameter 'projet' for GET /v1/devices; it takes after, certExpiresBefore, "
+        "include_decommissioned, limit, project, selector");
+  CHECK(error_message(hub.call("GET", "/v1/tokens?limit=5")) ==
+        "unknown query parameter 'limit' for GET /v1/tokens; it takes none");
+  // The parameters a route takes still work.
+  const json page = hub.get("/v1/devices?selector=env%3Dprod&project=default&limit=10&include_decommissioned=false");
+  REQUIRE(page["items"].size() == 1);
+  CHECK(page["items"][0]["id"] == prod);
+  CHECK(hub.get("/v1/campaigns?project=default")["items"].empty());
+  CHECK(hub.get("/v1/audit?limit=1&after=0")["items"].size() == 1);
+  // And a value above 1 KiB is still refused.
+  CHECK(hub.call("GET", "/v1/devices?selector=" + std::string(1025, 'a')).status == 400);
 }
 
 TEST_CASE("hub refuses a campaign whose selector matches no device", "[unit][hub]") {
