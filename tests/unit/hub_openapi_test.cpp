@@ -154,11 +154,13 @@ TEST_CASE("hub OpenAPI lists each route's query parameters as the server takes t
   const YAML::Node doc = YAML::LoadFile(openapi_path());
   const YAML::Node shared = doc["components"]["parameters"];
   auto query_params = [&](const YAML::Node& list, std::set<std::string>& out) {
-    if (!list) return;
-    for (const auto& p0 : list) {
-      YAML::Node p = p0;
-      if (p["$ref"]) p = shared[p["$ref"].as<std::string>().substr(std::string("#/components/parameters/").size())];
-      REQUIRE(p);
+    if (!list.IsDefined()) return;
+    for (const auto& entry : list) {
+      // A copy, never an assignment: assigning a yaml-cpp node writes through to the document.
+      const YAML::Node p =
+          entry["$ref"] ? shared[entry["$ref"].as<std::string>().substr(std::string("#/components/parameters/").size())]
+                        : entry;
+      REQUIRE(p.IsDefined());
       if (p["in"].as<std::string>() == "query") out.insert(p["name"].as<std::string>());
     }
   };
@@ -172,7 +174,7 @@ TEST_CASE("hub OpenAPI lists each route's query parameters as the server takes t
       if (sec && sec.IsSequence() && sec.size() == 0) continue;  // public: no token, no query read
       const std::string pattern = path.first.as<std::string>();
       INFO(upper(method) << " " << pattern);
-      CHECK(op.second["responses"]["400"]);
+      CHECK(op.second["responses"]["400"].IsDefined());
       std::set<std::string> documented;
       query_params(path.second["parameters"], documented);
       query_params(op.second["parameters"], documented);
