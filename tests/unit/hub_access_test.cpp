@@ -160,11 +160,7 @@ class Hub {
   int bundle_seq_ = 0;
 };
 
-std::set<std::string> ids_of(const json& items) {
-  std::set<std::string> out;
-  for (const auto& i : items) out.insert(i["id"].get<std::string>());
-  return out;
-}
+using flotilla::test::ids_of;
 
 }  // namespace
 

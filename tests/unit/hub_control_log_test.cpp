@@ -203,11 +203,7 @@ TokenRecord token_rec(const std::string& name, const std::string& role, std::vec
   return t;
 }
 
-std::set<std::string> ids(const json& items) {
-  std::set<std::string> out;
-  for (const auto& i : items) out.insert(i["id"].get<std::string>());
-  return out;
-}
+using test::ids_of;
 
 }  // namespace
 
@@ -231,7 +227,7 @@ TEST_CASE("control log: what one hub writes, another hub reads, in the same orde
   b.catch_up();
   auto listed = b.call("GET", "/v1/bundles", "", ops);
   REQUIRE(listed.status == 200);
-  CHECK(ids(body_of(listed)["items"]).count(bundle) == 1);
+  CHECK(ids_of(body_of(listed)["items"]).count(bundle) == 1);
   CHECK(b.call("GET", "/v1/bundles/" + bundle, "", ops).status == 200);
 
   // A device enrolled on A (group commit: one log entry for the group) and
@@ -250,7 +246,7 @@ TEST_CASE("control log: what one hub writes, another hub reads, in the same orde
   CHECK((*dev)->labels.at("site") == "north");
   auto campaigns = b.call("GET", "/v1/campaigns", "", ops);
   REQUIRE(campaigns.status == 200);
-  CHECK(ids(body_of(campaigns)["items"]).count(campaign) == 1);
+  CHECK(ids_of(body_of(campaigns)["items"]).count(campaign) == 1);
 
   // B writes too; the audit rows of both are on both, in the same order.
   auto b_tok = b.call("POST", "/v1/tokens", json{{"name", "viewer-b"}, {"role", "viewer"}, {"project", "default"}}.dump(),
