@@ -55,6 +55,9 @@ TEST_CASE("federation store keeps regions and campaigns across a reopen", "[unit
     c.state = FedState::soaking;
     c.current_step = 1;
     c.parts.push_back(RegionPart{"eu", 0, "c-9", "completed", nlohmann::json{{"applied", 4}, {"total", 4}}, 4000, true, ""});
+    // A create sent without an answer is remembered, so a restarted
+    // federation does not send it again while the region may be making it.
+    c.parts.push_back(RegionPart{"us", 1, "", "", nlohmann::json::object(), 0, false, "timed out", 6000});
     REQUIRE((*s)->save_campaign(c));
   }
   auto s = FederationStore::open(path);
@@ -75,8 +78,10 @@ TEST_CASE("federation store keeps regions and campaigns across a reopen", "[unit
   CHECK((*c)->thresholds.at("eu").percent == 2.5);
   CHECK((*c)->thresholds.at("eu").min_sample == 7);
   CHECK((*c)->bundle_version == 3);
-  REQUIRE((*c)->parts.size() == 1);
+  REQUIRE((*c)->parts.size() == 2);
   CHECK((*c)->parts[0].regional_id == "c-9");
+  CHECK((*c)->parts[0].create_sent_ms == 0);
+  CHECK((*c)->parts[1].create_sent_ms == 6000);
   CHECK((*c)->parts[0].counts["applied"] == 4);
   auto live = (*s)->live_campaign_ids();
   REQUIRE(live);
