@@ -324,7 +324,10 @@ Status Federation::start_region(FedCampaign& c, RegionPart& part, const Region& 
     for (const auto& item : list.body.value("items", json::array())) {
       if (item.value("name", "") == regional_name) part.regional_id = item.value("id", "");
     }
-    if (!part.regional_id.empty()) return {};
+    if (!part.regional_id.empty()) {
+      part.create_sent_ms = 0;
+      return {};
+    }
     // A create sent before without a definite answer may still be running
     // there (250,000 campaign rows can outlast the region timeout): sending
     // it again would make a second campaign over the same devices, each
