@@ -15,14 +15,16 @@
 #
 # Rollout mode (4th argument "rollout"; issue 18's 1M run is 4 250000
 # rollout): the same serve-only regions, then one federated campaign region by
-# region (r1, then r2, ...; no soak). Each regional campaign is watched
-# directly at its region (from the moment the federation created it until
-# the region says completed) to give the region's own time; the script
-# prints the federation's total against the sum of the regions' own times,
-# the CPU and peak memory of every hub, broker, simulator and the
-# federation, and whether the counts are exact (every device applied, each
-# region's share the region's own count). Exits 1 if they are not. A long
-# run at full CPU: take the shared lock around it.
+# region (r1, then r2, ...; no soak). Each regional campaign is also watched
+# directly at its region; its own time is read from the region's SQLite
+# (creation to the last device outcome). The script prints the federation's
+# total against the sum of the regions' own times, each hub's per-device
+# latency (p50/p99), the latencies of its own requests (the federated
+# campaign, a fan-out device page every 5 s, the regional campaigns), the CPU
+# and peak memory of every hub, broker, simulator and the federation, and
+# whether the counts are exact (every device applied, each region's share
+# the region's own count). Exits 1 if they are not. A long run at full CPU:
+# take the shared lock around it.
 #
 #   bench/federation.sh [build-dir] [regions] [devices-per-region] [pages|campaign|rollout]
 set -euo pipefail
@@ -48,6 +50,7 @@ cleanup() {
   rm -rf "$TMP"
 }
 trap cleanup EXIT
+T_SCRIPT=$(date +%s%3N)
 wait_for() { local t=$1; shift; for _ in $(seq $((t * 10))); do "$@" && return 0; sleep 0.1; done; return 1; }
 now_ms() { date +%s%3N; }
 
@@ -99,6 +102,7 @@ for i in $(seq 1 "$REGIONS"); do
       --root-key "$ROOT_KEY" --out "$d.sim" --no-progress >"$d.sim.log" 2>&1 &
     PIDS+=($!)
     SIM_PIDS[$i]=$!
+    [[ $i == 1 ]] && t_enroll=$(now_ms)
   else
     # The simulator enrolls the devices (and runs its own campaign) at this region.
     SSL_CERT_FILE=${CAS[$i]} "$BIN/flotilla-sim" run --hub "${URLS[$i]}" --token-file "$d.op.token" \
@@ -106,11 +110,10 @@ for i in $(seq 1 "$REGIONS"); do
   fi
 done
 if $SERVE; then
-  t_enroll=$(now_ms)
   for i in $(seq 1 "$REGIONS"); do
     wait_for 3600 test -s "$TMP/r$i.sim/serving.json" || { echo "region r$i: simulator not serving" >&2; tail -5 "$TMP/r$i.sim.log" >&2; exit 1; }
   done
-  echo "enrolled and online: $REGIONS x $DEVICES devices in $(( $(now_ms) - t_enroll )) ms"
+  echo "enrolled and online: $REGIONS x $DEVICES devices in $(( $(now_ms) - t_enroll )) ms (first simulator started -> every simulator serving; the regions enroll in parallel)"
 fi
 
 start_hub "$TMP/fed" --role federation
@@ -128,6 +131,7 @@ PY
 done
 
 if [[ $MODE == rollout ]]; then
+  echo "regions, simulators and federation up: $(( ($(now_ms) - T_SCRIPT) / 1000 )) s after the start"
   fbid=$(curl -fsS -H "Authorization: Bearer $FADMIN" -H 'Content-Type: application/octet-stream' \
     --data-binary @"$TMP/b1.fbundle" "$FED/v1/bundles" | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
   python3 - "$TMP/rollout.json" <<PY
@@ -135,25 +139,48 @@ import json
 regions = []
 for i, (url, ca, tok, hub, sim) in enumerate(zip("${URLS[*]}".split(), "${CAS[*]}".split(), "${TOKENS[*]}".split(),
                                                  "${HUB_PIDS[*]}".split(), "${SIM_PIDS[*]}".split()), 1):
-    regions.append({"name": "r%d" % i, "url": url, "ca": ca, "token": tok, "hub_pid": int(hub), "sim_pid": int(sim)})
+    regions.append({"name": "r%d" % i, "url": url, "ca": ca, "token": tok, "hub_pid": int(hub), "sim_pid": int(sim),
+                    "db": "$TMP/r%d/hub.db" % i})
 json.dump({"federation": "$FED", "admin": "$FADMIN", "fed_pid": $FED_PID, "bundle": "$fbid", "devices": $DEVICES,
-           "regions": regions}, open("$TMP/rollout.json", "w"))
+           "lib": "$(cd "$(dirname "$0")" && pwd)/lib", "regions": regions}, open("$TMP/rollout.json", "w"))
 PY
-  python3 - "$TMP/rollout.json" <<'PY'
+  rc=0
+  python3 - "$TMP/rollout.json" <<'PY' || rc=$?
 # One federated campaign region by region, watched at the federation and at
 # each region; prints the figures and exits 1 unless the counts are exact.
 import json, os, ssl, sys, time, urllib.request
 
 cfg = json.load(open(sys.argv[1]))
+sys.path.insert(0, cfg["lib"])
+from simreport import hub_latency
 N = cfg["devices"]
 TICK = os.sysconf("SC_CLK_TCK")
+LAT = {}   # kind -> latencies (ms) of the requests this script made
+ERRS = {}  # kind -> failed requests (retried; the run goes on)
 
-def call(base, token, path, body=None, ca=None):
+def call(kind, base, token, path, body=None, ca=None, tries=5):
+    # GETs are retried: a long run must not die of one slow answer under
+    # load; every failure is counted and printed. POSTs are not retried.
     ctx = ssl.create_default_context(cafile=ca) if ca else None
     req = urllib.request.Request(base + path, data=json.dumps(body).encode() if body is not None else None,
                                  headers={"Authorization": "Bearer " + token, "Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30, context=ctx) as r:
-        return json.load(r)
+    for attempt in range(tries if body is None else 1):
+        t = time.monotonic()
+        try:
+            with urllib.request.urlopen(req, timeout=30, context=ctx) as r:
+                out = json.load(r)
+            LAT.setdefault(kind, []).append((time.monotonic() - t) * 1000)
+            return out
+        except Exception as e:
+            ERRS[kind] = ERRS.get(kind, 0) + 1
+            print("%s: %s (attempt %d)" % (kind, e, attempt + 1), file=sys.stderr, flush=True)
+            if body is not None or attempt + 1 == tries:
+                raise
+            time.sleep(1)
+
+def pct(xs, p):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(p * len(xs)))]
 
 def now_ms():
     return time.monotonic_ns() // 1_000_000
@@ -192,13 +219,23 @@ cpu0 = {pid: cpu_s(pid) for _, pid in procs}
 names = [r["name"] for r in cfg["regions"]]
 by_name = {r["name"]: r for r in cfg["regions"]}
 t0 = now_ms()
-c = call(cfg["federation"], cfg["admin"], "/v1/campaigns",
+c = call("federation POST /v1/campaigns", cfg["federation"], cfg["admin"], "/v1/campaigns",
          {"bundle": cfg["bundle"], "selector": "sim-run=fedbench", "name": "rollout", "regions": names})
 fid = c["id"]
 started, done, direct = {}, {}, {}
 deadline = time.monotonic() + 3 * 3600
+next_page = 0.0
 while True:
-    c = call(cfg["federation"], cfg["admin"], "/v1/campaigns/" + fid)
+    if time.monotonic() >= next_page:
+        # A fan-out read (a page of devices from every region) every 5 s,
+        # timed like any operator's read during the rollout.
+        pg = call("federation GET /v1/devices?limit=100 (fan-out)", cfg["federation"], cfg["admin"],
+                  "/v1/devices?limit=100")
+        bad = [x["region"] for x in pg.get("regions", []) if x.get("state") != "ok"]
+        if bad:
+            print("device page: regions not ok: %s" % bad, file=sys.stderr, flush=True)
+        next_page = time.monotonic() + 5
+    c = call("federation GET /v1/campaigns/{id}", cfg["federation"], cfg["admin"], "/v1/campaigns/" + fid)
     t = now_ms()
     for p in c["regions"]:
         if p["regional_campaign"] and p["region"] not in started:
@@ -207,13 +244,15 @@ while True:
         if name in done:
             continue
         r = by_name[name]
-        x = call(r["url"], r["token"], "/v1/campaigns/" + rid, ca=r["ca"])
+        x = call("region GET /v1/campaigns/{id} (direct)", r["url"], r["token"], "/v1/campaigns/" + rid, ca=r["ca"])
         if x["state"] == "completed":
             done[name] = now_ms()
             direct[name] = x["counts"]
-            print("region %s: regional campaign %s completed, %d/%d applied, %d failed, own time %d ms" %
-                  (name, rid, x["counts"]["applied"], x["counts"]["total"], x["counts"]["failed"], done[name] - ts),
-                  flush=True)
+            print("region %s: regional campaign %s seen completed, %d/%d applied, %d failed, %d ms after the "
+                  "federation first showed it" % (name, rid, x["counts"]["applied"], x["counts"]["total"],
+                                                  x["counts"]["failed"], done[name] - ts), flush=True)
+            if x["counts"]["applied"] != N:
+                print("region %s: counts %s" % (name, json.dumps(x["counts"], sort_keys=True)), flush=True)
     if c["state"] == "completed":
         t_end = now_ms()
         break
@@ -223,10 +262,14 @@ while True:
     time.sleep(0.5)
 cpu1 = {pid: cpu_s(pid) for _, pid in procs}
 total_ms = t_end - t0
-own = sum(done[n] - started[n][0] for n in names)
+# Each region's own time from its own store: the regional campaign's
+# creation to the last device outcome it recorded (the federation may learn
+# of a regional campaign late when creating it outlasts its region timeout).
+lat = {n: hub_latency(None, started[n][1], db_path=by_name[n]["db"]) or {} for n in names}
+own = sum(int(lat[n].get("max", 0) * 1000) for n in names)
 print("regions=%d devices_per_region=%d devices=%d" % (len(names), N, N * len(names)))
 print("federation: one campaign %s (no soak), created -> completed: %d ms" % (" -> ".join(names), total_ms))
-print("sum of the regions' own times (regional campaign created -> completed, seen at the region): %d ms" % own)
+print("sum of the regions' own times (regional campaign created -> last outcome, in the region's store): %d ms" % own)
 print("overhead ratio (federation / sum of regions): %.3f" % (total_ms / max(1, own)))
 exact = c["counts"]["applied"] == N * len(names) and c["counts"]["total"] == N * len(names) and c["counts"]["failed"] == 0
 for p in c["regions"]:
@@ -236,13 +279,25 @@ print("counts: federation %d/%d applied, %d failed; per region %s: %s" %
       (c["counts"]["applied"], c["counts"]["total"], c["counts"]["failed"],
        ", ".join("%s %d" % (p["region"], p["counts"]["applied"]) for p in c["regions"]),
        "exact" if exact else "NOT EXACT"))
+for name in names:
+    # Per device, the regional campaign's creation to the hub recording the
+    # outcome, from the region's own SQLite (as bench/scale.sh reports it).
+    hl = lat[name]
+    print("hub %s: per-device latency (campaign created -> outcome recorded) p50 %s s, p99 %s s, max %s s" %
+          (name, hl.get("p50"), hl.get("p99"), hl.get("max")))
+print("%-50s %6s %8s %8s %8s %6s" % ("requests made by this script", "n", "p50_ms", "p99_ms", "max_ms", "failed"))
+for kind in sorted(set(LAT) | set(ERRS)):
+    xs = LAT.get(kind, [0])
+    print("%-50s %6d %8.1f %8.1f %8.1f %6d" % (kind, len(LAT.get(kind, [])), pct(xs, 0.5), pct(xs, 0.99), max(xs),
+                                            ERRS.get(kind, 0)))
 print("%-12s %14s %12s %12s %12s" % ("process", "cpu_s rollout", "cpu_s total", "peak_rss_MB", "rss_anon_MB"))
 for label, pid in procs:
     print("%-12s %14.1f %12.1f %12.0f %12.0f" % (label, cpu1[pid] - cpu0[pid], cpu1[pid], mem_mb(pid, "VmHWM"),
                                                mem_mb(pid, "RssAnon")))
 sys.exit(0 if exact else 1)
 PY
-  exit $?
+  echo "whole script: $(( ($(now_ms) - T_SCRIPT) / 1000 )) s"
+  exit $rc
 fi
 
 campaign_state() {  # url ca-or-empty token id -> state

@@ -12,10 +12,11 @@ def load(path):
         return None
 
 
-def hub_latency(rung_dir, campaign_id):
-    """Per device: campaign creation to the hub recording its outcome (from the hub's own SQLite)."""
+def hub_latency(rung_dir, campaign_id, db_path=None):
+    """Per device: campaign creation to the hub recording its outcome (from the hub's own SQLite,
+    <rung_dir>/hub/hub.db unless db_path names it)."""
     try:
-        db = sqlite3.connect(f"file:{rung_dir}/hub/hub.db?mode=ro", uri=True)
+        db = sqlite3.connect(f"file:{db_path or rung_dir + '/hub/hub.db'}?mode=ro", uri=True)
         (created,) = db.execute("select created_ms from campaigns where id=?", (campaign_id,)).fetchone()
         lat = sorted(r[0] - created for r in db.execute(
             "select updated_ms from campaign_devices where campaign_id=? and status in ('applied','failed')",

@@ -160,9 +160,16 @@ Result<Caller> reading_caller(const Context& c) {
   return narrowed;
 }
 
-std::optional<HttpResponse> only_params(const Context& c, const std::set<std::string>& allowed) {
-  for (const auto& [k, v] : c.target.query) {
-    if (!allowed.count(k)) return Api::error(400, "invalid_argument", "unknown query parameter '" + k + "'");
+std::optional<HttpResponse> only_params(const Target& t, const std::set<std::string>& allowed,
+                                        const std::string& what) {
+  for (const auto& [k, v] : t.query) {
+    if (!allowed.count(k)) {
+      std::string takes;
+      for (const auto& a : allowed) takes += (takes.empty() ? "" : ", ") + a;
+      return Api::error(400, "invalid_argument",
+                        "unknown query parameter '" + k.substr(0, 64) + "' for " + what + "; it takes " +
+                            (takes.empty() ? "none" : takes));
+    }
     if (v.size() > 1024) return Api::error(400, "invalid_argument", "query parameter '" + k + "' is too long");
   }
   return std::nullopt;
@@ -219,7 +226,7 @@ std::vector<Route> build_routes() {
   add_ui_routes(r);
   // Metrics span every project (campaign ids, device counts): a viewer token
   // of project "*" may read them, a project-scoped token may not.
-  r.push_back({"GET", "/metrics", Role::viewer, metrics_access});
+  r.push_back({"GET", "/metrics", Role::viewer, {}, metrics_access});
   return r;
 }
 

@@ -204,26 +204,10 @@ HttpResponse revoke_api_token(HubService& s, Context& c) { return revoke_token_r
 
 // ---- audit log ----------------------------------------------------------------
 
-Result<int64_t> int_query(const Target& t, const std::string& key, int64_t def, int64_t lo, int64_t hi) {
-  if (!t.query.count(key)) return def;
-  int64_t v = 0;
-  try {
-    size_t used = 0;
-    v = std::stoll(t.query.at(key), &used);
-    if (used != t.query.at(key).size()) throw std::invalid_argument(key);
-  } catch (const std::exception&) {
-    return make_error(Errc::invalid_argument, key + " must be a whole number");
-  }
-  if (v < lo || v > hi) {
-    return make_error(Errc::invalid_argument, key + " must be " + std::to_string(lo) + ".." + std::to_string(hi));
-  }
-  return v;
-}
-
 HttpResponse list_audit(HubService& s, Context& c) {
-  auto limit = int_query(c.target, "limit", 100, 1, 1000);
+  auto limit = int_param(c, "limit", 100, 1, 1000);
   if (!limit) return from_error(limit.error());
-  auto after = int_query(c.target, "after", 0, 0, INT64_MAX);
+  auto after = int_param(c, "after", 0, 0, INT64_MAX);
   if (!after) return from_error(after.error());
   // One more than asked tells whether there is a next page.
   auto rows = s.list_audit(*after, *limit + 1, c.caller.project);
@@ -254,13 +238,13 @@ HttpResponse list_audit(HubService& s, Context& c) {
 }  // namespace
 
 void add_access_routes(std::vector<Route>& r) {
-  r.push_back({"POST", "/v1/enrollment-tokens", Role::operator_, create_enrollment_token});
-  r.push_back({"GET", "/v1/enrollment-tokens", Role::operator_, list_enrollment_tokens});
-  r.push_back({"DELETE", "/v1/enrollment-tokens/{id}", Role::operator_, revoke_enrollment_token});
-  r.push_back({"POST", "/v1/tokens", Role::admin, create_api_token});
-  r.push_back({"GET", "/v1/tokens", Role::admin, list_api_tokens});
-  r.push_back({"DELETE", "/v1/tokens/{id}", Role::admin, revoke_api_token});
-  r.push_back({"GET", "/v1/audit", Role::admin, list_audit});
+  r.push_back({"POST", "/v1/enrollment-tokens", Role::operator_, {}, create_enrollment_token});
+  r.push_back({"GET", "/v1/enrollment-tokens", Role::operator_, {}, list_enrollment_tokens});
+  r.push_back({"DELETE", "/v1/enrollment-tokens/{id}", Role::operator_, {}, revoke_enrollment_token});
+  r.push_back({"POST", "/v1/tokens", Role::admin, {}, create_api_token});
+  r.push_back({"GET", "/v1/tokens", Role::admin, {}, list_api_tokens});
+  r.push_back({"DELETE", "/v1/tokens/{id}", Role::admin, {}, revoke_api_token});
+  r.push_back({"GET", "/v1/audit", Role::admin, {"after", "limit"}, list_audit});
 }
 
 }  // namespace flotilla::hub::rest

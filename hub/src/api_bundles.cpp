@@ -111,10 +111,10 @@ HttpResponse serve_artifact(HubService& s, const std::string& name, const HttpRe
 }
 
 void add_bundle_routes(std::vector<Route>& r) {
-  r.push_back({"POST", "/v1/bundles", Role::operator_, upload_bundle});
-  r.push_back({"GET", "/v1/bundles", Role::viewer, list_bundles});
-  r.push_back({"GET", "/v1/bundles/{id}", Role::viewer, get_bundle});
-  r.push_back({"PUT", "/v1/artifacts/{sha256}", Role::operator_, put_artifact});
+  r.push_back({"POST", "/v1/bundles", Role::operator_, {"project"}, upload_bundle});
+  r.push_back({"GET", "/v1/bundles", Role::viewer, {}, list_bundles});
+  r.push_back({"GET", "/v1/bundles/{id}", Role::viewer, {}, get_bundle});
+  r.push_back({"PUT", "/v1/artifacts/{sha256}", Role::operator_, {}, put_artifact});
 }
 
 }  // namespace flotilla::hub::rest

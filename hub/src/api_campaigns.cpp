@@ -142,11 +142,11 @@ Handler action(const std::string& verb) {
 }  // namespace
 
 void add_campaign_routes(std::vector<Route>& r) {
-  r.push_back({"POST", "/v1/campaigns", Role::operator_, create_campaign});
-  r.push_back({"GET", "/v1/campaigns", Role::viewer, list_campaigns});
-  r.push_back({"GET", "/v1/campaigns/{id}", Role::viewer, get_campaign});
+  r.push_back({"POST", "/v1/campaigns", Role::operator_, {}, create_campaign});
+  r.push_back({"GET", "/v1/campaigns", Role::viewer, {"project"}, list_campaigns});
+  r.push_back({"GET", "/v1/campaigns/{id}", Role::viewer, {"devices", "project"}, get_campaign});
   for (const char* verb : {"pause", "resume", "abort", "rollback", "approve"}) {
-    r.push_back({"POST", std::string("/v1/campaigns/{id}/") + verb, Role::operator_, action(verb)});
+    r.push_back({"POST", std::string("/v1/campaigns/{id}/") + verb, Role::operator_, {}, action(verb)});
   }
 }
 

@@ -44,8 +44,8 @@ HttpResponse drain_cell(HubService& s, Context& c) {
 }  // namespace
 
 void add_cell_routes(std::vector<Route>& r) {
-  r.push_back({"GET", "/v1/cells", Role::operator_, list_cells});
-  r.push_back({"POST", "/v1/cells/{id}/drain", Role::admin, drain_cell});
+  r.push_back({"GET", "/v1/cells", Role::operator_, {}, list_cells});
+  r.push_back({"POST", "/v1/cells/{id}/drain", Role::admin, {}, drain_cell});
 }
 
 }  // namespace flotilla::hub::rest

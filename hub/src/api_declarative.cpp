@@ -234,13 +234,13 @@ HttpResponse sync_gitrepo(HubService& s, Context& c) {
 }  // namespace
 
 void add_declarative_routes(std::vector<Route>& r) {
-  r.push_back({"POST", "/v1/apply", Role::operator_, apply});
-  r.push_back({"GET", "/v1/objects", Role::viewer, list_objects});
-  r.push_back({"POST", "/v1/gitrepos", Role::admin, create_gitrepo});
-  r.push_back({"GET", "/v1/gitrepos", Role::viewer, list_gitrepos});
-  r.push_back({"GET", "/v1/gitrepos/{name}", Role::viewer, get_gitrepo});
-  r.push_back({"DELETE", "/v1/gitrepos/{name}", Role::admin, delete_gitrepo});
-  r.push_back({"POST", "/v1/gitrepos/{name}/sync", Role::operator_, sync_gitrepo});
+  r.push_back({"POST", "/v1/apply", Role::operator_, {"dryRun", "applyset", "prune"}, apply});
+  r.push_back({"GET", "/v1/objects", Role::viewer, {"applyset"}, list_objects});
+  r.push_back({"POST", "/v1/gitrepos", Role::admin, {}, create_gitrepo});
+  r.push_back({"GET", "/v1/gitrepos", Role::viewer, {}, list_gitrepos});
+  r.push_back({"GET", "/v1/gitrepos/{name}", Role::viewer, {}, get_gitrepo});
+  r.push_back({"DELETE", "/v1/gitrepos/{name}", Role::admin, {}, delete_gitrepo});
+  r.push_back({"POST", "/v1/gitrepos/{name}/sync", Role::operator_, {}, sync_gitrepo});
 }
 
 }  // namespace flotilla::hub::rest

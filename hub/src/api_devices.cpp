@@ -151,10 +151,11 @@ HttpResponse decommission_device(HubService& s, Context& c) {
 }  // namespace
 
 void add_device_routes(std::vector<Route>& r) {
-  r.push_back({"GET", "/v1/devices", Role::viewer, list_devices});
-  r.push_back({"GET", "/v1/devices/{id}", Role::viewer, get_device});
-  r.push_back({"PATCH", "/v1/devices/{id}", Role::operator_, patch_device});
-  r.push_back({"DELETE", "/v1/devices/{id}", Role::operator_, decommission_device});
+  r.push_back({"GET", "/v1/devices", Role::viewer,
+               {"selector", "limit", "after", "include_decommissioned", "certExpiresBefore", "project"}, list_devices});
+  r.push_back({"GET", "/v1/devices/{id}", Role::viewer, {"project"}, get_device});
+  r.push_back({"PATCH", "/v1/devices/{id}", Role::operator_, {}, patch_device});
+  r.push_back({"DELETE", "/v1/devices/{id}", Role::operator_, {}, decommission_device});
 }
 
 }  // namespace flotilla::hub::rest

@@ -37,6 +37,10 @@ struct BasicRoute {
   std::string method;
   std::string pattern;  // "/v1/campaigns/{id}/actions/{action}"
   Role min_role;        // viewer, operator or admin
+  // The query parameters the route takes; resolve() refuses any other with a
+  // 400 before the handler runs, so a typo (?projet=) never silently becomes
+  // "no filter". Every route names its own: there is no default.
+  std::set<std::string> query;
   std::function<HttpResponse(Service&, Context&)> handler;
 };
 using Handler = std::function<HttpResponse(HubService&, Context&)>;
@@ -79,6 +83,11 @@ bool match(const std::string& pattern, const std::vector<std::string>& parts, st
 
 bool mutating(const std::string& method);
 
+// Query parameters a route (`what`, "GET /v1/devices") takes; any other is a
+// 400 naming it and listing the accepted ones, and so is a value above 1 KiB.
+std::optional<HttpResponse> only_params(const Target& t, const std::set<std::string>& allowed,
+                                        const std::string& what);
+
 // A request as resolve() found it: its route, the route's {placeholders},
 // and the caller as far as known.
 template <class R>
@@ -114,7 +123,10 @@ std::optional<HttpResponse> resolve(HubService& service, const std::vector<R>& t
   if (!out.route) {
     return Api::error(405, "method_not_allowed", req.method + " is not allowed on " + req.target.substr(0, 200));
   }
-  return authorize(service, req, out.route->pattern, out.route->min_role, out.caller, out.authenticated);
+  if (auto refused = authorize(service, req, out.route->pattern, out.route->min_role, out.caller, out.authenticated)) {
+    return refused;
+  }
+  return only_params(t, out.route->query, req.method + " " + out.route->pattern);
 }
 
 // The audit record's actor: whoever resolve() found, if anyone.
@@ -134,9 +146,6 @@ Status check_named_project(const Caller& caller, const std::string& asked, bool 
 // narrowed to P (how the federation asks a region for one project's page with
 // its "*" token); a project-scoped caller may name only its own project.
 Result<Caller> reading_caller(const Context& c);
-// Query parameters a route knows; any other is a 400 (a typo must not
-// silently become "no filter"), and so is a value above 1 KiB.
-std::optional<HttpResponse> only_params(const Context& c, const std::set<std::string>& allowed);
 // The largest page of GET /v1/devices (?limit=), at a hub and at a federation.
 inline constexpr int64_t kMaxDevicePage = 10000;
 // A whole-number query parameter in lo..hi, def when absent.

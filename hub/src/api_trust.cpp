@@ -69,8 +69,8 @@ HttpResponse get_trust(HubService& s, Context&) {
 }  // namespace
 
 void add_trust_routes(std::vector<Route>& r) {
-  r.push_back({"PUT", "/v1/trust", Role::admin, put_trust});
-  r.push_back({"GET", "/v1/trust", Role::viewer, get_trust});
+  r.push_back({"PUT", "/v1/trust", Role::admin, {}, put_trust});
+  r.push_back({"GET", "/v1/trust", Role::viewer, {}, get_trust});
 }
 
 }  // namespace flotilla::hub::rest

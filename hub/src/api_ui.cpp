@@ -332,7 +332,6 @@ Result<json> device_detail_json(AggregateStore& a, const Caller& caller, const s
 // ---- handlers --------------------------------------------------------------
 
 HttpResponse whoami(HubService&, Context& c) {
-  if (auto bad = only_params(c, {})) return *bad;
   const bool op = c.caller.role >= Role::operator_;
   return json_response(200, {{"token_id", c.caller.token_id},
                              {"name", c.caller.name},
@@ -342,7 +341,6 @@ HttpResponse whoami(HubService&, Context& c) {
 }
 
 HttpResponse view_fleet(HubService& s, Context& c) {
-  if (auto bad = only_params(c, {})) return *bad;
   auto* a = aggregates(s);
   if (!a) return no_aggregates();
   auto j = fleet_json(*a, c.caller, s.clock().now_unix_ms());
@@ -351,10 +349,6 @@ HttpResponse view_fleet(HubService& s, Context& c) {
 }
 
 HttpResponse view_devices(HubService& s, Context& c) {
-  if (auto bad = only_params(c, {"selector", "state", "online", "bundle", "version", "k3s", "q", "cert_within_days",
-                                 "include_decommissioned", "sort", "order", "after", "limit"})) {
-    return *bad;
-  }
   auto* a = aggregates(s);
   if (!a) return no_aggregates();
   DeviceQuery q;
@@ -415,7 +409,6 @@ HttpResponse view_devices(HubService& s, Context& c) {
 }
 
 HttpResponse view_device(HubService& s, Context& c) {
-  if (auto bad = only_params(c, {})) return *bad;
   auto* a = aggregates(s);
   if (!a) return no_aggregates();
   auto j = device_detail_json(*a, c.caller, c.params[0]);
@@ -424,7 +417,6 @@ HttpResponse view_device(HubService& s, Context& c) {
 }
 
 HttpResponse view_campaigns(HubService& s, Context& c) {
-  if (auto bad = only_params(c, {"state", "after", "limit"})) return *bad;
   auto* a = aggregates(s);
   if (!a) return no_aggregates();
   auto limit = int_param(c, "limit", 50, 1, 200);
@@ -435,7 +427,6 @@ HttpResponse view_campaigns(HubService& s, Context& c) {
 }
 
 HttpResponse view_campaign(HubService& s, Context& c) {
-  if (auto bad = only_params(c, {})) return *bad;
   auto* a = aggregates(s);
   if (!a) return no_aggregates();
   auto j = campaign_view_json(*a, c.caller, c.params[0], s.clock().now_unix_ms());
@@ -444,7 +435,6 @@ HttpResponse view_campaign(HubService& s, Context& c) {
 }
 
 HttpResponse view_timeline(HubService& s, Context& c) {
-  if (auto bad = only_params(c, {})) return *bad;
   auto* a = aggregates(s);
   if (!a) return no_aggregates();
   auto cs = visible_campaign(*a, c.caller, c.params[0]);
@@ -459,7 +449,6 @@ HttpResponse view_timeline(HubService& s, Context& c) {
 }
 
 HttpResponse view_bundles(HubService& s, Context& c) {
-  if (auto bad = only_params(c, {"after", "limit"})) return *bad;
   auto* a = aggregates(s);
   if (!a) return no_aggregates();
   auto limit = int_param(c, "limit", 50, 1, 200);
@@ -479,7 +468,6 @@ HttpResponse view_bundles(HubService& s, Context& c) {
 }
 
 HttpResponse view_audit(HubService& s, Context& c) {
-  if (auto bad = only_params(c, {"before", "limit"})) return *bad;
   auto* a = aggregates(s);
   if (!a) return no_aggregates();
   auto limit = int_param(c, "limit", 50, 1, 500);
@@ -523,7 +511,6 @@ Result<std::string> stream_topic(HubService& s, const Context& c) {
 }
 
 HttpResponse events(HubService& s, Context& c) {
-  if (auto bad = only_params(c, {"topic", "id"})) return *bad;
   if (!aggregates(s)) return no_aggregates();
   if (!c.req.event_streams) {
     return Api::error(400, "invalid_argument", "event streams are served on the UI listener (ui-listen), not here");
@@ -550,16 +537,19 @@ Result<json> event_snapshot(HubService& s, const Caller& caller, const std::stri
 }
 
 void add_ui_routes(std::vector<Route>& r) {
-  r.push_back({"GET", "/v1/whoami", Role::viewer, whoami});
-  r.push_back({"GET", "/v1/views/fleet", Role::viewer, view_fleet});
-  r.push_back({"GET", "/v1/views/devices", Role::viewer, view_devices});
-  r.push_back({"GET", "/v1/views/devices/{id}", Role::viewer, view_device});
-  r.push_back({"GET", "/v1/views/campaigns", Role::viewer, view_campaigns});
-  r.push_back({"GET", "/v1/views/campaigns/{id}", Role::viewer, view_campaign});
-  r.push_back({"GET", "/v1/views/campaigns/{id}/timeline", Role::viewer, view_timeline});
-  r.push_back({"GET", "/v1/views/bundles", Role::viewer, view_bundles});
-  r.push_back({"GET", "/v1/views/audit", Role::admin, view_audit});
-  r.push_back({"GET", "/v1/events", Role::viewer, events});
+  r.push_back({"GET", "/v1/whoami", Role::viewer, {}, whoami});
+  r.push_back({"GET", "/v1/views/fleet", Role::viewer, {}, view_fleet});
+  r.push_back({"GET", "/v1/views/devices", Role::viewer,
+               {"selector", "state", "online", "bundle", "version", "k3s", "q", "cert_within_days",
+                "include_decommissioned", "sort", "order", "after", "limit"},
+               view_devices});
+  r.push_back({"GET", "/v1/views/devices/{id}", Role::viewer, {}, view_device});
+  r.push_back({"GET", "/v1/views/campaigns", Role::viewer, {"state", "after", "limit"}, view_campaigns});
+  r.push_back({"GET", "/v1/views/campaigns/{id}", Role::viewer, {}, view_campaign});
+  r.push_back({"GET", "/v1/views/campaigns/{id}/timeline", Role::viewer, {}, view_timeline});
+  r.push_back({"GET", "/v1/views/bundles", Role::viewer, {"after", "limit"}, view_bundles});
+  r.push_back({"GET", "/v1/views/audit", Role::admin, {"before", "limit"}, view_audit});
+  r.push_back({"GET", "/v1/events", Role::viewer, {"topic", "id"}, events});
 }
 
 }  // namespace flotilla::hub::rest

@@ -185,8 +185,7 @@ struct FourCells {
     opts.root_keys = {bundles::public_key_text(sim_release_key(seed).pub)};
     agent = std::make_unique<Agent>(tmp.path() / "agent", hub.url(), hub.enrollment_token({{"sim-run", label}}), opts);
     agent->start();
-    REQUIRE(wait_until([&] { return !agent->device_id().empty() && hub.device(agent->device_id())["online"] == true; },
-                       std::chrono::seconds(60)));
+    REQUIRE(wait_agent_online(hub, *agent, std::chrono::seconds(60)));
     agent_cell = hub.device(agent->device_id())["cell"].get<int>();
   }
 };
@@ -239,7 +238,7 @@ TEST_CASE("four cells in one hub: devices spread over 4 mosquittos and one campa
   CHECK(c["counts"]["total"] == 241);
   CHECK(c["counts"]["applied"] == 241);
   CHECK(c["counts"]["failed"] == 0);
-  REQUIRE(wait_until([&] { return hub.device(agent.device_id())["online"] == true; }, std::chrono::seconds(60)));
+  REQUIRE(wait_agent_online(hub, agent, std::chrono::seconds(60)));
   CHECK(hub.device(agent.device_id())["applied_bundle"] != "");
   const std::string after = metrics_text(hub);
   for (int cell = 0; cell < 4; ++cell) {

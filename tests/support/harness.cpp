@@ -43,6 +43,11 @@ bool wait_until(const std::function<bool()>& pred, std::chrono::milliseconds tim
   }
 }
 
+bool wait_agent_online(Hub& hub, const Agent& agent, std::chrono::milliseconds timeout) {
+  return wait_until([&] { return !agent.device_id().empty() && hub.device(agent.device_id())["online"] == true; },
+                    timeout);
+}
+
 Hub::Hub(stdfs::path data_dir) : data_(std::move(data_dir)) {}
 Hub::~Hub() { stop(); }
 

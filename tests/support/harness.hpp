@@ -140,6 +140,9 @@ class Agent {
   proc::Child child_;
 };
 
+// Polls until the agent has enrolled and its hub shows the device online.
+bool wait_agent_online(Hub& hub, const Agent& agent, std::chrono::milliseconds timeout);
+
 // The hub's /metrics text (as its admin); throws when it does not answer 200.
 std::string metrics_text(Hub& hub);
 // The value of one sample line (name and labels exactly as printed) in

@@ -7,6 +7,7 @@
 #include <atomic>
 #include <chrono>
 #include <mutex>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -78,6 +79,13 @@ inline std::string error_code(const hub::HttpResponse& r) {
   const nlohmann::json j = body_of(r);
   REQUIRE(j.contains("error"));
   return j["error"]["code"].get<std::string>();
+}
+
+// The ids (or another string field) of a list answer's items.
+inline std::set<std::string> ids_of(const nlohmann::json& items, const char* key = "id") {
+  std::set<std::string> out;
+  for (const auto& i : items) out.insert(i[key].get<std::string>());
+  return out;
 }
 
 }  // namespace flotilla::test

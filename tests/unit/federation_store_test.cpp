@@ -1,10 +1,19 @@
 // The federation's own pieces that need no network: its store (regions and
 // federated campaigns survive a reopen, an unreachable region keeps the time
-// of its last answer), region names and the role's settings.
+// of its last answer), region names, the role's settings, and its API's
+// query parameter checks (a federation with no region yet).
 #include <catch2/catch.hpp>
 
+#include <filesystem>
+
+#include "flotilla/common/clock.hpp"
 #include "flotilla/common/options.hpp"
+#include "flotilla/hub/api.hpp"
 #include "flotilla/hub/federation.hpp"
+#include "flotilla/hub/service.hpp"
+#include "flotilla/hub/store.hpp"
+#include "tests/support/hub_fixtures.hpp"
+#include "tests/support/hub_test_support.hpp"
 #include "tests/support/temp_dir.hpp"
 
 using namespace flotilla;
@@ -46,6 +55,9 @@ TEST_CASE("federation store keeps regions and campaigns across a reopen", "[unit
     c.state = FedState::soaking;
     c.current_step = 1;
     c.parts.push_back(RegionPart{"eu", 0, "c-9", "completed", nlohmann::json{{"applied", 4}, {"total", 4}}, 4000, true, ""});
+    // A create sent without an answer is remembered, so a restarted
+    // federation does not send it again while the region may be making it.
+    c.parts.push_back(RegionPart{"us", 1, "", "", nlohmann::json::object(), 0, false, "timed out", 6000});
     REQUIRE((*s)->save_campaign(c));
   }
   auto s = FederationStore::open(path);
@@ -66,8 +78,10 @@ TEST_CASE("federation store keeps regions and campaigns across a reopen", "[unit
   CHECK((*c)->thresholds.at("eu").percent == 2.5);
   CHECK((*c)->thresholds.at("eu").min_sample == 7);
   CHECK((*c)->bundle_version == 3);
-  REQUIRE((*c)->parts.size() == 1);
+  REQUIRE((*c)->parts.size() == 2);
   CHECK((*c)->parts[0].regional_id == "c-9");
+  CHECK((*c)->parts[0].create_sent_ms == 0);
+  CHECK((*c)->parts[1].create_sent_ms == 6000);
   CHECK((*c)->parts[0].counts["applied"] == 4);
   auto live = (*s)->live_campaign_ids();
   REQUIRE(live);
@@ -107,4 +121,67 @@ TEST_CASE("region names and federation settings are validated", "[unit][federati
   auto bad = parse({"--federation-poll-interval", "soon"});
   REQUIRE_FALSE(bad);
   CHECK_THAT(bad.error().message, Catch::Contains("federation-poll-interval"));
+}
+
+// As at a hub (hub_api_test): a typo in a query parameter is a 400 naming
+// it, never "no filter" over every region.
+TEST_CASE("federation API refuses an unknown query parameter on each of its routes and takes the ones it documents",
+          "[unit][federation]") {
+  flotilla::test::TempDir dir;
+  auto store = hub::Store::open((dir.path() / "hub.db").string());
+  REQUIRE(store);
+  auto fstore = FederationStore::open((dir.path() / "federation.db").string());
+  REQUIRE(fstore);
+  FakeClock clock;
+  hub::ServiceConfig sc;
+  sc.engine_thread = false;
+  sc.manage_broker_credentials = false;
+  hub::HubService service(**store, clock, sc);
+  std::filesystem::create_directories(dir.path() / "region-ca");
+  Federation fed(
+      **fstore, clock, FederationConfig{}, dir.path() / "region-ca", [](hub::AuditRecord) {},
+      [](const std::string&, const std::string&) -> Result<hub::BundleRecord> {
+        return make_error(Errc::not_found, "no bundles here");
+      },
+      [](const std::string&) { return std::string(); });
+  hub::Api api(service);
+  FederationApi front(fed, api, service);
+  const std::string admin = flotilla::test::make_token(service, "api", "root", "admin").secret;
+  auto call = [&](const std::string& method, const std::string& target) {
+    return front.handle(flotilla::test::api_request(method, target, R"({"bundle": "b", "regions": ["eu"]})", admin));
+  };
+  auto message = [](const hub::HttpResponse& r) {
+    return flotilla::test::body_of(r)["error"]["message"].get<std::string>();
+  };
+
+  for (const auto& [method, pattern] : federation_routes()) {
+    std::string target = pattern;
+    for (size_t open; (open = target.find('{')) != std::string::npos;) {
+      target.replace(open, target.find('}', open) - open + 1, "eu");
+    }
+    auto r = call(method, target + "?projet=acme");
+    INFO(method << " " << target << ": " << r.body);
+    CHECK(r.status == 400);
+    CHECK(message(r).find("unknown query parameter 'projet' for " + method + " " + pattern + "; it takes ") == 0);
+  }
+  // The routes a federation hands to its own hub code refuse them too.
+  CHECK(call("GET", "/v1/tokens?projet=acme").status == 400);
+  CHECK(message(call("GET", "/v1/devices?projet=acme")) ==
+        "unknown query parameter 'projet' for GET /v1/devices; it takes after, certExpiresBefore, "
+        "include_decommissioned, limit, project, region, selector");
+  // Nothing was stored by the refused writes.
+  auto campaigns = (*fstore)->list_campaigns();
+  REQUIRE(campaigns);
+  CHECK(campaigns->empty());
+  auto regions = (*fstore)->list_regions();
+  REQUIRE(regions);
+  CHECK(regions->empty());
+
+  // The parameters it takes still work: no region yet, so an empty, complete page.
+  auto page = call("GET", "/v1/devices?project=acme&limit=10&selector=env%3Dprod&include_decommissioned=false");
+  INFO(page.body);
+  REQUIRE(page.status == 200);
+  CHECK(flotilla::test::body_of(page)["items"].empty());
+  CHECK(flotilla::test::body_of(page)["complete"] == true);
+  CHECK(call("GET", "/v1/campaigns?project=acme").status == 200);
 }

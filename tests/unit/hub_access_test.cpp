@@ -4,6 +4,7 @@
 
 #include <algorithm>
 
+#include "tests/support/hub_fixtures.hpp"
 #include "tests/support/hub_test_support.hpp"
 #include "tests/support/temp_dir.hpp"
 
@@ -39,7 +40,6 @@ namespace {
 using flotilla::FakeClock;
 using flotilla::hub::Api;
 using flotilla::hub::AuditRecord;
-using flotilla::hub::HttpRequest;
 using flotilla::hub::HttpResponse;
 using flotilla::hub::HubService;
 using flotilla::hub::Labels;
@@ -69,28 +69,16 @@ class Hub {
     cfg.public_url = "http://hub.test:8080";
     service_ = std::make_unique<HubService>(*store_, clock, cfg);
     api_ = std::make_unique<Api>(*service_);
-    TokenRecord rec;
-    rec.name = "root";
-    rec.role = "admin";
-    rec.project = "*";
-    auto t = service_->create_token("api", rec);
-    REQUIRE(t);
-    root = t->secret;
-    root_id = t->record.id;
+    const auto t = flotilla::test::make_token(*service_, "api", "root", "admin");
+    root = t.secret;
+    root_id = t.record.id;
     REQUIRE(service_->attach_transport(transport_));
   }
   ~Hub() { service_->stop(); }
 
   HttpResponse call(const std::string& method, const std::string& target, const std::string& body = "",
                     std::optional<std::string> token = std::nullopt) {
-    HttpRequest req;
-    req.method = method;
-    req.target = target;
-    req.body = body;
-    req.peer = "127.0.0.1";
-    const std::string tok = token ? *token : root;
-    if (!tok.empty()) req.headers["authorization"] = "Bearer " + tok;
-    return api_->handle(req);
+    return api_->handle(flotilla::test::api_request(method, target, body, token ? *token : root));
   }
   json get(const std::string& target, std::optional<std::string> token = std::nullopt) {
     auto r = call("GET", target, "", token);
@@ -131,36 +119,13 @@ class Hub {
                       std::optional<bundles::KeyPair> key = std::nullopt) {
     if (!key) key = bundles::generate_key();
     last_key = *key;
-    v1::EnrollRequest req;
-    req.set_enrollment_token(token);
-    req.set_device_public_key(std::string(key->pub.key.begin(), key->pub.key.end()));
-    static std::atomic<uint64_t> issued{1'800'000'000'000};  // each request newer than the last
-    req.set_issued_unix_ms(++issued);
-    auto sig = bundles::sign_detached(*key, bundles::enroll_proof_message(token, key->pub.key, req.issued_unix_ms()));
-    req.set_proof(std::string(sig.begin(), sig.end()));
-    req.set_hostname("edge-host");
-    req.set_arch("arm64");
-    for (const auto& [k, v] : labels) (*req.mutable_labels())[k] = v;
-    return call("POST", "/v1/enroll", req.SerializeAsString(), std::string());
+    return call("POST", "/v1/enroll", flotilla::test::enroll_request(token, *key, labels).SerializeAsString(),
+                std::string());
   }
 
   std::string upload_bundle(const std::string& token) {
-    v1::BundleManifest m;
-    m.set_format_version(1);
-    m.set_name("edge-base-" + std::to_string(++bundle_seq_));
-    m.set_channel("stable");
-    m.set_version(1);
-    m.set_created_unix(clock.now_unix());
-    m.set_expires_unix(clock.now_unix() + 30 * 86400);
-    auto* f = m.add_files();
-    f->set_kind(v1::FILE_KIND_MANIFEST);
-    f->set_name("app.yaml");
-    f->set_content("kind: ConfigMap\n");
-    f->set_mode(0644);
-    auto h = flotilla::crypto::sha256(f->content());
-    f->set_sha256(std::string(h.begin(), h.end()));
-    auto env = bundles::wrap(m);
-    REQUIRE(bundles::sign(env, signing_key_));
+    const auto env = flotilla::test::signed_bundle(clock.now_unix(), "edge-base-" + std::to_string(++bundle_seq_), 1,
+                                                   "kind: ConfigMap\n", {&signing_key_});
     auto r = call("POST", "/v1/bundles", bundles::serialize_envelope(env), token);
     INFO(r.body);
     REQUIRE(r.status == 201);
@@ -195,11 +160,7 @@ class Hub {
   int bundle_seq_ = 0;
 };
 
-std::set<std::string> ids_of(const json& items) {
-  std::set<std::string> out;
-  for (const auto& i : items) out.insert(i["id"].get<std::string>());
-  return out;
-}
+using flotilla::test::ids_of;
 
 }  // namespace
 

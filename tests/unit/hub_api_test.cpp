@@ -2,6 +2,7 @@
 // temporary directory, with no broker attached.
 #include <catch2/catch.hpp>
 
+#include "tests/support/hub_fixtures.hpp"
 #include "tests/support/hub_test_support.hpp"
 #include "tests/support/temp_dir.hpp"
 
@@ -13,6 +14,7 @@
 #include <memory>
 #include <optional>
 #include <random>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -52,12 +54,7 @@ std::string enroll_proof(const std::string& token, const std::string& public_key
   auto sig = bundles::sign_detached(it->second, bundles::enroll_proof_message(token, it->second.pub.key));
   return std::string(sig.begin(), sig.end());
 }
-// The timestamped proof agents send: each request newer than the last, so
-// enrolling the same key again is taken (and a replay would not be).
-uint64_t next_issued_ms() {
-  static std::atomic<uint64_t> at{1'800'000'000'000};
-  return ++at;
-}
+using flotilla::test::next_issued_ms;
 void sign_enroll_request(flotilla::v1::EnrollRequest& req) {
   auto it = key_registry().find(req.device_public_key());
   if (it == key_registry().end()) return;
@@ -95,7 +92,7 @@ bool contains(const std::string& haystack, const std::string& needle) {
   return haystack.find(needle) != std::string::npos;
 }
 
-std::string bytes_string(const flotilla::Bytes& b) { return std::string(b.begin(), b.end()); }
+using flotilla::test::bytes_string;
 
 const std::string kGarbage = "\xff\xff\xff\xff not a protobuf message";
 
@@ -115,12 +112,7 @@ class Hub {
     cfg.engine_thread = false;
     service_ = std::make_unique<HubService>(*store_, clock, cfg);
     api_ = std::make_unique<Api>(*service_);
-    TokenRecord rec;
-    rec.name = "test-admin";
-    rec.role = "admin";
-    auto t = service_->create_token("api", rec);
-    REQUIRE(t);
-    admin = t->secret;
+    admin = flotilla::test::make_token(*service_, "api", "test-admin", "admin", "default").secret;
   }
 
   RecordingTransport& attach_broker() {
@@ -130,6 +122,7 @@ class Hub {
   }
 
   HubService& service() { return *service_; }
+  Api& api() { return *api_; }
   Store& store() { return *store_; }
 
   HttpResponse call(const std::string& method, const std::string& target, const std::string& body = "",
@@ -196,23 +189,7 @@ class Hub {
   }
 
   v1::SignedBundle bundle(uint64_t version = 1) {
-    v1::BundleManifest m;
-    m.set_format_version(1);
-    m.set_name("edge-base");
-    m.set_channel("stable");
-    m.set_version(version);
-    m.set_created_unix(clock.now_unix());
-    m.set_expires_unix(clock.now_unix() + 30 * 86400);
-    auto* f = m.add_files();
-    f->set_kind(v1::FILE_KIND_MANIFEST);
-    f->set_name("app.yaml");
-    f->set_content("kind: ConfigMap\n");
-    f->set_mode(0644);
-    auto h = flotilla::crypto::sha256(f->content());
-    f->set_sha256(std::string(h.begin(), h.end()));
-    auto env = bundles::wrap(m);
-    REQUIRE(bundles::sign(env, signing_key_));
-    return env;
+    return flotilla::test::signed_bundle(clock.now_unix(), "edge-base", version, "kind: ConfigMap\n", {&signing_key_});
   }
 
   std::string upload_bundle() {
@@ -592,6 +569,64 @@ TEST_CASE("hub device list filters by selector and pages with limit and after", 
 
   CHECK(hub.call("GET", "/v1/devices?limit=0").status == 400);
   CHECK(hub.call("GET", "/v1/devices?selector=env%20in%20(").status == 400);
+}
+
+// A typo in a query parameter (?projet=) must not silently become "no
+// filter": every route with a token refuses a parameter it does not take,
+// naming it and the ones it takes, before its handler runs.
+TEST_CASE("hub API refuses an unknown query parameter on every route, names it, and changes nothing", "[unit][hub]") {
+  Hub hub;
+  const std::string prod = hub.enroll_device({{"env", "prod"}});
+  hub.enroll_device({{"env", "dev"}});
+  const std::string bundle_id = hub.upload_bundle();
+  // What the routes could change: a refused call changes none of it.
+  const auto snapshot = [&] {
+    std::string out;
+    for (const char* list :
+         {"/v1/devices?include_decommissioned=true", "/v1/campaigns", "/v1/bundles", "/v1/tokens", "/v1/enrollment-tokens"}) {
+      out += hub.get(list).dump() + "\n";
+    }
+    return out;
+  };
+  const std::string before = snapshot();
+  // Outside the route table: no API token, no query parameters read.
+  const std::set<std::pair<std::string, std::string>> public_routes = {
+      {"GET", "/healthz"},     {"GET", "/readyz"},        {"GET", "/v1/openapi.yaml"},    {"POST", "/v1/enroll"},
+      {"POST", "/v1/enroll/batch"}, {"POST", "/v1/renew"}, {"GET", "/v1/device-ca"},       {"GET", "/v1/device-ca/crl"},
+      {"GET", "/v1/artifacts/{sha256}"}, {"HEAD", "/v1/artifacts/{sha256}"}};
+  int checked = 0;
+  for (const auto& [method, pattern] : hub.api().routes()) {
+    if (public_routes.count({method, pattern})) continue;
+    std::string target = pattern;
+    for (size_t open; (open = target.find('{')) != std::string::npos;) {
+      target.replace(open, target.find('}', open) - open + 1, pattern.find("{sha256}") != std::string::npos
+                                                                 ? std::string(64, 'a')
+                                                                 : prod);
+    }
+    auto r = hub.call(method, target + "?projet=default", json{{"bundle", bundle_id}, {"selector", "env=prod"}}.dump());
+    INFO(method << " " << target << ": " << r.body);
+    CHECK(r.status == 400);
+    CHECK(error_code(r) == "invalid_argument");
+    CHECK(contains(error_message(r), "unknown query parameter 'projet' for " + method + " " + pattern + "; it takes "));
+    ++checked;
+  }
+  CHECK(checked > 40);
+  CHECK(snapshot() == before);
+
+  // The message lists what the route takes.
+  CHECK(error_message(hub.call("GET", "/v1/devices?selector=env%3Dprod&projet=default")) ==
+        "unknown query parameter 'projet' for GET /v1/devices; it takes after, certExpiresBefore, "
+        "include_decommissioned, limit, project, selector");
+  CHECK(error_message(hub.call("GET", "/v1/tokens?limit=5")) ==
+        "unknown query parameter 'limit' for GET /v1/tokens; it takes none");
+  // The parameters a route takes still work.
+  const json page = hub.get("/v1/devices?selector=env%3Dprod&project=default&limit=10&include_decommissioned=false");
+  REQUIRE(page["items"].size() == 1);
+  CHECK(page["items"][0]["id"] == prod);
+  CHECK(hub.get("/v1/campaigns?project=default")["items"].empty());
+  CHECK(hub.get("/v1/audit?limit=1&after=0")["items"].size() == 1);
+  // And a value above 1 KiB is still refused.
+  CHECK(hub.call("GET", "/v1/devices?selector=" + std::string(1025, 'a')).status == 400);
 }
 
 TEST_CASE("hub refuses a campaign whose selector matches no device", "[unit][hub]") {

@@ -3,6 +3,7 @@
 // over a real HubService and SQLite store in a temporary directory.
 #include <catch2/catch.hpp>
 
+#include "tests/support/hub_fixtures.hpp"
 #include "tests/support/hub_test_support.hpp"
 #include "tests/support/temp_dir.hpp"
 
@@ -36,7 +37,6 @@ namespace {
 
 using flotilla::FakeClock;
 using flotilla::hub::Api;
-using flotilla::hub::HttpRequest;
 using flotilla::hub::HttpResponse;
 using flotilla::hub::HubService;
 using flotilla::hub::Labels;
@@ -54,7 +54,7 @@ using flotilla::test::error_code;
 using flotilla::test::RecordingTransport;
 using flotilla::test::TempDir;
 
-std::string bytes_string(const flotilla::Bytes& b) { return std::string(b.begin(), b.end()); }
+using flotilla::test::bytes_string;
 
 // A hub whose first admin token covers every project; the engine is ticked
 // by the tests, and a recording transport stands in for the broker.
@@ -69,13 +69,7 @@ class Hub {
     cfg.engine_thread = false;
     service_ = std::make_unique<HubService>(*store_, clock, cfg);
     api_ = std::make_unique<Api>(*service_, limits);
-    TokenRecord rec;
-    rec.name = "root";
-    rec.role = "admin";
-    rec.project = "*";
-    auto t = service_->create_token("api", rec);
-    REQUIRE(t);
-    root = t->secret;
+    root = flotilla::test::make_token(*service_, "api", "root", "admin").secret;
     REQUIRE(service_->attach_transport(transport_));
   }
   ~Hub() { service_->stop(); }
@@ -88,14 +82,7 @@ class Hub {
 
   HttpResponse call(const std::string& method, const std::string& target, const std::string& body = "",
                     std::optional<std::string> token = std::nullopt) {
-    HttpRequest req;
-    req.method = method;
-    req.target = target;
-    req.body = body;
-    req.peer = "127.0.0.1";
-    const std::string tok = token ? *token : root;
-    if (!tok.empty()) req.headers["authorization"] = "Bearer " + tok;
-    return api_->handle(req);
+    return api_->handle(flotilla::test::api_request(method, target, body, token ? *token : root));
   }
   json get(const std::string& target, std::optional<std::string> token = std::nullopt) {
     auto r = call("GET", target, "", token);
@@ -121,17 +108,8 @@ class Hub {
   // An enrollment request signed by key, with the timestamped proof agents send.
   v1::EnrollRequest enroll_request(const std::string& token, const bundles::KeyPair& key, const Labels& labels = {},
                                    std::optional<uint64_t> issued_ms = std::nullopt) {
-    v1::EnrollRequest req;
-    req.set_enrollment_token(token);
-    req.set_device_public_key(bytes_string(key.pub.key));
-    req.set_hostname("edge-host");
-    req.set_arch("arm64");
-    req.set_agent_version("0.1.0");
-    for (const auto& [k, v] : labels) (*req.mutable_labels())[k] = v;
-    const uint64_t at = issued_ms ? *issued_ms : static_cast<uint64_t>(clock.now_unix_ms());
-    req.set_issued_unix_ms(at);
-    req.set_proof(bytes_string(bundles::sign_detached(key, bundles::enroll_proof_message(token, key.pub.key, at))));
-    return req;
+    return flotilla::test::enroll_request(token, key, labels,
+                                          issued_ms ? *issued_ms : static_cast<uint64_t>(clock.now_unix_ms()));
   }
   HttpResponse post_enroll(const v1::EnrollRequest& req, const std::string& path = "/v1/enroll") {
     return call("POST", path, req.SerializeAsString(), std::string());
@@ -154,23 +132,7 @@ class Hub {
 
   v1::SignedBundle bundle(const std::string& name, uint64_t version, const std::string& content,
                           const std::vector<const bundles::KeyPair*>& signers) {
-    v1::BundleManifest m;
-    m.set_format_version(1);
-    m.set_name(name);
-    m.set_channel("stable");
-    m.set_version(version);
-    m.set_created_unix(clock.now_unix());
-    m.set_expires_unix(clock.now_unix() + 30 * 86400);
-    auto* f = m.add_files();
-    f->set_kind(v1::FILE_KIND_MANIFEST);
-    f->set_name("app.yaml");
-    f->set_content(content);
-    f->set_mode(0644);
-    auto h = flotilla::crypto::sha256(f->content());
-    f->set_sha256(std::string(h.begin(), h.end()));
-    auto env = bundles::wrap(m);
-    for (const auto* k : signers) REQUIRE(bundles::sign(env, *k));
-    return env;
+    return flotilla::test::signed_bundle(clock.now_unix(), name, version, content, signers);
   }
   // Uploads a bundle as token (default: root); returns the answer.
   HttpResponse upload(const v1::SignedBundle& b, std::optional<std::string> token = std::nullopt,
@@ -670,12 +632,9 @@ TEST_CASE("the API authenticates a request on its headers and names each route's
   Hub h;
   auto headers = [](const std::string& method, const std::string& target, const std::string& token,
                     const std::string& length = "100") {
-    HttpRequest req;
-    req.method = method;
-    req.target = target;
+    auto req = flotilla::test::api_request(method, target, "", token);
     req.peer = "192.0.2.1";
     req.headers["content-length"] = length;
-    if (!token.empty()) req.headers["authorization"] = "Bearer " + token;
     return req;
   };
   const size_t audit_before = h.rows("audit_log").size();

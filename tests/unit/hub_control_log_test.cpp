@@ -25,6 +25,7 @@
 #include "flotilla/hub/service.hpp"
 #include "flotilla/hub/store.hpp"
 #include "flotilla/v1/enroll.pb.h"
+#include "tests/support/hub_fixtures.hpp"
 #include "tests/support/hub_test_support.hpp"
 #include "tests/support/temp_dir.hpp"
 
@@ -111,27 +112,13 @@ class Hub {
     REQUIRE(service_->control_log());
     api_ = std::make_unique<Api>(*service_);
     REQUIRE(service_->attach_transport(transport_));
-    if (make_root) {
-      TokenRecord rec;
-      rec.name = "root";
-      rec.role = "admin";
-      rec.project = "*";
-      auto t = service_->create_token("api", rec);
-      REQUIRE(t);
-      root = t->secret;
-    }
+    if (make_root) root = test::make_token(*service_, "api", "root", "admin").secret;
   }
   ~Hub() { service_->stop(); }
 
   HttpResponse call(const std::string& method, const std::string& target, const std::string& body,
                     const std::string& token) {
-    HttpRequest req;
-    req.method = method;
-    req.target = target;
-    req.body = body;
-    req.peer = "127.0.0.1";
-    if (!token.empty()) req.headers["authorization"] = "Bearer " + token;
-    return api_->handle(req);
+    return api_->handle(test::api_request(method, target, body, token));
   }
   void catch_up() { REQUIRE(log().catch_up()); }
   ControlLog& log() { return *service_->control_log(); }
@@ -162,39 +149,13 @@ class Hub {
     return body_of(r)["id"].get<std::string>();
   }
   HttpResponse post_bundle(const std::string& token, const std::string& name, const std::string& content) {
-    v1::BundleManifest m;
-    m.set_format_version(1);
-    m.set_name(name);
-    m.set_channel("stable");
-    m.set_version(1);
-    m.set_created_unix(clock_.now_unix());
-    m.set_expires_unix(clock_.now_unix() + 30 * 86400);
-    auto* f = m.add_files();
-    f->set_kind(v1::FILE_KIND_MANIFEST);
-    f->set_name("app.yaml");
-    f->set_content(content);
-    f->set_mode(0644);
-    auto h = crypto::sha256(f->content());
-    f->set_sha256(std::string(h.begin(), h.end()));
-    auto env = bundles::wrap(m);
-    REQUIRE(bundles::sign(env, signing_key_));
+    const auto env = test::signed_bundle(clock_.now_unix(), name, 1, content, {&signing_key_});
     return call("POST", "/v1/bundles", bundles::serialize_envelope(env), token);
   }
 
   // Enrolls a device through the API (the group commit path); returns its id.
   std::string enroll_device(const std::string& enroll_secret) {
-    auto key = bundles::generate_key();
-    v1::EnrollRequest req;
-    req.set_enrollment_token(enroll_secret);
-    req.set_device_public_key(std::string(key.pub.key.begin(), key.pub.key.end()));
-    static std::atomic<uint64_t> issued{1'800'000'000'000};  // each request newer than the last
-    req.set_issued_unix_ms(++issued);
-    auto sig = bundles::sign_detached(key, bundles::enroll_proof_message(enroll_secret, key.pub.key,
-                                                                          req.issued_unix_ms()));
-    req.set_proof(std::string(sig.begin(), sig.end()));
-    req.set_hostname("edge-host");
-    req.set_arch("arm64");
-    (*req.mutable_labels())["site"] = "north";
+    const auto req = test::enroll_request(enroll_secret, bundles::generate_key(), {{"site", "north"}});
     auto r = call("POST", "/v1/enroll", req.SerializeAsString(), "");
     INFO(r.body);
     REQUIRE(r.status == 200);
@@ -242,11 +203,7 @@ TokenRecord token_rec(const std::string& name, const std::string& role, std::vec
   return t;
 }
 
-std::set<std::string> ids(const json& items) {
-  std::set<std::string> out;
-  for (const auto& i : items) out.insert(i["id"].get<std::string>());
-  return out;
-}
+using test::ids_of;
 
 }  // namespace
 
@@ -270,7 +227,7 @@ TEST_CASE("control log: what one hub writes, another hub reads, in the same orde
   b.catch_up();
   auto listed = b.call("GET", "/v1/bundles", "", ops);
   REQUIRE(listed.status == 200);
-  CHECK(ids(body_of(listed)["items"]).count(bundle) == 1);
+  CHECK(ids_of(body_of(listed)["items"]).count(bundle) == 1);
   CHECK(b.call("GET", "/v1/bundles/" + bundle, "", ops).status == 200);
 
   // A device enrolled on A (group commit: one log entry for the group) and
@@ -289,7 +246,7 @@ TEST_CASE("control log: what one hub writes, another hub reads, in the same orde
   CHECK((*dev)->labels.at("site") == "north");
   auto campaigns = b.call("GET", "/v1/campaigns", "", ops);
   REQUIRE(campaigns.status == 200);
-  CHECK(ids(body_of(campaigns)["items"]).count(campaign) == 1);
+  CHECK(ids_of(body_of(campaigns)["items"]).count(campaign) == 1);
 
   // B writes too; the audit rows of both are on both, in the same order.
   auto b_tok = b.call("POST", "/v1/tokens", json{{"name", "viewer-b"}, {"role", "viewer"}, {"project", "default"}}.dump(),

@@ -4,6 +4,7 @@
 // OpenAPI 3 is checked by openapi-spec-validator, a ctest of its own.)
 #include <catch2/catch.hpp>
 
+#include <nlohmann/json.hpp>
 #include <yaml-cpp/yaml.h>
 
 #include <filesystem>
@@ -136,4 +137,71 @@ TEST_CASE("hub serves the OpenAPI document it was built with", "[unit][hub][open
   REQUIRE(resp.status == 200);
   CHECK(resp.content_type == "application/yaml");
   CHECK(resp.body == read_file(openapi_path()));
+}
+
+// The hub refuses a query parameter a route does not take, naming those it
+// takes (rest::only_params); they are the ones the document lists, and every
+// route with a token documents that 400.
+TEST_CASE("hub OpenAPI lists each route's query parameters as the server takes them, and its 400",
+          "[unit][hub][openapi]") {
+  ServerFixture f;
+  flotilla::hub::TokenRecord rec;
+  rec.name = "root";
+  rec.role = "admin";
+  rec.project = "*";
+  auto admin = f.service->create_token("api", rec);
+  REQUIRE(admin);
+  const YAML::Node doc = YAML::LoadFile(openapi_path());
+  const YAML::Node shared = doc["components"]["parameters"];
+  auto query_params = [&](const YAML::Node& list, std::set<std::string>& out) {
+    if (!list.IsDefined()) return;
+    for (const auto& entry : list) {
+      // A copy, never an assignment: assigning a yaml-cpp node writes through to the document.
+      const YAML::Node p =
+          entry["$ref"] ? shared[entry["$ref"].as<std::string>().substr(std::string("#/components/parameters/").size())]
+                        : entry;
+      REQUIRE(p.IsDefined());
+      if (p["in"].as<std::string>() == "query") out.insert(p["name"].as<std::string>());
+    }
+  };
+  int checked = 0;
+  for (const auto& path : doc["paths"]) {
+    if (path.second["x-flotilla-role"]) continue;  // a federation's own routes take none
+    for (const auto& op : path.second) {
+      const auto method = op.first.as<std::string>();
+      if (!kMethods.count(method)) continue;
+      const auto sec = op.second["security"];
+      if (sec && sec.IsSequence() && sec.size() == 0) continue;  // public: no token, no query read
+      const std::string pattern = path.first.as<std::string>();
+      INFO(upper(method) << " " << pattern);
+      CHECK(op.second["responses"]["400"].IsDefined());
+      std::set<std::string> documented;
+      query_params(path.second["parameters"], documented);
+      query_params(op.second["parameters"], documented);
+
+      std::string target = pattern;
+      for (auto open = target.find('{'); open != std::string::npos; open = target.find('{')) {
+        target.replace(open, target.find('}', open) - open + 1, std::string(64, 'a'));
+      }
+      flotilla::hub::HttpRequest req;
+      req.method = upper(method);
+      req.target = target + "?zz-not-a-parameter=1";
+      req.headers["authorization"] = "Bearer " + admin->secret;
+      const auto resp = f.api->handle(req);
+      INFO(resp.body);
+      REQUIRE(resp.status == 400);
+      const std::string msg = nlohmann::json::parse(resp.body)["error"]["message"].get<std::string>();
+      const std::string lead = "; it takes ";
+      REQUIRE(msg.find(lead) != std::string::npos);
+      std::set<std::string> taken;
+      std::istringstream rest(msg.substr(msg.find(lead) + lead.size()));
+      for (std::string name; std::getline(rest, name, ',');) {
+        name.erase(0, name.find_first_not_of(' '));
+        if (name != "none") taken.insert(name);
+      }
+      CHECK(taken == documented);
+      ++checked;
+    }
+  }
+  CHECK(checked > 40);
 }

@@ -86,11 +86,7 @@ struct Views {
   }
 };
 
-std::set<std::string> ids_of(const json& items, const char* key = "id") {
-  std::set<std::string> out;
-  for (const auto& i : items) out.insert(i[key].get<std::string>());
-  return out;
-}
+using flotilla::test::ids_of;
 
 }  // namespace
 

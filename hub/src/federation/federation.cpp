@@ -324,7 +324,22 @@ Status Federation::start_region(FedCampaign& c, RegionPart& part, const Region& 
     for (const auto& item : list.body.value("items", json::array())) {
       if (item.value("name", "") == regional_name) part.regional_id = item.value("id", "");
     }
-    if (!part.regional_id.empty()) return {};
+    if (!part.regional_id.empty()) {
+      part.create_sent_ms = 0;
+      return {};
+    }
+    // A create sent before without a definite answer may still be running
+    // there (250,000 campaign rows can outlast the region timeout): sending
+    // it again would make a second campaign over the same devices, each
+    // superseding the other's. It is looked for by name until the grace is over.
+    if (part.create_sent_ms != 0) {
+      const int64_t waited = clock_.now_unix_ms() - part.create_sent_ms;
+      const int64_t grace = std::max<int64_t>(kCreateGraceMin.count(), 20 * cfg_.region_timeout.count());
+      if (waited < grace) {
+        return make_error(Errc::unavailable, "campaign " + regional_name + " was sent " + std::to_string(waited / 1000) +
+                                                 " s ago without an answer; waiting for the region to show it");
+      }
+    }
   }
   auto b = bundles_(c.bundle_id, c.project);
   if (!b) return b.error();
@@ -372,8 +387,12 @@ Status Federation::start_region(FedCampaign& c, RegionPart& part, const Region& 
     if (made.reached && made.status < 500) {
       return make_error(Errc::invalid_argument, "region refused the campaign: " + made.summary());
     }
+    // No definite answer: the region may have made it, or be making it.
+    part.create_sent_ms = clock_.now_unix_ms();
+    (void)store_.save_campaign(c);
     return make_error(Errc::unavailable, "create campaign: " + made.summary());
   }
+  part.create_sent_ms = 0;
   part.regional_id = made.body.value("id", "");
   part.state = made.body.value("state", "");
   part.counts = made.body.value("counts", json::object());

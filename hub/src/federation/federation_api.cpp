@@ -132,10 +132,6 @@ std::string project_query(const Caller& caller, char sep) {
 
 HttpResponse list_devices(Federation& f, FedContext& c) {
   const auto& q = c.target.query;
-  if (auto bad = rest::only_params(c, {"selector", "limit", "after", "region", "include_decommissioned",
-                                       "certExpiresBefore", "project"})) {
-    return *bad;
-  }
   auto limit_param = rest::int_param(c, "limit", 500, 1, rest::kMaxDevicePage);
   if (!limit_param) return from_error(limit_param.error());
   const int64_t limit = *limit_param;
@@ -388,17 +384,19 @@ FedHandler action(const std::string& verb) {
 const std::vector<FedRoute>& fed_routes() {
   static const std::vector<FedRoute> r = [] {
     std::vector<FedRoute> v;
-    v.push_back({"GET", "/v1/regions", Role::admin, list_regions});
-    v.push_back({"POST", "/v1/regions", Role::admin, add_region});
-    v.push_back({"GET", "/v1/regions/{name}", Role::admin, get_region});
-    v.push_back({"DELETE", "/v1/regions/{name}", Role::admin, remove_region});
-    v.push_back({"GET", "/v1/devices", Role::viewer, list_devices});
-    v.push_back({"GET", "/v1/devices/{id}", Role::viewer, get_device});
-    v.push_back({"GET", "/v1/campaigns", Role::viewer, list_campaigns});
-    v.push_back({"POST", "/v1/campaigns", Role::operator_, create_campaign});
-    v.push_back({"GET", "/v1/campaigns/{id}", Role::viewer, get_campaign});
+    v.push_back({"GET", "/v1/regions", Role::admin, {}, list_regions});
+    v.push_back({"POST", "/v1/regions", Role::admin, {}, add_region});
+    v.push_back({"GET", "/v1/regions/{name}", Role::admin, {}, get_region});
+    v.push_back({"DELETE", "/v1/regions/{name}", Role::admin, {}, remove_region});
+    v.push_back({"GET", "/v1/devices", Role::viewer,
+                 {"selector", "limit", "after", "region", "include_decommissioned", "certExpiresBefore", "project"},
+                 list_devices});
+    v.push_back({"GET", "/v1/devices/{id}", Role::viewer, {"region", "project"}, get_device});
+    v.push_back({"GET", "/v1/campaigns", Role::viewer, {"region", "project"}, list_campaigns});
+    v.push_back({"POST", "/v1/campaigns", Role::operator_, {}, create_campaign});
+    v.push_back({"GET", "/v1/campaigns/{id}", Role::viewer, {"region", "devices", "project"}, get_campaign});
     for (const char* verb : {"pause", "resume", "abort", "rollback"}) {
-      v.push_back({"POST", std::string("/v1/campaigns/{id}/") + verb, Role::operator_, action(verb)});
+      v.push_back({"POST", std::string("/v1/campaigns/{id}/") + verb, Role::operator_, {}, action(verb)});
     }
     return v;
   }();

@@ -45,7 +45,7 @@ json to_doc(const FedCampaign& c) {
   for (const auto& p : c.parts) {
     parts.push_back({{"region", p.region}, {"step", p.step}, {"regional_id", p.regional_id}, {"state", p.state},
                      {"counts", p.counts}, {"last_answer_ms", p.last_answer_ms}, {"reachable", p.reachable},
-                     {"error", p.error}});
+                     {"error", p.error}, {"create_sent_ms", p.create_sent_ms}});
   }
   json thresholds = json::object();
   for (const auto& [r, t] : c.thresholds) thresholds[r] = threshold_json(t);
@@ -107,6 +107,7 @@ Result<FedCampaign> from_doc(const std::string& text) {
       rp.last_answer_ms = p.value("last_answer_ms", int64_t{0});
       rp.reachable = p.value("reachable", true);
       rp.error = p.value("error", "");
+      rp.create_sent_ms = p.value("create_sent_ms", int64_t{0});
       c.parts.push_back(std::move(rp));
     }
   } catch (const std::exception& e) {

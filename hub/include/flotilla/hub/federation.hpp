@@ -71,6 +71,10 @@ struct RegionPart {
   int64_t last_answer_ms = 0;
   bool reachable = true;
   std::string error;
+  // When a create was sent without a definite answer (a timeout, a 5xx): the
+  // region may be making it still, so it is looked for by name and not sent
+  // again until Federation::kCreateGraceMin (or 20 region timeouts) passed.
+  int64_t create_sent_ms = 0;
 };
 
 enum class FedState { running, soaking, paused, stopped, aborted, completed };
@@ -177,6 +181,9 @@ class Federation {
   // (empty if it holds none by that hash).
   using BundleSource = std::function<Result<BundleRecord>(const std::string& bundle_id, const std::string& project)>;
   using ArtifactSource = std::function<std::string(const std::string& sha256)>;
+  // The least time a regional campaign create sent without a definite answer
+  // is waited for (looked up by name) before it is sent again.
+  static constexpr std::chrono::milliseconds kCreateGraceMin{120000};
 
   Federation(FederationStore& store, const Clock& clock, FederationConfig cfg, std::filesystem::path ca_dir,
              AuditSink audit, BundleSource bundles, ArtifactSource artifacts);
