@@ -3,8 +3,6 @@
 #include "flotilla/common/crypto.hpp"
 #include "flotilla/hub/store.hpp"
 
-#include "flotilla/hub/checkpointer.hpp"
-
 namespace flotilla::hub {
 
 namespace {
@@ -116,16 +114,8 @@ Result<std::unique_ptr<Store>> Store::open(const std::string& path, const StoreT
   // (relaxed_sync), see docs/operations.md "Durability".
   if (auto f = s->db_->exec("PRAGMA synchronous = FULL"); !f) return f.error();
   if (auto m = s->migrate(); !m) return m.error().with_context("migrate " + path);
-  if (path != ":memory:" && !path.empty()) {
-    auto c = Checkpointer::start(*s->db_, path);
-    if (!c) return c.error();
-    s->checkpointer_ = std::move(*c);
-  }
   return s;
 }
-
-Store::Store(std::unique_ptr<sql::Db> db) : db_(std::move(db)) {}
-Store::~Store() = default;
 
 Status Store::migrate() {
   if (auto s = db_->exec(R"SQL(

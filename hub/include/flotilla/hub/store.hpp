@@ -17,8 +17,6 @@
 
 namespace flotilla::hub {
 
-class Checkpointer;
-
 using bundles::Labels;
 using bundles::Selector;
 using bundles::valid_label_key;
@@ -273,7 +271,6 @@ struct StoreTuning {
 class Store {
  public:
   static Result<std::unique_ptr<Store>> open(const std::string& path, const StoreTuning& tuning = {});
-  ~Store();
 
   // Tokens are stored only as SHA-256 hashes of their secret.
   Status insert_token(const std::string& kind, const TokenRecord& t, const std::string& secret_hash);
@@ -464,12 +461,9 @@ class Store {
   Result<bool> has_credential(const std::string& username);
 
   sql::Db& db() { return *db_; }
-  // Checkpoints of the WAL, run by a thread of their own (checkpointer.hpp);
-  // null for an in-memory store.
-  const Checkpointer* checkpointer() const { return checkpointer_.get(); }
 
  private:
-  explicit Store(std::unique_ptr<sql::Db> db);
+  explicit Store(std::unique_ptr<sql::Db> db) : db_(std::move(db)) {}
   Status migrate();
   Status migrate_declarative();
   // Columns and constraints of the security fixes: enrollment replay floor,
@@ -477,8 +471,6 @@ class Store {
   Status migrate_scopes();
   Status migrate_certs();
   std::unique_ptr<sql::Db> db_;
-  // After db_: stopped before the connection closes.
-  std::unique_ptr<Checkpointer> checkpointer_;
 };
 
 }  // namespace flotilla::hub
