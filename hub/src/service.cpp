@@ -1171,6 +1171,14 @@ void HubService::drain() {
   for (auto& c : cells_) drain_cell(*c);
 }
 
+// A report or presence message, parsed, with the gateway whose topics carried it.
+struct HubService::ParsedMessage {
+  std::string gateway;
+  bool is_report = false;
+  v1::Report report;
+  v1::Presence presence;
+};
+
 // The cells' workers share the store (one SQLite file for now,
 // docs/architecture.md "Cells"): each commits its own batches.
 void HubService::drain_cell(Cell& c) {
@@ -1183,6 +1191,9 @@ void HubService::drain_cell(Cell& c) {
       settle_moves();
       return;
     }
+    // Parsed and grouped before the store lock: the other cells' workers
+    // and the engine wait only for the rows being written.
+    const DeviceGroups groups = parse_batch(batch);
     std::lock_guard lock(store_mu_);
     const auto started = std::chrono::steady_clock::now();
     // Reports are the devices' to repeat (and a lost outcome is recovered
@@ -1190,7 +1201,7 @@ void HubService::drain_cell(Cell& c) {
     (void)store_.relaxed_sync(true);
     {
       sql::Transaction tx(store_.db());
-      process_batch(batch, c.id());
+      for (const auto& [id, msgs] : groups) apply_device_messages(id, msgs, c.id());
       if (auto s = tx.commit(); !s) log::get("hub")->error("commit report batch failed: {}", s.error().message);
     }
     if (auto s = store_.relaxed_sync(false); !s) {
@@ -1317,13 +1328,6 @@ void HubService::settle_moves() {
 }
 
 
-// A report or presence message, parsed, with the gateway whose topics carried it.
-struct HubService::ParsedMessage {
-  std::string gateway;
-  bool is_report = false;
-  v1::Report report;
-  v1::Presence presence;
-};
 
 // A device's messages in one batch are applied to its rows in memory and
 // written once: a device sends five or more reports per apply within
@@ -1332,11 +1336,15 @@ struct HubService::ParsedMessage {
 // rows, so grouping by device keeps each device's order and loses nothing;
 // a presence "offline" can change other devices' rows (a gateway's), so it
 // ends a group boundary: everything before it is written first.
-void HubService::process_batch(const std::vector<transport::Message>& batch, int cell) {
+HubService::DeviceGroups HubService::parse_batch(const std::vector<transport::Message>& batch) {
+  DeviceGroups groups;
   std::vector<std::string> order;
   std::unordered_map<std::string, std::vector<ParsedMessage>> by_device;
   auto flush = [&] {
-    for (const auto& id : order) apply_device_messages(id, by_device[id], cell);
+    for (auto& id : order) {
+      auto& msgs = by_device[id];
+      groups.emplace_back(std::move(id), std::move(msgs));
+    }
     order.clear();
     by_device.clear();
   };
@@ -1409,6 +1417,7 @@ void HubService::process_batch(const std::vector<transport::Message>& batch, int
     add(device_id, std::move(p));
   }
   flush();
+  return groups;
 }
 
 void HubService::apply_device_messages(const std::string& device_id, const std::vector<ParsedMessage>& msgs,

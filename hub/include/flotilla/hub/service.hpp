@@ -384,7 +384,12 @@ class HubService {
     bool dirty = false;
   };
   using CampaignRows = std::map<std::string, CachedCampaignRow>;  // by campaign id
-  void process_batch(const std::vector<transport::Message>& batch, int cell = 0);
+  // A batch's messages parsed and grouped by device, each device's in
+  // order; a presence "offline" (which can change other devices' rows)
+  // closes a group, so applying the groups in order keeps every device's
+  // order and the barriers. Pure: runs without store_mu_.
+  using DeviceGroups = std::vector<std::pair<std::string, std::vector<ParsedMessage>>>;
+  DeviceGroups parse_batch(const std::vector<transport::Message>& batch);
   void apply_device_messages(const std::string& device_id, const std::vector<ParsedMessage>& msgs, int cell = 0);
   void apply_report(DeviceRecord& dev, const v1::Report& r);
   // One desired-state message, decided inside a store transaction and
