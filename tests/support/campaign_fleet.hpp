@@ -125,6 +125,24 @@ struct Fleet {
     return last;
   }
 
+  // One random thing a device does, chosen by kind (drawn by the caller):
+  // 0 its presence flips at random, 1 it starts installing what it was
+  // sent, 2 it finishes it (applied two times in three, else failed).
+  // Returns false for any other kind, left to the caller.
+  template <class Rng>
+  bool random_event(const std::string& device, unsigned kind, Rng& rng) {
+    switch (kind) {
+      case 0: presence(device, rng() % 2 == 0); return true;
+      case 1:
+        if (desired(device)) report(device, v1::AGENT_STATE_INSTALLING);
+        return true;
+      case 2:
+        if (desired(device)) report(device, rng() % 3 ? v1::AGENT_STATE_APPLIED : v1::AGENT_STATE_FAILED);
+        return true;
+      default: return false;
+    }
+  }
+
   void report(const std::string& device, v1::AgentState state, v1::Reason reason = v1::REASON_NONE) {
     auto ds = desired(device);
     REQUIRE(ds);

@@ -185,20 +185,10 @@ TEST_CASE("campaign counts per cell stay exact through reports, presence and dra
     f.hub->tick();
     require_exact();
     for (const auto& d : f.devices) {
-      switch (rng() % 8) {
-        case 0: f.presence(d, rng() % 2 == 0); break;
-        case 1:
-          if (f.desired(d)) f.report(d, v1::AGENT_STATE_INSTALLING);
-          break;
-        case 2:
-          if (f.desired(d)) f.report(d, rng() % 3 ? v1::AGENT_STATE_APPLIED : v1::AGENT_STATE_FAILED);
-          break;
-        case 3:
-          // A drain moves the device (and its campaign rows) to another cell.
-          REQUIRE(f.store->set_device_cell(d, static_cast<int>(rng() % 3)));
-          break;
-        default: break;
-      }
+      const auto kind = static_cast<unsigned>(rng() % 8);
+      if (f.random_event(d, kind, rng) || kind != 3) continue;
+      // A drain moves the device (and its campaign rows) to another cell.
+      REQUIRE(f.store->set_device_cell(d, static_cast<int>(rng() % 3)));
     }
     require_exact();
     if (round == 10) f.clock.advance(std::chrono::minutes(2));

@@ -441,18 +441,7 @@ TEST_CASE("the campaign count table stays exact through reports, presence, deadl
   for (int round = 0; round < 40; ++round) {
     f.hub->tick();
     require_counts_exact(f);
-    for (const auto& d : f.devices) {
-      switch (rng() % 6) {
-        case 0: f.presence(d, rng() % 2 == 0); break;
-        case 1:
-          if (f.desired(d)) f.report(d, v1::AGENT_STATE_INSTALLING);
-          break;
-        case 2:
-          if (f.desired(d)) f.report(d, rng() % 3 ? v1::AGENT_STATE_APPLIED : v1::AGENT_STATE_FAILED);
-          break;
-        default: break;
-      }
-    }
+    for (const auto& d : f.devices) (void)f.random_event(d, static_cast<unsigned>(rng() % 6), rng);
     require_counts_exact(f);
     if (round == 10) f.clock.advance(std::chrono::minutes(2));  // deadlines pass for online devices in flight
     if (round == 20) {
