@@ -218,15 +218,25 @@ TEST_CASE("three hub processes share three cells by leases: kill -9 of one mid-c
     CHECK(cells_total == kDevices);
     CHECK(cells_applied == kDevices);
   }
-  // The cell's devices re-reported to the hub that took it over: it knows
-  // them online with the campaign's bundle applied.
+  // The cell's devices re-reported to the hub that took it over (its roll
+  // call): its rows of them say what they run, the campaign's bundle.
   Hub& t = *hubs[static_cast<size_t>(taker)];
-  auto list = t.call("GET", "/v1/cells", "", "application/json", admin);
-  REQUIRE(list.first == 200);
-  const auto& cell_view = list.second["items"][static_cast<size_t>(cell)];
-  CHECK(cell_view["devices_total"].get<int>() > 0);
-  CHECK(cell_view["devices_online"] == cell_view["devices_total"]);
   CHECK(metric(metrics_text(t), "flotilla_rollcalls_published_total{cell=\"" + std::to_string(cell) + "\"}") >= 1);
+  auto devices = t.call("GET", "/v1/devices?limit=10000", "", "application/json", admin);
+  REQUIRE(devices.first == 200);
+  int in_cell = 0, rebuilt = 0;
+  for (const auto& d : devices.second["items"]) {
+    if (d["cell"] != cell || d["campaign_id"] != campaign_id) continue;  // the cell's members
+    ++in_cell;
+    if (d["applied_bundle"] != "" && d["generation"].get<int>() > 0) ++rebuilt;
+  }
+  int members = 0;
+  for (const auto& per : t.campaign(campaign_id)["cells"]) {
+    if (per["cell"] == cell) members = per["total"].get<int>();
+  }
+  CHECK(members > 0);
+  CHECK(in_cell == members);  // every member's row followed the device here
+  CHECK(rebuilt == in_cell);
 
   for (Hub* h : hubs) {
     if (h) h->stop();
