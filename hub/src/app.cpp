@@ -286,7 +286,9 @@ Result<HubConfig> hub_config_from(const Options& o) {
     for (const auto& u : c.cell_brokers) {
       const bool ssl = u.rfind("ssl://", 0) == 0;
       auto parsed = http::parse_url("https://" + (ssl ? u.substr(6) : u));
-      if (!ssl || !parsed || parsed->host.empty() || parsed->port.empty() || parsed->target != "/" ||
+      // The port is named, never a default: brokers have no standard one here.
+      const bool has_port = u.find(':', 6) != std::string::npos && u.back() != ']';
+      if (!ssl || !has_port || !parsed || parsed->host.empty() || parsed->port.empty() || parsed->target != "/" ||
           u.back() == '/') {
         return make_error(Errc::invalid_argument, "cell-broker must look like ssl://HOST:PORT (devices and hubs "
                                                   "authenticate with certificates from the device CA), got '" +
