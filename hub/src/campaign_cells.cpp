@@ -3,6 +3,7 @@
 // the totals the campaign leader decides on.
 #include <algorithm>
 #include <functional>
+#include <limits>
 
 #include "flotilla/common/log.hpp"
 #include "flotilla/hub/service.hpp"
@@ -135,6 +136,10 @@ void HubService::balance_cells(const std::function<void(const std::string&, cons
     if (own.fence(cell)) continue;
     auto f = reclaim_own_cell(*cfg_.coordinator, own, cell);
     if (f) {
+      // Nobody in it is released before its broker session begins and the
+      // roll call is answered (that session sets the real deadline): until
+      // then this hub does not know what its devices run.
+      cells_[static_cast<size_t>(std::stoi(cell))]->settle_until_ms = std::numeric_limits<int64_t>::max();
       logger->info("took cell={} hubs={} share={}", cell, live, share);
     } else if (f.error().code != Errc::already_exists) {
       warn("claim cell " + cell, f.error());
