@@ -113,6 +113,9 @@ void add_hub_options(Options& o) {
                                "over the cells of a hub that died")
       .add("cell-lease-ttl", "with cell-broker: how long a hub's hold on its cells and on the campaign leadership "
                              "outlives it; another hub takes over its cells after this long (2s to 60s)", "10s")
+      .add("peer-ca", "with cell-broker: PEM CAs that sign the other hub processes' REST certificates (a device "
+                      "read for a cell another hub holds is forwarded to its public-url, which must be https "
+                      "unless on this machine); default: the system trust store")
       .add("http-threads", "threads serving the REST API", "16")
       .add("db-cache-mib", "SQLite page cache for the hub's store, in MiB (a fixed cost, not per device)", "64")
       .add("db-mmap-mib", "map up to this many MiB of the store file (0 = off); faster reads once the store "
@@ -319,6 +322,15 @@ Result<HubConfig> hub_config_from(const Options& o) {
                                                   o.get("cell-lease-ttl") + "' (from " + o.source("cell-lease-ttl") + ")");
   }
   c.cell_lease_ttl = std::chrono::duration_cast<std::chrono::seconds>(*ttl);
+  c.peer_ca_file = o.get("peer-ca");
+  if (!c.peer_ca_file.empty() && c.cell_brokers.empty()) {
+    return make_error(Errc::invalid_argument, "peer-ca names the CAs of other hub processes sharing cells; it "
+                                              "needs cell-broker");
+  }
+  if (!c.peer_ca_file.empty() && ::access(c.peer_ca_file.c_str(), R_OK) != 0) {
+    return make_error(Errc::invalid_argument, "peer-ca: cannot read '" + c.peer_ca_file + "' (from " +
+                                                  o.source("peer-ca") + ")");
+  }
   auto threads = o.get_int("http-threads", 1, 64);
   if (!threads) return threads.error();
   c.http_threads = static_cast<int>(*threads);
@@ -697,6 +709,7 @@ Status run_hub(const HubConfig& cfg, const std::atomic<bool>& stop) {
   sc.coordinator = (*coordinator).get();
   sc.coord_holder = coord_holder_name(cfg.data_dir);
   sc.coord_ttl = cfg.cell_lease_ttl;
+  sc.peer_ca_file = cfg.peer_ca_file;
   sc.share_cells = shared_cells;
   if (shared_cells && cfg.coordination.backend != coord::CoordinationConfig::Backend::etcd) {
     logger->warn("cell-broker without coordination etcd: this hub is the only one and serves every cell");

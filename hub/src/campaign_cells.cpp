@@ -101,7 +101,9 @@ void HubService::balance_cells(const std::function<void(const std::string&, cons
   coord::CellOwnership& own = *ownership_;
   auto logger = log::get("hub");
   if (announced_lease_ != own.lease()) {
-    if (auto p = cfg_.coordinator->put(kHubsPrefix + cfg_.coord_holder, cfg_.coord_holder, own.lease()); !p) {
+    // Its REST base URL, for the other hubs to forward device reads to.
+    const std::string announce = nlohmann::json{{"holder", cfg_.coord_holder}, {"api", cfg_.public_url}}.dump();
+    if (auto p = cfg_.coordinator->put(kHubsPrefix + cfg_.coord_holder, announce, own.lease()); !p) {
       return warn("announce this hub", p.error());
     }
     announced_lease_ = own.lease();
@@ -145,6 +147,17 @@ void HubService::balance_cells(const std::function<void(const std::string&, cons
       warn("claim cell " + cell, f.error());
     }
   }
+}
+
+std::string HubService::cell_owner_url(int cell) {
+  if (!cfg_.share_cells || !cfg_.coordinator) return "";
+  auto owner = cfg_.coordinator->get(coord::CellOwnership::owner_key(std::to_string(cell)));
+  if (!owner || !*owner || (*owner)->value == cfg_.coord_holder) return "";
+  auto hub = cfg_.coordinator->get(kHubsPrefix + (*owner)->value);
+  if (!hub || !*hub) return "";
+  const auto j = nlohmann::json::parse((*hub)->value, nullptr, false);
+  if (!j.is_object() || !j.contains("api") || !j["api"].is_string()) return "";
+  return j["api"].get<std::string>();
 }
 
 void HubService::ensure_cell_membership(const CampaignRecord& c) {

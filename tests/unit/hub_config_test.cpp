@@ -261,4 +261,11 @@ TEST_CASE("hub config: cell-broker lists shared cells' brokers (ssl:// only) and
     INFO(bad);
     CHECK_THAT(error_of(hub_config({"--cell-lease-ttl", bad})), Catch::Contains("cell-lease-ttl"));
   }
+  // peer-ca: only with shared cells, and a file that can be read.
+  CHECK_THAT(error_of(hub_config({"--peer-ca", "/etc/hostname"})), Catch::Contains("peer-ca names the CAs"));
+  CHECK_THAT(error_of(hub_config({"--cell-broker", "ssl://b.test:8883", "--peer-ca", "/nonexistent/ca.pem"})),
+             Catch::Contains("peer-ca: cannot read '/nonexistent/ca.pem'"));
+  auto peers = hub_config({"--cell-broker", "ssl://b.test:8883", "--peer-ca", "/etc/hostname"});
+  REQUIRE(peers);
+  CHECK(peers->peer_ca_file == "/etc/hostname");
 }

@@ -48,6 +48,7 @@ struct HubConfig {
   // How long the hold on cells (and the campaign leadership) outlives a
   // hub that died: its cells are taken over after about this long.
   std::chrono::seconds cell_lease_ttl{10};
+  std::string peer_ca_file;  // with cell_brokers: CAs of the other hubs' REST certificates
   std::string mosquitto_bin = "/usr/sbin/mosquitto";
   int http_threads = 16;
   int64_t db_cache_mib = 64;  // StoreTuning

@@ -94,6 +94,9 @@ struct ServiceConfig {
   // and membership rows from the roll call and the control log. claim_cells
   // is ignored then.
   bool share_cells = false;
+  // share_cells: PEM CAs that sign the other hub processes' REST
+  // certificates (their https public URLs); empty = the system store.
+  std::string peer_ca_file;
 };
 
 // A campaign's stored strategy (the defaults for one that does not parse).
@@ -273,6 +276,12 @@ class HubService {
   // Whether this hub connects to the cell's broker and serves its devices:
   // every cell, unless hubs share the cells (then the ones it holds by
   // lease). Never waits for the coordinator.
+  bool shares_cells() const { return cfg_.share_cells; }
+  const std::string& peer_ca_file() const { return cfg_.peer_ca_file; }
+  // share_cells: the REST base URL of the hub process that holds `cell` now,
+  // as it announced itself; empty when none does (the cell is between
+  // owners) or the coordinator cannot say. Two coordinator reads.
+  std::string cell_owner_url(int cell);
   bool serves_cell(int cell) const {
     return !cfg_.share_cells || (cell >= 0 && cell < 64 && ((served_mask_.load() >> cell) & 1u));
   }
