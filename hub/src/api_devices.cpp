@@ -1,6 +1,8 @@
 // Devices: list, get, edit labels, decommission.
 #include "api_internal.hpp"
 #include "flotilla/bundles/bundle.hpp"
+#include "flotilla/common/http_client.hpp"
+#include "flotilla/common/log.hpp"
 
 namespace flotilla::hub::rest {
 
@@ -92,6 +94,13 @@ HttpResponse list_devices(HubService& s, Context& c) {
       break;
     }
     items.push_back(device_json(d));
+    if (s.shares_cells() && !s.serves_cell(d.cell)) {
+      // A page is read from this hub's store alone (one query, bounded):
+      // presence and state of another hub's cell are as last known here.
+      items.back()["stale"] = true;
+      items.back()["stale_reason"] = "cell " + std::to_string(d.cell) +
+                                     " is held by another hub process; GET /v1/devices/{id} asks it";
+    }
   }
   return json_response(200, {{"items", items}, {"next", next}});
 }
@@ -105,11 +114,72 @@ Result<DeviceRecord> visible_device(HubService& s, const Caller& caller, const s
   return **d;
 }
 
+// Set on a device read one hub process forwards to another: the one that
+// receives it answers from its own store, so a read is forwarded once.
+constexpr const char* kForwardedHeader = "x-flotilla-forwarded";
+
+// Where a forwarded read may carry the caller's token: TLS, or this machine.
+bool safe_peer(const std::string& url) {
+  auto u = http::parse_url(url);
+  if (!u) return false;
+  return u->scheme == "https" || u->host == "127.0.0.1" || u->host == "localhost" || u->host == "::1" ||
+         u->host == "[::1]";
+}
+
+// Hub processes that share cells (docs/operations.md, "Several hub
+// processes"): a device's presence and state are reported to the hub that
+// holds its cell, so a read of a device whose cell this hub does not hold is
+// answered by that hub, with the caller's own token. When it cannot be
+// asked (the cell is between owners, the owner does not answer in time, or
+// it would carry a token over plain HTTP to another machine), this hub
+// answers with what it last knew, marked stale, and says why.
+HttpResponse device_from_owner(HubService& s, const Context& c, const DeviceRecord& d) {
+  std::string why;
+  const auto auth = c.req.headers.find("authorization");
+  const bool forwarded = c.req.headers.count(kForwardedHeader) > 0;
+  const std::string peer = forwarded ? "" : s.cell_owner_url(d.cell);
+  if (forwarded) {
+    why = "forwarded by another hub process, but this one does not hold cell " + std::to_string(d.cell) +
+          " either (it changed hands)";
+  } else if (peer.empty()) {
+    why = "no hub process holds cell " + std::to_string(d.cell) + " right now";
+  } else if (!safe_peer(peer)) {
+    why = "the hub holding cell " + std::to_string(d.cell) + " serves plain HTTP on another machine";
+  } else if (auth == c.req.headers.end()) {
+    why = "this request has no bearer token to forward to the hub holding cell " + std::to_string(d.cell);
+  } else {
+    http::Request r;
+    r.url = peer + "/v1/devices/" + d.id;
+    r.headers["authorization"] = auth->second;
+    r.headers[kForwardedHeader] = "1";
+    r.timeout = std::chrono::seconds(3);
+    r.max_response_bytes = 1u << 20;
+    r.ca_file = s.peer_ca_file();
+    auto answer = http::send(r);
+    if (answer && (answer->status == 200 || answer->status == 404)) {
+      HttpResponse out;
+      out.status = answer->status;
+      out.body = std::move(answer->body);
+      return out;
+    }
+    why = "the hub holding cell " + std::to_string(d.cell) + " did not answer (" +
+          (answer ? "HTTP " + std::to_string(answer->status) : answer.error().message) + ")";
+    log::get("api")->warn("device={} read from {}: {}", d.id, peer, why);
+  }
+  json j = device_json(d);
+  j["stale"] = true;
+  j["stale_reason"] = why + "; presence and state as last known here";
+  return json_response(200, j);
+}
+
 HttpResponse get_device(HubService& s, Context& c) {
   auto caller = reading_caller(c);
   if (!caller) return from_error(caller.error());
   auto d = visible_device(s, *caller, c.params[0]);
   if (!d) return from_error(d.error());
+  if (s.shares_cells() && !s.serves_cell(d->cell)) {
+    return device_from_owner(s, c, *d);
+  }
   return json_response(200, device_json(*d));
 }
 

@@ -81,12 +81,6 @@ json allowed_actions(CampaignState state) {
   return a;
 }
 
-Strategy strategy_of(const CampaignRecord& c) {
-  auto j = json::parse(c.strategy.empty() ? "{}" : c.strategy, nullptr, false);
-  auto s = Strategy::from_json(j.is_discarded() ? json::object() : j);
-  return s ? *s : Strategy{};
-}
-
 // A campaign's state, counts by state and by wave (measured: from
 // campaign_counts, never estimated), and what an operator may do now.
 json campaign_summary_json(const CampaignSummary& cs) {

@@ -105,6 +105,17 @@ void add_hub_options(Options& o) {
       .add("cells", "cells to run (1 to 64): each an embedded mosquitto with its own port, directory and ACL, and "
                     "the hub's own session, report worker and desired-state publisher for it; devices are spread "
                     "over them at enrollment. With a fixed broker-listen port P, cell i listens on P+i", "1")
+      .add_list("cell-broker", "the broker of a cell that runs on its own (this hub starts none), as the "
+                               "ssl://HOST:PORT devices and hubs connect to; repeat it once per cell, cell 0 first, "
+                               "the same list on every hub process. The broker trusts the device CA for client "
+                               "certificates (docs/operations.md, \"Several hub processes\"). The hubs on one "
+                               "coordinator share these cells by lease: each serves at most its share and takes "
+                               "over the cells of a hub that died")
+      .add("cell-lease-ttl", "with cell-broker: how long a hub's hold on its cells and on the campaign leadership "
+                             "outlives it; another hub takes over its cells after this long (2s to 60s)", "10s")
+      .add("peer-ca", "with cell-broker: PEM CAs that sign the other hub processes' REST certificates (a device "
+                      "read for a cell another hub holds is forwarded to its public-url, which must be https "
+                      "unless on this machine); default: the system trust store")
       .add("http-threads", "threads serving the REST API", "16")
       .add("db-cache-mib", "SQLite page cache for the hub's store, in MiB (a fixed cost, not per device)", "64")
       .add("db-mmap-mib", "map up to this many MiB of the store file (0 = off); faster reads once the store "
@@ -268,6 +279,57 @@ Result<HubConfig> hub_config_from(const Options& o) {
   if (c.cells > 1 && c.broker_listen_port != 0 && c.broker_listen_port + c.cells - 1 > 65535) {
     return make_error(Errc::invalid_argument, "broker-listen port " + std::to_string(c.broker_listen_port) + " + " +
                                                   std::to_string(c.cells) + " cells runs past port 65535");
+  }
+  c.cell_brokers = o.get_list("cell-broker");
+  if (!c.cell_brokers.empty()) {
+    if (static_cast<int>(c.cell_brokers.size()) > kMaxCells) {
+      return make_error(Errc::invalid_argument, "cell-broker names " + std::to_string(c.cell_brokers.size()) +
+                                                    " cells; at most " + std::to_string(kMaxCells));
+    }
+    for (const auto& u : c.cell_brokers) {
+      const bool ssl = u.rfind("ssl://", 0) == 0;
+      auto parsed = http::parse_url("https://" + (ssl ? u.substr(6) : u));
+      // The port is named, never a default: brokers have no standard one here.
+      const bool has_port = u.find(':', 6) != std::string::npos && u.back() != ']';
+      if (!ssl || !has_port || !parsed || parsed->host.empty() || parsed->port.empty() || parsed->target != "/" ||
+          u.back() == '/') {
+        return make_error(Errc::invalid_argument, "cell-broker must look like ssl://HOST:PORT (devices and hubs "
+                                                  "authenticate with certificates from the device CA), got '" +
+                                                      u + "' (from " + o.source("cell-broker") + ")");
+      }
+    }
+    for (const char* key : {"broker-url", "broker-public-url", "broker-tls-cert"}) {
+      if (!o.get(key).empty()) {
+        return make_error(Errc::invalid_argument, std::string(key) + " configures the hub's own broker, but "
+                                                  "cell-broker names brokers that run on their own; leave it unset");
+      }
+    }
+    if (c.dev_plain_mqtt) {
+      return make_error(Errc::invalid_argument, "dev-plain-mqtt runs an embedded broker; cell-broker brokers "
+                                                "take certificates from the device CA");
+    }
+    if (o.source("cells") != "default" && c.cells != static_cast<int>(c.cell_brokers.size())) {
+      return make_error(Errc::invalid_argument, "cells is " + std::to_string(c.cells) + " but cell-broker names " +
+                                                    std::to_string(c.cell_brokers.size()) +
+                                                    " cells; leave cells unset (it follows cell-broker)");
+    }
+    c.cells = static_cast<int>(c.cell_brokers.size());
+  }
+  auto ttl = o.get_duration("cell-lease-ttl");
+  if (!ttl) return make_error(Errc::invalid_argument, "cell-lease-ttl: " + ttl.error().message);
+  if (*ttl < std::chrono::seconds(2) || *ttl > std::chrono::seconds(60) || ttl->count() % 1000 != 0) {
+    return make_error(Errc::invalid_argument, "cell-lease-ttl must be whole seconds from 2s to 60s, got '" +
+                                                  o.get("cell-lease-ttl") + "' (from " + o.source("cell-lease-ttl") + ")");
+  }
+  c.cell_lease_ttl = std::chrono::duration_cast<std::chrono::seconds>(*ttl);
+  c.peer_ca_file = o.get("peer-ca");
+  if (!c.peer_ca_file.empty() && c.cell_brokers.empty()) {
+    return make_error(Errc::invalid_argument, "peer-ca names the CAs of other hub processes sharing cells; it "
+                                              "needs cell-broker");
+  }
+  if (!c.peer_ca_file.empty() && ::access(c.peer_ca_file.c_str(), R_OK) != 0) {
+    return make_error(Errc::invalid_argument, "peer-ca: cannot read '" + c.peer_ca_file + "' (from " +
+                                                  o.source("peer-ca") + ")");
   }
   auto threads = o.get_int("http-threads", 1, 64);
   if (!threads) return threads.error();
@@ -438,7 +500,9 @@ Status run_hub(const HubConfig& cfg, const std::atomic<bool>& stop) {
   auto aggregates = AggregateStore::open((data / "hub.db").string(), ac);
   if (!aggregates) return aggregates.error();
 
-  const bool embedded = cfg.broker_url.empty();
+  // Brokers of cells shared with other hub processes run on their own.
+  const bool shared_cells = !cfg.cell_brokers.empty();
+  const bool embedded = cfg.broker_url.empty() && !shared_cells;
   // Start the REST listener first so the public URL (which may use port 0) is known.
   std::unique_ptr<HubService> service;
   // Published by this thread once the Api exists, read by the HTTP threads
@@ -606,7 +670,13 @@ Status run_hub(const HubConfig& cfg, const std::atomic<bool>& stop) {
 
   ServiceConfig sc;
   sc.broker_url = cfg.broker_public_url.empty() ? broker_url : cfg.broker_public_url;
-  if (!embedded) {
+  if (shared_cells) {
+    // Hubs and devices reach a shared cell's broker at the same address.
+    cell_urls = cfg.cell_brokers;
+    cell_public_urls = cfg.cell_brokers;
+    cell_hub_passwords.assign(cfg.cell_brokers.size(), "");
+    broker_url = sc.broker_url = cfg.cell_brokers.front();
+  } else if (!embedded) {
     cell_urls = {broker_url};
     cell_public_urls = {sc.broker_url};
     cell_hub_passwords = {hub_pass};
@@ -638,6 +708,12 @@ Status run_hub(const HubConfig& cfg, const std::atomic<bool>& stop) {
   // the same after a restart, so it takes its own keys back at once.
   sc.coordinator = (*coordinator).get();
   sc.coord_holder = coord_holder_name(cfg.data_dir);
+  sc.coord_ttl = cfg.cell_lease_ttl;
+  sc.peer_ca_file = cfg.peer_ca_file;
+  sc.share_cells = shared_cells;
+  if (shared_cells && cfg.coordination.backend != coord::CoordinationConfig::Backend::etcd) {
+    logger->warn("cell-broker without coordination etcd: this hub is the only one and serves every cell");
+  }
   service = std::make_unique<HubService>(**store, SystemClock::instance(), sc);
   if (auto s = service->control_log_status(); !s) return s.error().with_context("control log");
   for (size_t i = 0; i < brokers.size(); ++i) service->set_cell_broker(static_cast<int>(i), brokers[i].get());
@@ -664,7 +740,9 @@ Status run_hub(const HubConfig& cfg, const std::atomic<bool>& stop) {
   // The embedded broker's certificate comes from the device CA (or the
   // operator's, with broker-tls-ca); an external broker's from broker-tls-ca
   // or the system store.
-  co.ca_file = embedded && (cfg.broker_tls_cert_file.empty() || !cfg.broker_tls_ca_file.empty())
+  // Shared cells' brokers: the device CA (which may have made their
+  // certificates) plus broker-tls-ca.
+  co.ca_file = shared_cells || (embedded && (cfg.broker_tls_cert_file.empty() || !cfg.broker_tls_ca_file.empty()))
                    ? trust_file.string()
                    : cfg.broker_tls_ca_file;
   // Over TLS the hub presents its own certificate from the device CA: the
@@ -741,6 +819,17 @@ Status run_hub(const HubConfig& cfg, const std::atomic<bool>& stop) {
     for (size_t i = 0; i < sessions.size(); ++i) {
       auto& cs = sessions[i];
       const int cell = static_cast<int>(i);
+      if (!service->serves_cell(cell)) {
+        // A shared cell this hub does not hold (any more): its session ends
+        // at once, so nothing of it is served from here.
+        if (cs.attached || cs.transport->connected()) {
+          logger->info("not serving cell={} any more: disconnected from {}", cell, cs.co.url);
+          cs.transport->disconnect();
+          cs.attached = false;
+          service->mark_detached(cell);
+        }
+        continue;
+      }
       if ((cs.transport->connected() && cs.attached) || std::chrono::steady_clock::now() < cs.next_try) continue;
       if (cs.attached) {
         logger->warn("lost the broker connection cell={}; reconnecting", cell);

@@ -2,6 +2,8 @@
 // docs/adr/0017): which cells this hub owns, publishing their counts, and
 // the totals the campaign leader decides on.
 #include <algorithm>
+#include <functional>
+#include <limits>
 
 #include "flotilla/common/log.hpp"
 #include "flotilla/hub/service.hpp"
@@ -48,19 +50,34 @@ void HubService::coordinate() {
   if (want.empty()) {
     for (int i = 0; i < cell_count(); ++i) want.push_back(i);
   }
-  if (ownership_->lease() != 0) {
+  if (ownership_->lease() != 0 && cfg_.share_cells) {
+    balance_cells(warn);
+  } else if (ownership_->lease() != 0) {
     for (int cell : want) {
       if (ownership_->fence(std::to_string(cell))) continue;
       auto f = reclaim_own_cell(*cfg_.coordinator, *ownership_, std::to_string(cell));
       if (!f && f.error().code != Errc::already_exists) warn("claim cell " + std::to_string(cell), f.error());
     }
   }
+  if (ownership_->lease() == 0) announced_lease_ = 0;
   std::vector<int> owned;
   for (const auto& cell : ownership_->cells()) {
     const int id = std::stoi(cell);
     if (id >= 0 && id < cell_count()) owned.push_back(id);
   }
   std::sort(owned.begin(), owned.end());
+  uint64_t mask = 0;
+  for (int id : owned) mask |= uint64_t{1} << id;  // kMaxCells is 64
+  // Not confirmed for a whole TTL (etcd unreachable from here): another hub
+  // may hold these cells by now, so this one stops serving them (its
+  // sessions close; reports wait in the brokers) until etcd confirms again.
+  if (cfg_.share_cells && clock_.monotonic() - ownership_->last_renewed() > cfg_.coord_ttl) {
+    if (mask != 0 && served_mask_.load() != 0) {
+      logger->warn("cell lease not confirmed for {}s: serving no cell until etcd answers", cfg_.coord_ttl.count());
+    }
+    mask = 0;
+  }
+  served_mask_ = mask;
   // Owning every cell there is: no filter at all, so the store's queries are
   // exactly those of a hub without cells.
   bool all = static_cast<int>(owned.size()) == cell_count();
@@ -72,6 +89,156 @@ void HubService::coordinate() {
   auto lead = leadership_->tick();
   if (!lead) warn("campaign leadership", lead.error());
   leader_ = leadership_->leading();
+}
+
+namespace {
+// /flotilla/hubs/<holder>: one key per live hub process sharing the cells,
+// under its cell lease, so a hub that dies leaves the count with its cells.
+constexpr const char* kHubsPrefix = "/flotilla/hubs/";
+}  // namespace
+
+void HubService::balance_cells(const std::function<void(const std::string&, const Error&)>& warn) {
+  coord::CellOwnership& own = *ownership_;
+  auto logger = log::get("hub");
+  if (announced_lease_ != own.lease()) {
+    // Its REST base URL, for the other hubs to forward device reads to.
+    const std::string announce = nlohmann::json{{"holder", cfg_.coord_holder}, {"api", cfg_.public_url}}.dump();
+    if (auto p = cfg_.coordinator->put(kHubsPrefix + cfg_.coord_holder, announce, own.lease()); !p) {
+      return warn("announce this hub", p.error());
+    }
+    announced_lease_ = own.lease();
+  }
+  // Cells whose key is gone or someone else's now: served no more from here.
+  if (auto lost = own.verify(); !lost) {
+    return warn("verify cells", lost.error());
+  } else {
+    for (const auto& cell : *lost) logger->warn("cell={} is no longer ours: stopped serving it", cell);
+  }
+  auto hubs = cfg_.coordinator->range(kHubsPrefix, coord::kMaxRangeLimit);
+  if (!hubs) return warn("count hubs", hubs.error());
+  const int live = std::max<int>(1, static_cast<int>(hubs->kvs.size()));
+  const int share = (cell_count() + live - 1) / live;
+  auto mine = own.cells();
+  if (static_cast<int>(mine.size()) > share) {
+    // More than a fair share (another hub came): one cell a round goes
+    // back, the highest, for a hub below its share to take.
+    std::string give = mine.front();
+    for (const auto& c : mine) {
+      if (std::stoi(c) > std::stoi(give)) give = c;
+    }
+    if (auto s = own.release(give); !s) return warn("release cell " + give, s.error());
+    logger->info("released cell={} hubs={} share={}: another hub takes it", give, live, share);
+    return;
+  }
+  // Free cells up to the share (any orphan once its owner's lease expired),
+  // from a place of this hub's own so that starting hubs seldom race.
+  const size_t start = std::hash<std::string>{}(cfg_.coord_holder) % static_cast<size_t>(cell_count());
+  for (int k = 0; k < cell_count() && static_cast<int>(own.cells().size()) < share; ++k) {
+    const std::string cell = std::to_string((start + static_cast<size_t>(k)) % static_cast<size_t>(cell_count()));
+    if (own.fence(cell)) continue;
+    auto f = reclaim_own_cell(*cfg_.coordinator, own, cell);
+    if (f) {
+      // Nobody in it is released before its broker session begins and the
+      // roll call is answered (that session sets the real deadline): until
+      // then this hub does not know what its devices run.
+      cells_[static_cast<size_t>(std::stoi(cell))]->settle_until_ms = std::numeric_limits<int64_t>::max();
+      logger->info("took cell={} hubs={} share={}", cell, live, share);
+    } else if (f.error().code != Errc::already_exists) {
+      warn("claim cell " + cell, f.error());
+    }
+  }
+}
+
+std::string HubService::cell_owner_url(int cell) {
+  if (!cfg_.share_cells || !cfg_.coordinator) return "";
+  auto owner = cfg_.coordinator->get(coord::CellOwnership::owner_key(std::to_string(cell)));
+  if (!owner || !*owner || (*owner)->value == cfg_.coord_holder) return "";
+  auto hub = cfg_.coordinator->get(kHubsPrefix + (*owner)->value);
+  if (!hub || !*hub) return "";
+  const auto j = nlohmann::json::parse((*hub)->value, nullptr, false);
+  if (!j.is_object() || !j.contains("api") || !j["api"].is_string()) return "";
+  return j["api"].get<std::string>();
+}
+
+void HubService::ensure_cell_membership(const CampaignRecord& c) {
+  if (!campaign_runs(c.state) && c.state != CampaignState::paused) return;
+  std::optional<Selector> sel;
+  std::optional<Strategy> strategy;
+  for (int cell : owned_cells()) {
+    const auto key = std::make_pair(c.id, cell);
+    if (members_built_.count(key)) continue;
+    auto present = store_.campaign_counts(c.id, cell);
+    if (!present) continue;
+    if (present->empty()) {
+      if (!sel) {
+        auto parsed = Selector::parse(c.selector);
+        if (!parsed) return;
+        sel = std::move(*parsed);
+        strategy = strategy_of(c);
+      }
+      auto members = campaign_members(c, *sel, *strategy, cell);
+      if (!members) {
+        log::get("hub")->warn("campaign={} cell={}: membership: {}", c.id, cell, members.error().message);
+        continue;
+      }
+      const int64_t now = clock_.now_unix_ms();
+      for (const auto& m : *members) {
+        if (auto s = store_.add_campaign_member(c.id, m, now); !s) {
+          log::get("hub")->warn("campaign={} cell={}: membership: {}", c.id, cell, s.error().message);
+          return;
+        }
+      }
+      if (!members->empty()) {
+        // Remembered only once seen committed (next tick): the engine's
+        // transaction may still be rolled back (etcd away).
+        log::get("hub")->info("campaign={} cell={}: {} members from the rank (made on another hub)", c.id, cell,
+                              members->size());
+        continue;
+      }
+    }
+    members_built_.insert(key);
+  }
+}
+
+void HubService::adopt_reported_generation(DeviceRecord& dev, const v1::Report& r, CampaignRows& rows) {
+  if (!cfg_.share_cells || r.campaign_id().empty() || r.generation() <= dev.generation) return;
+  auto c = store_.get_campaign(r.campaign_id());
+  if (!c || !*c) return;
+  auto [it, fresh] = rows.try_emplace(r.campaign_id());
+  CachedCampaignRow& cached = it->second;
+  if (fresh) {
+    auto cd = store_.campaign_device(r.campaign_id(), dev.id);
+    if (cd && *cd) cached.row = std::move(**cd);
+  }
+  // Released by the cell's previous owner (this store never sent it, or
+  // sent an older generation while the device was away): the row takes the
+  // device's generation, and its report below counts it, once.
+  const std::string status = cached.row ? cached.row->status : std::string();
+  const bool open = status == "waiting" || status == "pending" || status == "in_progress";
+  if (open && r.generation() > cached.row->generation && (*c)->state != CampaignState::rolling_back) {
+    cached.row->status = "pending";
+    cached.row->generation = r.generation();
+    cached.row->released_ms = cached.row->updated_ms = clock_.now_unix_ms();
+    cached.dirty = true;
+  }
+  // Whatever this hub releases next must be newer than what the device saw.
+  dev.generation = r.generation();
+  dev.campaign_id = r.campaign_id();
+  dev.desired_bundle_id = (*c)->bundle_id;
+}
+
+HubService::CellFilter HubService::release_filter() const {
+  CellFilter f = cell_filter();
+  if (!cfg_.share_cells) return f;
+  // A cell whose session just began (taken over, or its broker back) waits
+  // for the roll call's answers before releasing anyone there: until then
+  // this hub does not know which generation its devices are at.
+  const int64_t now = clock_.now_unix_ms();
+  std::vector<int> ready;
+  for (int cell : owned_cells()) {
+    if (cells_[static_cast<size_t>(cell)]->settle_until_ms.load() <= now) ready.push_back(cell);
+  }
+  return ready;
 }
 
 Result<std::vector<CellCampaignCounts>> HubService::cell_counts(const std::string& campaign_id) {

@@ -55,13 +55,13 @@ std::string join_zones(const std::set<std::string>& zones) {
 // States in which devices may still join (live membership).
 bool accepts_members(CampaignState state) { return campaign_runs(state) || state == CampaignState::paused; }
 
+}  // namespace
+
 Strategy strategy_of(const CampaignRecord& c) {
   auto j = nlohmann::json::parse(c.strategy.empty() ? "{}" : c.strategy, nullptr, false);
   auto s = Strategy::from_json(j.is_discarded() ? nlohmann::json::object() : j);
   return s ? *s : Strategy{};
 }
-
-}  // namespace
 
 void CampaignCounts::add(const std::string& status, int64_t n) {
   total += n;
@@ -114,34 +114,51 @@ Result<CampaignRecord> HubService::create_campaign(const std::string& name, cons
     // files go only to devices of the project it was uploaded to.
     c.project = bundle.project;
     c.strategy = strategy.to_json().dump();
-    std::vector<Store::CampaignMember> rows;
-    std::vector<double> ranks;
-    auto listed = store_.each_device_target(
-        [&](const std::string& id, const std::string& dev_project, const std::string& state, const Labels& labels) {
-          if (dev_project != c.project) return;
-          if (state == "decommissioned" || !sel->matches(labels)) return;
-          rows.push_back({id, campaign_rank(c.id, id), 0, strategy.window.enabled() ? strategy.window.zone_for(labels) : ""});
-          ranks.push_back(rows.back().rank);
-        });
-    if (!listed) return listed.error();
-    if (rows.empty()) {
+    auto rows = campaign_members(c, *sel, strategy, std::nullopt);
+    if (!rows) return rows.error();
+    if (rows->empty()) {
       return make_error(Errc::invalid_argument, "selector '" + sel->text() + "' matches no enrolled device");
     }
-    auto waves = assign_waves(strategy, ranks);
     std::set<std::string> zones;
-    for (size_t i = 0; i < rows.size(); ++i) {
-      rows[i].wave = waves[i];
-      if (!rows[i].zone.empty()) zones.insert(rows[i].zone);
+    for (const auto& r : *rows) {
+      if (!r.zone.empty()) zones.insert(r.zone);
     }
     c.zones = join_zones(zones);
-    if (auto s = store_.insert_campaign(c, rows); !s) return s.error();
-    log::get("hub")->info("campaign created id={} bundle={} devices={} waves={}", c.id, bundle.id, rows.size(),
+    if (auto s = store_.insert_campaign(c, *rows); !s) return s.error();
+    log::get("hub")->info("campaign created id={} bundle={} devices={} waves={}", c.id, bundle.id, rows->size(),
                           strategy.wave_count());
     return {};
   });
   if (!created) return created.error();
   engine_cv_.notify_one();
   return c;
+}
+
+Result<std::vector<Store::CampaignMember>> HubService::campaign_members(const CampaignRecord& c, const Selector& sel,
+                                                                       const Strategy& strategy,
+                                                                       std::optional<int> cell) {
+  std::vector<Store::CampaignMember> rows;
+  std::vector<double> ranks;
+  std::vector<int> cells;
+  auto listed = store_.each_device_target_cell([&](const std::string& id, const std::string& dev_project,
+                                                   const std::string& state, const Labels& labels, int dev_cell) {
+    if (dev_project != c.project) return;
+    if (state == "decommissioned" || !sel.matches(labels)) return;
+    rows.push_back({id, campaign_rank(c.id, id), 0, strategy.window.enabled() ? strategy.window.zone_for(labels) : ""});
+    ranks.push_back(rows.back().rank);
+    cells.push_back(dev_cell);
+  });
+  if (!listed) return listed.error();
+  // Waves over every matching device: a count-based canary is the N lowest
+  // ranks of them all, whichever cell asks.
+  auto waves = assign_waves(strategy, ranks);
+  std::vector<Store::CampaignMember> out;
+  for (size_t i = 0; i < rows.size(); ++i) {
+    if (cell && cells[i] != *cell) continue;
+    rows[i].wave = waves[i];
+    out.push_back(std::move(rows[i]));
+  }
+  return out;
 }
 
 void HubService::engine_loop() {
@@ -169,11 +186,17 @@ void HubService::tick() {
     for (auto& c : *campaigns) {
       if (!campaign_runs(c.state) && c.state != CampaignState::rolling_back) continue;
       if (control_log_) {
+        // Hubs sharing cells make the rows of the cells they own (from the
+        // replicated device rows and the campaign's rank).
+        if (cfg_.share_cells) ensure_cell_membership(c);
         // Several hubs: membership rows stay with the hub whose devices they
         // are (docs/adr/0016); a hub with none of a campaign's devices must
         // not judge it (it would find it complete).
         auto counts = store_.campaign_counts(c.id);
-        if (!counts || counts->empty()) continue;
+        if (!counts) continue;
+        // The leader of hubs sharing cells decides on the published counts
+        // even when it owns none of the cells.
+        if (counts->empty() && !(cfg_.share_cells && leader_)) continue;
       }
       tick_campaign(c, publishes);
     }
@@ -471,7 +494,7 @@ void HubService::tick_campaign_step(CampaignRecord& c, Publishes& publishes) {
 
 Result<std::vector<CampaignDeviceRecord>> HubService::releasable_now(const CampaignRecord& c, const Strategy& s,
                                                                      bool online, int64_t n, int64_t now_ms) {
-  const CellFilter cells = cell_filter();
+  const CellFilter cells = release_filter();
   if (!s.window.enabled()) return store_.releasable(c.id, c.current_wave, online, n, "", cells);
   std::vector<CampaignDeviceRecord> out;
   for (const auto& zone : split_zones(c.zones)) {

@@ -256,6 +256,9 @@ void HubService::reset_presence(Cell& cell, bool session_began) {
   int64_t expect = *n;
   if (session_began) {
     expect += cell.unheard.exchange(0);
+    // A cell taken over from another hub: none of its devices were heard
+    // here, and every one of them is expected to answer.
+    if (cfg_.share_cells) expect = std::max(expect, cell_devices_[static_cast<size_t>(cell.id())]);
   } else {
     cell.unheard += *n;
   }
@@ -268,6 +271,7 @@ void HubService::reset_presence(Cell& cell, bool session_began) {
   // add up, each device once.
   const int64_t now = clock_.now_unix_ms();
   const int64_t until = expect > 0 ? now + spread + kPresenceSettleMarginMs : 0;
+  if (session_began) cell.settle_until_ms = until;
   if (presence_settle_until_ms_.load() > now) {
     presence_reset_count_ += *n;
     presence_settle_until_ms_ = std::max(presence_settle_until_ms_.load(), until);
@@ -288,7 +292,9 @@ void HubService::reset_presence(Cell& cell, bool session_began) {
 }
 
 bool HubService::mqtt_connected() const {
-  return std::all_of(cells_.begin(), cells_.end(), [](const auto& c) { return c->connected(); });
+  // Hubs sharing cells: connected to the brokers of the cells it holds.
+  return std::all_of(cells_.begin(), cells_.end(),
+                     [this](const auto& c) { return !serves_cell(c->id()) || c->connected(); });
 }
 
 Result<CreatedToken> HubService::create_token(const std::string& kind, TokenRecord rec,
@@ -1490,6 +1496,7 @@ void HubService::apply_device_messages(const std::string& device_id, const std::
     const v1::Report& r = p.report;
     // QoS 1 may deliver twice and a reconnect may replay: keep only newer reports.
     if (r.seq() != 0 && r.seq() <= dev.last_seq) continue;
+    adopt_reported_generation(dev, r, rows);  // a cell taken over from another hub
     apply_report(dev, r);
     changed = true;
     inventory = inventory || r.has_inventory();

@@ -234,3 +234,38 @@ TEST_CASE("hub config: cells is 1 to 64, needs the embedded broker and fits the 
   CHECK_THAT(error_of(hub_config({"--cells", "3", "--broker-listen", "127.0.0.1:65534"})),
              Catch::Contains("runs past port 65535"));
 }
+
+TEST_CASE("hub config: cell-broker lists shared cells' brokers (ssl:// only) and excludes the hub's own broker",
+          "[unit][hub][config]") {
+  auto shared = hub_config({"--cell-broker", "ssl://10.0.0.1:8883", "--cell-broker", "ssl://b1.test:8883",
+                            "--cell-lease-ttl", "5s"});
+  REQUIRE(shared);
+  CHECK(shared->cell_brokers == std::vector<std::string>{"ssl://10.0.0.1:8883", "ssl://b1.test:8883"});
+  CHECK(shared->cells == 2);  // follows the list
+  CHECK(shared->cell_lease_ttl == std::chrono::seconds(5));
+  CHECK(hub_config({})->cell_lease_ttl == std::chrono::seconds(10));
+  CHECK(hub_config({})->cell_brokers.empty());
+  for (const char* bad : {"tcp://b.test:1883", "ssl://b.test", "b.test:8883", "ssl://b.test:8883/x", "ssl://:8883"}) {
+    INFO(bad);
+    CHECK_THAT(error_of(hub_config({"--cell-broker", bad})), Catch::Contains("cell-broker must look like ssl://"));
+  }
+  CHECK_THAT(error_of(hub_config({"--cell-broker", "ssl://b.test:8883", "--broker-url", "ssl://x.test:8883"})),
+             Catch::Contains("broker-url configures the hub's own broker"));
+  CHECK_THAT(error_of(hub_config({"--cell-broker", "ssl://b.test:8883", "--broker-public-url", "ssl://x.test:1"})),
+             Catch::Contains("broker-public-url configures the hub's own broker"));
+  CHECK_THAT(error_of(hub_config({"--cell-broker", "ssl://b.test:8883", "--dev-plain-mqtt", "true"})),
+             Catch::Contains("dev-plain-mqtt"));
+  CHECK_THAT(error_of(hub_config({"--cell-broker", "ssl://b.test:8883", "--cells", "3"})),
+             Catch::Contains("cells is 3 but cell-broker names 1"));
+  for (const char* bad : {"1s", "61s", "2500ms", "soon"}) {
+    INFO(bad);
+    CHECK_THAT(error_of(hub_config({"--cell-lease-ttl", bad})), Catch::Contains("cell-lease-ttl"));
+  }
+  // peer-ca: only with shared cells, and a file that can be read.
+  CHECK_THAT(error_of(hub_config({"--peer-ca", "/etc/hostname"})), Catch::Contains("peer-ca names the CAs"));
+  CHECK_THAT(error_of(hub_config({"--cell-broker", "ssl://b.test:8883", "--peer-ca", "/nonexistent/ca.pem"})),
+             Catch::Contains("peer-ca: cannot read '/nonexistent/ca.pem'"));
+  auto peers = hub_config({"--cell-broker", "ssl://b.test:8883", "--peer-ca", "/etc/hostname"});
+  REQUIRE(peers);
+  CHECK(peers->peer_ca_file == "/etc/hostname");
+}

@@ -378,6 +378,15 @@ Status Store::each_device_target(
   return st->each([&](const sql::Stmt& s) { f(s.col_text(0), s.col_text(1), s.col_text(2), labels_from(s.col_text(3))); });
 }
 
+Status Store::each_device_target_cell(
+    const std::function<void(const std::string&, const std::string&, const std::string&, const Labels&, int)>& f) {
+  auto st = db_->prepare("SELECT id, project, state, labels, cell FROM devices ORDER BY id");
+  if (!st) return st.error();
+  return st->each([&](const sql::Stmt& s) {
+    f(s.col_text(0), s.col_text(1), s.col_text(2), labels_from(s.col_text(3)), static_cast<int>(s.col_int(4)));
+  });
+}
+
 Status Store::save_device_state(const DeviceRecord& d) {
   auto st = db_->prepare(
       "UPDATE devices SET last_seen_ms=?, online=?, state=?, applied_bundle=?, applied_version=?, "

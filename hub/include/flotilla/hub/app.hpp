@@ -6,6 +6,7 @@
 #include <chrono>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "flotilla/bundles/keys.hpp"
 #include "flotilla/common/options.hpp"
@@ -39,6 +40,15 @@ struct HubConfig {
   // broker as before. With a fixed broker-listen port P, cell i listens on
   // P+i (and broker-public-url's port likewise gets +i).
   int cells = 1;
+  // Brokers that run on their own, one per cell in cell order (ssl:// URLs
+  // devices and hubs connect to): the hub starts none, and shares these
+  // cells with the other hub processes on the coordinator, serving the ones
+  // it holds by lease (docs/operations.md, "Several hub processes").
+  std::vector<std::string> cell_brokers;
+  // How long the hold on cells (and the campaign leadership) outlives a
+  // hub that died: its cells are taken over after about this long.
+  std::chrono::seconds cell_lease_ttl{10};
+  std::string peer_ca_file;  // with cell_brokers: CAs of the other hubs' REST certificates
   std::string mosquitto_bin = "/usr/sbin/mosquitto";
   int http_threads = 16;
   int64_t db_cache_mib = 64;  // StoreTuning

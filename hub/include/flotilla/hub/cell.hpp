@@ -71,6 +71,9 @@ class Cell {
   // Marked offline when the session was lost: the next session's roll call
   // waits for them.
   std::atomic<int64_t> unheard{0};
+  // Until when (unix ms) the answers to this cell's latest roll call are
+  // still expected; hubs sharing cells release no one here before it.
+  std::atomic<int64_t> settle_until_ms{0};
 
  private:
   const int id_;

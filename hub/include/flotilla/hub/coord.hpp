@@ -217,6 +217,9 @@ class CellOwnership {
   // Grants the lease (again, after the old one was lost).
   Status start();
   LeaseId lease() const { return lease_; }
+  // When the coordinator last confirmed the lease (granted or kept alive).
+  // Past the TTL without one, another holder may own these cells already.
+  std::chrono::steady_clock::time_point last_renewed() const { return last_renew_; }
   const std::string& holder() const { return holder_; }
 
   // Takes the cell if nobody owns it: already_exists (naming the holder)

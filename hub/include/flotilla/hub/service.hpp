@@ -87,7 +87,20 @@ struct ServiceConfig {
   std::chrono::seconds coord_ttl{10};  // the cell and leader leases
   // The cells it claims; empty = every cell it runs.
   std::vector<int> claim_cells;
+  // Several hub processes share one set of cells whose brokers run on their
+  // own (--cell-broker; docs/operations.md, "Several hub processes"): each
+  // hub takes at most ceil(cells / live hubs) of them (and any orphaned
+  // one), serves only those, and on taking one over rebuilds its device
+  // and membership rows from the roll call and the control log. claim_cells
+  // is ignored then.
+  bool share_cells = false;
+  // share_cells: PEM CAs that sign the other hub processes' REST
+  // certificates (their https public URLs); empty = the system store.
+  std::string peer_ca_file;
 };
+
+// A campaign's stored strategy (the defaults for one that does not parse).
+Strategy strategy_of(const CampaignRecord& c);
 
 // Device counts by campaign status. offline = unfinished devices that are
 // offline right now (they neither stall nor fail a wave).
@@ -260,6 +273,18 @@ class HubService {
   bool campaign_leader() const { return leader_.load(); }
   // The cells this hub owns now, ascending.
   std::vector<int> owned_cells() const;
+  // Whether this hub connects to the cell's broker and serves its devices:
+  // every cell, unless hubs share the cells (then the ones it holds by
+  // lease). Never waits for the coordinator.
+  bool shares_cells() const { return cfg_.share_cells; }
+  const std::string& peer_ca_file() const { return cfg_.peer_ca_file; }
+  // share_cells: the REST base URL of the hub process that holds `cell` now,
+  // as it announced itself; empty when none does (the cell is between
+  // owners) or the coordinator cannot say. Two coordinator reads.
+  std::string cell_owner_url(int cell);
+  bool serves_cell(int cell) const {
+    return !cfg_.share_cells || (cell >= 0 && cell < 64 && ((served_mask_.load() >> cell) & 1u));
+  }
 
   Result<std::vector<DeviceRecord>> list_devices(const Selector& sel, const std::string& project = "*");
   Result<std::optional<DeviceRecord>> get_device(const std::string& id);
@@ -457,6 +482,26 @@ class HubService {
   // Claims the cells (taking back its own after a restart), renews the
   // leases, campaigns for leadership.
   void coordinate();
+  // share_cells: announces this hub under its lease, gives up a cell while
+  // it holds more than its share, claims free cells up to it. coord_mu_ held.
+  void balance_cells(const std::function<void(const std::string&, const Error&)>& warn);
+  // share_cells: the campaign's membership rows of each owned cell, made
+  // from the replicated device rows by the deterministic rank when this
+  // store has none (a campaign created on another hub, or a cell taken
+  // over). store_mu_ held.
+  void ensure_cell_membership(const CampaignRecord& c);
+  // The cells whose devices the engine may release now: the owned ones,
+  // less (share_cells) those still waiting for their roll call's answers.
+  CellFilter release_filter() const;
+  // share_cells: a device of a cell this hub took over reports a generation
+  // this hub never sent (the cell's previous owner released it): its row
+  // and desired generation follow the device. store_mu_ held.
+  void adopt_reported_generation(DeviceRecord& dev, const v1::Report& r, CampaignRows& rows);
+  // The matching devices of a campaign with their waves; only those of
+  // `cell` when given (the waves are computed over every device either way,
+  // so a count-based canary cuts the same). store_mu_ held.
+  Result<std::vector<Store::CampaignMember>> campaign_members(const CampaignRecord& c, const Selector& sel,
+                                                              const Strategy& strategy, std::optional<int> cell);
   // Every cell's counts of a campaign: this hub's own cells counted now,
   // the others as last published. store_mu_ held.
   Result<std::vector<CellCampaignCounts>> cell_counts(const std::string& campaign_id);
@@ -469,6 +514,10 @@ class HubService {
   std::unique_ptr<CampaignBoard> board_;              // coord_mu_
   std::unique_ptr<Leadership> leadership_;            // coord_mu_
   CellFilter owned_;                                  // coord_mu_
+  coord::LeaseId announced_lease_ = 0;                // coord_mu_ (share_cells)
+  std::atomic<uint64_t> served_mask_{0};              // the owned cells, a bit each (share_cells)
+  // (campaign, cell) pairs whose membership rows exist here (share_cells).
+  std::set<std::pair<std::string, int>> members_built_;  // store_mu_
   std::atomic<bool> leader_{true};
 
   // Runs f (returning Status or Result<T>) as one control write: in the

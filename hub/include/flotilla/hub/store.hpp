@@ -303,6 +303,10 @@ class Store {
   Status each_device_target(
       const std::function<void(const std::string& id, const std::string& project, const std::string& state,
                                const Labels& labels)>& f);
+  // The same with each device's cell (membership of a cell's devices).
+  Status each_device_target_cell(
+      const std::function<void(const std::string& id, const std::string& project, const std::string& state,
+                               const Labels& labels, int cell)>& f);
   Status save_device_state(const DeviceRecord& d);  // report/presence fields
   // A gateway's session ended (its will fired): every device behind it is offline.
   Status set_gateway_devices_offline(const std::string& gateway, int64_t now_ms);

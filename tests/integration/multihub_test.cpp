@@ -1,0 +1,284 @@
+// [integration] Several hub processes sharing cells by leases (issue 17;
+// docs/operations.md, "Several hub processes"): a real 3-member etcd on
+// loopback, three flotilla-hub processes and three mosquittos that run on
+// their own (one per cell, configured as the hub configures its own), and
+// simulated gateways. The hubs balance the cells (one each); kill -9 of one
+// hub in the middle of a campaign → another takes its cell over within the
+// lease TTL, asks the cell's devices to re-report, rebuilds their rows, and
+// the campaign completes with every device counted exactly once; one etcd
+// member stopped meanwhile changes nothing.
+#include <catch2/catch.hpp>
+
+#include <array>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "flotilla/bundles/keys.hpp"
+#include "flotilla/common/clock.hpp"
+#include "flotilla/hub/broker.hpp"
+#include "flotilla/hub/device_ca.hpp"
+#include "tests/support/etcd_cluster.hpp"
+#include "tests/support/harness.hpp"
+#include "tests/support/sim_campaign.hpp"
+
+using namespace flotilla;
+using namespace flotilla::test;
+
+namespace {
+
+constexpr int kCells = 3;
+
+// Cell ownership as each hub's /metrics says it: owner[cell] = index of the
+// hub that holds it, -1 for none, -2 for more than one.
+std::array<int, kCells> owners(const std::vector<Hub*>& hubs) {
+  std::array<int, kCells> owner;
+  owner.fill(-1);
+  for (size_t h = 0; h < hubs.size(); ++h) {
+    if (!hubs[h]) continue;
+    const std::string m = metrics_text(*hubs[h]);
+    for (int c = 0; c < kCells; ++c) {
+      if (metric(m, "flotilla_cell_owned{cell=\"" + std::to_string(c) + "\"}") == 1) {
+        owner[c] = owner[c] == -1 ? static_cast<int>(h) : -2;
+      }
+    }
+  }
+  return owner;
+}
+
+bool balanced(const std::array<int, kCells>& owner) {
+  std::array<int, kCells> per_hub{};
+  for (int o : owner) {
+    if (o < 0) return false;
+    ++per_hub[static_cast<size_t>(o)];
+  }
+  for (int n : per_hub) {
+    if (n != 1) return false;
+  }
+  return true;
+}
+
+// The last part of each hub's log, for a failure's message.
+std::string log_tails(const std::vector<Hub*>& hubs) {
+  std::string out;
+  const char* names[] = {"A", "B", "C"};
+  for (size_t h = 0; h < hubs.size(); ++h) {
+    if (!hubs[h]) continue;
+    const std::string log = hubs[h]->log();
+    out += std::string("\n--- hub ") + names[h % 3] + " log (tail) ---\n" +
+           log.substr(log.size() > 12000 ? log.size() - 12000 : 0);
+  }
+  return out;
+}
+
+int leader_of(const std::vector<Hub*>& hubs) {
+  for (size_t h = 0; h < hubs.size(); ++h) {
+    if (hubs[h] && metric(metrics_text(*hubs[h]), "flotilla_campaign_leader") == 1) return static_cast<int>(h);
+  }
+  return -1;
+}
+
+}  // namespace
+
+TEST_CASE("three hub processes share three cells by leases: kill -9 of one mid-campaign, its cell is taken over and "
+          "the campaign completes with exact counts, one etcd member down changes nothing",
+          "[integration][etcd][multihub]") {
+  REQUIRE(EtcdCluster::available());
+  TempDir tmp("multihub");
+  EtcdCluster cluster(tmp.path() / "etcd", 3);
+  cluster.start();
+
+  // Every hub signs with one director key and issues from one device CA
+  // (docs/security.md); the brokers need only that CA.
+  const int64_t now = SystemClock::instance().now_unix();
+  hub::DeviceCaConfig dcc;
+  dcc.dir = tmp.path() / "ca";
+  auto ca = hub::DeviceCa::open(dcc, now);
+  REQUIRE(ca);
+  const auto director = bundles::generate_key();
+  REQUIRE(bundles::write_private_key(tmp.path() / "director.key", director));
+
+  // One broker per cell, started and supervised by the test (as systemd
+  // would): the hub's own broker configuration, ACL and certificate auth.
+  std::vector<std::unique_ptr<hub::EmbeddedBroker>> brokers;
+  std::vector<std::string> args = {"--coordination", "etcd", "--etcd-timeout", "2s", "--cell-lease-ttl", "4s",
+                                   "--device-ca-cert", (dcc.dir / "device-ca.pem").string(), "--device-ca-key",
+                                   (dcc.dir / "device-ca.key").string(), "--director-key",
+                                   (tmp.path() / "director.key").string()};
+  for (const auto& u : cluster.client_urls()) {
+    args.push_back("--etcd-endpoints");
+    args.push_back(u);
+  }
+  auto crl = (*ca)->crl_pem({}, now, 86400);
+  REQUIRE(crl);
+  for (int i = 0; i < kCells; ++i) {
+    hub::BrokerConfig bc;
+    bc.dir = tmp.path() / ("broker-" + std::to_string(i));
+    auto port = hub::free_listen_port();
+    REQUIRE(port);
+    bc.port = *port;
+    bc.auth = hub::BrokerAuth::certificate;
+    bc.client_ca_pem = (*ca)->trust_pem();
+    bc.crl_pem = *crl;
+    auto cert = (*ca)->issue_server({"127.0.0.1", "localhost"}, now, 86400);
+    REQUIRE(cert);
+    bc.server_cert_pem = cert->pem;
+    bc.server_key_pem = cert->key_pem;
+    auto b = hub::EmbeddedBroker::start(bc, {});
+    REQUIRE(b);
+    args.push_back("--cell-broker");
+    args.push_back((*b)->url());
+    brokers.push_back(std::move(*b));
+  }
+
+  Hub a(tmp.path() / "hub-a"), b(tmp.path() / "hub-b"), c(tmp.path() / "hub-c");
+  a.start(args);
+  b.start(args);
+  c.start(args);
+  const std::string admin = a.admin_token();  // the fleet's, in the control log
+  for (Hub* h : {&b, &c}) REQUIRE(fs::write_file_atomic(h->data_dir() / "admin.token", admin + "\n", 0600));
+  std::vector<Hub*> hubs = {&a, &b, &c};
+  // One cell each once the later hubs are in (the first took all three).
+  {
+    const bool ok = wait_until([&] { return balanced(owners(hubs)); }, std::chrono::seconds(30));
+    INFO(log_tails(hubs));
+    REQUIRE(ok);
+  }
+
+  // Gateways of 250 devices, two per cell (least loaded at enrollment),
+  // enrolled and run through hub A; waves with a soak so the kill lands in
+  // the middle of the campaign.
+  const std::string label = "mh" + crypto::random_token(4);
+  constexpr int kDevices = 1500, kPerGateway = 250;
+  SimRun sim(a, tmp.path(), label, 41,
+             {"--devices", std::to_string(kDevices), "--mode", "gateway", "--devices-per-gateway",
+              std::to_string(kPerGateway), "--enroll-threads", "4", "--strategy",
+              R"({"waves": [10, 40, 70, 100], "soak": "2s"})", "--timeout", "120s"});
+  const std::string campaign_id = wait_sim_campaign(a, label, kDevices / 10, std::chrono::seconds(90));
+  INFO(sim.log());
+  REQUIRE(!campaign_id.empty());
+  REQUIRE(a.campaign(campaign_id)["counts"]["applied"].get<int>() < kDevices);
+
+  // The victim: the leader if B or C leads (leadership moves too), else C.
+  const auto before = owners(hubs);
+  REQUIRE(balanced(before));
+  const int lead = leader_of(hubs);
+  const int victim = lead == 1 || lead == 2 ? lead : 2;
+  int cell = -1;
+  for (int i = 0; i < kCells; ++i) {
+    if (before[static_cast<size_t>(i)] == victim) cell = i;
+  }
+  REQUIRE(cell >= 0);
+  hubs[static_cast<size_t>(victim)]->kill9();
+  hubs[static_cast<size_t>(victim)] = nullptr;
+  // One etcd member down as well: nothing changes for the rest.
+  cluster.stop_member(0);
+
+  // Taken over by a surviving hub; the victim's lease (4 s) must run out
+  // first, so this is a matter of seconds.
+  int taker = -1;
+  const bool taken = wait_until(
+      [&] {
+        auto now_owners = owners(hubs);
+        taker = now_owners[static_cast<size_t>(cell)];
+        return taker >= 0;
+      },
+      std::chrono::seconds(30));
+  INFO(log_tails(hubs));
+  REQUIRE(taken);
+  CHECK(taker != victim);
+  CHECK(wait_until([&] { return leader_of(hubs) >= 0; }, std::chrono::seconds(30)));
+  const std::string taker_log = hubs[static_cast<size_t>(taker)]->log();
+  CHECK(taker_log.find("took cell=" + std::to_string(cell)) != std::string::npos);
+
+  auto exit_code = sim.wait_for(std::chrono::seconds(120));
+  REQUIRE(exit_code);
+  CHECK(*exit_code == 0);
+  // Every device applied exactly once in the totals, answered the same by
+  // every surviving hub (the REST API answers from any of them).
+  for (Hub* h : hubs) {
+    if (!h) continue;
+    json view;
+    REQUIRE(wait_until(
+        [&] {
+          auto [status, body] = h->call("GET", "/v1/campaigns/" + campaign_id, "", "application/json", admin);
+          view = body;
+          return status == 200 && body["state"] == "completed";
+        },
+        std::chrono::seconds(30)));
+    INFO(view.dump() << log_tails(hubs));
+    CHECK(view["counts"]["total"] == kDevices);
+    CHECK(view["counts"]["applied"] == kDevices);
+    CHECK(view["counts"]["failed"] == 0);
+    int cells_total = 0, cells_applied = 0;
+    for (const auto& per : view["cells"]) {
+      cells_total += per["total"].get<int>();
+      cells_applied += per["applied"].get<int>();
+    }
+    CHECK(cells_total == kDevices);
+    CHECK(cells_applied == kDevices);
+  }
+  // The cell's devices re-reported to the hub that took it over (its roll
+  // call): its rows of them say what they run, the campaign's bundle.
+  Hub& t = *hubs[static_cast<size_t>(taker)];
+  CHECK(metric(metrics_text(t), "flotilla_rollcalls_published_total{cell=\"" + std::to_string(cell) + "\"}") >= 1);
+  auto devices = t.call("GET", "/v1/devices?limit=10000", "", "application/json", admin);
+  REQUIRE(devices.first == 200);
+  int in_cell = 0, rebuilt = 0;
+  json sample;  // one device of the taken-over cell, as its owner describes it
+  for (const auto& d : devices.second["items"]) {
+    if (d["cell"] != cell || d["campaign_id"] != campaign_id) continue;  // the cell's members
+    ++in_cell;
+    if (d["applied_bundle"] != "" && d["generation"].get<int>() > 0) ++rebuilt;
+    CHECK_FALSE(d.contains("stale"));  // its own cell: current
+    if (sample.is_null()) sample = d;
+  }
+  REQUIRE_FALSE(sample.is_null());
+
+  // The other survivor does not hold that cell: a read of one of its devices
+  // is answered by the taker (what it runs, online), not from the other's
+  // stale rows; its list marks those rows stale; a read that was already
+  // forwarded once is answered locally, marked stale, never forwarded again.
+  size_t other = 0;
+  while (other < hubs.size() && (!hubs[other] || static_cast<int>(other) == taker)) ++other;
+  REQUIRE(other < hubs.size());
+  Hub& o = *hubs[other];
+  const std::string path = "/v1/devices/" + sample["id"].get<std::string>();
+  auto [got_status, got] = o.call("GET", path, "", "application/json", admin);
+  INFO("through the other hub: " << got_status << " " << got.dump());
+  CHECK(got_status == 200);
+  CHECK_FALSE(got.contains("stale"));
+  CHECK(got["online"] == sample["online"]);
+  CHECK(got["applied_bundle"] == sample["applied_bundle"]);
+  CHECK(got["generation"] == sample["generation"]);
+  auto other_list = o.call("GET", "/v1/devices?limit=10000", "", "application/json", admin);
+  REQUIRE(other_list.first == 200);
+  int marked = 0;
+  for (const auto& d : other_list.second["items"]) {
+    if (d["cell"] == cell && d.value("stale", false)) ++marked;
+  }
+  CHECK(marked >= in_cell);
+  http::Request once;
+  once.url = o.url() + path;
+  once.headers = {{"Authorization", "Bearer " + admin}, {"X-Flotilla-Forwarded", "1"}};
+  auto local = http::send(once);
+  REQUIRE(local);
+  CHECK(local->status == 200);
+  const json local_view = json::parse(local->body, nullptr, false);
+  CHECK(local_view.value("stale", false));
+  int members = 0;
+  auto [view_status, taker_view] = t.call("GET", "/v1/campaigns/" + campaign_id, "", "application/json", admin);
+  INFO("the taker's campaign view: " << view_status << " " << taker_view.dump());
+  REQUIRE(view_status == 200);
+  for (const auto& per : taker_view["cells"]) {
+    if (per["cell"] == cell) members = per["total"].get<int>();
+  }
+  CHECK(members > 0);
+  CHECK(in_cell == members);  // every member's row followed the device here
+  CHECK(rebuilt == in_cell);
+
+  for (Hub* h : hubs) {
+    if (h) h->stop();
+  }
+  for (auto& br : brokers) br->stop();
+}
