@@ -441,6 +441,15 @@ HttpResponse Api::dispatch(const HttpRequest& req, AuditRecord& audit, std::stri
   const auto& p = t.parts;
   const std::string& m = req.method;
 
+  // The routes without a token take no query parameters: a typo there is an
+  // error too, never ignored (the table's routes check theirs in resolve()).
+  if (auto pub = public_route(p); pub && !(*pub == "/v1/artifacts/{sha256}" && mutating(m))) {
+    if (auto bad = only_params(t, {}, m + " " + *pub)) {
+      route = *pub;
+      return *bad;
+    }
+  }
+
   if (p.size() == 1 && p[0] == "healthz" && m == "GET") {
     route = "/healthz";
     return json_response(200, {{"status", "ok"}});

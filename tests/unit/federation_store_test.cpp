@@ -164,8 +164,13 @@ TEST_CASE("federation API refuses an unknown query parameter on each of its rout
     CHECK(r.status == 400);
     CHECK(message(r).find("unknown query parameter 'projet' for " + method + " " + pattern + "; it takes ") == 0);
   }
-  // The routes a federation hands to its own hub code refuse them too.
+  // The routes a federation hands to its own hub code refuse them too, and
+  // so do its probes.
   CHECK(call("GET", "/v1/tokens?projet=acme").status == 400);
+  CHECK(message(call("GET", "/readyz?verbose=1")) == "unknown query parameter 'verbose' for GET /readyz; it takes none");
+  CHECK(message(call("GET", "/healthz?verbose=1")) ==
+        "unknown query parameter 'verbose' for GET /healthz; it takes none");
+  CHECK(call("GET", "/readyz").status == 200);
   CHECK(message(call("GET", "/v1/devices?projet=acme")) ==
         "unknown query parameter 'projet' for GET /v1/devices; it takes after, certExpiresBefore, "
         "include_decommissioned, limit, project, region, selector");

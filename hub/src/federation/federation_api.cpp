@@ -444,6 +444,7 @@ std::vector<std::pair<std::string, std::string>> federation_routes() {
 HttpResponse FederationApi::handle(const HttpRequest& req) {
   const rest::Target t = rest::parse_target(req.target);
   if (t.parts.size() == 1 && t.parts[0] == "readyz" && req.method == "GET") {
+    if (auto bad = rest::only_params(t, {}, "GET /readyz")) return *bad;
     // A federation has no broker: it is ready once it serves.
     return json_response(200, {{"status", "ready"}, {"role", "federation"}});
   }
