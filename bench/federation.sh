@@ -47,7 +47,8 @@ PIDS=()
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
-  rm -rf "$TMP"
+  # FLOTILLA_BENCH_KEEP=1 keeps the hubs' logs and stores for a look after.
+  if [[ ${FLOTILLA_BENCH_KEEP:-0} == 1 ]]; then echo "kept: $TMP" >&2; else rm -rf "$TMP"; fi
 }
 trap cleanup EXIT
 T_SCRIPT=$(date +%s%3N)

@@ -277,6 +277,57 @@ TEST_CASE("three hub processes share three cells by leases: kill -9 of one mid-c
   CHECK(in_cell == members);  // every member's row followed the device here
   CHECK(rebuilt == in_cell);
 
+  // Every etcd member stopped: control writes are refused with a 503 naming
+  // etcd and nothing is written; reads keep answering from each hub's store;
+  // once the leases go unconfirmed for a TTL no hub serves a cell (none can
+  // prove it holds one), and the brokers keep running for the devices.
+  const auto token_body = [](const std::string& name) {
+    return json{{"name", name}, {"role", "viewer"}, {"project", "default"}}.dump();
+  };
+  const size_t tokens_before = t.call("GET", "/v1/tokens", "", "application/json", admin).second["items"].size();
+  cluster.stop_all();
+  auto refused = t.call("POST", "/v1/tokens", token_body("while-etcd-down"), "application/json", admin);
+  INFO(refused.second.dump());
+  CHECK(refused.first == 503);
+  CHECK(refused.second.dump().find("etcd") != std::string::npos);
+  CHECK(t.call("GET", path, "", "application/json", admin).first == 200);
+  CHECK(wait_until([&] { return t.log().find("serving no cell until etcd answers") != std::string::npos; },
+                   std::chrono::seconds(30)));
+  for (auto& br : brokers) CHECK(br->running());
+
+  // etcd back: the hubs hold every cell again between them, control writes
+  // work, and the refused one left nothing behind.
+  cluster.start_all();
+  {
+    const bool back = wait_until(
+        [&] {
+          for (int owner : owners(hubs)) {
+            if (owner < 0) return false;
+          }
+          return true;
+        },
+        std::chrono::seconds(60));
+    INFO(log_tails(hubs));
+    CHECK(back);
+  }
+  json made;
+  CHECK(wait_until(
+      [&] {
+        auto r = o.call("POST", "/v1/tokens", token_body("after-etcd"), "application/json", admin);
+        made = r.second;
+        return r.first == 201;
+      },
+      std::chrono::seconds(30)));
+  INFO(made.dump());
+  size_t tokens_after = 0;
+  CHECK(wait_until(
+      [&] {
+        tokens_after = t.call("GET", "/v1/tokens", "", "application/json", admin).second["items"].size();
+        return tokens_after == tokens_before + 1;  // on the other hub too, and only the one that was accepted
+      },
+      std::chrono::seconds(30)));
+  CHECK(tokens_after == tokens_before + 1);
+
   for (Hub* h : hubs) {
     if (h) h->stop();
   }
