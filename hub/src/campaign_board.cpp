@@ -215,15 +215,27 @@ Result<bool> Leadership::tick() {
     if (rev.error().code != Errc::already_exists) return rev.error();
     auto cur = c_.get(kKey);
     if (!cur) return cur.error();
-    if (!*cur || (*cur)->value != holder_ || (*cur)->lease == lease_) return false;
-    // Ours from before a restart: take it over under the new lease.
-    auto swapped = c_.compare_and_swap(kKey, (*cur)->mod_revision, holder_, lease_);
-    if (!swapped) return swapped.error().code == Errc::conflict ? Result<bool>(false) : Result<bool>(swapped.error());
+    if (!*cur || (*cur)->value != holder_) return false;
+    if ((*cur)->lease == lease_) {
+      // Ours already (a create whose answer was lost): lead at its revision.
+      rev = (*cur)->mod_revision;
+    } else {
+      // Ours from before a restart: take it over under the new lease.
+      auto swapped = c_.compare_and_swap(kKey, (*cur)->mod_revision, holder_, lease_);
+      if (!swapped) return swapped.error().code == Errc::conflict ? Result<bool>(false) : Result<bool>(swapped.error());
+      rev = *swapped;
+    }
   }
+  key_revision_ = *rev;
   leading_ = true;
   last_renew_ = now;
   blog()->info("campaign leader holder={} lease={}", holder_, lease_);
   return true;
+}
+
+std::vector<coord::Compare> Leadership::guard() const {
+  if (!leading_ || lease_ == 0 || key_revision_ <= 0) return {};
+  return {coord::Compare::lease_is(kKey, lease_), coord::Compare::mod_revision_is(kKey, key_revision_)};
 }
 
 Status Leadership::resign() {

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <functional>
 #include <limits>
+#include <set>
 
 #include "flotilla/common/log.hpp"
 #include "flotilla/hub/service.hpp"
@@ -274,12 +275,45 @@ Result<std::vector<CellCampaignCounts>> HubService::cell_counts(const std::strin
   return out;
 }
 
-Result<std::vector<CampaignCountRow>> HubService::campaign_totals(const std::string& campaign_id) {
+Result<std::vector<CampaignCountRow>> HubService::campaign_totals(const std::string& campaign_id,
+                                                                  std::vector<int>* unheard) {
+  if (unheard) unheard->clear();
   // Owning every cell, the totals are the store's own (one query, as before cells).
-  if (!cell_filter()) return store_.campaign_counts(campaign_id);
+  const CellFilter own = cell_filter();
+  if (!own) return store_.campaign_counts(campaign_id);
   auto cells = cell_counts(campaign_id);
   if (!cells) return cells.error();
+  if (unheard) {
+    auto needed = campaign_member_cells(campaign_id);
+    if (!needed) return needed.error();
+    for (int cell : *needed) {
+      const bool heard = in_cells(own, cell) || std::any_of(cells->begin(), cells->end(), [&](const auto& p) {
+                           return p.cell == cell;
+                         });
+      if (!heard) unheard->push_back(cell);
+    }
+  }
   return sum_cell_counts(*cells);
+}
+
+Result<std::vector<int>> HubService::campaign_member_cells(const std::string& campaign_id) {
+  if (!cfg_.share_cells) return store_.campaign_cells(campaign_id);
+  if (auto it = member_cells_.find(campaign_id); it != member_cells_.end()) return it->second;
+  auto c = store_.get_campaign(campaign_id);
+  if (!c) return c.error();
+  if (!*c) return std::vector<int>{};
+  auto sel = Selector::parse((*c)->selector);
+  if (!sel) return sel.error();
+  std::set<int> cells;
+  auto listed = store_.each_device_target_cell([&](const std::string&, const std::string& project,
+                                                   const std::string& state, const Labels& labels, int cell) {
+    if (project == (*c)->project && state != "decommissioned" && sel->matches(labels)) cells.insert(cell);
+  });
+  if (!listed) return listed.error();
+  std::vector<int> out(cells.begin(), cells.end());
+  if (member_cells_.size() > 1024) member_cells_.clear();
+  member_cells_[campaign_id] = out;
+  return out;
 }
 
 void HubService::publish_cell_counts(const std::string& campaign_id) {

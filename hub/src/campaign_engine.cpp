@@ -174,6 +174,14 @@ void HubService::engine_loop() {
 
 void HubService::tick() {
   coordinate();
+  // The leader's decisions hold only while it still leads: its tick's entry
+  // is checked against the leader key in the same transaction, so a leader
+  // deposed meanwhile (its lease ran out, another hub leads) writes nothing.
+  std::vector<coord::Compare> guard;
+  {
+    std::lock_guard lock(coord_mu_);
+    if (leader_ && leadership_) guard = leadership_->guard();
+  }
   Publishes publishes;
   // A control write: wave state and the engine's audit rows are control
   // data (with the control log they are one entry per tick that changed them).
@@ -201,7 +209,7 @@ void HubService::tick() {
       tick_campaign(c, publishes);
     }
     return tx.commit();
-  });
+  }, guard);
   if (!ticked) {
     // With etcd away every tick that changes wave state is refused: said
     // at a bounded rate, not four times a second.
@@ -246,8 +254,9 @@ void HubService::tick_campaign_step(CampaignRecord& c, Publishes& publishes) {
       }
       return;
     }
-    auto counts = campaign_totals(c.id);
-    if (!counts) return;
+    std::vector<int> unheard;
+    auto counts = campaign_totals(c.id, &unheard);
+    if (!counts || !unheard.empty()) return;  // a cell not heard from may still be rolling back
     for (const auto& row : *counts) {
       if (row.status == "rolling_back" && row.online) return;  // still on its way back
     }
@@ -260,8 +269,21 @@ void HubService::tick_campaign_step(CampaignRecord& c, Publishes& publishes) {
   if (auto expired = store_.expire_deadlines(c.id, now, cells); expired && *expired > 0) {
     logger->warn("campaign={} devices_past_deadline={}", c.id, *expired);
   }
-  auto counts = campaign_totals(c.id);
+  // Decisions on the totals wait until every cell with members of the
+  // campaign is counted: one never heard from (its owner has not published
+  // yet, or this hub lost its lease and with it its own cells) would make
+  // its devices look absent and the campaign complete.
+  std::vector<int> unheard;
+  auto counts = campaign_totals(c.id, &unheard);
   if (!counts) return;
+  const bool decide = leader && unheard.empty();
+  if (leader && !unheard.empty()) {
+    if (auto dropped = log_limit_.admit("unheard cells")) {
+      logger->warn("campaign={}: no counts from cell {} yet (of {} unheard); not judging waves or thresholds "
+                   "(similar lines dropped: {})",
+                   c.id, unheard.front(), unheard.size(), *dropped);
+    }
+  }
   CampaignCounts all;
   int64_t in_flight = 0;
   for (const auto& row : *counts) {
@@ -273,7 +295,7 @@ void HubService::tick_campaign_step(CampaignRecord& c, Publishes& publishes) {
   const int64_t finals = all.applied + all.failed - c.baseline_finals;
   const int64_t failed = all.failed - c.baseline_failed;
   const auto& th = strategy.threshold;
-  if (leader && finals >= th.min_sample && finals > 0 &&
+  if (decide && finals >= th.min_sample && finals > 0 &&
       failed * 100.0 >= th.percent * static_cast<double>(finals)) {
     const std::string why = "failure threshold reached: " + std::to_string(failed) + " of " + std::to_string(finals) +
                             " outcomes failed (threshold " + std::to_string(static_cast<int>(th.percent)) + "%)";
@@ -444,8 +466,9 @@ void HubService::tick_campaign_step(CampaignRecord& c, Publishes& publishes) {
     for (const auto& row : *counts) all.add(row.status, row.count);
   }
 
-  // Everything below decides on the totals: the leader's alone.
-  if (!leader) return;
+  // Everything below decides on the totals: the leader's alone, once it
+  // has every cell's.
+  if (!decide) return;
   // While the hub waits for devices to re-announce (after a broker restart),
   // "offline" means "not heard yet": judging a wave on that would pass a
   // wave whose devices are still applying.

@@ -359,13 +359,15 @@ std::string render_metrics(HubService& s, const HttpMetrics& http) {
     p.sample("flotilla_control_write_retries_total", {}, static_cast<double>(c.retries));
     p.family("flotilla_control_writes_refused_total", "counter",
              "Control writes refused, nothing written: coordinator unreachable (503), still losing the race after "
-             "every retry (409), too large for one log entry (413), or this hub's mirror stuck (503).");
+             "every retry (409), too large for one log entry (413), this hub's mirror stuck (503), or a campaign "
+             "leader's decision made after another hub took the leadership over (deposed).");
     p.sample("flotilla_control_writes_refused_total", {{"reason", "unavailable"}},
              static_cast<double>(c.refused_unavailable));
     p.sample("flotilla_control_writes_refused_total", {{"reason", "conflict"}}, static_cast<double>(c.refused_conflict));
     p.sample("flotilla_control_writes_refused_total", {{"reason", "too_large"}},
              static_cast<double>(c.refused_too_large));
     p.sample("flotilla_control_writes_refused_total", {{"reason", "stuck"}}, static_cast<double>(c.refused_stuck));
+    p.sample("flotilla_control_writes_refused_total", {{"reason", "deposed"}}, static_cast<double>(c.refused_guard));
   }
 
   p.family("flotilla_report_queue_depth", "gauge", "Device messages received and not yet processed.");

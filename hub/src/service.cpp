@@ -4,6 +4,7 @@
 #include <unordered_map>
 #include <algorithm>
 #include <set>
+#include <tuple>
 
 #include "flotilla/bundles/bundle.hpp"
 #include "flotilla/bundles/director.hpp"
@@ -33,6 +34,7 @@ std::string reason_name(v1::Reason r) { return lower_suffix(v1::Reason_Name(r), 
 
 HubService::HubService(Store& store, const Clock& clock, ServiceConfig cfg)
     : store_(store), clock_(clock), cfg_(std::move(cfg)) {
+  director_configured_ = cfg_.director_key.has_value();
   if (!cfg_.director_key) cfg_.director_key = bundles::generate_key();
   if (auto ids = store_.decommissioned_device_ids(); ids) {
     decommissioned_.insert(ids->begin(), ids->end());
@@ -62,14 +64,33 @@ HubService::HubService(Store& store, const Clock& clock, ServiceConfig cfg)
     Cell* cell = c.get();
     cell->worker() = std::thread([this, cell] { worker(*cell); });
   }
+  // A hub whose control log failed (a director key or device CA that is not
+  // the other hubs') is not started: it claims no cell and leads nothing.
   if (cfg_.coordinator) {
     // Nothing is ours until claimed; claimed at once when free (or ours from
     // before a restart), so a lone hub owns every cell and leads from here on.
     owned_ = std::vector<int>{};
     leader_ = false;
-    coordinate();
+    if (control_log_status_) coordinate();
   }
-  if (cfg_.engine_thread) engine_ = std::thread([this] { engine_loop(); });
+  if (cfg_.engine_thread && control_log_status_) {
+    engine_ = std::thread([this] { engine_loop(); });
+    if (cfg_.coordinator) {
+      keeper_ = std::thread([this] {
+        const auto every = std::clamp<std::chrono::milliseconds>(
+            std::chrono::duration_cast<std::chrono::milliseconds>(cfg_.coord_ttl) / 6, std::chrono::milliseconds(200),
+            std::chrono::milliseconds(2000));
+        std::unique_lock lock(keeper_mu_);
+        while (!stopping_) {
+          keeper_cv_.wait_for(lock, every, [this] { return stopping_.load(); });
+          if (stopping_) break;
+          lock.unlock();
+          coordinate();
+          lock.lock();
+        }
+      });
+    }
+  }
 }
 
 HubService::~HubService() { stop(); }
@@ -86,13 +107,73 @@ Status HubService::enable_control_log(coord::Coordinator& c, const ControlLogOpt
   if (auto s = control_log_->catch_up(); !s) {
     log::get("hub")->warn("control log: not caught up at start: {}", s.error().message);
   }
+  if (auto s = ensure_shared_identity(); !s && s.error().code != Errc::coordination_unavailable) return s;
   control_log_->start();
   log::get("hub")->info("control log: following {} at revision={} seq={}", c.backend(),
                         control_log_->applied_revision(), control_log_->applied_seq());
   return {};
 }
 
-Status HubService::run_control_write(const std::function<Status()>& fn) { return control_log_->write(fn); }
+Status HubService::run_control_write(const std::function<Status()>& fn, const std::vector<coord::Compare>& guard) {
+  if (auto s = ensure_shared_identity(); !s) return s;
+  return control_log_->write(fn, guard);
+}
+
+Status HubService::ensure_shared_identity() {
+  std::lock_guard lock(identity_mu_);
+  if (identity_error_) return *identity_error_;
+  if (identity_checked_ || !cfg_.control_coordinator) return {};
+  nlohmann::json mine = nlohmann::json::object();
+  if (director_configured_) mine["director_key"] = cfg_.director_key->pub.key_id;
+  if (cfg_.device_ca) mine["device_ca_sha256"] = crypto::sha256_hex(cfg_.device_ca->issuer_pem());
+  if (mine.empty()) {
+    identity_checked_ = true;
+    return {};
+  }
+  constexpr const char* kKey = "/flotilla/identity";
+  coord::Coordinator& c = *cfg_.control_coordinator;
+  auto cur = c.get(kKey);
+  if (!cur) return cur.error().with_context("check this hub's director key and device CA against the other hubs'");
+  nlohmann::json theirs = nlohmann::json::object();
+  if (*cur) {
+    theirs = nlohmann::json::parse((*cur)->value, nullptr, false);
+    if (!theirs.is_object()) theirs = nlohmann::json::object();
+  }
+  std::string mismatch;
+  bool missing = false;
+  for (const auto& [field, what, option] :
+       {std::tuple{"director_key", "director key", "--director-key"},
+        std::tuple{"device_ca_sha256", "device CA (SHA-256 of its certificate)", "--device-ca-cert/--device-ca-key"}}) {
+    if (!mine.contains(field)) continue;
+    if (!theirs.contains(field)) {
+      missing = true;
+    } else if (theirs[field] != mine[field]) {
+      mismatch += std::string(mismatch.empty() ? "" : "; ") + "this hub's " + what + " is " +
+                  mine[field].get<std::string>() + " but the hubs sharing this control log use " +
+                  theirs[field].dump() + " (start it with the same " + option + ")";
+    }
+  }
+  if (!mismatch.empty()) {
+    identity_error_ = make_error(Errc::unavailable, "control writes refused: " + mismatch);
+    log::get("hub")->error("control log: {}", mismatch);
+    return *identity_error_;
+  }
+  if (missing) {
+    // The first hub (or the first to configure this): record ours. A hub
+    // that raced us here compares on its next try.
+    for (const auto& [k, v] : theirs.items()) mine.emplace(k, v);
+    auto w = *cur ? c.compare_and_swap(kKey, (*cur)->mod_revision, mine.dump())
+                  : c.create(kKey, mine.dump());
+    if (!w) {
+      if (w.error().code == Errc::conflict || w.error().code == Errc::already_exists) {
+        return make_error(Errc::conflict, "another hub recorded its identity at the same time; try again", true);
+      }
+      return w.error().with_context("record this hub's director key and device CA");
+    }
+  }
+  identity_checked_ = true;
+  return {};
+}
 
 void HubService::on_control_applied(const std::set<std::string>& tables) {
   if (tables.count("devices")) {
@@ -132,10 +213,15 @@ void HubService::stop() {
   if (control_log_) control_log_->stop();
   for (auto& c : cells_) c->stop();
   engine_cv_.notify_all();
+  {
+    std::lock_guard lock(keeper_mu_);
+    keeper_cv_.notify_all();
+  }
   for (auto& c : cells_) {
     if (c->worker().joinable()) c->worker().join();
   }
   if (engine_.joinable()) engine_.join();
+  if (keeper_.joinable()) keeper_.join();
   // A clean stop frees the cells and the leadership for the others at once.
   std::lock_guard lock(coord_mu_);
   if (leadership_) (void)leadership_->resign();

@@ -21,11 +21,21 @@ using namespace flotilla::test;
 
 namespace {
 
-std::vector<std::string> etcd_args(const EtcdCluster& cluster) {
+// Hubs sharing control data sign with one director key and issue from one
+// device CA: those `first` made in its data dir.
+std::vector<std::string> etcd_args(const EtcdCluster& cluster, const Hub* first = nullptr) {
   std::vector<std::string> args = {"--coordination", "etcd", "--etcd-timeout", "2s"};
   for (const auto& u : cluster.client_urls()) {  // the flag repeats, one member each
     args.push_back("--etcd-endpoints");
     args.push_back(u);
+  }
+  if (first) {
+    for (const auto& [flag, file] : {std::pair{"--director-key", "director.key"},
+                                     std::pair{"--device-ca-cert", "ca/device-ca.pem"},
+                                     std::pair{"--device-ca-key", "ca/device-ca.key"}}) {
+      args.push_back(flag);
+      args.push_back((first->data_dir() / file).string());
+    }
   }
   return args;
 }
@@ -54,8 +64,18 @@ TEST_CASE("control log on etcd: hubs share control data, degrade to read-only wi
   Hub a(tmp.path() / "hub-a");
   a.start(etcd_args(cluster));
   const std::string admin = a.admin_token();  // made by A, in the log: it works on every hub
+  // A hub with a director key and device CA of its own is refused at start,
+  // naming both keys, and writes nothing to the log.
+  {
+    auto refused = run_hub_expecting_exit(tmp.path() / "hub-own-keys", etcd_args(cluster));
+    INFO(refused.out << refused.err);
+    CHECK(refused.exit_code != 0);
+    CHECK_FALSE(refused.timed_out);
+    CHECK((refused.out + refused.err).find("director key is ") != std::string::npos);
+    CHECK((refused.out + refused.err).find("start it with the same --director-key") != std::string::npos);
+  }
   Hub b(tmp.path() / "hub-b");
-  b.start(etcd_args(cluster));
+  b.start(etcd_args(cluster, &a));
   INFO("hub A log:\n" << a.log() << "\nhub B log:\n" << b.log());
 
   // A token made through A's REST API works on B's.
@@ -119,7 +139,7 @@ TEST_CASE("control log on etcd: hubs share control data, degrade to read-only wi
 
   // A third hub started late sees everything.
   Hub c(tmp.path() / "hub-c");
-  c.start(etcd_args(cluster));
+  c.start(etcd_args(cluster, &a));
   auto tokens_a = a.call("GET", "/v1/tokens", "", "application/json", admin);
   CHECK(wait_until(
       [&] {

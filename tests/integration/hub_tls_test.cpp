@@ -52,15 +52,6 @@ void make_pki(const stdfs::path& dir) {
   openssl({"genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-out", p("other.key")});
 }
 
-proc::RunResult run_hub_expecting_exit(const stdfs::path& data, const std::vector<std::string>& extra) {
-  std::vector<std::string> argv = {bin_dir() + "/flotilla-hub", "--data-dir", data.string(), "--listen",
-                                   "127.0.0.1:0", "--config", ""};
-  argv.insert(argv.end(), extra.begin(), extra.end());
-  auto r = proc::run(argv, std::chrono::seconds(20));
-  if (!r) throw std::runtime_error("run hub: " + r.error().message);
-  return *r;
-}
-
 }  // namespace
 
 TEST_CASE("the hub serves its REST API over TLS only, to clients that trust its CA", "[integration][tls]") {

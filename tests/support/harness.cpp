@@ -533,4 +533,13 @@ std::string Fleet::push(const BuiltBundle& b) {
   return body["id"].get<std::string>();
 }
 
+proc::RunResult run_hub_expecting_exit(const stdfs::path& data, const std::vector<std::string>& extra) {
+  std::vector<std::string> argv = {bin_dir() + "/flotilla-hub", "--data-dir", data.string(), "--listen",
+                                   "127.0.0.1:0", "--config", ""};
+  argv.insert(argv.end(), extra.begin(), extra.end());
+  auto r = proc::run(argv, std::chrono::seconds(20));
+  if (!r) throw std::runtime_error("run hub: " + r.error().message);
+  return *r;
+}
+
 }  // namespace flotilla::test

@@ -26,6 +26,9 @@ namespace stdfs = std::filesystem;
 using nlohmann::json;
 
 std::string bin_dir();     // $FLOTILLA_BIN_DIR
+// Runs flotilla-hub on data with extra arguments until it exits (a start it
+// must refuse), within 20 s; throws if it cannot be run at all.
+proc::RunResult run_hub_expecting_exit(const std::filesystem::path& data, const std::vector<std::string>& extra);
 std::string source_dir();  // $FLOTILLA_SOURCE_DIR
 
 

@@ -298,6 +298,25 @@ TEST_CASE("the leader decides on the sum of the cells' published counts, and a n
     return out;
   };
 
+  SECTION("the leader judges nothing while a cell with members has published no counts") {
+    // Cell 1's owner has not ticked yet: its 8 devices are in no count the
+    // leader has. Judged on cell 0 alone the campaign would be complete.
+    const auto id = f.create(json::parse(R"({"waves": [100]})"), f.bundle(1));
+    f.hub->tick();
+    for (const auto& d : by_cell[0]) report(d, v1::AGENT_STATE_APPLIED);
+    f.hub->tick();
+    f.hub->tick();
+    CHECK(f.view(id).campaign.state == "running");
+    // Cell 1 is released and heard from; its devices apply: now it completes.
+    b.hub->tick();
+    for (const auto& d : by_cell[1]) report(d, v1::AGENT_STATE_APPLIED);
+    b.hub->tick();
+    f.hub->tick();
+    auto v = f.view(id);
+    CHECK(v.campaign.state == "completed");
+    CHECK(v.counts.applied == 16);
+  }
+
   SECTION("a threshold crossed only in the total pauses the campaign") {
     // At most 5 outcomes in one cell, 6 needed: no cell alone can trip it.
     const auto id = f.create(

@@ -20,8 +20,10 @@
 #include "flotilla/common/clock.hpp"
 #include "flotilla/common/crypto.hpp"
 #include "flotilla/hub/api.hpp"
+#include "flotilla/hub/campaign_board.hpp"
 #include "flotilla/hub/control_log.hpp"
 #include "flotilla/hub/coord.hpp"
+#include "flotilla/hub/device_ca.hpp"
 #include "flotilla/hub/service.hpp"
 #include "flotilla/hub/store.hpp"
 #include "flotilla/v1/enroll.pb.h"
@@ -371,6 +373,109 @@ TEST_CASE("control log: with the coordinator unreachable a control write is refu
   CHECK(again.status == 201);
   CHECK(a.count("tokens") == tokens + 1);
   CHECK(sh.head_revision() > head);
+}
+
+// A campaign leader's decisions are fenced by the leader key (ADR 17): a
+// leader deposed meanwhile (its lease gone, another hub leading) has its
+// write refused, not serialised after its successor's.
+TEST_CASE("control log: a write guarded by the leader key goes through while it leads and is refused once another "
+          "hub leads, writing nothing",
+          "[unit][control]") {
+  Shared sh;
+  Hub a(*sh.coord, sh.clock, true);
+  Hub b(*sh.coord, sh.clock, false);
+  auto token_write = [&](Hub& h, const std::string& id) {
+    return [&h, id]() -> Status {
+      TokenRecord t = token_rec(id, "viewer");
+      t.id = id;
+      return h.store().insert_token("api", t, crypto::sha256_hex(id));
+    };
+  };
+  Leadership first(*sh.coord, "hub-a", std::chrono::seconds(10), sh.clock);
+  REQUIRE(first.tick().value_or(false));
+  const auto guard = first.guard();
+  REQUIRE(guard.size() == 2);
+  const int64_t tokens = a.count("tokens");
+  CHECK(a.log().write(token_write(a, "tok-led"), guard));
+  CHECK(a.count("tokens") == tokens + 1);
+  // Another hub wrote first (the head moved) while A still leads: A catches
+  // up and writes, as any control write does.
+  REQUIRE(b.log().write(token_write(b, "tok-other")));
+  CHECK(a.log().write(token_write(a, "tok-after"), guard));
+  CHECK(a.count("tokens") == tokens + 3);
+
+  // A is deposed: its lease is gone and B leads now.
+  REQUIRE(first.resign());
+  Leadership second(*sh.coord, "hub-b", std::chrono::seconds(10), sh.clock);
+  REQUIRE(second.tick().value_or(false));
+  CHECK(first.guard().empty());
+  const int64_t head = sh.head_revision();
+  auto late = a.log().write(token_write(a, "tok-late"), guard);
+  REQUIRE_FALSE(late);
+  CHECK(late.error().code == Errc::refused);
+  CHECK_THAT(late.error().message, Catch::Contains("/flotilla/leader is no longer as this hub holds it"));
+  CHECK(a.count("tokens") == tokens + 3);  // nothing here
+  CHECK(sh.head_revision() == head);       // nothing in the log
+  b.catch_up();
+  CHECK(b.count("tokens") == tokens + 3);
+  CHECK(a.log().counters().refused_guard == 1);
+  auto metrics = a.call("GET", "/metrics", "", a.root);
+  CHECK(metrics.body.find("flotilla_control_writes_refused_total{reason=\"deposed\"} 1") != std::string::npos);
+  // The new leader's guard holds.
+  CHECK(b.log().write(token_write(b, "tok-new-leader"), second.guard()));
+}
+
+// Hubs sharing control data must sign with one director key and issue from
+// one device CA: a hub started with another is refused, naming both, and
+// writes nothing.
+TEST_CASE("control log: a hub whose director key or device CA is not the other hubs' does not start and writes "
+          "nothing",
+          "[unit][control]") {
+  Shared sh;
+  auto start = [&](const std::optional<bundles::KeyPair>& key, const DeviceCa* ca) {
+    TempDir dir("identity");
+    auto store = Store::open((dir.path() / "hub.db").string());
+    REQUIRE(store);
+    ServiceConfig cfg;
+    cfg.broker_url = "tcp://127.0.0.1:1883";
+    cfg.engine_thread = false;
+    cfg.control_coordinator = sh.coord.get();
+    cfg.control_log = test_options();
+    cfg.director_key = key;
+    cfg.device_ca = ca;
+    HubService svc(**store, sh.clock, cfg);
+    Status st = svc.control_log_status();
+    svc.stop();
+    return st;
+  };
+  const auto key = bundles::generate_key(), other_key = bundles::generate_key();
+  auto ca = DeviceCa::ephemeral(sh.clock.now_unix());
+  auto other_ca = DeviceCa::ephemeral(sh.clock.now_unix());
+  REQUIRE(ca);
+  REQUIRE(other_ca);
+  REQUIRE(start(key, ca->get()));  // the first records both
+  auto identity = sh.sqlite->get("/flotilla/identity");
+  REQUIRE(identity);
+  REQUIRE(*identity);
+  const int64_t recorded = (*identity)->mod_revision;
+  const int64_t head = sh.head_revision();
+
+  auto wrong_key = start(other_key, ca->get());
+  REQUIRE_FALSE(wrong_key);
+  CHECK_THAT(wrong_key.error().message, Catch::Contains("this hub's director key is " + other_key.pub.key_id) &&
+                                            Catch::Contains(key.pub.key_id) && Catch::Contains("--director-key"));
+  auto wrong_ca = start(key, other_ca->get());
+  REQUIRE_FALSE(wrong_ca);
+  CHECK_THAT(wrong_ca.error().message, Catch::Contains("device CA") && Catch::Contains("--device-ca-cert"));
+  // Refused hubs changed nothing: not the record, not the log.
+  identity = sh.sqlite->get("/flotilla/identity");
+  REQUIRE(identity);
+  CHECK((*identity)->mod_revision == recorded);
+  CHECK(sh.head_revision() == head);
+  // The same key and CA: it starts. A hub without a configured key (an
+  // embedder's ephemeral one) is not compared on it.
+  CHECK(start(key, ca->get()));
+  CHECK(start(std::nullopt, ca->get()));
 }
 
 TEST_CASE("control log: a control table written outside a control write is refused by the store", "[unit][control]") {

@@ -234,12 +234,12 @@ void ControlLog::note_unreachable(const Error& e) {
   unreachable_error_ = e.message;
 }
 
-Status ControlLog::write(const std::function<Status()>& fn) {
+Status ControlLog::write(const std::function<Status()>& fn, const std::vector<coord::Compare>& guard) {
   t_last_write_revision = 0;
   if (t_open == this) return fn();  // part of the outer control write
   for (int attempt = 0;; ++attempt) {
     bool moved = false;
-    auto s = write_once(fn, &moved);
+    auto s = write_once(fn, guard, &moved);
     if (!s || !moved) return s;
     {
       std::lock_guard lock(state_mu_);
@@ -255,7 +255,8 @@ Status ControlLog::write(const std::function<Status()>& fn) {
   }
 }
 
-Status ControlLog::write_once(const std::function<Status()>& fn, bool* moved) {
+Status ControlLog::write_once(const std::function<Status()>& fn, const std::vector<coord::Compare>& guard,
+                              bool* moved) {
   std::unique_lock lock(mu_);
   {
     std::lock_guard st(state_mu_);
@@ -293,6 +294,7 @@ Status ControlLog::write_once(const std::function<Status()>& fn, bool* moved) {
   const int64_t seq = applied_seq_.load() + 1;
   std::vector<coord::Compare> cmp = {base == 0 ? coord::Compare::absent(head_key())
                                                : coord::Compare::mod_revision_is(head_key(), base)};
+  cmp.insert(cmp.end(), guard.begin(), guard.end());
   std::vector<coord::Op> ops = {coord::Op::put(entry_key(log_prefix(), seq), *changes),
                                 coord::Op::put(head_key(), std::to_string(seq))};
   auto r = c_.txn(cmp, ops);
@@ -303,6 +305,19 @@ Status ControlLog::write_once(const std::function<Status()>& fn, bool* moved) {
     return r.error().with_context("control write refused, nothing was written");
   }
   if (!r->succeeded) {
+    // The head moved (another hub wrote first: catch up and run fn again),
+    // or the guard no longer holds (refused for good).
+    if (!guard.empty()) {
+      auto held = c_.txn(guard, {});
+      if (!held) return held.error().with_context("control write refused, nothing was written");
+      if (!held->succeeded) {
+        std::lock_guard st(state_mu_);
+        ++counters_.refused_guard;
+        return make_error(Errc::refused, "control write refused: " + guard.front().key +
+                                             " is no longer as this hub holds it (another hub took over); "
+                                             "nothing was written");
+      }
+    }
     *moved = true;
     return {};  // rolled back; the caller catches up and runs fn again
   }

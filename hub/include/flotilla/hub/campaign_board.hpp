@@ -90,6 +90,10 @@ class Leadership {
   // have expired: past that another instance may lead.
   Result<bool> tick();
   bool leading() const { return leading_; }
+  // What a leader's decision depends on, for a control write to check in the
+  // same transaction: the leader key still held under this lease at the
+  // revision this instance wrote it. Empty when not leading.
+  std::vector<coord::Compare> guard() const;
   const std::string& holder() const { return holder_; }
   // Gives the key up (revokes the lease), for a clean stop.
   Status resign();
@@ -101,6 +105,7 @@ class Leadership {
   std::chrono::seconds ttl_;
   const Clock& clock_;
   coord::LeaseId lease_ = 0;
+  int64_t key_revision_ = 0;  // the leader key's mod revision as this instance wrote it
   bool leading_ = false;
   std::chrono::steady_clock::time_point last_renew_{};
 };

@@ -65,7 +65,12 @@ class ControlLog {
   // Runs fn as one control write (see above); fn may run more than once and
   // must take its inputs afresh each time. Inside another control write on
   // the same thread it simply runs fn (the outer write carries its changes).
-  Status write(const std::function<Status()>& fn);
+  // guard: compares the entry also depends on, checked in the same
+  // transaction as the append (a campaign leader's key, so a deposed
+  // leader's decision is refused rather than serialised after its
+  // successor's): when one fails the write is refused (Errc::refused) and
+  // nothing is written anywhere.
+  Status write(const std::function<Status()>& fn, const std::vector<coord::Compare>& guard = {});
   bool in_write() const;
 
   // Applies the entries up to the log's head now (this thread).
@@ -93,6 +98,7 @@ class ControlLog {
     uint64_t writes = 0;            // entries appended by this hub
     uint64_t retries = 0;           // a write re-run because another hub wrote first
     uint64_t refused_unavailable = 0, refused_conflict = 0, refused_too_large = 0, refused_stuck = 0;
+    uint64_t refused_guard = 0;     // a write whose guard no longer held (a deposed leader's)
     uint64_t entries_applied = 0;   // other hubs' entries applied here
     uint64_t apply_failures = 0;    // entries that could not be applied (the mirror stops there)
   };
@@ -105,7 +111,7 @@ class ControlLog {
   Status install();
   std::string head_key() const { return opts_.prefix + "head"; }
   std::string log_prefix() const { return opts_.prefix + "log/"; }
-  Status write_once(const std::function<Status()>& fn, bool* moved);
+  Status write_once(const std::function<Status()>& fn, const std::vector<coord::Compare>& guard, bool* moved);
   // Applies watch events in order (store lock held inside).
   Status apply_events(const std::vector<coord::WatchEvent>& events);
   Status apply_entry(const coord::KeyValue& kv, std::set<std::string>& tables);

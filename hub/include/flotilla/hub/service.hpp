@@ -505,8 +505,17 @@ class HubService {
   // Every cell's counts of a campaign: this hub's own cells counted now,
   // the others as last published. store_mu_ held.
   Result<std::vector<CellCampaignCounts>> cell_counts(const std::string& campaign_id);
-  // The totals over every cell the decisions are made on. store_mu_ held.
-  Result<std::vector<CampaignCountRow>> campaign_totals(const std::string& campaign_id);
+  // The totals over every cell the decisions are made on. unheard (when
+  // given): the cells with members of the campaign that this hub does not
+  // own and no hub has published counts for yet; the leader decides
+  // nothing while there is one (their devices would look absent, and a
+  // campaign complete). store_mu_ held.
+  Result<std::vector<CampaignCountRow>> campaign_totals(const std::string& campaign_id,
+                                                        std::vector<int>* unheard = nullptr);
+  // The cells a campaign has members in: from this store's rows, or (hubs
+  // sharing cells, whose stores hold their own cells' rows) from the
+  // replicated device rows, once per campaign. store_mu_ held.
+  Result<std::vector<int>> campaign_member_cells(const std::string& campaign_id);
   // Publishes each own cell's counts of the campaign if they changed. store_mu_ held.
   void publish_cell_counts(const std::string& campaign_id);
   mutable std::mutex coord_mu_;
@@ -518,28 +527,45 @@ class HubService {
   std::atomic<uint64_t> served_mask_{0};              // the owned cells, a bit each (share_cells)
   // (campaign, cell) pairs whose membership rows exist here (share_cells).
   std::set<std::pair<std::string, int>> members_built_;  // store_mu_
+  std::map<std::string, std::vector<int>> member_cells_;  // store_mu_ (share_cells)
   std::atomic<bool> leader_{true};
+  bool director_configured_ = false;
+  std::mutex identity_mu_;
+  bool identity_checked_ = false;         // identity_mu_
+  std::optional<Error> identity_error_;   // identity_mu_
 
   // Runs f (returning Status or Result<T>) as one control write: in the
   // control log when there is one (f may then run again after another hub
   // wrote first), else simply f. f takes store_mu_ itself.
+  // guard: what the write also depends on (the campaign leader's key for
+  // the engine's decisions); refused, nothing written, once it fails.
   template <class F>
-  auto control_write(F&& f) -> decltype(f()) {
+  auto control_write(F&& f, const std::vector<coord::Compare>& guard = {}) -> decltype(f()) {
     using R = decltype(f());
     if (!control_log_) {
       if (!control_log_status_) return control_log_status_.error();
       return f();
     }
     std::optional<R> out;
-    Status s = run_control_write([&]() -> Status {
-      out.emplace(f());
-      if (!*out) return out->error();
-      return {};
-    });
+    Status s = run_control_write(
+        [&]() -> Status {
+          out.emplace(f());
+          if (!*out) return out->error();
+          return {};
+        },
+        guard);
     if (!s) return s.error();
     return std::move(*out);
   }
-  Status run_control_write(const std::function<Status()>& fn);
+  Status run_control_write(const std::function<Status()>& fn, const std::vector<coord::Compare>& guard);
+  // Hubs sharing one control log must sign desired states with one director
+  // key and issue device certificates from one device CA, or devices
+  // enrolled through one hub refuse what another sends them. The first hub
+  // records both fingerprints at /flotilla/identity; every other compares
+  // (at start, or at its first control write once the coordinator answers).
+  // A mismatch is an error naming both, and every control write is refused.
+  // Only what was configured is checked (not an ephemeral test key).
+  Status ensure_shared_identity();
   // Caches derived from control data, refreshed after another hub's entries
   // changed these tables.
   void on_control_applied(const std::set<std::string>& tables);
@@ -583,6 +609,13 @@ class HubService {
   std::thread engine_;
   std::condition_variable engine_cv_;
   std::mutex engine_mu_;
+  // Keeps the cell and leader leases alive on a thread of its own: the
+  // engine's tick can wait on the store for longer than a lease lives (a
+  // 250,000-device campaign being created), and a lease lost that way
+  // costs the hub its cells and its leadership mid-campaign.
+  std::thread keeper_;
+  std::condition_variable keeper_cv_;
+  std::mutex keeper_mu_;
   // Rows one tick releases at most; a tick that hit it asks for the next at once.
   static constexpr int64_t kReleaseChunk = 5000;
   std::atomic<bool> retick_{false};
