@@ -101,7 +101,7 @@ Status HubService::enable_control_log(coord::Coordinator& c, const ControlLogOpt
   if (!opened) return opened.error();
   control_log_ = std::move(*opened);
   control_log_->on_applied([this](const std::set<std::string>& tables) { on_control_applied(tables); });
-  enroll_commits_.set_runner([this](const std::function<Status()>& fn) { return control_log_->write(fn); });
+  enroll_commits_.set_runner([this](const std::function<Status()>& fn) { return run_control_write(fn, {}); });
   // Entries written while this hub was away, before anything is served;
   // with etcd away the watcher catches up once it returns.
   if (auto s = control_log_->catch_up(); !s) {
@@ -132,47 +132,49 @@ Status HubService::ensure_shared_identity() {
   }
   constexpr const char* kKey = "/flotilla/identity";
   coord::Coordinator& c = *cfg_.control_coordinator;
-  auto cur = c.get(kKey);
-  if (!cur) return cur.error().with_context("check this hub's director key and device CA against the other hubs'");
-  nlohmann::json theirs = nlohmann::json::object();
-  if (*cur) {
-    theirs = nlohmann::json::parse((*cur)->value, nullptr, false);
-    if (!theirs.is_object()) theirs = nlohmann::json::object();
-  }
-  std::string mismatch;
-  bool missing = false;
-  for (const auto& [field, what, option] :
-       {std::tuple{"director_key", "director key", "--director-key"},
-        std::tuple{"device_ca_sha256", "device CA (SHA-256 of its certificate)", "--device-ca-cert/--device-ca-key"}}) {
-    if (!mine.contains(field)) continue;
-    if (!theirs.contains(field)) {
-      missing = true;
-    } else if (theirs[field] != mine[field]) {
-      mismatch += std::string(mismatch.empty() ? "" : "; ") + "this hub's " + what + " is " +
-                  mine[field].get<std::string>() + " but the hubs sharing this control log use " +
-                  theirs[field].dump() + " (start it with the same " + option + ")";
+  // Hubs started together may record theirs at the same moment: the one
+  // that loses reads the winner's record and compares with it.
+  for (int attempt = 0;; ++attempt) {
+    auto cur = c.get(kKey);
+    if (!cur) return cur.error().with_context("check this hub's director key and device CA against the other hubs'");
+    nlohmann::json theirs = nlohmann::json::object();
+    if (*cur) {
+      theirs = nlohmann::json::parse((*cur)->value, nullptr, false);
+      if (!theirs.is_object()) theirs = nlohmann::json::object();
     }
-  }
-  if (!mismatch.empty()) {
-    identity_error_ = make_error(Errc::unavailable, "control writes refused: " + mismatch);
-    log::get("hub")->error("control log: {}", mismatch);
-    return *identity_error_;
-  }
-  if (missing) {
-    // The first hub (or the first to configure this): record ours. A hub
-    // that raced us here compares on its next try.
-    for (const auto& [k, v] : theirs.items()) mine.emplace(k, v);
-    auto w = *cur ? c.compare_and_swap(kKey, (*cur)->mod_revision, mine.dump())
-                  : c.create(kKey, mine.dump());
-    if (!w) {
-      if (w.error().code == Errc::conflict || w.error().code == Errc::already_exists) {
-        return make_error(Errc::conflict, "another hub recorded its identity at the same time; try again", true);
+    std::string mismatch;
+    bool missing = false;
+    for (const auto& [field, what, option] :
+         {std::tuple{"director_key", "director key", "--director-key"},
+          std::tuple{"device_ca_sha256", "device CA (SHA-256 of its certificate)", "--device-ca-cert/--device-ca-key"}}) {
+      if (!mine.contains(field)) continue;
+      if (!theirs.contains(field)) {
+        missing = true;
+      } else if (theirs[field] != mine[field]) {
+        mismatch += std::string(mismatch.empty() ? "" : "; ") + "this hub's " + what + " is " +
+                    mine[field].get<std::string>() + " but the hubs sharing this control log use " +
+                    theirs[field].dump() + " (start it with the same " + option + ")";
       }
-      return w.error().with_context("record this hub's director key and device CA");
     }
+    if (!mismatch.empty()) {
+      identity_error_ = make_error(Errc::unavailable, "control writes refused: " + mismatch);
+      log::get("hub")->error("control log: {}", mismatch);
+      return *identity_error_;
+    }
+    if (missing) {
+      // The first hub (or the first to configure this): record ours.
+      nlohmann::json record = mine;
+      for (const auto& [k, v] : theirs.items()) record.emplace(k, v);
+      auto w = *cur ? c.compare_and_swap(kKey, (*cur)->mod_revision, record.dump()) : c.create(kKey, record.dump());
+      if (!w) {
+        const bool raced = w.error().code == Errc::conflict || w.error().code == Errc::already_exists;
+        if (raced && attempt < 3) continue;
+        return w.error().with_context("record this hub's director key and device CA");
+      }
+    }
+    identity_checked_ = true;
+    return {};
   }
-  identity_checked_ = true;
-  return {};
 }
 
 void HubService::on_control_applied(const std::set<std::string>& tables) {
