@@ -173,7 +173,10 @@ void HubService::engine_loop() {
 }
 
 void HubService::tick() {
-  coordinate();
+  // With an engine thread the keeper thread renews the leases and ownership
+  // (every ttl/6); a tick doing it again only doubled the round trips to
+  // etcd. A hub ticked by hand (tests, no threads) coordinates here.
+  if (!(cfg_.engine_thread && cfg_.coordinator)) coordinate();
   // The leader's decisions hold only while it still leads: its tick's entry
   // is checked against the leader key in the same transaction, so a leader
   // deposed meanwhile (its lease ran out, another hub leads) writes nothing.
