@@ -4,6 +4,8 @@
 #include "flotilla/hub/api.hpp"
 
 
+#include <atomic>
+#include <charconv>
 #include <cmath>
 
 #include "api_internal.hpp"
@@ -427,13 +429,71 @@ Admission Api::admit(const HttpRequest& req) {
   return a;
 }
 
+namespace {
+// Read-your-writes across hub processes (docs/api/openapi.yaml, "Several
+// hubs"): every answer of a hub on the control log carries the log revision
+// its store has applied, which is at least that of a write it just
+// answered (and of the call's audit row). A client that sends the highest revision it has
+// seen as X-Flotilla-Min-Revision to any hub gets an answer from a store at
+// least that new: the hub waits up to kMinRevisionWait for its mirror to get
+// there, or answers 503 and changes nothing.
+constexpr const char* kRevisionHeader = "X-Flotilla-Revision";
+constexpr const char* kMinRevisionHeader = "x-flotilla-min-revision";
+constexpr auto kMinRevisionWait = std::chrono::seconds(5);
+// HTTP threads a waiting request may hold at once, so that clients asking
+// for a revision no hub has reached never stop the API answering.
+constexpr int kMaxRevisionWaiters = 4;
+
+std::optional<HttpResponse> await_revision(HubService& s, const HttpRequest& req) {
+  auto h = req.headers.find(kMinRevisionHeader);
+  if (h == req.headers.end()) return std::nullopt;
+  int64_t want = 0;
+  const std::string& v = h->second;
+  auto [end, ec] = std::from_chars(v.data(), v.data() + v.size(), want);
+  if (v.empty() || v.size() > 19 || ec != std::errc() || end != v.data() + v.size() || want < 0) {
+    return Api::error(400, "invalid_argument",
+                      "X-Flotilla-Min-Revision must be a revision this API gave in X-Flotilla-Revision (a "
+                      "non-negative integer), got '" + v.substr(0, 40) + "'");
+  }
+  ControlLog* log = s.control_log();
+  // One hub without the control log: its store is the only one, every
+  // answer is already as new as any write it made.
+  if (!log || log->applied_revision() >= want) return std::nullopt;
+  static std::atomic<int> waiters{0};
+  struct Slot {
+    bool held;
+    explicit Slot(bool h) : held(h) {}
+    ~Slot() {
+      if (held) --waiters;
+    }
+  } slot(++waiters <= kMaxRevisionWaiters);
+  if (!slot.held) --waiters;
+  if (slot.held && log->wait_applied(want, kMinRevisionWait)) return std::nullopt;
+  HttpResponse r = Api::error(
+      503, "unavailable",
+      "this hub's store has applied the control log up to revision " + std::to_string(log->applied_revision()) +
+          ", not yet " + std::to_string(want) + " (" +
+          (slot.held ? "waited " + std::to_string(kMinRevisionWait.count()) + "s" : "too many requests waiting") +
+          "); retry, or ask the hub that answered the write");
+  r.headers["Retry-After"] = "1";
+  return r;
+}
+
+void stamp_revision(HubService& s, HttpResponse& r) {
+  if (const ControlLog* log = s.control_log()) r.headers[kRevisionHeader] = std::to_string(log->applied_revision());
+}
+}  // namespace
+
 HttpResponse Api::handle(const HttpRequest& req) {
   AuditRecord audit;
   std::string route = "unmatched";
   HttpResponse resp = dispatch(req, audit, route);
   finish(req, audit, route, resp.status);
+  // After the audit row, which is a control write of its own.
+  stamp_revision(service_, resp);
   return resp;
 }
+
 
 HttpResponse Api::dispatch(const HttpRequest& req, AuditRecord& audit, std::string& route) {
   using namespace rest;
@@ -508,6 +568,7 @@ HttpResponse Api::dispatch(const HttpRequest& req, AuditRecord& audit, std::stri
   if (ok.route) route = ok.route->pattern;
   fill_actor(audit, ok);
   if (refusal) return *refusal;
+  if (auto behind = await_revision(service_, req)) return *behind;
   Context ctx{req, t, ok.caller, ok.params, ""};
   HttpResponse r = ok.route->handler(service_, ctx);
   audit.detail = ctx.audit_detail;
@@ -517,6 +578,7 @@ HttpResponse Api::dispatch(const HttpRequest& req, AuditRecord& audit, std::stri
   }
   return r;
 }
+
 
 HttpResponse Api::renew(const HttpRequest& req, AuditRecord& audit) {
   using namespace rest;

@@ -1,5 +1,6 @@
 // Devices: list, get, edit labels, decommission.
 #include "api_internal.hpp"
+#include "flotilla/hub/aggregates.hpp"
 #include "flotilla/bundles/bundle.hpp"
 #include "flotilla/common/http_client.hpp"
 #include "flotilla/common/log.hpp"
@@ -81,18 +82,30 @@ HttpResponse list_devices(HubService& s, Context& c) {
   const std::string after = q.count("after") ? q.at("after") : "";
   auto caller = reading_caller(c);
   if (!caller) return from_error(caller.error());
-  auto list = s.list_devices(*sel, caller->project);
-  if (!list) return from_error(list.error());
+  // One bounded walk in SQL on a read connection (never the whole fleet,
+  // never waiting for the store's writer): in id order, continuing after
+  // `after`. A selector no index serves stops after the scan limit with a
+  // shorter page and a `next` to go on from.
+  AggregateStore* reads = s.reads();
+  if (!reads) return Api::error(503, "unavailable", "this hub's store has no read connection");
+  DeviceQuery dq;
+  dq.project = caller->project;
+  dq.selector = *sel;
+  dq.include_decommissioned = include_decommissioned;
+  dq.cert_before_unix = cert_before;
+  dq.id_order = true;
+  dq.after_id = after;
+  dq.limit = *limit + 1;  // one more: whether anything follows this page
+  dq.scan_limit = reads->device_scan_limit();
+  auto page = reads->devices(dq);
+  if (!page) return from_error(page.error());
+  std::string next = page->complete ? "" : page->next_id;  // cut short by the scan limit
+  if (static_cast<int64_t>(page->items.size()) > *limit) {
+    page->items.resize(static_cast<size_t>(*limit));
+    next = page->items.back().id;
+  }
   json items = json::array();
-  std::string next;
-  for (const auto& d : *list) {
-    if (!include_decommissioned && d.state == "decommissioned") continue;
-    if (cert_before && (d.inventory.cert_expiry_unix <= 0 || d.inventory.cert_expiry_unix >= *cert_before)) continue;
-    if (!after.empty() && d.id <= after) continue;
-    if (static_cast<int64_t>(items.size()) == *limit) {
-      next = items.back()["id"].get<std::string>();
-      break;
-    }
+  for (const auto& d : page->items) {
     items.push_back(device_json(d));
     if (s.shares_cells() && !s.serves_cell(d.cell)) {
       // A page is read from this hub's store alone (one query, bounded):

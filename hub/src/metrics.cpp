@@ -2,6 +2,7 @@
 // (https://prometheus.io/docs/instrumenting/exposition_formats/).
 #include "flotilla/hub/metrics.hpp"
 
+#include "flotilla/hub/aggregates.hpp"
 #include "flotilla/hub/control_log.hpp"
 #include "flotilla/hub/broker.hpp"
 
@@ -192,19 +193,27 @@ std::string render_metrics(HubService& s, const HttpMetrics& http) {
   // Devices by state and presence. A failed read shows as a missing family
   // plus flotilla_scrape_errors, never as a 500 that hides everything else.
   int scrape_errors = 0;
-  auto sel = Selector::parse("");
-  auto devices = sel ? s.list_devices(*sel) : Result<std::vector<DeviceRecord>>(sel.error());
-  if (devices) {
+  // From the fleet's counts (kept by the store's triggers) on a read
+  // connection: a scrape neither loads the devices nor waits for the
+  // store's writer, at any fleet size.
+  AggregateStore* reads = s.reads();
+  auto fleet = reads ? reads->fleet("*") : Result<std::vector<FleetCount>>(make_error(Errc::unavailable, "no store"));
+  auto suspect = reads ? reads->clock_suspect_devices() : Result<int64_t>(make_error(Errc::unavailable, "no store"));
+  if (fleet && suspect) {
     std::map<std::string, int64_t> by_state;
-    int64_t online = 0, offline = 0, certs_expiring = 0, clock_suspect = 0;
-    const int64_t soon = std::chrono::duration_cast<std::chrono::seconds>(
-                             std::chrono::system_clock::now().time_since_epoch()).count() + 30 * 86400;
-    for (const auto& d : *devices) {
-      ++by_state[d.state];
-      if (d.state == "decommissioned") continue;
-      ++(d.online ? online : offline);
-      if (d.inventory.cert_expiry_unix > 0 && d.inventory.cert_expiry_unix < soon) ++certs_expiring;
-      if (d.inventory.clock_suspect) ++clock_suspect;
+    int64_t online = 0, offline = 0, certs_expiring = 0;
+    // Certificate expiry is counted by UTC day: the day 30 days from now counts whole.
+    const int64_t soon_day = (s.clock().now_unix() + 30 * 86400) / 86400;
+    for (const auto& f : *fleet) {
+      if (f.dim == "state") {
+        by_state[f.value] += f.n;
+      } else if (f.dim == "online") {
+        (f.value == "online" ? online : offline) += f.n;
+      } else if (f.dim == "cert_day") {
+        int64_t day = 0;
+        auto [end, ec] = std::from_chars(f.value.data(), f.value.data() + f.value.size(), day);
+        if (ec == std::errc() && day <= soon_day) certs_expiring += f.n;
+      }
     }
     p.family("flotilla_devices", "gauge", "Devices by last reported agent state.");
     for (const auto& [state, n] : by_state) p.sample("flotilla_devices", {{"state", state}}, static_cast<double>(n));
@@ -212,10 +221,10 @@ std::string render_metrics(HubService& s, const HttpMetrics& http) {
     p.sample("flotilla_devices_presence", {{"presence", "online"}}, static_cast<double>(online));
     p.sample("flotilla_devices_presence", {{"presence", "offline"}}, static_cast<double>(offline));
     p.family("flotilla_devices_k3s_cert_expiring", "gauge",
-             "Devices whose k3s certificates expire within 30 days (or have expired).");
+             "Devices whose k3s certificates expire within 30 days (or have expired), by UTC day.");
     p.sample("flotilla_devices_k3s_cert_expiring", {}, static_cast<double>(certs_expiring));
     p.family("flotilla_devices_clock_suspect", "gauge", "Devices whose clock looked wrong in their last inventory.");
-    p.sample("flotilla_devices_clock_suspect", {}, static_cast<double>(clock_suspect));
+    p.sample("flotilla_devices_clock_suspect", {}, static_cast<double>(*suspect));
   } else {
     ++scrape_errors;
   }

@@ -623,6 +623,7 @@ TEST_CASE("opening a store that kept inventory in the devices row moves it into 
           "clock_suspect INTEGER NOT NULL DEFAULT 0"}) {
       REQUIRE(st.db().exec(std::string("ALTER TABLE devices ADD COLUMN ") + decl));
     }
+    REQUIRE(st.db().exec("DROP INDEX device_inventory_clock_suspect"));  // made with the column
     for (const char* c : {"k3s_role", "cluster_id", "disk_total_bytes", "mem_total_bytes", "clock_suspect"}) {
       REQUIRE(st.db().exec(std::string("ALTER TABLE device_inventory DROP COLUMN ") + c));
     }

@@ -1234,6 +1234,15 @@ TEST_CASE("a report's inventory is kept in one place and every reader sees it", 
   check_seen(expiring["items"][0]);
   const std::string earlier = std::to_string(hub.clock.now_unix() + 5 * 86400);
   CHECK(hub.get("/v1/devices?certExpiresBefore=" + earlier)["items"].empty());
+  // /metrics counts the same from the fleet's counts: one device's k3s
+  // certificates expire within 30 days, one clock looks wrong.
+  const std::string all_projects =
+      flotilla::test::make_token(hub.service(), "api", "scraper", "viewer", "*").secret;
+  auto metrics = hub.call("GET", "/metrics", "", "Bearer " + all_projects);
+  REQUIRE(metrics.status == 200);
+  CHECK(metrics.body.find("\nflotilla_devices_k3s_cert_expiring 1\n") != std::string::npos);
+  CHECK(metrics.body.find("\nflotilla_devices_clock_suspect 1\n") != std::string::npos);
+  CHECK(metrics.body.find("flotilla_scrape_errors 0") != std::string::npos);
   const json all = hub.get("/v1/devices");
   REQUIRE(all["items"].size() == 2);
   for (const auto& d : all["items"]) {

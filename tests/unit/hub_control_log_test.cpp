@@ -44,6 +44,28 @@ using test::TempDir;
 // The shared coordinator, which a test can make unreachable the way etcd is
 // when no member answers (the etcd backend's own error is tested against a
 // stopped cluster in the integration tier).
+// A watch that breaks, as etcd's stream does, while its coordinator is down.
+class SwitchableWatch final : public co::Watch {
+ public:
+  SwitchableWatch(std::unique_ptr<co::Watch> inner, const std::atomic<bool>& down)
+      : inner_(std::move(inner)), down_(down) {}
+  Result<std::vector<co::WatchEvent>> next(std::chrono::milliseconds wait) override {
+    auto events = down_ ? Result<std::vector<co::WatchEvent>>(std::vector<co::WatchEvent>{}) : inner_->next(wait);
+    // Also when it went down during the wait: what arrived is lost with the
+    // stream (the follower starts a new watch from what it applied).
+    if (down_) {
+      return make_error(Errc::coordination_unavailable, "etcd unreachable: the watch stream broke", true);
+    }
+    return events;
+  }
+  int64_t last_revision() const override { return inner_->last_revision(); }
+  int64_t compacted_at() const override { return inner_->compacted_at(); }
+
+ private:
+  std::unique_ptr<co::Watch> inner_;
+  const std::atomic<bool>& down_;
+};
+
 class SwitchableCoordinator final : public co::Coordinator {
  public:
   explicit SwitchableCoordinator(co::Coordinator& inner) : inner_(inner) {}
@@ -75,11 +97,21 @@ class SwitchableCoordinator final : public co::Coordinator {
   }
   Result<co::TxnResult> txn(const std::vector<co::Compare>& c, const std::vector<co::Op>& ops) override {
     if (down) return gone();
+    // A slow etcd: the transaction waits while `hold` is set (the control
+    // write that sent it keeps the store's writer the whole time).
+    if (hold) {
+      ++held;
+      while (hold) std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    }
     return inner_.txn(c, ops);
   }
+  std::atomic<bool> hold{false};
+  std::atomic<int> held{0};
   Result<std::unique_ptr<co::Watch>> watch(const std::string& prefix, int64_t from) override {
     if (down) return gone();
-    return inner_.watch(prefix, from);
+    auto w = inner_.watch(prefix, from);
+    if (!w) return w.error();
+    return std::unique_ptr<co::Watch>(new SwitchableWatch(std::move(*w), down));
   }
 
  private:
@@ -121,6 +153,13 @@ class Hub {
   HttpResponse call(const std::string& method, const std::string& target, const std::string& body,
                     const std::string& token) {
     return api_->handle(test::api_request(method, target, body, token));
+  }
+  // The same, with one extra request header.
+  HttpResponse call(const std::string& method, const std::string& target, const std::string& token,
+                    const std::string& header, const std::string& value) {
+    auto req = test::api_request(method, target, "", token);
+    req.headers[header] = value;
+    return api_->handle(req);
   }
   void catch_up() { REQUIRE(log().catch_up()); }
   ControlLog& log() { return *service_->control_log(); }
@@ -373,6 +412,103 @@ TEST_CASE("control log: with the coordinator unreachable a control write is refu
   CHECK(again.status == 201);
   CHECK(a.count("tokens") == tokens + 1);
   CHECK(sh.head_revision() > head);
+}
+
+// Read-your-writes across hubs (docs/api.md, "Several hub processes"): a
+// write's answer says the log revision it made; a read sent to another hub
+// with that revision waits for that hub's mirror instead of answering from
+// an older store.
+TEST_CASE("control log: a read asking for the revision of a write waits for it on another hub, or is refused",
+          "[unit][control]") {
+  Shared sh;
+  SwitchableCoordinator b_link(*sh.sqlite);  // B's own way to the shared log
+  Hub a(*sh.coord, sh.clock, true);
+  Hub b(b_link, sh.clock, false);
+  auto listed = a.call("GET", "/v1/tokens", "", a.root);
+  REQUIRE(listed.headers.count("X-Flotilla-Revision") == 1);
+  CHECK(listed.headers.at("X-Flotilla-Revision") == std::to_string(a.log().applied_revision()));
+
+  b_link.down = true;  // B cannot follow the log for now
+  auto made = a.post_bundle(a.root, "edge-base", "kind: ConfigMap\n");
+  INFO(made.body);
+  REQUIRE(made.status == 201);
+  const std::string rev = made.headers.at("X-Flotilla-Revision");
+  CHECK(std::stoll(rev) == sh.head_revision());  // the write's own revision
+  const std::string path = "/v1/bundles/" + body_of(made)["id"].get<std::string>();
+  CHECK(b.call("GET", path, "", a.root).status == 404);  // B alone is behind
+
+  // Behind for longer than the wait: 503 naming both revisions; B unchanged.
+  const int64_t b_bundles = b.count("bundles");
+  auto late = b.call("GET", path, a.root, "x-flotilla-min-revision", rev);
+  CHECK(late.status == 503);
+  CHECK(late.headers.count("Retry-After") == 1);
+  CHECK(late.body.find("not yet " + rev) != std::string::npos);
+  CHECK(b.count("bundles") == b_bundles);
+
+  // Not a revision: 400, nothing waited for.
+  for (const std::string bad : {"", "-1", "12abc", "99999999999999999999", "1.5"}) {
+    INFO(bad);
+    auto r = b.call("GET", path, a.root, "x-flotilla-min-revision", bad);
+    CHECK(r.status == 400);
+    CHECK(r.body.find("X-Flotilla-Min-Revision") != std::string::npos);
+  }
+
+  // B's link comes back while the read waits: it answers from the new store.
+  std::thread heal([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    b_link.down = false;
+  });
+  auto fresh = b.call("GET", path, a.root, "x-flotilla-min-revision", rev);
+  heal.join();
+  INFO(fresh.body);
+  CHECK(fresh.status == 200);
+  CHECK(std::stoll(fresh.headers.at("X-Flotilla-Revision")) >= std::stoll(rev));
+  // Already there: answered at once, and an old revision is no reason to wait.
+  CHECK(b.call("GET", path, a.root, "x-flotilla-min-revision", "1").status == 200);
+}
+
+// The API's reads that every caller makes (authentication, device pages)
+// go to read connections: a control write
+// holding the store's writer (here: waiting on a slow etcd) does not hold
+// them up, and they see what was committed before it.
+TEST_CASE("control log: tokens and device pages answer while a control write holds the store's writer",
+          "[unit][control]") {
+  Shared sh;
+  Hub a(*sh.coord, sh.clock, true);
+  auto enr = a.service().create_token("enroll", token_rec("enroll", "enroll", {"site"}));
+  REQUIRE(enr);
+  const std::string device = a.enroll_device(enr->secret);
+
+  sh.coord->hold = true;
+  struct Release {
+    Shared& sh;
+    ~Release() { sh.coord->hold = false; }
+  };
+  std::optional<HttpResponse> slow;
+  std::atomic<bool> answered{false};
+  std::thread writer([&] {
+    slow = a.call("POST", "/v1/tokens", json{{"name", "slow"}, {"role", "viewer"}, {"project", "default"}}.dump(),
+                  a.root);
+    answered = true;
+  });
+  {
+    Release release{sh};
+    for (int i = 0; i < 5000 && sh.coord->held == 0; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    REQUIRE(sh.coord->held == 1);  // the write is inside its etcd transaction, the writer held
+
+    auto page = a.call("GET", "/v1/devices?limit=10", "", a.root);
+    INFO(page.body);
+    REQUIRE(page.status == 200);
+    REQUIRE(body_of(page)["items"].size() == 1);
+    CHECK(body_of(page)["items"][0]["id"] == device);
+    auto labelled = a.call("GET", "/v1/devices?selector=site%3Dnorth", "", a.root);
+    CHECK(body_of(labelled)["items"].size() == 1);
+    CHECK(a.call("GET", "/v1/devices", "", "flt_api_not-a-token").status == 401);
+    CHECK_FALSE(answered);  // still waiting: the reads did not queue behind it
+  }
+  writer.join();
+  REQUIRE(slow);
+  CHECK(slow->status == 201);
 }
 
 // A campaign leader's decisions are fenced by the leader key (ADR 17): a

@@ -193,6 +193,10 @@ HttpResponse list_devices(Federation& f, FedContext& c) {
       item["region"] = name;
       items.push_back(std::move(item));
     }
+    // Every item taken: carry on from where the region stopped looking,
+    // which may be past its last item (a page its scan limit cut short, even
+    // an empty one, must not be asked again from the same place).
+    if (!page_full_here && !region_next.empty()) pos["a"] = region_next;
     pos["d"] = !page_full_here && region_next.empty();
     if (!pos["d"].get<bool>()) more = true;
     cursor[name] = pos;

@@ -1,6 +1,7 @@
 #pragma once
 // The column lists and row mappings of the store's tables, one copy each,
 // for store files that read the same rows (aggregate_store.cpp).
+#include <optional>
 #include <string>
 
 #include "flotilla/common/sqlite.hpp"
@@ -21,5 +22,7 @@ std::string campaign_device_columns();
 CampaignDeviceRecord campaign_device_row(const sql::Stmt& s, int offset);
 std::string audit_columns();
 AuditRecord audit_row(const sql::Stmt& s);
+// The token whose secret hashes to secret_hash, on any connection to the store.
+Result<std::optional<TokenRecord>> find_token_on(sql::Db& db, const std::string& kind, const std::string& secret_hash);
 
 }  // namespace flotilla::hub

@@ -2,6 +2,7 @@
 
 #include "flotilla/common/crypto.hpp"
 #include "flotilla/hub/store.hpp"
+#include "rows.hpp"
 
 namespace flotilla::hub {
 
@@ -113,6 +114,11 @@ Result<std::unique_ptr<Store>> Store::open(const std::string& path, const StoreT
   // FULL syncs the WAL at every commit. Only report batches relax it
   // (relaxed_sync), see docs/operations.md "Durability".
   if (auto f = s->db_->exec("PRAGMA synchronous = FULL"); !f) return f.error();
+  // One big transaction (creating a campaign over 250,000 devices writes
+  // about 68 MB of pages) grows hub.db-wal, and SQLite reuses the file from
+  // its start afterwards without shrinking it: keep at most 64 MiB once it
+  // starts over, not the largest transaction's size for the store's life.
+  if (auto j = s->db_->exec("PRAGMA journal_size_limit = 67108864"); !j) return j.error();
   if (auto m = s->migrate(); !m) return m.error().with_context("migrate " + path);
   return s;
 }
@@ -279,7 +285,12 @@ Status Store::insert_token(const std::string& kind, const TokenRecord& t, const 
 }
 
 Result<std::optional<TokenRecord>> Store::find_token(const std::string& kind, const std::string& secret_hash) {
-  auto st = db_->prepare(
+  return find_token_on(*db_, kind, secret_hash);
+}
+
+Result<std::optional<TokenRecord>> find_token_on(sql::Db& db, const std::string& kind,
+                                                 const std::string& secret_hash) {
+  auto st = db.prepare(
       "SELECT id, name, role, project, labels, expires_unix, max_uses, uses, created_ms, revoked, device_label_keys "
       "FROM tokens WHERE kind = ? AND secret_hash = ?");
   if (!st) return st.error();

@@ -51,6 +51,11 @@ struct DeviceQuery {
   DeviceSort sort = DeviceSort::id;
   bool descending = false;
   std::string after;  // DevicePage::next of the previous page
+  // The REST list's walk (GET /v1/devices): always in id order, the
+  // certificate filter included, continuing after a plain device id (`after`
+  // must then be empty).
+  bool id_order = false;
+  std::string after_id;
   int64_t limit = 50;
   // Rows one request may examine. A filter that no index serves stops here
   // and says so (complete = false with fewer than `limit` items): the next
@@ -61,6 +66,7 @@ struct DeviceQuery {
 struct DevicePage {
   std::vector<DeviceRecord> items;
   std::string next;        // "" = nothing after this page
+  std::string next_id;     // with next: the id of the last row examined
   int64_t scanned = 0;     // rows examined
   bool complete = false;   // the walk reached the end of the rows that could match
   DeviceSort sort = DeviceSort::id;
@@ -167,6 +173,11 @@ class AggregateStore {
   Result<BundlePage> bundles(const std::string& project, const std::string& after, int64_t limit);
   // Newest first: rows with id < before (0 = from the newest).
   Result<AuditPage> audit(const std::string& project, int64_t before, int64_t limit);
+  // The API or enrollment token whose secret hashes to secret_hash: what
+  // authenticates every API call, read without waiting for the store's writer.
+  Result<std::optional<TokenRecord>> token(const std::string& kind, const std::string& secret_hash);
+  // Devices whose last inventory said their clock looked wrong (not decommissioned).
+  Result<int64_t> clock_suspect_devices();
 
   // One timeline point for every campaign the engine still runs, and a last
   // one for a campaign that ended since the previous call; thins a

@@ -184,6 +184,11 @@ class HubService {
   // answer 503 without them.
   void set_aggregates(AggregateStore* a) { aggregates_ = a; }
   AggregateStore* aggregates() const { return aggregates_; }
+  // Where the API reads what it must not wait for the store's writer to
+  // read (tokens, device pages, /metrics): the read models' connections when
+  // set, else read connections of the hub's own, opened on first use. Null
+  // only for a store without a file.
+  AggregateStore* reads();
   void stop();
 
   // With ServiceConfig::control_coordinator: the control log (null without
@@ -286,7 +291,6 @@ class HubService {
     return !cfg_.share_cells || (cell >= 0 && cell < 64 && ((served_mask_.load() >> cell) & 1u));
   }
 
-  Result<std::vector<DeviceRecord>> list_devices(const Selector& sel, const std::string& project = "*");
   Result<std::optional<DeviceRecord>> get_device(const std::string& id);
 
   // Access control, devices and audit (service_access.cpp).
@@ -582,6 +586,8 @@ class HubService {
   LogLimiter log_limit_{clock_};
   std::atomic<uint64_t> dropped_too_large_{0};
   AggregateStore* aggregates_ = nullptr;
+  std::once_flag own_reads_once_;
+  std::unique_ptr<AggregateStore> own_reads_;
 
   // Recursive: a declarative apply holds it across one transaction while it
   // calls the same operations (create_campaign, campaign_action,
