@@ -432,11 +432,11 @@ Admission Api::admit(const HttpRequest& req) {
 namespace {
 // Read-your-writes across hub processes (docs/api/openapi.yaml, "Several
 // hubs"): every answer of a hub on the control log carries the log revision
-// its store has applied, which is at least that of a write it just
-// answered (and of the call's audit row). A client that sends the highest revision it has
-// seen as X-Flotilla-Min-Revision to any hub gets an answer from a store at
-// least that new: the hub waits up to kMinRevisionWait for its mirror to get
-// there, or answers 503 and changes nothing.
+// its store has applied, which is at least that of a write it just answered
+// (and of the call's audit row). A client that sends the highest revision
+// it has seen as X-Flotilla-Min-Revision to any hub gets an answer from a
+// store at least that new: the hub waits up to kMinRevisionWait for its
+// mirror to get there, or answers 503 and changes nothing.
 constexpr const char* kRevisionHeader = "X-Flotilla-Revision";
 constexpr const char* kMinRevisionHeader = "x-flotilla-min-revision";
 constexpr auto kMinRevisionWait = std::chrono::seconds(5);
@@ -493,7 +493,6 @@ HttpResponse Api::handle(const HttpRequest& req) {
   stamp_revision(service_, resp);
   return resp;
 }
-
 
 HttpResponse Api::dispatch(const HttpRequest& req, AuditRecord& audit, std::string& route) {
   using namespace rest;
@@ -578,7 +577,6 @@ HttpResponse Api::dispatch(const HttpRequest& req, AuditRecord& audit, std::stri
   }
   return r;
 }
-
 
 HttpResponse Api::renew(const HttpRequest& req, AuditRecord& audit) {
   using namespace rest;
