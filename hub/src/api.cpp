@@ -460,20 +460,15 @@ std::optional<HttpResponse> await_revision(HubService& s, const HttpRequest& req
   // answer is already as new as any write it made.
   if (!log || log->applied_revision() >= want) return std::nullopt;
   static std::atomic<int> waiters{0};
-  struct Slot {
-    bool held;
-    explicit Slot(bool h) : held(h) {}
-    ~Slot() {
-      if (held) --waiters;
-    }
-  } slot(++waiters <= kMaxRevisionWaiters);
-  if (!slot.held) --waiters;
-  if (slot.held && log->wait_applied(want, kMinRevisionWait)) return std::nullopt;
+  const bool admitted = ++waiters <= kMaxRevisionWaiters;
+  const bool reached = admitted && log->wait_applied(want, kMinRevisionWait);
+  --waiters;
+  if (reached) return std::nullopt;
   HttpResponse r = Api::error(
       503, "unavailable",
       "this hub's store has applied the control log up to revision " + std::to_string(log->applied_revision()) +
           ", not yet " + std::to_string(want) + " (" +
-          (slot.held ? "waited " + std::to_string(kMinRevisionWait.count()) + "s" : "too many requests waiting") +
+          (admitted ? "waited " + std::to_string(kMinRevisionWait.count()) + "s" : "too many requests waiting") +
           "); retry, or ask the hub that answered the write");
   r.headers["Retry-After"] = "1";
   return r;

@@ -186,34 +186,16 @@ Result<json> campaign_view_json(AggregateStore& a, const Caller& caller, const s
   return j;
 }
 
-// Certificate expiry by bucket, from fleet_counts' days of one dimension:
-// cert_day (k3s serving certificates, from inventories) or broker_cert_day
-// (the broker client certificates the device CA issued, each device's latest
-// unrevoked one). Devices with none are "not_reported" or "none".
+// Certificate expiry by bucket (cert_expiry_counts); devices with none are
+// "not_reported" or "none".
 json cert_buckets(const std::vector<FleetCount>& rows, const char* dim, const char* rest, int64_t total,
                   int64_t now_unix) {
-  const int64_t today = now_unix / 86400;
-  int64_t expired = 0, d7 = 0, d30 = 0, later = 0;
-  for (const auto& r : rows) {
-    if (r.dim != dim) continue;
-    int64_t day = 0;
-    try {
-      day = std::stoll(r.value);
-    } catch (const std::exception&) {
-      continue;
-    }
-    // A day bucket holds certificates expiring during that UTC day: "expired"
-    // counts the days before today; today's count as within 7 days.
-    if (day < today) expired += r.n;
-    else if (day < today + 7) d7 += r.n;
-    else if (day < today + 30) d30 += r.n;
-    else later += r.n;
-  }
-  return {{"expired", expired},
-          {"within_7_days", d7},
-          {"within_30_days", d30},
-          {"later", later},
-          {rest, std::max<int64_t>(0, total - expired - d7 - d30 - later)}};
+  const CertExpiryCounts c = cert_expiry_counts(rows, dim, now_unix);
+  return {{"expired", c.expired},
+          {"within_7_days", c.within_7_days},
+          {"within_30_days", c.within_30_days},
+          {"later", c.later},
+          {rest, std::max<int64_t>(0, total - c.expired - c.within_7_days - c.within_30_days - c.later)}};
 }
 
 Result<json> fleet_json(AggregateStore& a, const Caller& caller, int64_t now_ms) {

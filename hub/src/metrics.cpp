@@ -201,27 +201,25 @@ std::string render_metrics(HubService& s, const HttpMetrics& http) {
   auto suspect = reads ? reads->clock_suspect_devices() : Result<int64_t>(make_error(Errc::unavailable, "no store"));
   if (fleet && suspect) {
     std::map<std::string, int64_t> by_state;
-    int64_t online = 0, offline = 0, certs_expiring = 0;
-    // Certificate expiry is counted by UTC day: the day 30 days from now counts whole.
-    const int64_t soon_day = (s.clock().now_unix() + 30 * 86400) / 86400;
+    int64_t online = 0, offline = 0;
     for (const auto& f : *fleet) {
       if (f.dim == "state") {
         by_state[f.value] += f.n;
       } else if (f.dim == "online") {
         (f.value == "online" ? online : offline) += f.n;
-      } else if (f.dim == "cert_day") {
-        int64_t day = 0;
-        auto [end, ec] = std::from_chars(f.value.data(), f.value.data() + f.value.size(), day);
-        if (ec == std::errc() && day <= soon_day) certs_expiring += f.n;
       }
     }
+    // By UTC day, as the dashboard's fleet view counts them.
+    const CertExpiryCounts certs = cert_expiry_counts(*fleet, "cert_day", s.clock().now_unix());
+    const int64_t certs_expiring = certs.expired + certs.within_7_days + certs.within_30_days;
     p.family("flotilla_devices", "gauge", "Devices by last reported agent state.");
     for (const auto& [state, n] : by_state) p.sample("flotilla_devices", {{"state", state}}, static_cast<double>(n));
     p.family("flotilla_devices_presence", "gauge", "Enrolled (not decommissioned) devices by broker presence.");
     p.sample("flotilla_devices_presence", {{"presence", "online"}}, static_cast<double>(online));
     p.sample("flotilla_devices_presence", {{"presence", "offline"}}, static_cast<double>(offline));
     p.family("flotilla_devices_k3s_cert_expiring", "gauge",
-             "Devices whose k3s certificates expire within 30 days (or have expired), by UTC day.");
+             "Devices whose k3s certificates expire within 30 days (or have expired), counted by UTC day as the "
+             "dashboard does.");
     p.sample("flotilla_devices_k3s_cert_expiring", {}, static_cast<double>(certs_expiring));
     p.family("flotilla_devices_clock_suspect", "gauge", "Devices whose clock looked wrong in their last inventory.");
     p.sample("flotilla_devices_clock_suspect", {}, static_cast<double>(*suspect));

@@ -41,31 +41,33 @@ using test::body_of;
 using test::RecordingTransport;
 using test::TempDir;
 
-// The shared coordinator, which a test can make unreachable the way etcd is
-// when no member answers (the etcd backend's own error is tested against a
-// stopped cluster in the integration tier).
 // A watch that breaks, as etcd's stream does, while its coordinator is down.
 class SwitchableWatch final : public co::Watch {
  public:
   SwitchableWatch(std::unique_ptr<co::Watch> inner, const std::atomic<bool>& down)
       : inner_(std::move(inner)), down_(down) {}
   Result<std::vector<co::WatchEvent>> next(std::chrono::milliseconds wait) override {
-    auto events = down_ ? Result<std::vector<co::WatchEvent>>(std::vector<co::WatchEvent>{}) : inner_->next(wait);
-    // Also when it went down during the wait: what arrived is lost with the
-    // stream (the follower starts a new watch from what it applied).
-    if (down_) {
-      return make_error(Errc::coordination_unavailable, "etcd unreachable: the watch stream broke", true);
-    }
+    if (down_) return broken();
+    auto events = inner_->next(wait);
+    // Down during the wait: what arrived is lost with the stream (the
+    // follower starts a new watch from what it applied).
+    if (down_) return broken();
     return events;
   }
   int64_t last_revision() const override { return inner_->last_revision(); }
   int64_t compacted_at() const override { return inner_->compacted_at(); }
 
  private:
+  static Error broken() {
+    return make_error(Errc::coordination_unavailable, "etcd unreachable: the watch stream broke", true);
+  }
   std::unique_ptr<co::Watch> inner_;
   const std::atomic<bool>& down_;
 };
 
+// The shared coordinator, which a test can make unreachable the way etcd is
+// when no member answers (the etcd backend's own error is tested against a
+// stopped cluster in the integration tier).
 class SwitchableCoordinator final : public co::Coordinator {
  public:
   explicit SwitchableCoordinator(co::Coordinator& inner) : inner_(inner) {}
@@ -414,7 +416,7 @@ TEST_CASE("control log: with the coordinator unreachable a control write is refu
   CHECK(sh.head_revision() > head);
 }
 
-// Read-your-writes across hubs (docs/api.md, "Several hub processes"): a
+// Read-your-writes across hubs (docs/operations.md, "Several hub processes"): a
 // write's answer says the log revision it made; a read sent to another hub
 // with that revision waits for that hub's mirror instead of answering from
 // an older store.
@@ -468,9 +470,9 @@ TEST_CASE("control log: a read asking for the revision of a write waits for it o
 }
 
 // The API's reads that every caller makes (authentication, device pages)
-// go to read connections: a control write
-// holding the store's writer (here: waiting on a slow etcd) does not hold
-// them up, and they see what was committed before it.
+// go to read connections: a control write holding the store's writer (here:
+// waiting on a slow etcd) does not hold them up, and they see what was
+// committed before it.
 TEST_CASE("control log: tokens and device pages answer while a control write holds the store's writer",
           "[unit][control]") {
   Shared sh;

@@ -12,6 +12,7 @@
 #include "flotilla/hub/aggregates.hpp"
 
 #include <algorithm>
+#include <charconv>
 #include <map>
 #include <nlohmann/json.hpp>
 
@@ -505,6 +506,21 @@ std::optional<DeviceSort> parse_device_sort(const std::string& s) {
 
 bool is_trouble_state(const std::string& state) {
   return state == "failed" || state == "refused" || state == "rolled_back" || state == "rolling_back";
+}
+
+CertExpiryCounts cert_expiry_counts(const std::vector<FleetCount>& rows, const std::string& dim, int64_t now_unix) {
+  const int64_t today = now_unix / 86400;
+  CertExpiryCounts c;
+  for (const auto& r : rows) {
+    if (r.dim != dim) continue;
+    int64_t day = 0;
+    if (std::from_chars(r.value.data(), r.value.data() + r.value.size(), day).ec != std::errc()) continue;
+    if (day < today) c.expired += r.n;
+    else if (day < today + 7) c.within_7_days += r.n;
+    else if (day < today + 30) c.within_30_days += r.n;
+    else c.later += r.n;
+  }
+  return c;
 }
 
 struct AggregateStore::Pool {
@@ -1116,7 +1132,7 @@ Result<int64_t> AggregateStore::clock_suspect_devices() {
   auto n = query<int64_t>(lease.db(),
                           "SELECT COUNT(*) FROM device_inventory INDEXED BY device_inventory_clock_suspect "
                           "WHERE clock_suspect != 0",
-                          [](sql::Stmt&) {}, [](const sql::Stmt& s) { return s.col_int(0); });
+                          [](const sql::Stmt& s) { return s.col_int(0); });
   if (!n) return n.error();
   return n->empty() ? 0 : n->front();
 }

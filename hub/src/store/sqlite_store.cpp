@@ -372,14 +372,8 @@ Result<std::optional<DeviceRecord>> Store::get_device(const std::string& id) {
   return std::optional<DeviceRecord>(device_from(*st));
 }
 
-Result<std::vector<DeviceRecord>> Store::list_devices(const std::string& project) {
-  if (project == "*") {
-    return query<DeviceRecord>(*db_, std::string("SELECT ") + kDeviceCols + " FROM " + kDeviceFrom + " ORDER BY d.id", device_from);
-  }
-  auto st = db_->prepare(std::string("SELECT ") + kDeviceCols + " FROM " + kDeviceFrom + " WHERE d.project = ? ORDER BY d.id");
-  if (!st) return st.error();
-  st->bind(1, std::string_view(project));
-  return st->rows<DeviceRecord>(device_from);
+Result<std::vector<DeviceRecord>> Store::list_devices() {
+  return query<DeviceRecord>(*db_, std::string("SELECT ") + kDeviceCols + " FROM " + kDeviceFrom + " ORDER BY d.id", device_from);
 }
 
 Status Store::each_device_target(

@@ -35,6 +35,17 @@ std::optional<DeviceSort> parse_device_sort(const std::string& s);
 // these devices, so a filter on them reads only them.
 bool is_trouble_state(const std::string& state);
 
+// Certificates by expiry, from fleet_counts' days of one dimension:
+// cert_day (k3s serving certificates, from inventories) or broker_cert_day
+// (the broker client certificates the device CA issued). A day holds the
+// certificates expiring during that UTC day: `expired` counts the days
+// before today, today's count as within 7 days. The dashboard and /metrics
+// both count this way.
+struct CertExpiryCounts {
+  int64_t expired = 0, within_7_days = 0, within_30_days = 0, later = 0;
+};
+CertExpiryCounts cert_expiry_counts(const std::vector<FleetCount>& rows, const std::string& dim, int64_t now_unix);
+
 struct DeviceQuery {
   std::string project = "*";  // "*" = every project
   Selector selector;          // empty = every device

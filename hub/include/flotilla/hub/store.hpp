@@ -296,8 +296,9 @@ class Store {
 
   Status upsert_enrolled_device(const DeviceRecord& d);
   Result<std::optional<DeviceRecord>> get_device(const std::string& id);
-  // Every device of project ("*": all), by id.
-  Result<std::vector<DeviceRecord>> list_devices(const std::string& project = "*");
+  // Every device, by id: the tests' brute-force answer. The API never loads
+  // the fleet; it pages with AggregateStore::devices.
+  Result<std::vector<DeviceRecord>> list_devices();
   // Streams what targeting needs of every device (id, project, state,
   // labels) without building a million full records.
   Status each_device_target(
