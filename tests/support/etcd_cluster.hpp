@@ -9,6 +9,7 @@
 
 #include <chrono>
 #include <filesystem>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -37,6 +38,15 @@ inline int free_loopback_port() {
   return port;
 }
 
+// Client TLS for every member: https client URLs, the members' own
+// certificate (cert/key, for 127.0.0.1; etcd's gateway also presents it as a
+// client, so it needs clientAuth too) and, with client_cert_auth, only
+// clients with a certificate from `ca` get in.
+struct EtcdTls {
+  std::string ca, cert, key;
+  bool client_cert_auth = true;
+};
+
 class EtcdCluster {
  public:
   // etcd's binary: $FLOTILLA_ETCD or /usr/bin/etcd.
@@ -46,12 +56,15 @@ class EtcdCluster {
   }
   static bool available() { return std::filesystem::exists(binary()); }
 
-  EtcdCluster(std::filesystem::path dir, int members) : dir_(std::move(dir)) {
+  EtcdCluster(std::filesystem::path dir, int members, std::optional<EtcdTls> tls = std::nullopt)
+      : dir_(std::move(dir)), tls_(std::move(tls)) {
     for (int i = 0; i < members; ++i) {
       Member m;
       m.name = "m" + std::to_string(i);
-      m.client = "http://127.0.0.1:" + std::to_string(free_loopback_port());
+      m.client = std::string(tls_ ? "https" : "http") + "://127.0.0.1:" + std::to_string(free_loopback_port());
       m.peer = "http://127.0.0.1:" + std::to_string(free_loopback_port());
+      // /health (and /metrics) in plain HTTP whatever the client port asks.
+      m.metrics = "http://127.0.0.1:" + std::to_string(free_loopback_port());
       members_.push_back(std::move(m));
     }
   }
@@ -87,7 +100,14 @@ class EtcdCluster {
                "--initial-cluster-token", "flotilla-test",
                // Fast elections, so a lost member costs the tests little time.
                "--heartbeat-interval", "50", "--election-timeout", "500",
-               "--logger", "zap", "--log-level", "warn"};
+               "--listen-metrics-urls", m.metrics, "--logger", "zap", "--log-level", "warn"};
+    if (tls_) {
+      for (const std::string& a : {std::string("--cert-file"), tls_->cert, std::string("--key-file"), tls_->key,
+                                   std::string("--trusted-ca-file"), tls_->ca}) {
+        so.argv.push_back(a);
+      }
+      if (tls_->client_cert_auth) so.argv.push_back("--client-cert-auth");
+    }
     so.stdout_path = (dir_ / (m.name + ".log")).string();
     so.stderr_path = "stdout";
     so.die_with_parent = true;
@@ -116,7 +136,7 @@ class EtcdCluster {
     const auto deadline = std::chrono::steady_clock::now() + timeout;
     while (std::chrono::steady_clock::now() < deadline) {
       http::Request r;
-      r.url = members_[i].client + "/health";
+      r.url = members_[i].metrics + "/health";
       r.timeout = std::chrono::milliseconds(1000);
       auto resp = http::send(r);
       if (resp && resp->status == 200 && resp->body.find("\"true\"") != std::string::npos) return true;
@@ -135,10 +155,11 @@ class EtcdCluster {
 
  private:
   struct Member {
-    std::string name, client, peer;
+    std::string name, client, peer, metrics;
     proc::Child child;
   };
   std::filesystem::path dir_;
+  std::optional<EtcdTls> tls_;
   std::vector<Member> members_;
 };
 

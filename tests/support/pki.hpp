@@ -44,14 +44,21 @@ inline void make_ca(const std::filesystem::path& dir, const std::string& name) {
                "keyUsage=critical,keyCertSign"});
 }
 
-// <dir>/<name>.pem and <name>.key: a server certificate for 127.0.0.1 signed by CA <ca>.
-inline void make_server_cert(const std::filesystem::path& dir, const std::string& ca, const std::string& name) {
+// <dir>/<name>.pem and <name>.key: a certificate for 127.0.0.1 signed by CA
+// <ca>, for the given extended key usages ("serverAuth", "clientAuth" or both).
+inline void make_cert(const std::filesystem::path& dir, const std::string& ca, const std::string& name,
+                      const std::string& usage) {
   const auto p = [&](const std::string& f) { return (dir / f).string(); };
-  std::ofstream(dir / (name + ".cnf")) << "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n";
+  std::ofstream(dir / (name + ".cnf")) << "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=" << usage << "\n";
   run_openssl({"req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout",
                p(name + ".key"), "-out", p(name + ".csr"), "-subj", "/CN=flotilla " + name});
   run_openssl({"x509", "-req", "-in", p(name + ".csr"), "-CA", p(ca + ".pem"), "-CAkey", p(ca + ".key"),
                "-CAcreateserial", "-out", p(name + ".pem"), "-days", "2", "-extfile", p(name + ".cnf")});
+}
+
+// <dir>/<name>.pem and <name>.key: a server certificate for 127.0.0.1 signed by CA <ca>.
+inline void make_server_cert(const std::filesystem::path& dir, const std::string& ca, const std::string& name) {
+  make_cert(dir, ca, name, "serverAuth");
 }
 
 }  // namespace flotilla::test

@@ -17,6 +17,9 @@
 #include <optional>
 #include <thread>
 
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+
 #include <boost/asio/connect.hpp>
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/ssl.hpp>
@@ -590,6 +593,19 @@ class EtcdCoordinator final : public Coordinator {
       });
       conn.run();
       conn.close();
+      // In TLS 1.3 a member that refuses this hub's client certificate says
+      // so with an alert that arrives after the request was written, before
+      // any answer: the TLS session never carried the request to etcd, so it
+      // was not applied. Said as what it is, not as an outcome unknown.
+      if (ec && ec.category() == asio::error::get_ssl_category() && !parser.is_header_done() &&
+          ERR_GET_REASON(static_cast<unsigned long>(ec.value())) >= SSL_AD_REASON_OFFSET) {
+        sent = false;
+        return make_error(Errc::unavailable,
+                          "etcd refused this hub's TLS session (" + ec.message() +
+                              "): etcd-cert and etcd-key must be a client certificate from the CA in etcd's "
+                              "--trusted-ca-file",
+                          true);
+      }
       if (ec == bhttp::error::body_limit) {
         return make_error(Errc::too_large, path + ": etcd's answer is over " +
                                                std::to_string(sh_->opts.max_response_bytes) + " bytes");
