@@ -1,5 +1,7 @@
 #include "client.hpp"
 
+#include <charconv>
+
 #include "contexts.hpp"
 #include "output.hpp"
 
@@ -57,10 +59,16 @@ Result<json> Client::call(const std::string& method, const std::string& path, co
     r.body = body;
     r.headers["Authorization"] = "Bearer " + token;
     if (!body.empty()) r.headers["Content-Type"] = content_type;
+    if (revision > 0) r.headers["X-Flotilla-Min-Revision"] = std::to_string(revision);
     r.timeout = timeout;
     r.ca_file = ca_file;
     auto resp = http::send(r);
     if (!resp) return resp.error().with_context("cannot reach the hub at " + base);
+    if (auto h = resp->headers.find("x-flotilla-revision"); h != resp->headers.end()) {
+      int64_t seen = 0;
+      const auto [end, ec] = std::from_chars(h->second.data(), h->second.data() + h->second.size(), seen);
+      if (ec == std::errc() && end == h->second.data() + h->second.size() && seen > revision) revision = seen;
+    }
     json j = json::parse(resp->body, nullptr, false);
     if (resp->status >= 300) {
       std::string msg = j.is_object() && j.contains("error") ? j["error"].value("message", resp->body) : resp->body;
