@@ -242,20 +242,20 @@ HubService::CellFilter HubService::release_filter() const {
   return ready;
 }
 
-Result<std::vector<CellCampaignCounts>> HubService::cell_counts(const std::string& campaign_id) {
+Result<std::vector<CellCampaignCounts>> HubService::cell_counts(Store& from, const std::string& campaign_id) {
   const CellFilter own = cell_filter();
   std::vector<int> local;
   if (own) {
     local = *own;
   } else {
-    auto present = store_.campaign_cells(campaign_id);
+    auto present = from.campaign_cells(campaign_id);
     if (!present) return present.error();
     local = std::move(*present);
   }
   std::vector<CellCampaignCounts> out;
   const int64_t now = clock_.now_unix_ms();
   for (int cell : local) {
-    auto rows = store_.campaign_counts(campaign_id, cell);
+    auto rows = from.campaign_counts(campaign_id, cell);
     if (!rows) return rows.error();
     if (rows->empty()) continue;
     out.push_back({campaign_id, cell, 0, now, cfg_.coord_holder, std::move(*rows)});
@@ -275,13 +275,13 @@ Result<std::vector<CellCampaignCounts>> HubService::cell_counts(const std::strin
   return out;
 }
 
-Result<std::vector<CampaignCountRow>> HubService::campaign_totals(const std::string& campaign_id,
+Result<std::vector<CampaignCountRow>> HubService::campaign_totals(Store& from, const std::string& campaign_id,
                                                                   std::vector<int>* unheard) {
   if (unheard) unheard->clear();
   // Owning every cell, the totals are the store's own (one query, as before cells).
   const CellFilter own = cell_filter();
-  if (!own) return store_.campaign_counts(campaign_id);
-  auto cells = cell_counts(campaign_id);
+  if (!own) return from.campaign_counts(campaign_id);
+  auto cells = cell_counts(from, campaign_id);
   if (!cells) return cells.error();
   if (unheard) {
     auto needed = campaign_member_cells(campaign_id);

@@ -258,7 +258,7 @@ void HubService::tick_campaign_step(CampaignRecord& c, Publishes& publishes) {
       return;
     }
     std::vector<int> unheard;
-    auto counts = campaign_totals(c.id, &unheard);
+    auto counts = campaign_totals(store_, c.id, &unheard);
     if (!counts || !unheard.empty()) return;  // a cell not heard from may still be rolling back
     for (const auto& row : *counts) {
       if (row.status == "rolling_back" && row.online) return;  // still on its way back
@@ -277,7 +277,7 @@ void HubService::tick_campaign_step(CampaignRecord& c, Publishes& publishes) {
   // yet, or this hub lost its lease and with it its own cells) would make
   // its devices look absent and the campaign complete.
   std::vector<int> unheard;
-  auto counts = campaign_totals(c.id, &unheard);
+  auto counts = campaign_totals(store_, c.id, &unheard);
   if (!counts) return;
   const bool decide = leader && unheard.empty();
   if (leader && !unheard.empty()) {
@@ -463,7 +463,7 @@ void HubService::tick_campaign_step(CampaignRecord& c, Publishes& publishes) {
     logger->info("campaign={} wave={} released={}", c.id, strategy.wave_name(c.current_wave), released);
     // Judge the wave on what is true now: devices just released online are
     // pending and hold it; those released offline do not.
-    counts = campaign_totals(c.id);
+    counts = campaign_totals(store_, c.id);
     if (!counts) return;
     all = CampaignCounts{};
     for (const auto& row : *counts) all.add(row.status, row.count);
@@ -798,7 +798,7 @@ Result<CampaignRecord> HubService::campaign_action(const std::string& id, const 
     } else if (action == "resume") {
       if (c.state != CampaignState::paused) return conflict("");
       // Resuming accepts the failures seen so far; the threshold judges what comes next.
-      auto counts = campaign_totals(c.id);
+      auto counts = campaign_totals(store_, c.id);
       if (!counts) return counts.error();
       CampaignCounts all;
       for (const auto& row : *counts) all.add(row.status, row.count);
@@ -846,18 +846,25 @@ Result<CampaignRecord> HubService::campaign_action(const std::string& id, const 
   return c;
 }
 
+// Status polls (the federation asks every region every 2 s, operators
+// watch campaigns) read on a read connection: under store_mu_ they waited
+// seconds behind report batches and engine ticks at 250,000 devices.
 Result<std::optional<CampaignView>> HubService::campaign_view(const std::string& id, bool with_devices) {
-  std::lock_guard lock(store_mu_);
-  auto c = store_.get_campaign(id);
+  return read([&](Store& from) { return campaign_view_on(from, id, with_devices); });
+}
+
+Result<std::optional<CampaignView>> HubService::campaign_view_on(Store& from, const std::string& id,
+                                                                 bool with_devices) {
+  auto c = from.get_campaign(id);
   if (!c) return c.error();
   if (!*c) return std::optional<CampaignView>();
   CampaignView v;
   v.campaign = **c;
   v.strategy = strategy_of(v.campaign);
-  if (auto b = store_.get_bundle(v.campaign.bundle_id, false); b && *b) v.bundle = **b;
-  auto counts = campaign_totals(id);
+  if (auto b = from.get_bundle(v.campaign.bundle_id, false); b && *b) v.bundle = **b;
+  auto counts = campaign_totals(from, id);
   if (!counts) return counts.error();
-  auto cells = cell_counts(id);
+  auto cells = cell_counts(from, id);
   if (!cells) return cells.error();
   v.cells = std::move(*cells);
   v.waves.resize(static_cast<size_t>(v.strategy.wave_count()));
@@ -877,16 +884,16 @@ Result<std::optional<CampaignView>> HubService::campaign_view(const std::string&
   }
   // Grouped and limited in SQL: a status poll of a million-device campaign
   // must not load a million rows.
-  auto reasons = store_.failure_reasons(id);
+  auto reasons = from.failure_reasons(id);
   if (!reasons) return reasons.error();
   v.failure_reasons = std::move(*reasons);
   if (v.counts.offline > 0) {
-    auto away = store_.away_devices(id, 100);
+    auto away = from.away_devices(id, 100);
     if (!away) return away.error();
     v.away = std::move(*away);
   }
   if (with_devices) {
-    auto rows = store_.campaign_devices(id);
+    auto rows = from.campaign_devices(id);
     if (!rows) return rows.error();
     v.devices = std::move(*rows);
   }
@@ -894,21 +901,18 @@ Result<std::optional<CampaignView>> HubService::campaign_view(const std::string&
 }
 
 Result<std::vector<CampaignView>> HubService::list_campaigns(const std::string& project) {
-  std::vector<CampaignRecord> records;
-  {
-    std::lock_guard lock(store_mu_);
-    auto c = store_.list_campaigns();
-    if (!c) return c.error();
-    records = std::move(*c);
-  }
-  std::vector<CampaignView> out;
-  for (const auto& c : records) {
-    if (project != "*" && c.project != project) continue;
-    auto v = campaign_view(c.id, false);
-    if (!v) return v.error();
-    if (*v) out.push_back(std::move(**v));
-  }
-  return out;
+  return read([&](Store& from) -> Result<std::vector<CampaignView>> {
+    auto records = from.list_campaigns();
+    if (!records) return records.error();
+    std::vector<CampaignView> out;
+    for (const auto& c : *records) {
+      if (project != "*" && c.project != project) continue;
+      auto v = campaign_view_on(from, c.id, false);
+      if (!v) return v.error();
+      if (*v) out.push_back(std::move(**v));
+    }
+    return out;
+  });
 }
 
 }  // namespace flotilla::hub

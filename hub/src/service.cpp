@@ -1122,13 +1122,11 @@ Result<std::pair<BundleRecord, bool>> HubService::upload_bundle(const std::strin
 }
 
 Result<std::vector<BundleRecord>> HubService::list_bundles(const std::string& project) {
-  std::lock_guard lock(store_mu_);
-  return store_.list_bundles(project);
+  return read([&](Store& from) { return from.list_bundles(project); });
 }
 
 Result<std::optional<BundleRecord>> HubService::get_bundle(const std::string& key, const std::string& project) {
-  std::lock_guard lock(store_mu_);
-  return store_.get_bundle(key, false, project);
+  return read([&](Store& from) { return from.get_bundle(key, false, project); });
 }
 
 Result<HubService::SharedDesiredPtr> HubService::desired_shared(const std::string& bundle_id,
@@ -1219,9 +1217,31 @@ AggregateStore* HubService::reads() {
   return own_reads_.get();
 }
 
+void HubService::read_store(const std::function<void(Store&)>& f) {
+  AggregateStore* a = reads();
+  if (!a) {
+    std::lock_guard lock(store_mu_);
+    f(store_);
+    return;
+  }
+  auto lease = a->reader();
+  // One snapshot for the whole read: a campaign's totals, its cells' counts
+  // and its waves agree with each other even while reports commit. A
+  // deferred BEGIN takes no lock a writer waits for.
+  // Ended however f leaves (a pooled connection left inside a transaction
+  // would answer from that old snapshot for good).
+  struct Snapshot {
+    sql::Db& db;
+    bool open;
+    ~Snapshot() {
+      if (open && !db.exec("COMMIT")) (void)db.exec("ROLLBACK");
+    }
+  } snapshot{lease.db(), static_cast<bool>(lease.db().exec("BEGIN"))};
+  f(lease.store());
+}
+
 Result<std::optional<DeviceRecord>> HubService::get_device(const std::string& id) {
-  std::lock_guard lock(store_mu_);
-  return store_.get_device(id);
+  return read([&](Store& from) { return from.get_device(id); });
 }
 
 namespace {
@@ -1312,9 +1332,12 @@ void HubService::drain_cell(Cell& c) {
     // from the next idle report): no fsync per batch. Control writes stay FULL.
     (void)store_.relaxed_sync(true);
     {
+      Applied applied;
       sql::Transaction tx(store_.db());
-      for (const auto& [id, msgs] : groups) apply_device_messages(id, msgs, c.id());
+      for (const auto& [id, msgs] : groups) apply_device_messages(id, msgs, c.id(), applied);
       if (auto s = tx.commit(); !s) log::get("hub")->error("commit report batch failed: {}", s.error().message);
+      reports_processed_ += applied.reports;
+      presence_processed_ += applied.presences;
     }
     if (auto s = store_.relaxed_sync(false); !s) {
       log::get("hub")->error("restore synchronous=FULL failed: {}", s.error().message);
@@ -1533,7 +1556,7 @@ HubService::DeviceGroups HubService::parse_batch(const std::vector<transport::Me
 }
 
 void HubService::apply_device_messages(const std::string& device_id, const std::vector<ParsedMessage>& msgs,
-                                       int cell) {
+                                       int cell, Applied& applied) {
   auto found = store_.get_device(device_id);
   if (!found || !*found) {
     if (std::any_of(msgs.begin(), msgs.end(), [](const ParsedMessage& p) { return p.is_report; })) {
@@ -1626,8 +1649,8 @@ void HubService::apply_device_messages(const std::string& device_id, const std::
     (void)store_.save_campaign_device(*row.row);
     if (campaign_status_is_final(row.row->status)) engine_cv_.notify_one();
   }
-  reports_processed_ += reports;
-  presence_processed_ += presences;
+  applied.reports += reports;
+  applied.presences += presences;
   if (!was_online && dev.online && presence_settle_until_ms_ != 0 &&
       ++reannounced_ >= presence_reset_count_.load()) {
     presence_settle_until_ms_ = 0;

@@ -8,13 +8,11 @@
 namespace flotilla::hub {
 
 Result<std::vector<TokenRecord>> HubService::list_tokens(const std::string& kind) {
-  std::lock_guard lock(store_mu_);
-  return store_.list_tokens(kind);
+  return read([&](Store& from) { return from.list_tokens(kind); });
 }
 
 Result<std::optional<TokenRecord>> HubService::get_token(const std::string& kind, const std::string& id) {
-  std::lock_guard lock(store_mu_);
-  return store_.get_token(kind, id);
+  return read([&](Store& from) { return from.get_token(kind, id); });
 }
 
 Status HubService::revoke_token(const std::string& kind, const std::string& id) {
@@ -148,8 +146,7 @@ Status HubService::append_audit(AuditRecord a) {
 }
 
 Result<std::vector<AuditRecord>> HubService::list_audit(int64_t after, int64_t limit, const std::string& project) {
-  std::lock_guard lock(store_mu_);
-  return store_.list_audit(after, limit, project);
+  return read([&](Store& from) { return from.list_audit(after, limit, project); });
 }
 
 HubService::MqttCounters HubService::mqtt_counters() const {

@@ -51,14 +51,12 @@ json display(const json& desired, const std::string& apply_set) {
 }  // namespace
 
 Result<std::vector<AppliedObject>> HubService::list_applied(const std::string& apply_set, bool all_sets) {
-  std::lock_guard lock(store_mu_);
-  return store_.list_applied(apply_set, all_sets);
+  return read([&](Store& from) { return from.list_applied(apply_set, all_sets); });
 }
 
 Result<std::vector<CampaignDeviceRecord>> HubService::campaign_failures(const std::string& campaign_id,
                                                                         int64_t limit) {
-  std::lock_guard lock(store_mu_);
-  return store_.campaign_failures(campaign_id, limit);
+  return read([&](Store& from) { return from.campaign_failures(campaign_id, limit); });
 }
 
 Result<GitRepoRecord> HubService::put_gitrepo(GitRepoRecord r, bool create_only) {
@@ -85,13 +83,11 @@ Result<GitRepoRecord> HubService::put_gitrepo(GitRepoRecord r, bool create_only)
 }
 
 Result<std::optional<GitRepoRecord>> HubService::get_gitrepo(const std::string& name) {
-  std::lock_guard lock(store_mu_);
-  return store_.get_gitrepo(name);
+  return read([&](Store& from) { return from.get_gitrepo(name); });
 }
 
 Result<std::vector<GitRepoRecord>> HubService::list_gitrepos() {
-  std::lock_guard lock(store_mu_);
-  return store_.list_gitrepos();
+  return read([&](Store& from) { return from.list_gitrepos(); });
 }
 
 Status HubService::delete_gitrepo(const std::string& name) {

@@ -5,6 +5,7 @@
 // (tests/integration/hub_control_etcd_test.cpp).
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <atomic>
 #include <memory>
 #include <optional>
@@ -469,17 +470,22 @@ TEST_CASE("control log: a read asking for the revision of a write waits for it o
   CHECK(b.call("GET", path, a.root, "x-flotilla-min-revision", "1").status == 200);
 }
 
-// The API's reads that every caller makes (authentication, device pages)
-// go to read connections: a control write holding the store's writer (here:
-// waiting on a slow etcd) does not hold them up, and they see what was
-// committed before it.
-TEST_CASE("control log: tokens and device pages answer while a control write holds the store's writer",
-          "[unit][control]") {
+// The API's reads (authentication, device pages and single devices,
+// campaigns, bundles, tokens, audit) go to read connections: a control write
+// holding the store's writer (here: waiting on a slow etcd) does not hold
+// them up, and they see what was committed before it and nothing of it.
+TEST_CASE("control log: API reads answer while a control write holds the store's writer", "[unit][control]") {
   Shared sh;
   Hub a(*sh.coord, sh.clock, true);
   auto enr = a.service().create_token("enroll", token_rec("enroll", "enroll", {"site"}));
   REQUIRE(enr);
   const std::string device = a.enroll_device(enr->secret);
+  const std::string bundle = a.upload_bundle(a.root, "reads");
+  auto created = a.call("POST", "/v1/campaigns", json{{"name", "reads"}, {"bundle", bundle}, {"selector", "site=north"}}.dump(),
+                        a.root);
+  INFO(created.body);
+  REQUIRE(created.status == 201);
+  const std::string campaign = body_of(created)["id"].get<std::string>();
 
   sh.coord->hold = true;
   struct Release {
@@ -506,6 +512,35 @@ TEST_CASE("control log: tokens and device pages answer while a control write hol
     auto labelled = a.call("GET", "/v1/devices?selector=site%3Dnorth", "", a.root);
     CHECK(body_of(labelled)["items"].size() == 1);
     CHECK(a.call("GET", "/v1/devices", "", "flt_api_not-a-token").status == 401);
+    auto one = a.call("GET", "/v1/devices/" + device, "", a.root);
+    INFO(one.body);
+    CHECK(one.status == 200);
+    CHECK(body_of(one)["id"] == device);
+
+    auto view = a.call("GET", "/v1/campaigns/" + campaign, "", a.root);
+    INFO(view.body);
+    REQUIRE(view.status == 200);
+    CHECK(body_of(view)["counts"]["total"] == 1);
+    CHECK(body_of(view)["bundle"]["id"] == bundle);
+    auto campaigns = a.call("GET", "/v1/campaigns", "", a.root);
+    REQUIRE(campaigns.status == 200);
+    CHECK(ids_of(body_of(campaigns)["items"]) == std::set<std::string>{campaign});
+    auto bundles = a.call("GET", "/v1/bundles", "", a.root);
+    REQUIRE(bundles.status == 200);
+    CHECK(ids_of(body_of(bundles)["items"]) == std::set<std::string>{bundle});
+    CHECK(a.call("GET", "/v1/bundles/" + bundle, "", a.root).status == 200);
+    // The token being written is not there yet: nothing uncommitted is read.
+    auto tokens = a.call("GET", "/v1/tokens", "", a.root);
+    INFO(tokens.body);
+    REQUIRE(tokens.status == 200);
+    const json listed = body_of(tokens);
+    std::vector<std::string> names;
+    for (const auto& t : listed["items"]) names.push_back(t["name"].get<std::string>());
+    CHECK(std::find(names.begin(), names.end(), "root") != names.end());
+    CHECK(std::find(names.begin(), names.end(), "slow") == names.end());
+    auto audit = a.call("GET", "/v1/audit", "", a.root);
+    REQUIRE(audit.status == 200);
+    CHECK_FALSE(body_of(audit)["items"].empty());
     CHECK_FALSE(answered);  // still waiting: the reads did not queue behind it
   }
   writer.join();

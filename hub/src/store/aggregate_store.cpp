@@ -526,47 +526,27 @@ CertExpiryCounts cert_expiry_counts(const std::vector<FleetCount>& rows, const s
 struct AggregateStore::Pool {
   std::mutex mu;
   std::condition_variable cv;
-  std::vector<std::unique_ptr<sql::Db>> idle;
+  std::vector<std::unique_ptr<Store>> idle;
 };
 
-// A read connection for the length of one call.
-class AggregateStore::Lease {
- public:
-  Lease(Pool& p, std::unique_ptr<sql::Db> db) : pool_(p), db_(std::move(db)) {}
-  Lease(Lease&& o) noexcept : pool_(o.pool_), db_(std::move(o.db_)) {}
-  ~Lease() {
-    if (!db_) return;
-    std::lock_guard lock(pool_.mu);
-    pool_.idle.push_back(std::move(db_));
-    pool_.cv.notify_one();
-  }
-  sql::Db& db() { return *db_; }
-
- private:
-  Pool& pool_;
-  std::unique_ptr<sql::Db> db_;
-};
+AggregateStore::Lease::Lease(Pool& p, std::unique_ptr<Store> s) : pool_(p), store_(std::move(s)) {}
+AggregateStore::Lease::Lease(Lease&& o) noexcept : pool_(o.pool_), store_(std::move(o.store_)) {}
+AggregateStore::Lease::~Lease() {
+  if (!store_) return;
+  std::lock_guard lock(pool_.mu);
+  pool_.idle.push_back(std::move(store_));
+  pool_.cv.notify_one();
+}
 
 AggregateStore::Lease AggregateStore::reader() {
   std::unique_lock lock(pool_->mu);
   pool_->cv.wait(lock, [&] { return !pool_->idle.empty(); });
-  auto db = std::move(pool_->idle.back());
+  auto store = std::move(pool_->idle.back());
   pool_->idle.pop_back();
-  return Lease(*pool_, std::move(db));
+  return Lease(*pool_, std::move(store));
 }
 
 namespace {
-
-Result<std::unique_ptr<sql::Db>> open_connection(const std::string& path, const StoreTuning& t, bool read_only) {
-  auto db = sql::Db::open(path);
-  if (!db) return db.error();
-  std::string pragmas = "PRAGMA cache_size = -" + std::to_string(std::max<int64_t>(1, t.cache_mib) * 1024) +
-                        "; PRAGMA mmap_size = " + std::to_string(std::max<int64_t>(0, t.mmap_mib) << 20) + ";";
-  // The read models never write through a reader: a bug that tried would fail here, not corrupt a count.
-  if (read_only) pragmas += "PRAGMA query_only = 1;";
-  if (auto s = (*db)->exec(pragmas); !s) return s.error();
-  return std::move(*db);
-}
 
 // A value bound to a statement built at run time.
 struct Bind {
@@ -649,12 +629,14 @@ Result<std::unique_ptr<AggregateStore>> AggregateStore::open(const std::string& 
   a->cfg_ = cfg;
   a->pool_ = std::make_unique<Pool>();
   for (int i = 0; i < std::max(1, cfg.readers); ++i) {
-    auto db = open_connection(path, cfg.tuning, true);
-    if (!db) return db.error().with_context("open a read connection to " + path);
-    a->pool_->idle.push_back(std::move(*db));
+    auto r = Store::open_reader(path, cfg.tuning);
+    if (!r) return r.error().with_context("open a read connection to " + path);
+    a->pool_->idle.push_back(std::move(*r));
   }
-  auto w = open_connection(path, StoreTuning{2, 0}, false);
+  // The sampler's connection, the only one here that writes (timeline points).
+  auto w = sql::Db::open(path);
   if (!w) return w.error().with_context("open the sampler's connection to " + path);
+  if (auto c = (*w)->exec("PRAGMA cache_size = -2048"); !c) return c.error();
   a->writer_ = std::move(*w);
   return a;
 }

@@ -97,29 +97,38 @@ using sql::query;
 
 }  // namespace
 
-Result<std::unique_ptr<Store>> Store::open(const std::string& path, const StoreTuning& tuning) {
+Result<std::unique_ptr<Store>> Store::open_tuned(const std::string& path, const StoreTuning& tuning,
+                                                 bool read_only) {
   auto db = sql::Db::open(path);
   if (!db) return db.error();
   std::unique_ptr<Store> s(new Store(std::move(*db)));
   // A negative cache_size is in KiB (see StoreTuning).
-  if (auto c = s->db_->exec("PRAGMA cache_size = -" + std::to_string(std::max<int64_t>(1, tuning.cache_mib) * 1024));
-      !c) {
-    return c.error();
-  }
-  if (auto m = s->db_->exec("PRAGMA mmap_size = " + std::to_string(std::max<int64_t>(0, tuning.mmap_mib) << 20)); !m) {
-    return m.error();
-  }
+  std::string pragmas = "PRAGMA cache_size = -" + std::to_string(std::max<int64_t>(1, tuning.cache_mib) * 1024) +
+                        "; PRAGMA mmap_size = " + std::to_string(std::max<int64_t>(0, tuning.mmap_mib) << 20) + ";";
+  // A reader never writes: a bug that tried would fail here, not corrupt a row.
+  if (read_only) pragmas += "PRAGMA query_only = 1;";
+  if (auto c = s->db_->exec(pragmas); !c) return c.error();
+  return s;
+}
+
+Result<std::unique_ptr<Store>> Store::open_reader(const std::string& path, const StoreTuning& tuning) {
+  return open_tuned(path, tuning, true);
+}
+
+Result<std::unique_ptr<Store>> Store::open(const std::string& path, const StoreTuning& tuning) {
+  auto s = open_tuned(path, tuning, false);
+  if (!s) return s.error();
   // Control data (tokens, revocations, decommissions, credentials, bundles,
   // campaigns, audit) must survive a power cut once the API has answered:
   // FULL syncs the WAL at every commit. Only report batches relax it
   // (relaxed_sync), see docs/operations.md "Durability".
-  if (auto f = s->db_->exec("PRAGMA synchronous = FULL"); !f) return f.error();
+  if (auto f = (*s)->db_->exec("PRAGMA synchronous = FULL"); !f) return f.error();
   // One big transaction (creating a campaign over 250,000 devices writes
   // about 68 MB of pages) grows hub.db-wal, and SQLite reuses the file from
   // its start afterwards without shrinking it: keep at most 64 MiB once it
   // starts over, not the largest transaction's size for the store's life.
-  if (auto j = s->db_->exec("PRAGMA journal_size_limit = 67108864"); !j) return j.error();
-  if (auto m = s->migrate(); !m) return m.error().with_context("migrate " + path);
+  if (auto j = (*s)->db_->exec("PRAGMA journal_size_limit = 67108864"); !j) return j.error();
+  if (auto m = (*s)->migrate(); !m) return m.error().with_context("migrate " + path);
   return s;
 }
 

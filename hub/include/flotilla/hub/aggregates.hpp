@@ -200,11 +200,26 @@ class AggregateStore {
   std::chrono::milliseconds sample_interval() const { return interval_; }
   int64_t device_scan_limit() const { return cfg_.device_scan_limit; }
 
+  struct Pool;
+  // One of the read connections for as long as it lives: a Store that
+  // cannot write and sees what is committed, without waiting for the
+  // writer. Waits while every connection is leased.
+  class Lease {
+   public:
+    Lease(Pool& p, std::unique_ptr<Store> s);
+    Lease(Lease&& o) noexcept;
+    ~Lease();
+    Store& store() { return *store_; }
+    sql::Db& db() { return store_->db(); }
+
+   private:
+    Pool& pool_;
+    std::unique_ptr<Store> store_;
+  };
+  Lease reader();
+
  private:
   AggregateStore() = default;
-  class Lease;
-  Lease reader();
-  struct Pool;
   std::unique_ptr<Pool> pool_;
   std::unique_ptr<sql::Db> writer_;  // the sampler's connection
   std::mutex writer_mu_;

@@ -189,6 +189,17 @@ class HubService {
   // set, else read connections of the hub's own, opened on first use. Null
   // only for a store without a file.
   AggregateStore* reads();
+  // f(store) on one of those read connections, as a Store that cannot write
+  // (the writer's store under store_mu_ when there are none); returns what f
+  // returns. For API reads only: it sees what is committed, so nothing that
+  // runs inside a write transaction may read through it.
+  template <class F>
+  auto read(F&& f) -> decltype(f(std::declval<Store&>())) {
+    std::optional<decltype(f(std::declval<Store&>()))> out;
+    read_store([&](Store& s) { out.emplace(f(s)); });
+    return std::move(*out);
+  }
+  void read_store(const std::function<void(Store&)>& f);
   void stop();
 
   // With ServiceConfig::control_coordinator: the control log (null without
@@ -419,7 +430,13 @@ class HubService {
   // order and the barriers. Pure: runs without store_mu_.
   using DeviceGroups = std::vector<std::pair<std::string, std::vector<ParsedMessage>>>;
   DeviceGroups parse_batch(const std::vector<transport::Message>& batch);
-  void apply_device_messages(const std::string& device_id, const std::vector<ParsedMessage>& msgs, int cell = 0);
+  // What a batch applied: added to reports_processed_/presence_processed_
+  // once it is committed, so a count read there is already readable.
+  struct Applied {
+    uint64_t reports = 0, presences = 0;
+  };
+  void apply_device_messages(const std::string& device_id, const std::vector<ParsedMessage>& msgs, int cell,
+                             Applied& applied);
   void apply_report(DeviceRecord& dev, const v1::Report& r);
   // One desired-state message, decided inside a store transaction and
   // published after it commits. What every device of a campaign shares (the
@@ -507,15 +524,18 @@ class HubService {
   Result<std::vector<Store::CampaignMember>> campaign_members(const CampaignRecord& c, const Selector& sel,
                                                               const Strategy& strategy, std::optional<int> cell);
   // Every cell's counts of a campaign: this hub's own cells counted now,
-  // the others as last published. store_mu_ held.
-  Result<std::vector<CellCampaignCounts>> cell_counts(const std::string& campaign_id);
+  // the others as last published, own cells read from `from` (store_ under
+  // store_mu_, or a reader).
+  Result<std::vector<CellCampaignCounts>> cell_counts(Store& from, const std::string& campaign_id);
   // The totals over every cell the decisions are made on. unheard (when
   // given): the cells with members of the campaign that this hub does not
   // own and no hub has published counts for yet; the leader decides
   // nothing while there is one (their devices would look absent, and a
-  // campaign complete). store_mu_ held.
-  Result<std::vector<CampaignCountRow>> campaign_totals(const std::string& campaign_id,
+  // campaign complete; only the engine asks, with from = store_ under
+  // store_mu_). from: as for cell_counts.
+  Result<std::vector<CampaignCountRow>> campaign_totals(Store& from, const std::string& campaign_id,
                                                         std::vector<int>* unheard = nullptr);
+  Result<std::optional<CampaignView>> campaign_view_on(Store& from, const std::string& id, bool with_devices);
   // The cells a campaign has members in: from this store's rows, or (hubs
   // sharing cells, whose stores hold their own cells' rows) from the
   // replicated device rows, once per campaign. store_mu_ held.

@@ -271,6 +271,10 @@ struct StoreTuning {
 class Store {
  public:
   static Result<std::unique_ptr<Store>> open(const std::string& path, const StoreTuning& tuning = {});
+  // The same store on a connection of its own that cannot write (query_only)
+  // and does not migrate: what API reads use instead of waiting for the
+  // writer's lock. The file must have been opened with open() first.
+  static Result<std::unique_ptr<Store>> open_reader(const std::string& path, const StoreTuning& tuning = {});
 
   // Tokens are stored only as SHA-256 hashes of their secret.
   Status insert_token(const std::string& kind, const TokenRecord& t, const std::string& secret_hash);
@@ -469,6 +473,8 @@ class Store {
 
  private:
   explicit Store(std::unique_ptr<sql::Db> db) : db_(std::move(db)) {}
+  static Result<std::unique_ptr<Store>> open_tuned(const std::string& path, const StoreTuning& tuning,
+                                                   bool read_only);
   Status migrate();
   Status migrate_declarative();
   // Columns and constraints of the security fixes: enrollment replay floor,
