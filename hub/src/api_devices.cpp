@@ -1,7 +1,13 @@
 // Devices: list, get, edit labels, decommission.
+#include <algorithm>
+#include <future>
+#include <map>
+#include <set>
+
 #include "api_internal.hpp"
 #include "flotilla/hub/aggregates.hpp"
 #include "flotilla/bundles/bundle.hpp"
+#include "flotilla/common/encoding.hpp"
 #include "flotilla/common/http_client.hpp"
 #include "flotilla/common/log.hpp"
 
@@ -39,6 +45,152 @@ json device_json(const DeviceRecord& d) {
               {"mem_free_bytes", d.inventory.mem_free_bytes},
               {"mem_total_bytes", d.inventory.mem_total_bytes},
               {"clock_suspect", d.inventory.clock_suspect}};
+}
+
+// Set on a read one hub process forwards to another: the one that receives
+// it answers from its own store, so a read is forwarded once.
+constexpr const char* kForwardedHeader = "x-flotilla-forwarded";
+
+// Where a forwarded read may carry the caller's token: TLS, or this machine.
+bool safe_peer(const std::string& url) {
+  auto u = http::parse_url(url);
+  if (!u) return false;
+  return u->scheme == "https" || u->host == "127.0.0.1" || u->host == "localhost" || u->host == "::1" ||
+         u->host == "[::1]";
+}
+
+// Why a forwarded read cannot go to `peer` (the hub holding `cell`), or ""
+// when it can.
+std::string cannot_forward(const Context& c, const std::string& peer, int cell) {
+  if (c.req.headers.count(kForwardedHeader)) {
+    return "forwarded by another hub process, but this one does not hold cell " + std::to_string(cell) +
+           " either (it changed hands)";
+  }
+  if (peer.empty()) return "no hub process holds cell " + std::to_string(cell) + " right now";
+  if (!safe_peer(peer)) {
+    return "the hub holding cell " + std::to_string(cell) + " serves plain HTTP on another machine";
+  }
+  if (!c.req.headers.count("authorization")) {
+    return "this request has no bearer token to forward to the hub holding cell " + std::to_string(cell);
+  }
+  return "";
+}
+
+// GET `path` on the hub at `peer` with the caller's token, marked forwarded.
+Result<http::Response> ask_peer(HubService& s, const Context& c, const std::string& peer, const std::string& path,
+                                size_t max_bytes) {
+  http::Request r;
+  r.url = peer + path;
+  r.headers["authorization"] = c.req.headers.at("authorization");
+  r.headers[kForwardedHeader] = "1";
+  r.timeout = std::chrono::seconds(3);
+  r.max_response_bytes = max_bytes;
+  r.ca_file = s.peer_ca_file();
+  return http::send(r);
+}
+
+void mark_stale(json& d, const std::string& why) {
+  d["stale"] = true;
+  d["stale_reason"] = why + "; presence and state as last known here";
+}
+
+// Hub processes sharing cells (docs/operations.md, "Several hub processes"):
+// this hub's store has every device's control columns (the control log),
+// but presence, state and inventory are current only for the cells it
+// holds. Each hub holding other cells is asked, in parallel and with the
+// caller's token, for the same page restricted to its cells (`held=true`)
+// over this page's id range; its devices replace this hub's rows of them. A
+// cell whose holder cannot be asked keeps this hub's rows, marked stale with
+// the reason. The page ends where the shortest answer ended (a holder's own
+// `next`), so following `next` visits every device once.
+void fresh_from_holders(HubService& s, const Context& c, const std::string& after, int64_t limit,
+                        std::vector<json>& items, std::string& next) {
+  std::map<std::string, std::vector<int>> by_peer;  // holder URL -> its cells
+  std::map<int, std::string> unasked;                // cell -> why it was not asked
+  for (int cell = 0; cell < s.cell_count(); ++cell) {
+    if (s.serves_cell(cell)) continue;
+    const std::string peer = c.req.headers.count(kForwardedHeader) ? "" : s.cell_owner_url(cell);
+    const std::string why = cannot_forward(c, peer, cell);
+    if (why.empty()) {
+      by_peer[peer].push_back(cell);
+    } else {
+      unasked[cell] = why;
+    }
+  }
+  // The same filters, this page's range, the holder's cells only.
+  std::string query = "held=true&limit=" + std::to_string(limit);
+  for (const auto& [k, v] : c.target.query) {
+    if (k != "after" && k != "until" && k != "limit" && k != "held") query += "&" + k + "=" + url_encode(v);
+  }
+  if (!after.empty()) query += "&after=" + url_encode(after);
+  if (!next.empty()) query += "&until=" + url_encode(next);
+  std::vector<std::pair<std::string, std::future<Result<http::Response>>>> asked;
+  for (const auto& [peer, cells] : by_peer) {
+    asked.emplace_back(peer, std::async(std::launch::async, [&s, &c, peer = peer, &query] {
+                         return ask_peer(s, c, peer, "/v1/devices?" + query, 64u << 20);
+                       }));
+  }
+  std::set<int> answered;
+  std::vector<json> theirs;
+  std::string cut = next;  // "" = no end
+  for (auto& [peer, f] : asked) {
+    const auto& cells = by_peer[peer];
+    auto answer = f.get();
+    json body = answer && answer->status == 200 ? json::parse(answer->body, nullptr, false) : json();
+    if (!body.is_object() || !body.contains("items") || !body["items"].is_array() || !body.contains("held_cells")) {
+      const std::string why = "the hub holding it did not answer (" +
+                              (!answer ? answer.error().message
+                                       : answer->status == 200 ? std::string("not a page")
+                                                               : "HTTP " + std::to_string(answer->status)) +
+                              ")";
+      log::get("api")->warn("device page from {}: {}", peer, why);
+      for (int cell : cells) unasked[cell] = "cell " + std::to_string(cell) + ": " + why;
+      continue;
+    }
+    std::set<int> now_held;
+    for (const auto& h : body["held_cells"]) {
+      if (h.is_number_integer()) now_held.insert(h.get<int>());
+    }
+    for (int cell : cells) {
+      if (now_held.count(cell)) {
+        answered.insert(cell);
+      } else {
+        unasked[cell] = "cell " + std::to_string(cell) + " changed hands while it was asked";
+      }
+    }
+    for (auto& d : body["items"]) {
+      if (d.is_object() && d.contains("id") && d["id"].is_string() && d.contains("cell") &&
+          d["cell"].is_number_integer() && answered.count(d["cell"].get<int>()) &&
+          std::find(cells.begin(), cells.end(), d["cell"].get<int>()) != cells.end()) {
+        theirs.push_back(std::move(d));
+      }
+    }
+    const std::string their_next = body.value("next", "");
+    if (!their_next.empty() && (cut.empty() || their_next < cut)) cut = their_next;
+  }
+  std::vector<json> merged;
+  for (auto& d : items) {
+    const int cell = d["cell"].get<int>();
+    if (s.serves_cell(cell)) {
+      merged.push_back(std::move(d));
+    } else if (!answered.count(cell)) {
+      auto why = unasked.find(cell);
+      mark_stale(d, why != unasked.end() ? why->second : "cell " + std::to_string(cell) + " was not asked");
+      merged.push_back(std::move(d));
+    }
+  }
+  for (auto& d : theirs) merged.push_back(std::move(d));
+  std::sort(merged.begin(), merged.end(),
+            [](const json& a, const json& b) { return a["id"].get<std::string>() < b["id"].get<std::string>(); });
+  if (!cut.empty()) {
+    while (!merged.empty() && merged.back()["id"].get<std::string>() > cut) merged.pop_back();
+  }
+  next = cut;
+  if (static_cast<int64_t>(merged.size()) > limit) {
+    merged.resize(static_cast<size_t>(limit));
+    next = merged.back()["id"].get<std::string>();
+  }
+  items = std::move(merged);
 }
 
 HttpResponse list_devices(HubService& s, Context& c) {
@@ -80,6 +232,17 @@ HttpResponse list_devices(HubService& s, Context& c) {
     cert_before = t;
   }
   const std::string after = q.count("after") ? q.at("after") : "";
+  const std::string until = q.count("until") ? q.at("until") : "";
+  if (after.size() > 256 || until.size() > 256) {
+    return Api::error(400, "invalid_argument", "after and until are device ids (at most 256 bytes)");
+  }
+  bool held_only = false;
+  if (q.count("held")) {
+    if (q.at("held") != "true" && q.at("held") != "false") {
+      return Api::error(400, "invalid_argument", "held must be true or false");
+    }
+    held_only = q.at("held") == "true";
+  }
   auto caller = reading_caller(c);
   if (!caller) return from_error(caller.error());
   // One bounded walk in SQL on a read connection (never the whole fleet,
@@ -95,6 +258,12 @@ HttpResponse list_devices(HubService& s, Context& c) {
   dq.cert_before_unix = cert_before;
   dq.id_order = true;
   dq.after_id = after;
+  dq.until_id = until;
+  std::vector<int> held;
+  for (int cell = 0; cell < s.cell_count(); ++cell) {
+    if (s.serves_cell(cell)) held.push_back(cell);
+  }
+  if (held_only) dq.cells = held;
   dq.limit = *limit + 1;  // one more: whether anything follows this page
   dq.scan_limit = reads->device_scan_limit();
   auto page = reads->devices(dq);
@@ -104,18 +273,17 @@ HttpResponse list_devices(HubService& s, Context& c) {
     page->items.resize(static_cast<size_t>(*limit));
     next = page->items.back().id;
   }
-  json items = json::array();
-  for (const auto& d : page->items) {
-    items.push_back(device_json(d));
-    if (s.shares_cells() && !s.serves_cell(d.cell)) {
-      // A page is read from this hub's store alone (one query, bounded):
-      // presence and state of another hub's cell are as last known here.
-      items.back()["stale"] = true;
-      items.back()["stale_reason"] = "cell " + std::to_string(d.cell) +
-                                     " is held by another hub process; GET /v1/devices/{id} asks it";
-    }
+  std::vector<json> items;
+  for (const auto& d : page->items) items.push_back(device_json(d));
+  json body{{"next", next}};
+  if (held_only) {
+    body["held_cells"] = held;
+  } else if (s.shares_cells()) {
+    fresh_from_holders(s, c, after, *limit, items, next);
+    body["next"] = next;
   }
-  return json_response(200, {{"items", items}, {"next", next}});
+  body["items"] = std::move(items);
+  return json_response(200, body);
 }
 
 // The device if the caller's project may see it. Another project's device is
@@ -127,18 +295,6 @@ Result<DeviceRecord> visible_device(HubService& s, const Caller& caller, const s
   return **d;
 }
 
-// Set on a device read one hub process forwards to another: the one that
-// receives it answers from its own store, so a read is forwarded once.
-constexpr const char* kForwardedHeader = "x-flotilla-forwarded";
-
-// Where a forwarded read may carry the caller's token: TLS, or this machine.
-bool safe_peer(const std::string& url) {
-  auto u = http::parse_url(url);
-  if (!u) return false;
-  return u->scheme == "https" || u->host == "127.0.0.1" || u->host == "localhost" || u->host == "::1" ||
-         u->host == "[::1]";
-}
-
 // Hub processes that share cells (docs/operations.md, "Several hub
 // processes"): a device's presence and state are reported to the hub that
 // holds its cell, so a read of a device whose cell this hub does not hold is
@@ -147,28 +303,11 @@ bool safe_peer(const std::string& url) {
 // it would carry a token over plain HTTP to another machine), this hub
 // answers with what it last knew, marked stale, and says why.
 HttpResponse device_from_owner(HubService& s, const Context& c, const DeviceRecord& d) {
-  std::string why;
-  const auto auth = c.req.headers.find("authorization");
   const bool forwarded = c.req.headers.count(kForwardedHeader) > 0;
   const std::string peer = forwarded ? "" : s.cell_owner_url(d.cell);
-  if (forwarded) {
-    why = "forwarded by another hub process, but this one does not hold cell " + std::to_string(d.cell) +
-          " either (it changed hands)";
-  } else if (peer.empty()) {
-    why = "no hub process holds cell " + std::to_string(d.cell) + " right now";
-  } else if (!safe_peer(peer)) {
-    why = "the hub holding cell " + std::to_string(d.cell) + " serves plain HTTP on another machine";
-  } else if (auth == c.req.headers.end()) {
-    why = "this request has no bearer token to forward to the hub holding cell " + std::to_string(d.cell);
-  } else {
-    http::Request r;
-    r.url = peer + "/v1/devices/" + d.id;
-    r.headers["authorization"] = auth->second;
-    r.headers[kForwardedHeader] = "1";
-    r.timeout = std::chrono::seconds(3);
-    r.max_response_bytes = 1u << 20;
-    r.ca_file = s.peer_ca_file();
-    auto answer = http::send(r);
+  std::string why = cannot_forward(c, peer, d.cell);
+  if (why.empty()) {
+    auto answer = ask_peer(s, c, peer, "/v1/devices/" + d.id, 1u << 20);
     if (answer && (answer->status == 200 || answer->status == 404)) {
       HttpResponse out;
       out.status = answer->status;
@@ -180,8 +319,7 @@ HttpResponse device_from_owner(HubService& s, const Context& c, const DeviceReco
     log::get("api")->warn("device={} read from {}: {}", d.id, peer, why);
   }
   json j = device_json(d);
-  j["stale"] = true;
-  j["stale_reason"] = why + "; presence and state as last known here";
+  mark_stale(j, why);
   return json_response(200, j);
 }
 
@@ -235,7 +373,8 @@ HttpResponse decommission_device(HubService& s, Context& c) {
 
 void add_device_routes(std::vector<Route>& r) {
   r.push_back({"GET", "/v1/devices", Role::viewer,
-               {"selector", "limit", "after", "include_decommissioned", "certExpiresBefore", "project"}, list_devices});
+               {"selector", "limit", "after", "until", "held", "include_decommissioned", "certExpiresBefore", "project"},
+               list_devices});
   r.push_back({"GET", "/v1/devices/{id}", Role::viewer, {"project"}, get_device});
   r.push_back({"PATCH", "/v1/devices/{id}", Role::operator_, {}, patch_device});
   r.push_back({"DELETE", "/v1/devices/{id}", Role::operator_, {}, decommission_device});

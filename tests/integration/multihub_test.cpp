@@ -10,7 +10,9 @@
 #include <catch2/catch.hpp>
 
 #include <array>
+#include <map>
 #include <memory>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -237,8 +239,9 @@ TEST_CASE("three hub processes share three cells by leases: kill -9 of one mid-c
 
   // The other survivor does not hold that cell: a read of one of its devices
   // is answered by the taker (what it runs, online), not from the other's
-  // stale rows; its list marks those rows stale; a read that was already
-  // forwarded once is answered locally, marked stale, never forwarded again.
+  // stale rows, and so is its device list (the taker's part of the page); a
+  // read that was already forwarded once is answered locally, marked stale,
+  // never forwarded again.
   size_t other = 0;
   while (other < hubs.size() && (!hubs[other] || static_cast<int>(other) == taker)) ++other;
   REQUIRE(other < hubs.size());
@@ -251,10 +254,44 @@ TEST_CASE("three hub processes share three cells by leases: kill -9 of one mid-c
   CHECK(got["online"] == sample["online"]);
   CHECK(got["applied_bundle"] == sample["applied_bundle"]);
   CHECK(got["generation"] == sample["generation"]);
-  auto other_list = o.call("GET", "/v1/devices?limit=10000", "", "application/json", admin);
-  REQUIRE(other_list.first == 200);
+  std::map<std::string, json> taker_rows;
+  for (const auto& d : devices.second["items"]) taker_rows[d["id"].get<std::string>()] = d;
+  // Pages of 400 (the fleet is 1,500 devices and gateways): following
+  // `next` through the other hub visits every device once, the taken cell's
+  // as the taker has them.
+  std::set<std::string> listed;
+  int fresh = 0, pages = 0;
+  std::string after;
+  do {
+    auto page = o.call("GET", "/v1/devices?limit=400" + (after.empty() ? "" : "&after=" + after), "",
+                       "application/json", admin);
+    REQUIRE(page.first == 200);
+    for (const auto& d : page.second["items"]) {
+      const std::string id = d["id"].get<std::string>();
+      CHECK(listed.insert(id).second);
+      if (d["cell"] != cell || d["campaign_id"] != campaign_id) continue;
+      INFO(d.dump());
+      CHECK_FALSE(d.contains("stale"));
+      CHECK(d["applied_bundle"] == taker_rows[id]["applied_bundle"]);
+      CHECK(d["generation"] == taker_rows[id]["generation"]);
+      ++fresh;
+    }
+    after = page.second["next"].get<std::string>();
+  } while (!after.empty() && ++pages < 50);
+  CHECK(fresh == in_cell);
+  CHECK(listed.size() == taker_rows.size());
+  // A list that was already forwarded once is answered from this hub's
+  // store alone: that cell's rows marked stale.
+  http::Request once_list;
+  once_list.url = o.url() + "/v1/devices?limit=10000";
+  once_list.headers = {{"Authorization", "Bearer " + admin}, {"X-Flotilla-Forwarded", "1"}};
+  once_list.max_response_bytes = 64u << 20;
+  auto local_list = http::send(once_list);
+  REQUIRE(local_list);
+  REQUIRE(local_list->status == 200);
+  const json local_page = json::parse(local_list->body);
   int marked = 0;
-  for (const auto& d : other_list.second["items"]) {
+  for (const auto& d : local_page["items"]) {
     if (d["cell"] == cell && d.value("stale", false)) ++marked;
   }
   CHECK(marked >= in_cell);

@@ -614,8 +614,8 @@ TEST_CASE("hub API refuses an unknown query parameter on every route, names it, 
 
   // The message lists what the route takes.
   CHECK(error_message(hub.call("GET", "/v1/devices?selector=env%3Dprod&projet=default")) ==
-        "unknown query parameter 'projet' for GET /v1/devices; it takes after, certExpiresBefore, "
-        "include_decommissioned, limit, project, selector");
+        "unknown query parameter 'projet' for GET /v1/devices; it takes after, certExpiresBefore, held, "
+        "include_decommissioned, limit, project, selector, until");
   CHECK(error_message(hub.call("GET", "/v1/tokens?limit=5")) ==
         "unknown query parameter 'limit' for GET /v1/tokens; it takes none");
   // The parameters a route takes still work.

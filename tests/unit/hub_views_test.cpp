@@ -348,6 +348,48 @@ TEST_CASE("hub REST device list: a walk cut short by the scan limit says where t
   CHECK(labelled == legacy);
 }
 
+// What one hub process asks another for (`held=true` over a page's id
+// range, api_devices.cpp fresh_from_holders): `until` ends the walk at an
+// id, and `held=true` says which cells the answer covers.
+TEST_CASE("hub REST device list: until ends the page at an id, held=true names the cells it covers, bad values refused",
+          "[unit][hub][views]") {
+  Views v;
+  const std::string viewer = v.token("viewer", "*");
+  auto ids = v.enroll_project(6, "default", {{"tier", "edge"}});
+  std::sort(ids.begin(), ids.end());
+
+  auto r = v.call("GET", "/v1/devices?limit=10&after=" + ids[0] + "&until=" + ids[3], viewer);
+  REQUIRE(r.status == 200);
+  json page = json::parse(r.body);
+  std::vector<std::string> got;
+  for (const auto& d : page["items"]) got.push_back(d["id"].get<std::string>());
+  CHECK(got == std::vector<std::string>{ids[1], ids[2], ids[3]});
+  CHECK(page["next"] == "");
+  CHECK_FALSE(page.contains("held_cells"));
+  // A limit inside the range still says where to go on.
+  auto cut = v.call("GET", "/v1/devices?limit=2&until=" + ids[3], viewer);
+  REQUIRE(cut.status == 200);
+  CHECK(json::parse(cut.body)["next"] == ids[1]);
+
+  // One hub holds every cell of its own.
+  auto held = v.call("GET", "/v1/devices?limit=10&held=true", viewer);
+  REQUIRE(held.status == 200);
+  page = json::parse(held.body);
+  CHECK(page["items"].size() == ids.size());
+  REQUIRE(page["held_cells"].is_array());
+  CHECK(page["held_cells"].size() == static_cast<size_t>(v.f.hub->cell_count()));
+  CHECK(page["held_cells"][0] == 0);
+
+  for (const std::string& bad : std::vector<std::string>{"held=yes", "until=" + std::string(300, 'd')}) {
+    auto refused = v.call("GET", "/v1/devices?" + bad, viewer);
+    INFO(bad << ": " << refused.body);
+    CHECK(refused.status == 400);
+    const std::string says = json::parse(refused.body)["error"]["message"];
+    CHECK((says.find("held must be true or false") != std::string::npos ||
+           says.find("after and until are device ids") != std::string::npos));
+  }
+}
+
 TEST_CASE("hub views refuse bad requests with a clear error", "[unit][hub][views]") {
   Views v;
   v.f.enroll(2);

@@ -782,6 +782,13 @@ Result<DevicePage> AggregateStore::devices(const DeviceQuery& q) {
     range += std::string(range.empty() ? "" : " AND ") + keys[0] + " " + cmp + " ?";
     range_binds.push_back(bind_text(q.after_id));
   }
+  if (!q.until_id.empty()) {
+    if (!q.id_order || keys.size() != 1 || q.descending) {
+      return make_error(Errc::invalid_argument, "'until' is a device id only in a list in id order");
+    }
+    range += std::string(range.empty() ? "" : " AND ") + keys[0] + " <= ?";
+    range_binds.push_back(bind_text(q.until_id));
+  }
 
   // Whether a row matches: every filter, whatever drives the walk.
   Clauses hits;
@@ -796,6 +803,15 @@ Result<DevicePage> AggregateStore::devices(const DeviceQuery& q) {
     hits.add("d.state != 'decommissioned'");
   }
   if (q.online) hits.add(*q.online ? "d.online = 1" : "d.online = 0");
+  if (q.cells) {
+    std::string in;
+    std::vector<Bind> b;
+    for (int cell : *q.cells) {
+      in += in.empty() ? "?" : ", ?";
+      b.push_back(bind_int(cell));
+    }
+    hits.add(in.empty() ? "0" : "d.cell IN (" + in + ")", std::move(b));
+  }
   if (q.bundle) hits.add("d.applied_bundle = ?", {bind_text(*q.bundle)});
   if (q.bundle && q.version) hits.add("d.applied_version = ?", {bind_int(static_cast<int64_t>(*q.version))});
   if (q.k3s) hits.add("d.k3s_version = ?", {bind_text(*q.k3s)});

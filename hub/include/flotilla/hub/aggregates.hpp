@@ -67,6 +67,11 @@ struct DeviceQuery {
   // must then be empty).
   bool id_order = false;
   std::string after_id;
+  // With id_order: up to and including this id ("" = to the end).
+  std::string until_id;
+  // Only devices of these cells (hub processes sharing cells: the ones this
+  // hub holds); nullopt = every cell.
+  std::optional<std::vector<int>> cells;
   int64_t limit = 50;
   // Rows one request may examine. A filter that no index serves stops here
   // and says so (complete = false with fewer than `limit` items): the next
