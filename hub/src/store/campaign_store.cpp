@@ -146,12 +146,17 @@ Status Store::migrate_campaigns() {
   }
   // Indexes: status lookups and wave release in rank order (campaign,
   // status, wave, rank),
-  // deadline expiry without scanning every device in flight (campaign,
-  // status, deadline), a device's rows across campaigns, a gateway's devices.
+  // deadline expiry without scanning every device in flight (the rows in
+  // flight with a deadline only: a campaign's rows are made waiting, most
+  // wait or are done at any time, and an index of every row cost a write at
+  // creation and at each status change), a device's rows across campaigns, a
+  // gateway's devices.
   if (auto s = db_->exec(
           "DROP INDEX IF EXISTS campaign_devices_status;"
+          "DROP INDEX IF EXISTS campaign_devices_deadline;"
           "CREATE INDEX IF NOT EXISTS campaign_devices_wave ON campaign_devices(campaign_id, status, wave, rank);"
-          "CREATE INDEX IF NOT EXISTS campaign_devices_deadline ON campaign_devices(campaign_id, status, deadline_ms);"
+          "CREATE INDEX IF NOT EXISTS campaign_devices_in_flight ON campaign_devices(campaign_id, deadline_ms) "
+          "WHERE status IN ('pending', 'in_progress') AND deadline_ms > 0;"
           "CREATE INDEX IF NOT EXISTS campaign_devices_device ON campaign_devices(device_id, status);"
           "CREATE INDEX IF NOT EXISTS devices_gateway ON devices(gateway) WHERE gateway != '';"
           // Release by time zone, for campaigns with a maintenance window only.
