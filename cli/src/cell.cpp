@@ -1,5 +1,11 @@
-// flotilla cell list|drain: the hub's cells (docs/operations.md, "Cells").
+// flotilla cell list|drain|crl-sync: the hub's cells (docs/operations.md,
+// "Cells"), and the revocation list of a cell broker the hub does not run.
+#include <signal.h>
+
+#include <cerrno>
 #include <chrono>
+#include <cstring>
+#include <filesystem>
 #include <iostream>
 #include <nlohmann/json.hpp>
 #include <thread>
@@ -7,7 +13,12 @@
 #include "cli.hpp"
 #include "client.hpp"
 #include "output.hpp"
+#include "flotilla/bundles/bundle.hpp"
+#include "flotilla/common/clock.hpp"
+#include "flotilla/common/fs.hpp"
+#include "flotilla/common/http_client.hpp"
 #include "flotilla/common/options.hpp"
+#include "flotilla/common/x509.hpp"
 
 namespace flotilla::cli {
 
@@ -100,13 +111,89 @@ int cell_drain(int argc, char** argv) {
   }
 }
 
+int cell_crl_sync(int argc, char** argv) {
+  Options o("flotilla cell crl-sync",
+            "Usage: flotilla cell crl-sync --out FILE --device-ca FILE [--reload-pid-file FILE]\n"
+            "                              [--hub URL] [--ca-file FILE]\n\n"
+            "Keeps the revocation list of a cell broker the hub does not run (a mosquitto under systemd,\n"
+            "docs/operations.md \"Several hub processes\") in step with the hub. Fetches the hub's\n"
+            "GET /v1/device-ca/crl (public: no token) and installs it only after checking it: every list\n"
+            "signed by a CA in --device-ca (the broker's cafile), none expired, none older than the one\n"
+            "installed (an old list replayed would let devices revoked since back in). Writes --out\n"
+            "atomically (0644) only when it changed, then sends SIGHUP to the pid in --reload-pid-file\n"
+            "(mosquitto re-reads its crlfile). Run it from a timer every few minutes: the hub re-issues\n"
+            "the list at every revocation and daily.\n\n"
+            "Exit status: 0 installed or unchanged; 1 refused, unreachable or not reloaded (a refused list\n"
+            "changes nothing); 2 bad usage.",
+            "FLOTILLA_");
+  o.add("hub", "hub REST base URL", "http://127.0.0.1:8080")
+      .add("ca-file", "PEM CA certificate(s) to verify an https hub against (default: the system CA store)")
+      .add("out", "the broker's crlfile to keep current")
+      .add("device-ca", "PEM device CA certificate(s) the lists must be signed by (the broker's cafile)")
+      .add("reload-pid-file", "file holding the broker's pid, to send SIGHUP after a change");
+  std::vector<std::string> pos;
+  if (int rc = parse_args(o, argc, argv, pos, 0, 0); rc >= 0) return rc;
+  const std::string out = o.get("out"), ca_path = o.get("device-ca"), pid_path = o.get("reload-pid-file");
+  if (out.empty() || ca_path.empty()) return fail("--out and --device-ca are required (--help)", 2);
+  auto ca = fs::read_file(ca_path, x509::kMaxPemBytes);
+  if (!ca) return fail("device-ca: " + ca.error().message, 2);
+  std::string hub = o.get("hub");
+  while (!hub.empty() && hub.back() == '/') hub.pop_back();
+  http::Request r;
+  r.url = hub + "/v1/device-ca/crl";
+  r.ca_file = o.get("ca-file");
+  r.max_response_bytes = x509::kMaxCrlBundleBytes;
+  r.timeout = std::chrono::seconds(30);
+  auto got = http::send(r);
+  if (!got) return fail("cannot reach the hub at " + hub + ": " + got.error().message);
+  if (got->status != 200) return fail("the hub answered " + std::to_string(got->status) + " for " + r.url);
+  std::string installed;
+  if (std::filesystem::exists(out)) {
+    auto now_there = fs::read_file(out, x509::kMaxCrlBundleBytes);
+    if (!now_there) return fail("read " + out + ": " + now_there.error().message);
+    installed = std::move(*now_there);
+  }
+  auto checked = x509::check_crl_bundle(got->body, *ca, SystemClock::instance().now_unix(), installed);
+  if (!checked) return fail("refused the hub's revocation list, " + out + " unchanged: " + checked.error().message);
+  size_t revoked = 0;
+  int64_t next_update = 0;
+  for (const auto& c : *checked) {
+    revoked += c.revoked;
+    next_update = next_update == 0 ? c.next_update_unix : std::min(next_update, c.next_update_unix);
+  }
+  const std::string what = std::to_string(checked->size()) + " list(s), " + std::to_string(revoked) +
+                           " revoked, next update " + bundles::format_rfc3339(next_update);
+  if (got->body == installed) {
+    std::cout << out << " unchanged (" << what << ")\n";
+    return 0;
+  }
+  if (auto w = fs::write_file_atomic(out, got->body, 0644); !w) return fail("write " + out + ": " + w.error().message);
+  std::cout << "wrote " << out << " (" << what << ")\n";
+  if (pid_path.empty()) return 0;
+  auto pid_text = fs::read_file(pid_path, 64);
+  if (!pid_text) return fail("wrote " + out + " but cannot read " + pid_path + ": " + pid_text.error().message);
+  long pid = 0;
+  try {
+    pid = std::stol(*pid_text);
+  } catch (const std::exception&) {
+    pid = 0;
+  }
+  if (pid <= 1) return fail("wrote " + out + " but " + pid_path + " holds no pid");
+  if (::kill(static_cast<pid_t>(pid), SIGHUP) != 0) {
+    return fail("wrote " + out + " but could not signal pid " + std::to_string(pid) + ": " + std::strerror(errno));
+  }
+  std::cout << "sent SIGHUP to pid " << pid << "\n";
+  return 0;
+}
+
 }  // namespace
 
 int cmd_cell(int argc, char** argv) {
   const std::string sub = argc > 1 ? argv[1] : "";
   if (sub == "list") return cell_list(argc, argv);
   if (sub == "drain") return cell_drain(argc, argv);
-  return fail("usage: flotilla cell list|drain ... (--help for each)", 2);
+  if (sub == "crl-sync") return cell_crl_sync(argc, argv);
+  return fail("usage: flotilla cell list|drain|crl-sync ... (--help for each)", 2);
 }
 
 }  // namespace flotilla::cli

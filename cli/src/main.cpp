@@ -44,6 +44,7 @@ void usage(std::ostream& out) {
          "  device get ID           one device\n"
          "  cell list               the hub's cells: broker, state, devices (operator)\n"
          "  cell drain ID           move a cell's devices to the other cells (admin; --no-wait)\n"
+         "  cell crl-sync           keep a cell broker's revocation list current (--out, --device-ca)\n"
          "  campaign create         roll a bundle out to the devices a selector matches\n"
          "  campaign list           all campaigns\n"
          "  campaign get|status ID  progress, failures (--wait: status block until done; --watch: bars)\n"
@@ -82,7 +83,7 @@ constexpr Command kCommands[] = {
     {"campaign", flotilla::cli::cmd_campaign,
      "create list get status watch pause resume abort rollback approve"},
     {"device", flotilla::cli::cmd_device, "list get label decommission"},
-    {"cell", flotilla::cli::cmd_cell, "list drain"},
+    {"cell", flotilla::cli::cmd_cell, "list drain crl-sync"},
     {"enrollment-token", flotilla::cli::cmd_enrollment_token, "create list revoke"},
     {"token", flotilla::cli::cmd_token, "create list revoke"},
     {"audit", flotilla::cli::cmd_audit, ""},

@@ -11,7 +11,9 @@
 
 #include <algorithm>
 #include <ctime>
+#include <map>
 #include <memory>
+#include <vector>
 
 namespace flotilla::x509 {
 
@@ -27,6 +29,7 @@ using CertPtr = std::unique_ptr<X509, Deleter<X509, X509_free>>;
 using BioPtr = std::unique_ptr<BIO, Deleter<BIO, BIO_free_all>>;
 using StorePtr = std::unique_ptr<X509_STORE, Deleter<X509_STORE, X509_STORE_free>>;
 using StoreCtxPtr = std::unique_ptr<X509_STORE_CTX, Deleter<X509_STORE_CTX, X509_STORE_CTX_free>>;
+using CrlPtr = std::unique_ptr<X509_CRL, Deleter<X509_CRL, X509_CRL_free>>;
 
 std::string ssl_error() {
   const unsigned long e = ERR_get_error();
@@ -158,6 +161,101 @@ Status verify_certificate(std::string_view cert_pem, std::string_view ca_pem) {
     return make_error(Errc::refused, std::string("certificate does not verify: ") + X509_verify_cert_error_string(err));
   }
   return {};
+}
+
+namespace {
+
+std::string name_line(const X509_NAME* n) {
+  char buf[512];
+  if (!n || !X509_NAME_oneline(n, buf, sizeof buf)) return "?";
+  return buf;
+}
+
+std::string utc(int64_t unix_s) {
+  const std::time_t t = static_cast<std::time_t>(unix_s);
+  std::tm tm{};
+  gmtime_r(&t, &tm);
+  char buf[32];
+  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm);
+  return buf;
+}
+
+// Every PEM CRL of a text, at most kMaxCrlsPerBundle + 1.
+std::vector<CrlPtr> read_crls(std::string_view pem) {
+  std::vector<CrlPtr> out;
+  BioPtr bio(BIO_new_mem_buf(pem.data(), static_cast<int>(std::min<size_t>(pem.size(), kMaxCrlBundleBytes))));
+  if (!bio) return out;
+  while (out.size() <= kMaxCrlsPerBundle) {
+    X509_CRL* c = PEM_read_bio_X509_CRL(bio.get(), nullptr, nullptr, nullptr);
+    if (!c) break;
+    out.emplace_back(c);
+  }
+  ERR_clear_error();
+  return out;
+}
+
+}  // namespace
+
+Result<std::vector<CrlInfo>> check_crl_bundle(std::string_view crl_pem, std::string_view ca_pem, int64_t now_unix,
+                                              std::string_view installed_pem) {
+  if (crl_pem.size() > kMaxCrlBundleBytes) {
+    return make_error(Errc::too_large, "the revocation list is over " + std::to_string(kMaxCrlBundleBytes) + " bytes");
+  }
+  std::vector<CertPtr> cas;
+  {
+    BioPtr bio(BIO_new_mem_buf(ca_pem.data(), static_cast<int>(std::min<size_t>(ca_pem.size(), kMaxPemBytes))));
+    while (bio && cas.size() < kMaxCrlsPerBundle) {
+      X509* ca = PEM_read_bio_X509(bio.get(), nullptr, nullptr, nullptr);
+      if (!ca) break;
+      cas.emplace_back(ca);
+    }
+    ERR_clear_error();
+  }
+  if (cas.empty()) return make_error(Errc::invalid_argument, "no CA certificate to check the revocation list against");
+  const std::vector<CrlPtr> crls = read_crls(crl_pem);
+  if (crls.empty()) return make_error(Errc::parse, "no PEM certificate revocation list in the answer");
+  if (crls.size() > kMaxCrlsPerBundle) {
+    return make_error(Errc::too_large, "more than " + std::to_string(kMaxCrlsPerBundle) + " revocation lists");
+  }
+  std::map<std::string, int64_t> installed;  // issuer -> this update
+  for (const auto& c : read_crls(installed_pem)) {
+    const std::string issuer = name_line(X509_CRL_get_issuer(c.get()));
+    installed[issuer] = std::max(installed[issuer], to_unix(X509_CRL_get0_lastUpdate(c.get())));
+  }
+  std::vector<CrlInfo> out;
+  for (const auto& c : crls) {
+    CrlInfo info;
+    const X509_NAME* issuer = X509_CRL_get_issuer(c.get());
+    info.issuer = name_line(issuer);
+    const X509* signer = nullptr;
+    for (const auto& ca : cas) {
+      if (X509_NAME_cmp(X509_get_subject_name(ca.get()), issuer) == 0) signer = ca.get();
+    }
+    if (!signer) {
+      return make_error(Errc::refused, "a revocation list from " + info.issuer + ", which is not one of the CAs given");
+    }
+    if (X509_CRL_verify(c.get(), X509_get0_pubkey(signer)) != 1) {
+      ERR_clear_error();
+      return make_error(Errc::refused, "the revocation list of " + info.issuer + " is not signed by that CA");
+    }
+    info.this_update_unix = to_unix(X509_CRL_get0_lastUpdate(c.get()));
+    const ASN1_TIME* next = X509_CRL_get0_nextUpdate(c.get());
+    if (!next) return make_error(Errc::refused, "the revocation list of " + info.issuer + " has no next update");
+    info.next_update_unix = to_unix(next);
+    if (info.next_update_unix <= now_unix) {
+      return make_error(Errc::refused, "the revocation list of " + info.issuer + " expired at " +
+                                           utc(info.next_update_unix) + " (is the hub's clock, or this one, wrong?)");
+    }
+    if (auto it = installed.find(info.issuer); it != installed.end() && info.this_update_unix < it->second) {
+      return make_error(Errc::refused, "the revocation list of " + info.issuer + " was issued at " +
+                                           utc(info.this_update_unix) + ", before the one installed (" +
+                                           utc(it->second) + "): an older list would let devices revoked since back in");
+    }
+    const STACK_OF(X509_REVOKED)* revoked = X509_CRL_get_REVOKED(c.get());
+    info.revoked = revoked ? static_cast<size_t>(sk_X509_REVOKED_num(revoked)) : 0;
+    out.push_back(std::move(info));
+  }
+  return out;
 }
 
 }  // namespace flotilla::x509

@@ -16,7 +16,9 @@
 #include "flotilla/common/fs.hpp"
 #include "flotilla/common/http_client.hpp"
 #include "flotilla/common/x509.hpp"
+#include "flotilla/hub/broker.hpp"
 #include "flotilla/hub/device_ca.hpp"
+#include "flotilla/hub/http_server.hpp"
 #include "flotilla/v1/enroll.pb.h"
 #include "flotilla/v1/report.pb.h"
 #include "tests/support/harness.hpp"
@@ -105,6 +107,27 @@ CertFiles write_pair(const stdfs::path& dir, const std::string& name, const std:
   return f;
 }
 
+// Two devices enrolled by hand at the hub, each with its certificate and key as files in dir.
+struct TwoDevices {
+  bundles::KeyPair ka, kb;
+  Enrolled ea, eb;
+  std::string aid, bid;
+  CertFiles a, b;
+};
+TwoDevices enroll_two(Hub& hub, const stdfs::path& dir) {
+  const std::string token = hub.enrollment_token({{"env", "it"}}, 4);
+  TwoDevices t{bundles::generate_key(), bundles::generate_key(), {}, {}, {}, {}, {}, {}};
+  t.ea = enroll_by_hand(hub, token, t.ka);
+  t.eb = enroll_by_hand(hub, token, t.kb);
+  REQUIRE(t.ea.status == 200);
+  REQUIRE(t.eb.status == 200);
+  t.aid = t.ea.resp.device_id();
+  t.bid = t.eb.resp.device_id();
+  t.a = write_pair(dir, "a", t.ea.resp.client_certificate(), x509::ed25519_private_key_pem(t.ka.secret));
+  t.b = write_pair(dir, "b", t.eb.resp.client_certificate(), x509::ed25519_private_key_pem(t.kb.secret));
+  return t;
+}
+
 // sha256 of every file mosquitto reads (config, ACL, TLS files), and the
 // password file if there is one: what "no configuration write" means.
 std::map<std::string, std::string> broker_files(Hub& hub) {
@@ -188,18 +211,9 @@ TEST_CASE("another CA's, an expired and a revoked certificate are refused at con
   TempDir tmp;
   Hub hub(tmp.path() / "hub");
   hub.start();
-  const std::string token = hub.enrollment_token({{"env", "it"}}, 4);
-  const auto ka = bundles::generate_key(), kb = bundles::generate_key();
-  auto ea = enroll_by_hand(hub, token, ka);
-  auto eb = enroll_by_hand(hub, token, kb);
-  REQUIRE(ea.status == 200);
-  REQUIRE(eb.status == 200);
-  const std::string aid = ea.resp.device_id(), bid = eb.resp.device_id();
   const auto dir = tmp.path() / "certs";
-  const CertFiles good_a =
-      write_pair(dir, "a", ea.resp.client_certificate(), x509::ed25519_private_key_pem(ka.secret));
-  const CertFiles good_b =
-      write_pair(dir, "b", eb.resp.client_certificate(), x509::ed25519_private_key_pem(kb.secret));
+  const TwoDevices two = enroll_two(hub, dir);
+  const auto& [ka, kb, ea, eb, aid, bid, good_a, good_b] = two;
   // The certificates work at once, with nothing reloaded.
   CHECK(sub_exit(hub, good_a, transport::device_topic(aid, "desired"), 1) == 27);
   CHECK(sub_exit(hub, good_b, transport::device_topic(bid, "desired"), 1) == 27);
@@ -699,4 +713,125 @@ TEST_CASE("a device CA rotation keeps old certificates working through the overl
   REQUIRE_FALSE(s);
   INFO(s.error().message);
   CHECK(s.error().code == Errc::unauthenticated);
+}
+
+// A cell broker the hub does not run (several hub processes, docs/operations.md)
+// gets the hub's revocations from `flotilla cell crl-sync` on a timer: a
+// device decommissioned at the hub is refused there after one sync. Lists
+// the broker must not take (another CA's, expired, older than the one it
+// has) are refused and change nothing: the same file, no signal.
+TEST_CASE("an external broker's revocation list follows the hub through flotilla cell crl-sync, and a list it must "
+          "not take changes nothing",
+          "[integration][security][certs]") {
+  TempDir tmp;
+  Hub hub(tmp.path() / "hub");
+  hub.start();
+  const TwoDevices two = enroll_two(hub, tmp.path() / "certs");
+  const std::string &aid = two.aid, &bid = two.bid;
+  const CertFiles &good_a = two.a, &good_b = two.b;
+
+  // The external broker, as an operator runs one: the device CA's
+  // certificates only, its revocation list from the start.
+  const int64_t now = SystemClock::instance().now_unix();
+  hub::DeviceCaConfig dcc;
+  dcc.dir = hub.data_dir() / "ca";
+  auto ca = hub::DeviceCa::open(dcc, now);
+  REQUIRE(ca);
+  const std::string device_ca = (tmp.path() / "device-ca.pem").string();
+  REQUIRE(fs::write_file_atomic(device_ca, (*ca)->trust_pem(), 0644));
+  hub::BrokerConfig bc;
+  bc.dir = tmp.path() / "cell-broker";
+  auto port = hub::free_listen_port();
+  REQUIRE(port);
+  bc.port = *port;
+  bc.auth = hub::BrokerAuth::certificate;
+  bc.client_ca_pem = (*ca)->trust_pem();
+  auto first_crl = (*ca)->crl_pem({}, now - 60, 86400);
+  REQUIRE(first_crl);
+  bc.crl_pem = *first_crl;
+  auto server = (*ca)->issue_server({"127.0.0.1"}, now, 86400);
+  REQUIRE(server);
+  bc.server_cert_pem = server->pem;
+  bc.server_key_pem = server->key_pem;
+  auto broker = hub::EmbeddedBroker::start(bc, {});
+  REQUIRE(broker);
+  const auto crl_file = bc.dir / "tls/crl.pem";
+  const auto pid_file = bc.dir / "mosquitto.pid";
+  REQUIRE(stdfs::exists(crl_file));
+  auto at_cell_broker = [&](const CertFiles& id, const std::string& device) {
+    auto r = proc::run({"/usr/bin/mosquitto_sub", "-h", "127.0.0.1", "-p", std::to_string(*port), "--cafile",
+                        device_ca, "--cert", id.cert, "--key", id.key, "-q", "1", "-t",
+                        transport::device_topic(device, "desired"), "-C", "1", "-W", "1"},
+                       std::chrono::seconds(20));
+    REQUIRE(r);
+    return r->exit_code;  // 27: connected and waited; anything else: refused
+  };
+  auto sync = [&](const std::string& hub_url) {
+    return proc::run({bin_dir() + "/flotilla", "cell", "crl-sync", "--hub", hub_url, "--out", crl_file.string(),
+                      "--device-ca", device_ca, "--reload-pid-file", pid_file.string()},
+                     std::chrono::seconds(60))
+        .value();
+  };
+  CHECK(at_cell_broker(good_b, bid) == 27);
+
+  // Decommissioned at the hub: its own broker refuses B at once, the cell
+  // broker only once its list is synced.
+  REQUIRE(hub.cli({"device", "decommission", bid, "--yes"}).exit_code == 0);
+  CHECK(at_cell_broker(good_b, bid) == 27);
+  auto synced = sync(hub.url());
+  INFO(synced.out << synced.err);
+  REQUIRE(synced.exit_code == 0);
+  CHECK(synced.out.find("wrote " + crl_file.string()) != std::string::npos);
+  CHECK(synced.out.find("sent SIGHUP to pid") != std::string::npos);
+  CHECK(wait_until([&] { return at_cell_broker(good_b, bid) != 27; }, std::chrono::seconds(10)));
+  CHECK(at_cell_broker(good_b, bid) != 0);
+  CHECK(at_cell_broker(good_a, aid) == 27);  // A is untouched
+  // Nothing new: nothing written, no signal.
+  const auto installed = fs::read_file(crl_file).value();
+  const auto written_at = stdfs::last_write_time(crl_file);
+  auto again = sync(hub.url());
+  CHECK(again.exit_code == 0);
+  CHECK(again.out.find("unchanged") != std::string::npos);
+  CHECK(again.out.find("SIGHUP") == std::string::npos);
+  CHECK(stdfs::last_write_time(crl_file) == written_at);
+
+  // A stand-in hub serving lists the broker must not take.
+  auto other = hub::DeviceCa::ephemeral(now);
+  REQUIRE(other);
+  std::string served;
+  hub::HttpServerConfig hc;
+  hc.port = 0;
+  hc.threads = 1;
+  auto standin = hub::HttpServer::start(hc, [&](const hub::HttpRequest&) {
+    hub::HttpResponse r;
+    r.status = 200;
+    r.content_type = "application/pkix-crl";
+    r.body = served;
+    return r;
+  });
+  REQUIRE(standin);
+  const std::string standin_url = "http://127.0.0.1:" + std::to_string((*standin)->port());
+  struct Bad {
+    const char* what;
+    std::string crl;
+    const char* says;
+  };
+  const std::vector<Bad> bad = {
+      {"another CA's list", (*other)->crl_pem({}, now, 86400).value(), "refused the hub's revocation list"},
+      {"an expired list", (*ca)->crl_pem({}, now - 3 * 86400, 86400).value(), "expired at"},
+      {"an older list, without B (a replay)", *first_crl, "before the one installed"},
+  };
+  for (const auto& b : bad) {
+    INFO(b.what);
+    served = b.crl;
+    auto r = sync(standin_url);
+    INFO(r.out << r.err);
+    CHECK(r.exit_code == 1);
+    CHECK(r.err.find(b.says) != std::string::npos);
+    CHECK(r.err.find(crl_file.string() + " unchanged") != std::string::npos);
+    CHECK(fs::read_file(crl_file).value() == installed);
+    CHECK(stdfs::last_write_time(crl_file) == written_at);
+  }
+  CHECK(at_cell_broker(good_b, bid) != 27);  // still refused
+  (*standin)->stop();
 }

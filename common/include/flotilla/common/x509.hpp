@@ -43,4 +43,23 @@ Status verify_certificate(std::string_view cert_pem, std::string_view ca_pem);
 // Number of PEM certificates in a text (a CA bundle).
 size_t count_certificates(std::string_view pem);
 
+// Certificate revocation lists for a broker the hub does not run
+// (flotilla cell crl-sync). A CRL bundle is the hub's GET /v1/device-ca/crl:
+// one PEM CRL per device CA it holds.
+inline constexpr size_t kMaxCrlBundleBytes = 64u << 20;  // a list of every revoked device
+inline constexpr size_t kMaxCrlsPerBundle = 16;
+struct CrlInfo {
+  std::string issuer;  // the issuing CA's name, one line
+  int64_t this_update_unix = 0;
+  int64_t next_update_unix = 0;
+  size_t revoked = 0;  // certificates it lists
+};
+// Checks a CRL bundle before a broker is given it: at least one CRL, each
+// signed by the CA certificate in ca_pem whose name is its issuer, none
+// expired at now_unix, and (installed_pem: the bundle the broker has now,
+// "" for none) none older than the installed CRL of the same issuer, which
+// would let devices revoked since back in. The error says which and why.
+Result<std::vector<CrlInfo>> check_crl_bundle(std::string_view crl_pem, std::string_view ca_pem, int64_t now_unix,
+                                              std::string_view installed_pem);
+
 }  // namespace flotilla::x509
