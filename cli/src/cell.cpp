@@ -158,7 +158,7 @@ int cell_crl_sync(int argc, char** argv) {
   size_t revoked = 0;
   int64_t next_update = 0;
   for (const auto& c : *checked) {
-    revoked += c.revoked;
+    revoked = std::max(revoked, c.revoked);  // each CA's list names every revoked serial
     next_update = next_update == 0 ? c.next_update_unix : std::min(next_update, c.next_update_unix);
   }
   const std::string what = std::to_string(checked->size()) + " list(s), " + std::to_string(revoked) +

@@ -253,8 +253,10 @@ TEST_CASE("etcd over TLS with client certificates: the contract holds for a hub 
     const char* says;  // the cause, named
   };
   // etcd refuses the first two (an alert after the request was written: not
-  // an "outcome unknown", the request never reached etcd); this hub refuses
-  // the third (the member's certificate is not from the CA it trusts).
+  // an "outcome unknown", the request never reached etcd). When etcd closes
+  // before this hub has read its alert, the kernel answers with a reset and
+  // the alert is lost: "Connection reset by peer". This hub refuses the
+  // third (the member's certificate is not from the CA it trusts).
   const char* refused_by_etcd = "etcd refused this hub's TLS session";
   std::vector<Refused> refused;
   refused.push_back({"no client certificate", client(f("etcd-ca.pem"), "", ""), refused_by_etcd});
@@ -269,8 +271,12 @@ TEST_CASE("etcd over TLS with client certificates: the contract holds for a hub 
     INFO(put.error().message);
     CHECK(put.error().code == Errc::coordination_unavailable);
     CHECK(put.error().message.find("etcd unreachable") != std::string::npos);
-    CHECK(put.error().message.find(r.says) != std::string::npos);
-    CHECK(put.error().message.find("outcome is unknown") == std::string::npos);
+    const bool reset =
+        r.says == refused_by_etcd && put.error().message.find("Connection reset by peer") != std::string::npos;
+    CHECK((put.error().message.find(r.says) != std::string::npos || reset));
+    // A reset can also come after the request was written; only then may it
+    // say "outcome unknown" (nothing was written either way: checked below).
+    if (!reset) CHECK(put.error().message.find("outcome is unknown") == std::string::npos);
     auto get = r.c->get("/contract/");
     REQUIRE_FALSE(get.ok());
     CHECK(get.error().code == Errc::coordination_unavailable);
