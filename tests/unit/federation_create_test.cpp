@@ -22,6 +22,7 @@
 #include "flotilla/common/clock.hpp"
 #include "flotilla/hub/federation.hpp"
 #include "flotilla/hub/http_server.hpp"
+#include "tests/support/federation_fixtures.hpp"
 #include "tests/support/hub_fixtures.hpp"
 #include "tests/support/pki.hpp"
 #include "tests/support/temp_dir.hpp"
@@ -51,16 +52,9 @@ struct StandInRegion {
   }
 
   hub::HttpResponse handle(const hub::HttpRequest& req) {
-    auto answer = [](int status, const json& body) {
-      hub::HttpResponse r;
-      r.status = status;
-      r.content_type = "application/json";
-      r.body = body.dump();
-      return r;
-    };
     const std::string path = req.target.substr(0, req.target.find('?'));
-    if (req.method == "GET" && path == "/v1/whoami") return answer(200, {{"role", "operator"}, {"project", "*"}});
-    if (req.method == "POST" && path == "/v1/bundles") return answer(201, {{"id", "b-region"}});
+    if (req.method == "GET" && path == "/v1/whoami") return test::json_answer(200, {{"role", "operator"}, {"project", "*"}});
+    if (req.method == "POST" && path == "/v1/bundles") return test::json_answer(201, {{"id", "b-region"}});
     if (req.method == "POST" && path == "/v1/campaigns") {
       int n = 0;
       {
@@ -75,14 +69,14 @@ struct StandInRegion {
       std::lock_guard lock(mu);
       if (keeps) campaigns.push_back(c);
       ++creates_done;
-      return answer(201, c);
+      return test::json_answer(201, c);
     }
     std::lock_guard lock(mu);
-    if (req.method == "GET" && path == "/v1/campaigns") return answer(200, {{"items", campaigns}});
+    if (req.method == "GET" && path == "/v1/campaigns") return test::json_answer(200, {{"items", campaigns}});
     for (const auto& c : campaigns) {
-      if (req.method == "GET" && path == "/v1/campaigns/" + c["id"].get<std::string>()) return answer(200, c);
+      if (req.method == "GET" && path == "/v1/campaigns/" + c["id"].get<std::string>()) return test::json_answer(200, c);
     }
-    return answer(404, {{"error", {{"code", "not_found"}, {"message", "no " + path}}}});
+    return test::json_answer(404, {{"error", {{"code", "not_found"}, {"message", "no " + path}}}});
   }
 };
 
@@ -99,16 +93,9 @@ bool eventually(const std::function<bool()>& pred) {
 TEST_CASE("federation: a regional campaign create without an answer is looked for by name, not sent again until "
           "the grace is over", "[unit][federation]") {
   test::TempDir dir;
-  test::make_ca(dir.path(), "ca");
-  test::make_server_cert(dir.path(), "ca", "region");
+  const std::string ca_pem = test::region_pki(dir.path());
   StandInRegion region;
-  hub::HttpServerConfig hc;
-  hc.port = 0;
-  hc.threads = 4;
-  hc.tls_cert_file = (dir.path() / "region.pem").string();
-  hc.tls_key_file = (dir.path() / "region.key").string();
-  auto server = hub::HttpServer::start(hc, [&](const hub::HttpRequest& r) { return region.handle(r); });
-  REQUIRE(server);
+  auto server = test::serve_region(dir.path(), [&](const hub::HttpRequest& r) { return region.handle(r); }, 4);
 
   auto fstore = FederationStore::open((dir.path() / "federation.db").string());
   REQUIRE(fstore);
@@ -129,11 +116,8 @@ TEST_CASE("federation: a regional campaign create without an answer is looked fo
       [](const std::string&) { return std::string(); });
   Region r;
   r.name = "eu";
-  r.url = "https://127.0.0.1:" + std::to_string((*server)->port());
-  std::ifstream ca(dir.path() / "ca.pem");
-  std::stringstream pem;
-  pem << ca.rdbuf();
-  r.ca_pem = pem.str();
+  r.url = "https://127.0.0.1:" + std::to_string(server->port());
+  r.ca_pem = ca_pem;
   r.token = "flt_api_standin";
   REQUIRE(fed.add_region(r));
   hub::Caller admin;
@@ -190,5 +174,5 @@ TEST_CASE("federation: a regional campaign create without an answer is looked fo
     CHECK(region.started() == 2);
     CHECK(part().regional_id == "c-2");
   }
-  (*server)->stop();
+  server->stop();
 }

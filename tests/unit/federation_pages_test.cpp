@@ -23,6 +23,7 @@
 #include "flotilla/hub/api.hpp"
 #include "flotilla/hub/federation.hpp"
 #include "flotilla/hub/http_server.hpp"
+#include "tests/support/federation_fixtures.hpp"
 #include "tests/support/hub_fixtures.hpp"
 #include "tests/support/hub_test_support.hpp"
 #include "tests/support/pki.hpp"
@@ -46,16 +47,9 @@ struct StandInRegion {
   std::vector<std::string> asked_after;  // every position asked, in order
 
   hub::HttpResponse handle(const hub::HttpRequest& req) {
-    auto answer = [](int status, const json& body) {
-      hub::HttpResponse r;
-      r.status = status;
-      r.content_type = "application/json";
-      r.body = body.dump();
-      return r;
-    };
     const std::string path = req.target.substr(0, req.target.find('?'));
-    if (req.method == "GET" && path == "/v1/whoami") return answer(200, {{"role", "operator"}, {"project", "*"}});
-    if (req.method != "GET" || path != "/v1/devices") return answer(404, {{"error", {{"code", "not_found"}}}});
+    if (req.method == "GET" && path == "/v1/whoami") return test::json_answer(200, {{"role", "operator"}, {"project", "*"}});
+    if (req.method != "GET" || path != "/v1/devices") return test::json_answer(404, {{"error", {{"code", "not_found"}}}});
     std::map<std::string, std::string> q;
     const std::string query = req.target.find('?') == std::string::npos ? "" : req.target.substr(req.target.find('?') + 1);
     for (size_t at = 0; at < query.size();) {
@@ -83,7 +77,7 @@ struct StandInRegion {
       ++examined;
       if (matching.count(*it)) items.push_back({{"id", *it}, {"project", "default"}});
     }
-    return answer(200, {{"items", items}, {"next", next}});
+    return test::json_answer(200, {{"items", items}, {"next", next}});
   }
 };
 
@@ -97,11 +91,7 @@ struct RunningRegion {
 TEST_CASE("federation device pages carry on from where a region's scan limit stopped it, even after an empty page",
           "[unit][federation]") {
   flotilla::test::TempDir dir;
-  flotilla::test::make_ca(dir.path(), "ca");
-  flotilla::test::make_server_cert(dir.path(), "ca", "region");
-  std::ifstream ca_in(dir.path() / "ca.pem");
-  std::stringstream ca_pem;
-  ca_pem << ca_in.rdbuf();
+  const std::string ca_pem = flotilla::test::region_pki(dir.path());
 
   // eu: 60 devices of which every seventh matches, at most 4 rows examined a
   // request (so most of its pages are short and many empty); us: 9 devices,
@@ -124,40 +114,18 @@ TEST_CASE("federation device pages carry on from where a region's scan limit sto
     for (const auto& id : rr.region.matching) want.insert(name + "/" + id);
   }
 
-  auto store = hub::Store::open((dir.path() / "hub.db").string());
-  REQUIRE(store);
-  auto fstore = FederationStore::open((dir.path() / "federation.db").string());
-  REQUIRE(fstore);
-  FakeClock clock;
-  hub::ServiceConfig sc;
-  sc.engine_thread = false;
-  sc.manage_broker_credentials = false;
-  hub::HubService service(**store, clock, sc);
-  std::filesystem::create_directories(dir.path() / "region-ca");
-  Federation fed(
-      **fstore, clock, FederationConfig{}, dir.path() / "region-ca", [](hub::AuditRecord) {},
-      [](const std::string&, const std::string&) -> Result<hub::BundleRecord> {
-        return make_error(Errc::not_found, "no bundles here");
-      },
-      [](const std::string&) { return std::string(); });
-  hub::Api api(service);
-  FederationApi front(fed, api, service);
-  const std::string admin = flotilla::test::make_token(service, "api", "root", "admin").secret;
+  flotilla::test::FederationFront f(dir.path());
+  auto& fed = f.fed;
+  auto& front = f.front;
+  const std::string& admin = f.admin;
 
   for (auto& [name, rr] : regions) {
-    hub::HttpServerConfig hc;
-    hc.port = 0;
-    hc.threads = 2;
-    hc.tls_cert_file = (dir.path() / "region.pem").string();
-    hc.tls_key_file = (dir.path() / "region.key").string();
     StandInRegion* region = &rr.region;
-    auto server = hub::HttpServer::start(hc, [region](const hub::HttpRequest& r) { return region->handle(r); });
-    REQUIRE(server);
-    rr.server = std::move(*server);
+    rr.server = flotilla::test::serve_region(dir.path(), [region](const hub::HttpRequest& r) { return region->handle(r); });
     Region r;
     r.name = name;
     r.url = "https://127.0.0.1:" + std::to_string(rr.server->port());
-    r.ca_pem = ca_pem.str();
+    r.ca_pem = ca_pem;
     r.token = "flt_api_standin";
     REQUIRE(fed.add_region(r));
   }

@@ -12,6 +12,7 @@
 #include "flotilla/hub/federation.hpp"
 #include "flotilla/hub/service.hpp"
 #include "flotilla/hub/store.hpp"
+#include "tests/support/federation_fixtures.hpp"
 #include "tests/support/hub_fixtures.hpp"
 #include "tests/support/hub_test_support.hpp"
 #include "tests/support/temp_dir.hpp"
@@ -128,25 +129,9 @@ TEST_CASE("region names and federation settings are validated", "[unit][federati
 TEST_CASE("federation API refuses an unknown query parameter on each of its routes and takes the ones it documents",
           "[unit][federation]") {
   flotilla::test::TempDir dir;
-  auto store = hub::Store::open((dir.path() / "hub.db").string());
-  REQUIRE(store);
-  auto fstore = FederationStore::open((dir.path() / "federation.db").string());
-  REQUIRE(fstore);
-  FakeClock clock;
-  hub::ServiceConfig sc;
-  sc.engine_thread = false;
-  sc.manage_broker_credentials = false;
-  hub::HubService service(**store, clock, sc);
-  std::filesystem::create_directories(dir.path() / "region-ca");
-  Federation fed(
-      **fstore, clock, FederationConfig{}, dir.path() / "region-ca", [](hub::AuditRecord) {},
-      [](const std::string&, const std::string&) -> Result<hub::BundleRecord> {
-        return make_error(Errc::not_found, "no bundles here");
-      },
-      [](const std::string&) { return std::string(); });
-  hub::Api api(service);
-  FederationApi front(fed, api, service);
-  const std::string admin = flotilla::test::make_token(service, "api", "root", "admin").secret;
+  flotilla::test::FederationFront f(dir.path());
+  auto& front = f.front;
+  const std::string& admin = f.admin;
   auto call = [&](const std::string& method, const std::string& target) {
     return front.handle(flotilla::test::api_request(method, target, R"({"bundle": "b", "regions": ["eu"]})", admin));
   };
@@ -175,10 +160,10 @@ TEST_CASE("federation API refuses an unknown query parameter on each of its rout
         "unknown query parameter 'projet' for GET /v1/devices; it takes after, certExpiresBefore, "
         "include_decommissioned, limit, project, region, selector");
   // Nothing was stored by the refused writes.
-  auto campaigns = (*fstore)->list_campaigns();
+  auto campaigns = f.fstore->list_campaigns();
   REQUIRE(campaigns);
   CHECK(campaigns->empty());
-  auto regions = (*fstore)->list_regions();
+  auto regions = f.fstore->list_regions();
   REQUIRE(regions);
   CHECK(regions->empty());
 
