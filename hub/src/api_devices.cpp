@@ -107,9 +107,11 @@ void fresh_from_holders(HubService& s, const Context& c, const std::string& afte
                         std::vector<json>& items, std::string& next) {
   std::map<std::string, std::vector<int>> by_peer;  // holder URL -> its cells
   std::map<int, std::string> unasked;                // cell -> why it was not asked
+  const auto owners = c.req.headers.count(kForwardedHeader) ? std::map<int, std::string>() : s.cell_owner_urls();
   for (int cell = 0; cell < s.cell_count(); ++cell) {
     if (s.serves_cell(cell)) continue;
-    const std::string peer = c.req.headers.count(kForwardedHeader) ? "" : s.cell_owner_url(cell);
+    const auto owner = owners.find(cell);
+    const std::string peer = owner == owners.end() ? "" : owner->second;
     const std::string why = cannot_forward(c, peer, cell);
     if (why.empty()) {
       by_peer[peer].push_back(cell);

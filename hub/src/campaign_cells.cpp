@@ -161,6 +161,27 @@ std::string HubService::cell_owner_url(int cell) {
   return j["api"].get<std::string>();
 }
 
+std::map<int, std::string> HubService::cell_owner_urls() {
+  std::map<int, std::string> urls;
+  if (!cfg_.share_cells || !cfg_.coordinator) return urls;
+  auto owners = cfg_.coordinator->range(coord::CellOwnership::kOwnersPrefix, coord::kMaxRangeLimit);
+  auto hubs = cfg_.coordinator->range(kHubsPrefix, coord::kMaxRangeLimit);
+  if (!owners || !hubs) return urls;
+  std::map<std::string, std::string> api;  // holder -> its REST base URL
+  for (const auto& kv : hubs->kvs) {
+    const auto j = nlohmann::json::parse(kv.value, nullptr, false);
+    if (j.is_object() && j.contains("api") && j["api"].is_string()) {
+      api[kv.key.substr(std::string_view(kHubsPrefix).size())] = j["api"].get<std::string>();
+    }
+  }
+  for (const auto& kv : owners->kvs) {
+    const auto cell = coord::CellOwnership::cell_of_owner_key(kv.key);
+    if (!cell || kv.value == cfg_.coord_holder) continue;
+    if (auto it = api.find(kv.value); it != api.end()) urls[*cell] = it->second;
+  }
+  return urls;
+}
+
 void HubService::ensure_cell_membership(const CampaignRecord& c) {
   if (!campaign_runs(c.state) && c.state != CampaignState::paused) return;
   std::optional<Selector> sel;

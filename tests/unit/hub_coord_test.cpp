@@ -216,3 +216,20 @@ TEST_CASE("coord settings: sqlite by default, etcd needs endpoints, bad values n
     CHECK(r.error().message.find(b.says) != std::string::npos);
   }
 }
+
+// A device page lists every cell's owner in one range over this prefix, so
+// the owner key of each cell, and only those, must map back to its cell.
+TEST_CASE("coord cell ownership: owner keys map back to their cell, other keys under the prefix do not",
+          "[unit][coord]") {
+  for (const std::string cell : {"0", "3", "17", "255"}) {
+    const std::string key = co::CellOwnership::owner_key(cell);
+    CHECK(key.rfind(co::CellOwnership::kOwnersPrefix, 0) == 0);
+    CHECK(co::CellOwnership::cell_of_owner_key(key) == std::stoi(cell));
+  }
+  for (const std::string key : {"/flotilla/cells/", "/flotilla/cells//owner", "/flotilla/cells/x/owner",
+                                "/flotilla/cells/3/counts", "/flotilla/cells/3/owner/x", "/flotilla/hubs/3/owner",
+                                "/flotilla/cells/-1/owner", "/flotilla/cells/99999999999/owner"}) {
+    INFO(key);
+    CHECK_FALSE(co::CellOwnership::cell_of_owner_key(key).has_value());
+  }
+}

@@ -122,7 +122,18 @@ const std::shared_ptr<spdlog::logger>& clog() {
 CellOwnership::CellOwnership(Coordinator& c, std::string holder, std::chrono::seconds ttl, const Clock& clock)
     : c_(c), holder_(std::move(holder)), ttl_(ttl), clock_(clock) {}
 
-std::string CellOwnership::owner_key(const std::string& cell) { return "/flotilla/cells/" + cell + "/owner"; }
+std::string CellOwnership::owner_key(const std::string& cell) { return kOwnersPrefix + cell + "/owner"; }
+
+std::optional<int> CellOwnership::cell_of_owner_key(const std::string& key) {
+  const std::string_view prefix = kOwnersPrefix, suffix = "/owner";
+  if (key.size() <= prefix.size() + suffix.size() || key.compare(0, prefix.size(), prefix) != 0 ||
+      key.compare(key.size() - suffix.size(), suffix.size(), suffix) != 0) {
+    return std::nullopt;
+  }
+  const std::string digits = key.substr(prefix.size(), key.size() - prefix.size() - suffix.size());
+  if (digits.size() > 6 || digits.find_first_not_of("0123456789") != std::string::npos) return std::nullopt;
+  return std::stoi(digits);
+}
 
 Status CellOwnership::start() {
   if (ttl_.count() < 1) return make_error(Errc::invalid_argument, "cell lease TTL must be at least 1s");

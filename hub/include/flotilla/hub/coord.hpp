@@ -213,6 +213,10 @@ class CellOwnership {
   CellOwnership(Coordinator& c, std::string holder, std::chrono::seconds ttl,
                 const Clock& clock = SystemClock::instance());
   static std::string owner_key(const std::string& cell);
+  // The prefix of every cell's owner key, and the cell an owner key names
+  // (nullopt for any other key under it).
+  static constexpr const char* kOwnersPrefix = "/flotilla/cells/";
+  static std::optional<int> cell_of_owner_key(const std::string& key);
 
   // Grants the lease (again, after the old one was lost).
   Status start();

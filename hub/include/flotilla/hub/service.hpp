@@ -298,6 +298,10 @@ class HubService {
   // as it announced itself; empty when none does (the cell is between
   // owners) or the coordinator cannot say. Two coordinator reads.
   std::string cell_owner_url(int cell);
+  // The same for every cell another hub holds (cell -> URL), in two
+  // coordinator reads whatever the number of cells: what a device page,
+  // which may touch every cell, asks once.
+  std::map<int, std::string> cell_owner_urls();
   bool serves_cell(int cell) const {
     return !cfg_.share_cells || (cell >= 0 && cell < 64 && ((served_mask_.load() >> cell) & 1u));
   }
