@@ -51,11 +51,15 @@ chmod 711 "$OUT"
 . "$ROOT/bench/lib/sim.sh"
 
 # CPU seconds and RSS of the hub, its mosquittos and the simulators every
-# 5 s while a rung runs (DIR.ps): where the time went, per process.
+# 5 s while a rung runs (DIR.ps): where the time went, per process; and the
+# size of each SQLite write-ahead log under DIR ("wal BYTES PATH"): a log
+# that keeps growing means a reader holds an old snapshot and checkpoints
+# cannot start it over.
 sample_processes() {  # DIR
   while :; do
     echo "# $(date +%s)"
     ps -eo pid,ppid,comm,times,rss --no-headers | awk '$3 ~ /^(flotilla-hub|mosquitto|flotilla-sim)$/'
+    find "$1" -name '*.db-wal' -printf 'wal %s %P\n' 2>/dev/null || true
     sleep 5
   done >"$1.ps"
 }
