@@ -7,6 +7,7 @@
 // late catches up.
 #include <catch2/catch.hpp>
 
+#include <chrono>
 #include <filesystem>
 #include <set>
 #include <string>
@@ -160,8 +161,10 @@ TEST_CASE("control log on etcd: hubs share control data, degrade to read-only wi
 
 // The hub's --etcd-ca/--etcd-cert/--etcd-key against a member that takes
 // only clients with a certificate from its CA: the hub's control writes go
-// through, and what it wrote is in etcd.
-TEST_CASE("control log on etcd over TLS: a hub with etcd's client certificate writes through it",
+// through, a real agent enrolls and applies a campaign's bundle, and what
+// the hub wrote is in etcd.
+TEST_CASE("control log on etcd over TLS: a hub with etcd's client certificate writes through it and a real agent "
+          "applies a campaign through it",
           "[integration][etcd][control]") {
   REQUIRE(EtcdCluster::available());
   TempDir tmp("control-etcd-tls");
@@ -186,6 +189,25 @@ TEST_CASE("control log on etcd over TLS: a hub with etcd's client certificate wr
   auto made = new_token(a, admin, "over-tls");
   INFO(made.second.dump());
   REQUIRE(made.first == 201);
+
+  // A real agent through it: its enrollment, the bundle and the campaign's
+  // decisions are control writes through etcd over TLS, and it applies.
+  const auto release = bundles::generate_key();
+  AgentOptions ao;
+  ao.root_keys = {bundles::public_key_text(release.pub)};
+  Agent agent(tmp.path() / "dev", a.url(), a.enrollment_token({{"env", "it"}}, 1), ao);
+  agent.start();
+  const bool online = wait_agent_online(a, agent, std::chrono::seconds(60));
+  INFO("agent log:\n" << agent.log() << "\nhub log:\n" << a.log());
+  REQUIRE(online);
+  auto pushed = a.call("POST", "/v1/bundles", make_bundle("edge-base", 1, {}, {&release}).bytes,
+                       "application/octet-stream", admin);
+  INFO(pushed.second.dump());
+  REQUIRE(pushed.first == 201);
+  const json c = run_campaign(a, pushed.second["id"].get<std::string>(), "env=it");
+  INFO(c.dump());
+  CHECK(c["state"] == "completed");
+  CHECK(a.device(agent.device_id())["applied_version"] == 1);
 
   hub::coord::EtcdOptions o;
   o.endpoints = cluster.client_urls();
