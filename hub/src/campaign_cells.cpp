@@ -53,6 +53,7 @@ void HubService::coordinate() {
   }
   if (ownership_->lease() != 0 && cfg_.share_cells) {
     balance_cells(warn);
+    follow_drains(warn);
   } else if (ownership_->lease() != 0) {
     for (int cell : want) {
       if (ownership_->fence(std::to_string(cell))) continue;
@@ -180,6 +181,143 @@ std::map<int, std::string> HubService::cell_owner_urls() {
     if (auto it = api.find(kv.value); it != api.end()) urls[*cell] = it->second;
   }
   return urls;
+}
+
+Result<std::set<int>> HubService::shared_drains() {
+  auto drains = cfg_.coordinator->range(kDrainsPrefix, coord::kMaxRangeLimit);
+  if (!drains) return drains.error();
+  std::set<int> cells;
+  for (const auto& kv : drains->kvs) {
+    const std::string id = kv.key.substr(std::string_view(kDrainsPrefix).size());
+    if (id.empty() || id.size() > 3 || id.find_first_not_of("0123456789") != std::string::npos) continue;
+    if (std::stoi(id) < cell_count()) cells.insert(std::stoi(id));
+  }
+  return cells;
+}
+
+void HubService::follow_drains(const std::function<void(const std::string&, const Error&)>& warn) {
+  auto drains = shared_drains();
+  if (!drains) return warn("read the draining cells", drains.error());
+  for (int cell : *drains) {
+    if (cells_[static_cast<size_t>(cell)]->draining()) continue;
+    cells_[static_cast<size_t>(cell)]->set_draining(true);
+    log::get("hub")->info("cell {} draining (the drain is in the coordinator)", cell);
+    engine_cv_.notify_one();
+  }
+}
+
+void HubService::record_arrivals() {
+  // One worker at a time (each calls this after its batches), and after a
+  // failure not again for a while: a control write holds the store while it
+  // waits for etcd, and with etcd away the reports must go on meanwhile.
+  if (recording_arrivals_.exchange(true)) return;
+  struct Done {
+    std::atomic<bool>& flag;
+    ~Done() { flag = false; }
+  } done{recording_arrivals_};
+  const int64_t now = clock_.now_unix_ms();
+  std::map<std::string, std::pair<int, int>> arrivals;
+  {
+    std::lock_guard lock(store_mu_);
+    if (pending_arrivals_.empty() || now < arrivals_retry_ms_) return;
+    arrivals = pending_arrivals_;
+  }
+  std::vector<std::pair<std::string, int>> moved;  // (owner, old cell)
+  std::vector<int64_t> delta;
+  auto written = control_write([&]() -> Status {
+    std::lock_guard lock(store_mu_);
+    moved.clear();
+    delta.assign(static_cast<size_t>(cell_count()), 0);
+    for (const auto& [owner, from_to] : arrivals) {
+      auto n = store_.set_device_cell(owner, from_to.second);
+      if (!n) return n.error().with_context("move device=" + owner);
+      delta[static_cast<size_t>(from_to.first)] -= *n;
+      delta[static_cast<size_t>(from_to.second)] += *n;
+      if (*n > 0) moved.emplace_back(owner, from_to.first);
+    }
+    return {};
+  });
+  if (!written) {
+    {
+      std::lock_guard lock(store_mu_);
+      arrivals_retry_ms_ = now + kArrivalsRetryMs;
+    }
+    if (auto n = log_limit_.admit("record arrivals")) {
+      log::get("hub")->warn("could not record {} device(s) arrived from draining cells, tried again in {} s: {}{}",
+                            arrivals.size(), kArrivalsRetryMs / 1000, written.error().message, suppressed_note(*n));
+    }
+    return;
+  }
+  std::lock_guard lock(store_mu_);
+  arrivals_retry_ms_ = 0;
+  std::vector<std::string> owners;
+  std::set<int> cells;
+  for (const auto& [owner, from_to] : arrivals) {
+    pending_arrivals_.erase(owner);
+    move_asked_ms_.erase(owner);
+    owners.push_back(owner);
+    cells.insert(from_to.second);
+  }
+  for (size_t i = 0; i < delta.size() && i < cell_devices_.size(); ++i) {
+    cell_devices_[i] += delta[i];
+    if (delta[i] < 0) cells_[i]->moved_out += static_cast<uint64_t>(-delta[i]);
+    if (delta[i] > 0) cells_[i]->moved_in += static_cast<uint64_t>(delta[i]);
+  }
+  for (const auto& [owner, from] : moved) {
+    log::get("hub")->info("device={} moved from cell {} to cell {} (recorded for every hub process)", owner, from,
+                          arrivals.at(owner).second);
+  }
+  moved_in_.insert(moved_in_.end(), moved.begin(), moved.end());
+  add_arrival_members(owners, cells);
+}
+
+// The rows of running campaigns for devices that came into this process's
+// cells: the holder of the cell they left made theirs, this store has none
+// (it built its cells' members before they came). Each gets the wave the
+// campaign's rank gives it, as if it had been in this cell from the start;
+// its reports then count here, once (the old holder's row moved out of the
+// cell it publishes with the device).
+void HubService::add_arrival_members(const std::vector<std::string>& owners, const std::set<int>& cells) {
+  std::set<std::string> arrived;
+  for (const auto& owner : owners) {
+    auto ids = store_.devices_of_owner(owner);
+    if (!ids) {
+      log::get("hub")->warn("campaign membership of device={}: {}", owner, ids.error().message);
+      continue;
+    }
+    arrived.insert(ids->begin(), ids->end());
+  }
+  auto campaigns = store_.list_campaigns();
+  if (!campaigns) {
+    log::get("hub")->warn("campaign membership of arrived devices: {}", campaigns.error().message);
+    return;
+  }
+  const int64_t now = clock_.now_unix_ms();
+  sql::Transaction tx(store_.db());
+  for (const auto& c : *campaigns) {
+    if (!campaign_runs(c.state) && c.state != CampaignState::paused) continue;
+    auto sel = Selector::parse(c.selector);
+    if (!sel) continue;
+    const Strategy strategy = strategy_of(c);
+    int added = 0;
+    for (int cell : cells) {
+      auto members = campaign_members(c, *sel, strategy, cell);
+      if (!members) {
+        log::get("hub")->warn("campaign={} cell={}: membership: {}", c.id, cell, members.error().message);
+        continue;
+      }
+      for (const auto& m : *members) {
+        if (!arrived.count(m.device_id)) continue;
+        if (auto s = store_.add_campaign_member(c.id, m, now); !s) {
+          log::get("hub")->warn("campaign={} device={}: membership: {}", c.id, m.device_id, s.error().message);
+        } else {
+          ++added;
+        }
+      }
+    }
+    if (added > 0) log::get("hub")->info("campaign={}: {} arrived device(s) joined", c.id, added);
+  }
+  if (auto s = tx.commit(); !s) log::get("hub")->warn("campaign membership of arrived devices: {}", s.error().message);
 }
 
 void HubService::ensure_cell_membership(const CampaignRecord& c) {

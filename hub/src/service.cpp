@@ -196,6 +196,7 @@ void HubService::on_control_applied(const std::set<std::string>& tables) {
       }
     }
   }
+  if (tables.count("devices")) clear_moved_away();
   if (tables.count("bundles")) {
     std::lock_guard lock(store_mu_);
     bundle_cache_.clear();  // signatures merged on another hub
@@ -1360,16 +1361,28 @@ Result<HubService::DrainProgress> HubService::drain_cell_devices(int cell) {
     return make_error(Errc::not_found, "no cell " + std::to_string(cell) + " (this hub runs cells 0 to " +
                                            std::to_string(cell_count() - 1) + ")");
   }
+  const std::string name = "cell " + std::to_string(cell);
+  const Error last = make_error(Errc::conflict, name + " is the last cell that is not draining; "
+                                                       "its devices would have nowhere to go");
   Cell& c = *cells_[static_cast<size_t>(cell)];
+  if (cfg_.share_cells && cfg_.coordinator && !c.draining()) {
+    // Shared with every hub process (docs/adr/0019): the holder of the cell
+    // asks its devices to move, the holders of the others take them in.
+    auto draining = shared_drains();
+    if (!draining) return draining.error().with_context("read the draining cells");
+    draining->insert(cell);
+    if (static_cast<int>(draining->size()) >= cell_count()) return last;
+    const std::string value = nlohmann::json{{"since_ms", clock_.now_unix_ms()}, {"by", cfg_.coord_holder}}.dump();
+    if (auto p = cfg_.coordinator->put(kDrainsPrefix + std::to_string(cell), value); !p) {
+      return p.error().with_context("record the drain of " + name);
+    }
+  }
   DrainProgress out;
   out.cell = cell;
   {
     std::lock_guard lock(store_mu_);
     if (!c.draining()) {
-      if (least_loaded_cell(cell_devices_, cell) < 0) {
-        return make_error(Errc::conflict, "cell " + std::to_string(cell) + " is the last cell that is not draining; "
-                                          "its devices would have nowhere to go");
-      }
+      if (least_loaded_cell(cell_devices_, cell) < 0) return last;
       c.set_draining(true);
       log::get("hub")->info("cell {} draining: {} devices to move", cell, cell_devices_[static_cast<size_t>(cell)]);
     }
@@ -1393,7 +1406,7 @@ void HubService::continue_drains() {
     std::lock_guard lock(store_mu_);
     std::vector<int64_t> planned = cell_devices_;
     for (auto& c : cells_) {
-      if (!c->draining()) continue;
+      if (!c->draining() || !serves_cell(c->id())) continue;  // a cell this process lost: its holder's to drain
       auto ids = store_.cell_session_devices(c->id(), kMoveChunk);
       if (!ids) {
         log::get("hub")->error("drain cell {}: {}", c->id(), ids.error().message);
@@ -1443,7 +1456,43 @@ void HubService::continue_drains() {
   log::get("hub")->info("asked {} devices to move to another cell", moves.size());
 }
 
+// Hub processes sharing cells: devices this process asked to move that
+// another process has since recorded in a cell that is not draining. Their
+// retained desired state (with the move) is cleared on the brokers of the
+// draining cells this process serves, as settle_moves does for an arrival
+// this process saw itself (docs/adr/0019).
+void HubService::clear_moved_away() {
+  std::vector<std::string> gone;
+  std::vector<int> from;
+  {
+    std::lock_guard lock(store_mu_);
+    if (move_asked_ms_.empty()) return;
+    for (auto it = move_asked_ms_.begin(); it != move_asked_ms_.end();) {
+      auto d = store_.get_device(it->first);
+      const int cell = d && *d ? (*d)->cell : -1;
+      if (cell >= 0 && cell < cell_count() && !cells_[static_cast<size_t>(cell)]->draining()) {
+        gone.push_back(it->first);
+        it = move_asked_ms_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    for (int i = 0; i < cell_count(); ++i) {
+      if (cells_[static_cast<size_t>(i)]->draining() && serves_cell(i)) from.push_back(i);
+    }
+  }
+  if (gone.empty()) return;
+  for (int cell : from) {
+    transport::Transport* t = cells_[static_cast<size_t>(cell)]->transport();
+    if (!t || !t->connected()) continue;
+    for (const auto& id : gone) (void)t->publish({transport::device_topic(id, "", "desired"), "", 1, true});
+    log::get("hub")->info("cleared the retained desired state of {} device(s) that moved away from cell {}",
+                          gone.size(), cell);
+  }
+}
+
 void HubService::settle_moves() {
+  if (cfg_.share_cells) record_arrivals();
   std::vector<std::pair<std::string, int>> moved;
   {
     std::lock_guard lock(store_mu_);
@@ -1584,19 +1633,27 @@ void HubService::apply_device_messages(const std::string& device_id, const std::
       return;
     }
     const std::string owner = dev.gateway.empty() ? dev.id : dev.gateway;
-    auto n = store_.set_device_cell(owner, cell);
-    if (!n) {
-      log::get("hub")->error("move device={} to cell {}: {}", owner, cell, n.error().message);
-      return;
+    if (cfg_.share_cells) {
+      // Recorded by record_arrivals as a control write, after this batch;
+      // its messages are applied meanwhile with the row in the old cell.
+      if (pending_arrivals_.try_emplace(owner, dev.cell, cell).second) {
+        log::get("hub")->info("device={} arrived in cell {} from draining cell {}", owner, cell, dev.cell);
+      }
+    } else {
+      auto n = store_.set_device_cell(owner, cell);
+      if (!n) {
+        log::get("hub")->error("move device={} to cell {}: {}", owner, cell, n.error().message);
+        return;
+      }
+      cell_devices_[static_cast<size_t>(dev.cell)] -= *n;
+      cell_devices_[static_cast<size_t>(cell)] += *n;
+      cells_[static_cast<size_t>(dev.cell)]->moved_out += static_cast<uint64_t>(*n);
+      cells_[static_cast<size_t>(cell)]->moved_in += static_cast<uint64_t>(*n);
+      moved_in_.emplace_back(owner, dev.cell);
+      move_asked_ms_.erase(owner);
+      log::get("hub")->info("device={} moved from cell {} to cell {} ({} device rows)", owner, dev.cell, cell, *n);
+      dev.cell = cell;
     }
-    cell_devices_[static_cast<size_t>(dev.cell)] -= *n;
-    cell_devices_[static_cast<size_t>(cell)] += *n;
-    cells_[static_cast<size_t>(dev.cell)]->moved_out += static_cast<uint64_t>(*n);
-    cells_[static_cast<size_t>(cell)]->moved_in += static_cast<uint64_t>(*n);
-    moved_in_.emplace_back(owner, dev.cell);
-    move_asked_ms_.erase(owner);
-    log::get("hub")->info("device={} moved from cell {} to cell {} ({} device rows)", owner, dev.cell, cell, *n);
-    dev.cell = cell;
   }
   const bool was_online = dev.online;
   CampaignRows rows;

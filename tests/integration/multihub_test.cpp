@@ -22,6 +22,7 @@
 #include "flotilla/hub/device_ca.hpp"
 #include "tests/support/etcd_cluster.hpp"
 #include "tests/support/harness.hpp"
+#include "tests/support/shared_cells.hpp"
 #include "tests/support/sim_campaign.hpp"
 
 using namespace flotilla;
@@ -31,22 +32,7 @@ namespace {
 
 constexpr int kCells = 3;
 
-// Cell ownership as each hub's /metrics says it: owner[cell] = index of the
-// hub that holds it, -1 for none, -2 for more than one.
-std::array<int, kCells> owners(const std::vector<Hub*>& hubs) {
-  std::array<int, kCells> owner;
-  owner.fill(-1);
-  for (size_t h = 0; h < hubs.size(); ++h) {
-    if (!hubs[h]) continue;
-    const std::string m = metrics_text(*hubs[h]);
-    for (int c = 0; c < kCells; ++c) {
-      if (metric(m, "flotilla_cell_owned{cell=\"" + std::to_string(c) + "\"}") == 1) {
-        owner[c] = owner[c] == -1 ? static_cast<int>(h) : -2;
-      }
-    }
-  }
-  return owner;
-}
+std::array<int, kCells> owners(const std::vector<Hub*>& hubs) { return SharedCells::owners<kCells>(hubs); }
 
 bool balanced(const std::array<int, kCells>& owner) {
   std::array<int, kCells> per_hub{};
@@ -87,51 +73,12 @@ TEST_CASE("three hub processes share three cells by leases: kill -9 of one mid-c
           "[integration][etcd][multihub]") {
   REQUIRE(EtcdCluster::available());
   TempDir tmp("multihub");
-  EtcdCluster cluster(tmp.path() / "etcd", 3);
-  cluster.start();
-
-  // Every hub signs with one director key and issues from one device CA
-  // (docs/security.md); the brokers need only that CA.
-  const int64_t now = SystemClock::instance().now_unix();
-  hub::DeviceCaConfig dcc;
-  dcc.dir = tmp.path() / "ca";
-  auto ca = hub::DeviceCa::open(dcc, now);
-  REQUIRE(ca);
-  const auto director = bundles::generate_key();
-  REQUIRE(bundles::write_private_key(tmp.path() / "director.key", director));
-
-  // One broker per cell, started and supervised by the test (as systemd
-  // would): the hub's own broker configuration, ACL and certificate auth.
-  std::vector<std::unique_ptr<hub::EmbeddedBroker>> brokers;
-  std::vector<std::string> args = {"--coordination", "etcd", "--etcd-timeout", "2s", "--cell-lease-ttl", "4s",
-                                   "--device-ca-cert", (dcc.dir / "device-ca.pem").string(), "--device-ca-key",
-                                   (dcc.dir / "device-ca.key").string(), "--director-key",
-                                   (tmp.path() / "director.key").string()};
-  for (const auto& u : cluster.client_urls()) {
-    args.push_back("--etcd-endpoints");
-    args.push_back(u);
-  }
-  auto crl = (*ca)->crl_pem({}, now, 86400);
-  REQUIRE(crl);
-  for (int i = 0; i < kCells; ++i) {
-    hub::BrokerConfig bc;
-    bc.dir = tmp.path() / ("broker-" + std::to_string(i));
-    auto port = hub::free_listen_port();
-    REQUIRE(port);
-    bc.port = *port;
-    bc.auth = hub::BrokerAuth::certificate;
-    bc.client_ca_pem = (*ca)->trust_pem();
-    bc.crl_pem = *crl;
-    auto cert = (*ca)->issue_server({"127.0.0.1", "localhost"}, now, 86400);
-    REQUIRE(cert);
-    bc.server_cert_pem = cert->pem;
-    bc.server_key_pem = cert->key_pem;
-    auto b = hub::EmbeddedBroker::start(bc, {});
-    REQUIRE(b);
-    args.push_back("--cell-broker");
-    args.push_back((*b)->url());
-    brokers.push_back(std::move(*b));
-  }
+  // One etcd of three members, one broker per cell started and supervised
+  // by the test, one device CA and director key for every hub.
+  SharedCells site(tmp.path(), kCells, 3);
+  EtcdCluster& cluster = site.cluster;
+  const std::vector<std::string>& args = site.hub_args;
+  auto& brokers = site.brokers;
 
   Hub a(tmp.path() / "hub-a"), b(tmp.path() / "hub-b"), c(tmp.path() / "hub-c");
   a.start(args);

@@ -470,6 +470,13 @@ Result<int64_t> Store::set_device_cell(const std::string& id, int cell) {
   return db_->changes();
 }
 
+Result<std::vector<std::string>> Store::devices_of_owner(const std::string& id) {
+  auto st = db_->prepare("SELECT id FROM devices WHERE id=? OR (gateway=? AND gateway != '')");
+  if (!st) return st.error();
+  st->bind(1, std::string_view(id)).bind(2, std::string_view(id));
+  return st->rows<std::string>([](const sql::Stmt& s) { return s.col_text(0); });
+}
+
 Result<std::vector<std::string>> Store::cell_session_devices(int cell, int64_t limit) {
   auto st = db_->prepare("SELECT id FROM devices WHERE cell=? AND gateway='' AND state != 'decommissioned' "
                          "ORDER BY id LIMIT ?");

@@ -167,7 +167,10 @@ class HubService {
   // move to the least loaded other cell, in a director-signed desired state
   // (DesiredHeader.broker_url). A device's cell changes when it speaks from
   // its new cell's broker. Refused (conflict) for the last undrained cell.
-  // Repeating it changes nothing and answers the progress.
+  // Repeating it changes nothing and answers the progress. With shared
+  // cells any process takes it: the draining set is in the coordinator, the
+  // holder of the cell asks its devices to move, and the holder of the cell
+  // each arrives in records the move (docs/adr/0019).
   struct DrainProgress {
     int cell = 0;
     bool draining = false;
@@ -411,6 +414,22 @@ class HubService {
   // cell, and the retained one on the old broker is cleared.
   void settle_moves();
   std::vector<std::pair<std::string, int>> moved_in_;  // (device or gateway, old cell), store_mu_
+  // Hub processes sharing cells (docs/adr/0019): every process must agree
+  // which cell a device is in, so an arrival from a draining cell is
+  // written by record_arrivals as one control write, outside the report
+  // batch that saw it; until then its rows stay in the old cell. Then the
+  // arrivals get the rows of running campaigns the old holder had made.
+  static constexpr const char* kDrainsPrefix = "/flotilla/drains/";
+  std::map<std::string, std::pair<int, int>> pending_arrivals_;  // owner -> (from, to), store_mu_
+  int64_t arrivals_retry_ms_ = 0;                                // store_mu_
+  static constexpr int64_t kArrivalsRetryMs = 5000;
+  std::atomic<bool> recording_arrivals_{false};
+  Result<std::set<int>> shared_drains();  // the cells in the coordinator's draining set
+  void record_arrivals();
+  void clear_moved_away();
+  void add_arrival_members(const std::vector<std::string>& owners, const std::set<int>& cells);  // store_mu_ held
+  // The shared draining set (/flotilla/drains/<cell>) onto the cells' flags.
+  void follow_drains(const std::function<void(const std::string&, const Error&)>& warn);
   std::map<std::string, int64_t> move_asked_ms_;        // store_mu_
   std::atomic<uint64_t> other_cell_dropped_{0}, moves_asked_{0};
   void drain_cell(Cell& c);

@@ -330,6 +330,8 @@ class Store {
   // Moves a device (and, for a gateway, every device behind it) to a cell;
   // returns the rows changed.
   Result<int64_t> set_device_cell(const std::string& id, int cell);
+  // The device itself and, for a gateway, every device behind it.
+  Result<std::vector<std::string>> devices_of_owner(const std::string& id);
   // The devices with their own session in a cell (gateways included, the
   // devices behind them not: they move with their gateway), up to limit.
   Result<std::vector<std::string>> cell_session_devices(int cell, int64_t limit);

@@ -1,0 +1,176 @@
+// [integration] A cell drain across hub processes (issue 17, docs/adr/0019):
+// one etcd member, two flotilla-hub processes holding one cell each, a
+// mosquitto per cell running on its own, and real agents (simulated devices
+// do not move). The drain is asked of the process that does NOT hold the
+// cell: the holder learns it from etcd and asks the cell's devices to move,
+// the other process records each arrival for both, and the campaign the
+// drain lands in completes counting every device once.
+#include <catch2/catch.hpp>
+
+#include <algorithm>
+#include <array>
+#include <chrono>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "flotilla/bundles/keys.hpp"
+#include "flotilla/common/fs.hpp"
+#include "tests/support/harness.hpp"
+#include "tests/support/shared_cells.hpp"
+
+using namespace flotilla;
+using namespace flotilla::test;
+
+namespace {
+
+constexpr size_t kCells = 2;
+
+json cells_of(Hub& hub, const std::string& admin) {
+  auto [status, body] = hub.call("GET", "/v1/cells", "", "application/json", admin);
+  REQUIRE(status == 200);
+  return body["items"];
+}
+
+std::string tails(Hub& a, Hub& b) {
+  auto tail = [](const std::string& s) { return s.substr(s.size() > 10000 ? s.size() - 10000 : 0); };
+  return "\n--- hub A (tail) ---\n" + tail(a.log()) + "\n--- hub B (tail) ---\n" + tail(b.log());
+}
+
+}  // namespace
+
+TEST_CASE("cell drain across hub processes: asked of the hub that does not hold the cell, every device moves to the "
+          "other process's cell mid-campaign, both agree, and the campaign counts each once",
+          "[integration][etcd][multihub][drain]") {
+  REQUIRE(EtcdCluster::available());
+  TempDir tmp("multihub-drain");
+  SharedCells site(tmp.path(), kCells, 1);
+  Hub a(tmp.path() / "hub-a"), b(tmp.path() / "hub-b");
+  a.start(site.hub_args);
+  b.start(site.hub_args);
+  const std::string admin = a.admin_token();  // the fleet's, in the control log
+  REQUIRE(fs::write_file_atomic(b.data_dir() / "admin.token", admin + "\n", 0600));
+  std::vector<Hub*> hubs = {&a, &b};
+  std::array<int, kCells> held{};
+  {
+    const bool ok = wait_until(
+        [&] {
+          held = SharedCells::owners<kCells>(hubs);
+          return (held[0] == 0 && held[1] == 1) || (held[0] == 1 && held[1] == 0);
+        },
+        std::chrono::seconds(30));
+    INFO(tails(a, b));
+    REQUIRE(ok);
+  }
+  // The cell hub B holds is drained; its devices go to hub A's.
+  const int drained = held[0] == 1 ? 0 : 1;
+  const int kept = 1 - drained;
+
+  // Four agents enrolled through hub A: two per cell (least loaded).
+  constexpr int kAgents = 4;
+  const auto release = bundles::generate_key();
+  const std::string token = a.enrollment_token({{"env", "it"}}, kAgents);
+  std::vector<std::unique_ptr<Agent>> agents;
+  for (int i = 0; i < kAgents; ++i) {
+    AgentOptions o;
+    o.root_keys = {bundles::public_key_text(release.pub)};
+    agents.push_back(std::make_unique<Agent>(tmp.path() / ("dev-" + std::to_string(i)), a.url(), token, o));
+    agents.back()->start();
+  }
+  for (auto& agent : agents) {
+    const bool online = wait_agent_online(a, *agent, std::chrono::seconds(60));
+    INFO("agent log:\n" << agent->log() << tails(a, b));
+    REQUIRE(online);
+  }
+  int in_drained = 0;
+  for (auto& agent : agents) in_drained += a.device(agent->device_id())["cell"] == drained ? 1 : 0;
+  REQUIRE(in_drained == kAgents / 2);
+
+  // A slow campaign through hub B, every device; the drain lands in it.
+  auto pushed = b.call("POST", "/v1/bundles", make_bundle("edge-base", 1, {}, {&release}).bytes,
+                       "application/octet-stream", admin);
+  INFO(pushed.second.dump());
+  REQUIRE(pushed.first == 201);
+  auto made = b.call("POST", "/v1/campaigns",
+                     json{{"bundle", pushed.second["id"]},
+                          {"selector", "env=it"},
+                          {"strategy", json::parse(R"({"waves": [50, 100], "soak": "3s", "max_in_flight": 1})")}}
+                         .dump(),
+                     "application/json", admin);
+  INFO(made.second.dump());
+  REQUIRE(made.first == 201);
+  const std::string id = made.second["id"].get<std::string>();
+  REQUIRE(wait_until([&] { return b.campaign(id)["counts"]["applied"].get<int>() >= 1; }, std::chrono::seconds(60)));
+  REQUIRE(b.campaign(id)["counts"]["applied"].get<int>() < kAgents);
+
+  // Asked of hub A, which does not hold the cell: recorded in etcd, the
+  // holder (B) works on it.
+  auto [status, body] = a.call("POST", "/v1/cells/" + std::to_string(drained) + "/drain", "{}", "application/json",
+                               admin);
+  INFO(body.dump());
+  REQUIRE(status == 200);
+  CHECK(body["draining"] == true);
+  CHECK(body["remaining"] == kAgents / 2);
+
+  // Every device ends in the kept cell, online, as both processes see it
+  // (their own mirrors' counts, and the device read forwarded to its holder).
+  const bool moved = wait_until(
+      [&] {
+        for (Hub* h : hubs) {
+          const json cells = cells_of(*h, admin);
+          if (cells[drained]["devices_total"] != 0 || cells[kept]["devices_total"] != kAgents) return false;
+        }
+        for (auto& agent : agents) {
+          for (Hub* h : hubs) {
+            const json d = h->device(agent->device_id());
+            if (d["cell"] != kept || d["online"] != true) return false;
+          }
+        }
+        return true;
+      },
+      std::chrono::seconds(90));
+  {
+    std::string agent_logs;
+    for (auto& agent : agents) agent_logs += "\n--- agent ---\n" + agent->log();
+    INFO(agent_logs << tails(a, b));
+    REQUIRE(moved);
+  }
+  for (Hub* h : hubs) {
+    const json cells = cells_of(*h, admin);
+    CHECK(cells[drained]["draining"] == true);
+    CHECK(cells[kept]["draining"] == false);
+  }
+  for (auto& agent : agents) {
+    if (agent->log().find("moves this device") != std::string::npos) --in_drained;
+  }
+  CHECK(in_drained == 0);  // the two of the drained cell moved; the others never were asked to
+  // The old holder, not the process that saw them arrive, is on the old
+  // broker: it clears their retained desired state (with the move) there.
+  CHECK(wait_until(
+      [&] {
+        return b.log().find("device(s) that moved away from cell " + std::to_string(drained)) != std::string::npos;
+      },
+      std::chrono::seconds(20)));
+
+  // The last cell that is not draining cannot be drained, on either hub.
+  for (Hub* h : hubs) {
+    auto last = h->call("POST", "/v1/cells/" + std::to_string(kept) + "/drain", "{}", "application/json", admin);
+    CHECK(last.first == 409);
+  }
+
+  // The campaign completes with every device counted once, in its new
+  // cell for the ones that moved.
+  json c;
+  const bool done = wait_until(
+      [&] {
+        c = b.campaign(id);
+        return c["state"] == "completed";
+      },
+      std::chrono::seconds(90));
+  INFO(c.dump(2) << tails(a, b));
+  REQUIRE(done);
+  CHECK(c["counts"]["total"] == kAgents);
+  CHECK(c["counts"]["applied"] == kAgents);
+  for (auto& agent : agents) CHECK(a.device(agent->device_id())["applied_version"] == 1);
+  for (auto& br : site.brokers) br->stop();
+}
