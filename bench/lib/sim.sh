@@ -7,11 +7,14 @@
 # Runs `flotilla-sim run` (its own hub, FLOTILLA_HUB_* passed through) into
 # DIR; its stdout, stderr and /usr/bin/time -v beside it (DIR.out, DIR.err,
 # DIR.time). Later flags win, so the caller's override these defaults.
+# FLOTILLA_BENCH_SIM_TIMEOUT (e.g. 40m) replaces the run's --timeout.
 sim_rung() {
   local dir="$1" mode="$2" n="$3" per="$4"
   shift 4
   local timeout=15m
   [ "$n" -ge 1000000 ] && timeout=40m
+  # A slower rung (direct mode near 70k sessions enrolls at 50-120 devices/s).
+  timeout="${FLOTILLA_BENCH_SIM_TIMEOUT:-$timeout}"
   local args=(run --devices "$n" --mode "$mode" --out "$dir" --timeout "$timeout" --enroll-threads 4
               --seed 1 --label "$(basename "$dir")" --no-progress)
   [ "$mode" = gateway ] && args+=(--devices-per-gateway "$per")
