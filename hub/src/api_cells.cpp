@@ -31,9 +31,9 @@ HttpResponse drain_cell(HubService& s, Context& c) {
                                                 "token of every project (*)");
   }
   const std::string& id = c.params.at(0);
-  int cell = -1;
-  if (!id.empty() && id.size() <= 3 && id.find_first_not_of("0123456789") == std::string::npos) cell = std::stoi(id);
-  if (cell < 0) return Api::error(400, "invalid_argument", "cell id must be a number, got '" + id.substr(0, 64) + "'");
+  const auto parsed = coord::CellOwnership::parse_cell_id(id);
+  if (!parsed) return Api::error(400, "invalid_argument", "cell id must be a number, got '" + id.substr(0, 64) + "'");
+  const int cell = *parsed;
   auto p = s.drain_cell_devices(cell);
   if (!p) return from_error(p.error());
   c.audit_detail = "drain cell " + std::to_string(cell) + " (" + std::to_string(p->remaining) + " devices left)";

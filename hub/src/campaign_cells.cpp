@@ -151,17 +151,6 @@ void HubService::balance_cells(const std::function<void(const std::string&, cons
   }
 }
 
-std::string HubService::cell_owner_url(int cell) {
-  if (!cfg_.share_cells || !cfg_.coordinator) return "";
-  auto owner = cfg_.coordinator->get(coord::CellOwnership::owner_key(std::to_string(cell)));
-  if (!owner || !*owner || (*owner)->value == cfg_.coord_holder) return "";
-  auto hub = cfg_.coordinator->get(kHubsPrefix + (*owner)->value);
-  if (!hub || !*hub) return "";
-  const auto j = nlohmann::json::parse((*hub)->value, nullptr, false);
-  if (!j.is_object() || !j.contains("api") || !j["api"].is_string()) return "";
-  return j["api"].get<std::string>();
-}
-
 std::map<int, std::string> HubService::cell_owner_urls() {
   std::map<int, std::string> urls;
   if (!cfg_.share_cells || !cfg_.coordinator) return urls;
@@ -183,14 +172,20 @@ std::map<int, std::string> HubService::cell_owner_urls() {
   return urls;
 }
 
+std::string HubService::cell_owner_url(int cell) {
+  const auto urls = cell_owner_urls();
+  const auto it = urls.find(cell);
+  return it == urls.end() ? "" : it->second;
+}
+
 Result<std::set<int>> HubService::shared_drains() {
   auto drains = cfg_.coordinator->range(kDrainsPrefix, coord::kMaxRangeLimit);
   if (!drains) return drains.error();
   std::set<int> cells;
   for (const auto& kv : drains->kvs) {
-    const std::string id = kv.key.substr(std::string_view(kDrainsPrefix).size());
-    if (id.empty() || id.size() > 3 || id.find_first_not_of("0123456789") != std::string::npos) continue;
-    if (std::stoi(id) < cell_count()) cells.insert(std::stoi(id));
+    const auto cell = coord::CellOwnership::parse_cell_id(std::string_view(kv.key).substr(
+        std::string_view(kDrainsPrefix).size()));
+    if (cell && *cell < cell_count()) cells.insert(*cell);
   }
   return cells;
 }
@@ -222,18 +217,14 @@ void HubService::record_arrivals() {
     if (pending_arrivals_.empty() || now < arrivals_retry_ms_) return;
     arrivals = pending_arrivals_;
   }
-  std::vector<std::pair<std::string, int>> moved;  // (owner, old cell)
-  std::vector<int64_t> delta;
+  std::map<std::string, int64_t> rows;  // owner -> device rows moved
   auto written = control_write([&]() -> Status {
     std::lock_guard lock(store_mu_);
-    moved.clear();
-    delta.assign(static_cast<size_t>(cell_count()), 0);
+    rows.clear();
     for (const auto& [owner, from_to] : arrivals) {
       auto n = store_.set_device_cell(owner, from_to.second);
       if (!n) return n.error().with_context("move device=" + owner);
-      delta[static_cast<size_t>(from_to.first)] -= *n;
-      delta[static_cast<size_t>(from_to.second)] += *n;
-      if (*n > 0) moved.emplace_back(owner, from_to.first);
+      rows[owner] = *n;
     }
     return {};
   });
@@ -254,20 +245,14 @@ void HubService::record_arrivals() {
   std::set<int> cells;
   for (const auto& [owner, from_to] : arrivals) {
     pending_arrivals_.erase(owner);
-    move_asked_ms_.erase(owner);
     owners.push_back(owner);
     cells.insert(from_to.second);
+    if (rows[owner] > 0) {
+      note_moved(owner, from_to.first, from_to.second, rows[owner], ", recorded for every hub process");
+    } else {
+      move_asked_ms_.erase(owner);
+    }
   }
-  for (size_t i = 0; i < delta.size() && i < cell_devices_.size(); ++i) {
-    cell_devices_[i] += delta[i];
-    if (delta[i] < 0) cells_[i]->moved_out += static_cast<uint64_t>(-delta[i]);
-    if (delta[i] > 0) cells_[i]->moved_in += static_cast<uint64_t>(delta[i]);
-  }
-  for (const auto& [owner, from] : moved) {
-    log::get("hub")->info("device={} moved from cell {} to cell {} (recorded for every hub process)", owner, from,
-                          arrivals.at(owner).second);
-  }
-  moved_in_.insert(moved_in_.end(), moved.begin(), moved.end());
   add_arrival_members(owners, cells);
 }
 

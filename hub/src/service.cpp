@@ -1456,6 +1456,16 @@ void HubService::continue_drains() {
   log::get("hub")->info("asked {} devices to move to another cell", moves.size());
 }
 
+void HubService::note_moved(const std::string& owner, int from, int to, int64_t rows, std::string_view how) {
+  cell_devices_[static_cast<size_t>(from)] -= rows;
+  cell_devices_[static_cast<size_t>(to)] += rows;
+  cells_[static_cast<size_t>(from)]->moved_out += static_cast<uint64_t>(rows);
+  cells_[static_cast<size_t>(to)]->moved_in += static_cast<uint64_t>(rows);
+  moved_in_.emplace_back(owner, from);
+  move_asked_ms_.erase(owner);
+  log::get("hub")->info("device={} moved from cell {} to cell {} ({} device rows){}", owner, from, to, rows, how);
+}
+
 // Hub processes sharing cells: devices this process asked to move that
 // another process has since recorded in a cell that is not draining. Their
 // retained desired state (with the move) is cleared on the brokers of the
@@ -1645,13 +1655,7 @@ void HubService::apply_device_messages(const std::string& device_id, const std::
         log::get("hub")->error("move device={} to cell {}: {}", owner, cell, n.error().message);
         return;
       }
-      cell_devices_[static_cast<size_t>(dev.cell)] -= *n;
-      cell_devices_[static_cast<size_t>(cell)] += *n;
-      cells_[static_cast<size_t>(dev.cell)]->moved_out += static_cast<uint64_t>(*n);
-      cells_[static_cast<size_t>(cell)]->moved_in += static_cast<uint64_t>(*n);
-      moved_in_.emplace_back(owner, dev.cell);
-      move_asked_ms_.erase(owner);
-      log::get("hub")->info("device={} moved from cell {} to cell {} ({} device rows)", owner, dev.cell, cell, *n);
+      note_moved(owner, dev.cell, cell, *n, "");
       dev.cell = cell;
     }
   }

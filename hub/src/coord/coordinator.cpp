@@ -130,9 +130,14 @@ std::optional<int> CellOwnership::cell_of_owner_key(const std::string& key) {
       key.compare(key.size() - suffix.size(), suffix.size(), suffix) != 0) {
     return std::nullopt;
   }
-  const std::string digits = key.substr(prefix.size(), key.size() - prefix.size() - suffix.size());
-  if (digits.size() > 6 || digits.find_first_not_of("0123456789") != std::string::npos) return std::nullopt;
-  return std::stoi(digits);
+  return parse_cell_id(std::string_view(key).substr(prefix.size(), key.size() - prefix.size() - suffix.size()));
+}
+
+std::optional<int> CellOwnership::parse_cell_id(std::string_view text) {
+  if (text.empty() || text.size() > 3 || text.find_first_not_of("0123456789") != std::string_view::npos) {
+    return std::nullopt;
+  }
+  return std::stoi(std::string(text));
 }
 
 Status CellOwnership::start() {

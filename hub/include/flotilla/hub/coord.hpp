@@ -217,6 +217,8 @@ class CellOwnership {
   // (nullopt for any other key under it).
   static constexpr const char* kOwnersPrefix = "/flotilla/cells/";
   static std::optional<int> cell_of_owner_key(const std::string& key);
+  // A cell id as keys and the API spell it: 1 to 3 decimal digits.
+  static std::optional<int> parse_cell_id(std::string_view text);
 
   // Grants the lease (again, after the old one was lost).
   Status start();

@@ -414,6 +414,9 @@ class HubService {
   // cell, and the retained one on the old broker is cleared.
   void settle_moves();
   std::vector<std::pair<std::string, int>> moved_in_;  // (device or gateway, old cell), store_mu_
+  // A device (a gateway with its devices: `rows`) now in cell `to`: counts,
+  // counters, moved_in_ for settle_moves, and the log line (store_mu_ held).
+  void note_moved(const std::string& owner, int from, int to, int64_t rows, std::string_view how);
   // Hub processes sharing cells (docs/adr/0019): every process must agree
   // which cell a device is in, so an arrival from a draining cell is
   // written by record_arrivals as one control write, outside the report
