@@ -113,6 +113,12 @@ void add_hub_options(Options& o) {
                                "over the cells of a hub that died")
       .add("cell-lease-ttl", "with cell-broker: how long a hub's hold on its cells and on the campaign leadership "
                              "outlives it; another hub takes over its cells after this long (2s to 60s)", "10s")
+      .add("control-snapshot-every", "with coordination etcd: once the control log has this many entries past "
+                                     "its last snapshot, a hub writes a snapshot of the control data to etcd and "
+                                     "deletes the older entries (0 = never; hubs that need deleted entries load "
+                                     "the snapshot)", "10000")
+      .add("control-keep-entries", "with coordination etcd: entries kept in the log behind a snapshot, so a hub "
+                                   "briefly behind applies entries rather than the whole snapshot", "1000")
       .add("peer-ca", "with cell-broker: PEM CAs that sign the other hub processes' REST certificates (a device "
                       "read for a cell another hub holds is forwarded to its public-url, which must be https "
                       "unless on this machine); default: the system trust store")
@@ -322,6 +328,12 @@ Result<HubConfig> hub_config_from(const Options& o) {
                                                   o.get("cell-lease-ttl") + "' (from " + o.source("cell-lease-ttl") + ")");
   }
   c.cell_lease_ttl = std::chrono::duration_cast<std::chrono::seconds>(*ttl);
+  for (const auto& [key, out] : {std::pair{"control-snapshot-every", &c.control_snapshot_every},
+                                  std::pair{"control-keep-entries", &c.control_keep_entries}}) {
+    auto n = o.get_int(key, 0, 100000000);
+    if (!n) return n.error();
+    *out = *n;
+  }
   c.peer_ca_file = o.get("peer-ca");
   if (!c.peer_ca_file.empty() && c.cell_brokers.empty()) {
     return make_error(Errc::invalid_argument, "peer-ca names the CAs of other hub processes sharing cells; it "
@@ -701,6 +713,8 @@ Status run_hub(const HubConfig& cfg, const std::atomic<bool>& stop) {
   // The embedded SQLite coordinator serves one hub: its store stays the truth.
   if (cfg.coordination.backend == coord::CoordinationConfig::Backend::etcd) {
     sc.control_coordinator = coordinator->get();
+    sc.control_log.snapshot_every = cfg.control_snapshot_every;
+    sc.control_log.keep_entries = cfg.control_keep_entries;
   }
   // Campaigns across cells (docs/adr/0017): this hub claims its cells and
   // campaigns for leadership on the coordinator; alone, it owns every cell

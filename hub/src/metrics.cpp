@@ -375,6 +375,14 @@ std::string render_metrics(HubService& s, const HttpMetrics& http) {
              static_cast<double>(c.refused_too_large));
     p.sample("flotilla_control_writes_refused_total", {{"reason", "stuck"}}, static_cast<double>(c.refused_stuck));
     p.sample("flotilla_control_writes_refused_total", {{"reason", "deposed"}}, static_cast<double>(c.refused_guard));
+    p.family("flotilla_control_log_snapshots_total", "counter",
+             "Snapshots of the control tables this hub wrote to the coordinator, or loaded from it because "
+             "entries it needed had been trimmed or compacted away (docs/adr/0016).");
+    p.sample("flotilla_control_log_snapshots_total", {{"op", "written"}}, static_cast<double>(c.snapshots_written));
+    p.sample("flotilla_control_log_snapshots_total", {{"op", "loaded"}}, static_cast<double>(c.snapshots_loaded));
+    p.family("flotilla_control_log_entries_trimmed_total", "counter",
+             "Control-log entries this hub deleted from the coordinator behind a snapshot.");
+    p.sample("flotilla_control_log_entries_trimmed_total", {}, static_cast<double>(c.entries_trimmed));
   }
 
   p.family("flotilla_report_queue_depth", "gauge", "Device messages received and not yet processed.");

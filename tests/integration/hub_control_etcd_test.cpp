@@ -15,6 +15,7 @@
 
 #include "flotilla/bundles/bundle.hpp"
 #include "flotilla/bundles/keys.hpp"
+#include "flotilla/common/process.hpp"
 #include "flotilla/hub/coord.hpp"
 #include "tests/support/etcd_cluster.hpp"
 #include "tests/support/harness.hpp"
@@ -220,4 +221,97 @@ TEST_CASE("control log on etcd over TLS: a hub with etcd's client certificate wr
   REQUIRE(head.ok());
   REQUIRE(*head);
   CHECK((*head)->mod_revision > 0);
+}
+
+// The log does not grow for ever: a hub snapshots the control data into
+// etcd and deletes the entries behind it; etcd then compacts its history
+// (as ETCD_AUTO_COMPACTION_RETENTION does); a hub started afterwards from an
+// empty data dir loads the snapshot and serves what the trimmed entries
+// wrote.
+TEST_CASE("control log on etcd: snapshotted and trimmed, etcd compacted, and a hub started later loads the snapshot",
+          "[integration][etcd][control]") {
+  REQUIRE(EtcdCluster::available());
+  TempDir tmp("control-etcd-snap");
+  EtcdCluster cluster(tmp.path() / "etcd", 1);
+  cluster.start();
+  auto snap_args = [&](const Hub* first) {
+    auto args = etcd_args(cluster, first);
+    for (const char* a : {"--control-snapshot-every", "20", "--control-keep-entries", "4"}) args.push_back(a);
+    return args;
+  };
+  Hub a(tmp.path() / "hub-a");
+  a.start(snap_args(nullptr));
+  const std::string admin = a.admin_token();
+  std::vector<std::string> early;  // their entries are trimmed below
+  for (int i = 0; i < 15; ++i) {
+    auto made = new_token(a, admin, "early-" + std::to_string(i));
+    REQUIRE(made.first == 201);
+    early.push_back(made.second["token"].get<std::string>());
+  }
+  // The watcher looks every 5 s: a snapshot is written and the log trimmed.
+  const bool written = wait_until([&] { return a.log().find("control log: snapshot of seq=") != std::string::npos; },
+                                  std::chrono::seconds(30));
+  INFO("hub A log:\n" << a.log());
+  REQUIRE(written);
+  CHECK(metric(metrics_text(a), "flotilla_control_log_snapshots_total{op=\"written\"}") >= 1);
+  CHECK(metric(metrics_text(a), "flotilla_control_log_entries_trimmed_total") >= 10);
+
+  hub::coord::EtcdOptions o;
+  o.endpoints = cluster.client_urls();
+  auto etcd = hub::coord::open_etcd_coordinator(o);
+  REQUIRE(etcd.ok());
+  auto first = (*etcd)->get("/flotilla/control/log/00000000000000000001");
+  REQUIRE(first.ok());
+  CHECK_FALSE(*first);  // trimmed
+  auto manifest = (*etcd)->get("/flotilla/control/snapshot");
+  REQUIRE(manifest.ok());
+  REQUIRE(*manifest);
+  const json m = json::parse((*manifest)->value);
+  CHECK(m["seq"].get<int64_t>() >= 20);
+  CHECK(m["log_from"].get<int64_t>() > 1);
+
+  // etcd compacts its history up to now, physically.
+  auto now = (*etcd)->range("/flotilla/control/head", 1);
+  REQUIRE(now.ok());
+  auto compacted = proc::run({"/usr/bin/curl", "-sS", "-X", "POST", cluster.client_urls()[0] + "/v3/kv/compaction", "-d",
+                              json{{"revision", std::to_string(now->revision)}, {"physical", true}}.dump()},
+                             std::chrono::seconds(10));
+  REQUIRE(compacted.ok());
+  INFO(compacted->out << compacted->err);
+  REQUIRE(compacted->exit_code == 0);
+  REQUIRE(compacted->out.find("\"header\"") != std::string::npos);
+
+  // One more write after the snapshot, then a hub from an empty data dir.
+  auto late = new_token(a, admin, "late");
+  REQUIRE(late.first == 201);
+  Hub c(tmp.path() / "hub-c");
+  c.start(snap_args(&a));
+  INFO("hub C log:\n" << c.log());
+  CHECK(c.log().find("control log: loaded the snapshot of seq=") != std::string::npos);
+  // The fleet's admin token is copied to hubs started later (operations.md).
+  std::filesystem::copy_file(a.data_dir() / "admin.token", c.data_dir() / "admin.token");
+  CHECK(metric(metrics_text(c), "flotilla_control_log_snapshots_total{op=\"loaded\"}") == 1);
+  CHECK(metric(metrics_text(c), "flotilla_control_log_stuck") == 0);
+  for (const auto& t : early) CHECK(c.call("GET", "/v1/bundles", "", "application/json", t).first == 200);
+  CHECK(wait_until(
+      [&] {
+        return c.call("GET", "/v1/bundles", "", "application/json", late.second["token"].get<std::string>()).first ==
+               200;
+      },
+      std::chrono::seconds(15)));
+  auto tokens_a = a.call("GET", "/v1/tokens", "", "application/json", admin);
+  auto tokens_c = c.call("GET", "/v1/tokens", "", "application/json", admin);
+  REQUIRE(tokens_c.first == 200);
+  CHECK(ids(tokens_c.second) == ids(tokens_a.second));
+  // And C writes on top of it, which A serves.
+  auto from_c = new_token(c, admin, "from-c");
+  REQUIRE(from_c.first == 201);
+  CHECK(wait_until(
+      [&] {
+        return a.call("GET", "/v1/bundles", "", "application/json", from_c.second["token"].get<std::string>()).first ==
+               200;
+      },
+      std::chrono::seconds(15)));
+  c.stop();
+  a.stop();
 }

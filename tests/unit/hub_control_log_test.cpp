@@ -134,7 +134,7 @@ ControlLogOptions test_options() {
 // One hub process: its own SQLite store, the shared coordinator.
 class Hub {
  public:
-  Hub(co::Coordinator& c, FakeClock& clock, bool make_root) : clock_(clock) {
+  Hub(co::Coordinator& c, FakeClock& clock, bool make_root, ControlLogOptions opts = test_options()) : clock_(clock) {
     auto s = Store::open((dir_.path() / "hub.db").string());
     REQUIRE(s);
     store_ = std::move(*s);
@@ -143,7 +143,7 @@ class Hub {
     cfg.public_url = "http://hub.test:8080";
     cfg.engine_thread = false;
     cfg.control_coordinator = &c;
-    cfg.control_log = test_options();
+    cfg.control_log = std::move(opts);
     service_ = std::make_unique<HubService>(*store_, clock, cfg);
     REQUIRE(service_->control_log_status());
     REQUIRE(service_->control_log());
@@ -225,8 +225,10 @@ struct Shared {
   FakeClock clock;
   std::unique_ptr<co::Coordinator> sqlite;
   std::unique_ptr<SwitchableCoordinator> coord;
-  Shared() {
-    auto c = co::open_sqlite_coordinator({(dir.path() / "coord.db").string()}, clock);
+  // history: the revisions the coordinator keeps for watches (etcd's
+  // compaction, in small).
+  explicit Shared(int64_t history = 100000) {
+    auto c = co::open_sqlite_coordinator({(dir.path() / "coord.db").string(), history}, clock);
     REQUIRE(c);
     sqlite = std::move(*c);
     coord = std::make_unique<SwitchableCoordinator>(*sqlite);
@@ -248,6 +250,38 @@ TokenRecord token_rec(const std::string& name, const std::string& role, std::vec
 }
 
 using test::ids_of;
+
+// Snapshots are taken by hand in these tests (snapshot()), never by the watcher.
+ControlLogOptions snapshot_options(int64_t keep) {
+  auto o = test_options();
+  o.snapshot_every = 0;
+  o.keep_entries = keep;
+  o.snapshot_chunk_bytes = 4096;  // several chunks even for a small store
+  return o;
+}
+
+std::string entry_key(int64_t seq) {
+  char key[64];
+  std::snprintf(key, sizeof key, "/flotilla/control/log/%020lld", static_cast<long long>(seq));
+  return key;
+}
+
+// The control data as a hub serves it: tokens (with their revocation), the
+// audit trail, devices' control columns, bundles and campaigns.
+std::vector<std::string> control_rows(Store& store) {
+  std::vector<std::string> out;
+  for (const char* q : {"SELECT id || ' ' || name || ' ' || revoked FROM tokens ORDER BY id",
+                        "SELECT id || ' ' || method || ' ' || path || ' ' || detail FROM audit_log ORDER BY id",
+                        "SELECT id || ' ' || project || ' ' || labels || ' ' || public_key || ' ' || cell FROM devices "
+                        "ORDER BY id",
+                        "SELECT id || ' ' || digest FROM bundles ORDER BY id",
+                        "SELECT id || ' ' || state FROM campaigns ORDER BY id"}) {
+    auto rows = sql::query<std::string>(store.db(), q, [](const sql::Stmt& st) { return st.col_text(0); });
+    REQUIRE(rows);
+    out.insert(out.end(), rows->begin(), rows->end());
+  }
+  return out;
+}
 
 }  // namespace
 
@@ -734,4 +768,163 @@ TEST_CASE("control log: a control write too large for one log entry is refused w
   // The refused call's audit row is a small write of its own: it is kept.
   CHECK(sh.head_revision() > head);
   CHECK(a.post_bundle(a.root, "small", "kind: ConfigMap\n").status == 201);
+}
+
+TEST_CASE("control log: a snapshot trims the log, and a hub that needs trimmed entries loads it and keeps its own "
+          "columns",
+          "[unit][control]") {
+  Shared sh;
+  Hub a(*sh.coord, sh.clock, true, snapshot_options(3));
+  Hub b(*sh.coord, sh.clock, false, snapshot_options(3));
+  b.log().stop();  // B falls behind; driven by hand below
+
+  // A device enrolled on A; B has it and has seen it report (its own columns).
+  auto enr = a.service().create_token("enroll", token_rec("enroll", "enroll", {"site"}));
+  REQUIRE(enr);
+  const std::string device = a.enroll_device(enr->secret);
+  b.catch_up();
+  REQUIRE(b.store().db().exec("UPDATE devices SET last_message = 'seen by b', online = 1 WHERE id = '" + device + "'"));
+  const int64_t b_seq = b.log().applied_seq();
+
+  // A goes on: tokens made and one revoked, the device relabelled.
+  std::string revoked_secret, kept_secret, revoked_id;
+  for (int i = 0; i < 8; ++i) {
+    auto made = a.call("POST", "/v1/tokens",
+                       json{{"name", "t" + std::to_string(i)}, {"role", "viewer"}, {"project", "default"}}.dump(), a.root);
+    REQUIRE(made.status == 201);
+    if (i == 0) {
+      revoked_secret = body_of(made)["token"].get<std::string>();
+      revoked_id = body_of(made)["id"].get<std::string>();
+    }
+    kept_secret = body_of(made)["token"].get<std::string>();
+  }
+  REQUIRE(a.call("DELETE", "/v1/tokens/" + revoked_id, "", a.root).status == 200);
+  auto relabel = a.call("PATCH", "/v1/devices/" + device, json{{"labels", {{"site", "south"}}}}.dump(), a.root);
+  INFO(relabel.body);
+  REQUIRE(relabel.status == 200);
+
+  // No snapshot yet; then one at A's entry, and the log trimmed behind it.
+  auto none = a.log().last_snapshot();
+  REQUIRE(none);
+  CHECK_FALSE(*none);
+  const int64_t seq = a.log().applied_seq();
+  auto taken = a.log().snapshot();
+  REQUIRE(taken);
+  CHECK(*taken == seq);
+  auto m = a.log().last_snapshot();
+  REQUIRE(m);
+  REQUIRE(*m);
+  CHECK((*m)->seq == seq);
+  CHECK((*m)->log_from == seq - 2);  // 3 entries kept
+  CHECK((*m)->chunks > 1);
+  for (int64_t i = 1; i < seq - 2; ++i) {
+    auto gone = sh.sqlite->get(entry_key(i));
+    REQUIRE(gone);
+    CHECK_FALSE(*gone);
+  }
+  auto kept = sh.sqlite->get(entry_key(seq - 2));
+  REQUIRE(kept);
+  CHECK(*kept);
+  CHECK(a.log().counters().entries_trimmed == static_cast<uint64_t>(seq - 3));
+  // Nothing new since: not written again.
+  auto again = a.log().snapshot();
+  REQUIRE(again);
+  CHECK(*again == 0);
+
+  // B needs entries that are gone: it loads the snapshot.
+  REQUIRE(b_seq + 1 < seq - 2);
+  b.catch_up();
+  CHECK(b.log().applied_seq() == seq);
+  CHECK(b.log().counters().snapshots_loaded == 1);
+  CHECK(control_rows(b.store()) == control_rows(a.store()));
+  CHECK(b.call("GET", "/v1/bundles", "", kept_secret).status == 200);
+  CHECK(b.call("GET", "/v1/bundles", "", revoked_secret).status == 401);
+  auto dev = b.service().get_device(device);
+  REQUIRE(dev);
+  REQUIRE(*dev);
+  CHECK((*dev)->labels.at("site") == "south");
+  // What B saw of the device itself is B's and stays.
+  CHECK((*dev)->last_message == "seen by b");
+  CHECK((*dev)->online);
+
+  // And B follows the log from there.
+  b.log().start();
+  auto late = a.call("POST", "/v1/tokens", json{{"name", "late"}, {"role", "viewer"}, {"project", "default"}}.dump(),
+                     a.root);
+  REQUIRE(late.status == 201);
+  REQUIRE(b.log().wait_applied(a.log().applied_revision(), std::chrono::seconds(20)));
+  CHECK(b.call("GET", "/v1/bundles", "", body_of(late)["token"].get<std::string>()).status == 200);
+
+  // A hub started from an empty store starts from the snapshot too.
+  Hub c(*sh.coord, sh.clock, false, snapshot_options(3));
+  CHECK(c.log().counters().snapshots_loaded == 1);
+  CHECK(c.log().applied_seq() == a.log().applied_seq());
+  CHECK(control_rows(c.store()) == control_rows(a.store()));
+  CHECK(c.audit_trail() == a.audit_trail());
+}
+
+TEST_CASE("control log: a hub behind a compacted history reads the entries it missed by key", "[unit][control]") {
+  Shared sh(20);  // the coordinator keeps 20 revisions of history
+  Hub a(*sh.coord, sh.clock, true);
+  Hub b(*sh.coord, sh.clock, false);
+  b.log().stop();
+  const int64_t b_rev = b.log().applied_revision();
+  for (int i = 0; i < 15; ++i) {
+    REQUIRE(a.call("POST", "/v1/tokens",
+                   json{{"name", "t" + std::to_string(i)}, {"role", "viewer"}, {"project", "default"}}.dump(), a.root)
+                .status == 201);
+  }
+  // The history B would watch from is gone.
+  auto w = sh.sqlite->watch("/flotilla/control/log/", b_rev + 1);
+  REQUIRE(w);
+  (void)(*w)->next(std::chrono::milliseconds(0));
+  REQUIRE((*w)->compacted_at() > b_rev + 1);
+  b.catch_up();
+  CHECK(b.log().stuck_reason().empty());
+  CHECK(b.log().applied_seq() == a.log().applied_seq());
+  CHECK(b.log().counters().snapshots_loaded == 0);  // every entry was still there
+  CHECK(control_rows(b.store()) == control_rows(a.store()));
+}
+
+TEST_CASE("control log: a snapshot that does not match its manifest is refused and the store keeps what it had",
+          "[unit][control]") {
+  Shared sh(20);  // history compacted: a new hub cannot replay the entries from it either
+  Hub a(*sh.coord, sh.clock, true, snapshot_options(1));
+  for (int i = 0; i < 4; ++i) {
+    REQUIRE(a.call("POST", "/v1/tokens",
+                   json{{"name", "t" + std::to_string(i)}, {"role", "viewer"}, {"project", "default"}}.dump(), a.root)
+                .status == 201);
+  }
+  REQUIRE(a.log().snapshot());
+  auto m = a.log().last_snapshot();
+  REQUIRE(m);
+  REQUIRE(*m);
+  // One chunk altered in the coordinator.
+  char chunk[160];
+  std::snprintf(chunk, sizeof chunk, "/flotilla/control/snapshots/%s/%06d", (*m)->id.c_str(), 1);
+  auto orig = sh.sqlite->get(chunk);
+  REQUIRE(orig);
+  REQUIRE(*orig);
+  std::string bad = (*orig)->value;
+  bad[bad.size() / 2] ^= 0x5a;
+  REQUIRE(sh.sqlite->put(chunk, bad));
+
+  Hub d(*sh.coord, sh.clock, false, snapshot_options(1));
+  CHECK(d.log().stuck_reason().find("does not match its manifest") != std::string::npos);
+  CHECK(d.log().applied_seq() == 0);
+  CHECK(d.count("tokens") == 0);
+  CHECK(d.count("audit_log") == 0);
+  auto refused = d.service().create_token("api", token_rec("z", "viewer"));
+  REQUIRE_FALSE(refused);
+  CHECK(refused.error().message.find("stuck") != std::string::npos);
+
+  // A new snapshot repairs it: D loads that one.
+  REQUIRE(a.call("POST", "/v1/tokens", json{{"name", "fix"}, {"role", "viewer"}, {"project", "default"}}.dump(), a.root)
+              .status == 201);
+  auto retaken = a.log().snapshot();
+  REQUIRE(retaken);
+  REQUIRE(*retaken > 0);
+  REQUIRE(d.log().catch_up());
+  CHECK(d.log().stuck_reason().empty());
+  CHECK(control_rows(d.store()) == control_rows(a.store()));
 }

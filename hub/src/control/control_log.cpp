@@ -4,12 +4,19 @@
 #define SQLITE_ENABLE_PREUPDATE_HOOK 1
 #include "flotilla/hub/control_log.hpp"
 
+#include <sodium.h>
 #include <sqlite3.h>
 
 #include <algorithm>
+#include <cctype>
 #include <charconv>
 #include <cstdio>
+#include <filesystem>
+#include <fstream>
 
+#include <nlohmann/json.hpp>
+
+#include "flotilla/common/crypto.hpp"
 #include "flotilla/common/log.hpp"
 
 namespace flotilla::hub {
@@ -154,6 +161,99 @@ Result<int64_t> parse_seq(const std::string& text) {
   return v;
 }
 
+
+// ---- Snapshots ----------------------------------------------------------
+
+constexpr int kSnapshotFormat = 1;
+
+std::string chunk_key(const std::string& prefix, const std::string& id, int64_t i) {
+  char buf[16];
+  std::snprintf(buf, sizeof buf, "%06lld", static_cast<long long>(i));
+  return prefix + "snapshots/" + id + "/" + buf;
+}
+
+std::string manifest_json(const ControlSnapshot& m) {
+  return nlohmann::json{{"format", kSnapshotFormat}, {"seq", m.seq},       {"revision", m.revision},
+                        {"log_from", m.log_from},    {"id", m.id},         {"chunks", m.chunks},
+                        {"bytes", m.bytes},          {"sha256", m.sha256}, {"taken_ms", m.taken_ms}}
+      .dump();
+}
+
+Result<ControlSnapshot> parse_manifest(const coord::KeyValue& kv) {
+  auto bad = [&](const std::string& why) {
+    return make_error(Errc::parse, "control log: snapshot manifest " + kv.key + ": " + why);
+  };
+  auto j = nlohmann::json::parse(kv.value, nullptr, false);
+  if (!j.is_object()) return bad("not a JSON object");
+  if (j.value("format", 0) != kSnapshotFormat) {
+    return bad("format " + j.value("format", nlohmann::json()).dump() + ", this hub reads format " +
+               std::to_string(kSnapshotFormat) + " (a hub of another version wrote it)");
+  }
+  ControlSnapshot m;
+  try {
+    m.seq = j.at("seq").get<int64_t>();
+    m.revision = j.at("revision").get<int64_t>();
+    m.log_from = j.at("log_from").get<int64_t>();
+    m.id = j.at("id").get<std::string>();
+    m.chunks = j.at("chunks").get<int64_t>();
+    m.bytes = j.at("bytes").get<int64_t>();
+    m.sha256 = j.at("sha256").get<std::string>();
+    m.taken_ms = j.value("taken_ms", int64_t{0});
+  } catch (const std::exception& e) {
+    return bad(e.what());
+  }
+  const bool id_ok = !m.id.empty() && m.id.size() <= 80 &&
+                     std::all_of(m.id.begin(), m.id.end(), [](char c) { return std::isalnum(static_cast<unsigned char>(c)) || c == '-'; });
+  if (m.seq <= 0 || m.revision <= 0 || m.log_from <= 0 || m.log_from > m.seq + 1 || !id_ok || m.chunks <= 0 ||
+      m.chunks > 1000000 || m.bytes <= 0 || m.sha256.size() != 64) {
+    return bad("fields out of range");
+  }
+  m.mod_revision = kv.mod_revision;
+  return m;
+}
+
+// Removes a file when it goes out of scope.
+struct FileGuard {
+  std::string path;
+  ~FileGuard() {
+    std::error_code ec;
+    if (!path.empty()) std::filesystem::remove(path, ec);
+  }
+};
+
+std::string hex_of(const unsigned char* p, size_t n) {
+  static const char* d = "0123456789abcdef";
+  std::string out;
+  for (size_t i = 0; i < n; ++i) {
+    out += d[p[i] >> 4];
+    out += d[p[i] & 15];
+  }
+  return out;
+}
+
+// The columns of devices each hub keeps for itself (presence, reports,
+// desired generation): a snapshot loaded over an existing row leaves them
+// as they are. The control columns, the cell and a decommission follow it.
+Result<std::vector<std::string>> hub_local_device_columns(sql::Db& db) {
+  std::set<std::string> shared = {"id", "cell", "state"};
+  std::string cols = kDeviceControlColumns;
+  for (size_t at = 0; at < cols.size();) {
+    size_t end = cols.find(',', at);
+    if (end == std::string::npos) end = cols.size();
+    std::string c = cols.substr(at, end - at);
+    c.erase(0, c.find_first_not_of(' '));
+    shared.insert(c);
+    at = end + 1;
+  }
+  auto all = sql::query<std::string>(db, "SELECT name FROM pragma_table_info('devices', 'main')",
+                                     [](const sql::Stmt& st) { return st.col_text(0); });
+  if (!all) return all.error();
+  std::vector<std::string> out;
+  for (auto& c : *all) {
+    if (!shared.count(c)) out.push_back(c);
+  }
+  return out;
+}
 }  // namespace
 
 const std::vector<std::string>& ControlLog::tables() {
@@ -347,6 +447,14 @@ Status ControlLog::write_once(const std::function<Status()>& fn, const std::vect
 }
 
 Status ControlLog::catch_up() {
+  // A mirror behind the oldest entry the log still has (a new hub, or one
+  // away for long) starts from the snapshot rather than the history.
+  auto snap = last_snapshot();
+  if (!snap) {
+    note_unreachable(snap.error());
+    return snap.error().with_context("control log: read the snapshot");
+  }
+  if (*snap && applied_seq_ + 1 < (*snap)->log_from) return catch_up_by_key();
   auto head = c_.get(head_key());
   if (!head) {
     note_unreachable(head.error());
@@ -366,18 +474,18 @@ Status ControlLog::catch_up() {
                                            " (at " + std::to_string(applied_rev_.load()) + ")", true);
     }
     auto ev = (*w)->next(std::chrono::milliseconds(200));
-    if ((*w)->compacted_at() > 0) return compacted((*w)->compacted_at());
+    if ((*w)->compacted_at() > 0) return catch_up_by_key();  // the history is gone, the entries may not be
     if (!ev) return ev.error().with_context("control log: catch up");
     if (auto s = apply_events(*ev); !s) return s;
   }
   return {};
 }
 
-Status ControlLog::compacted(int64_t oldest) {
+Status ControlLog::stuck(const Error& e) {
   std::lock_guard st(state_mu_);
-  stuck_ = "the log's history was compacted past revision " + std::to_string(applied_rev_ + 1) + " (oldest kept " +
-           std::to_string(oldest) + "): rebuild this hub's store from an empty data dir";
-  return make_error(Errc::unavailable, "control log: " + stuck_);
+  if (stuck_ != e.message) log::get("hub")->error("control log: {}", e.message);  // once per reason, not per retry
+  stuck_ = e.message;
+  return make_error(e.code, "control log: " + stuck_, e.retryable);
 }
 
 Status ControlLog::poll(std::chrono::milliseconds wait) {
@@ -388,9 +496,12 @@ Status ControlLog::poll(std::chrono::milliseconds wait) {
     watch_ = std::move(*w);
   }
   auto ev = watch_->next(wait);
-  if (const int64_t oldest = watch_->compacted_at(); oldest > 0) {
+  if (watch_->compacted_at() > 0) {
+    // etcd compacted the revisions this watch starts from: read the
+    // entries by key instead (or the snapshot, where they were trimmed),
+    // then watch on from the head.
     watch_.reset();
-    return compacted(oldest);
+    return catch_up_by_key();
   }
   if (!ev) {
     watch_.reset();  // reopened from what was applied
@@ -407,24 +518,32 @@ Status ControlLog::apply_events(const std::vector<coord::WatchEvent>& events) {
   {
     std::lock_guard lock(mu_);
     for (const auto& ev : events) {
-      if (ev.type != coord::WatchEvent::Type::put) continue;  // entries are never deleted, only compacted
+      if (ev.type != coord::WatchEvent::Type::put) continue;  // an entry deleted behind a snapshot
       if (ev.kv.mod_revision <= applied_rev_) continue;       // ours, or applied by another caller
-      if (auto s = apply_entry(ev.kv, changed); !s) {
-        std::lock_guard st(state_mu_);
-        ++counters_.apply_failures;
-        stuck_ = s.error().message;
-        log::get("hub")->error("control log: {}", stuck_);
-        out = s;
-        break;
-      }
-      std::lock_guard st(state_mu_);
-      ++counters_.entries_applied;
-      stuck_.clear();
+      if (out = apply_counted(ev.kv, changed); !out) break;
     }
   }
+  applied(changed);
+  return out;
+}
+
+Status ControlLog::apply_counted(const coord::KeyValue& kv, std::set<std::string>& changed) {
+  if (auto s = apply_entry(kv, changed); !s) {
+    {
+      std::lock_guard st(state_mu_);
+      ++counters_.apply_failures;
+    }
+    return stuck(s.error());
+  }
+  std::lock_guard st(state_mu_);
+  ++counters_.entries_applied;
+  stuck_.clear();
+  return {};
+}
+
+void ControlLog::applied(const std::set<std::string>& changed) {
   applied_cv_.notify_all();
   if (!changed.empty() && on_applied_) on_applied_(changed);
-  return out;
 }
 
 Status ControlLog::apply_entry(const coord::KeyValue& kv, std::set<std::string>& tables) {
@@ -474,6 +593,20 @@ bool ControlLog::wait_applied(int64_t revision, std::chrono::milliseconds timeou
 void ControlLog::start() {
   if (watcher_.joinable()) return;
   stopping_ = false;
+  if (opts_.snapshot_every > 0) {
+    // Snapshots on a thread of their own: copying and uploading a large
+    // store must not hold up following the log.
+    snapshotter_ = std::thread([this] {
+      for (;;) {
+        {
+          std::unique_lock lock(state_mu_);
+          applied_cv_.wait_for(lock, opts_.snapshot_check, [&] { return stopping_.load(); });
+          if (stopping_) return;
+        }
+        maybe_snapshot();
+      }
+    });
+  }
   watcher_ = std::thread([this] {
     int64_t failures = 0;
     while (!stopping_) {
@@ -498,6 +631,7 @@ void ControlLog::stop() {
   }
   applied_cv_.notify_all();
   if (watcher_.joinable()) watcher_.join();
+  if (snapshotter_.joinable()) snapshotter_.join();
 }
 
 ControlLog::Counters ControlLog::counters() const {
@@ -508,6 +642,387 @@ ControlLog::Counters ControlLog::counters() const {
 std::string ControlLog::stuck_reason() const {
   std::lock_guard lock(state_mu_);
   return stuck_;
+}
+
+
+// ---- Snapshots and trimming (docs/adr/0016) -----------------------------
+
+Result<std::optional<ControlSnapshot>> ControlLog::last_snapshot() {
+  auto kv = c_.get(snapshot_key());
+  if (!kv) return kv.error();
+  if (!*kv) return std::optional<ControlSnapshot>();
+  auto m = parse_manifest(**kv);
+  if (!m) return m.error();
+  return std::optional<ControlSnapshot>(std::move(*m));
+}
+
+Result<std::string> ControlLog::work_path(const std::string& what) const {
+  const char* file = sqlite3_db_filename(db_.raw(), "main");
+  if (!file || !*file) return make_error(Errc::invalid_argument, "control log snapshot: the store has no file");
+  return (std::filesystem::path(file).parent_path() / what).string();
+}
+
+Result<int64_t> ControlLog::snapshot() {
+  auto old = last_snapshot();
+  if (!old) return old.error().with_context("control log snapshot: read the last one");
+  const ControlSnapshot prev = old->value_or(ControlSnapshot{});
+  if (applied_seq_ <= prev.seq) return int64_t{0};
+  auto tmp = work_path("control-snapshot-" + crypto::random_token(6) + ".db.part");
+  if (!tmp) return tmp.error();
+  FileGuard guard{*tmp};
+  std::filesystem::remove(*tmp);
+  const char* store_file = sqlite3_db_filename(db_.raw(), "main");
+
+  // 1. A copy of the control tables at one entry, read through a connection
+  //    of its own inside one read transaction: the tables and the entry they
+  //    are at (control_log_state) commit together, so the copy is exact.
+  ControlSnapshot m;
+  {
+    auto reader = sql::Db::open(store_file);
+    if (!reader) return reader.error().with_context("control log snapshot");
+    auto schema = sql::query<std::pair<std::string, std::string>>(
+        **reader, "SELECT name, sql FROM main.sqlite_master WHERE type = 'table'",
+        [](const sql::Stmt& st) { return std::make_pair(st.col_text(0), st.col_text(1)); });
+    if (!schema) return schema.error().with_context("control log snapshot: read the schema");
+    {
+      auto out = sql::Db::open(*tmp);
+      if (!out) return out.error().with_context("control log snapshot");
+      if (auto s = (*out)->exec("PRAGMA journal_mode=DELETE; PRAGMA foreign_keys=OFF"); !s) return s.error();
+      for (const auto& t : tables()) {
+        auto it = std::find_if(schema->begin(), schema->end(), [&](const auto& p) { return p.first == t; });
+        if (it == schema->end()) return make_error(Errc::internal, "control log snapshot: the store has no table " + t);
+        if (auto s = (*out)->exec(it->second); !s) return s.error().with_context("control log snapshot: table " + t);
+      }
+    }
+    auto attach = (*reader)->prepare("ATTACH DATABASE ? AS flotilla_snap");
+    if (!attach) return attach.error();
+    if (auto s = attach->bind(1, std::string_view(*tmp)).run(); !s) return s.error().with_context("control log snapshot");
+    auto copy = [&]() -> Status {
+      if (auto s = (*reader)->exec("PRAGMA foreign_keys=OFF; BEGIN"); !s) return s;
+      auto st = (*reader)->prepare("SELECT revision, seq FROM main.control_log_state WHERE id = 1");
+      if (!st) return st.error();
+      auto r = st->step();
+      if (!r) return r.error();
+      if (!*r) return make_error(Errc::not_found, "this hub has applied no entry yet");
+      m.revision = st->col_int(0);
+      m.seq = st->col_int(1);
+      st->reset();
+      for (const auto& t : tables()) {
+        if (auto s = (*reader)->exec("INSERT INTO flotilla_snap." + t + " SELECT * FROM main." + t); !s) return s;
+      }
+      return (*reader)->exec("COMMIT");
+    };
+    auto copied = copy();
+    if (!copied) (void)(*reader)->exec("ROLLBACK");
+    (void)(*reader)->exec("DETACH DATABASE flotilla_snap");
+    if (!copied) return copied.error().with_context("control log snapshot: copy the control tables");
+  }
+  if (m.seq <= prev.seq) return int64_t{0};
+
+  // 2. Its chunks, under a name of its own (two hubs snapshotting the same
+  //    entry never touch each other's chunks), then the manifest, written
+  //    only if no other hub replaced the last one meanwhile.
+  std::ifstream in(*tmp, std::ios::binary);
+  if (!in) return make_error(Errc::io, "control log snapshot: cannot read " + *tmp);
+  m.id = std::to_string(m.seq) + "-" + crypto::random_token(6);
+  m.taken_ms = std::chrono::duration_cast<std::chrono::milliseconds>(
+                   std::chrono::system_clock::now().time_since_epoch()).count();
+  m.log_from = std::max<int64_t>(prev.log_from, m.seq + 1 - std::max<int64_t>(0, opts_.keep_entries));
+  crypto_hash_sha256_state hs;
+  crypto_hash_sha256_init(&hs);
+  const size_t chunk = std::clamp<size_t>(opts_.snapshot_chunk_bytes, 1024, coord::kMaxValueBytes);
+  std::string buf(chunk, '\0');
+  auto drop_chunks = [&] {
+    for (int64_t i = 0; i < m.chunks; ++i) (void)c_.remove(chunk_key(opts_.prefix, m.id, i));
+  };
+  while (in) {
+    if (stopping_) {
+      drop_chunks();
+      return make_error(Errc::unavailable, "control log snapshot: stopped");
+    }
+    in.read(buf.data(), static_cast<std::streamsize>(buf.size()));
+    const auto n = static_cast<size_t>(in.gcount());
+    if (n == 0) break;
+    crypto_hash_sha256_update(&hs, reinterpret_cast<const unsigned char*>(buf.data()), n);
+    if (auto r = c_.put(chunk_key(opts_.prefix, m.id, m.chunks), buf.substr(0, n)); !r) {
+      drop_chunks();
+      return r.error().with_context("control log snapshot: write chunk " + std::to_string(m.chunks));
+    }
+    ++m.chunks;
+    m.bytes += static_cast<int64_t>(n);
+  }
+  unsigned char digest[crypto_hash_sha256_BYTES];
+  crypto_hash_sha256_final(&hs, digest);
+  m.sha256 = hex_of(digest, sizeof digest);
+  auto swapped = c_.compare_and_swap(snapshot_key(), prev.mod_revision, manifest_json(m));
+  if (!swapped) {
+    drop_chunks();
+    if (swapped.error().code == Errc::conflict) return int64_t{0};  // another hub's snapshot won
+    return swapped.error().with_context("control log snapshot: write the manifest");
+  }
+  m.mod_revision = *swapped;
+  auto trimmed = trim(prev, m);
+  {
+    std::lock_guard st(state_mu_);
+    ++counters_.snapshots_written;
+    if (trimmed) counters_.entries_trimmed += static_cast<uint64_t>(*trimmed);
+  }
+  log::get("hub")->info("control log: snapshot of seq={} revision={} written ({} bytes in {} chunks); entries "
+                        "before seq={} trimmed ({} deleted now)",
+                        m.seq, m.revision, m.bytes, m.chunks, m.log_from, trimmed ? *trimmed : 0);
+  if (!trimmed) {
+    log::get("hub")->warn("control log: trimming after the snapshot of seq={}: {} (the next snapshot tries again)",
+                          m.seq, trimmed.error().message);
+  }
+  return m.seq;
+}
+
+Result<int64_t> ControlLog::trim(const ControlSnapshot& old, const ControlSnapshot& now) {
+  // The entries the new snapshot made redundant, by key (entry keys are
+  // their seq), in transactions of the coordinator's largest size; then the
+  // old snapshot's chunks. A hub that still needs a deleted entry loads the
+  // snapshot instead.
+  int64_t deleted = 0;
+  std::vector<coord::Op> ops;
+  auto flush = [&]() -> Status {
+    if (ops.empty()) return {};
+    auto r = c_.txn({}, ops);
+    if (!r) return r.error();
+    ops.clear();
+    return {};
+  };
+  for (int64_t seq = std::max<int64_t>(1, old.log_from); seq < now.log_from; ++seq) {
+    // Stopped halfway: the next snapshot deletes the rest (deleting an
+    // entry that is already gone is harmless).
+    if (stopping_) return deleted;
+    ops.push_back(coord::Op::remove(entry_key(log_prefix(), seq)));
+    if (ops.size() == coord::kMaxOpsPerTxn) {
+      if (auto s = flush(); !s) return s.error();
+      deleted += static_cast<int64_t>(coord::kMaxOpsPerTxn);
+    }
+  }
+  deleted += static_cast<int64_t>(ops.size());
+  if (auto s = flush(); !s) return s.error();
+  if (old.mod_revision > 0 && old.id != now.id) {
+    for (int64_t i = 0; i < old.chunks; ++i) {
+      ops.push_back(coord::Op::remove(chunk_key(opts_.prefix, old.id, i)));
+      if (ops.size() == coord::kMaxOpsPerTxn) {
+        if (auto s = flush(); !s) return s.error();
+      }
+    }
+    if (auto s = flush(); !s) return s.error();
+  }
+  return deleted;
+}
+
+void ControlLog::maybe_snapshot() {
+  if (opts_.snapshot_every <= 0) return;
+  if (!stuck_reason().empty()) return;  // a mirror that cannot follow the log does not describe it
+  auto last = last_snapshot();
+  if (!last) return;  // etcd away: the next look tries again
+  const int64_t since = applied_seq_ - (*last ? (*last)->seq : 0);
+  if (since < opts_.snapshot_every) return;
+  if (auto s = snapshot(); !s) log::get("hub")->warn("control log: snapshot: {}", s.error().message);
+}
+
+Status ControlLog::catch_up_by_key() {
+  auto head = c_.get(head_key());
+  if (!head) {
+    note_unreachable(head.error());
+    return head.error().with_context("control log: read the head");
+  }
+  if (!*head) return {};
+  auto head_seq = parse_seq((*head)->value);
+  if (!head_seq) return stuck(head_seq.error());
+  std::set<std::string> changed;
+  Status out;
+  while (out && applied_seq_ < *head_seq) {
+    const int64_t next = applied_seq_ + 1;
+    auto kv = c_.get(entry_key(log_prefix(), next));
+    if (!kv) {
+      note_unreachable(kv.error());
+      out = kv.error().with_context("control log: read entry " + std::to_string(next));
+      break;
+    }
+    if (!*kv) {
+      out = load_snapshot(next, changed);
+      continue;
+    }
+    std::lock_guard lock(mu_);
+    if (applied_seq_ >= next) continue;  // another caller applied it meanwhile
+    out = apply_counted(**kv, changed);
+  }
+  applied(changed);
+  return out;
+}
+
+Status ControlLog::load_snapshot(int64_t need, std::set<std::string>& changed) {
+  auto last = last_snapshot();
+  if (!last) {
+    note_unreachable(last.error());
+    return last.error().with_context("control log: read the snapshot");
+  }
+  if (!*last || (*last)->seq < need) {
+    return stuck(make_error(Errc::unavailable,
+                            "entry " + std::to_string(need) + " is no longer in the log and no snapshot contains it (" +
+                                (*last ? "the last is at seq " + std::to_string((*last)->seq) : "there is none") +
+                                "): rebuild this hub's store from an empty data dir"));
+  }
+  const ControlSnapshot& m = **last;
+  auto tmp = work_path("control-snapshot-load-" + crypto::random_token(6) + ".db.part");
+  if (!tmp) return stuck(tmp.error());
+  FileGuard guard{*tmp};
+  {
+    // Fetched and checked whole before anything local changes.
+    std::ofstream out(*tmp, std::ios::binary | std::ios::trunc);
+    if (!out) return stuck(make_error(Errc::io, "control log: cannot write " + *tmp));
+    crypto_hash_sha256_state hs;
+    crypto_hash_sha256_init(&hs);
+    int64_t bytes = 0;
+    for (int64_t i = 0; i < m.chunks; ++i) {
+      auto kv = c_.get(chunk_key(opts_.prefix, m.id, i));
+      if (!kv) {
+        note_unreachable(kv.error());
+        return kv.error().with_context("control log: read snapshot " + m.id + " chunk " + std::to_string(i));
+      }
+      // A newer snapshot replaced this one while it was read: the next
+      // attempt reads that one.
+      if (!*kv) return make_error(Errc::conflict, "control log: snapshot " + m.id + " chunk " + std::to_string(i) +
+                                                      " is gone (a newer snapshot replaced it); trying again", true);
+      const auto& v = (*kv)->value;
+      crypto_hash_sha256_update(&hs, reinterpret_cast<const unsigned char*>(v.data()), v.size());
+      out.write(v.data(), static_cast<std::streamsize>(v.size()));
+      bytes += static_cast<int64_t>(v.size());
+    }
+    out.close();
+    if (!out) return stuck(make_error(Errc::io, "control log: cannot write " + *tmp));
+    unsigned char digest[crypto_hash_sha256_BYTES];
+    crypto_hash_sha256_final(&hs, digest);
+    if (bytes != m.bytes || hex_of(digest, sizeof digest) != m.sha256) {
+      return stuck(make_error(Errc::parse, "snapshot " + m.id + " of seq " + std::to_string(m.seq) +
+                                               " does not match its manifest (" + std::to_string(bytes) +
+                                               " bytes, sha256 " + hex_of(digest, sizeof digest) + "; expected " +
+                                               std::to_string(m.bytes) + " bytes, sha256 " + m.sha256 +
+                                               "); not loaded, this hub's store is unchanged"));
+    }
+  }
+  std::lock_guard lock(mu_);
+  if (applied_seq_ >= m.seq) return {};  // loaded by another caller meanwhile
+  if (auto s = apply_snapshot_file(*tmp, m); !s) {
+    std::lock_guard st(state_mu_);
+    ++counters_.apply_failures;
+    return stuck(s.error());
+  }
+  changed.insert(tables().begin(), tables().end());
+  {
+    std::lock_guard st(state_mu_);
+    ++counters_.snapshots_loaded;
+    stuck_.clear();
+  }
+  log::get("hub")->info("control log: loaded the snapshot of seq={} revision={} ({} bytes); the entries before it "
+                        "are no longer in the log",
+                        m.seq, m.revision, m.bytes);
+  return {};
+}
+
+Status ControlLog::apply_snapshot_file(const std::string& path, const ControlSnapshot& m) {
+  // mu_ held. The store becomes the snapshot's control data in one local
+  // transaction: for each control table the difference between this store
+  // and the snapshot (SQLite's session diff), applied as one changeset as a
+  // log entry is, so the count triggers run and foreign keys are checked
+  // once at the end. A row that exists here and not in the snapshot was
+  // deleted by the log; a row the snapshot has is inserted or updated.
+  const std::string where = "snapshot of seq " + std::to_string(m.seq);
+  if (sqlite3_get_autocommit(db_.raw()) == 0) {
+    return make_error(Errc::internal, where + ": cannot load inside an open transaction");
+  }
+  auto attach = db_.prepare("ATTACH DATABASE ? AS flotilla_snap");
+  if (!attach) return attach.error();
+  if (auto s = attach->bind(1, std::string_view(path)).run(); !s) return s.error().with_context(where);
+  struct Detach {
+    sql::Db& db;
+    ~Detach() { (void)db.exec("DETACH DATABASE flotilla_snap"); }
+  } detach{db_};
+  Status result;
+  {
+    OpenScope open(this);
+    sql::Transaction tx(db_);
+    if (!tx.ok()) return make_error(Errc::unavailable, where + ": store: cannot begin a transaction", true);
+    // This hub's own columns of the devices it has stay as they are.
+    auto local = hub_local_device_columns(db_);
+    if (!local) return local.error().with_context(where);
+    if (!local->empty()) {
+      std::string cols, sel;
+      for (const auto& c : *local) {
+        cols += (cols.empty() ? "" : ", ") + c;
+        sel += (sel.empty() ? "m." : ", m.") + c;
+      }
+      const std::string mine = "(SELECT " + sel + " FROM main.devices AS m WHERE m.id = flotilla_snap.devices.id)";
+      if (auto s = db_.exec("UPDATE flotilla_snap.devices SET (" + cols + ") = " + mine +
+                            " WHERE id IN (SELECT id FROM main.devices)");
+          !s) {
+        return s.error().with_context(where);
+      }
+    }
+    if (auto s = db_.exec("UPDATE flotilla_snap.devices SET state = (SELECT m.state FROM main.devices AS m WHERE "
+                          "m.id = flotilla_snap.devices.id) WHERE state != 'decommissioned' AND id IN "
+                          "(SELECT id FROM main.devices)");
+        !s) {
+      return s.error().with_context(where);
+    }
+    sqlite3_changegroup* group = nullptr;
+    if (sqlite3changegroup_new(&group) != SQLITE_OK) return make_error(Errc::internal, where + ": out of memory");
+    struct GroupFree {
+      sqlite3_changegroup* g;
+      ~GroupFree() { sqlite3changegroup_delete(g); }
+    } group_free{group};
+    for (const auto& t : tables()) {
+      sqlite3_session* session = nullptr;
+      if (sqlite3session_create(db_.raw(), "flotilla_snap", &session) != SQLITE_OK) {
+        return make_error(Errc::internal, where + ": cannot start a session");
+      }
+      char* err = nullptr;
+      int rc = sqlite3session_attach(session, t.c_str());
+      if (rc == SQLITE_OK) rc = sqlite3session_diff(session, "main", t.c_str(), &err);
+      int n = 0;
+      void* p = nullptr;
+      if (rc == SQLITE_OK) rc = sqlite3session_changeset(session, &n, &p);
+      sqlite3session_delete(session);
+      if (rc != SQLITE_OK) {
+        std::string why = err ? err : sqlite3_errstr(rc);
+        sqlite3_free(err);
+        sqlite3_free(p);
+        return make_error(Errc::internal, where + ": compare table " + t + " with this hub's: " + why +
+                                              " (a hub of another version wrote it?)");
+      }
+      sqlite3_free(err);
+      if (n > 0) rc = sqlite3changegroup_add(group, n, p);
+      sqlite3_free(p);
+      if (rc != SQLITE_OK) return make_error(Errc::internal, where + ": table " + t + ": " + sqlite3_errstr(rc));
+    }
+    int n = 0;
+    void* p = nullptr;
+    if (int rc = sqlite3changegroup_output(group, &n, &p); rc != SQLITE_OK) {
+      return make_error(Errc::internal, where + ": " + sqlite3_errstr(rc));
+    }
+    std::set<std::string> touched;
+    ApplyContext ctx{&touched, {}, {}};
+    const int rc = n > 0 ? sqlite3changeset_apply(db_.raw(), n, p, apply_filter, apply_conflict, &ctx) : SQLITE_OK;
+    sqlite3_free(p);
+    if (rc != SQLITE_OK) {
+      std::string why = ctx.refused.empty() ? std::string(sqlite3_errmsg(db_.raw())) : "it breaks " + ctx.refused;
+      return make_error(Errc::internal, where + " cannot be applied to this hub's store: " + why);
+    }
+    auto st = db_.prepare("INSERT INTO control_log_state (id, revision, seq) VALUES (1, ?, ?) "
+                          "ON CONFLICT (id) DO UPDATE SET revision = excluded.revision, seq = excluded.seq");
+    if (!st) return st.error();
+    if (auto s = st->bind(1, m.revision).bind(2, m.seq).run(); !s) return s;
+    result = tx.commit();
+  }
+  if (!result) return result.error().with_context(where);
+  applied_rev_ = m.revision;
+  applied_seq_ = m.seq;
+  return {};
 }
 
 }  // namespace flotilla::hub

@@ -48,6 +48,10 @@ struct HubConfig {
   // How long the hold on cells (and the campaign leadership) outlives a
   // hub that died: its cells are taken over after about this long.
   std::chrono::seconds cell_lease_ttl{10};
+  // With coordination etcd: snapshot the control log every this many
+  // entries and keep this many entries behind the snapshot (docs/adr/0016).
+  int64_t control_snapshot_every = 10000;
+  int64_t control_keep_entries = 1000;
   std::string peer_ca_file;  // with cell_brokers: CAs of the other hubs' REST certificates
   std::string mosquitto_bin = "/usr/sbin/mosquitto";
   int http_threads = 16;

@@ -25,6 +25,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <string>
 #include <thread>
@@ -46,6 +47,32 @@ struct ControlLogOptions {
   // refused at once with that error instead of each waiting for every
   // member's timeout while holding the store (report batches wait on it).
   std::chrono::milliseconds unreachable_hold{1000};
+  // Snapshots (docs/adr/0016, "Snapshots and trimming"): once the log has
+  // grown `snapshot_every` entries past the last snapshot, a hub writes the
+  // control tables as they stand at one entry to the coordinator and deletes
+  // the entries older than `keep_entries` before it. A hub that needs
+  // entries that are gone (trimmed, or etcd's history compacted) loads the
+  // snapshot and follows the log from there. 0 = never snapshot.
+  int64_t snapshot_every = 10000;
+  int64_t keep_entries = 1000;
+  // How often the watcher looks whether a snapshot is due.
+  std::chrono::milliseconds snapshot_check{5000};
+  // One coordinator value per chunk of a snapshot (at most the value bound).
+  size_t snapshot_chunk_bytes = 512 * 1024;
+};
+
+// The last snapshot of the control tables, as the coordinator's
+// <prefix>snapshot key describes it.
+struct ControlSnapshot {
+  int64_t seq = 0;       // the last entry it contains
+  int64_t revision = 0;  // that entry's revision
+  int64_t log_from = 1;  // the oldest entry still in the log
+  std::string id;        // its chunks live under <prefix>snapshots/<id>/
+  int64_t chunks = 0;
+  int64_t bytes = 0;
+  std::string sha256;    // of the whole file, hex
+  int64_t taken_ms = 0;
+  int64_t mod_revision = 0;  // of the manifest key (0 = no snapshot yet)
 };
 
 class ControlLog {
@@ -77,9 +104,19 @@ class ControlLog {
   Status catch_up();
   // Applies what has arrived, waiting up to `wait` for more (the watcher's step).
   Status poll(std::chrono::milliseconds wait);
-  // The watcher: poll() in a loop on a thread of its own until stop().
+  // The watcher: poll() in a loop on a thread of its own until stop(); and,
+  // with snapshot_every > 0, a thread that writes snapshots when due.
   void start();
   void stop();
+  // Writes a snapshot at the entry this mirror has applied, unless the last
+  // snapshot already covers it, then trims the log behind it. Returns the
+  // snapshot's seq (0: none written — not due, or another hub wrote first).
+  // Reads the store through a connection of its own: the store stays open to
+  // writers while the copy runs.
+  Result<int64_t> snapshot();
+  // The last snapshot (nullopt: none yet).
+  Result<std::optional<ControlSnapshot>> last_snapshot();
+
   // Waits until the mirror has applied `revision` (a write's answer on
   // another hub); false at the timeout.
   bool wait_applied(int64_t revision, std::chrono::milliseconds timeout);
@@ -101,6 +138,9 @@ class ControlLog {
     uint64_t refused_guard = 0;     // a write whose guard no longer held (a deposed leader's)
     uint64_t entries_applied = 0;   // other hubs' entries applied here
     uint64_t apply_failures = 0;    // entries that could not be applied (the mirror stops there)
+    uint64_t snapshots_written = 0; // snapshots this hub wrote
+    uint64_t snapshots_loaded = 0;  // snapshots this hub loaded (entries it needed were gone)
+    uint64_t entries_trimmed = 0;   // log entries this hub deleted behind a snapshot
   };
   Counters counters() const;
   // Why the mirror stopped at an entry ("" while it follows the log).
@@ -115,9 +155,27 @@ class ControlLog {
   // Applies watch events in order (store lock held inside).
   Status apply_events(const std::vector<coord::WatchEvent>& events);
   Status apply_entry(const coord::KeyValue& kv, std::set<std::string>& tables);
+  // apply_entry, counted; a failure stops the mirror there (stuck). mu_ held.
+  Status apply_counted(const coord::KeyValue& kv, std::set<std::string>& changed);
+  // After entries were applied: wakes the waiters, refreshes the caches.
+  void applied(const std::set<std::string>& changed);
   Status refuse_if_unreachable();
-  // The history this mirror needs is gone: stuck until rebuilt.
-  Status compacted(int64_t oldest);
+  std::string snapshot_key() const { return opts_.prefix + "snapshot"; }
+  // The entries this mirror needs, read one by one by key up to the head:
+  // for when the watch cannot deliver them (etcd compacted its history),
+  // loading the snapshot where entries were trimmed.
+  Status catch_up_by_key();
+  // Loads the last snapshot, which must contain entry `need`; `changed`
+  // gets every control table.
+  Status load_snapshot(int64_t need, std::set<std::string>& changed);
+  Status apply_snapshot_file(const std::string& path, const ControlSnapshot& m);
+  Result<int64_t> trim(const ControlSnapshot& old, const ControlSnapshot& now);
+  // The snapshotter's periodic look at whether a snapshot is due.
+  void maybe_snapshot();
+  // Where snapshot files are built and loaded: the store's directory.
+  Result<std::string> work_path(const std::string& what) const;
+  // The mirror cannot go on: stuck until repaired or rebuilt.
+  Status stuck(const Error& e);
   void note_unreachable(const Error& e);
 
   sql::Db& db_;
@@ -136,6 +194,7 @@ class ControlLog {
   std::string unreachable_error_;
   std::atomic<bool> stopping_{false};
   std::thread watcher_;
+  std::thread snapshotter_;  // maybe_snapshot() every snapshot_check
 };
 
 }  // namespace flotilla::hub
