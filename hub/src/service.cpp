@@ -105,6 +105,8 @@ Status HubService::enable_control_log(coord::Coordinator& c, const ControlLogOpt
   control_log_ = std::move(*opened);
   control_log_->on_applied([this](const std::set<std::string>& tables) { on_control_applied(tables); });
   enroll_commits_.set_runner([this](const std::function<Status()>& fn) { return run_control_write(fn, {}); });
+  // A one-hub store switched to etcd seeds the log, or is refused.
+  if (auto s = control_log_->adopt_existing_store(); !s) return s;
   // Entries written while this hub was away, before anything is served;
   // with etcd away the watcher catches up once it returns.
   if (auto s = control_log_->catch_up(); !s) {

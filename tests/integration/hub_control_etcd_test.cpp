@@ -315,3 +315,63 @@ TEST_CASE("control log on etcd: snapshotted and trimmed, etcd compacted, and a h
   c.stop();
   a.stop();
 }
+
+// An existing one-hub install (coordination sqlite) restarted on an empty
+// etcd becomes the fleet's first hub: its store seeds the control log, and
+// a hub started after it serves the install's tokens and bundles. A second
+// one-hub install is refused, keeping its own data, not merged.
+TEST_CASE("control log on etcd: a one-hub install switched to etcd seeds the log, a second install is refused",
+          "[integration][etcd][control]") {
+  REQUIRE(EtcdCluster::available());
+  TempDir tmp("control-etcd-seed");
+  EtcdCluster cluster(tmp.path() / "etcd", 1);
+  cluster.start();
+  Hub a(tmp.path() / "hub-a");
+  a.start();  // one hub, coordination sqlite
+  const std::string admin = a.admin_token();
+  auto ops = new_token(a, admin, "ops");
+  REQUIRE(ops.first == 201);
+  const auto release = bundles::generate_key();
+  auto env = bundles::wrap(make_manifest("edge-before-etcd", 1));
+  REQUIRE(bundles::sign(env, release));
+  auto up = a.call("POST", "/v1/bundles", bundles::serialize_envelope(env), "application/octet-stream", admin);
+  REQUIRE(up.first == 201);
+  const std::string bundle = up.second["id"].get<std::string>();
+  a.stop();
+
+  a.start(etcd_args(cluster));
+  INFO("hub A log:\n" << a.log());
+  CHECK(a.log().find("control log: this hub's store seeded the fleet's control log") != std::string::npos);
+  CHECK(a.call("GET", "/v1/bundles", "", "application/json", ops.second["token"].get<std::string>()).first == 200);
+
+  Hub b(tmp.path() / "hub-b");
+  b.start(etcd_args(cluster, &a));
+  INFO("hub B log:\n" << b.log());
+  CHECK(b.log().find("control log: loaded the snapshot of seq=1") != std::string::npos);
+  CHECK(b.call("GET", "/v1/bundles", "", "application/json", ops.second["token"].get<std::string>()).first == 200);
+  CHECK(ids(b.call("GET", "/v1/bundles", "", "application/json", admin).second).count(bundle) == 1);
+  CHECK_FALSE(std::filesystem::exists(b.data_dir() / "admin.token"));  // the install's admin token is the fleet's
+
+  // A second one-hub install started on the same etcd: refused, unchanged.
+  Hub x(tmp.path() / "hub-x");
+  x.start();
+  const std::string x_admin = x.admin_token();
+  const auto x_tokens = x.call("GET", "/v1/tokens", "", "application/json", x_admin);
+  REQUIRE(x_tokens.first == 200);
+  x.stop();
+  auto refused = run_hub_expecting_exit(x.data_dir(), etcd_args(cluster, &a));
+  INFO(refused.out << refused.err);
+  CHECK(refused.exit_code != 0);
+  CHECK_FALSE(refused.timed_out);
+  CHECK((refused.out + refused.err).find("control data of its own") != std::string::npos);
+  CHECK((refused.out + refused.err).find("nothing was changed") != std::string::npos);
+  CHECK(a.call("GET", "/v1/bundles", "", "application/json", x_admin).first == 401);
+  // Its data is as it was: back on its own, it serves the same tokens.
+  x.start();
+  auto x_after = x.call("GET", "/v1/tokens", "", "application/json", x_admin);
+  CHECK(x_after.first == 200);
+  CHECK(ids(x_after.second) == ids(x_tokens.second));
+  x.stop();
+  b.stop();
+  a.stop();
+}

@@ -6,6 +6,7 @@
 #include <catch2/catch.hpp>
 
 #include <algorithm>
+#include <filesystem>
 #include <atomic>
 #include <memory>
 #include <optional>
@@ -131,20 +132,29 @@ ControlLogOptions test_options() {
   return o;
 }
 
+// A hub of these tests: no engine thread; on the control log of c (none: a
+// one-hub install).
+ServiceConfig service_config(co::Coordinator* c, ControlLogOptions opts = test_options()) {
+  ServiceConfig cfg;
+  cfg.broker_url = "tcp://127.0.0.1:1883";
+  cfg.public_url = "http://hub.test:8080";
+  cfg.engine_thread = false;
+  cfg.control_coordinator = c;
+  cfg.control_log = std::move(opts);
+  return cfg;
+}
+
 // One hub process: its own SQLite store, the shared coordinator.
 class Hub {
  public:
-  Hub(co::Coordinator& c, FakeClock& clock, bool make_root, ControlLogOptions opts = test_options()) : clock_(clock) {
-    auto s = Store::open((dir_.path() / "hub.db").string());
+  // db: an existing store file (default: a new one of its own).
+  Hub(co::Coordinator& c, FakeClock& clock, bool make_root, ControlLogOptions opts = test_options(),
+      const std::string& db = "")
+      : clock_(clock) {
+    auto s = Store::open(db.empty() ? (dir_.path() / "hub.db").string() : db);
     REQUIRE(s);
     store_ = std::move(*s);
-    ServiceConfig cfg;
-    cfg.broker_url = "tcp://127.0.0.1:1883";
-    cfg.public_url = "http://hub.test:8080";
-    cfg.engine_thread = false;
-    cfg.control_coordinator = &c;
-    cfg.control_log = std::move(opts);
-    service_ = std::make_unique<HubService>(*store_, clock, cfg);
+    service_ = std::make_unique<HubService>(*store_, clock, service_config(&c, std::move(opts)));
     REQUIRE(service_->control_log_status());
     REQUIRE(service_->control_log());
     api_ = std::make_unique<Api>(*service_);
@@ -250,6 +260,37 @@ TokenRecord token_rec(const std::string& name, const std::string& role, std::vec
 }
 
 using test::ids_of;
+
+// A one-hub install's store (no control log): an admin token and an
+// enrolled device, as `flotilla-hub` with coordination sqlite leaves them.
+struct OneHubStore {
+  std::string path, admin, device;
+};
+OneHubStore make_one_hub_store(const std::filesystem::path& dir, FakeClock& clock) {
+  OneHubStore out{(dir / "hub.db").string(), "", ""};
+  auto st = Store::open(out.path);
+  REQUIRE(st);
+  HubService svc(**st, clock, service_config(nullptr));
+  RecordingTransport transport;
+  REQUIRE(svc.attach_transport(transport));
+  Api api(svc);
+  out.admin = test::make_token(svc, "api", "root", "admin").secret;
+  TokenRecord enroll;
+  enroll.name = "enroll";
+  enroll.role = "enroll";
+  enroll.project = "default";
+  enroll.device_label_keys = {"site"};
+  auto enr = svc.create_token("enroll", enroll);
+  REQUIRE(enr);
+  const auto req = test::enroll_request(enr->secret, bundles::generate_key(), {{"site", "north"}});
+  auto r = api.handle(test::api_request("POST", "/v1/enroll", req.SerializeAsString(), ""));
+  REQUIRE(r.status == 200);
+  v1::EnrollResponse resp;
+  REQUIRE(resp.ParseFromString(r.body));
+  out.device = resp.device_id();
+  svc.stop();
+  return out;
+}
 
 // Snapshots are taken by hand in these tests (snapshot()), never by the watcher.
 ControlLogOptions snapshot_options(int64_t keep) {
@@ -643,11 +684,7 @@ TEST_CASE("control log: a hub whose director key or device CA is not the other h
     TempDir dir("identity");
     auto store = Store::open((dir.path() / "hub.db").string());
     if (!store) return Status(store.error());
-    ServiceConfig cfg;
-    cfg.broker_url = "tcp://127.0.0.1:1883";
-    cfg.engine_thread = false;
-    cfg.control_coordinator = on.coord.get();
-    cfg.control_log = test_options();
+    ServiceConfig cfg = service_config(on.coord.get());
     cfg.director_key = key;
     cfg.device_ca = ca;
     HubService svc(**store, on.clock, cfg);
@@ -927,4 +964,72 @@ TEST_CASE("control log: a snapshot that does not match its manifest is refused a
   REQUIRE(d.log().catch_up());
   CHECK(d.log().stuck_reason().empty());
   CHECK(control_rows(d.store()) == control_rows(a.store()));
+}
+
+TEST_CASE("control log: a one-hub store switched to the log seeds it, and a second one is refused with its data kept",
+          "[unit][control]") {
+  Shared sh;
+  TempDir one("one-hub"), other("other-hub");
+  const OneHubStore first = make_one_hub_store(one.path(), sh.clock);
+  const OneHubStore second = make_one_hub_store(other.path(), sh.clock);
+
+  // A hub from an empty store is already following the (empty) log.
+  Hub early(*sh.coord, sh.clock, false, snapshot_options(3));
+  CHECK(early.log().applied_seq() == 0);
+
+  // The first store switched to the log starts it: its control data is the
+  // log's first snapshot.
+  Hub a(*sh.coord, sh.clock, false, snapshot_options(3), first.path);
+  CHECK(a.log().applied_seq() == 1);
+  auto m = a.log().last_snapshot();
+  REQUIRE(m);
+  REQUIRE(*m);
+  CHECK((*m)->seq == 1);
+  CHECK((*m)->log_from == 2);
+  CHECK((*m)->revision == a.log().applied_revision());
+  CHECK(a.call("GET", "/v1/bundles", "", first.admin).status == 200);
+  // The early hub's watcher meets the seed and loads its snapshot.
+  REQUIRE(early.log().wait_applied(a.log().applied_revision(), std::chrono::seconds(20)));
+  CHECK(early.log().counters().snapshots_loaded == 1);
+  CHECK(early.log().stuck_reason().empty());
+  CHECK(control_rows(early.store()) == control_rows(a.store()));
+
+  // A hub from an empty store has all of it.
+  Hub b(*sh.coord, sh.clock, false, snapshot_options(3));
+  CHECK(b.log().counters().snapshots_loaded == 1);
+  CHECK(control_rows(b.store()) == control_rows(a.store()));
+  CHECK(b.call("GET", "/v1/bundles", "", first.admin).status == 200);
+  auto dev = b.service().get_device(first.device);
+  REQUIRE(dev);
+  REQUIRE(*dev);
+  CHECK((*dev)->labels.at("site") == "north");
+  // And the log goes on from there, on both.
+  auto made = b.call("POST", "/v1/tokens", json{{"name", "ops"}, {"role", "viewer"}, {"project", "default"}}.dump(),
+                     first.admin);
+  REQUIRE(made.status == 201);
+  REQUIRE(a.log().wait_applied(b.log().applied_revision(), std::chrono::seconds(20)));
+  CHECK(a.call("GET", "/v1/bundles", "", body_of(made)["token"].get<std::string>()).status == 200);
+
+  // The second store would lose its own rows to the log's snapshot: it is
+  // refused — with the coordinator away too — and keeps everything.
+  auto rows_before = [&] {
+    auto st = Store::open(second.path);
+    REQUIRE(st);
+    return control_rows(**st);
+  }();
+  for (bool down : {true, false}) {
+    sh.coord->down = down;
+    auto st = Store::open(second.path);
+    REQUIRE(st);
+    HubService svc(**st, sh.clock, service_config(sh.coord.get(), snapshot_options(3)));
+    auto status = svc.control_log_status();
+    REQUIRE_FALSE(status);
+    INFO(status.error().message);
+    CHECK(status.error().message.find("control data of its own") != std::string::npos);
+    CHECK(status.error().message.find(down ? "start the hub again when it can" : "empty data dir") !=
+          std::string::npos);
+    svc.stop();
+    CHECK(control_rows(**st) == rows_before);
+    CHECK(a.call("GET", "/v1/bundles", "", second.admin).status == 401);  // not in the fleet's log
+  }
 }

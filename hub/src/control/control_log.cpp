@@ -165,6 +165,10 @@ Result<int64_t> parse_seq(const std::string& text) {
 // ---- Snapshots ----------------------------------------------------------
 
 constexpr int kSnapshotFormat = 1;
+// The value of entry 1 when a hub's existing store seeded the log: never
+// applied (the seed's snapshot starts the log at entry 2), and not a
+// changeset, so applying it would fail loudly.
+constexpr const char* kSeedMarker = "flotilla: seeded from a hub's store; see the snapshot";
 
 std::string chunk_key(const std::string& prefix, const std::string& id, int64_t i) {
   char buf[16];
@@ -204,12 +208,20 @@ Result<ControlSnapshot> parse_manifest(const coord::KeyValue& kv) {
   }
   const bool id_ok = !m.id.empty() && m.id.size() <= 80 &&
                      std::all_of(m.id.begin(), m.id.end(), [](char c) { return std::isalnum(static_cast<unsigned char>(c)) || c == '-'; });
+  // The seed's manifest is written with its entry: its revision is its own.
+  if (m.revision == 0) m.revision = kv.mod_revision;
   if (m.seq <= 0 || m.revision <= 0 || m.log_from <= 0 || m.log_from > m.seq + 1 || !id_ok || m.chunks <= 0 ||
       m.chunks > 1000000 || m.bytes <= 0 || m.sha256.size() != 64) {
     return bad("fields out of range");
   }
   m.mod_revision = kv.mod_revision;
   return m;
+}
+
+bool holds_seed(const std::vector<coord::WatchEvent>& events) {
+  return std::any_of(events.begin(), events.end(), [](const coord::WatchEvent& ev) {
+    return ev.type == coord::WatchEvent::Type::put && ev.kv.value == kSeedMarker;
+  });
 }
 
 // Removes a file when it goes out of scope.
@@ -476,6 +488,7 @@ Status ControlLog::catch_up() {
     auto ev = (*w)->next(std::chrono::milliseconds(200));
     if ((*w)->compacted_at() > 0) return catch_up_by_key();  // the history is gone, the entries may not be
     if (!ev) return ev.error().with_context("control log: catch up");
+    if (holds_seed(*ev)) return catch_up_by_key();
     if (auto s = apply_events(*ev); !s) return s;
   }
   return {};
@@ -506,6 +519,12 @@ Status ControlLog::poll(std::chrono::milliseconds wait) {
   if (!ev) {
     watch_.reset();  // reopened from what was applied
     return ev.error();
+  }
+  if (holds_seed(*ev)) {
+    // The log was seeded from a hub's store meanwhile: its first entry
+    // stands for the snapshot written with it.
+    watch_.reset();
+    return catch_up_by_key();
   }
   auto s = apply_events(*ev);
   if (!s) watch_.reset();  // the same entry is tried again later, never skipped
@@ -662,6 +681,93 @@ Result<std::string> ControlLog::work_path(const std::string& what) const {
   return (std::filesystem::path(file).parent_path() / what).string();
 }
 
+Status ControlLog::copy_control_tables(const std::string& tmp, ControlSnapshot& m) {
+  // A copy of the control tables at one entry, read through a connection of
+  // its own inside one read transaction: the tables and the entry they are
+  // at (control_log_state) commit together, so the copy is exact, and the
+  // store stays open to writers meanwhile (WAL). m gets that entry's seq and
+  // revision (0 for a store that has applied none).
+  const char* store_file = sqlite3_db_filename(db_.raw(), "main");
+  if (!store_file || !*store_file) return make_error(Errc::invalid_argument, "the store has no file");
+  auto reader = sql::Db::open(store_file);
+  if (!reader) return reader.error();
+  auto schema = sql::query<std::pair<std::string, std::string>>(
+      **reader, "SELECT name, sql FROM main.sqlite_master WHERE type = 'table'",
+      [](const sql::Stmt& st) { return std::make_pair(st.col_text(0), st.col_text(1)); });
+  if (!schema) return schema.error().with_context("read the schema");
+  {
+    auto out = sql::Db::open(tmp);
+    if (!out) return out.error();
+    if (auto s = (*out)->exec("PRAGMA journal_mode=DELETE; PRAGMA foreign_keys=OFF"); !s) return s;
+    for (const auto& t : tables()) {
+      auto it = std::find_if(schema->begin(), schema->end(), [&](const auto& p) { return p.first == t; });
+      if (it == schema->end()) return make_error(Errc::internal, "the store has no table " + t);
+      if (auto s = (*out)->exec(it->second); !s) return s.error().with_context("table " + t);
+    }
+  }
+  auto attach = (*reader)->prepare("ATTACH DATABASE ? AS flotilla_snap");
+  if (!attach) return attach.error();
+  if (auto s = attach->bind(1, std::string_view(tmp)).run(); !s) return s;
+  auto copy = [&]() -> Status {
+    if (auto s = (*reader)->exec("PRAGMA foreign_keys=OFF; BEGIN"); !s) return s;
+    auto st = (*reader)->prepare("SELECT revision, seq FROM main.control_log_state WHERE id = 1");
+    if (!st) return st.error();
+    auto r = st->step();
+    if (!r) return r.error();
+    m.revision = *r ? st->col_int(0) : 0;
+    m.seq = *r ? st->col_int(1) : 0;
+    st->reset();
+    for (const auto& t : tables()) {
+      if (auto s = (*reader)->exec("INSERT INTO flotilla_snap." + t + " SELECT * FROM main." + t); !s) return s;
+    }
+    return (*reader)->exec("COMMIT");
+  };
+  auto copied = copy();
+  if (!copied) (void)(*reader)->exec("ROLLBACK");
+  (void)(*reader)->exec("DETACH DATABASE flotilla_snap");
+  if (!copied) return copied.error().with_context("copy the control tables");
+  return {};
+}
+
+Status ControlLog::upload_snapshot(const std::string& tmp, ControlSnapshot& m) {
+  // The chunks, under a name of its own (m.id: two hubs snapshotting the
+  // same entry never touch each other's), hashing as they go.
+  std::ifstream in(tmp, std::ios::binary);
+  if (!in) return make_error(Errc::io, "cannot read " + tmp);
+  crypto_hash_sha256_state hs;
+  crypto_hash_sha256_init(&hs);
+  const size_t chunk = std::clamp<size_t>(opts_.snapshot_chunk_bytes, 1024, coord::kMaxValueBytes);
+  std::string buf(chunk, '\0');
+  m.chunks = 0;
+  m.bytes = 0;
+  while (in) {
+    if (stopping_) {
+      drop_chunks(m);
+      return make_error(Errc::unavailable, "stopped");
+    }
+    in.read(buf.data(), static_cast<std::streamsize>(buf.size()));
+    const auto n = static_cast<size_t>(in.gcount());
+    if (n == 0) break;
+    crypto_hash_sha256_update(&hs, reinterpret_cast<const unsigned char*>(buf.data()), n);
+    if (auto r = c_.put(chunk_key(opts_.prefix, m.id, m.chunks), buf.substr(0, n)); !r) {
+      drop_chunks(m);
+      return r.error().with_context("write chunk " + std::to_string(m.chunks));
+    }
+    ++m.chunks;
+    m.bytes += static_cast<int64_t>(n);
+  }
+  unsigned char digest[crypto_hash_sha256_BYTES];
+  crypto_hash_sha256_final(&hs, digest);
+  m.sha256 = hex_of(digest, sizeof digest);
+  m.taken_ms = std::chrono::duration_cast<std::chrono::milliseconds>(
+                   std::chrono::system_clock::now().time_since_epoch()).count();
+  return {};
+}
+
+void ControlLog::drop_chunks(const ControlSnapshot& m) {
+  for (int64_t i = 0; i < m.chunks; ++i) (void)c_.remove(chunk_key(opts_.prefix, m.id, i));
+}
+
 Result<int64_t> ControlLog::snapshot() {
   auto old = last_snapshot();
   if (!old) return old.error().with_context("control log snapshot: read the last one");
@@ -670,93 +776,17 @@ Result<int64_t> ControlLog::snapshot() {
   auto tmp = work_path("control-snapshot-" + crypto::random_token(6) + ".db.part");
   if (!tmp) return tmp.error();
   FileGuard guard{*tmp};
-  std::filesystem::remove(*tmp);
-  const char* store_file = sqlite3_db_filename(db_.raw(), "main");
-
-  // 1. A copy of the control tables at one entry, read through a connection
-  //    of its own inside one read transaction: the tables and the entry they
-  //    are at (control_log_state) commit together, so the copy is exact.
   ControlSnapshot m;
-  {
-    auto reader = sql::Db::open(store_file);
-    if (!reader) return reader.error().with_context("control log snapshot");
-    auto schema = sql::query<std::pair<std::string, std::string>>(
-        **reader, "SELECT name, sql FROM main.sqlite_master WHERE type = 'table'",
-        [](const sql::Stmt& st) { return std::make_pair(st.col_text(0), st.col_text(1)); });
-    if (!schema) return schema.error().with_context("control log snapshot: read the schema");
-    {
-      auto out = sql::Db::open(*tmp);
-      if (!out) return out.error().with_context("control log snapshot");
-      if (auto s = (*out)->exec("PRAGMA journal_mode=DELETE; PRAGMA foreign_keys=OFF"); !s) return s.error();
-      for (const auto& t : tables()) {
-        auto it = std::find_if(schema->begin(), schema->end(), [&](const auto& p) { return p.first == t; });
-        if (it == schema->end()) return make_error(Errc::internal, "control log snapshot: the store has no table " + t);
-        if (auto s = (*out)->exec(it->second); !s) return s.error().with_context("control log snapshot: table " + t);
-      }
-    }
-    auto attach = (*reader)->prepare("ATTACH DATABASE ? AS flotilla_snap");
-    if (!attach) return attach.error();
-    if (auto s = attach->bind(1, std::string_view(*tmp)).run(); !s) return s.error().with_context("control log snapshot");
-    auto copy = [&]() -> Status {
-      if (auto s = (*reader)->exec("PRAGMA foreign_keys=OFF; BEGIN"); !s) return s;
-      auto st = (*reader)->prepare("SELECT revision, seq FROM main.control_log_state WHERE id = 1");
-      if (!st) return st.error();
-      auto r = st->step();
-      if (!r) return r.error();
-      if (!*r) return make_error(Errc::not_found, "this hub has applied no entry yet");
-      m.revision = st->col_int(0);
-      m.seq = st->col_int(1);
-      st->reset();
-      for (const auto& t : tables()) {
-        if (auto s = (*reader)->exec("INSERT INTO flotilla_snap." + t + " SELECT * FROM main." + t); !s) return s;
-      }
-      return (*reader)->exec("COMMIT");
-    };
-    auto copied = copy();
-    if (!copied) (void)(*reader)->exec("ROLLBACK");
-    (void)(*reader)->exec("DETACH DATABASE flotilla_snap");
-    if (!copied) return copied.error().with_context("control log snapshot: copy the control tables");
-  }
+  if (auto s = copy_control_tables(*tmp, m); !s) return s.error().with_context("control log snapshot");
   if (m.seq <= prev.seq) return int64_t{0};
-
-  // 2. Its chunks, under a name of its own (two hubs snapshotting the same
-  //    entry never touch each other's chunks), then the manifest, written
-  //    only if no other hub replaced the last one meanwhile.
-  std::ifstream in(*tmp, std::ios::binary);
-  if (!in) return make_error(Errc::io, "control log snapshot: cannot read " + *tmp);
   m.id = std::to_string(m.seq) + "-" + crypto::random_token(6);
-  m.taken_ms = std::chrono::duration_cast<std::chrono::milliseconds>(
-                   std::chrono::system_clock::now().time_since_epoch()).count();
   m.log_from = std::max<int64_t>(prev.log_from, m.seq + 1 - std::max<int64_t>(0, opts_.keep_entries));
-  crypto_hash_sha256_state hs;
-  crypto_hash_sha256_init(&hs);
-  const size_t chunk = std::clamp<size_t>(opts_.snapshot_chunk_bytes, 1024, coord::kMaxValueBytes);
-  std::string buf(chunk, '\0');
-  auto drop_chunks = [&] {
-    for (int64_t i = 0; i < m.chunks; ++i) (void)c_.remove(chunk_key(opts_.prefix, m.id, i));
-  };
-  while (in) {
-    if (stopping_) {
-      drop_chunks();
-      return make_error(Errc::unavailable, "control log snapshot: stopped");
-    }
-    in.read(buf.data(), static_cast<std::streamsize>(buf.size()));
-    const auto n = static_cast<size_t>(in.gcount());
-    if (n == 0) break;
-    crypto_hash_sha256_update(&hs, reinterpret_cast<const unsigned char*>(buf.data()), n);
-    if (auto r = c_.put(chunk_key(opts_.prefix, m.id, m.chunks), buf.substr(0, n)); !r) {
-      drop_chunks();
-      return r.error().with_context("control log snapshot: write chunk " + std::to_string(m.chunks));
-    }
-    ++m.chunks;
-    m.bytes += static_cast<int64_t>(n);
-  }
-  unsigned char digest[crypto_hash_sha256_BYTES];
-  crypto_hash_sha256_final(&hs, digest);
-  m.sha256 = hex_of(digest, sizeof digest);
+  if (auto s = upload_snapshot(*tmp, m); !s) return s.error().with_context("control log snapshot");
+  // The manifest, written only if no other hub replaced the last one
+  // meanwhile.
   auto swapped = c_.compare_and_swap(snapshot_key(), prev.mod_revision, manifest_json(m));
   if (!swapped) {
-    drop_chunks();
+    drop_chunks(m);
     if (swapped.error().code == Errc::conflict) return int64_t{0};  // another hub's snapshot won
     return swapped.error().with_context("control log snapshot: write the manifest");
   }
@@ -775,6 +805,83 @@ Result<int64_t> ControlLog::snapshot() {
                           m.seq, trimmed.error().message);
   }
   return m.seq;
+}
+
+Result<int64_t> ControlLog::own_control_rows() {
+  int64_t n = 0;
+  for (const char* t : {"tokens", "bundles", "devices"}) {
+    auto st = db_.prepare(std::string("SELECT COUNT(*) FROM main.") + t);
+    if (!st) return st.error();
+    auto r = st->step();
+    if (!r) return r.error();
+    n += st->col_int(0);
+    st->reset();
+  }
+  return n;
+}
+
+Status ControlLog::adopt_existing_store() {
+  // A store that has control data but never followed a log (a one-hub
+  // install switched to etcd) either starts the fleet's log with it, as its
+  // first snapshot, or — when the log already has other hubs' data — is
+  // refused before it loses anything: loading the log's snapshot would
+  // replace its rows.
+  if (applied_seq_ > 0) return {};
+  auto own = own_control_rows();
+  if (!own) return own.error();
+  if (*own == 0) return {};
+  const std::string mine = "this hub's store has control data of its own (" + std::to_string(*own) +
+                           " tokens, bundles and devices) that is not in the control log";
+  auto head = c_.get(head_key());
+  auto snap = head ? last_snapshot() : Result<std::optional<ControlSnapshot>>(head.error());
+  if (!snap) {
+    return make_error(Errc::unavailable, mine + ", and the log cannot be read to decide whether this store starts "
+                                                "it (" + snap.error().message + "); start the hub again when it can");
+  }
+  if (*head || *snap) {
+    return make_error(Errc::conflict, mine + ", and the log already holds other hubs' data; nothing was changed. "
+                                             "Start this hub from an empty data dir, or, to make this store the "
+                                             "fleet's, start it first on an etcd without /flotilla/control/");
+  }
+  return seed();
+}
+
+Status ControlLog::seed() {
+  auto tmp = work_path("control-seed-" + crypto::random_token(6) + ".db.part");
+  if (!tmp) return tmp.error();
+  FileGuard guard{*tmp};
+  ControlSnapshot m;
+  if (auto s = copy_control_tables(*tmp, m); !s) return s.error().with_context("control log seed");
+  // The log's first entry is the seed: a marker no hub applies (log_from
+  // is 2), written in one transaction with the head and the manifest, which
+  // therefore carries no revision of its own (it is the manifest's).
+  m.seq = 1;
+  m.revision = 0;
+  m.log_from = 2;
+  m.id = "seed-" + crypto::random_token(6);
+  if (auto s = upload_snapshot(*tmp, m); !s) return s.error().with_context("control log seed");
+  auto r = c_.txn({coord::Compare::absent(head_key()), coord::Compare::absent(snapshot_key())},
+                  {coord::Op::put(entry_key(log_prefix(), 1), kSeedMarker), coord::Op::put(head_key(), "1"),
+                   coord::Op::put(snapshot_key(), manifest_json(m))});
+  if (!r || !r->succeeded) {
+    drop_chunks(m);
+    if (!r) return r.error().with_context("control log seed");
+    return make_error(Errc::conflict, "another hub started the control log first; this hub's store has control "
+                                      "data of its own that is not in it: start it from an empty data dir");
+  }
+  {
+    std::lock_guard lock(mu_);
+    auto st = db_.prepare("INSERT INTO control_log_state (id, revision, seq) VALUES (1, ?, 1) "
+                          "ON CONFLICT (id) DO UPDATE SET revision = excluded.revision, seq = excluded.seq");
+    if (!st) return st.error();
+    if (auto s = st->bind(1, r->revision).run(); !s) return s.error().with_context("control log seed");
+    applied_rev_ = r->revision;
+    applied_seq_ = 1;
+  }
+  log::get("hub")->info("control log: this hub's store seeded the fleet's control log ({} bytes of control data "
+                        "as its first snapshot, revision={})",
+                        m.bytes, r->revision);
+  return {};
 }
 
 Result<int64_t> ControlLog::trim(const ControlSnapshot& old, const ControlSnapshot& now) {
@@ -834,10 +941,19 @@ Status ControlLog::catch_up_by_key() {
   if (!*head) return {};
   auto head_seq = parse_seq((*head)->value);
   if (!head_seq) return stuck(head_seq.error());
+  auto snap = last_snapshot();
+  if (!snap) {
+    note_unreachable(snap.error());
+    return snap.error().with_context("control log: read the snapshot");
+  }
   std::set<std::string> changed;
   Status out;
   while (out && applied_seq_ < *head_seq) {
     const int64_t next = applied_seq_ + 1;
+    if (*snap && next < (*snap)->log_from) {  // trimmed, or the seed: the snapshot stands for it
+      out = load_snapshot(next, changed);
+      continue;
+    }
     auto kv = c_.get(entry_key(log_prefix(), next));
     if (!kv) {
       note_unreachable(kv.error());

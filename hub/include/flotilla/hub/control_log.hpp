@@ -102,6 +102,12 @@ class ControlLog {
 
   // Applies the entries up to the log's head now (this thread).
   Status catch_up();
+  // At start, before catch_up(): a store with control data that never
+  // followed a log (a one-hub install switched to etcd) becomes the log's
+  // first snapshot when the log is empty (the seed); when the log already
+  // has data it is refused (conflict) and nothing changes. Any error means
+  // the hub must not start. A store without such data: nothing to do.
+  Status adopt_existing_store();
   // Applies what has arrived, waiting up to `wait` for more (the watcher's step).
   Status poll(std::chrono::milliseconds wait);
   // The watcher: poll() in a loop on a thread of its own until stop(); and,
@@ -170,6 +176,15 @@ class ControlLog {
   Status load_snapshot(int64_t need, std::set<std::string>& changed);
   Status apply_snapshot_file(const std::string& path, const ControlSnapshot& m);
   Result<int64_t> trim(const ControlSnapshot& old, const ControlSnapshot& now);
+  // Copies the control tables into the SQLite file tmp; m gets the entry
+  // they are at.
+  Status copy_control_tables(const std::string& tmp, ControlSnapshot& m);
+  // Puts tmp's chunks under m.id; m gets chunks, bytes, sha256, taken_ms.
+  Status upload_snapshot(const std::string& tmp, ControlSnapshot& m);
+  void drop_chunks(const ControlSnapshot& m);
+  // Rows of tokens, bundles and devices in the store.
+  Result<int64_t> own_control_rows();
+  Status seed();
   // The snapshotter's periodic look at whether a snapshot is due.
   void maybe_snapshot();
   // Where snapshot files are built and loaded: the store's directory.
