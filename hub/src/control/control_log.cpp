@@ -17,6 +17,7 @@
 #include <nlohmann/json.hpp>
 
 #include "flotilla/common/crypto.hpp"
+#include "flotilla/common/encoding.hpp"
 #include "flotilla/common/log.hpp"
 
 namespace flotilla::hub {
@@ -161,7 +162,6 @@ Result<int64_t> parse_seq(const std::string& text) {
   return v;
 }
 
-
 // ---- Snapshots ----------------------------------------------------------
 
 constexpr int kSnapshotFormat = 1;
@@ -232,16 +232,6 @@ struct FileGuard {
     if (!path.empty()) std::filesystem::remove(path, ec);
   }
 };
-
-std::string hex_of(const unsigned char* p, size_t n) {
-  static const char* d = "0123456789abcdef";
-  std::string out;
-  for (size_t i = 0; i < n; ++i) {
-    out += d[p[i] >> 4];
-    out += d[p[i] & 15];
-  }
-  return out;
-}
 
 // The columns of devices each hub keeps for itself (presence, reports,
 // desired generation): a snapshot loaded over an existing row leaves them
@@ -758,7 +748,7 @@ Status ControlLog::upload_snapshot(const std::string& tmp, ControlSnapshot& m) {
   }
   unsigned char digest[crypto_hash_sha256_BYTES];
   crypto_hash_sha256_final(&hs, digest);
-  m.sha256 = hex_of(digest, sizeof digest);
+  m.sha256 = to_hex(digest, sizeof digest);
   m.taken_ms = std::chrono::duration_cast<std::chrono::milliseconds>(
                    std::chrono::system_clock::now().time_since_epoch()).count();
   return {};
@@ -1014,10 +1004,10 @@ Status ControlLog::load_snapshot(int64_t need, std::set<std::string>& changed) {
     if (!out) return stuck(make_error(Errc::io, "control log: cannot write " + *tmp));
     unsigned char digest[crypto_hash_sha256_BYTES];
     crypto_hash_sha256_final(&hs, digest);
-    if (bytes != m.bytes || hex_of(digest, sizeof digest) != m.sha256) {
+    if (bytes != m.bytes || to_hex(digest, sizeof digest) != m.sha256) {
       return stuck(make_error(Errc::parse, "snapshot " + m.id + " of seq " + std::to_string(m.seq) +
                                                " does not match its manifest (" + std::to_string(bytes) +
-                                               " bytes, sha256 " + hex_of(digest, sizeof digest) + "; expected " +
+                                               " bytes, sha256 " + to_hex(digest, sizeof digest) + "; expected " +
                                                std::to_string(m.bytes) + " bytes, sha256 " + m.sha256 +
                                                "); not loaded, this hub's store is unchanged"));
     }
