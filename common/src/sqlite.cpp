@@ -214,8 +214,12 @@ Transaction::~Transaction() {
 }
 Status Transaction::commit() {
   if (!began_) return make_error(Errc::internal, "transaction did not begin");
-  done_ = true;
-  return db_.exec(nested_ ? "RELEASE flotilla_tx" : "COMMIT");
+  // A COMMIT that fails (a deferred foreign key, a full disk) can leave the
+  // transaction open: it is rolled back when this goes out of scope, so a
+  // failed commit never leaves the connection inside a transaction.
+  auto s = db_.exec(nested_ ? "RELEASE flotilla_tx" : "COMMIT");
+  if (s || (!nested_ && sqlite3_get_autocommit(db_.raw()) != 0)) done_ = true;
+  return s;
 }
 
 }  // namespace flotilla::sql

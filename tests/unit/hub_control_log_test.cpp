@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <filesystem>
 #include <atomic>
+#include <fstream>
 #include <memory>
 #include <optional>
 #include <set>
@@ -819,6 +820,7 @@ TEST_CASE("control log: a snapshot trims the log, and a hub that needs trimmed e
   auto enr = a.service().create_token("enroll", token_rec("enroll", "enroll", {"site"}));
   REQUIRE(enr);
   const std::string device = a.enroll_device(enr->secret);
+  const std::string retired = a.enroll_device(enr->secret);
   b.catch_up();
   REQUIRE(b.store().db().exec("UPDATE devices SET last_message = 'seen by b', online = 1 WHERE id = '" + device + "'"));
   const int64_t b_seq = b.log().applied_seq();
@@ -839,6 +841,7 @@ TEST_CASE("control log: a snapshot trims the log, and a hub that needs trimmed e
   auto relabel = a.call("PATCH", "/v1/devices/" + device, json{{"labels", {{"site", "south"}}}}.dump(), a.root);
   INFO(relabel.body);
   REQUIRE(relabel.status == 200);
+  REQUIRE(a.call("DELETE", "/v1/devices/" + retired, "", a.root).status == 200);
 
   // No snapshot yet; then one at A's entry, and the log trimmed behind it.
   auto none = a.log().last_snapshot();
@@ -883,6 +886,19 @@ TEST_CASE("control log: a snapshot trims the log, and a hub that needs trimmed e
   // What B saw of the device itself is B's and stays.
   CHECK((*dev)->last_message == "seen by b");
   CHECK((*dev)->online);
+  // A decommission follows the snapshot, and the trigger-kept counts match
+  // a recount of the loaded rows.
+  auto gone = b.service().get_device(retired);
+  REQUIRE(gone);
+  REQUIRE(*gone);
+  CHECK((*gone)->state == "decommissioned");
+  auto kept_counts = b.store().fleet_counts();
+  auto recount = b.store().recount_fleet();
+  REQUIRE(kept_counts);
+  REQUIRE(recount);
+  std::sort(kept_counts->begin(), kept_counts->end());
+  std::sort(recount->begin(), recount->end());
+  CHECK(*kept_counts == *recount);
 
   // And B follows the log from there.
   b.log().start();
@@ -1032,4 +1048,26 @@ TEST_CASE("control log: a one-hub store switched to the log seeds it, and a seco
     CHECK(control_rows(**st) == rows_before);
     CHECK(a.call("GET", "/v1/bundles", "", second.admin).status == 401);  // not in the fleet's log
   }
+}
+
+TEST_CASE("control log: work files a killed hub left behind are removed at start, and nothing else is",
+          "[unit][control]") {
+  Shared sh;
+  TempDir dir("stale-work");
+  auto write = [&](const std::string& name) {
+    std::ofstream(dir.path() / name) << "partial";
+    return dir.path() / name;
+  };
+  const auto load = write("control-snapshot-load-ab12cd.db.part");
+  const auto taken = write("control-snapshot-x9y8z7.db.part");
+  const auto seed = write("control-seed-q1w2e3.db.part");
+  const auto notes = write("control-snapshot-notes.txt");
+  const auto other = write("backup.db.part");
+  Hub h(*sh.coord, sh.clock, true, snapshot_options(3), (dir.path() / "hub.db").string());
+  CHECK_FALSE(std::filesystem::exists(load));
+  CHECK_FALSE(std::filesystem::exists(taken));
+  CHECK_FALSE(std::filesystem::exists(seed));
+  CHECK(std::filesystem::exists(notes));
+  CHECK(std::filesystem::exists(other));
+  CHECK(std::filesystem::exists(dir.path() / "hub.db"));
 }

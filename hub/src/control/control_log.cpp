@@ -270,7 +270,28 @@ const std::vector<std::string>& ControlLog::tables() {
 int64_t ControlLog::last_write_revision() { return t_last_write_revision; }
 
 ControlLog::ControlLog(sql::Db& db, std::recursive_mutex& mu, coord::Coordinator& c, ControlLogOptions opts)
-    : db_(db), mu_(mu), c_(c), opts_(std::move(opts)) {}
+    : db_(db), mu_(mu), c_(c), opts_(std::move(opts)) {
+  remove_stale_work_files();
+}
+
+void ControlLog::remove_stale_work_files() {
+  // A hub killed while writing, seeding or loading a snapshot leaves its
+  // work file behind (each has a random name, so nothing reuses it). One
+  // store has one hub, so every such file in its directory is stale here.
+  const char* file = sqlite3_db_filename(db_.raw(), "main");
+  if (!file || !*file) return;
+  std::error_code ec;
+  std::filesystem::directory_iterator it(std::filesystem::path(file).parent_path(), ec);
+  for (; !ec && it != std::filesystem::directory_iterator(); it.increment(ec)) {
+    const std::string name = it->path().filename().string();
+    const bool ours = name.starts_with("control-snapshot-") || name.starts_with("control-seed-");
+    if (!ours || !name.ends_with(".db.part")) continue;
+    std::error_code rm;
+    if (std::filesystem::remove(it->path(), rm)) {
+      log::get("hub")->info("control log: removed {} (left by a snapshot that did not finish)", name);
+    }
+  }
+}
 
 ControlLog::~ControlLog() {
   stop();
@@ -1031,13 +1052,44 @@ Status ControlLog::load_snapshot(int64_t need, std::set<std::string>& changed) {
   return {};
 }
 
+namespace {
+
+struct TableColumn {
+  std::string name;
+  int pk = 0;  // position in the primary key, 0 when not part of it
+};
+
+Result<std::vector<TableColumn>> table_columns(sql::Db& db, const std::string& schema, const std::string& table) {
+  auto st = db.prepare("SELECT name, pk FROM pragma_table_info(?, ?) ORDER BY cid");
+  if (!st) return st.error();
+  st->bind(1, std::string_view(table)).bind(2, std::string_view(schema));
+  std::vector<TableColumn> out;
+  for (;;) {
+    auto r = st->step();
+    if (!r) return r.error();
+    if (!*r) break;
+    out.push_back({st->col_text(0), static_cast<int>(st->col_int(1))});
+  }
+  return out;
+}
+
+std::string joined(const std::vector<std::string>& items, const std::string& prefix = "") {
+  std::string out;
+  for (const auto& i : items) out += (out.empty() ? "" : ", ") + prefix + i;
+  return out;
+}
+
+}  // namespace
+
 Status ControlLog::apply_snapshot_file(const std::string& path, const ControlSnapshot& m) {
   // mu_ held. The store becomes the snapshot's control data in one local
-  // transaction: for each control table the difference between this store
-  // and the snapshot (SQLite's session diff), applied as one changeset as a
-  // log entry is, so the count triggers run and foreign keys are checked
-  // once at the end. A row that exists here and not in the snapshot was
-  // deleted by the log; a row the snapshot has is inserted or updated.
+  // transaction, table by table in SQL against the attached file: the rows
+  // the snapshot lacks are deleted (the log deleted them), its rows are
+  // upserted, and an upsert that would change nothing writes nothing. So
+  // a new hub's empty tables are filled by plain inserts, a lagging hub
+  // rewrites only what changed, memory stays the page cache's (a session
+  // diff held the whole difference in memory: 1 GB at 1M devices), the
+  // count triggers run per row, and foreign keys are checked once at the end.
   const std::string where = "snapshot of seq " + std::to_string(m.seq);
   if (sqlite3_get_autocommit(db_.raw()) == 0) {
     return make_error(Errc::internal, where + ": cannot load inside an open transaction");
@@ -1054,78 +1106,77 @@ Status ControlLog::apply_snapshot_file(const std::string& path, const ControlSna
     OpenScope open(this);
     sql::Transaction tx(db_);
     if (!tx.ok()) return make_error(Errc::unavailable, where + ": store: cannot begin a transaction", true);
+    // Reset by SQLite when the transaction ends.
+    if (auto s = db_.exec("PRAGMA defer_foreign_keys = ON"); !s) return s.error().with_context(where);
     // This hub's own columns of the devices it has stay as they are.
     auto local = hub_local_device_columns(db_);
     if (!local) return local.error().with_context(where);
-    if (!local->empty()) {
-      std::string cols, sel;
-      for (const auto& c : *local) {
-        cols += (cols.empty() ? "" : ", ") + c;
-        sel += (sel.empty() ? "m." : ", m.") + c;
-      }
-      const std::string mine = "(SELECT " + sel + " FROM main.devices AS m WHERE m.id = flotilla_snap.devices.id)";
-      if (auto s = db_.exec("UPDATE flotilla_snap.devices SET (" + cols + ") = " + mine +
-                            " WHERE id IN (SELECT id FROM main.devices)");
-          !s) {
-        return s.error().with_context(where);
-      }
-    }
-    if (auto s = db_.exec("UPDATE flotilla_snap.devices SET state = (SELECT m.state FROM main.devices AS m WHERE "
-                          "m.id = flotilla_snap.devices.id) WHERE state != 'decommissioned' AND id IN "
-                          "(SELECT id FROM main.devices)");
-        !s) {
-      return s.error().with_context(where);
-    }
-    sqlite3_changegroup* group = nullptr;
-    if (sqlite3changegroup_new(&group) != SQLITE_OK) return make_error(Errc::internal, where + ": out of memory");
-    struct GroupFree {
-      sqlite3_changegroup* g;
-      ~GroupFree() { sqlite3changegroup_delete(g); }
-    } group_free{group};
+    const std::set<std::string> keep(local->begin(), local->end());
     for (const auto& t : tables()) {
-      sqlite3_session* session = nullptr;
-      if (sqlite3session_create(db_.raw(), "flotilla_snap", &session) != SQLITE_OK) {
-        return make_error(Errc::internal, where + ": cannot start a session");
+      auto mine = table_columns(db_, "main", t);
+      auto theirs = table_columns(db_, "flotilla_snap", t);
+      if (!mine) return mine.error().with_context(where);
+      if (!theirs) return theirs.error().with_context(where);
+      auto names = [](const std::vector<TableColumn>& cs) {
+        std::vector<std::string> out;
+        for (const auto& c : cs) out.push_back(c.name);
+        return out;
+      };
+      if (theirs->empty()) return make_error(Errc::parse, where + ": it has no table " + t);
+      if (names(*mine) != names(*theirs)) {
+        return make_error(Errc::parse, where + ": table " + t + " has columns (" + joined(names(*theirs)) +
+                                           "), this hub's has (" + joined(names(*mine)) +
+                                           ") (a hub of another version wrote it?)");
       }
-      char* err = nullptr;
-      int rc = sqlite3session_attach(session, t.c_str());
-      if (rc == SQLITE_OK) rc = sqlite3session_diff(session, "main", t.c_str(), &err);
-      int n = 0;
-      void* p = nullptr;
-      if (rc == SQLITE_OK) rc = sqlite3session_changeset(session, &n, &p);
-      sqlite3session_delete(session);
-      if (rc != SQLITE_OK) {
-        std::string why = err ? err : sqlite3_errstr(rc);
-        sqlite3_free(err);
-        sqlite3_free(p);
-        return make_error(Errc::internal, where + ": compare table " + t + " with this hub's: " + why +
-                                              " (a hub of another version wrote it?)");
+      std::vector<TableColumn> key_cols;
+      std::vector<std::string> set_cols, set_vals;
+      for (const auto& c : *mine) {
+        if (c.pk > 0) {
+          key_cols.push_back(c);
+        } else if (t == "devices" && keep.count(c.name)) {
+          continue;
+        } else if (t == "devices" && c.name == "state") {
+          // A decommission follows the snapshot; any other state is this hub's.
+          set_cols.push_back(c.name);
+          set_vals.push_back("CASE WHEN excluded.state = 'decommissioned' THEN excluded.state ELSE cur.state END");
+        } else {
+          set_cols.push_back(c.name);
+          set_vals.push_back("excluded." + c.name);
+        }
       }
-      sqlite3_free(err);
-      if (n > 0) rc = sqlite3changegroup_add(group, n, p);
-      sqlite3_free(p);
-      if (rc != SQLITE_OK) return make_error(Errc::internal, where + ": table " + t + ": " + sqlite3_errstr(rc));
-    }
-    int n = 0;
-    void* p = nullptr;
-    if (int rc = sqlite3changegroup_output(group, &n, &p); rc != SQLITE_OK) {
-      return make_error(Errc::internal, where + ": " + sqlite3_errstr(rc));
-    }
-    std::set<std::string> touched;
-    ApplyContext ctx{&touched, {}, {}};
-    const int rc = n > 0 ? sqlite3changeset_apply(db_.raw(), n, p, apply_filter, apply_conflict, &ctx) : SQLITE_OK;
-    sqlite3_free(p);
-    if (rc != SQLITE_OK) {
-      std::string why = ctx.refused.empty() ? std::string(sqlite3_errmsg(db_.raw())) : "it breaks " + ctx.refused;
-      return make_error(Errc::internal, where + " cannot be applied to this hub's store: " + why);
+      if (key_cols.empty()) return make_error(Errc::internal, where + ": table " + t + " has no primary key");
+      std::sort(key_cols.begin(), key_cols.end(), [](const auto& a, const auto& b) { return a.pk < b.pk; });
+      const std::string key = joined(names(key_cols));
+      const std::string all = joined(names(*mine));
+      if (auto s = db_.exec("DELETE FROM main." + t + " WHERE (" + key + ") NOT IN (SELECT " + key +
+                            " FROM flotilla_snap." + t + ")");
+          !s) {
+        return s.error().with_context(where + ": table " + t);
+      }
+      std::string upsert = "INSERT INTO main." + t + " AS cur (" + all + ") SELECT " + all + " FROM flotilla_snap." +
+                           t + " WHERE true ON CONFLICT (" + key + ") DO ";
+      if (set_cols.empty()) {
+        upsert += "NOTHING";
+      } else {
+        std::string assign;
+        for (size_t i = 0; i < set_cols.size(); ++i) {
+          assign += (i ? ", " : "") + set_cols[i] + " = " + set_vals[i];
+        }
+        upsert += "UPDATE SET " + assign + " WHERE (" + joined(set_cols, "cur.") + ") IS NOT (" + joined(set_vals) + ")";
+      }
+      if (auto s = db_.exec(upsert); !s) return s.error().with_context(where + ": table " + t);
     }
     auto st = db_.prepare("INSERT INTO control_log_state (id, revision, seq) VALUES (1, ?, ?) "
                           "ON CONFLICT (id) DO UPDATE SET revision = excluded.revision, seq = excluded.seq");
     if (!st) return st.error();
     if (auto s = st->bind(1, m.revision).bind(2, m.seq).run(); !s) return s;
     result = tx.commit();
+    if (!result) {
+      std::string why = result.error().message;
+      if (why.find("FOREIGN KEY") != std::string::npos) why = "it breaks foreign keys: " + why;
+      return make_error(Errc::internal, where + " cannot be applied to this hub's store: " + why);
+    }
   }
-  if (!result) return result.error().with_context(where);
   applied_rev_ = m.revision;
   applied_seq_ = m.seq;
   return {};

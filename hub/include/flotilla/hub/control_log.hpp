@@ -189,6 +189,8 @@ class ControlLog {
   void maybe_snapshot();
   // Where snapshot files are built and loaded: the store's directory.
   Result<std::string> work_path(const std::string& what) const;
+  // Removes the work files of snapshots a killed hub left in the store's directory.
+  void remove_stale_work_files();
   // The mirror cannot go on: stuck until repaired or rebuilt.
   Status stuck(const Error& e);
   void note_unreachable(const Error& e);
