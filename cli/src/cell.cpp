@@ -2,6 +2,7 @@
 // "Cells"), and the revocation list of a cell broker the hub does not run.
 #include <signal.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cstring>
@@ -54,6 +55,32 @@ int cell_list(int argc, char** argv) {
   return 0;
 }
 
+bool valid_cell_id(const std::string& id) {
+  return !id.empty() && id.size() <= 3 && std::all_of(id.begin(), id.end(), [](char ch) { return ch >= '0' && ch <= '9'; });
+}
+
+int cell_undrain(int argc, char** argv) {
+  Options o("flotilla cell undrain",
+            "Usage: flotilla cell undrain ID\n\n"
+            "Stops the drain of cell ID: it takes new enrollments again and its devices are no longer\n"
+            "asked to move. Moves already asked for and not yet taken are withdrawn (the device's desired\n"
+            "state is sent again without the move); devices that already moved stay in their new cell.\n"
+            "A cell that is not draining is left as it is. Admin only.",
+            "FLOTILLA_");
+  add_hub_flags(o);
+  std::vector<std::string> pos;
+  if (int rc = parse_args(o, argc, argv, pos, 1, 1); rc >= 0) return rc;
+  if (!valid_cell_id(pos[0])) return fail("cell id must be a number, got '" + pos[0] + "'", 2);
+  auto c = Client::from(o);
+  if (!c) return fail(c.error().message, 2);
+  auto r = c->call("DELETE", "/v1/cells/" + pos[0] + "/drain");
+  if (!r) return fail(r.error().message);
+  if (print_structured(o, *r)) return 0;
+  std::cout << "cell " << pos[0] << " is not draining: " << text(*r, "remaining") << " devices in it, "
+            << text(*r, "moved") << " moved out since the hub started\n";
+  return 0;
+}
+
 int cell_drain(int argc, char** argv) {
   Options o("flotilla cell drain",
             "Usage: flotilla cell drain ID [--no-wait] [--timeout 10m]\n\n"
@@ -68,9 +95,7 @@ int cell_drain(int argc, char** argv) {
   if (int rc = parse_args(o, argc, argv, pos, 1, 1); rc >= 0) return rc;
   auto timeout = o.get_duration("timeout");
   if (!timeout) return fail("timeout: " + timeout.error().message, 2);
-  for (char ch : pos[0]) {
-    if (ch < '0' || ch > '9' || pos[0].size() > 3) return fail("cell id must be a number, got '" + pos[0] + "'", 2);
-  }
+  if (!valid_cell_id(pos[0])) return fail("cell id must be a number, got '" + pos[0] + "'", 2);
   auto c = Client::from(o);
   if (!c) return fail(c.error().message, 2);
   auto r = c->call("POST", "/v1/cells/" + pos[0] + "/drain", "{}");
@@ -192,8 +217,9 @@ int cmd_cell(int argc, char** argv) {
   const std::string sub = argc > 1 ? argv[1] : "";
   if (sub == "list") return cell_list(argc, argv);
   if (sub == "drain") return cell_drain(argc, argv);
+  if (sub == "undrain") return cell_undrain(argc, argv);
   if (sub == "crl-sync") return cell_crl_sync(argc, argv);
-  return fail("usage: flotilla cell list|drain|crl-sync ... (--help for each)", 2);
+  return fail("usage: flotilla cell list|drain|undrain|crl-sync ... (--help for each)", 2);
 }
 
 }  // namespace flotilla::cli

@@ -44,6 +44,7 @@ void usage(std::ostream& out) {
          "  device get ID           one device\n"
          "  cell list               the hub's cells: broker, state, devices (operator)\n"
          "  cell drain ID           move a cell's devices to the other cells (admin; --no-wait)\n"
+         "  cell undrain ID         stop a cell's drain; moves not yet taken are withdrawn (admin)\n"
          "  cell crl-sync           keep a cell broker's revocation list current (--out, --device-ca)\n"
          "  campaign create         roll a bundle out to the devices a selector matches\n"
          "  campaign list           all campaigns\n"

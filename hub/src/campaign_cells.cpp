@@ -199,6 +199,10 @@ void HubService::follow_drains(const std::function<void(const std::string&, cons
     log::get("hub")->info("cell {} draining (the drain is in the coordinator)", cell);
     engine_cv_.notify_one();
   }
+  // A drain stopped by any process: its key is gone.
+  for (auto& c : cells_) {
+    if (c->draining() && !drains->count(c->id())) stop_drain(*c, "its drain is no longer in the coordinator");
+  }
 }
 
 void HubService::record_arrivals() {

@@ -1396,16 +1396,123 @@ Result<HubService::DrainProgress> HubService::drain_cell_devices(int cell) {
   return out;
 }
 
-// Called by the engine: asks the devices of draining cells to move, each
-// again after kMoveRetryMs while it has not arrived (it was offline, or the
-// message was lost with a broker).
-void HubService::continue_drains() {
-  if (cell_count() < 2) return;
-  Publishes moves;
-  std::map<std::string, SharedDesiredPtr> cache;
-  const int64_t now = clock_.now_unix_ms();
+Result<HubService::DrainProgress> HubService::undrain_cell(int cell) {
+  if (cell < 0 || cell >= cell_count()) {
+    return make_error(Errc::not_found, "no cell " + std::to_string(cell) + " (this hub runs cells 0 to " +
+                                           std::to_string(cell_count() - 1) + ")");
+  }
+  Cell& c = *cells_[static_cast<size_t>(cell)];
+  if (cfg_.share_cells && cfg_.coordinator) {
+    // Every process follows the coordinator's set; the holder of the cell
+    // withdraws its moves when its next tick sees the key gone.
+    if (auto r = cfg_.coordinator->remove(kDrainsPrefix + std::to_string(cell)); !r) {
+      return r.error().with_context("stop the drain of cell " + std::to_string(cell));
+    }
+  }
+  if (c.draining()) stop_drain(c, "asked");
+  DrainProgress out;
+  out.cell = cell;
   {
     std::lock_guard lock(store_mu_);
+    out.remaining = cell_devices_[static_cast<size_t>(cell)];
+  }
+  out.draining = false;
+  out.moved = static_cast<int64_t>(c.moved_out.load());
+  engine_cv_.notify_one();
+  return out;
+}
+
+void HubService::stop_drain(Cell& c, std::string_view why) {
+  c.set_draining(false);
+  c.undrained_ms = clock_.now_unix_ms();
+  {
+    std::lock_guard lock(drains_stopped_mu_);
+    drains_stopped_.insert(c.id());
+  }
+  engine_cv_.notify_one();
+  log::get("hub")->info("cell {} no longer draining ({}): it takes enrollments again, and the moves asked for and "
+                        "not taken are withdrawn; devices that already moved stay where they went",
+                        c.id(), why);
+}
+
+bool HubService::lets_devices_leave(int cell) const {
+  if (cell < 0 || cell >= cell_count()) return false;
+  const Cell& c = *cells_[static_cast<size_t>(cell)];
+  if (c.draining()) return true;
+  const int64_t since = c.undrained_ms.load();
+  return since > 0 && clock_.now_unix_ms() - since < kUndrainGraceMs;
+}
+
+std::optional<HubService::PendingDesired> HubService::desired_again(
+    const DeviceRecord& d, const std::string& move_to, std::map<std::string, SharedDesiredPtr>& cache) {
+  PendingDesired p;
+  p.device_id = d.id;
+  p.cell = d.cell;
+  p.labels = d.labels;
+  p.move_to = move_to;
+  // The device's current desired state again (it is retained on its
+  // broker, so this replaces it with the same, plus or minus the move).
+  if (d.generation > 0 && !d.desired_bundle_id.empty()) {
+    auto shared = desired_shared(d.desired_bundle_id, cache);
+    if (!shared) {
+      log::get("hub")->error("desired state of device={} again: {}", d.id, shared.error().message);
+      return std::nullopt;
+    }
+    p.shared = *shared;
+    p.generation = d.generation;
+    p.campaign_id = d.campaign_id;
+  } else {
+    static const SharedDesiredPtr kNone = [] {
+      const auto digest = crypto::sha256(std::string());
+      return std::make_shared<const SharedDesired>(
+          SharedDesired{std::string(), std::string(digest.begin(), digest.end()), std::string()});
+    }();
+    p.shared = kNone;
+  }
+  return p;
+}
+
+// Called by the engine: asks the devices of draining cells to move, each
+// again after kMoveRetryMs while it has not arrived (it was offline, or the
+// message was lost with a broker); and withdraws the moves of a drain that
+// stopped.
+void HubService::continue_drains() {
+  if (cell_count() < 2) return;
+  Publishes moves, withdrawn;
+  std::vector<std::pair<std::string, int>> cleared;  // a move alone withdrawn: its retained message goes
+  std::map<std::string, SharedDesiredPtr> cache;
+  const int64_t now = clock_.now_unix_ms();
+  std::set<int> stopped;
+  {
+    std::lock_guard lock(drains_stopped_mu_);
+    stopped.swap(drains_stopped_);
+  }
+  // Drained again since: its moves stand.
+  std::erase_if(stopped, [&](int cell) { return cells_[static_cast<size_t>(cell)]->draining(); });
+  {
+    std::lock_guard lock(store_mu_);
+    // The moves this process asked for in cells whose drain stopped.
+    for (auto it = move_asked_ms_.begin(); !stopped.empty() && it != move_asked_ms_.end();) {
+      auto d = store_.get_device(it->first);
+      if (d && *d && stopped.count((*d)->cell)) {
+        move_cancels_[it->first] = (*d)->cell;
+        it = move_asked_ms_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    for (auto it = move_cancels_.begin(); it != move_cancels_.end() && withdrawn.size() + cleared.size() <
+                                                                          static_cast<size_t>(kMoveChunk);) {
+      const auto [id, cell] = *it;
+      it = move_cancels_.erase(it);
+      auto d = store_.get_device(id);
+      if (!d || !*d || (*d)->cell != cell) continue;  // it moved after all
+      if ((*d)->generation == 0) {
+        cleared.emplace_back(id, cell);
+      } else if (auto p = desired_again(**d, "", cache)) {
+        withdrawn.push_back(std::move(*p));
+      }
+    }
     std::vector<int64_t> planned = cell_devices_;
     for (auto& c : cells_) {
       if (!c->draining() || !serves_cell(c->id())) continue;  // a cell this process lost: its holder's to drain
@@ -1422,35 +1529,24 @@ void HubService::continue_drains() {
         if (!d || !*d) continue;
         const int target = least_loaded_cell(planned, c->id());
         if (target < 0) break;
+        auto p = desired_again(**d, cell_broker_url(target), cache);
+        if (!p) continue;
         ++planned[static_cast<size_t>(target)];
-        PendingDesired p;
-        p.device_id = id;
-        p.cell = c->id();
-        p.labels = (*d)->labels;
-        p.move_to = cell_broker_url(target);
-        // The device's current desired state again (it is retained on its
-        // broker, so this replaces it with the same, plus the move).
-        if ((*d)->generation > 0 && !(*d)->desired_bundle_id.empty()) {
-          auto shared = desired_shared((*d)->desired_bundle_id, cache);
-          if (!shared) {
-            log::get("hub")->error("drain cell {} device={}: {}", c->id(), id, shared.error().message);
-            continue;
-          }
-          p.shared = *shared;
-          p.generation = (*d)->generation;
-          p.campaign_id = (*d)->campaign_id;
-        } else {
-          static const SharedDesiredPtr kNone = [] {
-            const auto digest = crypto::sha256(std::string());
-            return std::make_shared<const SharedDesired>(
-                SharedDesired{std::string(), std::string(digest.begin(), digest.end()), std::string()});
-          }();
-          p.shared = kNone;
-        }
+        p->cell = c->id();
         move_asked_ms_[id] = now;
-        moves.push_back(std::move(p));
+        moves.push_back(std::move(*p));
       }
     }
+  }
+  for (const auto& [id, cell] : cleared) {
+    if (transport::Transport* t = cells_[static_cast<size_t>(cell)]->transport(); t && t->connected()) {
+      (void)t->publish({transport::device_topic(id, "", "desired"), "", 1, true});
+    }
+  }
+  if (!withdrawn.empty()) publish_all(withdrawn, "withdrawn move");
+  if (!withdrawn.empty() || !cleared.empty()) {
+    log::get("hub")->info("withdrew the move of {} devices whose cell stopped draining",
+                          withdrawn.size() + cleared.size());
   }
   if (moves.empty()) return;
   moves_asked_ += moves.size();
@@ -1635,8 +1731,7 @@ void HubService::apply_device_messages(const std::string& device_id, const std::
     // CA), so it is there now. That moves it only out of a draining cell
     // into one that is not; anything else is a late message from a broker
     // it left, which must not bring back what it said there.
-    const bool from_draining = dev.cell >= 0 && dev.cell < cell_count() && cells_[static_cast<size_t>(dev.cell)]->draining();
-    if (!from_draining || cells_[static_cast<size_t>(cell)]->draining()) {
+    if (!lets_devices_leave(dev.cell) || cells_[static_cast<size_t>(cell)]->draining()) {
       ++other_cell_dropped_;
       if (auto n = log_limit_.admit(device_id)) {
         log::get("hub")->warn("dropped {} message(s) of device={} from the broker of cell {}: it is in cell {}{}",
@@ -1649,7 +1744,8 @@ void HubService::apply_device_messages(const std::string& device_id, const std::
       // Recorded by record_arrivals as a control write, after this batch;
       // its messages are applied meanwhile with the row in the old cell.
       if (pending_arrivals_.try_emplace(owner, dev.cell, cell).second) {
-        log::get("hub")->info("device={} arrived in cell {} from draining cell {}", owner, cell, dev.cell);
+        log::get("hub")->info("device={} arrived in cell {} from cell {}, which it was asked to leave", owner, cell,
+                              dev.cell);
       }
     } else {
       auto n = store_.set_device_cell(owner, cell);

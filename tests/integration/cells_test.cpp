@@ -160,6 +160,19 @@ TEST_CASE("cell drain mid-campaign: every device moves and applies once and stay
   CHECK(audited);
   // The agents that moved said so, and the victim of the forgery moved only now.
   CHECK(victim_agent->log().find("moves this device") != std::string::npos);
+
+  // The drain stopped: only by an admin; then the cell is no longer
+  // draining and its devices stay where they went.
+  CHECK(hub.call("DELETE", "/v1/cells/0/drain", "", "application/json", operator_token).first == 403);
+  auto undrained = hub.cli({"cell", "undrain", "0"});
+  INFO(undrained.out + undrained.err);
+  REQUIRE(undrained.exit_code == 0);
+  CHECK(undrained.out.find("cell 0 is not draining: 0 devices in it, 2 moved out") != std::string::npos);
+  list = cells(hub);
+  CHECK(list[0]["draining"] == false);
+  CHECK(list[0]["devices_total"] == 0);
+  for (const auto& a : fleet.agents) CHECK(hub.device(a->device_id())["cell"] != 0);
+  CHECK(hub.cli({"cell", "undrain", "x"}).exit_code == 2);
 }
 
 namespace {

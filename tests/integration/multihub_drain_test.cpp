@@ -4,7 +4,8 @@
 // do not move). The drain is asked of the process that does NOT hold the
 // cell: the holder learns it from etcd and asks the cell's devices to move,
 // the other process records each arrival for both, and the campaign the
-// drain lands in completes counting every device once.
+// drain lands in completes counting every device once. Then the drain is
+// stopped through the same process, and both processes let the cell be.
 #include <catch2/catch.hpp>
 
 #include <algorithm>
@@ -172,5 +173,21 @@ TEST_CASE("cell drain across hub processes: asked of the hub that does not hold 
   CHECK(c["counts"]["total"] == kAgents);
   CHECK(c["counts"]["applied"] == kAgents);
   for (auto& agent : agents) CHECK(a.device(agent->device_id())["applied_version"] == 1);
+
+  // The drain stopped, again through A: the key leaves etcd, and B (the
+  // holder) clears its flag on its next tick; the cell is usable again.
+  auto stop = a.call("DELETE", "/v1/cells/" + std::to_string(drained) + "/drain", "", "application/json", admin);
+  INFO(stop.second.dump());
+  REQUIRE(stop.first == 200);
+  CHECK(stop.second["draining"] == false);
+  CHECK(wait_until(
+      [&] {
+        for (Hub* h : hubs) {
+          if (cells_of(*h, admin)[drained]["draining"] != false) return false;
+        }
+        return true;
+      },
+      std::chrono::seconds(20)));
+  CHECK(b.log().find("cell " + std::to_string(drained) + " no longer draining") != std::string::npos);
   for (auto& br : site.brokers) br->stop();
 }

@@ -225,4 +225,99 @@ TEST_CASE("draining a cell asks its devices to move in a signed header and only 
   }
 }
 
+TEST_CASE("a stopped drain withdraws the moves not taken, lets devices that took one arrive for a while, and takes "
+          "enrollments again",
+          "[unit][hub][cells][drain]") {
+  Cells c;
+  std::vector<std::string> ids;
+  for (int i = 0; i < 6; ++i) {
+    ids.push_back(c.enroll().device_id());
+    c.presence(c.cell_of(ids.back()), ids.back(), true);
+  }
+  // Every device has a desired state (generation 1) before the drain.
+  auto key = bundles::generate_key();
+  v1::BundleManifest m;
+  m.set_format_version(1);
+  m.set_name("edge-base");
+  m.set_channel("stable");
+  m.set_version(1);
+  m.set_expires_unix(c.clock.now_unix() + 86400);
+  auto env = bundles::wrap(m);
+  REQUIRE(bundles::sign(env, key));
+  auto up = c.hub->upload_bundle(bundles::serialize_envelope(env));
+  REQUIRE(up);
+  auto strategy = hub::Strategy::from_json(json::parse(R"({"waves": [100]})"));
+  REQUIRE(strategy);
+  REQUIRE(c.hub->create_campaign("", up->first.id, "env=prod", *strategy, "*"));
+  c.hub->tick();
+  std::vector<std::string> in0;
+  for (const auto& id : ids) if (c.cell_of(id) == 0) in0.push_back(id);
+  REQUIRE(in0.size() == 2);
+  auto header = [&](int cell, const std::string& id) {
+    auto sent = c.desired(cell, id);
+    REQUIRE_FALSE(sent.empty());
+    auto hv = bundles::verify_desired_header(sent.back().header(), c.director.pub);
+    REQUIRE(hv.ok());
+    return hv.header;
+  };
+  REQUIRE(header(0, in0[1]).generation() == 1);
+
+  // Nothing to stop: nothing changes; no such cell: not found.
+  auto idle = c.hub->undrain_cell(1);
+  REQUIRE(idle);
+  CHECK_FALSE(idle->draining);
+  CHECK(idle->remaining == 2);
+  CHECK(c.hub->undrain_cell(7).error().code == Errc::not_found);
+
+  REQUIRE(c.hub->drain_cell_devices(0));
+  c.hub->tick();
+  const std::string went = header(0, in0[0]).broker_url();
+  REQUIRE_FALSE(went.empty());
+  REQUIRE_FALSE(header(0, in0[1]).broker_url().empty());
+  const int target = went == "ssl://cell1.test:8884" ? 1 : 2;
+  c.presence(target, in0[0], true);  // took its move
+  REQUIRE(c.cell_of(in0[0]) == target);
+
+  auto stopped = c.hub->undrain_cell(0);
+  REQUIRE(stopped);
+  CHECK_FALSE(stopped->draining);
+  CHECK(stopped->remaining == 1);
+  CHECK(stopped->moved == 1);
+  CHECK_FALSE(c.hub->cell(0).draining());
+  const size_t before = c.desired(0, in0[1]).size();
+  c.hub->tick();
+  // The move not taken is withdrawn: the same desired state, signed again,
+  // without a broker to go to; the device that moved is not asked back.
+  REQUIRE(c.desired(0, in0[1]).size() == before + 1);
+  auto withdrawn = header(0, in0[1]);
+  CHECK(withdrawn.broker_url().empty());
+  CHECK(withdrawn.generation() == 1);
+  CHECK(withdrawn.device_id() == in0[1]);
+  CHECK(c.cell_of(in0[1]) == 0);
+  CHECK(c.cell_of(in0[0]) == target);
+  // And not asked to move again.
+  c.clock.advance(std::chrono::milliseconds(HubService::kMoveRetryMs + 1000));
+  c.hub->tick();
+  CHECK(c.desired(0, in0[1]).size() == before + 1);
+
+  // The cell takes enrollments again (it is the least loaded).
+  const std::string fresh = c.enroll().device_id();
+  CHECK(c.cell_of(fresh) == 0);
+
+  // A device that took its move before the withdrawal reached it still
+  // arrives, within the grace period.
+  c.presence(2, in0[1], true);
+  CHECK(c.cell_of(in0[1]) == 2);
+  CHECK(c.online(in0[1]));
+
+  // After it, a device heard on another cell's broker is a late message again.
+  const uint64_t dropped = c.hub->other_cell_dropped();
+  c.clock.advance(std::chrono::milliseconds(HubService::kUndrainGraceMs));
+  c.presence(0, fresh, true);
+  c.presence(1, fresh, false);
+  CHECK(c.cell_of(fresh) == 0);
+  CHECK(c.online(fresh));
+  CHECK(c.hub->other_cell_dropped() == dropped + 1);
+}
+
 }  // namespace flotilla::test

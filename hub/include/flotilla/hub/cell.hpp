@@ -48,6 +48,8 @@ class Cell {
   // Draining: no new enrollments here; its devices are moved elsewhere.
   bool draining() const { return draining_.load(); }
   void set_draining(bool d) { draining_ = d; }
+  // When (unix ms) its last drain stopped; 0: never.
+  std::atomic<int64_t> undrained_ms{0};
 
   // The inbound queue. push() blocks while the queue is full (the MQTT
   // client then stops reading and the broker holds the QoS 1 messages);

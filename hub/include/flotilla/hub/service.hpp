@@ -178,6 +178,14 @@ class HubService {
     int64_t remaining = 0;  // devices still in it (every project)
   };
   Result<DrainProgress> drain_cell_devices(int cell);
+  // Stops a drain (DELETE /v1/cells/{id}/drain): the cell takes enrollments
+  // again, its devices are no longer asked to move, and the moves it asked
+  // for that were not taken are withdrawn. Devices that already left stay
+  // where they went. A cell that is not draining: nothing changes.
+  Result<DrainProgress> undrain_cell(int cell);
+  // After a drain stops, devices that took a move before they saw it still
+  // arrive: for this long they are let in (and anything from a draining cell).
+  static constexpr int64_t kUndrainGraceMs = 10 * 60 * 1000;
   // How long a device asked to move has before it is asked again.
   static constexpr int64_t kMoveRetryMs = 30000;
   static constexpr int64_t kMoveChunk = 2000;  // move requests per engine tick at most
@@ -434,6 +442,16 @@ class HubService {
   // The shared draining set (/flotilla/drains/<cell>) onto the cells' flags.
   void follow_drains(const std::function<void(const std::string&, const Error&)>& warn);
   std::map<std::string, int64_t> move_asked_ms_;        // store_mu_
+  // A cell's drain stopped: its flag now; the engine's next continue_drains
+  // withdraws the moves this process asked for there. Takes no store lock
+  // (coordinate() calls it holding coord_mu_, which nests inside store_mu_).
+  void stop_drain(Cell& c, std::string_view why);
+  std::mutex drains_stopped_mu_;
+  std::set<int> drains_stopped_;                        // drains_stopped_mu_
+  std::map<std::string, int> move_cancels_;             // owner -> its cell, store_mu_
+  // Whether a device recorded in `cell` may arrive elsewhere: the cell
+  // drains, or stopped draining less than kUndrainGraceMs ago.
+  bool lets_devices_leave(int cell) const;
   std::atomic<uint64_t> other_cell_dropped_{0}, moves_asked_{0};
   void drain_cell(Cell& c);
   v1::EnrollResponse enroll_response(const DeviceRecord& d) const;
@@ -491,6 +509,10 @@ class HubService {
     // its header. With generation 0 the message is a move alone.
     std::string move_to;
   };
+  // The device's current desired state again on its cell's broker, with a
+  // move to `move_to` or (empty) without one.
+  std::optional<PendingDesired> desired_again(const DeviceRecord& d, const std::string& move_to,
+                                              std::map<std::string, SharedDesiredPtr>& cache);
   using Publishes = std::vector<PendingDesired>;
   // The shared part for a bundle; call with store_mu_ held. `cache` keeps
   // one per bundle for the caller's loop.
