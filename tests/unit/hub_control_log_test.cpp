@@ -1025,6 +1025,22 @@ TEST_CASE("control log: a one-hub store switched to the log seeds it, and a seco
   REQUIRE(made.status == 201);
   REQUIRE(a.log().wait_applied(b.log().applied_revision(), std::chrono::seconds(20)));
   CHECK(a.call("GET", "/v1/bundles", "", body_of(made)["token"].get<std::string>()).status == 200);
+  // The next snapshot trims the seed's marker (entry 1) with the rest.
+  for (int i = 0; i < 4; ++i) {
+    REQUIRE(a.call("POST", "/v1/tokens", json{{"name", "t" + std::to_string(i)}, {"role", "viewer"},
+                                              {"project", "default"}}.dump(), first.admin).status == 201);
+  }
+  auto marker = sh.sqlite->get(entry_key(1));
+  REQUIRE(marker);
+  REQUIRE(*marker);
+  auto next_snapshot = a.log().snapshot();
+  REQUIRE(next_snapshot);
+  REQUIRE(*next_snapshot > 1);
+  for (int64_t i = 1; i < *next_snapshot - 2; ++i) {
+    auto gone = sh.sqlite->get(entry_key(i));
+    REQUIRE(gone);
+    CHECK_FALSE(*gone);
+  }
 
   // The second store would lose its own rows to the log's snapshot: it is
   // refused — with the coordinator away too — and keeps everything.

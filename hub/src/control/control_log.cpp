@@ -909,7 +909,9 @@ Result<int64_t> ControlLog::trim(const ControlSnapshot& old, const ControlSnapsh
     ops.clear();
     return {};
   };
-  for (int64_t seq = std::max<int64_t>(1, old.log_from); seq < now.log_from; ++seq) {
+  // From the old snapshot's log_from, or from its own entry when that is
+  // below (the seed: its entry 1 is a marker that log_from 2 left out).
+  for (int64_t seq = std::max<int64_t>(1, std::min(old.log_from, old.seq)); seq < now.log_from; ++seq) {
     // Stopped halfway: the next snapshot deletes the rest (deleting an
     // entry that is already gone is harmless).
     if (stopping_) return deleted;
