@@ -313,7 +313,7 @@ HttpResponse whoami(HubService&, Context& c) {
                              {"name", c.caller.name},
                              {"role", role_name(c.caller.role)},
                              {"project", c.caller.project},
-                             {"may", {{"campaign_actions", op}, {"audit", c.caller.role >= Role::admin}}}});
+                             {"may", {{"campaign_actions", op}, {"cells", op}, {"audit", c.caller.role >= Role::admin}}}});
 }
 
 HttpResponse view_fleet(HubService& s, Context& c) {

@@ -194,7 +194,9 @@ TEST_CASE("hub views: the fleet, its devices and one device, each as the caller'
   CHECK(who["project"] == "blue");
   CHECK(who["may"]["campaign_actions"] == false);
   CHECK(who["may"]["audit"] == false);
+  CHECK(who["may"]["cells"] == false);
   CHECK(v.get("/v1/whoami", admin)["may"]["audit"] == true);
+  CHECK(v.get("/v1/whoami", admin)["may"]["cells"] == true);
   CHECK(v.call("GET", "/v1/whoami", "").status == 401);
 }
 

@@ -265,6 +265,22 @@ try {
   // An operator has no audit page (admins only).
   assert.equal(await page.getByRole('link', { name: 'Audit log' }).count(), 0);
 
+  log('an operator sees the cells, as the API has them');
+  await page.getByRole('link', { name: 'Cells' }).click();
+  const cellsTable = page.getByRole('table', { name: 'Cells' });
+  await cellsTable.waitFor();
+  const cellsApi = (await hub('/v1/cells', { token: OPERATOR })).body.items;
+  assert.ok(cellsApi.length >= 1);
+  for (const c of cellsApi) {
+    const row = page.getByTestId(`cell-${c.id}`);
+    await until(`cell ${c.id}'s row`, async () => (await row.textContent()).includes(c.broker_url));
+    const cells = await row.locator('td').allTextContents();
+    assert.equal(cells[1], c.broker === 'up' ? 'up' : c.broker);
+    assert.equal(cells[3], c.draining ? 'draining' : 'no');
+    assert.equal(Number(cells[4].replace(/[^0-9]/g, '')), c.devices_total);
+  }
+  assert.equal(await cellsTable.locator('tbody tr').count(), cellsApi.length);
+
   log('a viewer sees no action buttons, and a forged action is refused');
   await page.getByRole('button', { name: 'Sign out' }).click();
   await page.getByLabel('API token').waitFor();
@@ -272,6 +288,8 @@ try {
   await page.goto(`${UI}#/campaigns/${id}`);
   await page.getByTestId('progress-text').waitFor();
   assert.equal(await page.getByRole('region', { name: 'Campaign actions' }).count(), 0);
+  // GET /v1/cells needs an operator: no Cells page for a viewer.
+  assert.equal(await page.getByRole('link', { name: 'Cells' }).count(), 0);
   for (const name of ['Pause', 'Resume', 'Abort', 'Roll back', 'Approve wave 1']) {
     assert.equal(await page.getByRole('button', { name, exact: true }).count(), 0, `a viewer sees ${name}`);
   }

@@ -18,6 +18,7 @@ import { Campaigns } from './pages/campaigns.js';
 import { Campaign } from './pages/campaign.js';
 import { Bundles } from './pages/bundles.js';
 import { Audit } from './pages/audit.js';
+import { Cells } from './pages/cells.js';
 
 function useHash() {
   const [hash, setHash] = useState(window.location.hash);
@@ -36,6 +37,7 @@ function Nav({ me, current }) {
     ['campaigns', 'Campaigns'],
     ['bundles', 'Bundles'],
   ];
+  if (me.may.cells) items.push(['cells', 'Cells']);
   if (me.may.audit) items.push(['audit', 'Audit log']);
   return html`<nav aria-label="Main">
     <ul>${items.map(([k, label]) => html`<li>
@@ -52,6 +54,7 @@ function Page({ me, route }) {
   if (a === 'campaigns' && b) return html`<${Campaign} me=${me} id=${b} key=${b} />`;
   if (a === 'campaigns') return html`<${Campaigns} me=${me} params=${route.params} />`;
   if (a === 'bundles') return html`<${Bundles} me=${me} />`;
+  if (a === 'cells' && me.may.cells) return html`<${Cells} />`;
   if (a === 'audit' && me.may.audit) return html`<${Audit} me=${me} />`;
   return html`<${Fleet} me=${me} />`;
 }
