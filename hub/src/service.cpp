@@ -1505,9 +1505,10 @@ void HubService::continue_drains() {
                                                                           static_cast<size_t>(kMoveChunk);) {
       const auto [id, cell] = *it;
       it = move_cancels_.erase(it);
+      if (cells_[static_cast<size_t>(cell)]->draining()) continue;  // drained again: the move stands
       auto d = store_.get_device(id);
       if (!d || !*d || (*d)->cell != cell) continue;  // it moved after all
-      if ((*d)->generation == 0) {
+      if ((*d)->generation == 0 || (*d)->desired_bundle_id.empty()) {
         cleared.emplace_back(id, cell);
       } else if (auto p = desired_again(**d, "", cache)) {
         withdrawn.push_back(std::move(*p));

@@ -318,6 +318,17 @@ TEST_CASE("a stopped drain withdraws the moves not taken, lets devices that took
   CHECK(c.cell_of(fresh) == 0);
   CHECK(c.online(fresh));
   CHECK(c.hub->other_cell_dropped() == dropped + 1);
+
+  // Stopped and drained again before the engine's next tick: the move stands.
+  REQUIRE(c.hub->drain_cell_devices(0));
+  c.hub->tick();
+  REQUIRE_FALSE(header(0, fresh).broker_url().empty());
+  REQUIRE(c.hub->undrain_cell(0));
+  REQUIRE(c.hub->drain_cell_devices(0));
+  const size_t asked = c.desired(0, fresh).size();
+  c.hub->tick();
+  CHECK(c.desired(0, fresh).size() == asked);  // nothing withdrawn
+  CHECK_FALSE(header(0, fresh).broker_url().empty());
 }
 
 }  // namespace flotilla::test
