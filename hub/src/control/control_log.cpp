@@ -224,6 +224,15 @@ bool holds_seed(const std::vector<coord::WatchEvent>& events) {
   });
 }
 
+// Which entry (seq, at etcd revision) the store now holds, committed with
+// the rows that entry (or snapshot) brought.
+Status record_applied(sql::Db& db, int64_t revision, int64_t seq) {
+  auto st = db.prepare("INSERT INTO control_log_state (id, revision, seq) VALUES (1, ?, ?) "
+                       "ON CONFLICT (id) DO UPDATE SET revision = excluded.revision, seq = excluded.seq");
+  if (!st) return st.error();
+  return st->bind(1, revision).bind(2, seq).run();
+}
+
 // Removes a file when it goes out of scope.
 struct FileGuard {
   std::string path;
@@ -278,10 +287,10 @@ void ControlLog::remove_stale_work_files() {
   // A hub killed while writing, seeding or loading a snapshot leaves its
   // work file behind (each has a random name, so nothing reuses it). One
   // store has one hub, so every such file in its directory is stale here.
-  const char* file = sqlite3_db_filename(db_.raw(), "main");
-  if (!file || !*file) return;
+  auto dir = work_path("");
+  if (!dir) return;  // a store without a file has no directory
   std::error_code ec;
-  std::filesystem::directory_iterator it(std::filesystem::path(file).parent_path(), ec);
+  std::filesystem::directory_iterator it(*dir, ec);
   for (; !ec && it != std::filesystem::directory_iterator(); it.increment(ec)) {
     const std::string name = it->path().filename().string();
     const bool ours = name.starts_with("control-snapshot-") || name.starts_with("control-seed-");
@@ -448,9 +457,7 @@ Status ControlLog::write_once(const std::function<Status()>& fn, const std::vect
     std::lock_guard st(state_mu_);
     unreachable_error_.clear();
   }
-  auto st = db_.prepare("INSERT INTO control_log_state (id, revision, seq) VALUES (1, ?, ?) "
-                        "ON CONFLICT (id) DO UPDATE SET revision = excluded.revision, seq = excluded.seq");
-  Status committed = st ? st->bind(1, r->revision).bind(2, seq).run() : Status(st.error());
+  Status committed = record_applied(db_, r->revision, seq);
   if (committed) committed = tx.commit();
   if (!committed) {
     // The entry is in the log: the watcher applies it like any other.
@@ -604,10 +611,7 @@ Status ControlLog::apply_entry(const coord::KeyValue& kv, std::set<std::string>&
     return make_error(Errc::refused, where + " changes table '" + ctx.unknown_table +
                                          "', which is not control data; not applied");
   }
-  auto st = db_.prepare("INSERT INTO control_log_state (id, revision, seq) VALUES (1, ?, ?) "
-                        "ON CONFLICT (id) DO UPDATE SET revision = excluded.revision, seq = excluded.seq");
-  if (!st) return st.error();
-  if (auto s = st->bind(1, kv.mod_revision).bind(2, *seq).run(); !s) return s;
+  if (auto s = record_applied(db_, kv.mod_revision, *seq); !s) return s;
   if (auto s = tx.commit(); !s) return s.error().with_context(where);
   applied_rev_ = kv.mod_revision;
   applied_seq_ = *seq;
@@ -882,10 +886,7 @@ Status ControlLog::seed() {
   }
   {
     std::lock_guard lock(mu_);
-    auto st = db_.prepare("INSERT INTO control_log_state (id, revision, seq) VALUES (1, ?, 1) "
-                          "ON CONFLICT (id) DO UPDATE SET revision = excluded.revision, seq = excluded.seq");
-    if (!st) return st.error();
-    if (auto s = st->bind(1, r->revision).run(); !s) return s.error().with_context("control log seed");
+    if (auto s = record_applied(db_, r->revision, 1); !s) return s.error().with_context("control log seed");
     applied_rev_ = r->revision;
     applied_seq_ = 1;
   }
@@ -1168,10 +1169,7 @@ Status ControlLog::apply_snapshot_file(const std::string& path, const ControlSna
       }
       if (auto s = db_.exec(upsert); !s) return s.error().with_context(where + ": table " + t);
     }
-    auto st = db_.prepare("INSERT INTO control_log_state (id, revision, seq) VALUES (1, ?, ?) "
-                          "ON CONFLICT (id) DO UPDATE SET revision = excluded.revision, seq = excluded.seq");
-    if (!st) return st.error();
-    if (auto s = st->bind(1, m.revision).bind(2, m.seq).run(); !s) return s;
+    if (auto s = record_applied(db_, m.revision, m.seq); !s) return s;
     result = tx.commit();
     if (!result) {
       std::string why = result.error().message;
