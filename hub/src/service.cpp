@@ -1539,11 +1539,7 @@ void HubService::continue_drains() {
       }
     }
   }
-  for (const auto& [id, cell] : cleared) {
-    if (transport::Transport* t = cells_[static_cast<size_t>(cell)]->transport(); t && t->connected()) {
-      (void)t->publish({transport::device_topic(id, "", "desired"), "", 1, true});
-    }
-  }
+  for (const auto& [id, cell] : cleared) (void)clear_retained_desired(cell, id);
   if (!withdrawn.empty()) publish_all(withdrawn, "withdrawn move");
   if (!withdrawn.empty() || !cleared.empty()) {
     log::get("hub")->info("withdrew the move of {} devices whose cell stopped draining",
@@ -1592,12 +1588,21 @@ void HubService::clear_moved_away() {
   }
   if (gone.empty()) return;
   for (int cell : from) {
-    transport::Transport* t = cells_[static_cast<size_t>(cell)]->transport();
-    if (!t || !t->connected()) continue;
-    for (const auto& id : gone) (void)t->publish({transport::device_topic(id, "", "desired"), "", 1, true});
+    bool cleared = false;
+    for (const auto& id : gone) cleared = clear_retained_desired(cell, id) || cleared;
+    if (!cleared) continue;
     log::get("hub")->info("cleared the retained desired state of {} device(s) that moved away from cell {}",
                           gone.size(), cell);
   }
+}
+
+bool HubService::clear_retained_desired(int cell, const std::string& id) {
+  if (cell < 0 || cell >= cell_count()) return false;
+  transport::Transport* t = cells_[static_cast<size_t>(cell)]->transport();
+  if (!t || !t->connected()) return false;
+  // An empty retained message deletes the retained desired state there.
+  (void)t->publish({transport::device_topic(id, "", "desired"), "", 1, true});
+  return true;
 }
 
 void HubService::settle_moves() {
@@ -1610,10 +1615,7 @@ void HubService::settle_moves() {
   }
   for (const auto& [id, old_cell] : moved) {
     if (old_cell < 0 || old_cell >= cell_count()) continue;
-    if (transport::Transport* t = cells_[static_cast<size_t>(old_cell)]->transport(); t && t->connected()) {
-      // An empty retained message deletes the retained desired state there.
-      (void)t->publish({transport::device_topic(id, "", "desired"), "", 1, true});
-    }
+    (void)clear_retained_desired(old_cell, id);
     // A desired state published on the old broker after the move message
     // may not have reached the device: its pending one goes out again here.
     republish_pending(-1, id);

@@ -438,6 +438,9 @@ class HubService {
   Result<std::set<int>> shared_drains();  // the cells in the coordinator's draining set
   void record_arrivals();
   void clear_moved_away();
+  // Deletes a device's retained desired state on a cell's broker (an empty
+  // retained message); false when the hub has no session to it.
+  bool clear_retained_desired(int cell, const std::string& id);
   void add_arrival_members(const std::vector<std::string>& owners, const std::set<int>& cells);  // store_mu_ held
   // The shared draining set (/flotilla/drains/<cell>) onto the cells' flags.
   void follow_drains(const std::function<void(const std::string&, const Error&)>& warn);
