@@ -65,6 +65,34 @@ struct Cells {
     hub->on_message(cell, {transport::device_topic(id, "presence"), p.SerializeAsString(), 1, false});
     hub->drain();
   }
+  // n devices enrolled and online on their cells' brokers.
+  std::vector<std::string> enroll_online(int n) {
+    std::vector<std::string> ids;
+    for (int i = 0; i < n; ++i) {
+      ids.push_back(enroll().device_id());
+      presence(cell_of(ids.back()), ids.back(), true);
+    }
+    return ids;
+  }
+  // A campaign of one signed bundle to every device in one wave, and the
+  // engine tick that sends its desired states.
+  void campaign_to_all() {
+    auto key = bundles::generate_key();
+    v1::BundleManifest m;
+    m.set_format_version(1);
+    m.set_name("edge-base");
+    m.set_channel("stable");
+    m.set_version(1);
+    m.set_expires_unix(clock.now_unix() + 86400);
+    auto env = bundles::wrap(m);
+    REQUIRE(bundles::sign(env, key));
+    auto up = hub->upload_bundle(bundles::serialize_envelope(env));
+    REQUIRE(up);
+    auto strategy = hub::Strategy::from_json(json::parse(R"({"waves": [100]})"));
+    REQUIRE(strategy);
+    REQUIRE(hub->create_campaign("", up->first.id, "env=prod", *strategy, "*"));
+    hub->tick();
+  }
   // The desired states published on one cell's broker for a device.
   std::vector<v1::DesiredState> desired(int cell, const std::string& id) {
     std::vector<v1::DesiredState> out;
@@ -109,11 +137,7 @@ TEST_CASE("devices are spread over cells at enrollment and told their cell's bro
 TEST_CASE("a cell's new broker session resets only its own devices' presence and calls its own roll",
           "[unit][hub][cells][presence]") {
   Cells c;
-  std::vector<std::string> ids;
-  for (int i = 0; i < 6; ++i) {
-    ids.push_back(c.enroll().device_id());
-    c.presence(c.cell_of(ids.back()), ids.back(), true);
-  }
+  const std::vector<std::string> ids = c.enroll_online(6);
   for (const auto& id : ids) REQUIRE(c.online(id));
   const auto calls0 = c.brokers[0]->rollcalls().size(), calls1 = c.brokers[1]->rollcalls().size();
   REQUIRE(c.hub->attach_transport(1, *c.brokers[1]));
@@ -127,26 +151,8 @@ TEST_CASE("a cell's new broker session resets only its own devices' presence and
 TEST_CASE("a campaign spans cells: each device's desired state goes out on its own cell's broker",
           "[unit][hub][cells][campaign]") {
   Cells c;
-  std::vector<std::string> ids;
-  for (int i = 0; i < 6; ++i) {
-    ids.push_back(c.enroll().device_id());
-    c.presence(c.cell_of(ids.back()), ids.back(), true);
-  }
-  auto key = bundles::generate_key();
-  v1::BundleManifest m;
-  m.set_format_version(1);
-  m.set_name("edge-base");
-  m.set_channel("stable");
-  m.set_version(1);
-  m.set_expires_unix(c.clock.now_unix() + 86400);
-  auto env = bundles::wrap(m);
-  REQUIRE(bundles::sign(env, key));
-  auto up = c.hub->upload_bundle(bundles::serialize_envelope(env));
-  REQUIRE(up);
-  auto strategy = hub::Strategy::from_json(json::parse(R"({"waves": [100]})"));
-  REQUIRE(strategy);
-  REQUIRE(c.hub->create_campaign("", up->first.id, "env=prod", *strategy, "*"));
-  c.hub->tick();
+  const std::vector<std::string> ids = c.enroll_online(6);
+  c.campaign_to_all();
   for (const auto& id : ids) {
     const int home = c.cell_of(id);
     for (int cell = 0; cell < 3; ++cell) CHECK(c.desired(cell, id).size() == (cell == home ? 1u : 0u));
@@ -156,11 +162,7 @@ TEST_CASE("a campaign spans cells: each device's desired state goes out on its o
 TEST_CASE("draining a cell asks its devices to move in a signed header and only their arrival moves them",
           "[unit][hub][cells][drain]") {
   Cells c;
-  std::vector<std::string> ids;
-  for (int i = 0; i < 6; ++i) {
-    ids.push_back(c.enroll().device_id());
-    c.presence(c.cell_of(ids.back()), ids.back(), true);
-  }
+  const std::vector<std::string> ids = c.enroll_online(6);
   std::vector<std::string> in0;
   for (const auto& id : ids) if (c.cell_of(id) == 0) in0.push_back(id);
   REQUIRE(in0.size() == 2);
@@ -229,27 +231,9 @@ TEST_CASE("a stopped drain withdraws the moves not taken, lets devices that took
           "enrollments again",
           "[unit][hub][cells][drain]") {
   Cells c;
-  std::vector<std::string> ids;
-  for (int i = 0; i < 6; ++i) {
-    ids.push_back(c.enroll().device_id());
-    c.presence(c.cell_of(ids.back()), ids.back(), true);
-  }
+  const std::vector<std::string> ids = c.enroll_online(6);
   // Every device has a desired state (generation 1) before the drain.
-  auto key = bundles::generate_key();
-  v1::BundleManifest m;
-  m.set_format_version(1);
-  m.set_name("edge-base");
-  m.set_channel("stable");
-  m.set_version(1);
-  m.set_expires_unix(c.clock.now_unix() + 86400);
-  auto env = bundles::wrap(m);
-  REQUIRE(bundles::sign(env, key));
-  auto up = c.hub->upload_bundle(bundles::serialize_envelope(env));
-  REQUIRE(up);
-  auto strategy = hub::Strategy::from_json(json::parse(R"({"waves": [100]})"));
-  REQUIRE(strategy);
-  REQUIRE(c.hub->create_campaign("", up->first.id, "env=prod", *strategy, "*"));
-  c.hub->tick();
+  c.campaign_to_all();
   std::vector<std::string> in0;
   for (const auto& id : ids) if (c.cell_of(id) == 0) in0.push_back(id);
   REQUIRE(in0.size() == 2);
