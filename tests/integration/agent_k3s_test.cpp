@@ -4,10 +4,7 @@
 // (tests/fakes/fake-init-tool) where systemd or OpenRC is asked for.
 #include <catch2/catch.hpp>
 
-#include <arpa/inet.h>
-#include <netinet/in.h>
 #include <signal.h>
-#include <sys/socket.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -302,23 +299,6 @@ TEST_CASE("relabelling a device on the hub changes the overlay it applies, witho
   CHECK(n.file("var/lib/flotilla/credentials.pb") == enrolled_key);  // not enrolled again
   CHECK(wait_until([&] { return n.device()["labels"]["site"] == "berlin"; }, std::chrono::seconds(20)));
 }
-
-namespace {
-
-// A port nobody listens on right now (the stand-in server's API port).
-int free_loopback_port() {
-  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  REQUIRE(::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0);
-  socklen_t len = sizeof a;
-  ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
-  ::close(fd);
-  return ntohs(a.sin_port);
-}
-
-}  // namespace
 
 // No ';' in the name: CTest's test discovery would split it in two.
 TEST_CASE("a 3-node cluster is upgraded by one campaign (servers first and one node at a time) and a failing agent "

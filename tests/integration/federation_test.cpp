@@ -4,8 +4,6 @@
 // them only through their REST API.
 #include <catch2/catch.hpp>
 
-#include <netinet/in.h>
-#include <sys/socket.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -23,20 +21,6 @@ using namespace flotilla::test;
 
 namespace {
 
-// A port free now, so a region restarts at the URL the federation knows.
-int free_port() {
-  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  a.sin_port = 0;
-  ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a);
-  socklen_t len = sizeof a;
-  ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
-  ::close(fd);
-  return ntohs(a.sin_port);
-}
-
 struct RegionFleet {
   std::string name;
   stdfs::path dir;
@@ -51,7 +35,7 @@ struct RegionFleet {
     make_ca(dir, "ca");
     make_server_cert(dir, "ca", "hub");
     ca = (dir / "ca.pem").string();
-    port = free_port();
+    port = free_loopback_port();
     hub = std::make_unique<Hub>(dir / "hub");
     start();
     token = hub->api_token("operator", "*");

@@ -3,8 +3,6 @@
 // etcd-server, scripts/setup.sh): N members in a temp dir, free ports, each
 // member stoppable and restartable on its own data. Every wait has a
 // deadline. The cells/failover tests reuse it.
-#include <netinet/in.h>
-#include <sys/socket.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -15,28 +13,11 @@
 #include <vector>
 
 #include "flotilla/common/http_client.hpp"
+#include "flotilla/common/fs.hpp"
 #include "flotilla/common/process.hpp"
+#include "tests/support/harness.hpp"
 
 namespace flotilla::test {
-
-// A port free now on 127.0.0.1 (the kernel's choice; etcd binds it shortly after).
-inline int free_loopback_port() {
-  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  if (fd < 0) throw std::runtime_error("socket failed");
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  a.sin_port = 0;
-  socklen_t len = sizeof a;
-  if (::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0 ||
-      ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) != 0) {
-    ::close(fd);
-    throw std::runtime_error("cannot find a free port");
-  }
-  const int port = ntohs(a.sin_port);
-  ::close(fd);
-  return port;
-}
 
 // Client TLS for every member: https client URLs, the members' own
 // certificate (cert/key, for 127.0.0.1; etcd's gateway also presents it as a
@@ -61,12 +42,9 @@ class EtcdCluster {
     for (int i = 0; i < members; ++i) {
       Member m;
       m.name = "m" + std::to_string(i);
-      m.client = std::string(tls_ ? "https" : "http") + "://127.0.0.1:" + std::to_string(free_loopback_port());
-      m.peer = "http://127.0.0.1:" + std::to_string(free_loopback_port());
-      // /health (and /metrics) in plain HTTP whatever the client port asks.
-      m.metrics = "http://127.0.0.1:" + std::to_string(free_loopback_port());
       members_.push_back(std::move(m));
     }
+    pick_ports();
   }
   ~EtcdCluster() {
     for (auto& m : members_) {
@@ -76,15 +54,33 @@ class EtcdCluster {
   EtcdCluster(const EtcdCluster&) = delete;
   EtcdCluster& operator=(const EtcdCluster&) = delete;
 
-  // Starts every member and waits until each answers /health.
+  // Starts every member and waits until each answers /health. A member that
+  // exits before it is healthy (its port taken between our check and its
+  // bind) restarts the whole new cluster on fresh ports and fresh data, a
+  // bounded number of times; the error then carries the member's log.
   void start() {
-    for (size_t i = 0; i < members_.size(); ++i) start_member(i, false);
-    for (size_t i = 0; i < members_.size(); ++i) {
-      if (!wait_healthy(i, std::chrono::seconds(60))) {
-        throw std::runtime_error("etcd member " + members_[i].name + " not healthy; see " +
-                                 (dir_ / (members_[i].name + ".log")).string());
+    std::string why;
+    for (int attempt = 0; attempt < 3; ++attempt) {
+      if (attempt > 0) {
+        for (auto& m : members_) {
+          if (m.child.valid()) m.child.terminate(std::chrono::milliseconds(2000));
+          std::error_code ec;
+          std::filesystem::remove_all(dir_ / m.name, ec);
+        }
+        pick_ports();
       }
+      for (size_t i = 0; i < members_.size(); ++i) start_member(i, false);
+      bool all = true;
+      for (size_t i = 0; i < members_.size() && all; ++i) {
+        if (!wait_healthy(i, std::chrono::seconds(60))) {
+          why = "etcd member " + members_[i].name + " not healthy" +
+                (members_[i].child.poll() ? " (it exited)" : "") + "; its log ends: " + log_tail(i);
+          all = false;
+        }
+      }
+      if (all) return;
     }
+    throw std::runtime_error(why);
   }
 
   // Starts member i again on its data dir (wait = until healthy).
@@ -115,7 +111,7 @@ class EtcdCluster {
     if (!c) throw std::runtime_error("cannot start etcd: " + c.error().message);
     m.child = std::move(*c);
     if (wait && !wait_healthy(i, std::chrono::seconds(60))) {
-      throw std::runtime_error("etcd member " + m.name + " not healthy after restart");
+      throw std::runtime_error("etcd member " + m.name + " not healthy after restart; its log ends: " + log_tail(i));
     }
   }
 
@@ -127,14 +123,19 @@ class EtcdCluster {
   void start_all() {
     for (size_t i = 0; i < members_.size(); ++i) start_member(i, false);
     for (size_t i = 0; i < members_.size(); ++i) {
-      if (!wait_healthy(i, std::chrono::seconds(60))) throw std::runtime_error("etcd not healthy after restart");
+      if (!wait_healthy(i, std::chrono::seconds(60))) {
+        throw std::runtime_error("etcd member " + members_[i].name + " not healthy after restart; its log ends: " +
+                                 log_tail(i));
+      }
     }
   }
 
-  // /health is true only with a leader and a working quorum.
-  bool wait_healthy(size_t i, std::chrono::milliseconds timeout) const {
+  // /health is true only with a leader and a working quorum. False at once
+  // when the member has exited.
+  bool wait_healthy(size_t i, std::chrono::milliseconds timeout) {
     const auto deadline = std::chrono::steady_clock::now() + timeout;
     while (std::chrono::steady_clock::now() < deadline) {
+      if (members_[i].child.valid() && members_[i].child.poll()) return false;
       http::Request r;
       r.url = members_[i].metrics + "/health";
       r.timeout = std::chrono::milliseconds(1000);
@@ -154,6 +155,23 @@ class EtcdCluster {
   const std::filesystem::path& dir() const { return dir_; }
 
  private:
+  void pick_ports() {
+    for (auto& m : members_) {
+      m.client = std::string(tls_ ? "https" : "http") + "://127.0.0.1:" + std::to_string(free_loopback_port());
+      m.peer = "http://127.0.0.1:" + std::to_string(free_loopback_port());
+      // /health (and /metrics) in plain HTTP whatever the client port asks.
+      m.metrics = "http://127.0.0.1:" + std::to_string(free_loopback_port());
+    }
+  }
+  // The last lines of member i's log, for an error message.
+  std::string log_tail(size_t i) const {
+    const auto path = dir_ / (members_[i].name + ".log");
+    std::string text;
+    if (auto r = fs::read_file(path.string(), 1 << 20)) text = *r;
+    if (text.size() > 2000) text = "..." + text.substr(text.size() - 2000);
+    return text.empty() ? "(empty: " + path.string() + ")" : text;
+  }
+
   struct Member {
     std::string name, client, peer, metrics;
     proc::Child child;

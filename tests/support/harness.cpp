@@ -14,6 +14,7 @@
 #include "flotilla/bundles/keys.hpp"
 #include "flotilla/common/fs.hpp"
 #include "flotilla/common/x509.hpp"
+#include "flotilla/hub/broker.hpp"
 #include "flotilla/hub/device_ca.hpp"
 #include "flotilla/v1/enroll.pb.h"
 
@@ -41,6 +42,12 @@ bool wait_until(const std::function<bool()>& pred, std::chrono::milliseconds tim
     if (std::chrono::steady_clock::now() >= deadline) return false;
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
+}
+
+int free_loopback_port() {
+  auto p = hub::free_listen_port("127.0.0.1");
+  if (!p) throw std::runtime_error("cannot find a free port: " + p.error().message);
+  return *p;
 }
 
 bool wait_agent_online(Hub& hub, const Agent& agent, std::chrono::milliseconds timeout) {

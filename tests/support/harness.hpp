@@ -35,6 +35,13 @@ std::string source_dir();  // $FLOTILLA_SOURCE_DIR
 // Polls pred every 50 ms until it holds or the timeout passes.
 bool wait_until(const std::function<bool()>& pred, std::chrono::milliseconds timeout);
 
+// A port free now on 127.0.0.1 for a server a test starts (etcd, a region's
+// hub, a stand-in), from below the kernel's ephemeral range
+// (hub::free_listen_port): a port bind(0) handed out is as likely to go to
+// the next outgoing connection of a test running beside this one before the
+// server binds it, and a server restarted on its port must find it free.
+int free_loopback_port();
+
 struct CliResult {
   int exit_code = -1;
   std::string out;
