@@ -879,6 +879,11 @@ Status run_agent(const AgentConfig& cfg, const std::atomic<bool>& stop) {
   auto next_renew_try = std::chrono::steady_clock::now();
   int last_renew_status = -1;
   bool reconnect_now = false;
+  // A move taken: the reconnect waits until every message already received
+  // is handled, so that a later one (the hub withdrawing the move, queued in
+  // this device's session behind it while it was offline) has its say first.
+  bool move_pending = false;
+  std::string session_url;  // the broker of the session that is up
   bool renewed = false;  // a new certificate: a disconnected device tries it at once
   auto try_renew = [&] {
     int status = 0;
@@ -981,7 +986,7 @@ Status run_agent(const AgentConfig& cfg, const std::atomic<bool>& stop) {
     logger->info("the hub moves this device from broker {} to {}; reconnecting", creds.broker_url(), url);
     creds = std::move(next);
     if (auto st = apply_credentials(); !st) logger->error("moved broker not usable: {}", st.error().message);
-    reconnect_now = true;
+    move_pending = true;
   };
 
   // Publishes the outbox again and drops what the broker acknowledged.
@@ -1017,6 +1022,21 @@ Status run_agent(const AgentConfig& cfg, const std::atomic<bool>& stop) {
         !agent.applied().in_flight) {
       try_renew();
     }
+    if (move_pending) {
+      bool received;
+      {
+        std::lock_guard lock(mu);
+        received = !inbox.empty();
+      }
+      if (!received) {
+        move_pending = false;
+        if (connected && !lost && creds.broker_url() == session_url) {
+          logger->info("stays on broker {}: the move was withdrawn before it was taken", session_url);
+        } else {
+          reconnect_now = true;
+        }
+      }
+    }
     if (reconnect_now) {
       reconnect_now = false;
       // Paho keeps the address it was made with: a new one needs a new client.
@@ -1046,6 +1066,7 @@ Status run_agent(const AgentConfig& cfg, const std::atomic<bool>& stop) {
           logger->warn("not subscribed to the hub's roll call: {}", rs.error().message);
         }
         connected = true;
+        session_url = co.url;
         auth_failures = 0;
         tls_rejected = false;
         backoff.reset();
