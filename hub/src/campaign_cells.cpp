@@ -79,7 +79,13 @@ void HubService::coordinate() {
     }
     mask = 0;
   }
-  served_mask_ = mask;
+  const uint64_t before = served_mask_.exchange(mask);
+  for (int id = 0; id < cell_count(); ++id) {
+    // Taken over mid-drain (or first served since this process started):
+    // the moves asked so far were not this process's.
+    Cell& c = *cells_[static_cast<size_t>(id)];
+    if (((mask & ~before) >> id & 1u) && c.draining()) c.drain_inherited = true;
+  }
   // Owning every cell there is: no filter at all, so the store's queries are
   // exactly those of a hub without cells.
   bool all = static_cast<int>(owned.size()) == cell_count();
@@ -178,14 +184,14 @@ std::string HubService::cell_owner_url(int cell) {
   return it == urls.end() ? "" : it->second;
 }
 
-Result<std::set<int>> HubService::shared_drains() {
+Result<std::map<int, int64_t>> HubService::shared_drains() {
   auto drains = cfg_.coordinator->range(kDrainsPrefix, coord::kMaxRangeLimit);
   if (!drains) return drains.error();
-  std::set<int> cells;
+  std::map<int, int64_t> cells;
   for (const auto& kv : drains->kvs) {
     const auto cell = coord::CellOwnership::parse_cell_id(std::string_view(kv.key).substr(
         std::string_view(kDrainsPrefix).size()));
-    if (cell && *cell < cell_count()) cells.insert(*cell);
+    if (cell && *cell < cell_count()) cells[*cell] = kv.create_revision;
   }
   return cells;
 }
@@ -193,9 +199,16 @@ Result<std::set<int>> HubService::shared_drains() {
 void HubService::follow_drains(const std::function<void(const std::string&, const Error&)>& warn) {
   auto drains = shared_drains();
   if (!drains) return warn("read the draining cells", drains.error());
-  for (int cell : *drains) {
-    if (cells_[static_cast<size_t>(cell)]->draining()) continue;
-    cells_[static_cast<size_t>(cell)]->set_draining(true);
+  for (const auto& [cell, since] : *drains) {
+    Cell& c = *cells_[static_cast<size_t>(cell)];
+    if (c.draining()) continue;
+    // The moves are this process's own only when it held the cell before
+    // the drain began (its claim is older than the drain's key: etcd
+    // revisions, so no clocks are compared); otherwise a holder before it
+    // may have asked some.
+    const auto fence = ownership_->fence(std::to_string(cell));
+    c.drain_inherited = !serves_cell(cell) || !fence || fence->revision > since;
+    c.set_draining(true);
     log::get("hub")->info("cell {} draining (the drain is in the coordinator)", cell);
     engine_cv_.notify_one();
   }

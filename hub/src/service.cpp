@@ -58,6 +58,7 @@ HubService::HubService(Store& store, const Clock& clock, ServiceConfig cfg)
   } else {
     log::get("hub")->error("count devices by cell: {}", counts.error().message);
   }
+  if (!shares_drains()) resume_drains();
   // Before any thread: every control write from now on goes through it.
   if (cfg_.control_coordinator) {
     control_log_status_ = enable_control_log(*cfg_.control_coordinator, cfg_.control_log);
@@ -1372,7 +1373,7 @@ Result<HubService::DrainProgress> HubService::drain_cell_devices(int cell) {
     // asks its devices to move, the holders of the others take them in.
     auto draining = shared_drains();
     if (!draining) return draining.error().with_context("read the draining cells");
-    draining->insert(cell);
+    draining->emplace(cell, 0);
     if (static_cast<int>(draining->size()) >= cell_count()) return last;
     const std::string value = nlohmann::json{{"since_ms", clock_.now_unix_ms()}, {"by", cfg_.coord_holder}}.dump();
     if (auto p = cfg_.coordinator->put(kDrainsPrefix + std::to_string(cell), value); !p) {
@@ -1385,7 +1386,11 @@ Result<HubService::DrainProgress> HubService::drain_cell_devices(int cell) {
     std::lock_guard lock(store_mu_);
     if (!c.draining()) {
       if (least_loaded_cell(cell_devices_, cell) < 0) return last;
-      c.set_draining(true);
+      // Sharing cells, a process that does not hold it asks no move; should
+      // it take the cell over mid-drain, the holder before it asked some.
+      if (auto s = start_drain(c, cfg_.share_cells && !serves_cell(cell)); !s) {
+        return s.error().with_context("record the drain of " + name);
+      }
       log::get("hub")->info("cell {} draining: {} devices to move", cell, cell_devices_[static_cast<size_t>(cell)]);
     }
     out.remaining = cell_devices_[static_cast<size_t>(cell)];
@@ -1402,11 +1407,16 @@ Result<HubService::DrainProgress> HubService::undrain_cell(int cell) {
                                            std::to_string(cell_count() - 1) + ")");
   }
   Cell& c = *cells_[static_cast<size_t>(cell)];
-  if (cfg_.share_cells && cfg_.coordinator) {
+  if (shares_drains()) {
     // Every process follows the coordinator's set; the holder of the cell
     // withdraws its moves when its next tick sees the key gone.
     if (auto r = cfg_.coordinator->remove(kDrainsPrefix + std::to_string(cell)); !r) {
       return r.error().with_context("stop the drain of cell " + std::to_string(cell));
+    }
+  } else {
+    std::lock_guard lock(store_mu_);
+    if (auto s = store_.set_cell_drain(cell, false, 0); !s) {
+      return s.error().with_context("stop the drain of cell " + std::to_string(cell));
     }
   }
   if (c.draining()) stop_drain(c, "asked");
@@ -1433,6 +1443,44 @@ void HubService::stop_drain(Cell& c, std::string_view why) {
   log::get("hub")->info("cell {} no longer draining ({}): it takes enrollments again, and the moves asked for and "
                         "not taken are withdrawn; devices that already moved stay where they went",
                         c.id(), why);
+}
+
+Status HubService::start_drain(Cell& c, bool inherited) {
+  if (!shares_drains()) {
+    if (auto s = store_.set_cell_drain(c.id(), true, clock_.now_unix_ms()); !s) return s;
+  }
+  c.drain_inherited = inherited;
+  c.set_draining(true);
+  return {};
+}
+
+// A hub that keeps its drains in its store (no shared cells) drains on after
+// a restart. Which devices it had asked to move is gone with the process, so
+// those drains are inherited: stopping one withdraws every remaining move.
+void HubService::resume_drains() {
+  auto drains = store_.cell_drains();
+  if (!drains) {
+    log::get("hub")->error("read this hub's drains: {}", drains.error().message);
+    return;
+  }
+  std::vector<int> resumed;
+  for (const auto& [cell, since] : *drains) {
+    if (cell >= 0 && cell < cell_count()) resumed.push_back(cell);
+  }
+  // The API never drains the last cell; a store from a hub that ran more
+  // cells might. Then none resumes: devices must have somewhere to go.
+  if (static_cast<int>(resumed.size()) >= cell_count()) {
+    log::get("hub")->error("every cell of this hub was draining before it started: no drain resumed; "
+                           "drain the cells to retire again (flotilla cell drain)");
+    return;
+  }
+  for (int cell : resumed) {
+    Cell& c = *cells_[static_cast<size_t>(cell)];
+    c.drain_inherited = true;
+    c.set_draining(true);
+    log::get("hub")->info("cell {} draining since before this start: {} devices to move", cell,
+                          cell_devices_[static_cast<size_t>(cell)]);
+  }
 }
 
 bool HubService::lets_devices_leave(int cell) const {
@@ -1479,7 +1527,6 @@ std::optional<HubService::PendingDesired> HubService::desired_again(
 void HubService::continue_drains() {
   if (cell_count() < 2) return;
   Publishes moves, withdrawn;
-  std::vector<std::pair<std::string, int>> cleared;  // a move alone withdrawn: its retained message goes
   std::map<std::string, SharedDesiredPtr> cache;
   const int64_t now = clock_.now_unix_ms();
   std::set<int> stopped;
@@ -1489,8 +1536,41 @@ void HubService::continue_drains() {
   }
   // Drained again since: its moves stand.
   std::erase_if(stopped, [&](int cell) { return cells_[static_cast<size_t>(cell)]->draining(); });
+  const auto chunk = static_cast<size_t>(std::max<int64_t>(1, cfg_.move_chunk));
   {
     std::lock_guard lock(store_mu_);
+    for (int cell : stopped) {
+      drain_cursor_.erase(cell);
+      // Moves asked before a restart or by another holder: every device
+      // still in the cell is told again to stay on its broker.
+      if (cells_[static_cast<size_t>(cell)]->drain_inherited.exchange(false) && serves_cell(cell)) {
+        withdraw_sweeps_[cell].clear();
+        log::get("hub")->info("cell {}: withdrawing the move of every device still in it (the drain began before "
+                              "this process held the cell, or before it started)",
+                              cell);
+      }
+    }
+    for (auto it = withdraw_sweeps_.begin(); it != withdraw_sweeps_.end();) {
+      Cell& c = *cells_[static_cast<size_t>(it->first)];
+      if (c.draining() || !serves_cell(c.id())) {
+        c.drain_inherited = true;  // interrupted: what it did not reach is still unknown
+        it = withdraw_sweeps_.erase(it);
+        continue;
+      }
+      if (move_cancels_.size() >= chunk) break;
+      auto ids = store_.cell_session_devices(c.id(), static_cast<int64_t>(chunk), it->second);
+      if (!ids) {
+        log::get("hub")->error("withdraw the moves of cell {}: {}", c.id(), ids.error().message);
+        break;
+      }
+      for (const auto& id : *ids) move_cancels_.emplace(id, c.id());
+      if (ids->size() < chunk) {
+        it = withdraw_sweeps_.erase(it);
+      } else {
+        it->second = ids->back();
+        ++it;
+      }
+    }
     // The moves this process asked for in cells whose drain stopped.
     for (auto it = move_asked_ms_.begin(); !stopped.empty() && it != move_asked_ms_.end();) {
       auto d = store_.get_device(it->first);
@@ -1501,49 +1581,93 @@ void HubService::continue_drains() {
         ++it;
       }
     }
-    for (auto it = move_cancels_.begin(); it != move_cancels_.end() && withdrawn.size() + cleared.size() <
-                                                                          static_cast<size_t>(kMoveChunk);) {
+    for (auto it = move_cancels_.begin(); it != move_cancels_.end() && withdrawn.size() < chunk;) {
       const auto [id, cell] = *it;
+      const Cell& from = *cells_[static_cast<size_t>(cell)];
+      // Kept until the hub's session to the cell's broker is up: a
+      // withdrawal that never reaches the broker would leave the move there.
+      if (!from.draining() && serves_cell(cell) && !from.connected()) {
+        ++it;
+        continue;
+      }
       it = move_cancels_.erase(it);
-      if (cells_[static_cast<size_t>(cell)]->draining()) continue;  // drained again: the move stands
+      if (from.draining()) continue;  // drained again: the move stands
+      if (!serves_cell(cell)) continue;  // lost the cell: its new holder withdraws every move there
       auto d = store_.get_device(id);
       if (!d || !*d || (*d)->cell != cell) continue;  // it moved after all
-      if ((*d)->generation == 0 || (*d)->desired_bundle_id.empty()) {
-        cleared.emplace_back(id, cell);
-      } else if (auto p = desired_again(**d, "", cache)) {
-        withdrawn.push_back(std::move(*p));
-      }
+      // Its desired state again (none: an empty one), signed, with a move to
+      // the broker it is on: it replaces the retained move, and a device
+      // whose session queued the move while it was offline gets this after
+      // it, and stays (or comes straight back).
+      if (auto p = desired_again(**d, cell_broker_url(cell), cache)) withdrawn.push_back(std::move(*p));
     }
     std::vector<int64_t> planned = cell_devices_;
     for (auto& c : cells_) {
-      if (!c->draining() || !serves_cell(c->id())) continue;  // a cell this process lost: its holder's to drain
-      auto ids = store_.cell_session_devices(c->id(), kMoveChunk);
-      if (!ids) {
-        log::get("hub")->error("drain cell {}: {}", c->id(), ids.error().message);
+      if (!c->draining() || !serves_cell(c->id())) {  // a cell this process lost: its holder's to drain
+        drain_cursor_.erase(c->id());
         continue;
       }
-      for (const auto& id : *ids) {
-        if (moves.size() >= static_cast<size_t>(kMoveChunk)) break;
-        auto it = move_asked_ms_.find(id);
-        if (it != move_asked_ms_.end() && now - it->second < kMoveRetryMs) continue;
-        auto d = store_.get_device(id);
-        if (!d || !*d) continue;
-        const int target = least_loaded_cell(planned, c->id());
-        if (target < 0) break;
-        auto p = desired_again(**d, cell_broker_url(target), cache);
-        if (!p) continue;
-        ++planned[static_cast<size_t>(target)];
-        p->cell = c->id();
-        move_asked_ms_[id] = now;
-        moves.push_back(std::move(*p));
+      // A walk through the cell in id order from where the last tick left
+      // it, round again at the end: devices that have not moved yet (offline,
+      // slow) never keep the ones after them from being asked.
+      std::string& cursor = drain_cursor_[c->id()];
+      bool wrapped = false, stop = false;
+      size_t looked = 0;
+      while (!stop && moves.size() < chunk && looked < 8 * chunk) {
+        auto ids = store_.cell_session_devices(c->id(), static_cast<int64_t>(chunk), cursor);
+        if (!ids) {
+          log::get("hub")->error("drain cell {}: {}", c->id(), ids.error().message);
+          break;
+        }
+        for (const auto& id : *ids) {
+          if (moves.size() >= chunk) break;
+          cursor = id;
+          ++looked;
+          auto it = move_asked_ms_.find(id);
+          if (it != move_asked_ms_.end() && now - it->second < kMoveRetryMs) continue;
+          auto d = store_.get_device(id);
+          if (!d || !*d) continue;
+          const int target = least_loaded_cell(planned, c->id());
+          if (target < 0) {
+            stop = true;
+            break;
+          }
+          auto p = desired_again(**d, cell_broker_url(target), cache);
+          if (!p) continue;
+          ++planned[static_cast<size_t>(target)];
+          p->cell = c->id();
+          move_asked_ms_[id] = now;
+          moves.push_back(std::move(*p));
+        }
+        if (ids->size() < chunk && moves.size() < chunk) {  // the end of the cell
+          if (wrapped || cursor.empty()) break;
+          cursor.clear();
+          wrapped = true;
+        }
       }
     }
   }
-  for (const auto& [id, cell] : cleared) (void)clear_retained_desired(cell, id);
-  if (!withdrawn.empty()) publish_all(withdrawn, "withdrawn move");
-  if (!withdrawn.empty() || !cleared.empty()) {
-    log::get("hub")->info("withdrew the move of {} devices whose cell stopped draining",
-                          withdrawn.size() + cleared.size());
+  if (!withdrawn.empty()) {
+    // One that did not go out (the session dropped meanwhile) is tried again
+    // on a later tick, never dropped.
+    std::vector<std::pair<std::string, int>> unsent;
+    std::string why;
+    for (const auto& p : withdrawn) {
+      if (stopping_) break;
+      if (auto s = publish_desired(p); !s) {
+        unsent.emplace_back(p.device_id, p.cell);
+        why = s.error().message;
+      }
+    }
+    if (!unsent.empty()) {
+      std::lock_guard lock(store_mu_);
+      for (const auto& [id, cell] : unsent) move_cancels_.emplace(id, cell);
+      log::get("hub")->warn("could not send the withdrawal of {} moves, tried again next tick: {}", unsent.size(), why);
+    }
+    if (withdrawn.size() > unsent.size()) {
+      log::get("hub")->info("withdrew the move of {} devices whose cell stopped draining",
+                            withdrawn.size() - unsent.size());
+    }
   }
   if (moves.empty()) return;
   moves_asked_ += moves.size();

@@ -13,6 +13,7 @@
 #include <chrono>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "flotilla/bundles/keys.hpp"
@@ -38,6 +39,20 @@ std::string tails(Hub& a, Hub& b) {
   return "\n--- hub A (tail) ---\n" + tail(a.log()) + "\n--- hub B (tail) ---\n" + tail(b.log());
 }
 
+// Waits until each of the two hubs holds one cell; the cells each holds.
+std::array<int, kCells> split_cells(Hub& a, Hub& b) {
+  std::array<int, kCells> held{};
+  const bool ok = wait_until(
+      [&] {
+        held = SharedCells::owners<kCells>({&a, &b});
+        return (held[0] == 0 && held[1] == 1) || (held[0] == 1 && held[1] == 0);
+      },
+      std::chrono::seconds(30));
+  INFO(tails(a, b));
+  REQUIRE(ok);
+  return held;
+}
+
 }  // namespace
 
 TEST_CASE("cell drain across hub processes: asked of the hub that does not hold the cell, every device moves to the "
@@ -52,17 +67,7 @@ TEST_CASE("cell drain across hub processes: asked of the hub that does not hold 
   const std::string admin = a.admin_token();  // the fleet's, in the control log
   REQUIRE(fs::write_file_atomic(b.data_dir() / "admin.token", admin + "\n", 0600));
   std::vector<Hub*> hubs = {&a, &b};
-  std::array<int, kCells> held{};
-  {
-    const bool ok = wait_until(
-        [&] {
-          held = SharedCells::owners<kCells>(hubs);
-          return (held[0] == 0 && held[1] == 1) || (held[0] == 1 && held[1] == 0);
-        },
-        std::chrono::seconds(30));
-    INFO(tails(a, b));
-    REQUIRE(ok);
-  }
+  const std::array<int, kCells> held = split_cells(a, b);
   // The cell hub B holds is drained; its devices go to hub A's.
   const int drained = held[0] == 1 ? 0 : 1;
   const int kept = 1 - drained;
@@ -189,5 +194,90 @@ TEST_CASE("cell drain across hub processes: asked of the hub that does not hold 
       },
       std::chrono::seconds(20)));
   CHECK(b.log().find("cell " + std::to_string(drained) + " no longer draining") != std::string::npos);
+  // B held the cell before the drain began: it knew every move it asked,
+  // and withdrew only those.
+  CHECK(b.log().find("withdrawing the move of every device") == std::string::npos);
+  for (auto& br : site.brokers) br->stop();
+}
+
+TEST_CASE("cell drain across hub processes: the holder killed mid-drain, the process that takes the cell over "
+          "withdraws on undrain the moves the dead one asked, and an offline device asked to move stays",
+          "[integration][etcd][multihub][drain]") {
+  REQUIRE(EtcdCluster::available());
+  TempDir tmp("multihub-drain-holder");
+  SharedCells site(tmp.path(), kCells, 1);
+  Hub a(tmp.path() / "hub-a"), b(tmp.path() / "hub-b");
+  a.start(site.hub_args);
+  b.start(site.hub_args);
+  const std::string admin = a.admin_token();
+  REQUIRE(fs::write_file_atomic(b.data_dir() / "admin.token", admin + "\n", 0600));
+  const std::array<int, kCells> held = split_cells(a, b);
+  const int drained = held[0] == 1 ? 0 : 1;
+
+  // Two agents, one per cell; the one in B's cell goes offline.
+  const auto release = bundles::generate_key();
+  const std::string token = a.enrollment_token({{"env", "it"}}, 2);
+  std::vector<std::unique_ptr<Agent>> agents;
+  for (int i = 0; i < 2; ++i) {
+    AgentOptions o;
+    o.root_keys = {bundles::public_key_text(release.pub)};
+    agents.push_back(std::make_unique<Agent>(tmp.path() / ("dev-" + std::to_string(i)), a.url(), token, o));
+    agents.back()->start();
+  }
+  for (auto& agent : agents) REQUIRE(wait_agent_online(a, *agent, std::chrono::seconds(60)));
+  Agent& away = a.device(agents[0]->device_id())["cell"] == drained ? *agents[0] : *agents[1];
+  REQUIRE(a.device(away.device_id())["cell"] == drained);
+  away.stop();
+  REQUIRE(wait_until([&] { return a.device(away.device_id())["online"] == false; }, std::chrono::seconds(30)));
+
+  // Drained; B, the holder, asks the offline device to move (retained on
+  // the cell's broker), then dies.
+  REQUIRE(a.call("POST", "/v1/cells/" + std::to_string(drained) + "/drain", "{}", "application/json", admin).first ==
+          200);
+  {
+    const bool asked = wait_until(
+        [&] { return b.log().find("asked 1 devices to move to another cell") != std::string::npos; },
+        std::chrono::seconds(30));
+    INFO(tails(a, b));
+    REQUIRE(asked);
+  }
+  b.kill9();
+  {
+    const bool taken = wait_until(
+        [&] {
+          const auto own = SharedCells::owners<kCells>({&a});
+          return own[0] == 0 && own[1] == 0;
+        },
+        std::chrono::seconds(30));
+    INFO(tails(a, b));
+    REQUIRE(taken);
+  }
+
+  // Stopped through A, which took the cell over mid-drain: it cannot know
+  // what B asked, so every device still in the cell gets its move withdrawn.
+  auto stop = a.call("DELETE", "/v1/cells/" + std::to_string(drained) + "/drain", "", "application/json", admin);
+  REQUIRE(stop.first == 200);
+  {
+    const bool withdrawn = wait_until(
+        [&] {
+          return a.log().find("cell " + std::to_string(drained) + ": withdrawing the move of every device") !=
+                     std::string::npos &&
+                 a.log().find("withdrew the move of") != std::string::npos;
+        },
+        std::chrono::seconds(30));
+    INFO(tails(a, b));
+    REQUIRE(withdrawn);
+  }
+  // The device comes back to a broker that no longer tells it to move.
+  away.start();
+  REQUIRE(wait_agent_online(a, away, std::chrono::seconds(60)));
+  // Long enough for a retained move to reach it and for it to act on one.
+  std::this_thread::sleep_for(std::chrono::seconds(3));
+  CHECK(a.device(away.device_id())["cell"] == drained);
+  CHECK(a.device(away.device_id())["online"] == true);
+  // Its persistent session had queued the move, and the withdrawal behind
+  // it: the agent handled both before reconnecting, and stayed.
+  INFO(away.log());
+  CHECK(away.log().find("stays on broker") != std::string::npos);
   for (auto& br : site.brokers) br->stop();
 }

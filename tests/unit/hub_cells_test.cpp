@@ -19,16 +19,17 @@ struct Cells {
   std::vector<std::unique_ptr<RecordingTransport>> brokers;
   bundles::KeyPair director = bundles::generate_key();
   std::string token;
-  Cells() {
+  ServiceConfig cfg;
+  explicit Cells(int64_t move_chunk = HubService::kMoveChunk) {
     auto s = Store::open((dir.path() / "hub.db").string());
     REQUIRE(s);
     store = std::move(*s);
-    ServiceConfig cfg;
     cfg.broker_url = "ssl://cell0.test:8883";
     cfg.cell_broker_urls = {"ssl://cell0.test:8883", "ssl://cell1.test:8884", "ssl://cell2.test:8885"};
     cfg.public_url = "http://hub.test";
     cfg.engine_thread = false;
     cfg.director_key = director;
+    cfg.move_chunk = move_chunk;
     hub = std::make_unique<HubService>(*store, clock, cfg);
     for (int i = 0; i < 3; ++i) {
       brokers.push_back(std::make_unique<RecordingTransport>());
@@ -51,6 +52,13 @@ struct Cells {
     auto r = hub->enroll(req);
     REQUIRE(r);
     return *r;
+  }
+  // The hub process stops and starts again on the same store; the brokers
+  // (and what they kept) stay.
+  void restart() {
+    hub.reset();
+    hub = std::make_unique<HubService>(*store, clock, cfg);
+    for (int i = 0; i < 3; ++i) REQUIRE(hub->attach_transport(i, *brokers[static_cast<size_t>(i)]));
   }
   int cell_of(const std::string& id) {
     auto d = store->get_device(id);
@@ -92,6 +100,27 @@ struct Cells {
     REQUIRE(strategy);
     REQUIRE(hub->create_campaign("", up->first.id, "env=prod", *strategy, "*"));
     hub->tick();
+  }
+  // A device reports that it applied the last desired state its cell sent.
+  void applied(const std::string& id) {
+    const int cell = cell_of(id);
+    auto sent = desired(cell, id);
+    REQUIRE_FALSE(sent.empty());
+    v1::Report r;
+    r.set_device_id(id);
+    r.set_seq(++seq);
+    r.set_state(v1::AGENT_STATE_APPLIED);
+    r.set_generation(sent.back().generation());
+    r.set_campaign_id(sent.back().campaign_id());
+    hub->on_message(cell, {transport::device_topic(id, "report"), r.SerializeAsString(), 1, false});
+    hub->drain();
+  }
+  uint64_t seq = 1000;
+  // The devices enrolled so far in one cell.
+  std::vector<std::string> in_cell(const std::vector<std::string>& ids, int cell) {
+    std::vector<std::string> out;
+    for (const auto& id : ids) if (cell_of(id) == cell) out.push_back(id);
+    return out;
   }
   // The desired states published on one cell's broker for a device.
   std::vector<v1::DesiredState> desired(int cell, const std::string& id) {
@@ -271,10 +300,12 @@ TEST_CASE("a stopped drain withdraws the moves not taken, lets devices that took
   const size_t before = c.desired(0, in0[1]).size();
   c.hub->tick();
   // The move not taken is withdrawn: the same desired state, signed again,
-  // without a broker to go to; the device that moved is not asked back.
+  // with its own cell's broker as the one to be on (after a move queued in
+  // its session, this comes next and keeps it); the device that moved is
+  // not asked back.
   REQUIRE(c.desired(0, in0[1]).size() == before + 1);
   auto withdrawn = header(0, in0[1]);
-  CHECK(withdrawn.broker_url().empty());
+  CHECK(withdrawn.broker_url() == "ssl://cell0.test:8883");
   CHECK(withdrawn.generation() == 1);
   CHECK(withdrawn.device_id() == in0[1]);
   CHECK(c.cell_of(in0[1]) == 0);
@@ -313,6 +344,90 @@ TEST_CASE("a stopped drain withdraws the moves not taken, lets devices that took
   c.hub->tick();
   CHECK(c.desired(0, fresh).size() == asked);  // nothing withdrawn
   CHECK_FALSE(header(0, fresh).broker_url().empty());
+  CHECK(header(0, fresh).broker_url() != "ssl://cell0.test:8883");
+}
+
+TEST_CASE("a drain asks every device in turn, however many before it have not moved",
+          "[unit][hub][cells][drain]") {
+  Cells c(2);  // two move requests per engine tick
+  const std::vector<std::string> ids = c.enroll_online(15);
+  const std::vector<std::string> in0 = c.in_cell(ids, 0);
+  REQUIRE(in0.size() == 5);
+  REQUIRE(c.hub->drain_cell_devices(0));
+  auto asked = [&] {
+    size_t n = 0;
+    for (const auto& id : in0) n += c.desired(0, id).size();
+    return n;
+  };
+  // No device takes its move: each tick asks the next two, in id order.
+  c.hub->tick();
+  CHECK(asked() == 2);
+  c.hub->tick();
+  CHECK(asked() == 4);
+  c.hub->tick();
+  CHECK(asked() == 5);
+  for (const auto& id : in0) CHECK(c.desired(0, id).size() == 1);
+  // Everyone asked and none due again: nothing more goes out.
+  c.hub->tick();
+  CHECK(asked() == 5);
+  // After the retry interval they are asked again, round the cell.
+  c.clock.advance(std::chrono::milliseconds(HubService::kMoveRetryMs + 1000));
+  for (int i = 0; i < 3; ++i) c.hub->tick();
+  CHECK(asked() == 10);
+  for (const auto& id : in0) CHECK(c.desired(0, id).size() == 2);
+}
+
+TEST_CASE("a drain outlives a hub restart: devices that took a move asked before it arrive, and stopping it "
+          "withdraws every move the hub no longer knows it asked",
+          "[unit][hub][cells][drain]") {
+  Cells c;
+  const std::vector<std::string> ids = c.enroll_online(6);
+  c.campaign_to_all();
+  // Applied everywhere: a restarted hub has nothing in flight to send again.
+  for (const auto& id : ids) c.applied(id);
+  const std::vector<std::string> in0 = c.in_cell(ids, 0);
+  REQUIRE(in0.size() == 2);
+  REQUIRE(c.hub->drain_cell_devices(0));
+  c.hub->tick();
+  auto header = [&](const std::string& id) {
+    auto sent = c.desired(0, id);
+    REQUIRE_FALSE(sent.empty());
+    auto hv = bundles::verify_desired_header(sent.back().header(), c.director.pub);
+    REQUIRE(hv.ok());
+    return hv.header;
+  };
+  const std::string went = header(in0[0]).broker_url();
+  REQUIRE_FALSE(went.empty());
+  REQUIRE_FALSE(header(in0[1]).broker_url().empty());
+
+  c.restart();
+  CHECK(c.hub->cell(0).draining());
+  CHECK_FALSE(c.hub->cell(1).draining());
+  // The cell still takes no enrollments.
+  CHECK(c.cell_of(c.enroll().device_id()) != 0);
+  // A device that took its move while the hub was down arrives.
+  const int target = went == "ssl://cell1.test:8884" ? 1 : 2;
+  c.presence(target, in0[0], true);
+  CHECK(c.cell_of(in0[0]) == target);
+
+  // Stopped: the other device's move, asked by the hub before its restart,
+  // is withdrawn all the same (its desired state again, signed, staying on
+  // its own cell's broker).
+  const size_t before = c.desired(0, in0[1]).size();
+  REQUIRE(c.hub->undrain_cell(0));
+  c.hub->tick();
+  REQUIRE(c.desired(0, in0[1]).size() == before + 1);
+  CHECK(header(in0[1]).broker_url() == "ssl://cell0.test:8883");
+  CHECK(header(in0[1]).generation() == 1);
+  CHECK(c.cell_of(in0[1]) == 0);
+  // The device that moved is not asked back.
+  CHECK(c.desired(0, in0[0]).size() == 2);  // the campaign and the move
+
+  // Stopped is stopped after the next restart too.
+  c.restart();
+  CHECK_FALSE(c.hub->cell(0).draining());
+  c.hub->tick();
+  CHECK(c.desired(0, in0[1]).size() == before + 1);
 }
 
 }  // namespace flotilla::test

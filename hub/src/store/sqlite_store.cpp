@@ -204,7 +204,11 @@ Status Store::migrate_cells() {
     if (auto s = db_->exec("ALTER TABLE devices ADD COLUMN cell INTEGER NOT NULL DEFAULT 0"); !s) return s;
   }
   // Not on online: presence changes with every report, the cell almost never.
-  return db_->exec("CREATE INDEX IF NOT EXISTS devices_cell ON devices(cell, id)");
+  if (auto s = db_->exec("CREATE INDEX IF NOT EXISTS devices_cell ON devices(cell, id)"); !s) return s;
+  // This hub's own drains (not shared: hubs sharing cells keep theirs in the
+  // coordinator), so that a restart neither forgets a drain nor strands the
+  // devices that took a move asked before it.
+  return db_->exec("CREATE TABLE IF NOT EXISTS cell_drains (cell INTEGER PRIMARY KEY, since_ms INTEGER NOT NULL)");
 }
 
 std::string bundle_id(const std::string& project, const std::string& digest) {
@@ -477,12 +481,30 @@ Result<std::vector<std::string>> Store::devices_of_owner(const std::string& id) 
   return st->rows<std::string>([](const sql::Stmt& s) { return s.col_text(0); });
 }
 
-Result<std::vector<std::string>> Store::cell_session_devices(int cell, int64_t limit) {
-  auto st = db_->prepare("SELECT id FROM devices WHERE cell=? AND gateway='' AND state != 'decommissioned' "
+Result<std::vector<std::string>> Store::cell_session_devices(int cell, int64_t limit, const std::string& after) {
+  auto st = db_->prepare("SELECT id FROM devices WHERE cell=? AND id > ? AND gateway='' AND state != 'decommissioned' "
                          "ORDER BY id LIMIT ?");
   if (!st) return st.error();
-  st->bind(1, static_cast<int64_t>(cell)).bind(2, limit);
+  st->bind(1, static_cast<int64_t>(cell)).bind(2, std::string_view(after)).bind(3, limit);
   return st->rows<std::string>([](const sql::Stmt& s) { return s.col_text(0); });
+}
+
+Result<std::map<int, int64_t>> Store::cell_drains() {
+  auto st = db_->prepare("SELECT cell, since_ms FROM cell_drains ORDER BY cell");
+  if (!st) return st.error();
+  auto rows = st->rows<std::pair<int, int64_t>>(
+      [](const sql::Stmt& s) { return std::pair{static_cast<int>(s.col_int(0)), s.col_int(1)}; });
+  if (!rows) return rows.error();
+  return std::map<int, int64_t>(rows->begin(), rows->end());
+}
+
+Status Store::set_cell_drain(int cell, bool draining, int64_t since_ms) {
+  auto st = db_->prepare(draining ? "INSERT INTO cell_drains (cell, since_ms) VALUES (?, ?) ON CONFLICT(cell) DO NOTHING"
+                                  : "DELETE FROM cell_drains WHERE cell = ?");
+  if (!st) return st.error();
+  st->bind(1, static_cast<int64_t>(cell));
+  if (draining) st->bind(2, since_ms);
+  return st->run();
 }
 
 Status Store::insert_bundle(const BundleRecord& b) {

@@ -50,6 +50,11 @@ class Cell {
   void set_draining(bool d) { draining_ = d; }
   // When (unix ms) its last drain stopped; 0: never.
   std::atomic<int64_t> undrained_ms{0};
+  // This process may not know every move asked in the current drain: it
+  // drains since before a restart, or another hub process held the cell
+  // when the drain began. Stopping such a drain withdraws the move of every
+  // device still in the cell, not only of those this process asked.
+  std::atomic<bool> drain_inherited{false};
 
   // The inbound queue. push() blocks while the queue is full (the MQTT
   // client then stops reading and the broker holds the QoS 1 messages);

@@ -97,6 +97,9 @@ struct ServiceConfig {
   // share_cells: PEM CAs that sign the other hub processes' REST
   // certificates (their https public URLs); empty = the system store.
   std::string peer_ca_file;
+  // Move requests (and withdrawals) per engine tick at most
+  // (HubService::kMoveChunk; tests make it small).
+  int64_t move_chunk = 2000;
 };
 
 // A campaign's stored strategy (the defaults for one that does not parse).
@@ -188,7 +191,7 @@ class HubService {
   static constexpr int64_t kUndrainGraceMs = 10 * 60 * 1000;
   // How long a device asked to move has before it is asked again.
   static constexpr int64_t kMoveRetryMs = 30000;
-  static constexpr int64_t kMoveChunk = 2000;  // move requests per engine tick at most
+  static constexpr int64_t kMoveChunk = 2000;  // move requests per engine tick at most (the default)
   void set_artifacts(ArtifactStore* a) { artifacts_ = a; }
   ArtifactStore* artifacts() const { return artifacts_; }
   // The dashboard's read models (aggregates.hpp); the /v1/views routes
@@ -435,7 +438,9 @@ class HubService {
   int64_t arrivals_retry_ms_ = 0;                                // store_mu_
   static constexpr int64_t kArrivalsRetryMs = 5000;
   std::atomic<bool> recording_arrivals_{false};
-  Result<std::set<int>> shared_drains();  // the cells in the coordinator's draining set
+  // The cells in the coordinator's draining set -> the revision at which
+  // each drain began (its key's create revision).
+  Result<std::map<int, int64_t>> shared_drains();
   void record_arrivals();
   void clear_moved_away();
   // Deletes a device's retained desired state on a cell's broker (an empty
@@ -452,6 +457,23 @@ class HubService {
   std::mutex drains_stopped_mu_;
   std::set<int> drains_stopped_;                        // drains_stopped_mu_
   std::map<std::string, int> move_cancels_;             // owner -> its cell, store_mu_
+  // Where each draining cell's walk through its devices is (the last id
+  // looked at): every device is asked in turn, however many before it have
+  // not moved yet. store_mu_.
+  std::map<int, std::string> drain_cursor_;
+  // Cells whose stopped drain had moves this process may not know it asked
+  // (Cell::drain_inherited): every device still in them gets its desired
+  // state again without the move, a chunk per tick; cell -> the last id
+  // queued. store_mu_.
+  std::map<int, std::string> withdraw_sweeps_;
+  // Marks a cell draining and, when this hub keeps its own drains, records
+  // it in the store first so a restart keeps it. store_mu_ held.
+  Status start_drain(Cell& c, bool inherited);
+  // At start, the drains this hub kept in its store (shares_drains() false).
+  void resume_drains();
+  // The draining set lives in the coordinator (hub processes sharing cells),
+  // not in this hub's store.
+  bool shares_drains() const { return cfg_.share_cells && cfg_.coordinator != nullptr; }
   // Whether a device recorded in `cell` may arrive elsewhere: the cell
   // drains, or stopped draining less than kUndrainGraceMs ago.
   bool lets_devices_leave(int cell) const;

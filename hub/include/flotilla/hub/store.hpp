@@ -333,8 +333,13 @@ class Store {
   // The device itself and, for a gateway, every device behind it.
   Result<std::vector<std::string>> devices_of_owner(const std::string& id);
   // The devices with their own session in a cell (gateways included, the
-  // devices behind them not: they move with their gateway), up to limit.
-  Result<std::vector<std::string>> cell_session_devices(int cell, int64_t limit);
+  // devices behind them not: they move with their gateway), in id order
+  // after `after` (a cursor: the last id of the page before), up to limit.
+  Result<std::vector<std::string>> cell_session_devices(int cell, int64_t limit, const std::string& after = "");
+  // The cells this hub was draining (a hub without shared cells keeps its
+  // drains here, so a restart does not forget them): cell -> since (unix ms).
+  Result<std::map<int, int64_t>> cell_drains();
+  Status set_cell_drain(int cell, bool draining, int64_t since_ms);
 
   Status insert_bundle(const BundleRecord& b);
   Status update_bundle_signatures(const std::string& id, const std::string& envelope, int signatures);
