@@ -29,6 +29,7 @@
 #include "flotilla/hub/device_ca.hpp"
 #include "flotilla/hub/service.hpp"
 #include "flotilla/hub/store.hpp"
+#include "flotilla/v1/desired.pb.h"
 #include "flotilla/v1/enroll.pb.h"
 #include "tests/support/hub_fixtures.hpp"
 #include "tests/support/hub_test_support.hpp"
@@ -1086,4 +1087,95 @@ TEST_CASE("control log: work files a killed hub left behind are removed at start
   CHECK(std::filesystem::exists(notes));
   CHECK(std::filesystem::exists(other));
   CHECK(std::filesystem::exists(dir.path() / "hub.db"));
+}
+
+// Hub processes sharing cells (docs/adr/0019): a device that arrives from a
+// draining cell changes its cell in a control write. With etcd away that
+// write waits; the device is served meanwhile, and the move is recorded once
+// etcd answers again, with nothing written while it was away.
+TEST_CASE("shared cells: a device that arrives from a draining cell while etcd is away is served, and its move is "
+          "recorded when etcd is back",
+          "[unit][control][cells][drain]") {
+  Shared sh;
+  TempDir dir("shared-arrival");
+  auto st = Store::open((dir.path() / "hub.db").string());
+  REQUIRE(st);
+  ServiceConfig cfg = service_config(sh.coord.get());
+  cfg.cell_broker_urls = {"ssl://cell0.test:8883", "ssl://cell1.test:8884"};
+  cfg.broker_url = cfg.cell_broker_urls[0];
+  cfg.coordinator = sh.coord.get();
+  cfg.share_cells = true;
+  cfg.coord_holder = "hub-a";
+  HubService svc(**st, sh.clock, cfg);
+  REQUIRE(svc.control_log_status());
+  RecordingTransport t0, t1;
+  REQUIRE(svc.attach_transport(0, t0));
+  REQUIRE(svc.attach_transport(1, t1));
+  svc.tick();  // the only live hub: it holds both cells
+  REQUIRE(svc.serves_cell(0));
+  REQUIRE(svc.serves_cell(1));
+
+  auto enr = svc.create_token("enroll", token_rec("enroll", "enroll", {"site"}));
+  REQUIRE(enr);
+  std::vector<std::string> ids;
+  for (int i = 0; i < 2; ++i) {
+    auto r = svc.enroll(test::enroll_request(enr->secret, bundles::generate_key(), {{"site", "north"}}));
+    REQUIRE(r);
+    ids.push_back(r->device_id());
+  }
+  auto device = [&](const std::string& id) {
+    auto d = (*st)->get_device(id);
+    REQUIRE(d);
+    REQUIRE(*d);
+    return **d;
+  };
+  auto presence = [&](int cell, const std::string& id, bool up) {
+    v1::Presence p;
+    p.set_online(up);
+    svc.on_message(cell, {transport::device_topic(id, "presence"), p.SerializeAsString(), 1, false});
+    svc.drain();
+  };
+  const std::string mover = device(ids[0]).cell == 0 ? ids[0] : ids[1];
+  REQUIRE(device(mover).cell == 0);
+  presence(0, mover, true);
+
+  REQUIRE(svc.drain_cell_devices(0));
+  svc.tick();  // asks it to move, on cell 0's broker
+  bool asked = false;
+  for (const auto& m : t0.published()) {
+    v1::DesiredState ds;
+    asked = asked || (m.topic == transport::device_topic(mover, "desired") && ds.ParseFromString(m.payload) &&
+                      ds.device_id() == mover);
+  }
+  REQUIRE(asked);
+
+  // etcd goes away; the device arrives on cell 1's broker.
+  sh.coord->down = true;
+  const int64_t head = sh.head_revision();
+  presence(0, mover, false);
+  presence(1, mover, true);
+  // Served: what it says is applied, though its move is not recorded yet.
+  CHECK(device(mover).online);
+  CHECK(device(mover).cell == 0);
+  CHECK(sh.head_revision() == head);
+  presence(1, mover, false);
+  CHECK_FALSE(device(mover).online);
+  presence(1, mover, true);
+  CHECK(device(mover).online);
+  CHECK(svc.cell(1).moved_in == 0);
+
+  // Back: the next batch after the retry interval (5 s) records it.
+  sh.coord->down = false;
+  sh.clock.advance(std::chrono::seconds(6));
+  presence(1, mover, true);
+  CHECK(device(mover).cell == 1);
+  CHECK(device(mover).online);
+  CHECK(sh.head_revision() > head);
+  CHECK(svc.cell(0).moved_out == 1);
+  CHECK(svc.cell(1).moved_in == 1);
+  // A late message from the broker it left changes nothing now.
+  presence(0, mover, false);
+  CHECK(device(mover).online);
+  CHECK(device(mover).cell == 1);
+  svc.stop();
 }
