@@ -462,8 +462,8 @@ class HubService {
   // not moved yet. store_mu_.
   std::map<int, std::string> drain_cursor_;
   // Cells whose stopped drain had moves this process may not know it asked
-  // (Cell::drain_inherited): every device still in them gets its desired
-  // state again without the move, a chunk per tick; cell -> the last id
+  // (Cell::drain_inherited): every device still in them is told again to
+  // stay on its cell's broker, a chunk per tick; cell -> the last id
   // queued. store_mu_.
   std::map<int, std::string> withdraw_sweeps_;
   // Marks a cell draining and, when this hub keeps its own drains, records
