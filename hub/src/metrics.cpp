@@ -335,6 +335,15 @@ std::string render_metrics(HubService& s, const HttpMetrics& http) {
     p.sample("flotilla_cell_devices_moved_total", {{"cell", std::to_string(i)}, {"direction", "out"}},
              static_cast<double>(s.cell(i).moved_out.load()));
   }
+  p.family("flotilla_cell_move_requests_total", "counter",
+           "Signed requests sent on a cell's broker by a drain: kind=move asks a device to move to another cell "
+           "(each retry counts), kind=withdrawal tells it to stay after the drain stopped.");
+  for (int i = 0; i < s.cell_count(); ++i) {
+    p.sample("flotilla_cell_move_requests_total", {{"cell", std::to_string(i)}, {"kind", "move"}},
+             static_cast<double>(s.cell(i).moves_asked.load()));
+    p.sample("flotilla_cell_move_requests_total", {{"cell", std::to_string(i)}, {"kind", "withdrawal"}},
+             static_cast<double>(s.cell(i).moves_withdrawn.load()));
+  }
   p.family("flotilla_cell_desired_published_total", "counter", "Desired-state messages published, by cell.");
   for (int i = 0; i < s.cell_count(); ++i) {
     p.sample("flotilla_cell_desired_published_total", {{"cell", std::to_string(i)}},

@@ -1657,6 +1657,8 @@ void HubService::continue_drains() {
       if (auto s = publish_desired(p); !s) {
         unsent.emplace_back(p.device_id, p.cell);
         why = s.error().message;
+      } else {
+        ++cells_[static_cast<size_t>(p.cell)]->moves_withdrawn;
       }
     }
     if (!unsent.empty()) {
@@ -1670,7 +1672,7 @@ void HubService::continue_drains() {
     }
   }
   if (moves.empty()) return;
-  moves_asked_ += moves.size();
+  for (const auto& p : moves) ++cells_[static_cast<size_t>(p.cell)]->moves_asked;
   publish_all(moves, "move");
   log::get("hub")->info("asked {} devices to move to another cell", moves.size());
 }

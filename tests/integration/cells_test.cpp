@@ -155,6 +155,8 @@ TEST_CASE("cell drain mid-campaign: every device moves and applies once and stay
   CHECK(list[1]["devices_total"].get<int>() + list[2]["devices_total"].get<int>() == kAgents);
   const std::string m = metrics_text(hub);
   CHECK(metric(m, "flotilla_cell_devices_moved_total{cell=\"0\",direction=\"out\"}") == 2);
+  CHECK(metric(m, "flotilla_cell_move_requests_total{cell=\"0\",kind=\"move\"}") >= 2);  // both asked, maybe again
+  CHECK(metric(m, "flotilla_cell_move_requests_total{cell=\"0\",kind=\"withdrawal\"}") == 0);
   bool audited = false;
   for (const auto& a : hub.audit()) audited = audited || a["path"] == "/v1/cells/0/drain";
   CHECK(audited);

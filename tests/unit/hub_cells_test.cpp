@@ -362,6 +362,7 @@ TEST_CASE("a drain asks every device in turn, however many before it have not mo
   // No device takes its move: each tick asks the next two, in id order.
   c.hub->tick();
   CHECK(asked() == 2);
+  CHECK(c.hub->cell(0).moves_asked == 2);
   c.hub->tick();
   CHECK(asked() == 4);
   c.hub->tick();
@@ -374,6 +375,8 @@ TEST_CASE("a drain asks every device in turn, however many before it have not mo
   c.clock.advance(std::chrono::milliseconds(HubService::kMoveRetryMs + 1000));
   for (int i = 0; i < 3; ++i) c.hub->tick();
   CHECK(asked() == 10);
+  CHECK(c.hub->cell(0).moves_asked == 10);
+  CHECK(c.hub->cell(0).moves_withdrawn == 0);
   for (const auto& id : in0) CHECK(c.desired(0, id).size() == 2);
 }
 
@@ -418,6 +421,8 @@ TEST_CASE("a drain outlives a hub restart: devices that took a move asked before
   c.hub->tick();
   REQUIRE(c.desired(0, in0[1]).size() == before + 1);
   CHECK(header(in0[1]).broker_url() == "ssl://cell0.test:8883");
+  CHECK(c.hub->cell(0).moves_withdrawn == 1);
+  CHECK(c.hub->cell(0).moves_asked == 0);  // this process asked none
   CHECK(header(in0[1]).generation() == 1);
   CHECK(c.cell_of(in0[1]) == 0);
   // The device that moved is not asked back.

@@ -73,6 +73,9 @@ class Cell {
 
   std::atomic<uint64_t> presence_resets{0}, rollcalls{0}, desired_published{0};
   std::atomic<uint64_t> moved_in{0}, moved_out{0};
+  // Requests sent on this cell's broker: to move (a drain; retries count)
+  // and to stay (the withdrawal of a move after the drain stopped).
+  std::atomic<uint64_t> moves_asked{0}, moves_withdrawn{0};
   // Devices marked offline because the broker session ended or began again.
   std::atomic<uint64_t> presence_reset_devices{0};
   // Marked offline when the session was lost: the next session's roll call

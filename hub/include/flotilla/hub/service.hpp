@@ -477,7 +477,7 @@ class HubService {
   // Whether a device recorded in `cell` may arrive elsewhere: the cell
   // drains, or stopped draining less than kUndrainGraceMs ago.
   bool lets_devices_leave(int cell) const;
-  std::atomic<uint64_t> other_cell_dropped_{0}, moves_asked_{0};
+  std::atomic<uint64_t> other_cell_dropped_{0};
   void drain_cell(Cell& c);
   v1::EnrollResponse enroll_response(const DeviceRecord& d) const;
   // A device certificate for a request, with the store row it needs.
