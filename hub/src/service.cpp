@@ -1540,7 +1540,6 @@ void HubService::continue_drains() {
   {
     std::lock_guard lock(store_mu_);
     for (int cell : stopped) {
-      drain_cursor_.erase(cell);
       // Moves asked before a restart or by another holder: every device
       // still in the cell is told again to stay on its broker.
       if (cells_[static_cast<size_t>(cell)]->drain_inherited.exchange(false) && serves_cell(cell)) {
