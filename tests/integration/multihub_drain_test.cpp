@@ -53,41 +53,65 @@ std::array<int, kCells> split_cells(Hub& a, Hub& b) {
   return held;
 }
 
+// One etcd member, a broker per cell, and two hub processes holding one
+// cell each; `drained` is the cell hub B holds. The admin token is the
+// fleet's (in the control log), so both hubs take it.
+struct TwoHubs {
+  TempDir tmp;
+  SharedCells site;
+  Hub a, b;
+  std::string admin;
+  int drained = -1;
+  bundles::KeyPair release = bundles::generate_key();
+  explicit TwoHubs(const std::string& name)
+      : tmp(name), site(tmp.path(), kCells, 1), a(tmp.path() / "hub-a"), b(tmp.path() / "hub-b") {
+    a.start(site.hub_args);
+    b.start(site.hub_args);
+    admin = a.admin_token();
+    REQUIRE(fs::write_file_atomic(b.data_dir() / "admin.token", admin + "\n", 0600));
+    const std::array<int, kCells> held = split_cells(a, b);
+    drained = held[0] == 1 ? 0 : 1;
+  }
+  ~TwoHubs() {
+    for (auto& br : site.brokers) br->stop();
+  }
+  // n agents enrolled through hub A (least loaded cell each), all online.
+  std::vector<std::unique_ptr<Agent>> start_agents(int n) {
+    const std::string token = a.enrollment_token({{"env", "it"}}, n);
+    std::vector<std::unique_ptr<Agent>> agents;
+    for (int i = 0; i < n; ++i) {
+      AgentOptions o;
+      o.root_keys = {bundles::public_key_text(release.pub)};
+      agents.push_back(std::make_unique<Agent>(tmp.path() / ("dev-" + std::to_string(i)), a.url(), token, o));
+      agents.back()->start();
+    }
+    for (auto& agent : agents) {
+      const bool online = wait_agent_online(a, *agent, std::chrono::seconds(60));
+      INFO("agent log:\n" << agent->log() << tails(a, b));
+      REQUIRE(online);
+    }
+    return agents;
+  }
+};
+
 }  // namespace
 
 TEST_CASE("cell drain across hub processes: asked of the hub that does not hold the cell, every device moves to the "
           "other process's cell mid-campaign, both agree, and the campaign counts each once",
           "[integration][etcd][multihub][drain]") {
   REQUIRE(EtcdCluster::available());
-  TempDir tmp("multihub-drain");
-  SharedCells site(tmp.path(), kCells, 1);
-  Hub a(tmp.path() / "hub-a"), b(tmp.path() / "hub-b");
-  a.start(site.hub_args);
-  b.start(site.hub_args);
-  const std::string admin = a.admin_token();  // the fleet's, in the control log
-  REQUIRE(fs::write_file_atomic(b.data_dir() / "admin.token", admin + "\n", 0600));
+  TwoHubs site("multihub-drain");
+  Hub &a = site.a, &b = site.b;
+  const std::string& admin = site.admin;
+  const auto& release = site.release;
   std::vector<Hub*> hubs = {&a, &b};
-  const std::array<int, kCells> held = split_cells(a, b);
   // The cell hub B holds is drained; its devices go to hub A's.
-  const int drained = held[0] == 1 ? 0 : 1;
+  const int drained = site.drained;
   const int kept = 1 - drained;
 
   // Four agents enrolled through hub A: two per cell (least loaded).
   constexpr int kAgents = 4;
-  const auto release = bundles::generate_key();
-  const std::string token = a.enrollment_token({{"env", "it"}}, kAgents);
-  std::vector<std::unique_ptr<Agent>> agents;
-  for (int i = 0; i < kAgents; ++i) {
-    AgentOptions o;
-    o.root_keys = {bundles::public_key_text(release.pub)};
-    agents.push_back(std::make_unique<Agent>(tmp.path() / ("dev-" + std::to_string(i)), a.url(), token, o));
-    agents.back()->start();
-  }
-  for (auto& agent : agents) {
-    const bool online = wait_agent_online(a, *agent, std::chrono::seconds(60));
-    INFO("agent log:\n" << agent->log() << tails(a, b));
-    REQUIRE(online);
-  }
+  auto agents = site.start_agents(kAgents);
   int in_drained = 0;
   for (auto& agent : agents) in_drained += a.device(agent->device_id())["cell"] == drained ? 1 : 0;
   REQUIRE(in_drained == kAgents / 2);
@@ -197,34 +221,19 @@ TEST_CASE("cell drain across hub processes: asked of the hub that does not hold 
   // B held the cell before the drain began: it knew every move it asked,
   // and withdrew only those.
   CHECK(b.log().find("withdrawing the move of every device") == std::string::npos);
-  for (auto& br : site.brokers) br->stop();
 }
 
 TEST_CASE("cell drain across hub processes: the holder killed mid-drain, the process that takes the cell over "
           "withdraws on undrain the moves the dead one asked, and an offline device asked to move stays",
           "[integration][etcd][multihub][drain]") {
   REQUIRE(EtcdCluster::available());
-  TempDir tmp("multihub-drain-holder");
-  SharedCells site(tmp.path(), kCells, 1);
-  Hub a(tmp.path() / "hub-a"), b(tmp.path() / "hub-b");
-  a.start(site.hub_args);
-  b.start(site.hub_args);
-  const std::string admin = a.admin_token();
-  REQUIRE(fs::write_file_atomic(b.data_dir() / "admin.token", admin + "\n", 0600));
-  const std::array<int, kCells> held = split_cells(a, b);
-  const int drained = held[0] == 1 ? 0 : 1;
+  TwoHubs site("multihub-drain-holder");
+  Hub &a = site.a, &b = site.b;
+  const std::string& admin = site.admin;
+  const int drained = site.drained;
 
   // Two agents, one per cell; the one in B's cell goes offline.
-  const auto release = bundles::generate_key();
-  const std::string token = a.enrollment_token({{"env", "it"}}, 2);
-  std::vector<std::unique_ptr<Agent>> agents;
-  for (int i = 0; i < 2; ++i) {
-    AgentOptions o;
-    o.root_keys = {bundles::public_key_text(release.pub)};
-    agents.push_back(std::make_unique<Agent>(tmp.path() / ("dev-" + std::to_string(i)), a.url(), token, o));
-    agents.back()->start();
-  }
-  for (auto& agent : agents) REQUIRE(wait_agent_online(a, *agent, std::chrono::seconds(60)));
+  auto agents = site.start_agents(2);
   Agent& away = a.device(agents[0]->device_id())["cell"] == drained ? *agents[0] : *agents[1];
   REQUIRE(a.device(away.device_id())["cell"] == drained);
   away.stop();
@@ -279,5 +288,4 @@ TEST_CASE("cell drain across hub processes: the holder killed mid-drain, the pro
   // it: the agent handled both before reconnecting, and stayed.
   INFO(away.log());
   CHECK(away.log().find("stays on broker") != std::string::npos);
-  for (auto& br : site.brokers) br->stop();
 }
