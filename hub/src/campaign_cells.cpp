@@ -259,18 +259,16 @@ void HubService::record_arrivals() {
   std::lock_guard lock(store_mu_);
   arrivals_retry_ms_ = 0;
   std::vector<std::string> owners;
-  std::set<int> cells;
   for (const auto& [owner, from_to] : arrivals) {
     pending_arrivals_.erase(owner);
     owners.push_back(owner);
-    cells.insert(from_to.second);
     if (rows[owner] > 0) {
       note_moved(owner, from_to.first, from_to.second, rows[owner], ", recorded for every hub process");
     } else {
       move_asked_ms_.erase(owner);
     }
   }
-  add_arrival_members(owners, cells);
+  add_arrival_members(owners);
 }
 
 // The rows of running campaigns for devices that came into this process's
@@ -278,16 +276,18 @@ void HubService::record_arrivals() {
 // (it built its cells' members before they came). Each gets the wave the
 // campaign's rank gives it, as if it had been in this cell from the start;
 // its reports then count here, once (the old holder's row moved out of the
-// cell it publishes with the device).
-void HubService::add_arrival_members(const std::vector<std::string>& owners, const std::set<int>& cells) {
-  std::set<std::string> arrived;
+// cell it publishes with the device). Found by device id (members_by_id):
+// a batch of arrivals costs its own devices' rows, not a scan of the fleet
+// per campaign and cell (docs/adr/0019, "Added after").
+void HubService::add_arrival_members(const std::vector<std::string>& owners) {
+  std::vector<std::string> arrived;
   for (const auto& owner : owners) {
     auto ids = store_.devices_of_owner(owner);
     if (!ids) {
       log::get("hub")->warn("campaign membership of device={}: {}", owner, ids.error().message);
       continue;
     }
-    arrived.insert(ids->begin(), ids->end());
+    arrived.insert(arrived.end(), ids->begin(), ids->end());
   }
   auto campaigns = store_.list_campaigns();
   if (!campaigns) {
@@ -295,30 +295,28 @@ void HubService::add_arrival_members(const std::vector<std::string>& owners, con
     return;
   }
   const int64_t now = clock_.now_unix_ms();
+  std::set<std::string> open;
   sql::Transaction tx(store_.db());
   for (const auto& c : *campaigns) {
     if (!campaign_runs(c.state) && c.state != CampaignState::paused) continue;
-    auto sel = Selector::parse(c.selector);
-    if (!sel) continue;
-    const Strategy strategy = strategy_of(c);
+    open.insert(c.id);
+    auto members = members_by_id(c, arrived);
+    if (!members) {
+      log::get("hub")->warn("campaign={}: membership of arrived devices: {}", c.id, members.error().message);
+      continue;
+    }
     int added = 0;
-    for (int cell : cells) {
-      auto members = campaign_members(c, *sel, strategy, cell);
-      if (!members) {
-        log::get("hub")->warn("campaign={} cell={}: membership: {}", c.id, cell, members.error().message);
-        continue;
-      }
-      for (const auto& m : *members) {
-        if (!arrived.count(m.device_id)) continue;
-        if (auto s = store_.add_campaign_member(c.id, m, now); !s) {
-          log::get("hub")->warn("campaign={} device={}: membership: {}", c.id, m.device_id, s.error().message);
-        } else {
-          ++added;
-        }
+    for (const auto& m : *members) {
+      if (auto s = store_.add_campaign_member(c.id, m, now); !s) {
+        log::get("hub")->warn("campaign={} device={}: membership: {}", c.id, m.device_id, s.error().message);
+      } else {
+        ++added;
       }
     }
     if (added > 0) log::get("hub")->info("campaign={}: {} arrived device(s) joined", c.id, added);
   }
+  // Cutoffs of campaigns that no longer take members are not needed again.
+  std::erase_if(canary_cutoffs_, [&](const auto& kv) { return !open.count(kv.first); });
   if (auto s = tx.commit(); !s) log::get("hub")->warn("campaign membership of arrived devices: {}", s.error().message);
 }
 

@@ -5,6 +5,7 @@
 // is killed carries on where it stopped; a row's final outcome is written once.
 #include <algorithm>
 #include <cmath>
+#include <queue>
 #include <nlohmann/json.hpp>
 #include <set>
 
@@ -22,6 +23,12 @@ bool campaign_status_is_final(const std::string& s) {
 }
 
 namespace {
+
+// Whether campaign c targets a device of this project, state and labels.
+bool targets(const CampaignRecord& c, const Selector& sel, const std::string& project, const std::string& state,
+             const Labels& labels) {
+  return project == c.project && state != "decommissioned" && sel.matches(labels);
+}
 
 // What a device report means for its campaign row.
 std::string outcome_for(v1::AgentState s) {
@@ -142,8 +149,7 @@ Result<std::vector<Store::CampaignMember>> HubService::campaign_members(const Ca
   std::vector<int> cells;
   auto listed = store_.each_device_target_cell([&](const std::string& id, const std::string& dev_project,
                                                    const std::string& state, const Labels& labels, int dev_cell) {
-    if (dev_project != c.project) return;
-    if (state == "decommissioned" || !sel.matches(labels)) return;
+    if (!targets(c, sel, dev_project, state, labels)) return;
     rows.push_back({id, campaign_rank(c.id, id), 0, strategy.window.enabled() ? strategy.window.zone_for(labels) : ""});
     ranks.push_back(rows.back().rank);
     cells.push_back(dev_cell);
@@ -159,6 +165,53 @@ Result<std::vector<Store::CampaignMember>> HubService::campaign_members(const Ca
     out.push_back(std::move(rows[i]));
   }
   return out;
+}
+
+Result<std::vector<Store::CampaignMember>> HubService::members_by_id(const CampaignRecord& c,
+                                                                    const std::vector<std::string>& ids) {
+  std::lock_guard lock(store_mu_);
+  auto sel = Selector::parse(c.selector);
+  if (!sel) return sel.error();
+  const Strategy strategy = strategy_of(c);
+  std::vector<Store::CampaignMember> out;
+  for (const auto& id : ids) {
+    auto d = store_.get_device(id);
+    if (!d) return d.error().with_context("device=" + id);
+    if (!*d || !targets(c, *sel, (*d)->project, (*d)->state, (*d)->labels)) continue;
+    const double rank = campaign_rank(c.id, id);
+    int wave = strategy.wave_for_rank(rank);
+    if (strategy.canary_count > 0) {
+      auto cutoff = canary_cutoff(c, *sel, strategy);
+      if (!cutoff) return cutoff.error();
+      if (rank <= *cutoff) wave = 0;
+    }
+    out.push_back({id, rank, wave, strategy.window.enabled() ? strategy.window.zone_for((*d)->labels) : ""});
+  }
+  return out;
+}
+
+Result<double> HubService::canary_cutoff(const CampaignRecord& c, const Selector& sel, const Strategy& strategy) {
+  if (auto it = canary_cutoffs_.find(c.id); it != canary_cutoffs_.end()) return it->second;
+  // The N lowest ranks so far, the highest of them on top.
+  const auto n = static_cast<size_t>(std::max<int64_t>(strategy.canary_count, 1));
+  std::priority_queue<double> lowest;
+  auto listed = store_.each_device_target(
+      [&](const std::string& id, const std::string& project, const std::string& state, const Labels& labels) {
+        if (!targets(c, sel, project, state, labels)) return;
+        const double rank = campaign_rank(c.id, id);
+        if (lowest.size() < n) {
+          lowest.push(rank);
+        } else if (rank < lowest.top()) {
+          lowest.pop();
+          lowest.push(rank);
+        }
+      });
+  if (!listed) return listed.error().with_context("canary of campaign=" + c.id);
+  std::vector<double> ranks;
+  for (; !lowest.empty(); lowest.pop()) ranks.push_back(lowest.top());
+  const double cutoff = canary_cut({ranks}, strategy.canary_count);
+  canary_cutoffs_[c.id] = cutoff;
+  return cutoff;
 }
 
 void HubService::engine_loop() {

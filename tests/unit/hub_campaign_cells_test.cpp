@@ -159,6 +159,49 @@ TEST_CASE("count-based canaries take the lowest ranks over every cell", "[unit][
   CHECK(canary_cut({{0.1, 0.2}}, 5) == 1.0);  // fewer members than the count: all of them
 }
 
+// A device that arrives from a cell another hub process held gets its rows
+// by id (HubService::members_by_id, docs/adr/0019): they must be the rows
+// the campaign's creation gave it, over every cell.
+TEST_CASE("members by id are the rows the campaign's creation gave, a count-based canary included, and leave out "
+          "devices it does not target",
+          "[unit][hub][campaign][cells]") {
+  Fleet f(2);
+  f.enroll(40);
+  f.enroll(3, {{"env", "lab"}});  // not matched by env=prod
+  REQUIRE(f.hub->decommission_device(f.devices[0]));
+  std::vector<std::string> asked = f.devices;
+  asked.push_back("d-never-enrolled");
+  for (const char* text : {R"({"canary": 3, "waves": [50, 100]})", R"({"canary": "10%", "waves": [30, 60, 100]})",
+                           R"({"waves": [25, 100]})", R"({"canary": 60, "waves": [100]})"}) {
+    INFO(text);
+    const auto strategy = Strategy::from_json(json::parse(text));
+    REQUIRE(strategy);
+    const auto id = f.create(json::parse(text), f.bundle(1));
+    auto c = f.store->get_campaign(id);
+    REQUIRE(c);
+    REQUIRE(*c);
+    std::map<std::string, CampaignDeviceRecord> made;
+    for (const auto& row : f.view(id).devices) made[row.device_id] = row;
+    REQUIRE(made.size() == 39);  // 40 prod devices, one decommissioned
+    // Asked twice: the second answer comes from the kept canary cutoff.
+    for (int round = 0; round < 2; ++round) {
+      auto by_id = f.hub->members_by_id(**c, asked);
+      REQUIRE(by_id);
+      CHECK(by_id->size() == made.size());
+      int64_t canary = 0;
+      for (const auto& m : *by_id) {
+        INFO(m.device_id);
+        REQUIRE(made.count(m.device_id));
+        CHECK(m.wave == made[m.device_id].wave);
+        CHECK(m.rank == made[m.device_id].rank);
+        CHECK(m.zone == made[m.device_id].zone);
+        canary += m.wave == 0 ? 1 : 0;
+      }
+      if (strategy->canary_count > 0) CHECK(canary == std::min<int64_t>(strategy->canary_count, 39));
+    }
+  }
+}
+
 TEST_CASE("campaign counts per cell stay exact through reports, presence and drains", "[unit][hub][campaign][cells]") {
   Fleet f(3);
   f.enroll(30);

@@ -289,6 +289,14 @@ class HubService {
   Result<CampaignRecord> create_campaign(const std::string& name, const std::string& bundle_key,
                                          const std::string& selector, const Strategy& strategy = {},
                                          const std::string& project = "*", const std::string& campaign_id = "");
+  // The rows campaign c gives these devices, found by id without a scan of
+  // the fleet: each one's rank, wave and zone exactly as at the campaign's
+  // creation (campaign_members). A count-based canary's cutoff (the Nth
+  // lowest rank of the matching devices) takes one scan, once per campaign
+  // in this process. Unknown ids and devices the campaign does not target
+  // (another project, decommissioned, not matching) are left out.
+  Result<std::vector<Store::CampaignMember>> members_by_id(const CampaignRecord& c,
+                                                           const std::vector<std::string>& ids);
   Result<std::optional<CampaignView>> campaign_view(const std::string& id, bool with_devices);
   Result<std::vector<CampaignView>> list_campaigns(const std::string& project = "*");
   // pause, resume, abort, rollback or approve (the next wave, at a gate).
@@ -446,7 +454,7 @@ class HubService {
   // Deletes a device's retained desired state on a cell's broker (an empty
   // retained message); false when the hub has no session to it.
   bool clear_retained_desired(int cell, const std::string& id);
-  void add_arrival_members(const std::vector<std::string>& owners, const std::set<int>& cells);  // store_mu_ held
+  void add_arrival_members(const std::vector<std::string>& owners);  // store_mu_ held
   // The shared draining set (/flotilla/drains/<cell>) onto the cells' flags.
   void follow_drains(const std::function<void(const std::string&, const Error&)>& warn);
   std::map<std::string, int64_t> move_asked_ms_;        // store_mu_
@@ -596,6 +604,11 @@ class HubService {
   // so a count-based canary cuts the same). store_mu_ held.
   Result<std::vector<Store::CampaignMember>> campaign_members(const CampaignRecord& c, const Selector& sel,
                                                               const Strategy& strategy, std::optional<int> cell);
+  // The rank at or below which a device is in the count-based canary of c
+  // (1.0 when fewer devices match than the canary's count); kept per
+  // campaign in canary_cutoffs_. store_mu_ held.
+  Result<double> canary_cutoff(const CampaignRecord& c, const Selector& sel, const Strategy& strategy);
+  std::map<std::string, double> canary_cutoffs_;  // store_mu_
   // Every cell's counts of a campaign: this hub's own cells counted now,
   // the others as last published, own cells read from `from` (store_ under
   // store_mu_, or a reader).
