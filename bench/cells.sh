@@ -25,7 +25,7 @@ GATEWAY="100000 1000000"
 CELLS="1 2 4"
 DIRECT=70000
 DIRECT_CELLS=4
-DIRECT_PROCESSES=0  # 0: one simulator process per 5,000 sessions
+DIRECT_PROCESSES=0  # 0: one simulator process per 2,000 sessions
 PER_GATEWAY=5000
 OUT="${TMPDIR:-/tmp}/flotilla-cells-$$"
 RAW="$ROOT/docs/scale"
@@ -83,7 +83,7 @@ if [ -z "${REPORT_ONLY:-}" ]; then
   done
   if [ "$DIRECT" -gt 0 ]; then
     procs=$DIRECT_PROCESSES
-    [ "$procs" -gt 0 ] || procs=$(( (DIRECT + 4999) / 5000 ))
+    [ "$procs" -gt 0 ] || procs=$(( (DIRECT + 1999) / 2000 ))
     with_cpu_lock rung direct "$DIRECT_CELLS" "$DIRECT" --processes "$procs"
   fi
 fi

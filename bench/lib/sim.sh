@@ -20,8 +20,10 @@ sim_rung() {
   [ "$mode" = gateway ] && args+=(--devices-per-gateway "$per")
   # Paho C notices a new socket only when its poll loop comes round (up to
   # 1 s), so direct mode connects many sessions at once, from one simulator
-  # process per 5,000 sessions (each process has its own Paho lock).
-  [ "$mode" = direct ] && args+=(--enroll-threads 128 --processes $(( (n + 4999) / 5000 )))
+  # process per 2,000 sessions: each process has its own Paho lock, and Paho
+  # looks a packet's session up among all of its process's sessions, so a
+  # message costs more the more sessions share a process (docs/simulator.md).
+  [ "$mode" = direct ] && args+=(--enroll-threads 128 --processes $(( (n + 1999) / 2000 )))
   # Above 100k devices the hub's store outgrows its page cache (docs/operations.md).
   local mmap=0
   [ "$n" -gt 100000 ] && mmap=2048
