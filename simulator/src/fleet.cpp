@@ -563,9 +563,9 @@ void Fleet::announce_session(uint32_t s) {
 
 void Fleet::supervisor() {
   // Sessions lost and not connected again yet (this thread's own). Only
-  // they are asked whether they are connected: at 70,000 sessions, asking
-  // every session ten times a second took a tenth of the machine, under
-  // Paho's lock and the sessions' lock.
+  // they are asked whether they are connected: asking every session ten
+  // times a second, under Paho's lock and the sessions' lock, took 6 % of
+  // the machine at 16,000 sessions, and more with every session.
   std::set<uint32_t> down;
   while (!stopping_) {
     std::this_thread::sleep_for(Ms(100));
