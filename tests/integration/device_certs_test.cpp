@@ -386,7 +386,10 @@ TEST_CASE("renewal keeps a device connected across its certificate's expiry, off
   // Connected: the agent renews before two thirds of the lifetime.
   REQUIRE(wait_until([&] { return serial_now() != first && !serial_now().empty(); }, std::chrono::seconds(30)));
   INFO(agent->log());
-  CHECK(agent->log().find("renewed the broker certificate") != std::string::npos);
+  // The agent writes the certificate first and logs the renewal after it:
+  // the line may not be there yet the moment the file changes.
+  CHECK(wait_until([&] { return agent->log().find("renewed the broker certificate") != std::string::npos; },
+                   std::chrono::seconds(10)));
   // Past the first certificate's end the device is still online, and when
   // mosquitto dies (the hub's watchdog restarts it on the same port, every
   // session reconnects) it is back at once with its renewed certificate.
