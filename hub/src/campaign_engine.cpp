@@ -30,6 +30,14 @@ bool targets(const CampaignRecord& c, const Selector& sel, const std::string& pr
   return project == c.project && state != "decommissioned" && sel.matches(labels);
 }
 
+// A device as a member of campaign c: its rank by the campaign's hash and,
+// for a campaign with a maintenance window, its time zone. The caller sets
+// the wave (it depends on the rank and on who asks).
+Store::CampaignMember member_of(const CampaignRecord& c, const Strategy& strategy, const std::string& id,
+                                const Labels& labels) {
+  return {id, campaign_rank(c.id, id), 0, strategy.window.enabled() ? strategy.window.zone_for(labels) : ""};
+}
+
 // What a device report means for its campaign row.
 std::string outcome_for(v1::AgentState s) {
   switch (s) {
@@ -150,7 +158,7 @@ Result<std::vector<Store::CampaignMember>> HubService::campaign_members(const Ca
   auto listed = store_.each_device_target_cell([&](const std::string& id, const std::string& dev_project,
                                                    const std::string& state, const Labels& labels, int dev_cell) {
     if (!targets(c, sel, dev_project, state, labels)) return;
-    rows.push_back({id, campaign_rank(c.id, id), 0, strategy.window.enabled() ? strategy.window.zone_for(labels) : ""});
+    rows.push_back(member_of(c, strategy, id, labels));
     ranks.push_back(rows.back().rank);
     cells.push_back(dev_cell);
   });
@@ -178,14 +186,14 @@ Result<std::vector<Store::CampaignMember>> HubService::members_by_id(const Campa
     auto d = store_.get_device(id);
     if (!d) return d.error().with_context("device=" + id);
     if (!*d || !targets(c, *sel, (*d)->project, (*d)->state, (*d)->labels)) continue;
-    const double rank = campaign_rank(c.id, id);
-    int wave = strategy.wave_for_rank(rank);
+    auto m = member_of(c, strategy, id, (*d)->labels);
+    m.wave = strategy.wave_for_rank(m.rank);
     if (strategy.canary_count > 0) {
       auto cutoff = canary_cutoff(c, *sel, strategy);
       if (!cutoff) return cutoff.error();
-      if (rank <= *cutoff) wave = 0;
+      if (m.rank <= *cutoff) m.wave = 0;
     }
-    out.push_back({id, rank, wave, strategy.window.enabled() ? strategy.window.zone_for((*d)->labels) : ""});
+    out.push_back(std::move(m));
   }
   return out;
 }
@@ -615,9 +623,8 @@ void HubService::refresh_membership(const std::vector<DeviceRecord>& devices) {
       const bool matches = sel->matches(d.labels);
       if (matches && !*row) {
         // Joins where its hash puts it, but never in a wave already done.
-        const double rank = campaign_rank(c.id, d.id);
-        Store::CampaignMember m{d.id, rank, std::max(strategy.wave_for_rank(rank), c.current_wave),
-                                strategy.window.enabled() ? strategy.window.zone_for(d.labels) : ""};
+        auto m = member_of(c, strategy, d.id, d.labels);
+        m.wave = std::max(strategy.wave_for_rank(m.rank), c.current_wave);
         if (!m.zone.empty()) zones.insert(m.zone);
         if (store_.add_campaign_member(c.id, m, now)) {
           joined_any = true;
