@@ -29,6 +29,7 @@
 #include "flotilla/common/encoding.hpp"
 #include "flotilla/common/fs.hpp"
 #include "flotilla/common/log.hpp"
+#include "flotilla/common/mqtt_codec.hpp"
 #include "flotilla/hub/tls_files.hpp"
 
 namespace flotilla::hub {
@@ -582,29 +583,13 @@ Status EmbeddedBroker::write_passwords(const Credentials& devices) {
 }
 
 std::string mqtt_connect_packet(const std::string& client_id, const std::string& user, const std::string& password) {
-  auto field = [](std::string& out, const std::string& v) {
-    out.push_back(static_cast<char>(v.size() >> 8));
-    out.push_back(static_cast<char>(v.size() & 0xff));
-    out += v;
-  };
-  std::string body;
-  field(body, "MQTT");
-  body.push_back(4);                       // protocol level 3.1.1
-  body.push_back(static_cast<char>(0xC2));  // username, password, clean session
-  body.push_back(0);
-  body.push_back(5);                       // keepalive 5 s
-  field(body, client_id);
-  field(body, user);
-  field(body, password);
-  std::string packet(1, static_cast<char>(0x10));
-  for (size_t n = body.size();;) {          // remaining length, varint
-    char byte = static_cast<char>(n % 128);
-    n /= 128;
-    packet.push_back(static_cast<char>(byte | (n ? 0x80 : 0)));
-    if (!n) break;
-  }
-  packet += body;
-  return packet;
+  mqtt::ConnectFields f;
+  f.client_id = client_id;
+  f.username = user;
+  f.password = password;
+  f.clean_session = true;
+  f.keepalive_s = 5;
+  return mqtt::encode_connect(f);
 }
 
 namespace {
@@ -757,21 +742,10 @@ Status EmbeddedBroker::take_over_session(const ClientIdentity& who) {
   if (cfg_.auth != BrokerAuth::certificate) return {};
   // Clean session, no user name (the certificate names the client): the
   // broker replaces the client's connection and forgets its session.
-  std::string body;
-  auto field = [&](const std::string& v) {
-    body.push_back(static_cast<char>(v.size() >> 8));
-    body.push_back(static_cast<char>(v.size() & 0xff));
-    body += v;
-  };
-  field("MQTT");
-  body.push_back(4);
-  body.push_back(0x02);  // clean session
-  body.push_back(0);
-  body.push_back(5);
-  field("flotilla-takeover");
-  std::string packet(1, static_cast<char>(0x10));
-  packet.push_back(static_cast<char>(body.size()));
-  packet += body;
+  mqtt::ConnectFields f;
+  f.client_id = "flotilla-takeover";
+  f.keepalive_s = 5;
+  const std::string packet = mqtt::encode_connect(f);
   const auto outcome = mqtt_connect_once(cfg_.listen_host, cfg_.port, true, &who, packet);
   if (outcome != ConnectOutcome::accepted) {
     return make_error(Errc::unavailable, "the broker did not take the session over", true);

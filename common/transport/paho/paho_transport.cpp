@@ -24,6 +24,7 @@
 
 #include "flotilla/common/log.hpp"
 #include "flotilla/common/transport.hpp"
+#include "../tls_reasons.hpp"
 
 namespace flotilla::transport {
 
@@ -78,55 +79,6 @@ void on_fail(void* ctx, MQTTAsync_failureData* data) {
 
 bool is_tls_url(const std::string& url) { return url.rfind("ssl://", 0) == 0 || url.rfind("mqtts://", 0) == 0; }
 
-// ERR_print_errors_cb lines, "<thread>:error:0A000086:SSL routines:
-// tls_post_process_server_certificate:certificate verify failed:<file>:<line>:"
-// -> "certificate verify failed".
-std::string openssl_reasons(const std::string& text) {
-  std::string out;
-  size_t start = 0;
-  while (start < text.size()) {
-    size_t end = text.find('\n', start);
-    if (end == std::string::npos) end = text.size();
-    const std::string line = text.substr(start, end - start);
-    start = end + 1;
-    if (line.empty()) continue;
-    // Colon-separated after "error:": code, library, function, reason.
-    std::vector<std::string> f;
-    const size_t at = line.find("error:");
-    for (size_t a = at == std::string::npos ? 0 : at;;) {
-      const size_t b = line.find(':', a);
-      f.push_back(line.substr(a, b == std::string::npos ? std::string::npos : b - a));
-      if (b == std::string::npos) break;
-      a = b + 1;
-    }
-    const std::string reason = at != std::string::npos && f.size() > 4 ? f[4] : line;
-    if (!reason.empty() && out.find(reason) == std::string::npos) out += (out.empty() ? "" : "; ") + reason;
-  }
-  return out;
-}
-
-// The TLS alerts a broker sends about the client's own certificate, as
-// OpenSSL names them; "" for any other failure.
-std::string client_certificate_alert(const std::string& why) {
-  for (const char* alert : {"certificate revoked", "certificate expired", "unknown ca", "bad certificate",
-                            "certificate required", "certificate unknown", "unsupported certificate",
-                            "access denied"}) {
-    if (why.find(std::string("alert ") + alert) != std::string::npos) return alert;
-  }
-  return {};
-}
-
-std::string tls_failure_message(const ConnectOptions& opts, const std::string& openssl) {
-  const std::string why = openssl_reasons(openssl);
-  std::string hint;
-  if (why.find("certificate verify failed") != std::string::npos) {
-    hint = opts.ca_file.empty() ? " (the broker's certificate is not signed by a CA in the system store; pin the "
-                                  "CA that signed it)"
-                                : " (the broker's certificate is not signed by the CA in " + opts.ca_file + ")";
-  }
-  return "TLS handshake with " + opts.url + " failed: " + why + hint;
-}
-
 // Paho checks the certificate's host name itself after the handshake and
 // then says only "TCP/TLS connect failure", like for a broker that is down.
 // One handshake of our own, with OpenSSL checking the same chain and name,
@@ -141,15 +93,6 @@ struct TlsDiagnosis {
   std::string server_why;
   std::string client_alert;
 };
-
-// The reasons in OpenSSL's error queue, as text, emptying it.
-std::string drain_ssl_errors() {
-  std::string out;
-  while (const unsigned long e = ERR_get_error()) {
-    if (const char* r = ERR_reason_error_string(e)) out += std::string(r) + ";";
-  }
-  return out;
-}
 
 TlsDiagnosis diagnose_tls(const ConnectOptions& opts) {
   TlsDiagnosis out;
@@ -197,7 +140,7 @@ TlsDiagnosis diagnose_tls(const ConnectOptions& opts) {
       if (SSL_connect(ssl) != 1) {
         const long v = SSL_get_verify_result(ssl);
         if (v != X509_V_OK) out.server_why = X509_verify_cert_error_string(v);
-        out.client_alert = client_certificate_alert(drain_ssl_errors());
+        out.client_alert = detail::client_certificate_alert(detail::drain_ssl_errors());
       } else {
         // An MQTT PINGREQ where a CONNECT belongs: a broker that took our
         // certificate closes the connection for it; one that did not has
@@ -206,7 +149,7 @@ TlsDiagnosis diagnose_tls(const ConnectOptions& opts) {
         (void)SSL_write(ssl, ping, sizeof ping);
         char buf[16];
         if (SSL_read(ssl, buf, sizeof buf) <= 0) {
-          out.client_alert = client_certificate_alert(drain_ssl_errors());
+          out.client_alert = detail::client_certificate_alert(detail::drain_ssl_errors());
         }
         SSL_shutdown(ssl);
       }
@@ -314,18 +257,18 @@ class PahoTransport final : public Transport {
       // (refused, not retryable); anything else (a connection cut
       // mid-handshake) is the network's doing.
       if (!openssl.empty()) {
-        const std::string why = openssl_reasons(openssl);
+        const std::string why = detail::openssl_reasons(openssl);
         // The broker refused our certificate (revoked, expired, from a CA
         // it does not trust, or none sent): like a refused password, it
         // needs new credentials, not another try.
-        if (const std::string alert = client_certificate_alert(why); !alert.empty()) {
+        if (const std::string alert = detail::client_certificate_alert(why); !alert.empty()) {
           return make_error(Errc::unauthenticated, "the broker refused this client's certificate (" + alert + ")");
         }
         const bool rejected = why.find("certificate") != std::string::npos || why.find("alert") != std::string::npos ||
                               why.find("protocol") != std::string::npos ||
                               why.find("wrong version number") != std::string::npos;
-        return rejected ? make_error(Errc::refused, tls_failure_message(opts, openssl))
-                        : make_error(Errc::unavailable, tls_failure_message(opts, openssl), true);
+        const std::string message = detail::tls_failure_message(opts.url, opts.ca_file, why);
+        return rejected ? make_error(Errc::refused, message) : make_error(Errc::unavailable, message, true);
       }
     }
     if (!s && tls && s.error().code == Errc::unavailable) {

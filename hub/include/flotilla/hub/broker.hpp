@@ -89,7 +89,8 @@ size_t broker_max_packet_size();
 inline constexpr const char* kReloadProbeUser = "flotilla-reload-probe";
 
 // One MQTT 3.1.1 CONNECT packet (clean session, keepalive 5 s) with user
-// name and password: what the reload probe sends over a raw socket.
+// name and password (each left out when empty): what the reload probe
+// sends over a raw socket.
 std::string mqtt_connect_packet(const std::string& client_id, const std::string& user, const std::string& password);
 
 // A client certificate and its private key, PEM (held in memory only).
