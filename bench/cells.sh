@@ -13,7 +13,7 @@
 #   bench/cells.sh                                  # everything below (hours)
 #   bench/cells.sh --gateway "100000" --cells "1 2 4" --direct 0
 #   bench/cells.sh --gateway "1000000" --cells "1 4" --direct 0
-#   bench/cells.sh --gateway "" --direct 70000 --direct-processes 14
+#   bench/cells.sh --gateway "" --direct 70000
 #   bench/cells.sh --out DIR --report-only          # the table again from DIR
 #
 # Needs a build (scripts/build.sh). Everything runs on loopback; each rung
@@ -25,7 +25,7 @@ GATEWAY="100000 1000000"
 CELLS="1 2 4"
 DIRECT=70000
 DIRECT_CELLS=4
-DIRECT_PROCESSES=0  # 0: one simulator process per 2,000 sessions
+DIRECT_PROCESSES=0  # 0: as bench/lib/sim.sh sizes them (15,000 sessions each)
 PER_GATEWAY=5000
 OUT="${TMPDIR:-/tmp}/flotilla-cells-$$"
 RAW="$ROOT/docs/scale"
@@ -82,9 +82,11 @@ if [ -z "${REPORT_ONLY:-}" ]; then
     for c in $CELLS; do with_cpu_lock rung gateway "$c" "$n"; done
   done
   if [ "$DIRECT" -gt 0 ]; then
-    procs=$DIRECT_PROCESSES
-    [ "$procs" -gt 0 ] || procs=$(( (DIRECT + 1999) / 2000 ))
-    with_cpu_lock rung direct "$DIRECT_CELLS" "$DIRECT" --processes "$procs"
+    if [ "$DIRECT_PROCESSES" -gt 0 ]; then
+      with_cpu_lock rung direct "$DIRECT_CELLS" "$DIRECT" --processes "$DIRECT_PROCESSES"
+    else
+      with_cpu_lock rung direct "$DIRECT_CELLS" "$DIRECT"
+    fi
   fi
 fi
 

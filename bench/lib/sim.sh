@@ -18,12 +18,17 @@ sim_rung() {
   local args=(run --devices "$n" --mode "$mode" --out "$dir" --timeout "$timeout" --enroll-threads 4
               --seed 1 --label "$(basename "$dir")" --no-progress)
   [ "$mode" = gateway ] && args+=(--devices-per-gateway "$per")
-  # Paho C notices a new socket only when its poll loop comes round (up to
-  # 1 s), so direct mode connects many sessions at once, from one simulator
-  # process per 2,000 sessions: each process has its own Paho lock, and Paho
-  # looks a packet's session up among all of its process's sessions, so a
-  # message costs more the more sessions share a process (docs/simulator.md).
-  [ "$mode" = direct ] && args+=(--enroll-threads 128 --processes $(( (n + 1999) / 2000 )))
+  # Direct mode connects many sessions at once (each enrollment waits for
+  # the hub's answer and a TLS handshake), from one simulator process per
+  # 15,000 sessions: a process holds at most 20,000 open files, and its
+  # sessions share one epoll thread (--mqtt-client loop, docs/simulator.md).
+  # FLOTILLA_BENCH_SIM_CLIENT=paho measures Paho C instead (one process per
+  # 2,000 sessions: Paho's cost per message grows with a process's sessions).
+  if [ "$mode" = direct ]; then
+    local client="${FLOTILLA_BENCH_SIM_CLIENT:-loop}" per_process=15000
+    [ "$client" = paho ] && per_process=2000
+    args+=(--enroll-threads 128 --mqtt-client "$client" --processes $(( (n + per_process - 1) / per_process )))
+  fi
   # Above 100k devices the hub's store outgrows its page cache (docs/operations.md).
   local mmap=0
   [ "$n" -gt 100000 ] && mmap=2048

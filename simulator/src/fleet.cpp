@@ -26,6 +26,7 @@
 #include "flotilla/common/log.hpp"
 #include "flotilla/common/process.hpp"
 #include "flotilla/common/transport.hpp"
+#include "flotilla/common/transport_loop.hpp"
 #include "flotilla/common/x509.hpp"
 #include "flotilla/v1/enroll.pb.h"
 #include "flotilla/v1/report.pb.h"
@@ -261,6 +262,15 @@ class Fleet {
   // the supervisor to take; lost_mu_ is never held while calling Paho.
   std::mutex lost_mu_;
   std::set<uint32_t> lost_;  // declared before sessions_: it outlives their callbacks
+  // The thread all sessions of the process share (MqttClient::loop), made
+  // with the first; declared before sessions_, which hold it too.
+  std::mutex loop_mu_;
+  std::shared_ptr<transport::SessionLoop> loop_;
+  std::shared_ptr<transport::SessionLoop> session_loop() {
+    std::lock_guard lock(loop_mu_);
+    if (!loop_) loop_ = transport::make_session_loop();
+    return loop_;
+  }
   std::vector<std::unique_ptr<transport::Transport>> sessions_;
   std::vector<std::string> gateway_ids_;
   std::vector<bundles::KeyPair> gateway_keys_;
@@ -464,10 +474,11 @@ Status Fleet::enroll_batch(uint32_t first, uint32_t count) {
 
 Status Fleet::connect_session(uint32_t s, const bundles::KeyPair& key, const v1::EnrollResponse& resp,
                               const std::string& will_topic, std::function<void(transport::Message&&)> on_msg) {
-  auto t = transport::make_paho_transport();
+  auto t = opts_.mqtt_client == MqttClient::paho ? transport::make_paho_transport()
+                                                 : transport::make_loop_transport(session_loop());
   t->on_message(std::move(on_msg));
   // The supervisor reconnects the sessions named here, not by asking every
-  // session whether it is connected (Paho answers under its one lock).
+  // session whether it is connected.
   t->on_connection_lost([this, s](const std::string&) {
     std::lock_guard lock(lost_mu_);
     lost_.insert(s);
@@ -1435,6 +1446,7 @@ json options_json(const SimOptions& o) {
           {"enroll_threads", o.enroll_threads},
           {"workers", o.workers},
           {"artifact_bytes", o.artifact_bytes},
+          {"mqtt_client", o.mqtt_client == MqttClient::paho ? "paho" : "loop"},
           {"faults", o.faults},
           {"label", o.label}};
 }
@@ -1448,6 +1460,7 @@ SimOptions options_from(const json& j) {
   o.enroll_threads = j.at("enroll_threads").get<uint32_t>();
   o.workers = j.at("workers").get<uint32_t>();
   o.artifact_bytes = j.at("artifact_bytes").get<uint32_t>();
+  o.mqtt_client = j.value("mqtt_client", "loop") == "paho" ? MqttClient::paho : MqttClient::loop;
   o.faults = j.at("faults").get<FaultProfile>();
   o.label = j.at("label").get<std::string>();
   o.progress = false;

@@ -17,6 +17,11 @@ namespace flotilla::sim {
 
 enum class Mode { direct, gateway };
 
+// The MQTT client under the simulated sessions: every session of a process
+// on one epoll thread (transport_loop.hpp), or Paho C, which the agent and
+// the hub use (its cost per packet grows with the sessions in the process).
+enum class MqttClient { loop, paho };
+
 // Shares of devices (0..1) that get each fault, drawn from the seed.
 struct FaultProfile {
   double offline = 0;           // enroll, report once, then go away before the campaign
@@ -63,8 +68,9 @@ struct SimOptions {
   // Direct mode: simulator processes sharing the sessions. This process
   // drives the campaign; `processes` workers (flotilla-sim worker) each enroll
   // and run a contiguous share of the devices. Each process has its own
-  // open-file limit and its own Paho C (whose lock every session shares).
+  // open-file limit and its own MQTT client.
   uint32_t processes = 1;
+  MqttClient mqtt_client = MqttClient::loop;
   uint64_t seed = 1;
   FaultProfile faults;
   nlohmann::json strategy = nlohmann::json::object();
