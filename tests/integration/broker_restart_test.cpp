@@ -44,7 +44,7 @@ TEST_CASE("kill -9 of the broker mid-campaign: restarted, devices re-announce, e
   // 400 simulated devices behind 4 gateways, with the 2 agents in one
   // campaign, slowed (4 waves, 3 s of soak each) so that the broker dies
   // while it runs.
-  SimRun sim(hub, tmp.path(), label, seed,
+  SimCampaign sim(hub, tmp.path(), label, seed,
              {"--devices", "400", "--mode", "gateway", "--devices-per-gateway", "100", "--strategy",
               R"({"waves": [10, 30, 60, 100], "soak": "3s", "max_in_flight": 40})", "--timeout", "150s"});
   const std::string campaign_id = wait_sim_campaign(hub, label, 20, std::chrono::seconds(90));

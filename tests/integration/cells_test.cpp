@@ -217,7 +217,7 @@ TEST_CASE("four cells in one hub: devices spread over 4 mosquittos and one campa
 
   // 240 simulated devices, each with its own session (direct mode), and the
   // agent, in one campaign slowed so that a broker dies while it runs.
-  SimRun sim(hub, f.tmp.path(), label, f.seed,
+  SimCampaign sim(hub, f.tmp.path(), label, f.seed,
              {"--devices", "240", "--mode", "direct", "--strategy",
               R"({"waves": [10, 40, 70, 100], "soak": "2s", "max_in_flight": 40})", "--timeout", "170s"});
   const std::string campaign_id = wait_sim_campaign(hub, label, 10, std::chrono::seconds(120));
@@ -292,7 +292,7 @@ TEST_CASE("four cells with gateways: kill -9 of one cell's broker mid-campaign m
 
   // 8 gateways of 500 devices each (least loaded at enrollment: two per
   // cell), in a campaign slowed by waves and soak so the broker dies in it.
-  SimRun sim(hub, f.tmp.path(), label, f.seed,
+  SimCampaign sim(hub, f.tmp.path(), label, f.seed,
              {"--devices", std::to_string(kSimDevices), "--mode", "gateway", "--devices-per-gateway",
               std::to_string(kPerGateway), "--enroll-threads", "8", "--strategy",
               R"({"waves": [10, 40, 70, 100], "soak": "2s"})", "--timeout", "150s"});

@@ -99,7 +99,7 @@ TEST_CASE("three hub processes share three cells by leases: kill -9 of one mid-c
   // the middle of the campaign.
   const std::string label = "mh" + crypto::random_token(4);
   constexpr int kDevices = 1500, kPerGateway = 250;
-  SimRun sim(a, tmp.path(), label, 41,
+  SimCampaign sim(a, tmp.path(), label, 41,
              {"--devices", std::to_string(kDevices), "--mode", "gateway", "--devices-per-gateway",
               std::to_string(kPerGateway), "--enroll-threads", "4", "--strategy",
               R"({"waves": [10, 40, 70, 100], "soak": "2s"})", "--timeout", "120s"});

@@ -25,11 +25,14 @@ inline bundles::KeyPair sim_release_key(uint64_t seed) {
   return *k;
 }
 
-class SimRun {
+// Not `SimRun`: tests/integration/sim_support.hpp has that name for a
+// finished run's results, and two classes of one name in one binary share
+// (whichever) inline destructor.
+class SimCampaign {
  public:
   // `flotilla-sim run --hub <hub> --label <label> --seed <seed> --no-progress
   // --out <dir>/sim` and `args`, with an admin token; its output in <dir>/sim.log.
-  SimRun(Hub& hub, const stdfs::path& dir, const std::string& label, uint64_t seed,
+  SimCampaign(Hub& hub, const stdfs::path& dir, const std::string& label, uint64_t seed,
          const std::vector<std::string>& args)
       : dir_(dir) {
     const auto token_file = dir / "sim-admin.token";
@@ -44,9 +47,9 @@ class SimRun {
     REQUIRE(c);
     child_ = std::move(*c);
   }
-  SimRun(const SimRun&) = delete;
-  SimRun& operator=(const SimRun&) = delete;
-  ~SimRun() {
+  SimCampaign(const SimCampaign&) = delete;
+  SimCampaign& operator=(const SimCampaign&) = delete;
+  ~SimCampaign() {
     if (child_.valid() && !child_.poll()) child_.terminate();
   }
 
