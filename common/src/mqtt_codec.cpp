@@ -114,7 +114,13 @@ Result<std::optional<Packet>> PacketReader::next() {
   pos_ += used + length;
   // Drop what was read once it is most of the buffer: no copy per packet.
   if (pos_ == buf_.size()) {
-    buf_.clear();
+    // A large packet's buffer is not kept for the connection's life:
+    // thousands of idle sessions would each hold their largest packet.
+    if (buf_.capacity() > kKeptCapacity) {
+      std::string().swap(buf_);
+    } else {
+      buf_.clear();
+    }
     pos_ = 0;
   } else if (pos_ > 65536 && pos_ * 2 > buf_.size()) {
     buf_.erase(0, pos_);

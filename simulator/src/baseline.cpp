@@ -19,6 +19,7 @@
 #include "flotilla/common/fs.hpp"
 #include "flotilla/common/process.hpp"
 #include "flotilla/common/transport.hpp"
+#include "flotilla/common/transport_loop.hpp"
 #include "flotilla/sim/fleet.hpp"
 #include "sim_internal.hpp"
 
@@ -44,7 +45,7 @@ Result<int> free_port() {
 }  // namespace
 
 Result<json> mqtt_baseline(const std::string& work_dir, const std::string& mosquitto_bin, uint32_t devices,
-                           uint32_t sessions, uint32_t reports, uint32_t flush_ms) {
+                           uint32_t sessions, uint32_t reports, uint32_t flush_ms, MqttClient client) {
   std::error_code ec;
   std::filesystem::create_directories(work_dir, ec);
   auto port = free_port();
@@ -70,8 +71,12 @@ Result<json> mqtt_baseline(const std::string& work_dir, const std::string& mosqu
   const std::string url = "tcp://127.0.0.1:" + std::to_string(*port);
 
   std::atomic<uint64_t> reports_seen{0}, desired_seen{0};
-  auto connect = [&](const std::string& id, int window, int pending) -> Result<std::unique_ptr<transport::Transport>> {
-    auto t = transport::make_paho_transport();
+  // The device side's sessions on the simulator's client; the hub's on
+  // Paho, as flotilla-hub's. The loop outlives the sessions made on it.
+  auto loop = client == MqttClient::loop ? transport::make_session_loop() : nullptr;
+  auto connect = [&](const std::string& id, int window, int pending,
+                     bool device_side = true) -> Result<std::unique_ptr<transport::Transport>> {
+    auto t = device_side && loop ? transport::make_loop_transport(loop) : transport::make_paho_transport();
     transport::ConnectOptions co;
     co.url = url;
     co.client_id = id;
@@ -85,7 +90,7 @@ Result<json> mqtt_baseline(const std::string& work_dir, const std::string& mosqu
     return st.error();
   };
   // The hub side: one session, like flotilla-hub.
-  auto hub = connect("baseline-hub", 1000, 2000);  // as flotilla-hub connects
+  auto hub = connect("baseline-hub", 1000, 2000, false);  // as flotilla-hub connects
   if (!hub) return hub.error();
   constexpr size_t kReportBytes = 120;
   (*hub)->on_message([&](transport::Message&& m) {

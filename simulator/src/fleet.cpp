@@ -1307,6 +1307,7 @@ Result<json> Fleet::run() {
                       {"devices_per_gateway", opts_.devices_per_gateway},
                       {"sessions", multi() ? opts_.devices : sessions_.size()},
                       {"processes", multi() ? opts_.processes : 1},
+                      {"mqtt_client", mqtt_client_name(opts_.mqtt_client)},
                       {"seed", opts_.seed},
                       {"enroll_rate", opts_.enroll_rate},
                       {"enroll_batch", opts_.mode == Mode::gateway ? opts_.enroll_batch : 1},
@@ -1446,7 +1447,7 @@ json options_json(const SimOptions& o) {
           {"enroll_threads", o.enroll_threads},
           {"workers", o.workers},
           {"artifact_bytes", o.artifact_bytes},
-          {"mqtt_client", o.mqtt_client == MqttClient::paho ? "paho" : "loop"},
+          {"mqtt_client", mqtt_client_name(o.mqtt_client)},
           {"faults", o.faults},
           {"label", o.label}};
 }

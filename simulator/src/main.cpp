@@ -66,6 +66,14 @@ std::optional<int> parse_or_exit(Options& o, int argc, char** argv) {
   return std::nullopt;
 }
 
+// --mqtt-client: loop or paho.
+Result<sim::MqttClient> mqtt_client(const Options& o) {
+  const std::string v = o.get("mqtt-client");
+  if (v == "loop") return sim::MqttClient::loop;
+  if (v == "paho") return sim::MqttClient::paho;
+  return make_error(Errc::invalid_argument, "mqtt-client must be loop or paho, got '" + v + "'");
+}
+
 int cmd_run(int argc, char** argv) {
   Options o("flotilla-sim run", "Virtual devices against the real hub: enroll, connect, run a campaign, report.",
             "FLOTILLA_SIM_");
@@ -154,10 +162,9 @@ int cmd_run(int argc, char** argv) {
   so.faults.clock_skew_s = static_cast<uint32_t>(*skew);
   so.artifact_bytes = static_cast<uint32_t>(*art);
   so.timeout = std::chrono::duration_cast<std::chrono::seconds>(*timeout);
-  if (o.get("mqtt-client") == "paho") so.mqtt_client = sim::MqttClient::paho;
-  else if (o.get("mqtt-client") != "loop") {
-    return fail(Error{Errc::invalid_argument, "mqtt-client must be loop or paho, got '" + o.get("mqtt-client") + "'"});
-  }
+  auto client = mqtt_client(o);
+  if (!client) return fail(client.error());
+  so.mqtt_client = *client;
   if (o.get("mode") == "direct") so.mode = sim::Mode::direct;
   else if (o.get("mode") == "gateway") so.mode = sim::Mode::gateway;
   else return fail(Error{Errc::invalid_argument, "mode must be direct or gateway, got '" + o.get("mode") + "'"});
@@ -286,6 +293,7 @@ int cmd_baseline(int argc, char** argv) {
       .add("flush-ms", "each session sends its answers together, gathered for this long (at most 1,000 per "
                        "message), like a gateway of 'flotilla-sim run'; 0 = one message per answer", "0")
       .add("mosquitto", "mosquitto binary", "/usr/sbin/mosquitto")
+      .add("mqtt-client", "the device-side sessions' client, as in 'flotilla-sim run': loop or paho", "loop")
       .add("out", "scratch directory", "flotilla-sim-baseline");
   if (auto done = parse_or_exit(o, argc, argv)) return *done;
   auto n = o.get_int("devices", 1, 10'000'000);
@@ -295,10 +303,12 @@ int cmd_baseline(int argc, char** argv) {
   for (const auto* r : {&n, &sessions, &reports, &flush_ms}) {
     if (!*r) return fail(r->error());
   }
+  auto client = mqtt_client(o);
+  if (!client) return fail(client.error());
   log::setup("warn");
   auto r = sim::mqtt_baseline(std::filesystem::absolute(o.get("out")).string(), o.get("mosquitto"),
                               static_cast<uint32_t>(*n), static_cast<uint32_t>(*sessions),
-                              static_cast<uint32_t>(*reports), static_cast<uint32_t>(*flush_ms));
+                              static_cast<uint32_t>(*reports), static_cast<uint32_t>(*flush_ms), *client);
   if (!r) return fail(r.error());
   std::cout << r->dump(2) << "\n";
   return (*r)["complete"].get<bool>() ? 0 : 1;

@@ -54,17 +54,23 @@ TEST_CASE("virtual devices behind gateways converge a campaign through the real 
   CHECK(s.html.find("http://") == s.html.find("http://www.w3.org/2000/svg"));
 }
 
-TEST_CASE("virtual devices with one MQTT session each converge a campaign", "[integration][sim]") {
+TEST_CASE("virtual devices with one MQTT session each converge a campaign, on either MQTT client",
+          "[integration][sim]") {
   TempDir tmp;
-  auto s = run_sim(tmp.path() / "direct", {"--devices", "60", "--mode", "direct", "--seed", "12"});
-  INFO(s.out << s.err);
-  REQUIRE(s.exit_code == 0);
-  const auto& r = s.report;
-  CHECK(r["config"]["mode"] == "direct");
-  CHECK(r["config"]["sessions"] == 60);
-  CHECK(r["campaign"]["end_state"] == "completed");
-  CHECK(r["campaign"]["hub"]["counts"]["applied"] == 60);
-  CHECK(r["figures"]["finished_devices"] == 60);
+  for (const std::string client : {"loop", "paho"}) {
+    INFO("--mqtt-client " << client);
+    auto s = run_sim(tmp.path() / ("direct-" + client),
+                     {"--devices", "60", "--mode", "direct", "--seed", "12", "--mqtt-client", client});
+    INFO(s.out << s.err);
+    REQUIRE(s.exit_code == 0);
+    const auto& r = s.report;
+    CHECK(r["config"]["mode"] == "direct");
+    CHECK(r["config"]["mqtt_client"] == client);
+    CHECK(r["config"]["sessions"] == 60);
+    CHECK(r["campaign"]["end_state"] == "completed");
+    CHECK(r["campaign"]["hub"]["counts"]["applied"] == 60);
+    CHECK(r["figures"]["finished_devices"] == 60);
+  }
 }
 
 TEST_CASE("direct sessions spread over several simulator processes converge one campaign", "[integration][sim]") {
@@ -119,8 +125,13 @@ TEST_CASE("flotilla-sim refuses bad settings with a clear message", "[integratio
   auto gw_processes = run_sim(tmp.path() / "z", {"--mode", "gateway", "--processes", "2"});
   CHECK(gw_processes.exit_code == 2);
   CHECK(gw_processes.err.find("--processes is for direct mode") != std::string::npos);
+  const std::vector<std::string> bad_client_args = {"--mode", "direct", "--mqtt-client", "mosquitto"};
+  auto bad_client = run_sim(tmp.path() / "w", bad_client_args);
+  CHECK(bad_client.exit_code == 2);
+  CHECK(bad_client.err.find("mqtt-client must be loop or paho, got 'mosquitto'") != std::string::npos);
   // Nothing was started or written.
   CHECK_FALSE(stdfs::exists(tmp.path() / "x"));
   CHECK_FALSE(stdfs::exists(tmp.path() / "y"));
   CHECK_FALSE(stdfs::exists(tmp.path() / "z"));
+  CHECK_FALSE(stdfs::exists(tmp.path() / "w"));
 }

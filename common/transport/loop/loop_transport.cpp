@@ -688,7 +688,12 @@ class LoopTransport final : public Transport {
       out_pos_ += static_cast<size_t>(n);
       last_out_ms_ = now_ms();
     }
-    out_.clear();
+    // As the reader's buffer: a large publish's bytes are not kept.
+    if (out_.capacity() > 64 * 1024) {
+      std::string().swap(out_);
+    } else {
+      out_.clear();
+    }
     out_pos_ = 0;
     want(EPOLLIN);
   }

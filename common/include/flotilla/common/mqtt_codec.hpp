@@ -81,6 +81,7 @@ class PacketReader {
   size_t buffered() const { return buf_.size() - pos_; }
 
  private:
+  static constexpr size_t kKeptCapacity = 64 * 1024;
   size_t max_packet_;
   std::string buf_;
   size_t pos_ = 0;

@@ -21,6 +21,7 @@ enum class Mode { direct, gateway };
 // on one epoll thread (transport_loop.hpp), or Paho C, which the agent and
 // the hub use (its cost per packet grows with the sessions in the process).
 enum class MqttClient { loop, paho };
+inline const char* mqtt_client_name(MqttClient c) { return c == MqttClient::paho ? "paho" : "loop"; }
 
 // Shares of devices (0..1) that get each fault, drawn from the seed.
 struct FaultProfile {
@@ -117,8 +118,10 @@ nlohmann::json measure_footprint(uint32_t n, uint64_t seed);
 // messages out from one "hub" session, `reports` QoS 1 answers each back from
 // `sessions` device-side sessions, through a bare mosquitto it starts.
 // With flush_ms > 0 each session gathers its reports for that long (at most
-// 1,000 per message), like a gateway of `flotilla-sim run`.
+// 1,000 per message), like a gateway of `flotilla-sim run`. The device-side
+// sessions use `client`, as the simulator's do; the "hub" uses Paho.
 Result<nlohmann::json> mqtt_baseline(const std::string& work_dir, const std::string& mosquitto_bin, uint32_t devices,
-                                     uint32_t sessions, uint32_t reports, uint32_t flush_ms = 0);
+                                     uint32_t sessions, uint32_t reports, uint32_t flush_ms = 0,
+                                     MqttClient client = MqttClient::loop);
 
 }  // namespace flotilla::sim
