@@ -814,7 +814,7 @@ Status run_agent(const AgentConfig& cfg, const std::atomic<bool>& stop) {
   std::atomic<bool> lost{false};
   auto install_handlers = [&] {
     transport->on_message([&](transport::Message&& m) {
-      if (m.topic == transport::kRollcallTopic) {
+      if (transport::is_rollcall_topic(m.topic)) {
         v1::Rollcall call;
         if (m.payload.size() > 64 || !call.ParseFromString(m.payload)) return;
         std::lock_guard lock(mu);
@@ -1061,7 +1061,7 @@ Status run_agent(const AgentConfig& cfg, const std::atomic<bool>& stop) {
       if (s) {
         // A hub older than roll calls does not let devices read it: the
         // device only misses the call to re-announce after a broker restart.
-        if (auto rs = transport->subscribe(transport::kRollcallTopic, 1); !rs && !rollcall_refused) {
+        if (auto rs = transport->subscribe(transport::rollcall_topic(co.client_id), 1); !rs && !rollcall_refused) {
           rollcall_refused = true;
           logger->warn("not subscribed to the hub's roll call: {}", rs.error().message);
         }

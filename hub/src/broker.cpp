@@ -558,7 +558,9 @@ Status EmbeddedBroker::write_config() {
       "# Its devices' reports, many per message (v1::GatewayReports).\n"
       "pattern write flotilla/v1/g/%u/reports\n"
       "# The hub's roll call (v1::Rollcall: re-announce yourself): every client\n"
-      "# may read it, only the hub may write it.\n"
+      "# may read it, on its shard or (agents from before shards) the whole\n"
+      "# topic; only the hub may write it.\n"
+      "pattern read flotilla/v1/rollcall/+\n"
       "pattern read flotilla/v1/rollcall\n";
   if (auto s = write_broker_file(dir_fd_, "mosquitto.conf", conf); !s) return s;
   return write_broker_file(dir_fd_, "acl", acl);

@@ -312,9 +312,16 @@ Status HubService::attach_transport(int cell_id, transport::Transport& t) {
   rc.set_id(crypto::random_u64());
   rc.set_spread_ms(rollcall_spread_ms_);
   // Without it devices still reconnect and announce themselves; only those
-  // whose sessions survived stay offline until their next connect.
-  if (auto s = t.publish({transport::kRollcallTopic, rc.SerializeAsString(), 1, false}); !s) {
-    log::get("hub")->warn("roll call not published cell={}: {}", cell_id, s.error().message);
+  // whose sessions survived stay offline until their next connect. On every
+  // shard devices read (transport.hpp), then for agents from before shards.
+  const std::string call = rc.SerializeAsString();
+  Status published;
+  for (int shard = 0; shard < transport::kRollcallShards && published; ++shard) {
+    published = t.publish({transport::rollcall_shard_topic(shard), call, 1, false});
+  }
+  if (published) published = t.publish({transport::kRollcallTopic, call, 1, false});
+  if (!published) {
+    log::get("hub")->warn("roll call not published cell={}: {}", cell_id, published.error().message);
   } else {
     ++rollcalls_;
     ++cell.rollcalls;

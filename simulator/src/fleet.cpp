@@ -532,12 +532,13 @@ Status Fleet::connect_session(uint32_t s, const bundles::KeyPair& key, const v1:
   if (!st) return st.error().with_context("session " + co.client_id);
   // Every device of a broker reads the hub's roll call; a hub older than
   // roll calls refuses it, which costs only the re-announcement.
-  (void)t->subscribe(transport::kRollcallTopic, 1);
+  const std::string rollcall = transport::rollcall_topic(co.client_id);
+  (void)t->subscribe(rollcall, 1);
   std::lock_guard lock(sessions_mu_);
   sessions_[s] = std::move(t);
   if (session_state_.size() < sessions_.size()) session_state_.resize(sessions_.size());
   session_state_[s].co = co;
-  session_state_[s].topics = {transport::kRollcallTopic};
+  session_state_[s].topics = {rollcall};
   session_state_[s].wanted = true;
   return {};
 }
@@ -665,7 +666,7 @@ Status Fleet::enroll_gateways() {
     const auto sg = static_cast<uint32_t>(g);
     auto on_msg = [this, sg](transport::Message&& m) {
       received_.fetch_add(1, std::memory_order_relaxed);
-      if (m.topic == transport::kRollcallTopic) return on_rollcall(sg, m.payload);
+      if (transport::is_rollcall_topic(m.topic)) return on_rollcall(sg, m.payload);
       const std::string dev = transport::parse_device_topic(m.topic, nullptr, nullptr);
       auto it = by_id_.find(dev);
       if (it == by_id_.end()) return;
@@ -842,7 +843,7 @@ Status Fleet::enroll_devices() {
     if (gw) return {};
     auto on_msg = [this, i](transport::Message&& m) {
       received_.fetch_add(1, std::memory_order_relaxed);
-      if (m.topic == transport::kRollcallTopic) return on_rollcall(i, m.payload);
+      if (transport::is_rollcall_topic(m.topic)) return on_rollcall(i, m.payload);
       post(Event{i, EventKind::desired, std::move(m.payload)});
     };
     set_broker_url(resp.broker_url());

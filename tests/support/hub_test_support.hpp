@@ -33,8 +33,15 @@ class RecordingTransport final : public transport::Transport {
   }
   Status publish(const transport::Message& m) override {
     std::lock_guard lock(mu_);
-    // Roll calls apart: tests of desired states read published().
-    (m.topic == transport::kRollcallTopic ? rollcalls_ : published_).push_back(m);
+    // Roll calls apart: tests of desired states read published(). A roll
+    // call goes out on every shard, then on the unsharded topic, which
+    // rollcalls() counts (one per call); rollcall_topics() has them all.
+    if (transport::is_rollcall_topic(m.topic)) {
+      rollcall_topics_.insert(m.topic);
+      if (m.topic == transport::kRollcallTopic) rollcalls_.push_back(m);
+      return {};
+    }
+    published_.push_back(m);
     return {};
   }
   Status flush(std::chrono::milliseconds) override { return {}; }
@@ -55,6 +62,10 @@ class RecordingTransport final : public transport::Transport {
     std::lock_guard lock(mu_);
     return rollcalls_;
   }
+  std::set<std::string> rollcall_topics() const {
+    std::lock_guard lock(mu_);
+    return rollcall_topics_;
+  }
   void clear() {
     std::lock_guard lock(mu_);
     published_.clear();
@@ -64,6 +75,7 @@ class RecordingTransport final : public transport::Transport {
   mutable std::mutex mu_;
   std::vector<std::string> subscriptions_;
   std::vector<transport::Message> published_, rollcalls_;
+  std::set<std::string> rollcall_topics_;
   std::atomic<bool> connected_{true};
 };
 

@@ -1052,6 +1052,26 @@ TEST_CASE("device_id_from_topic extracts the id and leaf", "[unit][common]") {
   CHECK(leaf == "unchanged");
 }
 
+TEST_CASE("roll call shards: fixed by the client id alone, spread over all 256, and told apart from other topics",
+          "[unit][common]") {
+  using namespace flotilla::transport;
+  // Pinned values: the hub and agents of every version must agree on them.
+  CHECK(rollcall_topic("d-1") == "flotilla/v1/rollcall/91");
+  CHECK(rollcall_topic("flotilla-hub") == "flotilla/v1/rollcall/6c");
+  CHECK(rollcall_shard_topic(0) == "flotilla/v1/rollcall/00");
+  CHECK(rollcall_shard_topic(255) == "flotilla/v1/rollcall/ff");
+  std::set<std::string> shards;
+  for (int i = 0; i < 20000; ++i) shards.insert(rollcall_topic("d-" + std::to_string(i)));
+  CHECK(shards.size() == 256);
+  for (int shard = 0; shard < kRollcallShards; ++shard) CHECK(is_rollcall_topic(rollcall_shard_topic(shard)));
+  CHECK(is_rollcall_topic(kRollcallTopic));
+  for (const char* other : {"flotilla/v1/rollcall/", "flotilla/v1/rollcall/0", "flotilla/v1/rollcall/0g",
+                            "flotilla/v1/rollcall/abc", "flotilla/v1/rollcallx", "flotilla/v1/rollcall/00/x",
+                            "flotilla/v1/d/d-1/desired", ""}) {
+    CHECK_FALSE(is_rollcall_topic(other));
+  }
+}
+
 TEST_CASE("gateway_of_reports_topic takes exactly flotilla/v1/g/<id>/reports", "[unit][common]") {
   using flotilla::transport::gateway_of_reports_topic;
   CHECK(gateway_of_reports_topic(flotilla::transport::gateway_reports_topic("gw-1")) == "gw-1");

@@ -35,6 +35,9 @@ TEST_CASE("a new broker session marks every device offline and calls the roll", 
   REQUIRE(calls.size() == 2);
   CHECK(calls.back().topic == "flotilla/v1/rollcall");
   CHECK_FALSE(calls.back().retained);
+  // Each call went to every shard devices read, and to the unsharded topic.
+  CHECK(f.broker.rollcall_topics().size() == flotilla::transport::kRollcallShards + 1);
+  CHECK(f.broker.rollcall_topics().count(flotilla::transport::rollcall_topic(f.devices[0])) == 1);
   v1::Rollcall rc;
   REQUIRE(rc.ParseFromString(calls.back().payload));
   CHECK(rc.spread_ms() == 3);  // a millisecond per device that was online

@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cctype>
 #include <condition_variable>
 #include <cstring>
 #include <deque>
@@ -495,6 +496,27 @@ std::string parse_device_topic(const std::string& topic, std::string* gateway, s
   if (gateway) *gateway = topic.substr(groot.size(), gw_end - groot.size());
   if (leaf) *leaf = topic.substr(dev_end + 1);
   return topic.substr(dev_begin, dev_end - dev_begin);
+}
+
+std::string rollcall_shard_topic(int shard) {
+  static constexpr char kHex[] = "0123456789abcdef";
+  const auto b = static_cast<unsigned>(shard) % kRollcallShards;
+  return std::string(kRollcallTopic) + "/" + kHex[b >> 4] + kHex[b & 15];
+}
+
+std::string rollcall_topic(std::string_view client_id) {
+  uint32_t h = 2166136261u;  // FNV-1a: the hub and every agent must agree, whatever their build
+  for (const char c : client_id) h = (h ^ static_cast<uint8_t>(c)) * 16777619u;
+  return rollcall_shard_topic(static_cast<int>(h % kRollcallShards));
+}
+
+bool is_rollcall_topic(std::string_view topic) {
+  const std::string_view root = kRollcallTopic;
+  if (!topic.starts_with(root)) return false;
+  if (topic.size() == root.size()) return true;
+  return topic.size() == root.size() + 3 && topic[root.size()] == '/' &&
+         std::isxdigit(static_cast<unsigned char>(topic[root.size() + 1])) &&
+         std::isxdigit(static_cast<unsigned char>(topic[root.size() + 2]));
 }
 
 std::string gateway_of_reports_topic(const std::string& topic) {

@@ -8,6 +8,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <string_view>
 
 #include "flotilla/common/result.hpp"
 
@@ -78,8 +79,21 @@ std::unique_ptr<Transport> make_paho_transport();
 
 // Topic layout (docs/architecture.md).
 inline constexpr const char* kTopicRoot = "flotilla/v1/d/";
-// The hub's call to re-report (v1::Rollcall), read by every device of a broker.
+// The hub's call to re-report (v1::Rollcall), read by every device of a
+// broker. A device reads it on its shard, flotilla/v1/rollcall/<2 hex
+// digits> chosen by its client id (rollcall_topic): mosquitto finds a new
+// subscriber's place by walking every subscriber of the topic, so one topic
+// for all the devices of a broker made each subscribe cost a step per device
+// there, which is quadratic over an enrollment wave or a reconnect storm
+// (docs/adr/0020). The hub publishes each call on every shard, and on
+// kRollcallTopic for agents from before the shards.
 inline constexpr const char* kRollcallTopic = "flotilla/v1/rollcall";
+inline constexpr int kRollcallShards = 256;
+// flotilla/v1/rollcall/<shard>, the shard from FNV-1a of client_id.
+std::string rollcall_topic(std::string_view client_id);
+std::string rollcall_shard_topic(int shard);
+// kRollcallTopic or one of its shards.
+bool is_rollcall_topic(std::string_view topic);
 // A device answers a roll call within this long at most, whatever it asks.
 inline constexpr uint32_t kMaxRollcallSpreadMs = 60000;
 inline std::string device_topic(const std::string& device_id, const char* leaf) {
