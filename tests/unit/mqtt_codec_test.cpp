@@ -49,7 +49,7 @@ TEST_CASE("CONNECT carries exactly the fields set, in the order of MQTT 3.1.1 se
   f.username = "u";
   f.password = "pw";
   f.clean_session = true;
-  f.will = Will{"t", "x", 1, true};
+  f.will = transport::Message{"t", "x", 1, true};
   // Flags: user name 0x80, password 0x40, will retain 0x20, will QoS 1
   // 0x08, will 0x04, clean session 0x02.
   const std::string c = encode_connect(f);

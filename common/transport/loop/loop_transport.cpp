@@ -6,13 +6,11 @@
 // runs after the socket events of the same round, so a transport being
 // destroyed (which posts its teardown and waits for it) is never freed while
 // an event for it is still being handled.
-#include <arpa/inet.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <openssl/err.h>
 #include <openssl/ssl.h>
-#include <openssl/x509v3.h>
 #include <pthread.h>
 #include <signal.h>
 #include <sys/epoll.h>
@@ -35,7 +33,7 @@
 #include <unordered_set>
 #include <vector>
 
-#include "../tls_reasons.hpp"
+#include "../tls_common.hpp"
 #include "flotilla/common/log.hpp"
 #include "flotilla/common/mqtt_codec.hpp"
 #include "flotilla/common/transport_loop.hpp"
@@ -93,11 +91,6 @@ Result<Endpoint> parse_url(const std::string& url) {
   if (e.port.empty()) e.port = e.tls ? "8883" : "1883";
   if (e.host.empty()) return make_error(Errc::invalid_argument, "broker URL " + url + " has no host");
   return e;
-}
-
-bool is_ip_literal(const std::string& host) {
-  in6_addr a{};
-  return ::inet_pton(AF_INET, host.c_str(), &a) == 1 || ::inet_pton(AF_INET6, host.c_str(), &a) == 1;
 }
 
 }  // namespace
@@ -230,8 +223,8 @@ class LoopTransport final : public Transport {
     std::unique_lock lock(mu_);
     const uint64_t attempt = ++attempt_;
     connect_result_.reset();
-    loop_->post([this, attempt, addr, addr_len, family, ssl, opts] {
-      start_connect(attempt, addr, addr_len, family, ssl, opts);
+    loop_->post([this, attempt, addr, addr_len, family, ssl, opts, host = ep->host] {
+      start_connect(attempt, addr, addr_len, family, ssl, opts, host);
     });
     const auto deadline = Clock::now() + opts.timeout + std::chrono::seconds(2);
     cv_.wait_until(lock, deadline, [&] { return connect_result_.has_value() && result_attempt_ == attempt; });
@@ -379,16 +372,7 @@ class LoopTransport final : public Transport {
     ERR_clear_error();
     SSL* ssl = SSL_new(*ctx);
     if (!ssl) return make_error(Errc::internal, "cannot create a TLS session");
-    const bool ip = is_ip_literal(host);
-    if (!ip) SSL_set_tlsext_host_name(ssl, host.c_str());
-    if (opts.verify_host) {
-      X509_VERIFY_PARAM* param = SSL_get0_param(ssl);
-      if (ip) {
-        X509_VERIFY_PARAM_set1_ip_asc(param, host.c_str());
-      } else {
-        X509_VERIFY_PARAM_set1_host(param, host.c_str(), 0);
-      }
-    }
+    detail::set_peer_name(ssl, host, opts.verify_host);
     // Read at each connect, so a renewed certificate is used from the next one.
     if (!opts.cert_file.empty()) {
       const std::string key = opts.key_file.empty() ? opts.cert_file : opts.key_file;
@@ -405,7 +389,7 @@ class LoopTransport final : public Transport {
 
   // Loop thread.
   void start_connect(uint64_t attempt, const sockaddr_storage& addr, socklen_t addr_len, int family, SSL* ssl,
-                     const ConnectOptions& opts) {
+                     const ConnectOptions& opts, const std::string& host) {
     {
       std::lock_guard lock(mu_);
       if (attempt != attempt_) {  // abandoned before it started
@@ -419,6 +403,8 @@ class LoopTransport final : public Transport {
     close_socket();
     attempt_of_socket_ = attempt;
     url_ = opts.url;
+    ca_file_ = opts.ca_file;
+    host_ = host;
     ssl_ = ssl;
     mqtt::ConnectFields f;
     f.client_id = opts.client_id;
@@ -426,7 +412,7 @@ class LoopTransport final : public Transport {
     f.password = opts.password;
     f.clean_session = opts.clean_session;
     f.keepalive_s = static_cast<uint16_t>(std::clamp(opts.keepalive_s, 0, 65535));
-    if (opts.will) f.will = mqtt::Will{opts.will->topic, opts.will->payload, opts.will->qos, opts.will->retained};
+    f.will = opts.will;
     connect_packet_ = mqtt::encode_connect(f);
     keepalive_ms_ = int64_t{f.keepalive_s} * 1000;
     connect_deadline_ms_ = now_ms() + opts.timeout.count();
@@ -463,19 +449,9 @@ class LoopTransport final : public Transport {
     const long verify = SSL_get_verify_result(ssl_);
     const std::string reasons = detail::drain_ssl_errors();
     if (verify != X509_V_OK) {
-      std::string why = X509_verify_cert_error_string(verify);
-      if (why.find("mismatch") != std::string::npos) why += " (the broker's certificate does not name its host)";
-      return make_error(Errc::refused, "TLS handshake with " + url_ + " failed: " + why);
+      return make_error(Errc::refused, "TLS handshake with " + url_ + " failed: " + detail::verify_failure(verify, host_));
     }
-    if (const std::string alert = detail::client_certificate_alert(reasons); !alert.empty()) {
-      return make_error(Errc::unauthenticated, "the broker refused this client's certificate (" + alert + ")");
-    }
-    const bool rejected = reasons.find("certificate") != std::string::npos ||
-                          reasons.find("protocol") != std::string::npos ||
-                          reasons.find("wrong version number") != std::string::npos;
-    const std::string message =
-        detail::tls_failure_message(url_, "", reasons.empty() ? "connection closed" : reasons);
-    return rejected ? make_error(Errc::refused, message) : make_error(Errc::unavailable, message, true);
+    return detail::tls_handshake_error(url_, ca_file_, reasons.empty() ? "connection closed" : reasons);
   }
 
   void send_connect() {
@@ -760,7 +736,7 @@ class LoopTransport final : public Transport {
   SSL* ssl_ = nullptr;
   uint32_t watched_ = 0;
   uint64_t attempt_of_socket_ = 0;
-  std::string url_;
+  std::string url_, host_, ca_file_;
   std::string connect_packet_;
   mqtt::PacketReader reader_{kMaxPacket};
   std::string out_;

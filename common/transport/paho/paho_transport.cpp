@@ -1,12 +1,10 @@
 // Transport backend over Paho's C asynchronous client (MQTTAsync).
 // Paho runs its own threads; callbacks hand results back through promises.
 #include <MQTTAsync.h>
-#include <arpa/inet.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <openssl/err.h>
 #include <openssl/ssl.h>
-#include <openssl/x509v3.h>
 #include <sys/socket.h>
 #include <sys/time.h>
 #include <unistd.h>
@@ -25,7 +23,7 @@
 
 #include "flotilla/common/log.hpp"
 #include "flotilla/common/transport.hpp"
-#include "../tls_reasons.hpp"
+#include "../tls_common.hpp"
 
 namespace flotilla::transport {
 
@@ -126,21 +124,11 @@ TlsDiagnosis diagnose_tls(const ConnectOptions& opts) {
     SSL* ssl = usable ? SSL_new(ctx) : nullptr;
     if (ssl) {
       SSL_set_verify(ssl, SSL_VERIFY_PEER, nullptr);
-      in6_addr ip{};
-      const bool is_ip = ::inet_pton(AF_INET, host.c_str(), &ip) == 1 || ::inet_pton(AF_INET6, host.c_str(), &ip) == 1;
-      if (!is_ip) SSL_set_tlsext_host_name(ssl, host.c_str());
-      if (opts.verify_host) {
-        X509_VERIFY_PARAM* param = SSL_get0_param(ssl);
-        if (is_ip) {
-          X509_VERIFY_PARAM_set1_ip_asc(param, host.c_str());
-        } else {
-          X509_VERIFY_PARAM_set1_host(param, host.c_str(), 0);
-        }
-      }
+      detail::set_peer_name(ssl, host, opts.verify_host);
       SSL_set_fd(ssl, fd);
       if (SSL_connect(ssl) != 1) {
         const long v = SSL_get_verify_result(ssl);
-        if (v != X509_V_OK) out.server_why = X509_verify_cert_error_string(v);
+        if (v != X509_V_OK) out.server_why = detail::verify_failure(v, host);
         out.client_alert = detail::client_certificate_alert(detail::drain_ssl_errors());
       } else {
         // An MQTT PINGREQ where a CONNECT belongs: a broker that took our
@@ -160,9 +148,6 @@ TlsDiagnosis diagnose_tls(const ConnectOptions& opts) {
     ERR_clear_error();
   }
   if (fd >= 0) ::close(fd);
-  if (out.server_why.find("mismatch") != std::string::npos) {
-    out.server_why += " (the broker's certificate does not name " + host + ")";
-  }
   return out;
 }
 
@@ -257,20 +242,7 @@ class PahoTransport final : public Transport {
       // version in common, will not change by retrying the same handshake
       // (refused, not retryable); anything else (a connection cut
       // mid-handshake) is the network's doing.
-      if (!openssl.empty()) {
-        const std::string why = detail::openssl_reasons(openssl);
-        // The broker refused our certificate (revoked, expired, from a CA
-        // it does not trust, or none sent): like a refused password, it
-        // needs new credentials, not another try.
-        if (const std::string alert = detail::client_certificate_alert(why); !alert.empty()) {
-          return make_error(Errc::unauthenticated, "the broker refused this client's certificate (" + alert + ")");
-        }
-        const bool rejected = why.find("certificate") != std::string::npos || why.find("alert") != std::string::npos ||
-                              why.find("protocol") != std::string::npos ||
-                              why.find("wrong version number") != std::string::npos;
-        const std::string message = detail::tls_failure_message(opts.url, opts.ca_file, why);
-        return rejected ? make_error(Errc::refused, message) : make_error(Errc::unavailable, message, true);
-      }
+      if (!openssl.empty()) return detail::tls_handshake_error(opts.url, opts.ca_file, detail::openssl_reasons(openssl));
     }
     if (!s && tls && s.error().code == Errc::unavailable) {
       const TlsDiagnosis d = diagnose_tls(opts);

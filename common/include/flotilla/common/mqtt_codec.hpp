@@ -11,6 +11,7 @@
 #include <string_view>
 
 #include "flotilla/common/result.hpp"
+#include "flotilla/common/transport.hpp"
 
 namespace flotilla::mqtt {
 
@@ -32,20 +33,13 @@ enum class PacketType : uint8_t {
   disconnect = 14,
 };
 
-struct Will {
-  std::string topic;
-  std::string payload;
-  int qos = 1;
-  bool retained = false;
-};
-
 struct ConnectFields {
   std::string client_id;
   std::string username;  // "" = none
   std::string password;  // "" = none
   bool clean_session = true;
   uint16_t keepalive_s = 30;
-  std::optional<Will> will;
+  std::optional<transport::Message> will;
 };
 
 std::string encode_connect(const ConnectFields& f);

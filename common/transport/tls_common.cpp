@@ -1,7 +1,11 @@
-// See tls_reasons.hpp.
-#include "tls_reasons.hpp"
+// See tls_common.hpp.
+#include "tls_common.hpp"
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <openssl/err.h>
+#include <openssl/ssl.h>
+#include <openssl/x509v3.h>
 
 #include <vector>
 
@@ -48,14 +52,40 @@ std::string drain_ssl_errors() {
   return out;
 }
 
-std::string tls_failure_message(const std::string& url, const std::string& ca_file, const std::string& why) {
+Error tls_handshake_error(const std::string& url, const std::string& ca_file, const std::string& why) {
+  if (const std::string alert = client_certificate_alert(why); !alert.empty()) {
+    return make_error(Errc::unauthenticated, "the broker refused this client's certificate (" + alert + ")");
+  }
   std::string hint;
   if (why.find("certificate verify failed") != std::string::npos) {
     hint = ca_file.empty() ? " (the broker's certificate is not signed by a CA in the system store; pin the "
                              "CA that signed it)"
                            : " (the broker's certificate is not signed by the CA in " + ca_file + ")";
   }
-  return "TLS handshake with " + url + " failed: " + why + hint;
+  const std::string message = "TLS handshake with " + url + " failed: " + why + hint;
+  const bool rejected = why.find("certificate") != std::string::npos || why.find("alert") != std::string::npos ||
+                        why.find("protocol") != std::string::npos ||
+                        why.find("wrong version number") != std::string::npos;
+  return rejected ? make_error(Errc::refused, message) : make_error(Errc::unavailable, message, true);
+}
+
+std::string verify_failure(long verify_result, const std::string& host) {
+  std::string why = X509_verify_cert_error_string(verify_result);
+  if (why.find("mismatch") != std::string::npos) why += " (the broker's certificate does not name " + host + ")";
+  return why;
+}
+
+void set_peer_name(SSL* ssl, const std::string& host, bool verify_host) {
+  in6_addr ip{};
+  const bool is_ip = ::inet_pton(AF_INET, host.c_str(), &ip) == 1 || ::inet_pton(AF_INET6, host.c_str(), &ip) == 1;
+  if (!is_ip) SSL_set_tlsext_host_name(ssl, host.c_str());
+  if (!verify_host) return;
+  X509_VERIFY_PARAM* param = SSL_get0_param(ssl);
+  if (is_ip) {
+    X509_VERIFY_PARAM_set1_ip_asc(param, host.c_str());
+  } else {
+    X509_VERIFY_PARAM_set1_host(param, host.c_str(), 0);
+  }
 }
 
 }  // namespace flotilla::transport::detail
