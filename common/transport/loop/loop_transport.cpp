@@ -454,6 +454,22 @@ class LoopTransport final : public Transport {
     return detail::tls_handshake_error(url_, ca_file_, reasons.empty() ? "connection closed" : reasons);
   }
 
+  // With TLS 1.3 the client's handshake is over before the broker has
+  // judged its certificate. A broker that refuses it sends an alert and
+  // closes; when the CONNECT then meets the closed socket, the write fails
+  // with nothing said. The alert is still in the socket's receive queue:
+  // read it, so that the refusal says why (as it does when the read comes
+  // first) instead of passing for a broker that is away.
+  Error refusal_after_failed_write() {
+    const std::string write_why = detail::drain_ssl_errors();
+    char buf[512];
+    ERR_clear_error();
+    (void)SSL_read(ssl_, buf, sizeof buf);
+    Error e = tls_error();
+    if (e.code == Errc::unavailable && !write_why.empty()) e.message += " (write: " + write_why + ")";
+    return e;
+  }
+
   void send_connect() {
     phase_ = Phase::mqtt;
     out_ = connect_packet_;
@@ -653,6 +669,7 @@ class LoopTransport final : public Transport {
           const int err = SSL_get_error(ssl_, r);
           if (err == SSL_ERROR_WANT_WRITE) return want(EPOLLIN | EPOLLOUT);
           if (err == SSL_ERROR_WANT_READ) return want(EPOLLIN);
+          if (phase_ != Phase::up) return fail_connect(refusal_after_failed_write());
           return lose("TLS write failed: " + detail::drain_ssl_errors());
         }
         n = r;
