@@ -534,12 +534,18 @@ Status Fleet::connect_session(uint32_t s, const bundles::KeyPair& key, const v1:
   // roll calls refuses it, which costs only the re-announcement.
   const std::string rollcall = transport::rollcall_topic(co.client_id);
   (void)t->subscribe(rollcall, 1);
-  std::lock_guard lock(sessions_mu_);
-  sessions_[s] = std::move(t);
-  if (session_state_.size() < sessions_.size()) session_state_.resize(sessions_.size());
-  session_state_[s].co = co;
-  session_state_[s].topics = {rollcall};
-  session_state_[s].wanted = true;
+  // A transport this one replaces is destroyed after the lock is let go:
+  // destroying a loop transport waits for the loop thread, which may itself
+  // be waiting for sessions_mu_ in on_rollcall.
+  std::unique_ptr<transport::Transport> replaced;
+  {
+    std::lock_guard lock(sessions_mu_);
+    replaced = std::exchange(sessions_[s], std::move(t));
+    if (session_state_.size() < sessions_.size()) session_state_.resize(sessions_.size());
+    session_state_[s].co = co;
+    session_state_[s].topics = {rollcall};
+    session_state_[s].wanted = true;
+  }
   return {};
 }
 
