@@ -290,6 +290,12 @@ void HubService::tick() {
   continue_drains();
 }
 
+Status HubService::set_released_desired(const std::string& device_id, uint64_t generation,
+                                        const std::string& bundle_id, const std::string& campaign_id) {
+  ControlLog::LocalWrites local;
+  return store_.set_device_desired(device_id, generation, bundle_id, campaign_id);
+}
+
 void HubService::tick_campaign(CampaignRecord& c, Publishes& publishes) {
   tick_campaign_step(c, publishes);
   // Once per tick, and only what changed: what the leader sums.
@@ -511,7 +517,7 @@ void HubService::tick_campaign_step(CampaignRecord& c, Publishes& publishes) {
     // The deadline runs from delivery: now if the device is online,
     // otherwise from when it comes back (and pauses while it is away).
     if (auto s = store_.start_deadline(c.id, d.id, strategy.device_deadline.count(), now); !s) return;
-    if (auto s = store_.set_device_desired(d.id, gen, c.bundle_id, c.id); !s) return;
+    if (auto s = set_released_desired(d.id, gen, c.bundle_id, c.id); !s) return;
     publishes.push_back(
         {d.id, d.gateway, c.id, gen, false, shared, d.labels, strategy.k3s_action == "rotate_certificates", d.cell, ""});
     ++released;
@@ -721,7 +727,7 @@ int64_t HubService::roll_back_own_devices(const CampaignRecord& c, Publishes& pu
       row.rollback_generation = gen;
       row.updated_ms = now;
       (void)store_.save_campaign_device(row);
-      (void)store_.set_device_desired(d.id, gen, row.prev_bundle_id, c.id);
+      (void)set_released_desired(d.id, gen, row.prev_bundle_id, c.id);
       publishes.push_back({d.id, d.gateway, c.id, gen, true, *prev, d.labels, false, d.cell, ""});
       ++sent;
     }

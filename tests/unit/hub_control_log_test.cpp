@@ -397,6 +397,46 @@ TEST_CASE("control log: what one hub writes, another hub reads, in the same orde
   CHECK(a.count("campaign_devices") == 1);
 }
 
+TEST_CASE("control log: what a hub releases to its devices stays in its own store, out of the log",
+          "[unit][control]") {
+  Shared sh;
+  Hub a(*sh.coord, sh.clock, true);
+  Hub b(*sh.coord, sh.clock, false);
+  auto made = a.call("POST", "/v1/tokens", json{{"name", "ops"}, {"role", "operator"}, {"project", "default"}}.dump(),
+                     a.root);
+  REQUIRE(made.status == 201);
+  const std::string ops = body_of(made)["token"].get<std::string>();
+  const std::string bundle = a.upload_bundle(ops, "edge-base");
+  auto enr = a.service().create_token("enroll", token_rec("enroll", "enroll", {"site"}));
+  REQUIRE(enr);
+  std::vector<std::string> devices;
+  for (int i = 0; i < 3; ++i) devices.push_back(a.enroll_device(enr->secret));
+  auto camp = a.call("POST", "/v1/campaigns", json{{"bundle", bundle}, {"selector", "site=north"}}.dump(), ops);
+  INFO(camp.body);
+  REQUIRE(camp.status == 201);
+  const std::string campaign = body_of(camp)["id"].get<std::string>();
+  a.service().tick();
+  // The tick is a control write (its wave state is control data), and it
+  // released every device: A's store says so.
+  auto generation = [](Hub& h, const std::string& id) {
+    auto d = h.service().get_device(id);
+    REQUIRE(d);
+    REQUIRE(*d);
+    return std::make_pair((*d)->generation, (*d)->campaign_id);
+  };
+  for (const auto& id : devices) CHECK(generation(a, id) == std::make_pair(uint64_t{1}, campaign));
+  // B follows the log up to and past the tick; what A released is A's own.
+  // (It once travelled with the tick's entry: B's rows took A's generation,
+  // and each released device added about 123 bytes to the entry.)
+  b.catch_up();
+  CHECK(b.log().applied_revision() == a.log().applied_revision());
+  for (const auto& id : devices) CHECK(generation(b, id) == std::make_pair(uint64_t{0}, std::string()));
+  // The control data of the tick did reach B.
+  auto seen = b.call("GET", "/v1/campaigns/" + campaign, "", ops);
+  REQUIRE(seen.status == 200);
+  CHECK(body_of(seen)["state"] == body_of(a.call("GET", "/v1/campaigns/" + campaign, "", ops))["state"]);
+}
+
 TEST_CASE("control log: writes from two hubs are both kept and the one that lost the race ran again",
           "[unit][control]") {
   Shared sh;

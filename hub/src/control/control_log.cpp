@@ -35,6 +35,16 @@ struct OpenScope {
   ~OpenScope() { t_open = prev; }
 };
 
+// The session of the control write this thread is running (LocalWrites
+// pauses it).
+thread_local sqlite3_session* t_session = nullptr;
+
+struct SessionScope {
+  sqlite3_session* prev;
+  explicit SessionScope(sqlite3_session* s) : prev(t_session) { t_session = s; }
+  ~SessionScope() { t_session = prev; }
+};
+
 void guard_open(sqlite3_context* ctx, int, sqlite3_value**) {
   sqlite3_result_int(ctx, t_open == sqlite3_user_data(ctx) ? 1 : 0);
 }
@@ -96,6 +106,7 @@ class Session {
   Session(const Session&) = delete;
   Session& operator=(const Session&) = delete;
   bool ok() const { return s_ != nullptr; }
+  sqlite3_session* raw() const { return s_; }
   Result<std::string> changeset() {
     int n = 0;
     void* p = nullptr;
@@ -351,6 +362,17 @@ Status ControlLog::install() {
 
 bool ControlLog::in_write() const { return t_open == this; }
 
+ControlLog::LocalWrites::LocalWrites() : session_(t_session) {
+  if (!session_) return;
+  auto* s = static_cast<sqlite3_session*>(session_);
+  was_enabled_ = sqlite3session_enable(s, -1);
+  sqlite3session_enable(s, 0);
+}
+
+ControlLog::LocalWrites::~LocalWrites() {
+  if (session_) sqlite3session_enable(static_cast<sqlite3_session*>(session_), was_enabled_);
+}
+
 Status ControlLog::refuse_if_unreachable() {
   std::lock_guard lock(state_mu_);
   if (unreachable_error_.empty()) return {};
@@ -408,6 +430,7 @@ Status ControlLog::write_once(const std::function<Status()>& fn, const std::vect
   if (!session.ok()) return make_error(Errc::internal, "control write: cannot start a session on the control tables");
   {
     OpenScope open(this);
+    SessionScope recording(session.raw());
     if (auto s = fn(); !s) return s;  // rolled back, nothing sent
   }
   auto changes = session.changeset();

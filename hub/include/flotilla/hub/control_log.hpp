@@ -98,6 +98,26 @@ class ControlLog {
   // successor's): when one fails the write is refused (Errc::refused) and
   // nothing is written anywhere.
   Status write(const std::function<Status()>& fn, const std::vector<coord::Compare>& guard = {});
+  // Writes made in its scope by a control write on this thread stay in this
+  // hub's store and out of the write's log entry: the columns of devices
+  // that are each hub's own (ADR 16) when the engine's control write sets
+  // them, a device's desired generation, bundle and campaign. Without it
+  // each released device's new generation went into the entry (123 KB for a
+  // tick releasing 1,000), other hubs overwrote theirs with it, and a
+  // rollback (one control write, not chunked) of about 8,500 devices would
+  // have passed the 1 MiB entry limit and been refused. Outside a control
+  // write it does nothing.
+  class LocalWrites {
+   public:
+    LocalWrites();
+    ~LocalWrites();
+    LocalWrites(const LocalWrites&) = delete;
+    LocalWrites& operator=(const LocalWrites&) = delete;
+
+   private:
+    void* session_ = nullptr;  // the control write's sqlite3_session, paused
+    int was_enabled_ = 0;
+  };
   bool in_write() const;
 
   // Applies the entries up to the log's head now (this thread).

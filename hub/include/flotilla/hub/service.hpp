@@ -556,6 +556,11 @@ class HubService {
   void republish_pending(int cell = -1, const std::string& only_device = "");
   void engine_loop();
   void tick_campaign(CampaignRecord& c, Publishes& publishes);
+  // What this hub released to a device (its desired generation, bundle and
+  // campaign): written in the store but never in the control log, though
+  // the engine's tick is a control write (ControlLog::LocalWrites).
+  Status set_released_desired(const std::string& device_id, uint64_t generation, const std::string& bundle_id,
+                              const std::string& campaign_id);
   // Waiting rows the tick may release now: its wave reached, the device in
   // its maintenance window, at most n, in wave and rank order.
   Result<std::vector<CampaignDeviceRecord>> releasable_now(const CampaignRecord& c, const Strategy& s, bool online,
