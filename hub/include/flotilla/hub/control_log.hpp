@@ -104,9 +104,9 @@ class ControlLog {
   // them, a device's desired generation, bundle and campaign. Without it
   // each released device's new generation went into the entry (123 KB for a
   // tick releasing 1,000), other hubs overwrote theirs with it, and a
-  // rollback (one control write, not chunked) of about 8,500 devices would
-  // have passed the 1 MiB entry limit and been refused. Outside a control
-  // write it does nothing.
+  // rollback (one control write, not chunked) of some 8,500 to 12,000
+  // devices (about 100 to 123 bytes each) would have passed the 1 MiB entry
+  // limit and been refused. Outside a control write it does nothing.
   class LocalWrites {
    public:
     LocalWrites();
