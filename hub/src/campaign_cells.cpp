@@ -327,7 +327,8 @@ void HubService::ensure_cell_membership(const CampaignRecord& c) {
   for (int cell : owned_cells()) {
     const auto key = std::make_pair(c.id, cell);
     if (members_built_.count(key)) continue;
-    auto present = store_.campaign_counts(c.id, cell);
+    DeviceStore& cell_store = device_store(cell);
+    auto present = cell_store.campaign_counts(c.id, cell);
     if (!present) continue;
     if (present->empty()) {
       if (!sel) {
@@ -343,7 +344,7 @@ void HubService::ensure_cell_membership(const CampaignRecord& c) {
       }
       const int64_t now = clock_.now_unix_ms();
       for (const auto& m : *members) {
-        if (auto s = store_.add_campaign_member(c.id, m, now); !s) {
+        if (auto s = cell_store.add_campaign_member(c.id, m, now); !s) {
           log::get("hub")->warn("campaign={} cell={}: membership: {}", c.id, cell, s.error().message);
           return;
         }
@@ -367,7 +368,7 @@ void HubService::adopt_reported_generation(DeviceRecord& dev, const v1::Report& 
   auto [it, fresh] = rows.try_emplace(r.campaign_id());
   CachedCampaignRow& cached = it->second;
   if (fresh) {
-    auto cd = store_.campaign_device(r.campaign_id(), dev.id);
+    auto cd = device_store(dev.cell).campaign_device(r.campaign_id(), dev.id);
     if (cd && *cd) cached.row = std::move(**cd);
   }
   // Released by the cell's previous owner (this store never sent it, or
@@ -481,7 +482,7 @@ void HubService::publish_cell_counts(const std::string& campaign_id) {
   std::lock_guard lock(coord_mu_);
   if (!board_) return;
   for (int cell : own) {
-    auto rows = store_.campaign_counts(campaign_id, cell);
+    auto rows = device_store(cell).campaign_counts(campaign_id, cell);
     if (!rows) continue;
     auto r = board_->publish(campaign_id, cell, *rows);
     if (!r) {

@@ -33,7 +33,7 @@ bool targets(const CampaignRecord& c, const Selector& sel, const std::string& pr
 // A device as a member of campaign c: its rank by the campaign's hash and,
 // for a campaign with a maintenance window, its time zone. The caller sets
 // the wave (it depends on the rank and on who asks).
-Store::CampaignMember member_of(const CampaignRecord& c, const Strategy& strategy, const std::string& id,
+CampaignMember member_of(const CampaignRecord& c, const Strategy& strategy, const std::string& id,
                                 const Labels& labels) {
   return {id, campaign_rank(c.id, id), 0, strategy.window.enabled() ? strategy.window.zone_for(labels) : ""};
 }
@@ -149,10 +149,10 @@ Result<CampaignRecord> HubService::create_campaign(const std::string& name, cons
   return c;
 }
 
-Result<std::vector<Store::CampaignMember>> HubService::campaign_members(const CampaignRecord& c, const Selector& sel,
+Result<std::vector<CampaignMember>> HubService::campaign_members(const CampaignRecord& c, const Selector& sel,
                                                                        const Strategy& strategy,
                                                                        std::optional<int> cell) {
-  std::vector<Store::CampaignMember> rows;
+  std::vector<CampaignMember> rows;
   std::vector<double> ranks;
   std::vector<int> cells;
   auto listed = store_.each_device_target_cell([&](const std::string& id, const std::string& dev_project,
@@ -166,7 +166,7 @@ Result<std::vector<Store::CampaignMember>> HubService::campaign_members(const Ca
   // Waves over every matching device: a count-based canary is the N lowest
   // ranks of them all, whichever cell asks.
   auto waves = assign_waves(strategy, ranks);
-  std::vector<Store::CampaignMember> out;
+  std::vector<CampaignMember> out;
   for (size_t i = 0; i < rows.size(); ++i) {
     if (cell && cells[i] != *cell) continue;
     rows[i].wave = waves[i];
@@ -175,13 +175,13 @@ Result<std::vector<Store::CampaignMember>> HubService::campaign_members(const Ca
   return out;
 }
 
-Result<std::vector<Store::CampaignMember>> HubService::members_by_id(const CampaignRecord& c,
+Result<std::vector<CampaignMember>> HubService::members_by_id(const CampaignRecord& c,
                                                                     const std::vector<std::string>& ids) {
   std::lock_guard lock(store_mu_);
   auto sel = Selector::parse(c.selector);
   if (!sel) return sel.error();
   const Strategy strategy = strategy_of(c);
-  std::vector<Store::CampaignMember> out;
+  std::vector<CampaignMember> out;
   for (const auto& id : ids) {
     auto d = store_.get_device(id);
     if (!d) return d.error().with_context("device=" + id);
@@ -290,10 +290,10 @@ void HubService::tick() {
   continue_drains();
 }
 
-Status HubService::set_released_desired(const std::string& device_id, uint64_t generation,
+Status HubService::set_released_desired(int cell, const std::string& device_id, uint64_t generation,
                                         const std::string& bundle_id, const std::string& campaign_id) {
   ControlLog::LocalWrites local;
-  return store_.set_device_desired(device_id, generation, bundle_id, campaign_id);
+  return device_store(cell).set_device_desired(device_id, generation, bundle_id, campaign_id);
 }
 
 void HubService::tick_campaign(CampaignRecord& c, Publishes& publishes) {
@@ -387,7 +387,7 @@ void HubService::tick_campaign_step(CampaignRecord& c, Publishes& publishes) {
           if (!in_cells(cells, row.cell)) continue;
           row.status = "skipped";
           row.updated_ms = now;
-          (void)store_.save_campaign_device(row);
+          (void)device_store(row.cell).save_campaign_device(row);
         }
       }
       c.state = CampaignState::aborted;
@@ -456,7 +456,7 @@ void HubService::tick_campaign_step(CampaignRecord& c, Publishes& publishes) {
     auto open = store_.campaign_devices_with_status(c.id, {"waiting", "pending", "in_progress"});
     if (!open) return false;
     for (const auto& r : *open) {
-      auto od = store_.get_device(r.device_id);
+      auto od = device_store(r.cell).get_device(r.device_id);
       if (!od || !*od || (*od)->inventory.cluster_id.empty()) continue;
       auto& cs = (*clusters)[(*od)->inventory.cluster_id];
       if (r.status != "waiting") cs.busy = true;
@@ -475,12 +475,13 @@ void HubService::tick_campaign_step(CampaignRecord& c, Publishes& publishes) {
       }
       shared = *b;
     }
-    auto dev = store_.get_device(row.device_id);
+    DeviceStore& cell_store = device_store(row.cell);
+    auto dev = cell_store.get_device(row.device_id);
     if (!dev || !*dev) {
       row.status = "skipped";
       row.reason = "device_gone";
       row.updated_ms = now;
-      (void)store_.save_campaign_device(row);
+      (void)cell_store.save_campaign_device(row);
       continue;
     }
     DeviceRecord d = **dev;
@@ -505,7 +506,7 @@ void HubService::tick_campaign_step(CampaignRecord& c, Publishes& publishes) {
       }
       row.prev_bundle_id = it->second;
     }
-    if (auto others = store_.supersede_others(d.id, c.id, now); others && !others->empty()) {
+    if (auto others = cell_store.supersede_others(d.id, c.id, now); others && !others->empty()) {
       logger->info("device={} leaves campaigns {} for {}", d.id, others->front(), c.id);
     }
     const uint64_t gen = d.generation + 1;
@@ -513,11 +514,11 @@ void HubService::tick_campaign_step(CampaignRecord& c, Publishes& publishes) {
     row.generation = gen;
     row.released_ms = now;
     row.updated_ms = now;
-    if (auto s = store_.save_campaign_device(row); !s) return;
+    if (auto s = cell_store.save_campaign_device(row); !s) return;
     // The deadline runs from delivery: now if the device is online,
     // otherwise from when it comes back (and pauses while it is away).
-    if (auto s = store_.start_deadline(c.id, d.id, strategy.device_deadline.count(), now); !s) return;
-    if (auto s = set_released_desired(d.id, gen, c.bundle_id, c.id); !s) return;
+    if (auto s = cell_store.start_deadline(c.id, d.id, strategy.device_deadline.count(), now); !s) return;
+    if (auto s = set_released_desired(d.cell, d.id, gen, c.bundle_id, c.id); !s) return;
     publishes.push_back(
         {d.id, d.gateway, c.id, gen, false, shared, d.labels, strategy.k3s_action == "rotate_certificates", d.cell, ""});
     ++released;
@@ -624,7 +625,8 @@ void HubService::refresh_membership(const std::vector<DeviceRecord>& devices) {
     const size_t zones_before = zones.size();
     for (const auto& d : devices) {
       if ((c.project != "*" && d.project != c.project) || d.state == "decommissioned") continue;
-      auto row = store_.campaign_device(c.id, d.id);
+      DeviceStore& cell_store = device_store(d.cell);
+      auto row = cell_store.campaign_device(c.id, d.id);
       if (!row) continue;
       const bool matches = sel->matches(d.labels);
       if (matches && !*row) {
@@ -632,7 +634,7 @@ void HubService::refresh_membership(const std::vector<DeviceRecord>& devices) {
         auto m = member_of(c, strategy, d.id, d.labels);
         m.wave = std::max(strategy.wave_for_rank(m.rank), c.current_wave);
         if (!m.zone.empty()) zones.insert(m.zone);
-        if (store_.add_campaign_member(c.id, m, now)) {
+        if (cell_store.add_campaign_member(c.id, m, now)) {
           joined_any = true;
           log::get("hub")->info("device={} joins campaign={} wave={}", d.id, c.id, strategy.wave_name(m.wave));
         }
@@ -641,7 +643,7 @@ void HubService::refresh_membership(const std::vector<DeviceRecord>& devices) {
         r.status = "waiting";
         r.reason.clear();
         r.updated_ms = now;
-        (void)store_.save_campaign_device(r);
+        (void)cell_store.save_campaign_device(r);
         joined_any = true;
         log::get("hub")->info("device={} rejoins campaign={}", d.id, c.id);
       } else if (!matches && *row && (*row)->status == "waiting") {
@@ -652,7 +654,7 @@ void HubService::refresh_membership(const std::vector<DeviceRecord>& devices) {
         r.reason = "left_selector";
         r.message = "no longer matches the campaign's selector";
         r.updated_ms = now;
-        (void)store_.save_campaign_device(r);
+        (void)cell_store.save_campaign_device(r);
         log::get("hub")->info("device={} leaves campaign={}: no longer matches", d.id, c.id);
       }
     }
@@ -698,7 +700,7 @@ int64_t HubService::roll_back_own_devices(const CampaignRecord& c, Publishes& pu
       if (!in_cells(cells, row.cell)) continue;
       row.status = "skipped";
       row.updated_ms = now;
-      (void)store_.save_campaign_device(row);
+      (void)device_store(row.cell).save_campaign_device(row);
     }
   }
   // Devices that took the bundle (or may be taking it) go back to what they ran
@@ -713,21 +715,22 @@ int64_t HubService::roll_back_own_devices(const CampaignRecord& c, Publishes& pu
       // Following a rollback decided elsewhere: what was found to have no
       // way back stays as it is.
       if (follow && row.message == kNoPrevious) continue;
+      DeviceStore& cell_store = device_store(row.cell);
       if (row.prev_bundle_id.empty()) {
         row.message = kNoPrevious;
-        (void)store_.save_campaign_device(row);
+        (void)cell_store.save_campaign_device(row);
         continue;
       }
       auto prev = desired_shared(row.prev_bundle_id, shared_cache);
-      auto dev = store_.get_device(row.device_id);
+      auto dev = cell_store.get_device(row.device_id);
       if (!prev || !dev || !*dev) continue;
       DeviceRecord d = **dev;
       const uint64_t gen = d.generation + 1;
       row.status = "rolling_back";
       row.rollback_generation = gen;
       row.updated_ms = now;
-      (void)store_.save_campaign_device(row);
-      (void)set_released_desired(d.id, gen, row.prev_bundle_id, c.id);
+      (void)cell_store.save_campaign_device(row);
+      (void)set_released_desired(d.cell, d.id, gen, row.prev_bundle_id, c.id);
       publishes.push_back({d.id, d.gateway, c.id, gen, true, *prev, d.labels, false, d.cell, ""});
       ++sent;
     }
@@ -735,11 +738,11 @@ int64_t HubService::roll_back_own_devices(const CampaignRecord& c, Publishes& pu
   return sent;
 }
 
-void HubService::on_campaign_report(const std::string& device_id, const v1::Report& r, CampaignRows& rows) {
+void HubService::on_campaign_report(const DeviceRecord& dev, const v1::Report& r, CampaignRows& rows) {
   auto [it, fresh] = rows.try_emplace(r.campaign_id());
   CachedCampaignRow& cached = it->second;
   if (fresh) {
-    auto cd = store_.campaign_device(r.campaign_id(), device_id);
+    auto cd = device_store(dev.cell).campaign_device(r.campaign_id(), dev.id);
     if (cd && *cd) cached.row = std::move(**cd);
   }
   if (!cached.row) return;
@@ -826,7 +829,7 @@ void HubService::republish_pending(int cell, const std::string& only_device) {
         if (!only_device.empty() && row.device_id != only_device) continue;
         const bool rollback = row.status == "rolling_back";
         const uint64_t gen = rollback ? row.rollback_generation : row.generation;
-        auto d = store_.get_device(row.device_id);
+        auto d = device_store(row.cell).get_device(row.device_id);
         if (!d || !*d || (*d)->generation != gen || (*d)->state == "decommissioned") continue;
         // Each cell's session republishes its own devices' desired states.
         if (cell >= 0 && (*d)->cell != cell && cell_count() > 1) continue;
@@ -890,7 +893,7 @@ Result<CampaignRecord> HubService::campaign_action(const std::string& id, const 
         if (!in_cells(cells, row.cell)) continue;
         row.status = "skipped";
         row.updated_ms = now;
-        if (auto s = store_.save_campaign_device(row); !s) return s.error();
+        if (auto s = device_store(row.cell).save_campaign_device(row); !s) return s.error();
       }
       c.state = CampaignState::aborted;
       c.state_reason = "aborted by an operator";

@@ -347,7 +347,8 @@ void HubService::reset_presence(Cell& cell, bool session_began) {
   drain_cell(cell);
   std::lock_guard drain_lock(cell.drain_mu());
   std::lock_guard lock(store_mu_);
-  auto n = cell_count() == 1 ? store_.set_all_devices_offline() : store_.set_cell_devices_offline(cell.id());
+  DeviceStore& cell_store = device_store(cell.id());
+  auto n = cell_count() == 1 ? cell_store.set_all_devices_offline() : cell_store.set_cell_devices_offline(cell.id());
   if (!n) {
     log::get("hub")->error("reset presence cell={}: {}", cell.id(), n.error().message);
     return;
@@ -1341,16 +1342,17 @@ void HubService::drain_cell(Cell& c) {
     const auto started = std::chrono::steady_clock::now();
     // Reports are the devices' to repeat (and a lost outcome is recovered
     // from the next idle report): no fsync per batch. Control writes stay FULL.
-    (void)store_.relaxed_sync(true);
+    DeviceStore& cell_store = device_store(c.id());
+    (void)cell_store.relaxed_sync(true);
     {
       Applied applied;
-      sql::Transaction tx(store_.db());
+      sql::Transaction tx(cell_store.device_db());
       for (const auto& [id, msgs] : groups) apply_device_messages(id, msgs, c.id(), applied);
       if (auto s = tx.commit(); !s) log::get("hub")->error("commit report batch failed: {}", s.error().message);
       reports_processed_ += applied.reports;
       presence_processed_ += applied.presences;
     }
-    if (auto s = store_.relaxed_sync(false); !s) {
+    if (auto s = cell_store.relaxed_sync(false); !s) {
       log::get("hub")->error("restore synchronous=FULL failed: {}", s.error().message);
     }
     report_commit_seconds_.observe(std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count());
@@ -1564,7 +1566,7 @@ void HubService::continue_drains() {
         continue;
       }
       if (move_cancels_.size() >= chunk) break;
-      auto ids = store_.cell_session_devices(c.id(), static_cast<int64_t>(chunk), it->second);
+      auto ids = device_store(c.id()).cell_session_devices(c.id(), static_cast<int64_t>(chunk), it->second);
       if (!ids) {
         log::get("hub")->error("withdraw the moves of cell {}: {}", c.id(), ids.error().message);
         break;
@@ -1599,7 +1601,7 @@ void HubService::continue_drains() {
       it = move_cancels_.erase(it);
       if (from.draining()) continue;  // drained again: the move stands
       if (!serves_cell(cell)) continue;  // lost the cell: its new holder withdraws every move there
-      auto d = store_.get_device(id);
+      auto d = device_store(cell).get_device(id);
       if (!d || !*d || (*d)->cell != cell) continue;  // it moved after all
       // Its desired state again (none: an empty one), signed, with a move to
       // the broker it is on: it replaces the retained move, and a device
@@ -1620,7 +1622,7 @@ void HubService::continue_drains() {
       bool wrapped = false, stop = false;
       size_t looked = 0;
       while (!stop && moves.size() < chunk && looked < 8 * chunk) {
-        auto ids = store_.cell_session_devices(c->id(), static_cast<int64_t>(chunk), cursor);
+        auto ids = device_store(c->id()).cell_session_devices(c->id(), static_cast<int64_t>(chunk), cursor);
         if (!ids) {
           log::get("hub")->error("drain cell {}: {}", c->id(), ids.error().message);
           break;
@@ -1631,7 +1633,7 @@ void HubService::continue_drains() {
           ++looked;
           auto it = move_asked_ms_.find(id);
           if (it != move_asked_ms_.end() && now - it->second < kMoveRetryMs) continue;
-          auto d = store_.get_device(id);
+          auto d = device_store(c->id()).get_device(id);
           if (!d || !*d) continue;
           const int target = least_loaded_cell(planned, c->id());
           if (target < 0) {
@@ -1849,7 +1851,8 @@ HubService::DeviceGroups HubService::parse_batch(const std::vector<transport::Me
 
 void HubService::apply_device_messages(const std::string& device_id, const std::vector<ParsedMessage>& msgs,
                                        int cell, Applied& applied) {
-  auto found = store_.get_device(device_id);
+  // Where the device should be first: the broker it spoke on is its cell's.
+  auto found = device_store(cell).get_device(device_id);
   if (!found || !*found) {
     if (std::any_of(msgs.begin(), msgs.end(), [](const ParsedMessage& p) { return p.is_report; })) {
       const std::string& gw = msgs.front().gateway;
@@ -1924,23 +1927,24 @@ void HubService::apply_device_messages(const std::string& device_id, const std::
     changed = true;
     inventory = inventory || r.has_inventory();
     ++reports;
-    if (!r.campaign_id().empty()) on_campaign_report(device_id, r, rows);
+    if (!r.campaign_id().empty()) on_campaign_report(dev, r, rows);
   }
+  DeviceStore& cell_store = device_store(dev.cell);
   if (changed) {
-    if (auto s = store_.save_device_state(dev); !s) {
+    if (auto s = cell_store.save_device_state(dev); !s) {
       log::get("hub")->error("save device={} failed: {}", device_id, s.error().message);
       return;
     }
   }
   if (inventory) {
     dev.inventory.updated_ms = clock_.now_unix_ms();
-    if (auto s = store_.save_device_inventory(device_id, dev.inventory); !s) {
+    if (auto s = cell_store.save_device_inventory(device_id, dev.inventory); !s) {
       log::get("hub")->error("save inventory device={} failed: {}", device_id, s.error().message);
     }
   }
   for (auto& [campaign, row] : rows) {
     if (!row.dirty || !row.row) continue;
-    (void)store_.save_campaign_device(*row.row);
+    (void)cell_store.save_campaign_device(*row.row);
     if (campaign_status_is_final(row.row->status)) engine_cv_.notify_one();
   }
   applied.reports += reports;
@@ -1949,7 +1953,7 @@ void HubService::apply_device_messages(const std::string& device_id, const std::
       ++reannounced_ >= presence_reset_count_.load()) {
     presence_settle_until_ms_ = 0;
   }
-  if (gateway_left) (void)store_.set_gateway_devices_offline(device_id, clock_.now_unix_ms());
+  if (gateway_left) (void)cell_store.set_gateway_devices_offline(device_id, clock_.now_unix_ms());
 }
 
 void HubService::apply_report(DeviceRecord& dev, const v1::Report& r) {

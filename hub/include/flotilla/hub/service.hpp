@@ -295,7 +295,7 @@ class HubService {
   // lowest rank of the matching devices) takes one scan, once per campaign
   // in this process. Unknown ids and devices the campaign does not target
   // (another project, decommissioned, not matching) are left out.
-  Result<std::vector<Store::CampaignMember>> members_by_id(const CampaignRecord& c,
+  Result<std::vector<CampaignMember>> members_by_id(const CampaignRecord& c,
                                                            const std::vector<std::string>& ids);
   Result<std::optional<CampaignView>> campaign_view(const std::string& id, bool with_devices);
   Result<std::vector<CampaignView>> list_campaigns(const std::string& project = "*");
@@ -559,7 +559,7 @@ class HubService {
   // What this hub released to a device (its desired generation, bundle and
   // campaign): written in the store but never in the control log, though
   // the engine's tick is a control write (ControlLog::LocalWrites).
-  Status set_released_desired(const std::string& device_id, uint64_t generation, const std::string& bundle_id,
+  Status set_released_desired(int cell, const std::string& device_id, uint64_t generation, const std::string& bundle_id,
                               const std::string& campaign_id);
   // Waiting rows the tick may release now: its wave reached, the device in
   // its maintenance window, at most n, in wave and rank order.
@@ -571,7 +571,7 @@ class HubService {
   void refresh_membership(const std::vector<DeviceRecord>& devices);
   // An automatic action of the engine, in the audit log with what triggered it.
   void audit_engine_action(const CampaignRecord& c, const std::string& action, const nlohmann::json& detail);
-  void on_campaign_report(const std::string& device_id, const v1::Report& r, CampaignRows& rows);
+  void on_campaign_report(const DeviceRecord& dev, const v1::Report& r, CampaignRows& rows);
   bool finished_without_outcome(CampaignDeviceRecord& row, const v1::Report& r);
   void start_rollback(CampaignRecord& c, const std::string& reason, Publishes& publishes);
   // Sends this hub's devices of the campaign back (waiting ones skipped);
@@ -607,7 +607,7 @@ class HubService {
   // The matching devices of a campaign with their waves; only those of
   // `cell` when given (the waves are computed over every device either way,
   // so a count-based canary cuts the same). store_mu_ held.
-  Result<std::vector<Store::CampaignMember>> campaign_members(const CampaignRecord& c, const Selector& sel,
+  Result<std::vector<CampaignMember>> campaign_members(const CampaignRecord& c, const Selector& sel,
                                                               const Strategy& strategy, std::optional<int> cell);
   // The rank at or below which a device is in the count-based canary of c
   // (1.0 when fewer devices match than the canary's count); kept per
@@ -684,6 +684,14 @@ class HubService {
   // Caches derived from control data, refreshed after another hub's entries
   // changed these tables.
   void on_control_applied(const std::set<std::string>& tables);
+
+  // The store of one cell's devices (ADR 18): what code that knows a
+  // device's cell reads and writes it through. Every cell's is store_ (one
+  // file, store_mu_) until per-cell files exist.
+  DeviceStore& device_store(int cell) {
+    (void)cell;
+    return store_;
+  }
 
   Store& store_;
   const Clock& clock_;

@@ -268,7 +268,90 @@ struct StoreTuning {
   int64_t mmap_mib = 0;
 };
 
-class Store {
+// One device of a new campaign: everything else of its row is the default
+// (status waiting).
+struct CampaignMember {
+  std::string device_id;
+  double rank = 0;
+  int wave = 0;
+  std::string zone;
+};
+
+// What one cell's shard controller reads and writes of its own devices
+// (ADR 18): report and presence columns, inventory, and the campaign rows
+// and counts of the cell's devices. A hub reaches it through
+// HubService::device_store(cell). Today every cell's DeviceStore is the one
+// Store below (hub.db); ADR 18's per-cell files implement it per cell, so
+// code that knows a device's cell calls this, not Store.
+class DeviceStore {
+ public:
+  virtual ~DeviceStore() = default;
+
+  virtual Result<std::optional<DeviceRecord>> get_device(const std::string& id) = 0;
+  // Report and presence fields of one device (never its directory columns:
+  // labels, project, key, gateway, cell).
+  virtual Status save_device_state(const DeviceRecord& d) = 0;
+  // Stores a report's inventory; nothing for a decommissioned device.
+  virtual Status save_device_inventory(const std::string& device_id, const DeviceInventory& inv) = 0;
+  // A gateway's session ended (its will fired): every device behind it is offline.
+  virtual Status set_gateway_devices_offline(const std::string& gateway, int64_t now_ms) = 0;
+  // Every device the hub had as online is marked offline (presence unknown
+  // after a broker restart or a lost session of the hub's); returns how many.
+  virtual Result<int64_t> set_all_devices_offline() = 0;
+  // The same for the devices of one cell (a cell's broker session began again).
+  virtual Result<int64_t> set_cell_devices_offline(int cell) = 0;
+  // The devices with their own session in a cell (gateways included, the
+  // devices behind them not: they move with their gateway), in id order
+  // after `after` (a cursor: the last id of the page before), up to limit.
+  virtual Result<std::vector<std::string>> cell_session_devices(int cell, int64_t limit,
+                                                                const std::string& after = "") = 0;
+
+  // A device that came to match a running campaign (live membership).
+  virtual Status add_campaign_member(const std::string& campaign_id, const CampaignMember& m, int64_t now_ms) = 0;
+  virtual Result<std::vector<CampaignDeviceRecord>> campaign_devices(const std::string& campaign_id) = 0;
+  virtual Result<std::vector<CampaignDeviceRecord>> campaign_devices_with_status(
+      const std::string& campaign_id, const std::vector<std::string>& statuses) = 0;
+  virtual Result<std::optional<CampaignDeviceRecord>> campaign_device(const std::string& campaign_id,
+                                                                      const std::string& device_id) = 0;
+  // Writes everything but the deadline, which start_deadline sets at release
+  // and the presence triggers pause and resume.
+  virtual Status save_campaign_device(const CampaignDeviceRecord& cd) = 0;
+  virtual Status start_deadline(const std::string& campaign_id, const std::string& device_id, int64_t budget_ms,
+                                int64_t now_ms) = 0;
+  // From the trigger-kept campaign_counts table: the counts of the
+  // campaign's devices in one cell.
+  virtual Result<std::vector<CampaignCountRow>> campaign_counts(const std::string& campaign_id, int cell) = 0;
+  // The same figures grouped from the cell's device rows (what the triggers
+  // must agree with).
+  virtual Result<std::vector<CampaignCountRow>> recount_campaign(const std::string& campaign_id, int cell) = 0;
+  // Waiting rows of waves up to max_wave whose device is online (or
+  // offline), by wave and rank; at most `limit` of them; only those of one
+  // time zone when `zone` is given.
+  // `cells`: only devices in those cells (nullopt: every cell).
+  virtual Result<std::vector<CampaignDeviceRecord>> releasable(
+      const std::string& campaign_id, int max_wave, bool online, int64_t limit, const std::string& zone = "",
+      const std::optional<std::vector<int>>& cells = std::nullopt) = 0;
+  // Pending/in-progress rows of online devices whose deadline passed become
+  // failed (only in `cells`; nullopt: every cell).
+  virtual Result<int64_t> expire_deadlines(const std::string& campaign_id, int64_t now_ms,
+                                           const std::optional<std::vector<int>>& cells = std::nullopt) = 0;
+  // Marks a device's unfinished rows in other campaigns superseded; returns those campaign ids.
+  virtual Result<std::vector<std::string>> supersede_others(const std::string& device_id,
+                                                            const std::string& campaign_id, int64_t now_ms) = 0;
+  // The desired state the hub released to a device (hub-local, ADR 16).
+  virtual Status set_device_desired(const std::string& device_id, uint64_t generation,
+                                    const std::string& bundle_id, const std::string& campaign_id) = 0;
+
+  // The store commits with synchronous=FULL. Device reports are a cache the
+  // devices rebuild by reporting again, so a report batch may relax it to
+  // NORMAL (the WAL is then synced at the next FULL commit or checkpoint);
+  // callers hold the store lock and set it back right after the commit.
+  virtual Status relaxed_sync(bool relaxed) = 0;
+  // The connection the cell's writes commit on (transactions, group commits).
+  virtual sql::Db& device_db() = 0;
+};
+
+class Store final : public DeviceStore {
  public:
   static Result<std::unique_ptr<Store>> open(const std::string& path, const StoreTuning& tuning = {});
   // The same store on a connection of its own that cannot write (query_only)
@@ -299,7 +382,7 @@ class Store {
   Result<std::vector<std::pair<std::string, std::string>>> credentials();
 
   Status upsert_enrolled_device(const DeviceRecord& d);
-  Result<std::optional<DeviceRecord>> get_device(const std::string& id);
+  Result<std::optional<DeviceRecord>> get_device(const std::string& id) override;
   // Every device, by id: the tests' brute-force answer. The API never loads
   // the fleet; it pages with AggregateStore::devices.
   Result<std::vector<DeviceRecord>> list_devices();
@@ -312,14 +395,11 @@ class Store {
   Status each_device_target_cell(
       const std::function<void(const std::string& id, const std::string& project, const std::string& state,
                                const Labels& labels, int cell)>& f);
-  Status save_device_state(const DeviceRecord& d);  // report/presence fields
-  // A gateway's session ended (its will fired): every device behind it is offline.
-  Status set_gateway_devices_offline(const std::string& gateway, int64_t now_ms);
-  // Every device the hub had as online is marked offline (presence unknown
-  // after a broker restart or a lost session of the hub's); returns how many.
-  Result<int64_t> set_all_devices_offline();
-  // The same for the devices of one cell (a cell's broker session began again).
-  Result<int64_t> set_cell_devices_offline(int cell);
+  // DeviceStore: report and presence of devices.
+  Status save_device_state(const DeviceRecord& d) override;
+  Status set_gateway_devices_offline(const std::string& gateway, int64_t now_ms) override;
+  Result<int64_t> set_all_devices_offline() override;
+  Result<int64_t> set_cell_devices_offline(int cell) override;
   // Devices (decommissioned ones left out) and those online, by cell;
   // project "*" counts every project.
   struct CellCount {
@@ -332,10 +412,8 @@ class Store {
   Result<int64_t> set_device_cell(const std::string& id, int cell);
   // The device itself and, for a gateway, every device behind it.
   Result<std::vector<std::string>> devices_of_owner(const std::string& id);
-  // The devices with their own session in a cell (gateways included, the
-  // devices behind them not: they move with their gateway), in id order
-  // after `after` (a cursor: the last id of the page before), up to limit.
-  Result<std::vector<std::string>> cell_session_devices(int cell, int64_t limit, const std::string& after = "");
+  Result<std::vector<std::string>> cell_session_devices(int cell, int64_t limit,
+                                                        const std::string& after = "") override;
   // The cells this hub was draining (a hub without shared cells keeps its
   // drains here, so a restart does not forget them): cell -> since (unix ms).
   Result<std::map<int, int64_t>> cell_drains();
@@ -356,61 +434,44 @@ class Store {
 
   // Campaigns (store/campaign_store.cpp). insert_campaign writes the campaign
   // and all its device rows (status waiting) in one transaction.
-  // One device of a new campaign: everything else of its row is the default
-  // (status waiting).
-  struct CampaignMember {
-    std::string device_id;
-    double rank = 0;
-    int wave = 0;
-    std::string zone;
-  };
-  // A device that came to match a running campaign (live membership).
-  Status add_campaign_member(const std::string& campaign_id, const CampaignMember& m, int64_t now_ms);
+  using CampaignMember = hub::CampaignMember;
+  Status add_campaign_member(const std::string& campaign_id, const CampaignMember& m, int64_t now_ms) override;
   Status insert_campaign(const CampaignRecord& c, const std::vector<CampaignMember>& members);
   Result<std::optional<CampaignRecord>> get_campaign(const std::string& id);
   Result<std::vector<CampaignRecord>> list_campaigns();
   Status update_campaign(const CampaignRecord& c);
-  Result<std::vector<CampaignDeviceRecord>> campaign_devices(const std::string& campaign_id);
-  Result<std::vector<CampaignDeviceRecord>> campaign_devices_with_status(const std::string& campaign_id,
-                                                                         const std::vector<std::string>& statuses);
+  Result<std::vector<CampaignDeviceRecord>> campaign_devices(const std::string& campaign_id) override;
+  Result<std::vector<CampaignDeviceRecord>> campaign_devices_with_status(
+      const std::string& campaign_id, const std::vector<std::string>& statuses) override;
   Result<std::optional<CampaignDeviceRecord>> campaign_device(const std::string& campaign_id,
-                                                              const std::string& device_id);
-  // Writes everything but the deadline, which start_deadline sets at release
-  // and the presence triggers pause and resume.
-  Status save_campaign_device(const CampaignDeviceRecord& cd);
+                                                              const std::string& device_id) override;
+  Status save_campaign_device(const CampaignDeviceRecord& cd) override;
   Status start_deadline(const std::string& campaign_id, const std::string& device_id, int64_t budget_ms,
-                        int64_t now_ms);
+                        int64_t now_ms) override;
   // From the trigger-kept campaign_counts table: a few rows, whatever the
   // fleet size. Without a cell: the campaign's totals over every cell.
   Result<std::vector<CampaignCountRow>> campaign_counts(const std::string& campaign_id);
-  Result<std::vector<CampaignCountRow>> campaign_counts(const std::string& campaign_id, int cell);
+  Result<std::vector<CampaignCountRow>> campaign_counts(const std::string& campaign_id, int cell) override;
   // The cells that hold devices of the campaign, ascending.
   Result<std::vector<int>> campaign_cells(const std::string& campaign_id);
   // The same figures grouped from every device row (what the triggers must
   // agree with; tests compare the two), in total and for the devices now in
   // one cell.
   Result<std::vector<CampaignCountRow>> recount_campaign(const std::string& campaign_id);
-  Result<std::vector<CampaignCountRow>> recount_campaign(const std::string& campaign_id, int cell);
+  Result<std::vector<CampaignCountRow>> recount_campaign(const std::string& campaign_id, int cell) override;
   // Failed and rollback_failed rows by reason ("unknown" when empty).
   Result<std::map<std::string, int64_t>> failure_reasons(const std::string& campaign_id);
   // Unfinished rows of offline devices, the first `limit` by device id.
   Result<std::vector<std::string>> away_devices(const std::string& campaign_id, int64_t limit);
-  // Waiting rows of waves up to max_wave whose device is online (or
-  // offline), by wave and rank; at most `limit` of them; only those of one
-  // time zone when `zone` is given.
-  // `cells`: only devices in those cells (nullopt: every cell).
-  Result<std::vector<CampaignDeviceRecord>> releasable(const std::string& campaign_id, int max_wave, bool online,
-                                                       int64_t limit, const std::string& zone = "",
-                                                       const std::optional<std::vector<int>>& cells = std::nullopt);
-  // Pending/in-progress rows of online devices whose deadline passed become
-  // failed (only in `cells`; nullopt: every cell).
+  Result<std::vector<CampaignDeviceRecord>> releasable(
+      const std::string& campaign_id, int max_wave, bool online, int64_t limit, const std::string& zone = "",
+      const std::optional<std::vector<int>>& cells = std::nullopt) override;
   Result<int64_t> expire_deadlines(const std::string& campaign_id, int64_t now_ms,
-                                   const std::optional<std::vector<int>>& cells = std::nullopt);
-  // Marks a device's unfinished rows in other campaigns superseded; returns those campaign ids.
+                                   const std::optional<std::vector<int>>& cells = std::nullopt) override;
   Result<std::vector<std::string>> supersede_others(const std::string& device_id, const std::string& campaign_id,
-                                                    int64_t now_ms);
+                                                    int64_t now_ms) override;
   Status set_device_desired(const std::string& device_id, uint64_t generation, const std::string& bundle_id,
-                            const std::string& campaign_id);
+                            const std::string& campaign_id) override;
   Status migrate_campaigns();
   Status migrate_campaign_counts();
   // The dashboard's read models (store/aggregate_store.cpp): fleet counts,
@@ -418,8 +479,7 @@ class Store {
   Status migrate_aggregates();
   Status migrate_inventory();
   Status migrate_cells();
-  // Stores a report's inventory; nothing for a decommissioned device.
-  Status save_device_inventory(const std::string& device_id, const DeviceInventory& inv);
+  Status save_device_inventory(const std::string& device_id, const DeviceInventory& inv) override;
   // fleet_counts as kept by the triggers (rows with n != 0), and the same
   // figures grouped from every device row (what the triggers must agree with).
   Result<std::vector<FleetCount>> fleet_counts();
@@ -448,11 +508,7 @@ class Store {
   Status delete_gitrepo(const std::string& name);
   // The failed rows of a campaign, the first `limit` by time (status blocks).
   Result<std::vector<CampaignDeviceRecord>> campaign_failures(const std::string& campaign_id, int64_t limit);
-  // The store commits with synchronous=FULL. Device reports are a cache the
-  // devices rebuild by reporting again, so a report batch may relax it to
-  // NORMAL (the WAL is then synced at the next FULL commit or checkpoint);
-  // callers hold the store lock and set it back right after the commit.
-  Status relaxed_sync(bool relaxed);
+  Status relaxed_sync(bool relaxed) override;
   // PRAGMA synchronous as SQLite reports it: 1 NORMAL, 2 FULL.
   Result<int64_t> synchronous();
 
@@ -477,6 +533,7 @@ class Store {
   Result<bool> has_credential(const std::string& username);
 
   sql::Db& db() { return *db_; }
+  sql::Db& device_db() override { return *db_; }
 
  private:
   explicit Store(std::unique_ptr<sql::Db> db) : db_(std::move(db)) {}
