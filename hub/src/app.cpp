@@ -15,6 +15,7 @@
 #include "flotilla/common/fs.hpp"
 #include "flotilla/common/log.hpp"
 #include "flotilla/common/transport.hpp"
+#include "flotilla/common/transport_loop.hpp"
 #include "flotilla/hub/aggregates.hpp"
 #include "flotilla/hub/artifacts.hpp"
 #include "flotilla/common/http_client.hpp"
@@ -810,9 +811,12 @@ Status run_hub(const HubConfig& cfg, const std::atomic<bool>& stop) {
   }
 
   // One session per cell, each reconnected on its own: a cell whose broker
-  // restarts leaves the others' sessions (and presence) alone.
+  // restarts leaves the others' sessions (and presence) alone. Each on the
+  // event-loop client (ADR 20) with a loop of its own: a cell whose queue is
+  // full holds up only its own session's reads, as with Paho's thread.
   struct CellSession {
-    std::unique_ptr<transport::Transport> transport = transport::make_paho_transport();
+    std::shared_ptr<transport::SessionLoop> loop = transport::make_session_loop();
+    std::unique_ptr<transport::Transport> transport = transport::make_loop_transport(loop);
     transport::ConnectOptions co;
     Backoff backoff{std::chrono::milliseconds(200), std::chrono::seconds(10), crypto::random_u64()};
     bool attached = false;
