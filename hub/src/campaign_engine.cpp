@@ -183,9 +183,11 @@ Result<std::vector<CampaignMember>> HubService::members_by_id(const CampaignReco
   const Strategy strategy = strategy_of(c);
   std::vector<CampaignMember> out;
   for (const auto& id : ids) {
-    auto d = store_.get_device(id);
+    auto d = store_.directory_entry(id);
     if (!d) return d.error().with_context("device=" + id);
-    if (!*d || !targets(c, *sel, (*d)->project, (*d)->state, (*d)->labels)) continue;
+    // The directory has no reported state; what targeting asks of it is
+    // only whether the device was decommissioned.
+    if (!*d || !targets(c, *sel, (*d)->project, (*d)->decommissioned ? "decommissioned" : "", (*d)->labels)) continue;
     auto m = member_of(c, strategy, id, (*d)->labels);
     m.wave = strategy.wave_for_rank(m.rank);
     if (strategy.canary_count > 0) {

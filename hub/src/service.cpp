@@ -251,7 +251,7 @@ const std::string& HubService::cell_broker_url(int cell) const {
 
 Result<int> HubService::cell_for_new_device(const DeviceRecord& d) {
   if (!d.gateway.empty()) {
-    auto gw = store_.get_device(d.gateway);
+    auto gw = store_.directory_entry(d.gateway);
     if (!gw) return gw.error();
     if (*gw) return (*gw)->cell;
   }
@@ -523,12 +523,12 @@ Result<TokenRecord> HubService::usable_enrollment_token(const std::string& secre
 
 Result<Bytes> HubService::gateway_identity(const std::string& gateway_id, const std::string& project) {
   std::lock_guard lock(store_mu_);
-  auto gw = store_.get_device(gateway_id);
+  auto gw = store_.directory_entry(gateway_id);
   if (!gw) return gw.error();
   // A gateway relays its devices' desired states (bundle files included):
   // only devices of its own project may sit behind it. Another project's
   // gateway is answered like an unknown one.
-  if (!*gw || (*gw)->state == "decommissioned" || !(*gw)->gateway.empty() || (*gw)->project != project) {
+  if (!*gw || (*gw)->decommissioned || !(*gw)->gateway.empty() || (*gw)->project != project) {
     return make_error(Errc::permission_denied, "gateway " + gateway_id + " is not an enrolled device of project " +
                                                project + " with its own broker session");
   }
@@ -539,12 +539,12 @@ Result<Bytes> HubService::gateway_identity(const std::string& gateway_id, const 
 
 Status HubService::check_reenrollment(const DeviceRecord& d, int* cell) {
   if (cell) *cell = -1;
-  auto existing = store_.get_device(d.id);
+  auto existing = store_.directory_entry(d.id);
   if (!existing) return existing.error();
   if (!*existing) return {};
-  const DeviceRecord& e = **existing;
+  const DeviceDirectoryEntry& e = **existing;
   if (cell) *cell = e.cell;
-  if (e.state == "decommissioned") {
+  if (e.decommissioned) {
     // Decommissioning is final for an identity: a device that comes back
     // must be wiped and enroll with a new key (docs/security.md).
     return make_error(Errc::permission_denied, "device " + d.id + " was decommissioned; it must enroll with a "
@@ -762,10 +762,10 @@ Result<v1::RenewResponse> HubService::renew(const v1::RenewRequest& req) {
     return make_error(Errc::invalid_argument, "csr is " + std::to_string(req.csr().size()) + " bytes; at most " +
                                                   std::to_string(x509::kMaxCsrBytes));
   }
-  std::optional<DeviceRecord> dev;
+  std::optional<DeviceDirectoryEntry> dev;
   {
     std::lock_guard lock(store_mu_);
-    auto d = store_.get_device(req.device_id());
+    auto d = store_.directory_entry(req.device_id());
     if (!d) return d.error();
     dev = std::move(*d);
   }
@@ -778,7 +778,7 @@ Result<v1::RenewResponse> HubService::renew(const v1::RenewRequest& req) {
     return make_error(Errc::invalid_argument, "renewal proof does not verify: the request must be signed by the "
                                               "device's identity key");
   }
-  if (dev->state == "decommissioned") {
+  if (dev->decommissioned) {
     return make_error(Errc::permission_denied, "device " + dev->id + " was decommissioned; it must enroll with a new "
                                                "identity");
   }
@@ -794,9 +794,9 @@ Result<v1::RenewResponse> HubService::renew(const v1::RenewRequest& req) {
     dropped_password = false;
     // Read again under the lock: a decommission or another renewal may have
     // come between.
-    auto now = store_.get_device(dev->id);
+    auto now = store_.directory_entry(dev->id);
     if (!now) return now.error();
-    if (!*now || (*now)->state == "decommissioned") {
+    if (!*now || (*now)->decommissioned) {
       return make_error(Errc::permission_denied, "device " + dev->id + " was decommissioned");
     }
     if (req.issued_unix_ms() <= (*now)->enroll_issued_ms) {
@@ -1252,6 +1252,13 @@ void HubService::read_store(const std::function<void(Store&)>& f) {
   f(lease.store());
 }
 
+Result<std::optional<DeviceRecord>> HubService::device_record(const std::string& id) {
+  auto e = store_.directory_entry(id);
+  if (!e) return e.error();
+  if (!*e) return std::optional<DeviceRecord>();
+  return device_store((*e)->cell).get_device(id);
+}
+
 Result<std::optional<DeviceRecord>> HubService::get_device(const std::string& id) {
   return read([&](Store& from) { return from.get_device(id); });
 }
@@ -1581,7 +1588,7 @@ void HubService::continue_drains() {
     }
     // The moves this process asked for in cells whose drain stopped.
     for (auto it = move_asked_ms_.begin(); !stopped.empty() && it != move_asked_ms_.end();) {
-      auto d = store_.get_device(it->first);
+      auto d = store_.directory_entry(it->first);
       if (d && *d && stopped.count((*d)->cell)) {
         move_cancels_[it->first] = (*d)->cell;
         it = move_asked_ms_.erase(it);
@@ -1707,7 +1714,7 @@ void HubService::clear_moved_away() {
     std::lock_guard lock(store_mu_);
     if (move_asked_ms_.empty()) return;
     for (auto it = move_asked_ms_.begin(); it != move_asked_ms_.end();) {
-      auto d = store_.get_device(it->first);
+      auto d = store_.directory_entry(it->first);
       const int cell = d && *d ? (*d)->cell : -1;
       if (cell >= 0 && cell < cell_count() && !cells_[static_cast<size_t>(cell)]->draining()) {
         gone.push_back(it->first);
@@ -1852,6 +1859,8 @@ HubService::DeviceGroups HubService::parse_batch(const std::vector<transport::Me
 void HubService::apply_device_messages(const std::string& device_id, const std::vector<ParsedMessage>& msgs,
                                        int cell, Applied& applied) {
   // Where the device should be first: the broker it spoke on is its cell's.
+  // (With a store per cell, a device arriving from a drained cell is not in
+  // this one yet: ADR 18's slice 8 finds it through the directory.)
   auto found = device_store(cell).get_device(device_id);
   if (!found || !*found) {
     if (std::any_of(msgs.begin(), msgs.end(), [](const ParsedMessage& p) { return p.is_report; })) {

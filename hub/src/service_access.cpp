@@ -37,7 +37,7 @@ Result<DeviceRecord> HubService::edit_device_labels(
   }
   return control_write([&]() -> Result<DeviceRecord> {
     std::lock_guard lock(store_mu_);
-    auto d = store_.get_device(id);
+    auto d = device_record(id);
     if (!d) return d.error();
     if (!*d) return make_error(Errc::not_found, "no device '" + id + "'");
     DeviceRecord dev = **d;
@@ -66,7 +66,7 @@ Result<DeviceRecord> HubService::decommission_device(const std::string& id) {
   bool counted_out = false;
   auto marked = control_write([&]() -> Status {
     std::lock_guard lock(store_mu_);
-    auto d = store_.get_device(id);
+    auto d = device_record(id);
     if (!d) return d.error();
     if (!*d) return make_error(Errc::not_found, "no device '" + id + "'");
     dev = **d;

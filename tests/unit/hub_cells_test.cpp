@@ -163,6 +163,53 @@ TEST_CASE("devices are spread over cells at enrollment and told their cell's bro
   for (int i = 0; i < 4; ++i) CHECK(c.cell_of(c.enroll().device_id()) != 1);
 }
 
+TEST_CASE("a device's directory entry holds who it is and where it lives, and no report changes it",
+          "[unit][hub][cells]") {
+  Cells c;
+  const std::vector<std::string> ids = c.enroll_online(3);
+  const std::string& id = ids[1];
+  auto full = c.store->get_device(id);
+  REQUIRE(full);
+  REQUIRE(*full);
+  auto e = c.store->directory_entry(id);
+  REQUIRE(e);
+  REQUIRE(*e);
+  CHECK((*e)->id == id);
+  CHECK((*e)->project == (*full)->project);
+  CHECK((*e)->labels == bundles::Labels{{"env", "prod"}});
+  CHECK((*e)->public_key_hex == (*full)->public_key_hex);
+  CHECK((*e)->public_key_hex.size() == 64);
+  CHECK((*e)->enrolled_ms == (*full)->enrolled_ms);
+  CHECK((*e)->enroll_issued_ms == (*full)->enroll_issued_ms);
+  CHECK((*e)->gateway.empty());
+  CHECK((*e)->cell == c.cell_of(id));
+  CHECK_FALSE((*e)->decommissioned);
+
+  // A report and a presence change the device's record, not its entry.
+  v1::Report r;
+  r.set_seq(1);
+  r.set_state(v1::AGENT_STATE_IDLE);
+  c.hub->on_message((*e)->cell, {transport::device_topic(id, "report"), r.SerializeAsString(), 1, false});
+  c.presence((*e)->cell, id, false);
+  auto after = c.store->directory_entry(id);
+  REQUIRE(after);
+  REQUIRE(*after);
+  CHECK((*after)->cell == (*e)->cell);
+  CHECK((*after)->labels == (*e)->labels);
+  CHECK((*c.store->get_device(id))->last_seq == 1);
+
+  REQUIRE(c.hub->decommission_device(id));
+  after = c.store->directory_entry(id);
+  REQUIRE(after);
+  REQUIRE(*after);
+  CHECK((*after)->decommissioned);
+  // The others are untouched, and an unknown id has no entry.
+  CHECK_FALSE((*c.store->directory_entry(ids[0]))->decommissioned);
+  auto none = c.store->directory_entry("d-unknown");
+  REQUIRE(none);
+  CHECK_FALSE(*none);
+}
+
 TEST_CASE("a cell's new broker session resets only its own devices' presence and calls its own roll",
           "[unit][hub][cells][presence]") {
   Cells c;

@@ -385,6 +385,29 @@ Result<std::optional<DeviceRecord>> Store::get_device(const std::string& id) {
   return std::optional<DeviceRecord>(device_from(*st));
 }
 
+Result<std::optional<DeviceDirectoryEntry>> Store::directory_entry(const std::string& id) {
+  auto st = db_->prepare(
+      "SELECT id, project, labels, public_key, hostname, enrolled_ms, enroll_issued_ms, gateway, cell, "
+      "state = 'decommissioned' FROM devices WHERE id = ?");
+  if (!st) return st.error();
+  st->bind(1, std::string_view(id));
+  auto r = st->step();
+  if (!r) return r.error();
+  if (!*r) return std::optional<DeviceDirectoryEntry>();
+  DeviceDirectoryEntry e;
+  e.id = st->col_text(0);
+  e.project = st->col_text(1);
+  e.labels = labels_from(st->col_text(2));
+  e.public_key_hex = st->col_text(3);
+  e.hostname = st->col_text(4);
+  e.enrolled_ms = st->col_int(5);
+  e.enroll_issued_ms = static_cast<uint64_t>(st->col_int(6));
+  e.gateway = st->col_text(7);
+  e.cell = static_cast<int>(st->col_int(8));
+  e.decommissioned = st->col_int(9) != 0;
+  return std::optional<DeviceDirectoryEntry>(std::move(e));
+}
+
 Result<std::vector<DeviceRecord>> Store::list_devices() {
   return query<DeviceRecord>(*db_, std::string("SELECT ") + kDeviceCols + " FROM " + kDeviceFrom + " ORDER BY d.id", device_from);
 }

@@ -688,6 +688,9 @@ class HubService {
   // The store of one cell's devices (ADR 18): what code that knows a
   // device's cell reads and writes it through. Every cell's is store_ (one
   // file, store_mu_) until per-cell files exist.
+  // A device's whole record: its directory entry says which cell's store
+  // holds the rest (ADR 18). store_mu_ held.
+  Result<std::optional<DeviceRecord>> device_record(const std::string& id);
   DeviceStore& device_store(int cell) {
     (void)cell;
     return store_;

@@ -78,6 +78,23 @@ struct DeviceRecord {
   DeviceInventory inventory;
 };
 
+// What the hub's device directory holds of a device (ADR 18): identity,
+// ownership and routing, written by enrollment, labels, decommission and
+// drains; nothing a report changes. Enrollment, renewal, gateways and
+// targeting read only this, so they need not know the device's cell.
+struct DeviceDirectoryEntry {
+  std::string id;
+  std::string project = "default";
+  Labels labels;
+  std::string public_key_hex;
+  std::string hostname;
+  int64_t enrolled_ms = 0;
+  uint64_t enroll_issued_ms = 0;  // DeviceRecord::enroll_issued_ms
+  std::string gateway;
+  int cell = 0;
+  bool decommissioned = false;
+};
+
 struct BundleRecord {
   // Unique in the hub. In project "default", the first 16 hex digits of the
   // manifest's SHA-256 (what `flotilla bundle inspect` shows); in any other
@@ -383,6 +400,8 @@ class Store final : public DeviceStore {
 
   Status upsert_enrolled_device(const DeviceRecord& d);
   Result<std::optional<DeviceRecord>> get_device(const std::string& id) override;
+  // The device's directory entry alone (no report columns, no inventory).
+  Result<std::optional<DeviceDirectoryEntry>> directory_entry(const std::string& id);
   // Every device, by id: the tests' brute-force answer. The API never loads
   // the fleet; it pages with AggregateStore::devices.
   Result<std::vector<DeviceRecord>> list_devices();
