@@ -40,8 +40,8 @@ DROP TRIGGER IF EXISTS fleet_counts_insert; DROP TRIGGER IF EXISTS fleet_counts_
 DROP TRIGGER IF EXISTS fleet_counts_state; DROP TRIGGER IF EXISTS fleet_counts_reported;
 DROP TRIGGER IF EXISTS fleet_counts_labels; DROP TRIGGER IF EXISTS device_trouble_update;
 DROP TRIGGER IF EXISTS device_inventory_decommissioned; DROP TRIGGER IF EXISTS device_events_record;
-DROP TRIGGER IF EXISTS device_labels_insert; DROP TRIGGER IF EXISTS device_labels_update;
-DROP TRIGGER IF EXISTS device_labels_delete;
+DROP TRIGGER IF EXISTS directory_insert; DROP TRIGGER IF EXISTS directory_labels;
+DROP TRIGGER IF EXISTS directory_delete; DROP TRIGGER IF EXISTS directory_decommission;
 DROP INDEX IF EXISTS devices_hostname; DROP INDEX IF EXISTS devices_enrolled; DROP INDEX IF EXISTS devices_offline;
 SQL
 )"

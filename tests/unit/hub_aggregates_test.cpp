@@ -174,6 +174,90 @@ TEST_CASE("fleet counts kept by triggers equal a recount from the rows after eve
   CHECK(blue_total == 12);
 }
 
+// ADR 18, slice 3: the counts of what devices report and the counts of what
+// the directory holds live in two tables, so that when a cell's devices get
+// a file of their own each table's triggers write only their own file.
+TEST_CASE("a report writes only the reported counts and a label change only the directory's",
+          "[unit][hub][views]") {
+  Stores s;
+  auto table = [&](const std::string& name) {
+    auto r = sql::query<std::string>(s.store->db(), "SELECT project || '/' || dim || '/' || value || '=' || n FROM " +
+                                                        name + " WHERE n != 0 ORDER BY 1",
+                                     [](const sql::Stmt& st) { return st.col_text(0); });
+    REQUIRE(r);
+    return *r;
+  };
+  std::vector<DeviceRecord> devs;
+  for (int i = 0; i < 6; ++i) {
+    devs.push_back(s.enroll("d-" + std::to_string(i), {{"region", i % 2 ? "eu" : "us"}, {"cell", "c1"}}));
+    DeviceCertRecord c;
+    c.serial = "0a0" + std::to_string(i);
+    c.device_id = devs.back().id;
+    c.not_after = 1'900'000'000;
+    c.issued_ms = 1;
+    REQUIRE(s.store->insert_device_cert(c));
+  }
+  const auto directory = table("directory_counts");
+  const auto reported = table("fleet_counts");
+  // The directory's table holds the labels and the broker certificates, and
+  // nothing a report sets; the other the reverse.
+  for (const auto& row : directory) {
+    CHECK((row.find("/region/") != std::string::npos || row.find("/cell/") != std::string::npos ||
+           row.find("/broker_cert_day/") != std::string::npos));
+  }
+  CHECK(std::find(directory.begin(), directory.end(), "default/region/eu=3") != directory.end());
+  CHECK(std::find(directory.begin(), directory.end(), "default/broker_cert_day/21990=6") != directory.end());
+  for (const auto& row : reported) {
+    CHECK(row.find("/region/") == std::string::npos);
+    CHECK(row.find("/broker_cert_day/") == std::string::npos);
+  }
+
+  // Reports, presence and inventories move the reported counts only.
+  for (auto& d : devs) {
+    d.state = "applied";
+    d.applied_bundle = "edge";
+    d.applied_version = 2;
+    d.online = true;
+    d.last_seq += 1;
+    s.save(d);
+    DeviceInventory inv;
+    inv.cert_expiry_unix = 1'800'000'000;
+    REQUIRE(s.store->save_device_inventory(d.id, inv));
+  }
+  CHECK(table("directory_counts") == directory);
+  CHECK(table("fleet_counts") != reported);
+  check_counts_agree(*s.store);
+
+  // A label change moves the directory's counts only.
+  const auto reported_after = table("fleet_counts");
+  REQUIRE(s.store->set_device_labels(devs[0].id, {{"region", "eu"}}));
+  CHECK(table("fleet_counts") == reported_after);
+  auto moved = table("directory_counts");
+  CHECK(std::find(moved.begin(), moved.end(), "default/region/eu=4") != moved.end());
+  CHECK(std::find(moved.begin(), moved.end(), "default/cell/c1=5") != moved.end());
+  check_counts_agree(*s.store);
+
+  // Decommissioning moves both: the state in one, labels and the broker
+  // certificate out of the other.
+  REQUIRE(s.store->mark_device_decommissioned(devs[1].id));
+  moved = table("directory_counts");
+  CHECK(std::find(moved.begin(), moved.end(), "default/region/eu=3") != moved.end());
+  CHECK(std::find(moved.begin(), moved.end(), "default/broker_cert_day/21990=5") != moved.end());
+  auto after = table("fleet_counts");
+  CHECK(std::find(after.begin(), after.end(), "default/state/decommissioned=1") != after.end());
+  check_counts_agree(*s.store);
+
+  // A decommissioning that changes the labels in the same statement is
+  // counted once.
+  REQUIRE(s.store->db().exec("UPDATE devices SET state = 'decommissioned', labels = '{\"region\":\"ap\"}' "
+                             "WHERE id = 'd-2'"));
+  moved = table("directory_counts");
+  CHECK(std::find(moved.begin(), moved.end(), "default/region/us=1") != moved.end());
+  CHECK(std::find(moved.begin(), moved.end(), "default/cell/c1=3") != moved.end());
+  for (const auto& row : moved) CHECK(row.find("/region/ap") == std::string::npos);
+  check_counts_agree(*s.store);
+}
+
 TEST_CASE("a store from before the read models gets them built from its rows at open", "[unit][hub][views]") {
   TempDir dir;
   const std::string path = (dir.path() / "hub.db").string();
@@ -188,8 +272,9 @@ TEST_CASE("a store from before the read models gets them built from its rows at 
       REQUIRE((*s)->upsert_enrolled_device(d));
     }
     // What an older hub left: no read-model tables, no triggers.
-    REQUIRE((*s)->db().exec("DROP TABLE fleet_counts; DROP TABLE device_labels; DROP TABLE aggregate_schema;"
-                            "DROP TRIGGER fleet_counts_insert; DROP TRIGGER device_labels_insert;"));
+    REQUIRE((*s)->db().exec("DROP TABLE fleet_counts; DROP TABLE directory_counts; DROP TABLE device_labels;"
+                            "DROP TABLE aggregate_schema; DROP TRIGGER fleet_counts_insert;"
+                            "DROP TRIGGER directory_insert;"));
   }
   auto s = Store::open(path);
   REQUIRE(s);

@@ -28,12 +28,21 @@ using sql::query;
 
 // Bumped when the tables or triggers below change: a store of an older
 // version drops them and rebuilds them from the device rows.
-constexpr int kAggregateSchema = 5;
+constexpr int kAggregateSchema = 6;
 
-// The dimensions fleet_counts keeps: name, the device columns it depends on,
-// and its value as an SQL expression over "@." (OLD., NEW. or a table alias);
-// NULL = not counted. Every dimension but state leaves decommissioned
-// devices out (they are history, not fleet).
+// The dimensions counted: name, the device columns it depends on, and its
+// value as an SQL expression over "@." (OLD., NEW. or a table alias); NULL =
+// not counted. Every dimension but state leaves decommissioned devices out
+// (they are history, not fleet).
+//
+// Two tables hold them, split by who writes the columns (ADR 18, slice 3):
+// fleet_counts the dimensions of what devices report (state, the reported
+// ones, cert_day from inventories), kept by triggers on the report columns;
+// directory_counts those of the device directory (the labelled ones, and
+// broker_cert_day from the certificates the hub issued), kept by triggers on
+// labels, project, enrollment, decommissioning and certificates, never by a
+// report. When a cell's devices get a file of their own, fleet_counts goes
+// with them and directory_counts stays in hub.db; readers sum both.
 struct Dim {
   const char* name;
   const char* cols;
@@ -48,7 +57,7 @@ constexpr Dim kReported[] = {
     {"k3s", "k3s_version", "@.k3s_version"},
     {"agent", "agent_version", "@.agent_version"},
 };
-// Never set by reports.
+// Never set by reports: counted in directory_counts.
 constexpr Dim kLabelled[] = {
     {"region", "labels", "CASE WHEN json_valid(@.labels) THEN json_extract(@.labels, '$.region') END"},
     {"cell", "labels", "CASE WHEN json_valid(@.labels) THEN json_extract(@.labels, '$.cell') END"},
@@ -84,13 +93,14 @@ std::string changed(const std::string& cols) {
   return out;
 }
 
-// One dimension's move from the OLD row to the NEW one, each statement run
-// only when `guard` holds (evaluated once: OLD and NEW are constants here).
-std::string move(const Dim& d, const std::string& guard, bool all) {
+// One dimension's move from the OLD row to the NEW one in `table`, each
+// statement run only when `guard` holds (evaluated once: OLD and NEW are
+// constants here).
+std::string move(const Dim& d, const std::string& guard, bool all, const std::string& table = "fleet_counts") {
   const std::string name = d.name;
-  return "UPDATE fleet_counts SET n = n - 1 WHERE (" + guard + ")" +
+  return "UPDATE " + table + " SET n = n - 1 WHERE (" + guard + ")" +
          (all ? "" : " AND OLD.state != 'decommissioned'") + " AND project = OLD.project AND dim = '" + name +
-         "' AND value = " + with(d.expr, "OLD.") + ";\n  INSERT INTO fleet_counts SELECT NEW.project, '" + name +
+         "' AND value = " + with(d.expr, "OLD.") + ";\n  INSERT INTO " + table + " SELECT NEW.project, '" + name +
          "', " + with(d.expr, "NEW.") + ", 1 WHERE (" + guard + ")" +
          (all ? "" : " AND NEW.state != 'decommissioned'") + " AND " + with(d.expr, "NEW.") +
          " IS NOT NULL ON CONFLICT DO UPDATE SET n = n + 1;\n  ";
@@ -104,10 +114,9 @@ std::string move(const Dim& d, const std::string& guard, bool all) {
 std::string fleet_triggers() {
   const std::string decom = "(OLD.state = 'decommissioned') != (NEW.state = 'decommissioned')";
   std::string sql;
-  // Insert and delete: every dimension at once.
+  // Insert and delete: every reported dimension at once.
   std::vector<Dim> dims = {kState};
   dims.insert(dims.end(), std::begin(kReported), std::end(kReported));
-  dims.insert(dims.end(), std::begin(kLabelled), std::end(kLabelled));
   std::string ins_values, del_values;
   for (const auto& d : dims) {
     const bool all = std::string(d.name) == "state";
@@ -139,22 +148,16 @@ std::string fleet_triggers() {
   sql += "CREATE TRIGGER device_inventory_decommissioned AFTER UPDATE OF state ON devices "
          "WHEN NEW.state = 'decommissioned' AND OLD.state != 'decommissioned' BEGIN\n  "
          "DELETE FROM device_inventory WHERE device_id = NEW.id;\nEND;\n";
-  // The reported dimensions, and every dimension when a device changes
-  // project or (de)commission status.
+  // The reported dimensions, and all of them when a device changes project
+  // or (de)commission status.
   std::string when = "OLD.project != NEW.project OR " + decom;
   std::string body;
   for (const auto& d : kReported) {
     when += " OR " + changed(d.cols);
     body += move(d, "OLD.project != NEW.project OR " + decom + " OR " + changed(d.cols), false);
   }
-  for (const auto& d : kLabelled) body += move(d, "OLD.project != NEW.project OR " + decom, false);
   sql += "CREATE TRIGGER fleet_counts_reported AFTER UPDATE OF project, state, online, applied_bundle, "
          "applied_version, k3s_version, agent_version ON devices WHEN " + when + " BEGIN\n  " + body + "\nEND;\n";
-  // Labels alone (the project's and decommissioning's moves are above).
-  body.clear();
-  for (const auto& d : kLabelled) body += move(d, "1", false);
-  sql += "CREATE TRIGGER fleet_counts_labels AFTER UPDATE OF labels ON devices WHEN OLD.labels != NEW.labels AND "
-         "OLD.project = NEW.project AND NOT (" + decom + ") BEGIN\n  " + body + "\nEND;\n";
   // Certificate expiry lives in device_inventory, by day.
   sql += R"SQL(
 CREATE TRIGGER fleet_counts_cert_insert AFTER INSERT ON device_inventory WHEN NEW.cert_expiry_unix > 0 BEGIN
@@ -176,7 +179,8 @@ END;
   // Broker client certificates (issue 16): each device's latest unrevoked
   // one, kept in device_broker_cert from device_certs (written at enrollment,
   // renewal, decommission and pruning, never by a report), counted by day of
-  // not_after. A renewal replaces the device's row; a revocation or the
+  // not_after in directory_counts (decommissioning drops the row: see
+  // directory_triggers). A renewal replaces the device's row; a revocation or the
   // pruning of that very certificate removes it.
   sql += R"SQL(
 CREATE TRIGGER broker_cert_issued AFTER INSERT ON device_certs WHEN NEW.revoked_ms = 0 BEGIN
@@ -192,29 +196,67 @@ END;
 CREATE TRIGGER broker_cert_forgotten AFTER DELETE ON device_certs BEGIN
   DELETE FROM device_broker_cert WHERE device_id = OLD.device_id AND serial = OLD.serial;
 END;
-CREATE TRIGGER broker_cert_device_gone AFTER UPDATE OF state ON devices
-    WHEN NEW.state = 'decommissioned' AND OLD.state != 'decommissioned' BEGIN
-  DELETE FROM device_broker_cert WHERE device_id = NEW.id;
-END;
 CREATE TRIGGER broker_cert_device_deleted AFTER DELETE ON devices BEGIN
   DELETE FROM device_broker_cert WHERE device_id = OLD.id;
 END;
 CREATE TRIGGER fleet_counts_broker_cert_insert AFTER INSERT ON device_broker_cert BEGIN
-  INSERT INTO fleet_counts VALUES (NEW.project, 'broker_cert_day', CAST(NEW.not_after / 86400 AS TEXT), 1)
+  INSERT INTO directory_counts VALUES (NEW.project, 'broker_cert_day', CAST(NEW.not_after / 86400 AS TEXT), 1)
     ON CONFLICT DO UPDATE SET n = n + 1;
 END;
 CREATE TRIGGER fleet_counts_broker_cert_update AFTER UPDATE ON device_broker_cert
     WHEN OLD.not_after / 86400 != NEW.not_after / 86400 OR OLD.project != NEW.project BEGIN
-  UPDATE fleet_counts SET n = n - 1 WHERE project = OLD.project AND dim = 'broker_cert_day'
+  UPDATE directory_counts SET n = n - 1 WHERE project = OLD.project AND dim = 'broker_cert_day'
     AND value = CAST(OLD.not_after / 86400 AS TEXT);
-  INSERT INTO fleet_counts VALUES (NEW.project, 'broker_cert_day', CAST(NEW.not_after / 86400 AS TEXT), 1)
+  INSERT INTO directory_counts VALUES (NEW.project, 'broker_cert_day', CAST(NEW.not_after / 86400 AS TEXT), 1)
     ON CONFLICT DO UPDATE SET n = n + 1;
 END;
 CREATE TRIGGER fleet_counts_broker_cert_delete AFTER DELETE ON device_broker_cert BEGIN
-  UPDATE fleet_counts SET n = n - 1 WHERE project = OLD.project AND dim = 'broker_cert_day'
+  UPDATE directory_counts SET n = n - 1 WHERE project = OLD.project AND dim = 'broker_cert_day'
     AND value = CAST(OLD.not_after / 86400 AS TEXT);
 END;
 )SQL";
+  return sql;
+}
+
+// The directory's triggers: the label index and the labelled counts follow
+// a device's enrollment, labels, project and decommissioning, and its broker
+// certificate row goes when it is decommissioned. None is named on a column
+// a report sets but the decommissioning one (on state, its WHEN fails for
+// every report, as device_inventory_decommissioned's does).
+std::string directory_triggers() {
+  const std::string labels_of = "json_each(CASE WHEN json_valid(@.labels) THEN @.labels ELSE '{}' END)";
+  std::string ins_values, del_values, moved, decom_moved;
+  for (const auto& d : kLabelled) {
+    ins_values += std::string(ins_values.empty() ? "" : " UNION ALL ") + "SELECT '" + d.name + "' AS dim, " +
+                  with(d.expr, "NEW.") + " AS value WHERE NEW.state != 'decommissioned'";
+    del_values += std::string(del_values.empty() ? "" : " UNION ALL ") + "SELECT '" + d.name + "', " +
+                  with(d.expr, "OLD.") + " WHERE OLD.state != 'decommissioned'";
+    moved += move(d, "1", false, "directory_counts");
+    // A decommissioning that also changes labels or project is moved by
+    // directory_labels (both triggers fire; only one may move).
+    decom_moved += move(d, "OLD.labels = NEW.labels AND OLD.project = NEW.project", false, "directory_counts");
+  }
+  std::string sql;
+  sql += "CREATE TRIGGER directory_insert AFTER INSERT ON devices BEGIN\n  "
+         "INSERT OR IGNORE INTO device_labels SELECT key, value, NEW.id FROM " + with(labels_of, "NEW.") +
+         " WHERE type = 'text';\n  "
+         "INSERT INTO directory_counts SELECT NEW.project, dim, value, 1 FROM (" + ins_values +
+         ") WHERE value IS NOT NULL ON CONFLICT DO UPDATE SET n = n + 1;\nEND;\n";
+  sql += "CREATE TRIGGER directory_delete AFTER DELETE ON devices BEGIN\n  "
+         "DELETE FROM device_labels WHERE (key, value, device_id) IN (SELECT key, value, OLD.id FROM " +
+         with(labels_of, "OLD.") + " WHERE type = 'text');\n  "
+         "UPDATE directory_counts SET n = n - 1 WHERE project = OLD.project AND (dim, value) IN (" + del_values +
+         ");\nEND;\n";
+  sql += "CREATE TRIGGER directory_labels AFTER UPDATE OF labels, project ON devices "
+         "WHEN OLD.labels != NEW.labels OR OLD.project != NEW.project BEGIN\n  "
+         "DELETE FROM device_labels WHERE OLD.labels != NEW.labels AND (key, value, device_id) IN "
+         "(SELECT key, value, OLD.id FROM " + with(labels_of, "OLD.") + " WHERE type = 'text');\n  "
+         "INSERT OR IGNORE INTO device_labels SELECT key, value, NEW.id FROM " + with(labels_of, "NEW.") +
+         " WHERE type = 'text' AND OLD.labels != NEW.labels;\n  " + moved + "\nEND;\n";
+  sql += "CREATE TRIGGER directory_decommission AFTER UPDATE OF state ON devices "
+         "WHEN (OLD.state = 'decommissioned') != (NEW.state = 'decommissioned') BEGIN\n  "
+         "DELETE FROM device_broker_cert WHERE NEW.state = 'decommissioned' AND device_id = NEW.id;\n  " +
+         decom_moved + "\nEND;\n";
   return sql;
 }
 
@@ -223,7 +265,6 @@ END;
 std::string fleet_recount_select() {
   std::vector<Dim> dims = {kState};
   dims.insert(dims.end(), std::begin(kReported), std::end(kReported));
-  dims.insert(dims.end(), std::begin(kLabelled), std::end(kLabelled));
   std::string sql;
   for (const auto& d : dims) {
     const bool all = std::string(d.name) == "state";
@@ -233,15 +274,35 @@ std::string fleet_recount_select() {
   }
   sql += " UNION ALL SELECT project, 'cert_day', CAST(cert_expiry_unix / 86400 AS TEXT), COUNT(*) FROM device_inventory "
          "WHERE cert_expiry_unix > 0 GROUP BY 1, 3";
+  return sql;
+}
+
+// What directory_counts must equal.
+std::string directory_recount_select() {
+  std::string sql;
+  for (const auto& d : kLabelled) {
+    sql += std::string(sql.empty() ? "" : " UNION ALL ") + "SELECT project, '" + d.name + "', " +
+           with(d.expr, "devices.") + " AS v, COUNT(*) FROM devices WHERE v IS NOT NULL AND state != 'decommissioned' "
+           "GROUP BY 1, 3";
+  }
   sql += " UNION ALL SELECT project, 'broker_cert_day', CAST(not_after / 86400 AS TEXT), COUNT(*) "
          "FROM device_broker_cert GROUP BY 1, 3";
   return sql;
 }
 
+// Both count tables as one (their dimensions do not overlap).
+constexpr const char* kAllCounts =
+    "(SELECT project, dim, value, n FROM fleet_counts UNION ALL SELECT project, dim, value, n FROM directory_counts)";
+
 constexpr const char* kAggregateTables = R"SQL(
 CREATE TABLE IF NOT EXISTS aggregate_schema (id INTEGER PRIMARY KEY CHECK (id = 1), version INTEGER NOT NULL);
--- Devices by (project, dimension, value), kept by the triggers above.
+-- Devices by (project, dimension, value), kept by the triggers above: what
+-- devices report in fleet_counts, what the directory holds (labels, broker
+-- certificates) in directory_counts.
 CREATE TABLE IF NOT EXISTS fleet_counts (
+  project TEXT NOT NULL, dim TEXT NOT NULL, value TEXT NOT NULL, n INTEGER NOT NULL,
+  PRIMARY KEY (project, dim, value)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS directory_counts (
   project TEXT NOT NULL, dim TEXT NOT NULL, value TEXT NOT NULL, n INTEGER NOT NULL,
   PRIMARY KEY (project, dim, value)) WITHOUT ROWID;
 -- Devices in trouble (failed, refused, rolled_back, rolling_back) by state:
@@ -295,22 +356,6 @@ CREATE INDEX IF NOT EXISTS audit_log_project ON audit_log(project, id);
 )SQL";
 
 constexpr const char* kOtherTriggers = R"SQL(
-CREATE TRIGGER device_labels_insert AFTER INSERT ON devices BEGIN
-  INSERT OR IGNORE INTO device_labels SELECT key, value, NEW.id
-    FROM json_each(CASE WHEN json_valid(NEW.labels) THEN NEW.labels ELSE '{}' END) WHERE type = 'text';
-END;
-CREATE TRIGGER device_labels_update AFTER UPDATE OF labels ON devices WHEN OLD.labels != NEW.labels BEGIN
-  DELETE FROM device_labels WHERE (key, value, device_id) IN
-    (SELECT key, value, OLD.id FROM json_each(CASE WHEN json_valid(OLD.labels) THEN OLD.labels ELSE '{}' END)
-     WHERE type = 'text');
-  INSERT OR IGNORE INTO device_labels SELECT key, value, NEW.id
-    FROM json_each(CASE WHEN json_valid(NEW.labels) THEN NEW.labels ELSE '{}' END) WHERE type = 'text';
-END;
-CREATE TRIGGER device_labels_delete AFTER DELETE ON devices BEGIN
-  DELETE FROM device_labels WHERE (key, value, device_id) IN
-    (SELECT key, value, OLD.id FROM json_each(CASE WHEN json_valid(OLD.labels) THEN OLD.labels ELSE '{}' END)
-     WHERE type = 'text');
-END;
 -- A report (a new last_seq) that ends in failure (failed, rolled back,
 -- refused) or brings a new failure reason: a device's recent failures, one
 -- row each. Not every outcome: an applied device's outcome is its campaign
@@ -337,7 +382,8 @@ constexpr const char* kTriggerNames[] = {
     "fleet_counts_cert_update", "fleet_counts_cert_delete", "device_labels_insert", "device_labels_update",
     "device_labels_delete", "device_events_record", "device_inventory_decommissioned", "broker_cert_issued",
     "broker_cert_revoked", "broker_cert_forgotten", "broker_cert_device_gone", "broker_cert_device_deleted",
-    "fleet_counts_broker_cert_insert", "fleet_counts_broker_cert_update", "fleet_counts_broker_cert_delete"};
+    "fleet_counts_broker_cert_insert", "fleet_counts_broker_cert_update", "fleet_counts_broker_cert_delete",
+    "directory_insert", "directory_delete", "directory_labels", "directory_decommission"};
 
 FleetCount fleet_row(const sql::Stmt& s) { return FleetCount{s.col_text(0), s.col_text(1), s.col_text(2), s.col_int(3)}; }
 
@@ -357,7 +403,7 @@ Status Store::migrate_aggregates() {
   std::string drop;
   for (const char* t : kTriggerNames) drop += std::string("DROP TRIGGER IF EXISTS ") + t + ";";
   if (auto s = db_->exec(drop); !s) return s;
-  if (auto s = db_->exec(fleet_triggers() + kOtherTriggers); !s) return s;
+  if (auto s = db_->exec(fleet_triggers() + directory_triggers() + kOtherTriggers); !s) return s;
   // Each device's latest unrevoked certificate, before the recount that counts them.
   if (auto s = db_->exec(
           "DELETE FROM device_broker_cert; INSERT INTO device_broker_cert "
@@ -368,6 +414,7 @@ Status Store::migrate_aggregates() {
     return s;
   }
   if (auto s = db_->exec("DELETE FROM fleet_counts; INSERT INTO fleet_counts " + fleet_recount_select() +
+                         "; DELETE FROM directory_counts; INSERT INTO directory_counts " + directory_recount_select() +
                          ";"
                          "DELETE FROM device_trouble; INSERT INTO device_trouble SELECT state, id FROM devices "
                          "WHERE state IN " + std::string(kTroubleStates) + ";"
@@ -476,12 +523,14 @@ Status Store::save_device_inventory(const std::string& device_id, const DeviceIn
 }
 
 Result<std::vector<FleetCount>> Store::fleet_counts() {
-  return query<FleetCount>(*db_, "SELECT project, dim, value, n FROM fleet_counts WHERE n != 0 ORDER BY 1, 2, 3",
-                           fleet_row);
+  return query<FleetCount>(
+      *db_, std::string("SELECT project, dim, value, n FROM ") + kAllCounts + " WHERE n != 0 ORDER BY 1, 2, 3", fleet_row);
 }
 
 Result<std::vector<FleetCount>> Store::recount_fleet() {
-  return query<FleetCount>(*db_, "SELECT * FROM (" + fleet_recount_select() + ") ORDER BY 1, 2, 3", fleet_row);
+  return query<FleetCount>(
+      *db_, "SELECT * FROM (" + fleet_recount_select() + " UNION ALL " + directory_recount_select() + ") ORDER BY 1, 2, 3",
+      fleet_row);
 }
 
 // ---- reads ---------------------------------------------------------------
@@ -648,8 +697,10 @@ Result<std::vector<FleetCount>> AggregateStore::fleet(const std::string& project
   const bool all = project == "*";
   return query<FleetCount>(
       lease.db(),
-      all ? "SELECT '*', dim, value, SUM(n) FROM fleet_counts GROUP BY dim, value HAVING SUM(n) != 0 ORDER BY 2, 3"
-          : "SELECT project, dim, value, n FROM fleet_counts WHERE project = ? AND n != 0 ORDER BY 2, 3",
+      all ? std::string("SELECT '*', dim, value, SUM(n) FROM ") + kAllCounts +
+                " GROUP BY dim, value HAVING SUM(n) != 0 ORDER BY 2, 3"
+          : std::string("SELECT project, dim, value, n FROM ") + kAllCounts +
+                " WHERE project = ? AND n != 0 ORDER BY 2, 3",
       [&](sql::Stmt& s) {
         if (!all) s.bind(1, std::string_view(project));
       },
@@ -1231,7 +1282,7 @@ Status AggregateStore::sample_campaigns(int64_t now_ms) {
       if (auto s = thin->run(); !s) return s;
     }
   }
-  if (auto s = db.exec("DELETE FROM fleet_counts WHERE n = 0"); !s) return s;
+  if (auto s = db.exec("DELETE FROM fleet_counts WHERE n = 0; DELETE FROM directory_counts WHERE n = 0"); !s) return s;
   return tx.commit();
 }
 

@@ -246,9 +246,10 @@ struct GitRepoRecord {
 };
 
 
-// One row of the trigger-kept fleet_counts table: how many devices of a
-// project have `value` in dimension `dim` (state, online, version, k3s,
-// agent, region, cell, cert_day). See store/aggregate_store.cpp.
+// One row of the trigger-kept counts: how many devices of a project have
+// `value` in dimension `dim` (fleet_counts: state, online, version, k3s,
+// agent, cert_day; directory_counts: region, cell, broker_cert_day). See
+// store/aggregate_store.cpp.
 struct FleetCount {
   std::string project;
   std::string dim;
@@ -499,8 +500,9 @@ class Store final : public DeviceStore {
   Status migrate_inventory();
   Status migrate_cells();
   Status save_device_inventory(const std::string& device_id, const DeviceInventory& inv) override;
-  // fleet_counts as kept by the triggers (rows with n != 0), and the same
-  // figures grouped from every device row (what the triggers must agree with).
+  // fleet_counts and directory_counts as kept by the triggers (rows with
+  // n != 0), and the same figures grouped from every device row (what the
+  // triggers must agree with).
   Result<std::vector<FleetCount>> fleet_counts();
   Result<std::vector<FleetCount>> recount_fleet();
   // The operator's trust message (a serialized v1::Trust), one for the whole
