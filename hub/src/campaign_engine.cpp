@@ -12,6 +12,7 @@
 
 #include "flotilla/common/crypto.hpp"
 #include "flotilla/common/log.hpp"
+#include "flotilla/hub/merge.hpp"
 #include "flotilla/hub/service.hpp"
 #include "flotilla/hub/timezone.hpp"
 
@@ -592,7 +593,9 @@ Result<std::vector<CampaignDeviceRecord>> HubService::releasable_now(const Campa
                                                                      bool online, int64_t n, int64_t now_ms) {
   const CellFilter cells = release_filter();
   if (!s.window.enabled()) return store_.releasable(c.id, c.current_wave, online, n, "", cells);
-  std::vector<CampaignDeviceRecord> out;
+  // One query per time zone whose window is open, merged in (wave, rank)
+  // order (as the queries of several cells' stores will be: ADR 18).
+  std::vector<std::vector<CampaignDeviceRecord>> parts;
   for (const auto& zone : split_zones(c.zones)) {
     auto minute = local_minute_of_day(zone, now_ms / 1000);
     if (!minute) {
@@ -602,13 +605,9 @@ Result<std::vector<CampaignDeviceRecord>> HubService::releasable_now(const Campa
     if (!s.window.open_at(*minute)) continue;
     auto rows = store_.releasable(c.id, c.current_wave, online, n, zone, cells);
     if (!rows) return rows.error();
-    for (auto& r : *rows) out.push_back(std::move(r));
+    parts.push_back(std::move(*rows));
   }
-  std::sort(out.begin(), out.end(), [](const CampaignDeviceRecord& a, const CampaignDeviceRecord& b) {
-    return a.wave != b.wave ? a.wave < b.wave : a.rank < b.rank;
-  });
-  if (static_cast<int64_t>(out.size()) > n) out.resize(static_cast<size_t>(n));
-  return out;
+  return merge_releasable(std::move(parts), n);
 }
 
 void HubService::refresh_membership(const std::vector<DeviceRecord>& devices) {

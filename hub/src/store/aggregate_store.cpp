@@ -18,6 +18,7 @@
 
 #include "flotilla/common/encoding.hpp"
 #include "flotilla/common/log.hpp"
+#include "flotilla/hub/merge.hpp"
 #include "rows.hpp"
 
 namespace flotilla::hub {
@@ -29,6 +30,11 @@ using sql::query;
 // Bumped when the tables or triggers below change: a store of an older
 // version drops them and rebuilds them from the device rows.
 constexpr int kAggregateSchema = 6;
+
+// How many failure reasons one store gives a campaign's failure groups to
+// merge (reasons are the agents' refusal and failure codes, a short list; the
+// bound is for a store whose devices made up their own).
+constexpr int64_t kFailureReasonsPerStore = 256;
 
 // The dimensions counted: name, the device columns it depends on, and its
 // value as an SQL expression over "@." (OLD., NEW. or a table alias); NULL =
@@ -660,6 +666,8 @@ std::optional<std::string> prefix_end(std::string p) {
   return p;
 }
 
+}  // namespace
+
 // Cursors are opaque to clients: hex of [sort, key..., id].
 std::string encode_cursor(const nlohmann::json& key) { return to_hex(key.dump()); }
 Result<nlohmann::json> decode_cursor(const std::string& c) {
@@ -670,8 +678,6 @@ Result<nlohmann::json> decode_cursor(const std::string& c) {
   }
   return j;
 }
-
-}  // namespace
 
 Result<std::unique_ptr<AggregateStore>> AggregateStore::open(const std::string& path, const Config& cfg) {
   std::unique_ptr<AggregateStore> a(new AggregateStore());
@@ -695,7 +701,7 @@ AggregateStore::~AggregateStore() { stop(); }
 Result<std::vector<FleetCount>> AggregateStore::fleet(const std::string& project) {
   auto lease = reader();
   const bool all = project == "*";
-  return query<FleetCount>(
+  auto part = query<FleetCount>(
       lease.db(),
       all ? std::string("SELECT '*', dim, value, SUM(n) FROM ") + kAllCounts +
                 " GROUP BY dim, value HAVING SUM(n) != 0 ORDER BY 2, 3"
@@ -705,9 +711,18 @@ Result<std::vector<FleetCount>> AggregateStore::fleet(const std::string& project
         if (!all) s.bind(1, std::string_view(project));
       },
       fleet_row);
+  if (!part) return part.error();
+  // One store today; one part per cell's store when they are split (ADR 18).
+  return sum_fleet_counts({std::move(*part)});
 }
 
 Result<DevicePage> AggregateStore::devices(const DeviceQuery& q) {
+  auto part = walk_devices(q);
+  if (!part) return part.error();
+  return merge_device_pages({std::move(*part)}, q.limit);
+}
+
+Result<DevicePage> AggregateStore::walk_devices(const DeviceQuery& q) {
   DevicePage page;
   page.sort = q.sort;
   page.descending = q.descending;
@@ -1078,20 +1093,25 @@ Result<std::vector<FailureGroup>> AggregateStore::failure_groups(const std::stri
                                                                  int64_t per_reason) {
   auto lease = reader();
   auto& db = lease.db();
-  // Both walk campaign_devices_wave's (campaign, status) range of failed rows only.
-  auto groups = query<FailureGroup>(
+  // Both walk campaign_devices_wave's (campaign, status) range of failed rows
+  // only. Each store (one today, one per cell when they are split: ADR 18)
+  // gives its reasons, bounded, and the merge keeps the largest; then each
+  // kept reason's first devices, merged in time order.
+  const int64_t part_reasons = std::max<int64_t>(max_reasons, kFailureReasonsPerStore);
+  auto reasons = query<FailureGroup>(
       db,
       "SELECT reason, COUNT(*) FROM campaign_devices WHERE campaign_id = ? AND status IN ('failed', 'rollback_failed') "
       "GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT ?",
-      [&](sql::Stmt& s) { s.bind(1, std::string_view(campaign_id)).bind(2, max_reasons); },
+      [&](sql::Stmt& s) { s.bind(1, std::string_view(campaign_id)).bind(2, part_reasons); },
       [](const sql::Stmt& s) {
         FailureGroup g;
         g.reason = s.col_text(0);
         g.count = s.col_int(1);
         return g;
       });
-  if (!groups) return groups.error();
-  for (auto& g : *groups) {
+  if (!reasons) return reasons.error();
+  auto groups = top_failure_reasons({std::move(*reasons)}, max_reasons);
+  for (auto& g : groups) {
     auto first = query<FailureGroup::Device>(
         db,
         "SELECT device_id, message, updated_ms FROM campaign_devices WHERE campaign_id = ? "
@@ -1099,7 +1119,7 @@ Result<std::vector<FailureGroup>> AggregateStore::failure_groups(const std::stri
         [&](sql::Stmt& s) { s.bind(1, std::string_view(campaign_id)).bind(2, std::string_view(g.reason)).bind(3, per_reason); },
         [](const sql::Stmt& s) { return FailureGroup::Device{s.col_text(0), s.col_text(1), s.col_int(2)}; });
     if (!first) return first.error();
-    g.first = std::move(*first);
+    g.first = first_failed_devices({std::move(*first)}, per_reason);
     if (g.reason.empty()) g.reason = "unknown";
   }
   return groups;

@@ -1,6 +1,7 @@
 #pragma once
 // The column lists and row mappings of the store's tables, one copy each,
 // for store files that read the same rows (aggregate_store.cpp).
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
 
@@ -22,6 +23,10 @@ std::string campaign_device_columns();
 CampaignDeviceRecord campaign_device_row(const sql::Stmt& s, int offset);
 std::string audit_columns();
 AuditRecord audit_row(const sql::Stmt& s);
+// A device walk's cursor (AggregateStore::devices, merge_device_pages):
+// opaque to clients, the hex of [sort, key..., id].
+std::string encode_cursor(const nlohmann::json& key);
+Result<nlohmann::json> decode_cursor(const std::string& c);
 // The token whose secret hashes to secret_hash, on any connection to the store.
 Result<std::optional<TokenRecord>> find_token_on(sql::Db& db, const std::string& kind, const std::string& secret_hash);
 

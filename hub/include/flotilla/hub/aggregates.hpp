@@ -35,7 +35,7 @@ std::optional<DeviceSort> parse_device_sort(const std::string& s);
 // these devices, so a filter on them reads only them.
 bool is_trouble_state(const std::string& state);
 
-// Certificates by expiry, from fleet_counts' days of one dimension:
+// Certificates by expiry, from the counted days of one dimension:
 // cert_day (k3s serving certificates, from inventories) or broker_cert_day
 // (the broker client certificates the device CA issued). A day holds the
 // certificates expiring during that UTC day: `expired` counts the days
@@ -169,8 +169,11 @@ class AggregateStore {
   static Result<std::unique_ptr<AggregateStore>> open(const std::string& path, const Config& cfg);
   ~AggregateStore();
 
-  // fleet_counts summed over the caller's project ("*" = all).
+  // The fleet's counts (fleet_counts and directory_counts) summed over the
+  // caller's project ("*" = all).
   Result<std::vector<FleetCount>> fleet(const std::string& project);
+  // One page of a device walk: each store's walk (one store today, one per
+  // cell's when they are split: ADR 18), merged by merge_device_pages.
   Result<DevicePage> devices(const DeviceQuery& q);
   Result<std::optional<DeviceDetail>> device(const std::string& id);
   // Newest first; state "" = any.
@@ -225,6 +228,7 @@ class AggregateStore {
 
  private:
   AggregateStore() = default;
+  Result<DevicePage> walk_devices(const DeviceQuery& q);
   std::unique_ptr<Pool> pool_;
   std::unique_ptr<sql::Db> writer_;  // the sampler's connection
   std::mutex writer_mu_;

@@ -1,0 +1,145 @@
+// Merges of reads that span cells (flotilla/hub/merge.hpp, ADR 18 slice 4).
+#include "flotilla/hub/merge.hpp"
+
+#include <algorithm>
+#include <map>
+#include <optional>
+#include <tuple>
+
+#include "rows.hpp"
+
+namespace flotilla::hub {
+
+std::vector<FleetCount> sum_fleet_counts(const std::vector<std::vector<FleetCount>>& parts) {
+  std::map<std::tuple<std::string, std::string, std::string>, int64_t> sums;
+  for (const auto& part : parts) {
+    for (const auto& r : part) sums[{r.project, r.dim, r.value}] += r.n;
+  }
+  std::vector<FleetCount> out;
+  for (const auto& [k, n] : sums) {
+    if (n != 0) out.push_back(FleetCount{std::get<0>(k), std::get<1>(k), std::get<2>(k), n});
+  }
+  return out;
+}
+
+std::vector<FailureGroup> top_failure_reasons(const std::vector<std::vector<FailureGroup>>& parts,
+                                              int64_t max_reasons) {
+  std::map<std::string, int64_t> counts;
+  for (const auto& part : parts) {
+    for (const auto& g : part) counts[g.reason] += g.count;
+  }
+  std::vector<FailureGroup> out;
+  for (const auto& [reason, n] : counts) {
+    FailureGroup g;
+    g.reason = reason;
+    g.count = n;
+    out.push_back(std::move(g));
+  }
+  // Most first, ties by reason (what one store's ORDER BY 2 DESC, 1 gives).
+  std::stable_sort(out.begin(), out.end(), [](const FailureGroup& a, const FailureGroup& b) { return a.count > b.count; });
+  if (static_cast<int64_t>(out.size()) > std::max<int64_t>(0, max_reasons)) {
+    out.resize(static_cast<size_t>(std::max<int64_t>(0, max_reasons)));
+  }
+  return out;
+}
+
+std::vector<FailureGroup::Device> first_failed_devices(const std::vector<std::vector<FailureGroup::Device>>& parts,
+                                                       int64_t per_reason) {
+  std::vector<FailureGroup::Device> out;
+  for (const auto& part : parts) out.insert(out.end(), part.begin(), part.end());
+  std::sort(out.begin(), out.end(), [](const FailureGroup::Device& a, const FailureGroup::Device& b) {
+    return std::tie(a.updated_ms, a.id) < std::tie(b.updated_ms, b.id);
+  });
+  if (static_cast<int64_t>(out.size()) > std::max<int64_t>(0, per_reason)) {
+    out.resize(static_cast<size_t>(std::max<int64_t>(0, per_reason)));
+  }
+  return out;
+}
+
+std::vector<CampaignDeviceRecord> merge_releasable(std::vector<std::vector<CampaignDeviceRecord>> parts,
+                                                   int64_t limit) {
+  std::vector<CampaignDeviceRecord> out;
+  for (auto& part : parts) {
+    for (auto& r : part) out.push_back(std::move(r));
+  }
+  std::sort(out.begin(), out.end(), [](const CampaignDeviceRecord& a, const CampaignDeviceRecord& b) {
+    return std::tie(a.wave, a.rank, a.device_id) < std::tie(b.wave, b.rank, b.device_id);
+  });
+  if (static_cast<int64_t>(out.size()) > std::max<int64_t>(0, limit)) {
+    out.resize(static_cast<size_t>(std::max<int64_t>(0, limit)));
+  }
+  return out;
+}
+
+namespace {
+
+// An item's place in the walk, as its cursor holds it: [sort, key..., id]
+// (AggregateStore::devices builds the same from the walk's columns).
+nlohmann::json walk_key(const DeviceRecord& d, DeviceSort sort) {
+  auto k = nlohmann::json::array({sort_name(sort)});
+  switch (sort) {
+    case DeviceSort::id: break;
+    case DeviceSort::hostname: k.push_back(d.hostname); break;
+    case DeviceSort::enrolled: k.push_back(d.enrolled_ms); break;
+    case DeviceSort::cert_expiry: k.push_back(d.inventory.cert_expiry_unix); break;
+  }
+  k.push_back(d.id);
+  return k;
+}
+
+}  // namespace
+
+DevicePage merge_device_pages(std::vector<DevicePage> parts, int64_t limit) {
+  if (parts.size() == 1) return std::move(parts.front());
+  DevicePage out;
+  if (parts.empty()) {
+    out.complete = true;
+    return out;
+  }
+  out.sort = parts.front().sort;
+  out.descending = parts.front().descending;
+  out.index = parts.front().index;
+  // Strings compare as unsigned bytes (std::char_traits<char>), as SQLite's
+  // BINARY collation does; numbers as numbers.
+  auto before = [&](const nlohmann::json& a, const nlohmann::json& b) { return out.descending ? b < a : a < b; };
+
+  // The frontier: the least cursor of a part that stopped before its end.
+  std::optional<nlohmann::json> frontier;
+  const DevicePage* at_frontier = nullptr;
+  for (const auto& p : parts) {
+    out.scanned += p.scanned;
+    if (p.complete || p.next.empty()) continue;
+    auto k = decode_cursor(p.next);
+    if (!k) continue;  // not one of ours: a part's own cursor always decodes
+    if (!frontier || before(*k, *frontier)) {
+      frontier = std::move(*k);
+      at_frontier = &p;
+    }
+  }
+
+  std::vector<std::pair<nlohmann::json, DeviceRecord>> items;
+  for (auto& p : parts) {
+    for (auto& d : p.items) {
+      auto k = walk_key(d, out.sort);
+      if (frontier && before(*frontier, k)) continue;  // past what some cell examined
+      items.emplace_back(std::move(k), std::move(d));
+    }
+  }
+  std::sort(items.begin(), items.end(), [&](const auto& a, const auto& b) { return before(a.first, b.first); });
+  const size_t keep = static_cast<size_t>(std::max<int64_t>(1, limit));
+  if (items.size() > keep) {
+    items.resize(keep);
+    out.next = encode_cursor(items.back().first);
+    out.next_id = items.back().second.id;
+  } else if (at_frontier) {
+    out.next = at_frontier->next;
+    out.next_id = at_frontier->next_id;
+  } else {
+    out.complete = true;
+  }
+  out.items.reserve(items.size());
+  for (auto& [k, d] : items) out.items.push_back(std::move(d));
+  return out;
+}
+
+}  // namespace flotilla::hub

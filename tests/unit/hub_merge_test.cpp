@@ -1,0 +1,205 @@
+// [unit] Merges of reads that span cells (flotilla/hub/merge.hpp, ADR 18
+// slice 4): sums, the largest failure reasons, releasable rows in (wave,
+// rank) order, and device pages of several stores walked as one, against
+// one store holding every device.
+#include <catch2/catch.hpp>
+
+#include <algorithm>
+#include <map>
+#include <random>
+#include <set>
+
+#include "flotilla/hub/aggregates.hpp"
+#include "flotilla/hub/merge.hpp"
+#include "flotilla/hub/store.hpp"
+#include "tests/support/temp_dir.hpp"
+
+using namespace flotilla;
+using namespace flotilla::hub;
+using flotilla::test::TempDir;
+
+TEST_CASE("fleet counts sum over stores, and a value summing to zero is left out", "[unit][hub][merge]") {
+  std::vector<FleetCount> a = {{"default", "state", "applied", 3}, {"default", "region", "eu", 2},
+                               {"blue", "state", "failed", 1}};
+  std::vector<FleetCount> b = {{"default", "state", "applied", 4}, {"default", "region", "eu", -2},
+                               {"default", "state", "idle", 1}};
+  auto sum = sum_fleet_counts({a, b});
+  std::vector<FleetCount> want = {{"blue", "state", "failed", 1},
+                                  {"default", "state", "applied", 7},
+                                  {"default", "state", "idle", 1}};
+  CHECK(sum == want);
+  CHECK(sum_fleet_counts({}).empty());
+}
+
+TEST_CASE("failure reasons: the largest over every store, not each store's largest", "[unit][hub][merge]") {
+  auto group = [](std::string reason, int64_t n) {
+    FailureGroup g;
+    g.reason = std::move(reason);
+    g.count = n;
+    return g;
+  };
+  // "timeout" is third in each store and first overall.
+  std::vector<FailureGroup> a = {group("health", 5), group("disk", 4), group("timeout", 3)};
+  std::vector<FailureGroup> b = {group("verify", 5), group("arch", 4), group("timeout", 3)};
+  auto top = top_failure_reasons({a, b}, 3);
+  REQUIRE(top.size() == 3);
+  CHECK(top[0].reason == "timeout");
+  CHECK(top[0].count == 6);
+  // Ties by reason.
+  CHECK(top[1].reason == "health");
+  CHECK(top[2].reason == "verify");
+  CHECK(top_failure_reasons({a, b}, 0).empty());
+
+  std::vector<FailureGroup::Device> da = {{"d-1", "m", 10}, {"d-4", "m", 30}};
+  std::vector<FailureGroup::Device> db = {{"d-2", "m", 10}, {"d-3", "m", 20}};
+  auto first = first_failed_devices({da, db}, 3);
+  REQUIRE(first.size() == 3);
+  CHECK(first[0].id == "d-1");
+  CHECK(first[1].id == "d-2");
+  CHECK(first[2].id == "d-3");
+}
+
+TEST_CASE("releasable rows merge in wave and rank order and stop at the limit", "[unit][hub][merge]") {
+  auto row = [](std::string id, int wave, int64_t rank) {
+    CampaignDeviceRecord r;
+    r.device_id = std::move(id);
+    r.wave = wave;
+    r.rank = rank;
+    return r;
+  };
+  std::vector<CampaignDeviceRecord> a = {row("d-a1", 0, 5), row("d-a2", 1, 1), row("d-a3", 1, 9)};
+  std::vector<CampaignDeviceRecord> b = {row("d-b1", 0, 7), row("d-b2", 1, 1), row("d-b3", 2, 0)};
+  auto out = merge_releasable({a, b}, 4);
+  std::vector<std::string> ids;
+  for (const auto& r : out) ids.push_back(r.device_id);
+  CHECK(ids == std::vector<std::string>{"d-a1", "d-b1", "d-a2", "d-b2"});
+  CHECK(merge_releasable({a, b}, 0).empty());
+}
+
+namespace {
+
+struct CellStores {
+  TempDir dir;
+  std::vector<std::unique_ptr<Store>> stores;
+  std::vector<std::unique_ptr<AggregateStore>> aggs;
+  void add(const std::string& name) {
+    auto s = Store::open((dir.path() / (name + ".db")).string());
+    REQUIRE(s);
+    stores.push_back(std::move(*s));
+    auto a = AggregateStore::open((dir.path() / (name + ".db")).string(), {});
+    REQUIRE(a);
+    aggs.push_back(std::move(*a));
+  }
+};
+
+std::vector<std::string> ids_of(const std::vector<DeviceRecord>& items) {
+  std::vector<std::string> out;
+  for (const auto& d : items) out.push_back(d.id);
+  return out;
+}
+
+}  // namespace
+
+// Three stores hold a third of the devices each, a fourth holds them all.
+// Walking the three page by page, merging each round and carrying the merged
+// cursor into every store's next walk, must list exactly the fourth's
+// devices in the fourth's order: none lost where one store stopped at its
+// scan bound before another, none twice.
+TEST_CASE("device pages of several stores merge into the walk of one store holding every device",
+          "[unit][hub][merge]") {
+  CellStores cells;
+  for (int i = 0; i < 4; ++i) cells.add("cell-" + std::to_string(i));
+  std::mt19937 rng(11);
+  for (int i = 0; i < 90; ++i) {
+    DeviceRecord d;
+    d.id = "d-" + std::to_string(1000 + i);
+    d.project = "default";
+    d.labels = {{"env", rng() % 2 ? "prod" : "dev"}};
+    d.public_key_hex = "00";
+    d.hostname = "host-" + std::to_string(rng() % 30);  // shared hostnames: the id breaks ties
+    d.enrolled_ms = 1000 + static_cast<int64_t>(rng() % 40);
+    d.arch = "amd64";
+    // Skewed: cell 0 gets most, so its walks stop at the scan bound first.
+    const size_t cell = rng() % 5 < 3 ? 0 : 1 + rng() % 2;
+    REQUIRE(cells.stores[cell]->upsert_enrolled_device(d));
+    REQUIRE(cells.stores[3]->upsert_enrolled_device(d));
+    if (i % 3 == 0) {
+      DeviceInventory inv;
+      inv.cert_expiry_unix = 1'800'000'000 + static_cast<int64_t>(rng() % 10) * 86400;
+      REQUIRE(cells.stores[cell]->save_device_inventory(d.id, inv));
+      REQUIRE(cells.stores[3]->save_device_inventory(d.id, inv));
+    }
+  }
+  auto prod = Selector::parse("env!=dev");  // not an equality: a filter, not an index walk
+  REQUIRE(prod);
+
+  for (auto sort : {DeviceSort::id, DeviceSort::hostname, DeviceSort::enrolled, DeviceSort::cert_expiry}) {
+    for (bool descending : {false, true}) {
+      DYNAMIC_SECTION("sort " << sort_name(sort) << (descending ? " descending" : "")) {
+        DeviceQuery q;
+        q.sort = sort;
+        q.descending = descending;
+        q.selector = *prod;
+        q.limit = 4;
+        q.scan_limit = 6;
+
+        // One store holding every device, walked to the end.
+        std::vector<std::string> want;
+        DeviceQuery one = q;
+        for (int guard = 0; guard < 200; ++guard) {
+          auto page = cells.aggs[3]->devices(one);
+          REQUIRE(page);
+          for (const auto& id : ids_of(page->items)) want.push_back(id);
+          if (page->complete) break;
+          one.after = page->next;
+        }
+        REQUIRE(want.size() > 10);
+
+        // Three stores, merged page by page.
+        std::vector<std::string> got;
+        int64_t scanned = 0;
+        bool complete = false;
+        for (int guard = 0; guard < 200 && !complete; ++guard) {
+          std::vector<DevicePage> parts;
+          for (int c = 0; c < 3; ++c) {
+            auto page = cells.aggs[static_cast<size_t>(c)]->devices(q);
+            REQUIRE(page);
+            parts.push_back(std::move(*page));
+          }
+          auto merged = merge_device_pages(std::move(parts), q.limit);
+          CHECK(static_cast<int64_t>(merged.items.size()) <= q.limit);
+          CHECK(merged.sort == sort);
+          scanned += merged.scanned;
+          for (const auto& id : ids_of(merged.items)) got.push_back(id);
+          complete = merged.complete;
+          if (!complete) {
+            REQUIRE_FALSE(merged.next.empty());
+            q.after = merged.next;
+          }
+        }
+        CHECK(complete);
+        CHECK(got == want);
+        CHECK(scanned > 0);
+      }
+    }
+  }
+}
+
+TEST_CASE("a device page of one store is its own merge", "[unit][hub][merge]") {
+  DevicePage p;
+  p.items.resize(2);
+  p.items[0].id = "d-1";
+  p.items[1].id = "d-2";
+  p.next = "abc";
+  p.next_id = "d-2";
+  p.scanned = 7;
+  p.index = "devices primary key";
+  auto m = merge_device_pages({p}, 1);
+  CHECK(ids_of(m.items) == std::vector<std::string>{"d-1", "d-2"});
+  CHECK(m.next == "abc");
+  CHECK(m.scanned == 7);
+  CHECK_FALSE(m.complete);
+  auto none = merge_device_pages({}, 5);
+  CHECK(none.items.empty());
+  CHECK(none.complete);
+}
