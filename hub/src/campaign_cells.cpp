@@ -258,6 +258,7 @@ void HubService::record_arrivals() {
   }
   std::lock_guard lock(store_mu_);
   arrivals_retry_ms_ = 0;
+  follow_directory();
   std::vector<std::string> owners;
   for (const auto& [owner, from_to] : arrivals) {
     pending_arrivals_.erase(owner);

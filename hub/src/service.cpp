@@ -51,6 +51,10 @@ HubService::HubService(Store& store, const Clock& clock, ServiceConfig cfg)
                                             cfg_.report_queue_bytes_cap));
   }
   cell_devices_.assign(cells_.size(), 0);
+  {
+    std::lock_guard lock(store_mu_);
+    follow_directory();  // what a crash left between a write and its following
+  }
   if (auto counts = store_.cell_device_counts(); counts) {
     for (const auto& c : *counts) {
       if (c.cell >= 0 && c.cell < cell_count()) cell_devices_[static_cast<size_t>(c.cell)] = c.total;
@@ -192,6 +196,7 @@ void HubService::on_control_applied(const std::set<std::string>& tables) {
       decommissioned_.insert(ids->begin(), ids->end());
       any_decommissioned_ = !decommissioned_.empty();
     }
+    follow_directory();
     if (auto counts = store_.cell_device_counts(); counts) {
       std::fill(cell_devices_.begin(), cell_devices_.end(), 0);
       for (const auto& c : *counts) {
@@ -1359,6 +1364,10 @@ void HubService::drain_cell(Cell& c) {
       reports_processed_ += applied.reports;
       presence_processed_ += applied.presences;
     }
+    if (follow_pending_) {
+      follow_pending_ = false;
+      follow_directory();
+    }
     if (auto s = cell_store.relaxed_sync(false); !s) {
       log::get("hub")->error("restore synchronous=FULL failed: {}", s.error().message);
     }
@@ -1692,6 +1701,14 @@ void HubService::continue_drains() {
   log::get("hub")->info("asked {} devices to move to another cell", moves.size());
 }
 
+void HubService::follow_directory() {
+  auto followed = follow_directory_outbox(store_, [this](int cell) -> DeviceStore& { return device_store(cell); });
+  if (!followed) {
+    // Kept in the outbox: followed at the next write that makes a change, or the next start.
+    log::get("hub")->error("follow the device directory: {}", followed.error().message);
+  }
+}
+
 void HubService::note_moved(const std::string& owner, int from, int to, int64_t rows, std::string_view how) {
   cell_devices_[static_cast<size_t>(from)] -= rows;
   cell_devices_[static_cast<size_t>(to)] += rows;
@@ -1901,6 +1918,7 @@ void HubService::apply_device_messages(const std::string& device_id, const std::
         return;
       }
       note_moved(owner, dev.cell, cell, *n, "");
+      follow_pending_ = true;
       dev.cell = cell;
     }
   }

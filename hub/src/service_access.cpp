@@ -89,6 +89,7 @@ Result<DeviceRecord> HubService::decommission_device(const std::string& id) {
   {
     std::lock_guard lock(store_mu_);
     if (counted_out) --cell_devices_[static_cast<size_t>(dev.cell)];
+    follow_directory();  // its inventory goes
   }
   dev.state = "decommissioned";
   dev.online = false;

@@ -60,6 +60,12 @@ struct Stores {
   }
 };
 
+// What HubService does after a write that changed the directory.
+void follow(Store& s) {
+  auto n = follow_directory_outbox(s, [&](int) -> DeviceStore& { return s; });
+  REQUIRE(n);
+}
+
 std::map<std::string, int64_t> dim(const std::vector<FleetCount>& rows, const std::string& name) {
   std::map<std::string, int64_t> out;
   for (const auto& r : rows) {
@@ -151,6 +157,7 @@ TEST_CASE("fleet counts kept by triggers equal a recount from the rows after eve
   inv.cert_expiry_unix = 1'800'000'000;
   REQUIRE(s.store->save_device_inventory(devs[3].id, inv));
   REQUIRE(s.store->mark_device_decommissioned(devs[3].id));
+  follow(*s.store);
   CHECK(s.rows("SELECT COUNT(*) FROM device_inventory WHERE device_id = '" + devs[3].id + "'") == 0);
   // A decommissioned device's inventory is not stored again (no error: a late report).
   REQUIRE(s.store->save_device_inventory(devs[3].id, inv));
@@ -240,6 +247,7 @@ TEST_CASE("a report writes only the reported counts and a label change only the 
   // Decommissioning moves both: the state in one, labels and the broker
   // certificate out of the other.
   REQUIRE(s.store->mark_device_decommissioned(devs[1].id));
+  follow(*s.store);
   moved = table("directory_counts");
   CHECK(std::find(moved.begin(), moved.end(), "default/region/eu=3") != moved.end());
   CHECK(std::find(moved.begin(), moved.end(), "default/broker_cert_day/21990=5") != moved.end());
@@ -255,6 +263,74 @@ TEST_CASE("a report writes only the reported counts and a label change only the 
   CHECK(std::find(moved.begin(), moved.end(), "default/region/us=1") != moved.end());
   CHECK(std::find(moved.begin(), moved.end(), "default/cell/c1=3") != moved.end());
   for (const auto& row : moved) CHECK(row.find("/region/ap") == std::string::npos);
+  check_counts_agree(*s.store);
+}
+
+// ADR 18, slice 5: a move or a decommission is written to the directory,
+// and the device's rows in its cell's store follow it from the outbox after
+// the write commits. The outbox is in the write's transaction (a write that
+// rolls back leaves nothing to follow), survives a crash before the
+// following, and following twice changes nothing.
+TEST_CASE("directory changes reach the device rows through the outbox, after their write and once",
+          "[unit][hub][views]") {
+  Stores s;
+  auto moving = s.enroll("d-moving", {{"region", "eu"}});
+  auto leaving = s.enroll("d-leaving", {{"region", "eu"}});
+  DeviceInventory inv;
+  inv.os = "Linux";
+  inv.cert_expiry_unix = 1'800'000'000;
+  REQUIRE(s.store->save_device_inventory(leaving.id, inv));
+  auto outbox = [&] {
+    auto r = s.store->directory_outbox(100);
+    REQUIRE(r);
+    return *r;
+  };
+  CHECK(outbox().empty());  // enrollment moves nothing
+
+  // A write that rolls back leaves nothing to follow.
+  {
+    sql::Transaction tx(s.store->db());
+    REQUIRE(s.store->set_device_cell(moving.id, 2));
+    CHECK(outbox().size() == 1);
+  }
+  CHECK(outbox().empty());
+
+  REQUIRE(s.store->set_device_cell(moving.id, 2));
+  REQUIRE(s.store->mark_device_decommissioned(leaving.id));
+  auto pending = outbox();
+  REQUIRE(pending.size() == 2);
+  CHECK(pending[0].device_id == moving.id);
+  CHECK(pending[0].kind == DirectoryChange::Kind::moved);
+  CHECK(pending[0].from_cell == 0);
+  CHECK(pending[0].cell == 2);
+  CHECK(pending[1].device_id == leaving.id);
+  CHECK(pending[1].kind == DirectoryChange::Kind::decommissioned);
+  // Not followed yet: the inventory is still there.
+  CHECK(s.rows("SELECT COUNT(*) FROM device_inventory WHERE device_id = 'd-leaving'") == 1);
+
+  // A crash here: the outbox is in the file, so the next open still has it.
+  const auto path = (s.dir.path() / "hub.db").string();
+  s.agg.reset();
+  s.store.reset();
+  auto reopened = Store::open(path);
+  REQUIRE(reopened);
+  s.store = std::move(*reopened);
+  CHECK(outbox().size() == 2);
+
+  // Followed in the store of the cell that holds the rows.
+  std::vector<int> asked;
+  auto n = follow_directory_outbox(*s.store, [&](int cell) -> DeviceStore& {
+    asked.push_back(cell);
+    return *s.store;
+  });
+  REQUIRE(n);
+  CHECK(*n == 2);
+  CHECK(asked == std::vector<int>{0, 0});  // the move's rows are where it was
+  CHECK(s.rows("SELECT COUNT(*) FROM device_inventory WHERE device_id = 'd-leaving'") == 0);
+  CHECK(outbox().empty());
+  auto again = follow_directory_outbox(*s.store, [&](int) -> DeviceStore& { return *s.store; });
+  REQUIRE(again);
+  CHECK(*again == 0);
   check_counts_agree(*s.store);
 }
 
@@ -429,6 +505,7 @@ TEST_CASE("device lists filter, order and page in the store exactly as a filter 
     }
   }
   REQUIRE(s.store->mark_device_decommissioned(s.store->list_devices()->at(5).id));
+  follow(*s.store);
 
   auto sel = [](const std::string& text) {
     auto p = Selector::parse(text);

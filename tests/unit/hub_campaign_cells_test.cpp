@@ -230,9 +230,11 @@ TEST_CASE("campaign counts per cell stay exact through reports, presence and dra
     for (const auto& d : f.devices) {
       const auto kind = static_cast<unsigned>(rng() % 8);
       if (f.random_event(d, kind, rng) || kind != 3) continue;
-      // A drain moves the device (and its campaign rows) to another cell.
+      // A drain moves the device to another cell; its campaign rows follow
+      // through the directory's outbox, as HubService follows it.
       REQUIRE(f.store->set_device_cell(d, static_cast<int>(rng() % 3)));
     }
+    REQUIRE(follow_directory_outbox(*f.store, [&](int) -> DeviceStore& { return *f.store; }));
     require_exact();
     if (round == 10) f.clock.advance(std::chrono::minutes(2));
   }

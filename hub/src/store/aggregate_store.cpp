@@ -29,11 +29,12 @@ using sql::query;
 
 // Bumped when the tables or triggers below change: a store of an older
 // version drops them and rebuilds them from the device rows.
-constexpr int kAggregateSchema = 6;
+constexpr int kAggregateSchema = 7;
 
 // How many failure reasons one store gives a campaign's failure groups to
-// merge (reasons are the agents' refusal and failure codes, a short list; the
-// bound is for a store whose devices made up their own).
+// merge. Reasons are names of v1::Reason (a report's) or the hub's own
+// (deadline_exceeded, ...), a few dozen; the bound keeps a part bounded
+// whatever a store holds.
 constexpr int64_t kFailureReasonsPerStore = 256;
 
 // The dimensions counted: name, the device columns it depends on, and its
@@ -150,10 +151,6 @@ std::string fleet_triggers() {
          "DELETE FROM device_trouble WHERE state = OLD.state AND device_id = OLD.id;\n  "
          "INSERT OR IGNORE INTO device_trouble SELECT NEW.state, NEW.id WHERE " + is_trouble("NEW.state") +
          ";\nEND;\n";
-  // A decommissioned device leaves the fleet's inventory figures.
-  sql += "CREATE TRIGGER device_inventory_decommissioned AFTER UPDATE OF state ON devices "
-         "WHEN NEW.state = 'decommissioned' AND OLD.state != 'decommissioned' BEGIN\n  "
-         "DELETE FROM device_inventory WHERE device_id = NEW.id;\nEND;\n";
   // The reported dimensions, and all of them when a device changes project
   // or (de)commission status.
   std::string when = "OLD.project != NEW.project OR " + decom;
@@ -259,10 +256,20 @@ std::string directory_triggers() {
          "(SELECT key, value, OLD.id FROM " + with(labels_of, "OLD.") + " WHERE type = 'text');\n  "
          "INSERT OR IGNORE INTO device_labels SELECT key, value, NEW.id FROM " + with(labels_of, "NEW.") +
          " WHERE type = 'text' AND OLD.labels != NEW.labels;\n  " + moved + "\nEND;\n";
+  // What the device's rows in its cell's store must follow, through the
+  // outbox (HubService::follow_directory): a decommissioned device's
+  // inventory goes (it leaves the fleet's inventory figures); a moved
+  // device's campaign rows are counted in its new cell.
   sql += "CREATE TRIGGER directory_decommission AFTER UPDATE OF state ON devices "
          "WHEN (OLD.state = 'decommissioned') != (NEW.state = 'decommissioned') BEGIN\n  "
-         "DELETE FROM device_broker_cert WHERE NEW.state = 'decommissioned' AND device_id = NEW.id;\n  " +
+         "DELETE FROM device_broker_cert WHERE NEW.state = 'decommissioned' AND device_id = NEW.id;\n  "
+         "INSERT INTO directory_outbox (device_id, kind, cell, from_cell) SELECT NEW.id, 'decommissioned', NEW.cell, "
+         "OLD.cell "
+         "WHERE NEW.state = 'decommissioned';\n  " +
          decom_moved + "\nEND;\n";
+  sql += "CREATE TRIGGER directory_moved AFTER UPDATE OF cell ON devices WHEN OLD.cell != NEW.cell BEGIN\n  "
+         "INSERT INTO directory_outbox (device_id, kind, cell, from_cell) VALUES (NEW.id, 'moved', NEW.cell, OLD.cell);"
+         "\nEND;\n";
   return sql;
 }
 
@@ -338,6 +345,13 @@ CREATE INDEX IF NOT EXISTS device_inventory_cert ON device_inventory(cert_expiry
 -- certificate expiry counts.
 CREATE TABLE IF NOT EXISTS device_broker_cert (
   device_id TEXT PRIMARY KEY, project TEXT NOT NULL, serial TEXT NOT NULL, not_after INTEGER NOT NULL) WITHOUT ROWID;
+-- Directory changes (moves, decommissions) not yet followed by the device's
+-- rows in its cell's store (HubService::follow_directory; ADR 18 slice 5).
+-- Local to this hub: filled by triggers, so changes applied from the control
+-- log feed it too.
+CREATE TABLE IF NOT EXISTS directory_outbox (
+  seq INTEGER PRIMARY KEY, device_id TEXT NOT NULL, kind TEXT NOT NULL, cell INTEGER NOT NULL,
+  from_cell INTEGER NOT NULL);
 -- A device's recent failures, the last 10 per device.
 CREATE TABLE IF NOT EXISTS device_events (
   id INTEGER PRIMARY KEY, device_id TEXT NOT NULL, time_ms INTEGER NOT NULL, seq INTEGER NOT NULL,
@@ -389,7 +403,7 @@ constexpr const char* kTriggerNames[] = {
     "device_labels_delete", "device_events_record", "device_inventory_decommissioned", "broker_cert_issued",
     "broker_cert_revoked", "broker_cert_forgotten", "broker_cert_device_gone", "broker_cert_device_deleted",
     "fleet_counts_broker_cert_insert", "fleet_counts_broker_cert_update", "fleet_counts_broker_cert_delete",
-    "directory_insert", "directory_delete", "directory_labels", "directory_decommission"};
+    "directory_insert", "directory_delete", "directory_labels", "directory_decommission", "directory_moved"};
 
 FleetCount fleet_row(const sql::Stmt& s) { return FleetCount{s.col_text(0), s.col_text(1), s.col_text(2), s.col_int(3)}; }
 

@@ -209,12 +209,10 @@ CREATE TRIGGER IF NOT EXISTS campaign_counts_update AFTER UPDATE OF status, wave
       COALESCE((SELECT online FROM devices WHERE id = NEW.device_id), 0), 1)
     ON CONFLICT DO UPDATE SET n = n + 1;
 END;
--- A device moved to another cell (a drain) takes its campaign rows along, so
--- its new cell counts it and its old one no longer does.
-CREATE TRIGGER IF NOT EXISTS campaign_devices_cell AFTER UPDATE OF cell ON devices
-    WHEN OLD.cell != NEW.cell BEGIN
-  UPDATE campaign_devices SET cell = NEW.cell WHERE device_id = NEW.id;
-END;
+-- A device moved to another cell (a drain) takes its campaign rows along
+-- through the directory's outbox (HubService::follow_directory), no longer
+-- by a trigger here: with a store per cell the two tables are in two files.
+DROP TRIGGER IF EXISTS campaign_devices_cell;
 -- A device's deadline counts only time online: going away pauses it (what is
 -- left is kept), coming back resumes it. Every writer of devices.online sets
 -- last_seen_ms to its clock's now in the same statement, so that is "now".

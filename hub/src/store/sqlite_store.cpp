@@ -497,6 +497,60 @@ Result<int64_t> Store::set_device_cell(const std::string& id, int cell) {
   return db_->changes();
 }
 
+Result<std::vector<DirectoryChange>> Store::directory_outbox(int64_t limit) {
+  return query<DirectoryChange>(
+      *db_, "SELECT seq, device_id, kind, cell, from_cell FROM directory_outbox ORDER BY seq LIMIT ?",
+      [&](sql::Stmt& s) { s.bind(1, limit); },
+      [](const sql::Stmt& s) {
+        DirectoryChange c;
+        c.seq = s.col_int(0);
+        c.device_id = s.col_text(1);
+        c.kind = s.col_text(2) == "decommissioned" ? DirectoryChange::Kind::decommissioned : DirectoryChange::Kind::moved;
+        c.cell = static_cast<int>(s.col_int(3));
+        c.from_cell = static_cast<int>(s.col_int(4));
+        return c;
+      });
+}
+
+Result<int64_t> follow_directory_outbox(Store& directory, const std::function<DeviceStore&(int cell)>& store_of) {
+  int64_t followed = 0;
+  for (;;) {
+    auto changes = directory.directory_outbox(4096);
+    if (!changes) return changes.error();
+    if (changes->empty()) return followed;
+    sql::Transaction tx(directory.db());
+    if (!tx.ok()) return make_error(Errc::unavailable, "follow the device directory: cannot begin a transaction", true);
+    for (const auto& c : *changes) {
+      // A move's rows are still where the device was.
+      DeviceStore& rows = store_of(c.kind == DirectoryChange::Kind::moved ? c.from_cell : c.cell);
+      if (auto s = rows.follow_directory(c); !s) return s.error().with_context("device=" + c.device_id);
+    }
+    if (auto s = directory.forget_directory_changes(changes->back().seq); !s) return s.error();
+    if (auto s = tx.commit(); !s) return s.error();
+    followed += static_cast<int64_t>(changes->size());
+  }
+}
+
+Status Store::forget_directory_changes(int64_t seq) {
+  auto st = db_->prepare("DELETE FROM directory_outbox WHERE seq <= ?");
+  if (!st) return st.error();
+  st->bind(1, seq);
+  return st->run();
+}
+
+Status Store::follow_directory(const DirectoryChange& c) {
+  if (c.kind == DirectoryChange::Kind::decommissioned) {
+    auto st = db_->prepare("DELETE FROM device_inventory WHERE device_id = ?");
+    if (!st) return st.error();
+    st->bind(1, std::string_view(c.device_id));
+    return st->run();
+  }
+  auto st = db_->prepare("UPDATE campaign_devices SET cell = ? WHERE device_id = ? AND cell != ?");
+  if (!st) return st.error();
+  st->bind(1, static_cast<int64_t>(c.cell)).bind(2, std::string_view(c.device_id)).bind(3, static_cast<int64_t>(c.cell));
+  return st->run();
+}
+
 Result<std::vector<std::string>> Store::devices_of_owner(const std::string& id) {
   auto st = db_->prepare("SELECT id FROM devices WHERE id=? OR (gateway=? AND gateway != '')");
   if (!st) return st.error();

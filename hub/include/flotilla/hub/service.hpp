@@ -443,6 +443,7 @@ class HubService {
   // arrivals get the rows of running campaigns the old holder had made.
   static constexpr const char* kDrainsPrefix = "/flotilla/drains/";
   std::map<std::string, std::pair<int, int>> pending_arrivals_;  // owner -> (from, to), store_mu_
+  bool follow_pending_ = false;  // a report batch moved a device: follow_directory after it commits; store_mu_
   int64_t arrivals_retry_ms_ = 0;                                // store_mu_
   static constexpr int64_t kArrivalsRetryMs = 5000;
   std::atomic<bool> recording_arrivals_{false};
@@ -695,6 +696,11 @@ class HubService {
     (void)cell;
     return store_;
   }
+  // The device rows follow the directory's changes (moves, decommissions)
+  // that committed: after a write that may make them (a report batch that
+  // moved a device, arrivals, a decommission, entries from the control
+  // log) and at start, for what a crash left. store_mu_ held.
+  void follow_directory();
 
   Store& store_;
   const Clock& clock_;

@@ -95,6 +95,20 @@ struct DeviceDirectoryEntry {
   bool decommissioned = false;
 };
 
+// A change of the directory that a device's rows in its cell's store must
+// follow (ADR 18, slice 5): kept in hub.db's directory_outbox by triggers
+// on the directory's columns, so changes applied from the control log and
+// snapshots are followed too, and applied after the write that made them
+// commits (HubService::follow_directory). Applying one twice is harmless.
+struct DirectoryChange {
+  enum class Kind { moved, decommissioned };
+  int64_t seq = 0;
+  std::string device_id;
+  Kind kind = Kind::moved;
+  int cell = 0;       // the device's cell after the change
+  int from_cell = 0;  // before it (a move's rows are in that cell's store)
+};
+
 struct BundleRecord {
   // Unique in the hub. In project "default", the first 16 hex digits of the
   // manifest's SHA-256 (what `flotilla bundle inspect` shows); in any other
@@ -367,6 +381,9 @@ class DeviceStore {
   virtual Status relaxed_sync(bool relaxed) = 0;
   // The connection the cell's writes commit on (transactions, group commits).
   virtual sql::Db& device_db() = 0;
+  // A directory change made to the device's rows here: a move counts its
+  // campaign rows in its new cell, a decommission forgets its inventory.
+  virtual Status follow_directory(const DirectoryChange& c) = 0;
 };
 
 class Store final : public DeviceStore {
@@ -432,6 +449,11 @@ class Store final : public DeviceStore {
   Result<int64_t> set_device_cell(const std::string& id, int cell);
   // The device itself and, for a gateway, every device behind it.
   Result<std::vector<std::string>> devices_of_owner(const std::string& id);
+  // The directory's changes not followed yet, oldest first, and forgetting
+  // them once followed (up to and including `seq`).
+  Result<std::vector<DirectoryChange>> directory_outbox(int64_t limit);
+  Status forget_directory_changes(int64_t seq);
+  Status follow_directory(const DirectoryChange& c) override;
   Result<std::vector<std::string>> cell_session_devices(int cell, int64_t limit,
                                                         const std::string& after = "") override;
   // The cells this hub was draining (a hub without shared cells keeps its
@@ -568,5 +590,13 @@ class Store final : public DeviceStore {
   Status migrate_certs();
   std::unique_ptr<sql::Db> db_;
 };
+
+// Follows the directory's outbox (Store::directory_outbox) with the device
+// rows of every change's cell store (`store_of`), then forgets what was
+// followed, in batches; returns how many changes. Today every cell's store
+// is the directory's own file and a batch is one transaction; with a file
+// per cell each cell commits before the entries are forgotten (following
+// twice is harmless).
+Result<int64_t> follow_directory_outbox(Store& directory, const std::function<DeviceStore&(int cell)>& store_of);
 
 }  // namespace flotilla::hub
