@@ -632,6 +632,47 @@ TEST_CASE("a device list refuses a cursor it did not give out, or one of another
   CHECK_THAT(r.error().message, Catch::Contains("another order"));
 }
 
+// A sample the store was too busy for (a million-device campaign's rows
+// being written) is skipped with a retryable error, and the next one still
+// gives a campaign that ended before the skipped call its last point.
+TEST_CASE("a timeline point the store was busy for is skipped, and a campaign that ended meanwhile keeps its end",
+          "[unit][hub][views]") {
+  Stores s;
+  s.enroll("d-0", {});
+  BundleRecord b;
+  b.id = "b1";
+  b.digest = "b1digest";
+  b.name = "edge";
+  b.version = 1;
+  b.envelope = "x";
+  REQUIRE(s.store->insert_bundle(b));
+  CampaignRecord c;
+  c.id = "c-1";
+  c.bundle_id = "b1";
+  c.state = CampaignState::running;
+  c.created_ms = c.updated_ms = 1000;
+  REQUIRE(s.store->insert_campaign(c, {{"d-0", 0.5, 0, ""}}));
+  REQUIRE(s.agg->sample_campaigns(2000));
+  c.state = CampaignState::completed;
+  c.updated_ms = 2500;
+  REQUIRE(s.store->update_campaign(c));
+  {
+    // Another writer holds the store (past the 5 s busy timeout).
+    sql::Transaction busy(s.store->db());
+    REQUIRE(busy.ok());
+    auto skipped = s.agg->sample_campaigns(10000);
+    REQUIRE_FALSE(skipped);
+    CHECK(skipped.error().retryable);
+    CHECK_THAT(skipped.error().message, Catch::Contains("busy"));
+  }
+  REQUIRE(s.agg->sample_campaigns(11000));
+  auto t = s.agg->timeline("c-1");
+  REQUIRE(t);
+  REQUIRE(t->size() == 2);
+  CHECK(t->back().time_ms == 2500);
+  CHECK(t->back().state == "completed");
+}
+
 TEST_CASE("the campaign timeline samples running campaigns, ends with the campaign and stays bounded",
           "[unit][hub][views]") {
   AggregateStore::Config cfg;

@@ -1260,18 +1260,24 @@ Status AggregateStore::sample_campaigns(int64_t now_ms) {
   // Campaigns the engine still runs get a point now; a campaign that ended
   // since the last call gets its last point at the time it ended (the first
   // call looks at every ended campaign: the hub may have been down when it
-  // ended; a point already there is kept).
+  // ended; a point already there is kept). "Since the last call" is since
+  // the last that committed: a campaign that ended before a skipped call
+  // still gets its point.
+  const int64_t since = last_sample_ms_ == 0 ? int64_t{0} : last_sample_ms_ - 1000;
   auto open = query<Open>(
       db, "SELECT id, state, updated_ms FROM campaigns WHERE state NOT IN ('completed', 'aborted', 'rolled_back') "
           "OR updated_ms >= ?",
-      [&](sql::Stmt& s) { s.bind(1, last_sample_ms_ == 0 ? int64_t{0} : last_sample_ms_ - 1000); },
+      [&](sql::Stmt& s) { s.bind(1, since); },
       [](const sql::Stmt& s) {
         return Open{s.col_text(0), campaign_state_from(s.col_text(1)).value_or(CampaignState::paused), s.col_int(2)};
       });
   if (!open) return open.error();
-  last_sample_ms_ = now_ms;
   sql::Transaction tx(db);
-  if (!tx.ok()) return make_error(Errc::unavailable, "cannot begin transaction", true);
+  if (!tx.ok()) {
+    // Another writer held the store past the busy timeout (a campaign of a
+    // million devices writes its rows in one transaction).
+    return make_error(Errc::unavailable, "the store is busy with another write", true);
+  }
   for (const auto& c : *open) {
     const bool ended = campaign_final(c.state);
     auto counts = counts_of(db, c.id);
@@ -1317,17 +1323,27 @@ Status AggregateStore::sample_campaigns(int64_t now_ms) {
     }
   }
   if (auto s = db.exec("DELETE FROM fleet_counts WHERE n = 0; DELETE FROM directory_counts WHERE n = 0"); !s) return s;
-  return tx.commit();
+  if (auto s = tx.commit(); !s) return s;
+  last_sample_ms_ = now_ms;
+  return {};
 }
 
 void AggregateStore::start_sampler(const Clock& clock, std::chrono::milliseconds interval) {
   interval_ = interval;
   sampler_ = std::thread([this, &clock] {
     std::unique_lock lock(stop_mu_);
+    int64_t skipped = 0;  // points skipped in a row because the store was busy
     while (!stopping_) {
       lock.unlock();
       if (auto s = sample_campaigns(clock.now_unix_ms()); !s) {
-        log::get("hub")->warn("campaign timeline sample failed: {}", s.error().message);
+        if (!s.error().retryable) {
+          log::get("hub")->warn("campaign timeline sample failed: {}", s.error().message);
+        } else if (skipped++ == 0) {
+          log::get("hub")->info("campaign timeline: {}; points are skipped until it is done", s.error().message);
+        }
+      } else if (skipped > 0) {
+        log::get("hub")->info("campaign timeline: sampling again after {} skipped point(s)", skipped);
+        skipped = 0;
       }
       lock.lock();
       stop_cv_.wait_for(lock, interval_, [this] { return stopping_; });
