@@ -41,25 +41,6 @@ Result<std::vector<std::pair<std::string, int64_t>>> Store::revoked_unexpired_ce
       [](const sql::Stmt& s) { return std::make_pair(s.col_text(0), s.col_int(1) / 1000); });
 }
 
-Result<std::optional<DeviceCertRecord>> Store::latest_device_cert(const std::string& device_id) {
-  auto st = db_->prepare(
-      "SELECT serial, device_id, not_before, not_after, issued_ms, revoked_ms FROM device_certs WHERE device_id = ? "
-      "ORDER BY issued_ms DESC LIMIT 1");
-  if (!st) return st.error();
-  st->bind(1, std::string_view(device_id));
-  auto r = st->step();
-  if (!r) return r.error();
-  if (!*r) return std::optional<DeviceCertRecord>();
-  DeviceCertRecord c;
-  c.serial = st->col_text(0);
-  c.device_id = st->col_text(1);
-  c.not_before = st->col_int(2);
-  c.not_after = st->col_int(3);
-  c.issued_ms = st->col_int(4);
-  c.revoked_ms = st->col_int(5);
-  return std::optional<DeviceCertRecord>(std::move(c));
-}
-
 Result<int64_t> Store::prune_device_certs(int64_t before_unix) {
   auto st = db_->prepare("DELETE FROM device_certs WHERE not_after < ?");
   if (!st) return st.error();

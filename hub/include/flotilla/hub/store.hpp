@@ -562,8 +562,6 @@ class Store final : public DeviceStore {
   // Revoked certificates still valid at now_unix (what a CRL must list):
   // serial and when it was revoked (unix seconds).
   Result<std::vector<std::pair<std::string, int64_t>>> revoked_unexpired_certs(int64_t now_unix);
-  // The newest certificate issued to the device, if any.
-  Result<std::optional<DeviceCertRecord>> latest_device_cert(const std::string& device_id);
   // Forgets certificates that expired before before_unix (revoked or not):
   // an expired certificate opens no broker, so the table stays the size of
   // the live fleet.
