@@ -560,7 +560,7 @@ void Agent::delete_manifest_resources(const std::string& path) {
   }
 }
 
-Agent::GateResult Agent::health_gate(const v1::BundleManifest& m, int64_t restarted_unix,
+Agent::GateResult Agent::health_gate(const v1::BundleManifest& m, int64_t restarted_unix, int64_t back_unix,
                                      std::optional<int64_t> heartbeat_before) {
   const auto timeout = m.health().timeout_seconds() ? std::chrono::milliseconds(m.health().timeout_seconds() * 1000LL)
                                                     : cfg_.health_timeout;
@@ -606,8 +606,16 @@ Agent::GateResult Agent::health_gate(const v1::BundleManifest& m, int64_t restar
       last = "node Ready only with a heartbeat from before the restart (stale)";
     } else if (!want.empty() && !h.kubelet_version.empty() && h.kubelet_version != want) {
       good = false;
-      last = "the node runs k3s " + h.kubelet_version + ", the bundle is for " + want;
-      last_reason = v1::REASON_K3S_VERSION;
+      if (h.heartbeat_unix && *h.heartbeat_unix <= back_unix) {
+        // Posted while the k3s from before may still have run (heartbeats
+        // are in whole seconds): another version there is its kubelet's last
+        // word, not the new k3s's. A new kubelet posts again.
+        last = "node Ready by k3s " + h.kubelet_version + " with a heartbeat from during the restart, not yet the "
+               "new k3s";
+      } else {
+        last = "the node runs k3s " + h.kubelet_version + ", the bundle is for " + want;
+        last_reason = v1::REASON_K3S_VERSION;
+      }
     }
     if (!good) {
       settling = false;
@@ -1117,12 +1125,13 @@ void Agent::handle_desired(const std::string& payload) {
     return roll_back(s.error().code == Errc::refused ? v1::REASON_SERVICE_FAILED : v1::REASON_RESTART_FAILED,
                      s.error().message);
   }
+  const int64_t back_unix = clock_.now_unix();
   step("restart", "end");
 
   report(v1::AGENT_STATE_HEALTH_CHECK, a, v1::REASON_NONE, "", 70);
   advance(Step::health, true);
   step("health", "begin");
-  const GateResult gate = health_gate(m, restarted_unix, heartbeat_before);
+  const GateResult gate = health_gate(m, restarted_unix, back_unix, heartbeat_before);
   step("health", "end", gate.ok ? "healthy" : gate.why);
   if (!gate.ok) return roll_back(gate.reason, gate.why);
   if (dd.rotate_certificates) {

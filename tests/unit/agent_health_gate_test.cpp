@@ -160,6 +160,33 @@ TEST_CASE("the health gate rolls back a k3s of another version than the bundle's
   }
 }
 
+// Heartbeats are in whole seconds: the k3s from before can post in the
+// second its restart began. A Ready of another version with such a heartbeat
+// is that kubelet's last word; only a later one says the new k3s is wrong.
+TEST_CASE("the health gate does not take the old kubelet's post during the restart for a wrong version",
+          "[unit][agent][health]") {
+  GateRig rig;
+  rig.runtime.heartbeat_before = rig.clock.now_unix() - 5;
+  rig.runtime.kubelet_version = "v1.29.9+k3s1";  // what ran before; the bundle is v1.30.4
+  std::optional<int64_t> restart_second;
+  SECTION("the old kubelet's last post, and the new one never posts") {
+    rig.runtime.script = [&](int, K3sHealth& h) {
+      if (!restart_second) restart_second = rig.clock.now_unix();  // the first poll follows the restart at once
+      h.heartbeat_unix = *restart_second;
+    };
+    rig.apply(rig.manifest(1));
+    CHECK(rig.last().state() == v1::AGENT_STATE_ROLLED_BACK);
+    CHECK(rig.last().error().reason() == v1::REASON_HEALTH_GATE_FAILED);
+    CHECK_THAT(rig.last().error().message(), Catch::Contains("during the restart"));
+  }
+  SECTION("the positive control: a kubelet of the wrong version posting after the restart") {
+    rig.runtime.script = [&](int, K3sHealth& h) { h.heartbeat_unix = rig.clock.now_unix(); };
+    rig.apply(rig.manifest(1));
+    CHECK(rig.last().state() == v1::AGENT_STATE_ROLLED_BACK);
+    CHECK(rig.last().error().reason() == v1::REASON_K3S_VERSION);
+  }
+}
+
 TEST_CASE("the health gate checks the bundle's workloads and names the one that does not roll out",
           "[unit][agent][health]") {
   GateRig rig;

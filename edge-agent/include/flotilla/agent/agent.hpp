@@ -233,7 +233,10 @@ class Agent {
   // Node Ready with a heartbeat newer than the restart, the bundle's k3s
   // version answering, Ready held for the settling window, then the bundle's
   // workloads rolled out. Time comes from the injected clock only.
-  GateResult health_gate(const v1::BundleManifest& m, int64_t restarted_unix, std::optional<int64_t> heartbeat_before);
+  // restarted_unix: when the restart began; back_unix: when it returned
+  // (the k3s from before had stopped by then).
+  GateResult health_gate(const v1::BundleManifest& m, int64_t restarted_unix, int64_t back_unix,
+                         std::optional<int64_t> heartbeat_before);
   // `kubectl delete -f` of a manifest before it leaves the node (k3s deletes
   // nothing itself); what was deleted goes into the final report.
   void delete_manifest_resources(const std::string& path);
