@@ -98,7 +98,7 @@ db.close()
 shutil.copy(path, path + ".bare")
 bare = sqlite3.connect(path + ".bare", isolation_level=None)
 names = [r[0] for r in bare.execute(
-    "SELECT name FROM sqlite_master WHERE type='trigger' AND (name LIKE 'fleet_counts_%' OR name LIKE 'device_labels_%'"
+    "SELECT name FROM sqlite_master WHERE type='trigger' AND (name LIKE 'fleet_counts_%' OR name LIKE 'directory_%'"
     " OR name IN ('device_events_record', 'device_inventory_decommissioned', 'device_trouble_update'))")]
 for t in names: bare.execute("DROP TRIGGER " + t)
 for i in ("devices_hostname", "devices_enrolled", "devices_offline"): bare.execute("DROP INDEX " + i)
