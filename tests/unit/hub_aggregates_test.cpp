@@ -51,6 +51,24 @@ struct Stores {
     return **got;
   }
   void save(const DeviceRecord& d) { REQUIRE(store->save_device_state(d)); }
+  // Bundle "b1" and a running campaign `id` of it over `members`, made at `at_ms`.
+  CampaignRecord running_campaign(const std::string& id, const std::vector<Store::CampaignMember>& members,
+                                  int64_t at_ms) {
+    BundleRecord b;
+    b.id = "b1";
+    b.digest = "b1digest";
+    b.name = "edge";
+    b.version = 1;
+    b.envelope = "x";
+    REQUIRE(store->insert_bundle(b));
+    CampaignRecord c;
+    c.id = id;
+    c.bundle_id = "b1";
+    c.state = CampaignState::running;
+    c.created_ms = c.updated_ms = at_ms;
+    REQUIRE(store->insert_campaign(c, members));
+    return c;
+  }
   int64_t rows(const std::string& sql) {
     auto st = store->db().prepare(sql);
     REQUIRE(st);
@@ -639,19 +657,7 @@ TEST_CASE("a timeline point the store was busy for is skipped, and a campaign th
           "[unit][hub][views]") {
   Stores s;
   s.enroll("d-0", {});
-  BundleRecord b;
-  b.id = "b1";
-  b.digest = "b1digest";
-  b.name = "edge";
-  b.version = 1;
-  b.envelope = "x";
-  REQUIRE(s.store->insert_bundle(b));
-  CampaignRecord c;
-  c.id = "c-1";
-  c.bundle_id = "b1";
-  c.state = CampaignState::running;
-  c.created_ms = c.updated_ms = 1000;
-  REQUIRE(s.store->insert_campaign(c, {{"d-0", 0.5, 0, ""}}));
+  CampaignRecord c = s.running_campaign("c-1", {{"d-0", 0.5, 0, ""}}, 1000);
   REQUIRE(s.agg->sample_campaigns(2000));
   c.state = CampaignState::completed;
   c.updated_ms = 2500;
@@ -679,21 +685,9 @@ TEST_CASE("the campaign timeline samples running campaigns, ends with the campai
   cfg.max_samples = 10;
   Stores s(cfg);
   for (int i = 0; i < 4; ++i) s.enroll("d-" + std::to_string(i), {});
-  BundleRecord b;
-  b.id = "b1";
-  b.digest = "b1digest";
-  b.name = "edge";
-  b.version = 1;
-  b.envelope = "x";
-  REQUIRE(s.store->insert_bundle(b));
-  CampaignRecord c;
-  c.id = "c-1";
-  c.bundle_id = "b1";
-  c.state = CampaignState::running;
-  c.created_ms = c.updated_ms = 1000;
   std::vector<Store::CampaignMember> members;
   for (int i = 0; i < 4; ++i) members.push_back({"d-" + std::to_string(i), 0.1 * i, 0, ""});
-  REQUIRE(s.store->insert_campaign(c, members));
+  CampaignRecord c = s.running_campaign("c-1", members, 1000);
   REQUIRE(s.agg->sample_campaigns(2000));
   auto set_status = [&](const std::string& dev, const std::string& status) {
     auto row = s.store->campaign_device("c-1", dev);
@@ -752,18 +746,7 @@ TEST_CASE("a campaign's offline devices are the same whichever walk finds them",
     s.save(d);
     if (i < 30) members.push_back({d.id, 0.01 * i, 0, ""});
   }
-  BundleRecord b;
-  b.id = "b1";
-  b.digest = "b1digest";
-  b.name = "edge";
-  b.version = 1;
-  b.envelope = "x";
-  REQUIRE(s.store->insert_bundle(b));
-  CampaignRecord c;
-  c.id = "c-away";
-  c.bundle_id = "b1";
-  c.state = CampaignState::running;
-  REQUIRE(s.store->insert_campaign(c, members));
+  s.running_campaign("c-away", members, 0);
   auto row = s.store->campaign_device("c-away", "d-103");  // offline; finished: not away
   REQUIRE(row);
   REQUIRE(*row);

@@ -10,6 +10,16 @@
 
 namespace flotilla::hub {
 
+namespace {
+
+// The first n of v (none for n <= 0).
+template <class T>
+void keep_first(std::vector<T>& v, int64_t n) {
+  if (static_cast<int64_t>(v.size()) > std::max<int64_t>(0, n)) v.resize(static_cast<size_t>(std::max<int64_t>(0, n)));
+}
+
+}  // namespace
+
 std::vector<FleetCount> sum_fleet_counts(const std::vector<std::vector<FleetCount>>& parts) {
   std::map<std::tuple<std::string, std::string, std::string>, int64_t> sums;
   for (const auto& part : parts) {
@@ -37,9 +47,7 @@ std::vector<FailureGroup> top_failure_reasons(const std::vector<std::vector<Fail
   }
   // Most first, ties by reason (what one store's ORDER BY 2 DESC, 1 gives).
   std::stable_sort(out.begin(), out.end(), [](const FailureGroup& a, const FailureGroup& b) { return a.count > b.count; });
-  if (static_cast<int64_t>(out.size()) > std::max<int64_t>(0, max_reasons)) {
-    out.resize(static_cast<size_t>(std::max<int64_t>(0, max_reasons)));
-  }
+  keep_first(out, max_reasons);
   return out;
 }
 
@@ -50,9 +58,7 @@ std::vector<FailureGroup::Device> first_failed_devices(const std::vector<std::ve
   std::sort(out.begin(), out.end(), [](const FailureGroup::Device& a, const FailureGroup::Device& b) {
     return std::tie(a.updated_ms, a.id) < std::tie(b.updated_ms, b.id);
   });
-  if (static_cast<int64_t>(out.size()) > std::max<int64_t>(0, per_reason)) {
-    out.resize(static_cast<size_t>(std::max<int64_t>(0, per_reason)));
-  }
+  keep_first(out, per_reason);
   return out;
 }
 
@@ -65,9 +71,7 @@ std::vector<CampaignDeviceRecord> merge_releasable(std::vector<std::vector<Campa
   std::sort(out.begin(), out.end(), [](const CampaignDeviceRecord& a, const CampaignDeviceRecord& b) {
     return std::tie(a.wave, a.rank, a.device_id) < std::tie(b.wave, b.rank, b.device_id);
   });
-  if (static_cast<int64_t>(out.size()) > std::max<int64_t>(0, limit)) {
-    out.resize(static_cast<size_t>(std::max<int64_t>(0, limit)));
-  }
+  keep_first(out, limit);
   return out;
 }
 
