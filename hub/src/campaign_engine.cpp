@@ -249,16 +249,24 @@ void HubService::tick() {
     std::lock_guard lock(coord_mu_);
     if (leader_ && leadership_) guard = leadership_->guard();
   }
-  Publishes publishes;
-  // A control write: wave state and the engine's audit rows are control
-  // data (with the control log they are one entry per tick that changed them).
-  auto ticked = control_write([&]() -> Status {
+  // First the decisions, one control write: wave state, thresholds, the
+  // rate's tokens and the engine's audit rows are control data (with the
+  // control log, one entry per tick that changed them). Then, once they
+  // committed, what they imply for the devices of this hub's cells, in
+  // each cell's store (ADR 18: hub.db first, the cells' rows derived).
+  std::vector<CellWork> work;
+  auto decided = control_write([&]() -> Status {
     std::lock_guard lock(store_mu_);
-    publishes.clear();
+    work.clear();
     auto campaigns = store_.list_campaigns();
     if (!campaigns) return campaigns.error().with_context("list campaigns");
     sql::Transaction tx(store_.db());
     for (auto& c : *campaigns) {
+      if (c.state == CampaignState::aborted) {
+        // Its cells skip their waiting rows, whichever hub aborted it.
+        work.push_back(CellWork{c});
+        continue;
+      }
       if (!campaign_runs(c.state) && c.state != CampaignState::rolling_back) continue;
       if (control_log_) {
         // Hubs sharing cells make the rows of the cells they own (from the
@@ -273,19 +281,31 @@ void HubService::tick() {
         // even when it owns none of the cells.
         if (counts->empty() && !(cfg_.share_cells && leader_)) continue;
       }
-      tick_campaign(c, publishes);
+      work.push_back(decide_campaign(c));
     }
     return tx.commit();
   }, guard);
-  if (!ticked) {
+  if (!decided) {
     // With etcd away every tick that changes wave state is refused: said
     // at a bounded rate, not four times a second.
     if (!control_log_) {
-      log::get("hub")->error("engine: {}", ticked.error().message);
+      log::get("hub")->error("engine: {}", decided.error().message);
     } else if (auto dropped = log_limit_.admit("engine-tick")) {
-      log::get("hub")->error("engine: {} (similar lines dropped: {})", ticked.error().message, *dropped);
+      log::get("hub")->error("engine: {} (similar lines dropped: {})", decided.error().message, *dropped);
     }
-    return;  // nothing was published; the next tick tries again
+    return;  // nothing was decided, so the cells have nothing new to do
+  }
+  Publishes publishes;
+  {
+    std::lock_guard lock(store_mu_);
+    for (auto& w : work) {
+      if (w.rate_spent_applied) rate_spent_.erase(w.campaign.id);
+      const int64_t released = carry_out(w, publishes);
+      if (released > 0 && strategy_of(w.campaign).rate.enabled()) rate_spent_[w.campaign.id] += released;
+      // Once per tick, and only what changed: what the leader sums (an
+      // aborted campaign's once more, after its cells skipped their rows).
+      if (w.campaign.state != CampaignState::aborted || w.followed) publish_cell_counts(w.campaign.id);
+    }
   }
   // Published only after the commit; a crash in between is repaired by
   // republish_pending() at the next connect.
@@ -299,56 +319,49 @@ Status HubService::set_released_desired(int cell, const std::string& device_id, 
   return device_store(cell).set_device_desired(device_id, generation, bundle_id, campaign_id);
 }
 
-void HubService::tick_campaign(CampaignRecord& c, Publishes& publishes) {
-  tick_campaign_step(c, publishes);
-  // Once per tick, and only what changed: what the leader sums.
-  publish_cell_counts(c.id);
-}
-
-// Per-cell work for the cells this hub owns (deadlines, release, the
-// rollback and abort of their devices); decisions on the totals only on the
-// leader (docs/architecture.md, "Campaigns across cells").
-void HubService::tick_campaign_step(CampaignRecord& c, Publishes& publishes) {
+// The decisions on one campaign, inside the tick's control write: a
+// rollback finished, the failure threshold, a wave done (then the next one
+// or completion), and how many devices its cells may release now. Totals
+// decide on the leader alone (docs/architecture.md, "Campaigns across
+// cells"); every hub computes its own cells' release budget.
+HubService::CellWork HubService::decide_campaign(CampaignRecord& c) {
   auto logger = log::get("hub");
   const Strategy strategy = strategy_of(c);
   const int64_t now = clock_.now_unix_ms();
-  const CellFilter cells = cell_filter();
   const bool leader = leader_;
+  CellWork w;
+  auto decided = [&] {
+    w.campaign = c;
+    return w;
+  };
   auto update = [&] {
     c.updated_ms = now;
     if (auto s = store_.update_campaign(c); !s) logger->error("engine: update campaign {}: {}", c.id, s.error().message);
   };
 
   if (c.state == CampaignState::rolling_back) {
-    if (!leader) {
-      // Decided by the leader: this hub rolls back the devices of its cells.
-      if (const int64_t sent = roll_back_own_devices(c, publishes, true); sent > 0) {
-        logger->warn("campaign={} rolling back devices={} (decided by the leader)", c.id, sent);
-      }
-      return;
-    }
+    // Every hub's cells send their devices back (carry_out); the leader
+    // says when they are all back.
+    if (!leader) return decided();
     std::vector<int> unheard;
     auto counts = campaign_totals(store_, c.id, &unheard);
-    if (!counts || !unheard.empty()) return;  // a cell not heard from may still be rolling back
+    if (!counts || !unheard.empty()) return decided();  // a cell not heard from may still be rolling back
     for (const auto& row : *counts) {
-      if (row.status == "rolling_back" && row.online) return;  // still on its way back
+      if (row.status == "rolling_back" && row.online) return decided();  // still on its way back
     }
     c.state = CampaignState::rolled_back;
     update();
     logger->info("campaign rolled back id={}", c.id);
-    return;
+    return decided();
   }
 
-  if (auto expired = store_.expire_deadlines(c.id, now, cells); expired && *expired > 0) {
-    logger->warn("campaign={} devices_past_deadline={}", c.id, *expired);
-  }
   // Decisions on the totals wait until every cell with members of the
   // campaign is counted: one never heard from (its owner has not published
   // yet, or this hub lost its lease and with it its own cells) would make
   // its devices look absent and the campaign complete.
   std::vector<int> unheard;
   auto counts = campaign_totals(store_, c.id, &unheard);
-  if (!counts) return;
+  if (!counts) return decided();
   const bool decide = leader && unheard.empty();
   if (leader && !unheard.empty()) {
     if (auto dropped = log_limit_.admit("unheard cells")) {
@@ -382,24 +395,18 @@ void HubService::tick_campaign_step(CampaignRecord& c, Publishes& publishes) {
                           {"wave", strategy.wave_name(c.current_wave)}};
     if (auto reasons = store_.failure_reasons(c.id); reasons) detail["failure_reasons"] = *reasons;
     audit_engine_action(c, th.action, detail);
-    if (th.action == "rollback") return start_rollback(c, why, publishes);
-    if (th.action == "abort") {
-      auto waiting = store_.campaign_devices_with_status(c.id, {"waiting"});
-      if (waiting) {
-        for (auto row : *waiting) {
-          if (!in_cells(cells, row.cell)) continue;
-          row.status = "skipped";
-          row.updated_ms = now;
-          (void)device_store(row.cell).save_campaign_device(row);
-        }
-      }
-      c.state = CampaignState::aborted;
-    } else {
-      c.state = CampaignState::paused;
+    if (th.action == "rollback") {
+      start_rollback(c, why);
+      return decided();
     }
+    // Aborted: the cells skip their waiting rows.
+    c.state = th.action == "abort" ? CampaignState::aborted : CampaignState::paused;
     update();
-    return;
+    return decided();
   }
+
+  if (decide) judge_waves(c, strategy, *counts, all, now);
+  if (!campaign_runs(c.state)) return decided();
 
   // Release the current wave (and any earlier one's stragglers): online
   // devices within max_in_flight, offline ones regardless (their desired
@@ -420,136 +427,42 @@ void HubService::tick_campaign_step(CampaignRecord& c, Publishes& publishes) {
     if (c.rate_ms == 0) {
       c.rate_tokens = 1;  // the first device goes at once
     } else {
-      c.rate_tokens = std::min(depth, c.rate_tokens + static_cast<double>(now - c.rate_ms) * per_minute / 60000.0);
+      // The cells release after this write commits: what they released
+      // since the last decision is spent here, before the refill.
+      double left = c.rate_tokens;
+      if (auto it = rate_spent_.find(c.id); it != rate_spent_.end()) {
+        left = std::max(0.0, left - static_cast<double>(it->second));
+      }
+      c.rate_tokens = std::min(depth, left + static_cast<double>(now - c.rate_ms) * per_minute / 60000.0);
     }
+    w.rate_spent_applied = true;
     c.rate_ms = now;
     total_cap = std::min<int64_t>(total_cap, static_cast<int64_t>(std::floor(c.rate_tokens)));
     budget = std::min(budget, total_cap);
-  }
-  std::vector<CampaignDeviceRecord> ready;
-  if (int64_t n = std::min(budget, kReleaseChunk); n > 0) {
-    auto online = releasable_now(c, strategy, true, n, now);
-    if (!online) return;
-    ready = std::move(*online);
-  }
-  // Offline devices get their desired state retained for when they return,
-  // unless a maintenance window decides when they may apply: then they wait
-  // for a release while they are online and inside it.
-  if (int64_t n = total_cap - static_cast<int64_t>(ready.size()); n > 0 && !strategy.window.enabled()) {
-    auto offline = releasable_now(c, strategy, false, n, now);
-    if (!offline) return;
-    for (auto& r : *offline) ready.push_back(std::move(r));
-  }
-  if (static_cast<int64_t>(ready.size()) >= kReleaseChunk) retick_ = true;
-  SharedDesiredPtr shared;
-  std::map<std::string, SharedDesiredPtr> shared_cache;
-  std::map<std::string, std::string> prev_ids;  // "name:version" -> bundle id, for this tick
-  // Multi-node k3s clusters upgrade in k3s's own order (system-upgrade-
-  // controller's): one node at a time, servers first, then agents. Built on
-  // the first clustered device of this tick from the campaign's unfinished
-  // rows: per cluster, whether a node is released and without an outcome
-  // (down, or about to be), and how many servers still wait.
-  struct ClusterState {
-    bool busy = false;
-    int servers_waiting = 0;
-  };
-  std::optional<std::map<std::string, ClusterState>> clusters;
-  auto load_clusters = [&]() -> bool {
-    clusters.emplace();
-    auto open = store_.campaign_devices_with_status(c.id, {"waiting", "pending", "in_progress"});
-    if (!open) return false;
-    for (const auto& r : *open) {
-      auto od = device_store(r.cell).get_device(r.device_id);
-      if (!od || !*od || (*od)->inventory.cluster_id.empty()) continue;
-      auto& cs = (*clusters)[(*od)->inventory.cluster_id];
-      if (r.status != "waiting") cs.busy = true;
-      else if ((*od)->inventory.k3s_role != "agent") ++cs.servers_waiting;
-    }
-    return true;
-  };
-  int64_t released = 0;
-  for (size_t i = 0; i < ready.size(); ++i) {
-    auto& row = ready[i];
-    if (!shared) {
-      auto b = desired_shared(c.bundle_id, shared_cache);
-      if (!b) {
-        logger->error("campaign={} cannot release: {}", c.id, b.error().message);
-        return;
-      }
-      shared = *b;
-    }
-    DeviceStore& cell_store = device_store(row.cell);
-    auto dev = cell_store.get_device(row.device_id);
-    if (!dev || !*dev) {
-      row.status = "skipped";
-      row.reason = "device_gone";
-      row.updated_ms = now;
-      (void)cell_store.save_campaign_device(row);
-      continue;
-    }
-    DeviceRecord d = **dev;
-    if (!d.inventory.cluster_id.empty()) {
-      if (!clusters && !load_clusters()) return;
-      auto& cs = (*clusters)[d.inventory.cluster_id];
-      const bool server = d.inventory.k3s_role != "agent";
-      // Stays waiting: a later tick releases it once its cluster is free.
-      if (cs.busy || (!server && cs.servers_waiting > 0)) continue;
-      cs.busy = true;
-      if (server) --cs.servers_waiting;
-    }
-    // What it runs now is what a rollback returns it to.
-    if (!d.applied_bundle.empty()) {
-      const std::string key = d.applied_bundle + ":" + std::to_string(d.applied_version);
-      auto it = prev_ids.find(key);
-      if (it == prev_ids.end()) {
-        // What the device reports is only a name and a version: resolved in
-        // the campaign's own project, never to another team's bundle.
-        auto prev = store_.get_bundle(key, false, c.project);
-        it = prev_ids.emplace(key, prev && *prev ? (*prev)->id : std::string()).first;
-      }
-      row.prev_bundle_id = it->second;
-    }
-    if (auto others = cell_store.supersede_others(d.id, c.id, now); others && !others->empty()) {
-      logger->info("device={} leaves campaigns {} for {}", d.id, others->front(), c.id);
-    }
-    const uint64_t gen = d.generation + 1;
-    row.status = "pending";
-    row.generation = gen;
-    row.released_ms = now;
-    row.updated_ms = now;
-    if (auto s = cell_store.save_campaign_device(row); !s) return;
-    // The deadline runs from delivery: now if the device is online,
-    // otherwise from when it comes back (and pauses while it is away).
-    if (auto s = cell_store.start_deadline(c.id, d.id, strategy.device_deadline.count(), now); !s) return;
-    if (auto s = set_released_desired(d.cell, d.id, gen, c.bundle_id, c.id); !s) return;
-    publishes.push_back(
-        {d.id, d.gateway, c.id, gen, false, shared, d.labels, strategy.k3s_action == "rotate_certificates", d.cell, ""});
-    ++released;
-  }
-  if (strategy.rate.enabled()) {
-    c.rate_tokens = std::max(0.0, c.rate_tokens - static_cast<double>(released));
     update();
   }
-  if (released > 0) {
-    logger->info("campaign={} wave={} released={}", c.id, strategy.wave_name(c.current_wave), released);
-    // Judge the wave on what is true now: devices just released online are
-    // pending and hold it; those released offline do not.
-    counts = campaign_totals(store_, c.id);
-    if (!counts) return;
-    all = CampaignCounts{};
-    for (const auto& row : *counts) all.add(row.status, row.count);
-  }
+  w.release = true;
+  w.online_budget = budget;
+  w.total_cap = total_cap;
+  return decided();
+}
 
-  // Everything below decides on the totals: the leader's alone, once it
-  // has every cell's.
-  if (!decide) return;
+// A wave is done when every online device in it (and before it) has an
+// outcome; offline devices never hold it up. Then the next wave starts
+// (after its soak, and its approval where one is required), or, after the
+// last, the campaign converges or completes. The leader's, on the totals.
+void HubService::judge_waves(CampaignRecord& c, const Strategy& strategy, const std::vector<CampaignCountRow>& counts,
+                             const CampaignCounts& all, int64_t now) {
+  auto logger = log::get("hub");
+  auto update = [&] {
+    c.updated_ms = now;
+    if (auto s = store_.update_campaign(c); !s) logger->error("engine: update campaign {}: {}", c.id, s.error().message);
+  };
   // While the hub waits for devices to re-announce (after a broker restart),
   // "offline" means "not heard yet": judging a wave on that would pass a
   // wave whose devices are still applying.
   if (now < presence_settle_until_ms_) return;
-  // A wave is done when every online device in it (and before it) has an
-  // outcome; offline devices never hold it up.
-  for (const auto& row : *counts) {
+  for (const auto& row : counts) {
     if (row.wave > c.current_wave || !row.online) continue;
     if (row.status == "waiting" || row.status == "pending" || row.status == "in_progress") return;
   }
@@ -589,23 +502,241 @@ void HubService::tick_campaign_step(CampaignRecord& c, Publishes& publishes) {
   update();
 }
 
-Result<std::vector<CampaignDeviceRecord>> HubService::releasable_now(const CampaignRecord& c, const Strategy& s,
-                                                                     bool online, int64_t n, int64_t now_ms) {
-  const CellFilter cells = release_filter();
-  if (!s.window.enabled()) return store_.releasable(c.id, c.current_wave, online, n, "", cells);
-  // One query per time zone whose window is open, merged in (wave, rank)
-  // order (as the queries of several cells' stores will be: ADR 18).
-  std::vector<std::vector<CampaignDeviceRecord>> parts;
-  for (const auto& zone : split_zones(c.zones)) {
-    auto minute = local_minute_of_day(zone, now_ms / 1000);
-    if (!minute) {
-      log::get("hub")->warn("campaign={} zone={}: {}", c.id, zone, minute.error().message);
+std::vector<HubService::CellGroup> HubService::store_groups(const CellFilter& cells) {
+  std::vector<CellGroup> groups;
+  std::vector<int> all;
+  if (!cells) {
+    for (int i = 0; i < cell_count(); ++i) all.push_back(i);
+  }
+  for (int cell : cells ? *cells : all) {
+    DeviceStore& s = device_store(cell);
+    auto g = std::find_if(groups.begin(), groups.end(),
+                          [&](const CellGroup& x) { return &x.store->device_db() == &s.device_db(); });
+    if (g == groups.end()) {
+      groups.push_back(CellGroup{&s, {}, std::vector<int>{}});
+      g = std::prev(groups.end());
+    }
+    g->cells.push_back(cell);
+    g->filter->push_back(cell);
+  }
+  // One store holding every cell needs no filter in its queries.
+  if (!cells && groups.size() == 1) groups.front().filter.reset();
+  return groups;
+}
+
+// What a release needs across the cells of one campaign's tick: the signed
+// shared part of its desired state, the previous bundles resolved, and
+// (clustered devices) which k3s clusters have a node on its way.
+struct HubService::ReleaseScratch {
+  SharedDesiredPtr shared;
+  std::map<std::string, SharedDesiredPtr> shared_cache;
+  std::map<std::string, std::string> prev_ids;  // "name:version" -> bundle id
+  // Multi-node k3s clusters upgrade in k3s's own order (system-upgrade-
+  // controller's): one node at a time, servers first, then agents. Built on
+  // the first clustered device from the campaign's unfinished rows: per
+  // cluster, whether a node is released and without an outcome (down, or
+  // about to be), and how many servers still wait.
+  struct ClusterState {
+    bool busy = false;
+    int servers_waiting = 0;
+  };
+  std::optional<std::map<std::string, ClusterState>> clusters;
+};
+
+// The cells' part of a tick (ADR 18): what the committed campaign record
+// implies for the devices of this hub's cells, one transaction per store.
+// Running: deadlines expire and the devices picked within the decision's
+// budget are released, in (wave, rank) order across the cells. Aborted:
+// waiting rows are skipped. Rolling back: devices go back to what they ran.
+// Derived and idempotent: run again after a crash, or twice, it finds the
+// rows it already moved (no longer waiting, no longer applied) and does
+// nothing more. store_mu_ held. Returns how many devices it released.
+int64_t HubService::carry_out(CellWork& w, Publishes& publishes) {
+  const CampaignRecord& c = w.campaign;
+  const bool runs = campaign_runs(c.state);
+  const bool follows = c.state == CampaignState::aborted || c.state == CampaignState::rolling_back;
+  if (!runs && !follows) return 0;
+  auto logger = log::get("hub");
+  const Strategy strategy = runs ? strategy_of(c) : Strategy{};
+  const int64_t now = clock_.now_unix_ms();
+  std::vector<CampaignDeviceRecord> ready;
+  if (runs && w.release) {
+    auto picked = pick_releasable(c, strategy, w.online_budget, w.total_cap, now);
+    if (!picked) {
+      logger->error("campaign={} cannot release: {}", c.id, picked.error().message);
+    } else {
+      ready = std::move(*picked);
+    }
+    if (static_cast<int64_t>(ready.size()) >= kReleaseChunk) retick_ = true;
+  }
+  ReleaseScratch scratch;
+  int64_t released = 0;
+  int64_t sent_back = 0;
+  for (const auto& g : store_groups(cell_filter())) {
+    // An abort or rollback done in a cell stays done: once per process
+    // and cell (again after a restart, when it finds nothing left to do).
+    const bool followed = std::all_of(g.cells.begin(), g.cells.end(),
+                                      [&](int cell) { return followed_.count({c.id, cell}) > 0; });
+    if (follows && followed) continue;
+    const size_t published_before = publishes.size();
+    int64_t group_released = 0;
+    int64_t group_sent = 0;
+    sql::Transaction tx(g.store->device_db());
+    if (runs) {
+      if (auto expired = g.store->expire_deadlines(c.id, now, g.filter); expired && *expired > 0) {
+        logger->warn("campaign={} devices_past_deadline={}", c.id, *expired);
+      }
+      group_released = release_rows(c, strategy, g, ready, scratch, publishes, now);
+    } else if (c.state == CampaignState::aborted) {
+      skip_waiting(c, g, now);
+    } else {
+      group_sent = roll_back_cells(c, g, publishes);
+    }
+    if (auto s = tx.commit(); !s) {
+      // Nothing of this store's part happened: the next tick does it again.
+      logger->error("campaign={} cells' writes: {}", c.id, s.error().message);
+      publishes.resize(published_before);
       continue;
     }
-    if (!s.window.open_at(*minute)) continue;
-    auto rows = store_.releasable(c.id, c.current_wave, online, n, zone, cells);
-    if (!rows) return rows.error();
-    parts.push_back(std::move(*rows));
+    released += group_released;
+    sent_back += group_sent;
+    if (follows) {
+      for (int cell : g.cells) followed_.insert({c.id, cell});
+      w.followed = true;
+    }
+  }
+  if (released > 0) logger->info("campaign={} wave={} released={}", c.id, strategy.wave_name(c.current_wave), released);
+  if (sent_back > 0) logger->warn("campaign={} rolling back devices={}: {}", c.id, sent_back, c.state_reason);
+  return released;
+}
+
+Result<std::vector<CampaignDeviceRecord>> HubService::pick_releasable(const CampaignRecord& c, const Strategy& s,
+                                                                      int64_t online_budget, int64_t total_cap,
+                                                                      int64_t now_ms) {
+  std::vector<CampaignDeviceRecord> ready;
+  if (int64_t n = std::min(online_budget, kReleaseChunk); n > 0) {
+    auto online = releasable_now(c, s, true, n, now_ms);
+    if (!online) return online.error();
+    ready = std::move(*online);
+  }
+  // Offline devices get their desired state retained for when they return,
+  // unless a maintenance window decides when they may apply: then they wait
+  // for a release while they are online and inside it.
+  if (int64_t n = total_cap - static_cast<int64_t>(ready.size()); n > 0 && !s.window.enabled()) {
+    auto offline = releasable_now(c, s, false, n, now_ms);
+    if (!offline) return offline.error();
+    for (auto& r : *offline) ready.push_back(std::move(r));
+  }
+  return ready;
+}
+
+int64_t HubService::release_rows(const CampaignRecord& c, const Strategy& strategy, const CellGroup& g,
+                                 std::vector<CampaignDeviceRecord>& ready, ReleaseScratch& scratch,
+                                 Publishes& publishes, int64_t now) {
+  auto logger = log::get("hub");
+  auto load_clusters = [&]() -> bool {
+    scratch.clusters.emplace();
+    // A cluster's nodes may be in several cells: every cell's rows count.
+    for (const auto& any : store_groups(std::nullopt)) {
+      auto open = any.store->campaign_devices_with_status(c.id, {"waiting", "pending", "in_progress"});
+      if (!open) return false;
+      for (const auto& r : *open) {
+        if (!any.holds(r.cell)) continue;
+        auto od = any.store->get_device(r.device_id);
+        if (!od || !*od || (*od)->inventory.cluster_id.empty()) continue;
+        auto& cs = (*scratch.clusters)[(*od)->inventory.cluster_id];
+        if (r.status != "waiting") cs.busy = true;
+        else if ((*od)->inventory.k3s_role != "agent") ++cs.servers_waiting;
+      }
+    }
+    return true;
+  };
+  int64_t released = 0;
+  for (auto& row : ready) {
+    if (!g.holds(row.cell)) continue;
+    if (!scratch.shared) {
+      auto b = desired_shared(c.bundle_id, scratch.shared_cache);
+      if (!b) {
+        logger->error("campaign={} cannot release: {}", c.id, b.error().message);
+        return released;
+      }
+      scratch.shared = *b;
+    }
+    DeviceStore& cell_store = *g.store;
+    auto dev = cell_store.get_device(row.device_id);
+    if (!dev || !*dev) {
+      row.status = "skipped";
+      row.reason = "device_gone";
+      row.updated_ms = now;
+      (void)cell_store.save_campaign_device(row);
+      continue;
+    }
+    DeviceRecord d = **dev;
+    if (!d.inventory.cluster_id.empty()) {
+      if (!scratch.clusters && !load_clusters()) return released;
+      auto& cs = (*scratch.clusters)[d.inventory.cluster_id];
+      const bool server = d.inventory.k3s_role != "agent";
+      // Stays waiting: a later tick releases it once its cluster is free.
+      if (cs.busy || (!server && cs.servers_waiting > 0)) continue;
+      cs.busy = true;
+      if (server) --cs.servers_waiting;
+    }
+    // What it runs now is what a rollback returns it to.
+    if (!d.applied_bundle.empty()) {
+      const std::string key = d.applied_bundle + ":" + std::to_string(d.applied_version);
+      auto it = scratch.prev_ids.find(key);
+      if (it == scratch.prev_ids.end()) {
+        // What the device reports is only a name and a version: resolved in
+        // the campaign's own project, never to another team's bundle.
+        auto prev = store_.get_bundle(key, false, c.project);
+        it = scratch.prev_ids.emplace(key, prev && *prev ? (*prev)->id : std::string()).first;
+      }
+      row.prev_bundle_id = it->second;
+    }
+    if (auto others = cell_store.supersede_others(d.id, c.id, now); others && !others->empty()) {
+      logger->info("device={} leaves campaigns {} for {}", d.id, others->front(), c.id);
+    }
+    const uint64_t gen = d.generation + 1;
+    row.status = "pending";
+    row.generation = gen;
+    row.released_ms = now;
+    row.updated_ms = now;
+    if (auto s = cell_store.save_campaign_device(row); !s) return released;
+    // The deadline runs from delivery: now if the device is online,
+    // otherwise from when it comes back (and pauses while it is away).
+    if (auto s = cell_store.start_deadline(c.id, d.id, strategy.device_deadline.count(), now); !s) return released;
+    if (auto s = set_released_desired(d.cell, d.id, gen, c.bundle_id, c.id); !s) return released;
+    publishes.push_back({d.id, d.gateway, c.id, gen, false, scratch.shared, d.labels,
+                         strategy.k3s_action == "rotate_certificates", d.cell, ""});
+    ++released;
+  }
+  return released;
+}
+
+Result<std::vector<CampaignDeviceRecord>> HubService::releasable_now(const CampaignRecord& c, const Strategy& s,
+                                                                     bool online, int64_t n, int64_t now_ms) {
+  // Without a maintenance window, every zone at once ("" = no zone filter).
+  std::vector<std::string> zones = {""};
+  if (s.window.enabled()) {
+    // One query per time zone whose window is open.
+    zones.clear();
+    for (const auto& zone : split_zones(c.zones)) {
+      auto minute = local_minute_of_day(zone, now_ms / 1000);
+      if (!minute) {
+        log::get("hub")->warn("campaign={} zone={}: {}", c.id, zone, minute.error().message);
+        continue;
+      }
+      if (s.window.open_at(*minute)) zones.push_back(zone);
+    }
+  }
+  // Each store's queries, merged in (wave, rank) order (ADR 18).
+  std::vector<std::vector<CampaignDeviceRecord>> parts;
+  for (const auto& g : store_groups(release_filter())) {
+    for (const auto& zone : zones) {
+      auto rows = g.store->releasable(c.id, c.current_wave, online, n, zone, g.filter);
+      if (!rows) return rows.error();
+      parts.push_back(std::move(*rows));
+    }
   }
   return merge_releasable(std::move(parts), n);
 }
@@ -683,58 +814,56 @@ void HubService::audit_engine_action(const CampaignRecord& c, const std::string&
   }
 }
 
-void HubService::start_rollback(CampaignRecord& c, const std::string& reason, Publishes& publishes) {
-  const int64_t sent = roll_back_own_devices(c, publishes, false);
+void HubService::start_rollback(CampaignRecord& c, const std::string& reason) {
   c.state = CampaignState::rolling_back;
   c.state_reason = reason;
   c.updated_ms = clock_.now_unix_ms();
   (void)store_.update_campaign(c);
-  log::get("hub")->warn("campaign={} rolling back devices={}: {}", c.id, sent, reason);
+  log::get("hub")->warn("campaign={} rolling back: {}", c.id, reason);
 }
 
-int64_t HubService::roll_back_own_devices(const CampaignRecord& c, Publishes& publishes, bool follow) {
-  const int64_t now = clock_.now_unix_ms();
-  // The devices of this hub's cells; another hub's are its own to roll back.
-  const CellFilter cells = cell_filter();
-  if (auto waiting = store_.campaign_devices_with_status(c.id, {"waiting"}); waiting) {
-    for (auto row : *waiting) {
-      if (!in_cells(cells, row.cell)) continue;
-      row.status = "skipped";
-      row.updated_ms = now;
-      (void)device_store(row.cell).save_campaign_device(row);
-    }
+void HubService::skip_waiting(const CampaignRecord& c, const CellGroup& g, int64_t now) {
+  auto waiting = g.store->campaign_devices_with_status(c.id, {"waiting"});
+  if (!waiting) return;
+  for (auto row : *waiting) {
+    if (!g.holds(row.cell)) continue;
+    row.status = "skipped";
+    row.updated_ms = now;
+    (void)g.store->save_campaign_device(row);
   }
+}
+
+int64_t HubService::roll_back_cells(const CampaignRecord& c, const CellGroup& g, Publishes& publishes) {
+  const int64_t now = clock_.now_unix_ms();
+  skip_waiting(c, g, now);
   // Devices that took the bundle (or may be taking it) go back to what they ran
   // before. Devices that failed already restored their previous state themselves.
   static const std::string kNoPrevious = "no previous bundle to return to";
-  auto rows = store_.campaign_devices_with_status(c.id, {"applied", "pending", "in_progress"});
+  auto rows = g.store->campaign_devices_with_status(c.id, {"applied", "pending", "in_progress"});
   std::map<std::string, SharedDesiredPtr> shared_cache;
   int64_t sent = 0;
-  if (rows) {
-    for (auto row : *rows) {
-      if (!in_cells(cells, row.cell)) continue;
-      // Following a rollback decided elsewhere: what was found to have no
-      // way back stays as it is.
-      if (follow && row.message == kNoPrevious) continue;
-      DeviceStore& cell_store = device_store(row.cell);
-      if (row.prev_bundle_id.empty()) {
-        row.message = kNoPrevious;
-        (void)cell_store.save_campaign_device(row);
-        continue;
-      }
-      auto prev = desired_shared(row.prev_bundle_id, shared_cache);
-      auto dev = cell_store.get_device(row.device_id);
-      if (!prev || !dev || !*dev) continue;
-      DeviceRecord d = **dev;
-      const uint64_t gen = d.generation + 1;
-      row.status = "rolling_back";
-      row.rollback_generation = gen;
-      row.updated_ms = now;
-      (void)cell_store.save_campaign_device(row);
-      (void)set_released_desired(d.cell, d.id, gen, row.prev_bundle_id, c.id);
-      publishes.push_back({d.id, d.gateway, c.id, gen, true, *prev, d.labels, false, d.cell, ""});
-      ++sent;
+  if (!rows) return 0;
+  for (auto row : *rows) {
+    if (!g.holds(row.cell)) continue;
+    // Found before to have no way back: it stays as it is.
+    if (row.message == kNoPrevious) continue;
+    if (row.prev_bundle_id.empty()) {
+      row.message = kNoPrevious;
+      (void)g.store->save_campaign_device(row);
+      continue;
     }
+    auto prev = desired_shared(row.prev_bundle_id, shared_cache);
+    auto dev = g.store->get_device(row.device_id);
+    if (!prev || !dev || !*dev) continue;
+    DeviceRecord d = **dev;
+    const uint64_t gen = d.generation + 1;
+    row.status = "rolling_back";
+    row.rollback_generation = gen;
+    row.updated_ms = now;
+    (void)g.store->save_campaign_device(row);
+    (void)set_released_desired(d.cell, d.id, gen, row.prev_bundle_id, c.id);
+    publishes.push_back({d.id, d.gateway, c.id, gen, true, *prev, d.labels, false, d.cell, ""});
+    ++sent;
   }
   return sent;
 }
@@ -850,7 +979,6 @@ Result<CampaignRecord> HubService::campaign_action(const std::string& id, const 
   CampaignRecord c;
   auto acted = control_write([&]() -> Status {
     std::lock_guard lock(store_mu_);
-    publishes.clear();
     auto found = store_.get_campaign(id);
     if (!found) return found.error();
     if (!*found) return make_error(Errc::not_found, "no campaign '" + id + "'");
@@ -887,20 +1015,11 @@ Result<CampaignRecord> HubService::campaign_action(const std::string& id, const 
       c.state_reason.clear();
     } else if (action == "abort") {
       if (!campaign_runs(c.state) && c.state != CampaignState::paused) return conflict("");
-      auto waiting = store_.campaign_devices_with_status(c.id, {"waiting"});
-      if (!waiting) return waiting.error();
-      const CellFilter cells = cell_filter();
-      for (auto row : *waiting) {
-        if (!in_cells(cells, row.cell)) continue;
-        row.status = "skipped";
-        row.updated_ms = now;
-        if (auto s = device_store(row.cell).save_campaign_device(row); !s) return s.error();
-      }
       c.state = CampaignState::aborted;
       c.state_reason = "aborted by an operator";
     } else if (action == "rollback") {
       if (c.state == CampaignState::rolling_back || c.state == CampaignState::rolled_back) return conflict("");
-      start_rollback(c, "rolled back by an operator", publishes);
+      start_rollback(c, "rolled back by an operator");
     } else {
       return make_error(Errc::invalid_argument,
                         "unknown action '" + action + "' (pause, resume, abort, rollback, approve)");
@@ -910,6 +1029,15 @@ Result<CampaignRecord> HubService::campaign_action(const std::string& id, const 
     return tx.commit();
   });
   if (!acted) return acted.error();
+  if (c.state == CampaignState::aborted || c.state == CampaignState::rolling_back) {
+    // The cells skip their waiting rows or send their devices back now,
+    // after the decision committed (as the engine's tick does).
+    std::lock_guard lock(store_mu_);
+    CellWork w;
+    w.campaign = c;
+    (void)carry_out(w, publishes);
+    publish_cell_counts(c.id);
+  }
   publish_all(publishes, "desired");
   engine_cv_.notify_one();
   log::get("hub")->info("campaign={} action={} state={}", id, action, state_name(c.state));

@@ -394,6 +394,45 @@ TEST_CASE("the leader decides on the sum of the cells' published counts, and a n
     CHECK(v.cells[1].holder == "hub-b");
   }
 
+  SECTION("an abort on either hub skips the waiting devices of every hub's cells and releases nobody after it") {
+    const auto id = f.create(json::parse(R"({"waves": [50, 100]})"), f.bundle(1));
+    f.hub->tick();
+    b.hub->tick();
+    const auto wave0 = generations({&f.broker, &b.t0, &b.t1});
+    REQUIRE(!wave0.empty());
+    REQUIRE(wave0.size() < 16);
+    std::map<int, int64_t> waiting_in;  // wave 1's devices, by cell
+    for (const auto& d : f.devices) {
+      if (!wave0.count(d)) ++waiting_in[f.cell_of(d)];
+    }
+    REQUIRE(waiting_in[0] > 0);
+    REQUIRE(waiting_in[1] > 0);
+    // An operator's abort reaches hub-b, which owns cell 1 only and does not
+    // lead: hub-a's cell 0 is not its to write.
+    auto aborted = b.hub->campaign_action(id, "abort");
+    REQUIRE(aborted);
+    CHECK(aborted->state == CampaignState::aborted);
+    // hub-a's next tick skips cell 0's waiting rows; the counts both
+    // publish say so.
+    f.hub->tick();
+    b.hub->tick();
+    f.hub->tick();
+    auto v = f.view(id);
+    CHECK(v.campaign.state == "aborted");
+    CHECK(v.counts.waiting == 0);
+    CHECK(v.counts.skipped == waiting_in[0] + waiting_in[1]);
+    REQUIRE(v.cells.size() == 2);
+    for (const auto& cell : v.cells) {
+      for (const auto& row : cell.rows) CHECK(row.status != "waiting");
+    }
+    // Nobody got a desired state after the abort, on either hub.
+    for (int i = 0; i < 3; ++i) {
+      f.hub->tick();
+      b.hub->tick();
+    }
+    CHECK(generations({&f.broker, &b.t0, &b.t1}) == wave0);
+  }
+
   SECTION("when the leader's lease expires another hub leads and continues without re-releasing or double-counting") {
     const auto id = f.create(json::parse(R"({"waves": [50, 100]})"), f.bundle(1));
     f.hub->tick();

@@ -1,6 +1,7 @@
 #pragma once
 // The hub's core: enrollment, bundles, campaigns, and the MQTT side that
 // publishes desired state and folds device reports into the store.
+#include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <deque>
@@ -556,7 +557,6 @@ class HubService {
   // The pending desired states of a cell's devices (-1: every cell's).
   void republish_pending(int cell = -1, const std::string& only_device = "");
   void engine_loop();
-  void tick_campaign(CampaignRecord& c, Publishes& publishes);
   // What this hub released to a device (its desired generation, bundle and
   // campaign): written in the store but never in the control log, though
   // the engine's tick is a control write (ControlLog::LocalWrites).
@@ -566,6 +566,10 @@ class HubService {
   // its maintenance window, at most n, in wave and rank order.
   Result<std::vector<CampaignDeviceRecord>> releasable_now(const CampaignRecord& c, const Strategy& s, bool online,
                                                            int64_t n, int64_t now_ms);
+  // The devices one tick releases: online ones within online_budget, then
+  // offline ones up to total_cap (outside maintenance windows).
+  Result<std::vector<CampaignDeviceRecord>> pick_releasable(const CampaignRecord& c, const Strategy& s,
+                                                            int64_t online_budget, int64_t total_cap, int64_t now_ms);
   // Live membership: the devices join the running campaigns whose selector
   // they now match, and leave those they no longer match before release.
   // store_mu_ held, inside the caller's transaction.
@@ -574,17 +578,50 @@ class HubService {
   void audit_engine_action(const CampaignRecord& c, const std::string& action, const nlohmann::json& detail);
   void on_campaign_report(const DeviceRecord& dev, const v1::Report& r, CampaignRows& rows);
   bool finished_without_outcome(CampaignDeviceRecord& row, const v1::Report& r);
-  void start_rollback(CampaignRecord& c, const std::string& reason, Publishes& publishes);
-  // Sends this hub's devices of the campaign back (waiting ones skipped);
-  // follow: a rollback decided by another hub, rows found with no way back
-  // are left alone. Returns how many were sent.
-  int64_t roll_back_own_devices(const CampaignRecord& c, Publishes& publishes, bool follow);
+  // The decision (inside a control write); the cells send their devices
+  // back in carry_out once it committed.
+  void start_rollback(CampaignRecord& c, const std::string& reason);
   Result<BundleRecord> bundle_with_envelope(const std::string& id);
-  void tick_campaign_step(CampaignRecord& c, Publishes& publishes);
 
-  // Campaigns across cells (campaign_cells.cpp). A cell filter: nullopt =
-  // every cell (this hub owns them all: no filter at all, as one hub was).
+  // A cell filter: nullopt = every cell (this hub owns them all: no filter
+  // at all, as one hub was).
   using CellFilter = std::optional<std::vector<int>>;
+  // A tick in two steps (ADR 18): decisions in the control write, then
+  // what they imply in the stores of this hub's cells.
+  struct CellWork {
+    CampaignRecord campaign;    // as decided (committed)
+    bool release = false;       // its cells release devices now
+    int64_t online_budget = 0;  // online devices they may release (in flight, rate)
+    int64_t total_cap = 0;      // devices they may release in all
+    bool rate_spent_applied = false;  // the decision spent rate_spent_'s count
+    bool followed = false;      // carry_out did an abort's or rollback's part
+  };
+  // The owned cells by the store that holds them: one transaction per
+  // store. filter: what the store's queries take (nullopt: every cell, when
+  // one store holds them all).
+  struct CellGroup {
+    DeviceStore* store = nullptr;
+    std::vector<int> cells;
+    CellFilter filter;
+    bool holds(int cell) const { return std::find(cells.begin(), cells.end(), cell) != cells.end(); }
+  };
+  struct ReleaseScratch;
+  CellWork decide_campaign(CampaignRecord& c);
+  void judge_waves(CampaignRecord& c, const Strategy& strategy, const std::vector<CampaignCountRow>& counts,
+                   const CampaignCounts& all, int64_t now);
+  std::vector<CellGroup> store_groups(const CellFilter& cells);
+  int64_t carry_out(CellWork& w, Publishes& publishes);
+  int64_t release_rows(const CampaignRecord& c, const Strategy& strategy, const CellGroup& g,
+                       std::vector<CampaignDeviceRecord>& ready, ReleaseScratch& scratch, Publishes& publishes,
+                       int64_t now);
+  // Waiting rows of the group's cells become skipped (an abort).
+  void skip_waiting(const CampaignRecord& c, const CellGroup& g, int64_t now);
+  // Sends the group's devices of the campaign back (waiting ones skipped);
+  // rows found with no way back are marked once and left alone. Returns
+  // how many were sent.
+  int64_t roll_back_cells(const CampaignRecord& c, const CellGroup& g, Publishes& publishes);
+
+  // Campaigns across cells (campaign_cells.cpp).
   static bool in_cells(const CellFilter& cells, int cell);
   CellFilter cell_filter() const;
   // Claims the cells (taking back its own after a restart), renews the
@@ -753,6 +790,13 @@ class HubService {
   // Rows one tick releases at most; a tick that hit it asks for the next at once.
   static constexpr int64_t kReleaseChunk = 5000;
   std::atomic<bool> retick_{false};
+  // Devices released per campaign since its last decision: the next one
+  // spends them from its rate's tokens (store_mu_). A crash loses at most
+  // one tick's count, so a rate may let that many more go once.
+  std::map<std::string, int64_t> rate_spent_;
+  // (campaign, cell) whose abort or rollback this process carried out in
+  // that cell; not repeated every tick (store_mu_).
+  std::set<std::pair<std::string, int>> followed_;
   std::map<std::string, BundleRecord> bundle_cache_;  // envelopes for publishing, by id (store_mu_)
   std::unique_ptr<ControlLog> control_log_;  // null with one hub
   Status control_log_status_;
