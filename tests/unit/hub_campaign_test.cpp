@@ -416,6 +416,60 @@ TEST_CASE("a campaign carries on after a restart without counting anything twice
   CHECK(v.counts.total == 40);
 }
 
+TEST_CASE("what a committed decision implies for the devices is done at the next tick, after a hub killed before "
+          "doing it",
+          "[unit][hub][campaign]") {
+  // A tick commits its decisions first and the cells' writes after (ADR 18):
+  // a hub killed in between leaves a campaign record whose devices were not
+  // told. Here the record is written as the decision wrote it, and nothing
+  // else, then the hub restarts.
+  Fleet f;
+  f.enroll(40);
+  const auto id = f.create(json::parse(R"({"waves": [50, 100]})"), f.bundle(1));
+  f.hub->tick();
+  const auto wave0 = f.in_flight(id);
+  REQUIRE(!wave0.empty());
+  REQUIRE(wave0.size() < 40);
+  const auto wave1 = static_cast<int64_t>(40 - wave0.size());
+  for (const auto& d : wave0) f.report(d, v1::AGENT_STATE_APPLIED);
+  auto decided = [&](const std::function<void(CampaignRecord&)>& change) {
+    auto c = f.store->get_campaign(id);
+    REQUIRE(c);
+    REQUIRE(*c);
+    CampaignRecord r = **c;
+    change(r);
+    REQUIRE(f.store->update_campaign(r));
+    f.restart();
+  };
+
+  SECTION("the next wave is released, once") {
+    decided([](CampaignRecord& c) {
+      c.current_wave = 1;
+      c.wave_done_ms = 0;
+    });
+    const size_t before = f.sent().size();
+    f.hub->tick();
+    auto v = f.view(id);
+    CHECK(v.counts.waiting == 0);
+    CHECK(v.counts.pending == wave1);
+    CHECK(static_cast<int64_t>(f.sent().size() - before) == wave1);
+    f.hub->tick();
+    CHECK(static_cast<int64_t>(f.sent().size() - before) == wave1);
+  }
+
+  SECTION("an abort skips the waiting devices and tells nobody") {
+    decided([](CampaignRecord& c) { c.state = CampaignState::aborted; });
+    const size_t before = f.sent().size();
+    f.hub->tick();
+    auto v = f.view(id);
+    CHECK(v.campaign.state == "aborted");
+    CHECK(v.counts.waiting == 0);
+    CHECK(v.counts.skipped == wave1);
+    CHECK(v.counts.applied == static_cast<int64_t>(wave0.size()));
+    CHECK(f.sent().size() == before);
+  }
+}
+
 namespace {
 // The trigger-kept counts agree with counting every row, for every campaign.
 void require_counts_exact(Fleet& f) {
