@@ -297,7 +297,7 @@ void HubService::add_arrival_members(const std::vector<std::string>& owners) {
   }
   const int64_t now = clock_.now_unix_ms();
   std::set<std::string> open;
-  sql::Transaction tx(store_.db());
+  std::vector<std::pair<std::string, std::vector<CampaignMember>>> joins;  // by campaign
   for (const auto& c : *campaigns) {
     if (!campaign_runs(c.state) && c.state != CampaignState::paused) continue;
     open.insert(c.id);
@@ -306,19 +306,30 @@ void HubService::add_arrival_members(const std::vector<std::string>& owners) {
       log::get("hub")->warn("campaign={}: membership of arrived devices: {}", c.id, members.error().message);
       continue;
     }
-    int added = 0;
-    for (const auto& m : *members) {
-      if (auto s = store_.add_campaign_member(c.id, m, now); !s) {
-        log::get("hub")->warn("campaign={} device={}: membership: {}", c.id, m.device_id, s.error().message);
-      } else {
-        ++added;
-      }
-    }
-    if (added > 0) log::get("hub")->info("campaign={}: {} arrived device(s) joined", c.id, added);
+    if (!members->empty()) joins.emplace_back(c.id, std::move(*members));
   }
   // Cutoffs of campaigns that no longer take members are not needed again.
   std::erase_if(canary_cutoffs_, [&](const auto& kv) { return !open.count(kv.first); });
-  if (auto s = tx.commit(); !s) log::get("hub")->warn("campaign membership of arrived devices: {}", s.error().message);
+  // Each row in the store of its device's cell, one transaction per store.
+  for (const auto& g : store_groups(std::nullopt)) {
+    sql::Transaction tx(g.store->device_db());
+    std::map<std::string, int> added;
+    for (const auto& [campaign, members] : joins) {
+      for (const auto& m : members) {
+        if (!g.holds(m.cell)) continue;
+        if (auto s = g.store->add_campaign_member(campaign, m, now); !s) {
+          log::get("hub")->warn("campaign={} device={}: membership: {}", campaign, m.device_id, s.error().message);
+        } else {
+          ++added[campaign];
+        }
+      }
+    }
+    if (auto s = tx.commit(); !s) {
+      log::get("hub")->warn("campaign membership of arrived devices: {}", s.error().message);
+      continue;
+    }
+    for (const auto& [campaign, n] : added) log::get("hub")->info("campaign={}: {} arrived device(s) joined", campaign, n);
+  }
 }
 
 void HubService::ensure_cell_membership(const CampaignRecord& c) {

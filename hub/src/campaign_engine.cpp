@@ -191,6 +191,7 @@ Result<std::vector<CampaignMember>> HubService::members_by_id(const CampaignReco
     if (!*d || !targets(c, *sel, (*d)->project, (*d)->decommissioned ? "decommissioned" : "", (*d)->labels)) continue;
     auto m = member_of(c, strategy, id, (*d)->labels);
     m.wave = strategy.wave_for_rank(m.rank);
+    m.cell = (*d)->cell;
     if (strategy.canary_count > 0) {
       auto cutoff = canary_cutoff(c, *sel, strategy);
       if (!cutoff) return cutoff.error();

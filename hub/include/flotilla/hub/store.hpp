@@ -307,6 +307,9 @@ struct CampaignMember {
   double rank = 0;
   int wave = 0;
   std::string zone;
+  // Its device's cell: whose store the row goes to (the row's own cell
+  // column is taken from the device row).
+  int cell = 0;
 };
 
 // What one cell's shard controller reads and writes of its own devices
