@@ -302,11 +302,12 @@ class HubService {
   Result<std::vector<CampaignView>> list_campaigns(const std::string& project = "*");
   // pause, resume, abort, rollback or approve (the next wave, at a gate).
   Result<CampaignRecord> campaign_action(const std::string& id, const std::string& action);
-  // One step of the engine: release devices, expire deadlines, check the
-  // failure threshold, advance waves. The engine thread calls it; tests too.
-  // Per-cell work (membership, release, deadlines, rollbacks of its
-  // devices) is done for the cells this hub owns; decisions on the totals
-  // only by the campaign leader (docs/architecture.md, "Campaigns across cells").
+  // One step of the engine: first the decisions (failure threshold, waves,
+  // completion, the release budget) in one control write, then what they
+  // imply in the stores of the cells this hub owns (deadlines, release,
+  // abort and rollback of their devices). The engine thread calls it; tests
+  // too. Decisions on the totals only by the campaign leader
+  // (docs/architecture.md, "Campaigns" and "Campaigns across cells").
   void tick();
   // This hub decides for every campaign (flotilla_campaign_leader).
   bool campaign_leader() const { return leader_.load(); }
@@ -558,8 +559,8 @@ class HubService {
   void republish_pending(int cell = -1, const std::string& only_device = "");
   void engine_loop();
   // What this hub released to a device (its desired generation, bundle and
-  // campaign): written in the store but never in the control log, though
-  // the engine's tick is a control write (ControlLog::LocalWrites).
+  // campaign): written in the store but never in the control log, even when
+  // called inside a control write (ControlLog::LocalWrites).
   Status set_released_desired(int cell, const std::string& device_id, uint64_t generation, const std::string& bundle_id,
                               const std::string& campaign_id);
   // Waiting rows the tick may release now: its wave reached, the device in
