@@ -335,10 +335,7 @@ HubService::CellWork HubService::decide_campaign(CampaignRecord& c) {
     w.campaign = c;
     return w;
   };
-  auto update = [&] {
-    c.updated_ms = now;
-    if (auto s = store_.update_campaign(c); !s) logger->error("engine: update campaign {}: {}", c.id, s.error().message);
-  };
+  auto update = [&] { save_decision(c, now); };
 
   if (c.state == CampaignState::rolling_back) {
     // Every hub's cells send their devices back (carry_out); the leader
@@ -448,6 +445,13 @@ HubService::CellWork HubService::decide_campaign(CampaignRecord& c) {
   return decided();
 }
 
+void HubService::save_decision(CampaignRecord& c, int64_t now) {
+  c.updated_ms = now;
+  if (auto s = store_.update_campaign(c); !s) {
+    log::get("hub")->error("engine: update campaign {}: {}", c.id, s.error().message);
+  }
+}
+
 // A wave is done when every online device in it (and before it) has an
 // outcome; offline devices never hold it up. Then the next wave starts
 // (after its soak, and its approval where one is required), or, after the
@@ -455,10 +459,7 @@ HubService::CellWork HubService::decide_campaign(CampaignRecord& c) {
 void HubService::judge_waves(CampaignRecord& c, const Strategy& strategy, const std::vector<CampaignCountRow>& counts,
                              const CampaignCounts& all, int64_t now) {
   auto logger = log::get("hub");
-  auto update = [&] {
-    c.updated_ms = now;
-    if (auto s = store_.update_campaign(c); !s) logger->error("engine: update campaign {}: {}", c.id, s.error().message);
-  };
+  auto update = [&] { save_decision(c, now); };
   // While the hub waits for devices to re-announce (after a broker restart),
   // "offline" means "not heard yet": judging a wave on that would pass a
   // wave whose devices are still applying.

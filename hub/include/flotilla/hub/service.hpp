@@ -608,6 +608,8 @@ class HubService {
   };
   struct ReleaseScratch;
   CellWork decide_campaign(CampaignRecord& c);
+  // Writes a decision's campaign record (updated_ms = now); an error is logged.
+  void save_decision(CampaignRecord& c, int64_t now);
   void judge_waves(CampaignRecord& c, const Strategy& strategy, const std::vector<CampaignCountRow>& counts,
                    const CampaignCounts& all, int64_t now);
   std::vector<CellGroup> store_groups(const CellFilter& cells);
