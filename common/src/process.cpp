@@ -110,6 +110,11 @@ void Child::kill_now() {
   wait_for(std::chrono::milliseconds(5000));
 }
 
+namespace {
+// The step of spawn's child that failed before exec.
+enum : int { kSpawnExec = 0, kSpawnStdout = 1, kSpawnStderr = 2, kSpawnCwd = 3 };
+}  // namespace
+
 Result<Child> spawn(const SpawnOptions& opts) {
   if (opts.argv.empty()) return make_error(Errc::invalid_argument, "spawn: empty argv");
   std::vector<std::string> env = merged_env(opts.env_set);
@@ -133,20 +138,28 @@ Result<Child> spawn(const SpawnOptions& opts) {
     ::close(errpipe[0]);
     if (opts.new_process_group) ::setpgid(0, 0);
     if (opts.die_with_parent) ::prctl(PR_SET_PDEATHSIG, SIGTERM);
-    auto redirect = [](const std::string& path, int fd) {
+    // What failed before exec goes back to the parent as (step, errno): a
+    // log file that cannot be opened is an error, not output sent wherever
+    // the parent's own goes.
+    auto fail = [&](int step) {
+      const int report[2] = {step, errno};
+      ssize_t ignored = ::write(errpipe[1], report, sizeof report);
+      (void)ignored;
+      _exit(127);
+    };
+    auto redirect = [&](const std::string& path, int fd, int step) {
       int f = ::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
-      if (f >= 0) {
-        ::dup2(f, fd);
-        ::close(f);
-      }
+      if (f < 0) fail(step);
+      ::dup2(f, fd);
+      ::close(f);
     };
     if (opts.stdout_fd >= 0) ::dup2(opts.stdout_fd, STDOUT_FILENO);
-    else if (!opts.stdout_path.empty()) redirect(opts.stdout_path, STDOUT_FILENO);
+    else if (!opts.stdout_path.empty()) redirect(opts.stdout_path, STDOUT_FILENO, kSpawnStdout);
     if (opts.stderr_path == "stdout") ::dup2(STDOUT_FILENO, STDERR_FILENO);
-    else if (!opts.stderr_path.empty()) redirect(opts.stderr_path, STDERR_FILENO);
+    else if (!opts.stderr_path.empty()) redirect(opts.stderr_path, STDERR_FILENO, kSpawnStderr);
     int devnull = ::open("/dev/null", O_RDONLY);
     if (devnull >= 0) { ::dup2(devnull, STDIN_FILENO); ::close(devnull); }
-    if (!opts.cwd.empty() && ::chdir(opts.cwd.c_str()) != 0) _exit(126);
+    if (!opts.cwd.empty() && ::chdir(opts.cwd.c_str()) != 0) fail(kSpawnCwd);
     close_inherited_fds(errpipe[1]);
     // Default signal dispositions for the child.
     ::signal(SIGPIPE, SIG_DFL);
@@ -154,19 +167,28 @@ Result<Child> spawn(const SpawnOptions& opts) {
     sigemptyset(&none);
     ::sigprocmask(SIG_SETMASK, &none, nullptr);
     ::execve(argv[0], argv.data(), envp.data());
-    int err = errno;
-    ssize_t ignored = ::write(errpipe[1], &err, sizeof err);
-    (void)ignored;
-    _exit(127);
+    fail(kSpawnExec);
   }
   ::close(errpipe[1]);
-  int child_errno = 0;
-  ssize_t n = ::read(errpipe[0], &child_errno, sizeof child_errno);
+  int report[2] = {0, 0};
+  ssize_t n = ::read(errpipe[0], report, sizeof report);
   ::close(errpipe[0]);
-  if (n == sizeof child_errno) {
+  if (n == sizeof report) {
     int st;
     ::waitpid(pid, &st, 0);
-    return make_error(Errc::not_found, "exec " + opts.argv[0] + ": " + std::strerror(child_errno));
+    const std::string why = std::strerror(report[1]);
+    switch (report[0]) {
+      case kSpawnStdout:
+        return make_error(Errc::io, "start " + opts.argv[0] + ": cannot open its output file " + opts.stdout_path +
+                                        ": " + why);
+      case kSpawnStderr:
+        return make_error(Errc::io, "start " + opts.argv[0] + ": cannot open its error output file " +
+                                        opts.stderr_path + ": " + why);
+      case kSpawnCwd:
+        return make_error(Errc::io, "start " + opts.argv[0] + ": cannot change to directory " + opts.cwd + ": " + why);
+      default:
+        return make_error(Errc::not_found, "exec " + opts.argv[0] + ": " + why);
+    }
   }
   return Child(pid);
 }

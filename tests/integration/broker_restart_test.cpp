@@ -49,7 +49,7 @@ TEST_CASE("kill -9 of the broker mid-campaign: restarted, devices re-announce, e
               R"({"waves": [10, 30, 60, 100], "soak": "3s", "max_in_flight": 40})", "--timeout", "150s"});
   const std::string campaign_id = wait_sim_campaign(hub, label, 20, std::chrono::seconds(90));
   if (campaign_id.empty()) {
-    INFO(sim.log());
+    INFO(sim.log_tail());
     INFO(hub.call("GET", "/v1/campaigns").second.dump());
     INFO(hub.log());
     REQUIRE(!campaign_id.empty());
@@ -66,7 +66,7 @@ TEST_CASE("kill -9 of the broker mid-campaign: restarted, devices re-announce, e
                      std::chrono::seconds(30)));
   // ... and the campaign completes, every device counted exactly once.
   auto exit_code = sim.wait_for(std::chrono::seconds(170));
-  INFO(sim.log());
+  INFO(sim.log_tail());
   REQUIRE(exit_code);
   CHECK(*exit_code == 0);
   auto c = hub.campaign(campaign_id);

@@ -231,7 +231,7 @@ TEST_CASE("four cells in one hub: devices spread over 4 mosquittos and one campa
              {"--devices", "240", "--mode", "direct", "--strategy",
               R"({"waves": [10, 40, 70, 100], "soak": "2s", "max_in_flight": 40})", "--timeout", "170s"});
   const std::string campaign_id = wait_sim_campaign(hub, label, 10, std::chrono::seconds(120));
-  INFO(sim.log());
+  INFO(sim.log_tail());
   REQUIRE(!campaign_id.empty());
   REQUIRE(hub.campaign(campaign_id)["counts"]["applied"].get<int>() < 241);
 
@@ -307,7 +307,7 @@ TEST_CASE("four cells with gateways: kill -9 of one cell's broker mid-campaign m
               std::to_string(kPerGateway), "--enroll-threads", "8", "--strategy",
               R"({"waves": [10, 40, 70, 100], "soak": "2s"})", "--timeout", "150s"});
   const std::string campaign_id = wait_sim_campaign(hub, label, kTotal / 10, std::chrono::seconds(90));
-  INFO(sim.log());
+  INFO(sim.log_tail());
   REQUIRE(!campaign_id.empty());
 
   // Before: every device of every cell online, each cell with some.

@@ -103,9 +103,13 @@ TEST_CASE("three hub processes share three cells by leases: kill -9 of one mid-c
              {"--devices", std::to_string(kDevices), "--mode", "gateway", "--devices-per-gateway",
               std::to_string(kPerGateway), "--enroll-threads", "4", "--strategy",
               R"({"waves": [10, 40, 70, 100], "soak": "2s"})", "--timeout", "120s"});
-  const std::string campaign_id = wait_sim_campaign(a, label, kDevices / 10, std::chrono::seconds(90));
-  INFO(sim.log());
-  REQUIRE(!campaign_id.empty());
+  std::string seen;
+  const std::string campaign_id = wait_sim_campaign(a, label, kDevices / 10, std::chrono::seconds(90), &seen);
+  {
+    INFO("the campaign as hub A last answered: " << seen << "\n--- the simulator's log (tail) ---\n"
+                                                 << sim.log_tail() << log_tails(hubs));
+    REQUIRE(!campaign_id.empty());
+  }
   REQUIRE(a.campaign(campaign_id)["counts"]["applied"].get<int>() < kDevices);
 
   // The victim: the leader if B or C leads (leadership moves too), else C.
@@ -141,8 +145,11 @@ TEST_CASE("three hub processes share three cells by leases: kill -9 of one mid-c
   CHECK(taker_log.find("took cell=" + std::to_string(cell)) != std::string::npos);
 
   auto exit_code = sim.wait_for(std::chrono::seconds(120));
-  REQUIRE(exit_code);
-  CHECK(*exit_code == 0);
+  {
+    INFO("--- the simulator's log (tail) ---\n" << sim.log_tail() << log_tails(hubs));
+    REQUIRE(exit_code);
+    CHECK(*exit_code == 0);
+  }
   // Every device applied exactly once in the totals, answered the same by
   // every surviving hub (the REST API answers from any of them).
   for (Hub* h : hubs) {

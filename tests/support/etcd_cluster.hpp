@@ -39,6 +39,7 @@ class EtcdCluster {
 
   EtcdCluster(std::filesystem::path dir, int members, std::optional<EtcdTls> tls = std::nullopt)
       : dir_(std::move(dir)), tls_(std::move(tls)) {
+    std::filesystem::create_directories(dir_);  // the members' logs go there
     for (int i = 0; i < members; ++i) {
       Member m;
       m.name = "m" + std::to_string(i);

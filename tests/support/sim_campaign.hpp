@@ -54,6 +54,11 @@ class SimCampaign {
   }
 
   std::string log() const { return fs::read_file(dir_ / "sim.log", 1 << 20).value_or(""); }
+  // Its last lines, for a failure's message.
+  std::string log_tail(size_t bytes = 16 * 1024) const {
+    const std::string text = log();
+    return text.size() > bytes ? "..." + text.substr(text.size() - bytes) : text;
+  }
   json report() const { return json::parse(fs::read_file(dir_ / "sim" / "report.json", 64u << 20).value_or("{}")); }
   std::optional<int> wait_for(std::chrono::milliseconds timeout) { return child_.wait_for(timeout); }
 
@@ -63,16 +68,23 @@ class SimCampaign {
 };
 
 // The id of the simulator's campaign (named sim-<label>) once at least
-// `applied` devices applied it; empty if that did not happen in time.
+// `applied` devices applied it; empty if that did not happen in time, and
+// then `seen` (when given) says what the hub last answered about it.
 inline std::string wait_sim_campaign(Hub& hub, const std::string& label, int applied,
-                                     std::chrono::milliseconds timeout) {
-  std::string id;
+                                     std::chrono::milliseconds timeout, std::string* seen = nullptr) {
+  std::string id, last = "no answer from GET /v1/campaigns";
   (void)wait_until(
       [&] {
         auto [status, body] = hub.call("GET", "/v1/campaigns");
-        if (status != 200) return false;
+        if (status != 200) {
+          last = "GET /v1/campaigns: " + std::to_string(status) + " " + body.dump();
+          return false;
+        }
+        last = "no campaign named sim-" + label + " yet";
         for (const auto& c : body["items"]) {
-          if (c["name"] == "sim-" + label && c["counts"]["applied"].get<int>() >= applied) {
+          if (c["name"] != "sim-" + label) continue;
+          last = c.dump();
+          if (c["counts"]["applied"].get<int>() >= applied) {
             id = c["id"].get<std::string>();
             return true;
           }
@@ -80,6 +92,7 @@ inline std::string wait_sim_campaign(Hub& hub, const std::string& label, int app
         return false;
       },
       timeout);
+  if (seen) *seen = last;
   return id;
 }
 

@@ -1019,6 +1019,34 @@ TEST_CASE("proc::spawn passes env and redirects output, wait_for returns the exi
   CHECK_FALSE(flotilla::proc::alive(child->pid()));
 }
 
+TEST_CASE("proc::spawn refuses when the output file or the directory cannot be opened, and runs nothing",
+          "[unit][common]") {
+  TempDir tmp;
+  const auto ran = tmp.path() / "ran";
+  flotilla::proc::SpawnOptions so;
+  so.argv = {"/bin/sh", "-c", "touch " + ran.string()};
+  so.stdout_path = (tmp.path() / "missing-dir" / "out.log").string();
+  so.stderr_path = "stdout";
+  auto child = flotilla::proc::spawn(so);
+  REQUIRE_FALSE(child.ok());
+  CHECK(child.error().code == Errc::io);
+  CHECK_THAT(child.error().message, Catch::Contains("missing-dir/out.log"));
+  CHECK_THAT(child.error().message, Catch::Contains("No such file or directory"));
+
+  so.stdout_path.clear();
+  so.stderr_path = (tmp.path() / "missing-dir" / "err.log").string();
+  child = flotilla::proc::spawn(so);
+  REQUIRE_FALSE(child.ok());
+  CHECK_THAT(child.error().message, Catch::Contains("error output file"));
+
+  so.stderr_path.clear();
+  so.cwd = (tmp.path() / "missing-dir").string();
+  child = flotilla::proc::spawn(so);
+  REQUIRE_FALSE(child.ok());
+  CHECK_THAT(child.error().message, Catch::Contains("cannot change to directory"));
+  CHECK_FALSE(stdfs::exists(ran));  // the command never ran
+}
+
 TEST_CASE("proc::Child::terminate stops a running child", "[unit][common]") {
   flotilla::proc::SpawnOptions so;
   so.argv = {"/bin/sleep", "30"};
