@@ -1,6 +1,7 @@
 #include "client.hpp"
 
 #include <charconv>
+#include <cstdio>
 
 #include "contexts.hpp"
 #include "output.hpp"
@@ -62,7 +63,18 @@ Result<json> Client::call(const std::string& method, const std::string& path, co
     if (revision > 0) r.headers["X-Flotilla-Min-Revision"] = std::to_string(revision);
     r.timeout = timeout;
     r.ca_file = ca_file;
-    auto resp = http::send(r);
+    // A read the hub asks to repeat (it has not applied a write this CLI
+    // already saw, or it is busy) is repeated for a while, saying so.
+    http::RetryPolicy retry;
+    retry.on_wait = [&](const http::Response& busy, std::chrono::milliseconds wait) {
+      json e = json::parse(busy.body, nullptr, false);
+      const std::string why = e.is_object() && e.contains("error") && e["error"].is_object()
+                                  ? e["error"].value("message", "")
+                                  : "";
+      std::fprintf(stderr, "hub answered %d%s%s; retrying in %.1fs\n", busy.status, why.empty() ? "" : ": ",
+                   why.c_str(), static_cast<double>(wait.count()) / 1000.0);
+    };
+    auto resp = http::send_retrying(r, retry);
     if (!resp) return resp.error().with_context("cannot reach the hub at " + base);
     if (auto h = resp->headers.find("x-flotilla-revision"); h != resp->headers.end()) {
       int64_t seen = 0;

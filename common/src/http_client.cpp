@@ -6,11 +6,13 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <charconv>
 #include <cerrno>
 #include <cstring>
 #include <fstream>
 #include <limits>
 #include <optional>
+#include <thread>
 #include <boost/asio/connect.hpp>
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/ssl.hpp>
@@ -396,6 +398,29 @@ Result<DownloadResult> download_to_file(const std::string& url_text, const std::
                                              std::to_string(out.requests) + " attempts)", true);
   }
   return out;
+}
+
+Result<Response> send_retrying(const Request& req, const RetryPolicy& policy) {
+  const bool safe = req.method == "GET" || req.method == "HEAD";
+  std::chrono::milliseconds left = policy.budget;
+  for (;;) {
+    auto resp = send(req);
+    if (!resp || !safe || (resp->status != 503 && resp->status != 429)) return resp;
+    auto h = resp->headers.find("retry-after");
+    if (h == resp->headers.end()) return resp;
+    // Seconds (RFC 9110 also allows a date: not something this API sends;
+    // taken as "come back soon").
+    int64_t seconds = 1;
+    const std::string& v = h->second;
+    const auto [end, ec] = std::from_chars(v.data(), v.data() + v.size(), seconds);
+    if (ec != std::errc() || end != v.data() + v.size() || seconds < 0) seconds = 1;
+    const auto wait = std::clamp<std::chrono::milliseconds>(std::chrono::milliseconds(seconds * 1000),
+                                                            std::chrono::milliseconds(100), policy.max_wait);
+    if (wait > left) return resp;
+    if (policy.on_wait) policy.on_wait(*resp, wait);
+    std::this_thread::sleep_for(wait);
+    left -= wait;
+  }
 }
 
 }  // namespace flotilla::http

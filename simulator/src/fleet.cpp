@@ -64,7 +64,9 @@ Result<http::Response> Rest::call(const std::string& method, const std::string& 
   if (!token.empty()) r.headers["Authorization"] = "Bearer " + token;
   r.timeout = std::chrono::seconds(60);
   r.max_response_bytes = 64u << 20;
-  return http::send(r);
+  // Reads the hub asks to repeat (503/429 with Retry-After) are repeated
+  // for a while; writes are the caller's to re-read and retry.
+  return http::send_retrying(r, {});
 }
 
 Result<json> Rest::call_json(const std::string& method, const std::string& path, const json& body,

@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <string>
 
@@ -41,6 +42,21 @@ struct Response {
 
 // Network failures are retryable errors; any HTTP status is a Response.
 Result<Response> send(const Request& req);
+
+// send(), repeated while the server says to come back: a 503 or 429 that
+// carries Retry-After (seconds), to a request that is safe to repeat (GET or
+// HEAD: a refused write may have been half done, and only its caller can
+// re-read and decide). Each wait is Retry-After, at least 100 ms and at most
+// max_wait, and the waits together stay within `budget`; `on_wait` hears of
+// each one before it (what was answered, how long). Then the last answer is
+// returned as it came. Anything else (another status, a network failure)
+// is returned at once.
+struct RetryPolicy {
+  std::chrono::milliseconds budget{15000};
+  std::chrono::milliseconds max_wait{5000};
+  std::function<void(const Response&, std::chrono::milliseconds)> on_wait;
+};
+Result<Response> send_retrying(const Request& req, const RetryPolicy& policy);
 
 // Streaming download to a file, for artifacts: the body goes to disk in
 // 64 KiB pieces and never sits in memory whole. An existing file at `path`
