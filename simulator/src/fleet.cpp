@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <charconv>
 #include <condition_variable>
 #include <cstdio>
 #include <deque>
@@ -71,15 +72,42 @@ Result<http::Response> Rest::call(const std::string& method, const std::string& 
 
 Result<json> Rest::call_json(const std::string& method, const std::string& path, const json& body,
                              int want_status) const {
-  auto r = call(method, path, body.is_null() ? "" : body.dump());
-  if (!r) return r.error().with_context(method + " " + path);
+  const std::string text = body.is_null() ? "" : body.dump();
+  return json_of(method == "GET" || method == "HEAD" ? call(method, path, text) : write(method, path, text, "application/json"),
+                 method + " " + path, want_status);
+}
+
+Result<json> Rest::json_of(Result<http::Response> r, const std::string& what, int want_status) {
+  if (!r) return r.error().with_context(what);
   if (r->status != want_status) {
-    return make_error(Errc::unavailable, method + " " + path + ": HTTP " + std::to_string(r->status) + ": " +
-                                             r->body.substr(0, 400));
+    return make_error(Errc::unavailable,
+                      what + ": HTTP " + std::to_string(r->status) + ": " + r->body.substr(0, 400));
   }
   auto j = json::parse(r->body, nullptr, false);
-  if (j.is_discarded()) return make_error(Errc::internal, method + " " + path + ": answer is not JSON");
+  if (j.is_discarded()) return make_error(Errc::internal, what + ": answer is not JSON");
   return j;
+}
+
+Result<http::Response> Rest::write(const std::string& method, const std::string& path, const std::string& body,
+                                   const std::string& content_type,
+                                   const std::function<std::optional<http::Response>()>& taken) const {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  for (;;) {
+    auto r = call(method, path, body, content_type);
+    if (!r || (r->status != 503 && r->status != 429) || std::chrono::steady_clock::now() >= deadline) return r;
+    int64_t wait_s = 1;
+    if (auto h = r->headers.find("retry-after"); h != r->headers.end()) {
+      const auto [end, ec] = std::from_chars(h->second.data(), h->second.data() + h->second.size(), wait_s);
+      if (ec != std::errc() || end != h->second.data() + h->second.size()) wait_s = 1;
+      wait_s = std::clamp<int64_t>(wait_s, 1, 5);
+    }
+    std::fprintf(stderr, "hub answered %d to %s %s: %s; again in %llds\n", r->status, method.c_str(), path.c_str(),
+                 r->body.substr(0, 200).c_str(), static_cast<long long>(wait_s));
+    std::this_thread::sleep_for(std::chrono::seconds(wait_s));
+    if (taken) {
+      if (auto t = taken()) return std::move(*t);
+    }
+  }
 }
 
 bool publish_retrying(transport::Transport& t, const transport::Message& m) {
@@ -923,7 +951,7 @@ Result<std::string> Fleet::push_bundle() {
     std::string bytes(opts_.artifact_bytes, '\0');
     for (size_t i = 0; i < bytes.size(); ++i) bytes[i] = static_cast<char>(mix(opts_.seed + i) & 0xff);
     const std::string sha = crypto::sha256_hex(bytes);
-    auto up = rest_.call("PUT", "/v1/artifacts/" + sha, bytes, "application/octet-stream");
+    auto up = rest_.write("PUT", "/v1/artifacts/" + sha, bytes, "application/octet-stream");
     if (!up || (up->status != 200 && up->status != 201)) {
       return make_error(Errc::unavailable, "upload artifact: " + (up ? std::to_string(up->status) + " " + up->body
                                                                     : up.error().message));
@@ -941,7 +969,7 @@ Result<std::string> Fleet::push_bundle() {
   }
   v1::SignedBundle env = bundles::wrap(m);
   if (auto s = bundles::sign(env, release_); !s) return s.error();
-  auto r = rest_.call("POST", "/v1/bundles", bundles::serialize_envelope(env), "application/octet-stream");
+  auto r = rest_.write("POST", "/v1/bundles", bundles::serialize_envelope(env), "application/octet-stream");
   if (!r) return r.error().with_context("push bundle");
   if (r->status != 201 && r->status != 200) {
     return make_error(Errc::unavailable, "push bundle: HTTP " + std::to_string(r->status) + " " + r->body);
@@ -1205,7 +1233,20 @@ Result<json> Fleet::run() {
   json body = {{"bundle", *bundle_id}, {"selector", "sim-run=" + label_}, {"name", "sim-" + label_}};
   if (!opts_.strategy.empty()) body["strategy"] = opts_.strategy;
   t0_ = now_ms();
-  auto created = rest_.call_json("POST", "/v1/campaigns", body, 201);
+  // Campaign names are not unique: a creation whose outcome the hub could
+  // not learn is looked for by its name before it is sent again.
+  const std::string campaign_name = body["name"].get<std::string>();
+  auto created = Rest::json_of(
+      rest_.write("POST", "/v1/campaigns", body.dump(), "application/json",
+                  [&]() -> std::optional<http::Response> {
+                    auto list = rest_.call_json("GET", "/v1/campaigns", nullptr, 200);
+                    if (!list || !list->contains("items")) return std::nullopt;
+                    for (const auto& c : (*list)["items"]) {
+                      if (c.value("name", "") == campaign_name) return http::Response{201, c.dump(), {}};
+                    }
+                    return std::nullopt;
+                  }),
+      "POST /v1/campaigns", 201);
   if (!created) return created.error().with_context("create campaign");
   const std::string cid = (*created)["id"].get<std::string>();
   {

@@ -2,6 +2,7 @@
 // Pieces of flotilla_sim shared between its source files.
 #include <algorithm>
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <string>
 
@@ -20,9 +21,21 @@ struct Rest {
   std::string token;
   Result<http::Response> call(const std::string& method, const std::string& path, const std::string& body = "",
                               const std::string& content_type = "application/json") const;
-  // Expects want_status and a JSON answer.
+  // Expects want_status and a JSON answer. A write goes through write().
   Result<nlohmann::json> call_json(const std::string& method, const std::string& path, const nlohmann::json& body,
                                    int want_status) const;
+  // A control write, sent again while the hub refuses it for now (503: its
+  // coordination store unreachable, an etcd leader election; 429), for up
+  // to a minute, waiting Retry-After (else a second) each time. Such a 503
+  // can also mean the hub could not learn whether the write was applied:
+  // before each repeat, `taken` (when given) re-reads whether it was, and
+  // what it returns stands for the write's answer. A write that is the same
+  // when applied twice (a bundle, an artifact, a token) needs none.
+  Result<http::Response> write(const std::string& method, const std::string& path, const std::string& body,
+                               const std::string& content_type,
+                               const std::function<std::optional<http::Response>()>& taken = {}) const;
+  // want_status and a JSON body, from an answer.
+  static Result<nlohmann::json> json_of(Result<http::Response> r, const std::string& what, int want_status);
 };
 
 struct ProcUsage {
