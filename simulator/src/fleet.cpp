@@ -1232,21 +1232,39 @@ Result<json> Fleet::run() {
 
   json body = {{"bundle", *bundle_id}, {"selector", "sim-run=" + label_}, {"name", "sim-" + label_}};
   if (!opts_.strategy.empty()) body["strategy"] = opts_.strategy;
-  t0_ = now_ms();
   // Campaign names are not unique: a creation whose outcome the hub could
-  // not learn is looked for by its name before it is sent again.
+  // not learn is looked for by its name before it is sent again, among the
+  // campaigns of that name that were not there before (a run again with the
+  // same label on the same hub).
   const std::string campaign_name = body["name"].get<std::string>();
-  auto created = Rest::json_of(
-      rest_.write("POST", "/v1/campaigns", body.dump(), "application/json",
-                  [&]() -> std::optional<http::Response> {
-                    auto list = rest_.call_json("GET", "/v1/campaigns", nullptr, 200);
-                    if (!list || !list->contains("items")) return std::nullopt;
-                    for (const auto& c : (*list)["items"]) {
-                      if (c.value("name", "") == campaign_name) return http::Response{201, c.dump(), {}};
-                    }
-                    return std::nullopt;
-                  }),
-      "POST /v1/campaigns", 201);
+  auto named = [&]() -> std::optional<std::vector<json>> {
+    auto list = rest_.call_json("GET", "/v1/campaigns", nullptr, 200);
+    if (!list || !list->contains("items")) return std::nullopt;
+    std::vector<json> out;
+    for (const auto& c : (*list)["items"]) {
+      if (c.value("name", "") == campaign_name) out.push_back(c);
+    }
+    return out;
+  };
+  std::set<std::string> earlier;
+  if (auto before = named()) {
+    for (const auto& c : *before) earlier.insert(c.value("id", ""));
+  } else {
+    return make_error(Errc::unavailable, "create campaign: cannot list the hub's campaigns");
+  }
+  t0_ = now_ms();
+  auto created = Rest::json_of(rest_.write("POST", "/v1/campaigns", body.dump(), "application/json",
+                                           [&]() -> std::optional<http::Response> {
+                                             auto now = named();
+                                             if (!now) return std::nullopt;
+                                             for (const auto& c : *now) {
+                                               if (!earlier.count(c.value("id", ""))) {
+                                                 return http::Response{201, c.dump(), {}};
+                                               }
+                                             }
+                                             return std::nullopt;
+                                           }),
+                               "POST /v1/campaigns", 201);
   if (!created) return created.error().with_context("create campaign");
   const std::string cid = (*created)["id"].get<std::string>();
   {
