@@ -400,21 +400,25 @@ Result<DownloadResult> download_to_file(const std::string& url_text, const std::
   return out;
 }
 
+std::optional<int64_t> retry_after_seconds(const Response& r) {
+  auto h = r.headers.find("retry-after");
+  if (h == r.headers.end()) return std::nullopt;
+  int64_t seconds = 1;
+  const std::string& v = h->second;
+  const auto [end, ec] = std::from_chars(v.data(), v.data() + v.size(), seconds);
+  if (ec != std::errc() || end != v.data() + v.size() || seconds < 0) seconds = 1;
+  return seconds;
+}
+
 Result<Response> send_retrying(const Request& req, const RetryPolicy& policy) {
   const bool safe = req.method == "GET" || req.method == "HEAD";
   std::chrono::milliseconds left = policy.budget;
   for (;;) {
     auto resp = send(req);
     if (!resp || !safe || (resp->status != 503 && resp->status != 429)) return resp;
-    auto h = resp->headers.find("retry-after");
-    if (h == resp->headers.end()) return resp;
-    // Seconds (RFC 9110 also allows a date: not something this API sends;
-    // taken as "come back soon").
-    int64_t seconds = 1;
-    const std::string& v = h->second;
-    const auto [end, ec] = std::from_chars(v.data(), v.data() + v.size(), seconds);
-    if (ec != std::errc() || end != v.data() + v.size() || seconds < 0) seconds = 1;
-    const auto wait = std::clamp<std::chrono::milliseconds>(std::chrono::milliseconds(seconds * 1000),
+    const auto seconds = retry_after_seconds(*resp);
+    if (!seconds) return resp;
+    const auto wait = std::clamp<std::chrono::milliseconds>(std::chrono::milliseconds(*seconds * 1000),
                                                             std::chrono::milliseconds(100), policy.max_wait);
     if (wait > left) return resp;
     if (policy.on_wait) policy.on_wait(*resp, wait);

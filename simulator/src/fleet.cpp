@@ -5,7 +5,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <charconv>
 #include <condition_variable>
 #include <cstdio>
 #include <deque>
@@ -95,12 +94,7 @@ Result<http::Response> Rest::write(const std::string& method, const std::string&
   for (;;) {
     auto r = call(method, path, body, content_type);
     if (!r || (r->status != 503 && r->status != 429) || std::chrono::steady_clock::now() >= deadline) return r;
-    int64_t wait_s = 1;
-    if (auto h = r->headers.find("retry-after"); h != r->headers.end()) {
-      const auto [end, ec] = std::from_chars(h->second.data(), h->second.data() + h->second.size(), wait_s);
-      if (ec != std::errc() || end != h->second.data() + h->second.size()) wait_s = 1;
-      wait_s = std::clamp<int64_t>(wait_s, 1, 5);
-    }
+    const int64_t wait_s = std::clamp<int64_t>(http::retry_after_seconds(*r).value_or(1), 1, 5);
     std::fprintf(stderr, "hub answered %d to %s %s: %s; again in %llds\n", r->status, method.c_str(), path.c_str(),
                  r->body.substr(0, 200).c_str(), static_cast<long long>(wait_s));
     std::this_thread::sleep_for(std::chrono::seconds(wait_s));

@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <functional>
 #include <map>
+#include <optional>
 #include <string>
 
 #include "flotilla/common/result.hpp"
@@ -42,6 +43,11 @@ struct Response {
 
 // Network failures are retryable errors; any HTTP status is a Response.
 Result<Response> send(const Request& req);
+
+// The seconds of an answer's Retry-After: nullopt without the header; 1
+// when it is not a count of seconds (RFC 9110 also allows a date, which
+// this API never sends: taken as "come back soon").
+std::optional<int64_t> retry_after_seconds(const Response& r);
 
 // send(), repeated while the server says to come back: a 503 or 429 that
 // carries Retry-After (seconds), to a request that is safe to repeat (GET or
