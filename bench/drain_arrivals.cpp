@@ -113,7 +113,7 @@ int main(int argc, char** argv) {
   const auto t_scan = Steady::now();
   size_t matched = 0;
   auto scanned = (*store)->each_device_target_cell(
-      [&](const std::string& id, const std::string&, const std::string&, const hub::Labels& labels, int) {
+      [&](const std::string& id, const std::string&, bool, const hub::Labels& labels, int) {
         auto hw = labels.find("hw");
         if (hw == labels.end() || hw->second != "rpi4") return;
         matched += hub::campaign_rank("c-scan", id) < 2 ? 1 : 0;

@@ -478,8 +478,8 @@ Result<std::vector<int>> HubService::campaign_member_cells(const std::string& ca
   if (!sel) return sel.error();
   std::set<int> cells;
   auto listed = store_.each_device_target_cell([&](const std::string&, const std::string& project,
-                                                   const std::string& state, const Labels& labels, int cell) {
-    if (project == (*c)->project && state != "decommissioned" && sel->matches(labels)) cells.insert(cell);
+                                                   bool decommissioned, const Labels& labels, int cell) {
+    if (project == (*c)->project && !decommissioned && sel->matches(labels)) cells.insert(cell);
   });
   if (!listed) return listed.error();
   std::vector<int> out(cells.begin(), cells.end());

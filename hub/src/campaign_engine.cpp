@@ -25,10 +25,11 @@ bool campaign_status_is_final(const std::string& s) {
 
 namespace {
 
-// Whether campaign c targets a device of this project, state and labels.
-bool targets(const CampaignRecord& c, const Selector& sel, const std::string& project, const std::string& state,
+// Whether campaign c targets a device of this project and labels, by the
+// directory's columns (a decommissioned device is never targeted).
+bool targets(const CampaignRecord& c, const Selector& sel, const std::string& project, bool decommissioned,
              const Labels& labels) {
-  return project == c.project && state != "decommissioned" && sel.matches(labels);
+  return project == c.project && !decommissioned && sel.matches(labels);
 }
 
 // A device as a member of campaign c: its rank by the campaign's hash and,
@@ -157,8 +158,8 @@ Result<std::vector<CampaignMember>> HubService::campaign_members(const CampaignR
   std::vector<double> ranks;
   std::vector<int> cells;
   auto listed = store_.each_device_target_cell([&](const std::string& id, const std::string& dev_project,
-                                                   const std::string& state, const Labels& labels, int dev_cell) {
-    if (!targets(c, sel, dev_project, state, labels)) return;
+                                                   bool decommissioned, const Labels& labels, int dev_cell) {
+    if (!targets(c, sel, dev_project, decommissioned, labels)) return;
     rows.push_back(member_of(c, strategy, id, labels));
     ranks.push_back(rows.back().rank);
     cells.push_back(dev_cell);
@@ -186,9 +187,7 @@ Result<std::vector<CampaignMember>> HubService::members_by_id(const CampaignReco
   for (const auto& id : ids) {
     auto d = store_.directory_entry(id);
     if (!d) return d.error().with_context("device=" + id);
-    // The directory has no reported state; what targeting asks of it is
-    // only whether the device was decommissioned.
-    if (!*d || !targets(c, *sel, (*d)->project, (*d)->decommissioned ? "decommissioned" : "", (*d)->labels)) continue;
+    if (!*d || !targets(c, *sel, (*d)->project, (*d)->decommissioned, (*d)->labels)) continue;
     auto m = member_of(c, strategy, id, (*d)->labels);
     m.wave = strategy.wave_for_rank(m.rank);
     m.cell = (*d)->cell;
@@ -208,8 +207,8 @@ Result<double> HubService::canary_cutoff(const CampaignRecord& c, const Selector
   const auto n = static_cast<size_t>(std::max<int64_t>(strategy.canary_count, 1));
   std::priority_queue<double> lowest;
   auto listed = store_.each_device_target(
-      [&](const std::string& id, const std::string& project, const std::string& state, const Labels& labels) {
-        if (!targets(c, sel, project, state, labels)) return;
+      [&](const std::string& id, const std::string& project, bool decommissioned, const Labels& labels) {
+        if (!targets(c, sel, project, decommissioned, labels)) return;
         const double rank = campaign_rank(c.id, id);
         if (lowest.size() < n) {
           lowest.push(rank);

@@ -1257,10 +1257,11 @@ void HubService::read_store(const std::function<void(Store&)>& f) {
   f(lease.store());
 }
 
-Result<std::optional<DeviceRecord>> HubService::device_record(const std::string& id) {
+Result<std::optional<DeviceRecord>> HubService::device_record(const std::string& id, bool* decommissioned) {
   auto e = store_.directory_entry(id);
   if (!e) return e.error();
   if (!*e) return std::optional<DeviceRecord>();
+  if (decommissioned) *decommissioned = (*e)->decommissioned;
   return device_store((*e)->cell).get_device(id);
 }
 

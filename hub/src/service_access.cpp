@@ -37,11 +37,12 @@ Result<DeviceRecord> HubService::edit_device_labels(
   }
   return control_write([&]() -> Result<DeviceRecord> {
     std::lock_guard lock(store_mu_);
-    auto d = device_record(id);
+    bool decommissioned = false;
+    auto d = device_record(id, &decommissioned);
     if (!d) return d.error();
     if (!*d) return make_error(Errc::not_found, "no device '" + id + "'");
     DeviceRecord dev = **d;
-    if (dev.state == "decommissioned") {
+    if (decommissioned) {
       return make_error(Errc::conflict, "device " + id + " is decommissioned; its labels are frozen");
     }
     for (const auto& [k, v] : changes) {
@@ -66,7 +67,8 @@ Result<DeviceRecord> HubService::decommission_device(const std::string& id) {
   bool counted_out = false;
   auto marked = control_write([&]() -> Status {
     std::lock_guard lock(store_mu_);
-    auto d = device_record(id);
+    bool was_decommissioned = false;
+    auto d = device_record(id, &was_decommissioned);
     if (!d) return d.error();
     if (!*d) return make_error(Errc::not_found, "no device '" + id + "'");
     dev = **d;
@@ -82,7 +84,7 @@ Result<DeviceRecord> HubService::decommission_device(const std::string& id) {
     if (!n) return n.error();
     revoked = *n;
     if (auto s = store_.mark_device_decommissioned(id); !s) return s.error();
-    counted_out = dev.state != "decommissioned" && dev.cell >= 0 && dev.cell < cell_count();
+    counted_out = !was_decommissioned && dev.cell >= 0 && dev.cell < cell_count();
     return tx.commit();
   });
   if (!marked) return marked.error();

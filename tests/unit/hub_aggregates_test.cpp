@@ -275,7 +275,8 @@ TEST_CASE("a report writes only the reported counts and a label change only the 
 
   // A decommissioning that changes the labels in the same statement is
   // counted once.
-  REQUIRE(s.store->db().exec("UPDATE devices SET state = 'decommissioned', labels = '{\"region\":\"ap\"}' "
+  REQUIRE(s.store->db().exec("UPDATE devices SET decommissioned = 1, state = 'decommissioned', "
+                             "labels = '{\"region\":\"ap\"}' "
                              "WHERE id = 'd-2'"));
   moved = table("directory_counts");
   CHECK(std::find(moved.begin(), moved.end(), "default/region/us=1") != moved.end());
@@ -350,6 +351,133 @@ TEST_CASE("directory changes reach the device rows through the outbox, after the
   REQUIRE(again);
   CHECK(*again == 0);
   check_counts_agree(*s.store);
+}
+
+// ADR 18, before slice 7: a decommission is the directory's own column. The
+// directory's counts, label index, broker certificates, outbox and targeting
+// follow that column; the state, a report column a cell's file will keep, is
+// the report side's. Written apart here (they go together in one statement
+// in the hub) to show which side reads which.
+TEST_CASE("the directory follows its decommissioned column, not the reported state", "[unit][hub][views]") {
+  Stores s;
+  auto table = [&](const std::string& name) {
+    auto r = sql::query<std::string>(s.store->db(), "SELECT project || '/' || dim || '/' || value || '=' || n FROM " +
+                                                        name + " WHERE n != 0 ORDER BY 1",
+                                     [](const sql::Stmt& st) { return st.col_text(0); });
+    REQUIRE(r);
+    return *r;
+  };
+  for (int i = 0; i < 3; ++i) {
+    s.enroll("d-" + std::to_string(i), {{"region", "eu"}});
+    DeviceCertRecord c;
+    c.serial = "0b0" + std::to_string(i);
+    c.device_id = "d-" + std::to_string(i);
+    c.not_after = 1'900'000'000;
+    c.issued_ms = 1;
+    REQUIRE(s.store->insert_device_cert(c));
+  }
+  auto directory_says = [&](const std::string& id) {
+    auto e = s.store->directory_entry(id);
+    REQUIRE(e);
+    REQUIRE(*e);
+    return (*e)->decommissioned;
+  };
+  auto targeted = [&] {
+    std::set<std::string> ids;
+    REQUIRE(s.store->each_device_target([&](const std::string& id, const std::string&, bool decommissioned,
+                                            const Labels&) {
+      if (!decommissioned) ids.insert(id);
+    }));
+    return ids;
+  };
+  const auto before = table("directory_counts");
+
+  // A reported state of "decommissioned" alone (a cell copy's, or a stray
+  // report's) is not a decommission: nothing on the directory's side moves.
+  REQUIRE(s.store->db().exec("UPDATE devices SET state = 'decommissioned' WHERE id = 'd-0'"));
+  CHECK_FALSE(directory_says("d-0"));
+  CHECK(table("directory_counts") == before);
+  CHECK(s.rows("SELECT COUNT(*) FROM directory_outbox") == 0);
+  CHECK(s.rows("SELECT COUNT(*) FROM device_broker_cert WHERE device_id = 'd-0'") == 1);
+  CHECK(targeted() == std::set<std::string>{"d-0", "d-1", "d-2"});
+  auto ids = s.store->decommissioned_device_ids();
+  REQUIRE(ids);
+  CHECK(ids->empty());
+
+  // The directory's column alone is one, whatever the reported state says.
+  REQUIRE(s.store->db().exec("UPDATE devices SET decommissioned = 1 WHERE id = 'd-1'"));
+  CHECK(directory_says("d-1"));
+  auto moved = table("directory_counts");
+  CHECK(std::find(moved.begin(), moved.end(), "default/region/eu=2") != moved.end());
+  CHECK(std::find(moved.begin(), moved.end(), "default/broker_cert_day/21990=2") != moved.end());
+  CHECK(s.rows("SELECT COUNT(*) FROM directory_outbox WHERE device_id = 'd-1' AND kind = 'decommissioned'") == 1);
+  CHECK(s.rows("SELECT COUNT(*) FROM device_broker_cert WHERE device_id = 'd-1'") == 0);
+  CHECK(targeted() == std::set<std::string>{"d-0", "d-2"});
+  ids = s.store->decommissioned_device_ids();
+  REQUIRE(ids);
+  CHECK(*ids == std::vector<std::string>{"d-1"});
+  auto cells = s.store->cell_device_counts("*");
+  REQUIRE(cells);
+  REQUIRE(cells->size() == 1);
+  CHECK(cells->front().total == 2);
+  check_counts_agree(*s.store);
+}
+
+// Stores made before the column get it from the state at open, at the end
+// of devices' columns (as a new store has it: snapshots compare the column
+// lists), and the directory's counts stay what they were.
+TEST_CASE("a store from before the decommissioned column gets it from the state at open", "[unit][hub][views]") {
+  TempDir dir;
+  const std::string path = (dir.path() / "hub.db").string();
+  auto columns = [](Store& s) {
+    auto r = sql::query<std::string>(s.db(), "SELECT name FROM pragma_table_info('devices')",
+                                     [](const sql::Stmt& st) { return st.col_text(0); });
+    REQUIRE(r);
+    return *r;
+  };
+  std::vector<std::string> fresh_columns;
+  {
+    auto s = Store::open(path);
+    REQUIRE(s);
+    fresh_columns = columns(**s);
+    REQUIRE(fresh_columns.back() == "decommissioned");
+    for (int i = 0; i < 4; ++i) {
+      DeviceRecord d;
+      d.id = "d-" + std::to_string(i);
+      d.labels = {{"region", "eu"}};
+      d.public_key_hex = "00";
+      REQUIRE((*s)->upsert_enrolled_device(d));
+    }
+    REQUIRE((*s)->mark_device_decommissioned("d-2"));
+    // What an older hub left: the state only, and read models of version 7
+    // (SQLite drops a column no trigger names: the ones on it go first, and
+    // the open rebuilds them all).
+    REQUIRE((*s)->db().exec("DROP TRIGGER directory_insert; DROP TRIGGER directory_delete; "
+                            "DROP TRIGGER directory_labels; DROP TRIGGER directory_decommission; "
+                            "DROP TRIGGER broker_cert_issued; ALTER TABLE devices DROP COLUMN decommissioned; "
+                            "UPDATE aggregate_schema SET version = 7;"));
+  }
+  auto s = Store::open(path);
+  REQUIRE(s);
+  CHECK(columns(**s) == fresh_columns);
+  auto e = (*s)->directory_entry("d-2");
+  REQUIRE(e);
+  REQUIRE(*e);
+  CHECK((*e)->decommissioned);
+  auto ids = (*s)->decommissioned_device_ids();
+  REQUIRE(ids);
+  CHECK(*ids == std::vector<std::string>{"d-2"});
+  auto kept = (*s)->fleet_counts();
+  REQUIRE(kept);
+  CHECK(dim(*kept, "region") == std::map<std::string, int64_t>{{"eu", 3}});
+  check_counts_agree(**s);
+  // Its triggers are the new ones: a decommission after the upgrade moves
+  // the counts once.
+  REQUIRE((*s)->mark_device_decommissioned("d-3"));
+  kept = (*s)->fleet_counts();
+  REQUIRE(kept);
+  CHECK(dim(*kept, "region") == std::map<std::string, int64_t>{{"eu", 2}});
+  check_counts_agree(**s);
 }
 
 TEST_CASE("a store from before the read models gets them built from its rows at open", "[unit][hub][views]") {

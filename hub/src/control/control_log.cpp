@@ -52,8 +52,11 @@ void guard_open(sqlite3_context* ctx, int, sqlite3_value**) {
 // devices is shared between control operations (enrollment, labels,
 // decommission) and the report path (presence, state, desired generation,
 // cell moves, which stay per hub): only the control columns are guarded, and
-// a report can never write them.
-constexpr const char* kDeviceControlColumns = "project, labels, public_key, enrolled_ms, gateway, enroll_issued_ms";
+// a report can never write them. A decommission sets the directory's column
+// and the state together; the state guard below keeps a report from setting
+// the state alone.
+constexpr const char* kDeviceControlColumns =
+    "project, labels, public_key, enrolled_ms, gateway, enroll_issued_ms, decommissioned";
 
 std::string guard_sql() {
   std::string out;

@@ -29,7 +29,7 @@ using sql::query;
 
 // Bumped when the tables or triggers below change: a store of an older
 // version drops them and rebuilds them from the device rows.
-constexpr int kAggregateSchema = 7;
+constexpr int kAggregateSchema = 8;
 
 // How many failure reasons one store gives a campaign's failure groups to
 // merge. Reasons are names of v1::Reason (a report's) or the hub's own
@@ -40,7 +40,9 @@ constexpr int64_t kFailureReasonsPerStore = 256;
 // The dimensions counted: name, the device columns it depends on, and its
 // value as an SQL expression over "@." (OLD., NEW. or a table alias); NULL =
 // not counted. Every dimension but state leaves decommissioned devices out
-// (they are history, not fleet).
+// (they are history, not fleet): the reported ones by the state a
+// decommission sets, the directory's by its own column (kReportedLive,
+// kDirectoryLive).
 //
 // Two tables hold them, split by who writes the columns (ADR 18, slice 3):
 // fleet_counts the dimensions of what devices report (state, the reported
@@ -69,6 +71,11 @@ constexpr Dim kLabelled[] = {
     {"region", "labels", "CASE WHEN json_valid(@.labels) THEN json_extract(@.labels, '$.region') END"},
     {"cell", "labels", "CASE WHEN json_valid(@.labels) THEN json_extract(@.labels, '$.cell') END"},
 };
+// Which rows of devices are fleet, not history, as an SQL condition over "@.":
+// the report side reads the state a decommission sets, the directory its own
+// column (ADR 18: the directory never reads a column a report writes).
+constexpr const char* kReportedLive = "@.state != 'decommissioned'";
+constexpr const char* kDirectoryLive = "@.decommissioned = 0";
 constexpr const char* kTroubleStates = "('failed', 'refused', 'rolled_back', 'rolling_back')";
 // The same test written out: inside a trigger, "x IN (list)" builds a lookup
 // table at every run of the trigger (2 us a report, measured), a chain of
@@ -102,14 +109,14 @@ std::string changed(const std::string& cols) {
 
 // One dimension's move from the OLD row to the NEW one in `table`, each
 // statement run only when `guard` holds (evaluated once: OLD and NEW are
-// constants here).
-std::string move(const Dim& d, const std::string& guard, bool all, const std::string& table = "fleet_counts") {
+// constants here); unless `all`, only rows for which `live` holds count.
+std::string move(const Dim& d, const std::string& guard, bool all, const std::string& table = "fleet_counts",
+                 const std::string& live = kReportedLive) {
   const std::string name = d.name;
-  return "UPDATE " + table + " SET n = n - 1 WHERE (" + guard + ")" +
-         (all ? "" : " AND OLD.state != 'decommissioned'") + " AND project = OLD.project AND dim = '" + name +
-         "' AND value = " + with(d.expr, "OLD.") + ";\n  INSERT INTO " + table + " SELECT NEW.project, '" + name +
-         "', " + with(d.expr, "NEW.") + ", 1 WHERE (" + guard + ")" +
-         (all ? "" : " AND NEW.state != 'decommissioned'") + " AND " + with(d.expr, "NEW.") +
+  return "UPDATE " + table + " SET n = n - 1 WHERE (" + guard + ")" + (all ? "" : " AND " + with(live, "OLD.")) +
+         " AND project = OLD.project AND dim = '" + name + "' AND value = " + with(d.expr, "OLD.") +
+         ";\n  INSERT INTO " + table + " SELECT NEW.project, '" + name + "', " + with(d.expr, "NEW.") +
+         ", 1 WHERE (" + guard + ")" + (all ? "" : " AND " + with(live, "NEW.")) + " AND " + with(d.expr, "NEW.") +
          " IS NOT NULL ON CONFLICT DO UPDATE SET n = n + 1;\n  ";
 }
 
@@ -128,9 +135,9 @@ std::string fleet_triggers() {
   for (const auto& d : dims) {
     const bool all = std::string(d.name) == "state";
     ins_values += std::string(ins_values.empty() ? "" : " UNION ALL ") + "SELECT '" + d.name + "' AS dim, " +
-                  with(d.expr, "NEW.") + " AS value" + (all ? "" : " WHERE NEW.state != 'decommissioned'");
+                  with(d.expr, "NEW.") + " AS value" + (all ? "" : " WHERE " + with(kReportedLive, "NEW."));
     del_values += std::string(del_values.empty() ? "" : " UNION ALL ") + "SELECT '" + d.name + "', " +
-                  with(d.expr, "OLD.") + (all ? "" : " WHERE OLD.state != 'decommissioned'");
+                  with(d.expr, "OLD.") + (all ? "" : " WHERE " + with(kReportedLive, "OLD."));
   }
   sql += "CREATE TRIGGER fleet_counts_insert AFTER INSERT ON devices BEGIN "
          "INSERT INTO fleet_counts SELECT NEW.project, dim, value, 1 FROM (" + ins_values +
@@ -188,7 +195,7 @@ END;
   sql += R"SQL(
 CREATE TRIGGER broker_cert_issued AFTER INSERT ON device_certs WHEN NEW.revoked_ms = 0 BEGIN
   INSERT INTO device_broker_cert SELECT NEW.device_id, d.project, NEW.serial, NEW.not_after FROM devices d
-    WHERE d.id = NEW.device_id AND d.state != 'decommissioned'
+    WHERE d.id = NEW.device_id AND d.decommissioned = 0
     ON CONFLICT (device_id) DO UPDATE SET project = excluded.project, serial = excluded.serial,
       not_after = excluded.not_after;
 END;
@@ -223,21 +230,22 @@ END;
 
 // The directory's triggers: the label index and the labelled counts follow
 // a device's enrollment, labels, project and decommissioning, and its broker
-// certificate row goes when it is decommissioned. None is named on a column
-// a report sets but the decommissioning one (on state, its WHEN fails for
-// every report, as device_inventory_decommissioned's does).
+// certificate row goes when it is decommissioned. None is named on, or reads,
+// a column a report sets: a decommission is the directory's own column
+// (devices.decommissioned), set with the state in the same statement.
 std::string directory_triggers() {
   const std::string labels_of = "json_each(CASE WHEN json_valid(@.labels) THEN @.labels ELSE '{}' END)";
   std::string ins_values, del_values, moved, decom_moved;
   for (const auto& d : kLabelled) {
     ins_values += std::string(ins_values.empty() ? "" : " UNION ALL ") + "SELECT '" + d.name + "' AS dim, " +
-                  with(d.expr, "NEW.") + " AS value WHERE NEW.state != 'decommissioned'";
+                  with(d.expr, "NEW.") + " AS value WHERE " + with(kDirectoryLive, "NEW.");
     del_values += std::string(del_values.empty() ? "" : " UNION ALL ") + "SELECT '" + d.name + "', " +
-                  with(d.expr, "OLD.") + " WHERE OLD.state != 'decommissioned'";
-    moved += move(d, "1", false, "directory_counts");
+                  with(d.expr, "OLD.") + " WHERE " + with(kDirectoryLive, "OLD.");
+    moved += move(d, "1", false, "directory_counts", kDirectoryLive);
     // A decommissioning that also changes labels or project is moved by
     // directory_labels (both triggers fire; only one may move).
-    decom_moved += move(d, "OLD.labels = NEW.labels AND OLD.project = NEW.project", false, "directory_counts");
+    decom_moved += move(d, "OLD.labels = NEW.labels AND OLD.project = NEW.project", false, "directory_counts",
+                        kDirectoryLive);
   }
   std::string sql;
   sql += "CREATE TRIGGER directory_insert AFTER INSERT ON devices BEGIN\n  "
@@ -260,12 +268,12 @@ std::string directory_triggers() {
   // outbox (HubService::follow_directory): a decommissioned device's
   // inventory goes (it leaves the fleet's inventory figures); a moved
   // device's campaign rows are counted in its new cell.
-  sql += "CREATE TRIGGER directory_decommission AFTER UPDATE OF state ON devices "
-         "WHEN (OLD.state = 'decommissioned') != (NEW.state = 'decommissioned') BEGIN\n  "
-         "DELETE FROM device_broker_cert WHERE NEW.state = 'decommissioned' AND device_id = NEW.id;\n  "
+  sql += "CREATE TRIGGER directory_decommission AFTER UPDATE OF decommissioned ON devices "
+         "WHEN OLD.decommissioned != NEW.decommissioned BEGIN\n  "
+         "DELETE FROM device_broker_cert WHERE NEW.decommissioned != 0 AND device_id = NEW.id;\n  "
          "INSERT INTO directory_outbox (device_id, kind, cell, from_cell) SELECT NEW.id, 'decommissioned', NEW.cell, "
          "OLD.cell "
-         "WHERE NEW.state = 'decommissioned';\n  " +
+         "WHERE NEW.decommissioned != 0;\n  " +
          decom_moved + "\nEND;\n";
   sql += "CREATE TRIGGER directory_moved AFTER UPDATE OF cell ON devices WHEN OLD.cell != NEW.cell BEGIN\n  "
          "INSERT INTO directory_outbox (device_id, kind, cell, from_cell) VALUES (NEW.id, 'moved', NEW.cell, OLD.cell);"
@@ -283,7 +291,7 @@ std::string fleet_recount_select() {
     const bool all = std::string(d.name) == "state";
     sql += std::string(sql.empty() ? "" : " UNION ALL ") + "SELECT project, '" + d.name + "', " +
            with(d.expr, "devices.") + " AS v, COUNT(*) FROM devices WHERE v IS NOT NULL" +
-           (all ? "" : " AND state != 'decommissioned'") + " GROUP BY 1, 3";
+           (all ? "" : " AND " + with(kReportedLive, "devices.")) + " GROUP BY 1, 3";
   }
   sql += " UNION ALL SELECT project, 'cert_day', CAST(cert_expiry_unix / 86400 AS TEXT), COUNT(*) FROM device_inventory "
          "WHERE cert_expiry_unix > 0 GROUP BY 1, 3";
@@ -295,8 +303,8 @@ std::string directory_recount_select() {
   std::string sql;
   for (const auto& d : kLabelled) {
     sql += std::string(sql.empty() ? "" : " UNION ALL ") + "SELECT project, '" + d.name + "', " +
-           with(d.expr, "devices.") + " AS v, COUNT(*) FROM devices WHERE v IS NOT NULL AND state != 'decommissioned' "
-           "GROUP BY 1, 3";
+           with(d.expr, "devices.") + " AS v, COUNT(*) FROM devices WHERE v IS NOT NULL AND " +
+           with(kDirectoryLive, "devices.") + " GROUP BY 1, 3";
   }
   sql += " UNION ALL SELECT project, 'broker_cert_day', CAST(not_after / 86400 AS TEXT), COUNT(*) "
          "FROM device_broker_cert GROUP BY 1, 3";
@@ -428,7 +436,7 @@ Status Store::migrate_aggregates() {
   if (auto s = db_->exec(
           "DELETE FROM device_broker_cert; INSERT INTO device_broker_cert "
           "SELECT c.device_id, d.project, c.serial, c.not_after FROM device_certs c JOIN devices d ON d.id = c.device_id "
-          "WHERE c.revoked_ms = 0 AND d.state != 'decommissioned' AND c.issued_ms = (SELECT MAX(issued_ms) FROM "
+          "WHERE c.revoked_ms = 0 AND d.decommissioned = 0 AND c.issued_ms = (SELECT MAX(issued_ms) FROM "
           "device_certs l WHERE l.device_id = c.device_id AND l.revoked_ms = 0) ON CONFLICT DO NOTHING;");
       !s) {
     return s;

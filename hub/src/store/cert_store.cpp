@@ -50,7 +50,7 @@ Result<int64_t> Store::prune_device_certs(int64_t before_unix) {
 }
 
 Result<std::vector<std::string>> Store::decommissioned_device_ids() {
-  return sql::query<std::string>(*db_, "SELECT id FROM devices WHERE state = 'decommissioned'",
+  return sql::query<std::string>(*db_, "SELECT id FROM devices WHERE decommissioned != 0",
                                  [](const sql::Stmt& s) { return s.col_text(0); });
 }
 

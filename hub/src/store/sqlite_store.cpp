@@ -187,6 +187,9 @@ CREATE TABLE IF NOT EXISTS trust (
   if (auto s = migrate_campaigns(); !s) return s;
   if (auto s = migrate_certs(); !s) return s;
   if (auto s = migrate_scopes(); !s) return s;
+  // Last of the devices columns (a snapshot compares column order), and
+  // before the triggers that read it are made.
+  if (auto s = migrate_directory(); !s) return s;
   if (auto s = migrate_aggregates(); !s) return s;
   return migrate_inventory();
 }
@@ -209,6 +212,25 @@ Status Store::migrate_cells() {
   // coordinator), so that a restart neither forgets a drain nor strands the
   // devices that took a move asked before it.
   return db_->exec("CREATE TABLE IF NOT EXISTS cell_drains (cell INTEGER PRIMARY KEY, since_ms INTEGER NOT NULL)");
+}
+
+// A decommission is the directory's own column (ADR 18): the state a
+// decommission also sets is a report column, which a cell's file keeps.
+// Stores made before it get the column from the state, in one transaction
+// (no trigger reads the column yet: migrate_aggregates rebuilds them next).
+Status Store::migrate_directory() {
+  auto has = query<int64_t>(*db_, "SELECT COUNT(*) FROM pragma_table_info('devices') WHERE name = 'decommissioned'",
+                            [](const sql::Stmt& s) { return s.col_int(0); });
+  if (!has) return has.error();
+  if (!has->empty() && has->front() > 0) return {};
+  sql::Transaction tx(*db_);
+  if (!tx.ok()) return make_error(Errc::unavailable, "cannot begin transaction", true);
+  if (auto s = db_->exec("ALTER TABLE devices ADD COLUMN decommissioned INTEGER NOT NULL DEFAULT 0; "
+                         "UPDATE devices SET decommissioned = 1 WHERE state = 'decommissioned';");
+      !s) {
+    return s.error().with_context("add devices.decommissioned");
+  }
+  return tx.commit();
 }
 
 std::string bundle_id(const std::string& project, const std::string& digest) {
@@ -388,7 +410,7 @@ Result<std::optional<DeviceRecord>> Store::get_device(const std::string& id) {
 Result<std::optional<DeviceDirectoryEntry>> Store::directory_entry(const std::string& id) {
   auto st = db_->prepare(
       "SELECT id, project, labels, public_key, hostname, enrolled_ms, enroll_issued_ms, gateway, cell, "
-      "state = 'decommissioned' FROM devices WHERE id = ?");
+      "decommissioned FROM devices WHERE id = ?");
   if (!st) return st.error();
   st->bind(1, std::string_view(id));
   auto r = st->step();
@@ -413,18 +435,19 @@ Result<std::vector<DeviceRecord>> Store::list_devices() {
 }
 
 Status Store::each_device_target(
-    const std::function<void(const std::string&, const std::string&, const std::string&, const Labels&)>& f) {
-  auto st = db_->prepare("SELECT id, project, state, labels FROM devices ORDER BY id");
+    const std::function<void(const std::string&, const std::string&, bool, const Labels&)>& f) {
+  auto st = db_->prepare("SELECT id, project, decommissioned, labels FROM devices ORDER BY id");
   if (!st) return st.error();
-  return st->each([&](const sql::Stmt& s) { f(s.col_text(0), s.col_text(1), s.col_text(2), labels_from(s.col_text(3))); });
+  return st->each(
+      [&](const sql::Stmt& s) { f(s.col_text(0), s.col_text(1), s.col_int(2) != 0, labels_from(s.col_text(3))); });
 }
 
 Status Store::each_device_target_cell(
-    const std::function<void(const std::string&, const std::string&, const std::string&, const Labels&, int)>& f) {
-  auto st = db_->prepare("SELECT id, project, state, labels, cell FROM devices ORDER BY id");
+    const std::function<void(const std::string&, const std::string&, bool, const Labels&, int)>& f) {
+  auto st = db_->prepare("SELECT id, project, decommissioned, labels, cell FROM devices ORDER BY id");
   if (!st) return st.error();
   return st->each([&](const sql::Stmt& s) {
-    f(s.col_text(0), s.col_text(1), s.col_text(2), labels_from(s.col_text(3)), static_cast<int>(s.col_int(4)));
+    f(s.col_text(0), s.col_text(1), s.col_int(2) != 0, labels_from(s.col_text(3)), static_cast<int>(s.col_int(4)));
   });
 }
 
@@ -479,8 +502,8 @@ Result<int64_t> Store::set_cell_devices_offline(int cell) {
 
 Result<std::vector<Store::CellCount>> Store::cell_device_counts(const std::string& project) {
   const bool any = project == "*";
-  auto st = db_->prepare(std::string("SELECT cell, COUNT(*), COALESCE(SUM(online), 0) FROM devices WHERE state != "
-                                     "'decommissioned'") + (any ? "" : " AND project = ?") + " GROUP BY cell ORDER BY cell");
+  auto st = db_->prepare(std::string("SELECT cell, COUNT(*), COALESCE(SUM(online), 0) FROM devices WHERE "
+                                     "decommissioned = 0") + (any ? "" : " AND project = ?") + " GROUP BY cell ORDER BY cell");
   if (!st) return st.error();
   if (!any) st->bind(1, std::string_view(project));
   return st->rows<CellCount>([](const sql::Stmt& s) {
@@ -559,7 +582,7 @@ Result<std::vector<std::string>> Store::devices_of_owner(const std::string& id) 
 }
 
 Result<std::vector<std::string>> Store::cell_session_devices(int cell, int64_t limit, const std::string& after) {
-  auto st = db_->prepare("SELECT id FROM devices WHERE cell=? AND id > ? AND gateway='' AND state != 'decommissioned' "
+  auto st = db_->prepare("SELECT id FROM devices WHERE cell=? AND id > ? AND gateway='' AND decommissioned = 0 "
                          "ORDER BY id LIMIT ?");
   if (!st) return st.error();
   st->bind(1, static_cast<int64_t>(cell)).bind(2, std::string_view(after)).bind(3, limit);

@@ -730,8 +730,10 @@ class HubService {
   // device's cell reads and writes it through. Every cell's is store_ (one
   // file, store_mu_) until per-cell files exist.
   // A device's whole record: its directory entry says which cell's store
-  // holds the rest (ADR 18). store_mu_ held.
-  Result<std::optional<DeviceRecord>> device_record(const std::string& id);
+  // holds the rest (ADR 18), and whether it was decommissioned (the
+  // directory's word, not the reported state's), into *decommissioned.
+  // store_mu_ held.
+  Result<std::optional<DeviceRecord>> device_record(const std::string& id, bool* decommissioned = nullptr);
   DeviceStore& device_store(int cell) {
     (void)cell;
     return store_;

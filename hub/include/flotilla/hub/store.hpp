@@ -426,14 +426,15 @@ class Store final : public DeviceStore {
   // Every device, by id: the tests' brute-force answer. The API never loads
   // the fleet; it pages with AggregateStore::devices.
   Result<std::vector<DeviceRecord>> list_devices();
-  // Streams what targeting needs of every device (id, project, state,
-  // labels) without building a million full records.
+  // Streams what targeting needs of every device (id, project, whether it
+  // was decommissioned, labels) from the directory's columns, without
+  // building a million full records.
   Status each_device_target(
-      const std::function<void(const std::string& id, const std::string& project, const std::string& state,
+      const std::function<void(const std::string& id, const std::string& project, bool decommissioned,
                                const Labels& labels)>& f);
   // The same with each device's cell (membership of a cell's devices).
   Status each_device_target_cell(
-      const std::function<void(const std::string& id, const std::string& project, const std::string& state,
+      const std::function<void(const std::string& id, const std::string& project, bool decommissioned,
                                const Labels& labels, int cell)>& f);
   // DeviceStore: report and presence of devices.
   Status save_device_state(const DeviceRecord& d) override;
@@ -588,6 +589,7 @@ class Store final : public DeviceStore {
   // Columns and constraints of the security fixes: enrollment replay floor,
   // device-choosable label keys, bundles unique per (project, digest).
   Status migrate_scopes();
+  Status migrate_directory();
   Status migrate_certs();
   std::unique_ptr<sql::Db> db_;
 };
