@@ -7,6 +7,7 @@
 #include <set>
 
 #include "flotilla/common/log.hpp"
+#include "flotilla/hub/merge.hpp"
 #include "flotilla/hub/service.hpp"
 
 namespace flotilla::hub {
@@ -422,7 +423,7 @@ Result<std::vector<CellCampaignCounts>> HubService::cell_counts(Store& from, con
   } else {
     auto present = from.campaign_cells(campaign_id);
     if (!present) return present.error();
-    local = std::move(*present);
+    local = merge_cells({std::move(*present)});
   }
   std::vector<CellCampaignCounts> out;
   const int64_t now = clock_.now_unix_ms();
@@ -469,7 +470,11 @@ Result<std::vector<CampaignCountRow>> HubService::campaign_totals(Store& from, c
 }
 
 Result<std::vector<int>> HubService::campaign_member_cells(const std::string& campaign_id) {
-  if (!cfg_.share_cells) return store_.campaign_cells(campaign_id);
+  if (!cfg_.share_cells) {
+    auto present = store_.campaign_cells(campaign_id);
+    if (!present) return present.error();
+    return merge_cells({std::move(*present)});
+  }
   if (auto it = member_cells_.find(campaign_id); it != member_cells_.end()) return it->second;
   auto c = store_.get_campaign(campaign_id);
   if (!c) return c.error();

@@ -390,7 +390,10 @@ HubService::CellWork HubService::decide_campaign(CampaignRecord& c) {
                           {"threshold_percent", th.percent},
                           {"min_sample", th.min_sample},
                           {"wave", strategy.wave_name(c.current_wave)}};
-    if (auto reasons = store_.failure_reasons(c.id); reasons) detail["failure_reasons"] = *reasons;
+    // One store today; one part per cell's store when they are split (ADR 18).
+    if (auto reasons = store_.failure_reasons(c.id); reasons) {
+      detail["failure_reasons"] = sum_reason_counts({std::move(*reasons)});
+    }
     audit_engine_action(c, th.action, detail);
     if (th.action == "rollback") {
       start_rollback(c, why);
@@ -1083,13 +1086,15 @@ Result<std::optional<CampaignView>> HubService::campaign_view_on(Store& from, co
   }
   // Grouped and limited in SQL: a status poll of a million-device campaign
   // must not load a million rows.
+  // (One store's parts today; one per cell's store when they are split.)
   auto reasons = from.failure_reasons(id);
   if (!reasons) return reasons.error();
-  v.failure_reasons = std::move(*reasons);
+  v.failure_reasons = sum_reason_counts({std::move(*reasons)});
   if (v.counts.offline > 0) {
-    auto away = from.away_devices(id, 100);
+    constexpr int64_t kAwayListed = 100;
+    auto away = from.away_devices(id, kAwayListed);
     if (!away) return away.error();
-    v.away = std::move(*away);
+    v.away = merge_device_ids({std::move(*away)}, kAwayListed);
   }
   if (with_devices) {
     auto rows = from.campaign_devices(id);

@@ -13,6 +13,7 @@
 #include "flotilla/common/log.hpp"
 #include "flotilla/hub/artifacts.hpp"
 #include "flotilla/hub/declarative.hpp"
+#include "flotilla/hub/merge.hpp"
 #include "flotilla/hub/service.hpp"
 
 namespace flotilla::hub {
@@ -56,7 +57,12 @@ Result<std::vector<AppliedObject>> HubService::list_applied(const std::string& a
 
 Result<std::vector<CampaignDeviceRecord>> HubService::campaign_failures(const std::string& campaign_id,
                                                                         int64_t limit) {
-  return read([&](Store& from) { return from.campaign_failures(campaign_id, limit); });
+  return read([&](Store& from) -> Result<std::vector<CampaignDeviceRecord>> {
+    auto part = from.campaign_failures(campaign_id, limit);
+    if (!part) return part.error();
+    // One store today; one part per cell's store when they are split (ADR 18).
+    return first_failed_rows({std::move(*part)}, limit);
+  });
 }
 
 Result<GitRepoRecord> HubService::put_gitrepo(GitRepoRecord r, bool create_only) {

@@ -203,3 +203,129 @@ TEST_CASE("a device page of one store is its own merge", "[unit][hub][merge]") {
   CHECK(none.items.empty());
   CHECK(none.complete);
 }
+
+// The campaign reads that span cells (ADR 18, before slice 7): failure
+// counts by reason, the first failed rows, the devices away, and the cells
+// a campaign has rows in. Three stores hold a third of the devices and their
+// campaign rows each, a fourth holds them all: each merge of the three
+// stores' answers must be the fourth's answer.
+TEST_CASE("a campaign's failures, away devices and cells merge over stores into one store's answer",
+          "[unit][hub][merge]") {
+  CellStores cells;
+  for (int i = 0; i < 4; ++i) cells.add("cell-" + std::to_string(i));
+  BundleRecord b;
+  b.id = "b1";
+  b.digest = "b1digest";
+  b.name = "edge";
+  b.version = 1;
+  b.envelope = "x";
+  CampaignRecord c;
+  c.id = "c1";
+  c.bundle_id = "b1";
+  c.state = CampaignState::running;
+  c.created_ms = c.updated_ms = 1000;
+  std::mt19937 rng(23);
+  std::vector<DeviceRecord> devices;
+  std::vector<std::vector<CampaignMember>> members(4);
+  for (int i = 0; i < 120; ++i) {
+    DeviceRecord d;
+    d.id = "d-" + std::to_string(1000 + i);
+    d.project = "default";
+    d.public_key_hex = "00";
+    d.arch = "amd64";
+    // Skewed, and cell 2 (the third store's) holds its devices alone.
+    d.cell = rng() % 5 < 3 ? 0 : 1 + static_cast<int>(rng() % 2);
+    REQUIRE(cells.stores[static_cast<size_t>(d.cell)]->upsert_enrolled_device(d));
+    REQUIRE(cells.stores[3]->upsert_enrolled_device(d));
+    CampaignMember m{d.id, static_cast<double>(rng() % 1000) / 1000.0, 0, "", d.cell};
+    members[static_cast<size_t>(d.cell)].push_back(m);
+    members[3].push_back(m);
+    devices.push_back(d);
+  }
+  for (size_t s = 0; s < 4; ++s) {
+    REQUIRE(cells.stores[s]->insert_bundle(b));
+    REQUIRE(cells.stores[s]->insert_campaign(c, members[s]));
+  }
+  const std::vector<std::string> reasons = {"health", "disk", "verify", ""};
+  for (auto& d : devices) {
+    d.online = rng() % 3 != 0;
+    d.last_seq = 1;
+    CampaignDeviceRecord row;
+    row.campaign_id = c.id;
+    row.device_id = d.id;
+    const auto pick = rng() % 4;
+    row.status = pick == 0 ? "failed" : pick == 1 ? "applied" : pick == 2 ? "pending" : "waiting";
+    row.reason = row.status == "failed" ? reasons[rng() % reasons.size()] : "";
+    row.updated_ms = 2000 + static_cast<int64_t>(rng() % 20);  // shared times: the id breaks ties
+    for (size_t s : {static_cast<size_t>(d.cell), size_t{3}}) {
+      auto have = cells.stores[s]->campaign_device(c.id, d.id);
+      REQUIRE(have);
+      REQUIRE(*have);
+      CampaignDeviceRecord r = **have;
+      r.status = row.status;
+      r.reason = row.reason;
+      r.updated_ms = row.updated_ms;
+      REQUIRE(cells.stores[s]->save_campaign_device(r));
+      REQUIRE(cells.stores[s]->save_device_state(d));
+    }
+  }
+
+  // The three cells' answers to one read, and the fourth store's.
+  auto parts_and_whole = [&](auto read) {
+    using Part = std::decay_t<decltype(*read(*cells.stores[0]))>;
+    std::vector<Part> parts;
+    for (size_t s = 0; s < 3; ++s) {
+      auto part = read(*cells.stores[s]);
+      REQUIRE(part);
+      parts.push_back(*part);
+    }
+    auto whole = read(*cells.stores[3]);
+    REQUIRE(whole);
+    return std::make_pair(parts, *whole);
+  };
+
+  // Failure counts by reason.
+  auto [reason_parts, whole_reasons] = parts_and_whole([&](Store& s) { return s.failure_reasons(c.id); });
+  REQUIRE(whole_reasons.size() >= 3);
+  CHECK(sum_reason_counts(reason_parts) == whole_reasons);
+
+  auto ids = [](const std::vector<CampaignDeviceRecord>& rows) {
+    std::vector<std::string> out;
+    for (const auto& r : rows) out.push_back(r.device_id);
+    return out;
+  };
+  for (int64_t limit : {1, 7, 500}) {
+    CAPTURE(limit);
+    // The first failed rows, in (updated_ms, id) order.
+    auto [failed_parts, whole_failed] =
+        parts_and_whole([&](Store& s) { return s.campaign_failures(c.id, limit); });
+    CHECK(ids(first_failed_rows(failed_parts, limit)) == ids(whole_failed));
+
+    // Devices away: the campaign view's walk and both of the dashboard's.
+    std::vector<std::vector<std::string>> away_parts, by_rows_parts, by_offline_parts;
+    for (size_t s = 0; s < 3; ++s) {
+      auto part = cells.stores[s]->away_devices(c.id, limit);
+      REQUIRE(part);
+      away_parts.push_back(*part);
+      auto by_rows = cells.aggs[s]->away(c.id, limit, 1, 1, 2);
+      auto by_offline = cells.aggs[s]->away(c.id, limit, 1, 2, 1);
+      REQUIRE(by_rows);
+      REQUIRE(by_offline);
+      by_rows_parts.push_back(*by_rows);
+      by_offline_parts.push_back(*by_offline);
+    }
+    auto whole_away = cells.stores[3]->away_devices(c.id, limit);
+    REQUIRE(whole_away);
+    REQUIRE_FALSE(whole_away->empty());
+    CHECK(merge_device_ids(away_parts, limit) == *whole_away);
+    CHECK(merge_device_ids(by_rows_parts, limit) == *whole_away);
+    CHECK(merge_device_ids(by_offline_parts, limit) == *whole_away);
+  }
+  // A device in two stores (a drain's crash window) is one device.
+  CHECK(merge_device_ids({{"d-1", "d-3"}, {"d-1", "d-2"}}, 10) == std::vector<std::string>{"d-1", "d-2", "d-3"});
+
+  // The cells the campaign has rows in.
+  auto [cell_parts, whole_cells] = parts_and_whole([&](Store& s) { return s.campaign_cells(c.id); });
+  CHECK(whole_cells == std::vector<int>{0, 1, 2});
+  CHECK(merge_cells(cell_parts) == whole_cells);
+}

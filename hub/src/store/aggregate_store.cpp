@@ -1164,9 +1164,12 @@ Result<std::vector<std::string>> AggregateStore::away(const std::string& campaig
           : "SELECT cd.device_id FROM campaign_devices cd CROSS JOIN devices d ON d.id = cd.device_id "
             "WHERE cd.campaign_id = ? AND cd.status IN ('waiting', 'pending', 'in_progress', 'rolling_back') "
             "AND d.online = 0 ORDER BY cd.device_id LIMIT ?";
-  return query<std::string>(
+  auto part = query<std::string>(
       lease.db(), sql, [&](sql::Stmt& s) { s.bind(1, std::string_view(campaign_id)).bind(2, limit); },
       [](const sql::Stmt& s) { return s.col_text(0); });
+  if (!part) return part.error();
+  // One store today; one part per cell's store when they are split (ADR 18).
+  return merge_device_ids({std::move(*part)}, limit);
 }
 
 namespace {

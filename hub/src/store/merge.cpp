@@ -18,6 +18,18 @@ void keep_first(std::vector<T>& v, int64_t n) {
   if (static_cast<int64_t>(v.size()) > std::max<int64_t>(0, n)) v.resize(static_cast<size_t>(std::max<int64_t>(0, n)));
 }
 
+// Every part's items, ordered by `less`, the first `limit` of them.
+template <class T, class Less>
+std::vector<T> first_in_order(std::vector<std::vector<T>> parts, Less less, int64_t limit) {
+  std::vector<T> out;
+  for (auto& part : parts) {
+    for (auto& item : part) out.push_back(std::move(item));
+  }
+  std::sort(out.begin(), out.end(), less);
+  keep_first(out, limit);
+  return out;
+}
+
 }  // namespace
 
 std::vector<FleetCount> sum_fleet_counts(const std::vector<std::vector<FleetCount>>& parts) {
@@ -53,26 +65,58 @@ std::vector<FailureGroup> top_failure_reasons(const std::vector<std::vector<Fail
 
 std::vector<FailureGroup::Device> first_failed_devices(const std::vector<std::vector<FailureGroup::Device>>& parts,
                                                        int64_t per_reason) {
-  std::vector<FailureGroup::Device> out;
+  return first_in_order(
+      parts,
+      [](const FailureGroup::Device& a, const FailureGroup::Device& b) {
+        return std::tie(a.updated_ms, a.id) < std::tie(b.updated_ms, b.id);
+      },
+      per_reason);
+}
+
+std::map<std::string, int64_t> sum_reason_counts(const std::vector<std::map<std::string, int64_t>>& parts) {
+  std::map<std::string, int64_t> out;
+  for (const auto& part : parts) {
+    for (const auto& [reason, n] : part) out[reason] += n;
+  }
+  std::erase_if(out, [](const auto& kv) { return kv.second == 0; });
+  return out;
+}
+
+std::vector<CampaignDeviceRecord> first_failed_rows(std::vector<std::vector<CampaignDeviceRecord>> parts,
+                                                    int64_t limit) {
+  return first_in_order(
+      std::move(parts),
+      [](const CampaignDeviceRecord& a, const CampaignDeviceRecord& b) {
+        return std::tie(a.updated_ms, a.device_id) < std::tie(b.updated_ms, b.device_id);
+      },
+      limit);
+}
+
+std::vector<std::string> merge_device_ids(const std::vector<std::vector<std::string>>& parts, int64_t limit) {
+  std::vector<std::string> out;
   for (const auto& part : parts) out.insert(out.end(), part.begin(), part.end());
-  std::sort(out.begin(), out.end(), [](const FailureGroup::Device& a, const FailureGroup::Device& b) {
-    return std::tie(a.updated_ms, a.id) < std::tie(b.updated_ms, b.id);
-  });
-  keep_first(out, per_reason);
+  std::sort(out.begin(), out.end());
+  out.erase(std::unique(out.begin(), out.end()), out.end());
+  keep_first(out, limit);
+  return out;
+}
+
+std::vector<int> merge_cells(const std::vector<std::vector<int>>& parts) {
+  std::vector<int> out;
+  for (const auto& part : parts) out.insert(out.end(), part.begin(), part.end());
+  std::sort(out.begin(), out.end());
+  out.erase(std::unique(out.begin(), out.end()), out.end());
   return out;
 }
 
 std::vector<CampaignDeviceRecord> merge_releasable(std::vector<std::vector<CampaignDeviceRecord>> parts,
                                                    int64_t limit) {
-  std::vector<CampaignDeviceRecord> out;
-  for (auto& part : parts) {
-    for (auto& r : part) out.push_back(std::move(r));
-  }
-  std::sort(out.begin(), out.end(), [](const CampaignDeviceRecord& a, const CampaignDeviceRecord& b) {
-    return std::tie(a.wave, a.rank, a.device_id) < std::tie(b.wave, b.rank, b.device_id);
-  });
-  keep_first(out, limit);
-  return out;
+  return first_in_order(
+      std::move(parts),
+      [](const CampaignDeviceRecord& a, const CampaignDeviceRecord& b) {
+        return std::tie(a.wave, a.rank, a.device_id) < std::tie(b.wave, b.rank, b.device_id);
+      },
+      limit);
 }
 
 namespace {

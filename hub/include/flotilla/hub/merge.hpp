@@ -6,6 +6,8 @@
 // stop) are tested without a store; today's callers pass the answer of the
 // one store, or of one query per time zone.
 #include <cstdint>
+#include <map>
+#include <string>
 #include <vector>
 
 #include "flotilla/hub/aggregates.hpp"
@@ -28,6 +30,23 @@ std::vector<FailureGroup> top_failure_reasons(const std::vector<std::vector<Fail
 // id) order: the first `per_reason` of them in that order.
 std::vector<FailureGroup::Device> first_failed_devices(const std::vector<std::vector<FailureGroup::Device>>& parts,
                                                        int64_t per_reason);
+
+// A campaign's failures counted by reason (the campaign record's map)
+// summed over parts; a reason summing to zero is left out.
+std::map<std::string, int64_t> sum_reason_counts(const std::vector<std::map<std::string, int64_t>>& parts);
+
+// A campaign's failed rows, each part in (updated_ms, device id) order: the
+// first `limit` over all of them in that order.
+std::vector<CampaignDeviceRecord> first_failed_rows(std::vector<std::vector<CampaignDeviceRecord>> parts,
+                                                    int64_t limit);
+
+// Device ids, each part ascending: the first `limit` over all of them,
+// ascending, each id once (a device whose rows are in two stores, a drain's
+// crash window, is one device).
+std::vector<std::string> merge_device_ids(const std::vector<std::vector<std::string>>& parts, int64_t limit);
+
+// Cells (a campaign's member cells) over parts: each once, ascending.
+std::vector<int> merge_cells(const std::vector<std::vector<int>>& parts);
 
 // Campaign rows waiting for release, each part in (wave, rank) order and
 // holding its own first `limit`: the first `limit` over all of them in
