@@ -32,12 +32,12 @@ bool targets(const CampaignRecord& c, const Selector& sel, const std::string& pr
   return project == c.project && !decommissioned && sel.matches(labels);
 }
 
-// A device as a member of campaign c: its rank by the campaign's hash and,
-// for a campaign with a maintenance window, its time zone. The caller sets
-// the wave (it depends on the rank and on who asks).
+// A device of `cell` as a member of campaign c: its rank by the campaign's
+// hash and, for a campaign with a maintenance window, its time zone. The
+// caller sets the wave (it depends on the rank and on who asks).
 CampaignMember member_of(const CampaignRecord& c, const Strategy& strategy, const std::string& id,
-                                const Labels& labels) {
-  return {id, campaign_rank(c.id, id), 0, strategy.window.enabled() ? strategy.window.zone_for(labels) : ""};
+                         const Labels& labels, int cell) {
+  return {id, campaign_rank(c.id, id), 0, strategy.window.enabled() ? strategy.window.zone_for(labels) : "", cell};
 }
 
 // What a device report means for its campaign row.
@@ -141,7 +141,18 @@ Result<CampaignRecord> HubService::create_campaign(const std::string& name, cons
       if (!r.zone.empty()) zones.insert(r.zone);
     }
     c.zones = join_zones(zones);
-    if (auto s = store_.insert_campaign(c, *rows); !s) return s.error();
+    // The record is control data (hub.db); each member's row goes to the
+    // store of its device's cell, the cell the directory gave it (ADR 18).
+    // One transaction while every cell's store is hub.db; with a file per
+    // cell, each file's rows commit before the record, and rows whose
+    // campaign never committed are removed at open (ADR 18).
+    sql::Transaction tx(store_.db());
+    if (!tx.ok()) return make_error(Errc::unavailable, "cannot begin transaction", true);
+    if (auto s = store_.insert_campaign_record(c); !s) return s.error();
+    for (const auto& m : *rows) {
+      if (auto s = device_store(m.cell).add_campaign_member(c.id, m, c.created_ms); !s) return s.error();
+    }
+    if (auto s = tx.commit(); !s) return s.error();
     log::get("hub")->info("campaign created id={} bundle={} devices={} waves={}", c.id, bundle.id, rows->size(),
                           strategy.wave_count());
     return {};
@@ -156,13 +167,11 @@ Result<std::vector<CampaignMember>> HubService::campaign_members(const CampaignR
                                                                        std::optional<int> cell) {
   std::vector<CampaignMember> rows;
   std::vector<double> ranks;
-  std::vector<int> cells;
   auto listed = store_.each_device_target_cell([&](const std::string& id, const std::string& dev_project,
                                                    bool decommissioned, const Labels& labels, int dev_cell) {
     if (!targets(c, sel, dev_project, decommissioned, labels)) return;
-    rows.push_back(member_of(c, strategy, id, labels));
+    rows.push_back(member_of(c, strategy, id, labels, dev_cell));
     ranks.push_back(rows.back().rank);
-    cells.push_back(dev_cell);
   });
   if (!listed) return listed.error();
   // Waves over every matching device: a count-based canary is the N lowest
@@ -170,7 +179,7 @@ Result<std::vector<CampaignMember>> HubService::campaign_members(const CampaignR
   auto waves = assign_waves(strategy, ranks);
   std::vector<CampaignMember> out;
   for (size_t i = 0; i < rows.size(); ++i) {
-    if (cell && cells[i] != *cell) continue;
+    if (cell && rows[i].cell != *cell) continue;
     rows[i].wave = waves[i];
     out.push_back(std::move(rows[i]));
   }
@@ -188,9 +197,8 @@ Result<std::vector<CampaignMember>> HubService::members_by_id(const CampaignReco
     auto d = store_.directory_entry(id);
     if (!d) return d.error().with_context("device=" + id);
     if (!*d || !targets(c, *sel, (*d)->project, (*d)->decommissioned, (*d)->labels)) continue;
-    auto m = member_of(c, strategy, id, (*d)->labels);
+    auto m = member_of(c, strategy, id, (*d)->labels, (*d)->cell);
     m.wave = strategy.wave_for_rank(m.rank);
-    m.cell = (*d)->cell;
     if (strategy.canary_count > 0) {
       auto cutoff = canary_cutoff(c, *sel, strategy);
       if (!cutoff) return cutoff.error();
@@ -767,7 +775,7 @@ void HubService::refresh_membership(const std::vector<DeviceRecord>& devices) {
       const bool matches = sel->matches(d.labels);
       if (matches && !*row) {
         // Joins where its hash puts it, but never in a wave already done.
-        auto m = member_of(c, strategy, d.id, d.labels);
+        auto m = member_of(c, strategy, d.id, d.labels, d.cell);
         m.wave = std::max(strategy.wave_for_rank(m.rank), c.current_wave);
         if (!m.zone.empty()) zones.insert(m.zone);
         if (cell_store.add_campaign_member(c.id, m, now)) {

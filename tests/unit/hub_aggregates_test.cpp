@@ -353,6 +353,40 @@ TEST_CASE("directory changes reach the device rows through the outbox, after the
   check_counts_agree(*s.store);
 }
 
+// ADR 18, before slice 7: a campaign's record is control data and each
+// member's row belongs to the store of the cell the directory gives it, so a
+// row takes its cell from the member, never from a devices row (which a
+// cell's file will not have for a device of another cell).
+TEST_CASE("a campaign member's row is in the cell the member names", "[unit][hub][views]") {
+  Stores s;
+  s.enroll("d-1", {});
+  s.enroll("d-2", {});
+  CampaignMember in_2{"d-1", 0.5, 0, "", 2};
+  CampaignMember in_0{"d-2", 0.25, 1, "", 0};
+  s.running_campaign("c1", {in_2, in_0}, 1000);
+  auto row = s.store->campaign_device("c1", "d-1");
+  REQUIRE(row);
+  REQUIRE(*row);
+  CHECK((*row)->cell == 2);
+  CHECK(s.rows("SELECT cell FROM devices WHERE id = 'd-1'") == 0);  // the device row says otherwise
+  auto cells = s.store->campaign_cells("c1");
+  REQUIRE(cells);
+  CHECK(*cells == std::vector<int>{0, 2});
+  // A record alone has no rows; a member added again changes nothing.
+  CampaignRecord c2;
+  c2.id = "c2";
+  c2.bundle_id = "b1";
+  c2.state = CampaignState::running;
+  REQUIRE(s.store->insert_campaign_record(c2));
+  CHECK(s.rows("SELECT COUNT(*) FROM campaign_devices WHERE campaign_id = 'c2'") == 0);
+  REQUIRE(s.store->add_campaign_member("c1", CampaignMember{"d-1", 0.9, 1, "", 1}, 2000));
+  row = s.store->campaign_device("c1", "d-1");
+  REQUIRE(row);
+  REQUIRE(*row);
+  CHECK((*row)->cell == 2);
+  CHECK((*row)->wave == 0);
+}
+
 // ADR 18, before slice 7: a decommission is the directory's own column. The
 // directory's counts, label index, broker certificates, outbox and targeting
 // follow that column; the state, a report column a cell's file will keep, is

@@ -224,6 +224,8 @@ TEST_CASE("campaign counts per cell stay exact through reports, presence and dra
   std::set<int> seen;
   for (const auto& d : f.devices) seen.insert(f.cell_of(d));
   CHECK(seen.size() == 3);  // spread over the cells
+  // Creation put each row in its device's cell.
+  for (const auto& row : f.view(id).devices) CHECK(row.cell == f.cell_of(row.device_id));
   for (int round = 0; round < 30; ++round) {
     f.hub->tick();
     require_exact();

@@ -71,8 +71,6 @@ std::string cell_condition(const std::optional<std::vector<int>>& cells, const c
   return std::string("AND ") + prefix + "cell IN (" + in + ") ";
 }
 
-// A new row's cell: its device's, where the device's reports arrive (?2 is the device id).
-const std::string kDeviceCell = "COALESCE((SELECT cell FROM devices WHERE id = ?2), 0)";
 
 // "a, b" -> "cd.a, cd.b", for a column list used in a join.
 std::string qualified(const std::string& cols, const std::string& prefix) {
@@ -242,31 +240,26 @@ INSERT INTO campaign_counts
 )SQL");
 }
 
+Status Store::insert_campaign_record(const CampaignRecord& c) {
+  auto st = db_->prepare(std::string("INSERT INTO campaigns (") + kCampaignCols +
+                         ") VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)");
+  if (!st) return st.error();
+  st->bind(1, std::string_view(c.id)).bind(2, std::string_view(c.name)).bind(3, std::string_view(c.bundle_id))
+      .bind(4, std::string_view(c.selector)).bind(5, state_name(c.state)).bind(6, c.created_ms)
+      .bind(7, c.updated_ms).bind(8, std::string_view(c.project)).bind(9, std::string_view(c.strategy))
+      .bind(10, static_cast<int64_t>(c.current_wave)).bind(11, c.wave_done_ms)
+      .bind(12, std::string_view(c.state_reason)).bind(13, c.baseline_failed).bind(14, c.baseline_finals)
+      .bind(15, static_cast<int64_t>(c.approved_wave)).bind_double(16, c.rate_tokens).bind(17, c.rate_ms)
+      .bind(18, std::string_view(c.zones));
+  return st->run();
+}
+
 Status Store::insert_campaign(const CampaignRecord& c, const std::vector<CampaignMember>& members) {
   sql::Transaction tx(*db_);
   if (!tx.ok()) return make_error(Errc::unavailable, "cannot begin transaction", true);
-  {
-    auto st = db_->prepare(std::string("INSERT INTO campaigns (") + kCampaignCols +
-                           ") VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)");
-    if (!st) return st.error();
-    st->bind(1, std::string_view(c.id)).bind(2, std::string_view(c.name)).bind(3, std::string_view(c.bundle_id))
-        .bind(4, std::string_view(c.selector)).bind(5, state_name(c.state)).bind(6, c.created_ms)
-        .bind(7, c.updated_ms).bind(8, std::string_view(c.project)).bind(9, std::string_view(c.strategy))
-        .bind(10, static_cast<int64_t>(c.current_wave)).bind(11, c.wave_done_ms)
-        .bind(12, std::string_view(c.state_reason)).bind(13, c.baseline_failed).bind(14, c.baseline_finals)
-        .bind(15, static_cast<int64_t>(c.approved_wave)).bind_double(16, c.rate_tokens).bind(17, c.rate_ms)
-        .bind(18, std::string_view(c.zones));
-    if (auto r = st->run(); !r) return r.error();
-  }
-  auto ins = db_->prepare(
-      "INSERT INTO campaign_devices (campaign_id, device_id, status, generation, updated_ms, wave, rank, zone, cell) "
-      "VALUES (?, ?, 'waiting', 0, ?, ?, ?, ?, " + kDeviceCell + ")");
-  if (!ins) return ins.error();
+  if (auto s = insert_campaign_record(c); !s) return s;
   for (const auto& m : members) {
-    ins->reset();
-    ins->bind(1, std::string_view(c.id)).bind(2, std::string_view(m.device_id)).bind(3, c.created_ms)
-        .bind(4, static_cast<int64_t>(m.wave)).bind_double(5, m.rank).bind(6, std::string_view(m.zone));
-    if (auto r = ins->run(); !r) return r.error();
+    if (auto s = add_campaign_member(c.id, m, c.created_ms); !s) return s;
   }
   return tx.commit();
 }
@@ -274,10 +267,11 @@ Status Store::insert_campaign(const CampaignRecord& c, const std::vector<Campaig
 Status Store::add_campaign_member(const std::string& campaign_id, const CampaignMember& m, int64_t now_ms) {
   auto st = db_->prepare(
       "INSERT INTO campaign_devices (campaign_id, device_id, status, generation, updated_ms, wave, rank, zone, cell) "
-      "VALUES (?, ?, 'waiting', 0, ?, ?, ?, ?, " + kDeviceCell + ") ON CONFLICT DO NOTHING");
+      "VALUES (?, ?, 'waiting', 0, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING");
   if (!st) return st.error();
   st->bind(1, std::string_view(campaign_id)).bind(2, std::string_view(m.device_id)).bind(3, now_ms)
-      .bind(4, static_cast<int64_t>(m.wave)).bind_double(5, m.rank).bind(6, std::string_view(m.zone));
+      .bind(4, static_cast<int64_t>(m.wave)).bind_double(5, m.rank).bind(6, std::string_view(m.zone))
+      .bind(7, static_cast<int64_t>(m.cell));
   return st->run();
 }
 

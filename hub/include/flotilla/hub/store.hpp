@@ -341,7 +341,9 @@ class DeviceStore {
   virtual Result<std::vector<std::string>> cell_session_devices(int cell, int64_t limit,
                                                                 const std::string& after = "") = 0;
 
-  // A device that came to match a running campaign (live membership).
+  // A member's row (status waiting) in the cell the member names (the
+  // directory's answer: no device row is read); nothing if it has one. A
+  // new campaign's members, a device that came to match a running one.
   virtual Status add_campaign_member(const std::string& campaign_id, const CampaignMember& m, int64_t now_ms) = 0;
   virtual Result<std::vector<CampaignDeviceRecord>> campaign_devices(const std::string& campaign_id) = 0;
   virtual Result<std::vector<CampaignDeviceRecord>> campaign_devices_with_status(
@@ -478,10 +480,13 @@ class Store final : public DeviceStore {
   // Every bundle of project ("*": all).
   Result<std::vector<BundleRecord>> list_bundles(const std::string& project = "*");
 
-  // Campaigns (store/campaign_store.cpp). insert_campaign writes the campaign
-  // and all its device rows (status waiting) in one transaction.
+  // Campaigns (store/campaign_store.cpp). insert_campaign_record writes the
+  // campaign alone (control data; its members' rows go to their cells'
+  // stores: HubService::create_campaign); insert_campaign writes it and
+  // every member's row into this one store in one transaction.
   using CampaignMember = hub::CampaignMember;
   Status add_campaign_member(const std::string& campaign_id, const CampaignMember& m, int64_t now_ms) override;
+  Status insert_campaign_record(const CampaignRecord& c);
   Status insert_campaign(const CampaignRecord& c, const std::vector<CampaignMember>& members);
   Result<std::optional<CampaignRecord>> get_campaign(const std::string& id);
   Result<std::vector<CampaignRecord>> list_campaigns();
