@@ -69,6 +69,14 @@ struct Stores {
     REQUIRE(store->insert_campaign(c, members));
     return c;
   }
+  // A counts table's rows, "project/dim/value=n", those not zero, sorted.
+  std::vector<std::string> counts(const std::string& table) {
+    auto r = sql::query<std::string>(store->db(), "SELECT project || '/' || dim || '/' || value || '=' || n FROM " +
+                                                      table + " WHERE n != 0 ORDER BY 1",
+                                     [](const sql::Stmt& st) { return st.col_text(0); });
+    REQUIRE(r);
+    return *r;
+  }
   int64_t rows(const std::string& sql) {
     auto st = store->db().prepare(sql);
     REQUIRE(st);
@@ -205,13 +213,7 @@ TEST_CASE("fleet counts kept by triggers equal a recount from the rows after eve
 TEST_CASE("a report writes only the reported counts and a label change only the directory's",
           "[unit][hub][views]") {
   Stores s;
-  auto table = [&](const std::string& name) {
-    auto r = sql::query<std::string>(s.store->db(), "SELECT project || '/' || dim || '/' || value || '=' || n FROM " +
-                                                        name + " WHERE n != 0 ORDER BY 1",
-                                     [](const sql::Stmt& st) { return st.col_text(0); });
-    REQUIRE(r);
-    return *r;
-  };
+  auto table = [&](const std::string& name) { return s.counts(name); };
   std::vector<DeviceRecord> devs;
   for (int i = 0; i < 6; ++i) {
     devs.push_back(s.enroll("d-" + std::to_string(i), {{"region", i % 2 ? "eu" : "us"}, {"cell", "c1"}}));
@@ -394,13 +396,7 @@ TEST_CASE("a campaign member's row is in the cell the member names", "[unit][hub
 // in the hub) to show which side reads which.
 TEST_CASE("the directory follows its decommissioned column, not the reported state", "[unit][hub][views]") {
   Stores s;
-  auto table = [&](const std::string& name) {
-    auto r = sql::query<std::string>(s.store->db(), "SELECT project || '/' || dim || '/' || value || '=' || n FROM " +
-                                                        name + " WHERE n != 0 ORDER BY 1",
-                                     [](const sql::Stmt& st) { return st.col_text(0); });
-    REQUIRE(r);
-    return *r;
-  };
+  auto table = [&](const std::string& name) { return s.counts(name); };
   for (int i = 0; i < 3; ++i) {
     s.enroll("d-" + std::to_string(i), {{"region", "eu"}});
     DeviceCertRecord c;

@@ -3,6 +3,11 @@
 // coordinator file, used as the shared log; the integration tier runs the
 // same on a real 3-member etcd with real hub processes
 // (tests/integration/hub_control_etcd_test.cpp).
+// The session API, for an entry written by a store of another layout.
+#define SQLITE_ENABLE_SESSION 1
+#define SQLITE_ENABLE_PREUPDATE_HOOK 1
+#include <sqlite3.h>
+
 #include <catch2/catch.hpp>
 
 #include <algorithm>
@@ -831,6 +836,67 @@ TEST_CASE("control log: an entry that cannot be applied is reported and stops th
   auto t = b.service().create_token("api", token_rec("z", "viewer"));
   REQUIRE_FALSE(t);
   CHECK(t.error().message.find("stuck") != std::string::npos);
+}
+
+// A hub of another version (a control table with a column more) writes an
+// entry; SQLite alone would skip that table's changes and report success.
+// The entry stops the mirror with why, and nothing is applied.
+TEST_CASE("control log: an entry from a store whose control table has other columns stops the mirror, never skipped",
+          "[unit][control]") {
+  Shared sh;
+  Hub a(*sh.coord, sh.clock, true);
+  Hub b(*sh.coord, sh.clock, false);
+  b.log().stop();  // driven by hand below
+  // The changeset of a token row as a store whose tokens table has one
+  // column more than this version's would write it.
+  auto ddl = sql::query<std::string>(b.store().db(), "SELECT sql FROM sqlite_master WHERE name = 'tokens'",
+                                     [](const sql::Stmt& st) { return st.col_text(0); });
+  REQUIRE(ddl);
+  REQUIRE(ddl->size() == 1);
+  auto columns = sql::query<std::string>(b.store().db(), "SELECT COUNT(*) FROM pragma_table_info('tokens')",
+                                         [](const sql::Stmt& st) { return st.col_text(0); });
+  REQUIRE(columns);
+  std::string changeset;
+  {
+    sqlite3* other = nullptr;
+    REQUIRE(sqlite3_open(":memory:", &other) == SQLITE_OK);
+    REQUIRE(sqlite3_exec(other, (ddl->front() + "; ALTER TABLE tokens ADD COLUMN added_later INTEGER").c_str(),
+                         nullptr, nullptr, nullptr) == SQLITE_OK);
+    sqlite3_session* session = nullptr;
+    REQUIRE(sqlite3session_create(other, "main", &session) == SQLITE_OK);
+    REQUIRE(sqlite3session_attach(session, "tokens") == SQLITE_OK);
+    REQUIRE(sqlite3_exec(other,
+                         "INSERT INTO tokens (id, kind, secret_hash, name, role, project, labels, expires_unix, "
+                         "max_uses, created_ms, added_later) VALUES ('t-new', 'api', 'h', 'from a newer hub', "
+                         "'viewer', 'default', '{}', 0, 0, 1, 7)",
+                         nullptr, nullptr, nullptr) == SQLITE_OK);
+    int n = 0;
+    void* bytes = nullptr;
+    REQUIRE(sqlite3session_changeset(session, &n, &bytes) == SQLITE_OK);
+    REQUIRE(n > 0);
+    changeset.assign(static_cast<const char*>(bytes), static_cast<size_t>(n));
+    sqlite3_free(bytes);
+    sqlite3session_delete(session);
+    sqlite3_close(other);
+  }
+  const int64_t seq = a.log().applied_seq();
+  const int64_t head = sh.head_revision();
+  char key[64];
+  std::snprintf(key, sizeof key, "/flotilla/control/log/%020lld", static_cast<long long>(seq + 1));
+  auto w = sh.sqlite->txn({co::Compare::mod_revision_is("/flotilla/control/head", head)},
+                          {co::Op::put(key, changeset), co::Op::put("/flotilla/control/head", std::to_string(seq + 1))});
+  REQUIRE(w);
+  REQUIRE(w->succeeded);
+  const int64_t tokens = b.count("tokens");
+  auto caught = b.log().catch_up();
+  REQUIRE_FALSE(caught);
+  CHECK(caught.error().message.find(key) != std::string::npos);
+  CHECK(caught.error().message.find("table tokens as a table of " + std::to_string(std::stoi(columns->front()) + 1) +
+                                    " columns") != std::string::npos);
+  CHECK(caught.error().message.find("another version") != std::string::npos);
+  CHECK(b.log().stuck_reason().find("cannot be applied") != std::string::npos);
+  CHECK(b.log().applied_seq() == seq);  // not skipped
+  CHECK(b.count("tokens") == tokens);
 }
 
 TEST_CASE("control log: a control write too large for one log entry is refused whole", "[unit][control]") {

@@ -13,6 +13,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <map>
 
 #include <nlohmann/json.hpp>
 
@@ -165,6 +166,56 @@ int apply_conflict(void* ctx, int kind, sqlite3_changeset_iter* it) {
       return SQLITE_CHANGESET_ABORT;
     }
   }
+}
+
+// Every table an entry changes must have, in this hub's store, the columns
+// the writing hub's had. SQLite (3.40) skips the changes of a table that has
+// fewer columns than the changeset and reports success, and applies those
+// of one with more, leaving the extra columns unset: an entry from a hub of
+// another version (a column added since, as devices.decommissioned was)
+// would make the hubs' control data drift apart in silence. Checked before
+// anything is applied: such an entry stops the mirror, with why.
+Status check_entry_layout(sql::Db& db, const std::string& changeset) {
+  sqlite3_changeset_iter* it = nullptr;
+  if (sqlite3changeset_start(&it, static_cast<int>(changeset.size()), const_cast<char*>(changeset.data())) !=
+      SQLITE_OK) {
+    return make_error(Errc::parse, "not a changeset");
+  }
+  std::map<std::string, int> checked;  // table -> its column count here
+  int rc = SQLITE_OK;
+  Status result;
+  while ((rc = sqlite3changeset_next(it)) == SQLITE_ROW) {
+    const char* table = nullptr;
+    int cols = 0, op = 0, indirect = 0;
+    if (sqlite3changeset_op(it, &table, &cols, &op, &indirect) != SQLITE_OK || !table) {
+      result = make_error(Errc::parse, "a change names no table");
+      break;
+    }
+    auto [known, fresh] = checked.try_emplace(table, 0);
+    if (fresh) {
+      auto n = sql::query<int64_t>(db, "SELECT COUNT(*) FROM pragma_table_info(?, 'main')",
+                                   [&](sql::Stmt& s) { s.bind(1, std::string_view(table)); },
+                                   [](const sql::Stmt& s) { return s.col_int(0); });
+      if (!n) {
+        result = n.error();
+        break;
+      }
+      known->second = n->empty() ? 0 : static_cast<int>(n->front());
+    }
+    // A table this store lacks is the filter's to refuse.
+    if (known->second != 0 && known->second != cols) {
+      result = make_error(Errc::internal, "it changes table " + known->first + " as a table of " +
+                                              std::to_string(cols) + " columns; this hub's has " +
+                                              std::to_string(known->second) +
+                                              " (a hub of another version wrote it: run one version on every hub "
+                                              "sharing the log)");
+      break;
+    }
+  }
+  const int done = sqlite3changeset_finalize(it);
+  if (!result) return result;
+  if (rc != SQLITE_DONE || done != SQLITE_OK) return make_error(Errc::parse, "not a changeset");
+  return {};
 }
 
 Result<int64_t> parse_seq(const std::string& text) {
@@ -624,6 +675,10 @@ Status ControlLog::apply_entry(const coord::KeyValue& kv, std::set<std::string>&
   OpenScope open(this);
   sql::Transaction tx(db_);
   if (!tx.ok()) return make_error(Errc::unavailable, where + ": store: cannot begin a transaction", true);
+  if (auto s = check_entry_layout(db_, kv.value); !s) {
+    return make_error(Errc::internal, where + " cannot be applied to this hub's store: " + s.error().message +
+                                          "; the mirror stops here until it is repaired");
+  }
   std::set<std::string> touched;
   ApplyContext ctx{&touched, {}, {}};
   const int rc = sqlite3changeset_apply(db_.raw(), static_cast<int>(kv.value.size()),
