@@ -168,6 +168,25 @@ int apply_conflict(void* ctx, int kind, sqlite3_changeset_iter* it) {
   }
 }
 
+struct TableColumn {
+  std::string name;
+  int pk = 0;  // position in the primary key, 0 when not part of it
+};
+
+Result<std::vector<TableColumn>> table_columns(sql::Db& db, const std::string& schema, const std::string& table) {
+  auto st = db.prepare("SELECT name, pk FROM pragma_table_info(?, ?) ORDER BY cid");
+  if (!st) return st.error();
+  st->bind(1, std::string_view(table)).bind(2, std::string_view(schema));
+  std::vector<TableColumn> out;
+  for (;;) {
+    auto r = st->step();
+    if (!r) return r.error();
+    if (!*r) break;
+    out.push_back({st->col_text(0), static_cast<int>(st->col_int(1))});
+  }
+  return out;
+}
+
 // Every table an entry changes must have, in this hub's store, the columns
 // the writing hub's had. SQLite (3.40) skips the changes of a table that has
 // fewer columns than the changeset and reports success, and applies those
@@ -193,14 +212,12 @@ Status check_entry_layout(sql::Db& db, const std::string& changeset) {
     }
     auto [known, fresh] = checked.try_emplace(table, 0);
     if (fresh) {
-      auto n = sql::query<int64_t>(db, "SELECT COUNT(*) FROM pragma_table_info(?, 'main')",
-                                   [&](sql::Stmt& s) { s.bind(1, std::string_view(table)); },
-                                   [](const sql::Stmt& s) { return s.col_int(0); });
-      if (!n) {
-        result = n.error();
+      auto mine = table_columns(db, "main", table);
+      if (!mine) {
+        result = mine.error();
         break;
       }
-      known->second = n->empty() ? 0 : static_cast<int>(n->front());
+      known->second = static_cast<int>(mine->size());
     }
     // A table this store lacks is the filter's to refuse.
     if (known->second != 0 && known->second != cols) {
@@ -1137,25 +1154,6 @@ Status ControlLog::load_snapshot(int64_t need, std::set<std::string>& changed) {
 }
 
 namespace {
-
-struct TableColumn {
-  std::string name;
-  int pk = 0;  // position in the primary key, 0 when not part of it
-};
-
-Result<std::vector<TableColumn>> table_columns(sql::Db& db, const std::string& schema, const std::string& table) {
-  auto st = db.prepare("SELECT name, pk FROM pragma_table_info(?, ?) ORDER BY cid");
-  if (!st) return st.error();
-  st->bind(1, std::string_view(table)).bind(2, std::string_view(schema));
-  std::vector<TableColumn> out;
-  for (;;) {
-    auto r = st->step();
-    if (!r) return r.error();
-    if (!*r) break;
-    out.push_back({st->col_text(0), static_cast<int>(st->col_int(1))});
-  }
-  return out;
-}
 
 std::string joined(const std::vector<std::string>& items, const std::string& prefix = "") {
   std::string out;

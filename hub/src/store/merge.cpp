@@ -30,6 +30,16 @@ std::vector<T> first_in_order(std::vector<std::vector<T>> parts, Less less, int6
   return out;
 }
 
+// Every part's values, ascending, each once.
+template <class T>
+std::vector<T> sorted_unique(const std::vector<std::vector<T>>& parts) {
+  std::vector<T> out;
+  for (const auto& part : parts) out.insert(out.end(), part.begin(), part.end());
+  std::sort(out.begin(), out.end());
+  out.erase(std::unique(out.begin(), out.end()), out.end());
+  return out;
+}
+
 }  // namespace
 
 std::vector<FleetCount> sum_fleet_counts(const std::vector<std::vector<FleetCount>>& parts) {
@@ -93,21 +103,12 @@ std::vector<CampaignDeviceRecord> first_failed_rows(std::vector<std::vector<Camp
 }
 
 std::vector<std::string> merge_device_ids(const std::vector<std::vector<std::string>>& parts, int64_t limit) {
-  std::vector<std::string> out;
-  for (const auto& part : parts) out.insert(out.end(), part.begin(), part.end());
-  std::sort(out.begin(), out.end());
-  out.erase(std::unique(out.begin(), out.end()), out.end());
+  auto out = sorted_unique(parts);
   keep_first(out, limit);
   return out;
 }
 
-std::vector<int> merge_cells(const std::vector<std::vector<int>>& parts) {
-  std::vector<int> out;
-  for (const auto& part : parts) out.insert(out.end(), part.begin(), part.end());
-  std::sort(out.begin(), out.end());
-  out.erase(std::unique(out.begin(), out.end()), out.end());
-  return out;
-}
+std::vector<int> merge_cells(const std::vector<std::vector<int>>& parts) { return sorted_unique(parts); }
 
 std::vector<CampaignDeviceRecord> merge_releasable(std::vector<std::vector<CampaignDeviceRecord>> parts,
                                                    int64_t limit) {
