@@ -592,7 +592,7 @@ Status run_hub(const HubConfig& cfg, const std::atomic<bool>& stop) {
 
   // A store written with more cells than this start names: its devices
   // would be told a broker nobody runs. Draining moves them first.
-  if (auto counts = (*store)->cell_device_counts(); !counts) {
+  if (auto counts = (*store)->cell_device_totals(); !counts) {
     return counts.error();
   } else {
     for (const auto& n : *counts) {

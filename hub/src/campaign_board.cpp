@@ -4,10 +4,10 @@
 
 #include <algorithm>
 #include <nlohmann/json.hpp>
-#include <tuple>
 
 #include "flotilla/common/log.hpp"
 #include "flotilla/hub/cell.hpp"
+#include "flotilla/hub/merge.hpp"
 
 namespace flotilla::hub {
 
@@ -21,10 +21,6 @@ const std::shared_ptr<spdlog::logger>& blog() {
 // A cell publishes at most this many rows (waves x statuses x presence):
 // anything bigger is not a count we wrote.
 constexpr size_t kMaxRows = 4096;
-
-bool row_less(const CampaignCountRow& a, const CampaignCountRow& b) {
-  return std::tie(a.wave, a.status, a.online) < std::tie(b.wave, b.status, b.online);
-}
 
 }  // namespace
 
@@ -81,20 +77,10 @@ CellSummary summarize(const std::vector<CampaignCountRow>& rows) {
 }
 
 std::vector<CampaignCountRow> sum_cell_counts(const std::vector<CellCampaignCounts>& cells) {
-  std::vector<CampaignCountRow> out;
-  for (const auto& c : cells) {
-    for (const auto& r : c.rows) {
-      auto it = std::lower_bound(out.begin(), out.end(), r, row_less);
-      if (it != out.end() && !row_less(r, *it)) {
-        it->count += r.count;
-      } else {
-        out.insert(it, r);
-      }
-    }
-  }
-  out.erase(std::remove_if(out.begin(), out.end(), [](const CampaignCountRow& r) { return r.count == 0; }),
-            out.end());
-  return out;
+  std::vector<std::vector<CampaignCountRow>> parts;
+  parts.reserve(cells.size());
+  for (const auto& c : cells) parts.push_back(c.rows);
+  return sum_campaign_counts(parts);
 }
 
 CampaignBoard::CampaignBoard(coord::Coordinator& c, coord::CellOwnership& cells, const Clock& clock)

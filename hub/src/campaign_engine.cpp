@@ -1107,7 +1107,7 @@ Result<std::optional<CampaignView>> HubService::campaign_view_on(Store& from, co
   if (with_devices) {
     auto rows = from.campaign_devices(id);
     if (!rows) return rows.error();
-    v.devices = std::move(*rows);
+    v.devices = merge_campaign_rows({std::move(*rows)});
   }
   return std::optional<CampaignView>(std::move(v));
 }

@@ -16,6 +16,7 @@
 #include "flotilla/common/x509.hpp"
 #include "flotilla/hub/broker.hpp"
 #include "flotilla/hub/device_ca.hpp"
+#include "flotilla/hub/merge.hpp"
 #include "flotilla/hub/rate_limit.hpp"
 #include "flotilla/v1/desired.pb.h"
 
@@ -55,7 +56,7 @@ HubService::HubService(Store& store, const Clock& clock, ServiceConfig cfg)
     std::lock_guard lock(store_mu_);
     follow_directory();  // what a crash left between a write and its following
   }
-  if (auto counts = store_.cell_device_counts(); counts) {
+  if (auto counts = store_.cell_device_totals(); counts) {
     for (const auto& c : *counts) {
       if (c.cell >= 0 && c.cell < cell_count()) cell_devices_[static_cast<size_t>(c.cell)] = c.total;
     }
@@ -197,7 +198,7 @@ void HubService::on_control_applied(const std::set<std::string>& tables) {
       any_decommissioned_ = !decommissioned_.empty();
     }
     follow_directory();
-    if (auto counts = store_.cell_device_counts(); counts) {
+    if (auto counts = store_.cell_device_totals(); counts) {
       std::fill(cell_devices_.begin(), cell_devices_.end(), 0);
       for (const auto& c : *counts) {
         if (c.cell >= 0 && c.cell < cell_count()) cell_devices_[static_cast<size_t>(c.cell)] = c.total;
@@ -273,9 +274,13 @@ Result<std::vector<HubService::CellView>> HubService::list_cells(const std::stri
   std::vector<Store::CellCount> counts;
   {
     std::lock_guard lock(store_mu_);
-    auto c = store_.cell_device_counts(project);
-    if (!c) return c.error();
-    counts = std::move(*c);
+    auto totals = store_.cell_device_totals(project);
+    if (!totals) return totals.error();
+    // The cells' presence: one store's answer today, each cell's store's
+    // once they are apart (ADR 18).
+    auto online = store_.online_by_cell(project);
+    if (!online) return online.error();
+    counts = merge_cell_device_counts(std::move(*totals), {std::move(*online)});
   }
   std::vector<CellView> out;
   for (const auto& c : cells_) {

@@ -446,7 +446,7 @@ TEST_CASE("the directory follows its decommissioned column, not the reported sta
   ids = s.store->decommissioned_device_ids();
   REQUIRE(ids);
   CHECK(*ids == std::vector<std::string>{"d-1"});
-  auto cells = s.store->cell_device_counts("*");
+  auto cells = s.store->cell_device_totals("*");
   REQUIRE(cells);
   REQUIRE(cells->size() == 1);
   CHECK(cells->front().total == 2);

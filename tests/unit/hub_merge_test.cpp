@@ -8,6 +8,7 @@
 #include <map>
 #include <random>
 #include <set>
+#include <tuple>
 
 #include "flotilla/hub/aggregates.hpp"
 #include "flotilla/hub/merge.hpp"
@@ -204,74 +205,82 @@ TEST_CASE("a device page of one store is its own merge", "[unit][hub][merge]") {
   CHECK(none.complete);
 }
 
-// The campaign reads that span cells (ADR 18, before slice 7): failure
-// counts by reason, the first failed rows, the devices away, and the cells
-// a campaign has rows in. Three stores hold a third of the devices and their
-// campaign rows each, a fourth holds them all: each merge of the three
-// stores' answers must be the fourth's answer.
-TEST_CASE("a campaign's failures, away devices and cells merge over stores into one store's answer",
-          "[unit][hub][merge]") {
+namespace {
+
+// Three stores (cells 0, 1 and 2) hold a third of the devices and of one
+// campaign's rows each, skewed; a fourth holds them all. Each device's
+// campaign row is failed, applied, pending or waiting, the same in both
+// stores that hold it, and about two in three devices are online.
+struct SplitCampaign {
   CellStores cells;
-  for (int i = 0; i < 4; ++i) cells.add("cell-" + std::to_string(i));
-  BundleRecord b;
-  b.id = "b1";
-  b.digest = "b1digest";
-  b.name = "edge";
-  b.version = 1;
-  b.envelope = "x";
   CampaignRecord c;
-  c.id = "c1";
-  c.bundle_id = "b1";
-  c.state = CampaignState::running;
-  c.created_ms = c.updated_ms = 1000;
-  std::mt19937 rng(23);
   std::vector<DeviceRecord> devices;
-  std::vector<std::vector<CampaignMember>> members(4);
-  for (int i = 0; i < 120; ++i) {
-    DeviceRecord d;
-    d.id = "d-" + std::to_string(1000 + i);
-    d.project = "default";
-    d.public_key_hex = "00";
-    d.arch = "amd64";
-    // Skewed, and cell 2 (the third store's) holds its devices alone.
-    d.cell = rng() % 5 < 3 ? 0 : 1 + static_cast<int>(rng() % 2);
-    REQUIRE(cells.stores[static_cast<size_t>(d.cell)]->upsert_enrolled_device(d));
-    REQUIRE(cells.stores[3]->upsert_enrolled_device(d));
-    CampaignMember m{d.id, static_cast<double>(rng() % 1000) / 1000.0, 0, "", d.cell};
-    members[static_cast<size_t>(d.cell)].push_back(m);
-    members[3].push_back(m);
-    devices.push_back(d);
-  }
-  for (size_t s = 0; s < 4; ++s) {
-    REQUIRE(cells.stores[s]->insert_bundle(b));
-    REQUIRE(cells.stores[s]->insert_campaign(c, members[s]));
-  }
-  const std::vector<std::string> reasons = {"health", "disk", "verify", ""};
-  for (auto& d : devices) {
-    d.online = rng() % 3 != 0;
-    d.last_seq = 1;
-    CampaignDeviceRecord row;
-    row.campaign_id = c.id;
-    row.device_id = d.id;
-    const auto pick = rng() % 4;
-    row.status = pick == 0 ? "failed" : pick == 1 ? "applied" : pick == 2 ? "pending" : "waiting";
-    row.reason = row.status == "failed" ? reasons[rng() % reasons.size()] : "";
-    row.updated_ms = 2000 + static_cast<int64_t>(rng() % 20);  // shared times: the id breaks ties
-    for (size_t s : {static_cast<size_t>(d.cell), size_t{3}}) {
-      auto have = cells.stores[s]->campaign_device(c.id, d.id);
-      REQUIRE(have);
-      REQUIRE(*have);
-      CampaignDeviceRecord r = **have;
-      r.status = row.status;
-      r.reason = row.reason;
-      r.updated_ms = row.updated_ms;
-      REQUIRE(cells.stores[s]->save_campaign_device(r));
-      REQUIRE(cells.stores[s]->save_device_state(d));
+  std::mt19937 rng{23};
+
+  SplitCampaign() {
+    for (int i = 0; i < 4; ++i) cells.add("cell-" + std::to_string(i));
+    BundleRecord b;
+    b.id = "b1";
+    b.digest = "b1digest";
+    b.name = "edge";
+    b.version = 1;
+    b.envelope = "x";
+    c.id = "c1";
+    c.bundle_id = "b1";
+    c.state = CampaignState::running;
+    c.created_ms = c.updated_ms = 1000;
+    std::vector<std::vector<CampaignMember>> members(4);
+    for (int i = 0; i < 120; ++i) {
+      DeviceRecord d;
+      d.id = "d-" + std::to_string(1000 + i);
+      d.project = i % 7 == 0 ? "blue" : "default";
+      d.public_key_hex = "00";
+      d.arch = "amd64";
+      // Skewed, and cell 2 (the third store's) holds its devices alone.
+      d.cell = rng() % 5 < 3 ? 0 : 1 + static_cast<int>(rng() % 2);
+      REQUIRE(cells.stores[static_cast<size_t>(d.cell)]->upsert_enrolled_device(d));
+      REQUIRE(cells.stores[3]->upsert_enrolled_device(d));
+      CampaignMember m{d.id, static_cast<double>(rng() % 1000) / 1000.0, 0, "", d.cell};
+      members[static_cast<size_t>(d.cell)].push_back(m);
+      members[3].push_back(m);
+      devices.push_back(d);
+    }
+    for (size_t s = 0; s < 4; ++s) {
+      REQUIRE(cells.stores[s]->insert_bundle(b));
+      REQUIRE(cells.stores[s]->insert_campaign(c, members[s]));
+    }
+    const std::vector<std::string> reasons = {"health", "disk", "verify", ""};
+    for (auto& d : devices) {
+      d.online = rng() % 3 != 0;
+      d.last_seq = 1;
+      CampaignDeviceRecord row;
+      row.campaign_id = c.id;
+      row.device_id = d.id;
+      const auto pick = rng() % 4;
+      row.status = pick == 0 ? "failed" : pick == 1 ? "applied" : pick == 2 ? "pending" : "waiting";
+      row.reason = row.status == "failed" ? reasons[rng() % reasons.size()] : "";
+      row.updated_ms = 2000 + static_cast<int64_t>(rng() % 20);  // shared times: the id breaks ties
+      DeviceInventory inv;
+      inv.os = "linux";
+      inv.clock_suspect = rng() % 4 == 0;
+      for (size_t s : {static_cast<size_t>(d.cell), size_t{3}}) {
+        auto have = cells.stores[s]->campaign_device(c.id, d.id);
+        REQUIRE(have);
+        REQUIRE(*have);
+        CampaignDeviceRecord r = **have;
+        r.status = row.status;
+        r.reason = row.reason;
+        r.updated_ms = row.updated_ms;
+        REQUIRE(cells.stores[s]->save_campaign_device(r));
+        REQUIRE(cells.stores[s]->save_device_state(d));
+        REQUIRE(cells.stores[s]->save_device_inventory(d.id, inv));
+      }
     }
   }
 
   // The three cells' answers to one read, and the fourth store's.
-  auto parts_and_whole = [&](auto read) {
+  template <class Read>
+  auto parts_and_whole(Read read) {
     using Part = std::decay_t<decltype(*read(*cells.stores[0]))>;
     std::vector<Part> parts;
     for (size_t s = 0; s < 3; ++s) {
@@ -282,7 +291,21 @@ TEST_CASE("a campaign's failures, away devices and cells merge over stores into 
     auto whole = read(*cells.stores[3]);
     REQUIRE(whole);
     return std::make_pair(parts, *whole);
-  };
+  }
+};
+
+}  // namespace
+
+// The campaign reads that span cells (ADR 18, before slice 7): failure
+// counts by reason, the first failed rows, the devices away, and the cells
+// a campaign has rows in. Each merge of the three stores' answers must be
+// the fourth's answer.
+TEST_CASE("a campaign's failures, away devices and cells merge over stores into one store's answer",
+          "[unit][hub][merge]") {
+  SplitCampaign split;
+  auto& cells = split.cells;
+  auto& c = split.c;
+  auto parts_and_whole = [&](auto read) { return split.parts_and_whole(read); };
 
   // Failure counts by reason.
   auto [reason_parts, whole_reasons] = parts_and_whole([&](Store& s) { return s.failure_reasons(c.id); });
@@ -328,4 +351,96 @@ TEST_CASE("a campaign's failures, away devices and cells merge over stores into 
   auto [cell_parts, whole_cells] = parts_and_whole([&](Store& s) { return s.campaign_cells(c.id); });
   CHECK(whole_cells == std::vector<int>{0, 1, 2});
   CHECK(merge_cells(cell_parts) == whole_cells);
+}
+
+// The rest of ADR 18's reads that span cells: a campaign's rows and counts
+// (the view, the dashboard's summaries), the devices by cell (`flotilla cell
+// list`: the directory's totals, each cell's presence) and the devices whose
+// clock looked wrong (/metrics).
+TEST_CASE("a campaign's rows and counts and the devices by cell merge over stores into one store's answer",
+          "[unit][hub][merge]") {
+  SplitCampaign split;
+  auto& cells = split.cells;
+  const std::string id = split.c.id;
+  // A decommissioned device counts nowhere, neither in totals nor online.
+  auto online = std::find_if(split.devices.begin(), split.devices.end(), [](const DeviceRecord& d) { return d.online; });
+  REQUIRE(online != split.devices.end());
+  const DeviceRecord gone = *online;
+  for (size_t s : {static_cast<size_t>(gone.cell), size_t{3}}) {
+    REQUIRE(cells.stores[s]->mark_device_decommissioned(gone.id));
+  }
+
+  auto [row_parts, whole_rows] = split.parts_and_whole([&](Store& s) { return s.campaign_devices(id); });
+  REQUIRE(whole_rows.size() == split.devices.size());
+  auto rows = merge_campaign_rows(row_parts);
+  REQUIRE(rows.size() == whole_rows.size());
+  for (size_t i = 0; i < rows.size(); ++i) {
+    CAPTURE(i);
+    CHECK(std::tie(rows[i].device_id, rows[i].status, rows[i].cell, rows[i].updated_ms) ==
+          std::tie(whole_rows[i].device_id, whole_rows[i].status, whole_rows[i].cell, whole_rows[i].updated_ms));
+  }
+
+  // Counts by wave, status and presence: the store's and the dashboard's.
+  auto [count_parts, whole_counts] = split.parts_and_whole([&](Store& s) { return s.campaign_counts(id); });
+  REQUIRE(whole_counts.size() >= 6);
+  CHECK(sum_campaign_counts(count_parts) == whole_counts);
+  std::vector<std::vector<CampaignCountRow>> summary_parts;
+  for (size_t s = 0; s < 3; ++s) {
+    auto v = cells.aggs[s]->campaign(id);
+    REQUIRE(v);
+    REQUIRE(*v);
+    summary_parts.push_back((*v)->counts);
+  }
+  CHECK(sum_campaign_counts(summary_parts) == whole_counts);
+
+  // Devices by cell, for every project and for one.
+  for (const std::string project : {"*", "blue"}) {
+    CAPTURE(project);
+    std::map<int, CellDeviceCount> want;
+    for (const auto& d : split.devices) {
+      if (d.id == gone.id || (project != "*" && d.project != project)) continue;
+      auto& w = want[d.cell];
+      w.cell = d.cell;
+      ++w.total;
+      w.online += d.online ? 1 : 0;
+    }
+    std::vector<CellDeviceCount> want_rows;
+    for (const auto& [cell, w] : want) want_rows.push_back(w);
+    REQUIRE(want_rows.size() == 3);
+    auto totals = cells.stores[3]->cell_device_totals(project);
+    REQUIRE(totals);
+    auto [online_parts, whole_online] = split.parts_and_whole([&](Store& s) { return s.online_by_cell(project); });
+    CHECK(merge_cell_device_counts(*totals, online_parts) == want_rows);
+    CHECK(merge_cell_device_counts(*totals, {whole_online}) == want_rows);
+  }
+  // The directory decides which cells have devices.
+  CHECK(merge_cell_device_counts({{0, 5, 0}}, {{{0, 0, 2}, {4, 0, 1}}, {{0, 0, 1}}}) ==
+        std::vector<CellDeviceCount>{{0, 5, 3}});
+
+  // Devices whose clock looked wrong: a count per store, summed.
+  int64_t suspect = 0;
+  for (size_t s = 0; s < 3; ++s) {
+    auto n = cells.aggs[s]->clock_suspect_devices();
+    REQUIRE(n);
+    suspect += *n;
+  }
+  auto whole_suspect = cells.aggs[3]->clock_suspect_devices();
+  REQUIRE(whole_suspect);
+  CHECK(*whole_suspect > 0);
+  CHECK(suspect == *whole_suspect);
+
+  // A device with rows in two stores (a drain's crash window) is listed
+  // once, with the row updated last.
+  CampaignDeviceRecord old_row, new_row, other;
+  old_row.device_id = new_row.device_id = "d-1";
+  old_row.status = "pending";
+  old_row.updated_ms = 10;
+  new_row.status = "applied";
+  new_row.updated_ms = 20;
+  other.device_id = "d-0";
+  auto merged = merge_campaign_rows({{old_row}, {other, new_row}});
+  REQUIRE(merged.size() == 2);
+  CHECK(merged[0].device_id == "d-0");
+  CHECK(merged[1].status == "applied");
+  CHECK(merge_campaign_rows({{new_row}, {old_row}})[0].status == "applied");
 }

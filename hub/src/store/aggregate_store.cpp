@@ -1021,15 +1021,12 @@ Result<std::optional<DeviceDetail>> AggregateStore::device(const std::string& id
 
 namespace {
 
+// A campaign's counts over the stores read (one today; each cell's once
+// they are apart: ADR 18).
 Result<std::vector<CampaignCountRow>> counts_of(sql::Db& db, const std::string& campaign_id) {
-  return query<CampaignCountRow>(
-      db,
-      "SELECT wave, status, online, SUM(n) FROM campaign_counts WHERE campaign_id = ? AND n != 0 "
-      "GROUP BY 1, 2, 3 HAVING SUM(n) != 0 ORDER BY 1, 2, 3",
-      [&](sql::Stmt& s) { s.bind(1, std::string_view(campaign_id)); },
-      [](const sql::Stmt& s) {
-        return CampaignCountRow{static_cast<int>(s.col_int(0)), s.col_text(1), s.col_int(2) != 0, s.col_int(3)};
-      });
+  auto n = campaign_counts_on(db, campaign_id);
+  if (!n) return n.error();
+  return sum_campaign_counts({std::move(*n)});
 }
 
 std::string campaign_select() {

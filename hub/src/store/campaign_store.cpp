@@ -3,6 +3,7 @@
 #include <map>
 
 #include "flotilla/hub/store.hpp"
+#include "rows.hpp"
 
 namespace flotilla::hub {
 
@@ -370,12 +371,16 @@ CampaignCountRow count_row(const sql::Stmt& s) {
 }
 }  // namespace
 
-Result<std::vector<CampaignCountRow>> Store::campaign_counts(const std::string& campaign_id) {
+Result<std::vector<CampaignCountRow>> campaign_counts_on(sql::Db& db, const std::string& campaign_id) {
   return query<CampaignCountRow>(
-      *db_,
+      db,
       "SELECT wave, status, online, SUM(n) FROM campaign_counts WHERE campaign_id = ? AND n != 0 "
       "GROUP BY 1, 2, 3 HAVING SUM(n) != 0 ORDER BY 1, 2, 3",
       [&](sql::Stmt& s) { s.bind(1, std::string_view(campaign_id)); }, count_row);
+}
+
+Result<std::vector<CampaignCountRow>> Store::campaign_counts(const std::string& campaign_id) {
+  return campaign_counts_on(*db_, campaign_id);
 }
 
 Result<std::vector<CampaignCountRow>> Store::campaign_counts(const std::string& campaign_id, int cell) {

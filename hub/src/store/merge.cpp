@@ -110,6 +110,50 @@ std::vector<std::string> merge_device_ids(const std::vector<std::vector<std::str
 
 std::vector<int> merge_cells(const std::vector<std::vector<int>>& parts) { return sorted_unique(parts); }
 
+std::vector<CampaignCountRow> sum_campaign_counts(const std::vector<std::vector<CampaignCountRow>>& parts) {
+  std::map<std::tuple<int, std::string, bool>, int64_t> sums;
+  for (const auto& part : parts) {
+    for (const auto& r : part) sums[{r.wave, r.status, r.online}] += r.count;
+  }
+  std::vector<CampaignCountRow> out;
+  for (const auto& [k, n] : sums) {
+    if (n != 0) out.push_back(CampaignCountRow{std::get<0>(k), std::get<1>(k), std::get<2>(k), n});
+  }
+  return out;
+}
+
+std::vector<CampaignDeviceRecord> merge_campaign_rows(std::vector<std::vector<CampaignDeviceRecord>> parts) {
+  std::vector<CampaignDeviceRecord> out;
+  for (auto& part : parts) {
+    for (auto& r : part) out.push_back(std::move(r));
+  }
+  // Stable: of two rows of a device updated at the same time, the earlier part's stays first.
+  std::stable_sort(out.begin(), out.end(), [](const CampaignDeviceRecord& a, const CampaignDeviceRecord& b) {
+    return std::tie(a.device_id, b.updated_ms) < std::tie(b.device_id, a.updated_ms);
+  });
+  out.erase(std::unique(out.begin(), out.end(),
+                        [](const CampaignDeviceRecord& a, const CampaignDeviceRecord& b) {
+                          return a.device_id == b.device_id;
+                        }),
+            out.end());
+  return out;
+}
+
+std::vector<CellDeviceCount> merge_cell_device_counts(std::vector<CellDeviceCount> totals,
+                                                      const std::vector<std::vector<CellDeviceCount>>& online_parts) {
+  std::map<int, int64_t> online;
+  for (const auto& part : online_parts) {
+    for (const auto& c : part) online[c.cell] += c.online;
+  }
+  std::sort(totals.begin(), totals.end(),
+            [](const CellDeviceCount& a, const CellDeviceCount& b) { return a.cell < b.cell; });
+  for (auto& t : totals) {
+    auto it = online.find(t.cell);
+    t.online = it == online.end() ? 0 : it->second;
+  }
+  return totals;
+}
+
 std::vector<CampaignDeviceRecord> merge_releasable(std::vector<std::vector<CampaignDeviceRecord>> parts,
                                                    int64_t limit) {
   return first_in_order(

@@ -27,6 +27,9 @@ AuditRecord audit_row(const sql::Stmt& s);
 // opaque to clients, the hex of [sort, key..., id].
 std::string encode_cursor(const nlohmann::json& key);
 Result<nlohmann::json> decode_cursor(const std::string& c);
+// A campaign's counts by (wave, status, online) over every cell of one
+// store (Store::campaign_counts), on any connection to it.
+Result<std::vector<CampaignCountRow>> campaign_counts_on(sql::Db& db, const std::string& campaign_id);
 // The token whose secret hashes to secret_hash, on any connection to the store.
 Result<std::optional<TokenRecord>> find_token_on(sql::Db& db, const std::string& kind, const std::string& secret_hash);
 

@@ -500,15 +500,35 @@ Result<int64_t> Store::set_cell_devices_offline(int cell) {
   return db_->changes();
 }
 
-Result<std::vector<Store::CellCount>> Store::cell_device_counts(const std::string& project) {
+namespace {
+
+// One count of devices by cell: COUNT(*) of the directory's or SUM(online)
+// of the reports', as `total` or `online`.
+Result<std::vector<CellDeviceCount>> count_by_cell(sql::Db& db, const std::string& what, const std::string& where,
+                                                   const std::string& project, bool as_total) {
   const bool any = project == "*";
-  auto st = db_->prepare(std::string("SELECT cell, COUNT(*), COALESCE(SUM(online), 0) FROM devices WHERE "
-                                     "decommissioned = 0") + (any ? "" : " AND project = ?") + " GROUP BY cell ORDER BY cell");
+  auto st = db.prepare("SELECT cell, " + what + " FROM devices WHERE " + where + (any ? "" : " AND project = ?") +
+                       " GROUP BY cell ORDER BY cell");
   if (!st) return st.error();
   if (!any) st->bind(1, std::string_view(project));
-  return st->rows<CellCount>([](const sql::Stmt& s) {
-    return CellCount{static_cast<int>(s.col_int(0)), s.col_int(1), s.col_int(2)};
+  return st->rows<CellDeviceCount>([as_total](const sql::Stmt& s) {
+    CellDeviceCount c;
+    c.cell = static_cast<int>(s.col_int(0));
+    (as_total ? c.total : c.online) = s.col_int(1);
+    return c;
   });
+}
+
+}  // namespace
+
+Result<std::vector<Store::CellCount>> Store::cell_device_totals(const std::string& project) {
+  return count_by_cell(*db_, "COUNT(*)", "decommissioned = 0", project, true);
+}
+
+Result<std::vector<CellDeviceCount>> Store::online_by_cell(const std::string& project) {
+  // The report side's own condition: a decommission sets the state (and
+  // clears online) in the cell's copy too.
+  return count_by_cell(*db_, "COALESCE(SUM(online), 0)", "state != 'decommissioned'", project, false);
 }
 
 Result<int64_t> Store::set_device_cell(const std::string& id, int cell) {

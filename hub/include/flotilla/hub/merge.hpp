@@ -48,6 +48,24 @@ std::vector<std::string> merge_device_ids(const std::vector<std::vector<std::str
 // Cells (a campaign's member cells) over parts: each once, ascending.
 std::vector<int> merge_cells(const std::vector<std::vector<int>>& parts);
 
+// A campaign's counts by (wave, status, online) summed over parts; rows
+// summing to zero are left out; in (wave, status, online) order, as
+// Store::campaign_counts gives them.
+std::vector<CampaignCountRow> sum_campaign_counts(const std::vector<std::vector<CampaignCountRow>>& parts);
+
+// A campaign's rows over parts (each part in device id order, as
+// DeviceStore::campaign_devices gives them), in device id order. A device
+// with a row in two parts (a drain's crash window) is listed once: the row
+// updated last, the earlier part's on a tie.
+std::vector<CampaignDeviceRecord> merge_campaign_rows(std::vector<std::vector<CampaignDeviceRecord>> parts);
+
+// Devices by cell: the directory's totals (Store::cell_device_totals) with
+// each cell's online devices summed over the cells' stores
+// (DeviceStore::online_by_cell). The directory decides which cells have
+// devices: an online count of a cell it has none in is left out.
+std::vector<CellDeviceCount> merge_cell_device_counts(std::vector<CellDeviceCount> totals,
+                                                      const std::vector<std::vector<CellDeviceCount>>& online_parts);
+
 // Campaign rows waiting for release, each part in (wave, rank) order and
 // holding its own first `limit`: the first `limit` over all of them in
 // (wave, rank, device id) order.

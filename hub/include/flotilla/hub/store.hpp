@@ -312,6 +312,14 @@ struct CampaignMember {
   int cell = 0;
 };
 
+// Devices of one cell: `total` from the directory, `online` from the
+// cell's reports.
+struct CellDeviceCount {
+  int cell = 0;
+  int64_t total = 0, online = 0;
+  bool operator==(const CellDeviceCount&) const = default;
+};
+
 // What one cell's shard controller reads and writes of its own devices
 // (ADR 18): report and presence columns, inventory, and the campaign rows
 // and counts of the cell's devices. A hub reaches it through
@@ -335,6 +343,9 @@ class DeviceStore {
   virtual Result<int64_t> set_all_devices_offline() = 0;
   // The same for the devices of one cell (a cell's broker session began again).
   virtual Result<int64_t> set_cell_devices_offline(int cell) = 0;
+  // Devices reported online (decommissioned ones left out), by cell in
+  // cell order; `total` is left 0 (the directory's: cell_device_totals).
+  virtual Result<std::vector<CellDeviceCount>> online_by_cell(const std::string& project = "*") = 0;
   // The devices with their own session in a cell (gateways included, the
   // devices behind them not: they move with their gateway), in id order
   // after `after` (a cursor: the last id of the page before), up to limit.
@@ -443,13 +454,12 @@ class Store final : public DeviceStore {
   Status set_gateway_devices_offline(const std::string& gateway, int64_t now_ms) override;
   Result<int64_t> set_all_devices_offline() override;
   Result<int64_t> set_cell_devices_offline(int cell) override;
-  // Devices (decommissioned ones left out) and those online, by cell;
-  // project "*" counts every project.
-  struct CellCount {
-    int cell = 0;
-    int64_t total = 0, online = 0;
-  };
-  Result<std::vector<CellCount>> cell_device_counts(const std::string& project = "*");
+  using CellCount = CellDeviceCount;
+  // The directory's devices (decommissioned ones left out) by cell, in
+  // cell order; `online` is left 0 (presence is the cells': online_by_cell,
+  // merged with merge_cell_device_counts). Project "*" counts every project.
+  Result<std::vector<CellCount>> cell_device_totals(const std::string& project = "*");
+  Result<std::vector<CellCount>> online_by_cell(const std::string& project = "*") override;
   // Moves a device (and, for a gateway, every device behind it) to a cell;
   // returns the rows changed.
   Result<int64_t> set_device_cell(const std::string& id, int cell);
