@@ -753,58 +753,110 @@ Result<std::vector<CampaignDeviceRecord>> HubService::releasable_now(const Campa
   return merge_releasable(std::move(parts), n);
 }
 
-void HubService::refresh_membership(const std::vector<DeviceRecord>& devices) {
+void HubService::note_member_zones(const std::vector<DeviceRecord>& devices) {
   if (devices.empty()) return;
   auto campaigns = store_.list_campaigns();
   if (!campaigns) return;
-  const int64_t now = clock_.now_unix_ms();
-  bool joined_any = false;
   for (auto& c : *campaigns) {
     if (!accepts_members(c.state)) continue;
     const Strategy strategy = strategy_of(c);
-    if (strategy.membership != Membership::live) continue;
+    if (strategy.membership != Membership::live || !strategy.window.enabled()) continue;
     auto sel = Selector::parse(c.selector);
     if (!sel) continue;
     auto zones = split_zones(c.zones);
     const size_t zones_before = zones.size();
     for (const auto& d : devices) {
-      if ((c.project != "*" && d.project != c.project) || d.state == "decommissioned") continue;
-      DeviceStore& cell_store = device_store(d.cell);
-      auto row = cell_store.campaign_device(c.id, d.id);
-      if (!row) continue;
-      const bool matches = sel->matches(d.labels);
-      if (matches && !*row) {
-        // Joins where its hash puts it, but never in a wave already done.
-        auto m = member_of(c, strategy, d.id, d.labels, d.cell);
-        m.wave = std::max(strategy.wave_for_rank(m.rank), c.current_wave);
-        if (!m.zone.empty()) zones.insert(m.zone);
-        if (cell_store.add_campaign_member(c.id, m, now)) {
-          joined_any = true;
-          log::get("hub")->info("device={} joins campaign={} wave={}", d.id, c.id, strategy.wave_name(m.wave));
-        }
-      } else if (matches && (*row)->status == "skipped" && (*row)->reason == "left_selector") {
-        CampaignDeviceRecord r = **row;
-        r.status = "waiting";
-        r.reason.clear();
-        r.updated_ms = now;
-        (void)cell_store.save_campaign_device(r);
-        joined_any = true;
-        log::get("hub")->info("device={} rejoins campaign={}", d.id, c.id);
-      } else if (!matches && *row && (*row)->status == "waiting") {
-        // Not released yet: it leaves. Released rows stay; their desired
-        // state is on its way and their outcome counts.
-        CampaignDeviceRecord r = **row;
-        r.status = "skipped";
-        r.reason = "left_selector";
-        r.message = "no longer matches the campaign's selector";
-        r.updated_ms = now;
-        (void)cell_store.save_campaign_device(r);
-        log::get("hub")->info("device={} leaves campaign={}: no longer matches", d.id, c.id);
-      }
+      if ((c.project != "*" && d.project != c.project) || !sel->matches(d.labels)) continue;
+      auto zone = strategy.window.zone_for(d.labels);
+      if (!zone.empty()) zones.insert(std::move(zone));
     }
     if (zones.size() != zones_before) {
       c.zones = join_zones(zones);
       (void)store_.update_campaign(c);
+    }
+  }
+}
+
+std::vector<HubService::LiveCampaign> HubService::live_campaigns() {
+  std::vector<LiveCampaign> out;
+  auto campaigns = store_.list_campaigns();
+  if (!campaigns) return out;
+  for (auto& c : *campaigns) {
+    if (!accepts_members(c.state)) continue;
+    Strategy strategy = strategy_of(c);
+    if (strategy.membership != Membership::live) continue;
+    auto sel = Selector::parse(c.selector);
+    if (!sel) continue;
+    LiveCampaign lc{std::move(c), std::move(strategy), std::move(*sel), false, {}};
+    if (control_log_ && !cfg_.share_cells) {
+      auto counts = store_.campaign_counts(lc.c.id);
+      lc.rows_here = counts && !counts->empty();
+    }
+    out.push_back(std::move(lc));
+  }
+  return out;
+}
+
+void HubService::follow_membership(const DirectoryChange& change, std::vector<LiveCampaign>& live, bool local) {
+  if (live.empty()) return;
+  auto entry = store_.directory_entry(change.device_id);
+  if (!entry || !*entry || (*entry)->decommissioned) return;
+  const DeviceDirectoryEntry& d = **entry;
+  const int64_t now = clock_.now_unix_ms();
+  bool joined_any = false;
+  for (auto& lc : live) {
+    const CampaignRecord& c = lc.c;
+    if (c.project != "*" && d.project != c.project) continue;
+    // Whose rows: a hub sharing cells keeps those of the cells it owns, and
+    // leaves a cell whose rows it has not built yet to ensure_cell_membership
+    // (which builds them from the directory, this device included). A hub
+    // not sharing cells but sharing the control log keeps the rows of
+    // campaigns it holds rows of (ADR 16), and those of its own writes.
+    if (cfg_.share_cells) {
+      if (!in_cells(cell_filter(), d.cell)) continue;
+      if (!members_built_.count({c.id, d.cell})) {
+        auto it = lc.cell_has_rows.find(d.cell);
+        if (it == lc.cell_has_rows.end()) {
+          auto present = device_store(d.cell).campaign_counts(c.id, d.cell);
+          it = lc.cell_has_rows.emplace(d.cell, present && !present->empty()).first;
+        }
+        if (!it->second) continue;
+      }
+    } else if (control_log_ && !lc.rows_here && !local) {
+      continue;
+    }
+    DeviceStore& cell_store = device_store(d.cell);
+    auto row = cell_store.campaign_device(c.id, d.id);
+    if (!row) continue;
+    const bool matches = lc.selector.matches(d.labels);
+    if (matches && !*row) {
+      // Joins where its hash puts it, but never in a wave already done. Its
+      // time zone was added to the campaign's by the write (note_member_zones).
+      auto m = member_of(c, lc.strategy, d.id, d.labels, d.cell);
+      m.wave = std::max(lc.strategy.wave_for_rank(m.rank), c.current_wave);
+      if (cell_store.add_campaign_member(c.id, m, now)) {
+        joined_any = true;
+        lc.rows_here = true;
+        log::get("hub")->info("device={} joins campaign={} wave={}", d.id, c.id, lc.strategy.wave_name(m.wave));
+      }
+    } else if (matches && (*row)->status == "skipped" && (*row)->reason == "left_selector") {
+      CampaignDeviceRecord r = **row;
+      r.status = "waiting";
+      r.reason.clear();
+      r.updated_ms = now;
+      (void)cell_store.save_campaign_device(r);
+      joined_any = true;
+      log::get("hub")->info("device={} rejoins campaign={}", d.id, c.id);
+    } else if (!matches && *row && (*row)->status == "waiting") {
+      // Not released yet: it leaves. Released rows stay; their desired
+      // state is on its way and their outcome counts.
+      CampaignDeviceRecord r = **row;
+      r.status = "skipped";
+      r.reason = "left_selector";
+      r.message = "no longer matches the campaign's selector";
+      r.updated_ms = now;
+      (void)cell_store.save_campaign_device(r);
+      log::get("hub")->info("device={} leaves campaign={}: no longer matches", d.id, c.id);
     }
   }
   if (joined_any) engine_cv_.notify_one();

@@ -679,7 +679,7 @@ Result<v1::EnrollResponse> HubService::enroll(const v1::EnrollRequest& req, Audi
     if (!claimed) return claimed.error();
     if (!*claimed) return make_error(Errc::permission_denied, "enrollment token has been used up");
     if (auto s = store_.upsert_enrolled_device(d); !s) return s.error();
-    refresh_membership({d});
+    note_member_zones({d});
     if (cert) {
       if (auto s = store_.insert_device_cert(*cert); !s) return s.error();
       // Enrolled again with a certificate: a password from before goes.
@@ -718,6 +718,7 @@ Result<v1::EnrollResponse> HubService::enroll(const v1::EnrollRequest& req, Audi
     }
     return stored.error();
   }
+  follow_own_write({d.id});  // live campaigns it matches
   if (record) {
     *audit = std::move(*record);
     audit->stored = true;
@@ -945,10 +946,13 @@ Result<v1::EnrollBatchResponse> HubService::enroll_batch(const v1::EnrollBatchRe
       stored.push_back(d);
       ++enrolled;
     }
-    refresh_membership(stored);
+    note_member_zones(stored);
     return tx.commit();
   });
   if (!batch_stored) return batch_stored.error();
+  std::set<std::string> written;
+  for (const auto& d : stored) written.insert(d.id);
+  follow_own_write(written);  // live campaigns they match
   if (gw_cell < cell_count()) {
     std::lock_guard lock(store_mu_);
     cell_devices_[static_cast<size_t>(gw_cell)] += fresh;
@@ -1707,12 +1711,24 @@ void HubService::continue_drains() {
   log::get("hub")->info("asked {} devices to move to another cell", moves.size());
 }
 
-void HubService::follow_directory() {
-  auto followed = follow_directory_outbox(store_, [this](int cell) -> DeviceStore& { return device_store(cell); });
+void HubService::follow_directory(const std::set<std::string>& local) {
+  std::optional<std::vector<LiveCampaign>> live;  // read at the first enrollment or label change
+  auto followed = follow_directory_outbox(
+      store_, [this](int cell) -> DeviceStore& { return device_store(cell); },
+      [&](const DirectoryChange& c) -> Status {
+        if (!live) live = live_campaigns();
+        follow_membership(c, *live, local.count(c.device_id) != 0);
+        return {};
+      });
   if (!followed) {
     // Kept in the outbox: followed at the next write that makes a change, or the next start.
     log::get("hub")->error("follow the device directory: {}", followed.error().message);
   }
+}
+
+void HubService::follow_own_write(const std::set<std::string>& devices) {
+  std::lock_guard lock(store_mu_);
+  follow_directory(devices);
 }
 
 void HubService::note_moved(const std::string& owner, int from, int to, int64_t rows, std::string_view how) {

@@ -35,7 +35,7 @@ Result<DeviceRecord> HubService::edit_device_labels(
     if (!valid_label_key(k)) return make_error(Errc::invalid_argument, "bad label key '" + k + "'");
     if (v && !valid_label_value(*v)) return make_error(Errc::invalid_argument, "bad value for label '" + k + "'");
   }
-  return control_write([&]() -> Result<DeviceRecord> {
+  auto edited = control_write([&]() -> Result<DeviceRecord> {
     std::lock_guard lock(store_mu_);
     bool decommissioned = false;
     auto d = device_record(id, &decommissioned);
@@ -54,10 +54,12 @@ Result<DeviceRecord> HubService::edit_device_labels(
     if (dev.labels.size() > 64) return make_error(Errc::invalid_argument, "a device may carry at most 64 labels");
     sql::Transaction tx(store_.db());
     if (auto s = store_.set_device_labels(id, dev.labels); !s) return s.error();
-    refresh_membership({dev});  // live campaigns it now matches, or no longer does
+    note_member_zones({dev});
     if (auto s = tx.commit(); !s) return s.error();
     return dev;
   });
+  if (edited) follow_own_write({id});  // live campaigns it now matches, or no longer does
+  return edited;
 }
 
 Result<DeviceRecord> HubService::decommission_device(const std::string& id) {

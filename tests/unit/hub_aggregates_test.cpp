@@ -306,7 +306,23 @@ TEST_CASE("directory changes reach the device rows through the outbox, after the
     REQUIRE(r);
     return *r;
   };
-  CHECK(outbox().empty());  // enrollment moves nothing
+  // Enrollments are followed by live membership (the hub's), nothing else.
+  auto enrolled = outbox();
+  REQUIRE(enrolled.size() == 2);
+  CHECK(enrolled[0].kind == DirectoryChange::Kind::labelled);
+  CHECK(enrolled[1].device_id == leaving.id);
+  CHECK(enrolled[1].kind == DirectoryChange::Kind::labelled);
+  follow(*s.store);
+  CHECK(outbox().empty());
+  CHECK(s.rows("SELECT COUNT(*) FROM device_inventory WHERE device_id = 'd-leaving'") == 1);
+  // So is a label change; writing the same labels again is no change.
+  REQUIRE(s.store->set_device_labels(moving.id, {{"region", "us"}}));
+  REQUIRE(s.store->set_device_labels(moving.id, {{"region", "us"}}));
+  auto relabelled = outbox();
+  REQUIRE(relabelled.size() == 1);
+  CHECK(relabelled[0].device_id == moving.id);
+  CHECK(relabelled[0].kind == DirectoryChange::Kind::labelled);
+  follow(*s.store);
 
   // A write that rolls back leaves nothing to follow.
   {
@@ -406,6 +422,7 @@ TEST_CASE("the directory follows its decommissioned column, not the reported sta
     c.issued_ms = 1;
     REQUIRE(s.store->insert_device_cert(c));
   }
+  follow(*s.store);  // the enrollments' entries (live membership)
   auto directory_says = [&](const std::string& id) {
     auto e = s.store->directory_entry(id);
     REQUIRE(e);

@@ -1282,3 +1282,71 @@ TEST_CASE("shared cells: a device that arrives from a draining cell while etcd i
   CHECK(device(mover).cell == 1);
   svc.stop();
 }
+
+// Live membership follows the directory (ADR 18): an enrollment or a label
+// change made through any hub reaches the campaign's rows on the hub that
+// holds them, from the control log's entry, not only on the hub that took
+// the write. A hub holding no rows of the campaign makes none for another
+// hub's write.
+TEST_CASE("control log: a device enrolled or relabelled through another hub joins or leaves a live campaign where "
+          "its rows are",
+          "[unit][control]") {
+  Shared sh;
+  Hub a(*sh.coord, sh.clock, true);
+  Hub b(*sh.coord, sh.clock, false);
+  auto made = a.call("POST", "/v1/tokens", json{{"name", "ops"}, {"role", "operator"}, {"project", "default"}}.dump(),
+                     a.root);
+  REQUIRE(made.status == 201);
+  const std::string ops = body_of(made)["token"].get<std::string>();
+  const std::string bundle = a.upload_bundle(ops, "edge-base");
+  auto enr = a.service().create_token("enroll", token_rec("enroll", "enroll", {"site"}));
+  REQUIRE(enr);
+  const std::string first = a.enroll_device(enr->secret);
+  const std::string second = a.enroll_device(enr->secret);
+  auto camp = a.call("POST", "/v1/campaigns", json{{"bundle", bundle}, {"selector", "site=north"}}.dump(), ops);
+  INFO(camp.body);
+  REQUIRE(camp.status == 201);
+  const std::string campaign = body_of(camp)["id"].get<std::string>();
+  auto row_on = [&](Hub& h, const std::string& device) {
+    auto r = h.store().campaign_device(campaign, device);
+    REQUIRE(r);
+    return *r;
+  };
+  // Caught up, and what the entries changed followed: the watcher thread
+  // may have applied the entry just before, and follows it right after.
+  auto settle = [](Hub& h) {
+    h.catch_up();
+    for (int i = 0; i < 2000 && h.count("directory_outbox") != 0; ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    REQUIRE(h.count("directory_outbox") == 0);
+  };
+  REQUIRE(a.count("campaign_devices") == 2);
+  settle(b);
+  REQUIRE(b.count("campaign_devices") == 0);
+
+  // Relabelled through B so that it no longer matches: it leaves on A.
+  REQUIRE(b.service().edit_device_labels(first, {{"site", std::string("south")}}));
+  settle(a);
+  auto left = row_on(a, first);
+  REQUIRE(left);
+  CHECK(left->status == "skipped");
+  CHECK(left->reason == "left_selector");
+
+  // Relabelled through A to match again: A's row rejoins; B, which holds no
+  // row of the campaign, makes none.
+  REQUIRE(a.service().edit_device_labels(first, {{"site", std::string("north")}}));
+  CHECK(row_on(a, first)->status == "waiting");
+  settle(b);
+  CHECK(b.count("campaign_devices") == 0);
+
+  // Enrolled through B, matching: it joins on A.
+  const std::string late = b.enroll_device(enr->secret);
+  settle(a);
+  auto joined = row_on(a, late);
+  REQUIRE(joined);
+  CHECK(joined->status == "waiting");
+  CHECK(a.count("campaign_devices") == 3);
+  CHECK(row_on(a, second)->status == "waiting");
+  CHECK(a.count("directory_outbox") == 0);
+}

@@ -29,7 +29,7 @@ using sql::query;
 
 // Bumped when the tables or triggers below change: a store of an older
 // version drops them and rebuilds them from the device rows.
-constexpr int kAggregateSchema = 8;
+constexpr int kAggregateSchema = 9;
 
 // How many failure reasons one store gives a campaign's failure groups to
 // merge. Reasons are names of v1::Reason (a report's) or the hub's own
@@ -248,9 +248,12 @@ std::string directory_triggers() {
                         kDirectoryLive);
   }
   std::string sql;
+  // An enrollment and a label change are followed by live membership.
+  const std::string labelled = "INSERT INTO directory_outbox (device_id, kind, cell, from_cell) SELECT NEW.id, "
+                               "'labelled', NEW.cell, NEW.cell WHERE NEW.decommissioned = 0";
   sql += "CREATE TRIGGER directory_insert AFTER INSERT ON devices BEGIN\n  "
          "INSERT OR IGNORE INTO device_labels SELECT key, value, NEW.id FROM " + with(labels_of, "NEW.") +
-         " WHERE type = 'text';\n  "
+         " WHERE type = 'text';\n  " + labelled + ";\n  "
          "INSERT INTO directory_counts SELECT NEW.project, dim, value, 1 FROM (" + ins_values +
          ") WHERE value IS NOT NULL ON CONFLICT DO UPDATE SET n = n + 1;\nEND;\n";
   sql += "CREATE TRIGGER directory_delete AFTER DELETE ON devices BEGIN\n  "
@@ -263,7 +266,8 @@ std::string directory_triggers() {
          "DELETE FROM device_labels WHERE OLD.labels != NEW.labels AND (key, value, device_id) IN "
          "(SELECT key, value, OLD.id FROM " + with(labels_of, "OLD.") + " WHERE type = 'text');\n  "
          "INSERT OR IGNORE INTO device_labels SELECT key, value, NEW.id FROM " + with(labels_of, "NEW.") +
-         " WHERE type = 'text' AND OLD.labels != NEW.labels;\n  " + moved + "\nEND;\n";
+         " WHERE type = 'text' AND OLD.labels != NEW.labels;\n  " + labelled + " AND OLD.labels != NEW.labels;\n  " +
+         moved + "\nEND;\n";
   // What the device's rows in its cell's store must follow, through the
   // outbox (HubService::follow_directory): a decommissioned device's
   // inventory goes (it leaves the fleet's inventory figures); a moved
@@ -353,8 +357,9 @@ CREATE INDEX IF NOT EXISTS device_inventory_cert ON device_inventory(cert_expiry
 -- certificate expiry counts.
 CREATE TABLE IF NOT EXISTS device_broker_cert (
   device_id TEXT PRIMARY KEY, project TEXT NOT NULL, serial TEXT NOT NULL, not_after INTEGER NOT NULL) WITHOUT ROWID;
--- Directory changes (moves, decommissions) not yet followed by the device's
--- rows in its cell's store (HubService::follow_directory; ADR 18 slice 5).
+-- Directory changes (moves, decommissions, enrollments and label changes)
+-- not yet followed by the device's rows in its cell's store
+-- (HubService::follow_directory; ADR 18 slice 5).
 -- Local to this hub: filled by triggers, so changes applied from the control
 -- log feed it too.
 CREATE TABLE IF NOT EXISTS directory_outbox (

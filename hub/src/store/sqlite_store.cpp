@@ -548,14 +548,18 @@ Result<std::vector<DirectoryChange>> Store::directory_outbox(int64_t limit) {
         DirectoryChange c;
         c.seq = s.col_int(0);
         c.device_id = s.col_text(1);
-        c.kind = s.col_text(2) == "decommissioned" ? DirectoryChange::Kind::decommissioned : DirectoryChange::Kind::moved;
+        const std::string kind = s.col_text(2);
+        c.kind = kind == "decommissioned" ? DirectoryChange::Kind::decommissioned
+                 : kind == "labelled"     ? DirectoryChange::Kind::labelled
+                                          : DirectoryChange::Kind::moved;
         c.cell = static_cast<int>(s.col_int(3));
         c.from_cell = static_cast<int>(s.col_int(4));
         return c;
       });
 }
 
-Result<int64_t> follow_directory_outbox(Store& directory, const std::function<DeviceStore&(int cell)>& store_of) {
+Result<int64_t> follow_directory_outbox(Store& directory, const std::function<DeviceStore&(int cell)>& store_of,
+                                        const std::function<Status(const DirectoryChange&)>& on_labelled) {
   int64_t followed = 0;
   for (;;) {
     auto changes = directory.directory_outbox(4096);
@@ -564,6 +568,11 @@ Result<int64_t> follow_directory_outbox(Store& directory, const std::function<De
     sql::Transaction tx(directory.db());
     if (!tx.ok()) return make_error(Errc::unavailable, "follow the device directory: cannot begin a transaction", true);
     for (const auto& c : *changes) {
+      if (c.kind == DirectoryChange::Kind::labelled) {
+        if (!on_labelled) continue;
+        if (auto s = on_labelled(c); !s) return s.error().with_context("device=" + c.device_id);
+        continue;
+      }
       // A move's rows are still where the device was.
       DeviceStore& rows = store_of(c.kind == DirectoryChange::Kind::moved ? c.from_cell : c.cell);
       if (auto s = rows.follow_directory(c); !s) return s.error().with_context("device=" + c.device_id);
@@ -582,6 +591,7 @@ Status Store::forget_directory_changes(int64_t seq) {
 }
 
 Status Store::follow_directory(const DirectoryChange& c) {
+  if (c.kind == DirectoryChange::Kind::labelled) return {};  // the hub's (live membership)
   if (c.kind == DirectoryChange::Kind::decommissioned) {
     auto st = db_->prepare("DELETE FROM device_inventory WHERE device_id = ?");
     if (!st) return st.error();

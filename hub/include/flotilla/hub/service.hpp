@@ -571,10 +571,29 @@ class HubService {
   // offline ones up to total_cap (outside maintenance windows).
   Result<std::vector<CampaignDeviceRecord>> pick_releasable(const CampaignRecord& c, const Strategy& s,
                                                             int64_t online_budget, int64_t total_cap, int64_t now_ms);
-  // Live membership: the devices join the running campaigns whose selector
-  // they now match, and leave those they no longer match before release.
-  // store_mu_ held, inside the caller's transaction.
-  void refresh_membership(const std::vector<DeviceRecord>& devices);
+  // Live membership, control data first and the rows after (ADR 18).
+  // Inside the control write that enrolls or relabels devices: the time
+  // zones of those that now match a live campaign with a maintenance window,
+  // added to the campaign's record. store_mu_ held.
+  void note_member_zones(const std::vector<DeviceRecord>& devices);
+  // A live campaign as its membership is followed (parsed once per
+  // following of the outbox).
+  struct LiveCampaign {
+    CampaignRecord c;
+    Strategy strategy;
+    Selector selector;
+    bool rows_here = false;            // this store holds rows of it
+    std::map<int, bool> cell_has_rows;  // share_cells: asked once per cell
+  };
+  std::vector<LiveCampaign> live_campaigns();
+  // After the write, from the directory's outbox (an enrollment or a label
+  // change, made here or on another hub): the device joins the live
+  // campaigns whose selector it now matches, rejoins one it had left, or
+  // leaves one it no longer matches before its release; in its cell's store,
+  // on the hub that keeps the cell's rows. Idempotent. `local`: written by
+  // this process (a hub not sharing cells makes rows only of campaigns it
+  // holds rows of, or for its own writes). store_mu_ held.
+  void follow_membership(const DirectoryChange& change, std::vector<LiveCampaign>& live, bool local);
   // An automatic action of the engine, in the audit log with what triggered it.
   void audit_engine_action(const CampaignRecord& c, const std::string& action, const nlohmann::json& detail);
   void on_campaign_report(const DeviceRecord& dev, const v1::Report& r, CampaignRows& rows);
@@ -738,11 +757,16 @@ class HubService {
     (void)cell;
     return store_;
   }
-  // The device rows follow the directory's changes (moves, decommissions)
-  // that committed: after a write that may make them (a report batch that
-  // moved a device, arrivals, a decommission, entries from the control
-  // log) and at start, for what a crash left. store_mu_ held.
-  void follow_directory();
+  // The device rows follow the directory's changes (moves, decommissions,
+  // enrollments and label changes) that committed: after a write that may
+  // make them (a report batch that moved a device, arrivals, a
+  // decommission, an enrollment or relabelling, entries from the control
+  // log) and at start, for what a crash left. `local`: the devices this
+  // process's own write just changed. store_mu_ held.
+  void follow_directory(const std::set<std::string>& local = {});
+  // The same right after this process's control write that changed
+  // `devices` committed. Takes store_mu_.
+  void follow_own_write(const std::set<std::string>& devices);
 
   Store& store_;
   const Clock& clock_;

@@ -100,8 +100,10 @@ struct DeviceDirectoryEntry {
 // on the directory's columns, so changes applied from the control log and
 // snapshots are followed too, and applied after the write that made them
 // commits (HubService::follow_directory). Applying one twice is harmless.
+// A `labelled` change (an enrollment, or labels changed) is the hub's to
+// follow: live campaigns' membership (HubService::follow_membership).
 struct DirectoryChange {
-  enum class Kind { moved, decommissioned };
+  enum class Kind { moved, decommissioned, labelled };
   int64_t seq = 0;
   std::string device_id;
   Kind kind = Kind::moved;
@@ -610,11 +612,13 @@ class Store final : public DeviceStore {
 };
 
 // Follows the directory's outbox (Store::directory_outbox) with the device
-// rows of every change's cell store (`store_of`), then forgets what was
-// followed, in batches; returns how many changes. Today every cell's store
-// is the directory's own file and a batch is one transaction; with a file
-// per cell each cell commits before the entries are forgotten (following
-// twice is harmless).
-Result<int64_t> follow_directory_outbox(Store& directory, const std::function<DeviceStore&(int cell)>& store_of);
+// rows of every change's cell store (`store_of`), and `labelled` changes
+// with `on_labelled` (none: they are only forgotten), in order, then
+// forgets what was followed, in batches; returns how many changes. Today
+// every cell's store is the directory's own file and a batch is one
+// transaction; with a file per cell each cell commits before the entries
+// are forgotten (following twice is harmless).
+Result<int64_t> follow_directory_outbox(Store& directory, const std::function<DeviceStore&(int cell)>& store_of,
+                                        const std::function<Status(const DirectoryChange&)>& on_labelled = {});
 
 }  // namespace flotilla::hub
