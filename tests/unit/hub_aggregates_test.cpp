@@ -1132,3 +1132,68 @@ TEST_CASE("campaign and bundle lists page newest first within a project, each ro
   CHECK_FALSE(s.agg->bundles("default", "not-a-cursor", 2));
   CHECK_FALSE(s.agg->campaigns("default", "", "12", 2));
 }
+
+// ADR 18: with a file per cell, the directory (hub.db) and each cell's copy
+// of its devices are apart, and a trigger can only follow the columns of its
+// own side. So a trigger on devices that keeps a report-side table is named
+// on no directory column, and one that keeps a directory table on no report
+// column; none keeps both. (Inserts and deletes name no column: enrollment's
+// insert still feeds both sides' counts, which the per-cell files change.)
+TEST_CASE("each side's update triggers on devices are named only on that side's columns", "[unit][hub][views]") {
+  Stores s;
+  const std::set<std::string> directory_columns = {"project",  "labels",           "public_key", "enrolled_ms",
+                                                   "gateway",  "enroll_issued_ms", "cell",       "decommissioned"};
+  const std::set<std::string> report_columns = {"state",       "online",        "applied_bundle", "applied_version",
+                                                "k3s_version", "agent_version", "last_seen_ms",   "last_seq"};
+  const std::vector<std::string> directory_tables = {"directory_counts", "device_labels", "directory_outbox",
+                                                     "device_broker_cert"};
+  const std::vector<std::string> report_tables = {"fleet_counts",    "device_trouble", "campaign_counts",
+                                                  "campaign_devices", "device_events", "device_inventory"};
+  struct Trigger {
+    std::string name, sql;
+  };
+  auto triggers = sql::query<Trigger>(
+      s.store->db(), "SELECT name, sql FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'devices'",
+      [](const sql::Stmt& st) { return Trigger{st.col_text(0), st.col_text(1)}; });
+  REQUIRE(triggers);
+  auto writes_any = [](const std::string& body, const std::vector<std::string>& tables) {
+    return std::any_of(tables.begin(), tables.end(), [&](const std::string& t) {
+      for (const char* verb : {"INSERT INTO ", "INSERT OR IGNORE INTO ", "UPDATE ", "DELETE FROM "}) {
+        if (body.find(verb + t + " ") != std::string::npos || body.find(verb + t + "\n") != std::string::npos) return true;
+      }
+      return false;
+    });
+  };
+  int checked = 0;
+  for (const auto& t : *triggers) {
+    CAPTURE(t.name);
+    const auto of = t.sql.find("UPDATE OF ");
+    const auto on = t.sql.find(" ON devices");
+    if (of == std::string::npos || on == std::string::npos || of > on) continue;  // insert, delete
+    std::set<std::string> named;
+    std::string list = t.sql.substr(of + 10, on - of - 10);
+    for (size_t at = 0; at <= list.size();) {
+      size_t end = list.find(',', at);
+      if (end == std::string::npos) end = list.size();
+      std::string col = list.substr(at, end - at);
+      col.erase(0, col.find_first_not_of(' '));
+      col.erase(col.find_last_not_of(' ') + 1);
+      if (!col.empty()) named.insert(col);
+      at = end + 1;
+    }
+    const std::string body = t.sql.substr(t.sql.find("BEGIN"));
+    const bool directory_side = writes_any(body, directory_tables);
+    const bool report_side = writes_any(body, report_tables);
+    CHECK_FALSE((directory_side && report_side));
+    for (const auto& col : named) {
+      CAPTURE(col);
+      if (report_side) CHECK(directory_columns.count(col) == 0);
+      if (directory_side) CHECK(report_columns.count(col) == 0);
+    }
+    if (directory_side || report_side) ++checked;
+  }
+  // fleet_counts_state, _reported, device_trouble_update, the three
+  // presence triggers of campaigns, device_events_record; directory_labels,
+  // _decommission and _moved.
+  CHECK(checked >= 10);
+}

@@ -29,7 +29,7 @@ using sql::query;
 
 // Bumped when the tables or triggers below change: a store of an older
 // version drops them and rebuilds them from the device rows.
-constexpr int kAggregateSchema = 9;
+constexpr int kAggregateSchema = 10;
 
 // How many failure reasons one store gives a campaign's failure groups to
 // merge. Reasons are names of v1::Reason (a report's) or the hub's own
@@ -150,23 +150,26 @@ std::string fleet_triggers() {
   // The state: the one dimension almost every report changes, so its
   // trigger does nothing else (a statement skipped inside a trigger still
   // costs about a microsecond; a trigger whose WHEN fails, half of one).
-  sql += "CREATE TRIGGER fleet_counts_state AFTER UPDATE OF state, project ON devices "
-         "WHEN OLD.state != NEW.state OR OLD.project != NEW.project BEGIN\n  " +
+  // A device's project is fixed at its first enrollment (a token of another
+  // project gets 409; the upsert never writes it again), so the report
+  // side's triggers are named on report columns only (ADR 18).
+  sql += "CREATE TRIGGER fleet_counts_state AFTER UPDATE OF state ON devices "
+         "WHEN OLD.state != NEW.state BEGIN\n  " +
          move(kState, "1", true) + "\nEND;\n";
   sql += "CREATE TRIGGER device_trouble_update AFTER UPDATE OF state ON devices WHEN OLD.state != NEW.state "
          "AND (" + is_trouble("OLD.state") + " OR " + is_trouble("NEW.state") + ") BEGIN\n  "
          "DELETE FROM device_trouble WHERE state = OLD.state AND device_id = OLD.id;\n  "
          "INSERT OR IGNORE INTO device_trouble SELECT NEW.state, NEW.id WHERE " + is_trouble("NEW.state") +
          ";\nEND;\n";
-  // The reported dimensions, and all of them when a device changes project
-  // or (de)commission status.
-  std::string when = "OLD.project != NEW.project OR " + decom;
+  // The reported dimensions, and all of them when a device's reported state
+  // moves in or out of decommissioned.
+  std::string when = decom;
   std::string body;
   for (const auto& d : kReported) {
     when += " OR " + changed(d.cols);
-    body += move(d, "OLD.project != NEW.project OR " + decom + " OR " + changed(d.cols), false);
+    body += move(d, decom + " OR " + changed(d.cols), false);
   }
-  sql += "CREATE TRIGGER fleet_counts_reported AFTER UPDATE OF project, state, online, applied_bundle, "
+  sql += "CREATE TRIGGER fleet_counts_reported AFTER UPDATE OF state, online, applied_bundle, "
          "applied_version, k3s_version, agent_version ON devices WHEN " + when + " BEGIN\n  " + body + "\nEND;\n";
   // Certificate expiry lives in device_inventory, by day.
   sql += R"SQL(

@@ -383,7 +383,7 @@ Result<std::vector<std::pair<std::string, std::string>>> Store::credentials() {
 Status Store::upsert_enrolled_device(const DeviceRecord& d) {
   auto st = db_->prepare(
       "INSERT INTO devices (id, project, labels, public_key, hostname, arch, agent_version, enrolled_ms, gateway, "
-      "enroll_issued_ms, cell) VALUES (?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET project = excluded.project, "
+      "enroll_issued_ms, cell) VALUES (?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET "
       "labels = excluded.labels, hostname = excluded.hostname, arch = excluded.arch, "
       "agent_version = excluded.agent_version, enrolled_ms = excluded.enrolled_ms, gateway = excluded.gateway, "
       "enroll_issued_ms = excluded.enroll_issued_ms");
@@ -393,7 +393,9 @@ Status Store::upsert_enrolled_device(const DeviceRecord& d) {
       .bind(5, std::string_view(d.hostname)).bind(6, std::string_view(d.arch))
       .bind(7, std::string_view(d.agent_version)).bind(8, d.enrolled_ms).bind(9, std::string_view(d.gateway))
       .bind(10, static_cast<int64_t>(d.enroll_issued_ms)).bind(11, static_cast<int64_t>(d.cell));
-  // The cell is not in the update: a re-enrollment keeps its cell.
+  // Neither the project nor the cell is in the update: a re-enrollment
+  // keeps both (HubService::check_reenrollment refuses a token of another
+  // project), so the report side's count triggers need not watch project.
   return st->run();
 }
 
