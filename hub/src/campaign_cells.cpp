@@ -355,19 +355,28 @@ void HubService::ensure_cell_membership(const CampaignRecord& c) {
         log::get("hub")->warn("campaign={} cell={}: membership: {}", c.id, cell, members.error().message);
         continue;
       }
+      // The cell's rows in one transaction of its own store (not the
+      // engine's control write: ADR 18); a failure leaves none, and the
+      // next tick tries again.
       const int64_t now = clock_.now_unix_ms();
+      sql::Transaction tx(cell_store.device_db());
+      if (!tx.ok()) continue;
+      bool failed = false;
       for (const auto& m : *members) {
         if (auto s = cell_store.add_campaign_member(c.id, m, now); !s) {
           log::get("hub")->warn("campaign={} cell={}: membership: {}", c.id, cell, s.error().message);
-          return;
+          failed = true;
+          break;
         }
       }
+      if (failed) continue;
+      if (auto s = tx.commit(); !s) {
+        log::get("hub")->warn("campaign={} cell={}: membership: {}", c.id, cell, s.error().message);
+        continue;
+      }
       if (!members->empty()) {
-        // Remembered only once seen committed (next tick): the engine's
-        // transaction may still be rolled back (etcd away).
         log::get("hub")->info("campaign={} cell={}: {} members from the rank (made on another hub)", c.id, cell,
                               members->size());
-        continue;
       }
     }
     members_built_.insert(key);

@@ -257,6 +257,15 @@ void HubService::tick() {
     std::lock_guard lock(coord_mu_);
     if (leader_ && leadership_) guard = leadership_->guard();
   }
+  // Hubs sharing cells make the rows of the cells they own (from the
+  // replicated directory and the campaign's rank) before deciding: cell
+  // data, committed in each cell's store, never inside the control write.
+  if (control_log_ && cfg_.share_cells) {
+    std::lock_guard lock(store_mu_);
+    if (auto campaigns = store_.list_campaigns(); campaigns) {
+      for (const auto& c : *campaigns) ensure_cell_membership(c);
+    }
+  }
   // First the decisions, one control write: wave state, thresholds, the
   // rate's tokens and the engine's audit rows are control data (with the
   // control log, one entry per tick that changed them). Then, once they
@@ -277,9 +286,6 @@ void HubService::tick() {
       }
       if (!campaign_runs(c.state) && c.state != CampaignState::rolling_back) continue;
       if (control_log_) {
-        // Hubs sharing cells make the rows of the cells they own (from the
-        // replicated device rows and the campaign's rank).
-        if (cfg_.share_cells) ensure_cell_membership(c);
         // Several hubs: membership rows stay with the hub whose devices they
         // are (docs/adr/0016); a hub with none of a campaign's devices must
         // not judge it (it would find it complete).

@@ -1192,6 +1192,32 @@ TEST_CASE("control log: work files a killed hub left behind are removed at start
   CHECK(std::filesystem::exists(dir.path() / "hub.db"));
 }
 
+// One hub process sharing two cells by leases on the shared coordinator,
+// alone, so it holds both.
+struct SharedCellsHub {
+  TempDir dir;
+  Result<std::unique_ptr<Store>> store;
+  RecordingTransport t0, t1;
+  std::unique_ptr<HubService> svc;
+  SharedCellsHub(Shared& sh, const std::string& name) : dir(name), store(Store::open((dir.path() / "hub.db").string())) {
+    REQUIRE(store);
+    ServiceConfig cfg = service_config(sh.coord.get());
+    cfg.cell_broker_urls = {"ssl://cell0.test:8883", "ssl://cell1.test:8884"};
+    cfg.broker_url = cfg.cell_broker_urls[0];
+    cfg.coordinator = sh.coord.get();
+    cfg.share_cells = true;
+    cfg.coord_holder = "hub-a";
+    svc = std::make_unique<HubService>(**store, sh.clock, cfg);
+    REQUIRE(svc->control_log_status());
+    REQUIRE(svc->attach_transport(0, t0));
+    REQUIRE(svc->attach_transport(1, t1));
+    svc->tick();  // the only live hub: it holds both cells
+    REQUIRE(svc->serves_cell(0));
+    REQUIRE(svc->serves_cell(1));
+  }
+  ~SharedCellsHub() { svc->stop(); }
+};
+
 // Hub processes sharing cells (docs/adr/0019): a device that arrives from a
 // draining cell changes its cell in a control write. With etcd away that
 // write waits; the device is served meanwhile, and the move is recorded once
@@ -1200,23 +1226,10 @@ TEST_CASE("shared cells: a device that arrives from a draining cell while etcd i
           "recorded when etcd is back",
           "[unit][control][cells][drain]") {
   Shared sh;
-  TempDir dir("shared-arrival");
-  auto st = Store::open((dir.path() / "hub.db").string());
-  REQUIRE(st);
-  ServiceConfig cfg = service_config(sh.coord.get());
-  cfg.cell_broker_urls = {"ssl://cell0.test:8883", "ssl://cell1.test:8884"};
-  cfg.broker_url = cfg.cell_broker_urls[0];
-  cfg.coordinator = sh.coord.get();
-  cfg.share_cells = true;
-  cfg.coord_holder = "hub-a";
-  HubService svc(**st, sh.clock, cfg);
-  REQUIRE(svc.control_log_status());
-  RecordingTransport t0, t1;
-  REQUIRE(svc.attach_transport(0, t0));
-  REQUIRE(svc.attach_transport(1, t1));
-  svc.tick();  // the only live hub: it holds both cells
-  REQUIRE(svc.serves_cell(0));
-  REQUIRE(svc.serves_cell(1));
+  SharedCellsHub hub(sh, "shared-arrival");
+  auto& st = hub.store;
+  auto& svc = *hub.svc;
+  auto& t0 = hub.t0;
 
   auto enr = svc.create_token("enroll", token_rec("enroll", "enroll", {"site"}));
   REQUIRE(enr);
@@ -1280,7 +1293,6 @@ TEST_CASE("shared cells: a device that arrives from a draining cell while etcd i
   presence(0, mover, false);
   CHECK(device(mover).online);
   CHECK(device(mover).cell == 1);
-  svc.stop();
 }
 
 // Live membership follows the directory (ADR 18): an enrollment or a label
@@ -1349,4 +1361,53 @@ TEST_CASE("control log: a device enrolled or relabelled through another hub join
   CHECK(a.count("campaign_devices") == 3);
   CHECK(row_on(a, second)->status == "waiting");
   CHECK(a.count("directory_outbox") == 0);
+}
+
+// ADR 18: a hub sharing cells builds its cells' membership rows in their
+// own store before the tick's decisions, not inside their control write:
+// the rows are cell data. So a hub whose store has none of a campaign's rows
+// (the campaign made on another hub, a cell taken over) builds them while
+// etcd is away too; only the decisions wait for etcd.
+TEST_CASE("shared cells: a cell's membership rows are built while etcd is away, outside the tick's control write",
+          "[unit][control][cells]") {
+  Shared sh;
+  SharedCellsHub hub(sh, "shared-members");
+  auto& st = hub.store;
+  auto& svc = *hub.svc;
+  Api api(svc);
+  const std::string admin = test::make_token(svc, "api", "root", "admin").secret;
+  auto enr = svc.create_token("enroll", token_rec("enroll", "enroll", {"site"}));
+  REQUIRE(enr);
+  for (int i = 0; i < 6; ++i) {
+    REQUIRE(svc.enroll(test::enroll_request(enr->secret, bundles::generate_key(), {{"site", "north"}})));
+  }
+  const auto key = bundles::generate_key();
+  const auto env = test::signed_bundle(sh.clock.now_unix(), "edge", 1, "kind: ConfigMap\n", {&key});
+  auto up = api.handle(test::api_request("POST", "/v1/bundles", bundles::serialize_envelope(env), admin));
+  INFO(up.body);
+  REQUIRE(up.status == 201);
+  auto camp = api.handle(test::api_request(
+      "POST", "/v1/campaigns", json{{"bundle", body_of(up)["id"]}, {"selector", "site=north"}}.dump(), admin));
+  INFO(camp.body);
+  REQUIRE(camp.status == 201);
+  auto rows = [&] {
+    auto s = (*st)->db().prepare("SELECT COUNT(*) FROM campaign_devices");
+    REQUIRE(s);
+    REQUIRE(*s->step());
+    return s->col_int(0);
+  };
+  REQUIRE(rows() == 6);
+
+  // As if made on another hub: this store has none of its rows. etcd away.
+  REQUIRE((*st)->db().exec("DELETE FROM campaign_devices; DELETE FROM campaign_counts"));
+  sh.coord->down = true;
+  const int64_t head = sh.head_revision();
+  svc.tick();
+  CHECK(rows() == 6);                   // built from the directory by the rank
+  CHECK(sh.head_revision() == head);    // and no decision written
+  auto v = svc.campaign_view(body_of(camp)["id"].get<std::string>(), false);
+  REQUIRE(v);
+  REQUIRE(*v);
+  CHECK((*v)->counts.total == 6);
+  CHECK((*v)->counts.waiting == 6);
 }

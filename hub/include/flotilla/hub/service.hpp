@@ -653,9 +653,10 @@ class HubService {
   // it holds more than its share, claims free cells up to it. coord_mu_ held.
   void balance_cells(const std::function<void(const std::string&, const Error&)>& warn);
   // share_cells: the campaign's membership rows of each owned cell, made
-  // from the replicated device rows by the deterministic rank when this
+  // from the replicated directory by the deterministic rank when this
   // store has none (a campaign created on another hub, or a cell taken
-  // over). store_mu_ held.
+  // over), in one transaction of the cell's store, before the tick's
+  // decisions and outside their control write. store_mu_ held.
   void ensure_cell_membership(const CampaignRecord& c);
   // The cells whose devices the engine may release now: the owned ones,
   // less (share_cells) those still waiting for their roll call's answers.
