@@ -209,6 +209,21 @@ class Hub {
     REQUIRE(r.status == 201);
     return body_of(r)["id"].get<std::string>();
   }
+  // An operator token of project default, made through the API by root.
+  std::string make_operator() {
+    auto made = call("POST", "/v1/tokens",
+                     json{{"name", "ops"}, {"role", "operator"}, {"project", "default"}}.dump(), root);
+    INFO(made.body);
+    REQUIRE(made.status == 201);
+    return body_of(made)["token"].get<std::string>();
+  }
+  // A campaign of `bundle` for `selector` through the API; returns its id.
+  std::string create_campaign(const std::string& token, const std::string& bundle, const std::string& selector) {
+    auto camp = call("POST", "/v1/campaigns", json{{"bundle", bundle}, {"selector", selector}}.dump(), token);
+    INFO(camp.body);
+    REQUIRE(camp.status == 201);
+    return body_of(camp)["id"].get<std::string>();
+  }
   HttpResponse post_bundle(const std::string& token, const std::string& name, const std::string& content) {
     const auto env = test::signed_bundle(clock_.now_unix(), name, 1, content, {&signing_key_});
     return call("POST", "/v1/bundles", bundles::serialize_envelope(env), token);
@@ -407,19 +422,13 @@ TEST_CASE("control log: what a hub releases to its devices stays in its own stor
   Shared sh;
   Hub a(*sh.coord, sh.clock, true);
   Hub b(*sh.coord, sh.clock, false);
-  auto made = a.call("POST", "/v1/tokens", json{{"name", "ops"}, {"role", "operator"}, {"project", "default"}}.dump(),
-                     a.root);
-  REQUIRE(made.status == 201);
-  const std::string ops = body_of(made)["token"].get<std::string>();
+  const std::string ops = a.make_operator();
   const std::string bundle = a.upload_bundle(ops, "edge-base");
   auto enr = a.service().create_token("enroll", token_rec("enroll", "enroll", {"site"}));
   REQUIRE(enr);
   std::vector<std::string> devices;
   for (int i = 0; i < 3; ++i) devices.push_back(a.enroll_device(enr->secret));
-  auto camp = a.call("POST", "/v1/campaigns", json{{"bundle", bundle}, {"selector", "site=north"}}.dump(), ops);
-  INFO(camp.body);
-  REQUIRE(camp.status == 201);
-  const std::string campaign = body_of(camp)["id"].get<std::string>();
+  const std::string campaign = a.create_campaign(ops, bundle, "site=north");
   a.service().tick();
   // The tick is a control write (its wave state is control data), and it
   // released every device: A's store says so.
@@ -1306,19 +1315,13 @@ TEST_CASE("control log: a device enrolled or relabelled through another hub join
   Shared sh;
   Hub a(*sh.coord, sh.clock, true);
   Hub b(*sh.coord, sh.clock, false);
-  auto made = a.call("POST", "/v1/tokens", json{{"name", "ops"}, {"role", "operator"}, {"project", "default"}}.dump(),
-                     a.root);
-  REQUIRE(made.status == 201);
-  const std::string ops = body_of(made)["token"].get<std::string>();
+  const std::string ops = a.make_operator();
   const std::string bundle = a.upload_bundle(ops, "edge-base");
   auto enr = a.service().create_token("enroll", token_rec("enroll", "enroll", {"site"}));
   REQUIRE(enr);
   const std::string first = a.enroll_device(enr->secret);
   const std::string second = a.enroll_device(enr->secret);
-  auto camp = a.call("POST", "/v1/campaigns", json{{"bundle", bundle}, {"selector", "site=north"}}.dump(), ops);
-  INFO(camp.body);
-  REQUIRE(camp.status == 201);
-  const std::string campaign = body_of(camp)["id"].get<std::string>();
+  const std::string campaign = a.create_campaign(ops, bundle, "site=north");
   auto row_on = [&](Hub& h, const std::string& device) {
     auto r = h.store().campaign_device(campaign, device);
     REQUIRE(r);
