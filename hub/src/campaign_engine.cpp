@@ -761,19 +761,14 @@ Result<std::vector<CampaignDeviceRecord>> HubService::releasable_now(const Campa
 
 void HubService::note_member_zones(const std::vector<DeviceRecord>& devices) {
   if (devices.empty()) return;
-  auto campaigns = store_.list_campaigns();
-  if (!campaigns) return;
-  for (auto& c : *campaigns) {
-    if (!accepts_members(c.state)) continue;
-    const Strategy strategy = strategy_of(c);
-    if (strategy.membership != Membership::live || !strategy.window.enabled()) continue;
-    auto sel = Selector::parse(c.selector);
-    if (!sel) continue;
+  for (auto& lc : live_campaigns()) {
+    if (!lc.strategy.window.enabled()) continue;
+    CampaignRecord& c = lc.c;
     auto zones = split_zones(c.zones);
     const size_t zones_before = zones.size();
     for (const auto& d : devices) {
-      if ((c.project != "*" && d.project != c.project) || !sel->matches(d.labels)) continue;
-      auto zone = strategy.window.zone_for(d.labels);
+      if ((c.project != "*" && d.project != c.project) || !lc.selector.matches(d.labels)) continue;
+      auto zone = lc.strategy.window.zone_for(d.labels);
       if (!zone.empty()) zones.insert(std::move(zone));
     }
     if (zones.size() != zones_before) {
@@ -793,12 +788,7 @@ std::vector<HubService::LiveCampaign> HubService::live_campaigns() {
     if (strategy.membership != Membership::live) continue;
     auto sel = Selector::parse(c.selector);
     if (!sel) continue;
-    LiveCampaign lc{std::move(c), std::move(strategy), std::move(*sel), false, {}};
-    if (control_log_ && !cfg_.share_cells) {
-      auto counts = store_.campaign_counts(lc.c.id);
-      lc.rows_here = counts && !counts->empty();
-    }
-    out.push_back(std::move(lc));
+    out.push_back(LiveCampaign{std::move(c), std::move(strategy), std::move(*sel), false, {}});
   }
   return out;
 }

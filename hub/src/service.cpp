@@ -1716,7 +1716,17 @@ void HubService::follow_directory(const std::set<std::string>& local) {
   auto followed = follow_directory_outbox(
       store_, [this](int cell) -> DeviceStore& { return device_store(cell); },
       [&](const DirectoryChange& c) -> Status {
-        if (!live) live = live_campaigns();
+        if (!live) {
+          live = live_campaigns();
+          // Which campaigns a hub sharing only the control log holds rows
+          // of (follow_membership makes rows for those, and its own writes').
+          if (control_log_ && !cfg_.share_cells) {
+            for (auto& lc : *live) {
+              auto counts = store_.campaign_counts(lc.c.id);
+              lc.rows_here = counts && !counts->empty();
+            }
+          }
+        }
         follow_membership(c, *live, local.count(c.device_id) != 0);
         return {};
       });
