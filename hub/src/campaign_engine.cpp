@@ -105,56 +105,93 @@ Result<BundleRecord> HubService::bundle_with_envelope(const std::string& id) {
   return **b;
 }
 
+std::vector<int64_t> HubService::CampaignPlan::per_wave(int wave_count) const {
+  std::vector<int64_t> out(static_cast<size_t>(std::max(wave_count, 0)), 0);
+  for (const auto& m : members) {
+    if (m.wave >= 0 && m.wave < wave_count) ++out[static_cast<size_t>(m.wave)];
+  }
+  return out;
+}
+
+Result<HubService::CampaignPlan> HubService::plan_campaign(const std::string& name, const std::string& bundle_key,
+                                                           const std::string& selector_text, const Strategy& strategy,
+                                                           const std::string& project,
+                                                           const std::string& campaign_id) {
+  auto sel = Selector::parse(selector_text);
+  if (!sel) return sel.error();
+  std::lock_guard lock(store_mu_);
+  CampaignPlan plan;
+  CampaignRecord& c = plan.record;
+  auto b = store_.get_bundle(bundle_key, false, project);
+  if (!b) return b.error();
+  if (!*b) return make_error(Errc::not_found, "no bundle '" + bundle_key + "' (use an id or name:version)");
+  const BundleRecord& bundle = **b;
+  if (bundle.expires_unix != 0 && bundle.expires_unix <= clock_.now_unix()) {
+    return make_error(Errc::invalid_argument, "bundle " + bundle.id + " has expired; devices would refuse it");
+  }
+  c.id = campaign_id.empty() ? "c-" + crypto::random_token(6) : campaign_id;
+  c.name = name.empty() ? bundle.name + "-" + std::to_string(bundle.version) : name;
+  c.bundle_id = bundle.id;
+  c.selector = sel->text();
+  c.state = CampaignState::running;
+  c.created_ms = c.updated_ms = clock_.now_unix_ms();
+  // The bundle's project, also for a caller of every project: a bundle's
+  // files go only to devices of the project it was uploaded to.
+  c.project = bundle.project;
+  c.strategy = strategy.to_json().dump();
+  auto rows = campaign_members(c, *sel, strategy, std::nullopt);
+  if (!rows) return rows.error();
+  if (rows->empty()) {
+    return make_error(Errc::invalid_argument, "selector '" + sel->text() + "' matches no enrolled device");
+  }
+  std::set<std::string> zones;
+  for (const auto& r : *rows) {
+    if (!r.zone.empty()) zones.insert(r.zone);
+  }
+  c.zones = join_zones(zones);
+  plan.members = std::move(*rows);
+  return plan;
+}
+
+Status HubService::write_campaign(const CampaignPlan& plan) {
+  std::lock_guard lock(store_mu_);
+  const CampaignRecord& c = plan.record;
+  // The record is control data (hub.db); each member's row goes to the
+  // store of its device's cell, the cell the directory gave it (ADR 18).
+  // One transaction while every cell's store is hub.db; with a file per
+  // cell, each file's rows commit before the record, and rows whose
+  // campaign never committed are removed at open (ADR 18).
+  sql::Transaction tx(store_.db());
+  if (!tx.ok()) return make_error(Errc::unavailable, "cannot begin transaction", true);
+  if (auto s = store_.insert_campaign_record(c); !s) return s;
+  for (const auto& m : plan.members) {
+    if (auto s = device_store(m.cell).add_campaign_member(c.id, m, c.created_ms); !s) return s;
+  }
+  if (auto s = tx.commit(); !s) return s;
+  log::get("hub")->info("campaign created id={} bundle={} devices={} waves={}", c.id, c.bundle_id, plan.members.size(),
+                        strategy_of(c).wave_count());
+  return {};
+}
+
+Result<std::vector<CampaignCountRow>> HubService::campaign_counts(const std::string& id) {
+  std::lock_guard lock(store_mu_);
+  return campaign_totals(store_, id);
+}
+
 Result<CampaignRecord> HubService::create_campaign(const std::string& name, const std::string& bundle_key,
                                                    const std::string& selector_text, const Strategy& strategy,
                                                    const std::string& project, const std::string& campaign_id) {
-  auto sel = Selector::parse(selector_text);
-  if (!sel) return sel.error();
+  if (auto sel = Selector::parse(selector_text); !sel) return sel.error();
   CampaignRecord c;
   auto created = control_write([&]() -> Status {
+    // One hold of the lock from the plan to its rows: a device enrolled in
+    // between would miss both the plan and, the record not yet written,
+    // live membership.
     std::lock_guard lock(store_mu_);
-    c = CampaignRecord{};
-    auto b = store_.get_bundle(bundle_key, false, project);
-    if (!b) return b.error();
-    if (!*b) return make_error(Errc::not_found, "no bundle '" + bundle_key + "' (use an id or name:version)");
-    const BundleRecord& bundle = **b;
-    if (bundle.expires_unix != 0 && bundle.expires_unix <= clock_.now_unix()) {
-      return make_error(Errc::invalid_argument, "bundle " + bundle.id + " has expired; devices would refuse it");
-    }
-    c.id = campaign_id.empty() ? "c-" + crypto::random_token(6) : campaign_id;
-    c.name = name.empty() ? bundle.name + "-" + std::to_string(bundle.version) : name;
-    c.bundle_id = bundle.id;
-    c.selector = sel->text();
-    c.state = CampaignState::running;
-    c.created_ms = c.updated_ms = clock_.now_unix_ms();
-    // The bundle's project, also for a caller of every project: a bundle's
-    // files go only to devices of the project it was uploaded to.
-    c.project = bundle.project;
-    c.strategy = strategy.to_json().dump();
-    auto rows = campaign_members(c, *sel, strategy, std::nullopt);
-    if (!rows) return rows.error();
-    if (rows->empty()) {
-      return make_error(Errc::invalid_argument, "selector '" + sel->text() + "' matches no enrolled device");
-    }
-    std::set<std::string> zones;
-    for (const auto& r : *rows) {
-      if (!r.zone.empty()) zones.insert(r.zone);
-    }
-    c.zones = join_zones(zones);
-    // The record is control data (hub.db); each member's row goes to the
-    // store of its device's cell, the cell the directory gave it (ADR 18).
-    // One transaction while every cell's store is hub.db; with a file per
-    // cell, each file's rows commit before the record, and rows whose
-    // campaign never committed are removed at open (ADR 18).
-    sql::Transaction tx(store_.db());
-    if (!tx.ok()) return make_error(Errc::unavailable, "cannot begin transaction", true);
-    if (auto s = store_.insert_campaign_record(c); !s) return s.error();
-    for (const auto& m : *rows) {
-      if (auto s = device_store(m.cell).add_campaign_member(c.id, m, c.created_ms); !s) return s.error();
-    }
-    if (auto s = tx.commit(); !s) return s.error();
-    log::get("hub")->info("campaign created id={} bundle={} devices={} waves={}", c.id, bundle.id, rows->size(),
-                          strategy.wave_count());
+    auto plan = plan_campaign(name, bundle_key, selector_text, strategy, project, campaign_id);
+    if (!plan) return plan.error();
+    if (auto s = write_campaign(*plan); !s) return s;
+    c = std::move(plan->record);
     return {};
   });
   if (!created) return created.error();

@@ -4,7 +4,8 @@
 // time (create_campaign, campaign_action, create_token, upload_bundle): with
 // store_mu_ held and a transaction open, theirs become savepoints, so an
 // error anywhere leaves nothing behind, and a dry run is the same apply
-// rolled back at the end.
+// rolled back at the end, except that a new campaign is only planned: its
+// devices per wave come from the plan, so a dry run writes no device store.
 #include <algorithm>
 #include <set>
 
@@ -254,22 +255,34 @@ struct Applier {
         if (!taken) return taken.error();
         if (!*taken) break;
       }
-      auto created = hub.create_campaign(d.name, bundle.id, d.selector, d.strategy, project,
-                                         declared_campaign_id(project, d.name, run));
-      if (!created) return created.error().with_context(d.source + ": spec");
+      // Planned, then written unless this is a dry run: the plan's members
+      // count the devices per wave, so a dry run writes no device store.
+      auto plan = hub.plan_campaign(d.name, bundle.id, d.selector, d.strategy, project,
+                                    declared_campaign_id(project, d.name, run));
+      if (!plan) return plan.error().with_context(d.source + ": spec");
+      if (!req.dry_run) {
+        if (auto s = hub.write_campaign(*plan); !s) return s.error().with_context(d.source + ": spec");
+      }
       row.runs = run;
-      out.target = created->id;
+      out.target = plan->record.id;
       if (d.paused) {
-        auto r = hub.campaign_action(created->id, "pause");
-        if (!r) return r.error().with_context(d.source + ": spec.paused");
+        if (!req.dry_run) {
+          auto r = hub.campaign_action(out.target, "pause");
+          if (!r) return r.error().with_context(d.source + ": spec.paused");
+        }
         out.detail = out.detail.empty() ? "created paused" : out.detail + ", paused";
       }
       if (out.action == "unchanged") out.action = "configured";
+      const auto per_wave = plan->per_wave(d.strategy.wave_count());
+      for (size_t i = 0; i < per_wave.size(); ++i) {
+        out.waves.emplace_back(d.strategy.wave_name(static_cast<int>(i)), per_wave[i]);
+        out.devices += per_wave[i];
+      }
     }
     if (out.target.empty() && current) out.target = current->id;
-    // Devices per wave of the run this object points at.
-    if (!out.target.empty() && out.action != "unchanged") {
-      auto counts = store.campaign_counts(out.target);
+    // Devices per wave of the run this object points at, over every cell.
+    if (!new_run && !out.target.empty() && out.action != "unchanged") {
+      auto counts = hub.campaign_counts(out.target);
       if (!counts) return counts.error();
       std::vector<int64_t> per_wave(static_cast<size_t>(d.strategy.wave_count()), 0);
       for (const auto& r : *counts) {

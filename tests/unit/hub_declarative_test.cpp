@@ -482,8 +482,14 @@ TEST_CASE("a server dry run predicts devices per wave exactly and changes nothin
                  "---\n" + campaign_doc("r", "edge-base:1", "  strategy: {canary: 3, waves: [25, 60, 100]}\n") + "---\n" +
                  kToken}};
   const json empty = h.state();
+  // A dry run plans the campaign and writes none of its rows (with a store
+  // per cell, they would be writes to other files than the control write's):
+  // here a row written would abort the apply.
+  REQUIRE(h.store->db().exec("CREATE TRIGGER no_rows BEFORE INSERT ON campaign_devices "
+                             "BEGIN SELECT RAISE(ABORT, 'a dry run wrote a campaign row'); END"));
   auto dry = h.apply(files, "?dryRun=true", blobs);
   REQUIRE(dry.status == 200);
+  REQUIRE(h.store->db().exec("DROP TRIGGER no_rows"));
   const json d = body_of(dry);
   CHECK(d["dry_run"] == true);
   const json dc = h.object(d, "Campaign", "r");

@@ -290,6 +290,27 @@ class HubService {
   Result<CampaignRecord> create_campaign(const std::string& name, const std::string& bundle_key,
                                          const std::string& selector, const Strategy& strategy = {},
                                          const std::string& project = "*", const std::string& campaign_id = "");
+  // What create_campaign makes, before anything is written: the record and
+  // each member's row (rank, wave, zone, cell). Declarative apply plans
+  // inside its control write; its dry run counts devices per wave from the
+  // plan and so writes no device store (ADR 18).
+  struct CampaignPlan {
+    CampaignRecord record;
+    std::vector<CampaignMember> members;
+    // Devices per wave, wave_count long (members of an unknown wave, none
+    // today, are left out).
+    std::vector<int64_t> per_wave(int wave_count) const;
+  };
+  Result<CampaignPlan> plan_campaign(const std::string& name, const std::string& bundle_key,
+                                     const std::string& selector, const Strategy& strategy = {},
+                                     const std::string& project = "*", const std::string& campaign_id = "");
+  // Writes a plan made in the same control write: the record, then each
+  // member's row in the store of its cell.
+  Status write_campaign(const CampaignPlan& plan);
+  // A campaign's counts by wave, status and presence over every cell, as
+  // its view adds them up: this hub's cells counted now, other hubs' cells
+  // as they published them.
+  Result<std::vector<CampaignCountRow>> campaign_counts(const std::string& id);
   // The rows campaign c gives these devices, found by id without a scan of
   // the fleet: each one's rank, wave and zone exactly as at the campaign's
   // creation (campaign_members). A count-based canary's cutoff (the Nth
