@@ -830,7 +830,7 @@ std::vector<HubService::LiveCampaign> HubService::live_campaigns() {
   return out;
 }
 
-void HubService::follow_membership(const DirectoryChange& change, std::vector<LiveCampaign>& live, bool local) {
+void HubService::follow_membership(const DirectoryChange& change, std::vector<LiveCampaign>& live) {
   if (live.empty()) return;
   auto entry = store_.directory_entry(change.device_id);
   if (!entry || !*entry || (*entry)->decommissioned) return;
@@ -855,7 +855,7 @@ void HubService::follow_membership(const DirectoryChange& change, std::vector<Li
         }
         if (!it->second) continue;
       }
-    } else if (control_log_ && !lc.rows_here && !local) {
+    } else if (control_log_ && !lc.rows_here && !change.local) {
       continue;
     }
     DeviceStore& cell_store = device_store(d.cell);

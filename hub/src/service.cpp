@@ -678,7 +678,8 @@ Result<v1::EnrollResponse> HubService::enroll(const v1::EnrollRequest& req, Audi
     auto claimed = store_.claim_token_use(token->id);
     if (!claimed) return claimed.error();
     if (!*claimed) return make_error(Errc::permission_denied, "enrollment token has been used up");
-    if (auto s = store_.upsert_enrolled_device(d); !s) return s.error();
+    // Its outbox entry is this hub's own, whichever follow takes it.
+    if (auto s = store_.local_directory_write([&] { return store_.upsert_enrolled_device(d); }); !s) return s.error();
     note_member_zones({d});
     if (cert) {
       if (auto s = store_.insert_device_cert(*cert); !s) return s.error();
@@ -718,7 +719,7 @@ Result<v1::EnrollResponse> HubService::enroll(const v1::EnrollRequest& req, Audi
     }
     return stored.error();
   }
-  follow_own_write({d.id});  // live campaigns it matches
+  follow_own_write();  // live campaigns it matches
   if (record) {
     *audit = std::move(*record);
     audit->stored = true;
@@ -941,7 +942,9 @@ Result<v1::EnrollBatchResponse> HubService::enroll_batch(const v1::EnrollBatchRe
       }
       d.cell = had_cell >= 0 ? had_cell : gw_cell;
       if (had_cell < 0) ++fresh;
-      if (auto s = store_.upsert_enrolled_device(d); !s) return s.error();
+      if (auto s = store_.local_directory_write([&] { return store_.upsert_enrolled_device(d); }); !s) {
+        return s.error();
+      }
       *out.mutable_results(i)->mutable_enrolled() = enroll_response(d);
       stored.push_back(d);
       ++enrolled;
@@ -950,9 +953,7 @@ Result<v1::EnrollBatchResponse> HubService::enroll_batch(const v1::EnrollBatchRe
     return tx.commit();
   });
   if (!batch_stored) return batch_stored.error();
-  std::set<std::string> written;
-  for (const auto& d : stored) written.insert(d.id);
-  follow_own_write(written);  // live campaigns they match
+  follow_own_write();  // live campaigns they match
   if (gw_cell < cell_count()) {
     std::lock_guard lock(store_mu_);
     cell_devices_[static_cast<size_t>(gw_cell)] += fresh;
@@ -1711,7 +1712,7 @@ void HubService::continue_drains() {
   log::get("hub")->info("asked {} devices to move to another cell", moves.size());
 }
 
-void HubService::follow_directory(const std::set<std::string>& local) {
+void HubService::follow_directory() {
   std::optional<std::vector<LiveCampaign>> live;  // read at the first enrollment or label change
   auto followed = follow_directory_outbox(
       store_, [this](int cell) -> DeviceStore& { return device_store(cell); },
@@ -1727,7 +1728,7 @@ void HubService::follow_directory(const std::set<std::string>& local) {
             }
           }
         }
-        follow_membership(c, *live, local.count(c.device_id) != 0);
+        follow_membership(c, *live);
         return {};
       });
   if (!followed) {
@@ -1736,9 +1737,9 @@ void HubService::follow_directory(const std::set<std::string>& local) {
   }
 }
 
-void HubService::follow_own_write(const std::set<std::string>& devices) {
+void HubService::follow_own_write() {
   std::lock_guard lock(store_mu_);
-  follow_directory(devices);
+  follow_directory();
 }
 
 void HubService::note_moved(const std::string& owner, int from, int to, int64_t rows, std::string_view how) {

@@ -53,12 +53,14 @@ Result<DeviceRecord> HubService::edit_device_labels(
     // device's labels on every campaign and list.
     if (dev.labels.size() > 64) return make_error(Errc::invalid_argument, "a device may carry at most 64 labels");
     sql::Transaction tx(store_.db());
-    if (auto s = store_.set_device_labels(id, dev.labels); !s) return s.error();
+    if (auto s = store_.local_directory_write([&] { return store_.set_device_labels(id, dev.labels); }); !s) {
+      return s.error();
+    }
     note_member_zones({dev});
     if (auto s = tx.commit(); !s) return s.error();
     return dev;
   });
-  if (edited) follow_own_write({id});  // live campaigns it now matches, or no longer does
+  if (edited) follow_own_write();  // live campaigns it now matches, or no longer does
   return edited;
 }
 

@@ -1366,6 +1366,66 @@ TEST_CASE("control log: a device enrolled or relabelled through another hub join
   CHECK(a.count("directory_outbox") == 0);
 }
 
+// A hub's own directory write is its own whichever follow takes it: the
+// outbox entry carries the mark (DirectoryChange::local), so a follow
+// started by another write, or a start after a crash, does not take it for
+// another hub's. Here A's own follow fails, the entry stays, and the follow
+// that an entry from B starts takes it: A makes the row of its own write,
+// although it holds no row of the campaign.
+TEST_CASE("control log: a hub's own label change is followed as its own by a later follow", "[unit][control]") {
+  Shared sh;
+  Hub a(*sh.coord, sh.clock, true);
+  Hub b(*sh.coord, sh.clock, false);
+  const std::string ops = a.make_operator();
+  const std::string bundle = a.upload_bundle(ops, "edge-base");
+  auto enr = a.service().create_token("enroll", token_rec("enroll", "enroll", {"site"}));
+  REQUIRE(enr);
+  const std::string mine = a.enroll_device(enr->secret);
+  const std::string theirs = a.enroll_device(enr->secret);
+  const std::string seed = a.enroll_device(enr->secret);
+  b.catch_up();
+  REQUIRE(b.service().edit_device_labels(seed, {{"site", std::string("east")}}));
+  const std::string campaign = b.create_campaign(ops, bundle, "site=east");
+  auto settle = [](Hub& h) {
+    h.catch_up();
+    for (int i = 0; i < 2000 && h.count("directory_outbox") != 0; ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    REQUIRE(h.count("directory_outbox") == 0);
+  };
+  settle(a);
+  REQUIRE(a.count("campaign_devices") == 0);
+
+  // A's follow of its own relabelling fails (its entries cannot be
+  // forgotten, so the batch rolls back): the entry is kept, marked A's.
+  REQUIRE(a.store().db().exec("CREATE TRIGGER keep_outbox BEFORE DELETE ON directory_outbox "
+                              "BEGIN SELECT RAISE(ABORT, 'test: the follow fails'); END"));
+  REQUIRE(a.service().edit_device_labels(mine, {{"site", std::string("east")}}));
+  auto kept = a.store().directory_outbox(10);
+  REQUIRE(kept);
+  REQUIRE(kept->size() == 1);
+  CHECK(kept->front().device_id == mine);
+  CHECK(kept->front().local);
+  CHECK(a.count("campaign_devices") == 0);
+  REQUIRE(a.store().db().exec("DROP TRIGGER keep_outbox"));
+
+  // B's relabelling (not matching) reaches A: the follow it starts takes
+  // both entries.
+  REQUIRE(b.service().edit_device_labels(theirs, {{"site", std::string("west")}}));
+  settle(a);
+  auto own = a.store().campaign_device(campaign, mine);
+  REQUIRE(own);
+  REQUIRE(*own);
+  CHECK((*own)->status == "waiting");
+  auto other = a.store().campaign_device(campaign, theirs);
+  REQUIRE(other);
+  CHECK_FALSE(*other);
+  CHECK(a.count("campaign_devices") == 1);
+  // B holds the campaign's rows: A's relabelling joined there too.
+  settle(b);
+  CHECK(b.count("campaign_devices") == 2);
+}
+
 // ADR 18: a hub sharing cells builds its cells' membership rows in their
 // own store before the tick's decisions, not inside their control write:
 // the rows are cell data. So a hub whose store has none of a campaign's rows

@@ -367,7 +367,7 @@ CREATE TABLE IF NOT EXISTS device_broker_cert (
 -- log feed it too.
 CREATE TABLE IF NOT EXISTS directory_outbox (
   seq INTEGER PRIMARY KEY, device_id TEXT NOT NULL, kind TEXT NOT NULL, cell INTEGER NOT NULL,
-  from_cell INTEGER NOT NULL);
+  from_cell INTEGER NOT NULL, local INTEGER NOT NULL DEFAULT 0);
 -- A device's recent failures, the last 10 per device.
 CREATE TABLE IF NOT EXISTS device_events (
   id INTEGER PRIMARY KEY, device_id TEXT NOT NULL, time_ms INTEGER NOT NULL, seq INTEGER NOT NULL,
@@ -427,6 +427,16 @@ FleetCount fleet_row(const sql::Stmt& s) { return FleetCount{s.col_text(0), s.co
 
 Status Store::migrate_aggregates() {
   if (auto s = db_->exec(kAggregateTables); !s) return s;
+  // Outboxes made before entries were marked local: what they hold counts
+  // as applied from elsewhere (the mark's absence before it existed).
+  auto local = query<int64_t>(*db_, "SELECT COUNT(*) FROM pragma_table_info('directory_outbox') WHERE name = 'local'",
+                              [](const sql::Stmt& s) { return s.col_int(0); });
+  if (!local) return local.error();
+  if (local->empty() || local->front() == 0) {
+    if (auto s = db_->exec("ALTER TABLE directory_outbox ADD COLUMN local INTEGER NOT NULL DEFAULT 0"); !s) {
+      return s.error().with_context("add directory_outbox.local");
+    }
+  }
   auto have = query<int64_t>(*db_, "SELECT version FROM aggregate_schema", [](const sql::Stmt& s) { return s.col_int(0); });
   if (!have) return have.error();
   if (!have->empty() && have->front() == kAggregateSchema) return {};

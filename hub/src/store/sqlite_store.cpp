@@ -544,7 +544,7 @@ Result<int64_t> Store::set_device_cell(const std::string& id, int cell) {
 
 Result<std::vector<DirectoryChange>> Store::directory_outbox(int64_t limit) {
   return query<DirectoryChange>(
-      *db_, "SELECT seq, device_id, kind, cell, from_cell FROM directory_outbox ORDER BY seq LIMIT ?",
+      *db_, "SELECT seq, device_id, kind, cell, from_cell, local FROM directory_outbox ORDER BY seq LIMIT ?",
       [&](sql::Stmt& s) { s.bind(1, limit); },
       [](const sql::Stmt& s) {
         DirectoryChange c;
@@ -556,6 +556,7 @@ Result<std::vector<DirectoryChange>> Store::directory_outbox(int64_t limit) {
                                           : DirectoryChange::Kind::moved;
         c.cell = static_cast<int>(s.col_int(3));
         c.from_cell = static_cast<int>(s.col_int(4));
+        c.local = s.col_int(5) != 0;
         return c;
       });
 }
@@ -589,6 +590,17 @@ Status Store::forget_directory_changes(int64_t seq) {
   auto st = db_->prepare("DELETE FROM directory_outbox WHERE seq <= ?");
   if (!st) return st.error();
   st->bind(1, seq);
+  return st->run();
+}
+
+Status Store::local_directory_write(const std::function<Status()>& write) {
+  auto end = query<int64_t>(*db_, "SELECT COALESCE(MAX(seq), 0) FROM directory_outbox",
+                            [](const sql::Stmt& s) { return s.col_int(0); });
+  if (!end) return end.error();
+  if (auto s = write(); !s) return s;
+  auto st = db_->prepare("UPDATE directory_outbox SET local = 1 WHERE seq > ?");
+  if (!st) return st.error();
+  st->bind(1, end->empty() ? 0 : end->front());
   return st->run();
 }
 

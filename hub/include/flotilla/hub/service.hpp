@@ -611,10 +611,10 @@ class HubService {
   // change, made here or on another hub): the device joins the live
   // campaigns whose selector it now matches, rejoins one it had left, or
   // leaves one it no longer matches before its release; in its cell's store,
-  // on the hub that keeps the cell's rows. Idempotent. `local`: written by
-  // this process (a hub not sharing cells makes rows only of campaigns it
-  // holds rows of, or for its own writes). store_mu_ held.
-  void follow_membership(const DirectoryChange& change, std::vector<LiveCampaign>& live, bool local);
+  // on the hub that keeps the cell's rows. Idempotent. A hub not sharing
+  // cells makes rows only of campaigns it holds rows of, or for its own
+  // writes (change.local). store_mu_ held.
+  void follow_membership(const DirectoryChange& change, std::vector<LiveCampaign>& live);
   // An automatic action of the engine, in the audit log with what triggered it.
   void audit_engine_action(const CampaignRecord& c, const std::string& action, const nlohmann::json& detail);
   void on_campaign_report(const DeviceRecord& dev, const v1::Report& r, CampaignRows& rows);
@@ -783,12 +783,12 @@ class HubService {
   // enrollments and label changes) that committed: after a write that may
   // make them (a report batch that moved a device, arrivals, a
   // decommission, an enrollment or relabelling, entries from the control
-  // log) and at start, for what a crash left. `local`: the devices this
-  // process's own write just changed. store_mu_ held.
-  void follow_directory(const std::set<std::string>& local = {});
+  // log) and at start, for what a crash left. store_mu_ held.
+  void follow_directory();
   // The same right after this process's control write that changed
-  // `devices` committed. Takes store_mu_.
-  void follow_own_write(const std::set<std::string>& devices);
+  // `devices` committed (its entries are marked local_directory_write).
+  // Takes store_mu_.
+  void follow_own_write();
 
   Store& store_;
   const Clock& clock_;

@@ -109,6 +109,11 @@ struct DirectoryChange {
   Kind kind = Kind::moved;
   int cell = 0;       // the device's cell after the change
   int from_cell = 0;  // before it (a move's rows are in that cell's store)
+  // Written by this hub (local_directory_write, in the write's own
+  // transaction), not applied from the control log or a snapshot. Kept with
+  // the entry, so it holds whichever follow takes the entry, and after a
+  // crash.
+  bool local = false;
 };
 
 struct BundleRecord {
@@ -471,6 +476,11 @@ class Store final : public DeviceStore {
   // them once followed (up to and including `seq`).
   Result<std::vector<DirectoryChange>> directory_outbox(int64_t limit);
   Status forget_directory_changes(int64_t seq);
+  // Runs `write`, a write of this hub to the directory inside the caller's
+  // transaction, and marks the outbox entries it made as this hub's own
+  // (DirectoryChange::local). The transaction holds the store's write lock,
+  // so every entry made meanwhile is the write's.
+  Status local_directory_write(const std::function<Status()>& write);
   Status follow_directory(const DirectoryChange& c) override;
   Result<std::vector<std::string>> cell_session_devices(int cell, int64_t limit,
                                                         const std::string& after = "") override;
