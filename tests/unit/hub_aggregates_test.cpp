@@ -527,6 +527,43 @@ TEST_CASE("a store from before the decommissioned column gets it from the state 
   check_counts_agree(**s);
 }
 
+// An outbox from before entries carried their writer keeps what it holds,
+// as not this hub's (nothing said so then), and local writes mark theirs.
+TEST_CASE("a directory outbox from before the local mark keeps its entries at open", "[unit][hub][views]") {
+  TempDir dir;
+  const std::string path = (dir.path() / "hub.db").string();
+  {
+    auto s = Store::open(path);
+    REQUIRE(s);
+    DeviceRecord d;
+    d.id = "d-old";
+    d.labels = {{"region", "eu"}};
+    d.public_key_hex = "00";
+    REQUIRE((*s)->upsert_enrolled_device(d));
+    REQUIRE((*s)->db().exec("ALTER TABLE directory_outbox DROP COLUMN local"));
+  }
+  auto s = Store::open(path);
+  REQUIRE(s);
+  auto before = (*s)->directory_outbox(10);
+  REQUIRE(before);
+  REQUIRE(before->size() == 1);
+  CHECK(before->front().device_id == "d-old");
+  CHECK(before->front().kind == DirectoryChange::Kind::labelled);
+  CHECK_FALSE(before->front().local);
+  // A local write marks only the entries it made.
+  {
+    sql::Transaction tx((*s)->db());
+    REQUIRE((*s)->local_directory_write([&] { return (*s)->set_device_labels("d-old", {{"region", "us"}}); }));
+    REQUIRE(tx.commit());
+  }
+  auto after = (*s)->directory_outbox(10);
+  REQUIRE(after);
+  REQUIRE(after->size() == 2);
+  CHECK_FALSE(after->front().local);
+  CHECK(after->back().local);
+  CHECK(after->back().device_id == "d-old");
+}
+
 TEST_CASE("a store from before the read models gets them built from its rows at open", "[unit][hub][views]") {
   TempDir dir;
   const std::string path = (dir.path() / "hub.db").string();
