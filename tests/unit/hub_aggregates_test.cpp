@@ -13,6 +13,7 @@
 #include "flotilla/common/encoding.hpp"
 #include "flotilla/hub/aggregates.hpp"
 #include "flotilla/hub/store.hpp"
+#include "tests/support/store_helpers.hpp"
 #include "tests/support/temp_dir.hpp"
 
 using namespace flotilla;
@@ -182,7 +183,7 @@ TEST_CASE("fleet counts kept by triggers equal a recount from the rows after eve
   DeviceInventory inv;
   inv.cert_expiry_unix = 1'800'000'000;
   REQUIRE(s.store->save_device_inventory(devs[3].id, inv));
-  REQUIRE(s.store->mark_device_decommissioned(devs[3].id));
+  REQUIRE(test::decommission(*s.store, devs[3].id));
   follow(*s.store);
   CHECK(s.rows("SELECT COUNT(*) FROM device_inventory WHERE device_id = '" + devs[3].id + "'") == 0);
   // A decommissioned device's inventory is not stored again (no error: a late report).
@@ -266,7 +267,7 @@ TEST_CASE("a report writes only the reported counts and a label change only the 
 
   // Decommissioning moves both: the state in one, labels and the broker
   // certificate out of the other.
-  REQUIRE(s.store->mark_device_decommissioned(devs[1].id));
+  REQUIRE(test::decommission(*s.store, devs[1].id));
   follow(*s.store);
   moved = table("directory_counts");
   CHECK(std::find(moved.begin(), moved.end(), "default/region/eu=3") != moved.end());
@@ -342,8 +343,9 @@ TEST_CASE("directory changes reach the device rows through the outbox, after the
   CHECK(pending[0].cell == 2);
   CHECK(pending[1].device_id == leaving.id);
   CHECK(pending[1].kind == DirectoryChange::Kind::decommissioned);
-  // Not followed yet: the inventory is still there.
+  // Not followed yet: the inventory and the reported state are still there.
   CHECK(s.rows("SELECT COUNT(*) FROM device_inventory WHERE device_id = 'd-leaving'") == 1);
+  CHECK(s.rows("SELECT COUNT(*) FROM devices WHERE id = 'd-leaving' AND state = 'decommissioned'") == 0);
 
   // A crash here: the outbox is in the file, so the next open still has it.
   const auto path = (s.dir.path() / "hub.db").string();
@@ -364,6 +366,7 @@ TEST_CASE("directory changes reach the device rows through the outbox, after the
   CHECK(*n == 2);
   CHECK(asked == std::vector<int>{0, 0});  // the move's rows are where it was
   CHECK(s.rows("SELECT COUNT(*) FROM device_inventory WHERE device_id = 'd-leaving'") == 0);
+  CHECK(s.rows("SELECT COUNT(*) FROM devices WHERE id = 'd-leaving' AND state = 'decommissioned' AND online = 0") == 1);
   CHECK(outbox().empty());
   auto again = follow_directory_outbox(*s.store, [&](int) -> DeviceStore& { return *s.store; });
   REQUIRE(again);
@@ -495,7 +498,7 @@ TEST_CASE("a store from before the decommissioned column gets it from the state 
       d.public_key_hex = "00";
       REQUIRE((*s)->upsert_enrolled_device(d));
     }
-    REQUIRE((*s)->mark_device_decommissioned("d-2"));
+    REQUIRE(test::decommission(**s, "d-2"));
     // What an older hub left: the state only, and read models of version 7
     // (SQLite drops a column no trigger names: the ones on it go first, and
     // the open rebuilds them all).
@@ -520,11 +523,59 @@ TEST_CASE("a store from before the decommissioned column gets it from the state 
   check_counts_agree(**s);
   // Its triggers are the new ones: a decommission after the upgrade moves
   // the counts once.
-  REQUIRE((*s)->mark_device_decommissioned("d-3"));
+  REQUIRE(test::decommission(**s, "d-3"));
   kept = (*s)->fleet_counts();
   REQUIRE(kept);
   CHECK(dim(*kept, "region") == std::map<std::string, int64_t>{{"eu", 2}});
   check_counts_agree(**s);
+}
+
+// A decommission is a control write of the directory's column alone (ADR
+// 18): the reported state, presence and inventory, which a cell's file will
+// keep, follow from the outbox after it commits.
+TEST_CASE("a decommission writes the directory's column and its follow the reported side", "[unit][hub][views]") {
+  TempDir dir;
+  auto s = Store::open((dir.path() / "hub.db").string());
+  REQUIRE(s);
+  Store& st = **s;
+  DeviceRecord d;
+  d.id = "d-gone";
+  d.labels = {{"region", "eu"}};
+  d.public_key_hex = "00";
+  REQUIRE(st.upsert_enrolled_device(d));
+  REQUIRE(follow_directory_outbox(st, [&](int) -> DeviceStore& { return st; }));
+  REQUIRE(st.db().exec("UPDATE devices SET state = 'applied', online = 1 WHERE id = 'd-gone'"));
+  auto row = [&] {
+    auto r = sql::query<std::string>(st.db(), "SELECT state || ' ' || online || ' ' || decommissioned FROM devices",
+                                     [](const sql::Stmt& q) { return q.col_text(0); });
+    REQUIRE(r);
+    REQUIRE(r->size() == 1);
+    return r->front();
+  };
+  const auto before = st.fleet_counts();
+  REQUIRE(before);
+
+  REQUIRE(st.mark_device_decommissioned("d-gone"));
+  CHECK(row() == "applied 1 1");
+  auto reported = st.fleet_counts();
+  REQUIRE(reported);
+  CHECK(dim(*reported, "state") == dim(*before, "state"));
+  auto pending = st.directory_outbox(10);
+  REQUIRE(pending);
+  REQUIRE(pending->size() == 1);
+  CHECK(pending->front().kind == DirectoryChange::Kind::decommissioned);
+
+  REQUIRE(follow_directory_outbox(st, [&](int) -> DeviceStore& { return st; }));
+  CHECK(row() == "decommissioned 0 1");
+  auto after = st.fleet_counts();
+  REQUIRE(after);
+  CHECK(dim(*after, "state") == std::map<std::string, int64_t>{{"decommissioned", 1}});
+  // Following again changes nothing.
+  REQUIRE(st.db().exec("INSERT INTO directory_outbox (device_id, kind, cell, from_cell) "
+                       "VALUES ('d-gone', 'decommissioned', 0, 0)"));
+  REQUIRE(follow_directory_outbox(st, [&](int) -> DeviceStore& { return st; }));
+  CHECK(row() == "decommissioned 0 1");
+  check_counts_agree(st);
 }
 
 // An outbox from before entries carried their writer keeps what it holds,
@@ -734,7 +785,7 @@ TEST_CASE("device lists filter, order and page in the store exactly as a filter 
       cert[id] = inv.cert_expiry_unix;
     }
   }
-  REQUIRE(s.store->mark_device_decommissioned(s.store->list_devices()->at(5).id));
+  REQUIRE(test::decommission(*s.store, s.store->list_devices()->at(5).id));
   follow(*s.store);
 
   auto sel = [](const std::string& text) {
@@ -1035,7 +1086,7 @@ TEST_CASE("opening a store that kept inventory in the devices row moves it into 
     REQUIRE(st.db().exec(
         "INSERT INTO device_inventory (device_id, project, os, cert_expiry_unix, disk_free_bytes, mem_free_bytes, "
         "updated_ms) VALUES ('d-both', 'default', 'Linux 6.1', 1800000000, 1000, 200, 5000)"));
-    REQUIRE(st.mark_device_decommissioned("d-gone"));
+    REQUIRE(test::decommission(st, "d-gone"));
     REQUIRE(st.db().exec("UPDATE devices SET os = 'Linux', disk_free_bytes = 5 WHERE id = 'd-gone'"));
     CHECK(columns(st, "devices").count("clock_suspect") == 1);
     CHECK(columns(st, "device_inventory").count("clock_suspect") == 0);

@@ -814,8 +814,11 @@ TEST_CASE("control log: a control table written outside a control write is refus
   d.online = true;
   d.state = "applied";
   CHECK(a.store().save_device_state(d));
-  // Its labels are.
+  // Its labels are, and so is a decommission: the state that follows one
+  // is refused on a row whose directory column does not say so.
   CHECK_FALSE(a.store().set_device_labels(device, {{"site", "south"}}));
+  CHECK_FALSE(a.store().db().exec("UPDATE devices SET state = 'decommissioned' WHERE id = '" + device + "'"));
+  CHECK(a.store().get_device(device).value()->state == "applied");
 }
 
 namespace {

@@ -13,6 +13,7 @@
 #include "flotilla/hub/aggregates.hpp"
 #include "flotilla/hub/merge.hpp"
 #include "flotilla/hub/store.hpp"
+#include "tests/support/store_helpers.hpp"
 #include "tests/support/temp_dir.hpp"
 
 using namespace flotilla;
@@ -367,7 +368,7 @@ TEST_CASE("a campaign's rows and counts and the devices by cell merge over store
   REQUIRE(online != split.devices.end());
   const DeviceRecord gone = *online;
   for (size_t s : {static_cast<size_t>(gone.cell), size_t{3}}) {
-    REQUIRE(cells.stores[s]->mark_device_decommissioned(gone.id));
+    REQUIRE(test::decommission(*cells.stores[s], gone.id));
   }
 
   auto [row_parts, whole_rows] = split.parts_and_whole([&](Store& s) { return s.campaign_devices(id); });

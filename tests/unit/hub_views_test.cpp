@@ -12,6 +12,7 @@
 #include "flotilla/hub/api.hpp"
 #include "flotilla/hub/ui_server.hpp"
 #include "tests/support/campaign_fleet.hpp"
+#include "tests/support/store_helpers.hpp"
 
 using namespace flotilla;
 using namespace flotilla::hub;
@@ -143,7 +144,7 @@ TEST_CASE("hub views: the fleet counts each device's latest unrevoked broker cer
 
   // Forgetting expired certificates, a decommission and time passing move the figures.
   REQUIRE(v.f.store->prune_device_certs(now));
-  REQUIRE(v.f.store->mark_device_decommissioned(d[0]));
+  REQUIRE(test::decommission(*v.f.store, d[0]));
   f = v.get("/v1/views/fleet", admin);
   CHECK(f["broker_certificates"] ==
         json({{"expired", 0}, {"within_7_days", 0}, {"within_30_days", 1}, {"later", 1}, {"none", 3}}));

@@ -54,8 +54,10 @@ void guard_open(sqlite3_context* ctx, int, sqlite3_value**) {
 // decommission) and the report path (presence, state, desired generation,
 // cell moves, which stay per hub): only the control columns are guarded, and
 // a report can never write them. A decommission sets the directory's column
-// and the state together; the state guard below keeps a report from setting
-// the state alone.
+// in the control write, and the state follows from the directory's outbox
+// after it commits (ADR 18); the state guard below refuses the state
+// `decommissioned` on a row whose directory column does not say so, so a
+// report cannot decommission a device.
 constexpr const char* kDeviceControlColumns =
     "project, labels, public_key, enrolled_ms, gateway, enroll_issued_ms, decommissioned";
 
@@ -73,7 +75,8 @@ std::string guard_sql() {
       out += "CREATE TEMP TRIGGER IF NOT EXISTS flotilla_guard_devices_u BEFORE UPDATE OF " +
              std::string(kDeviceControlColumns) + " ON main.devices" + when + refuse(t);
       out += "CREATE TEMP TRIGGER IF NOT EXISTS flotilla_guard_devices_s BEFORE UPDATE OF state ON main.devices" + when +
-             " AND NEW.state = 'decommissioned' AND OLD.state != 'decommissioned'" + refuse(t);
+             " AND NEW.state = 'decommissioned' AND OLD.state != 'decommissioned' AND NEW.decommissioned = 0" +
+             refuse(t);
     } else {
       out += "CREATE TEMP TRIGGER IF NOT EXISTS flotilla_guard_" + t + "_u BEFORE UPDATE ON main." + t + when +
              refuse(t);

@@ -95,7 +95,9 @@ Status Store::set_device_labels(const std::string& id, const Labels& labels) {
 }
 
 Status Store::mark_device_decommissioned(const std::string& id) {
-  auto st = db_->prepare("UPDATE devices SET decommissioned = 1, state = 'decommissioned', online = 0 WHERE id = ?");
+  // The directory's column only: the report side (state, presence,
+  // inventory) follows from the outbox entry this makes (follow_directory).
+  auto st = db_->prepare("UPDATE devices SET decommissioned = 1 WHERE id = ?");
   if (!st) return st.error();
   st->bind(1, std::string_view(id));
   if (auto s = st->run(); !s) return s;

@@ -607,6 +607,13 @@ Status Store::local_directory_write(const std::function<Status()>& write) {
 Status Store::follow_directory(const DirectoryChange& c) {
   if (c.kind == DirectoryChange::Kind::labelled) return {};  // the hub's (live membership)
   if (c.kind == DirectoryChange::Kind::decommissioned) {
+    // The report side of a decommission: the state reports can no longer
+    // change, offline, no inventory. Idempotent.
+    auto gone = db_->prepare("UPDATE devices SET state = 'decommissioned', online = 0 WHERE id = ? AND "
+                             "(state != 'decommissioned' OR online != 0)");
+    if (!gone) return gone.error();
+    gone->bind(1, std::string_view(c.device_id));
+    if (auto s = gone->run(); !s) return s;
     auto st = db_->prepare("DELETE FROM device_inventory WHERE device_id = ?");
     if (!st) return st.error();
     st->bind(1, std::string_view(c.device_id));

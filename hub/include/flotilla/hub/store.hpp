@@ -429,8 +429,10 @@ class Store final : public DeviceStore {
   Status revoke_token(const std::string& kind, const std::string& id);
   Status delete_credential(const std::string& username);
   Status set_device_labels(const std::string& id, const Labels& labels);
-  // Keeps the row (history, campaign rows) with state "decommissioned";
-  // save_device_state never moves a device out of that state.
+  // The directory's decommission: keeps the row (history, campaign rows).
+  // Its outbox entry's follow (follow_directory) sets the reported state
+  // "decommissioned", offline, and drops the inventory; save_device_state
+  // never moves a device out of that state.
   Status mark_device_decommissioned(const std::string& id);
   Result<int64_t> append_audit(const AuditRecord& a);
   // Rows with id > after, oldest first; project "*" = every project's rows.
