@@ -10,6 +10,7 @@
 #include <catch2/catch.hpp>
 
 #include <array>
+#include <filesystem>
 #include <map>
 #include <memory>
 #include <set>
@@ -19,6 +20,7 @@
 #include "flotilla/bundles/keys.hpp"
 #include "flotilla/common/clock.hpp"
 #include "flotilla/hub/broker.hpp"
+#include "flotilla/hub/declarative.hpp"
 #include "flotilla/hub/device_ca.hpp"
 #include "tests/support/etcd_cluster.hpp"
 #include "tests/support/harness.hpp"
@@ -267,6 +269,43 @@ TEST_CASE("three hub processes share three cells by leases: kill -9 of one mid-c
   CHECK(members > 0);
   CHECK(in_cell == members);  // every member's row followed the device here
   CHECK(rebuilt == in_cell);
+
+  // A declared campaign of the same devices, made through the taker and
+  // changed through the other survivor: each apply reports its devices over
+  // every cell (the other hub's store holds only the rows of its own cells).
+  {
+    const json first = a.campaign(campaign_id);
+    const auto decl = tmp.path() / "declared";
+    std::filesystem::create_directories(decl);
+    auto declare = [&](int per_minute) {
+      const std::string doc = "apiVersion: flotilla.dev/v1\nkind: Campaign\nmetadata:\n  name: again\nspec:\n"
+                              "  bundle: \"" + first["bundle"]["id"].get<std::string>() + "\"\n  selector: \"" +
+                              first["selector"].get<std::string>() +
+                              "\"\n  strategy: {waves: [100], rate: {max_per_minute: " + std::to_string(per_minute) +
+                              "}}\n";
+      REQUIRE(fs::write_file_atomic(decl / "again.yaml", doc, 0600));
+    };
+    const std::string all_devices = std::to_string(kDevices) + " devices:";
+    declare(60);
+    auto made = t.cli({"apply", "-f", decl.string()});
+    INFO(made.out << made.err);
+    REQUIRE(made.exit_code == 0);
+    CHECK(made.out.find("created") != std::string::npos);
+    CHECK(made.out.find(all_devices) != std::string::npos);
+    const std::string again = hub::declared_campaign_id("default", "again", 1);
+    CHECK(wait_until(
+        [&] {
+          auto [status, body] = o.call("GET", "/v1/campaigns/" + again, "", "application/json", admin);
+          return status == 200 && body["counts"]["total"] == kDevices;
+        },
+        std::chrono::seconds(30)));
+    declare(30);
+    auto changed = o.cli({"apply", "-f", decl.string()});
+    INFO(changed.out << changed.err << log_tails(hubs));
+    REQUIRE(changed.exit_code == 0);
+    CHECK(changed.out.find("configured") != std::string::npos);
+    CHECK(changed.out.find(all_devices) != std::string::npos);
+  }
 
   // Every etcd member stopped: control writes are refused with a 503 naming
   // etcd and nothing is written; reads keep answering from each hub's store;
