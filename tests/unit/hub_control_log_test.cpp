@@ -1312,6 +1312,18 @@ TEST_CASE("shared cells: a device that arrives from a draining cell while etcd i
 // holds them, from the control log's entry, not only on the hub that took
 // the write. A hub holding no rows of the campaign makes none for another
 // hub's write.
+namespace {
+// Caught up, and what the entries changed followed: the watcher thread may
+// have applied an entry just before, and follows it right after.
+void settle(Hub& h) {
+  h.catch_up();
+  for (int i = 0; i < 2000 && h.count("directory_outbox") != 0; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  REQUIRE(h.count("directory_outbox") == 0);
+}
+}  // namespace
+
 TEST_CASE("control log: a device enrolled or relabelled through another hub joins or leaves a live campaign where "
           "its rows are",
           "[unit][control]") {
@@ -1329,15 +1341,6 @@ TEST_CASE("control log: a device enrolled or relabelled through another hub join
     auto r = h.store().campaign_device(campaign, device);
     REQUIRE(r);
     return *r;
-  };
-  // Caught up, and what the entries changed followed: the watcher thread
-  // may have applied the entry just before, and follows it right after.
-  auto settle = [](Hub& h) {
-    h.catch_up();
-    for (int i = 0; i < 2000 && h.count("directory_outbox") != 0; ++i) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(10));
-    }
-    REQUIRE(h.count("directory_outbox") == 0);
   };
   REQUIRE(a.count("campaign_devices") == 2);
   settle(b);
@@ -1389,13 +1392,6 @@ TEST_CASE("control log: a hub's own label change is followed as its own by a lat
   b.catch_up();
   REQUIRE(b.service().edit_device_labels(seed, {{"site", std::string("east")}}));
   const std::string campaign = b.create_campaign(ops, bundle, "site=east");
-  auto settle = [](Hub& h) {
-    h.catch_up();
-    for (int i = 0; i < 2000 && h.count("directory_outbox") != 0; ++i) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(10));
-    }
-    REQUIRE(h.count("directory_outbox") == 0);
-  };
   settle(a);
   REQUIRE(a.count("campaign_devices") == 0);
 
