@@ -429,10 +429,9 @@ Status Store::migrate_aggregates() {
   if (auto s = db_->exec(kAggregateTables); !s) return s;
   // Outboxes made before entries were marked local: what they hold counts
   // as applied from elsewhere (the mark's absence before it existed).
-  auto local = query<int64_t>(*db_, "SELECT COUNT(*) FROM pragma_table_info('directory_outbox') WHERE name = 'local'",
-                              [](const sql::Stmt& s) { return s.col_int(0); });
+  auto local = has_column(*db_, "directory_outbox", "local");
   if (!local) return local.error();
-  if (local->empty() || local->front() == 0) {
+  if (!*local) {
     if (auto s = db_->exec("ALTER TABLE directory_outbox ADD COLUMN local INTEGER NOT NULL DEFAULT 0"); !s) {
       return s.error().with_context("add directory_outbox.local");
     }

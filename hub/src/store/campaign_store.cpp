@@ -118,11 +118,9 @@ Status Store::migrate_campaigns() {
     }
     return {};
   };
-  auto had_cell = db_->prepare("SELECT COUNT(*) FROM pragma_table_info('campaign_devices') WHERE name = 'cell'");
+  auto had_cell = has_column(*db_, "campaign_devices", "cell");
   if (!had_cell) return had_cell.error();
-  if (auto r = had_cell->step(); !r) return r.error();
-  const bool rows_had_cell = had_cell->col_int(0) > 0;
-  had_cell->reset();
+  const bool rows_had_cell = *had_cell;
   if (auto s = add_missing("campaigns", campaign_cols); !s) return s;
   if (auto s = add_missing("campaign_devices", row_cols); !s) return s;
   // Rows from before campaigns were counted per cell take their device's cell.
@@ -176,11 +174,9 @@ Status Store::migrate_campaigns() {
 // rebuilt from the rows at every open, so a data directory from before it
 // existed (or before it had cells), or one edited by hand, starts right.
 Status Store::migrate_campaign_counts() {
-  auto st = db_->prepare("SELECT COUNT(*) FROM pragma_table_info('campaign_counts') WHERE name = 'cell'");
-  if (!st) return st.error();
-  if (auto r = st->step(); !r) return r.error();
-  const bool per_cell = st->col_int(0) > 0;
-  st->reset();
+  auto has_cell = has_column(*db_, "campaign_counts", "cell");
+  if (!has_cell) return has_cell.error();
+  const bool per_cell = *has_cell;
   if (!per_cell) {
     // A table from before cells: its triggers name the old columns.
     if (auto s = db_->exec("DROP TRIGGER IF EXISTS campaign_counts_insert; DROP TRIGGER IF EXISTS "

@@ -30,6 +30,9 @@ Result<nlohmann::json> decode_cursor(const std::string& c);
 // A campaign's counts by (wave, status, online) over every cell of one
 // store (Store::campaign_counts), on any connection to it.
 Result<std::vector<CampaignCountRow>> campaign_counts_on(sql::Db& db, const std::string& campaign_id);
+// Whether `table` has `column` (false for a table that does not exist):
+// what the migrations of stores made before a column ask.
+Result<bool> has_column(sql::Db& db, const std::string& table, const std::string& column);
 // The token whose secret hashes to secret_hash, on any connection to the store.
 Result<std::optional<TokenRecord>> find_token_on(sql::Db& db, const std::string& kind, const std::string& secret_hash);
 

@@ -197,13 +197,9 @@ CREATE TABLE IF NOT EXISTS trust (
 // Stores made before cells hold every device in cell 0, which is where a
 // one-cell hub (the default) has them.
 Status Store::migrate_cells() {
-  auto st = db_->prepare("SELECT COUNT(*) FROM pragma_table_info('devices') WHERE name = 'cell'");
-  if (!st) return st.error();
-  auto r = st->step();
-  if (!r) return r.error();
-  const bool has = st->col_int(0) > 0;
-  st->reset();
-  if (!has) {
+  auto has = has_column(*db_, "devices", "cell");
+  if (!has) return has.error();
+  if (!*has) {
     if (auto s = db_->exec("ALTER TABLE devices ADD COLUMN cell INTEGER NOT NULL DEFAULT 0"); !s) return s;
   }
   // Not on online: presence changes with every report, the cell almost never.
@@ -219,10 +215,9 @@ Status Store::migrate_cells() {
 // Stores made before it get the column from the state, in one transaction
 // (no trigger reads the column yet: migrate_aggregates rebuilds them next).
 Status Store::migrate_directory() {
-  auto has = query<int64_t>(*db_, "SELECT COUNT(*) FROM pragma_table_info('devices') WHERE name = 'decommissioned'",
-                            [](const sql::Stmt& s) { return s.col_int(0); });
+  auto has = has_column(*db_, "devices", "decommissioned");
   if (!has) return has.error();
-  if (!has->empty() && has->front() > 0) return {};
+  if (*has) return {};
   sql::Transaction tx(*db_);
   if (!tx.ok()) return make_error(Errc::unavailable, "cannot begin transaction", true);
   if (auto s = db_->exec("ALTER TABLE devices ADD COLUMN decommissioned INTEGER NOT NULL DEFAULT 0; "
@@ -238,19 +233,22 @@ std::string bundle_id(const std::string& project, const std::string& digest) {
   return crypto::sha256_hex(project + ":" + digest).substr(0, 16);
 }
 
+Result<bool> has_column(sql::Db& db, const std::string& table, const std::string& column) {
+  auto st = db.prepare("SELECT COUNT(*) FROM pragma_table_info(?) WHERE name = ?");
+  if (!st) return st.error();
+  st->bind(1, std::string_view(table)).bind(2, std::string_view(column));
+  auto r = st->step();
+  if (!r) return r.error();
+  const bool has = st->col_int(0) > 0;
+  st->reset();
+  return has;
+}
+
 Status Store::migrate_scopes() {
-  auto has_column = [&](const std::string& table, const std::string& col) -> Result<bool> {
-    auto st = db_->prepare("SELECT COUNT(*) FROM pragma_table_info('" + table + "') WHERE name = ?");
-    if (!st) return st.error();
-    st->bind(1, std::string_view(col));
-    auto r = st->step();
-    if (!r) return r.error();
-    return st->col_int(0) > 0;
-  };
   for (const auto& [table, col, decl] :
        {std::tuple{"devices", "enroll_issued_ms", "INTEGER NOT NULL DEFAULT 0"},
         std::tuple{"tokens", "device_label_keys", "TEXT NOT NULL DEFAULT '[]'"}}) {
-    auto has = has_column(table, col);
+    auto has = has_column(*db_, table, col);
     if (!has) return has.error();
     if (!*has) {
       if (auto s = db_->exec(std::string("ALTER TABLE ") + table + " ADD COLUMN " + col + " " + decl); !s) return s;
