@@ -123,6 +123,13 @@ struct Applier {
   ArtifactStore* artifacts;
   int64_t now_ms;
 
+  // Devices per wave, by the strategy's wave names, into the outcome.
+  static void name_waves(const Document& d, const std::vector<int64_t>& per_wave, ObjectOutcome& out) {
+    for (size_t i = 0; i < per_wave.size(); ++i) {
+      out.waves.emplace_back(d.strategy.wave_name(static_cast<int>(i)), per_wave[i]);
+    }
+  }
+
   // The object row as it stands, refused when another apply set owns it.
   Result<std::optional<AppliedObject>> owned(const Document& d, const std::string& project) {
     auto existing = store.get_applied(kind_name(d.kind), project, d.name);
@@ -274,10 +281,8 @@ struct Applier {
       }
       if (out.action == "unchanged") out.action = "configured";
       const auto per_wave = plan->per_wave(d.strategy.wave_count());
-      for (size_t i = 0; i < per_wave.size(); ++i) {
-        out.waves.emplace_back(d.strategy.wave_name(static_cast<int>(i)), per_wave[i]);
-        out.devices += per_wave[i];
-      }
+      for (int64_t n : per_wave) out.devices += n;
+      name_waves(d, per_wave, out);
     }
     if (out.target.empty() && current) out.target = current->id;
     // Devices per wave of the run this object points at, over every cell.
@@ -289,9 +294,7 @@ struct Applier {
         if (r.wave >= 0 && r.wave < static_cast<int>(per_wave.size())) per_wave[static_cast<size_t>(r.wave)] += r.count;
         out.devices += r.count;
       }
-      for (size_t i = 0; i < per_wave.size(); ++i) {
-        out.waves.emplace_back(d.strategy.wave_name(static_cast<int>(i)), per_wave[i]);
-      }
+      name_waves(d, per_wave, out);
     }
     row.target = out.target;
     if (auto s = store.put_applied(row); !s) return s.error();
