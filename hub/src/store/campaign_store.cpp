@@ -204,6 +204,14 @@ CREATE TRIGGER IF NOT EXISTS campaign_counts_update AFTER UPDATE OF status, wave
       COALESCE((SELECT online FROM devices WHERE id = NEW.device_id), 0), 1)
     ON CONFLICT DO UPDATE SET n = n + 1;
 END;
+-- Rows go only with their device's copy out of a cell's own file, or with a
+-- campaign whose record never committed (Store::forget_device,
+-- forget_campaign_rows).
+CREATE TRIGGER IF NOT EXISTS campaign_counts_delete AFTER DELETE ON campaign_devices BEGIN
+  UPDATE campaign_counts SET n = n - 1
+    WHERE campaign_id = OLD.campaign_id AND cell = OLD.cell AND wave = OLD.wave AND status = OLD.status
+      AND online = COALESCE((SELECT online FROM devices WHERE id = OLD.device_id), 0);
+END;
 -- A device moved to another cell (a drain) takes its campaign rows along
 -- through the directory's outbox (HubService::follow_directory), no longer
 -- by a trigger here: with a store per cell the two tables are in two files.

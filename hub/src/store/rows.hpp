@@ -10,6 +10,8 @@
 
 namespace flotilla::hub {
 
+// A device's labels as the devices table stores them (JSON, keys in order).
+std::string labels_json(const Labels& l);
 // Columns of "d" (devices) and "i" (device_inventory), read from
 // device_from_clause() or any FROM that names those two aliases.
 std::string device_columns();

@@ -6,9 +6,10 @@
 
 namespace flotilla::hub {
 
+std::string labels_json(const Labels& l) { return nlohmann::json(l).dump(); }
+
 namespace {
 
-std::string labels_json(const Labels& l) { return nlohmann::json(l).dump(); }
 Labels labels_from(const std::string& s) {
   if (s.empty()) return {};
   auto j = nlohmann::json::parse(s, nullptr, false);
@@ -116,6 +117,10 @@ Result<std::unique_ptr<Store>> Store::open_reader(const std::string& path, const
 }
 
 Result<std::unique_ptr<Store>> Store::open(const std::string& path, const StoreTuning& tuning) {
+  return open_writer(path, tuning, -1);
+}
+
+Result<std::unique_ptr<Store>> Store::open_writer(const std::string& path, const StoreTuning& tuning, int cell) {
   auto s = open_tuned(path, tuning, false);
   if (!s) return s.error();
   // Control data (tokens, revocations, decommissions, credentials, bundles,
@@ -128,7 +133,14 @@ Result<std::unique_ptr<Store>> Store::open(const std::string& path, const StoreT
   // its start afterwards without shrinking it: keep at most 64 MiB once it
   // starts over, not the largest transaction's size for the store's life.
   if (auto j = (*s)->db_->exec("PRAGMA journal_size_limit = 67108864"); !j) return j.error();
+  if (auto r = (*s)->claim_role(path, cell); !r) return r.error();
+  if (cell >= 0) {
+    if (auto c = (*s)->prepare_cell_file(); !c) return c.error().with_context(path);
+  }
   if (auto m = (*s)->migrate(); !m) return m.error().with_context("migrate " + path);
+  if (cell >= 0) {
+    if (auto c = (*s)->finish_cell_file(); !c) return c.error().with_context(path);
+  }
   return s;
 }
 
@@ -407,27 +419,51 @@ Result<std::optional<DeviceRecord>> Store::get_device(const std::string& id) {
   return std::optional<DeviceRecord>(device_from(*st));
 }
 
+namespace {
+
+constexpr const char* kDirectoryCols =
+    "id, project, labels, public_key, hostname, enrolled_ms, enroll_issued_ms, gateway, cell, decommissioned, arch, "
+    "agent_version";
+
+DeviceDirectoryEntry directory_entry_from(const sql::Stmt& st) {
+  DeviceDirectoryEntry e;
+  e.id = st.col_text(0);
+  e.project = st.col_text(1);
+  e.labels = labels_from(st.col_text(2));
+  e.public_key_hex = st.col_text(3);
+  e.hostname = st.col_text(4);
+  e.enrolled_ms = st.col_int(5);
+  e.enroll_issued_ms = static_cast<uint64_t>(st.col_int(6));
+  e.gateway = st.col_text(7);
+  e.cell = static_cast<int>(st.col_int(8));
+  e.decommissioned = st.col_int(9) != 0;
+  e.arch = st.col_text(10);
+  e.agent_version = st.col_text(11);
+  return e;
+}
+
+}  // namespace
+
 Result<std::optional<DeviceDirectoryEntry>> Store::directory_entry(const std::string& id) {
-  auto st = db_->prepare(
-      "SELECT id, project, labels, public_key, hostname, enrolled_ms, enroll_issued_ms, gateway, cell, "
-      "decommissioned FROM devices WHERE id = ?");
+  auto st = db_->prepare(std::string("SELECT ") + kDirectoryCols + " FROM devices WHERE id = ?");
   if (!st) return st.error();
   st->bind(1, std::string_view(id));
   auto r = st->step();
   if (!r) return r.error();
   if (!*r) return std::optional<DeviceDirectoryEntry>();
-  DeviceDirectoryEntry e;
-  e.id = st->col_text(0);
-  e.project = st->col_text(1);
-  e.labels = labels_from(st->col_text(2));
-  e.public_key_hex = st->col_text(3);
-  e.hostname = st->col_text(4);
-  e.enrolled_ms = st->col_int(5);
-  e.enroll_issued_ms = static_cast<uint64_t>(st->col_int(6));
-  e.gateway = st->col_text(7);
-  e.cell = static_cast<int>(st->col_int(8));
-  e.decommissioned = st->col_int(9) != 0;
-  return std::optional<DeviceDirectoryEntry>(std::move(e));
+  return std::optional<DeviceDirectoryEntry>(directory_entry_from(*st));
+}
+
+Result<std::vector<DeviceDirectoryEntry>> Store::directory_entries(int cell, const std::string& after, int64_t limit) {
+  return query<DeviceDirectoryEntry>(
+      *db_, std::string("SELECT ") + kDirectoryCols + " FROM devices WHERE cell = ? AND id > ? ORDER BY id LIMIT ?",
+      [&](sql::Stmt& st) { st.bind(1, static_cast<int64_t>(cell)).bind(2, std::string_view(after)).bind(3, limit); },
+      directory_entry_from);
+}
+
+Result<std::vector<std::string>> Store::campaign_ids() {
+  return query<std::string>(*db_, "SELECT id FROM campaigns ORDER BY id",
+                            [](const sql::Stmt& st) { return st.col_text(0); });
 }
 
 Result<std::vector<DeviceRecord>> Store::list_devices() {

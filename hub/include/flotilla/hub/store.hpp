@@ -93,6 +93,9 @@ struct DeviceDirectoryEntry {
   std::string gateway;
   int cell = 0;
   bool decommissioned = false;
+  // As enrolled: what a cell's copy starts with until the device's first
+  // report (which sets both in the cell's copy).
+  std::string arch, agent_version;
 };
 
 // A change of the directory that a device's rows in its cell's store must
@@ -407,6 +410,27 @@ class DeviceStore {
   // A directory change made to the device's rows here: a move counts its
   // campaign rows in its new cell, a decommission forgets its inventory.
   virtual Status follow_directory(const DirectoryChange& c) = 0;
+
+  // A cell's own file (Store::open_cell, ADR 18 slice 7) holds a copy of
+  // each of its devices' rows: the directory's columns as the directory
+  // has them, the report columns as the device reported. Only such a file
+  // takes these (another store answers an internal error: there the copy is
+  // the directory's own row).
+  // Makes or brings up to date the copy's directory columns (a new copy
+  // starts as enrolled, or decommissioned if the directory says so);
+  // writes nothing when they are already equal. The entry's cell must be
+  // the file's.
+  virtual Status adopt_device(const DeviceDirectoryEntry& e) = 0;
+  // Drops the copy and every row of the device here (campaign rows,
+  // inventory, failures); the counts follow. Nothing if there is none.
+  virtual Status forget_device(const std::string& id) = 0;
+  // The ids of the copies, in id order after `after`, up to limit.
+  virtual Result<std::vector<std::string>> device_ids(const std::string& after, int64_t limit) = 0;
+  // The campaigns this store holds rows of, and dropping one campaign's
+  // rows (a campaign the directory's store does not have: its rows were
+  // written first and the record never committed); returns the rows dropped.
+  virtual Result<std::vector<std::string>> campaigns_with_rows() = 0;
+  virtual Result<int64_t> forget_campaign_rows(const std::string& campaign_id) = 0;
 };
 
 class Store final : public DeviceStore {
@@ -416,6 +440,15 @@ class Store final : public DeviceStore {
   // and does not migrate: what API reads use instead of waiting for the
   // writer's lock. The file must have been opened with open() first.
   static Result<std::unique_ptr<Store>> open_reader(const std::string& path, const StoreTuning& tuning = {});
+  // A cell's own device file (ADR 18 slice 7: `<data-dir>/cells/<n>/devices.db`):
+  // the same tables, but none of the directory's triggers (its label index,
+  // counts and outbox are hub.db's), and campaign rows without a foreign key
+  // to campaigns (the records are in hub.db). Each file records what it is
+  // at its first open: opening hub.db as a cell's file, one cell's file as
+  // another's, or a cell's file as hub.db (open) is refused.
+  static Result<std::unique_ptr<Store>> open_cell(const std::string& path, int cell, const StoreTuning& tuning = {});
+  // The cell whose file this is; -1 for hub.db (or a reader).
+  int own_cell() const { return own_cell_; }
 
   // Tokens are stored only as SHA-256 hashes of their secret.
   Status insert_token(const std::string& kind, const TokenRecord& t, const std::string& secret_hash);
@@ -445,6 +478,10 @@ class Store final : public DeviceStore {
   Result<std::optional<DeviceRecord>> get_device(const std::string& id) override;
   // The device's directory entry alone (no report columns, no inventory).
   Result<std::optional<DeviceDirectoryEntry>> directory_entry(const std::string& id);
+  // The directory's entries of one cell, in id order after `after`, up to limit.
+  Result<std::vector<DeviceDirectoryEntry>> directory_entries(int cell, const std::string& after, int64_t limit);
+  // Every campaign id the directory's store holds, in order.
+  Result<std::vector<std::string>> campaign_ids();
   // Every device, by id: the tests' brute-force answer. The API never loads
   // the fleet; it pages with AggregateStore::devices.
   Result<std::vector<DeviceRecord>> list_devices();
@@ -609,8 +646,25 @@ class Store final : public DeviceStore {
   sql::Db& db() { return *db_; }
   sql::Db& device_db() override { return *db_; }
 
+  // A cell's own file (store/cell_store.cpp).
+  Status adopt_device(const DeviceDirectoryEntry& e) override;
+  Status forget_device(const std::string& id) override;
+  Result<std::vector<std::string>> device_ids(const std::string& after, int64_t limit) override;
+  Result<std::vector<std::string>> campaigns_with_rows() override;
+  Result<int64_t> forget_campaign_rows(const std::string& campaign_id) override;
+
  private:
   explicit Store(std::unique_ptr<sql::Db> db) : db_(std::move(db)) {}
+  // Records the file's role at its first open (cell -1: hub.db) and refuses
+  // a file made for another.
+  Status claim_role(const std::string& path, int cell);
+  static Result<std::unique_ptr<Store>> open_writer(const std::string& path, const StoreTuning& tuning, int cell);
+  // A cell's file: its campaign rows' table made before migrate() does
+  // (without the key to campaigns), and the directory's triggers dropped after.
+  Status prepare_cell_file();
+  Status finish_cell_file();
+  Status only_in_cell_file(const char* what) const;
+  int own_cell_ = -1;
   static Result<std::unique_ptr<Store>> open_tuned(const std::string& path, const StoreTuning& tuning,
                                                    bool read_only);
   Status migrate();
@@ -632,5 +686,21 @@ class Store final : public DeviceStore {
 // are forgotten (following twice is harmless).
 Result<int64_t> follow_directory_outbox(Store& directory, const std::function<DeviceStore&(int cell)>& store_of,
                                         const std::function<Status(const DirectoryChange&)>& on_labelled = {});
+
+// What reconcile_cell_file did.
+struct CellReconciliation {
+  int64_t adopted = 0;    // copies made (or brought up to date) from the directory
+  int64_t forgotten = 0;  // copies of devices the directory has in another cell, or not at all
+  int64_t orphan_campaigns = 0;  // campaigns the directory's store does not have, their rows dropped
+};
+// "The directory decides" (ADR 18): makes a cell's own file hold exactly
+// the directory's devices of that cell, and campaign rows only of campaigns
+// the directory's store has. Run at open, before anything writes the file:
+// it repairs what a crash between the steps of a move (rows in both files)
+// or of a campaign's creation (rows written first, no record) left. A copy
+// the directory already has is left as it is (its directory columns follow
+// the outbox). Walks both sides in id order, `batch` ids at a time, one
+// transaction of the cell's file per batch.
+Result<CellReconciliation> reconcile_cell_file(Store& directory, int cell, DeviceStore& file, int64_t batch = 4096);
 
 }  // namespace flotilla::hub

@@ -1,0 +1,238 @@
+// A cell's own device file (ADR 18, slice 7): the rows of one cell's
+// devices in `<data-dir>/cells/<n>/devices.db`, apart from hub.db's control
+// data and device directory, so each cell commits on a connection and lock
+// of its own. The file has the store's tables (every DeviceStore query runs
+// on it unchanged) and keeps a copy of each of its devices' directory
+// columns, which the hub derives from the directory; "the directory
+// decides" (reconcile_cell_file) repairs what a crash left between steps.
+#include <algorithm>
+#include <set>
+
+#include "flotilla/common/sqlite.hpp"
+#include "flotilla/hub/store.hpp"
+#include "rows.hpp"
+
+namespace flotilla::hub {
+
+namespace {
+
+using sql::query;
+
+std::string role_name(int cell) { return cell < 0 ? "hub.db" : "cell " + std::to_string(cell) + "'s device file"; }
+
+// The directory's triggers (store/aggregate_store.cpp, directory_triggers):
+// in a cell's file nothing writes a directory column but the hub's copy of
+// it, and the label index, labelled counts and outbox they keep are hub.db's.
+constexpr const char* kDirectoryTriggers[] = {"directory_insert", "directory_delete", "directory_labels",
+                                              "directory_decommission", "directory_moved"};
+
+}  // namespace
+
+Result<std::unique_ptr<Store>> Store::open_cell(const std::string& path, int cell, const StoreTuning& tuning) {
+  if (cell < 0) return make_error(Errc::invalid_argument, "a cell's device file needs a cell >= 0");
+  return open_writer(path, tuning, cell);
+}
+
+Status Store::claim_role(const std::string& path, int cell) {
+  if (auto s = db_->exec("CREATE TABLE IF NOT EXISTS store_role (id INTEGER PRIMARY KEY CHECK (id = 1), "
+                         "cell INTEGER NOT NULL)");
+      !s) {
+    return s;
+  }
+  auto have = query<int64_t>(*db_, "SELECT cell FROM store_role WHERE id = 1",
+                             [](const sql::Stmt& st) { return st.col_int(0); });
+  if (!have) return have.error();
+  if (have->empty()) {
+    // A hub.db from before the mark is hub.db; a new file is what it is opened as.
+    if (cell >= 0) {
+      auto tables = query<int64_t>(*db_, "SELECT COUNT(*) FROM tokens", [](const sql::Stmt& st) { return st.col_int(0); });
+      if (tables && !tables->empty() && tables->front() > 0) {
+        return make_error(Errc::conflict, path + " holds tokens: it is a hub.db, not " + role_name(cell));
+      }
+    }
+    auto st = db_->prepare("INSERT INTO store_role (id, cell) VALUES (1, ?)");
+    if (!st) return st.error();
+    st->bind(1, static_cast<int64_t>(cell));
+    if (auto r = st->run(); !r) return r;
+  } else if (static_cast<int>(have->front()) != std::max(cell, -1)) {
+    return make_error(Errc::conflict, path + " is " + role_name(static_cast<int>(have->front())) + ", not " +
+                                          role_name(cell) + ": refusing to open it as that");
+  }
+  own_cell_ = cell;
+  return {};
+}
+
+Status Store::prepare_cell_file() {
+  // migrate() makes the table only if it is missing: this is the cell's
+  // definition (a row's campaign is a record in hub.db; its device is the
+  // copy in this file).
+  return db_->exec(R"SQL(
+CREATE TABLE IF NOT EXISTS campaign_devices (
+  campaign_id TEXT NOT NULL, device_id TEXT NOT NULL REFERENCES devices(id),
+  status TEXT NOT NULL, generation INTEGER NOT NULL, updated_ms INTEGER NOT NULL,
+  reason TEXT NOT NULL DEFAULT '', message TEXT NOT NULL DEFAULT '',
+  PRIMARY KEY (campaign_id, device_id));
+)SQL");
+}
+
+Status Store::finish_cell_file() {
+  std::string drop;
+  for (const char* t : kDirectoryTriggers) drop += std::string("DROP TRIGGER IF EXISTS ") + t + ";";
+  // What those triggers filled when migrate() first built the read models.
+  drop += "DELETE FROM device_labels; DELETE FROM directory_counts; DELETE FROM directory_outbox;";
+  return db_->exec(drop);
+}
+
+Status Store::only_in_cell_file(const char* what) const {
+  if (own_cell_ >= 0) return {};
+  return make_error(Errc::internal, std::string(what) + ": only a cell's own device file keeps copies of devices");
+}
+
+Status Store::adopt_device(const DeviceDirectoryEntry& e) {
+  if (auto s = only_in_cell_file("adopt a device"); !s) return s;
+  if (e.cell != own_cell_) {
+    return make_error(Errc::internal, "device " + e.id + " is in cell " + std::to_string(e.cell) +
+                                          ", not in this file's cell " + std::to_string(own_cell_));
+  }
+  // A new copy starts as the directory says (a decommissioned device's
+  // reported state is that too); an existing one keeps its report columns.
+  auto st = db_->prepare(
+      "INSERT INTO devices (id, project, labels, public_key, hostname, arch, agent_version, enrolled_ms, gateway, "
+      "enroll_issued_ms, cell, decommissioned, state) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET "
+      "labels = excluded.labels, public_key = excluded.public_key, hostname = excluded.hostname, "
+      "enrolled_ms = excluded.enrolled_ms, gateway = excluded.gateway, enroll_issued_ms = excluded.enroll_issued_ms, "
+      "decommissioned = excluded.decommissioned "
+      "WHERE labels != excluded.labels OR public_key != excluded.public_key OR hostname != excluded.hostname OR "
+      "enrolled_ms != excluded.enrolled_ms OR gateway != excluded.gateway OR "
+      "enroll_issued_ms != excluded.enroll_issued_ms OR decommissioned != excluded.decommissioned");
+  if (!st) return st.error();
+  st->bind(1, std::string_view(e.id)).bind(2, std::string_view(e.project))
+      .bind(3, std::string_view(labels_json(e.labels))).bind(4, std::string_view(e.public_key_hex))
+      .bind(5, std::string_view(e.hostname)).bind(6, std::string_view(e.arch))
+      .bind(7, std::string_view(e.agent_version)).bind(8, e.enrolled_ms).bind(9, std::string_view(e.gateway))
+      .bind(10, static_cast<int64_t>(e.enroll_issued_ms)).bind(11, static_cast<int64_t>(e.cell))
+      .bind(12, static_cast<int64_t>(e.decommissioned ? 1 : 0))
+      .bind(13, e.decommissioned ? std::string_view("decommissioned") : std::string_view("enrolled"));
+  return st->run();
+}
+
+Status Store::forget_device(const std::string& id) {
+  if (auto s = only_in_cell_file("forget a device"); !s) return s;
+  for (const char* sql_text : {"DELETE FROM campaign_devices WHERE device_id = ?",
+                               "DELETE FROM device_inventory WHERE device_id = ?",
+                               "DELETE FROM device_events WHERE device_id = ?", "DELETE FROM devices WHERE id = ?"}) {
+    auto st = db_->prepare(sql_text);
+    if (!st) return st.error();
+    st->bind(1, std::string_view(id));
+    if (auto r = st->run(); !r) return r;
+  }
+  return {};
+}
+
+Result<std::vector<std::string>> Store::device_ids(const std::string& after, int64_t limit) {
+  return query<std::string>(
+      *db_, "SELECT id FROM devices WHERE id > ? ORDER BY id LIMIT ?",
+      [&](sql::Stmt& st) { st.bind(1, std::string_view(after)).bind(2, limit); },
+      [](const sql::Stmt& st) { return st.col_text(0); });
+}
+
+Result<std::vector<std::string>> Store::campaigns_with_rows() {
+  // One probe per campaign down the (campaign, ...) index, not a scan of
+  // every row: the next campaign id after the last one found.
+  std::vector<std::string> out;
+  auto st = db_->prepare("SELECT campaign_id FROM campaign_devices WHERE campaign_id > ? ORDER BY campaign_id LIMIT 1");
+  if (!st) return st.error();
+  std::string after;
+  for (;;) {
+    st->reset();
+    st->bind(1, std::string_view(after));
+    auto r = st->step();
+    if (!r) return r.error();
+    if (!*r) return out;
+    after = st->col_text(0);
+    out.push_back(after);
+  }
+}
+
+Result<int64_t> Store::forget_campaign_rows(const std::string& campaign_id) {
+  if (auto s = only_in_cell_file("forget a campaign's rows"); !s) return s.error();
+  auto st = db_->prepare("DELETE FROM campaign_devices WHERE campaign_id = ?");
+  if (!st) return st.error();
+  st->bind(1, std::string_view(campaign_id));
+  if (auto r = st->run(); !r) return r.error();
+  return db_->changes();
+}
+
+Result<CellReconciliation> reconcile_cell_file(Store& directory, int cell, DeviceStore& file, int64_t batch) {
+  CellReconciliation out;
+  batch = std::max<int64_t>(1, batch);
+  // Campaigns first: an orphan's rows would otherwise outlive a forgotten copy's.
+  auto known = directory.campaign_ids();
+  if (!known) return known.error().with_context("reconcile cell " + std::to_string(cell));
+  const std::set<std::string> campaigns(known->begin(), known->end());
+  auto held = file.campaigns_with_rows();
+  if (!held) return held.error().with_context("reconcile cell " + std::to_string(cell));
+  for (const auto& id : *held) {
+    if (campaigns.count(id)) continue;
+    auto gone = file.forget_campaign_rows(id);
+    if (!gone) return gone.error().with_context("reconcile cell " + std::to_string(cell) + " campaign " + id);
+    ++out.orphan_campaigns;
+  }
+  // Then a merge of two id-ordered walks: the directory's devices of the
+  // cell, and the file's copies.
+  std::vector<DeviceDirectoryEntry> dir;
+  std::vector<std::string> copies;
+  size_t di = 0, ci = 0;
+  std::string dir_after, copy_after;
+  bool dir_done = false, copies_done = false;
+  for (;;) {
+    if (di == dir.size() && !dir_done) {
+      auto next = directory.directory_entries(cell, dir_after, batch);
+      if (!next) return next.error().with_context("reconcile cell " + std::to_string(cell));
+      dir = std::move(*next);
+      di = 0;
+      dir_done = static_cast<int64_t>(dir.size()) < batch;
+      if (!dir.empty()) dir_after = dir.back().id;
+    }
+    if (ci == copies.size() && !copies_done) {
+      auto next = file.device_ids(copy_after, batch);
+      if (!next) return next.error().with_context("reconcile cell " + std::to_string(cell));
+      copies = std::move(*next);
+      ci = 0;
+      copies_done = static_cast<int64_t>(copies.size()) < batch;
+      if (!copies.empty()) copy_after = copies.back();
+    }
+    const bool have_dir = di < dir.size(), have_copy = ci < copies.size();
+    if (!have_dir && !have_copy) return out;
+    // One transaction per step of the walk would be slow: take up to a
+    // batch of decisions, then write them together.
+    std::vector<const DeviceDirectoryEntry*> adopt;
+    std::vector<std::string> forget;
+    while (di < dir.size() || ci < copies.size()) {
+      if (ci == copies.size() && !copies_done) break;  // more copies to read first
+      if (di == dir.size() && !dir_done) break;         // more entries to read first
+      if (ci == copies.size() || (di < dir.size() && dir[di].id < copies[ci])) {
+        adopt.push_back(&dir[di++]);
+      } else if (di == dir.size() || copies[ci] < dir[di].id) {
+        forget.push_back(copies[ci++]);
+      } else {
+        ++di;
+        ++ci;
+      }
+    }
+    if (adopt.empty() && forget.empty()) continue;
+    sql::Transaction tx(file.device_db());
+    if (!tx.ok()) return make_error(Errc::unavailable, "reconcile cell " + std::to_string(cell) + ": cannot begin", true);
+    for (const auto* e : adopt) {
+      if (auto s = file.adopt_device(*e); !s) return s.error().with_context("reconcile device " + e->id);
+    }
+    for (const auto& id : forget) {
+      if (auto s = file.forget_device(id); !s) return s.error().with_context("reconcile device " + id);
+    }
+    if (auto s = tx.commit(); !s) return s.error();
+    out.adopted += static_cast<int64_t>(adopt.size());
+    out.forgotten += static_cast<int64_t>(forget.size());
+  }
+}
+
+}  // namespace flotilla::hub

@@ -1,0 +1,313 @@
+// [unit] A cell's own device file (ADR 18, slice 7): what it refuses to be
+// opened as, the copies of its devices' directory columns that the hub
+// keeps in it, and "the directory decides" at open (reconcile_cell_file),
+// on real SQLite files.
+#include <catch2/catch.hpp>
+
+#include <algorithm>
+#include <filesystem>
+
+#include "flotilla/common/sqlite.hpp"
+#include "flotilla/hub/store.hpp"
+#include "tests/support/temp_dir.hpp"
+
+using namespace flotilla;
+using namespace flotilla::hub;
+using flotilla::test::TempDir;
+
+namespace {
+
+DeviceRecord enrolled(const std::string& id, int cell, Labels labels = {{"env", "prod"}}) {
+  DeviceRecord d;
+  d.id = id;
+  d.project = "default";
+  d.labels = std::move(labels);
+  d.public_key_hex = "00ff";
+  d.hostname = "host-" + id;
+  d.arch = "arm64";
+  d.agent_version = "1.2.3";
+  d.enrolled_ms = 5000;
+  d.cell = cell;
+  return d;
+}
+
+DeviceDirectoryEntry entry_of(Store& directory, const std::string& id) {
+  auto e = directory.directory_entry(id);
+  REQUIRE(e);
+  REQUIRE(e->has_value());
+  return **e;
+}
+
+int64_t count(Store& s, const std::string& sql_text) {
+  auto n = sql::query<int64_t>(s.db(), sql_text, [](const sql::Stmt& st) { return st.col_int(0); });
+  REQUIRE(n);
+  REQUIRE(n->size() == 1);
+  return n->front();
+}
+
+std::vector<std::string> all_ids(DeviceStore& s) {
+  auto ids = s.device_ids("", 1000);
+  REQUIRE(ids);
+  return *ids;
+}
+
+// The trigger-kept counts equal the ones grouped from the rows.
+void check_counts_exact(Store& s, const std::vector<std::string>& campaigns, int cell) {
+  auto kept = s.fleet_counts();
+  auto recount = s.recount_fleet();
+  REQUIRE(kept);
+  REQUIRE(recount);
+  CHECK(*kept == *recount);
+  for (const auto& c : campaigns) {
+    auto k = s.campaign_counts(c, cell);
+    auto r = s.recount_campaign(c, cell);
+    REQUIRE(k);
+    REQUIRE(r);
+    CHECK(*k == *r);
+  }
+}
+
+}  // namespace
+
+TEST_CASE("a cell's device file is refused as hub.db or another cell's, and hub.db as a cell's",
+          "[unit][hub][cells][store]") {
+  TempDir dir;
+  const auto hub_db = (dir.path() / "hub.db").string();
+  const auto cell_db = (dir.path() / "cell-1.db").string();
+  {
+    auto hub = Store::open(hub_db);
+    REQUIRE(hub);
+    REQUIRE((*hub)->upsert_enrolled_device(enrolled("d-1", 1)));
+    auto cell = Store::open_cell(cell_db, 1);
+    REQUIRE(cell);
+    CHECK((*cell)->own_cell() == 1);
+    CHECK((*hub)->own_cell() == -1);
+    REQUIRE((*cell)->adopt_device(entry_of(**hub, "d-1")));
+  }
+  auto as_cell = Store::open_cell(hub_db, 1);
+  REQUIRE_FALSE(as_cell);
+  CHECK(as_cell.error().code == Errc::conflict);
+  CHECK(as_cell.error().message.find("is hub.db, not cell 1's device file") != std::string::npos);
+  auto as_hub = Store::open(cell_db);
+  REQUIRE_FALSE(as_hub);
+  CHECK(as_hub.error().message.find("is cell 1's device file, not hub.db") != std::string::npos);
+  auto as_other = Store::open_cell(cell_db, 2);
+  REQUIRE_FALSE(as_other);
+  CHECK(as_other.error().message.find("not cell 2's device file") != std::string::npos);
+  CHECK_FALSE(Store::open_cell(cell_db, -1));
+
+  // A hub.db from before the mark is recognised by what it holds.
+  {
+    auto hub = Store::open(hub_db);
+    REQUIRE(hub);
+    TokenRecord t;
+    t.id = "t-1";
+    t.name = "ops";
+    t.role = "admin";
+    REQUIRE((*hub)->insert_token("api", t, "hash"));
+    REQUIRE((*hub)->db().exec("DROP TABLE store_role"));
+  }
+  auto old_hub = Store::open_cell(hub_db, 0);
+  REQUIRE_FALSE(old_hub);
+  CHECK(old_hub.error().message.find("holds tokens") != std::string::npos);
+
+  // Refused opens lost nothing: each file opens as what it is, its rows there.
+  auto hub = Store::open(hub_db);
+  REQUIRE(hub);
+  CHECK((*hub)->count_tokens("api").value() == 1);
+  auto cell = Store::open_cell(cell_db, 1);
+  REQUIRE(cell);
+  auto copy = (*cell)->get_device("d-1");
+  REQUIRE(copy);
+  REQUIRE(copy->has_value());
+  CHECK((*copy)->hostname == "host-d-1");
+}
+
+TEST_CASE("a cell's file keeps copies of its devices: the directory's columns, its own reports",
+          "[unit][hub][cells][store]") {
+  TempDir dir;
+  auto hub = Store::open((dir.path() / "hub.db").string());
+  REQUIRE(hub);
+  auto cell = Store::open_cell((dir.path() / "cell-1.db").string(), 1);
+  REQUIRE(cell);
+  Store& directory = **hub;
+  Store& file = **cell;
+  REQUIRE(directory.upsert_enrolled_device(enrolled("d-1", 1)));
+  REQUIRE(directory.upsert_enrolled_device(enrolled("d-2", 1, {{"env", "dev"}})));
+  REQUIRE(directory.upsert_enrolled_device(enrolled("d-9", 2)));
+
+  // Only a cell's own file takes copies, and only of its own cell's devices.
+  auto on_hub = directory.adopt_device(entry_of(directory, "d-1"));
+  REQUIRE_FALSE(on_hub);
+  CHECK(on_hub.error().code == Errc::internal);
+  auto other = file.adopt_device(entry_of(directory, "d-9"));
+  REQUIRE_FALSE(other);
+  CHECK(other.error().message.find("not in this file's cell 1") != std::string::npos);
+  CHECK(all_ids(file).empty());
+
+  REQUIRE(file.adopt_device(entry_of(directory, "d-1")));
+  REQUIRE(file.adopt_device(entry_of(directory, "d-2")));
+  CHECK(all_ids(file) == std::vector<std::string>{"d-1", "d-2"});
+  auto copy = file.get_device("d-1");
+  REQUIRE(copy);
+  REQUIRE(copy->has_value());
+  CHECK((*copy)->labels == Labels{{"env", "prod"}});
+  CHECK((*copy)->arch == "arm64");
+  CHECK((*copy)->agent_version == "1.2.3");
+  CHECK((*copy)->cell == 1);
+  CHECK((*copy)->state == "enrolled");
+  // None of the directory's tables is written in a cell's file.
+  CHECK(count(file, "SELECT COUNT(*) FROM directory_outbox") == 0);
+  CHECK(count(file, "SELECT COUNT(*) FROM device_labels") == 0);
+  CHECK(count(file, "SELECT COUNT(*) FROM directory_counts") == 0);
+
+  // A report goes to the copy; the directory's row keeps what enrollment wrote.
+  DeviceRecord report = **copy;
+  report.state = "applied";
+  report.online = true;
+  report.last_seen_ms = 9000;
+  report.applied_bundle = "edge";
+  report.applied_version = 3;
+  REQUIRE(file.save_device_state(report));
+  auto dir_row = directory.get_device("d-1");
+  REQUIRE(dir_row);
+  CHECK((*dir_row)->state == "enrolled");
+  CHECK_FALSE((*dir_row)->online);
+
+  // A label change in the directory reaches the copy; its reports stay.
+  REQUIRE(directory.set_device_labels("d-1", {{"env", "canary"}}));
+  REQUIRE(file.adopt_device(entry_of(directory, "d-1")));
+  copy = file.get_device("d-1");
+  REQUIRE(copy);
+  CHECK((*copy)->labels == Labels{{"env", "canary"}});
+  CHECK((*copy)->state == "applied");
+  CHECK((*copy)->online);
+  // Adopting what the copy already holds writes nothing.
+  REQUIRE(file.adopt_device(entry_of(directory, "d-1")));
+  CHECK(file.db().changes() == 0);
+
+  // Campaign rows need no campaign record here (it is hub.db's).
+  CampaignMember m1{"d-1", 0.5, 0, "", 1};
+  CampaignMember m2{"d-2", 0.2, 1, "", 1};
+  REQUIRE(file.add_campaign_member("c-1", m1, 100));
+  REQUIRE(file.add_campaign_member("c-1", m2, 100));
+  CHECK(file.campaigns_with_rows().value() == std::vector<std::string>{"c-1"});
+  check_counts_exact(file, {"c-1"}, 1);
+  CHECK(count(file, "SELECT COALESCE(SUM(n), 0) FROM campaign_counts WHERE campaign_id = 'c-1'") == 2);
+
+  // Forgetting a copy takes its rows and its counts with it.
+  DeviceInventory inv;
+  inv.os = "debian";
+  inv.cert_expiry_unix = 1'800'000'000;
+  REQUIRE(file.save_device_inventory("d-1", inv));
+  REQUIRE(file.forget_device("d-1"));
+  CHECK(all_ids(file) == std::vector<std::string>{"d-2"});
+  CHECK(count(file, "SELECT COUNT(*) FROM device_inventory") == 0);
+  CHECK(count(file, "SELECT COALESCE(SUM(n), 0) FROM campaign_counts WHERE campaign_id = 'c-1'") == 1);
+  check_counts_exact(file, {"c-1"}, 1);
+  REQUIRE(file.forget_device("d-1"));  // nothing left: nothing to do
+  // The directory still has the device: only the cell's copy went.
+  CHECK(directory.directory_entry("d-1").value().has_value());
+
+  // A device the directory decommissioned arrives decommissioned.
+  REQUIRE(directory.upsert_enrolled_device(enrolled("d-3", 1)));
+  REQUIRE(directory.mark_device_decommissioned("d-3"));
+  REQUIRE(file.adopt_device(entry_of(directory, "d-3")));
+  auto gone = file.get_device("d-3");
+  REQUIRE(gone);
+  CHECK((*gone)->state == "decommissioned");
+  check_counts_exact(file, {"c-1"}, 1);
+}
+
+// What a crash can leave in a cell's file, all at once: a copy of a device
+// the directory moved to another cell (a drain stopped between its two
+// commits), a copy of a device the directory never had, a device of the
+// cell with no copy yet (an enrollment whose follow never ran), and the
+// rows of a campaign whose record never committed (rows are written first).
+TEST_CASE("at open the directory decides what a cell's file holds", "[unit][hub][cells][store]") {
+  TempDir dir;
+  auto hub = Store::open((dir.path() / "hub.db").string());
+  REQUIRE(hub);
+  auto cell = Store::open_cell((dir.path() / "cell-1.db").string(), 1);
+  REQUIRE(cell);
+  Store& directory = **hub;
+  Store& file = **cell;
+  BundleRecord b;
+  b.id = "b1";
+  b.digest = "b1digest";
+  b.name = "edge";
+  b.version = 1;
+  b.envelope = "x";
+  REQUIRE(directory.insert_bundle(b));
+  CampaignRecord kept;
+  kept.id = "c-kept";
+  kept.bundle_id = "b1";
+  kept.state = CampaignState::running;
+  REQUIRE(directory.insert_campaign_record(kept));
+
+  // The directory: d-01..d-08 in cell 1, d-moved in cell 2.
+  std::vector<std::string> want;
+  for (int i = 1; i <= 8; ++i) {
+    const std::string id = "d-0" + std::to_string(i);
+    REQUIRE(directory.upsert_enrolled_device(enrolled(id, 1)));
+    want.push_back(id);
+  }
+  REQUIRE(directory.upsert_enrolled_device(enrolled("d-moved", 1)));
+  // The file: copies of d-01..d-05 and of d-moved (adopted while it was in
+  // cell 1), each with rows of both campaigns.
+  for (const auto& id : {"d-01", "d-02", "d-03", "d-04", "d-05", "d-moved"}) {
+    REQUIRE(file.adopt_device(entry_of(directory, id)));
+    REQUIRE(file.add_campaign_member("c-kept", CampaignMember{id, 0.5, 0, "", 1}, 100));
+    REQUIRE(file.add_campaign_member("c-orphan", CampaignMember{id, 0.5, 0, "", 1}, 100));
+  }
+  REQUIRE(directory.set_device_cell("d-moved", 2).value() == 1);
+  // A copy of a device the directory does not know, ordered between others.
+  DeviceDirectoryEntry stray_entry;
+  stray_entry.id = "d-035";
+  stray_entry.cell = 1;
+  REQUIRE(file.adopt_device(stray_entry));
+  REQUIRE(file.add_campaign_member("c-kept", CampaignMember{"d-035", 0.5, 0, "", 1}, 100));
+  // One copy's report, which reconciliation must keep.
+  auto d2 = file.get_device("d-02");
+  REQUIRE(d2);
+  DeviceRecord r = **d2;
+  r.state = "applied";
+  r.online = true;
+  REQUIRE(file.save_device_state(r));
+
+  auto done = reconcile_cell_file(directory, 1, file, 2);  // small batches: the walk crosses them
+  REQUIRE(done);
+  CHECK(done->adopted == 3);    // d-06, d-07, d-08
+  CHECK(done->forgotten == 2);  // d-035, d-moved
+  CHECK(done->orphan_campaigns == 1);
+  CHECK(all_ids(file) == want);
+  CHECK(file.campaigns_with_rows().value() == std::vector<std::string>{"c-kept"});
+  CHECK(count(file, "SELECT COUNT(*) FROM campaign_devices") == 5);  // c-kept's of d-01..d-05
+  auto still = file.get_device("d-02");
+  REQUIRE(still);
+  CHECK((*still)->state == "applied");
+  CHECK((*still)->online);
+  check_counts_exact(file, {"c-kept", "c-orphan"}, 1);
+
+  // Reconciling again finds nothing to do.
+  auto again = reconcile_cell_file(directory, 1, file, 3);
+  REQUIRE(again);
+  CHECK(again->adopted == 0);
+  CHECK(again->forgotten == 0);
+  CHECK(again->orphan_campaigns == 0);
+  CHECK(all_ids(file) == want);
+
+  // An empty directory cell empties the file.
+  auto other = Store::open_cell((dir.path() / "cell-5.db").string(), 5);
+  REQUIRE(other);
+  REQUIRE((*other)->adopt_device([&] {
+    DeviceDirectoryEntry e;
+    e.id = "d-zz";
+    e.cell = 5;
+    return e;
+  }()));
+  auto emptied = reconcile_cell_file(directory, 5, **other, 4);
+  REQUIRE(emptied);
+  CHECK(emptied->forgotten == 1);
+  CHECK(all_ids(**other).empty());
+}
