@@ -51,6 +51,22 @@ std::vector<std::string> all_ids(DeviceStore& s) {
   return *ids;
 }
 
+// A campaign record (and its bundle) in the directory's store.
+void record_campaign(Store& directory, const std::string& id) {
+  BundleRecord b;
+  b.id = "b1";
+  b.digest = "b1digest";
+  b.name = "edge";
+  b.version = 1;
+  b.envelope = "x";
+  REQUIRE(directory.insert_bundle(b));
+  CampaignRecord c;
+  c.id = id;
+  c.bundle_id = "b1";
+  c.state = CampaignState::running;
+  REQUIRE(directory.insert_campaign_record(c));
+}
+
 // The trigger-kept counts equal the ones grouped from the rows.
 void check_counts_exact(Store& s, const std::vector<std::string>& campaigns, int cell) {
   auto kept = s.fleet_counts();
@@ -232,18 +248,7 @@ TEST_CASE("at open the directory decides what a cell's file holds", "[unit][hub]
   REQUIRE(cell);
   Store& directory = **hub;
   Store& file = **cell;
-  BundleRecord b;
-  b.id = "b1";
-  b.digest = "b1digest";
-  b.name = "edge";
-  b.version = 1;
-  b.envelope = "x";
-  REQUIRE(directory.insert_bundle(b));
-  CampaignRecord kept;
-  kept.id = "c-kept";
-  kept.bundle_id = "b1";
-  kept.state = CampaignState::running;
-  REQUIRE(directory.insert_campaign_record(kept));
+  record_campaign(directory, "c-kept");
 
   // The directory: d-01..d-08 in cell 1, d-moved in cell 2.
   std::vector<std::string> want;
@@ -310,4 +315,158 @@ TEST_CASE("at open the directory decides what a cell's file holds", "[unit][hub]
   REQUIRE(emptied);
   CHECK(emptied->forgotten == 1);
   CHECK(all_ids(**other).empty());
+}
+
+namespace {
+
+// hub.db and one file per cell, as a hub with per-cell files opens them.
+struct CellFiles {
+  TempDir dir;
+  std::unique_ptr<Store> directory;
+  std::vector<std::unique_ptr<Store>> files;
+  explicit CellFiles(int cells) {
+    auto d = Store::open((dir.path() / "hub.db").string());
+    REQUIRE(d);
+    directory = std::move(*d);
+    for (int i = 0; i < cells; ++i) {
+      std::filesystem::create_directories(dir.path() / "cells" / std::to_string(i));
+      auto f = Store::open_cell((dir.path() / "cells" / std::to_string(i) / "devices.db").string(), i);
+      REQUIRE(f);
+      files.push_back(std::move(*f));
+    }
+  }
+  Store& file(int cell) { return *files[static_cast<size_t>(cell)]; }
+  int64_t follow(const std::function<Status(const DirectoryChange&)>& on_labelled = {}) {
+    auto n = follow_directory_outbox(
+        *directory, [&](int cell) -> DeviceStore& { return file(cell); }, on_labelled, true);
+    REQUIRE(n);
+    return *n;
+  }
+  std::vector<std::string> ids(int cell) { return all_ids(file(cell)); }
+};
+
+}  // namespace
+
+TEST_CASE("the directory's outbox, followed with per-cell files, keeps each file's copies and carries a move's rows",
+          "[unit][hub][cells][store]") {
+  CellFiles cells(3);
+  Store& directory = *cells.directory;
+  REQUIRE(directory.upsert_enrolled_device(enrolled("d-1", 0)));
+  REQUIRE(directory.upsert_enrolled_device(enrolled("d-2", 1)));
+  REQUIRE(directory.upsert_enrolled_device(enrolled("d-3", 1, {{"env", "dev"}})));
+  // An enrollment's entry makes the copy before live membership sees it,
+  // so a membership row can be written in the device's file.
+  std::vector<std::string> labelled;
+  CHECK(cells.follow([&](const DirectoryChange& c) -> Status {
+    labelled.push_back(c.device_id);
+    auto copy = cells.file(c.cell).get_device(c.device_id);
+    if (!copy || !*copy) return make_error(Errc::internal, "no copy of " + c.device_id + " when its entry is followed");
+    return cells.file(c.cell).add_campaign_member("c-1", CampaignMember{c.device_id, 0.5, 0, "", c.cell}, 100);
+  }) == 3);
+  CHECK(labelled == std::vector<std::string>{"d-1", "d-2", "d-3"});
+  CHECK(cells.ids(0) == std::vector<std::string>{"d-1"});
+  CHECK(cells.ids(1) == std::vector<std::string>{"d-2", "d-3"});
+  CHECK(cells.ids(2).empty());
+  CHECK(cells.follow() == 0);  // nothing left in the outbox
+
+  // A label change reaches the copy in the device's file.
+  REQUIRE(directory.set_device_labels("d-2", {{"env", "canary"}}));
+  CHECK(cells.follow() == 1);
+  CHECK(cells.file(1).get_device("d-2").value()->labels == Labels{{"env", "canary"}});
+
+  // A move carries the device's report, inventory and campaign rows to its
+  // new cell's file and leaves nothing in the old one.
+  DeviceRecord d2 = *cells.file(1).get_device("d-2").value();
+  d2.state = "applied";
+  d2.online = true;
+  d2.last_seen_ms = 7000;
+  d2.applied_bundle = "edge";
+  d2.applied_version = 4;
+  REQUIRE(cells.file(1).save_device_state(d2));
+  DeviceInventory inv;
+  inv.os = "debian";
+  inv.cert_expiry_unix = 1'800'000'000;
+  inv.updated_ms = 7000;
+  REQUIRE(cells.file(1).save_device_inventory("d-2", inv));
+  auto row = cells.file(1).campaign_device("c-1", "d-2").value();
+  REQUIRE(row);
+  row->status = "applied";
+  row->prev_bundle_id = "b-old";
+  row->updated_ms = 7000;
+  REQUIRE(cells.file(1).save_campaign_device(*row));
+  REQUIRE(directory.set_device_cell("d-2", 2).value() == 1);
+  CHECK(cells.follow() == 1);
+  CHECK(cells.ids(1) == std::vector<std::string>{"d-3"});
+  CHECK(cells.ids(2) == std::vector<std::string>{"d-2"});
+  auto moved = cells.file(2).get_device("d-2").value();
+  REQUIRE(moved);
+  CHECK(moved->cell == 2);
+  CHECK(moved->state == "applied");
+  CHECK(moved->online);
+  CHECK(moved->applied_version == 4);
+  CHECK(moved->labels == Labels{{"env", "canary"}});
+  CHECK(moved->inventory.os == "debian");
+  auto moved_row = cells.file(2).campaign_device("c-1", "d-2").value();
+  REQUIRE(moved_row);
+  CHECK(moved_row->status == "applied");
+  CHECK(moved_row->prev_bundle_id == "b-old");
+  CHECK(moved_row->cell == 2);
+  CHECK_FALSE(cells.file(1).campaign_device("c-1", "d-2").value());
+  CHECK(count(cells.file(1), "SELECT COUNT(*) FROM device_inventory") == 0);
+  for (int c = 0; c < 3; ++c) check_counts_exact(cells.file(c), {"c-1"}, c);
+  CHECK(count(cells.file(2), "SELECT COALESCE(SUM(n), 0) FROM campaign_counts WHERE status = 'applied'") == 1);
+  CHECK(count(cells.file(1), "SELECT COALESCE(SUM(n), 0) FROM campaign_counts") == 1);  // d-3's only
+
+  // Two moves before a follow (1 -> 0 -> 2): the rows go straight to where
+  // the directory says now, once.
+  REQUIRE(directory.set_device_cell("d-3", 0).value() == 1);
+  REQUIRE(directory.set_device_cell("d-3", 2).value() == 1);
+  CHECK(cells.follow() == 2);
+  CHECK(cells.ids(0) == std::vector<std::string>{"d-1"});
+  CHECK(cells.ids(1).empty());
+  CHECK(cells.ids(2) == std::vector<std::string>{"d-2", "d-3"});
+  CHECK(cells.file(2).campaign_device("c-1", "d-3").value().has_value());
+  for (int c = 0; c < 3; ++c) check_counts_exact(cells.file(c), {"c-1"}, c);
+
+  // A decommission reaches the copy: its reported side follows too.
+  REQUIRE(directory.mark_device_decommissioned("d-1"));
+  CHECK(cells.follow() == 1);
+  auto gone = cells.file(0).get_device("d-1").value();
+  REQUIRE(gone);
+  CHECK(gone->state == "decommissioned");
+  CHECK_FALSE(gone->online);
+  check_counts_exact(cells.file(0), {"c-1"}, 0);
+}
+
+// A crash after the new file committed and before the old copy was
+// forgotten and the entry removed: the entry is followed again at the next
+// start, and the rows end up once, in the new file.
+TEST_CASE("a move followed again after a crash between its commits ends with the rows once",
+          "[unit][hub][cells][store]") {
+  CellFiles cells(2);
+  Store& directory = *cells.directory;
+  record_campaign(directory, "c-1");
+  REQUIRE(directory.upsert_enrolled_device(enrolled("d-1", 0)));
+  CHECK(cells.follow() == 1);
+  REQUIRE(cells.file(0).add_campaign_member("c-1", CampaignMember{"d-1", 0.5, 0, "", 0}, 100));
+  REQUIRE(directory.set_device_cell("d-1", 1).value() == 1);
+  // What the first commit of the follow wrote, and no more.
+  auto rows = cells.file(0).export_device("d-1");
+  REQUIRE(rows);
+  REQUIRE(*rows);
+  REQUIRE(cells.file(1).import_device(entry_of(directory, "d-1"), **rows));
+  CHECK(cells.ids(0) == std::vector<std::string>{"d-1"});
+  CHECK(cells.ids(1) == std::vector<std::string>{"d-1"});
+
+  CHECK(cells.follow() == 1);
+  CHECK(cells.ids(0).empty());
+  CHECK(cells.ids(1) == std::vector<std::string>{"d-1"});
+  CHECK(count(cells.file(1), "SELECT COUNT(*) FROM campaign_devices") == 1);
+  for (int c = 0; c < 2; ++c) check_counts_exact(cells.file(c), {"c-1"}, c);
+  // And reconciliation, run after the follow at open, agrees.
+  for (int c = 0; c < 2; ++c) {
+    auto r = reconcile_cell_file(directory, c, cells.file(c));
+    REQUIRE(r);
+    CHECK(r->adopted + r->forgotten + r->orphan_campaigns == 0);
+  }
 }

@@ -163,6 +163,51 @@ Result<int64_t> Store::forget_campaign_rows(const std::string& campaign_id) {
   return db_->changes();
 }
 
+Result<std::optional<DeviceRows>> Store::export_device(const std::string& id) {
+  auto d = get_device(id);
+  if (!d) return d.error();
+  if (!*d) return std::optional<DeviceRows>();
+  DeviceRows rows;
+  rows.device = std::move(**d);
+  auto campaigns = query<CampaignDeviceRecord>(
+      *db_, "SELECT " + campaign_device_columns() + " FROM campaign_devices WHERE device_id = ? ORDER BY campaign_id",
+      [&](sql::Stmt& st) { st.bind(1, std::string_view(id)); },
+      [](const sql::Stmt& st) { return campaign_device_row(st, 0); });
+  if (!campaigns) return campaigns.error();
+  rows.campaigns = std::move(*campaigns);
+  return std::optional<DeviceRows>(std::move(rows));
+}
+
+Status Store::import_device(const DeviceDirectoryEntry& e, const DeviceRows& rows) {
+  if (auto s = adopt_device(e); !s) return s;
+  DeviceRecord reported = rows.device;
+  reported.id = e.id;
+  if (auto s = save_device_state(reported); !s) return s;
+  if (rows.device.inventory.updated_ms > 0) {
+    if (auto s = save_device_inventory(e.id, rows.device.inventory); !s) return s;
+  }
+  auto st = db_->prepare("INSERT INTO campaign_devices (" + campaign_device_columns() +
+                         ") VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (campaign_id, device_id) DO UPDATE SET "
+                         "status = excluded.status, generation = excluded.generation, updated_ms = excluded.updated_ms, "
+                         "reason = excluded.reason, message = excluded.message, wave = excluded.wave, "
+                         "rank = excluded.rank, released_ms = excluded.released_ms, "
+                         "deadline_ms = excluded.deadline_ms, prev_bundle_id = excluded.prev_bundle_id, "
+                         "rollback_generation = excluded.rollback_generation, "
+                         "deadline_left_ms = excluded.deadline_left_ms, zone = excluded.zone, cell = excluded.cell");
+  if (!st) return st.error();
+  for (const auto& r : rows.campaigns) {
+    st->reset();
+    st->bind(1, std::string_view(r.campaign_id)).bind(2, std::string_view(e.id)).bind(3, std::string_view(r.status))
+        .bind(4, static_cast<int64_t>(r.generation)).bind(5, r.updated_ms).bind(6, std::string_view(r.reason))
+        .bind(7, std::string_view(r.message)).bind(8, static_cast<int64_t>(r.wave)).bind_double(9, r.rank)
+        .bind(10, r.released_ms).bind(11, r.deadline_ms).bind(12, std::string_view(r.prev_bundle_id))
+        .bind(13, static_cast<int64_t>(r.rollback_generation)).bind(14, r.deadline_left_ms)
+        .bind(15, std::string_view(r.zone)).bind(16, static_cast<int64_t>(e.cell));
+    if (auto s = st->run(); !s) return s;
+  }
+  return {};
+}
+
 Result<CellReconciliation> reconcile_cell_file(Store& directory, int cell, DeviceStore& file, int64_t batch) {
   CellReconciliation out;
   batch = std::max<int64_t>(1, batch);

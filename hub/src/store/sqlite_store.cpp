@@ -1,5 +1,7 @@
 #include <nlohmann/json.hpp>
 
+#include <memory>
+
 #include "flotilla/common/crypto.hpp"
 #include "flotilla/hub/store.hpp"
 #include "rows.hpp"
@@ -595,8 +597,71 @@ Result<std::vector<DirectoryChange>> Store::directory_outbox(int64_t limit) {
       });
 }
 
+namespace {
+
+// The transactions one batch of the outbox opens on cells' files, in the
+// order they must commit.
+class FileWrites {
+ public:
+  Status begin(DeviceStore& s) {
+    sql::Db* db = &s.device_db();
+    for (const auto& t : txs_) {
+      if (t.first == db) return {};
+    }
+    auto tx = std::make_unique<sql::Transaction>(*db);
+    if (!tx->ok()) return make_error(Errc::unavailable, "follow the device directory: cannot begin a transaction", true);
+    txs_.emplace_back(db, std::move(tx));
+    return {};
+  }
+  Status commit() {
+    for (auto& t : txs_) {
+      if (auto s = t.second->commit(); !s) return s;
+    }
+    txs_.clear();
+    return {};
+  }
+
+ private:
+  std::vector<std::pair<sql::Db*, std::unique_ptr<sql::Transaction>>> txs_;
+};
+
+// cell_files: the device's copy in the file of the cell the directory
+// names now; a move's rows carried there from the old cell's file, whose
+// copy goes into `leaving` (forgotten once the new file committed).
+// Returns the cell whose store follows the change further (nullopt: done).
+Result<std::optional<int>> follow_copy(Store& directory, const std::function<DeviceStore&(int cell)>& store_of,
+                         const DirectoryChange& c, FileWrites& writes,
+                         std::vector<std::pair<DeviceStore*, std::string>>& leaving) {
+  auto e = directory.directory_entry(c.device_id);
+  if (!e) return e.error();
+  if (!*e) return std::optional<int>();  // no such device any more: nothing of it to follow
+  DeviceStore& to = store_of((*e)->cell);
+  if (auto s = writes.begin(to); !s) return s.error();
+  if (c.kind == DirectoryChange::Kind::moved) {
+    DeviceStore& from = store_of(c.from_cell);
+    if (&from.device_db() != &to.device_db()) {
+      auto rows = from.export_device(c.device_id);
+      if (!rows) return rows.error();
+      if (*rows) {
+        if (auto s = to.import_device(**e, **rows); !s) return s.error();
+        leaving.emplace_back(&from, c.device_id);
+        return std::optional<int>();
+      }
+    }
+    // Rows already where the directory says (a later move took them), or
+    // back where they were: the copy is all there is to follow.
+    if (auto s = to.adopt_device(**e); !s) return s.error();
+    return std::optional<int>();
+  }
+  if (auto s = to.adopt_device(**e); !s) return s.error();
+  return std::optional<int>((*e)->cell);
+}
+
+}  // namespace
+
 Result<int64_t> follow_directory_outbox(Store& directory, const std::function<DeviceStore&(int cell)>& store_of,
-                                        const std::function<Status(const DirectoryChange&)>& on_labelled) {
+                                        const std::function<Status(const DirectoryChange&)>& on_labelled,
+                                        bool cell_files) {
   int64_t followed = 0;
   for (;;) {
     auto changes = directory.directory_outbox(4096);
@@ -604,16 +669,33 @@ Result<int64_t> follow_directory_outbox(Store& directory, const std::function<De
     if (changes->empty()) return followed;
     sql::Transaction tx(directory.db());
     if (!tx.ok()) return make_error(Errc::unavailable, "follow the device directory: cannot begin a transaction", true);
+    FileWrites writes;
+    std::vector<std::pair<DeviceStore*, std::string>> leaving;
     for (const auto& c : *changes) {
+      // A move's rows are still where the device was (one file: cell_files
+      // moves them here). A decommission's are in the device's cell.
+      int cell = c.kind == DirectoryChange::Kind::moved ? c.from_cell : c.cell;
+      if (cell_files) {
+        auto more = follow_copy(directory, store_of, c, writes, leaving);
+        if (!more) return more.error().with_context("device=" + c.device_id);
+        if (!*more) continue;
+        cell = **more;
+      }
       if (c.kind == DirectoryChange::Kind::labelled) {
         if (!on_labelled) continue;
         if (auto s = on_labelled(c); !s) return s.error().with_context("device=" + c.device_id);
         continue;
       }
-      // A move's rows are still where the device was.
-      DeviceStore& rows = store_of(c.kind == DirectoryChange::Kind::moved ? c.from_cell : c.cell);
+      DeviceStore& rows = store_of(cell);
       if (auto s = rows.follow_directory(c); !s) return s.error().with_context("device=" + c.device_id);
     }
+    if (auto s = writes.commit(); !s) return s.error().with_context("follow the device directory");
+    // Only once the rows are in their new files: the copies they left.
+    for (const auto& [from, id] : leaving) {
+      if (auto s = writes.begin(*from); !s) return s.error();
+      if (auto s = from->forget_device(id); !s) return s.error().with_context("device=" + id);
+    }
+    if (auto s = writes.commit(); !s) return s.error().with_context("follow the device directory");
     if (auto s = directory.forget_directory_changes(changes->back().seq); !s) return s.error();
     if (auto s = tx.commit(); !s) return s.error();
     followed += static_cast<int64_t>(changes->size());

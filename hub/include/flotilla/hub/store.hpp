@@ -187,6 +187,13 @@ struct CampaignDeviceRecord {
   int cell = 0;                    // its device's cell (a drain moves it along)
 };
 
+// Everything a cell's store holds of one device but its directory columns:
+// what a move between cells' files carries (DeviceStore::export_device).
+struct DeviceRows {
+  DeviceRecord device;  // report and presence columns, and its inventory (updated_ms 0: none)
+  std::vector<CampaignDeviceRecord> campaigns;
+};
+
 // Counts of a campaign's devices by wave, status and presence.
 struct CampaignCountRow {
   int wave = 0;
@@ -431,6 +438,13 @@ class DeviceStore {
   // written first and the record never committed); returns the rows dropped.
   virtual Result<std::vector<std::string>> campaigns_with_rows() = 0;
   virtual Result<int64_t> forget_campaign_rows(const std::string& campaign_id) = 0;
+  // A device's rows here (nullopt: no copy), and taking them into another
+  // cell's file: the copy adopted from the entry, its reports, inventory
+  // and campaign rows (each counted in the entry's cell, an existing row
+  // of the same campaign replaced). A move imports, commits, and only then
+  // forgets the rows in the old file.
+  virtual Result<std::optional<DeviceRows>> export_device(const std::string& id) = 0;
+  virtual Status import_device(const DeviceDirectoryEntry& e, const DeviceRows& rows) = 0;
 };
 
 class Store final : public DeviceStore {
@@ -652,6 +666,8 @@ class Store final : public DeviceStore {
   Result<std::vector<std::string>> device_ids(const std::string& after, int64_t limit) override;
   Result<std::vector<std::string>> campaigns_with_rows() override;
   Result<int64_t> forget_campaign_rows(const std::string& campaign_id) override;
+  Result<std::optional<DeviceRows>> export_device(const std::string& id) override;
+  Status import_device(const DeviceDirectoryEntry& e, const DeviceRows& rows) override;
 
  private:
   explicit Store(std::unique_ptr<sql::Db> db) : db_(std::move(db)) {}
@@ -680,12 +696,17 @@ class Store final : public DeviceStore {
 // Follows the directory's outbox (Store::directory_outbox) with the device
 // rows of every change's cell store (`store_of`), and `labelled` changes
 // with `on_labelled` (none: they are only forgotten), in order, then
-// forgets what was followed, in batches; returns how many changes. Today
-// every cell's store is the directory's own file and a batch is one
-// transaction; with a file per cell each cell commits before the entries
-// are forgotten (following twice is harmless).
+// forgets what was followed, in batches; returns how many changes.
+// With every cell's store in hub.db a batch is one transaction. With
+// `cell_files` (each cell's store its own file, Store::open_cell) every
+// change first brings the device's copy in the file of the cell the
+// directory names now up to date (adopt_device), a move carries the
+// device's rows there from its old cell's file, and the batch commits each
+// file (the new files first, then the old ones the moved rows leave) before
+// the entries are forgotten; following twice is harmless.
 Result<int64_t> follow_directory_outbox(Store& directory, const std::function<DeviceStore&(int cell)>& store_of,
-                                        const std::function<Status(const DirectoryChange&)>& on_labelled = {});
+                                        const std::function<Status(const DirectoryChange&)>& on_labelled = {},
+                                        bool cell_files = false);
 
 // What reconcile_cell_file did.
 struct CellReconciliation {
