@@ -17,4 +17,26 @@ inline Status decommission(hub::Store& s, const std::string& id) {
   return {};
 }
 
+// Bundle "b1" as the store keeps it (its envelope a placeholder: no device
+// is sent it), for tests that need a campaign's record and its bundle.
+inline hub::BundleRecord stand_in_bundle() {
+  hub::BundleRecord b;
+  b.id = "b1";
+  b.digest = "b1digest";
+  b.name = "edge";
+  b.version = 1;
+  b.envelope = "x";
+  return b;
+}
+
+// A running campaign `id` of stand_in_bundle(), made at at_ms.
+inline hub::CampaignRecord running_record(const std::string& id, int64_t at_ms) {
+  hub::CampaignRecord c;
+  c.id = id;
+  c.bundle_id = "b1";
+  c.state = hub::CampaignState::running;
+  c.created_ms = c.updated_ms = at_ms;
+  return c;
+}
+
 }  // namespace flotilla::test

@@ -55,18 +55,8 @@ struct Stores {
   // Bundle "b1" and a running campaign `id` of it over `members`, made at `at_ms`.
   CampaignRecord running_campaign(const std::string& id, const std::vector<Store::CampaignMember>& members,
                                   int64_t at_ms) {
-    BundleRecord b;
-    b.id = "b1";
-    b.digest = "b1digest";
-    b.name = "edge";
-    b.version = 1;
-    b.envelope = "x";
-    REQUIRE(store->insert_bundle(b));
-    CampaignRecord c;
-    c.id = id;
-    c.bundle_id = "b1";
-    c.state = CampaignState::running;
-    c.created_ms = c.updated_ms = at_ms;
+    REQUIRE(store->insert_bundle(test::stand_in_bundle()));
+    CampaignRecord c = test::running_record(id, at_ms);
     REQUIRE(store->insert_campaign(c, members));
     return c;
   }

@@ -6,9 +6,12 @@
 
 #include <algorithm>
 #include <filesystem>
+#include <functional>
+#include <memory>
 
 #include "flotilla/common/sqlite.hpp"
 #include "flotilla/hub/store.hpp"
+#include "tests/support/store_helpers.hpp"
 #include "tests/support/temp_dir.hpp"
 
 using namespace flotilla;
@@ -53,18 +56,8 @@ std::vector<std::string> all_ids(DeviceStore& s) {
 
 // A campaign record (and its bundle) in the directory's store.
 void record_campaign(Store& directory, const std::string& id) {
-  BundleRecord b;
-  b.id = "b1";
-  b.digest = "b1digest";
-  b.name = "edge";
-  b.version = 1;
-  b.envelope = "x";
-  REQUIRE(directory.insert_bundle(b));
-  CampaignRecord c;
-  c.id = id;
-  c.bundle_id = "b1";
-  c.state = CampaignState::running;
-  REQUIRE(directory.insert_campaign_record(c));
+  REQUIRE(directory.insert_bundle(test::stand_in_bundle()));
+  REQUIRE(directory.insert_campaign_record(test::running_record(id, 0)));
 }
 
 // The trigger-kept counts equal the ones grouped from the rows.
@@ -82,6 +75,32 @@ void check_counts_exact(Store& s, const std::vector<std::string>& campaigns, int
     CHECK(*k == *r);
   }
 }
+
+// hub.db and one file per cell, as a hub with per-cell files opens them.
+struct CellFiles {
+  TempDir dir;
+  std::unique_ptr<Store> directory;
+  std::vector<std::unique_ptr<Store>> files;
+  explicit CellFiles(int cells) {
+    auto d = Store::open((dir.path() / "hub.db").string());
+    REQUIRE(d);
+    directory = std::move(*d);
+    for (int i = 0; i < cells; ++i) {
+      std::filesystem::create_directories(dir.path() / "cells" / std::to_string(i));
+      auto f = Store::open_cell((dir.path() / "cells" / std::to_string(i) / "devices.db").string(), i);
+      REQUIRE(f);
+      files.push_back(std::move(*f));
+    }
+  }
+  Store& file(int cell) { return *files[static_cast<size_t>(cell)]; }
+  int64_t follow(const std::function<Status(const DirectoryChange&)>& on_labelled = {}) {
+    auto n = follow_directory_outbox(
+        *directory, [&](int cell) -> DeviceStore& { return file(cell); }, on_labelled, true);
+    REQUIRE(n);
+    return *n;
+  }
+  std::vector<std::string> ids(int cell) { return all_ids(file(cell)); }
+};
 
 }  // namespace
 
@@ -141,13 +160,9 @@ TEST_CASE("a cell's device file is refused as hub.db or another cell's, and hub.
 
 TEST_CASE("a cell's file keeps copies of its devices: the directory's columns, its own reports",
           "[unit][hub][cells][store]") {
-  TempDir dir;
-  auto hub = Store::open((dir.path() / "hub.db").string());
-  REQUIRE(hub);
-  auto cell = Store::open_cell((dir.path() / "cell-1.db").string(), 1);
-  REQUIRE(cell);
-  Store& directory = **hub;
-  Store& file = **cell;
+  CellFiles cells(2);
+  Store& directory = *cells.directory;
+  Store& file = cells.file(1);
   REQUIRE(directory.upsert_enrolled_device(enrolled("d-1", 1)));
   REQUIRE(directory.upsert_enrolled_device(enrolled("d-2", 1, {{"env", "dev"}})));
   REQUIRE(directory.upsert_enrolled_device(enrolled("d-9", 2)));
@@ -241,13 +256,9 @@ TEST_CASE("a cell's file keeps copies of its devices: the directory's columns, i
 // cell with no copy yet (an enrollment whose follow never ran), and the
 // rows of a campaign whose record never committed (rows are written first).
 TEST_CASE("at open the directory decides what a cell's file holds", "[unit][hub][cells][store]") {
-  TempDir dir;
-  auto hub = Store::open((dir.path() / "hub.db").string());
-  REQUIRE(hub);
-  auto cell = Store::open_cell((dir.path() / "cell-1.db").string(), 1);
-  REQUIRE(cell);
-  Store& directory = **hub;
-  Store& file = **cell;
+  CellFiles cells(2);
+  Store& directory = *cells.directory;
+  Store& file = cells.file(1);
   record_campaign(directory, "c-kept");
 
   // The directory: d-01..d-08 in cell 1, d-moved in cell 2.
@@ -303,7 +314,7 @@ TEST_CASE("at open the directory decides what a cell's file holds", "[unit][hub]
   CHECK(all_ids(file) == want);
 
   // An empty directory cell empties the file.
-  auto other = Store::open_cell((dir.path() / "cell-5.db").string(), 5);
+  auto other = Store::open_cell((cells.dir.path() / "cell-5.db").string(), 5);
   REQUIRE(other);
   REQUIRE((*other)->adopt_device([&] {
     DeviceDirectoryEntry e;
@@ -317,35 +328,6 @@ TEST_CASE("at open the directory decides what a cell's file holds", "[unit][hub]
   CHECK(all_ids(**other).empty());
 }
 
-namespace {
-
-// hub.db and one file per cell, as a hub with per-cell files opens them.
-struct CellFiles {
-  TempDir dir;
-  std::unique_ptr<Store> directory;
-  std::vector<std::unique_ptr<Store>> files;
-  explicit CellFiles(int cells) {
-    auto d = Store::open((dir.path() / "hub.db").string());
-    REQUIRE(d);
-    directory = std::move(*d);
-    for (int i = 0; i < cells; ++i) {
-      std::filesystem::create_directories(dir.path() / "cells" / std::to_string(i));
-      auto f = Store::open_cell((dir.path() / "cells" / std::to_string(i) / "devices.db").string(), i);
-      REQUIRE(f);
-      files.push_back(std::move(*f));
-    }
-  }
-  Store& file(int cell) { return *files[static_cast<size_t>(cell)]; }
-  int64_t follow(const std::function<Status(const DirectoryChange&)>& on_labelled = {}) {
-    auto n = follow_directory_outbox(
-        *directory, [&](int cell) -> DeviceStore& { return file(cell); }, on_labelled, true);
-    REQUIRE(n);
-    return *n;
-  }
-  std::vector<std::string> ids(int cell) { return all_ids(file(cell)); }
-};
-
-}  // namespace
 
 TEST_CASE("the directory's outbox, followed with per-cell files, keeps each file's copies and carries a move's rows",
           "[unit][hub][cells][store]") {

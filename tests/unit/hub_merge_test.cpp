@@ -220,16 +220,8 @@ struct SplitCampaign {
 
   SplitCampaign() {
     for (int i = 0; i < 4; ++i) cells.add("cell-" + std::to_string(i));
-    BundleRecord b;
-    b.id = "b1";
-    b.digest = "b1digest";
-    b.name = "edge";
-    b.version = 1;
-    b.envelope = "x";
-    c.id = "c1";
-    c.bundle_id = "b1";
-    c.state = CampaignState::running;
-    c.created_ms = c.updated_ms = 1000;
+    const BundleRecord b = test::stand_in_bundle();
+    c = test::running_record("c1", 1000);
     std::vector<std::vector<CampaignMember>> members(4);
     for (int i = 0; i < 120; ++i) {
       DeviceRecord d;
