@@ -427,17 +427,23 @@ HubService::CellFilter HubService::release_filter() const {
 Result<std::vector<CellCampaignCounts>> HubService::cell_counts(Store& from, const std::string& campaign_id) {
   const CellFilter own = cell_filter();
   std::vector<int> local;
+  const auto stores = stores_for(from);
   if (own) {
     local = *own;
   } else {
-    auto present = from.campaign_cells(campaign_id);
-    if (!present) return present.error();
-    local = merge_cells({std::move(*present)});
+    std::vector<std::vector<int>> present;
+    for (DeviceStore* s : stores) {
+      auto cells = s->campaign_cells(campaign_id);
+      if (!cells) return cells.error();
+      present.push_back(std::move(*cells));
+    }
+    local = merge_cells(present);
   }
   std::vector<CellCampaignCounts> out;
   const int64_t now = clock_.now_unix_ms();
   for (int cell : local) {
-    auto rows = from.campaign_counts(campaign_id, cell);
+    DeviceStore& holder = stores.size() == 1 ? *stores.front() : device_store(cell);
+    auto rows = holder.campaign_counts(campaign_id, cell);
     if (!rows) return rows.error();
     if (rows->empty()) continue;
     out.push_back({campaign_id, cell, 0, now, cfg_.coord_holder, std::move(*rows)});
@@ -460,9 +466,17 @@ Result<std::vector<CellCampaignCounts>> HubService::cell_counts(Store& from, con
 Result<std::vector<CampaignCountRow>> HubService::campaign_totals(Store& from, const std::string& campaign_id,
                                                                   std::vector<int>* unheard) {
   if (unheard) unheard->clear();
-  // Owning every cell, the totals are the store's own (one query, as before cells).
+  // Owning every cell, the totals are the stores' own (one query each, as before cells).
   const CellFilter own = cell_filter();
-  if (!own) return from.campaign_counts(campaign_id);
+  if (!own) {
+    std::vector<std::vector<CampaignCountRow>> parts;
+    for (DeviceStore* s : stores_for(from)) {
+      auto counts = s->campaign_counts(campaign_id);
+      if (!counts) return counts.error();
+      parts.push_back(std::move(*counts));
+    }
+    return parts.size() == 1 ? std::move(parts.front()) : sum_campaign_counts(parts);
+  }
   auto cells = cell_counts(from, campaign_id);
   if (!cells) return cells.error();
   if (unheard) {
@@ -480,9 +494,13 @@ Result<std::vector<CampaignCountRow>> HubService::campaign_totals(Store& from, c
 
 Result<std::vector<int>> HubService::campaign_member_cells(const std::string& campaign_id) {
   if (!cfg_.share_cells) {
-    auto present = store_.campaign_cells(campaign_id);
-    if (!present) return present.error();
-    return merge_cells({std::move(*present)});
+    std::vector<std::vector<int>> present;
+    for (DeviceStore* s : stores_for(store_)) {
+      auto cells = s->campaign_cells(campaign_id);
+      if (!cells) return cells.error();
+      present.push_back(std::move(*cells));
+    }
+    return merge_cells(present);
   }
   if (auto it = member_cells_.find(campaign_id); it != member_cells_.end()) return it->second;
   auto c = store_.get_campaign(campaign_id);

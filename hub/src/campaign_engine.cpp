@@ -158,16 +158,34 @@ Status HubService::write_campaign(const CampaignPlan& plan) {
   const CampaignRecord& c = plan.record;
   // The record is control data (hub.db); each member's row goes to the
   // store of its device's cell, the cell the directory gave it (ADR 18).
-  // One transaction while every cell's store is hub.db; with a file per
-  // cell, each file's rows commit before the record, and rows whose
-  // campaign never committed are removed at open (ADR 18).
-  sql::Transaction tx(store_.db());
-  if (!tx.ok()) return make_error(Errc::unavailable, "cannot begin transaction", true);
-  if (auto s = store_.insert_campaign_record(c); !s) return s;
-  for (const auto& m : plan.members) {
-    if (auto s = device_store(m.cell).add_campaign_member(c.id, m, c.created_ms); !s) return s;
+  // One transaction while every cell's store is hub.db. With a file per
+  // cell, each file's rows commit before the record: a crash in between
+  // leaves rows of a campaign hub.db does not have, which the files drop at
+  // the next open (reconcile_cell_file); the other order would leave a
+  // campaign without its rows in a cell, which nothing could tell apart
+  // from a cell with no matching device.
+  if (cell_files()) {
+    std::map<int, std::vector<const CampaignMember*>> by_cell;
+    for (const auto& m : plan.members) by_cell[m.cell].push_back(&m);
+    for (const auto& [cell, members] : by_cell) {
+      DeviceStore& rows = device_store(cell);
+      sql::Transaction tx(rows.device_db());
+      if (!tx.ok()) return make_error(Errc::unavailable, "cannot begin a transaction in cell " + std::to_string(cell) + "'s file", true);
+      for (const CampaignMember* m : members) {
+        if (auto s = rows.add_campaign_member(c.id, *m, c.created_ms); !s) return s;
+      }
+      if (auto s = tx.commit(); !s) return s;
+    }
+    if (auto s = store_.insert_campaign_record(c); !s) return s;
+  } else {
+    sql::Transaction tx(store_.db());
+    if (!tx.ok()) return make_error(Errc::unavailable, "cannot begin transaction", true);
+    if (auto s = store_.insert_campaign_record(c); !s) return s;
+    for (const auto& m : plan.members) {
+      if (auto s = device_store(m.cell).add_campaign_member(c.id, m, c.created_ms); !s) return s;
+    }
+    if (auto s = tx.commit(); !s) return s;
   }
-  if (auto s = tx.commit(); !s) return s;
   log::get("hub")->info("campaign created id={} bundle={} devices={} waves={}", c.id, c.bundle_id, plan.members.size(),
                         strategy_of(c).wave_count());
   return {};
@@ -326,11 +344,16 @@ void HubService::tick() {
         // Several hubs: membership rows stay with the hub whose devices they
         // are (docs/adr/0016); a hub with none of a campaign's devices must
         // not judge it (it would find it complete).
-        auto counts = store_.campaign_counts(c.id);
-        if (!counts) continue;
+        bool rows_here = false, readable = true;
+        for (DeviceStore* s : stores_for(store_)) {
+          auto counts = s->campaign_counts(c.id);
+          readable = readable && counts;
+          rows_here = rows_here || (counts && !counts->empty());
+        }
+        if (!readable) continue;
         // The leader of hubs sharing cells decides on the published counts
         // even when it owns none of the cells.
-        if (counts->empty() && !(cfg_.share_cells && leader_)) continue;
+        if (!rows_here && !(cfg_.share_cells && leader_)) continue;
       }
       work.push_back(decide_campaign(c));
     }
@@ -441,10 +464,12 @@ HubService::CellWork HubService::decide_campaign(CampaignRecord& c) {
                           {"threshold_percent", th.percent},
                           {"min_sample", th.min_sample},
                           {"wave", strategy.wave_name(c.current_wave)}};
-    // One store today; one part per cell's store when they are split (ADR 18).
-    if (auto reasons = store_.failure_reasons(c.id); reasons) {
-      detail["failure_reasons"] = sum_reason_counts({std::move(*reasons)});
+    // One part per device store (ADR 18).
+    std::vector<std::map<std::string, int64_t>> reasons;
+    for (DeviceStore* s : stores_for(store_)) {
+      if (auto r = s->failure_reasons(c.id); r) reasons.push_back(std::move(*r));
     }
+    detail["failure_reasons"] = sum_reason_counts(reasons);
     audit_engine_action(c, th.action, detail);
     if (th.action == "rollback") {
       start_rollback(c, why);
@@ -1029,14 +1054,18 @@ void HubService::on_device_decommissioned(const std::string& device_id) {
     auto campaigns = store_.list_campaigns();
     if (!campaigns) return;
     const int64_t now = clock_.now_unix_ms();
+    // Its rows are in the store of the cell the directory names.
+    auto entry = store_.directory_entry(device_id);
+    if (!entry || !*entry) return;
+    DeviceStore& rows = device_store((*entry)->cell);
     for (const auto& c : *campaigns) {
-      auto row = store_.campaign_device(c.id, device_id);
+      auto row = rows.campaign_device(c.id, device_id);
       if (!row || !*row || campaign_status_is_final((*row)->status)) continue;
       CampaignDeviceRecord r = **row;
       r.status = "skipped";
       r.reason = "decommissioned";
       r.updated_ms = now;
-      (void)store_.save_campaign_device(r);
+      (void)rows.save_campaign_device(r);
     }
   }
   engine_cv_.notify_one();
@@ -1049,10 +1078,19 @@ void HubService::republish_pending(int cell, const std::string& only_device) {
     std::lock_guard lock(store_mu_);
     auto campaigns = store_.list_campaigns();
     if (!campaigns) return;
+    std::vector<DeviceStore*> stores;
+    if (cell >= 0 && cell_files()) {
+      stores.push_back(&device_store(cell));
+    } else {
+      stores = stores_for(store_);
+    }
     for (const auto& c : *campaigns) {
-      auto rows = store_.campaign_devices_with_status(c.id, {"pending", "rolling_back"});
-      if (!rows) continue;
-      for (const auto& row : *rows) {
+      std::vector<CampaignDeviceRecord> rows;
+      for (DeviceStore* s : stores) {
+        auto part = s->campaign_devices_with_status(c.id, {"pending", "rolling_back"});
+        if (part) rows.insert(rows.end(), part->begin(), part->end());
+      }
+      for (const auto& row : rows) {
         if (!only_device.empty() && row.device_id != only_device) continue;
         const bool rollback = row.status == "rolling_back";
         const uint64_t gen = rollback ? row.rollback_generation : row.generation;

@@ -2,6 +2,7 @@
 #include "flotilla/hub/control_log.hpp"
 #include "flotilla/hub/aggregates.hpp"
 
+#include <stdexcept>
 #include <sqlite3.h>
 
 #include <unordered_map>
@@ -52,9 +53,22 @@ HubService::HubService(Store& store, const Clock& clock, ServiceConfig cfg)
                                             cfg_.report_queue_bytes_cap));
   }
   cell_devices_.assign(cells_.size(), 0);
+  if (!cfg_.cell_files.empty()) {
+    // One file per cell, each opened as that cell's: anything else would
+    // send a cell's rows to another's file.
+    bool fits = cfg_.cell_files.size() == cells_.size();
+    for (size_t i = 0; fits && i < cfg_.cell_files.size(); ++i) {
+      fits = cfg_.cell_files[i] && cfg_.cell_files[i]->own_cell() == static_cast<int>(i);
+    }
+    if (!fits) {
+      throw std::invalid_argument("ServiceConfig::cell_files must hold cell i's own file (Store::open_cell) at i for "
+                                  "each of the " + std::to_string(cells_.size()) + " cells");
+    }
+  }
   {
     std::lock_guard lock(store_mu_);
     follow_directory();  // what a crash left between a write and its following
+    reconcile_cell_files();
   }
   if (auto counts = store_.cell_device_totals(); counts) {
     for (const auto& c : *counts) {
@@ -1276,6 +1290,11 @@ Result<std::optional<DeviceRecord>> HubService::device_record(const std::string&
 }
 
 Result<std::optional<DeviceRecord>> HubService::get_device(const std::string& id) {
+  if (cell_files()) {
+    // The cells' files have no read connections yet (ADR 18).
+    std::lock_guard lock(store_mu_);
+    return device_record(id);
+  }
   return read([&](Store& from) { return from.get_device(id); });
 }
 
@@ -1723,17 +1742,42 @@ void HubService::follow_directory() {
           // of (follow_membership makes rows for those, and its own writes').
           if (control_log_ && !cfg_.share_cells) {
             for (auto& lc : *live) {
-              auto counts = store_.campaign_counts(lc.c.id);
-              lc.rows_here = counts && !counts->empty();
+              for (DeviceStore* s : stores_for(store_)) {
+                auto counts = s->campaign_counts(lc.c.id);
+                lc.rows_here = lc.rows_here || (counts && !counts->empty());
+              }
             }
           }
         }
         follow_membership(c, *live);
         return {};
-      });
+      },
+      cell_files());
   if (!followed) {
     // Kept in the outbox: followed at the next write that makes a change, or the next start.
     log::get("hub")->error("follow the device directory: {}", followed.error().message);
+  }
+}
+
+std::vector<DeviceStore*> HubService::stores_for(Store& from) {
+  if (&from != &store_ || !cell_files()) return {&from};
+  std::vector<DeviceStore*> out;
+  for (Store* f : cfg_.cell_files) out.push_back(f);
+  return out;
+}
+
+void HubService::reconcile_cell_files() {
+  for (int cell = 0; cell < static_cast<int>(cfg_.cell_files.size()); ++cell) {
+    auto r = reconcile_cell_file(store_, cell, device_store(cell));
+    if (!r) {
+      log::get("hub")->error("cell {}: reconcile its device file with the directory: {}", cell, r.error().message);
+      continue;
+    }
+    if (r->adopted + r->forgotten + r->orphan_campaigns > 0) {
+      log::get("hub")->warn("cell {}: its device file followed the directory: {} device copies made, {} dropped, the "
+                             "rows of {} campaigns hub.db does not have dropped",
+                             cell, r->adopted, r->forgotten, r->orphan_campaigns);
+    }
   }
 }
 

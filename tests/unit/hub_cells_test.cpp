@@ -5,7 +5,10 @@
 // device's arrival on its new broker changes its cell.
 #include <catch2/catch.hpp>
 
+#include <filesystem>
+
 #include "flotilla/bundles/director.hpp"
+#include "flotilla/common/sqlite.hpp"
 #include "tests/support/campaign_fleet.hpp"
 
 namespace flotilla::test {
@@ -20,10 +23,20 @@ struct Cells {
   bundles::KeyPair director = bundles::generate_key();
   std::string token;
   ServiceConfig cfg;
-  explicit Cells(int64_t move_chunk = HubService::kMoveChunk) {
+  // With cell_files: each cell's device rows in cells/<n>/devices.db (ADR 18).
+  std::vector<std::unique_ptr<Store>> files;
+  explicit Cells(int64_t move_chunk = HubService::kMoveChunk, bool cell_files = false) {
     auto s = Store::open((dir.path() / "hub.db").string());
     REQUIRE(s);
     store = std::move(*s);
+    for (int i = 0; cell_files && i < 3; ++i) {
+      const auto cell_dir = dir.path() / "cells" / std::to_string(i);
+      std::filesystem::create_directories(cell_dir);
+      auto f = Store::open_cell((cell_dir / "devices.db").string(), i);
+      REQUIRE(f);
+      files.push_back(std::move(*f));
+      cfg.cell_files.push_back(files.back().get());
+    }
     cfg.broker_url = "ssl://cell0.test:8883";
     cfg.cell_broker_urls = {"ssl://cell0.test:8883", "ssl://cell1.test:8884", "ssl://cell2.test:8885"};
     cfg.public_url = "http://hub.test";
@@ -66,7 +79,8 @@ struct Cells {
     REQUIRE(*d);
     return (*d)->cell;
   }
-  bool online(const std::string& id) { return (*store->get_device(id))->online; }
+  bool online(const std::string& id) { return hub->get_device(id).value()->online; }
+  Store& file(int cell) { return *files[static_cast<size_t>(cell)]; }
   void presence(int cell, const std::string& id, bool up) {
     v1::Presence p;
     p.set_online(up);
@@ -84,7 +98,7 @@ struct Cells {
   }
   // A campaign of one signed bundle to every device in one wave, and the
   // engine tick that sends its desired states.
-  void campaign_to_all() {
+  std::string campaign_to_all() {
     auto key = bundles::generate_key();
     v1::BundleManifest m;
     m.set_format_version(1);
@@ -98,8 +112,10 @@ struct Cells {
     REQUIRE(up);
     auto strategy = hub::Strategy::from_json(json::parse(R"({"waves": [100]})"));
     REQUIRE(strategy);
-    REQUIRE(hub->create_campaign("", up->first.id, "env=prod", *strategy, "*"));
+    auto created = hub->create_campaign("", up->first.id, "env=prod", *strategy, "*");
+    REQUIRE(created);
     hub->tick();
+    return created->id;
   }
   // A device reports that it applied the last desired state its cell sent.
   void applied(const std::string& id) {
@@ -480,6 +496,88 @@ TEST_CASE("a drain outlives a hub restart: devices that took a move asked before
   CHECK_FALSE(c.hub->cell(0).draining());
   c.hub->tick();
   CHECK(c.desired(0, in0[1]).size() == before + 1);
+}
+
+}  // namespace flotilla::test
+
+namespace flotilla::test {
+namespace {
+
+int64_t rows_in(Store& s, const std::string& sql_text) {
+  auto n = sql::query<int64_t>(s.db(), sql_text, [](const sql::Stmt& st) { return st.col_int(0); });
+  REQUIRE(n);
+  return n->empty() ? 0 : n->front();
+}
+
+}  // namespace
+
+TEST_CASE("with a file per cell, a campaign converges over the cells' files and hub.db keeps the directory and "
+          "the record",
+          "[unit][hub][cells]") {
+  Cells c(HubService::kMoveChunk, true);
+  const std::vector<std::string> ids = c.enroll_online(6);
+  for (const auto& id : ids) {
+    const int cell = c.cell_of(id);
+    for (int other = 0; other < 3; ++other) {
+      auto copy = c.file(other).get_device(id);
+      REQUIRE(copy);
+      CHECK(copy->has_value() == (other == cell));
+    }
+    // Presence went to the cell's file; hub.db's row is the directory's.
+    CHECK(c.file(cell).get_device(id).value()->online);
+    CHECK(c.online(id));
+    CHECK_FALSE(c.store->get_device(id).value()->online);
+  }
+
+  const std::string campaign = c.campaign_to_all();
+  CHECK(rows_in(*c.store, "SELECT COUNT(*) FROM campaign_devices") == 0);
+  int64_t rows = 0;
+  for (int cell = 0; cell < 3; ++cell) {
+    rows += rows_in(c.file(cell), "SELECT COUNT(*) FROM campaign_devices");
+    CHECK(rows_in(c.file(cell), "SELECT COUNT(*) FROM campaign_devices WHERE cell != " + std::to_string(cell)) == 0);
+  }
+  CHECK(rows == 6);
+  for (const auto& id : ids) c.applied(id);
+  c.hub->tick();
+  auto counts = c.hub->campaign_counts(campaign);
+  REQUIRE(counts);
+  int64_t applied = 0;
+  for (const auto& r : *counts) applied += r.status == "applied" ? r.count : 0;
+  CHECK(applied == 6);
+  auto record = c.store->get_campaign(campaign);
+  REQUIRE(record);
+  REQUIRE(*record);
+  CHECK((*record)->state == hub::CampaignState::completed);
+  CHECK(rows_in(*c.store, "SELECT COUNT(*) FROM campaign_devices") == 0);
+
+  // What a crash can leave in a file is gone at the next start: a copy of a
+  // device the directory does not have, rows of a campaign hub.db does not.
+  hub::DeviceDirectoryEntry stray;
+  stray.id = "d-stray";
+  stray.cell = 0;
+  REQUIRE(c.file(0).adopt_device(stray));
+  const std::string in_zero = c.in_cell(ids, 0).front();
+  REQUIRE(c.file(0).add_campaign_member("c-never-committed", hub::CampaignMember{in_zero, 0.1, 0, "", 0}, 1));
+  c.restart();
+  CHECK_FALSE(c.file(0).get_device("d-stray").value().has_value());
+  CHECK(c.file(0).campaigns_with_rows().value() == std::vector<std::string>{campaign});
+  CHECK(c.file(0).get_device(in_zero).value().has_value());
+}
+
+TEST_CASE("cell files that do not match the cells are refused", "[unit][hub][cells]") {
+  TempDir dir;
+  auto hub_db = Store::open((dir.path() / "hub.db").string());
+  REQUIRE(hub_db);
+  auto one = Store::open_cell((dir.path() / "c1.db").string(), 1);
+  REQUIRE(one);
+  FakeClock clock;
+  ServiceConfig cfg;
+  cfg.engine_thread = false;
+  cfg.cell_broker_urls = {"ssl://a:1", "ssl://b:2"};
+  cfg.cell_files = {one->get(), one->get()};  // cell 1's file given as cell 0's
+  CHECK_THROWS_WITH(HubService(**hub_db, clock, cfg), Catch::Contains("cell i's own file"));
+  cfg.cell_files = {one->get()};  // one file for two cells
+  CHECK_THROWS_WITH(HubService(**hub_db, clock, cfg), Catch::Contains("each of the 2 cells"));
 }
 
 }  // namespace flotilla::test

@@ -270,9 +270,13 @@ Status Store::insert_campaign(const CampaignRecord& c, const std::vector<Campaig
 }
 
 Status Store::add_campaign_member(const std::string& campaign_id, const CampaignMember& m, int64_t now_ms) {
+  // In a cell's own file a device the directory has may have no copy yet
+  // (its enrollment's outbox entry not followed): no row then; following
+  // the entry adds it to live campaigns it matches (live membership).
   auto st = db_->prepare(
       "INSERT INTO campaign_devices (campaign_id, device_id, status, generation, updated_ms, wave, rank, zone, cell) "
-      "VALUES (?, ?, 'waiting', 0, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING");
+      "SELECT ?, ?, 'waiting', 0, ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM devices WHERE id = ?2) "
+      "ON CONFLICT DO NOTHING");
   if (!st) return st.error();
   st->bind(1, std::string_view(campaign_id)).bind(2, std::string_view(m.device_id)).bind(3, now_ms)
       .bind(4, static_cast<int64_t>(m.wave)).bind_double(5, m.rank).bind(6, std::string_view(m.zone))

@@ -101,6 +101,13 @@ struct ServiceConfig {
   // Move requests (and withdrawals) per engine tick at most
   // (HubService::kMoveChunk; tests make it small).
   int64_t move_chunk = 2000;
+  // Each cell's device rows in a file of its own (ADR 18 slice 7):
+  // cell_files[i] is cell i's (Store::open_cell), owned by the caller, one
+  // per cell; hub.db then holds the directory and the control data. Empty
+  // (the default): every cell's rows are in hub.db. Not offered on the
+  // command line yet: the API's reads (device pages, views, /metrics) and
+  // hub processes sharing cells still read hub.db only.
+  std::vector<Store*> cell_files;
 };
 
 // A campaign's stored strategy (the defaults for one that does not parse).
@@ -767,18 +774,25 @@ class HubService {
   // changed these tables.
   void on_control_applied(const std::set<std::string>& tables);
 
-  // The store of one cell's devices (ADR 18): what code that knows a
-  // device's cell reads and writes it through. Every cell's is store_ (one
-  // file, store_mu_) until per-cell files exist.
   // A device's whole record: its directory entry says which cell's store
   // holds the rest (ADR 18), and whether it was decommissioned (the
   // directory's word, not the reported state's), into *decommissioned.
   // store_mu_ held.
   Result<std::optional<DeviceRecord>> device_record(const std::string& id, bool* decommissioned = nullptr);
+  // The store of one cell's devices (ADR 18): what code that knows a
+  // device's cell reads and writes it through: store_ (hub.db), or the
+  // cell's own file (ServiceConfig::cell_files); store_mu_ either way.
   DeviceStore& device_store(int cell) {
-    (void)cell;
-    return store_;
+    if (cfg_.cell_files.empty()) return store_;
+    return *cfg_.cell_files[static_cast<size_t>(cell)];
   }
+  bool cell_files() const { return !cfg_.cell_files.empty(); }
+  // The device stores a read of `from` covers: each cell's file when `from`
+  // is the writer's store and cells have files of their own; else `from`.
+  std::vector<DeviceStore*> stores_for(Store& from);
+  // With cell files, at start: what the directory says each file holds
+  // (reconcile_cell_file), after the outbox was followed.
+  void reconcile_cell_files();
   // The device rows follow the directory's changes (moves, decommissions,
   // enrollments and label changes) that committed: after a write that may
   // make them (a report batch that moved a device, arrivals, a

@@ -386,6 +386,12 @@ class DeviceStore {
   // From the trigger-kept campaign_counts table: the counts of the
   // campaign's devices in one cell.
   virtual Result<std::vector<CampaignCountRow>> campaign_counts(const std::string& campaign_id, int cell) = 0;
+  // The same over every cell this store holds rows of.
+  virtual Result<std::vector<CampaignCountRow>> campaign_counts(const std::string& campaign_id) = 0;
+  // The cells whose devices have rows of the campaign here, ascending.
+  virtual Result<std::vector<int>> campaign_cells(const std::string& campaign_id) = 0;
+  // Failed and rollback_failed rows by reason ("unknown" when empty).
+  virtual Result<std::map<std::string, int64_t>> failure_reasons(const std::string& campaign_id) = 0;
   // The same figures grouped from the cell's device rows (what the triggers
   // must agree with).
   virtual Result<std::vector<CampaignCountRow>> recount_campaign(const std::string& campaign_id, int cell) = 0;
@@ -576,17 +582,17 @@ class Store final : public DeviceStore {
                         int64_t now_ms) override;
   // From the trigger-kept campaign_counts table: a few rows, whatever the
   // fleet size. Without a cell: the campaign's totals over every cell.
-  Result<std::vector<CampaignCountRow>> campaign_counts(const std::string& campaign_id);
+  Result<std::vector<CampaignCountRow>> campaign_counts(const std::string& campaign_id) override;
   Result<std::vector<CampaignCountRow>> campaign_counts(const std::string& campaign_id, int cell) override;
   // The cells that hold devices of the campaign, ascending.
-  Result<std::vector<int>> campaign_cells(const std::string& campaign_id);
+  Result<std::vector<int>> campaign_cells(const std::string& campaign_id) override;
   // The same figures grouped from every device row (what the triggers must
   // agree with; tests compare the two), in total and for the devices now in
   // one cell.
   Result<std::vector<CampaignCountRow>> recount_campaign(const std::string& campaign_id);
   Result<std::vector<CampaignCountRow>> recount_campaign(const std::string& campaign_id, int cell) override;
   // Failed and rollback_failed rows by reason ("unknown" when empty).
-  Result<std::map<std::string, int64_t>> failure_reasons(const std::string& campaign_id);
+  Result<std::map<std::string, int64_t>> failure_reasons(const std::string& campaign_id) override;
   // Unfinished rows of offline devices, the first `limit` by device id.
   Result<std::vector<std::string>> away_devices(const std::string& campaign_id, int64_t limit);
   Result<std::vector<CampaignDeviceRecord>> releasable(
