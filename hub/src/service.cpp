@@ -64,6 +64,19 @@ HubService::HubService(Store& store, const Clock& clock, ServiceConfig cfg)
       throw std::invalid_argument("ServiceConfig::cell_files must hold cell i's own file (Store::open_cell) at i for "
                                   "each of the " + std::to_string(cells_.size()) + " cells");
     }
+    // A hub.db whose rows are still its own hands them to the files first.
+    std::vector<DeviceStore*> files(cfg_.cell_files.begin(), cfg_.cell_files.end());
+    auto moved = move_rows_to_cell_files(store_, files, [](int cell, int64_t done) {
+      if (done % 65536 == 0) log::get("hub")->info("cell {}: {} devices' rows moved into its file", cell, done);
+    });
+    if (!moved) throw std::runtime_error("move hub.db's device rows into the cells' files: " + moved.error().message);
+    if (!moved->already) {
+      log::get("hub")->info("hub.db's device rows moved into {} cells' files: {} devices, {} campaign rows",
+                            files.size(), moved->devices, moved->campaign_rows);
+    }
+  } else if (auto in_files = store_.cell_files_in_use(); in_files && *in_files > 0) {
+    throw std::invalid_argument("hub.db's device rows are in " + std::to_string(*in_files) +
+                                " cells' own files (cells/<n>/devices.db): this hub must open them");
   }
   {
     std::lock_guard lock(store_mu_);

@@ -187,10 +187,13 @@ TEST_CASE("a cell's file keeps copies of its devices: the directory's columns, i
   CHECK((*copy)->agent_version == "1.2.3");
   CHECK((*copy)->cell == 1);
   CHECK((*copy)->state == "enrolled");
-  // None of the directory's tables is written in a cell's file.
+  // None of the directory's own tables is written in a cell's file; the
+  // file's label index holds its copies' labels (its device walks read it).
   CHECK(count(file, "SELECT COUNT(*) FROM directory_outbox") == 0);
-  CHECK(count(file, "SELECT COUNT(*) FROM device_labels") == 0);
   CHECK(count(file, "SELECT COUNT(*) FROM directory_counts") == 0);
+  CHECK(count(file, "SELECT COUNT(*) FROM device_labels WHERE key = 'env' AND value = 'prod' AND device_id = 'd-1'") ==
+        1);
+  CHECK(count(file, "SELECT COUNT(*) FROM device_labels") == 2);
 
   // A report goes to the copy; the directory's row keeps what enrollment wrote.
   DeviceRecord report = **copy;
@@ -213,6 +216,8 @@ TEST_CASE("a cell's file keeps copies of its devices: the directory's columns, i
   CHECK((*copy)->labels == Labels{{"env", "canary"}});
   CHECK((*copy)->state == "applied");
   CHECK((*copy)->online);
+  CHECK(count(file, "SELECT COUNT(*) FROM device_labels WHERE device_id = 'd-1' AND value = 'canary'") == 1);
+  CHECK(count(file, "SELECT COUNT(*) FROM device_labels WHERE device_id = 'd-1' AND value = 'prod'") == 0);
   // Adopting what the copy already holds writes nothing.
   REQUIRE(file.adopt_device(entry_of(directory, "d-1")));
   CHECK(file.db().changes() == 0);
@@ -233,6 +238,7 @@ TEST_CASE("a cell's file keeps copies of its devices: the directory's columns, i
   REQUIRE(file.save_device_inventory("d-1", inv));
   REQUIRE(file.forget_device("d-1"));
   CHECK(all_ids(file) == std::vector<std::string>{"d-2"});
+  CHECK(count(file, "SELECT COUNT(*) FROM device_labels WHERE device_id = 'd-1'") == 0);
   CHECK(count(file, "SELECT COUNT(*) FROM device_inventory") == 0);
   CHECK(count(file, "SELECT COALESCE(SUM(n), 0) FROM campaign_counts WHERE campaign_id = 'c-1'") == 1);
   check_counts_exact(file, {"c-1"}, 1);
@@ -451,4 +457,123 @@ TEST_CASE("a move followed again after a crash between its commits ends with the
     REQUIRE(r);
     CHECK(r->adopted + r->forgotten + r->orphan_campaigns == 0);
   }
+}
+
+// A hub.db that has held every cell's rows hands them to the cells' files
+// once; from then on it is the directory and the control data only.
+TEST_CASE("hub.db's device rows move into the cells' files once, and hub.db keeps only the directory",
+          "[unit][hub][cells][store]") {
+  CellFiles cells(2);
+  Store& directory = *cells.directory;
+  REQUIRE(directory.insert_bundle(test::stand_in_bundle()));
+  std::vector<CampaignMember> members;
+  for (int i = 0; i < 10; ++i) {
+    auto d = enrolled("d-" + std::to_string(10 + i), i % 2);
+    REQUIRE(directory.upsert_enrolled_device(d));
+    members.push_back(CampaignMember{d.id, 0.1 * i, i % 3, "", d.cell});
+  }
+  REQUIRE(directory.insert_campaign(test::running_record("c-1", 100), members));
+  for (int i = 0; i < 10; i += 2) {
+    auto d = directory.get_device("d-" + std::to_string(10 + i)).value().value();
+    d.state = i % 4 == 0 ? "applied" : "failed";
+    d.online = true;
+    d.applied_version = 2;
+    REQUIRE(directory.save_device_state(d));
+    DeviceInventory inv;
+    inv.os = "debian-" + std::to_string(i);
+    inv.updated_ms = 50;
+    REQUIRE(directory.save_device_inventory(d.id, inv));
+    auto row = directory.campaign_device("c-1", d.id).value().value();
+    row.status = d.state;
+    REQUIRE(directory.save_campaign_device(row));
+  }
+  REQUIRE(directory.mark_device_decommissioned("d-19"));
+  auto before = directory.list_devices();
+  REQUIRE(before);
+  auto rows_before = directory.campaign_devices("c-1");
+  REQUIRE(rows_before);
+  auto counts_before = directory.campaign_counts("c-1");
+  REQUIRE(counts_before);
+
+  // Refused when a device's cell has no file: nothing moves.
+  auto too_few = move_rows_to_cell_files(directory, {&cells.file(0)});
+  REQUIRE_FALSE(too_few);
+  CHECK(too_few.error().message.find("devices in cell 1") != std::string::npos);
+  CHECK(all_ids(cells.file(0)).empty());
+
+  std::vector<std::pair<int, int64_t>> progress;
+  auto moved = move_rows_to_cell_files(directory, {&cells.file(0), &cells.file(1)},
+                                       [&](int cell, int64_t done) { progress.emplace_back(cell, done); });
+  REQUIRE(moved);
+  CHECK_FALSE(moved->already);
+  CHECK(moved->devices == 10);
+  CHECK(moved->campaign_rows == 10);
+  CHECK(progress == std::vector<std::pair<int, int64_t>>{{0, 5}, {1, 5}});
+
+  // Each device reads the same from its cell's file as from hub.db before.
+  for (const auto& d : *before) {
+    auto copy = cells.file(d.cell).get_device(d.id);
+    REQUIRE(copy);
+    REQUIRE(copy->has_value());
+    CHECK((*copy)->state == (d.id == "d-19" ? "decommissioned" : d.state));
+    CHECK((*copy)->online == d.online);
+    CHECK((*copy)->applied_version == d.applied_version);
+    CHECK((*copy)->inventory.os == d.inventory.os);
+    CHECK((*copy)->labels == d.labels);
+    CHECK_FALSE(cells.file(1 - d.cell).get_device(d.id).value().has_value());
+  }
+  std::vector<CampaignDeviceRecord> rows_after;
+  for (int c = 0; c < 2; ++c) {
+    auto part = cells.file(c).campaign_devices("c-1");
+    REQUIRE(part);
+    rows_after.insert(rows_after.end(), part->begin(), part->end());
+    check_counts_exact(cells.file(c), {"c-1"}, c);
+  }
+  std::sort(rows_after.begin(), rows_after.end(),
+            [](const auto& a, const auto& b) { return a.device_id < b.device_id; });
+  REQUIRE(rows_after.size() == rows_before->size());
+  for (size_t i = 0; i < rows_after.size(); ++i) {
+    CHECK(rows_after[i].device_id == (*rows_before)[i].device_id);
+    CHECK(rows_after[i].status == (*rows_before)[i].status);
+    CHECK(rows_after[i].wave == (*rows_before)[i].wave);
+    CHECK(rows_after[i].cell == (*rows_before)[i].cell);
+  }
+  auto sum = [&](int c) { return cells.file(c).campaign_counts("c-1").value(); };
+  std::vector<CampaignCountRow> all = sum(0);
+  for (const auto& r : sum(1)) all.push_back(r);
+  int64_t total_before = 0, total_after = 0;
+  for (const auto& r : *counts_before) total_before += r.count;
+  for (const auto& r : all) total_after += r.count;
+  CHECK(total_after == total_before);
+
+  // hub.db: the directory and the record, none of the report side.
+  CHECK(directory.cell_files_in_use().value() == 2);
+  CHECK(count(directory, "SELECT COUNT(*) FROM campaign_devices") == 0);
+  CHECK(count(directory, "SELECT COUNT(*) FROM fleet_counts") == 0);
+  CHECK(count(directory, "SELECT COUNT(*) FROM device_inventory") == 0);
+  CHECK(count(directory, "SELECT COUNT(*) FROM devices") == 10);
+  CHECK(directory.get_campaign("c-1").value().has_value());
+  CHECK(count(directory, "SELECT COUNT(*) FROM sqlite_master WHERE type = 'trigger' AND name = 'fleet_counts_insert'") ==
+        0);
+
+  // Once only; another number of files is refused.
+  auto again = move_rows_to_cell_files(directory, {&cells.file(0), &cells.file(1)});
+  REQUIRE(again);
+  CHECK(again->already);
+  CHECK(all_ids(cells.file(0)).size() == 5);
+  auto three = move_rows_to_cell_files(directory, {&cells.file(0), &cells.file(1), &cells.file(1)});
+  REQUIRE_FALSE(three);
+  CHECK(three.error().message.find("in 2 cells' files, not 3") != std::string::npos);
+
+  // Reopened, hub.db stays the directory: an enrollment counts nothing of
+  // the report side there (migrate() made those triggers again; open drops them).
+  const auto path = (cells.dir.path() / "hub.db").string();
+  cells.directory.reset();
+  auto reopened = Store::open(path);
+  REQUIRE(reopened);
+  REQUIRE((*reopened)->upsert_enrolled_device(enrolled("d-new", 0)));
+  CHECK(count(**reopened, "SELECT COUNT(*) FROM fleet_counts") == 0);
+  CHECK(count(**reopened, "SELECT COUNT(*) FROM sqlite_master WHERE type = 'trigger' AND name LIKE 'campaign_%'") ==
+        0);
+  CHECK(count(**reopened, "SELECT COUNT(*) FROM directory_outbox WHERE device_id = 'd-new'") == 1);
 }

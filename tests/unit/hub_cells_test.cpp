@@ -29,14 +29,7 @@ struct Cells {
     auto s = Store::open((dir.path() / "hub.db").string());
     REQUIRE(s);
     store = std::move(*s);
-    for (int i = 0; cell_files && i < 3; ++i) {
-      const auto cell_dir = dir.path() / "cells" / std::to_string(i);
-      std::filesystem::create_directories(cell_dir);
-      auto f = Store::open_cell((cell_dir / "devices.db").string(), i);
-      REQUIRE(f);
-      files.push_back(std::move(*f));
-      cfg.cell_files.push_back(files.back().get());
-    }
+    if (cell_files) open_cell_files();
     cfg.broker_url = "ssl://cell0.test:8883";
     cfg.cell_broker_urls = {"ssl://cell0.test:8883", "ssl://cell1.test:8884", "ssl://cell2.test:8885"};
     cfg.public_url = "http://hub.test";
@@ -54,6 +47,17 @@ struct Cells {
     auto tok = hub->create_token("enroll", t);
     REQUIRE(tok);
     token = tok->secret;
+  }
+  // Each cell's rows in cells/<n>/devices.db from the next start (ADR 18).
+  void open_cell_files() {
+    for (int i = 0; i < 3; ++i) {
+      const auto cell_dir = dir.path() / "cells" / std::to_string(i);
+      std::filesystem::create_directories(cell_dir);
+      auto f = Store::open_cell((cell_dir / "devices.db").string(), i);
+      REQUIRE(f);
+      files.push_back(std::move(*f));
+      cfg.cell_files.push_back(files.back().get());
+    }
   }
   v1::EnrollResponse enroll() {
     auto k = bundles::generate_key();
@@ -562,6 +566,44 @@ TEST_CASE("with a file per cell, a campaign converges over the cells' files and 
   CHECK_FALSE(c.file(0).get_device("d-stray").value().has_value());
   CHECK(c.file(0).campaigns_with_rows().value() == std::vector<std::string>{campaign});
   CHECK(c.file(0).get_device(in_zero).value().has_value());
+}
+
+// A hub that ran with every cell's rows in hub.db starts with cell files
+// in the middle of a campaign: the rows move, the campaign carries on.
+TEST_CASE("a hub restarted with cell files moves hub.db's rows into them and its campaign completes",
+          "[unit][hub][cells]") {
+  Cells c;
+  const std::vector<std::string> ids = c.enroll_online(6);
+  const std::string campaign = c.campaign_to_all();
+  for (size_t i = 0; i < 3; ++i) c.applied(ids[i]);
+  CHECK(rows_in(*c.store, "SELECT COUNT(*) FROM campaign_devices") == 6);
+
+  c.open_cell_files();
+  c.restart();
+  CHECK(rows_in(*c.store, "SELECT COUNT(*) FROM campaign_devices") == 0);
+  int64_t applied_rows = 0;
+  for (int cell = 0; cell < 3; ++cell) {
+    applied_rows += rows_in(c.file(cell), "SELECT COUNT(*) FROM campaign_devices WHERE status = 'applied'");
+  }
+  CHECK(applied_rows == 3);
+  for (size_t i = 3; i < ids.size(); ++i) {
+    // Presence after the restart: the hub trusts none from before it.
+    c.presence(c.cell_of(ids[i]), ids[i], true);
+    c.applied(ids[i]);
+  }
+  // The restart's roll call (presence unknown until devices re-announce) ends.
+  c.clock.advance(std::chrono::seconds(30));
+  c.hub->tick();
+  auto record = c.store->get_campaign(campaign);
+  REQUIRE(record);
+  REQUIRE(*record);
+  CHECK((*record)->state == hub::CampaignState::completed);
+
+  // hub.db no longer holds the rows: a hub without the files is refused.
+  c.hub.reset();
+  ServiceConfig without = c.cfg;
+  without.cell_files.clear();
+  CHECK_THROWS_WITH(HubService(*c.store, c.clock, without), Catch::Contains("cells' own files"));
 }
 
 TEST_CASE("cell files that do not match the cells are refused", "[unit][hub][cells]") {

@@ -26,7 +26,98 @@ std::string role_name(int cell) { return cell < 0 ? "hub.db" : "cell " + std::to
 constexpr const char* kDirectoryTriggers[] = {"directory_insert", "directory_delete", "directory_labels",
                                               "directory_decommission", "directory_moved"};
 
+// What keeps hub.db's report side (fleet counts, trouble, failures,
+// campaign counts and deadlines), none of it needed once its device rows
+// live in cells' files.
+constexpr const char* kReportTriggers[] = {
+    "fleet_counts_insert", "fleet_counts_delete", "fleet_counts_state", "fleet_counts_reported",
+    "device_trouble_update", "device_events_record", "fleet_counts_cert_insert", "fleet_counts_cert_update",
+    "fleet_counts_cert_delete", "campaign_counts_insert", "campaign_counts_update", "campaign_counts_delete",
+    "campaign_deadline_pause", "campaign_deadline_resume", "campaign_counts_online"};
+
 }  // namespace
+
+Result<int> Store::cell_files_in_use() {
+  if (auto s = db_->exec("CREATE TABLE IF NOT EXISTS cell_files (id INTEGER PRIMARY KEY CHECK (id = 1), "
+                         "cells INTEGER NOT NULL, moved_ms INTEGER NOT NULL)");
+      !s) {
+    return s.error();
+  }
+  auto n = query<int64_t>(*db_, "SELECT cells FROM cell_files WHERE id = 1",
+                          [](const sql::Stmt& st) { return st.col_int(0); });
+  if (!n) return n.error();
+  return n->empty() ? 0 : static_cast<int>(n->front());
+}
+
+Status Store::drop_report_triggers() {
+  std::string drop;
+  for (const char* t : kReportTriggers) drop += std::string("DROP TRIGGER IF EXISTS ") + t + ";";
+  return db_->exec(drop);
+}
+
+Result<CellFilesMove> move_rows_to_cell_files(Store& directory, const std::vector<DeviceStore*>& files,
+                                              const std::function<void(int, int64_t)>& progress) {
+  CellFilesMove out;
+  auto in_use = directory.cell_files_in_use();
+  if (!in_use) return in_use.error();
+  const int cells = static_cast<int>(files.size());
+  if (*in_use == cells && cells > 0) {
+    out.already = true;
+    return out;
+  }
+  if (*in_use != 0) {
+    return make_error(Errc::conflict, "hub.db's device rows are in " + std::to_string(*in_use) +
+                                          " cells' files, not " + std::to_string(cells));
+  }
+  auto totals = directory.cell_device_totals();
+  if (!totals) return totals.error();
+  for (const auto& t : *totals) {
+    if (t.cell < 0 || t.cell >= cells) {
+      return make_error(Errc::conflict, "hub.db has devices in cell " + std::to_string(t.cell) + " and only " +
+                                            std::to_string(cells) + " cells' files were given");
+    }
+  }
+  for (int cell = 0; cell < cells; ++cell) {
+    DeviceStore& file = *files[static_cast<size_t>(cell)];
+    std::string after;
+    int64_t done = 0;
+    for (;;) {
+      auto entries = directory.directory_entries(cell, after, 4096);
+      if (!entries) return entries.error();
+      if (entries->empty()) break;
+      sql::Transaction tx(file.device_db());
+      if (!tx.ok()) return make_error(Errc::unavailable, "move rows to cell " + std::to_string(cell) + ": cannot begin", true);
+      for (const auto& e : *entries) {
+        auto rows = directory.export_device(e.id);
+        if (!rows) return rows.error().with_context("device " + e.id);
+        if (!*rows) continue;
+        if (auto s = file.import_device(e, **rows); !s) return s.error().with_context("device " + e.id);
+        out.campaign_rows += static_cast<int64_t>((*rows)->campaigns.size());
+        ++out.devices;
+      }
+      if (auto s = tx.commit(); !s) return s.error();
+      done += static_cast<int64_t>(entries->size());
+      after = entries->back().id;
+      if (progress) progress(cell, done);
+    }
+  }
+  // Every file holds its rows: hub.db keeps the directory and control data.
+  sql::Transaction tx(directory.db());
+  if (!tx.ok()) return make_error(Errc::unavailable, "move rows to cells' files: cannot begin", true);
+  if (auto s = directory.drop_report_triggers(); !s) return s.error();
+  if (auto s = directory.db().exec("DELETE FROM campaign_devices; DELETE FROM campaign_counts; DELETE FROM fleet_counts; "
+                                   "DELETE FROM device_inventory; DELETE FROM device_events; DELETE FROM device_trouble;");
+      !s) {
+    return s.error();
+  }
+  auto mark = directory.db().prepare("INSERT INTO cell_files (id, cells, moved_ms) VALUES (1, ?, "
+                                     "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER))");
+  if (!mark) return mark.error();
+  mark->bind(1, static_cast<int64_t>(cells));
+  if (auto s = mark->run(); !s) return s.error();
+  if (auto s = tx.commit(); !s) return s.error();
+  return out;
+}
 
 Result<std::unique_ptr<Store>> Store::open_cell(const std::string& path, int cell, const StoreTuning& tuning) {
   if (cell < 0) return make_error(Errc::invalid_argument, "a cell's device file needs a cell >= 0");
@@ -76,11 +167,34 @@ CREATE TABLE IF NOT EXISTS campaign_devices (
 }
 
 Status Store::finish_cell_file() {
-  std::string drop;
-  for (const char* t : kDirectoryTriggers) drop += std::string("DROP TRIGGER IF EXISTS ") + t + ";";
-  // What those triggers filled when migrate() first built the read models.
-  drop += "DELETE FROM device_labels; DELETE FROM directory_counts; DELETE FROM directory_outbox;";
-  return db_->exec(drop);
+  std::string sql_text;
+  for (const char* t : kDirectoryTriggers) sql_text += std::string("DROP TRIGGER IF EXISTS ") + t + ";";
+  // What those triggers filled when migrate() first built the read models
+  // (the label index it filled from the copies is right: it stays).
+  sql_text += "DELETE FROM directory_counts; DELETE FROM directory_outbox;";
+  // The cell's own label index of its copies: what a device walk of this
+  // file with a label selector reads (AggregateStore's index walk). A
+  // report never writes labels, so no report fires these.
+  const std::string each_label = "json_each(CASE WHEN json_valid(@.labels) THEN @.labels ELSE '{}' END)";
+  auto of = [&](const char* row) {
+    std::string out = each_label;
+    out.replace(out.find('@'), 1, row);
+    out.replace(out.find('@'), 1, row);
+    return out;
+  };
+  sql_text += "CREATE TRIGGER IF NOT EXISTS cell_labels_insert AFTER INSERT ON devices BEGIN "
+               "INSERT OR IGNORE INTO device_labels SELECT key, value, NEW.id FROM " + of("NEW") +
+               " WHERE type = 'text'; END;"
+               "CREATE TRIGGER IF NOT EXISTS cell_labels_delete AFTER DELETE ON devices BEGIN "
+               "DELETE FROM device_labels WHERE (key, value, device_id) IN (SELECT key, value, OLD.id FROM " +
+               of("OLD") + " WHERE type = 'text'); END;"
+               "CREATE TRIGGER IF NOT EXISTS cell_labels_update AFTER UPDATE OF labels ON devices "
+               "WHEN OLD.labels != NEW.labels BEGIN "
+               "DELETE FROM device_labels WHERE (key, value, device_id) IN (SELECT key, value, OLD.id FROM " +
+               of("OLD") + " WHERE type = 'text'); "
+               "INSERT OR IGNORE INTO device_labels SELECT key, value, NEW.id FROM " + of("NEW") +
+               " WHERE type = 'text'; END;";
+  return db_->exec(sql_text);
 }
 
 Status Store::only_in_cell_file(const char* what) const {

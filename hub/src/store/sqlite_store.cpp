@@ -142,6 +142,12 @@ Result<std::unique_ptr<Store>> Store::open_writer(const std::string& path, const
   if (auto m = (*s)->migrate(); !m) return m.error().with_context("migrate " + path);
   if (cell >= 0) {
     if (auto c = (*s)->finish_cell_file(); !c) return c.error().with_context(path);
+  } else {
+    auto moved = (*s)->cell_files_in_use();
+    if (!moved) return moved.error().with_context(path);
+    if (*moved > 0) {
+      if (auto d = (*s)->drop_report_triggers(); !d) return d.error().with_context(path);
+    }
   }
   return s;
 }

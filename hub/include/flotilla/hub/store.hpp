@@ -502,6 +502,12 @@ class Store final : public DeviceStore {
   Result<std::vector<DeviceDirectoryEntry>> directory_entries(int cell, const std::string& after, int64_t limit);
   // Every campaign id the directory's store holds, in order.
   Result<std::vector<std::string>> campaign_ids();
+  // hub.db whose device rows were moved into cells' own files
+  // (move_rows_to_cell_files): into how many; 0 = they are here.
+  Result<int> cell_files_in_use();
+  // hub.db whose rows are in cells' files: its report-side triggers go
+  // (migrate() makes some of them again at every open, so open() runs this).
+  Status drop_report_triggers();
   // Every device, by id: the tests' brute-force answer. The API never loads
   // the fleet; it pages with AggregateStore::devices.
   Result<std::vector<DeviceRecord>> list_devices();
@@ -713,6 +719,24 @@ class Store final : public DeviceStore {
 Result<int64_t> follow_directory_outbox(Store& directory, const std::function<DeviceStore&(int cell)>& store_of,
                                         const std::function<Status(const DirectoryChange&)>& on_labelled = {},
                                         bool cell_files = false);
+
+// What move_rows_to_cell_files did.
+struct CellFilesMove {
+  bool already = false;  // hub.db's rows were in these files before
+  int64_t devices = 0;   // devices whose rows went to their cell's file
+  int64_t campaign_rows = 0;
+};
+// Moves hub.db's device rows (each device's report columns, inventory and
+// campaign rows) into its cell's own file, files[i] being cell i's, in
+// batches of 4,096 devices, one transaction per batch (imports are
+// upserts: after a crash it simply runs again). Once every file committed,
+// one hub.db transaction drops its report-side triggers, empties its
+// report-side tables and records the number of files; from then on
+// Store::open keeps those triggers dropped. Refused when hub.db's rows
+// are already in another number of files, or a device's cell has no file.
+// progress(cell, devices done in it) after each batch.
+Result<CellFilesMove> move_rows_to_cell_files(Store& directory, const std::vector<DeviceStore*>& files,
+                                              const std::function<void(int, int64_t)>& progress = {});
 
 // What reconcile_cell_file did.
 struct CellReconciliation {
