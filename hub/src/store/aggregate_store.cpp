@@ -84,6 +84,9 @@ std::string is_trouble(const std::string& x) {
   return "(" + x + " = 'failed' OR " + x + " = 'refused' OR " + x + " = 'rolled_back' OR " + x + " = 'rolling_back')";
 }
 
+// A devices row's text labels as (key, value) rows.
+constexpr const char* kLabelsOf = "json_each(CASE WHEN json_valid(@.labels) THEN @.labels ELSE '{}' END)";
+
 std::string with(const std::string& expr, const std::string& who) {
   std::string out = expr;
   for (size_t at = out.find("@."); at != std::string::npos; at = out.find("@.", at + who.size())) {
@@ -231,13 +234,28 @@ END;
   return sql;
 }
 
+}  // namespace
+
+// The label index's statements for one devices row ("NEW" or "OLD"), run
+// only when `also` holds (empty: always).
+std::string label_index_add(const std::string& row, const std::string& also) {
+  return "INSERT OR IGNORE INTO device_labels SELECT key, value, " + row + ".id FROM " +
+         with(kLabelsOf, row + ".") + " WHERE type = 'text'" + (also.empty() ? "" : " AND " + also);
+}
+std::string label_index_remove(const std::string& row, const std::string& also) {
+  return "DELETE FROM device_labels WHERE " + (also.empty() ? "" : also + " AND ") +
+         "(key, value, device_id) IN (SELECT key, value, " + row + ".id FROM " + with(kLabelsOf, row + ".") +
+         " WHERE type = 'text')";
+}
+
+namespace {
+
 // The directory's triggers: the label index and the labelled counts follow
 // a device's enrollment, labels, project and decommissioning, and its broker
 // certificate row goes when it is decommissioned. None is named on, or reads,
 // a column a report sets: a decommission is the directory's own column
 // (devices.decommissioned), set with the state in the same statement.
 std::string directory_triggers() {
-  const std::string labels_of = "json_each(CASE WHEN json_valid(@.labels) THEN @.labels ELSE '{}' END)";
   std::string ins_values, del_values, moved, decom_moved;
   for (const auto& d : kLabelled) {
     ins_values += std::string(ins_values.empty() ? "" : " UNION ALL ") + "SELECT '" + d.name + "' AS dim, " +
@@ -254,22 +272,17 @@ std::string directory_triggers() {
   // An enrollment and a label change are followed by live membership.
   const std::string labelled = "INSERT INTO directory_outbox (device_id, kind, cell, from_cell) SELECT NEW.id, "
                                "'labelled', NEW.cell, NEW.cell WHERE NEW.decommissioned = 0";
-  sql += "CREATE TRIGGER directory_insert AFTER INSERT ON devices BEGIN\n  "
-         "INSERT OR IGNORE INTO device_labels SELECT key, value, NEW.id FROM " + with(labels_of, "NEW.") +
-         " WHERE type = 'text';\n  " + labelled + ";\n  "
+  sql += "CREATE TRIGGER directory_insert AFTER INSERT ON devices BEGIN\n  " + label_index_add("NEW") + ";\n  " +
+         labelled + ";\n  "
          "INSERT INTO directory_counts SELECT NEW.project, dim, value, 1 FROM (" + ins_values +
          ") WHERE value IS NOT NULL ON CONFLICT DO UPDATE SET n = n + 1;\nEND;\n";
-  sql += "CREATE TRIGGER directory_delete AFTER DELETE ON devices BEGIN\n  "
-         "DELETE FROM device_labels WHERE (key, value, device_id) IN (SELECT key, value, OLD.id FROM " +
-         with(labels_of, "OLD.") + " WHERE type = 'text');\n  "
+  sql += "CREATE TRIGGER directory_delete AFTER DELETE ON devices BEGIN\n  " + label_index_remove("OLD") + ";\n  "
          "UPDATE directory_counts SET n = n - 1 WHERE project = OLD.project AND (dim, value) IN (" + del_values +
          ");\nEND;\n";
   sql += "CREATE TRIGGER directory_labels AFTER UPDATE OF labels, project ON devices "
-         "WHEN OLD.labels != NEW.labels OR OLD.project != NEW.project BEGIN\n  "
-         "DELETE FROM device_labels WHERE OLD.labels != NEW.labels AND (key, value, device_id) IN "
-         "(SELECT key, value, OLD.id FROM " + with(labels_of, "OLD.") + " WHERE type = 'text');\n  "
-         "INSERT OR IGNORE INTO device_labels SELECT key, value, NEW.id FROM " + with(labels_of, "NEW.") +
-         " WHERE type = 'text' AND OLD.labels != NEW.labels;\n  " + labelled + " AND OLD.labels != NEW.labels;\n  " +
+         "WHEN OLD.labels != NEW.labels OR OLD.project != NEW.project BEGIN\n  " +
+         label_index_remove("OLD", "OLD.labels != NEW.labels") + ";\n  " +
+         label_index_add("NEW", "OLD.labels != NEW.labels") + ";\n  " + labelled + " AND OLD.labels != NEW.labels;\n  " +
          moved + "\nEND;\n";
   // What the device's rows in its cell's store must follow, through the
   // outbox (HubService::follow_directory): a decommissioned device's

@@ -86,7 +86,9 @@ Result<CellFilesMove> move_rows_to_cell_files(Store& directory, const std::vecto
       if (!entries) return entries.error();
       if (entries->empty()) break;
       sql::Transaction tx(file.device_db());
-      if (!tx.ok()) return make_error(Errc::unavailable, "move rows to cell " + std::to_string(cell) + ": cannot begin", true);
+      if (!tx.ok()) {
+        return make_error(Errc::unavailable, "move rows to cell " + std::to_string(cell) + ": cannot begin", true);
+      }
       for (const auto& e : *entries) {
         auto rows = directory.export_device(e.id);
         if (!rows) return rows.error().with_context("device " + e.id);
@@ -105,8 +107,9 @@ Result<CellFilesMove> move_rows_to_cell_files(Store& directory, const std::vecto
   sql::Transaction tx(directory.db());
   if (!tx.ok()) return make_error(Errc::unavailable, "move rows to cells' files: cannot begin", true);
   if (auto s = directory.drop_report_triggers(); !s) return s.error();
-  if (auto s = directory.db().exec("DELETE FROM campaign_devices; DELETE FROM campaign_counts; DELETE FROM fleet_counts; "
-                                   "DELETE FROM device_inventory; DELETE FROM device_events; DELETE FROM device_trouble;");
+  if (auto s = directory.db().exec("DELETE FROM campaign_devices; DELETE FROM campaign_counts; "
+                                   "DELETE FROM fleet_counts; DELETE FROM device_inventory; "
+                                   "DELETE FROM device_events; DELETE FROM device_trouble;");
       !s) {
     return s.error();
   }
@@ -136,8 +139,9 @@ Status Store::claim_role(const std::string& path, int cell) {
   if (have->empty()) {
     // A hub.db from before the mark is hub.db; a new file is what it is opened as.
     if (cell >= 0) {
-      auto tables = query<int64_t>(*db_, "SELECT COUNT(*) FROM tokens", [](const sql::Stmt& st) { return st.col_int(0); });
-      if (tables && !tables->empty() && tables->front() > 0) {
+      auto tokens = query<int64_t>(*db_, "SELECT COUNT(*) FROM tokens",
+                                   [](const sql::Stmt& st) { return st.col_int(0); });
+      if (tokens && !tokens->empty() && tokens->front() > 0) {
         return make_error(Errc::conflict, path + " holds tokens: it is a hub.db, not " + role_name(cell));
       }
     }
@@ -175,25 +179,13 @@ Status Store::finish_cell_file() {
   // The cell's own label index of its copies: what a device walk of this
   // file with a label selector reads (AggregateStore's index walk). A
   // report never writes labels, so no report fires these.
-  const std::string each_label = "json_each(CASE WHEN json_valid(@.labels) THEN @.labels ELSE '{}' END)";
-  auto of = [&](const char* row) {
-    std::string out = each_label;
-    out.replace(out.find('@'), 1, row);
-    out.replace(out.find('@'), 1, row);
-    return out;
-  };
-  sql_text += "CREATE TRIGGER IF NOT EXISTS cell_labels_insert AFTER INSERT ON devices BEGIN "
-               "INSERT OR IGNORE INTO device_labels SELECT key, value, NEW.id FROM " + of("NEW") +
-               " WHERE type = 'text'; END;"
-               "CREATE TRIGGER IF NOT EXISTS cell_labels_delete AFTER DELETE ON devices BEGIN "
-               "DELETE FROM device_labels WHERE (key, value, device_id) IN (SELECT key, value, OLD.id FROM " +
-               of("OLD") + " WHERE type = 'text'); END;"
-               "CREATE TRIGGER IF NOT EXISTS cell_labels_update AFTER UPDATE OF labels ON devices "
-               "WHEN OLD.labels != NEW.labels BEGIN "
-               "DELETE FROM device_labels WHERE (key, value, device_id) IN (SELECT key, value, OLD.id FROM " +
-               of("OLD") + " WHERE type = 'text'); "
-               "INSERT OR IGNORE INTO device_labels SELECT key, value, NEW.id FROM " + of("NEW") +
-               " WHERE type = 'text'; END;";
+  sql_text += "CREATE TRIGGER IF NOT EXISTS cell_labels_insert AFTER INSERT ON devices BEGIN " +
+              label_index_add("NEW") + "; END;"
+              "CREATE TRIGGER IF NOT EXISTS cell_labels_delete AFTER DELETE ON devices BEGIN " +
+              label_index_remove("OLD") + "; END;"
+              "CREATE TRIGGER IF NOT EXISTS cell_labels_update AFTER UPDATE OF labels ON devices "
+              "WHEN OLD.labels != NEW.labels BEGIN " +
+              label_index_remove("OLD") + "; " + label_index_add("NEW") + "; END;";
   return db_->exec(sql_text);
 }
 
@@ -381,7 +373,9 @@ Result<CellReconciliation> reconcile_cell_file(Store& directory, int cell, Devic
     }
     if (adopt.empty() && forget.empty()) continue;
     sql::Transaction tx(file.device_db());
-    if (!tx.ok()) return make_error(Errc::unavailable, "reconcile cell " + std::to_string(cell) + ": cannot begin", true);
+    if (!tx.ok()) {
+      return make_error(Errc::unavailable, "reconcile cell " + std::to_string(cell) + ": cannot begin", true);
+    }
     for (const auto* e : adopt) {
       if (auto s = file.adopt_device(*e); !s) return s.error().with_context("reconcile device " + e->id);
     }

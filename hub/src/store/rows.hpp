@@ -32,6 +32,11 @@ Result<nlohmann::json> decode_cursor(const std::string& c);
 // A campaign's counts by (wave, status, online) over every cell of one
 // store (Store::campaign_counts), on any connection to it.
 Result<std::vector<CampaignCountRow>> campaign_counts_on(sql::Db& db, const std::string& campaign_id);
+// The label index's (device_labels) statements for one devices row of a
+// trigger ("NEW" or "OLD"), run only when `also` holds (empty: always):
+// hub.db's directory triggers and a cell's file keep it alike.
+std::string label_index_add(const std::string& row, const std::string& also = "");
+std::string label_index_remove(const std::string& row, const std::string& also = "");
 // Whether `table` has `column` (false for a table that does not exist):
 // what the migrations of stores made before a column ask.
 Result<bool> has_column(sql::Db& db, const std::string& table, const std::string& column);
