@@ -431,13 +431,9 @@ Result<std::vector<CellCampaignCounts>> HubService::cell_counts(Store& from, con
   if (own) {
     local = *own;
   } else {
-    std::vector<std::vector<int>> present;
-    for (DeviceStore* s : stores) {
-      auto cells = s->campaign_cells(campaign_id);
-      if (!cells) return cells.error();
-      present.push_back(std::move(*cells));
-    }
-    local = merge_cells(present);
+    auto present = cells_with_rows(from, campaign_id);
+    if (!present) return present.error();
+    local = std::move(*present);
   }
   std::vector<CellCampaignCounts> out;
   const int64_t now = clock_.now_unix_ms();
@@ -493,15 +489,7 @@ Result<std::vector<CampaignCountRow>> HubService::campaign_totals(Store& from, c
 }
 
 Result<std::vector<int>> HubService::campaign_member_cells(const std::string& campaign_id) {
-  if (!cfg_.share_cells) {
-    std::vector<std::vector<int>> present;
-    for (DeviceStore* s : stores_for(store_)) {
-      auto cells = s->campaign_cells(campaign_id);
-      if (!cells) return cells.error();
-      present.push_back(std::move(*cells));
-    }
-    return merge_cells(present);
-  }
+  if (!cfg_.share_cells) return cells_with_rows(store_, campaign_id);
   if (auto it = member_cells_.find(campaign_id); it != member_cells_.end()) return it->second;
   auto c = store_.get_campaign(campaign_id);
   if (!c) return c.error();

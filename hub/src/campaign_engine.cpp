@@ -170,7 +170,10 @@ Status HubService::write_campaign(const CampaignPlan& plan) {
     for (const auto& [cell, members] : by_cell) {
       DeviceStore& rows = device_store(cell);
       sql::Transaction tx(rows.device_db());
-      if (!tx.ok()) return make_error(Errc::unavailable, "cannot begin a transaction in cell " + std::to_string(cell) + "'s file", true);
+      if (!tx.ok()) {
+        return make_error(Errc::unavailable, "cannot begin a transaction in cell " + std::to_string(cell) + "'s file",
+                          true);
+      }
       for (const CampaignMember* m : members) {
         if (auto s = rows.add_campaign_member(c.id, *m, c.created_ms); !s) return s;
       }
@@ -344,16 +347,11 @@ void HubService::tick() {
         // Several hubs: membership rows stay with the hub whose devices they
         // are (docs/adr/0016); a hub with none of a campaign's devices must
         // not judge it (it would find it complete).
-        bool rows_here = false, readable = true;
-        for (DeviceStore* s : stores_for(store_)) {
-          auto counts = s->campaign_counts(c.id);
-          readable = readable && counts;
-          rows_here = rows_here || (counts && !counts->empty());
-        }
-        if (!readable) continue;
+        auto held = holds_rows(c.id);
+        if (!held) continue;
         // The leader of hubs sharing cells decides on the published counts
         // even when it owns none of the cells.
-        if (!rows_here && !(cfg_.share_cells && leader_)) continue;
+        if (!*held && !(cfg_.share_cells && leader_)) continue;
       }
       work.push_back(decide_campaign(c));
     }

@@ -1755,10 +1755,8 @@ void HubService::follow_directory() {
           // of (follow_membership makes rows for those, and its own writes').
           if (control_log_ && !cfg_.share_cells) {
             for (auto& lc : *live) {
-              for (DeviceStore* s : stores_for(store_)) {
-                auto counts = s->campaign_counts(lc.c.id);
-                lc.rows_here = lc.rows_here || (counts && !counts->empty());
-              }
+              auto held = holds_rows(lc.c.id);
+              lc.rows_here = held && *held;
             }
           }
         }
@@ -1777,6 +1775,26 @@ std::vector<DeviceStore*> HubService::stores_for(Store& from) {
   std::vector<DeviceStore*> out;
   for (Store* f : cfg_.cell_files) out.push_back(f);
   return out;
+}
+
+Result<std::vector<int>> HubService::cells_with_rows(Store& from, const std::string& campaign_id) {
+  std::vector<std::vector<int>> present;
+  for (DeviceStore* s : stores_for(from)) {
+    auto cells = s->campaign_cells(campaign_id);
+    if (!cells) return cells.error();
+    present.push_back(std::move(*cells));
+  }
+  return merge_cells(present);
+}
+
+Result<bool> HubService::holds_rows(const std::string& campaign_id) {
+  bool held = false;
+  for (DeviceStore* s : stores_for(store_)) {
+    auto counts = s->campaign_counts(campaign_id);
+    if (!counts) return counts.error();
+    held = held || !counts->empty();
+  }
+  return held;
 }
 
 void HubService::reconcile_cell_files() {

@@ -790,6 +790,10 @@ class HubService {
   // The device stores a read of `from` covers: each cell's file when `from`
   // is the writer's store and cells have files of their own; else `from`.
   std::vector<DeviceStore*> stores_for(Store& from);
+  // The cells whose devices have rows of the campaign in those stores.
+  Result<std::vector<int>> cells_with_rows(Store& from, const std::string& campaign_id);
+  // Whether any of this hub's device stores holds rows of the campaign.
+  Result<bool> holds_rows(const std::string& campaign_id);
   // With cell files, at start: what the directory says each file holds
   // (reconcile_cell_file), after the outbox was followed.
   void reconcile_cell_files();
