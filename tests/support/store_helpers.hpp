@@ -17,8 +17,8 @@ inline Status decommission(hub::Store& s, const std::string& id) {
   return {};
 }
 
-// Bundle "b1" as the store keeps it (its envelope a placeholder: no device
-// is sent it), for tests that need a campaign's record and its bundle.
+// Bundle "b1" as the store keeps it, for tests that need a campaign's
+// record and its bundle (its envelope is one byte: no device is sent it).
 inline hub::BundleRecord stand_in_bundle() {
   hub::BundleRecord b;
   b.id = "b1";
