@@ -556,14 +556,26 @@ TEST_CASE("hub.db's device rows move into the cells' files once, and hub.db keep
   CHECK(count(directory, "SELECT COUNT(*) FROM sqlite_master WHERE type = 'trigger' AND name = 'fleet_counts_insert'") ==
         0);
 
-  // Once only; another number of files is refused.
+  // Once only. A cell added later gets an empty file: nothing moves again;
+  // going back to fewer files than the directory's cells is refused.
   auto again = move_rows_to_cell_files(directory, {&cells.file(0), &cells.file(1)});
   REQUIRE(again);
   CHECK(again->already);
   CHECK(all_ids(cells.file(0)).size() == 5);
-  auto three = move_rows_to_cell_files(directory, {&cells.file(0), &cells.file(1), &cells.file(1)});
-  REQUIRE_FALSE(three);
-  CHECK(three.error().message.find("in 2 cells' files, not 3") != std::string::npos);
+  std::filesystem::create_directories(cells.dir.path() / "cells" / "2");
+  auto third = Store::open_cell((cells.dir.path() / "cells" / "2" / "devices.db").string(), 2);
+  REQUIRE(third);
+  auto three = move_rows_to_cell_files(directory, {&cells.file(0), &cells.file(1), third->get()});
+  REQUIRE(three);
+  CHECK(three->already);
+  CHECK(three->devices == 0);
+  CHECK(directory.cell_files_in_use().value() == 3);
+  CHECK(all_ids(**third).empty());
+  CHECK(all_ids(cells.file(1)).size() == 5);
+  auto one = move_rows_to_cell_files(directory, {&cells.file(0)});
+  REQUIRE_FALSE(one);
+  CHECK(one.error().message.find("devices in cell 1 and only 1") != std::string::npos);
+  CHECK(directory.cell_files_in_use().value() == 3);
 
   // Reopened, hub.db stays the directory: an enrollment counts nothing of
   // the report side there (migrate() made those triggers again; open drops them).

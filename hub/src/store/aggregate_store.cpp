@@ -645,12 +645,40 @@ AggregateStore::Lease::~Lease() {
   pool_.cv.notify_one();
 }
 
-AggregateStore::Lease AggregateStore::reader() {
-  std::unique_lock lock(pool_->mu);
-  pool_->cv.wait(lock, [&] { return !pool_->idle.empty(); });
-  auto store = std::move(pool_->idle.back());
-  pool_->idle.pop_back();
-  return Lease(*pool_, std::move(store));
+namespace {
+AggregateStore::Lease lease_from(AggregateStore::Pool& pool) {
+  std::unique_lock lock(pool.mu);
+  pool.cv.wait(lock, [&] { return !pool.idle.empty(); });
+  auto store = std::move(pool.idle.back());
+  pool.idle.pop_back();
+  return AggregateStore::Lease(pool, std::move(store));
+}
+
+Result<std::unique_ptr<AggregateStore::Pool>> open_pool(const std::string& path, int readers, const StoreTuning& t) {
+  auto pool = std::make_unique<AggregateStore::Pool>();
+  for (int i = 0; i < std::max(1, readers); ++i) {
+    auto r = Store::open_reader(path, t);
+    if (!r) return r.error().with_context("open a read connection to " + path);
+    pool->idle.push_back(std::move(*r));
+  }
+  return pool;
+}
+}  // namespace
+
+AggregateStore::Lease AggregateStore::reader() { return lease_from(*pool_); }
+
+std::vector<AggregateStore::Lease> AggregateStore::cell_readers() {
+  std::vector<Lease> out;
+  out.reserve(cell_pools_.size());
+  for (auto& p : cell_pools_) out.push_back(lease_from(*p));
+  return out;
+}
+
+std::vector<sql::Db*> AggregateStore::device_dbs(Lease& hub, std::vector<Lease>& cells) {
+  if (cells.empty()) return {&hub.db()};
+  std::vector<sql::Db*> out;
+  for (auto& c : cells) out.push_back(&c.db());
+  return out;
 }
 
 namespace {
@@ -734,11 +762,13 @@ Result<nlohmann::json> decode_cursor(const std::string& c) {
 Result<std::unique_ptr<AggregateStore>> AggregateStore::open(const std::string& path, const Config& cfg) {
   std::unique_ptr<AggregateStore> a(new AggregateStore());
   a->cfg_ = cfg;
-  a->pool_ = std::make_unique<Pool>();
-  for (int i = 0; i < std::max(1, cfg.readers); ++i) {
-    auto r = Store::open_reader(path, cfg.tuning);
-    if (!r) return r.error().with_context("open a read connection to " + path);
-    a->pool_->idle.push_back(std::move(*r));
+  auto pool = open_pool(path, cfg.readers, cfg.tuning);
+  if (!pool) return pool.error();
+  a->pool_ = std::move(*pool);
+  for (const auto& file : cfg.cell_files) {
+    auto cell = open_pool(file, cfg.readers, cfg.tuning);
+    if (!cell) return cell.error();
+    a->cell_pools_.push_back(std::move(*cell));
   }
   // The sampler's connection, the only one here that writes (timeline points).
   auto w = sql::Db::open(path);
@@ -751,30 +781,57 @@ Result<std::unique_ptr<AggregateStore>> AggregateStore::open(const std::string& 
 AggregateStore::~AggregateStore() { stop(); }
 
 Result<std::vector<FleetCount>> AggregateStore::fleet(const std::string& project) {
-  auto lease = reader();
+  auto hub = reader();
+  auto cells = cell_readers();
   const bool all = project == "*";
-  auto part = query<FleetCount>(
-      lease.db(),
-      all ? std::string("SELECT '*', dim, value, SUM(n) FROM ") + kAllCounts +
-                " GROUP BY dim, value HAVING SUM(n) != 0 ORDER BY 2, 3"
-          : std::string("SELECT project, dim, value, n FROM ") + kAllCounts +
-                " WHERE project = ? AND n != 0 ORDER BY 2, 3",
-      [&](sql::Stmt& s) {
-        if (!all) s.bind(1, std::string_view(project));
-      },
-      fleet_row);
-  if (!part) return part.error();
-  // One store today; one part per cell's store when they are split (ADR 18).
-  return sum_fleet_counts({std::move(*part)});
+  auto counts = [&](sql::Db& db, const std::string& table) {
+    return query<FleetCount>(
+        db,
+        all ? "SELECT '*', dim, value, SUM(n) FROM " + table + " GROUP BY dim, value HAVING SUM(n) != 0 ORDER BY 2, 3"
+            : "SELECT project, dim, value, n FROM " + table + " WHERE project = ? AND n != 0 ORDER BY 2, 3",
+        [&](sql::Stmt& s) {
+          if (!all) s.bind(1, std::string_view(project));
+        },
+        fleet_row);
+  };
+  // hub.db counts what the directory holds; what devices report is counted
+  // in each cell's file once they are split (hub.db's fleet_counts is then
+  // what it was at the move, and is not read).
+  std::vector<std::vector<FleetCount>> parts;
+  auto directory = counts(hub.db(), cells.empty() ? kAllCounts : "directory_counts");
+  if (!directory) return directory.error();
+  parts.push_back(std::move(*directory));
+  for (auto& c : cells) {
+    auto reported = counts(c.db(), "fleet_counts");
+    if (!reported) return reported.error();
+    parts.push_back(std::move(*reported));
+  }
+  return sum_fleet_counts(parts);
 }
 
 Result<DevicePage> AggregateStore::devices(const DeviceQuery& q) {
-  auto part = walk_devices(q);
-  if (!part) return part.error();
-  return merge_device_pages({std::move(*part)}, q.limit);
+  auto hub = reader();
+  auto cells = cell_readers();
+  auto dbs = device_dbs(hub, cells);
+  std::vector<DevicePage> parts;
+  for (size_t i = 0; i < dbs.size(); ++i) {
+    // A cell's file holds only that cell's devices: one not asked for is not walked.
+    if (!cells.empty() && q.cells && std::ranges::find(*q.cells, static_cast<int>(i)) == q.cells->end()) continue;
+    auto part = walk_devices(*dbs[i], q);
+    if (!part) return part.error();
+    parts.push_back(std::move(*part));
+  }
+  if (parts.empty()) {
+    DevicePage none;
+    none.sort = q.sort;
+    none.descending = q.descending;
+    none.complete = true;
+    return none;
+  }
+  return merge_device_pages(std::move(parts), q.limit);
 }
 
-Result<DevicePage> AggregateStore::walk_devices(const DeviceQuery& q) {
+Result<DevicePage> AggregateStore::walk_devices(sql::Db& db, const DeviceQuery& q) {
   DevicePage page;
   page.sort = q.sort;
   page.descending = q.descending;
@@ -961,8 +1018,7 @@ Result<DevicePage> AggregateStore::walk_devices(const DeviceQuery& q) {
   if (driver != Driver::cert) from += " LEFT JOIN device_inventory i ON i.device_id = d.id";
   const std::string sql = "SELECT " + device_columns() + ", " + key_cols + "(" + hit + ") FROM " +
                           from + (range.empty() ? "" : " WHERE " + range) + " ORDER BY " + order + " LIMIT ?";
-  auto lease = reader();
-  auto st = lease.db().prepare(sql);
+  auto st = db.prepare(sql);
   if (!st) return st.error();
   std::vector<Bind> binds = hit_binds;
   binds.insert(binds.end(), range_binds.begin(), range_binds.end());
@@ -1004,12 +1060,28 @@ Result<DevicePage> AggregateStore::walk_devices(const DeviceQuery& q) {
 }
 
 Result<std::optional<DeviceDetail>> AggregateStore::device(const std::string& id) {
-  auto lease = reader();
-  auto& db = lease.db();
-  auto rows = query<DeviceRecord>(db, "SELECT " + device_columns() + " FROM " + device_from_clause() + " WHERE d.id = ?",
-                                  [&](sql::Stmt& s) { s.bind(1, std::string_view(id)); }, device_row);
+  auto hub = reader();
+  auto cells = cell_readers();
+  const auto device_at = [&](sql::Db& at) {
+    return query<DeviceRecord>(at, "SELECT " + device_columns() + " FROM " + device_from_clause() + " WHERE d.id = ?",
+                               [&](sql::Stmt& s) { s.bind(1, std::string_view(id)); }, device_row);
+  };
+  auto rows = device_at(hub.db());
   if (!rows) return rows.error();
   if (rows->empty()) return std::optional<DeviceDetail>();
+  // The directory names the device's cell; that cell's file has what it
+  // reported. A device whose copy is not made yet shows the directory's row.
+  sql::Db* from = &hub.db();
+  const int cell = rows->front().cell;
+  if (cell >= 0 && cell < static_cast<int>(cells.size())) {
+    auto reported = device_at(cells[static_cast<size_t>(cell)].db());
+    if (!reported) return reported.error();
+    if (!reported->empty()) {
+      rows = std::move(reported);
+      from = &cells[static_cast<size_t>(cell)].db();
+    }
+  }
+  auto& db = *from;
   DeviceDetail d;
   d.device = std::move(rows->front());
   if (d.device.inventory.updated_ms != 0) d.inventory = d.device.inventory;
@@ -1046,17 +1118,44 @@ Result<std::optional<DeviceDetail>> AggregateStore::device(const std::string& id
       });
   if (!history) return history.error();
   d.campaigns = std::move(*history);
+  // The campaigns and bundles are hub.db's: a cell's file has only the rows.
+  for (auto& r : d.campaigns) {
+    if (from == &hub.db() || !r.campaign_name.empty()) continue;
+    auto names = query<DeviceCampaignRow>(
+        hub.db(),
+        "SELECT c.name, c.state, COALESCE(b.name, ''), COALESCE(b.version, 0) FROM campaigns c "
+        "LEFT JOIN bundles b ON b.id = c.bundle_id WHERE c.id = ?",
+        [&](sql::Stmt& s) { s.bind(1, std::string_view(r.row.campaign_id)); },
+        [](const sql::Stmt& s) {
+          DeviceCampaignRow n;
+          n.campaign_name = s.col_text(0);
+          n.campaign_state = s.col_text(1);
+          n.bundle_name = s.col_text(2);
+          n.bundle_version = static_cast<uint64_t>(s.col_int(3));
+          return n;
+        });
+    if (!names) return names.error();
+    if (names->empty()) continue;
+    r.campaign_name = std::move(names->front().campaign_name);
+    r.campaign_state = std::move(names->front().campaign_state);
+    r.bundle_name = std::move(names->front().bundle_name);
+    r.bundle_version = names->front().bundle_version;
+  }
   return std::optional<DeviceDetail>(std::move(d));
 }
 
 namespace {
 
-// A campaign's counts over the stores read (one today; each cell's once
-// they are apart: ADR 18).
-Result<std::vector<CampaignCountRow>> counts_of(sql::Db& db, const std::string& campaign_id) {
-  auto n = campaign_counts_on(db, campaign_id);
-  if (!n) return n.error();
-  return sum_campaign_counts({std::move(*n)});
+// A campaign's counts over the stores holding its rows (hub.db, or each
+// cell's file: ADR 18).
+Result<std::vector<CampaignCountRow>> counts_of(const std::vector<sql::Db*>& dbs, const std::string& campaign_id) {
+  std::vector<std::vector<CampaignCountRow>> parts;
+  for (sql::Db* db : dbs) {
+    auto n = campaign_counts_on(*db, campaign_id);
+    if (!n) return n.error();
+    parts.push_back(std::move(*n));
+  }
+  return sum_campaign_counts(parts);
 }
 
 std::string campaign_select() {
@@ -1106,6 +1205,7 @@ Result<CampaignPage> AggregateStore::campaigns(const std::string& project, const
   if (auto s = older_than(w, "c.created_ms", "c.id", after); !s) return s.error();
   w.binds.push_back(bind_int(limit + 1));
   auto lease = reader();
+  auto cells = cell_readers();
   auto st = lease.db().prepare(campaign_select() + " WHERE " + w.where() + " ORDER BY c.created_ms DESC, c.id DESC LIMIT ?");
   if (!st) return st.error();
   bind_all(*st, w.binds);
@@ -1119,7 +1219,7 @@ Result<CampaignPage> AggregateStore::campaigns(const std::string& project, const
     page.next = std::to_string(last.created_ms) + ":" + last.id;
   }
   for (auto& c : page.items) {
-    auto n = counts_of(lease.db(), c.campaign.id);
+    auto n = counts_of(device_dbs(lease, cells), c.campaign.id);
     if (!n) return n.error();
     c.counts = std::move(*n);
   }
@@ -1128,11 +1228,12 @@ Result<CampaignPage> AggregateStore::campaigns(const std::string& project, const
 
 Result<std::optional<CampaignSummary>> AggregateStore::campaign(const std::string& id) {
   auto lease = reader();
+  auto cells = cell_readers();
   auto rows = query<CampaignSummary>(lease.db(), campaign_select() + " WHERE c.id = ?",
                                      [&](sql::Stmt& s) { s.bind(1, std::string_view(id)); }, summary_row);
   if (!rows) return rows.error();
   if (rows->empty()) return std::optional<CampaignSummary>();
-  auto n = counts_of(lease.db(), id);
+  auto n = counts_of(device_dbs(lease, cells), id);
   if (!n) return n.error();
   rows->front().counts = std::move(*n);
   return std::optional<CampaignSummary>(std::move(rows->front()));
@@ -1141,34 +1242,45 @@ Result<std::optional<CampaignSummary>> AggregateStore::campaign(const std::strin
 Result<std::vector<FailureGroup>> AggregateStore::failure_groups(const std::string& campaign_id, int64_t max_reasons,
                                                                  int64_t per_reason) {
   auto lease = reader();
-  auto& db = lease.db();
+  auto cells = cell_readers();
+  const auto dbs = device_dbs(lease, cells);
   // Both walk campaign_devices_wave's (campaign, status) range of failed rows
-  // only. Each store (one today, one per cell when they are split: ADR 18)
-  // gives its reasons, bounded, and the merge keeps the largest; then each
-  // kept reason's first devices, merged in time order.
+  // only. Each store (hub.db, or each cell's file: ADR 18) gives its
+  // reasons, bounded, and the merge keeps the largest; then each kept
+  // reason's first devices, merged in time order.
   const int64_t part_reasons = std::max<int64_t>(max_reasons, kFailureReasonsPerStore);
-  auto reasons = query<FailureGroup>(
-      db,
-      "SELECT reason, COUNT(*) FROM campaign_devices WHERE campaign_id = ? AND status IN ('failed', 'rollback_failed') "
-      "GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT ?",
-      [&](sql::Stmt& s) { s.bind(1, std::string_view(campaign_id)).bind(2, part_reasons); },
-      [](const sql::Stmt& s) {
-        FailureGroup g;
-        g.reason = s.col_text(0);
-        g.count = s.col_int(1);
-        return g;
-      });
-  if (!reasons) return reasons.error();
-  auto groups = top_failure_reasons({std::move(*reasons)}, max_reasons);
+  std::vector<std::vector<FailureGroup>> reason_parts;
+  for (sql::Db* db : dbs) {
+    auto reasons = query<FailureGroup>(
+        *db,
+        "SELECT reason, COUNT(*) FROM campaign_devices WHERE campaign_id = ? "
+        "AND status IN ('failed', 'rollback_failed') GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT ?",
+        [&](sql::Stmt& s) { s.bind(1, std::string_view(campaign_id)).bind(2, part_reasons); },
+        [](const sql::Stmt& s) {
+          FailureGroup g;
+          g.reason = s.col_text(0);
+          g.count = s.col_int(1);
+          return g;
+        });
+    if (!reasons) return reasons.error();
+    reason_parts.push_back(std::move(*reasons));
+  }
+  auto groups = top_failure_reasons(reason_parts, max_reasons);
   for (auto& g : groups) {
-    auto first = query<FailureGroup::Device>(
-        db,
-        "SELECT device_id, message, updated_ms FROM campaign_devices WHERE campaign_id = ? "
-        "AND status IN ('failed', 'rollback_failed') AND reason = ? ORDER BY updated_ms, device_id LIMIT ?",
-        [&](sql::Stmt& s) { s.bind(1, std::string_view(campaign_id)).bind(2, std::string_view(g.reason)).bind(3, per_reason); },
-        [](const sql::Stmt& s) { return FailureGroup::Device{s.col_text(0), s.col_text(1), s.col_int(2)}; });
-    if (!first) return first.error();
-    g.first = first_failed_devices({std::move(*first)}, per_reason);
+    std::vector<std::vector<FailureGroup::Device>> first_parts;
+    for (sql::Db* db : dbs) {
+      auto first = query<FailureGroup::Device>(
+          *db,
+          "SELECT device_id, message, updated_ms FROM campaign_devices WHERE campaign_id = ? "
+          "AND status IN ('failed', 'rollback_failed') AND reason = ? ORDER BY updated_ms, device_id LIMIT ?",
+          [&](sql::Stmt& s) {
+            s.bind(1, std::string_view(campaign_id)).bind(2, std::string_view(g.reason)).bind(3, per_reason);
+          },
+          [](const sql::Stmt& s) { return FailureGroup::Device{s.col_text(0), s.col_text(1), s.col_int(2)}; });
+      if (!first) return first.error();
+      first_parts.push_back(std::move(*first));
+    }
+    g.first = first_failed_devices(first_parts, per_reason);
     if (g.reason.empty()) g.reason = "unknown";
   }
   return groups;
@@ -1179,6 +1291,7 @@ Result<std::vector<std::string>> AggregateStore::away(const std::string& campaig
                                                       int64_t fleet_offline) {
   if (campaign_offline <= 0) return std::vector<std::string>();
   auto lease = reader();
+  auto cells = cell_readers();
   // Two walks, each finding the next such device after about (rows walked /
   // campaign_offline) rows: the campaign's rows in device order, or the
   // fleet's offline devices (a partial index). The shorter one goes.
@@ -1191,12 +1304,15 @@ Result<std::vector<std::string>> AggregateStore::away(const std::string& campaig
           : "SELECT cd.device_id FROM campaign_devices cd CROSS JOIN devices d ON d.id = cd.device_id "
             "WHERE cd.campaign_id = ? AND cd.status IN ('waiting', 'pending', 'in_progress', 'rolling_back') "
             "AND d.online = 0 ORDER BY cd.device_id LIMIT ?";
-  auto part = query<std::string>(
-      lease.db(), sql, [&](sql::Stmt& s) { s.bind(1, std::string_view(campaign_id)).bind(2, limit); },
-      [](const sql::Stmt& s) { return s.col_text(0); });
-  if (!part) return part.error();
-  // One store today; one part per cell's store when they are split (ADR 18).
-  return merge_device_ids({std::move(*part)}, limit);
+  std::vector<std::vector<std::string>> parts;
+  for (sql::Db* db : device_dbs(lease, cells)) {
+    auto part = query<std::string>(
+        *db, sql, [&](sql::Stmt& s) { s.bind(1, std::string_view(campaign_id)).bind(2, limit); },
+        [](const sql::Stmt& s) { return s.col_text(0); });
+    if (!part) return part.error();
+    parts.push_back(std::move(*part));
+  }
+  return merge_device_ids(parts, limit);
 }
 
 namespace {
@@ -1250,12 +1366,17 @@ Result<BundlePage> AggregateStore::bundles(const std::string& project, const std
 
 Result<int64_t> AggregateStore::clock_suspect_devices() {
   auto lease = reader();
-  auto n = query<int64_t>(lease.db(),
-                          "SELECT COUNT(*) FROM device_inventory INDEXED BY device_inventory_clock_suspect "
-                          "WHERE clock_suspect != 0",
-                          [](const sql::Stmt& s) { return s.col_int(0); });
-  if (!n) return n.error();
-  return n->empty() ? 0 : n->front();
+  auto cells = cell_readers();
+  int64_t total = 0;
+  for (sql::Db* db : device_dbs(lease, cells)) {
+    auto n = query<int64_t>(*db,
+                            "SELECT COUNT(*) FROM device_inventory INDEXED BY device_inventory_clock_suspect "
+                            "WHERE clock_suspect != 0",
+                            [](const sql::Stmt& s) { return s.col_int(0); });
+    if (!n) return n.error();
+    total += n->empty() ? 0 : n->front();
+  }
+  return total;
 }
 
 Result<std::optional<TokenRecord>> AggregateStore::token(const std::string& kind, const std::string& secret_hash) {
@@ -1290,6 +1411,11 @@ Result<AuditPage> AggregateStore::audit(const std::string& project, int64_t befo
 Status AggregateStore::sample_campaigns(int64_t now_ms) {
   std::lock_guard lock(writer_mu_);
   auto& db = *writer_;
+  // The counts are where the rows are: hub.db's own, or each cell's file.
+  auto cells = cell_readers();
+  std::vector<sql::Db*> counted = {&db};
+  if (!cells.empty()) counted.clear();
+  for (auto& c : cells) counted.push_back(&c.db());
   struct Open {
     std::string id;
     CampaignState state = CampaignState::running;
@@ -1318,7 +1444,7 @@ Status AggregateStore::sample_campaigns(int64_t now_ms) {
   }
   for (const auto& c : *open) {
     const bool ended = campaign_final(c.state);
-    auto counts = counts_of(db, c.id);
+    auto counts = counts_of(counted, c.id);
     if (!counts) return counts.error();
     TimelinePoint p;
     for (const auto& r : *counts) {

@@ -65,10 +65,6 @@ Result<CellFilesMove> move_rows_to_cell_files(Store& directory, const std::vecto
     out.already = true;
     return out;
   }
-  if (*in_use != 0) {
-    return make_error(Errc::conflict, "hub.db's device rows are in " + std::to_string(*in_use) +
-                                          " cells' files, not " + std::to_string(cells));
-  }
   auto totals = directory.cell_device_totals();
   if (!totals) return totals.error();
   for (const auto& t : *totals) {
@@ -76,6 +72,17 @@ Result<CellFilesMove> move_rows_to_cell_files(Store& directory, const std::vecto
       return make_error(Errc::conflict, "hub.db has devices in cell " + std::to_string(t.cell) + " and only " +
                                             std::to_string(cells) + " cells' files were given");
     }
+  }
+  if (*in_use != 0) {
+    // The rows are in files already and the cells changed: a cell added
+    // (its file starts empty) or a drained one gone (no device is in it,
+    // checked above). Nothing moves; the mark says how many files there are.
+    auto mark = directory.db().prepare("UPDATE cell_files SET cells = ? WHERE id = 1");
+    if (!mark) return mark.error();
+    mark->bind(1, static_cast<int64_t>(cells));
+    if (auto s = mark->run(); !s) return s.error();
+    out.already = true;
+    return out;
   }
   for (int cell = 0; cell < cells; ++cell) {
     DeviceStore& file = *files[static_cast<size_t>(cell)];

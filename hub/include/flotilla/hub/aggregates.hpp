@@ -165,6 +165,12 @@ class AggregateStore {
     int64_t max_samples = 720;
     // Rows one device-list request may examine (DeviceQuery::scan_limit).
     int64_t device_scan_limit = 200000;
+    // Cell i's own device file (ADR 18, slice 7: Store::open_cell), each
+    // with `readers` connections of its own; empty = the device rows are in
+    // hub.db. With them, every read of device rows asks each file and
+    // merges the answers (merge.hpp); hub.db answers for the directory
+    // (labels' counts, which cell a device is in) and the control data.
+    std::vector<std::string> cell_files;
   };
   static Result<std::unique_ptr<AggregateStore>> open(const std::string& path, const Config& cfg);
   ~AggregateStore();
@@ -225,11 +231,21 @@ class AggregateStore {
     std::unique_ptr<Store> store_;
   };
   Lease reader();
+  // One read connection of each cell's file, in cell order; none when the
+  // device rows are in hub.db. Take hub.db's (reader()) first when both are
+  // needed: every caller leasing in that order keeps them from waiting on
+  // each other for good.
+  std::vector<Lease> cell_readers();
+  bool split() const { return !cell_pools_.empty(); }
 
  private:
   AggregateStore() = default;
-  Result<DevicePage> walk_devices(const DeviceQuery& q);
+  // The connections holding device rows: each cell's file, else hub.db's
+  // (`hub`, already leased by the caller).
+  static std::vector<sql::Db*> device_dbs(Lease& hub, std::vector<Lease>& cells);
+  Result<DevicePage> walk_devices(sql::Db& db, const DeviceQuery& q);
   std::unique_ptr<Pool> pool_;
+  std::vector<std::unique_ptr<Pool>> cell_pools_;
   std::unique_ptr<sql::Db> writer_;  // the sampler's connection
   std::mutex writer_mu_;
   Config cfg_;

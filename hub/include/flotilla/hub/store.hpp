@@ -392,6 +392,11 @@ class DeviceStore {
   virtual Result<std::vector<int>> campaign_cells(const std::string& campaign_id) = 0;
   // Failed and rollback_failed rows by reason ("unknown" when empty).
   virtual Result<std::map<std::string, int64_t>> failure_reasons(const std::string& campaign_id) = 0;
+  // Unfinished rows of offline devices, the first `limit` by device id.
+  virtual Result<std::vector<std::string>> away_devices(const std::string& campaign_id, int64_t limit) = 0;
+  // The failed rows of a campaign, the first `limit` by (time, device id).
+  virtual Result<std::vector<CampaignDeviceRecord>> campaign_failures(const std::string& campaign_id,
+                                                                      int64_t limit) = 0;
   // The same figures grouped from the cell's device rows (what the triggers
   // must agree with).
   virtual Result<std::vector<CampaignCountRow>> recount_campaign(const std::string& campaign_id, int cell) = 0;
@@ -469,6 +474,12 @@ class Store final : public DeviceStore {
   static Result<std::unique_ptr<Store>> open_cell(const std::string& path, int cell, const StoreTuning& tuning = {});
   // The cell whose file this is; -1 for hub.db (or a reader).
   int own_cell() const { return own_cell_; }
+  // A read connection of hub.db leased together with a read connection of
+  // each cell's file (AggregateStore::cell_readers), in cell order: where a
+  // read through this one finds the device rows. Empty otherwise. Set and
+  // cleared by whoever leased them, for as long as it holds them.
+  void set_read_parts(std::vector<DeviceStore*> parts) { read_parts_ = std::move(parts); }
+  const std::vector<DeviceStore*>& read_parts() const { return read_parts_; }
 
   // Tokens are stored only as SHA-256 hashes of their secret.
   Status insert_token(const std::string& kind, const TokenRecord& t, const std::string& secret_hash);
@@ -599,8 +610,7 @@ class Store final : public DeviceStore {
   Result<std::vector<CampaignCountRow>> recount_campaign(const std::string& campaign_id, int cell) override;
   // Failed and rollback_failed rows by reason ("unknown" when empty).
   Result<std::map<std::string, int64_t>> failure_reasons(const std::string& campaign_id) override;
-  // Unfinished rows of offline devices, the first `limit` by device id.
-  Result<std::vector<std::string>> away_devices(const std::string& campaign_id, int64_t limit);
+  Result<std::vector<std::string>> away_devices(const std::string& campaign_id, int64_t limit) override;
   Result<std::vector<CampaignDeviceRecord>> releasable(
       const std::string& campaign_id, int max_wave, bool online, int64_t limit, const std::string& zone = "",
       const std::optional<std::vector<int>>& cells = std::nullopt) override;
@@ -645,8 +655,7 @@ class Store final : public DeviceStore {
   Status put_gitrepo(const GitRepoRecord& r);
   Status save_gitrepo_status(const GitRepoRecord& r);
   Status delete_gitrepo(const std::string& name);
-  // The failed rows of a campaign, the first `limit` by time (status blocks).
-  Result<std::vector<CampaignDeviceRecord>> campaign_failures(const std::string& campaign_id, int64_t limit);
+  Result<std::vector<CampaignDeviceRecord>> campaign_failures(const std::string& campaign_id, int64_t limit) override;
   Status relaxed_sync(bool relaxed) override;
   // PRAGMA synchronous as SQLite reports it: 1 NORMAL, 2 FULL.
   Result<int64_t> synchronous();
@@ -693,6 +702,7 @@ class Store final : public DeviceStore {
   Status finish_cell_file();
   Status only_in_cell_file(const char* what) const;
   int own_cell_ = -1;
+  std::vector<DeviceStore*> read_parts_;
   static Result<std::unique_ptr<Store>> open_tuned(const std::string& path, const StoreTuning& tuning,
                                                    bool read_only);
   Status migrate();
