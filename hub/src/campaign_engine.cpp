@@ -1214,22 +1214,30 @@ Result<std::optional<CampaignView>> HubService::campaign_view_on(Store& from, co
     }
   }
   // Grouped and limited in SQL: a status poll of a million-device campaign
-  // must not load a million rows.
-  // (One store's parts today; one per cell's store when they are split.)
-  auto reasons = from.failure_reasons(id);
-  if (!reasons) return reasons.error();
-  v.failure_reasons = sum_reason_counts({std::move(*reasons)});
-  if (v.counts.offline > 0) {
-    constexpr int64_t kAwayListed = 100;
-    auto away = from.away_devices(id, kAwayListed);
-    if (!away) return away.error();
-    v.away = merge_device_ids({std::move(*away)}, kAwayListed);
+  // must not load a million rows. Each store holding rows (hub.db, or each
+  // cell's file) answers; the answers merge.
+  std::vector<std::map<std::string, int64_t>> reasons;
+  std::vector<std::vector<std::string>> away;
+  std::vector<std::vector<CampaignDeviceRecord>> rows;
+  constexpr int64_t kAwayListed = 100;
+  for (DeviceStore* part : stores_for(from)) {
+    auto r = part->failure_reasons(id);
+    if (!r) return r.error();
+    reasons.push_back(std::move(*r));
+    if (v.counts.offline > 0) {
+      auto a = part->away_devices(id, kAwayListed);
+      if (!a) return a.error();
+      away.push_back(std::move(*a));
+    }
+    if (with_devices) {
+      auto d = part->campaign_devices(id);
+      if (!d) return d.error();
+      rows.push_back(std::move(*d));
+    }
   }
-  if (with_devices) {
-    auto rows = from.campaign_devices(id);
-    if (!rows) return rows.error();
-    v.devices = merge_campaign_rows({std::move(*rows)});
-  }
+  v.failure_reasons = sum_reason_counts(reasons);
+  if (v.counts.offline > 0) v.away = merge_device_ids(away, kAwayListed);
+  if (with_devices) v.devices = merge_campaign_rows(std::move(rows));
   return std::optional<CampaignView>(std::move(v));
 }
 

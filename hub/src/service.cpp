@@ -7,6 +7,7 @@
 
 #include <unordered_map>
 #include <algorithm>
+#include <list>
 #include <set>
 #include <tuple>
 
@@ -303,11 +304,14 @@ Result<std::vector<HubService::CellView>> HubService::list_cells(const std::stri
     std::lock_guard lock(store_mu_);
     auto totals = store_.cell_device_totals(project);
     if (!totals) return totals.error();
-    // The cells' presence: one store's answer today, each cell's store's
-    // once they are apart (ADR 18).
-    auto online = store_.online_by_cell(project);
-    if (!online) return online.error();
-    counts = merge_cell_device_counts(std::move(*totals), {std::move(*online)});
+    // The cells' presence: hub.db's answer, or each cell's file's (ADR 18).
+    std::vector<std::vector<Store::CellCount>> online;
+    for (DeviceStore* part : stores_for(store_)) {
+      auto o = part->online_by_cell(project);
+      if (!o) return o.error();
+      online.push_back(std::move(*o));
+    }
+    counts = merge_cell_device_counts(std::move(*totals), online);
   }
   std::vector<CellView> out;
   for (const auto& c : cells_) {
@@ -1262,6 +1266,7 @@ AggregateStore* HubService::reads() {
     if (!file || !*file) return;
     AggregateStore::Config rc;
     rc.readers = 2;
+    for (Store* f : cfg_.cell_files) rc.cell_files.emplace_back(sqlite3_db_filename(f->db().raw(), "main"));
     if (auto a = AggregateStore::open(file, rc)) {
       own_reads_ = std::move(*a);
     } else {
@@ -1279,18 +1284,35 @@ void HubService::read_store(const std::function<void(Store&)>& f) {
     return;
   }
   auto lease = a->reader();
-  // One snapshot for the whole read: a campaign's totals, its cells' counts
-  // and its waves agree with each other even while reports commit. A
-  // deferred BEGIN takes no lock a writer waits for.
+  auto cells = a->cell_readers();
+  // One snapshot of each file for the whole read: a campaign's totals, its
+  // cells' counts and its waves agree with each other even while reports
+  // commit. A deferred BEGIN takes no lock a writer waits for.
   // Ended however f leaves (a pooled connection left inside a transaction
   // would answer from that old snapshot for good).
   struct Snapshot {
     sql::Db& db;
     bool open;
+    explicit Snapshot(sql::Db& d) : db(d), open(static_cast<bool>(d.exec("BEGIN"))) {}
+    Snapshot(const Snapshot&) = delete;
     ~Snapshot() {
       if (open && !db.exec("COMMIT")) (void)db.exec("ROLLBACK");
     }
-  } snapshot{lease.db(), static_cast<bool>(lease.db().exec("BEGIN"))};
+  };
+  std::list<Snapshot> snapshots;
+  snapshots.emplace_back(lease.db());
+  std::vector<DeviceStore*> parts;
+  for (auto& c : cells) {
+    snapshots.emplace_back(c.db());
+    parts.push_back(&c.store());
+  }
+  // The cells' connections go back to their pools when this returns: the
+  // hub.db connection must not point at them after.
+  struct Parts {
+    Store& s;
+    ~Parts() { s.set_read_parts({}); }
+  } unset{lease.store()};
+  lease.store().set_read_parts(std::move(parts));
   f(lease.store());
 }
 
@@ -1303,12 +1325,20 @@ Result<std::optional<DeviceRecord>> HubService::device_record(const std::string&
 }
 
 Result<std::optional<DeviceRecord>> HubService::get_device(const std::string& id) {
-  if (cell_files()) {
-    // The cells' files have no read connections yet (ADR 18).
-    std::lock_guard lock(store_mu_);
-    return device_record(id);
-  }
-  return read([&](Store& from) { return from.get_device(id); });
+  return read([&](Store& from) -> Result<std::optional<DeviceRecord>> {
+    const auto parts = stores_for(from);
+    if (parts.size() == 1) return from.get_device(id);
+    // The directory names the device's cell; that cell's file has what it
+    // reported. A device whose copy is not made yet shows the directory's row.
+    auto e = from.directory_entry(id);
+    if (!e) return e.error();
+    if (!*e) return std::optional<DeviceRecord>();
+    if ((*e)->cell >= 0 && (*e)->cell < static_cast<int>(parts.size())) {
+      auto d = parts[static_cast<size_t>((*e)->cell)]->get_device(id);
+      if (!d || *d) return d;
+    }
+    return from.get_device(id);
+  });
 }
 
 namespace {
@@ -1771,6 +1801,7 @@ void HubService::follow_directory() {
 }
 
 std::vector<DeviceStore*> HubService::stores_for(Store& from) {
+  if (!from.read_parts().empty()) return from.read_parts();
   if (&from != &store_ || !cell_files()) return {&from};
   std::vector<DeviceStore*> out;
   for (Store* f : cfg_.cell_files) out.push_back(f);

@@ -59,10 +59,13 @@ Result<std::vector<AppliedObject>> HubService::list_applied(const std::string& a
 Result<std::vector<CampaignDeviceRecord>> HubService::campaign_failures(const std::string& campaign_id,
                                                                         int64_t limit) {
   return read([&](Store& from) -> Result<std::vector<CampaignDeviceRecord>> {
-    auto part = from.campaign_failures(campaign_id, limit);
-    if (!part) return part.error();
-    // One store today; one part per cell's store when they are split (ADR 18).
-    return first_failed_rows({std::move(*part)}, limit);
+    std::vector<std::vector<CampaignDeviceRecord>> parts;
+    for (DeviceStore* s : stores_for(from)) {
+      auto part = s->campaign_failures(campaign_id, limit);
+      if (!part) return part.error();
+      parts.push_back(std::move(*part));
+    }
+    return first_failed_rows(std::move(parts), limit);
   });
 }
 

@@ -9,6 +9,7 @@
 
 #include "flotilla/bundles/director.hpp"
 #include "flotilla/common/sqlite.hpp"
+#include "flotilla/hub/aggregates.hpp"
 #include "tests/support/campaign_fleet.hpp"
 
 namespace flotilla::test {
@@ -604,6 +605,137 @@ TEST_CASE("a hub restarted with cell files moves hub.db's rows into them and its
   ServiceConfig without = c.cfg;
   without.cell_files.clear();
   CHECK_THROWS_WITH(HubService(*c.store, c.clock, without), Catch::Contains("cells' own files"));
+}
+
+namespace {
+// What the API reads of a fleet (every read that spans devices), as text:
+// the same fleet must read the same from hub.db and from the cells' files.
+struct ApiReads {
+  std::string fleet, walk, detail, summary, view, failures, groups, cells;
+  bool operator==(const ApiReads&) const = default;
+};
+
+ApiReads api_reads(HubService& hub, const std::string& campaign, const std::string& failed_device) {
+  ApiReads out;
+  hub::AggregateStore* reads = hub.reads();
+  REQUIRE(reads);
+  auto fleet = reads->fleet("*");
+  REQUIRE(fleet);
+  for (const auto& f : *fleet) out.fleet += f.dim + "/" + f.value + "=" + std::to_string(f.n) + " ";
+  // Two rows a page: a walk across cells' files continues where each stopped.
+  hub::DeviceQuery q;
+  q.limit = 2;
+  for (int pages = 0; pages < 20; ++pages) {
+    auto page = reads->devices(q);
+    REQUIRE(page);
+    for (const auto& d : page->items) {
+      out.walk += d.id + ":" + d.state + ":" + (d.online ? "up" : "down") + ":" + std::to_string(d.cell) + " ";
+    }
+    if (page->next.empty()) break;
+    q.after = page->next;
+  }
+  auto detail = reads->device(failed_device).value();
+  REQUIRE(detail);
+  out.detail = detail->device.state + " " + std::to_string(detail->failures.size());
+  for (const auto& r : detail->campaigns) out.detail += " " + r.campaign_name + "/" + r.row.status + "/" + r.bundle_name;
+  auto summary = reads->campaign(campaign).value();
+  REQUIRE(summary);
+  for (const auto& r : summary->counts) {
+    out.summary += std::to_string(r.wave) + r.status + (r.online ? "+" : "-") + std::to_string(r.count) + " ";
+  }
+  auto view = hub.campaign_view(campaign, true).value();
+  REQUIRE(view);
+  const auto& n = view->counts;
+  out.view = std::to_string(n.total) + " " + std::to_string(n.applied) + " " + std::to_string(n.failed) + " " +
+             std::to_string(n.offline) + " away " + std::to_string(view->away.size()) + " rows " +
+             std::to_string(view->devices.size());
+  for (const auto& [reason, k] : view->failure_reasons) out.view += " " + reason + "=" + std::to_string(k);
+  for (const auto& c : view->cells) {
+    int64_t total = 0;
+    for (const auto& r : c.rows) total += r.count;
+    out.view += " cell" + std::to_string(c.cell) + "=" + std::to_string(total);
+  }
+  auto failures = hub.campaign_failures(campaign, 10);
+  REQUIRE(failures);
+  for (const auto& r : *failures) out.failures += r.device_id + "/" + r.reason + " ";
+  auto groups = reads->failure_groups(campaign, 5, 5);
+  REQUIRE(groups);
+  for (const auto& g : *groups) {
+    out.groups += g.reason + "=" + std::to_string(g.count) + ":" + std::to_string(g.first.size()) + " ";
+  }
+  auto cells = hub.list_cells();
+  REQUIRE(cells);
+  for (const auto& c : *cells) {
+    out.cells += std::to_string(c.devices_total) + "/" + std::to_string(c.devices_online) + " ";
+  }
+  return out;
+}
+}  // namespace
+
+// The API's reads (device pages, a device, fleet counts, a campaign's
+// counts, failures and cells) answer from every cell's file once the rows
+// are there, exactly as they answered from hub.db, and keep following
+// what devices report after.
+TEST_CASE("with cell files the API's reads answer over every cell's file as they did over hub.db",
+          "[unit][hub][cells]") {
+  Cells c;
+  const std::vector<std::string> ids = c.enroll_online(7);
+  const std::string campaign = c.campaign_to_all();
+  for (size_t i = 0; i < 3; ++i) c.applied(ids[i]);
+  // One failure with a reason, one device gone offline mid-campaign.
+  const std::string failing = ids[3];
+  {
+    auto sent = c.desired(c.cell_of(failing), failing);
+    REQUIRE_FALSE(sent.empty());
+    v1::Report r;
+    r.set_device_id(failing);
+    r.set_seq(++c.seq);
+    r.set_state(v1::AGENT_STATE_FAILED);
+    r.set_generation(sent.back().generation());
+    r.set_campaign_id(campaign);
+    r.mutable_error()->set_reason(v1::REASON_DISK_FULL);
+    r.mutable_error()->set_message("no space left");
+    c.hub->on_message(c.cell_of(failing), {transport::device_topic(failing, "report"), r.SerializeAsString(), 1, false});
+    c.hub->drain();
+  }
+  c.presence(c.cell_of(ids[4]), ids[4], false);
+  const ApiReads before = api_reads(*c.hub, campaign, failing);
+  CHECK(before.view.starts_with("7 3 1 1 away 1 rows 7"));
+  CHECK(before.failures == failing + "/disk_full ");
+  CHECK(before.detail.find("edge-base") != std::string::npos);
+
+  c.open_cell_files();
+  c.restart();
+  // A restart trusts no presence from before it: the devices announce again.
+  for (size_t i = 0; i < ids.size(); ++i) {
+    if (i != 4) c.presence(c.cell_of(ids[i]), ids[i], true);
+  }
+  REQUIRE(rows_in(*c.store, "SELECT COUNT(*) FROM campaign_devices") == 0);
+  const ApiReads after = api_reads(*c.hub, campaign, failing);
+  CHECK(after.fleet == before.fleet);
+  CHECK(after.walk == before.walk);
+  CHECK(after.detail == before.detail);
+  CHECK(after.summary == before.summary);
+  CHECK(after.view == before.view);
+  CHECK(after.failures == before.failures);
+  CHECK(after.groups == before.groups);
+  CHECK(after.cells == before.cells);
+  CHECK(c.hub->get_device(failing).value()->state == "failed");
+
+  // The reads follow the files: a report after the move shows at once.
+  c.applied(ids[5]);
+  const ApiReads later = api_reads(*c.hub, campaign, failing);
+  CHECK(later.view.starts_with("7 4 1 1"));
+  CHECK(later.fleet != before.fleet);
+  CHECK(c.hub->get_device(ids[5]).value()->state == "applied");
+  // A page of one cell's devices walks that cell's file only.
+  hub::DeviceQuery one;
+  one.cells = std::vector<int>{c.cell_of(ids[5])};
+  one.limit = 50;
+  auto page = c.hub->reads()->devices(one);
+  REQUIRE(page);
+  CHECK(page->items.size() == c.in_cell(ids, c.cell_of(ids[5])).size());
+  for (const auto& d : page->items) CHECK(d.cell == c.cell_of(ids[5]));
 }
 
 TEST_CASE("cell files that do not match the cells are refused", "[unit][hub][cells]") {
