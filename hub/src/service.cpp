@@ -2015,9 +2015,19 @@ HubService::DeviceGroups HubService::parse_batch(const std::vector<transport::Me
 void HubService::apply_device_messages(const std::string& device_id, const std::vector<ParsedMessage>& msgs,
                                        int cell, Applied& applied) {
   // Where the device should be first: the broker it spoke on is its cell's.
-  // (With a store per cell, a device arriving from a drained cell is not in
-  // this one yet: ADR 18's slice 8 finds it through the directory.)
   auto found = device_store(cell).get_device(device_id);
+  if (found && !*found && cell_files()) {
+    // With a file per cell, a device arriving from a draining cell has its
+    // rows in that cell's file until the directory's move is followed (after
+    // this batch commits, carrying what this batch wrote there). A device of
+    // a gateway that arrived earlier in this batch is in the directory's new
+    // cell already, its rows still in the old file: so the files are asked.
+    if (auto e = store_.directory_entry(device_id); e && *e) {
+      for (int k = 0; k < cell_count() && found && !*found; ++k) {
+        if (k != cell) found = device_store(k).get_device(device_id);
+      }
+    }
+  }
   if (!found || !*found) {
     if (std::any_of(msgs.begin(), msgs.end(), [](const ParsedMessage& p) { return p.is_report; })) {
       const std::string& gw = msgs.front().gateway;
@@ -2056,9 +2066,13 @@ void HubService::apply_device_messages(const std::string& device_id, const std::
         log::get("hub")->error("move device={} to cell {}: {}", owner, cell, n.error().message);
         return;
       }
-      note_moved(owner, dev.cell, cell, *n, "");
-      follow_pending_ = true;
-      dev.cell = cell;
+      if (*n > 0) {
+        note_moved(owner, dev.cell, cell, *n, "");
+        follow_pending_ = true;
+      }
+      // With a file per cell the rows stay in the old cell's file for this
+      // batch: dev.cell is where they are written (the follow moves them).
+      if (!cell_files()) dev.cell = cell;
     }
   }
   const bool was_online = dev.online;
