@@ -124,9 +124,13 @@ void add_hub_options(Options& o) {
                       "read for a cell another hub holds is forwarded to its public-url, which must be https "
                       "unless on this machine); default: the system trust store")
       .add("http-threads", "threads serving the REST API", "16")
-      .add("db-cache-mib", "SQLite page cache for the hub's store, in MiB (a fixed cost, not per device)", "64")
+      .add("db-cache-mib", "SQLite page cache for the hub's store, in MiB (a fixed cost, not per device); with cell-files, "
+                             "for hub.db and for each cell's file", "64")
       .add("db-mmap-mib", "map up to this many MiB of the store file (0 = off); faster reads once the store "
                           "outgrows db-cache-mib, e.g. 1024 for 1M devices", "0")
+.add("cell-files", "keep each cell's device rows (reports, inventories, campaign rows) in a file of its own, "
+                         "<data-dir>/cells/<n>/devices.db, instead of hub.db (true or false). The first start with "
+                         "true moves hub.db's rows into them; from then on the hub always opens them", "false")
       .add("git-sync", "follow the GitRepos stored on this hub (true) or keep them without fetching (false)",
            "true")
       .add("director-key", "private key file (flotilla key generate, not passphrase-protected, mode 0600) the hub "
@@ -359,6 +363,16 @@ Result<HubConfig> hub_config_from(const Options& o) {
                                                   o.source("git-sync") + ")");
   }
   c.git_sync = git == "true";
+  const std::string files = o.get("cell-files");
+  if (files != "true" && files != "false") {
+    return make_error(Errc::invalid_argument, "cell-files must be true or false, got '" + files + "' (from " +
+                                                  o.source("cell-files") + ")");
+  }
+  c.cell_files = files == "true";
+  if (c.cell_files && !c.cell_brokers.empty()) {
+    return make_error(Errc::invalid_argument, "cell-files is not available yet to hub processes sharing cells "
+                                              "(cell-broker); leave it false (docs/adr/0018)");
+  }
   c.director_key_file = o.get("director-key");
   if (!c.director_key_file.empty() && ::access(c.director_key_file.c_str(), R_OK) != 0) {
     return make_error(Errc::invalid_argument, "director-key: cannot read '" + c.director_key_file + "' (from " +
@@ -506,8 +520,33 @@ Status run_hub(const HubConfig& cfg, const std::atomic<bool>& stop) {
   } else {
     logger->info("coordination backend={}", (*coordinator)->backend());
   }
+  // Each cell's device rows in a file of its own (ADR 18 slice 7): asked
+  // for, or hub.db says its rows are there already.
+  auto in_files = (*store)->cell_files_in_use();
+  if (!in_files) return in_files.error();
+  if (*in_files > 0 && !cfg.cell_files) {
+    if (!cfg.cell_brokers.empty()) {
+      return make_error(Errc::invalid_argument, "hub.db's device rows are in cells' own files, which hub processes "
+                                                "sharing cells (cell-broker) cannot open yet");
+    }
+    logger->info("hub.db's device rows are in {} cells' files (cells/<n>/devices.db): opening them", *in_files);
+  }
+  std::vector<std::unique_ptr<Store>> cell_stores;
+  std::vector<std::string> cell_paths;
+  if (cfg.cell_files || *in_files > 0) {
+    if (auto s = fs::ensure_own_dir(data / "cells", 0700); !s) return s;
+    for (int cell = 0; cell < cfg.cells; ++cell) {
+      const auto dir = data / "cells" / std::to_string(cell);
+      if (auto s = fs::ensure_own_dir(dir, 0700); !s) return s;
+      cell_paths.push_back((dir / "devices.db").string());
+      auto f = Store::open_cell(cell_paths.back(), cell, StoreTuning{cfg.db_cache_mib, cfg.db_mmap_mib});
+      if (!f) return f.error().with_context("cell " + std::to_string(cell) + "'s device file");
+      cell_stores.push_back(std::move(*f));
+    }
+  }
   // The dashboard's read models read on connections of their own.
   AggregateStore::Config ac;
+  ac.cell_files = cell_paths;
   ac.tuning = StoreTuning{std::max<int64_t>(4, cfg.db_cache_mib / 4), cfg.db_mmap_mib};
   ac.device_scan_limit = cfg.views_scan_limit;
   auto aggregates = AggregateStore::open((data / "hub.db").string(), ac);
@@ -729,7 +768,13 @@ Status run_hub(const HubConfig& cfg, const std::atomic<bool>& stop) {
   if (shared_cells && cfg.coordination.backend != coord::CoordinationConfig::Backend::etcd) {
     logger->warn("cell-broker without coordination etcd: this hub is the only one and serves every cell");
   }
-  service = std::make_unique<HubService>(**store, SystemClock::instance(), sc);
+  for (auto& f : cell_stores) sc.cell_files.push_back(f.get());
+  try {
+    service = std::make_unique<HubService>(**store, SystemClock::instance(), sc);
+  } catch (const std::exception& e) {
+    // Cell files that do not fit, or hub.db's rows that could not move into them.
+    return make_error(Errc::internal, std::string("start the hub service: ") + e.what());
+  }
   if (auto s = service->control_log_status(); !s) return s.error().with_context("control log");
   for (size_t i = 0; i < brokers.size(); ++i) service->set_cell_broker(static_cast<int>(i), brokers[i].get());
   service->set_artifacts(&artifacts);

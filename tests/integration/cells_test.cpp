@@ -16,6 +16,7 @@
 #include "flotilla/bundles/keys.hpp"
 #include "flotilla/common/crypto.hpp"
 #include "flotilla/common/fs.hpp"
+#include "flotilla/common/sqlite.hpp"
 #include "flotilla/v1/desired.pb.h"
 #include "tests/support/harness.hpp"
 #include "tests/support/sim_campaign.hpp"
@@ -185,6 +186,108 @@ TEST_CASE("cell drain mid-campaign: every device moves and applies once and stay
   CHECK(list[0]["devices_total"] == 0);
   for (const auto& a : fleet.agents) CHECK(hub.device(a->device_id())["cell"] != 0);
   CHECK(hub.cli({"cell", "undrain", "x"}).exit_code == 2);
+}
+
+namespace {
+
+// The devices whose rows a cell's own file holds, read while the hub runs
+// (SQLite's WAL lets another connection read what is committed).
+std::set<std::string> devices_in_file(const Hub& hub, int cell) {
+  std::set<std::string> ids;
+  auto db = sql::Db::open((hub.data_dir() / "cells" / std::to_string(cell) / "devices.db").string());
+  REQUIRE(db);
+  auto rows = sql::query<std::string>(**db, "SELECT id FROM devices", [](const sql::Stmt& st) { return st.col_text(0); });
+  REQUIRE(rows);
+  ids.insert(rows->begin(), rows->end());
+  return ids;
+}
+
+}  // namespace
+
+// ADR 18 slice 7 with real processes: each cell's device rows in a file of
+// its own. The API, /metrics and `flotilla cell list` read them; a drain
+// carries a device's rows from one file to the other; a restart without the
+// flag opens the files anyway.
+TEST_CASE("cell files: a campaign converges over two cells' files and a drain moves the rows between them",
+          "[integration][cells][drain]") {
+  constexpr int kAgents = 4;
+  Fleet fleet(kAgents, {{"env", "it"}}, {"--cells", "2", "--cell-files", "true"});
+  Hub& hub = fleet.hub;
+  json list = cells(hub);
+  REQUIRE(list.size() == 2);
+  for (const auto& c : list) {
+    CHECK(c["devices_total"] == 2);
+    CHECK(c["devices_online"] == 2);
+  }
+  std::map<std::string, int> cell_of;
+  for (const auto& a : fleet.agents) cell_of[a->device_id()] = hub.device(a->device_id())["cell"].get<int>();
+  for (int cell = 0; cell < 2; ++cell) {
+    std::set<std::string> expected;
+    for (const auto& [id, c] : cell_of) {
+      if (c == cell) expected.insert(id);
+    }
+    CHECK(devices_in_file(hub, cell) == expected);
+  }
+
+  json c = run_campaign(hub, fleet.push(make_bundle("edge-base", 1, {}, {&fleet.release})), "env=it");
+  INFO(c.dump(2));
+  REQUIRE(c["state"] == "completed");
+  CHECK(c["counts"]["total"] == kAgents);
+  CHECK(c["counts"]["applied"] == kAgents);
+  // Each cell's share of the campaign, counted in its own file.
+  REQUIRE(c["cells"].size() == 2);
+  for (const auto& share : c["cells"]) {
+    CHECK(share["total"] == 2);
+    CHECK(share["applied"] == 2);
+  }
+  // Device pages, a device, and /metrics: what the agents reported, from the files.
+  json page = hub.devices("env=it");
+  REQUIRE(page.size() == static_cast<size_t>(kAgents));
+  for (const auto& d : page) {
+    CHECK(d["applied_bundle"] == "edge-base");
+    CHECK(d["online"] == true);
+  }
+  std::string m = metrics_text(hub);
+  CHECK(metric(m, "flotilla_devices_presence{presence=\"online\"}") == kAgents);
+  auto table = hub.cli({"cell", "list"});
+  CHECK(table.exit_code == 0);
+  // hub.db keeps the directory, not what devices report.
+  {
+    auto db = sql::Db::open((hub.data_dir() / "hub.db").string());
+    REQUIRE(db);
+    auto rows = sql::query<int64_t>(**db, "SELECT COUNT(*) FROM campaign_devices",
+                                    [](const sql::Stmt& st) { return st.col_int(0); });
+    REQUIRE(rows);
+    CHECK(rows->front() == 0);
+  }
+
+  // Draining cell 0 carries its devices' rows into cell 1's file.
+  auto drained = hub.cli({"cell", "drain", "0", "--timeout", "90s"});
+  INFO(drained.out + drained.err);
+  INFO(hub.log());
+  REQUIRE(drained.exit_code == 0);
+  REQUIRE(fleet.wait_online(kAgents, std::chrono::seconds(60)));
+  CHECK(devices_in_file(hub, 0).empty());
+  CHECK(devices_in_file(hub, 1).size() == static_cast<size_t>(kAgents));
+  for (const auto& a : fleet.agents) {
+    auto d = hub.device(a->device_id());
+    CHECK(d["cell"] == 1);
+    CHECK(d["applied_bundle"] == "edge-base");
+  }
+  c = hub.campaign(c["id"].get<std::string>());
+  CHECK(c["counts"]["applied"] == kAgents);
+  list = cells(hub);
+  CHECK(list[0]["devices_total"] == 0);
+  CHECK(list[1]["devices_total"] == kAgents);
+
+  // Restarted without the flag: the rows are in the files, so it opens them.
+  hub.stop();
+  hub.start({"--cells", "2"});
+  CHECK(hub.log().find("cells' files (cells/<n>/devices.db): opening them") != std::string::npos);
+  REQUIRE(fleet.wait_online(kAgents, std::chrono::seconds(60)));
+  for (const auto& a : fleet.agents) CHECK(hub.device(a->device_id())["applied_bundle"] == "edge-base");
+  c = hub.campaign(c["id"].get<std::string>());
+  CHECK(c["counts"]["applied"] == kAgents);
 }
 
 namespace {
