@@ -108,7 +108,7 @@ int main(int argc, char** argv) {
   opts.prefix = "/flotilla-bench/" + flotilla::crypto::random_token(4) + "/";
   opts.snapshot_every = 0;  // by hand below
   opts.keep_entries = 0;
-  std::recursive_mutex writer_mu;
+  hub::StoreMutex writer_mu;
   auto log = hub::ControlLog::open(writer->db(), writer_mu, *coordinator, opts);
   if (!log) die("control log", log.error());
   // One control write, so the store follows the log at entry 1.
@@ -134,7 +134,7 @@ int main(int argc, char** argv) {
 
   // A hub from an empty store loads it.
   auto reader = fresh_store(dir / "reader" / "hub.db");
-  std::recursive_mutex reader_mu;
+  hub::StoreMutex reader_mu;
   const long rss_before = peak_rss_kib();
   auto follower = hub::ControlLog::open(reader->db(), reader_mu, *coordinator, opts);
   if (!follower) die("control log", follower.error());

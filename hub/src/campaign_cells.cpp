@@ -385,6 +385,10 @@ void HubService::ensure_cell_membership(const CampaignRecord& c) {
 
 void HubService::adopt_reported_generation(DeviceRecord& dev, const v1::Report& r, CampaignRows& rows) {
   if (!cfg_.share_cells || r.campaign_id().empty() || r.generation() <= dev.generation) return;
+  if (StoreMutex::holding_file_alone()) {
+    needs_whole_lock() = true;  // the campaign is hub.db's
+    return;
+  }
   auto c = store_.get_campaign(r.campaign_id());
   if (!c || !*c) return;
   auto [it, fresh] = rows.try_emplace(r.campaign_id());

@@ -1027,6 +1027,10 @@ void HubService::on_campaign_report(const DeviceRecord& dev, const v1::Report& r
 // that was killed before storing it, say. What the device runs tells which
 // outcome it was. Returns true when it settled the row.
 bool HubService::finished_without_outcome(CampaignDeviceRecord& row, const v1::Report& r) {
+  if (StoreMutex::holding_file_alone()) {
+    needs_whole_lock() = true;  // the campaign and its bundle are hub.db's
+    return false;
+  }
   auto c = store_.get_campaign(row.campaign_id);
   if (!c || !*c) return false;
   auto b = store_.get_bundle((*c)->bundle_id, false);

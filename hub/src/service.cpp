@@ -10,6 +10,7 @@
 #include <list>
 #include <set>
 #include <tuple>
+#include <utility>
 
 #include "flotilla/bundles/bundle.hpp"
 #include "flotilla/bundles/director.hpp"
@@ -40,6 +41,8 @@ std::string reason_name(v1::Reason r) { return lower_suffix(v1::Reason_Name(r), 
 
 HubService::HubService(Store& store, const Clock& clock, ServiceConfig cfg)
     : store_(store), clock_(clock), cfg_(std::move(cfg)) {
+  // Before any thread: each cell's file gets a lock of its own (slice 8).
+  store_mu_.set_files(static_cast<int>(cfg_.cell_files.size()));
   director_configured_ = cfg_.director_key.has_value();
   if (!cfg_.director_key) cfg_.director_key = bundles::generate_key();
   if (auto ids = store_.decommissioned_device_ids(); ids) {
@@ -1408,8 +1411,10 @@ struct HubService::ParsedMessage {
   v1::Presence presence;
 };
 
-// The cells' workers share the store (one SQLite file for now,
-// docs/architecture.md "Cells"): each commits its own batches.
+// Each cell's worker commits its own batches. With a file per cell it holds
+// only its cell's file for its own devices' messages, so the cells' workers
+// write side by side (ADR 18, slice 8); what needs hub.db waits for the
+// whole lock. With one store they take turns on it.
 void HubService::drain_cell(Cell& c) {
   std::lock_guard drain_lock(c.drain_mu());
   for (;;) {
@@ -1423,29 +1428,50 @@ void HubService::drain_cell(Cell& c) {
     // Parsed and grouped before the store lock: the other cells' workers
     // and the engine wait only for the rows being written.
     const DeviceGroups groups = parse_batch(batch);
-    std::lock_guard lock(store_mu_);
-    const auto started = std::chrono::steady_clock::now();
-    // Reports are the devices' to repeat (and a lost outcome is recovered
-    // from the next idle report): no fsync per batch. Control writes stay FULL.
-    DeviceStore& cell_store = device_store(c.id());
-    (void)cell_store.relaxed_sync(true);
+    size_t done = 0;
     {
-      Applied applied;
-      sql::Transaction tx(cell_store.device_db());
-      for (const auto& [id, msgs] : groups) apply_device_messages(id, msgs, c.id(), applied);
-      if (auto s = tx.commit(); !s) log::get("hub")->error("commit report batch failed: {}", s.error().message);
-      reports_processed_ += applied.reports;
-      presence_processed_ += applied.presences;
+      StoreMutex::FileLock lock(store_mu_, c.id());
+      done = apply_groups(c, groups, 0, lock.alone());
     }
-    if (follow_pending_) {
-      follow_pending_ = false;
-      follow_directory();
+    // The rest of the batch, in order, from the first group that needs hub.db.
+    if (done < groups.size()) {
+      std::lock_guard lock(store_mu_);
+      (void)apply_groups(c, groups, done, false);
     }
-    if (auto s = cell_store.relaxed_sync(false); !s) {
-      log::get("hub")->error("restore synchronous=FULL failed: {}", s.error().message);
-    }
-    report_commit_seconds_.observe(std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count());
   }
+}
+
+bool& HubService::needs_whole_lock() {
+  thread_local bool needed = false;
+  return needed;
+}
+
+size_t HubService::apply_groups(Cell& c, const DeviceGroups& groups, size_t from, bool file_alone) {
+  const auto started = std::chrono::steady_clock::now();
+  // Reports are the devices' to repeat (and a lost outcome is recovered
+  // from the next idle report): no fsync per batch. Control writes stay FULL.
+  DeviceStore& cell_store = device_store(c.id());
+  (void)cell_store.relaxed_sync(true);
+  size_t at = from;
+  {
+    Applied applied;
+    sql::Transaction tx(cell_store.device_db());
+    for (; at < groups.size(); ++at) {
+      if (!apply_device_messages(groups[at].first, groups[at].second, c.id(), file_alone, applied)) break;
+    }
+    if (auto s = tx.commit(); !s) log::get("hub")->error("commit report batch failed: {}", s.error().message);
+    reports_processed_ += applied.reports;
+    presence_processed_ += applied.presences;
+  }
+  if (!file_alone && follow_pending_) {
+    follow_pending_ = false;
+    follow_directory();
+  }
+  if (auto s = cell_store.relaxed_sync(false); !s) {
+    log::get("hub")->error("restore synchronous=FULL failed: {}", s.error().message);
+  }
+  report_commit_seconds_.observe(std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count());
+  return at;
 }
 
 int HubService::least_loaded_cell(const std::vector<int64_t>& counts, int except) const {
@@ -2012,10 +2038,12 @@ HubService::DeviceGroups HubService::parse_batch(const std::vector<transport::Me
   return groups;
 }
 
-void HubService::apply_device_messages(const std::string& device_id, const std::vector<ParsedMessage>& msgs,
-                                       int cell, Applied& applied) {
+bool HubService::apply_device_messages(const std::string& device_id, const std::vector<ParsedMessage>& msgs,
+                                       int cell, bool file_alone, Applied& applied) {
   // Where the device should be first: the broker it spoke on is its cell's.
   auto found = device_store(cell).get_device(device_id);
+  // Not in this file, or in it but moving: the directory decides, in hub.db.
+  if (file_alone && (!found || !*found || (**found).cell != cell)) return false;
   if (found && !*found && cell_files()) {
     // With a file per cell, a device arriving from a draining cell has its
     // rows in that cell's file until the directory's move is followed (after
@@ -2036,7 +2064,7 @@ void HubService::apply_device_messages(const std::string& device_id, const std::
                               gw.empty() ? std::string() : " on the topics of gateway " + gw, suppressed_note(*n));
       }
     }
-    return;
+    return true;
   }
   DeviceRecord dev = std::move(**found);
   if (cell_count() > 1 && dev.cell != cell) {
@@ -2050,7 +2078,7 @@ void HubService::apply_device_messages(const std::string& device_id, const std::
         log::get("hub")->warn("dropped {} message(s) of device={} from the broker of cell {}: it is in cell {}{}",
                               msgs.size(), device_id, cell, dev.cell, suppressed_note(*n));
       }
-      return;
+      return true;
     }
     const std::string owner = dev.gateway.empty() ? dev.id : dev.gateway;
     if (cfg_.share_cells) {
@@ -2064,7 +2092,7 @@ void HubService::apply_device_messages(const std::string& device_id, const std::
       auto n = store_.set_device_cell(owner, cell);
       if (!n) {
         log::get("hub")->error("move device={} to cell {}: {}", owner, cell, n.error().message);
-        return;
+        return true;
       }
       if (*n > 0) {
         note_moved(owner, dev.cell, cell, *n, "");
@@ -2109,11 +2137,14 @@ void HubService::apply_device_messages(const std::string& device_id, const std::
     ++reports;
     if (!r.campaign_id().empty()) on_campaign_report(dev, r, rows);
   }
+  // Something on the way needed hub.db: nothing is written; applied again
+  // under the whole lock.
+  if (file_alone && std::exchange(needs_whole_lock(), false)) return false;
   DeviceStore& cell_store = device_store(dev.cell);
   if (changed) {
     if (auto s = cell_store.save_device_state(dev); !s) {
       log::get("hub")->error("save device={} failed: {}", device_id, s.error().message);
-      return;
+      return true;
     }
   }
   if (inventory) {
@@ -2134,6 +2165,7 @@ void HubService::apply_device_messages(const std::string& device_id, const std::
     presence_settle_until_ms_ = 0;
   }
   if (gateway_left) (void)cell_store.set_gateway_devices_offline(device_id, clock_.now_unix_ms());
+  return true;
 }
 
 void HubService::apply_report(DeviceRecord& dev, const v1::Report& r) {

@@ -4,6 +4,7 @@
 // campaign engine's unit tests drive.
 #include <catch2/catch.hpp>
 
+#include <filesystem>
 #include <functional>
 #include <map>
 #include <memory>
@@ -40,6 +41,9 @@ struct Fleet {
   std::set<std::string> director_keys;  // as enrollment answers named them
 
   int cells = 1;  // cells of the hub (each device is in one; its messages arrive there)
+  // Each cell's device rows in cells/<n>/devices.db (ADR 18), from the next open().
+  bool cell_files = false;
+  std::vector<std::unique_ptr<Store>> files;
   // Changes the service's settings before it is made (then restart()).
   std::function<void(ServiceConfig&)> tune;
 
@@ -55,6 +59,15 @@ struct Fleet {
     cfg.engine_thread = false;  // the test ticks, with its fake clock
     for (int i = 0; i < cells && cells > 1; ++i) cfg.cell_broker_urls.push_back("tcp://127.0.0.1:" + std::to_string(i + 1));
     if (tune) tune(cfg);
+    files.clear();
+    for (int i = 0; cell_files && i < cells; ++i) {
+      const auto cell_dir = dir.path() / "cells" / std::to_string(i);
+      std::filesystem::create_directories(cell_dir);
+      auto f = Store::open_cell((cell_dir / "devices.db").string(), i);
+      REQUIRE(f);
+      files.push_back(std::move(*f));
+      cfg.cell_files.push_back(files.back().get());
+    }
     hub = std::make_unique<HubService>(*store, clock, cfg);
     for (int i = 0; i < cells; ++i) REQUIRE(hub->attach_transport(i, broker));
   }
@@ -63,6 +76,7 @@ struct Fleet {
   void restart() {
     hub->stop();
     hub.reset();
+    files.clear();
     store.reset();
     open();
   }

@@ -7,10 +7,14 @@
 #include <algorithm>
 #include <filesystem>
 #include <functional>
+#include <future>
+#include <mutex>
+#include <thread>
 #include <memory>
 
 #include "flotilla/common/sqlite.hpp"
 #include "flotilla/hub/store.hpp"
+#include "flotilla/hub/store_mutex.hpp"
 #include "tests/support/store_helpers.hpp"
 #include "tests/support/temp_dir.hpp"
 
@@ -589,3 +593,68 @@ TEST_CASE("hub.db's device rows move into the cells' files once, and hub.db keep
         0);
   CHECK(count(**reopened, "SELECT COUNT(*) FROM directory_outbox WHERE device_id = 'd-new'") == 1);
 }
+
+namespace flotilla::test {
+
+// ADR 18, slice 8: each cell's report worker holds only its cell's file,
+// so two cells' workers write at once; everything else takes the whole
+// lock, which waits for every file.
+TEST_CASE("the store lock: cells' files are held alone side by side and the whole lock holds them all",
+          "[unit][hub][cells][store]") {
+  hub::StoreMutex m;
+  m.set_files(2);
+  auto from_another_thread = [](const std::function<bool()>& f) { return std::async(std::launch::async, f).get(); };
+  std::promise<void> held0, release0;
+  std::thread a([&] {
+    hub::StoreMutex::FileLock lock(m, 0);
+    CHECK(lock.alone());
+    CHECK(hub::StoreMutex::holding_file_alone());
+    held0.set_value();
+    release0.get_future().wait();
+  });
+  held0.get_future().wait();
+  // Cell 1's file while cell 0's is held; the whole lock is not to be had.
+  auto one = std::async(std::launch::async, [&] {
+    hub::StoreMutex::FileLock lock(m, 1);
+    return lock.alone();
+  });
+  REQUIRE(one.wait_for(std::chrono::seconds(30)) == std::future_status::ready);
+  CHECK(one.get());
+  CHECK_FALSE(from_another_thread([&] {
+    const bool got = m.try_lock();
+    if (got) m.unlock();
+    return got;
+  }));
+  CHECK_FALSE(hub::StoreMutex::holding_file_alone());  // this thread holds nothing
+  release0.set_value();
+  a.join();
+
+  // The whole lock, recursively, holds both files: no other thread gets either.
+  {
+    std::lock_guard whole(m);
+    std::lock_guard again(m);
+    CHECK_FALSE(from_another_thread([&] {
+      const bool got = m.try_lock();
+      if (got) m.unlock();
+      return got;
+    }));
+  }
+  CHECK(from_another_thread([&] {
+    const bool got = m.try_lock();
+    if (got) m.unlock();
+    return got;
+  }));
+
+  // Without files, a cell's "file" is the whole lock.
+  hub::StoreMutex single;
+  hub::StoreMutex::FileLock lock(single, 0);
+  CHECK_FALSE(lock.alone());
+  CHECK_FALSE(hub::StoreMutex::holding_file_alone());
+  CHECK_FALSE(from_another_thread([&] {
+    const bool got = single.try_lock();
+    if (got) single.unlock();
+    return got;
+  }));
+}
+
+}  // namespace flotilla::test

@@ -45,7 +45,7 @@ TEST_CASE("group commit: queued work shares one commit and a failing piece leave
   auto db = sql::Db::open(path);
   REQUIRE(db);
   REQUIRE((*db)->exec("CREATE TABLE t (v INTEGER NOT NULL)"));
-  std::recursive_mutex mu;
+  flotilla::hub::StoreMutex mu;
   flotilla::hub::GroupCommit gc(mu, **db);
   auto insert = [&](int v) -> Status {
     auto st = (*db)->prepare("INSERT INTO t (v) VALUES (?)");

@@ -363,7 +363,7 @@ const std::vector<std::string>& ControlLog::tables() {
 
 int64_t ControlLog::last_write_revision() { return t_last_write_revision; }
 
-ControlLog::ControlLog(sql::Db& db, std::recursive_mutex& mu, coord::Coordinator& c, ControlLogOptions opts)
+ControlLog::ControlLog(sql::Db& db, StoreMutex& mu, coord::Coordinator& c, ControlLogOptions opts)
     : db_(db), mu_(mu), c_(c), opts_(std::move(opts)) {
   remove_stale_work_files();
 }
@@ -399,7 +399,7 @@ ControlLog::~ControlLog() {
                                    nullptr, nullptr);
 }
 
-Result<std::unique_ptr<ControlLog>> ControlLog::open(sql::Db& db, std::recursive_mutex& mu, coord::Coordinator& c,
+Result<std::unique_ptr<ControlLog>> ControlLog::open(sql::Db& db, StoreMutex& mu, coord::Coordinator& c,
                                                      ControlLogOptions opts) {
   if (opts.prefix.empty() || opts.prefix.back() != '/') {
     return make_error(Errc::invalid_argument, "control log: prefix must end in '/'");

@@ -34,6 +34,7 @@
 #include "flotilla/common/result.hpp"
 #include "flotilla/common/sqlite.hpp"
 #include "flotilla/hub/coord.hpp"
+#include "flotilla/hub/store_mutex.hpp"
 
 namespace flotilla::hub {
 
@@ -83,7 +84,7 @@ class ControlLog {
 
   // db is the hub store's connection and mu what serialises its use. Creates
   // the local control_log_state table and the guard triggers; starts nothing.
-  static Result<std::unique_ptr<ControlLog>> open(sql::Db& db, std::recursive_mutex& mu, coord::Coordinator& c,
+  static Result<std::unique_ptr<ControlLog>> open(sql::Db& db, StoreMutex& mu, coord::Coordinator& c,
                                                   ControlLogOptions opts = {});
   ~ControlLog();
   ControlLog(const ControlLog&) = delete;
@@ -173,7 +174,7 @@ class ControlLog {
   std::string stuck_reason() const;
 
  private:
-  ControlLog(sql::Db& db, std::recursive_mutex& mu, coord::Coordinator& c, ControlLogOptions opts);
+  ControlLog(sql::Db& db, StoreMutex& mu, coord::Coordinator& c, ControlLogOptions opts);
   Status install();
   std::string head_key() const { return opts_.prefix + "head"; }
   std::string log_prefix() const { return opts_.prefix + "log/"; }
@@ -216,7 +217,7 @@ class ControlLog {
   void note_unreachable(const Error& e);
 
   sql::Db& db_;
-  std::recursive_mutex& mu_;
+  StoreMutex& mu_;
   coord::Coordinator& c_;
   ControlLogOptions opts_;
   std::atomic<int64_t> applied_rev_{0}, applied_seq_{0};

@@ -16,13 +16,14 @@
 
 #include "flotilla/common/result.hpp"
 #include "flotilla/common/sqlite.hpp"
+#include "flotilla/hub/store_mutex.hpp"
 
 namespace flotilla::hub {
 
 class GroupCommit {
  public:
   // store_mu guards db; it is taken here, around each batch.
-  GroupCommit(std::recursive_mutex& store_mu, sql::Db& db) : store_mu_(store_mu), db_(db) {}
+  GroupCommit(StoreMutex& store_mu, sql::Db& db) : store_mu_(store_mu), db_(db) {}
 
   // Runs work (with the store lock held, inside a transaction and its own
   // savepoint) and returns once its writes are committed: work's own error,
@@ -47,7 +48,7 @@ class GroupCommit {
   // Each work in its own savepoint; true when any is to be kept.
   bool run_works(std::deque<Pending*>& batch);
 
-  std::recursive_mutex& store_mu_;
+  StoreMutex& store_mu_;
   sql::Db& db_;
   Runner runner_;
   mutable std::mutex mu_;

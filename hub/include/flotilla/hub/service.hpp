@@ -543,8 +543,20 @@ class HubService {
   struct Applied {
     uint64_t reports = 0, presences = 0;
   };
-  void apply_device_messages(const std::string& device_id, const std::vector<ParsedMessage>& msgs, int cell,
-                             Applied& applied);
+  // With file_alone (the cell's file held alone: StoreMutex::FileLock)
+  // only a device whose rows are in this cell's file and stay there is
+  // applied; anything that needs hub.db (a device arriving from another
+  // cell, an unknown one, an outcome recovered from an idle report) returns
+  // false having written nothing, for the caller to apply under the whole lock.
+  bool apply_device_messages(const std::string& device_id, const std::vector<ParsedMessage>& msgs, int cell,
+                             bool file_alone, Applied& applied);
+  // Applies groups[from..] to cell c's store in one transaction and returns
+  // where it stopped: at the end, or (file_alone) at the first group that
+  // needs the whole lock.
+  size_t apply_groups(Cell& c, const DeviceGroups& groups, size_t from, bool file_alone);
+  // Set (on this thread) by what found it needs hub.db while the thread
+  // holds one cell's file alone; apply_device_messages then stops.
+  static bool& needs_whole_lock();
   void apply_report(DeviceRecord& dev, const v1::Report& r);
   // One desired-state message, decided inside a store transaction and
   // published after it commits. What every device of a campaign shares (the
@@ -826,7 +838,7 @@ class HubService {
   // Recursive: a declarative apply holds it across one transaction while it
   // calls the same operations (create_campaign, campaign_action,
   // upload_bundle, create_token) the REST routes call on their own.
-  std::recursive_mutex store_mu_;
+  StoreMutex store_mu_;
   // Enrollments share commits (one fsync for all that queued meanwhile).
   GroupCommit enroll_commits_{store_mu_, store_.db()};
   std::mutex cred_sync_mu_;                 // one password-file rewrite at a time
