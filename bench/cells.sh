@@ -14,6 +14,9 @@
 #   bench/cells.sh --gateway "100000" --cells "1 2 4" --direct 0
 #   bench/cells.sh --gateway "1000000" --cells "1 4" --direct 0
 #   bench/cells.sh --gateway "" --direct 70000
+#   bench/cells.sh --gateway "100000" --cells "4" --direct 0 --cell-files
+#                      # each cell's device rows in a file of its own (ADR 18;
+#                      # raw outputs then go to docs/scale/cells-files-*.txt)
 #   bench/cells.sh --out DIR --report-only          # the table again from DIR
 #
 # Needs a build (scripts/build.sh). Everything runs on loopback; each rung
@@ -40,7 +43,8 @@ while [ $# -gt 0 ]; do
     --out) OUT="$2"; shift 2 ;;
     --raw) RAW="$2"; shift 2 ;;
     --report-only) REPORT_ONLY=1; shift ;;
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    --cell-files) export FLOTILLA_HUB_CELL_FILES=true; shift ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -152,7 +156,9 @@ for d in sorted((p for p in glob.glob(f"{out}/*-*-*") if os.path.isdir(p) and re
         if row.get("converged_s") and row["baseline_s"]:
             row["efficiency"] = row["baseline_s"] / row["converged_s"]
     rows.append(row)
-    with open(os.path.join(raw, f"cells-{name}.txt"), "w") as o:
+    files = os.environ.get("FLOTILLA_HUB_CELL_FILES") == "true"
+    row["cell_files"] = files
+    with open(os.path.join(raw, f"cells-{'files-' if files else ''}{name}.txt"), "w") as o:
         o.write(f"# bench/cells.sh rung {name}: figures, then the simulator's output, /usr/bin/time -v, the baseline\n")
         o.write(json.dumps(row, indent=1) + "\n\n## flotilla-sim stdout\n")
         for suffix, title in ((".out", None), (".time", "/usr/bin/time -v (flotilla-sim and everything it started)"),
