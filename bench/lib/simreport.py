@@ -1,6 +1,8 @@
 """Shared by bench/scale.sh and bench/cells.sh: reading a flotilla-sim rung's
 output (report.json, the baseline) and the hub's own latencies."""
+import glob
 import json
+import os
 import sqlite3
 
 
@@ -14,13 +16,20 @@ def load(path):
 
 def hub_latency(rung_dir, campaign_id, db_path=None):
     """Per device: campaign creation to the hub recording its outcome (from the hub's own SQLite,
-    <rung_dir>/hub/hub.db unless db_path names it)."""
+    <rung_dir>/hub/hub.db unless db_path names it; with cell files the rows are in
+    cells/<n>/devices.db beside it)."""
     try:
-        db = sqlite3.connect(f"file:{db_path or rung_dir + '/hub/hub.db'}?mode=ro", uri=True)
+        path = db_path or rung_dir + '/hub/hub.db'
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         (created,) = db.execute("select created_ms from campaigns where id=?", (campaign_id,)).fetchone()
-        lat = sorted(r[0] - created for r in db.execute(
-            "select updated_ms from campaign_devices where campaign_id=? and status in ('applied','failed')",
-            (campaign_id,)))
+        files = [path] + sorted(glob.glob(os.path.join(os.path.dirname(path), "cells", "*", "devices.db")))
+        lat = []
+        for f in files:
+            part = sqlite3.connect(f"file:{f}?mode=ro", uri=True)
+            lat += [r[0] - created for r in part.execute(
+                "select updated_ms from campaign_devices where campaign_id=? and status in ('applied','failed')",
+                (campaign_id,))]
+        lat.sort()
         if not lat:
             return None
         pick = lambda p: lat[min(len(lat) - 1, int(p * len(lat)))] / 1000
