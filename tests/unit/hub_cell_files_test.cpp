@@ -629,10 +629,14 @@ TEST_CASE("the store lock: cells' files are held alone side by side and the whol
   release0.set_value();
   a.join();
 
-  // The whole lock, recursively, holds both files: no other thread gets either.
+  // The whole lock, recursively, holds both files: no other thread gets
+  // either. A file's lock taken inside it is the whole lock again.
   {
     std::lock_guard whole(m);
     std::lock_guard again(m);
+    hub::StoreMutex::FileLock inside(m, 1);
+    CHECK_FALSE(inside.alone());
+    CHECK_FALSE(hub::StoreMutex::holding_file_alone());
     CHECK_FALSE(from_another_thread([&] {
       const bool got = m.try_lock();
       if (got) m.unlock();

@@ -29,20 +29,22 @@ class StoreMutex {
 
   // Lockable, recursively (std::lock_guard lock(store_mu)).
   void lock() {
-    if (file_alone_depth() > 0) {
+    if (file_alone_depth() > 0 && whole_depth() == 0) {
       // A bug, found at once rather than as a deadlock some day: see the order above.
       std::fputs("flotilla-hub: the store lock was taken by a thread holding one cell's file alone\n", stderr);
       std::abort();
     }
     base_.lock();
     for (auto& f : files_) f->lock();
+    ++whole_depth();
   }
   void unlock() {
+    --whole_depth();
     for (auto it = files_.rbegin(); it != files_.rend(); ++it) (*it)->unlock();
     base_.unlock();
   }
   bool try_lock() {
-    if (file_alone_depth() > 0) return false;
+    if (file_alone_depth() > 0 && whole_depth() == 0) return false;
     if (!base_.try_lock()) return false;
     for (size_t i = 0; i < files_.size(); ++i) {
       if (!files_[i]->try_lock()) {
@@ -51,15 +53,16 @@ class StoreMutex {
         return false;
       }
     }
+    ++whole_depth();
     return true;
   }
 
-  // One cell's file alone, for as long as it lives. Without files it is
-  // the whole lock (the rows are hub.db's).
+  // One cell's file alone, for as long as it lives. Without files, or on a
+  // thread that holds the whole lock already, it is the whole lock.
   class FileLock {
    public:
     FileLock(StoreMutex& m, int cell) : m_(m) {
-      if (m_.files_.empty()) {
+      if (m_.files_.empty() || whole_depth() > 0) {
         m_.lock();
         return;
       }
@@ -90,6 +93,11 @@ class StoreMutex {
 
  private:
   static int& file_alone_depth() {
+    thread_local int depth = 0;
+    return depth;
+  }
+  // How deep the calling thread holds a whole lock (of any StoreMutex).
+  static int& whole_depth() {
     thread_local int depth = 0;
     return depth;
   }
