@@ -17,6 +17,7 @@
 #include "flotilla/hub/service.hpp"
 #include "flotilla/v1/desired.pb.h"
 #include "tests/support/hub_test_support.hpp"
+#include "tests/support/store_helpers.hpp"
 #include "tests/support/temp_dir.hpp"
 
 namespace flotilla::test {
@@ -61,11 +62,7 @@ struct Fleet {
     if (tune) tune(cfg);
     files.clear();
     for (int i = 0; cell_files && i < cells; ++i) {
-      const auto cell_dir = dir.path() / "cells" / std::to_string(i);
-      std::filesystem::create_directories(cell_dir);
-      auto f = Store::open_cell((cell_dir / "devices.db").string(), i);
-      REQUIRE(f);
-      files.push_back(std::move(*f));
+      files.push_back(open_cell_file(dir.path(), i));
       cfg.cell_files.push_back(files.back().get());
     }
     hub = std::make_unique<HubService>(*store, clock, cfg);

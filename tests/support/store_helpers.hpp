@@ -1,6 +1,10 @@
 #pragma once
 // Store-level steps the hub takes in two writes, for tests that drive a
 // Store directly.
+#include <catch2/catch.hpp>
+
+#include <filesystem>
+#include <memory>
 #include <string>
 
 #include "flotilla/hub/store.hpp"
@@ -19,6 +23,16 @@ inline Status decommission(hub::Store& s, const std::string& id) {
 
 // Bundle "b1" as the store keeps it, for tests that need a campaign's
 // record and its bundle (its envelope is one byte: no device is sent it).
+// Cell `cell`'s own device file under root/cells/<cell>/devices.db (ADR 18),
+// as a hub started with --cell-files opens it.
+inline std::unique_ptr<hub::Store> open_cell_file(const std::filesystem::path& root, int cell) {
+  const auto dir = root / "cells" / std::to_string(cell);
+  std::filesystem::create_directories(dir);
+  auto f = hub::Store::open_cell((dir / "devices.db").string(), cell);
+  REQUIRE(f);
+  return std::move(*f);
+}
+
 inline hub::BundleRecord stand_in_bundle() {
   hub::BundleRecord b;
   b.id = "b1";

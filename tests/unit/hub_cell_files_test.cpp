@@ -89,12 +89,7 @@ struct CellFiles {
     auto d = Store::open((dir.path() / "hub.db").string());
     REQUIRE(d);
     directory = std::move(*d);
-    for (int i = 0; i < cells; ++i) {
-      std::filesystem::create_directories(dir.path() / "cells" / std::to_string(i));
-      auto f = Store::open_cell((dir.path() / "cells" / std::to_string(i) / "devices.db").string(), i);
-      REQUIRE(f);
-      files.push_back(std::move(*f));
-    }
+    for (int i = 0; i < cells; ++i) files.push_back(test::open_cell_file(dir.path(), i));
   }
   Store& file(int cell) { return *files[static_cast<size_t>(cell)]; }
   int64_t follow(const std::function<Status(const DirectoryChange&)>& on_labelled = {}) {
@@ -566,15 +561,13 @@ TEST_CASE("hub.db's device rows move into the cells' files once, and hub.db keep
   REQUIRE(again);
   CHECK(again->already);
   CHECK(all_ids(cells.file(0)).size() == 5);
-  std::filesystem::create_directories(cells.dir.path() / "cells" / "2");
-  auto third = Store::open_cell((cells.dir.path() / "cells" / "2" / "devices.db").string(), 2);
-  REQUIRE(third);
-  auto three = move_rows_to_cell_files(directory, {&cells.file(0), &cells.file(1), third->get()});
+  auto third = test::open_cell_file(cells.dir.path(), 2);
+  auto three = move_rows_to_cell_files(directory, {&cells.file(0), &cells.file(1), third.get()});
   REQUIRE(three);
   CHECK(three->already);
   CHECK(three->devices == 0);
   CHECK(directory.cell_files_in_use().value() == 3);
-  CHECK(all_ids(**third).empty());
+  CHECK(all_ids(*third).empty());
   CHECK(all_ids(cells.file(1)).size() == 5);
   auto one = move_rows_to_cell_files(directory, {&cells.file(0)});
   REQUIRE_FALSE(one);
@@ -603,7 +596,14 @@ TEST_CASE("the store lock: cells' files are held alone side by side and the whol
           "[unit][hub][cells][store]") {
   hub::StoreMutex m;
   m.set_files(2);
-  auto from_another_thread = [](const std::function<bool()>& f) { return std::async(std::launch::async, f).get(); };
+  // Whether another thread could take the whole lock now (it lets it go at once).
+  auto can_lock = [](hub::StoreMutex& mutex) {
+    return std::async(std::launch::async, [&] {
+             const bool got = mutex.try_lock();
+             if (got) mutex.unlock();
+             return got;
+           }).get();
+  };
   std::promise<void> held0, release0;
   std::thread a([&] {
     hub::StoreMutex::FileLock lock(m, 0);
@@ -620,11 +620,7 @@ TEST_CASE("the store lock: cells' files are held alone side by side and the whol
   });
   REQUIRE(one.wait_for(std::chrono::seconds(30)) == std::future_status::ready);
   CHECK(one.get());
-  CHECK_FALSE(from_another_thread([&] {
-    const bool got = m.try_lock();
-    if (got) m.unlock();
-    return got;
-  }));
+  CHECK_FALSE(can_lock(m));
   CHECK_FALSE(hub::StoreMutex::holding_file_alone());  // this thread holds nothing
   release0.set_value();
   a.join();
@@ -637,28 +633,16 @@ TEST_CASE("the store lock: cells' files are held alone side by side and the whol
     hub::StoreMutex::FileLock inside(m, 1);
     CHECK_FALSE(inside.alone());
     CHECK_FALSE(hub::StoreMutex::holding_file_alone());
-    CHECK_FALSE(from_another_thread([&] {
-      const bool got = m.try_lock();
-      if (got) m.unlock();
-      return got;
-    }));
+    CHECK_FALSE(can_lock(m));
   }
-  CHECK(from_another_thread([&] {
-    const bool got = m.try_lock();
-    if (got) m.unlock();
-    return got;
-  }));
+  CHECK(can_lock(m));
 
   // Without files, a cell's "file" is the whole lock.
   hub::StoreMutex single;
   hub::StoreMutex::FileLock lock(single, 0);
   CHECK_FALSE(lock.alone());
   CHECK_FALSE(hub::StoreMutex::holding_file_alone());
-  CHECK_FALSE(from_another_thread([&] {
-    const bool got = single.try_lock();
-    if (got) single.unlock();
-    return got;
-  }));
+  CHECK_FALSE(can_lock(single));
 }
 
 }  // namespace flotilla::test

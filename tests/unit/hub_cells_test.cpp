@@ -52,11 +52,7 @@ struct Cells {
   // Each cell's rows in cells/<n>/devices.db from the next start (ADR 18).
   void open_cell_files() {
     for (int i = 0; i < 3; ++i) {
-      const auto cell_dir = dir.path() / "cells" / std::to_string(i);
-      std::filesystem::create_directories(cell_dir);
-      auto f = Store::open_cell((cell_dir / "devices.db").string(), i);
-      REQUIRE(f);
-      files.push_back(std::move(*f));
+      files.push_back(open_cell_file(dir.path(), i));
       cfg.cell_files.push_back(files.back().get());
     }
   }
