@@ -30,6 +30,17 @@
 namespace flotilla::hub {
 
 namespace {
+
+// A setting that is exactly "true" or "false" (a typo must not turn a
+// feature off without a word).
+Result<bool> true_or_false(const Options& o, const std::string& key) {
+  const std::string& v = o.get(key);
+  if (v != "true" && v != "false") {
+    return make_error(Errc::invalid_argument,
+                      key + " must be true or false, got '" + v + "' (from " + o.source(key) + ")");
+  }
+  return v == "true";
+}
 Result<std::pair<std::string, int>> split_host_port(const std::string& key, const std::string& v) {
   auto colon = v.rfind(':');
   if (colon == std::string::npos || colon == 0) {
@@ -230,12 +241,9 @@ Result<HubConfig> hub_config_from(const Options& o) {
                           ? "broker-tls-key is set but broker-tls-cert is not; broker TLS needs both"
                           : "broker-tls-cert is set but broker-tls-key is not; broker TLS needs both");
   }
-  const std::string plain = o.get("dev-plain-mqtt");
-  if (plain != "true" && plain != "false") {
-    return make_error(Errc::invalid_argument, "dev-plain-mqtt must be true or false, got '" + plain + "' (from " +
-                                                  o.source("dev-plain-mqtt") + ")");
-  }
-  c.dev_plain_mqtt = plain == "true";
+  auto plain = true_or_false(o, "dev-plain-mqtt");
+  if (!plain) return plain.error();
+  c.dev_plain_mqtt = *plain;
   if (c.dev_plain_mqtt && !c.broker_url.empty()) {
     return make_error(Errc::invalid_argument, "dev-plain-mqtt configures the embedded broker, but broker-url points "
                                               "at an external one");
@@ -357,18 +365,12 @@ Result<HubConfig> hub_config_from(const Options& o) {
   auto mmap = o.get_int("db-mmap-mib", 0, 1 << 20);
   if (!mmap) return mmap.error();
   c.db_mmap_mib = *mmap;
-  const std::string git = o.get("git-sync");
-  if (git != "true" && git != "false") {
-    return make_error(Errc::invalid_argument, "git-sync must be true or false, got '" + git + "' (from " +
-                                                  o.source("git-sync") + ")");
-  }
-  c.git_sync = git == "true";
-  const std::string files = o.get("cell-files");
-  if (files != "true" && files != "false") {
-    return make_error(Errc::invalid_argument, "cell-files must be true or false, got '" + files + "' (from " +
-                                                  o.source("cell-files") + ")");
-  }
-  c.cell_files = files == "true";
+  auto git = true_or_false(o, "git-sync");
+  if (!git) return git.error();
+  c.git_sync = *git;
+  auto files = true_or_false(o, "cell-files");
+  if (!files) return files.error();
+  c.cell_files = *files;
   if (c.cell_files && !c.cell_brokers.empty()) {
     return make_error(Errc::invalid_argument, "cell-files is not available yet to hub processes sharing cells "
                                               "(cell-broker); leave it false (docs/adr/0018)");
