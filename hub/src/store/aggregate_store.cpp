@@ -282,7 +282,8 @@ std::string directory_triggers() {
   sql += "CREATE TRIGGER directory_labels AFTER UPDATE OF labels, project ON devices "
          "WHEN OLD.labels != NEW.labels OR OLD.project != NEW.project BEGIN\n  " +
          label_index_remove("OLD", "OLD.labels != NEW.labels") + ";\n  " +
-         label_index_add("NEW", "OLD.labels != NEW.labels") + ";\n  " + labelled + " AND OLD.labels != NEW.labels;\n  " +
+         label_index_add("NEW", "OLD.labels != NEW.labels") + ";\n  " + labelled +
+         " AND OLD.labels != NEW.labels;\n  " +
          moved + "\nEND;\n";
   // What the device's rows in its cell's store must follow, through the
   // outbox (HubService::follow_directory): a decommissioned device's
@@ -674,8 +675,8 @@ std::vector<AggregateStore::Lease> AggregateStore::cell_readers() {
   return out;
 }
 
-std::vector<sql::Db*> AggregateStore::device_dbs(Lease& hub, std::vector<Lease>& cells) {
-  if (cells.empty()) return {&hub.db()};
+std::vector<sql::Db*> AggregateStore::device_dbs(sql::Db& hub, std::vector<Lease>& cells) {
+  if (cells.empty()) return {&hub};
   std::vector<sql::Db*> out;
   for (auto& c : cells) out.push_back(&c.db());
   return out;
@@ -812,7 +813,7 @@ Result<std::vector<FleetCount>> AggregateStore::fleet(const std::string& project
 Result<DevicePage> AggregateStore::devices(const DeviceQuery& q) {
   auto hub = reader();
   auto cells = cell_readers();
-  auto dbs = device_dbs(hub, cells);
+  auto dbs = device_dbs(hub.db(), cells);
   std::vector<DevicePage> parts;
   for (size_t i = 0; i < dbs.size(); ++i) {
     // A cell's file holds only that cell's devices: one not asked for is not walked.
@@ -1219,7 +1220,7 @@ Result<CampaignPage> AggregateStore::campaigns(const std::string& project, const
     page.next = std::to_string(last.created_ms) + ":" + last.id;
   }
   for (auto& c : page.items) {
-    auto n = counts_of(device_dbs(lease, cells), c.campaign.id);
+    auto n = counts_of(device_dbs(lease.db(), cells), c.campaign.id);
     if (!n) return n.error();
     c.counts = std::move(*n);
   }
@@ -1233,7 +1234,7 @@ Result<std::optional<CampaignSummary>> AggregateStore::campaign(const std::strin
                                      [&](sql::Stmt& s) { s.bind(1, std::string_view(id)); }, summary_row);
   if (!rows) return rows.error();
   if (rows->empty()) return std::optional<CampaignSummary>();
-  auto n = counts_of(device_dbs(lease, cells), id);
+  auto n = counts_of(device_dbs(lease.db(), cells), id);
   if (!n) return n.error();
   rows->front().counts = std::move(*n);
   return std::optional<CampaignSummary>(std::move(rows->front()));
@@ -1243,7 +1244,7 @@ Result<std::vector<FailureGroup>> AggregateStore::failure_groups(const std::stri
                                                                  int64_t per_reason) {
   auto lease = reader();
   auto cells = cell_readers();
-  const auto dbs = device_dbs(lease, cells);
+  const auto dbs = device_dbs(lease.db(), cells);
   // Both walk campaign_devices_wave's (campaign, status) range of failed rows
   // only. Each store (hub.db, or each cell's file: ADR 18) gives its
   // reasons, bounded, and the merge keeps the largest; then each kept
@@ -1305,7 +1306,7 @@ Result<std::vector<std::string>> AggregateStore::away(const std::string& campaig
             "WHERE cd.campaign_id = ? AND cd.status IN ('waiting', 'pending', 'in_progress', 'rolling_back') "
             "AND d.online = 0 ORDER BY cd.device_id LIMIT ?";
   std::vector<std::vector<std::string>> parts;
-  for (sql::Db* db : device_dbs(lease, cells)) {
+  for (sql::Db* db : device_dbs(lease.db(), cells)) {
     auto part = query<std::string>(
         *db, sql, [&](sql::Stmt& s) { s.bind(1, std::string_view(campaign_id)).bind(2, limit); },
         [](const sql::Stmt& s) { return s.col_text(0); });
@@ -1368,7 +1369,7 @@ Result<int64_t> AggregateStore::clock_suspect_devices() {
   auto lease = reader();
   auto cells = cell_readers();
   int64_t total = 0;
-  for (sql::Db* db : device_dbs(lease, cells)) {
+  for (sql::Db* db : device_dbs(lease.db(), cells)) {
     auto n = query<int64_t>(*db,
                             "SELECT COUNT(*) FROM device_inventory INDEXED BY device_inventory_clock_suspect "
                             "WHERE clock_suspect != 0",
@@ -1413,9 +1414,7 @@ Status AggregateStore::sample_campaigns(int64_t now_ms) {
   auto& db = *writer_;
   // The counts are where the rows are: hub.db's own, or each cell's file.
   auto cells = cell_readers();
-  std::vector<sql::Db*> counted = {&db};
-  if (!cells.empty()) counted.clear();
-  for (auto& c : cells) counted.push_back(&c.db());
+  const auto counted = device_dbs(db, cells);
   struct Open {
     std::string id;
     CampaignState state = CampaignState::running;

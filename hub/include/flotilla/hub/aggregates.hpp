@@ -236,13 +236,12 @@ class AggregateStore {
   // needed: every caller leasing in that order keeps them from waiting on
   // each other for good.
   std::vector<Lease> cell_readers();
-  bool split() const { return !cell_pools_.empty(); }
 
  private:
   AggregateStore() = default;
   // The connections holding device rows: each cell's file, else hub.db's
-  // (`hub`, already leased by the caller).
-  static std::vector<sql::Db*> device_dbs(Lease& hub, std::vector<Lease>& cells);
+  // (`hub`: a lease the caller holds, or the sampler's connection).
+  static std::vector<sql::Db*> device_dbs(sql::Db& hub, std::vector<Lease>& cells);
   Result<DevicePage> walk_devices(sql::Db& db, const DeviceQuery& q);
   std::unique_ptr<Pool> pool_;
   std::vector<std::unique_ptr<Pool>> cell_pools_;
