@@ -1319,28 +1319,26 @@ void HubService::read_store(const std::function<void(Store&)>& f) {
   f(lease.store());
 }
 
-Result<std::optional<DeviceRecord>> HubService::device_record(const std::string& id, bool* decommissioned) {
-  auto e = store_.directory_entry(id);
+Result<std::optional<DeviceRecord>> HubService::device_record(Store& from, const std::string& id,
+                                                              bool* decommissioned) {
+  const auto parts = stores_for(from);
+  if (parts.size() == 1 && !decommissioned) return from.get_device(id);
+  auto e = from.directory_entry(id);
   if (!e) return e.error();
   if (!*e) return std::optional<DeviceRecord>();
   if (decommissioned) *decommissioned = (*e)->decommissioned;
-  return device_store((*e)->cell).get_device(id);
+  if (parts.size() == 1) return from.get_device(id);
+  if ((*e)->cell < 0 || (*e)->cell >= static_cast<int>(parts.size())) return std::optional<DeviceRecord>();
+  return parts[static_cast<size_t>((*e)->cell)]->get_device(id);
 }
 
 Result<std::optional<DeviceRecord>> HubService::get_device(const std::string& id) {
   return read([&](Store& from) -> Result<std::optional<DeviceRecord>> {
-    const auto parts = stores_for(from);
-    if (parts.size() == 1) return from.get_device(id);
-    // The directory names the device's cell; that cell's file has what it
-    // reported. A device whose copy is not made yet shows the directory's row.
-    auto e = from.directory_entry(id);
-    if (!e) return e.error();
-    if (!*e) return std::optional<DeviceRecord>();
-    if ((*e)->cell >= 0 && (*e)->cell < static_cast<int>(parts.size())) {
-      auto d = parts[static_cast<size_t>((*e)->cell)]->get_device(id);
-      if (!d || *d) return d;
-    }
-    return from.get_device(id);
+    auto d = device_record(from, id);
+    // A device the directory has whose copy is not in its cell's file yet
+    // (a directory write not followed yet) shows the directory's row.
+    if (d && !*d && stores_for(from).size() > 1) return from.get_device(id);
+    return d;
   });
 }
 

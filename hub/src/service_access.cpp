@@ -38,7 +38,7 @@ Result<DeviceRecord> HubService::edit_device_labels(
   auto edited = control_write([&]() -> Result<DeviceRecord> {
     std::lock_guard lock(store_mu_);
     bool decommissioned = false;
-    auto d = device_record(id, &decommissioned);
+    auto d = device_record(store_, id, &decommissioned);
     if (!d) return d.error();
     if (!*d) return make_error(Errc::not_found, "no device '" + id + "'");
     DeviceRecord dev = **d;
@@ -72,7 +72,7 @@ Result<DeviceRecord> HubService::decommission_device(const std::string& id) {
   auto marked = control_write([&]() -> Status {
     std::lock_guard lock(store_mu_);
     bool was_decommissioned = false;
-    auto d = device_record(id, &was_decommissioned);
+    auto d = device_record(store_, id, &was_decommissioned);
     if (!d) return d.error();
     if (!*d) return make_error(Errc::not_found, "no device '" + id + "'");
     dev = **d;

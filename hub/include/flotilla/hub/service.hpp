@@ -786,11 +786,12 @@ class HubService {
   // changed these tables.
   void on_control_applied(const std::set<std::string>& tables);
 
-  // A device's whole record: its directory entry says which cell's store
-  // holds the rest (ADR 18), and whether it was decommissioned (the
-  // directory's word, not the reported state's), into *decommissioned.
-  // store_mu_ held.
-  Result<std::optional<DeviceRecord>> device_record(const std::string& id, bool* decommissioned = nullptr);
+  // A device's whole record: its directory entry in `from` (store_ under
+  // store_mu_, or a read connection of it) says which cell's store holds
+  // the rest (ADR 18: stores_for(from)), and whether it was decommissioned
+  // (the directory's word, not the reported state's), into *decommissioned.
+  Result<std::optional<DeviceRecord>> device_record(Store& from, const std::string& id,
+                                                    bool* decommissioned = nullptr);
   // The store of one cell's devices (ADR 18): what code that knows a
   // device's cell reads and writes it through: store_ (hub.db), or the
   // cell's own file (ServiceConfig::cell_files); store_mu_ either way.
