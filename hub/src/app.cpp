@@ -135,11 +135,11 @@ void add_hub_options(Options& o) {
                       "read for a cell another hub holds is forwarded to its public-url, which must be https "
                       "unless on this machine); default: the system trust store")
       .add("http-threads", "threads serving the REST API", "16")
-      .add("db-cache-mib", "SQLite page cache for the hub's store, in MiB (a fixed cost, not per device); with cell-files, "
-                             "for hub.db and for each cell's file", "64")
+      .add("db-cache-mib", "SQLite page cache for the hub's store, in MiB (a fixed cost, not per device); "
+                           "with cell-files, for hub.db and for each cell's file", "64")
       .add("db-mmap-mib", "map up to this many MiB of the store file (0 = off); faster reads once the store "
                           "outgrows db-cache-mib, e.g. 1024 for 1M devices", "0")
-.add("cell-files", "keep each cell's device rows (reports, inventories, campaign rows) in a file of its own, "
+      .add("cell-files", "keep each cell's device rows (reports, inventories, campaign rows) in a file of its own, "
                          "<data-dir>/cells/<n>/devices.db, instead of hub.db (true or false). The first start with "
                          "true moves hub.db's rows into them; from then on the hub always opens them", "false")
       .add("git-sync", "follow the GitRepos stored on this hub (true) or keep them without fetching (false)",

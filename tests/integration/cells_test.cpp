@@ -196,7 +196,8 @@ std::set<std::string> devices_in_file(const Hub& hub, int cell) {
   std::set<std::string> ids;
   auto db = sql::Db::open((hub.data_dir() / "cells" / std::to_string(cell) / "devices.db").string());
   REQUIRE(db);
-  auto rows = sql::query<std::string>(**db, "SELECT id FROM devices", [](const sql::Stmt& st) { return st.col_text(0); });
+  auto rows =
+      sql::query<std::string>(**db, "SELECT id FROM devices", [](const sql::Stmt& st) { return st.col_text(0); });
   REQUIRE(rows);
   ids.insert(rows->begin(), rows->end());
   return ids;

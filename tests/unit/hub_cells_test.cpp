@@ -633,7 +633,9 @@ ApiReads api_reads(HubService& hub, const std::string& campaign, const std::stri
   auto detail = reads->device(failed_device).value();
   REQUIRE(detail);
   out.detail = detail->device.state + " " + std::to_string(detail->failures.size());
-  for (const auto& r : detail->campaigns) out.detail += " " + r.campaign_name + "/" + r.row.status + "/" + r.bundle_name;
+  for (const auto& r : detail->campaigns) {
+    out.detail += " " + r.campaign_name + "/" + r.row.status + "/" + r.bundle_name;
+  }
   auto summary = reads->campaign(campaign).value();
   REQUIRE(summary);
   for (const auto& r : summary->counts) {
@@ -691,7 +693,8 @@ TEST_CASE("with cell files the API's reads answer over every cell's file as they
     r.set_campaign_id(campaign);
     r.mutable_error()->set_reason(v1::REASON_DISK_FULL);
     r.mutable_error()->set_message("no space left");
-    c.hub->on_message(c.cell_of(failing), {transport::device_topic(failing, "report"), r.SerializeAsString(), 1, false});
+    c.hub->on_message(c.cell_of(failing),
+                      {transport::device_topic(failing, "report"), r.SerializeAsString(), 1, false});
     c.hub->drain();
   }
   c.presence(c.cell_of(ids[4]), ids[4], false);
