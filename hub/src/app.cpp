@@ -371,10 +371,6 @@ Result<HubConfig> hub_config_from(const Options& o) {
   auto files = true_or_false(o, "cell-files");
   if (!files) return files.error();
   c.cell_files = *files;
-  if (c.cell_files && !c.cell_brokers.empty()) {
-    return make_error(Errc::invalid_argument, "cell-files is not available yet to hub processes sharing cells "
-                                              "(cell-broker); leave it false (docs/adr/0018)");
-  }
   c.director_key_file = o.get("director-key");
   if (!c.director_key_file.empty() && ::access(c.director_key_file.c_str(), R_OK) != 0) {
     return make_error(Errc::invalid_argument, "director-key: cannot read '" + c.director_key_file + "' (from " +
@@ -527,10 +523,6 @@ Status run_hub(const HubConfig& cfg, const std::atomic<bool>& stop) {
   auto in_files = (*store)->cell_files_in_use();
   if (!in_files) return in_files.error();
   if (*in_files > 0 && !cfg.cell_files) {
-    if (!cfg.cell_brokers.empty()) {
-      return make_error(Errc::invalid_argument, "hub.db's device rows are in cells' own files, which hub processes "
-                                                "sharing cells (cell-broker) cannot open yet");
-    }
     logger->info("hub.db's device rows are in {} cells' files (cells/<n>/devices.db): opening them", *in_files);
   }
   std::vector<std::unique_ptr<Store>> cell_stores;

@@ -63,8 +63,8 @@ struct TwoHubs {
   std::string admin;
   int drained = -1;
   bundles::KeyPair release = bundles::generate_key();
-  explicit TwoHubs(const std::string& name)
-      : tmp(name), site(tmp.path(), kCells, 1), a(tmp.path() / "hub-a"), b(tmp.path() / "hub-b") {
+  TwoHubs(const std::string& name, bool cell_files)
+      : tmp(name), site(tmp.path(), kCells, 1, cell_files), a(tmp.path() / "hub-a"), b(tmp.path() / "hub-b") {
     a.start(site.hub_args);
     b.start(site.hub_args);
     admin = a.admin_token();
@@ -100,7 +100,9 @@ TEST_CASE("cell drain across hub processes: asked of the hub that does not hold 
           "other process's cell mid-campaign, both agree, and the campaign counts each once",
           "[integration][etcd][multihub][drain]") {
   REQUIRE(EtcdCluster::available());
-  TwoHubs site("multihub-drain");
+  const bool cell_files = GENERATE(false, true);  // device rows in hub.db, then in a file per cell
+  INFO("cell files: " << cell_files);
+  TwoHubs site("multihub-drain", cell_files);
   Hub &a = site.a, &b = site.b;
   const std::string& admin = site.admin;
   const auto& release = site.release;
@@ -227,7 +229,9 @@ TEST_CASE("cell drain across hub processes: the holder killed mid-drain, the pro
           "withdraws on undrain the moves the dead one asked, and an offline device asked to move stays",
           "[integration][etcd][multihub][drain]") {
   REQUIRE(EtcdCluster::available());
-  TwoHubs site("multihub-drain-holder");
+  const bool cell_files = GENERATE(false, true);  // device rows in hub.db, then in a file per cell
+  INFO("cell files: " << cell_files);
+  TwoHubs site("multihub-drain-holder", cell_files);
   Hub &a = site.a, &b = site.b;
   const std::string& admin = site.admin;
   const int drained = site.drained;

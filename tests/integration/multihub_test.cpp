@@ -22,6 +22,7 @@
 #include "flotilla/hub/broker.hpp"
 #include "flotilla/hub/declarative.hpp"
 #include "flotilla/hub/device_ca.hpp"
+#include "flotilla/hub/store.hpp"
 #include "tests/support/etcd_cluster.hpp"
 #include "tests/support/harness.hpp"
 #include "tests/support/shared_cells.hpp"
@@ -77,7 +78,10 @@ TEST_CASE("three hub processes share three cells by leases: kill -9 of one mid-c
   TempDir tmp("multihub");
   // One etcd of three members, one broker per cell started and supervised
   // by the test, one device CA and director key for every hub.
-  SharedCells site(tmp.path(), kCells, 3);
+  // Each hub's device rows in hub.db, then in a file per cell.
+  const bool cell_files = GENERATE(false, true);
+  INFO("cell files: " << cell_files);
+  SharedCells site(tmp.path(), kCells, 3, cell_files);
   EtcdCluster& cluster = site.cluster;
   const std::vector<std::string>& args = site.hub_args;
   auto& brokers = site.brokers;
@@ -192,6 +196,16 @@ TEST_CASE("three hub processes share three cells by leases: kill -9 of one mid-c
     if (sample.is_null()) sample = d;
   }
   REQUIRE_FALSE(sample.is_null());
+  if (cell_files) {
+    // The taker rebuilt the cell's rows in that cell's own file.
+    auto file = hub::Store::open_reader((t.data_dir() / "cells" / std::to_string(cell) / "devices.db").string());
+    REQUIRE(file);
+    auto counts = (*file)->campaign_counts(campaign_id, cell);
+    REQUIRE(counts);
+    int64_t applied_in_file = 0;
+    for (const auto& r : *counts) applied_in_file += r.status == "applied" ? r.count : 0;
+    CHECK(applied_in_file == in_cell);
+  }
 
   // The other survivor does not hold that cell: a read of one of its devices
   // is answered by the taker (what it runs, online), not from the other's

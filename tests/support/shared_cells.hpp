@@ -24,7 +24,10 @@
 namespace flotilla::test {
 
 struct SharedCells {
-  SharedCells(const std::filesystem::path& dir, int cells, int etcd_members) : cluster(dir / "etcd", etcd_members) {
+  // cell_files: every hub keeps each cell's device rows in a file of its own
+  // (--cell-files, docs/adr/0018).
+  SharedCells(const std::filesystem::path& dir, int cells, int etcd_members, bool cell_files = false)
+      : cluster(dir / "etcd", etcd_members) {
     cluster.start();
     const int64_t now = SystemClock::instance().now_unix();
     hub::DeviceCaConfig dcc;
@@ -35,6 +38,10 @@ struct SharedCells {
     hub_args = {"--coordination", "etcd", "--etcd-timeout", "2s", "--cell-lease-ttl", "4s",
                 "--device-ca-cert", (dcc.dir / "device-ca.pem").string(), "--device-ca-key",
                 (dcc.dir / "device-ca.key").string(), "--director-key", (dir / "director.key").string()};
+    if (cell_files) {
+      hub_args.push_back("--cell-files");
+      hub_args.push_back("true");
+    }
     for (const auto& u : cluster.client_urls()) {  // the flag repeats, one member each
       hub_args.push_back("--etcd-endpoints");
       hub_args.push_back(u);

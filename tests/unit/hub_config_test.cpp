@@ -261,8 +261,7 @@ TEST_CASE("hub config: cell-broker lists shared cells' brokers (ssl:// only) and
   CHECK_FALSE(hub_config({})->cell_files);
   CHECK(hub_config({"--cells", "2", "--cell-files", "true"})->cell_files);
   CHECK_THAT(error_of(hub_config({"--cell-files", "yes"})), Catch::Contains("cell-files must be true or false"));
-  CHECK_THAT(error_of(hub_config({"--cell-broker", "ssl://b.test:8883", "--cell-files", "true"})),
-             Catch::Contains("cell-files is not available yet to hub processes sharing cells"));
+  CHECK(hub_config({"--cell-broker", "ssl://b.test:8883", "--cell-files", "true"})->cell_files);
   for (const char* bad : {"1s", "61s", "2500ms", "soon"}) {
     INFO(bad);
     CHECK_THAT(error_of(hub_config({"--cell-lease-ttl", bad})), Catch::Contains("cell-lease-ttl"));

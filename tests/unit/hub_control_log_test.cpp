@@ -38,6 +38,7 @@
 #include "flotilla/v1/enroll.pb.h"
 #include "tests/support/hub_fixtures.hpp"
 #include "tests/support/hub_test_support.hpp"
+#include "tests/support/store_helpers.hpp"
 #include "tests/support/temp_dir.hpp"
 
 namespace {
@@ -1205,13 +1206,16 @@ TEST_CASE("control log: work files a killed hub left behind are removed at start
 }
 
 // One hub process sharing two cells by leases on the shared coordinator,
-// alone, so it holds both.
+// alone, so it holds both; with cell_files, each cell's device rows in a
+// file of its own (ADR 18).
 struct SharedCellsHub {
   TempDir dir;
   Result<std::unique_ptr<Store>> store;
+  std::vector<std::unique_ptr<Store>> files;
   RecordingTransport t0, t1;
   std::unique_ptr<HubService> svc;
-  SharedCellsHub(Shared& sh, const std::string& name) : dir(name), store(Store::open((dir.path() / "hub.db").string())) {
+  SharedCellsHub(Shared& sh, const std::string& name, bool cell_files = false)
+      : dir(name), store(Store::open((dir.path() / "hub.db").string())) {
     REQUIRE(store);
     ServiceConfig cfg = service_config(sh.coord.get());
     cfg.cell_broker_urls = {"ssl://cell0.test:8883", "ssl://cell1.test:8884"};
@@ -1219,6 +1223,10 @@ struct SharedCellsHub {
     cfg.coordinator = sh.coord.get();
     cfg.share_cells = true;
     cfg.coord_holder = "hub-a";
+    for (int cell = 0; cell_files && cell < 2; ++cell) {
+      files.push_back(test::open_cell_file(dir.path(), cell));
+      cfg.cell_files.push_back(files.back().get());
+    }
     svc = std::make_unique<HubService>(**store, sh.clock, cfg);
     REQUIRE(svc->control_log_status());
     REQUIRE(svc->attach_transport(0, t0));
@@ -1238,8 +1246,9 @@ TEST_CASE("shared cells: a device that arrives from a draining cell while etcd i
           "recorded when etcd is back",
           "[unit][control][cells][drain]") {
   Shared sh;
-  SharedCellsHub hub(sh, "shared-arrival");
-  auto& st = hub.store;
+  const bool cell_files = GENERATE(false, true);  // the device rows in hub.db, then in each cell's file
+  INFO("cell files: " << cell_files);
+  SharedCellsHub hub(sh, "shared-arrival", cell_files);
   auto& svc = *hub.svc;
   auto& t0 = hub.t0;
 
@@ -1252,7 +1261,7 @@ TEST_CASE("shared cells: a device that arrives from a draining cell while etcd i
     ids.push_back(r->device_id());
   }
   auto device = [&](const std::string& id) {
-    auto d = (*st)->get_device(id);
+    auto d = svc.get_device(id);  // the directory's cell, then that cell's rows
     REQUIRE(d);
     REQUIRE(*d);
     return **d;
@@ -1433,7 +1442,9 @@ TEST_CASE("control log: a hub's own label change is followed as its own by a lat
 TEST_CASE("shared cells: a cell's membership rows are built while etcd is away, outside the tick's control write",
           "[unit][control][cells]") {
   Shared sh;
-  SharedCellsHub hub(sh, "shared-members");
+  const bool cell_files = GENERATE(false, true);  // the device rows in hub.db, then in each cell's file
+  INFO("cell files: " << cell_files);
+  SharedCellsHub hub(sh, "shared-members", cell_files);
   auto& st = hub.store;
   auto& svc = *hub.svc;
   Api api(svc);
@@ -1452,16 +1463,22 @@ TEST_CASE("shared cells: a cell's membership rows are built while etcd is away, 
       "POST", "/v1/campaigns", json{{"bundle", body_of(up)["id"]}, {"selector", "site=north"}}.dump(), admin));
   INFO(camp.body);
   REQUIRE(camp.status == 201);
+  std::vector<sql::Db*> row_dbs = {&(*st)->db()};
+  if (cell_files) row_dbs = {&hub.files[0]->db(), &hub.files[1]->db()};
   auto rows = [&] {
-    auto s = (*st)->db().prepare("SELECT COUNT(*) FROM campaign_devices");
-    REQUIRE(s);
-    REQUIRE(*s->step());
-    return s->col_int(0);
+    int64_t n = 0;
+    for (sql::Db* db : row_dbs) {
+      auto s = db->prepare("SELECT COUNT(*) FROM campaign_devices");
+      REQUIRE(s);
+      REQUIRE(*s->step());
+      n += s->col_int(0);
+    }
+    return n;
   };
   REQUIRE(rows() == 6);
 
   // As if made on another hub: this store has none of its rows. etcd away.
-  REQUIRE((*st)->db().exec("DELETE FROM campaign_devices; DELETE FROM campaign_counts"));
+  for (sql::Db* db : row_dbs) REQUIRE(db->exec("DELETE FROM campaign_devices; DELETE FROM campaign_counts"));
   sh.coord->down = true;
   const int64_t head = sh.head_revision();
   svc.tick();
