@@ -103,6 +103,29 @@ struct CellFiles {
 
 }  // namespace
 
+// What made enrollment at 1M devices slow (bench/enroll_store): statement
+// journals spilled to temporary files, and a checkpoint every 4 MiB of WAL.
+TEST_CASE("the store's writers keep statement journals in memory and checkpoint every 64 MiB of WAL",
+          "[unit][hub][cells][store]") {
+  TempDir dir;
+  auto pragma = [](Store& s, const char* name) {
+    auto st = s.db().prepare(std::string("PRAGMA ") + name);
+    REQUIRE(st);
+    auto row = st->step();
+    REQUIRE(row);
+    REQUIRE(*row);
+    return st->col_int(0);
+  };
+  auto hub = Store::open((dir.path() / "hub.db").string());
+  REQUIRE(hub);
+  auto cell = test::open_cell_file(dir.path(), 0);
+  for (Store* s : {hub->get(), cell.get()}) {
+    CHECK(pragma(*s, "temp_store") == 2);  // MEMORY
+    CHECK(pragma(*s, "wal_autocheckpoint") == 16384);
+    CHECK(pragma(*s, "journal_size_limit") == 64 << 20);
+  }
+}
+
 TEST_CASE("a cell's device file is refused as hub.db or another cell's, and hub.db as a cell's",
           "[unit][hub][cells][store]") {
   TempDir dir;
