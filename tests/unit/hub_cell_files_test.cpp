@@ -577,6 +577,15 @@ TEST_CASE("hub.db's device rows move into the cells' files once, and hub.db keep
   CHECK(directory.get_campaign("c-1").value().has_value());
   CHECK(count(directory, "SELECT COUNT(*) FROM sqlite_master WHERE type = 'trigger' AND name = 'fleet_counts_insert'") ==
         0);
+  // Nor the indexes only device pages walk (the files answer them), which
+  // each enrollment wrote; the directory's own stay. A file holds one cell:
+  // no index by cell there.
+  const std::string device_list_indexes = "SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' AND name IN "
+                                          "('devices_hostname', 'devices_enrolled', 'devices_offline')";
+  CHECK(count(directory, device_list_indexes) == 0);
+  CHECK(count(directory, "SELECT COUNT(*) FROM sqlite_master WHERE name IN ('devices_cell', 'devices_gateway')") == 2);
+  CHECK(count(cells.file(0), device_list_indexes) == 3);
+  CHECK(count(cells.file(0), "SELECT COUNT(*) FROM sqlite_master WHERE name = 'devices_cell'") == 0);
 
   // Once only. A cell added later gets an empty file: nothing moves again;
   // going back to fewer files than the directory's cells is refused.
@@ -608,6 +617,7 @@ TEST_CASE("hub.db's device rows move into the cells' files once, and hub.db keep
   CHECK(count(**reopened, "SELECT COUNT(*) FROM sqlite_master WHERE type = 'trigger' AND name LIKE 'campaign_%'") ==
         0);
   CHECK(count(**reopened, "SELECT COUNT(*) FROM directory_outbox WHERE device_id = 'd-new'") == 1);
+  CHECK(count(**reopened, device_list_indexes) == 0);
 }
 
 namespace flotilla::test {

@@ -394,15 +394,19 @@ CREATE TABLE IF NOT EXISTS campaign_samples (
   waiting INTEGER NOT NULL, in_flight INTEGER NOT NULL, applied INTEGER NOT NULL, failed INTEGER NOT NULL,
   rolled_back INTEGER NOT NULL, other INTEGER NOT NULL, offline INTEGER NOT NULL,
   PRIMARY KEY (campaign_id, time_ms)) WITHOUT ROWID;
--- Device-list orders and filters. Reports never set hostname or
--- enrolled_ms; the partial index holds only offline devices, so an online
--- device's report does not touch it (measured: no cost).
-CREATE INDEX IF NOT EXISTS devices_hostname ON devices(hostname, id);
-CREATE INDEX IF NOT EXISTS devices_enrolled ON devices(enrolled_ms, id);
-CREATE INDEX IF NOT EXISTS devices_offline ON devices(id) WHERE online = 0;
 DROP INDEX IF EXISTS devices_trouble;
 CREATE INDEX IF NOT EXISTS campaigns_created ON campaigns(created_ms, id);
 CREATE INDEX IF NOT EXISTS audit_log_project ON audit_log(project, id);
+)SQL";
+
+// Device-list orders and filters. Reports never set hostname or
+// enrolled_ms; the partial index holds only offline devices, so an online
+// device's report does not touch it (measured: no cost). Not in a hub.db
+// whose device rows are in cells' files (Store::drop_report_side).
+constexpr const char* kDeviceListIndexes = R"SQL(
+CREATE INDEX IF NOT EXISTS devices_hostname ON devices(hostname, id);
+CREATE INDEX IF NOT EXISTS devices_enrolled ON devices(enrolled_ms, id);
+CREATE INDEX IF NOT EXISTS devices_offline ON devices(id) WHERE online = 0;
 )SQL";
 
 constexpr const char* kOtherTriggers = R"SQL(
@@ -441,6 +445,9 @@ FleetCount fleet_row(const sql::Stmt& s) { return FleetCount{s.col_text(0), s.co
 
 Status Store::migrate_aggregates() {
   if (auto s = db_->exec(kAggregateTables); !s) return s;
+  if (!directory_only_) {
+    if (auto s = db_->exec(kDeviceListIndexes); !s) return s;
+  }
   // Outboxes made before entries were marked local: what they hold counts
   // as applied from elsewhere (the mark's absence before it existed).
   auto local = has_column(*db_, "directory_outbox", "local");

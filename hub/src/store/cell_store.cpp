@@ -49,10 +49,17 @@ Result<int> Store::cell_files_in_use() {
   return n->empty() ? 0 : static_cast<int>(n->front());
 }
 
-Status Store::drop_report_triggers() {
+Status Store::drop_report_side() {
   std::string drop;
   for (const char* t : kReportTriggers) drop += std::string("DROP TRIGGER IF EXISTS ") + t + ";";
-  return db_->exec(drop);
+  // Every enrollment wrote a random page of each (devices_offline held every
+  // directory row: online is the files' column), and no read of hub.db
+  // walks them once device pages are the files' (AggregateStore::devices).
+  drop += "DROP INDEX IF EXISTS devices_hostname; DROP INDEX IF EXISTS devices_enrolled; "
+          "DROP INDEX IF EXISTS devices_offline;";
+  if (auto s = db_->exec(drop); !s) return s;
+  directory_only_ = true;
+  return {};
 }
 
 Result<CellFilesMove> move_rows_to_cell_files(Store& directory, const std::vector<DeviceStore*>& files,
@@ -113,7 +120,7 @@ Result<CellFilesMove> move_rows_to_cell_files(Store& directory, const std::vecto
   // Every file holds its rows: hub.db keeps the directory and control data.
   sql::Transaction tx(directory.db());
   if (!tx.ok()) return make_error(Errc::unavailable, "move rows to cells' files: cannot begin", true);
-  if (auto s = directory.drop_report_triggers(); !s) return s.error();
+  if (auto s = directory.drop_report_side(); !s) return s.error();
   if (auto s = directory.db().exec("DELETE FROM campaign_devices; DELETE FROM campaign_counts; "
                                    "DELETE FROM fleet_counts; DELETE FROM device_inventory; "
                                    "DELETE FROM device_events; DELETE FROM device_trouble;");

@@ -152,16 +152,16 @@ Result<std::unique_ptr<Store>> Store::open_writer(const std::string& path, const
   if (auto r = (*s)->claim_role(path, cell); !r) return r.error();
   if (cell >= 0) {
     if (auto c = (*s)->prepare_cell_file(); !c) return c.error().with_context(path);
+  } else {
+    auto moved = (*s)->cell_files_in_use();
+    if (!moved) return moved.error().with_context(path);
+    (*s)->directory_only_ = *moved > 0;
   }
   if (auto m = (*s)->migrate(); !m) return m.error().with_context("migrate " + path);
   if (cell >= 0) {
     if (auto c = (*s)->finish_cell_file(); !c) return c.error().with_context(path);
-  } else {
-    auto moved = (*s)->cell_files_in_use();
-    if (!moved) return moved.error().with_context(path);
-    if (*moved > 0) {
-      if (auto d = (*s)->drop_report_triggers(); !d) return d.error().with_context(path);
-    }
+  } else if ((*s)->directory_only_) {
+    if (auto d = (*s)->drop_report_side(); !d) return d.error().with_context(path);
   }
   return s;
 }
@@ -237,7 +237,12 @@ Status Store::migrate_cells() {
     if (auto s = db_->exec("ALTER TABLE devices ADD COLUMN cell INTEGER NOT NULL DEFAULT 0"); !s) return s;
   }
   // Not on online: presence changes with every report, the cell almost never.
-  if (auto s = db_->exec("CREATE INDEX IF NOT EXISTS devices_cell ON devices(cell, id)"); !s) return s;
+  // A cell's file holds one cell: its rows in id order are the index.
+  if (auto s = db_->exec(own_cell_ < 0 ? "CREATE INDEX IF NOT EXISTS devices_cell ON devices(cell, id)"
+                                       : "DROP INDEX IF EXISTS devices_cell");
+      !s) {
+    return s;
+  }
   // This hub's own drains (not shared: hubs sharing cells keep theirs in the
   // coordinator), so that a restart neither forgets a drain nor strands the
   // devices that took a move asked before it.

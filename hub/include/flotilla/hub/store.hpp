@@ -517,8 +517,9 @@ class Store final : public DeviceStore {
   // (move_rows_to_cell_files): into how many; 0 = they are here.
   Result<int> cell_files_in_use();
   // hub.db whose rows are in cells' files: its report-side triggers go
-  // (migrate() makes some of them again at every open, so open() runs this).
-  Status drop_report_triggers();
+  // (migrate() makes some of them again at every open, so open() runs this),
+  // and so do the device-list indexes (the files answer device pages).
+  Status drop_report_side();
   // Every device, by id: the tests' brute-force answer. The API never loads
   // the fleet; it pages with AggregateStore::devices.
   Result<std::vector<DeviceRecord>> list_devices();
@@ -702,6 +703,9 @@ class Store final : public DeviceStore {
   Status finish_cell_file();
   Status only_in_cell_file(const char* what) const;
   int own_cell_ = -1;
+  // hub.db whose device rows are in cells' files: migrate() makes none of
+  // the indexes only the report side reads.
+  bool directory_only_ = false;
   std::vector<DeviceStore*> read_parts_;
   static Result<std::unique_ptr<Store>> open_tuned(const std::string& path, const StoreTuning& tuning,
                                                    bool read_only);
