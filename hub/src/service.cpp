@@ -1322,12 +1322,15 @@ void HubService::read_store(const std::function<void(Store&)>& f) {
 Result<std::optional<DeviceRecord>> HubService::device_record(Store& from, const std::string& id,
                                                               bool* decommissioned) {
   const auto parts = stores_for(from);
-  if (parts.size() == 1 && !decommissioned) return from.get_device(id);
+  // The rows are in `from` itself (no cells' files). One cell with a file
+  // of its own is not that: its rows are in the file.
+  const bool here = parts.size() == 1 && parts.front() == &from;
+  if (here && !decommissioned) return from.get_device(id);
   auto e = from.directory_entry(id);
   if (!e) return e.error();
   if (!*e) return std::optional<DeviceRecord>();
   if (decommissioned) *decommissioned = (*e)->decommissioned;
-  if (parts.size() == 1) return from.get_device(id);
+  if (here) return from.get_device(id);
   if ((*e)->cell < 0 || (*e)->cell >= static_cast<int>(parts.size())) return std::optional<DeviceRecord>();
   return parts[static_cast<size_t>((*e)->cell)]->get_device(id);
 }
@@ -1337,7 +1340,7 @@ Result<std::optional<DeviceRecord>> HubService::get_device(const std::string& id
     auto d = device_record(from, id);
     // A device the directory has whose copy is not in its cell's file yet
     // (a directory write not followed yet) shows the directory's row.
-    if (d && !*d && stores_for(from).size() > 1) return from.get_device(id);
+    if (d && !*d && stores_for(from).front() != &from) return from.get_device(id);
     return d;
   });
 }

@@ -523,6 +523,33 @@ TEST_CASE("a count table that disagrees with the rows is rebuilt when the store 
   CHECK(f.view(id).counts.total == 5);
 }
 
+// One cell with a file of its own is not "no files": a device's read goes
+// to the file, where its reports are, not to the directory's row in hub.db
+// (which once answered every read there, offline and never seen).
+TEST_CASE("one cell with its own file: a device's read shows what it reported", "[unit][hub][campaign][cells]") {
+  Fleet f(1);
+  f.cell_files = true;
+  f.restart();
+  f.enroll(2);  // each announces itself online
+  f.presence(f.devices[1], false);
+  v1::Report r;
+  r.set_device_id(f.devices[0]);
+  r.set_seq(1);
+  r.set_state(v1::AGENT_STATE_IDLE);
+  f.deliver(f.devices[0], "report", r.SerializeAsString());
+  auto d = f.hub->get_device(f.devices[0]);
+  REQUIRE(d);
+  REQUIRE(*d);
+  CHECK((*d)->online);
+  CHECK((*d)->state == "idle");
+  CHECK((*d)->last_seen_ms > 0);
+  auto quiet = f.hub->get_device(f.devices[1]);
+  REQUIRE(quiet);
+  REQUIRE(*quiet);
+  CHECK_FALSE((*quiet)->online);
+  CHECK((*quiet)->state == "enrolled");
+}
+
 TEST_CASE("a lost outcome report is recovered from the device's next idle report", "[unit][hub][campaign]") {
   // A hub killed after its MQTT client acknowledged a report but before
   // storing it never sees that outcome again; the agent's idle report on

@@ -57,11 +57,11 @@ struct HubConfig {
   int http_threads = 16;
   int64_t db_cache_mib = 64;  // StoreTuning
   int64_t db_mmap_mib = 0;
-  bool git_sync = true;
+  bool git_sync = true;  // follow GitRepos (docs/operations.md, "Git sync")
   // Each cell's device rows in a file of its own (<data-dir>/cells/<n>/devices.db,
   // ADR 18 slice 7). One way: once hub.db's rows were moved, the hub opens
   // the files at every start, whatever this says.
-  bool cell_files = false;               // follow GitRepos (docs/operations.md, "Git sync")
+  bool cell_files = false;
   // The director key file (flotilla key generate, unencrypted, 0600); empty =
   // <data-dir>/director.key, made on first start.
   std::string director_key_file;
