@@ -14,9 +14,12 @@
 #   bench/cells.sh --gateway "100000" --cells "1 2 4" --direct 0
 #   bench/cells.sh --gateway "1000000" --cells "1 4" --direct 0
 #   bench/cells.sh --gateway "" --direct 70000
-#   bench/cells.sh --gateway "100000" --cells "4" --direct 0 --cell-files
-#                      # each cell's device rows in a file of its own (ADR 18;
-#                      # raw outputs then go to docs/scale/cells-files-*.txt)
+#   bench/cells.sh --gateway "100000" --cells "4" --direct 0 --hub-db
+#                      # every cell's device rows in hub.db, not in a file of
+#                      # each cell's own (the hub's default for a new data
+#                      # directory, ADR 18; --cell-files says it explicitly).
+#                      # Raw outputs: docs/scale/cells-files-*.txt with files,
+#                      # docs/scale/cells-*.txt without)
 #   bench/cells.sh --out DIR --report-only          # the table again from DIR
 #
 # Needs a build (scripts/build.sh). Everything runs on loopback; each rung
@@ -32,6 +35,7 @@ DIRECT_PROCESSES=0  # 0: as bench/lib/sim.sh sizes them (15,000 sessions each)
 PER_GATEWAY=5000
 OUT="${TMPDIR:-/tmp}/flotilla-cells-$$"
 RAW="$ROOT/docs/scale"
+FILES=true
 while [ $# -gt 0 ]; do
   case "$1" in
     --gateway) GATEWAY="$2"; shift 2 ;;
@@ -43,11 +47,13 @@ while [ $# -gt 0 ]; do
     --out) OUT="$2"; shift 2 ;;
     --raw) RAW="$2"; shift 2 ;;
     --report-only) REPORT_ONLY=1; shift ;;
-    --cell-files) export FLOTILLA_HUB_CELL_FILES=true; shift ;;
-    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+    --cell-files) FILES=true; shift ;;
+    --hub-db) FILES=false; shift ;;
+    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
+export FLOTILLA_HUB_CELL_FILES="$FILES"
 mkdir -p "$OUT" "$RAW"
 chmod 711 "$OUT"
 [ -x "$BIN/flotilla-sim" ] || { echo "no $BIN/flotilla-sim: run scripts/build.sh first" >&2; exit 2; }

@@ -140,8 +140,10 @@ void add_hub_options(Options& o) {
       .add("db-mmap-mib", "map up to this many MiB of the store file (0 = off); faster reads once the store "
                           "outgrows db-cache-mib, e.g. 1024 for 1M devices", "0")
       .add("cell-files", "keep each cell's device rows (reports, inventories, campaign rows) in a file of its own, "
-                         "<data-dir>/cells/<n>/devices.db, instead of hub.db (true or false). The first start with "
-                         "true moves hub.db's rows into them; from then on the hub always opens them", "false")
+                         "<data-dir>/cells/<n>/devices.db, instead of hub.db (true or false). Left unset, a new "
+                         "data directory gets them and an existing hub.db with devices keeps its rows; set to "
+                         "true, the first start moves hub.db's rows into them. Either way, once in files the hub "
+                         "always opens them", "true")
       .add("git-sync", "follow the GitRepos stored on this hub (true) or keep them without fetching (false)",
            "true")
       .add("director-key", "private key file (flotilla key generate, not passphrase-protected, mode 0600) the hub "
@@ -371,6 +373,7 @@ Result<HubConfig> hub_config_from(const Options& o) {
   auto files = true_or_false(o, "cell-files");
   if (!files) return files.error();
   c.cell_files = *files;
+  c.cell_files_asked = o.source("cell-files") != "default";
   c.director_key_file = o.get("director-key");
   if (!c.director_key_file.empty() && ::access(c.director_key_file.c_str(), R_OK) != 0) {
     return make_error(Errc::invalid_argument, "director-key: cannot read '" + c.director_key_file + "' (from " +
@@ -519,15 +522,29 @@ Status run_hub(const HubConfig& cfg, const std::atomic<bool>& stop) {
     logger->info("coordination backend={}", (*coordinator)->backend());
   }
   // Each cell's device rows in a file of its own (ADR 18 slice 7): asked
-  // for, or hub.db says its rows are there already.
+  // for, on by default for a hub.db with no devices yet, or hub.db says its
+  // rows are there already. The move is one way, so the default never
+  // makes it for a hub.db that already holds devices.
   auto in_files = (*store)->cell_files_in_use();
   if (!in_files) return in_files.error();
-  if (*in_files > 0 && !cfg.cell_files) {
+  bool use_files = cfg.cell_files || *in_files > 0;
+  if (*in_files > 0) {
     logger->info("hub.db's device rows are in {} cells' files (cells/<n>/devices.db): opening them", *in_files);
+  } else if (*in_files == 0 && cfg.cell_files && !cfg.cell_files_asked) {
+    auto totals = (*store)->cell_device_totals();
+    if (!totals) return totals.error();
+    int64_t devices = 0;
+    for (const auto& t : *totals) devices += t.total;
+    if (devices > 0) {
+      use_files = false;
+      logger->info("hub.db holds the rows of {} devices: they stay there (cells' own files are the default for a "
+                   "new data directory only; set cell-files: true to move them, one way, docs/operations.md)",
+                   devices);
+    }
   }
   std::vector<std::unique_ptr<Store>> cell_stores;
   std::vector<std::string> cell_paths;
-  if (cfg.cell_files || *in_files > 0) {
+  if (use_files) {
     if (auto s = fs::ensure_own_dir(data / "cells", 0700); !s) return s;
     for (int cell = 0; cell < cfg.cells; ++cell) {
       const auto dir = data / "cells" / std::to_string(cell);

@@ -8,6 +8,7 @@
 #include <signal.h>
 
 #include <array>
+#include <filesystem>
 #include <map>
 #include <memory>
 #include <set>
@@ -281,14 +282,53 @@ TEST_CASE("cell files: a campaign converges over two cells' files and a drain mo
   CHECK(list[0]["devices_total"] == 0);
   CHECK(list[1]["devices_total"] == kAgents);
 
-  // Restarted without the flag: the rows are in the files, so it opens them.
+  // Restarted with the flag false: the rows are in the files, so it opens them.
   hub.stop();
-  hub.start({"--cells", "2"});
+  hub.start({"--cells", "2", "--cell-files", "false"});
   CHECK(hub.log().find("cells' files (cells/<n>/devices.db): opening them") != std::string::npos);
   REQUIRE(fleet.wait_online(kAgents, std::chrono::seconds(60)));
   for (const auto& a : fleet.agents) CHECK(hub.device(a->device_id())["applied_bundle"] == "edge-base");
   c = hub.campaign(c["id"].get<std::string>());
   CHECK(c["counts"]["applied"] == kAgents);
+}
+
+// The default (cell-files left unset): a new data directory gets the files;
+// a hub.db that already holds devices keeps their rows until told to move
+// them, since the move is one way.
+TEST_CASE("cell files by default: a new data directory gets them, an existing hub.db with devices keeps its rows",
+          "[integration][cells]") {
+  constexpr int kAgents = 2;
+  {
+    TempDir tmp;
+    Hub fresh(tmp.path() / "hub");
+    fresh.start({});
+    CHECK(std::filesystem::exists(fresh.data_dir() / "cells" / "0" / "devices.db"));
+    fresh.stop();
+  }
+  Fleet fleet(kAgents, {{"env", "it"}}, {"--cell-files", "false"});
+  Hub& hub = fleet.hub;
+  REQUIRE_FALSE(std::filesystem::exists(hub.data_dir() / "cells"));
+  hub.stop();
+  hub.start({});
+  INFO(hub.log());
+  CHECK(hub.log().find("hub.db holds the rows of 2 devices: they stay there") != std::string::npos);
+  CHECK_FALSE(std::filesystem::exists(hub.data_dir() / "cells"));
+  REQUIRE(fleet.wait_online(kAgents, std::chrono::seconds(60)));
+  for (const auto& a : fleet.agents) CHECK(hub.device(a->device_id())["online"] == true);
+
+  // Asked for: the rows move, and the devices read the same from the file.
+  hub.stop();
+  hub.start({"--cell-files", "true"});
+  CHECK(hub.log().find("device rows moved into 1 cells' files: 2 devices") != std::string::npos);
+  REQUIRE(fleet.wait_online(kAgents, std::chrono::seconds(60)));
+  std::set<std::string> ids;
+  for (const auto& a : fleet.agents) {
+    ids.insert(a->device_id());
+    const json d = hub.device(a->device_id());
+    CHECK(d["online"] == true);
+    CHECK(d["last_seen_at"] != "");
+  }
+  CHECK(devices_in_file(hub, 0) == ids);
 }
 
 namespace {

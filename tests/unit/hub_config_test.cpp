@@ -258,8 +258,10 @@ TEST_CASE("hub config: cell-broker lists shared cells' brokers (ssl:// only) and
   CHECK_THAT(error_of(hub_config({"--cell-broker", "ssl://b.test:8883", "--cells", "3"})),
              Catch::Contains("cells is 3 but cell-broker names 1"));
   // Cells' own device files: a yes or no, and not yet with shared cells.
-  CHECK_FALSE(hub_config({})->cell_files);
-  CHECK(hub_config({"--cells", "2", "--cell-files", "true"})->cell_files);
+  CHECK(hub_config({})->cell_files);  // on by default, for a hub.db with no devices yet
+  CHECK_FALSE(hub_config({})->cell_files_asked);
+  CHECK(hub_config({"--cells", "2", "--cell-files", "true"})->cell_files_asked);
+  CHECK_FALSE(hub_config({"--cell-files", "false"})->cell_files);
   CHECK_THAT(error_of(hub_config({"--cell-files", "yes"})), Catch::Contains("cell-files must be true or false"));
   CHECK(hub_config({"--cell-broker", "ssl://b.test:8883", "--cell-files", "true"})->cell_files);
   for (const char* bad : {"1s", "61s", "2500ms", "soon"}) {

@@ -60,8 +60,11 @@ struct HubConfig {
   bool git_sync = true;  // follow GitRepos (docs/operations.md, "Git sync")
   // Each cell's device rows in a file of its own (<data-dir>/cells/<n>/devices.db,
   // ADR 18 slice 7). One way: once hub.db's rows were moved, the hub opens
-  // the files at every start, whatever this says.
-  bool cell_files = false;
+  // the files at every start, whatever this says. On by default for a data
+  // directory whose hub.db has no devices yet; an existing hub.db's rows
+  // move only when it is asked for (cell_files_asked).
+  bool cell_files = true;
+  bool cell_files_asked = false;  // set by a flag, the environment or the config file
   // The director key file (flotilla key generate, unencrypted, 0600); empty =
   // <data-dir>/director.key, made on first start.
   std::string director_key_file;
