@@ -530,7 +530,7 @@ Status run_hub(const HubConfig& cfg, const std::atomic<bool>& stop) {
   bool use_files = cfg.cell_files || *in_files > 0;
   if (*in_files > 0) {
     logger->info("hub.db's device rows are in {} cells' files (cells/<n>/devices.db): opening them", *in_files);
-  } else if (*in_files == 0 && cfg.cell_files && !cfg.cell_files_asked) {
+  } else if (cfg.cell_files && !cfg.cell_files_asked) {
     auto totals = (*store)->cell_device_totals();
     if (!totals) return totals.error();
     int64_t devices = 0;
